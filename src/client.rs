@@ -1,0 +1,105 @@
+//! `portcullis connect`: a minimal interactive WebSocket client, so the demo can be tried with
+//! nothing but this binary.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload};
+use http_body_util::Empty;
+use hyper::Request;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
+use tokio::net::TcpStream;
+
+struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+/// Connects to `url` and bridges stdin/stdout until either side closes.
+pub async fn run(url: &str, ca: Option<&Path>, headers: &[String]) -> anyhow::Result<()> {
+    let uri: hyper::Uri = url.parse().context("invalid URL")?;
+    let tls = match uri.scheme_str() {
+        Some("wss") => true,
+        Some("ws") => false,
+        _ => bail!("the URL must start with ws:// or wss://"),
+    };
+    let host = uri.host().context("the URL has no host")?.to_owned();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let tcp =
+        TcpStream::connect((host.as_str(), port)).await.with_context(|| format!("cannot connect to {host}:{port}"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut req = Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+        .header("host", format!("{host}:{port}"))
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-key", fastwebsockets::handshake::generate_key())
+        .header("sec-websocket-version", "13");
+    for h in headers {
+        let (name, value) = h.split_once(':').context("headers are written `Name: value`")?;
+        req = req.header(name.trim(), value.trim());
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
+    if tls {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = ca.context("wss:// needs --ca FILE (the demo prints its certificate path)")?;
+        for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("cannot read {}", ca.display()))? {
+            roots.add(cert?)?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(portcullis::proxy::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let stream = connector.connect(ServerName::try_from(host)?, tcp).await.context("tls handshake failed")?;
+        bridge(stream, req).await
+    } else {
+        bridge(tcp, req).await
+    }
+}
+
+async fn bridge<S>(stream: S, req: Request<Empty<Bytes>>) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (ws, resp) =
+        fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await.context("websocket handshake failed")?;
+    eprintln!("connected ({})", resp.status());
+    let mut ws = fastwebsockets::FragmentCollector::new(ws);
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            line = lines.next_line(), if stdin_open => match line? {
+                Some(l) => ws.write_frame(Frame::text(Payload::Owned(l.into_bytes()))).await?,
+                None => {
+                    stdin_open = false;
+                    ws.write_frame(Frame::close(1000, b"bye")).await?;
+                }
+            },
+            frame = ws.read_frame() => {
+                let frame = frame?;
+                match frame.opcode {
+                    OpCode::Text | OpCode::Binary => println!("{}", String::from_utf8_lossy(&frame.payload)),
+                    OpCode::Close => {
+                        let p = &frame.payload;
+                        let code = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 };
+                        eprintln!("closed: {code} {}", String::from_utf8_lossy(p.get(2..).unwrap_or_default()));
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}

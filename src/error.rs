@@ -1,0 +1,79 @@
+//! One place that maps every request-stage error to its HTTP status, headers and metric label.
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, SEC_WEBSOCKET_VERSION, UPGRADE};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::proxy::connect::ConnectError;
+use crate::proxy::route::RouteError;
+use crate::proxy::upgrade::UpgradeError;
+
+/// Why an upgrade request did not become a session.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Route stage.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// Upgrade stage.
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
+    /// Connect stage.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The proxy is draining and takes no new sessions.
+    #[error("the proxy is shutting down")]
+    Draining,
+}
+
+impl RequestError {
+    /// The HTTP status answered to the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RequestError::Route(RouteError::NoRoute) => StatusCode::NOT_FOUND,
+            RequestError::Route(RouteError::InvalidCapture(_)) => StatusCode::BAD_REQUEST,
+            RequestError::Upgrade(UpgradeError::NotUpgrade | UpgradeError::BadVersion) => StatusCode::UPGRADE_REQUIRED,
+            RequestError::Upgrade(_) => StatusCode::BAD_REQUEST,
+            RequestError::Connect(ConnectError::BadHandshake { .. }) => StatusCode::BAD_GATEWAY,
+            RequestError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            RequestError::Connect(ConnectError::Unreachable { .. }) | RequestError::Draining => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// Bounded label for `portcullis_upgrades_total{result}`.
+    pub fn result_label(&self) -> &'static str {
+        match self {
+            RequestError::Route(RouteError::NoRoute) => "no_route",
+            RequestError::Route(RouteError::InvalidCapture(_)) => "invalid_capture",
+            RequestError::Upgrade(UpgradeError::NotUpgrade) => "not_upgrade",
+            RequestError::Upgrade(UpgradeError::BadVersion) => "bad_version",
+            RequestError::Upgrade(_) => "bad_handshake",
+            RequestError::Connect(ConnectError::BadHandshake { .. }) => "backend_bad_handshake",
+            RequestError::Connect(ConnectError::Timeout(_)) => "backend_timeout",
+            RequestError::Connect(ConnectError::Unreachable { .. }) => "backend_unreachable",
+            RequestError::Draining => "draining",
+        }
+    }
+
+    /// The response sent to the client. The body is a short fixed sentence: it never echoes
+    /// request data, and backend details stay in the logs.
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let body = match self {
+            RequestError::Connect(_) => status.canonical_reason().unwrap_or("backend error").to_owned(),
+            other => other.to_string(),
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(body + "\n")));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if status == StatusCode::UPGRADE_REQUIRED {
+            h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,200 @@
+//! The `portcullis` command: run the proxy, check a config, run the demo, mint and try things.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use portcullis::config::Config;
+use portcullis::server::{self, Bound};
+
+mod client;
+
+/// Exit code for an unusable configuration (EX_CONFIG is 78; linkerd and sysexits' EX_USAGE
+/// family use 64 for "bad input", which is what operators script against).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "Edge WebSocket proxy for AI-agent fleets", long_about = None)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with a configuration file.
+    Run {
+        /// Configuration file (TOML); see config/portcullis.toml for every key.
+        #[arg(long, short, env = "PORTCULLIS_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit: 0 when valid, 64 with the file, line and key when not.
+    CheckConfig {
+        /// Configuration file to check.
+        file: PathBuf,
+    },
+    /// Run the proxy in front of a built-in demo agent, with a generated certificate.
+    Demo {
+        /// Proxy listen address (TLS).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// Admin listen address (/metrics, /live, /ready).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+        /// Demo agent backend address.
+        #[arg(long, default_value = "127.0.0.1:7681")]
+        backend: SocketAddr,
+        /// Where the generated certificate and key are written.
+        #[arg(long, default_value = "target/portcullis-demo")]
+        dir: PathBuf,
+        /// Only run the demo agent backend (for use with `run --config config/dev.toml`).
+        #[arg(long)]
+        backend_only: bool,
+    },
+    /// Open a WebSocket, send each line of stdin as a text message, print what comes back.
+    Connect {
+        /// ws:// or wss:// URL.
+        url: String,
+        /// PEM file of the CA (or self-signed certificate) to trust for wss://.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Extra request header, `Name: value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(c) => {
+                println!("{}: ok ({} listeners, {} routes)", file.display(), c.listeners.len(), c.routes.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            report(runtime.block_on(run(config)))
+        }
+        Command::Demo { listen, admin, backend, dir, backend_only } => {
+            report(runtime.block_on(demo(listen, admin, backend, &dir, backend_only)))
+        }
+        Command::Connect { url, ca, headers } => report(runtime.block_on(client::run(&url, ca.as_deref(), &headers))),
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("portcullis=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let bound = Bound::bind(&config).await?;
+    server::serve(config, bound, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn demo(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    backend: SocketAddr,
+    dir: &Path,
+    backend_only: bool,
+) -> anyhow::Result<()> {
+    let backend_listener = tokio::net::TcpListener::bind(backend)
+        .await
+        .with_context(|| format!("cannot bind the demo backend on {backend}"))?;
+    let backend_task = tokio::spawn(portcullis::demo::serve_backend(backend_listener));
+    if backend_only {
+        eprintln!("demo agent backend listening on ws://{backend} (Ctrl-C to stop)");
+        shutdown_signal().await;
+        backend_task.abort();
+        return Ok(());
+    }
+    let cert = portcullis::demo::write_self_signed(dir)?;
+    let text = portcullis::demo::config_text(listen, admin, backend, &cert);
+    let config = Config::parse(&text, Path::new("<demo>"))?;
+    let bound = Bound::bind(&config).await?;
+    let exe = "cargo run --release --";
+    println!(
+        "\nPortcullis demo is running.\n\n\
+         \x20 proxy (TLS)   wss://localhost:{port}/agents/demo/terminal   (echo)\n\
+         \x20               wss://localhost:{port}/agents/demo/events     (an agent event every second)\n\
+         \x20 admin         http://{admin}/metrics  /live  /ready\n\
+         \x20 demo agent    ws://{backend}\n\
+         \x20 certificate   {cert} (self-signed; trust it as the CA)\n\n\
+         Try it (type a line, see it echoed; Ctrl-D to close):\n\n\
+         \x20 {exe} connect wss://localhost:{port}/agents/demo/terminal --ca {cert}\n\
+         \x20 {exe} connect wss://localhost:{port}/agents/demo/events --ca {cert}\n\
+         \x20 curl -s http://{admin}/metrics | grep portcullis_\n\n\
+         Ctrl-C drains the sessions and stops.\n",
+        port = listen.port(),
+        cert = cert.cert.display(),
+    );
+    server::serve(config, bound, shutdown_signal()).await?;
+    backend_task.abort();
+    Ok(())
+}

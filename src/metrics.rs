@@ -1,0 +1,138 @@
+//! Metrics: names, pre-registered handles and the Prometheus exposition.
+//!
+//! The recorder is installed once per process, before any handle is made (handles made before
+//! it stay no-ops). Hot-path counters are held as handles; labels are bounded: route names from
+//! the config, fixed result and reason words, close codes folded into classes. Never a user,
+//! address, token or agent id.
+
+use std::sync::{Arc, OnceLock};
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::proxy::relay::{pool, Side};
+
+/// Process metrics.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    /// Client connections open now (TCP accepted, not yet closed).
+    pub connections_active: Gauge,
+    /// Client connections accepted since start.
+    pub connections_total: Counter,
+    /// Connections closed at accept because `max_connections` was reached.
+    pub connections_rejected: Counter,
+    /// WebSocket sessions relaying now.
+    pub sessions_active: Gauge,
+    /// Time to connect to a backend member (TCP and WebSocket handshake).
+    pub backend_connect_seconds: Histogram,
+    frames: [Counter; 2],
+    bytes: [Counter; 2],
+    ping_timeouts: Counter,
+}
+
+static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
+
+const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+impl Metrics {
+    /// The process metrics, installing the Prometheus recorder on first use.
+    pub fn global() -> Arc<Metrics> {
+        GLOBAL.get_or_init(|| Arc::new(Metrics::install())).clone()
+    }
+
+    fn install() -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full("portcullis_backend_connect_seconds".into()), CONNECT_BUCKETS)
+            .expect("bucket list is non-empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder can only exist if an embedding program installed one; then our
+        // handles record into that one and /metrics shows what this recorder saw.
+        let _ = metrics::set_global_recorder(recorder);
+        let m = Metrics {
+            handle,
+            connections_active: gauge!("portcullis_connections_active"),
+            connections_total: counter!("portcullis_connections_total"),
+            connections_rejected: counter!("portcullis_connections_rejected_total"),
+            sessions_active: gauge!("portcullis_sessions_active"),
+            backend_connect_seconds: histogram!("portcullis_backend_connect_seconds"),
+            frames: [
+                counter!("portcullis_frames_total", "direction" => "client_to_backend"),
+                counter!("portcullis_frames_total", "direction" => "backend_to_client"),
+            ],
+            bytes: [
+                counter!("portcullis_bytes_total", "direction" => "client_to_backend"),
+                counter!("portcullis_bytes_total", "direction" => "backend_to_client"),
+            ],
+            ping_timeouts: counter!("portcullis_ping_timeouts_total"),
+        };
+        m.connections_active.set(0.0);
+        m.sessions_active.set(0.0);
+        m
+    }
+
+    /// Renders the Prometheus text exposition.
+    pub fn render(&self) -> String {
+        gauge!("portcullis_relay_buffer_bytes").set(pool::lent_bytes() as f64);
+        self.handle.render()
+    }
+
+    /// Drains histogram buckets; call periodically.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// Bytes and data frames read from `from`.
+    pub fn relay_bytes(&self, from: Side, bytes: u64, frames: u64) {
+        let i = from as usize;
+        self.bytes[i].increment(bytes);
+        if frames > 0 {
+            self.frames[i].increment(frames);
+        }
+    }
+
+    /// A frame broke the protocol or a size limit.
+    pub fn violation(&self, kind: &'static str) {
+        counter!("portcullis_violations_total", "kind" => kind).increment(1);
+    }
+
+    /// A peer did not answer a proxy ping in time.
+    pub fn ping_timeout(&self) {
+        self.ping_timeouts.increment(1);
+    }
+
+    /// An upgrade request ended with `result` on `route` ("none" when no route matched).
+    pub fn upgrade(&self, route: &str, result: &'static str) {
+        counter!("portcullis_upgrades_total", "route" => route.to_owned(), "result" => result).increment(1);
+    }
+
+    /// A session closed with `code` (as seen by the client) started by `initiator`.
+    pub fn close(&self, code: Option<u16>, initiator: &'static str) {
+        counter!("portcullis_closes_total", "code" => close_code_label(code), "initiator" => initiator).increment(1);
+    }
+
+    /// A TLS handshake failed for `reason` (timeout, alert, eof, io).
+    pub fn tls_failure(&self, reason: &'static str) {
+        counter!("portcullis_tls_handshake_failures_total", "reason" => reason).increment(1);
+    }
+}
+
+/// Folds a close code into a bounded label.
+fn close_code_label(code: Option<u16>) -> &'static str {
+    match code {
+        None => "none",
+        Some(1000) => "1000",
+        Some(1001) => "1001",
+        Some(1002) => "1002",
+        Some(1003) => "1003",
+        Some(1007) => "1007",
+        Some(1008) => "1008",
+        Some(1009) => "1009",
+        Some(1010) => "1010",
+        Some(1011) => "1011",
+        Some(1014) => "1014",
+        Some(3000..=3999) => "3xxx",
+        Some(4000..=4999) => "4xxx",
+        Some(_) => "other",
+    }
+}

@@ -1,0 +1,76 @@
+//! Stage: accept. Takes connections off a bound listener, enforces the connection cap, sets
+//! TCP_NODELAY, runs the tls stage when the listener is TLS, and hands over to the http stage.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use super::tls::{self, ClientStream};
+use crate::server::Shared;
+
+/// Accepts connections until the server drains.
+pub async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.drain.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let permit = match shared.conn_limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                shared.metrics.connections_rejected.increment(1);
+                tracing::debug!(client = %addr, "connection limit reached; closing");
+                drop(tcp);
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared2 = shared.clone();
+        let acceptor = acceptor.clone();
+        let span = tracing::debug_span!("conn", client = %addr);
+        shared.tasks.spawn(
+            async move {
+                let _permit = permit;
+                connection(shared2, tcp, addr, acceptor).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn connection(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, acceptor: Option<TlsAcceptor>) {
+    let m = &shared.metrics;
+    m.connections_total.increment(1);
+    m.connections_active.increment(1.0);
+    let stream = match acceptor {
+        None => Some(ClientStream::Plain(tcp)),
+        Some(acceptor) => {
+            let limit = shared.runtime.load().config.server.tls_handshake_timeout;
+            match tls::accept(&acceptor, tcp, limit).await {
+                Ok(s) => Some(ClientStream::Tls(Box::new(s))),
+                Err(e) => {
+                    m.tls_failure(e.reason());
+                    tracing::debug!(client = %addr, error = %e, "tls handshake failed");
+                    None
+                }
+            }
+        }
+    };
+    if let Some(stream) = stream {
+        super::serve_connection(shared.clone(), stream, addr).await;
+    }
+    shared.metrics.connections_active.decrement(1.0);
+}

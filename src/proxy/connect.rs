@@ -1,0 +1,330 @@
+//! Stage: connect. Opens a WebSocket to a backend member: TCP connect with a timeout, then the
+//! opening handshake with the client's key, subprotocols and extensions passed through, plus
+//! forwarding headers. Members are tried in order, each once, until one answers 101 with the
+//! right `Sec-WebSocket-Accept`; the client's 101 is sent only after that.
+
+use std::io;
+use std::time::Duration;
+
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+
+use super::route::{render_path, Captures};
+use super::upgrade::{accept_value, header_has_token, WsRequest};
+use crate::config::RouteConfig;
+use crate::metrics::Metrics;
+
+/// Largest backend handshake response accepted.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+/// Why no backend session could be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A member was reached but its handshake was refused or malformed (502).
+    #[error("backend {member} failed the WebSocket handshake: {cause}")]
+    BadHandshake {
+        /// The member address.
+        member: String,
+        /// What went wrong.
+        cause: HandshakeError,
+    },
+    /// Every member timed out (504).
+    #[error("backend connect timed out after {0:?}")]
+    Timeout(Duration),
+    /// No member could be reached (503).
+    #[error("no backend member reachable ({attempts} tried): {last}")]
+    Unreachable {
+        /// Members tried.
+        attempts: usize,
+        /// The last connect error.
+        last: io::Error,
+    },
+}
+
+/// What was wrong with a backend's handshake response.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The backend answered with a status other than 101.
+    #[error("answered {0} instead of 101")]
+    Status(u16),
+    /// The `Sec-WebSocket-Accept` value does not match the key.
+    #[error("wrong Sec-WebSocket-Accept")]
+    BadAccept,
+    /// 101 without `Upgrade: websocket` / `Connection: upgrade`.
+    #[error("101 without Upgrade: websocket")]
+    NotWebSocket,
+    /// The response could not be parsed or was too large.
+    #[error("malformed response: {0}")]
+    Malformed(&'static str),
+    /// The connection closed or failed before a full response head arrived.
+    #[error("connection lost during the handshake: {0}")]
+    Io(io::Error),
+    /// No response within `handshake_timeout`.
+    #[error("no handshake response within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A backend WebSocket ready to relay.
+#[derive(Debug)]
+pub struct BackendConn {
+    /// The TCP stream, after the handshake.
+    pub stream: TcpStream,
+    /// Bytes the backend sent right after its 101 (first frames), to relay first.
+    pub early: Vec<u8>,
+    /// The member that answered.
+    pub member: String,
+    /// `Sec-WebSocket-Accept` to echo to the client.
+    pub accept: HeaderValue,
+    /// Subprotocol the backend chose.
+    pub protocol: Option<HeaderValue>,
+    /// Extensions the backend accepted (end to end with the client).
+    pub extensions: Option<HeaderValue>,
+}
+
+/// How the client reached the proxy, for `X-Forwarded-*` and `Forwarded`.
+#[derive(Debug, Clone)]
+pub struct ForwardedFor {
+    /// The client's IP address.
+    pub client_ip: std::net::IpAddr,
+    /// "https" for TLS listeners, "http" otherwise.
+    pub proto: &'static str,
+    /// The Host the client asked for.
+    pub host: Option<HeaderValue>,
+}
+
+/// What goes into the backend request.
+pub struct BackendRequest<'a> {
+    /// Path and query requested by the client.
+    pub path_and_query: &'a str,
+    /// The validated upgrade.
+    pub ws: &'a WsRequest,
+    /// Forwarding information.
+    pub forwarded: &'a ForwardedFor,
+    /// The client's headers (end-to-end ones are passed on).
+    pub client_headers: &'a HeaderMap,
+}
+
+/// Tries each member of `route` in order; returns the first backend that completes the handshake.
+pub async fn connect(
+    route: &RouteConfig,
+    caps: &Captures,
+    req: &BackendRequest<'_>,
+    metrics: &Metrics,
+) -> Result<BackendConn, ConnectError> {
+    let path = match &route.backend_path {
+        Some(t) => render_path(t, caps),
+        None => req.path_and_query.to_owned(),
+    };
+    let started = Instant::now();
+    let mut bad: Option<ConnectError> = None;
+    let mut timed_out = false;
+    let mut last_io: Option<io::Error> = None;
+    for template in &route.backends {
+        let member = template.render(caps);
+        match connect_member(&member, &path, route, req).await {
+            Ok(conn) => {
+                metrics.backend_connect_seconds.record(started.elapsed().as_secs_f64());
+                return Ok(conn);
+            }
+            Err(Attempt::Connect(e)) => {
+                tracing::debug!(%member, error = %e, "backend connect failed");
+                last_io = Some(e);
+            }
+            Err(Attempt::ConnectTimeout) => {
+                tracing::debug!(%member, "backend connect timed out");
+                timed_out = true;
+            }
+            Err(Attempt::Handshake(cause)) => {
+                tracing::debug!(%member, error = %cause, "backend handshake failed");
+                if matches!(cause, HandshakeError::Timeout(_)) {
+                    timed_out = true;
+                } else {
+                    bad.get_or_insert(ConnectError::BadHandshake { member, cause });
+                }
+            }
+        }
+    }
+    if let Some(e) = bad {
+        return Err(e);
+    }
+    match last_io {
+        Some(last) if !timed_out => Err(ConnectError::Unreachable { attempts: route.backends.len(), last }),
+        _ => Err(ConnectError::Timeout(route.backend.connect_timeout)),
+    }
+}
+
+enum Attempt {
+    Connect(io::Error),
+    ConnectTimeout,
+    Handshake(HandshakeError),
+}
+
+async fn connect_member(
+    member: &str,
+    path: &str,
+    route: &RouteConfig,
+    req: &BackendRequest<'_>,
+) -> Result<BackendConn, Attempt> {
+    let settings = route.backend;
+    let mut stream = match timeout(settings.connect_timeout, TcpStream::connect(member)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(Attempt::Connect(e)),
+        Err(_) => return Err(Attempt::ConnectTimeout),
+    };
+    let _ = stream.set_nodelay(true);
+    let head = request_head(member, path, req);
+    match timeout(settings.handshake_timeout, handshake(&mut stream, &head, req.ws)).await {
+        Ok(Ok((early, accept, protocol, extensions))) => {
+            Ok(BackendConn { stream, early, member: member.to_owned(), accept, protocol, extensions })
+        }
+        Ok(Err(e)) => Err(Attempt::Handshake(e)),
+        Err(_) => Err(Attempt::Handshake(HandshakeError::Timeout(settings.handshake_timeout))),
+    }
+}
+
+/// Hop-by-hop headers and those the proxy sets itself; never copied from the client.
+const NOT_FORWARDED: &[HeaderName] = &[
+    header::HOST,
+    header::CONNECTION,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHORIZATION,
+    header::CONTENT_LENGTH,
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::SEC_WEBSOCKET_PROTOCOL,
+    header::SEC_WEBSOCKET_EXTENSIONS,
+    header::FORWARDED,
+];
+
+fn request_head(member: &str, path: &str, req: &BackendRequest<'_>) -> Vec<u8> {
+    let mut h = Vec::with_capacity(512);
+    h.extend_from_slice(b"GET ");
+    h.extend_from_slice(path.as_bytes());
+    h.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut line = |name: &[u8], value: &[u8]| {
+        h.extend_from_slice(name);
+        h.extend_from_slice(b": ");
+        h.extend_from_slice(value);
+        h.extend_from_slice(b"\r\n");
+    };
+    line(b"host", member.as_bytes());
+    line(b"upgrade", b"websocket");
+    line(b"connection", b"Upgrade");
+    line(b"sec-websocket-key", req.ws.key.as_bytes());
+    line(b"sec-websocket-version", b"13");
+    if let Some(p) = &req.ws.protocol {
+        line(b"sec-websocket-protocol", p.as_bytes());
+    }
+    if let Some(e) = &req.ws.extensions {
+        line(b"sec-websocket-extensions", e.as_bytes());
+    }
+    let connection_listed = connection_tokens(req.client_headers);
+    let mut xff: Option<Vec<u8>> = None;
+    for (name, value) in req.client_headers {
+        if NOT_FORWARDED.contains(name)
+            || connection_listed.iter().any(|t| name.as_str().eq_ignore_ascii_case(t))
+            || name.as_str().starts_with("x-forwarded-")
+            || name.as_str() == "keep-alive"
+        {
+            if name.as_str() == "x-forwarded-for" {
+                let v = xff.get_or_insert_with(Vec::new);
+                if !v.is_empty() {
+                    v.extend_from_slice(b", ");
+                }
+                v.extend_from_slice(value.as_bytes());
+            }
+            continue;
+        }
+        line(name.as_str().as_bytes(), value.as_bytes());
+    }
+    let f = req.forwarded;
+    let ip = f.client_ip.to_string();
+    let mut xff = xff.unwrap_or_default();
+    if !xff.is_empty() {
+        xff.extend_from_slice(b", ");
+    }
+    xff.extend_from_slice(ip.as_bytes());
+    line(b"x-forwarded-for", &xff);
+    line(b"x-forwarded-proto", f.proto.as_bytes());
+    let for_value = if f.client_ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.clone() };
+    let mut fwd = format!("for={for_value};proto={}", f.proto);
+    if let Some(host) = &f.host {
+        line(b"x-forwarded-host", host.as_bytes());
+        if let Ok(hs) = host.to_str() {
+            fwd.push_str(&format!(";host=\"{hs}\""));
+        }
+    }
+    line(b"forwarded", fwd.as_bytes());
+    h.extend_from_slice(b"\r\n");
+    h
+}
+
+/// Header names listed in the client's `Connection` header (hop-by-hop by declaration).
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+type Handshake = (Vec<u8>, HeaderValue, Option<HeaderValue>, Option<HeaderValue>);
+
+async fn handshake(stream: &mut TcpStream, head: &[u8], ws: &WsRequest) -> Result<Handshake, HandshakeError> {
+    stream.write_all(head).await.map_err(HandshakeError::Io)?;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            return Err(HandshakeError::Malformed("response head too large"));
+        }
+        buf.reserve(1024);
+        let n = stream.read_buf(&mut buf).await.map_err(HandshakeError::Io)?;
+        if n == 0 {
+            return Err(HandshakeError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        let len = match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => continue,
+            Err(_) => return Err(HandshakeError::Malformed("invalid HTTP response")),
+        };
+        let code = resp.code.unwrap_or(0);
+        if code != 101 {
+            return Err(HandshakeError::Status(code));
+        }
+        let mut map = HeaderMap::new();
+        for h in resp.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| HandshakeError::Malformed("invalid header name"))?;
+            let value =
+                HeaderValue::from_bytes(h.value).map_err(|_| HandshakeError::Malformed("invalid header value"))?;
+            map.append(name, value);
+        }
+        if !header_has_token(&map, &header::UPGRADE, "websocket")
+            || !header_has_token(&map, &header::CONNECTION, "upgrade")
+        {
+            return Err(HandshakeError::NotWebSocket);
+        }
+        let expected = accept_value(ws.key.as_bytes());
+        let accept = map.get(header::SEC_WEBSOCKET_ACCEPT).cloned().ok_or(HandshakeError::BadAccept)?;
+        if accept.as_bytes() != expected.as_bytes() {
+            return Err(HandshakeError::BadAccept);
+        }
+        let early = buf[len..].to_vec();
+        return Ok((
+            early,
+            accept,
+            map.get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),
+            map.get(header::SEC_WEBSOCKET_EXTENSIONS).cloned(),
+        ));
+    }
+}

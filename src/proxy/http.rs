@@ -1,0 +1,95 @@
+//! Stage: http. Serves HTTP/1.1 on a client stream with hyper, with a header size limit (431)
+//! and a header read timeout that answers 408.
+//!
+//! hyper's own header timeout closes the connection silently, so the first request's deadline
+//! is enforced here by [`HeadIo`], a thin wrapper that writes a `408 Request Timeout` and ends
+//! the stream when the request head is not complete in time. Once the head has arrived the
+//! wrapper is inert; after an upgrade it is unwrapped and the relay runs on the raw stream.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioTimer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::config::ServerSettings;
+
+const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// The hyper HTTP/1.1 builder for client connections.
+pub fn builder(settings: &ServerSettings) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        // Later requests on a kept-alive connection; the first one is bounded by HeadIo (408).
+        .header_read_timeout(settings.header_read_timeout + Duration::from_secs(1))
+        .max_header_size(settings.max_header_size)
+        .max_buf_size(settings.max_header_size.max(8192))
+        .keep_alive(true);
+    b
+}
+
+/// A client stream during the HTTP phase: enforces the first request's header deadline.
+pub struct HeadIo<S> {
+    inner: S,
+    deadline: Option<Pin<Box<Sleep>>>,
+    head_done: Arc<AtomicBool>,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl<S> HeadIo<S> {
+    /// Wraps `inner`; `head_done` is set by the service when the request head has arrived, and
+    /// `timed_out` is set here when the deadline passes first.
+    pub fn new(inner: S, limit: Duration, head_done: Arc<AtomicBool>, timed_out: Arc<AtomicBool>) -> Self {
+        HeadIo { inner, deadline: Some(Box::pin(tokio::time::sleep(limit))), head_done, timed_out }
+    }
+
+    /// The wrapped stream.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadIo<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.timed_out.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(deadline) = this.deadline.as_mut() {
+            if this.head_done.load(Ordering::Relaxed) {
+                this.deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                this.deadline = None;
+                this.timed_out.store(true, Ordering::Relaxed);
+                // Best effort: the socket's send buffer is empty at this point, so this write
+                // completes at once in practice; if it does not, the client just sees a close.
+                let _ = Pin::new(&mut this.inner).poll_write(cx, RESPONSE_408);
+                let _ = Pin::new(&mut this.inner).poll_flush(cx);
+                return Poll::Ready(Ok(()));
+            }
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for HeadIo<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+use std::future::Future;

@@ -1,0 +1,224 @@
+//! The data path, one file per stage, called in order by one task per connection:
+//!
+//! ```text
+//! accept ─▶ tls ─▶ http ─▶ upgrade ─▶ route ─▶ connect ─▶ relay
+//! ```
+//!
+//! [`serve_connection`] runs the HTTP phase with hyper; the request handler runs the upgrade,
+//! route and connect stages and answers 101 only once the backend has accepted. The upgraded
+//! stream is then unwrapped back to the concrete client stream and [`relay`] takes over in the
+//! same task.
+
+pub mod accept;
+pub mod connect;
+pub mod http;
+pub mod relay;
+pub mod route;
+pub mod tls;
+pub mod upgrade;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ::http::header::{
+    CONNECTION, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_PROTOCOL, UPGRADE,
+};
+use ::http::{HeaderValue, Request, Response, StatusCode};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::config::RouteConfig;
+use crate::error::RequestError;
+use crate::server::Shared;
+use crate::session::SessionControl;
+use connect::{BackendConn, BackendRequest, ForwardedFor};
+use relay::{RelayParams, SessionEnd};
+use tls::ClientStream;
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// State shared between the connection task and hyper's request handler.
+struct ConnCtx {
+    shared: Arc<Shared>,
+    client_addr: SocketAddr,
+    tls: bool,
+    /// Set by the handler when it answers 101; taken by the connection task after hyper hands
+    /// the connection over.
+    pending: Mutex<Option<Pending>>,
+}
+
+/// An accepted upgrade waiting for hyper to release the client stream.
+struct Pending {
+    on_upgrade: OnUpgrade,
+    backend: BackendConn,
+    route: Arc<RouteConfig>,
+    agent: Option<String>,
+}
+
+/// Serves one client connection (after accept and tls) to its end.
+pub async fn serve_connection(shared: Arc<Shared>, stream: ClientStream, client_addr: SocketAddr) {
+    let settings = shared.runtime.load().config.server.clone();
+    let ctx =
+        Arc::new(ConnCtx { shared: shared.clone(), client_addr, tls: stream.is_tls(), pending: Mutex::new(None) });
+    let head_done = Arc::new(AtomicBool::new(false));
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let io =
+        TokioIo::new(http::HeadIo::new(stream, settings.header_read_timeout, head_done.clone(), timed_out.clone()));
+    let handler_ctx = ctx.clone();
+    let svc = service_fn(move |req| {
+        head_done.store(true, Ordering::Relaxed);
+        handle(handler_ctx.clone(), req)
+    });
+    // Boxed so that hyper's connection state is freed before the relay starts.
+    let mut conn = Box::pin(http::builder(&settings).serve_connection(io, svc).with_upgrades());
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shared.drain.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+    };
+    drop(conn);
+    if timed_out.load(Ordering::Relaxed) {
+        shared.metrics.upgrade("none", "header_timeout");
+    }
+    if let Err(e) = result {
+        tracing::debug!(client = %client_addr, error = %e, "http connection ended with an error");
+    }
+    let pending = ctx.pending.lock().ok().and_then(|mut p| p.take());
+    drop(ctx);
+    if let Some(p) = pending {
+        run_session(shared, p, client_addr).await;
+    }
+}
+
+/// The request handler: upgrade, route and connect stages; answers 101 or an error status.
+async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let runtime = ctx.shared.runtime.load_full();
+    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(strip_port);
+    let (route, caps) = match runtime.routes.find(host, req.uri().path()) {
+        Ok(found) => found,
+        Err(e) => return Ok(reject(&ctx, "none", e.into())),
+    };
+    let ws = match upgrade::check(&req) {
+        Ok(ws) => ws,
+        Err(e) => return Ok(reject(&ctx, &route.name, e.into())),
+    };
+    if ctx.shared.drain.is_cancelled() {
+        return Ok(reject(&ctx, &route.name, RequestError::Draining));
+    }
+    let forwarded = ForwardedFor {
+        client_ip: ctx.client_addr.ip(),
+        proto: if ctx.tls { "https" } else { "http" },
+        host: req.headers().get(HOST).cloned(),
+    };
+    let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let breq = BackendRequest { path_and_query, ws: &ws, forwarded: &forwarded, client_headers: req.headers() };
+    let backend = match connect::connect(&route, &caps, &breq, &ctx.shared.metrics).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend connect failed");
+            return Ok(reject(&ctx, &route.name, e.into()));
+        }
+    };
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(SEC_WEBSOCKET_ACCEPT, backend.accept.clone());
+    if let Some(p) = &backend.protocol {
+        h.insert(SEC_WEBSOCKET_PROTOCOL, p.clone());
+    }
+    if let Some(e) = &backend.extensions {
+        h.insert(SEC_WEBSOCKET_EXTENSIONS, e.clone());
+    }
+    ctx.shared.metrics.upgrade(&route.name, "ok");
+    let agent = caps.get("agent").map(str::to_owned);
+    let pending = Pending { on_upgrade: hyper::upgrade::on(&mut req), backend, route, agent };
+    if let Ok(mut slot) = ctx.pending.lock() {
+        *slot = Some(pending);
+    }
+    Ok(resp)
+}
+
+fn reject(ctx: &ConnCtx, route: &str, e: RequestError) -> Response<Full<Bytes>> {
+    tracing::debug!(route, client = %ctx.client_addr, status = e.status().as_u16(), error = %e, "upgrade rejected");
+    ctx.shared.metrics.upgrade(route, e.result_label());
+    e.response()
+}
+
+/// Relays an upgraded session and writes its log line.
+async fn run_session(shared: Arc<Shared>, p: Pending, client_addr: SocketAddr) {
+    let upgraded = match p.on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(client = %client_addr, error = %e, "client upgrade failed");
+            return;
+        }
+    };
+    let parts = match upgraded.downcast::<TokioIo<http::HeadIo<ClientStream>>>() {
+        Ok(parts) => parts,
+        Err(_) => {
+            tracing::error!("upgraded connection is not the stream type it was served with");
+            return;
+        }
+    };
+    let client = parts.io.into_inner().into_inner();
+    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let control = SessionControl::new(&shared.drain);
+    let params = RelayParams {
+        settings: p.route.session,
+        drain_spread: shared.runtime.load().config.server.drain_spread,
+        allowed_rsv: if p.backend.extensions.is_some() { 0x70 } else { 0 },
+        control,
+        metrics: shared.metrics.clone(),
+    };
+    let started = Instant::now();
+    shared.metrics.sessions_active.increment(1.0);
+    let end = relay::relay(client, &parts.read_buf, p.backend.stream, &p.backend.early, params).await;
+    shared.metrics.sessions_active.decrement(1.0);
+    shared.metrics.close(end.close_code, end.initiator.as_str());
+    log_session_end(id, &p.route.name, p.agent.as_deref(), client_addr, &p.backend.member, started, &end);
+}
+
+fn log_session_end(
+    id: u64,
+    route: &str,
+    agent: Option<&str>,
+    client: SocketAddr,
+    member: &str,
+    started: Instant,
+    end: &SessionEnd,
+) {
+    tracing::info!(
+        session = id,
+        route,
+        agent = agent.unwrap_or(""),
+        client = %client,
+        backend = member,
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_from_client = end.bytes[0],
+        bytes_from_backend = end.bytes[1],
+        frames_from_client = end.frames[0],
+        frames_from_backend = end.frames[1],
+        close_code = end.close_code.unwrap_or(0),
+        closed_by = end.initiator.as_str(),
+        reason = end.reason,
+        "session ended"
+    );
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(host);
+    }
+    host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+}

@@ -1,0 +1,189 @@
+//! Stage: tls. Terminates TLS with rustls (aws-lc-rs provider): SNI picks a certificate, with a
+//! default for clients that send no SNI or an unknown name; ALPN offers `http/1.1`; the
+//! handshake is bounded by `tls_handshake_timeout`. Also defines [`ClientStream`], the stream
+//! every later stage works on, plain or TLS.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsSettings;
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    /// A certificate file could not be read or holds no certificate.
+    #[error("certificate {path}: {message}")]
+    Cert {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A key file could not be read or does not match its certificate.
+    #[error("private key {path}: {message}")]
+    Key {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Why a TLS handshake failed; each maps to a metric reason.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsHandshakeError {
+    /// The client did not finish the handshake in time.
+    #[error("tls handshake timed out after {0:?}")]
+    Timeout(Duration),
+    /// The client closed the connection during the handshake.
+    #[error("client closed the connection during the tls handshake")]
+    Eof,
+    /// The client sent something that is not acceptable TLS (or an alert).
+    #[error("tls handshake failed: {0}")]
+    Protocol(io::Error),
+}
+
+impl TlsHandshakeError {
+    /// Bounded label for `portcullis_tls_handshake_failures_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TlsHandshakeError::Timeout(_) => "timeout",
+            TlsHandshakeError::Eof => "eof",
+            TlsHandshakeError::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// The crypto provider used everywhere (aws-lc-rs).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Builds the server configuration from PEM files.
+pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let provider = provider();
+    let default = Arc::new(load_certified_key(&settings.cert, &settings.key, &provider)?);
+    let mut by_name = HashMap::new();
+    for sni in &settings.sni {
+        let key = Arc::new(load_certified_key(&sni.cert, &sni.key, &provider)?);
+        for name in &sni.server_names {
+            by_name.insert(name.to_ascii_lowercase(), key.clone());
+        }
+    }
+    let resolver = Arc::new(CertResolver { default, by_name });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn load_certified_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsConfigError> {
+    let cert_err = |message: String| TlsConfigError::Cert { path: cert.display().to_string(), message };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| cert_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_err(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(cert_err("no certificate found".into()));
+    }
+    let key_err = |message: String| TlsConfigError::Key { path: key.display().to_string(), message };
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| key_err(e.to_string()))?;
+    CertifiedKey::from_der(chain, der, provider).map_err(|e| key_err(e.to_string()))
+}
+
+/// Picks a certificate by SNI, falling back to the default one.
+#[derive(Debug)]
+struct CertResolver {
+    default: Arc<CertifiedKey>,
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let key = hello.server_name().and_then(|n| self.by_name.get(&n.to_ascii_lowercase())).unwrap_or(&self.default);
+        Some(key.clone())
+    }
+}
+
+/// Runs the TLS handshake within `limit`.
+pub async fn accept(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    limit: Duration,
+) -> Result<TlsStream<TcpStream>, TlsHandshakeError> {
+    match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+        Err(_) => Err(TlsHandshakeError::Timeout(limit)),
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(TlsHandshakeError::Eof),
+        Ok(Err(e)) => Err(TlsHandshakeError::Protocol(e)),
+    }
+}
+
+/// A client connection after the tls stage: plain TCP or TLS.
+#[derive(Debug)]
+pub enum ClientStream {
+    /// A `ws://` connection.
+    Plain(TcpStream),
+    /// A `wss://` connection (boxed: the TLS state is large and most of it is heap anyway).
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl ClientStream {
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ClientStream::Tls(_))
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Stage: upgrade. Checks that a request is a valid WebSocket opening handshake (RFC 6455
+//! §4.2.1) and computes the accept value.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use http::header::{
+    CONNECTION, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+};
+use http::{HeaderMap, HeaderValue, Method, Request};
+use sha1::{Digest, Sha1};
+
+/// Why a request is not a valid WebSocket upgrade.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UpgradeError {
+    /// No `Upgrade: websocket`: a plain HTTP request on a WebSocket route (426).
+    #[error("this endpoint only accepts WebSocket upgrades")]
+    NotUpgrade,
+    /// The method is not GET (400).
+    #[error("a WebSocket upgrade must use GET")]
+    BadMethod,
+    /// `Connection` does not contain the `upgrade` token (400).
+    #[error("the Connection header must contain \"upgrade\"")]
+    MissingConnectionUpgrade,
+    /// `Sec-WebSocket-Key` is missing or not 16 bytes in base64 (400).
+    #[error("Sec-WebSocket-Key must be 16 bytes in base64")]
+    BadKey,
+    /// `Sec-WebSocket-Version` is not 13 (426 with `Sec-WebSocket-Version: 13`).
+    #[error("only WebSocket version 13 is supported")]
+    BadVersion,
+}
+
+/// The parts of a valid upgrade request that go on to the backend.
+#[derive(Debug, Clone)]
+pub struct WsRequest {
+    /// The client's `Sec-WebSocket-Key`, passed to the backend unchanged.
+    pub key: HeaderValue,
+    /// `Sec-WebSocket-Protocol` offered by the client.
+    pub protocol: Option<HeaderValue>,
+    /// `Sec-WebSocket-Extensions` offered by the client.
+    pub extensions: Option<HeaderValue>,
+}
+
+/// Validates the opening handshake.
+pub fn check<B>(req: &Request<B>) -> Result<WsRequest, UpgradeError> {
+    let headers = req.headers();
+    if !header_has_token(headers, &UPGRADE, "websocket") {
+        return Err(UpgradeError::NotUpgrade);
+    }
+    if req.method() != Method::GET {
+        return Err(UpgradeError::BadMethod);
+    }
+    if !header_has_token(headers, &CONNECTION, "upgrade") {
+        return Err(UpgradeError::MissingConnectionUpgrade);
+    }
+    let mut versions = headers.get_all(SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes() == b"13" => {}
+        _ => return Err(UpgradeError::BadVersion),
+    }
+    let mut keys = headers.get_all(SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(k), None) => k,
+        _ => return Err(UpgradeError::BadKey),
+    };
+    match BASE64.decode(key.as_bytes()) {
+        Ok(raw) if raw.len() == 16 => {}
+        _ => return Err(UpgradeError::BadKey),
+    }
+    Ok(WsRequest {
+        key: key.clone(),
+        protocol: joined(headers, &SEC_WEBSOCKET_PROTOCOL),
+        extensions: joined(headers, &SEC_WEBSOCKET_EXTENSIONS),
+    })
+}
+
+/// The `Sec-WebSocket-Accept` value for `key` (RFC 6455 §4.2.2).
+pub fn accept_value(key: &[u8]) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    BASE64.encode(sha.finalize())
+}
+
+/// Whether any comma-separated element of header `name` equals `token` (ASCII case-insensitive).
+pub fn header_has_token(headers: &HeaderMap, name: &http::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| v.to_str().map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))).unwrap_or(false))
+}
+
+/// All values of a header joined with ", " (a header may be sent on several lines).
+fn joined(headers: &HeaderMap, name: &http::HeaderName) -> Option<HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let mut out = first.as_bytes().to_vec();
+    for v in values {
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(v.as_bytes());
+    }
+    HeaderValue::from_bytes(&out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> http::request::Builder {
+        Request::get("/x")
+            .header("upgrade", "WebSocket")
+            .header("connection", "keep-alive, Upgrade")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+    }
+
+    #[test]
+    fn rfc_example_accept_value() {
+        assert_eq!(accept_value(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn valid_request_passes() {
+        let r = req().body(()).expect("request");
+        assert!(check(&r).is_ok());
+    }
+
+    #[test]
+    fn each_check_has_its_error() {
+        let r = Request::get("/x").body(()).expect("request");
+        assert_eq!(check(&r).unwrap_err(), UpgradeError::NotUpgrade);
+        let r = req().method("POST").body(()).expect("request");
+        assert_eq!(check(&r).unwrap_err(), UpgradeError::BadMethod);
+        let r = req().header("sec-websocket-version", "8").body(()).expect("request");
+        assert_eq!(check(&r).unwrap_err(), UpgradeError::BadVersion);
+        let mut r = req().body(()).expect("request");
+        r.headers_mut().insert("sec-websocket-key", HeaderValue::from_static("c2hvcnQ="));
+        assert_eq!(check(&r).unwrap_err(), UpgradeError::BadKey);
+        r.headers_mut().insert("connection", HeaderValue::from_static("keep-alive"));
+        assert_eq!(check(&r).unwrap_err(), UpgradeError::MissingConnectionUpgrade);
+    }
+}
