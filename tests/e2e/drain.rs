@@ -1,0 +1,54 @@
+//! Drain: SIGTERM closes every session with 1001 and the process exits 0 before drain_timeout.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_100_open_sessions_sends_1001_to_each_and_exits_zero() {
+    let backend = Backend::echo().await;
+    let text = config_text(&[backend.addr.to_string()], "", "", "")
+        .replace("drain_timeout = \"10s\"", "drain_timeout = \"8s\"")
+        .replace("drain_spread = \"200ms\"", "drain_spread = \"1s\"");
+    let mut proxy = ProxyProcess::start(&text).await;
+    let mut clients = Vec::new();
+    for i in 0..100 {
+        let mut c = upgrade(proxy.tls, true, &format!("/agents/a{i}/terminal"), &[]).await.expect("101");
+        c.send(true, op::TEXT, b"hello").await;
+        assert_eq!(c.recv().await.payload, b"hello");
+        clients.push(c);
+    }
+    let (_, body) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&body, "portcullis_sessions_active"), 100.0);
+
+    let started = Instant::now();
+    proxy.signal("TERM");
+    // /ready turns false as soon as the signal is handled, while sessions are still open.
+    loop {
+        let (status, _) = http_get(proxy.admin, "/ready").await;
+        if status == 503 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "/ready still {status} after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let waits = clients.into_iter().map(|mut c| {
+        tokio::spawn(async move {
+            let f = c.recv_close().await;
+            c.send(true, op::CLOSE, &f.payload).await;
+            f.close_code()
+        })
+    });
+    for w in waits {
+        assert_eq!(w.await.expect("client task"), Some(1001));
+    }
+    let status = loop {
+        if let Some(s) = proxy.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(8), "exited before drain_timeout");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests over real sockets: TLS and plain clients, the proxy (in-process, or as a
+//! child process where signals or process-wide numbers matter), and real test backends.
+
+mod harness;
+
+mod deadlines;
+mod deflate;
+mod drain;
+mod handshake;
+mod metrics;
+mod relay;
