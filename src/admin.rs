@@ -1,14 +1,19 @@
-//! The admin listener: `/metrics` (Prometheus text), `/live`, `/ready`.
+//! The admin listener: `/metrics` (Prometheus text), `/live`, `/ready`, and the session API:
+//! `GET /sessions`, `DELETE /sessions/{id}`, `POST /sessions/revoke` with
+//! `{"subject": ...}`, `{"agent": ...}` or `{"jti": ...}`. Revoked sessions close with 1008
+//! "session revoked", and a revoked subject or token is refused on reconnect until it expires.
 //!
-//! Bound to loopback by default; it is an operator interface, not a public one.
+//! Bound to loopback by default; the session API can require a bearer token (`[admin]
+//! token_env` / `token_file`).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -16,7 +21,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+
 use crate::server::Shared;
+use crate::session::Selector;
 
 /// Serves admin requests until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
@@ -37,7 +46,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, &req)) }
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
             });
             let conn = http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
             tokio::select! {
@@ -48,11 +57,21 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     }
 }
 
-fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    if path == "/sessions" || path.starts_with("/sessions/") {
+        if !authorized(shared, &req) {
+            let mut r = text(StatusCode::UNAUTHORIZED, "admin token required\n");
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"portcullis-admin\""));
+            return r;
+        }
+        return sessions(shared, req, &path).await;
+    }
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
-    match req.uri().path() {
+    match path.as_str() {
         "/metrics" => {
             let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
@@ -63,6 +82,115 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" => text(StatusCode::OK, "ready\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Whether the request carries the admin token (when one is configured).
+fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
+    let runtime = shared.runtime.load();
+    let Some(expected) = runtime.config.admin.as_ref().and_then(|a| a.token.as_ref()) else { return true };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    bool::from(given.as_bytes().ct_eq(expected.expose()))
+}
+
+/// `GET /sessions`, `DELETE /sessions/{id}`, `POST /sessions/revoke`.
+async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Response<Full<Bytes>> {
+    match (req.method().clone(), path) {
+        (Method::GET, "/sessions") => {
+            let now = SystemTime::now();
+            let list: Vec<Value> = shared
+                .sessions
+                .list()
+                .iter()
+                .map(|e| {
+                    json!({
+                        "id": e.id,
+                        "route": e.route,
+                        "agent": e.agent,
+                        "subject": e.subject,
+                        "client": e.client.to_string(),
+                        "backend": e.backend,
+                        "age_seconds": now.duration_since(e.started).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                        "token_expires_at": e.token_exp,
+                        "bytes_from_client": e.bytes.from_client.load(Ordering::Relaxed),
+                        "bytes_from_backend": e.bytes.from_backend.load(Ordering::Relaxed),
+                    })
+                })
+                .collect();
+            json_response(StatusCode::OK, &json!({ "sessions": list }))
+        }
+        (Method::POST, "/sessions/revoke") => {
+            let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::BAD_REQUEST, "body too large or unreadable\n"),
+            };
+            let Ok(ask) = serde_json::from_slice::<RevokeRequest>(&body) else {
+                return text(StatusCode::BAD_REQUEST, "expected JSON with one of subject, agent, jti\n");
+            };
+            let selector = match (ask.subject, ask.agent, ask.jti) {
+                (Some(s), None, None) => Selector::Subject(s),
+                (None, Some(a), None) => Selector::Agent(a),
+                (None, None, Some(j)) => Selector::Jti(j),
+                _ => return text(StatusCode::BAD_REQUEST, "give exactly one of subject, agent, jti\n"),
+            };
+            let closed = revoke(shared, &selector);
+            json_response(StatusCode::OK, &json!({ "closed": closed }))
+        }
+        (Method::DELETE, p) => match p.strip_prefix("/sessions/").and_then(|id| id.parse::<u64>().ok()) {
+            Some(id) => match revoke(shared, &Selector::Id(id)) {
+                0 => text(StatusCode::NOT_FOUND, "no such session\n"),
+                _ => {
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    *r.status_mut() = StatusCode::NO_CONTENT;
+                    r
+                }
+            },
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    subject: Option<String>,
+    agent: Option<String>,
+    jti: Option<String>,
+}
+
+/// Closes matching sessions (1008 "session revoked") and, for a subject or token id, refuses
+/// the same tokens on reconnect until they expire.
+fn revoke(shared: &Shared, selector: &Selector) -> usize {
+    let closed = shared.sessions.revoke(selector);
+    let latest_exp = closed.iter().filter_map(|e| e.token_exp).max();
+    if let Some(auth) = &shared.authenticator {
+        match selector {
+            Selector::Subject(s) => auth.deny_subject(s, latest_exp),
+            Selector::Jti(j) => auth.deny_jti(j, latest_exp),
+            Selector::Id(_) | Selector::Agent(_) => {
+                // A session or agent revocation also refuses the exact tokens that were cut.
+                for e in &closed {
+                    if let Some(j) = &e.jti {
+                        auth.deny_jti(j, e.token_exp);
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!(?selector, closed = closed.len(), "sessions revoked");
+    closed.len()
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

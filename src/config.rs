@@ -16,6 +16,10 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use jsonwebtoken::Algorithm;
+
+use crate::auth::Secret;
+use crate::proxy::auth::{OriginPattern, TokenSource};
 use crate::proxy::route::{BackendTemplate, PathPattern};
 
 /// A fully parsed and validated configuration.
@@ -31,6 +35,94 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Routes in file order; the most specific match wins.
     pub routes: Vec<RouteConfig>,
+    /// Token verification keys and settings shared by all routes.
+    pub auth: AuthSettings,
+}
+
+/// Token verification keys and settings (`[auth]`, `[[auth.keys]]`, `[[auth.jwks]]`).
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// Static verification keys.
+    pub keys: Vec<StaticKey>,
+    /// JWKS endpoints.
+    pub jwks: Vec<JwksSettings>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// Tokens longer than this are refused before any parsing.
+    pub max_token_size: usize,
+    /// Verified tokens kept in the cache.
+    pub cache_capacity: u64,
+    /// How long a revoked subject stays refused when no token expiry bounds it.
+    pub revocation_ttl: Duration,
+}
+
+/// A static verification key with its algorithm allowlist.
+#[derive(Debug, Clone)]
+pub struct StaticKey {
+    /// Key id: tokens whose header names this `kid` are verified with this key only.
+    pub kid: Option<String>,
+    /// Algorithms this key may verify (one family; never `none`).
+    pub algorithms: Vec<Algorithm>,
+    /// The key material.
+    pub material: KeyMaterial,
+}
+
+/// Where a static key comes from.
+#[derive(Debug, Clone)]
+pub enum KeyMaterial {
+    /// PEM public key (RSA, EC or Ed25519) file.
+    PublicKeyPem(PathBuf),
+    /// HMAC secret, read from a file or an environment variable at load time.
+    Secret(Secret),
+}
+
+/// A JWKS endpoint.
+#[derive(Debug, Clone)]
+pub struct JwksSettings {
+    /// `http://` or `https://` URL of the key set.
+    pub url: http::Uri,
+    /// Algorithms keys from this set may verify.
+    pub algorithms: Vec<Algorithm>,
+    /// Periodic refresh.
+    pub refresh_interval: Duration,
+    /// An unknown `kid` triggers a refetch at most this often.
+    pub min_refetch_interval: Duration,
+    /// Time allowed for one fetch.
+    pub timeout: Duration,
+    /// CA file for an `https://` URL; the web PKI roots when absent.
+    pub ca: Option<PathBuf>,
+}
+
+/// Authentication required on a route (`[routes.auth]`).
+#[derive(Debug, Clone)]
+pub struct RouteAuth {
+    /// Where the token is looked for, in order.
+    pub sources: Vec<TokenSource>,
+    /// Accepted `iss` values; any when empty.
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values (one must match); any when empty.
+    pub audiences: Vec<String>,
+    /// Claims that must be present.
+    pub required_claims: Vec<String>,
+    /// The captured `{agent}` must be listed in this claim (array or string).
+    pub agent_claim: Option<String>,
+    /// A scope built from captures (`terminal:{agent}`) that must be in `scope` or `scp`.
+    pub agent_scope: Option<String>,
+    /// Close the session with 1008 when the token expires.
+    pub enforce_expiry: bool,
+    /// Claims sent to the backend as `x-portcullis-claim-<name>`.
+    pub forward_claims: Vec<String>,
+    /// Forward the raw token to the backend (off by default).
+    pub forward_token: bool,
+}
+
+/// Which browser origins may open sessions on a route (`[routes.origin]`).
+#[derive(Debug, Clone)]
+pub struct OriginPolicy {
+    /// Allowed origins: exact (`https://app.example.com`) or wildcard (`*.example.com`).
+    pub allow: Vec<OriginPattern>,
+    /// Whether requests without an `Origin` header (non-browser clients) are allowed.
+    pub allow_missing: bool,
 }
 
 /// Process-wide limits and timeouts (`[server]`).
@@ -89,6 +181,8 @@ pub struct ListenerConfig {
 pub struct AdminConfig {
     /// Address bound; loopback by default.
     pub address: SocketAddr,
+    /// Bearer token required on `/sessions` endpoints, when set.
+    pub token: Option<Secret>,
 }
 
 /// One route: which requests it matches and where they go.
@@ -108,6 +202,10 @@ pub struct RouteConfig {
     pub session: SessionSettings,
     /// Connect settings for this route's backends.
     pub backend: BackendSettings,
+    /// Token requirements; the route is open when absent.
+    pub auth: Option<RouteAuth>,
+    /// Origin allowlist; any origin when absent.
+    pub origin: Option<OriginPolicy>,
 }
 
 /// Deadlines and limits for a session (`[session]`, overridable per route).
@@ -148,7 +246,7 @@ impl Default for ServerSettings {
             header_read_timeout: Duration::from_secs(10),
             max_header_size: 16 * 1024,
             drain_spread: Duration::from_secs(5),
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(25),
         }
     }
 }
@@ -218,7 +316,10 @@ impl Config {
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1)).unwrap_or(1);
+            let line = e
+                .span()
+                .map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1)
+                .unwrap_or(1);
             ConfigError::Parse { path: origin.to_owned(), line, message: e.message().trim().to_owned() }
         })?;
         raw.into_config().map_err(|(key, message)| ConfigError::Invalid { path: origin.to_owned(), key, message })
@@ -243,6 +344,73 @@ struct RawConfig {
     backend: RawBackend,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    auth: RawAuth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    keys: Vec<RawKey>,
+    #[serde(default)]
+    jwks: Vec<RawJwks>,
+    leeway: Option<Dur>,
+    max_token_size: Option<Size>,
+    cache_capacity: Option<u64>,
+    revocation_ttl: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    kid: Option<String>,
+    algorithms: Vec<Algorithm>,
+    public_key: Option<PathBuf>,
+    secret_file: Option<PathBuf>,
+    secret_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwks {
+    url: String,
+    algorithms: Vec<Algorithm>,
+    refresh_interval: Option<Dur>,
+    min_refetch_interval: Option<Dur>,
+    timeout: Option<Dur>,
+    ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouteAuth {
+    sources: Option<Vec<TokenSource>>,
+    #[serde(default)]
+    issuers: Vec<String>,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    required_claims: Vec<String>,
+    agent_claim: Option<String>,
+    agent_scope: Option<String>,
+    enforce_expiry: Option<bool>,
+    #[serde(default)]
+    forward_claims: Vec<String>,
+    #[serde(default)]
+    forward_token: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOrigin {
+    allow: Vec<OriginPattern>,
+    #[serde(default = "yes")]
+    allow_missing: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -278,6 +446,8 @@ struct RawListener {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     address: SocketAddr,
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone, Copy)]
@@ -312,6 +482,8 @@ struct RawRoute {
     session: RawSession,
     #[serde(default)]
     backend: RawBackend,
+    auth: Option<RawRouteAuth>,
+    origin: Option<RawOrigin>,
 }
 
 type Invalid = (String, String);
@@ -383,7 +555,16 @@ impl RawConfig {
                     return Err(invalid(&format!("{key}.backend_path"), "must start with '/'"));
                 }
             }
+            let auth = match r.auth {
+                None => None,
+                Some(a) => Some(a.into_route_auth(&key, &r.path)?),
+            };
+            if auth.is_some() && self.auth.keys.is_empty() && self.auth.jwks.is_empty() {
+                return Err(invalid(&format!("{key}.auth"), "requires tokens but [auth] has no keys or jwks"));
+            }
             routes.push(RouteConfig {
+                auth,
+                origin: r.origin.map(|o| OriginPolicy { allow: o.allow, allow_missing: o.allow_missing }),
                 name: r.name,
                 host: r.host.map(|h| h.to_ascii_lowercase()),
                 path: r.path,
@@ -398,8 +579,143 @@ impl RawConfig {
             server,
             tls: self.tls.map(|t| TlsSettings { cert: t.cert, key: t.key, sni: t.sni }),
             listeners,
-            admin: self.admin.map(|a| AdminConfig { address: a.address }),
+            admin: match self.admin {
+                None => None,
+                Some(a) => Some(AdminConfig {
+                    address: a.address,
+                    token: load_secret(a.token_file.as_deref(), a.token_env.as_deref(), "admin")?,
+                }),
+            },
             routes,
+            auth: self.auth.into_settings()?,
+        })
+    }
+}
+
+impl RawAuth {
+    fn into_settings(self) -> Result<AuthSettings, Invalid> {
+        let mut keys = Vec::with_capacity(self.keys.len());
+        for (i, k) in self.keys.into_iter().enumerate() {
+            let key = format!("auth.keys[{i}]");
+            check_algorithms(&k.algorithms, &format!("{key}.algorithms"))?;
+            let hmac = k.algorithms.iter().all(|a| family(*a) == 0);
+            let material = match (k.public_key, hmac) {
+                (Some(p), false) => {
+                    if k.secret_file.is_some() || k.secret_env.is_some() {
+                        return Err(invalid(&key, "set public_key or a secret, not both"));
+                    }
+                    KeyMaterial::PublicKeyPem(p)
+                }
+                (None, true) => match load_secret(k.secret_file.as_deref(), k.secret_env.as_deref(), &key)? {
+                    Some(s) => KeyMaterial::Secret(s),
+                    None => return Err(invalid(&key, "HS* keys need secret_file or secret_env")),
+                },
+                (Some(_), true) => return Err(invalid(&key, "HS* keys take a secret, not a public_key")),
+                (None, false) => return Err(invalid(&key, "RS*/PS*/ES*/EdDSA keys need public_key (a PEM file)")),
+            };
+            keys.push(StaticKey { kid: k.kid, algorithms: k.algorithms, material });
+        }
+        let mut jwks = Vec::with_capacity(self.jwks.len());
+        for (i, j) in self.jwks.into_iter().enumerate() {
+            let key = format!("auth.jwks[{i}]");
+            let url: http::Uri = j.url.parse().map_err(|_| invalid(&format!("{key}.url"), "not a valid URL"))?;
+            if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+                return Err(invalid(&format!("{key}.url"), "must be an http:// or https:// URL"));
+            }
+            check_algorithms(&j.algorithms, &format!("{key}.algorithms"))?;
+            if j.algorithms.iter().any(|a| family(*a) == 0) {
+                return Err(invalid(&format!("{key}.algorithms"), "HS* algorithms cannot come from a JWKS"));
+            }
+            jwks.push(JwksSettings {
+                url,
+                algorithms: j.algorithms,
+                refresh_interval: dur(j.refresh_interval, Duration::from_secs(300)),
+                min_refetch_interval: dur(j.min_refetch_interval, Duration::from_secs(10)),
+                timeout: dur(j.timeout, Duration::from_secs(5)),
+                ca: j.ca,
+            });
+        }
+        Ok(AuthSettings {
+            keys,
+            jwks,
+            leeway: dur(self.leeway, Duration::from_secs(30)),
+            max_token_size: self.max_token_size.map_or(8 * 1024, |s| s.0 as usize),
+            cache_capacity: self.cache_capacity.unwrap_or(100_000),
+            revocation_ttl: dur(self.revocation_ttl, Duration::from_secs(24 * 3600)),
+        })
+    }
+}
+
+/// 0 for HMAC, 1 RSA (RS and PS), 2 EC, 3 EdDSA.
+fn family(a: Algorithm) -> u8 {
+    match a.family() {
+        jsonwebtoken::AlgorithmFamily::Hmac => 0,
+        jsonwebtoken::AlgorithmFamily::Rsa => 1,
+        jsonwebtoken::AlgorithmFamily::Ec => 2,
+        jsonwebtoken::AlgorithmFamily::Ed => 3,
+    }
+}
+
+fn check_algorithms(algs: &[Algorithm], key: &str) -> Result<(), Invalid> {
+    match algs.first() {
+        None => Err(invalid(key, "list at least one algorithm")),
+        Some(first) if algs.iter().any(|a| family(*a) != family(*first)) => {
+            Err(invalid(key, "all algorithms of one key must be of one family (no algorithm confusion)"))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn load_secret(file: Option<&Path>, env: Option<&str>, key: &str) -> Result<Option<Secret>, Invalid> {
+    match (file, env) {
+        (Some(_), Some(_)) => Err(invalid(key, "set a secret file or an environment variable, not both")),
+        (Some(f), None) => match std::fs::read(f) {
+            Ok(mut bytes) => {
+                while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                    bytes.pop();
+                }
+                if bytes.is_empty() {
+                    return Err(invalid(key, &format!("secret file {} is empty", f.display())));
+                }
+                Ok(Some(Secret::new(bytes)))
+            }
+            Err(e) => Err(invalid(key, &format!("cannot read secret file {}: {e}", f.display()))),
+        },
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(Some(Secret::new(v.into_bytes()))),
+            _ => Err(invalid(key, &format!("environment variable {var} is not set"))),
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+impl RawRouteAuth {
+    fn into_route_auth(self, key: &str, path: &PathPattern) -> Result<RouteAuth, Invalid> {
+        if let Some(scope) = &self.agent_scope {
+            if let Some(c) = crate::proxy::route::template_captures(scope).into_iter().find(|c| !path.has_capture(c)) {
+                return Err(invalid(
+                    &format!("{key}.auth.agent_scope"),
+                    &format!("uses {{{c}}}, which the path does not capture"),
+                ));
+            }
+        }
+        if (self.agent_claim.is_some() || self.agent_scope.is_some()) && !path.has_capture("agent") {
+            return Err(invalid(&format!("{key}.auth"), "agent grants need an {agent} capture in the path"));
+        }
+        let sources = self.sources.unwrap_or_else(TokenSource::defaults);
+        if sources.is_empty() {
+            return Err(invalid(&format!("{key}.auth.sources"), "list at least one token source"));
+        }
+        Ok(RouteAuth {
+            sources,
+            issuers: self.issuers,
+            audiences: self.audiences,
+            required_claims: self.required_claims,
+            agent_claim: self.agent_claim,
+            agent_scope: self.agent_scope,
+            enforce_expiry: self.enforce_expiry.unwrap_or(true),
+            forward_claims: self.forward_claims,
+            forward_token: self.forward_token,
         })
     }
 }

@@ -43,8 +43,44 @@ pub fn write_self_signed(dir: &Path) -> anyhow::Result<DemoCert> {
     Ok(DemoCert { cert, key })
 }
 
-/// The demo configuration: a TLS listener on `listen`, admin on `admin`, routes to `backend`.
-pub fn config_text(listen: SocketAddr, admin: SocketAddr, backend: SocketAddr, cert: &DemoCert) -> String {
+/// Paths of the demo's token signing key pair (ES256).
+pub struct DemoJwtKeys {
+    /// PKCS#8 private key (PEM), for minting.
+    pub private_key: PathBuf,
+    /// SPKI public key (PEM), for verifying.
+    pub public_key: PathBuf,
+}
+
+/// Generates an ES256 key pair for demo tokens into `dir`.
+pub fn write_jwt_keys(dir: &Path) -> anyhow::Result<DemoJwtKeys> {
+    std::fs::create_dir_all(dir)?;
+    let kp = rcgen::KeyPair::generate()?;
+    let private_key = dir.join("jwt-private.pem");
+    let public_key = dir.join("jwt-public.pem");
+    std::fs::write(&private_key, kp.serialize_pem())?;
+    std::fs::write(&public_key, kp.public_key_pem())?;
+    Ok(DemoJwtKeys { private_key, public_key })
+}
+
+/// Mints an ES256 token for subject "demo-user" granting `agent`.
+pub fn mint_token(keys: &DemoJwtKeys, agent: &str, ttl: Duration) -> anyhow::Result<String> {
+    let pem = std::fs::read(&keys.private_key)?;
+    let key = crate::auth::mint::encoding_key(jsonwebtoken::Algorithm::ES256, &pem)?;
+    let mut claims = serde_json::Map::new();
+    claims.insert("sub".into(), "demo-user".into());
+    claims.insert("agents".into(), serde_json::json!([agent]));
+    Ok(crate::auth::mint::mint(jsonwebtoken::Algorithm::ES256, &key, None, claims, ttl)?)
+}
+
+/// The demo configuration: a TLS listener on `listen`, admin on `admin`, routes to `backend`
+/// that require a token granting the agent.
+pub fn config_text(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    backend: SocketAddr,
+    cert: &DemoCert,
+    jwt: &DemoJwtKeys,
+) -> String {
     format!(
         r#"[server]
 drain_spread = "1s"
@@ -66,18 +102,29 @@ address = "{admin}"
 ping_interval = "30s"
 idle_timeout = "10m"
 
+[[auth.keys]]
+algorithms = ["ES256"]
+public_key = "{jwt_public}"
+
 [[routes]]
 name = "terminal"
 path = "/agents/{{agent}}/terminal"
 backends = ["{backend}"]
+[routes.auth]
+sources = ["bearer", "subprotocol:bearer.", "query:access_token"]
+agent_claim = "agents"
 
 [[routes]]
 name = "events"
 path = "/agents/{{agent}}/events"
 backends = ["{backend}"]
+[routes.auth]
+sources = ["bearer", "subprotocol:bearer.", "query:access_token"]
+agent_claim = "agents"
 "#,
         cert = cert.cert.display(),
         key = cert.key.display(),
+        jwt_public = jwt.public_key.display(),
     )
 }
 

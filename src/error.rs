@@ -5,6 +5,7 @@ use http::header::{CONTENT_TYPE, SEC_WEBSOCKET_VERSION, UPGRADE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
+use crate::auth::AuthError;
 use crate::proxy::connect::ConnectError;
 use crate::proxy::route::RouteError;
 use crate::proxy::upgrade::UpgradeError;
@@ -18,6 +19,9 @@ pub enum RequestError {
     /// Upgrade stage.
     #[error(transparent)]
     Upgrade(#[from] UpgradeError),
+    /// Auth stage (401 or 403).
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// Connect stage.
     #[error(transparent)]
     Connect(#[from] ConnectError),
@@ -34,7 +38,10 @@ impl RequestError {
             RequestError::Route(RouteError::InvalidCapture(_)) => StatusCode::BAD_REQUEST,
             RequestError::Upgrade(UpgradeError::NotUpgrade | UpgradeError::BadVersion) => StatusCode::UPGRADE_REQUIRED,
             RequestError::Upgrade(_) => StatusCode::BAD_REQUEST,
+            RequestError::Auth(a) if a.is_forbidden() => StatusCode::FORBIDDEN,
+            RequestError::Auth(_) => StatusCode::UNAUTHORIZED,
             RequestError::Connect(ConnectError::BadHandshake { .. }) => StatusCode::BAD_GATEWAY,
+            RequestError::Connect(ConnectError::InvalidMember) => StatusCode::BAD_REQUEST,
             RequestError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             RequestError::Connect(ConnectError::Unreachable { .. }) | RequestError::Draining => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -50,7 +57,10 @@ impl RequestError {
             RequestError::Upgrade(UpgradeError::NotUpgrade) => "not_upgrade",
             RequestError::Upgrade(UpgradeError::BadVersion) => "bad_version",
             RequestError::Upgrade(_) => "bad_handshake",
+            RequestError::Auth(a) if a.is_forbidden() => "forbidden",
+            RequestError::Auth(_) => "unauthorized",
             RequestError::Connect(ConnectError::BadHandshake { .. }) => "backend_bad_handshake",
+            RequestError::Connect(ConnectError::InvalidMember) => "invalid_capture",
             RequestError::Connect(ConnectError::Timeout(_)) => "backend_timeout",
             RequestError::Connect(ConnectError::Unreachable { .. }) => "backend_unreachable",
             RequestError::Draining => "draining",
@@ -62,6 +72,7 @@ impl RequestError {
     pub fn response(&self) -> Response<Full<Bytes>> {
         let status = self.status();
         let body = match self {
+            RequestError::Connect(ConnectError::InvalidMember) => self.to_string(),
             RequestError::Connect(_) => status.canonical_reason().unwrap_or("backend error").to_owned(),
             other => other.to_string(),
         };
@@ -69,6 +80,15 @@ impl RequestError {
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if let RequestError::Auth(a) = self {
+            let value = match a.bearer_error() {
+                Some(code) => format!("Bearer realm=\"portcullis\", error=\"{code}\""),
+                None => "Bearer realm=\"portcullis\"".to_owned(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(http::header::WWW_AUTHENTICATE, v);
+            }
+        }
         if status == StatusCode::UPGRADE_REQUIRED {
             h.insert(UPGRADE, HeaderValue::from_static("websocket"));
             h.insert(http::header::CONNECTION, HeaderValue::from_static("Upgrade"));

@@ -10,19 +10,24 @@
 //! 1. [`proxy::accept`]: connection cap, TCP_NODELAY, per-connection span.
 //! 2. [`proxy::tls`]: rustls handshake with SNI, ALPN and a timeout.
 //! 3. [`proxy::http`]: hyper HTTP/1.1, header size limit (431), header timeout (408).
-//! 4. [`proxy::upgrade`]: RFC 6455 handshake checks (400/426).
-//! 5. [`proxy::route`]: host and path matching, capture validation (400/404).
-//! 6. [`proxy::connect`]: backend connect and handshake (502/503/504).
-//! 7. [`proxy::relay`]: frame-aware splice, pings, deadlines, close codes.
+//! 4. [`proxy::route`]: host and path matching, capture validation (400/404).
+//! 5. [`proxy::upgrade`]: RFC 6455 handshake checks (400/426).
+//! 6. [`proxy::auth`]: Origin policy, token sources, JWT verification ([`auth`]), agent grants
+//!    (401/403), identity headers for the backend.
+//! 7. [`proxy::connect`]: backend connect and handshake (502/503/504).
+//! 8. [`proxy::relay`]: frame-aware splice, pings, deadlines (idle, lifetime, token expiry),
+//!    close codes.
 //!
 //! Around it: [`config`] (typed configuration), [`server`] (listeners, drain), [`admin`]
-//! (`/metrics`, `/live`, `/ready`), [`metrics`], [`session`] (stop handles), [`error`] (status
+//! (`/metrics`, `/live`, `/ready`, `/sessions`), [`metrics`], [`session`] (registry, stop
+//! handles, revocation), [`error`] (status
 //! mapping), [`demo`] (the one-command demo).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -56,6 +56,11 @@ enum Command {
         #[arg(long)]
         backend_only: bool,
     },
+    /// Token tools.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Open a WebSocket, send each line of stdin as a text message, print what comes back.
     Connect {
         /// ws:// or wss:// URL.
@@ -66,6 +71,40 @@ enum Command {
         /// Extra request header, `Name: value` (repeatable).
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Sign a JWT and print it (for tests and operators).
+    Mint {
+        /// PEM private key file (RS*, PS*, ES*, EdDSA).
+        #[arg(long, conflicts_with = "secret_env", required_unless_present = "secret_env")]
+        key: Option<PathBuf>,
+        /// Environment variable holding the HMAC secret (HS*).
+        #[arg(long)]
+        secret_env: Option<String>,
+        /// Algorithm: HS256/384/512, RS256/384/512, PS256/384/512, ES256, ES384, EdDSA.
+        #[arg(long, default_value = "ES256")]
+        alg: String,
+        /// Subject (`sub`).
+        #[arg(long)]
+        sub: Option<String>,
+        /// Extra claim `name=value`; the value is JSON when it parses as JSON, else a string.
+        #[arg(long = "claim", value_name = "NAME=VALUE")]
+        claims: Vec<String>,
+        /// Lifetime (`exp` = now + ttl).
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Key id (`kid` header).
+        #[arg(long)]
+        kid: Option<String>,
+        /// Issuer (`iss`).
+        #[arg(long)]
+        iss: Option<String>,
+        /// Audience (`aud`).
+        #[arg(long)]
+        aud: Option<String>,
     },
 }
 
@@ -103,8 +142,46 @@ fn main() -> ExitCode {
         Command::Demo { listen, admin, backend, dir, backend_only } => {
             report(runtime.block_on(demo(listen, admin, backend, &dir, backend_only)))
         }
+        Command::Token { command: TokenCommand::Mint { key, secret_env, alg, sub, claims, ttl, kid, iss, aud } } => {
+            report(mint(key.as_deref(), secret_env.as_deref(), &alg, sub, &claims, ttl, kid.as_deref(), iss, aud))
+        }
         Command::Connect { url, ca, headers } => report(runtime.block_on(client::run(&url, ca.as_deref(), &headers))),
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mint(
+    key: Option<&Path>,
+    secret_env: Option<&str>,
+    alg: &str,
+    sub: Option<String>,
+    claims: &[String],
+    ttl: std::time::Duration,
+    kid: Option<&str>,
+    iss: Option<String>,
+    aud: Option<String>,
+) -> anyhow::Result<()> {
+    use std::str::FromStr;
+    let alg = jsonwebtoken::Algorithm::from_str(alg).map_err(|_| anyhow::anyhow!("unknown algorithm {alg}"))?;
+    let material = match (key, secret_env) {
+        (Some(path), _) => std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+        (None, Some(var)) => std::env::var(var).with_context(|| format!("{var} is not set"))?.into_bytes(),
+        (None, None) => anyhow::bail!("give --key FILE or --secret-env VAR"),
+    };
+    let key = portcullis::auth::mint::encoding_key(alg, &material).context("unusable key for this algorithm")?;
+    let mut map = serde_json::Map::new();
+    for c in claims {
+        let (name, value) = c.split_once('=').context("claims are written name=value")?;
+        let v = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+        map.insert(name.to_owned(), v);
+    }
+    for (name, v) in [("sub", sub), ("iss", iss), ("aud", aud)] {
+        if let Some(v) = v {
+            map.insert(name.to_owned(), serde_json::Value::String(v));
+        }
+    }
+    println!("{}", portcullis::auth::mint::mint(alg, &key, kid, map, ttl)?);
+    Ok(())
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {
@@ -175,7 +252,9 @@ async fn demo(
         return Ok(());
     }
     let cert = portcullis::demo::write_self_signed(dir)?;
-    let text = portcullis::demo::config_text(listen, admin, backend, &cert);
+    let jwt = portcullis::demo::write_jwt_keys(dir)?;
+    let token = portcullis::demo::mint_token(&jwt, "demo", std::time::Duration::from_secs(3600))?;
+    let text = portcullis::demo::config_text(listen, admin, backend, &cert, &jwt);
     let config = Config::parse(&text, Path::new("<demo>"))?;
     let bound = Bound::bind(&config).await?;
     let exe = "cargo run --release --";
@@ -186,13 +265,20 @@ async fn demo(
          \x20 admin         http://{admin}/metrics  /live  /ready\n\
          \x20 demo agent    ws://{backend}\n\
          \x20 certificate   {cert} (self-signed; trust it as the CA)\n\n\
+         The routes require a JWT that grants the agent (claim \"agents\"). A token for agent\n\
+         \"demo\", valid for one hour (signing key: {jwt_key}):\n\n\
+         \x20 TOKEN={token}\n\n\
          Try it (type a line, see it echoed; Ctrl-D to close):\n\n\
-         \x20 {exe} connect wss://localhost:{port}/agents/demo/terminal --ca {cert}\n\
-         \x20 {exe} connect wss://localhost:{port}/agents/demo/events --ca {cert}\n\
-         \x20 curl -s http://{admin}/metrics | grep portcullis_\n\n\
+         \x20 {exe} connect wss://localhost:{port}/agents/demo/terminal --ca {cert} -H \"Authorization: Bearer $TOKEN\"\n\
+         \x20 {exe} connect wss://localhost:{port}/agents/demo/events --ca {cert} -H \"Authorization: Bearer $TOKEN\"\n\
+         \x20 {exe} connect wss://localhost:{port}/agents/other/terminal --ca {cert} -H \"Authorization: Bearer $TOKEN\"   (403)\n\
+         \x20 curl -s http://{admin}/metrics | grep portcullis_\n\
+         \x20 curl -s http://{admin}/sessions\n\n\
+         Mint more: {exe} token mint --key {jwt_key} --alg ES256 --sub you --claim agents='[\"demo\"]' --ttl 15m\n\n\
          Ctrl-C drains the sessions and stops.\n",
         port = listen.port(),
         cert = cert.cert.display(),
+        jwt_key = jwt.private_key.display(),
     );
     server::serve(config, bound, shutdown_signal()).await?;
     backend_task.abort();

@@ -106,6 +106,11 @@ impl Metrics {
         counter!("portcullis_upgrades_total", "route" => route.to_owned(), "result" => result).increment(1);
     }
 
+    /// An upgrade was refused by the auth stage for `reason` (a bounded word).
+    pub fn auth_failure(&self, route: &str, reason: &'static str) {
+        counter!("portcullis_auth_failures_total", "route" => route.to_owned(), "reason" => reason).increment(1);
+    }
+
     /// A session closed with `code` (as seen by the client) started by `initiator`.
     pub fn close(&self, code: Option<u16>, initiator: &'static str) {
         counter!("portcullis_closes_total", "code" => close_code_label(code), "initiator" => initiator).increment(1);

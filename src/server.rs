@@ -21,11 +21,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
+use crate::auth::{AuthConfigError, Authenticator};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::accept::accept_loop;
 use crate::proxy::route::RouteTable;
 use crate::proxy::tls::{self, TlsConfigError};
+use crate::session::Sessions;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,9 @@ pub enum ServerError {
     /// The TLS configuration is unusable.
     #[error(transparent)]
     Tls(#[from] TlsConfigError),
+    /// A token verification key or JWKS source is unusable.
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
 }
 
 /// The configuration in force, swapped atomically on reload.
@@ -66,6 +71,10 @@ pub struct Shared {
     pub conn_limit: Arc<Semaphore>,
     /// True once draining began (`/ready` answers 503).
     pub draining: AtomicBool,
+    /// Token verifier; none when no keys are configured.
+    pub authenticator: Option<Arc<Authenticator>>,
+    /// Live sessions, for `/sessions` and revocation.
+    pub sessions: Arc<Sessions>,
 }
 
 /// A listener bound from the configuration.
@@ -131,6 +140,11 @@ pub async fn serve(config: Config, bound: Bound, shutdown: impl Future<Output = 
         _ => None,
     };
     let metrics = Metrics::global();
+    let authenticator = if config.auth.keys.is_empty() && config.auth.jwks.is_empty() {
+        None
+    } else {
+        Some(Authenticator::new(&config.auth)?)
+    };
     let drain_timeout = config.server.drain_timeout;
     let shared = Arc::new(Shared {
         conn_limit: Arc::new(Semaphore::new(config.server.max_connections)),
@@ -139,6 +153,8 @@ pub async fn serve(config: Config, bound: Bound, shutdown: impl Future<Output = 
         drain: CancellationToken::new(),
         tasks: TaskTracker::new(),
         draining: AtomicBool::new(false),
+        authenticator,
+        sessions: Arc::new(Sessions::default()),
     });
     let stop_admin = CancellationToken::new();
     let mut loops = Vec::new();

@@ -51,3 +51,108 @@ impl SessionControl {
         self.token.cancel();
     }
 }
+
+/// Bytes relayed by a session so far (read from the client, read from the backend).
+#[derive(Debug, Default)]
+pub struct SessionBytes {
+    /// Bytes read from the client.
+    pub from_client: std::sync::atomic::AtomicU64,
+    /// Bytes read from the backend.
+    pub from_backend: std::sync::atomic::AtomicU64,
+}
+
+/// What the registry knows of a live session.
+#[derive(Debug)]
+pub struct SessionEntry {
+    /// Process-unique session id.
+    pub id: u64,
+    /// Route name.
+    pub route: String,
+    /// The `{agent}` capture, if the route has one.
+    pub agent: Option<String>,
+    /// Verified subject, when the route requires a token.
+    pub subject: Option<String>,
+    /// Token id (`jti`), if any.
+    pub jti: Option<String>,
+    /// Token expiry (Unix seconds), if any.
+    pub token_exp: Option<u64>,
+    /// Client address.
+    pub client: std::net::SocketAddr,
+    /// Backend member.
+    pub backend: String,
+    /// Start time.
+    pub started: std::time::SystemTime,
+    /// Stop handle.
+    pub control: Arc<SessionControl>,
+    /// Live byte counters.
+    pub bytes: Arc<SessionBytes>,
+}
+
+/// Which sessions to revoke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// One session by id.
+    Id(u64),
+    /// Every session of a subject.
+    Subject(String),
+    /// Every session to an agent.
+    Agent(String),
+    /// Every session opened with a token id.
+    Jti(String),
+}
+
+/// Live sessions, for `/sessions` and revocation.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    map: std::sync::Mutex<std::collections::HashMap<u64, Arc<SessionEntry>>>,
+}
+
+impl Sessions {
+    /// Registers a session; it is removed when the returned guard drops.
+    pub fn register(self: &Arc<Self>, entry: SessionEntry) -> SessionGuard {
+        let id = entry.id;
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(id, Arc::new(entry));
+        }
+        SessionGuard { sessions: self.clone(), id }
+    }
+
+    /// A snapshot of live sessions, oldest first.
+    pub fn list(&self) -> Vec<Arc<SessionEntry>> {
+        let mut v: Vec<_> = self.map.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        v.sort_by_key(|e| e.id);
+        v
+    }
+
+    /// Stops the matching sessions with "session revoked"; returns them.
+    pub fn revoke(&self, selector: &Selector) -> Vec<Arc<SessionEntry>> {
+        let matched: Vec<_> = self
+            .list()
+            .into_iter()
+            .filter(|e| match selector {
+                Selector::Id(id) => e.id == *id,
+                Selector::Subject(s) => e.subject.as_deref() == Some(s.as_str()),
+                Selector::Agent(a) => e.agent.as_deref() == Some(a.as_str()),
+                Selector::Jti(j) => e.jti.as_deref() == Some(j.as_str()),
+            })
+            .collect();
+        for e in &matched {
+            e.control.stop(StopReason::Revoked);
+        }
+        matched
+    }
+}
+
+/// Removes a session from the registry when dropped.
+pub struct SessionGuard {
+    sessions: Arc<Sessions>,
+    id: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.sessions.map.lock() {
+            m.remove(&self.id);
+        }
+    }
+}

@@ -31,9 +31,12 @@ pub enum ConnectError {
         /// What went wrong.
         cause: HandshakeError,
     },
-    /// Every member timed out (504).
-    #[error("backend connect timed out after {0:?}")]
+    /// Every member timed out, connecting or waiting for the handshake (504).
+    #[error("backend timed out (connect timeout {0:?})")]
     Timeout(Duration),
+    /// A capture cannot be used in a templated member host (400).
+    #[error("path capture not usable in a backend host name")]
+    InvalidMember,
     /// No member could be reached (503).
     #[error("no backend member reachable ({attempts} tried): {last}")]
     Unreachable {
@@ -115,7 +118,13 @@ pub async fn connect(
     metrics: &Metrics,
 ) -> Result<BackendConn, ConnectError> {
     let path = match &route.backend_path {
-        Some(t) => render_path(t, caps),
+        Some(t) => {
+            let path = render_path(t, caps);
+            match req.path_and_query.split_once('?') {
+                Some((_, query)) => format!("{path}?{query}"),
+                None => path,
+            }
+        }
         None => req.path_and_query.to_owned(),
     };
     let started = Instant::now();
@@ -123,7 +132,9 @@ pub async fn connect(
     let mut timed_out = false;
     let mut last_io: Option<io::Error> = None;
     for template in &route.backends {
-        let member = template.render(caps);
+        let Some(member) = template.render(caps) else {
+            return Err(ConnectError::InvalidMember);
+        };
         match connect_member(&member, &path, route, req).await {
             Ok(conn) => {
                 metrics.backend_connect_seconds.record(started.elapsed().as_secs_f64());

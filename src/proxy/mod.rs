@@ -1,7 +1,7 @@
 //! The data path, one file per stage, called in order by one task per connection:
 //!
 //! ```text
-//! accept ─▶ tls ─▶ http ─▶ upgrade ─▶ route ─▶ connect ─▶ relay
+//! accept ─▶ tls ─▶ http ─▶ route ─▶ upgrade ─▶ auth ─▶ connect ─▶ relay
 //! ```
 //!
 //! [`serve_connection`] runs the HTTP phase with hyper; the request handler runs the upgrade,
@@ -10,6 +10,7 @@
 //! same task.
 
 pub mod accept;
+pub mod auth;
 pub mod connect;
 pub mod http;
 pub mod relay;
@@ -21,7 +22,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use ::http::header::{
     CONNECTION, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_PROTOCOL, UPGRADE,
@@ -34,10 +35,11 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use crate::auth::Claims;
 use crate::config::RouteConfig;
 use crate::error::RequestError;
 use crate::server::Shared;
-use crate::session::SessionControl;
+use crate::session::{SessionBytes, SessionControl, SessionEntry};
 use connect::{BackendConn, BackendRequest, ForwardedFor};
 use relay::{RelayParams, SessionEnd};
 use tls::ClientStream;
@@ -60,6 +62,7 @@ struct Pending {
     backend: BackendConn,
     route: Arc<RouteConfig>,
     agent: Option<String>,
+    claims: Option<Arc<Claims>>,
 }
 
 /// Serves one client connection (after accept and tls) to its end.
@@ -99,7 +102,7 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: ClientStream, client_
     }
 }
 
-/// The request handler: upgrade, route and connect stages; answers 101 or an error status.
+/// The request handler: route, upgrade, auth and connect stages; answers 101 or an error.
 async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let runtime = ctx.shared.runtime.load_full();
     let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(strip_port);
@@ -114,13 +117,23 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
     if ctx.shared.drain.is_cancelled() {
         return Ok(reject(&ctx, &route.name, RequestError::Draining));
     }
+    let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let authenticator = ctx.shared.authenticator.as_deref();
+    let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, ws, authenticator).await {
+        Ok(a) => a,
+        Err(e) => return Ok(reject(&ctx, &route.name, e.into())),
+    };
     let forwarded = ForwardedFor {
         client_ip: ctx.client_addr.ip(),
         proto: if ctx.tls { "https" } else { "http" },
         host: req.headers().get(HOST).cloned(),
     };
-    let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let breq = BackendRequest { path_and_query, ws: &ws, forwarded: &forwarded, client_headers: req.headers() };
+    let breq = BackendRequest {
+        path_and_query: &admitted.path_and_query,
+        ws: &admitted.ws,
+        forwarded: &forwarded,
+        client_headers: &admitted.headers,
+    };
     let backend = match connect::connect(&route, &caps, &breq, &ctx.shared.metrics).await {
         Ok(b) => b,
         Err(e) => {
@@ -134,7 +147,11 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(SEC_WEBSOCKET_ACCEPT, backend.accept.clone());
-    if let Some(p) = &backend.protocol {
+    // Only a real subprotocol is echoed, never a token-carrying entry.
+    let token_entry = |p: &HeaderValue| {
+        admitted.token_subprotocol.as_deref().is_some_and(|prefix| p.as_bytes().starts_with(prefix.as_bytes()))
+    };
+    if let Some(p) = backend.protocol.as_ref().filter(|p| !token_entry(p)) {
         h.insert(SEC_WEBSOCKET_PROTOCOL, p.clone());
     }
     if let Some(e) = &backend.extensions {
@@ -142,7 +159,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
     }
     ctx.shared.metrics.upgrade(&route.name, "ok");
     let agent = caps.get("agent").map(str::to_owned);
-    let pending = Pending { on_upgrade: hyper::upgrade::on(&mut req), backend, route, agent };
+    let pending = Pending { on_upgrade: hyper::upgrade::on(&mut req), backend, route, agent, claims: admitted.claims };
     if let Ok(mut slot) = ctx.pending.lock() {
         *slot = Some(pending);
     }
@@ -152,10 +169,13 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
 fn reject(ctx: &ConnCtx, route: &str, e: RequestError) -> Response<Full<Bytes>> {
     tracing::debug!(route, client = %ctx.client_addr, status = e.status().as_u16(), error = %e, "upgrade rejected");
     ctx.shared.metrics.upgrade(route, e.result_label());
+    if let RequestError::Auth(a) = &e {
+        ctx.shared.metrics.auth_failure(route, a.reason());
+    }
     e.response()
 }
 
-/// Relays an upgraded session and writes its log line.
+/// Relays an upgraded session, registered for `/sessions`, and writes its log line.
 async fn run_session(shared: Arc<Shared>, p: Pending, client_addr: SocketAddr) {
     let upgraded = match p.on_upgrade.await {
         Ok(u) => u,
@@ -174,25 +194,50 @@ async fn run_session(shared: Arc<Shared>, p: Pending, client_addr: SocketAddr) {
     let client = parts.io.into_inner().into_inner();
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let control = SessionControl::new(&shared.drain);
+    let enforce = p.route.auth.as_ref().is_some_and(|a| a.enforce_expiry);
+    let leeway = shared.authenticator.as_ref().map_or(Duration::ZERO, |a| a.leeway());
+    let expires_at = p.claims.as_ref().filter(|_| enforce).map(|c| {
+        let left = c.exp().saturating_sub(crate::auth::now_secs());
+        tokio::time::Instant::now() + Duration::from_secs(left) + leeway
+    });
+    let bytes = Arc::new(SessionBytes::default());
+    let _registered = shared.sessions.register(SessionEntry {
+        id,
+        route: p.route.name.clone(),
+        agent: p.agent.clone(),
+        subject: p.claims.as_ref().and_then(|c| c.subject().map(str::to_owned)),
+        jti: p.claims.as_ref().and_then(|c| c.jti().map(str::to_owned)),
+        token_exp: p.claims.as_ref().map(|c| c.exp()),
+        client: client_addr,
+        backend: p.backend.member.clone(),
+        started: SystemTime::now(),
+        control: control.clone(),
+        bytes: bytes.clone(),
+    });
     let params = RelayParams {
         settings: p.route.session,
         drain_spread: shared.runtime.load().config.server.drain_spread,
         allowed_rsv: if p.backend.extensions.is_some() { 0x70 } else { 0 },
         control,
         metrics: shared.metrics.clone(),
+        expires_at,
+        bytes,
     };
     let started = Instant::now();
     shared.metrics.sessions_active.increment(1.0);
     let end = relay::relay(client, &parts.read_buf, p.backend.stream, &p.backend.early, params).await;
     shared.metrics.sessions_active.decrement(1.0);
     shared.metrics.close(end.close_code, end.initiator.as_str());
-    log_session_end(id, &p.route.name, p.agent.as_deref(), client_addr, &p.backend.member, started, &end);
+    let subject = p.claims.as_ref().and_then(|c| c.subject());
+    log_session_end(id, &p.route.name, p.agent.as_deref(), subject, client_addr, &p.backend.member, started, &end);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn log_session_end(
     id: u64,
     route: &str,
     agent: Option<&str>,
+    subject: Option<&str>,
     client: SocketAddr,
     member: &str,
     started: Instant,
@@ -202,6 +247,7 @@ fn log_session_end(
         session = id,
         route,
         agent = agent.unwrap_or(""),
+        subject = subject.unwrap_or(""),
         client = %client,
         backend = member,
         duration_ms = started.elapsed().as_millis() as u64,

@@ -204,9 +204,12 @@ impl BackendTemplate {
         })
     }
 
-    /// Renders `host:port` with validated captures.
-    pub fn render(&self, caps: &Captures) -> String {
-        render_template(&self.parts, caps)
+    /// Renders `host:port` with validated captures. A capture substituted into the host must
+    /// be a single DNS label (no '.'), so a client cannot steer a templated member into another
+    /// domain (`{agent}.agents.internal` with agent `x.evil.example`); `None` then.
+    pub fn render(&self, caps: &Captures) -> Option<String> {
+        let dotted = self.captures().any(|c| caps.get(c).is_some_and(|v| v.contains('.')));
+        (!dotted).then(|| render_template(&self.parts, caps))
     }
 }
 
@@ -221,7 +224,22 @@ fn render_template(parts: &[Segment], caps: &Captures) -> String {
     out
 }
 
-/// Renders a `/path/{capture}` template (used for `backend_path`).
+/// Capture names used by a `{capture}` template string.
+pub fn template_captures(template: &str) -> Vec<String> {
+    parse_template(template)
+        .map(|parts| {
+            parts
+                .into_iter()
+                .filter_map(|p| match p {
+                    Segment::Capture(n) => Some(n),
+                    Segment::Literal(_) => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Renders a `/path/{capture}` template (used for `backend_path` and scopes).
 pub fn render_path(template: &str, caps: &Captures) -> String {
     match parse_template(template) {
         Ok(parts) => render_template(&parts, caps),
@@ -289,6 +307,8 @@ mod tests {
             backend_path: None,
             session: SessionSettings::default(),
             backend: BackendSettings::default(),
+            auth: None,
+            origin: None,
         }
     }
 
@@ -326,7 +346,9 @@ mod tests {
         let t = RouteTable::new(&[route("t", None, "/agents/{agent}/terminal")]);
         let (_, caps) = t.find(None, "/agents/a1/terminal").expect("match");
         let b: BackendTemplate = "{agent}.agents.internal:7681".parse().expect("template");
-        assert_eq!(b.render(&caps), "a1.agents.internal:7681");
+        assert_eq!(b.render(&caps).as_deref(), Some("a1.agents.internal:7681"));
+        let (_, dotted) = t.find(None, "/agents/a1.evil.example/terminal").expect("match");
+        assert_eq!(b.render(&dotted), None, "a dotted capture cannot pick another domain");
         assert_eq!(render_path("/shell/{agent}", &caps), "/shell/a1");
         assert!("nohost".parse::<BackendTemplate>().is_err());
     }

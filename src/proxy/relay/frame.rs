@@ -365,3 +365,832 @@ fn header_len_needed(seen: &[u8]) -> usize {
     let mask = if seen[1] & 0x80 != 0 { 4 } else { 0 };
     2 + ext + mask
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The masking key of the RFC 6455 §5.7 examples.
+    const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    fn limits() -> FrameLimits {
+        FrameLimits { max_frame_size: 1 << 20, max_message_size: 4 << 20, allowed_rsv: 0 }
+    }
+
+    fn limits_with(max_frame_size: u64, max_message_size: u64, allowed_rsv: u8) -> FrameLimits {
+        FrameLimits { max_frame_size, max_message_size, allowed_rsv }
+    }
+
+    /// How the payload length is written in an encoded header.
+    #[derive(Debug, Clone, Copy)]
+    enum LenForm {
+        /// The shortest form RFC 6455 requires.
+        Minimal,
+        /// Always the 16-bit extended form.
+        Ext16,
+        /// Always the 64-bit extended form.
+        Ext64,
+    }
+
+    /// Test-only frame encoder: header in the requested length form, payload masked with `mask`.
+    fn encode(fin: bool, rsv: u8, op: u8, mask: Option<[u8; 4]>, payload: &[u8], form: LenForm) -> Vec<u8> {
+        let mut out = Vec::with_capacity(payload.len() + 14);
+        out.push((if fin { 0x80 } else { 0 }) | (rsv & 0x70) | (op & 0x0F));
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        let n = payload.len();
+        let bits = match form {
+            LenForm::Minimal if n < 126 => 7,
+            LenForm::Minimal if n <= 0xFFFF => 16,
+            LenForm::Minimal => 64,
+            LenForm::Ext16 => 16,
+            LenForm::Ext64 => 64,
+        };
+        match bits {
+            7 => out.push(m | n as u8),
+            16 => {
+                out.push(m | 126);
+                out.extend_from_slice(&u16::try_from(n).expect("fits 16 bits").to_be_bytes());
+            }
+            _ => {
+                out.push(m | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(key) => {
+                out.extend_from_slice(&key);
+                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i & 3]));
+            }
+            None => out.extend_from_slice(payload),
+        }
+        out
+    }
+
+    /// Test-only frame encoder with the minimal length form.
+    fn frame(fin: bool, rsv: u8, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+        encode(fin, rsv, opcode, mask, payload, LenForm::Minimal)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i.wrapping_mul(31) + 7) as u8).collect()
+    }
+
+    fn header_len(payload_len: usize, masked: bool) -> usize {
+        let ext = match payload_len {
+            0..=125 => 0,
+            126..=0xFFFF => 2,
+            _ => 8,
+        };
+        2 + ext + if masked { 4 } else { 0 }
+    }
+
+    /// Something the tracker reported, with the absolute stream offset where consumption stopped.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Seen {
+        Control { op: u8, payload: Vec<u8>, frame_len: usize, end: usize },
+        Violation { v: Violation, end: usize },
+    }
+
+    /// Everything observable after feeding a stream.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Outcome {
+        seen: Vec<Seen>,
+        data_frames: u64,
+        at_boundary: bool,
+        holding: bool,
+        bytes_into_frame: u64,
+    }
+
+    /// Feeds `chunks` like the relay does (re-feeding the rest after each control event), stopping
+    /// at the first violation; checks the per-call invariants along the way.
+    fn run_chunks<'a>(sender: Sender, limits: FrameLimits, chunks: impl IntoIterator<Item = &'a [u8]>) -> Outcome {
+        let mut t = Tracker::new(sender, limits);
+        let max_into = 14 + limits.max_frame_size.max(125);
+        let mut seen = Vec::new();
+        let mut base = 0;
+        'chunks: for chunk in chunks {
+            let mut pos = 0;
+            while pos < chunk.len() {
+                let (n, ev) = t.feed(&chunk[pos..]);
+                assert!(n <= chunk.len() - pos, "consumed {n} of {} bytes", chunk.len() - pos);
+                pos += n;
+                assert!(t.bytes_into_frame() <= max_into);
+                match ev {
+                    None => assert_eq!(pos, chunk.len(), "stopped early without an event"),
+                    Some(Event::Control(op)) => {
+                        assert!(n > 0);
+                        assert!(t.at_boundary() && !t.holding());
+                        assert!(t.control_payload().len() <= 125 && t.frame_len() <= 139);
+                        seen.push(Seen::Control {
+                            op,
+                            payload: t.control_payload().to_vec(),
+                            frame_len: t.frame_len(),
+                            end: base + pos,
+                        });
+                    }
+                    Some(Event::Violation(v)) => {
+                        seen.push(Seen::Violation { v, end: base + pos });
+                        break 'chunks;
+                    }
+                }
+            }
+            base += chunk.len();
+        }
+        Outcome {
+            seen,
+            data_frames: t.take_data_frames(),
+            at_boundary: t.at_boundary(),
+            holding: t.holding(),
+            bytes_into_frame: t.bytes_into_frame(),
+        }
+    }
+
+    fn run_whole(sender: Sender, limits: FrameLimits, data: &[u8]) -> Outcome {
+        run_chunks(sender, limits, [data])
+    }
+
+    fn run_split(sender: Sender, limits: FrameLimits, data: &[u8], at: usize) -> Outcome {
+        let (a, b) = data.split_at(at);
+        run_chunks(sender, limits, [a, b])
+    }
+
+    fn run_bytewise(sender: Sender, limits: FrameLimits, data: &[u8]) -> Outcome {
+        run_chunks(sender, limits, data.chunks(1))
+    }
+
+    /// Feeds `data` (in one piece, re-feeding after control events) until a violation.
+    fn violation(sender: Sender, limits: FrameLimits, data: &[u8]) -> (usize, Violation) {
+        match run_whole(sender, limits, data).seen.pop() {
+            Some(Seen::Violation { v, end }) => (end, v),
+            other => panic!("expected a violation for {data:02x?}, got {other:?}"),
+        }
+    }
+
+    /// Feeds `data` and asserts that no violation occurs; returns the outcome.
+    fn accepted(sender: Sender, limits: FrameLimits, data: &[u8]) -> Outcome {
+        let out = run_whole(sender, limits, data);
+        assert!(!out.seen.iter().any(|s| matches!(s, Seen::Violation { .. })), "unexpected violation: {:?}", out.seen);
+        out
+    }
+
+    fn cat(frames: &[Vec<u8>]) -> Vec<u8> {
+        frames.concat()
+    }
+
+    const DIRECTIONS: [(Sender, Option<[u8; 4]>); 2] = [(Sender::Client, Some(MASK)), (Sender::Backend, None)];
+
+    // ---- the encoder itself --------------------------------------------------------------
+
+    #[test]
+    fn test_encoder_matches_rfc6455_examples() {
+        // RFC 6455 §5.7.
+        assert_eq!(frame(true, 0, opcode::TEXT, None, b"Hello"), [0x81, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f]);
+        assert_eq!(
+            frame(true, 0, opcode::TEXT, Some(MASK), b"Hello"),
+            [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]
+        );
+        assert_eq!(frame(true, 0, opcode::BINARY, None, &[0; 256])[..4], [0x82, 0x7E, 0x01, 0x00]);
+        assert_eq!(
+            frame(true, 0, opcode::BINARY, None, &[0; 65536])[..10],
+            [0x82, 0x7F, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00]
+        );
+    }
+
+    // ---- splitting: state carried across feeds -------------------------------------------
+
+    #[test]
+    fn header_split_at_every_byte_gives_same_result_as_one_feed() {
+        // 7-bit, 16-bit and 64-bit lengths, each followed by a ping so that the state after the
+        // data frame matters.
+        for (sender, mask) in DIRECTIONS {
+            for len in [0usize, 1, 5, 125, 126, 300, 0xFFFF, 0x10000, 70_000] {
+                let data = cat(&[
+                    frame(true, 0, opcode::BINARY, mask, &pattern(len)),
+                    frame(true, 0, opcode::PING, mask, b"after"),
+                ]);
+                let header = header_len(len, mask.is_some());
+                let whole = run_whole(sender, limits(), &data);
+                assert_eq!(
+                    whole,
+                    Outcome {
+                        seen: vec![Seen::Control {
+                            op: opcode::PING,
+                            payload: b"after".to_vec(),
+                            frame_len: header_len(5, mask.is_some()) + 5,
+                            end: data.len(),
+                        }],
+                        data_frames: 1,
+                        at_boundary: true,
+                        holding: false,
+                        bytes_into_frame: 0,
+                    },
+                    "{sender:?} len {len}"
+                );
+                let cuts: Vec<usize> = if data.len() <= 1000 {
+                    (0..=data.len()).collect()
+                } else {
+                    (0..=header + 8).chain(data.len() - 20..=data.len()).collect()
+                };
+                for at in cuts {
+                    assert_eq!(run_split(sender, limits(), &data, at), whole, "{sender:?} len {len} split at {at}");
+                }
+                assert_eq!(run_bytewise(sender, limits(), &data), whole, "{sender:?} len {len} one byte at a time");
+            }
+        }
+    }
+
+    #[test]
+    fn control_frame_split_at_every_byte_gives_same_result_as_one_feed() {
+        for (sender, mask) in DIRECTIONS {
+            for (op, payload) in [
+                (opcode::PING, Vec::new()),
+                (opcode::PING, pattern(7)),
+                (opcode::PONG, pattern(125)),
+                (opcode::CLOSE, vec![0x03, 0xE8, b'b', b'y', b'e']),
+            ] {
+                let ctl = frame(true, 0, op, mask, &payload);
+                let data = cat(&[ctl.clone(), frame(true, 0, opcode::TEXT, mask, b"tail")]);
+                let whole = run_whole(sender, limits(), &data);
+                assert_eq!(
+                    whole.seen,
+                    vec![Seen::Control { op, payload: payload.clone(), frame_len: ctl.len(), end: ctl.len() }]
+                );
+                assert_eq!(whole.data_frames, 1);
+                for at in 0..=data.len() {
+                    assert_eq!(run_split(sender, limits(), &data, at), whole, "{sender:?} op {op} split at {at}");
+                }
+                assert_eq!(run_bytewise(sender, limits(), &data), whole);
+            }
+        }
+    }
+
+    #[test]
+    fn header_split_into_three_feeds_gives_same_result_as_one_feed() {
+        // Every pair of cut points over a 64-bit-length header (14 bytes when masked).
+        for (sender, mask) in DIRECTIONS {
+            let data = cat(&[
+                frame(true, 0, opcode::BINARY, mask, &pattern(0x10000)),
+                frame(true, 0, opcode::PONG, mask, b"xy"),
+            ]);
+            let whole = run_whole(sender, limits(), &data);
+            let span = header_len(0x10000, mask.is_some()) + 3;
+            for a in 0..=span {
+                for b in a..=span {
+                    let chunks = [&data[..a], &data[a..b], &data[b..]];
+                    assert_eq!(run_chunks(sender, limits(), chunks), whole, "{sender:?} cuts {a},{b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn violation_is_reported_at_the_same_offset_however_the_header_is_split() {
+        // A 64-bit length with the top bit set, after a valid frame.
+        let mut bad = vec![0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0];
+        bad.extend_from_slice(&MASK);
+        let data = cat(&[frame(true, 0, opcode::TEXT, Some(MASK), b"ok"), bad, pattern(20)]);
+        let whole = run_whole(Sender::Client, limits(), &data);
+        assert_eq!(whole.seen, vec![Seen::Violation { v: Violation::InvalidLength, end: 8 + 14 }]);
+        for at in 0..=data.len() {
+            assert_eq!(run_split(Sender::Client, limits(), &data, at), whole, "split at {at}");
+        }
+        assert_eq!(run_bytewise(Sender::Client, limits(), &data), whole);
+    }
+
+    // ---- holding, at_boundary, bytes_into_frame ------------------------------------------
+
+    #[test]
+    fn holding_while_header_incomplete_but_not_during_data_payload() {
+        let data = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(300)); // 8-byte header
+        let mut t = Tracker::new(Sender::Client, limits());
+        assert!(t.at_boundary() && !t.holding());
+        assert_eq!(t.bytes_into_frame(), 0);
+        for i in 0..8 {
+            assert_eq!(t.feed(&data[i..i + 1]), (1, None));
+            assert_eq!(t.bytes_into_frame(), i as u64 + 1);
+            assert!(!t.at_boundary());
+            assert_eq!(t.holding(), i < 7, "after {} header bytes", i + 1);
+        }
+        assert_eq!(t.feed(&data[8..108]), (100, None));
+        assert!(!t.holding() && !t.at_boundary());
+        assert_eq!(t.bytes_into_frame(), 108);
+        assert_eq!(t.feed(&data[108..data.len() - 1]), (199, None));
+        assert!(!t.holding() && !t.at_boundary());
+        assert_eq!(t.bytes_into_frame(), data.len() as u64 - 1);
+        assert_eq!(t.feed(&data[data.len() - 1..]), (1, None));
+        assert!(t.at_boundary() && !t.holding());
+        assert_eq!(t.bytes_into_frame(), 0);
+    }
+
+    #[test]
+    fn holding_while_control_frame_incomplete() {
+        let data = frame(true, 0, opcode::PING, Some(MASK), b"0123456789"); // 6-byte header
+        let mut t = Tracker::new(Sender::Client, limits());
+        assert_eq!(t.feed(&data[..3]), (3, None));
+        assert!(t.holding() && !t.at_boundary());
+        assert_eq!(t.bytes_into_frame(), 3);
+        assert_eq!(t.feed(&data[3..10]), (7, None));
+        assert!(t.holding(), "control payload in progress");
+        assert_eq!(t.bytes_into_frame(), 10);
+        assert_eq!(t.feed(&data[10..]), (6, Some(Event::Control(opcode::PING))));
+        assert!(!t.holding() && t.at_boundary());
+        assert_eq!(t.bytes_into_frame(), 0);
+        assert_eq!(t.control_payload(), b"0123456789");
+        assert_eq!(t.frame_len(), data.len());
+    }
+
+    #[test]
+    fn empty_data_frame_returns_to_boundary_when_header_completes() {
+        let data = frame(false, 0, opcode::TEXT, None, b"");
+        let mut t = Tracker::new(Sender::Backend, limits());
+        assert_eq!(t.feed(&data[..1]), (1, None));
+        assert!(t.holding() && !t.at_boundary());
+        assert_eq!(t.feed(&data[1..]), (1, None));
+        assert!(t.at_boundary() && !t.holding());
+        assert_eq!(t.take_data_frames(), 1);
+    }
+
+    #[test]
+    fn bytes_into_frame_locates_frame_start_within_a_buffer() {
+        // What the relay does: frame start = scanned - bytes_into_frame.
+        let first = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(40));
+        let second = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(300));
+        let data = cat(&[first.clone(), second]);
+        let mut t = Tracker::new(Sender::Client, limits());
+        for scanned in [first.len() + 1, first.len() + 5, first.len() + 8, first.len() + 100] {
+            let mut t2 = Tracker::new(Sender::Client, limits());
+            assert_eq!(t2.feed(&data[..scanned]), (scanned, None));
+            assert_eq!(scanned as u64 - t2.bytes_into_frame(), first.len() as u64, "scanned {scanned}");
+        }
+        assert_eq!(t.feed(&data[..first.len()]), (first.len(), None));
+        assert!(t.at_boundary());
+        assert_eq!(t.bytes_into_frame(), 0);
+    }
+
+    // ---- control frames ------------------------------------------------------------------
+
+    #[test]
+    fn client_ping_payload_is_unmasked_and_frame_len_counts_header() {
+        // RFC 6455 §5.7 masked "Hello", as a ping.
+        let data = [0x89, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
+        let mut t = Tracker::new(Sender::Client, limits());
+        assert_eq!(t.feed(&data), (11, Some(Event::Control(opcode::PING))));
+        assert_eq!(t.control_payload(), b"Hello");
+        assert_eq!(t.frame_len(), 11);
+        // Fed one byte at a time, the mask index follows the payload offset.
+        let out = run_bytewise(Sender::Client, limits(), &data);
+        assert_eq!(
+            out.seen,
+            vec![Seen::Control { op: opcode::PING, payload: b"Hello".to_vec(), frame_len: 11, end: 11 }]
+        );
+    }
+
+    #[test]
+    fn full_length_masked_control_payload_is_unmasked() {
+        let payload = pattern(125);
+        let data = frame(true, 0, opcode::PONG, Some([0xde, 0xad, 0xbe, 0xef]), &payload);
+        let mut t = Tracker::new(Sender::Client, limits());
+        assert_eq!(t.feed(&data), (131, Some(Event::Control(opcode::PONG))));
+        assert_eq!(t.control_payload(), &payload[..]);
+        assert_eq!(t.frame_len(), 6 + 125);
+    }
+
+    #[test]
+    fn backend_control_payload_is_passed_unchanged() {
+        let close = frame(true, 0, opcode::CLOSE, None, &[0x03, 0xE8, b'b', b'y', b'e']);
+        let mut t = Tracker::new(Sender::Backend, limits());
+        assert_eq!(t.feed(&close), (7, Some(Event::Control(opcode::CLOSE))));
+        assert_eq!(t.control_payload(), [0x03, 0xE8, b'b', b'y', b'e']);
+        assert_eq!(t.frame_len(), 7);
+    }
+
+    #[test]
+    fn control_event_stops_consumption_at_end_of_control_frame() {
+        let before = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(10));
+        let ping = frame(true, 0, opcode::PING, Some(MASK), b"abc");
+        let after = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(5));
+        let data = cat(&[before.clone(), ping.clone(), after.clone()]);
+        let mut t = Tracker::new(Sender::Client, limits());
+        assert_eq!(t.feed(&data), (before.len() + ping.len(), Some(Event::Control(opcode::PING))));
+        assert_eq!(t.frame_len(), ping.len());
+        assert_eq!(t.control_payload(), b"abc");
+        assert_eq!(t.feed(&data[before.len() + ping.len()..]), (after.len(), None));
+        assert_eq!(t.take_data_frames(), 2);
+    }
+
+    #[test]
+    fn control_payload_does_not_leak_into_the_next_control_frame() {
+        let data = cat(&[frame(true, 0, opcode::PING, None, b"abcdef"), frame(true, 0, opcode::PONG, None, b"")]);
+        let out = accepted(Sender::Backend, limits(), &data);
+        assert_eq!(
+            out.seen,
+            vec![
+                Seen::Control { op: opcode::PING, payload: b"abcdef".to_vec(), frame_len: 8, end: 8 },
+                Seen::Control { op: opcode::PONG, payload: vec![], frame_len: 2, end: 10 },
+            ]
+        );
+    }
+
+    #[test]
+    fn non_minimal_length_encoding_is_counted_in_frame_len() {
+        // RFC 6455 asks for the minimal length form, but the tracker does not enforce it; the
+        // relay relies on frame_len to cut the frame out, so it must include the long header.
+        for (form, header) in [(LenForm::Ext16, 8), (LenForm::Ext64, 14)] {
+            let data = encode(true, 0, opcode::PONG, Some(MASK), &pattern(125), form);
+            let mut t = Tracker::new(Sender::Client, limits());
+            assert_eq!(t.feed(&data), (header + 125, Some(Event::Control(opcode::PONG))));
+            assert_eq!(t.frame_len(), header + 125);
+            assert!(t.frame_len() <= 139);
+            assert_eq!(t.control_payload(), &pattern(125)[..]);
+        }
+    }
+
+    #[test]
+    fn control_frames_between_fragments_of_a_message_are_accepted() {
+        for (sender, mask) in DIRECTIONS {
+            let frames = [
+                frame(false, 0, opcode::TEXT, mask, b"one "),
+                frame(true, 0, opcode::PING, mask, b"p"),
+                frame(false, 0, opcode::CONTINUATION, mask, b"two "),
+                frame(true, 0, opcode::PONG, mask, b""),
+                frame(true, 0, opcode::PING, mask, &pattern(125)),
+                frame(true, 0, opcode::CONTINUATION, mask, b"three"),
+                frame(true, 0, opcode::BINARY, mask, b"next message"),
+            ];
+            let data = cat(&frames);
+            let out = accepted(sender, limits(), &data);
+            let ops: Vec<u8> = out
+                .seen
+                .iter()
+                .map(|s| match s {
+                    Seen::Control { op, .. } => *op,
+                    Seen::Violation { .. } => unreachable!(),
+                })
+                .collect();
+            assert_eq!(ops, [opcode::PING, opcode::PONG, opcode::PING]);
+            assert_eq!(out.data_frames, 4);
+            assert!(out.at_boundary);
+            assert_eq!(run_bytewise(sender, limits(), &data), out);
+        }
+    }
+
+    // ---- take_data_frames ----------------------------------------------------------------
+
+    #[test]
+    fn take_data_frames_counts_data_frames_and_resets() {
+        let data = cat(&[
+            frame(false, 0, opcode::TEXT, Some(MASK), b"a"),
+            frame(true, 0, opcode::PING, Some(MASK), b""),
+            frame(true, 0, opcode::CONTINUATION, Some(MASK), b""),
+            frame(true, 0, opcode::BINARY, Some(MASK), &pattern(200)),
+            frame(true, 0, opcode::CLOSE, Some(MASK), &[0x03, 0xE8]),
+        ]);
+        let mut t = Tracker::new(Sender::Client, limits());
+        let mut pos = 0;
+        let mut controls = 0;
+        while pos < data.len() {
+            let (n, ev) = t.feed(&data[pos..]);
+            pos += n;
+            match ev {
+                Some(Event::Control(_)) => controls += 1,
+                Some(Event::Violation(v)) => panic!("{v}"),
+                None => {}
+            }
+        }
+        assert_eq!(controls, 2);
+        assert_eq!(t.take_data_frames(), 3);
+        assert_eq!(t.take_data_frames(), 0);
+    }
+
+    #[test]
+    fn data_frame_is_counted_once_its_header_completes() {
+        let data = frame(true, 0, opcode::BINARY, None, &pattern(1000));
+        let mut t = Tracker::new(Sender::Backend, limits());
+        assert_eq!(t.feed(&data[..3]), (3, None));
+        assert_eq!(t.take_data_frames(), 0, "header incomplete");
+        assert_eq!(t.feed(&data[3..10]), (7, None));
+        assert_eq!(t.take_data_frames(), 1);
+        assert_eq!(t.feed(&data[10..]), (data.len() - 10, None));
+        assert_eq!(t.take_data_frames(), 0);
+    }
+
+    // ---- violations ----------------------------------------------------------------------
+
+    #[test]
+    fn unmasked_client_frame_is_a_protocol_error() {
+        let data = frame(true, 0, opcode::TEXT, None, b"hi");
+        assert_eq!(violation(Sender::Client, limits(), &data), (2, Violation::UnmaskedClientFrame));
+        let ping = frame(true, 0, opcode::PING, None, b"");
+        assert_eq!(violation(Sender::Client, limits(), &ping), (2, Violation::UnmaskedClientFrame));
+        assert_eq!(Violation::UnmaskedClientFrame.close_code(), 1002);
+    }
+
+    #[test]
+    fn masked_backend_frame_is_a_protocol_error() {
+        let data = frame(true, 0, opcode::BINARY, Some(MASK), b"hi");
+        assert_eq!(violation(Sender::Backend, limits(), &data), (6, Violation::MaskedBackendFrame));
+        assert_eq!(Violation::MaskedBackendFrame.close_code(), 1002);
+    }
+
+    #[test]
+    fn reserved_opcodes_are_protocol_errors() {
+        for (sender, mask) in DIRECTIONS {
+            for op in (0x3..=0x7).chain(0xB..=0xF) {
+                let data = frame(true, 0, op, mask, b"x");
+                let header = header_len(1, mask.is_some());
+                assert_eq!(violation(sender, limits(), &data), (header, Violation::ReservedOpcode(op)), "{op:#x}");
+                assert_eq!(Violation::ReservedOpcode(op).close_code(), 1002);
+            }
+        }
+    }
+
+    #[test]
+    fn rsv_bits_without_negotiated_extension_are_protocol_errors() {
+        for rsv in [0x40, 0x20, 0x10, 0x70] {
+            let data = frame(true, rsv, opcode::TEXT, Some(MASK), b"x");
+            assert_eq!(violation(Sender::Client, limits(), &data), (6, Violation::ReservedBits), "{rsv:#x}");
+        }
+        assert_eq!(Violation::ReservedBits.close_code(), 1002);
+    }
+
+    #[test]
+    fn rsv_bits_allowed_by_negotiated_extension_are_accepted() {
+        // permessage-deflate sets RSV1 on the first frame of a compressed message.
+        let deflate = limits_with(1 << 20, 4 << 20, 0x40);
+        let msg = cat(&[
+            frame(false, 0x40, opcode::TEXT, Some(MASK), b"compressed"),
+            frame(true, 0, opcode::CONTINUATION, Some(MASK), b"rest"),
+        ]);
+        assert_eq!(accepted(Sender::Client, deflate, &msg).data_frames, 2);
+        // Only the negotiated bit: RSV2 is still an error.
+        let rsv2 = frame(true, 0x20, opcode::BINARY, Some(MASK), b"x");
+        assert_eq!(violation(Sender::Client, deflate, &rsv2), (6, Violation::ReservedBits));
+        // allowed_rsv = 0x70 lets every RSV bit through, in both directions.
+        let all = limits_with(1 << 20, 4 << 20, 0x70);
+        for (sender, mask) in DIRECTIONS {
+            for rsv in [0x40, 0x20, 0x10, 0x70] {
+                let data = frame(true, rsv, opcode::BINARY, mask, b"payload");
+                assert_eq!(accepted(sender, all, &data).data_frames, 1, "{sender:?} rsv {rsv:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn control_frame_longer_than_125_bytes_is_a_protocol_error() {
+        for op in [opcode::PING, opcode::PONG, opcode::CLOSE] {
+            let data = frame(true, 0, op, Some(MASK), &pattern(126));
+            assert_eq!(violation(Sender::Client, limits(), &data), (8, Violation::ControlTooLong));
+            let long = encode(true, 0, op, None, &pattern(200), LenForm::Ext64);
+            assert_eq!(violation(Sender::Backend, limits(), &long), (10, Violation::ControlTooLong));
+            let ok = frame(true, 0, op, Some(MASK), &pattern(125));
+            assert_eq!(accepted(Sender::Client, limits(), &ok).seen.len(), 1);
+        }
+        assert_eq!(Violation::ControlTooLong.close_code(), 1002);
+    }
+
+    #[test]
+    fn fragmented_control_frame_is_a_protocol_error() {
+        for op in [opcode::PING, opcode::PONG, opcode::CLOSE] {
+            let data = frame(false, 0, op, Some(MASK), b"ab");
+            assert_eq!(violation(Sender::Client, limits(), &data), (6, Violation::ControlFragmented));
+        }
+        assert_eq!(Violation::ControlFragmented.close_code(), 1002);
+    }
+
+    #[test]
+    fn continuation_without_a_message_in_progress_is_a_protocol_error() {
+        let data = frame(true, 0, opcode::CONTINUATION, Some(MASK), b"x");
+        assert_eq!(violation(Sender::Client, limits(), &data), (6, Violation::UnexpectedContinuation));
+        // Also after a message that has finished.
+        let first = frame(true, 0, opcode::TEXT, None, b"done");
+        let data = cat(&[first.clone(), frame(false, 0, opcode::CONTINUATION, None, b"x")]);
+        assert_eq!(violation(Sender::Backend, limits(), &data), (first.len() + 2, Violation::UnexpectedContinuation));
+        assert_eq!(Violation::UnexpectedContinuation.close_code(), 1002);
+    }
+
+    #[test]
+    fn new_message_during_fragmented_message_is_a_protocol_error() {
+        for op in [opcode::TEXT, opcode::BINARY] {
+            let first = frame(false, 0, opcode::TEXT, Some(MASK), b"part");
+            let ping = frame(true, 0, opcode::PING, Some(MASK), b"");
+            let data = cat(&[first.clone(), ping.clone(), frame(true, 0, op, Some(MASK), b"new")]);
+            assert_eq!(
+                violation(Sender::Client, limits(), &data),
+                (first.len() + ping.len() + 6, Violation::ExpectedContinuation)
+            );
+        }
+        assert_eq!(Violation::ExpectedContinuation.close_code(), 1002);
+    }
+
+    #[test]
+    fn length_with_most_significant_bit_set_is_a_protocol_error() {
+        for top in [0x80u8, 0xFF] {
+            let mut backend = vec![0x82, 0x7F, top, 0, 0, 0, 0, 0, 0, 1];
+            assert_eq!(violation(Sender::Backend, limits(), &backend), (10, Violation::InvalidLength));
+            backend[1] |= 0x80;
+            backend.extend_from_slice(&MASK);
+            assert_eq!(violation(Sender::Client, limits(), &backend), (14, Violation::InvalidLength));
+        }
+        assert_eq!(Violation::InvalidLength.close_code(), 1002);
+    }
+
+    #[test]
+    fn close_with_one_byte_payload_is_a_protocol_error() {
+        let data = frame(true, 0, opcode::CLOSE, Some(MASK), &[0x03]);
+        assert_eq!(violation(Sender::Client, limits(), &data), (6, Violation::InvalidClosePayload));
+        assert_eq!(Violation::InvalidClosePayload.close_code(), 1002);
+        for payload in [&[][..], &[0x03, 0xE8][..], &[0x03, 0xE8, b'x'][..]] {
+            let ok = frame(true, 0, opcode::CLOSE, Some(MASK), payload);
+            assert_eq!(accepted(Sender::Client, limits(), &ok).seen.len(), 1);
+        }
+    }
+
+    #[test]
+    fn frame_over_max_frame_size_is_a_size_error_reported_at_its_header() {
+        let small = limits_with(1000, 1 << 20, 0);
+        let at_limit = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(1000));
+        assert_eq!(accepted(Sender::Client, small, &at_limit).data_frames, 1);
+        let over = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(1001));
+        assert_eq!(violation(Sender::Client, small, &over), (8, Violation::FrameTooLarge(1001)));
+        // A huge declared length is caught from the header alone, before any payload.
+        let mut huge = vec![0x02, 0x7F];
+        huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        assert_eq!(violation(Sender::Backend, small, &huge), (10, Violation::FrameTooLarge(1 << 40)));
+        assert_eq!(Violation::FrameTooLarge(1001).close_code(), 1009);
+        assert_eq!(Violation::FrameTooLarge(1001).label(), "frame_too_large");
+    }
+
+    #[test]
+    fn message_over_max_message_size_across_fragments_is_a_size_error() {
+        let lim = limits_with(1000, 2500, 0);
+        let a = frame(false, 0, opcode::TEXT, Some(MASK), &pattern(1000));
+        let ping = frame(true, 0, opcode::PING, Some(MASK), &pattern(125)); // not counted
+        let b = frame(false, 0, opcode::CONTINUATION, Some(MASK), &pattern(1000));
+        let over = frame(true, 0, opcode::CONTINUATION, Some(MASK), &pattern(501));
+        let data = cat(&[a.clone(), ping.clone(), b.clone(), over]);
+        assert_eq!(
+            violation(Sender::Client, lim, &data),
+            (a.len() + ping.len() + b.len() + 8, Violation::MessageTooLarge)
+        );
+        assert_eq!(Violation::MessageTooLarge.close_code(), 1009);
+        assert_eq!(Violation::MessageTooLarge.label(), "message_too_large");
+        // Exactly at the limit is fine, and the next message starts counting from zero.
+        let last = frame(true, 0, opcode::CONTINUATION, Some(MASK), &pattern(500));
+        let next = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(1000));
+        let data = cat(&[a, ping, b, last, next.clone(), next]);
+        assert_eq!(accepted(Sender::Client, lim, &data).data_frames, 5);
+    }
+
+    #[test]
+    fn close_codes_and_labels_follow_the_violation_kind() {
+        let all = [
+            (Violation::UnmaskedClientFrame, 1002, "masking"),
+            (Violation::MaskedBackendFrame, 1002, "masking"),
+            (Violation::ReservedOpcode(3), 1002, "protocol"),
+            (Violation::ReservedBits, 1002, "protocol"),
+            (Violation::ControlTooLong, 1002, "protocol"),
+            (Violation::ControlFragmented, 1002, "protocol"),
+            (Violation::UnexpectedContinuation, 1002, "protocol"),
+            (Violation::ExpectedContinuation, 1002, "protocol"),
+            (Violation::InvalidLength, 1002, "protocol"),
+            (Violation::InvalidClosePayload, 1002, "protocol"),
+            (Violation::FrameTooLarge(u64::MAX), 1009, "frame_too_large"),
+            (Violation::MessageTooLarge, 1009, "message_too_large"),
+        ];
+        for (v, code, label) in all {
+            assert_eq!((v.close_code(), v.label()), (code, label), "{v:?}");
+        }
+    }
+
+    // ---- randomized ----------------------------------------------------------------------
+
+    /// xorshift64: deterministic, dependency-free.
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Rng {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+
+        /// Uniform in `lo..=hi` (close enough for tests).
+        fn range(&mut self, lo: u64, hi: u64) -> u64 {
+            lo + self.next() % (hi - lo + 1)
+        }
+
+        fn chance(&mut self, percent: u64) -> bool {
+            self.next() % 100 < percent
+        }
+
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    /// A random stream of valid frames; returns it with the expected control events and data
+    /// frame count.
+    fn random_stream(rng: &mut Rng, sender: Sender, allowed_rsv: u8) -> (Vec<u8>, Vec<Seen>, u64) {
+        let mut data = Vec::new();
+        let mut expected = Vec::new();
+        let mut data_frames = 0;
+        let mut in_message = false;
+        for _ in 0..rng.range(1, 40) {
+            let mask = match sender {
+                Sender::Client => Some((rng.next() as u32).to_be_bytes()),
+                Sender::Backend => None,
+            };
+            if rng.chance(30) {
+                let op = [opcode::PING, opcode::PONG, opcode::CLOSE][rng.range(0, 2) as usize];
+                let mut len = rng.range(0, 125) as usize;
+                if op == opcode::CLOSE && len == 1 {
+                    len = 2;
+                }
+                let payload = rng.bytes(len);
+                let f = frame(true, 0, op, mask, &payload);
+                data.extend_from_slice(&f);
+                expected.push(Seen::Control { op, payload, frame_len: f.len(), end: data.len() });
+            } else {
+                let op = if in_message {
+                    opcode::CONTINUATION
+                } else if rng.chance(50) {
+                    opcode::TEXT
+                } else {
+                    opcode::BINARY
+                };
+                let fin = rng.chance(60);
+                let len = match rng.range(0, 99) {
+                    0..=69 => rng.range(0, 125),
+                    70..=94 => rng.range(126, 3000),
+                    95..=97 => rng.range(3000, 0xFFFF),
+                    _ => rng.range(0x10000, 0x12000),
+                } as usize;
+                let rsv = if rng.chance(50) { allowed_rsv & rng.next() as u8 } else { 0 };
+                data.extend_from_slice(&frame(fin, rsv, op, mask, &pattern(len)));
+                data_frames += 1;
+                in_message = !fin;
+            }
+        }
+        (data, expected, data_frames)
+    }
+
+    fn random_chunks<'a>(rng: &mut Rng, mut data: &'a [u8]) -> Vec<&'a [u8]> {
+        let mut chunks = Vec::new();
+        while !data.is_empty() {
+            let max = match rng.range(0, 9) {
+                0..=4 => 16,
+                5..=7 => 1500,
+                _ => 20_000,
+            };
+            let n = (rng.range(1, max) as usize).min(data.len());
+            let (a, rest) = data.split_at(n);
+            chunks.push(a);
+            data = rest;
+        }
+        chunks
+    }
+
+    #[test]
+    fn random_valid_streams_in_random_chunks_give_expected_events() {
+        let mut rng = Rng::new(0x5EED);
+        for round in 0..300 {
+            let sender = if round % 2 == 0 { Sender::Client } else { Sender::Backend };
+            let allowed_rsv = [0, 0x40, 0x70][round % 3];
+            let lim = limits_with(1 << 20, u64::MAX, allowed_rsv);
+            let (data, expected, data_frames) = random_stream(&mut rng, sender, allowed_rsv);
+            let chunks = random_chunks(&mut rng, &data);
+            let out = run_chunks(sender, lim, chunks);
+            assert_eq!(
+                out,
+                Outcome { seen: expected, data_frames, at_boundary: true, holding: false, bytes_into_frame: 0 },
+                "round {round}"
+            );
+        }
+    }
+
+    #[test]
+    fn random_chunking_never_changes_the_outcome_of_corrupted_streams() {
+        // Valid streams with a few bytes flipped: whatever the verdict, it must not depend on how
+        // the bytes were split.
+        let mut rng = Rng::new(0xC0FFEE);
+        for round in 0..500 {
+            let sender = if round % 2 == 0 { Sender::Client } else { Sender::Backend };
+            let lim = limits_with(rng.range(0, 5000), rng.range(0, 20_000), [0, 0x40][round % 2]);
+            let (mut data, _, _) = random_stream(&mut rng, sender, 0x40);
+            for _ in 0..rng.range(1, 3) {
+                let at = rng.range(0, data.len() as u64 - 1) as usize;
+                data[at] ^= 1 << rng.range(0, 7);
+            }
+            let whole = run_whole(sender, lim, &data);
+            let chunks = random_chunks(&mut rng, &data);
+            assert_eq!(run_chunks(sender, lim, chunks), whole, "round {round}");
+        }
+    }
+}

@@ -34,7 +34,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
-use crate::session::{SessionControl, StopReason};
+use crate::session::{SessionBytes, SessionControl, StopReason};
 use frame::{opcode, Event, FrameLimits, Sender, Tracker, Violation};
 
 /// Which side of a session.
@@ -108,6 +108,10 @@ pub struct RelayParams {
     pub control: Arc<SessionControl>,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
+    /// When the client's token expires: the session is closed then (1008 to the client).
+    pub expires_at: Option<Instant>,
+    /// Live byte counters, shown by `/sessions`.
+    pub bytes: Arc<SessionBytes>,
 }
 
 /// Runs a session to its end, then shuts both streams down (bounded by `close_timeout`).
@@ -475,6 +479,9 @@ struct Session<'a, C, B> {
     close_deadline: Option<Instant>,
     /// When a drain close notice is due.
     drain_at: Option<Instant>,
+    /// When the client's token expires.
+    expires_at: Option<Instant>,
+    live_bytes: Arc<SessionBytes>,
     outcome: Option<(Option<u16>, Initiator, &'static str)>,
     bytes_reported: [u64; 2],
 }
@@ -510,6 +517,8 @@ where
             last_data: now,
             close_deadline: None,
             drain_at: None,
+            expires_at: p.expires_at,
+            live_bytes: p.bytes,
             outcome: None,
             bytes_reported: [0, 0],
         };
@@ -575,7 +584,10 @@ where
             let mid_data = !d.tracker.at_boundary() && !d.tracker.holding();
             d.frames += data;
             if bytes != self.bytes_reported[i] {
-                self.metrics.relay_bytes(side, bytes - self.bytes_reported[i], data);
+                let delta = bytes - self.bytes_reported[i];
+                self.metrics.relay_bytes(side, delta, data);
+                let counter = if i == 0 { &self.live_bytes.from_client } else { &self.live_bytes.from_backend };
+                counter.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
                 self.bytes_reported[i] = bytes;
                 self.peers[i].last_rx = Some(now);
             }
@@ -743,6 +755,9 @@ where
             return;
         }
         let s = self.settings;
+        if self.expires_at.is_some_and(|d| now >= d) {
+            return self.close_both(1008, "token expired", 1001, "token expired", Initiator::Proxy, "token expired");
+        }
         if self.drain_at.is_some_and(|d| now >= d) {
             return self.close_both(1001, "going away", 1001, "going away", Initiator::Proxy, "drain");
         }
@@ -793,6 +808,9 @@ where
             consider(d);
         } else {
             if let Some(d) = self.drain_at {
+                consider(d);
+            }
+            if let Some(d) = self.expires_at {
                 consider(d);
             }
             if !s.max_lifetime.is_zero() {

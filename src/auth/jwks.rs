@@ -1,0 +1,250 @@
+//! JWKS sources: keys fetched from an `http(s)://` URL, cached by `kid` in moka.
+//!
+//! - Fetched at start and every `refresh_interval`.
+//! - An unknown `kid` triggers a refetch, at most once per `min_refetch_interval`; concurrent
+//!   misses wait on the one fetch in flight instead of sending their own.
+//! - When a fetch fails, the last good keys stay in use (stale-while-error), and the failure
+//!   is logged and counted (`portcullis_jwks_fetches_total{result="error"}`,
+//!   `portcullis_jwks_stale` = 1).
+//! - A successful fetch drops keys that left the set.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+
+use super::AuthConfigError;
+use crate::config::JwksSettings;
+
+/// Largest JWKS document accepted.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
+/// A key from a JWKS, with the algorithms it may verify.
+pub struct JwkKey {
+    /// The verification key.
+    pub key: DecodingKey,
+    /// Allowed algorithms (the source's allowlist, narrowed by the JWK's own `alg`).
+    pub algorithms: Vec<Algorithm>,
+}
+
+/// One JWKS endpoint and its cached keys.
+pub struct JwksSource {
+    settings: JwksSettings,
+    keys: moka::future::Cache<String, Arc<JwkKey>>,
+    /// Time of the last fetch triggered by an unknown kid; the lock coalesces such fetches.
+    last_refetch: tokio::sync::Mutex<Option<Instant>>,
+    tls: Option<tokio_rustls::TlsConnector>,
+    fetches: AtomicU64,
+}
+
+/// Why a JWKS fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    /// Connecting or talking to the endpoint failed.
+    #[error("request failed: {0}")]
+    Http(String),
+    /// The endpoint answered a non-2xx status.
+    #[error("status {0}")]
+    Status(u16),
+    /// The document is not a JWKS.
+    #[error("invalid JWKS document: {0}")]
+    Parse(String),
+    /// The fetch took longer than the configured timeout.
+    #[error("timed out")]
+    Timeout,
+}
+
+impl JwksSource {
+    /// Sets up a source; nothing is fetched until [`JwksSource::spawn_refresher`] or a lookup.
+    pub fn new(settings: JwksSettings) -> Result<Arc<Self>, AuthConfigError> {
+        let err = |message: String| AuthConfigError::Jwks { url: settings.url.to_string(), message };
+        let tls = if settings.url.scheme_str() == Some("https") {
+            let mut roots = rustls::RootCertStore::empty();
+            match &settings.ca {
+                Some(ca) => {
+                    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| err(e.to_string()))? {
+                        roots.add(cert.map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))?;
+                    }
+                }
+                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            }
+            let config = rustls::ClientConfig::builder_with_provider(crate::proxy::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| err(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        } else {
+            None
+        };
+        Ok(Arc::new(JwksSource {
+            settings,
+            keys: moka::future::Cache::builder().max_capacity(10_000).build(),
+            last_refetch: tokio::sync::Mutex::new(None),
+            tls,
+            fetches: AtomicU64::new(0),
+        }))
+    }
+
+    /// Fetches now, then every `refresh_interval` until the source is dropped.
+    pub fn spawn_refresher(self: &Arc<Self>) {
+        let weak: Weak<JwksSource> = Arc::downgrade(self);
+        let interval = self.settings.refresh_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                let Some(source) = weak.upgrade() else { return };
+                let _ = source.refresh().await;
+            }
+        });
+    }
+
+    /// Number of fetches attempted so far.
+    pub fn fetch_count(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// The key for `kid`, refetching (rate-limited, coalesced) when it is unknown.
+    pub async fn get(&self, kid: &str) -> Option<Arc<JwkKey>> {
+        if let Some(k) = self.keys.get(kid).await {
+            return Some(k);
+        }
+        {
+            let mut last = self.last_refetch.lock().await;
+            // Another caller may have fetched while this one waited for the lock.
+            if let Some(k) = self.keys.get(kid).await {
+                return Some(k);
+            }
+            let allowed = last.is_none_or(|t| t.elapsed() >= self.settings.min_refetch_interval);
+            if !allowed {
+                return None;
+            }
+            *last = Some(Instant::now());
+            let _ = self.refresh().await;
+        }
+        self.keys.get(kid).await
+    }
+
+    /// Fetches the key set and replaces the cached keys; on failure the old keys stay.
+    pub async fn refresh(&self) -> Result<usize, JwksError> {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let result = match tokio::time::timeout(self.settings.timeout, self.fetch()).await {
+            Ok(r) => r,
+            Err(_) => Err(JwksError::Timeout),
+        };
+        let url = self.settings.url.to_string();
+        match result {
+            Ok(set) => {
+                let mut loaded = Vec::new();
+                for jwk in &set.keys {
+                    let Some(kid) = jwk.common.key_id.clone() else { continue };
+                    match self.load(jwk) {
+                        Some(k) => loaded.push((kid, Arc::new(k))),
+                        None => tracing::debug!(%url, %kid, "jwk skipped: unusable or algorithm not allowed"),
+                    }
+                }
+                let fresh: std::collections::HashSet<String> = loaded.iter().map(|(k, _)| k.clone()).collect();
+                for (kid, key) in loaded {
+                    self.keys.insert(kid, key).await;
+                }
+                let stale: Vec<String> =
+                    self.keys.iter().map(|(k, _)| (*k).clone()).filter(|k| !fresh.contains(k)).collect();
+                for kid in stale {
+                    self.keys.invalidate(&kid).await;
+                }
+                metrics::counter!("portcullis_jwks_fetches_total", "result" => "ok").increment(1);
+                metrics::gauge!("portcullis_jwks_stale").set(0.0);
+                tracing::debug!(%url, keys = fresh.len(), "jwks refreshed");
+                Ok(fresh.len())
+            }
+            Err(e) => {
+                metrics::counter!("portcullis_jwks_fetches_total", "result" => "error").increment(1);
+                metrics::gauge!("portcullis_jwks_stale").set(1.0);
+                tracing::warn!(%url, error = %e, cached_keys = self.keys.entry_count(), "jwks fetch failed; keeping the last good keys");
+                Err(e)
+            }
+        }
+    }
+
+    fn load(&self, jwk: &Jwk) -> Option<JwkKey> {
+        let key = DecodingKey::from_jwk(jwk).ok()?;
+        let mut algorithms = self.settings.algorithms.clone();
+        if let Some(alg) = jwk.common.key_algorithm.and_then(algorithm_of) {
+            algorithms.retain(|a| *a == alg);
+        }
+        // Keep only algorithms whose family matches the key type.
+        algorithms.retain(|a| key.family() == a.family());
+        (!algorithms.is_empty()).then_some(JwkKey { key, algorithms })
+    }
+
+    async fn fetch(&self) -> Result<JwkSet, JwksError> {
+        let url = &self.settings.url;
+        let host = url.host().ok_or_else(|| JwksError::Http("no host".into()))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = url.port_u16().unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+        let tcp = TcpStream::connect((host, port)).await.map_err(|e| JwksError::Http(e.to_string()))?;
+        let body = match &self.tls {
+            Some(tls) => {
+                let name = ServerName::try_from(host.to_owned()).map_err(|e| JwksError::Http(e.to_string()))?;
+                let stream = tls.connect(name, tcp).await.map_err(|e| JwksError::Http(e.to_string()))?;
+                get(TokioIo::new(stream), url).await?
+            }
+            None => get(TokioIo::new(tcp), url).await?,
+        };
+        serde_json::from_slice(&body).map_err(|e| JwksError::Parse(e.to_string()))
+    }
+}
+
+async fn get<I>(io: I, url: &http::Uri) -> Result<Bytes, JwksError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(io).await.map_err(|e| JwksError::Http(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let path = url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let authority = url.authority().map(|a| a.as_str()).unwrap_or("");
+    let req = Request::get(path)
+        .header(http::header::HOST, authority)
+        .header(http::header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| JwksError::Http(e.to_string()))?;
+    let resp = sender.send_request(req).await.map_err(|e| JwksError::Http(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(JwksError::Status(resp.status().as_u16()));
+    }
+    let body =
+        Limited::new(resp.into_body(), MAX_JWKS_BYTES).collect().await.map_err(|e| JwksError::Http(e.to_string()))?;
+    Ok(body.to_bytes())
+}
+
+fn algorithm_of(a: KeyAlgorithm) -> Option<Algorithm> {
+    use Algorithm::*;
+    Some(match a {
+        KeyAlgorithm::HS256 => HS256,
+        KeyAlgorithm::HS384 => HS384,
+        KeyAlgorithm::HS512 => HS512,
+        KeyAlgorithm::RS256 => RS256,
+        KeyAlgorithm::RS384 => RS384,
+        KeyAlgorithm::RS512 => RS512,
+        KeyAlgorithm::PS256 => PS256,
+        KeyAlgorithm::PS384 => PS384,
+        KeyAlgorithm::PS512 => PS512,
+        KeyAlgorithm::ES256 => ES256,
+        KeyAlgorithm::ES384 => ES384,
+        KeyAlgorithm::EdDSA => EdDSA,
+        _ => return None,
+    })
+}

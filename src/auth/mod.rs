@@ -1,0 +1,495 @@
+//! Token verification: static keys and JWKS, claims checks, the verified-token cache and the
+//! revocation denylist. The auth *stage* of the data path (where tokens are found, which agent
+//! they grant, Origin policy) is [`crate::proxy::auth`]; this module only answers "is this token
+//! valid, and what does it say".
+//!
+//! - Every key has an explicit algorithm allowlist of one family, so `none` and algorithm
+//!   confusion (an HS256 token "signed" with an RSA public key) are refused before any
+//!   signature is checked.
+//! - Verified tokens are cached by SHA-256 of the token until they expire, so a reconnect storm
+//!   does not re-verify signatures; the denylist is consulted on every lookup, cached or not.
+//! - Tokens and secrets never reach logs, metrics or error bodies: [`Secret`] redacts itself and
+//!   errors carry only a reason.
+
+pub mod jwks;
+pub mod mint;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::{AuthSettings, KeyMaterial, RouteAuth};
+use jwks::JwksSource;
+
+/// Secret bytes (HMAC keys, admin tokens) whose `Debug` never shows them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Wraps secret bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Secret(bytes)
+    }
+
+    /// The secret bytes; only for the code that uses them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Why a request was not authenticated or not authorized. Carries no token data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token in any configured source.
+    #[error("no token")]
+    Missing,
+    /// The token is not a well-formed JWT.
+    #[error("malformed token")]
+    Malformed,
+    /// The token is longer than `max_token_size`.
+    #[error("token too large")]
+    TooLarge,
+    /// Two sources carried different tokens.
+    #[error("conflicting tokens in several places")]
+    Ambiguous,
+    /// The signature does not verify, or the algorithm is not allowed for the key.
+    #[error("invalid signature")]
+    BadSignature,
+    /// `exp` has passed.
+    #[error("token expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// `iss` is not accepted on this route.
+    #[error("wrong issuer")]
+    WrongIssuer,
+    /// `aud` is not accepted on this route.
+    #[error("wrong audience")]
+    WrongAudience,
+    /// A required claim is missing.
+    #[error("missing required claim")]
+    MissingClaim,
+    /// No key matches the token's `kid`.
+    #[error("unknown signing key")]
+    UnknownKey,
+    /// The subject or token was revoked.
+    #[error("token revoked")]
+    Revoked,
+    /// The token is valid but does not grant this agent.
+    #[error("token does not grant access to this agent")]
+    Forbidden,
+    /// The request's Origin is not allowed on this route.
+    #[error("origin not allowed")]
+    Origin,
+}
+
+impl AuthError {
+    /// Bounded label for `portcullis_auth_failures_total{reason}`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
+            AuthError::TooLarge => "too_large",
+            AuthError::Ambiguous => "ambiguous",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::WrongIssuer => "wrong_issuer",
+            AuthError::WrongAudience => "wrong_audience",
+            AuthError::MissingClaim => "missing_claim",
+            AuthError::UnknownKey => "unknown_key",
+            AuthError::Revoked => "revoked",
+            AuthError::Forbidden => "forbidden",
+            AuthError::Origin => "origin",
+        }
+    }
+
+    /// True for 403 (authenticated but not allowed); false for 401.
+    pub fn is_forbidden(self) -> bool {
+        matches!(self, AuthError::Forbidden | AuthError::Origin)
+    }
+
+    /// The RFC 6750 `error` value, if any (none when no token was sent at all).
+    pub fn bearer_error(self) -> Option<&'static str> {
+        match self {
+            AuthError::Missing | AuthError::Origin => None,
+            AuthError::Malformed | AuthError::Ambiguous | AuthError::TooLarge => Some("invalid_request"),
+            AuthError::Forbidden => Some("insufficient_scope"),
+            _ => Some("invalid_token"),
+        }
+    }
+}
+
+/// Verified claims. Only [`Authenticator::verify`] can make one.
+#[derive(Debug)]
+pub struct Claims {
+    exp: u64,
+    iat: Option<u64>,
+    sub: Option<String>,
+    jti: Option<String>,
+    all: Map<String, Value>,
+}
+
+impl Claims {
+    /// The `sub` claim.
+    pub fn subject(&self) -> Option<&str> {
+        self.sub.as_deref()
+    }
+
+    /// The `jti` claim.
+    pub fn jti(&self) -> Option<&str> {
+        self.jti.as_deref()
+    }
+
+    /// `exp`, in seconds since the Unix epoch.
+    pub fn exp(&self) -> u64 {
+        self.exp
+    }
+
+    /// Any claim by name.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.all.get(name)
+    }
+
+    /// Whether `value` is in claim `name` (an array of strings, or a space-separated string).
+    pub fn contains(&self, name: &str, value: &str) -> bool {
+        match self.all.get(name) {
+            Some(Value::Array(items)) => items.iter().any(|v| v.as_str() == Some(value)),
+            Some(Value::String(s)) => s.split(' ').any(|x| x == value),
+            _ => false,
+        }
+    }
+}
+
+/// A loaded static key.
+struct StaticKey {
+    kid: Option<String>,
+    algorithms: Vec<Algorithm>,
+    key: DecodingKey,
+}
+
+/// Why the authentication configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    /// A key file could not be read or parsed.
+    #[error("key {path}: {message}")]
+    Key {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A JWKS source could not be set up.
+    #[error("jwks {url}: {message}")]
+    Jwks {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Verifies tokens; one per process, shared by all routes.
+pub struct Authenticator {
+    keys: Vec<StaticKey>,
+    jwks: Vec<Arc<JwksSource>>,
+    leeway: Duration,
+    max_token_size: usize,
+    revocation_ttl: Duration,
+    verified: moka::sync::Cache<[u8; 32], Arc<Claims>>,
+    /// `sub:<subject>` or `jti:<id>` → Unix time of the revocation.
+    denied: moka::sync::Cache<String, Denial>,
+}
+
+#[derive(Clone, Copy)]
+struct Denial {
+    since: u64,
+    until: u64,
+}
+
+/// Expires cache entries at their own deadline (token `exp`, or denial end).
+struct ExpireAt;
+
+impl moka::Expiry<[u8; 32], Arc<Claims>> for ExpireAt {
+    fn expire_after_create(&self, _: &[u8; 32], v: &Arc<Claims>, _: std::time::Instant) -> Option<Duration> {
+        Some(Duration::from_secs(v.exp.saturating_sub(now_secs())))
+    }
+}
+
+impl moka::Expiry<String, Denial> for ExpireAt {
+    fn expire_after_create(&self, _: &String, v: &Denial, _: std::time::Instant) -> Option<Duration> {
+        Some(Duration::from_secs(v.until.saturating_sub(now_secs()).max(1)))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        v: &Denial,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(Duration::from_secs(v.until.saturating_sub(now_secs()).max(1)))
+    }
+}
+
+impl Authenticator {
+    /// Loads static keys and sets up JWKS sources (fetched in the background, refreshed
+    /// periodically). Needs a Tokio runtime when JWKS sources are configured.
+    pub fn new(settings: &AuthSettings) -> Result<Arc<Self>, AuthConfigError> {
+        let mut keys = Vec::with_capacity(settings.keys.len());
+        for k in &settings.keys {
+            let key = match &k.material {
+                KeyMaterial::Secret(s) => DecodingKey::from_secret(s.expose()),
+                KeyMaterial::PublicKeyPem(path) => load_public_key(path, k.algorithms[0])?,
+            };
+            keys.push(StaticKey { kid: k.kid.clone(), algorithms: k.algorithms.clone(), key });
+        }
+        let mut jwks = Vec::with_capacity(settings.jwks.len());
+        for j in &settings.jwks {
+            let source = JwksSource::new(j.clone())?;
+            source.spawn_refresher();
+            jwks.push(source);
+        }
+        Ok(Arc::new(Authenticator {
+            keys,
+            jwks,
+            leeway: settings.leeway,
+            max_token_size: settings.max_token_size,
+            revocation_ttl: settings.revocation_ttl,
+            verified: moka::sync::Cache::builder().max_capacity(settings.cache_capacity).expire_after(ExpireAt).build(),
+            denied: moka::sync::Cache::builder().max_capacity(1_000_000).expire_after(ExpireAt).build(),
+        }))
+    }
+
+    /// The configured clock-skew leeway.
+    pub fn leeway(&self) -> Duration {
+        self.leeway
+    }
+
+    /// The largest token accepted, in bytes.
+    pub fn max_token_size(&self) -> usize {
+        self.max_token_size
+    }
+
+    /// Verifies signature, algorithm, `exp` and `nbf`, and the denylist.
+    pub async fn verify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
+        if token.len() > self.max_token_size {
+            return Err(AuthError::TooLarge);
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(c) = self.verified.get(&digest) {
+            if now_secs() > c.exp + self.leeway.as_secs() {
+                return Err(AuthError::Expired);
+            }
+            self.check_denied(&c)?;
+            return Ok(c);
+        }
+        let claims = Arc::new(self.verify_uncached(token).await?);
+        self.check_denied(&claims)?;
+        self.verified.insert(digest, claims.clone());
+        Ok(claims)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<Claims, AuthError> {
+        let header = parse_header(token)?;
+        let alg = Algorithm::from_str(&header.alg).map_err(|_| AuthError::BadSignature)?;
+        // Candidate keys: by kid when the token names one, else the static keys without kid.
+        let mut candidates: Vec<(&DecodingKey, &[Algorithm])> = Vec::new();
+        let jwk_holder;
+        match header.kid.as_deref() {
+            Some(kid) => {
+                candidates.extend(
+                    self.keys
+                        .iter()
+                        .filter(|k| k.kid.as_deref() == Some(kid))
+                        .map(|k| (&k.key, k.algorithms.as_slice())),
+                );
+                if candidates.is_empty() {
+                    let mut found = None;
+                    for source in &self.jwks {
+                        if let Some(k) = source.get(kid).await {
+                            found = Some(k);
+                            break;
+                        }
+                    }
+                    jwk_holder = found;
+                    if let Some(k) = &jwk_holder {
+                        candidates.push((&k.key, k.algorithms.as_slice()));
+                    }
+                }
+            }
+            None => candidates
+                .extend(self.keys.iter().filter(|k| k.kid.is_none()).map(|k| (&k.key, k.algorithms.as_slice()))),
+        }
+        if candidates.is_empty() {
+            return Err(AuthError::UnknownKey);
+        }
+        candidates.retain(|(_, algs)| algs.contains(&alg));
+        if candidates.is_empty() {
+            // The token's algorithm is not on any matching key's allowlist.
+            return Err(AuthError::BadSignature);
+        }
+        let mut validation = Validation::new(alg);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        validation.required_spec_claims = HashSet::from(["exp".to_owned()]);
+        let mut last = AuthError::BadSignature;
+        for (key, _) in candidates {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation) {
+                Ok(data) => return claims_from(data.claims),
+                Err(e) => {
+                    last = map_jwt_error(e.kind());
+                    if last != AuthError::BadSignature {
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn check_denied(&self, c: &Claims) -> Result<(), AuthError> {
+        if let Some(jti) = &c.jti {
+            if self.denied.contains_key(&format!("jti:{jti}")) {
+                return Err(AuthError::Revoked);
+            }
+        }
+        if let Some(sub) = &c.sub {
+            if let Some(d) = self.denied.get(&format!("sub:{sub}")) {
+                // A token issued after the revocation (a new login) is accepted.
+                if c.iat.is_none_or(|iat| iat <= d.since) {
+                    return Err(AuthError::Revoked);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses tokens of `subject` issued up to now, until `until` (Unix seconds; the
+    /// configured `revocation_ttl` from now when unknown).
+    pub fn deny_subject(&self, subject: &str, until: Option<u64>) {
+        self.deny(format!("sub:{subject}"), until);
+    }
+
+    /// Refuses the token with this `jti` until `until`.
+    pub fn deny_jti(&self, jti: &str, until: Option<u64>) {
+        self.deny(format!("jti:{jti}"), until);
+    }
+
+    fn deny(&self, key: String, until: Option<u64>) {
+        let now = now_secs();
+        let until = until.unwrap_or(now + self.revocation_ttl.as_secs()).max(now + 1) + self.leeway.as_secs();
+        let until = match self.denied.get(&key) {
+            Some(d) => d.until.max(until),
+            None => until,
+        };
+        self.denied.insert(key, Denial { since: now, until });
+    }
+}
+
+/// Checks route policy on verified claims: issuer, audience, required claims.
+pub fn check_policy(c: &Claims, policy: &RouteAuth) -> Result<(), AuthError> {
+    if !policy.issuers.is_empty() {
+        match c.all.get("iss").and_then(Value::as_str) {
+            Some(iss) if policy.issuers.iter().any(|i| i == iss) => {}
+            _ => return Err(AuthError::WrongIssuer),
+        }
+    }
+    if !policy.audiences.is_empty() {
+        let ok = match c.all.get("aud") {
+            Some(Value::String(a)) => policy.audiences.iter().any(|x| x == a),
+            Some(Value::Array(items)) => {
+                items.iter().filter_map(Value::as_str).any(|a| policy.audiences.iter().any(|x| x == a))
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(AuthError::WrongAudience);
+        }
+    }
+    if policy.required_claims.iter().any(|name| c.all.get(name).is_none_or(Value::is_null)) {
+        return Err(AuthError::MissingClaim);
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct JwtHeader {
+    alg: String,
+    kid: Option<String>,
+}
+
+/// Parses the JOSE header without trusting anything in it yet.
+fn parse_header(token: &str) -> Result<JwtHeader, AuthError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(AuthError::Malformed);
+    };
+    let raw = URL_SAFE_NO_PAD.decode(h).map_err(|_| AuthError::Malformed)?;
+    let header: JwtHeader = serde_json::from_slice(&raw).map_err(|_| AuthError::Malformed)?;
+    if header.alg.eq_ignore_ascii_case("none") {
+        return Err(AuthError::BadSignature);
+    }
+    Ok(header)
+}
+
+fn claims_from(all: Map<String, Value>) -> Result<Claims, AuthError> {
+    let exp = all.get("exp").and_then(Value::as_u64).ok_or(AuthError::Malformed)?;
+    let iat = all.get("iat").and_then(Value::as_u64);
+    let sub = match all.get("sub") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(AuthError::Malformed),
+    };
+    let jti = all.get("jti").and_then(Value::as_str).map(str::to_owned);
+    Ok(Claims { exp, iat, sub, jti, all })
+}
+
+fn map_jwt_error(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::MissingRequiredClaim(_) => AuthError::MissingClaim,
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_)
+        | ErrorKind::InvalidClaimFormat(_) => AuthError::Malformed,
+        _ => AuthError::BadSignature,
+    }
+}
+
+fn load_public_key(path: &std::path::Path, alg: Algorithm) -> Result<DecodingKey, AuthConfigError> {
+    let err = |message: String| AuthConfigError::Key { path: path.display().to_string(), message };
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let key = match alg.family() {
+        AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(&pem),
+        AlgorithmFamily::Ec => DecodingKey::from_ec_pem(&pem),
+        AlgorithmFamily::Ed => DecodingKey::from_ed_pem(&pem),
+        AlgorithmFamily::Hmac => return Err(err("HS* keys take a secret".into())),
+    };
+    key.map_err(|e| err(e.to_string()))
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

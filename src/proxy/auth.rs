@@ -1,0 +1,407 @@
+//! Stage: auth. Finds the token, verifies it, checks that it grants the agent in the path and
+//! that the Origin is allowed, and prepares what the backend may see.
+//!
+//! Token sources are tried in the route's configured order: `Authorization: Bearer`, a query
+//! parameter, a cookie, or a `Sec-WebSocket-Protocol` entry with a prefix (browsers cannot set
+//! headers on a WebSocket). Every configured source is inspected: two different tokens are
+//! refused as ambiguous. Whatever carried the token is removed before forwarding (the query
+//! parameter, the cookie, the subprotocol entry, and the `Authorization` header unless the route
+//! sets `forward_token`), so the token reaches the backend only when a route asks for it.
+//! Client-sent `x-portcullis-*` headers are always stripped; the verified subject and the
+//! configured claims are added as `x-portcullis-sub` and `x-portcullis-claim-<name>`.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use http::header::{AUTHORIZATION, COOKIE, ORIGIN};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use super::route::{render_path, Captures};
+use super::upgrade::WsRequest;
+use crate::auth::{check_policy, AuthError, Authenticator, Claims};
+use crate::config::{OriginPolicy, RouteConfig};
+
+/// Prefix of the identity headers the proxy sets (and strips from clients).
+pub const IDENTITY_PREFIX: &str = "x-portcullis-";
+
+/// Where a token may be found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer <token>`.
+    Bearer,
+    /// A query parameter (`query:access_token`).
+    Query(String),
+    /// A cookie (`cookie:portcullis_token`).
+    Cookie(String),
+    /// A `Sec-WebSocket-Protocol` entry with this prefix (`subprotocol:bearer.`).
+    Subprotocol(String),
+}
+
+impl TokenSource {
+    /// Sources used when a route does not list any: the header, then the subprotocol.
+    pub fn defaults() -> Vec<TokenSource> {
+        vec![TokenSource::Bearer, TokenSource::Subprotocol("bearer.".into())]
+    }
+}
+
+impl FromStr for TokenSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid token source {s:?}: use bearer, query:NAME, cookie:NAME or subprotocol:PREFIX");
+        match s.split_once(':') {
+            None if s == "bearer" => Ok(TokenSource::Bearer),
+            Some(("query", n)) if !n.is_empty() => Ok(TokenSource::Query(n.to_owned())),
+            Some(("cookie", n)) if !n.is_empty() => Ok(TokenSource::Cookie(n.to_owned())),
+            Some(("subprotocol", p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_graphic() && b != b',') => {
+                Ok(TokenSource::Subprotocol(p.to_owned()))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An allowed Origin: `https://app.example.com`, `*.example.com` or `https://*.example.com`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPattern {
+    scheme: Option<String>,
+    /// Exact host, or a suffix starting with '.' for wildcards.
+    host: String,
+    wildcard: bool,
+    port: Option<u16>,
+}
+
+impl OriginPattern {
+    /// Whether an `Origin` header value matches.
+    pub fn matches(&self, origin: &str) -> bool {
+        let Some((scheme, rest)) = origin.split_once("://") else { return false };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => match p.parse::<u16>() {
+                Ok(p) => (h, Some(p)),
+                Err(_) => return false,
+            },
+            _ => (rest, None),
+        };
+        if self.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case(scheme)) {
+            return false;
+        }
+        if self.port != port && (self.port.is_some() || !self.wildcard) {
+            return false;
+        }
+        let host = host.to_ascii_lowercase();
+        if self.wildcard {
+            host.len() > self.host.len() && host.ends_with(&self.host)
+        } else {
+            host == self.host
+        }
+    }
+}
+
+impl FromStr for OriginPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid origin pattern {s:?}: use https://host[:port], *.domain or https://*.domain");
+        let (scheme, rest) = match s.split_once("://") {
+            Some((sc, r)) if !sc.is_empty() => (Some(sc.to_ascii_lowercase()), r),
+            Some(_) => return Err(bad()),
+            None => (None, s),
+        };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| bad())?)),
+            None => (rest, None),
+        };
+        let (wildcard, host) = match host.strip_prefix("*.") {
+            Some(suffix) => (true, format!(".{}", suffix.to_ascii_lowercase())),
+            None => (false, host.to_ascii_lowercase()),
+        };
+        if host.is_empty() || host.contains(['/', '*']) || (!wildcard && scheme.is_none()) {
+            return Err(bad());
+        }
+        Ok(OriginPattern { scheme, host, wildcard, port })
+    }
+}
+
+impl fmt::Display for OriginPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(s) = &self.scheme {
+            write!(f, "{s}://")?;
+        }
+        if self.wildcard {
+            write!(f, "*{}", self.host)?;
+        } else {
+            f.write_str(&self.host)?;
+        }
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for OriginPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A request that passed the auth stage, reshaped for the backend.
+pub struct Admitted {
+    /// Verified claims, when the route requires a token.
+    pub claims: Option<Arc<Claims>>,
+    /// Headers that may go to the backend (token carriers and spoofed identity removed,
+    /// identity added).
+    pub headers: HeaderMap,
+    /// Path and query for the backend (token query parameter removed).
+    pub path_and_query: String,
+    /// The upgrade, with a token subprotocol entry removed.
+    pub ws: WsRequest,
+    /// Subprotocol prefix that carries tokens; never echoed to the client.
+    pub token_subprotocol: Option<String>,
+}
+
+/// Runs the auth stage for `route`.
+pub async fn admit(
+    route: &RouteConfig,
+    caps: &Captures,
+    headers: &HeaderMap,
+    path_and_query: &str,
+    mut ws: WsRequest,
+    authenticator: Option<&Authenticator>,
+) -> Result<Admitted, AuthError> {
+    check_origin(route.origin.as_ref(), headers)?;
+    let mut out_headers = headers.clone();
+    let spoofed: Vec<HeaderName> =
+        out_headers.keys().filter(|n| n.as_str().starts_with(IDENTITY_PREFIX)).cloned().collect();
+    for name in spoofed {
+        out_headers.remove(&name);
+    }
+    let Some(policy) = &route.auth else {
+        return Ok(Admitted {
+            claims: None,
+            headers: out_headers,
+            path_and_query: path_and_query.to_owned(),
+            ws,
+            token_subprotocol: None,
+        });
+    };
+    let authenticator = authenticator.ok_or(AuthError::UnknownKey)?;
+    let max = authenticator.max_token_size();
+
+    // Find the token in every configured source.
+    let mut tokens: Vec<Cow<'_, str>> = Vec::new();
+    for source in &policy.sources {
+        match source {
+            TokenSource::Bearer => {
+                for v in headers.get_all(AUTHORIZATION) {
+                    tokens.push(Cow::Borrowed(bearer_token(v).ok_or(AuthError::Malformed)?));
+                }
+            }
+            TokenSource::Query(name) => {
+                if let Some((_, q)) = path_and_query.split_once('?') {
+                    if q.len() > max * 4 + 4096 {
+                        return Err(AuthError::TooLarge);
+                    }
+                    tokens.extend(
+                        form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == name.as_str()).map(|(_, v)| v),
+                    );
+                }
+            }
+            TokenSource::Cookie(name) => tokens.extend(cookie_values(headers, name).map(Cow::Borrowed)),
+            TokenSource::Subprotocol(prefix) => {
+                if let Some(p) = &ws.protocol {
+                    let p = p.to_str().map_err(|_| AuthError::Malformed)?;
+                    tokens
+                        .extend(p.split(',').filter_map(|e| e.trim().strip_prefix(prefix.as_str())).map(Cow::Borrowed));
+                }
+            }
+        }
+    }
+    if tokens.iter().any(|t| t.len() > max) {
+        return Err(AuthError::TooLarge);
+    }
+    let token = tokens.first().ok_or(AuthError::Missing)?.to_string();
+    if tokens.iter().any(|t| *t != token) {
+        return Err(AuthError::Ambiguous);
+    }
+    drop(tokens);
+
+    let claims = authenticator.verify(&token).await?;
+    check_policy(&claims, policy)?;
+    check_grant(&claims, policy, caps)?;
+
+    // Remove every token carrier before forwarding.
+    let mut path_and_query = path_and_query.to_owned();
+    let mut token_subprotocol = None;
+    for source in &policy.sources {
+        match source {
+            TokenSource::Bearer => {
+                out_headers.remove(AUTHORIZATION);
+            }
+            TokenSource::Query(name) => path_and_query = remove_query_param(&path_and_query, name),
+            TokenSource::Cookie(name) => remove_cookie(&mut out_headers, name),
+            TokenSource::Subprotocol(prefix) => {
+                ws.protocol = ws.protocol.as_ref().and_then(|p| without_prefixed(p, prefix));
+                token_subprotocol = Some(prefix.clone());
+            }
+        }
+    }
+    if policy.forward_token {
+        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
+            out_headers.insert(AUTHORIZATION, v);
+        }
+    }
+    if let Some(sub) = claims.subject().and_then(|s| HeaderValue::from_str(s).ok()) {
+        out_headers.insert(HeaderName::from_static("x-portcullis-sub"), sub);
+    }
+    for name in &policy.forward_claims {
+        let Some(value) = claims.get(name) else { continue };
+        let text = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let header = HeaderName::from_bytes(format!("{IDENTITY_PREFIX}claim-{}", name.to_ascii_lowercase()).as_bytes());
+        if let (Ok(h), Ok(v)) = (header, HeaderValue::from_str(&text)) {
+            out_headers.insert(h, v);
+        }
+    }
+    Ok(Admitted { claims: Some(claims), headers: out_headers, path_and_query, ws, token_subprotocol })
+}
+
+/// Checks the Origin header against the route's allowlist.
+pub fn check_origin(policy: Option<&OriginPolicy>, headers: &HeaderMap) -> Result<(), AuthError> {
+    let Some(policy) = policy else { return Ok(()) };
+    let mut origins = headers.get_all(ORIGIN).iter();
+    match (origins.next(), origins.next()) {
+        (None, _) if policy.allow_missing => Ok(()),
+        (Some(o), None) => {
+            let o = o.to_str().map_err(|_| AuthError::Origin)?;
+            if policy.allow.iter().any(|p| p.matches(o)) {
+                Ok(())
+            } else {
+                Err(AuthError::Origin)
+            }
+        }
+        _ => Err(AuthError::Origin),
+    }
+}
+
+/// Checks that the claims grant the captured `{agent}`: listed in `agent_claim`, or the
+/// `agent_scope` template present in `scope`/`scp`. Either rule suffices when both are set.
+fn check_grant(c: &Claims, policy: &crate::config::RouteAuth, caps: &Captures) -> Result<(), AuthError> {
+    if policy.agent_claim.is_none() && policy.agent_scope.is_none() {
+        return Ok(());
+    }
+    let agent = caps.get("agent").ok_or(AuthError::Forbidden)?;
+    let by_claim = policy.agent_claim.as_deref().is_some_and(|name| c.contains(name, agent));
+    let by_scope = policy.agent_scope.as_deref().is_some_and(|t| {
+        let scope = render_path(t, caps);
+        c.contains("scope", &scope) || c.contains("scp", &scope)
+    });
+    if by_claim || by_scope {
+        Ok(())
+    } else {
+        Err(AuthError::Forbidden)
+    }
+}
+
+fn bearer_token(v: &HeaderValue) -> Option<&str> {
+    let s = v.to_str().ok()?;
+    let (scheme, token) = s.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
+}
+
+fn cookie_values<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Item = &'h str> + 'h {
+    headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(move |s| {
+        s.split(';').filter_map(move |kv| kv.trim().split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v.trim()))
+    })
+}
+
+fn remove_cookie(headers: &mut HeaderMap, name: &str) {
+    let kept: Vec<String> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(';').map(str::trim).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|kv| kv.split_once('=').is_none_or(|(k, _)| k != name) && !kv.is_empty())
+        .collect();
+    headers.remove(COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(COOKIE, v);
+        }
+    }
+}
+
+fn remove_query_param(path_and_query: &str, name: &str) -> String {
+    let Some((path, query)) = path_and_query.split_once('?') else { return path_and_query.to_owned() };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            !pair.is_empty() && form_urlencoded::parse(pair.as_bytes()).next().is_none_or(|(k, _)| k != name)
+        })
+        .collect();
+    if kept.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    }
+}
+
+fn without_prefixed(protocols: &HeaderValue, prefix: &str) -> Option<HeaderValue> {
+    let s = protocols.to_str().ok()?;
+    let kept: Vec<&str> = s.split(',').map(str::trim).filter(|p| !p.is_empty() && !p.starts_with(prefix)).collect();
+    if kept.is_empty() {
+        None
+    } else {
+        HeaderValue::from_str(&kept.join(", ")).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_patterns_match() {
+        let exact: OriginPattern = "https://app.example.com".parse().expect("pattern");
+        assert!(exact.matches("https://app.example.com"));
+        assert!(!exact.matches("http://app.example.com"));
+        assert!(!exact.matches("https://app.example.com:8443"));
+        assert!(!exact.matches("https://evil.app.example.com"));
+        let wild: OriginPattern = "*.example.com".parse().expect("pattern");
+        assert!(wild.matches("https://a.example.com"));
+        assert!(wild.matches("http://b.c.example.com:8080"));
+        assert!(!wild.matches("https://example.com"));
+        assert!(!wild.matches("https://evilexample.com"));
+        assert!(!wild.matches("null"));
+        let https_wild: OriginPattern = "https://*.example.com".parse().expect("pattern");
+        assert!(!https_wild.matches("http://a.example.com"));
+        assert!("example.com".parse::<OriginPattern>().is_err());
+    }
+
+    #[test]
+    fn query_param_is_removed_and_others_kept() {
+        assert_eq!(remove_query_param("/a?access_token=x&cols=80", "access_token"), "/a?cols=80");
+        assert_eq!(remove_query_param("/a?access_token=x", "access_token"), "/a");
+        assert_eq!(remove_query_param("/a?acc%65ss_token=x&b=1", "access_token"), "/a?b=1");
+        assert_eq!(remove_query_param("/a", "access_token"), "/a");
+    }
+
+    #[test]
+    fn token_sources_parse() {
+        assert_eq!("bearer".parse(), Ok(TokenSource::Bearer));
+        assert_eq!("query:t".parse(), Ok(TokenSource::Query("t".into())));
+        assert_eq!("subprotocol:bearer.".parse(), Ok(TokenSource::Subprotocol("bearer.".into())));
+        assert!("header:x".parse::<TokenSource>().is_err());
+        assert!("query:".parse::<TokenSource>().is_err());
+    }
+}
