@@ -678,6 +678,11 @@ impl ProxyProcess {
     /// Runs `portcullis run` with `text`, where "127.0.0.1:0" listener addresses are replaced by
     /// free ports in order (tls, plain, admin); waits until /live answers.
     pub async fn start(text: &str) -> ProxyProcess {
+        ProxyProcess::start_with_log(text, "portcullis=info").await
+    }
+
+    /// Like [`ProxyProcess::start`], with `RUST_LOG` set to `filter`; logs go to a file.
+    pub async fn start_with_log(text: &str, filter: &str) -> ProxyProcess {
         let ports = [free_port(), free_port(), free_port()];
         let mut t = text.to_string();
         for p in ports {
@@ -686,12 +691,13 @@ impl ProxyProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("portcullis.toml");
         std::fs::write(&path, t).expect("write config");
+        let log = std::fs::File::create(dir.path().join("proxy.log")).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["run", "--config"])
             .arg(&path)
-            .env("RUST_LOG", "portcullis=info")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("spawn portcullis");
         let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
@@ -709,6 +715,17 @@ impl ProxyProcess {
             assert!(Instant::now() < deadline, "proxy process did not become live");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Stops the proxy (SIGTERM, then waits) and returns everything it logged.
+    pub async fn stop_and_collect_logs(&mut self) -> String {
+        self.signal("TERM");
+        let deadline = Instant::now() + SOON;
+        while self.child.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "proxy did not stop");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).expect("read log")
     }
 
     pub fn signal(&self, sig: &str) {

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod auth;
 mod deadlines;
 mod deflate;
 mod drain;
