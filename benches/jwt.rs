@@ -58,7 +58,10 @@ fn bench(c: &mut Criterion) {
         .expect("config");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let (verify_uncached, verify_cached) = rt.block_on(async {
-        (Authenticator::new(&uncached.auth).expect("auth"), Authenticator::new(&cached.auth).expect("auth"))
+        (
+            Authenticator::new(&uncached.auth, Default::default()).expect("auth"),
+            Authenticator::new(&cached.auth, Default::default()).expect("auth"),
+        )
     });
 
     let mut group = c.benchmark_group("jwt_verify");

@@ -168,7 +168,7 @@ struct RevokeRequest {
 fn revoke(shared: &Shared, selector: &Selector) -> usize {
     let closed = shared.sessions.revoke(selector);
     let latest_exp = closed.iter().filter_map(|e| e.token_exp).max();
-    if let Some(auth) = &shared.authenticator {
+    if let Some(auth) = &shared.runtime.load().authenticator {
         match selector {
             Selector::Subject(s) => auth.deny_subject(s, latest_exp),
             Selector::Jti(j) => auth.deny_jti(j, latest_exp),

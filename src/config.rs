@@ -140,6 +140,10 @@ pub struct ServerSettings {
     pub drain_spread: Duration,
     /// On SIGTERM, the process exits at the latest after this.
     pub drain_timeout: Duration,
+    /// After a reload removes a route, its live sessions may run this long before closing.
+    pub removed_route_grace: Duration,
+    /// How often the config file is checked for changes (`run` only); zero disables.
+    pub reload_poll_interval: Duration,
 }
 
 /// Certificates served by TLS listeners (`[tls]`).
@@ -247,6 +251,8 @@ impl Default for ServerSettings {
             max_header_size: 16 * 1024,
             drain_spread: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(25),
+            removed_route_grace: Duration::from_secs(600),
+            reload_poll_interval: Duration::from_secs(2),
         }
     }
 }
@@ -422,6 +428,8 @@ struct RawServer {
     max_header_size: Option<Size>,
     drain_spread: Option<Dur>,
     drain_timeout: Option<Dur>,
+    removed_route_grace: Option<Dur>,
+    reload_poll_interval: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -499,6 +507,8 @@ impl RawConfig {
             max_header_size: s.max_header_size.map_or(d.max_header_size, |v| v.0 as usize),
             drain_spread: dur(s.drain_spread, d.drain_spread),
             drain_timeout: dur(s.drain_timeout, d.drain_timeout),
+            removed_route_grace: dur(s.removed_route_grace, d.removed_route_grace),
+            reload_poll_interval: dur(s.reload_poll_interval, d.reload_poll_interval),
         };
         if server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));

@@ -129,15 +129,15 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            report(runtime.block_on(run(config)))
+            report(runtime.block_on(run(config, path)))
         }
         Command::Demo { listen, admin, backend, dir, backend_only } => {
             report(runtime.block_on(demo(listen, admin, backend, &dir, backend_only)))
@@ -205,9 +205,12 @@ fn init_logging(format: &str) {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let bound = Bound::bind(&config).await?;
-    server::serve(config, bound, shutdown_signal()).await?;
+    let poll = config.server.reload_poll_interval;
+    let server = server::Server::new(config)?;
+    tokio::spawn(server::watch_config(server.handle(), path, poll));
+    server.serve(bound, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -2,7 +2,8 @@
 //! shutdown.
 //!
 //! [`Bound::bind`] binds every address first (so tests can bind port 0 and read the addresses
-//! back); [`serve`] takes the bound listeners and a shutdown future. On shutdown the server stops
+//! back); [`Server::serve`] takes the bound listeners and a shutdown future, and
+//! [`Shared::reload`] swaps in a new configuration while it runs. On shutdown the server stops
 //! accepting, `/ready` turns 503, every session is told to close with 1001 (spread over
 //! `drain_spread`), and `serve` returns when all sessions are gone or at `drain_timeout`.
 
@@ -21,13 +22,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
-use crate::auth::{AuthConfigError, Authenticator};
+use crate::auth::{AuthConfigError, Authenticator, Denylist};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::accept::accept_loop;
 use crate::proxy::route::RouteTable;
 use crate::proxy::tls::{self, TlsConfigError};
-use crate::session::Sessions;
+use crate::session::{Sessions, StopReason};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +49,33 @@ pub enum ServerError {
     Auth(#[from] AuthConfigError),
 }
 
-/// The configuration in force, swapped atomically on reload.
-#[derive(Debug)]
+/// The configuration in force, with everything built from it; swapped atomically on reload.
 pub struct Runtime {
     /// The validated configuration.
     pub config: Config,
     /// Routes, most specific first.
     pub routes: RouteTable,
+    /// Token verifier; none when no keys are configured.
+    pub authenticator: Option<Arc<Authenticator>>,
+    /// TLS acceptor with the current certificates; none when no listener is TLS.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Runtime {
+    /// Builds everything a configuration needs (certificates, keys) without touching the
+    /// running server; fails without side effects.
+    fn build(config: Config, denylist: &Arc<Denylist>) -> Result<Runtime, ServerError> {
+        let tls = match (&config.tls, config.listeners.iter().any(|l| l.tls)) {
+            (Some(t), true) => Some(TlsAcceptor::from(tls::server_config(t)?)),
+            _ => None,
+        };
+        let authenticator = if config.auth.keys.is_empty() && config.auth.jwks.is_empty() {
+            None
+        } else {
+            Some(Authenticator::new(&config.auth, denylist.clone())?)
+        };
+        Ok(Runtime { routes: RouteTable::new(&config.routes), authenticator, tls, config })
+    }
 }
 
 /// State shared by every connection task.
@@ -71,10 +92,62 @@ pub struct Shared {
     pub conn_limit: Arc<Semaphore>,
     /// True once draining began (`/ready` answers 503).
     pub draining: AtomicBool,
-    /// Token verifier; none when no keys are configured.
-    pub authenticator: Option<Arc<Authenticator>>,
+    /// Revoked subjects and tokens; kept across reloads.
+    pub denylist: Arc<Denylist>,
     /// Live sessions, for `/sessions` and revocation.
     pub sessions: Arc<Sessions>,
+}
+
+impl Shared {
+    /// Validates and swaps in a new configuration: routes, certificates, keys and limits
+    /// apply to new connections at once; live sessions keep the route settings they started
+    /// with. Sessions on routes that no longer exist are closed (1001 "route removed") after
+    /// `removed_route_grace`. Listener and admin addresses need a restart. On error the old
+    /// configuration stays in force.
+    pub fn reload(&self, config: Config) -> Result<(), ServerError> {
+        let result = self.try_reload(config);
+        let label = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!("portcullis_reloads_total", "result" => label).increment(1);
+        match &result {
+            Ok(()) => tracing::info!("configuration reloaded"),
+            Err(e) => tracing::error!(error = %e, "configuration reload refused; the previous one stays in force"),
+        }
+        result
+    }
+
+    fn try_reload(&self, config: Config) -> Result<(), ServerError> {
+        let old = self.runtime.load_full();
+        let addrs = |c: &Config| c.listeners.iter().map(|l| (l.addresses.clone(), l.tls)).collect::<Vec<_>>();
+        if addrs(&old.config) != addrs(&config) {
+            tracing::warn!("listener addresses changed: they apply after a restart");
+        }
+        if old.config.admin.as_ref().map(|a| a.address) != config.admin.as_ref().map(|a| a.address) {
+            tracing::warn!("admin address changed: it applies after a restart");
+        }
+        let grace = config.server.removed_route_grace;
+        let runtime = Runtime::build(config, &self.denylist)?;
+        let removed: Vec<_> = self
+            .sessions
+            .list()
+            .into_iter()
+            .filter(|s| !runtime.config.routes.iter().any(|r| r.name == s.route))
+            .collect();
+        self.runtime.store(Arc::new(runtime));
+        if !removed.is_empty() {
+            tracing::info!(sessions = removed.len(), grace = ?grace, "sessions on removed routes close after the grace period");
+            let drain = self.drain.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(grace) => {}
+                    _ = drain.cancelled() => return,
+                }
+                for s in removed {
+                    s.control.stop(StopReason::RouteRemoved);
+                }
+            });
+        }
+        Ok(())
+    }
 }
 
 /// A listener bound from the configuration.
@@ -132,70 +205,147 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::from_std(socket.into()).map_err(err)
 }
 
-/// Serves until `shutdown` resolves, then drains. Returns once every session has ended or
-/// `drain_timeout` has passed.
-pub async fn serve(config: Config, bound: Bound, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    let acceptor = match (&config.tls, bound.listeners.iter().any(|l| l.tls)) {
-        (Some(t), true) => Some(TlsAcceptor::from(tls::server_config(t)?)),
-        _ => None,
-    };
-    let metrics = Metrics::global();
-    let authenticator = if config.auth.keys.is_empty() && config.auth.jwks.is_empty() {
-        None
-    } else {
-        Some(Authenticator::new(&config.auth)?)
-    };
-    let drain_timeout = config.server.drain_timeout;
-    let shared = Arc::new(Shared {
-        conn_limit: Arc::new(Semaphore::new(config.server.max_connections)),
-        runtime: ArcSwap::from_pointee(Runtime { routes: RouteTable::new(&config.routes), config }),
-        metrics: metrics.clone(),
-        drain: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-        draining: AtomicBool::new(false),
-        authenticator,
-        sessions: Arc::new(Sessions::default()),
-    });
-    let stop_admin = CancellationToken::new();
-    let mut loops = Vec::new();
-    for l in bound.listeners {
-        tracing::info!(listener = %l.name, addr = %l.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = l.tls, "listening");
-        let acceptor = if l.tls { acceptor.clone() } else { None };
-        loops.push(tokio::spawn(accept_loop(l.listener, acceptor, shared.clone())));
+/// A server ready to serve: configuration validated, certificates and keys loaded.
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Builds the server state from a validated configuration.
+    pub fn new(config: Config) -> Result<Server, ServerError> {
+        let denylist = Arc::new(Denylist::default());
+        let max_connections = config.server.max_connections;
+        let runtime = Runtime::build(config, &denylist)?;
+        Ok(Server {
+            shared: Arc::new(Shared {
+                conn_limit: Arc::new(Semaphore::new(max_connections)),
+                runtime: ArcSwap::from_pointee(runtime),
+                metrics: Metrics::global(),
+                drain: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                draining: AtomicBool::new(false),
+                denylist,
+                sessions: Arc::new(Sessions::default()),
+            }),
+        })
     }
-    let admin_task = bound.admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), stop_admin.clone())));
-    let upkeep = {
-        let metrics = metrics.clone();
-        let stop = stop_admin.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => metrics.run_upkeep(),
+
+    /// A handle for [`Shared::reload`], usable while the server runs.
+    pub fn handle(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains. Returns once every session has ended or
+    /// `drain_timeout` has passed.
+    pub async fn serve(self, bound: Bound, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let shared = self.shared;
+        let metrics = shared.metrics.clone();
+        let stop_admin = CancellationToken::new();
+        let mut loops = Vec::new();
+        for l in bound.listeners {
+            let addr = l.listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(listener = %l.name, %addr, tls = l.tls, "listening");
+            loops.push(tokio::spawn(accept_loop(l.listener, l.tls, shared.clone())));
+        }
+        let admin_task = bound.admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), stop_admin.clone())));
+        let upkeep = {
+            let stop = stop_admin.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => metrics.run_upkeep(),
+                    }
+                }
+            })
+        };
+
+        shutdown.await;
+        let sessions = shared.tasks.len();
+        tracing::info!(sessions, "draining");
+        shared.draining.store(true, Ordering::SeqCst);
+        shared.drain.cancel();
+        for l in loops {
+            let _ = l.await;
+        }
+        shared.tasks.close();
+        let drain_timeout = shared.runtime.load().config.server.drain_timeout;
+        if tokio::time::timeout(drain_timeout, shared.tasks.wait()).await.is_err() {
+            tracing::warn!(left = shared.tasks.len(), "drain timeout reached; closing remaining connections");
+        } else {
+            tracing::info!("drained");
+        }
+        stop_admin.cancel();
+        if let Some(t) = admin_task {
+            let _ = t.await;
+        }
+        let _ = upkeep.await;
+        Ok(())
+    }
+}
+
+/// Builds a [`Server`] and serves until `shutdown` resolves (see [`Server::serve`]).
+pub async fn serve(config: Config, bound: Bound, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    Server::new(config)?.serve(bound, shutdown).await
+}
+
+/// Reloads the configuration at `path` into the running server. A file that does not parse or
+/// validate is refused (logged, counted as `portcullis_reloads_total{result="error"}`) and the
+/// running configuration stays.
+pub fn reload_from_file(shared: &Shared, path: &std::path::Path) -> Result<(), String> {
+    match Config::load(path) {
+        Ok(config) => shared.reload(config).map_err(|e| e.to_string()),
+        Err(e) => {
+            metrics::counter!("portcullis_reloads_total", "result" => "error").increment(1);
+            tracing::error!(error = %e, "configuration reload refused; the previous one stays in force");
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Reloads on SIGHUP, and when the file's content changes (checked every `poll`; a change is
+/// applied once two consecutive reads agree, so a half-written file is not loaded). Runs until
+/// the server drains.
+pub async fn watch_config(shared: Arc<Shared>, path: std::path::PathBuf, poll: Duration) {
+    let fingerprint = |p: &std::path::Path| std::fs::read(p).ok().map(|b| xxhash_rust::xxh3::xxh3_64(&b));
+    let mut current = fingerprint(&path);
+    let mut candidate = None;
+    let mut tick = tokio::time::interval(if poll.is_zero() { Duration::from_secs(3600) } else { poll });
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = shared.drain.cancelled() => return,
+            _ = hangup => {
+                tracing::info!(path = %path.display(), "SIGHUP: reloading configuration");
+                let _ = reload_from_file(&shared, &path);
+                current = fingerprint(&path);
+                candidate = None;
+            }
+            _ = tick.tick(), if !poll.is_zero() => {
+                let seen = fingerprint(&path);
+                if seen == current || seen.is_none() {
+                    candidate = None;
+                } else if seen == candidate {
+                    tracing::info!(path = %path.display(), "configuration file changed: reloading");
+                    let _ = reload_from_file(&shared, &path);
+                    current = seen;
+                    candidate = None;
+                } else {
+                    candidate = seen;
                 }
             }
-        })
-    };
-
-    shutdown.await;
-    let sessions = shared.tasks.len();
-    tracing::info!(sessions, "draining");
-    shared.draining.store(true, Ordering::SeqCst);
-    shared.drain.cancel();
-    for l in loops {
-        let _ = l.await;
+        }
     }
-    shared.tasks.close();
-    if tokio::time::timeout(drain_timeout, shared.tasks.wait()).await.is_err() {
-        tracing::warn!(left = shared.tasks.len(), "drain timeout reached; closing remaining connections");
-    } else {
-        tracing::info!("drained");
-    }
-    stop_admin.cancel();
-    if let Some(t) = admin_task {
-        let _ = t.await;
-    }
-    let _ = upkeep.await;
-    Ok(())
 }

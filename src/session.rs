@@ -16,6 +16,8 @@ pub enum StopReason {
     Drain,
     /// An operator revoked the session: close with 1008 "session revoked" at once.
     Revoked,
+    /// A reload removed the session's route and the grace period ended: 1001 "route removed".
+    RouteRemoved,
 }
 
 /// Stop signal and reason for one session.
@@ -38,10 +40,10 @@ impl SessionControl {
 
     /// Why the session was stopped (meaningful once the token is cancelled).
     pub fn reason(&self) -> StopReason {
-        if self.reason.load(Ordering::Acquire) == StopReason::Revoked as u8 {
-            StopReason::Revoked
-        } else {
-            StopReason::Drain
+        match self.reason.load(Ordering::Acquire) {
+            r if r == StopReason::Revoked as u8 => StopReason::Revoked,
+            r if r == StopReason::RouteRemoved as u8 => StopReason::RouteRemoved,
+            _ => StopReason::Drain,
         }
     }
 

@@ -205,7 +205,7 @@ pub enum AuthConfigError {
     },
 }
 
-/// Verifies tokens; one per process, shared by all routes.
+/// Verifies tokens; rebuilt on config reload (the [`Denylist`] is kept across reloads).
 pub struct Authenticator {
     keys: Vec<StaticKey>,
     jwks: Vec<Arc<JwksSource>>,
@@ -213,8 +213,20 @@ pub struct Authenticator {
     max_token_size: usize,
     revocation_ttl: Duration,
     verified: moka::sync::Cache<[u8; 32], Arc<Claims>>,
-    /// `sub:<subject>` or `jti:<id>` → Unix time of the revocation.
+    denylist: Arc<Denylist>,
+}
+
+/// Revoked subjects and token ids, refused until their tokens expire. One per process: it
+/// outlives configuration reloads.
+pub struct Denylist {
+    /// `sub:<subject>` or `jti:<id>` → when revoked and until when.
     denied: moka::sync::Cache<String, Denial>,
+}
+
+impl Default for Denylist {
+    fn default() -> Self {
+        Denylist { denied: moka::sync::Cache::builder().max_capacity(1_000_000).expire_after(ExpireAt).build() }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -251,7 +263,7 @@ impl moka::Expiry<String, Denial> for ExpireAt {
 impl Authenticator {
     /// Loads static keys and sets up JWKS sources (fetched in the background, refreshed
     /// periodically). Needs a Tokio runtime when JWKS sources are configured.
-    pub fn new(settings: &AuthSettings) -> Result<Arc<Self>, AuthConfigError> {
+    pub fn new(settings: &AuthSettings, denylist: Arc<Denylist>) -> Result<Arc<Self>, AuthConfigError> {
         let mut keys = Vec::with_capacity(settings.keys.len());
         for k in &settings.keys {
             let key = match &k.material {
@@ -273,7 +285,7 @@ impl Authenticator {
             max_token_size: settings.max_token_size,
             revocation_ttl: settings.revocation_ttl,
             verified: moka::sync::Cache::builder().max_capacity(settings.cache_capacity).expire_after(ExpireAt).build(),
-            denied: moka::sync::Cache::builder().max_capacity(1_000_000).expire_after(ExpireAt).build(),
+            denylist,
         }))
     }
 
@@ -367,13 +379,14 @@ impl Authenticator {
     }
 
     fn check_denied(&self, c: &Claims) -> Result<(), AuthError> {
+        let denied = &self.denylist.denied;
         if let Some(jti) = &c.jti {
-            if self.denied.contains_key(&format!("jti:{jti}")) {
+            if denied.contains_key(&format!("jti:{jti}")) {
                 return Err(AuthError::Revoked);
             }
         }
         if let Some(sub) = &c.sub {
-            if let Some(d) = self.denied.get(&format!("sub:{sub}")) {
+            if let Some(d) = denied.get(&format!("sub:{sub}")) {
                 // A token issued after the revocation (a new login) is accepted.
                 if c.iat.is_none_or(|iat| iat <= d.since) {
                     return Err(AuthError::Revoked);
@@ -397,11 +410,12 @@ impl Authenticator {
     fn deny(&self, key: String, until: Option<u64>) {
         let now = now_secs();
         let until = until.unwrap_or(now + self.revocation_ttl.as_secs()).max(now + 1) + self.leeway.as_secs();
-        let until = match self.denied.get(&key) {
+        let denied = &self.denylist.denied;
+        let until = match denied.get(&key) {
             Some(d) => d.until.max(until),
             None => until,
         };
-        self.denied.insert(key, Denial { since: now, until });
+        denied.insert(key, Denial { since: now, until });
     }
 }
 

@@ -13,7 +13,7 @@ use super::tls::{self, ClientStream};
 use crate::server::Shared;
 
 /// Accepts connections until the server drains.
-pub async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, shared: Arc<Shared>) {
+pub async fn accept_loop(listener: TcpListener, tls: bool, shared: Arc<Shared>) {
     loop {
         let accepted = tokio::select! {
             _ = shared.drain.cancelled() => break,
@@ -39,7 +39,8 @@ pub async fn accept_loop(listener: TcpListener, acceptor: Option<TlsAcceptor>, s
         };
         let _ = tcp.set_nodelay(true);
         let shared2 = shared.clone();
-        let acceptor = acceptor.clone();
+        // The acceptor in force now: a reload with new certificates applies to new connections.
+        let acceptor = if tls { shared.runtime.load().tls.clone() } else { None };
         let span = tracing::debug_span!("conn", client = %addr);
         shared.tasks.spawn(
             async move {

@@ -118,7 +118,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         return Ok(reject(&ctx, &route.name, RequestError::Draining));
     }
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let authenticator = ctx.shared.authenticator.as_deref();
+    let authenticator = runtime.authenticator.as_deref();
     let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, ws, authenticator).await {
         Ok(a) => a,
         Err(e) => return Ok(reject(&ctx, &route.name, e.into())),
@@ -195,7 +195,7 @@ async fn run_session(shared: Arc<Shared>, p: Pending, client_addr: SocketAddr) {
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let control = SessionControl::new(&shared.drain);
     let enforce = p.route.auth.as_ref().is_some_and(|a| a.enforce_expiry);
-    let leeway = shared.authenticator.as_ref().map_or(Duration::ZERO, |a| a.leeway());
+    let leeway = shared.runtime.load().authenticator.as_ref().map_or(Duration::ZERO, |a| a.leeway());
     let expires_at = p.claims.as_ref().filter(|_| enforce).map(|c| {
         let left = c.exp().saturating_sub(crate::auth::now_secs());
         tokio::time::Instant::now() + Duration::from_secs(left) + leeway

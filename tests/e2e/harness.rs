@@ -526,6 +526,8 @@ pub struct Proxy {
     pub tls: SocketAddr,
     pub plain: SocketAddr,
     pub admin: SocketAddr,
+    /// For reloads.
+    pub handle: Arc<portcullis::server::Shared>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -621,14 +623,17 @@ impl Proxy {
         let addrs = bound.addrs();
         let admin = bound.admin_addr().expect("admin");
         let (tx, rx) = oneshot::channel::<()>();
+        let server = server::Server::new(config).expect("server");
+        let handle = server.handle();
         let task = tokio::spawn(async move {
-            server::serve(config, bound, async {
-                let _ = rx.await;
-            })
-            .await
-            .expect("serve");
+            server
+                .serve(bound, async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("serve");
         });
-        Proxy { tls: addrs[0], plain: addrs[1], admin, shutdown: Some(tx), task: Some(task) }
+        Proxy { tls: addrs[0], plain: addrs[1], admin, handle, shutdown: Some(tx), task: Some(task) }
     }
 }
 

@@ -10,3 +10,4 @@ mod drain;
 mod handshake;
 mod metrics;
 mod relay;
+mod reload;

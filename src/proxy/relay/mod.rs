@@ -705,6 +705,9 @@ where
             StopReason::Revoked => {
                 self.close_both(1008, "session revoked", 1001, "session revoked", Initiator::Proxy, "revoked");
             }
+            StopReason::RouteRemoved => {
+                self.close_both(1001, "route removed", 1001, "route removed", Initiator::Proxy, "route removed");
+            }
         }
     }
 

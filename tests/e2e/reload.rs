@@ -1,0 +1,165 @@
+//! Hot reload: live sessions survive route changes, invalid configs and certificate changes;
+//! new connections see the new configuration; removed routes' sessions end after the grace.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portcullis::config::Config;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+use crate::harness::*;
+
+fn parse(text: &str) -> Config {
+    Config::parse(text, Path::new("reload.toml")).expect("valid config")
+}
+
+/// The certificate a fresh TLS client is served.
+async fn served_certificate(addr: std::net::SocketAddr, trust: &[&Path]) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    for p in trust {
+        for c in CertificateDer::pem_file_iter(p).expect("read") {
+            roots.add(c.expect("cert")).expect("root");
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(portcullis::proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("certs")[0].to_vec()
+}
+
+fn der_of(pem: &Path) -> Vec<u8> {
+    CertificateDer::pem_file_iter(pem).expect("read").next().expect("one").expect("cert").to_vec()
+}
+
+async fn echo_exact(c: &mut Client, n: u32) {
+    let payload: Vec<u8> = (0..1000u32).map(|i| (i.wrapping_mul(n + 7) >> 3) as u8).collect();
+    c.send(true, op::BINARY, &payload).await;
+    let f = c.recv().await;
+    assert_eq!(f.payload, payload, "byte-exact echo {n}");
+}
+
+#[tokio::test]
+async fn live_session_survives_route_changes_invalid_config_and_certificate_change() {
+    let backend = Backend::echo().await;
+    let other = Backend::echo().await;
+    let text = config_text(&[backend.addr.to_string()], "", "", "");
+    let proxy = Proxy::start_with(&text).await;
+    let mut live = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
+    echo_exact(&mut live, 0).await;
+
+    // (a) Add a route and change this one's settings.
+    let added = format!(
+        "{}\n[[routes]]\nname = \"events\"\npath = \"/agents/{{agent}}/events\"\nbackends = [\"{}\"]\n",
+        text.replace("idle_timeout", "#idle_timeout").replace("close_timeout = \"1s\"", "close_timeout = \"2s\""),
+        other.addr
+    );
+    proxy.handle.reload(parse(&added)).expect("reload a");
+    echo_exact(&mut live, 1).await;
+    let mut ev = upgrade(proxy.tls, true, "/agents/a1/events", &[]).await.expect("new route is live");
+    echo_exact(&mut ev, 2).await;
+    assert_eq!(other.log.requests.lock().expect("lock").len(), 1);
+
+    // (b) An invalid configuration file is refused; everything keeps working.
+    let bad = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(bad.path(), "[[routes]]\nname = \"x\"\npath = \"no-slash\"\n").expect("write");
+    assert!(portcullis::server::reload_from_file(&proxy.handle, bad.path()).is_err());
+    echo_exact(&mut live, 3).await;
+    upgrade(proxy.tls, true, "/agents/a1/events", &[]).await.expect("still the reloaded config");
+    let (_, body) = http_get(proxy.admin, "/metrics").await;
+    assert!(metric(&body, "portcullis_reloads_total{result=\"error\"}") >= 1.0);
+    assert!(metric(&body, "portcullis_reloads_total{result=\"ok\"}") >= 1.0);
+
+    // (c) A new certificate: the live session is untouched, new sessions get the new one.
+    let dir = tempfile::tempdir().expect("dir");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    let (cert2, key2) = (dir.path().join("cert2.pem"), dir.path().join("key2.pem"));
+    std::fs::write(&cert2, ck.cert.pem()).expect("write");
+    std::fs::write(&key2, ck.signing_key.serialize_pem()).expect("write");
+    let old = &certs().cert;
+    assert_eq!(served_certificate(proxy.tls, &[old, &cert2]).await, der_of(old));
+    let rotated = added
+        .replace(&certs().cert.display().to_string(), &cert2.display().to_string())
+        .replace(&certs().key.display().to_string(), &key2.display().to_string());
+    proxy.handle.reload(parse(&rotated)).expect("reload c");
+    echo_exact(&mut live, 4).await;
+    assert_eq!(
+        served_certificate(proxy.tls, &[old, &cert2]).await,
+        der_of(&cert2),
+        "new sessions see the new certificate"
+    );
+    echo_exact(&mut live, 5).await;
+}
+
+#[tokio::test]
+async fn session_on_a_removed_route_closes_after_the_grace_period() {
+    let backend = Backend::echo().await;
+    let text = config_text(&[backend.addr.to_string()], "removed_route_grace = \"600ms\"", "", "");
+    let proxy = Proxy::start_with(&text).await;
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
+    let without = text.replace(
+        "name = \"terminal\"\npath = \"/agents/{agent}/terminal\"",
+        "name = \"other\"\npath = \"/other/{agent}\"",
+    );
+    assert_ne!(without, text);
+    let reloaded = Instant::now();
+    proxy.handle.reload(parse(&without)).expect("reload");
+    echo_exact(&mut c, 1).await;
+    let err = upgrade(proxy.tls, true, "/agents/a2/terminal", &[]).await.err().expect("route gone for new sessions");
+    assert_eq!(err.status, 404);
+    let close = c.recv_close().await;
+    assert_eq!(close.close_code(), Some(1001));
+    assert_eq!(close.close_reason(), "route removed");
+    assert!(reloaded.elapsed() >= Duration::from_millis(500), "not before the grace period");
+}
+
+#[tokio::test]
+async fn config_file_change_and_sighup_trigger_reloads() {
+    let backend = Backend::echo().await;
+    let text = config_text(&[backend.addr.to_string()], "reload_poll_interval = \"100ms\"", "", "");
+    // File watch, in process.
+    let file = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(file.path(), &text).expect("write");
+    let proxy = Proxy::start_with(&text).await;
+    tokio::spawn(portcullis::server::watch_config(
+        proxy.handle.clone(),
+        file.path().to_owned(),
+        Duration::from_millis(100),
+    ));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let extra = "\n[[routes]]\nname = \"added\"\npath = \"/added/{agent}\"\nbackends = [\"BACKEND\"]\n"
+        .replace("BACKEND", &backend.addr.to_string());
+    std::fs::write(file.path(), format!("{text}{extra}")).expect("write");
+    let deadline = Instant::now() + SOON;
+    while upgrade(proxy.tls, true, "/added/a1", &[]).await.is_err() {
+        assert!(Instant::now() < deadline, "file change was not picked up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // SIGHUP, in a child process (file polling off, so only the signal can reload).
+    let text = config_text(&[backend.addr.to_string()], "reload_poll_interval = \"0s\"", "", "");
+    let proxy = ProxyProcess::start(&text).await;
+    let path = proxy.dir.path().join("portcullis.toml");
+    let current = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(&path, format!("{current}{extra}")).expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        upgrade(proxy.plain, false, "/added/a1", &[]).await.err().map(|h| h.status),
+        Some(404),
+        "not before SIGHUP"
+    );
+    proxy.signal("HUP");
+    let deadline = Instant::now() + SOON;
+    while upgrade(proxy.plain, false, "/added/a1", &[]).await.is_err() {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
