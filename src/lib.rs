@@ -22,6 +22,7 @@
 //! (`/metrics`, `/live`, `/ready`, `/sessions`), [`metrics`], [`session`] (registry, stop
 //! handles, revocation), [`error`] (status
 //! mapping), [`demo`] (the one-command demo).
+//! [`routing`]: registry resolver (moka cache), passive health and sticky member choice.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -33,5 +34,6 @@ pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
+pub mod routing;
 pub mod server;
 pub mod session;

@@ -396,10 +396,12 @@ impl Authenticator {
         Ok(())
     }
 
-    /// Refuses tokens of `subject` issued up to now, until `until` (Unix seconds; the
-    /// configured `revocation_ttl` from now when unknown).
+    /// Refuses tokens of `subject` issued up to now, until `until` (Unix seconds) or
+    /// `revocation_ttl` from now, whichever is later: other tokens of the subject, issued before
+    /// the revocation, may expire later than the ones whose sessions were cut.
     pub fn deny_subject(&self, subject: &str, until: Option<u64>) {
-        self.deny(format!("sub:{subject}"), until);
+        let floor = now_secs() + self.revocation_ttl.as_secs();
+        self.deny(format!("sub:{subject}"), Some(until.map_or(floor, |u| u.max(floor))));
     }
 
     /// Refuses the token with this `jti` until `until`.

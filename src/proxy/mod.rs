@@ -176,7 +176,7 @@ fn reject(ctx: &ConnCtx, route: &str, e: RequestError) -> Response<Full<Bytes>> 
 }
 
 /// Relays an upgraded session, registered for `/sessions`, and writes its log line.
-async fn run_session(shared: Arc<Shared>, p: Pending, client_addr: SocketAddr) {
+async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAddr) {
     let upgraded = match p.on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -192,6 +192,10 @@ async fn run_session(shared: Arc<Shared>, p: Pending, client_addr: SocketAddr) {
         }
     };
     let client = parts.io.into_inner().into_inner();
+    // `read_buf` is a view into hyper's whole read buffer (8 KiB or more): copy out the few
+    // bytes it holds (usually none) and let the buffer go, or every idle session pins it.
+    let client_early = parts.read_buf.to_vec();
+    drop(parts.read_buf);
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let control = SessionControl::new(&shared.drain);
     let enforce = p.route.auth.as_ref().is_some_and(|a| a.enforce_expiry);
@@ -225,7 +229,9 @@ async fn run_session(shared: Arc<Shared>, p: Pending, client_addr: SocketAddr) {
     };
     let started = Instant::now();
     shared.metrics.sessions_active.increment(1.0);
-    let end = relay::relay(client, &parts.read_buf, p.backend.stream, &p.backend.early, params).await;
+    let backend_early = std::mem::take(&mut p.backend.early);
+    let backend_stream = p.backend.stream;
+    let end = relay::relay(client, client_early, backend_stream, backend_early, params).await;
     shared.metrics.sessions_active.decrement(1.0);
     shared.metrics.close(end.close_code, end.initiator.as_str());
     let subject = p.claims.as_ref().and_then(|c| c.subject());

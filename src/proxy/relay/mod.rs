@@ -120,9 +120,9 @@ pub struct RelayParams {
 /// handshakes; they are relayed first.
 pub async fn relay<C, B>(
     mut client: C,
-    client_early: &[u8],
+    client_early: Vec<u8>,
     mut backend: B,
-    backend_early: &[u8],
+    backend_early: Vec<u8>,
     params: RelayParams,
 ) -> SessionEnd
 where
@@ -131,7 +131,9 @@ where
 {
     let close_timeout = params.settings.close_timeout;
     let end = {
-        let mut session = Session::new(&mut client, client_early, &mut backend, backend_early, params);
+        // The early bytes are copied into relay buffers here and not held afterwards.
+        let mut session = Session::new(&mut client, &client_early, &mut backend, &backend_early, params);
+        drop((client_early, backend_early));
         std::future::poll_fn(|cx| session.poll(cx)).await
     };
     let _ = tokio::time::timeout(close_timeout, async {
@@ -193,9 +195,10 @@ struct Direction {
     scanned: usize,
     end: usize,
     tracker: Tracker,
-    /// A proxy frame being written to `dst`, and a close frame queued behind it.
-    inject: Option<Injected>,
-    queued_close: Option<Injected>,
+    /// A proxy frame being written to `dst`, and a close frame queued behind it. Boxed: they
+    /// are rarely present, and inline they would add half a KiB to every idle session.
+    inject: Option<Box<Injected>>,
+    queued_close: Option<Box<Injected>>,
     needs_flush: bool,
     /// No more reading from `src` (it sent a close frame, went away, or was abandoned).
     src_done: bool,
@@ -271,6 +274,7 @@ impl Direction {
 
     /// Queues a proxy frame for `dst`. A close replaces a ping not yet started.
     fn queue(&mut self, frame: Injected) {
+        let frame = Box::new(frame);
         match &self.inject {
             None => self.inject = Some(frame),
             Some(cur) if cur.pos == 0 && !cur.is_close && frame.is_close => self.inject = Some(frame),

@@ -1,0 +1,22 @@
+//! Routing building blocks (DESIGN §5): who the members of a pool are, which of them are
+//! healthy, and which one a session goes to.
+//!
+//! - [`resolver`]: asks the fleet's HTTP registry for an agent's members and caches the answer in
+//!   moka: a TTL for members, a shorter one for "not found", one registry request for any number
+//!   of concurrent misses, and the last good members kept for a bounded time after expiry so a
+//!   registry outage does not take known agents down (stale-if-error).
+//! - [`health`]: passive health. A failed connect ejects the member for a backoff that doubles
+//!   on each further failure up to a cap; a success forgives it.
+//! - [`sticky`]: member choice. Weighted rendezvous hashing for sticky keys, round robin and least
+//!   connections otherwise.
+//!
+//! They compose in this order: resolve the pool, keep its [`health::PassiveHealth::healthy`]
+//! members, then [`sticky::rank`] them by the session's key and connect to the first, falling
+//! back to the next on failure. The sticky choice is a pure function of the key and the healthy
+//! member set, hashed with xxh3 (stable across builds and platforms), so every Portcullis
+//! instance sends a key to the same member without sharing any state (DESIGN §7), and removing
+//! a member moves only the keys that were on it.
+
+pub mod health;
+pub mod resolver;
+pub mod sticky;

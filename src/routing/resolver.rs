@@ -1,0 +1,631 @@
+//! Registry resolver: an agent's members from the fleet's HTTP registry, cached in moka.
+//!
+//! The registry answers `GET {url}` (the route's template with the validated captures already
+//! substituted by the caller) with:
+//!
+//! - `200` and `{"members":[{"addr":"10.1.2.3:7681","weight":1}]}` (`weight` optional, default 1;
+//!   unknown fields ignored): the agent's members, cached for `ttl`;
+//! - `404`: no such agent, cached for `negative_ttl`;
+//! - anything else, a timeout or a connection error: a failure, never cached.
+//!
+//! Concurrent misses for one URL share a single registry request (moka `try_get_with`). The last
+//! good members of each URL are also kept for `ttl + stale_ttl`; when the registry fails, those
+//! are served (stale-if-error), so a registry outage of up to `stale_ttl` does not affect agents
+//! that were looked up recently. A served stale answer is itself cached for
+//! [`STALE_RETRY_INTERVAL`] (at most), so during an outage each agent costs one failing registry
+//! request per interval rather than one per session, and sessions do not each wait for the
+//! timeout. Without a stale copy the lookup fails with [`ResolveError::Unavailable`] (503 for the
+//! client).
+//!
+//! Metrics: `portcullis_route_cache_total{result=hit|miss|stale|negative}` once per lookup,
+//! `portcullis_registry_requests_total{result=ok|not_found|error}` and
+//! `portcullis_registry_seconds` once per registry request. No label carries the URL or agent.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, HOST};
+use http::{HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use super::sticky::Member;
+use crate::auth::Secret;
+
+/// Largest registry answer accepted.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Longest a stale answer, served because the registry failed, is reused before the registry is
+/// asked again (also capped by `ttl` and by what is left of the stale window).
+pub const STALE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest lifetime given to any cache entry (moka refuses durations beyond about 1,000 years).
+const MAX_CACHE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How to reach the registry and how long its answers are trusted.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    /// URL template, e.g. `http://registry.internal/agents/{agent}`; rendered by the caller.
+    pub url: String,
+    /// Bearer token sent as `Authorization`, when the registry requires one.
+    pub token: Option<Secret>,
+    /// Longest a registry request may take, connect to last body byte.
+    pub timeout: Duration,
+    /// How long members from the registry are used without asking again.
+    pub ttl: Duration,
+    /// How long a 404 (unknown agent) is remembered.
+    pub negative_ttl: Duration,
+    /// How long after `ttl` the last good members may still be served while the registry fails.
+    pub stale_ttl: Duration,
+    /// Most URLs kept in each cache (fresh and stale).
+    pub max_capacity: u64,
+}
+
+/// What the registry knows about an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    /// The agent's members (possibly empty, which the caller treats as "none available").
+    Members(Vec<Member>),
+    /// The registry does not know the agent (404).
+    NotFound,
+}
+
+/// Why a lookup produced no members.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// The registry failed (down, timeout, unexpected status) and nothing usable was cached.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    /// The registry answered 200 with a body that is not a member list, and nothing usable was
+    /// cached.
+    #[error("invalid registry answer: {0}")]
+    Invalid(String),
+}
+
+/// Cache sizes and request count, for the admin `/routes` view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolverStats {
+    /// URLs with a fresh answer (members or not-found); approximate, moka counts lazily.
+    pub entries: u64,
+    /// URLs with last good members kept for stale-if-error; approximate.
+    pub stale_entries: u64,
+    /// Registry requests sent since start.
+    pub requests: u64,
+}
+
+/// Registry lookups with caching, request coalescing and stale-if-error.
+pub struct RegistryResolver {
+    settings: RegistrySettings,
+    /// Answers within their TTL: `ttl` for members, `negative_ttl` for not-found, up to
+    /// [`STALE_RETRY_INTERVAL`] for stale members served while the registry fails.
+    fresh: moka::future::Cache<String, Entry>,
+    /// Last good members per URL and when they were fetched, kept `ttl + stale_ttl`, served only
+    /// when the registry fails.
+    stale: moka::future::Cache<String, (Arc<Resolved>, Instant)>,
+    /// Client TLS for `https://` registries (webpki roots); `None` if it could not be set up.
+    tls: Option<tokio_rustls::TlsConnector>,
+    /// Registry requests sent, for stats.
+    requests: AtomicU64,
+}
+
+impl RegistryResolver {
+    /// A resolver with empty caches; nothing is fetched until the first lookup.
+    pub fn new(settings: RegistrySettings) -> Arc<Self> {
+        let fresh = moka::future::Cache::builder()
+            .max_capacity(settings.max_capacity)
+            .expire_after(PerEntryTtl { ttl: settings.ttl, negative_ttl: settings.negative_ttl })
+            .build();
+        let stale = moka::future::Cache::builder()
+            .max_capacity(settings.max_capacity)
+            .time_to_live(settings.ttl.saturating_add(settings.stale_ttl).min(MAX_CACHE_TTL))
+            .build();
+        Arc::new(RegistryResolver { settings, fresh, stale, tls: tls_connector(), requests: AtomicU64::new(0) })
+    }
+
+    /// The settings this resolver was built with.
+    pub fn settings(&self) -> &RegistrySettings {
+        &self.settings
+    }
+
+    /// What the registry says about `url` (already rendered), from the cache when fresh.
+    pub async fn resolve(&self, url: &str) -> Result<Arc<Resolved>, ResolveError> {
+        if let Some(cached) = self.fresh.get(url).await {
+            let result = match (cached.stale, &*cached.answer) {
+                (true, _) => "stale",
+                (false, Resolved::Members(_)) => "hit",
+                (false, Resolved::NotFound) => "negative",
+            };
+            metrics::counter!("portcullis_route_cache_total", "result" => result).increment(1);
+            return Ok(cached.answer);
+        }
+        // Only one of the concurrent callers for `url` runs this future; the others wait for
+        // its result. Errors are handed to all of them and not cached.
+        match self.fresh.try_get_with(url.to_owned(), self.fetch_or_stale(url)).await {
+            Ok(entry) => {
+                let result = if entry.stale { "stale" } else { "miss" };
+                metrics::counter!("portcullis_route_cache_total", "result" => result).increment(1);
+                Ok(entry.answer)
+            }
+            Err(error) => {
+                metrics::counter!("portcullis_route_cache_total", "result" => "miss").increment(1);
+                Err((*error).clone())
+            }
+        }
+    }
+
+    /// Forgets the fresh answer for one URL, or for all when `url` is `None`, so the next lookup
+    /// asks the registry. The last good members stay as a fallback in case the registry fails.
+    pub async fn purge(&self, url: Option<&str>) {
+        match url {
+            Some(url) => self.fresh.invalidate(url).await,
+            None => self.fresh.invalidate_all(),
+        }
+    }
+
+    /// Cache sizes and request count.
+    pub fn stats(&self) -> ResolverStats {
+        ResolverStats {
+            entries: self.fresh.entry_count(),
+            stale_entries: self.stale.entry_count(),
+            requests: self.requests.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Asks the registry and updates the stale-if-error copy from the answer; when the registry
+    /// fails, falls back to that copy if it is still within the stale window.
+    async fn fetch_or_stale(&self, url: &str) -> Result<Entry, ResolveError> {
+        let error = match self.fetch(url).await {
+            Ok(answer) => {
+                let answer = Arc::new(answer);
+                match *answer {
+                    Resolved::Members(_) => {
+                        self.stale.insert(url.to_owned(), (Arc::clone(&answer), Instant::now())).await
+                    }
+                    // The registry says the agent is gone: its old members must not be served.
+                    Resolved::NotFound => self.stale.invalidate(url).await,
+                }
+                return Ok(Entry { answer, stale: false, hold: Duration::ZERO });
+            }
+            Err(error) => error,
+        };
+        if let Some((answer, fetched_at)) = self.stale.get(url).await {
+            let window = self.settings.ttl.saturating_add(self.settings.stale_ttl);
+            let left =
+                fetched_at.checked_add(window).map_or(window, |end| end.saturating_duration_since(Instant::now()));
+            if !left.is_zero() {
+                tracing::warn!(url, %error, "registry failed; serving the last good members");
+                let hold = STALE_RETRY_INTERVAL.min(self.settings.ttl).min(left);
+                return Ok(Entry { answer, stale: true, hold });
+            }
+        }
+        tracing::warn!(url, %error, "registry failed and nothing usable is cached");
+        Err(error)
+    }
+
+    /// One registry request, bounded by the timeout, counted and timed.
+    async fn fetch(&self, url: &str) -> Result<Resolved, ResolveError> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let timeout = self.settings.timeout;
+        let result = match tokio::time::timeout(timeout, self.request(url)).await {
+            Ok(result) => result,
+            Err(_) => Err(ResolveError::Unavailable(format!("no answer within {timeout:?}"))),
+        };
+        metrics::histogram!("portcullis_registry_seconds").record(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(Resolved::Members(_)) => "ok",
+            Ok(Resolved::NotFound) => "not_found",
+            Err(_) => "error",
+        };
+        metrics::counter!("portcullis_registry_requests_total", "result" => label).increment(1);
+        result
+    }
+
+    async fn request(&self, url: &str) -> Result<Resolved, ResolveError> {
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| ResolveError::Unavailable(format!("{what}: {e}"));
+        let uri: Uri = url.parse().map_err(|e| unavailable("invalid registry url", &e))?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(ResolveError::Unavailable("registry url must be http:// or https://".into())),
+        };
+        let host = uri.host().ok_or_else(|| ResolveError::Unavailable("registry url has no host".into()))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = TcpStream::connect((host, port)).await.map_err(|e| unavailable("connect", &e))?;
+        let _ = tcp.set_nodelay(true);
+        let req = self.build_request(&uri)?;
+        let (status, body) = if https {
+            let tls = self.tls.as_ref().ok_or_else(|| ResolveError::Unavailable("tls client unavailable".into()))?;
+            let name = ServerName::try_from(host.to_owned()).map_err(|e| unavailable("registry host name", &e))?;
+            let stream = tls.connect(name, tcp).await.map_err(|e| unavailable("tls", &e))?;
+            send(TokioIo::new(stream), req).await?
+        } else {
+            send(TokioIo::new(tcp), req).await?
+        };
+        match status {
+            StatusCode::NOT_FOUND => Ok(Resolved::NotFound),
+            s if s.is_success() => parse_members(&body).map(Resolved::Members),
+            s => Err(ResolveError::Unavailable(format!("registry answered {}", s.as_u16()))),
+        }
+    }
+
+    fn build_request(&self, uri: &Uri) -> Result<Request<Empty<Bytes>>, ResolveError> {
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        let mut req = Request::get(path)
+            .header(HOST, authority)
+            .header(ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| ResolveError::Unavailable(format!("request: {e}")))?;
+        if let Some(token) = &self.settings.token {
+            let mut value = HeaderValue::from_bytes(&[b"Bearer ", token.expose()].concat())
+                // The error names no bytes, so the token cannot leak through it.
+                .map_err(|_| ResolveError::Unavailable("registry token is not a valid header value".into()))?;
+            value.set_sensitive(true);
+            req.headers_mut().insert(AUTHORIZATION, value);
+        }
+        Ok(req)
+    }
+}
+
+/// Sends `req` on a fresh HTTP/1.1 connection and reads the body (at most [`MAX_BODY_BYTES`]).
+async fn send<I>(io: I, req: Request<Empty<Bytes>>) -> Result<(StatusCode, Bytes), ResolveError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| ResolveError::Unavailable(format!("{what}: {e}"));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| unavailable("http", &e))?;
+    // Drives the connection; it ends when `sender` is dropped at the end of this function.
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender.send_request(req).await.map_err(|e| unavailable("http", &e))?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_BODY_BYTES).collect().await.map_err(|e| unavailable("body", &e))?;
+    Ok((status, body.to_bytes()))
+}
+
+/// The registry's answer body.
+#[derive(serde::Deserialize)]
+struct Answer {
+    members: Vec<Member>,
+}
+
+/// Parses and checks a 200 answer.
+fn parse_members(body: &[u8]) -> Result<Vec<Member>, ResolveError> {
+    let answer: Answer = serde_json::from_slice(body).map_err(|e| ResolveError::Invalid(e.to_string()))?;
+    if let Some(bad) = answer.members.iter().find(|m| m.addr.is_empty() || m.addr.len() > 261) {
+        return Err(ResolveError::Invalid(format!("member address of {} bytes", bad.addr.len())));
+    }
+    Ok(answer.members)
+}
+
+/// An answer in the fresh cache.
+#[derive(Clone)]
+struct Entry {
+    /// What the lookup returns.
+    answer: Arc<Resolved>,
+    /// The registry failed and this is the last good answer (counted as `stale`, kept `hold`).
+    stale: bool,
+    /// How long a stale answer is reused before the registry is asked again.
+    hold: Duration,
+}
+
+/// Per-entry lifetime in the fresh cache: `ttl` for members, `negative_ttl` for not-found,
+/// `hold` for stale answers.
+struct PerEntryTtl {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl moka::Expiry<String, Entry> for PerEntryTtl {
+    fn expire_after_create(&self, _url: &String, entry: &Entry, _now: Instant) -> Option<Duration> {
+        let ttl = match (entry.stale, &*entry.answer) {
+            (true, _) => entry.hold,
+            (false, Resolved::Members(_)) => self.ttl,
+            (false, Resolved::NotFound) => self.negative_ttl,
+        };
+        Some(ttl.min(MAX_CACHE_TTL))
+    }
+}
+
+/// A TLS client trusting the webpki roots, for `https://` registries.
+fn tls_connector() -> Option<tokio_rustls::TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let config = rustls::ClientConfig::builder_with_provider(crate::proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    use http_body_util::Full;
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+    const MEMBERS: &str = r#"{"members":[{"addr":"10.1.2.3:7681","weight":2},{"addr":"10.1.2.4:7681"}]}"#;
+
+    /// How the test registry answers.
+    #[derive(Clone, Copy)]
+    enum Reply {
+        Members,
+        NotFound,
+        Fail,
+        Invalid,
+    }
+
+    /// A tiny HTTP registry on 127.0.0.1:0 that counts its requests.
+    struct TestRegistry {
+        addr: SocketAddr,
+        requests: AtomicUsize,
+        reply: Mutex<Reply>,
+        delay: Mutex<Duration>,
+        last_authorization: Mutex<Option<String>>,
+    }
+
+    impl TestRegistry {
+        async fn start() -> Arc<TestRegistry> {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+            let registry = Arc::new(TestRegistry {
+                addr: listener.local_addr().expect("bound socket has an address"),
+                requests: AtomicUsize::new(0),
+                reply: Mutex::new(Reply::Members),
+                delay: Mutex::new(Duration::ZERO),
+                last_authorization: Mutex::new(None),
+            });
+            let server = Arc::clone(&registry);
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let registry = Arc::clone(&server);
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req| {
+                            let registry = Arc::clone(&registry);
+                            async move { Ok::<_, Infallible>(registry.answer(req).await) }
+                        });
+                        let _ = http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+                    });
+                }
+            });
+            registry
+        }
+
+        async fn answer(&self, req: Request<hyper::body::Incoming>) -> hyper::Response<Full<Bytes>> {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            *self.last_authorization.lock().expect("test lock") =
+                req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let delay = *self.delay.lock().expect("test lock");
+            tokio::time::sleep(delay).await;
+            let reply = *self.reply.lock().expect("test lock");
+            let (status, body) = match reply {
+                Reply::Members => (200, MEMBERS),
+                Reply::NotFound => (404, "no such agent"),
+                Reply::Fail => (500, "boom"),
+                Reply::Invalid => (200, r#"{"members":"nope"}"#),
+            };
+            hyper::Response::builder()
+                .status(status)
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .expect("static response is valid")
+        }
+
+        fn set(&self, reply: Reply) {
+            *self.reply.lock().expect("test lock") = reply;
+        }
+
+        fn requests(&self) -> usize {
+            self.requests.load(Ordering::SeqCst)
+        }
+
+        fn url(&self, agent: &str) -> String {
+            format!("http://{}/agents/{agent}", self.addr)
+        }
+    }
+
+    fn settings(ttl: Duration, negative_ttl: Duration, stale_ttl: Duration) -> RegistrySettings {
+        RegistrySettings {
+            url: "http://registry/agents/{agent}".into(),
+            token: None,
+            timeout: 1000 * MS,
+            ttl,
+            negative_ttl,
+            stale_ttl,
+            max_capacity: 1000,
+        }
+    }
+
+    fn expected_members() -> Resolved {
+        Resolved::Members(vec![
+            Member { addr: "10.1.2.3:7681".into(), weight: 2 },
+            Member { addr: "10.1.2.4:7681".into(), weight: 1 },
+        ])
+    }
+
+    /// Sleeps until `since + d` (a deadline, not a guess about how long work takes).
+    async fn sleep_until(since: tokio::time::Instant, d: Duration) {
+        tokio::time::sleep_until(since + d).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_misses_for_one_agent_send_one_registry_request() {
+        let registry = TestRegistry::start().await;
+        *registry.delay.lock().expect("test lock") = 200 * MS;
+        let resolver = RegistryResolver::new(settings(10_000 * MS, 1000 * MS, 1000 * MS));
+        let url = registry.url("a1");
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..100 {
+            let (resolver, url) = (Arc::clone(&resolver), url.clone());
+            tasks.spawn(async move { resolver.resolve(&url).await });
+        }
+        while let Some(done) = tasks.join_next().await {
+            assert_eq!(*done.expect("task did not panic").expect("resolved"), expected_members());
+        }
+        assert_eq!(registry.requests(), 1);
+        assert_eq!(resolver.stats().requests, 1);
+    }
+
+    #[tokio::test]
+    async fn cached_members_send_no_request_until_ttl() {
+        let registry = TestRegistry::start().await;
+        let resolver = RegistryResolver::new(settings(300 * MS, 100 * MS, 1000 * MS));
+        let url = registry.url("a1");
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(*resolver.resolve(&url).await.expect("resolved"), expected_members());
+        for _ in 0..10 {
+            assert_eq!(*resolver.resolve(&url).await.expect("resolved"), expected_members());
+        }
+        assert_eq!(registry.requests(), 1, "cached lookups sent requests");
+        // A different agent is a different entry.
+        resolver.resolve(&registry.url("a2")).await.expect("resolved");
+        assert_eq!(registry.requests(), 2);
+        sleep_until(t0, 350 * MS).await;
+        resolver.resolve(&url).await.expect("resolved");
+        assert_eq!(registry.requests(), 3, "expired entry not re-fetched");
+    }
+
+    #[tokio::test]
+    async fn not_found_is_cached_for_negative_ttl() {
+        let registry = TestRegistry::start().await;
+        registry.set(Reply::NotFound);
+        let resolver = RegistryResolver::new(settings(10_000 * MS, 150 * MS, 1000 * MS));
+        let url = registry.url("ghost");
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(*resolver.resolve(&url).await.expect("resolved"), Resolved::NotFound);
+        assert_eq!(*resolver.resolve(&url).await.expect("resolved"), Resolved::NotFound);
+        assert_eq!(registry.requests(), 1, "negative answer not cached");
+        sleep_until(t0, 200 * MS).await;
+        registry.set(Reply::Members);
+        assert_eq!(*resolver.resolve(&url).await.expect("resolved"), expected_members());
+        assert_eq!(registry.requests(), 2, "negative answer cached beyond negative_ttl");
+    }
+
+    #[tokio::test]
+    async fn registry_failure_serves_last_good_members_within_stale_ttl() {
+        let registry = TestRegistry::start().await;
+        let resolver = RegistryResolver::new(settings(150 * MS, 100 * MS, 300 * MS));
+        let url = registry.url("a1");
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(*resolver.resolve(&url).await.expect("resolved"), expected_members());
+        registry.set(Reply::Fail);
+        sleep_until(t0, 200 * MS).await;
+        // Past ttl (150 ms), within ttl + stale_ttl (450 ms): the registry is asked and fails.
+        assert_eq!(*resolver.resolve(&url).await.expect("stale members"), expected_members());
+        assert_eq!(registry.requests(), 2);
+        // The stale answer is reused for a while (min(1 s, ttl, window left)) without asking.
+        assert_eq!(*resolver.resolve(&url).await.expect("stale members"), expected_members());
+        assert_eq!(registry.requests(), 2, "every lookup asked the failing registry");
+        sleep_until(t0, 500 * MS).await;
+        assert!(matches!(resolver.resolve(&url).await, Err(ResolveError::Unavailable(_))));
+        // Errors are not cached: the next lookup asks again.
+        let before = registry.requests();
+        let _ = resolver.resolve(&url).await;
+        assert_eq!(registry.requests(), before + 1);
+    }
+
+    #[tokio::test]
+    async fn not_found_drops_the_stale_copy() {
+        let registry = TestRegistry::start().await;
+        let resolver = RegistryResolver::new(settings(100 * MS, 100 * MS, 10_000 * MS));
+        let url = registry.url("a1");
+        let t0 = tokio::time::Instant::now();
+        resolver.resolve(&url).await.expect("resolved");
+        registry.set(Reply::NotFound);
+        sleep_until(t0, 150 * MS).await;
+        assert_eq!(*resolver.resolve(&url).await.expect("resolved"), Resolved::NotFound);
+        registry.set(Reply::Fail);
+        sleep_until(t0, 300 * MS).await;
+        assert!(matches!(resolver.resolve(&url).await, Err(ResolveError::Unavailable(_))));
+    }
+
+    #[tokio::test]
+    async fn registry_down_with_nothing_cached_is_unavailable() {
+        let registry = TestRegistry::start().await;
+        registry.set(Reply::Fail);
+        let resolver = RegistryResolver::new(settings(1000 * MS, 1000 * MS, 1000 * MS));
+        let err = resolver.resolve(&registry.url("a1")).await.expect_err("500 is a failure");
+        assert_eq!(err, ResolveError::Unavailable("registry answered 500".into()));
+
+        // Nothing listens on a port just released.
+        let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = closed.local_addr().expect("bound socket has an address");
+        drop(closed);
+        let err = resolver.resolve(&format!("http://{addr}/agents/a1")).await.expect_err("refused");
+        assert!(matches!(err, ResolveError::Unavailable(m) if m.starts_with("connect")));
+    }
+
+    #[tokio::test]
+    async fn slow_registry_times_out() {
+        let registry = TestRegistry::start().await;
+        *registry.delay.lock().expect("test lock") = 2000 * MS;
+        let mut s = settings(1000 * MS, 1000 * MS, 1000 * MS);
+        s.timeout = 100 * MS;
+        let resolver = RegistryResolver::new(s);
+        let started = Instant::now();
+        let err = resolver.resolve(&registry.url("a1")).await.expect_err("timed out");
+        assert!(matches!(err, ResolveError::Unavailable(m) if m.contains("no answer within")));
+        assert!(started.elapsed() < 1000 * MS);
+    }
+
+    #[tokio::test]
+    async fn invalid_json_is_invalid() {
+        let registry = TestRegistry::start().await;
+        registry.set(Reply::Invalid);
+        let resolver = RegistryResolver::new(settings(1000 * MS, 1000 * MS, 1000 * MS));
+        let err = resolver.resolve(&registry.url("a1")).await.expect_err("invalid body");
+        assert!(matches!(err, ResolveError::Invalid(_)), "{err:?}");
+        assert_eq!(resolver.stats().entries, 0);
+    }
+
+    #[tokio::test]
+    async fn bearer_token_is_sent_and_not_shown_in_debug() {
+        let registry = TestRegistry::start().await;
+        let mut s = settings(1000 * MS, 1000 * MS, 1000 * MS);
+        s.token = Some(Secret::new(b"s3cret".to_vec()));
+        assert!(!format!("{s:?}").contains("s3cret"));
+        let resolver = RegistryResolver::new(s);
+        resolver.resolve(&registry.url("a1")).await.expect("resolved");
+        assert_eq!(registry.last_authorization.lock().expect("test lock").as_deref(), Some("Bearer s3cret"));
+    }
+
+    #[tokio::test]
+    async fn purge_makes_the_next_lookup_ask_again() {
+        let registry = TestRegistry::start().await;
+        let resolver = RegistryResolver::new(settings(10_000 * MS, 1000 * MS, 1000 * MS));
+        let (a1, a2) = (registry.url("a1"), registry.url("a2"));
+        resolver.resolve(&a1).await.expect("resolved");
+        resolver.resolve(&a2).await.expect("resolved");
+        resolver.purge(Some(&a1)).await;
+        resolver.resolve(&a1).await.expect("resolved");
+        resolver.resolve(&a2).await.expect("resolved");
+        assert_eq!(registry.requests(), 3);
+        resolver.purge(None).await;
+        resolver.resolve(&a1).await.expect("resolved");
+        resolver.resolve(&a2).await.expect("resolved");
+        assert_eq!(registry.requests(), 5);
+    }
+
+    #[test]
+    fn answer_schema() {
+        assert_eq!(parse_members(br#"{"members":[],"version":7}"#), Ok(vec![]));
+        assert!(matches!(parse_members(br#"{"members":[{"addr":""}]}"#), Err(ResolveError::Invalid(_))));
+        assert!(matches!(parse_members(br#"{"members":[{"weight":1}]}"#), Err(ResolveError::Invalid(_))));
+        assert!(matches!(parse_members(b"<html>"), Err(ResolveError::Invalid(_))));
+    }
+}
