@@ -198,8 +198,15 @@ pub struct RouteConfig {
     pub host: Option<String>,
     /// Path pattern with `{capture}` segments.
     pub path: PathPattern,
-    /// Backend members, tried in order; may use captures (`{agent}.agents.internal:7681`).
-    pub backends: Vec<BackendTemplate>,
+    /// Static backend members; may use captures (`{agent}.agents.internal:7681`). Empty when
+    /// the route uses a registry.
+    pub backends: Vec<StaticMember>,
+    /// Registry resolver for members, instead of static ones.
+    pub registry: Option<RegistryConfig>,
+    /// How a member is chosen, and how many are tried.
+    pub balance: Balance,
+    /// Passive health: ejection of members that fail to connect.
+    pub health: HealthSettings,
     /// Path requested from the backend (may use captures); the client's path when absent.
     pub backend_path: Option<String>,
     /// Deadlines and limits of sessions on this route.
@@ -210,6 +217,110 @@ pub struct RouteConfig {
     pub auth: Option<RouteAuth>,
     /// Origin allowlist; any origin when absent.
     pub origin: Option<OriginPolicy>,
+}
+
+/// A static member with its weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticMember {
+    /// `host:port`, possibly templated with captures.
+    pub template: BackendTemplate,
+    /// Relative weight (default 1; 0 never chosen).
+    pub weight: u32,
+}
+
+/// Where a route's members come from when they are looked up (`[routes.registry]`).
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// URL template, e.g. `http://registry.internal/agents/{agent}`.
+    pub url: String,
+    /// Bearer token sent to the registry.
+    pub token: Option<Secret>,
+    /// Time allowed for one registry request.
+    pub timeout: Duration,
+    /// How long an answer with members is cached.
+    pub ttl: Duration,
+    /// How long a 404 is cached.
+    pub negative_ttl: Duration,
+    /// How long after `ttl` a cached answer may still be used while the registry fails.
+    pub stale_ttl: Duration,
+    /// Cached agents at most.
+    pub max_capacity: u64,
+}
+
+/// Member choice (`[routes.balance]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    /// The policy.
+    pub policy: Policy,
+    /// Where the sticky key comes from (required for `sticky`).
+    pub sticky_key: Option<StickyKey>,
+    /// Members tried per session before giving up; 0 means every member once.
+    pub max_attempts: usize,
+}
+
+/// How a member is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// In configured (or registry) order: the first healthy member, the next on failure.
+    Ordered,
+    /// Rotate across members.
+    RoundRobin,
+    /// The member with the fewest live sessions for its weight.
+    LeastConnections,
+    /// Rendezvous hashing on a key: the same key reaches the same member from any instance.
+    Sticky,
+}
+
+/// Where a sticky key is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StickyKey {
+    /// A claim of the verified token.
+    Claim(String),
+    /// A request header.
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+    /// A query parameter.
+    Query(String),
+    /// A path capture.
+    Capture(String),
+}
+
+impl FromStr for StickyKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, name) = s.split_once(':').ok_or_else(|| format!("invalid sticky key {s:?}"))?;
+        if name.is_empty() {
+            return Err(format!("invalid sticky key {s:?}: empty name"));
+        }
+        let name = name.to_owned();
+        Ok(match kind {
+            "claim" => StickyKey::Claim(name),
+            "header" => StickyKey::Header(name.to_ascii_lowercase()),
+            "cookie" => StickyKey::Cookie(name),
+            "query" => StickyKey::Query(name),
+            "capture" => StickyKey::Capture(name),
+            _ => return Err(format!("invalid sticky key {s:?}: use claim:, header:, cookie:, query: or capture:")),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for StickyKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// Passive health (`[routes.health]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// First ejection after a failed connect; doubles on each further failure.
+    pub eject_base: Duration,
+    /// Longest ejection.
+    pub eject_max: Duration,
+    /// When every member is ejected, try them anyway instead of answering 503.
+    pub fail_open: bool,
 }
 
 /// Deadlines and limits for a session (`[session]`, overridable per route).
@@ -479,12 +590,54 @@ struct RawBackend {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawMember {
+    Addr(BackendTemplate),
+    Weighted { addr: BackendTemplate, weight: u32 },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    url: String,
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
+    timeout: Option<Dur>,
+    ttl: Option<Dur>,
+    negative_ttl: Option<Dur>,
+    stale_ttl: Option<Dur>,
+    max_capacity: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBalance {
+    policy: Option<Policy>,
+    sticky_key: Option<StickyKey>,
+    max_attempts: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    eject_base: Option<Dur>,
+    eject_max: Option<Dur>,
+    fail_open: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     name: String,
     host: Option<String>,
     path: PathPattern,
-    backends: Vec<BackendTemplate>,
+    #[serde(default)]
+    backends: Vec<RawMember>,
+    registry: Option<RawRegistry>,
+    #[serde(default)]
+    balance: RawBalance,
+    #[serde(default)]
+    health: RawHealth,
     backend_path: Option<String>,
     #[serde(default)]
     session: RawSession,
@@ -549,10 +702,73 @@ impl RawConfig {
             if routes.iter().any(|x: &RouteConfig| x.name == r.name) {
                 return Err(invalid(&format!("{key}.name"), "duplicate route name"));
             }
-            if r.backends.is_empty() {
-                return Err(invalid(&format!("{key}.backends"), "at least one backend is required"));
+            if r.backends.is_empty() == r.registry.is_none() {
+                return Err(invalid(
+                    &format!("{key}.backends"),
+                    "give either backends or a [routes.registry], not both",
+                ));
             }
-            for b in &r.backends {
+            let backends: Vec<StaticMember> = r
+                .backends
+                .into_iter()
+                .map(|m| match m {
+                    RawMember::Addr(template) => StaticMember { template, weight: 1 },
+                    RawMember::Weighted { addr, weight } => StaticMember { template: addr, weight },
+                })
+                .collect();
+            let registry = match r.registry {
+                None => None,
+                Some(g) => {
+                    let rkey = format!("{key}.registry");
+                    let url: http::Uri = g
+                        .url
+                        .replace(['{', '}'], "")
+                        .parse()
+                        .map_err(|_| invalid(&format!("{rkey}.url"), "not a valid URL"))?;
+                    if url.scheme_str() != Some("http") && url.scheme_str() != Some("https") {
+                        return Err(invalid(&format!("{rkey}.url"), "must be an http:// or https:// URL"));
+                    }
+                    if let Some(c) =
+                        crate::proxy::route::template_captures(&g.url).into_iter().find(|c| !r.path.has_capture(c))
+                    {
+                        return Err(invalid(
+                            &format!("{rkey}.url"),
+                            &format!("uses {{{c}}}, which the path does not capture"),
+                        ));
+                    }
+                    Some(RegistryConfig {
+                        token: load_secret(g.token_file.as_deref(), g.token_env.as_deref(), &rkey)?,
+                        url: g.url,
+                        timeout: dur(g.timeout, Duration::from_secs(2)),
+                        ttl: dur(g.ttl, Duration::from_secs(30)),
+                        negative_ttl: dur(g.negative_ttl, Duration::from_secs(5)),
+                        stale_ttl: dur(g.stale_ttl, Duration::from_secs(300)),
+                        max_capacity: g.max_capacity.unwrap_or(100_000),
+                    })
+                }
+            };
+            let balance = Balance {
+                policy: r.balance.policy.unwrap_or(Policy::Ordered),
+                sticky_key: r.balance.sticky_key,
+                max_attempts: r.balance.max_attempts.unwrap_or(0),
+            };
+            if balance.policy == Policy::Sticky && balance.sticky_key.is_none() {
+                return Err(invalid(&format!("{key}.balance.sticky_key"), "the sticky policy needs a sticky_key"));
+            }
+            if let Some(StickyKey::Capture(c)) = &balance.sticky_key {
+                if !r.path.has_capture(c) {
+                    return Err(invalid(
+                        &format!("{key}.balance.sticky_key"),
+                        "names a capture the path does not have",
+                    ));
+                }
+            }
+            let health = HealthSettings {
+                eject_base: dur(r.health.eject_base, Duration::from_secs(1)),
+                eject_max: dur(r.health.eject_max, Duration::from_secs(30)),
+                fail_open: r.health.fail_open.unwrap_or(false),
+            };
+            for b in backends.iter().map(|m| &m.template) {
                 if let Some(c) = b.captures().find(|c| !r.path.has_capture(c)) {
                     return Err(invalid(
                         &format!("{key}.backends"),
@@ -578,7 +794,10 @@ impl RawConfig {
                 name: r.name,
                 host: r.host.map(|h| h.to_ascii_lowercase()),
                 path: r.path,
-                backends: r.backends,
+                backends,
+                registry,
+                balance,
+                health,
                 backend_path: r.backend_path,
                 session: r.session.merge(session_defaults, &format!("{key}.session"))?,
                 backend: r.backend.merge(backend_defaults),

@@ -42,6 +42,10 @@ impl RequestError {
             RequestError::Auth(_) => StatusCode::UNAUTHORIZED,
             RequestError::Connect(ConnectError::BadHandshake { .. }) => StatusCode::BAD_GATEWAY,
             RequestError::Connect(ConnectError::InvalidMember) => StatusCode::BAD_REQUEST,
+            RequestError::Connect(ConnectError::UnknownAgent) => StatusCode::NOT_FOUND,
+            RequestError::Connect(ConnectError::Registry(_) | ConnectError::NoHealthyMember) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             RequestError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             RequestError::Connect(ConnectError::Unreachable { .. }) | RequestError::Draining => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -61,6 +65,9 @@ impl RequestError {
             RequestError::Auth(_) => "unauthorized",
             RequestError::Connect(ConnectError::BadHandshake { .. }) => "backend_bad_handshake",
             RequestError::Connect(ConnectError::InvalidMember) => "invalid_capture",
+            RequestError::Connect(ConnectError::UnknownAgent) => "unknown_agent",
+            RequestError::Connect(ConnectError::Registry(_)) => "registry_unavailable",
+            RequestError::Connect(ConnectError::NoHealthyMember) => "no_healthy_member",
             RequestError::Connect(ConnectError::Timeout(_)) => "backend_timeout",
             RequestError::Connect(ConnectError::Unreachable { .. }) => "backend_unreachable",
             RequestError::Draining => "draining",
@@ -72,7 +79,7 @@ impl RequestError {
     pub fn response(&self) -> Response<Full<Bytes>> {
         let status = self.status();
         let body = match self {
-            RequestError::Connect(ConnectError::InvalidMember) => self.to_string(),
+            RequestError::Connect(ConnectError::InvalidMember | ConnectError::UnknownAgent) => self.to_string(),
             RequestError::Connect(_) => status.canonical_reason().unwrap_or("backend error").to_owned(),
             other => other.to_string(),
         };

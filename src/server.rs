@@ -7,6 +7,7 @@
 //! accepting, `/ready` turns 503, every session is told to close with 1001 (spread over
 //! `drain_spread`), and `serve` returns when all sessions are gone or at `drain_timeout`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -26,8 +27,10 @@ use crate::auth::{AuthConfigError, Authenticator, Denylist};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::accept::accept_loop;
+use crate::proxy::connect::RouteState;
 use crate::proxy::route::RouteTable;
 use crate::proxy::tls::{self, TlsConfigError};
+use crate::routing::sticky::ConnCounts;
 use crate::session::{Sessions, StopReason};
 
 /// Why the server could not start.
@@ -59,6 +62,8 @@ pub struct Runtime {
     pub authenticator: Option<Arc<Authenticator>>,
     /// TLS acceptor with the current certificates; none when no listener is TLS.
     pub tls: Option<TlsAcceptor>,
+    /// Routing state per route name (resolver cache, health, round-robin cursor).
+    pub route_state: HashMap<String, RouteState>,
 }
 
 impl Runtime {
@@ -74,7 +79,8 @@ impl Runtime {
         } else {
             Some(Authenticator::new(&config.auth, denylist.clone())?)
         };
-        Ok(Runtime { routes: RouteTable::new(&config.routes), authenticator, tls, config })
+        let route_state = config.routes.iter().map(|r| (r.name.clone(), RouteState::new(r))).collect();
+        Ok(Runtime { routes: RouteTable::new(&config.routes), authenticator, tls, route_state, config })
     }
 }
 
@@ -96,6 +102,8 @@ pub struct Shared {
     pub denylist: Arc<Denylist>,
     /// Live sessions, for `/sessions` and revocation.
     pub sessions: Arc<Sessions>,
+    /// Live sessions per backend member (least connections); kept across reloads.
+    pub conns: Arc<ConnCounts>,
 }
 
 impl Shared {
@@ -226,6 +234,7 @@ impl Server {
                 draining: AtomicBool::new(false),
                 denylist,
                 sessions: Arc::new(Sessions::default()),
+                conns: ConnCounts::new(),
             }),
         })
     }

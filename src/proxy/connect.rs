@@ -4,6 +4,7 @@
 //! right `Sec-WebSocket-Accept`; the client's 101 is sent only after that.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderName};
@@ -14,8 +15,12 @@ use tokio::time::{timeout, Instant};
 
 use super::route::{render_path, Captures};
 use super::upgrade::{accept_value, header_has_token, WsRequest};
-use crate::config::RouteConfig;
+use crate::auth::Claims;
+use crate::config::{Policy, RouteConfig, StickyKey};
 use crate::metrics::Metrics;
+use crate::routing::health::PassiveHealth;
+use crate::routing::resolver::{RegistryResolver, RegistrySettings, ResolveError, Resolved};
+use crate::routing::sticky::{rank, ConnCounts, ConnGuard, Member, RoundRobin};
 
 /// Largest backend handshake response accepted.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
@@ -37,6 +42,15 @@ pub enum ConnectError {
     /// A capture cannot be used in a templated member host (400).
     #[error("path capture not usable in a backend host name")]
     InvalidMember,
+    /// The registry does not know the agent (404).
+    #[error("the registry does not know this agent")]
+    UnknownAgent,
+    /// The registry cannot be reached and nothing usable is cached (503).
+    #[error("registry: {0}")]
+    Registry(ResolveError),
+    /// Every member is ejected (or the registry listed none) and `fail_open` is off (503).
+    #[error("no healthy backend member")]
+    NoHealthyMember,
     /// No member could be reached (503).
     #[error("no backend member reachable ({attempts} tried): {last}")]
     Unreachable {
@@ -85,6 +99,8 @@ pub struct BackendConn {
     pub protocol: Option<HeaderValue>,
     /// Extensions the backend accepted (end to end with the client).
     pub extensions: Option<HeaderValue>,
+    /// Counts this session for least-connections while held.
+    pub guard: Option<ConnGuard>,
 }
 
 /// How the client reached the proxy, for `X-Forwarded-*` and `Forwarded`.
@@ -108,15 +124,66 @@ pub struct BackendRequest<'a> {
     pub forwarded: &'a ForwardedFor,
     /// The client's headers (end-to-end ones are passed on).
     pub client_headers: &'a HeaderMap,
+    /// Key for sticky member choice, when the route is sticky and the request has one.
+    pub sticky_key: Option<Vec<u8>>,
 }
 
-/// Tries each member of `route` in order; returns the first backend that completes the handshake.
+/// Per-route routing state that lives as long as the configuration: the registry resolver
+/// (with its cache), passive health, and the round-robin cursor.
+pub struct RouteState {
+    /// Registry resolver, for routes with `[routes.registry]`.
+    pub resolver: Option<Arc<RegistryResolver>>,
+    /// Members ejected after failed connects.
+    pub health: PassiveHealth,
+    /// Round-robin cursor.
+    pub round_robin: RoundRobin,
+}
+
+impl RouteState {
+    /// State for `route`.
+    pub fn new(route: &RouteConfig) -> RouteState {
+        let resolver = route.registry.as_ref().map(|g| {
+            RegistryResolver::new(RegistrySettings {
+                url: g.url.clone(),
+                token: g.token.clone(),
+                timeout: g.timeout,
+                ttl: g.ttl,
+                negative_ttl: g.negative_ttl,
+                stale_ttl: g.stale_ttl,
+                max_capacity: g.max_capacity,
+            })
+        });
+        RouteState {
+            resolver,
+            health: PassiveHealth::new(route.health.eject_base, route.health.eject_max),
+            round_robin: RoundRobin::new(),
+        }
+    }
+}
+
+/// Finds the route's members (static, or from the registry), orders the healthy ones by the
+/// balance policy, and tries them in turn (at most `max_attempts`); returns the first backend
+/// that completes the handshake. Failed members are ejected for a growing backoff.
 pub async fn connect(
     route: &RouteConfig,
+    state: &RouteState,
     caps: &Captures,
     req: &BackendRequest<'_>,
+    conns: &Arc<ConnCounts>,
     metrics: &Metrics,
 ) -> Result<BackendConn, ConnectError> {
+    let members = members(route, state, caps).await?;
+    let healthy = state.health.healthy(&members);
+    let candidates: Vec<&Member> = match (healthy.is_empty(), route.health.fail_open) {
+        (false, _) => healthy,
+        (true, true) => members.iter().collect(),
+        (true, false) => return Err(ConnectError::NoHealthyMember),
+    };
+    let order = order(route, state, candidates, req.sticky_key.as_deref(), conns);
+    let attempts = match route.balance.max_attempts {
+        0 => order.len(),
+        n => n.min(order.len()),
+    };
     let path = match &route.backend_path {
         Some(t) => {
             let path = render_path(t, caps);
@@ -131,13 +198,13 @@ pub async fn connect(
     let mut bad: Option<ConnectError> = None;
     let mut timed_out = false;
     let mut last_io: Option<io::Error> = None;
-    for template in &route.backends {
-        let Some(member) = template.render(caps) else {
-            return Err(ConnectError::InvalidMember);
-        };
-        match connect_member(&member, &path, route, req).await {
-            Ok(conn) => {
+    for member in order.into_iter().take(attempts) {
+        let member = member.addr.as_str();
+        match connect_member(member, &path, route, req).await {
+            Ok(mut conn) => {
+                state.health.record_success(member);
                 metrics.backend_connect_seconds.record(started.elapsed().as_secs_f64());
+                conn.guard = Some(conns.acquire(member));
                 return Ok(conn);
             }
             Err(Attempt::Connect(e)) => {
@@ -153,17 +220,72 @@ pub async fn connect(
                 if matches!(cause, HandshakeError::Timeout(_)) {
                     timed_out = true;
                 } else {
-                    bad.get_or_insert(ConnectError::BadHandshake { member, cause });
+                    bad.get_or_insert(ConnectError::BadHandshake { member: member.to_owned(), cause });
                 }
             }
         }
+        state.health.record_failure(member);
     }
     if let Some(e) = bad {
         return Err(e);
     }
     match last_io {
-        Some(last) if !timed_out => Err(ConnectError::Unreachable { attempts: route.backends.len(), last }),
+        Some(last) if !timed_out => Err(ConnectError::Unreachable { attempts, last }),
         _ => Err(ConnectError::Timeout(route.backend.connect_timeout)),
+    }
+}
+
+/// The route's members for these captures.
+async fn members(route: &RouteConfig, state: &RouteState, caps: &Captures) -> Result<Vec<Member>, ConnectError> {
+    if let (Some(resolver), Some(g)) = (&state.resolver, &route.registry) {
+        let url = render_path(&g.url, caps);
+        return match resolver.resolve(&url).await {
+            Ok(r) => match r.as_ref() {
+                Resolved::Members(m) if m.is_empty() => Err(ConnectError::NoHealthyMember),
+                Resolved::Members(m) => Ok(m.clone()),
+                Resolved::NotFound => Err(ConnectError::UnknownAgent),
+            },
+            Err(e) => Err(ConnectError::Registry(e)),
+        };
+    }
+    route
+        .backends
+        .iter()
+        .map(|m| {
+            m.template.render(caps).map(|addr| Member { addr, weight: m.weight }).ok_or(ConnectError::InvalidMember)
+        })
+        .collect()
+}
+
+/// Orders candidates by the balance policy: the first is tried first, the rest are fallbacks.
+fn order<'m>(
+    route: &RouteConfig,
+    state: &RouteState,
+    candidates: Vec<&'m Member>,
+    sticky_key: Option<&[u8]>,
+    conns: &ConnCounts,
+) -> Vec<&'m Member> {
+    match (route.balance.policy, sticky_key) {
+        (Policy::Sticky, Some(key)) => {
+            let owned: Vec<Member> = candidates.iter().map(|m| (*m).clone()).collect();
+            let ranked: Vec<String> = rank(key, &owned).into_iter().map(|m| m.addr.clone()).collect();
+            ranked.iter().filter_map(|a| candidates.iter().find(|c| &c.addr == a).copied()).collect()
+        }
+        (Policy::LeastConnections, _) => {
+            let mut v = candidates;
+            let load = |m: &Member| conns.active(&m.addr) as f64 / f64::from(m.weight.max(1));
+            v.sort_by(|a, b| load(a).total_cmp(&load(b)));
+            v
+        }
+        // Sticky without a key (absent from the request) falls back to round robin.
+        (Policy::RoundRobin | Policy::Sticky, _) => {
+            let n = candidates.len();
+            let first = if n == 0 { 0 } else { state.round_robin.next(n) % n };
+            let mut v = candidates;
+            v.rotate_left(first);
+            v
+        }
+        (Policy::Ordered, _) => candidates,
     }
 }
 
@@ -189,7 +311,7 @@ async fn connect_member(
     let head = request_head(member, path, req);
     match timeout(settings.handshake_timeout, handshake(&mut stream, &head, req.ws)).await {
         Ok(Ok((early, accept, protocol, extensions))) => {
-            Ok(BackendConn { stream, early, member: member.to_owned(), accept, protocol, extensions })
+            Ok(BackendConn { stream, early, member: member.to_owned(), accept, protocol, extensions, guard: None })
         }
         Ok(Err(e)) => Err(Attempt::Handshake(e)),
         Err(_) => Err(Attempt::Handshake(HandshakeError::Timeout(settings.handshake_timeout))),
@@ -338,4 +460,32 @@ async fn handshake(stream: &mut TcpStream, head: &[u8], ws: &WsRequest) -> Resul
             map.get(header::SEC_WEBSOCKET_EXTENSIONS).cloned(),
         ));
     }
+}
+
+/// The sticky key for a request, read from where the route says.
+pub fn sticky_key(
+    key: &StickyKey,
+    headers: &HeaderMap,
+    path_and_query: &str,
+    caps: &Captures,
+    claims: Option<&Claims>,
+) -> Option<Vec<u8>> {
+    let found: Option<Vec<u8>> = match key {
+        StickyKey::Claim(name) => claims.and_then(|c| c.get(name)).map(|v| match v {
+            serde_json::Value::String(s) => s.as_bytes().to_vec(),
+            other => other.to_string().into_bytes(),
+        }),
+        StickyKey::Header(name) => headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()),
+        StickyKey::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(';'))
+            .find_map(|kv| kv.trim().split_once('=').filter(|(k, _)| k == name).map(|(_, v)| v.as_bytes().to_vec())),
+        StickyKey::Query(name) => path_and_query.split_once('?').and_then(|(_, q)| {
+            form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name.as_str()).map(|(_, v)| v.as_bytes().to_vec())
+        }),
+        StickyKey::Capture(name) => caps.get(name).map(|v| v.as_bytes().to_vec()),
+    };
+    found.filter(|k| !k.is_empty())
 }

@@ -128,13 +128,23 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         proto: if ctx.tls { "https" } else { "http" },
         host: req.headers().get(HOST).cloned(),
     };
+    let sticky_key = route
+        .balance
+        .sticky_key
+        .as_ref()
+        .and_then(|k| connect::sticky_key(k, req.headers(), path_and_query, &caps, admitted.claims.as_deref()));
     let breq = BackendRequest {
         path_and_query: &admitted.path_and_query,
         ws: &admitted.ws,
         forwarded: &forwarded,
         client_headers: &admitted.headers,
+        sticky_key,
     };
-    let backend = match connect::connect(&route, &caps, &breq, &ctx.shared.metrics).await {
+    let Some(state) = runtime.route_state.get(&route.name) else {
+        tracing::error!(route = %route.name, "no routing state for a configured route");
+        return Ok(reject(&ctx, &route.name, RequestError::Draining));
+    };
+    let backend = match connect::connect(&route, state, &caps, &breq, &ctx.shared.conns, &ctx.shared.metrics).await {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend connect failed");

@@ -303,7 +303,21 @@ mod tests {
             name: name.into(),
             host: host.map(Into::into),
             path: path.parse().expect("pattern"),
-            backends: vec!["127.0.0.1:1".parse().expect("backend")],
+            backends: vec![crate::config::StaticMember {
+                template: "127.0.0.1:1".parse().expect("backend"),
+                weight: 1,
+            }],
+            registry: None,
+            balance: crate::config::Balance {
+                policy: crate::config::Policy::Ordered,
+                sticky_key: None,
+                max_attempts: 0,
+            },
+            health: crate::config::HealthSettings {
+                eject_base: std::time::Duration::from_secs(1),
+                eject_max: std::time::Duration::from_secs(30),
+                fail_open: false,
+            },
             backend_path: None,
             session: SessionSettings::default(),
             backend: BackendSettings::default(),

@@ -11,3 +11,4 @@ mod handshake;
 mod metrics;
 mod relay;
 mod reload;
+mod routing;

@@ -1,0 +1,218 @@
+//! Routing: registry resolver (coalescing, caching, 404, stale-if-error), sticky sessions that
+//! agree across proxy instances, and passive ejection of failing members.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::*;
+
+/// A registry that answers `GET /agents/{agent}` from a table, counting requests.
+struct Registry {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    /// agent → members JSON; a missing agent is 404; `down` answers 500 to everything.
+    table: Arc<Mutex<(std::collections::HashMap<String, String>, bool)>>,
+}
+
+async fn registry() -> Registry {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let table = Arc::new(Mutex::new((std::collections::HashMap::<String, String>::new(), false)));
+    let (h, t) = (hits.clone(), table.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (h, t) = (h.clone(), t.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let agent = req.uri().path().rsplit('/').next().unwrap_or("").to_string();
+                    let (status, body) = {
+                        let t = t.lock().expect("lock");
+                        match (t.1, t.0.get(&agent)) {
+                            (true, _) => (500, String::new()),
+                            (false, Some(b)) => (200, b.clone()),
+                            (false, None) => (404, String::new()),
+                        }
+                    };
+                    async move {
+                        // A little latency, so concurrent misses overlap.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+                        *r.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Registry { addr, hits, table }
+}
+
+fn registry_config(reg: SocketAddr, extra: &str) -> String {
+    let base = config_text(&["127.0.0.1:1".to_string()], "", "", "");
+    let base = base.replace("backends = [\"127.0.0.1:1\"]", "");
+    format!(
+        "{base}\n[routes.registry]\nurl = \"http://{reg}/agents/{{agent}}\"\nttl = \"500ms\"\nnegative_ttl = \"300ms\"\nstale_ttl = \"10s\"\n{extra}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_lookups_are_coalesced_cached_and_negatively_cached() {
+    let backend = Backend::echo().await;
+    let reg = registry().await;
+    reg.table
+        .lock()
+        .expect("lock")
+        .0
+        .insert("a9".into(), format!("{{\"members\":[{{\"addr\":\"{}\"}}]}}", backend.addr));
+    let proxy = Proxy::start_with(&registry_config(reg.addr, "")).await;
+
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let addr = proxy.plain;
+            tokio::spawn(async move {
+                upgrade(addr, false, "/agents/a9/terminal", &[]).await.map(|_| ()).map_err(|h| h.status)
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), Ok(()));
+    }
+    assert_eq!(reg.hits.load(Ordering::SeqCst), 1, "100 concurrent connects, one registry request");
+    upgrade(proxy.plain, false, "/agents/a9/terminal", &[]).await.expect("cached");
+    assert_eq!(reg.hits.load(Ordering::SeqCst), 1, "cached within the TTL");
+
+    // Unknown agent: 404, cached negatively.
+    let err = upgrade(proxy.plain, false, "/agents/ghost/terminal", &[]).await.err().expect("404");
+    assert_eq!(err.status, 404);
+    let _ = upgrade(proxy.plain, false, "/agents/ghost/terminal", &[]).await;
+    assert_eq!(reg.hits.load(Ordering::SeqCst), 2, "the 404 is cached");
+
+    // Invalid ids never reach the registry.
+    let err = upgrade(proxy.plain, false, "/agents/..%2f/terminal", &[]).await.err().expect("400");
+    assert_eq!(err.status, 400);
+    assert_eq!(reg.hits.load(Ordering::SeqCst), 2);
+
+    // Registry down after the TTL: the last good members are still used (stale-if-error)...
+    reg.table.lock().expect("lock").1 = true;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut c = upgrade(proxy.plain, false, "/agents/a9/terminal", &[]).await.expect("stale members used");
+    c.send(true, op::TEXT, b"still routed").await;
+    assert_eq!(c.recv().await.payload, b"still routed");
+    // ...but an agent never seen before gets 503.
+    let err = upgrade(proxy.plain, false, "/agents/newcomer/terminal", &[]).await.err().expect("503");
+    assert_eq!(err.status, 503);
+    let (_, body) = http_get(proxy.admin, "/metrics").await;
+    assert!(metric(&body, "portcullis_route_cache_total{result=\"stale\"}") >= 1.0, "{body}");
+}
+
+/// A backend that announces which member it is in its first frame, then echoes.
+async fn named_backend(name: &'static str) -> Backend {
+    let handler: Handler = Arc::new(move |mut s: BackendSession| {
+        Box::pin(async move {
+            let _ = s.stream.write_all(&encode(true, 0, op::TEXT, None, name.as_bytes())).await;
+            echo_handler()(s).await;
+        })
+    });
+    Backend::start(BackendOpts::default(), handler).await
+}
+
+async fn member_for(addr: SocketAddr, key: &str) -> String {
+    let mut c = upgrade(addr, false, "/agents/a1/terminal", &[("X-Session", key)]).await.expect("101");
+    String::from_utf8(c.recv().await.payload).expect("name")
+}
+
+fn sticky_config(members: &[&Backend]) -> String {
+    let list: Vec<String> = members.iter().map(|b| b.addr.to_string()).collect();
+    format!(
+        "{}\n[routes.balance]\npolicy = \"sticky\"\nsticky_key = \"header:x-session\"\n",
+        config_text(&list, "", "", "")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_keys_agree_across_instances_and_removing_a_member_moves_only_its_keys() {
+    let names = ["m0", "m1", "m2", "m3", "m4"];
+    let mut backends = Vec::new();
+    for n in names {
+        backends.push(named_backend(n).await);
+    }
+    let all: Vec<&Backend> = backends.iter().collect();
+    let a = ProxyProcess::start(&sticky_config(&all)).await;
+    let b = ProxyProcess::start(&sticky_config(&all)).await;
+    let without_m3: Vec<&Backend> = backends.iter().filter(|x| !std::ptr::eq(*x, &backends[3])).collect();
+    let c = ProxyProcess::start(&sticky_config(&without_m3)).await;
+
+    let keys: Vec<String> = (0..1000).map(|i| format!("session-{i}")).collect();
+    let mut moved = 0;
+    let mut on_m3 = 0;
+    let mut spread = std::collections::HashMap::new();
+    for chunk in keys.chunks(50) {
+        let jobs: Vec<_> = chunk
+            .iter()
+            .cloned()
+            .map(|k| {
+                let (pa, pb, pc) = (a.plain, b.plain, c.plain);
+                tokio::spawn(
+                    async move { (member_for(pa, &k).await, member_for(pb, &k).await, member_for(pc, &k).await) },
+                )
+            })
+            .collect();
+        for j in jobs {
+            let (ma, mb, mc) = j.await.expect("job");
+            assert_eq!(ma, mb, "two instances agree on every key");
+            *spread.entry(ma.clone()).or_insert(0) += 1;
+            if ma == "m3" {
+                on_m3 += 1;
+                assert_ne!(mc, "m3");
+            } else if ma != mc {
+                moved += 1;
+            }
+        }
+    }
+    assert_eq!(moved, 0, "only keys on the removed member moved");
+    assert!(on_m3 > 100, "m3 had its share of keys: {on_m3}");
+    assert_eq!(spread.len(), 5, "every member got keys: {spread:?}");
+}
+
+#[tokio::test]
+async fn member_failing_its_handshake_is_ejected_and_clients_never_see_the_error() {
+    // A member that accepts TCP and hangs up at once: a failed backend handshake.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let bad = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let acc = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            acc.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let good = Backend::echo().await;
+    let text = format!(
+        "{}\n[routes.health]\neject_base = \"30s\"\n",
+        config_text(&[bad.to_string(), good.addr.to_string()], "", "", "")
+    );
+    let proxy = Proxy::start_with(&text).await;
+    let started = Instant::now();
+    for i in 0..5 {
+        let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[])
+            .await
+            .unwrap_or_else(|h| panic!("session {i}: {}", h.status));
+        c.send(true, op::TEXT, b"ok").await;
+        assert_eq!(c.recv().await.payload, b"ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the failed member was skipped after its first failure");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
