@@ -313,7 +313,7 @@ impl<'de> Deserialize<'de> for StickyKey {
 }
 
 /// Passive health (`[routes.health]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthSettings {
     /// First ejection after a failed connect; doubles on each further failure.
     pub eject_base: Duration,
@@ -321,6 +321,10 @@ pub struct HealthSettings {
     pub eject_max: Duration,
     /// When every member is ejected, try them anyway instead of answering 503.
     pub fail_open: bool,
+    /// Active checks of static members every interval; zero disables.
+    pub active_interval: Duration,
+    /// Active check: a WebSocket handshake to this path; a TCP connect when absent.
+    pub active_path: Option<String>,
 }
 
 /// Deadlines and limits for a session (`[session]`, overridable per route).
@@ -623,6 +627,8 @@ struct RawHealth {
     eject_base: Option<Dur>,
     eject_max: Option<Dur>,
     fail_open: Option<bool>,
+    active_interval: Option<Dur>,
+    active_path: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -767,7 +773,12 @@ impl RawConfig {
                 eject_base: dur(r.health.eject_base, Duration::from_secs(1)),
                 eject_max: dur(r.health.eject_max, Duration::from_secs(30)),
                 fail_open: r.health.fail_open.unwrap_or(false),
+                active_interval: dur(r.health.active_interval, Duration::ZERO),
+                active_path: r.health.active_path,
             };
+            if health.active_path.as_deref().is_some_and(|p| !p.starts_with('/')) {
+                return Err(invalid(&format!("{key}.health.active_path"), "must start with '/'"));
+            }
             for b in backends.iter().map(|m| &m.template) {
                 if let Some(c) = b.captures().find(|c| !r.path.has_capture(c)) {
                     return Err(invalid(

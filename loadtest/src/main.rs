@@ -1,1 +1,213 @@
-fn main() {}
+//! `portcullis-loadtest`: command line of the load-test harness.
+//!
+//! Exit codes: 0 success, 1 error, 2 integrity failure (lost, duplicated, reordered or corrupted
+//! messages), 64 bad arguments or scenario file. A run where no session opens exits 1.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use portcullis_loadtest::backend::{self, BackendOptions};
+use portcullis_loadtest::compare;
+use portcullis_loadtest::{run, Kind, Report, Scenario};
+
+#[derive(Parser)]
+#[command(name = "portcullis-loadtest", version, about = "WebSocket load tests with integrity checks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Closed loop: N sessions, a window of messages in flight each.
+    Echo(ScenarioArgs),
+    /// Open loop at a fixed total rate; latency from intended send times (coordinated omission corrected).
+    Rate(ScenarioArgs),
+    /// Open N sessions (at --ramp per second) and hold them for --duration.
+    Idle(ScenarioArgs),
+    /// Connect, exchange one message, close, as fast as --connections workers can.
+    Storm(ScenarioArgs),
+    /// Keystrokes at human rates (use a `--mode terminal` backend); keystroke-to-echo latency.
+    Terminal(ScenarioArgs),
+    /// Run a TOML scenario file (see loadtest/scenarios/).
+    Run {
+        /// The scenario file.
+        file: PathBuf,
+        /// Override the file's target URL.
+        #[arg(long)]
+        target: Option<String>,
+        /// Override the file's target pid.
+        #[arg(long)]
+        pid: Option<u32>,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Serve a WebSocket backend (the agent side).
+    Backend {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7681")]
+        listen: String,
+        #[command(flatten)]
+        opts: BackendOptions,
+    },
+    /// Internal: a `--procs` worker process.
+    #[command(hide = true)]
+    Worker,
+    /// Run one scenario against several targets (name=URL), interleaved and repeated; print ratios.
+    Compare {
+        /// Scenario kind (echo, rate, idle, storm, terminal, with the scenario flags below) or a TOML
+        /// scenario file (then the scenario flags are ignored).
+        #[arg(long)]
+        scenario: String,
+        /// Rounds over all targets; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Target process ids to sample, `name=PID` (repeatable).
+        #[arg(long = "pid-of")]
+        pid_of: Vec<String>,
+        /// Pause between runs.
+        #[arg(long, default_value = "1s", value_parser = portcullis_loadtest::parse_duration)]
+        pause: Duration,
+        /// Write the summaries and every run's report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Targets, `name=URL`; the first is the baseline.
+        #[arg(required = true)]
+        targets: Vec<String>,
+        #[command(flatten)]
+        scenario_args: Scenario,
+    },
+}
+
+#[derive(clap::Args)]
+struct ScenarioArgs {
+    #[command(flatten)]
+    scenario: Scenario,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+struct Output {
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also write a self-contained HTML report (latency percentile plot, throughput over time).
+    #[arg(long)]
+    html: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(main_async(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
+    let (mut scenario, output) = match cli.command {
+        Command::Echo(a) => (with_kind(a.scenario, Kind::Echo), a.output),
+        Command::Rate(a) => (with_kind(a.scenario, Kind::Rate), a.output),
+        Command::Idle(a) => (with_kind(a.scenario, Kind::Idle), a.output),
+        Command::Storm(a) => (with_kind(a.scenario, Kind::Storm), a.output),
+        Command::Terminal(a) => (with_kind(a.scenario, Kind::Terminal), a.output),
+        Command::Run { file, target, pid, output } => {
+            let mut s = match Scenario::from_file(&file) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return Ok(ExitCode::from(64));
+                }
+            };
+            s.target = target.or(s.target);
+            s.pid = pid.or(s.pid);
+            (s, output)
+        }
+        Command::Worker => {
+            portcullis_loadtest::procs::worker().await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Backend { listen, opts } => {
+            let listener =
+                tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            let tls = match (&opts.tls_cert, &opts.tls_key) {
+                (Some(cert), Some(key)) => Some(backend::tls_acceptor(cert, key)?),
+                _ => None,
+            };
+            let scheme = if tls.is_some() { "wss" } else { "ws" };
+            eprintln!("backend ({:?}) listening on {scheme}://{}", opts.mode, listener.local_addr()?);
+            portcullis_loadtest::sys::raise_fd_limit();
+            tokio::select! {
+                _ = backend::serve_with(listener, opts, tls) => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Compare { scenario, repeat, pid_of, pause, json, targets, scenario_args } => {
+            let base = if std::path::Path::new(&scenario).is_file() {
+                Scenario::from_file(std::path::Path::new(&scenario))?
+            } else {
+                let kind = <Kind as clap::ValueEnum>::from_str(&scenario, true)
+                    .map_err(|_| anyhow::anyhow!("--scenario is echo, rate, idle, storm, terminal or a file"))?;
+                with_kind(scenario_args, kind)
+            };
+            let targets = compare::parse_targets(&targets)?;
+            let mut pids = HashMap::new();
+            for p in &pid_of {
+                let (n, pid) = p.split_once('=').context("--pid-of is name=PID")?;
+                pids.insert(n.to_owned(), pid.parse().context("--pid-of is name=PID")?);
+            }
+            let rows = compare::compare(&base, &targets, repeat, &pids, pause).await?;
+            println!("{}", compare::table(base.scenario, &rows));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            let clean = rows.iter().all(|r| r.runs.iter().all(Report::is_clean));
+            return Ok(if clean { ExitCode::SUCCESS } else { ExitCode::from(2) });
+        }
+    };
+    if scenario.target.is_none() {
+        eprintln!("error: no target: pass --target ws://host:port/path");
+        return Ok(ExitCode::from(64));
+    }
+    scenario.quiet |= !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let report = run(&scenario).await?;
+    println!("{}", report.table());
+    if let Some(path) = output.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = output.html {
+        std::fs::write(&path, portcullis_loadtest::html::render(&report))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(if !report.is_clean() {
+        ExitCode::from(2)
+    } else if report.opened == 0 && report.connections > 0 {
+        eprintln!("error: no session could be opened (see the errors above)");
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn with_kind(mut s: Scenario, kind: Kind) -> Scenario {
+    s.scenario = kind;
+    s
+}

@@ -133,8 +133,8 @@ pub struct BackendRequest<'a> {
 pub struct RouteState {
     /// Registry resolver, for routes with `[routes.registry]`.
     pub resolver: Option<Arc<RegistryResolver>>,
-    /// Members ejected after failed connects.
-    pub health: PassiveHealth,
+    /// Members ejected after failed connects (and failed active checks).
+    pub health: Arc<PassiveHealth>,
     /// Round-robin cursor.
     pub round_robin: RoundRobin,
 }
@@ -153,12 +153,70 @@ impl RouteState {
                 max_capacity: g.max_capacity,
             })
         });
-        RouteState {
-            resolver,
-            health: PassiveHealth::new(route.health.eject_base, route.health.eject_max),
-            round_robin: RoundRobin::new(),
+        let health = Arc::new(PassiveHealth::new(route.health.eject_base, route.health.eject_max));
+        if !route.health.active_interval.is_zero() && !route.backends.is_empty() {
+            spawn_active_checks(route, Arc::downgrade(&health));
         }
+        RouteState { resolver, health, round_robin: RoundRobin::new() }
     }
+
+    /// Static members of `route` that are ejected now.
+    pub fn ejected(&self, route: &RouteConfig) -> Vec<String> {
+        route
+            .backends
+            .iter()
+            .filter(|m| m.template.captures().next().is_none())
+            .map(|m| m.template.to_string())
+            .filter(|addr| self.health.is_ejected(addr))
+            .collect()
+    }
+}
+
+/// Checks every static (untemplated) member each `active_interval`: a TCP connect, or a full
+/// WebSocket handshake to `active_path`. Failures eject like failed sessions do; a success
+/// readmits. Stops when the route's state is dropped (after a reload).
+fn spawn_active_checks(route: &RouteConfig, health: std::sync::Weak<PassiveHealth>) {
+    let members: Vec<String> = route
+        .backends
+        .iter()
+        .filter(|m| m.template.captures().next().is_none())
+        .map(|m| m.template.to_string())
+        .collect();
+    let (interval, path, timeout_) = (route.health.active_interval, route.health.active_path.clone(), route.backend);
+    let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+    handle.spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for addr in &members {
+                let ok = check_member(addr, path.as_deref(), timeout_).await;
+                let Some(h) = health.upgrade() else { return };
+                if ok {
+                    h.record_success(addr);
+                } else {
+                    tracing::debug!(member = %addr, "active health check failed");
+                    h.record_failure(addr);
+                }
+            }
+        }
+    });
+}
+
+async fn check_member(addr: &str, path: Option<&str>, settings: crate::config::BackendSettings) -> bool {
+    let Ok(Ok(mut tcp)) = timeout(settings.connect_timeout, TcpStream::connect(addr)).await else { return false };
+    let Some(path) = path else { return true };
+    let key = "cG9ydGN1bGxpcy1oZWFsdGg=";
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let ws = WsRequest { key: HeaderValue::from_static("cG9ydGN1bGxpcy1oZWFsdGg="), protocol: None, extensions: None };
+    let ok = matches!(timeout(settings.handshake_timeout, handshake(&mut tcp, req.as_bytes(), &ws)).await, Ok(Ok(_)));
+    if ok {
+        // A polite close: 1001 "going away", masked as a client must.
+        let _ = tcp.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE9]).await;
+    }
+    ok
 }
 
 /// Finds the route's members (static, or from the registry), orders the healthy ones by the

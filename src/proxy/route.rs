@@ -317,6 +317,8 @@ mod tests {
                 eject_base: std::time::Duration::from_secs(1),
                 eject_max: std::time::Duration::from_secs(30),
                 fail_open: false,
+                active_interval: std::time::Duration::ZERO,
+                active_path: None,
             },
             backend_path: None,
             session: SessionSettings::default(),

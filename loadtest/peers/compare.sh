@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# Compare Portcullis with NGINX and HAProxy (and a direct connection) using portcullis-loadtest.
+#
+# Everything runs on loopback: an echo backend, Portcullis, NGINX and HAProxy (plain WebSocket,
+# 1 worker/thread each), then `portcullis-loadtest compare` over several scenarios. Every process
+# this script starts is stopped by its PID on exit. NGINX and HAProxy are installed from the
+# distribution's packages if missing (needs root or sudo).
+#
+# Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000),
+# SCENARIOS ("echo64 echo16k rate idle1000 idle5000 idle9900 storm"; idleN holds N sessions),
+# FRESH_IDLE ("1000 5000 9900": idle sessions held by a freshly started proxy, for KiB/session),
+# PORTCULLIS_THREADS (1: tokio worker threads, to match the peers' single worker; "" = one per core),
+# TLS (0; 1 = every target over wss:// with one self-signed ECDSA P-256 certificate, clients use
+# --insecure; the direct baseline is a second, TLS, echo backend), OUT (results directory), SKIP_BUILD=1.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+DURATION=${DURATION:-5s}
+REPEAT=${REPEAT:-3}
+CONNS=${CONNS:-50}
+RATE=${RATE:-10000}
+SCENARIOS=${SCENARIOS:-"echo64 echo16k rate idle1000 idle5000 idle9900 storm"}
+FRESH_IDLE=${FRESH_IDLE-"1000 5000 9900"}
+PORTCULLIS_THREADS=${PORTCULLIS_THREADS-1}
+TLS=${TLS:-0}
+WORK=$(mktemp -d /tmp/portcullis-peers.XXXXXX)
+OUT=${OUT:-$WORK/results}
+mkdir -p "$OUT"
+
+BACKEND_PORT=27681 DIRECT_TLS_PORT=27682 PORTCULLIS_PORT=28080 ADMIN_PORT=29090 NGINX_PORT=28081 HAPROXY_PORT=28082
+PATH_T='/agents/agent-{conn}/terminal'
+
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT INT TERM
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- install peers ---------------------------------------------------------------------------
+if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
+    echo "installing nginx and haproxy from the distribution packages"
+    # Keep the packages' own services from starting (we run our own instances).
+    created_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+        as_root chmod +x /usr/sbin/policy-rc.d
+        created_policy=1
+    fi
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx haproxy >/dev/null
+    if [ "$created_policy" = 1 ]; then as_root rm -f /usr/sbin/policy-rc.d; fi
+fi
+NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY_BIN=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+# --- build -----------------------------------------------------------------------------------
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    (cd "$ROOT" && cargo build --release -p portcullis -p portcullis-loadtest)
+fi
+LT="$ROOT/target/release/portcullis-loadtest"
+PC="$ROOT/target/release/portcullis"
+
+ulimit -n "$(ulimit -Hn)" || true
+
+# --- configs ---------------------------------------------------------------------------------
+SCHEME=ws
+LT_TLS=()
+PC_TLS="" PC_LISTENER_TLS="" NGINX_SSL="" NGINX_SSL_FILES="" HAPROXY_SSL=""
+if [ "$TLS" = 1 ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 -subj /CN=localhost \
+        -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+    cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/combined.pem"
+    SCHEME=wss
+    LT_TLS=(--insecure)
+    PC_TLS=$(printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$WORK/cert.pem" "$WORK/key.pem")
+    PC_LISTENER_TLS="tls = true"
+    NGINX_SSL=" ssl"
+    NGINX_SSL_FILES="ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem;"
+    HAPROXY_SSL="ssl crt $WORK/combined.pem alpn http/1.1"
+fi
+cat >"$WORK/portcullis.toml" <<CONF
+$PC_TLS
+[server]
+drain_timeout = "2s"
+drain_spread = "100ms"
+
+[[listeners]]
+name = "plain"
+addresses = ["127.0.0.1:$PORTCULLIS_PORT"]
+$PC_LISTENER_TLS
+
+[admin]
+address = "127.0.0.1:$ADMIN_PORT"
+
+[session]
+ping_interval = "0s"
+idle_timeout = "1h"
+
+[[routes]]
+name = "terminal"
+path = "/agents/{agent}/terminal"
+backends = ["127.0.0.1:$BACKEND_PORT"]
+CONF
+
+mkdir -p "$WORK/nginx-tmp"
+cat >"$WORK/nginx.conf" <<CONF
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 19900; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx-tmp/body;
+    proxy_temp_path $WORK/nginx-tmp/proxy;
+    fastcgi_temp_path $WORK/nginx-tmp/fastcgi;
+    uwsgi_temp_path $WORK/nginx-tmp/uwsgi;
+    scgi_temp_path $WORK/nginx-tmp/scgi;
+    upstream agents { server 127.0.0.1:$BACKEND_PORT; }
+    server {
+        listen 127.0.0.1:$NGINX_PORT$NGINX_SSL;
+        $NGINX_SSL_FILES
+        location / {
+            proxy_pass http://agents;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host \$host;
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }
+    }
+}
+CONF
+
+cat >"$WORK/haproxy.cfg" <<CONF
+global
+    nbthread 1
+    maxconn 9900
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+frontend ws
+    bind 127.0.0.1:$HAPROXY_PORT $HAPROXY_SSL
+    default_backend agents
+backend agents
+    server b1 127.0.0.1:$BACKEND_PORT
+CONF
+
+# --- start -----------------------------------------------------------------------------------
+wait_port() {
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "port $1 did not open" >&2
+    return 1
+}
+
+start_portcullis() {
+    if [ -n "$PORTCULLIS_THREADS" ]; then
+        RUST_LOG=warn TOKIO_WORKER_THREADS=$PORTCULLIS_THREADS "$PC" run --config "$WORK/portcullis.toml" >>"$WORK/portcullis.log" 2>&1 &
+    else
+        RUST_LOG=warn "$PC" run --config "$WORK/portcullis.toml" >>"$WORK/portcullis.log" 2>&1 &
+    fi
+    PORTCULLIS_PID=$!
+    PIDS+=("$PORTCULLIS_PID")
+    wait_port $PORTCULLIS_PORT
+}
+start_nginx() {
+    "$NGINX_BIN" -c "$WORK/nginx.conf" -p "$WORK" 2>>"$WORK/nginx.log" &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+    wait_port $NGINX_PORT
+    # NGINX relays in its worker, not its master: sample the worker.
+    NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -n1)
+}
+start_haproxy() {
+    "$HAPROXY_BIN" -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
+    HAPROXY_PID=$!
+    PIDS+=("$HAPROXY_PID")
+    wait_port $HAPROXY_PORT
+}
+stop_pid() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+    local keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+"$LT" backend --mode echo --listen "127.0.0.1:$BACKEND_PORT" 2>"$WORK/backend.log" &
+BACKEND_PID=$!
+PIDS+=("$BACKEND_PID")
+wait_port $BACKEND_PORT
+DIRECT_PORT=$BACKEND_PORT
+if [ "$TLS" = 1 ]; then
+    "$LT" backend --mode echo --listen "127.0.0.1:$DIRECT_TLS_PORT" --tls-cert "$WORK/cert.pem" \
+        --tls-key "$WORK/key.pem" 2>"$WORK/backend-tls.log" &
+    PIDS+=($!)
+    wait_port $DIRECT_TLS_PORT
+    DIRECT_PORT=$DIRECT_TLS_PORT
+fi
+start_portcullis
+start_nginx
+start_haproxy
+
+TARGETS=(
+    "direct=$SCHEME://127.0.0.1:$DIRECT_PORT$PATH_T"
+    "portcullis=$SCHEME://127.0.0.1:$PORTCULLIS_PORT$PATH_T"
+    "nginx=$SCHEME://127.0.0.1:$NGINX_PORT$PATH_T"
+    "haproxy=$SCHEME://127.0.0.1:$HAPROXY_PORT$PATH_T"
+)
+PIDOF=(--pid-of "portcullis=$PORTCULLIS_PID" --pid-of "nginx=$NGINX_WORKER" --pid-of "haproxy=$HAPROXY_PID")
+
+{
+    echo "# portcullis-loadtest compare, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo "machine: $(nproc) cores, kernel $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+    echo "versions: $("$PC" --version 2>/dev/null || echo portcullis), $("$NGINX_BIN" -v 2>&1), $("$HAPROXY_BIN" -v | head -n1)"
+    echo "duration $DURATION, repeat $REPEAT (interleaved, medians), connections $CONNS, $SCHEME, portcullis threads ${PORTCULLIS_THREADS:-one per core}"
+} | tee "$OUT/header.txt"
+
+run_compare() {
+    local name=$1
+    shift
+    echo
+    echo "## $name: portcullis-loadtest compare $*" | tee "$OUT/$name.txt"
+    timeout 900 "$LT" compare --repeat "$REPEAT" --json "$OUT/$name.json" "${PIDOF[@]}" ${LT_TLS[@]+"${LT_TLS[@]}"} "$@" "${TARGETS[@]}" \
+        2>"$OUT/$name.log" | tee -a "$OUT/$name.txt" || echo "($name exited non-zero: see $OUT/$name.log)"
+}
+
+for s in $SCENARIOS; do
+    case $s in
+        echo64) run_compare echo64 --scenario echo -q -c "$CONNS" --window 4 --size 64 -d "$DURATION" ;;
+        echo16k) run_compare echo16k --scenario echo -q -c "$CONNS" --window 2 --size 16384 -d "$DURATION" ;;
+        rate) run_compare rate --scenario rate -q -c "$CONNS" --rate "$RATE" --size 64 -d "$DURATION" ;;
+        idle*) run_compare "$s" --scenario idle -q -c "${s#idle}" --ramp 2000 --source-addrs 8 -d "$DURATION" ;;
+        storm) run_compare storm --scenario storm -q -c 8 --source-addrs 8 -d "$DURATION" ;;
+        *) echo "unknown scenario $s" >&2 ;;
+    esac
+done
+# KiB per idle session on a freshly started proxy: a process that already served load keeps
+# freed memory, which hides the growth. One run per proxy and count, restarted each time.
+if [ -n "$FRESH_IDLE" ]; then
+    echo
+    echo "## idle-fresh: KiB per idle session, each proxy freshly started, one run per count" | tee "$OUT/idle-fresh.txt"
+    printf '%-12s %8s %10s %12s %12s %10s\n' target sessions held "RSS before" "RSS loaded" "KiB/sess" | tee -a "$OUT/idle-fresh.txt"
+    for n in $FRESH_IDLE; do
+        for name in portcullis nginx haproxy; do
+            case $name in
+                portcullis) stop_pid "$PORTCULLIS_PID"; start_portcullis; pid=$PORTCULLIS_PID port=$PORTCULLIS_PORT ;;
+                nginx) stop_pid "$NGINX_PID"; start_nginx; pid=$NGINX_WORKER port=$NGINX_PORT ;;
+                haproxy) stop_pid "$HAPROXY_PID"; start_haproxy; pid=$HAPROXY_PID port=$HAPROXY_PORT ;;
+            esac
+            sleep 1
+            json="$OUT/idle-fresh-$name-$n.json"
+            timeout 300 "$LT" idle -q -c "$n" --ramp 2000 --source-addrs 8 -d "$DURATION" --pid "$pid" \
+                ${LT_TLS[@]+"${LT_TLS[@]}"} --target "$SCHEME://127.0.0.1:$port$PATH_T" --json "$json" >"$OUT/idle-fresh-$name-$n.txt" 2>&1 || true
+            field() { grep -o "\"$1\": *[0-9.]*" "$json" | head -n1 | sed 's/.*: *//'; }
+            printf '%-12s %8s %10s %12s %12s %10.2f\n' "$name" "$n" "$(field held)" "$(field rss_before_kib) KiB" \
+                "$(field rss_loaded_kib) KiB" "$(field kib_per_session)" | tee -a "$OUT/idle-fresh.txt"
+        done
+    done
+fi
+echo
+echo "results in $OUT"

@@ -1,0 +1,288 @@
+//! `portcullis-loadtest backend`: the agent side of a benchmark, a small fast WebSocket server.
+//!
+//! Modes: `echo` (every data message back), `sink` (read and discard), `source` (push messages
+//! of `size` at `rate` per connection), `terminal` (echo keystrokes, plus bursts of output).
+//! Two fault injections exist to prove the harness itself: `corrupt_every` flips a byte in
+//! every Nth echoed message, `stall_after` stops reading once, for `stall_for`.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fastwebsockets::{upgrade, FragmentCollector, FragmentCollectorRead, Frame, OpCode, Payload, WebSocketError};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rand::Rng;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+use crate::wire::{self, Kind};
+
+/// What the backend does with each session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Echo every data message.
+    Echo,
+    /// Read and discard.
+    Sink,
+    /// Push messages of `size` bytes at `rate` per second per connection (0 = as fast as possible).
+    Source,
+    /// Echo keystrokes and send bursts of output at random intervals.
+    Terminal,
+}
+
+/// Backend settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BackendOptions {
+    /// What to do with each session.
+    #[arg(long, value_enum, default_value = "echo")]
+    pub mode: Mode,
+    /// Size of backend-originated messages (source and terminal modes), bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Messages per second per connection in source mode (0 = as fast as possible).
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Fault injection: flip one byte in every Nth echoed message (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub corrupt_every: u64,
+    /// Fault injection: after this many messages received in total, stop reading once...
+    #[arg(long)]
+    pub stall_after: Option<u64>,
+    /// ...for this long.
+    #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
+    pub stall_for: Duration,
+    /// Serve wss:// with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl BackendOptions {
+    /// A plain backend in `mode` with no fault injection.
+    pub fn new(mode: Mode) -> Self {
+        BackendOptions {
+            mode,
+            size: 1024,
+            rate: 100.0,
+            corrupt_every: 0,
+            stall_after: None,
+            stall_for: Duration::ZERO,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+/// State shared by all sessions of one backend.
+struct Shared {
+    /// Settings.
+    opts: BackendOptions,
+    /// Data messages received over all sessions: drives `corrupt_every` and `stall_after`.
+    received: AtomicU64,
+    /// Whether the one stall has happened.
+    stalled: AtomicBool,
+}
+
+/// Serves WebSocket sessions on an already bound `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, opts: BackendOptions) {
+    serve_with(listener, opts, None).await
+}
+
+/// A TLS acceptor from a PEM certificate chain and private key, for a `wss://` backend.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context;
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("cannot read {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("bad PEM in {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("cannot read a key from {}", key.display()))?;
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Like [`serve`], over TLS when `tls` is given.
+pub async fn serve_with(listener: TcpListener, opts: BackendOptions, tls: Option<tokio_rustls::TlsAcceptor>) {
+    let shared = Arc::new(Shared { opts, received: AtomicU64::new(0), stalled: AtomicBool::new(false) });
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(_) => {
+                // Usually descriptor exhaustion: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| request(req, shared.clone()));
+            match tls {
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(tcp).await {
+                        let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                        let _ = conn.with_upgrades().await;
+                    }
+                }
+                None => {
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(tcp), service).with_upgrades().await;
+                }
+            }
+        });
+    }
+}
+
+async fn request(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Empty<Bytes>>, Infallible> {
+    let protocol = req.headers().get("sec-websocket-protocol").cloned();
+    match upgrade::upgrade(&mut req) {
+        Ok((mut resp, fut)) => {
+            tokio::spawn(async move {
+                if let Ok(ws) = fut.await {
+                    let _ = session(ws, &shared).await;
+                }
+            });
+            // Accept the first offered subprotocol so clients that offer one are satisfied.
+            if let Some(first) = protocol.as_ref().and_then(|p| p.to_str().ok()).and_then(|p| p.split(',').next()) {
+                if let Ok(v) = first.trim().parse() {
+                    resp.headers_mut().insert("sec-websocket-protocol", v);
+                }
+            }
+            Ok(resp)
+        }
+        Err(_) => {
+            let mut r = Response::new(Empty::new());
+            *r.status_mut() = hyper::StatusCode::UPGRADE_REQUIRED;
+            Ok(r)
+        }
+    }
+}
+
+type Ws = fastwebsockets::WebSocket<TokioIo<hyper::upgrade::Upgraded>>;
+
+async fn session(ws: Ws, shared: &Shared) -> Result<(), WebSocketError> {
+    match shared.opts.mode {
+        Mode::Echo | Mode::Sink => echo_or_sink(ws, shared).await,
+        Mode::Source | Mode::Terminal => with_output(ws, shared).await,
+    }
+}
+
+/// Counts a received data message and applies the stall fault; returns its 1-based number.
+async fn on_received(shared: &Shared) -> u64 {
+    let n = shared.received.fetch_add(1, Ordering::Relaxed) + 1;
+    if shared.opts.stall_after.is_some_and(|after| n > after) && !shared.stalled.swap(true, Ordering::Relaxed) {
+        tokio::time::sleep(shared.opts.stall_for).await;
+    }
+    n
+}
+
+/// The reply to a data message: the same bytes, with one flipped if the corrupt fault fires.
+fn reply(payload: &[u8], n: u64, shared: &Shared) -> Vec<u8> {
+    let mut out = payload.to_vec();
+    if shared.opts.corrupt_every > 0 && n % shared.opts.corrupt_every == 0 && !out.is_empty() {
+        let i = out.len() - 1;
+        out[i] ^= 0x01;
+    }
+    out
+}
+
+async fn echo_or_sink(ws: Ws, shared: &Shared) -> Result<(), WebSocketError> {
+    let mut ws = FragmentCollector::new(ws);
+    loop {
+        let frame = ws.read_frame().await?;
+        match frame.opcode {
+            OpCode::Close => return Ok(()),
+            OpCode::Text | OpCode::Binary => {
+                let n = on_received(shared).await;
+                if shared.opts.mode == Mode::Echo {
+                    let out = reply(&frame.payload, n, shared);
+                    ws.write_frame(Frame::new(true, frame.opcode, None, Payload::Owned(out))).await?;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn with_output(ws: Ws, shared: &Shared) -> Result<(), WebSocketError> {
+    let (rx, tx) = ws.split(tokio::io::split);
+    let mut rx = FragmentCollectorRead::new(rx);
+    let tx = Arc::new(Mutex::new(tx));
+    let producer = {
+        let tx = tx.clone();
+        let (mode, size, rate) = (shared.opts.mode, shared.opts.size, shared.opts.rate);
+        tokio::spawn(async move {
+            let mut seq = 0u64;
+            loop {
+                let burst = if mode == Mode::Terminal {
+                    let (pause, burst) = {
+                        let mut rng = rand::rng();
+                        (rng.random_range(100..1000u64), rng.random_range(1..20usize))
+                    };
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    burst
+                } else {
+                    if rate > 0.0 {
+                        tokio::time::sleep(Duration::from_secs_f64(1.0 / rate)).await;
+                    } else {
+                        tokio::task::yield_now().await;
+                    }
+                    1
+                };
+                let mut tx = tx.lock().await;
+                for _ in 0..burst {
+                    let msg = wire::encode(Kind::Backend, 0, seq, size);
+                    seq += 1;
+                    if tx.write_frame(Frame::binary(Payload::Owned(msg))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let result = loop {
+        let frame = match rx
+            .read_frame(&mut |f| {
+                let tx = tx.clone();
+                async move { tx.lock().await.write_frame(f).await }
+            })
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => break Err(e),
+        };
+        match frame.opcode {
+            OpCode::Close => break Ok(()),
+            OpCode::Text | OpCode::Binary => {
+                let n = on_received(shared).await;
+                if shared.opts.mode == Mode::Terminal {
+                    let out = reply(&frame.payload, n, shared);
+                    let frame = Frame::new(true, frame.opcode, None, Payload::Owned(out));
+                    if let Err(e) = tx.lock().await.write_frame(frame).await {
+                        break Err(e);
+                    }
+                }
+            }
+            _ => {}
+        }
+    };
+    producer.abort();
+    result
+}

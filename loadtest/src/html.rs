@@ -1,0 +1,135 @@
+//! `--html FILE`: a self-contained report (tables plus SVG plots drawn here, no network assets).
+
+use std::fmt::Write;
+
+use crate::stats::Report;
+
+/// Renders `r` as one HTML page.
+pub fn render(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>portcullis-loadtest: {} {}</title>\
+         <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}pre{{background:#f4f4f4;padding:1em}}\
+         .bad{{color:#b00;font-weight:bold}}</style></head><body><h1>{} → {}</h1>",
+        esc(&r.scenario),
+        esc(&r.target),
+        esc(&r.scenario),
+        esc(&r.target)
+    );
+    if !r.is_clean() {
+        let _ = write!(s, "<p class=\"bad\">INTEGRITY FAILURE</p>");
+    }
+    let _ = write!(s, "<pre>{}</pre>", esc(&r.table()));
+    if !r.latency_curve.is_empty() {
+        let _ = write!(s, "<h2>Latency by percentile</h2>{}", percentile_plot(&r.latency_curve));
+    }
+    if !r.timeline.is_empty() {
+        let _ = write!(s, "<h2>Throughput over time</h2>{}", timeline_plot(r));
+    }
+    s.push_str("</body></html>\n");
+    s
+}
+
+const W: f64 = 800.0;
+const H: f64 = 300.0;
+const PAD: f64 = 50.0;
+
+/// Latency (ms, linear) against percentile on a "number of nines" axis: x = log10(1 / (1 - p)).
+fn percentile_plot(curve: &[(f64, u64)]) -> String {
+    let nines = |p: f64| (1.0 / (1.0 - (p / 100.0).min(0.99999))).log10();
+    let max_x = nines(99.999);
+    let max_y = curve.iter().map(|c| c.1).max().unwrap_or(1).max(1) as f64 / 1000.0;
+    let points: Vec<(f64, f64)> = curve.iter().map(|&(p, us)| (nines(p) / max_x, us as f64 / 1000.0 / max_y)).collect();
+    let ticks = [(0.0, "0%"), (50.0, "50%"), (90.0, "90%"), (99.0, "99%"), (99.9, "99.9%"), (99.99, "99.99%")];
+    let xt: Vec<(f64, String)> = ticks.iter().map(|&(p, l)| (nines(p) / max_x, l.to_owned())).collect();
+    plot(&points, &xt, max_y, "ms")
+}
+
+/// Received messages per second over time.
+fn timeline_plot(r: &Report) -> String {
+    let max_t = r.timeline.last().map_or(1.0, |p| p.t_s).max(1.0);
+    let max_y = r.timeline.iter().map(|p| p.msgs_per_s).fold(1.0, f64::max);
+    let points: Vec<(f64, f64)> = r.timeline.iter().map(|p| (p.t_s / max_t, p.msgs_per_s / max_y)).collect();
+    let xt: Vec<(f64, String)> = (0..=4).map(|i| (i as f64 / 4.0, format!("{:.0}s", max_t * i as f64 / 4.0))).collect();
+    plot(&points, &xt, max_y, "msg/s")
+}
+
+/// A line through `points` (both coordinates in 0..1), with x tick labels and a y scale up to `max_y`.
+fn plot(points: &[(f64, f64)], xticks: &[(f64, String)], max_y: f64, unit: &str) -> String {
+    let px = |x: f64| PAD + x * (W - 2.0 * PAD);
+    let py = |y: f64| H - PAD + -y * (H - 2.0 * PAD);
+    let mut s = String::new();
+    let _ = write!(s, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-size=\"11\">");
+    let _ = write!(
+        s,
+        "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#000\"/>",
+        px(0.0),
+        py(0.0),
+        px(1.0),
+        py(0.0)
+    );
+    let _ = write!(
+        s,
+        "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#000\"/>",
+        px(0.0),
+        py(0.0),
+        px(0.0),
+        py(1.0)
+    );
+    for (x, label) in xticks {
+        let _ = write!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            px(*x),
+            py(0.0) + 15.0,
+            esc(label)
+        );
+    }
+    for i in 0..=4 {
+        let y = i as f64 / 4.0;
+        let _ = write!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.1} {unit}</text>\
+             <line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/>",
+            px(0.0) - 4.0,
+            py(y) + 4.0,
+            max_y * y,
+            px(0.0),
+            py(y),
+            px(1.0),
+            py(y)
+        );
+    }
+    let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+    let _ = write!(
+        s,
+        "<polyline fill=\"none\" stroke=\"#2060c0\" stroke-width=\"2\" points=\"{}\"/></svg>",
+        path.join(" ")
+    );
+    s
+}
+
+fn esc(t: &str) -> String {
+    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::stats::{Report, TimelinePoint};
+
+    #[test]
+    fn renders_plots_without_external_assets() {
+        let r = Report {
+            scenario: "echo".into(),
+            target: "ws://x/<y>".into(),
+            latency_curve: vec![(50.0, 100), (99.0, 1000), (100.0, 5000)],
+            timeline: vec![TimelinePoint { t_s: 1.0, msgs_per_s: 10.0, open: 1 }],
+            ..Report::default()
+        };
+        let html = super::render(&r);
+        assert_eq!(html.matches("<svg").count(), 2);
+        assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
+        assert!(html.contains("ws://x/&lt;y&gt;"));
+    }
+}

@@ -1,0 +1,763 @@
+//! Scenarios: what a run does, and the per-session loops that drive traffic and check integrity.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use fastwebsockets::{FragmentCollector, FragmentCollectorRead, Frame, OpCode, Payload, WebSocketError};
+use rand::Rng;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::stats::{Hist, ProcessUse, Report, Stats, TimelinePoint};
+use crate::target::{Target, Ws};
+use crate::token::TokenOptions;
+use crate::wire::{self, Invalid, Kind as MsgKind};
+use crate::{de_duration, parse_duration, sys};
+
+/// The kinds of scenario.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Closed loop: each session keeps `window` messages in flight.
+    #[default]
+    Echo,
+    /// Open loop at a fixed total message rate; latency from each message's intended send time.
+    Rate,
+    /// Open sessions at the ramp rate and hold them.
+    Idle,
+    /// Connect, exchange one message, close, as fast as `connections` workers can.
+    Storm,
+    /// Keystrokes at human rates against a terminal backend; keystroke-to-echo latency.
+    Terminal,
+}
+
+impl Kind {
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Echo => "echo",
+            Kind::Rate => "rate",
+            Kind::Idle => "idle",
+            Kind::Storm => "storm",
+            Kind::Terminal => "terminal",
+        }
+    }
+}
+
+/// A scenario: from command-line flags or a TOML file (see `loadtest/scenarios/`).
+#[derive(Clone, Debug, clap::Args, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Scenario {
+    /// Scenario kind (set by the subcommand on the command line).
+    #[arg(skip)]
+    pub scenario: Kind,
+    /// Target URL, `ws://` or `wss://`; `{conn}` in the path is the connection number.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Sessions (storm: concurrent workers).
+    #[arg(long, short = 'c', default_value_t = 10)]
+    pub connections: u64,
+    /// Length of the traffic or hold phase.
+    #[arg(long, short = 'd', default_value = "10s", value_parser = parse_duration)]
+    #[serde(deserialize_with = "de_duration", serialize_with = "crate::ser_duration")]
+    pub duration: Duration,
+    /// Messages in flight per session (echo).
+    #[arg(long, default_value_t = 1)]
+    pub window: usize,
+    /// Message size in bytes (at least 32, the integrity header).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Total messages per second over all sessions (rate).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Keystrokes per second per session (terminal), Poisson-distributed.
+    #[arg(long, default_value_t = 5.0)]
+    pub keystroke_rate: f64,
+    /// New sessions per second (0 = all at once).
+    #[arg(long, default_value_t = 0.0)]
+    pub ramp: f64,
+    /// Send a ping this often while holding idle sessions (0 = never).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[serde(deserialize_with = "de_duration", serialize_with = "crate::ser_duration")]
+    pub ping_interval: Duration,
+    /// Time limit for one session to open (TCP + TLS + upgrade).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[serde(deserialize_with = "de_duration", serialize_with = "crate::ser_duration")]
+    pub connect_timeout: Duration,
+    /// After the traffic phase, how long to wait for outstanding replies before counting them lost.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    #[serde(deserialize_with = "de_duration", serialize_with = "crate::ser_duration")]
+    pub drain: Duration,
+    /// Extra request header `Name: value` (repeatable; `{conn}` substituted).
+    #[arg(long = "header", short = 'H')]
+    pub headers: Vec<String>,
+    /// Origin header.
+    #[arg(long)]
+    pub origin: Option<String>,
+    /// Subprotocol to offer.
+    #[arg(long)]
+    pub subprotocol: Option<String>,
+    /// CA certificate (PEM) to trust for wss://.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Accept any server certificate (self-signed test targets only).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Spread sessions over source addresses 127.0.0.1 … 127.0.0.N (loopback targets only).
+    #[arg(long, default_value_t = 1)]
+    pub source_addrs: u8,
+    /// Target process id: sample its RSS and CPU time from /proc.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// No live progress line.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// First connection number of this process (set for `--procs` workers).
+    #[arg(skip)]
+    pub conn_offset: u64,
+    /// Split the sessions over this many worker processes (each has its own descriptor limit).
+    #[arg(long, default_value_t = 1)]
+    pub procs: u32,
+    /// Token settings (a `[token]` table in scenario files).
+    #[command(flatten)]
+    pub token: TokenOptions,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            scenario: Kind::Echo,
+            target: None,
+            connections: 10,
+            duration: Duration::from_secs(10),
+            window: 1,
+            size: 64,
+            rate: 1000.0,
+            keystroke_rate: 5.0,
+            ramp: 0.0,
+            ping_interval: Duration::ZERO,
+            connect_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(3),
+            headers: Vec::new(),
+            origin: None,
+            subprotocol: None,
+            ca: None,
+            insecure: false,
+            source_addrs: 1,
+            pid: None,
+            quiet: false,
+            conn_offset: 0,
+            procs: 1,
+            token: TokenOptions { alg: "ES256".into(), token_via: "header".into(), ..TokenOptions::default() },
+        }
+    }
+}
+
+impl Scenario {
+    /// Reads a TOML scenario file.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut s: Scenario = toml::from_str(&text).with_context(|| format!("invalid scenario {}", path.display()))?;
+        if s.token.token_ttl.is_zero() {
+            s.token.token_ttl = Duration::from_secs(3600);
+        }
+        Ok(s)
+    }
+
+    /// When session `i` may start connecting.
+    fn start_of(&self, t0: Instant, i: u64) -> Instant {
+        if self.ramp > 0.0 {
+            t0 + Duration::from_secs_f64(i as f64 / self.ramp)
+        } else {
+            t0
+        }
+    }
+
+    /// How long the ramp takes.
+    pub fn ramp_time(&self) -> Duration {
+        if self.ramp > 0.0 {
+            Duration::from_secs_f64(self.connections as f64 / self.ramp)
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+/// Runs a scenario to completion and returns its report (over `procs` worker processes if asked).
+pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
+    if s.procs > 1 {
+        return crate::procs::run(s).await;
+    }
+    let fd_limit = sys::raise_fd_limit();
+    let target = Arc::new(Target::new(s).await?);
+    let stats = Arc::new(Stats::default());
+    let mut report = Report {
+        scenario: s.scenario.name().to_owned(),
+        target: s.target.clone().unwrap_or_default(),
+        connections: s.connections,
+        ..Report::default()
+    };
+    if s.connections + 64 > fd_limit {
+        report.notes.push(format!(
+            "the descriptor limit ({fd_limit}, soft raised to hard) caps this run near {} sessions per process",
+            fd_limit.saturating_sub(64)
+        ));
+    }
+    if s.size < wire::HEADER_LEN {
+        report.notes.push(format!("messages are at least {} bytes (the integrity header)", wire::HEADER_LEN));
+    }
+    let before = s.pid.map(sys::sample).transpose().context("cannot sample --pid")?;
+    let progress = progress(s.quiet, stats.clone());
+    let t0 = Instant::now();
+    let loaded;
+    match s.scenario {
+        Kind::Echo | Kind::Rate | Kind::Terminal => {
+            let end = t0 + s.ramp_time() + s.duration;
+            let mut tasks = Vec::new();
+            for i in 0..s.connections {
+                let (s2, target, stats) = (s.clone(), target.clone(), stats.clone());
+                tasks.push(tokio::spawn(async move { traffic_session(&s2, &target, &stats, i, t0, end).await }));
+            }
+            let pid = s.pid;
+            let sampler = tokio::spawn(async move {
+                tokio::time::sleep_until(end).await;
+                pid.and_then(|p| sys::sample(p).ok())
+            });
+            for t in tasks {
+                let _ = t.await;
+            }
+            loaded = sampler.await.ok().flatten();
+            report.duration_s = (end - t0).as_secs_f64();
+        }
+        Kind::Idle => {
+            let hold_end = t0 + s.ramp_time() + s.duration;
+            let mut tasks = Vec::new();
+            for i in 0..s.connections {
+                let (s2, target, stats) = (s.clone(), target.clone(), stats.clone());
+                tasks.push(tokio::spawn(async move { idle_session(&s2, &target, &stats, i, t0, hold_end).await }));
+            }
+            let settle = s.duration.min(Duration::from_secs(1)) / 2;
+            tokio::time::sleep_until(hold_end - settle).await;
+            loaded = s.pid.and_then(|p| sys::sample(p).ok());
+            for t in tasks {
+                if let Ok(true) = t.await {
+                    report.held += 1;
+                }
+            }
+            report.duration_s = s.duration.as_secs_f64();
+        }
+        Kind::Storm => {
+            let end = t0 + s.duration;
+            let mut tasks = Vec::new();
+            for i in 0..s.connections {
+                let (s2, target, stats) = (s.clone(), target.clone(), stats.clone());
+                tasks.push(tokio::spawn(async move { storm_worker(&s2, &target, &stats, i, end).await }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            loaded = s.pid.and_then(|p| sys::sample(p).ok());
+            report.duration_s = t0.elapsed().as_secs_f64();
+        }
+    }
+    report.timeline = progress.finish().await;
+    report.absorb(&stats);
+    if s.scenario == Kind::Storm && report.duration_s > 0.0 {
+        report.handshakes_per_s = report.opened as f64 / report.duration_s;
+    }
+    if let (Some(pid), Some(b), Some(l)) = (s.pid, before, loaded) {
+        let sessions = if s.scenario == Kind::Idle { report.held } else { report.opened };
+        let cpu_us = l.cpu_us.saturating_sub(b.cpu_us);
+        report.process = Some(ProcessUse {
+            pid,
+            rss_before_kib: b.rss_kib,
+            rss_loaded_kib: l.rss_kib,
+            kib_per_session: if sessions > 0 { (l.rss_kib as f64 - b.rss_kib as f64) / sessions as f64 } else { 0.0 },
+            cpu_us,
+            cpu_us_per_msg: if report.received > 0 { cpu_us as f64 / report.received as f64 } else { 0.0 },
+        });
+    }
+    Ok(report)
+}
+
+/// The live progress line (hidden with `quiet`), which also records the throughput timeline.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    stop: tokio::sync::oneshot::Sender<()>,
+    ticker: tokio::task::JoinHandle<Vec<TimelinePoint>>,
+}
+
+impl Progress {
+    async fn finish(self) -> Vec<TimelinePoint> {
+        let _ = self.stop.send(());
+        let timeline = self.ticker.await.unwrap_or_default();
+        self.bar.finish_and_clear();
+        timeline
+    }
+}
+
+fn progress(quiet: bool, stats: Arc<Stats>) -> Progress {
+    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new_spinner() };
+    let b = bar.clone();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let ticker = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut timeline = Vec::new();
+        let mut last = (start, 0u64);
+        let mut last_point = (start, 0u64);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = &mut stopped => return timeline,
+            }
+            let now = Instant::now();
+            let recv = stats.received.load(Ordering::Relaxed);
+            let open = stats.open.load(Ordering::Relaxed);
+            let rate = (recv - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-3);
+            last = (now, recv);
+            if now - last_point.0 >= Duration::from_secs(1) {
+                let rate = (recv - last_point.1) as f64 / (now - last_point.0).as_secs_f64();
+                timeline.push(TimelinePoint { t_s: (now - start).as_secs_f64(), msgs_per_s: rate, open });
+                last_point = (now, recv);
+            }
+            b.set_message(format!(
+                "{:>5.1}s  open {}  sent {}  recv {}  {:.0} msg/s  errors {}  integrity {}",
+                (now - start).as_secs_f64(),
+                open,
+                stats.sent.load(Ordering::Relaxed),
+                recv,
+                rate,
+                stats.error_count.load(Ordering::Relaxed),
+                stats.lost.load(Ordering::Relaxed)
+                    + stats.corrupted.load(Ordering::Relaxed)
+                    + stats.duplicated.load(Ordering::Relaxed)
+                    + stats.reordered.load(Ordering::Relaxed),
+            ));
+            b.tick();
+        }
+    });
+    Progress { bar, stop, ticker }
+}
+
+/// Opens session `i`, recording handshake latency or the error; keeps `stats.open` up to date.
+async fn open(s: &Scenario, target: &Target, stats: &Stats, i: u64) -> Option<Ws> {
+    let started = Instant::now();
+    match target.connect(i, s.connect_timeout).await {
+        Ok(ws) => {
+            stats.record_handshake(started.elapsed().as_micros() as u64);
+            stats.opened.fetch_add(1, Ordering::Relaxed);
+            stats.open.fetch_add(1, Ordering::Relaxed);
+            Some(ws)
+        }
+        Err(e) => {
+            stats.error(&e.kind, || e.detail.clone());
+            None
+        }
+    }
+}
+
+/// Per-session integrity state: what was sent and not yet received.
+struct Tracker {
+    /// This session's connection id.
+    conn: u64,
+    /// Next sequence number to send.
+    next_seq: u64,
+    /// Sent and not yet received: sequence → time the latency is measured from.
+    outstanding: HashMap<u64, Instant>,
+    /// Highest client sequence received so far.
+    max_received: Option<u64>,
+    /// Next backend-originated sequence expected.
+    backend_next: u64,
+    /// Latency of this session, µs.
+    latency: Hist,
+    /// Set when the writer has stopped.
+    writer_done: bool,
+}
+
+impl Tracker {
+    fn new(conn: u64) -> Self {
+        Tracker {
+            conn,
+            next_seq: 0,
+            outstanding: HashMap::new(),
+            max_received: None,
+            backend_next: 0,
+            latency: Hist::default(),
+            writer_done: false,
+        }
+    }
+
+    /// Checks one received data message; returns whether it answered one of ours (frees a window slot).
+    fn on_message(&mut self, payload: &[u8], now: Instant, stats: &Stats) -> bool {
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_received.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        let h = match wire::decode(payload) {
+            Ok(h) => h,
+            Err(e) => {
+                stats.corrupted.fetch_add(1, Ordering::Relaxed);
+                // A damaged message whose sequence is still readable is corrupted, not also lost.
+                if let Invalid::Checksum { seq } = e {
+                    return self.outstanding.remove(&seq).is_some();
+                }
+                return false;
+            }
+        };
+        match h.kind {
+            MsgKind::Client => {
+                if h.conn != self.conn {
+                    stats.corrupted.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                match self.outstanding.remove(&h.seq) {
+                    Some(t) => {
+                        self.latency.record(now.saturating_duration_since(t).as_micros() as u64);
+                        if self.max_received.is_some_and(|m| h.seq < m) {
+                            stats.reordered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.max_received = Some(self.max_received.map_or(h.seq, |m| m.max(h.seq)));
+                        true
+                    }
+                    None if h.seq < self.next_seq => {
+                        stats.duplicated.fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                    None => {
+                        stats.corrupted.fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                }
+            }
+            MsgKind::Backend => {
+                if h.seq > self.backend_next {
+                    stats.lost.fetch_add(h.seq - self.backend_next, Ordering::Relaxed);
+                } else if h.seq < self.backend_next {
+                    stats.reordered.fetch_add(1, Ordering::Relaxed);
+                }
+                self.backend_next = self.backend_next.max(h.seq + 1);
+                false
+            }
+        }
+    }
+}
+
+/// The stream under an open session.
+type Io = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// The write half of a session, shared by the writer and the reader's obligated replies (pong, close).
+///
+/// Known limit: a ping that arrives while the writer is blocked on a full socket makes the reader
+/// wait for this lock instead of reading; if the peer is blocked writing to us at that moment, the
+/// session stalls until the drain deadline. Proxies ping only after silence, so load runs do not
+/// hit it.
+type SharedWriter = Arc<tokio::sync::Mutex<fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<Io>>>>;
+
+/// Payload of the ping that marks the end of a session's sends.
+const DRAIN_PING: &[u8] = b"pclt-drain";
+
+/// One echo/rate/terminal session: connect, send until `end`, drain replies, close.
+async fn traffic_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t0: Instant, end: Instant) {
+    tokio::time::sleep_until(s.start_of(t0, i)).await;
+    let Some(ws) = open(s, target, stats, s.conn_offset + i).await else { return };
+    let (rx, tx) = ws.split(tokio::io::split);
+    let mut rx = FragmentCollectorRead::new(rx);
+    let tx: SharedWriter = Arc::new(tokio::sync::Mutex::new(tx));
+    let tracker = Arc::new(Mutex::new(Tracker::new(s.conn_offset + i)));
+    let window = Arc::new(tokio::sync::Semaphore::new(s.window.max(1)));
+    let failed = Arc::new(AtomicBool::new(false));
+
+    let writer = {
+        let (tx, tracker, window, failed) = (tx.clone(), tracker.clone(), window.clone(), failed.clone());
+        let s = s.clone();
+        let stats_sent = WriterStats::default();
+        async move {
+            let started = Instant::now();
+            // Rate: this session's share of the total rate, phase-shifted so sessions interleave.
+            let interval = Duration::from_secs_f64(s.connections.max(1) as f64 / s.rate.max(1e-3));
+            let phase = Duration::from_secs_f64((i as f64 / s.rate.max(1e-3)) % interval.as_secs_f64().max(1e-9));
+            let mut next = started + phase;
+            let mut k: u32 = 0;
+            loop {
+                let intended = match s.scenario {
+                    Kind::Rate => {
+                        let t = started + phase + interval * k;
+                        k += 1;
+                        t
+                    }
+                    Kind::Terminal => {
+                        let gap: f64 =
+                            -rand::rng().random_range(f64::EPSILON..1.0f64).ln() / s.keystroke_rate.max(1e-3);
+                        next += Duration::from_secs_f64(gap);
+                        next
+                    }
+                    _ => match tokio::time::timeout_at(end, window.acquire()).await {
+                        Ok(Ok(permit)) => {
+                            permit.forget();
+                            Instant::now()
+                        }
+                        _ => break,
+                    },
+                };
+                if intended >= end {
+                    break;
+                }
+                tokio::time::sleep_until(intended).await;
+                let seq = {
+                    let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+                    let seq = t.next_seq;
+                    t.next_seq += 1;
+                    t.outstanding.insert(seq, intended);
+                    seq
+                };
+                let size = if s.scenario == Kind::Terminal { wire::HEADER_LEN.max(s.size.min(64)) } else { s.size };
+                let msg = wire::encode(MsgKind::Client, s.conn_offset + i, seq, size);
+                let len = msg.len();
+                if let Err(e) = tx.lock().await.write_frame(Frame::binary(Payload::Owned(msg))).await {
+                    failed.store(true, Ordering::Relaxed);
+                    return (stats_sent, Some(e));
+                }
+                stats_sent.add(len);
+            }
+            tracker.lock().unwrap_or_else(|p| p.into_inner()).writer_done = true;
+            let r =
+                tx.lock().await.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(DRAIN_PING))).await;
+            (stats_sent, r.err())
+        }
+    };
+    let writer = tokio::spawn(writer);
+
+    // The reader: until the writer is done and every reply is in, or the drain time runs out.
+    let drain_end = end + s.drain;
+    let mut closed_by_target = false;
+    let mut obligated = |f| {
+        let tx = tx.clone();
+        async move { tx.lock().await.write_frame(f).await }
+    };
+    loop {
+        let read = rx.read_frame(&mut obligated);
+        let frame = match tokio::time::timeout_at(drain_end, read).await {
+            Err(_) => break,
+            Ok(Err(e)) => {
+                if !failed.load(Ordering::Relaxed) {
+                    let (kind, detail) = classify(&e);
+                    stats.error(kind, || detail);
+                }
+                closed_by_target = true;
+                break;
+            }
+            Ok(Ok(f)) => f,
+        };
+        match frame.opcode {
+            OpCode::Binary | OpCode::Text => {
+                let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+                if t.on_message(&frame.payload, Instant::now(), stats) {
+                    window.add_permits(1);
+                }
+                if t.writer_done && t.outstanding.is_empty() {
+                    break;
+                }
+            }
+            OpCode::Pong => {
+                let t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+                if t.writer_done && t.outstanding.is_empty() {
+                    break;
+                }
+            }
+            OpCode::Close => {
+                let code = close_code(&frame.payload);
+                stats.close_code(code);
+                stats.error("closed by target", || format!("close {code} before the end of the run"));
+                closed_by_target = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    window.close();
+    let (sent, write_err) = writer.await.unwrap_or_default();
+    stats.sent.fetch_add(sent.count.load(Ordering::Relaxed), Ordering::Relaxed);
+    stats.bytes_sent.fetch_add(sent.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    if let Some(e) = write_err {
+        if !closed_by_target {
+            let (kind, detail) = classify(&e);
+            stats.error(kind, || format!("write: {detail}"));
+        }
+    }
+    {
+        let t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+        stats.lost.fetch_add(t.outstanding.len() as u64, Ordering::Relaxed);
+        stats.merge_latency(&t.latency);
+    }
+    if !closed_by_target {
+        let _ = tx.lock().await.write_frame(Frame::close(1000, b"")).await;
+        let wait_close = async {
+            loop {
+                let f = rx.read_frame(&mut obligated).await;
+                match f {
+                    Ok(f) if f.opcode == OpCode::Close => {
+                        stats.close_code(close_code(&f.payload));
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), wait_close).await;
+    }
+    stats.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Sent-message counters of one writer, added to the run's totals when it ends.
+#[derive(Default)]
+struct WriterStats {
+    count: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl WriterStats {
+    fn add(&self, len: usize) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
+/// One idle session: open, hold until `hold_end` (pinging if asked), close. Returns whether it held.
+async fn idle_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t0: Instant, hold_end: Instant) -> bool {
+    tokio::time::sleep_until(s.start_of(t0, i)).await;
+    let Some(ws) = open(s, target, stats, s.conn_offset + i).await else { return false };
+    let (rx, tx) = ws.split(tokio::io::split);
+    let mut rx = FragmentCollectorRead::new(rx);
+    let tx: SharedWriter = Arc::new(tokio::sync::Mutex::new(tx));
+    let (close_tx, mut close_rx) = tokio::sync::watch::channel(None::<u16>);
+    let reader = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let f = rx
+                    .read_frame(&mut |f| {
+                        let tx = tx.clone();
+                        async move { tx.lock().await.write_frame(f).await }
+                    })
+                    .await;
+                match f {
+                    Ok(f) if f.opcode == OpCode::Close => {
+                        let _ = close_tx.send(Some(close_code(&f.payload)));
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        let _ = close_tx.send(Some(1006));
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let mut held = true;
+    loop {
+        let wake = if s.ping_interval.is_zero() { hold_end } else { (Instant::now() + s.ping_interval).min(hold_end) };
+        tokio::select! {
+            _ = close_rx.changed() => {
+                let code = (*close_rx.borrow()).unwrap_or(1006);
+                stats.close_code(code);
+                stats.error("closed by target", || format!("close {code} while idle"));
+                held = false;
+                break;
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                if wake >= hold_end {
+                    break;
+                }
+                let _ = tx.lock().await.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"idle"))).await;
+            }
+        }
+    }
+    if held {
+        let _ = tx.lock().await.write_frame(Frame::close(1000, b"")).await;
+        if tokio::time::timeout(Duration::from_secs(2), close_rx.changed()).await.is_ok() {
+            if let Some(code) = *close_rx.borrow() {
+                stats.close_code(code);
+            }
+        }
+    }
+    reader.abort();
+    stats.open.fetch_sub(1, Ordering::Relaxed);
+    held
+}
+
+/// One storm worker: connect, one message, close, repeated until `end`.
+async fn storm_worker(s: &Scenario, target: &Target, stats: &Stats, worker: u64, end: Instant) {
+    let mut n = 0u64;
+    while Instant::now() < end {
+        let conn = s.conn_offset + worker + n * s.connections.max(1);
+        n += 1;
+        let Some(ws) = open(s, target, stats, conn).await else {
+            // Back off a little so a refusing target is not spun against.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let mut ws = FragmentCollector::new(ws);
+        let mut tracker = Tracker::new(conn);
+        let sent_at = Instant::now();
+        tracker.outstanding.insert(0, sent_at);
+        tracker.next_seq = 1;
+        let msg = wire::encode(MsgKind::Client, conn, 0, s.size);
+        stats.bytes_sent.fetch_add(msg.len() as u64, Ordering::Relaxed);
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        let exchange = async {
+            ws.write_frame(Frame::binary(Payload::Owned(msg))).await?;
+            loop {
+                let f = ws.read_frame().await?;
+                match f.opcode {
+                    OpCode::Binary | OpCode::Text if tracker.on_message(&f.payload, Instant::now(), stats) => break,
+                    OpCode::Close => return Err(WebSocketError::ConnectionClosed),
+                    _ => {}
+                }
+            }
+            ws.write_frame(Frame::close(1000, b"")).await?;
+            loop {
+                let f = ws.read_frame().await?;
+                if f.opcode == OpCode::Close {
+                    stats.close_code(close_code(&f.payload));
+                    return Ok::<(), WebSocketError>(());
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let (kind, detail) = classify(&e);
+                stats.error(kind, || detail);
+            }
+            Err(_) => stats.error("timeout", || "no echo or close reply within 5 s".into()),
+        }
+        stats.lost.fetch_add(tracker.outstanding.len() as u64, Ordering::Relaxed);
+        stats.merge_latency(&tracker.latency);
+        stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The status code of a close frame payload (1005 when absent).
+fn close_code(payload: &[u8]) -> u16 {
+    if payload.len() >= 2 {
+        u16::from_be_bytes([payload[0], payload[1]])
+    } else {
+        1005
+    }
+}
+
+/// A short stable label and the detail of a WebSocket error.
+fn classify(e: &WebSocketError) -> (&'static str, String) {
+    let kind = match e {
+        WebSocketError::ConnectionClosed => "connection closed",
+        WebSocketError::UnexpectedEOF => "unexpected eof",
+        WebSocketError::IoError(_) => "io",
+        _ => "protocol",
+    };
+    (kind, e.to_string())
+}

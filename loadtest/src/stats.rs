@@ -1,0 +1,408 @@
+//! Counters shared by all sessions of a run, and the final report built from them.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Live counters, updated by every session task; read by the progress line and the report.
+#[derive(Default)]
+pub struct Stats {
+    /// Sessions currently open.
+    pub open: AtomicU64,
+    /// Sessions opened successfully, in total.
+    pub opened: AtomicU64,
+    /// Data messages sent.
+    pub sent: AtomicU64,
+    /// Data messages received (echoes and backend output).
+    pub received: AtomicU64,
+    /// Payload bytes sent.
+    pub bytes_sent: AtomicU64,
+    /// Payload bytes received.
+    pub bytes_received: AtomicU64,
+    /// Errors of any kind (details in `errors`).
+    pub error_count: AtomicU64,
+    /// Integrity counters.
+    pub lost: AtomicU64,
+    /// Messages received twice.
+    pub duplicated: AtomicU64,
+    /// Messages received after a later one.
+    pub reordered: AtomicU64,
+    /// Messages whose checksum, magic or connection id was wrong.
+    pub corrupted: AtomicU64,
+    /// Errors by kind, with the first detail seen.
+    pub errors: Mutex<BTreeMap<String, (u64, String)>>,
+    /// Close codes received from the target.
+    pub close_codes: Mutex<BTreeMap<u16, u64>>,
+    /// Message round-trip latency, microseconds (merged from sessions).
+    pub latency: Mutex<Hist>,
+    /// Handshake latency (TCP connect to 101), microseconds.
+    pub handshake: Mutex<Hist>,
+}
+
+/// A latency histogram in microseconds, 1 µs to 1 hour, 3 significant digits.
+pub struct Hist(pub Histogram<u64>);
+
+impl Default for Hist {
+    fn default() -> Self {
+        Hist(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds are valid"))
+    }
+}
+
+impl Hist {
+    /// Records a value in microseconds, clamped to the histogram's range.
+    pub fn record(&mut self, us: u64) {
+        let _ = self.0.record(us.clamp(1, 3_600_000_000));
+    }
+}
+
+impl Stats {
+    /// Counts one error of `kind`, keeping the first `detail`.
+    pub fn error(&self, kind: &str, detail: impl FnOnce() -> String) {
+        self.error_count.fetch_add(1, Ordering::Relaxed);
+        let mut e = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        e.entry(kind.to_owned()).or_insert_with(|| (0, detail())).0 += 1;
+    }
+
+    /// Counts a close code received.
+    pub fn close_code(&self, code: u16) {
+        *self.close_codes.lock().unwrap_or_else(|p| p.into_inner()).entry(code).or_default() += 1;
+    }
+
+    /// Merges a session's latency histogram.
+    pub fn merge_latency(&self, h: &Hist) {
+        let _ = self.latency.lock().unwrap_or_else(|p| p.into_inner()).0.add(&h.0);
+    }
+
+    /// Records one handshake's latency.
+    pub fn record_handshake(&self, us: u64) {
+        self.handshake.lock().unwrap_or_else(|p| p.into_inner()).record(us);
+    }
+}
+
+/// Percentiles of a histogram, microseconds.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct Percentiles {
+    /// Number of samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl Percentiles {
+    /// Summarises `h`.
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            count: h.len(),
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        }
+    }
+}
+
+/// One point of the run's timeline.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct TimelinePoint {
+    /// Seconds since the start of the run.
+    pub t_s: f64,
+    /// Messages received per second over the last second.
+    pub msgs_per_s: f64,
+    /// Sessions open.
+    pub open: u64,
+}
+
+/// Percentiles from 0 to 99.999 on a log-like scale (for the percentile plot).
+fn curve(h: &Histogram<u64>) -> Vec<(f64, u64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    [0.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 99.999, 100.0]
+        .iter()
+        .map(|&p| (p, h.value_at_quantile(p / 100.0)))
+        .collect()
+}
+
+/// A histogram's recorded values as (value, count) pairs.
+fn pairs(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect()
+}
+
+/// Integrity counts; all zero on a correct run.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Integrity {
+    /// Sent (or announced by sequence) but never received.
+    pub lost: u64,
+    /// Received more than once.
+    pub duplicated: u64,
+    /// Received after a later message.
+    pub reordered: u64,
+    /// Bad checksum, bad header or someone else's message.
+    pub corrupted: u64,
+}
+
+impl Integrity {
+    /// Whether every count is zero.
+    pub fn is_clean(&self) -> bool {
+        *self == Integrity::default()
+    }
+}
+
+/// The target process's resource use, sampled from /proc.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct ProcessUse {
+    /// Process id sampled.
+    pub pid: u32,
+    /// RSS before the run, KiB.
+    pub rss_before_kib: u64,
+    /// RSS at the measurement point (sessions held), KiB.
+    pub rss_loaded_kib: u64,
+    /// (loaded − before) / sessions, KiB; only meaningful with many sessions.
+    pub kib_per_session: f64,
+    /// CPU time (user + system) used during the run, microseconds.
+    pub cpu_us: u64,
+    /// CPU microseconds per received message (0 if none).
+    pub cpu_us_per_msg: f64,
+}
+
+/// The final result of one scenario run; printed as a table and written with `--json`.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct Report {
+    /// Scenario kind.
+    pub scenario: String,
+    /// Target URL template.
+    pub target: String,
+    /// Length of the traffic phase, seconds.
+    pub duration_s: f64,
+    /// Sessions asked for.
+    pub connections: u64,
+    /// Sessions opened successfully (storm: handshakes completed).
+    pub opened: u64,
+    /// Sessions still open at the end of the hold (idle scenario).
+    pub held: u64,
+    /// Data messages sent.
+    pub sent: u64,
+    /// Data messages received.
+    pub received: u64,
+    /// Received messages per second.
+    pub msgs_per_s: f64,
+    /// Received payload MiB per second.
+    pub mib_per_s: f64,
+    /// Handshakes per second (storm).
+    pub handshakes_per_s: f64,
+    /// Message latency (rate: from the intended send time), µs.
+    pub latency_us: Percentiles,
+    /// Handshake latency, µs.
+    pub handshake_us: Percentiles,
+    /// Integrity counts.
+    pub integrity: Integrity,
+    /// Errors by kind: count and first detail.
+    pub errors: BTreeMap<String, (u64, String)>,
+    /// Close codes received, with counts.
+    pub close_codes: BTreeMap<u16, u64>,
+    /// Target process resource use, with `--pid`.
+    pub process: Option<ProcessUse>,
+    /// Received messages per second and open sessions, once a second.
+    pub timeline: Vec<TimelinePoint>,
+    /// Latency percentile curve: (percentile, µs), for plots.
+    pub latency_curve: Vec<(f64, u64)>,
+    /// Latency histogram as (value µs, count) pairs, so worker processes' reports can be merged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency_hist: Vec<(u64, u64)>,
+    /// Handshake histogram as (value µs, count) pairs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handshake_hist: Vec<(u64, u64)>,
+    /// Things the reader must know (descriptor limit capped the run, ...).
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    /// Fills the counters of the report from `stats`.
+    pub fn absorb(&mut self, stats: &Stats) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.opened = get(&stats.opened);
+        self.sent = get(&stats.sent);
+        self.received = get(&stats.received);
+        if self.duration_s > 0.0 {
+            self.msgs_per_s = self.received as f64 / self.duration_s;
+            self.mib_per_s = get(&stats.bytes_received) as f64 / self.duration_s / (1024.0 * 1024.0);
+        }
+        let latency = &stats.latency.lock().unwrap_or_else(|p| p.into_inner()).0;
+        let handshake = &stats.handshake.lock().unwrap_or_else(|p| p.into_inner()).0;
+        self.set_histograms(latency, handshake);
+        self.integrity = Integrity {
+            lost: get(&stats.lost),
+            duplicated: get(&stats.duplicated),
+            reordered: get(&stats.reordered),
+            corrupted: get(&stats.corrupted),
+        };
+        self.errors = stats.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.close_codes = stats.close_codes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    }
+
+    fn set_histograms(&mut self, latency: &Histogram<u64>, handshake: &Histogram<u64>) {
+        self.latency_us = Percentiles::of(latency);
+        self.latency_curve = curve(latency);
+        self.latency_hist = pairs(latency);
+        self.handshake_us = Percentiles::of(handshake);
+        self.handshake_hist = pairs(handshake);
+    }
+
+    /// Merges the reports of worker processes that ran shares of one scenario.
+    pub fn merge(parts: Vec<Report>) -> Report {
+        let mut out = Report::default();
+        let (mut latency, mut handshake) = (Hist::default(), Hist::default());
+        for p in parts {
+            out.scenario = p.scenario;
+            out.target = p.target;
+            out.duration_s = out.duration_s.max(p.duration_s);
+            out.connections += p.connections;
+            out.opened += p.opened;
+            out.held += p.held;
+            out.sent += p.sent;
+            out.received += p.received;
+            out.msgs_per_s += p.msgs_per_s;
+            out.mib_per_s += p.mib_per_s;
+            out.handshakes_per_s += p.handshakes_per_s;
+            out.integrity.lost += p.integrity.lost;
+            out.integrity.duplicated += p.integrity.duplicated;
+            out.integrity.reordered += p.integrity.reordered;
+            out.integrity.corrupted += p.integrity.corrupted;
+            for (k, (n, d)) in p.errors {
+                out.errors.entry(k).or_insert((0, d)).0 += n;
+            }
+            for (c, n) in p.close_codes {
+                *out.close_codes.entry(c).or_default() += n;
+            }
+            for (i, t) in p.timeline.into_iter().enumerate() {
+                match out.timeline.get_mut(i) {
+                    Some(o) => {
+                        o.msgs_per_s += t.msgs_per_s;
+                        o.open += t.open;
+                    }
+                    None => out.timeline.push(t),
+                }
+            }
+            for (v, n) in p.latency_hist {
+                let _ = latency.0.record_n(v.max(1), n);
+            }
+            for (v, n) in p.handshake_hist {
+                let _ = handshake.0.record_n(v.max(1), n);
+            }
+            for note in p.notes {
+                if !out.notes.contains(&note) {
+                    out.notes.push(note);
+                }
+            }
+        }
+        out.set_histograms(&latency.0, &handshake.0);
+        out
+    }
+
+    /// Whether the run is a success: integrity clean (errors alone do not fail a run).
+    pub fn is_clean(&self) -> bool {
+        self.integrity.is_clean()
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "scenario      {}  →  {}", self.scenario, self.target);
+        let _ = writeln!(
+            s,
+            "sessions      {} asked, {} opened{}",
+            self.connections,
+            self.opened,
+            if self.scenario == "idle" { format!(", {} held", self.held) } else { String::new() }
+        );
+        let _ = writeln!(s, "duration      {:.2} s", self.duration_s);
+        let _ = writeln!(
+            s,
+            "messages      {} sent, {} received  ({:.0} msg/s, {:.2} MiB/s)",
+            self.sent, self.received, self.msgs_per_s, self.mib_per_s
+        );
+        if self.handshakes_per_s > 0.0 {
+            let _ = writeln!(s, "handshakes    {:.0} /s", self.handshakes_per_s);
+        }
+        let row = |s: &mut String, name: &str, p: &Percentiles| {
+            if p.count > 0 {
+                let _ = writeln!(
+                    s,
+                    "{name:<13} p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (n={})",
+                    fmt_us(p.p50),
+                    fmt_us(p.p90),
+                    fmt_us(p.p99),
+                    fmt_us(p.p999),
+                    fmt_us(p.max),
+                    p.count
+                );
+            }
+        };
+        row(&mut s, "latency", &self.latency_us);
+        row(&mut s, "handshake", &self.handshake_us);
+        if let Some(p) = &self.process {
+            let _ = writeln!(
+                s,
+                "target pid {}  RSS {} → {} KiB ({:.2} KiB/session), CPU {} ms ({:.2} µs/msg)",
+                p.pid,
+                p.rss_before_kib,
+                p.rss_loaded_kib,
+                p.kib_per_session,
+                p.cpu_us / 1000,
+                p.cpu_us_per_msg
+            );
+        }
+        if !self.close_codes.is_empty() {
+            let codes: Vec<String> = self.close_codes.iter().map(|(c, n)| format!("{c}×{n}")).collect();
+            let _ = writeln!(s, "close codes   {}", codes.join("  "));
+        }
+        for (kind, (n, detail)) in &self.errors {
+            let _ = writeln!(s, "error         {kind}: {n}  (first: {detail})");
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "note          {n}");
+        }
+        if self.is_clean() {
+            let _ = writeln!(s, "integrity     ok (0 lost, 0 duplicated, 0 reordered, 0 corrupted)");
+        } else {
+            let i = &self.integrity;
+            let _ = writeln!(s, "!!!!!!!!!!!!  INTEGRITY FAILURE  !!!!!!!!!!!!");
+            let _ = writeln!(
+                s,
+                "integrity     {} lost, {} duplicated, {} reordered, {} corrupted",
+                i.lost, i.duplicated, i.reordered, i.corrupted
+            );
+        }
+        s
+    }
+}
+
+/// Formats microseconds with a readable unit.
+pub fn fmt_us(us: u64) -> String {
+    if us >= 10_000_000 {
+        format!("{:.1}s", us as f64 / 1e6)
+    } else if us >= 10_000 {
+        format!("{:.1}ms", us as f64 / 1e3)
+    } else {
+        format!("{us}µs")
+    }
+}

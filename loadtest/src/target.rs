@@ -1,0 +1,252 @@
+//! Opening one WebSocket session to the target: TCP (from a chosen source address), TLS, the
+//! HTTP/1.1 upgrade with headers, Origin and a token.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use fastwebsockets::WebSocketError;
+use http_body_util::Empty;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use tokio::net::TcpSocket;
+
+use crate::scenario::Scenario;
+use crate::template;
+use crate::token::{TokenMinter, TokenVia};
+
+/// An open client session.
+pub type Ws = fastwebsockets::WebSocket<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Everything needed to open sessions to one target, prepared once per run.
+pub struct Target {
+    /// `ws` or `wss`.
+    tls: Option<tokio_rustls::TlsConnector>,
+    /// Host as written in the URL (Host header, SNI).
+    host: String,
+    /// Resolved address to connect to.
+    addr: SocketAddr,
+    /// Path and query template; `{conn}` is substituted per connection.
+    path: String,
+    /// Extra `Name: value` headers.
+    headers: Vec<(String, String)>,
+    /// Origin header, if any.
+    origin: Option<String>,
+    /// Subprotocol offered, if any (besides a token carried as one).
+    subprotocol: Option<String>,
+    /// Mints a token per connection, if configured.
+    token: Option<TokenMinter>,
+    /// Number of loopback source addresses to spread connections over (1 = let the kernel pick).
+    source_addrs: u8,
+}
+
+/// Why a session could not be opened, classified for the error table.
+#[derive(Debug)]
+pub struct ConnectError {
+    /// Short stable label: `connect`, `tls`, `http 401`, `handshake`, `timeout`, `token`.
+    pub kind: String,
+    /// Details for the first occurrence.
+    pub detail: String,
+}
+
+impl Target {
+    /// Prepares a target from the scenario (parses the URL, resolves the host, loads TLS roots and keys).
+    pub async fn new(s: &Scenario) -> anyhow::Result<Target> {
+        let url = s.target.as_deref().context("no target URL (--target ws://host:port/path)")?;
+        let (scheme, rest) = url.split_once("://").context("the target URL must start with ws:// or wss://")?;
+        let tls = match scheme {
+            "ws" => false,
+            "wss" => true,
+            _ => bail!("the target URL must start with ws:// or wss://"),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].to_owned()),
+            None => (rest, "/".to_owned()),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || p.parse::<u16>().is_ok() => {
+                (h.trim_matches(['[', ']']).to_owned(), p.parse::<u16>().context("bad port in target URL")?)
+            }
+            _ => (authority.to_owned(), if tls { 443 } else { 80 }),
+        };
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .with_context(|| format!("cannot resolve {host}"))?
+            .next()
+            .with_context(|| format!("{host} has no address"))?;
+        let tls = if tls { Some(tls_connector(s.ca.as_deref(), s.insecure)?) } else { None };
+        let mut headers = Vec::new();
+        for h in &s.headers {
+            let (name, value) = h.split_once(':').context("headers are written `Name: value`")?;
+            headers.push((name.trim().to_owned(), value.trim().to_owned()));
+        }
+        let token = TokenMinter::new(&s.token)?;
+        let source_addrs = if addr.ip().is_loopback() && addr.is_ipv4() { s.source_addrs.clamp(1, 254) } else { 1 };
+        Ok(Target {
+            tls,
+            host: authority.to_owned(),
+            addr,
+            path,
+            headers,
+            origin: s.origin.clone(),
+            subprotocol: s.subprotocol.clone(),
+            token,
+            source_addrs,
+        })
+    }
+
+    /// Opens session number `conn`, with a time limit.
+    pub async fn connect(&self, conn: u64, timeout: Duration) -> Result<Ws, ConnectError> {
+        match tokio::time::timeout(timeout, self.connect_inner(conn)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError { kind: "timeout".into(), detail: format!("no session within {timeout:?}") }),
+        }
+    }
+
+    async fn connect_inner(&self, conn: u64) -> Result<Ws, ConnectError> {
+        let err = |kind: &str, e: &dyn std::fmt::Display| ConnectError { kind: kind.to_owned(), detail: e.to_string() };
+        let mut path = template::expand(&self.path, conn);
+        let mut protocols: Vec<String> = self.subprotocol.iter().cloned().collect();
+        let mut auth = None;
+        if let Some(minter) = &self.token {
+            let token = minter.mint(conn).map_err(|e| err("token", &e))?;
+            match &minter.via {
+                TokenVia::Header => auth = Some(format!("Bearer {token}")),
+                TokenVia::Query(param) => {
+                    path.push(if path.contains('?') { '&' } else { '?' });
+                    path.push_str(&format!("{param}={token}"));
+                }
+                TokenVia::Subprotocol(prefix) => protocols.insert(0, format!("{prefix}{token}")),
+            }
+        }
+        let mut req = Request::get(path)
+            .header("host", &self.host)
+            .header("upgrade", "websocket")
+            .header("connection", "upgrade")
+            .header("sec-websocket-key", fastwebsockets::handshake::generate_key())
+            .header("sec-websocket-version", "13");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        if !protocols.is_empty() {
+            req = req.header("sec-websocket-protocol", protocols.join(", "));
+        }
+        if let Some(o) = &self.origin {
+            req = req.header("origin", o);
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k, template::expand(v, conn));
+        }
+        let req = req.body(Empty::<Bytes>::new()).map_err(|e| err("request", &e))?;
+
+        let socket = TcpSocket::new_v4().and_then(|s| {
+            if !self.addr.is_ipv4() {
+                return TcpSocket::new_v6();
+            }
+            if self.source_addrs > 1 {
+                let last = 1 + (conn % u64::from(self.source_addrs)) as u8;
+                s.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0))?;
+            }
+            Ok(s)
+        });
+        let tcp = socket.map_err(|e| err("socket", &e))?.connect(self.addr).await.map_err(|e| err("connect", &e))?;
+        let _ = tcp.set_nodelay(true);
+        let result = match &self.tls {
+            Some(connector) => {
+                let name = ServerName::try_from(self.host.rsplit_once(':').map_or(self.host.as_str(), |(h, _)| h))
+                    .map_err(|e| err("tls", &e))?
+                    .to_owned();
+                let stream = connector.connect(name, tcp).await.map_err(|e| err("tls", &e))?;
+                fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await
+            }
+            None => fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await,
+        };
+        match result {
+            Ok((ws, _resp)) => Ok(ws),
+            Err(WebSocketError::InvalidStatusCode(code)) => Err(err(&format!("http {code}"), &"upgrade refused")),
+            Err(e) => Err(err("handshake", &e)),
+        }
+    }
+}
+
+/// A client TLS connector: roots from `ca` (PEM), or no verification at all with `insecure`.
+fn tls_connector(ca: Option<&Path>, insecure: bool) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder =
+        rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let mut config = if insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(DangerousAcceptAnyCert(provider)))
+            .with_no_client_auth()
+    } else {
+        let ca = ca.context("wss:// needs --ca FILE or --insecure")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("cannot read {}", ca.display()))? {
+            roots.add(cert.with_context(|| format!("bad PEM in {}", ca.display()))?)?;
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    // HTTP/1.1 only: the harness speaks the RFC 6455 upgrade.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Accepts any server certificate: for load tests against self-signed certificates only.
+#[derive(Debug)]
+struct DangerousAcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for DangerousAcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Runs hyper's connection future on the tokio runtime.
+struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}

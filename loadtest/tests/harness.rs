@@ -1,0 +1,183 @@
+//! The harness over real sockets on 127.0.0.1: its integrity check and its coordinated-omission
+//! correction are proven against backends that misbehave on purpose.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use portcullis_loadtest::backend::{self, BackendOptions, Mode};
+use portcullis_loadtest::{run, Kind, Scenario};
+
+/// Starts a backend on an ephemeral port; it lives as long as the test's runtime.
+async fn start_backend(opts: BackendOptions) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(backend::serve(listener, opts));
+    addr
+}
+
+fn scenario(kind: Kind, addr: SocketAddr) -> Scenario {
+    Scenario {
+        scenario: kind,
+        target: Some(format!("ws://{addr}/agents/agent-{{conn}}/terminal")),
+        connections: 4,
+        duration: Duration::from_secs(1),
+        drain: Duration::from_secs(2),
+        quiet: true,
+        ..Scenario::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_against_the_echo_backend_is_clean() {
+    let addr = start_backend(BackendOptions::new(Mode::Echo)).await;
+    let s = Scenario { window: 8, size: 1024, ..scenario(Kind::Echo, addr) };
+    let r = run(&s).await.unwrap();
+    assert!(r.is_clean(), "{}", r.table());
+    assert!(r.errors.is_empty(), "{}", r.table());
+    assert_eq!(r.opened, 4);
+    assert!(r.received > 100, "{}", r.table());
+    assert_eq!(r.sent, r.received);
+    assert_eq!(r.close_codes.get(&1000), Some(&4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupting_backend_is_reported_as_corruption() {
+    let addr = start_backend(BackendOptions { corrupt_every: 7, ..BackendOptions::new(Mode::Echo) }).await;
+    let r = run(&Scenario { window: 4, ..scenario(Kind::Echo, addr) }).await.unwrap();
+    assert!(!r.is_clean());
+    assert!(r.integrity.corrupted > 0, "{}", r.table());
+    // Damaged messages are counted once, as corrupted, not also as lost.
+    assert_eq!(r.integrity.lost, 0, "{}", r.table());
+    assert!(r.table().contains("INTEGRITY FAILURE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_exits_non_zero_on_corruption() {
+    let addr = start_backend(BackendOptions { corrupt_every: 5, ..BackendOptions::new(Mode::Echo) }).await;
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis-loadtest"))
+        .args(["echo", "--target", &format!("ws://{addr}/x"), "-c", "2", "-d", "1s", "-q"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_second_stall_shows_in_the_rate_latency() {
+    // 200 msg/s for 4 s; the backend stops reading for 1 s after the 200th message (≈1 s in).
+    let opts =
+        BackendOptions { stall_after: Some(200), stall_for: Duration::from_secs(1), ..BackendOptions::new(Mode::Echo) };
+    let addr = start_backend(opts).await;
+    let s = Scenario { rate: 200.0, connections: 2, duration: Duration::from_secs(4), ..scenario(Kind::Rate, addr) };
+    let r = run(&s).await.unwrap();
+    assert!(r.is_clean(), "{}", r.table());
+    assert!(r.received >= 780, "{}", r.table());
+    // Every message meant to be sent during the stall waited for it: about 1/4 of the run.
+    assert!(r.latency_us.p999 >= 500_000, "{}", r.table());
+    assert!(r.latency_us.p90 >= 200_000, "{}", r.table());
+    assert!(r.latency_us.p50 < 100_000, "{}", r.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_counts_handshakes() {
+    let addr = start_backend(BackendOptions::new(Mode::Echo)).await;
+    let r = run(&scenario(Kind::Storm, addr)).await.unwrap();
+    assert!(r.is_clean(), "{}", r.table());
+    assert!(r.handshakes_per_s > 10.0, "{}", r.table());
+    assert_eq!(r.handshake_us.count, r.opened);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_are_held_and_measured() {
+    let addr = start_backend(BackendOptions::new(Mode::Echo)).await;
+    let s = Scenario {
+        connections: 50,
+        ramp: 200.0,
+        ping_interval: Duration::from_millis(200),
+        pid: Some(std::process::id()),
+        ..scenario(Kind::Idle, addr)
+    };
+    let r = run(&s).await.unwrap();
+    assert_eq!(r.held, 50, "{}", r.table());
+    assert!(r.process.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_checks_keystrokes_and_bursty_output() {
+    let addr = start_backend(BackendOptions { size: 512, ..BackendOptions::new(Mode::Terminal) }).await;
+    let s = Scenario { keystroke_rate: 20.0, duration: Duration::from_secs(2), ..scenario(Kind::Terminal, addr) };
+    let r = run(&s).await.unwrap();
+    assert!(r.is_clean(), "{}", r.table());
+    assert!(r.latency_us.count > 50, "{}", r.table());
+    // Backend output arrives too, beyond the echoes.
+    assert!(r.received > r.latency_us.count, "{}", r.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_files_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Scenario::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn procs_split_the_run_and_merge_the_reports() {
+    let addr = start_backend(BackendOptions::new(Mode::Echo)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis-loadtest"))
+        .args(["echo", "--target", &format!("ws://{addr}/x/{{conn}}"), "-c", "5", "-d", "1s", "--procs", "2", "-q"])
+        .arg("--json")
+        .arg(&json)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let r: portcullis_loadtest::Report = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r.connections, 5);
+    assert_eq!(r.opened, 5);
+    assert!(r.is_clean());
+    assert_eq!(r.latency_us.count, r.received);
+    assert!(r.notes.iter().any(|n| n.contains("2 worker processes")), "{:?}", r.notes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_works_with_a_ca_file_and_with_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tls = backend::tls_acceptor(&cert, &key).unwrap();
+    tokio::spawn(backend::serve_with(listener, BackendOptions::new(Mode::Echo), Some(tls)));
+    let base = Scenario {
+        scenario: Kind::Echo,
+        target: Some(format!("wss://localhost:{port}/agents/agent-{{conn}}/terminal")),
+        connections: 2,
+        duration: Duration::from_millis(500),
+        quiet: true,
+        ..Scenario::default()
+    };
+    let with_ca = run(&Scenario { ca: Some(cert.clone()), ..base.clone() }).await.unwrap();
+    assert_eq!(with_ca.opened, 2, "{}", with_ca.table());
+    assert!(with_ca.is_clean() && with_ca.received > 0, "{}", with_ca.table());
+    let insecure = run(&Scenario { insecure: true, ..base.clone() }).await.unwrap();
+    assert_eq!(insecure.opened, 2, "{}", insecure.table());
+    // Without a CA the self-signed certificate is refused, and the error says why.
+    let other_ca = dir.path().join("other.pem");
+    std::fs::write(&other_ca, rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap().cert.pem()).unwrap();
+    let refused = run(&Scenario { ca: Some(other_ca), ..base }).await.unwrap();
+    assert_eq!(refused.opened, 0);
+    assert!(refused.errors.contains_key("tls"), "{}", refused.table());
+}
