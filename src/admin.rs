@@ -59,6 +59,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
 
 async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
+    if path == "/routes" || path.starts_with("/routes/") {
+        if !authorized(shared, &req) {
+            return text(StatusCode::UNAUTHORIZED, "admin token required\n");
+        }
+        return routes(shared, req, &path).await;
+    }
     if path == "/sessions" || path.starts_with("/sessions/") {
         if !authorized(shared, &req) {
             let mut r = text(StatusCode::UNAUTHORIZED, "admin token required\n");
@@ -73,6 +79,15 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
     }
     match path.as_str() {
         "/metrics" => {
+            let runtime = shared.runtime.load();
+            for route in &runtime.config.routes {
+                if let Some(state) = runtime.route_state.get(&route.name) {
+                    if route.registry.is_none() {
+                        let healthy = route.backends.len().saturating_sub(state.ejected(route).len());
+                        metrics::gauge!("portcullis_member_healthy", "route" => route.name.clone()).set(healthy as f64);
+                    }
+                }
+            }
             let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             r
@@ -153,6 +168,83 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `GET /routes` (routes, members, health, cache stats), `POST /routes/cache/purge` with
+/// `{}` (everything), `{"route": ...}` or `{"route": ..., "agent": ...}`.
+async fn routes(shared: &Shared, req: Request<Incoming>, path: &str) -> Response<Full<Bytes>> {
+    let runtime = shared.runtime.load_full();
+    match (req.method().clone(), path) {
+        (Method::GET, "/routes") => {
+            let list: Vec<Value> = runtime
+                .config
+                .routes
+                .iter()
+                .map(|r| {
+                    let state = runtime.route_state.get(&r.name);
+                    let cache = state.and_then(|s| s.resolver.as_ref()).map(|res| {
+                        let st = res.stats();
+                        json!({ "entries": st.entries, "stale_entries": st.stale_entries, "registry_requests": st.requests })
+                    });
+                    json!({
+                        "name": r.name,
+                        "host": r.host,
+                        "path": r.path.to_string(),
+                        "members": r.backends.iter().map(|m| json!({"addr": m.template.to_string(), "weight": m.weight})).collect::<Vec<_>>(),
+                        "registry": r.registry.as_ref().map(|g| g.url.clone()),
+                        "policy": format!("{:?}", r.balance.policy),
+                        "ejected": state.map(|s| s.ejected(r)).unwrap_or_default(),
+                        "cache": cache,
+                        "auth": r.auth.is_some(),
+                    })
+                })
+                .collect();
+            json_response(StatusCode::OK, &json!({ "routes": list }))
+        }
+        (Method::POST, "/routes/cache/purge") => {
+            let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::BAD_REQUEST, "body too large or unreadable\n"),
+            };
+            let ask: PurgeRequest = if body.is_empty() {
+                PurgeRequest { route: None, agent: None }
+            } else {
+                match serde_json::from_slice(&body) {
+                    Ok(a) => a,
+                    Err(_) => return text(StatusCode::BAD_REQUEST, "expected JSON with optional route and agent\n"),
+                }
+            };
+            let mut purged = 0;
+            for r in &runtime.config.routes {
+                if ask.route.as_ref().is_some_and(|n| n != &r.name) {
+                    continue;
+                }
+                let (Some(g), Some(res)) =
+                    (&r.registry, runtime.route_state.get(&r.name).and_then(|s| s.resolver.as_ref()))
+                else {
+                    continue;
+                };
+                match &ask.agent {
+                    Some(agent) if crate::proxy::route::valid_capture(agent) => {
+                        let caps = crate::proxy::route::Captures::from_pairs(&[("agent", agent.as_str())]);
+                        res.purge(Some(&crate::proxy::route::render_path(&g.url, &caps))).await;
+                    }
+                    Some(_) => return text(StatusCode::BAD_REQUEST, "invalid agent id\n"),
+                    None => res.purge(None).await,
+                }
+                purged += 1;
+            }
+            json_response(StatusCode::OK, &json!({ "purged_routes": purged }))
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    route: Option<String>,
+    agent: Option<String>,
 }
 
 #[derive(serde::Deserialize)]

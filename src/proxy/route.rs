@@ -39,6 +39,11 @@ pub struct RouteTable {
 pub struct Captures(Vec<(String, String)>);
 
 impl Captures {
+    /// Captures from name/value pairs (for values validated elsewhere, e.g. admin input).
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Captures {
+        Captures(pairs.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect())
+    }
+
     /// The value captured for `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())

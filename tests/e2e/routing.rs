@@ -216,3 +216,67 @@ async fn member_failing_its_handshake_is_ejected_and_clients_never_see_the_error
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "the failed member was skipped after its first failure");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+async fn admin_post(admin: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
+    let req =
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn purging_an_agent_forces_a_fresh_registry_lookup() {
+    let backend = Backend::echo().await;
+    let reg = registry().await;
+    reg.table
+        .lock()
+        .expect("lock")
+        .0
+        .insert("a7".into(), format!("{{\"members\":[{{\"addr\":\"{}\"}}]}}", backend.addr));
+    let proxy = Proxy::start_with(&registry_config(reg.addr, "").replace("ttl = \"500ms\"", "ttl = \"1h\"")).await;
+    upgrade(proxy.plain, false, "/agents/a7/terminal", &[]).await.expect("101");
+    upgrade(proxy.plain, false, "/agents/a7/terminal", &[]).await.expect("101");
+    assert_eq!(reg.hits.load(Ordering::SeqCst), 1);
+    let (status, body) =
+        admin_post(proxy.admin, "/routes/cache/purge", "{\"route\":\"terminal\",\"agent\":\"a7\"}").await;
+    assert_eq!((status, body.as_str()), (200, "{\"purged_routes\":1}"));
+    upgrade(proxy.plain, false, "/agents/a7/terminal", &[]).await.expect("101");
+    assert_eq!(reg.hits.load(Ordering::SeqCst), 2, "purged entry fetched again");
+    let (status, body) = http_get(proxy.admin, "/routes").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["routes"][0]["registry"], format!("http://{}/agents/{{agent}}", reg.addr));
+    assert!(v["routes"][0]["cache"]["entries"].as_u64().is_some(), "{body}");
+}
+
+#[tokio::test]
+async fn active_checks_eject_a_dead_member_before_any_client_hits_it() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let good = Backend::echo().await;
+    let text = format!(
+        "{}\n[routes.health]\nactive_interval = \"100ms\"\neject_base = \"5s\"\n",
+        config_text(&[dead.clone(), good.addr.to_string()], "", "", "")
+    );
+    let proxy = Proxy::start_with(&text).await;
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (_, body) = http_get(proxy.admin, "/routes").await;
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        if v["routes"][0]["ejected"] == serde_json::json!([dead]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "dead member never ejected: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, body) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&body, "portcullis_member_healthy{route=\"terminal\"}"), 1.0);
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101 from the live member");
+    c.send(true, op::TEXT, b"ok").await;
+    assert_eq!(c.recv().await.payload, b"ok");
+}
