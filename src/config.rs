@@ -568,7 +568,7 @@ struct RawListener {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
-    address: SocketAddr,
+    address: Option<SocketAddr>,
     token_env: Option<String>,
     token_file: Option<PathBuf>,
 }
@@ -822,7 +822,8 @@ impl RawConfig {
             admin: match self.admin {
                 None => None,
                 Some(a) => Some(AdminConfig {
-                    address: a.address,
+                    // Loopback unless told otherwise: the admin API is for operators.
+                    address: a.address.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9090))),
                     token: load_secret(a.token_file.as_deref(), a.token_env.as_deref(), "admin")?,
                 }),
             },

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use super::tls::{self, ClientStream};
+use crate::metrics::Metrics;
 use crate::server::Shared;
 
 /// Accepts connections until the server drains.
@@ -44,18 +46,43 @@ pub async fn accept_loop(listener: TcpListener, tls: bool, shared: Arc<Shared>) 
         let span = tracing::debug_span!("conn", client = %addr);
         shared.tasks.spawn(
             async move {
-                let _permit = permit;
-                connection(shared2, tcp, addr, acceptor).await;
+                let slot = ConnSlot::new(permit, shared2.metrics.clone());
+                connection(shared2, tcp, addr, acceptor, slot).await;
             }
             .instrument(span),
         );
     }
 }
 
-async fn connection(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, acceptor: Option<TlsAcceptor>) {
+/// A connection's place under `max_connections`, counted in `portcullis_connections_active`;
+/// held by whichever task serves the connection (the relay task once upgraded).
+pub struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnSlot {
+    fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
+        metrics.connections_total.increment(1);
+        metrics.connections_active.increment(1.0);
+        ConnSlot { _permit: permit, metrics }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.metrics.connections_active.decrement(1.0);
+    }
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    slot: ConnSlot,
+) {
     let m = &shared.metrics;
-    m.connections_total.increment(1);
-    m.connections_active.increment(1.0);
     let stream = match acceptor {
         None => Some(ClientStream::Plain(tcp)),
         Some(acceptor) => {
@@ -71,7 +98,6 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, accep
         }
     };
     if let Some(stream) = stream {
-        super::serve_connection(shared.clone(), stream, addr).await;
+        super::serve_connection(shared.clone(), stream, addr, slot).await;
     }
-    shared.metrics.connections_active.decrement(1.0);
 }

@@ -34,6 +34,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tracing::Instrument;
 
 use crate::auth::Claims;
 use crate::config::RouteConfig;
@@ -66,7 +67,12 @@ struct Pending {
 }
 
 /// Serves one client connection (after accept and tls) to its end.
-pub async fn serve_connection(shared: Arc<Shared>, stream: ClientStream, client_addr: SocketAddr) {
+pub async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: ClientStream,
+    client_addr: SocketAddr,
+    slot: accept::ConnSlot,
+) {
     let settings = shared.runtime.load().config.server.clone();
     let ctx =
         Arc::new(ConnCtx { shared: shared.clone(), client_addr, tls: stream.is_tls(), pending: Mutex::new(None) });
@@ -98,7 +104,7 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: ClientStream, client_
     let pending = ctx.pending.lock().ok().and_then(|mut p| p.take());
     drop(ctx);
     if let Some(p) = pending {
-        run_session(shared, p, client_addr).await;
+        run_session(shared, p, client_addr, slot).await;
     }
 }
 
@@ -186,7 +192,7 @@ fn reject(ctx: &ConnCtx, route: &str, e: RequestError) -> Response<Full<Bytes>> 
 }
 
 /// Relays an upgraded session, registered for `/sessions`, and writes its log line.
-async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAddr) {
+async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAddr, slot: accept::ConnSlot) {
     let upgraded = match p.on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
@@ -215,7 +221,7 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
         tokio::time::Instant::now() + Duration::from_secs(left) + leeway
     });
     let bytes = Arc::new(SessionBytes::default());
-    let _registered = shared.sessions.register(SessionEntry {
+    let registered = shared.sessions.register(SessionEntry {
         id,
         route: p.route.name.clone(),
         agent: p.agent.clone(),
@@ -241,11 +247,61 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
     shared.metrics.sessions_active.increment(1.0);
     let backend_early = std::mem::take(&mut p.backend.early);
     let backend_stream = p.backend.stream;
-    let end = relay::relay(client, client_early, backend_stream, backend_early, params).await;
-    shared.metrics.sessions_active.decrement(1.0);
-    shared.metrics.close(end.close_code, end.initiator.as_str());
-    let subject = p.claims.as_ref().and_then(|c| c.subject());
-    log_session_end(id, &p.route.name, p.agent.as_deref(), subject, client_addr, &p.backend.member, started, &end);
+    let finish = Finish {
+        id,
+        route: p.route,
+        agent: p.agent,
+        subject: p.claims.as_ref().and_then(|c| c.subject().map(str::to_owned)),
+        member: p.backend.member,
+        client: client_addr,
+        started,
+        metrics: shared.metrics.clone(),
+        _least_conns: p.backend.guard,
+        _registered: registered,
+        _slot: slot,
+    };
+    // The relay runs as its own task with only what it needs: the handshake-phase state of
+    // this connection task (hyper, TLS handshake, request handling) is freed now, which keeps
+    // an idle session's memory down.
+    shared.tasks.spawn(
+        async move {
+            let end = relay::relay(client, client_early, backend_stream, backend_early, params).await;
+            finish.done(&end);
+        }
+        .in_current_span(),
+    );
+}
+
+/// What is left to do when a session ends, and what it holds until then.
+struct Finish {
+    id: u64,
+    route: Arc<RouteConfig>,
+    agent: Option<String>,
+    subject: Option<String>,
+    member: String,
+    client: SocketAddr,
+    started: Instant,
+    metrics: Arc<crate::metrics::Metrics>,
+    _least_conns: Option<crate::routing::sticky::ConnGuard>,
+    _registered: crate::session::SessionGuard,
+    _slot: accept::ConnSlot,
+}
+
+impl Finish {
+    fn done(self, end: &SessionEnd) {
+        self.metrics.sessions_active.decrement(1.0);
+        self.metrics.close(end.close_code, end.initiator.as_str());
+        log_session_end(
+            self.id,
+            &self.route.name,
+            self.agent.as_deref(),
+            self.subject.as_deref(),
+            self.client,
+            &self.member,
+            self.started,
+            end,
+        );
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
