@@ -229,7 +229,7 @@ pub struct StaticMember {
 }
 
 /// Where a route's members come from when they are looked up (`[routes.registry]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryConfig {
     /// URL template, e.g. `http://registry.internal/agents/{agent}`.
     pub url: String,
@@ -597,7 +597,19 @@ struct RawBackend {
 #[serde(untagged)]
 enum RawMember {
     Addr(BackendTemplate),
-    Weighted { addr: BackendTemplate, weight: u32 },
+    Weighted(RawWeighted),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeighted {
+    addr: BackendTemplate,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Deserialize)]
@@ -708,18 +720,21 @@ impl RawConfig {
             if routes.iter().any(|x: &RouteConfig| x.name == r.name) {
                 return Err(invalid(&format!("{key}.name"), "duplicate route name"));
             }
-            if r.backends.is_empty() == r.registry.is_none() {
-                return Err(invalid(
-                    &format!("{key}.backends"),
-                    "give either backends or a [routes.registry], not both",
-                ));
+            match (r.backends.is_empty(), r.registry.is_none()) {
+                (true, true) => {
+                    return Err(invalid(&format!("{key}.backends"), "give backends or a [routes.registry]"))
+                }
+                (false, false) => {
+                    return Err(invalid(&format!("{key}.backends"), "give backends or a [routes.registry], not both"));
+                }
+                _ => {}
             }
             let backends: Vec<StaticMember> = r
                 .backends
                 .into_iter()
                 .map(|m| match m {
                     RawMember::Addr(template) => StaticMember { template, weight: 1 },
-                    RawMember::Weighted { addr, weight } => StaticMember { template: addr, weight },
+                    RawMember::Weighted(w) => StaticMember { template: w.addr, weight: w.weight },
                 })
                 .collect();
             let registry = match r.registry {
@@ -771,7 +786,8 @@ impl RawConfig {
             }
             let health = HealthSettings {
                 eject_base: dur(r.health.eject_base, Duration::from_secs(1)),
-                eject_max: dur(r.health.eject_max, Duration::from_secs(30)),
+                eject_max: dur(r.health.eject_max, Duration::from_secs(30))
+                    .max(dur(r.health.eject_base, Duration::from_secs(1))),
                 fail_open: r.health.fail_open.unwrap_or(false),
                 active_interval: dur(r.health.active_interval, Duration::ZERO),
                 active_path: r.health.active_path,

@@ -63,13 +63,13 @@ pub struct Runtime {
     /// TLS acceptor with the current certificates; none when no listener is TLS.
     pub tls: Option<TlsAcceptor>,
     /// Routing state per route name (resolver cache, health, round-robin cursor).
-    pub route_state: HashMap<String, RouteState>,
+    pub route_state: HashMap<String, Arc<RouteState>>,
 }
 
 impl Runtime {
     /// Builds everything a configuration needs (certificates, keys) without touching the
     /// running server; fails without side effects.
-    fn build(config: Config, denylist: &Arc<Denylist>) -> Result<Runtime, ServerError> {
+    fn build(config: Config, denylist: &Arc<Denylist>, previous: Option<&Runtime>) -> Result<Runtime, ServerError> {
         let tls = match (&config.tls, config.listeners.iter().any(|l| l.tls)) {
             (Some(t), true) => Some(TlsAcceptor::from(tls::server_config(t)?)),
             _ => None,
@@ -79,7 +79,17 @@ impl Runtime {
         } else {
             Some(Authenticator::new(&config.auth, denylist.clone())?)
         };
-        let route_state = config.routes.iter().map(|r| (r.name.clone(), RouteState::new(r))).collect();
+        let route_state = config
+            .routes
+            .iter()
+            .map(|r| {
+                let kept = previous.and_then(|p| {
+                    let old = p.config.routes.iter().find(|o| o.name == r.name)?;
+                    RouteState::reusable(old, r).then(|| p.route_state.get(&r.name).cloned()).flatten()
+                });
+                (r.name.clone(), kept.unwrap_or_else(|| Arc::new(RouteState::new(r))))
+            })
+            .collect();
         Ok(Runtime { routes: RouteTable::new(&config.routes), authenticator, tls, route_state, config })
     }
 }
@@ -133,7 +143,7 @@ impl Shared {
             tracing::warn!("admin address changed: it applies after a restart");
         }
         let grace = config.server.removed_route_grace;
-        let runtime = Runtime::build(config, &self.denylist)?;
+        let runtime = Runtime::build(config, &self.denylist, Some(&old))?;
         let removed: Vec<_> = self
             .sessions
             .list()
@@ -223,7 +233,7 @@ impl Server {
     pub fn new(config: Config) -> Result<Server, ServerError> {
         let denylist = Arc::new(Denylist::default());
         let max_connections = config.server.max_connections;
-        let runtime = Runtime::build(config, &denylist)?;
+        let runtime = Runtime::build(config, &denylist, None)?;
         Ok(Server {
             shared: Arc::new(Shared {
                 conn_limit: Arc::new(Semaphore::new(max_connections)),

@@ -140,6 +140,13 @@ pub struct RouteState {
 }
 
 impl RouteState {
+    /// Whether state built for `old` can serve `new` unchanged: same members, registry and
+    /// health settings. A reload keeps such state (registry cache with its stale copies,
+    /// ejections, cursors) instead of starting cold.
+    pub fn reusable(old: &RouteConfig, new: &RouteConfig) -> bool {
+        old.backends == new.backends && old.registry == new.registry && old.health == new.health
+    }
+
     /// State for `route`.
     pub fn new(route: &RouteConfig) -> RouteState {
         let resolver = route.registry.as_ref().map(|g| {
@@ -230,7 +237,9 @@ pub async fn connect(
     conns: &Arc<ConnCounts>,
     metrics: &Metrics,
 ) -> Result<BackendConn, ConnectError> {
-    let members = members(route, state, caps).await?;
+    let mut members = members(route, state, caps).await?;
+    // Weight 0 takes a member out of rotation under every policy (a drain knob).
+    members.retain(|m| m.weight > 0);
     let healthy = state.health.healthy(&members);
     let candidates: Vec<&Member> = match (healthy.is_empty(), route.health.fail_open) {
         (false, _) => healthy,

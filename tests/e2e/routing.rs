@@ -280,3 +280,41 @@ async fn active_checks_eject_a_dead_member_before_any_client_hits_it() {
     c.send(true, op::TEXT, b"ok").await;
     assert_eq!(c.recv().await.payload, b"ok");
 }
+
+#[tokio::test]
+async fn reload_keeps_the_registry_cache_of_an_unchanged_route() {
+    let backend = Backend::echo().await;
+    let reg = registry().await;
+    reg.table
+        .lock()
+        .expect("lock")
+        .0
+        .insert("a5".into(), format!("{{\"members\":[{{\"addr\":\"{}\"}}]}}", backend.addr));
+    let text = registry_config(reg.addr, "").replace("ttl = \"500ms\"", "ttl = \"1h\"");
+    let proxy = Proxy::start_with(&text).await;
+    upgrade(proxy.plain, false, "/agents/a5/terminal", &[]).await.expect("101");
+    let changed = text.replace("close_timeout = \"1s\"", "close_timeout = \"2s\"");
+    proxy
+        .handle
+        .reload(portcullis::config::Config::parse(&changed, std::path::Path::new("r.toml")).expect("config"))
+        .expect("reload");
+    upgrade(proxy.plain, false, "/agents/a5/terminal", &[]).await.expect("101");
+    assert_eq!(reg.hits.load(Ordering::SeqCst), 1, "the cache survived the reload");
+}
+
+#[tokio::test]
+async fn weight_zero_member_is_never_chosen() {
+    let drained = named_backend("drained").await;
+    let live = named_backend("live").await;
+    let base = config_text(&[drained.addr.to_string(), live.addr.to_string()], "", "", "");
+    let text = base.replace(
+        &format!("backends = [\"{}\", \"{}\"]", drained.addr, live.addr),
+        &format!("backends = [{{ addr = \"{}\", weight = 0 }}, {{ addr = \"{}\" }}]\n[routes.balance]\npolicy = \"round_robin\"", drained.addr, live.addr),
+    );
+    assert_ne!(text, base);
+    let proxy = Proxy::start_with(&text).await;
+    for _ in 0..6 {
+        let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
+        assert_eq!(c.recv().await.payload, b"live");
+    }
+}
