@@ -7,7 +7,9 @@
 # distribution's packages if missing (needs root or sudo).
 #
 # Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000),
-# SCENARIOS ("echo64 echo16k rate idle1000 idle5000 idle9900 storm"; idleN holds N sessions),
+# SCENARIOS ("echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt"; idleN holds N sessions;
+# stormjwt is the storm with an ES256 token per session, verified by Portcullis only),
+# PEER_WORKERS (1: NGINX worker_processes and HAProxy nbthread; 2 for the two-worker variant),
 # FRESH_IDLE ("1000 5000 9900": idle sessions held by a freshly started proxy, for KiB/session),
 # PORTCULLIS_THREADS (1: tokio worker threads, to match the peers' single worker; "" = one per core),
 # TLS (0; 1 = every target over wss:// with one self-signed ECDSA P-256 certificate, clients use
@@ -19,9 +21,11 @@ DURATION=${DURATION:-5s}
 REPEAT=${REPEAT:-3}
 CONNS=${CONNS:-50}
 RATE=${RATE:-10000}
-SCENARIOS=${SCENARIOS:-"echo64 echo16k rate idle1000 idle5000 idle9900 storm"}
+SCENARIOS=${SCENARIOS:-"echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt"}
 FRESH_IDLE=${FRESH_IDLE-"1000 5000 9900"}
 PORTCULLIS_THREADS=${PORTCULLIS_THREADS-1}
+# NGINX worker_processes / HAProxy nbthread (1 or 2 on this machine).
+PEER_WORKERS=${PEER_WORKERS:-1}
 TLS=${TLS:-0}
 WORK=$(mktemp -d /tmp/portcullis-peers.XXXXXX)
 OUT=${OUT:-$WORK/results}
@@ -44,8 +48,8 @@ trap cleanup EXIT INT TERM
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- install peers ---------------------------------------------------------------------------
-if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
-    echo "installing nginx and haproxy from the distribution packages"
+if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null || ! command -v openssl >/dev/null; then
+    echo "installing nginx, haproxy and openssl from the distribution packages"
     # Keep the packages' own services from starting (we run our own instances).
     created_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -54,7 +58,7 @@ if ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
         created_policy=1
     fi
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx haproxy >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx haproxy openssl >/dev/null
     if [ "$created_policy" = 1 ]; then as_root rm -f /usr/sbin/policy-rc.d; fi
 fi
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
@@ -85,6 +89,10 @@ if [ "$TLS" = 1 ]; then
     NGINX_SSL_FILES="ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem;"
     HAPROXY_SSL="ssl crt $WORK/combined.pem alpn http/1.1"
 fi
+# An ES256 key pair for the stormjwt scenario: every session carries a fresh token that
+# Portcullis verifies (the peers, which have no JWT support, get the same request and ignore it).
+openssl ecparam -name prime256v1 -genkey -noout 2>/dev/null | openssl pkcs8 -topk8 -nocrypt -out "$WORK/jwt-private.pem"
+openssl ec -in "$WORK/jwt-private.pem" -pubout -out "$WORK/jwt-public.pem" 2>/dev/null
 cat >"$WORK/portcullis.toml" <<CONF
 $PC_TLS
 [server]
@@ -107,11 +115,22 @@ idle_timeout = "1h"
 name = "terminal"
 path = "/agents/{agent}/terminal"
 backends = ["127.0.0.1:$BACKEND_PORT"]
+
+[[auth.keys]]
+algorithms = ["ES256"]
+public_key = "$WORK/jwt-public.pem"
+
+[[routes]]
+name = "jwt"
+path = "/jwt/{agent}/terminal"
+backends = ["127.0.0.1:$BACKEND_PORT"]
+[routes.auth]
+agent_claim = "agents"
 CONF
 
 mkdir -p "$WORK/nginx-tmp"
 cat >"$WORK/nginx.conf" <<CONF
-worker_processes 1;
+worker_processes $PEER_WORKERS;
 worker_rlimit_nofile 20000;
 daemon off;
 pid $WORK/nginx.pid;
@@ -144,7 +163,7 @@ CONF
 
 cat >"$WORK/haproxy.cfg" <<CONF
 global
-    nbthread 1
+    nbthread $PEER_WORKERS
     maxconn 9900
 defaults
     mode http
@@ -229,7 +248,7 @@ PIDOF=(--pid-of "portcullis=$PORTCULLIS_PID" --pid-of "nginx=$NGINX_WORKER" --pi
     echo "# portcullis-loadtest compare, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo "machine: $(nproc) cores, kernel $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
     echo "versions: $("$PC" --version 2>/dev/null || echo portcullis), $("$NGINX_BIN" -v 2>&1), $("$HAPROXY_BIN" -v | head -n1)"
-    echo "duration $DURATION, repeat $REPEAT (interleaved, medians), connections $CONNS, $SCHEME, portcullis threads ${PORTCULLIS_THREADS:-one per core}"
+    echo "duration $DURATION, repeat $REPEAT (interleaved, medians), connections $CONNS, $SCHEME, portcullis threads ${PORTCULLIS_THREADS:-one per core}, peer workers $PEER_WORKERS"
 } | tee "$OUT/header.txt"
 
 run_compare() {
@@ -248,6 +267,15 @@ for s in $SCENARIOS; do
         rate) run_compare rate --scenario rate -q -c "$CONNS" --rate "$RATE" --size 64 -d "$DURATION" ;;
         idle*) run_compare "$s" --scenario idle -q -c "${s#idle}" --ramp 2000 --source-addrs 8 -d "$DURATION" ;;
         storm) run_compare storm --scenario storm -q -c 8 --source-addrs 8 -d "$DURATION" ;;
+        stormjwt)
+            # Same storm, but on /jwt/...: Portcullis verifies an ES256 token minted per session
+            # and checks that it grants the agent; the peers proxy the same request unauthenticated.
+            saved=("${TARGETS[@]}")
+            TARGETS=("${TARGETS[@]//\/agents\//\/jwt\/}")
+            run_compare stormjwt --scenario storm -q -c 8 --source-addrs 8 -d "$DURATION" \
+                --jwt-key "$WORK/jwt-private.pem" --alg ES256 --claim 'sub=user-{conn}' --claim 'agents=["agent-{conn}"]'
+            TARGETS=("${saved[@]}")
+            ;;
         *) echo "unknown scenario $s" >&2 ;;
     esac
 done
