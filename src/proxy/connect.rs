@@ -19,7 +19,7 @@ use crate::auth::Claims;
 use crate::config::{Policy, RouteConfig, StickyKey};
 use crate::metrics::Metrics;
 use crate::routing::health::PassiveHealth;
-use crate::routing::resolver::{RegistryResolver, RegistrySettings, ResolveError, Resolved};
+use crate::routing::resolver::{RegistryResolver, ResolveError, Resolved};
 use crate::routing::sticky::{rank, ConnCounts, ConnGuard, Member, RoundRobin};
 
 /// Largest backend handshake response accepted.
@@ -149,17 +149,7 @@ impl RouteState {
 
     /// State for `route`.
     pub fn new(route: &RouteConfig) -> RouteState {
-        let resolver = route.registry.as_ref().map(|g| {
-            RegistryResolver::new(RegistrySettings {
-                url: g.url.clone(),
-                token: g.token.clone(),
-                timeout: g.timeout,
-                ttl: g.ttl,
-                negative_ttl: g.negative_ttl,
-                stale_ttl: g.stale_ttl,
-                max_capacity: g.max_capacity,
-            })
-        });
+        let resolver = route.registry.clone().map(RegistryResolver::new);
         let health = Arc::new(PassiveHealth::new(route.health.eject_base, route.health.eject_max));
         if !route.health.active_interval.is_zero() && !route.backends.is_empty() {
             spawn_active_checks(route, Arc::downgrade(&health));

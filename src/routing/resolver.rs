@@ -34,7 +34,6 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::sticky::Member;
-use crate::auth::Secret;
 
 /// Largest registry answer accepted.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -46,24 +45,9 @@ pub const STALE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest lifetime given to any cache entry (moka refuses durations beyond about 1,000 years).
 const MAX_CACHE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// How to reach the registry and how long its answers are trusted.
-#[derive(Debug, Clone)]
-pub struct RegistrySettings {
-    /// URL template, e.g. `http://registry.internal/agents/{agent}`; rendered by the caller.
-    pub url: String,
-    /// Bearer token sent as `Authorization`, when the registry requires one.
-    pub token: Option<Secret>,
-    /// Longest a registry request may take, connect to last body byte.
-    pub timeout: Duration,
-    /// How long members from the registry are used without asking again.
-    pub ttl: Duration,
-    /// How long a 404 (unknown agent) is remembered.
-    pub negative_ttl: Duration,
-    /// How long after `ttl` the last good members may still be served while the registry fails.
-    pub stale_ttl: Duration,
-    /// Most URLs kept in each cache (fresh and stale).
-    pub max_capacity: u64,
-}
+/// How to reach the registry and how long its answers are trusted: the route's
+/// `[routes.registry]` settings, used as they are.
+pub use crate::config::RegistryConfig as RegistrySettings;
 
 /// What the registry knows about an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -597,7 +581,7 @@ mod tests {
     async fn bearer_token_is_sent_and_not_shown_in_debug() {
         let registry = TestRegistry::start().await;
         let mut s = settings(1000 * MS, 1000 * MS, 1000 * MS);
-        s.token = Some(Secret::new(b"s3cret".to_vec()));
+        s.token = Some(crate::auth::Secret::new(b"s3cret".to_vec()));
         assert!(!format!("{s:?}").contains("s3cret"));
         let resolver = RegistryResolver::new(s);
         resolver.resolve(&registry.url("a1")).await.expect("resolved");
