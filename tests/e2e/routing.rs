@@ -318,3 +318,17 @@ async fn weight_zero_member_is_never_chosen() {
         assert_eq!(c.recv().await.payload, b"live");
     }
 }
+
+#[tokio::test]
+async fn member_refusing_connections_is_ejected_after_its_first_failure() {
+    let refused = format!("127.0.0.1:{}", free_port());
+    let good = Backend::echo().await;
+    let proxy = Proxy::start_with(&config_text(&[refused.clone(), good.addr.to_string()], "", "", "")).await;
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("the client sees no error");
+    c.send(true, op::TEXT, b"ok").await;
+    assert_eq!(c.recv().await.payload, b"ok");
+    let (_, body) = http_get(proxy.admin, "/routes").await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["routes"][0]["ejected"], serde_json::json!([refused]), "{body}");
+    assert_eq!(good.log.requests.lock().expect("lock").len(), 1);
+}
