@@ -270,16 +270,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
         report.handshakes_per_s = report.opened as f64 / report.duration_s;
     }
     if let (Some(pid), Some(b), Some(l)) = (s.pid, before, loaded) {
-        let sessions = if s.scenario == Kind::Idle { report.held } else { report.opened };
-        let cpu_us = l.cpu_us.saturating_sub(b.cpu_us);
-        report.process = Some(ProcessUse {
-            pid,
-            rss_before_kib: b.rss_kib,
-            rss_loaded_kib: l.rss_kib,
-            kib_per_session: if sessions > 0 { (l.rss_kib as f64 - b.rss_kib as f64) / sessions as f64 } else { 0.0 },
-            cpu_us,
-            cpu_us_per_msg: if report.received > 0 { cpu_us as f64 / report.received as f64 } else { 0.0 },
-        });
+        report.process = Some(ProcessUse::between(pid, &b, &l, &report, s.scenario == Kind::Idle));
     }
     Ok(report)
 }

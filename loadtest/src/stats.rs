@@ -183,6 +183,33 @@ pub struct ProcessUse {
     pub cpu_us_per_msg: f64,
 }
 
+impl ProcessUse {
+    /// Resource use between two samples of `pid`, per session (held sessions for idle runs,
+    /// opened ones otherwise) and per message received.
+    pub fn between(
+        pid: u32,
+        before: &crate::sys::Sample,
+        loaded: &crate::sys::Sample,
+        report: &Report,
+        idle: bool,
+    ) -> Self {
+        let sessions = if idle { report.held } else { report.opened };
+        let cpu_us = loaded.cpu_us.saturating_sub(before.cpu_us);
+        ProcessUse {
+            pid,
+            rss_before_kib: before.rss_kib,
+            rss_loaded_kib: loaded.rss_kib,
+            kib_per_session: if sessions > 0 {
+                (loaded.rss_kib as f64 - before.rss_kib as f64) / sessions as f64
+            } else {
+                0.0
+            },
+            cpu_us,
+            cpu_us_per_msg: if report.received > 0 { cpu_us as f64 / report.received as f64 } else { 0.0 },
+        }
+    }
+}
+
 /// The final result of one scenario run; printed as a table and written with `--json`.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct Report {

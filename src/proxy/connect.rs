@@ -231,9 +231,9 @@ pub async fn connect(
     // Weight 0 takes a member out of rotation under every policy (a drain knob).
     members.retain(|m| m.weight > 0);
     let healthy = state.health.healthy(&members);
-    let candidates: Vec<&Member> = match (healthy.is_empty(), route.health.fail_open) {
-        (false, _) => healthy,
-        (true, true) => members.iter().collect(),
+    let candidates: Vec<Member> = match (healthy.is_empty(), route.health.fail_open) {
+        (false, _) => healthy.into_iter().cloned().collect(),
+        (true, true) => members,
         (true, false) => return Err(ConnectError::NoHealthyMember),
     };
     let order = order(route, state, candidates, req.sticky_key.as_deref(), conns);
@@ -315,19 +315,15 @@ async fn members(route: &RouteConfig, state: &RouteState, caps: &Captures) -> Re
 }
 
 /// Orders candidates by the balance policy: the first is tried first, the rest are fallbacks.
-fn order<'m>(
+fn order(
     route: &RouteConfig,
     state: &RouteState,
-    candidates: Vec<&'m Member>,
+    candidates: Vec<Member>,
     sticky_key: Option<&[u8]>,
     conns: &ConnCounts,
-) -> Vec<&'m Member> {
+) -> Vec<Member> {
     match (route.balance.policy, sticky_key) {
-        (Policy::Sticky, Some(key)) => {
-            let owned: Vec<Member> = candidates.iter().map(|m| (*m).clone()).collect();
-            let ranked: Vec<String> = rank(key, &owned).into_iter().map(|m| m.addr.clone()).collect();
-            ranked.iter().filter_map(|a| candidates.iter().find(|c| &c.addr == a).copied()).collect()
-        }
+        (Policy::Sticky, Some(key)) => rank(key, &candidates).into_iter().cloned().collect(),
         (Policy::LeastConnections, _) => {
             let mut v = candidates;
             let load = |m: &Member| conns.active(&m.addr) as f64 / f64::from(m.weight.max(1));

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use bytes::Bytes;
-use http_body_util::Full;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use portcullis::auth::mint;
 use serde_json::{json, Value};
@@ -333,27 +331,9 @@ struct JwksServer {
 }
 
 async fn jwks_server(doc: String) -> JwksServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let doc = Arc::new(Mutex::new(doc));
-    let hits = Arc::new(AtomicUsize::new(0));
-    let (d, h) = (doc.clone(), hits.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
-            let (d, h) = (d.clone(), h.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    h.fetch_add(1, Ordering::SeqCst);
-                    let body = d.lock().expect("lock").clone();
-                    async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body)))) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
+    let d = doc.clone();
+    let (addr, hits) = http_server(move |_| (200, d.lock().expect("lock").clone()), Duration::ZERO).await;
     JwksServer { addr, doc, hits }
 }
 

@@ -6,8 +6,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
 use tokio::io::AsyncWriteExt;
 
 use crate::harness::*;
@@ -21,41 +19,19 @@ struct Registry {
 }
 
 async fn registry() -> Registry {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let hits = Arc::new(AtomicUsize::new(0));
     let table = Arc::new(Mutex::new((std::collections::HashMap::<String, String>::new(), false)));
-    let (h, t) = (hits.clone(), table.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
-            let (h, t) = (h.clone(), t.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    h.fetch_add(1, Ordering::SeqCst);
-                    let agent = req.uri().path().rsplit('/').next().unwrap_or("").to_string();
-                    let (status, body) = {
-                        let t = t.lock().expect("lock");
-                        match (t.1, t.0.get(&agent)) {
-                            (true, _) => (500, String::new()),
-                            (false, Some(b)) => (200, b.clone()),
-                            (false, None) => (404, String::new()),
-                        }
-                    };
-                    async move {
-                        // A little latency, so concurrent misses overlap.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
-                        *r.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
-                        Ok::<_, std::convert::Infallible>(r)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
+    let t = table.clone();
+    let respond = move |path: &str| {
+        let agent = path.rsplit('/').next().unwrap_or("");
+        let t = t.lock().expect("lock");
+        match (t.1, t.0.get(agent)) {
+            (true, _) => (500, String::new()),
+            (false, Some(b)) => (200, b.clone()),
+            (false, None) => (404, String::new()),
         }
-    });
+    };
+    // A little latency, so concurrent misses overlap.
+    let (addr, hits) = http_server(respond, Duration::from_millis(50)).await;
     Registry { addr, hits, table }
 }
 
