@@ -155,6 +155,9 @@ pub struct TlsSettings {
     pub key: PathBuf,
     /// Extra certificates chosen by SNI.
     pub sni: Vec<SniCertificate>,
+    /// Cipher suites in the server's order of preference (names as in
+    /// [`crate::proxy::tls::CIPHER_SUITES`]); the server's order wins over the client's.
+    pub cipher_suites: Vec<String>,
 }
 
 /// A certificate chosen by SNI.
@@ -554,6 +557,7 @@ struct RawTls {
     key: PathBuf,
     #[serde(default)]
     sni: Vec<SniCertificate>,
+    cipher_suites: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -833,7 +837,15 @@ impl RawConfig {
 
         Ok(Config {
             server,
-            tls: self.tls.map(|t| TlsSettings { cert: t.cert, key: t.key, sni: t.sni }),
+            tls: match self.tls {
+                None => None,
+                Some(t) => Some(TlsSettings {
+                    cipher_suites: cipher_suites(t.cipher_suites)?,
+                    cert: t.cert,
+                    key: t.key,
+                    sni: t.sni,
+                }),
+            },
             listeners,
             admin: match self.admin {
                 None => None,
@@ -1014,6 +1026,29 @@ impl RawBackend {
     }
 }
 
+/// Checks `tls.cipher_suites` (known names, no repeats, not empty); absent means the default order.
+fn cipher_suites(names: Option<Vec<String>>) -> Result<Vec<String>, Invalid> {
+    let Some(names) = names else {
+        return Ok(crate::proxy::tls::CIPHER_SUITES.iter().map(|s| s.to_string()).collect());
+    };
+    if names.is_empty() {
+        return Err(invalid("tls.cipher_suites", "must name at least one cipher suite"));
+    }
+    for (i, name) in names.iter().enumerate() {
+        if !crate::proxy::tls::CIPHER_SUITES.contains(&name.as_str()) {
+            let known = crate::proxy::tls::CIPHER_SUITES.join(", ");
+            return Err(invalid("tls.cipher_suites", &format!("unknown cipher suite {name:?} (known: {known})")));
+        }
+        if names[..i].contains(name) {
+            return Err(invalid("tls.cipher_suites", &format!("{name} is listed twice")));
+        }
+    }
+    if !names.iter().any(|n| n.starts_with("TLS13_")) {
+        return Err(invalid("tls.cipher_suites", "must include at least one TLS 1.3 suite (TLS13_...)"));
+    }
+    Ok(names)
+}
+
 fn dur(v: Option<Dur>, default: Duration) -> Duration {
     v.map_or(default, |d| d.0)
 }
@@ -1105,6 +1140,25 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with("x.toml:5:"), "{msg}");
         assert!(msg.contains("idle_timout"), "{msg}");
+    }
+
+    #[test]
+    fn cipher_suites_default_to_aes_128_first_and_are_checked() {
+        let base = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let c = Config::parse(base, Path::new("x.toml")).expect("valid");
+        let tls = c.tls.expect("tls");
+        assert_eq!(tls.cipher_suites[0], "TLS13_AES_128_GCM_SHA256");
+        assert_eq!(tls.cipher_suites.len(), crate::proxy::tls::CIPHER_SUITES.len());
+        for (list, wanted) in [
+            ("[\"TLS13_AES_128_GCM_SHA265\"]", "unknown cipher suite"),
+            ("[]", "at least one"),
+            ("[\"TLS13_AES_128_GCM_SHA256\", \"TLS13_AES_128_GCM_SHA256\"]", "listed twice"),
+            ("[\"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256\"]", "TLS 1.3"),
+        ] {
+            let text = format!("{base}cipher_suites = {list}\n");
+            let msg = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
+            assert!(msg.contains("tls.cipher_suites") && msg.contains(wanted), "{list}: {msg}");
+        }
     }
 
     #[test]

@@ -247,3 +247,48 @@ async fn backend_receives_key_protocol_extensions_and_forwarding_headers() {
     assert_eq!(req.header("user-agent"), Some("e2e"));
     assert_eq!(req.header("keep-alive"), None, "hop-by-hop headers are not forwarded");
 }
+
+/// Completes a TLS handshake offering `offered` (in that order of preference); the suite the
+/// proxy chose, or the handshake error.
+async fn negotiated_suite(
+    addr: std::net::SocketAddr,
+    offered: &[rustls::SupportedCipherSuite],
+) -> std::io::Result<String> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites = offered.to_vec();
+    let connector = tls_connector_with(std::sync::Arc::new(provider));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio::time::timeout(SOON, connector.connect(name, tcp)).await.expect("handshake in time")?;
+    let suite = tls.get_ref().1.negotiated_cipher_suite().expect("negotiated");
+    Ok(format!("{:?}", suite.suite()))
+}
+
+#[tokio::test]
+async fn tls_server_order_prefers_aes_128_gcm_over_the_clients_choice() {
+    use rustls::crypto::aws_lc_rs::cipher_suite::*;
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, "").await;
+    // The client prefers AES-256-GCM (rustls' own default order); the server's order wins.
+    let offered = [TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_128_GCM_SHA256];
+    assert_eq!(negotiated_suite(proxy.tls, &offered).await.expect("handshake"), "TLS13_AES_128_GCM_SHA256");
+    // A client that offers only ChaCha20 still gets it.
+    let only = [TLS13_CHACHA20_POLY1305_SHA256];
+    assert_eq!(negotiated_suite(proxy.tls, &only).await.expect("handshake"), "TLS13_CHACHA20_POLY1305_SHA256");
+}
+
+#[tokio::test]
+async fn configured_cipher_suites_are_the_only_ones_offered() {
+    use rustls::crypto::aws_lc_rs::cipher_suite::*;
+    let backend = Backend::echo().await;
+    let text = config_text(&[backend.addr.to_string()], "", "", "").replace(
+        "[tls]\n",
+        "[tls]\ncipher_suites = [\"TLS13_AES_256_GCM_SHA384\", \"TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384\"]\n",
+    );
+    let proxy = Proxy::start_with(&text).await;
+    let offered = [TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384];
+    assert_eq!(negotiated_suite(proxy.tls, &offered).await.expect("handshake"), "TLS13_AES_256_GCM_SHA384");
+    // Nothing in common: the handshake fails, and the proxy keeps serving.
+    assert!(negotiated_suite(proxy.tls, &[TLS13_AES_128_GCM_SHA256]).await.is_err());
+    upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101 after a failed handshake");
+}

@@ -50,11 +50,16 @@ pub fn certs() -> &'static Certs {
 }
 
 fn tls_connector() -> tokio_rustls::TlsConnector {
+    tls_connector_with(portcullis::proxy::tls::provider())
+}
+
+/// A client trusting the test certificate, offering the suites of `provider` in its order.
+pub fn tls_connector_with(provider: Arc<rustls::crypto::CryptoProvider>) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&certs().cert).expect("read cert") {
         roots.add(c.expect("cert")).expect("add root");
     }
-    let config = rustls::ClientConfig::builder_with_provider(portcullis::proxy::tls::provider())
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_root_certificates(roots)
