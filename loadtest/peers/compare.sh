@@ -13,7 +13,8 @@
 # FRESH_IDLE ("1000 5000 9900": idle sessions held by a freshly started proxy, for KiB/session),
 # PORTCULLIS_THREADS (1: tokio worker threads, to match the peers' single worker; "" = one per core),
 # TLS (0; 1 = every target over wss:// with one self-signed ECDSA P-256 certificate, clients use
-# --insecure; the direct baseline is a second, TLS, echo backend), OUT (results directory), SKIP_BUILD=1.
+# --insecure; the direct baseline is a second, TLS, echo backend; adds the target nginx-tls12, an NGINX
+# limited to TLS 1.2 as Debian's NGINX 1.22 is by default), OUT (results directory), SKIP_BUILD=1.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -31,7 +32,7 @@ WORK=$(mktemp -d /tmp/portcullis-peers.XXXXXX)
 OUT=${OUT:-$WORK/results}
 mkdir -p "$OUT"
 
-BACKEND_PORT=27681 DIRECT_TLS_PORT=27682 PORTCULLIS_PORT=28080 ADMIN_PORT=29090 NGINX_PORT=28081 HAPROXY_PORT=28082
+BACKEND_PORT=27681 DIRECT_TLS_PORT=27682 PORTCULLIS_PORT=28080 ADMIN_PORT=29090 NGINX_PORT=28081 HAPROXY_PORT=28082 NGINX12_PORT=28083
 PATH_T='/agents/agent-{conn}/terminal'
 
 PIDS=()
@@ -86,8 +87,12 @@ if [ "$TLS" = 1 ]; then
     PC_TLS=$(printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$WORK/cert.pem" "$WORK/key.pem")
     PC_LISTENER_TLS="tls = true"
     NGINX_SSL=" ssl"
-    NGINX_SSL_FILES="ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem;"
-    HAPROXY_SSL="ssl crt $WORK/combined.pem alpn http/1.1"
+    # Every proxy speaks TLS 1.3 (NGINX 1.22 offers only up to TLS 1.2 unless told) with the same
+    # suite preference, server order first (Portcullis's default: AES-128-GCM, whose SHA-256 key
+    # schedule runs on the CPU's SHA extensions).
+    SUITES=TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
+    NGINX_SSL_FILES="ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem; ssl_protocols TLSv1.2 TLSv1.3; ssl_prefer_server_ciphers on; ssl_conf_command Ciphersuites $SUITES;"
+    HAPROXY_SSL="ssl crt $WORK/combined.pem alpn http/1.1 ciphersuites $SUITES"
 fi
 # An ES256 key pair for the stormjwt scenario: every session carries a fresh token that
 # Portcullis verifies (the peers, which have no JWT support, get the same request and ignore it).
@@ -160,6 +165,13 @@ http {
     }
 }
 CONF
+if [ "$TLS" = 1 ]; then
+    # A second NGINX as Debian's 1.22 ships it: TLS 1.2 only (TLS 1.3 joined NGINX's default
+    # ssl_protocols in 1.23.4), so the table shows both protocol versions side by side.
+    mkdir -p "$WORK/nginx12"
+    sed -e "s|127.0.0.1:$NGINX_PORT|127.0.0.1:$NGINX12_PORT|" -e "s|ssl_protocols TLSv1.2 TLSv1.3;|ssl_protocols TLSv1.2;|" \
+        -e "s|pid $WORK/nginx.pid|pid $WORK/nginx12.pid|" -e "s|$WORK/nginx-tmp|$WORK/nginx12|g" "$WORK/nginx.conf" >"$WORK/nginx12.conf"
+fi
 
 cat >"$WORK/haproxy.cfg" <<CONF
 global
@@ -206,6 +218,13 @@ start_nginx() {
     # NGINX relays in its worker, not its master: sample the worker.
     NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -n1)
 }
+start_nginx12() {
+    "$NGINX_BIN" -c "$WORK/nginx12.conf" -p "$WORK" 2>>"$WORK/nginx12.log" &
+    NGINX12_PID=$!
+    PIDS+=("$NGINX12_PID")
+    wait_port $NGINX12_PORT
+    NGINX12_WORKER=$(pgrep -P "$NGINX12_PID" | head -n1)
+}
 start_haproxy() {
     "$HAPROXY_BIN" -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
     HAPROXY_PID=$!
@@ -243,6 +262,11 @@ TARGETS=(
     "haproxy=$SCHEME://127.0.0.1:$HAPROXY_PORT$PATH_T"
 )
 PIDOF=(--pid-of "portcullis=$PORTCULLIS_PID" --pid-of "nginx=$NGINX_WORKER" --pid-of "haproxy=$HAPROXY_PID")
+if [ "$TLS" = 1 ]; then
+    start_nginx12
+    TARGETS+=("nginx-tls12=$SCHEME://127.0.0.1:$NGINX12_PORT$PATH_T")
+    PIDOF+=(--pid-of "nginx-tls12=$NGINX12_WORKER")
+fi
 
 {
     echo "# portcullis-loadtest compare, $(date -u +%Y-%m-%dT%H:%MZ)"
