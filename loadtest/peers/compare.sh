@@ -210,20 +210,28 @@ start_portcullis() {
     PIDS+=("$PORTCULLIS_PID")
     wait_port $PORTCULLIS_PORT
 }
+# NGINX relays in its workers, not its master: sample every worker. Prints the master's children
+# as comma-separated pids (portcullis-loadtest sums them), once all PEER_WORKERS have started.
+nginx_workers() {
+    for _ in $(seq 1 50); do
+        [ "$(pgrep -c -P "$1")" -ge "$PEER_WORKERS" ] && break
+        sleep 0.1
+    done
+    pgrep -P "$1" | paste -sd,
+}
 start_nginx() {
     "$NGINX_BIN" -c "$WORK/nginx.conf" -p "$WORK" 2>>"$WORK/nginx.log" &
     NGINX_PID=$!
     PIDS+=("$NGINX_PID")
     wait_port $NGINX_PORT
-    # NGINX relays in its worker, not its master: sample the worker.
-    NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -n1)
+    NGINX_WORKERS=$(nginx_workers "$NGINX_PID")
 }
 start_nginx12() {
     "$NGINX_BIN" -c "$WORK/nginx12.conf" -p "$WORK" 2>>"$WORK/nginx12.log" &
     NGINX12_PID=$!
     PIDS+=("$NGINX12_PID")
     wait_port $NGINX12_PORT
-    NGINX12_WORKER=$(pgrep -P "$NGINX12_PID" | head -n1)
+    NGINX12_WORKERS=$(nginx_workers "$NGINX12_PID")
 }
 start_haproxy() {
     "$HAPROXY_BIN" -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
@@ -261,11 +269,11 @@ TARGETS=(
     "nginx=$SCHEME://127.0.0.1:$NGINX_PORT$PATH_T"
     "haproxy=$SCHEME://127.0.0.1:$HAPROXY_PORT$PATH_T"
 )
-PIDOF=(--pid-of "portcullis=$PORTCULLIS_PID" --pid-of "nginx=$NGINX_WORKER" --pid-of "haproxy=$HAPROXY_PID")
+PIDOF=(--pid-of "portcullis=$PORTCULLIS_PID" --pid-of "nginx=$NGINX_WORKERS" --pid-of "haproxy=$HAPROXY_PID")
 if [ "$TLS" = 1 ]; then
     start_nginx12
     TARGETS+=("nginx-tls12=$SCHEME://127.0.0.1:$NGINX12_PORT$PATH_T")
-    PIDOF+=(--pid-of "nginx-tls12=$NGINX12_WORKER")
+    PIDOF+=(--pid-of "nginx-tls12=$NGINX12_WORKERS")
 fi
 
 {
@@ -313,7 +321,7 @@ if [ -n "$FRESH_IDLE" ]; then
         for name in portcullis nginx haproxy; do
             case $name in
                 portcullis) stop_pid "$PORTCULLIS_PID"; start_portcullis; pid=$PORTCULLIS_PID port=$PORTCULLIS_PORT ;;
-                nginx) stop_pid "$NGINX_PID"; start_nginx; pid=$NGINX_WORKER port=$NGINX_PORT ;;
+                nginx) stop_pid "$NGINX_PID"; start_nginx; pid=$NGINX_WORKERS port=$NGINX_PORT ;;
                 haproxy) stop_pid "$HAPROXY_PID"; start_haproxy; pid=$HAPROXY_PID port=$HAPROXY_PORT ;;
             esac
             sleep 1

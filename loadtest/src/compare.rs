@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::scenario::{run, Kind, Scenario};
 use crate::stats::{fmt_us, Report};
+use crate::sys::Pids;
 
 /// Medians of one target's runs.
 #[derive(Clone, Debug, Serialize)]
@@ -44,12 +45,21 @@ pub fn parse_targets(args: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// Parses a `--pid-of` argument, `name=PID` or `name=PID,PID,...` (a target's processes, summed).
+pub fn parse_pid_of(arg: &str) -> Result<(String, Pids), String> {
+    let (name, pids) = arg
+        .split_once('=')
+        .filter(|(name, _)| !name.is_empty())
+        .ok_or_else(|| "write name=PID or name=PID,PID,...".to_owned())?;
+    Ok((name.to_owned(), pids.parse()?))
+}
+
 /// Runs `base` against every target, `repeat` rounds, interleaved (a, b, c, a, b, c, ...).
 pub async fn compare(
     base: &Scenario,
     targets: &[(String, String)],
     repeat: usize,
-    pids: &HashMap<String, u32>,
+    pids: &HashMap<String, Pids>,
     pause: Duration,
 ) -> anyhow::Result<Vec<Summary>> {
     let mut runs: Vec<Vec<Report>> = vec![Vec::new(); targets.len()];
@@ -57,7 +67,7 @@ pub async fn compare(
         for (i, (name, url)) in targets.iter().enumerate() {
             let mut s = base.clone();
             s.target = Some(url.clone());
-            s.pid = pids.get(name).copied();
+            s.pid = pids.get(name).cloned();
             eprintln!("round {}/{}: {name} ({url})", round + 1, repeat.max(1));
             let report = run(&s).await.with_context(|| format!("run against {name}"))?;
             runs[i].push(report);
@@ -153,5 +163,16 @@ mod tests {
     fn median_of_even_and_odd() {
         assert_eq!(super::median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(super::median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn pid_of_takes_one_or_several_pids() {
+        let (name, pids) = super::parse_pid_of("nginx=123,456").unwrap();
+        assert_eq!((name.as_str(), pids.as_slice()), ("nginx", &[123, 456][..]));
+        let (name, pids) = super::parse_pid_of("portcullis=42").unwrap();
+        assert_eq!((name.as_str(), pids.as_slice()), ("portcullis", &[42][..]));
+        for bad in ["nginx", "=123", "nginx=", "nginx=12x", "nginx=1,,2", "nginx=1,1"] {
+            assert!(super::parse_pid_of(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use portcullis_loadtest::backend::{self, BackendOptions};
 use portcullis_loadtest::compare;
+use portcullis_loadtest::sys::Pids;
 use portcullis_loadtest::{run, Kind, Report, Scenario};
 
 #[derive(Parser)]
@@ -40,9 +41,9 @@ enum Command {
         /// Override the file's target URL.
         #[arg(long)]
         target: Option<String>,
-        /// Override the file's target pid.
-        #[arg(long)]
-        pid: Option<u32>,
+        /// Override the file's target pid(s), comma-separated (sampled and summed).
+        #[arg(long, value_name = "PID[,PID...]")]
+        pid: Option<Pids>,
         #[command(flatten)]
         output: Output,
     },
@@ -66,9 +67,10 @@ enum Command {
         /// Rounds over all targets; medians are reported.
         #[arg(long, default_value_t = 3)]
         repeat: usize,
-        /// Target process ids to sample, `name=PID` (repeatable).
-        #[arg(long = "pid-of")]
-        pid_of: Vec<String>,
+        /// Target process ids to sample, `name=PID`, or `name=PID,PID,...` to sum a target's
+        /// processes (e.g. all NGINX workers); repeatable.
+        #[arg(long = "pid-of", value_name = "NAME=PID[,PID...]", value_parser = compare::parse_pid_of)]
+        pid_of: Vec<(String, Pids)>,
         /// Pause between runs.
         #[arg(long, default_value = "1s", value_parser = portcullis_loadtest::parse_duration)]
         pause: Duration,
@@ -167,11 +169,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
                 with_kind(scenario_args, kind)
             };
             let targets = compare::parse_targets(&targets)?;
-            let mut pids = HashMap::new();
-            for p in &pid_of {
-                let (n, pid) = p.split_once('=').context("--pid-of is name=PID")?;
-                pids.insert(n.to_owned(), pid.parse().context("--pid-of is name=PID")?);
-            }
+            let pids: HashMap<String, Pids> = pid_of.into_iter().collect();
             let rows = compare::compare(&base, &targets, repeat, &pids, pause).await?;
             println!("{}", compare::table(base.scenario, &rows));
             if let Some(path) = json {
@@ -210,4 +208,60 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
 fn with_kind(mut s: Scenario, kind: Kind) -> Scenario {
     s.scenario = kind;
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{error::ErrorKind, CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("portcullis-loadtest").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn pid_flags_take_comma_separated_pids() {
+        match parse(&["idle", "--pid", "123,456"]).unwrap().command {
+            Command::Idle(a) => assert_eq!(a.scenario.pid.unwrap().as_slice(), [123, 456]),
+            _ => unreachable!(),
+        }
+        match parse(&["echo", "--pid", "123"]).unwrap().command {
+            Command::Echo(a) => assert_eq!(a.scenario.pid.unwrap().as_slice(), [123]),
+            _ => unreachable!(),
+        }
+        match parse(&["run", "x.toml", "--pid", "7,8"]).unwrap().command {
+            Command::Run { pid, .. } => assert_eq!(pid.unwrap().as_slice(), [7, 8]),
+            _ => unreachable!(),
+        }
+        let cli = parse(&["compare", "--scenario", "echo", "--pid-of", "a=1", "--pid-of", "nginx=2,3", "a=ws://x"]);
+        match cli.unwrap().command {
+            Command::Compare { pid_of, .. } => {
+                let got: Vec<(&str, &[u32])> = pid_of.iter().map(|(n, p)| (n.as_str(), p.as_slice())).collect();
+                assert_eq!(got, [("a", &[1][..]), ("nginx", &[2, 3][..])]);
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn bad_pids_are_argument_errors() {
+        for args in [
+            &["echo", "--pid", "abc"][..],
+            &["echo", "--pid", ""],
+            &["echo", "--pid", "1,,2"],
+            &["run", "x.toml", "--pid", "1,x"],
+            &["compare", "--scenario", "echo", "--pid-of", "nginx=", "a=ws://x"],
+            &["compare", "--scenario", "echo", "--pid-of", "nginx=1,a", "a=ws://x"],
+            &["compare", "--scenario", "echo", "--pid-of", "nginx", "a=ws://x"],
+        ] {
+            let err = parse(args).err().unwrap_or_else(|| panic!("{args:?} parsed"));
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{args:?}: {err}");
+        }
+    }
 }

@@ -20,7 +20,7 @@ pub const WORKER_ENV: &str = "PCLT_WORKER_SCENARIO";
 pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
     let n = u64::from(s.procs.max(1));
     let exe = std::env::current_exe().context("cannot find this executable to start workers")?;
-    let before = s.pid.map(sys::sample).transpose().context("cannot sample --pid")?;
+    let before = s.pid.as_ref().map(sys::Pids::sample).transpose().context("cannot sample --pid")?;
     let t0 = Instant::now();
     let mut children = Vec::new();
     for k in 0..n {
@@ -46,11 +46,11 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
     // Sample the target where a single-process run would: at the end of the hold or traffic phase.
     let phase_end = t0 + s.ramp_time() + s.duration;
     let sampler = {
-        let pid = s.pid;
+        let pid = s.pid.clone();
         let settle = if s.scenario == Kind::Idle { s.duration.min(Duration::from_secs(1)) / 2 } else { Duration::ZERO };
         tokio::spawn(async move {
             tokio::time::sleep_until(phase_end - settle).await;
-            pid.and_then(|p| sys::sample(p).ok())
+            pid.and_then(|p| p.sample().ok())
         })
     };
     let mut parts = Vec::new();
@@ -64,7 +64,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
     let loaded = sampler.await.ok().flatten();
     let mut report = Report::merge(parts);
     report.notes.push(format!("split over {n} worker processes"));
-    if let (Some(pid), Some(b), Some(l)) = (s.pid, before, loaded) {
+    if let (Some(pid), Some(b), Some(l)) = (&s.pid, before, loaded) {
         report.process = Some(ProcessUse::between(pid, &b, &l, &report, s.scenario == Kind::Idle));
     }
     Ok(report)

@@ -110,9 +110,10 @@ pub struct Scenario {
     /// Spread sessions over source addresses 127.0.0.1 … 127.0.0.N (loopback targets only).
     #[arg(long, default_value_t = 1)]
     pub source_addrs: u8,
-    /// Target process id: sample its RSS and CPU time from /proc.
-    #[arg(long)]
-    pub pid: Option<u32>,
+    /// Target process id(s), comma-separated: sample RSS and CPU time from /proc, summed over the
+    /// processes (e.g. all NGINX workers).
+    #[arg(long, value_name = "PID[,PID...]")]
+    pub pid: Option<sys::Pids>,
     /// No live progress line.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -210,7 +211,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
     if s.size < wire::HEADER_LEN {
         report.notes.push(format!("messages are at least {} bytes (the integrity header)", wire::HEADER_LEN));
     }
-    let before = s.pid.map(sys::sample).transpose().context("cannot sample --pid")?;
+    let before = s.pid.as_ref().map(sys::Pids::sample).transpose().context("cannot sample --pid")?;
     let progress = progress(s.quiet, stats.clone());
     let t0 = Instant::now();
     let loaded;
@@ -222,10 +223,10 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
                 let (s2, target, stats) = (s.clone(), target.clone(), stats.clone());
                 tasks.push(tokio::spawn(async move { traffic_session(&s2, &target, &stats, i, t0, end).await }));
             }
-            let pid = s.pid;
+            let pid = s.pid.clone();
             let sampler = tokio::spawn(async move {
                 tokio::time::sleep_until(end).await;
-                pid.and_then(|p| sys::sample(p).ok())
+                pid.and_then(|p| p.sample().ok())
             });
             for t in tasks {
                 let _ = t.await;
@@ -242,7 +243,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
             }
             let settle = s.duration.min(Duration::from_secs(1)) / 2;
             tokio::time::sleep_until(hold_end - settle).await;
-            loaded = s.pid.and_then(|p| sys::sample(p).ok());
+            loaded = s.pid.as_ref().and_then(|p| p.sample().ok());
             for t in tasks {
                 if let Ok(true) = t.await {
                     report.held += 1;
@@ -260,7 +261,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
             for t in tasks {
                 let _ = t.await;
             }
-            loaded = s.pid.and_then(|p| sys::sample(p).ok());
+            loaded = s.pid.as_ref().and_then(|p| p.sample().ok());
             report.duration_s = t0.elapsed().as_secs_f64();
         }
     }
@@ -269,7 +270,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
     if s.scenario == Kind::Storm && report.duration_s > 0.0 {
         report.handshakes_per_s = report.opened as f64 / report.duration_s;
     }
-    if let (Some(pid), Some(b), Some(l)) = (s.pid, before, loaded) {
+    if let (Some(pid), Some(b), Some(l)) = (&s.pid, before, loaded) {
         report.process = Some(ProcessUse::between(pid, &b, &l, &report, s.scenario == Kind::Idle));
     }
     Ok(report)

@@ -169,8 +169,8 @@ impl Integrity {
 /// The target process's resource use, sampled from /proc.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct ProcessUse {
-    /// Process id sampled.
-    pub pid: u32,
+    /// Process id(s) sampled; with several, RSS and CPU figures are their sums.
+    pub pid: crate::sys::Pids,
     /// RSS before the run, KiB.
     pub rss_before_kib: u64,
     /// RSS at the measurement point (sessions held), KiB.
@@ -184,10 +184,10 @@ pub struct ProcessUse {
 }
 
 impl ProcessUse {
-    /// Resource use between two samples of `pid`, per session (held sessions for idle runs,
+    /// Resource use between two samples of `pid` (sums over its processes), per session (held sessions for idle runs,
     /// opened ones otherwise) and per message received.
     pub fn between(
-        pid: u32,
+        pid: &crate::sys::Pids,
         before: &crate::sys::Sample,
         loaded: &crate::sys::Sample,
         report: &Report,
@@ -196,7 +196,7 @@ impl ProcessUse {
         let sessions = if idle { report.held } else { report.opened };
         let cpu_us = loaded.cpu_us.saturating_sub(before.cpu_us);
         ProcessUse {
-            pid,
+            pid: pid.clone(),
             rss_before_kib: before.rss_kib,
             rss_loaded_kib: loaded.rss_kib,
             kib_per_session: if sessions > 0 {
@@ -389,8 +389,8 @@ impl Report {
         if let Some(p) = &self.process {
             let _ = writeln!(
                 s,
-                "target pid {}  RSS {} → {} KiB ({:.2} KiB/session), CPU {} ms ({:.2} µs/msg)",
-                p.pid,
+                "target {}  RSS {} → {} KiB ({:.2} KiB/session), CPU {} ms ({:.2} µs/msg)",
+                if p.pid.as_slice().len() > 1 { format!("pids {} (summed)", p.pid) } else { format!("pid {}", p.pid) },
                 p.rss_before_kib,
                 p.rss_loaded_kib,
                 p.kib_per_session,
@@ -431,5 +431,27 @@ pub fn fmt_us(us: u64) -> String {
         format!("{:.1}ms", us as f64 / 1e3)
     } else {
         format!("{us}µs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ProcessUse, Report};
+    use crate::sys::{Pids, Sample};
+
+    #[test]
+    fn process_use_from_summed_samples() {
+        let report = Report { opened: 10, received: 1000, ..Report::default() };
+        let before = Sample { rss_kib: 3000, cpu_us: 1_000 };
+        let loaded = Sample { rss_kib: 4000, cpu_us: 51_000 };
+        let pids: Pids = "11,12".parse().unwrap();
+        let p = ProcessUse::between(&pids, &before, &loaded, &report, false);
+        assert_eq!((p.rss_before_kib, p.rss_loaded_kib, p.cpu_us), (3000, 4000, 50_000));
+        assert_eq!((p.kib_per_session, p.cpu_us_per_msg), (100.0, 50.0));
+        let table = Report { process: Some(p.clone()), ..report.clone() }.table();
+        assert!(table.contains("target pids 11,12 (summed)  RSS 3000 → 4000 KiB"), "{table}");
+        let one = ProcessUse { pid: Pids::from(11), ..p };
+        let table = Report { process: Some(one), ..report }.table();
+        assert!(table.contains("target pid 11  RSS 3000 → 4000 KiB"), "{table}");
     }
 }

@@ -95,7 +95,7 @@ async fn idle_sessions_are_held_and_measured() {
         connections: 50,
         ramp: 200.0,
         ping_interval: Duration::from_millis(200),
-        pid: Some(std::process::id()),
+        pid: Some(std::process::id().into()),
         ..scenario(Kind::Idle, addr)
     };
     let r = run(&s).await.unwrap();
