@@ -11,8 +11,11 @@
 
 use std::hint::black_box;
 
+use common::encode;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use portcullis::proxy::relay::frame::{Event, FrameLimits, Sender, Tracker};
+
+mod common;
 
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 /// Relay buffer size: the stream is fed in chunks of this many bytes.
@@ -22,30 +25,6 @@ const STREAM: usize = 4 << 20;
 
 fn limits() -> FrameLimits {
     FrameLimits { max_frame_size: 1 << 20, max_message_size: 1 << 30, allowed_rsv: 0 }
-}
-
-/// Encodes one final frame with the minimal length form.
-fn encode(opcode: u8, mask: Option<[u8; 4]>, payload: &[u8], out: &mut Vec<u8>) {
-    out.push(0x80 | opcode);
-    let m = if mask.is_some() { 0x80 } else { 0 };
-    match payload.len() {
-        n @ 0..=125 => out.push(m | n as u8),
-        n @ 126..=0xFFFF => {
-            out.push(m | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(m | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    match mask {
-        Some(key) => {
-            out.extend_from_slice(&key);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i & 3]));
-        }
-        None => out.extend_from_slice(payload),
-    }
 }
 
 /// A stream of `opcode` frames with `payload_len`-byte payloads, about `STREAM` bytes long.
