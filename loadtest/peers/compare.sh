@@ -7,7 +7,8 @@
 # distribution's packages if missing (needs root or sudo).
 #
 # Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000),
-# SCENARIOS ("echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt"; idleN holds N sessions;
+# SCENARIOS ("latency echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt"; latency is one
+# session with one 64 B message in flight, for added latency; idleN holds N sessions;
 # stormjwt is the storm with an ES256 token per session, verified by Portcullis only),
 # PEER_WORKERS (1: NGINX worker_processes and HAProxy nbthread; 2 for the two-worker variant),
 # FRESH_IDLE ("1000 5000 9900": idle sessions held by a freshly started proxy, for KiB/session),
@@ -22,7 +23,7 @@ DURATION=${DURATION:-5s}
 REPEAT=${REPEAT:-3}
 CONNS=${CONNS:-50}
 RATE=${RATE:-10000}
-SCENARIOS=${SCENARIOS:-"echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt"}
+SCENARIOS=${SCENARIOS:-"latency echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt"}
 FRESH_IDLE=${FRESH_IDLE-"1000 5000 9900"}
 PORTCULLIS_THREADS=${PORTCULLIS_THREADS-1}
 # NGINX worker_processes / HAProxy nbthread (1 or 2 on this machine).
@@ -294,6 +295,7 @@ run_compare() {
 
 for s in $SCENARIOS; do
     case $s in
+        latency) run_compare latency --scenario echo -q -c 1 --window 1 --size 64 -d "$DURATION" ;;
         echo64) run_compare echo64 --scenario echo -q -c "$CONNS" --window 4 --size 64 -d "$DURATION" ;;
         echo16k) run_compare echo16k --scenario echo -q -c "$CONNS" --window 2 --size 16384 -d "$DURATION" ;;
         rate) run_compare rate --scenario rate -q -c "$CONNS" --rate "$RATE" --size 64 -d "$DURATION" ;;

@@ -497,7 +497,12 @@ async fn traffic_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t
                 if intended >= end {
                     break;
                 }
-                tokio::time::sleep_until(intended).await;
+                // Only sleep for a future send time: tokio's timer rounds deadlines up to the next
+                // millisecond, so sleeping until "now" would hold every closed-loop message for up
+                // to 1 ms and put a 1 ms floor under every round trip.
+                if intended > Instant::now() {
+                    tokio::time::sleep_until(intended).await;
+                }
                 let seq = {
                     let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
                     let seq = t.next_seq;
