@@ -220,19 +220,17 @@ nginx_workers() {
     done
     pgrep -P "$1" | paste -sd,
 }
-start_nginx() {
-    "$NGINX_BIN" -c "$WORK/nginx.conf" -p "$WORK" 2>>"$WORK/nginx.log" &
-    NGINX_PID=$!
-    PIDS+=("$NGINX_PID")
-    wait_port $NGINX_PORT
-    NGINX_WORKERS=$(nginx_workers "$NGINX_PID")
+# Starts NGINX with $WORK/$1.conf and waits for port $2; sets STARTED_PID and STARTED_WORKERS.
+launch_nginx() {
+    "$NGINX_BIN" -c "$WORK/$1.conf" -p "$WORK" 2>>"$WORK/$1.log" &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+    wait_port "$2"
+    STARTED_WORKERS=$(nginx_workers "$STARTED_PID")
 }
-start_nginx12() {
-    "$NGINX_BIN" -c "$WORK/nginx12.conf" -p "$WORK" 2>>"$WORK/nginx12.log" &
-    NGINX12_PID=$!
-    PIDS+=("$NGINX12_PID")
-    wait_port $NGINX12_PORT
-    NGINX12_WORKERS=$(nginx_workers "$NGINX12_PID")
+start_nginx() {
+    launch_nginx nginx $NGINX_PORT
+    NGINX_PID=$STARTED_PID NGINX_WORKERS=$STARTED_WORKERS
 }
 start_haproxy() {
     "$HAPROXY_BIN" -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
@@ -272,9 +270,9 @@ TARGETS=(
 )
 PIDOF=(--pid-of "portcullis=$PORTCULLIS_PID" --pid-of "nginx=$NGINX_WORKERS" --pid-of "haproxy=$HAPROXY_PID")
 if [ "$TLS" = 1 ]; then
-    start_nginx12
+    launch_nginx nginx12 $NGINX12_PORT
     TARGETS+=("nginx-tls12=$SCHEME://127.0.0.1:$NGINX12_PORT$PATH_T")
-    PIDOF+=(--pid-of "nginx-tls12=$NGINX12_WORKERS")
+    PIDOF+=(--pid-of "nginx-tls12=$STARTED_WORKERS")
 fi
 
 {
