@@ -11,11 +11,8 @@
 
 use std::hint::black_box;
 
-use common::encode;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use portcullis::proxy::relay::frame::{Event, FrameLimits, Sender, Tracker};
-
-mod common;
+use portcullis::proxy::relay::frame::{encode, Event, FrameLimits, Side, Tracker};
 
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 /// Relay buffer size: the stream is fed in chunks of this many bytes.
@@ -32,14 +29,14 @@ fn stream(opcode: u8, mask: Option<[u8; 4]>, payload_len: usize) -> Vec<u8> {
     let payload: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
     let mut out = Vec::with_capacity(STREAM + payload_len + 14);
     while out.len() < STREAM {
-        encode(opcode, mask, &payload, &mut out);
+        encode(true, 0, opcode, mask, &payload, &mut out);
     }
     out
 }
 
 /// Feeds `data` in relay-sized chunks; returns (data frames, control frames) so nothing is
 /// optimised away.
-fn feed_all(sender: Sender, data: &[u8]) -> (u64, u64) {
+fn feed_all(sender: Side, data: &[u8]) -> (u64, u64) {
     let mut t = Tracker::new(sender, limits());
     let mut controls = 0;
     for chunk in data.chunks(CHUNK) {
@@ -59,9 +56,9 @@ fn feed_all(sender: Sender, data: &[u8]) -> (u64, u64) {
 
 fn bench_feed(c: &mut Criterion) {
     let cases = [
-        ("client_64B_masked", Sender::Client, stream(0x2, Some(MASK), 64)),
-        ("backend_16KiB", Sender::Backend, stream(0x2, None, 16 * 1024)),
-        ("client_ping_125B_masked", Sender::Client, stream(0x9, Some(MASK), 125)),
+        ("client_64B_masked", Side::Client, stream(0x2, Some(MASK), 64)),
+        ("backend_16KiB", Side::Backend, stream(0x2, None, 16 * 1024)),
+        ("client_ping_125B_masked", Side::Client, stream(0x9, Some(MASK), 125)),
     ];
     let mut group = c.benchmark_group("tracker_feed");
     for (name, sender, data) in &cases {

@@ -19,8 +19,6 @@ use portcullis::session::{SessionBytes, SessionControl};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_util::sync::CancellationToken;
 
-mod common;
-
 /// Bytes written per iteration (rounded up to whole frames).
 const BATCH: usize = 1 << 20;
 /// Capacity of each in-memory pipe, like a socket buffer.
@@ -45,7 +43,7 @@ fn batch(payload: usize) -> Vec<u8> {
     let data: Vec<u8> = (0..payload).map(|i| i as u8).collect();
     let mut out = Vec::with_capacity(BATCH + payload + 14);
     while out.len() < BATCH {
-        common::encode(2, Some([0x37, 0xfa, 0x21, 0x3d]), &data, &mut out);
+        portcullis::proxy::relay::frame::encode(true, 0, 2, Some([0x37, 0xfa, 0x21, 0x3d]), &data, &mut out);
     }
     out
 }

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use portcullis::config::Config;
-use portcullis::proxy::route::RouteTable;
 use portcullis::routing::resolver::{RegistryResolver, RegistrySettings};
 use portcullis::routing::sticky::{choose, rank, Member};
+use portcullis::routing::table::RouteTable;
 
 fn bench(c: &mut Criterion) {
     let mut toml = String::from("[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n");

@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use crate::server::Shared;
 use crate::session::Selector;
+use crate::state::Shared;
 
 /// Serves admin requests until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
@@ -84,10 +84,11 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
                 if let Some(state) = runtime.route_state.get(&route.name) {
                     if route.registry.is_none() {
                         let healthy = route.backends.len().saturating_sub(state.ejected(route).len());
-                        metrics::gauge!("portcullis_member_healthy", "route" => route.name.clone()).set(healthy as f64);
+                        crate::metrics::member_healthy(&route.name, healthy);
                     }
                 }
             }
+            shared.metrics.relay_buffer_bytes.set(crate::proxy::relay::pool::lent_bytes() as f64);
             let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             r
@@ -225,9 +226,9 @@ async fn routes(shared: &Shared, req: Request<Incoming>, path: &str) -> Response
                     continue;
                 };
                 match &ask.agent {
-                    Some(agent) if crate::proxy::route::valid_capture(agent) => {
-                        let caps = crate::proxy::route::Captures::from_pairs(&[("agent", agent.as_str())]);
-                        res.purge(Some(&crate::proxy::route::render_path(&g.url, &caps))).await;
+                    Some(agent) if crate::config::valid_capture(agent) => {
+                        let caps = crate::config::Captures::from_pairs(&[("agent", agent.as_str())]);
+                        res.purge(Some(&crate::config::render_path(&g.url, &caps))).await;
                     }
                     Some(_) => return text(StatusCode::BAD_REQUEST, "invalid agent id\n"),
                     None => res.purge(None).await,

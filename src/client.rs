@@ -9,6 +9,7 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload};
 use http_body_util::Empty;
 use hyper::Request;
+use portcullis::proxy::relay::close::code;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
@@ -56,7 +57,7 @@ pub async fn run(url: &str, ca: Option<&Path>, headers: &[String]) -> anyhow::Re
         for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("cannot read {}", ca.display()))? {
             roots.add(cert?)?;
         }
-        let config = rustls::ClientConfig::builder_with_provider(portcullis::proxy::tls::provider())
+        let config = rustls::ClientConfig::builder_with_provider(portcullis::crypto::provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -84,7 +85,7 @@ where
                 Some(l) => ws.write_frame(Frame::text(Payload::Owned(l.into_bytes()))).await?,
                 None => {
                     stdin_open = false;
-                    ws.write_frame(Frame::close(1000, b"bye")).await?;
+                    ws.write_frame(Frame::close(code::NORMAL, b"bye")).await?;
                 }
             },
             frame = ws.read_frame() => {
@@ -93,8 +94,14 @@ where
                     OpCode::Text | OpCode::Binary => println!("{}", String::from_utf8_lossy(&frame.payload)),
                     OpCode::Close => {
                         let p = &frame.payload;
-                        let code = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 };
-                        eprintln!("closed: {code} {}", String::from_utf8_lossy(p.get(2..).unwrap_or_default()));
+                        match p.get(..2) {
+                            Some(c) => eprintln!(
+                                "closed: {} {}",
+                                u16::from_be_bytes([c[0], c[1]]),
+                                String::from_utf8_lossy(p.get(2..).unwrap_or_default())
+                            ),
+                            None => eprintln!("closed (no status code)"),
+                        }
                         return Ok(());
                     }
                     _ => {}

@@ -30,10 +30,12 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod crypto;
 pub mod demo;
-pub mod error;
 pub mod metrics;
+pub mod outbound;
 pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod session;
+pub mod state;

@@ -7,7 +7,6 @@
 //! accepting, `/ready` turns 503, every session is told to close with 1001 (spread over
 //! `drain_spread`), and `serve` returns when all sessions are gone or at `drain_timeout`.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -25,13 +24,15 @@ use tokio_util::task::TaskTracker;
 use crate::admin;
 use crate::auth::{AuthConfigError, Authenticator, Denylist};
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::proxy::accept::accept_loop;
-use crate::proxy::connect::RouteState;
-use crate::proxy::route::RouteTable;
+use crate::proxy::connect;
 use crate::proxy::tls::{self, TlsConfigError};
+use crate::routing::pool::RouteState;
 use crate::routing::sticky::ConnCounts;
+use crate::routing::table::RouteTable;
 use crate::session::{Sessions, StopReason};
+pub use crate::state::{Runtime, Shared};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,68 +53,31 @@ pub enum ServerError {
     Auth(#[from] AuthConfigError),
 }
 
-/// The configuration in force, with everything built from it; swapped atomically on reload.
-pub struct Runtime {
-    /// The validated configuration.
-    pub config: Config,
-    /// Routes, most specific first.
-    pub routes: RouteTable,
-    /// Token verifier; none when no keys are configured.
-    pub authenticator: Option<Arc<Authenticator>>,
-    /// TLS acceptor with the current certificates; none when no listener is TLS.
-    pub tls: Option<TlsAcceptor>,
-    /// Routing state per route name (resolver cache, health, round-robin cursor).
-    pub route_state: HashMap<String, Arc<RouteState>>,
-}
-
-impl Runtime {
-    /// Builds everything a configuration needs (certificates, keys) without touching the
-    /// running server; fails without side effects.
-    fn build(config: Config, denylist: &Arc<Denylist>, previous: Option<&Runtime>) -> Result<Runtime, ServerError> {
-        let tls = match (&config.tls, config.listeners.iter().any(|l| l.tls)) {
-            (Some(t), true) => Some(TlsAcceptor::from(tls::server_config(t)?)),
-            _ => None,
-        };
-        let authenticator = if config.auth.keys.is_empty() && config.auth.jwks.is_empty() {
-            None
-        } else {
-            Some(Authenticator::new(&config.auth, denylist.clone())?)
-        };
-        let route_state = config
-            .routes
-            .iter()
-            .map(|r| {
-                let kept = previous.and_then(|p| {
-                    let old = p.config.routes.iter().find(|o| o.name == r.name)?;
-                    RouteState::reusable(old, r).then(|| p.route_state.get(&r.name).cloned()).flatten()
-                });
-                (r.name.clone(), kept.unwrap_or_else(|| Arc::new(RouteState::new(r))))
-            })
-            .collect();
-        Ok(Runtime { routes: RouteTable::new(&config.routes), authenticator, tls, route_state, config })
-    }
-}
-
-/// State shared by every connection task.
-pub struct Shared {
-    /// The configuration in force.
-    pub runtime: ArcSwap<Runtime>,
-    /// Process metrics.
-    pub metrics: Arc<Metrics>,
-    /// Cancelled when the server drains; every session's stop token is a child of it.
-    pub drain: CancellationToken,
-    /// Connection tasks, awaited during drain.
-    pub tasks: TaskTracker,
-    /// Connection cap (`max_connections`); a permit is held per connection.
-    pub conn_limit: Arc<Semaphore>,
-    /// True once draining began (`/ready` answers 503).
-    pub draining: AtomicBool,
-    /// Revoked subjects and tokens; kept across reloads.
-    pub denylist: Arc<Denylist>,
-    /// Live sessions, for `/sessions` and revocation.
-    pub sessions: Arc<Sessions>,
-    /// Live sessions per backend member (least connections); kept across reloads.
-    pub conns: Arc<ConnCounts>,
+/// Builds everything a configuration needs (certificates, keys) without touching the
+/// running server; fails without side effects.
+fn build_runtime(config: Config, denylist: &Arc<Denylist>, previous: Option<&Runtime>) -> Result<Runtime, ServerError> {
+    let tls = match (&config.tls, config.listeners.iter().any(|l| l.tls)) {
+        (Some(t), true) => Some(TlsAcceptor::from(tls::server_config(t)?)),
+        _ => None,
+    };
+    let authenticator = if config.auth.keys.is_empty() && config.auth.jwks.is_empty() {
+        None
+    } else {
+        Some(Authenticator::new(&config.auth, denylist.clone())?)
+    };
+    let probe = connect::probe();
+    let route_state = config
+        .routes
+        .iter()
+        .map(|r| {
+            let kept = previous.and_then(|p| {
+                let old = p.config.routes.iter().find(|o| o.name == r.name)?;
+                RouteState::reusable(old, r).then(|| p.route_state.get(&r.name).cloned()).flatten()
+            });
+            (r.name.clone(), kept.unwrap_or_else(|| Arc::new(RouteState::new(r, &probe))))
+        })
+        .collect();
+    Ok(Runtime { routes: RouteTable::new(&config.routes), authenticator, tls, route_state, config })
 }
 
 impl Shared {
@@ -124,8 +88,7 @@ impl Shared {
     /// configuration stays in force.
     pub fn reload(&self, config: Config) -> Result<(), ServerError> {
         let result = self.try_reload(config);
-        let label = if result.is_ok() { "ok" } else { "error" };
-        metrics::counter!("portcullis_reloads_total", "result" => label).increment(1);
+        metrics::reload(result.is_ok());
         match &result {
             Ok(()) => tracing::info!("configuration reloaded"),
             Err(e) => tracing::error!(error = %e, "configuration reload refused; the previous one stays in force"),
@@ -143,7 +106,7 @@ impl Shared {
             tracing::warn!("admin address changed: it applies after a restart");
         }
         let grace = config.server.removed_route_grace;
-        let runtime = Runtime::build(config, &self.denylist, Some(&old))?;
+        let runtime = build_runtime(config, &self.denylist, Some(&old))?;
         let removed: Vec<_> = self
             .sessions
             .list()
@@ -233,7 +196,7 @@ impl Server {
     pub fn new(config: Config) -> Result<Server, ServerError> {
         let denylist = Arc::new(Denylist::default());
         let max_connections = config.server.max_connections;
-        let runtime = Runtime::build(config, &denylist, None)?;
+        let runtime = build_runtime(config, &denylist, None)?;
         Ok(Server {
             shared: Arc::new(Shared {
                 conn_limit: Arc::new(Semaphore::new(max_connections)),
@@ -316,7 +279,7 @@ pub fn reload_from_file(shared: &Shared, path: &std::path::Path) -> Result<(), S
     match Config::load(path) {
         Ok(config) => shared.reload(config).map_err(|e| e.to_string()),
         Err(e) => {
-            metrics::counter!("portcullis_reloads_total", "result" => "error").increment(1);
+            metrics::reload(false);
             tracing::error!(error = %e, "configuration reload refused; the previous one stays in force");
             Err(e.to_string())
         }

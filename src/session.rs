@@ -1,4 +1,5 @@
-//! Live sessions: the stop handle each relay watches (drain, revocation).
+//! Live sessions: who the two sides are, how a session ended, the stop handle each relay
+//! watches (drain, revocation), and the registry behind `/sessions`.
 //!
 //! Every session gets a [`SessionControl`] whose token is a child of the server's drain token:
 //! cancelling the server drains every session at once, and cancelling one session's token (with
@@ -8,6 +9,75 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+
+/// Which side of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The WebSocket client (browser, CLI) that connected to the proxy.
+    Client,
+    /// The agent backend the proxy connected to.
+    Backend,
+}
+
+impl Side {
+    /// The other side.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+
+    /// 0 for the client, 1 for the backend: an index into per-side arrays.
+    pub fn idx(self) -> usize {
+        self as usize
+    }
+
+    /// The direction of bytes read from this side.
+    pub fn direction(self) -> crate::metrics::Direction {
+        match self {
+            Side::Client => crate::metrics::Direction::ClientToBackend,
+            Side::Backend => crate::metrics::Direction::BackendToClient,
+        }
+    }
+}
+
+/// Who ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    /// The client sent a close frame or went away.
+    Client,
+    /// The backend sent a close frame or went away.
+    Backend,
+    /// The proxy closed the session (deadline, limit, violation, drain, revocation).
+    Proxy,
+}
+
+impl Initiator {
+    /// Label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Initiator::Client => "client",
+            Initiator::Backend => "backend",
+            Initiator::Proxy => "proxy",
+        }
+    }
+}
+
+/// How a session ended, for the session log line and metrics.
+#[derive(Debug, Clone)]
+pub struct SessionEnd {
+    /// Close code seen by the client (sent by the backend or the proxy), if any.
+    pub close_code: Option<u16>,
+    /// Who started the close.
+    pub initiator: Initiator,
+    /// Why, in a few words ("client close", "idle timeout", ...).
+    pub reason: &'static str,
+    /// Bytes read from the client and from the backend.
+    pub bytes: [u64; 2],
+    /// Data and control frames read from the client and from the backend.
+    pub frames: [u64; 2],
+}
 
 /// Why a session was told to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::proxy::relay::frame::{Event, FrameLimits, Sender, Tracker};
+use portcullis::proxy::relay::frame::{Event, FrameLimits, Side, Tracker};
 
 const SIZES: [u64; 4] = [0, 125, 4096, u64::MAX];
 
@@ -55,7 +55,7 @@ impl Chunker {
     }
 }
 
-fn run(sender: Sender, limits: FrameLimits, data: &[u8], mut chunker: Option<Chunker>) -> Vec<Seen> {
+fn run(sender: Side, limits: FrameLimits, data: &[u8], mut chunker: Option<Chunker>) -> Vec<Seen> {
     let mut t = Tracker::new(sender, limits);
     let max_into = limits.max_frame_size.max(125).saturating_add(14);
     let mut seen = Vec::new();
@@ -100,7 +100,7 @@ fn run(sender: Sender, limits: FrameLimits, data: &[u8], mut chunker: Option<Chu
 fuzz_target!(|input: &[u8]| {
     let [limits_byte, seed, data @ ..] = input else { return };
     let limits = limits(*limits_byte);
-    for sender in [Sender::Client, Sender::Backend] {
+    for sender in [Side::Client, Side::Backend] {
         let whole = run(sender, limits, data, None);
         let chunked = run(sender, limits, data, Some(Chunker((u32::from(*seed) * 0x0101_0101) | 1)));
         assert_eq!(whole, chunked, "{sender:?}: chunking changed the outcome");

@@ -12,15 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::net::TcpStream;
 
 use super::AuthConfigError;
 use crate::config::JwksSettings;
@@ -42,7 +35,7 @@ pub struct JwksSource {
     keys: moka::future::Cache<String, Arc<JwkKey>>,
     /// Time of the last fetch triggered by an unknown kid; the lock coalesces such fetches.
     last_refetch: tokio::sync::Mutex<Option<Instant>>,
-    tls: Option<tokio_rustls::TlsConnector>,
+    client: crate::outbound::HttpClient,
     fetches: AtomicU64,
 }
 
@@ -67,30 +60,12 @@ impl JwksSource {
     /// Sets up a source; nothing is fetched until [`JwksSource::spawn_refresher`] or a lookup.
     pub fn new(settings: JwksSettings) -> Result<Arc<Self>, AuthConfigError> {
         let err = |message: String| AuthConfigError::Jwks { url: settings.url.to_string(), message };
-        let tls = if settings.url.scheme_str() == Some("https") {
-            let mut roots = rustls::RootCertStore::empty();
-            match &settings.ca {
-                Some(ca) => {
-                    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| err(e.to_string()))? {
-                        roots.add(cert.map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))?;
-                    }
-                }
-                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-            }
-            let config = rustls::ClientConfig::builder_with_provider(crate::proxy::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| err(e.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
-        } else {
-            None
-        };
+        let client = crate::outbound::HttpClient::new(settings.ca.as_deref()).map_err(err)?;
         Ok(Arc::new(JwksSource {
             settings,
             keys: moka::future::Cache::builder().max_capacity(10_000).build(),
             last_refetch: tokio::sync::Mutex::new(None),
-            tls,
+            client,
             fetches: AtomicU64::new(0),
         }))
     }
@@ -162,14 +137,12 @@ impl JwksSource {
                 for kid in stale {
                     self.keys.invalidate(&kid).await;
                 }
-                metrics::counter!("portcullis_jwks_fetches_total", "result" => "ok").increment(1);
-                metrics::gauge!("portcullis_jwks_stale").set(0.0);
+                crate::metrics::jwks_fetch(true);
                 tracing::debug!(%url, keys = fresh.len(), "jwks refreshed");
                 Ok(fresh.len())
             }
             Err(e) => {
-                metrics::counter!("portcullis_jwks_fetches_total", "result" => "error").increment(1);
-                metrics::gauge!("portcullis_jwks_stale").set(1.0);
+                crate::metrics::jwks_fetch(false);
                 tracing::warn!(%url, error = %e, cached_keys = self.keys.entry_count(), "jwks fetch failed; keeping the last good keys");
                 Err(e)
             }
@@ -188,46 +161,18 @@ impl JwksSource {
     }
 
     async fn fetch(&self) -> Result<JwkSet, JwksError> {
-        let url = &self.settings.url;
-        let host = url.host().ok_or_else(|| JwksError::Http("no host".into()))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = url.port_u16().unwrap_or(if self.tls.is_some() { 443 } else { 80 });
-        let tcp = TcpStream::connect((host, port)).await.map_err(|e| JwksError::Http(e.to_string()))?;
-        let body = match &self.tls {
-            Some(tls) => {
-                let name = ServerName::try_from(host.to_owned()).map_err(|e| JwksError::Http(e.to_string()))?;
-                let stream = tls.connect(name, tcp).await.map_err(|e| JwksError::Http(e.to_string()))?;
-                get(TokioIo::new(stream), url).await?
-            }
-            None => get(TokioIo::new(tcp), url).await?,
-        };
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::ACCEPT, http::HeaderValue::from_static("application/json"));
+        let (status, body) = self
+            .client
+            .get(&self.settings.url, headers, MAX_JWKS_BYTES)
+            .await
+            .map_err(|e| JwksError::Http(e.to_string()))?;
+        if !status.is_success() {
+            return Err(JwksError::Status(status.as_u16()));
+        }
         serde_json::from_slice(&body).map_err(|e| JwksError::Parse(e.to_string()))
     }
-}
-
-async fn get<I>(io: I, url: &http::Uri) -> Result<Bytes, JwksError>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(io).await.map_err(|e| JwksError::Http(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let path = url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let authority = url.authority().map(|a| a.as_str()).unwrap_or("");
-    let req = Request::get(path)
-        .header(http::header::HOST, authority)
-        .header(http::header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| JwksError::Http(e.to_string()))?;
-    let resp = sender.send_request(req).await.map_err(|e| JwksError::Http(e.to_string()))?;
-    if !resp.status().is_success() {
-        return Err(JwksError::Status(resp.status().as_u16()));
-    }
-    let body =
-        Limited::new(resp.into_body(), MAX_JWKS_BYTES).collect().await.map_err(|e| JwksError::Http(e.to_string()))?;
-    Ok(body.to_bytes())
 }
 
 fn algorithm_of(a: KeyAlgorithm) -> Option<Algorithm> {

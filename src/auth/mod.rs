@@ -15,7 +15,6 @@ pub mod jwks;
 pub mod mint;
 
 use std::collections::HashSet;
-use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,30 +26,9 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+pub use crate::config::Secret;
 use crate::config::{AuthSettings, KeyMaterial, RouteAuth};
 use jwks::JwksSource;
-
-/// Secret bytes (HMAC keys, admin tokens) whose `Debug` never shows them.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    /// Wraps secret bytes.
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Secret(bytes)
-    }
-
-    /// The secret bytes; only for the code that uses them.
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
 
 /// Why a request was not authenticated or not authorized. Carries no token data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use super::tls::{self, ClientStream};
 use crate::metrics::Metrics;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// Accepts connections until the server drains.
 pub async fn accept_loop(listener: TcpListener, tls: bool, shared: Arc<Shared>) {

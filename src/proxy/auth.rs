@@ -11,147 +11,19 @@
 //! configured claims are added as `x-portcullis-sub` and `x-portcullis-claim-<name>`.
 
 use std::borrow::Cow;
-use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use http::header::{AUTHORIZATION, COOKIE, ORIGIN};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use super::route::{render_path, Captures};
 use super::upgrade::WsRequest;
 use crate::auth::{check_policy, AuthError, Authenticator, Claims};
-use crate::config::{OriginPolicy, RouteConfig};
+use crate::config::{render_path, Captures};
+use crate::config::{OriginPolicy, RouteConfig, TokenSource};
 
 /// Prefix of the identity headers the proxy sets (and strips from clients).
 pub const IDENTITY_PREFIX: &str = "x-portcullis-";
-
-/// Where a token may be found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSource {
-    /// `Authorization: Bearer <token>`.
-    Bearer,
-    /// A query parameter (`query:access_token`).
-    Query(String),
-    /// A cookie (`cookie:portcullis_token`).
-    Cookie(String),
-    /// A `Sec-WebSocket-Protocol` entry with this prefix (`subprotocol:bearer.`).
-    Subprotocol(String),
-}
-
-impl TokenSource {
-    /// Sources used when a route does not list any: the header, then the subprotocol.
-    pub fn defaults() -> Vec<TokenSource> {
-        vec![TokenSource::Bearer, TokenSource::Subprotocol("bearer.".into())]
-    }
-}
-
-impl FromStr for TokenSource {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid token source {s:?}: use bearer, query:NAME, cookie:NAME or subprotocol:PREFIX");
-        match s.split_once(':') {
-            None if s == "bearer" => Ok(TokenSource::Bearer),
-            Some(("query", n)) if !n.is_empty() => Ok(TokenSource::Query(n.to_owned())),
-            Some(("cookie", n)) if !n.is_empty() => Ok(TokenSource::Cookie(n.to_owned())),
-            Some(("subprotocol", p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_graphic() && b != b',') => {
-                Ok(TokenSource::Subprotocol(p.to_owned()))
-            }
-            _ => Err(bad()),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for TokenSource {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// An allowed Origin: `https://app.example.com`, `*.example.com` or `https://*.example.com`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OriginPattern {
-    scheme: Option<String>,
-    /// Exact host, or a suffix starting with '.' for wildcards.
-    host: String,
-    wildcard: bool,
-    port: Option<u16>,
-}
-
-impl OriginPattern {
-    /// Whether an `Origin` header value matches.
-    pub fn matches(&self, origin: &str) -> bool {
-        let Some((scheme, rest)) = origin.split_once("://") else { return false };
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => match p.parse::<u16>() {
-                Ok(p) => (h, Some(p)),
-                Err(_) => return false,
-            },
-            _ => (rest, None),
-        };
-        if self.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case(scheme)) {
-            return false;
-        }
-        if self.port != port && (self.port.is_some() || !self.wildcard) {
-            return false;
-        }
-        let host = host.to_ascii_lowercase();
-        if self.wildcard {
-            host.len() > self.host.len() && host.ends_with(&self.host)
-        } else {
-            host == self.host
-        }
-    }
-}
-
-impl FromStr for OriginPattern {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid origin pattern {s:?}: use https://host[:port], *.domain or https://*.domain");
-        let (scheme, rest) = match s.split_once("://") {
-            Some((sc, r)) if !sc.is_empty() => (Some(sc.to_ascii_lowercase()), r),
-            Some(_) => return Err(bad()),
-            None => (None, s),
-        };
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| bad())?)),
-            None => (rest, None),
-        };
-        let (wildcard, host) = match host.strip_prefix("*.") {
-            Some(suffix) => (true, format!(".{}", suffix.to_ascii_lowercase())),
-            None => (false, host.to_ascii_lowercase()),
-        };
-        if host.is_empty() || host.contains(['/', '*']) || (!wildcard && scheme.is_none()) {
-            return Err(bad());
-        }
-        Ok(OriginPattern { scheme, host, wildcard, port })
-    }
-}
-
-impl fmt::Display for OriginPattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(s) = &self.scheme {
-            write!(f, "{s}://")?;
-        }
-        if self.wildcard {
-            write!(f, "*{}", self.host)?;
-        } else {
-            f.write_str(&self.host)?;
-        }
-        if let Some(p) = self.port {
-            write!(f, ":{p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl<'de> Deserialize<'de> for OriginPattern {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
 
 /// A request that passed the auth stage, reshaped for the backend.
 pub struct Admitted {
@@ -371,37 +243,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn origin_patterns_match() {
-        let exact: OriginPattern = "https://app.example.com".parse().expect("pattern");
-        assert!(exact.matches("https://app.example.com"));
-        assert!(!exact.matches("http://app.example.com"));
-        assert!(!exact.matches("https://app.example.com:8443"));
-        assert!(!exact.matches("https://evil.app.example.com"));
-        let wild: OriginPattern = "*.example.com".parse().expect("pattern");
-        assert!(wild.matches("https://a.example.com"));
-        assert!(wild.matches("http://b.c.example.com:8080"));
-        assert!(!wild.matches("https://example.com"));
-        assert!(!wild.matches("https://evilexample.com"));
-        assert!(!wild.matches("null"));
-        let https_wild: OriginPattern = "https://*.example.com".parse().expect("pattern");
-        assert!(!https_wild.matches("http://a.example.com"));
-        assert!("example.com".parse::<OriginPattern>().is_err());
-    }
-
-    #[test]
     fn query_param_is_removed_and_others_kept() {
         assert_eq!(remove_query_param("/a?access_token=x&cols=80", "access_token"), "/a?cols=80");
         assert_eq!(remove_query_param("/a?access_token=x", "access_token"), "/a");
         assert_eq!(remove_query_param("/a?acc%65ss_token=x&b=1", "access_token"), "/a?b=1");
         assert_eq!(remove_query_param("/a", "access_token"), "/a");
-    }
-
-    #[test]
-    fn token_sources_parse() {
-        assert_eq!("bearer".parse(), Ok(TokenSource::Bearer));
-        assert_eq!("query:t".parse(), Ok(TokenSource::Query("t".into())));
-        assert_eq!("subprotocol:bearer.".parse(), Ok(TokenSource::Subprotocol("bearer.".into())));
-        assert!("header:x".parse::<TokenSource>().is_err());
-        assert!("query:".parse::<TokenSource>().is_err());
     }
 }

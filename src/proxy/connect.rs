@@ -13,14 +13,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
-use super::route::{render_path, Captures};
+use super::relay::close::HEALTH_CHECK;
+use super::relay::frame;
 use super::upgrade::{accept_value, header_has_token, WsRequest};
-use crate::auth::Claims;
-use crate::config::{Policy, RouteConfig, StickyKey};
+use crate::config::{render_path, BackendSettings, Captures, RouteConfig};
 use crate::metrics::Metrics;
-use crate::routing::health::PassiveHealth;
-use crate::routing::resolver::{RegistryResolver, ResolveError, Resolved};
-use crate::routing::sticky::{rank, ConnCounts, ConnGuard, Member, RoundRobin};
+use crate::routing::pool::{PoolError, Probe, RouteState};
+use crate::routing::sticky::{ConnCounts, ConnGuard};
 
 /// Largest backend handshake response accepted.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
@@ -39,18 +38,9 @@ pub enum ConnectError {
     /// Every member timed out, connecting or waiting for the handshake (504).
     #[error("backend timed out (connect timeout {0:?})")]
     Timeout(Duration),
-    /// A capture cannot be used in a templated member host (400).
-    #[error("path capture not usable in a backend host name")]
-    InvalidMember,
-    /// The registry does not know the agent (404).
-    #[error("the registry does not know this agent")]
-    UnknownAgent,
-    /// The registry cannot be reached and nothing usable is cached (503).
-    #[error("registry: {0}")]
-    Registry(ResolveError),
-    /// Every member is ejected (or the registry listed none) and `fail_open` is off (503).
-    #[error("no healthy backend member")]
-    NoHealthyMember,
+    /// The route's pool has no member to offer (400, 404 or 503).
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     /// No member could be reached (503).
     #[error("no backend member reachable ({attempts} tried): {last}")]
     Unreachable {
@@ -128,79 +118,13 @@ pub struct BackendRequest<'a> {
     pub sticky_key: Option<Vec<u8>>,
 }
 
-/// Per-route routing state that lives as long as the configuration: the registry resolver
-/// (with its cache), passive health, and the round-robin cursor.
-pub struct RouteState {
-    /// Registry resolver, for routes with `[routes.registry]`.
-    pub resolver: Option<Arc<RegistryResolver>>,
-    /// Members ejected after failed connects (and failed active checks).
-    pub health: Arc<PassiveHealth>,
-    /// Round-robin cursor.
-    pub round_robin: RoundRobin,
+/// The active health check the pool runs: a TCP connect, or with a path a full WebSocket
+/// handshake followed by a polite close.
+pub(crate) fn probe() -> Probe {
+    Arc::new(|addr, path, settings| Box::pin(async move { check_member(&addr, path.as_deref(), settings).await }))
 }
 
-impl RouteState {
-    /// Whether state built for `old` can serve `new` unchanged: same members, registry and
-    /// health settings. A reload keeps such state (registry cache with its stale copies,
-    /// ejections, cursors) instead of starting cold.
-    pub fn reusable(old: &RouteConfig, new: &RouteConfig) -> bool {
-        old.backends == new.backends && old.registry == new.registry && old.health == new.health
-    }
-
-    /// State for `route`.
-    pub fn new(route: &RouteConfig) -> RouteState {
-        let resolver = route.registry.clone().map(RegistryResolver::new);
-        let health = Arc::new(PassiveHealth::new(route.health.eject_base, route.health.eject_max));
-        if !route.health.active_interval.is_zero() && !route.backends.is_empty() {
-            spawn_active_checks(route, Arc::downgrade(&health));
-        }
-        RouteState { resolver, health, round_robin: RoundRobin::new() }
-    }
-
-    /// Static members of `route` that are ejected now.
-    pub fn ejected(&self, route: &RouteConfig) -> Vec<String> {
-        route
-            .backends
-            .iter()
-            .filter(|m| m.template.captures().next().is_none())
-            .map(|m| m.template.to_string())
-            .filter(|addr| self.health.is_ejected(addr))
-            .collect()
-    }
-}
-
-/// Checks every static (untemplated) member each `active_interval`: a TCP connect, or a full
-/// WebSocket handshake to `active_path`. Failures eject like failed sessions do; a success
-/// readmits. Stops when the route's state is dropped (after a reload).
-fn spawn_active_checks(route: &RouteConfig, health: std::sync::Weak<PassiveHealth>) {
-    let members: Vec<String> = route
-        .backends
-        .iter()
-        .filter(|m| m.template.captures().next().is_none())
-        .map(|m| m.template.to_string())
-        .collect();
-    let (interval, path, timeout_) = (route.health.active_interval, route.health.active_path.clone(), route.backend);
-    let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
-    handle.spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            for addr in &members {
-                let ok = check_member(addr, path.as_deref(), timeout_).await;
-                let Some(h) = health.upgrade() else { return };
-                if ok {
-                    h.record_success(addr);
-                } else {
-                    tracing::debug!(member = %addr, "active health check failed");
-                    h.record_failure(addr);
-                }
-            }
-        }
-    });
-}
-
-async fn check_member(addr: &str, path: Option<&str>, settings: crate::config::BackendSettings) -> bool {
+async fn check_member(addr: &str, path: Option<&str>, settings: BackendSettings) -> bool {
     let Ok(Ok(mut tcp)) = timeout(settings.connect_timeout, TcpStream::connect(addr)).await else { return false };
     let Some(path) = path else { return true };
     let key = "cG9ydGN1bGxpcy1oZWFsdGg=";
@@ -210,8 +134,11 @@ async fn check_member(addr: &str, path: Option<&str>, settings: crate::config::B
     let ws = WsRequest { key: HeaderValue::from_static("cG9ydGN1bGxpcy1oZWFsdGg="), protocol: None, extensions: None };
     let ok = matches!(timeout(settings.handshake_timeout, handshake(&mut tcp, req.as_bytes(), &ws)).await, Ok(Ok(_)));
     if ok {
-        // A polite close: 1001 "going away", masked as a client must.
-        let _ = tcp.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE9]).await;
+        // A polite close, masked as a client must.
+        let mut close = Vec::with_capacity(8);
+        let code = HEALTH_CHECK.code.to_be_bytes();
+        frame::encode(true, 0, frame::opcode::CLOSE, Some(rand::random()), &code, &mut close);
+        let _ = tcp.write_all(&close).await;
     }
     ok
 }
@@ -227,20 +154,8 @@ pub async fn connect(
     conns: &Arc<ConnCounts>,
     metrics: &Metrics,
 ) -> Result<BackendConn, ConnectError> {
-    let mut members = members(route, state, caps).await?;
-    // Weight 0 takes a member out of rotation under every policy (a drain knob).
-    members.retain(|m| m.weight > 0);
-    let healthy = state.health.healthy(&members);
-    let candidates: Vec<Member> = match (healthy.is_empty(), route.health.fail_open) {
-        (false, _) => healthy.into_iter().cloned().collect(),
-        (true, true) => members,
-        (true, false) => return Err(ConnectError::NoHealthyMember),
-    };
-    let order = order(route, state, candidates, req.sticky_key.as_deref(), conns);
-    let attempts = match route.balance.max_attempts {
-        0 => order.len(),
-        n => n.min(order.len()),
-    };
+    let order = state.candidates(route, caps, req.sticky_key.as_deref(), conns).await?;
+    let attempts = order.len();
     let path = match &route.backend_path {
         Some(t) => {
             let path = render_path(t, caps);
@@ -255,7 +170,7 @@ pub async fn connect(
     let mut bad: Option<ConnectError> = None;
     let mut timed_out = false;
     let mut last_io: Option<io::Error> = None;
-    for member in order.into_iter().take(attempts) {
+    for member in &order {
         let member = member.addr.as_str();
         match connect_member(member, &path, route, req).await {
             Ok(mut conn) => {
@@ -289,56 +204,6 @@ pub async fn connect(
     match last_io {
         Some(last) if !timed_out => Err(ConnectError::Unreachable { attempts, last }),
         _ => Err(ConnectError::Timeout(route.backend.connect_timeout)),
-    }
-}
-
-/// The route's members for these captures.
-async fn members(route: &RouteConfig, state: &RouteState, caps: &Captures) -> Result<Vec<Member>, ConnectError> {
-    if let (Some(resolver), Some(g)) = (&state.resolver, &route.registry) {
-        let url = render_path(&g.url, caps);
-        return match resolver.resolve(&url).await {
-            Ok(r) => match r.as_ref() {
-                Resolved::Members(m) if m.is_empty() => Err(ConnectError::NoHealthyMember),
-                Resolved::Members(m) => Ok(m.clone()),
-                Resolved::NotFound => Err(ConnectError::UnknownAgent),
-            },
-            Err(e) => Err(ConnectError::Registry(e)),
-        };
-    }
-    route
-        .backends
-        .iter()
-        .map(|m| {
-            m.template.render(caps).map(|addr| Member { addr, weight: m.weight }).ok_or(ConnectError::InvalidMember)
-        })
-        .collect()
-}
-
-/// Orders candidates by the balance policy: the first is tried first, the rest are fallbacks.
-fn order(
-    route: &RouteConfig,
-    state: &RouteState,
-    candidates: Vec<Member>,
-    sticky_key: Option<&[u8]>,
-    conns: &ConnCounts,
-) -> Vec<Member> {
-    match (route.balance.policy, sticky_key) {
-        (Policy::Sticky, Some(key)) => rank(key, &candidates).into_iter().cloned().collect(),
-        (Policy::LeastConnections, _) => {
-            let mut v = candidates;
-            let load = |m: &Member| conns.active(&m.addr) as f64 / f64::from(m.weight.max(1));
-            v.sort_by(|a, b| load(a).total_cmp(&load(b)));
-            v
-        }
-        // Sticky without a key (absent from the request) falls back to round robin.
-        (Policy::RoundRobin | Policy::Sticky, _) => {
-            let n = candidates.len();
-            let first = if n == 0 { 0 } else { state.round_robin.next(n) % n };
-            let mut v = candidates;
-            v.rotate_left(first);
-            v
-        }
-        (Policy::Ordered, _) => candidates,
     }
 }
 
@@ -513,32 +378,4 @@ async fn handshake(stream: &mut TcpStream, head: &[u8], ws: &WsRequest) -> Resul
             map.get(header::SEC_WEBSOCKET_EXTENSIONS).cloned(),
         ));
     }
-}
-
-/// The sticky key for a request, read from where the route says.
-pub fn sticky_key(
-    key: &StickyKey,
-    headers: &HeaderMap,
-    path_and_query: &str,
-    caps: &Captures,
-    claims: Option<&Claims>,
-) -> Option<Vec<u8>> {
-    let found: Option<Vec<u8>> = match key {
-        StickyKey::Claim(name) => claims.and_then(|c| c.get(name)).map(|v| match v {
-            serde_json::Value::String(s) => s.as_bytes().to_vec(),
-            other => other.to_string().into_bytes(),
-        }),
-        StickyKey::Header(name) => headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()),
-        StickyKey::Cookie(name) => headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(';'))
-            .find_map(|kv| kv.trim().split_once('=').filter(|(k, _)| k == name).map(|(_, v)| v.as_bytes().to_vec())),
-        StickyKey::Query(name) => path_and_query.split_once('?').and_then(|(_, q)| {
-            form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name.as_str()).map(|(_, v)| v.as_bytes().to_vec())
-        }),
-        StickyKey::Capture(name) => caps.get(name).map(|v| v.as_bytes().to_vec()),
-    };
-    found.filter(|k| !k.is_empty())
 }

@@ -12,6 +12,7 @@
 pub mod accept;
 pub mod auth;
 pub mod connect;
+pub mod error;
 pub mod http;
 pub mod relay;
 pub mod route;
@@ -38,9 +39,9 @@ use tracing::Instrument;
 
 use crate::auth::Claims;
 use crate::config::RouteConfig;
-use crate::error::RequestError;
-use crate::server::Shared;
+use crate::proxy::error::RequestError;
 use crate::session::{SessionBytes, SessionControl, SessionEntry};
+use crate::state::Shared;
 use connect::{BackendConn, BackendRequest, ForwardedFor};
 use relay::{RelayParams, SessionEnd};
 use tls::ClientStream;
@@ -111,8 +112,7 @@ pub async fn serve_connection(
 /// The request handler: route, upgrade, auth and connect stages; answers 101 or an error.
 async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let runtime = ctx.shared.runtime.load_full();
-    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(strip_port);
-    let (route, caps) = match runtime.routes.find(host, req.uri().path()) {
+    let (route, caps) = match route::find(&runtime.routes, req.headers(), req.uri().path()) {
         Ok(found) => found,
         Err(e) => return Ok(reject(&ctx, "none", e.into())),
     };
@@ -134,11 +134,9 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         proto: if ctx.tls { "https" } else { "http" },
         host: req.headers().get(HOST).cloned(),
     };
-    let sticky_key = route
-        .balance
-        .sticky_key
-        .as_ref()
-        .and_then(|k| connect::sticky_key(k, req.headers(), path_and_query, &caps, admitted.claims.as_deref()));
+    let sticky_key = route.balance.sticky_key.as_ref().and_then(|k| {
+        crate::routing::pool::sticky_key(k, req.headers(), path_and_query, &caps, admitted.claims.as_deref())
+    });
     let breq = BackendRequest {
         path_and_query: &admitted.path_and_query,
         ws: &admitted.ws,
@@ -147,8 +145,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         sticky_key,
     };
     let Some(state) = runtime.route_state.get(&route.name) else {
-        tracing::error!(route = %route.name, "no routing state for a configured route");
-        return Ok(reject(&ctx, &route.name, RequestError::Draining));
+        return Ok(reject(&ctx, &route.name, RequestError::Internal("no routing state for a configured route")));
     };
     let backend = match connect::connect(&route, state, &caps, &breq, &ctx.shared.conns, &ctx.shared.metrics).await {
         Ok(b) => b,
@@ -185,8 +182,10 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
 fn reject(ctx: &ConnCtx, route: &str, e: RequestError) -> Response<Full<Bytes>> {
     tracing::debug!(route, client = %ctx.client_addr, status = e.status().as_u16(), error = %e, "upgrade rejected");
     ctx.shared.metrics.upgrade(route, e.result_label());
-    if let RequestError::Auth(a) = &e {
-        ctx.shared.metrics.auth_failure(route, a.reason());
+    match &e {
+        RequestError::Auth(a) => ctx.shared.metrics.auth_failure(route, a.reason()),
+        RequestError::Internal(what) => tracing::error!(route, what, "internal error"),
+        _ => {}
     }
     e.response()
 }
@@ -332,11 +331,4 @@ fn log_session_end(
         reason = end.reason,
         "session ended"
     );
-}
-
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(host);
-    }
-    host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
 }

@@ -23,6 +23,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsSettings;
+#[cfg(test)]
+use crate::config::CIPHER_SUITES;
 
 /// Why the TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -73,32 +75,9 @@ impl TlsHandshakeError {
     }
 }
 
-/// Cipher suites the server can offer, in the default order of preference.
-///
-/// AES-128-GCM comes first: it is as strong as anything a browser negotiates today, and its
-/// TLS 1.3 key schedule runs on SHA-256, which x86-64 and ARMv8 CPUs accelerate (SHA-NI); the
-/// SHA-384 schedule of AES-256-GCM runs in software on most of them and costs measurably more
-/// per handshake (see BENCHMARKS.md). The server's order wins over the client's.
-pub const CIPHER_SUITES: &[&str] = &[
-    "TLS13_AES_128_GCM_SHA256",
-    "TLS13_AES_256_GCM_SHA384",
-    "TLS13_CHACHA20_POLY1305_SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
-];
-
-/// The rustls suite of a [`CIPHER_SUITES`] name.
+/// The rustls suite of a [`crate::config::CIPHER_SUITES`] name.
 fn cipher_suite(name: &str) -> Option<SupportedCipherSuite> {
     rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES.iter().copied().find(|s| format!("{:?}", s.suite()) == name)
-}
-
-/// The crypto provider used everywhere (aws-lc-rs).
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// Builds the server configuration from PEM files.

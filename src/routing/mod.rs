@@ -18,5 +18,7 @@
 //! a member moves only the keys that were on it.
 
 pub mod health;
+pub mod pool;
 pub mod resolver;
 pub mod sticky;
+pub mod table;

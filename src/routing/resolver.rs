@@ -25,13 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, HOST};
-use http::{HeaderValue, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
-use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
+use http::header::{ACCEPT, AUTHORIZATION};
+use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 
 use super::sticky::Member;
 
@@ -91,7 +86,7 @@ pub struct RegistryResolver {
     /// when the registry fails.
     stale: moka::future::Cache<String, (Arc<Resolved>, Instant)>,
     /// Client TLS for `https://` registries (webpki roots); `None` if it could not be set up.
-    tls: Option<tokio_rustls::TlsConnector>,
+    client: Option<crate::outbound::HttpClient>,
     /// Registry requests sent, for stats.
     requests: AtomicU64,
 }
@@ -107,7 +102,13 @@ impl RegistryResolver {
             .max_capacity(settings.max_capacity)
             .time_to_live(settings.ttl.saturating_add(settings.stale_ttl).min(MAX_CACHE_TTL))
             .build();
-        Arc::new(RegistryResolver { settings, fresh, stale, tls: tls_connector(), requests: AtomicU64::new(0) })
+        Arc::new(RegistryResolver {
+            settings,
+            fresh,
+            stale,
+            client: crate::outbound::HttpClient::new(None).ok(),
+            requests: AtomicU64::new(0),
+        })
     }
 
     /// The settings this resolver was built with.
@@ -123,7 +124,7 @@ impl RegistryResolver {
                 (false, Resolved::Members(_)) => "hit",
                 (false, Resolved::NotFound) => "negative",
             };
-            metrics::counter!("portcullis_route_cache_total", "result" => result).increment(1);
+            crate::metrics::route_cache(result);
             return Ok(cached.answer);
         }
         // Only one of the concurrent callers for `url` runs this future; the others wait for
@@ -131,11 +132,11 @@ impl RegistryResolver {
         match self.fresh.try_get_with(url.to_owned(), self.fetch_or_stale(url)).await {
             Ok(entry) => {
                 let result = if entry.stale { "stale" } else { "miss" };
-                metrics::counter!("portcullis_route_cache_total", "result" => result).increment(1);
+                crate::metrics::route_cache(result);
                 Ok(entry.answer)
             }
             Err(error) => {
-                metrics::counter!("portcullis_route_cache_total", "result" => "miss").increment(1);
+                crate::metrics::route_cache("miss");
                 Err((*error).clone())
             }
         }
@@ -199,38 +200,22 @@ impl RegistryResolver {
             Ok(result) => result,
             Err(_) => Err(ResolveError::Unavailable(format!("no answer within {timeout:?}"))),
         };
-        metrics::histogram!("portcullis_registry_seconds").record(started.elapsed().as_secs_f64());
         let label = match &result {
             Ok(Resolved::Members(_)) => "ok",
             Ok(Resolved::NotFound) => "not_found",
             Err(_) => "error",
         };
-        metrics::counter!("portcullis_registry_requests_total", "result" => label).increment(1);
+        crate::metrics::registry_request(label, started.elapsed().as_secs_f64());
         result
     }
 
     async fn request(&self, url: &str) -> Result<Resolved, ResolveError> {
-        let unavailable = |what: &str, e: &dyn std::fmt::Display| ResolveError::Unavailable(format!("{what}: {e}"));
-        let uri: Uri = url.parse().map_err(|e| unavailable("invalid registry url", &e))?;
-        let https = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => return Err(ResolveError::Unavailable("registry url must be http:// or https://".into())),
-        };
-        let host = uri.host().ok_or_else(|| ResolveError::Unavailable("registry url has no host".into()))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let tcp = TcpStream::connect((host, port)).await.map_err(|e| unavailable("connect", &e))?;
-        let _ = tcp.set_nodelay(true);
-        let req = self.build_request(&uri)?;
-        let (status, body) = if https {
-            let tls = self.tls.as_ref().ok_or_else(|| ResolveError::Unavailable("tls client unavailable".into()))?;
-            let name = ServerName::try_from(host.to_owned()).map_err(|e| unavailable("registry host name", &e))?;
-            let stream = tls.connect(name, tcp).await.map_err(|e| unavailable("tls", &e))?;
-            send(TokioIo::new(stream), req).await?
-        } else {
-            send(TokioIo::new(tcp), req).await?
-        };
+        let uri: Uri = url.parse().map_err(|e| ResolveError::Unavailable(format!("invalid registry url: {e}")))?;
+        let client = self.client.as_ref().ok_or_else(|| ResolveError::Unavailable("http client unavailable".into()))?;
+        let (status, body) = client
+            .get(&uri, self.request_headers()?, MAX_BODY_BYTES)
+            .await
+            .map_err(|e| ResolveError::Unavailable(e.to_string()))?;
         match status {
             StatusCode::NOT_FOUND => Ok(Resolved::NotFound),
             s if s.is_success() => parse_members(&body).map(Resolved::Members),
@@ -238,40 +223,18 @@ impl RegistryResolver {
         }
     }
 
-    fn build_request(&self, uri: &Uri) -> Result<Request<Empty<Bytes>>, ResolveError> {
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let authority = uri.authority().map_or("", |a| a.as_str());
-        let mut req = Request::get(path)
-            .header(HOST, authority)
-            .header(ACCEPT, "application/json")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| ResolveError::Unavailable(format!("request: {e}")))?;
+    fn request_headers(&self) -> Result<HeaderMap, ResolveError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         if let Some(token) = &self.settings.token {
             let mut value = HeaderValue::from_bytes(&[b"Bearer ", token.expose()].concat())
                 // The error names no bytes, so the token cannot leak through it.
                 .map_err(|_| ResolveError::Unavailable("registry token is not a valid header value".into()))?;
             value.set_sensitive(true);
-            req.headers_mut().insert(AUTHORIZATION, value);
+            headers.insert(AUTHORIZATION, value);
         }
-        Ok(req)
+        Ok(headers)
     }
-}
-
-/// Sends `req` on a fresh HTTP/1.1 connection and reads the body (at most [`MAX_BODY_BYTES`]).
-async fn send<I>(io: I, req: Request<Empty<Bytes>>) -> Result<(StatusCode, Bytes), ResolveError>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let unavailable = |what: &str, e: &dyn std::fmt::Display| ResolveError::Unavailable(format!("{what}: {e}"));
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| unavailable("http", &e))?;
-    // Drives the connection; it ends when `sender` is dropped at the end of this function.
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let resp = sender.send_request(req).await.map_err(|e| unavailable("http", &e))?;
-    let status = resp.status();
-    let body = Limited::new(resp.into_body(), MAX_BODY_BYTES).collect().await.map_err(|e| unavailable("body", &e))?;
-    Ok((status, body.to_bytes()))
 }
 
 /// The registry's answer body.
@@ -318,18 +281,6 @@ impl moka::Expiry<String, Entry> for PerEntryTtl {
     }
 }
 
-/// A TLS client trusting the webpki roots, for `https://` registries.
-fn tls_connector() -> Option<tokio_rustls::TlsConnector> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let config = rustls::ClientConfig::builder_with_provider(crate::proxy::tls::provider())
-        .with_safe_default_protocol_versions()
-        .ok()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
-}
-
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
@@ -337,9 +288,12 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
 
+    use bytes::Bytes;
+    use http::Request;
     use http_body_util::Full;
     use hyper::server::conn::http1;
     use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
     use tokio::net::TcpListener;
 
     use super::*;
@@ -581,7 +535,7 @@ mod tests {
     async fn bearer_token_is_sent_and_not_shown_in_debug() {
         let registry = TestRegistry::start().await;
         let mut s = settings(1000 * MS, 1000 * MS, 1000 * MS);
-        s.token = Some(crate::auth::Secret::new(b"s3cret".to_vec()));
+        s.token = Some(crate::config::Secret::new(b"s3cret".to_vec()));
         assert!(!format!("{s:?}").contains("s3cret"));
         let resolver = RegistryResolver::new(s);
         resolver.resolve(&registry.url("a1")).await.expect("resolved");

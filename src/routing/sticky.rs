@@ -140,27 +140,22 @@ impl ConnCounts {
         self.lock().get(addr).copied().unwrap_or(0)
     }
 
-    /// The member with the fewest active sessions per unit of weight; among equals the heavier,
-    /// then the earlier in `members`. Members with weight 0 are never chosen.
-    pub fn least<'m>(&self, members: &'m [Member]) -> Option<&'m Member> {
+    /// Members ordered by active sessions per unit of weight, fewest first; among equals the
+    /// heavier, then the earlier in `members`. Members with weight 0 are left out. This is the
+    /// least-connections policy: the first is tried first, the rest are its fallbacks.
+    pub fn by_load<'m>(&self, members: &'m [Member]) -> Vec<&'m Member> {
         let active = self.lock();
-        let mut best: Option<(usize, &'m Member)> = None;
-        for m in members.iter().filter(|m| m.weight > 0) {
-            let n = active.get(&m.addr).copied().unwrap_or(0);
-            let better = match best {
-                None => true,
-                // n / w < bn / bw  <=>  n * bw < bn * w; u128 cannot overflow (usize * u32).
-                Some((bn, b)) => {
-                    let lhs = n as u128 * u128::from(b.weight);
-                    let rhs = bn as u128 * u128::from(m.weight);
-                    lhs < rhs || (lhs == rhs && m.weight > b.weight)
-                }
-            };
-            if better {
-                best = Some((n, m));
-            }
-        }
-        best.map(|(_, m)| m)
+        let mut loaded: Vec<(usize, &'m Member)> =
+            members.iter().filter(|m| m.weight > 0).map(|m| (active.get(&m.addr).copied().unwrap_or(0), m)).collect();
+        drop(active);
+        // n / w < bn / bw  <=>  n * bw < bn * w; u128 cannot overflow (usize * u32). The sort is
+        // stable, so equals keep their order in `members`.
+        loaded.sort_by(|(n, a), (bn, b)| {
+            let lhs = *n as u128 * u128::from(b.weight);
+            let rhs = *bn as u128 * u128::from(a.weight);
+            lhs.cmp(&rhs).then_with(|| b.weight.cmp(&a.weight))
+        });
+        loaded.into_iter().map(|(_, m)| m).collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, usize>> {
@@ -341,23 +336,23 @@ mod tests {
             Member { addr: "c:1".into(), weight: 0 },
         ];
         // Equal (zero) load: the heavier member first.
-        assert_eq!(counts.least(&pool).map(|m| m.addr.as_str()), Some("b:1"));
+        assert_eq!(counts.by_load(&pool).first().map(|m| m.addr.as_str()), Some("b:1"));
         let b1 = counts.acquire("b:1");
         // a: 0/1, b: 1/2 -> a.
-        assert_eq!(counts.least(&pool).map(|m| m.addr.as_str()), Some("a:1"));
+        assert_eq!(counts.by_load(&pool).first().map(|m| m.addr.as_str()), Some("a:1"));
         let a1 = counts.acquire("a:1");
         // a: 1/1, b: 1/2 -> b.
-        assert_eq!(counts.least(&pool).map(|m| m.addr.as_str()), Some("b:1"));
+        assert_eq!(counts.by_load(&pool).first().map(|m| m.addr.as_str()), Some("b:1"));
         let b2 = counts.acquire("b:1");
         assert_eq!(counts.active("b:1"), 2);
         // a: 1/1, b: 2/2 -> tie, heavier b.
-        assert_eq!(counts.least(&pool).map(|m| m.addr.as_str()), Some("b:1"));
+        assert_eq!(counts.by_load(&pool).first().map(|m| m.addr.as_str()), Some("b:1"));
         drop(a1);
         assert_eq!(counts.active("a:1"), 0);
-        assert_eq!(counts.least(&pool).map(|m| m.addr.as_str()), Some("a:1"));
+        assert_eq!(counts.by_load(&pool).first().map(|m| m.addr.as_str()), Some("a:1"));
         drop((b1, b2));
         assert_eq!(counts.active("b:1"), 0);
         assert!(counts.lock().is_empty(), "idle members are forgotten");
-        assert_eq!(counts.least(&pool[2..]), None);
+        assert_eq!(counts.by_load(&pool[2..]).first(), None);
     }
 }

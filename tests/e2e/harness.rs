@@ -50,7 +50,7 @@ pub fn certs() -> &'static Certs {
 }
 
 fn tls_connector() -> tokio_rustls::TlsConnector {
-    tls_connector_with(portcullis::proxy::tls::provider())
+    tls_connector_with(portcullis::crypto::provider())
 }
 
 /// A client trusting the test certificate, offering the suites of `provider` in its order.
@@ -102,29 +102,10 @@ impl TFrame {
     }
 }
 
-/// Encodes one frame.
+/// Encodes one frame with the proxy's own encoder; `rsv` is the three RSV bits (4 = RSV1).
 pub fn encode(fin: bool, rsv: u8, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 14);
-    out.push((if fin { 0x80 } else { 0 }) | (rsv << 4) | opcode);
-    let m = if mask.is_some() { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => out.push(m | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(m | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(m | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    match mask {
-        Some(k) => {
-            out.extend_from_slice(&k);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i & 3]));
-        }
-        None => out.extend_from_slice(payload),
-    }
+    portcullis::proxy::relay::frame::encode(fin, rsv << 4, opcode, mask, payload, &mut out);
     out
 }
 

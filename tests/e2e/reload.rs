@@ -23,7 +23,7 @@ async fn served_certificate(addr: std::net::SocketAddr, trust: &[&Path]) -> Vec<
             roots.add(c.expect("cert")).expect("root");
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(portcullis::proxy::tls::provider())
+    let config = rustls::ClientConfig::builder_with_provider(portcullis::crypto::provider())
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_root_certificates(roots)

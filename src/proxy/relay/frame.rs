@@ -7,14 +7,9 @@
 //! collects the (at most 125-byte) payload of control frames, unmasked, so the relay can act on
 //! close frames and recognise pongs that answer its own pings.
 
-/// Which peer produced the bytes a tracker sees; decides the masking rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sender {
-    /// Frames from the client: must be masked (RFC 6455 §5.1).
-    Client,
-    /// Frames from the backend: must not be masked.
-    Backend,
-}
+/// Which peer produced the bytes a tracker sees; decides the masking rule (client frames must
+/// be masked, RFC 6455 §5.1; backend frames must not be).
+pub use crate::session::Side;
 
 /// Limits enforced on one direction.
 #[derive(Debug, Clone, Copy)]
@@ -85,14 +80,6 @@ pub enum Violation {
 }
 
 impl Violation {
-    /// The close code the offending peer is sent: 1009 for size limits, 1002 otherwise.
-    pub fn close_code(self) -> u16 {
-        match self {
-            Violation::FrameTooLarge(_) | Violation::MessageTooLarge => 1009,
-            _ => 1002,
-        }
-    }
-
     /// A short, bounded label for metrics and logs.
     pub fn label(self) -> &'static str {
         match self {
@@ -102,6 +89,58 @@ impl Violation {
             _ => "protocol",
         }
     }
+}
+
+/// Length of the frame [`encode_into`] writes for a payload of `payload_len` bytes.
+pub fn encoded_len(payload_len: usize, masked: bool) -> usize {
+    let ext = match payload_len {
+        0..=125 => 0,
+        126..=0xFFFF => 2,
+        _ => 8,
+    };
+    2 + ext + if masked { 4 } else { 0 } + payload_len
+}
+
+/// Writes one frame (the minimal length form) into `out`, which must be exactly
+/// [`encoded_len`] bytes long. `rsv` holds the RSV bits in place (`0x70` mask bits); with a
+/// `mask` the payload is masked with it, as a client must.
+pub fn encode_into(out: &mut [u8], fin: bool, rsv: u8, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) {
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    out[0] = (if fin { 0x80 } else { 0 }) | (rsv & 0x70) | (opcode & 0x0F);
+    let n = payload.len();
+    let mut at = match n {
+        0..=125 => {
+            out[1] = m | n as u8;
+            2
+        }
+        126..=0xFFFF => {
+            out[1] = m | 126;
+            out[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            4
+        }
+        _ => {
+            out[1] = m | 127;
+            out[2..10].copy_from_slice(&(n as u64).to_be_bytes());
+            10
+        }
+    };
+    match mask {
+        Some(key) => {
+            out[at..at + 4].copy_from_slice(&key);
+            at += 4;
+            for (i, (o, b)) in out[at..].iter_mut().zip(payload).enumerate() {
+                *o = b ^ key[i & 3];
+            }
+        }
+        None => out[at..].copy_from_slice(payload),
+    }
+}
+
+/// Appends one frame (the minimal length form) to `out`; see [`encode_into`].
+pub fn encode(fin: bool, rsv: u8, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + encoded_len(payload.len(), mask.is_some()), 0);
+    encode_into(&mut out[start..], fin, rsv, opcode, mask, payload);
 }
 
 /// What the tracker found while consuming bytes.
@@ -120,7 +159,7 @@ pub enum Event {
 /// Small on purpose (about 170 bytes): one lives in every session, twice.
 #[derive(Debug)]
 pub struct Tracker {
-    sender: Sender,
+    sender: Side,
     limits: FrameLimits,
     /// Header bytes collected so far for the frame being parsed.
     header: [u8; 14],
@@ -147,7 +186,7 @@ pub struct Tracker {
 
 impl Tracker {
     /// A tracker for bytes sent by `sender`, enforcing `limits`.
-    pub fn new(sender: Sender, limits: FrameLimits) -> Self {
+    pub fn new(sender: Side, limits: FrameLimits) -> Self {
         Tracker {
             sender,
             limits,
@@ -290,8 +329,8 @@ impl Tracker {
             n => n as u64,
         };
         match (self.sender, masked) {
-            (Sender::Client, false) => return Err(Violation::UnmaskedClientFrame),
-            (Sender::Backend, true) => return Err(Violation::MaskedBackendFrame),
+            (Side::Client, false) => return Err(Violation::UnmaskedClientFrame),
+            (Side::Backend, true) => return Err(Violation::MaskedBackendFrame),
             _ => {}
         }
         if masked {
@@ -368,6 +407,7 @@ fn header_len_needed(seen: &[u8]) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use super::super::close::violation_code;
     use super::*;
 
     /// The masking key of the RFC 6455 §5.7 examples.
@@ -384,29 +424,23 @@ mod tests {
     /// How the payload length is written in an encoded header.
     #[derive(Debug, Clone, Copy)]
     enum LenForm {
-        /// The shortest form RFC 6455 requires.
-        Minimal,
         /// Always the 16-bit extended form.
         Ext16,
         /// Always the 64-bit extended form.
         Ext64,
     }
 
-    /// Test-only frame encoder: header in the requested length form, payload masked with `mask`.
-    fn encode(fin: bool, rsv: u8, op: u8, mask: Option<[u8; 4]>, payload: &[u8], form: LenForm) -> Vec<u8> {
+    /// Test-only encoder for the non-minimal length forms a peer may legally send.
+    fn encode_form(fin: bool, rsv: u8, op: u8, mask: Option<[u8; 4]>, payload: &[u8], form: LenForm) -> Vec<u8> {
         let mut out = Vec::with_capacity(payload.len() + 14);
         out.push((if fin { 0x80 } else { 0 }) | (rsv & 0x70) | (op & 0x0F));
         let m = if mask.is_some() { 0x80 } else { 0 };
         let n = payload.len();
         let bits = match form {
-            LenForm::Minimal if n < 126 => 7,
-            LenForm::Minimal if n <= 0xFFFF => 16,
-            LenForm::Minimal => 64,
             LenForm::Ext16 => 16,
             LenForm::Ext64 => 64,
         };
         match bits {
-            7 => out.push(m | n as u8),
             16 => {
                 out.push(m | 126);
                 out.extend_from_slice(&u16::try_from(n).expect("fits 16 bits").to_be_bytes());
@@ -426,9 +460,11 @@ mod tests {
         out
     }
 
-    /// Test-only frame encoder with the minimal length form.
+    /// A frame in the minimal length form, from the encoder the proxy itself uses.
     fn frame(fin: bool, rsv: u8, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
-        encode(fin, rsv, opcode, mask, payload, LenForm::Minimal)
+        let mut out = Vec::new();
+        super::encode(fin, rsv, opcode, mask, payload, &mut out);
+        out
     }
 
     fn pattern(len: usize) -> Vec<u8> {
@@ -463,7 +499,7 @@ mod tests {
 
     /// Feeds `chunks` like the relay does (re-feeding the rest after each control event), stopping
     /// at the first violation; checks the per-call invariants along the way.
-    fn run_chunks<'a>(sender: Sender, limits: FrameLimits, chunks: impl IntoIterator<Item = &'a [u8]>) -> Outcome {
+    fn run_chunks<'a>(sender: Side, limits: FrameLimits, chunks: impl IntoIterator<Item = &'a [u8]>) -> Outcome {
         let mut t = Tracker::new(sender, limits);
         let max_into = 14 + limits.max_frame_size.max(125);
         let mut seen = Vec::new();
@@ -505,21 +541,21 @@ mod tests {
         }
     }
 
-    fn run_whole(sender: Sender, limits: FrameLimits, data: &[u8]) -> Outcome {
+    fn run_whole(sender: Side, limits: FrameLimits, data: &[u8]) -> Outcome {
         run_chunks(sender, limits, [data])
     }
 
-    fn run_split(sender: Sender, limits: FrameLimits, data: &[u8], at: usize) -> Outcome {
+    fn run_split(sender: Side, limits: FrameLimits, data: &[u8], at: usize) -> Outcome {
         let (a, b) = data.split_at(at);
         run_chunks(sender, limits, [a, b])
     }
 
-    fn run_bytewise(sender: Sender, limits: FrameLimits, data: &[u8]) -> Outcome {
+    fn run_bytewise(sender: Side, limits: FrameLimits, data: &[u8]) -> Outcome {
         run_chunks(sender, limits, data.chunks(1))
     }
 
     /// Feeds `data` (in one piece, re-feeding after control events) until a violation.
-    fn violation(sender: Sender, limits: FrameLimits, data: &[u8]) -> (usize, Violation) {
+    fn violation(sender: Side, limits: FrameLimits, data: &[u8]) -> (usize, Violation) {
         match run_whole(sender, limits, data).seen.pop() {
             Some(Seen::Violation { v, end }) => (end, v),
             other => panic!("expected a violation for {data:02x?}, got {other:?}"),
@@ -527,7 +563,7 @@ mod tests {
     }
 
     /// Feeds `data` and asserts that no violation occurs; returns the outcome.
-    fn accepted(sender: Sender, limits: FrameLimits, data: &[u8]) -> Outcome {
+    fn accepted(sender: Side, limits: FrameLimits, data: &[u8]) -> Outcome {
         let out = run_whole(sender, limits, data);
         assert!(!out.seen.iter().any(|s| matches!(s, Seen::Violation { .. })), "unexpected violation: {:?}", out.seen);
         out
@@ -537,7 +573,7 @@ mod tests {
         frames.concat()
     }
 
-    const DIRECTIONS: [(Sender, Option<[u8; 4]>); 2] = [(Sender::Client, Some(MASK)), (Sender::Backend, None)];
+    const DIRECTIONS: [(Side, Option<[u8; 4]>); 2] = [(Side::Client, Some(MASK)), (Side::Backend, None)];
 
     // ---- the encoder itself --------------------------------------------------------------
 
@@ -649,12 +685,12 @@ mod tests {
         let mut bad = vec![0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0];
         bad.extend_from_slice(&MASK);
         let data = cat(&[frame(true, 0, opcode::TEXT, Some(MASK), b"ok"), bad, pattern(20)]);
-        let whole = run_whole(Sender::Client, limits(), &data);
+        let whole = run_whole(Side::Client, limits(), &data);
         assert_eq!(whole.seen, vec![Seen::Violation { v: Violation::InvalidLength, end: 8 + 14 }]);
         for at in 0..=data.len() {
-            assert_eq!(run_split(Sender::Client, limits(), &data, at), whole, "split at {at}");
+            assert_eq!(run_split(Side::Client, limits(), &data, at), whole, "split at {at}");
         }
-        assert_eq!(run_bytewise(Sender::Client, limits(), &data), whole);
+        assert_eq!(run_bytewise(Side::Client, limits(), &data), whole);
     }
 
     // ---- holding, at_boundary, bytes_into_frame ------------------------------------------
@@ -662,7 +698,7 @@ mod tests {
     #[test]
     fn holding_while_header_incomplete_but_not_during_data_payload() {
         let data = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(300)); // 8-byte header
-        let mut t = Tracker::new(Sender::Client, limits());
+        let mut t = Tracker::new(Side::Client, limits());
         assert!(t.at_boundary() && !t.holding());
         assert_eq!(t.bytes_into_frame(), 0);
         for i in 0..8 {
@@ -685,7 +721,7 @@ mod tests {
     #[test]
     fn holding_while_control_frame_incomplete() {
         let data = frame(true, 0, opcode::PING, Some(MASK), b"0123456789"); // 6-byte header
-        let mut t = Tracker::new(Sender::Client, limits());
+        let mut t = Tracker::new(Side::Client, limits());
         assert_eq!(t.feed(&data[..3]), (3, None));
         assert!(t.holding() && !t.at_boundary());
         assert_eq!(t.bytes_into_frame(), 3);
@@ -702,7 +738,7 @@ mod tests {
     #[test]
     fn empty_data_frame_returns_to_boundary_when_header_completes() {
         let data = frame(false, 0, opcode::TEXT, None, b"");
-        let mut t = Tracker::new(Sender::Backend, limits());
+        let mut t = Tracker::new(Side::Backend, limits());
         assert_eq!(t.feed(&data[..1]), (1, None));
         assert!(t.holding() && !t.at_boundary());
         assert_eq!(t.feed(&data[1..]), (1, None));
@@ -716,9 +752,9 @@ mod tests {
         let first = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(40));
         let second = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(300));
         let data = cat(&[first.clone(), second]);
-        let mut t = Tracker::new(Sender::Client, limits());
+        let mut t = Tracker::new(Side::Client, limits());
         for scanned in [first.len() + 1, first.len() + 5, first.len() + 8, first.len() + 100] {
-            let mut t2 = Tracker::new(Sender::Client, limits());
+            let mut t2 = Tracker::new(Side::Client, limits());
             assert_eq!(t2.feed(&data[..scanned]), (scanned, None));
             assert_eq!(scanned as u64 - t2.bytes_into_frame(), first.len() as u64, "scanned {scanned}");
         }
@@ -733,12 +769,12 @@ mod tests {
     fn client_ping_payload_is_unmasked_and_frame_len_counts_header() {
         // RFC 6455 §5.7 masked "Hello", as a ping.
         let data = [0x89, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
-        let mut t = Tracker::new(Sender::Client, limits());
+        let mut t = Tracker::new(Side::Client, limits());
         assert_eq!(t.feed(&data), (11, Some(Event::Control(opcode::PING))));
         assert_eq!(t.control_payload(), b"Hello");
         assert_eq!(t.frame_len(), 11);
         // Fed one byte at a time, the mask index follows the payload offset.
-        let out = run_bytewise(Sender::Client, limits(), &data);
+        let out = run_bytewise(Side::Client, limits(), &data);
         assert_eq!(
             out.seen,
             vec![Seen::Control { op: opcode::PING, payload: b"Hello".to_vec(), frame_len: 11, end: 11 }]
@@ -749,7 +785,7 @@ mod tests {
     fn full_length_masked_control_payload_is_unmasked() {
         let payload = pattern(125);
         let data = frame(true, 0, opcode::PONG, Some([0xde, 0xad, 0xbe, 0xef]), &payload);
-        let mut t = Tracker::new(Sender::Client, limits());
+        let mut t = Tracker::new(Side::Client, limits());
         assert_eq!(t.feed(&data), (131, Some(Event::Control(opcode::PONG))));
         assert_eq!(t.control_payload(), &payload[..]);
         assert_eq!(t.frame_len(), 6 + 125);
@@ -758,7 +794,7 @@ mod tests {
     #[test]
     fn backend_control_payload_is_passed_unchanged() {
         let close = frame(true, 0, opcode::CLOSE, None, &[0x03, 0xE8, b'b', b'y', b'e']);
-        let mut t = Tracker::new(Sender::Backend, limits());
+        let mut t = Tracker::new(Side::Backend, limits());
         assert_eq!(t.feed(&close), (7, Some(Event::Control(opcode::CLOSE))));
         assert_eq!(t.control_payload(), [0x03, 0xE8, b'b', b'y', b'e']);
         assert_eq!(t.frame_len(), 7);
@@ -770,7 +806,7 @@ mod tests {
         let ping = frame(true, 0, opcode::PING, Some(MASK), b"abc");
         let after = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(5));
         let data = cat(&[before.clone(), ping.clone(), after.clone()]);
-        let mut t = Tracker::new(Sender::Client, limits());
+        let mut t = Tracker::new(Side::Client, limits());
         assert_eq!(t.feed(&data), (before.len() + ping.len(), Some(Event::Control(opcode::PING))));
         assert_eq!(t.frame_len(), ping.len());
         assert_eq!(t.control_payload(), b"abc");
@@ -781,7 +817,7 @@ mod tests {
     #[test]
     fn control_payload_does_not_leak_into_the_next_control_frame() {
         let data = cat(&[frame(true, 0, opcode::PING, None, b"abcdef"), frame(true, 0, opcode::PONG, None, b"")]);
-        let out = accepted(Sender::Backend, limits(), &data);
+        let out = accepted(Side::Backend, limits(), &data);
         assert_eq!(
             out.seen,
             vec![
@@ -796,8 +832,8 @@ mod tests {
         // RFC 6455 asks for the minimal length form, but the tracker does not enforce it; the
         // relay relies on frame_len to cut the frame out, so it must include the long header.
         for (form, header) in [(LenForm::Ext16, 8), (LenForm::Ext64, 14)] {
-            let data = encode(true, 0, opcode::PONG, Some(MASK), &pattern(125), form);
-            let mut t = Tracker::new(Sender::Client, limits());
+            let data = encode_form(true, 0, opcode::PONG, Some(MASK), &pattern(125), form);
+            let mut t = Tracker::new(Side::Client, limits());
             assert_eq!(t.feed(&data), (header + 125, Some(Event::Control(opcode::PONG))));
             assert_eq!(t.frame_len(), header + 125);
             assert!(t.frame_len() <= 139);
@@ -845,7 +881,7 @@ mod tests {
             frame(true, 0, opcode::BINARY, Some(MASK), &pattern(200)),
             frame(true, 0, opcode::CLOSE, Some(MASK), &[0x03, 0xE8]),
         ]);
-        let mut t = Tracker::new(Sender::Client, limits());
+        let mut t = Tracker::new(Side::Client, limits());
         let mut pos = 0;
         let mut controls = 0;
         while pos < data.len() {
@@ -865,7 +901,7 @@ mod tests {
     #[test]
     fn data_frame_is_counted_once_its_header_completes() {
         let data = frame(true, 0, opcode::BINARY, None, &pattern(1000));
-        let mut t = Tracker::new(Sender::Backend, limits());
+        let mut t = Tracker::new(Side::Backend, limits());
         assert_eq!(t.feed(&data[..3]), (3, None));
         assert_eq!(t.take_data_frames(), 0, "header incomplete");
         assert_eq!(t.feed(&data[3..10]), (7, None));
@@ -879,17 +915,17 @@ mod tests {
     #[test]
     fn unmasked_client_frame_is_a_protocol_error() {
         let data = frame(true, 0, opcode::TEXT, None, b"hi");
-        assert_eq!(violation(Sender::Client, limits(), &data), (2, Violation::UnmaskedClientFrame));
+        assert_eq!(violation(Side::Client, limits(), &data), (2, Violation::UnmaskedClientFrame));
         let ping = frame(true, 0, opcode::PING, None, b"");
-        assert_eq!(violation(Sender::Client, limits(), &ping), (2, Violation::UnmaskedClientFrame));
-        assert_eq!(Violation::UnmaskedClientFrame.close_code(), 1002);
+        assert_eq!(violation(Side::Client, limits(), &ping), (2, Violation::UnmaskedClientFrame));
+        assert_eq!(violation_code(Violation::UnmaskedClientFrame), 1002);
     }
 
     #[test]
     fn masked_backend_frame_is_a_protocol_error() {
         let data = frame(true, 0, opcode::BINARY, Some(MASK), b"hi");
-        assert_eq!(violation(Sender::Backend, limits(), &data), (6, Violation::MaskedBackendFrame));
-        assert_eq!(Violation::MaskedBackendFrame.close_code(), 1002);
+        assert_eq!(violation(Side::Backend, limits(), &data), (6, Violation::MaskedBackendFrame));
+        assert_eq!(violation_code(Violation::MaskedBackendFrame), 1002);
     }
 
     #[test]
@@ -899,7 +935,7 @@ mod tests {
                 let data = frame(true, 0, op, mask, b"x");
                 let header = header_len(1, mask.is_some());
                 assert_eq!(violation(sender, limits(), &data), (header, Violation::ReservedOpcode(op)), "{op:#x}");
-                assert_eq!(Violation::ReservedOpcode(op).close_code(), 1002);
+                assert_eq!(violation_code(Violation::ReservedOpcode(op)), 1002);
             }
         }
     }
@@ -908,9 +944,9 @@ mod tests {
     fn rsv_bits_without_negotiated_extension_are_protocol_errors() {
         for rsv in [0x40, 0x20, 0x10, 0x70] {
             let data = frame(true, rsv, opcode::TEXT, Some(MASK), b"x");
-            assert_eq!(violation(Sender::Client, limits(), &data), (6, Violation::ReservedBits), "{rsv:#x}");
+            assert_eq!(violation(Side::Client, limits(), &data), (6, Violation::ReservedBits), "{rsv:#x}");
         }
-        assert_eq!(Violation::ReservedBits.close_code(), 1002);
+        assert_eq!(violation_code(Violation::ReservedBits), 1002);
     }
 
     #[test]
@@ -921,10 +957,10 @@ mod tests {
             frame(false, 0x40, opcode::TEXT, Some(MASK), b"compressed"),
             frame(true, 0, opcode::CONTINUATION, Some(MASK), b"rest"),
         ]);
-        assert_eq!(accepted(Sender::Client, deflate, &msg).data_frames, 2);
+        assert_eq!(accepted(Side::Client, deflate, &msg).data_frames, 2);
         // Only the negotiated bit: RSV2 is still an error.
         let rsv2 = frame(true, 0x20, opcode::BINARY, Some(MASK), b"x");
-        assert_eq!(violation(Sender::Client, deflate, &rsv2), (6, Violation::ReservedBits));
+        assert_eq!(violation(Side::Client, deflate, &rsv2), (6, Violation::ReservedBits));
         // allowed_rsv = 0x70 lets every RSV bit through, in both directions.
         let all = limits_with(1 << 20, 4 << 20, 0x70);
         for (sender, mask) in DIRECTIONS {
@@ -939,33 +975,33 @@ mod tests {
     fn control_frame_longer_than_125_bytes_is_a_protocol_error() {
         for op in [opcode::PING, opcode::PONG, opcode::CLOSE] {
             let data = frame(true, 0, op, Some(MASK), &pattern(126));
-            assert_eq!(violation(Sender::Client, limits(), &data), (8, Violation::ControlTooLong));
-            let long = encode(true, 0, op, None, &pattern(200), LenForm::Ext64);
-            assert_eq!(violation(Sender::Backend, limits(), &long), (10, Violation::ControlTooLong));
+            assert_eq!(violation(Side::Client, limits(), &data), (8, Violation::ControlTooLong));
+            let long = encode_form(true, 0, op, None, &pattern(200), LenForm::Ext64);
+            assert_eq!(violation(Side::Backend, limits(), &long), (10, Violation::ControlTooLong));
             let ok = frame(true, 0, op, Some(MASK), &pattern(125));
-            assert_eq!(accepted(Sender::Client, limits(), &ok).seen.len(), 1);
+            assert_eq!(accepted(Side::Client, limits(), &ok).seen.len(), 1);
         }
-        assert_eq!(Violation::ControlTooLong.close_code(), 1002);
+        assert_eq!(violation_code(Violation::ControlTooLong), 1002);
     }
 
     #[test]
     fn fragmented_control_frame_is_a_protocol_error() {
         for op in [opcode::PING, opcode::PONG, opcode::CLOSE] {
             let data = frame(false, 0, op, Some(MASK), b"ab");
-            assert_eq!(violation(Sender::Client, limits(), &data), (6, Violation::ControlFragmented));
+            assert_eq!(violation(Side::Client, limits(), &data), (6, Violation::ControlFragmented));
         }
-        assert_eq!(Violation::ControlFragmented.close_code(), 1002);
+        assert_eq!(violation_code(Violation::ControlFragmented), 1002);
     }
 
     #[test]
     fn continuation_without_a_message_in_progress_is_a_protocol_error() {
         let data = frame(true, 0, opcode::CONTINUATION, Some(MASK), b"x");
-        assert_eq!(violation(Sender::Client, limits(), &data), (6, Violation::UnexpectedContinuation));
+        assert_eq!(violation(Side::Client, limits(), &data), (6, Violation::UnexpectedContinuation));
         // Also after a message that has finished.
         let first = frame(true, 0, opcode::TEXT, None, b"done");
         let data = cat(&[first.clone(), frame(false, 0, opcode::CONTINUATION, None, b"x")]);
-        assert_eq!(violation(Sender::Backend, limits(), &data), (first.len() + 2, Violation::UnexpectedContinuation));
-        assert_eq!(Violation::UnexpectedContinuation.close_code(), 1002);
+        assert_eq!(violation(Side::Backend, limits(), &data), (first.len() + 2, Violation::UnexpectedContinuation));
+        assert_eq!(violation_code(Violation::UnexpectedContinuation), 1002);
     }
 
     #[test]
@@ -975,33 +1011,33 @@ mod tests {
             let ping = frame(true, 0, opcode::PING, Some(MASK), b"");
             let data = cat(&[first.clone(), ping.clone(), frame(true, 0, op, Some(MASK), b"new")]);
             assert_eq!(
-                violation(Sender::Client, limits(), &data),
+                violation(Side::Client, limits(), &data),
                 (first.len() + ping.len() + 6, Violation::ExpectedContinuation)
             );
         }
-        assert_eq!(Violation::ExpectedContinuation.close_code(), 1002);
+        assert_eq!(violation_code(Violation::ExpectedContinuation), 1002);
     }
 
     #[test]
     fn length_with_most_significant_bit_set_is_a_protocol_error() {
         for top in [0x80u8, 0xFF] {
             let mut backend = vec![0x82, 0x7F, top, 0, 0, 0, 0, 0, 0, 1];
-            assert_eq!(violation(Sender::Backend, limits(), &backend), (10, Violation::InvalidLength));
+            assert_eq!(violation(Side::Backend, limits(), &backend), (10, Violation::InvalidLength));
             backend[1] |= 0x80;
             backend.extend_from_slice(&MASK);
-            assert_eq!(violation(Sender::Client, limits(), &backend), (14, Violation::InvalidLength));
+            assert_eq!(violation(Side::Client, limits(), &backend), (14, Violation::InvalidLength));
         }
-        assert_eq!(Violation::InvalidLength.close_code(), 1002);
+        assert_eq!(violation_code(Violation::InvalidLength), 1002);
     }
 
     #[test]
     fn close_with_one_byte_payload_is_a_protocol_error() {
         let data = frame(true, 0, opcode::CLOSE, Some(MASK), &[0x03]);
-        assert_eq!(violation(Sender::Client, limits(), &data), (6, Violation::InvalidClosePayload));
-        assert_eq!(Violation::InvalidClosePayload.close_code(), 1002);
+        assert_eq!(violation(Side::Client, limits(), &data), (6, Violation::InvalidClosePayload));
+        assert_eq!(violation_code(Violation::InvalidClosePayload), 1002);
         for payload in [&[][..], &[0x03, 0xE8][..], &[0x03, 0xE8, b'x'][..]] {
             let ok = frame(true, 0, opcode::CLOSE, Some(MASK), payload);
-            assert_eq!(accepted(Sender::Client, limits(), &ok).seen.len(), 1);
+            assert_eq!(accepted(Side::Client, limits(), &ok).seen.len(), 1);
         }
     }
 
@@ -1009,14 +1045,14 @@ mod tests {
     fn frame_over_max_frame_size_is_a_size_error_reported_at_its_header() {
         let small = limits_with(1000, 1 << 20, 0);
         let at_limit = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(1000));
-        assert_eq!(accepted(Sender::Client, small, &at_limit).data_frames, 1);
+        assert_eq!(accepted(Side::Client, small, &at_limit).data_frames, 1);
         let over = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(1001));
-        assert_eq!(violation(Sender::Client, small, &over), (8, Violation::FrameTooLarge(1001)));
+        assert_eq!(violation(Side::Client, small, &over), (8, Violation::FrameTooLarge(1001)));
         // A huge declared length is caught from the header alone, before any payload.
         let mut huge = vec![0x02, 0x7F];
         huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
-        assert_eq!(violation(Sender::Backend, small, &huge), (10, Violation::FrameTooLarge(1 << 40)));
-        assert_eq!(Violation::FrameTooLarge(1001).close_code(), 1009);
+        assert_eq!(violation(Side::Backend, small, &huge), (10, Violation::FrameTooLarge(1 << 40)));
+        assert_eq!(violation_code(Violation::FrameTooLarge(1001)), 1009);
         assert_eq!(Violation::FrameTooLarge(1001).label(), "frame_too_large");
     }
 
@@ -1029,16 +1065,16 @@ mod tests {
         let over = frame(true, 0, opcode::CONTINUATION, Some(MASK), &pattern(501));
         let data = cat(&[a.clone(), ping.clone(), b.clone(), over]);
         assert_eq!(
-            violation(Sender::Client, lim, &data),
+            violation(Side::Client, lim, &data),
             (a.len() + ping.len() + b.len() + 8, Violation::MessageTooLarge)
         );
-        assert_eq!(Violation::MessageTooLarge.close_code(), 1009);
+        assert_eq!(violation_code(Violation::MessageTooLarge), 1009);
         assert_eq!(Violation::MessageTooLarge.label(), "message_too_large");
         // Exactly at the limit is fine, and the next message starts counting from zero.
         let last = frame(true, 0, opcode::CONTINUATION, Some(MASK), &pattern(500));
         let next = frame(true, 0, opcode::BINARY, Some(MASK), &pattern(1000));
         let data = cat(&[a, ping, b, last, next.clone(), next]);
-        assert_eq!(accepted(Sender::Client, lim, &data).data_frames, 5);
+        assert_eq!(accepted(Side::Client, lim, &data).data_frames, 5);
     }
 
     #[test]
@@ -1058,7 +1094,7 @@ mod tests {
             (Violation::MessageTooLarge, 1009, "message_too_large"),
         ];
         for (v, code, label) in all {
-            assert_eq!((v.close_code(), v.label()), (code, label), "{v:?}");
+            assert_eq!((violation_code(v), v.label()), (code, label), "{v:?}");
         }
     }
 
@@ -1097,15 +1133,15 @@ mod tests {
 
     /// A random stream of valid frames; returns it with the expected control events and data
     /// frame count.
-    fn random_stream(rng: &mut Rng, sender: Sender, allowed_rsv: u8) -> (Vec<u8>, Vec<Seen>, u64) {
+    fn random_stream(rng: &mut Rng, sender: Side, allowed_rsv: u8) -> (Vec<u8>, Vec<Seen>, u64) {
         let mut data = Vec::new();
         let mut expected = Vec::new();
         let mut data_frames = 0;
         let mut in_message = false;
         for _ in 0..rng.range(1, 40) {
             let mask = match sender {
-                Sender::Client => Some((rng.next() as u32).to_be_bytes()),
-                Sender::Backend => None,
+                Side::Client => Some((rng.next() as u32).to_be_bytes()),
+                Side::Backend => None,
             };
             if rng.chance(30) {
                 let op = [opcode::PING, opcode::PONG, opcode::CLOSE][rng.range(0, 2) as usize];
@@ -1161,7 +1197,7 @@ mod tests {
     fn random_valid_streams_in_random_chunks_give_expected_events() {
         let mut rng = Rng::new(0x5EED);
         for round in 0..300 {
-            let sender = if round % 2 == 0 { Sender::Client } else { Sender::Backend };
+            let sender = if round % 2 == 0 { Side::Client } else { Side::Backend };
             let allowed_rsv = [0, 0x40, 0x70][round % 3];
             let lim = limits_with(1 << 20, u64::MAX, allowed_rsv);
             let (data, expected, data_frames) = random_stream(&mut rng, sender, allowed_rsv);
@@ -1181,7 +1217,7 @@ mod tests {
         // the bytes were split.
         let mut rng = Rng::new(0xC0FFEE);
         for round in 0..500 {
-            let sender = if round % 2 == 0 { Sender::Client } else { Sender::Backend };
+            let sender = if round % 2 == 0 { Side::Client } else { Side::Backend };
             let lim = limits_with(rng.range(0, 5000), rng.range(0, 20_000), [0, 0x40][round % 2]);
             let (mut data, _, _) = random_stream(&mut rng, sender, 0x40);
             for _ in 0..rng.range(1, 3) {

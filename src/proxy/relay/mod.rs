@@ -19,6 +19,7 @@
 //! activity only moves deadlines later, so it is recorded with a timestamp and checked when the
 //! timer fires; no per-connection polling loop runs.
 
+pub mod close;
 pub mod frame;
 pub mod pool;
 
@@ -34,67 +35,10 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
+pub use crate::session::{Initiator, SessionEnd, Side};
 use crate::session::{SessionBytes, SessionControl, StopReason};
-use frame::{opcode, Event, FrameLimits, Sender, Tracker, Violation};
-
-/// Which side of a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The WebSocket client (browser, CLI) that connected to the proxy.
-    Client,
-    /// The agent backend the proxy connected to.
-    Backend,
-}
-
-impl Side {
-    fn other(self) -> Side {
-        match self {
-            Side::Client => Side::Backend,
-            Side::Backend => Side::Client,
-        }
-    }
-
-    fn idx(self) -> usize {
-        self as usize
-    }
-}
-
-/// Who ended a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Initiator {
-    /// The client sent a close frame or went away.
-    Client,
-    /// The backend sent a close frame or went away.
-    Backend,
-    /// The proxy closed the session (deadline, limit, violation, drain, revocation).
-    Proxy,
-}
-
-impl Initiator {
-    /// Label for metrics and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Initiator::Client => "client",
-            Initiator::Backend => "backend",
-            Initiator::Proxy => "proxy",
-        }
-    }
-}
-
-/// How a session ended, for the session log line and metrics.
-#[derive(Debug, Clone)]
-pub struct SessionEnd {
-    /// Close code seen by the client (sent by the backend or the proxy), if any.
-    pub close_code: Option<u16>,
-    /// Who started the close.
-    pub initiator: Initiator,
-    /// Why, in a few words ("client close", "idle timeout", ...).
-    pub reason: &'static str,
-    /// Bytes read from the client and from the backend.
-    pub bytes: [u64; 2],
-    /// Data and control frames read from the client and from the backend.
-    pub frames: [u64; 2],
-}
+use close::{Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
+use frame::{opcode, Event, FrameLimits, Tracker, Violation};
 
 /// What a relay needs besides the two streams.
 pub struct RelayParams {
@@ -155,29 +99,17 @@ impl Injected {
     /// Encodes a control frame; masked with a random key when sent to the backend.
     fn new(op: u8, payload: &[u8], to: Side) -> Injected {
         let payload = &payload[..payload.len().min(125)];
+        let mask = (to == Side::Backend).then(rand::random::<[u8; 4]>);
+        let len = frame::encoded_len(payload.len(), mask.is_some());
         let mut bytes = [0u8; 131];
-        bytes[0] = 0x80 | op;
-        let mut n = 2;
-        match to {
-            Side::Client => bytes[1] = payload.len() as u8,
-            Side::Backend => {
-                bytes[1] = 0x80 | payload.len() as u8;
-                let key: [u8; 4] = rand::random();
-                bytes[2..6].copy_from_slice(&key);
-                n = 6;
-            }
-        }
-        for (i, b) in payload.iter().enumerate() {
-            let k = if to == Side::Backend { bytes[2 + (i & 3)] } else { 0 };
-            bytes[n + i] = b ^ k;
-        }
-        Injected { bytes, len: (n + payload.len()) as u8, pos: 0, is_close: op == opcode::CLOSE }
+        frame::encode_into(&mut bytes[..len], true, 0, op, mask, payload);
+        Injected { bytes, len: len as u8, pos: 0, is_close: op == opcode::CLOSE }
     }
 
-    fn close(code: u16, reason: &str, to: Side) -> Injected {
+    fn close(f: CloseFrame, to: Side) -> Injected {
         let mut p = [0u8; 125];
-        p[..2].copy_from_slice(&code.to_be_bytes());
-        let r = &reason.as_bytes()[..reason.len().min(123)];
+        p[..2].copy_from_slice(&f.code.to_be_bytes());
+        let r = &f.reason.as_bytes()[..f.reason.len().min(123)];
         p[2..2 + r.len()].copy_from_slice(r);
         Injected::new(opcode::CLOSE, &p[..2 + r.len()], to)
     }
@@ -221,7 +153,7 @@ enum DirEvent {
 }
 
 impl Direction {
-    fn new(sender: Sender, limits: FrameLimits, buf_size: usize, early: &[u8]) -> Direction {
+    fn new(sender: Side, limits: FrameLimits, buf_size: usize, early: &[u8]) -> Direction {
         let mut d = Direction {
             buf: None,
             buf_size,
@@ -445,6 +377,31 @@ impl Drop for Direction {
     }
 }
 
+/// What has come from one side, as far as the close handshake is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Inbound {
+    /// Frames may still arrive.
+    #[default]
+    Open,
+    /// It sent its close frame, or is no longer waited for (its reply will not come).
+    Closed,
+    /// Its connection is gone.
+    Gone,
+}
+
+/// What has gone to one side, as far as the close handshake is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Outbound {
+    /// No close frame sent yet.
+    #[default]
+    Open,
+    /// The other side's close frame was forwarded to it: its reply is forwarded back.
+    PeerClose,
+    /// The proxy's own close frame was queued to it: its reply, and anything else it sends, is
+    /// consumed, not forwarded.
+    ProxyClose,
+}
+
 /// Per-side state: liveness and the close handshake.
 #[derive(Default)]
 struct Peer {
@@ -452,15 +409,31 @@ struct Peer {
     last_rx: Option<Instant>,
     /// Payload and send time of the proxy's outstanding ping to this side.
     ping: Option<([u8; 8], Instant)>,
-    /// This side sent a close frame (or must not be waited for).
-    recv_close: bool,
-    /// A close frame was forwarded or queued to this side.
-    sent_close: bool,
-    /// This side's connection is gone.
-    gone: bool,
-    /// The proxy itself sent this side a close frame: its reply and anything else it sends
-    /// are consumed, not forwarded.
-    proxy_closed: bool,
+    inbound: Inbound,
+    outbound: Outbound,
+}
+
+impl Peer {
+    fn gone(&self) -> bool {
+        self.inbound == Inbound::Gone
+    }
+
+    /// Nothing more is awaited from this side.
+    fn closed_in(&self) -> bool {
+        self.inbound != Inbound::Open
+    }
+
+    /// A close frame was sent (or queued) to this side.
+    fn closed_out(&self) -> bool {
+        self.outbound != Outbound::Open
+    }
+
+    /// Stop waiting for this side (it closed, or will not reply); a gone side stays gone.
+    fn stop_waiting(&mut self) {
+        if self.inbound == Inbound::Open {
+            self.inbound = Inbound::Closed;
+        }
+    }
 }
 
 struct Session<'a, C, B> {
@@ -486,7 +459,8 @@ struct Session<'a, C, B> {
     /// When the client's token expires.
     expires_at: Option<Instant>,
     live_bytes: Arc<SessionBytes>,
-    outcome: Option<(Option<u16>, Initiator, &'static str)>,
+    /// Why the session is ending, once it is.
+    outcome: Option<Cause>,
     bytes_reported: [u64; 2],
 }
 
@@ -507,8 +481,8 @@ where
         let mut session = Session {
             client,
             backend,
-            c2b: Direction::new(Sender::Client, limits, s.buffer_size, client_early),
-            b2c: Direction::new(Sender::Backend, limits, s.buffer_size, backend_early),
+            c2b: Direction::new(Side::Client, limits, s.buffer_size, client_early),
+            b2c: Direction::new(Side::Backend, limits, s.buffer_size, backend_early),
             peers: [Peer::default(), Peer::default()],
             settings: s,
             drain_spread: p.drain_spread,
@@ -547,12 +521,12 @@ where
                 continue;
             }
             let mut progressed = false;
-            let gone = self.peers[Side::Backend.idx()].gone;
+            let gone = self.peers[Side::Backend.idx()].gone();
             if let Poll::Ready(ev) = self.c2b.poll(cx, &mut *self.client, &mut *self.backend, gone) {
                 self.on_event(Side::Client, ev);
                 progressed = true;
             }
-            let gone = self.peers[Side::Client.idx()].gone;
+            let gone = self.peers[Side::Client.idx()].gone();
             if let Poll::Ready(ev) = self.b2c.poll(cx, &mut *self.backend, &mut *self.client, gone) {
                 self.on_event(Side::Backend, ev);
                 progressed = true;
@@ -589,7 +563,7 @@ where
             d.frames += data;
             if bytes != self.bytes_reported[i] {
                 let delta = bytes - self.bytes_reported[i];
-                self.metrics.relay_bytes(side, delta, data);
+                self.metrics.relay_bytes(side.direction(), delta, data);
                 let counter = if i == 0 { &self.live_bytes.from_client } else { &self.live_bytes.from_backend };
                 counter.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
                 self.bytes_reported[i] = bytes;
@@ -604,24 +578,12 @@ where
     fn on_event(&mut self, from: Side, ev: DirEvent) {
         match ev {
             DirEvent::Control(op) => self.on_control(from, op),
-            DirEvent::Violation(v) => {
-                self.metrics.violation(v.label());
-                tracing::debug!(side = ?from, violation = %v, "protocol violation");
+            DirEvent::Violation(violation) => {
+                self.metrics.violation(violation.label());
+                tracing::debug!(side = ?from, %violation, "protocol violation");
                 // Fail the connection of the offender: close frame, no reply awaited.
-                self.peers[from.idx()].recv_close = true;
-                let (client_code, backend_code, reason) = match from {
-                    Side::Client => (v.close_code(), 1001, "client protocol error"),
-                    Side::Backend => (1014, v.close_code(), "bad gateway"),
-                };
-                let client_reason = if from == Side::Client { violation_reason(v) } else { "bad gateway" };
-                self.close_both(
-                    client_code,
-                    client_reason,
-                    backend_code,
-                    violation_reason(v),
-                    Initiator::Proxy,
-                    reason,
-                );
+                self.peers[from.idx()].stop_waiting();
+                self.end_with(Cause::Violation { by: from, violation });
             }
             DirEvent::SrcGone => self.on_gone(from),
             DirEvent::DstGone => self.on_gone(from.other()),
@@ -629,24 +591,20 @@ where
     }
 
     fn on_control(&mut self, from: Side, op: u8) {
-        let closing_by_proxy = self.peers[from.idx()].proxy_closed;
+        let closing_by_proxy = self.peers[from.idx()].outbound == Outbound::ProxyClose;
         match op {
             opcode::CLOSE => {
                 let code = close_code(self.dir(from).tracker.control_payload());
-                let p = &mut self.peers[from.idx()];
-                p.recv_close = true;
+                self.peers[from.idx()].stop_waiting();
                 if closing_by_proxy {
                     self.dir(from).drop_last_control();
                 } else {
                     // Forwarded as is; the other side's reply is forwarded back.
-                    self.peers[from.other().idx()].sent_close = true;
-                    if self.outcome.is_none() {
-                        let (initiator, reason) = match from {
-                            Side::Client => (Initiator::Client, "client close"),
-                            Side::Backend => (Initiator::Backend, "backend close"),
-                        };
-                        self.outcome = Some((code, initiator, reason));
+                    let to = &mut self.peers[from.other().idx()].outbound;
+                    if *to == Outbound::Open {
+                        *to = Outbound::PeerClose;
                     }
+                    self.outcome.get_or_insert(Cause::PeerClose { from, code });
                     self.start_closing();
                 }
                 self.dir(from).stop_src();
@@ -673,25 +631,19 @@ where
 
     /// A side's connection ended without (or after) a close frame.
     fn on_gone(&mut self, side: Side) {
-        let p = &mut self.peers[side.idx()];
-        if p.gone {
+        if self.peers[side.idx()].gone() {
             return;
         }
-        p.gone = true;
-        p.recv_close = true;
+        self.peers[side.idx()].inbound = Inbound::Gone;
         self.dir(side).stop_src();
         let other = &mut self.peers[side.other().idx()];
-        if !other.sent_close && !other.gone {
-            if other.recv_close {
+        if !other.closed_out() && !other.gone() {
+            if other.closed_in() {
                 // The other side started a close and this one vanished instead of replying.
-                other.sent_close = true;
-                other.proxy_closed = true;
-                self.dir(side).queue(Injected::close(1000, "", side.other()));
+                other.outbound = Outbound::ProxyClose;
+                self.dir(side).queue(Injected::close(REPLY_FOR_VANISHED_PEER, side.other()));
             } else {
-                match side {
-                    Side::Backend => self.close_both(1014, "bad gateway", 1001, "", Initiator::Backend, "backend lost"),
-                    Side::Client => self.close_both(1001, "", 1001, "going away", Initiator::Client, "client lost"),
-                }
+                self.end_with(Cause::Lost(side));
             }
         }
         self.start_closing();
@@ -706,37 +658,24 @@ where
                 self.drain_at = Some(Instant::now() + Duration::from_millis(delay));
                 self.rearm();
             }
-            StopReason::Revoked => {
-                self.close_both(1008, "session revoked", 1001, "session revoked", Initiator::Proxy, "revoked");
-            }
-            StopReason::RouteRemoved => {
-                self.close_both(1001, "route removed", 1001, "route removed", Initiator::Proxy, "route removed");
-            }
+            StopReason::Revoked => self.end_with(Cause::Revoked),
+            StopReason::RouteRemoved => self.end_with(Cause::RouteRemoved),
         }
     }
 
-    /// Starts a proxy-initiated close: a close frame to each side still there, then data from
-    /// both sides is discarded while their close replies are awaited (up to `close_timeout`).
-    fn close_both(
-        &mut self,
-        client_code: u16,
-        client_reason: &str,
-        backend_code: u16,
-        backend_reason: &str,
-        initiator: Initiator,
-        reason: &'static str,
-    ) {
-        if self.outcome.is_none() || initiator == Initiator::Proxy && self.close_deadline.is_none() {
-            self.outcome = Some((Some(client_code), initiator, reason));
+    /// Ends the session for `cause`: the close table's frame to each side still there (a
+    /// proxy-initiated close: data from both sides is then discarded while their close replies
+    /// are awaited, up to `close_timeout`).
+    fn end_with(&mut self, cause: Cause) {
+        let plan = cause.plan();
+        if self.outcome.is_none() || plan.initiator == Initiator::Proxy && self.close_deadline.is_none() {
+            self.outcome = Some(cause);
         }
-        for (side, code, why) in
-            [(Side::Client, client_code, client_reason), (Side::Backend, backend_code, backend_reason)]
-        {
+        for side in [Side::Client, Side::Backend] {
             let p = &mut self.peers[side.idx()];
-            if !p.gone && !p.sent_close {
-                p.sent_close = true;
-                p.proxy_closed = true;
-                self.dir(side.other()).queue(Injected::close(code, why, side));
+            if let Some(f) = plan.to(side).filter(|_| !p.gone() && !p.closed_out()) {
+                p.outbound = Outbound::ProxyClose;
+                self.dir(side.other()).queue(Injected::close(f, side));
             }
         }
         self.start_closing();
@@ -752,10 +691,8 @@ where
     fn on_timer(&mut self) {
         let now = Instant::now();
         if self.close_deadline.is_some_and(|d| now >= d) {
-            self.peers[0].recv_close = true;
-            self.peers[1].recv_close = true;
-            self.peers[0].gone = true;
-            self.peers[1].gone = true;
+            self.peers[0].inbound = Inbound::Gone;
+            self.peers[1].inbound = Inbound::Gone;
             return;
         }
         if self.close_deadline.is_some() {
@@ -763,23 +700,16 @@ where
         }
         let s = self.settings;
         if self.expires_at.is_some_and(|d| now >= d) {
-            return self.close_both(1008, "token expired", 1001, "token expired", Initiator::Proxy, "token expired");
+            return self.end_with(Cause::TokenExpired);
         }
         if self.drain_at.is_some_and(|d| now >= d) {
-            return self.close_both(1001, "going away", 1001, "going away", Initiator::Proxy, "drain");
+            return self.end_with(Cause::Drain);
         }
         if !s.max_lifetime.is_zero() && now >= self.started + s.max_lifetime {
-            return self.close_both(
-                1001,
-                "session lifetime reached",
-                1001,
-                "session lifetime reached",
-                Initiator::Proxy,
-                "max lifetime",
-            );
+            return self.end_with(Cause::Lifetime);
         }
         if !s.idle_timeout.is_zero() && now >= self.last_data + s.idle_timeout {
-            return self.close_both(1000, "idle timeout", 1000, "idle timeout", Initiator::Proxy, "idle timeout");
+            return self.end_with(Cause::IdleTimeout);
         }
         if s.ping_interval.is_zero() {
             return;
@@ -789,9 +719,9 @@ where
             match p.ping {
                 Some((_, sent)) if now >= sent + s.ping_timeout => {
                     // Unreachable: no reply will come, so none is awaited.
-                    p.recv_close = true;
+                    p.stop_waiting();
                     self.metrics.ping_timeout();
-                    return self.close_both(1001, "ping timeout", 1001, "going away", Initiator::Proxy, "ping timeout");
+                    return self.end_with(Cause::PingTimeout);
                 }
                 Some(_) => {}
                 None => {
@@ -844,14 +774,20 @@ where
     fn finished(&self) -> bool {
         let side_done = |side: Side, into: &Direction| {
             let p = &self.peers[side.idx()];
-            p.gone || (p.recv_close && p.sent_close && into.drained())
+            p.gone() || (p.closed_in() && p.closed_out() && into.drained())
         };
         self.close_deadline.is_some() && side_done(Side::Client, &self.b2c) && side_done(Side::Backend, &self.c2b)
     }
 
     fn end(&mut self) -> SessionEnd {
         self.note_activity();
-        let (close_code, initiator, reason) = self.outcome.unwrap_or((None, Initiator::Proxy, "closed"));
+        let (close_code, initiator, reason) = match self.outcome {
+            Some(cause) => {
+                let plan = cause.plan();
+                (plan.client_code(cause), plan.initiator, plan.label)
+            }
+            None => (None, Initiator::Proxy, "closed"),
+        };
         SessionEnd {
             close_code,
             initiator,
@@ -865,12 +801,4 @@ where
 /// The close code in a close frame's payload, if it has one.
 fn close_code(payload: &[u8]) -> Option<u16> {
     (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
-}
-
-fn violation_reason(v: Violation) -> &'static str {
-    match v {
-        Violation::FrameTooLarge(_) => "frame too large",
-        Violation::MessageTooLarge => "message too large",
-        _ => "protocol error",
-    }
 }

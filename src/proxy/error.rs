@@ -9,6 +9,7 @@ use crate::auth::AuthError;
 use crate::proxy::connect::ConnectError;
 use crate::proxy::route::RouteError;
 use crate::proxy::upgrade::UpgradeError;
+use crate::routing::pool::PoolError;
 
 /// Why an upgrade request did not become a session.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,9 @@ pub enum RequestError {
     /// The proxy is draining and takes no new sessions.
     #[error("the proxy is shutting down")]
     Draining,
+    /// A broken invariant inside the proxy (500); the detail goes to the log, never the body.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl RequestError {
@@ -41,15 +45,16 @@ impl RequestError {
             RequestError::Auth(a) if a.is_forbidden() => StatusCode::FORBIDDEN,
             RequestError::Auth(_) => StatusCode::UNAUTHORIZED,
             RequestError::Connect(ConnectError::BadHandshake { .. }) => StatusCode::BAD_GATEWAY,
-            RequestError::Connect(ConnectError::InvalidMember) => StatusCode::BAD_REQUEST,
-            RequestError::Connect(ConnectError::UnknownAgent) => StatusCode::NOT_FOUND,
-            RequestError::Connect(ConnectError::Registry(_) | ConnectError::NoHealthyMember) => {
+            RequestError::Connect(ConnectError::Pool(PoolError::InvalidMember)) => StatusCode::BAD_REQUEST,
+            RequestError::Connect(ConnectError::Pool(PoolError::UnknownAgent)) => StatusCode::NOT_FOUND,
+            RequestError::Connect(ConnectError::Pool(PoolError::Registry(_) | PoolError::NoHealthyMember)) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             RequestError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             RequestError::Connect(ConnectError::Unreachable { .. }) | RequestError::Draining => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            RequestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -64,13 +69,14 @@ impl RequestError {
             RequestError::Auth(a) if a.is_forbidden() => "forbidden",
             RequestError::Auth(_) => "unauthorized",
             RequestError::Connect(ConnectError::BadHandshake { .. }) => "backend_bad_handshake",
-            RequestError::Connect(ConnectError::InvalidMember) => "invalid_capture",
-            RequestError::Connect(ConnectError::UnknownAgent) => "unknown_agent",
-            RequestError::Connect(ConnectError::Registry(_)) => "registry_unavailable",
-            RequestError::Connect(ConnectError::NoHealthyMember) => "no_healthy_member",
+            RequestError::Connect(ConnectError::Pool(PoolError::InvalidMember)) => "invalid_capture",
+            RequestError::Connect(ConnectError::Pool(PoolError::UnknownAgent)) => "unknown_agent",
+            RequestError::Connect(ConnectError::Pool(PoolError::Registry(_))) => "registry_unavailable",
+            RequestError::Connect(ConnectError::Pool(PoolError::NoHealthyMember)) => "no_healthy_member",
             RequestError::Connect(ConnectError::Timeout(_)) => "backend_timeout",
             RequestError::Connect(ConnectError::Unreachable { .. }) => "backend_unreachable",
             RequestError::Draining => "draining",
+            RequestError::Internal(_) => "internal",
         }
     }
 
@@ -79,8 +85,12 @@ impl RequestError {
     pub fn response(&self) -> Response<Full<Bytes>> {
         let status = self.status();
         let body = match self {
-            RequestError::Connect(ConnectError::InvalidMember | ConnectError::UnknownAgent) => self.to_string(),
-            RequestError::Connect(_) => status.canonical_reason().unwrap_or("backend error").to_owned(),
+            RequestError::Connect(ConnectError::Pool(PoolError::InvalidMember | PoolError::UnknownAgent)) => {
+                self.to_string()
+            }
+            RequestError::Connect(_) | RequestError::Internal(_) => {
+                status.canonical_reason().unwrap_or("backend error").to_owned()
+            }
             other => other.to_string(),
         };
         let mut resp = Response::new(Full::new(Bytes::from(body + "\n")));

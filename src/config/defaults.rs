@@ -1,0 +1,98 @@
+//! Every default of the configuration, in one place. `config/portcullis.toml` writes the same
+//! values; a test (`reference_file_states_the_defaults`) checks that the two agree.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::{BackendSettings, Balance, HealthSettings, Policy, ServerSettings, SessionSettings};
+
+/// `[admin] address`: loopback, because the admin API is for operators.
+pub const ADMIN_ADDRESS: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
+
+/// `[auth] leeway`.
+pub const AUTH_LEEWAY: Duration = Duration::from_secs(30);
+/// `[auth] max_token_size`.
+pub const AUTH_MAX_TOKEN_SIZE: usize = 8 * 1024;
+/// `[auth] cache_capacity`.
+pub const AUTH_CACHE_CAPACITY: u64 = 100_000;
+/// `[auth] revocation_ttl`.
+pub const AUTH_REVOCATION_TTL: Duration = Duration::from_secs(24 * 3600);
+/// `[routes.auth] enforce_expiry`.
+pub const ENFORCE_EXPIRY: bool = true;
+/// `[routes.origin] allow_missing`.
+pub const ORIGIN_ALLOW_MISSING: bool = true;
+
+/// `[[auth.jwks]] refresh_interval`.
+pub const JWKS_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
+/// `[[auth.jwks]] min_refetch_interval`.
+pub const JWKS_MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+/// `[[auth.jwks]] timeout`.
+pub const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `[routes.registry] timeout`.
+pub const REGISTRY_TIMEOUT: Duration = Duration::from_secs(2);
+/// `[routes.registry] ttl`.
+pub const REGISTRY_TTL: Duration = Duration::from_secs(30);
+/// `[routes.registry] negative_ttl`.
+pub const REGISTRY_NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// `[routes.registry] stale_ttl`.
+pub const REGISTRY_STALE_TTL: Duration = Duration::from_secs(300);
+/// `[routes.registry] max_capacity`.
+pub const REGISTRY_MAX_CAPACITY: u64 = 100_000;
+
+/// Weight of a member written without one.
+pub const MEMBER_WEIGHT: u32 = 1;
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            max_connections: 100_000,
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_size: 16 * 1024,
+            drain_spread: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(25),
+            removed_route_grace: Duration::from_secs(600),
+            reload_poll_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(15 * 60),
+            max_lifetime: Duration::from_secs(24 * 3600),
+            close_timeout: Duration::from_secs(5),
+            max_frame_size: 1 << 20,
+            max_message_size: 16 << 20,
+            buffer_size: 16 * 1024,
+        }
+    }
+}
+
+impl Default for BackendSettings {
+    fn default() -> Self {
+        BackendSettings { connect_timeout: Duration::from_secs(5), handshake_timeout: Duration::from_secs(10) }
+    }
+}
+
+impl Default for Balance {
+    fn default() -> Self {
+        Balance { policy: Policy::Ordered, sticky_key: None, max_attempts: 0 }
+    }
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            eject_base: Duration::from_secs(1),
+            eject_max: Duration::from_secs(30),
+            fail_open: false,
+            active_interval: Duration::ZERO,
+            active_path: None,
+        }
+    }
+}

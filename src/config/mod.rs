@@ -1,0 +1,556 @@
+//! Configuration: a TOML file parsed into typed values before any port is bound.
+//!
+//! Every value is parsed where it is read ("parse, don't validate"): durations (`"30s"`), sizes
+//! (`"1MiB"`), socket addresses, path patterns and backend templates are typed by the
+//! deserializer, so a bad value is reported with the file, line and key. Unknown keys are errors.
+//! Per-route `session` and `backend` tables override the global defaults key by key.
+//!
+//! This module is a leaf: it uses no other module of the crate, and the stages build their
+//! state from what it hands them. Its parts: [`raw`] (the serde mirror of the file),
+//! [`validate`] (one function per section), [`defaults`] (every default value), [`pattern`]
+//! (paths, templates, captures) and [`values`] (token sources, Origin patterns, secrets).
+//!
+//! `config/portcullis.toml` is the annotated reference of every key.
+
+pub mod defaults;
+mod pattern;
+mod raw;
+mod validate;
+mod values;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+pub use pattern::{
+    render_path, template_captures, valid_capture, BackendTemplate, Captures, PathPattern, MAX_CAPTURE_LEN,
+};
+pub use values::{OriginPattern, Secret, TokenSource, CIPHER_SUITES};
+
+/// A fully parsed and validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Process-wide limits and timeouts.
+    pub server: ServerSettings,
+    /// Certificates for TLS listeners; required when any listener has `tls = true`.
+    pub tls: Option<TlsSettings>,
+    /// Where clients connect.
+    pub listeners: Vec<ListenerConfig>,
+    /// The admin listener (`/metrics`, `/live`, `/ready`); none when absent.
+    pub admin: Option<AdminConfig>,
+    /// Routes in file order; the most specific match wins.
+    pub routes: Vec<RouteConfig>,
+    /// Token verification keys and settings shared by all routes.
+    pub auth: AuthSettings,
+    /// The `[session]` table: what a route without its own `[routes.session]` key gets.
+    pub session: SessionSettings,
+    /// The `[backend]` table: what a route without its own `[routes.backend]` key gets.
+    pub backend: BackendSettings,
+}
+
+/// Token verification keys and settings (`[auth]`, `[[auth.keys]]`, `[[auth.jwks]]`).
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// Static verification keys.
+    pub keys: Vec<StaticKey>,
+    /// JWKS endpoints.
+    pub jwks: Vec<JwksSettings>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// Tokens longer than this are refused before any parsing.
+    pub max_token_size: usize,
+    /// Verified tokens kept in the cache.
+    pub cache_capacity: u64,
+    /// How long a revoked subject stays refused when no token expiry bounds it.
+    pub revocation_ttl: Duration,
+}
+
+/// A static verification key with its algorithm allowlist.
+#[derive(Debug, Clone)]
+pub struct StaticKey {
+    /// Key id: tokens whose header names this `kid` are verified with this key only.
+    pub kid: Option<String>,
+    /// Algorithms this key may verify (one family; never `none`).
+    pub algorithms: Vec<Algorithm>,
+    /// The key material.
+    pub material: KeyMaterial,
+}
+
+/// Where a static key comes from.
+#[derive(Debug, Clone)]
+pub enum KeyMaterial {
+    /// PEM public key (RSA, EC or Ed25519) file.
+    PublicKeyPem(PathBuf),
+    /// HMAC secret, read from a file or an environment variable at load time.
+    Secret(Secret),
+}
+
+/// A JWKS endpoint.
+#[derive(Debug, Clone)]
+pub struct JwksSettings {
+    /// `http://` or `https://` URL of the key set.
+    pub url: http::Uri,
+    /// Algorithms keys from this set may verify.
+    pub algorithms: Vec<Algorithm>,
+    /// Periodic refresh.
+    pub refresh_interval: Duration,
+    /// An unknown `kid` triggers a refetch at most this often.
+    pub min_refetch_interval: Duration,
+    /// Time allowed for one fetch.
+    pub timeout: Duration,
+    /// CA file for an `https://` URL; the web PKI roots when absent.
+    pub ca: Option<PathBuf>,
+}
+
+/// Authentication required on a route (`[routes.auth]`).
+#[derive(Debug, Clone)]
+pub struct RouteAuth {
+    /// Where the token is looked for, in order.
+    pub sources: Vec<TokenSource>,
+    /// Accepted `iss` values; any when empty.
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values (one must match); any when empty.
+    pub audiences: Vec<String>,
+    /// Claims that must be present.
+    pub required_claims: Vec<String>,
+    /// The captured `{agent}` must be listed in this claim (array or string).
+    pub agent_claim: Option<String>,
+    /// A scope built from captures (`terminal:{agent}`) that must be in `scope` or `scp`.
+    pub agent_scope: Option<String>,
+    /// Close the session with 1008 when the token expires.
+    pub enforce_expiry: bool,
+    /// Claims sent to the backend as `x-portcullis-claim-<name>`.
+    pub forward_claims: Vec<String>,
+    /// Forward the raw token to the backend (off by default).
+    pub forward_token: bool,
+}
+
+/// Which browser origins may open sessions on a route (`[routes.origin]`).
+#[derive(Debug, Clone)]
+pub struct OriginPolicy {
+    /// Allowed origins: exact (`https://app.example.com`) or wildcard (`*.example.com`).
+    pub allow: Vec<OriginPattern>,
+    /// Whether requests without an `Origin` header (non-browser clients) are allowed.
+    pub allow_missing: bool,
+}
+
+/// Process-wide limits and timeouts (`[server]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Connections held at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Time allowed for the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Time allowed for the client to send the request head (408 after).
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted (431 above).
+    pub max_header_size: usize,
+    /// On SIGTERM, close notices to sessions are spread over this window.
+    pub drain_spread: Duration,
+    /// On SIGTERM, the process exits at the latest after this.
+    pub drain_timeout: Duration,
+    /// After a reload removes a route, its live sessions may run this long before closing.
+    pub removed_route_grace: Duration,
+    /// How often the config file is checked for changes (`run` only); zero disables.
+    pub reload_poll_interval: Duration,
+}
+
+/// Certificates served by TLS listeners (`[tls]`).
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// Default certificate chain (PEM), served when no SNI entry matches or no SNI is sent.
+    pub cert: PathBuf,
+    /// Private key (PEM) of the default certificate.
+    pub key: PathBuf,
+    /// Extra certificates chosen by SNI.
+    pub sni: Vec<SniCertificate>,
+    /// Cipher suites in the server's order of preference (names as in
+    /// [`CIPHER_SUITES`]); the server's order wins over the client's.
+    pub cipher_suites: Vec<String>,
+}
+
+/// A certificate chosen by SNI.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertificate {
+    /// Server names this certificate is served for (exact names).
+    pub server_names: Vec<String>,
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// One listener: a name and the addresses it binds.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Name used in logs.
+    pub name: String,
+    /// Addresses bound by this listener.
+    pub addresses: Vec<SocketAddr>,
+    /// Whether connections are TLS (`wss://`) or plain (`ws://`).
+    pub tls: bool,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address bound; loopback by default.
+    pub address: SocketAddr,
+    /// Bearer token required on `/sessions` endpoints, when set.
+    pub token: Option<Secret>,
+}
+
+/// One route: which requests it matches and where they go.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Name used in metrics labels and logs.
+    pub name: String,
+    /// Host to match (exact, or `*.suffix`); any host when absent.
+    pub host: Option<String>,
+    /// Path pattern with `{capture}` segments.
+    pub path: PathPattern,
+    /// Static backend members; may use captures (`{agent}.agents.internal:7681`). Empty when
+    /// the route uses a registry.
+    pub backends: Vec<StaticMember>,
+    /// Registry resolver for members, instead of static ones.
+    pub registry: Option<RegistryConfig>,
+    /// How a member is chosen, and how many are tried.
+    pub balance: Balance,
+    /// Passive health: ejection of members that fail to connect.
+    pub health: HealthSettings,
+    /// Path requested from the backend (may use captures); the client's path when absent.
+    pub backend_path: Option<String>,
+    /// Deadlines and limits of sessions on this route.
+    pub session: SessionSettings,
+    /// Connect settings for this route's backends.
+    pub backend: BackendSettings,
+    /// Token requirements; the route is open when absent.
+    pub auth: Option<RouteAuth>,
+    /// Origin allowlist; any origin when absent.
+    pub origin: Option<OriginPolicy>,
+}
+
+/// A static member with its weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticMember {
+    /// `host:port`, possibly templated with captures.
+    pub template: BackendTemplate,
+    /// Relative weight (default 1; 0 never chosen).
+    pub weight: u32,
+}
+
+/// Where a route's members come from when they are looked up (`[routes.registry]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// URL template, e.g. `http://registry.internal/agents/{agent}`.
+    pub url: String,
+    /// Bearer token sent to the registry.
+    pub token: Option<Secret>,
+    /// Time allowed for one registry request.
+    pub timeout: Duration,
+    /// How long an answer with members is cached.
+    pub ttl: Duration,
+    /// How long a 404 is cached.
+    pub negative_ttl: Duration,
+    /// How long after `ttl` a cached answer may still be used while the registry fails.
+    pub stale_ttl: Duration,
+    /// Cached agents at most.
+    pub max_capacity: u64,
+}
+
+/// Member choice (`[routes.balance]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    /// The policy.
+    pub policy: Policy,
+    /// Where the sticky key comes from (required for `sticky`).
+    pub sticky_key: Option<StickyKey>,
+    /// Members tried per session before giving up; 0 means every member once.
+    pub max_attempts: usize,
+}
+
+/// How a member is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// In configured (or registry) order: the first healthy member, the next on failure.
+    Ordered,
+    /// Rotate across members.
+    RoundRobin,
+    /// The member with the fewest live sessions for its weight.
+    LeastConnections,
+    /// Rendezvous hashing on a key: the same key reaches the same member from any instance.
+    Sticky,
+}
+
+/// Where a sticky key is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StickyKey {
+    /// A claim of the verified token.
+    Claim(String),
+    /// A request header.
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+    /// A query parameter.
+    Query(String),
+    /// A path capture.
+    Capture(String),
+}
+
+impl FromStr for StickyKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, name) = s.split_once(':').ok_or_else(|| format!("invalid sticky key {s:?}"))?;
+        if name.is_empty() {
+            return Err(format!("invalid sticky key {s:?}: empty name"));
+        }
+        let name = name.to_owned();
+        Ok(match kind {
+            "claim" => StickyKey::Claim(name),
+            "header" => StickyKey::Header(name.to_ascii_lowercase()),
+            "cookie" => StickyKey::Cookie(name),
+            "query" => StickyKey::Query(name),
+            "capture" => StickyKey::Capture(name),
+            _ => return Err(format!("invalid sticky key {s:?}: use claim:, header:, cookie:, query: or capture:")),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for StickyKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// Passive health (`[routes.health]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// First ejection after a failed connect; doubles on each further failure.
+    pub eject_base: Duration,
+    /// Longest ejection.
+    pub eject_max: Duration,
+    /// When every member is ejected, try them anyway instead of answering 503.
+    pub fail_open: bool,
+    /// Active checks of static members every interval; zero disables.
+    pub active_interval: Duration,
+    /// Active check: a WebSocket handshake to this path; a TCP connect when absent.
+    pub active_path: Option<String>,
+}
+
+/// Deadlines and limits for a session (`[session]`, overridable per route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionSettings {
+    /// Proxy pings a peer after this much silence from it; zero disables pings.
+    pub ping_interval: Duration,
+    /// A peer that does not answer a proxy ping within this is considered gone.
+    pub ping_timeout: Duration,
+    /// No data frame either way for this long closes the session (1000); zero disables.
+    pub idle_timeout: Duration,
+    /// A session is closed (1001) after this long; zero disables.
+    pub max_lifetime: Duration,
+    /// After a close frame, the other side's reply is awaited this long.
+    pub close_timeout: Duration,
+    /// Largest frame payload accepted from either side (1009 above).
+    pub max_frame_size: u64,
+    /// Largest message (sum of fragments) accepted from either side (1009 above).
+    pub max_message_size: u64,
+    /// Relay buffer per direction, held only while bytes are in flight.
+    pub buffer_size: usize,
+}
+
+/// Backend connect settings (`[backend]`, overridable per route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendSettings {
+    /// Time allowed for the TCP connect to one member (504 after, when no member is left).
+    pub connect_timeout: Duration,
+    /// Time allowed for the backend's WebSocket handshake response.
+    pub handshake_timeout: Duration,
+}
+
+/// A configuration that could not be read or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, a key is unknown, or a value does not parse.
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// The values parse but do not fit together.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted path of the offending key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text.as_bytes()[..s.start.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1)
+                .unwrap_or(1);
+            ConfigError::Parse { path: origin.to_owned(), line, message: e.message().trim().to_owned() }
+        })?;
+        validate::config(raw).map_err(|(key, message)| ConfigError::Invalid { path: origin.to_owned(), key, message })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw::Size;
+    use super::*;
+
+    #[test]
+    fn every_file_in_config_dir_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("config/ exists") {
+            let path = entry.expect("dir entry").path();
+            if path.extension().and_then(|e| e.to_str()) == Some("toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "expected at least portcullis.toml and dev.toml");
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n\n[session]\nidle_timout = \"1s\"\n";
+        let err = Config::parse(text, Path::new("x.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("x.toml:5:"), "{msg}");
+        assert!(msg.contains("idle_timout"), "{msg}");
+    }
+
+    #[test]
+    fn cipher_suites_default_to_aes_128_first_and_are_checked() {
+        let base = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let c = Config::parse(base, Path::new("x.toml")).expect("valid");
+        let tls = c.tls.expect("tls");
+        assert_eq!(tls.cipher_suites[0], "TLS13_AES_128_GCM_SHA256");
+        assert_eq!(tls.cipher_suites.len(), CIPHER_SUITES.len());
+        for (list, wanted) in [
+            ("[\"TLS13_AES_128_GCM_SHA265\"]", "unknown cipher suite"),
+            ("[]", "at least one"),
+            ("[\"TLS13_AES_128_GCM_SHA256\", \"TLS13_AES_128_GCM_SHA256\"]", "listed twice"),
+            ("[\"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256\"]", "TLS 1.3"),
+        ] {
+            let text = format!("{base}cipher_suites = {list}\n");
+            let msg = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
+            assert!(msg.contains("tls.cipher_suites") && msg.contains(wanted), "{list}: {msg}");
+        }
+    }
+
+    #[test]
+    fn bad_duration_is_reported_with_line() {
+        let text = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[session]\nidle_timeout = \"soon\"\n";
+        let msg = Config::parse(text, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(msg.starts_with("x.toml:4:"), "{msg}");
+        assert!(msg.contains("invalid duration"), "{msg}");
+    }
+
+    #[test]
+    fn route_overrides_merge_over_defaults() {
+        let text = r#"
+[[listeners]]
+addresses = ["127.0.0.1:0"]
+[session]
+idle_timeout = "10m"
+max_frame_size = "64KiB"
+[[routes]]
+name = "t"
+path = "/agents/{agent}/terminal"
+backends = ["127.0.0.1:1"]
+[routes.session]
+idle_timeout = "1s"
+"#;
+        let c = Config::parse(text, Path::new("x.toml")).expect("valid");
+        let s = c.routes[0].session;
+        assert_eq!(s.idle_timeout, Duration::from_secs(1));
+        assert_eq!(s.max_frame_size, 64 * 1024);
+        assert_eq!(s.ping_interval, SessionSettings::default().ping_interval);
+    }
+
+    #[test]
+    fn tls_listener_without_tls_section_is_invalid() {
+        let text = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\ntls = true\n";
+        let msg = Config::parse(text, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(msg.contains("listeners[0].tls"), "{msg}");
+    }
+
+    #[test]
+    fn backend_template_must_use_known_captures() {
+        let text = r#"
+[[listeners]]
+addresses = ["127.0.0.1:0"]
+[[routes]]
+name = "t"
+path = "/agents/{agent}"
+backends = ["{host}:80"]
+"#;
+        let msg = Config::parse(text, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(msg.contains("routes[0].backends"), "{msg}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(Size::from_str("16KiB").map(|s| s.0), Ok(16384));
+        assert_eq!(Size::from_str("1MiB").map(|s| s.0), Ok(1 << 20));
+        assert_eq!(Size::from_str("12").map(|s| s.0), Ok(12));
+        assert!(Size::from_str("1MB").is_err());
+    }
+    /// `config/portcullis.toml` says every key it sets is "set to its default value unless the
+    /// comment says otherwise": hold it to that for every section it sets without an override.
+    #[test]
+    fn reference_file_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/portcullis.toml");
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.server, ServerSettings::default());
+        assert_eq!(c.session, SessionSettings::default());
+        assert_eq!(c.backend, BackendSettings::default());
+        assert_eq!(c.admin.as_ref().map(|a| a.address), Some(defaults::ADMIN_ADDRESS));
+        assert_eq!(c.auth.leeway, defaults::AUTH_LEEWAY);
+        assert_eq!(c.auth.max_token_size, defaults::AUTH_MAX_TOKEN_SIZE);
+        assert_eq!(c.auth.cache_capacity, defaults::AUTH_CACHE_CAPACITY);
+        assert_eq!(c.auth.revocation_ttl, defaults::AUTH_REVOCATION_TTL);
+        assert_eq!(c.tls.as_ref().map(|t| t.cipher_suites.len()), Some(CIPHER_SUITES.len()));
+        for r in &c.routes {
+            assert_eq!(r.health, HealthSettings::default(), "routes {}: health", r.name);
+            assert_eq!(r.balance.max_attempts, Balance::default().max_attempts, "routes {}", r.name);
+        }
+    }
+}

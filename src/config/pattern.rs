@@ -1,0 +1,249 @@
+//! Path patterns and templates: the route's `path` (`/agents/{agent}/terminal`), templated
+//! member addresses (`{agent}.agents.internal:7681`) and `{capture}` strings (`backend_path`,
+//! registry URLs, scopes), with the captured values they are rendered from.
+//!
+//! A capture matches exactly one segment and its value is validated (charset
+//! `[A-Za-z0-9._-]`, 1–128 bytes, never `.` or `..`) before it is used anywhere, so `%2f`, `..`,
+//! NUL and over-long ids are refused before a backend is contacted.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+
+/// Largest accepted capture value, in bytes.
+pub const MAX_CAPTURE_LEN: usize = 128;
+
+/// Values captured from the path, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Captures(pub(crate) Vec<(String, String)>);
+
+impl Captures {
+    /// Captures from name/value pairs (for values validated elsewhere, e.g. admin input).
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Captures {
+        Captures(pairs.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect())
+    }
+
+    /// The value captured for `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Whether a captured value is safe to use as an id.
+pub fn valid_capture(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= MAX_CAPTURE_LEN
+        && v != "."
+        && v != ".."
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A path pattern such as `/agents/{agent}/terminal`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    raw: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Capture(String),
+}
+
+impl PathPattern {
+    /// Segments in the pattern, literal or captured.
+    pub(crate) fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Whether the pattern captures `name`.
+    pub fn has_capture(&self, name: &str) -> bool {
+        self.segments.iter().any(|s| matches!(s, Segment::Capture(n) if n == name))
+    }
+
+    /// Literal segments: more of them make a route more specific.
+    pub(crate) fn literal_count(&self) -> usize {
+        self.segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count()
+    }
+
+    /// Matches `path` segment by segment; returns the raw (unvalidated) captures.
+    pub(crate) fn match_segments<'p>(&'p self, path: &'p str) -> Option<Vec<(&'p str, &'p str)>> {
+        let path = path.strip_prefix('/')?;
+        let mut parts = path.split('/');
+        let mut caps = Vec::new();
+        for seg in &self.segments {
+            let part = parts.next()?;
+            match seg {
+                Segment::Literal(l) if l == part => {}
+                Segment::Literal(_) => return None,
+                Segment::Capture(name) => caps.push((name.as_str(), part)),
+            }
+        }
+        match parts.next() {
+            None => Some(caps),
+            // Tolerate one trailing slash.
+            Some("") if parts.next().is_none() => Some(caps),
+            Some(_) => None,
+        }
+    }
+}
+
+impl FromStr for PathPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s.strip_prefix('/').ok_or_else(|| format!("path pattern {s:?} must start with '/'"))?;
+        let mut segments = Vec::new();
+        for part in rest.split('/') {
+            if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    return Err(format!("invalid capture name {name:?} in path pattern {s:?}"));
+                }
+                if segments.iter().any(|x| matches!(x, Segment::Capture(n) if n == name)) {
+                    return Err(format!("capture {{{name}}} appears twice in {s:?}"));
+                }
+                segments.push(Segment::Capture(name.to_owned()));
+            } else if part.contains(['{', '}']) {
+                return Err(format!("a capture must be a whole segment in path pattern {s:?}"));
+            } else {
+                segments.push(Segment::Literal(part.to_owned()));
+            }
+        }
+        Ok(PathPattern { raw: s.to_owned(), segments })
+    }
+}
+
+impl fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.raw)
+    }
+}
+
+impl<'de> Deserialize<'de> for PathPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A backend member address, possibly templated with captures: `{agent}.agents.internal:7681`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTemplate {
+    raw: String,
+    parts: Vec<Segment>,
+}
+
+impl BackendTemplate {
+    /// Names of the captures this template uses.
+    pub fn captures(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Segment::Capture(n) => Some(n.as_str()),
+            Segment::Literal(_) => None,
+        })
+    }
+
+    /// Renders `host:port` with validated captures. A capture substituted into the host must
+    /// be a single DNS label (no '.'), so a client cannot steer a templated member into another
+    /// domain (`{agent}.agents.internal` with agent `x.evil.example`); `None` then.
+    pub fn render(&self, caps: &Captures) -> Option<String> {
+        let dotted = self.captures().any(|c| caps.get(c).is_some_and(|v| v.contains('.')));
+        (!dotted).then(|| render_template(&self.parts, caps))
+    }
+}
+
+fn render_template(parts: &[Segment], caps: &Captures) -> String {
+    let mut out = String::new();
+    for p in parts {
+        match p {
+            Segment::Literal(l) => out.push_str(l),
+            Segment::Capture(n) => out.push_str(caps.get(n).unwrap_or_default()),
+        }
+    }
+    out
+}
+
+/// Capture names used by a `{capture}` template string.
+pub fn template_captures(template: &str) -> Vec<String> {
+    parse_template(template)
+        .map(|parts| {
+            parts
+                .into_iter()
+                .filter_map(|p| match p {
+                    Segment::Capture(n) => Some(n),
+                    Segment::Literal(_) => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Renders a `/path/{capture}` template (used for `backend_path` and scopes).
+pub fn render_path(template: &str, caps: &Captures) -> String {
+    match parse_template(template) {
+        Ok(parts) => render_template(&parts, caps),
+        Err(_) => template.to_owned(),
+    }
+}
+
+fn parse_template(s: &str) -> Result<Vec<Segment>, String> {
+    let mut parts = Vec::new();
+    let mut rest = s;
+    while let Some(open) = rest.find('{') {
+        if open > 0 {
+            parts.push(Segment::Literal(rest[..open].to_owned()));
+        }
+        let close = rest[open..].find('}').ok_or_else(|| format!("unclosed '{{' in {s:?}"))? + open;
+        let name = &rest[open + 1..close];
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("invalid capture name {name:?} in {s:?}"));
+        }
+        parts.push(Segment::Capture(name.to_owned()));
+        rest = &rest[close + 1..];
+    }
+    if !rest.is_empty() {
+        parts.push(Segment::Literal(rest.to_owned()));
+    }
+    Ok(parts)
+}
+
+impl FromStr for BackendTemplate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts = parse_template(s)?;
+        let port = s.rsplit_once(':').map(|(_, p)| p).unwrap_or("");
+        if port.parse::<u16>().is_err() {
+            return Err(format!("backend {s:?} must be host:port"));
+        }
+        Ok(BackendTemplate { raw: s.to_owned(), parts })
+    }
+}
+
+impl fmt::Display for BackendTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.raw)
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendTemplate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_render_captures() {
+        let caps = Captures::from_pairs(&[("agent", "a1")]);
+        let b: BackendTemplate = "{agent}.agents.internal:7681".parse().expect("template");
+        assert_eq!(b.render(&caps).as_deref(), Some("a1.agents.internal:7681"));
+        let dotted = Captures::from_pairs(&[("agent", "a1.evil.example")]);
+        assert_eq!(b.render(&dotted), None, "a dotted capture cannot pick another domain");
+        assert_eq!(render_path("/shell/{agent}", &caps), "/shell/a1");
+        assert!("nohost".parse::<BackendTemplate>().is_err());
+    }
+}

@@ -1,0 +1,280 @@
+//! The raw serde mirror of the configuration file: every table and key as written, nothing
+//! checked beyond its type. `deny_unknown_fields` everywhere, so a typo is an error with its
+//! line; [`super::validate`] turns this into the typed [`super::Config`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use super::{BackendTemplate, OriginPattern, PathPattern, Policy, SniCertificate, StickyKey, TokenSource};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub(super) server: RawServer,
+    pub(super) tls: Option<RawTls>,
+    #[serde(default)]
+    pub(super) listeners: Vec<RawListener>,
+    pub(super) admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub(super) session: RawSession,
+    #[serde(default)]
+    pub(super) backend: RawBackend,
+    #[serde(default)]
+    pub(super) routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub(super) auth: RawAuth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    #[serde(default)]
+    pub(super) keys: Vec<RawKey>,
+    #[serde(default)]
+    pub(super) jwks: Vec<RawJwks>,
+    pub(super) leeway: Option<Dur>,
+    pub(super) max_token_size: Option<Size>,
+    pub(super) cache_capacity: Option<u64>,
+    pub(super) revocation_ttl: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKey {
+    pub(super) kid: Option<String>,
+    pub(super) algorithms: Vec<Algorithm>,
+    pub(super) public_key: Option<PathBuf>,
+    pub(super) secret_file: Option<PathBuf>,
+    pub(super) secret_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJwks {
+    pub(super) url: String,
+    pub(super) algorithms: Vec<Algorithm>,
+    pub(super) refresh_interval: Option<Dur>,
+    pub(super) min_refetch_interval: Option<Dur>,
+    pub(super) timeout: Option<Dur>,
+    pub(super) ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouteAuth {
+    pub(super) sources: Option<Vec<TokenSource>>,
+    #[serde(default)]
+    pub(super) issuers: Vec<String>,
+    #[serde(default)]
+    pub(super) audiences: Vec<String>,
+    #[serde(default)]
+    pub(super) required_claims: Vec<String>,
+    pub(super) agent_claim: Option<String>,
+    pub(super) agent_scope: Option<String>,
+    pub(super) enforce_expiry: Option<bool>,
+    #[serde(default)]
+    pub(super) forward_claims: Vec<String>,
+    #[serde(default)]
+    pub(super) forward_token: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOrigin {
+    pub(super) allow: Vec<OriginPattern>,
+    pub(super) allow_missing: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) max_connections: Option<usize>,
+    pub(super) tls_handshake_timeout: Option<Dur>,
+    pub(super) header_read_timeout: Option<Dur>,
+    pub(super) max_header_size: Option<Size>,
+    pub(super) drain_spread: Option<Dur>,
+    pub(super) drain_timeout: Option<Dur>,
+    pub(super) removed_route_grace: Option<Dur>,
+    pub(super) reload_poll_interval: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
+    #[serde(default)]
+    pub(super) sni: Vec<SniCertificate>,
+    pub(super) cipher_suites: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    pub(super) name: Option<String>,
+    pub(super) addresses: Vec<SocketAddr>,
+    #[serde(default)]
+    pub(super) tls: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) address: Option<SocketAddr>,
+    pub(super) token_env: Option<String>,
+    pub(super) token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSession {
+    pub(super) ping_interval: Option<Dur>,
+    pub(super) ping_timeout: Option<Dur>,
+    pub(super) idle_timeout: Option<Dur>,
+    pub(super) max_lifetime: Option<Dur>,
+    pub(super) close_timeout: Option<Dur>,
+    pub(super) max_frame_size: Option<Size>,
+    pub(super) max_message_size: Option<Size>,
+    pub(super) buffer_size: Option<Size>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackend {
+    pub(super) connect_timeout: Option<Dur>,
+    pub(super) handshake_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawMember {
+    Addr(BackendTemplate),
+    Weighted(RawWeighted),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWeighted {
+    pub(super) addr: BackendTemplate,
+    #[serde(default = "one")]
+    pub(super) weight: u32,
+}
+
+fn one() -> u32 {
+    super::defaults::MEMBER_WEIGHT
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRegistry {
+    pub(super) url: String,
+    pub(super) token_env: Option<String>,
+    pub(super) token_file: Option<PathBuf>,
+    pub(super) timeout: Option<Dur>,
+    pub(super) ttl: Option<Dur>,
+    pub(super) negative_ttl: Option<Dur>,
+    pub(super) stale_ttl: Option<Dur>,
+    pub(super) max_capacity: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBalance {
+    pub(super) policy: Option<Policy>,
+    pub(super) sticky_key: Option<StickyKey>,
+    pub(super) max_attempts: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    pub(super) eject_base: Option<Dur>,
+    pub(super) eject_max: Option<Dur>,
+    pub(super) fail_open: Option<bool>,
+    pub(super) active_interval: Option<Dur>,
+    pub(super) active_path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub(super) name: String,
+    pub(super) host: Option<String>,
+    pub(super) path: PathPattern,
+    #[serde(default)]
+    pub(super) backends: Vec<RawMember>,
+    pub(super) registry: Option<RawRegistry>,
+    #[serde(default)]
+    pub(super) balance: RawBalance,
+    #[serde(default)]
+    pub(super) health: RawHealth,
+    pub(super) backend_path: Option<String>,
+    #[serde(default)]
+    pub(super) session: RawSession,
+    #[serde(default)]
+    pub(super) backend: RawBackend,
+    pub(super) auth: Option<RawRouteAuth>,
+    pub(super) origin: Option<RawOrigin>,
+}
+
+/// A duration written as text: `"30s"`, `"500ms"`, `"15m"`, `"1h 30m"`, or `"0s"`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Dur(pub(super) Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Dur)
+            .map_err(|e| de::Error::custom(format!("invalid duration {s:?}: {e} (write e.g. \"30s\")")))
+    }
+}
+
+/// A byte size: an integer, or text with a unit: `"16KiB"`, `"1MiB"`, `"1GiB"`, `"512B"`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Size(pub(super) u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as 16384 or \"16KiB\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v).map(Size).map_err(|_| E::custom("size must not be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
+                Size::from_str(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Size, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            other => return Err(format!("invalid size unit {other:?} in {s:?} (use B, KiB, MiB or GiB)")),
+        };
+        n.checked_mul(mult).map(Size).ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}

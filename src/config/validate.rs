@@ -1,0 +1,405 @@
+//! From the raw mirror to the typed [`Config`]: one function per section. Each fills absent
+//! keys from [`super::defaults`] and checks that the values fit together; an error names the
+//! dotted key (`routes[2].balance.sticky_key`) and what is wrong.
+
+use std::path::Path;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, AlgorithmFamily};
+
+use super::defaults;
+use super::raw::{
+    Dur, RawAdmin, RawAuth, RawBackend, RawBalance, RawConfig, RawHealth, RawListener, RawMember, RawOrigin,
+    RawRegistry, RawRoute, RawRouteAuth, RawServer, RawSession, RawTls,
+};
+use super::{
+    template_captures, AdminConfig, AuthSettings, BackendSettings, Balance, Config, HealthSettings, JwksSettings,
+    KeyMaterial, ListenerConfig, OriginPolicy, PathPattern, Policy, RegistryConfig, RouteAuth, RouteConfig, Secret,
+    ServerSettings, SessionSettings, StaticKey, StaticMember, StickyKey, TlsSettings, TokenSource, CIPHER_SUITES,
+};
+
+/// The dotted key of an invalid value, and what is wrong with it.
+pub(super) type Invalid = (String, String);
+
+/// Validates every section, in file order.
+pub(super) fn config(raw: RawConfig) -> Result<Config, Invalid> {
+    let server = server(raw.server)?;
+    let session = session(raw.session, SessionSettings::default(), "session")?;
+    let backend = backend(raw.backend, BackendSettings::default());
+    let listeners = listeners(raw.listeners, raw.tls.is_some())?;
+    let has_keys = !raw.auth.keys.is_empty() || !raw.auth.jwks.is_empty();
+    let mut routes: Vec<RouteConfig> = Vec::with_capacity(raw.routes.len());
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        let key = format!("routes[{i}]");
+        if routes.iter().any(|x| x.name == r.name) {
+            return Err(invalid(&format!("{key}.name"), "duplicate route name"));
+        }
+        routes.push(route(r, &key, session, backend, has_keys)?);
+    }
+    Ok(Config {
+        server,
+        tls: raw.tls.map(tls).transpose()?,
+        listeners,
+        admin: raw.admin.map(admin).transpose()?,
+        routes,
+        auth: auth(raw.auth)?,
+        session,
+        backend,
+    })
+}
+
+fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
+    let d = ServerSettings::default();
+    let server = ServerSettings {
+        max_connections: s.max_connections.unwrap_or(d.max_connections),
+        tls_handshake_timeout: dur(s.tls_handshake_timeout, d.tls_handshake_timeout),
+        header_read_timeout: dur(s.header_read_timeout, d.header_read_timeout),
+        max_header_size: s.max_header_size.map_or(d.max_header_size, |v| v.0 as usize),
+        drain_spread: dur(s.drain_spread, d.drain_spread),
+        drain_timeout: dur(s.drain_timeout, d.drain_timeout),
+        removed_route_grace: dur(s.removed_route_grace, d.removed_route_grace),
+        reload_poll_interval: dur(s.reload_poll_interval, d.reload_poll_interval),
+    };
+    if server.max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be at least 1"));
+    }
+    if server.max_header_size < 1024 {
+        return Err(invalid("server.max_header_size", "must be at least 1KiB"));
+    }
+    Ok(server)
+}
+
+fn listeners(raw: Vec<RawListener>, has_tls: bool) -> Result<Vec<ListenerConfig>, Invalid> {
+    if raw.is_empty() {
+        return Err(invalid("listeners", "at least one listener is required"));
+    }
+    let mut listeners = Vec::with_capacity(raw.len());
+    for (i, l) in raw.into_iter().enumerate() {
+        if l.addresses.is_empty() {
+            return Err(invalid(&format!("listeners[{i}].addresses"), "must not be empty"));
+        }
+        if l.tls && !has_tls {
+            return Err(invalid(
+                &format!("listeners[{i}].tls"),
+                "a TLS listener needs a [tls] section with cert and key",
+            ));
+        }
+        listeners.push(ListenerConfig {
+            name: l.name.unwrap_or_else(|| format!("listener-{i}")),
+            addresses: l.addresses,
+            tls: l.tls,
+        });
+    }
+    Ok(listeners)
+}
+
+fn route(
+    r: RawRoute,
+    key: &str,
+    session_defaults: SessionSettings,
+    backend_defaults: BackendSettings,
+    has_keys: bool,
+) -> Result<RouteConfig, Invalid> {
+    if r.name.is_empty() || r.name.len() > 64 || !r.name.bytes().all(is_label_byte) {
+        return Err(invalid(&format!("{key}.name"), "must be 1-64 characters of [A-Za-z0-9_-]"));
+    }
+    match (r.backends.is_empty(), r.registry.is_none()) {
+        (true, true) => return Err(invalid(&format!("{key}.backends"), "give backends or a [routes.registry]")),
+        (false, false) => {
+            return Err(invalid(&format!("{key}.backends"), "give backends or a [routes.registry], not both"));
+        }
+        _ => {}
+    }
+    let backends: Vec<StaticMember> = r
+        .backends
+        .into_iter()
+        .map(|m| match m {
+            RawMember::Addr(template) => StaticMember { template, weight: defaults::MEMBER_WEIGHT },
+            RawMember::Weighted(w) => StaticMember { template: w.addr, weight: w.weight },
+        })
+        .collect();
+    for b in backends.iter().map(|m| &m.template) {
+        if let Some(c) = b.captures().find(|c| !r.path.has_capture(c)) {
+            return Err(invalid(&format!("{key}.backends"), &format!("uses {{{c}}}, which the path does not capture")));
+        }
+    }
+    let registry = r.registry.map(|g| registry(g, key, &r.path)).transpose()?;
+    let balance = balance(r.balance, key, &r.path)?;
+    let health = health(r.health, key)?;
+    if let Some(p) = &r.backend_path {
+        if !p.starts_with('/') {
+            return Err(invalid(&format!("{key}.backend_path"), "must start with '/'"));
+        }
+    }
+    let auth = r.auth.map(|a| route_auth(a, key, &r.path)).transpose()?;
+    if auth.is_some() && !has_keys {
+        return Err(invalid(&format!("{key}.auth"), "requires tokens but [auth] has no keys or jwks"));
+    }
+    Ok(RouteConfig {
+        auth,
+        origin: r.origin.map(origin),
+        name: r.name,
+        host: r.host.map(|h| h.to_ascii_lowercase()),
+        path: r.path,
+        backends,
+        registry,
+        balance,
+        health,
+        backend_path: r.backend_path,
+        session: session(r.session, session_defaults, &format!("{key}.session"))?,
+        backend: backend(r.backend, backend_defaults),
+    })
+}
+
+fn registry(g: RawRegistry, route_key: &str, path: &PathPattern) -> Result<RegistryConfig, Invalid> {
+    let key = format!("{route_key}.registry");
+    let url: http::Uri =
+        g.url.replace(['{', '}'], "").parse().map_err(|_| invalid(&format!("{key}.url"), "not a valid URL"))?;
+    if url.scheme_str() != Some("http") && url.scheme_str() != Some("https") {
+        return Err(invalid(&format!("{key}.url"), "must be an http:// or https:// URL"));
+    }
+    if let Some(c) = template_captures(&g.url).into_iter().find(|c| !path.has_capture(c)) {
+        return Err(invalid(&format!("{key}.url"), &format!("uses {{{c}}}, which the path does not capture")));
+    }
+    Ok(RegistryConfig {
+        token: load_secret(g.token_file.as_deref(), g.token_env.as_deref(), &key)?,
+        url: g.url,
+        timeout: dur(g.timeout, defaults::REGISTRY_TIMEOUT),
+        ttl: dur(g.ttl, defaults::REGISTRY_TTL),
+        negative_ttl: dur(g.negative_ttl, defaults::REGISTRY_NEGATIVE_TTL),
+        stale_ttl: dur(g.stale_ttl, defaults::REGISTRY_STALE_TTL),
+        max_capacity: g.max_capacity.unwrap_or(defaults::REGISTRY_MAX_CAPACITY),
+    })
+}
+
+fn balance(b: RawBalance, key: &str, path: &PathPattern) -> Result<Balance, Invalid> {
+    let d = Balance::default();
+    let balance = Balance {
+        policy: b.policy.unwrap_or(d.policy),
+        sticky_key: b.sticky_key,
+        max_attempts: b.max_attempts.unwrap_or(d.max_attempts),
+    };
+    if balance.policy == Policy::Sticky && balance.sticky_key.is_none() {
+        return Err(invalid(&format!("{key}.balance.sticky_key"), "the sticky policy needs a sticky_key"));
+    }
+    if let Some(StickyKey::Capture(c)) = &balance.sticky_key {
+        if !path.has_capture(c) {
+            return Err(invalid(&format!("{key}.balance.sticky_key"), "names a capture the path does not have"));
+        }
+    }
+    Ok(balance)
+}
+
+fn health(h: RawHealth, key: &str) -> Result<HealthSettings, Invalid> {
+    let d = HealthSettings::default();
+    let eject_base = dur(h.eject_base, d.eject_base);
+    let health = HealthSettings {
+        eject_base,
+        eject_max: dur(h.eject_max, d.eject_max).max(eject_base),
+        fail_open: h.fail_open.unwrap_or(d.fail_open),
+        active_interval: dur(h.active_interval, d.active_interval),
+        active_path: h.active_path,
+    };
+    if health.active_path.as_deref().is_some_and(|p| !p.starts_with('/')) {
+        return Err(invalid(&format!("{key}.health.active_path"), "must start with '/'"));
+    }
+    Ok(health)
+}
+
+fn route_auth(a: RawRouteAuth, key: &str, path: &PathPattern) -> Result<RouteAuth, Invalid> {
+    if let Some(scope) = &a.agent_scope {
+        if let Some(c) = template_captures(scope).into_iter().find(|c| !path.has_capture(c)) {
+            return Err(invalid(
+                &format!("{key}.auth.agent_scope"),
+                &format!("uses {{{c}}}, which the path does not capture"),
+            ));
+        }
+    }
+    if (a.agent_claim.is_some() || a.agent_scope.is_some()) && !path.has_capture("agent") {
+        return Err(invalid(&format!("{key}.auth"), "agent grants need an {agent} capture in the path"));
+    }
+    let sources = a.sources.unwrap_or_else(TokenSource::defaults);
+    if sources.is_empty() {
+        return Err(invalid(&format!("{key}.auth.sources"), "list at least one token source"));
+    }
+    Ok(RouteAuth {
+        sources,
+        issuers: a.issuers,
+        audiences: a.audiences,
+        required_claims: a.required_claims,
+        agent_claim: a.agent_claim,
+        agent_scope: a.agent_scope,
+        enforce_expiry: a.enforce_expiry.unwrap_or(defaults::ENFORCE_EXPIRY),
+        forward_claims: a.forward_claims,
+        forward_token: a.forward_token,
+    })
+}
+
+fn origin(o: RawOrigin) -> OriginPolicy {
+    OriginPolicy { allow: o.allow, allow_missing: o.allow_missing.unwrap_or(defaults::ORIGIN_ALLOW_MISSING) }
+}
+
+fn session(s: RawSession, d: SessionSettings, key: &str) -> Result<SessionSettings, Invalid> {
+    let s = SessionSettings {
+        ping_interval: dur(s.ping_interval, d.ping_interval),
+        ping_timeout: dur(s.ping_timeout, d.ping_timeout),
+        idle_timeout: dur(s.idle_timeout, d.idle_timeout),
+        max_lifetime: dur(s.max_lifetime, d.max_lifetime),
+        close_timeout: dur(s.close_timeout, d.close_timeout),
+        max_frame_size: s.max_frame_size.map_or(d.max_frame_size, |v| v.0),
+        max_message_size: s.max_message_size.map_or(d.max_message_size, |v| v.0),
+        buffer_size: s.buffer_size.map_or(d.buffer_size, |v| v.0 as usize),
+    };
+    if !(1024..=(1 << 20)).contains(&s.buffer_size) {
+        return Err(invalid(&format!("{key}.buffer_size"), "must be between 1KiB and 1MiB"));
+    }
+    if s.max_message_size < s.max_frame_size {
+        return Err(invalid(&format!("{key}.max_message_size"), "must be at least max_frame_size"));
+    }
+    if !s.ping_interval.is_zero() && s.ping_timeout.is_zero() {
+        return Err(invalid(&format!("{key}.ping_timeout"), "must be non-zero when pings are on"));
+    }
+    if s.close_timeout.is_zero() {
+        return Err(invalid(&format!("{key}.close_timeout"), "must be non-zero"));
+    }
+    Ok(s)
+}
+
+fn backend(b: RawBackend, d: BackendSettings) -> BackendSettings {
+    BackendSettings {
+        connect_timeout: dur(b.connect_timeout, d.connect_timeout),
+        handshake_timeout: dur(b.handshake_timeout, d.handshake_timeout),
+    }
+}
+
+fn tls(t: RawTls) -> Result<TlsSettings, Invalid> {
+    Ok(TlsSettings { cipher_suites: cipher_suites(t.cipher_suites)?, cert: t.cert, key: t.key, sni: t.sni })
+}
+
+fn admin(a: RawAdmin) -> Result<AdminConfig, Invalid> {
+    Ok(AdminConfig {
+        address: a.address.unwrap_or(defaults::ADMIN_ADDRESS),
+        token: load_secret(a.token_file.as_deref(), a.token_env.as_deref(), "admin")?,
+    })
+}
+
+fn auth(a: RawAuth) -> Result<AuthSettings, Invalid> {
+    let mut keys = Vec::with_capacity(a.keys.len());
+    for (i, k) in a.keys.into_iter().enumerate() {
+        let key = format!("auth.keys[{i}]");
+        check_algorithms(&k.algorithms, &format!("{key}.algorithms"))?;
+        let hmac = k.algorithms.iter().all(|a| a.family() == AlgorithmFamily::Hmac);
+        let material = match (k.public_key, hmac) {
+            (Some(p), false) => {
+                if k.secret_file.is_some() || k.secret_env.is_some() {
+                    return Err(invalid(&key, "set public_key or a secret, not both"));
+                }
+                KeyMaterial::PublicKeyPem(p)
+            }
+            (None, true) => match load_secret(k.secret_file.as_deref(), k.secret_env.as_deref(), &key)? {
+                Some(s) => KeyMaterial::Secret(s),
+                None => return Err(invalid(&key, "HS* keys need secret_file or secret_env")),
+            },
+            (Some(_), true) => return Err(invalid(&key, "HS* keys take a secret, not a public_key")),
+            (None, false) => return Err(invalid(&key, "RS*/PS*/ES*/EdDSA keys need public_key (a PEM file)")),
+        };
+        keys.push(StaticKey { kid: k.kid, algorithms: k.algorithms, material });
+    }
+    let mut jwks = Vec::with_capacity(a.jwks.len());
+    for (i, j) in a.jwks.into_iter().enumerate() {
+        let key = format!("auth.jwks[{i}]");
+        let url: http::Uri = j.url.parse().map_err(|_| invalid(&format!("{key}.url"), "not a valid URL"))?;
+        if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+            return Err(invalid(&format!("{key}.url"), "must be an http:// or https:// URL"));
+        }
+        check_algorithms(&j.algorithms, &format!("{key}.algorithms"))?;
+        if j.algorithms.iter().any(|a| a.family() == AlgorithmFamily::Hmac) {
+            return Err(invalid(&format!("{key}.algorithms"), "HS* algorithms cannot come from a JWKS"));
+        }
+        jwks.push(JwksSettings {
+            url,
+            algorithms: j.algorithms,
+            refresh_interval: dur(j.refresh_interval, defaults::JWKS_REFRESH_INTERVAL),
+            min_refetch_interval: dur(j.min_refetch_interval, defaults::JWKS_MIN_REFETCH_INTERVAL),
+            timeout: dur(j.timeout, defaults::JWKS_TIMEOUT),
+            ca: j.ca,
+        });
+    }
+    Ok(AuthSettings {
+        keys,
+        jwks,
+        leeway: dur(a.leeway, defaults::AUTH_LEEWAY),
+        max_token_size: a.max_token_size.map_or(defaults::AUTH_MAX_TOKEN_SIZE, |s| s.0 as usize),
+        cache_capacity: a.cache_capacity.unwrap_or(defaults::AUTH_CACHE_CAPACITY),
+        revocation_ttl: dur(a.revocation_ttl, defaults::AUTH_REVOCATION_TTL),
+    })
+}
+
+/// One key verifies one algorithm family: no HS/RS confusion, never `none`.
+fn check_algorithms(algs: &[Algorithm], key: &str) -> Result<(), Invalid> {
+    match algs.first() {
+        None => Err(invalid(key, "list at least one algorithm")),
+        Some(first) if algs.iter().any(|a| a.family() != first.family()) => {
+            Err(invalid(key, "all algorithms of one key must be of one family (no algorithm confusion)"))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn load_secret(file: Option<&Path>, env: Option<&str>, key: &str) -> Result<Option<Secret>, Invalid> {
+    match (file, env) {
+        (Some(_), Some(_)) => Err(invalid(key, "set a secret file or an environment variable, not both")),
+        (Some(f), None) => match std::fs::read(f) {
+            Ok(mut bytes) => {
+                while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                    bytes.pop();
+                }
+                if bytes.is_empty() {
+                    return Err(invalid(key, &format!("secret file {} is empty", f.display())));
+                }
+                Ok(Some(Secret::new(bytes)))
+            }
+            Err(e) => Err(invalid(key, &format!("cannot read secret file {}: {e}", f.display()))),
+        },
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(Some(Secret::new(v.into_bytes()))),
+            _ => Err(invalid(key, &format!("environment variable {var} is not set"))),
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+/// Checks `tls.cipher_suites` (known names, no repeats, not empty); absent means the default order.
+fn cipher_suites(names: Option<Vec<String>>) -> Result<Vec<String>, Invalid> {
+    let Some(names) = names else {
+        return Ok(CIPHER_SUITES.iter().map(|s| s.to_string()).collect());
+    };
+    if names.is_empty() {
+        return Err(invalid("tls.cipher_suites", "must name at least one cipher suite"));
+    }
+    for (i, name) in names.iter().enumerate() {
+        if !CIPHER_SUITES.contains(&name.as_str()) {
+            let known = CIPHER_SUITES.join(", ");
+            return Err(invalid("tls.cipher_suites", &format!("unknown cipher suite {name:?} (known: {known})")));
+        }
+        if names[..i].contains(name) {
+            return Err(invalid("tls.cipher_suites", &format!("{name} is listed twice")));
+        }
+    }
+    if !names.iter().any(|n| n.starts_with("TLS13_")) {
+        return Err(invalid("tls.cipher_suites", "must include at least one TLS 1.3 suite (TLS13_...)"));
+    }
+    Ok(names)
+}
+
+fn dur(v: Option<Dur>, default: Duration) -> Duration {
+    v.map_or(default, |d| d.0)
+}
+
+fn invalid(key: &str, message: &str) -> Invalid {
+    (key.to_owned(), message.to_owned())
+}
+
+fn is_label_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+}

@@ -1,0 +1,204 @@
+//! Value types of the configuration that carry their own parsing: token sources, Origin
+//! patterns, secrets and the cipher-suite names.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+
+/// Cipher suites the server can offer, in the default order of preference.
+///
+/// AES-128-GCM comes first: it is as strong as anything a browser negotiates today, and its
+/// TLS 1.3 key schedule runs on SHA-256, which x86-64 and ARMv8 CPUs accelerate (SHA-NI); the
+/// SHA-384 schedule of AES-256-GCM runs in software on most of them and costs measurably more
+/// per handshake (see BENCHMARKS.md). The server's order wins over the client's.
+pub const CIPHER_SUITES: &[&str] = &[
+    "TLS13_AES_128_GCM_SHA256",
+    "TLS13_AES_256_GCM_SHA384",
+    "TLS13_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+];
+
+/// Secret bytes (HMAC keys, admin tokens) whose `Debug` never shows them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Wraps secret bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Secret(bytes)
+    }
+
+    /// The secret bytes; only for the code that uses them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Where a token may be found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer <token>`.
+    Bearer,
+    /// A query parameter (`query:access_token`).
+    Query(String),
+    /// A cookie (`cookie:portcullis_token`).
+    Cookie(String),
+    /// A `Sec-WebSocket-Protocol` entry with this prefix (`subprotocol:bearer.`).
+    Subprotocol(String),
+}
+
+impl TokenSource {
+    /// Sources used when a route does not list any: the header, then the subprotocol.
+    pub fn defaults() -> Vec<TokenSource> {
+        vec![TokenSource::Bearer, TokenSource::Subprotocol("bearer.".into())]
+    }
+}
+
+impl FromStr for TokenSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid token source {s:?}: use bearer, query:NAME, cookie:NAME or subprotocol:PREFIX");
+        match s.split_once(':') {
+            None if s == "bearer" => Ok(TokenSource::Bearer),
+            Some(("query", n)) if !n.is_empty() => Ok(TokenSource::Query(n.to_owned())),
+            Some(("cookie", n)) if !n.is_empty() => Ok(TokenSource::Cookie(n.to_owned())),
+            Some(("subprotocol", p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_graphic() && b != b',') => {
+                Ok(TokenSource::Subprotocol(p.to_owned()))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An allowed Origin: `https://app.example.com`, `*.example.com` or `https://*.example.com`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPattern {
+    scheme: Option<String>,
+    /// Exact host, or a suffix starting with '.' for wildcards.
+    host: String,
+    wildcard: bool,
+    port: Option<u16>,
+}
+
+impl OriginPattern {
+    /// Whether an `Origin` header value matches.
+    pub fn matches(&self, origin: &str) -> bool {
+        let Some((scheme, rest)) = origin.split_once("://") else { return false };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => match p.parse::<u16>() {
+                Ok(p) => (h, Some(p)),
+                Err(_) => return false,
+            },
+            _ => (rest, None),
+        };
+        if self.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case(scheme)) {
+            return false;
+        }
+        if self.port != port && (self.port.is_some() || !self.wildcard) {
+            return false;
+        }
+        let host = host.to_ascii_lowercase();
+        if self.wildcard {
+            host.len() > self.host.len() && host.ends_with(&self.host)
+        } else {
+            host == self.host
+        }
+    }
+}
+
+impl FromStr for OriginPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid origin pattern {s:?}: use https://host[:port], *.domain or https://*.domain");
+        let (scheme, rest) = match s.split_once("://") {
+            Some((sc, r)) if !sc.is_empty() => (Some(sc.to_ascii_lowercase()), r),
+            Some(_) => return Err(bad()),
+            None => (None, s),
+        };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| bad())?)),
+            None => (rest, None),
+        };
+        let (wildcard, host) = match host.strip_prefix("*.") {
+            Some(suffix) => (true, format!(".{}", suffix.to_ascii_lowercase())),
+            None => (false, host.to_ascii_lowercase()),
+        };
+        if host.is_empty() || host.contains(['/', '*']) || (!wildcard && scheme.is_none()) {
+            return Err(bad());
+        }
+        Ok(OriginPattern { scheme, host, wildcard, port })
+    }
+}
+
+impl fmt::Display for OriginPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(s) = &self.scheme {
+            write!(f, "{s}://")?;
+        }
+        if self.wildcard {
+            write!(f, "*{}", self.host)?;
+        } else {
+            f.write_str(&self.host)?;
+        }
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for OriginPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_patterns_match() {
+        let exact: OriginPattern = "https://app.example.com".parse().expect("pattern");
+        assert!(exact.matches("https://app.example.com"));
+        assert!(!exact.matches("http://app.example.com"));
+        assert!(!exact.matches("https://app.example.com:8443"));
+        assert!(!exact.matches("https://evil.app.example.com"));
+        let wild: OriginPattern = "*.example.com".parse().expect("pattern");
+        assert!(wild.matches("https://a.example.com"));
+        assert!(wild.matches("http://b.c.example.com:8080"));
+        assert!(!wild.matches("https://example.com"));
+        assert!(!wild.matches("https://evilexample.com"));
+        assert!(!wild.matches("null"));
+        let https_wild: OriginPattern = "https://*.example.com".parse().expect("pattern");
+        assert!(!https_wild.matches("http://a.example.com"));
+        assert!("example.com".parse::<OriginPattern>().is_err());
+    }
+
+    #[test]
+    fn token_sources_parse() {
+        assert_eq!("bearer".parse(), Ok(TokenSource::Bearer));
+        assert_eq!("query:t".parse(), Ok(TokenSource::Query("t".into())));
+        assert_eq!("subprotocol:bearer.".parse(), Ok(TokenSource::Subprotocol("bearer.".into())));
+        assert!("header:x".parse::<TokenSource>().is_err());
+        assert!("query:".parse::<TokenSource>().is_err());
+    }
+}

@@ -1,0 +1,113 @@
+//! The proxy's own outbound HTTP client: one GET per fresh HTTP/1.1 connection, over TLS for
+//! `https://` URLs. JWKS key sets and registry lookups both go through it; each caller bounds
+//! the whole request with its own timeout and reads the status itself.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Why an outbound request got no answer. The text never holds header values (tokens).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OutboundError {
+    /// The URL is not `http://` or `https://` with a host.
+    #[error("invalid url: {0}")]
+    Url(&'static str),
+    /// The TCP connect failed.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The TLS handshake failed (or the host is not a valid server name).
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The HTTP exchange failed.
+    #[error("http: {0}")]
+    Http(String),
+    /// The body could not be read or was over the limit.
+    #[error("body: {0}")]
+    Body(String),
+}
+
+/// An outbound client: plain HTTP, and HTTPS trusting either a CA file or the web PKI roots.
+#[derive(Clone)]
+pub struct HttpClient {
+    tls: TlsConnector,
+}
+
+impl HttpClient {
+    /// A client whose `https://` requests trust the certificates in `ca` (PEM), or the web PKI
+    /// roots when `ca` is `None`.
+    pub fn new(ca: Option<&Path>) -> Result<HttpClient, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(ca) => {
+                for cert in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+                    roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let config = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(HttpClient { tls: TlsConnector::from(Arc::new(config)) })
+    }
+
+    /// GETs `uri` with `headers` (plus `Host`) and reads at most `max_body` bytes of the body.
+    pub async fn get(
+        &self,
+        uri: &Uri,
+        headers: HeaderMap,
+        max_body: usize,
+    ) -> Result<(StatusCode, Bytes), OutboundError> {
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(OutboundError::Url("must be http:// or https://")),
+        };
+        let host = uri.host().ok_or(OutboundError::Url("no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = TcpStream::connect((host, port)).await.map_err(|e| OutboundError::Connect(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut req = Request::get(path)
+            .header(http::header::HOST, uri.authority().map_or("", |a| a.as_str()))
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| OutboundError::Http(e.to_string()))?;
+        req.headers_mut().extend(headers);
+        if https {
+            let name = ServerName::try_from(host.to_owned()).map_err(|e| OutboundError::Tls(e.to_string()))?;
+            let stream = self.tls.connect(name, tcp).await.map_err(|e| OutboundError::Tls(e.to_string()))?;
+            send(TokioIo::new(stream), req, max_body).await
+        } else {
+            send(TokioIo::new(tcp), req, max_body).await
+        }
+    }
+}
+
+/// Sends `req` on a fresh HTTP/1.1 connection and reads the body (at most `max_body` bytes).
+async fn send<I>(io: I, req: Request<Empty<Bytes>>, max_body: usize) -> Result<(StatusCode, Bytes), OutboundError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(io).await.map_err(|e| OutboundError::Http(e.to_string()))?;
+    // Drives the connection; it ends when `sender` is dropped at the end of this function.
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender.send_request(req).await.map_err(|e| OutboundError::Http(e.to_string()))?;
+    let status = resp.status();
+    let body =
+        Limited::new(resp.into_body(), max_body).collect().await.map_err(|e| OutboundError::Body(e.to_string()))?;
+    Ok((status, body.to_bytes()))
+}

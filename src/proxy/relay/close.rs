@@ -1,0 +1,287 @@
+//! The close table: every way a session ends, and what each side receives for it.
+//!
+//! The relay's handlers only pick a [`Cause`]; [`Cause::plan`] says which close frame (code and
+//! reason) the proxy writes to each side, who initiated the end, and the label for the log line
+//! and metrics. Close codes (RFC 6455 §7.4.1) are written here and nowhere else in the proxy;
+//! `docs/errors.md` carries the same table and a test holds the two together.
+
+use super::frame::Violation;
+use crate::session::{Initiator, Side};
+
+/// The close codes the proxy writes itself.
+pub mod code {
+    /// 1000: normal closure (idle timeout, or the reply on behalf of a vanished peer).
+    pub const NORMAL: u16 = 1000;
+    /// 1001: going away (drain, lifetime, ping timeout, route removed, the other side's end).
+    pub const GOING_AWAY: u16 = 1001;
+    /// 1002: protocol error.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// 1008: policy violation (token expired, session revoked).
+    pub const POLICY: u16 = 1008;
+    /// 1009: a frame or message over the configured size.
+    pub const TOO_BIG: u16 = 1009;
+    /// 1014: bad gateway (the backend failed or broke the protocol).
+    pub const BAD_GATEWAY: u16 = 1014;
+}
+
+/// A close frame the proxy writes: its code and reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseFrame {
+    /// The close code.
+    pub code: u16,
+    /// The reason text (UTF-8, at most 123 bytes); may be empty.
+    pub reason: &'static str,
+}
+
+impl CloseFrame {
+    const fn new(code: u16, reason: &'static str) -> CloseFrame {
+        CloseFrame { code, reason }
+    }
+}
+
+/// The frame the proxy sends a side that started a close when the other side vanished instead
+/// of replying: the close handshake is completed on the vanished side's behalf.
+pub const REPLY_FOR_VANISHED_PEER: CloseFrame = CloseFrame::new(code::NORMAL, "");
+
+/// The close an active health check sends after its handshake succeeded.
+pub const HEALTH_CHECK: CloseFrame = CloseFrame::new(code::GOING_AWAY, "");
+
+/// Why a session ended. Every end of a session is one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A side sent a close frame; it was forwarded unchanged, with the code it carried.
+    PeerClose {
+        /// The side that sent it.
+        from: Side,
+        /// Its close code, if it had one.
+        code: Option<u16>,
+    },
+    /// A side's TCP connection ended (EOF, reset) without a close frame.
+    Lost(Side),
+    /// A side broke the protocol or a size limit.
+    Violation {
+        /// The side whose frame broke the rule.
+        by: Side,
+        /// The rule.
+        violation: Violation,
+    },
+    /// No data frame either way for `idle_timeout`.
+    IdleTimeout,
+    /// `max_lifetime` reached.
+    Lifetime,
+    /// A side did not answer a proxy ping within `ping_timeout`.
+    PingTimeout,
+    /// The token's `exp` plus the leeway passed.
+    TokenExpired,
+    /// An operator revoked the session through the admin API.
+    Revoked,
+    /// A reload removed the session's route and the grace period ran out.
+    RouteRemoved,
+    /// The proxy is draining (SIGTERM).
+    Drain,
+}
+
+/// What the proxy does for a [`Cause`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// The close frame the proxy writes to the client; `None` when it writes none (the peer's
+    /// own close frame is forwarded, or the client is gone).
+    pub to_client: Option<CloseFrame>,
+    /// The close frame the proxy writes to the backend; `None` likewise.
+    pub to_backend: Option<CloseFrame>,
+    /// Who ended the session.
+    pub initiator: Initiator,
+    /// The log line's `reason`.
+    pub label: &'static str,
+}
+
+impl Plan {
+    /// The close frame for `side`.
+    pub fn to(&self, side: Side) -> Option<CloseFrame> {
+        match side {
+            Side::Client => self.to_client,
+            Side::Backend => self.to_backend,
+        }
+    }
+
+    /// The close code the client sees: the proxy's, or else the one a peer close carried.
+    pub fn client_code(&self, cause: Cause) -> Option<u16> {
+        match cause {
+            Cause::PeerClose { code, .. } => code,
+            _ => self.to_client.map(|f| f.code),
+        }
+    }
+}
+
+impl Cause {
+    /// The close table.
+    pub fn plan(self) -> Plan {
+        use code::*;
+        let proxy = |client: CloseFrame, backend: CloseFrame, label| Plan {
+            to_client: Some(client),
+            to_backend: Some(backend),
+            initiator: Initiator::Proxy,
+            label,
+        };
+        let both = |c, reason, label| proxy(CloseFrame::new(c, reason), CloseFrame::new(c, reason), label);
+        match self {
+            Cause::PeerClose { from: Side::Client, .. } => {
+                Plan { to_client: None, to_backend: None, initiator: Initiator::Client, label: "client close" }
+            }
+            Cause::PeerClose { from: Side::Backend, .. } => {
+                Plan { to_client: None, to_backend: None, initiator: Initiator::Backend, label: "backend close" }
+            }
+            // The side that is gone is written nothing; its entry only says what the session's
+            // close code is counted as (for a lost client, 1001).
+            Cause::Lost(Side::Backend) => Plan {
+                to_client: Some(CloseFrame::new(BAD_GATEWAY, "bad gateway")),
+                to_backend: Some(CloseFrame::new(GOING_AWAY, "")),
+                initiator: Initiator::Backend,
+                label: "backend lost",
+            },
+            Cause::Lost(Side::Client) => Plan {
+                to_client: Some(CloseFrame::new(GOING_AWAY, "")),
+                to_backend: Some(CloseFrame::new(GOING_AWAY, "going away")),
+                initiator: Initiator::Client,
+                label: "client lost",
+            },
+            Cause::Violation { by: Side::Client, violation } => proxy(
+                CloseFrame::new(violation_code(violation), violation_reason(violation)),
+                CloseFrame::new(GOING_AWAY, violation_reason(violation)),
+                "client protocol error",
+            ),
+            Cause::Violation { by: Side::Backend, violation } => proxy(
+                CloseFrame::new(BAD_GATEWAY, "bad gateway"),
+                CloseFrame::new(violation_code(violation), violation_reason(violation)),
+                "bad gateway",
+            ),
+            Cause::IdleTimeout => both(NORMAL, "idle timeout", "idle timeout"),
+            Cause::Lifetime => both(GOING_AWAY, "session lifetime reached", "max lifetime"),
+            Cause::PingTimeout => proxy(
+                CloseFrame::new(GOING_AWAY, "ping timeout"),
+                CloseFrame::new(GOING_AWAY, "going away"),
+                "ping timeout",
+            ),
+            Cause::TokenExpired => proxy(
+                CloseFrame::new(POLICY, "token expired"),
+                CloseFrame::new(GOING_AWAY, "token expired"),
+                "token expired",
+            ),
+            Cause::Revoked => proxy(
+                CloseFrame::new(POLICY, "session revoked"),
+                CloseFrame::new(GOING_AWAY, "session revoked"),
+                "revoked",
+            ),
+            Cause::RouteRemoved => both(GOING_AWAY, "route removed", "route removed"),
+            Cause::Drain => both(GOING_AWAY, "going away", "drain"),
+        }
+    }
+}
+
+/// The close code the side that broke a rule is sent: 1009 for size limits, 1002 otherwise.
+pub fn violation_code(v: Violation) -> u16 {
+    match v {
+        Violation::FrameTooLarge(_) | Violation::MessageTooLarge => code::TOO_BIG,
+        _ => code::PROTOCOL_ERROR,
+    }
+}
+
+fn violation_reason(v: Violation) -> &'static str {
+    match v {
+        Violation::FrameTooLarge(_) => "frame too large",
+        Violation::MessageTooLarge => "message too large",
+        _ => "protocol error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every cause, with the `docs/errors.md` row (by the start of its "event" cell) that
+    /// documents it.
+    fn documented() -> Vec<(Cause, &'static str)> {
+        let v = |by, violation| Cause::Violation { by, violation };
+        vec![
+            (Cause::IdleTimeout, "no data frame either way"),
+            (Cause::Lifetime, "`max_lifetime` reached"),
+            (Cause::PingTimeout, "a side did not answer a proxy ping"),
+            (Cause::Drain, "drain (SIGTERM/SIGINT)"),
+            (v(Side::Client, Violation::ReservedBits), "client frame breaks the protocol"),
+            (v(Side::Client, Violation::UnmaskedClientFrame), "client frame breaks the protocol"),
+            (v(Side::Client, Violation::FrameTooLarge(1)), "client frame or message over the limit"),
+            (v(Side::Client, Violation::MessageTooLarge), "client frame or message over the limit"),
+            (v(Side::Backend, Violation::MaskedBackendFrame), "backend frame breaks the protocol"),
+            (v(Side::Backend, Violation::FrameTooLarge(1)), "backend frame or message over the limit"),
+            (v(Side::Backend, Violation::MessageTooLarge), "backend frame or message over the limit"),
+            (Cause::Lost(Side::Backend), "backend TCP connection lost"),
+            (Cause::Lost(Side::Client), "client TCP connection lost"),
+            (Cause::TokenExpired, "the token's `exp`"),
+            (Cause::Revoked, "session revoked through the admin API"),
+            (Cause::RouteRemoved, "a reload removed the session's route"),
+        ]
+    }
+
+    /// The cells of the relay close table in `docs/errors.md`, by row.
+    fn doc_rows() -> Vec<Vec<String>> {
+        let doc = include_str!("../../../docs/errors.md");
+        let table = doc.split("## Relay: close codes").nth(1).expect("docs/errors.md has the relay close table");
+        table
+            .lines()
+            .skip_while(|l| !l.starts_with("| event"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().to_owned()).collect())
+            .collect()
+    }
+
+    /// A cell like "1009 `frame too large` / `message too large`" documents this frame.
+    fn cell_documents(cell: &str, frame: Option<CloseFrame>) -> bool {
+        match frame {
+            None => cell.is_empty(),
+            Some(f) => {
+                cell.starts_with(&f.code.to_string())
+                    && (f.reason.is_empty()
+                        || cell.contains(&format!("`{}`", f.reason))
+                        || cell.contains("(same reason)"))
+            }
+        }
+    }
+
+    #[test]
+    fn close_table_matches_docs_errors_md() {
+        let rows = doc_rows();
+        for (cause, event) in documented() {
+            let row = rows
+                .iter()
+                .find(|r| r[0].starts_with(event))
+                .unwrap_or_else(|| panic!("docs/errors.md has no row starting {event:?}"));
+            let plan = cause.plan();
+            for (side, cell) in [(Side::Client, &row[1]), (Side::Backend, &row[2])] {
+                // A side that is gone is written nothing, whatever the plan holds for it.
+                let written = if cause == Cause::Lost(side) { None } else { plan.to(side) };
+                assert!(cell_documents(cell, written), "{cause:?}: to the {side:?}: doc {cell:?}, table {written:?}");
+            }
+            assert_eq!(row[3], format!("`{}`", plan.initiator.as_str()), "{cause:?}: initiator");
+            assert_eq!(row[4], format!("`{}`", plan.label), "{cause:?}: reason");
+        }
+    }
+
+    #[test]
+    fn a_peer_close_is_forwarded_not_answered_by_the_proxy() {
+        for from in [Side::Client, Side::Backend] {
+            let cause = Cause::PeerClose { from, code: Some(4000) };
+            let plan = cause.plan();
+            assert_eq!((plan.to_client, plan.to_backend), (None, None));
+            assert_eq!(plan.client_code(cause), Some(4000));
+        }
+    }
+
+    #[test]
+    fn every_violation_maps_to_1002_or_1009() {
+        assert_eq!(violation_code(Violation::FrameTooLarge(5)), code::TOO_BIG);
+        assert_eq!(violation_code(Violation::MessageTooLarge), code::TOO_BIG);
+        assert_eq!(violation_code(Violation::UnmaskedClientFrame), code::PROTOCOL_ERROR);
+        assert_eq!(violation_code(Violation::InvalidClosePayload), code::PROTOCOL_ERROR);
+    }
+}

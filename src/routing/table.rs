@@ -1,0 +1,144 @@
+//! The routing table: host and path matching over the routes of the running configuration.
+//!
+//! The most specific route wins: exact host over wildcard host over any host, then more literal
+//! segments. Captured values are validated here (see [`crate::config::valid_capture`]) before
+//! anything else sees them.
+
+use std::sync::Arc;
+
+use crate::config::{valid_capture, Captures, RouteConfig};
+
+/// Why no route could be used for a request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    /// No route matches the host and path.
+    #[error("no route matches the request")]
+    NoRoute,
+    /// A route matched, but a captured value is not a valid id.
+    #[error("invalid value for path capture {0:?}")]
+    InvalidCapture(String),
+}
+
+/// The routes of the running configuration, most specific first.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Arc<RouteConfig>>,
+}
+
+impl RouteTable {
+    /// Builds the table from configured routes.
+    pub fn new(routes: &[RouteConfig]) -> Self {
+        let mut routes: Vec<Arc<RouteConfig>> = routes.iter().cloned().map(Arc::new).collect();
+        routes.sort_by_key(|r| std::cmp::Reverse(specificity(r)));
+        RouteTable { routes }
+    }
+
+    /// Finds the route for `host` (without port, any case) and `path`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Result<(Arc<RouteConfig>, Captures), RouteError> {
+        let host = host.map(|h| h.to_ascii_lowercase());
+        for route in &self.routes {
+            if !host_matches(route.host.as_deref(), host.as_deref()) {
+                continue;
+            }
+            if let Some(raw) = route.path.match_segments(path) {
+                let mut caps = Vec::with_capacity(raw.len());
+                for (name, value) in raw {
+                    if !valid_capture(value) {
+                        return Err(RouteError::InvalidCapture(name.to_owned()));
+                    }
+                    caps.push((name.to_owned(), value.to_owned()));
+                }
+                return Ok((route.clone(), Captures(caps)));
+            }
+        }
+        Err(RouteError::NoRoute)
+    }
+}
+
+fn specificity(r: &RouteConfig) -> (u8, usize, usize) {
+    let host = match r.host.as_deref() {
+        None => 0,
+        Some(h) if h.starts_with("*.") => 1,
+        Some(_) => 2,
+    };
+    (host, r.path.literal_count(), r.path.segment_count())
+}
+
+fn host_matches(pattern: Option<&str>, host: Option<&str>) -> bool {
+    match (pattern, host) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(p), Some(h)) => match p.strip_prefix("*.") {
+            Some(suffix) => {
+                h.len() > suffix.len() + 1 && h.ends_with(suffix) && h.as_bytes()[h.len() - suffix.len() - 1] == b'.'
+            }
+            None => p == h,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RouteConfig;
+    use crate::config::{BackendSettings, SessionSettings};
+
+    fn route(name: &str, host: Option<&str>, path: &str) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            host: host.map(Into::into),
+            path: path.parse().expect("pattern"),
+            backends: vec![crate::config::StaticMember {
+                template: "127.0.0.1:1".parse().expect("backend"),
+                weight: 1,
+            }],
+            registry: None,
+            balance: crate::config::Balance {
+                policy: crate::config::Policy::Ordered,
+                sticky_key: None,
+                max_attempts: 0,
+            },
+            health: crate::config::HealthSettings {
+                eject_base: std::time::Duration::from_secs(1),
+                eject_max: std::time::Duration::from_secs(30),
+                fail_open: false,
+                active_interval: std::time::Duration::ZERO,
+                active_path: None,
+            },
+            backend_path: None,
+            session: SessionSettings::default(),
+            backend: BackendSettings::default(),
+            auth: None,
+            origin: None,
+        }
+    }
+
+    #[test]
+    fn captures_are_validated() {
+        let t = RouteTable::new(&[route("t", None, "/agents/{agent}/terminal")]);
+        let (r, caps) = t.find(None, "/agents/a-1.b_c/terminal").expect("match");
+        assert_eq!(r.name, "t");
+        assert_eq!(caps.get("agent"), Some("a-1.b_c"));
+        for bad in ["/agents/../terminal", "/agents/a%2fb/terminal", "/agents/a%00/terminal"] {
+            assert_eq!(t.find(None, bad).unwrap_err(), RouteError::InvalidCapture("agent".into()), "{bad}");
+        }
+        let long = format!("/agents/{}/terminal", "a".repeat(129));
+        assert!(matches!(t.find(None, &long), Err(RouteError::InvalidCapture(_))));
+        assert_eq!(t.find(None, "/agents/a/b/terminal").unwrap_err(), RouteError::NoRoute);
+    }
+
+    #[test]
+    fn most_specific_route_wins() {
+        let t = RouteTable::new(&[
+            route("any", None, "/agents/{agent}/terminal"),
+            route("wild", Some("*.example.com"), "/agents/{agent}/terminal"),
+            route("exact", Some("a.example.com"), "/agents/{agent}/terminal"),
+            route("literal", None, "/agents/special/terminal"),
+        ]);
+        let name = |h: Option<&str>, p: &str| t.find(h, p).map(|(r, _)| r.name.clone());
+        assert_eq!(name(Some("A.example.com"), "/agents/x/terminal").as_deref(), Ok("exact"));
+        assert_eq!(name(Some("b.example.com"), "/agents/x/terminal").as_deref(), Ok("wild"));
+        assert_eq!(name(Some("example.com"), "/agents/x/terminal").as_deref(), Ok("any"));
+        assert_eq!(name(None, "/agents/special/terminal").as_deref(), Ok("literal"));
+    }
+}

@@ -1,0 +1,61 @@
+//! The state every part of a running proxy shares: the configuration in force with what was
+//! built from it ([`Runtime`], swapped atomically on reload), and the process-wide handles
+//! ([`Shared`]): metrics, the drain token, the connection cap, live sessions, revocations.
+//!
+//! It depends on the components (config, routing, auth, session, metrics) and on none of the
+//! parts that use it: [`crate::server`] builds and reloads it, [`crate::proxy`] reads it per
+//! connection, [`crate::admin`] reads and acts on it.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Authenticator, Denylist};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::routing::pool::RouteState;
+use crate::routing::sticky::ConnCounts;
+use crate::routing::table::RouteTable;
+use crate::session::Sessions;
+
+/// The configuration in force, with everything built from it; swapped atomically on reload.
+pub struct Runtime {
+    /// The validated configuration.
+    pub config: Config,
+    /// Routes, most specific first.
+    pub routes: RouteTable,
+    /// Token verifier; none when no keys are configured.
+    pub authenticator: Option<Arc<Authenticator>>,
+    /// TLS acceptor with the current certificates; none when no listener is TLS.
+    pub tls: Option<TlsAcceptor>,
+    /// Routing state per route name (resolver cache, health, round-robin cursor).
+    pub route_state: HashMap<String, Arc<RouteState>>,
+}
+
+/// State shared by every connection task.
+pub struct Shared {
+    /// The configuration in force.
+    pub runtime: ArcSwap<Runtime>,
+    /// Process metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the server drains; every session's stop token is a child of it.
+    pub drain: CancellationToken,
+    /// Connection tasks, awaited during drain.
+    pub tasks: TaskTracker,
+    /// Connection cap (`max_connections`); a permit is held per connection.
+    pub conn_limit: Arc<Semaphore>,
+    /// True once draining began (`/ready` answers 503).
+    pub draining: AtomicBool,
+    /// Revoked subjects and tokens; kept across reloads.
+    pub denylist: Arc<Denylist>,
+    /// Live sessions, for `/sessions` and revocation.
+    pub sessions: Arc<Sessions>,
+    /// Live sessions per backend member (least connections); kept across reloads.
+    pub conns: Arc<ConnCounts>,
+}
