@@ -18,11 +18,12 @@
 //! 8. [`proxy::relay`]: frame-aware splice, pings, deadlines (idle, lifetime, token expiry),
 //!    close codes.
 //!
-//! Around it: [`config`] (typed configuration), [`server`] (listeners, drain), [`admin`]
-//! (`/metrics`, `/live`, `/ready`, `/sessions`), [`metrics`], [`session`] (registry, stop
-//! handles, revocation), [`error`] (status
-//! mapping), [`demo`] (the one-command demo).
-//! [`routing`]: registry resolver (moka cache), passive health and sticky member choice.
+//! Beneath it, arrows pointing down (`docs/architecture.md`): [`config`] and [`metrics`] (leaves),
+//! [`crypto`], [`session`] (sides, session ends, registry, stop handles), [`outbound`] (the
+//! HTTP client for JWKS and the registry), [`auth`] (token verification), [`routing`] (route
+//! table, pools, registry, health, member choice) and [`state`] (what the running parts share).
+//! Above it: [`admin`] (`/metrics`, `/live`, `/ready`, `/sessions`), [`server`] (listeners,
+//! reload, drain) and [`demo`] (the one-command demo).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -182,11 +182,11 @@ pub struct Sessions {
 impl Sessions {
     /// Registers a session; it is removed when the returned guard drops.
     pub fn register(self: &Arc<Self>, entry: SessionEntry) -> SessionGuard {
-        let id = entry.id;
+        let entry = Arc::new(entry);
         if let Ok(mut m) = self.map.lock() {
-            m.insert(id, Arc::new(entry));
+            m.insert(entry.id, entry.clone());
         }
-        SessionGuard { sessions: self.clone(), id }
+        SessionGuard { sessions: self.clone(), entry }
     }
 
     /// A snapshot of live sessions, oldest first.
@@ -215,16 +215,24 @@ impl Sessions {
     }
 }
 
-/// Removes a session from the registry when dropped.
+/// A registered session: its one record of who and where, removed from the registry when
+/// dropped.
 pub struct SessionGuard {
     sessions: Arc<Sessions>,
-    id: u64,
+    entry: Arc<SessionEntry>,
+}
+
+impl SessionGuard {
+    /// The session's record, as `/sessions` shows it.
+    pub fn entry(&self) -> &SessionEntry {
+        &self.entry
+    }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         if let Ok(mut m) = self.sessions.map.lock() {
-            m.remove(&self.id);
+            m.remove(&self.entry.id);
         }
     }
 }

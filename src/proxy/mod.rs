@@ -4,10 +4,11 @@
 //! accept ─▶ tls ─▶ http ─▶ route ─▶ upgrade ─▶ auth ─▶ connect ─▶ relay
 //! ```
 //!
-//! [`serve_connection`] runs the HTTP phase with hyper; the request handler runs the upgrade,
-//! route and connect stages and answers 101 only once the backend has accepted. The upgraded
-//! stream is then unwrapped back to the concrete client stream and [`relay`] takes over in the
-//! same task.
+//! [`serve_connection`] runs the HTTP phase with hyper; the request handler runs the route,
+//! upgrade, auth and connect stages and answers 101 only once the backend has accepted. The
+//! upgraded stream is then unwrapped back to the concrete client stream and [`relay`] takes
+//! over in a task of its own, holding only what the session needs (the connection task, with
+//! hyper's and the handshake's state, ends first).
 
 pub mod accept;
 pub mod auth;
@@ -246,19 +247,8 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
     shared.metrics.sessions_active.increment(1.0);
     let backend_early = std::mem::take(&mut p.backend.early);
     let backend_stream = p.backend.stream;
-    let finish = Finish {
-        id,
-        route: p.route,
-        agent: p.agent,
-        subject: p.claims.as_ref().and_then(|c| c.subject().map(str::to_owned)),
-        member: p.backend.member,
-        client: client_addr,
-        started,
-        metrics: shared.metrics.clone(),
-        _least_conns: p.backend.guard,
-        _registered: registered,
-        _slot: slot,
-    };
+    let finish =
+        Finish { started, metrics: shared.metrics.clone(), _least_conns: p.backend.guard, registered, _slot: slot };
     // The relay runs as its own task with only what it needs: the handshake-phase state of
     // this connection task (hyper, TLS handshake, request handling) is freed now, which keeps
     // an idle session's memory down.
@@ -271,56 +261,32 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
     );
 }
 
-/// What is left to do when a session ends, and what it holds until then.
+/// What is left to do when a session ends, and what it holds until then. Who and where come
+/// from the session's one record in the registry.
 struct Finish {
-    id: u64,
-    route: Arc<RouteConfig>,
-    agent: Option<String>,
-    subject: Option<String>,
-    member: String,
-    client: SocketAddr,
     started: Instant,
     metrics: Arc<crate::metrics::Metrics>,
     _least_conns: Option<crate::routing::sticky::ConnGuard>,
-    _registered: crate::session::SessionGuard,
+    registered: crate::session::SessionGuard,
     _slot: accept::ConnSlot,
 }
 
 impl Finish {
     fn done(self, end: &SessionEnd) {
         self.metrics.sessions_active.decrement(1.0);
-        self.metrics.close(end.close_code, end.initiator.as_str());
-        log_session_end(
-            self.id,
-            &self.route.name,
-            self.agent.as_deref(),
-            self.subject.as_deref(),
-            self.client,
-            &self.member,
-            self.started,
-            end,
-        );
+        self.metrics.close(relay::close::code_label(end.close_code), end.initiator.as_str());
+        log_session_end(self.registered.entry(), self.started, end);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn log_session_end(
-    id: u64,
-    route: &str,
-    agent: Option<&str>,
-    subject: Option<&str>,
-    client: SocketAddr,
-    member: &str,
-    started: Instant,
-    end: &SessionEnd,
-) {
+fn log_session_end(s: &SessionEntry, started: Instant, end: &SessionEnd) {
     tracing::info!(
-        session = id,
-        route,
-        agent = agent.unwrap_or(""),
-        subject = subject.unwrap_or(""),
-        client = %client,
-        backend = member,
+        session = s.id,
+        route = s.route,
+        agent = s.agent.as_deref().unwrap_or(""),
+        subject = s.subject.as_deref().unwrap_or(""),
+        client = %s.client,
+        backend = s.backend,
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_from_client = end.bytes[0],
         bytes_from_backend = end.bytes[1],

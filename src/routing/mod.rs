@@ -1,6 +1,10 @@
-//! Routing building blocks (DESIGN §5): who the members of a pool are, which of them are
-//! healthy, and which one a session goes to.
+//! Routing: which route a request takes, who the members of its pool are, which of them are
+//! healthy, and in which order a session tries them.
 //!
+//! - [`table`]: host and path matching over the configured routes, with capture validation.
+//! - [`pool`]: a route's pool (`RouteState`): static or registry members, the health filter,
+//!   the balance order and sticky keys, active checks. The connect stage only dials what it
+//!   hands out.
 //! - [`resolver`]: asks the fleet's HTTP registry for an agent's members and caches the answer in
 //!   moka: a TTL for members, a shorter one for "not found", one registry request for any number
 //!   of concurrent misses, and the last good members kept for a bounded time after expiry so a
@@ -10,11 +14,12 @@
 //! - [`sticky`]: member choice. Weighted rendezvous hashing for sticky keys, round robin and least
 //!   connections otherwise.
 //!
-//! They compose in this order: resolve the pool, keep its [`health::PassiveHealth::healthy`]
-//! members, then [`sticky::rank`] them by the session's key and connect to the first, falling
-//! back to the next on failure. The sticky choice is a pure function of the key and the healthy
+//! They compose in [`pool::RouteState::candidates`]: resolve the pool, keep its
+//! [`health::PassiveHealth::healthy`] members, then order them ([`sticky::rank`] by the
+//! session's key, or round robin, or [`sticky::ConnCounts::by_load`]); the connect stage tries
+//! the first, falling back to the next on failure. The sticky choice is a pure function of the key and the healthy
 //! member set, hashed with xxh3 (stable across builds and platforms), so every Portcullis
-//! instance sends a key to the same member without sharing any state (DESIGN §7), and removing
+//! instance sends a key to the same member without sharing any state, and removing
 //! a member moves only the keys that were on it.
 
 pub mod health;

@@ -194,6 +194,26 @@ fn violation_reason(v: Violation) -> &'static str {
     }
 }
 
+/// Folds a close code into a bounded label for `portcullis_closes_total{code}`.
+pub fn code_label(code: Option<u16>) -> &'static str {
+    match code {
+        None => "none",
+        Some(1000) => "1000",
+        Some(1001) => "1001",
+        Some(1002) => "1002",
+        Some(1003) => "1003",
+        Some(1007) => "1007",
+        Some(1008) => "1008",
+        Some(1009) => "1009",
+        Some(1010) => "1010",
+        Some(1011) => "1011",
+        Some(1014) => "1014",
+        Some(3000..=3999) => "3xxx",
+        Some(4000..=4999) => "4xxx",
+        Some(_) => "other",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

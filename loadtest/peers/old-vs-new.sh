@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Two Portcullis binaries side by side in one run, for a change that must not cost performance:
+# the fixed-rate `rate` scenario (CPU per message at a set load) and 64 B closed-loop echo,
+# interleaved and repeated by `portcullis-loadtest compare`, one worker thread each, against
+# the same echo backend, with a direct (no proxy) target as the floor.
+#
+#     loadtest/peers/old-vs-new.sh OLD_PORTCULLIS NEW_PORTCULLIS LOADTEST
+#
+# Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000). Loopback only;
+# every process it starts is stopped on exit.
+set -euo pipefail
+OLD=$1 NEW=$2 LT=$3
+DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-10000}
+WORK=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+"$LT" backend --mode echo --listen 127.0.0.1:19301 2>"$WORK/backend.log" &
+pids+=($!)
+start() { # name binary port admin
+    cat >"$WORK/$1.toml" <<CONF
+[[listeners]]
+addresses = ["127.0.0.1:$3"]
+[admin]
+address = "127.0.0.1:$4"
+[session]
+ping_interval = "0s"
+idle_timeout = "1h"
+[[routes]]
+name = "terminal"
+path = "/agents/{agent}/terminal"
+backends = ["127.0.0.1:19301"]
+CONF
+    RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$2" run --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
+    pids+=($!)
+    eval "${1}_PID=$!"
+}
+start old "$OLD" 19302 19312
+start new "$NEW" 19303 19313
+sleep 1
+TARGETS=(direct=ws://127.0.0.1:19301/agents/a1/terminal old=ws://127.0.0.1:19302/agents/a1/terminal
+    new=ws://127.0.0.1:19303/agents/a1/terminal)
+PIDS=(--pid-of "old=$old_PID" --pid-of "new=$new_PID")
+echo "## rate: compare --scenario rate -q -c $CONNS --rate $RATE --size 64 -d $DURATION --repeat $REPEAT"
+timeout 600 "$LT" compare --repeat "$REPEAT" "${PIDS[@]}" --scenario rate -q -c "$CONNS" --rate "$RATE" --size 64 \
+    -d "$DURATION" "${TARGETS[@]}"
+echo
+echo "## echo64: compare --scenario echo -q -c $CONNS --window 4 --size 64 -d $DURATION --repeat $REPEAT"
+timeout 600 "$LT" compare --repeat "$REPEAT" "${PIDS[@]}" --scenario echo -q -c "$CONNS" --window 4 --size 64 \
+    -d "$DURATION" "${TARGETS[@]}"
