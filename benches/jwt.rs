@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use jsonwebtoken::Algorithm;
-use portcullis::auth::{mint, Authenticator};
+use portcullis::auth::Authenticator;
+
+#[path = "../src/mint.rs"]
+mod mint;
 use portcullis::config::Config;
 
 struct Family {

@@ -65,11 +65,11 @@ pub fn write_jwt_keys(dir: &Path) -> anyhow::Result<DemoJwtKeys> {
 /// Mints an ES256 token for subject "demo-user" granting `agent`.
 pub fn mint_token(keys: &DemoJwtKeys, agent: &str, ttl: Duration) -> anyhow::Result<String> {
     let pem = std::fs::read(&keys.private_key)?;
-    let key = crate::auth::mint::encoding_key(jsonwebtoken::Algorithm::ES256, &pem)?;
+    let key = crate::mint::encoding_key(jsonwebtoken::Algorithm::ES256, &pem)?;
     let mut claims = serde_json::Map::new();
     claims.insert("sub".into(), "demo-user".into());
     claims.insert("agents".into(), serde_json::json!([agent]));
-    Ok(crate::auth::mint::mint(jsonwebtoken::Algorithm::ES256, &key, None, claims, ttl)?)
+    Ok(crate::mint::mint(jsonwebtoken::Algorithm::ES256, &key, None, claims, ttl)?)
 }
 
 /// The demo configuration: a TLS listener on `listen`, admin on `admin`, routes to `backend`

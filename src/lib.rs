@@ -7,36 +7,36 @@
 //!
 //! The data path, in the order a connection meets it (one file per stage under [`proxy`]):
 //!
-//! 1. [`proxy::accept`]: connection cap, TCP_NODELAY, per-connection span.
-//! 2. [`proxy::tls`]: rustls handshake with SNI, ALPN and a timeout.
-//! 3. [`proxy::http`]: hyper HTTP/1.1, header size limit (431), header timeout (408).
-//! 4. [`proxy::route`]: host and path matching, capture validation (400/404).
+//! 1. `proxy/accept.rs`: connection cap, TCP_NODELAY, per-connection span.
+//! 2. `proxy/tls.rs`: rustls handshake with SNI, ALPN and a timeout.
+//! 3. `proxy/http.rs`: hyper HTTP/1.1, header size limit (431), header timeout (408).
+//! 4. `proxy/route.rs`: host and path matching, capture validation (400/404).
 //! 5. [`proxy::upgrade`]: RFC 6455 handshake checks (400/426).
-//! 6. [`proxy::auth`]: Origin policy, token sources, JWT verification ([`auth`]), agent grants
+//! 6. `proxy/auth.rs`: Origin policy, token sources, JWT verification ([`auth`]), agent grants
 //!    (401/403), identity headers for the backend.
-//! 7. [`proxy::connect`]: backend connect and handshake (502/503/504).
+//! 7. `proxy/connect.rs`: backend connect and handshake (502/503/504).
 //! 8. [`proxy::relay`]: frame-aware splice, pings, deadlines (idle, lifetime, token expiry),
 //!    close codes.
 //!
 //! Beneath it, arrows pointing down (`docs/architecture.md`): [`config`] and [`metrics`] (leaves),
-//! [`crypto`], [`session`] (sides, session ends, registry, stop handles), [`outbound`] (the
+//! [`crypto`], [`session`] (sides, session ends, registry, stop handles), `outbound` (the
 //! HTTP client for JWKS and the registry), [`auth`] (token verification), [`routing`] (route
-//! table, pools, registry, health, member choice) and [`state`] (what the running parts share).
-//! Above it: [`admin`] (`/metrics`, `/live`, `/ready`, `/sessions`), [`server`] (listeners,
-//! reload, drain) and [`demo`] (the one-command demo).
+//! table, pools, registry, health, member choice) and `state` (what the running parts share).
+//! Above it: `admin` (`/metrics`, `/live`, `/ready`, `/sessions`) and [`server`] (listeners,
+//! reload, drain). The binary (`main.rs`) adds the CLI: the one-command demo, the `connect`
+//! client and token minting, none of which is library API.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod auth;
 pub mod config;
 pub mod crypto;
-pub mod demo;
 pub mod metrics;
-pub mod outbound;
+pub(crate) mod outbound;
 pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod session;
-pub mod state;
+pub(crate) mod state;

@@ -10,6 +10,8 @@ use portcullis::config::Config;
 use portcullis::server::{self, Bound};
 
 mod client;
+mod demo;
+mod mint;
 
 /// Exit code for an unusable configuration (EX_CONFIG is 78; linkerd and sysexits' EX_USAGE
 /// family use 64 for "bad input", which is what operators script against).
@@ -168,7 +170,7 @@ fn mint(
         (None, Some(var)) => std::env::var(var).with_context(|| format!("{var} is not set"))?.into_bytes(),
         (None, None) => anyhow::bail!("give --key FILE or --secret-env VAR"),
     };
-    let key = portcullis::auth::mint::encoding_key(alg, &material).context("unusable key for this algorithm")?;
+    let key = mint::encoding_key(alg, &material).context("unusable key for this algorithm")?;
     let mut map = serde_json::Map::new();
     for c in claims {
         let (name, value) = c.split_once('=').context("claims are written name=value")?;
@@ -180,7 +182,7 @@ fn mint(
             map.insert(name.to_owned(), serde_json::Value::String(v));
         }
     }
-    println!("{}", portcullis::auth::mint::mint(alg, &key, kid, map, ttl)?);
+    println!("{}", mint::mint(alg, &key, kid, map, ttl)?);
     Ok(())
 }
 
@@ -247,17 +249,17 @@ async fn demo(
     let backend_listener = tokio::net::TcpListener::bind(backend)
         .await
         .with_context(|| format!("cannot bind the demo backend on {backend}"))?;
-    let backend_task = tokio::spawn(portcullis::demo::serve_backend(backend_listener));
+    let backend_task = tokio::spawn(demo::serve_backend(backend_listener));
     if backend_only {
         eprintln!("demo agent backend listening on ws://{backend} (Ctrl-C to stop)");
         shutdown_signal().await;
         backend_task.abort();
         return Ok(());
     }
-    let cert = portcullis::demo::write_self_signed(dir)?;
-    let jwt = portcullis::demo::write_jwt_keys(dir)?;
-    let token = portcullis::demo::mint_token(&jwt, "demo", std::time::Duration::from_secs(3600))?;
-    let text = portcullis::demo::config_text(listen, admin, backend, &cert, &jwt);
+    let cert = demo::write_self_signed(dir)?;
+    let jwt = demo::write_jwt_keys(dir)?;
+    let token = demo::mint_token(&jwt, "demo", std::time::Duration::from_secs(3600))?;
+    let text = demo::config_text(listen, admin, backend, &cert, &jwt);
     let config = Config::parse(&text, Path::new("<demo>"))?;
     let bound = Bound::bind(&config).await?;
     let exe = "cargo run --release --";

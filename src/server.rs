@@ -229,6 +229,9 @@ impl Server {
             tracing::info!(listener = %l.name, %addr, tls = l.tls, "listening");
             loops.push(tokio::spawn(accept_loop(l.listener, l.tls, shared.clone())));
         }
+        if let Some(addr) = bound.admin.as_ref().and_then(|l| l.local_addr().ok()) {
+            tracing::info!(%addr, "admin listening");
+        }
         let admin_task = bound.admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), stop_admin.clone())));
         let upkeep = {
             let stop = stop_admin.clone();

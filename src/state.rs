@@ -4,7 +4,7 @@
 //!
 //! It depends on the components (config, routing, auth, session, metrics) and on none of the
 //! parts that use it: [`crate::server`] builds and reloads it, [`crate::proxy`] reads it per
-//! connection, [`crate::admin`] reads and acts on it.
+//! connection, `admin` reads and acts on it.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;

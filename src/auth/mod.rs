@@ -1,6 +1,6 @@
 //! Token verification: static keys and JWKS, claims checks, the verified-token cache and the
 //! revocation denylist. The auth *stage* of the data path (where tokens are found, which agent
-//! they grant, Origin policy) is [`crate::proxy::auth`]; this module only answers "is this token
+//! they grant, Origin policy) is `proxy/auth.rs`; this module only answers "is this token
 //! valid, and what does it say".
 //!
 //! - Every key has an explicit algorithm allowlist of one family, so `none` and algorithm
@@ -12,7 +12,6 @@
 //!   errors carry only a reason.
 
 pub mod jwks;
-pub mod mint;
 
 use std::collections::HashSet;
 use std::str::FromStr;

@@ -6,9 +6,9 @@
 //! Per-route `session` and `backend` tables override the global defaults key by key.
 //!
 //! This module is a leaf: it uses no other module of the crate, and the stages build their
-//! state from what it hands them. Its parts: [`raw`] (the serde mirror of the file),
-//! [`validate`] (one function per section), [`defaults`] (every default value), [`pattern`]
-//! (paths, templates, captures) and [`values`] (token sources, Origin patterns, secrets).
+//! state from what it hands them. Its parts: `raw.rs` (the serde mirror of the file),
+//! `validate.rs` (one function per section), `defaults.rs` (every default value), `pattern.rs`
+//! (paths, templates, captures) and `values.rs` (token sources, Origin patterns, secrets).
 //!
 //! `config/portcullis.toml` is the annotated reference of every key.
 

@@ -10,14 +10,14 @@
 //! over in a task of its own, holding only what the session needs (the connection task, with
 //! hyper's and the handshake's state, ends first).
 
-pub mod accept;
-pub mod auth;
-pub mod connect;
-pub mod error;
-pub mod http;
+pub(crate) mod accept;
+pub(crate) mod auth;
+pub(crate) mod connect;
+pub(crate) mod error;
+pub(crate) mod http;
 pub mod relay;
-pub mod route;
-pub mod tls;
+pub(crate) mod route;
+pub(crate) mod tls;
 pub mod upgrade;
 
 use std::convert::Infallible;

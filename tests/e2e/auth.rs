@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey};
-use portcullis::auth::mint;
+#[path = "../../src/mint.rs"]
+mod mint;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -90,12 +91,18 @@ fn std_claims(sub: &str, agents: &[&str]) -> Value {
 }
 
 /// A proxy whose route `name` requires a token granting the agent.
+/// `route_auth` is more of the route's `[auth]` table, and may go on with more of the route's
+/// tables (`[origin]`); `extra` is merged at the top level (`[[auth.keys]]`, `[[auth.jwks]]`).
 fn auth_config(backend: SocketAddr, name: &str, route_auth: &str, extra: &str) -> String {
-    let base =
-        config_text(&[backend.to_string()], "", "", "").replace("name = \"terminal\"", &format!("name = \"{name}\""));
-    format!(
-        "{base}\n[routes.auth]\nissuers = [\"https://idp.test\"]\naudiences = [\"agents\"]\nagent_claim = \"agents\"\n{route_auth}\n\n[auth]\nleeway = \"2s\"\nmax_token_size = \"4KiB\"\n{extra}"
-    )
+    let route = format!(
+        "[auth]\nissuers = [\"https://idp.test\"]\naudiences = [\"agents\"]\nagent_claim = \"agents\"\n{route_auth}"
+    );
+    TestConfig::base(&[backend.to_string()])
+        .set("routes.0.name", name)
+        .merge("routes.0", &route)
+        .merge("auth", "leeway = \"2s\"\nmax_token_size = \"4KiB\"")
+        .merge("", extra)
+        .text()
 }
 
 /// Response head and body of a raw request.
@@ -207,7 +214,7 @@ async fn attack_table_each_case_gets_its_status_and_reason() {
     let es = key(Algorithm::ES256, Some("es"));
     let rs = key(Algorithm::RS256, Some("rs"));
     let extra = format!("{}\n{}", es.toml(), rs.toml());
-    let route_auth = "sources = [\"bearer\", \"query:access_token\"]\nrequired_claims = [\"sub\"]\n[routes.origin]\nallow = [\"https://app.example.com\", \"*.agents.example\"]";
+    let route_auth = "sources = [\"bearer\", \"query:access_token\"]\nrequired_claims = [\"sub\"]\n[origin]\nallow = [\"https://app.example.com\", \"*.agents.example\"]";
     let proxy = Proxy::start_with(&auth_config(backend.addr, "attacks", route_auth, &extra)).await;
     let good = es.token(std_claims("alice", &["a1"]));
     let parts: Vec<&str> = good.split('.').collect();
@@ -437,7 +444,7 @@ async fn jwks_outage_keeps_the_last_good_keys() {
 async fn session_is_closed_with_1008_when_its_token_expires() {
     let backend = Backend::echo().await;
     let k = key(Algorithm::ES256, None);
-    let text = auth_config(backend.addr, "expiry", "", &k.toml()).replace("leeway = \"2s\"", "leeway = \"0s\"");
+    let text = TestConfig::parse(&auth_config(backend.addr, "expiry", "", &k.toml())).set("auth.leeway", "0s").text();
     let proxy = Proxy::start_with(&text).await;
     let minted = Instant::now();
     let t = k.token_ttl(std_claims("alice", &["a1"]), Duration::from_secs(2));
@@ -564,10 +571,8 @@ async fn query_token_never_reaches_the_backend_or_the_logs() {
 async fn session_api_requires_the_admin_token_when_configured() {
     let backend = Backend::echo().await;
     let secret = write("admin-token", b"s3cret-admin-token\n");
-    let text = config_text(&[backend.addr.to_string()], "", "", "").replace(
-        "address = \"127.0.0.1:0\"\n\n[session]",
-        &format!("address = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\n[session]", secret.display()),
-    );
+    let text =
+        TestConfig::base(&[backend.addr.to_string()]).set("admin.token_file", secret.display().to_string()).text();
     assert!(text.contains("token_file"));
     let proxy = Proxy::start_with(&text).await;
     let (status, _) = http_get(proxy.admin, "/sessions").await;

@@ -7,9 +7,10 @@ use crate::harness::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_100_open_sessions_sends_1001_to_each_and_exits_zero() {
     let backend = Backend::echo().await;
-    let text = config_text(&[backend.addr.to_string()], "", "", "")
-        .replace("drain_timeout = \"10s\"", "drain_timeout = \"8s\"")
-        .replace("drain_spread = \"200ms\"", "drain_spread = \"1s\"");
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .set("server.drain_timeout", "8s")
+        .set("server.drain_spread", "1s")
+        .text();
     let mut proxy = ProxyProcess::start(&text).await;
     let mut clients = Vec::new();
     for i in 0..100 {

@@ -106,8 +106,7 @@ async fn oversized_request_head_is_431() {
 #[tokio::test]
 async fn slow_request_head_is_answered_408_at_header_read_timeout() {
     let backend = Backend::echo().await;
-    let text = config_text(&[backend.addr.to_string()], "header_read_timeout = \"300ms\"", "", "")
-        .replace("header_read_timeout = \"2s\"\n", "");
+    let text = config_text(&[backend.addr.to_string()], "header_read_timeout = \"300ms\"", "", "");
     let proxy = Proxy::start_with(&text).await;
     for tls in [false, true] {
         let mut io = dial(if tls { proxy.tls } else { proxy.plain }, tls).await;
@@ -122,8 +121,7 @@ async fn slow_request_head_is_answered_408_at_header_read_timeout() {
 #[tokio::test]
 async fn tls_handshake_that_never_starts_is_closed_at_the_timeout() {
     let backend = Backend::echo().await;
-    let text = config_text(&[backend.addr.to_string()], "", "", "")
-        .replace("tls_handshake_timeout = \"2s\"", "tls_handshake_timeout = \"300ms\"");
+    let text = TestConfig::base(&[backend.addr.to_string()]).set("server.tls_handshake_timeout", "300ms").text();
     let proxy = Proxy::start_with(&text).await;
     let mut tcp = tokio::net::TcpStream::connect(proxy.tls).await.expect("connect");
     let started = Instant::now();
@@ -281,10 +279,9 @@ async fn tls_server_order_prefers_aes_128_gcm_over_the_clients_choice() {
 async fn configured_cipher_suites_are_the_only_ones_offered() {
     use rustls::crypto::aws_lc_rs::cipher_suite::*;
     let backend = Backend::echo().await;
-    let text = config_text(&[backend.addr.to_string()], "", "", "").replace(
-        "[tls]\n",
-        "[tls]\ncipher_suites = [\"TLS13_AES_256_GCM_SHA384\", \"TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384\"]\n",
-    );
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("tls", "cipher_suites = [\"TLS13_AES_256_GCM_SHA384\", \"TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384\"]")
+        .text();
     let proxy = Proxy::start_with(&text).await;
     let offered = [TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384];
     assert_eq!(negotiated_suite(proxy.tls, &offered).await.expect("handshake"), "TLS13_AES_256_GCM_SHA384");

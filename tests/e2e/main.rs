@@ -1,6 +1,7 @@
 //! End-to-end tests over real sockets: TLS and plain clients, the proxy (in-process, or as a
 //! child process where signals or process-wide numbers matter), and real test backends.
 
+#[allow(dead_code)]
 mod harness;
 
 mod auth;

@@ -51,18 +51,21 @@ async fn echo_exact(c: &mut Client, n: u32) {
 async fn live_session_survives_route_changes_invalid_config_and_certificate_change() {
     let backend = Backend::echo().await;
     let other = Backend::echo().await;
-    let text = config_text(&[backend.addr.to_string()], "", "", "");
+    let base = TestConfig::base(&[backend.addr.to_string()]);
+    let text = base.text();
     let proxy = Proxy::start_with(&text).await;
     let mut live = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     echo_exact(&mut live, 0).await;
 
     // (a) Add a route and change this one's settings.
-    let added = format!(
-        "{}\n[[routes]]\nname = \"events\"\npath = \"/agents/{{agent}}/events\"\nbackends = [\"{}\"]\n",
-        text.replace("idle_timeout", "#idle_timeout").replace("close_timeout = \"1s\"", "close_timeout = \"2s\""),
-        other.addr
+    let added = base.set("session.close_timeout", "2s").merge(
+        "",
+        &format!(
+            "[[routes]]\nname = \"events\"\npath = \"/agents/{{agent}}/events\"\nbackends = [\"{}\"]\n",
+            other.addr
+        ),
     );
-    proxy.handle.reload(parse(&added)).expect("reload a");
+    proxy.handle.reload(parse(&added.text())).expect("reload a");
     echo_exact(&mut live, 1).await;
     let mut ev = upgrade(proxy.tls, true, "/agents/a1/events", &[]).await.expect("new route is live");
     echo_exact(&mut ev, 2).await;
@@ -86,9 +89,8 @@ async fn live_session_survives_route_changes_invalid_config_and_certificate_chan
     std::fs::write(&key2, ck.signing_key.serialize_pem()).expect("write");
     let old = &certs().cert;
     assert_eq!(served_certificate(proxy.tls, &[old, &cert2]).await, der_of(old));
-    let rotated = added
-        .replace(&certs().cert.display().to_string(), &cert2.display().to_string())
-        .replace(&certs().key.display().to_string(), &key2.display().to_string());
+    let rotated =
+        added.clone().set("tls.cert", cert2.display().to_string()).set("tls.key", key2.display().to_string()).text();
     proxy.handle.reload(parse(&rotated)).expect("reload c");
     echo_exact(&mut live, 4).await;
     assert_eq!(
@@ -105,10 +107,7 @@ async fn session_on_a_removed_route_closes_after_the_grace_period() {
     let text = config_text(&[backend.addr.to_string()], "removed_route_grace = \"600ms\"", "", "");
     let proxy = Proxy::start_with(&text).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
-    let without = text.replace(
-        "name = \"terminal\"\npath = \"/agents/{agent}/terminal\"",
-        "name = \"other\"\npath = \"/other/{agent}\"",
-    );
+    let without = TestConfig::parse(&text).set("routes.0.name", "other").set("routes.0.path", "/other/{agent}").text();
     assert_ne!(without, text);
     let reloaded = Instant::now();
     proxy.handle.reload(parse(&without)).expect("reload");
@@ -135,9 +134,9 @@ async fn config_file_change_and_sighup_trigger_reloads() {
         Duration::from_millis(100),
     ));
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let extra = "\n[[routes]]\nname = \"added\"\npath = \"/added/{agent}\"\nbackends = [\"BACKEND\"]\n"
-        .replace("BACKEND", &backend.addr.to_string());
-    std::fs::write(file.path(), format!("{text}{extra}")).expect("write");
+    let extra =
+        format!("[[routes]]\nname = \"added\"\npath = \"/added/{{agent}}\"\nbackends = [\"{}\"]\n", backend.addr);
+    std::fs::write(file.path(), TestConfig::parse(&text).merge("", &extra).text()).expect("write");
     let deadline = Instant::now() + SOON;
     while upgrade(proxy.tls, true, "/added/a1", &[]).await.is_err() {
         assert!(Instant::now() < deadline, "file change was not picked up");
@@ -149,7 +148,7 @@ async fn config_file_change_and_sighup_trigger_reloads() {
     let proxy = ProxyProcess::start(&text).await;
     let path = proxy.dir.path().join("portcullis.toml");
     let current = std::fs::read_to_string(&path).expect("read");
-    std::fs::write(&path, format!("{current}{extra}")).expect("write");
+    std::fs::write(&path, TestConfig::parse(&current).merge("", &extra).text()).expect("write");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         upgrade(proxy.plain, false, "/added/a1", &[]).await.err().map(|h| h.status),

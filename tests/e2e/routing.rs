@@ -35,11 +35,13 @@ async fn registry() -> Registry {
     Registry { addr, hits, table }
 }
 
-fn registry_config(reg: SocketAddr, extra: &str) -> String {
-    let base = config_text(&["127.0.0.1:1".to_string()], "", "", "");
-    let base = base.replace("backends = [\"127.0.0.1:1\"]", "");
-    format!(
-        "{base}\n[routes.registry]\nurl = \"http://{reg}/agents/{{agent}}\"\nttl = \"500ms\"\nnegative_ttl = \"300ms\"\nstale_ttl = \"10s\"\n{extra}"
+/// The base route, with members from the registry at `reg` instead of static ones.
+fn registry_config(reg: SocketAddr) -> TestConfig {
+    TestConfig::base(&[]).remove("routes.0.backends").merge(
+        "routes.0.registry",
+        &format!(
+            "url = \"http://{reg}/agents/{{agent}}\"\nttl = \"500ms\"\nnegative_ttl = \"300ms\"\nstale_ttl = \"10s\""
+        ),
     )
 }
 
@@ -52,7 +54,7 @@ async fn registry_lookups_are_coalesced_cached_and_negatively_cached() {
         .expect("lock")
         .0
         .insert("a9".into(), format!("{{\"members\":[{{\"addr\":\"{}\"}}]}}", backend.addr));
-    let proxy = Proxy::start_with(&registry_config(reg.addr, "")).await;
+    let proxy = Proxy::start_with(&registry_config(reg.addr).text()).await;
 
     let tasks: Vec<_> = (0..100)
         .map(|_| {
@@ -111,10 +113,7 @@ async fn member_for(addr: SocketAddr, key: &str) -> String {
 
 fn sticky_config(members: &[&Backend]) -> String {
     let list: Vec<String> = members.iter().map(|b| b.addr.to_string()).collect();
-    format!(
-        "{}\n[routes.balance]\npolicy = \"sticky\"\nsticky_key = \"header:x-session\"\n",
-        config_text(&list, "", "", "")
-    )
+    TestConfig::base(&list).merge("routes.0.balance", "policy = \"sticky\"\nsticky_key = \"header:x-session\"").text()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,10 +175,9 @@ async fn member_failing_its_handshake_is_ejected_and_clients_never_see_the_error
         }
     });
     let good = Backend::echo().await;
-    let text = format!(
-        "{}\n[routes.health]\neject_base = \"30s\"\n",
-        config_text(&[bad.to_string(), good.addr.to_string()], "", "", "")
-    );
+    let text = TestConfig::base(&[bad.to_string(), good.addr.to_string()])
+        .merge("routes.0.health", "eject_base = \"30s\"")
+        .text();
     let proxy = Proxy::start_with(&text).await;
     let started = Instant::now();
     for i in 0..5 {
@@ -215,7 +213,7 @@ async fn purging_an_agent_forces_a_fresh_registry_lookup() {
         .expect("lock")
         .0
         .insert("a7".into(), format!("{{\"members\":[{{\"addr\":\"{}\"}}]}}", backend.addr));
-    let proxy = Proxy::start_with(&registry_config(reg.addr, "").replace("ttl = \"500ms\"", "ttl = \"1h\"")).await;
+    let proxy = Proxy::start_with(&registry_config(reg.addr).set("routes.0.registry.ttl", "1h").text()).await;
     upgrade(proxy.plain, false, "/agents/a7/terminal", &[]).await.expect("101");
     upgrade(proxy.plain, false, "/agents/a7/terminal", &[]).await.expect("101");
     assert_eq!(reg.hits.load(Ordering::SeqCst), 1);
@@ -235,10 +233,9 @@ async fn purging_an_agent_forces_a_fresh_registry_lookup() {
 async fn active_checks_eject_a_dead_member_before_any_client_hits_it() {
     let dead = format!("127.0.0.1:{}", free_port());
     let good = Backend::echo().await;
-    let text = format!(
-        "{}\n[routes.health]\nactive_interval = \"100ms\"\neject_base = \"5s\"\n",
-        config_text(&[dead.clone(), good.addr.to_string()], "", "", "")
-    );
+    let text = TestConfig::base(&[dead.clone(), good.addr.to_string()])
+        .merge("routes.0.health", "active_interval = \"100ms\"\neject_base = \"5s\"")
+        .text();
     let proxy = Proxy::start_with(&text).await;
     let deadline = Instant::now() + SOON;
     loop {
@@ -266,10 +263,10 @@ async fn reload_keeps_the_registry_cache_of_an_unchanged_route() {
         .expect("lock")
         .0
         .insert("a5".into(), format!("{{\"members\":[{{\"addr\":\"{}\"}}]}}", backend.addr));
-    let text = registry_config(reg.addr, "").replace("ttl = \"500ms\"", "ttl = \"1h\"");
-    let proxy = Proxy::start_with(&text).await;
+    let config = registry_config(reg.addr).set("routes.0.registry.ttl", "1h");
+    let proxy = Proxy::start_with(&config.text()).await;
     upgrade(proxy.plain, false, "/agents/a5/terminal", &[]).await.expect("101");
-    let changed = text.replace("close_timeout = \"1s\"", "close_timeout = \"2s\"");
+    let changed = config.set("session.close_timeout", "2s").text();
     proxy
         .handle
         .reload(portcullis::config::Config::parse(&changed, std::path::Path::new("r.toml")).expect("config"))
@@ -282,12 +279,9 @@ async fn reload_keeps_the_registry_cache_of_an_unchanged_route() {
 async fn weight_zero_member_is_never_chosen() {
     let drained = named_backend("drained").await;
     let live = named_backend("live").await;
-    let base = config_text(&[drained.addr.to_string(), live.addr.to_string()], "", "", "");
-    let text = base.replace(
-        &format!("backends = [\"{}\", \"{}\"]", drained.addr, live.addr),
-        &format!("backends = [{{ addr = \"{}\", weight = 0 }}, {{ addr = \"{}\" }}]\n[routes.balance]\npolicy = \"round_robin\"", drained.addr, live.addr),
-    );
-    assert_ne!(text, base);
+    let members = format!("backends = [{{ addr = \"{}\", weight = 0 }}, {{ addr = \"{}\" }}]", drained.addr, live.addr);
+    let text =
+        TestConfig::base(&[]).merge("routes.0", &members).merge("routes.0.balance", "policy = \"round_robin\"").text();
     let proxy = Proxy::start_with(&text).await;
     for _ in 0..6 {
         let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");

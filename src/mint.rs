@@ -1,11 +1,12 @@
-//! Minting tokens, for tests, the demo and operators (`portcullis token mint`).
+//! Minting tokens, for operators (`portcullis token mint`) and the demo. A file of the binary,
+//! not of the proxy library; the tests and the JWT bench include it by path.
 
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, AlgorithmFamily, EncodingKey, Header};
 use serde_json::{Map, Value};
 
-use super::now_secs;
+use portcullis::auth::now_secs;
 
 /// Builds an encoding key for `alg` from PEM (RS/PS/ES/EdDSA) or secret bytes (HS).
 pub fn encoding_key(alg: Algorithm, material: &[u8]) -> Result<EncodingKey, jsonwebtoken::errors::Error> {

@@ -1,0 +1,27 @@
+//! Test harness: real sockets on 127.0.0.1 port 0, real TLS with a generated certificate, a raw
+//! frame codec (so tests can send exactly the bytes they mean, including broken ones), a
+//! recording test backend, and the proxy both in-process and as a child process, one file per
+//! concern; configurations are built as TOML tables ([`config`]).
+
+mod backend;
+mod certs;
+mod client;
+mod codec;
+mod config;
+mod http;
+mod process;
+mod proxy;
+
+pub use backend::*;
+pub use certs::*;
+pub use client::*;
+pub use codec::*;
+pub use config::*;
+pub use http::*;
+pub use process::*;
+pub use proxy::*;
+
+use std::time::Duration;
+
+/// Generous bound for anything that should happen "now" on a loaded 2-core machine.
+pub const SOON: Duration = Duration::from_secs(10);

@@ -1,0 +1,120 @@
+//! The proxy as a child process, for signals and process-wide numbers.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::*;
+
+pub struct ProxyProcess {
+    pub child: Child,
+    pub tls: SocketAddr,
+    pub plain: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port no one listens on (for members that refuse connections): bound, then released.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+impl ProxyProcess {
+    /// Runs `portcullis run` with `text` (listeners named `tls` and `plain`, and an admin
+    /// listener, on port 0); the child binds them itself and the addresses are read back from
+    /// its "listening" log lines. Waits until /live answers.
+    pub async fn start(text: &str) -> ProxyProcess {
+        ProxyProcess::start_with_log(text, "portcullis=info").await
+    }
+
+    /// Like [`ProxyProcess::start`], with `RUST_LOG` set to `filter` (it must keep `info` of
+    /// `portcullis::server`); logs go to a file.
+    pub async fn start_with_log(text: &str, filter: &str) -> ProxyProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, text).expect("write config");
+        let log_path = dir.path().join("proxy.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", filter)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn portcullis");
+        let deadline = Instant::now() + SOON;
+        let (tls, plain, admin) = loop {
+            let logged = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(addrs) = bound_addresses(&logged) {
+                break addrs;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("proxy process exited ({status}) before listening:\n{logged}");
+            }
+            assert!(Instant::now() < deadline, "proxy process did not log its addresses:\n{logged}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let pp = ProxyProcess { child, tls, plain, admin, dir };
+        loop {
+            if let Ok(mut s) = TcpStream::connect(pp.admin).await {
+                let _ = s.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+                let mut out = Vec::new();
+                let _ = s.read_to_end(&mut out).await;
+                if out.starts_with(b"HTTP/1.1 200") {
+                    return pp;
+                }
+            }
+            assert!(Instant::now() < deadline, "proxy process did not become live");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the proxy (SIGTERM, then waits) and returns everything it logged.
+    pub async fn stop_and_collect_logs(&mut self) -> String {
+        self.signal("TERM");
+        let deadline = Instant::now() + SOON;
+        while self.child.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "proxy did not stop");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).expect("read log")
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().expect("kill");
+        assert!(ok.success());
+    }
+}
+
+/// The `tls`, `plain` and admin addresses from a proxy's log, once all three are logged.
+fn bound_addresses(log: &str) -> Option<(SocketAddr, SocketAddr, SocketAddr)> {
+    let field = |line: &str, name: &str| -> Option<String> {
+        line.split_whitespace().find_map(|w| w.strip_prefix(name)).map(|v| v.trim_matches('"').to_owned())
+    };
+    let (mut tls, mut plain, mut admin) = (None, None, None);
+    for line in log.lines() {
+        let addr = field(line, "addr=").and_then(|a| a.parse::<SocketAddr>().ok());
+        if line.contains("admin listening") {
+            admin = addr;
+        } else if line.contains(" listening ") {
+            match field(line, "listener=").as_deref() {
+                Some("tls") => tls = addr,
+                Some("plain") => plain = addr,
+                _ => {}
+            }
+        }
+    }
+    Some((tls?, plain?, admin?))
+}

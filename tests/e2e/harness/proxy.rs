@@ -1,0 +1,80 @@
+//! The proxy in-process on port 0, and the admin HTTP helpers.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use portcullis::config::Config;
+use portcullis::server::{self, Bound};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::*;
+
+pub struct Proxy {
+    pub tls: SocketAddr,
+    pub plain: SocketAddr,
+    pub admin: SocketAddr,
+    /// For reloads.
+    pub handle: Arc<portcullis::server::Shared>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Proxy {
+    pub async fn start(backend: SocketAddr, session: &str) -> Proxy {
+        Proxy::start_with(&config_text(&[backend.to_string()], "", session, "")).await
+    }
+
+    pub async fn start_with(text: &str) -> Proxy {
+        let config = Config::parse(text, Path::new("test.toml")).expect("valid test config");
+        let bound = Bound::bind(&config).await.expect("bind");
+        let addrs = bound.addrs();
+        let admin = bound.admin_addr().expect("admin");
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = server::Server::new(config).expect("server");
+        let handle = server.handle();
+        let task = tokio::spawn(async move {
+            server
+                .serve(bound, async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("serve");
+        });
+        Proxy { tls: addrs[0], plain: addrs[1], admin, handle, shutdown: Some(tx), task: Some(task) }
+    }
+}
+
+/// GET `path` on `addr` (plain HTTP); returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect admin");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("send");
+    let mut out = Vec::new();
+    tokio::time::timeout(SOON, s.read_to_end(&mut out)).await.expect("admin answers").expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Value of a metric line (`name{labels}` exactly as rendered) in a Prometheus text body.
+pub fn metric(body: &str, series: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(' ').filter(|(k, _)| *k == series).and_then(|(_, v)| v.parse().ok()))
+        .unwrap_or(0.0)
+}
