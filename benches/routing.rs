@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use portcullis::config::Config;
 use portcullis::routing::resolver::{RegistryResolver, RegistrySettings};
-use portcullis::routing::sticky::{choose, rank, Member};
+use portcullis::routing::sticky::{rank, Member};
 use portcullis::routing::table::RouteTable;
 
 fn bench(c: &mut Criterion) {
@@ -67,9 +67,6 @@ fn bench(c: &mut Criterion) {
     for n in [10usize, 100, 1000] {
         let members: Vec<Member> =
             (0..n).map(|i| Member { addr: format!("10.0.{}.{}:7681", i / 250, i % 250), weight: 1 }).collect();
-        group.bench_with_input(BenchmarkId::new("choose", n), &members, |b, m| {
-            b.iter(|| choose(b"session-1234", m).expect("member"))
-        });
         group.bench_with_input(BenchmarkId::new("rank", n), &members, |b, m| b.iter(|| rank(b"session-1234", m)));
     }
     group.finish();

@@ -11,7 +11,6 @@
 //! whose output is specified and stable across builds, Rust versions and platforms; std's
 //! `DefaultHasher` is not.
 
-use std::cmp::Ordering as CmpOrdering;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -56,31 +55,6 @@ pub fn rank<'m>(key: &[u8], members: &'m [Member]) -> Vec<&'m Member> {
         .collect();
     scored.sort_by(|(sa, a), (sb, b)| sb.total_cmp(sa).then_with(|| a.addr.cmp(&b.addr)));
     scored.into_iter().map(|(_, m)| m).collect()
-}
-
-/// The sticky choice for `key`: the first of [`rank`], `None` when no member has a weight.
-pub fn choose<'m>(key: &[u8], members: &'m [Member]) -> Option<&'m Member> {
-    let mut buf = Vec::with_capacity(key.len() + 1 + 64);
-    let mut best: Option<(f64, &'m Member)> = None;
-    for m in members.iter().filter(|m| m.weight > 0) {
-        buf.clear();
-        buf.extend_from_slice(key);
-        buf.push(SEPARATOR);
-        buf.extend_from_slice(m.addr.as_bytes());
-        let s = score(xxh3_64(&buf), m.weight);
-        let better = match best {
-            None => true,
-            Some((bs, b)) => match s.total_cmp(&bs) {
-                CmpOrdering::Greater => true,
-                CmpOrdering::Equal => m.addr < b.addr,
-                CmpOrdering::Less => false,
-            },
-        };
-        if better {
-            best = Some((s, m));
-        }
-    }
-    best.map(|(_, m)| m)
 }
 
 /// Weighted rendezvous score of a member whose hash with the key is `h`.
@@ -210,7 +184,7 @@ mod tests {
         let pool = members(5);
         let expected = [EXPECTED_0, EXPECTED_1, EXPECTED_2, EXPECTED_3, EXPECTED_4];
         for (i, want) in expected.iter().enumerate() {
-            let got = choose(&key(i), &pool).map(|m| m.addr.as_str());
+            let got = rank(&key(i), &pool).first().copied().map(|m| m.addr.as_str());
             assert_eq!(got, Some(*want), "key {i}");
         }
         let order: Vec<&str> = rank(b"user-42", &pool).iter().map(|m| m.addr.as_str()).collect();
@@ -232,13 +206,18 @@ mod tests {
     }
 
     #[test]
-    fn choose_is_the_first_of_rank() {
-        let mut pool = members(7);
-        pool[2].weight = 3;
-        pool[5].weight = 0;
-        for i in 0..500 {
-            assert_eq!(choose(&key(i), &pool), rank(&key(i), &pool).first().copied());
-        }
+    fn least_connections_orders_every_weighted_member_for_fallback() {
+        let counts = ConnCounts::new();
+        let pool = vec![
+            Member { addr: "a:1".into(), weight: 1 },
+            Member { addr: "b:1".into(), weight: 1 },
+            Member { addr: "c:1".into(), weight: 0 },
+            Member { addr: "d:1".into(), weight: 1 },
+        ];
+        let _a = [counts.acquire("a:1"), counts.acquire("a:1")];
+        let _d = counts.acquire("d:1");
+        let order: Vec<&str> = counts.by_load(&pool).iter().map(|m| m.addr.as_str()).collect();
+        assert_eq!(order, ["b:1", "d:1", "a:1"], "fewest first, weight 0 left out");
     }
 
     #[test]
@@ -258,8 +237,8 @@ mod tests {
         let smaller: Vec<Member> = pool.iter().filter(|m| m.addr != removed).cloned().collect();
         let mut moved = 0;
         for i in 0..1000 {
-            let before = &choose(&key(i), &pool).expect("non-empty pool").addr;
-            let after = &choose(&key(i), &smaller).expect("non-empty pool").addr;
+            let before = &rank(&key(i), &pool).first().copied().expect("non-empty pool").addr;
+            let after = &rank(&key(i), &smaller).first().copied().expect("non-empty pool").addr;
             if before == &removed {
                 moved += 1;
             } else {
@@ -281,8 +260,8 @@ mod tests {
         let added = &bigger[4].addr;
         let mut moved = 0;
         for i in 0..1000 {
-            let before = &choose(&key(i), &pool).expect("non-empty pool").addr;
-            let after = &choose(&key(i), &bigger).expect("non-empty pool").addr;
+            let before = &rank(&key(i), &pool).first().copied().expect("non-empty pool").addr;
+            let after = &rank(&key(i), &bigger).first().copied().expect("non-empty pool").addr;
             if before != after {
                 assert_eq!(after, added, "a key moved between old members");
                 moved += 1;
@@ -295,7 +274,8 @@ mod tests {
     #[test]
     fn weights_are_honoured() {
         let pool = vec![Member { addr: "a:1".into(), weight: 3 }, Member { addr: "b:1".into(), weight: 1 }];
-        let heavy = (0..10_000).filter(|&i| choose(&key(i), &pool).is_some_and(|m| m.addr == "a:1")).count();
+        let heavy =
+            (0..10_000).filter(|&i| rank(&key(i), &pool).first().copied().is_some_and(|m| m.addr == "a:1")).count();
         assert!((7000..=8000).contains(&heavy), "weight 3 of 4 got {heavy} of 10000");
     }
 
@@ -304,13 +284,13 @@ mod tests {
         let mut pool = members(3);
         pool[1].weight = 0;
         for i in 0..2000 {
-            assert_ne!(choose(&key(i), &pool).map(|m| m.addr.as_str()), Some(pool[1].addr.as_str()));
+            assert_ne!(rank(&key(i), &pool).first().copied().map(|m| m.addr.as_str()), Some(pool[1].addr.as_str()));
             assert!(rank(&key(i), &pool).iter().all(|m| m.weight > 0));
         }
         let drained = vec![Member { addr: "a:1".into(), weight: 0 }];
-        assert_eq!(choose(b"k", &drained), None);
+        assert_eq!(rank(b"k", &drained).first().copied(), None);
         assert!(rank(b"k", &drained).is_empty());
-        assert_eq!(choose(b"k", &[]), None);
+        assert_eq!(rank(b"k", &[]).first().copied(), None);
     }
 
     #[test]

@@ -1,0 +1,309 @@
+//! The byte pump: one direction of a session. Bytes read from `src` go to `dst` as they are;
+//! the frame tracker sees them on the way, holds back incomplete headers and control frames,
+//! and the session's own frames (pings, closes) are written between frames.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::close::CloseFrame;
+use super::frame::{self, opcode, Event, FrameLimits, Tracker, Violation};
+use super::pool;
+use crate::session::Side;
+
+/// A frame the proxy writes itself (ping or close), at most 2 + 4 + 125 bytes.
+pub(super) struct Injected {
+    bytes: [u8; 131],
+    len: u8,
+    pos: u8,
+    is_close: bool,
+}
+
+impl Injected {
+    /// Encodes a control frame; masked with a random key when sent to the backend.
+    pub(super) fn new(op: u8, payload: &[u8], to: Side) -> Injected {
+        let payload = &payload[..payload.len().min(125)];
+        let mask = (to == Side::Backend).then(rand::random::<[u8; 4]>);
+        let len = frame::encoded_len(payload.len(), mask.is_some());
+        let mut bytes = [0u8; 131];
+        frame::encode_into(&mut bytes[..len], true, 0, op, mask, payload);
+        Injected { bytes, len: len as u8, pos: 0, is_close: op == opcode::CLOSE }
+    }
+
+    pub(super) fn close(f: CloseFrame, to: Side) -> Injected {
+        let mut p = [0u8; 125];
+        p[..2].copy_from_slice(&f.code.to_be_bytes());
+        let r = &f.reason.as_bytes()[..f.reason.len().min(123)];
+        p[2..2 + r.len()].copy_from_slice(r);
+        Injected::new(opcode::CLOSE, &p[..2 + r.len()], to)
+    }
+}
+
+/// Bytes flowing from one side (`src`) to the other (`dst`).
+pub(super) struct Direction {
+    /// Relay buffer; `None` while the direction is quiet.
+    buf: Option<Box<[u8]>>,
+    buf_size: usize,
+    /// `buf[start..safe]` may be written; `buf[safe..end]` is held back (incomplete header or
+    /// control frame); `buf[scanned..end]` has not been seen by the tracker yet.
+    start: usize,
+    safe: usize,
+    scanned: usize,
+    end: usize,
+    pub(super) tracker: Tracker,
+    /// A proxy frame being written to `dst`, and a close frame queued behind it. Boxed: they
+    /// are rarely present, and inline they would add half a KiB to every idle session.
+    inject: Option<Box<Injected>>,
+    queued_close: Option<Box<Injected>>,
+    needs_flush: bool,
+    /// No more reading from `src` (it sent a close frame, went away, or was abandoned).
+    src_done: bool,
+    /// The proxy's close frame has been written to `dst`: nothing may follow it.
+    dst_closed: bool,
+    pub(super) bytes: u64,
+    pub(super) frames: u64,
+}
+
+/// What a direction needs the session to decide.
+pub(super) enum DirEvent {
+    /// A complete control frame from `src` is held at the end of the forwardable bytes.
+    Control(u8),
+    /// `src` broke a rule.
+    Violation(Violation),
+    /// `src` closed its TCP connection or failed.
+    SrcGone,
+    /// Writing to `dst` failed.
+    DstGone,
+}
+
+impl Direction {
+    pub(super) fn new(sender: Side, limits: FrameLimits, buf_size: usize, early: &[u8]) -> Direction {
+        let mut d = Direction {
+            buf: None,
+            buf_size,
+            start: 0,
+            safe: 0,
+            scanned: 0,
+            end: 0,
+            tracker: Tracker::new(sender, limits),
+            inject: None,
+            queued_close: None,
+            needs_flush: false,
+            src_done: false,
+            dst_closed: false,
+            bytes: 0,
+            frames: 0,
+        };
+        if !early.is_empty() {
+            let mut buf = pool::take(buf_size.max(early.len()));
+            buf[..early.len()].copy_from_slice(early);
+            d.end = early.len();
+            d.bytes = early.len() as u64;
+            d.buf = Some(buf);
+        }
+        d
+    }
+
+    /// Offset in `buf` where the frame being parsed began, if it began in this buffer fill.
+    pub(super) fn frame_start(&self) -> Option<usize> {
+        let into = self.tracker.bytes_into_frame();
+        (into <= self.scanned as u64).then(|| self.scanned - into as usize)
+    }
+
+    /// Drops the control frame that just completed (it is the last thing scanned).
+    pub(super) fn drop_last_control(&mut self) {
+        let len = self.tracker.frame_len();
+        let at = self.scanned - len;
+        if let Some(buf) = self.buf.as_mut() {
+            buf.copy_within(self.scanned..self.end, at);
+        }
+        self.end -= len;
+        self.scanned = at;
+        self.safe = at;
+    }
+
+    /// Stops reading from `src`; bytes read after the last scanned frame are dropped.
+    pub(super) fn stop_src(&mut self) {
+        self.src_done = true;
+        self.end = self.scanned;
+    }
+
+    /// Queues a proxy frame for `dst`. A close replaces a ping not yet started.
+    pub(super) fn queue(&mut self, frame: Injected) {
+        let frame = Box::new(frame);
+        match &self.inject {
+            None => self.inject = Some(frame),
+            Some(cur) if cur.pos == 0 && !cur.is_close && frame.is_close => self.inject = Some(frame),
+            Some(_) if frame.is_close => self.queued_close = Some(frame),
+            Some(_) => {} // a ping while another proxy frame is in flight: skip this one
+        }
+    }
+
+    /// True when everything this direction owes `dst` has been written and flushed.
+    pub(super) fn drained(&self) -> bool {
+        self.inject.is_none()
+            && self.queued_close.is_none()
+            && !self.needs_flush
+            && (self.dst_closed || self.start >= self.safe)
+    }
+
+    pub(super) fn release_if_empty(&mut self) {
+        if self.end == 0 {
+            if let Some(b) = self.buf.take() {
+                pool::give(b);
+            }
+        }
+    }
+
+    /// Moves the direction forward as far as it can go; returns an event or `Pending`.
+    pub(super) fn poll<S, D>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut S,
+        dst: &mut D,
+        dst_gone: bool,
+    ) -> Poll<DirEvent>
+    where
+        S: AsyncRead + Unpin,
+        D: AsyncWrite + Unpin,
+    {
+        loop {
+            if dst_gone {
+                // Nothing can be delivered; keep draining src so its close or EOF is seen.
+                self.inject = None;
+                self.queued_close = None;
+                self.needs_flush = false;
+                self.dst_closed = true;
+            }
+            if self.dst_closed {
+                self.start = self.start.max(self.safe);
+            }
+            // Write: proxy frame at a boundary, else forwardable bytes.
+            if self.inject.is_none() {
+                self.inject = self.queued_close.take();
+            }
+            let boundary = self.frame_start().filter(|&b| b >= self.start);
+            if self.inject.is_some() && boundary.is_none() && self.src_done && self.start >= self.safe {
+                // src stopped in the middle of a frame already partly written to dst: no frame
+                // boundary will come, so no clean close frame can be sent.
+                self.inject = None;
+                self.queued_close = None;
+                self.dst_closed = true;
+            }
+            let limit = match (&self.inject, boundary) {
+                (Some(_), Some(b)) => b.min(self.safe),
+                _ => self.safe,
+            };
+            if self.inject.is_some() && boundary.is_some() && self.start >= limit {
+                let inj = self.inject.as_mut().expect("checked is_some above");
+                let bytes = &inj.bytes[inj.pos as usize..inj.len as usize];
+                match Pin::new(&mut *dst).poll_write(cx, bytes) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        inj.pos += n as u8;
+                        self.needs_flush = true;
+                        if inj.pos == inj.len {
+                            self.dst_closed |= inj.is_close;
+                            self.inject = None;
+                        }
+                        continue;
+                    }
+                    Poll::Ready(_) => return Poll::Ready(DirEvent::DstGone),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.start < limit {
+                let buf = self.buf.as_ref().expect("bytes are pending, so a buffer is held");
+                match Pin::new(&mut *dst).poll_write(cx, &buf[self.start..limit]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        self.start += n;
+                        self.needs_flush = true;
+                        continue;
+                    }
+                    Poll::Ready(_) => return Poll::Ready(DirEvent::DstGone),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.needs_flush {
+                match Pin::new(&mut *dst).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.needs_flush = false,
+                    Poll::Ready(Err(_)) => return Poll::Ready(DirEvent::DstGone),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            // Scan: let the tracker see newly read bytes.
+            if self.scanned < self.end {
+                let buf = self.buf.as_ref().expect("unscanned bytes, so a buffer is held");
+                let (n, ev) = self.tracker.feed(&buf[self.scanned..self.end]);
+                self.scanned += n;
+                self.safe =
+                    if self.tracker.holding() { self.frame_start().unwrap_or(self.scanned) } else { self.scanned };
+                match ev {
+                    Some(Event::Control(op)) => {
+                        self.frames += 1;
+                        return Poll::Ready(DirEvent::Control(op));
+                    }
+                    Some(Event::Violation(v)) => {
+                        // Nothing of the offending frame is forwarded.
+                        self.safe = self.frame_start().unwrap_or(self.scanned).max(self.start);
+                        self.scanned = self.safe;
+                        self.end = self.safe;
+                        self.src_done = true;
+                        self.tracker.reset();
+                        return Poll::Ready(DirEvent::Violation(v));
+                    }
+                    None => continue,
+                }
+            }
+            // Read: only once every forwardable byte is out.
+            if self.src_done {
+                return Poll::Pending;
+            }
+            if self.start > 0 {
+                // Keep only held-back bytes (an incomplete header or control frame).
+                if let Some(buf) = self.buf.as_mut() {
+                    buf.copy_within(self.start..self.end, 0);
+                }
+                self.end -= self.start;
+                self.scanned -= self.start;
+                self.safe -= self.start;
+                self.start = 0;
+            }
+            let buf_size = self.buf_size;
+            let buf = self.buf.get_or_insert_with(|| pool::take(buf_size));
+            if self.end == buf.len() {
+                // Only a held control frame or header can fill the buffer, and both are far
+                // smaller than the minimum buffer size; treat it as a broken peer.
+                return Poll::Ready(DirEvent::SrcGone);
+            }
+            let mut rb = ReadBuf::new(&mut buf[self.end..]);
+            match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.release_if_empty();
+                        return Poll::Ready(DirEvent::SrcGone);
+                    }
+                    self.end += n;
+                    self.bytes += n as u64;
+                }
+                Poll::Ready(Err(_)) => {
+                    self.release_if_empty();
+                    return Poll::Ready(DirEvent::SrcGone);
+                }
+                Poll::Pending => {
+                    self.release_if_empty();
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            pool::give(b);
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! The session: both directions, the per-side close handshake state, the deadlines on one
+//! lazily re-armed timer, and the handlers that pick a [`Cause`] from the close table.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::close::{Cause, REPLY_FOR_VANISHED_PEER};
+use super::frame::{opcode, FrameLimits};
+use super::pump::{DirEvent, Direction, Injected};
+use super::RelayParams;
+use crate::config::SessionSettings;
+use crate::metrics::Metrics;
+use crate::session::{Initiator, SessionBytes, SessionControl, SessionEnd, Side, StopReason};
+
+/// What has come from one side, as far as the close handshake is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Inbound {
+    /// Frames may still arrive.
+    #[default]
+    Open,
+    /// It sent its close frame, or is no longer waited for (its reply will not come).
+    Closed,
+    /// Its connection is gone.
+    Gone,
+}
+
+/// What has gone to one side, as far as the close handshake is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Outbound {
+    /// No close frame sent yet.
+    #[default]
+    Open,
+    /// The other side's close frame was forwarded to it: its reply is forwarded back.
+    PeerClose,
+    /// The proxy's own close frame was queued to it: its reply, and anything else it sends, is
+    /// consumed, not forwarded.
+    ProxyClose,
+}
+
+/// Per-side state: liveness and the close handshake.
+#[derive(Default)]
+struct Peer {
+    /// Last time any byte arrived from this side.
+    last_rx: Option<Instant>,
+    /// Payload and send time of the proxy's outstanding ping to this side.
+    ping: Option<([u8; 8], Instant)>,
+    inbound: Inbound,
+    outbound: Outbound,
+}
+
+impl Peer {
+    fn gone(&self) -> bool {
+        self.inbound == Inbound::Gone
+    }
+
+    /// Nothing more is awaited from this side.
+    fn closed_in(&self) -> bool {
+        self.inbound != Inbound::Open
+    }
+
+    /// A close frame was sent (or queued) to this side.
+    fn closed_out(&self) -> bool {
+        self.outbound != Outbound::Open
+    }
+
+    /// Stop waiting for this side (it closed, or will not reply); a gone side stays gone.
+    fn stop_waiting(&mut self) {
+        if self.inbound == Inbound::Open {
+            self.inbound = Inbound::Closed;
+        }
+    }
+}
+
+pub(super) struct Session<'a, C, B> {
+    client: &'a mut C,
+    backend: &'a mut B,
+    /// Client to backend, and backend to client.
+    c2b: Direction,
+    b2c: Direction,
+    peers: [Peer; 2],
+    settings: SessionSettings,
+    drain_spread: Duration,
+    control: Arc<SessionControl>,
+    metrics: Arc<Metrics>,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    stop_seen: bool,
+    timer: Pin<Box<Sleep>>,
+    started: Instant,
+    last_data: Instant,
+    /// When the close handshake must be over.
+    close_deadline: Option<Instant>,
+    /// When a drain close notice is due.
+    drain_at: Option<Instant>,
+    /// When the client's token expires.
+    expires_at: Option<Instant>,
+    live_bytes: Arc<SessionBytes>,
+    /// Why the session is ending, once it is.
+    outcome: Option<Cause>,
+    bytes_reported: [u64; 2],
+}
+
+impl<'a, C, B> Session<'a, C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    pub(super) fn new(
+        client: &'a mut C,
+        client_early: &[u8],
+        backend: &'a mut B,
+        backend_early: &[u8],
+        p: RelayParams,
+    ) -> Self {
+        let s = p.settings;
+        let limits = FrameLimits {
+            max_frame_size: s.max_frame_size,
+            max_message_size: s.max_message_size,
+            allowed_rsv: p.allowed_rsv,
+        };
+        let now = Instant::now();
+        let stop = Box::pin(p.control.token().cancelled_owned());
+        let mut session = Session {
+            client,
+            backend,
+            c2b: Direction::new(Side::Client, limits, s.buffer_size, client_early),
+            b2c: Direction::new(Side::Backend, limits, s.buffer_size, backend_early),
+            peers: [Peer::default(), Peer::default()],
+            settings: s,
+            drain_spread: p.drain_spread,
+            control: p.control,
+            metrics: p.metrics,
+            stop,
+            stop_seen: false,
+            timer: Box::pin(tokio::time::sleep_until(now)),
+            started: now,
+            last_data: now,
+            close_deadline: None,
+            drain_at: None,
+            expires_at: p.expires_at,
+            live_bytes: p.bytes,
+            outcome: None,
+            bytes_reported: [0, 0],
+        };
+        session.peers[0].last_rx = Some(now);
+        session.peers[1].last_rx = Some(now);
+        session.rearm();
+        session
+    }
+
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
+        if !self.stop_seen && self.stop.as_mut().poll(cx).is_ready() {
+            self.stop_seen = true;
+            self.on_stop();
+        }
+        loop {
+            if self.timer.as_mut().poll(cx).is_ready() {
+                self.on_timer();
+                if self.finished() {
+                    return Poll::Ready(self.end());
+                }
+                self.rearm();
+                continue;
+            }
+            let mut progressed = false;
+            let gone = self.peers[Side::Backend.idx()].gone();
+            if let Poll::Ready(ev) = self.c2b.poll(cx, &mut *self.client, &mut *self.backend, gone) {
+                self.on_event(Side::Client, ev);
+                progressed = true;
+            }
+            let gone = self.peers[Side::Client.idx()].gone();
+            if let Poll::Ready(ev) = self.b2c.poll(cx, &mut *self.backend, &mut *self.client, gone) {
+                self.on_event(Side::Backend, ev);
+                progressed = true;
+            }
+            self.note_activity();
+            if self.finished() {
+                return Poll::Ready(self.end());
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn dir(&mut self, from: Side) -> &mut Direction {
+        match from {
+            Side::Client => &mut self.c2b,
+            Side::Backend => &mut self.b2c,
+        }
+    }
+
+    /// Records liveness and data activity, and feeds the byte and frame counters.
+    fn note_activity(&mut self) {
+        let now_needed = self.c2b.bytes != self.bytes_reported[0] || self.b2c.bytes != self.bytes_reported[1];
+        if !now_needed {
+            return;
+        }
+        let now = Instant::now();
+        for (i, side) in [Side::Client, Side::Backend].into_iter().enumerate() {
+            let d = self.dir(side);
+            let bytes = d.bytes;
+            let data = d.tracker.take_data_frames();
+            let mid_data = !d.tracker.at_boundary() && !d.tracker.holding();
+            d.frames += data;
+            if bytes != self.bytes_reported[i] {
+                let delta = bytes - self.bytes_reported[i];
+                self.metrics.relay_bytes(side.direction(), delta, data);
+                let counter = if i == 0 { &self.live_bytes.from_client } else { &self.live_bytes.from_backend };
+                counter.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+                self.bytes_reported[i] = bytes;
+                self.peers[i].last_rx = Some(now);
+            }
+            if data > 0 || mid_data {
+                self.last_data = now;
+            }
+        }
+    }
+
+    fn on_event(&mut self, from: Side, ev: DirEvent) {
+        match ev {
+            DirEvent::Control(op) => self.on_control(from, op),
+            DirEvent::Violation(violation) => {
+                self.metrics.violation(violation.label());
+                tracing::debug!(side = ?from, %violation, "protocol violation");
+                // Fail the connection of the offender: close frame, no reply awaited.
+                self.peers[from.idx()].stop_waiting();
+                self.end_with(Cause::Violation { by: from, violation });
+            }
+            DirEvent::SrcGone => self.on_gone(from),
+            DirEvent::DstGone => self.on_gone(from.other()),
+        }
+    }
+
+    fn on_control(&mut self, from: Side, op: u8) {
+        let closing_by_proxy = self.peers[from.idx()].outbound == Outbound::ProxyClose;
+        match op {
+            opcode::CLOSE => {
+                let code = close_code(self.dir(from).tracker.control_payload());
+                self.peers[from.idx()].stop_waiting();
+                if closing_by_proxy {
+                    self.dir(from).drop_last_control();
+                } else {
+                    // Forwarded as is; the other side's reply is forwarded back.
+                    let to = &mut self.peers[from.other().idx()].outbound;
+                    if *to == Outbound::Open {
+                        *to = Outbound::PeerClose;
+                    }
+                    self.outcome.get_or_insert(Cause::PeerClose { from, code });
+                    self.start_closing();
+                }
+                self.dir(from).stop_src();
+            }
+            opcode::PONG => {
+                let ours = match self.peers[from.idx()].ping {
+                    Some((p, _)) => self.dir(from).tracker.control_payload() == p,
+                    None => false,
+                };
+                if ours {
+                    self.peers[from.idx()].ping = None;
+                }
+                if ours || closing_by_proxy {
+                    self.dir(from).drop_last_control();
+                }
+            }
+            _ => {
+                if closing_by_proxy {
+                    self.dir(from).drop_last_control();
+                }
+            }
+        }
+    }
+
+    /// A side's connection ended without (or after) a close frame.
+    fn on_gone(&mut self, side: Side) {
+        if self.peers[side.idx()].gone() {
+            return;
+        }
+        self.peers[side.idx()].inbound = Inbound::Gone;
+        self.dir(side).stop_src();
+        let other = &mut self.peers[side.other().idx()];
+        if !other.closed_out() && !other.gone() {
+            if other.closed_in() {
+                // The other side started a close and this one vanished instead of replying.
+                other.outbound = Outbound::ProxyClose;
+                self.dir(side).queue(Injected::close(REPLY_FOR_VANISHED_PEER, side.other()));
+            } else {
+                self.end_with(Cause::Lost(side));
+            }
+        }
+        self.start_closing();
+    }
+
+    /// The stop signal fired: drain (spread over `drain_spread`) or a revocation.
+    fn on_stop(&mut self) {
+        match self.control.reason() {
+            StopReason::Drain => {
+                let spread = self.drain_spread.as_millis() as u64;
+                let delay = if spread == 0 { 0 } else { rand::random::<u64>() % spread };
+                self.drain_at = Some(Instant::now() + Duration::from_millis(delay));
+                self.rearm();
+            }
+            StopReason::Revoked => self.end_with(Cause::Revoked),
+            StopReason::RouteRemoved => self.end_with(Cause::RouteRemoved),
+        }
+    }
+
+    /// Ends the session for `cause`: the close table's frame to each side still there (a
+    /// proxy-initiated close: data from both sides is then discarded while their close replies
+    /// are awaited, up to `close_timeout`).
+    fn end_with(&mut self, cause: Cause) {
+        let plan = cause.plan();
+        if self.outcome.is_none() || plan.initiator == Initiator::Proxy && self.close_deadline.is_none() {
+            self.outcome = Some(cause);
+        }
+        for side in [Side::Client, Side::Backend] {
+            let p = &mut self.peers[side.idx()];
+            if let Some(f) = plan.to(side).filter(|_| !p.gone() && !p.closed_out()) {
+                p.outbound = Outbound::ProxyClose;
+                self.dir(side.other()).queue(Injected::close(f, side));
+            }
+        }
+        self.start_closing();
+    }
+
+    fn start_closing(&mut self) {
+        if self.close_deadline.is_none() {
+            self.close_deadline = Some(Instant::now() + self.settings.close_timeout);
+            self.rearm();
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.close_deadline.is_some_and(|d| now >= d) {
+            self.peers[0].inbound = Inbound::Gone;
+            self.peers[1].inbound = Inbound::Gone;
+            return;
+        }
+        if self.close_deadline.is_some() {
+            return;
+        }
+        let s = self.settings;
+        if self.expires_at.is_some_and(|d| now >= d) {
+            return self.end_with(Cause::TokenExpired);
+        }
+        if self.drain_at.is_some_and(|d| now >= d) {
+            return self.end_with(Cause::Drain);
+        }
+        if !s.max_lifetime.is_zero() && now >= self.started + s.max_lifetime {
+            return self.end_with(Cause::Lifetime);
+        }
+        if !s.idle_timeout.is_zero() && now >= self.last_data + s.idle_timeout {
+            return self.end_with(Cause::IdleTimeout);
+        }
+        if s.ping_interval.is_zero() {
+            return;
+        }
+        for side in [Side::Client, Side::Backend] {
+            let p = &mut self.peers[side.idx()];
+            match p.ping {
+                Some((_, sent)) if now >= sent + s.ping_timeout => {
+                    // Unreachable: no reply will come, so none is awaited.
+                    p.stop_waiting();
+                    self.metrics.ping_timeout();
+                    return self.end_with(Cause::PingTimeout);
+                }
+                Some(_) => {}
+                None => {
+                    let last = p.last_rx.unwrap_or(self.started);
+                    if now >= last + s.ping_interval {
+                        let payload: [u8; 8] = rand::random();
+                        p.ping = Some((payload, now));
+                        self.dir(side.other()).queue(Injected::new(opcode::PING, &payload, side));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sets the timer to the earliest deadline.
+    fn rearm(&mut self) {
+        let s = self.settings;
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(d) = self.close_deadline {
+            consider(d);
+        } else {
+            if let Some(d) = self.drain_at {
+                consider(d);
+            }
+            if let Some(d) = self.expires_at {
+                consider(d);
+            }
+            if !s.max_lifetime.is_zero() {
+                consider(self.started + s.max_lifetime);
+            }
+            if !s.idle_timeout.is_zero() {
+                consider(self.last_data + s.idle_timeout);
+            }
+            if !s.ping_interval.is_zero() {
+                for p in &self.peers {
+                    match p.ping {
+                        Some((_, sent)) => consider(sent + s.ping_timeout),
+                        None => consider(p.last_rx.unwrap_or(self.started) + s.ping_interval),
+                    }
+                }
+            }
+        }
+        // With nothing scheduled, sleep far ahead (a year).
+        let at = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
+        self.timer.as_mut().reset(at);
+    }
+
+    /// True when both sides are closed and everything owed to them is delivered.
+    fn finished(&self) -> bool {
+        let side_done = |side: Side, into: &Direction| {
+            let p = &self.peers[side.idx()];
+            p.gone() || (p.closed_in() && p.closed_out() && into.drained())
+        };
+        self.close_deadline.is_some() && side_done(Side::Client, &self.b2c) && side_done(Side::Backend, &self.c2b)
+    }
+
+    fn end(&mut self) -> SessionEnd {
+        self.note_activity();
+        let (close_code, initiator, reason) = match self.outcome {
+            Some(cause) => {
+                let plan = cause.plan();
+                (plan.client_code(cause), plan.initiator, plan.label)
+            }
+            None => (None, Initiator::Proxy, "closed"),
+        };
+        SessionEnd {
+            close_code,
+            initiator,
+            reason,
+            bytes: [self.c2b.bytes, self.b2c.bytes],
+            frames: [self.c2b.frames, self.b2c.frames],
+        }
+    }
+}
+
+/// The close code in a close frame's payload, if it has one.
+fn close_code(payload: &[u8]) -> Option<u16> {
+    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
+}
