@@ -1,6 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text), `/live`, `/ready`, and the session API:
 //! `GET /sessions`, `DELETE /sessions/{id}`, `POST /sessions/revoke` with
-//! `{"subject": ...}`, `{"agent": ...}` or `{"jti": ...}`. Revoked sessions close with 1008
+//! `{"subject": ...}` (optionally with `"issuer"`), `{"agent": ...}` or `{"jti": ...}`. Revoked sessions close with 1008
 //! "session revoked", and a revoked subject or token is refused on reconnect until it expires.
 //!
 //! Bound to loopback by default; the session API can require a bearer token (`[admin]
@@ -128,8 +128,9 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                         "route": e.route,
                         "agent": e.agent,
                         "subject": e.subject,
+                        "issuer": e.issuer,
                         "client": e.client.to_string(),
-                        "backend": e.backend,
+                        "backend": e.backend.get(),
                         "age_seconds": now.duration_since(e.started).map(|d| d.as_secs_f64()).unwrap_or(0.0),
                         "token_expires_at": e.token_exp,
                         "bytes_from_client": e.bytes.from_client.load(Ordering::Relaxed),
@@ -147,8 +148,11 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
             let Ok(ask) = serde_json::from_slice::<RevokeRequest>(&body) else {
                 return text(StatusCode::BAD_REQUEST, "expected JSON with one of subject, agent, jti\n");
             };
+            if ask.issuer.is_some() && ask.subject.is_none() {
+                return text(StatusCode::BAD_REQUEST, "issuer narrows a subject revocation: give subject too\n");
+            }
             let selector = match (ask.subject, ask.agent, ask.jti) {
-                (Some(s), None, None) => Selector::Subject(s),
+                (Some(subject), None, None) => Selector::Subject { subject, issuer: ask.issuer },
                 (None, Some(a), None) => Selector::Agent(a),
                 (None, None, Some(j)) => Selector::Jti(j),
                 _ => return text(StatusCode::BAD_REQUEST, "give exactly one of subject, agent, jti\n"),
@@ -252,6 +256,7 @@ struct PurgeRequest {
 #[serde(deny_unknown_fields)]
 struct RevokeRequest {
     subject: Option<String>,
+    issuer: Option<String>,
     agent: Option<String>,
     jti: Option<String>,
 }
@@ -263,7 +268,7 @@ fn revoke(shared: &Shared, selector: &Selector) -> usize {
     let latest_exp = closed.iter().filter_map(|e| e.token_exp).max();
     if let Some(auth) = &shared.runtime.load().authenticator {
         match selector {
-            Selector::Subject(s) => auth.deny_subject(s, latest_exp),
+            Selector::Subject { subject, issuer } => auth.deny_subject(subject, issuer.as_deref(), latest_exp),
             Selector::Jti(j) => auth.deny_jti(j, latest_exp),
             Selector::Id(_) | Selector::Agent(_) => {
                 // A session or agent revocation also refuses the exact tokens that were cut.

@@ -51,6 +51,10 @@ pub enum ServerError {
     /// A token verification key or JWKS source is unusable.
     #[error(transparent)]
     Auth(#[from] AuthConfigError),
+    /// A reload changes something only a restart can apply (listener addresses or their TLS
+    /// setting, the admin address); it is refused as a whole.
+    #[error("{0} changed: that needs a restart, so the reload is refused")]
+    NeedsRestart(&'static str),
 }
 
 /// Builds everything a configuration needs (certificates, keys) without touching the
@@ -84,8 +88,8 @@ impl Shared {
     /// Validates and swaps in a new configuration: routes, certificates, keys and limits
     /// apply to new connections at once; live sessions keep the route settings they started
     /// with. Sessions on routes that no longer exist are closed (1001 "route removed") after
-    /// `removed_route_grace`. Listener and admin addresses need a restart. On error the old
-    /// configuration stays in force.
+    /// `removed_route_grace`. A configuration whose listeners (addresses, TLS) or admin address
+    /// differ is refused: those need a restart. On error the old configuration stays in force.
     pub fn reload(&self, config: Config) -> Result<(), ServerError> {
         let result = self.try_reload(config);
         metrics::reload(result.is_ok());
@@ -98,12 +102,14 @@ impl Shared {
 
     fn try_reload(&self, config: Config) -> Result<(), ServerError> {
         let old = self.runtime.load_full();
-        let addrs = |c: &Config| c.listeners.iter().map(|l| (l.addresses.clone(), l.tls)).collect::<Vec<_>>();
-        if addrs(&old.config) != addrs(&config) {
-            tracing::warn!("listener addresses changed: they apply after a restart");
+        // Bound sockets keep what they were bound with: a reload that would change them is
+        // refused, never half-applied (a TLS listener must not turn plaintext).
+        let listeners = |c: &Config| c.listeners.iter().map(|l| (l.addresses.clone(), l.tls)).collect::<Vec<_>>();
+        if listeners(&old.config) != listeners(&config) {
+            return Err(ServerError::NeedsRestart("listener addresses or tls setting"));
         }
         if old.config.admin.as_ref().map(|a| a.address) != config.admin.as_ref().map(|a| a.address) {
-            tracing::warn!("admin address changed: it applies after a restart");
+            return Err(ServerError::NeedsRestart("admin address"));
         }
         let grace = config.server.removed_route_grace;
         let runtime = build_runtime(config, &self.denylist, Some(&old))?;

@@ -108,6 +108,11 @@ impl SessionControl {
         self.token.clone()
     }
 
+    /// Why the session was stopped, once it was (by itself, or by the server's drain).
+    pub fn stopped(&self) -> Option<StopReason> {
+        self.token.is_cancelled().then(|| self.reason())
+    }
+
     /// Why the session was stopped (meaningful once the token is cancelled).
     pub fn reason(&self) -> StopReason {
         match self.reason.load(Ordering::Acquire) {
@@ -144,14 +149,16 @@ pub struct SessionEntry {
     pub agent: Option<String>,
     /// Verified subject, when the route requires a token.
     pub subject: Option<String>,
+    /// The token's issuer (`iss`), if any.
+    pub issuer: Option<String>,
     /// Token id (`jti`), if any.
     pub jti: Option<String>,
     /// Token expiry (Unix seconds), if any.
     pub token_exp: Option<u64>,
     /// Client address.
     pub client: std::net::SocketAddr,
-    /// Backend member.
-    pub backend: String,
+    /// Backend member; unset while the backend connect runs.
+    pub backend: std::sync::OnceLock<String>,
     /// Start time.
     pub started: std::time::SystemTime,
     /// Stop handle.
@@ -165,8 +172,13 @@ pub struct SessionEntry {
 pub enum Selector {
     /// One session by id.
     Id(u64),
-    /// Every session of a subject.
-    Subject(String),
+    /// Every session of a subject: of one issuer, or of every issuer when `issuer` is `None`.
+    Subject {
+        /// The `sub` claim.
+        subject: String,
+        /// The `iss` claim, when the revocation is for one issuer's subject.
+        issuer: Option<String>,
+    },
     /// Every session to an agent.
     Agent(String),
     /// Every session opened with a token id.
@@ -203,7 +215,10 @@ impl Sessions {
             .into_iter()
             .filter(|e| match selector {
                 Selector::Id(id) => e.id == *id,
-                Selector::Subject(s) => e.subject.as_deref() == Some(s.as_str()),
+                Selector::Subject { subject, issuer } => {
+                    e.subject.as_deref() == Some(subject.as_str())
+                        && issuer.as_ref().is_none_or(|iss| e.issuer.as_deref() == Some(iss.as_str()))
+                }
                 Selector::Agent(a) => e.agent.as_deref() == Some(a.as_str()),
                 Selector::Jti(j) => e.jti.as_deref() == Some(j.as_str()),
             })

@@ -129,6 +129,11 @@ impl Claims {
         self.sub.as_deref()
     }
 
+    /// The `iss` claim, when it is a string.
+    pub fn issuer(&self) -> Option<&str> {
+        self.all.get("iss").and_then(Value::as_str)
+    }
+
     /// The `jti` claim.
     pub fn jti(&self) -> Option<&str> {
         self.jti.as_deref()
@@ -180,6 +185,15 @@ pub enum AuthConfigError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// The denylist key of a subject revocation: of one issuer, or of any. NUL cannot occur in a
+/// JSON string's decoded issuer without an escape, and the two forms have different prefixes.
+fn subject_key(issuer: Option<&str>, subject: &str) -> String {
+    match issuer {
+        Some(iss) => format!("sub-iss:{iss}\u{0}{subject}"),
+        None => format!("sub-any:{subject}"),
+    }
 }
 
 /// Verifies tokens; rebuilt on config reload (the [`Denylist`] is kept across reloads).
@@ -363,7 +377,10 @@ impl Authenticator {
             }
         }
         if let Some(sub) = &c.sub {
-            if let Some(d) = denied.get(&format!("sub:{sub}")) {
+            // A subject is revoked for every issuer, or for one: `alice` of one identity
+            // provider is not `alice` of another.
+            let keys = [Some(subject_key(None, sub)), c.issuer().map(|iss| subject_key(Some(iss), sub))];
+            for d in keys.into_iter().flatten().filter_map(|k| denied.get(&k)) {
                 // A token issued after the revocation (a new login) is accepted.
                 if c.iat.is_none_or(|iat| iat <= d.since) {
                     return Err(AuthError::Revoked);
@@ -373,12 +390,13 @@ impl Authenticator {
         Ok(())
     }
 
-    /// Refuses tokens of `subject` issued up to now, until `until` (Unix seconds) or
-    /// `revocation_ttl` from now, whichever is later: other tokens of the subject, issued before
-    /// the revocation, may expire later than the ones whose sessions were cut.
-    pub fn deny_subject(&self, subject: &str, until: Option<u64>) {
+    /// Refuses tokens of `subject` (of `issuer` only, or of every issuer when `None`) issued up
+    /// to now, until `until` (Unix seconds) or `revocation_ttl` from now, whichever is later:
+    /// other tokens of the subject, issued before the revocation, may expire later than the ones
+    /// whose sessions were cut.
+    pub fn deny_subject(&self, subject: &str, issuer: Option<&str>, until: Option<u64>) {
         let floor = now_secs() + self.revocation_ttl.as_secs();
-        self.deny(format!("sub:{subject}"), Some(until.map_or(floor, |u| u.max(floor))));
+        self.deny(subject_key(issuer, subject), Some(until.map_or(floor, |u| u.max(floor))));
     }
 
     /// Refuses the token with this `jti` until `until`.

@@ -54,6 +54,7 @@ impl Default for ServerSettings {
             drain_timeout: Duration::from_secs(25),
             removed_route_grace: Duration::from_secs(600),
             reload_poll_interval: Duration::from_secs(2),
+            trusted_proxies: Vec::new(),
         }
     }
 }

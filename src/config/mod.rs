@@ -158,6 +158,17 @@ pub struct ServerSettings {
     pub removed_route_grace: Duration,
     /// How often the config file is checked for changes (`run` only); zero disables.
     pub reload_poll_interval: Duration,
+    /// Peers whose `X-Forwarded-For` and `Forwarded` headers are believed and extended; from
+    /// any other peer they are dropped. Empty: the edge believes no one.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl ServerSettings {
+    /// Whether a connection from `peer` comes from a configured trusted proxy.
+    pub fn is_trusted_proxy(&self, peer: std::net::IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.trusted_proxies.iter().any(|n| n.contains(&peer))
+    }
 }
 
 /// Certificates served by TLS listeners (`[tls]`).

@@ -104,6 +104,7 @@ pub(super) struct RawServer {
     pub(super) drain_timeout: Option<Dur>,
     pub(super) removed_route_grace: Option<Dur>,
     pub(super) reload_poll_interval: Option<Dur>,
+    pub(super) trusted_proxies: Option<Vec<ipnet::IpNet>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -59,6 +59,7 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
         drain_timeout: dur(s.drain_timeout, d.drain_timeout),
         removed_route_grace: dur(s.removed_route_grace, d.removed_route_grace),
         reload_poll_interval: dur(s.reload_poll_interval, d.reload_poll_interval),
+        trusted_proxies: s.trusted_proxies.unwrap_or(d.trusted_proxies),
     };
     if server.max_connections == 0 {
         return Err(invalid("server.max_connections", "must be at least 1"));

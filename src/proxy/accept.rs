@@ -42,7 +42,8 @@ pub async fn accept_loop(listener: TcpListener, tls: bool, shared: Arc<Shared>) 
         let _ = tcp.set_nodelay(true);
         let shared2 = shared.clone();
         // The acceptor in force now: a reload with new certificates applies to new connections.
-        let acceptor = if tls { shared.runtime.load().tls.clone() } else { None };
+        // A TLS listener never serves plaintext: without an acceptor the connection is closed.
+        let acceptor = if tls { Security::Tls(shared.runtime.load().tls.clone()) } else { Security::Plain };
         let span = tracing::debug_span!("conn", client = %addr);
         shared.tasks.spawn(
             async move {
@@ -75,17 +76,25 @@ impl Drop for ConnSlot {
     }
 }
 
-async fn connection(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    addr: SocketAddr,
-    acceptor: Option<TlsAcceptor>,
-    slot: ConnSlot,
-) {
+/// What a listener speaks, fixed when it is bound.
+enum Security {
+    /// Plain TCP.
+    Plain,
+    /// TLS with the acceptor in force; `None` if the running configuration has none, and then
+    /// the connection is refused rather than served in plaintext.
+    Tls(Option<TlsAcceptor>),
+}
+
+async fn connection(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, security: Security, slot: ConnSlot) {
     let m = &shared.metrics;
-    let stream = match acceptor {
-        None => Some(ClientStream::Plain(tcp)),
-        Some(acceptor) => {
+    let stream = match security {
+        Security::Plain => Some(ClientStream::Plain(tcp)),
+        Security::Tls(None) => {
+            m.tls_failure("no_certificate");
+            tracing::error!(client = %addr, "tls listener without certificates in the running configuration; connection closed");
+            None
+        }
+        Security::Tls(Some(acceptor)) => {
             let limit = shared.runtime.load().config.server.tls_handshake_timeout;
             match tls::accept(&acceptor, tcp, limit).await {
                 Ok(s) => Some(ClientStream::Tls(Box::new(s))),

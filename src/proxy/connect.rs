@@ -102,6 +102,10 @@ pub struct ForwardedFor {
     pub proto: &'static str,
     /// The Host the client asked for.
     pub host: Option<HeaderValue>,
+    /// The client is a configured trusted proxy: its `X-Forwarded-For` and `Forwarded` are
+    /// extended; from anyone else they are dropped, so the backend's leftmost address cannot be
+    /// spoofed at the edge.
+    pub trusted: bool,
 }
 
 /// What goes into the backend request.
@@ -186,6 +190,16 @@ pub async fn connect(
             Err(Attempt::ConnectTimeout) => {
                 tracing::debug!(%member, "backend connect timed out");
                 timed_out = true;
+            }
+            Err(Attempt::Handshake(HandshakeError::Status(code))) if (400..500).contains(&code) => {
+                // The member is up and refused this request (an unknown path or agent, a denied
+                // client): not a member failure, or clients could eject healthy members; and
+                // another member would answer the same.
+                tracing::debug!(%member, status = code, "backend refused the upgrade");
+                return Err(ConnectError::BadHandshake {
+                    member: member.to_owned(),
+                    cause: HandshakeError::Status(code),
+                });
             }
             Err(Attempt::Handshake(cause)) => {
                 tracing::debug!(%member, error = %cause, "backend handshake failed");
@@ -277,14 +291,20 @@ fn request_head(member: &str, path: &str, req: &BackendRequest<'_>) -> Vec<u8> {
     }
     let connection_listed = connection_tokens(req.client_headers);
     let mut xff: Option<Vec<u8>> = None;
+    let mut client_forwarded: Option<Vec<u8>> = None;
     for (name, value) in req.client_headers {
         if NOT_FORWARDED.contains(name)
             || connection_listed.iter().any(|t| name.as_str().eq_ignore_ascii_case(t))
             || name.as_str().starts_with("x-forwarded-")
             || name.as_str() == "keep-alive"
         {
-            if name.as_str() == "x-forwarded-for" {
-                let v = xff.get_or_insert_with(Vec::new);
+            let chain = match name.as_str() {
+                "x-forwarded-for" => Some(&mut xff),
+                "forwarded" => Some(&mut client_forwarded),
+                _ => None,
+            };
+            if let Some(v) = chain.filter(|_| req.forwarded.trusted) {
+                let v = v.get_or_insert_with(Vec::new);
                 if !v.is_empty() {
                     v.extend_from_slice(b", ");
                 }
@@ -304,7 +324,11 @@ fn request_head(member: &str, path: &str, req: &BackendRequest<'_>) -> Vec<u8> {
     line(b"x-forwarded-for", &xff);
     line(b"x-forwarded-proto", f.proto.as_bytes());
     let for_value = if f.client_ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.clone() };
-    let mut fwd = format!("for={for_value};proto={}", f.proto);
+    let mut fwd = match client_forwarded {
+        Some(chain) => format!("{}, ", String::from_utf8_lossy(&chain)),
+        None => String::new(),
+    };
+    fwd.push_str(&format!("for={for_value};proto={}", f.proto));
     if let Some(host) = &f.host {
         line(b"x-forwarded-host", host.as_bytes());
         if let Ok(hs) = host.to_str() {

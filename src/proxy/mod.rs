@@ -23,7 +23,7 @@ pub mod upgrade;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use ::http::header::{
@@ -41,7 +41,7 @@ use tracing::Instrument;
 use crate::auth::Claims;
 use crate::config::RouteConfig;
 use crate::proxy::error::RequestError;
-use crate::session::{SessionBytes, SessionControl, SessionEntry};
+use crate::session::{SessionBytes, SessionControl, SessionEntry, SessionGuard, StopReason};
 use crate::state::Shared;
 use connect::{BackendConn, BackendRequest, ForwardedFor};
 use relay::{RelayParams, SessionEnd};
@@ -64,8 +64,10 @@ struct Pending {
     on_upgrade: OnUpgrade,
     backend: BackendConn,
     route: Arc<RouteConfig>,
-    agent: Option<String>,
     claims: Option<Arc<Claims>>,
+    /// The session's record, registered before the backend connect so that a revocation
+    /// during the connect finds it.
+    registered: SessionGuard,
 }
 
 /// Serves one client connection (after accept and tls) to its end.
@@ -134,6 +136,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         client_ip: ctx.client_addr.ip(),
         proto: if ctx.tls { "https" } else { "http" },
         host: req.headers().get(HOST).cloned(),
+        trusted: runtime.config.server.is_trusted_proxy(ctx.client_addr.ip()),
     };
     let sticky_key = route.balance.sticky_key.as_ref().and_then(|k| {
         crate::routing::pool::sticky_key(k, req.headers(), path_and_query, &caps, admitted.claims.as_deref())
@@ -148,6 +151,23 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
     let Some(state) = runtime.route_state.get(&route.name) else {
         return Ok(reject(&ctx, &route.name, RequestError::Internal("no routing state for a configured route")));
     };
+    // Registered from here on: a revocation or drain while the backend connect runs (its
+    // timeouts can add up to seconds) finds the session and stops it.
+    let claims = admitted.claims.as_deref();
+    let registered = ctx.shared.sessions.register(SessionEntry {
+        id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+        route: route.name.clone(),
+        agent: caps.get("agent").map(str::to_owned),
+        subject: claims.and_then(|c| c.subject().map(str::to_owned)),
+        issuer: claims.and_then(|c| c.issuer().map(str::to_owned)),
+        jti: claims.and_then(|c| c.jti().map(str::to_owned)),
+        token_exp: claims.map(|c| c.exp()),
+        client: ctx.client_addr,
+        backend: OnceLock::new(),
+        started: SystemTime::now(),
+        control: SessionControl::new(&ctx.shared.drain),
+        bytes: Arc::new(SessionBytes::default()),
+    });
     let backend = match connect::connect(&route, state, &caps, &breq, &ctx.shared.conns, &ctx.shared.metrics).await {
         Ok(b) => b,
         Err(e) => {
@@ -155,6 +175,14 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
             return Ok(reject(&ctx, &route.name, e.into()));
         }
     };
+    let _ = registered.entry().backend.set(backend.member.clone());
+    if let Some(reason) = registered.entry().control.stopped() {
+        let e = match reason {
+            StopReason::Revoked => RequestError::Auth(crate::auth::AuthError::Revoked),
+            StopReason::Drain | StopReason::RouteRemoved => RequestError::Draining,
+        };
+        return Ok(reject(&ctx, &route.name, e));
+    }
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
@@ -172,8 +200,8 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         h.insert(SEC_WEBSOCKET_EXTENSIONS, e.clone());
     }
     ctx.shared.metrics.upgrade(&route.name, "ok");
-    let agent = caps.get("agent").map(str::to_owned);
-    let pending = Pending { on_upgrade: hyper::upgrade::on(&mut req), backend, route, agent, claims: admitted.claims };
+    let pending =
+        Pending { on_upgrade: hyper::upgrade::on(&mut req), backend, route, claims: admitted.claims, registered };
     if let Ok(mut slot) = ctx.pending.lock() {
         *slot = Some(pending);
     }
@@ -212,36 +240,21 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
     // bytes it holds (usually none) and let the buffer go, or every idle session pins it.
     let client_early = parts.read_buf.to_vec();
     drop(parts.read_buf);
-    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-    let control = SessionControl::new(&shared.drain);
     let enforce = p.route.auth.as_ref().is_some_and(|a| a.enforce_expiry);
     let leeway = shared.runtime.load().authenticator.as_ref().map_or(Duration::ZERO, |a| a.leeway());
     let expires_at = p.claims.as_ref().filter(|_| enforce).map(|c| {
         let left = c.exp().saturating_sub(crate::auth::now_secs());
         tokio::time::Instant::now() + Duration::from_secs(left) + leeway
     });
-    let bytes = Arc::new(SessionBytes::default());
-    let registered = shared.sessions.register(SessionEntry {
-        id,
-        route: p.route.name.clone(),
-        agent: p.agent.clone(),
-        subject: p.claims.as_ref().and_then(|c| c.subject().map(str::to_owned)),
-        jti: p.claims.as_ref().and_then(|c| c.jti().map(str::to_owned)),
-        token_exp: p.claims.as_ref().map(|c| c.exp()),
-        client: client_addr,
-        backend: p.backend.member.clone(),
-        started: SystemTime::now(),
-        control: control.clone(),
-        bytes: bytes.clone(),
-    });
+    let registered = p.registered;
     let params = RelayParams {
         settings: p.route.session,
         drain_spread: shared.runtime.load().config.server.drain_spread,
         allowed_rsv: if p.backend.extensions.is_some() { 0x70 } else { 0 },
-        control,
+        control: registered.entry().control.clone(),
         metrics: shared.metrics.clone(),
         expires_at,
-        bytes,
+        bytes: registered.entry().bytes.clone(),
     };
     let started = Instant::now();
     shared.metrics.sessions_active.increment(1.0);
@@ -286,7 +299,7 @@ fn log_session_end(s: &SessionEntry, started: Instant, end: &SessionEnd) {
         agent = s.agent.as_deref().unwrap_or(""),
         subject = s.subject.as_deref().unwrap_or(""),
         client = %s.client,
-        backend = s.backend,
+        backend = s.backend.get().map_or("", String::as_str),
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_from_client = end.bytes[0],
         bytes_from_backend = end.bytes[1],

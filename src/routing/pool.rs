@@ -51,10 +51,12 @@ pub struct RouteState {
 
 impl RouteState {
     /// Whether state built for `old` can serve `new` unchanged: same members, registry and
-    /// health settings. A reload keeps such state (registry cache with its stale copies,
-    /// ejections, cursors) instead of starting cold.
+    /// health settings, and (when active checks run, since they hold them) the same backend
+    /// timeouts. A reload keeps such state (registry cache with its stale copies, ejections,
+    /// cursors) instead of starting cold.
     pub fn reusable(old: &RouteConfig, new: &RouteConfig) -> bool {
-        old.backends == new.backends && old.registry == new.registry && old.health == new.health
+        let checks_unchanged = new.health.active_interval.is_zero() || old.backend == new.backend;
+        old.backends == new.backends && old.registry == new.registry && old.health == new.health && checks_unchanged
     }
 
     /// State for `route`; its active checks (when configured) run `probe` until the state is
@@ -84,8 +86,12 @@ impl RouteState {
         conns: &ConnCounts,
     ) -> Result<Vec<Member>, PoolError> {
         let mut members = self.members(route, caps).await?;
-        // Weight 0 takes a member out of rotation under every policy (a drain knob).
+        // Weight 0 takes a member out of rotation under every policy (a drain knob), fail_open
+        // included: a pool whose members are all drained has no member to offer.
         members.retain(|m| m.weight > 0);
+        if members.is_empty() {
+            return Err(PoolError::NoHealthyMember);
+        }
         let healthy = self.health.healthy(&members);
         let candidates: Vec<Member> = match (healthy.is_empty(), route.health.fail_open) {
             (false, _) => healthy.into_iter().cloned().collect(),

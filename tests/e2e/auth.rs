@@ -591,3 +591,63 @@ async fn session_api_requires_the_admin_token_when_configured() {
     let (status, _) = http_get(proxy.admin, "/metrics").await;
     assert_eq!(status, 200, "metrics stay open to scrapers");
 }
+
+#[tokio::test]
+async fn revoking_a_subject_of_one_issuer_leaves_the_same_subject_of_another_alone() {
+    let backend = Backend::echo().await;
+    let k = key(Algorithm::ES256, None);
+    let text = TestConfig::parse(&auth_config(backend.addr, "issuers", "", &k.toml()))
+        .set("routes.0.auth.issuers", vec!["https://idp.test", "https://other.test"])
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let claims = |iss: &str| json!({"sub": "alice", "agents": ["a1"], "iss": iss, "aud": "agents"});
+    let (ours, theirs) = (k.token(claims("https://idp.test")), k.token(claims("https://other.test")));
+    let bearer = |t: &str| format!("Bearer {t}");
+    let open = |t: String| async move {
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&t))]).await
+    };
+    let mut a = open(ours.clone()).await.expect("alice of idp.test");
+    let mut b = open(theirs.clone()).await.expect("alice of other.test");
+    echo_works(&mut a).await;
+    echo_works(&mut b).await;
+
+    let ask = json!({"subject": "alice", "issuer": "https://idp.test"}).to_string();
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", &ask).await;
+    assert_eq!((status, body.trim()), (200, "{\"closed\":1}"));
+    assert_eq!(a.recv_close().await.close_code(), Some(1008));
+    echo_works(&mut b).await;
+    assert_eq!(open(ours).await.err().expect("refused").status, 401, "idp.test's alice is revoked");
+    let mut again = open(theirs).await.expect("other.test's alice is not");
+    echo_works(&mut again).await;
+}
+
+#[tokio::test]
+async fn a_revocation_during_the_backend_connect_refuses_the_session() {
+    let opts = BackendOpts { delay: Some(Duration::from_millis(1500)), ..Default::default() };
+    let backend = Backend::start(opts, echo_handler()).await;
+    let k = key(Algorithm::ES256, None);
+    let text = TestConfig::parse(&auth_config(backend.addr, "slow", "", &k.toml()))
+        .set("backend.handshake_timeout", "5s")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let mallory = k.token(std_claims("mallory", &["a1"]));
+    let tls = proxy.tls;
+    let connecting = tokio::spawn(async move {
+        upgrade(tls, true, "/agents/a1/terminal", &[("Authorization", &format!("Bearer {mallory}"))]).await
+    });
+    // The session is listed while its backend connect runs, and the revocation finds it.
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (_, body) = http_get(proxy.admin, "/sessions").await;
+        if body.contains("\"mallory\"") {
+            assert!(body.contains("\"backend\":null"), "listed before its member is known: {body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the connecting session is not listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", &json!({"subject": "mallory"}).to_string()).await;
+    assert_eq!((status, body.trim()), (200, "{\"closed\":1}"));
+    let refused = connecting.await.expect("task").err().expect("no 101 for a revoked session");
+    assert_eq!(refused.status, 401);
+}

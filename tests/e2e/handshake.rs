@@ -215,7 +215,9 @@ async fn backend_receives_key_protocol_extensions_and_forwarding_headers() {
         echo_handler(),
     )
     .await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    // The test client stands for a trusted proxy, so its X-Forwarded-For is extended.
+    let trusted = "trusted_proxies = [\"127.0.0.1/32\"]";
+    let proxy = Proxy::start_with(&config_text(&[backend.addr.to_string()], trusted, "", "")).await;
     let c = upgrade(
         proxy.tls,
         true,
@@ -288,4 +290,24 @@ async fn configured_cipher_suites_are_the_only_ones_offered() {
     // Nothing in common: the handshake fails, and the proxy keeps serving.
     assert!(negotiated_suite(proxy.tls, &[TLS13_AES_128_GCM_SHA256]).await.is_err());
     upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101 after a failed handshake");
+}
+
+#[tokio::test]
+async fn forwarding_headers_from_an_untrusted_client_are_dropped_and_from_a_trusted_one_extended() {
+    let backend = Backend::echo().await;
+    let spoof = [("X-Forwarded-For", "6.6.6.6"), ("Forwarded", "for=6.6.6.6;proto=https")];
+    let untrusted = Proxy::start(backend.addr, "").await;
+    upgrade(untrusted.plain, false, "/agents/a1/terminal", &spoof).await.expect("101");
+    let trusted_text =
+        config_text(&[backend.addr.to_string()], "trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.0/8\"]", "", "");
+    let trusted = Proxy::start_with(&trusted_text).await;
+    upgrade(trusted.plain, false, "/agents/a1/terminal", &spoof).await.expect("101");
+    let requests = backend.log.requests.lock().expect("lock").clone();
+    assert_eq!(requests[0].header("x-forwarded-for"), Some("127.0.0.1"), "an untrusted client's XFF is dropped");
+    assert_eq!(requests[0].header("forwarded"), Some("for=127.0.0.1;proto=http;host=\"localhost\""));
+    assert_eq!(requests[1].header("x-forwarded-for"), Some("6.6.6.6, 127.0.0.1"), "a trusted proxy's XFF is extended");
+    assert_eq!(
+        requests[1].header("forwarded"),
+        Some("for=6.6.6.6;proto=https, for=127.0.0.1;proto=http;host=\"localhost\"")
+    );
 }

@@ -162,3 +162,27 @@ async fn config_file_change_and_sighup_trigger_reloads() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn reload_cannot_turn_a_tls_listener_into_a_plaintext_one() {
+    let backend = Backend::echo().await;
+    let base = TestConfig::base(&[backend.addr.to_string()]);
+    let proxy = Proxy::start_with(&base.text()).await;
+    // The same file with the TLS listener made plain and no [tls] section.
+    let downgraded = base.set("listeners.0.tls", false).remove("tls").text();
+    let (_, before) = http_get(proxy.admin, "/metrics").await;
+    let err = proxy.handle.reload(parse(&downgraded)).expect_err("a reload that downgrades a TLS listener is refused");
+    assert!(err.to_string().contains("restart"), "{err}");
+    let (_, after) = http_get(proxy.admin, "/metrics").await;
+    let refused = |body: &str| metric(body, "portcullis_reloads_total{result=\"error\"}");
+    assert_eq!(refused(&after), refused(&before) + 1.0, "counted as a refused reload");
+    // The port still speaks TLS only: a plaintext upgrade gets no 101, a wss one does.
+    let mut plain = tokio::net::TcpStream::connect(proxy.tls).await.expect("connect");
+    let request = "GET /agents/a1/terminal HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut plain, request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(SOON, tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut answer)).await;
+    assert!(!answer.starts_with(b"HTTP/1.1 101"), "plaintext upgrade answered on the TLS port");
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("wss still works");
+    echo_exact(&mut c, 0).await;
+}

@@ -302,3 +302,67 @@ async fn member_refusing_connections_is_ejected_after_its_first_failure() {
     assert_eq!(v["routes"][0]["ejected"], serde_json::json!([refused]), "{body}");
     assert_eq!(good.log.requests.lock().expect("lock").len(), 1);
 }
+
+#[tokio::test]
+async fn a_backend_refusing_a_request_with_4xx_is_not_ejected() {
+    // Both members are up and answer 404 (say, an agent they do not host): a client's requests
+    // must not change the proxy's view of their health.
+    let a = Backend::start(BackendOpts { status: Some(404), ..Default::default() }, echo_handler()).await;
+    let b = Backend::start(BackendOpts { status: Some(404), ..Default::default() }, echo_handler()).await;
+    let proxy = Proxy::start_with(&config_text(&[a.addr.to_string(), b.addr.to_string()], "", "", "")).await;
+    for _ in 0..4 {
+        let refused = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.err().expect("refused");
+        assert_eq!(refused.status, 502, "the backend's refusal, not no_healthy_member");
+    }
+    let (status, body) = http_get(proxy.admin, "/routes").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let route = v["routes"].as_array().expect("routes").iter().find(|r| r["name"] == "terminal").expect("route");
+    assert_eq!(route["ejected"], serde_json::json!([]), "{body}");
+}
+
+#[tokio::test]
+async fn a_pool_whose_members_all_have_weight_zero_answers_503() {
+    let a = Backend::echo().await;
+    let b = Backend::echo().await;
+    let members =
+        format!("backends = [{{ addr = \"{}\", weight = 0 }}, {{ addr = \"{}\", weight = 0 }}]", a.addr, b.addr);
+    for fail_open in [false, true] {
+        let text = TestConfig::base(&[])
+            .merge("routes.0", &members)
+            .merge("routes.0.health", &format!("fail_open = {fail_open}"))
+            .text();
+        let proxy = Proxy::start_with(&text).await;
+        let refused = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.err().expect("refused");
+        assert_eq!(refused.status, 503, "fail_open = {fail_open}: every member drained is no healthy member");
+    }
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_backend_timeouts_reaches_the_active_health_checks() {
+    // A member that answers the handshake after 400 ms: healthy under a 2 s handshake timeout,
+    // failing its active checks under a 100 ms one.
+    let slow =
+        Backend::start(BackendOpts { delay: Some(Duration::from_millis(400)), ..Default::default() }, echo_handler())
+            .await;
+    let config = TestConfig::base(&[slow.addr.to_string()])
+        .set("backend.handshake_timeout", "2s")
+        .merge("routes.0.health", "active_interval = \"100ms\"\nactive_path = \"/health\"\neject_base = \"10s\"");
+    let proxy = Proxy::start_with(&config.text()).await;
+    let ejected = |body: &str| -> usize {
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        v["routes"][0]["ejected"].as_array().map_or(0, |a| a.len())
+    };
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(ejected(&http_get(proxy.admin, "/routes").await.1), 0, "healthy under the 2 s timeout");
+    let shorter = config.set("backend.handshake_timeout", "100ms").text();
+    proxy
+        .handle
+        .reload(portcullis::config::Config::parse(&shorter, std::path::Path::new("r.toml")).expect("config"))
+        .expect("reload");
+    let deadline = Instant::now() + SOON;
+    while ejected(&http_get(proxy.admin, "/routes").await.1) == 0 {
+        assert!(Instant::now() < deadline, "the active checks still use the old handshake timeout");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -21,6 +21,8 @@ pub struct BackendOpts {
     pub bad_accept: bool,
     /// Never answer the handshake.
     pub hang: bool,
+    /// Wait this long before answering the handshake.
+    pub delay: Option<Duration>,
     /// Extensions header to answer with.
     pub extensions: Option<String>,
     /// Choose the first offered subprotocol.
@@ -109,6 +111,9 @@ impl Backend {
                     if opts.hang {
                         tokio::time::sleep(Duration::from_secs(3600)).await;
                         return;
+                    }
+                    if let Some(d) = opts.delay {
+                        tokio::time::sleep(d).await;
                     }
                     if let Some(status) = opts.status {
                         let _ = stream
