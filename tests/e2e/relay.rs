@@ -264,3 +264,52 @@ async fn slow_reader_does_not_grow_proxy_buffers() {
         assert_eq!(f.payload, vec![7u8; 16 * 1024]);
     }
 }
+
+#[tokio::test]
+async fn a_close_frame_with_a_code_not_allowed_on_the_wire_is_the_senders_protocol_error() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, "").await;
+    for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000] {
+        let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
+        c.send(true, op::CLOSE, &close_payload(code, "")).await;
+        assert_eq!(c.recv_close().await.close_code(), Some(1002), "code {code}");
+    }
+    // The invalid close frames never reached the backend: each session's backend got the proxy's 1001.
+    let closes: Vec<Option<u16>> =
+        backend.log.frames().iter().filter(|f| f.opcode == op::CLOSE).map(|f| f.close_code()).collect();
+    assert!(!closes.is_empty() && closes.iter().all(|c| *c == Some(1001)), "{closes:?}");
+}
+
+#[tokio::test]
+async fn a_close_frame_whose_reason_is_not_utf8_gets_1007() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, "").await;
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
+    let mut payload = 1000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(&[0xce, 0xba, 0xed, 0xa0, 0x80]); // a UTF-16 surrogate: not UTF-8
+    c.send(true, op::CLOSE, &payload).await;
+    assert_eq!(c.recv_close().await.close_code(), Some(1007));
+    assert_eq!(backend.log.wait_for("close", |f| f.opcode == op::CLOSE).await.close_code(), Some(1001));
+}
+
+#[tokio::test]
+async fn what_the_backend_sent_before_a_client_violation_still_reaches_the_client() {
+    // A valid message and a violating frame in one write (Autobahn 3.2, 4.1.3, 5.15): the
+    // backend's echo of the valid message is delivered before the client's 1002.
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, "").await;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("rsv without extension", encode(true, 2, op::TEXT, Some(rand_mask()), b"bad")),
+        ("reserved opcode", encode(true, 0, 0x3, Some(rand_mask()), b"")),
+        ("continuation first", encode(true, 0, op::CONT, Some(rand_mask()), b"x")),
+    ];
+    for (what, bad) in cases {
+        let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
+        let mut bytes = encode(true, 0, op::TEXT, Some(rand_mask()), b"before the violation");
+        bytes.extend_from_slice(&bad);
+        c.send_raw(&bytes).await;
+        let echoed = c.recv().await;
+        assert_eq!((echoed.opcode, echoed.payload.as_slice()), (op::TEXT, &b"before the violation"[..]), "{what}");
+        assert_eq!(c.recv_close().await.close_code(), Some(1002), "{what}");
+    }
+}

@@ -16,6 +16,8 @@ pub mod code {
     pub const GOING_AWAY: u16 = 1001;
     /// 1002: protocol error.
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// 1007: a payload that is not what it must be (a close reason that is not UTF-8).
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// 1008: policy violation (token expired, session revoked).
     pub const POLICY: u16 = 1008;
     /// 1009: a frame or message over the configured size.
@@ -178,12 +180,26 @@ impl Cause {
     }
 }
 
-/// The close code the side that broke a rule is sent: 1009 for size limits, 1002 otherwise.
+/// The close code the side that broke a rule is sent: 1009 for size limits, 1007 for a close
+/// reason that is not UTF-8, 1002 otherwise.
 pub fn violation_code(v: Violation) -> u16 {
     match v {
         Violation::FrameTooLarge(_) | Violation::MessageTooLarge => code::TOO_BIG,
+        Violation::InvalidCloseReason => code::INVALID_PAYLOAD,
         _ => code::PROTOCOL_ERROR,
     }
+}
+
+/// Checks a close frame a peer sent before it is forwarded (RFC 6455 §5.5.1, §7.4): a code, if
+/// present, must be one allowed on the wire, and the reason must be UTF-8. (A one-byte payload
+/// is refused earlier, by the frame tracker.)
+pub fn check_peer_close(payload: &[u8]) -> Result<(), Violation> {
+    let Some((code, reason)) = payload.split_first_chunk::<2>() else { return Ok(()) };
+    let code = u16::from_be_bytes(*code);
+    if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
+        return Err(Violation::InvalidCloseCode(code));
+    }
+    std::str::from_utf8(reason).map(|_| ()).map_err(|_| Violation::InvalidCloseReason)
 }
 
 fn violation_reason(v: Violation) -> &'static str {
@@ -229,6 +245,15 @@ mod tests {
             (Cause::Drain, "drain (SIGTERM/SIGINT)"),
             (v(Side::Client, Violation::ReservedBits), "client frame breaks the protocol"),
             (v(Side::Client, Violation::UnmaskedClientFrame), "client frame breaks the protocol"),
+            (v(Side::Client, Violation::InvalidCloseCode(1005)), "client frame breaks the protocol"),
+            (
+                v(Side::Client, Violation::InvalidCloseReason),
+                "a close frame whose reason is not UTF-8, from the client",
+            ),
+            (
+                v(Side::Backend, Violation::InvalidCloseReason),
+                "a close frame whose reason is not UTF-8, from the backend",
+            ),
             (v(Side::Client, Violation::FrameTooLarge(1)), "client frame or message over the limit"),
             (v(Side::Client, Violation::MessageTooLarge), "client frame or message over the limit"),
             (v(Side::Backend, Violation::MaskedBackendFrame), "backend frame breaks the protocol"),
@@ -295,6 +320,27 @@ mod tests {
             assert_eq!((plan.to_client, plan.to_backend), (None, None));
             assert_eq!(plan.client_code(cause), Some(4000));
         }
+    }
+
+    #[test]
+    fn peer_close_frames_are_checked_for_the_wire() {
+        let frame = |code: u16, reason: &[u8]| [&code.to_be_bytes()[..], reason].concat();
+        assert_eq!(check_peer_close(&[]), Ok(()), "no code at all is allowed");
+        for ok in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999] {
+            assert_eq!(check_peer_close(&frame(ok, b"fine")), Ok(()), "{ok}");
+        }
+        for bad in [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+            assert_eq!(check_peer_close(&frame(bad, b"")), Err(Violation::InvalidCloseCode(bad)), "{bad}");
+        }
+        assert_eq!(
+            check_peer_close(&frame(
+                1000,
+                &[0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xce, 0xb5, 0xed, 0xa0, 0x80]
+            )),
+            Err(Violation::InvalidCloseReason)
+        );
+        assert_eq!(violation_code(Violation::InvalidCloseReason), code::INVALID_PAYLOAD);
+        assert_eq!(violation_code(Violation::InvalidCloseCode(1005)), code::PROTOCOL_ERROR);
     }
 
     #[test]

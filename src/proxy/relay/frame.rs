@@ -71,6 +71,13 @@ pub enum Violation {
     /// A close frame whose payload is one byte long (RFC 6455 §5.5.1).
     #[error("close frame with a one-byte payload")]
     InvalidClosePayload,
+    /// A close frame with a code that may not appear on the wire (RFC 6455 §7.4: below 1000,
+    /// 1004-1006, 1015, 1016-2999, 5000 and above). Found by the relay, not the tracker.
+    #[error("close frame with code {0}, which is not allowed on the wire")]
+    InvalidCloseCode(u16),
+    /// A close frame whose reason is not UTF-8. Found by the relay, not the tracker.
+    #[error("close frame reason is not UTF-8")]
+    InvalidCloseReason,
     /// A frame larger than `max_frame_size`.
     #[error("frame of {0} bytes exceeds the frame size limit")]
     FrameTooLarge(u64),

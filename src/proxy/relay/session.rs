@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::close::{Cause, REPLY_FOR_VANISHED_PEER};
+use super::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
 use super::frame::{opcode, FrameLimits};
 use super::pump::{DirEvent, Direction, Injected};
 use super::RelayParams;
@@ -103,6 +103,8 @@ pub(super) struct Session<'a, C, B> {
     live_bytes: Arc<SessionBytes>,
     /// Why the session is ending, once it is.
     outcome: Option<Cause>,
+    /// The close owed to a side that broke the protocol, sent once the other side is done.
+    deferred_close: Option<(Side, CloseFrame)>,
     bytes_reported: [u64; 2],
 }
 
@@ -146,6 +148,7 @@ where
             expires_at: p.expires_at,
             live_bytes: p.bytes,
             outcome: None,
+            deferred_close: None,
             bytes_reported: [0, 0],
         };
         session.peers[0].last_rx = Some(now);
@@ -242,10 +245,20 @@ where
         let closing_by_proxy = self.peers[from.idx()].outbound == Outbound::ProxyClose;
         match op {
             opcode::CLOSE => {
-                let code = close_code(self.dir(from).tracker.control_payload());
+                let payload = self.dir(from).tracker.control_payload();
+                let (code, checked) = (close_code(payload), check_peer_close(payload));
                 self.peers[from.idx()].stop_waiting();
                 if closing_by_proxy {
                     self.dir(from).drop_last_control();
+                    // The close the proxy was waiting for before closing the other side.
+                    self.release_deferred();
+                } else if let Err(violation) = checked {
+                    // A close frame that is not valid on the wire is its sender's protocol
+                    // error: it is not forwarded.
+                    self.dir(from).drop_last_control();
+                    self.metrics.violation(violation.label());
+                    tracing::debug!(side = ?from, %violation, "protocol violation");
+                    self.end_with(Cause::Violation { by: from, violation });
                 } else {
                     // Forwarded as is; the other side's reply is forwarded back.
                     let to = &mut self.peers[from.other().idx()].outbound;
@@ -295,6 +308,7 @@ where
             }
         }
         self.start_closing();
+        self.release_deferred();
     }
 
     /// The stop signal fired: drain (spread over `drain_spread`) or a revocation.
@@ -314,19 +328,44 @@ where
     /// Ends the session for `cause`: the close table's frame to each side still there (a
     /// proxy-initiated close: data from both sides is then discarded while their close replies
     /// are awaited, up to `close_timeout`).
+    ///
+    /// After a violation the offender's own close waits ([`Session::release_deferred`]) until
+    /// the other side has answered the proxy's close or gone: what the other side had already
+    /// sent towards the offender is delivered first, not lost with the session.
     fn end_with(&mut self, cause: Cause) {
         let plan = cause.plan();
         if self.outcome.is_none() || plan.initiator == Initiator::Proxy && self.close_deadline.is_none() {
             self.outcome = Some(cause);
         }
+        let offender = match cause {
+            Cause::Violation { by, .. } => Some(by),
+            _ => None,
+        };
         for side in [Side::Client, Side::Backend] {
             let p = &mut self.peers[side.idx()];
             if let Some(f) = plan.to(side).filter(|_| !p.gone() && !p.closed_out()) {
                 p.outbound = Outbound::ProxyClose;
-                self.dir(side.other()).queue(Injected::close(f, side));
+                if offender == Some(side) {
+                    self.deferred_close = Some((side, f));
+                } else {
+                    self.dir(side.other()).queue(Injected::close(f, side));
+                }
             }
         }
         self.start_closing();
+        self.release_deferred();
+    }
+
+    /// Sends the offender its deferred close once the other side is done sending: it answered
+    /// the proxy's close, or went away.
+    fn release_deferred(&mut self) {
+        let Some((offender, frame)) = self.deferred_close else { return };
+        if self.peers[offender.other().idx()].closed_in() {
+            self.deferred_close = None;
+            if !self.peers[offender.idx()].gone() {
+                self.dir(offender.other()).queue(Injected::close(frame, offender));
+            }
+        }
     }
 
     fn start_closing(&mut self) {
@@ -339,6 +378,18 @@ where
     fn on_timer(&mut self) {
         let now = Instant::now();
         if self.close_deadline.is_some_and(|d| now >= d) {
+            if let Some((offender, frame)) = self.deferred_close.take() {
+                // The other side never answered: stop waiting for it, and still tell the
+                // offender why it is being closed (one more close_timeout for that write).
+                let other = offender.other();
+                self.peers[other.idx()].inbound = Inbound::Gone;
+                self.dir(other).stop_src();
+                if !self.peers[offender.idx()].gone() {
+                    self.dir(other).queue(Injected::close(frame, offender));
+                    self.close_deadline = Some(now + self.settings.close_timeout);
+                    return;
+                }
+            }
             self.peers[0].inbound = Inbound::Gone;
             self.peers[1].inbound = Inbound::Gone;
             return;
@@ -422,7 +473,8 @@ where
     fn finished(&self) -> bool {
         let side_done = |side: Side, into: &Direction| {
             let p = &self.peers[side.idx()];
-            p.gone() || (p.closed_in() && p.closed_out() && into.drained())
+            let owed = self.deferred_close.is_some_and(|(offender, _)| offender == side);
+            p.gone() || (p.closed_in() && p.closed_out() && !owed && into.drained())
         };
         self.close_deadline.is_some() && side_done(Side::Client, &self.b2c) && side_done(Side::Backend, &self.c2b)
     }
