@@ -40,3 +40,10 @@ pub mod routing;
 pub mod server;
 pub mod session;
 pub(crate) mod state;
+
+/// Entry points for the fuzz targets in `fuzz/`: the parts of the data path a client reaches
+/// before authentication, callable with inputs the fuzzer controls. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::proxy::auth::{admit, Admitted};
+}

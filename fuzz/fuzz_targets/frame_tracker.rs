@@ -85,7 +85,7 @@ fn run(sender: Side, limits: FrameLimits, data: &[u8], mut chunker: Option<Chunk
                     });
                 }
                 Some(event @ Event::Violation(v)) => {
-                    assert!(matches!(v.close_code(), 1002 | 1009));
+                    assert!(matches!(portcullis::proxy::relay::close::violation_code(v), 1002 | 1009));
                     seen.push(Seen { event, end: offset + pos, payload: Vec::new(), frame_len: 0 });
                     // Stop feeding after a violation, as the relay does.
                     return seen;
