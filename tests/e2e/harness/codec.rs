@@ -2,13 +2,10 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+/// The opcodes, as the proxy's frame module names them (`op::CONT` is the continuation frame).
 pub mod op {
-    pub const CONT: u8 = 0;
-    pub const TEXT: u8 = 1;
-    pub const BINARY: u8 = 2;
-    pub const CLOSE: u8 = 8;
-    pub const PING: u8 = 9;
-    pub const PONG: u8 = 10;
+    pub use portcullis::proxy::relay::frame::opcode::*;
+    pub const CONT: u8 = CONTINUATION;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
