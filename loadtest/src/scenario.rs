@@ -568,6 +568,7 @@ async fn traffic_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t
                 let code = close_code(&frame.payload);
                 stats.close_code(code);
                 stats.error("closed by target", || format!("close {code} before the end of the run"));
+                let _ = tx.lock().await.write_frame(close_reply(&frame.payload)).await;
                 closed_by_target = true;
                 break;
             }
@@ -643,6 +644,7 @@ async fn idle_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t0: 
                     .await;
                 match f {
                     Ok(f) if f.opcode == OpCode::Close => {
+                        let _ = tx.lock().await.write_frame(close_reply(&f.payload)).await;
                         let _ = close_tx.send(Some(close_code(&f.payload)));
                         return;
                     }
@@ -712,7 +714,10 @@ async fn storm_worker(s: &Scenario, target: &Target, stats: &Stats, worker: u64,
                 let f = ws.read_frame().await?;
                 match f.opcode {
                     OpCode::Binary | OpCode::Text if tracker.on_message(&f.payload, Instant::now(), stats) => break,
-                    OpCode::Close => return Err(WebSocketError::ConnectionClosed),
+                    OpCode::Close => {
+                        let _ = ws.write_frame(close_reply(&f.payload)).await;
+                        return Err(WebSocketError::ConnectionClosed);
+                    }
                     _ => {}
                 }
             }
@@ -740,6 +745,15 @@ async fn storm_worker(s: &Scenario, target: &Target, stats: &Stats, worker: u64,
 }
 
 /// The status code of a close frame payload (1005 when absent).
+/// The reply to a close frame the target sent: its code echoed (RFC 6455 §5.5.1), or an empty
+/// close when it carried none.
+fn close_reply(payload: &[u8]) -> Frame<'static> {
+    match payload.get(..2) {
+        Some(code) => Frame::close(u16::from_be_bytes([code[0], code[1]]), b""),
+        None => Frame::close_raw(Payload::Owned(Vec::new())),
+    }
+}
+
 fn close_code(payload: &[u8]) -> u16 {
     if payload.len() >= 2 {
         u16::from_be_bytes([payload[0], payload[1]])

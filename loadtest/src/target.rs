@@ -169,7 +169,14 @@ impl Target {
             None => fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await,
         };
         match result {
-            Ok((ws, _resp)) => Ok(ws),
+            Ok((mut ws, _resp)) => {
+                // The sessions answer close frames themselves (`scenario::close_reply`):
+                // fastwebsockets 0.10 refuses close codes missing from its table, 1014 "bad
+                // gateway" among them (IANA-registered), and would report the target's close as
+                // a protocol error of ours instead of the code the target sent.
+                ws.set_auto_close(false);
+                Ok(ws)
+            }
             Err(WebSocketError::InvalidStatusCode(code)) => Err(err(&format!("http {code}"), &"upgrade refused")),
             Err(e) => Err(err("handshake", &e)),
         }

@@ -9,6 +9,7 @@ mod cli;
 mod deadlines;
 mod deflate;
 mod drain;
+mod faults;
 mod handshake;
 mod metrics;
 mod relay;

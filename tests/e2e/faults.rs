@@ -1,0 +1,244 @@
+//! The fault suite: faults injected while the load-test harness (`portcullis-loadtest`, with its
+//! integrity checks: sequence numbers and checksums in every message) drives traffic through a
+//! proxy child process. For each fault: no message is corrupted, duplicated or reordered; what
+//! is lost is at most what was in flight in sessions that were reported closed with the code the
+//! close table gives; sessions the fault did not touch are unaffected; and afterwards the proxy's
+//! descriptor count, `portcullis_sessions_active` and `portcullis_relay_buffer_bytes` are back
+//! at their baseline. `docs/faults.md` records the figures.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use portcullis_loadtest::backend::{self, BackendOptions, Mode};
+use portcullis_loadtest::{run, Kind, Report, Scenario};
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::*;
+
+/// A load-test echo backend on a runtime of its own, so that it can be killed whole: every one
+/// of its sockets closes at once, as when a backend process dies.
+struct KillableBackend {
+    addr: SocketAddr,
+    kill: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KillableBackend {
+    fn start() -> KillableBackend {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("addr");
+        let (kill, killed) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
+            rt.spawn(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                backend::serve(listener, BackendOptions::new(Mode::Echo)).await;
+            });
+            let _ = killed.recv();
+            rt.shutdown_background();
+        });
+        KillableBackend { addr, kill: Some(kill), thread: Some(thread) }
+    }
+
+    fn kill(&mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for KillableBackend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An echo load of `connections` sessions for `duration` through the proxy's plain listener.
+fn echo_load(proxy: SocketAddr, connections: u64, duration: Duration) -> Scenario {
+    Scenario {
+        scenario: Kind::Echo,
+        target: Some(format!("ws://{proxy}/agents/agent-{{conn}}/terminal")),
+        connections,
+        duration,
+        window: 4,
+        size: 256,
+        drain: Duration::from_secs(2),
+        quiet: true,
+        ..Scenario::default()
+    }
+}
+
+/// Descriptors the process holds now.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// The proxy's resource baseline: descriptors, live sessions, lent relay buffer bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Use {
+    fds: usize,
+    sessions: f64,
+    buffers: f64,
+}
+
+async fn usage(proxy: &ProxyProcess) -> Use {
+    let (_, body) = http_get(proxy.admin, "/metrics").await;
+    Use {
+        fds: descriptors(proxy.child.id()),
+        sessions: metric(&body, "portcullis_sessions_active"),
+        buffers: metric(&body, "portcullis_relay_buffer_bytes"),
+    }
+}
+
+/// Waits until the proxy has `n` live sessions.
+async fn sessions_reach(proxy: &ProxyProcess, n: f64) {
+    let deadline = Instant::now() + SOON;
+    while usage(proxy).await.sessions < n {
+        assert!(Instant::now() < deadline, "sessions did not reach {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the proxy is back at its baseline (no leak); returns what it measured.
+async fn settles_to(proxy: &ProxyProcess, baseline: Use) -> Use {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let now = usage(proxy).await;
+        // The admin connection of this very measurement holds one descriptor.
+        if now.sessions == 0.0 && now.buffers == 0.0 && now.fds <= baseline.fds + 1 {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "no return to the baseline {baseline:?}: {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One line of figures for `docs/faults.md` (`cargo test --test e2e faults -- --nocapture`).
+fn figures(fault: &str, r: &Report, baseline: Use, after: Use) {
+    let i = &r.integrity;
+    println!(
+        "fault {fault}: {} sessions, {} sent, {} received, {} lost, {} corrupted/duplicated/reordered, close codes {:?}; \
+         descriptors {} before, {} after; sessions_active {}; relay buffer bytes {}",
+        r.opened,
+        r.sent,
+        r.received,
+        i.lost,
+        i.corrupted + i.duplicated + i.reordered,
+        r.close_codes,
+        baseline.fds,
+        after.fds,
+        after.sessions,
+        after.buffers
+    );
+}
+
+fn assert_no_damage(r: &Report) {
+    let i = &r.integrity;
+    assert_eq!((i.corrupted, i.duplicated, i.reordered), (0, 0, 0), "{}", r.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_killed_mid_stream_every_session_gets_1014_and_nothing_is_damaged() {
+    let mut backend = KillableBackend::start();
+    let proxy = ProxyProcess::start(&config_text(&[backend.addr.to_string()], "", "", "")).await;
+    let baseline = usage(&proxy).await;
+    let load = tokio::spawn(async move { run(&echo_load(proxy.plain, 20, Duration::from_secs(4))).await });
+    let proxy = proxy;
+    sessions_reach(&proxy, 20.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // traffic flowing
+    backend.kill();
+    let r = load.await.expect("task").expect("run");
+    assert_no_damage(&r);
+    assert_eq!(r.close_codes.get(&1014), Some(&20), "every session is told the backend failed: {}", r.table());
+    assert!(r.integrity.lost <= 20 * 4, "only what was in flight is lost: {}", r.table());
+    assert!(r.received > 0);
+    let after = settles_to(&proxy, baseline).await;
+    figures("backend killed mid-stream", &r, baseline, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_reading_does_not_slow_the_others() {
+    let echo = KillableBackend::start();
+    // A second route whose backend floods its one client.
+    let flood: Handler = std::sync::Arc::new(|mut s: BackendSession| {
+        Box::pin(async move {
+            let chunk = encode(true, 0, op::BINARY, None, &[7u8; 16 * 1024]);
+            while s.stream.write_all(&chunk).await.is_ok() {}
+        })
+    });
+    let flooder = Backend::start(BackendOpts::default(), flood).await;
+    let text = TestConfig::base(&[echo.addr.to_string()])
+        .merge(
+            "",
+            &format!("[[routes]]\nname = \"flood\"\npath = \"/flood/{{agent}}\"\nbackends = [\"{}\"]\n", flooder.addr),
+        )
+        .text();
+    let proxy = ProxyProcess::start(&text).await;
+    let baseline = usage(&proxy).await;
+    let stuck = upgrade(proxy.plain, false, "/flood/a1", &[]).await.expect("101"); // never reads
+    let r = run(&echo_load(proxy.plain, 20, Duration::from_secs(2))).await.expect("run");
+    assert!(r.is_clean(), "{}", r.table());
+    assert!(r.errors.is_empty(), "{}", r.table());
+    assert_eq!(r.close_codes.get(&1000), Some(&20), "{}", r.table());
+    let during = usage(&proxy).await;
+    assert!(during.buffers <= 2.0 * 16.0 * 1024.0, "the stuck session holds bounded buffers: {during:?}");
+    drop(stuck);
+    let after = settles_to(&proxy, baseline).await;
+    figures("slow consumer beside 20 fast sessions", &r, baseline, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_traffic_flowing_closes_every_session_with_1001_and_damages_nothing() {
+    let echo = KillableBackend::start();
+    let text = TestConfig::base(&[echo.addr.to_string()]).set("server.drain_spread", "300ms").text();
+    let mut proxy = ProxyProcess::start(&text).await;
+    let baseline = usage(&proxy).await;
+    let load = tokio::spawn(async move { run(&echo_load(proxy.plain, 20, Duration::from_secs(5))).await });
+    let proxy_ref = &mut proxy;
+    sessions_reach(proxy_ref, 20.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy_ref.signal("TERM");
+    let r = load.await.expect("task").expect("run");
+    assert_no_damage(&r);
+    assert_eq!(r.close_codes.get(&1001), Some(&20), "every session gets the drain's 1001: {}", r.table());
+    assert!(r.integrity.lost <= 20 * 4, "{}", r.table());
+    let deadline = Instant::now() + SOON;
+    let status = loop {
+        if let Some(s) = proxy.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the proxy did not exit after draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+    // The process is gone, and with it every descriptor and buffer it held.
+    let gone = Use { fds: 0, sessions: 0.0, buffers: 0.0 };
+    figures("SIGTERM drain with traffic flowing (process exited 0)", &r, baseline, gone);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_traffic_flowing_leaves_every_session_untouched() {
+    let echo = KillableBackend::start();
+    let text = TestConfig::base(&[echo.addr.to_string()]).set("server.reload_poll_interval", "0s").text();
+    let proxy = ProxyProcess::start(&text).await;
+    let baseline = usage(&proxy).await;
+    let plain = proxy.plain;
+    let load = tokio::spawn(async move { run(&echo_load(plain, 20, Duration::from_secs(3))).await });
+    sessions_reach(&proxy, 20.0).await;
+    let path = proxy.dir.path().join("portcullis.toml");
+    let added = format!("[[routes]]\nname = \"added\"\npath = \"/added/{{agent}}\"\nbackends = [\"{}\"]\n", echo.addr);
+    std::fs::write(&path, TestConfig::parse(&text).merge("", &added).set("session.close_timeout", "2s").text())
+        .expect("write");
+    proxy.signal("HUP");
+    let r = load.await.expect("task").expect("run");
+    assert!(r.is_clean(), "{}", r.table());
+    assert!(r.errors.is_empty(), "{}", r.table());
+    assert_eq!(r.close_codes.get(&1000), Some(&20), "{}", r.table());
+    drop(upgrade(proxy.plain, false, "/added/a1", &[]).await.expect("the reload applied"));
+    let after = settles_to(&proxy, baseline).await;
+    figures("reload with traffic flowing", &r, baseline, after);
+}
