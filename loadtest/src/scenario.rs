@@ -123,6 +123,10 @@ pub struct Scenario {
     /// Split the sessions over this many worker processes (each has its own descriptor limit).
     #[arg(long, default_value_t = 1)]
     pub procs: u32,
+    /// Storm: stop after this many sessions in total in this process, spread over its workers
+    /// (0 = run for the whole duration).
+    #[arg(long, default_value_t = 0)]
+    pub sessions: u64,
     /// Token settings (a `[token]` table in scenario files).
     #[command(flatten)]
     pub token: TokenOptions,
@@ -153,6 +157,7 @@ impl Default for Scenario {
             quiet: false,
             conn_offset: 0,
             procs: 1,
+            sessions: 0,
             token: TokenOptions { alg: "ES256".into(), token_via: "header".into(), ..TokenOptions::default() },
         }
     }
@@ -693,7 +698,11 @@ async fn idle_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t0: 
 async fn storm_worker(s: &Scenario, target: &Target, stats: &Stats, worker: u64, end: Instant) {
     let mut n = 0u64;
     while Instant::now() < end {
-        let conn = s.conn_offset + worker + n * s.connections.max(1);
+        let nth = worker + n * s.connections.max(1);
+        if s.sessions > 0 && nth >= s.sessions {
+            break;
+        }
+        let conn = s.conn_offset + nth;
         n += 1;
         let Some(ws) = open(s, target, stats, conn).await else {
             // Back off a little so a refusing target is not spun against.

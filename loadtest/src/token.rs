@@ -32,6 +32,10 @@ pub struct TokenOptions {
     /// Environment variable holding an HMAC secret (HS*).
     #[arg(long)]
     pub jwt_secret_env: Option<String>,
+    /// Key id written in the token's header (`kid`), for targets that pick the key by it
+    /// (a JWKS).
+    #[arg(long)]
+    pub kid: Option<String>,
     /// Signing algorithm.
     #[arg(long, default_value = "ES256")]
     #[serde(default = "default_alg")]
@@ -115,7 +119,9 @@ impl TokenMinter {
                 let (k, v) = c.split_once('=').context("claims are written name=value")?;
                 claims.push((k.trim().to_owned(), v.to_owned()));
             }
-            Source::Signed { header: Box::new(Header::new(alg)), key: Box::new(key), claims, ttl: o.token_ttl }
+            let mut header = Header::new(alg);
+            header.kid = o.kid.clone();
+            Source::Signed { header: Box::new(header), key: Box::new(key), claims, ttl: o.token_ttl }
         } else {
             return Ok(None);
         };

@@ -242,3 +242,155 @@ async fn a_reload_with_traffic_flowing_leaves_every_session_untouched() {
     let after = settles_to(&proxy, baseline).await;
     figures("reload with traffic flowing", &r, baseline, after);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_vanishing_without_a_close_do_not_touch_the_other_sessions() {
+    let echo = KillableBackend::start();
+    let proxy = ProxyProcess::start(&config_text(&[echo.addr.to_string()], "", "", "")).await;
+    let baseline = usage(&proxy).await;
+    let plain = proxy.plain;
+    let load = tokio::spawn(async move { run(&echo_load(plain, 20, Duration::from_secs(3))).await });
+    sessions_reach(&proxy, 20.0).await;
+    // Ten more sessions that send a message and drop their TCP connection, no close frame.
+    for i in 0..10 {
+        let mut c = upgrade(proxy.plain, false, &format!("/agents/vanishing-{i}/terminal"), &[]).await.expect("101");
+        c.send(true, op::BINARY, &[i as u8; 64]).await;
+        drop(c);
+    }
+    let r = load.await.expect("task").expect("run");
+    assert!(r.is_clean(), "{}", r.table());
+    assert!(r.errors.is_empty(), "{}", r.table());
+    assert_eq!(r.close_codes.get(&1000), Some(&20), "{}", r.table());
+    let after = settles_to(&proxy, baseline).await;
+    figures("10 clients vanishing without a close beside 20 sessions", &r, baseline, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_outage_with_traffic_flowing_touches_no_session_and_known_agents_stay_reachable() {
+    let echo = KillableBackend::start();
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (members, is_down) = (format!("{{\"members\":[{{\"addr\":\"{}\"}}]}}", echo.addr), down.clone());
+    let (registry, _hits) = http_server(
+        move |_path| match is_down.load(std::sync::atomic::Ordering::SeqCst) {
+            true => (503, "registry down".into()),
+            false => (200, members.clone()),
+        },
+        Duration::ZERO,
+    )
+    .await;
+    let text = TestConfig::base(&[])
+        .remove("routes.0.backends")
+        .merge(
+            "routes.0.registry",
+            &format!("url = \"http://{registry}/agents/{{agent}}\"\nttl = \"200ms\"\nstale_ttl = \"1m\""),
+        )
+        .text();
+    let proxy = ProxyProcess::start(&text).await;
+    let baseline = usage(&proxy).await;
+    let plain = proxy.plain;
+    let load = tokio::spawn(async move { run(&echo_load(plain, 20, Duration::from_secs(2))).await });
+    sessions_reach(&proxy, 20.0).await;
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let during = load.await.expect("task").expect("run");
+    assert!(during.is_clean() && during.errors.is_empty(), "{}", during.table());
+    assert_eq!(during.close_codes.get(&1000), Some(&20), "{}", during.table());
+    // The registry is still down and the answers are past their ttl: the same agents reconnect
+    // through the stale-if-error copy.
+    let again = run(&echo_load(plain, 20, Duration::from_secs(1))).await.expect("run");
+    assert_eq!(again.opened, 20, "known agents stay reachable during the outage: {}", again.table());
+    assert!(again.is_clean() && again.errors.is_empty(), "{}", again.table());
+    let after = settles_to(&proxy, baseline).await;
+    figures("registry outage with traffic flowing (then 20 reconnects served stale)", &again, baseline, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_of_10000_sessions_leaves_nothing_behind() {
+    let echo = KillableBackend::start();
+    let proxy = ProxyProcess::start(&config_text(&[echo.addr.to_string()], "", "", "")).await;
+    let baseline = usage(&proxy).await;
+    let storm = Scenario {
+        scenario: Kind::Storm,
+        connections: 8,
+        sessions: 10_000,
+        duration: Duration::from_secs(300),
+        source_addrs: 8,
+        ..echo_load(proxy.plain, 8, Duration::ZERO)
+    };
+    let r = run(&storm).await.expect("run");
+    assert_eq!(r.opened, 10_000, "{}", r.table());
+    assert!(r.is_clean() && r.errors.is_empty(), "{}", r.table());
+    assert_eq!(r.received, 10_000, "every session's message came back: {}", r.table());
+    let after = settles_to(&proxy, baseline).await;
+    figures(&format!("reconnect storm ({:.0} sessions/s)", r.handshakes_per_s), &r, baseline, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_outage_with_traffic_flowing_touches_no_session_and_the_last_keys_still_verify() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let echo = KillableBackend::start();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("p256");
+    let private = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(private.path(), key.serialize_pem()).expect("write key");
+    let raw = key.public_key_raw();
+    let jwks = serde_json::json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
+        "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+    }]})
+    .to_string();
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let is_down = down.clone();
+    let (server, _hits) = http_server(
+        move |_path| match is_down.load(std::sync::atomic::Ordering::SeqCst) {
+            true => (503, "jwks down".into()),
+            false => (200, jwks.clone()),
+        },
+        Duration::ZERO,
+    )
+    .await;
+    let text = TestConfig::base(&[echo.addr.to_string()])
+        .merge("routes.0.auth", "agent_claim = \"agents\"")
+        .merge(
+            "",
+            &format!(
+                "[[auth.jwks]]\nurl = \"http://{server}/jwks.json\"\nalgorithms = [\"ES256\"]\nrefresh_interval = \"200ms\"\n"
+            ),
+        )
+        .text();
+    let proxy = ProxyProcess::start(&text).await;
+    let baseline = usage(&proxy).await;
+    let with_tokens = |duration| Scenario {
+        token: portcullis_loadtest::token::TokenOptions {
+            jwt_key: Some(private.path().to_owned()),
+            kid: Some("k1".into()),
+            alg: "ES256".into(),
+            claims: vec!["sub=user-{conn}".into(), "agents=[\"agent-{conn}\"]".into()],
+            token_ttl: Duration::from_secs(3600),
+            token_via: "header".into(),
+            ..Default::default()
+        },
+        ..echo_load(proxy.plain, 20, duration)
+    };
+    let during = {
+        let s = with_tokens(Duration::from_secs(2));
+        let load = tokio::spawn(async move { run(&s).await });
+        sessions_reach(&proxy, 20.0).await;
+        down.store(true, std::sync::atomic::Ordering::SeqCst);
+        load.await.expect("task").expect("run")
+    };
+    assert!(during.is_clean() && during.errors.is_empty(), "{}", during.table());
+    assert_eq!(during.close_codes.get(&1000), Some(&20), "{}", during.table());
+    let (_, metrics) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&metrics, "portcullis_jwks_stale"), 1.0, "the refresher saw the outage");
+    // New tokens, still verified with the last good key set.
+    let again = run(&with_tokens(Duration::from_secs(1))).await.expect("run");
+    assert_eq!(again.opened, 20, "{}", again.table());
+    assert!(again.is_clean() && again.errors.is_empty(), "{}", again.table());
+    let after = settles_to(&proxy, baseline).await;
+    figures(
+        "JWKS outage with traffic flowing (then 20 new tokens verified with the last keys)",
+        &again,
+        baseline,
+        after,
+    );
+}
