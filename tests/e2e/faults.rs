@@ -136,6 +136,22 @@ fn figures(fault: &str, r: &Report, baseline: Use, after: Use) {
     );
 }
 
+/// An HTTP server (a registry, a JWKS endpoint) that answers `body`, or 503 once its flag is
+/// set: an outage the proxy sees as failed requests.
+async fn outage_server(body: String) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let is_down = down.clone();
+    let (addr, _hits) = http_server(
+        move |_path| match is_down.load(std::sync::atomic::Ordering::SeqCst) {
+            true => (503, "down".into()),
+            false => (200, body.clone()),
+        },
+        Duration::ZERO,
+    )
+    .await;
+    (addr, down)
+}
+
 fn assert_no_damage(r: &Report) {
     let i = &r.integrity;
     assert_eq!((i.corrupted, i.duplicated, i.reordered), (0, 0, 0), "{}", r.table());
@@ -268,16 +284,7 @@ async fn clients_vanishing_without_a_close_do_not_touch_the_other_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_outage_with_traffic_flowing_touches_no_session_and_known_agents_stay_reachable() {
     let echo = KillableBackend::start();
-    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (members, is_down) = (format!("{{\"members\":[{{\"addr\":\"{}\"}}]}}", echo.addr), down.clone());
-    let (registry, _hits) = http_server(
-        move |_path| match is_down.load(std::sync::atomic::Ordering::SeqCst) {
-            true => (503, "registry down".into()),
-            false => (200, members.clone()),
-        },
-        Duration::ZERO,
-    )
-    .await;
+    let (registry, down) = outage_server(format!("{{\"members\":[{{\"addr\":\"{}\"}}]}}", echo.addr)).await;
     let text = TestConfig::base(&[])
         .remove("routes.0.backends")
         .merge(
@@ -338,16 +345,7 @@ async fn a_jwks_outage_with_traffic_flowing_touches_no_session_and_the_last_keys
         "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
     }]})
     .to_string();
-    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let is_down = down.clone();
-    let (server, _hits) = http_server(
-        move |_path| match is_down.load(std::sync::atomic::Ordering::SeqCst) {
-            true => (503, "jwks down".into()),
-            false => (200, jwks.clone()),
-        },
-        Duration::ZERO,
-    )
-    .await;
+    let (server, down) = outage_server(jwks).await;
     let text = TestConfig::base(&[echo.addr.to_string()])
         .merge("routes.0.auth", "agent_claim = \"agents\"")
         .merge(
