@@ -19,6 +19,8 @@ pub const AUTH_CACHE_CAPACITY: u64 = 100_000;
 pub const AUTH_REVOCATION_TTL: Duration = Duration::from_secs(24 * 3600);
 /// `[routes.auth] enforce_expiry`.
 pub const ENFORCE_EXPIRY: bool = true;
+/// `[routes.auth] subprotocol_marker`.
+pub const SUBPROTOCOL_MARKER: &str = "portcullis";
 /// `[routes.origin] allow_missing`.
 pub const ORIGIN_ALLOW_MISSING: bool = true;
 

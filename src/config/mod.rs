@@ -128,6 +128,10 @@ pub struct RouteAuth {
     pub forward_claims: Vec<String>,
     /// Forward the raw token to the backend (off by default).
     pub forward_token: bool,
+    /// A subprotocol a browser lists beside its `subprotocol:` token entry; the proxy answers
+    /// with it when the backend selected none, because browsers fail a handshake that offered
+    /// subprotocols and got none back. Never forwarded to the backend.
+    pub subprotocol_marker: String,
 }
 
 /// Which browser origins may open sessions on a route (`[routes.origin]`).

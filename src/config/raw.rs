@@ -84,6 +84,7 @@ pub(super) struct RawRouteAuth {
     pub(super) forward_claims: Vec<String>,
     #[serde(default)]
     pub(super) forward_token: bool,
+    pub(super) subprotocol_marker: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -223,6 +223,17 @@ fn route_auth(a: RawRouteAuth, key: &str, path: &PathPattern) -> Result<RouteAut
     if sources.is_empty() {
         return Err(invalid(&format!("{key}.auth.sources"), "list at least one token source"));
     }
+    let marker = a.subprotocol_marker.unwrap_or_else(|| defaults::SUBPROTOCOL_MARKER.to_owned());
+    let token_char = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if marker.is_empty() || !marker.bytes().all(token_char) {
+        return Err(invalid(&format!("{key}.auth.subprotocol_marker"), "must be an HTTP token (RFC 9110 tchar)"));
+    }
+    if sources.iter().any(|s| matches!(s, TokenSource::Subprotocol(p) if marker.starts_with(p.as_str()))) {
+        return Err(invalid(
+            &format!("{key}.auth.subprotocol_marker"),
+            "must not start with a subprotocol token prefix",
+        ));
+    }
     Ok(RouteAuth {
         sources,
         issuers: a.issuers,
@@ -233,6 +244,7 @@ fn route_auth(a: RawRouteAuth, key: &str, path: &PathPattern) -> Result<RouteAut
         enforce_expiry: a.enforce_expiry.unwrap_or(defaults::ENFORCE_EXPIRY),
         forward_claims: a.forward_claims,
         forward_token: a.forward_token,
+        subprotocol_marker: marker,
     })
 }
 

@@ -38,6 +38,9 @@ pub struct Admitted {
     pub ws: WsRequest,
     /// Subprotocol prefix that carries tokens; never echoed to the client.
     pub token_subprotocol: Option<String>,
+    /// The route's subprotocol marker, when the client offered it (taken out of the list the
+    /// backend sees): the 101 answers with it if the backend selects no subprotocol.
+    pub subprotocol_marker: Option<String>,
 }
 
 /// Runs the auth stage for `route`.
@@ -63,6 +66,7 @@ pub async fn admit(
             path_and_query: path_and_query.to_owned(),
             ws,
             token_subprotocol: None,
+            subprotocol_marker: None,
         });
     };
     let authenticator = authenticator.ok_or(AuthError::UnknownKey)?;
@@ -113,6 +117,7 @@ pub async fn admit(
     // Remove every token carrier before forwarding.
     let mut path_and_query = path_and_query.to_owned();
     let mut token_subprotocol = None;
+    let mut subprotocol_marker = None;
     for source in &policy.sources {
         match source {
             TokenSource::Bearer => {
@@ -121,8 +126,15 @@ pub async fn admit(
             TokenSource::Query(name) => path_and_query = remove_query_param(&path_and_query, name),
             TokenSource::Cookie(name) => remove_cookie(&mut out_headers, name),
             TokenSource::Subprotocol(prefix) => {
-                ws.protocol = ws.protocol.as_ref().and_then(|p| without_prefixed(p, prefix));
+                let marker = &policy.subprotocol_marker;
+                let offered = ws
+                    .protocol
+                    .as_ref()
+                    .and_then(|p| p.to_str().ok())
+                    .is_some_and(|p| p.split(',').any(|e| e.trim() == marker));
+                ws.protocol = ws.protocol.as_ref().and_then(|p| without_entries(p, prefix, marker));
                 token_subprotocol = Some(prefix.clone());
+                subprotocol_marker = offered.then(|| marker.clone());
             }
         }
     }
@@ -145,7 +157,14 @@ pub async fn admit(
             out_headers.insert(h, v);
         }
     }
-    Ok(Admitted { claims: Some(claims), headers: out_headers, path_and_query, ws, token_subprotocol })
+    Ok(Admitted {
+        claims: Some(claims),
+        headers: out_headers,
+        path_and_query,
+        ws,
+        token_subprotocol,
+        subprotocol_marker,
+    })
 }
 
 /// Checks the Origin header against the route's allowlist.
@@ -228,9 +247,11 @@ fn remove_query_param(path_and_query: &str, name: &str) -> String {
     }
 }
 
-fn without_prefixed(protocols: &HeaderValue, prefix: &str) -> Option<HeaderValue> {
+/// The subprotocol list without token entries (`prefix`) and without the marker.
+fn without_entries(protocols: &HeaderValue, prefix: &str, marker: &str) -> Option<HeaderValue> {
     let s = protocols.to_str().ok()?;
-    let kept: Vec<&str> = s.split(',').map(str::trim).filter(|p| !p.is_empty() && !p.starts_with(prefix)).collect();
+    let kept: Vec<&str> =
+        s.split(',').map(str::trim).filter(|p| !p.is_empty() && !p.starts_with(prefix) && *p != marker).collect();
     if kept.is_empty() {
         None
     } else {

@@ -193,8 +193,18 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
     let token_entry = |p: &HeaderValue| {
         admitted.token_subprotocol.as_deref().is_some_and(|prefix| p.as_bytes().starts_with(prefix.as_bytes()))
     };
-    if let Some(p) = backend.protocol.as_ref().filter(|p| !token_entry(p)) {
-        h.insert(SEC_WEBSOCKET_PROTOCOL, p.clone());
+    match (backend.protocol.as_ref().filter(|p| !token_entry(p)), &admitted.subprotocol_marker) {
+        (Some(p), _) => {
+            h.insert(SEC_WEBSOCKET_PROTOCOL, p.clone());
+        }
+        // A browser that offered subprotocols fails a 101 that selects none: answer with the
+        // marker it listed beside its token entry.
+        (None, Some(marker)) => {
+            if let Ok(v) = HeaderValue::from_str(marker) {
+                h.insert(SEC_WEBSOCKET_PROTOCOL, v);
+            }
+        }
+        (None, None) => {}
     }
     if let Some(e) = &backend.extensions {
         h.insert(SEC_WEBSOCKET_EXTENSIONS, e.clone());

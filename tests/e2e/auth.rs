@@ -651,3 +651,28 @@ async fn a_revocation_during_the_backend_connect_refuses_the_session() {
     let refused = connecting.await.expect("task").err().expect("no 101 for a revoked session");
     assert_eq!(refused.status, 401);
 }
+
+#[tokio::test]
+async fn a_browser_offering_its_token_and_the_marker_gets_the_marker_when_the_backend_selects_none() {
+    // Browsers fail a handshake that offered subprotocols when the 101 selects none. A page
+    // lists ["bearer.<token>", "portcullis"]; the proxy answers "portcullis".
+    let silent = Backend::echo().await; // selects no subprotocol
+    let k = key(Algorithm::ES256, None);
+    let proxy = Proxy::start_with(&auth_config(silent.addr, "marker", "", &k.toml())).await;
+    let t = k.token(std_claims("alice", &["a1"]));
+    let offer = format!("bearer.{t}, portcullis");
+    let c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Sec-WebSocket-Protocol", &offer)]).await.expect("101");
+    assert_eq!(c.response.header("sec-websocket-protocol"), Some("portcullis"));
+    let req = silent.log.requests.lock().expect("lock")[0].clone();
+    assert_eq!(req.header("sec-websocket-protocol"), None, "neither the token entry nor the marker is forwarded");
+
+    // A backend that selects a real subprotocol is answered with it, never with the token.
+    let picking = Backend::start(BackendOpts { pick_protocol: true, ..Default::default() }, echo_handler()).await;
+    let proxy = Proxy::start_with(&auth_config(picking.addr, "marker2", "", &k.toml())).await;
+    let offer = format!("bearer.{t}, portcullis, tty");
+    let c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Sec-WebSocket-Protocol", &offer)]).await.expect("101");
+    assert_eq!(c.response.header("sec-websocket-protocol"), Some("tty"));
+    let req = picking.log.requests.lock().expect("lock")[0].clone();
+    assert_eq!(req.header("sec-websocket-protocol"), Some("tty"));
+    assert!(!format!("{:?}", c.response).contains(&t), "the token is never echoed");
+}
