@@ -28,7 +28,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 pub use pattern::{
-    render_path, template_captures, valid_capture, BackendTemplate, Captures, PathPattern, MAX_CAPTURE_LEN,
+    render_path, template_captures, valid_capture, valid_rest, BackendTemplate, Captures, PathPattern, MAX_CAPTURE_LEN,
 };
 pub use values::{OriginPattern, Secret, TokenSource, CIPHER_SUITES};
 

@@ -30,6 +30,13 @@ impl Captures {
     }
 }
 
+/// Whether a catch-all value is safe to pass on: empty, or segments that are each a valid
+/// capture (so no `..`, no empty segment, no percent-encoding).
+pub fn valid_rest(v: &str) -> bool {
+    let v = v.strip_suffix('/').unwrap_or(v);
+    v.is_empty() || (v.len() <= 4 * MAX_CAPTURE_LEN && v.split('/').all(valid_capture))
+}
+
 /// Whether a captured value is safe to use as an id.
 pub fn valid_capture(v: &str) -> bool {
     !v.is_empty()
@@ -50,6 +57,8 @@ pub struct PathPattern {
 enum Segment {
     Literal(String),
     Capture(String),
+    /// `{*name}`, last in a path pattern only: zero or more segments, kept with their slashes.
+    Rest(String),
 }
 
 impl PathPattern {
@@ -60,7 +69,12 @@ impl PathPattern {
 
     /// Whether the pattern captures `name`.
     pub fn has_capture(&self, name: &str) -> bool {
-        self.segments.iter().any(|s| matches!(s, Segment::Capture(n) if n == name))
+        self.segments.iter().any(|s| matches!(s, Segment::Capture(n) | Segment::Rest(n) if n == name))
+    }
+
+    /// Whether `name` is the pattern's catch-all capture (`{*name}`).
+    pub fn is_rest(&self, name: &str) -> bool {
+        matches!(self.segments.last(), Some(Segment::Rest(n)) if n == name)
     }
 
     /// Literal segments: more of them make a route more specific.
@@ -73,12 +87,20 @@ impl PathPattern {
         let path = path.strip_prefix('/')?;
         let mut parts = path.split('/');
         let mut caps = Vec::new();
+        let mut consumed = 0; // bytes of `path` matched so far, with their slashes
         for seg in &self.segments {
+            if let Segment::Rest(name) = seg {
+                // Everything left, possibly nothing: `/api` and `/api/` give "", `/api/a/b` "a/b".
+                caps.push((name.as_str(), path.get(consumed..).unwrap_or("")));
+                return Some(caps);
+            }
             let part = parts.next()?;
+            consumed = (consumed + part.len() + 1).min(path.len());
             match seg {
                 Segment::Literal(l) if l == part => {}
                 Segment::Literal(_) => return None,
                 Segment::Capture(name) => caps.push((name.as_str(), part)),
+                Segment::Rest(_) => unreachable!("handled above"),
             }
         }
         match parts.next() {
@@ -95,8 +117,20 @@ impl FromStr for PathPattern {
     fn from_str(s: &str) -> Result<Self, String> {
         let rest = s.strip_prefix('/').ok_or_else(|| format!("path pattern {s:?} must start with '/'"))?;
         let mut segments = Vec::new();
-        for part in rest.split('/') {
-            if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+        let parts: Vec<&str> = rest.split('/').collect();
+        for (i, part) in parts.iter().copied().enumerate() {
+            if let Some(name) = part.strip_prefix("{*").and_then(|p| p.strip_suffix('}')) {
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    return Err(format!("invalid capture name {name:?} in path pattern {s:?}"));
+                }
+                if i + 1 != parts.len() {
+                    return Err(format!("a catch-all {{*{name}}} must be the last segment of {s:?}"));
+                }
+                if segments.iter().any(|x| matches!(x, Segment::Capture(n) if n == name)) {
+                    return Err(format!("capture {{{name}}} appears twice in {s:?}"));
+                }
+                segments.push(Segment::Rest(name.to_owned()));
+            } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
                 if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                     return Err(format!("invalid capture name {name:?} in path pattern {s:?}"));
                 }
@@ -138,7 +172,7 @@ impl BackendTemplate {
     /// Names of the captures this template uses.
     pub fn captures(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
-            Segment::Capture(n) => Some(n.as_str()),
+            Segment::Capture(n) | Segment::Rest(n) => Some(n.as_str()),
             Segment::Literal(_) => None,
         })
     }
@@ -157,7 +191,7 @@ fn render_template(parts: &[Segment], caps: &Captures) -> String {
     for p in parts {
         match p {
             Segment::Literal(l) => out.push_str(l),
-            Segment::Capture(n) => out.push_str(caps.get(n).unwrap_or_default()),
+            Segment::Capture(n) | Segment::Rest(n) => out.push_str(caps.get(n).unwrap_or_default()),
         }
     }
     out
@@ -170,7 +204,7 @@ pub fn template_captures(template: &str) -> Vec<String> {
             parts
                 .into_iter()
                 .filter_map(|p| match p {
-                    Segment::Capture(n) => Some(n),
+                    Segment::Capture(n) | Segment::Rest(n) => Some(n),
                     Segment::Literal(_) => None,
                 })
                 .collect()
@@ -235,6 +269,23 @@ impl<'de> Deserialize<'de> for BackendTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_catch_all_takes_the_rest_of_the_path() {
+        let p: PathPattern = "/agents/{agent}/api/{*rest}".parse().expect("pattern");
+        assert!(p.has_capture("rest") && p.is_rest("rest") && !p.is_rest("agent"));
+        let got =
+            |path: &str| p.match_segments(path).map(|c| c.into_iter().map(|(_, v)| v.to_owned()).collect::<Vec<_>>());
+        assert_eq!(got("/agents/a1/api/tasks/7/output"), Some(vec!["a1".into(), "tasks/7/output".into()]));
+        assert_eq!(got("/agents/a1/api"), Some(vec!["a1".into(), String::new()]));
+        assert_eq!(got("/agents/a1/api/"), Some(vec!["a1".into(), String::new()]));
+        assert_eq!(got("/agents/a1/other/x"), None);
+        assert!("/a/{*rest}/b".parse::<PathPattern>().is_err(), "only last");
+        assert!("/a/{x}/{*x}".parse::<PathPattern>().is_err(), "no duplicate name");
+        assert_eq!(render_path("/api/{rest}", &Captures::from_pairs(&[("rest", "tasks/7")])), "/api/tasks/7");
+        assert!(valid_rest("tasks/7/output") && valid_rest("") && valid_rest("tasks/"));
+        assert!(!valid_rest("tasks/../etc") && !valid_rest("a//b") && !valid_rest("a/%2e%2e") && !valid_rest("./x"));
+    }
 
     #[test]
     fn templates_render_captures() {

@@ -123,6 +123,12 @@ fn route(
         if let Some(c) = b.captures().find(|c| !r.path.has_capture(c)) {
             return Err(invalid(&format!("{key}.backends"), &format!("uses {{{c}}}, which the path does not capture")));
         }
+        if let Some(c) = b.captures().find(|c| r.path.is_rest(c)) {
+            return Err(invalid(
+                &format!("{key}.backends"),
+                &format!("uses the catch-all {{{c}}} in a member address"),
+            ));
+        }
     }
     let registry = r.registry.map(|g| registry(g, key, &r.path)).transpose()?;
     let balance = balance(r.balance, key, &r.path)?;

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{valid_capture, Captures, RouteConfig};
+use crate::config::{valid_capture, valid_rest, Captures, RouteConfig};
 
 /// Why no route could be used for a request.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -43,7 +43,8 @@ impl RouteTable {
             if let Some(raw) = route.path.match_segments(path) {
                 let mut caps = Vec::with_capacity(raw.len());
                 for (name, value) in raw {
-                    if !valid_capture(value) {
+                    let valid = if route.path.is_rest(name) { valid_rest(value) } else { valid_capture(value) };
+                    if !valid {
                         return Err(RouteError::InvalidCapture(name.to_owned()));
                     }
                     caps.push((name.to_owned(), value.to_owned()));

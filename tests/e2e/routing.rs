@@ -366,3 +366,20 @@ async fn a_reload_that_changes_backend_timeouts_reaches_the_active_health_checks
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_catch_all_capture_carries_the_rest_of_the_path_to_the_backend() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .set("routes.0.path", "/agents/{agent}/ws/{*rest}")
+        .set("routes.0.backend_path", "/shell/{agent}/{rest}")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    upgrade(proxy.plain, false, "/agents/a1/ws/pty/0?cols=80", &[]).await.expect("101");
+    let req = backend.log.requests.lock().expect("lock")[0].clone();
+    assert_eq!(req.path, "/shell/a1/pty/0?cols=80");
+    for bad in ["/agents/a1/ws/pty/../../etc", "/agents/a1/ws/a//b", "/agents/a1/ws/%2e%2e/x"] {
+        let refused = upgrade(proxy.plain, false, bad, &[]).await.err().expect("refused");
+        assert_eq!(refused.status, 400, "{bad}");
+    }
+}
