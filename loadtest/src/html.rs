@@ -124,7 +124,7 @@ mod tests {
             scenario: "echo".into(),
             target: "ws://x/<y>".into(),
             latency_curve: vec![(50.0, 100), (99.0, 1000), (100.0, 5000)],
-            timeline: vec![TimelinePoint { t_s: 1.0, msgs_per_s: 10.0, open: 1 }],
+            timeline: vec![TimelinePoint { t_s: 1.0, msgs_per_s: 10.0, open: 1, sent: 10 }],
             ..Report::default()
         };
         let html = super::render(&r);

@@ -319,7 +319,8 @@ fn progress(quiet: bool, stats: Arc<Stats>) -> Progress {
             last = (now, recv);
             if now - last_point.0 >= Duration::from_secs(1) {
                 let rate = (recv - last_point.1) as f64 / (now - last_point.0).as_secs_f64();
-                timeline.push(TimelinePoint { t_s: (now - start).as_secs_f64(), msgs_per_s: rate, open });
+                let sent = stats.sent.load(Ordering::Relaxed);
+                timeline.push(TimelinePoint { t_s: (now - start).as_secs_f64(), msgs_per_s: rate, open, sent });
                 last_point = (now, recv);
             }
             b.set_message(format!(
@@ -457,7 +458,7 @@ type SharedWriter = Arc<tokio::sync::Mutex<fastwebsockets::WebSocketWrite<tokio:
 const DRAIN_PING: &[u8] = b"pclt-drain";
 
 /// One echo/rate/terminal session: connect, send until `end`, drain replies, close.
-async fn traffic_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t0: Instant, end: Instant) {
+async fn traffic_session(s: &Scenario, target: &Target, stats: &Arc<Stats>, i: u64, t0: Instant, end: Instant) {
     tokio::time::sleep_until(s.start_of(t0, i)).await;
     let Some(ws) = open(s, target, stats, s.conn_offset + i).await else { return };
     let (rx, tx) = ws.split(tokio::io::split);
@@ -470,7 +471,8 @@ async fn traffic_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t
     let writer = {
         let (tx, tracker, window, failed) = (tx.clone(), tracker.clone(), window.clone(), failed.clone());
         let s = s.clone();
-        let stats_sent = WriterStats::default();
+        // Counted as each message is written, so the live progress line shows them.
+        let sent = stats.clone();
         async move {
             let started = Instant::now();
             // Rate: this session's share of the total rate, phase-shifted so sessions interleave.
@@ -520,14 +522,15 @@ async fn traffic_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t
                 let len = msg.len();
                 if let Err(e) = tx.lock().await.write_frame(Frame::binary(Payload::Owned(msg))).await {
                     failed.store(true, Ordering::Relaxed);
-                    return (stats_sent, Some(e));
+                    return Some(e);
                 }
-                stats_sent.add(len);
+                sent.sent.fetch_add(1, Ordering::Relaxed);
+                sent.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
             }
             tracker.lock().unwrap_or_else(|p| p.into_inner()).writer_done = true;
             let r =
                 tx.lock().await.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(DRAIN_PING))).await;
-            (stats_sent, r.err())
+            r.err()
         }
     };
     let writer = tokio::spawn(writer);
@@ -581,9 +584,7 @@ async fn traffic_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t
         }
     }
     window.close();
-    let (sent, write_err) = writer.await.unwrap_or_default();
-    stats.sent.fetch_add(sent.count.load(Ordering::Relaxed), Ordering::Relaxed);
-    stats.bytes_sent.fetch_add(sent.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    let write_err = writer.await.unwrap_or_default();
     if let Some(e) = write_err {
         if !closed_by_target {
             let (kind, detail) = classify(&e);
@@ -613,20 +614,6 @@ async fn traffic_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t
         let _ = tokio::time::timeout(Duration::from_secs(1), wait_close).await;
     }
     stats.open.fetch_sub(1, Ordering::Relaxed);
-}
-
-/// Sent-message counters of one writer, added to the run's totals when it ends.
-#[derive(Default)]
-struct WriterStats {
-    count: std::sync::atomic::AtomicU64,
-    bytes: std::sync::atomic::AtomicU64,
-}
-
-impl WriterStats {
-    fn add(&self, len: usize) {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(len as u64, Ordering::Relaxed);
-    }
 }
 
 /// One idle session: open, hold until `hold_end` (pinging if asked), close. Returns whether it held.

@@ -128,6 +128,9 @@ pub struct TimelinePoint {
     pub msgs_per_s: f64,
     /// Sessions open.
     pub open: u64,
+    /// Data messages sent since the start (as the live progress line shows them).
+    #[serde(default)]
+    pub sent: u64,
 }
 
 /// Percentiles from 0 to 99.999 on a log-like scale (for the percentile plot).

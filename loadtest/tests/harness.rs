@@ -181,3 +181,16 @@ async fn wss_works_with_a_ca_file_and_with_insecure() {
     assert_eq!(refused.opened, 0);
     assert!(refused.errors.contains_key("tls"), "{}", refused.table());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_counted_as_sent_while_the_run_goes_on_not_only_at_its_end() {
+    // The live progress line and the timeline read the same counter; it used to stay 0 until
+    // each session ended, so the line showed `sent 0` while `recv` climbed.
+    let addr = start_backend(BackendOptions::new(Mode::Echo)).await;
+    let s = Scenario { window: 4, duration: Duration::from_secs(3), ..scenario(Kind::Echo, addr) };
+    let r = run(&s).await.unwrap();
+    assert!(r.is_clean(), "{}", r.table());
+    let during: Vec<_> = r.timeline.iter().filter(|p| p.t_s < 2.5).collect();
+    assert!(!during.is_empty(), "timeline points during the run");
+    assert!(during.iter().all(|p| p.sent > 0), "sent counted live: {:?}", r.timeline);
+}
