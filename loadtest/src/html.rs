@@ -33,7 +33,7 @@ pub fn render(r: &Report) -> String {
 
 const W: f64 = 800.0;
 const H: f64 = 300.0;
-const PAD: f64 = 50.0;
+const PAD: f64 = 60.0;
 
 /// Latency (ms, linear) against percentile on a "number of nines" axis: x = log10(1 / (1 - p)).
 fn percentile_plot(curve: &[(f64, u64)]) -> String {
@@ -50,8 +50,13 @@ fn percentile_plot(curve: &[(f64, u64)]) -> String {
 fn timeline_plot(r: &Report) -> String {
     let max_t = r.timeline.last().map_or(1.0, |p| p.t_s).max(1.0);
     let max_y = r.timeline.iter().map(|p| p.msgs_per_s).fold(1.0, f64::max);
-    let points: Vec<(f64, f64)> = r.timeline.iter().map(|p| (p.t_s / max_t, p.msgs_per_s / max_y)).collect();
-    let xt: Vec<(f64, String)> = (0..=4).map(|i| (i as f64 / 4.0, format!("{:.0}s", max_t * i as f64 / 4.0))).collect();
+    // The run starts at 0 with nothing received; the first sample is a second in.
+    let points: Vec<(f64, f64)> =
+        std::iter::once((0.0, 0.0)).chain(r.timeline.iter().map(|p| (p.t_s / max_t, p.msgs_per_s / max_y))).collect();
+    // Ticks at quarters of the run: whole seconds only where quarters are long enough to round.
+    let decimals = if max_t < 20.0 { 1 } else { 0 };
+    let xt: Vec<(f64, String)> =
+        (0..=4).map(|i| (i as f64 / 4.0, format!("{:.*}s", decimals, max_t * i as f64 / 4.0))).collect();
     plot(&points, &xt, max_y, "msg/s")
 }
 
@@ -86,15 +91,18 @@ fn plot(points: &[(f64, f64)], xticks: &[(f64, String)], max_y: f64, unit: &str)
             esc(label)
         );
     }
+    // The unit once, above the axis; the tick labels stay short enough for the margin.
+    let _ =
+        write!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", px(0.0), py(1.0) - 12.0, esc(unit));
     for i in 0..=4 {
         let y = i as f64 / 4.0;
         let _ = write!(
             s,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.1} {unit}</text>\
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\
              <line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/>",
             px(0.0) - 4.0,
             py(y) + 4.0,
-            max_y * y,
+            compact(max_y * y),
             px(0.0),
             py(y),
             px(1.0),
@@ -108,6 +116,18 @@ fn plot(points: &[(f64, f64)], xticks: &[(f64, String)], max_y: f64, unit: &str)
         path.join(" ")
     );
     s
+}
+
+/// A tick label of at most five characters: `0`, `0.25`, `7.5`, `120`, `14.8k`, `59k`, `1.2M`.
+fn compact(v: f64) -> String {
+    match v.abs() {
+        a if a >= 1e6 => format!("{:.1}M", v / 1e6),
+        a if a >= 1e4 => format!("{:.0}k", v / 1e3),
+        a if a >= 1e3 => format!("{:.1}k", v / 1e3),
+        a if a >= 10.0 => format!("{v:.0}"),
+        a if a == 0.0 => "0".to_owned(),
+        _ => format!("{v:.2}"),
+    }
 }
 
 fn esc(t: &str) -> String {
@@ -131,5 +151,27 @@ mod tests {
         assert_eq!(html.matches("<svg").count(), 2);
         assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
         assert!(html.contains("ws://x/&lt;y&gt;"));
+    }
+
+    #[test]
+    fn throughput_labels_fit_the_margin_and_the_line_starts_at_zero() {
+        // The report of a 59k msg/s run used to label its axis "59000.0 msg/s", cut off by the
+        // margin, and to start the line a second in.
+        let r = Report {
+            timeline: (1..=5)
+                .map(|t| TimelinePoint { t_s: t as f64, msgs_per_s: 59_000.0, open: 50, sent: 0 })
+                .collect(),
+            ..Report::default()
+        };
+        let svg = super::timeline_plot(&r);
+        assert!(svg.contains(">59k</text>") && svg.contains(">30k</text>"), "{svg}");
+        assert_eq!(svg.matches(">msg/s</text>").count(), 1, "the unit once, as the axis title");
+        let first = svg.split("points=\"").nth(1).and_then(|p| p.split(' ').next()).expect("polyline");
+        assert_eq!(first, format!("{:.1},{:.1}", super::PAD, super::H - super::PAD), "starts at t = 0, 0 msg/s");
+        for (v, label) in
+            [(0.0, "0"), (0.25, "0.25"), (120.0, "120"), (14_800.0, "15k"), (1_250.0, "1.2k"), (1.2e6, "1.2M")]
+        {
+            assert_eq!(super::compact(v), label);
+        }
     }
 }
