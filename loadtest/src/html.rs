@@ -125,7 +125,7 @@ fn compact(v: f64) -> String {
         a if a >= 1e4 => format!("{:.0}k", v / 1e3),
         a if a >= 1e3 => format!("{:.1}k", v / 1e3),
         a if a >= 10.0 => format!("{v:.0}"),
-        a if a == 0.0 => "0".to_owned(),
+        0.0 => "0".to_owned(),
         _ => format!("{v:.2}"),
     }
 }
