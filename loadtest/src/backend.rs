@@ -68,6 +68,10 @@ pub struct BackendOptions {
     /// Private key (PEM) for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Select no subprotocol, whatever the client offers (as most agent backends do); by
+    /// default the first offered one is selected.
+    #[arg(long)]
+    pub no_subprotocol: bool,
 }
 
 impl BackendOptions {
@@ -82,6 +86,7 @@ impl BackendOptions {
             stall_for: Duration::ZERO,
             tls_cert: None,
             tls_key: None,
+            no_subprotocol: false,
         }
     }
 }
@@ -152,6 +157,7 @@ pub async fn serve_with(listener: TcpListener, opts: BackendOptions, tls: Option
 
 async fn request(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Empty<Bytes>>, Infallible> {
     let protocol = req.headers().get("sec-websocket-protocol").cloned();
+    let select_none = shared.opts.no_subprotocol;
     match upgrade::upgrade(&mut req) {
         Ok((mut resp, fut)) => {
             tokio::spawn(async move {
@@ -160,7 +166,8 @@ async fn request(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp
                 }
             });
             // Accept the first offered subprotocol so clients that offer one are satisfied.
-            if let Some(first) = protocol.as_ref().and_then(|p| p.to_str().ok()).and_then(|p| p.split(',').next()) {
+            let offered = protocol.as_ref().filter(|_| !select_none);
+            if let Some(first) = offered.and_then(|p| p.to_str().ok()).and_then(|p| p.split(',').next()) {
                 if let Ok(v) = first.trim().parse() {
                     resp.headers_mut().insert("sec-websocket-protocol", v);
                 }
