@@ -130,6 +130,7 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                         "subject": e.subject,
                         "issuer": e.issuer,
                         "client": e.client.to_string(),
+                        "kind": e.kind.as_str(),
                         "backend": e.backend.get(),
                         "age_seconds": now.duration_since(e.started).map(|d| d.as_secs_f64()).unwrap_or(0.0),
                         "token_expires_at": e.token_exp,

@@ -37,12 +37,18 @@ pub struct Metrics {
     pub backend_connect_seconds: Histogram,
     /// Relay buffer bytes lent out now; set by whoever renders, from the buffer pool.
     pub relay_buffer_bytes: Gauge,
+    /// SSE responses streaming now (sessions like WebSockets).
+    pub sse_streams_active: Gauge,
     frames: [Counter; 2],
     bytes: [Counter; 2],
+    http_body_bytes: [Counter; 2],
     ping_timeouts: Counter,
 }
 
 static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
+
+const REQUEST_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -55,6 +61,8 @@ impl Metrics {
     fn install() -> Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full("portcullis_backend_connect_seconds".into()), CONNECT_BUCKETS)
+            .expect("bucket list is non-empty")
+            .set_buckets_for_metric(Matcher::Full("portcullis_http_request_duration_seconds".into()), REQUEST_BUCKETS)
             .expect("bucket list is non-empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -77,10 +85,16 @@ impl Metrics {
                 counter!("portcullis_bytes_total", "direction" => "backend_to_client"),
             ],
             ping_timeouts: counter!("portcullis_ping_timeouts_total"),
+            sse_streams_active: gauge!("portcullis_sse_streams_active"),
+            http_body_bytes: [
+                counter!("portcullis_http_body_bytes_total", "direction" => "client_to_backend"),
+                counter!("portcullis_http_body_bytes_total", "direction" => "backend_to_client"),
+            ],
             relay_buffer_bytes: gauge!("portcullis_relay_buffer_bytes"),
         };
         m.connections_active.set(0.0);
         m.sessions_active.set(0.0);
+        m.sse_streams_active.set(0.0);
         m
     }
 
@@ -101,6 +115,38 @@ impl Metrics {
         if frames > 0 {
             self.frames[i].increment(frames);
         }
+    }
+
+    /// Body bytes of plain HTTP requests (uploads) and responses passed in `direction`.
+    pub fn http_body_bytes(&self, direction: Direction, bytes: u64) {
+        if bytes > 0 {
+            self.http_body_bytes[direction as usize].increment(bytes);
+        }
+    }
+
+    /// A plain HTTP request on `route` ("none" when no route matched) was answered `status`;
+    /// `kind` is "request", or "sse" for an event stream.
+    pub fn http_request(&self, route: &str, kind: &'static str, status: u16) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        counter!("portcullis_http_requests_total", "route" => route.to_owned(), "kind" => kind, "class" => class)
+            .increment(1);
+    }
+
+    /// A plain HTTP exchange (not an event stream) took `seconds`, request head to the last
+    /// byte of the response.
+    pub fn http_request_seconds(&self, route: &str, seconds: f64) {
+        histogram!("portcullis_http_request_duration_seconds", "route" => route.to_owned()).record(seconds);
+    }
+
+    /// An SSE stream on `route` ended for `reason` (a bounded word).
+    pub fn sse_end(&self, route: &str, reason: &'static str) {
+        counter!("portcullis_sse_stream_ends_total", "route" => route.to_owned(), "reason" => reason).increment(1);
     }
 
     /// A frame broke the protocol or a size limit.

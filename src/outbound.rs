@@ -111,3 +111,43 @@ where
         Limited::new(resp.into_body(), max_body).collect().await.map_err(|e| OutboundError::Body(e.to_string()))?;
     Ok((status, body.to_bytes()))
 }
+
+/// Error type of streamed bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of a request passed to a backend member.
+pub type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// The client that carries plain HTTP requests to backend members: HTTP/1.1 with a bounded
+/// pool of idle keep-alive connections per member (hyper-util's pooled client, keyed by
+/// `host:port`). Cheap to clone; clones share the pool.
+pub type Upstream =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, UpstreamBody>;
+
+/// How an [`Upstream`] connects and pools; routes with equal settings share one client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UpstreamSettings {
+    /// TCP connect timeout per member.
+    pub connect_timeout: std::time::Duration,
+    /// Idle keep-alive connections kept per member (0: none).
+    pub max_idle_per_member: usize,
+    /// Idle connections are closed after this long.
+    pub pool_idle_timeout: std::time::Duration,
+}
+
+/// A new upstream client: TCP_NODELAY, plain `http://` only, the `Host` header left to the
+/// caller (the proxy sets it to the member), and a request whose pooled connection turns out
+/// closed before the request was written is sent again on a new connection.
+pub fn upstream(s: UpstreamSettings) -> Upstream {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_connect_timeout(Some(s.connect_timeout));
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(s.pool_idle_timeout)
+        .pool_max_idle_per_host(s.max_idle_per_member)
+        .retry_canceled_requests(true)
+        .set_host(false)
+        .build(connector)
+}

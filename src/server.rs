@@ -7,6 +7,7 @@
 //! accepting, `/ready` turns 503, every session is told to close with 1001 (spread over
 //! `drain_spread`), and `serve` returns when all sessions are gone or at `drain_timeout`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -23,8 +24,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::auth::{AuthConfigError, Authenticator, Denylist};
-use crate::config::Config;
+use crate::config::{Config, RouteConfig};
 use crate::metrics::{self, Metrics};
+use crate::outbound::{self, Upstream, UpstreamSettings};
 use crate::proxy::accept::accept_loop;
 use crate::proxy::connect;
 use crate::proxy::tls::{self, TlsConfigError};
@@ -81,7 +83,34 @@ fn build_runtime(config: Config, denylist: &Arc<Denylist>, previous: Option<&Run
             (r.name.clone(), kept.unwrap_or_else(|| Arc::new(RouteState::new(r, &probe))))
         })
         .collect();
-    Ok(Runtime { routes: RouteTable::new(&config.routes), authenticator, tls, route_state, config })
+    let upstreams = upstreams(&config, previous);
+    Ok(Runtime { routes: RouteTable::new(&config.routes), authenticator, tls, route_state, upstreams, config })
+}
+
+/// One keep-alive client per distinct upstream setting of the HTTP routes, the previous
+/// configuration's kept where the settings are unchanged.
+fn upstreams(config: &Config, previous: Option<&Runtime>) -> HashMap<String, Upstream> {
+    let settings = |r: &RouteConfig| UpstreamSettings {
+        connect_timeout: r.backend.connect_timeout,
+        max_idle_per_member: r.backend.max_idle_per_member,
+        pool_idle_timeout: r.backend.pool_idle_timeout,
+    };
+    let mut by_settings: HashMap<UpstreamSettings, Upstream> = HashMap::new();
+    if let Some(p) = previous {
+        for r in p.config.routes.iter().filter(|r| r.kind.http()) {
+            if let Some(c) = p.upstreams.get(&r.name) {
+                by_settings.entry(settings(r)).or_insert_with(|| c.clone());
+            }
+        }
+    }
+    config
+        .routes
+        .iter()
+        .filter(|r| r.kind.http())
+        .map(|r| {
+            (r.name.clone(), by_settings.entry(settings(r)).or_insert_with(|| outbound::upstream(settings(r))).clone())
+        })
+        .collect()
 }
 
 impl Shared {

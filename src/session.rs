@@ -138,11 +138,32 @@ pub struct SessionBytes {
     pub from_backend: std::sync::atomic::AtomicU64,
 }
 
+/// What kind of session: a relayed WebSocket or a streamed event-stream response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    /// A WebSocket relayed frame by frame.
+    WebSocket,
+    /// A `text/event-stream` response (SSE) streamed chunk by chunk.
+    Sse,
+}
+
+impl SessionKind {
+    /// Label for `/sessions` and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionKind::WebSocket => "websocket",
+            SessionKind::Sse => "sse",
+        }
+    }
+}
+
 /// What the registry knows of a live session.
 #[derive(Debug)]
 pub struct SessionEntry {
     /// Process-unique session id.
     pub id: u64,
+    /// WebSocket or SSE.
+    pub kind: SessionKind,
     /// Route name.
     pub route: String,
     /// The `{agent}` capture, if the route has one.

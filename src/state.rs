@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Authenticator, Denylist};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::outbound::Upstream;
 use crate::routing::pool::RouteState;
 use crate::routing::sticky::ConnCounts;
 use crate::routing::table::RouteTable;
@@ -36,6 +37,9 @@ pub struct Runtime {
     pub tls: Option<TlsAcceptor>,
     /// Routing state per route name (resolver cache, health, round-robin cursor).
     pub route_state: HashMap<String, Arc<RouteState>>,
+    /// The keep-alive client of each route that serves plain HTTP; routes with the same
+    /// settings share one, and a reload keeps it (with its idle connections) when they stay.
+    pub upstreams: HashMap<String, Upstream>,
 }
 
 /// State shared by every connection task.

@@ -74,7 +74,12 @@ allow_missing = true
 /// Runs the route, upgrade and auth stages on a parsed request, as the proxy does.
 pub fn through_the_stages(req: &http::Request<()>) {
     let w = world();
-    let Ok(ws) = portcullis::proxy::upgrade::check(req) else { return };
+    // A plain request goes through auth as it is; an upgrade must be valid first.
+    let ws = match portcullis::proxy::upgrade::check(req) {
+        Ok(ws) => Some(ws),
+        Err(portcullis::proxy::upgrade::UpgradeError::NotUpgrade) => None,
+        Err(_) => return,
+    };
     let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
     let host = host.map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h));
     let Ok((route, caps)) = w.table.find(host, req.uri().path()) else { return };

@@ -78,7 +78,15 @@ impl Default for SessionSettings {
 
 impl Default for BackendSettings {
     fn default() -> Self {
-        BackendSettings { connect_timeout: Duration::from_secs(5), handshake_timeout: Duration::from_secs(10) }
+        BackendSettings {
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            response_header_timeout: Duration::from_secs(30),
+            idle_body_timeout: Duration::from_secs(300),
+            max_request_body: 10 << 20,
+            max_idle_per_member: 32,
+            pool_idle_timeout: Duration::from_secs(90),
+        }
     }
 }
 

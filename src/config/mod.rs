@@ -230,6 +230,8 @@ pub struct RouteConfig {
     pub host: Option<String>,
     /// Path pattern with `{capture}` segments.
     pub path: PathPattern,
+    /// WebSocket upgrades, plain HTTP requests, or both.
+    pub kind: RouteKind,
     /// Static backend members; may use captures (`{agent}.agents.internal:7681`). Empty when
     /// the route uses a registry.
     pub backends: Vec<StaticMember>,
@@ -387,6 +389,39 @@ pub struct BackendSettings {
     pub connect_timeout: Duration,
     /// Time allowed for the backend's WebSocket handshake response.
     pub handshake_timeout: Duration,
+    /// HTTP routes: time from the request's last byte sent to the response head (504 after).
+    pub response_header_timeout: Duration,
+    /// HTTP routes: a request or response body that moves no byte for this long is cut.
+    pub idle_body_timeout: Duration,
+    /// HTTP routes: largest request body passed to a backend (413 above).
+    pub max_request_body: u64,
+    /// HTTP routes: idle keep-alive connections kept per backend member.
+    pub max_idle_per_member: usize,
+    /// HTTP routes: an idle keep-alive connection is closed after this long.
+    pub pool_idle_timeout: Duration,
+}
+
+/// What a route serves (`kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// WebSocket upgrades only; any other request is answered 426 (the default).
+    WebSocket,
+    /// Plain HTTP requests only (REST, SSE); an upgrade is answered 400.
+    Http,
+    /// Both: upgrades are relayed as WebSockets, other requests proxied as HTTP.
+    Both,
+}
+
+impl RouteKind {
+    /// Whether the route takes WebSocket upgrades.
+    pub fn websocket(self) -> bool {
+        matches!(self, RouteKind::WebSocket | RouteKind::Both)
+    }
+
+    /// Whether the route takes plain HTTP requests.
+    pub fn http(self) -> bool {
+        matches!(self, RouteKind::Http | RouteKind::Both)
+    }
 }
 
 /// A configuration that could not be read or is invalid.

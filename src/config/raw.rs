@@ -153,6 +153,11 @@ pub(super) struct RawSession {
 pub(super) struct RawBackend {
     pub(super) connect_timeout: Option<Dur>,
     pub(super) handshake_timeout: Option<Dur>,
+    pub(super) response_header_timeout: Option<Dur>,
+    pub(super) idle_body_timeout: Option<Dur>,
+    pub(super) max_request_body: Option<Size>,
+    pub(super) max_idle_per_member: Option<usize>,
+    pub(super) pool_idle_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -211,6 +216,7 @@ pub(super) struct RawRoute {
     pub(super) name: String,
     pub(super) host: Option<String>,
     pub(super) path: PathPattern,
+    pub(super) kind: Option<RawKind>,
     #[serde(default)]
     pub(super) backends: Vec<RawMember>,
     pub(super) registry: Option<RawRegistry>,
@@ -225,6 +231,15 @@ pub(super) struct RawRoute {
     pub(super) backend: RawBackend,
     pub(super) auth: Option<RawRouteAuth>,
     pub(super) origin: Option<RawOrigin>,
+}
+
+/// `kind = "websocket" | "http" | "both"`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawKind {
+    Websocket,
+    Http,
+    Both,
 }
 
 /// A duration written as text: `"30s"`, `"500ms"`, `"15m"`, `"1h 30m"`, or `"0s"`.

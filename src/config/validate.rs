@@ -9,13 +9,14 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily};
 
 use super::defaults;
 use super::raw::{
-    Dur, RawAdmin, RawAuth, RawBackend, RawBalance, RawConfig, RawHealth, RawListener, RawMember, RawOrigin,
+    Dur, RawAdmin, RawAuth, RawBackend, RawBalance, RawConfig, RawHealth, RawKind, RawListener, RawMember, RawOrigin,
     RawRegistry, RawRoute, RawRouteAuth, RawServer, RawSession, RawTls,
 };
 use super::{
     template_captures, AdminConfig, AuthSettings, BackendSettings, Balance, Config, HealthSettings, JwksSettings,
-    KeyMaterial, ListenerConfig, OriginPolicy, PathPattern, Policy, RegistryConfig, RouteAuth, RouteConfig, Secret,
-    ServerSettings, SessionSettings, StaticKey, StaticMember, StickyKey, TlsSettings, TokenSource, CIPHER_SUITES,
+    KeyMaterial, ListenerConfig, OriginPolicy, PathPattern, Policy, RegistryConfig, RouteAuth, RouteConfig, RouteKind,
+    Secret, ServerSettings, SessionSettings, StaticKey, StaticMember, StickyKey, TlsSettings, TokenSource,
+    CIPHER_SUITES,
 };
 
 /// The dotted key of an invalid value, and what is wrong with it.
@@ -25,7 +26,7 @@ pub(super) type Invalid = (String, String);
 pub(super) fn config(raw: RawConfig) -> Result<Config, Invalid> {
     let server = server(raw.server)?;
     let session = session(raw.session, SessionSettings::default(), "session")?;
-    let backend = backend(raw.backend, BackendSettings::default());
+    let backend = backend(raw.backend, BackendSettings::default(), "backend")?;
     let listeners = listeners(raw.listeners, raw.tls.is_some())?;
     let has_keys = !raw.auth.keys.is_empty() || !raw.auth.jwks.is_empty();
     let mut routes: Vec<RouteConfig> = Vec::with_capacity(raw.routes.len());
@@ -148,13 +149,18 @@ fn route(
         name: r.name,
         host: r.host.map(|h| h.to_ascii_lowercase()),
         path: r.path,
+        kind: match r.kind {
+            None | Some(RawKind::Websocket) => RouteKind::WebSocket,
+            Some(RawKind::Http) => RouteKind::Http,
+            Some(RawKind::Both) => RouteKind::Both,
+        },
         backends,
         registry,
         balance,
         health,
         backend_path: r.backend_path,
         session: session(r.session, session_defaults, &format!("{key}.session"))?,
-        backend: backend(r.backend, backend_defaults),
+        backend: backend(r.backend, backend_defaults, &format!("{key}.backend"))?,
     })
 }
 
@@ -284,11 +290,28 @@ fn session(s: RawSession, d: SessionSettings, key: &str) -> Result<SessionSettin
     Ok(s)
 }
 
-fn backend(b: RawBackend, d: BackendSettings) -> BackendSettings {
-    BackendSettings {
+fn backend(b: RawBackend, d: BackendSettings, key: &str) -> Result<BackendSettings, Invalid> {
+    let s = BackendSettings {
         connect_timeout: dur(b.connect_timeout, d.connect_timeout),
         handshake_timeout: dur(b.handshake_timeout, d.handshake_timeout),
+        response_header_timeout: dur(b.response_header_timeout, d.response_header_timeout),
+        idle_body_timeout: dur(b.idle_body_timeout, d.idle_body_timeout),
+        max_request_body: b.max_request_body.map_or(d.max_request_body, |s| s.0),
+        max_idle_per_member: b.max_idle_per_member.unwrap_or(d.max_idle_per_member),
+        pool_idle_timeout: dur(b.pool_idle_timeout, d.pool_idle_timeout),
+    };
+    for (name, v) in [
+        ("connect_timeout", s.connect_timeout),
+        ("handshake_timeout", s.handshake_timeout),
+        ("response_header_timeout", s.response_header_timeout),
+        ("idle_body_timeout", s.idle_body_timeout),
+        ("pool_idle_timeout", s.pool_idle_timeout),
+    ] {
+        if v.is_zero() {
+            return Err(invalid(&format!("{key}.{name}"), "must be non-zero"));
+        }
     }
+    Ok(s)
 }
 
 fn tls(t: RawTls) -> Result<TlsSettings, Invalid> {

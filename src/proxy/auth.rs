@@ -34,8 +34,8 @@ pub struct Admitted {
     pub headers: HeaderMap,
     /// Path and query for the backend (token query parameter removed).
     pub path_and_query: String,
-    /// The upgrade, with a token subprotocol entry removed.
-    pub ws: WsRequest,
+    /// The upgrade (none for a plain HTTP request), with a token subprotocol entry removed.
+    pub ws: Option<WsRequest>,
     /// Subprotocol prefix that carries tokens; never echoed to the client.
     pub token_subprotocol: Option<String>,
     /// The route's subprotocol marker, when the client offered it (taken out of the list the
@@ -49,7 +49,7 @@ pub async fn admit(
     caps: &Captures,
     headers: &HeaderMap,
     path_and_query: &str,
-    mut ws: WsRequest,
+    mut ws: Option<WsRequest>,
     authenticator: Option<&Authenticator>,
 ) -> Result<Admitted, AuthError> {
     check_origin(route.origin.as_ref(), headers)?;
@@ -93,7 +93,7 @@ pub async fn admit(
             }
             TokenSource::Cookie(name) => tokens.extend(cookie_values(headers, name).map(Cow::Borrowed)),
             TokenSource::Subprotocol(prefix) => {
-                if let Some(p) = &ws.protocol {
+                if let Some(p) = ws.as_ref().and_then(|w| w.protocol.as_ref()) {
                     let p = p.to_str().map_err(|_| AuthError::Malformed)?;
                     tokens
                         .extend(p.split(',').filter_map(|e| e.trim().strip_prefix(prefix.as_str())).map(Cow::Borrowed));
@@ -126,6 +126,7 @@ pub async fn admit(
             TokenSource::Query(name) => path_and_query = remove_query_param(&path_and_query, name),
             TokenSource::Cookie(name) => remove_cookie(&mut out_headers, name),
             TokenSource::Subprotocol(prefix) => {
+                let Some(ws) = ws.as_mut() else { continue };
                 let marker = &policy.subprotocol_marker;
                 let offered = ws
                     .protocol

@@ -13,10 +13,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
+use super::forward::{backend_path, request_headers, ForwardedFor};
 use super::relay::close::HEALTH_CHECK;
 use super::relay::frame;
 use super::upgrade::{accept_value, header_has_token, WsRequest};
-use crate::config::{render_path, BackendSettings, Captures, RouteConfig};
+use crate::config::{BackendSettings, Captures, RouteConfig};
 use crate::metrics::Metrics;
 use crate::routing::pool::{PoolError, Probe, RouteState};
 use crate::routing::sticky::{ConnCounts, ConnGuard};
@@ -93,21 +94,6 @@ pub struct BackendConn {
     pub guard: Option<ConnGuard>,
 }
 
-/// How the client reached the proxy, for `X-Forwarded-*` and `Forwarded`.
-#[derive(Debug, Clone)]
-pub struct ForwardedFor {
-    /// The client's IP address.
-    pub client_ip: std::net::IpAddr,
-    /// "https" for TLS listeners, "http" otherwise.
-    pub proto: &'static str,
-    /// The Host the client asked for.
-    pub host: Option<HeaderValue>,
-    /// The client is a configured trusted proxy: its `X-Forwarded-For` and `Forwarded` are
-    /// extended; from anyone else they are dropped, so the backend's leftmost address cannot be
-    /// spoofed at the edge.
-    pub trusted: bool,
-}
-
 /// What goes into the backend request.
 pub struct BackendRequest<'a> {
     /// Path and query requested by the client.
@@ -160,16 +146,7 @@ pub async fn connect(
 ) -> Result<BackendConn, ConnectError> {
     let order = state.candidates(route, caps, req.sticky_key.as_deref(), conns).await?;
     let attempts = order.len();
-    let path = match &route.backend_path {
-        Some(t) => {
-            let path = render_path(t, caps);
-            match req.path_and_query.split_once('?') {
-                Some((_, query)) => format!("{path}?{query}"),
-                None => path,
-            }
-        }
-        None => req.path_and_query.to_owned(),
-    };
+    let path = backend_path(route, caps, req.path_and_query);
     let started = Instant::now();
     let mut bad: Option<ConnectError> = None;
     let mut timed_out = false;
@@ -250,21 +227,13 @@ async fn connect_member(
     }
 }
 
-/// Hop-by-hop headers and those the proxy sets itself; never copied from the client.
-const NOT_FORWARDED: &[HeaderName] = &[
-    header::HOST,
-    header::CONNECTION,
-    header::UPGRADE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::PROXY_AUTHORIZATION,
+/// Headers of the client's upgrade that the backend handshake sets itself.
+const SET_BY_HANDSHAKE: &[HeaderName] = &[
     header::CONTENT_LENGTH,
     header::SEC_WEBSOCKET_KEY,
     header::SEC_WEBSOCKET_VERSION,
     header::SEC_WEBSOCKET_PROTOCOL,
     header::SEC_WEBSOCKET_EXTENSIONS,
-    header::FORWARDED,
 ];
 
 fn request_head(member: &str, path: &str, req: &BackendRequest<'_>) -> Vec<u8> {
@@ -289,66 +258,11 @@ fn request_head(member: &str, path: &str, req: &BackendRequest<'_>) -> Vec<u8> {
     if let Some(e) = &req.ws.extensions {
         line(b"sec-websocket-extensions", e.as_bytes());
     }
-    let connection_listed = connection_tokens(req.client_headers);
-    let mut xff: Option<Vec<u8>> = None;
-    let mut client_forwarded: Option<Vec<u8>> = None;
-    for (name, value) in req.client_headers {
-        if NOT_FORWARDED.contains(name)
-            || connection_listed.iter().any(|t| name.as_str().eq_ignore_ascii_case(t))
-            || name.as_str().starts_with("x-forwarded-")
-            || name.as_str() == "keep-alive"
-        {
-            let chain = match name.as_str() {
-                "x-forwarded-for" => Some(&mut xff),
-                "forwarded" => Some(&mut client_forwarded),
-                _ => None,
-            };
-            if let Some(v) = chain.filter(|_| req.forwarded.trusted) {
-                let v = v.get_or_insert_with(Vec::new);
-                if !v.is_empty() {
-                    v.extend_from_slice(b", ");
-                }
-                v.extend_from_slice(value.as_bytes());
-            }
-            continue;
-        }
+    for (name, value) in &request_headers(req.client_headers, req.forwarded, SET_BY_HANDSHAKE) {
         line(name.as_str().as_bytes(), value.as_bytes());
     }
-    let f = req.forwarded;
-    let ip = f.client_ip.to_string();
-    let mut xff = xff.unwrap_or_default();
-    if !xff.is_empty() {
-        xff.extend_from_slice(b", ");
-    }
-    xff.extend_from_slice(ip.as_bytes());
-    line(b"x-forwarded-for", &xff);
-    line(b"x-forwarded-proto", f.proto.as_bytes());
-    let for_value = if f.client_ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.clone() };
-    let mut fwd = match client_forwarded {
-        Some(chain) => format!("{}, ", String::from_utf8_lossy(&chain)),
-        None => String::new(),
-    };
-    fwd.push_str(&format!("for={for_value};proto={}", f.proto));
-    if let Some(host) = &f.host {
-        line(b"x-forwarded-host", host.as_bytes());
-        if let Ok(hs) = host.to_str() {
-            fwd.push_str(&format!(";host=\"{hs}\""));
-        }
-    }
-    line(b"forwarded", fwd.as_bytes());
     h.extend_from_slice(b"\r\n");
     h
-}
-
-/// Header names listed in the client's `Connection` header (hop-by-hop by declaration).
-fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(',').map(|t| t.trim().to_ascii_lowercase()))
-        .filter(|t| !t.is_empty())
-        .collect()
 }
 
 type Handshake = (Vec<u8>, HeaderValue, Option<HeaderValue>, Option<HeaderValue>);

@@ -7,11 +7,12 @@ use http_body_util::Full;
 
 use crate::auth::AuthError;
 use crate::proxy::connect::ConnectError;
+use crate::proxy::request::ForwardError;
 use crate::proxy::route::RouteError;
 use crate::proxy::upgrade::UpgradeError;
 use crate::routing::pool::PoolError;
 
-/// Why an upgrade request did not become a session.
+/// Why a request (an upgrade, or a plain HTTP request) got no answer from a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     /// Route stage.
@@ -26,6 +27,9 @@ pub enum RequestError {
     /// Connect stage.
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// Request stage (plain HTTP).
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
     /// The proxy is draining and takes no new sessions.
     #[error("the proxy is shutting down")]
     Draining,
@@ -54,6 +58,16 @@ impl RequestError {
             RequestError::Connect(ConnectError::Unreachable { .. }) | RequestError::Draining => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            RequestError::Forward(f) => match f {
+                ForwardError::Pool(PoolError::InvalidMember) | ForwardError::ClientBody(_) => StatusCode::BAD_REQUEST,
+                ForwardError::Pool(PoolError::UnknownAgent) => StatusCode::NOT_FOUND,
+                ForwardError::Pool(PoolError::Registry(_) | PoolError::NoHealthyMember)
+                | ForwardError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                ForwardError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                ForwardError::ClientStalled(_) => StatusCode::REQUEST_TIMEOUT,
+                ForwardError::ConnectTimeout | ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+                ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
+            },
             RequestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -65,6 +79,7 @@ impl RequestError {
             RequestError::Route(RouteError::InvalidCapture(_)) => "invalid_capture",
             RequestError::Upgrade(UpgradeError::NotUpgrade) => "not_upgrade",
             RequestError::Upgrade(UpgradeError::BadVersion) => "bad_version",
+            RequestError::Upgrade(UpgradeError::HttpOnlyRoute) => "upgrade_not_allowed",
             RequestError::Upgrade(_) => "bad_handshake",
             RequestError::Auth(a) if a.is_forbidden() => "forbidden",
             RequestError::Auth(_) => "unauthorized",
@@ -75,6 +90,19 @@ impl RequestError {
             RequestError::Connect(ConnectError::Pool(PoolError::NoHealthyMember)) => "no_healthy_member",
             RequestError::Connect(ConnectError::Timeout(_)) => "backend_timeout",
             RequestError::Connect(ConnectError::Unreachable { .. }) => "backend_unreachable",
+            RequestError::Forward(f) => match f {
+                ForwardError::Pool(PoolError::InvalidMember) => "invalid_capture",
+                ForwardError::Pool(PoolError::UnknownAgent) => "unknown_agent",
+                ForwardError::Pool(PoolError::Registry(_)) => "registry_unavailable",
+                ForwardError::Pool(PoolError::NoHealthyMember) => "no_healthy_member",
+                ForwardError::TooLarge(_) => "body_too_large",
+                ForwardError::ClientStalled(_) => "client_body_timeout",
+                ForwardError::ClientBody(_) => "client_body_error",
+                ForwardError::Unreachable { .. } => "backend_unreachable",
+                ForwardError::ConnectTimeout => "backend_timeout",
+                ForwardError::ResponseTimeout(_) => "backend_response_timeout",
+                ForwardError::Backend { .. } => "backend_error",
+            },
             RequestError::Draining => "draining",
             RequestError::Internal(_) => "internal",
         }
@@ -88,7 +116,9 @@ impl RequestError {
             RequestError::Connect(ConnectError::Pool(PoolError::InvalidMember | PoolError::UnknownAgent)) => {
                 self.to_string()
             }
-            RequestError::Connect(_) | RequestError::Internal(_) => {
+            RequestError::Forward(ForwardError::Pool(PoolError::InvalidMember | PoolError::UnknownAgent))
+            | RequestError::Forward(ForwardError::TooLarge(_) | ForwardError::ClientStalled(_)) => self.to_string(),
+            RequestError::Connect(_) | RequestError::Forward(_) | RequestError::Internal(_) => {
                 status.canonical_reason().unwrap_or("backend error").to_owned()
             }
             other => other.to_string(),

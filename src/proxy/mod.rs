@@ -2,10 +2,14 @@
 //!
 //! ```text
 //! accept ─▶ tls ─▶ http ─▶ route ─▶ upgrade ─▶ auth ─▶ connect ─▶ relay
+//!                                   └▶ (plain) ─▶ auth ─▶ request ─▶ stream
 //! ```
 //!
-//! [`serve_connection`] runs the HTTP phase with hyper; the request handler runs the route,
-//! upgrade, auth and connect stages and answers 101 only once the backend has accepted. The
+//! [`serve_connection`] runs the HTTP phase with hyper. The route decides what a request may
+//! be: an upgrade on a WebSocket route runs the upgrade, auth and connect stages and is
+//! answered 101 only once the backend has accepted; a plain request on an HTTP route runs auth
+//! and the request stage, and its bodies stream through [`stream`] on the client connection,
+//! which hyper keeps alive for the next request. The
 //! upgraded stream is then unwrapped back to the concrete client stream and [`relay`] takes
 //! over in a task of its own, holding only what the session needs (the connection task, with
 //! hyper's and the handshake's state, ends first).
@@ -14,9 +18,12 @@ pub(crate) mod accept;
 pub(crate) mod auth;
 pub(crate) mod connect;
 pub(crate) mod error;
+pub(crate) mod forward;
 pub(crate) mod http;
 pub mod relay;
+pub(crate) mod request;
 pub(crate) mod route;
+pub(crate) mod stream;
 pub(crate) mod tls;
 pub mod upgrade;
 
@@ -31,7 +38,7 @@ use ::http::header::{
 };
 use ::http::{HeaderValue, Request, Response, StatusCode};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
@@ -39,11 +46,12 @@ use hyper_util::rt::TokioIo;
 use tracing::Instrument;
 
 use crate::auth::Claims;
-use crate::config::RouteConfig;
+use crate::config::{Captures, RouteConfig};
 use crate::proxy::error::RequestError;
-use crate::session::{SessionBytes, SessionControl, SessionEntry, SessionGuard, StopReason};
-use crate::state::Shared;
-use connect::{BackendConn, BackendRequest, ForwardedFor};
+use crate::session::{SessionBytes, SessionControl, SessionEntry, SessionGuard, SessionKind, StopReason};
+use crate::state::{Runtime, Shared};
+use connect::{BackendConn, BackendRequest};
+use forward::ForwardedFor;
 use relay::{RelayParams, SessionEnd};
 use tls::ClientStream;
 
@@ -112,50 +120,60 @@ pub async fn serve_connection(
     }
 }
 
-/// The request handler: route, upgrade, auth and connect stages; answers 101 or an error.
-async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// The response body of every answer: a fixed one (errors, 101), or a backend's streamed.
+pub type ProxyBody = Either<Full<Bytes>, stream::Download>;
+
+/// The request handler: picks the route, then runs the WebSocket or the plain HTTP path.
+async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
     let runtime = ctx.shared.runtime.load_full();
-    let (route, caps) = match route::find(&runtime.routes, req.headers(), req.uri().path()) {
-        Ok(found) => found,
-        Err(e) => return Ok(reject(&ctx, "none", e.into())),
+    let websocket = upgrade::is_websocket(req.headers());
+    let found = route::find(&runtime.routes, req.headers(), req.uri().path());
+    let resp = match (found, websocket) {
+        (Err(e), true) => reject(&ctx, "none", e.into()),
+        (Err(e), false) => reject_request(&ctx, &req, "none", started, e.into()),
+        (Ok((route, caps)), true) if route.kind.websocket() => handle_upgrade(&ctx, &runtime, route, caps, req).await,
+        (Ok((route, _)), true) => reject(&ctx, &route.name, upgrade::UpgradeError::HttpOnlyRoute.into()),
+        (Ok((route, caps)), false) if route.kind.http() => {
+            handle_request(&ctx, &runtime, route, caps, req, started).await
+        }
+        (Ok((route, _)), false) => reject(&ctx, &route.name, upgrade::UpgradeError::NotUpgrade.into()),
     };
-    let ws = match upgrade::check(&req) {
-        Ok(ws) => ws,
-        Err(e) => return Ok(reject(&ctx, &route.name, e.into())),
-    };
-    if ctx.shared.drain.is_cancelled() {
-        return Ok(reject(&ctx, &route.name, RequestError::Draining));
-    }
-    let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let authenticator = runtime.authenticator.as_deref();
-    let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, ws, authenticator).await {
-        Ok(a) => a,
-        Err(e) => return Ok(reject(&ctx, &route.name, e.into())),
-    };
-    let forwarded = ForwardedFor {
+    Ok(resp)
+}
+
+/// How the client reached the proxy, for the forwarding headers.
+fn forwarded_for(ctx: &ConnCtx, runtime: &Runtime, headers: &::http::HeaderMap) -> ForwardedFor {
+    ForwardedFor {
         client_ip: ctx.client_addr.ip(),
         proto: if ctx.tls { "https" } else { "http" },
-        host: req.headers().get(HOST).cloned(),
+        host: headers.get(HOST).cloned(),
         trusted: runtime.config.server.is_trusted_proxy(ctx.client_addr.ip()),
-    };
-    let sticky_key = route.balance.sticky_key.as_ref().and_then(|k| {
-        crate::routing::pool::sticky_key(k, req.headers(), path_and_query, &caps, admitted.claims.as_deref())
-    });
-    let breq = BackendRequest {
-        path_and_query: &admitted.path_and_query,
-        ws: &admitted.ws,
-        forwarded: &forwarded,
-        client_headers: &admitted.headers,
-        sticky_key,
-    };
-    let Some(state) = runtime.route_state.get(&route.name) else {
-        return Ok(reject(&ctx, &route.name, RequestError::Internal("no routing state for a configured route")));
-    };
-    // Registered from here on: a revocation or drain while the backend connect runs (its
-    // timeouts can add up to seconds) finds the session and stops it.
-    let claims = admitted.claims.as_deref();
-    let registered = ctx.shared.sessions.register(SessionEntry {
+    }
+}
+
+/// When a session opened with `claims` on `route` must end: the token's expiry plus leeway,
+/// when the route enforces it.
+fn session_deadline(route: &RouteConfig, runtime: &Runtime, claims: Option<&Claims>) -> Option<tokio::time::Instant> {
+    let enforce = route.auth.as_ref().is_some_and(|a| a.enforce_expiry);
+    let leeway = runtime.authenticator.as_ref().map_or(Duration::ZERO, |a| a.leeway());
+    claims.filter(|_| enforce).map(|c| {
+        let left = c.exp().saturating_sub(crate::auth::now_secs());
+        tokio::time::Instant::now() + Duration::from_secs(left) + leeway
+    })
+}
+
+/// A session's registry record.
+fn session_entry(
+    ctx: &ConnCtx,
+    kind: SessionKind,
+    route: &RouteConfig,
+    caps: &Captures,
+    claims: Option<&Claims>,
+) -> SessionEntry {
+    SessionEntry {
         id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+        kind,
         route: route.name.clone(),
         agent: caps.get("agent").map(str::to_owned),
         subject: claims.and_then(|c| c.subject().map(str::to_owned)),
@@ -167,12 +185,174 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         started: SystemTime::now(),
         control: SessionControl::new(&ctx.shared.drain),
         bytes: Arc::new(SessionBytes::default()),
+    }
+}
+
+/// The plain HTTP path: auth, then the request stage; the response streams back.
+async fn handle_request(
+    ctx: &ConnCtx,
+    runtime: &Runtime,
+    route: Arc<RouteConfig>,
+    caps: Captures,
+    req: Request<Incoming>,
+    started: Instant,
+) -> Response<ProxyBody> {
+    if ctx.shared.drain.is_cancelled() {
+        return reject_request(ctx, &req, &route.name, started, RequestError::Draining);
+    }
+    let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let authenticator = runtime.authenticator.as_deref();
+    let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, None, authenticator).await {
+        Ok(a) => a,
+        Err(e) => return reject_request(ctx, &req, &route.name, started, e.into()),
+    };
+    let (Some(state), Some(client)) = (runtime.route_state.get(&route.name), runtime.upstreams.get(&route.name)) else {
+        let e = RequestError::Internal("no routing state for a configured route");
+        return reject_request(ctx, &req, &route.name, started, e);
+    };
+    let claims = admitted.claims.as_deref();
+    let sticky_key = route
+        .balance
+        .sticky_key
+        .as_ref()
+        .and_then(|k| crate::routing::pool::sticky_key(k, req.headers(), path_and_query, &caps, claims));
+    let forwarded = forwarded_for(ctx, runtime, req.headers());
+    let out = request::Outgoing {
+        method: req.method().clone(),
+        path: forward::backend_path(&route, &caps, &admitted.path_and_query),
+        // The proxy answers `Expect: 100-continue` itself (hyper sends 100 when the body is
+        // first read, which is when a member is ready for it).
+        headers: forward::request_headers(&admitted.headers, &forwarded, &[::http::header::EXPECT]),
+        sticky_key,
+    };
+    let metrics = ctx.shared.metrics.clone();
+    let mut exchange = stream::Exchange {
+        method: req.method().clone(),
+        route: route.name.clone(),
+        agent: caps.get("agent").map(str::to_owned),
+        subject: claims.and_then(|c| c.subject().map(str::to_owned)),
+        path: req.uri().path().to_owned(),
+        client: ctx.client_addr,
+        member: None,
+        status: 0,
+        started,
+        upload: None,
+        metrics: metrics.clone(),
+    };
+    let settings = route.backend;
+    let body =
+        stream::Upload::new(req.into_body(), settings.max_request_body, settings.idle_body_timeout, metrics.clone());
+    exchange.upload = Some(body.state());
+    let answered = match request::forward(&route, state, &caps, client, out, body, &ctx.shared.conns).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend request failed");
+            return reject_exchange(ctx, exchange, e.into());
+        }
+    };
+    let (mut parts, body) = answered.response.into_parts();
+    forward::strip_response_headers(&mut parts.headers);
+    let sse = parts
+        .headers
+        .get(::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+    exchange.status = parts.status.as_u16();
+    exchange.member = Some(answered.member.clone());
+    metrics.http_request(&route.name, if sse { "sse" } else { "request" }, exchange.status);
+    let governance = sse.then(|| {
+        let registered = ctx.shared.sessions.register(session_entry(ctx, SessionKind::Sse, &route, &caps, claims));
+        let _ = registered.entry().backend.set(answered.member.clone());
+        let deadline = session_deadline(&route, runtime, claims);
+        stream::Governance::new(registered, deadline, runtime.config.server.drain_spread)
     });
+    let least_conns = (route.balance.policy == crate::config::Policy::LeastConnections)
+        .then(|| ctx.shared.conns.acquire(&answered.member));
+    let download = stream::Download::new(body, settings.idle_body_timeout, governance, exchange, least_conns);
+    Response::from_parts(parts, Either::Right(download))
+}
+
+/// Answers a plain request that got no backend response, and writes its access-log line.
+fn reject_request(
+    ctx: &ConnCtx,
+    req: &Request<Incoming>,
+    route: &str,
+    started: Instant,
+    e: RequestError,
+) -> Response<ProxyBody> {
+    let exchange = stream::Exchange {
+        method: req.method().clone(),
+        route: route.to_owned(),
+        agent: None,
+        subject: None,
+        path: req.uri().path().to_owned(),
+        client: ctx.client_addr,
+        member: None,
+        status: 0,
+        started,
+        upload: None,
+        metrics: ctx.shared.metrics.clone(),
+    };
+    reject_exchange(ctx, exchange, e)
+}
+
+fn reject_exchange(ctx: &ConnCtx, mut exchange: stream::Exchange, e: RequestError) -> Response<ProxyBody> {
+    let resp = e.response();
+    exchange.status = resp.status().as_u16();
+    ctx.shared.metrics.http_request(&exchange.route, "request", exchange.status);
+    note_error(&ctx.shared.metrics, &exchange.route, &e);
+    let sent = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+    exchange.finish(false, sent, e.result_label());
+    resp.map(Either::Left)
+}
+
+/// The WebSocket path: upgrade, auth and connect stages; answers 101 or an error.
+async fn handle_upgrade(
+    ctx: &Arc<ConnCtx>,
+    runtime: &Runtime,
+    route: Arc<RouteConfig>,
+    caps: Captures,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let ws = match upgrade::check(&req) {
+        Ok(ws) => ws,
+        Err(e) => return reject(ctx, &route.name, e.into()),
+    };
+    if ctx.shared.drain.is_cancelled() {
+        return reject(ctx, &route.name, RequestError::Draining);
+    }
+    let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let authenticator = runtime.authenticator.as_deref();
+    let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, Some(ws), authenticator).await {
+        Ok(a) => a,
+        Err(e) => return reject(ctx, &route.name, e.into()),
+    };
+    let Some(ws) = admitted.ws.as_ref() else {
+        return reject(ctx, &route.name, RequestError::Internal("the auth stage dropped the upgrade"));
+    };
+    let forwarded = forwarded_for(ctx, runtime, req.headers());
+    let sticky_key = route.balance.sticky_key.as_ref().and_then(|k| {
+        crate::routing::pool::sticky_key(k, req.headers(), path_and_query, &caps, admitted.claims.as_deref())
+    });
+    let breq = BackendRequest {
+        path_and_query: &admitted.path_and_query,
+        ws,
+        forwarded: &forwarded,
+        client_headers: &admitted.headers,
+        sticky_key,
+    };
+    let Some(state) = runtime.route_state.get(&route.name) else {
+        return reject(ctx, &route.name, RequestError::Internal("no routing state for a configured route"));
+    };
+    // Registered from here on: a revocation or drain while the backend connect runs (its
+    // timeouts can add up to seconds) finds the session and stops it.
+    let claims = admitted.claims.as_deref();
+    let registered = ctx.shared.sessions.register(session_entry(ctx, SessionKind::WebSocket, &route, &caps, claims));
     let backend = match connect::connect(&route, state, &caps, &breq, &ctx.shared.conns, &ctx.shared.metrics).await {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend connect failed");
-            return Ok(reject(&ctx, &route.name, e.into()));
+            return reject(ctx, &route.name, e.into());
         }
     };
     let _ = registered.entry().backend.set(backend.member.clone());
@@ -181,9 +361,9 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
             StopReason::Revoked => RequestError::Auth(crate::auth::AuthError::Revoked),
             StopReason::Drain | StopReason::RouteRemoved => RequestError::Draining,
         };
-        return Ok(reject(&ctx, &route.name, e));
+        return reject(ctx, &route.name, e);
     }
-    let mut resp = Response::new(Full::new(Bytes::new()));
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
@@ -215,18 +395,23 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
     if let Ok(mut slot) = ctx.pending.lock() {
         *slot = Some(pending);
     }
-    Ok(resp)
+    resp
 }
 
-fn reject(ctx: &ConnCtx, route: &str, e: RequestError) -> Response<Full<Bytes>> {
+fn reject(ctx: &ConnCtx, route: &str, e: RequestError) -> Response<ProxyBody> {
     tracing::debug!(route, client = %ctx.client_addr, status = e.status().as_u16(), error = %e, "upgrade rejected");
     ctx.shared.metrics.upgrade(route, e.result_label());
-    match &e {
-        RequestError::Auth(a) => ctx.shared.metrics.auth_failure(route, a.reason()),
+    note_error(&ctx.shared.metrics, route, &e);
+    e.response().map(Either::Left)
+}
+
+/// The metric and log that some errors owe besides the answer.
+fn note_error(metrics: &crate::metrics::Metrics, route: &str, e: &RequestError) {
+    match e {
+        RequestError::Auth(a) => metrics.auth_failure(route, a.reason()),
         RequestError::Internal(what) => tracing::error!(route, what, "internal error"),
         _ => {}
     }
-    e.response()
 }
 
 /// Relays an upgraded session, registered for `/sessions`, and writes its log line.
@@ -250,12 +435,7 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
     // bytes it holds (usually none) and let the buffer go, or every idle session pins it.
     let client_early = parts.read_buf.to_vec();
     drop(parts.read_buf);
-    let enforce = p.route.auth.as_ref().is_some_and(|a| a.enforce_expiry);
-    let leeway = shared.runtime.load().authenticator.as_ref().map_or(Duration::ZERO, |a| a.leeway());
-    let expires_at = p.claims.as_ref().filter(|_| enforce).map(|c| {
-        let left = c.exp().saturating_sub(crate::auth::now_secs());
-        tokio::time::Instant::now() + Duration::from_secs(left) + leeway
-    });
+    let expires_at = session_deadline(&p.route, &shared.runtime.load(), p.claims.as_deref());
     let registered = p.registered;
     let params = RelayParams {
         settings: p.route.session,

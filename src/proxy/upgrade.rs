@@ -15,6 +15,9 @@ pub enum UpgradeError {
     /// No `Upgrade: websocket`: a plain HTTP request on a WebSocket route (426).
     #[error("this endpoint only accepts WebSocket upgrades")]
     NotUpgrade,
+    /// An upgrade on a route that serves plain HTTP only (400).
+    #[error("this endpoint does not accept WebSocket upgrades")]
+    HttpOnlyRoute,
     /// The method is not GET (400).
     #[error("a WebSocket upgrade must use GET")]
     BadMethod,
@@ -40,10 +43,15 @@ pub struct WsRequest {
     pub extensions: Option<HeaderValue>,
 }
 
+/// Whether the request asks for a WebSocket (`Upgrade: websocket`), valid or not.
+pub fn is_websocket(headers: &HeaderMap) -> bool {
+    header_has_token(headers, &UPGRADE, "websocket")
+}
+
 /// Validates the opening handshake.
 pub fn check<B>(req: &Request<B>) -> Result<WsRequest, UpgradeError> {
     let headers = req.headers();
-    if !header_has_token(headers, &UPGRADE, "websocket") {
+    if !is_websocket(headers) {
         return Err(UpgradeError::NotUpgrade);
     }
     if req.method() != Method::GET {

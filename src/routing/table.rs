@@ -89,6 +89,7 @@ mod tests {
             name: name.into(),
             host: host.map(Into::into),
             path: path.parse().expect("pattern"),
+            kind: crate::config::RouteKind::WebSocket,
             backends: vec![crate::config::StaticMember {
                 template: "127.0.0.1:1".parse().expect("backend"),
                 weight: 1,

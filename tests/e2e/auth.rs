@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::mint;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey};
-#[path = "../../src/mint.rs"]
-mod mint;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -514,24 +513,6 @@ async fn revoking_a_subject_closes_its_sessions_with_1008_and_refuses_reconnects
     let (status, _) = admin_request(proxy.admin, "DELETE", &format!("/sessions/{id}"), "").await;
     assert_eq!(status, 204);
     assert_eq!(a.recv_close().await.close_code(), Some(1008));
-}
-
-async fn admin_request(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("send");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.expect("read");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
-}
-
-async fn admin_post(admin: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    admin_request(admin, "POST", path, body).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 
 #[allow(dead_code)]
 mod harness;
+#[path = "../../src/mint.rs"]
+mod mint;
 
 mod auth;
 mod cli;
@@ -11,6 +13,7 @@ mod deflate;
 mod drain;
 mod faults;
 mod handshake;
+mod http;
 mod metrics;
 mod relay;
 mod reload;

@@ -191,19 +191,6 @@ async fn member_failing_its_handshake_is_ejected_and_clients_never_see_the_error
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-async fn admin_post(admin: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    use tokio::io::AsyncReadExt;
-    let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
-    let req =
-        format!("POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-    s.write_all(req.as_bytes()).await.expect("send");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.expect("read");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
-}
-
 #[tokio::test]
 async fn purging_an_agent_forces_a_fresh_registry_lookup() {
     let backend = Backend::echo().await;

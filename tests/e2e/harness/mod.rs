@@ -11,6 +11,7 @@ mod config;
 mod http;
 mod process;
 mod proxy;
+mod rest;
 
 pub use backend::*;
 pub use certs::*;
@@ -20,6 +21,7 @@ pub use config::*;
 pub use http::*;
 pub use process::*;
 pub use proxy::*;
+pub use rest::*;
 
 use std::time::Duration;
 

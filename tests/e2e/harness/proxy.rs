@@ -35,6 +35,13 @@ impl Drop for Proxy {
 }
 
 impl Proxy {
+    /// Starts the drain (as SIGTERM does) and leaves the server running until it is done.
+    pub fn drain(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
     pub async fn start(backend: SocketAddr, session: &str) -> Proxy {
         Proxy::start_with(&config_text(&[backend.to_string()], "", session, "")).await
     }
@@ -77,4 +84,24 @@ pub fn metric(body: &str, series: &str) -> f64 {
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.rsplit_once(' ').filter(|(k, _)| *k == series).and_then(|(_, v)| v.parse().ok()))
         .unwrap_or(0.0)
+}
+
+/// `method path` with a JSON `body` on the admin listener; returns (status, body).
+pub async fn admin_request(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(admin).await.expect("admin");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut out = Vec::new();
+    tokio::time::timeout(SOON, s.read_to_end(&mut out)).await.expect("admin answers").expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// POST `path` with a JSON `body` on the admin listener.
+pub async fn admin_post(admin: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    admin_request(admin, "POST", path, body).await
 }

@@ -1,0 +1,405 @@
+//! Stage: stream. The bodies of a plain HTTP exchange, passed through frame by frame as they
+//! arrive, never collected: [`Upload`] carries the client's request body to the backend and
+//! [`Download`] carries the backend's response body to the client.
+//!
+//! Both cut a body that moves no byte for `idle_body_timeout` (only while waiting for the
+//! sender: time the receiver takes to accept bytes does not count). The upload enforces
+//! `max_request_body` and can be handed to another member while none of it was read. A
+//! download of an event stream is a governed session: registered for `/sessions`, and ended
+//! cleanly (the last chunk written, so `EventSource` reconnects) on token expiry, revocation,
+//! route removal and drain, the drain spread over `drain_spread` as for WebSockets.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::Notify;
+use tokio::time::Sleep;
+
+use crate::metrics::{Direction, Metrics};
+use crate::outbound::BoxError;
+use crate::routing::sticky::ConnGuard;
+use crate::session::{SessionGuard, StopReason};
+
+/// Why a body was cut.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The request body grew past `max_request_body`.
+    #[error("request body over the limit of {0} bytes")]
+    TooLarge(u64),
+    /// No byte for `idle_body_timeout`.
+    #[error("no body data for {0:?}")]
+    Idle(Duration),
+    /// The client's request body failed (it went away, or broke the framing).
+    #[error("client body: {0}")]
+    Client(String),
+}
+
+/// Progress of one request body, shared by its attempts and the exchange's log line.
+#[derive(Debug)]
+pub struct UploadState {
+    limit: u64,
+    bytes: AtomicU64,
+    started: AtomicBool,
+    finished: AtomicBool,
+    too_large: AtomicBool,
+    done: Notify,
+}
+
+impl UploadState {
+    /// Body bytes read from the client so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the body grew past the limit.
+    pub fn too_large(&self) -> bool {
+        self.too_large.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the whole body was read (at once for a request without one).
+    pub async fn finished(&self) {
+        loop {
+            let notified = self.done.notified();
+            if self.finished.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
+        self.done.notify_waiters();
+    }
+}
+
+/// A client's request body on its way to a member.
+pub struct Upload {
+    /// The body until the first attempt reads it; a later attempt finds it here only if no
+    /// byte was read.
+    slot: Arc<Mutex<Option<Incoming>>>,
+    body: Option<Incoming>,
+    state: Arc<UploadState>,
+    idle: Idle,
+    metrics: Arc<Metrics>,
+}
+
+impl Upload {
+    /// The body of the first attempt.
+    pub fn new(body: Incoming, limit: u64, idle: Duration, metrics: Arc<Metrics>) -> Upload {
+        let empty = body.is_end_stream();
+        let state = Arc::new(UploadState {
+            limit,
+            bytes: AtomicU64::new(0),
+            started: AtomicBool::new(false),
+            finished: AtomicBool::new(empty),
+            too_large: AtomicBool::new(false),
+            done: Notify::new(),
+        });
+        Upload { slot: Arc::new(Mutex::new(Some(body))), body: None, state, idle: Idle::new(idle), metrics }
+    }
+
+    /// The shared progress record.
+    pub fn state(&self) -> Arc<UploadState> {
+        self.state.clone()
+    }
+
+    /// The same body for another attempt: possible while no byte of it was read, or when it
+    /// was empty.
+    pub fn again(&self) -> Option<Upload> {
+        let s = &self.state;
+        let empty_and_done = s.finished.load(Ordering::Acquire) && s.bytes() == 0;
+        (!s.started.load(Ordering::Acquire) || empty_and_done).then(|| Upload {
+            slot: self.slot.clone(),
+            body: None,
+            state: self.state.clone(),
+            idle: Idle::new(self.idle.limit),
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    fn with_slot<T>(&self, f: impl FnOnce(Option<&Incoming>) -> T) -> T {
+        match &self.body {
+            Some(b) => f(Some(b)),
+            None => match self.slot.lock() {
+                Ok(g) => f(g.as_ref()),
+                Err(_) => f(None),
+            },
+        }
+    }
+}
+
+impl Body for Upload {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.body.is_none() {
+            if this.state.finished.load(Ordering::Acquire) {
+                return Poll::Ready(None);
+            }
+            this.body = this.slot.lock().ok().and_then(|mut g| g.take());
+            this.state.started.store(true, Ordering::Release);
+        }
+        let Some(body) = this.body.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.idle.moved();
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    this.metrics.http_body_bytes(Direction::ClientToBackend, n);
+                    if this.state.bytes.fetch_add(n, Ordering::Relaxed) + n > this.state.limit {
+                        this.state.too_large.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(this.state.limit).into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e.to_string()).into()))),
+            Poll::Ready(None) => {
+                this.state.finish();
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.idle.poll_expired(cx) {
+                true => Poll::Ready(Some(Err(BodyError::Idle(this.idle.limit).into()))),
+                false => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state.finished.load(Ordering::Acquire) || self.with_slot(|b| b.is_none_or(|b| b.is_end_stream()))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.state.finished.load(Ordering::Acquire) && self.body.is_none() {
+            return SizeHint::with_exact(0);
+        }
+        self.with_slot(|b| b.map_or_else(|| SizeHint::with_exact(0), Body::size_hint))
+    }
+}
+
+/// The idle-body deadline: armed when a poll finds no data, disarmed when data moves.
+struct Idle {
+    limit: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl Idle {
+    fn new(limit: Duration) -> Idle {
+        Idle { limit, sleep: None }
+    }
+
+    fn moved(&mut self) {
+        self.sleep = None;
+    }
+
+    /// Called when the sender has nothing: arms the deadline if needed; true once it passed.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.limit;
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// One plain HTTP exchange, for its access-log line and metrics, written when the response
+/// (and so the exchange) ends, however it ends.
+pub struct Exchange {
+    /// Request method.
+    pub method: Method,
+    /// Route name ("none" when no route matched).
+    pub route: String,
+    /// The `{agent}` capture.
+    pub agent: Option<String>,
+    /// Verified subject.
+    pub subject: Option<String>,
+    /// The request path, without its query (which may carry a token).
+    pub path: String,
+    /// Client address.
+    pub client: SocketAddr,
+    /// The member that answered.
+    pub member: Option<String>,
+    /// Status sent to the client.
+    pub status: u16,
+    /// When the request head arrived.
+    pub started: Instant,
+    /// The request body's progress, once one was read.
+    pub upload: Option<Arc<UploadState>>,
+    /// Metrics to record into.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Exchange {
+    /// Logs and counts the exchange: `sent` response body bytes, ended for `end`.
+    pub fn finish(&self, sse: bool, sent: u64, end: &'static str) {
+        let elapsed = self.started.elapsed();
+        if sse {
+            self.metrics.sse_end(&self.route, end);
+        } else {
+            self.metrics.http_request_seconds(&self.route, elapsed.as_secs_f64());
+        }
+        tracing::info!(
+            target: "portcullis::access",
+            method = %self.method,
+            route = self.route,
+            agent = self.agent.as_deref().unwrap_or(""),
+            subject = self.subject.as_deref().unwrap_or(""),
+            client = %self.client,
+            backend = self.member.as_deref().unwrap_or(""),
+            path = self.path,
+            status = self.status,
+            kind = if sse { "sse" } else { "request" },
+            bytes_in = self.upload.as_ref().map_or(0, |u| u.bytes()),
+            bytes_out = sent,
+            duration_ms = elapsed.as_millis() as u64,
+            end,
+            "request"
+        );
+    }
+}
+
+/// What ends a governed stream.
+pub type StopFuture = Pin<Box<dyn Future<Output = &'static str> + Send>>;
+
+/// An event stream's session: its registry entry, and what ends it.
+pub struct Governance {
+    /// Resolves with the reason when the stream must end.
+    pub stop: StopFuture,
+    /// The `/sessions` entry, removed when the stream ends.
+    pub session: SessionGuard,
+}
+
+impl Governance {
+    /// Ends on the session's stop (a drain after a random delay within `drain_spread`) or at
+    /// `expires_at` (the token's expiry plus leeway, when the route enforces it).
+    pub fn new(session: SessionGuard, expires_at: Option<tokio::time::Instant>, drain_spread: Duration) -> Governance {
+        let control = session.entry().control.clone();
+        let stop = Box::pin(async move {
+            let expiry = async {
+                match expires_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let token = control.token();
+            tokio::select! {
+                _ = token.cancelled() => match control.reason() {
+                    StopReason::Drain => {
+                        let spread = drain_spread.as_millis() as u64;
+                        if spread > 0 {
+                            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % spread)).await;
+                        }
+                        "drain"
+                    }
+                    StopReason::Revoked => "revoked",
+                    StopReason::RouteRemoved => "route_removed",
+                },
+                _ = expiry => "token_expired",
+            }
+        });
+        Governance { stop, session }
+    }
+}
+
+/// A backend's response body on its way to the client.
+pub struct Download {
+    inner: Incoming,
+    idle: Idle,
+    governance: Option<Governance>,
+    exchange: Exchange,
+    sent: u64,
+    end: Option<&'static str>,
+    _least_conns: Option<ConnGuard>,
+}
+
+impl Download {
+    /// Streams `inner`; an event stream passes `governance`.
+    pub fn new(
+        inner: Incoming,
+        idle: Duration,
+        governance: Option<Governance>,
+        exchange: Exchange,
+        least_conns: Option<ConnGuard>,
+    ) -> Download {
+        if governance.is_some() {
+            exchange.metrics.sse_streams_active.increment(1.0);
+        }
+        Download { inner, idle: Idle::new(idle), governance, exchange, sent: 0, end: None, _least_conns: least_conns }
+    }
+}
+
+impl Body for Download {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.end.is_some() {
+            return Poll::Ready(None);
+        }
+        if let Some(g) = this.governance.as_mut() {
+            if let Poll::Ready(reason) = g.stop.as_mut().poll(cx) {
+                // A clean end: hyper writes the last chunk, the client sees a complete
+                // response and (an EventSource) reconnects.
+                this.end = Some(reason);
+                return Poll::Ready(None);
+            }
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.idle.moved();
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    this.sent += n;
+                    this.exchange.metrics.http_body_bytes(Direction::BackendToClient, n);
+                    if let Some(g) = &this.governance {
+                        g.session.entry().bytes.from_backend.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.end = Some("backend_error");
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.end = Some("complete");
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.idle.poll_expired(cx) {
+                true => {
+                    this.end = Some("idle_timeout");
+                    Poll::Ready(Some(Err(BodyError::Idle(this.idle.limit).into())))
+                }
+                false => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.end.is_some() || (self.governance.is_none() && self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        let sse = self.governance.is_some();
+        if sse {
+            self.exchange.metrics.sse_streams_active.decrement(1.0);
+        }
+        self.exchange.finish(sse, self.sent, self.end.unwrap_or("client_gone"));
+    }
+}

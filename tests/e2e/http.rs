@@ -1,0 +1,584 @@
+//! Plain HTTP routes (REST and SSE) through the proxy: streamed bodies both ways, limits,
+//! hop-by-hop headers, keep-alive pools, timeouts, retries, SSE as governed sessions, and the
+//! same auth and member choice as WebSockets.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use jsonwebtoken::Algorithm;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::mint;
+
+use crate::harness::*;
+
+/// An HMAC key for the `[[auth.keys]]` of these tests.
+struct Hmac {
+    secret: Vec<u8>,
+    path: std::path::PathBuf,
+}
+
+fn hmac() -> Hmac {
+    let secret: Vec<u8> = format!("http-test-secret-{}", rand::random::<u64>()).into_bytes();
+    let path = certs().dir.join(format!("hmac-{}", rand::random::<u32>()));
+    std::fs::write(&path, &secret).expect("write secret");
+    Hmac { secret, path }
+}
+
+impl Hmac {
+    fn token(&self, sub: &str, agents: &[&str], ttl: Duration) -> String {
+        let key = mint::encoding_key(Algorithm::HS256, &self.secret).expect("key");
+        let claims = json!({ "sub": sub, "agents": agents });
+        let Value::Object(claims) = claims else { unreachable!() };
+        mint::mint(Algorithm::HS256, &key, None, claims, ttl).expect("mint")
+    }
+
+    fn bearer(&self, agents: &[&str]) -> String {
+        format!("Bearer {}", self.token("alice", agents, Duration::from_secs(600)))
+    }
+}
+
+/// The base configuration plus the route `api` (`/agents/{agent}/api/{*rest}` to
+/// `/v1/{rest}`, kind http) to `members`, with `route_extra` TOML lines in the route table and
+/// `backend` lines in `[routes.backend]`.
+fn api_config(key: &Hmac, members: &[SocketAddr], route_extra: &str, backend: &str) -> TestConfig {
+    let members: Vec<String> = members.iter().map(|m| format!("\"{m}\"")).collect();
+    TestConfig::base(&["127.0.0.1:1".to_owned()]).merge(
+        "",
+        &format!(
+            r#"
+[auth]
+leeway = "0s"
+[[auth.keys]]
+algorithms = ["HS256"]
+secret_file = "{secret}"
+
+[[routes]]
+name = "api"
+path = "/agents/{{agent}}/api/{{*rest}}"
+kind = "http"
+backends = [{members}]
+backend_path = "/v1/{{rest}}"
+{route_extra}
+[routes.auth]
+sources = ["bearer", "cookie:portcullis_token", "query:access_token"]
+agent_claim = "agents"
+[routes.origin]
+allow = ["https://console.example.com"]
+[routes.backend]
+connect_timeout = "1s"
+{backend}
+"#,
+            secret = key.path.display(),
+            members = members.join(", "),
+        ),
+    )
+}
+
+async fn start(key: &Hmac, members: &[SocketAddr], route_extra: &str, backend: &str) -> Proxy {
+    Proxy::start_with(&api_config(key, members, route_extra, backend).text()).await
+}
+
+fn post(path: &str, auth: &str, body: TBody) -> hyper::Request<TBody> {
+    request("POST", path, &[("authorization", auth)], body)
+}
+
+/// A chunked body: `chunks` sent `gap` apart.
+fn chunked(chunks: Vec<Bytes>, gap: Duration) -> TBody {
+    let stream = futures_util::stream::unfold(chunks.into_iter(), move |mut it| async move {
+        let next = it.next()?;
+        tokio::time::sleep(gap).await;
+        Some((Ok::<_, std::io::Error>(Frame::data(next)), it))
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+#[tokio::test]
+async fn rest_round_trips_bodies_of_0_bytes_1_mib_and_chunked_on_one_kept_alive_connection() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "").await;
+    let auth = key.bearer(&["a1"]);
+    let mut c = H1::connect(proxy.tls, true).await;
+
+    let empty = c.call(post("/agents/a1/api/echo", &auth, full(Bytes::new()))).await;
+    assert_eq!((empty.status, empty.body.len()), (200, 0));
+
+    let big: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+    let answer = c.call(post("/agents/a1/api/echo", &auth, full(big.clone()))).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-body-len"), Some("1048576"));
+    assert!(answer.body == big, "the 1 MiB body came back changed");
+
+    let parts: Vec<Bytes> = (0..5).map(|i| Bytes::from(format!("chunk-{i};"))).collect();
+    let answer = c.call(post("/agents/a1/api/echo", &auth, chunked(parts, Duration::from_millis(20)))).await;
+    assert_eq!(answer.text(), "chunk-0;chunk-1;chunk-2;chunk-3;chunk-4;");
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[2].headers.get("transfer-encoding").map(String::as_str), Some("chunked"));
+    assert_eq!(seen[1].headers.get("content-length").map(String::as_str), Some("1048576"));
+    assert_eq!(seen[1].uri, "/v1/echo", "the catch-all lands where backend_path puts it");
+}
+
+#[tokio::test]
+async fn catch_all_captures_keep_the_rest_of_the_path_and_the_query() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "").await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let a = c.get("/agents/a1/api/tasks/7/headers?since=3&x=y", &[("authorization", &key.bearer(&["a1"]))]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(backend.seen()[0].uri, "/v1/tasks/7/headers?since=3&x=y");
+    // A segment that is not a valid id is refused at the route stage.
+    let a = c.get("/agents/a1/api/tasks/%2e%2e/headers", &[("authorization", &key.bearer(&["a1"]))]).await;
+    assert_eq!(a.status, 400);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_and_never_reaches_the_backend() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "max_request_body = \"1KiB\"").await;
+    let auth = key.bearer(&["a1"]);
+    // Content-Length over the limit with Expect: 100-continue: 413 at once, no 100, no body sent.
+    let mut s = tokio::net::TcpStream::connect(proxy.plain).await.expect("connect");
+    let head = format!(
+        "POST /agents/a1/api/echo HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 4096\r\nExpect: 100-continue\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.expect("send");
+    let mut got = vec![0u8; 512];
+    let n = tokio::time::timeout(SOON, s.read(&mut got)).await.expect("answer in time").expect("read");
+    let text = String::from_utf8_lossy(&got[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    // A chunked body that grows past the limit is cut with 413 too.
+    let mut c = H1::connect(proxy.plain, false).await;
+    let parts: Vec<Bytes> = (0..4).map(|_| Bytes::from(vec![b'x'; 600])).collect();
+    let a = c.call(post("/agents/a1/api/echo", &auth, chunked(parts, Duration::from_millis(5)))).await;
+    assert_eq!(a.status, 413);
+    assert!(backend.seen().iter().all(|s| s.body_len <= 1024), "no over-limit body was delivered");
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_and_the_body_goes_through() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.plain).await.expect("connect");
+    let head = format!(
+        "POST /agents/a1/api/echo HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        key.bearer(&["a1"])
+    );
+    s.write_all(head.as_bytes()).await.expect("send head");
+    let mut got = vec![0u8; 64];
+    let n = tokio::time::timeout(SOON, s.read(&mut got)).await.expect("100 in time").expect("read");
+    assert!(String::from_utf8_lossy(&got[..n]).starts_with("HTTP/1.1 100 Continue"));
+    s.write_all(b"hello").await.expect("send body");
+    let mut rest = vec![0u8; 1024];
+    let n = tokio::time::timeout(SOON, s.read(&mut rest)).await.expect("200 in time").expect("read");
+    let text = String::from_utf8_lossy(&rest[..n]);
+    assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("hello"), "{text}");
+    assert!(!backend.seen()[0].headers.contains_key("expect"), "the proxy answered Expect itself");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways_and_forwarding_headers_set() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "").await;
+    let mut c = H1::connect(proxy.tls, true).await;
+    let a = c
+        .get(
+            "/agents/a1/api/headers",
+            &[
+                ("authorization", &key.bearer(&["a1"])),
+                ("connection", "x-client-hop"),
+                ("x-client-hop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("proxy-authorization", "Basic c2VjcmV0"),
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-end-to-end", "kept"),
+            ],
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    let seen = &backend.seen()[0];
+    for gone in ["x-client-hop", "keep-alive", "te", "proxy-authorization", "authorization"] {
+        assert!(!seen.headers.contains_key(gone), "{gone} reached the backend: {:?}", seen.headers);
+    }
+    assert_eq!(seen.headers.get("x-end-to-end").map(String::as_str), Some("kept"));
+    assert_eq!(seen.headers.get("x-forwarded-for").map(String::as_str), Some("127.0.0.1"));
+    assert_eq!(seen.headers.get("x-forwarded-proto").map(String::as_str), Some("https"));
+    assert_eq!(seen.headers.get("x-portcullis-sub").map(String::as_str), Some("alice"));
+    assert!(seen.headers.get("forwarded").is_some_and(|f| f.starts_with("for=127.0.0.1;proto=https")));
+    assert!(a.header("x-backend-hop").is_none() && a.header("keep-alive").is_none(), "{:?}", a.headers);
+    assert_eq!(a.header("x-member"), Some("m1"));
+}
+
+#[tokio::test]
+async fn keep_alive_connections_to_the_backend_are_reused() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "").await;
+    let auth = key.bearer(&["a1"]);
+    for _ in 0..3 {
+        // A new client connection each time: the pool is per member, not per client.
+        let mut c = H1::connect(proxy.plain, false).await;
+        for _ in 0..5 {
+            assert_eq!(c.get("/agents/a1/api/headers", &[("authorization", &auth)]).await.status, 200);
+        }
+    }
+    assert_eq!(backend.seen().len(), 15);
+    assert_eq!(backend.accepts.load(std::sync::atomic::Ordering::SeqCst), 1, "15 requests, one backend connection");
+}
+
+#[tokio::test]
+async fn no_response_head_in_time_is_504_and_a_protocol_breaking_backend_is_502() {
+    let slow = RestBackend::start("slow").await;
+    let key = hmac();
+    let proxy = start(&key, &[slow.addr], "", "response_header_timeout = \"300ms\"").await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let started = Instant::now();
+    let a = c.get("/agents/a1/api/slow?ms=5000", &[("authorization", &key.bearer(&["a1"]))]).await;
+    assert_eq!(a.status, 504);
+    assert!(started.elapsed() < Duration::from_secs(3), "504 took {:?}", started.elapsed());
+
+    let garbage = TrapBackend::start(Trap::Garbage).await;
+    let proxy = start(&key, &[garbage.addr], "", "").await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let a = c.get("/agents/a1/api/anything", &[("authorization", &key.bearer(&["a1"]))]).await;
+    assert_eq!(a.status, 502);
+    assert!(!a.text().contains("not HTTP"), "backend bytes are not echoed to the client");
+}
+
+#[tokio::test]
+async fn retries_go_to_the_next_member_only_when_nothing_was_sent_or_the_method_is_idempotent() {
+    let key = hmac();
+    let auth = key.bearer(&["a1"]);
+    // A member that cannot be connected to: nothing was sent, so even a POST with a body moves on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let good = RestBackend::start("good").await;
+    let proxy = start(&key, &[dead, good.addr], "", "").await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let a = c.call(post("/agents/a1/api/echo", &auth, full("payload"))).await;
+    assert_eq!((a.status, a.text().as_str()), (200, "payload"));
+
+    // A member that reads the request and closes: the request went out. GET is retried on the
+    // next member; POST is not (it may have been acted on) and is answered 502.
+    let trap = TrapBackend::start(Trap::Close).await;
+    let good = RestBackend::start("good").await;
+    let proxy = start(&key, &[trap.addr, good.addr], "", "").await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let a = c.get("/agents/a1/api/headers", &[("authorization", &auth)]).await;
+    assert_eq!((a.status, a.header("x-member")), (200, Some("good")));
+    assert_eq!(trap.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let a = c.call(post("/agents/a1/api/echo", &auth, full("once"))).await;
+    assert_eq!(a.status, 502);
+    assert!(good.seen().iter().all(|s| s.method != "POST"), "the POST was not sent a second time");
+    assert_eq!(trap.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// Reads an SSE response's chunks with their arrival times until `n` events came.
+async fn events(
+    resp: hyper::Response<hyper::body::Incoming>,
+    n: usize,
+) -> (Vec<(Instant, String)>, hyper::body::Incoming) {
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let mut text = String::new();
+    while got.len() < n {
+        let frame = tokio::time::timeout(SOON, body.frame()).await.expect("event in time").expect("stream open");
+        let frame = frame.expect("chunk");
+        if let Some(d) = frame.data_ref() {
+            text.push_str(&String::from_utf8_lossy(d));
+            while let Some((event, rest)) = text.split_once("\n\n") {
+                got.push((Instant::now(), event.to_owned()));
+                text = rest.to_owned();
+            }
+        }
+    }
+    (got, body)
+}
+
+/// Waits for the body to end; true when it ended cleanly (last chunk), false on an error.
+async fn ends_cleanly(mut body: hyper::body::Incoming) -> bool {
+    loop {
+        match tokio::time::timeout(SOON, body.frame()).await.expect("stream ends in time") {
+            None => return true,
+            Some(Ok(_)) => continue,
+            Some(Err(_)) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn sse_events_arrive_one_by_one_as_the_backend_sends_them() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "").await;
+    let mut c = H1::connect(proxy.tls, true).await;
+    let started = Instant::now();
+    let resp = c
+        .send(request(
+            "GET",
+            "/agents/a1/api/sse?n=5&gap_ms=250",
+            &[("authorization", &key.bearer(&["a1"]))],
+            full(Bytes::new()),
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("content-type").map(|v| v.as_bytes()), Some(&b"text/event-stream"[..]));
+    let (got, body) = events(resp, 5).await;
+    assert_eq!(
+        got.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>(),
+        ["id: 0\ndata: 0", "id: 1\ndata: 1", "id: 2\ndata: 2", "id: 3\ndata: 3", "id: 4\ndata: 4"]
+    );
+    // Each event came on its own, as sent: not held back until the stream ended.
+    let gaps: Vec<Duration> = got.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    assert!(gaps.iter().all(|g| *g >= Duration::from_millis(150)), "events bunched: gaps {gaps:?}");
+    assert!(got[0].0 - started < Duration::from_millis(900), "first event late: {:?}", got[0].0 - started);
+    assert!(ends_cleanly(body).await);
+}
+
+#[tokio::test]
+async fn an_sse_stream_is_a_session_ended_by_revocation_and_its_expiry() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "").await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let bob = key.token("bob", &["a1"], Duration::from_secs(600));
+    let resp = c
+        .send(request(
+            "GET",
+            "/agents/a1/api/sse?n=1&hold=1",
+            &[("cookie", &format!("portcullis_token={bob}"))],
+            full(Bytes::new()),
+        ))
+        .await;
+    let (_, body) = events(resp, 1).await;
+    let (_, list) = http_get(proxy.admin, "/sessions").await;
+    let list: Value = serde_json::from_str(&list).expect("json");
+    let s = &list["sessions"][0];
+    assert_eq!(
+        (s["kind"].as_str(), s["route"].as_str(), s["subject"].as_str()),
+        (Some("sse"), Some("api"), Some("bob"))
+    );
+    assert_eq!(s["backend"].as_str(), Some(backend.addr.to_string().as_str()));
+    let (status, _) = admin_post(proxy.admin, "/sessions/revoke", &json!({"subject": "bob"}).to_string()).await;
+    assert_eq!(status, 200);
+    assert!(ends_cleanly(body).await, "revocation ends the stream with its last chunk");
+
+    // A token that expires ends the stream at its expiry.
+    let short = key.token("carol", &["a1"], Duration::from_secs(2));
+    let mut c = H1::connect(proxy.plain, false).await;
+    let started = Instant::now();
+    let resp = c
+        .send(request(
+            "GET",
+            "/agents/a1/api/sse?n=1&hold=1",
+            &[("authorization", &format!("Bearer {short}"))],
+            full(Bytes::new()),
+        ))
+        .await;
+    let (_, body) = events(resp, 1).await;
+    assert!(ends_cleanly(body).await);
+    let lasted = started.elapsed();
+    assert!(lasted >= Duration::from_millis(900) && lasted < Duration::from_secs(5), "ended after {lasted:?}");
+    let (_, list) = http_get(proxy.admin, "/sessions").await;
+    assert!(!list.contains("carol") && !list.contains("bob"), "ended streams leave /sessions: {list}");
+}
+
+#[tokio::test]
+async fn drain_ends_sse_streams_cleanly_and_refuses_new_requests() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let mut proxy = start(&key, &[backend.addr], "", "").await;
+    let auth = key.bearer(&["a1"]);
+    let mut c = H1::connect(proxy.plain, false).await;
+    let resp =
+        c.send(request("GET", "/agents/a1/api/sse?n=1&hold=1", &[("authorization", &auth)], full(Bytes::new()))).await;
+    let (_, body) = events(resp, 1).await;
+    let mut other = H1::connect(proxy.plain, false).await;
+    proxy.drain();
+    assert!(ends_cleanly(body).await, "drain ends the stream with its last chunk (EventSource reconnects)");
+    // An idle kept-alive client connection is closed by the drain.
+    tokio::time::timeout(SOON, other.closed()).await.expect("the idle client connection is closed by the drain");
+}
+
+#[tokio::test]
+async fn an_idle_body_is_cut_after_idle_body_timeout() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "idle_body_timeout = \"300ms\"").await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let resp = c
+        .send(request("GET", "/agents/a1/api/stall", &[("authorization", &key.bearer(&["a1"]))], full(Bytes::new())))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let started = Instant::now();
+    assert!(!ends_cleanly(resp.into_body()).await, "a cut body does not look complete");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn http_routes_take_the_same_auth_token_sources_and_origin_policy() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "").await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let a = c.get("/agents/a1/api/headers", &[]).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.header("www-authenticate"), Some("Bearer realm=\"portcullis\""));
+    let forged = hmac().bearer(&["a1"]);
+    let a = c.get("/agents/a1/api/headers", &[("authorization", &forged)]).await;
+    assert_eq!(a.status, 401, "a token signed with another key");
+    assert!(a.header("www-authenticate").is_some_and(|v| v.contains("invalid_token")));
+    let a = c.get("/agents/a2/api/headers", &[("authorization", &key.bearer(&["a1"]))]).await;
+    assert_eq!(a.status, 403, "the token does not grant agent a2");
+    let a = c
+        .get("/agents/a1/api/headers", &[("authorization", &key.bearer(&["a1"])), ("origin", "https://evil.example")])
+        .await;
+    assert_eq!(a.status, 403, "Origin not allowed");
+    assert!(backend.seen().is_empty(), "no refused request reached the backend");
+
+    let token = key.token("alice", &["a1"], Duration::from_secs(600));
+    let a = c
+        .get(
+            "/agents/a1/api/headers",
+            &[("cookie", &format!("theme=dark; portcullis_token={token}")), ("origin", "https://console.example.com")],
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    let a = c.get(&format!("/agents/a1/api/headers?access_token={token}&page=2"), &[]).await;
+    assert_eq!(a.status, 200);
+    let seen = backend.seen();
+    assert_eq!(seen[0].headers.get("cookie").map(String::as_str), Some("theme=dark"), "the token cookie is stripped");
+    assert_eq!(seen[1].uri, "/v1/headers?page=2", "the token query parameter is stripped");
+    for s in &seen {
+        assert!(!format!("{s:?}").contains(&token), "the token reached the backend");
+    }
+}
+
+#[tokio::test]
+async fn route_kinds_refuse_the_other_kind_of_request() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "").await;
+    // An upgrade on the HTTP-only route.
+    let err = upgrade(proxy.plain, false, "/agents/a1/api/terminal", &[("authorization", &key.bearer(&["a1"]))])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.status, 400);
+    // A plain request on the WebSocket-only route `terminal`.
+    let mut c = H1::connect(proxy.plain, false).await;
+    let a = c.get("/agents/a1/terminal", &[]).await;
+    assert_eq!(a.status, 426);
+}
+
+#[tokio::test]
+async fn one_agent_reaches_the_same_sticky_member_over_websocket_and_http() {
+    let members = [RestBackend::start("m1").await, RestBackend::start("m2").await, RestBackend::start("m3").await];
+    let addrs: Vec<SocketAddr> = members.iter().map(|m| m.addr).collect();
+    let key = hmac();
+    let sticky = "[routes.balance]\npolicy = \"sticky\"\nsticky_key = \"capture:agent\"\n";
+    let text = api_config(&key, &addrs, "", "")
+        .set("routes.1.kind", "both")
+        .text()
+        .replace("[routes.auth]", &format!("{sticky}[routes.auth]"));
+    let proxy = Proxy::start_with(&text).await;
+    let agents: Vec<String> = (0..8).map(|i| format!("agent{i}")).collect();
+    let names: Vec<&str> = agents.iter().map(String::as_str).collect();
+    let auth = key.bearer(&names);
+    let mut c = H1::connect(proxy.plain, false).await;
+    let mut used = std::collections::HashSet::new();
+    for agent in &agents {
+        let _ws = upgrade(
+            proxy.plain,
+            false,
+            &format!("/agents/{agent}/api/terminal"),
+            &[("authorization", &auth), ("x-test-agent", agent)],
+        )
+        .await
+        .unwrap_or_else(|h| panic!("upgrade refused: {}", h.status));
+        let a = c.get(&format!("/agents/{agent}/api/headers"), &[("authorization", &auth)]).await;
+        assert_eq!(a.status, 200);
+        let http_member = a.header("x-member").expect("member").to_owned();
+        let ws_member = members.iter().find(|m| {
+            m.seen().iter().any(|s| {
+                s.headers.contains_key("sec-websocket-key")
+                    && s.headers.get("x-test-agent").map(String::as_str) == Some(agent.as_str())
+            })
+        });
+        assert_eq!(ws_member.map(|m| m.name.as_str()), Some(http_member.as_str()), "agent {agent}");
+        used.insert(http_member);
+    }
+    assert!(used.len() > 1, "8 agents spread over more than one member: {used:?}");
+}
+
+#[tokio::test]
+async fn requests_and_streams_are_counted_by_route_and_status_class() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "").await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let auth = key.bearer(&["a1"]);
+    assert_eq!(c.get("/agents/a1/api/headers", &[("authorization", &auth)]).await.status, 200);
+    assert_eq!(c.get("/agents/a1/api/status?code=503", &[("authorization", &auth)]).await.status, 503);
+    assert_eq!(c.get("/agents/a1/api/headers", &[]).await.status, 401);
+    let resp =
+        c.send(request("GET", "/agents/a1/api/sse?n=1&hold=1", &[("authorization", &auth)], full(Bytes::new()))).await;
+    let (_, body) = events(resp, 1).await;
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert!(metric(&m, r#"portcullis_http_requests_total{route="api",kind="request",class="2xx"}"#) >= 1.0, "{m}");
+    assert!(metric(&m, r#"portcullis_http_requests_total{route="api",kind="request",class="5xx"}"#) >= 1.0);
+    assert!(metric(&m, r#"portcullis_http_requests_total{route="api",kind="request",class="4xx"}"#) >= 1.0);
+    assert!(metric(&m, r#"portcullis_http_requests_total{route="api",kind="sse",class="2xx"}"#) >= 1.0);
+    assert!(metric(&m, "portcullis_sse_streams_active") >= 1.0);
+    assert!(metric(&m, r#"portcullis_http_request_duration_seconds_count{route="api"}"#) >= 2.0);
+    drop(body);
+}
+
+#[tokio::test]
+async fn every_request_gets_one_access_log_line_without_its_token_or_query() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = api_config(&key, &[backend.addr], "", "").text();
+    let mut proxy = ProxyProcess::start_with_log(&text, "portcullis=info").await;
+    let token = key.token("alice", &["a1"], Duration::from_secs(600));
+    let mut c = H1::connect(proxy.plain, false).await;
+    let a = c.call(post(&format!("/agents/a1/api/echo?access_token={token}&q=1"), "", full("12345"))).await;
+    assert_eq!(a.status, 401, "an empty Authorization header is malformed, whatever the query holds");
+    let a = c.call(request("POST", &format!("/agents/a1/api/echo?access_token={token}&q=1"), &[], full("12345"))).await;
+    assert_eq!(a.status, 200);
+    let a = c.get("/agents/a1/api/headers", &[]).await;
+    assert_eq!(a.status, 401);
+    drop(c);
+    let logs = proxy.stop_and_collect_logs().await;
+    assert!(!logs.contains(&token), "a token was logged");
+    assert!(!logs.contains("q=1"), "a query string was logged");
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("portcullis::access")).collect();
+    assert_eq!(lines.len(), 3, "one line per request:\n{logs}");
+    let ok = lines[1];
+    for field in [
+        "method=POST",
+        "route=\"api\"",
+        "agent=\"a1\"",
+        "subject=\"alice\"",
+        "status=200",
+        "bytes_in=5",
+        "bytes_out=5",
+        "path=\"/agents/a1/api/echo\"",
+        "duration_ms=",
+    ] {
+        assert!(ok.contains(field), "{field} missing from {ok}");
+    }
+    assert!(lines[2].contains("status=401"), "{}", lines[2]);
+}
