@@ -57,6 +57,13 @@ enum Command {
         /// Only run the demo agent backend (for use with `run --config config/dev.toml`).
         #[arg(long)]
         backend_only: bool,
+        /// The program the demo terminal runs on its PTY.
+        #[arg(long, default_value_t = default_shell())]
+        shell: String,
+        /// Do not install xterm.js with npm when it is missing (the page then shows a plain
+        /// terminal).
+        #[arg(long)]
+        no_npm: bool,
     },
     /// Token tools.
     Token {
@@ -141,8 +148,9 @@ fn main() -> ExitCode {
             };
             report(runtime.block_on(run(config, path)))
         }
-        Command::Demo { listen, admin, backend, dir, backend_only } => {
-            report(runtime.block_on(demo(listen, admin, backend, &dir, backend_only)))
+        Command::Demo { listen, admin, backend, dir, backend_only, shell, no_npm } => {
+            let opts = DemoOpts { backend_only, shell, npm: !no_npm };
+            report(runtime.block_on(demo(listen, admin, backend, &dir, opts)))
         }
         Command::Token { command: TokenCommand::Mint { key, secret_env, alg, sub, claims, ttl, kid, iss, aud } } => {
             report(mint(key.as_deref(), secret_env.as_deref(), &alg, sub, &claims, ttl, kid.as_deref(), iss, aud))
@@ -239,19 +247,38 @@ async fn shutdown_signal() {
     }
 }
 
+/// `$SHELL` when it is set, else `/bin/bash` when it exists, else `/bin/sh`.
+fn default_shell() -> String {
+    std::env::var("SHELL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" }.to_owned())
+}
+
+/// How the demo runs.
+struct DemoOpts {
+    backend_only: bool,
+    shell: String,
+    npm: bool,
+}
+
 async fn demo(
     listen: SocketAddr,
     admin: SocketAddr,
     backend: SocketAddr,
     dir: &Path,
-    backend_only: bool,
+    opts: DemoOpts,
 ) -> anyhow::Result<()> {
+    let DemoOpts { backend_only, shell, npm } = opts;
     let backend_listener = tokio::net::TcpListener::bind(backend)
         .await
         .with_context(|| format!("cannot bind the demo backend on {backend}"))?;
-    let backend_task = tokio::spawn(demo::serve_backend(backend_listener));
+    let web_dir = dir.to_owned();
+    let xterm = tokio::task::spawn_blocking(move || demo::web::ensure_installed(&web_dir, npm)).await?;
+    let agent = std::sync::Arc::new(demo::agent::Agent::new(shell.clone(), xterm.as_ref().ok().cloned()));
+    let backend_task = tokio::spawn(demo::agent::serve(backend_listener, agent));
     if backend_only {
-        eprintln!("demo agent backend listening on ws://{backend} (Ctrl-C to stop)");
+        eprintln!("demo agent backend listening on http://{backend} (Ctrl-C to stop)");
         shutdown_signal().await;
         backend_task.abort();
         return Ok(());
@@ -263,21 +290,32 @@ async fn demo(
     let config = Config::parse(&text, Path::new("<demo>"))?;
     let bound = Bound::bind(&config).await?;
     let exe = "cargo run --release --";
+    let page_note = match &xterm {
+        Ok(_) => "xterm.js installed from the npm registry".to_owned(),
+        Err(why) => format!("plain terminal: {why}"),
+    };
     println!(
         "\nPortcullis demo is running.\n\n\
-         \x20 proxy (TLS)   wss://localhost:{port}/agents/demo/terminal   (echo)\n\
+         Open the agent's page (trust the certificate below, or accept the browser's warning):\n\n\
+         \x20 https://localhost:{port}/agents/demo/#token={token}\n\n\
+         \x20 ({page_note}; the token is in the URL fragment, which browsers never send)\n\n\
+         \x20 proxy (TLS)   wss://localhost:{port}/agents/demo/terminal   (a shell on a PTY: {shell})\n\
          \x20               wss://localhost:{port}/agents/demo/events     (an agent event every second)\n\
-         \x20 admin         http://{admin}/metrics  /live  /ready\n\
-         \x20 demo agent    ws://{backend}\n\
+         \x20               wss://localhost:{port}/agents/demo/echo       (echo, for load tests)\n\
+         \x20               https://localhost:{port}/agents/demo/api/...  (REST: status, tasks; SSE: tasks/ID/output)\n\
+         \x20 admin         http://{admin}/metrics  /live  /ready  /sessions\n\
+         \x20 demo agent    http://{backend} (loopback only)\n\
          \x20 certificate   {cert} (self-signed; trust it as the CA)\n\n\
-         The routes require a JWT that grants the agent (claim \"agents\"). A token for agent\n\
-         \"demo\", valid for one hour (signing key: {jwt_key}):\n\n\
+         Every route but the page requires a JWT that grants the agent (claim \"agents\"). A token\n\
+         for agent \"demo\", valid for one hour (signing key: {jwt_key}):\n\n\
          \x20 TOKEN={token}\n\n\
-         Try it (type a line, see it echoed; Ctrl-D to close):\n\n\
-         \x20 {exe} connect wss://localhost:{port}/agents/demo/terminal --ca {cert} -H \"Authorization: Bearer $TOKEN\"\n\
+         Try it:\n\n\
+         \x20 curl --cacert {cert} -H \"Authorization: Bearer $TOKEN\" https://localhost:{port}/agents/demo/api/status\n\
+         \x20 curl --cacert {cert} -H \"Authorization: Bearer $TOKEN\" -d '{{\"steps\":5}}' https://localhost:{port}/agents/demo/api/tasks\n\
+         \x20 curl --cacert {cert} -H \"Authorization: Bearer $TOKEN\" -N https://localhost:{port}/agents/demo/api/tasks/1/output\n\
+         \x20 {exe} connect wss://localhost:{port}/agents/demo/echo --ca {cert} -H \"Authorization: Bearer $TOKEN\"\n\
          \x20 {exe} connect wss://localhost:{port}/agents/demo/events --ca {cert} -H \"Authorization: Bearer $TOKEN\"\n\
-         \x20 {exe} connect wss://localhost:{port}/agents/other/terminal --ca {cert} -H \"Authorization: Bearer $TOKEN\"   (403)\n\
-         \x20 curl -s http://{admin}/metrics | grep portcullis_\n\
+         \x20 {exe} connect wss://localhost:{port}/agents/other/echo --ca {cert} -H \"Authorization: Bearer $TOKEN\"   (403)\n\
          \x20 curl -s http://{admin}/sessions\n\n\
          Mint more: {exe} token mint --key {jwt_key} --alg ES256 --sub you --claim agents='[\"demo\"]' --ttl 15m\n\n\
          Ctrl-C drains the sessions and stops.\n",

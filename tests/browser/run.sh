@@ -11,7 +11,10 @@
 #   - ["bearer.<token>", "portcullis"]: the 101 answers the marker, the echo comes back;
 #   - ["bearer.<token>"] alone: Chromium fails the handshake (1006), because the backend selects
 #     no subprotocol; this is why the marker exists (docs/security.md);
-#   - a wrong token with the marker: no session (1006 in the browser, 401 at the proxy).
+#   - a wrong token with the marker: no session (1006 in the browser, 401 at the proxy);
+#
+# then runs tests/browser/demo.py: the demo's page (xterm.js terminal on a real PTY, events,
+# REST, a task's SSE output, token expiry), with a screenshot in target/browser/demo.png.
 #
 # Prints `browser: N passed, M failed`; exits non-zero when a case fails. Loopback only; every
 # process it starts is stopped on exit. Binaries: target/debug/{portcullis,portcullis-loadtest}
@@ -137,4 +140,7 @@ else
 fi
 wd DELETE "/session/$SESSION" >/dev/null
 echo "browser: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+# The demo's page: terminal, events, REST, SSE, expiry (tests/browser/demo.py).
+demo_ok=0
+PORTCULLIS_BIN="$PC" CHROMIUM="$CHROMIUM" CHROMEDRIVER="$DRIVER" python3 "$ROOT/tests/browser/demo.py" || demo_ok=1
+[ "$failed" -eq 0 ] && [ "$demo_ok" -eq 0 ]

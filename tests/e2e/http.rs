@@ -582,3 +582,27 @@ async fn every_request_gets_one_access_log_line_without_its_token_or_query() {
     }
     assert!(lines[2].contains("status=401"), "{}", lines[2]);
 }
+
+#[tokio::test]
+async fn an_sse_stream_on_a_removed_route_ends_after_the_grace_period() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let config = api_config(&key, &[backend.addr], "", "").merge("server", "removed_route_grace = \"500ms\"");
+    let proxy = Proxy::start_with(&config.text()).await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let resp = c
+        .send(request(
+            "GET",
+            "/agents/a1/api/sse?n=1&hold=1",
+            &[("authorization", &key.bearer(&["a1"]))],
+            full(Bytes::new()),
+        ))
+        .await;
+    let (_, body) = events(resp, 1).await;
+    let without = config.set("routes.1.name", "renamed").set("routes.1.path", "/elsewhere/{agent}/{*rest}").text();
+    let reloaded = Instant::now();
+    let parsed = portcullis::config::Config::parse(&without, std::path::Path::new("reload.toml")).expect("valid");
+    proxy.handle.reload(parsed).expect("reload");
+    assert!(ends_cleanly(body).await);
+    assert!(reloaded.elapsed() >= Duration::from_millis(400), "not before the grace period");
+}

@@ -10,6 +10,7 @@ mod auth;
 mod cli;
 mod deadlines;
 mod deflate;
+mod demo;
 mod drain;
 mod faults;
 mod handshake;

@@ -1,0 +1,178 @@
+// The demo page: a terminal (xterm.js on the agent's PTY), the agent's event stream and a
+// task's live output, all through Portcullis on this page's origin.
+//
+// Authentication: the demo banner prints a URL whose fragment carries the token
+// (`#token=...`). A fragment is never sent to a server, so the token is in no request line
+// and no access log. The page takes it out of the address bar at once, then:
+//   - sets the cookie `portcullis_token` (Secure, SameSite=Strict, only for this agent's
+//     paths): the REST calls, the SSE stream and the events WebSocket use it;
+//   - opens the terminal with the token as a subprotocol entry, `["bearer.<token>",
+//     "portcullis"]`: the proxy answers the `portcullis` marker (docs/security.md).
+"use strict";
+
+const agent = document.currentScript.dataset.agent;
+const base = `/agents/${agent}`;
+const $ = (id) => document.getElementById(id);
+
+function takeToken() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const fromUrl = params.get("token");
+  if (fromUrl) {
+    history.replaceState(null, "", location.pathname + location.search);
+    sessionStorage.setItem("portcullis_token", fromUrl);
+  }
+  const token = fromUrl || sessionStorage.getItem("portcullis_token");
+  if (token) {
+    document.cookie = `portcullis_token=${token}; Path=${base}; Secure; SameSite=Strict; Max-Age=3600`;
+  }
+  return token;
+}
+
+const token = takeToken();
+$("auth-state").textContent = token ? "token: from the page URL" : "no token: open the URL the demo printed";
+$("auth-state").className = "pill " + (token ? "ok" : "bad");
+const wsBase = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${base}`;
+
+// ---------------------------------------------------------------------------------------------
+// Terminal
+
+function fallbackTerminal(el) {
+  // Without xterm.js (npm packages not installed): a plain view of the output, keys sent as typed.
+  const pre = document.createElement("pre");
+  pre.id = "fallback";
+  pre.tabIndex = 0;
+  el.replaceWith(pre);
+  const listeners = [];
+  pre.addEventListener("keydown", (e) => {
+    const keys = { Enter: "\r", Backspace: "\x7f", Tab: "\t", Escape: "\x1b" };
+    const data = keys[e.key] || (e.key.length === 1 ? (e.ctrlKey ? String.fromCharCode(e.key.toUpperCase().charCodeAt(0) - 64) : e.key) : "");
+    if (data) { e.preventDefault(); listeners.forEach((f) => f(data)); }
+  });
+  return {
+    cols: 80, rows: 24,
+    write(bytes) {
+      const text = new TextDecoder().decode(bytes).replace(/\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r/g, "");
+      pre.textContent += text;
+      pre.scrollTop = pre.scrollHeight;
+    },
+    onData(f) { listeners.push(f); },
+    onResize() {},
+    focus() { pre.focus(); },
+    fit() {},
+  };
+}
+
+function makeTerminal() {
+  const el = $("terminal");
+  if (typeof Terminal === "undefined") {
+    return fallbackTerminal(el);
+  }
+  const term = new Terminal({ cursorBlink: true, fontSize: 14, convertEol: false, scrollback: 5000 });
+  const fit = new FitAddon.FitAddon();
+  term.loadAddon(fit);
+  term.open(el);
+  term.fit = () => fit.fit();
+  term.fit();
+  window.addEventListener("resize", () => term.fit());
+  return term;
+}
+
+const term = makeTerminal();
+window.portcullisTerminal = term;
+
+function showSize() {
+  $("term-size").textContent = `${term.rows}x${term.cols}`;
+}
+
+function connectTerminal() {
+  const ws = new WebSocket(`${wsBase}/terminal`, token ? [`bearer.${token}`, "portcullis"] : []);
+  ws.binaryType = "arraybuffer";
+  const sendSize = () => {
+    showSize();
+    if (ws.readyState === WebSocket.OPEN) {
+      ws.send(JSON.stringify({ type: "resize", cols: term.cols, rows: term.rows }));
+    }
+  };
+  ws.onopen = () => {
+    $("term-state").textContent = `open (subprotocol ${ws.protocol})`;
+    $("term-state").className = "ok";
+    sendSize();
+    term.focus();
+  };
+  ws.onmessage = (m) => term.write(new Uint8Array(m.data));
+  ws.onclose = (e) => {
+    $("term-state").textContent = `closed ${e.code}${e.reason ? ": " + e.reason : ""}`;
+    $("term-state").className = "bad";
+  };
+  const encoder = new TextEncoder();
+  term.onData((d) => ws.readyState === WebSocket.OPEN && ws.send(encoder.encode(d)));
+  term.onResize(sendSize);
+  window.portcullisTerminalSocket = ws;
+}
+
+connectTerminal();
+
+// ---------------------------------------------------------------------------------------------
+// Events (cookie auth)
+
+function connectEvents() {
+  const ws = new WebSocket(`${wsBase}/events`);
+  let count = 0;
+  ws.onopen = () => { $("events-state").textContent = "open"; $("events-state").className = "ok"; };
+  ws.onmessage = (m) => {
+    count += 1;
+    let seq = "?";
+    try { seq = JSON.parse(m.data).seq; } catch (_) {}
+    $("events-count").textContent = String(count);
+    $("events-seq").textContent = String(seq);
+    const log = $("events-log");
+    log.textContent = (m.data + "\n" + log.textContent).slice(0, 4000);
+  };
+  ws.onclose = (e) => {
+    $("events-state").textContent = `closed ${e.code}${e.reason ? ": " + e.reason : ""}`;
+    $("events-state").className = "bad";
+  };
+}
+
+connectEvents();
+
+// ---------------------------------------------------------------------------------------------
+// REST status and a task's SSE output (cookie auth)
+
+async function refreshStatus() {
+  try {
+    const r = await fetch(`${base}/api/status`, { credentials: "same-origin" });
+    const s = r.ok ? await r.json() : null;
+    $("agent-status").textContent = s ? `status: ${s.status} · up ${s.uptime_seconds}s · ${s.tasks} tasks` : `status: HTTP ${r.status}`;
+    $("agent-status").className = "pill " + (r.ok ? "ok" : "bad");
+  } catch (e) {
+    $("agent-status").textContent = "status: unreachable";
+  }
+}
+
+refreshStatus();
+setInterval(refreshStatus, 5000);
+
+$("run-task").addEventListener("click", async () => {
+  const out = $("task-output");
+  out.textContent = "";
+  const r = await fetch(`${base}/api/tasks`, {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ name: "demo-task", steps: 6 }),
+  });
+  if (!r.ok) {
+    $("task-state").textContent = `could not start: HTTP ${r.status}`;
+    return;
+  }
+  const task = await r.json();
+  $("task-state").textContent = `task ${task.id} running`;
+  const es = new EventSource(`${base}/api/tasks/${task.id}/output`);
+  es.addEventListener("line", (e) => { out.textContent += e.data + "\n"; });
+  es.addEventListener("done", () => {
+    $("task-state").textContent = `task ${task.id} done`;
+    es.close();
+  });
+  es.onerror = () => { if (es.readyState === EventSource.CLOSED) $("task-state").textContent = "stream closed"; };
+});

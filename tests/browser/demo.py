@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""The demo's web page in a real browser: headless Chromium driven over WebDriver.
+
+    tests/browser/demo.py            (tests/browser/run.sh runs it after its own cases)
+
+Starts `portcullis demo` on free loopback ports (it installs xterm.js with npm once, into its
+own directory), opens the page with the token in the URL fragment as the demo banner prints it,
+and checks, through Portcullis:
+
+  - the token leaves the address bar and appears in no log line of the proxy;
+  - the terminal opens with the subprotocol source (the 101 selects the `portcullis` marker);
+  - typing `echo portcullis-<random>` shows the real shell's output;
+  - a window resize reaches the PTY: `stty size` prints the terminal's rows and columns;
+  - the events WebSocket (cookie source) ticks;
+  - the agent status (REST, cookie source) loads;
+  - a task's SSE output appears line by line;
+  - a token that expires closes the terminal with 1008, and the page says so.
+
+Saves a screenshot (path printed). Prints `demo page: N passed, M failed`; exits non-zero on a
+failure. Only the Python standard library; chromium and chromedriver from Debian's packages.
+"""
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+PC = os.environ.get("PORTCULLIS_BIN", os.path.join(ROOT, "target", "debug", "portcullis"))
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
+OUT = os.path.join(ROOT, "target", "browser")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"demo page: nothing listens on {port}")
+
+
+class WebDriver:
+    def __init__(self, port, profile):
+        self.base = f"http://127.0.0.1:{port}"
+        caps = {
+            "capabilities": {
+                "alwaysMatch": {
+                    "browserName": "chrome",
+                    "acceptInsecureCerts": True,
+                    "goog:chromeOptions": {
+                        "binary": CHROMIUM,
+                        "args": [
+                            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                            "--ignore-certificate-errors", "--window-size=1000,700", f"--user-data-dir={profile}",
+                        ],
+                    },
+                }
+            }
+        }
+        self.session = self.call("POST", "/session", caps)["sessionId"]
+
+    def call(self, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.load(r)["value"]
+
+    def s(self, method, path, body=None):
+        return self.call(method, f"/session/{self.session}{path}", body)
+
+    def js(self, script, *args):
+        return self.s("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def find(self, css):
+        el = self.s("POST", "/element", {"using": "css selector", "value": css})
+        return next(iter(el.values()))
+
+    def type(self, css, text):
+        self.s("POST", f"/element/{self.find(css)}/value", {"text": text})
+
+    def wait(self, what, fn, seconds=15):
+        deadline = time.time() + seconds
+        last = None
+        while time.time() < deadline:
+            last = fn()
+            if last:
+                return last
+            time.sleep(0.1)
+        raise AssertionError(f"{what}: timed out (last: {last!r})")
+
+
+TERMINAL_TEXT = """
+const t = window.portcullisTerminal;
+if (t && t.buffer) {
+  const b = t.buffer.active, lines = [];
+  for (let i = 0; i < b.length; i++) lines.push(b.getLine(i).translateToString(true));
+  return lines.join("\\n");
+}
+const f = document.getElementById("fallback");
+return f ? f.textContent : "";
+"""
+
+
+def text_of(wd, element_id):
+    return wd.js("const e = document.getElementById(arguments[0]); return e ? e.textContent : null;", element_id)
+
+
+def main():
+    if not CHROMIUM or not DRIVER:
+        raise SystemExit("demo page: chromium and chromedriver are required (apt-get install chromium chromium-driver)")
+    if not os.access(PC, os.X_OK):
+        subprocess.run(["cargo", "build", "--quiet", "--bin", "portcullis"], cwd=ROOT, check=True)
+    os.makedirs(OUT, exist_ok=True)
+    run = tempfile.mkdtemp(prefix="portcullis-demo-page-")
+    procs = []
+    passed, failed = [], []
+
+    def check(name, fn):
+        try:
+            detail = fn()
+            passed.append(name)
+            print(f"  ok: {name}{': ' + detail if isinstance(detail, str) else ''}")
+        except Exception as e:  # noqa: BLE001 (a check that fails for any reason is a failure)
+            failed.append(name)
+            print(f"  FAILED: {name}: {e}")
+
+    try:
+        port, admin, backend, driver_port = free_port(), free_port(), free_port(), free_port()
+        # The npm packages are kept across runs (the demo installs them once).
+        demo_dir = os.path.join(ROOT, "target", "browser-demo")
+        log = open(os.path.join(run, "demo.log"), "w")
+        env = dict(os.environ, RUST_LOG="portcullis=info", NO_COLOR="1")
+        demo = subprocess.Popen(
+            [PC, "demo", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+             "--backend", f"127.0.0.1:{backend}", "--dir", demo_dir, "--shell", "/bin/bash"],
+            stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        procs.append(demo)
+        banner = []
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            line = demo.stdout.readline()
+            if not line:
+                break
+            banner.append(line)
+            if "Ctrl-C drains" in line:
+                break
+        banner = "".join(banner)
+        url = re.search(r"(https://localhost:\d+/agents/demo/#token=\S+)", banner)
+        token = re.search(r"TOKEN=(\S+)", banner)
+        if not url or not token:
+            raise SystemExit(f"demo page: no page URL in the banner:\n{banner}")
+        url, token = url.group(1), token.group(1)
+        xterm = "xterm.js installed" in banner
+        print(f"demo page: {'xterm.js' if xterm else 'fallback terminal (no npm)'}; {url.split('#')[0]}")
+        wait_port(port)
+
+        procs.append(subprocess.Popen([DRIVER, f"--port={driver_port}"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        wait_port(driver_port)
+        wd = WebDriver(driver_port, os.path.join(run, "profile"))
+        wd.s("POST", "/url", {"url": url})
+
+        def token_leaves_the_url():
+            wd.wait("page loaded", lambda: text_of(wd, "auth-state"))
+            href = wd.js("return location.href;")
+            assert "#token" not in href and token not in href, href
+            return href
+
+        check("the token leaves the address bar", token_leaves_the_url)
+
+        def terminal_opens():
+            state = wd.wait("terminal open", lambda: (s := text_of(wd, "term-state")) and s != "connecting" and s)
+            assert state == "open (subprotocol portcullis)", state
+            return state
+
+        check("the terminal opens with the subprotocol source (marker selected)", terminal_opens)
+
+        word = f"portcullis-{random.randint(0, 10**9)}"
+        css = ".xterm-helper-textarea" if xterm else "#fallback"
+
+        def shell_output():
+            wd.type(css, f"echo {word}\ue007")
+            wd.wait("the shell's output", lambda: wd.js(TERMINAL_TEXT).count(word) >= 2)
+            return f"{word} echoed by the shell"
+
+        check("typing a command shows the real shell's output", shell_output)
+
+        def resize_reaches_the_pty():
+            before = text_of(wd, "term-size")
+            wd.s("POST", "/window/rect", {"width": 1400, "height": 950})
+            size = wd.wait("new size", lambda: (s := text_of(wd, "term-size")) != before and s)
+            rows, cols = size.split("x")
+            wd.type(css, "stty size\ue007")
+            wd.wait(f"stty size = {rows} {cols}", lambda: f"{rows} {cols}" in wd.js(TERMINAL_TEXT))
+            return f"{before} -> {size}, stty says {rows} {cols}"
+
+        if xterm:
+            check("a window resize reaches the PTY (stty size)", resize_reaches_the_pty)
+        else:
+            failed.append("resize")
+            print("  FAILED: a window resize reaches the PTY: needs xterm.js (npm)")
+
+        def events_tick():
+            first = int(wd.wait("an event", lambda: int(text_of(wd, "events-count") or 0) > 0 and text_of(wd, "events-count")))
+            wd.wait("more events", lambda: int(text_of(wd, "events-count") or 0) >= first + 2, seconds=10)
+            assert text_of(wd, "events-state") == "open"
+            return f"seq {text_of(wd, 'events-seq')}"
+
+        check("the events WebSocket (cookie source) ticks", events_tick)
+
+        def status_loads():
+            s = wd.wait("status", lambda: (t := text_of(wd, "agent-status")) and "running" in t and t)
+            return s
+
+        check("the agent status loads over REST (cookie source)", status_loads)
+
+        def task_streams():
+            wd.s("POST", f"/element/{wd.find('#run-task')}/click", {})
+            counts = set()
+            deadline = time.time() + 15
+            while time.time() < deadline:
+                out = text_of(wd, "task-output") or ""
+                counts.add(out.count("step "))
+                if "done" in (text_of(wd, "task-state") or ""):
+                    break
+                time.sleep(0.05)
+            assert "done" in text_of(wd, "task-state"), text_of(wd, "task-state")
+            assert max(counts) == 6, counts
+            partial = sorted(c for c in counts if 0 < c < 6)
+            assert len(partial) >= 3, f"lines did not arrive one by one: counts seen {sorted(counts)}"
+            return f"line counts seen while streaming: {sorted(counts)}"
+
+        check("a task's SSE output appears line by line", task_streams)
+
+        shot = os.path.join(OUT, "demo.png")
+        with open(shot, "wb") as f:
+            f.write(base64.b64decode(wd.s("GET", "/screenshot")))
+        print(f"  screenshot: {shot}")
+
+        def expiry_closes_with_1008():
+            key = os.path.join(demo_dir, "jwt-private.pem")
+            short = subprocess.run(
+                [PC, "token", "mint", "--key", key, "--alg", "ES256", "--sub", "expiring", "--claim",
+                 'agents=["demo"]', "--ttl", "3s"], capture_output=True, text=True, check=True).stdout.strip()
+            started = time.time()
+            # A new document (not a same-document fragment change): the page reads the new token.
+            wd.s("POST", "/url", {"url": "about:blank"})
+            wd.s("POST", "/url", {"url": url.split("#")[0] + "#token=" + short})
+            wd.wait("terminal open", lambda: (text_of(wd, "term-state") or "").startswith("open"))
+            state = wd.wait("terminal closed", lambda: (s := text_of(wd, "term-state")) and s.startswith("closed") and s, seconds=20)
+            assert state.startswith("closed 1008"), state
+            took = time.time() - started
+            assert took >= 2.5, f"closed after {took:.1f}s, before the token expired"
+            return f"{state} after {took:.1f}s"
+
+        check("a token that expires closes the terminal with 1008, and the page says so", expiry_closes_with_1008)
+
+        wd.s("DELETE", "")
+        demo.terminate()
+        demo.wait(timeout=20)
+        log.close()
+        logged = open(os.path.join(run, "demo.log")).read()
+
+        def no_token_in_logs():
+            assert token not in logged, "the page's token appears in the proxy's log"
+            assert "access" in logged, "no access-log lines at all (is the log filter right?)"
+            return f"{logged.count('portcullis::access')} access-log lines, none with the token"
+
+        check("the token appears in no log line", no_token_in_logs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=20)
+        shutil.rmtree(run, ignore_errors=True)
+
+    print(f"demo page: {len(passed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
