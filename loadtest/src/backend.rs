@@ -39,6 +39,10 @@ pub enum Mode {
     Source,
     /// Echo keystrokes and send bursts of output at random intervals.
     Terminal,
+    /// Dashboards: sessions on the same path are one agent's watchers. Once `watchers` of them
+    /// have joined (or `start_after` passed), the agent publishes `events` timed messages at
+    /// `rate` per second to all of them, in order, then closes each with 1000.
+    Broadcast,
 }
 
 /// Backend settings.
@@ -72,6 +76,16 @@ pub struct BackendOptions {
     /// default the first offered one is selected.
     #[arg(long)]
     pub no_subprotocol: bool,
+    /// Broadcast: watchers per agent (path) before its events start.
+    #[arg(long, default_value_t = 50)]
+    pub watchers: usize,
+    /// Broadcast: events each agent publishes.
+    #[arg(long, default_value_t = 100)]
+    pub events: u64,
+    /// Broadcast: start an agent's events this long after its first watcher joined, even if
+    /// fewer than `watchers` came.
+    #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
+    pub start_after: Duration,
 }
 
 impl BackendOptions {
@@ -87,6 +101,9 @@ impl BackendOptions {
             tls_cert: None,
             tls_key: None,
             no_subprotocol: false,
+            watchers: 50,
+            events: 100,
+            start_after: Duration::from_secs(30),
         }
     }
 }
@@ -99,6 +116,15 @@ struct Shared {
     received: AtomicU64,
     /// Whether the one stall has happened.
     stalled: AtomicBool,
+    /// Broadcast: one group of watchers per path.
+    groups: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Group>>>>,
+}
+
+/// One agent's watchers (broadcast mode): the events go out on `tx` once enough joined.
+struct Group {
+    tx: tokio::sync::broadcast::Sender<Bytes>,
+    joined: std::sync::atomic::AtomicUsize,
+    start: tokio::sync::Notify,
 }
 
 /// Serves WebSocket sessions on an already bound `listener` until the task is dropped.
@@ -125,7 +151,8 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::Tls
 
 /// Like [`serve`], over TLS when `tls` is given.
 pub async fn serve_with(listener: TcpListener, opts: BackendOptions, tls: Option<tokio_rustls::TlsAcceptor>) {
-    let shared = Arc::new(Shared { opts, received: AtomicU64::new(0), stalled: AtomicBool::new(false) });
+    let shared =
+        Arc::new(Shared { opts, received: AtomicU64::new(0), stalled: AtomicBool::new(false), groups: Arc::default() });
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(x) => x,
@@ -158,11 +185,15 @@ pub async fn serve_with(listener: TcpListener, opts: BackendOptions, tls: Option
 async fn request(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Empty<Bytes>>, Infallible> {
     let protocol = req.headers().get("sec-websocket-protocol").cloned();
     let select_none = shared.opts.no_subprotocol;
+    let path = req.uri().path().to_owned();
     match upgrade::upgrade(&mut req) {
         Ok((mut resp, fut)) => {
             tokio::spawn(async move {
                 if let Ok(ws) = fut.await {
-                    let _ = session(ws, &shared).await;
+                    let _ = match shared.opts.mode {
+                        Mode::Broadcast => watcher(ws, &shared, &path).await,
+                        _ => session(ws, &shared).await,
+                    };
                 }
             });
             // Accept the first offered subprotocol so clients that offer one are satisfied.
@@ -188,7 +219,77 @@ async fn session(ws: Ws, shared: &Shared) -> Result<(), WebSocketError> {
     match shared.opts.mode {
         Mode::Echo | Mode::Sink => echo_or_sink(ws, shared).await,
         Mode::Source | Mode::Terminal => with_output(ws, shared).await,
+        Mode::Broadcast => Ok(()),
     }
+}
+
+/// The group for `path`, made (with its publisher) by its first watcher.
+fn group(shared: &Shared, path: &str) -> Arc<Group> {
+    let mut groups = shared.groups.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(g) = groups.get(path) {
+        return g.clone();
+    }
+    let capacity = (shared.opts.events as usize).clamp(1, 1 << 16);
+    let g = Arc::new(Group {
+        tx: tokio::sync::broadcast::channel(capacity).0,
+        joined: std::sync::atomic::AtomicUsize::new(0),
+        start: tokio::sync::Notify::new(),
+    });
+    groups.insert(path.to_owned(), g.clone());
+    let (publisher, opts, groups, path) = (g.clone(), shared.opts.clone(), shared.groups.clone(), path.to_owned());
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(opts.start_after, publisher.start.notified()).await;
+        let gap = if opts.rate > 0.0 { Duration::from_secs_f64(1.0 / opts.rate) } else { Duration::ZERO };
+        let mut next = tokio::time::Instant::now();
+        for seq in 0..opts.events {
+            if !gap.is_zero() {
+                tokio::time::sleep_until(next).await;
+                next += gap;
+            }
+            let msg = wire::encode_at(Kind::Backend, 0, seq, opts.size, wire::now_us());
+            let _ = publisher.tx.send(Bytes::from(msg));
+        }
+        // The group is done: a later watcher of this path starts a new one. Dropping the last
+        // sender ends every watcher's stream after the last event.
+        groups.lock().unwrap_or_else(|p| p.into_inner()).remove(&path);
+    });
+    g
+}
+
+/// A watcher of one agent (broadcast mode): every event of its group, then a 1000 close.
+async fn watcher(ws: Ws, shared: &Shared, path: &str) -> Result<(), WebSocketError> {
+    let g = group(shared, path);
+    let mut events = g.tx.subscribe();
+    if g.joined.fetch_add(1, Ordering::AcqRel) + 1 >= shared.opts.watchers {
+        g.start.notify_one();
+    }
+    // Only the publisher task holds the sender from here on: when it is done the stream ends.
+    drop(g);
+    let (rx, mut tx) = ws.split(tokio::io::split);
+    let mut rx = FragmentCollectorRead::new(rx);
+    let reader = tokio::spawn(async move {
+        // Read (and answer nothing to) whatever the client sends until it goes.
+        while let Ok(f) = rx.read_frame(&mut |_| async { Ok::<_, WebSocketError>(()) }).await {
+            if f.opcode == OpCode::Close {
+                break;
+            }
+        }
+    });
+    let result = loop {
+        match events.recv().await {
+            Ok(msg) => {
+                if let Err(e) = tx.write_frame(Frame::binary(Payload::Borrowed(&msg))).await {
+                    break Err(e);
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                break tx.write_frame(Frame::close(1000, b"events done")).await;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    result
 }
 
 /// Counts a received data message and applies the stall fault; returns its 1-based number.

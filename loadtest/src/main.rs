@@ -34,6 +34,8 @@ enum Command {
     Storm(ScenarioArgs),
     /// Keystrokes at human rates (use a `--mode terminal` backend); keystroke-to-echo latency.
     Terminal(ScenarioArgs),
+    /// Dashboards: watchers per agent receive every event (a `--mode broadcast` backend), in order.
+    Watch(ScenarioArgs),
     /// Run a TOML scenario file (see loadtest/scenarios/).
     Run {
         /// The scenario file.
@@ -128,6 +130,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Idle(a) => (with_kind(a.scenario, Kind::Idle), a.output),
         Command::Storm(a) => (with_kind(a.scenario, Kind::Storm), a.output),
         Command::Terminal(a) => (with_kind(a.scenario, Kind::Terminal), a.output),
+        Command::Watch(a) => (with_kind(a.scenario, Kind::Watch), a.output),
         Command::Run { file, target, pid, output } => {
             let mut s = match Scenario::from_file(&file) {
                 Ok(s) => s,

@@ -33,6 +33,10 @@ pub enum Kind {
     Storm,
     /// Keystrokes at human rates against a terminal backend; keystroke-to-echo latency.
     Terminal,
+    /// Dashboards: `connections` watchers, `watchers` per agent, each receiving every event its
+    /// agent publishes (a `--mode broadcast` backend), checked in order; publish-to-receive
+    /// latency per watcher.
+    Watch,
 }
 
 impl Kind {
@@ -44,6 +48,7 @@ impl Kind {
             Kind::Idle => "idle",
             Kind::Storm => "storm",
             Kind::Terminal => "terminal",
+            Kind::Watch => "watch",
         }
     }
 }
@@ -127,6 +132,13 @@ pub struct Scenario {
     /// (0 = run for the whole duration).
     #[arg(long, default_value_t = 0)]
     pub sessions: u64,
+    /// Watch: watchers per agent (connection `i` watches agent `i / watchers`; write the
+    /// target as `.../agents/agent-{conn / 50}/events`).
+    #[arg(long, default_value_t = 50)]
+    pub watchers: u64,
+    /// Watch: events each agent publishes (the backend's `--events`).
+    #[arg(long, default_value_t = 100)]
+    pub events: u64,
     /// Token settings (a `[token]` table in scenario files).
     #[command(flatten)]
     pub token: TokenOptions,
@@ -158,6 +170,8 @@ impl Default for Scenario {
             conn_offset: 0,
             procs: 1,
             sessions: 0,
+            watchers: 50,
+            events: 100,
             token: TokenOptions { alg: "ES256".into(), token_via: "header".into(), ..TokenOptions::default() },
         }
     }
@@ -255,6 +269,24 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
                 }
             }
             report.duration_s = s.duration.as_secs_f64();
+        }
+        Kind::Watch => {
+            // Every watcher ends when its agent's events are done; `duration` bounds the run.
+            let end = t0 + s.ramp_time() + s.duration;
+            let mut tasks = Vec::new();
+            for i in 0..s.connections {
+                let (s2, target, stats) = (s.clone(), target.clone(), stats.clone());
+                tasks.push(tokio::spawn(async move { watch_session(&s2, &target, &stats, i, t0, end).await }));
+            }
+            let mut watchers = Vec::new();
+            for t in tasks {
+                if let Ok(Some(w)) = t.await {
+                    watchers.push(w);
+                }
+            }
+            loaded = s.pid.as_ref().and_then(|p| p.sample().ok());
+            report.duration_s = t0.elapsed().as_secs_f64();
+            report.watch = Some(WatchSummary::of(s, &watchers));
         }
         Kind::Storm => {
             let end = t0 + s.duration;
@@ -767,4 +799,132 @@ fn classify(e: &WebSocketError) -> (&'static str, String) {
         _ => "protocol",
     };
     (kind, e.to_string())
+}
+
+/// What one watcher saw.
+pub struct Watcher {
+    /// Events received.
+    pub received: u64,
+    /// Every event, in order, none missing or repeated.
+    pub complete: bool,
+    /// Its publish-to-receive latency, µs.
+    pub latency: Hist,
+}
+
+/// The dashboards run in numbers: how many watchers saw everything, and the spread of their
+/// latency percentiles (each watcher's p50 and p99, summarised over the watchers).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct WatchSummary {
+    /// Agents (groups of watchers).
+    pub agents: u64,
+    /// Watchers per agent.
+    pub watchers_per_agent: u64,
+    /// Events each agent published.
+    pub events_per_agent: u64,
+    /// Watchers that opened.
+    pub watchers: u64,
+    /// Watchers that received every event of their agent, in order.
+    pub complete: u64,
+    /// Each watcher's median latency, summarised over the watchers (µs).
+    pub per_watcher_p50_us: crate::stats::Percentiles,
+    /// Each watcher's 99th-percentile latency, summarised over the watchers (µs).
+    pub per_watcher_p99_us: crate::stats::Percentiles,
+}
+
+impl WatchSummary {
+    fn of(s: &Scenario, watchers: &[Watcher]) -> WatchSummary {
+        let mut p50 = Hist::default();
+        let mut p99 = Hist::default();
+        for w in watchers.iter().filter(|w| !w.latency.0.is_empty()) {
+            p50.record(w.latency.0.value_at_quantile(0.50));
+            p99.record(w.latency.0.value_at_quantile(0.99));
+        }
+        WatchSummary {
+            agents: s.connections.div_ceil(s.watchers.max(1)),
+            watchers_per_agent: s.watchers,
+            events_per_agent: s.events,
+            watchers: watchers.len() as u64,
+            complete: watchers.iter().filter(|w| w.complete).count() as u64,
+            per_watcher_p50_us: crate::stats::Percentiles::of(&p50.0),
+            per_watcher_p99_us: crate::stats::Percentiles::of(&p99.0),
+        }
+    }
+}
+
+/// One watcher: every event of its agent, checked for order and completeness, until the close.
+async fn watch_session(
+    s: &Scenario,
+    target: &Target,
+    stats: &Stats,
+    i: u64,
+    t0: Instant,
+    end: Instant,
+) -> Option<Watcher> {
+    tokio::time::sleep_until(s.start_of(t0, i)).await;
+    let ws = open(s, target, stats, s.conn_offset + i).await?;
+    let mut ws = FragmentCollector::new(ws);
+    let mut w = Watcher { received: 0, complete: false, latency: Hist::default() };
+    let mut next = 0u64;
+    let mut clean = true;
+    loop {
+        let frame = match tokio::time::timeout_at(end, ws.read_frame()).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                stats.error("read", || e.to_string());
+                clean = false;
+                break;
+            }
+            Err(_) => {
+                stats.error("watch timeout", || format!("events still missing at the end of the run (got {next})"));
+                clean = false;
+                break;
+            }
+        };
+        match frame.opcode {
+            OpCode::Binary | OpCode::Text => {
+                let received_at = wire::now_us();
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                stats.bytes_received.fetch_add(frame.payload.len() as u64, Ordering::Relaxed);
+                w.received += 1;
+                let seq = match wire::decode(&frame.payload) {
+                    Ok(h) if h.kind == MsgKind::Backend => h.seq,
+                    _ => {
+                        stats.corrupted.fetch_add(1, Ordering::Relaxed);
+                        clean = false;
+                        continue;
+                    }
+                };
+                if let Some(sent) = wire::sent_us(&frame.payload) {
+                    let us = received_at.saturating_sub(sent);
+                    w.latency.record(us);
+                    stats.latency.lock().unwrap_or_else(|p| p.into_inner()).record(us);
+                }
+                match seq.cmp(&next) {
+                    std::cmp::Ordering::Equal => next += 1,
+                    std::cmp::Ordering::Greater => {
+                        stats.lost.fetch_add(seq - next, Ordering::Relaxed);
+                        clean = false;
+                        next = seq + 1;
+                    }
+                    std::cmp::Ordering::Less => {
+                        stats.reordered.fetch_add(1, Ordering::Relaxed);
+                        clean = false;
+                    }
+                }
+            }
+            OpCode::Close => {
+                let code = close_code(&frame.payload);
+                stats.close_code(code);
+                break;
+            }
+            _ => {}
+        }
+    }
+    if next < s.events {
+        stats.lost.fetch_add(s.events - next, Ordering::Relaxed);
+        clean = false;
+    }
+    stats.open.fetch_sub(1, Ordering::Relaxed);
+    w.complete = clean && next == s.events;
+    Some(w)
 }

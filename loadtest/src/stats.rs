@@ -262,6 +262,9 @@ pub struct Report {
     pub handshake_hist: Vec<(u64, u64)>,
     /// Things the reader must know (descriptor limit capped the run, ...).
     pub notes: Vec<String>,
+    /// The dashboards scenario's per-watcher view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<crate::scenario::WatchSummary>,
 }
 
 impl Report {
@@ -389,6 +392,15 @@ impl Report {
         };
         row(&mut s, "latency", &self.latency_us);
         row(&mut s, "handshake", &self.handshake_us);
+        if let Some(w) = &self.watch {
+            let _ = writeln!(
+                s,
+                "watchers      {} agents × {} watchers, {} events each: {} of {} watchers got every event in order",
+                w.agents, w.watchers_per_agent, w.events_per_agent, w.complete, w.watchers
+            );
+            row(&mut s, "watcher p50", &w.per_watcher_p50_us);
+            row(&mut s, "watcher p99", &w.per_watcher_p99_us);
+        }
         if let Some(p) = &self.process {
             let _ = writeln!(
                 s,

@@ -68,6 +68,29 @@ pub fn encode(kind: Kind, conn: u64, seq: u64, size: usize) -> Vec<u8> {
     buf
 }
 
+/// Size of a message that carries a send time (see [`encode_at`]).
+pub const TIMED_LEN: usize = HEADER_LEN + 8;
+
+/// Like [`encode`], with `sent_us` (microseconds since the Unix epoch, the sender's clock) in
+/// the 8 bytes after the header, covered by the checksum; at least [`TIMED_LEN`] bytes.
+pub fn encode_at(kind: Kind, conn: u64, seq: u64, size: usize, sent_us: u64) -> Vec<u8> {
+    let mut buf = encode(kind, conn, seq, size.max(TIMED_LEN));
+    buf[HEADER_LEN..TIMED_LEN].copy_from_slice(&sent_us.to_le_bytes());
+    let sum = checksum(&buf);
+    buf[24..32].copy_from_slice(&sum.to_le_bytes());
+    buf
+}
+
+/// The send time written by [`encode_at`] (check the message with [`decode`] first).
+pub fn sent_us(buf: &[u8]) -> Option<u64> {
+    buf.get(HEADER_LEN..TIMED_LEN).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Parses and verifies a received message.
 pub fn decode(buf: &[u8]) -> Result<Header, Invalid> {
     if buf.len() < HEADER_LEN || buf[0..4] != MAGIC {
@@ -118,6 +141,17 @@ mod tests {
             bad[i] ^= 0x20;
             assert!(decode(&bad).is_err(), "flip at {i} not detected");
         }
+    }
+
+    #[test]
+    fn timed_messages_carry_their_send_time_under_the_checksum() {
+        let msg = encode_at(Kind::Backend, 3, 9, 10, 1_234_567);
+        assert_eq!(msg.len(), TIMED_LEN);
+        assert_eq!(decode(&msg), Ok(Header { kind: Kind::Backend, conn: 3, seq: 9 }));
+        assert_eq!(sent_us(&msg), Some(1_234_567));
+        let mut bad = msg.clone();
+        bad[HEADER_LEN] ^= 1;
+        assert!(decode(&bad).is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod mint;
 
 mod auth;
 mod cli;
+mod dashboards;
 mod deadlines;
 mod deflate;
 mod demo;

@@ -1,0 +1,50 @@
+//! Many dashboards: 20 agents each stream events to 50 watchers through the proxy (1,000
+//! sessions), driven by the load-test harness's `watch` scenario against its `broadcast`
+//! backend. Every event must reach every watcher, in order, and the report carries each
+//! watcher's latency percentiles.
+
+use std::time::Duration;
+
+use portcullis_loadtest::backend::{self, BackendOptions, Mode};
+use portcullis_loadtest::{run, Kind, Scenario};
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_agents_stream_every_event_in_order_to_fifty_watchers_each() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend_addr = listener.local_addr().expect("addr");
+    let opts =
+        BackendOptions { watchers: 50, events: 40, rate: 20.0, size: 128, ..BackendOptions::new(Mode::Broadcast) };
+    tokio::spawn(backend::serve(listener, opts));
+    let text = TestConfig::base(&[backend_addr.to_string()])
+        .set("routes.0.path", "/agents/{agent}/events")
+        .merge("server", "max_connections = 5000")
+        // One test process holds the clients, the proxy and the backend: 1,000 handshakes at
+        // once take longer than the base config's 1 s.
+        .merge("backend", "connect_timeout = \"10s\"\nhandshake_timeout = \"10s\"")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let scenario = Scenario {
+        scenario: Kind::Watch,
+        target: Some(format!("ws://{}/agents/agent-{{conn / 50}}/events", proxy.plain)),
+        connections: 1000,
+        watchers: 50,
+        events: 40,
+        size: 128,
+        duration: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(20),
+        ramp: 500.0,
+        quiet: true,
+        ..Scenario::default()
+    };
+    let report = run(&scenario).await.expect("run");
+    let w = report.watch.clone().expect("watch summary");
+    assert_eq!(report.opened, 1000, "{}", report.table());
+    assert_eq!((w.agents, w.watchers, w.complete), (20, 1000, 1000), "{}", report.table());
+    assert!(report.is_clean(), "{}", report.table());
+    assert_eq!(report.received, 40_000);
+    assert_eq!(report.close_codes.get(&1000), Some(&1000), "{}", report.table());
+    assert_eq!(w.per_watcher_p50_us.count, 1000, "every watcher has its own percentiles");
+    assert!(w.per_watcher_p99_us.max >= w.per_watcher_p50_us.max.min(w.per_watcher_p99_us.max));
+}
