@@ -127,13 +127,7 @@ impl Metrics {
     /// A plain HTTP request on `route` ("none" when no route matched) was answered `status`;
     /// `kind` is "request", or "sse" for an event stream.
     pub fn http_request(&self, route: &str, kind: &'static str, status: u16) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
+        let class = ["1xx", "2xx", "3xx", "4xx", "5xx"][status_class(status)];
         counter!("portcullis_http_requests_total", "route" => route.to_owned(), "kind" => kind, "class" => class)
             .increment(1);
     }
@@ -142,6 +136,17 @@ impl Metrics {
     /// byte of the response.
     pub fn http_request_seconds(&self, route: &str, seconds: f64) {
         histogram!("portcullis_http_request_duration_seconds", "route" => route.to_owned()).record(seconds);
+    }
+
+    /// Pre-registered handles of one HTTP route's per-request metrics, so that a request does
+    /// not look its series up by labels.
+    pub fn http_route(&self, route: &str) -> Arc<RouteHttpMetrics> {
+        let counter = |kind: &'static str, class: &'static str| counter!("portcullis_http_requests_total", "route" => route.to_owned(), "kind" => kind, "class" => class);
+        let classes = |kind| ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| counter(kind, c));
+        Arc::new(RouteHttpMetrics {
+            requests: [classes("request"), classes("sse")],
+            duration: histogram!("portcullis_http_request_duration_seconds", "route" => route.to_owned()),
+        })
     }
 
     /// An SSE stream on `route` ended for `reason` (a bounded word).
@@ -178,6 +183,35 @@ impl Metrics {
     /// A TLS handshake failed for `reason` (timeout, alert, eof, io).
     pub fn tls_failure(&self, reason: &'static str) {
         counter!("portcullis_tls_handshake_failures_total", "reason" => reason).increment(1);
+    }
+}
+
+/// 0 for 1xx … 4 for 5xx (and anything else).
+fn status_class(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+/// One HTTP route's per-request series (see [`Metrics::http_route`]).
+pub struct RouteHttpMetrics {
+    requests: [[Counter; 5]; 2],
+    duration: Histogram,
+}
+
+impl RouteHttpMetrics {
+    /// A request answered `status`; `sse` for an event stream.
+    pub fn request(&self, sse: bool, status: u16) {
+        self.requests[usize::from(sse)][status_class(status)].increment(1);
+    }
+
+    /// A request (not an event stream) took `seconds`.
+    pub fn seconds(&self, seconds: f64) {
+        self.duration.record(seconds);
     }
 }
 

@@ -34,6 +34,7 @@ use crate::routing::pool::RouteState;
 use crate::routing::sticky::ConnCounts;
 use crate::routing::table::RouteTable;
 use crate::session::{Sessions, StopReason};
+use crate::state::HttpRoute;
 pub use crate::state::{Runtime, Shared};
 
 /// Why the server could not start.
@@ -61,7 +62,12 @@ pub enum ServerError {
 
 /// Builds everything a configuration needs (certificates, keys) without touching the
 /// running server; fails without side effects.
-fn build_runtime(config: Config, denylist: &Arc<Denylist>, previous: Option<&Runtime>) -> Result<Runtime, ServerError> {
+fn build_runtime(
+    config: Config,
+    denylist: &Arc<Denylist>,
+    previous: Option<&Runtime>,
+    metrics: &Metrics,
+) -> Result<Runtime, ServerError> {
     let tls = match (&config.tls, config.listeners.iter().any(|l| l.tls)) {
         (Some(t), true) => Some(TlsAcceptor::from(tls::server_config(t)?)),
         _ => None,
@@ -83,13 +89,13 @@ fn build_runtime(config: Config, denylist: &Arc<Denylist>, previous: Option<&Run
             (r.name.clone(), kept.unwrap_or_else(|| Arc::new(RouteState::new(r, &probe))))
         })
         .collect();
-    let upstreams = upstreams(&config, previous);
+    let upstreams = upstreams(&config, previous, metrics);
     Ok(Runtime { routes: RouteTable::new(&config.routes), authenticator, tls, route_state, upstreams, config })
 }
 
 /// One keep-alive client per distinct upstream setting of the HTTP routes, the previous
 /// configuration's kept where the settings are unchanged.
-fn upstreams(config: &Config, previous: Option<&Runtime>) -> HashMap<String, Upstream> {
+fn upstreams(config: &Config, previous: Option<&Runtime>, metrics: &Metrics) -> HashMap<String, HttpRoute> {
     let settings = |r: &RouteConfig| UpstreamSettings {
         connect_timeout: r.backend.connect_timeout,
         max_idle_per_member: r.backend.max_idle_per_member,
@@ -98,8 +104,8 @@ fn upstreams(config: &Config, previous: Option<&Runtime>) -> HashMap<String, Ups
     let mut by_settings: HashMap<UpstreamSettings, Upstream> = HashMap::new();
     if let Some(p) = previous {
         for r in p.config.routes.iter().filter(|r| r.kind.http()) {
-            if let Some(c) = p.upstreams.get(&r.name) {
-                by_settings.entry(settings(r)).or_insert_with(|| c.clone());
+            if let Some(h) = p.upstreams.get(&r.name) {
+                by_settings.entry(settings(r)).or_insert_with(|| h.client.clone());
             }
         }
     }
@@ -108,7 +114,8 @@ fn upstreams(config: &Config, previous: Option<&Runtime>) -> HashMap<String, Ups
         .iter()
         .filter(|r| r.kind.http())
         .map(|r| {
-            (r.name.clone(), by_settings.entry(settings(r)).or_insert_with(|| outbound::upstream(settings(r))).clone())
+            let client = by_settings.entry(settings(r)).or_insert_with(|| outbound::upstream(settings(r))).clone();
+            (r.name.clone(), HttpRoute { client, metrics: metrics.http_route(&r.name) })
         })
         .collect()
 }
@@ -141,7 +148,7 @@ impl Shared {
             return Err(ServerError::NeedsRestart("admin address"));
         }
         let grace = config.server.removed_route_grace;
-        let runtime = build_runtime(config, &self.denylist, Some(&old))?;
+        let runtime = build_runtime(config, &self.denylist, Some(&old), &self.metrics)?;
         let removed: Vec<_> = self
             .sessions
             .list()
@@ -231,12 +238,14 @@ impl Server {
     pub fn new(config: Config) -> Result<Server, ServerError> {
         let denylist = Arc::new(Denylist::default());
         let max_connections = config.server.max_connections;
-        let runtime = build_runtime(config, &denylist, None)?;
+        // The recorder first: metric handles made before it would record nowhere.
+        let metrics = Metrics::global();
+        let runtime = build_runtime(config, &denylist, None, &metrics)?;
         Ok(Server {
             shared: Arc::new(Shared {
                 conn_limit: Arc::new(Semaphore::new(max_connections)),
                 runtime: ArcSwap::from_pointee(runtime),
-                metrics: Metrics::global(),
+                metrics,
                 drain: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 draining: AtomicBool::new(false),

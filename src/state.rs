@@ -37,9 +37,18 @@ pub struct Runtime {
     pub tls: Option<TlsAcceptor>,
     /// Routing state per route name (resolver cache, health, round-robin cursor).
     pub route_state: HashMap<String, Arc<RouteState>>,
-    /// The keep-alive client of each route that serves plain HTTP; routes with the same
-    /// settings share one, and a reload keeps it (with its idle connections) when they stay.
-    pub upstreams: HashMap<String, Upstream>,
+    /// What each route that serves plain HTTP needs per request: its keep-alive client
+    /// (routes with the same settings share one, and a reload keeps it, with its idle
+    /// connections, when they stay) and its pre-registered metric handles.
+    pub upstreams: HashMap<String, HttpRoute>,
+}
+
+/// A plain-HTTP route's client and metrics.
+pub struct HttpRoute {
+    /// The keep-alive pool to the route's members.
+    pub client: Upstream,
+    /// Per-request series of the route.
+    pub metrics: Arc<crate::metrics::RouteHttpMetrics>,
 }
 
 /// State shared by every connection task.

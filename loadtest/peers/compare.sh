@@ -7,9 +7,12 @@
 # distribution's packages if missing (needs root or sudo).
 #
 # Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000),
-# SCENARIOS ("latency echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt"; latency is one
-# session with one 64 B message in flight, for added latency; idleN holds N sessions;
-# stormjwt is the storm with an ES256 token per session, verified by Portcullis only),
+# SCENARIOS ("latency echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt rest restget sse
+# sse1000"; latency is one session with one 64 B message in flight, for added latency; idleN holds N
+# sessions; stormjwt is the storm with an ES256 token per session, verified by Portcullis only; rest
+# is POSTs of 256 B echoed back over CONNS kept-alive connections, restget GETs of 1 KiB; sse is CONNS
+# event streams as fast as they go, sse1000 is 1000 streams of 10 events/s each; dashboards is 20
+# agents × 50 WebSocket watchers, 200 events per agent at 20/s, every event checked in order),
 # PEER_WORKERS (1: NGINX worker_processes and HAProxy nbthread; 2 for the two-worker variant),
 # FRESH_IDLE ("1000 5000 9900": idle sessions held by a freshly started proxy, for KiB/session),
 # PORTCULLIS_THREADS (1: tokio worker threads, to match the peers' single worker; "" = one per core),
@@ -23,7 +26,7 @@ DURATION=${DURATION:-5s}
 REPEAT=${REPEAT:-3}
 CONNS=${CONNS:-50}
 RATE=${RATE:-10000}
-SCENARIOS=${SCENARIOS:-"latency echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt"}
+SCENARIOS=${SCENARIOS:-"latency echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt rest restget sse sse1000 dashboards"}
 FRESH_IDLE=${FRESH_IDLE-"1000 5000 9900"}
 PORTCULLIS_THREADS=${PORTCULLIS_THREADS-1}
 # NGINX worker_processes / HAProxy nbthread (1 or 2 on this machine).
@@ -132,6 +135,19 @@ path = "/jwt/{agent}/terminal"
 backends = ["127.0.0.1:$BACKEND_PORT"]
 [routes.auth]
 agent_claim = "agents"
+
+# Dashboards: every watcher of an agent gets the agent's events (the dashboards scenario).
+[[routes]]
+name = "broadcast"
+path = "/agents/{agent}/broadcast"
+backends = ["127.0.0.1:$BACKEND_PORT"]
+
+# The agent's REST API and SSE streams (the rest and sse scenarios).
+[[routes]]
+name = "api"
+path = "/agents/{agent}/api/{*rest}"
+kind = "http"
+backends = ["127.0.0.1:$BACKEND_PORT"]
 CONF
 
 mkdir -p "$WORK/nginx-tmp"
@@ -150,9 +166,20 @@ http {
     uwsgi_temp_path $WORK/nginx-tmp/uwsgi;
     scgi_temp_path $WORK/nginx-tmp/scgi;
     upstream agents { server 127.0.0.1:$BACKEND_PORT; }
+    # Plain requests (rest, sse) reuse kept-alive upstream connections, as Portcullis's pool does.
+    upstream agents_http { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
     server {
         listen 127.0.0.1:$NGINX_PORT$NGINX_SSL;
         $NGINX_SSL_FILES
+        location ~ ^/agents/[^/]+/api/ {
+            proxy_pass http://agents_http;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 1h;
+        }
         location / {
             proxy_pass http://agents;
             proxy_http_version 1.1;
@@ -306,6 +333,37 @@ for s in $SCENARIOS; do
             TARGETS=("${TARGETS[@]//\/agents\//\/jwt\/}")
             run_compare stormjwt --scenario storm -q -c 8 --source-addrs 8 -d "$DURATION" \
                 --jwt-key "$WORK/jwt-private.pem" --alg ES256 --claim 'sub=user-{conn}' --claim 'agents=["agent-{conn}"]'
+            TARGETS=("${saved[@]}")
+            ;;
+        dashboards)
+            saved=("${TARGETS[@]}")
+            TARGETS=("${TARGETS[@]//agent-\{conn\}\/terminal/agent-\{conn \/ 50\}\/broadcast?watchers=50\&events=200\&rate=20}")
+            run_compare dashboards --scenario watch -q -c 1000 --watchers 50 --events 200 --ramp 2000 \
+                --source-addrs 8 -d 60s
+            TARGETS=("${saved[@]}")
+            ;;
+        rest | restget | sse | sse1000)
+            # Plain HTTP on the agent API path: the same URLs with http(s):// and .../api/...
+            saved=("${TARGETS[@]}")
+            HTTP_SCHEME=http
+            [ "$TLS" = 1 ] && HTTP_SCHEME=https
+            TARGETS=()
+            for t in "${saved[@]}"; do
+                name=${t%%=*} url=${t#*=}
+                base=${url%%/agents/*}
+                base=$HTTP_SCHEME${base#"$SCHEME"}
+                case $s in
+                    rest | restget) TARGETS+=("$name=$base/agents/agent-{conn}/api/echo") ;;
+                    sse) TARGETS+=("$name=$base/agents/agent-{conn}/api/sse?rate=0") ;;
+                    sse1000) TARGETS+=("$name=$base/agents/agent-{conn}/api/sse?rate=10") ;;
+                esac
+            done
+            case $s in
+                rest) run_compare rest --scenario http -q -c "$CONNS" --size 256 -d "$DURATION" ;;
+                restget) run_compare restget --scenario http -q -c "$CONNS" --method GET -d "$DURATION" ;;
+                sse) run_compare sse --scenario sse -q -c "$CONNS" -d "$DURATION" ;;
+                sse1000) run_compare sse1000 --scenario sse -q -c 1000 --ramp 2000 --source-addrs 8 -d "$DURATION" ;;
+            esac
             TARGETS=("${saved[@]}")
             ;;
         *) echo "unknown scenario $s" >&2 ;;

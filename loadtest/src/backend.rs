@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::{upgrade, FragmentCollector, FragmentCollectorRead, Frame, OpCode, Payload, WebSocketError};
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -182,17 +182,77 @@ pub async fn serve_with(listener: TcpListener, opts: BackendOptions, tls: Option
     }
 }
 
-async fn request(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Empty<Bytes>>, Infallible> {
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn empty() -> Body {
+    Empty::<Bytes>::new().boxed()
+}
+
+/// Plain HTTP (the `http` and `sse` scenarios): a path with `sse` in it streams events at
+/// `rate` per second (or the query's `rate=N`; 0: as fast as the client reads),
+/// `data: <seq> <sent µs>`, until the client goes; a POST gets its body back; any other request gets `size` bytes (a backend
+/// message with the integrity header).
+async fn plain(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+    if req.uri().path().contains("sse") {
+        let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(16);
+        // `?rate=N` overrides the backend's --rate for this stream.
+        let rate = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("rate=")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(shared.opts.rate);
+        tokio::spawn(async move {
+            let gap = if rate > 0.0 { Duration::from_secs_f64(1.0 / rate) } else { Duration::ZERO };
+            let mut next = tokio::time::Instant::now();
+            for seq in 0u64.. {
+                if !gap.is_zero() {
+                    tokio::time::sleep_until(next).await;
+                    next += gap;
+                }
+                let event = format!("id: {seq}\ndata: {seq} {}\n\n", wire::now_us());
+                if tx.send_data(Bytes::from(event)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut r = Response::new(body.boxed());
+        r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/event-stream"));
+        r.headers_mut().insert("cache-control", hyper::header::HeaderValue::from_static("no-cache"));
+        return r;
+    }
+    if req.method() == hyper::Method::POST {
+        return match http_body_util::Limited::new(req.into_body(), 64 << 20).collect().await {
+            Ok(b) => Response::new(Full::new(b.to_bytes()).boxed()),
+            Err(_) => {
+                let mut r = Response::new(empty());
+                *r.status_mut() = hyper::StatusCode::PAYLOAD_TOO_LARGE;
+                r
+            }
+        };
+    }
+    Response::new(Full::new(Bytes::from(wire::encode(Kind::Backend, 0, 0, shared.opts.size))).boxed())
+}
+
+async fn request(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+    if !upgrade::is_upgrade_request(&req) {
+        return Ok(plain(req, shared).await);
+    }
     let protocol = req.headers().get("sec-websocket-protocol").cloned();
     let select_none = shared.opts.no_subprotocol;
     let path = req.uri().path().to_owned();
+    // Broadcast groups: the backend's mode, or any mode on a path with `/broadcast` in it (so
+    // one backend serves every scenario of a comparison), with `?watchers=&events=&rate=`
+    // overriding the backend's flags.
+    let broadcast = (shared.opts.mode == Mode::Broadcast || path.contains("/broadcast"))
+        .then(|| broadcast_opts(&shared.opts, req.uri().query()));
     match upgrade::upgrade(&mut req) {
         Ok((mut resp, fut)) => {
             tokio::spawn(async move {
                 if let Ok(ws) = fut.await {
-                    let _ = match shared.opts.mode {
-                        Mode::Broadcast => watcher(ws, &shared, &path).await,
-                        _ => session(ws, &shared).await,
+                    let _ = match broadcast {
+                        Some(opts) => watcher(ws, &shared, &path, opts).await,
+                        None => session(ws, &shared).await,
                     };
                 }
             });
@@ -203,11 +263,11 @@ async fn request(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp
                     resp.headers_mut().insert("sec-websocket-protocol", v);
                 }
             }
-            Ok(resp)
+            Ok(resp.map(|b| b.boxed()))
         }
         Err(_) => {
-            let mut r = Response::new(Empty::new());
-            *r.status_mut() = hyper::StatusCode::UPGRADE_REQUIRED;
+            let mut r = Response::new(empty());
+            *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
             Ok(r)
         }
     }
@@ -224,19 +284,34 @@ async fn session(ws: Ws, shared: &Shared) -> Result<(), WebSocketError> {
 }
 
 /// The group for `path`, made (with its publisher) by its first watcher.
-fn group(shared: &Shared, path: &str) -> Arc<Group> {
+/// The backend's options with a request's `watchers`, `events` and `rate` query values.
+fn broadcast_opts(base: &BackendOptions, query: Option<&str>) -> BackendOptions {
+    let mut o = base.clone();
+    for (k, v) in query.unwrap_or("").split('&').filter_map(|kv| kv.split_once('=')) {
+        match k {
+            "watchers" => o.watchers = v.parse().unwrap_or(o.watchers),
+            "events" => o.events = v.parse().unwrap_or(o.events),
+            "rate" => o.rate = v.parse().unwrap_or(o.rate),
+            "size" => o.size = v.parse().unwrap_or(o.size),
+            _ => {}
+        }
+    }
+    o
+}
+
+fn group(shared: &Shared, path: &str, opts: &BackendOptions) -> Arc<Group> {
     let mut groups = shared.groups.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(g) = groups.get(path) {
         return g.clone();
     }
-    let capacity = (shared.opts.events as usize).clamp(1, 1 << 16);
+    let capacity = (opts.events as usize).clamp(1, 1 << 16);
     let g = Arc::new(Group {
         tx: tokio::sync::broadcast::channel(capacity).0,
         joined: std::sync::atomic::AtomicUsize::new(0),
         start: tokio::sync::Notify::new(),
     });
     groups.insert(path.to_owned(), g.clone());
-    let (publisher, opts, groups, path) = (g.clone(), shared.opts.clone(), shared.groups.clone(), path.to_owned());
+    let (publisher, opts, groups, path) = (g.clone(), opts.clone(), shared.groups.clone(), path.to_owned());
     tokio::spawn(async move {
         let _ = tokio::time::timeout(opts.start_after, publisher.start.notified()).await;
         let gap = if opts.rate > 0.0 { Duration::from_secs_f64(1.0 / opts.rate) } else { Duration::ZERO };
@@ -257,10 +332,10 @@ fn group(shared: &Shared, path: &str) -> Arc<Group> {
 }
 
 /// A watcher of one agent (broadcast mode): every event of its group, then a 1000 close.
-async fn watcher(ws: Ws, shared: &Shared, path: &str) -> Result<(), WebSocketError> {
-    let g = group(shared, path);
+async fn watcher(ws: Ws, shared: &Shared, path: &str, opts: BackendOptions) -> Result<(), WebSocketError> {
+    let g = group(shared, path, &opts);
     let mut events = g.tx.subscribe();
-    if g.joined.fetch_add(1, Ordering::AcqRel) + 1 >= shared.opts.watchers {
+    if g.joined.fetch_add(1, Ordering::AcqRel) + 1 >= opts.watchers {
         g.start.notify_one();
     }
     // Only the publisher task holds the sender from here on: when it is done the stream ends.

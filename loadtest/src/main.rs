@@ -36,6 +36,10 @@ enum Command {
     Terminal(ScenarioArgs),
     /// Dashboards: watchers per agent receive every event (a `--mode broadcast` backend), in order.
     Watch(ScenarioArgs),
+    /// Plain HTTP requests on kept-alive connections (http:// or https:// target); requests/s.
+    Http(ScenarioArgs),
+    /// Server-Sent Events streams (http:// or https:// target); events/s, in order.
+    Sse(ScenarioArgs),
     /// Run a TOML scenario file (see loadtest/scenarios/).
     Run {
         /// The scenario file.
@@ -131,6 +135,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Storm(a) => (with_kind(a.scenario, Kind::Storm), a.output),
         Command::Terminal(a) => (with_kind(a.scenario, Kind::Terminal), a.output),
         Command::Watch(a) => (with_kind(a.scenario, Kind::Watch), a.output),
+        Command::Http(a) => (with_kind(a.scenario, Kind::Http), a.output),
+        Command::Sse(a) => (with_kind(a.scenario, Kind::Sse), a.output),
         Command::Run { file, target, pid, output } => {
             let mut s = match Scenario::from_file(&file) {
                 Ok(s) => s,

@@ -37,6 +37,12 @@ pub enum Kind {
     /// agent publishes (a `--mode broadcast` backend), checked in order; publish-to-receive
     /// latency per watcher.
     Watch,
+    /// Plain HTTP: `connections` kept-alive connections, one request at a time each (closed
+    /// loop); a POST of `size` bytes echoed back and checked, or a GET; requests per second.
+    Http,
+    /// Server-Sent Events: `connections` streams for `duration`; every event checked in order,
+    /// publish-to-receive latency; events per second.
+    Sse,
 }
 
 impl Kind {
@@ -49,6 +55,8 @@ impl Kind {
             Kind::Storm => "storm",
             Kind::Terminal => "terminal",
             Kind::Watch => "watch",
+            Kind::Http => "http",
+            Kind::Sse => "sse",
         }
     }
 }
@@ -132,6 +140,9 @@ pub struct Scenario {
     /// (0 = run for the whole duration).
     #[arg(long, default_value_t = 0)]
     pub sessions: u64,
+    /// Http: the request method, POST (a body of `size` bytes, echoed back) or GET.
+    #[arg(long, default_value = "POST")]
+    pub method: String,
     /// Watch: watchers per agent (connection `i` watches agent `i / watchers`; write the
     /// target as `.../agents/agent-{conn / 50}/events`).
     #[arg(long, default_value_t = 50)]
@@ -172,6 +183,7 @@ impl Default for Scenario {
             sessions: 0,
             watchers: 50,
             events: 100,
+            method: "POST".into(),
             token: TokenOptions { alg: "ES256".into(), token_via: "header".into(), ..TokenOptions::default() },
         }
     }
@@ -269,6 +281,30 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
                 }
             }
             report.duration_s = s.duration.as_secs_f64();
+        }
+        Kind::Http | Kind::Sse => {
+            let end = t0 + s.ramp_time() + s.duration;
+            let mut tasks = Vec::new();
+            for i in 0..s.connections {
+                let (s2, target, stats) = (s.clone(), target.clone(), stats.clone());
+                tasks.push(tokio::spawn(async move {
+                    if s2.scenario == Kind::Http {
+                        http_session(&s2, &target, &stats, i, t0, end).await
+                    } else {
+                        sse_session(&s2, &target, &stats, i, t0, end).await
+                    }
+                }));
+            }
+            let pid = s.pid.clone();
+            let sampler = tokio::spawn(async move {
+                tokio::time::sleep_until(end).await;
+                pid.and_then(|p| p.sample().ok())
+            });
+            for t in tasks {
+                let _ = t.await;
+            }
+            loaded = sampler.await.ok().flatten();
+            report.duration_s = (end - t0).as_secs_f64();
         }
         Kind::Watch => {
             // Every watcher ends when its agent's events are done; `duration` bounds the run.
@@ -927,4 +963,186 @@ async fn watch_session(
     stats.open.fetch_sub(1, Ordering::Relaxed);
     w.complete = clean && next == s.events;
     Some(w)
+}
+
+async fn open_http(s: &Scenario, target: &Target, stats: &Stats, conn: u64) -> Option<crate::target::HttpConn> {
+    let started = Instant::now();
+    match target.http(conn, s.connect_timeout).await {
+        Ok(c) => {
+            stats.record_handshake(started.elapsed().as_micros() as u64);
+            stats.opened.fetch_add(1, Ordering::Relaxed);
+            stats.open.fetch_add(1, Ordering::Relaxed);
+            Some(c)
+        }
+        Err(e) => {
+            stats.error(&e.kind, || e.detail.clone());
+            None
+        }
+    }
+}
+
+/// One kept-alive connection sending requests back to back until `end`; each response is
+/// checked (status 200; a POST's body is its own message back, sequence and checksum).
+async fn http_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t0: Instant, end: Instant) {
+    use http_body_util::BodyExt;
+    tokio::time::sleep_until(s.start_of(t0, i)).await;
+    let conn = s.conn_offset + i;
+    let Some(mut c) = open_http(s, target, stats, conn).await else { return };
+    let post = s.method.eq_ignore_ascii_case("POST");
+    let mut seq = 0u64;
+    while Instant::now() < end {
+        let body = if post {
+            bytes::Bytes::from(wire::encode(MsgKind::Client, conn, seq, s.size))
+        } else {
+            bytes::Bytes::new()
+        };
+        let sent_len = body.len() as u64;
+        let req = match target.request(conn, if post { "POST" } else { "GET" }, body) {
+            Ok(r) => r,
+            Err(e) => {
+                stats.error(&e.kind, || e.detail.clone());
+                break;
+            }
+        };
+        if c.sender.ready().await.is_err() {
+            // The target closed the kept-alive connection (after its last response said
+            // `Connection: close`, as NGINX does every `keepalive_requests`): open a new one,
+            // as any HTTP client does. Counted as a reconnect, not an error.
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+            let _ = c.driver.await;
+            match open_http(s, target, stats, conn).await {
+                Some(fresh) => c = fresh,
+                None => return,
+            }
+            stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            if c.sender.ready().await.is_err() {
+                stats.error("http closed", || "a new connection closed before its first request".into());
+                break;
+            }
+        }
+        let started = Instant::now();
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_sent.fetch_add(sent_len, Ordering::Relaxed);
+        let resp = match tokio::time::timeout(
+            s.connect_timeout.max(Duration::from_secs(10)),
+            c.sender.send_request(req),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                stats.error("http", || e.to_string());
+                break;
+            }
+            Err(_) => {
+                stats.error("http timeout", || "no response".into());
+                break;
+            }
+        };
+        let status = resp.status().as_u16();
+        let body = match resp.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                stats.error("http body", || e.to_string());
+                break;
+            }
+        };
+        stats.latency.lock().unwrap_or_else(|p| p.into_inner()).record(started.elapsed().as_micros() as u64);
+        if status != 200 {
+            stats.error(&format!("http {status}"), || String::from_utf8_lossy(&body).chars().take(100).collect());
+            continue;
+        }
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_received.fetch_add(body.len() as u64, Ordering::Relaxed);
+        let ok = match wire::decode(&body) {
+            Ok(h) if post => h.kind == MsgKind::Client && h.conn == conn && h.seq == seq,
+            Ok(h) => h.kind == MsgKind::Backend,
+            Err(_) => false,
+        };
+        if !ok {
+            stats.corrupted.fetch_add(1, Ordering::Relaxed);
+        }
+        seq += 1;
+    }
+    drop(c.sender);
+    let _ = c.driver.await;
+    stats.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// One event stream read until `end`: events `data: <seq> <sent µs>` checked in order.
+async fn sse_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t0: Instant, end: Instant) {
+    use http_body_util::BodyExt;
+    tokio::time::sleep_until(s.start_of(t0, i)).await;
+    let conn = s.conn_offset + i;
+    let Some(mut c) = open_http(s, target, stats, conn).await else { return };
+    let req = match target.request(conn, "GET", bytes::Bytes::new()) {
+        Ok(r) => r,
+        Err(e) => {
+            stats.error(&e.kind, || e.detail.clone());
+            return;
+        }
+    };
+    let resp = match c.sender.send_request(req).await {
+        Ok(r) if r.status() == 200 => r,
+        Ok(r) => {
+            stats.error(&format!("http {}", r.status().as_u16()), || "the stream was refused".into());
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        Err(e) => {
+            stats.error("http", || e.to_string());
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let mut next = 0u64;
+    loop {
+        let frame = match tokio::time::timeout_at(end, body.frame()).await {
+            Err(_) => break,
+            Ok(None) => {
+                stats.error("sse ended", || "the stream ended before the run did".into());
+                break;
+            }
+            Ok(Some(Err(e))) => {
+                stats.error("sse", || e.to_string());
+                break;
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let Some(data) = frame.data_ref() else { continue };
+        let now = wire::now_us();
+        stats.bytes_received.fetch_add(data.len() as u64, Ordering::Relaxed);
+        text.push_str(&String::from_utf8_lossy(data));
+        while let Some((event, rest)) = text.split_once("\n\n") {
+            let fields = event.lines().find_map(|l| l.strip_prefix("data: ")).map(|d| {
+                let mut it = d.split(' ').map(|v| v.parse::<u64>().ok());
+                (it.next().flatten(), it.next().flatten())
+            });
+            match fields {
+                Some((Some(seq), Some(sent))) => {
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    stats.latency.lock().unwrap_or_else(|p| p.into_inner()).record(now.saturating_sub(sent));
+                    match seq.cmp(&next) {
+                        std::cmp::Ordering::Equal => next += 1,
+                        std::cmp::Ordering::Greater => {
+                            stats.lost.fetch_add(seq - next, Ordering::Relaxed);
+                            next = seq + 1;
+                        }
+                        std::cmp::Ordering::Less => {
+                            stats.reordered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                _ => {
+                    stats.corrupted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            text = rest.to_owned();
+        }
+    }
+    drop(body);
+    c.driver.abort();
+    stats.open.fetch_sub(1, Ordering::Relaxed);
 }

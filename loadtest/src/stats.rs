@@ -14,6 +14,8 @@ pub struct Stats {
     pub open: AtomicU64,
     /// Sessions opened successfully, in total.
     pub opened: AtomicU64,
+    /// HTTP connections reopened after the target closed a kept-alive one (`http` scenario).
+    pub reconnects: AtomicU64,
     /// Data messages sent.
     pub sent: AtomicU64,
     /// Data messages received (echoes and backend output).
@@ -228,6 +230,9 @@ pub struct Report {
     pub opened: u64,
     /// Sessions still open at the end of the hold (idle scenario).
     pub held: u64,
+    /// HTTP connections reopened after the target closed a kept-alive one.
+    #[serde(default)]
+    pub reconnects: u64,
     /// Data messages sent.
     pub sent: u64,
     /// Data messages received.
@@ -272,6 +277,7 @@ impl Report {
     pub fn absorb(&mut self, stats: &Stats) {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         self.opened = get(&stats.opened);
+        self.reconnects = get(&stats.reconnects);
         self.sent = get(&stats.sent);
         self.received = get(&stats.received);
         if self.duration_s > 0.0 {
@@ -309,6 +315,7 @@ impl Report {
             out.duration_s = out.duration_s.max(p.duration_s);
             out.connections += p.connections;
             out.opened += p.opened;
+            out.reconnects += p.reconnects;
             out.held += p.held;
             out.sent += p.sent;
             out.received += p.received;
@@ -368,9 +375,17 @@ impl Report {
             if self.scenario == "idle" { format!(", {} held", self.held) } else { String::new() }
         );
         let _ = writeln!(s, "duration      {:.2} s", self.duration_s);
+        if self.reconnects > 0 {
+            let _ = writeln!(s, "reconnects    {} (the target closed kept-alive connections)", self.reconnects);
+        }
+        let (what, unit) = match self.scenario.as_str() {
+            "http" => ("requests", "req/s"),
+            "sse" | "watch" => ("events", "events/s"),
+            _ => ("messages", "msg/s"),
+        };
         let _ = writeln!(
             s,
-            "messages      {} sent, {} received  ({:.0} msg/s, {:.2} MiB/s)",
+            "{what:<13} {} sent, {} received  ({:.0} {unit}, {:.2} MiB/s)",
             self.sent, self.received, self.msgs_per_s, self.mib_per_s
         );
         if self.handshakes_per_s > 0.0 {

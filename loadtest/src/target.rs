@@ -61,10 +61,18 @@ impl Target {
     pub async fn new(s: &Scenario) -> anyhow::Result<Target> {
         let url = s.target.as_deref().context("no target URL (--target ws://host:port/path)")?;
         let (scheme, rest) = url.split_once("://").context("the target URL must start with ws:// or wss://")?;
+        let http_kind = matches!(s.scenario, crate::scenario::Kind::Http | crate::scenario::Kind::Sse);
+        if http_kind != matches!(scheme, "http" | "https") {
+            bail!(
+                "the {} scenario takes {} URLs",
+                s.scenario.name(),
+                if http_kind { "http(s)://" } else { "ws(s)://" }
+            );
+        }
         let tls = match scheme {
-            "ws" => false,
-            "wss" => true,
-            _ => bail!("the target URL must start with ws:// or wss://"),
+            "ws" | "http" => false,
+            "wss" | "https" => true,
+            _ => bail!("the target URL must start with ws://, wss://, http:// or https://"),
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].to_owned()),
@@ -146,24 +154,10 @@ impl Target {
         }
         let req = req.body(Empty::<Bytes>::new()).map_err(|e| err("request", &e))?;
 
-        let socket = TcpSocket::new_v4().and_then(|s| {
-            if !self.addr.is_ipv4() {
-                return TcpSocket::new_v6();
-            }
-            if self.source_addrs > 1 {
-                let last = 1 + (conn % u64::from(self.source_addrs)) as u8;
-                s.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0))?;
-            }
-            Ok(s)
-        });
-        let tcp = socket.map_err(|e| err("socket", &e))?.connect(self.addr).await.map_err(|e| err("connect", &e))?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = self.tcp(conn).await?;
         let result = match &self.tls {
             Some(connector) => {
-                let name = ServerName::try_from(self.host.rsplit_once(':').map_or(self.host.as_str(), |(h, _)| h))
-                    .map_err(|e| err("tls", &e))?
-                    .to_owned();
-                let stream = connector.connect(name, tcp).await.map_err(|e| err("tls", &e))?;
+                let stream = self.tls(connector, tcp).await?;
                 fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await
             }
             None => fastwebsockets::handshake::client(&SpawnExecutor, req, tcp).await,
@@ -181,6 +175,105 @@ impl Target {
             Err(e) => Err(err("handshake", &e)),
         }
     }
+}
+
+impl Target {
+    /// A TCP connection for session `conn`, from its source address.
+    async fn tcp(&self, conn: u64) -> Result<tokio::net::TcpStream, ConnectError> {
+        let err = |kind: &str, e: &dyn std::fmt::Display| ConnectError { kind: kind.to_owned(), detail: e.to_string() };
+        let socket = TcpSocket::new_v4().and_then(|s| {
+            if !self.addr.is_ipv4() {
+                return TcpSocket::new_v6();
+            }
+            if self.source_addrs > 1 {
+                let last = 1 + (conn % u64::from(self.source_addrs)) as u8;
+                s.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0))?;
+            }
+            Ok(s)
+        });
+        let tcp = socket.map_err(|e| err("socket", &e))?.connect(self.addr).await.map_err(|e| err("connect", &e))?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    async fn tls(
+        &self,
+        connector: &tokio_rustls::TlsConnector,
+        tcp: tokio::net::TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ConnectError> {
+        let err = |e: &dyn std::fmt::Display| ConnectError { kind: "tls".to_owned(), detail: e.to_string() };
+        let name = ServerName::try_from(self.host.rsplit_once(':').map_or(self.host.as_str(), |(h, _)| h))
+            .map_err(|e| err(&e))?
+            .to_owned();
+        connector.connect(name, tcp).await.map_err(|e| err(&e))
+    }
+
+    /// Opens a kept-alive HTTP/1.1 connection for session `conn` (plain or TLS), with a time
+    /// limit.
+    pub async fn http(&self, conn: u64, timeout: Duration) -> Result<HttpConn, ConnectError> {
+        let inner = async {
+            let err = |e: &dyn std::fmt::Display| ConnectError { kind: "http".to_owned(), detail: e.to_string() };
+            let tcp = self.tcp(conn).await?;
+            let (sender, driver) = match &self.tls {
+                Some(connector) => {
+                    let stream = self.tls(connector, tcp).await?;
+                    let (s, c) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| err(&e))?;
+                    (s, tokio::spawn(async move { c.await.is_ok() }))
+                }
+                None => {
+                    let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| err(&e))?;
+                    (s, tokio::spawn(async move { c.await.is_ok() }))
+                }
+            };
+            Ok(HttpConn { sender, driver })
+        };
+        match tokio::time::timeout(timeout, inner).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError { kind: "timeout".into(), detail: format!("no connection within {timeout:?}") }),
+        }
+    }
+
+    /// A request of session `conn` to the target path, with its headers, Origin and token.
+    pub fn request(
+        &self,
+        conn: u64,
+        method: &str,
+        body: Bytes,
+    ) -> Result<Request<http_body_util::Full<Bytes>>, ConnectError> {
+        let err = |kind: &str, e: &dyn std::fmt::Display| ConnectError { kind: kind.to_owned(), detail: e.to_string() };
+        let mut path = template::expand(&self.path, conn);
+        let mut auth = None;
+        if let Some(minter) = &self.token {
+            let token = minter.mint(conn).map_err(|e| err("token", &e))?;
+            match &minter.via {
+                TokenVia::Header | TokenVia::Subprotocol(_) => auth = Some(format!("Bearer {token}")),
+                TokenVia::Query(param) => {
+                    path.push(if path.contains('?') { '&' } else { '?' });
+                    path.push_str(&format!("{param}={token}"));
+                }
+            }
+        }
+        let mut req = Request::builder().method(method).uri(path).header("host", &self.host);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        if let Some(o) = &self.origin {
+            req = req.header("origin", o);
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k, template::expand(v, conn));
+        }
+        req.body(http_body_util::Full::new(body)).map_err(|e| err("request", &e))
+    }
+}
+
+/// A kept-alive HTTP/1.1 client connection.
+pub struct HttpConn {
+    /// Sends requests, one at a time.
+    pub sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    /// Drives the connection; true if it ended cleanly.
+    pub driver: tokio::task::JoinHandle<bool>,
 }
 
 /// A client TLS connector: roots from `ca` (PEM), or no verification at all with `insecure`.

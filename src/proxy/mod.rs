@@ -206,7 +206,7 @@ async fn handle_request(
         Ok(a) => a,
         Err(e) => return reject_request(ctx, &req, &route.name, started, e.into()),
     };
-    let (Some(state), Some(client)) = (runtime.route_state.get(&route.name), runtime.upstreams.get(&route.name)) else {
+    let (Some(state), Some(http)) = (runtime.route_state.get(&route.name), runtime.upstreams.get(&route.name)) else {
         let e = RequestError::Internal("no routing state for a configured route");
         return reject_request(ctx, &req, &route.name, started, e);
     };
@@ -238,12 +238,13 @@ async fn handle_request(
         started,
         upload: None,
         metrics: metrics.clone(),
+        route_metrics: Some(http.metrics.clone()),
     };
     let settings = route.backend;
     let body =
         stream::Upload::new(req.into_body(), settings.max_request_body, settings.idle_body_timeout, metrics.clone());
     exchange.upload = Some(body.state());
-    let answered = match request::forward(&route, state, &caps, client, out, body, &ctx.shared.conns).await {
+    let answered = match request::forward(&route, state, &caps, &http.client, out, body, &ctx.shared.conns).await {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend request failed");
@@ -259,7 +260,7 @@ async fn handle_request(
         .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
     exchange.status = parts.status.as_u16();
     exchange.member = Some(answered.member.clone());
-    metrics.http_request(&route.name, if sse { "sse" } else { "request" }, exchange.status);
+    http.metrics.request(sse, exchange.status);
     let governance = sse.then(|| {
         let registered = ctx.shared.sessions.register(session_entry(ctx, SessionKind::Sse, &route, &caps, claims));
         let _ = registered.entry().backend.set(answered.member.clone());
@@ -292,6 +293,7 @@ fn reject_request(
         started,
         upload: None,
         metrics: ctx.shared.metrics.clone(),
+        route_metrics: None,
     };
     reject_exchange(ctx, exchange, e)
 }
@@ -299,7 +301,10 @@ fn reject_request(
 fn reject_exchange(ctx: &ConnCtx, mut exchange: stream::Exchange, e: RequestError) -> Response<ProxyBody> {
     let resp = e.response();
     exchange.status = resp.status().as_u16();
-    ctx.shared.metrics.http_request(&exchange.route, "request", exchange.status);
+    match &exchange.route_metrics {
+        Some(m) => m.request(false, exchange.status),
+        None => ctx.shared.metrics.http_request(&exchange.route, "request", exchange.status),
+    }
     note_error(&ctx.shared.metrics, &exchange.route, &e);
     let sent = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
     exchange.finish(false, sent, e.result_label());

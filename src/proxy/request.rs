@@ -114,12 +114,16 @@ pub async fn forward(
     let header_timeout = route.backend.response_header_timeout;
     let mut last: Option<ForwardError> = None;
     let mut timed_out = false;
-    for member in &order {
+    let Outgoing { method, path, headers, .. } = out;
+    let mut headers = Some(headers);
+    for (i, member) in order.iter().enumerate() {
         let member = member.addr.as_str();
         // The body for this attempt: the first one always has it; a later one only while no
         // byte of it was read.
         let Some(attempt) = body.again() else { break };
-        let req = build(&out, member, attempt)?;
+        // The headers are copied only for an attempt that may be followed by another.
+        let these = if i + 1 == order.len() { headers.take() } else { headers.clone() }.unwrap_or_default();
+        let req = build(&method, &path, these, member, attempt)?;
         let sent = client.request(req);
         let deadline = async {
             progress.finished().await;
@@ -165,18 +169,19 @@ pub async fn forward(
 }
 
 fn build(
-    out: &Outgoing,
+    method: &Method,
+    path: &str,
+    headers: HeaderMap,
     member: &str,
     body: Upload,
 ) -> Result<Request<UnsyncBoxBody<bytes::Bytes, crate::outbound::BoxError>>, ForwardError> {
     let bad = |what: &str| ForwardError::Backend { member: member.to_owned(), cause: what.to_owned() };
-    let uri: Uri = format!("http://{member}{}", out.path)
-        .parse()
-        .map_err(|_| bad("member address is not a valid URI authority"))?;
+    let uri: Uri =
+        format!("http://{member}{path}").parse().map_err(|_| bad("member address is not a valid URI authority"))?;
     let mut req = Request::new(UnsyncBoxBody::new(body));
-    *req.method_mut() = out.method.clone();
+    *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
-    *req.headers_mut() = out.headers.clone();
+    *req.headers_mut() = headers;
     let host = HeaderValue::from_str(member).map_err(|_| bad("member address is not a valid Host"))?;
     req.headers_mut().insert(HOST, host);
     Ok(req)

@@ -606,3 +606,15 @@ async fn an_sse_stream_on_a_removed_route_ends_after_the_grace_period() {
     assert!(ends_cleanly(body).await);
     assert!(reloaded.elapsed() >= Duration::from_millis(400), "not before the grace period");
 }
+
+#[tokio::test]
+async fn a_burst_of_events_arrives_whole_and_in_order_when_chunks_are_joined() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], "", "").await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let a = c.get("/agents/a1/api/sse?n=500&gap_ms=0", &[("authorization", &key.bearer(&["a1"]))]).await;
+    let events: Vec<String> = a.text().split("\n\n").filter(|e| !e.is_empty()).map(str::to_owned).collect();
+    let expected: Vec<String> = (0..500).map(|i| format!("id: {i}\ndata: {i}")).collect();
+    assert_eq!(events, expected);
+}
