@@ -124,6 +124,9 @@ pub type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxErr
 pub type Upstream =
     hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, UpstreamBody>;
 
+/// Largest read or write buffer of one upstream connection.
+const UPSTREAM_MAX_BUF: usize = 64 * 1024;
+
 /// How an [`Upstream`] connects and pools; routes with equal settings share one client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct UpstreamSettings {
@@ -148,6 +151,10 @@ pub fn upstream(s: UpstreamSettings) -> Upstream {
         .pool_idle_timeout(s.pool_idle_timeout)
         .pool_max_idle_per_host(s.max_idle_per_member)
         .retry_canceled_requests(true)
+        // hyper's default lets a connection's buffers grow to about 400 KiB while a member
+        // sends faster than the client reads (an SSE burst); 64 KiB keeps a stream's memory
+        // bounded and small, and is still many events per read.
+        .http1_max_buf_size(UPSTREAM_MAX_BUF)
         .set_host(false)
         .build(connector)
 }
