@@ -215,6 +215,12 @@ impl RouteHttpMetrics {
     }
 }
 
+/// A connection on a PROXY protocol listener: its header was read (`ok`) or it was closed for
+/// `result` (`untrusted`, `malformed`, `too_large`, `timeout`, `closed`).
+pub fn proxy_protocol(result: &'static str) {
+    counter!("portcullis_proxy_protocol_total", "result" => result).increment(1);
+}
+
 /// A configuration reload was applied (`ok`) or refused.
 pub fn reload(ok: bool) {
     counter!("portcullis_reloads_total", "result" => if ok { "ok" } else { "error" }).increment(1);

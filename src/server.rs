@@ -27,7 +27,7 @@ use crate::auth::{AuthConfigError, Authenticator, Denylist};
 use crate::config::{Config, RouteConfig};
 use crate::metrics::{self, Metrics};
 use crate::outbound::{self, Upstream, UpstreamSettings};
-use crate::proxy::accept::accept_loop;
+use crate::proxy::accept::{accept_loop, ListenerKind};
 use crate::proxy::connect;
 use crate::proxy::tls::{self, TlsConfigError};
 use crate::routing::pool::RouteState;
@@ -140,9 +140,11 @@ impl Shared {
         let old = self.runtime.load_full();
         // Bound sockets keep what they were bound with: a reload that would change them is
         // refused, never half-applied (a TLS listener must not turn plaintext).
-        let listeners = |c: &Config| c.listeners.iter().map(|l| (l.addresses.clone(), l.tls)).collect::<Vec<_>>();
+        let listeners = |c: &Config| {
+            c.listeners.iter().map(|l| (l.addresses.clone(), l.tls, l.proxy_protocol.clone())).collect::<Vec<_>>()
+        };
         if listeners(&old.config) != listeners(&config) {
-            return Err(ServerError::NeedsRestart("listener addresses or tls setting"));
+            return Err(ServerError::NeedsRestart("listener addresses, tls or proxy_protocol setting"));
         }
         if old.config.admin.as_ref().map(|a| a.address) != config.admin.as_ref().map(|a| a.address) {
             return Err(ServerError::NeedsRestart("admin address"));
@@ -179,6 +181,8 @@ pub struct BoundListener {
     pub name: String,
     /// Whether connections are TLS.
     pub tls: bool,
+    /// PROXY protocol sources, when the listener requires the header.
+    pub proxy_protocol: Option<Arc<[ipnet::IpNet]>>,
     /// The socket.
     pub listener: TcpListener,
 }
@@ -197,7 +201,12 @@ impl Bound {
         let mut listeners = Vec::new();
         for l in &config.listeners {
             for &addr in &l.addresses {
-                listeners.push(BoundListener { name: l.name.clone(), tls: l.tls, listener: bind(addr)? });
+                listeners.push(BoundListener {
+                    name: l.name.clone(),
+                    tls: l.tls,
+                    proxy_protocol: l.proxy_protocol.as_deref().map(Arc::from),
+                    listener: bind(addr)?,
+                });
             }
         }
         let admin = match &config.admin {
@@ -270,8 +279,9 @@ impl Server {
         let mut loops = Vec::new();
         for l in bound.listeners {
             let addr = l.listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            tracing::info!(listener = %l.name, %addr, tls = l.tls, "listening");
-            loops.push(tokio::spawn(accept_loop(l.listener, l.tls, shared.clone())));
+            tracing::info!(listener = %l.name, %addr, tls = l.tls, proxy_protocol = l.proxy_protocol.is_some(), "listening");
+            let kind = ListenerKind { tls: l.tls, proxy_protocol: l.proxy_protocol };
+            loops.push(tokio::spawn(accept_loop(l.listener, kind, shared.clone())));
         }
         if let Some(addr) = bound.admin.as_ref().and_then(|l| l.local_addr().ok()) {
             tracing::info!(%addr, "admin listening");

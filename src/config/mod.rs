@@ -210,6 +210,9 @@ pub struct ListenerConfig {
     pub addresses: Vec<SocketAddr>,
     /// Whether connections are TLS (`wss://`) or plain (`ws://`).
     pub tls: bool,
+    /// PROXY protocol (v1 or v2) required on every connection, accepted only from these
+    /// sources (the load balancers); `None` when the listener does not use it.
+    pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
 }
 
 /// The admin listener.
@@ -560,6 +563,19 @@ idle_timeout = "1s"
         let text = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\ntls = true\n";
         let msg = Config::parse(text, Path::new("x.toml")).unwrap_err().to_string();
         assert!(msg.contains("listeners[0].tls"), "{msg}");
+    }
+
+    #[test]
+    fn proxy_protocol_needs_its_sources_and_sources_need_it() {
+        let on = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\nproxy_protocol = true\n";
+        let msg = Config::parse(on, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(msg.contains("listeners[0].proxy_protocol_from"), "{msg}");
+        let off = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\nproxy_protocol_from = [\"10.0.0.0/8\"]\n";
+        let msg = Config::parse(off, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(msg.contains("only used with proxy_protocol"), "{msg}");
+        let ok = format!("{on}proxy_protocol_from = [\"10.0.0.0/8\", \"::1/128\"]\n");
+        let c = Config::parse(&ok, Path::new("x.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.listeners[0].proxy_protocol.as_ref().map(Vec::len), Some(2));
     }
 
     #[test]

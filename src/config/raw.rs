@@ -125,6 +125,10 @@ pub(super) struct RawListener {
     pub(super) addresses: Vec<SocketAddr>,
     #[serde(default)]
     pub(super) tls: bool,
+    #[serde(default)]
+    pub(super) proxy_protocol: bool,
+    #[serde(default)]
+    pub(super) proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -86,10 +86,27 @@ fn listeners(raw: Vec<RawListener>, has_tls: bool) -> Result<Vec<ListenerConfig>
                 "a TLS listener needs a [tls] section with cert and key",
             ));
         }
+        let proxy_protocol = match (l.proxy_protocol, l.proxy_protocol_from.is_empty()) {
+            (true, true) => {
+                return Err(invalid(
+                    &format!("listeners[{i}].proxy_protocol_from"),
+                    "proxy_protocol = true needs the load balancers' addresses (CIDRs) it is accepted from",
+                ))
+            }
+            (false, false) => {
+                return Err(invalid(
+                    &format!("listeners[{i}].proxy_protocol_from"),
+                    "is only used with proxy_protocol = true",
+                ))
+            }
+            (true, false) => Some(l.proxy_protocol_from),
+            (false, true) => None,
+        };
         listeners.push(ListenerConfig {
             name: l.name.unwrap_or_else(|| format!("listener-{i}")),
             addresses: l.addresses,
             tls: l.tls,
+            proxy_protocol,
         });
     }
     Ok(listeners)

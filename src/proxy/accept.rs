@@ -1,5 +1,6 @@
 //! Stage: accept. Takes connections off a bound listener, enforces the connection cap, sets
-//! TCP_NODELAY, runs the tls stage when the listener is TLS, and hands over to the http stage.
+//! TCP_NODELAY, runs the proxy-protocol stage when the listener is behind a load balancer and
+//! the tls stage when it is TLS, and hands over to the http stage.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,8 +15,18 @@ use super::tls::{self, ClientStream};
 use crate::metrics::Metrics;
 use crate::state::Shared;
 
+/// How a bound listener's connections start.
+#[derive(Debug, Clone)]
+pub struct ListenerKind {
+    /// TLS (`wss://`, `https://`) or plain.
+    pub tls: bool,
+    /// PROXY protocol required, accepted from these sources only.
+    pub proxy_protocol: Option<Arc<[ipnet::IpNet]>>,
+}
+
 /// Accepts connections until the server drains.
-pub async fn accept_loop(listener: TcpListener, tls: bool, shared: Arc<Shared>) {
+pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared>) {
+    let tls = kind.tls;
     loop {
         let accepted = tokio::select! {
             _ = shared.drain.cancelled() => break,
@@ -44,11 +55,15 @@ pub async fn accept_loop(listener: TcpListener, tls: bool, shared: Arc<Shared>) 
         // The acceptor in force now: a reload with new certificates applies to new connections.
         // A TLS listener never serves plaintext: without an acceptor the connection is closed.
         let acceptor = if tls { Security::Tls(shared.runtime.load().tls.clone()) } else { Security::Plain };
-        let span = tracing::debug_span!("conn", client = %addr);
+        let span = tracing::debug_span!("conn", peer = %addr);
+        let proxy_from = kind.proxy_protocol.clone();
         shared.tasks.spawn(
             async move {
                 let slot = ConnSlot::new(permit, shared2.metrics.clone());
-                connection(shared2, tcp, addr, acceptor, slot).await;
+                let Some((tcp, client)) = proxy_header(&shared2, tcp, addr, proxy_from.as_deref()).await else {
+                    return;
+                };
+                connection(shared2, tcp, client, acceptor, slot).await;
             }
             .instrument(span),
         );
@@ -83,6 +98,36 @@ enum Security {
     /// TLS with the acceptor in force; `None` if the running configuration has none, and then
     /// the connection is refused rather than served in plaintext.
     Tls(Option<TlsAcceptor>),
+}
+
+/// The proxy-protocol stage: on a listener that requires it, the client address from the
+/// load balancer's header (the connection is closed, and counted, when its peer is not a
+/// trusted source or the header is missing or malformed); elsewhere the peer itself.
+async fn proxy_header(
+    shared: &Shared,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    trusted: Option<&[ipnet::IpNet]>,
+) -> Option<(TcpStream, SocketAddr)> {
+    let Some(trusted) = trusted else { return Some((tcp, peer)) };
+    let result = if trusted.iter().any(|net| net.contains(&peer.ip())) {
+        let limit = shared.runtime.load().config.server.tls_handshake_timeout;
+        super::proxy_protocol::read(&mut tcp, peer, limit).await
+    } else {
+        Err(super::proxy_protocol::ProxyHeaderError::Untrusted)
+    };
+    match result {
+        Ok(client) => {
+            crate::metrics::proxy_protocol("ok");
+            tracing::debug!(%peer, %client, "PROXY protocol header read");
+            Some((tcp, client))
+        }
+        Err(e) => {
+            crate::metrics::proxy_protocol(e.reason());
+            tracing::debug!(%peer, error = %e, "PROXY protocol refused; connection closed");
+            None
+        }
+    }
 }
 
 async fn connection(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, security: Security, slot: ConnSlot) {

@@ -20,6 +20,7 @@ pub(crate) mod connect;
 pub(crate) mod error;
 pub(crate) mod forward;
 pub(crate) mod http;
+pub mod proxy_protocol;
 pub mod relay;
 pub(crate) mod request;
 pub(crate) mod route;

@@ -17,6 +17,7 @@ mod faults;
 mod handshake;
 mod http;
 mod metrics;
+mod proxy_protocol;
 mod relay;
 mod reload;
 mod routing;

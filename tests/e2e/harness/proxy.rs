@@ -16,6 +16,8 @@ use super::*;
 pub struct Proxy {
     pub tls: SocketAddr,
     pub plain: SocketAddr,
+    /// Listener addresses after the first two, in configuration order.
+    pub more: Vec<SocketAddr>,
     pub admin: SocketAddr,
     /// For reloads.
     pub handle: Arc<portcullis::server::Shared>,
@@ -62,7 +64,15 @@ impl Proxy {
                 .await
                 .expect("serve");
         });
-        Proxy { tls: addrs[0], plain: addrs[1], admin, handle, shutdown: Some(tx), task: Some(task) }
+        Proxy {
+            tls: addrs[0],
+            plain: addrs[1],
+            more: addrs[2..].to_vec(),
+            admin,
+            handle,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 }
 
