@@ -57,6 +57,33 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     }
 }
 
+/// `GET /limits?top=N`: the client addresses holding the most connections now (at most N,
+/// default 10, at most 1000), with the cap in force; never the whole table.
+fn limits(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let top = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("top=")))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(10)
+        .min(1000);
+    let server = &shared.runtime.load().config.server;
+    let per_ip: Vec<Value> = shared
+        .per_ip
+        .top(top)
+        .into_iter()
+        .map(|(addr, n)| json!({ "addr": addr.to_string(), "connections": n }))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "max_connections_per_ip": server.max_connections_per_ip,
+            "ipv6_prefix_len": server.ipv6_prefix_len,
+            "per_ip": per_ip,
+        }),
+    )
+}
+
 async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     if path == "/routes" || path.starts_with("/routes/") {
@@ -64,6 +91,12 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             return text(StatusCode::UNAUTHORIZED, "admin token required\n");
         }
         return routes(shared, req, &path).await;
+    }
+    if path == "/limits" {
+        if !authorized(shared, &req) {
+            return text(StatusCode::UNAUTHORIZED, "admin token required\n");
+        }
+        return limits(shared, &req);
     }
     if path == "/sessions" || path.starts_with("/sessions/") {
         if !authorized(shared, &req) {

@@ -221,6 +221,11 @@ pub fn proxy_protocol(result: &'static str) {
     counter!("portcullis_proxy_protocol_total", "result" => result).increment(1);
 }
 
+/// A connection or request was refused by a per-client limit (`reason`: `per_ip_connections`).
+pub fn limit_refused(reason: &'static str) {
+    counter!("portcullis_limit_refusals_total", "reason" => reason).increment(1);
+}
+
 /// A configuration reload was applied (`ok`) or refused.
 pub fn reload(ok: bool) {
     counter!("portcullis_reloads_total", "result" => if ok { "ok" } else { "error" }).increment(1);

@@ -261,6 +261,7 @@ impl Server {
                 denylist,
                 sessions: Arc::new(Sessions::default()),
                 conns: ConnCounts::new(),
+                per_ip: Arc::default(),
             }),
         })
     }

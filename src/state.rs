@@ -71,4 +71,6 @@ pub struct Shared {
     pub sessions: Arc<Sessions>,
     /// Live sessions per backend member (least connections); kept across reloads.
     pub conns: Arc<ConnCounts>,
+    /// Client connections held per client address (`max_connections_per_ip`).
+    pub per_ip: Arc<crate::limits::PerIp>,
 }

@@ -57,6 +57,8 @@ impl Default for ServerSettings {
             removed_route_grace: Duration::from_secs(600),
             reload_poll_interval: Duration::from_secs(2),
             trusted_proxies: Vec::new(),
+            max_connections_per_ip: 0,
+            ipv6_prefix_len: 64,
         }
     }
 }

@@ -165,6 +165,11 @@ pub struct ServerSettings {
     /// Peers whose `X-Forwarded-For` and `Forwarded` headers are believed and extended; from
     /// any other peer they are dropped. Empty: the edge believes no one.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Client connections held at once from one client address (0: no cap); the address is
+    /// the PROXY protocol's on listeners that use it.
+    pub max_connections_per_ip: u32,
+    /// IPv6 clients are counted per prefix of this length (a host usually has a whole /64).
+    pub ipv6_prefix_len: u8,
 }
 
 impl ServerSettings {

@@ -61,7 +61,12 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
         removed_route_grace: dur(s.removed_route_grace, d.removed_route_grace),
         reload_poll_interval: dur(s.reload_poll_interval, d.reload_poll_interval),
         trusted_proxies: s.trusted_proxies.unwrap_or(d.trusted_proxies),
+        max_connections_per_ip: s.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
+        ipv6_prefix_len: s.ipv6_prefix_len.unwrap_or(d.ipv6_prefix_len),
     };
+    if server.ipv6_prefix_len > 128 {
+        return Err(invalid("server.ipv6_prefix_len", "must be 0-128"));
+    }
     if server.max_connections == 0 {
         return Err(invalid("server.max_connections", "must be at least 1"));
     }

@@ -63,6 +63,7 @@ pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<
                 let Some((tcp, client)) = proxy_header(&shared2, tcp, addr, proxy_from.as_deref()).await else {
                     return;
                 };
+                let Some(slot) = per_ip(&shared2, client, slot) else { return };
                 connection(shared2, tcp, client, acceptor, slot).await;
             }
             .instrument(span),
@@ -74,6 +75,7 @@ pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<
 /// held by whichever task serves the connection (the relay task once upgraded).
 pub struct ConnSlot {
     _permit: OwnedSemaphorePermit,
+    _per_ip: Option<crate::limits::IpSlot>,
     metrics: Arc<Metrics>,
 }
 
@@ -81,7 +83,28 @@ impl ConnSlot {
     fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
         metrics.connections_total.increment(1);
         metrics.connections_active.increment(1.0);
-        ConnSlot { _permit: permit, metrics }
+        ConnSlot { _permit: permit, _per_ip: None, metrics }
+    }
+}
+
+/// The per-address cap (`max_connections_per_ip`), counted on the client address (the PROXY
+/// protocol's when the listener uses it): over it the connection is closed before TLS or HTTP,
+/// as over the global cap; the slot is held with the connection's and freed with it.
+fn per_ip(shared: &Shared, client: SocketAddr, mut slot: ConnSlot) -> Option<ConnSlot> {
+    let (max, prefix) = {
+        let runtime = shared.runtime.load();
+        (runtime.config.server.max_connections_per_ip, runtime.config.server.ipv6_prefix_len)
+    };
+    match shared.per_ip.try_acquire(client.ip(), max, prefix) {
+        Ok(held) => {
+            slot._per_ip = held;
+            Some(slot)
+        }
+        Err(n) => {
+            crate::metrics::limit_refused("per_ip_connections");
+            tracing::debug!(%client, held = n, "per-address connection cap reached; closing");
+            None
+        }
     }
 }
 

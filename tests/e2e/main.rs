@@ -16,6 +16,7 @@ mod drain;
 mod faults;
 mod handshake;
 mod http;
+mod limits;
 mod metrics;
 mod proxy_protocol;
 mod relay;

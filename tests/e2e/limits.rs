@@ -1,0 +1,89 @@
+//! Per-client limits at the edge: connections held per client address, counted on the PROXY
+//! protocol's address behind a load balancer, closed at accept over the cap, freed when a
+//! connection ends.
+
+use std::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::*;
+
+const UPGRADE: &str = "GET /agents/a1/terminal HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// Opens a session on `addr` behind `header` (may be empty); `None` when the proxy closes the
+/// connection without an answer.
+async fn open(addr: std::net::SocketAddr, header: &[u8]) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut bytes = header.to_vec();
+    bytes.extend_from_slice(UPGRADE.as_bytes());
+    // A refused connection may be closed before the write lands.
+    if s.write_all(&bytes).await.is_err() {
+        return None;
+    }
+    let mut first = [0u8; 12];
+    match tokio::time::timeout(SOON, s.read(&mut first)).await.expect("answer or close in time") {
+        Ok(n) if n >= 12 && first.starts_with(b"HTTP/1.1 101") => {
+            let _ = tokio::time::timeout(SOON, read_head(&mut s)).await;
+            Some(s)
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn connections_per_client_address_are_capped_and_freed() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()]).merge("server", "max_connections_per_ip = 3").text();
+    let proxy = Proxy::start_with(&text).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(open(proxy.plain, b"").await.expect("under the cap"));
+    }
+    let series = r#"portcullis_limit_refusals_total{reason="per_ip_connections"}"#;
+    // Metrics are process-wide, and other tests of this binary refuse connections too.
+    let before = metric(&http_get(proxy.admin, "/metrics").await.1, series);
+    assert!(open(proxy.plain, b"").await.is_none(), "the fourth connection from one address is closed");
+    let (status, top) = http_get(proxy.admin, "/limits?top=5").await;
+    assert_eq!(status, 200);
+    assert!(top.contains(r#"{"addr":"127.0.0.1","connections":3}"#), "{top}");
+    let after = metric(&http_get(proxy.admin, "/metrics").await.1, series);
+    assert!(after >= before + 1.0, "refusal counted: {before} -> {after}");
+    // One session ends: its slot is free again.
+    drop(held.pop());
+    let deadline = Instant::now() + SOON;
+    loop {
+        if let Some(s) = open(proxy.plain, b"").await {
+            held.push(s);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot of an ended session was never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn behind_a_balancer_the_cap_counts_the_carried_address() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", "max_connections_per_ip = 2")
+        .merge(
+            "",
+            r#"
+[[listeners]]
+name = "behind-lb"
+addresses = ["127.0.0.1:0"]
+proxy_protocol = true
+proxy_protocol_from = ["127.0.0.0/8"]
+"#,
+        )
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let lb = proxy.more[0];
+    let alice = b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 443\r\n";
+    let bob = b"PROXY TCP4 203.0.113.8 10.0.0.1 5555 443\r\n";
+    let _a1 = open(lb, alice).await.expect("alice 1");
+    let _a2 = open(lb, alice).await.expect("alice 2");
+    assert!(open(lb, alice).await.is_none(), "alice's third is over her cap");
+    let _b1 = open(lb, bob).await.expect("bob has his own count, though every connection comes from the balancer");
+}
