@@ -57,6 +57,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     }
 }
 
+/// Largest `top` of `GET /limits`.
+const MAX_TOP: usize = 1_000;
+
 /// `GET /limits?top=N`: the client addresses holding the most connections now (at most N,
 /// default 10, at most 1000), with the cap in force; never the whole table.
 fn limits(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -66,7 +69,7 @@ fn limits(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("top=")))
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(10)
-        .min(1000);
+        .min(MAX_TOP);
     let server = &shared.runtime.load().config.server;
     let per_ip: Vec<Value> = shared
         .per_ip
