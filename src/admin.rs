@@ -60,8 +60,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
 /// Largest `top` of `GET /limits`.
 const MAX_TOP: usize = 1_000;
 
-/// `GET /limits?top=N`: the client addresses holding the most connections now (at most N,
-/// default 10, at most 1000), with the cap in force; never the whole table.
+/// `GET /limits?top=N`: the client addresses holding the most connections and the subjects
+/// holding the most sessions now (at most N each, default 10, at most 1000), with the caps in
+/// force; never the whole tables. (A subject's route is `null` for its count over all routes.)
 fn limits(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let top = req
         .uri()
@@ -77,12 +78,20 @@ fn limits(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         .into_iter()
         .map(|(addr, n)| json!({ "addr": addr.to_string(), "connections": n }))
         .collect();
+    let per_subject: Vec<Value> = shared
+        .per_subject
+        .top(top)
+        .into_iter()
+        .map(|(k, n)| json!({ "subject": k.subject, "issuer": k.issuer, "route": k.route, "sessions": n }))
+        .collect();
     json_response(
         StatusCode::OK,
         &json!({
             "max_connections_per_ip": server.max_connections_per_ip,
             "ipv6_prefix_len": server.ipv6_prefix_len,
+            "max_sessions_per_subject": shared.runtime.load().config.auth.max_sessions_per_subject,
             "per_ip": per_ip,
+            "per_subject": per_subject,
         }),
     )
 }

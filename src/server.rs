@@ -262,6 +262,7 @@ impl Server {
                 sessions: Arc::new(Sessions::default()),
                 conns: ConnCounts::new(),
                 per_ip: Arc::default(),
+                per_subject: Arc::default(),
             }),
         })
     }

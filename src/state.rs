@@ -73,4 +73,6 @@ pub struct Shared {
     pub conns: Arc<ConnCounts>,
     /// Client connections held per client address (`max_connections_per_ip`).
     pub per_ip: Arc<crate::limits::PerIp>,
+    /// Sessions held per subject (`max_sessions_per_subject`, global and per route).
+    pub per_subject: Arc<crate::limits::PerSubject>,
 }

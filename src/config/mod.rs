@@ -68,6 +68,8 @@ pub struct AuthSettings {
     pub cache_capacity: u64,
     /// How long a revoked subject stays refused when no token expiry bounds it.
     pub revocation_ttl: Duration,
+    /// Sessions one subject (of one issuer) holds at once over every route (0: no cap).
+    pub max_sessions_per_subject: u32,
 }
 
 /// A static verification key with its algorithm allowlist.
@@ -132,6 +134,9 @@ pub struct RouteAuth {
     /// with it when the backend selected none, because browsers fail a handshake that offered
     /// subprotocols and got none back. Never forwarded to the backend.
     pub subprotocol_marker: String,
+    /// Sessions (WebSockets and SSE streams) one subject holds at once on this route (0: no
+    /// cap); over it 429.
+    pub max_sessions_per_subject: u32,
 }
 
 /// Which browser origins may open sessions on a route (`[routes.origin]`).

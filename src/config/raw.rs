@@ -44,6 +44,7 @@ pub(super) struct RawAuth {
     pub(super) max_token_size: Option<Size>,
     pub(super) cache_capacity: Option<u64>,
     pub(super) revocation_ttl: Option<Dur>,
+    pub(super) max_sessions_per_subject: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +86,7 @@ pub(super) struct RawRouteAuth {
     #[serde(default)]
     pub(super) forward_token: bool,
     pub(super) subprotocol_marker: Option<String>,
+    pub(super) max_sessions_per_subject: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

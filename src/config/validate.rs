@@ -269,6 +269,7 @@ fn route_auth(a: RawRouteAuth, key: &str, path: &PathPattern) -> Result<RouteAut
         ));
     }
     Ok(RouteAuth {
+        max_sessions_per_subject: a.max_sessions_per_subject.unwrap_or(0),
         sources,
         issuers: a.issuers,
         audiences: a.audiences,
@@ -390,6 +391,7 @@ fn auth(a: RawAuth) -> Result<AuthSettings, Invalid> {
         });
     }
     Ok(AuthSettings {
+        max_sessions_per_subject: a.max_sessions_per_subject.unwrap_or(0),
         keys,
         jwks,
         leeway: dur(a.leeway, defaults::AUTH_LEEWAY),

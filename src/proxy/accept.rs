@@ -95,7 +95,7 @@ fn per_ip(shared: &Shared, client: SocketAddr, mut slot: ConnSlot) -> Option<Con
         let runtime = shared.runtime.load();
         (runtime.config.server.max_connections_per_ip, runtime.config.server.ipv6_prefix_len)
     };
-    match shared.per_ip.try_acquire(client.ip(), max, prefix) {
+    match shared.per_ip.try_acquire(crate::limits::ip_key(client.ip(), prefix), max) {
         Ok(held) => {
             slot._per_ip = held;
             Some(slot)

@@ -12,6 +12,9 @@ use crate::proxy::route::RouteError;
 use crate::proxy::upgrade::UpgradeError;
 use crate::routing::pool::PoolError;
 
+/// `Retry-After` (seconds) of a 429 for a subject over its session cap.
+const SESSION_RETRY_AFTER: &str = "5";
+
 /// Why a request (an upgrade, or a plain HTTP request) got no answer from a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -33,6 +36,9 @@ pub enum RequestError {
     /// The proxy is draining and takes no new sessions.
     #[error("the proxy is shutting down")]
     Draining,
+    /// The subject holds as many sessions as `max_sessions_per_subject` allows (429).
+    #[error("too many sessions for this subject")]
+    TooManySessions,
     /// A broken invariant inside the proxy (500); the detail goes to the log, never the body.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -68,6 +74,7 @@ impl RequestError {
                 ForwardError::ConnectTimeout | ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
             },
+            RequestError::TooManySessions => StatusCode::TOO_MANY_REQUESTS,
             RequestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,6 +111,7 @@ impl RequestError {
                 ForwardError::Backend { .. } => "backend_error",
             },
             RequestError::Draining => "draining",
+            RequestError::TooManySessions => "subject_sessions",
             RequestError::Internal(_) => "internal",
         }
     }
@@ -135,6 +143,10 @@ impl RequestError {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 h.insert(http::header::WWW_AUTHENTICATE, v);
             }
+        }
+        if let RequestError::TooManySessions = self {
+            // A slot frees when one of the subject's sessions ends, which may be soon.
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
         }
         if status == StatusCode::UPGRADE_REQUIRED {
             h.insert(UPGRADE, HeaderValue::from_static("websocket"));

@@ -77,6 +77,8 @@ struct Pending {
     /// The session's record, registered before the backend connect so that a revocation
     /// during the connect finds it.
     registered: SessionGuard,
+    /// Its places under the subject's session caps.
+    subject_slots: Vec<SubjectSlot>,
 }
 
 /// Serves one client connection (after accept and tls) to its end.
@@ -189,6 +191,36 @@ fn session_entry(
     }
 }
 
+/// The subject's places under its session caps (over every route, and on this route), or
+/// 429 when either is full. Exact: each check and count is one step under the cap's lock.
+fn subject_slots(
+    ctx: &ConnCtx,
+    runtime: &Runtime,
+    route: &RouteConfig,
+    claims: Option<&Claims>,
+) -> Result<Vec<SubjectSlot>, RequestError> {
+    let Some(subject) = claims.and_then(|c| c.subject()) else { return Ok(Vec::new()) };
+    let issuer = claims.and_then(|c| c.issuer()).map(str::to_owned);
+    let global = runtime.config.auth.max_sessions_per_subject;
+    let per_route = route.auth.as_ref().map_or(0, |a| a.max_sessions_per_subject);
+    let mut slots = Vec::new();
+    for (route_name, max) in [(None, global), (Some(route.name.clone()), per_route)] {
+        let key = crate::limits::SubjectKey { route: route_name, issuer: issuer.clone(), subject: subject.to_owned() };
+        match ctx.shared.per_subject.try_acquire(key, max) {
+            Ok(Some(slot)) => slots.push(slot),
+            Ok(None) => {}
+            Err(_) => {
+                crate::metrics::limit_refused("subject_sessions");
+                return Err(RequestError::TooManySessions);
+            }
+        }
+    }
+    Ok(slots)
+}
+
+/// A session's place under a subject cap.
+type SubjectSlot = crate::limits::Slot<crate::limits::SubjectKey>;
+
 /// The plain HTTP path: auth, then the request stage; the response streams back.
 async fn handle_request(
     ctx: &ConnCtx,
@@ -262,12 +294,18 @@ async fn handle_request(
     exchange.status = parts.status.as_u16();
     exchange.member = Some(answered.member.clone());
     http.metrics.request(sse, exchange.status);
-    let governance = sse.then(|| {
-        let registered = ctx.shared.sessions.register(session_entry(ctx, SessionKind::Sse, &route, &caps, claims));
-        let _ = registered.entry().backend.set(answered.member.clone());
-        let deadline = session_deadline(&route, runtime, claims);
-        stream::Governance::new(registered, deadline, runtime.config.server.drain_spread)
-    });
+    let governance = match sse.then(|| subject_slots(ctx, runtime, &route, claims)) {
+        None => None,
+        Some(Err(e)) => return reject_exchange(ctx, exchange, e),
+        Some(Ok(slots)) => {
+            let registered = ctx.shared.sessions.register(session_entry(ctx, SessionKind::Sse, &route, &caps, claims));
+            let _ = registered.entry().backend.set(answered.member.clone());
+            let deadline = session_deadline(&route, runtime, claims);
+            let mut g = stream::Governance::new(registered, deadline, runtime.config.server.drain_spread);
+            g.slots = slots;
+            Some(g)
+        }
+    };
     let least_conns = (route.balance.policy == crate::config::Policy::LeastConnections)
         .then(|| ctx.shared.conns.acquire(&answered.member));
     let download = stream::Download::new(body, settings.idle_body_timeout, governance, exchange, least_conns);
@@ -336,6 +374,10 @@ async fn handle_upgrade(
     let Some(ws) = admitted.ws.as_ref() else {
         return reject(ctx, &route.name, RequestError::Internal("the auth stage dropped the upgrade"));
     };
+    let subject_slots = match subject_slots(ctx, runtime, &route, admitted.claims.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return reject(ctx, &route.name, e),
+    };
     let forwarded = forwarded_for(ctx, runtime, req.headers());
     let sticky_key = route.balance.sticky_key.as_ref().and_then(|k| {
         crate::routing::pool::sticky_key(k, req.headers(), path_and_query, &caps, admitted.claims.as_deref())
@@ -396,8 +438,14 @@ async fn handle_upgrade(
         h.insert(SEC_WEBSOCKET_EXTENSIONS, e.clone());
     }
     ctx.shared.metrics.upgrade(&route.name, "ok");
-    let pending =
-        Pending { on_upgrade: hyper::upgrade::on(&mut req), backend, route, claims: admitted.claims, registered };
+    let pending = Pending {
+        on_upgrade: hyper::upgrade::on(&mut req),
+        backend,
+        route,
+        claims: admitted.claims,
+        registered,
+        subject_slots,
+    };
     if let Ok(mut slot) = ctx.pending.lock() {
         *slot = Some(pending);
     }
@@ -456,8 +504,14 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
     shared.metrics.sessions_active.increment(1.0);
     let backend_early = std::mem::take(&mut p.backend.early);
     let backend_stream = p.backend.stream;
-    let finish =
-        Finish { started, metrics: shared.metrics.clone(), _least_conns: p.backend.guard, registered, _slot: slot };
+    let finish = Finish {
+        started,
+        metrics: shared.metrics.clone(),
+        _least_conns: p.backend.guard,
+        registered,
+        _slot: slot,
+        _subject_slots: p.subject_slots,
+    };
     // The relay runs as its own task with only what it needs: the handshake-phase state of
     // this connection task (hyper, TLS handshake, request handling) is freed now, which keeps
     // an idle session's memory down.
@@ -478,6 +532,7 @@ struct Finish {
     _least_conns: Option<crate::routing::sticky::ConnGuard>,
     registered: crate::session::SessionGuard,
     _slot: accept::ConnSlot,
+    _subject_slots: Vec<SubjectSlot>,
 }
 
 impl Finish {

@@ -281,6 +281,8 @@ pub struct Governance {
     pub stop: StopFuture,
     /// The `/sessions` entry, removed when the stream ends.
     pub session: SessionGuard,
+    /// The stream's places under the subject's session caps, freed when it ends.
+    pub slots: Vec<crate::limits::Slot<crate::limits::SubjectKey>>,
 }
 
 impl Governance {
@@ -311,7 +313,7 @@ impl Governance {
                 _ = expiry => "token_expired",
             }
         });
-        Governance { stop, session }
+        Governance { stop, session, slots: Vec::new() }
     }
 }
 

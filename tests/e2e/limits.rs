@@ -87,3 +87,85 @@ proxy_protocol_from = ["127.0.0.0/8"]
     assert!(open(lb, alice).await.is_none(), "alice's third is over her cap");
     let _b1 = open(lb, bob).await.expect("bob has his own count, though every connection comes from the balancer");
 }
+
+/// A config whose routes `terminal` and `events` take HS256 tokens, with subject caps: 2 per
+/// route on `terminal`, 3 over every route.
+fn subject_config(backend: std::net::SocketAddr, secret: &std::path::Path) -> String {
+    TestConfig::base(&[backend.to_string()])
+        .merge(
+            "",
+            &format!(
+                r#"
+[auth]
+max_sessions_per_subject = 3
+[[auth.keys]]
+algorithms = ["HS256"]
+secret_file = "{secret}"
+
+[[routes]]
+name = "events"
+path = "/agents/{{agent}}/events"
+backends = ["{backend}"]
+[routes.auth]
+sources = ["bearer"]
+"#,
+                secret = secret.display()
+            ),
+        )
+        .merge("routes.0.auth", "sources = [\"bearer\"]\nmax_sessions_per_subject = 2")
+        .text()
+}
+
+#[tokio::test]
+async fn sessions_per_subject_are_capped_per_route_and_over_all_routes_with_429() {
+    let backend = Backend::echo().await;
+    let secret = format!("limits-secret-{}", rand::random::<u64>());
+    let path = certs().dir.join(format!("limits-{}", rand::random::<u32>()));
+    std::fs::write(&path, &secret).expect("secret");
+    let key = crate::mint::encoding_key(jsonwebtoken::Algorithm::HS256, secret.as_bytes()).expect("key");
+    let token = |sub: &str| {
+        let serde_json::Value::Object(claims) = serde_json::json!({ "sub": sub }) else { unreachable!() };
+        let t =
+            crate::mint::mint(jsonwebtoken::Algorithm::HS256, &key, None, claims, std::time::Duration::from_secs(600));
+        format!("Bearer {}", t.expect("mint"))
+    };
+    let text = subject_config(backend.addr, &path);
+    let proxy = Proxy::start_with(&text).await;
+    let (alice, bob) = (token("alice"), token("bob"));
+    let a1 = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &alice)]).await.expect("alice 1");
+    let _a2 = upgrade(proxy.plain, false, "/agents/a2/terminal", &[("authorization", &alice)]).await.expect("alice 2");
+    let refused = upgrade(proxy.plain, false, "/agents/a3/terminal", &[("authorization", &alice)])
+        .await
+        .err()
+        .expect("over the route cap");
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("retry-after"), Some("5"));
+    let _b1 = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &bob)])
+        .await
+        .expect("bob has his own count");
+    // Over every route: a third on another route is within 3, a fourth is not.
+    let _a3 =
+        upgrade(proxy.plain, false, "/agents/a1/events", &[("authorization", &alice)]).await.expect("alice 3, events");
+    let refused = upgrade(proxy.plain, false, "/agents/a2/events", &[("authorization", &alice)])
+        .await
+        .err()
+        .expect("over the global cap");
+    assert_eq!(refused.status, 429);
+    let (_, top) = http_get(proxy.admin, "/limits?top=3").await;
+    let top: serde_json::Value = serde_json::from_str(&top).expect("json");
+    assert_eq!(top["per_subject"][0]["subject"], "alice");
+    assert_eq!(top["per_subject"][0]["sessions"], 3);
+    // One session ends: the slot is free again.
+    let mut a1 = a1;
+    a1.send(true, op::CLOSE, &close_payload(1000, "")).await;
+    let _ = a1.recv_close().await;
+    let deadline = Instant::now() + SOON;
+    loop {
+        match upgrade(proxy.plain, false, "/agents/a4/terminal", &[("authorization", &alice)]).await {
+            Ok(_c) => break,
+            Err(h) => assert_eq!(h.status, 429),
+        }
+        assert!(Instant::now() < deadline, "the ended session's slot was never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
