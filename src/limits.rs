@@ -92,6 +92,47 @@ impl<K: Hash + Eq> Drop for Slot<K> {
     }
 }
 
+/// New WebSocket handshakes per client address: a token bucket per address (governor's GCRA),
+/// `per_second` sustained with bursts of `burst`.
+pub struct HandshakeRate {
+    limiter: governor::DefaultKeyedRateLimiter<IpAddr>,
+    clock: governor::clock::DefaultClock,
+    /// The settings it was built with (a reload keeps the buckets when they stay).
+    pub settings: (u32, u32),
+}
+
+impl HandshakeRate {
+    /// A limiter, or `None` when `per_second` is 0 (no limit).
+    pub fn new(per_second: u32, burst: u32) -> Option<HandshakeRate> {
+        let rate = std::num::NonZeroU32::new(per_second)?;
+        let burst = std::num::NonZeroU32::new(burst.max(1)).unwrap_or(rate);
+        let quota = governor::Quota::per_second(rate).allow_burst(burst);
+        Some(HandshakeRate {
+            limiter: governor::RateLimiter::keyed(quota),
+            clock: governor::clock::DefaultClock::default(),
+            settings: (per_second, burst.get()),
+        })
+    }
+
+    /// Takes one token for `key`, or says how long until one is there.
+    pub fn check(&self, key: IpAddr) -> Result<(), std::time::Duration> {
+        use governor::clock::Clock;
+        self.limiter.check_key(&key).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
+    /// Forgets the buckets that are full again (idle addresses), so the table stays small.
+    pub fn purge(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+}
+
+impl std::fmt::Debug for HandshakeRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandshakeRate").field("settings", &self.settings).finish()
+    }
+}
+
 /// The address connections from `ip` are counted under: itself for IPv4 (and IPv4-mapped
 /// IPv6), its `/prefix` network for IPv6.
 pub fn ip_key(ip: IpAddr, prefix: u8) -> IpAddr {
@@ -138,6 +179,19 @@ mod tests {
         assert!(t.try_acquire(ip_key("2001:db8:1:3::1".parse().unwrap(), 64), 1).is_ok(), "another /64");
         let _b = t.try_acquire(ip_key("::ffff:192.0.2.9".parse().unwrap(), 64), 1).unwrap();
         assert!(t.try_acquire(ip_key("192.0.2.9".parse().unwrap(), 64), 1).is_err(), "mapped IPv4 counts as IPv4");
+    }
+
+    #[test]
+    fn handshakes_are_limited_per_address_with_a_burst() {
+        let r = HandshakeRate::new(1, 3).expect("limiter");
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..3 {
+            assert!(r.check(ip).is_ok());
+        }
+        let wait = r.check(ip).unwrap_err();
+        assert!(wait > std::time::Duration::ZERO && wait <= std::time::Duration::from_secs(1), "{wait:?}");
+        assert!(r.check("192.0.2.2".parse().unwrap()).is_ok(), "another address has its own bucket");
+        assert!(HandshakeRate::new(0, 3).is_none(), "0 is no limit");
     }
 
     #[test]

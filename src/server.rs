@@ -90,7 +90,21 @@ fn build_runtime(
         })
         .collect();
     let upstreams = upstreams(&config, previous, metrics);
-    Ok(Runtime { routes: RouteTable::new(&config.routes), authenticator, tls, route_state, upstreams, config })
+    // The buckets survive a reload that keeps the rate.
+    let rate = (config.server.handshake_rate_per_ip, config.server.handshake_burst_per_ip);
+    let handshake_rate = previous
+        .and_then(|p| p.handshake_rate.clone())
+        .filter(|r| r.settings == rate)
+        .or_else(|| crate::limits::HandshakeRate::new(rate.0, rate.1).map(Arc::new));
+    Ok(Runtime {
+        routes: RouteTable::new(&config.routes),
+        authenticator,
+        tls,
+        route_state,
+        upstreams,
+        handshake_rate,
+        config,
+    })
 }
 
 /// One keep-alive client per distinct upstream setting of the HTTP routes, the previous
@@ -291,12 +305,23 @@ impl Server {
         let admin_task = bound.admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), stop_admin.clone())));
         let upkeep = {
             let stop = stop_admin.clone();
+            let shared = shared.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(5));
+                let mut n = 0u64;
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tick.tick() => metrics.run_upkeep(),
+                        _ = tick.tick() => {
+                            metrics.run_upkeep();
+                            n += 1;
+                            // Every minute: forget the handshake buckets of idle addresses.
+                            if n % 12 == 0 {
+                                if let Some(r) = shared.runtime.load().handshake_rate.as_ref() {
+                                    r.purge();
+                                }
+                            }
+                        }
                     }
                 }
             })

@@ -41,6 +41,8 @@ pub struct Runtime {
     /// (routes with the same settings share one, and a reload keeps it, with its idle
     /// connections, when they stay) and its pre-registered metric handles.
     pub upstreams: HashMap<String, HttpRoute>,
+    /// The per-address handshake limiter, when `handshake_rate_per_ip` is set.
+    pub handshake_rate: Option<Arc<crate::limits::HandshakeRate>>,
 }
 
 /// A plain-HTTP route's client and metrics.

@@ -59,6 +59,8 @@ impl Default for ServerSettings {
             trusted_proxies: Vec::new(),
             max_connections_per_ip: 0,
             ipv6_prefix_len: 64,
+            handshake_rate_per_ip: 0,
+            handshake_burst_per_ip: 20,
         }
     }
 }

@@ -175,6 +175,10 @@ pub struct ServerSettings {
     pub max_connections_per_ip: u32,
     /// IPv6 clients are counted per prefix of this length (a host usually has a whole /64).
     pub ipv6_prefix_len: u8,
+    /// WebSocket handshakes per second per client address, sustained (0: no limit); over it 429.
+    pub handshake_rate_per_ip: u32,
+    /// Handshakes a client address may make at once before the rate applies.
+    pub handshake_burst_per_ip: u32,
 }
 
 impl ServerSettings {

@@ -110,6 +110,8 @@ pub(super) struct RawServer {
     pub(super) trusted_proxies: Option<Vec<ipnet::IpNet>>,
     pub(super) max_connections_per_ip: Option<u32>,
     pub(super) ipv6_prefix_len: Option<u8>,
+    pub(super) handshake_rate_per_ip: Option<u32>,
+    pub(super) handshake_burst_per_ip: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

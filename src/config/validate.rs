@@ -63,7 +63,12 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
         trusted_proxies: s.trusted_proxies.unwrap_or(d.trusted_proxies),
         max_connections_per_ip: s.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
         ipv6_prefix_len: s.ipv6_prefix_len.unwrap_or(d.ipv6_prefix_len),
+        handshake_rate_per_ip: s.handshake_rate_per_ip.unwrap_or(d.handshake_rate_per_ip),
+        handshake_burst_per_ip: s.handshake_burst_per_ip.unwrap_or(d.handshake_burst_per_ip),
     };
+    if server.handshake_burst_per_ip == 0 {
+        return Err(invalid("server.handshake_burst_per_ip", "must be at least 1"));
+    }
     if server.ipv6_prefix_len > 128 {
         return Err(invalid("server.ipv6_prefix_len", "must be 0-128"));
     }

@@ -39,6 +39,10 @@ pub enum RequestError {
     /// The subject holds as many sessions as `max_sessions_per_subject` allows (429).
     #[error("too many sessions for this subject")]
     TooManySessions,
+    /// The client address made handshakes faster than `handshake_rate_per_ip` (429); a token
+    /// is there again after the duration.
+    #[error("too many handshakes from this address")]
+    HandshakeRate(std::time::Duration),
     /// A broken invariant inside the proxy (500); the detail goes to the log, never the body.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -74,7 +78,7 @@ impl RequestError {
                 ForwardError::ConnectTimeout | ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
             },
-            RequestError::TooManySessions => StatusCode::TOO_MANY_REQUESTS,
+            RequestError::TooManySessions | RequestError::HandshakeRate(_) => StatusCode::TOO_MANY_REQUESTS,
             RequestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,6 +116,7 @@ impl RequestError {
             },
             RequestError::Draining => "draining",
             RequestError::TooManySessions => "subject_sessions",
+            RequestError::HandshakeRate(_) => "handshake_rate",
             RequestError::Internal(_) => "internal",
         }
     }
@@ -144,9 +149,17 @@ impl RequestError {
                 h.insert(http::header::WWW_AUTHENTICATE, v);
             }
         }
-        if let RequestError::TooManySessions = self {
+        match self {
             // A slot frees when one of the subject's sessions ends, which may be soon.
-            h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
+            RequestError::TooManySessions => {
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
+            }
+            // Whole seconds until the address's bucket has a token again, at least 1.
+            RequestError::HandshakeRate(wait) => {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            _ => {}
         }
         if status == StatusCode::UPGRADE_REQUIRED {
             h.insert(UPGRADE, HeaderValue::from_static("websocket"));

@@ -358,6 +358,15 @@ async fn handle_upgrade(
     caps: Captures,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    // Before any token is looked at: a flood of handshakes (with bad tokens or none) costs one
+    // bucket check per attempt, not a signature check.
+    if let Some(rate) = &runtime.handshake_rate {
+        let key = crate::limits::ip_key(ctx.client_addr.ip(), runtime.config.server.ipv6_prefix_len);
+        if let Err(wait) = rate.check(key) {
+            crate::metrics::limit_refused("handshake_rate");
+            return reject(ctx, &route.name, RequestError::HandshakeRate(wait));
+        }
+    }
     let ws = match upgrade::check(&req) {
         Ok(ws) => ws,
         Err(e) => return reject(ctx, &route.name, e.into()),

@@ -169,3 +169,38 @@ async fn sessions_per_subject_are_capped_per_route_and_over_all_routes_with_429(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn handshakes_per_address_are_rate_limited_before_the_token_is_checked() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", "handshake_rate_per_ip = 1\nhandshake_burst_per_ip = 3")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(
+            upgrade(proxy.plain, false, "/agents/a1/terminal", &[])
+                .await
+                .unwrap_or_else(|h| panic!("{i}: {}", h.status)),
+        );
+    }
+    let refused = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.err().expect("over the burst");
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // The bucket refills at one per second.
+    let deadline = Instant::now() + SOON;
+    loop {
+        match upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await {
+            Ok(c) => {
+                held.push(c);
+                break;
+            }
+            Err(h) => assert_eq!(h.status, 429),
+        }
+        assert!(Instant::now() < deadline, "the bucket never refilled");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert!(metric(&m, r#"portcullis_limit_refusals_total{reason="handshake_rate"}"#) >= 1.0, "{m}");
+}
