@@ -6,11 +6,15 @@
 #
 #     loadtest/peers/old-vs-new.sh OLD_PORTCULLIS NEW_PORTCULLIS LOADTEST
 #
-# Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000). Loopback only;
-# every process it starts is stopped on exit.
+# Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000), IDLE (1000: sessions
+# held by the idle round, for KiB per session; 0 skips it), OLD_SERVER / NEW_SERVER (TOML lines
+# added to each one's [server] table: the same binary twice with and without a setting, e.g.
+# NEW_SERVER='max_connections_per_ip = 5000'). Loopback only; every process it starts is stopped
+# on exit.
 set -euo pipefail
 OLD=$1 NEW=$2 LT=$3
-DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-10000}
+DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-10000} IDLE=${IDLE:-1000}
+OLD_SERVER=${OLD_SERVER:-} NEW_SERVER=${NEW_SERVER:-}
 WORK=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
@@ -18,8 +22,10 @@ trap cleanup EXIT
 
 "$LT" backend --mode echo --listen 127.0.0.1:19301 2>"$WORK/backend.log" &
 pids+=($!)
-start() { # name binary port admin
+start() { # name binary port admin server-lines
     cat >"$WORK/$1.toml" <<CONF
+[server]
+$5
 [[listeners]]
 addresses = ["127.0.0.1:$3"]
 [admin]
@@ -36,8 +42,8 @@ CONF
     pids+=($!)
     eval "${1}_PID=$!"
 }
-start old "$OLD" 19302 19312
-start new "$NEW" 19303 19313
+start old "$OLD" 19302 19312 "$OLD_SERVER"
+start new "$NEW" 19303 19313 "$NEW_SERVER"
 sleep 1
 TARGETS=(direct=ws://127.0.0.1:19301/agents/a1/terminal old=ws://127.0.0.1:19302/agents/a1/terminal
     new=ws://127.0.0.1:19303/agents/a1/terminal)
@@ -49,3 +55,9 @@ echo
 echo "## echo64: compare --scenario echo -q -c $CONNS --window 4 --size 64 -d $DURATION --repeat $REPEAT"
 timeout 600 "$LT" compare --repeat "$REPEAT" "${PIDS[@]}" --scenario echo -q -c "$CONNS" --window 4 --size 64 \
     -d "$DURATION" "${TARGETS[@]}"
+if [ "$IDLE" -gt 0 ]; then
+    echo
+    echo "## idle$IDLE: compare --scenario idle -q -c $IDLE --ramp 2000 --source-addrs 8 -d $DURATION --repeat $REPEAT"
+    timeout 600 "$LT" compare --repeat "$REPEAT" "${PIDS[@]}" --scenario idle -q -c "$IDLE" --ramp 2000 \
+        --source-addrs 8 -d "$DURATION" "${TARGETS[@]}"
+fi
