@@ -247,12 +247,18 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     let loaded;
     match s.scenario {
-        Kind::Echo | Kind::Rate | Kind::Terminal => {
+        Kind::Echo | Kind::Rate | Kind::Terminal | Kind::Http | Kind::Sse => {
             let end = t0 + s.ramp_time() + s.duration;
             let mut tasks = Vec::new();
             for i in 0..s.connections {
                 let (s2, target, stats) = (s.clone(), target.clone(), stats.clone());
-                tasks.push(tokio::spawn(async move { traffic_session(&s2, &target, &stats, i, t0, end).await }));
+                tasks.push(tokio::spawn(async move {
+                    match s2.scenario {
+                        Kind::Http => http_session(&s2, &target, &stats, i, t0, end).await,
+                        Kind::Sse => sse_session(&s2, &target, &stats, i, t0, end).await,
+                        _ => traffic_session(&s2, &target, &stats, i, t0, end).await,
+                    }
+                }));
             }
             let pid = s.pid.clone();
             let sampler = tokio::spawn(async move {
@@ -281,30 +287,6 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
                 }
             }
             report.duration_s = s.duration.as_secs_f64();
-        }
-        Kind::Http | Kind::Sse => {
-            let end = t0 + s.ramp_time() + s.duration;
-            let mut tasks = Vec::new();
-            for i in 0..s.connections {
-                let (s2, target, stats) = (s.clone(), target.clone(), stats.clone());
-                tasks.push(tokio::spawn(async move {
-                    if s2.scenario == Kind::Http {
-                        http_session(&s2, &target, &stats, i, t0, end).await
-                    } else {
-                        sse_session(&s2, &target, &stats, i, t0, end).await
-                    }
-                }));
-            }
-            let pid = s.pid.clone();
-            let sampler = tokio::spawn(async move {
-                tokio::time::sleep_until(end).await;
-                pid.and_then(|p| p.sample().ok())
-            });
-            for t in tasks {
-                let _ = t.await;
-            }
-            loaded = sampler.await.ok().flatten();
-            report.duration_s = (end - t0).as_secs_f64();
         }
         Kind::Watch => {
             // Every watcher ends when its agent's events are done; `duration` bounds the run.

@@ -259,20 +259,10 @@ async fn handle_request(
         sticky_key,
     };
     let metrics = ctx.shared.metrics.clone();
-    let mut exchange = stream::Exchange {
-        method: req.method().clone(),
-        route: route.name.clone(),
-        agent: caps.get("agent").map(str::to_owned),
-        subject: claims.and_then(|c| c.subject().map(str::to_owned)),
-        path: req.uri().path().to_owned(),
-        client: ctx.client_addr,
-        member: None,
-        status: 0,
-        started,
-        upload: None,
-        metrics: metrics.clone(),
-        route_metrics: Some(http.metrics.clone()),
-    };
+    let mut exchange = new_exchange(ctx, &req, &route.name, started);
+    exchange.agent = caps.get("agent").map(str::to_owned);
+    exchange.subject = claims.and_then(|c| c.subject().map(str::to_owned));
+    exchange.route_metrics = Some(http.metrics.clone());
     let settings = route.backend;
     let body =
         stream::Upload::new(req.into_body(), settings.max_request_body, settings.idle_body_timeout, metrics.clone());
@@ -320,7 +310,12 @@ fn reject_request(
     started: Instant,
     e: RequestError,
 ) -> Response<ProxyBody> {
-    let exchange = stream::Exchange {
+    reject_exchange(ctx, new_exchange(ctx, req, route, started), e)
+}
+
+/// The record of a plain request on `route`, before anything is known of its answer.
+fn new_exchange(ctx: &ConnCtx, req: &Request<Incoming>, route: &str, started: Instant) -> stream::Exchange {
+    stream::Exchange {
         method: req.method().clone(),
         route: route.to_owned(),
         agent: None,
@@ -333,8 +328,7 @@ fn reject_request(
         upload: None,
         metrics: ctx.shared.metrics.clone(),
         route_metrics: None,
-    };
-    reject_exchange(ctx, exchange, e)
+    }
 }
 
 fn reject_exchange(ctx: &ConnCtx, mut exchange: stream::Exchange, e: RequestError) -> Response<ProxyBody> {

@@ -48,3 +48,29 @@ async fn twenty_agents_stream_every_event_in_order_to_fifty_watchers_each() {
     assert_eq!(w.per_watcher_p50_us.count, 1000, "every watcher has its own percentiles");
     assert!(w.per_watcher_p99_us.max >= w.per_watcher_p50_us.max.min(w.per_watcher_p99_us.max));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_http_and_sse_scenarios_run_clean_through_the_proxy() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend_addr = listener.local_addr().expect("addr");
+    tokio::spawn(backend::serve(listener, BackendOptions::new(Mode::Echo)));
+    let text = TestConfig::base(&[backend_addr.to_string()])
+        .set("routes.0.path", "/agents/{agent}/api/{*rest}")
+        .set("routes.0.kind", "http")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    for (kind, path) in [(Kind::Http, "echo"), (Kind::Sse, "sse?rate=200")] {
+        let scenario = Scenario {
+            scenario: kind,
+            target: Some(format!("http://{}/agents/agent-{{conn}}/api/{path}", proxy.plain)),
+            connections: 4,
+            size: 128,
+            duration: Duration::from_secs(1),
+            quiet: true,
+            ..Scenario::default()
+        };
+        let report = run(&scenario).await.expect("run");
+        assert!(report.is_clean() && report.errors.is_empty(), "{}", report.table());
+        assert!(report.received > 100, "{}", report.table());
+    }
+}
