@@ -9,14 +9,12 @@ use tokio::net::TcpStream;
 
 use crate::harness::*;
 
-const UPGRADE: &str = "GET /agents/a1/terminal HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-
 /// Opens a session on `addr` behind `header` (may be empty); `None` when the proxy closes the
 /// connection without an answer.
 async fn open(addr: std::net::SocketAddr, header: &[u8]) -> Option<TcpStream> {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let mut bytes = header.to_vec();
-    bytes.extend_from_slice(UPGRADE.as_bytes());
+    bytes.extend_from_slice(RAW_UPGRADE.as_bytes());
     // A refused connection may be closed before the write lands.
     if s.write_all(&bytes).await.is_err() {
         return None;

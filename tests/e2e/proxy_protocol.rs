@@ -34,8 +34,6 @@ proxy_protocol_from = ["10.0.0.0/8"]
     Proxy::start_with(&text).await
 }
 
-const UPGRADE: &str = "GET /agents/a1/terminal HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-
 fn v2(command: u8, family: u8, addresses: &[u8]) -> Vec<u8> {
     let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     h.push(0x20 | command);
@@ -49,7 +47,7 @@ fn v2(command: u8, family: u8, addresses: &[u8]) -> Vec<u8> {
 async fn upgrade_behind(addr: SocketAddr, header: &[u8]) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let mut bytes = header.to_vec();
-    bytes.extend_from_slice(UPGRADE.as_bytes());
+    bytes.extend_from_slice(RAW_UPGRADE.as_bytes());
     s.write_all(&bytes).await.expect("send");
     let head = tokio::time::timeout(SOON, read_head(&mut s)).await.expect("answer in time").expect("head");
     let head = parse_response(&head);
@@ -119,11 +117,11 @@ async fn untrusted_sources_missing_and_malformed_headers_are_closed_and_counted(
     // From a source the listener does not trust, even with a valid header.
     let mut s = TcpStream::connect(proxy.more[1]).await.expect("connect");
     s.write_all(b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 443\r\n").await.expect("send");
-    s.write_all(UPGRADE.as_bytes()).await.expect("send");
+    s.write_all(RAW_UPGRADE.as_bytes()).await.expect("send");
     assert!(closed_without_answer(s).await, "an untrusted source is closed");
     // No header at all: the listener never serves a connection without one.
     let mut s = TcpStream::connect(proxy.more[0]).await.expect("connect");
-    s.write_all(UPGRADE.as_bytes()).await.expect("send");
+    s.write_all(RAW_UPGRADE.as_bytes()).await.expect("send");
     assert!(closed_without_answer(s).await, "a connection without a header is closed");
     // A malformed v1 header.
     let mut s = TcpStream::connect(proxy.more[0]).await.expect("connect");
@@ -146,7 +144,7 @@ async fn a_header_in_pieces_is_read_and_a_silent_peer_is_closed_at_the_handshake
     s.write_all(b"PROXY TCP4 203.0.113.8 10.0").await.expect("send");
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     s.write_all(b".0.1 6000 443\r\n").await.expect("send");
-    s.write_all(UPGRADE.as_bytes()).await.expect("send");
+    s.write_all(RAW_UPGRADE.as_bytes()).await.expect("send");
     let head = tokio::time::timeout(SOON, read_head(&mut s)).await.expect("answer in time").expect("head");
     assert_eq!(parse_response(&head).status, 101);
     assert_eq!(session_client(proxy.admin).await, "203.0.113.8:6000");

@@ -110,3 +110,7 @@ impl Client {
 pub fn rand_mask() -> [u8; 4] {
     rand::random()
 }
+
+/// A valid upgrade request for `/agents/a1/terminal`, as raw bytes go on the wire (for tests
+/// that write something before it, such as a PROXY protocol header).
+pub const RAW_UPGRADE: &str = "GET /agents/a1/terminal HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
