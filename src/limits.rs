@@ -92,8 +92,8 @@ impl<K: Hash + Eq> Drop for Slot<K> {
     }
 }
 
-/// New WebSocket handshakes per client address: a token bucket per address (governor's GCRA),
-/// `per_second` sustained with bursts of `burst`.
+/// Events (new connections, WebSocket handshakes) per client address: a token bucket per
+/// address (governor's GCRA), `per_second` sustained with bursts of `burst`.
 pub struct HandshakeRate {
     limiter: governor::DefaultKeyedRateLimiter<IpAddr>,
     clock: governor::clock::DefaultClock,

@@ -91,11 +91,16 @@ fn build_runtime(
         .collect();
     let upstreams = upstreams(&config, previous, metrics);
     // The buckets survive a reload that keeps the rate.
-    let rate = (config.server.handshake_rate_per_ip, config.server.handshake_burst_per_ip);
-    let handshake_rate = previous
-        .and_then(|p| p.handshake_rate.clone())
-        .filter(|r| r.settings == rate)
-        .or_else(|| crate::limits::HandshakeRate::new(rate.0, rate.1).map(Arc::new));
+    let keep = |old: Option<&Arc<crate::limits::HandshakeRate>>, rate: (u32, u32)| {
+        old.filter(|r| r.settings == rate)
+            .cloned()
+            .or_else(|| crate::limits::HandshakeRate::new(rate.0, rate.1).map(Arc::new))
+    };
+    let s = &config.server;
+    let handshake_rate =
+        keep(previous.and_then(|p| p.handshake_rate.as_ref()), (s.handshake_rate_per_ip, s.handshake_burst_per_ip));
+    let connection_rate =
+        keep(previous.and_then(|p| p.connection_rate.as_ref()), (s.connection_rate_per_ip, s.connection_burst_per_ip));
     Ok(Runtime {
         routes: RouteTable::new(&config.routes),
         authenticator,
@@ -103,6 +108,7 @@ fn build_runtime(
         route_state,
         upstreams,
         handshake_rate,
+        connection_rate,
         config,
     })
 }
@@ -317,7 +323,8 @@ impl Server {
                             n += 1;
                             // Every minute: forget the handshake buckets of idle addresses.
                             if n % 12 == 0 {
-                                if let Some(r) = shared.runtime.load().handshake_rate.as_ref() {
+                                let runtime = shared.runtime.load();
+                                for r in [&runtime.handshake_rate, &runtime.connection_rate].into_iter().flatten() {
                                     r.purge();
                                 }
                             }

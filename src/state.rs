@@ -43,6 +43,8 @@ pub struct Runtime {
     pub upstreams: HashMap<String, HttpRoute>,
     /// The per-address handshake limiter, when `handshake_rate_per_ip` is set.
     pub handshake_rate: Option<Arc<crate::limits::HandshakeRate>>,
+    /// The per-address new-connection limiter, when `connection_rate_per_ip` is set.
+    pub connection_rate: Option<Arc<crate::limits::HandshakeRate>>,
 }
 
 /// A plain-HTTP route's client and metrics.

@@ -61,6 +61,8 @@ impl Default for ServerSettings {
             ipv6_prefix_len: 64,
             handshake_rate_per_ip: 0,
             handshake_burst_per_ip: 20,
+            connection_rate_per_ip: 0,
+            connection_burst_per_ip: 50,
         }
     }
 }

@@ -179,6 +179,11 @@ pub struct ServerSettings {
     pub handshake_rate_per_ip: u32,
     /// Handshakes a client address may make at once before the rate applies.
     pub handshake_burst_per_ip: u32,
+    /// New connections per second per client address, sustained (0: no limit); over it the
+    /// connection is closed at accept.
+    pub connection_rate_per_ip: u32,
+    /// Connections a client address may open at once before the rate applies.
+    pub connection_burst_per_ip: u32,
 }
 
 impl ServerSettings {

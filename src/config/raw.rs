@@ -112,6 +112,8 @@ pub(super) struct RawServer {
     pub(super) ipv6_prefix_len: Option<u8>,
     pub(super) handshake_rate_per_ip: Option<u32>,
     pub(super) handshake_burst_per_ip: Option<u32>,
+    pub(super) connection_rate_per_ip: Option<u32>,
+    pub(super) connection_burst_per_ip: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

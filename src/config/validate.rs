@@ -65,7 +65,12 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
         ipv6_prefix_len: s.ipv6_prefix_len.unwrap_or(d.ipv6_prefix_len),
         handshake_rate_per_ip: s.handshake_rate_per_ip.unwrap_or(d.handshake_rate_per_ip),
         handshake_burst_per_ip: s.handshake_burst_per_ip.unwrap_or(d.handshake_burst_per_ip),
+        connection_rate_per_ip: s.connection_rate_per_ip.unwrap_or(d.connection_rate_per_ip),
+        connection_burst_per_ip: s.connection_burst_per_ip.unwrap_or(d.connection_burst_per_ip),
     };
+    if server.connection_burst_per_ip == 0 {
+        return Err(invalid("server.connection_burst_per_ip", "must be at least 1"));
+    }
     if server.handshake_burst_per_ip == 0 {
         return Err(invalid("server.handshake_burst_per_ip", "must be at least 1"));
     }

@@ -87,15 +87,24 @@ impl ConnSlot {
     }
 }
 
-/// The per-address cap (`max_connections_per_ip`), counted on the client address (the PROXY
-/// protocol's when the listener uses it): over it the connection is closed before TLS or HTTP,
-/// as over the global cap; the slot is held with the connection's and freed with it.
+/// The per-address rate and cap (`connection_rate_per_ip`, `max_connections_per_ip`), on the
+/// client address (the PROXY protocol's when the listener uses it): over either the connection
+/// is closed before TLS or HTTP, as over the global cap; the slot is held with the connection's
+/// and freed with it.
 fn per_ip(shared: &Shared, client: SocketAddr, mut slot: ConnSlot) -> Option<ConnSlot> {
-    let (max, prefix) = {
-        let runtime = shared.runtime.load();
-        (runtime.config.server.max_connections_per_ip, runtime.config.server.ipv6_prefix_len)
-    };
-    match shared.per_ip.try_acquire(crate::limits::ip_key(client.ip(), prefix), max) {
+    let runtime = shared.runtime.load();
+    let (max, prefix) = (runtime.config.server.max_connections_per_ip, runtime.config.server.ipv6_prefix_len);
+    let key = crate::limits::ip_key(client.ip(), prefix);
+    // The new-connection rate first (`connection_rate_per_ip`): a flood of connections is
+    // refused before it costs a TLS handshake.
+    if let Some(rate) = &runtime.connection_rate {
+        if rate.check(key).is_err() {
+            crate::metrics::limit_refused("connection_rate");
+            tracing::debug!(%client, "per-address connection rate reached; closing");
+            return None;
+        }
+    }
+    match shared.per_ip.try_acquire(key, max) {
         Ok(held) => {
             slot._per_ip = held;
             Some(slot)

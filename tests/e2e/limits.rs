@@ -202,3 +202,26 @@ async fn handshakes_per_address_are_rate_limited_before_the_token_is_checked() {
     let (_, m) = http_get(proxy.admin, "/metrics").await;
     assert!(metric(&m, r#"portcullis_limit_refusals_total{reason="handshake_rate"}"#) >= 1.0, "{m}");
 }
+
+#[tokio::test]
+async fn new_connections_per_address_are_rate_limited_at_accept() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", "connection_rate_per_ip = 1\nconnection_burst_per_ip = 2")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let _a = open(proxy.plain, b"").await.expect("first");
+    let _b = open(proxy.plain, b"").await.expect("second, within the burst");
+    assert!(open(proxy.plain, b"").await.is_none(), "the third is closed at accept, without an answer");
+    // The bucket refills at one per second.
+    let deadline = Instant::now() + SOON;
+    let _c = loop {
+        if let Some(c) = open(proxy.plain, b"").await {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the bucket never refilled");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert!(metric(&m, r#"portcullis_limit_refusals_total{reason="connection_rate"}"#) >= 1.0, "{m}");
+}
