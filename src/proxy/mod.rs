@@ -200,12 +200,18 @@ fn subject_slots(
     claims: Option<&Claims>,
 ) -> Result<Vec<SubjectSlot>, RequestError> {
     let Some(subject) = claims.and_then(|c| c.subject()) else { return Ok(Vec::new()) };
-    let issuer = claims.and_then(|c| c.issuer()).map(str::to_owned);
+    let issuer = claims.and_then(|c| c.issuer());
     let global = runtime.config.auth.max_sessions_per_subject;
     let per_route = route.auth.as_ref().map_or(0, |a| a.max_sessions_per_subject);
     let mut slots = Vec::new();
-    for (route_name, max) in [(None, global), (Some(route.name.clone()), per_route)] {
-        let key = crate::limits::SubjectKey { route: route_name, issuer: issuer.clone(), subject: subject.to_owned() };
+    // Only the caps that are set build a key (no allocation per handshake when none is).
+    let caps = [(global, None), (per_route, Some(&route.name))];
+    for (max, route_name) in caps.into_iter().filter(|(max, _)| *max > 0) {
+        let key = crate::limits::SubjectKey {
+            route: route_name.cloned(),
+            issuer: issuer.map(str::to_owned),
+            subject: subject.to_owned(),
+        };
         match ctx.shared.per_subject.try_acquire(key, max) {
             Ok(Some(slot)) => slots.push(slot),
             Ok(None) => {}
