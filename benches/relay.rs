@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use portcullis::config::SessionSettings;
+use portcullis::config::{RateAction, SessionRate, SessionSettings};
 use portcullis::metrics::Metrics;
 use portcullis::proxy::relay::{relay, RelayParams};
 use portcullis::session::{SessionBytes, SessionControl};
@@ -24,8 +24,11 @@ const BATCH: usize = 1 << 20;
 /// Capacity of each in-memory pipe, like a socket buffer.
 const PIPE: usize = 256 * 1024;
 
-fn settings() -> SessionSettings {
+/// Session settings without session rates, or with rates so high they are never reached (the
+/// throttle's bookkeeping runs on every read, no pause happens).
+fn settings(rated: bool) -> SessionSettings {
     let hour = Duration::from_secs(3600);
+    let rate = if rated { SessionRate { messages: u32::MAX, bytes: u64::MAX >> 1 } } else { SessionRate::default() };
     SessionSettings {
         ping_interval: Duration::ZERO,
         ping_timeout: hour,
@@ -35,6 +38,10 @@ fn settings() -> SessionSettings {
         max_frame_size: 1 << 20,
         max_message_size: 1 << 24,
         buffer_size: 16 * 1024,
+        client_rate: rate,
+        backend_rate: rate,
+        rate_burst: Duration::from_secs(1),
+        rate_action: RateAction::Slow,
     }
 }
 
@@ -49,11 +56,11 @@ fn batch(payload: usize) -> Vec<u8> {
 }
 
 /// The client's and the backend's ends of a live relay session.
-fn session(rt: &tokio::runtime::Runtime) -> (DuplexStream, DuplexStream) {
+fn session(rt: &tokio::runtime::Runtime, rated: bool) -> (DuplexStream, DuplexStream) {
     let (client_app, client_proxy) = tokio::io::duplex(PIPE);
     let (backend_proxy, backend_app) = tokio::io::duplex(PIPE);
     let params = RelayParams {
-        settings: settings(),
+        settings: settings(rated),
         drain_spread: Duration::ZERO,
         allowed_rsv: 0,
         control: SessionControl::new(&CancellationToken::new()),
@@ -66,11 +73,16 @@ fn session(rt: &tokio::runtime::Runtime) -> (DuplexStream, DuplexStream) {
 }
 
 fn bench_relay(c: &mut Criterion) {
+    bench_group(c, "relay_client_to_backend", false);
+    bench_group(c, "relay_client_to_backend_rated", true);
+}
+
+fn bench_group(c: &mut Criterion, name: &str, rated: bool) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let mut group = c.benchmark_group("relay_client_to_backend");
+    let mut group = c.benchmark_group(name);
     for payload in [64usize, 1024, 16 * 1024, 64 * 1024] {
         let data = batch(payload);
-        let (mut client, mut backend) = session(&rt);
+        let (mut client, mut backend) = session(&rt, rated);
         let mut sink = vec![0u8; data.len()];
         group.throughput(Throughput::Bytes(data.len() as u64));
         group.bench_function(BenchmarkId::from_parameter(format!("{payload}B")), |b| {

@@ -42,6 +42,7 @@ pub struct Metrics {
     frames: [Counter; 2],
     bytes: [Counter; 2],
     http_body_bytes: [Counter; 2],
+    rate_pauses: [Counter; 2],
     ping_timeouts: Counter,
 }
 
@@ -91,6 +92,10 @@ impl Metrics {
                 counter!("portcullis_http_body_bytes_total", "direction" => "backend_to_client"),
             ],
             relay_buffer_bytes: gauge!("portcullis_relay_buffer_bytes"),
+            rate_pauses: [
+                counter!("portcullis_session_rate_pauses_total", "direction" => "client_to_backend"),
+                counter!("portcullis_session_rate_pauses_total", "direction" => "backend_to_client"),
+            ],
         };
         m.connections_active.set(0.0);
         m.sessions_active.set(0.0);
@@ -115,6 +120,11 @@ impl Metrics {
         if frames > 0 {
             self.frames[i].increment(frames);
         }
+    }
+
+    /// Times a sender in `direction` was paused (not read) for being over its session rate.
+    pub fn rate_paused(&self, direction: Direction, pauses: u64) {
+        self.rate_pauses[direction as usize].increment(pauses);
     }
 
     /// Body bytes of plain HTTP requests (uploads) and responses passed in `direction`.

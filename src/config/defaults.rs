@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{BackendSettings, Balance, HealthSettings, Policy, ServerSettings, SessionSettings};
+use super::{
+    BackendSettings, Balance, HealthSettings, Policy, RateAction, ServerSettings, SessionRate, SessionSettings,
+};
 
 /// `[admin] address`: loopback, because the admin API is for operators.
 pub const ADMIN_ADDRESS: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
@@ -78,6 +80,10 @@ impl Default for SessionSettings {
             max_frame_size: 1 << 20,
             max_message_size: 16 << 20,
             buffer_size: 16 * 1024,
+            client_rate: SessionRate { messages: 1_000, bytes: 8 << 20 },
+            backend_rate: SessionRate { messages: 0, bytes: 0 },
+            rate_burst: Duration::from_secs(1),
+            rate_action: RateAction::Slow,
         }
     }
 }

@@ -402,6 +402,39 @@ pub struct SessionSettings {
     pub max_message_size: u64,
     /// Relay buffer per direction, held only while bytes are in flight.
     pub buffer_size: usize,
+    /// What the client may send per second (`client_message_rate`, `client_byte_rate`).
+    pub client_rate: SessionRate,
+    /// What the backend may send per second (`backend_message_rate`, `backend_byte_rate`).
+    pub backend_rate: SessionRate,
+    /// How far ahead of its rate a sender may get (a burst of `rate × rate_burst`).
+    pub rate_burst: Duration,
+    /// What happens to a sender over its rate.
+    pub rate_action: RateAction,
+}
+
+/// A per-session rate on what one side sends; zero means no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SessionRate {
+    /// Frames per second: every frame counts, data, continuation and control.
+    pub messages: u32,
+    /// Bytes per second as read from the wire (frame headers included).
+    pub bytes: u64,
+}
+
+impl SessionRate {
+    /// True when neither rate is set.
+    pub fn is_off(&self) -> bool {
+        self.messages == 0 && self.bytes == 0
+    }
+}
+
+/// What the relay does with a sender over its session rate (`rate_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateAction {
+    /// Stop reading from it until it is back within its rate: TCP backpressure (the default).
+    Slow,
+    /// Close the session: 1008 "rate limit" to the sender.
+    Close,
 }
 
 /// Backend connect settings (`[backend]`, overridable per route).

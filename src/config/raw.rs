@@ -158,6 +158,19 @@ pub(super) struct RawSession {
     pub(super) max_frame_size: Option<Size>,
     pub(super) max_message_size: Option<Size>,
     pub(super) buffer_size: Option<Size>,
+    pub(super) client_message_rate: Option<u32>,
+    pub(super) client_byte_rate: Option<Size>,
+    pub(super) backend_message_rate: Option<u32>,
+    pub(super) backend_byte_rate: Option<Size>,
+    pub(super) rate_burst: Option<Dur>,
+    pub(super) rate_action: Option<RawRateAction>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawRateAction {
+    Slow,
+    Close,
 }
 
 #[derive(Debug, Default, Deserialize, Clone, Copy)]

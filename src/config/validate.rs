@@ -10,13 +10,13 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use super::defaults;
 use super::raw::{
     Dur, RawAdmin, RawAuth, RawBackend, RawBalance, RawConfig, RawHealth, RawKind, RawListener, RawMember, RawOrigin,
-    RawRegistry, RawRoute, RawRouteAuth, RawServer, RawSession, RawTls,
+    RawRateAction, RawRegistry, RawRoute, RawRouteAuth, RawServer, RawSession, RawTls,
 };
 use super::{
     template_captures, AdminConfig, AuthSettings, BackendSettings, Balance, Config, HealthSettings, JwksSettings,
-    KeyMaterial, ListenerConfig, OriginPolicy, PathPattern, Policy, RegistryConfig, RouteAuth, RouteConfig, RouteKind,
-    Secret, ServerSettings, SessionSettings, StaticKey, StaticMember, StickyKey, TlsSettings, TokenSource,
-    CIPHER_SUITES,
+    KeyMaterial, ListenerConfig, OriginPolicy, PathPattern, Policy, RateAction, RegistryConfig, RouteAuth, RouteConfig,
+    RouteKind, Secret, ServerSettings, SessionRate, SessionSettings, StaticKey, StaticMember, StickyKey, TlsSettings,
+    TokenSource, CIPHER_SUITES,
 };
 
 /// The dotted key of an invalid value, and what is wrong with it.
@@ -307,7 +307,24 @@ fn session(s: RawSession, d: SessionSettings, key: &str) -> Result<SessionSettin
         max_frame_size: s.max_frame_size.map_or(d.max_frame_size, |v| v.0),
         max_message_size: s.max_message_size.map_or(d.max_message_size, |v| v.0),
         buffer_size: s.buffer_size.map_or(d.buffer_size, |v| v.0 as usize),
+        client_rate: SessionRate {
+            messages: s.client_message_rate.unwrap_or(d.client_rate.messages),
+            bytes: s.client_byte_rate.map_or(d.client_rate.bytes, |v| v.0),
+        },
+        backend_rate: SessionRate {
+            messages: s.backend_message_rate.unwrap_or(d.backend_rate.messages),
+            bytes: s.backend_byte_rate.map_or(d.backend_rate.bytes, |v| v.0),
+        },
+        rate_burst: dur(s.rate_burst, d.rate_burst),
+        rate_action: match s.rate_action {
+            None => d.rate_action,
+            Some(RawRateAction::Slow) => RateAction::Slow,
+            Some(RawRateAction::Close) => RateAction::Close,
+        },
     };
+    if s.rate_burst.is_zero() && !(s.client_rate.is_off() && s.backend_rate.is_off()) {
+        return Err(invalid(&format!("{key}.rate_burst"), "must be non-zero when a session rate is set"));
+    }
     if !(1024..=(1 << 20)).contains(&s.buffer_size) {
         return Err(invalid(&format!("{key}.buffer_size"), "must be between 1KiB and 1MiB"));
     }

@@ -19,6 +19,7 @@ mod http;
 mod limits;
 mod metrics;
 mod proxy_protocol;
+mod rates;
 mod relay;
 mod reload;
 mod routing;

@@ -18,7 +18,7 @@ pub mod code {
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// 1007: a payload that is not what it must be (a close reason that is not UTF-8).
     pub const INVALID_PAYLOAD: u16 = 1007;
-    /// 1008: policy violation (token expired, session revoked).
+    /// 1008: policy violation (token expired, session revoked, over the session rate).
     pub const POLICY: u16 = 1008;
     /// 1009: a frame or message over the configured size.
     pub const TOO_BIG: u16 = 1009;
@@ -67,6 +67,8 @@ pub enum Cause {
         /// The rule.
         violation: Violation,
     },
+    /// A side went over its session rate, with `rate_action = "close"`.
+    RateLimit(Side),
     /// No data frame either way for `idle_timeout`.
     IdleTimeout,
     /// `max_lifetime` reached.
@@ -156,6 +158,16 @@ impl Cause {
                 CloseFrame::new(BAD_GATEWAY, "bad gateway"),
                 CloseFrame::new(violation_code(violation), violation_reason(violation)),
                 "bad gateway",
+            ),
+            Cause::RateLimit(Side::Client) => proxy(
+                CloseFrame::new(POLICY, "rate limit"),
+                CloseFrame::new(GOING_AWAY, "client rate limit"),
+                "client rate limit",
+            ),
+            Cause::RateLimit(Side::Backend) => proxy(
+                CloseFrame::new(GOING_AWAY, "backend rate limit"),
+                CloseFrame::new(POLICY, "rate limit"),
+                "backend rate limit",
             ),
             Cause::IdleTimeout => both(NORMAL, "idle timeout", "idle timeout"),
             Cause::Lifetime => both(GOING_AWAY, "session lifetime reached", "max lifetime"),

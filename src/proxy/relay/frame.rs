@@ -297,6 +297,11 @@ impl Tracker {
         &self.control[..self.control_len as usize]
     }
 
+    /// Data frames seen since the last [`Tracker::take_data_frames`], without resetting it.
+    pub fn data_frames_pending(&self) -> u64 {
+        self.data_frames
+    }
+
     /// Returns and resets the count of data frames seen since the last call.
     pub fn take_data_frames(&mut self) -> u64 {
         std::mem::take(&mut self.data_frames)

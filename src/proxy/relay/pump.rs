@@ -2,15 +2,89 @@
 //! the frame tracker sees them on the way, holds back incomplete headers and control frames,
 //! and the session's own frames (pings, closes) are written between frames.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 use super::close::CloseFrame;
 use super::frame::{self, opcode, Event, FrameLimits, Tracker, Violation};
 use super::pool;
+use crate::config::{RateAction, SessionRate};
 use crate::session::Side;
+
+/// The session rate `src` is held to, built by the session from its settings at each poll.
+#[derive(Clone, Copy)]
+pub(super) struct Limit {
+    pub(super) rate: SessionRate,
+    pub(super) burst: std::time::Duration,
+    pub(super) action: RateAction,
+    /// The session's start: the origin of [`Throttle`]'s clocks.
+    pub(super) epoch: Instant,
+}
+
+/// GCRA state of one direction's session rate (bytes and frames), kept inline: two clocks and a
+/// counter. Nothing runs for an idle session; a timer exists only while the sender is paused.
+#[derive(Default)]
+struct Throttle {
+    /// Theoretical arrival time (ns since the epoch) of the next byte and the next frame: how
+    /// far the sender has used up its rate. It is over its rate when these are more than
+    /// `burst` ahead of now.
+    tat: [u64; 2],
+    /// Bytes and frames already charged.
+    bytes: u64,
+    frames: u64,
+    /// Wakes a paused direction ("slow"); made the first time the sender is paused.
+    pause: Option<Pin<Box<Sleep>>>,
+}
+
+/// What [`Throttle::admit`] decided.
+enum Admit {
+    /// Read on.
+    Go,
+    /// Paused until the timer fires ("slow"; the waker is registered).
+    Wait,
+    /// Over the rate with `rate_action = "close"`.
+    Over,
+}
+
+impl Throttle {
+    /// Charges what was read since the last call (`bytes` and `frames` are totals so far),
+    /// then says whether `src` may be read now.
+    fn admit(&mut self, cx: &mut Context<'_>, limit: &Limit, bytes: u64, frames: u64) -> Admit {
+        loop {
+            let now = Instant::now();
+            let now_ns = now.saturating_duration_since(limit.epoch).as_nanos() as u64;
+            let charge = |tat: &mut u64, units: u64, per_sec: u64| {
+                if per_sec > 0 && units > 0 {
+                    let cost = (units as u128 * 1_000_000_000 / per_sec as u128) as u64;
+                    *tat = (*tat).max(now_ns).saturating_add(cost);
+                }
+            };
+            charge(&mut self.tat[0], bytes - self.bytes, limit.rate.bytes);
+            charge(&mut self.tat[1], frames - self.frames, limit.rate.messages as u64);
+            self.bytes = bytes;
+            self.frames = frames;
+            let ahead = self.tat[0].max(self.tat[1]).saturating_sub(now_ns);
+            let over = ahead.saturating_sub(limit.burst.as_nanos() as u64);
+            if over == 0 {
+                return Admit::Go;
+            }
+            if limit.action == RateAction::Close {
+                return Admit::Over;
+            }
+            let at = now + std::time::Duration::from_nanos(over);
+            let pause = self.pause.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            pause.as_mut().reset(at);
+            if pause.as_mut().poll(cx).is_pending() {
+                return Admit::Wait;
+            }
+            // The timer had already fired: check again (nothing new to charge).
+        }
+    }
+}
 
 /// A frame the proxy writes itself (ping or close), at most 2 + 4 + 125 bytes.
 pub(super) struct Injected {
@@ -57,6 +131,14 @@ pub(super) struct Direction {
     inject: Option<Box<Injected>>,
     queued_close: Option<Box<Injected>>,
     needs_flush: bool,
+    /// The session rate's state: made at the first read of a session with a [`Limit`] for
+    /// `src` (boxed: a session that never sends holds none of it).
+    throttle: Option<Box<Throttle>>,
+    /// `src` went over its rate with `rate_action = "close"`: reported once, then read on
+    /// (discarded once the close is out) so the close frames go at frame boundaries.
+    over_rate: bool,
+    /// Times `src` was paused for its rate since the session last took the count.
+    pub(super) pauses: u32,
     /// No more reading from `src` (it sent a close frame, went away, or was abandoned).
     src_done: bool,
     /// The proxy's close frame has been written to `dst`: nothing may follow it.
@@ -75,6 +157,8 @@ pub(super) enum DirEvent {
     SrcGone,
     /// Writing to `dst` failed.
     DstGone,
+    /// `src` went over its session rate, and the action is to close.
+    OverRate,
 }
 
 impl Direction {
@@ -90,6 +174,9 @@ impl Direction {
             inject: None,
             queued_close: None,
             needs_flush: false,
+            throttle: None,
+            over_rate: false,
+            pauses: 0,
             src_done: false,
             dst_closed: false,
             bytes: 0,
@@ -163,6 +250,7 @@ impl Direction {
         src: &mut S,
         dst: &mut D,
         dst_gone: bool,
+        rate: Option<&Limit>,
     ) -> Poll<DirEvent>
     where
         S: AsyncRead + Unpin,
@@ -268,6 +356,24 @@ impl Direction {
                 self.scanned -= self.start;
                 self.safe -= self.start;
                 self.start = 0;
+            }
+            if let Some(rate) = rate.filter(|_| !self.over_rate) {
+                // Charged per read for what was read since the last one: a clock read and a
+                // few arithmetic operations, none while the direction is quiet.
+                let frames = self.frames + self.tracker.data_frames_pending();
+                let throttle = self.throttle.get_or_insert_with(Box::default);
+                match throttle.admit(cx, rate, self.bytes, frames) {
+                    Admit::Go => {}
+                    Admit::Wait => {
+                        self.pauses += 1;
+                        self.release_if_empty();
+                        return Poll::Pending;
+                    }
+                    Admit::Over => {
+                        self.over_rate = true;
+                        return Poll::Ready(DirEvent::OverRate);
+                    }
+                }
             }
             let buf_size = self.buf_size;
             let buf = self.buf.get_or_insert_with(|| pool::take(buf_size));

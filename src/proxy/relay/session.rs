@@ -13,7 +13,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
 use super::frame::{opcode, FrameLimits};
-use super::pump::{DirEvent, Direction, Injected};
+use super::pump::{DirEvent, Direction, Injected, Limit};
 use super::RelayParams;
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
@@ -172,13 +172,14 @@ where
                 continue;
             }
             let mut progressed = false;
+            let (c_limit, b_limit) = (self.limit(Side::Client), self.limit(Side::Backend));
             let gone = self.peers[Side::Backend.idx()].gone();
-            if let Poll::Ready(ev) = self.c2b.poll(cx, &mut *self.client, &mut *self.backend, gone) {
+            if let Poll::Ready(ev) = self.c2b.poll(cx, &mut *self.client, &mut *self.backend, gone, c_limit.as_ref()) {
                 self.on_event(Side::Client, ev);
                 progressed = true;
             }
             let gone = self.peers[Side::Client.idx()].gone();
-            if let Poll::Ready(ev) = self.b2c.poll(cx, &mut *self.backend, &mut *self.client, gone) {
+            if let Poll::Ready(ev) = self.b2c.poll(cx, &mut *self.backend, &mut *self.client, gone, b_limit.as_ref()) {
                 self.on_event(Side::Backend, ev);
                 progressed = true;
             }
@@ -192,6 +193,20 @@ where
         }
     }
 
+    /// The session rate `from` is held to, if it has one. Not once the session is closing:
+    /// what comes then is discarded, and the close replies should not wait behind it.
+    fn limit(&self, from: Side) -> Option<Limit> {
+        let s = &self.settings;
+        if self.close_deadline.is_some() {
+            return None;
+        }
+        let rate = match from {
+            Side::Client => s.client_rate,
+            Side::Backend => s.backend_rate,
+        };
+        (!rate.is_off()).then_some(Limit { rate, burst: s.rate_burst, action: s.rate_action, epoch: self.started })
+    }
+
     fn dir(&mut self, from: Side) -> &mut Direction {
         match from {
             Side::Client => &mut self.c2b,
@@ -201,6 +216,12 @@ where
 
     /// Records liveness and data activity, and feeds the byte and frame counters.
     fn note_activity(&mut self) {
+        for side in [Side::Client, Side::Backend] {
+            let pauses = std::mem::take(&mut self.dir(side).pauses);
+            if pauses > 0 {
+                self.metrics.rate_paused(side.direction(), pauses as u64);
+            }
+        }
         let now_needed = self.c2b.bytes != self.bytes_reported[0] || self.b2c.bytes != self.bytes_reported[1];
         if !now_needed {
             return;
@@ -238,6 +259,11 @@ where
             }
             DirEvent::SrcGone => self.on_gone(from),
             DirEvent::DstGone => self.on_gone(from.other()),
+            DirEvent::OverRate => {
+                crate::metrics::limit_refused("session_rate");
+                tracing::info!(side = ?from, "session closed: over its session rate");
+                self.end_with(Cause::RateLimit(from));
+            }
         }
     }
 
