@@ -94,20 +94,20 @@ impl<K: Hash + Eq> Drop for Slot<K> {
 
 /// Events (new connections, WebSocket handshakes) per client address: a token bucket per
 /// address (governor's GCRA), `per_second` sustained with bursts of `burst`.
-pub struct HandshakeRate {
+pub struct RatePerIp {
     limiter: governor::DefaultKeyedRateLimiter<IpAddr>,
     clock: governor::clock::DefaultClock,
     /// The settings it was built with (a reload keeps the buckets when they stay).
     pub settings: (u32, u32),
 }
 
-impl HandshakeRate {
+impl RatePerIp {
     /// A limiter, or `None` when `per_second` is 0 (no limit).
-    pub fn new(per_second: u32, burst: u32) -> Option<HandshakeRate> {
+    pub fn new(per_second: u32, burst: u32) -> Option<RatePerIp> {
         let rate = std::num::NonZeroU32::new(per_second)?;
         let burst = std::num::NonZeroU32::new(burst.max(1)).unwrap_or(rate);
         let quota = governor::Quota::per_second(rate).allow_burst(burst);
-        Some(HandshakeRate {
+        Some(RatePerIp {
             limiter: governor::RateLimiter::keyed(quota),
             clock: governor::clock::DefaultClock::default(),
             settings: (per_second, burst.get()),
@@ -127,9 +127,9 @@ impl HandshakeRate {
     }
 }
 
-impl std::fmt::Debug for HandshakeRate {
+impl std::fmt::Debug for RatePerIp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HandshakeRate").field("settings", &self.settings).finish()
+        f.debug_struct("RatePerIp").field("settings", &self.settings).finish()
     }
 }
 
@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn handshakes_are_limited_per_address_with_a_burst() {
-        let r = HandshakeRate::new(1, 3).expect("limiter");
+        let r = RatePerIp::new(1, 3).expect("limiter");
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..3 {
             assert!(r.check(ip).is_ok());
@@ -191,7 +191,7 @@ mod tests {
         let wait = r.check(ip).unwrap_err();
         assert!(wait > std::time::Duration::ZERO && wait <= std::time::Duration::from_secs(1), "{wait:?}");
         assert!(r.check("192.0.2.2".parse().unwrap()).is_ok(), "another address has its own bucket");
-        assert!(HandshakeRate::new(0, 3).is_none(), "0 is no limit");
+        assert!(RatePerIp::new(0, 3).is_none(), "0 is no limit");
     }
 
     #[test]

@@ -91,16 +91,20 @@ fn build_runtime(
         .collect();
     let upstreams = upstreams(&config, previous, metrics);
     // The buckets survive a reload that keeps the rate.
-    let keep = |old: Option<&Arc<crate::limits::HandshakeRate>>, rate: (u32, u32)| {
+    let keep = |old: Option<&Arc<crate::limits::RatePerIp>>, rate: (u32, u32)| {
         old.filter(|r| r.settings == rate)
             .cloned()
-            .or_else(|| crate::limits::HandshakeRate::new(rate.0, rate.1).map(Arc::new))
+            .or_else(|| crate::limits::RatePerIp::new(rate.0, rate.1).map(Arc::new))
     };
     let s = &config.server;
     let handshake_rate =
         keep(previous.and_then(|p| p.handshake_rate.as_ref()), (s.handshake_rate_per_ip, s.handshake_burst_per_ip));
     let connection_rate =
         keep(previous.and_then(|p| p.connection_rate.as_ref()), (s.connection_rate_per_ip, s.connection_burst_per_ip));
+    let token_check_rate = keep(
+        previous.and_then(|p| p.token_check_rate.as_ref()),
+        (s.token_check_rate_per_ip, s.token_check_burst_per_ip),
+    );
     Ok(Runtime {
         routes: RouteTable::new(&config.routes),
         authenticator,
@@ -109,6 +113,7 @@ fn build_runtime(
         upstreams,
         handshake_rate,
         connection_rate,
+        token_check_rate,
         config,
     })
 }
@@ -324,7 +329,8 @@ impl Server {
                             // Every minute: forget the handshake buckets of idle addresses.
                             if n % 12 == 0 {
                                 let runtime = shared.runtime.load();
-                                for r in [&runtime.handshake_rate, &runtime.connection_rate].into_iter().flatten() {
+                                let limiters = [&runtime.handshake_rate, &runtime.connection_rate, &runtime.token_check_rate];
+                                for r in limiters.into_iter().flatten() {
                                     r.purge();
                                 }
                             }

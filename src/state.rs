@@ -42,9 +42,11 @@ pub struct Runtime {
     /// connections, when they stay) and its pre-registered metric handles.
     pub upstreams: HashMap<String, HttpRoute>,
     /// The per-address handshake limiter, when `handshake_rate_per_ip` is set.
-    pub handshake_rate: Option<Arc<crate::limits::HandshakeRate>>,
+    pub handshake_rate: Option<Arc<crate::limits::RatePerIp>>,
     /// The per-address new-connection limiter, when `connection_rate_per_ip` is set.
-    pub connection_rate: Option<Arc<crate::limits::HandshakeRate>>,
+    pub connection_rate: Option<Arc<crate::limits::RatePerIp>>,
+    /// The per-address limiter of uncached token checks, when `token_check_rate_per_ip` is set.
+    pub token_check_rate: Option<Arc<crate::limits::RatePerIp>>,
 }
 
 /// A plain-HTTP route's client and metrics.

@@ -107,6 +107,12 @@ $PC_TLS
 [server]
 drain_timeout = "2s"
 drain_spread = "100ms"
+# The load generator is one address opening thousands of sessions: the per-client limits (an
+# internet-facing edge's by default) are off, as NGINX and HAProxy have none here.
+max_connections_per_ip = 0
+handshake_rate_per_ip = 0
+connection_rate_per_ip = 0
+token_check_rate_per_ip = 0
 
 [[listeners]]
 name = "plain"
@@ -119,6 +125,8 @@ address = "127.0.0.1:$ADMIN_PORT"
 [session]
 ping_interval = "0s"
 idle_timeout = "1h"
+client_message_rate = 0
+client_byte_rate = "0"
 
 [[routes]]
 name = "terminal"

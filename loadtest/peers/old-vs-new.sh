@@ -7,14 +7,16 @@
 #     loadtest/peers/old-vs-new.sh OLD_PORTCULLIS NEW_PORTCULLIS LOADTEST
 #
 # Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000), IDLE (1000: sessions
-# held by the idle round, for KiB per session; 0 skips it), OLD_SERVER / NEW_SERVER (TOML lines
-# added to each one's [server] table: the same binary twice with and without a setting, e.g.
-# NEW_SERVER='max_connections_per_ip = 5000'). Loopback only; every process it starts is stopped
-# on exit.
+# held by the idle round, for KiB per session; 0 skips it), OLD_SERVER / NEW_SERVER and
+# OLD_SESSION / NEW_SESSION (TOML lines added to each one's [server] and [session] tables: the
+# same binary twice with and without a setting). The per-client limits are on by default and
+# sized for an internet-facing edge, which this load from one address would trip: state them
+# in both (BENCHMARKS.md has the command with every limit off for one and configured, above
+# the load, for the other). Loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 OLD=$1 NEW=$2 LT=$3
 DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-10000} IDLE=${IDLE:-1000}
-OLD_SERVER=${OLD_SERVER:-} NEW_SERVER=${NEW_SERVER:-}
+OLD_SERVER=${OLD_SERVER:-} NEW_SERVER=${NEW_SERVER:-} OLD_SESSION=${OLD_SESSION:-} NEW_SESSION=${NEW_SESSION:-}
 WORK=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
@@ -22,7 +24,7 @@ trap cleanup EXIT
 
 "$LT" backend --mode echo --listen 127.0.0.1:19301 2>"$WORK/backend.log" &
 pids+=($!)
-start() { # name binary port admin server-lines
+start() { # name binary port admin server-lines session-lines
     cat >"$WORK/$1.toml" <<CONF
 [server]
 $5
@@ -33,6 +35,7 @@ address = "127.0.0.1:$4"
 [session]
 ping_interval = "0s"
 idle_timeout = "1h"
+$6
 [[routes]]
 name = "terminal"
 path = "/agents/{agent}/terminal"
@@ -42,8 +45,8 @@ CONF
     pids+=($!)
     eval "${1}_PID=$!"
 }
-start old "$OLD" 19302 19312 "$OLD_SERVER"
-start new "$NEW" 19303 19313 "$NEW_SERVER"
+start old "$OLD" 19302 19312 "$OLD_SERVER" "$OLD_SESSION"
+start new "$NEW" 19303 19313 "$NEW_SERVER" "$NEW_SESSION"
 sleep 1
 TARGETS=(direct=ws://127.0.0.1:19301/agents/a1/terminal old=ws://127.0.0.1:19302/agents/a1/terminal
     new=ws://127.0.0.1:19303/agents/a1/terminal)

@@ -74,7 +74,15 @@ pub enum AuthError {
     /// The request's Origin is not allowed on this route.
     #[error("origin not allowed")]
     Origin,
+    /// The token is not in the verified cache and its signature check was refused: the
+    /// client address made too many of them (`token_check_rate_per_ip`); try after the wait.
+    #[error("too many token checks from this address")]
+    Throttled(Duration),
 }
+
+/// Asked before the signature of a token that is not in the verified-token cache is checked:
+/// `Err(wait)` refuses the check, with how long until one would be allowed.
+pub type SignatureGate<'a> = &'a (dyn Fn() -> Result<(), Duration> + Sync);
 
 impl AuthError {
     /// Bounded label for `portcullis_auth_failures_total{reason}`.
@@ -94,6 +102,7 @@ impl AuthError {
             AuthError::Revoked => "revoked",
             AuthError::Forbidden => "forbidden",
             AuthError::Origin => "origin",
+            AuthError::Throttled(_) => "throttled",
         }
     }
 
@@ -105,7 +114,7 @@ impl AuthError {
     /// The RFC 6750 `error` value, if any (none when no token was sent at all).
     pub fn bearer_error(self) -> Option<&'static str> {
         match self {
-            AuthError::Missing | AuthError::Origin => None,
+            AuthError::Missing | AuthError::Origin | AuthError::Throttled(_) => None,
             AuthError::Malformed | AuthError::Ambiguous | AuthError::TooLarge => Some("invalid_request"),
             AuthError::Forbidden => Some("insufficient_scope"),
             _ => Some("invalid_token"),
@@ -292,6 +301,12 @@ impl Authenticator {
 
     /// Verifies signature, algorithm, `exp` and `nbf`, and the denylist.
     pub async fn verify(&self, token: &str) -> Result<Arc<Claims>, AuthError> {
+        self.verify_gated(token, &|| Ok(())).await
+    }
+
+    /// [`Authenticator::verify`], asking `gate` before a signature is checked (a cache miss):
+    /// a refused gate is [`AuthError::Throttled`]. A cached token never asks it.
+    pub async fn verify_gated(&self, token: &str, gate: SignatureGate<'_>) -> Result<Arc<Claims>, AuthError> {
         if token.len() > self.max_token_size {
             return Err(AuthError::TooLarge);
         }
@@ -303,6 +318,7 @@ impl Authenticator {
             self.check_denied(&c)?;
             return Ok(c);
         }
+        gate().map_err(AuthError::Throttled)?;
         let claims = Arc::new(self.verify_uncached(token).await?);
         self.check_denied(&claims)?;
         self.verified.insert(digest, claims.clone());

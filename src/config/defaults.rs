@@ -11,6 +11,8 @@ use super::{
 /// `[admin] address`: loopback, because the admin API is for operators.
 pub const ADMIN_ADDRESS: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
 
+/// `[auth] max_sessions_per_subject`: sessions one subject holds over every route.
+pub const AUTH_MAX_SESSIONS_PER_SUBJECT: u32 = 256;
 /// `[auth] leeway`.
 pub const AUTH_LEEWAY: Duration = Duration::from_secs(30);
 /// `[auth] max_token_size`.
@@ -59,12 +61,14 @@ impl Default for ServerSettings {
             removed_route_grace: Duration::from_secs(600),
             reload_poll_interval: Duration::from_secs(2),
             trusted_proxies: Vec::new(),
-            max_connections_per_ip: 0,
+            max_connections_per_ip: 256,
             ipv6_prefix_len: 64,
-            handshake_rate_per_ip: 0,
-            handshake_burst_per_ip: 20,
-            connection_rate_per_ip: 0,
+            handshake_rate_per_ip: 20,
+            handshake_burst_per_ip: 40,
+            connection_rate_per_ip: 20,
             connection_burst_per_ip: 50,
+            token_check_rate_per_ip: 10,
+            token_check_burst_per_ip: 20,
         }
     }
 }

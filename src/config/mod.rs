@@ -184,6 +184,11 @@ pub struct ServerSettings {
     pub connection_rate_per_ip: u32,
     /// Connections a client address may open at once before the rate applies.
     pub connection_burst_per_ip: u32,
+    /// Signature checks per second per client address of tokens not in the verified-token
+    /// cache, sustained (0: no limit); over it 429, on WebSocket and HTTP routes alike.
+    pub token_check_rate_per_ip: u32,
+    /// Uncached token checks a client address may cause at once before the rate applies.
+    pub token_check_burst_per_ip: u32,
 }
 
 impl ServerSettings {
@@ -662,6 +667,7 @@ backends = ["{host}:80"]
         assert_eq!(c.backend, BackendSettings::default());
         assert_eq!(c.admin.as_ref().map(|a| a.address), Some(defaults::ADMIN_ADDRESS));
         assert_eq!(c.auth.leeway, defaults::AUTH_LEEWAY);
+        assert_eq!(c.auth.max_sessions_per_subject, defaults::AUTH_MAX_SESSIONS_PER_SUBJECT);
         assert_eq!(c.auth.max_token_size, defaults::AUTH_MAX_TOKEN_SIZE);
         assert_eq!(c.auth.cache_capacity, defaults::AUTH_CACHE_CAPACITY);
         assert_eq!(c.auth.revocation_ttl, defaults::AUTH_REVOCATION_TTL);

@@ -114,6 +114,8 @@ pub(super) struct RawServer {
     pub(super) handshake_burst_per_ip: Option<u32>,
     pub(super) connection_rate_per_ip: Option<u32>,
     pub(super) connection_burst_per_ip: Option<u32>,
+    pub(super) token_check_rate_per_ip: Option<u32>,
+    pub(super) token_check_burst_per_ip: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

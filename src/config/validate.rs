@@ -67,7 +67,12 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
         handshake_burst_per_ip: s.handshake_burst_per_ip.unwrap_or(d.handshake_burst_per_ip),
         connection_rate_per_ip: s.connection_rate_per_ip.unwrap_or(d.connection_rate_per_ip),
         connection_burst_per_ip: s.connection_burst_per_ip.unwrap_or(d.connection_burst_per_ip),
+        token_check_rate_per_ip: s.token_check_rate_per_ip.unwrap_or(d.token_check_rate_per_ip),
+        token_check_burst_per_ip: s.token_check_burst_per_ip.unwrap_or(d.token_check_burst_per_ip),
     };
+    if server.token_check_burst_per_ip == 0 {
+        return Err(invalid("server.token_check_burst_per_ip", "must be at least 1"));
+    }
     if server.connection_burst_per_ip == 0 {
         return Err(invalid("server.connection_burst_per_ip", "must be at least 1"));
     }
@@ -418,7 +423,7 @@ fn auth(a: RawAuth) -> Result<AuthSettings, Invalid> {
         });
     }
     Ok(AuthSettings {
-        max_sessions_per_subject: a.max_sessions_per_subject.unwrap_or(0),
+        max_sessions_per_subject: a.max_sessions_per_subject.unwrap_or(defaults::AUTH_MAX_SESSIONS_PER_SUBJECT),
         keys,
         jwks,
         leeway: dur(a.leeway, defaults::AUTH_LEEWAY),

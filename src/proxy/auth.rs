@@ -18,7 +18,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
 use super::upgrade::WsRequest;
-use crate::auth::{check_policy, AuthError, Authenticator, Claims};
+use crate::auth::{check_policy, AuthError, Authenticator, Claims, SignatureGate};
 use crate::config::{render_path, Captures};
 use crate::config::{OriginPolicy, RouteConfig, TokenSource};
 
@@ -51,6 +51,7 @@ pub async fn admit(
     path_and_query: &str,
     mut ws: Option<WsRequest>,
     authenticator: Option<&Authenticator>,
+    gate: SignatureGate<'_>,
 ) -> Result<Admitted, AuthError> {
     check_origin(route.origin.as_ref(), headers)?;
     let mut out_headers = headers.clone();
@@ -110,7 +111,7 @@ pub async fn admit(
     }
     drop(tokens);
 
-    let claims = authenticator.verify(&token).await?;
+    let claims = authenticator.verify_gated(&token, gate).await?;
     check_policy(&claims, policy)?;
     check_grant(&claims, policy, caps)?;
 

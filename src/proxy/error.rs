@@ -26,7 +26,7 @@ pub enum RequestError {
     Upgrade(#[from] UpgradeError),
     /// Auth stage (401 or 403).
     #[error(transparent)]
-    Auth(#[from] AuthError),
+    Auth(AuthError),
     /// Connect stage.
     #[error(transparent)]
     Connect(#[from] ConnectError),
@@ -43,9 +43,23 @@ pub enum RequestError {
     /// is there again after the duration.
     #[error("too many handshakes from this address")]
     HandshakeRate(std::time::Duration),
+    /// The client address caused uncached token checks faster than `token_check_rate_per_ip`
+    /// (429, `Retry-After` like [`RequestError::HandshakeRate`]).
+    #[error("too many token checks from this address")]
+    TokenCheckRate(std::time::Duration),
     /// A broken invariant inside the proxy (500); the detail goes to the log, never the body.
     #[error("internal error: {0}")]
     Internal(&'static str),
+}
+
+impl From<AuthError> for RequestError {
+    /// A refused token check is a rate limit (429), not an authentication failure.
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Throttled(wait) => RequestError::TokenCheckRate(wait),
+            other => RequestError::Auth(other),
+        }
+    }
 }
 
 impl RequestError {
@@ -78,7 +92,9 @@ impl RequestError {
                 ForwardError::ConnectTimeout | ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
             },
-            RequestError::TooManySessions | RequestError::HandshakeRate(_) => StatusCode::TOO_MANY_REQUESTS,
+            RequestError::TooManySessions | RequestError::HandshakeRate(_) | RequestError::TokenCheckRate(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             RequestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -117,6 +133,7 @@ impl RequestError {
             RequestError::Draining => "draining",
             RequestError::TooManySessions => "subject_sessions",
             RequestError::HandshakeRate(_) => "handshake_rate",
+            RequestError::TokenCheckRate(_) => "token_check_rate",
             RequestError::Internal(_) => "internal",
         }
     }
@@ -155,7 +172,7 @@ impl RequestError {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
             }
             // Whole seconds until the address's bucket has a token again, at least 1.
-            RequestError::HandshakeRate(wait) => {
+            RequestError::HandshakeRate(wait) | RequestError::TokenCheckRate(wait) => {
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }

@@ -241,7 +241,8 @@ async fn handle_request(
     }
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let authenticator = runtime.authenticator.as_deref();
-    let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, None, authenticator).await {
+    let gate = token_check_gate(ctx, runtime);
+    let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, None, authenticator, &gate).await {
         Ok(a) => a,
         Err(e) => return reject_request(ctx, &req, &route.name, started, e.into()),
     };
@@ -376,7 +377,9 @@ async fn handle_upgrade(
     }
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let authenticator = runtime.authenticator.as_deref();
-    let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, Some(ws), authenticator).await {
+    let gate = token_check_gate(ctx, runtime);
+    let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, Some(ws), authenticator, &gate).await
+    {
         Ok(a) => a,
         Err(e) => return reject(ctx, &route.name, e.into()),
     };
@@ -469,6 +472,18 @@ fn reject(ctx: &ConnCtx, route: &str, e: RequestError) -> Response<ProxyBody> {
 }
 
 /// The metric and log that some errors owe besides the answer.
+/// The gate the auth stage asks before checking the signature of an uncached token: the client
+/// address's bucket of `token_check_rate_per_ip`. Tokens in the verified cache never reach it,
+/// so a flood of garbage tokens costs a bucket check each and a reconnect storm of valid ones
+/// costs nothing.
+fn token_check_gate<'a>(ctx: &'a ConnCtx, runtime: &'a Runtime) -> impl Fn() -> Result<(), Duration> + Sync + 'a {
+    move || {
+        let Some(rate) = &runtime.token_check_rate else { return Ok(()) };
+        let key = crate::limits::ip_key(ctx.client_addr.ip(), runtime.config.server.ipv6_prefix_len);
+        rate.check(key).inspect_err(|_| crate::metrics::limit_refused("token_check_rate"))
+    }
+}
+
 fn note_error(metrics: &crate::metrics::Metrics, route: &str, e: &RequestError) {
     match e {
         RequestError::Auth(a) => metrics.auth_failure(route, a.reason()),

@@ -362,7 +362,9 @@ async fn jwks_rotation_is_picked_up_with_bounded_fetches() {
         "[[auth.jwks]]\nurl = \"http://{}/.well-known/jwks.json\"\nalgorithms = [\"ES256\"]\nrefresh_interval = \"1h\"\nmin_refetch_interval = \"1s\"\n",
         server.addr
     );
-    let proxy = Proxy::start_with(&auth_config(backend.addr, "jwks", "", &extra)).await;
+    // 50 concurrent connects from one address below: the per-address limits are not under test.
+    let text = TestConfig::parse(&auth_config(backend.addr, "jwks", "", &extra)).one_address_load().text();
+    let proxy = Proxy::start_with(&text).await;
     let t1 = k1.token(std_claims("alice", &["a1"]));
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &format!("Bearer {t1}"))])
         .await

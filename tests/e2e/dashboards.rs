@@ -20,6 +20,7 @@ async fn twenty_agents_stream_every_event_in_order_to_fifty_watchers_each() {
     let text = TestConfig::base(&[backend_addr.to_string()])
         .set("routes.0.path", "/agents/{agent}/events")
         .merge("server", "max_connections = 5000")
+        .one_address_load()
         // One test process holds the clients, the proxy and the backend: 1,000 handshakes at
         // once take longer than the base config's 1 s.
         .merge("backend", "connect_timeout = \"10s\"\nhandshake_timeout = \"10s\"")
@@ -57,6 +58,7 @@ async fn the_harness_http_and_sse_scenarios_run_clean_through_the_proxy() {
     let text = TestConfig::base(&[backend_addr.to_string()])
         .set("routes.0.path", "/agents/{agent}/api/{*rest}")
         .set("routes.0.kind", "http")
+        .one_address_load()
         .text();
     let proxy = Proxy::start_with(&text).await;
     for (kind, path) in [(Kind::Http, "echo"), (Kind::Sse, "sse?rate=200")] {

@@ -10,6 +10,7 @@ async fn sigterm_with_100_open_sessions_sends_1001_to_each_and_exits_zero() {
     let text = TestConfig::base(&[backend.addr.to_string()])
         .set("server.drain_timeout", "8s")
         .set("server.drain_spread", "1s")
+        .one_address_load()
         .text();
     let mut proxy = ProxyProcess::start(&text).await;
     let mut clients = Vec::new();

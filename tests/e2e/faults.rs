@@ -313,7 +313,8 @@ async fn a_registry_outage_with_traffic_flowing_touches_no_session_and_known_age
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_of_10000_sessions_leaves_nothing_behind() {
     let echo = KillableBackend::start();
-    let proxy = ProxyProcess::start(&config_text(&[echo.addr.to_string()], "", "", "")).await;
+    let text = TestConfig::base(&[echo.addr.to_string()]).one_address_load().text();
+    let proxy = ProxyProcess::start(&text).await;
     let baseline = usage(&proxy).await;
     let storm = Scenario {
         scenario: Kind::Storm,

@@ -225,3 +225,84 @@ async fn new_connections_per_address_are_rate_limited_at_accept() {
     let (_, m) = http_get(proxy.admin, "/metrics").await;
     assert!(metric(&m, r#"portcullis_limit_refusals_total{reason="connection_rate"}"#) >= 1.0, "{m}");
 }
+
+#[tokio::test]
+async fn uncached_token_checks_per_address_are_rate_limited_on_websocket_and_http_routes() {
+    let backend = Backend::echo().await;
+    let rest = RestBackend::start("r1").await;
+    let secret = format!("limits-secret-{}", rand::random::<u64>());
+    let path = certs().dir.join(format!("limits-{}", rand::random::<u32>()));
+    std::fs::write(&path, &secret).expect("secret");
+    let key = crate::mint::encoding_key(jsonwebtoken::Algorithm::HS256, secret.as_bytes()).expect("key");
+    let serde_json::Value::Object(claims) = serde_json::json!({ "sub": "alice" }) else { unreachable!() };
+    let valid =
+        crate::mint::mint(jsonwebtoken::Algorithm::HS256, &key, None, claims, std::time::Duration::from_secs(600))
+            .expect("mint");
+    let valid = format!("Bearer {valid}");
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", "token_check_rate_per_ip = 1\ntoken_check_burst_per_ip = 3")
+        .merge("routes.0.auth", "sources = [\"bearer\"]")
+        .merge(
+            "",
+            &format!(
+                r#"
+[[auth.keys]]
+algorithms = ["HS256"]
+secret_file = "{secret}"
+
+[[routes]]
+name = "api"
+path = "/agents/{{agent}}/api/{{*rest}}"
+kind = "http"
+backends = ["{rest}"]
+[routes.auth]
+sources = ["bearer"]
+"#,
+                secret = path.display(),
+                rest = rest.addr
+            ),
+        )
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    // 1 of the burst of 3: the valid token is verified and cached.
+    let _c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &valid)]).await.expect("valid");
+    // 2 and 3: garbage tokens, each a signature check, each refused 401.
+    let garbage = |i: u32| format!("Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.{i:08}garbage");
+    for i in 0..2 {
+        let refused = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &garbage(i))])
+            .await
+            .err()
+            .expect("garbage is refused");
+        assert_eq!(refused.status, 401, "{i}");
+    }
+    // The fourth uncached token is over the rate: 429 before any signature check, on the
+    // WebSocket route and on the HTTP route alike.
+    let refused = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &garbage(9))])
+        .await
+        .err()
+        .expect("over the rate");
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let mut h1 = H1::connect(proxy.plain, false).await;
+    let a = h1.get("/agents/a1/api/status", &[("authorization", &garbage(10))]).await;
+    assert_eq!(a.status, 429, "{}", a.text());
+    assert!(a.header("retry-after").is_some());
+    // The cached token still passes while the bucket is empty: it costs no signature check.
+    let a = h1.get("/agents/a1/api/status", &[("authorization", &valid)]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let _c2 =
+        upgrade(proxy.plain, false, "/agents/a2/terminal", &[("authorization", &valid)]).await.expect("cached valid");
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert!(metric(&m, r#"portcullis_limit_refusals_total{reason="token_check_rate"}"#) >= 2.0, "{m}");
+    // The bucket refills: a new check is made again (and the garbage gets its 401).
+    let deadline = Instant::now() + SOON;
+    loop {
+        let status = h1.get("/agents/a1/api/status", &[("authorization", &garbage(11))]).await.status;
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(Instant::now() < deadline, "the bucket never refilled");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

@@ -37,7 +37,7 @@ async fn registry() -> Registry {
 
 /// The base route, with members from the registry at `reg` instead of static ones.
 fn registry_config(reg: SocketAddr) -> TestConfig {
-    TestConfig::base(&[]).remove("routes.0.backends").merge(
+    TestConfig::base(&[]).one_address_load().remove("routes.0.backends").merge(
         "routes.0.registry",
         &format!(
             "url = \"http://{reg}/agents/{{agent}}\"\nttl = \"500ms\"\nnegative_ttl = \"300ms\"\nstale_ttl = \"10s\""
@@ -113,7 +113,10 @@ async fn member_for(addr: SocketAddr, key: &str) -> String {
 
 fn sticky_config(members: &[&Backend]) -> String {
     let list: Vec<String> = members.iter().map(|b| b.addr.to_string()).collect();
-    TestConfig::base(&list).merge("routes.0.balance", "policy = \"sticky\"\nsticky_key = \"header:x-session\"").text()
+    TestConfig::base(&list)
+        .one_address_load()
+        .merge("routes.0.balance", "policy = \"sticky\"\nsticky_key = \"header:x-session\"")
+        .text()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

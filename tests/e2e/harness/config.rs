@@ -97,6 +97,16 @@ path = "/agents/{agent}/terminal"
         self
     }
 
+    /// Per-client limits off, for tests that play many clients from 127.0.0.1: the defaults are
+    /// an internet-facing edge's, and one address opening hundreds of sessions a second is
+    /// exactly what they refuse.
+    pub fn one_address_load(self) -> TestConfig {
+        self.merge(
+            "server",
+            "max_connections_per_ip = 0\nhandshake_rate_per_ip = 0\nconnection_rate_per_ip = 0\ntoken_check_rate_per_ip = 0",
+        )
+    }
+
     /// The configuration as TOML text.
     pub fn text(&self) -> String {
         self.to_string()
