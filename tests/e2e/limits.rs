@@ -306,3 +306,37 @@ sources = ["bearer"]
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn the_defaults_limit_one_address_without_any_limit_configured() {
+    // The base test config states no per-client limit: these are the shipped defaults.
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start_with(&TestConfig::base(&[backend.addr.to_string()]).text()).await;
+    // connection_burst_per_ip = 50: fifty connections at once are accepted and held...
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        held.push(TcpStream::connect(proxy.plain).await.expect("connect"));
+    }
+    // ...the fifty-first, at once, is closed at accept without an answer.
+    let mut idle = [0u8; 1];
+    let mut over = TcpStream::connect(proxy.plain).await.expect("connect");
+    let n = tokio::time::timeout(SOON, over.read(&mut idle)).await.expect("closed in time").unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(300), held[49].read(&mut idle)).await;
+    assert!(quiet.is_err(), "the fiftieth connection is held open, waiting for its request");
+    // handshake_burst_per_ip = 40 (then 20/s) on the connections that were let in: upgrades
+    // on all fifty at once get 40 (plus what refilled meanwhile) 101s, and 429 for the rest.
+    let started = Instant::now();
+    for s in held.iter_mut() {
+        s.write_all(RAW_UPGRADE.as_bytes()).await.expect("send");
+    }
+    let mut statuses = Vec::new();
+    for s in held.iter_mut() {
+        let head = tokio::time::timeout(SOON, read_head(s)).await.expect("answer").expect("head");
+        statuses.push(parse_response(&head).status);
+    }
+    let refilled = (20.0 * started.elapsed().as_secs_f64()).ceil() as usize;
+    let ok = statuses.iter().filter(|&&s| s == 101).count();
+    assert!((40..=40 + refilled).contains(&ok), "{ok} upgrades let through, {refilled} refilled: {statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 50 - ok, "{statuses:?}");
+}
