@@ -60,7 +60,7 @@ fn session(rt: &tokio::runtime::Runtime, rated: bool) -> (DuplexStream, DuplexSt
     let (client_app, client_proxy) = tokio::io::duplex(PIPE);
     let (backend_proxy, backend_app) = tokio::io::duplex(PIPE);
     let params = RelayParams {
-        settings: settings(rated),
+        settings: Arc::new(settings(rated)),
         drain_spread: Duration::ZERO,
         allowed_rsv: 0,
         control: SessionControl::new(&CancellationToken::new()),

@@ -134,6 +134,9 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
                 }
             }
             shared.metrics.relay_buffer_bytes.set(crate::proxy::relay::pool::lent_bytes() as f64);
+            if let Some(a) = &runtime.authenticator {
+                crate::metrics::token_cache_entries(a.cached_tokens());
+            }
             let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             r

@@ -236,6 +236,11 @@ pub fn limit_refused(reason: &'static str) {
     counter!("portcullis_limit_refusals_total", "reason" => reason).increment(1);
 }
 
+/// Tokens held in the verified-token cache (set when metrics are rendered).
+pub fn token_cache_entries(n: u64) {
+    gauge!("portcullis_token_cache_entries").set(n as f64);
+}
+
 /// A configuration reload was applied (`ok`) or refused.
 pub fn reload(ok: bool) {
     counter!("portcullis_reloads_total", "result" => if ok { "ok" } else { "error" }).increment(1);

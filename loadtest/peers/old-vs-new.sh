@@ -7,7 +7,8 @@
 #     loadtest/peers/old-vs-new.sh OLD_PORTCULLIS NEW_PORTCULLIS LOADTEST
 #
 # Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000), IDLE (1000: sessions
-# held by the idle round, for KiB per session; 0 skips it), OLD_SERVER / NEW_SERVER and
+# held by the idle round, for KiB per session; 0 skips it), ROUNDS ("rate echo idle": which
+# rounds, in order; "idle" alone measures memory on freshly started processes), OLD_SERVER / NEW_SERVER and
 # OLD_SESSION / NEW_SESSION (TOML lines added to each one's [server] and [session] tables: the
 # same binary twice with and without a setting). The per-client limits are on by default and
 # sized for an internet-facing edge, which this load from one address would trip: state them
@@ -15,6 +16,7 @@
 # the load, for the other). Loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 OLD=$1 NEW=$2 LT=$3
+ROUNDS=${ROUNDS:-rate echo idle}
 DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-10000} IDLE=${IDLE:-1000}
 OLD_SERVER=${OLD_SERVER:-} NEW_SERVER=${NEW_SERVER:-} OLD_SESSION=${OLD_SESSION:-} NEW_SESSION=${NEW_SESSION:-}
 WORK=$(mktemp -d)
@@ -51,15 +53,19 @@ sleep 1
 TARGETS=(direct=ws://127.0.0.1:19301/agents/a1/terminal old=ws://127.0.0.1:19302/agents/a1/terminal
     new=ws://127.0.0.1:19303/agents/a1/terminal)
 PIDS=(--pid-of "old=$old_PID" --pid-of "new=$new_PID")
+if [[ " $ROUNDS " == *" rate "* ]]; then
 echo "## rate: compare --scenario rate -q -c $CONNS --rate $RATE --size 64 -d $DURATION --repeat $REPEAT"
 timeout 600 "$LT" compare --repeat "$REPEAT" "${PIDS[@]}" --scenario rate -q -c "$CONNS" --rate "$RATE" --size 64 \
     -d "$DURATION" "${TARGETS[@]}"
 echo
+fi
+if [[ " $ROUNDS " == *" echo "* ]]; then
 echo "## echo64: compare --scenario echo -q -c $CONNS --window 4 --size 64 -d $DURATION --repeat $REPEAT"
 timeout 600 "$LT" compare --repeat "$REPEAT" "${PIDS[@]}" --scenario echo -q -c "$CONNS" --window 4 --size 64 \
     -d "$DURATION" "${TARGETS[@]}"
-if [ "$IDLE" -gt 0 ]; then
-    echo
+echo
+fi
+if [ "$IDLE" -gt 0 ] && [[ " $ROUNDS " == *" idle "* ]]; then
     echo "## idle$IDLE: compare --scenario idle -q -c $IDLE --ramp 2000 --source-addrs 8 -d $DURATION --repeat $REPEAT"
     timeout 600 "$LT" compare --repeat "$REPEAT" "${PIDS[@]}" --scenario idle -q -c "$IDLE" --ramp 2000 \
         --source-addrs 8 -d "$DURATION" "${TARGETS[@]}"

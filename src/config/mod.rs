@@ -271,7 +271,7 @@ pub struct RouteConfig {
     /// Path requested from the backend (may use captures); the client's path when absent.
     pub backend_path: Option<String>,
     /// Deadlines and limits of sessions on this route.
-    pub session: SessionSettings,
+    pub session: std::sync::Arc<SessionSettings>,
     /// Connect settings for this route's backends.
     pub backend: BackendSettings,
     /// Token requirements; the route is open when absent.
@@ -609,7 +609,7 @@ backends = ["127.0.0.1:1"]
 idle_timeout = "1s"
 "#;
         let c = Config::parse(text, Path::new("x.toml")).expect("valid");
-        let s = c.routes[0].session;
+        let s = *c.routes[0].session;
         assert_eq!(s.idle_timeout, Duration::from_secs(1));
         assert_eq!(s.max_frame_size, 64 * 1024);
         assert_eq!(s.ping_interval, SessionSettings::default().ping_interval);

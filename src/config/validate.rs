@@ -196,7 +196,7 @@ fn route(
         balance,
         health,
         backend_path: r.backend_path,
-        session: session(r.session, session_defaults, &format!("{key}.session"))?,
+        session: std::sync::Arc::new(session(r.session, session_defaults, &format!("{key}.session"))?),
         backend: backend(r.backend, backend_defaults, &format!("{key}.backend"))?,
     })
 }

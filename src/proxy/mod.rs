@@ -516,7 +516,7 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
     let expires_at = session_deadline(&p.route, &shared.runtime.load(), p.claims.as_deref());
     let registered = p.registered;
     let params = RelayParams {
-        settings: p.route.session,
+        settings: p.route.session.clone(),
         drain_spread: shared.runtime.load().config.server.drain_spread,
         allowed_rsv: if p.backend.extensions.is_some() { 0x70 } else { 0 },
         control: registered.entry().control.clone(),

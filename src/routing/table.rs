@@ -108,7 +108,7 @@ mod tests {
                 active_path: None,
             },
             backend_path: None,
-            session: SessionSettings::default(),
+            session: std::sync::Arc::new(SessionSettings::default()),
             backend: BackendSettings::default(),
             auth: None,
             origin: None,

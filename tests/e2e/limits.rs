@@ -263,7 +263,8 @@ sources = ["bearer"]
             ),
         )
         .text();
-    let proxy = Proxy::start_with(&text).await;
+    // A child process: the token-cache gauge below is this proxy's alone.
+    let proxy = ProxyProcess::start(&text).await;
     // 1 of the burst of 3: the valid token is verified and cached.
     let _c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &valid)]).await.expect("valid");
     // 2 and 3: garbage tokens, each a signature check, each refused 401.
@@ -294,6 +295,8 @@ sources = ["bearer"]
         upgrade(proxy.plain, false, "/agents/a2/terminal", &[("authorization", &valid)]).await.expect("cached valid");
     let (_, m) = http_get(proxy.admin, "/metrics").await;
     assert!(metric(&m, r#"portcullis_limit_refusals_total{reason="token_check_rate"}"#) >= 2.0, "{m}");
+    // Only the valid token entered the verified-token cache; the garbage did not.
+    assert_eq!(metric(&m, "portcullis_token_cache_entries"), 1.0, "{m}");
     // The bucket refills: a new check is made again (and the garbage gets its 401).
     let deadline = Instant::now() + SOON;
     loop {

@@ -45,7 +45,7 @@ use session::Session;
 /// What a relay needs besides the two streams.
 pub struct RelayParams {
     /// Deadlines and limits of the route.
-    pub settings: SessionSettings,
+    pub settings: Arc<SessionSettings>,
     /// Window over which drain close notices are spread.
     pub drain_spread: Duration,
     /// RSV bits the negotiated extensions allow (`0x70` mask bits).

@@ -85,7 +85,8 @@ pub(super) struct Session<'a, C, B> {
     c2b: Direction,
     b2c: Direction,
     peers: [Peer; 2],
-    settings: SessionSettings,
+    /// The route's settings, shared by its sessions (a pointer here, not a copy per session).
+    settings: Arc<SessionSettings>,
     drain_spread: Duration,
     control: Arc<SessionControl>,
     metrics: Arc<Metrics>,
@@ -120,7 +121,7 @@ where
         backend_early: &[u8],
         p: RelayParams,
     ) -> Self {
-        let s = p.settings;
+        let s = &*p.settings;
         let limits = FrameLimits {
             max_frame_size: s.max_frame_size,
             max_message_size: s.max_message_size,
@@ -134,7 +135,7 @@ where
             c2b: Direction::new(Side::Client, limits, s.buffer_size, client_early),
             b2c: Direction::new(Side::Backend, limits, s.buffer_size, backend_early),
             peers: [Peer::default(), Peer::default()],
-            settings: s,
+            settings: p.settings.clone(),
             drain_spread: p.drain_spread,
             control: p.control,
             metrics: p.metrics,
@@ -403,6 +404,7 @@ where
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        let settings = self.settings.clone();
         if self.close_deadline.is_some_and(|d| now >= d) {
             if let Some((offender, frame)) = self.deferred_close.take() {
                 // The other side never answered: stop waiting for it, and still tell the
@@ -423,7 +425,7 @@ where
         if self.close_deadline.is_some() {
             return;
         }
-        let s = self.settings;
+        let s = &*settings;
         if self.expires_at.is_some_and(|d| now >= d) {
             return self.end_with(Cause::TokenExpired);
         }
@@ -463,7 +465,8 @@ where
 
     /// Sets the timer to the earliest deadline.
     fn rearm(&mut self) {
-        let s = self.settings;
+        let settings = self.settings.clone();
+        let s = &*settings;
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         if let Some(d) = self.close_deadline {
