@@ -120,7 +120,22 @@ enum TokenCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // `run` reads its configuration first: it may set the number of worker threads.
+    let config = match &cli.command {
+        Command::Run { config: path } => match Config::load(path) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.as_ref().map(|c| c.server.worker_threads).filter(|&n| n > 0) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portcullis: cannot start the runtime: {e}");
@@ -138,16 +153,10 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config: path } => {
-            let config = match Config::load(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            report(runtime.block_on(run(config, path)))
-        }
+        Command::Run { config: path } => match config {
+            Some(config) => report(runtime.block_on(run(config, path))),
+            None => ExitCode::FAILURE, // loaded above
+        },
         Command::Demo { listen, admin, backend, dir, backend_only, shell, no_npm } => {
             let opts = DemoOpts { backend_only, shell, npm: !no_npm };
             report(runtime.block_on(demo(listen, admin, backend, &dir, opts)))

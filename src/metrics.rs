@@ -236,6 +236,11 @@ pub fn limit_refused(reason: &'static str) {
     counter!("portcullis_limit_refusals_total", "reason" => reason).increment(1);
 }
 
+/// Tokio worker threads running the proxy (set when metrics are rendered).
+pub fn worker_threads(n: usize) {
+    gauge!("portcullis_worker_threads").set(n as f64);
+}
+
 /// Tokens held in the verified-token cache (set when metrics are rendered).
 pub fn token_cache_entries(n: u64) {
     gauge!("portcullis_token_cache_entries").set(n as f64);

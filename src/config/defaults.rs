@@ -60,6 +60,7 @@ impl Default for ServerSettings {
             drain_timeout: Duration::from_secs(25),
             removed_route_grace: Duration::from_secs(600),
             reload_poll_interval: Duration::from_secs(2),
+            worker_threads: 0,
             trusted_proxies: Vec::new(),
             max_connections_per_ip: 256,
             ipv6_prefix_len: 64,

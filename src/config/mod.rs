@@ -167,6 +167,9 @@ pub struct ServerSettings {
     pub removed_route_grace: Duration,
     /// How often the config file is checked for changes (`run` only); zero disables.
     pub reload_poll_interval: Duration,
+    /// Tokio worker threads of `run` (0: `TOKIO_WORKER_THREADS`, else one per core); read at
+    /// start.
+    pub worker_threads: usize,
     /// Peers whose `X-Forwarded-For` and `Forwarded` headers are believed and extended; from
     /// any other peer they are dropped. Empty: the edge believes no one.
     pub trusted_proxies: Vec<ipnet::IpNet>,

@@ -107,6 +107,7 @@ pub(super) struct RawServer {
     pub(super) drain_timeout: Option<Dur>,
     pub(super) removed_route_grace: Option<Dur>,
     pub(super) reload_poll_interval: Option<Dur>,
+    pub(super) worker_threads: Option<usize>,
     pub(super) trusted_proxies: Option<Vec<ipnet::IpNet>>,
     pub(super) max_connections_per_ip: Option<u32>,
     pub(super) ipv6_prefix_len: Option<u8>,

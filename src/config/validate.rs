@@ -60,6 +60,7 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
         drain_timeout: dur(s.drain_timeout, d.drain_timeout),
         removed_route_grace: dur(s.removed_route_grace, d.removed_route_grace),
         reload_poll_interval: dur(s.reload_poll_interval, d.reload_poll_interval),
+        worker_threads: s.worker_threads.unwrap_or(d.worker_threads),
         trusted_proxies: s.trusted_proxies.unwrap_or(d.trusted_proxies),
         max_connections_per_ip: s.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
         ipv6_prefix_len: s.ipv6_prefix_len.unwrap_or(d.ipv6_prefix_len),
@@ -78,6 +79,9 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
     }
     if server.handshake_burst_per_ip == 0 {
         return Err(invalid("server.handshake_burst_per_ip", "must be at least 1"));
+    }
+    if server.worker_threads > 1024 {
+        return Err(invalid("server.worker_threads", "must be 0-1024"));
     }
     if server.ipv6_prefix_len > 128 {
         return Err(invalid("server.ipv6_prefix_len", "must be 0-128"));
