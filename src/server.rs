@@ -166,10 +166,13 @@ impl Shared {
         // Bound sockets keep what they were bound with: a reload that would change them is
         // refused, never half-applied (a TLS listener must not turn plaintext).
         let listeners = |c: &Config| {
-            c.listeners.iter().map(|l| (l.addresses.clone(), l.tls, l.proxy_protocol.clone())).collect::<Vec<_>>()
+            c.listeners
+                .iter()
+                .map(|l| (l.addresses.clone(), l.tls, l.proxy_protocol.clone(), l.reuse_port))
+                .collect::<Vec<_>>()
         };
         if listeners(&old.config) != listeners(&config) {
-            return Err(ServerError::NeedsRestart("listener addresses, tls or proxy_protocol setting"));
+            return Err(ServerError::NeedsRestart("listener addresses, tls, proxy_protocol or reuse_port setting"));
         }
         if old.config.admin.as_ref().map(|a| a.address) != config.admin.as_ref().map(|a| a.address) {
             return Err(ServerError::NeedsRestart("admin address"));
@@ -230,12 +233,12 @@ impl Bound {
                     name: l.name.clone(),
                     tls: l.tls,
                     proxy_protocol: l.proxy_protocol.as_deref().map(Arc::from),
-                    listener: bind(addr)?,
+                    listener: bind(addr, l.reuse_port)?,
                 });
             }
         }
         let admin = match &config.admin {
-            Some(a) => Some(bind(a.address)?),
+            Some(a) => Some(bind(a.address, false)?),
             None => None,
         };
         Ok(Bound { listeners, admin })
@@ -252,10 +255,15 @@ impl Bound {
     }
 }
 
-fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+fn bind(addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, ServerError> {
     let err = |source| ServerError::Bind { addr, source };
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
+    if reuse_port {
+        // Linux spreads new connections over every socket bound to the address with it, one
+        // per process (or per listener), by a hash of the connection's addresses.
+        socket.set_reuse_port(true).map_err(err)?;
+    }
     socket.set_nonblocking(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
     socket.listen(4096).map_err(err)?;

@@ -240,6 +240,9 @@ pub struct ListenerConfig {
     /// PROXY protocol (v1 or v2) required on every connection, accepted only from these
     /// sources (the load balancers); `None` when the listener does not use it.
     pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
+    /// `SO_REUSEPORT` on its sockets: several processes may listen on the same address and
+    /// the kernel spreads new connections over them.
+    pub reuse_port: bool,
 }
 
 /// The admin listener.

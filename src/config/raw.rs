@@ -140,6 +140,8 @@ pub(super) struct RawListener {
     pub(super) proxy_protocol: bool,
     #[serde(default)]
     pub(super) proxy_protocol_from: Vec<ipnet::IpNet>,
+    #[serde(default)]
+    pub(super) reuse_port: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -131,6 +131,7 @@ fn listeners(raw: Vec<RawListener>, has_tls: bool) -> Result<Vec<ListenerConfig>
             addresses: l.addresses,
             tls: l.tls,
             proxy_protocol,
+            reuse_port: l.reuse_port,
         });
     }
     Ok(listeners)

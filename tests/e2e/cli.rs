@@ -40,3 +40,43 @@ async fn worker_threads_sets_the_runtime_of_run() {
         assert_eq!(c.recv().await.payload, b"hi");
     }
 }
+
+#[tokio::test]
+async fn reuse_port_lets_two_processes_share_a_listener_and_the_kernel_spreads_sessions() {
+    let backend = Backend::echo().await;
+    let port = free_port();
+    let config = |reuse: bool| {
+        TestConfig::base(&[backend.addr.to_string()])
+            .set("listeners.1.addresses", vec![toml::Value::from(format!("127.0.0.1:{port}"))])
+            .set("listeners.1.reuse_port", reuse)
+            .text()
+    };
+    let a = ProxyProcess::start(&config(true)).await;
+    let b = ProxyProcess::start(&config(true)).await;
+    assert_eq!((a.plain.port(), b.plain.port()), (port, port), "both bound the one port");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let mut c = upgrade(addr, false, &format!("/agents/a{i}/terminal"), &[]).await.expect("101");
+        c.send(true, op::TEXT, b"hi").await;
+        assert_eq!(c.recv().await.payload, b"hi");
+        clients.push(c);
+    }
+    let active = |admin| async move { metric(&http_get(admin, "/metrics").await.1, "portcullis_sessions_active") };
+    let (on_a, on_b) = (active(a.admin).await, active(b.admin).await);
+    assert_eq!(on_a + on_b, 40.0, "every session is held by one of the two");
+    assert!(on_a >= 1.0 && on_b >= 1.0, "the kernel spread them: {on_a} and {on_b}");
+    // Without reuse_port a third process cannot bind the port: it exits with an error.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, config(false)).expect("write");
+    let out = tokio::time::timeout(
+        SOON,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis")).args(["run", "--config"]).arg(&path).output(),
+    )
+    .await
+    .expect("exits in time")
+    .expect("run");
+    assert!(!out.status.success(), "a second bind without reuse_port fails");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&port.to_string()), "the error names the address");
+}
