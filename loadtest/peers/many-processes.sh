@@ -7,6 +7,8 @@
 #     loadtest/peers/many-processes.sh PORTCULLIS LOADTEST
 #
 # Knobs (environment): SESSIONS (100000), PROXIES (12), BACKENDS (6), LOADGENS (8), SOURCES (64),
+# PROXY_SOURCES (16: the proxies connect to the backends from 127.0.1.1 … 127.0.1.N, `[backend]
+# source_addresses`; 0 leaves it to the kernel, which runs out of ports here),
 # RAMP (1000 new sessions per second), HOLD (40s: sessions held after the ramp; each proxy process is read SAMPLE_AFTER, 20 s, after the ramp). Prints the harness's report (KiB per session
 # over every proxy process, from --pid) and a line per proxy process: sessions it holds, its
 # resident memory, and KiB per session. Loopback only; every process it starts is stopped on
@@ -14,7 +16,7 @@
 set -euo pipefail
 PC=$1 LT=$2
 SESSIONS=${SESSIONS:-100000} PROXIES=${PROXIES:-12} BACKENDS=${BACKENDS:-6} LOADGENS=${LOADGENS:-8}
-SOURCES=${SOURCES:-64} RAMP=${RAMP:-1000} HOLD=${HOLD:-40s}
+SOURCES=${SOURCES:-64} PROXY_SOURCES=${PROXY_SOURCES:-16} RAMP=${RAMP:-1000} HOLD=${HOLD:-40s}
 PORT=19700 BACKEND_BASE=19740 ADMIN_BASE=19710
 WORK=$(mktemp -d)
 pids=()
@@ -29,6 +31,8 @@ for b in $(seq 1 "$BACKENDS"); do
     members+="\"127.0.0.1:$((BACKEND_BASE + b))\","
 done
 proxy_pids=()
+sources=""
+for s in $(seq 1 "$PROXY_SOURCES"); do sources+="\"127.0.1.$s\","; done
 for p in $(seq 1 "$PROXIES"); do
     cat >"$WORK/proxy$p.toml" <<CONF
 # One address (the load generators) opening every session: the per-client limits are off.
@@ -49,6 +53,9 @@ address = "127.0.0.1:$((ADMIN_BASE + p))"
 [session]
 ping_interval = "0s"
 idle_timeout = "1h"
+
+[backend]
+source_addresses = [${sources%,}]
 
 [[routes]]
 name = "terminal"

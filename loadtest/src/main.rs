@@ -154,8 +154,18 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Backend { listen, opts } => {
-            let listener =
-                tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            // A backlog of 4,096 (tokio's bind gives 1,024): a ramp of thousands of sessions a
+            // second on a busy machine overflows a short one, and a dropped SYN costs a second.
+            let addr = tokio::net::lookup_host(&listen)
+                .await
+                .with_context(|| format!("cannot resolve {listen}"))?
+                .next()
+                .with_context(|| format!("{listen} resolves to no address"))?;
+            let socket =
+                if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr).with_context(|| format!("cannot listen on {listen}"))?;
+            let listener = socket.listen(4096).with_context(|| format!("cannot listen on {listen}"))?;
             let tls = match (&opts.tls_cert, &opts.tls_key) {
                 (Some(cert), Some(key)) => Some(backend::tls_acceptor(cert, key)?),
                 _ => None,

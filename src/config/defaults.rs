@@ -103,6 +103,7 @@ impl Default for BackendSettings {
             max_request_body: 10 << 20,
             max_idle_per_member: 32,
             pool_idle_timeout: Duration::from_secs(90),
+            source_addresses: std::sync::Arc::from([]),
         }
     }
 }

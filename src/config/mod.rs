@@ -449,7 +449,7 @@ pub enum RateAction {
 }
 
 /// Backend connect settings (`[backend]`, overridable per route).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSettings {
     /// Time allowed for the TCP connect to one member (504 after, when no member is left).
     pub connect_timeout: Duration,
@@ -465,6 +465,9 @@ pub struct BackendSettings {
     pub max_idle_per_member: usize,
     /// HTTP routes: an idle keep-alive connection is closed after this long.
     pub pool_idle_timeout: Duration,
+    /// WebSocket routes: local addresses the connections to members are made from, in turn
+    /// (empty: the kernel's choice). Each address has its own source ports towards a member.
+    pub source_addresses: std::sync::Arc<[std::net::IpAddr]>,
 }
 
 /// What a route serves (`kind`).

@@ -178,7 +178,7 @@ pub(super) enum RawRateAction {
     Close,
 }
 
-#[derive(Debug, Default, Deserialize, Clone, Copy)]
+#[derive(Debug, Default, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBackend {
     pub(super) connect_timeout: Option<Dur>,
@@ -188,6 +188,7 @@ pub(super) struct RawBackend {
     pub(super) max_request_body: Option<Size>,
     pub(super) max_idle_per_member: Option<usize>,
     pub(super) pool_idle_timeout: Option<Dur>,
+    pub(super) source_addresses: Option<Vec<std::net::IpAddr>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -35,7 +35,7 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, Invalid> {
         if routes.iter().any(|x| x.name == r.name) {
             return Err(invalid(&format!("{key}.name"), "duplicate route name"));
         }
-        routes.push(route(r, &key, session, backend, has_keys)?);
+        routes.push(route(r, &key, session, backend.clone(), has_keys)?);
     }
     Ok(Config {
         server,
@@ -359,6 +359,7 @@ fn backend(b: RawBackend, d: BackendSettings, key: &str) -> Result<BackendSettin
         max_request_body: b.max_request_body.map_or(d.max_request_body, |s| s.0),
         max_idle_per_member: b.max_idle_per_member.unwrap_or(d.max_idle_per_member),
         pool_idle_timeout: dur(b.pool_idle_timeout, d.pool_idle_timeout),
+        source_addresses: b.source_addresses.map_or(d.source_addresses.clone(), |a| a.into()),
     };
     for (name, v) in [
         ("connect_timeout", s.connect_timeout),

@@ -270,7 +270,7 @@ async fn handle_request(
     exchange.agent = caps.get("agent").map(str::to_owned);
     exchange.subject = claims.and_then(|c| c.subject().map(str::to_owned));
     exchange.route_metrics = Some(http.metrics.clone());
-    let settings = route.backend;
+    let settings = &route.backend;
     let body =
         stream::Upload::new(req.into_body(), settings.max_request_body, settings.idle_body_timeout, metrics.clone());
     exchange.upload = Some(body.state());

@@ -161,7 +161,8 @@ fn static_members(route: &RouteConfig) -> Vec<String> {
 /// a reload).
 fn spawn_active_checks(route: &RouteConfig, health: Weak<PassiveHealth>, probe: Probe) {
     let members = static_members(route);
-    let (interval, path, settings) = (route.health.active_interval, route.health.active_path.clone(), route.backend);
+    let (interval, path, settings) =
+        (route.health.active_interval, route.health.active_path.clone(), route.backend.clone());
     let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
     handle.spawn(async move {
         let mut tick = tokio::time::interval(interval);
@@ -169,7 +170,7 @@ fn spawn_active_checks(route: &RouteConfig, health: Weak<PassiveHealth>, probe: 
         loop {
             tick.tick().await;
             for addr in &members {
-                let ok = probe(addr.clone(), path.clone(), settings).await;
+                let ok = probe(addr.clone(), path.clone(), settings.clone()).await;
                 let Some(h) = health.upgrade() else { return };
                 if ok {
                     h.record_success(addr);

@@ -373,3 +373,29 @@ async fn a_catch_all_capture_carries_the_rest_of_the_path_to_the_backend() {
         assert_eq!(refused.status, 400, "{bad}");
     }
 }
+
+#[tokio::test]
+async fn backend_connections_are_made_from_the_configured_source_addresses_in_turn() {
+    let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    let handler: Handler = Arc::new(move |s: BackendSession| {
+        if let Ok(peer) = s.stream.peer_addr() {
+            seen.lock().expect("lock").push(peer.ip().to_string());
+        }
+        (echo_handler())(s)
+    });
+    let backend = Backend::start(BackendOpts::default(), handler).await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("backend", "source_addresses = [\"127.0.0.2\", \"127.0.0.3\", \"::1\"]")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    for i in 0..4 {
+        let mut c = upgrade(proxy.plain, false, &format!("/agents/a{i}/terminal"), &[]).await.expect("101");
+        c.send(true, op::TEXT, b"hi").await;
+        assert_eq!(c.recv().await.payload, b"hi");
+    }
+    let mut peers = peers.lock().expect("lock").clone();
+    peers.sort();
+    // An IPv4 member is dialled from the IPv4 ones only, each in turn.
+    assert_eq!(peers, ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"]);
+}
