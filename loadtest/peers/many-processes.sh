@@ -61,6 +61,8 @@ source_addresses = [${sources%,}]
 name = "terminal"
 path = "/agents/{agent}/terminal"
 backends = [${members%,}]
+[routes.balance]
+policy = "round_robin"
 CONF
     RUST_LOG=warn "$PC" run --config "$WORK/proxy$p.toml" >"$WORK/proxy$p.log" 2>&1 &
     pids+=($!)
