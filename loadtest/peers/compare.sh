@@ -2,7 +2,8 @@
 # Compare Portcullis with NGINX and HAProxy (and a direct connection) using portcullis-loadtest.
 #
 # Everything runs on loopback: an echo backend, Portcullis, NGINX and HAProxy (plain WebSocket,
-# 1 worker/thread each), then `portcullis-loadtest compare` over several scenarios. Every process
+# 1 worker/thread each), HAProxy once more in `mode tcp` (haproxy-tcp: a pure byte splice with no
+# WebSocket or HTTP awareness, the floor of a user-space relay on this kernel), then `portcullis-loadtest compare` over several scenarios. Every process
 # this script starts is stopped by its PID on exit. NGINX and HAProxy are installed from the
 # distribution's packages if missing (needs root or sudo).
 #
@@ -36,7 +37,7 @@ WORK=$(mktemp -d /tmp/portcullis-peers.XXXXXX)
 OUT=${OUT:-$WORK/results}
 mkdir -p "$OUT"
 
-BACKEND_PORT=27681 DIRECT_TLS_PORT=27682 PORTCULLIS_PORT=28080 ADMIN_PORT=29090 NGINX_PORT=28081 HAPROXY_PORT=28082 NGINX12_PORT=28083
+BACKEND_PORT=27681 DIRECT_TLS_PORT=27682 PORTCULLIS_PORT=28080 ADMIN_PORT=29090 NGINX_PORT=28081 HAPROXY_PORT=28082 NGINX12_PORT=28083 HAPROXY_TCP_PORT=28084
 PATH_T='/agents/agent-{conn}/terminal'
 
 PIDS=()
@@ -225,6 +226,22 @@ frontend ws
 backend agents
     server b1 127.0.0.1:$BACKEND_PORT
 CONF
+# The floor: the same HAProxy splicing bytes in TCP mode (TLS terminated the same way with TLS=1).
+cat >"$WORK/haproxy-tcp.cfg" <<CONF
+global
+    nbthread $PEER_WORKERS
+    maxconn 9900
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend ws
+    bind 127.0.0.1:$HAPROXY_TCP_PORT $HAPROXY_SSL
+    default_backend agents
+backend agents
+    server b1 127.0.0.1:$BACKEND_PORT
+CONF
 
 # --- start -----------------------------------------------------------------------------------
 wait_port() {
@@ -273,6 +290,12 @@ start_haproxy() {
     PIDS+=("$HAPROXY_PID")
     wait_port $HAPROXY_PORT
 }
+start_haproxy_tcp() {
+    "$HAPROXY_BIN" -db -f "$WORK/haproxy-tcp.cfg" >>"$WORK/haproxy-tcp.log" 2>&1 &
+    HAPROXY_TCP_PID=$!
+    PIDS+=("$HAPROXY_TCP_PID")
+    wait_port $HAPROXY_TCP_PORT
+}
 stop_pid() {
     kill "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
@@ -296,14 +319,17 @@ fi
 start_portcullis
 start_nginx
 start_haproxy
+start_haproxy_tcp
 
 TARGETS=(
     "direct=$SCHEME://127.0.0.1:$DIRECT_PORT$PATH_T"
     "portcullis=$SCHEME://127.0.0.1:$PORTCULLIS_PORT$PATH_T"
     "nginx=$SCHEME://127.0.0.1:$NGINX_PORT$PATH_T"
     "haproxy=$SCHEME://127.0.0.1:$HAPROXY_PORT$PATH_T"
+    "haproxy-tcp=$SCHEME://127.0.0.1:$HAPROXY_TCP_PORT$PATH_T"
 )
-PIDOF=(--pid-of "portcullis=$PORTCULLIS_PID" --pid-of "nginx=$NGINX_WORKERS" --pid-of "haproxy=$HAPROXY_PID")
+PIDOF=(--pid-of "portcullis=$PORTCULLIS_PID" --pid-of "nginx=$NGINX_WORKERS" --pid-of "haproxy=$HAPROXY_PID"
+    --pid-of "haproxy-tcp=$HAPROXY_TCP_PID")
 if [ "$TLS" = 1 ]; then
     launch_nginx nginx12 $NGINX12_PORT
     TARGETS+=("nginx-tls12=$SCHEME://127.0.0.1:$NGINX12_PORT$PATH_T")
@@ -384,11 +410,12 @@ if [ -n "$FRESH_IDLE" ]; then
     echo "## idle-fresh: KiB per idle session, each proxy freshly started, one run per count" | tee "$OUT/idle-fresh.txt"
     printf '%-12s %8s %10s %12s %12s %10s\n' target sessions held "RSS before" "RSS loaded" "KiB/sess" | tee -a "$OUT/idle-fresh.txt"
     for n in $FRESH_IDLE; do
-        for name in portcullis nginx haproxy; do
+        for name in portcullis nginx haproxy haproxy-tcp; do
             case $name in
                 portcullis) stop_pid "$PORTCULLIS_PID"; start_portcullis; pid=$PORTCULLIS_PID port=$PORTCULLIS_PORT ;;
                 nginx) stop_pid "$NGINX_PID"; start_nginx; pid=$NGINX_WORKERS port=$NGINX_PORT ;;
                 haproxy) stop_pid "$HAPROXY_PID"; start_haproxy; pid=$HAPROXY_PID port=$HAPROXY_PORT ;;
+                haproxy-tcp) stop_pid "$HAPROXY_TCP_PID"; start_haproxy_tcp; pid=$HAPROXY_TCP_PID port=$HAPROXY_TCP_PORT ;;
             esac
             sleep 1
             json="$OUT/idle-fresh-$name-$n.json"
