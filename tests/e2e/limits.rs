@@ -86,6 +86,30 @@ proxy_protocol_from = ["127.0.0.0/8"]
     let _b1 = open(lb, bob).await.expect("bob has his own count, though every connection comes from the balancer");
 }
 
+/// An HS256 secret in a file (for `secret_file`) and bearer tokens signed with it.
+struct Hs256 {
+    path: std::path::PathBuf,
+    key: jsonwebtoken::EncodingKey,
+}
+
+impl Hs256 {
+    fn new() -> Hs256 {
+        let secret = format!("limits-secret-{}", rand::random::<u64>());
+        let path = certs().dir.join(format!("limits-{}", rand::random::<u32>()));
+        std::fs::write(&path, &secret).expect("secret");
+        let key = crate::mint::encoding_key(jsonwebtoken::Algorithm::HS256, secret.as_bytes()).expect("key");
+        Hs256 { path, key }
+    }
+
+    /// `Bearer <token>` for subject `sub`, valid for ten minutes.
+    fn bearer(&self, sub: &str) -> String {
+        let serde_json::Value::Object(claims) = serde_json::json!({ "sub": sub }) else { unreachable!() };
+        let ttl = std::time::Duration::from_secs(600);
+        let t = crate::mint::mint(jsonwebtoken::Algorithm::HS256, &self.key, None, claims, ttl);
+        format!("Bearer {}", t.expect("mint"))
+    }
+}
+
 /// A config whose routes `terminal` and `events` take HS256 tokens, with subject caps: 2 per
 /// route on `terminal`, 3 over every route.
 fn subject_config(backend: std::net::SocketAddr, secret: &std::path::Path) -> String {
@@ -117,17 +141,9 @@ sources = ["bearer"]
 #[tokio::test]
 async fn sessions_per_subject_are_capped_per_route_and_over_all_routes_with_429() {
     let backend = Backend::echo().await;
-    let secret = format!("limits-secret-{}", rand::random::<u64>());
-    let path = certs().dir.join(format!("limits-{}", rand::random::<u32>()));
-    std::fs::write(&path, &secret).expect("secret");
-    let key = crate::mint::encoding_key(jsonwebtoken::Algorithm::HS256, secret.as_bytes()).expect("key");
-    let token = |sub: &str| {
-        let serde_json::Value::Object(claims) = serde_json::json!({ "sub": sub }) else { unreachable!() };
-        let t =
-            crate::mint::mint(jsonwebtoken::Algorithm::HS256, &key, None, claims, std::time::Duration::from_secs(600));
-        format!("Bearer {}", t.expect("mint"))
-    };
-    let text = subject_config(backend.addr, &path);
+    let keys = Hs256::new();
+    let token = |sub: &str| keys.bearer(sub);
+    let text = subject_config(backend.addr, &keys.path);
     let proxy = Proxy::start_with(&text).await;
     let (alice, bob) = (token("alice"), token("bob"));
     let a1 = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &alice)]).await.expect("alice 1");
@@ -230,15 +246,8 @@ async fn new_connections_per_address_are_rate_limited_at_accept() {
 async fn uncached_token_checks_per_address_are_rate_limited_on_websocket_and_http_routes() {
     let backend = Backend::echo().await;
     let rest = RestBackend::start("r1").await;
-    let secret = format!("limits-secret-{}", rand::random::<u64>());
-    let path = certs().dir.join(format!("limits-{}", rand::random::<u32>()));
-    std::fs::write(&path, &secret).expect("secret");
-    let key = crate::mint::encoding_key(jsonwebtoken::Algorithm::HS256, secret.as_bytes()).expect("key");
-    let serde_json::Value::Object(claims) = serde_json::json!({ "sub": "alice" }) else { unreachable!() };
-    let valid =
-        crate::mint::mint(jsonwebtoken::Algorithm::HS256, &key, None, claims, std::time::Duration::from_secs(600))
-            .expect("mint");
-    let valid = format!("Bearer {valid}");
+    let keys = Hs256::new();
+    let valid = keys.bearer("alice");
     let text = TestConfig::base(&[backend.addr.to_string()])
         .merge("server", "token_check_rate_per_ip = 1\ntoken_check_burst_per_ip = 3")
         .merge("routes.0.auth", "sources = [\"bearer\"]")
@@ -258,7 +267,7 @@ backends = ["{rest}"]
 [routes.auth]
 sources = ["bearer"]
 "#,
-                secret = path.display(),
+                secret = keys.path.display(),
                 rest = rest.addr
             ),
         )
