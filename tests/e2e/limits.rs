@@ -101,6 +101,13 @@ impl Hs256 {
         Hs256 { path, key }
     }
 
+    /// The base config with this key in `[[auth.keys]]`, its route `terminal` taking bearer
+    /// tokens.
+    fn config(&self, backend: std::net::SocketAddr) -> TestConfig {
+        let key = format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"\n", self.path.display());
+        TestConfig::base(&[backend.to_string()]).merge("", &key).merge("routes.0.auth", "sources = [\"bearer\"]")
+    }
+
     /// `Bearer <token>` for subject `sub`, valid for ten minutes.
     fn bearer(&self, sub: &str) -> String {
         let serde_json::Value::Object(claims) = serde_json::json!({ "sub": sub }) else { unreachable!() };
@@ -112,30 +119,19 @@ impl Hs256 {
 
 /// A config whose routes `terminal` and `events` take HS256 tokens, with subject caps: 2 per
 /// route on `terminal`, 3 over every route.
-fn subject_config(backend: std::net::SocketAddr, secret: &std::path::Path) -> String {
-    TestConfig::base(&[backend.to_string()])
-        .merge(
-            "",
-            &format!(
-                r#"
-[auth]
-max_sessions_per_subject = 3
-[[auth.keys]]
-algorithms = ["HS256"]
-secret_file = "{secret}"
-
-[[routes]]
-name = "events"
-path = "/agents/{{agent}}/events"
-backends = ["{backend}"]
-[routes.auth]
-sources = ["bearer"]
-"#,
-                secret = secret.display()
-            ),
-        )
-        .merge("routes.0.auth", "sources = [\"bearer\"]\nmax_sessions_per_subject = 2")
+fn subject_config(backend: std::net::SocketAddr, keys: &Hs256) -> String {
+    keys.config(backend)
+        .merge("auth", "max_sessions_per_subject = 3")
+        .merge("", &bearer_route("events", "/agents/{agent}/events", "websocket", backend))
+        .merge("routes.0.auth", "max_sessions_per_subject = 2")
         .text()
+}
+
+/// A route `name` on `path` of `kind` to `member`, taking bearer tokens, as TOML.
+fn bearer_route(name: &str, path: &str, kind: &str, member: std::net::SocketAddr) -> String {
+    format!(
+        "[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nkind = \"{kind}\"\nbackends = [\"{member}\"]\n[routes.auth]\nsources = [\"bearer\"]\n"
+    )
 }
 
 #[tokio::test]
@@ -143,7 +139,7 @@ async fn sessions_per_subject_are_capped_per_route_and_over_all_routes_with_429(
     let backend = Backend::echo().await;
     let keys = Hs256::new();
     let token = |sub: &str| keys.bearer(sub);
-    let text = subject_config(backend.addr, &keys.path);
+    let text = subject_config(backend.addr, &keys);
     let proxy = Proxy::start_with(&text).await;
     let (alice, bob) = (token("alice"), token("bob"));
     let a1 = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &alice)]).await.expect("alice 1");
@@ -248,29 +244,10 @@ async fn uncached_token_checks_per_address_are_rate_limited_on_websocket_and_htt
     let rest = RestBackend::start("r1").await;
     let keys = Hs256::new();
     let valid = keys.bearer("alice");
-    let text = TestConfig::base(&[backend.addr.to_string()])
+    let text = keys
+        .config(backend.addr)
         .merge("server", "token_check_rate_per_ip = 1\ntoken_check_burst_per_ip = 3")
-        .merge("routes.0.auth", "sources = [\"bearer\"]")
-        .merge(
-            "",
-            &format!(
-                r#"
-[[auth.keys]]
-algorithms = ["HS256"]
-secret_file = "{secret}"
-
-[[routes]]
-name = "api"
-path = "/agents/{{agent}}/api/{{*rest}}"
-kind = "http"
-backends = ["{rest}"]
-[routes.auth]
-sources = ["bearer"]
-"#,
-                secret = keys.path.display(),
-                rest = rest.addr
-            ),
-        )
+        .merge("", &bearer_route("api", "/agents/{agent}/api/{*rest}", "http", rest.addr))
         .text();
     // A child process: the token-cache gauge below is this proxy's alone.
     let proxy = ProxyProcess::start(&text).await;
