@@ -65,16 +65,7 @@ async fn behind_a_balancer_the_cap_counts_the_carried_address() {
     let backend = Backend::echo().await;
     let text = TestConfig::base(&[backend.addr.to_string()])
         .merge("server", "max_connections_per_ip = 2")
-        .merge(
-            "",
-            r#"
-[[listeners]]
-name = "behind-lb"
-addresses = ["127.0.0.1:0"]
-proxy_protocol = true
-proxy_protocol_from = ["127.0.0.0/8"]
-"#,
-        )
+        .proxy_protocol_listener("behind-lb", &["127.0.0.0/8"])
         .text();
     let proxy = Proxy::start_with(&text).await;
     let lb = proxy.more[0];

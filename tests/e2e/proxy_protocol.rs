@@ -14,22 +14,8 @@ use crate::harness::*;
 /// and one that takes it only from 10.0.0.0/8 (`more[1]`), routing to `backend`.
 async fn start(backend: SocketAddr) -> Proxy {
     let text = TestConfig::base(&[backend.to_string()])
-        .merge(
-            "",
-            r#"
-[[listeners]]
-name = "behind-lb"
-addresses = ["127.0.0.1:0"]
-proxy_protocol = true
-proxy_protocol_from = ["127.0.0.0/8", "::1/128"]
-
-[[listeners]]
-name = "other-lb"
-addresses = ["127.0.0.1:0"]
-proxy_protocol = true
-proxy_protocol_from = ["10.0.0.0/8"]
-"#,
-        )
+        .proxy_protocol_listener("behind-lb", &["127.0.0.0/8", "::1/128"])
+        .proxy_protocol_listener("other-lb", &["10.0.0.0/8"])
         .text();
     Proxy::start_with(&text).await
 }

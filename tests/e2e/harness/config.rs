@@ -97,6 +97,19 @@ path = "/agents/{agent}/terminal"
         self
     }
 
+    /// One more plain listener `name` on port 0 that requires the PROXY protocol from `from`
+    /// (CIDRs); its address is the next of the proxy's `more` addresses.
+    pub fn proxy_protocol_listener(self, name: &str, from: &[&str]) -> TestConfig {
+        let from: Vec<String> = from.iter().map(|c| format!("\"{c}\"")).collect();
+        self.merge(
+            "",
+            &format!(
+                "[[listeners]]\nname = \"{name}\"\naddresses = [\"127.0.0.1:0\"]\nproxy_protocol = true\nproxy_protocol_from = [{}]\n",
+                from.join(", ")
+            ),
+        )
+    }
+
     /// Per-client limits off, for tests that play many clients from 127.0.0.1: the defaults are
     /// an internet-facing edge's, and one address opening hundreds of sessions a second is
     /// exactly what they refuse.
