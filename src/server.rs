@@ -18,7 +18,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
+
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -69,7 +69,7 @@ fn build_runtime(
     metrics: &Metrics,
 ) -> Result<Runtime, ServerError> {
     let tls = match (&config.tls, config.listeners.iter().any(|l| l.tls)) {
-        (Some(t), true) => Some(TlsAcceptor::from(tls::server_config(t)?)),
+        (Some(t), true) => Some(tls::server_config(t)?),
         _ => None,
     };
     let authenticator = if config.auth.keys.is_empty() && config.auth.jwks.is_empty() {

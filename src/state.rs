@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
+
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,8 +33,8 @@ pub struct Runtime {
     pub routes: RouteTable,
     /// Token verifier; none when no keys are configured.
     pub authenticator: Option<Arc<Authenticator>>,
-    /// TLS acceptor with the current certificates; none when no listener is TLS.
-    pub tls: Option<TlsAcceptor>,
+    /// TLS server configuration with the current certificates; none when no listener is TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Routing state per route name (resolver cache, health, round-robin cursor).
     pub route_state: HashMap<String, Arc<RouteState>>,
     /// What each route that serves plain HTTP needs per request: its keep-alive client

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_rustls::TlsAcceptor;
+
 use tracing::Instrument;
 
 use super::tls::{self, ClientStream};
@@ -52,8 +52,9 @@ pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<
         };
         let _ = tcp.set_nodelay(true);
         let shared2 = shared.clone();
-        // The acceptor in force now: a reload with new certificates applies to new connections.
-        // A TLS listener never serves plaintext: without an acceptor the connection is closed.
+        // The TLS configuration in force now: a reload with new certificates applies to new
+        // connections.
+        // A TLS listener never serves plaintext: without certificates the connection is closed.
         let acceptor = if tls { Security::Tls(shared.runtime.load().tls.clone()) } else { Security::Plain };
         let span = tracing::debug_span!("conn", peer = %addr);
         let proxy_from = kind.proxy_protocol.clone();
@@ -127,9 +128,9 @@ impl Drop for ConnSlot {
 enum Security {
     /// Plain TCP.
     Plain,
-    /// TLS with the acceptor in force; `None` if the running configuration has none, and then
+    /// TLS with the configuration in force; `None` if the running configuration has none, and then
     /// the connection is refused rather than served in plaintext.
-    Tls(Option<TlsAcceptor>),
+    Tls(Option<Arc<rustls::ServerConfig>>),
 }
 
 /// The proxy-protocol stage: on a listener that requires it, the client address from the
@@ -171,9 +172,9 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, secur
             tracing::error!(client = %addr, "tls listener without certificates in the running configuration; connection closed");
             None
         }
-        Security::Tls(Some(acceptor)) => {
+        Security::Tls(Some(config)) => {
             let limit = shared.runtime.load().config.server.tls_handshake_timeout;
-            match tls::accept(&acceptor, tcp, limit).await {
+            match tls::accept(&config, tcp, limit).await {
                 Ok(s) => Some(ClientStream::Tls(Box::new(s))),
                 Err(e) => {
                     m.tls_failure(e.reason());

@@ -1,7 +1,10 @@
 //! Stage: tls. Terminates TLS with rustls (aws-lc-rs provider): SNI picks a certificate, with a
 //! default for clients that send no SNI or an unknown name; ALPN offers `http/1.1`; the
-//! handshake is bounded by `tls_handshake_timeout`. Also defines [`ClientStream`], the stream
-//! every later stage works on, plain or TLS.
+//! handshake is bounded by `tls_handshake_timeout`. The connection is driven by [`conn`], which
+//! holds no buffer while idle. Also defines [`ClientStream`], the stream every later stage works
+//! on, plain or TLS.
+
+pub mod conn;
 
 use std::collections::HashMap;
 use std::io;
@@ -19,8 +22,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+
+pub use conn::TlsConn;
 
 use crate::config::TlsSettings;
 #[cfg(test)]
@@ -139,12 +142,8 @@ impl ResolvesServerCert for CertResolver {
 }
 
 /// Runs the TLS handshake within `limit`.
-pub async fn accept(
-    acceptor: &TlsAcceptor,
-    tcp: TcpStream,
-    limit: Duration,
-) -> Result<TlsStream<TcpStream>, TlsHandshakeError> {
-    match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+pub async fn accept(config: &Arc<ServerConfig>, tcp: TcpStream, limit: Duration) -> Result<TlsConn, TlsHandshakeError> {
+    match tokio::time::timeout(limit, TlsConn::accept(config.clone(), tcp)).await {
         Err(_) => Err(TlsHandshakeError::Timeout(limit)),
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(TlsHandshakeError::Eof),
@@ -157,8 +156,8 @@ pub async fn accept(
 pub enum ClientStream {
     /// A `ws://` connection.
     Plain(TcpStream),
-    /// A `wss://` connection (boxed: the TLS state is large and most of it is heap anyway).
-    Tls(Box<TlsStream<TcpStream>>),
+    /// A `wss://` connection (boxed: the TLS state is large).
+    Tls(Box<TlsConn>),
 }
 
 impl ClientStream {
