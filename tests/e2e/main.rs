@@ -23,3 +23,4 @@ mod rates;
 mod relay;
 mod reload;
 mod routing;
+mod tls;

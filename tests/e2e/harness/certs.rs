@@ -33,14 +33,18 @@ pub(crate) fn tls_connector() -> tokio_rustls::TlsConnector {
 
 /// A client trusting the test certificate, offering the suites of `provider` in its order.
 pub fn tls_connector_with(provider: Arc<rustls::crypto::CryptoProvider>) -> tokio_rustls::TlsConnector {
+    tokio_rustls::TlsConnector::from(Arc::new(tls_client_config(provider)))
+}
+
+/// The configuration of [`tls_connector_with`], for tests that change it.
+pub fn tls_client_config(provider: Arc<rustls::crypto::CryptoProvider>) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&certs().cert).expect("read cert") {
         roots.add(c.expect("cert")).expect("add root");
     }
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .with_no_client_auth()
 }

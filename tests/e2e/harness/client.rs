@@ -38,7 +38,11 @@ pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// Sends an upgrade for `path` with `extra` header lines; returns the client if the answer is
 /// 101, else the response head.
 pub async fn upgrade(addr: SocketAddr, tls: bool, path: &str, extra: &[(&str, &str)]) -> Result<Client, Head> {
-    let mut io = dial(addr, tls).await;
+    upgrade_over(dial(addr, tls).await, path, extra).await
+}
+
+/// [`upgrade`] over a connection the test opened itself.
+pub async fn upgrade_over(mut io: Box<dyn Io>, path: &str, extra: &[(&str, &str)]) -> Result<Client, Head> {
     let mut req = format!(
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n"
     );
@@ -47,6 +51,7 @@ pub async fn upgrade(addr: SocketAddr, tls: bool, path: &str, extra: &[(&str, &s
     }
     req.push_str("\r\n");
     io.write_all(req.as_bytes()).await.expect("send request");
+    io.flush().await.expect("flush request");
     let head = read_head(&mut io).await.expect("response head");
     let response = parse_response(&head);
     if response.status != 101 {
