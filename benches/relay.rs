@@ -15,9 +15,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use portcullis::config::{RateAction, SessionRate, SessionSettings};
 use portcullis::metrics::Metrics;
 use portcullis::proxy::relay::{relay, RelayParams};
-use portcullis::session::{SessionBytes, SessionControl};
+use portcullis::session::SessionControl;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio_util::sync::CancellationToken;
 
 /// Bytes written per iteration (rounded up to whole frames).
 const BATCH: usize = 1 << 20;
@@ -63,10 +62,9 @@ fn session(rt: &tokio::runtime::Runtime, rated: bool) -> (DuplexStream, DuplexSt
         settings: Arc::new(settings(rated)),
         drain_spread: Duration::ZERO,
         allowed_rsv: 0,
-        control: SessionControl::new(&CancellationToken::new()),
+        control: SessionControl::new(),
         metrics: Metrics::global(),
         expires_at: None,
-        bytes: Arc::new(SessionBytes::default()),
     };
     rt.spawn(relay(client_proxy, Vec::new(), backend_proxy, Vec::new(), params));
     (client_app, backend_app)

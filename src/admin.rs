@@ -183,8 +183,8 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                         "backend": e.backend.get(),
                         "age_seconds": now.duration_since(e.started).map(|d| d.as_secs_f64()).unwrap_or(0.0),
                         "token_expires_at": e.token_exp,
-                        "bytes_from_client": e.bytes.from_client.load(Ordering::Relaxed),
-                        "bytes_from_backend": e.bytes.from_backend.load(Ordering::Relaxed),
+                        "bytes_from_client": e.control.bytes.from_client.load(Ordering::Relaxed),
+                        "bytes_from_backend": e.control.bytes.from_backend.load(Ordering::Relaxed),
                     })
                 })
                 .collect();

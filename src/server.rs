@@ -353,6 +353,7 @@ impl Server {
         tracing::info!(sessions, "draining");
         shared.draining.store(true, Ordering::SeqCst);
         shared.drain.cancel();
+        shared.sessions.drain();
         for l in loops {
             let _ = l.await;
         }

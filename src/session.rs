@@ -5,10 +5,11 @@
 //! cancelling the server drains every session at once, and cancelling one session's token (with
 //! a reason set first) stops just that session.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use tokio_util::sync::CancellationToken;
+use futures_util::task::AtomicWaker;
 
 /// Which side of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,42 +91,63 @@ pub enum StopReason {
     RouteRemoved,
 }
 
-/// Stop signal and reason for one session.
+/// Stop signal and reason for one session, and its live byte counters: one allocation per
+/// session and nothing per waiter (the session's task registers its waker here), so that an idle
+/// session pays for no cancellation tree node or boxed wait future.
 #[derive(Debug)]
 pub struct SessionControl {
-    token: CancellationToken,
-    reason: AtomicU8,
+    /// [`RUNNING`], or the [`StopReason`] the session was stopped for (the first one wins).
+    state: AtomicU8,
+    waker: AtomicWaker,
+    /// Bytes relayed so far, shown by `/sessions`.
+    pub bytes: SessionBytes,
 }
 
+/// [`SessionControl::state`] of a session not stopped.
+const RUNNING: u8 = u8::MAX;
+
 impl SessionControl {
-    /// A control whose token is cancelled when `parent` is (server drain).
-    pub fn new(parent: &CancellationToken) -> Arc<Self> {
-        Arc::new(SessionControl { token: parent.child_token(), reason: AtomicU8::new(StopReason::Drain as u8) })
+    /// A running session's control.
+    pub fn new() -> Arc<Self> {
+        Arc::new(SessionControl {
+            state: AtomicU8::new(RUNNING),
+            waker: AtomicWaker::new(),
+            bytes: SessionBytes::default(),
+        })
     }
 
-    /// The token the relay waits on.
-    pub fn token(&self) -> CancellationToken {
-        self.token.clone()
-    }
-
-    /// Why the session was stopped, once it was (by itself, or by the server's drain).
+    /// Why the session was stopped, once it was.
     pub fn stopped(&self) -> Option<StopReason> {
-        self.token.is_cancelled().then(|| self.reason())
-    }
-
-    /// Why the session was stopped (meaningful once the token is cancelled).
-    pub fn reason(&self) -> StopReason {
-        match self.reason.load(Ordering::Acquire) {
-            r if r == StopReason::Revoked as u8 => StopReason::Revoked,
-            r if r == StopReason::RouteRemoved as u8 => StopReason::RouteRemoved,
-            _ => StopReason::Drain,
+        match self.state.load(Ordering::Acquire) {
+            RUNNING => None,
+            r if r == StopReason::Revoked as u8 => Some(StopReason::Revoked),
+            r if r == StopReason::RouteRemoved as u8 => Some(StopReason::RouteRemoved),
+            _ => Some(StopReason::Drain),
         }
     }
 
-    /// Stops this session for `reason`.
+    /// Stops this session for `reason` (a session already stopped keeps its first reason).
     pub fn stop(&self, reason: StopReason) {
-        self.reason.store(reason as u8, Ordering::Release);
-        self.token.cancel();
+        if self.state.compare_exchange(RUNNING, reason as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.waker.wake();
+        }
+    }
+
+    /// Ready with the reason once the session is stopped; otherwise the task is woken then.
+    pub fn poll_stopped(&self, cx: &mut Context<'_>) -> Poll<StopReason> {
+        if let Some(r) = self.stopped() {
+            return Poll::Ready(r);
+        }
+        self.waker.register(cx.waker());
+        match self.stopped() {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Resolves with the reason once the session is stopped.
+    pub async fn wait(&self) -> StopReason {
+        std::future::poll_fn(|cx| self.poll_stopped(cx)).await
     }
 }
 
@@ -182,10 +204,8 @@ pub struct SessionEntry {
     pub backend: std::sync::OnceLock<String>,
     /// Start time.
     pub started: std::time::SystemTime,
-    /// Stop handle.
+    /// Stop handle and live byte counters.
     pub control: Arc<SessionControl>,
-    /// Live byte counters.
-    pub bytes: Arc<SessionBytes>,
 }
 
 /// Which sessions to revoke.
@@ -206,20 +226,35 @@ pub enum Selector {
     Jti(String),
 }
 
-/// Live sessions, for `/sessions` and revocation.
+/// Live sessions, for `/sessions`, revocation and the drain.
 #[derive(Debug, Default)]
 pub struct Sessions {
     map: std::sync::Mutex<std::collections::HashMap<u64, Arc<SessionEntry>>>,
+    /// The server is draining: every session is stopped, and so is one registered from now on.
+    draining: AtomicBool,
 }
 
 impl Sessions {
-    /// Registers a session; it is removed when the returned guard drops.
+    /// Registers a session; it is removed when the returned guard drops. During a drain it is
+    /// stopped at once.
     pub fn register(self: &Arc<Self>, entry: SessionEntry) -> SessionGuard {
         let entry = Arc::new(entry);
         if let Ok(mut m) = self.map.lock() {
             m.insert(entry.id, entry.clone());
         }
+        // After the insert: either this sees the drain, or the drain's walk sees the entry.
+        if self.draining.load(Ordering::SeqCst) {
+            entry.control.stop(StopReason::Drain);
+        }
         SessionGuard { sessions: self.clone(), entry }
+    }
+
+    /// Starts the drain: stops every session (each spreads its close over `drain_spread`).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        for e in self.list() {
+            e.control.stop(StopReason::Drain);
+        }
     }
 
     /// A snapshot of live sessions, oldest first.
@@ -270,5 +305,49 @@ impl Drop for SessionGuard {
         if let Ok(mut m) = self.sessions.map.lock() {
             m.remove(&self.entry.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u64) -> SessionEntry {
+        SessionEntry {
+            id,
+            kind: SessionKind::WebSocket,
+            route: "r".into(),
+            agent: None,
+            subject: None,
+            issuer: None,
+            jti: None,
+            token_exp: None,
+            client: "127.0.0.1:1".parse().expect("addr"),
+            backend: std::sync::OnceLock::new(),
+            started: std::time::SystemTime::now(),
+            control: SessionControl::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_drain_stops_sessions_registered_before_and_after_it_and_wakes_the_waiter() {
+        let sessions = Arc::new(Sessions::default());
+        let before = sessions.register(entry(1));
+        let control = before.entry().control.clone();
+        let waiter = tokio::spawn(async move { control.wait().await });
+        tokio::task::yield_now().await;
+        sessions.drain();
+        assert_eq!(waiter.await.expect("waiter"), StopReason::Drain);
+        let after = sessions.register(entry(2));
+        assert_eq!(after.entry().control.stopped(), Some(StopReason::Drain));
+    }
+
+    #[test]
+    fn a_stopped_session_keeps_its_first_reason() {
+        let c = SessionControl::new();
+        assert_eq!(c.stopped(), None);
+        c.stop(StopReason::Revoked);
+        c.stop(StopReason::Drain);
+        assert_eq!(c.stopped(), Some(StopReason::Revoked));
     }
 }

@@ -39,6 +39,7 @@ use ::http::header::{
 };
 use ::http::{HeaderValue, Request, Response, StatusCode};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -49,7 +50,7 @@ use tracing::Instrument;
 use crate::auth::Claims;
 use crate::config::{Captures, RouteConfig};
 use crate::proxy::error::RequestError;
-use crate::session::{SessionBytes, SessionControl, SessionEntry, SessionGuard, SessionKind, StopReason};
+use crate::session::{SessionControl, SessionEntry, SessionGuard, SessionKind, StopReason};
 use crate::state::{Runtime, Shared};
 use connect::{BackendConn, BackendRequest};
 use forward::ForwardedFor;
@@ -186,8 +187,7 @@ fn session_entry(
         client: ctx.client_addr,
         backend: OnceLock::new(),
         started: SystemTime::now(),
-        control: SessionControl::new(&ctx.shared.drain),
-        bytes: Arc::new(SessionBytes::default()),
+        control: SessionControl::new(),
     }
 }
 
@@ -522,7 +522,6 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
         control: registered.entry().control.clone(),
         metrics: shared.metrics.clone(),
         expires_at,
-        bytes: registered.entry().bytes.clone(),
     };
     let started = Instant::now();
     shared.metrics.sessions_active.increment(1.0);
@@ -539,13 +538,8 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
     // The relay runs as its own task with only what it needs: the handshake-phase state of
     // this connection task (hyper, TLS handshake, request handling) is freed now, which keeps
     // an idle session's memory down.
-    shared.tasks.spawn(
-        async move {
-            let end = relay::relay(client, client_early, backend_stream, backend_early, params).await;
-            finish.done(&end);
-        }
-        .in_current_span(),
-    );
+    let session = relay::relay(client, client_early, backend_stream, backend_early, params);
+    shared.tasks.spawn(session.map(move |end| finish.done(&end)).in_current_span());
 }
 
 /// What is left to do when a session ends, and what it holds until then. Who and where come

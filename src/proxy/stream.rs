@@ -297,9 +297,8 @@ impl Governance {
                     None => std::future::pending().await,
                 }
             };
-            let token = control.token();
             tokio::select! {
-                _ = token.cancelled() => match control.reason() {
+                reason = control.wait() => match reason {
                     StopReason::Drain => {
                         let spread = drain_spread.as_millis() as u64;
                         if spread > 0 {
@@ -432,7 +431,7 @@ impl Body for Download {
                         this.sent += n;
                         this.exchange.metrics.http_body_bytes(Direction::BackendToClient, n);
                         if let Some(g) = &this.governance {
-                            g.session.entry().bytes.from_backend.fetch_add(n, Ordering::Relaxed);
+                            g.session.entry().control.bytes.from_backend.fetch_add(n, Ordering::Relaxed);
                         }
                         Frame::data(data)
                     }

@@ -163,7 +163,7 @@ pub enum Event {
 
 /// Incremental header tracker for one direction of one session.
 ///
-/// Small on purpose (about 170 bytes): one lives in every session, twice.
+/// Small on purpose (under 100 bytes): one lives in every session, twice.
 #[derive(Debug)]
 pub struct Tracker {
     sender: Side,
@@ -179,8 +179,9 @@ pub struct Tracker {
     masked: bool,
     payload_len: u64,
     remaining: u64,
-    /// Unmasked payload of the current control frame.
-    control: [u8; 125],
+    /// Unmasked payload of the current control frame: boxed, and only from a control frame's
+    /// first payload byte until [`Tracker::release_control`], so an idle tracker holds none.
+    control: Option<Box<[u8; 125]>>,
     control_len: u8,
     /// True between the first and the final fragment of a data message.
     in_message: bool,
@@ -205,7 +206,7 @@ impl Tracker {
             masked: false,
             payload_len: 0,
             remaining: 0,
-            control: [0; 125],
+            control: None,
             control_len: 0,
             in_message: false,
             message_len: 0,
@@ -242,10 +243,11 @@ impl Tracker {
             let take = (self.remaining.min((input.len() - i) as u64)) as usize;
             if is_control(self.opcode) {
                 let offset = (self.payload_len - self.remaining) as usize;
+                let control = self.control.get_or_insert_with(|| Box::new([0; 125]));
                 for (k, b) in input[i..i + take].iter().enumerate() {
                     let pos = offset + k;
                     let key = if self.masked { self.mask[pos & 3] } else { 0 };
-                    self.control[pos] = b ^ key;
+                    control[pos] = b ^ key;
                 }
                 self.control_len = (offset + take) as u8;
             }
@@ -294,7 +296,16 @@ impl Tracker {
 
     /// Unmasked payload of the control frame that just completed.
     pub fn control_payload(&self) -> &[u8] {
-        &self.control[..self.control_len as usize]
+        match &self.control {
+            Some(c) => &c[..self.control_len as usize],
+            None => &[],
+        }
+    }
+
+    /// Frees the control payload once it has been acted on (it is empty afterwards).
+    pub fn release_control(&mut self) {
+        self.control = None;
+        self.control_len = 0;
     }
 
     /// Data frames seen since the last [`Tracker::take_data_frames`], without resetting it.

@@ -30,16 +30,19 @@ pub mod pool;
 mod pump;
 mod session;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
+use crate::session::SessionControl;
 pub use crate::session::{Initiator, SessionEnd, Side};
-use crate::session::{SessionBytes, SessionControl};
 use session::Session;
 
 /// What a relay needs besides the two streams.
@@ -50,41 +53,59 @@ pub struct RelayParams {
     pub drain_spread: Duration,
     /// RSV bits the negotiated extensions allow (`0x70` mask bits).
     pub allowed_rsv: u8,
-    /// Stop signal and reason (drain, revocation).
+    /// Stop signal and reason (drain, revocation), and the live byte counters.
     pub control: Arc<SessionControl>,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
     /// When the client's token expires: the session is closed then (1008 to the client).
     pub expires_at: Option<Instant>,
-    /// Live byte counters, shown by `/sessions`.
-    pub bytes: Arc<SessionBytes>,
 }
 
 /// Runs a session to its end, then shuts both streams down (bounded by `close_timeout`).
 ///
 /// `client_early` and `backend_early` are bytes already read from each side during the
-/// handshakes; they are relayed first.
-pub async fn relay<C, B>(
-    mut client: C,
+/// handshakes; they are relayed first (copied into relay buffers here, not held afterwards).
+pub fn relay<C, B>(
+    client: C,
     client_early: Vec<u8>,
-    mut backend: B,
+    backend: B,
     backend_early: Vec<u8>,
     params: RelayParams,
-) -> SessionEnd
+) -> Relay<C, B>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let close_timeout = params.settings.close_timeout;
-    let end = {
-        // The early bytes are copied into relay buffers here and not held afterwards.
-        let mut session = Session::new(&mut client, &client_early, &mut backend, &backend_early, params);
-        drop((client_early, backend_early));
-        std::future::poll_fn(|cx| session.poll(cx)).await
-    };
-    let _ = tokio::time::timeout(close_timeout, async {
-        let _ = tokio::join!(client.shutdown(), backend.shutdown());
-    })
-    .await;
-    end
+    Relay { session: Session::new(client, &client_early, backend, &backend_early, params), end: None }
+}
+
+/// The future [`relay`] returns: the session, which owns both streams, and its end once known.
+/// A named future rather than an `async fn`, so that a session's task holds exactly this (an
+/// `async fn` keeps its arguments beside the state they were moved into).
+pub struct Relay<C, B> {
+    session: Session<C, B>,
+    end: Option<SessionEnd>,
+}
+
+impl<C, B> Future for Relay<C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = SessionEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SessionEnd> {
+        let this = self.get_mut();
+        let end = match this.end.take() {
+            Some(end) => end,
+            None => ready!(this.session.poll(cx)),
+        };
+        match this.session.poll_shutdown(cx) {
+            Poll::Ready(()) => Poll::Ready(end),
+            Poll::Pending => {
+                this.end = Some(end);
+                Poll::Pending
+            }
+        }
+    }
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
 use super::frame::{opcode, FrameLimits};
@@ -17,7 +16,7 @@ use super::pump::{DirEvent, Direction, Injected, Limit};
 use super::RelayParams;
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
-use crate::session::{Initiator, SessionBytes, SessionControl, SessionEnd, Side, StopReason};
+use crate::session::{Initiator, SessionControl, SessionEnd, Side, StopReason};
 
 /// What has come from one side, as far as the close handshake is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,9 +77,9 @@ impl Peer {
     }
 }
 
-pub(super) struct Session<'a, C, B> {
-    client: &'a mut C,
-    backend: &'a mut B,
+pub(super) struct Session<C, B> {
+    client: C,
+    backend: B,
     /// Client to backend, and backend to client.
     c2b: Direction,
     b2c: Direction,
@@ -90,7 +89,6 @@ pub(super) struct Session<'a, C, B> {
     drain_spread: Duration,
     control: Arc<SessionControl>,
     metrics: Arc<Metrics>,
-    stop: Pin<Box<WaitForCancellationFutureOwned>>,
     stop_seen: bool,
     timer: Pin<Box<Sleep>>,
     started: Instant,
@@ -101,26 +99,22 @@ pub(super) struct Session<'a, C, B> {
     drain_at: Option<Instant>,
     /// When the client's token expires.
     expires_at: Option<Instant>,
-    live_bytes: Arc<SessionBytes>,
     /// Why the session is ending, once it is.
     outcome: Option<Cause>,
     /// The close owed to a side that broke the protocol, sent once the other side is done.
     deferred_close: Option<(Side, CloseFrame)>,
     bytes_reported: [u64; 2],
+    /// After the end: which streams are shut down, and whether the timer is set for it.
+    shut: [bool; 2],
+    shutting: bool,
 }
 
-impl<'a, C, B> Session<'a, C, B>
+impl<C, B> Session<C, B>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    pub(super) fn new(
-        client: &'a mut C,
-        client_early: &[u8],
-        backend: &'a mut B,
-        backend_early: &[u8],
-        p: RelayParams,
-    ) -> Self {
+    pub(super) fn new(client: C, client_early: &[u8], backend: B, backend_early: &[u8], p: RelayParams) -> Self {
         let s = &*p.settings;
         let limits = FrameLimits {
             max_frame_size: s.max_frame_size,
@@ -128,7 +122,6 @@ where
             allowed_rsv: p.allowed_rsv,
         };
         let now = Instant::now();
-        let stop = Box::pin(p.control.token().cancelled_owned());
         let mut session = Session {
             client,
             backend,
@@ -139,7 +132,6 @@ where
             drain_spread: p.drain_spread,
             control: p.control,
             metrics: p.metrics,
-            stop,
             stop_seen: false,
             timer: Box::pin(tokio::time::sleep_until(now)),
             started: now,
@@ -147,10 +139,11 @@ where
             close_deadline: None,
             drain_at: None,
             expires_at: p.expires_at,
-            live_bytes: p.bytes,
             outcome: None,
             deferred_close: None,
             bytes_reported: [0, 0],
+            shut: [false, false],
+            shutting: false,
         };
         session.peers[0].last_rx = Some(now);
         session.peers[1].last_rx = Some(now);
@@ -159,9 +152,11 @@ where
     }
 
     pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<SessionEnd> {
-        if !self.stop_seen && self.stop.as_mut().poll(cx).is_ready() {
-            self.stop_seen = true;
-            self.on_stop();
+        if !self.stop_seen {
+            if let Poll::Ready(reason) = self.control.poll_stopped(cx) {
+                self.stop_seen = true;
+                self.on_stop(reason);
+            }
         }
         loop {
             if self.timer.as_mut().poll(cx).is_ready() {
@@ -175,12 +170,12 @@ where
             let mut progressed = false;
             let (c_limit, b_limit) = (self.limit(Side::Client), self.limit(Side::Backend));
             let gone = self.peers[Side::Backend.idx()].gone();
-            if let Poll::Ready(ev) = self.c2b.poll(cx, &mut *self.client, &mut *self.backend, gone, c_limit.as_ref()) {
+            if let Poll::Ready(ev) = self.c2b.poll(cx, &mut self.client, &mut self.backend, gone, c_limit.as_ref()) {
                 self.on_event(Side::Client, ev);
                 progressed = true;
             }
             let gone = self.peers[Side::Client.idx()].gone();
-            if let Poll::Ready(ev) = self.b2c.poll(cx, &mut *self.backend, &mut *self.client, gone, b_limit.as_ref()) {
+            if let Poll::Ready(ev) = self.b2c.poll(cx, &mut self.backend, &mut self.client, gone, b_limit.as_ref()) {
                 self.on_event(Side::Backend, ev);
                 progressed = true;
             }
@@ -192,6 +187,25 @@ where
                 return Poll::Pending;
             }
         }
+    }
+
+    /// After [`Session::poll`] returned the end: shuts both streams down, giving up on either
+    /// that has not finished within `close_timeout`.
+    pub(super) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.shutting {
+            self.shutting = true;
+            self.timer.as_mut().reset(Instant::now() + self.settings.close_timeout);
+        }
+        if !self.shut[0] {
+            self.shut[0] = Pin::new(&mut self.client).poll_shutdown(cx).is_ready();
+        }
+        if !self.shut[1] {
+            self.shut[1] = Pin::new(&mut self.backend).poll_shutdown(cx).is_ready();
+        }
+        if self.shut == [true, true] || self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 
     /// The session rate `from` is held to, if it has one. Not once the session is closing:
@@ -237,7 +251,8 @@ where
             if bytes != self.bytes_reported[i] {
                 let delta = bytes - self.bytes_reported[i];
                 self.metrics.relay_bytes(side.direction(), delta, data);
-                let counter = if i == 0 { &self.live_bytes.from_client } else { &self.live_bytes.from_backend };
+                let live = &self.control.bytes;
+                let counter = if i == 0 { &live.from_client } else { &live.from_backend };
                 counter.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
                 self.bytes_reported[i] = bytes;
                 self.peers[i].last_rx = Some(now);
@@ -250,7 +265,10 @@ where
 
     fn on_event(&mut self, from: Side, ev: DirEvent) {
         match ev {
-            DirEvent::Control(op) => self.on_control(from, op),
+            DirEvent::Control(op) => {
+                self.on_control(from, op);
+                self.dir(from).tracker.release_control();
+            }
             DirEvent::Violation(violation) => {
                 self.metrics.violation(violation.label());
                 tracing::debug!(side = ?from, %violation, "protocol violation");
@@ -339,8 +357,8 @@ where
     }
 
     /// The stop signal fired: drain (spread over `drain_spread`) or a revocation.
-    fn on_stop(&mut self) {
-        match self.control.reason() {
+    fn on_stop(&mut self, reason: StopReason) {
+        match reason {
             StopReason::Drain => {
                 let spread = self.drain_spread.as_millis() as u64;
                 let delay = if spread == 0 { 0 } else { rand::random::<u64>() % spread };
