@@ -19,7 +19,9 @@
 # PORTCULLIS_THREADS (1: tokio worker threads, to match the peers' single worker; "" = one per core),
 # TLS (0; 1 = every target over wss:// with one self-signed ECDSA P-256 certificate, clients use
 # --insecure; the direct baseline is a second, TLS, echo backend; adds the target nginx-tls12, an NGINX
-# limited to TLS 1.2 as Debian's NGINX 1.22 is by default), OUT (results directory), SKIP_BUILD=1.
+# limited to TLS 1.2 as Debian's NGINX 1.22 is by default), PIN (0; 1 = every proxy pinned alone
+# on core 1 with `taskset`, the echo backends and the load generator on core 0), OUT (results
+# directory), SKIP_BUILD=1.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -33,6 +35,12 @@ PORTCULLIS_THREADS=${PORTCULLIS_THREADS-1}
 # NGINX worker_processes / HAProxy nbthread (1 or 2 on this machine).
 PEER_WORKERS=${PEER_WORKERS:-1}
 TLS=${TLS:-0}
+PIN=${PIN:-0}
+# Command prefixes (taskset execs the program, so `$!` stays the proxy's own PID).
+PROXY_CORE=() LOAD_CORE=()
+if [ "$PIN" = 1 ]; then
+    PROXY_CORE=(taskset -c 1) LOAD_CORE=(taskset -c 0)
+fi
 WORK=$(mktemp -d /tmp/portcullis-peers.XXXXXX)
 OUT=${OUT:-$WORK/results}
 mkdir -p "$OUT"
@@ -255,9 +263,9 @@ wait_port() {
 
 start_portcullis() {
     if [ -n "$PORTCULLIS_THREADS" ]; then
-        RUST_LOG=warn TOKIO_WORKER_THREADS=$PORTCULLIS_THREADS "$PC" run --config "$WORK/portcullis.toml" >>"$WORK/portcullis.log" 2>&1 &
+        RUST_LOG=warn TOKIO_WORKER_THREADS=$PORTCULLIS_THREADS ${PROXY_CORE[@]+"${PROXY_CORE[@]}"} "$PC" run --config "$WORK/portcullis.toml" >>"$WORK/portcullis.log" 2>&1 &
     else
-        RUST_LOG=warn "$PC" run --config "$WORK/portcullis.toml" >>"$WORK/portcullis.log" 2>&1 &
+        RUST_LOG=warn ${PROXY_CORE[@]+"${PROXY_CORE[@]}"} "$PC" run --config "$WORK/portcullis.toml" >>"$WORK/portcullis.log" 2>&1 &
     fi
     PORTCULLIS_PID=$!
     PIDS+=("$PORTCULLIS_PID")
@@ -274,7 +282,7 @@ nginx_workers() {
 }
 # Starts NGINX with $WORK/$1.conf and waits for port $2; sets STARTED_PID and STARTED_WORKERS.
 launch_nginx() {
-    "$NGINX_BIN" -c "$WORK/$1.conf" -p "$WORK" 2>>"$WORK/$1.log" &
+    ${PROXY_CORE[@]+"${PROXY_CORE[@]}"} "$NGINX_BIN" -c "$WORK/$1.conf" -p "$WORK" 2>>"$WORK/$1.log" &
     STARTED_PID=$!
     PIDS+=("$STARTED_PID")
     wait_port "$2"
@@ -285,13 +293,13 @@ start_nginx() {
     NGINX_PID=$STARTED_PID NGINX_WORKERS=$STARTED_WORKERS
 }
 start_haproxy() {
-    "$HAPROXY_BIN" -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
+    ${PROXY_CORE[@]+"${PROXY_CORE[@]}"} "$HAPROXY_BIN" -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
     HAPROXY_PID=$!
     PIDS+=("$HAPROXY_PID")
     wait_port $HAPROXY_PORT
 }
 start_haproxy_tcp() {
-    "$HAPROXY_BIN" -db -f "$WORK/haproxy-tcp.cfg" >>"$WORK/haproxy-tcp.log" 2>&1 &
+    ${PROXY_CORE[@]+"${PROXY_CORE[@]}"} "$HAPROXY_BIN" -db -f "$WORK/haproxy-tcp.cfg" >>"$WORK/haproxy-tcp.log" 2>&1 &
     HAPROXY_TCP_PID=$!
     PIDS+=("$HAPROXY_TCP_PID")
     wait_port $HAPROXY_TCP_PORT
@@ -304,13 +312,13 @@ stop_pid() {
     PIDS=("${keep[@]}")
 }
 
-"$LT" backend --mode echo --listen "127.0.0.1:$BACKEND_PORT" 2>"$WORK/backend.log" &
+${LOAD_CORE[@]+"${LOAD_CORE[@]}"} "$LT" backend --mode echo --listen "127.0.0.1:$BACKEND_PORT" 2>"$WORK/backend.log" &
 BACKEND_PID=$!
 PIDS+=("$BACKEND_PID")
 wait_port $BACKEND_PORT
 DIRECT_PORT=$BACKEND_PORT
 if [ "$TLS" = 1 ]; then
-    "$LT" backend --mode echo --listen "127.0.0.1:$DIRECT_TLS_PORT" --tls-cert "$WORK/cert.pem" \
+    ${LOAD_CORE[@]+"${LOAD_CORE[@]}"} "$LT" backend --mode echo --listen "127.0.0.1:$DIRECT_TLS_PORT" --tls-cert "$WORK/cert.pem" \
         --tls-key "$WORK/key.pem" 2>"$WORK/backend-tls.log" &
     PIDS+=($!)
     wait_port $DIRECT_TLS_PORT
@@ -348,7 +356,7 @@ run_compare() {
     shift
     echo
     echo "## $name: portcullis-loadtest compare $*" | tee "$OUT/$name.txt"
-    timeout 900 "$LT" compare --repeat "$REPEAT" --json "$OUT/$name.json" "${PIDOF[@]}" ${LT_TLS[@]+"${LT_TLS[@]}"} "$@" "${TARGETS[@]}" \
+    timeout 900 ${LOAD_CORE[@]+"${LOAD_CORE[@]}"} "$LT" compare --repeat "$REPEAT" --json "$OUT/$name.json" "${PIDOF[@]}" ${LT_TLS[@]+"${LT_TLS[@]}"} "$@" "${TARGETS[@]}" \
         2>"$OUT/$name.log" | tee -a "$OUT/$name.txt" || echo "($name exited non-zero: see $OUT/$name.log)"
 }
 
@@ -419,7 +427,7 @@ if [ -n "$FRESH_IDLE" ]; then
             esac
             sleep 1
             json="$OUT/idle-fresh-$name-$n.json"
-            timeout 300 "$LT" idle -q -c "$n" --ramp 2000 --source-addrs 8 -d "$DURATION" --pid "$pid" \
+            timeout 300 ${LOAD_CORE[@]+"${LOAD_CORE[@]}"} "$LT" idle -q -c "$n" --ramp 2000 --source-addrs 8 -d "$DURATION" --pid "$pid" \
                 ${LT_TLS[@]+"${LT_TLS[@]}"} --target "$SCHEME://127.0.0.1:$port$PATH_T" --json "$json" >"$OUT/idle-fresh-$name-$n.txt" 2>&1 || true
             field() { grep -o "\"$1\": *[0-9.]*" "$json" | head -n1 | sed 's/.*: *//'; }
             printf '%-12s %8s %10s %12s %12s %10.2f\n' "$name" "$n" "$(field held)" "$(field rss_before_kib) KiB" \

@@ -8,7 +8,7 @@
 #
 # Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000), IDLE (1000: sessions
 # held by the idle round, for KiB per session; 0 skips it), ROUNDS ("rate echo idle": which
-# rounds, in order; "idle" alone measures memory on freshly started processes), OLD_SERVER / NEW_SERVER and
+# rounds, in order, of "rate echo storm idle"; storm is new sessions, for CPU per session; "idle" alone measures memory on freshly started processes), OLD_SERVER / NEW_SERVER and
 # OLD_SESSION / NEW_SESSION (TOML lines added to each one's [server] and [session] tables: the
 # same binary twice with and without a setting). The per-client limits are on by default and
 # sized for an internet-facing edge, which this load from one address would trip: state them
@@ -62,6 +62,12 @@ fi
 if [[ " $ROUNDS " == *" echo "* ]]; then
 echo "## echo64: compare --scenario echo -q -c $CONNS --window 4 --size 64 -d $DURATION --repeat $REPEAT"
 timeout 600 "$LT" compare --repeat "$REPEAT" "${PIDS[@]}" --scenario echo -q -c "$CONNS" --window 4 --size 64 \
+    -d "$DURATION" "${TARGETS[@]}"
+echo
+fi
+if [[ " $ROUNDS " == *" storm "* ]]; then
+echo "## storm: compare --scenario storm -q -c 8 --source-addrs 8 -d $DURATION --repeat $REPEAT"
+timeout 600 "$LT" compare --repeat "$REPEAT" "${PIDS[@]}" --scenario storm -q -c 8 --source-addrs 8 \
     -d "$DURATION" "${TARGETS[@]}"
 echo
 fi

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
 use super::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
 use super::frame::{opcode, FrameLimits};
 use super::pump::{DirEvent, Direction, Injected, Limit};
-use super::RelayParams;
+use super::{Finish, RelayParams};
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
 use crate::session::{Initiator, SessionControl, SessionEnd, Side, StopReason};
@@ -111,8 +110,8 @@ pub(super) struct Session<C, B> {
 
 impl<C, B> Session<C, B>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: Finish,
+    B: Finish,
 {
     pub(super) fn new(client: C, client_early: &[u8], backend: B, backend_early: &[u8], p: RelayParams) -> Self {
         let s = &*p.settings;
@@ -189,18 +188,18 @@ where
         }
     }
 
-    /// After [`Session::poll`] returned the end: shuts both streams down, giving up on either
-    /// that has not finished within `close_timeout`.
+    /// After [`Session::poll`] returned the end: finishes both streams (a TLS `close_notify`),
+    /// giving up on either that has not finished within `close_timeout`.
     pub(super) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if !self.shutting {
             self.shutting = true;
             self.timer.as_mut().reset(Instant::now() + self.settings.close_timeout);
         }
         if !self.shut[0] {
-            self.shut[0] = Pin::new(&mut self.client).poll_shutdown(cx).is_ready();
+            self.shut[0] = self.client.poll_finish(cx).is_ready();
         }
         if !self.shut[1] {
-            self.shut[1] = Pin::new(&mut self.backend).poll_shutdown(cx).is_ready();
+            self.shut[1] = self.backend.poll_finish(cx).is_ready();
         }
         if self.shut == [true, true] || self.timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());

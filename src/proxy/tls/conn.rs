@@ -414,6 +414,23 @@ impl TlsConn {
         }
     }
 
+    /// Sends `close_notify` (once) and flushes it: the end of this side's stream, short of the
+    /// TCP shutdown (closing the socket sends the FIN).
+    pub fn poll_close_notify(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.sent_close && !self.failed {
+            match ready!(self.step(cx, Want::CloseNotify)) {
+                Ok(Step::Flush) => ready!(self.poll_flush_tx(cx))?,
+                Ok(Step::Wrote(_)) | Ok(Step::Closed) => break,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        if self.failed {
+            return Poll::Ready(Ok(()));
+        }
+        self.poll_flush_tx(cx)
+    }
+
     /// Writes `tx` out; its buffer goes back to the pool once empty.
     fn poll_flush_tx(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.tx.is_empty() {
@@ -500,17 +517,7 @@ impl AsyncWrite for TlsConn {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        while !this.sent_close && !this.failed {
-            match ready!(this.step(cx, Want::CloseNotify)) {
-                Ok(Step::Flush) => ready!(this.poll_flush_tx(cx))?,
-                Ok(Step::Wrote(_)) | Ok(Step::Closed) => break,
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        if !this.failed {
-            ready!(this.poll_flush_tx(cx))?;
-        }
+        ready!(this.poll_close_notify(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }

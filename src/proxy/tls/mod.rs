@@ -167,6 +167,15 @@ impl ClientStream {
     }
 }
 
+impl crate::proxy::relay::Finish for ClientStream {
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            ClientStream::Plain(_) => Poll::Ready(Ok(())),
+            ClientStream::Tls(s) => s.poll_close_notify(cx),
+        }
+    }
+}
+
 impl AsyncRead for ClientStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
