@@ -39,6 +39,9 @@ enum Command {
     CheckConfig {
         /// Configuration file to check.
         file: PathBuf,
+        /// Check the file alone: do not read the certificates, keys and CA files it names.
+        #[arg(long)]
+        syntax_only: bool,
     },
     /// Run the proxy in front of a built-in demo agent, with a generated certificate.
     Demo {
@@ -143,9 +146,22 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
+        Command::CheckConfig { file, syntax_only } => match Config::load(&file) {
             Ok(c) => {
-                println!("{}: ok ({} listeners, {} routes)", file.display(), c.listeners.len(), c.routes.len());
+                let problems = if syntax_only { Vec::new() } else { server::check_files(&c) };
+                for p in &problems {
+                    eprintln!("{}: {p}", file.display());
+                }
+                if !problems.is_empty() {
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                let files = if syntax_only { "files not read" } else { "every file it names read" };
+                println!(
+                    "{}: ok ({} listeners, {} routes; {files})",
+                    file.display(),
+                    c.listeners.len(),
+                    c.routes.len()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -225,6 +241,7 @@ fn init_logging(format: &str) {
 }
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    tracing::info!(config = %path.display(), summary = %server::summary(&config), "configuration in force");
     let bound = Bound::bind(&config).await?;
     let poll = config.server.reload_poll_interval;
     let server = server::Server::new(config)?;

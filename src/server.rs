@@ -60,6 +60,44 @@ pub enum ServerError {
     NeedsRestart(&'static str),
 }
 
+/// Reads every file the configuration names (certificates and keys, token keys, JWKS CA files)
+/// as `run` would load them: one message per problem, each naming its file. Empty when all load.
+/// `check-config` runs this after the configuration itself is valid.
+pub fn check_files(config: &Config) -> Vec<String> {
+    let mut problems: Vec<String> = Vec::new();
+    if let Some(t) = &config.tls {
+        problems.extend(tls::check_files(t).iter().map(ToString::to_string));
+    }
+    problems.extend(crate::auth::check_files(&config.auth).iter().map(ToString::to_string));
+    problems
+}
+
+/// One line for the log at start: what the configuration in force serves, and how.
+pub fn summary(config: &Config) -> String {
+    let listeners: Vec<String> = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let addrs: Vec<String> = l.addresses.iter().map(ToString::to_string).collect();
+            format!("{} {}{}", l.name, addrs.join(","), if l.tls { " tls" } else { "" })
+        })
+        .collect();
+    let routes: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+    let s = &config.server;
+    format!(
+        "listeners [{}]; routes [{}]; {} static keys, {} JWKS sources; max_connections {}, per address {}; \
+         worker_threads {}; drain_timeout {:?}",
+        listeners.join("; "),
+        routes.join(", "),
+        config.auth.keys.len(),
+        config.auth.jwks.len(),
+        s.max_connections,
+        s.max_connections_per_ip,
+        s.worker_threads,
+        s.drain_timeout,
+    )
+}
+
 /// Builds everything a configuration needs (certificates, keys) without touching the
 /// running server; fails without side effects.
 fn build_runtime(

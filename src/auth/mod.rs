@@ -510,6 +510,24 @@ fn map_jwt_error(kind: &ErrorKind) -> AuthError {
     }
 }
 
+/// Reads every file `[auth]` names (PEM public keys, JWKS CA files) as `run` would, fetching
+/// nothing: one error for each that fails. HMAC secrets are read with the configuration.
+pub fn check_files(settings: &AuthSettings) -> Vec<AuthConfigError> {
+    let mut problems = Vec::new();
+    for k in &settings.keys {
+        if let (KeyMaterial::PublicKeyPem(path), Some(alg)) = (&k.material, k.algorithms.first()) {
+            problems.extend(load_public_key(path, *alg).err());
+        }
+    }
+    for j in settings.jwks.iter().filter(|j| j.ca.is_some()) {
+        if let Err(message) = crate::outbound::HttpClient::new(j.ca.as_deref()) {
+            let path = j.ca.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
+            problems.push(AuthConfigError::Key { path, message: format!("CA file of {}: {message}", j.url) });
+        }
+    }
+    problems
+}
+
 fn load_public_key(path: &std::path::Path, alg: Algorithm) -> Result<DecodingKey, AuthConfigError> {
     let err = |message: String| AuthConfigError::Key { path: path.display().to_string(), message };
     let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;

@@ -26,6 +26,76 @@ fn check_config_exits_0_for_valid_and_64_naming_file_line_and_key_for_invalid() 
     assert_eq!(out.status.code(), Some(64));
 }
 
+#[test]
+fn check_config_reads_every_file_it_names_and_reports_each_problem_with_its_path() {
+    let dir = tempfile::tempdir().expect("dir");
+    let c = certs();
+    let garbage = dir.path().join("garbage-cert.pem");
+    std::fs::write(&garbage, "not a certificate").expect("write");
+    let missing_key = dir.path().join("missing-key.pem");
+    let missing_pub = dir.path().join("missing-public.pem");
+    let config =
+        |cert: &std::path::Path, key: &std::path::Path, sni_cert: &std::path::Path, public: &std::path::Path| {
+            format!(
+                "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\ntls = true\n[admin]\n\
+             [tls]\ncert = {cert:?}\nkey = {key:?}\n\
+             [[tls.sni]]\nserver_names = [\"a.example\"]\ncert = {sni_cert:?}\nkey = {:?}\n\
+             [[auth.keys]]\nalgorithms = [\"ES256\"]\npublic_key = {public:?}\n",
+                c.key
+            )
+        };
+    let check = |path: &std::path::Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_portcullis")).arg("check-config").args(extra).arg(path).output().expect("run")
+    };
+
+    // Three broken files: each is named, on its own line, and the file is refused with 64.
+    let bad = dir.path().join("bad-files.toml");
+    std::fs::write(&bad, config(&c.cert, &missing_key, &garbage, &missing_pub)).expect("write");
+    let out = check(&bad, &[]);
+    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stdout));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    for file in [&missing_key, &garbage, &missing_pub] {
+        let name = file.display().to_string();
+        assert!(msg.lines().any(|l| l.contains(&name)), "{name} not reported:\n{msg}");
+    }
+    assert_eq!(msg.lines().count(), 3, "one line per problem:\n{msg}");
+    // `--syntax-only` checks the configuration alone.
+    let out = check(&bad, &["--syntax-only"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("files not read"));
+
+    // A key that does not match its certificate is named too.
+    let other = rcgen::generate_simple_self_signed(vec!["other".into()]).expect("cert");
+    let other_key = dir.path().join("other-key.pem");
+    std::fs::write(&other_key, other.signing_key.serialize_pem()).expect("write");
+    let public = dir.path().join("public.pem");
+    std::fs::write(&public, other.signing_key.public_key_pem()).expect("write");
+    let mismatched = dir.path().join("mismatched.toml");
+    std::fs::write(&mismatched, config(&c.cert, &other_key, &c.cert, &public)).expect("write");
+    let out = check(&mismatched, &[]);
+    assert_eq!(out.status.code(), Some(64));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains(&other_key.display().to_string()) && msg.lines().count() == 1, "{msg}");
+
+    // Every file good: 0, and it says the files were read.
+    let good = dir.path().join("good-files.toml");
+    std::fs::write(&good, config(&c.cert, &c.key, &c.cert, &public)).expect("write");
+    let out = check(&good, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("every file it names read"));
+}
+
+#[tokio::test]
+async fn run_logs_the_configuration_in_force_at_start() {
+    let backend = Backend::echo().await;
+    let mut proxy = ProxyProcess::start(&TestConfig::base(&[backend.addr.to_string()]).text()).await;
+    let logs = proxy.stop_and_collect_logs().await;
+    let line = logs.lines().find(|l| l.contains("configuration in force")).unwrap_or_else(|| panic!("{logs}"));
+    for part in ["listeners [tls 127.0.0.1:0 tls; plain 127.0.0.1:0]", "routes [terminal]", "drain_timeout 10s"] {
+        assert!(line.contains(part), "{part} missing from: {line}");
+    }
+}
+
 #[tokio::test]
 async fn worker_threads_sets_the_runtime_of_run() {
     let backend = Backend::echo().await;

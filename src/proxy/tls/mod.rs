@@ -114,6 +114,13 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsCon
 }
 
 fn load_certified_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsConfigError> {
+    let chain = load_chain(cert)?;
+    let der = load_key(key)?;
+    CertifiedKey::from_der(chain, der, provider)
+        .map_err(|e| TlsConfigError::Key { path: key.display().to_string(), message: e.to_string() })
+}
+
+fn load_chain(cert: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
     let cert_err = |message: String| TlsConfigError::Cert { path: cert.display().to_string(), message };
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| cert_err(e.to_string()))?
@@ -122,9 +129,35 @@ fn load_certified_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Res
     if chain.is_empty() {
         return Err(cert_err("no certificate found".into()));
     }
-    let key_err = |message: String| TlsConfigError::Key { path: key.display().to_string(), message };
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| key_err(e.to_string()))?;
-    CertifiedKey::from_der(chain, der, provider).map_err(|e| key_err(e.to_string()))
+    Ok(chain)
+}
+
+fn load_key(key: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
+    PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsConfigError::Key { path: key.display().to_string(), message: e.to_string() })
+}
+
+/// Reads every certificate and key `[tls]` names, as `run` would load them: one error for each
+/// file that fails (a chain and its key are both read even when one of them fails), then the
+/// pairs that do not match and the configuration rustls refuses.
+pub fn check_files(settings: &TlsSettings) -> Vec<TlsConfigError> {
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let pairs = std::iter::once((&settings.cert, &settings.key)).chain(settings.sni.iter().map(|s| (&s.cert, &s.key)));
+    let mut problems = Vec::new();
+    for (cert, key) in pairs {
+        match (load_chain(cert), load_key(key)) {
+            (Ok(chain), Ok(der)) => {
+                if let Err(e) = CertifiedKey::from_der(chain, der, &provider) {
+                    problems.push(TlsConfigError::Key { path: key.display().to_string(), message: e.to_string() });
+                }
+            }
+            (chain, der) => problems.extend(chain.err().into_iter().chain(der.err())),
+        }
+    }
+    if problems.is_empty() {
+        problems.extend(server_config(settings).err());
+    }
+    problems
 }
 
 /// Picks a certificate by SNI, falling back to the default one.
