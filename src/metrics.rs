@@ -10,7 +10,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Gauge, Histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Which way relayed bytes went (the `direction` label).
@@ -51,6 +53,94 @@ static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
 const REQUEST_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
+/// The kind of a metric, for its `# TYPE` (and the describe call that gives its `# HELP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Distribution (a histogram with buckets, or a summary when none are set).
+    Histogram,
+}
+
+/// Every metric the proxy exports, with its `# HELP` text (one sentence; `docs/metrics.md` says
+/// more). A test checks that the docs list exactly these names and that every exported family
+/// has its help.
+pub const CATALOG: &[(Kind, &str, &str)] = &[
+    (Kind::Gauge, "portcullis_connections_active", "Client connections open now, in any phase."),
+    (Kind::Counter, "portcullis_connections_total", "Client connections accepted under the cap."),
+    (
+        Kind::Counter,
+        "portcullis_connections_rejected_total",
+        "Connections closed at accept because max_connections were open.",
+    ),
+    (Kind::Counter, "portcullis_tls_handshake_failures_total", "TLS handshakes that failed, by reason."),
+    (
+        Kind::Counter,
+        "portcullis_limit_refusals_total",
+        "Connections or requests refused by a per-client limit, by reason.",
+    ),
+    (Kind::Gauge, "portcullis_worker_threads", "Tokio worker threads running the proxy."),
+    (Kind::Gauge, "portcullis_token_cache_entries", "Tokens in the verified-token cache."),
+    (
+        Kind::Counter,
+        "portcullis_session_rate_pauses_total",
+        "Times a session's sender was paused for its session rate, by direction.",
+    ),
+    (Kind::Counter, "portcullis_proxy_protocol_total", "Connections on PROXY-protocol listeners, by result."),
+    (
+        Kind::Counter,
+        "portcullis_upgrades_total",
+        "Requests decided by the route, upgrade, auth or connect stages, by route and result.",
+    ),
+    (
+        Kind::Histogram,
+        "portcullis_backend_connect_seconds",
+        "Time from the first member attempt to a completed backend handshake.",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_auth_failures_total",
+        "Upgrades and requests refused by the auth stage, by route and reason.",
+    ),
+    (Kind::Counter, "portcullis_jwks_fetches_total", "JWKS fetches, by result."),
+    (
+        Kind::Gauge,
+        "portcullis_jwks_stale",
+        "1 after a failed JWKS fetch (the last good keys stay in use), 0 after a good one.",
+    ),
+    (Kind::Gauge, "portcullis_sessions_active", "WebSocket sessions relaying now."),
+    (Kind::Counter, "portcullis_bytes_total", "Bytes read from one side during the relay, by direction."),
+    (Kind::Counter, "portcullis_frames_total", "Data frames read from one side during the relay, by direction."),
+    (Kind::Counter, "portcullis_violations_total", "Frames that broke a protocol rule or a size limit, by kind."),
+    (Kind::Counter, "portcullis_ping_timeouts_total", "Sessions closed because a side did not answer a proxy ping."),
+    (
+        Kind::Counter,
+        "portcullis_closes_total",
+        "Sessions ended, by the close code sent to the client and who began the close.",
+    ),
+    (Kind::Gauge, "portcullis_relay_buffer_bytes", "Bytes of relay and TLS record buffer lent to sessions now."),
+    (Kind::Counter, "portcullis_http_requests_total", "Plain HTTP requests answered, by route, kind and status class."),
+    (
+        Kind::Histogram,
+        "portcullis_http_request_duration_seconds",
+        "Time from a request's head to its response's last byte, by route.",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_http_body_bytes_total",
+        "Body bytes of plain HTTP requests and responses, by direction.",
+    ),
+    (Kind::Gauge, "portcullis_sse_streams_active", "Event streams open now."),
+    (Kind::Counter, "portcullis_sse_stream_ends_total", "Event streams ended, by route and reason."),
+    (Kind::Counter, "portcullis_route_cache_total", "Member lookups on registry routes, by result."),
+    (Kind::Counter, "portcullis_registry_requests_total", "HTTP requests sent to registries, by result."),
+    (Kind::Histogram, "portcullis_registry_seconds", "Duration of each registry request."),
+    (Kind::Gauge, "portcullis_member_healthy", "Static members of a route not ejected now, by route."),
+    (Kind::Counter, "portcullis_reloads_total", "Configuration reloads, by result."),
+];
+
 const CONNECT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 impl Metrics {
@@ -70,6 +160,13 @@ impl Metrics {
         // Another recorder can only exist if an embedding program installed one; then our
         // handles record into that one and /metrics shows what this recorder saw.
         let _ = metrics::set_global_recorder(recorder);
+        for &(kind, name, help) in CATALOG {
+            match kind {
+                Kind::Counter => describe_counter!(name, help),
+                Kind::Gauge => describe_gauge!(name, help),
+                Kind::Histogram => describe_histogram!(name, help),
+            }
+        }
         let m = Metrics {
             handle,
             connections_active: gauge!("portcullis_connections_active"),
@@ -271,4 +368,22 @@ pub fn jwks_fetch(ok: bool) {
 /// Static members of `route` that are healthy now.
 pub fn member_healthy(route: &str, healthy: usize) {
     gauge!("portcullis_member_healthy", "route" => route.to_owned()).set(healthy as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_name_written_in_this_module_is_in_the_catalog() {
+        let source = include_str!("metrics.rs");
+        let code = &source[..source.find("#[cfg(test)]").unwrap_or(source.len())];
+        let mut names: Vec<&str> =
+            code.split('"').filter(|s| s.starts_with("portcullis_") && !s.contains(' ')).collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            assert!(CATALOG.iter().any(|&(_, n, _)| n == name), "{name} has no catalog entry (and no HELP)");
+        }
+    }
 }

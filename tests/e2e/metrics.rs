@@ -46,3 +46,60 @@ async fn metrics_move_with_a_session() {
     let (ready, _) = http_get(proxy.admin, "/ready").await;
     assert_eq!((live, ready), (200, 200));
 }
+
+/// The names `docs/metrics.md` documents, with their kinds as the table writes them.
+fn documented() -> Vec<(String, String)> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).expect("docs/metrics.md");
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `portcullis_"))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once('`')?;
+            let kind = rest.split('|').nth(1)?.trim().to_owned();
+            Some((format!("portcullis_{name}"), kind))
+        })
+        .collect()
+}
+
+#[test]
+fn the_docs_list_exactly_the_catalog_of_metrics_with_their_kinds() {
+    use portcullis::metrics::{Kind, CATALOG};
+    let mut docs = documented();
+    docs.sort();
+    let mut catalog: Vec<(String, String)> = CATALOG
+        .iter()
+        .map(|&(kind, name, _)| {
+            let kind = match kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                // Without buckets the exporter renders a histogram as a summary.
+                Kind::Histogram if name == "portcullis_registry_seconds" => "summary",
+                Kind::Histogram => "histogram",
+            };
+            (name.to_owned(), kind.to_owned())
+        })
+        .collect();
+    catalog.sort();
+    assert_eq!(docs, catalog);
+}
+
+#[tokio::test]
+async fn every_exported_family_has_its_help_text() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, "").await;
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
+    c.send(true, op::TEXT, b"x").await;
+    c.recv().await;
+    let (_, body) = http_get(proxy.admin, "/metrics").await;
+    let types: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("portcullis_"))
+        .collect();
+    assert!(types.len() >= 10, "{body}");
+    for name in types {
+        let help = body.lines().find_map(|l| l.strip_prefix(&format!("# HELP {name} ")));
+        assert!(help.is_some_and(|h| !h.is_empty()), "{name} has no HELP:\n{body}");
+    }
+}
