@@ -75,6 +75,7 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "portcullis_connections_rejected_total",
         "Connections closed at accept because max_connections were open.",
     ),
+    (Kind::Gauge, "portcullis_connections_limit", "The connection cap in force (server.max_connections)."),
     (Kind::Counter, "portcullis_tls_handshake_failures_total", "TLS handshakes that failed, by reason."),
     (
         Kind::Counter,
@@ -336,6 +337,11 @@ pub fn limit_refused(reason: &'static str) {
 /// Tokio worker threads running the proxy (set when metrics are rendered).
 pub fn worker_threads(n: usize) {
     gauge!("portcullis_worker_threads").set(n as f64);
+}
+
+/// The connection cap in force (`server.max_connections`), for alerts on how near it is.
+pub fn connections_limit(n: usize) {
+    gauge!("portcullis_connections_limit").set(n as f64);
 }
 
 /// Tokens held in the verified-token cache (set when metrics are rendered).

@@ -103,3 +103,55 @@ async fn every_exported_family_has_its_help_text() {
         assert!(help.is_some_and(|h| !h.is_empty()), "{name} has no HELP:\n{body}");
     }
 }
+
+/// The `portcullis_*` metric names a file mentions, with the histogram series suffixes taken off.
+fn names_in(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("portcullis_"))
+        .map(|w| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| w.strip_suffix(s).filter(|b| b.ends_with("_seconds")))
+                .unwrap_or(w)
+                .to_owned()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[test]
+fn the_dashboard_and_the_alert_rules_name_only_metrics_portcullis_exports() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dashboard = std::fs::read_to_string(format!("{root}/deploy/grafana/portcullis.json")).expect("dashboard");
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let panels = parsed["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10, "a panel for each area");
+    let rules = std::fs::read_to_string(format!("{root}/deploy/prometheus/alerts.yml")).expect("rules");
+    for (file, text) in [("dashboard", &dashboard), ("alert rules", &rules)] {
+        let names = names_in(text);
+        assert!(names.len() >= 5, "{file}: {names:?}");
+        for name in names {
+            assert!(
+                portcullis::metrics::CATALOG.iter().any(|&(_, n, _)| n == name),
+                "{file} names {name}, which Portcullis does not export"
+            );
+        }
+    }
+    // The areas the issue asks the dashboard for are each there.
+    for metric in [
+        "portcullis_sessions_active",
+        "portcullis_upgrades_total",
+        "portcullis_closes_total",
+        "portcullis_auth_failures_total",
+        "portcullis_bytes_total",
+        "portcullis_frames_total",
+        "portcullis_backend_connect_seconds",
+        "portcullis_member_healthy",
+        "portcullis_reloads_total",
+    ] {
+        assert!(names_in(&dashboard).iter().any(|n| n == metric), "no panel shows {metric}");
+    }
+}
