@@ -150,3 +150,46 @@ async fn reuse_port_lets_two_processes_share_a_listener_and_the_kernel_spreads_s
     assert!(!out.status.success(), "a second bind without reuse_port fails");
     assert!(String::from_utf8_lossy(&out.stderr).contains(&port.to_string()), "the error names the address");
 }
+
+#[test]
+fn the_kubernetes_configmap_holds_a_configuration_that_check_config_accepts() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let manifest = std::fs::read_to_string(format!("{root}/deploy/kubernetes/configmap.yaml")).expect("configmap");
+    let block = manifest.split("portcullis.toml: |\n").nth(1).expect("the portcullis.toml key");
+    let toml: String = block.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l.trim()))).collect();
+    // The files the pod mounts, here from the tests' own certificate and keys.
+    let dir = tempfile::tempdir().expect("dir");
+    let c = certs();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "a-long-random-admin-token-for-the-test").expect("write");
+    let public = dir.path().join("jwt-public.pem");
+    let key = rcgen::KeyPair::generate().expect("key");
+    std::fs::write(&public, key.public_key_pem()).expect("write");
+    let toml = toml
+        .replace("/etc/portcullis/tls/tls.crt", &c.cert.display().to_string())
+        .replace("/etc/portcullis/tls/tls.key", &c.key.display().to_string())
+        .replace("/etc/portcullis/secrets/admin-token", &token.display().to_string())
+        .replace("/etc/portcullis/secrets/jwt-public.pem", &public.display().to_string());
+    assert!(!toml.contains("/etc/portcullis"), "every mounted path is replaced:\n{toml}");
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, &toml).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis")).arg("check-config").arg(&path).output().expect("run");
+    assert!(out.status.success(), "{}\n{toml}", String::from_utf8_lossy(&out.stderr));
+
+    // The pod's grace period covers the preStop pause and the whole drain.
+    let deployment = std::fs::read_to_string(format!("{root}/deploy/kubernetes/deployment.yaml")).expect("deployment");
+    let number_after = |text: &str, key: &str| -> u64 {
+        let at = text.find(key).unwrap_or_else(|| panic!("{key} missing"));
+        text[at + key.len()..]
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .expect(key)
+    };
+    let grace = number_after(&deployment, "terminationGracePeriodSeconds:");
+    let pause = number_after(&deployment, "sleep:\n                seconds:");
+    let drain = number_after(&toml, "drain_timeout = \"");
+    assert!(grace >= pause + drain + 5, "grace {grace} s < preStop {pause} s + drain_timeout {drain} s + 5 s");
+}
