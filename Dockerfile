@@ -10,7 +10,8 @@
 #
 # The image ships config/portcullis.toml (the annotated reference) at
 # /etc/portcullis/portcullis.toml as an example; mount your own configuration and certificates
-# over it. `docker run --rm portcullis check-config /etc/portcullis/portcullis.toml` checks one.
+# over it. `docker run --rm -v ... portcullis check-config /etc/portcullis/portcullis.toml` checks
+# one and every certificate and key it names (`--syntax-only`: the file alone).
 
 # ---- build ---------------------------------------------------------------------------------
 FROM rust:1.95-bookworm AS build
@@ -26,28 +27,25 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -D -m 0755 target/release/portcullis /out/portcullis
 
 # ---- runtime -------------------------------------------------------------------------------
-# Debian slim rather than scratch or distroless: the binary links glibc and libgcc (aws-lc-rs),
-# and the HEALTHCHECK below needs curl.
-FROM debian:bookworm-slim
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd -r -u 10001 -d /nonexistent -s /usr/sbin/nologin portcullis
+# Distroless: glibc and libgcc (the binary links them; aws-lc is static), CA certificates, no
+# shell, no package manager, no curl. The health check is the binary's own `health` command.
+FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/portcullis /usr/local/bin/portcullis
 COPY config/portcullis.toml /etc/portcullis/portcullis.toml
-USER 10001
+# Numeric, so it needs no passwd entry; the Kubernetes manifests run as the same user.
+USER 10001:10001
 
-# 8443: client listener (wss://); 9090: admin (/metrics, /live, /ready).
+# 8443: client listener (wss://); 9090: admin (/metrics, /live, /ready, /sessions).
 # The reference config binds admin to 127.0.0.1:9090, which is enough for the HEALTHCHECK below
 # (it runs inside the container). For Kubernetes probes (livenessProbe on /live, readinessProbe
-# on /ready) set `[admin] address = "0.0.0.0:9090"` in your config, and keep the port private:
-# the admin listener has no authentication.
+# on /ready) set `[admin] address = "0.0.0.0:9090"` in your config, with `admin.token_file`
+# for the session API, and keep the port off the public network.
 EXPOSE 8443 9090
 
 # /live answers 200 while the process runs. /ready turns 503 during a drain, which is what a
 # load balancer should watch; it would mark a draining container unhealthy here, so not used.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:9090/live || exit 1
+    CMD ["/usr/local/bin/portcullis", "health", "--url", "http://127.0.0.1:9090/live", "--timeout-ms", "2000"]
 
 # `docker stop` sends SIGTERM: sessions are closed with 1001 over drain_spread and the process
 # exits by drain_timeout (keep it below the stop timeout, `docker stop -t`, default 10s).

@@ -84,6 +84,17 @@ enum Command {
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
     },
+    /// Ask a running proxy's admin listener whether it is live (or, with its `/ready` URL,
+    /// ready): exit 0 when it answers 200, 1 when it answers anything else or nothing. For
+    /// container health checks in an image that has no shell and no curl.
+    Health {
+        /// The admin endpoint to ask.
+        #[arg(long, default_value = "http://127.0.0.1:9090/live")]
+        url: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -181,6 +192,7 @@ fn main() -> ExitCode {
             report(mint(key.as_deref(), secret_env.as_deref(), &alg, sub, &claims, ttl, kid.as_deref(), iss, aud))
         }
         Command::Connect { url, ca, headers } => report(runtime.block_on(client::run(&url, ca.as_deref(), &headers))),
+        Command::Health { url, timeout_ms } => report(runtime.block_on(health(&url, timeout_ms))),
     }
 }
 
@@ -216,6 +228,15 @@ fn mint(
         }
     }
     println!("{}", mint::mint(alg, &key, kid, map, ttl)?);
+    Ok(())
+}
+
+/// `portcullis health`: one GET of the admin endpoint, 200 or an error.
+async fn health(url: &str, timeout_ms: u64) -> anyhow::Result<()> {
+    let said = server::health_check(url, std::time::Duration::from_millis(timeout_ms))
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    println!("{said}");
     Ok(())
 }
 

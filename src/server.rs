@@ -72,6 +72,23 @@ pub fn check_files(config: &Config) -> Vec<String> {
     problems
 }
 
+/// `portcullis health`: one GET of a running proxy's admin endpoint (`/live` or `/ready`),
+/// bounded by `limit`. The answer's status and body when it is 200, else why not.
+pub async fn health_check(url: &str, limit: Duration) -> Result<String, String> {
+    let uri: http::Uri = url.parse().map_err(|_| format!("{url} is not a URL"))?;
+    let client = outbound::HttpClient::new(None)?;
+    let answer = tokio::time::timeout(limit, client.get(&uri, http::HeaderMap::new(), 4096))
+        .await
+        .map_err(|_| format!("{url}: no answer within {limit:?}"))?;
+    let (status, body) = answer.map_err(|e| format!("{url}: {e}"))?;
+    let said = format!("{url}: {status} {}", String::from_utf8_lossy(&body).trim());
+    if status == http::StatusCode::OK {
+        Ok(said)
+    } else {
+        Err(said)
+    }
+}
+
 /// One line for the log at start: what the configuration in force serves, and how.
 pub fn summary(config: &Config) -> String {
     let listeners: Vec<String> = config

@@ -193,3 +193,32 @@ fn the_kubernetes_configmap_holds_a_configuration_that_check_config_accepts() {
     let drain = number_after(&toml, "drain_timeout = \"");
     assert!(grace >= pause + drain + 5, "grace {grace} s < preStop {pause} s + drain_timeout {drain} s + 5 s");
 }
+
+#[tokio::test]
+async fn health_exits_0_for_a_live_proxy_and_1_for_an_absent_one_or_a_wrong_path() {
+    let backend = Backend::echo().await;
+    let proxy = ProxyProcess::start(&TestConfig::base(&[backend.addr.to_string()]).text()).await;
+    let health = |url: String| async move {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .args(["health", "--timeout-ms", "2000", "--url", &url])
+                .output()
+        })
+        .await
+        .expect("join")
+        .expect("run")
+    };
+    let out = health(format!("http://{}/live", proxy.admin)).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("200 OK"));
+    let out = health(format!("http://{}/ready", proxy.admin)).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Nothing listening: 1, saying why.
+    let out = health(format!("http://127.0.0.1:{}/live", free_port())).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/live"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A path the admin listener does not serve: 404 is not healthy.
+    let out = health(format!("http://{}/nope", proxy.admin)).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+}
