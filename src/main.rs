@@ -263,12 +263,75 @@ fn init_logging(format: &str) {
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     tracing::info!(config = %path.display(), summary = %server::summary(&config), "configuration in force");
-    let bound = Bound::bind(&config).await?;
+    // Started by a running process's handover (SIGUSR2): take its sockets, once this
+    // configuration has loaded (a refused one has already exited, and the old process serves on).
+    let (bound, ready) = match std::env::var_os(portcullis::handover::ENV) {
+        Some(socket) => {
+            let (bound, ready) = portcullis::handover::receive(&config, Path::new(&socket))?;
+            (bound, Some(ready))
+        }
+        None => (Bound::bind(&config).await?, None),
+    };
+    let sockets = bound.handover_sockets(&config)?;
     let poll = config.server.reload_poll_interval;
     let server = server::Server::new(config)?;
-    tokio::spawn(server::watch_config(server.handle(), path, poll));
-    server.serve(bound, shutdown_signal()).await?;
+    tokio::spawn(server::watch_config(server.handle(), path.clone(), poll));
+    if let Some(ready) = ready {
+        // The sockets listen already (connections wait in their queue): the old process may
+        // stop accepting now.
+        ready.ready()?;
+        tracing::info!("handover: serving; the previous process drains");
+    }
+    server.serve(bound, shutdown_or_handover(sockets, path)).await?;
     Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT, or once a handover to a new process (SIGUSR2) has succeeded:
+/// then this process drains. A failed handover is logged and this process serves on.
+async fn shutdown_or_handover(
+    sockets: Vec<(String, SocketAddr, std::os::fd::OwnedFd)>,
+    config_path: PathBuf,
+) -> server::Stop {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        shutdown_signal().await;
+        return server::Stop::Shutdown;
+    };
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return server::Stop::Shutdown,
+            _ = usr2.recv() => {
+                let copies: std::io::Result<Vec<_>> = sockets
+                    .iter()
+                    .map(|(n, a, fd)| Ok((n.clone(), *a, fd.try_clone()?)))
+                    .collect();
+                let result = match copies {
+                    Ok(copies) => portcullis::handover::hand_over(&own_binary(), &config_path, copies).await,
+                    Err(e) => Err(e.into()),
+                };
+                match result {
+                    Ok(()) => {
+                        tracing::info!("handover: the new process is serving; draining");
+                        return server::Stop::HandedOver;
+                    }
+                    Err(e) => tracing::error!(error = %e, "handover failed; serving on"),
+                }
+            }
+        }
+    }
+}
+
+/// The path this binary was started from (after an upgrade replaced the file, the new one;
+/// Linux then reports the old file as "(deleted)").
+fn own_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("portcullis"));
+    let text = exe.to_string_lossy();
+    match text.strip_suffix(" (deleted)") {
+        Some(path) => PathBuf::from(path),
+        None => exe,
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -54,6 +54,9 @@ pub enum ServerError {
     /// A token verification key or JWKS source is unusable.
     #[error(transparent)]
     Auth(#[from] AuthConfigError),
+    /// The sockets of a handover could not be received.
+    #[error("handover: {0}")]
+    Handover(String),
     /// A reload changes something only a restart can apply (listener addresses or their TLS
     /// setting, the admin address); it is refused as a whole.
     #[error("{0} changed: that needs a restart, so the reload is refused")]
@@ -258,6 +261,22 @@ impl Shared {
     }
 }
 
+/// Why [`Server::serve`]'s shutdown future resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM or SIGINT: drain and exit.
+    Shutdown,
+    /// A new process took the listening sockets over: stop accepting, let the connections in
+    /// their handshake become sessions, then drain and exit.
+    HandedOver,
+}
+
+impl From<()> for Stop {
+    fn from(_: ()) -> Stop {
+        Stop::Shutdown
+    }
+}
+
 /// A listener bound from the configuration.
 pub struct BoundListener {
     /// Listener name from the configuration.
@@ -266,6 +285,8 @@ pub struct BoundListener {
     pub tls: bool,
     /// PROXY protocol sources, when the listener requires the header.
     pub proxy_protocol: Option<Arc<[ipnet::IpNet]>>,
+    /// The address as the configuration writes it (port 0 stays 0): what a handover matches.
+    pub configured: SocketAddr,
     /// The socket.
     pub listener: TcpListener,
 }
@@ -278,9 +299,29 @@ pub struct Bound {
     pub admin: Option<TcpListener>,
 }
 
+/// The name a handover gives the admin listener (listener names are labels, so it cannot clash).
+pub const ADMIN_LISTENER: &str = "admin listener";
+
 impl Bound {
     /// Binds every listener address and the admin address of `config`.
     pub async fn bind(config: &Config) -> Result<Bound, ServerError> {
+        Bound::bind_with(config, |_, _| None)
+    }
+
+    /// Like [`Bound::bind`], but takes the socket `inherited(name, configured address)` gives
+    /// when it gives one (a handover from a running process), and binds the others.
+    pub fn bind_with(
+        config: &Config,
+        mut inherited: impl FnMut(&str, SocketAddr) -> Option<std::net::TcpListener>,
+    ) -> Result<Bound, ServerError> {
+        let mut take = |name: &str, addr: SocketAddr, reuse_port: bool| match inherited(name, addr) {
+            Some(l) => {
+                let err = |source| ServerError::Bind { addr, source };
+                l.set_nonblocking(true).map_err(err)?;
+                TcpListener::from_std(l).map_err(err)
+            }
+            None => bind(addr, reuse_port),
+        };
         let mut listeners = Vec::new();
         for l in &config.listeners {
             for &addr in &l.addresses {
@@ -288,15 +329,33 @@ impl Bound {
                     name: l.name.clone(),
                     tls: l.tls,
                     proxy_protocol: l.proxy_protocol.as_deref().map(Arc::from),
-                    listener: bind(addr, l.reuse_port)?,
+                    configured: addr,
+                    listener: take(&l.name, addr, l.reuse_port)?,
                 });
             }
         }
         let admin = match &config.admin {
-            Some(a) => Some(bind(a.address, false)?),
+            Some(a) => Some(take(ADMIN_LISTENER, a.address, false)?),
             None => None,
         };
         Ok(Bound { listeners, admin })
+    }
+
+    /// Duplicates of every listening socket, named as [`Bound::bind_with`] matches them: what
+    /// a handover sends to the process taking over.
+    pub fn handover_sockets(
+        &self,
+        config: &Config,
+    ) -> std::io::Result<Vec<(String, SocketAddr, std::os::fd::OwnedFd)>> {
+        use std::os::fd::AsFd;
+        let mut out = Vec::new();
+        for l in &self.listeners {
+            out.push((l.name.clone(), l.configured, l.listener.as_fd().try_clone_to_owned()?));
+        }
+        if let (Some(admin), Some(a)) = (&self.admin, &config.admin) {
+            out.push((ADMIN_LISTENER.to_owned(), a.address, admin.as_fd().try_clone_to_owned()?));
+        }
+        Ok(out)
     }
 
     /// Local addresses of the client listeners, in configuration order.
@@ -346,6 +405,8 @@ impl Server {
                 drain: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 draining: AtomicBool::new(false),
+                stop_accepting: CancellationToken::new(),
+                handshaking: std::sync::atomic::AtomicUsize::new(0),
                 denylist,
                 sessions: Arc::new(Sessions::default()),
                 conns: ConnCounts::new(),
@@ -362,7 +423,11 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains. Returns once every session has ended or
     /// `drain_timeout` has passed.
-    pub async fn serve(self, bound: Bound, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    pub async fn serve<F, S>(self, bound: Bound, shutdown: F) -> Result<(), ServerError>
+    where
+        F: Future<Output = S>,
+        S: Into<Stop>,
+    {
         let shared = self.shared;
         let metrics = shared.metrics.clone();
         let stop_admin = CancellationToken::new();
@@ -403,10 +468,26 @@ impl Server {
             })
         };
 
-        shutdown.await;
+        if let Stop::HandedOver = shutdown.await.into() {
+            // The new process accepts on the same sockets now. Connections this one accepted
+            // finish their handshake here (they become sessions, drained below with the rest)
+            // rather than being refused by the drain.
+            shared.stop_accepting.cancel();
+            // Once the accept loops are done, every connection they took is counted.
+            for l in loops.drain(..) {
+                let _ = l.await;
+            }
+            let s = &shared.runtime.load().config.server;
+            let limit = s.tls_handshake_timeout + s.header_read_timeout;
+            let deadline = tokio::time::Instant::now() + limit;
+            while shared.handshaking.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let sessions = shared.tasks.len();
         tracing::info!(sessions, "draining");
         shared.draining.store(true, Ordering::SeqCst);
+        shared.stop_accepting.cancel();
         shared.drain.cancel();
         shared.sessions.drain();
         for l in loops {

@@ -63,8 +63,13 @@ pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
-    /// Cancelled when the server drains; every session's stop token is a child of it.
+    /// Cancelled when the server drains.
     pub drain: CancellationToken,
+    /// Cancelled when the listeners stop accepting: at the drain, or earlier after a handover.
+    pub stop_accepting: CancellationToken,
+    /// Connections accepted and not yet a session nor ended (TLS handshake, HTTP phase): a
+    /// handover waits for them before the drain, so none is refused.
+    pub handshaking: std::sync::atomic::AtomicUsize,
     /// Connection tasks, awaited during drain.
     pub tasks: TaskTracker,
     /// Connection cap (`max_connections`); a permit is held per connection.

@@ -29,7 +29,7 @@ pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<
     let tls = kind.tls;
     loop {
         let accepted = tokio::select! {
-            _ = shared.drain.cancelled() => break,
+            _ = shared.stop_accepting.cancelled() => break,
             r = listener.accept() => r,
         };
         let (tcp, addr) = match accepted {
@@ -58,9 +58,10 @@ pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<
         let acceptor = if tls { Security::Tls(shared.runtime.load().tls.clone()) } else { Security::Plain };
         let span = tracing::debug_span!("conn", peer = %addr);
         let proxy_from = kind.proxy_protocol.clone();
+        // Counted before the task runs: a handover that stops accepting now waits for it.
+        let slot = ConnSlot::new(permit, &shared2);
         shared.tasks.spawn(
             async move {
-                let slot = ConnSlot::new(permit, shared2.metrics.clone());
                 let Some((tcp, client)) = proxy_header(&shared2, tcp, addr, proxy_from.as_deref()).await else {
                     return;
                 };
@@ -78,13 +79,23 @@ pub struct ConnSlot {
     _permit: OwnedSemaphorePermit,
     _per_ip: Option<crate::limits::IpSlot>,
     metrics: Arc<Metrics>,
+    /// Counted in `Shared::handshaking` from accept until the connection is a session.
+    handshaking: Option<Arc<Shared>>,
 }
 
 impl ConnSlot {
-    fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
-        metrics.connections_total.increment(1);
-        metrics.connections_active.increment(1.0);
-        ConnSlot { _permit: permit, _per_ip: None, metrics }
+    fn new(permit: OwnedSemaphorePermit, shared: &Arc<Shared>) -> Self {
+        shared.metrics.connections_total.increment(1);
+        shared.metrics.connections_active.increment(1.0);
+        shared.handshaking.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ConnSlot { _permit: permit, _per_ip: None, metrics: shared.metrics.clone(), handshaking: Some(shared.clone()) }
+    }
+
+    /// The connection's handshake phase is over (it is a session now, or about to end).
+    pub fn handshake_done(&mut self) {
+        if let Some(shared) = self.handshaking.take() {
+            shared.handshaking.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
 
@@ -120,6 +131,7 @@ fn per_ip(shared: &Shared, client: SocketAddr, mut slot: ConnSlot) -> Option<Con
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
+        self.handshake_done();
         self.metrics.connections_active.decrement(1.0);
     }
 }

@@ -119,6 +119,8 @@ pub async fn serve_connection(
     }
     let pending = ctx.pending.lock().ok().and_then(|mut p| p.take());
     drop(ctx);
+    let mut slot = slot;
+    slot.handshake_done();
     if let Some(p) = pending {
         run_session(shared, p, client_addr, slot).await;
     }

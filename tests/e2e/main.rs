@@ -14,6 +14,7 @@ mod deflate;
 mod demo;
 mod drain;
 mod faults;
+mod handover;
 mod handshake;
 mod http;
 mod limits;

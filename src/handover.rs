@@ -1,0 +1,222 @@
+//! Zero-downtime binary upgrade: a running process hands its listening sockets to a new one.
+//!
+//! On SIGUSR2 the running process ([`hand_over`]) opens a Unix socket beside its PID, starts the
+//! binary at its own path (the new one, after a package upgrade) with the same configuration
+//! file and `PORTCULLIS_HANDOVER` naming that socket, and waits. The new process loads and
+//! validates its configuration first: if it refuses it, it exits and the old one keeps serving.
+//! Otherwise it connects ([`receive`]), receives every listening socket with `SCM_RIGHTS`, each
+//! named by its listener and configured address, takes those its configuration still has (and
+//! binds the rest), and says `ready` once it accepts. Only then does the old process stop
+//! accepting and drain its sessions as on SIGTERM, and exit 0.
+//!
+//! Both processes hold the same sockets (the same kernel queue), so no connection is refused
+//! and none that waits in the queue is lost: until the old one stops accepting, either may take
+//! it; from then on the new one does. Sessions already open stay with the old process until
+//! they end or its drain closes them (1001, spread over `drain_spread`).
+
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::net::{
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags,
+};
+
+use crate::config::Config;
+use crate::server::{Bound, ServerError};
+
+/// The environment variable that tells a new process to take its sockets over.
+pub const ENV: &str = "PORTCULLIS_HANDOVER";
+
+/// Most sockets one handover carries (every listener address and the admin listener).
+const MAX_SOCKETS: usize = 64;
+
+/// How long the old process waits for the new one to connect, and then to be ready.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Why a handover did not happen; the old process keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// The new process could not be started.
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        /// The binary.
+        binary: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The new process exited before it was ready (its configuration was refused, or it
+    /// failed to start serving).
+    #[error("the new process exited before it was ready ({0})")]
+    Exited(std::process::ExitStatus),
+    /// The new process did not connect or say ready in time.
+    #[error("the new process was not ready within {0:?}")]
+    Timeout(Duration),
+    /// The handover socket failed.
+    #[error("handover socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The new process sent something other than `ready`.
+    #[error("the new process answered {0:?}, not ready")]
+    Protocol(String),
+}
+
+/// The path of this process's handover socket.
+fn socket_path() -> PathBuf {
+    std::env::temp_dir().join(format!("portcullis-handover-{}.sock", std::process::id()))
+}
+
+/// In the running process: starts `binary run --config config_path` and hands it `sockets`.
+/// `Ok` once the new process accepts on them: the caller then drains and exits.
+pub async fn hand_over(
+    binary: &Path,
+    config_path: &Path,
+    sockets: Vec<(String, SocketAddr, OwnedFd)>,
+) -> Result<(), HandoverError> {
+    let path = socket_path();
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    let result = hand_over_on(listener, &path, binary, config_path, sockets).await;
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+async fn hand_over_on(
+    listener: UnixListener,
+    path: &Path,
+    binary: &Path,
+    config_path: &Path,
+    sockets: Vec<(String, SocketAddr, OwnedFd)>,
+) -> Result<(), HandoverError> {
+    let mut child = tokio::process::Command::new(binary)
+        .args(["run", "--config"])
+        .arg(config_path)
+        .env(ENV, path)
+        .spawn()
+        .map_err(|source| HandoverError::Spawn { binary: binary.display().to_string(), source })?;
+    tracing::info!(new_pid = child.id().unwrap_or(0), binary = %binary.display(), "handover: new process started");
+    // The exchange is a few blocking calls on a local socket: on the blocking pool.
+    let exchange = tokio::task::spawn_blocking(move || -> Result<(), HandoverError> {
+        listener.set_nonblocking(false)?;
+        let (mut stream, _) = accept_within(&listener, WAIT)?;
+        stream.set_read_timeout(Some(WAIT))?;
+        send_sockets(&stream, &sockets)?;
+        let mut answer = [0u8; 16];
+        let n = stream.read(&mut answer)?;
+        match &answer[..n] {
+            b"ready\n" => Ok(()),
+            other => Err(HandoverError::Protocol(String::from_utf8_lossy(other).into_owned())),
+        }
+    });
+    let result = tokio::select! {
+        done = exchange => done.map_err(|e| HandoverError::Io(std::io::Error::other(e))).and_then(|r| r),
+        status = child.wait() => status.map_err(HandoverError::from).and_then(|s| Err(HandoverError::Exited(s))),
+    };
+    if result.is_err() {
+        // Never two processes serving after a failed handover: the new one goes.
+        let _ = child.start_kill();
+    }
+    result
+}
+
+/// Accepts one connection, giving up after `limit` (the listener is polled, so a new process
+/// that never connects does not hold a blocking thread forever).
+fn accept_within(
+    listener: &UnixListener,
+    limit: Duration,
+) -> Result<(UnixStream, std::os::unix::net::SocketAddr), HandoverError> {
+    listener.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((s, a)) => {
+                s.set_nonblocking(false)?;
+                return Ok((s, a));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(HandoverError::Timeout(limit));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// One message: a line `name\taddress` per socket, and the sockets themselves.
+fn send_sockets(stream: &UnixStream, sockets: &[(String, SocketAddr, OwnedFd)]) -> Result<(), HandoverError> {
+    if sockets.len() > MAX_SOCKETS {
+        return Err(HandoverError::Protocol(format!("{} sockets, at most {MAX_SOCKETS}", sockets.len())));
+    }
+    let names: String = sockets.iter().map(|(name, addr, _)| format!("{name}\t{addr}\n")).collect();
+    let fds: Vec<_> = sockets.iter().map(|(_, _, fd)| fd.as_fd()).collect();
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(HandoverError::Protocol("too many sockets for one message".into()));
+    }
+    let sent = sendmsg(stream, &[IoSlice::new(names.as_bytes())], &mut control, SendFlags::empty())
+        .map_err(std::io::Error::from)?;
+    if sent != names.len() {
+        return Err(HandoverError::Protocol("the socket list was cut".into()));
+    }
+    Ok(())
+}
+
+/// A new process's side of the handover, once it has its sockets: say [`Ready::ready`] when it
+/// accepts on them.
+pub struct Ready(UnixStream);
+
+impl Ready {
+    /// Tells the old process to stop accepting and drain.
+    pub fn ready(mut self) -> std::io::Result<()> {
+        self.0.write_all(b"ready\n")
+    }
+}
+
+/// In the new process (started with [`ENV`] set to `socket`): receives the old process's
+/// sockets and binds `config`'s listeners on them, binding fresh those it did not send.
+pub fn receive(config: &Config, socket: &Path) -> Result<(Bound, Ready), ServerError> {
+    let io = |e: std::io::Error| ServerError::Handover(e.to_string());
+    let stream = UnixStream::connect(socket).map_err(io)?;
+    let mut names = vec![0u8; 64 * 1024];
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = recvmsg(&stream, &mut [IoSliceMut::new(&mut names)], &mut control, RecvFlags::CMSG_CLOEXEC)
+        .map_err(|e| io(e.into()))?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    let text = String::from_utf8_lossy(&names[..got.bytes]).into_owned();
+    let labels: Vec<(String, SocketAddr)> = text
+        .lines()
+        .filter_map(|l| {
+            let (name, addr) = l.split_once('\t')?;
+            Some((name.to_owned(), addr.parse().ok()?))
+        })
+        .collect();
+    if labels.len() != fds.len() {
+        return Err(ServerError::Handover(format!("{} socket names for {} sockets", labels.len(), fds.len())));
+    }
+    let mut offered: Vec<Option<(String, SocketAddr, OwnedFd)>> =
+        labels.into_iter().zip(fds).map(|((n, a), fd)| Some((n, a, fd))).collect();
+    let bound = Bound::bind_with(config, |name, addr| {
+        let slot = offered.iter_mut().find(|o| o.as_ref().is_some_and(|(n, a, _)| n == name && *a == addr))?;
+        slot.take().map(|(_, _, fd)| std::net::TcpListener::from(fd))
+    })?;
+    let unused = offered.iter().flatten().count();
+    tracing::info!(
+        received = offered.len(),
+        not_in_this_configuration = unused,
+        "handover: listening sockets received"
+    );
+    Ok((bound, Ready(stream)))
+}

@@ -1,0 +1,123 @@
+//! Zero-downtime binary upgrade: SIGUSR2 hands the listening sockets to a new process (the
+//! same binary here), which takes over while the old one drains.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// Waits until the proxy's log (both processes write to it) has a line containing `what`.
+async fn log_line(proxy: &ProxyProcess, what: &str) -> String {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let log = std::fs::read_to_string(proxy.dir.path().join("proxy.log")).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| l.contains(what)) {
+            return line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no log line with {what:?}:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stops the new process at the end of the test, whatever happens.
+struct Reap(Option<u32>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_hands_the_listeners_to_a_new_process_without_refusing_a_connect() {
+    let backend = Backend::echo().await;
+    let text =
+        TestConfig::base(&[backend.addr.to_string()]).one_address_load().set("server.drain_spread", "300ms").text();
+    let mut proxy = ProxyProcess::start(&text).await;
+
+    // 200 live wss sessions, each with traffic.
+    let mut sessions = Vec::new();
+    for i in 0..200 {
+        let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
+        c.send(true, op::TEXT, format!("before {i}").as_bytes()).await;
+        assert_eq!(c.recv().await.payload, format!("before {i}").as_bytes());
+        sessions.push(c);
+    }
+
+    // A client connecting in a loop through the whole handover: every connect must succeed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let looper = {
+        let (stop, addr) = (stop.clone(), proxy.tls);
+        tokio::spawn(async move {
+            let mut opened = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let mut c =
+                    upgrade(addr, true, "/agents/a1/terminal", &[]).await.expect("a connect during the handover");
+                c.send(true, op::TEXT, b"looping").await;
+                assert_eq!(c.recv().await.payload, b"looping");
+                opened += 1;
+            }
+            opened
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    proxy.signal("USR2");
+    let started = log_line(&proxy, "handover: new process started").await;
+    let new_pid: u32 = started
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("new_pid="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{started}"));
+    let _reap = Reap(Some(new_pid));
+    log_line(&proxy, "handover: serving; the previous process drains").await;
+
+    // Every session open before the handover is closed by the old process's drain with 1001.
+    for (i, mut s) in sessions.into_iter().enumerate() {
+        let f = s.recv_close().await;
+        assert_eq!(f.close_code(), Some(1_001), "session {i}");
+    }
+    // And the old process exits 0 once drained.
+    let deadline = Instant::now() + SOON;
+    let status = loop {
+        if let Some(status) = proxy.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "old process: {status}");
+
+    // The loop went on through it all, and new sessions land on the new process (the only one).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let opened = looper.await.expect("no connect was refused or failed");
+    assert!(opened > 0);
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("the new process serves");
+    c.send(true, op::TEXT, b"after").await;
+    assert_eq!(c.recv().await.payload, b"after");
+    let (status, _) = http_get(proxy.admin, "/ready").await;
+    assert_eq!(status, 200, "the admin listener was handed over too");
+}
+
+#[tokio::test]
+async fn a_new_process_that_refuses_its_configuration_leaves_the_old_one_serving() {
+    let backend = Backend::echo().await;
+    let proxy = ProxyProcess::start(&TestConfig::base(&[backend.addr.to_string()]).text()).await;
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
+    // The file now fails validation: the new process exits 64 before it takes anything.
+    let path = proxy.dir.path().join("portcullis.toml");
+    let broken = std::fs::read_to_string(&path).expect("config") + "\n[session]\nidle_timout = \"5m\"\n";
+    std::fs::write(&path, broken).expect("write");
+    proxy.signal("USR2");
+    log_line(&proxy, "handover failed; serving on").await;
+    // The old process still serves its session and new ones.
+    c.send(true, op::TEXT, b"still here").await;
+    assert_eq!(c.recv().await.payload, b"still here");
+    let mut d = upgrade(proxy.plain, false, "/agents/a2/terminal", &[]).await.expect("new sessions still accepted");
+    d.send(true, op::TEXT, b"new").await;
+    assert_eq!(d.recv().await.payload, b"new");
+}
