@@ -198,7 +198,23 @@ impl Metrics {
         m.connections_active.set(0.0);
         m.sessions_active.set(0.0);
         m.sse_streams_active.set(0.0);
+        // Series alerts count with increase(): registered at 0, so the first event is an
+        // increase and not the series' first sample.
+        for result in ["ok", "error"] {
+            counter!("portcullis_reloads_total", "result" => result).increment(0);
+            counter!("portcullis_jwks_fetches_total", "result" => result).increment(0);
+        }
         m
+    }
+
+    /// Registers `portcullis_closes_total` at 0 for every code label and initiator, so a
+    /// dashboard shows zeros and an alert's first 1014 counts.
+    pub fn preregister_closes(&self, codes: &[&'static str], initiators: &[&'static str]) {
+        for &code in codes {
+            for &initiator in initiators {
+                counter!("portcullis_closes_total", "code" => code, "initiator" => initiator).increment(0);
+            }
+        }
     }
 
     /// Renders the Prometheus text exposition.

@@ -55,6 +55,9 @@ pub enum Initiator {
 }
 
 impl Initiator {
+    /// Every initiator, for pre-registering the metrics labelled by it.
+    pub const ALL: [Initiator; 3] = [Initiator::Client, Initiator::Backend, Initiator::Proxy];
+
     /// Label for metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -155,3 +155,20 @@ fn the_dashboard_and_the_alert_rules_name_only_metrics_portcullis_exports() {
         assert!(names_in(&dashboard).iter().any(|n| n == metric), "no panel shows {metric}");
     }
 }
+
+#[tokio::test]
+async fn the_series_alerts_count_exist_at_zero_from_start() {
+    // A child process: nothing has happened in it yet.
+    let backend = Backend::echo().await;
+    let proxy = ProxyProcess::start(&TestConfig::base(&[backend.addr.to_string()]).text()).await;
+    let (_, body) = http_get(proxy.admin, "/metrics").await;
+    for series in [
+        r#"portcullis_reloads_total{result="error"} 0"#,
+        r#"portcullis_reloads_total{result="ok"} 0"#,
+        r#"portcullis_jwks_fetches_total{result="error"} 0"#,
+        r#"portcullis_closes_total{code="1014",initiator="backend"} 0"#,
+        r#"portcullis_closes_total{code="1001",initiator="proxy"} 0"#,
+    ] {
+        assert!(body.lines().any(|l| l == series), "{series} missing:\n{body}");
+    }
+}

@@ -222,6 +222,10 @@ fn violation_reason(v: Violation) -> &'static str {
     }
 }
 
+/// Every label [`code_label`] gives, for pre-registering `portcullis_closes_total`.
+pub const CODE_LABELS: &[&str] =
+    &["none", "1000", "1001", "1002", "1003", "1007", "1008", "1009", "1010", "1011", "1014", "3xxx", "4xxx", "other"];
+
 /// Folds a close code into a bounded label for `portcullis_closes_total{code}`.
 pub fn code_label(code: Option<u16>) -> &'static str {
     match code {
@@ -245,6 +249,13 @@ pub fn code_label(code: Option<u16>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_labels_lists_every_label_of_every_code() {
+        for code in std::iter::once(None).chain((0..=u16::MAX).map(Some)) {
+            assert!(CODE_LABELS.contains(&code_label(code)), "{code:?}");
+        }
+    }
 
     /// Every cause, with the `docs/errors.md` row (by the start of its "event" cell) that
     /// documents it.
