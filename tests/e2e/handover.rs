@@ -81,14 +81,7 @@ async fn sigusr2_hands_the_listeners_to_a_new_process_without_refusing_a_connect
         assert_eq!(f.close_code(), Some(1_001), "session {i}");
     }
     // And the old process exits 0 once drained.
-    let deadline = Instant::now() + SOON;
-    let status = loop {
-        if let Some(status) = proxy.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the old process did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = proxy.wait_exit().await;
     assert!(status.success(), "old process: {status}");
 
     // The loop went on through it all, and new sessions land on the new process (the only one).

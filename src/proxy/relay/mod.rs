@@ -65,20 +65,20 @@ pub struct RelayParams {
 ///
 /// A TCP stream needs nothing: closing it sends the FIN, so a `shutdown(2)` first would be one
 /// more system call per side for nothing. A TLS stream sends its `close_notify` here.
-pub trait Finish: AsyncRead + AsyncWrite + Unpin {
+pub trait FinishStream: AsyncRead + AsyncWrite + Unpin {
     /// Finishes the stream (by default, an orderly shutdown of its write side).
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(self).poll_shutdown(cx)
     }
 }
 
-impl Finish for tokio::net::TcpStream {
+impl FinishStream for tokio::net::TcpStream {
     fn poll_finish(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 }
 
-impl Finish for tokio::io::DuplexStream {}
+impl FinishStream for tokio::io::DuplexStream {}
 
 /// Runs a session to its end, then finishes both streams (bounded by `close_timeout`).
 ///
@@ -92,8 +92,8 @@ pub fn relay<C, B>(
     params: RelayParams,
 ) -> Relay<C, B>
 where
-    C: Finish,
-    B: Finish,
+    C: FinishStream,
+    B: FinishStream,
 {
     Relay { session: Session::new(client, &client_early, backend, &backend_early, params), end: None }
 }
@@ -108,8 +108,8 @@ pub struct Relay<C, B> {
 
 impl<C, B> Future for Relay<C, B>
 where
-    C: Finish,
-    B: Finish,
+    C: FinishStream,
+    B: FinishStream,
 {
     type Output = SessionEnd;
 

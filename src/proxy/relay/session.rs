@@ -12,7 +12,7 @@ use tokio::time::{Instant, Sleep};
 use super::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
 use super::frame::{opcode, FrameLimits};
 use super::pump::{DirEvent, Direction, Injected, Limit};
-use super::{Finish, RelayParams};
+use super::{FinishStream, RelayParams};
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
 use crate::session::{Initiator, SessionControl, SessionEnd, Side, StopReason};
@@ -110,8 +110,8 @@ pub(super) struct Session<C, B> {
 
 impl<C, B> Session<C, B>
 where
-    C: Finish,
-    B: Finish,
+    C: FinishStream,
+    B: FinishStream,
 {
     pub(super) fn new(client: C, client_early: &[u8], backend: B, backend_early: &[u8], p: RelayParams) -> Self {
         let s = &*p.settings;

@@ -204,21 +204,6 @@ impl TlsConn {
         Ok(s)
     }
 
-    /// The TCP connection underneath.
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.tcp
-    }
-
-    /// The negotiated protocol version, once known.
-    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
-        self.conn.protocol_version()
-    }
-
-    /// Pooled bytes this connection holds right now (0 when idle).
-    pub fn buffered_capacity(&self) -> usize {
-        self.rx.capacity() + self.tx.capacity() + self.plain.capacity()
-    }
-
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             match ready!(self.step(cx, Want::Handshake))? {

@@ -200,7 +200,7 @@ impl ClientStream {
     }
 }
 
-impl crate::proxy::relay::Finish for ClientStream {
+impl crate::proxy::relay::FinishStream for ClientStream {
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             ClientStream::Plain(_) => Poll::Ready(Ok(())),

@@ -84,12 +84,20 @@ impl ProxyProcess {
     /// Stops the proxy (SIGTERM, then waits) and returns everything it logged.
     pub async fn stop_and_collect_logs(&mut self) -> String {
         self.signal("TERM");
+        self.wait_exit().await;
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).expect("read log")
+    }
+
+    /// Waits (up to `SOON`) for the process to exit; its status.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + SOON;
-        while self.child.try_wait().expect("wait").is_none() {
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
             assert!(Instant::now() < deadline, "proxy did not stop");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        std::fs::read_to_string(self.dir.path().join("proxy.log")).expect("read log")
     }
 
     pub fn signal(&self, sig: &str) {
