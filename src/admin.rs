@@ -180,6 +180,7 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                         "subject": e.subject,
                         "issuer": e.issuer,
                         "client": e.client.to_string(),
+                        "http": e.http,
                         "kind": e.kind.as_str(),
                         "backend": e.backend.get(),
                         "age_seconds": now.duration_since(e.started).map(|d| d.as_secs_f64()).unwrap_or(0.0),

@@ -76,6 +76,12 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "Connections closed at accept because max_connections were open.",
     ),
     (Kind::Gauge, "portcullis_connections_limit", "The connection cap in force (server.max_connections)."),
+    (Kind::Counter, "portcullis_http2_connections_total", "TLS client connections that chose HTTP/2 by ALPN."),
+    (
+        Kind::Counter,
+        "portcullis_http2_streams_total",
+        "HTTP/2 streams opened by clients, by kind (websocket: RFC 8441 extended CONNECT; request).",
+    ),
     (Kind::Counter, "portcullis_tls_handshake_failures_total", "TLS handshakes that failed, by reason."),
     (
         Kind::Counter,
@@ -200,6 +206,10 @@ impl Metrics {
         m.sse_streams_active.set(0.0);
         // Series alerts count with increase(): registered at 0, so the first event is an
         // increase and not the series' first sample.
+        counter!("portcullis_http2_connections_total").increment(0);
+        for kind in ["websocket", "request"] {
+            counter!("portcullis_http2_streams_total", "kind" => kind).increment(0);
+        }
         for result in ["ok", "error"] {
             counter!("portcullis_reloads_total", "result" => result).increment(0);
             counter!("portcullis_jwks_fetches_total", "result" => result).increment(0);
@@ -215,6 +225,16 @@ impl Metrics {
                 counter!("portcullis_closes_total", "code" => code, "initiator" => initiator).increment(0);
             }
         }
+    }
+
+    /// A TLS client connection chose HTTP/2.
+    pub fn http2_connection(&self) {
+        counter!("portcullis_http2_connections_total").increment(1);
+    }
+
+    /// A client opened an HTTP/2 stream of `kind` (`websocket` or `request`).
+    pub fn http2_stream(&self, kind: &'static str) {
+        counter!("portcullis_http2_streams_total", "kind" => kind).increment(1);
     }
 
     /// Renders the Prometheus text exposition.
@@ -345,7 +365,8 @@ pub fn proxy_protocol(result: &'static str) {
     counter!("portcullis_proxy_protocol_total", "result" => result).increment(1);
 }
 
-/// A connection or request was refused by a per-client limit (`reason`: `per_ip_connections`).
+/// A connection or request was refused by a per-client limit (`reason`: `per_ip_connections`,
+/// `per_ip_streams`, ...).
 pub fn limit_refused(reason: &'static str) {
     counter!("portcullis_limit_refusals_total", "reason" => reason).increment(1);
 }

@@ -127,7 +127,7 @@ fn build_runtime(
     metrics: &Metrics,
 ) -> Result<Runtime, ServerError> {
     let tls = match (&config.tls, config.listeners.iter().any(|l| l.tls)) {
-        (Some(t), true) => Some(tls::server_config(t)?),
+        (Some(t), true) => Some(tls::server_config(t, config.http2.enabled)?),
         _ => None,
     };
     let authenticator = if config.auth.keys.is_empty() && config.auth.jwks.is_empty() {
@@ -415,6 +415,7 @@ impl Server {
                 sessions: Arc::new(Sessions::default()),
                 conns: ConnCounts::new(),
                 per_ip: Arc::default(),
+                per_ip_streams: Arc::default(),
                 per_subject: Arc::default(),
             }),
         })

@@ -203,6 +203,8 @@ pub struct SessionEntry {
     pub token_exp: Option<u64>,
     /// Client address.
     pub client: std::net::SocketAddr,
+    /// The client's HTTP version: `http/1.1` or `h2`.
+    pub http: &'static str,
     /// Backend member; unset while the backend connect runs.
     pub backend: std::sync::OnceLock<String>,
     /// Start time.
@@ -326,6 +328,7 @@ mod tests {
             jti: None,
             token_exp: None,
             client: "127.0.0.1:1".parse().expect("addr"),
+            http: "http/1.1",
             backend: std::sync::OnceLock::new(),
             started: std::time::SystemTime::now(),
             control: SessionControl::new(),

@@ -84,6 +84,8 @@ pub struct Shared {
     pub conns: Arc<ConnCounts>,
     /// Client connections held per client address (`max_connections_per_ip`).
     pub per_ip: Arc<crate::limits::PerIp>,
+    /// HTTP/2 streams held per client address (`max_streams_per_ip`).
+    pub per_ip_streams: Arc<crate::limits::PerIp>,
     /// Sessions held per subject (`max_sessions_per_subject`, global and per route).
     pub per_subject: Arc<crate::limits::PerSubject>,
 }

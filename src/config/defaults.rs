@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{
-    BackendSettings, Balance, HealthSettings, Policy, RateAction, ServerSettings, SessionRate, SessionSettings,
+    BackendSettings, Balance, HealthSettings, Http2Settings, Policy, RateAction, ServerSettings, SessionRate,
+    SessionSettings,
 };
 
 /// `[admin] address`: loopback, because the admin API is for operators.
@@ -70,6 +71,22 @@ impl Default for ServerSettings {
             connection_burst_per_ip: 50,
             token_check_rate_per_ip: 10,
             token_check_burst_per_ip: 20,
+        }
+    }
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        let (streams, window) = (100, 64 * 1024);
+        Http2Settings {
+            enabled: true,
+            max_concurrent_streams: streams,
+            initial_stream_window: window,
+            initial_connection_window: streams * window,
+            max_frame_size: 16 * 1024,
+            max_streams_per_ip: 0,
+            keepalive_interval: Duration::ZERO,
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }

@@ -51,6 +51,38 @@ pub struct Config {
     pub session: SessionSettings,
     /// The `[backend]` table: what a route without its own `[routes.backend]` key gets.
     pub backend: BackendSettings,
+    /// HTTP/2 on TLS listeners (`[http2]`).
+    pub http2: Http2Settings,
+}
+
+/// HTTP/2 on TLS listeners (`[http2]`): offered by ALPN next to HTTP/1.1, with WebSockets by
+/// extended CONNECT (RFC 8441).
+///
+/// Memory: what one connection can make the proxy hold in received but unrelayed data is
+/// bounded by `initial_connection_window`; one stream, by `initial_stream_window`. The
+/// connection window defaults to the stream window times `max_concurrent_streams`, so no
+/// stream that stops reading (its client's or its backend's side) can take the window the
+/// connection's other streams need.
+#[derive(Debug, Clone)]
+pub struct Http2Settings {
+    /// ALPN offers `h2` on TLS listeners (a client that does not ask for it gets HTTP/1.1).
+    pub enabled: bool,
+    /// Streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Bytes a client may send on one stream before the proxy has relayed them.
+    pub initial_stream_window: u32,
+    /// Bytes a client may send on one connection before the proxy has relayed them.
+    pub initial_connection_window: u32,
+    /// Largest frame payload the proxy accepts (SETTINGS_MAX_FRAME_SIZE).
+    pub max_frame_size: u32,
+    /// HTTP/2 streams (requests and WebSockets) open at once from one client address, over
+    /// all of its connections (0: no cap); over it 429.
+    pub max_streams_per_ip: u32,
+    /// An HTTP/2 PING this often on a connection, closed when unanswered within
+    /// `keepalive_timeout` (zero: no pings).
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered.
+    pub keepalive_timeout: Duration,
 }
 
 /// Token verification keys and settings (`[auth]`, `[[auth.keys]]`, `[[auth.jwks]]`).

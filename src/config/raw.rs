@@ -31,6 +31,21 @@ pub(super) struct RawConfig {
     pub(super) routes: Vec<RawRoute>,
     #[serde(default)]
     pub(super) auth: RawAuth,
+    #[serde(default)]
+    pub(super) http2: RawHttp2,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHttp2 {
+    pub(super) enabled: Option<bool>,
+    pub(super) max_concurrent_streams: Option<u32>,
+    pub(super) initial_stream_window: Option<Size>,
+    pub(super) initial_connection_window: Option<Size>,
+    pub(super) max_frame_size: Option<Size>,
+    pub(super) max_streams_per_ip: Option<u32>,
+    pub(super) keepalive_interval: Option<Dur>,
+    pub(super) keepalive_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -9,14 +9,14 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily};
 
 use super::defaults;
 use super::raw::{
-    Dur, RawAdmin, RawAuth, RawBackend, RawBalance, RawConfig, RawHealth, RawKind, RawListener, RawMember, RawOrigin,
-    RawRateAction, RawRegistry, RawRoute, RawRouteAuth, RawServer, RawSession, RawTls,
+    Dur, RawAdmin, RawAuth, RawBackend, RawBalance, RawConfig, RawHealth, RawHttp2, RawKind, RawListener, RawMember,
+    RawOrigin, RawRateAction, RawRegistry, RawRoute, RawRouteAuth, RawServer, RawSession, RawTls,
 };
 use super::{
-    template_captures, AdminConfig, AuthSettings, BackendSettings, Balance, Config, HealthSettings, JwksSettings,
-    KeyMaterial, ListenerConfig, OriginPolicy, PathPattern, Policy, RateAction, RegistryConfig, RouteAuth, RouteConfig,
-    RouteKind, Secret, ServerSettings, SessionRate, SessionSettings, StaticKey, StaticMember, StickyKey, TlsSettings,
-    TokenSource, CIPHER_SUITES,
+    template_captures, AdminConfig, AuthSettings, BackendSettings, Balance, Config, HealthSettings, Http2Settings,
+    JwksSettings, KeyMaterial, ListenerConfig, OriginPolicy, PathPattern, Policy, RateAction, RegistryConfig,
+    RouteAuth, RouteConfig, RouteKind, Secret, ServerSettings, SessionRate, SessionSettings, StaticKey, StaticMember,
+    StickyKey, TlsSettings, TokenSource, CIPHER_SUITES,
 };
 
 /// The dotted key of an invalid value, and what is wrong with it.
@@ -46,6 +46,44 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, Invalid> {
         auth: auth(raw.auth)?,
         session,
         backend,
+        http2: http2(raw.http2)?,
+    })
+}
+
+/// The largest flow-control window HTTP/2 allows (RFC 9113 §6.9.1).
+const MAX_WINDOW: u64 = (1 << 31) - 1;
+
+fn http2(h: RawHttp2) -> Result<Http2Settings, Invalid> {
+    let d = Http2Settings::default();
+    let streams = h.max_concurrent_streams.unwrap_or(d.max_concurrent_streams);
+    if streams == 0 {
+        return Err(invalid("http2.max_concurrent_streams", "must be at least 1"));
+    }
+    let stream_window = h.initial_stream_window.map_or(d.initial_stream_window as u64, |v| v.0);
+    if !(1024..=MAX_WINDOW).contains(&stream_window) {
+        return Err(invalid("http2.initial_stream_window", "must be 1KiB to 2GiB-1"));
+    }
+    let connection_window =
+        h.initial_connection_window.map_or_else(|| (stream_window * streams as u64).min(MAX_WINDOW), |v| v.0);
+    if !(stream_window..=MAX_WINDOW).contains(&connection_window) {
+        return Err(invalid(
+            "http2.initial_connection_window",
+            "must be at least initial_stream_window and at most 2GiB-1",
+        ));
+    }
+    let frame = h.max_frame_size.map_or(d.max_frame_size as u64, |v| v.0);
+    if !(16_384..=16_777_215).contains(&frame) {
+        return Err(invalid("http2.max_frame_size", "must be 16KiB to 16MiB-1 (RFC 9113 §6.5.2)"));
+    }
+    Ok(Http2Settings {
+        enabled: h.enabled.unwrap_or(d.enabled),
+        max_concurrent_streams: streams,
+        initial_stream_window: stream_window as u32,
+        initial_connection_window: connection_window as u32,
+        max_frame_size: frame as u32,
+        max_streams_per_ip: h.max_streams_per_ip.unwrap_or(d.max_streams_per_ip),
+        keepalive_interval: dur(h.keepalive_interval, d.keepalive_interval),
+        keepalive_timeout: dur(h.keepalive_timeout, d.keepalive_timeout),
     })
 }
 

@@ -47,6 +47,9 @@ pub enum RequestError {
     /// (429, `Retry-After` like [`RequestError::HandshakeRate`]).
     #[error("too many token checks from this address")]
     TokenCheckRate(std::time::Duration),
+    /// The client address holds `max_streams_per_ip` HTTP/2 streams already (429).
+    #[error("too many HTTP/2 streams from this address")]
+    TooManyStreams,
     /// A broken invariant inside the proxy (500); the detail goes to the log, never the body.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -69,6 +72,7 @@ impl RequestError {
             RequestError::Route(RouteError::NoRoute) => StatusCode::NOT_FOUND,
             RequestError::Route(RouteError::InvalidCapture(_)) => StatusCode::BAD_REQUEST,
             RequestError::Upgrade(UpgradeError::NotUpgrade | UpgradeError::BadVersion) => StatusCode::UPGRADE_REQUIRED,
+            RequestError::Upgrade(UpgradeError::ConnectTunnel) => StatusCode::METHOD_NOT_ALLOWED,
             RequestError::Upgrade(_) => StatusCode::BAD_REQUEST,
             RequestError::Auth(a) if a.is_forbidden() => StatusCode::FORBIDDEN,
             RequestError::Auth(_) => StatusCode::UNAUTHORIZED,
@@ -92,9 +96,10 @@ impl RequestError {
                 ForwardError::ConnectTimeout | ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
             },
-            RequestError::TooManySessions | RequestError::HandshakeRate(_) | RequestError::TokenCheckRate(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            RequestError::TooManySessions
+            | RequestError::TooManyStreams
+            | RequestError::HandshakeRate(_)
+            | RequestError::TokenCheckRate(_) => StatusCode::TOO_MANY_REQUESTS,
             RequestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -107,6 +112,7 @@ impl RequestError {
             RequestError::Upgrade(UpgradeError::NotUpgrade) => "not_upgrade",
             RequestError::Upgrade(UpgradeError::BadVersion) => "bad_version",
             RequestError::Upgrade(UpgradeError::HttpOnlyRoute) => "upgrade_not_allowed",
+            RequestError::Upgrade(UpgradeError::ConnectTunnel) => "connect_refused",
             RequestError::Upgrade(_) => "bad_handshake",
             RequestError::Auth(a) if a.is_forbidden() => "forbidden",
             RequestError::Auth(_) => "unauthorized",
@@ -132,6 +138,7 @@ impl RequestError {
             },
             RequestError::Draining => "draining",
             RequestError::TooManySessions => "subject_sessions",
+            RequestError::TooManyStreams => "per_ip_streams",
             RequestError::HandshakeRate(_) => "handshake_rate",
             RequestError::TokenCheckRate(_) => "token_check_rate",
             RequestError::Internal(_) => "internal",

@@ -1,5 +1,7 @@
 //! Stage: http. Serves HTTP/1.1 on a client stream with hyper, with a header size limit (431)
-//! and a header read timeout that answers 408.
+//! and a header read timeout that answers 408; or HTTP/2 (ALPN `h2`) with the `[http2]`
+//! settings and extended CONNECT (RFC 8441) enabled, the header list bounded the same way and
+//! the first request's deadline closing the connection.
 //!
 //! hyper's own header timeout closes the connection silently, so the first request's deadline
 //! is enforced here by [`HeadIo`], a thin wrapper that writes a `408 Request Timeout` and ends
@@ -13,12 +15,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioTimer;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-use crate::config::ServerSettings;
+use crate::config::{Http2Settings, ServerSettings};
 
 const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
@@ -34,9 +36,28 @@ pub fn builder(settings: &ServerSettings) -> http1::Builder {
     b
 }
 
+/// The hyper HTTP/2 builder for client connections. Each stream's handler runs as a task of
+/// its own (the executor), so a stream that waits never holds up the connection's others.
+pub fn h2_builder(server: &ServerSettings, h2: &Http2Settings) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(h2.max_concurrent_streams)
+        .initial_stream_window_size(h2.initial_stream_window)
+        .initial_connection_window_size(h2.initial_connection_window)
+        .max_frame_size(h2.max_frame_size)
+        .max_header_list_size(u32::try_from(server.max_header_size).unwrap_or(u32::MAX));
+    if !h2.keepalive_interval.is_zero() {
+        b.keep_alive_interval(h2.keepalive_interval).keep_alive_timeout(h2.keepalive_timeout);
+    }
+    b
+}
+
 /// A client stream during the HTTP phase: enforces the first request's header deadline.
 pub struct HeadIo<S> {
     inner: S,
+    /// Written when the deadline passes (HTTP/1.1's 408; nothing on HTTP/2).
+    answer: &'static [u8],
     deadline: Option<Pin<Box<Sleep>>>,
     head_done: Arc<AtomicBool>,
     timed_out: Arc<AtomicBool>,
@@ -46,7 +67,15 @@ impl<S> HeadIo<S> {
     /// Wraps `inner`; `head_done` is set by the service when the request head has arrived, and
     /// `timed_out` is set here when the deadline passes first.
     pub fn new(inner: S, limit: Duration, head_done: Arc<AtomicBool>, timed_out: Arc<AtomicBool>) -> Self {
-        HeadIo { inner, deadline: Some(Box::pin(tokio::time::sleep(limit))), head_done, timed_out }
+        let deadline = Some(Box::pin(tokio::time::sleep(limit)));
+        HeadIo { inner, answer: RESPONSE_408, deadline, head_done, timed_out }
+    }
+
+    /// The same deadline, which ends the stream without writing an answer (HTTP/2, where a
+    /// client that sent no request has no stream to answer on).
+    pub fn silent(mut self) -> Self {
+        self.answer = b"";
+        self
     }
 
     /// The wrapped stream.
@@ -69,8 +98,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadIo<S> {
                 this.timed_out.store(true, Ordering::Relaxed);
                 // Best effort: the socket's send buffer is empty at this point, so this write
                 // completes at once in practice; if it does not, the client just sees a close.
-                let _ = Pin::new(&mut this.inner).poll_write(cx, RESPONSE_408);
-                let _ = Pin::new(&mut this.inner).poll_flush(cx);
+                if !this.answer.is_empty() {
+                    let _ = Pin::new(&mut this.inner).poll_write(cx, this.answer);
+                    let _ = Pin::new(&mut this.inner).poll_flush(cx);
+                }
                 return Poll::Ready(Ok(()));
             }
         }

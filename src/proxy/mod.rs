@@ -13,6 +13,11 @@
 //! upgraded stream is then unwrapped back to the concrete client stream and [`relay`] takes
 //! over in a task of its own, holding only what the session needs (the connection task, with
 //! hyper's and the handshake's state, ends first).
+//!
+//! A TLS client that chose `h2` by ALPN is served by [`serve_h2`] instead: the same handler
+//! runs once per stream, a WebSocket is an extended CONNECT (RFC 8441) answered 200, and its
+//! relay runs in a task of its own on the upgraded stream while the connection task keeps the
+//! connection's other streams going.
 
 pub(crate) mod accept;
 pub(crate) mod auth;
@@ -64,14 +69,15 @@ struct ConnCtx {
     shared: Arc<Shared>,
     client_addr: SocketAddr,
     tls: bool,
+    /// HTTP/2: every request is a stream, and a WebSocket an extended CONNECT.
+    h2: bool,
     /// Set by the handler when it answers 101; taken by the connection task after hyper hands
-    /// the connection over.
-    pending: Mutex<Option<Pending>>,
+    /// the connection over (HTTP/1.1 only).
+    pending: Mutex<Option<(OnUpgrade, Pending)>>,
 }
 
 /// An accepted upgrade waiting for hyper to release the client stream.
 struct Pending {
-    on_upgrade: OnUpgrade,
     backend: BackendConn,
     route: Arc<RouteConfig>,
     claims: Option<Arc<Claims>>,
@@ -80,6 +86,8 @@ struct Pending {
     registered: SessionGuard,
     /// Its places under the subject's session caps.
     subject_slots: Vec<SubjectSlot>,
+    /// Its place under `max_streams_per_ip` (HTTP/2).
+    stream_slot: Option<crate::limits::IpSlot>,
 }
 
 /// Serves one client connection (after accept and tls) to its end.
@@ -89,9 +97,17 @@ pub async fn serve_connection(
     client_addr: SocketAddr,
     slot: accept::ConnSlot,
 ) {
+    if stream.is_h2() {
+        return serve_h2(shared, stream, client_addr, slot).await;
+    }
     let settings = shared.runtime.load().config.server.clone();
-    let ctx =
-        Arc::new(ConnCtx { shared: shared.clone(), client_addr, tls: stream.is_tls(), pending: Mutex::new(None) });
+    let ctx = Arc::new(ConnCtx {
+        shared: shared.clone(),
+        client_addr,
+        tls: stream.is_tls(),
+        h2: false,
+        pending: Mutex::new(None),
+    });
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
     let io =
@@ -121,8 +137,61 @@ pub async fn serve_connection(
     drop(ctx);
     let mut slot = slot;
     slot.handshake_done();
-    if let Some(p) = pending {
-        run_session(shared, p, client_addr, slot).await;
+    if let Some((on_upgrade, p)) = pending {
+        run_session(shared, on_upgrade, p, client_addr, slot).await;
+    }
+}
+
+/// Serves an HTTP/2 connection (ALPN `h2`) until its last stream ends. Each stream's handler
+/// is a task of its own (hyper's executor), and each WebSocket's relay another, so no stream
+/// waits for another; flow control bounds what each may buffer (`[http2]`). On drain the
+/// connection sends GOAWAY: streams already open finish (WebSockets get their 1001 from the
+/// drain), new ones are refused.
+async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: SocketAddr, mut slot: accept::ConnSlot) {
+    let runtime = shared.runtime.load_full();
+    let server = &runtime.config.server;
+    let ctx = Arc::new(ConnCtx { shared: shared.clone(), client_addr, tls: true, h2: true, pending: Mutex::new(None) });
+    let head_done = Arc::new(AtomicBool::new(false));
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let head = http::HeadIo::new(stream, server.header_read_timeout, head_done.clone(), timed_out.clone());
+    let io = TokioIo::new(head.silent());
+    // The connection counts as handshaking until its first stream is answered: a handover
+    // waits for that, as it waits for an HTTP/1.1 connection's upgrade.
+    let answered = Arc::new(tokio::sync::Notify::new());
+    let svc = {
+        let (ctx, answered) = (ctx.clone(), answered.clone());
+        service_fn(move |req| {
+            head_done.store(true, Ordering::Relaxed);
+            let (ctx, answered) = (ctx.clone(), answered.clone());
+            async move {
+                let resp = handle(ctx, req).await;
+                answered.notify_one();
+                resp
+            }
+        })
+    };
+    shared.metrics.http2_connection();
+    let mut conn = std::pin::pin!(http::h2_builder(server, &runtime.config.http2).serve_connection(io, svc));
+    drop(runtime);
+    let (mut first_answered, mut draining) = (false, false);
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = answered.notified(), if !first_answered => {
+                first_answered = true;
+                slot.handshake_done();
+            }
+            _ = shared.drain.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    };
+    if timed_out.load(Ordering::Relaxed) {
+        shared.metrics.upgrade("none", "header_timeout");
+    }
+    if let Err(e) = result {
+        tracing::debug!(client = %client_addr, error = %e, "http/2 connection ended with an error");
     }
 }
 
@@ -130,22 +199,66 @@ pub async fn serve_connection(
 pub type ProxyBody = Either<Full<Bytes>, stream::Download>;
 
 /// The request handler: picks the route, then runs the WebSocket or the plain HTTP path.
-async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let runtime = ctx.shared.runtime.load_full();
-    let websocket = upgrade::is_websocket(req.headers());
+    let websocket = if ctx.h2 {
+        // HTTP/2 names the host in `:authority`; routing, the forwarding headers and the
+        // backend request read it as HTTP/1.1's `Host`.
+        if let (false, Some(authority)) = (req.headers().contains_key(HOST), req.uri().authority()) {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+        upgrade::is_extended_connect(&req)
+    } else {
+        upgrade::is_websocket(req.headers())
+    };
     let found = route::find(&runtime.routes, req.headers(), req.uri().path());
+    if !websocket && req.method() == ::http::Method::CONNECT {
+        let route = found.as_ref().map_or("none", |(r, _)| r.name.as_str());
+        return Ok(reject_request(&ctx, &req, route, started, upgrade::UpgradeError::ConnectTunnel.into()));
+    }
+    let stream_slot = match ctx.h2.then(|| stream_slot(&ctx, &runtime)) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(slot)) => slot,
+        Some(Err(e)) => {
+            let route = found.as_ref().map_or("none", |(r, _)| r.name.as_str()).to_owned();
+            return Ok(match websocket {
+                true => reject(&ctx, &route, e),
+                false => reject_request(&ctx, &req, &route, started, e),
+            });
+        }
+    };
+    if ctx.h2 {
+        ctx.shared.metrics.http2_stream(if websocket { "websocket" } else { "request" });
+    }
     let resp = match (found, websocket) {
         (Err(e), true) => reject(&ctx, "none", e.into()),
         (Err(e), false) => reject_request(&ctx, &req, "none", started, e.into()),
-        (Ok((route, caps)), true) if route.kind.websocket() => handle_upgrade(&ctx, &runtime, route, caps, req).await,
+        (Ok((route, caps)), true) if route.kind.websocket() => {
+            handle_upgrade(&ctx, &runtime, route, caps, req, stream_slot).await
+        }
         (Ok((route, _)), true) => reject(&ctx, &route.name, upgrade::UpgradeError::HttpOnlyRoute.into()),
         (Ok((route, caps)), false) if route.kind.http() => {
-            handle_request(&ctx, &runtime, route, caps, req, started).await
+            handle_request(&ctx, &runtime, route, caps, req, started, stream_slot).await
         }
         (Ok((route, _)), false) => reject(&ctx, &route.name, upgrade::UpgradeError::NotUpgrade.into()),
     };
     Ok(resp)
+}
+
+/// An HTTP/2 stream's place under `max_streams_per_ip` (none when there is no cap), or 429.
+fn stream_slot(ctx: &ConnCtx, runtime: &Runtime) -> Result<Option<crate::limits::IpSlot>, RequestError> {
+    let max = runtime.config.http2.max_streams_per_ip;
+    if max == 0 {
+        return Ok(None);
+    }
+    let key = crate::limits::ip_key(ctx.client_addr.ip(), runtime.config.server.ipv6_prefix_len);
+    ctx.shared.per_ip_streams.try_acquire(key, max).map_err(|_| {
+        crate::metrics::limit_refused("per_ip_streams");
+        RequestError::TooManyStreams
+    })
 }
 
 /// How the client reached the proxy, for the forwarding headers.
@@ -187,6 +300,7 @@ fn session_entry(
         jti: claims.and_then(|c| c.jti().map(str::to_owned)),
         token_exp: claims.map(|c| c.exp()),
         client: ctx.client_addr,
+        http: if ctx.h2 { "h2" } else { "http/1.1" },
         backend: OnceLock::new(),
         started: SystemTime::now(),
         control: SessionControl::new(),
@@ -237,6 +351,7 @@ async fn handle_request(
     caps: Captures,
     req: Request<Incoming>,
     started: Instant,
+    stream_slot: Option<crate::limits::IpSlot>,
 ) -> Response<ProxyBody> {
     if ctx.shared.drain.is_cancelled() {
         return reject_request(ctx, &req, &route.name, started, RequestError::Draining);
@@ -307,7 +422,8 @@ async fn handle_request(
     };
     let least_conns = (route.balance.policy == crate::config::Policy::LeastConnections)
         .then(|| ctx.shared.conns.acquire(&answered.member));
-    let download = stream::Download::new(body, settings.idle_body_timeout, governance, exchange, least_conns);
+    let mut download = stream::Download::new(body, settings.idle_body_timeout, governance, exchange, least_conns);
+    download.hold_stream_slot(stream_slot);
     Response::from_parts(parts, Either::Right(download))
 }
 
@@ -360,6 +476,7 @@ async fn handle_upgrade(
     route: Arc<RouteConfig>,
     caps: Captures,
     mut req: Request<Incoming>,
+    stream_slot: Option<crate::limits::IpSlot>,
 ) -> Response<ProxyBody> {
     // Before any token is looked at: a flood of handshakes (with bad tokens or none) costs one
     // bucket check per attempt, not a signature check.
@@ -370,7 +487,8 @@ async fn handle_upgrade(
             return reject(ctx, &route.name, RequestError::HandshakeRate(wait));
         }
     }
-    let ws = match upgrade::check(&req) {
+    let checked = if ctx.h2 { upgrade::check_extended_connect(&req) } else { upgrade::check(&req) };
+    let ws = match checked {
         Ok(ws) => ws,
         Err(e) => return reject(ctx, &route.name, e.into()),
     };
@@ -426,11 +544,15 @@ async fn handle_upgrade(
         return reject(ctx, &route.name, e);
     }
     let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
-    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(SEC_WEBSOCKET_ACCEPT, backend.accept.clone());
+    if !ctx.h2 {
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(SEC_WEBSOCKET_ACCEPT, backend.accept.clone());
+    }
+    // HTTP/2 accepts an extended CONNECT with 200 (RFC 8441 §5).
+    *resp.status_mut() = if ctx.h2 { StatusCode::OK } else { StatusCode::SWITCHING_PROTOCOLS };
+    let h = resp.headers_mut();
     // Only a real subprotocol is echoed, never a token-carrying entry.
     let token_entry = |p: &HeaderValue| {
         admitted.token_subprotocol.as_deref().is_some_and(|prefix| p.as_bytes().starts_with(prefix.as_bytes()))
@@ -452,16 +574,22 @@ async fn handle_upgrade(
         h.insert(SEC_WEBSOCKET_EXTENSIONS, e.clone());
     }
     ctx.shared.metrics.upgrade(&route.name, "ok");
-    let pending = Pending {
-        on_upgrade: hyper::upgrade::on(&mut req),
-        backend,
-        route,
-        claims: admitted.claims,
-        registered,
-        subject_slots,
-    };
-    if let Ok(mut slot) = ctx.pending.lock() {
-        *slot = Some(pending);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let pending = Pending { backend, route, claims: admitted.claims, registered, subject_slots, stream_slot };
+    if ctx.h2 {
+        // The connection goes on serving other streams: this one's session starts once hyper
+        // has sent the 200 and handed the stream over.
+        let shared = ctx.shared.clone();
+        let client_addr = ctx.client_addr;
+        ctx.shared.tasks.spawn(
+            async move {
+                let Some(upgraded) = upgraded(on_upgrade, client_addr).await else { return };
+                start_session(&shared, pending, TokioIo::new(upgraded), Vec::new(), None);
+            }
+            .in_current_span(),
+        );
+    } else if let Ok(mut slot) = ctx.pending.lock() {
+        *slot = Some((on_upgrade, pending));
     }
     resp
 }
@@ -494,15 +622,23 @@ fn note_error(metrics: &crate::metrics::Metrics, route: &str, e: &RequestError) 
     }
 }
 
-/// Relays an upgraded session, registered for `/sessions`, and writes its log line.
-async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAddr, slot: accept::ConnSlot) {
-    let upgraded = match p.on_upgrade.await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::debug!(client = %client_addr, error = %e, "client upgrade failed");
-            return;
-        }
-    };
+/// The client stream hyper hands over once it has sent the upgrade's answer.
+async fn upgraded(on_upgrade: OnUpgrade, client_addr: SocketAddr) -> Option<hyper::upgrade::Upgraded> {
+    on_upgrade.await.inspect_err(|e| tracing::debug!(client = %client_addr, error = %e, "client upgrade failed")).ok()
+}
+
+/// An HTTP/2 WebSocket's client side: the upgraded stream, finished with END_STREAM.
+impl relay::FinishStream for TokioIo<hyper::upgrade::Upgraded> {}
+
+/// Relays an upgraded HTTP/1.1 session on the connection's own stream.
+async fn run_session(
+    shared: Arc<Shared>,
+    on_upgrade: OnUpgrade,
+    p: Pending,
+    client_addr: SocketAddr,
+    slot: accept::ConnSlot,
+) {
+    let Some(upgraded) = upgraded(on_upgrade, client_addr).await else { return };
     let parts = match upgraded.downcast::<TokioIo<http::HeadIo<ClientStream>>>() {
         Ok(parts) => parts,
         Err(_) => {
@@ -515,6 +651,19 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
     // bytes it holds (usually none) and let the buffer go, or every idle session pins it.
     let client_early = parts.read_buf.to_vec();
     drop(parts.read_buf);
+    start_session(&shared, p, client, client_early, Some(slot));
+}
+
+/// Starts the relay of an accepted session, registered for `/sessions`, as a task of its own;
+/// it writes the session's log line at the end. `slot` is the client connection's, when the
+/// session is its connection's only use (HTTP/1.1).
+fn start_session<C: relay::FinishStream + Send + 'static>(
+    shared: &Arc<Shared>,
+    mut p: Pending,
+    client: C,
+    client_early: Vec<u8>,
+    slot: Option<accept::ConnSlot>,
+) {
     let expires_at = session_deadline(&p.route, &shared.runtime.load(), p.claims.as_deref());
     let registered = p.registered;
     let params = RelayParams {
@@ -536,6 +685,7 @@ async fn run_session(shared: Arc<Shared>, mut p: Pending, client_addr: SocketAdd
         registered,
         _slot: slot,
         _subject_slots: p.subject_slots,
+        _stream_slot: p.stream_slot,
     };
     // The relay runs as its own task with only what it needs: the handshake-phase state of
     // this connection task (hyper, TLS handshake, request handling) is freed now, which keeps
@@ -551,8 +701,9 @@ struct Finish {
     metrics: Arc<crate::metrics::Metrics>,
     _least_conns: Option<crate::routing::sticky::ConnGuard>,
     registered: crate::session::SessionGuard,
-    _slot: accept::ConnSlot,
+    _slot: Option<accept::ConnSlot>,
     _subject_slots: Vec<SubjectSlot>,
+    _stream_slot: Option<crate::limits::IpSlot>,
 }
 
 impl Finish {

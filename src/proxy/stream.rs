@@ -338,9 +338,15 @@ pub struct Download {
     sent: u64,
     end: Option<&'static str>,
     _least_conns: Option<ConnGuard>,
+    _stream_slot: Option<crate::limits::IpSlot>,
 }
 
 impl Download {
+    /// Holds an HTTP/2 stream's place under `max_streams_per_ip` until the body ends.
+    pub fn hold_stream_slot(&mut self, slot: Option<crate::limits::IpSlot>) {
+        self._stream_slot = slot;
+    }
+
     /// Streams `inner`; an event stream passes `governance`.
     pub fn new(
         inner: Incoming,
@@ -361,6 +367,7 @@ impl Download {
             sent: 0,
             end: None,
             _least_conns: least_conns,
+            _stream_slot: None,
         }
     }
 

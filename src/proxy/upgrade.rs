@@ -1,5 +1,9 @@
 //! Stage: upgrade. Checks that a request is a valid WebSocket opening handshake (RFC 6455
-//! §4.2.1) and computes the accept value.
+//! §4.2.1 on HTTP/1.1, RFC 8441 §4 extended CONNECT on HTTP/2) and computes the accept value.
+//!
+//! An HTTP/2 WebSocket carries no `Sec-WebSocket-Key` (the stream itself is the proof that
+//! the server speaks WebSocket), but the backend is reached over HTTP/1.1 and needs one: the
+//! proxy makes a fresh random key for it, and checks the backend's accept against that.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
@@ -30,6 +34,12 @@ pub enum UpgradeError {
     /// `Sec-WebSocket-Version` is not 13 (426 with `Sec-WebSocket-Version: 13`).
     #[error("only WebSocket version 13 is supported")]
     BadVersion,
+    /// An HTTP/2 extended CONNECT asks for a `:protocol` other than `websocket` (400).
+    #[error("an extended CONNECT must ask for :protocol websocket")]
+    BadProtocol,
+    /// A CONNECT that is not a WebSocket: the proxy opens no tunnels (405).
+    #[error("CONNECT is only served for WebSockets (RFC 8441)")]
+    ConnectTunnel,
 }
 
 /// The parts of a valid upgrade request that go on to the backend.
@@ -46,6 +56,37 @@ pub struct WsRequest {
 /// Whether the request asks for a WebSocket (`Upgrade: websocket`), valid or not.
 pub fn is_websocket(headers: &HeaderMap) -> bool {
     header_has_token(headers, &UPGRADE, "websocket")
+}
+
+/// Whether an HTTP/2 request is an extended CONNECT (RFC 8441 §4), for any `:protocol`.
+pub fn is_extended_connect<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some()
+}
+
+/// Validates an HTTP/2 WebSocket opening (RFC 8441 §5): `CONNECT` with `:protocol =
+/// websocket` and `Sec-WebSocket-Version: 13`. The key passed to the backend is a new random
+/// one.
+pub fn check_extended_connect<B>(req: &Request<B>) -> Result<WsRequest, UpgradeError> {
+    match req.extensions().get::<hyper::ext::Protocol>() {
+        None => return Err(UpgradeError::NotUpgrade),
+        Some(p) if p.as_str() != "websocket" => return Err(UpgradeError::BadProtocol),
+        Some(_) => {}
+    }
+    if req.method() != Method::CONNECT {
+        return Err(UpgradeError::BadMethod);
+    }
+    let headers = req.headers();
+    let mut versions = headers.get_all(SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes() == b"13" => {}
+        _ => return Err(UpgradeError::BadVersion),
+    }
+    let key = BASE64.encode(rand::random::<[u8; 16]>());
+    Ok(WsRequest {
+        key: HeaderValue::from_str(&key).map_err(|_| UpgradeError::BadKey)?,
+        protocol: joined(headers, &SEC_WEBSOCKET_PROTOCOL),
+        extensions: joined(headers, &SEC_WEBSOCKET_EXTENSIONS),
+    })
 }
 
 /// Validates the opening handshake.
@@ -119,6 +160,29 @@ mod tests {
             .header("connection", "keep-alive, Upgrade")
             .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
             .header("sec-websocket-version", "13")
+    }
+
+    #[test]
+    fn extended_connect_is_checked_and_gets_a_fresh_key() {
+        let h2 = |protocol: Option<&'static str>, version: &str| {
+            let mut r = Request::connect("https://a.example/x")
+                .header("sec-websocket-version", version)
+                .body(())
+                .expect("request");
+            if let Some(p) = protocol {
+                r.extensions_mut().insert(hyper::ext::Protocol::from_static(p));
+            }
+            r
+        };
+        let a = check_extended_connect(&h2(Some("websocket"), "13")).expect("valid");
+        let b = check_extended_connect(&h2(Some("websocket"), "13")).expect("valid");
+        assert_eq!(BASE64.decode(a.key.as_bytes()).expect("base64").len(), 16);
+        assert_ne!(a.key, b.key, "each opening gets its own key");
+        assert_eq!(check_extended_connect(&h2(Some("connect-udp"), "13")).unwrap_err(), UpgradeError::BadProtocol);
+        assert_eq!(check_extended_connect(&h2(Some("websocket"), "8")).unwrap_err(), UpgradeError::BadVersion);
+        assert_eq!(check_extended_connect(&h2(None, "13")).unwrap_err(), UpgradeError::NotUpgrade);
+        assert!(is_extended_connect(&h2(Some("connect-udp"), "13")));
+        assert!(!is_extended_connect(&h2(None, "13")));
     }
 
     #[test]

@@ -8,39 +8,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::mint;
-
 use crate::harness::*;
-
-/// An HMAC key for the `[[auth.keys]]` of these tests.
-struct Hmac {
-    secret: Vec<u8>,
-    path: std::path::PathBuf,
-}
-
-fn hmac() -> Hmac {
-    let secret: Vec<u8> = format!("http-test-secret-{}", rand::random::<u64>()).into_bytes();
-    let path = certs().dir.join(format!("hmac-{}", rand::random::<u32>()));
-    std::fs::write(&path, &secret).expect("write secret");
-    Hmac { secret, path }
-}
-
-impl Hmac {
-    fn token(&self, sub: &str, agents: &[&str], ttl: Duration) -> String {
-        let key = mint::encoding_key(Algorithm::HS256, &self.secret).expect("key");
-        let claims = json!({ "sub": sub, "agents": agents });
-        let Value::Object(claims) = claims else { unreachable!() };
-        mint::mint(Algorithm::HS256, &key, None, claims, ttl).expect("mint")
-    }
-
-    fn bearer(&self, agents: &[&str]) -> String {
-        format!("Bearer {}", self.token("alice", agents, Duration::from_secs(600)))
-    }
-}
 
 /// The base configuration plus the route `api` (`/agents/{agent}/api/{*rest}` to
 /// `/v1/{rest}`, kind http) to `members`, with `route_extra` TOML lines in the route table and

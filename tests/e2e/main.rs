@@ -17,6 +17,7 @@ mod faults;
 mod handover;
 mod handshake;
 mod http;
+mod http2;
 mod limits;
 mod metrics;
 mod proxy_protocol;

@@ -204,6 +204,11 @@ impl TlsConn {
         Ok(s)
     }
 
+    /// The protocol ALPN settled on, if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             match ready!(self.step(cx, Want::Handshake))? {

@@ -83,8 +83,12 @@ fn cipher_suite(name: &str) -> Option<SupportedCipherSuite> {
     rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES.iter().copied().find(|s| format!("{:?}", s.suite()) == name)
 }
 
-/// Builds the server configuration from PEM files.
-pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsConfigError> {
+/// The ALPN protocol id of HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Builds the server configuration from PEM files; ALPN offers `h2` when `http2` is set, and
+/// HTTP/1.1 always (also to a client that sends no ALPN).
+pub fn server_config(settings: &TlsSettings, http2: bool) -> Result<Arc<ServerConfig>, TlsConfigError> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = settings
         .cipher_suites
@@ -108,7 +112,8 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsCon
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if http2 { vec![ALPN_H2.to_vec()] } else { Vec::new() };
+    config.alpn_protocols.push(b"http/1.1".to_vec());
     config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
@@ -155,7 +160,7 @@ pub fn check_files(settings: &TlsSettings) -> Vec<TlsConfigError> {
         }
     }
     if problems.is_empty() {
-        problems.extend(server_config(settings).err());
+        problems.extend(server_config(settings, true).err());
     }
     problems
 }
@@ -197,6 +202,11 @@ impl ClientStream {
     /// Whether the connection is TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_))
+    }
+
+    /// Whether the client chose HTTP/2 by ALPN.
+    pub fn is_h2(&self) -> bool {
+        matches!(self, ClientStream::Tls(s) if s.alpn_protocol() == Some(ALPN_H2))
     }
 }
 

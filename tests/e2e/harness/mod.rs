@@ -8,20 +8,24 @@ mod certs;
 mod client;
 mod codec;
 mod config;
+mod h2client;
 mod http;
 mod process;
 mod proxy;
 mod rest;
+mod tokens;
 
 pub use backend::*;
 pub use certs::*;
 pub use client::*;
 pub use codec::*;
 pub use config::*;
+pub use h2client::*;
 pub use http::*;
 pub use process::*;
 pub use proxy::*;
 pub use rest::*;
+pub use tokens::*;
 
 use std::time::Duration;
 

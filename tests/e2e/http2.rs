@@ -1,0 +1,386 @@
+//! HTTP/2 on the client side: ALPN, WebSockets by extended CONNECT (RFC 8441) relayed to
+//! HTTP/1.1 backends, auth and close codes as on HTTP/1.1, many WebSockets on one connection,
+//! a stalled stream beside a live one, the per-address stream cap, plain requests, and the
+//! refusals (CONNECT tunnels, other `:protocol`s). The client is the `h2` crate's.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::harness::*;
+
+const PATH: &str = "/agents/a1/terminal";
+
+async fn echo_round_trip(c: &mut Client, payload: &[u8]) {
+    c.send(true, op::BINARY, payload).await;
+    let f = c.recv().await;
+    assert_eq!((f.opcode, f.payload.as_slice()), (op::BINARY, payload));
+}
+
+async fn metrics(proxy: &Proxy) -> String {
+    http_get(proxy.admin, "/metrics").await.1
+}
+
+#[tokio::test]
+async fn a_websocket_over_h2_echoes_byte_identical_and_reaches_the_backend_over_http1() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, "").await;
+    let mut h2 = H2::connect(proxy.tls).await;
+    let mut c = h2.websocket(PATH, &[]).await.expect("200");
+    assert!(h2.extended_connect(), "SETTINGS_ENABLE_CONNECT_PROTOCOL is sent");
+    assert_eq!(c.response.header("sec-websocket-accept"), None, "RFC 8441: no accept value over h2");
+
+    c.send(true, op::TEXT, "héllo über h2".as_bytes()).await;
+    let f = c.recv().await;
+    assert_eq!((f.fin, f.opcode, f.payload.as_slice()), (true, op::TEXT, "héllo über h2".as_bytes()));
+    assert!(!f.masked);
+    c.send(false, op::TEXT, b"frag-1 ").await;
+    c.send(true, op::PING, b"between").await;
+    c.send(true, op::CONT, b"frag-2").await;
+    let frames = [c.recv().await, c.recv().await, c.recv().await];
+    let got: Vec<(u8, &[u8])> = frames.iter().map(|f| (f.opcode, f.payload.as_slice())).collect();
+    assert_eq!(got, [(op::TEXT, &b"frag-1 "[..]), (op::PONG, b"between"), (op::CONT, b"frag-2")]);
+    // 1 MiB, more than every flow-control window on the way.
+    let big: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    echo_round_trip(&mut c, &big).await;
+
+    // The backend got an HTTP/1.1 upgrade with a key the proxy made (and checked the accept of).
+    let req = backend.log.requests.lock().expect("lock")[0].clone();
+    assert_eq!((req.method.as_str(), req.path.as_str()), ("GET", PATH));
+    assert_eq!(req.header("upgrade").map(str::to_ascii_lowercase).as_deref(), Some("websocket"));
+    let key = req.header("sec-websocket-key").expect("a key for the backend");
+    assert_eq!(base64_len(key), 16);
+    assert_eq!(req.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(req.header("x-forwarded-host"), Some("localhost"), ":authority is the host");
+
+    let (_, sessions) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+    let sessions: Value = serde_json::from_str(&sessions).expect("json");
+    assert_eq!(sessions["sessions"][0]["http"], "h2", "{sessions}");
+    let m = metrics(&proxy).await;
+    assert!(metric(&m, "portcullis_http2_connections_total") >= 1.0);
+    assert!(metric(&m, "portcullis_http2_streams_total{kind=\"websocket\"}") >= 1.0);
+
+    // The close handshake, then END_STREAM (the stream reads to its end).
+    c.send(true, op::CLOSE, &close_payload(1000, "done")).await;
+    assert_eq!(c.recv_close().await.close_code(), Some(1000));
+    c.expect_eof().await;
+}
+
+fn base64_len(v: &str) -> usize {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(v).map(|b| b.len()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn close_codes_over_h2_pass_through_come_from_the_proxy_and_drain_with_1001() {
+    let backend = Backend::echo().await;
+    let mut proxy = Proxy::start(backend.addr, "").await;
+    let mut h2 = H2::connect(proxy.tls).await;
+
+    // The client's code reaches the backend and the backend's echo of it comes back.
+    let mut c = h2.websocket(PATH, &[]).await.expect("200");
+    c.send(true, op::CLOSE, &close_payload(4000, "app bye")).await;
+    let f = c.recv_close().await;
+    assert_eq!((f.close_code(), &f.payload[2..]), (Some(4000), &b"app bye"[..]));
+    backend.log.wait_for("the client's 4000", |f| f.close_code() == Some(4000)).await;
+
+    // A protocol violation (an unmasked client frame) is closed by the proxy with 1002.
+    let mut c = h2.websocket(PATH, &[]).await.expect("200");
+    c.send_raw(&encode(true, 0, op::TEXT, None, b"unmasked")).await;
+    assert_eq!(c.recv_close().await.close_code(), Some(1002));
+
+    // On drain: 1001 on every live stream, then GOAWAY (a new stream is refused) and the
+    // connection ends once its streams have.
+    let mut a = h2.websocket(PATH, &[]).await.expect("200");
+    let mut b = h2.websocket(PATH, &[]).await.expect("200");
+    echo_round_trip(&mut a, b"before drain").await;
+    proxy.drain();
+    for c in [&mut a, &mut b] {
+        let f = c.recv_close().await;
+        assert_eq!(f.close_code(), Some(1001));
+        c.send(true, op::CLOSE, &f.payload).await;
+        c.expect_eof().await;
+    }
+    let ended = tokio::time::timeout(SOON, &mut h2.conn).await.expect("connection ends after the drain");
+    assert!(ended.expect("connection task").is_ok(), "a graceful GOAWAY, not an error");
+}
+
+#[tokio::test]
+async fn auth_over_h2_is_the_upgrade_path_s_auth() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .set("routes.0.name", "h2auth")
+        .merge("routes.0", "[auth]\nsources = [\"bearer\", \"query:access_token\"]\nagent_claim = \"agents\"")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let mut h2 = H2::connect(proxy.tls).await;
+
+    let none = h2.websocket(PATH, &[]).await.err().expect("no token");
+    assert_eq!(none.status, 401);
+    assert!(none.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")));
+    let other = h2.websocket(PATH, &[("authorization", &key.bearer(&["a2"]))]).await.err().expect("other agent");
+    assert_eq!(other.status, 403);
+    let bad = h2.websocket(PATH, &[("authorization", "Bearer not.a.token")]).await.err().expect("garbage");
+    assert_eq!(bad.status, 401);
+
+    let mut c = h2.websocket(PATH, &[("authorization", &key.bearer(&["a1"]))]).await.expect("bearer");
+    echo_round_trip(&mut c, b"with a bearer token").await;
+    let token = key.token("alice", &["a1"], Duration::from_secs(600));
+    let mut c = h2.websocket(&format!("{PATH}?cols=80&access_token={token}"), &[]).await.expect("query");
+    echo_round_trip(&mut c, b"with a query token").await;
+
+    let requests = backend.log.requests.lock().expect("lock").clone();
+    assert_eq!(requests.len(), 2, "refused openings never reach the backend");
+    for r in &requests {
+        let all = format!("{} {:?}", r.path, r.headers);
+        assert!(!all.contains(&token) && !all.to_ascii_lowercase().contains("authorization"), "{all}");
+    }
+    assert_eq!(requests[1].path, format!("{PATH}?cols=80"));
+    let m = metrics(&proxy).await;
+    assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"h2auth\",result=\"unauthorized\"}"), 2.0);
+    assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"h2auth\",result=\"forbidden\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn ten_websockets_share_one_h2_connection() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, "").await;
+    let mut h2 = H2::connect(proxy.tls).await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(h2.websocket(PATH, &[]).await.expect("200"));
+    }
+    // All ten at once, each with its own payloads.
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                for n in 0..50u32 {
+                    let payload = format!("stream {i} message {n}").repeat(1 + n as usize % 40);
+                    echo_round_trip(&mut c, payload.as_bytes()).await;
+                }
+                c
+            })
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.expect("stream task"));
+    }
+    let (_, sessions) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+    let sessions: Value = serde_json::from_str(&sessions).expect("json");
+    let list = sessions["sessions"].as_array().expect("list");
+    assert_eq!(list.len(), 10);
+    assert!(list.iter().all(|s| s["http"] == "h2"));
+    // One client address and port: one TCP connection carries them all.
+    assert!(list.iter().all(|s| s["client"] == list[0]["client"]), "{list:?}");
+    // Closing one leaves the others running.
+    let mut first = clients.remove(0);
+    first.send(true, op::CLOSE, &close_payload(1000, "")).await;
+    assert_eq!(first.recv_close().await.close_code(), Some(1000));
+    for c in &mut clients {
+        echo_round_trip(c, b"still here").await;
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_stream_does_not_hold_up_another_on_the_same_connection() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, "").await;
+    let mut h2 = H2::connect(proxy.tls).await;
+    let stalled = h2.websocket(PATH, &[]).await.expect("200");
+    let mut live = h2.websocket(PATH, &[]).await.expect("200");
+
+    // The stalled stream's client sends far more than every window and socket buffer on the
+    // way can hold, and reads none of the echoes: its writer blocks for good, with the proxy's
+    // stream window full one way and the client's the other.
+    let (mut echoes, mut sink) = tokio::io::split(stalled.io);
+    let frame = encode(true, 0, op::BINARY, Some(rand_mask()), &[0x5a; 64 * 1024]);
+    let (tx, mut written) = tokio::sync::watch::channel(0usize);
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        for n in 1..=1024 {
+            sink.write_all(&frame).await.expect("stalled stream write");
+            let _ = tx.send(n);
+        }
+    });
+    // Until it is stalled: every buffer on the way full, its writer has made no progress for
+    // a while (on a slow machine this may come early, which makes the test weaker, not wrong).
+    tokio::time::timeout(SOON, written.wait_for(|n| *n >= 8)).await.expect("writes start").expect("writer");
+    let deadline = tokio::time::Instant::now() + SOON * 3;
+    while tokio::time::timeout(Duration::from_millis(300), written.changed()).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "the stalled stream never stalled");
+    }
+
+    // The other stream works as if alone (a write that waits for a window gets no timeout
+    // of its own: this one bounds the whole exchange).
+    let exchange = async {
+        for n in 0..20u32 {
+            echo_round_trip(&mut live, format!("live {n}").as_bytes()).await;
+        }
+    };
+    tokio::time::timeout(SOON, exchange).await.expect("the live stream is not held up");
+    assert!(!writer.is_finished(), "64 MiB unread cannot all have been taken");
+
+    // The stalled stream was only waiting: read again, its echoes come whole and in order,
+    // and its writer moves on.
+    let before = *written.borrow();
+    for _ in 0..before + 8 {
+        let f = tokio::time::timeout(SOON, read_frame(&mut echoes)).await.expect("echo in time").expect("echo");
+        assert_eq!((f.opcode, f.payload.len()), (op::BINARY, 64 * 1024));
+        assert!(f.payload.iter().all(|&b| b == 0x5a));
+    }
+    tokio::time::timeout(SOON, written.wait_for(|n| *n > before)).await.expect("writer resumes").expect("writer");
+    echo_round_trip(&mut live, b"still live").await;
+    writer.abort();
+}
+
+#[tokio::test]
+async fn the_per_address_stream_cap_answers_429_and_frees_when_a_stream_ends() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .set("routes.0.name", "h2cap")
+        .merge("http2", "max_streams_per_ip = 2")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let mut one = H2::connect(proxy.tls).await;
+    let mut two = H2::connect(proxy.tls).await;
+    let mut a = one.websocket(PATH, &[]).await.expect("first");
+    let _b = two.websocket(PATH, &[]).await.expect("second, on another connection");
+    let refused = one.websocket(PATH, &[]).await.err().expect("third is over the cap");
+    assert_eq!(refused.status, 429);
+    let m = metrics(&proxy).await;
+    assert_eq!(metric(&m, "portcullis_limit_refusals_total{reason=\"per_ip_streams\"}"), 1.0);
+    assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"h2cap\",result=\"per_ip_streams\"}"), 1.0);
+
+    a.send(true, op::CLOSE, &close_payload(1000, "")).await;
+    a.recv_close().await;
+    a.expect_eof().await;
+    // The place frees when the session's task ends, just after the stream's end.
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        match one.websocket(PATH, &[]).await {
+            Ok(mut c) => {
+                echo_round_trip(&mut c, b"in the freed place").await;
+                break;
+            }
+            Err(h) if h.status == 429 && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(h) => panic!("the cap did not free: {}", h.status),
+        }
+    }
+}
+
+#[tokio::test]
+async fn connect_tunnels_and_other_protocols_are_refused() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr, "").await;
+    let mut h2 = H2::connect(proxy.tls).await;
+    // A classic CONNECT (no :protocol): the proxy opens no tunnels.
+    let req =
+        ::http::Request::builder().method(::http::Method::CONNECT).uri("localhost:443").body(()).expect("request");
+    let (resp, _) = h2.open(req, false).await;
+    assert_eq!(resp.status(), 405);
+    // An extended CONNECT for another protocol.
+    let req = ::http::Request::builder()
+        .method(::http::Method::CONNECT)
+        .uri(format!("https://localhost{PATH}"))
+        .header("sec-websocket-version", "13")
+        .extension(::h2::ext::Protocol::from_static("connect-udp"))
+        .body(())
+        .expect("request");
+    let (resp, _) = h2.open(req, false).await;
+    assert_eq!(resp.status(), 400);
+    // A WebSocket of another version.
+    let refused = h2.websocket(PATH, &[("sec-websocket-version", "8")]).await.err().expect("version 8");
+    assert_eq!(refused.status, 426);
+    // A plain GET on the WebSocket route.
+    let (status, _) = h2.get(PATH, &[]).await;
+    assert_eq!(status, 426);
+    // The connection is still good.
+    let mut c = h2.websocket(PATH, &[]).await.expect("200");
+    echo_round_trip(&mut c, b"after the refusals").await;
+    assert!(backend.log.requests.lock().expect("lock").len() == 1);
+}
+
+#[tokio::test]
+async fn rest_requests_over_h2_reach_the_http_route_with_the_host_and_auth() {
+    let rest = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = TestConfig::base(&["127.0.0.1:1".to_owned()])
+        .merge(
+            "",
+            &format!(
+                "[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"\n\n[[routes]]\nname = \"h2api\"\npath = \"/agents/{{agent}}/api/{{*rest}}\"\nkind = \"http\"\nbackends = [\"{}\"]\nbackend_path = \"/v1/{{rest}}\"\n[routes.auth]\nagent_claim = \"agents\"",
+                key.path.display(),
+                rest.addr
+            ),
+        )
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let mut h2 = H2::connect(proxy.tls).await;
+    let (status, _) = h2.get("/agents/a1/api/headers", &[]).await;
+    assert_eq!(status, 401);
+    let auth = key.bearer(&["a1"]);
+    for _ in 0..3 {
+        let (status, body) = h2.get("/agents/a1/api/headers", &[("authorization", &auth)]).await;
+        assert_eq!((status, body), (200, Bytes::from_static(b"ok")));
+    }
+    let seen = rest.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0].uri, "/v1/headers");
+    assert_eq!(seen[0].headers.get("x-forwarded-host").map(String::as_str), Some("localhost"));
+    assert_eq!(seen[0].headers.get("host").map(String::as_str), Some(rest.addr.to_string().as_str()));
+    let m = metrics(&proxy).await;
+    assert!(metric(&m, "portcullis_http2_streams_total{kind=\"request\"}") >= 4.0);
+    assert_eq!(metric(&m, "portcullis_http_requests_total{route=\"h2api\",kind=\"request\",class=\"2xx\"}"), 3.0);
+}
+
+#[tokio::test]
+async fn alpn_offers_h2_unless_disabled_and_http1_clients_are_unchanged() {
+    let backend = Backend::echo().await;
+    let on = Proxy::start(backend.addr, "").await;
+    let (_, agreed) = dial_alpn(on.tls, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(agreed.as_deref(), Some(&b"h2"[..]));
+    let (_, agreed) = dial_alpn(on.tls, &[b"http/1.1"]).await;
+    assert_eq!(agreed.as_deref(), Some(&b"http/1.1"[..]));
+    // No ALPN at all is HTTP/1.1, as before.
+    let mut c = upgrade(on.tls, true, PATH, &[]).await.expect("101");
+    echo_round_trip(&mut c, b"http/1.1 as ever").await;
+
+    let text = TestConfig::base(&[backend.addr.to_string()]).merge("http2", "enabled = false").text();
+    let off = Proxy::start_with(&text).await;
+    let (_, agreed) = dial_alpn(off.tls, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(agreed.as_deref(), Some(&b"http/1.1"[..]), "h2 not offered when disabled");
+}
+
+#[tokio::test]
+async fn an_h2_client_that_sends_no_request_is_closed_at_the_header_deadline() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()]).set("server.header_read_timeout", "300ms").text();
+    let proxy = Proxy::start_with(&text).await;
+    let (mut tls, agreed) = dial_alpn(proxy.tls, &[b"h2"]).await;
+    assert_eq!(agreed.as_deref(), Some(&b"h2"[..]));
+    // Not even the connection preface: the proxy closes the connection (`header_timeout` in
+    // portcullis_upgrades_total, a process-wide series other tests count too).
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(SOON, async {
+        use tokio::io::AsyncReadExt;
+        let mut total = 0;
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    // The proxy's SETTINGS may come first; no HTTP/1.1 408 is written on an h2 connection.
+    assert!(!String::from_utf8_lossy(&buf[..n.min(256)]).contains("408"));
+}
