@@ -195,6 +195,19 @@ def main():
 
         check("the terminal opens with the subprotocol source (marker selected)", terminal_opens)
 
+        def websockets_over_h2():
+            # The page came over HTTP/2 (ALPN h2), and Chromium opened its WebSockets on that
+            # connection as RFC 8441 extended CONNECTs: the proxy lists them with http "h2".
+            page = wd.js("return performance.getEntriesByType('navigation')[0].nextHopProtocol;")
+            assert page == "h2", f"page loaded over {page}"
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/sessions", timeout=5) as r:
+                sessions = json.load(r)["sessions"]
+            ws = [x for x in sessions if x["kind"] == "websocket"]
+            assert ws and all(x["http"] == "h2" for x in ws), sessions
+            return f"page over {page}; {len(ws)} WebSocket session(s) over {', '.join(sorted({x['http'] for x in ws}))}"
+
+        check("the page and its WebSockets come over HTTP/2 (RFC 8441)", websockets_over_h2)
+
         word = f"portcullis-{random.randint(0, 10**9)}"
         css = ".xterm-helper-textarea" if xterm else "#fallback"
 
