@@ -123,6 +123,10 @@ pub struct Scenario {
     /// Spread sessions over source addresses 127.0.0.1 … 127.0.0.N (loopback targets only).
     #[arg(long, default_value_t = 1)]
     pub source_addrs: u8,
+    /// WebSockets over HTTP/2 (RFC 8441, wss:// only): this many sessions share each h2
+    /// connection (sessions i·N … i·N+N-1 the i-th). 0: HTTP/1.1, a connection per session.
+    #[arg(long, default_value_t = 0)]
+    pub h2_streams: u64,
     /// Target process id(s), comma-separated: sample RSS and CPU time from /proc, summed over the
     /// processes (e.g. all NGINX workers).
     #[arg(long, value_name = "PID[,PID...]")]
@@ -176,6 +180,7 @@ impl Default for Scenario {
             ca: None,
             insecure: false,
             source_addrs: 1,
+            h2_streams: 0,
             pid: None,
             quiet: false,
             conn_offset: 0,

@@ -1,5 +1,6 @@
 //! Opening one WebSocket session to the target: TCP (from a chosen source address), TLS, the
-//! HTTP/1.1 upgrade with headers, Origin and a token.
+//! HTTP/1.1 upgrade with headers, Origin and a token; or, with `--h2-streams N`, an extended
+//! CONNECT (RFC 8441) on an HTTP/2 connection that N sessions share.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -45,7 +46,19 @@ pub struct Target {
     token: Option<TokenMinter>,
     /// Number of loopback source addresses to spread connections over (1 = let the kernel pick).
     source_addrs: u8,
+    /// HTTP/2: sessions per connection, and the connections opened so far (by group).
+    h2: Option<H2Conns>,
 }
+
+/// The HTTP/2 connections sessions share: group `conn / per_conn` is opened by its first
+/// session and kept.
+struct H2Conns {
+    per_conn: u64,
+    tls: tokio_rustls::TlsConnector,
+    groups: std::sync::Mutex<std::collections::HashMap<u64, Arc<tokio::sync::OnceCell<H2Sender>>>>,
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
 
 /// Why a session could not be opened, classified for the error table.
 #[derive(Debug)]
@@ -89,13 +102,22 @@ impl Target {
             .with_context(|| format!("cannot resolve {host}"))?
             .next()
             .with_context(|| format!("{host} has no address"))?;
-        let tls = if tls { Some(tls_connector(s.ca.as_deref(), s.insecure)?) } else { None };
+        let tls = if tls { Some(tls_connector_alpn(s.ca.as_deref(), s.insecure, b"http/1.1")?) } else { None };
         let mut headers = Vec::new();
         for h in &s.headers {
             let (name, value) = h.split_once(':').context("headers are written `Name: value`")?;
             headers.push((name.trim().to_owned(), value.trim().to_owned()));
         }
         let token = TokenMinter::new(&s.token)?;
+        let h2 = match (s.h2_streams, tls.is_some()) {
+            (0, _) => None,
+            (_, false) => bail!("--h2-streams needs a wss:// target (HTTP/2 is negotiated by ALPN)"),
+            (per_conn, true) => Some(H2Conns {
+                per_conn,
+                tls: tls_connector_alpn(s.ca.as_deref(), s.insecure, b"h2")?,
+                groups: Default::default(),
+            }),
+        };
         let source_addrs = if addr.ip().is_loopback() && addr.is_ipv4() { s.source_addrs.clamp(1, 254) } else { 1 };
         Ok(Target {
             tls,
@@ -107,6 +129,7 @@ impl Target {
             subprotocol: s.subprotocol.clone(),
             token,
             source_addrs,
+            h2,
         })
     }
 
@@ -133,6 +156,9 @@ impl Target {
                 }
                 TokenVia::Subprotocol(prefix) => protocols.insert(0, format!("{prefix}{token}")),
             }
+        }
+        if let Some(h2) = &self.h2 {
+            return self.connect_h2(h2, conn, path, auth, protocols).await;
         }
         let mut req = Request::get(path)
             .header("host", &self.host)
@@ -178,6 +204,61 @@ impl Target {
 }
 
 impl Target {
+    /// Session `conn` as an extended CONNECT on its group's HTTP/2 connection.
+    async fn connect_h2(
+        &self,
+        h2: &H2Conns,
+        conn: u64,
+        path: String,
+        auth: Option<String>,
+        protocols: Vec<String>,
+    ) -> Result<Ws, ConnectError> {
+        let err = |kind: &str, e: &dyn std::fmt::Display| ConnectError { kind: kind.to_owned(), detail: e.to_string() };
+        let group = conn / h2.per_conn.max(1);
+        let cell = h2.groups.lock().map_err(|_| err("h2", &"lock"))?.entry(group).or_default().clone();
+        let sender = cell
+            .get_or_try_init(|| async {
+                let tcp = self.tcp(conn).await?;
+                let stream = self.tls(&h2.tls, tcp).await?;
+                if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err(err("h2", &"the target did not choose h2 by ALPN"));
+                }
+                let (sender, driver) =
+                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|e| err("h2", &e))?;
+                tokio::spawn(driver);
+                Ok(sender)
+            })
+            .await?;
+        let mut req = Request::connect(format!("https://{}{path}", self.host))
+            .header("sec-websocket-version", "13")
+            .extension(hyper::ext::Protocol::from_static("websocket"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        if !protocols.is_empty() {
+            req = req.header("sec-websocket-protocol", protocols.join(", "));
+        }
+        if let Some(o) = &self.origin {
+            req = req.header("origin", o);
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k, template::expand(v, conn));
+        }
+        let req = req.body(Empty::<Bytes>::new()).map_err(|e| err("request", &e))?;
+        let mut sender = sender.clone();
+        let resp = sender.send_request(req).await.map_err(|e| err("h2", &e))?;
+        if resp.status() != hyper::StatusCode::OK {
+            return Err(err(&format!("http {}", resp.status().as_u16()), &"extended CONNECT refused"));
+        }
+        let upgraded = hyper::upgrade::on(resp).await.map_err(|e| err("handshake", &e))?;
+        let mut ws = fastwebsockets::WebSocket::after_handshake(TokioIo::new(upgraded), fastwebsockets::Role::Client);
+        ws.set_auto_close(false);
+        Ok(ws)
+    }
+
     /// A TCP connection for session `conn`, from its source address.
     async fn tcp(&self, conn: u64) -> Result<tokio::net::TcpStream, ConnectError> {
         let err = |kind: &str, e: &dyn std::fmt::Display| ConnectError { kind: kind.to_owned(), detail: e.to_string() };
@@ -277,7 +358,7 @@ pub struct HttpConn {
 }
 
 /// A client TLS connector: roots from `ca` (PEM), or no verification at all with `insecure`.
-fn tls_connector(ca: Option<&Path>, insecure: bool) -> anyhow::Result<tokio_rustls::TlsConnector> {
+fn tls_connector_alpn(ca: Option<&Path>, insecure: bool, alpn: &[u8]) -> anyhow::Result<tokio_rustls::TlsConnector> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder =
         rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
@@ -294,8 +375,8 @@ fn tls_connector(ca: Option<&Path>, insecure: bool) -> anyhow::Result<tokio_rust
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
-    // HTTP/1.1 only: the harness speaks the RFC 6455 upgrade.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // One protocol: http/1.1 for the RFC 6455 upgrade, h2 for RFC 8441.
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 

@@ -384,3 +384,33 @@ async fn an_h2_client_that_sends_no_request_is_closed_at_the_header_deadline() {
     // The proxy's SETTINGS may come first; no HTTP/1.1 408 is written on an h2 connection.
     assert!(!String::from_utf8_lossy(&buf[..n.min(256)]).contains("408"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_test_harness_runs_websockets_over_h2_with_sessions_sharing_connections() {
+    use portcullis_loadtest::{run, Kind, Scenario};
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()]).set("routes.0.name", "h2load").text();
+    let proxy = Proxy::start_with(&text).await;
+    let s = Scenario {
+        scenario: Kind::Echo,
+        target: Some(format!("wss://localhost:{}/agents/agent-{{conn}}/terminal", proxy.tls.port())),
+        ca: Some(certs().cert.clone()),
+        connections: 10,
+        h2_streams: 5,
+        window: 4,
+        size: 512,
+        duration: Duration::from_secs(1),
+        drain: Duration::from_secs(2),
+        quiet: true,
+        ..Scenario::default()
+    };
+    let r = run(&s).await.expect("run");
+    assert!(r.is_clean() && r.errors.is_empty(), "{}", r.table());
+    assert_eq!(r.opened, 10, "{}", r.table());
+    assert!(r.received > 100 && r.sent == r.received, "{}", r.table());
+    let m = metrics(&proxy).await;
+    assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"h2load\",result=\"ok\"}"), 10.0);
+    // Ten sessions came on two connections: the backend saw ten upgrades from the proxy, and
+    // the harness insists on ALPN h2 for every one of its connections.
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 10);
+}
