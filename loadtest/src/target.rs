@@ -223,11 +223,10 @@ impl Target {
                 if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
                     return Err(err("h2", &"the target did not choose h2 by ALPN"));
                 }
-                let (sender, driver) =
-                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|e| err("h2", &e))?;
+                let (sender, driver) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| err("h2", &e))?;
                 tokio::spawn(driver);
                 Ok(sender)
             })
