@@ -237,6 +237,20 @@ impl Metrics {
         counter!("portcullis_http2_streams_total", "kind" => kind).increment(1);
     }
 
+    /// Registers a route's series at 0, so its dashboard panels show zeros and an alert's
+    /// `increase()` counts its first event: successful upgrades on a WebSocket route, and auth
+    /// failures by every reason on a route with auth or an Origin policy.
+    pub fn preregister_route(&self, route: &str, websocket: bool, guarded: bool) {
+        if websocket {
+            counter!("portcullis_upgrades_total", "route" => route.to_owned(), "result" => "ok").increment(0);
+        }
+        if guarded {
+            for &reason in crate::auth::AuthError::REASONS {
+                self.auth_failure_count(route, reason, 0);
+            }
+        }
+    }
+
     /// Renders the Prometheus text exposition.
     pub fn render(&self) -> String {
         self.handle.render()
@@ -315,7 +329,11 @@ impl Metrics {
 
     /// An upgrade was refused by the auth stage for `reason` (a bounded word).
     pub fn auth_failure(&self, route: &str, reason: &'static str) {
-        counter!("portcullis_auth_failures_total", "route" => route.to_owned(), "reason" => reason).increment(1);
+        self.auth_failure_count(route, reason, 1);
+    }
+
+    fn auth_failure_count(&self, route: &str, reason: &'static str, n: u64) {
+        counter!("portcullis_auth_failures_total", "route" => route.to_owned(), "reason" => reason).increment(n);
     }
 
     /// A session closed with the close code `code` (as seen by the client, folded into a

@@ -148,6 +148,9 @@ fn build_runtime(
         })
         .collect();
     let upstreams = upstreams(&config, previous, metrics);
+    for r in &config.routes {
+        metrics.preregister_route(&r.name, r.kind.websocket(), r.auth.is_some() || r.origin.is_some());
+    }
     // The buckets survive a reload that keeps the rate.
     let keep = |old: Option<&Arc<crate::limits::RatePerIp>>, rate: (u32, u32)| {
         old.filter(|r| r.settings == rate)

@@ -85,6 +85,25 @@ pub enum AuthError {
 pub type SignatureGate<'a> = &'a (dyn Fn() -> Result<(), Duration> + Sync);
 
 impl AuthError {
+    /// Every `portcullis_auth_failures_total{reason}` label ([`AuthError::Throttled`] is
+    /// answered as a rate limit and counted elsewhere).
+    pub const REASONS: &'static [&'static str] = &[
+        "missing",
+        "malformed",
+        "too_large",
+        "ambiguous",
+        "bad_signature",
+        "expired",
+        "not_yet_valid",
+        "wrong_issuer",
+        "wrong_audience",
+        "missing_claim",
+        "unknown_key",
+        "revoked",
+        "forbidden",
+        "origin",
+    ];
+
     /// Bounded label for `portcullis_auth_failures_total{reason}`.
     pub fn reason(self) -> &'static str {
         match self {
@@ -543,4 +562,31 @@ fn load_public_key(path: &std::path::Path, alg: Algorithm) -> Result<DecodingKey
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AuthError;
+
+    #[test]
+    fn every_counted_reason_is_in_the_preregistered_list() {
+        use AuthError::*;
+        let all = [
+            Missing,
+            Malformed,
+            TooLarge,
+            Ambiguous,
+            BadSignature,
+            Expired,
+            NotYetValid,
+            WrongIssuer,
+            WrongAudience,
+            MissingClaim,
+            UnknownKey,
+            Revoked,
+            Forbidden,
+            Origin,
+        ];
+        assert_eq!(all.map(AuthError::reason).as_slice(), AuthError::REASONS);
+    }
 }

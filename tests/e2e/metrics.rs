@@ -160,9 +160,18 @@ fn the_dashboard_and_the_alert_rules_name_only_metrics_portcullis_exports() {
 async fn the_series_alerts_count_exist_at_zero_from_start() {
     // A child process: nothing has happened in it yet.
     let backend = Backend::echo().await;
-    let proxy = ProxyProcess::start(&TestConfig::base(&[backend.addr.to_string()]).text()).await;
+    let key = hmac();
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
+        .text();
+    let proxy = ProxyProcess::start(&text).await;
     let (_, body) = http_get(proxy.admin, "/metrics").await;
     for series in [
+        r#"portcullis_upgrades_total{route="terminal",result="ok"} 0"#,
+        r#"portcullis_auth_failures_total{route="terminal",reason="bad_signature"} 0"#,
+        r#"portcullis_auth_failures_total{route="terminal",reason="expired"} 0"#,
+        r#"portcullis_http2_streams_total{kind="websocket"} 0"#,
         r#"portcullis_reloads_total{result="error"} 0"#,
         r#"portcullis_reloads_total{result="ok"} 0"#,
         r#"portcullis_jwks_fetches_total{result="error"} 0"#,
