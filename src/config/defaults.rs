@@ -87,6 +87,7 @@ impl Default for Http2Settings {
             max_streams_per_ip: 0,
             keepalive_interval: Duration::ZERO,
             keepalive_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(180),
         }
     }
 }

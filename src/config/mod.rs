@@ -83,6 +83,8 @@ pub struct Http2Settings {
     pub keepalive_interval: Duration,
     /// How long a PING may go unanswered.
     pub keepalive_timeout: Duration,
+    /// A connection with no stream open for this long is closed (GOAWAY).
+    pub idle_timeout: Duration,
 }
 
 /// Token verification keys and settings (`[auth]`, `[[auth.keys]]`, `[[auth.jwks]]`).

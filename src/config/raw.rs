@@ -46,6 +46,7 @@ pub(super) struct RawHttp2 {
     pub(super) max_streams_per_ip: Option<u32>,
     pub(super) keepalive_interval: Option<Dur>,
     pub(super) keepalive_timeout: Option<Dur>,
+    pub(super) idle_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]

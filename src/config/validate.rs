@@ -71,6 +71,9 @@ fn http2(h: RawHttp2) -> Result<Http2Settings, Invalid> {
             "must be at least initial_stream_window and at most 2GiB-1",
         ));
     }
+    if h.idle_timeout.is_some_and(|d| d.0.is_zero()) {
+        return Err(invalid("http2.idle_timeout", "must be more than 0s"));
+    }
     let frame = h.max_frame_size.map_or(d.max_frame_size as u64, |v| v.0);
     if !(16_384..=16_777_215).contains(&frame) {
         return Err(invalid("http2.max_frame_size", "must be 16KiB to 16MiB-1 (RFC 9113 §6.5.2)"));
@@ -84,6 +87,7 @@ fn http2(h: RawHttp2) -> Result<Http2Settings, Invalid> {
         max_streams_per_ip: h.max_streams_per_ip.unwrap_or(d.max_streams_per_ip),
         keepalive_interval: dur(h.keepalive_interval, d.keepalive_interval),
         keepalive_timeout: dur(h.keepalive_timeout, d.keepalive_timeout),
+        idle_timeout: dur(h.idle_timeout, d.idle_timeout),
     })
 }
 

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -51,6 +51,52 @@ pub fn h2_builder(server: &ServerSettings, h2: &Http2Settings) -> http2::Builder
         b.keep_alive_interval(h2.keepalive_interval).keep_alive_timeout(h2.keepalive_timeout);
     }
     b
+}
+
+/// An HTTP/2 connection's open streams (requests until their response body ends, WebSockets
+/// until their session does), for its idle timeout.
+#[derive(Debug, Default)]
+pub struct OpenStreams {
+    open: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl OpenStreams {
+    /// Counts a stream open until the returned guard is dropped.
+    pub fn open(self: &Arc<Self>) -> OpenStream {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_one();
+        OpenStream(self.clone())
+    }
+
+    /// No stream is open.
+    pub fn is_idle(&self) -> bool {
+        self.open.load(Ordering::Relaxed) == 0
+    }
+
+    /// Resolves after a stream opened or ended (at once if one did since the last call).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+}
+
+/// One open HTTP/2 stream, counted in its connection's [`OpenStreams`].
+#[derive(Debug)]
+pub struct OpenStream(Arc<OpenStreams>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.changed.notify_one();
+    }
+}
+
+/// What an HTTP/2 stream holds until it ends: its place under `max_streams_per_ip` and its
+/// count in the connection's open streams. Empty on HTTP/1.1.
+#[derive(Debug, Default)]
+pub struct StreamHold {
+    pub(crate) _per_ip: Option<crate::limits::IpSlot>,
+    pub(crate) _open: Option<OpenStream>,
 }
 
 /// A client stream during the HTTP phase: enforces the first request's header deadline.

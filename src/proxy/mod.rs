@@ -71,6 +71,8 @@ struct ConnCtx {
     tls: bool,
     /// HTTP/2: every request is a stream, and a WebSocket an extended CONNECT.
     h2: bool,
+    /// HTTP/2: the streams open now, for the idle timeout.
+    open_streams: Arc<http::OpenStreams>,
     /// Set by the handler when it answers 101; taken by the connection task after hyper hands
     /// the connection over (HTTP/1.1 only).
     pending: Mutex<Option<(OnUpgrade, Pending)>>,
@@ -86,8 +88,8 @@ struct Pending {
     registered: SessionGuard,
     /// Its places under the subject's session caps.
     subject_slots: Vec<SubjectSlot>,
-    /// Its place under `max_streams_per_ip` (HTTP/2).
-    stream_slot: Option<crate::limits::IpSlot>,
+    /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
+    stream: http::StreamHold,
 }
 
 /// Serves one client connection (after accept and tls) to its end.
@@ -106,6 +108,7 @@ pub async fn serve_connection(
         client_addr,
         tls: stream.is_tls(),
         h2: false,
+        open_streams: Arc::default(),
         pending: Mutex::new(None),
     });
     let head_done = Arc::new(AtomicBool::new(false));
@@ -150,7 +153,16 @@ pub async fn serve_connection(
 async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: SocketAddr, mut slot: accept::ConnSlot) {
     let runtime = shared.runtime.load_full();
     let server = &runtime.config.server;
-    let ctx = Arc::new(ConnCtx { shared: shared.clone(), client_addr, tls: true, h2: true, pending: Mutex::new(None) });
+    let open_streams = Arc::new(http::OpenStreams::default());
+    let ctx = Arc::new(ConnCtx {
+        shared: shared.clone(),
+        client_addr,
+        tls: true,
+        h2: true,
+        open_streams: open_streams.clone(),
+        pending: Mutex::new(None),
+    });
+    let idle_timeout = runtime.config.http2.idle_timeout;
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
     let head = http::HeadIo::new(stream, server.header_read_timeout, head_done.clone(), timed_out.clone());
@@ -173,16 +185,29 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
     shared.metrics.http2_connection();
     let mut conn = std::pin::pin!(http::h2_builder(server, &runtime.config.http2).serve_connection(io, svc));
     drop(runtime);
-    let (mut first_answered, mut draining) = (false, false);
+    let (mut first_answered, mut closing) = (false, false);
+    // Closed (GOAWAY) once no stream has been open for `idle_timeout`.
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     let result = loop {
         tokio::select! {
             r = conn.as_mut() => break r,
+            _ = open_streams.changed() => idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout),
+            _ = idle.as_mut(), if !closing => {
+                if open_streams.is_idle() {
+                    tracing::debug!(client = %client_addr, "http/2 connection idle; closing");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                } else {
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                }
+            }
             _ = answered.notified(), if !first_answered => {
                 first_answered = true;
                 slot.handshake_done();
             }
-            _ = shared.drain.cancelled(), if !draining => {
-                draining = true;
+            _ = shared.drain.cancelled(), if !closing => {
+                closing = true;
                 conn.as_mut().graceful_shutdown();
             }
         }
@@ -219,7 +244,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         let route = found.as_ref().map_or("none", |(r, _)| r.name.as_str());
         return Ok(reject_request(&ctx, &req, route, started, upgrade::UpgradeError::ConnectTunnel.into()));
     }
-    let stream_slot = match ctx.h2.then(|| stream_slot(&ctx, &runtime)) {
+    let per_ip = match ctx.h2.then(|| stream_slot(&ctx, &runtime)) {
         None | Some(Ok(None)) => None,
         Some(Ok(slot)) => slot,
         Some(Err(e)) => {
@@ -230,18 +255,20 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
             });
         }
     };
+    let mut stream = http::StreamHold { _per_ip: per_ip, _open: None };
     if ctx.h2 {
+        stream._open = Some(ctx.open_streams.open());
         ctx.shared.metrics.http2_stream(if websocket { "websocket" } else { "request" });
     }
     let resp = match (found, websocket) {
         (Err(e), true) => reject(&ctx, "none", e.into()),
         (Err(e), false) => reject_request(&ctx, &req, "none", started, e.into()),
         (Ok((route, caps)), true) if route.kind.websocket() => {
-            handle_upgrade(&ctx, &runtime, route, caps, req, stream_slot).await
+            handle_upgrade(&ctx, &runtime, route, caps, req, stream).await
         }
         (Ok((route, _)), true) => reject(&ctx, &route.name, upgrade::UpgradeError::HttpOnlyRoute.into()),
         (Ok((route, caps)), false) if route.kind.http() => {
-            handle_request(&ctx, &runtime, route, caps, req, started, stream_slot).await
+            handle_request(&ctx, &runtime, route, caps, req, started, stream).await
         }
         (Ok((route, _)), false) => reject(&ctx, &route.name, upgrade::UpgradeError::NotUpgrade.into()),
     };
@@ -351,7 +378,7 @@ async fn handle_request(
     caps: Captures,
     req: Request<Incoming>,
     started: Instant,
-    stream_slot: Option<crate::limits::IpSlot>,
+    stream: http::StreamHold,
 ) -> Response<ProxyBody> {
     if ctx.shared.drain.is_cancelled() {
         return reject_request(ctx, &req, &route.name, started, RequestError::Draining);
@@ -423,7 +450,7 @@ async fn handle_request(
     let least_conns = (route.balance.policy == crate::config::Policy::LeastConnections)
         .then(|| ctx.shared.conns.acquire(&answered.member));
     let mut download = stream::Download::new(body, settings.idle_body_timeout, governance, exchange, least_conns);
-    download.hold_stream_slot(stream_slot);
+    download.hold_stream(stream);
     Response::from_parts(parts, Either::Right(download))
 }
 
@@ -476,7 +503,7 @@ async fn handle_upgrade(
     route: Arc<RouteConfig>,
     caps: Captures,
     mut req: Request<Incoming>,
-    stream_slot: Option<crate::limits::IpSlot>,
+    stream: http::StreamHold,
 ) -> Response<ProxyBody> {
     // Before any token is looked at: a flood of handshakes (with bad tokens or none) costs one
     // bucket check per attempt, not a signature check.
@@ -575,7 +602,7 @@ async fn handle_upgrade(
     }
     ctx.shared.metrics.upgrade(&route.name, "ok");
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let pending = Pending { backend, route, claims: admitted.claims, registered, subject_slots, stream_slot };
+    let pending = Pending { backend, route, claims: admitted.claims, registered, subject_slots, stream };
     if ctx.h2 {
         // The connection goes on serving other streams: this one's session starts once hyper
         // has sent the 200 and handed the stream over.
@@ -685,7 +712,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
         registered,
         _slot: slot,
         _subject_slots: p.subject_slots,
-        _stream_slot: p.stream_slot,
+        _stream: p.stream,
     };
     // The relay runs as its own task with only what it needs: the handshake-phase state of
     // this connection task (hyper, TLS handshake, request handling) is freed now, which keeps
@@ -703,7 +730,7 @@ struct Finish {
     registered: crate::session::SessionGuard,
     _slot: Option<accept::ConnSlot>,
     _subject_slots: Vec<SubjectSlot>,
-    _stream_slot: Option<crate::limits::IpSlot>,
+    _stream: http::StreamHold,
 }
 
 impl Finish {

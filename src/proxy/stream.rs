@@ -338,13 +338,14 @@ pub struct Download {
     sent: u64,
     end: Option<&'static str>,
     _least_conns: Option<ConnGuard>,
-    _stream_slot: Option<crate::limits::IpSlot>,
+    _stream: super::http::StreamHold,
 }
 
 impl Download {
-    /// Holds an HTTP/2 stream's place under `max_streams_per_ip` until the body ends.
-    pub fn hold_stream_slot(&mut self, slot: Option<crate::limits::IpSlot>) {
-        self._stream_slot = slot;
+    /// Holds what an HTTP/2 stream holds (its per-address place, its open count) until the
+    /// body ends.
+    pub fn hold_stream(&mut self, hold: super::http::StreamHold) {
+        self._stream = hold;
     }
 
     /// Streams `inner`; an event stream passes `governance`.
@@ -367,7 +368,7 @@ impl Download {
             sent: 0,
             end: None,
             _least_conns: least_conns,
-            _stream_slot: None,
+            _stream: Default::default(),
         }
     }
 

@@ -299,6 +299,8 @@ async fn connect_tunnels_and_other_protocols_are_refused() {
     // A WebSocket of another version.
     let refused = h2.websocket(PATH, &[("sec-websocket-version", "8")]).await.err().expect("version 8");
     assert_eq!(refused.status, 426);
+    assert_eq!(refused.header("sec-websocket-version"), Some("13"));
+    assert_eq!(refused.header("upgrade"), None, "no connection headers on HTTP/2");
     // A plain GET on the WebSocket route.
     let (status, _) = h2.get(PATH, &[]).await;
     assert_eq!(status, 426);
@@ -413,4 +415,30 @@ async fn the_load_test_harness_runs_websockets_over_h2_with_sessions_sharing_con
     // Ten sessions came on two connections: the backend saw ten upgrades from the proxy, and
     // the harness insists on ALPN h2 for every one of its connections.
     assert_eq!(backend.log.requests.lock().expect("lock").len(), 10);
+}
+
+#[tokio::test]
+async fn an_h2_connection_with_no_open_stream_is_closed_after_the_idle_timeout() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()]).merge("http2", "idle_timeout = \"300ms\"").text();
+    let proxy = Proxy::start_with(&text).await;
+
+    // A request, then nothing: the connection ends with a GOAWAY (not an error).
+    let mut idle = H2::connect(proxy.tls).await;
+    let (status, _) = idle.get(PATH, &[]).await;
+    assert_eq!(status, 426);
+    let ended = tokio::time::timeout(SOON, &mut idle.conn).await.expect("an idle connection is closed");
+    assert!(ended.expect("connection task").is_ok(), "a graceful GOAWAY");
+
+    // A WebSocket is an open stream: three idle timeouts later its connection still carries
+    // it; once it closes, the connection goes idle and ends.
+    let mut busy = H2::connect(proxy.tls).await;
+    let mut c = busy.websocket(PATH, &[]).await.expect("200");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    echo_round_trip(&mut c, b"still open").await;
+    assert!(!busy.conn.is_finished());
+    c.send(true, op::CLOSE, &close_payload(1000, "")).await;
+    assert_eq!(c.recv_close().await.close_code(), Some(1000));
+    let ended = tokio::time::timeout(SOON, &mut busy.conn).await.expect("closed once idle");
+    assert!(ended.expect("connection task").is_ok());
 }
