@@ -160,25 +160,14 @@ impl Target {
         if let Some(h2) = &self.h2 {
             return self.connect_h2(h2, conn, path, auth, protocols).await;
         }
-        let mut req = Request::get(path)
+        let req = Request::get(path)
             .header("host", &self.host)
             .header("upgrade", "websocket")
             .header("connection", "upgrade")
             .header("sec-websocket-key", fastwebsockets::handshake::generate_key())
             .header("sec-websocket-version", "13");
-        if let Some(a) = auth {
-            req = req.header("authorization", a);
-        }
-        if !protocols.is_empty() {
-            req = req.header("sec-websocket-protocol", protocols.join(", "));
-        }
-        if let Some(o) = &self.origin {
-            req = req.header("origin", o);
-        }
-        for (k, v) in &self.headers {
-            req = req.header(k, template::expand(v, conn));
-        }
-        let req = req.body(Empty::<Bytes>::new()).map_err(|e| err("request", &e))?;
+        let req =
+            self.opening(req, conn, auth, &protocols).body(Empty::<Bytes>::new()).map_err(|e| err("request", &e))?;
 
         let tcp = self.tcp(conn).await?;
         let result = match &self.tls {
@@ -204,6 +193,30 @@ impl Target {
 }
 
 impl Target {
+    /// The headers every opening of session `conn` carries, HTTP/1.1 or HTTP/2: its token,
+    /// subprotocols, Origin and the extra headers.
+    fn opening(
+        &self,
+        mut req: hyper::http::request::Builder,
+        conn: u64,
+        auth: Option<String>,
+        protocols: &[String],
+    ) -> hyper::http::request::Builder {
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        if !protocols.is_empty() {
+            req = req.header("sec-websocket-protocol", protocols.join(", "));
+        }
+        if let Some(o) = &self.origin {
+            req = req.header("origin", o);
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k, template::expand(v, conn));
+        }
+        req
+    }
+
     /// Session `conn` as an extended CONNECT on its group's HTTP/2 connection.
     async fn connect_h2(
         &self,
@@ -231,22 +244,11 @@ impl Target {
                 Ok(sender)
             })
             .await?;
-        let mut req = Request::connect(format!("https://{}{path}", self.host))
+        let req = Request::connect(format!("https://{}{path}", self.host))
             .header("sec-websocket-version", "13")
             .extension(hyper::ext::Protocol::from_static("websocket"));
-        if let Some(a) = auth {
-            req = req.header("authorization", a);
-        }
-        if !protocols.is_empty() {
-            req = req.header("sec-websocket-protocol", protocols.join(", "));
-        }
-        if let Some(o) = &self.origin {
-            req = req.header("origin", o);
-        }
-        for (k, v) in &self.headers {
-            req = req.header(k, template::expand(v, conn));
-        }
-        let req = req.body(Empty::<Bytes>::new()).map_err(|e| err("request", &e))?;
+        let req =
+            self.opening(req, conn, auth, &protocols).body(Empty::<Bytes>::new()).map_err(|e| err("request", &e))?;
         let mut sender = sender.clone();
         let resp = sender.send_request(req).await.map_err(|e| err("h2", &e))?;
         if resp.status() != hyper::StatusCode::OK {
