@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use crate::session::Selector;
+use crate::session::{Selector, StopReason};
 use crate::state::Shared;
 
 /// Serves admin requests until `stop` is cancelled.
@@ -163,7 +163,7 @@ fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
     bool::from(given.as_bytes().ct_eq(expected.expose()))
 }
 
-/// `GET /sessions`, `DELETE /sessions/{id}`, `POST /sessions/revoke`.
+/// `GET /sessions`, `DELETE /sessions/{id}`, `POST /sessions/revoke`, `POST /sessions/rebalance`.
 async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Response<Full<Bytes>> {
     match (req.method().clone(), path) {
         (Method::GET, "/sessions") => {
@@ -211,6 +211,19 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
             };
             let closed = revoke(shared, &selector);
             json_response(StatusCode::OK, &json!({ "closed": closed }))
+        }
+        (Method::POST, "/sessions/rebalance") => {
+            let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::BAD_REQUEST, "body too large or unreadable\n"),
+            };
+            let Ok(ask) = serde_json::from_slice::<RebalanceRequest>(&body) else {
+                return text(StatusCode::BAD_REQUEST, "expected JSON with route, fraction and spread\n");
+            };
+            match rebalance(shared, ask) {
+                Ok(answer) => json_response(StatusCode::OK, &answer),
+                Err(why) => text(StatusCode::BAD_REQUEST, why),
+            }
         }
         (Method::DELETE, p) => match p.strip_prefix("/sessions/").and_then(|id| id.parse::<u64>().ok()) {
             Some(id) => match revoke(shared, &Selector::Id(id)) {
@@ -311,6 +324,58 @@ struct RevokeRequest {
     issuer: Option<String>,
     agent: Option<String>,
     jti: Option<String>,
+}
+
+/// `POST /sessions/rebalance`: which sessions of a route to move, and over how long.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RebalanceRequest {
+    route: String,
+    /// Of the route's live sessions, more than 0 and at most 1.
+    fraction: f64,
+    /// The closes are spread evenly over this long (`"30s"`; default 0, all at once).
+    #[serde(default)]
+    spread: Option<String>,
+}
+
+/// The longest spread a rebalance may ask for.
+const MAX_REBALANCE_SPREAD: Duration = Duration::from_secs(3600);
+
+/// Picks `fraction` of the route's sessions at random and sends each 1001 "rebalance", spread
+/// evenly over `spread` (the first at once): their clients reconnect and the route's balance
+/// policy places them again, on the new members after a scale-out. Answers how many were
+/// picked; the closes go on in the background.
+fn rebalance(shared: &Shared, ask: RebalanceRequest) -> Result<Value, &'static str> {
+    if !(ask.fraction > 0.0 && ask.fraction <= 1.0) {
+        return Err("fraction must be more than 0 and at most 1\n");
+    }
+    let spread = match ask.spread.as_deref() {
+        None => Duration::ZERO,
+        Some(s) => humantime::parse_duration(s).map_err(|_| "spread must be a duration such as \"30s\"\n")?,
+    };
+    if spread > MAX_REBALANCE_SPREAD {
+        return Err("spread must be at most 1h\n");
+    }
+    if !shared.runtime.load().config.routes.iter().any(|r| r.name == ask.route) {
+        return Err("no such route\n");
+    }
+    let (picked, total) = shared.sessions.sample_route(&ask.route, ask.fraction);
+    tracing::info!(route = %ask.route, picked = picked.len(), sessions = total, spread_ms = spread.as_millis() as u64, "rebalance");
+    let count = picked.len();
+    let metrics = shared.metrics.clone();
+    let route = ask.route.clone();
+    tokio::spawn(async move {
+        let step = if count > 1 { spread / (count as u32 - 1).max(1) } else { Duration::ZERO };
+        let start = tokio::time::Instant::now();
+        for (i, e) in picked.iter().enumerate() {
+            tokio::time::sleep_until(start + step * i as u32).await;
+            if e.control.stopped().is_none() {
+                e.control.stop(StopReason::Rebalance);
+                metrics.rebalance_close(&route);
+            }
+        }
+    });
+    Ok(json!({ "route": ask.route, "sessions": total, "picked": count, "spread_seconds": spread.as_secs_f64() }))
 }
 
 /// Closes matching sessions (1008 "session revoked") and, for a subject or token id, refuses

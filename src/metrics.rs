@@ -79,6 +79,11 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (Kind::Counter, "portcullis_http2_connections_total", "TLS client connections that chose HTTP/2 by ALPN."),
     (
         Kind::Counter,
+        "portcullis_rebalance_closes_total",
+        "Sessions sent 1001 rebalance by POST /sessions/rebalance, by route.",
+    ),
+    (
+        Kind::Counter,
         "portcullis_http2_streams_total",
         "HTTP/2 streams opened by clients, by kind (websocket: RFC 8441 extended CONNECT; request).",
     ),
@@ -244,11 +249,17 @@ impl Metrics {
         if websocket {
             counter!("portcullis_upgrades_total", "route" => route.to_owned(), "result" => "ok").increment(0);
         }
+        counter!("portcullis_rebalance_closes_total", "route" => route.to_owned()).increment(0);
         if guarded {
             for &reason in crate::auth::AuthError::REASONS {
                 self.auth_failure_count(route, reason, 0);
             }
         }
+    }
+
+    /// A session of `route` was sent 1001 "rebalance".
+    pub fn rebalance_close(&self, route: &str) {
+        counter!("portcullis_rebalance_closes_total", "route" => route.to_owned()).increment(1);
     }
 
     /// Renders the Prometheus text exposition.

@@ -92,6 +92,9 @@ pub enum StopReason {
     Revoked,
     /// A reload removed the session's route and the grace period ended: 1001 "route removed".
     RouteRemoved,
+    /// An operator rebalanced the route (`POST /sessions/rebalance`): 1001 "rebalance", so the
+    /// client reconnects and the balance policy places it again.
+    Rebalance,
 }
 
 /// Stop signal and reason for one session, and its live byte counters: one allocation per
@@ -125,6 +128,7 @@ impl SessionControl {
             RUNNING => None,
             r if r == StopReason::Revoked as u8 => Some(StopReason::Revoked),
             r if r == StopReason::RouteRemoved as u8 => Some(StopReason::RouteRemoved),
+            r if r == StopReason::Rebalance as u8 => Some(StopReason::Rebalance),
             _ => Some(StopReason::Drain),
         }
     }
@@ -267,6 +271,19 @@ impl Sessions {
         let mut v: Vec<_> = self.map.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
         v.sort_by_key(|e| e.id);
         v
+    }
+
+    /// A random `fraction` (0 to 1) of `route`'s live sessions, rounded to the nearest whole
+    /// session, and how many the route has; not stopped yet.
+    pub fn sample_route(&self, route: &str, fraction: f64) -> (Vec<Arc<SessionEntry>>, usize) {
+        use rand::seq::SliceRandom;
+        let mut on_route: Vec<_> =
+            self.list().into_iter().filter(|e| e.route == route && e.control.stopped().is_none()).collect();
+        let total = on_route.len();
+        let take = ((total as f64) * fraction.clamp(0.0, 1.0)).round() as usize;
+        on_route.shuffle(&mut rand::rng());
+        on_route.truncate(take);
+        (on_route, total)
     }
 
     /// Stops the matching sessions with "session revoked"; returns them.

@@ -566,7 +566,7 @@ async fn handle_upgrade(
     if let Some(reason) = registered.entry().control.stopped() {
         let e = match reason {
             StopReason::Revoked => RequestError::Auth(crate::auth::AuthError::Revoked),
-            StopReason::Drain | StopReason::RouteRemoved => RequestError::Draining,
+            StopReason::Drain | StopReason::RouteRemoved | StopReason::Rebalance => RequestError::Draining,
         };
         return reject(ctx, &route.name, e);
     }

@@ -308,6 +308,7 @@ impl Governance {
                     }
                     StopReason::Revoked => "revoked",
                     StopReason::RouteRemoved => "route_removed",
+                    StopReason::Rebalance => "rebalance",
                 },
                 _ = expiry => "token_expired",
             }

@@ -22,6 +22,7 @@ mod limits;
 mod metrics;
 mod proxy_protocol;
 mod rates;
+mod rebalance;
 mod relay;
 mod reload;
 mod routing;

@@ -83,6 +83,8 @@ pub enum Cause {
     RouteRemoved,
     /// The proxy is draining (SIGTERM).
     Drain,
+    /// An operator rebalanced the session's route.
+    Rebalance,
 }
 
 /// What the proxy does for a [`Cause`].
@@ -188,6 +190,7 @@ impl Cause {
             ),
             Cause::RouteRemoved => both(GOING_AWAY, "route removed", "route removed"),
             Cause::Drain => both(GOING_AWAY, "going away", "drain"),
+            Cause::Rebalance => both(GOING_AWAY, "rebalance", "rebalance"),
         }
     }
 }
@@ -287,6 +290,7 @@ mod tests {
             (Cause::TokenExpired, "the token's `exp`"),
             (Cause::Revoked, "session revoked through the admin API"),
             (Cause::RouteRemoved, "a reload removed the session's route"),
+            (Cause::Rebalance, "rebalanced through the admin API"),
         ]
     }
 

@@ -366,6 +366,7 @@ where
             }
             StopReason::Revoked => self.end_with(Cause::Revoked),
             StopReason::RouteRemoved => self.end_with(Cause::RouteRemoved),
+            StopReason::Rebalance => self.end_with(Cause::Rebalance),
         }
     }
 
