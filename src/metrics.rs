@@ -80,7 +80,7 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (
         Kind::Counter,
         "portcullis_rebalance_closes_total",
-        "Sessions sent 1001 rebalance by POST /sessions/rebalance, by route.",
+        "Sessions closed as going away (rebalance) by POST /sessions/rebalance, by route.",
     ),
     (
         Kind::Counter,
@@ -244,16 +244,15 @@ impl Metrics {
 
     /// Registers a route's series at 0, so its dashboard panels show zeros and an alert's
     /// `increase()` counts its first event: successful upgrades on a WebSocket route, and auth
-    /// failures by every reason on a route with auth or an Origin policy.
-    pub fn preregister_route(&self, route: &str, websocket: bool, guarded: bool) {
+    /// failures by every reason in `auth_reasons` (empty for a route with neither auth nor an
+    /// Origin policy).
+    pub fn preregister_route(&self, route: &str, websocket: bool, auth_reasons: &[&'static str]) {
         if websocket {
             counter!("portcullis_upgrades_total", "route" => route.to_owned(), "result" => "ok").increment(0);
         }
         counter!("portcullis_rebalance_closes_total", "route" => route.to_owned()).increment(0);
-        if guarded {
-            for &reason in crate::auth::AuthError::REASONS {
-                self.auth_failure_count(route, reason, 0);
-            }
+        for &reason in auth_reasons {
+            self.auth_failure_count(route, reason, 0);
         }
     }
 

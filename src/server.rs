@@ -149,7 +149,9 @@ fn build_runtime(
         .collect();
     let upstreams = upstreams(&config, previous, metrics);
     for r in &config.routes {
-        metrics.preregister_route(&r.name, r.kind.websocket(), r.auth.is_some() || r.origin.is_some());
+        let guarded = r.auth.is_some() || r.origin.is_some();
+        let reasons = if guarded { crate::auth::AuthError::REASONS } else { &[] };
+        metrics.preregister_route(&r.name, r.kind.websocket(), reasons);
     }
     // The buckets survive a reload that keeps the rate.
     let keep = |old: Option<&Arc<crate::limits::RatePerIp>>, rate: (u32, u32)| {
