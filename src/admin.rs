@@ -104,6 +104,15 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
         }
         return routes(shared, req, &path).await;
     }
+    if path == "/recordings" || path.starts_with("/recordings/") {
+        if !authorized(shared, &req) {
+            return text(StatusCode::UNAUTHORIZED, "admin token required\n");
+        }
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        }
+        return recordings(shared, &path).await;
+    }
     if path == "/limits" {
         if !authorized(shared, &req) {
             return text(StatusCode::UNAUTHORIZED, "admin token required\n");
@@ -399,6 +408,56 @@ fn revoke(shared: &Shared, selector: &Selector) -> usize {
     }
     tracing::info!(?selector, closed = closed.len(), "sessions revoked");
     closed.len()
+}
+
+/// `GET /recordings` (every recorded route's files: name, route, size, modified) and
+/// `GET /recordings/{name}` (one file, `application/x-asciicast`).
+async fn recordings(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
+    let runtime = shared.runtime.load_full();
+    let dirs: Vec<(String, std::path::PathBuf)> = runtime
+        .config
+        .routes
+        .iter()
+        .filter_map(|r| r.recording.as_ref().map(|s| (r.name.clone(), s.directory.clone())))
+        .collect();
+    let listed = tokio::task::spawn_blocking(move || {
+        let mut seen = std::collections::HashSet::new();
+        let mut all = Vec::new();
+        for (route, dir) in dirs {
+            if seen.insert(dir.clone()) {
+                all.extend(crate::recording::list(&dir).into_iter().map(|f| (route.clone(), f)));
+            }
+        }
+        all
+    })
+    .await
+    .unwrap_or_default();
+    match path.strip_prefix("/recordings/") {
+        None => {
+            let list: Vec<Value> = listed
+                .iter()
+                .map(|(route, f)| {
+                    let modified = f.modified.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    json!({ "name": f.name, "route": route, "bytes": f.size, "modified": modified })
+                })
+                .collect();
+            json_response(StatusCode::OK, &json!({ "recordings": list }))
+        }
+        Some(name) if crate::recording::valid_name(name) => {
+            let Some((_, f)) = listed.into_iter().find(|(_, f)| f.name == name) else {
+                return text(StatusCode::NOT_FOUND, "no such recording\n");
+            };
+            match tokio::fs::read(&f.path).await {
+                Ok(bytes) => {
+                    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+                    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-asciicast"));
+                    r
+                }
+                Err(_) => text(StatusCode::NOT_FOUND, "no such recording\n"),
+            }
+        }
+        Some(_) => text(StatusCode::NOT_FOUND, "no such recording\n"),
+    }
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {

@@ -41,6 +41,7 @@ pub mod limits;
 pub mod metrics;
 pub(crate) mod outbound;
 pub mod proxy;
+pub mod recording;
 pub mod routing;
 pub mod server;
 pub mod session;

@@ -77,6 +77,19 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     ),
     (Kind::Gauge, "portcullis_connections_limit", "The connection cap in force (server.max_connections)."),
     (Kind::Counter, "portcullis_http2_connections_total", "TLS client connections that chose HTTP/2 by ALPN."),
+    (Kind::Gauge, "portcullis_recordings_active", "Session recordings being written now."),
+    (Kind::Counter, "portcullis_recordings_total", "Session recordings written to the end, by route."),
+    (Kind::Counter, "portcullis_recording_bytes_total", "Bytes written to session recordings, by route."),
+    (
+        Kind::Counter,
+        "portcullis_recording_failures_total",
+        "Recording gaps, by route and reason (backlog: the writer fell behind; io: the file failed).",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_recording_backpressure_total",
+        "Times a recorded session's sender was paused for its recording to catch up, by route.",
+    ),
     (
         Kind::Counter,
         "portcullis_rebalance_closes_total",

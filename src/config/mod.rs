@@ -318,6 +318,41 @@ pub struct RouteConfig {
     pub auth: Option<RouteAuth>,
     /// Origin allowlist; any origin when absent.
     pub origin: Option<OriginPolicy>,
+    /// Terminal recording (asciicast v2) of the route's WebSocket sessions, when set.
+    pub recording: Option<std::sync::Arc<RecordingSettings>>,
+}
+
+/// `[routes.recording]`: every WebSocket session of the route is written to an asciicast v2
+/// file: the backend's output as `o` events, the client's input as `i` events when `input`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordingSettings {
+    /// Where the `.cast` files go (one per session).
+    pub directory: PathBuf,
+    /// Record the client's input too (off by default: it may hold passwords).
+    pub input: bool,
+    /// What happens when the writer falls `queue` bytes behind or fails.
+    pub on_backlog: Backlog,
+    /// Bytes a session may have waiting for the writer.
+    pub queue: usize,
+    /// Recordings older than this are deleted (checked when a recording starts).
+    pub max_age: Duration,
+    /// The directory's recordings are kept under this many bytes, oldest deleted first.
+    pub max_total_size: u64,
+    /// The terminal width the header declares (columns).
+    pub width: u16,
+    /// The terminal height the header declares (rows).
+    pub height: u16,
+}
+
+/// What a recorded session does when its recording cannot keep up or fails: an audit gap is
+/// never silent (a log line and `portcullis_recording_failures_total` either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// Stop reading the session's sender until the writer catches up (TCP backpressure); a
+    /// writer that failed leaves the rest of the session unrecorded.
+    Slow,
+    /// Close the session: 1011 to the client.
+    Close,
 }
 
 /// A static member with its weight.

@@ -278,6 +278,27 @@ pub(super) struct RawRoute {
     pub(super) backend: RawBackend,
     pub(super) auth: Option<RawRouteAuth>,
     pub(super) origin: Option<RawOrigin>,
+    pub(super) recording: Option<RawRecording>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRecording {
+    pub(super) directory: PathBuf,
+    pub(super) input: Option<bool>,
+    pub(super) on_backlog: Option<RawBacklog>,
+    pub(super) queue: Option<Size>,
+    pub(super) max_age: Option<Dur>,
+    pub(super) max_total_size: Option<Size>,
+    pub(super) width: Option<u16>,
+    pub(super) height: Option<u16>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawBacklog {
+    Slow,
+    Close,
 }
 
 /// `kind = "websocket" | "http" | "both"`.

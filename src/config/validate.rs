@@ -50,6 +50,29 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, Invalid> {
     })
 }
 
+fn recording(r: super::raw::RawRecording, key: &str) -> Result<std::sync::Arc<super::RecordingSettings>, Invalid> {
+    let queue = r.queue.map_or(1024 * 1024, |v| v.0 as usize);
+    if queue < 4096 {
+        return Err(invalid(&format!("{key}.recording.queue"), "must be at least 4KiB"));
+    }
+    if r.directory.as_os_str().is_empty() {
+        return Err(invalid(&format!("{key}.recording.directory"), "must not be empty"));
+    }
+    Ok(std::sync::Arc::new(super::RecordingSettings {
+        directory: r.directory,
+        input: r.input.unwrap_or(false),
+        on_backlog: match r.on_backlog {
+            None | Some(super::raw::RawBacklog::Slow) => super::Backlog::Slow,
+            Some(super::raw::RawBacklog::Close) => super::Backlog::Close,
+        },
+        queue,
+        max_age: dur(r.max_age, Duration::from_secs(30 * 24 * 3600)),
+        max_total_size: r.max_total_size.map_or(10 << 30, |v| v.0),
+        width: r.width.unwrap_or(80).max(1),
+        height: r.height.unwrap_or(24).max(1),
+    }))
+}
+
 /// The largest flow-control window HTTP/2 allows (RFC 9113 §6.9.1).
 const MAX_WINDOW: u64 = (1 << 31) - 1;
 
@@ -227,9 +250,11 @@ fn route(
     if auth.is_some() && !has_keys {
         return Err(invalid(&format!("{key}.auth"), "requires tokens but [auth] has no keys or jwks"));
     }
+    let recording = r.recording.map(|rec| recording(rec, key)).transpose()?;
     Ok(RouteConfig {
         auth,
         origin: r.origin.map(origin),
+        recording,
         name: r.name,
         host: r.host.map(|h| h.to_ascii_lowercase()),
         path: r.path,

@@ -64,6 +64,10 @@ pub enum HandshakeError {
     /// 101 without `Upgrade: websocket` / `Connection: upgrade`.
     #[error("101 without Upgrade: websocket")]
     NotWebSocket,
+    /// The backend accepted an extension nobody offered it (RFC 6455 §9.1: the client side
+    /// must fail the connection).
+    #[error("101 with an extension that was not offered")]
+    UnofferedExtension,
     /// The response could not be parsed or was too large.
     #[error("malformed response: {0}")]
     Malformed(&'static str),
@@ -339,6 +343,10 @@ async fn handshake(stream: &mut TcpStream, head: &[u8], ws: &WsRequest) -> Resul
         let accept = map.get(header::SEC_WEBSOCKET_ACCEPT).cloned().ok_or(HandshakeError::BadAccept)?;
         if accept.as_bytes() != expected.as_bytes() {
             return Err(HandshakeError::BadAccept);
+        }
+        let extensions = map.get(header::SEC_WEBSOCKET_EXTENSIONS);
+        if extensions.is_some() && ws.extensions.is_none() {
+            return Err(HandshakeError::UnofferedExtension);
         }
         let early = buf[len..].to_vec();
         return Ok((

@@ -541,6 +541,16 @@ async fn handle_upgrade(
     let sticky_key = route.balance.sticky_key.as_ref().and_then(|k| {
         crate::routing::pool::sticky_key(k, req.headers(), path_and_query, &caps, admitted.claims.as_deref())
     });
+    // A recorded route reads the backend's payloads, so they must not be compressed: no
+    // extension offer reaches the backend (permessage-deflate is not negotiated end to end).
+    let unextended;
+    let ws = match route.recording.is_some() && ws.extensions.is_some() {
+        true => {
+            unextended = upgrade::WsRequest { extensions: None, ..ws.clone() };
+            &unextended
+        }
+        false => ws,
+    };
     let breq = BackendRequest {
         path_and_query: &admitted.path_and_query,
         ws,
@@ -693,6 +703,16 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
 ) {
     let expires_at = session_deadline(&p.route, &shared.runtime.load(), p.claims.as_deref());
     let registered = p.registered;
+    let recording = p.route.recording.as_ref().map(|settings| {
+        let e = registered.entry();
+        let meta = crate::recording::Meta {
+            session: e.id,
+            route: e.route.clone(),
+            agent: e.agent.clone(),
+            subject: e.subject.clone(),
+        };
+        crate::recording::start(settings, meta)
+    });
     let params = RelayParams {
         settings: p.route.session.clone(),
         drain_spread: shared.runtime.load().config.server.drain_spread,
@@ -700,6 +720,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
         control: registered.entry().control.clone(),
         metrics: shared.metrics.clone(),
         expires_at,
+        recording,
     };
     let started = Instant::now();
     shared.metrics.sessions_active.increment(1.0);

@@ -10,9 +10,9 @@ use http_body_util::BodyExt;
 use crate::harness::*;
 
 /// `portcullis demo --backend-only` as a child process on a free port, killed on drop.
-struct DemoAgent {
+pub(crate) struct DemoAgent {
     child: Child,
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -23,7 +23,7 @@ impl Drop for DemoAgent {
     }
 }
 
-async fn demo_agent() -> DemoAgent {
+pub(crate) async fn demo_agent() -> DemoAgent {
     let dir = tempfile::tempdir().expect("tempdir");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
@@ -60,7 +60,7 @@ backend_path = "/agents/{{agent}}/api/{{rest}}"
 }
 
 /// Reads the terminal's output until `want` shows up in it `times` times.
-async fn read_until(c: &mut Client, want: &str, times: usize) -> String {
+pub(crate) async fn read_until(c: &mut Client, want: &str, times: usize) -> String {
     let mut seen = String::new();
     let deadline = Instant::now() + SOON;
     while seen.matches(want).count() < times {

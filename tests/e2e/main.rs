@@ -23,6 +23,7 @@ mod metrics;
 mod proxy_protocol;
 mod rates;
 mod rebalance;
+mod recording;
 mod relay;
 mod reload;
 mod routing;

@@ -22,6 +22,9 @@ pub mod code {
     pub const POLICY: u16 = 1008;
     /// 1009: a frame or message over the configured size.
     pub const TOO_BIG: u16 = 1009;
+    /// 1011: internal error (the session's audit recording fell behind or failed, on a
+    /// route that closes then).
+    pub const INTERNAL_ERROR: u16 = 1011;
     /// 1014: bad gateway (the backend failed or broke the protocol).
     pub const BAD_GATEWAY: u16 = 1014;
 }
@@ -85,6 +88,8 @@ pub enum Cause {
     Drain,
     /// An operator rebalanced the session's route.
     Rebalance,
+    /// The recording could not keep up or failed (`on_backlog = "close"`).
+    RecordingGap,
 }
 
 /// What the proxy does for a [`Cause`].
@@ -191,6 +196,11 @@ impl Cause {
             Cause::RouteRemoved => both(GOING_AWAY, "route removed", "route removed"),
             Cause::Drain => both(GOING_AWAY, "going away", "drain"),
             Cause::Rebalance => both(GOING_AWAY, "rebalance", "rebalance"),
+            Cause::RecordingGap => proxy(
+                CloseFrame::new(INTERNAL_ERROR, "recording failed"),
+                CloseFrame::new(GOING_AWAY, "recording failed"),
+                "recording failed",
+            ),
         }
     }
 }
@@ -291,6 +301,7 @@ mod tests {
             (Cause::Revoked, "session revoked through the admin API"),
             (Cause::RouteRemoved, "a reload removed the session's route"),
             (Cause::Rebalance, "rebalanced through the admin API"),
+            (Cause::RecordingGap, "the recording fell behind or failed"),
         ]
     }
 

@@ -161,6 +161,22 @@ pub enum Event {
     Violation(Violation),
 }
 
+/// Sees the payload bytes of data frames as [`Tracker::feed_with`] consumes them (terminal
+/// recording). `mask` is the sender's key rotated so that its first byte applies to
+/// `bytes[0]`, for senders that mask.
+pub trait PayloadTap {
+    /// Some payload bytes of a text, binary or continuation frame.
+    fn data(&mut self, bytes: &[u8], mask: Option<[u8; 4]>);
+}
+
+/// The tap of a route that records nothing: [`Tracker::feed`] compiles to the untapped loop.
+struct NoTap;
+
+impl PayloadTap for NoTap {
+    #[inline(always)]
+    fn data(&mut self, _: &[u8], _: Option<[u8; 4]>) {}
+}
+
 /// Incremental header tracker for one direction of one session.
 ///
 /// Small on purpose (under 100 bytes): one lives in every session, twice.
@@ -218,6 +234,11 @@ impl Tracker {
     /// Consumes `input`, stopping early (with an event) after a complete control frame or at a
     /// violation. Returns how many bytes were consumed.
     pub fn feed(&mut self, input: &[u8]) -> (usize, Option<Event>) {
+        self.feed_with(input, &mut NoTap)
+    }
+
+    /// [`Tracker::feed`], showing `tap` the payload bytes of data frames.
+    pub fn feed_with<T: PayloadTap>(&mut self, input: &[u8], tap: &mut T) -> (usize, Option<Event>) {
         let mut i = 0;
         while i < input.len() {
             if !self.in_payload {
@@ -250,6 +271,12 @@ impl Tracker {
                     control[pos] = b ^ key;
                 }
                 self.control_len = (offset + take) as u8;
+            } else {
+                let offset = (self.payload_len - self.remaining) as usize;
+                let m = self.mask;
+                let mask =
+                    self.masked.then(|| [m[offset & 3], m[(offset + 1) & 3], m[(offset + 2) & 3], m[(offset + 3) & 3]]);
+                tap.data(&input[i..i + take], mask);
             }
             self.remaining -= take as u64;
             i += take;

@@ -59,6 +59,8 @@ pub struct RelayParams {
     pub metrics: Arc<Metrics>,
     /// When the client's token expires: the session is closed then (1008 to the client).
     pub expires_at: Option<Instant>,
+    /// The session's recording sinks (output, and input when recorded), on recorded routes.
+    pub recording: Option<(crate::recording::Sink, Option<crate::recording::Sink>)>,
 }
 
 /// How a stream is finished when its session ends, before it is dropped (which closes it).

@@ -137,6 +137,9 @@ pub(super) struct Direction {
     /// `src` went over its rate with `rate_action = "close"`: reported once, then read on
     /// (discarded once the close is out) so the close frames go at frame boundaries.
     over_rate: bool,
+    /// The recording of `src`'s data frames, on recorded routes (boxed: other sessions hold a
+    /// pointer's worth).
+    tap: Option<Box<crate::recording::Sink>>,
     /// Times `src` was paused for its rate since the session last took the count.
     pub(super) pauses: u32,
     /// No more reading from `src` (it sent a close frame, went away, or was abandoned).
@@ -159,6 +162,14 @@ pub(super) enum DirEvent {
     DstGone,
     /// `src` went over its session rate, and the action is to close.
     OverRate,
+    /// The recording fell behind or failed, and the route closes the session then.
+    RecordingGap,
+}
+
+impl frame::PayloadTap for crate::recording::Sink {
+    fn data(&mut self, bytes: &[u8], mask: Option<[u8; 4]>) {
+        self.extend(bytes, mask);
+    }
 }
 
 impl Direction {
@@ -176,6 +187,7 @@ impl Direction {
             needs_flush: false,
             throttle: None,
             over_rate: false,
+            tap: None,
             pauses: 0,
             src_done: false,
             dst_closed: false,
@@ -190,6 +202,11 @@ impl Direction {
             d.buf = Some(buf);
         }
         d
+    }
+
+    /// Records `src`'s data frames into `sink`.
+    pub(super) fn record(&mut self, sink: crate::recording::Sink) {
+        self.tap = Some(Box::new(sink));
     }
 
     /// Offset in `buf` where the frame being parsed began, if it began in this buffer fill.
@@ -322,7 +339,14 @@ impl Direction {
             // Scan: let the tracker see newly read bytes.
             if self.scanned < self.end {
                 let buf = self.buf.as_ref().expect("unscanned bytes, so a buffer is held");
-                let (n, ev) = self.tracker.feed(&buf[self.scanned..self.end]);
+                let (n, ev) = match self.tap.as_deref_mut() {
+                    None => self.tracker.feed(&buf[self.scanned..self.end]),
+                    Some(tap) => {
+                        let fed = self.tracker.feed_with(&buf[self.scanned..self.end], tap);
+                        tap.commit();
+                        fed
+                    }
+                };
                 self.scanned += n;
                 self.safe =
                     if self.tracker.holding() { self.frame_start().unwrap_or(self.scanned) } else { self.scanned };
@@ -372,6 +396,19 @@ impl Direction {
                     Admit::Over => {
                         self.over_rate = true;
                         return Poll::Ready(DirEvent::OverRate);
+                    }
+                }
+            }
+            if let Some(tap) = self.tap.as_deref() {
+                match tap.poll_room(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(crate::recording::Gap)) => {
+                        self.tap = None;
+                        return Poll::Ready(DirEvent::RecordingGap);
+                    }
+                    Poll::Pending => {
+                        self.release_if_empty();
+                        return Poll::Pending;
                     }
                 }
             }

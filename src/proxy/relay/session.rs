@@ -121,11 +121,21 @@ where
             allowed_rsv: p.allowed_rsv,
         };
         let now = Instant::now();
+        let (mut c2b, mut b2c) = (
+            Direction::new(Side::Client, limits, s.buffer_size, client_early),
+            Direction::new(Side::Backend, limits, s.buffer_size, backend_early),
+        );
+        if let Some((output, input)) = p.recording {
+            b2c.record(output);
+            if let Some(input) = input {
+                c2b.record(input);
+            }
+        }
         let mut session = Session {
             client,
             backend,
-            c2b: Direction::new(Side::Client, limits, s.buffer_size, client_early),
-            b2c: Direction::new(Side::Backend, limits, s.buffer_size, backend_early),
+            c2b,
+            b2c,
             peers: [Peer::default(), Peer::default()],
             settings: p.settings.clone(),
             drain_spread: p.drain_spread,
@@ -277,6 +287,10 @@ where
             }
             DirEvent::SrcGone => self.on_gone(from),
             DirEvent::DstGone => self.on_gone(from.other()),
+            DirEvent::RecordingGap => {
+                tracing::warn!(side = ?from, "session closed: its recording fell behind or failed");
+                self.end_with(Cause::RecordingGap);
+            }
             DirEvent::OverRate => {
                 crate::metrics::limit_refused("session_rate");
                 tracing::info!(side = ?from, "session closed: over its session rate");

@@ -1,0 +1,411 @@
+//! Terminal recording for audit: one asciicast v2 file per session of a route with
+//! `[routes.recording]`, written off the relay's path.
+//!
+//! The relay copies the payload bytes of data frames (the backend's output, and the client's
+//! input when the route asks for it, unmasked) into a [`Sink`] per direction, which hands them
+//! to the session's writer task through a queue bounded in bytes. The relay still forwards the
+//! original bytes: the recording reads them, it never changes them. The writer decodes UTF-8
+//! across chunk boundaries (invalid bytes become U+FFFD), writes `[time, "o"|"i", text]` lines
+//! after the header, and flushes whenever its queue is empty.
+//!
+//! When the writer falls `queue` bytes behind, or fails (the file cannot be created or
+//! written), the route's `on_backlog` decides: `slow` stops reading that direction's sender
+//! until the writer catches up (a failed writer leaves the rest of the session unrecorded),
+//! `close` ends the session with 1011. Either way the gap is logged and counted in
+//! `portcullis_recording_failures_total{route,reason}`: an audit gap is never silent.
+//!
+//! Files are created 0600 in the route's directory, named `{unix time}-{route}-{session}.cast`;
+//! at each new recording the directory is swept: files older than `max_age` go, then the
+//! oldest until the rest fit `max_total_size`. The header carries the session id, route,
+//! agent, subject and start time, never a token.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::task::AtomicWaker;
+use metrics::{counter, gauge};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::config::{Backlog, RecordingSettings};
+
+/// Who a recording is of, for its header and file name.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    /// The session's process-unique id.
+    pub session: u64,
+    /// Route name.
+    pub route: String,
+    /// The `{agent}` capture, if any.
+    pub agent: Option<String>,
+    /// The token's subject, if any.
+    pub subject: Option<String>,
+}
+
+/// Output (`o`, the backend's frames) or input (`i`, the client's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Output = 0,
+    Input = 1,
+}
+
+impl Stream {
+    fn code(self) -> &'static str {
+        match self {
+            Stream::Output => "o",
+            Stream::Input => "i",
+        }
+    }
+}
+
+/// Bytes of one direction, as one event.
+struct Chunk {
+    at: f64,
+    stream: Stream,
+    data: Vec<u8>,
+}
+
+/// What the sinks of one recording and its writer share.
+struct Queue {
+    settings: Arc<RecordingSettings>,
+    route: String,
+    start: Instant,
+    /// Bytes handed to the writer and not yet written.
+    queued: AtomicUsize,
+    /// The writer failed: nothing more is recorded.
+    failed: AtomicBool,
+    /// The sinks waiting for room (`slow`), by [`Stream`].
+    wakers: [AtomicWaker; 2],
+    tx: mpsc::UnboundedSender<Chunk>,
+}
+
+impl Queue {
+    fn fail(&self, reason: &'static str, detail: &dyn std::fmt::Display) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(route = %self.route, reason, error = %detail, "recording failed: the rest of the session is not recorded");
+            counter!("portcullis_recording_failures_total", "route" => self.route.clone(), "reason" => reason)
+                .increment(1);
+        }
+        self.wake();
+    }
+
+    fn wake(&self) {
+        for w in &self.wakers {
+            w.wake();
+        }
+    }
+}
+
+/// Why a recorded session must close (`on_backlog = "close"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap;
+
+/// One direction's way into a recording: the relay copies payload bytes in while it scans,
+/// then commits them as one event after each scan.
+pub struct Sink {
+    stream: Stream,
+    staging: Vec<u8>,
+    queue: Arc<Queue>,
+}
+
+impl Sink {
+    /// Payload bytes of a data frame, masked with `mask` (its first byte applies to
+    /// `bytes[0]`) when the sender masks.
+    pub fn extend(&mut self, bytes: &[u8], mask: Option<[u8; 4]>) {
+        match mask {
+            None => self.staging.extend_from_slice(bytes),
+            Some(m) => self.staging.extend(bytes.iter().enumerate().map(|(i, b)| b ^ m[i & 3])),
+        }
+    }
+
+    /// Hands what was copied since the last commit to the writer, as one event.
+    pub fn commit(&mut self) {
+        if self.staging.is_empty() {
+            return;
+        }
+        if self.queue.failed.load(Ordering::Acquire) {
+            self.staging.clear();
+            return;
+        }
+        let data = std::mem::take(&mut self.staging);
+        let len = data.len();
+        self.queue.queued.fetch_add(len, Ordering::AcqRel);
+        let at = self.queue.start.elapsed().as_secs_f64();
+        if self.queue.tx.send(Chunk { at, stream: self.stream, data }).is_err() {
+            self.queue.queued.fetch_sub(len, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether the sender may be read now: `Pending` (the task woken when the writer has
+    /// caught up) while the writer is `queue` bytes behind under `slow`; [`Gap`] when the
+    /// session must close (`close`, and the writer is behind or failed).
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), Gap>> {
+        let q = &self.queue;
+        let close = q.settings.on_backlog == Backlog::Close;
+        // Registered on every check, not only when waiting for room: a writer that fails
+        // while the session sits idle wakes it, so a `close` route closes then.
+        q.wakers[self.stream as usize].register(cx.waker());
+        if q.failed.load(Ordering::Acquire) {
+            return Poll::Ready(if close { Err(Gap) } else { Ok(()) });
+        }
+        if q.queued.load(Ordering::Acquire) < q.settings.queue {
+            return Poll::Ready(Ok(()));
+        }
+        if close {
+            q.fail("backlog", &"the writer fell a whole queue behind");
+            return Poll::Ready(Err(Gap));
+        }
+        if q.queued.load(Ordering::Acquire) < q.settings.queue || q.failed.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        counter!("portcullis_recording_backpressure_total", "route" => q.route.clone()).increment(1);
+        Poll::Pending
+    }
+}
+
+/// Starts the recording of a session: its writer task, and the sink of its output and (when
+/// the route records input) of its input.
+pub fn start(settings: &Arc<RecordingSettings>, meta: Meta) -> (Sink, Option<Sink>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queue = Arc::new(Queue {
+        settings: settings.clone(),
+        route: meta.route.clone(),
+        start: Instant::now(),
+        queued: AtomicUsize::new(0),
+        failed: AtomicBool::new(false),
+        wakers: [AtomicWaker::new(), AtomicWaker::new()],
+        tx,
+    });
+    tokio::spawn(write(queue.clone(), rx, meta));
+    let sink = |stream| Sink { stream, staging: Vec::new(), queue: queue.clone() };
+    (sink(Stream::Output), settings.input.then(|| sink(Stream::Input)))
+}
+
+/// The file name of a recording started at `unix` seconds.
+fn file_name(meta: &Meta, unix: u64) -> String {
+    format!("{unix}-{}-{}.cast", meta.route, meta.session)
+}
+
+/// The asciicast v2 header line.
+fn header(settings: &RecordingSettings, meta: &Meta, unix: u64) -> String {
+    let title = format!("{} {}", meta.route, meta.agent.as_deref().unwrap_or(""));
+    serde_json::json!({
+        "version": 2,
+        "width": settings.width,
+        "height": settings.height,
+        "timestamp": unix,
+        "title": title.trim_end(),
+        "portcullis": {
+            "session": meta.session,
+            "route": meta.route,
+            "agent": meta.agent,
+            "subject": meta.subject,
+            "input_recorded": settings.input,
+        },
+    })
+    .to_string()
+}
+
+/// Decodes `data` after the `carry` left by the previous chunk (at most 3 bytes of an
+/// incomplete UTF-8 sequence); what is left incomplete at the end becomes the next carry.
+fn decode(carry: &mut Vec<u8>, data: &[u8]) -> String {
+    carry.extend_from_slice(data);
+    let mut out = String::with_capacity(carry.len());
+    let mut rest: &[u8] = carry;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                out.push_str(s);
+                rest = &[];
+                break;
+            }
+            Err(e) => {
+                let (good, bad) = rest.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(good).unwrap_or_default());
+                match e.error_len() {
+                    Some(n) => {
+                        out.push('\u{fffd}');
+                        rest = &bad[n..];
+                    }
+                    None => {
+                        rest = bad;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let keep = rest.to_vec();
+    *carry = keep;
+    out
+}
+
+/// The writer task: creates the file, writes the header and every chunk, and ends when both
+/// sinks are gone (the session ended).
+async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: Meta) {
+    let settings = queue.settings.clone();
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let path = settings.directory.join(file_name(&meta, unix));
+    gauge!("portcullis_recordings_active").increment(1.0);
+    let dir = settings.directory.clone();
+    let (max_age, max_total) = (settings.max_age, settings.max_total_size);
+    let _ = tokio::task::spawn_blocking(move || sweep(&dir, max_age, max_total)).await;
+    let mut file = match create(&path).await {
+        Ok(f) => Some(tokio::io::BufWriter::new(f)),
+        Err(e) => {
+            queue.fail("io", &format_args!("{}: {e}", path.display()));
+            None
+        }
+    };
+    if let Some(f) = file.as_mut() {
+        let line = header(&settings, &meta, unix) + "\n";
+        if let Err(e) = f.write_all(line.as_bytes()).await {
+            queue.fail("io", &format_args!("{}: {e}", path.display()));
+            file = None;
+        }
+    }
+    let mut carry = [Vec::new(), Vec::new()];
+    let mut written = 0u64;
+    let mut batch = VecDeque::new();
+    while let Some(first) = rx.recv().await {
+        batch.push_back(first);
+        while let Ok(more) = rx.try_recv() {
+            batch.push_back(more);
+        }
+        let mut freed = 0;
+        for chunk in batch.drain(..) {
+            freed += chunk.data.len();
+            let Some(f) = file.as_mut() else { continue };
+            let text = decode(&mut carry[chunk.stream as usize], &chunk.data);
+            if text.is_empty() {
+                continue;
+            }
+            let mut line = serde_json::json!([chunk.at, chunk.stream.code(), text]).to_string();
+            line.push('\n');
+            written += line.len() as u64;
+            if let Err(e) = f.write_all(line.as_bytes()).await {
+                queue.fail("io", &format_args!("{}: {e}", path.display()));
+                file = None;
+            }
+        }
+        if let Some(f) = file.as_mut() {
+            if let Err(e) = f.flush().await {
+                queue.fail("io", &format_args!("{}: {e}", path.display()));
+                file = None;
+            }
+        }
+        queue.queued.fetch_sub(freed, Ordering::AcqRel);
+        queue.wake();
+    }
+    if let Some(mut f) = file {
+        let _ = f.shutdown().await;
+        counter!("portcullis_recordings_total", "route" => meta.route.clone()).increment(1);
+    }
+    counter!("portcullis_recording_bytes_total", "route" => meta.route.clone()).increment(written);
+    gauge!("portcullis_recordings_active").decrement(1.0);
+    tracing::info!(session = meta.session, route = %meta.route, file = %path.display(), bytes = written, "recording ended");
+}
+
+async fn create(path: &Path) -> io::Result<tokio::fs::File> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).await
+}
+
+/// Deletes the directory's recordings older than `max_age`, then the oldest until the rest
+/// are under `max_total` bytes.
+fn sweep(dir: &Path, max_age: std::time::Duration, max_total: u64) {
+    let mut files = list(dir);
+    let now = SystemTime::now();
+    files.retain(|f| {
+        let old = now.duration_since(f.modified).is_ok_and(|age| age > max_age);
+        if old {
+            let _ = std::fs::remove_file(&f.path);
+        }
+        !old
+    });
+    let mut total: u64 = files.iter().map(|f| f.size).sum();
+    for f in &files {
+        if total <= max_total {
+            break;
+        }
+        if std::fs::remove_file(&f.path).is_ok() {
+            total -= f.size;
+        }
+    }
+}
+
+/// A recording on disk.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Its path.
+    pub path: PathBuf,
+    /// Its file name.
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// Last written.
+    pub modified: SystemTime,
+}
+
+/// The `.cast` files in `dir`, oldest first.
+pub fn list(dir: &Path) -> Vec<Stored> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<Stored> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let meta = e.metadata().ok()?;
+            (name.ends_with(".cast") && meta.is_file()).then(|| Stored {
+                path: e.path(),
+                name,
+                size: meta.len(),
+                modified: meta.modified().unwrap_or(UNIX_EPOCH),
+            })
+        })
+        .collect();
+    files.sort_by_key(|f| f.modified);
+    files
+}
+
+/// Whether `name` can only be a recording's file name (no path separator, no dot segments).
+pub fn valid_name(name: &str) -> bool {
+    name.ends_with(".cast")
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_split_across_chunks_is_joined_and_invalid_bytes_are_replaced() {
+        let mut carry = Vec::new();
+        let s = "héllo → wörld";
+        let bytes = s.as_bytes();
+        let mut out = String::new();
+        for chunk in bytes.chunks(1) {
+            out.push_str(&decode(&mut carry, chunk));
+        }
+        assert_eq!(out, s);
+        assert!(carry.is_empty());
+        assert_eq!(decode(&mut carry, b"a\xffb"), "a\u{fffd}b");
+        assert_eq!(decode(&mut carry, b"\xe2\x86"), "");
+        assert_eq!(decode(&mut carry, b"\x92!"), "→!");
+    }
+
+    #[test]
+    fn names_that_could_leave_the_directory_are_not_recordings() {
+        assert!(valid_name("1767225600-terminal-7.cast"));
+        for bad in ["../x.cast", "a/b.cast", ".cast", "x.txt", "..cast", "a b.cast"] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Terminal recording for audit: a recorded PTY session's asciicast v2 file (its output, no
+//! token, playable by asciinema), input recorded only when asked, the admin API that lists and
+//! serves recordings, and storage failures handled as the route chooses.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::demo::{demo_agent, read_until};
+use crate::harness::*;
+
+/// The route `terminal` recorded into `dir` with `extra` lines of `[routes.recording]`, with
+/// tokens from an HMAC key.
+fn recorded(members: &[String], key: &Hmac, dir: &Path, extra: &str) -> String {
+    TestConfig::base(members)
+        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
+        .merge("routes.0", &format!("[recording]\ndirectory = \"{}\"\n{extra}", dir.display()))
+        .text()
+}
+
+/// The recording in `dir` once it holds `want` (the writer flushes behind the session).
+async fn cast_with(dir: &Path, want: &str) -> (std::path::PathBuf, String) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let files: Vec<_> =
+            std::fs::read_dir(dir).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
+        if let [only] = files.as_slice() {
+            let text = std::fs::read_to_string(only).unwrap_or_default();
+            if text.contains(want) {
+                return (only.clone(), text);
+            }
+        }
+        let seen: Vec<String> = files.iter().map(|f| std::fs::read_to_string(f).unwrap_or_default()).collect();
+        assert!(Instant::now() < deadline, "no recording with {want:?} in {}: {files:?} {seen:?}", dir.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The output events' text, joined, after checking that every event line is `[t, code, text]`
+/// with times that never go back.
+fn events(cast: &str, code: &str) -> String {
+    let mut last = 0.0;
+    let mut out = String::new();
+    for line in cast.lines().skip(1) {
+        let e: Value = serde_json::from_str(line).expect("an event line is JSON");
+        let t = e[0].as_f64().expect("time");
+        assert!(t >= last, "times go forward: {line}");
+        last = t;
+        if e[1] == code {
+            out.push_str(e[2].as_str().expect("text"));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_recorded_pty_session_holds_the_typed_commands_output_plays_and_holds_no_token() {
+    let agent = demo_agent().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = hmac();
+    let proxy = Proxy::start_with(&recorded(&[agent.addr.to_string()], &key, dir.path(), "")).await;
+    let token = key.token("alice", &["demo"], Duration::from_secs(600));
+    let auth = format!("Bearer {token}");
+    let mut c = upgrade(proxy.tls, true, "/agents/demo/terminal", &[("Authorization", &auth)]).await.expect("101");
+    let word = format!("recorded-{}", rand::random::<u32>());
+    c.send(true, op::BINARY, format!("echo {word}\r").as_bytes()).await;
+    read_until(&mut c, &format!("{word}\r\n"), 2).await;
+    c.send(true, op::BINARY, b"exit\r").await;
+    assert_eq!(c.recv_close().await.close_code(), Some(1000));
+
+    let (path, cast) = cast_with(dir.path(), &format!("{word}\\r\\n")).await;
+    let header: Value = serde_json::from_str(cast.lines().next().expect("header")).expect("header JSON");
+    assert_eq!(
+        (header["version"].as_u64(), header["width"].as_u64(), header["height"].as_u64()),
+        (Some(2), Some(80), Some(24))
+    );
+    assert_eq!(header["portcullis"]["route"], "terminal");
+    assert_eq!(header["portcullis"]["agent"], "demo");
+    assert_eq!(header["portcullis"]["subject"], "alice");
+    assert!(header["portcullis"]["session"].as_u64().is_some());
+    let output = events(&cast, "o");
+    assert_eq!(output.matches(&format!("{word}\r\n")).count(), 2, "the echoed line and the shell's output: {output}");
+    assert_eq!(events(&cast, "i"), "", "input is not recorded unless asked");
+    assert!(!cast.contains(&token), "no token in a recording");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("metadata").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "recordings are readable by the proxy's user only");
+    }
+
+    // The admin API lists and serves it; nothing outside the directory is reachable.
+    let name = path.file_name().and_then(|n| n.to_str()).expect("name").to_owned();
+    let (status, list) = admin_request(proxy.admin, "GET", "/recordings", "").await;
+    assert_eq!(status, 200);
+    let list: Value = serde_json::from_str(&list).expect("json");
+    assert_eq!(list["recordings"][0]["name"], name.as_str());
+    assert_eq!(list["recordings"][0]["route"], "terminal");
+    let (status, served) = admin_request(proxy.admin, "GET", &format!("/recordings/{name}"), "").await;
+    assert_eq!((status, served), (200, cast.clone()));
+    for bad in ["/recordings/..%2f..%2fetc%2fpasswd", "/recordings/../x.cast", "/recordings/nope.cast"] {
+        assert_eq!(admin_request(proxy.admin, "GET", bad, "").await.0, 404, "{bad}");
+    }
+
+    // It plays: `asciinema cat` prints the output. PORTCULLIS_ASCIINEMA (set by .ci/run, which
+    // installs asciinema from PyPI) makes this part required; without it, an asciinema on the
+    // PATH is used if there is one.
+    let required = std::env::var_os("PORTCULLIS_ASCIINEMA");
+    let program = required.clone().unwrap_or_else(|| "asciinema".into());
+    match std::process::Command::new(&program).arg("cat").arg(&path).output() {
+        Ok(out) => {
+            assert!(out.status.success(), "asciinema cat failed: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(String::from_utf8_lossy(&out.stdout).contains(&word), "asciinema cat printed the output");
+        }
+        Err(e) if required.is_none() => eprintln!("asciinema not installed ({e}): play check skipped"),
+        Err(e) => panic!("PORTCULLIS_ASCIINEMA={program:?}: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn input_is_recorded_when_the_route_asks_and_compression_is_not_negotiated() {
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = hmac();
+    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), "input = true")).await;
+    let auth = key.bearer(&["a1"]);
+    let mut c = upgrade(
+        proxy.tls,
+        true,
+        "/agents/a1/terminal",
+        &[("Authorization", &auth), ("Sec-WebSocket-Extensions", "permessage-deflate")],
+    )
+    .await
+    .expect("101");
+    assert_eq!(c.response.header("sec-websocket-extensions"), None, "a recorded route negotiates no compression");
+    let offered = backend.log.requests.lock().expect("lock")[0].header("sec-websocket-extensions").map(str::to_owned);
+    assert_eq!(offered, None, "the offer never reached the backend");
+    // Typed in pieces, one UTF-8 character split over two frames.
+    c.send(false, op::TEXT, b"ls -l caf\xc3").await;
+    c.send(true, op::CONT, b"\xa9\r").await;
+    let _ = (c.recv().await, c.recv().await);
+    c.send(true, op::CLOSE, &close_payload(1000, "")).await;
+    c.recv_close().await;
+    // Split where the frames split it; the events join to the text.
+    let (_, cast) = cast_with(dir.path(), r#""o","é\r""#).await;
+    assert_eq!(events(&cast, "i"), "ls -l café\r", "the client's input, unmasked and joined");
+    assert_eq!(events(&cast, "o"), "ls -l café\r", "the backend's echo");
+    let header: Value = serde_json::from_str(cast.lines().next().expect("header")).expect("json");
+    assert_eq!(header["portcullis"]["input_recorded"], true);
+
+    // A backend that answers with compression nobody offered it is refused (502), never
+    // relayed as payloads the recording could not read.
+    let forcing = Backend::start(
+        BackendOpts { extensions: Some("permessage-deflate".into()), ..Default::default() },
+        echo_handler(),
+    )
+    .await;
+    let text = recorded(&[forcing.addr.to_string()], &key, dir.path(), "")
+        .replace("name = \"terminal\"", "name = \"rec-forced\"");
+    let proxy = Proxy::start_with(&text).await;
+    let refused =
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.err().expect("502");
+    assert_eq!(refused.status, 502);
+}
+
+#[tokio::test]
+async fn storage_that_fails_closes_the_session_with_1011_or_leaves_it_unrecorded_as_the_route_chooses() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let auth = key.bearer(&["a1"]);
+    // The "directory" is a file: no recording can be created in it.
+    let blocker = tempfile::NamedTempFile::new().expect("file");
+
+    let text = recorded(&[backend.addr.to_string()], &key, blocker.path(), "on_backlog = \"close\"");
+    let text = text.replace("name = \"terminal\"", "name = \"rec-close\"");
+    let proxy = Proxy::start_with(&text).await;
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+    let f = c.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1011), "recording failed"));
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_recording_failures_total{route=\"rec-close\",reason=\"io\"}"), 1.0);
+    drop(proxy);
+
+    let text = recorded(&[backend.addr.to_string()], &key, blocker.path(), "on_backlog = \"slow\"");
+    let text = text.replace("name = \"terminal\"", "name = \"rec-slow\"");
+    let proxy = Proxy::start_with(&text).await;
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        if metric(&m, "portcullis_recording_failures_total{route=\"rec-slow\",reason=\"io\"}") == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gap is counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in 0..5u8 {
+        c.send(true, op::BINARY, &[n; 100]).await;
+        assert_eq!(c.recv().await.payload, vec![n; 100], "the session goes on, unrecorded");
+    }
+}
