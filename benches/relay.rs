@@ -66,6 +66,7 @@ fn session(rt: &tokio::runtime::Runtime, rated: bool) -> (DuplexStream, DuplexSt
         metrics: Metrics::global(),
         expires_at: None,
         recording: None,
+        observers: None,
     };
     rt.spawn(relay(client_proxy, Vec::new(), backend_proxy, Vec::new(), params));
     (client_app, backend_app)

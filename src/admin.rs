@@ -190,6 +190,7 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                         "issuer": e.issuer,
                         "client": e.client.to_string(),
                         "http": e.http,
+                        "observers": e.observers.as_ref().map(|h| h.observers()),
                         "kind": e.kind.as_str(),
                         "backend": e.backend.get(),
                         "age_seconds": now.duration_since(e.started).map(|d| d.as_secs_f64()).unwrap_or(0.0),

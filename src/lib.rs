@@ -39,6 +39,7 @@ pub mod crypto;
 pub mod handover;
 pub mod limits;
 pub mod metrics;
+pub mod observe;
 pub(crate) mod outbound;
 pub mod proxy;
 pub mod recording;

@@ -105,34 +105,19 @@ impl Queue {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gap;
 
-/// One direction's way into a recording: the relay copies payload bytes in while it scans,
-/// then commits them as one event after each scan.
+/// One direction's way into a recording: the relay hands it the unmasked payload bytes of
+/// each scan, as one event.
 pub struct Sink {
     stream: Stream,
-    staging: Vec<u8>,
     queue: Arc<Queue>,
 }
 
 impl Sink {
-    /// Payload bytes of a data frame, masked with `mask` (its first byte applies to
-    /// `bytes[0]`) when the sender masks.
-    pub fn extend(&mut self, bytes: &[u8], mask: Option<[u8; 4]>) {
-        match mask {
-            None => self.staging.extend_from_slice(bytes),
-            Some(m) => self.staging.extend(bytes.iter().enumerate().map(|(i, b)| b ^ m[i & 3])),
-        }
-    }
-
-    /// Hands what was copied since the last commit to the writer, as one event.
-    pub fn commit(&mut self) {
-        if self.staging.is_empty() {
+    /// Hands `data` to the writer, as one event.
+    pub fn record(&self, data: Vec<u8>) {
+        if data.is_empty() || self.queue.failed.load(Ordering::Acquire) {
             return;
         }
-        if self.queue.failed.load(Ordering::Acquire) {
-            self.staging.clear();
-            return;
-        }
-        let data = std::mem::take(&mut self.staging);
         let len = data.len();
         self.queue.queued.fetch_add(len, Ordering::AcqRel);
         let at = self.queue.start.elapsed().as_secs_f64();
@@ -182,7 +167,7 @@ pub fn start(settings: &Arc<RecordingSettings>, meta: Meta) -> (Sink, Option<Sin
         tx,
     });
     tokio::spawn(write(queue.clone(), rx, meta));
-    let sink = |stream| Sink { stream, staging: Vec::new(), queue: queue.clone() };
+    let sink = |stream| Sink { stream, queue: queue.clone() };
     (sink(Stream::Output), settings.input.then(|| sink(Stream::Input)))
 }
 

@@ -215,6 +215,8 @@ pub struct SessionEntry {
     pub started: std::time::SystemTime,
     /// Stop handle and live byte counters.
     pub control: Arc<SessionControl>,
+    /// Its live observers, on routes with `[routes.observe]`.
+    pub observers: Option<Arc<crate::observe::Hub>>,
 }
 
 /// Which sessions to revoke.
@@ -264,6 +266,11 @@ impl Sessions {
         for e in self.list() {
             e.control.stop(StopReason::Drain);
         }
+    }
+
+    /// The live session `id`, if any.
+    pub fn get(&self, id: u64) -> Option<Arc<SessionEntry>> {
+        self.map.lock().ok().and_then(|m| m.get(&id).cloned())
     }
 
     /// A snapshot of live sessions, oldest first.
@@ -349,6 +356,7 @@ mod tests {
             backend: std::sync::OnceLock::new(),
             started: std::time::SystemTime::now(),
             control: SessionControl::new(),
+            observers: None,
         }
     }
 

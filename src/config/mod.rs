@@ -320,6 +320,23 @@ pub struct RouteConfig {
     pub origin: Option<OriginPolicy>,
     /// Terminal recording (asciicast v2) of the route's WebSocket sessions, when set.
     pub recording: Option<std::sync::Arc<RecordingSettings>>,
+    /// Live observers of the route's WebSocket sessions, when set.
+    pub observe: Option<std::sync::Arc<ObserveSettings>>,
+}
+
+/// `[routes.observe]`: a subject whose token holds `scope` (rendered with the captures, in
+/// `scope` or `scp`) may watch a live session of the route read-only, by opening a WebSocket
+/// on the route's path with `?observe=<session id>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObserveSettings {
+    /// The scope an observer's token must hold (`observe:{agent}`).
+    pub scope: String,
+    /// Bytes of the latest output an observer gets first.
+    pub replay: usize,
+    /// Chunks an observer may have waiting; one that falls further behind is closed (1013).
+    pub queue: usize,
+    /// Observers one session may have at once.
+    pub max_observers: usize,
 }
 
 /// `[routes.recording]`: every WebSocket session of the route is written to an asciicast v2

@@ -279,6 +279,16 @@ pub(super) struct RawRoute {
     pub(super) auth: Option<RawRouteAuth>,
     pub(super) origin: Option<RawOrigin>,
     pub(super) recording: Option<RawRecording>,
+    pub(super) observe: Option<RawObserve>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawObserve {
+    pub(super) scope: String,
+    pub(super) replay: Option<Size>,
+    pub(super) queue: Option<usize>,
+    pub(super) max_observers: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

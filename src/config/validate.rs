@@ -251,10 +251,26 @@ fn route(
         return Err(invalid(&format!("{key}.auth"), "requires tokens but [auth] has no keys or jwks"));
     }
     let recording = r.recording.map(|rec| recording(rec, key)).transpose()?;
+    let observe = match r.observe {
+        None => None,
+        Some(o) if o.scope.trim().is_empty() => {
+            return Err(invalid(&format!("{key}.observe.scope"), "must name the scope observers need"))
+        }
+        Some(_) if auth.is_none() => {
+            return Err(invalid(&format!("{key}.observe"), "needs [routes.auth]: observers are authorized by token"))
+        }
+        Some(o) => Some(std::sync::Arc::new(super::ObserveSettings {
+            scope: o.scope,
+            replay: o.replay.map_or(16 * 1024, |v| v.0 as usize),
+            queue: o.queue.unwrap_or(256).max(1),
+            max_observers: o.max_observers.unwrap_or(8),
+        })),
+    };
     Ok(RouteConfig {
         auth,
         origin: r.origin.map(origin),
         recording,
+        observe,
         name: r.name,
         host: r.host.map(|h| h.to_ascii_lowercase()),
         path: r.path,

@@ -47,6 +47,12 @@ pub enum RequestError {
     /// (429, `Retry-After` like [`RequestError::HandshakeRate`]).
     #[error("too many token checks from this address")]
     TokenCheckRate(std::time::Duration),
+    /// The session has `max_observers` observers already (429).
+    #[error("this session has as many observers as it may")]
+    TooManyObservers,
+    /// No live session with that id on this route and agent (404), for an observer.
+    #[error("no such live session")]
+    NoSuchSession,
     /// The client address holds `max_streams_per_ip` HTTP/2 streams already (429).
     #[error("too many HTTP/2 streams from this address")]
     TooManyStreams,
@@ -96,7 +102,9 @@ impl RequestError {
                 ForwardError::ConnectTimeout | ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
             },
+            RequestError::NoSuchSession => StatusCode::NOT_FOUND,
             RequestError::TooManySessions
+            | RequestError::TooManyObservers
             | RequestError::TooManyStreams
             | RequestError::HandshakeRate(_)
             | RequestError::TokenCheckRate(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -139,6 +147,8 @@ impl RequestError {
             RequestError::Draining => "draining",
             RequestError::TooManySessions => "subject_sessions",
             RequestError::TooManyStreams => "per_ip_streams",
+            RequestError::TooManyObservers => "observers_full",
+            RequestError::NoSuchSession => "no_such_session",
             RequestError::HandshakeRate(_) => "handshake_rate",
             RequestError::TokenCheckRate(_) => "token_check_rate",
             RequestError::Internal(_) => "internal",

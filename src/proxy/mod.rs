@@ -25,6 +25,7 @@ pub(crate) mod connect;
 pub(crate) mod error;
 pub(crate) mod forward;
 pub(crate) mod http;
+pub(crate) mod observer;
 pub mod proxy_protocol;
 pub mod relay;
 pub(crate) mod request;
@@ -331,6 +332,11 @@ fn session_entry(
         backend: OnceLock::new(),
         started: SystemTime::now(),
         control: SessionControl::new(),
+        observers: route
+            .observe
+            .as_ref()
+            .filter(|_| kind == SessionKind::WebSocket)
+            .map(|o| crate::observe::Hub::new(o.clone())),
     }
 }
 
@@ -523,6 +529,9 @@ async fn handle_upgrade(
         return reject(ctx, &route.name, RequestError::Draining);
     }
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if let (Some(observe), Some(id)) = (route.observe.clone(), observer::requested(path_and_query)) {
+        return handle_observer(ctx, runtime, &route, &caps, req, ws, &observe, id).await;
+    }
     let authenticator = runtime.authenticator.as_deref();
     let gate = token_check_gate(ctx, runtime);
     let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, Some(ws), authenticator, &gate).await
@@ -631,6 +640,75 @@ async fn handle_upgrade(
     resp
 }
 
+/// An observer of a live session (`?observe=<id>` on a route with `[routes.observe]`): the
+/// route's auth with the observe scope in place of the agent grant, then the proxy answers the
+/// upgrade itself and the observer runs as a task of its own on the upgraded stream.
+#[allow(clippy::too_many_arguments)]
+async fn handle_observer(
+    ctx: &Arc<ConnCtx>,
+    runtime: &Runtime,
+    route: &RouteConfig,
+    caps: &Captures,
+    mut req: Request<Incoming>,
+    ws: upgrade::WsRequest,
+    observe: &crate::config::ObserveSettings,
+    id: u64,
+) -> Response<ProxyBody> {
+    let mut as_observer = route.clone();
+    if let Some(a) = as_observer.auth.as_mut() {
+        a.agent_claim = None;
+        a.agent_scope = Some(observe.scope.clone());
+    }
+    let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let authenticator = runtime.authenticator.as_deref();
+    let gate = token_check_gate(ctx, runtime);
+    let key = ws.key.clone();
+    let admitted =
+        match auth::admit(&as_observer, caps, req.headers(), path_and_query, Some(ws), authenticator, &gate).await {
+            Ok(a) => a,
+            Err(e) => return reject(ctx, &route.name, e.into()),
+        };
+    let agent = caps.get("agent");
+    let Some(hub) = observer::hub_of(&ctx.shared.sessions, id, &route.name, agent) else {
+        return reject(ctx, &route.name, RequestError::NoSuchSession);
+    };
+    let observing = match hub.join() {
+        Ok(o) => o,
+        Err(_) => return reject(ctx, &route.name, RequestError::TooManyObservers),
+    };
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
+    let h = resp.headers_mut();
+    if !ctx.h2 {
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&upgrade::accept_value(key.as_bytes())) {
+            h.insert(SEC_WEBSOCKET_ACCEPT, v);
+        }
+    }
+    if let Some(v) = admitted.subprotocol_marker.as_deref().and_then(|m| HeaderValue::from_str(m).ok()) {
+        h.insert(SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    *resp.status_mut() = if ctx.h2 { StatusCode::OK } else { StatusCode::SWITCHING_PROTOCOLS };
+    ctx.shared.metrics.upgrade(&route.name, "observer");
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let watch = observer::Watch {
+        session: id,
+        subject: admitted.claims.as_ref().and_then(|c| c.subject().map(str::to_owned)).unwrap_or_default(),
+        route: route.name.clone(),
+    };
+    let client_addr = ctx.client_addr;
+    let weak = Arc::downgrade(&hub);
+    drop(hub);
+    ctx.shared.tasks.spawn(
+        async move {
+            let Some(up) = upgraded(on_upgrade, client_addr).await else { return };
+            observer::run(up, observing, weak, watch).await;
+        }
+        .in_current_span(),
+    );
+    resp
+}
+
 fn reject(ctx: &ConnCtx, route: &str, e: RequestError) -> Response<ProxyBody> {
     tracing::debug!(route, client = %ctx.client_addr, status = e.status().as_u16(), error = %e, "upgrade rejected");
     ctx.shared.metrics.upgrade(route, e.result_label());
@@ -721,6 +799,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
         metrics: shared.metrics.clone(),
         expires_at,
         recording,
+        observers: registered.entry().observers.clone(),
     };
     let started = Instant::now();
     shared.metrics.sessions_active.increment(1.0);

@@ -87,6 +87,7 @@ mod tests {
     fn route(name: &str, host: Option<&str>, path: &str) -> RouteConfig {
         RouteConfig {
             recording: None,
+            observe: None,
             name: name.into(),
             host: host.map(Into::into),
             path: path.parse().expect("pattern"),

@@ -20,6 +20,7 @@ mod http;
 mod http2;
 mod limits;
 mod metrics;
+mod observe;
 mod proxy_protocol;
 mod rates;
 mod rebalance;

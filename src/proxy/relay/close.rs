@@ -25,6 +25,8 @@ pub mod code {
     /// 1011: internal error (the session's audit recording fell behind or failed, on a
     /// route that closes then).
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// 1013: try again later (an observer that fell behind its session's output).
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// 1014: bad gateway (the backend failed or broke the protocol).
     pub const BAD_GATEWAY: u16 = 1014;
 }

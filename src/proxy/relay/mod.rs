@@ -61,6 +61,8 @@ pub struct RelayParams {
     pub expires_at: Option<Instant>,
     /// The session's recording sinks (output, and input when recorded), on recorded routes.
     pub recording: Option<(crate::recording::Sink, Option<crate::recording::Sink>)>,
+    /// The session's observers, on routes with `[routes.observe]`.
+    pub observers: Option<Arc<crate::observe::Hub>>,
 }
 
 /// How a stream is finished when its session ends, before it is dropped (which closes it).

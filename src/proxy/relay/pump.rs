@@ -137,9 +137,9 @@ pub(super) struct Direction {
     /// `src` went over its rate with `rate_action = "close"`: reported once, then read on
     /// (discarded once the close is out) so the close frames go at frame boundaries.
     over_rate: bool,
-    /// The recording of `src`'s data frames, on recorded routes (boxed: other sessions hold a
-    /// pointer's worth).
-    tap: Option<Box<crate::recording::Sink>>,
+    /// What `src`'s data frames are shown to (recording, observers), on routes with either
+    /// (boxed: other sessions hold a pointer's worth).
+    tap: Option<Box<Tap>>,
     /// Times `src` was paused for its rate since the session last took the count.
     pub(super) pauses: u32,
     /// No more reading from `src` (it sent a close frame, went away, or was abandoned).
@@ -166,9 +166,49 @@ pub(super) enum DirEvent {
     RecordingGap,
 }
 
-impl frame::PayloadTap for crate::recording::Sink {
+/// What one direction's data-frame payloads are shown to: its recording, and (the backend's
+/// output) the session's observers. Payloads are copied out unmasked while the tracker scans,
+/// and handed on once per scan; the relay forwards the original bytes either way.
+pub(super) struct Tap {
+    staging: Vec<u8>,
+    sink: Option<crate::recording::Sink>,
+    hub: Option<std::sync::Arc<crate::observe::Hub>>,
+}
+
+impl Tap {
+    /// A tap, or none when there is nothing to show the payloads to.
+    pub(super) fn new(
+        sink: Option<crate::recording::Sink>,
+        hub: Option<std::sync::Arc<crate::observe::Hub>>,
+    ) -> Option<Tap> {
+        (sink.is_some() || hub.is_some()).then(|| Tap { staging: Vec::new(), sink, hub })
+    }
+
+    fn commit(&mut self) {
+        if self.staging.is_empty() {
+            return;
+        }
+        // Taken, not cleared: an idle session keeps no staging buffer.
+        let data = std::mem::take(&mut self.staging);
+        if let Some(hub) = &self.hub {
+            hub.publish(&data);
+        }
+        if let Some(sink) = &self.sink {
+            sink.record(data);
+        }
+    }
+
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), crate::recording::Gap>> {
+        self.sink.as_ref().map_or(Poll::Ready(Ok(())), |s| s.poll_room(cx))
+    }
+}
+
+impl frame::PayloadTap for Tap {
     fn data(&mut self, bytes: &[u8], mask: Option<[u8; 4]>) {
-        self.extend(bytes, mask);
+        match mask {
+            None => self.staging.extend_from_slice(bytes),
+            Some(m) => self.staging.extend(bytes.iter().enumerate().map(|(i, b)| b ^ m[i & 3])),
+        }
     }
 }
 
@@ -204,9 +244,9 @@ impl Direction {
         d
     }
 
-    /// Records `src`'s data frames into `sink`.
-    pub(super) fn record(&mut self, sink: crate::recording::Sink) {
-        self.tap = Some(Box::new(sink));
+    /// Shows `src`'s data frames to `tap`.
+    pub(super) fn tap(&mut self, tap: Tap) {
+        self.tap = Some(Box::new(tap));
     }
 
     /// Offset in `buf` where the frame being parsed began, if it began in this buffer fill.

@@ -11,7 +11,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
 use super::frame::{opcode, FrameLimits};
-use super::pump::{DirEvent, Direction, Injected, Limit};
+use super::pump::{DirEvent, Direction, Injected, Limit, Tap};
 use super::{FinishStream, RelayParams};
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
@@ -125,11 +125,12 @@ where
             Direction::new(Side::Client, limits, s.buffer_size, client_early),
             Direction::new(Side::Backend, limits, s.buffer_size, backend_early),
         );
-        if let Some((output, input)) = p.recording {
-            b2c.record(output);
-            if let Some(input) = input {
-                c2b.record(input);
-            }
+        let (output, input) = p.recording.map_or((None, None), |(o, i)| (Some(o), i));
+        if let Some(tap) = Tap::new(output, p.observers) {
+            b2c.tap(tap);
+        }
+        if let Some(tap) = Tap::new(input, None) {
+            c2b.tap(tap);
         }
         let mut session = Session {
             client,

@@ -1,0 +1,169 @@
+//! Live observers of a session: read-only WebSocket clients that receive what the backend
+//! sends the session's client, as it is sent.
+//!
+//! A session of a route with `[routes.observe]` has a [`Hub`]. The relay hands it each chunk
+//! of the backend's data-frame payloads (the bytes the recording reads, taken at the same
+//! point); the hub keeps the latest `replay` bytes, so an observer that joins sees the screen's
+//! recent past first, and passes each chunk to every observer's queue (a reference-counted
+//! buffer, not a copy per observer). A queue is bounded (`queue` chunks): an observer that
+//! falls behind is dropped from the hub and closed with 1013, and the session never waits
+//! for an observer.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::config::ObserveSettings;
+
+/// The observers of one session, and the output they start with.
+#[derive(Debug)]
+pub struct Hub {
+    settings: Arc<ObserveSettings>,
+    inner: Mutex<Inner>,
+    next: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    replay: VecDeque<Bytes>,
+    replay_len: usize,
+    observers: Vec<Watcher>,
+}
+
+#[derive(Debug)]
+struct Watcher {
+    id: u64,
+    tx: mpsc::Sender<Bytes>,
+    lagged: Arc<AtomicBool>,
+}
+
+/// One observer's end: the chunks, and whether it was dropped for falling behind.
+#[derive(Debug)]
+pub struct Observer {
+    /// Its id within the hub.
+    pub id: u64,
+    /// The replay first, then the live output; ends when the session ends or the observer
+    /// was dropped.
+    pub rx: mpsc::Receiver<Bytes>,
+    lagged: Arc<AtomicBool>,
+}
+
+impl Observer {
+    /// True when the hub dropped this observer for falling behind (close with 1013).
+    pub fn lagged(&self) -> bool {
+        self.lagged.load(Ordering::Acquire)
+    }
+}
+
+/// Why an observer could not join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// The session has `max_observers` already.
+    #[error("the session has as many observers as it may")]
+    Full,
+}
+
+impl Hub {
+    /// A hub with the route's settings.
+    pub fn new(settings: Arc<ObserveSettings>) -> Arc<Hub> {
+        Arc::new(Hub { settings, inner: Mutex::new(Inner::default()), next: AtomicU64::new(1) })
+    }
+
+    /// Observers watching now.
+    pub fn observers(&self) -> usize {
+        self.inner.lock().map(|i| i.observers.len()).unwrap_or(0)
+    }
+
+    /// Adds an observer, its queue primed with the replay.
+    pub fn join(&self) -> Result<Observer, JoinError> {
+        let mut inner = self.inner.lock().map_err(|_| JoinError::Full)?;
+        if inner.observers.len() >= self.settings.max_observers {
+            return Err(JoinError::Full);
+        }
+        let (tx, rx) = mpsc::channel(self.settings.queue.max(inner.replay.len() + 1));
+        for chunk in &inner.replay {
+            let _ = tx.try_send(chunk.clone());
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let lagged = Arc::new(AtomicBool::new(false));
+        inner.observers.push(Watcher { id, tx, lagged: lagged.clone() });
+        Ok(Observer { id, rx, lagged })
+    }
+
+    /// Removes an observer that left.
+    pub fn leave(&self, id: u64) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.observers.retain(|w| w.id != id);
+        }
+    }
+
+    /// A chunk of the session's output: kept for the replay and queued to every observer; an
+    /// observer whose queue is full is dropped (it closes with 1013).
+    pub fn publish(&self, chunk: &[u8]) {
+        let Ok(mut inner) = self.inner.lock() else { return };
+        if inner.observers.is_empty() && self.settings.replay == 0 {
+            return;
+        }
+        let chunk = Bytes::copy_from_slice(chunk);
+        inner.observers.retain(|w| match w.tx.try_send(chunk.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                w.lagged.store(true, Ordering::Release);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        let limit = self.settings.replay;
+        if limit > 0 {
+            inner.replay_len += chunk.len();
+            inner.replay.push_back(chunk);
+            while inner.replay_len > limit {
+                match inner.replay.pop_front() {
+                    Some(old) => inner.replay_len -= old.len(),
+                    None => break,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(replay: usize, queue: usize) -> Arc<Hub> {
+        Hub::new(Arc::new(ObserveSettings { scope: "observe:{agent}".into(), replay, queue, max_observers: 2 }))
+    }
+
+    #[test]
+    fn a_joiner_gets_the_latest_output_then_the_live_one() {
+        let h = hub(8, 16);
+        for c in [&b"0123"[..], b"4567", b"89ab"] {
+            h.publish(c);
+        }
+        let mut o = h.join().expect("join");
+        h.publish(b"live");
+        let got: Vec<Bytes> = std::iter::from_fn(|| o.rx.try_recv().ok()).collect();
+        assert_eq!(got, [&b"4567"[..], b"89ab", b"live"], "the last 8 bytes, then live");
+    }
+
+    #[test]
+    fn a_full_queue_drops_that_observer_only_and_the_cap_holds() {
+        let h = hub(0, 2);
+        let mut slow = h.join().expect("slow");
+        let mut fast = h.join().expect("fast");
+        assert_eq!(h.join().unwrap_err(), JoinError::Full);
+        for i in 0..3u8 {
+            h.publish(&[i]);
+            assert_eq!(fast.rx.try_recv().ok().as_deref(), Some(&[i][..]));
+        }
+        assert!(slow.lagged() && !fast.lagged());
+        assert_eq!(h.observers(), 1);
+        assert_eq!(std::iter::from_fn(|| slow.rx.try_recv().ok()).count(), 2, "what it had queued");
+        h.leave(fast.id);
+        assert_eq!(h.observers(), 0);
+    }
+}

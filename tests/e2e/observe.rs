@@ -1,0 +1,146 @@
+//! Live observers: a subject with the route's observe scope watches a live session read-only,
+//! the replay first, then the output as the owner gets it; a slow observer is closed with 1013
+//! while the session goes on; a subject without the scope gets 403.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+fn observed(backend: std::net::SocketAddr, key: &Hmac, observe: &str) -> String {
+    TestConfig::base(&[backend.to_string()])
+        .set("routes.0.name", "observed")
+        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
+        .merge("routes.0", &format!("[observe]\nscope = \"observe:{{agent}}\"\n{observe}"))
+        .text()
+}
+
+async fn session_id(proxy: &Proxy) -> u64 {
+    let (_, body) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+    let v: Value = serde_json::from_str(&body).expect("json");
+    v["sessions"][0]["id"].as_u64().expect("one session")
+}
+
+fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+#[tokio::test]
+async fn an_observer_sees_the_replay_then_the_output_with_the_owner_and_cannot_send() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&observed(backend.addr, &key, "replay = \"1KiB\"")).await;
+    let owner_auth = key.bearer(&["a1"]);
+    let mut owner =
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &owner_auth)]).await.expect("101");
+    owner.send(true, op::BINARY, b"before the observer").await;
+    owner.recv().await;
+    let id = session_id(&proxy).await;
+
+    let auditor = key.token_with(json!({"sub": "auditor", "scope": "observe:a1"}));
+    let path = format!("/agents/a1/terminal?observe={id}");
+    let mut obs = upgrade(proxy.tls, true, &path, &[("Authorization", &bearer(&auditor))]).await.expect("observer 101");
+    assert_eq!(obs.recv().await.payload, b"before the observer", "the replay first");
+    let (_, body) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+    assert!(body.contains("\"observers\":1"), "{body}");
+
+    // Live: the observer gets each output when the owner does.
+    for n in 0..20u32 {
+        let payload = format!("output {n}");
+        owner.send(true, op::BINARY, payload.as_bytes()).await;
+        let f = owner.recv().await;
+        let owner_at = Instant::now();
+        assert_eq!(f.payload, payload.as_bytes());
+        let g = obs.recv().await;
+        let lag = owner_at.elapsed();
+        assert_eq!(g.payload, payload.as_bytes());
+        assert!(lag < Duration::from_millis(100), "observer {lag:?} behind the owner");
+    }
+    // Pings are answered by the proxy; input is refused with 1008, and never reaches the backend.
+    obs.send(true, op::PING, b"hi").await;
+    let pong = obs.recv().await;
+    assert_eq!((pong.opcode, pong.payload.as_slice()), (op::PONG, &b"hi"[..]));
+    obs.send(true, op::TEXT, b"rm -rf /").await;
+    assert_eq!(obs.recv_close().await.close_code(), Some(1008));
+    assert!(!backend.log.frames().iter().any(|f| f.payload == b"rm -rf /"));
+    owner.send(true, op::BINARY, b"owner unaffected").await;
+    assert_eq!(owner.recv().await.payload, b"owner unaffected");
+
+    // A new observer, then the session ends: 1001.
+    let mut obs = upgrade(proxy.tls, true, &path, &[("Authorization", &bearer(&auditor))]).await.expect("101");
+    owner.send(true, op::CLOSE, &close_payload(1000, "")).await;
+    owner.recv_close().await;
+    let f = obs.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1001), "session ended"));
+}
+
+#[tokio::test]
+async fn observing_needs_the_scope_and_a_live_session_of_that_agent() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&observed(backend.addr, &key, "")).await;
+    let mut owner =
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))]).await.expect("101");
+    owner.send(true, op::BINARY, b"x").await;
+    owner.recv().await;
+    let id = session_id(&proxy).await;
+    let path = format!("/agents/a1/terminal?observe={id}");
+    // The owner's own kind of token (the agent grant) is not the observe scope.
+    let refused = upgrade(proxy.tls, true, &path, &[("Authorization", &key.bearer(&["a1"]))]).await.err().expect("403");
+    assert_eq!(refused.status, 403);
+    let other = key.token_with(json!({"sub": "auditor", "scope": "observe:a2"}));
+    let refused = upgrade(proxy.tls, true, &path, &[("Authorization", &bearer(&other))]).await.err().expect("403");
+    assert_eq!(refused.status, 403);
+    let none = upgrade(proxy.tls, true, &path, &[]).await.err().expect("401");
+    assert_eq!(none.status, 401);
+    // The right scope, but a session that is not there, or not this agent's.
+    let a1 = key.token_with(json!({"sub": "auditor", "scope": "observe:a1"}));
+    let missing = format!("/agents/a1/terminal?observe={}", id + 1000);
+    assert_eq!(
+        upgrade(proxy.tls, true, &missing, &[("Authorization", &bearer(&a1))]).await.err().expect("404").status,
+        404
+    );
+    let a2 = key.token_with(json!({"sub": "auditor", "scope": "observe:a2"}));
+    let elsewhere = format!("/agents/a2/terminal?observe={id}");
+    assert_eq!(
+        upgrade(proxy.tls, true, &elsewhere, &[("Authorization", &bearer(&a2))]).await.err().expect("404").status,
+        404
+    );
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"observed\",result=\"forbidden\"}"), 2.0);
+}
+
+#[tokio::test]
+async fn a_slow_observer_is_closed_with_1013_and_the_session_goes_on() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&observed(backend.addr, &key, "replay = \"0\"\nqueue = 32")).await;
+    let mut owner =
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))]).await.expect("101");
+    owner.send(true, op::BINARY, b"x").await;
+    owner.recv().await;
+    let id = session_id(&proxy).await;
+    let auditor = key.token_with(json!({"sub": "auditor", "scope": "observe:a1"}));
+    let path = format!("/agents/a1/terminal?observe={id}");
+    let mut slow = upgrade(proxy.tls, true, &path, &[("Authorization", &bearer(&auditor))]).await.expect("101");
+    let mut fast = upgrade(proxy.tls, true, &path, &[("Authorization", &bearer(&auditor))]).await.expect("101");
+    // 64 KiB outputs, 12.5 MiB in all: the slow observer reads nothing, so its socket
+    // buffers fill, then its queue of 32 chunks.
+    let big = vec![7u8; 64 * 1024];
+    for _ in 0..200 {
+        owner.send(true, op::BINARY, &big).await;
+        assert_eq!(owner.recv().await.payload.len(), big.len(), "the session is never held up");
+        // Observers get the output as a byte stream, in the chunks the proxy read it in.
+        let mut got = 0;
+        while got < big.len() {
+            got += fast.recv().await.payload.len();
+        }
+        assert_eq!(got, big.len(), "a reading observer keeps up");
+    }
+    let f = slow.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1013), "observer too slow"));
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert!(metric(&m, "portcullis_observer_closes_total{reason=\"lagged\"}") >= 1.0);
+}
