@@ -326,6 +326,15 @@ fn sweep(dir: &Path, max_age: std::time::Duration, max_total: u64) {
     }
 }
 
+/// Whether recordings can be written in `dir`: it is a directory (or can be made one) that
+/// takes a new file. For `check-config`; the probe file is removed.
+pub fn check_directory(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".portcullis-check-{}", std::process::id()));
+    std::fs::OpenOptions::new().write(true).create_new(true).open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
 /// A recording on disk.
 #[derive(Debug, Clone)]
 pub struct Stored {

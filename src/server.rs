@@ -72,6 +72,13 @@ pub fn check_files(config: &Config) -> Vec<String> {
         problems.extend(tls::check_files(t).iter().map(ToString::to_string));
     }
     problems.extend(crate::auth::check_files(&config.auth).iter().map(ToString::to_string));
+    for r in &config.routes {
+        if let Some(rec) = &r.recording {
+            if let Err(e) = crate::recording::check_directory(&rec.directory) {
+                problems.push(format!("route {}: recording directory {}: {e}", r.name, rec.directory.display()));
+            }
+        }
+    }
     problems
 }
 

@@ -222,3 +222,26 @@ async fn health_exits_0_for_a_live_proxy_and_1_for_an_absent_one_or_a_wrong_path
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
 }
+
+#[test]
+fn check_config_reports_a_recording_directory_it_cannot_write_in() {
+    let dir = tempfile::tempdir().expect("dir");
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, "not a directory").expect("write");
+    let config = |recordings: &std::path::Path| {
+        format!(
+            "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[[routes]]\nname = \"t\"\npath = \"/agents/{{agent}}/terminal\"\n\
+             backends = [\"127.0.0.1:1\"]\n[routes.recording]\ndirectory = {recordings:?}\n"
+        )
+    };
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, config(&blocker)).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis")).arg("check-config").arg(&path).output().expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("route t: recording directory") && msg.contains("a-file"), "{msg}");
+    // A directory that can be made is fine (check-config makes it, as the first recording would).
+    std::fs::write(&path, config(&dir.path().join("recordings"))).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis")).arg("check-config").arg(&path).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
