@@ -144,3 +144,26 @@ async fn a_slow_observer_is_closed_with_1013_and_the_session_goes_on() {
     let (_, m) = http_get(proxy.admin, "/metrics").await;
     assert!(metric(&m, "portcullis_observer_closes_total{reason=\"lagged\"}") >= 1.0);
 }
+
+#[tokio::test]
+async fn an_observer_may_watch_over_http2_a_session_opened_over_http1() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&observed(backend.addr, &key, "")).await;
+    let mut owner =
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))]).await.expect("101");
+    owner.send(true, op::BINARY, b"seen before").await;
+    owner.recv().await;
+    let id = session_id(&proxy).await;
+    let auditor = key.token_with(json!({"sub": "auditor", "scope": "observe:a1"}));
+    let mut h2 = H2::connect(proxy.tls).await;
+    let mut obs = h2
+        .websocket(&format!("/agents/a1/terminal?observe={id}"), &[("authorization", &bearer(&auditor))])
+        .await
+        .expect("200");
+    assert_eq!(obs.recv().await.payload, b"seen before");
+    owner.send(true, op::BINARY, b"and now").await;
+    owner.recv().await;
+    assert_eq!(obs.recv().await.payload, b"and now");
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 1, "an observer opens no backend session");
+}
