@@ -77,6 +77,9 @@ struct ConnCtx {
     /// Set by the handler when it answers 101; taken by the connection task after hyper hands
     /// the connection over (HTTP/1.1 only).
     pending: Mutex<Option<(OnUpgrade, Pending)>>,
+    /// Set by the handler when it answers an observer's 101: the connection task hands the
+    /// connection's slot to the observer, which holds it (HTTP/1.1 only).
+    slot_to_observer: Mutex<Option<tokio::sync::oneshot::Sender<accept::ConnSlot>>>,
 }
 
 /// An accepted upgrade waiting for hyper to release the client stream.
@@ -111,6 +114,7 @@ pub async fn serve_connection(
         h2: false,
         open_streams: Arc::default(),
         pending: Mutex::new(None),
+        slot_to_observer: Mutex::new(None),
     });
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
@@ -138,11 +142,15 @@ pub async fn serve_connection(
         tracing::debug!(client = %client_addr, error = %e, "http connection ended with an error");
     }
     let pending = ctx.pending.lock().ok().and_then(|mut p| p.take());
+    let observer = ctx.slot_to_observer.lock().ok().and_then(|mut o| o.take());
     drop(ctx);
     let mut slot = slot;
     slot.handshake_done();
     if let Some((on_upgrade, p)) = pending {
         run_session(shared, on_upgrade, p, client_addr, slot).await;
+    } else if let Some(observer) = observer {
+        // Counted under max_connections (and per address) while the observer watches.
+        let _ = observer.send(slot);
     }
 }
 
@@ -162,6 +170,7 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
         h2: true,
         open_streams: open_streams.clone(),
         pending: Mutex::new(None),
+        slot_to_observer: Mutex::new(None),
     });
     let idle_timeout = runtime.config.http2.idle_timeout;
     let head_done = Arc::new(AtomicBool::new(false));
@@ -699,9 +708,18 @@ async fn handle_observer(
     let client_addr = ctx.client_addr;
     let weak = Arc::downgrade(&hub);
     drop(hub);
+    let (slot_tx, slot_rx) = tokio::sync::oneshot::channel();
+    if !ctx.h2 {
+        if let Ok(mut s) = ctx.slot_to_observer.lock() {
+            *s = Some(slot_tx);
+        }
+    }
     ctx.shared.tasks.spawn(
         async move {
             let Some(up) = upgraded(on_upgrade, client_addr).await else { return };
+            // HTTP/1.1: the connection's slot, once hyper has handed the connection over
+            // (HTTP/2: none; the connection holds its own).
+            let _slot = slot_rx.await.ok();
             observer::run(up, observing, weak, watch).await;
         }
         .in_current_span(),

@@ -167,3 +167,28 @@ async fn an_observer_may_watch_over_http2_a_session_opened_over_http1() {
     assert_eq!(obs.recv().await.payload, b"and now");
     assert_eq!(backend.log.requests.lock().expect("lock").len(), 1, "an observer opens no backend session");
 }
+
+#[tokio::test]
+async fn an_observer_connection_counts_under_the_per_address_cap_while_it_watches() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let text = observed(backend.addr, &key, "").replace("[server]\n", "[server]\nmax_connections_per_ip = 2\n");
+    let proxy = Proxy::start_with(&text).await;
+    let mut owner = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))])
+        .await
+        .expect("101");
+    owner.send(true, op::BINARY, b"x").await;
+    owner.recv().await;
+    let id = session_id(&proxy).await;
+    let auditor = key.token_with(json!({"sub": "auditor", "scope": "observe:a1"}));
+    let path = format!("/agents/a1/terminal?observe={id}");
+    let mut obs = upgrade(proxy.plain, false, &path, &[("Authorization", &bearer(&auditor))]).await.expect("101");
+    assert_eq!(obs.recv().await.payload, b"x");
+    // Two connections from this address are open: a third is closed at accept.
+    let mut third = tokio::net::TcpStream::connect(proxy.plain).await.expect("tcp");
+    let _ = third.write_all(b"GET /agents/a1/terminal HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(SOON, third.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
+    assert_eq!(n, 0, "refused at accept, not answered: {:?}", String::from_utf8_lossy(&buf[..n]));
+}
