@@ -203,12 +203,9 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
             json_response(StatusCode::OK, &json!({ "sessions": list }))
         }
         (Method::POST, "/sessions/revoke") => {
-            let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => return text(StatusCode::BAD_REQUEST, "body too large or unreadable\n"),
-            };
-            let Ok(ask) = serde_json::from_slice::<RevokeRequest>(&body) else {
-                return text(StatusCode::BAD_REQUEST, "expected JSON with one of subject, agent, jti\n");
+            let ask: RevokeRequest = match json_body(req, "expected JSON with one of subject, agent, jti\n").await {
+                Ok(a) => a,
+                Err(r) => return r,
             };
             if ask.issuer.is_some() && ask.subject.is_none() {
                 return text(StatusCode::BAD_REQUEST, "issuer narrows a subject revocation: give subject too\n");
@@ -223,12 +220,9 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
             json_response(StatusCode::OK, &json!({ "closed": closed }))
         }
         (Method::POST, "/sessions/rebalance") => {
-            let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => return text(StatusCode::BAD_REQUEST, "body too large or unreadable\n"),
-            };
-            let Ok(ask) = serde_json::from_slice::<RebalanceRequest>(&body) else {
-                return text(StatusCode::BAD_REQUEST, "expected JSON with route, fraction and spread\n");
+            let ask: RebalanceRequest = match json_body(req, "expected JSON with route, fraction and spread\n").await {
+                Ok(a) => a,
+                Err(r) => return r,
             };
             match rebalance(shared, ask) {
                 Ok(answer) => json_response(StatusCode::OK, &answer),
@@ -459,6 +453,18 @@ async fn recordings(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
         }
         Some(_) => text(StatusCode::NOT_FOUND, "no such recording\n"),
     }
+}
+
+/// A request's JSON body (at most 64 KiB), or the 400 to answer: `shape` says what was expected.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    shape: &'static str,
+) -> Result<T, Response<Full<Bytes>>> {
+    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Err(text(StatusCode::BAD_REQUEST, "body too large or unreadable\n")),
+    };
+    serde_json::from_slice(&body).map_err(|_| text(StatusCode::BAD_REQUEST, shape))
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
