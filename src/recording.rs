@@ -153,9 +153,14 @@ impl Sink {
     }
 }
 
-/// Starts the recording of a session: its writer task, and the sink of its output and (when
+/// Starts the recording of a session: its writer task (on `tasks`, so a drain waits for the
+/// last events to be written before the process exits), and the sink of its output and (when
 /// the route records input) of its input.
-pub fn start(settings: &Arc<RecordingSettings>, meta: Meta) -> (Sink, Option<Sink>) {
+pub fn start(
+    settings: &Arc<RecordingSettings>,
+    meta: Meta,
+    tasks: &tokio_util::task::TaskTracker,
+) -> (Sink, Option<Sink>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queue = Arc::new(Queue {
         settings: settings.clone(),
@@ -166,7 +171,7 @@ pub fn start(settings: &Arc<RecordingSettings>, meta: Meta) -> (Sink, Option<Sin
         wakers: [AtomicWaker::new(), AtomicWaker::new()],
         tx,
     });
-    tokio::spawn(write(queue.clone(), rx, meta));
+    tasks.spawn(write(queue.clone(), rx, meta));
     let sink = |stream| Sink { stream, queue: queue.clone() };
     (sink(Stream::Output), settings.input.then(|| sink(Stream::Input)))
 }

@@ -807,7 +807,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
             agent: e.agent.clone(),
             subject: e.subject.clone(),
         };
-        crate::recording::start(settings, meta)
+        crate::recording::start(settings, meta, &shared.tasks)
     });
     let params = RelayParams {
         settings: p.route.session.clone(),
