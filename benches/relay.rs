@@ -67,6 +67,7 @@ fn session(rt: &tokio::runtime::Runtime, rated: bool) -> (DuplexStream, DuplexSt
         expires_at: None,
         recording: None,
         observers: None,
+        resume: None,
     };
     rt.spawn(relay(client_proxy, Vec::new(), backend_proxy, Vec::new(), params));
     (client_app, backend_app)

@@ -191,6 +191,7 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                         "client": e.client.to_string(),
                         "http": e.http,
                         "observers": e.observers.as_ref().map(|h| h.observers()),
+                        "resume": e.resume.as_ref().map(|h| h.state().as_str()),
                         "kind": e.kind.as_str(),
                         "backend": e.backend.get(),
                         "age_seconds": now.duration_since(e.started).map(|d| d.as_secs_f64()).unwrap_or(0.0),

@@ -43,6 +43,7 @@ pub mod observe;
 pub(crate) mod outbound;
 pub mod proxy;
 pub mod recording;
+pub mod resume;
 pub mod routing;
 pub mod server;
 pub mod session;

@@ -67,6 +67,14 @@ enum Command {
         /// terminal).
         #[arg(long)]
         no_npm: bool,
+        /// How long a terminal whose connection dropped is held for the page to reconnect
+        /// (`[routes.resume] window`).
+        #[arg(long, default_value = "30s", value_parser = demo_duration)]
+        resume_window: String,
+        /// Another origin the page may be opened from (a port forward in front of the demo);
+        /// repeatable.
+        #[arg(long = "origin", value_parser = demo_origin)]
+        origins: Vec<String>,
     },
     /// Token tools.
     Token {
@@ -184,8 +192,8 @@ fn main() -> ExitCode {
             Some(config) => report(runtime.block_on(run(config, path))),
             None => ExitCode::FAILURE, // loaded above
         },
-        Command::Demo { listen, admin, backend, dir, backend_only, shell, no_npm } => {
-            let opts = DemoOpts { backend_only, shell, npm: !no_npm };
+        Command::Demo { listen, admin, backend, dir, backend_only, shell, no_npm, resume_window, origins } => {
+            let opts = DemoOpts { backend_only, shell, npm: !no_npm, resume_window, origins };
             report(runtime.block_on(demo(listen, admin, backend, &dir, opts)))
         }
         Command::Token { command: TokenCommand::Mint { key, secret_env, alg, sub, claims, ttl, kid, iss, aud } } => {
@@ -370,6 +378,21 @@ struct DemoOpts {
     backend_only: bool,
     shell: String,
     npm: bool,
+    resume_window: String,
+    origins: Vec<String>,
+}
+
+/// A duration as the configuration writes it (`30s`, `500ms`, `2m`): digits, then a unit.
+fn demo_duration(s: &str) -> Result<String, String> {
+    let unit = s.trim_start_matches(|c: char| c.is_ascii_digit());
+    let ok = unit.len() < s.len() && ["ms", "s", "m", "h"].contains(&unit);
+    ok.then(|| s.to_owned()).ok_or_else(|| format!("{s:?} is not a duration such as 30s or 500ms"))
+}
+
+/// An origin: `https://host[:port]`, with nothing a TOML string would need escaped.
+fn demo_origin(s: &str) -> Result<String, String> {
+    let ok = s.starts_with("https://") && s[8..].bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    ok.then(|| s.to_owned()).ok_or_else(|| format!("{s:?} is not an origin such as https://localhost:9443"))
 }
 
 async fn demo(
@@ -379,7 +402,7 @@ async fn demo(
     dir: &Path,
     opts: DemoOpts,
 ) -> anyhow::Result<()> {
-    let DemoOpts { backend_only, shell, npm } = opts;
+    let DemoOpts { backend_only, shell, npm, resume_window, origins } = opts;
     let backend_listener = tokio::net::TcpListener::bind(backend)
         .await
         .with_context(|| format!("cannot bind the demo backend on {backend}"))?;
@@ -396,7 +419,7 @@ async fn demo(
     let cert = demo::write_self_signed(dir)?;
     let jwt = demo::write_jwt_keys(dir)?;
     let token = demo::mint_token(&jwt, "demo", std::time::Duration::from_secs(3600))?;
-    let text = demo::config_text(listen, admin, backend, &cert, &jwt);
+    let text = demo::config_text(listen, admin, backend, &cert, &jwt, &demo::PageOpts { resume_window, origins });
     let config = Config::parse(&text, Path::new("<demo>"))?;
     let bound = Bound::bind(&config).await?;
     let exe = "cargo run --release --";

@@ -101,6 +101,27 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "portcullis_rebalance_closes_total",
         "Sessions closed as going away (rebalance) by POST /sessions/rebalance, by route.",
     ),
+    (Kind::Gauge, "portcullis_resume_held", "Resumable sessions whose client is away, held for it now, by route."),
+    (
+        Kind::Counter,
+        "portcullis_resume_parked_total",
+        "Times a resumable session's client vanished without a close and the session was held, by route.",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_resume_resumed_total",
+        "Times a held (or taken over) session was attached to a reconnecting client, by route.",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_resume_expired_total",
+        "Held sessions ended before their client came back, by route and reason (window, overflow, closed).",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_resume_refused_total",
+        "Handshakes with a resume id refused, by route and reason (other_subject, busy, invalid).",
+    ),
     (
         Kind::Counter,
         "portcullis_http2_streams_total",
@@ -273,6 +294,32 @@ impl Metrics {
         for &reason in auth_reasons {
             self.auth_failure_count(route, reason, 0);
         }
+    }
+
+    /// A resumable session of `route` lost its client and is held for it.
+    pub fn resume_parked(&self, route: &str) {
+        counter!("portcullis_resume_parked_total", "route" => route.to_owned()).increment(1);
+        gauge!("portcullis_resume_held", "route" => route.to_owned()).increment(1.0);
+    }
+
+    /// A held session of `route` got its client back (`was_held`), or an attached one was
+    /// taken over by a new connection.
+    pub fn resume_resumed(&self, route: &str, was_held: bool) {
+        counter!("portcullis_resume_resumed_total", "route" => route.to_owned()).increment(1);
+        if was_held {
+            gauge!("portcullis_resume_held", "route" => route.to_owned()).decrement(1.0);
+        }
+    }
+
+    /// A held session of `route` ended without its client: `window`, `overflow` or `closed`.
+    pub fn resume_expired(&self, route: &str, reason: &'static str) {
+        counter!("portcullis_resume_expired_total", "route" => route.to_owned(), "reason" => reason).increment(1);
+        gauge!("portcullis_resume_held", "route" => route.to_owned()).decrement(1.0);
+    }
+
+    /// A handshake with a resume id on `route` was refused.
+    pub fn resume_refused(&self, route: &str, reason: &'static str) {
+        counter!("portcullis_resume_refused_total", "route" => route.to_owned(), "reason" => reason).increment(1);
     }
 
     /// A session of `route` was sent 1001 "rebalance".

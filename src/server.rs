@@ -429,6 +429,7 @@ impl Server {
                 per_ip: Arc::default(),
                 per_ip_streams: Arc::default(),
                 per_subject: Arc::default(),
+                resumes: Arc::default(),
             }),
         })
     }

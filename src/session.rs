@@ -217,6 +217,8 @@ pub struct SessionEntry {
     pub control: Arc<SessionControl>,
     /// Its live observers, on routes with `[routes.observe]`.
     pub observers: Option<Arc<crate::observe::Hub>>,
+    /// Its resume record, on routes with `[routes.resume]` when the client gave a resume id.
+    pub resume: Option<Arc<crate::resume::Held>>,
 }
 
 /// Which sessions to revoke.
@@ -357,6 +359,7 @@ mod tests {
             started: std::time::SystemTime::now(),
             control: SessionControl::new(),
             observers: None,
+            resume: None,
         }
     }
 

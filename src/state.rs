@@ -88,4 +88,6 @@ pub struct Shared {
     pub per_ip_streams: Arc<crate::limits::PerIp>,
     /// Sessions held per subject (`max_sessions_per_subject`, global and per route).
     pub per_subject: Arc<crate::limits::PerSubject>,
+    /// Sessions of routes with `[routes.resume]`, by resume id.
+    pub resumes: Arc<crate::resume::Resumes>,
 }

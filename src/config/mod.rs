@@ -322,6 +322,26 @@ pub struct RouteConfig {
     pub recording: Option<std::sync::Arc<RecordingSettings>>,
     /// Live observers of the route's WebSocket sessions, when set.
     pub observe: Option<std::sync::Arc<ObserveSettings>>,
+    /// Resume after a network blip, when set.
+    pub resume: Option<std::sync::Arc<ResumeSettings>>,
+}
+
+/// `[routes.resume]`: a WebSocket session whose client vanishes without a close frame (its
+/// connection dropped, or its pings went unanswered) is held for `window`, the backend's output
+/// buffered up to `buffer` bytes; a client that opens the route again with the same resume id
+/// (`?{param}=<id>`) and a token of the same subject for the same agent is attached to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResumeSettings {
+    /// How long a session without its client is held.
+    pub window: std::time::Duration,
+    /// Bytes of backend output held for the client while it is away; over it, the session
+    /// ends (1001 to the backend).
+    pub buffer: usize,
+    /// The query parameter that carries the client's resume id.
+    pub param: String,
+    /// A text frame sent first to a client whose resume id names no held session (a fresh
+    /// session starts), when set.
+    pub notice: Option<String>,
 }
 
 /// `[routes.observe]`: a subject whose token holds `scope` (rendered with the captures, in

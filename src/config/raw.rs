@@ -280,6 +280,16 @@ pub(super) struct RawRoute {
     pub(super) origin: Option<RawOrigin>,
     pub(super) recording: Option<RawRecording>,
     pub(super) observe: Option<RawObserve>,
+    pub(super) resume: Option<RawResume>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawResume {
+    pub(super) window: Option<Dur>,
+    pub(super) buffer: Option<Size>,
+    pub(super) param: Option<String>,
+    pub(super) notice: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -266,11 +266,42 @@ fn route(
             max_observers: o.max_observers.unwrap_or(8),
         })),
     };
+    let resume = match r.resume {
+        None => None,
+        Some(_) if auth.is_none() => {
+            return Err(invalid(
+                &format!("{key}.resume"),
+                "needs [routes.auth]: a resume id is bound to the token's subject",
+            ))
+        }
+        Some(_) if matches!(r.kind, Some(RawKind::Http)) => {
+            return Err(invalid(&format!("{key}.resume"), "resumes WebSocket sessions; this route serves HTTP only"))
+        }
+        Some(rs) => {
+            let param = rs.param.unwrap_or_else(|| "resume".to_owned());
+            if param.is_empty() || param.len() > 64 || !param.bytes().all(is_label_byte) {
+                return Err(invalid(&format!("{key}.resume.param"), "must be 1-64 characters of [A-Za-z0-9_-]"));
+            }
+            let window = rs.window.map_or(std::time::Duration::from_secs(30), |d| d.0);
+            if window.is_zero() {
+                return Err(invalid(&format!("{key}.resume.window"), "must be more than 0s"));
+            }
+            let buffer = rs.buffer.map_or(256 * 1024, |v| v.0 as usize);
+            if buffer < 4096 {
+                return Err(invalid(&format!("{key}.resume.buffer"), "must be at least 4KiB"));
+            }
+            if rs.notice.as_ref().is_some_and(|n| n.len() > 1024) {
+                return Err(invalid(&format!("{key}.resume.notice"), "must be at most 1024 bytes"));
+            }
+            Some(std::sync::Arc::new(super::ResumeSettings { window, buffer, param, notice: rs.notice }))
+        }
+    };
     Ok(RouteConfig {
         auth,
         origin: r.origin.map(origin),
         recording,
         observe,
+        resume,
         name: r.name,
         host: r.host.map(|h| h.to_ascii_lowercase()),
         path: r.path,

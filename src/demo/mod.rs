@@ -64,14 +64,25 @@ pub fn mint_token(keys: &DemoJwtKeys, agent: &str, ttl: Duration) -> anyhow::Res
 /// demo agent at `backend`: its WebSockets and API require a token that grants the agent; the
 /// page itself (`/agents/{agent}/`) is open, since it carries no data and takes the token from
 /// its URL fragment.
+/// What the command line sets in the demo's routes.
+pub struct PageOpts {
+    /// The terminal's `[routes.resume] window` (`30s`).
+    pub resume_window: String,
+    /// Origins the page may be opened from besides the listener's own.
+    pub origins: Vec<String>,
+}
+
 pub fn config_text(
     listen: SocketAddr,
     admin: SocketAddr,
     backend: SocketAddr,
     cert: &DemoCert,
     jwt: &DemoJwtKeys,
+    page: &PageOpts,
 ) -> String {
     let port = listen.port();
+    let extra_origins: String = page.origins.iter().map(|o| format!(", \"{o}\"")).collect();
+    let resume_window = &page.resume_window;
     format!(
         r#"[server]
 drain_spread = "1s"
@@ -117,7 +128,13 @@ backends = ["{backend}"]
 sources = ["bearer", "subprotocol:bearer.", "cookie:portcullis_token", "query:access_token"]
 agent_claim = "agents"
 [routes.origin]
-allow = ["https://localhost:{port}", "https://127.0.0.1:{port}"]
+allow = ["https://localhost:{port}", "https://127.0.0.1:{port}"{extra_origins}]
+# The page reconnects with its resume id after a network blip and gets the same shell back,
+# with what it printed meanwhile; after the window, a new shell (and this notice).
+[routes.resume]
+window = "{resume_window}"
+buffer = "1MiB"
+notice = "\r\n\u001b[33m[portcullis] new terminal session\u001b[0m\r\n"
 
 [[routes]]
 name = "events"
@@ -127,7 +144,7 @@ backends = ["{backend}"]
 sources = ["bearer", "subprotocol:bearer.", "cookie:portcullis_token", "query:access_token"]
 agent_claim = "agents"
 [routes.origin]
-allow = ["https://localhost:{port}", "https://127.0.0.1:{port}"]
+allow = ["https://localhost:{port}", "https://127.0.0.1:{port}"{extra_origins}]
 
 # An echo WebSocket, for the load-test harness.
 [[routes]]
@@ -149,7 +166,7 @@ backend_path = "/agents/{{agent}}/api/{{rest}}"
 sources = ["bearer", "cookie:portcullis_token"]
 agent_claim = "agents"
 [routes.origin]
-allow = ["https://localhost:{port}", "https://127.0.0.1:{port}"]
+allow = ["https://localhost:{port}", "https://127.0.0.1:{port}"{extra_origins}]
 
 # The agent's web page and its scripts; open (they hold no data).
 [[routes]]

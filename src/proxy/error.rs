@@ -53,6 +53,13 @@ pub enum RequestError {
     /// No live session with that id on this route and agent (404), for an observer.
     #[error("no such live session")]
     NoSuchSession,
+    /// The resume id is not 1-128 characters of `[A-Za-z0-9_-]` (400).
+    #[error("the resume id must be 1-128 characters of [A-Za-z0-9_-]")]
+    BadResumeId,
+    /// The resume id is held by another subject's session (403), or the session is being
+    /// opened or resumed by another connection (409).
+    #[error(transparent)]
+    Resume(crate::resume::ClaimError),
     /// The client address holds `max_streams_per_ip` HTTP/2 streams already (429).
     #[error("too many HTTP/2 streams from this address")]
     TooManyStreams,
@@ -103,6 +110,9 @@ impl RequestError {
                 ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
             },
             RequestError::NoSuchSession => StatusCode::NOT_FOUND,
+            RequestError::BadResumeId => StatusCode::BAD_REQUEST,
+            RequestError::Resume(crate::resume::ClaimError::OtherSubject) => StatusCode::FORBIDDEN,
+            RequestError::Resume(crate::resume::ClaimError::Busy) => StatusCode::CONFLICT,
             RequestError::TooManySessions
             | RequestError::TooManyObservers
             | RequestError::TooManyStreams
@@ -149,6 +159,9 @@ impl RequestError {
             RequestError::TooManyStreams => "per_ip_streams",
             RequestError::TooManyObservers => "observers_full",
             RequestError::NoSuchSession => "no_such_session",
+            RequestError::BadResumeId => "invalid_resume_id",
+            RequestError::Resume(crate::resume::ClaimError::OtherSubject) => "resume_refused",
+            RequestError::Resume(crate::resume::ClaimError::Busy) => "resume_busy",
             RequestError::HandshakeRate(_) => "handshake_rate",
             RequestError::TokenCheckRate(_) => "token_check_rate",
             RequestError::Internal(_) => "internal",

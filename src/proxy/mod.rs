@@ -76,10 +76,41 @@ struct ConnCtx {
     open_streams: Arc<http::OpenStreams>,
     /// Set by the handler when it answers 101; taken by the connection task after hyper hands
     /// the connection over (HTTP/1.1 only).
-    pending: Mutex<Option<(OnUpgrade, Pending)>>,
+    pending: Mutex<Option<(OnUpgrade, Handoff)>>,
     /// Set by the handler when it answers an observer's 101: the connection task hands the
     /// connection's slot to the observer, which holds it (HTTP/1.1 only).
     slot_to_observer: Mutex<Option<tokio::sync::oneshot::Sender<accept::ConnSlot>>>,
+}
+
+/// What the connection task does with the client stream once hyper releases it. Held for
+/// the moment between the handler's answer and hyper's hand-over, once per connection: not
+/// worth a box for the size of the larger variant.
+#[allow(clippy::large_enum_variant)]
+enum Handoff {
+    /// A new session.
+    Session(Pending),
+    /// A new client for a held session.
+    Resume(Resuming),
+}
+
+/// A resume accepted by the handler: the claimed session, and what the new client brings.
+struct Resuming {
+    held: Arc<crate::resume::Held>,
+    expires_at: Option<tokio::time::Instant>,
+    /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
+    stream: http::StreamHold,
+}
+
+impl Resuming {
+    /// Hands the new client's stream to the held session; when the session ended meanwhile,
+    /// the stream is dropped (closing it) and the client reconnects to a fresh one.
+    fn attach(self, io: Box<dyn crate::resume::Io>, early: Vec<u8>, slot: Option<accept::ConnSlot>) {
+        let hold: Box<dyn Send> = Box::new((slot, self.stream));
+        let attach = crate::resume::Attach { io, early, expires_at: self.expires_at, hold };
+        if self.held.attach(attach).is_err() {
+            tracing::info!(route = self.held.route, "the held session ended before its client was handed over");
+        }
+    }
 }
 
 /// An accepted upgrade waiting for hyper to release the client stream.
@@ -94,6 +125,8 @@ struct Pending {
     subject_slots: Vec<SubjectSlot>,
     /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
     stream: http::StreamHold,
+    /// Its resume registration, on a route with `[routes.resume]` when the client gave an id.
+    resume: Option<crate::resume::Registration>,
 }
 
 /// Serves one client connection (after accept and tls) to its end.
@@ -146,8 +179,8 @@ pub async fn serve_connection(
     drop(ctx);
     let mut slot = slot;
     slot.handshake_done();
-    if let Some((on_upgrade, p)) = pending {
-        run_session(shared, on_upgrade, p, client_addr, slot).await;
+    if let Some((on_upgrade, handoff)) = pending {
+        run_session(shared, on_upgrade, handoff, client_addr, slot).await;
     } else if let Some(observer) = observer {
         // Counted under max_connections (and per address) while the observer watches.
         let _ = observer.send(slot);
@@ -346,6 +379,7 @@ fn session_entry(
             .as_ref()
             .filter(|_| kind == SessionKind::WebSocket)
             .map(|o| crate::observe::Hub::new(o.clone())),
+        resume: None,
     }
 }
 
@@ -551,6 +585,24 @@ async fn handle_upgrade(
     let Some(ws) = admitted.ws.as_ref() else {
         return reject(ctx, &route.name, RequestError::Internal("the auth stage dropped the upgrade"));
     };
+    let resume_id = route.resume.as_ref().and_then(|r| query_param(path_and_query, &r.param));
+    let mut registration = None;
+    if let Some(id) = resume_id {
+        if !crate::resume::valid_id(&id) {
+            ctx.shared.metrics.resume_refused(&route.name, "invalid");
+            return reject(ctx, &route.name, RequestError::BadResumeId);
+        }
+        let subject = admitted.claims.as_deref().and_then(|c| c.subject());
+        match ctx.shared.resumes.claim(&route.name, &id, subject, caps.get("agent")) {
+            Err(e) => {
+                ctx.shared.metrics.resume_refused(&route.name, e.label());
+                tracing::info!(route = %route.name, client = %ctx.client_addr, error = %e, "resume refused");
+                return reject(ctx, &route.name, RequestError::Resume(e));
+            }
+            Ok(crate::resume::Claim::Resume(held)) => return handle_resume(ctx, runtime, &route, req, &admitted, held),
+            Ok(crate::resume::Claim::Fresh(r)) => registration = Some(r),
+        }
+    }
     let subject_slots = match subject_slots(ctx, runtime, &route, admitted.claims.as_deref()) {
         Ok(s) => s,
         Err(e) => return reject(ctx, &route.name, e),
@@ -562,7 +614,8 @@ async fn handle_upgrade(
     // A recorded route reads the backend's payloads, so they must not be compressed: no
     // extension offer reaches the backend (permessage-deflate is not negotiated end to end).
     let unextended;
-    let ws = match route.recording.is_some() && ws.extensions.is_some() {
+    // A resumable route neither: a compression context would not survive a new client.
+    let ws = match (route.recording.is_some() || route.resume.is_some()) && ws.extensions.is_some() {
         true => {
             unextended = upgrade::WsRequest { extensions: None, ..ws.clone() };
             &unextended
@@ -582,7 +635,9 @@ async fn handle_upgrade(
     // Registered from here on: a revocation or drain while the backend connect runs (its
     // timeouts can add up to seconds) finds the session and stops it.
     let claims = admitted.claims.as_deref();
-    let registered = ctx.shared.sessions.register(session_entry(ctx, SessionKind::WebSocket, &route, &caps, claims));
+    let mut entry = session_entry(ctx, SessionKind::WebSocket, &route, &caps, claims);
+    entry.resume = registration.as_ref().map(|r| r.held.clone());
+    let registered = ctx.shared.sessions.register(entry);
     let backend = match connect::connect(&route, state, &caps, &breq, &ctx.shared.conns, &ctx.shared.metrics).await {
         Ok(b) => b,
         Err(e) => {
@@ -625,12 +680,16 @@ async fn handle_upgrade(
         }
         (None, None) => {}
     }
+    if let (Some(r), Some(p)) = (&registration, h.get(SEC_WEBSOCKET_PROTOCOL).and_then(|p| p.to_str().ok())) {
+        let _ = r.held.protocol.set(p.to_owned());
+    }
     if let Some(e) = &backend.extensions {
         h.insert(SEC_WEBSOCKET_EXTENSIONS, e.clone());
     }
     ctx.shared.metrics.upgrade(&route.name, "ok");
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let pending = Pending { backend, route, claims: admitted.claims, registered, subject_slots, stream };
+    let pending =
+        Pending { backend, route, claims: admitted.claims, registered, subject_slots, stream, resume: registration };
     if ctx.h2 {
         // The connection goes on serving other streams: this one's session starts once hyper
         // has sent the 200 and handed the stream over.
@@ -644,9 +703,73 @@ async fn handle_upgrade(
             .in_current_span(),
         );
     } else if let Ok(mut slot) = ctx.pending.lock() {
-        *slot = Some((on_upgrade, pending));
+        *slot = Some((on_upgrade, Handoff::Session(pending)));
     }
     resp
+}
+
+/// A client reconnecting to a held session (`?resume=<id>`, already claimed for it): the proxy
+/// answers the upgrade itself, with the subprotocol the session's first client was answered,
+/// and hands the upgraded stream to the session once hyper releases it.
+fn handle_resume(
+    ctx: &Arc<ConnCtx>,
+    runtime: &Runtime,
+    route: &RouteConfig,
+    mut req: Request<Incoming>,
+    admitted: &auth::Admitted,
+    held: Arc<crate::resume::Held>,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
+    let h = resp.headers_mut();
+    if !ctx.h2 {
+        let key = admitted.ws.as_ref().map(|ws| upgrade::accept_value(ws.key.as_bytes()));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Some(v) = key.and_then(|k| HeaderValue::from_str(&k).ok()) {
+            h.insert(SEC_WEBSOCKET_ACCEPT, v);
+        }
+    }
+    // The first client's subprotocol when this client offers it too, else the marker.
+    let offered = |p: &str| {
+        req.headers()
+            .get_all(SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|o| o.trim() == p))
+    };
+    let protocol = held.protocol.get().filter(|p| offered(p)).or(admitted.subprotocol_marker.as_ref());
+    if let Some(v) = protocol.and_then(|p| HeaderValue::from_str(p).ok()) {
+        h.insert(SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    *resp.status_mut() = if ctx.h2 { StatusCode::OK } else { StatusCode::SWITCHING_PROTOCOLS };
+    ctx.shared.metrics.upgrade(&route.name, "resumed");
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let resuming = Resuming {
+        held,
+        expires_at: session_deadline(route, runtime, admitted.claims.as_deref()),
+        stream: http::StreamHold::default(),
+    };
+    if ctx.h2 {
+        let client_addr = ctx.client_addr;
+        ctx.shared.tasks.spawn(
+            async move {
+                match upgraded(on_upgrade, client_addr).await {
+                    Some(up) => resuming.attach(Box::new(TokioIo::new(up)), Vec::new(), None),
+                    None => resuming.held.release_claim(),
+                }
+            }
+            .in_current_span(),
+        );
+    } else if let Ok(mut slot) = ctx.pending.lock() {
+        *slot = Some((on_upgrade, Handoff::Resume(resuming)));
+    }
+    resp
+}
+
+/// The first value of the query parameter `name`, decoded.
+fn query_param(path_and_query: &str, name: &str) -> Option<String> {
+    let (_, query) = path_and_query.split_once('?')?;
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 /// An observer of a live session (`?observe=<id>` on a route with `[routes.observe]`): the
@@ -767,11 +890,16 @@ impl relay::FinishStream for TokioIo<hyper::upgrade::Upgraded> {}
 async fn run_session(
     shared: Arc<Shared>,
     on_upgrade: OnUpgrade,
-    p: Pending,
+    handoff: Handoff,
     client_addr: SocketAddr,
     slot: accept::ConnSlot,
 ) {
-    let Some(upgraded) = upgraded(on_upgrade, client_addr).await else { return };
+    let Some(upgraded) = upgraded(on_upgrade, client_addr).await else {
+        if let Handoff::Resume(r) = handoff {
+            r.held.release_claim();
+        }
+        return;
+    };
     let parts = match upgraded.downcast::<TokioIo<http::HeadIo<ClientStream>>>() {
         Ok(parts) => parts,
         Err(_) => {
@@ -784,7 +912,10 @@ async fn run_session(
     // bytes it holds (usually none) and let the buffer go, or every idle session pins it.
     let client_early = parts.read_buf.to_vec();
     drop(parts.read_buf);
-    start_session(&shared, p, client, client_early, Some(slot));
+    match handoff {
+        Handoff::Session(p) => start_session(&shared, p, client, client_early, Some(slot)),
+        Handoff::Resume(r) => r.attach(Box::new(client), client_early, Some(slot)),
+    }
 }
 
 /// Starts the relay of an accepted session, registered for `/sessions`, as a task of its own;
@@ -818,23 +949,42 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
         expires_at,
         recording,
         observers: registered.entry().observers.clone(),
+        resume: None,
     };
     let started = Instant::now();
     shared.metrics.sessions_active.increment(1.0);
-    let backend_early = std::mem::take(&mut p.backend.early);
+    let mut backend_early = std::mem::take(&mut p.backend.early);
     let backend_stream = p.backend.stream;
-    let finish = Finish {
+    let resume = p.resume.take().zip(p.route.resume.clone());
+    let mut finish = Finish {
         started,
         metrics: shared.metrics.clone(),
         _least_conns: p.backend.guard,
         registered,
-        _slot: slot,
+        _slot: None,
         _subject_slots: p.subject_slots,
-        _stream: p.stream,
+        _stream: http::StreamHold::default(),
     };
     // The relay runs as its own task with only what it needs: the handshake-phase state of
     // this connection task (hyper, TLS handshake, request handling) is freed now, which keeps
     // an idle session's memory down.
+    let Some((registration, settings)) = resume else {
+        (finish._slot, finish._stream) = (slot, p.stream);
+        let session = relay::relay(client, client_early, backend_stream, backend_early, params);
+        shared.tasks.spawn(session.map(move |end| finish.done(&end)).in_current_span());
+        return;
+    };
+    // Resumable: the client side can be replaced, and what its connection holds goes with it.
+    if let Some(notice) = &settings.notice {
+        // A fresh session under the client's resume id: it is told so first (a text frame
+        // ahead of anything the backend sent).
+        let mut framed = Vec::with_capacity(notice.len() + 4 + backend_early.len());
+        relay::frame::encode(true, 0, relay::frame::opcode::TEXT, None, notice.as_bytes(), &mut framed);
+        framed.extend_from_slice(&backend_early);
+        backend_early = framed;
+    }
+    let client = relay::Parkable::new(Box::new(client), Box::new((slot, p.stream)), settings.buffer);
+    let params = RelayParams { resume: Some((settings, registration)), ..params };
     let session = relay::relay(client, client_early, backend_stream, backend_early, params);
     shared.tasks.spawn(session.map(move |end| finish.done(&end)).in_current_span());
 }

@@ -88,6 +88,7 @@ mod tests {
         RouteConfig {
             recording: None,
             observe: None,
+            resume: None,
             name: name.into(),
             host: host.map(Into::into),
             path: path.parse().expect("pattern"),

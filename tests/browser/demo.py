@@ -14,6 +14,10 @@ and checks, through Portcullis:
   - the events WebSocket (cookie source) ticks;
   - the agent status (REST, cookie source) loads;
   - a task's SSE output appears line by line;
+  - the terminal's TCP connection is cut (through a forwarder the test controls): the page
+    reconnects with its resume id within the window and the same shell is there (`echo $$`
+    prints the same PID), with the output it printed during the gap; after the window, a
+    reconnect gets a new shell (another PID) and the proxy's notice;
   - a token that expires closes the terminal with 1008, and the page says so.
 
 Saves a screenshot (path printed). Prints `demo page: N passed, M failed`; exits non-zero on a
@@ -29,7 +33,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import struct
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -55,6 +61,75 @@ def wait_port(port, seconds=30):
         except OSError:
             time.sleep(0.1)
     raise SystemExit(f"demo page: nothing listens on {port}")
+
+
+class Forwarder:
+    """A TCP forwarder in front of the demo whose connections the test can cut: `cut(hold)`
+    resets every connection through it, then resets new ones for `hold` seconds, as a network
+    that drops for a while would."""
+
+    def __init__(self, target):
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.conns = []
+        self.refuse_until = 0.0
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if time.time() < self.refuse_until:
+                self.reset(client)
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                self.reset(client)
+                continue
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pipe(a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @staticmethod
+    def reset(s):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
+    def cut(self, hold):
+        self.refuse_until = time.time() + hold
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            self.reset(s)
+        return len(conns)
 
 
 class WebDriver:
@@ -146,13 +221,17 @@ def main():
 
     try:
         port, admin, backend, driver_port = free_port(), free_port(), free_port(), free_port()
+        # The page is also opened through a forwarder, whose connections the resume check cuts.
+        forwarder = Forwarder(port)
+        resume_window = 4
         # The npm packages are kept across runs (the demo installs them once).
         demo_dir = os.path.join(ROOT, "target", "browser-demo")
         log = open(os.path.join(run, "demo.log"), "w")
         env = dict(os.environ, RUST_LOG="portcullis=info", NO_COLOR="1")
         demo = subprocess.Popen(
             [PC, "demo", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-             "--backend", f"127.0.0.1:{backend}", "--dir", demo_dir, "--shell", "/bin/bash"],
+             "--backend", f"127.0.0.1:{backend}", "--dir", demo_dir, "--shell", "/bin/bash",
+             "--resume-window", f"{resume_window}s", "--origin", f"https://localhost:{forwarder.port}"],
             stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         procs.append(demo)
         banner = []
@@ -269,6 +348,55 @@ def main():
         with open(shot, "wb") as f:
             f.write(base64.b64decode(wd.s("GET", "/screenshot")))
         print(f"  screenshot: {shot}")
+
+        def pid_now(tag):
+            wd.type(css, f"echo {tag}-$$\ue007")
+            text = wd.wait(f"{tag} pid", lambda: (t := wd.js(TERMINAL_TEXT)) and re.search(rf"^{tag}-(\d+)", t, re.M) and t)
+            return re.findall(rf"^{tag}-(\d+)", text, re.M)[-1]
+
+        def metric_value(series):
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith(series + " "):
+                        return float(line.split()[-1])
+            return 0.0
+
+        def resume_after_a_cut():
+            forwarded = url.replace(f"localhost:{port}/", f"localhost:{forwarder.port}/")
+            wd.s("POST", "/url", {"url": "about:blank"})
+            wd.s("POST", "/url", {"url": forwarded})
+            wd.wait("terminal open", lambda: (text_of(wd, "term-state") or "").startswith("open"))
+            before = pid_now("PIDA")
+            resumed_before = metric_value('portcullis_resume_resumed_total{route="terminal"}')
+            # A command whose output comes while the network is down: typed, echoed by the
+            # PTY, then the cut; it prints one second later.
+            wd.type(css, "sleep 1; echo GAP-$((6*7))-done\ue007")
+            wd.wait("the command echoed", lambda: "GAP-$((6*7))-done" in wd.js(TERMINAL_TEXT))
+            cut = forwarder.cut(hold=2.0)
+            wd.wait("the page sees the drop", lambda: "reconnecting" in (text_of(wd, "term-state") or ""), seconds=5)
+            wd.wait("the page reconnects", lambda: (text_of(wd, "term-state") or "").startswith("open"), seconds=15)
+            wd.wait("the gap's output shown", lambda: "GAP-42-done" in wd.js(TERMINAL_TEXT), seconds=5)
+            after = pid_now("PIDB")
+            assert after == before, f"another shell after the resume: {before} then {after}"
+            resumed = metric_value('portcullis_resume_resumed_total{route="terminal"}')
+            assert resumed >= resumed_before + 1, f"resumed_total {resumed_before} -> {resumed}"
+            return f"{cut} connection(s) cut for 2 s; same shell (PID {after}), the gap's output shown"
+
+        check("a cut connection resumes: same shell, the gap's output shown", resume_after_a_cut)
+
+        def fresh_after_the_window():
+            before = pid_now("PIDC")
+            forwarder.cut(hold=resume_window + 2.0)
+            wd.wait("the page sees the drop", lambda: "reconnecting" in (text_of(wd, "term-state") or ""), seconds=5)
+            wd.wait("the page reconnects", lambda: (text_of(wd, "term-state") or "").startswith("open"), seconds=20)
+            wd.wait("the proxy's notice", lambda: "[portcullis] new terminal session" in wd.js(TERMINAL_TEXT), seconds=5)
+            after = pid_now("PIDD")
+            assert after != before, f"the same shell after the window: {before}"
+            expired = metric_value('portcullis_resume_expired_total{route="terminal",reason="window"}')
+            assert expired >= 1, f"resume_expired_total {expired}"
+            return f"PID {before} -> {after} after a {resume_window + 2:.0f} s cut (window {resume_window} s)"
+
+        check("after the window, a reconnect gets a new shell and the notice", fresh_after_the_window)
 
         def expiry_closes_with_1008():
             key = os.path.join(demo_dir, "jwt-private.pem")

@@ -27,5 +27,6 @@ mod rebalance;
 mod recording;
 mod relay;
 mod reload;
+mod resume;
 mod routing;
 mod tls;

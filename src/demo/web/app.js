@@ -51,7 +51,7 @@ function fallbackTerminal(el) {
   return {
     cols: 80, rows: 24,
     write(bytes) {
-      const text = new TextDecoder().decode(bytes).replace(/\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r/g, "");
+      const text = (typeof bytes === "string" ? bytes : new TextDecoder().decode(bytes)).replace(/\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r/g, "");
       pre.textContent += text;
       pre.scrollTop = pre.scrollHeight;
     },
@@ -84,32 +84,52 @@ function showSize() {
   $("term-size").textContent = `${term.rows}x${term.cols}`;
 }
 
+// Resume after a network blip: the page picks a resume id when it loads and reconnects with
+// it when the connection drops without a close (code 1006). Within the proxy's window it gets
+// the same shell back, with what the shell printed meanwhile; after it, a new shell (the proxy
+// says so in the terminal). A new page load is a new terminal.
+const resumeId = crypto.randomUUID();
+let termSocket = null;
+let reconnectDelay = 250;
+
 function connectTerminal() {
-  const ws = new WebSocket(`${wsBase}/terminal`, token ? [`bearer.${token}`, "portcullis"] : []);
+  const ws = new WebSocket(`${wsBase}/terminal?resume=${resumeId}`,
+    token ? [`bearer.${token}`, "portcullis"] : []);
   ws.binaryType = "arraybuffer";
-  const sendSize = () => {
-    showSize();
-    if (ws.readyState === WebSocket.OPEN) {
-      ws.send(JSON.stringify({ type: "resize", cols: term.cols, rows: term.rows }));
-    }
-  };
+  termSocket = ws;
   ws.onopen = () => {
+    reconnectDelay = 250;
     $("term-state").textContent = `open (subprotocol ${ws.protocol})`;
     $("term-state").className = "ok";
     sendSize();
     term.focus();
   };
-  ws.onmessage = (m) => term.write(new Uint8Array(m.data));
+  // The proxy's notice of a fresh session is a text frame; the shell's output is binary.
+  ws.onmessage = (m) => term.write(typeof m.data === "string" ? m.data : new Uint8Array(m.data));
   ws.onclose = (e) => {
+    if (termSocket !== ws) return;
     $("term-state").textContent = `closed ${e.code}${e.reason ? ": " + e.reason : ""}`;
     $("term-state").className = "bad";
+    if (e.code === 1006) {
+      // Dropped, not closed: try again, backing off to 4 s.
+      $("term-state").textContent = "reconnecting (connection lost)";
+      setTimeout(connectTerminal, reconnectDelay);
+      reconnectDelay = Math.min(reconnectDelay * 2, 4000);
+    }
   };
-  const encoder = new TextEncoder();
-  term.onData((d) => ws.readyState === WebSocket.OPEN && ws.send(encoder.encode(d)));
-  term.onResize(sendSize);
   window.portcullisTerminalSocket = ws;
 }
 
+function sendSize() {
+  showSize();
+  if (termSocket && termSocket.readyState === WebSocket.OPEN) {
+    termSocket.send(JSON.stringify({ type: "resize", cols: term.cols, rows: term.rows }));
+  }
+}
+
+const encoder = new TextEncoder();
+term.onData((d) => termSocket && termSocket.readyState === WebSocket.OPEN && termSocket.send(encoder.encode(d)));
+term.onResize(sendSize);
 connectTerminal();
 
 // ---------------------------------------------------------------------------------------------

@@ -92,6 +92,12 @@ pub enum Cause {
     Rebalance,
     /// The recording could not keep up or failed (`on_backlog = "close"`).
     RecordingGap,
+    /// A resumable session's client vanished and did not come back within the window
+    /// (`overflow`: its buffered output outgrew `[routes.resume] buffer` first).
+    ResumeExpired {
+        /// The buffer filled before the window ended.
+        overflow: bool,
+    },
 }
 
 /// What the proxy does for a [`Cause`].
@@ -203,6 +209,16 @@ impl Cause {
                 CloseFrame::new(GOING_AWAY, "recording failed"),
                 "recording failed",
             ),
+            // The client is gone (written nothing); its code counts as 1001, as for a lost one.
+            Cause::ResumeExpired { overflow } => Plan {
+                to_client: Some(CloseFrame::new(GOING_AWAY, "")),
+                to_backend: Some(CloseFrame::new(
+                    GOING_AWAY,
+                    if overflow { "resume buffer full" } else { "resume window over" },
+                )),
+                initiator: Initiator::Client,
+                label: if overflow { "resume overflow" } else { "resume expired" },
+            },
         }
     }
 }
@@ -304,6 +320,8 @@ mod tests {
             (Cause::RouteRemoved, "a reload removed the session's route"),
             (Cause::Rebalance, "rebalanced through the admin API"),
             (Cause::RecordingGap, "the recording fell behind or failed"),
+            (Cause::ResumeExpired { overflow: false }, "a resumable session's client did not come back"),
+            (Cause::ResumeExpired { overflow: true }, "a resumable session's buffered output outgrew"),
         ]
     }
 
@@ -344,7 +362,9 @@ mod tests {
             let plan = cause.plan();
             for (side, cell) in [(Side::Client, &row[1]), (Side::Backend, &row[2])] {
                 // A side that is gone is written nothing, whatever the plan holds for it.
-                let written = if cause == Cause::Lost(side) { None } else { plan.to(side) };
+                let gone =
+                    cause == Cause::Lost(side) || side == Side::Client && matches!(cause, Cause::ResumeExpired { .. });
+                let written = if gone { None } else { plan.to(side) };
                 assert!(cell_documents(cell, written), "{cause:?}: to the {side:?}: doc {cell:?}, table {written:?}");
             }
             assert_eq!(row[3], format!("`{}`", plan.initiator.as_str()), "{cause:?}: initiator");

@@ -300,6 +300,11 @@ impl Tracker {
         !self.in_payload && self.header_len == 0
     }
 
+    /// True between the first and the final fragment of a data message.
+    pub fn in_message(&self) -> bool {
+        self.in_message
+    }
+
     /// True while the bytes of the current frame must be held back from the other side: its
     /// header is incomplete, or it is a control frame not yet complete.
     pub fn holding(&self) -> bool {
@@ -437,12 +442,12 @@ impl Tracker {
 }
 
 /// Whether `opcode` is a control opcode.
-fn is_control(opcode: u8) -> bool {
+pub(super) fn is_control(opcode: u8) -> bool {
     opcode & 0x8 != 0
 }
 
 /// Total header length implied by the header bytes seen so far (at least 2).
-fn header_len_needed(seen: &[u8]) -> usize {
+pub(super) fn header_len_needed(seen: &[u8]) -> usize {
     if seen.len() < 2 {
         return 2;
     }

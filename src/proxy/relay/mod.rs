@@ -26,6 +26,7 @@
 
 pub mod close;
 pub mod frame;
+mod park;
 pub mod pool;
 mod pump;
 mod session;
@@ -43,6 +44,7 @@ use crate::config::SessionSettings;
 use crate::metrics::Metrics;
 use crate::session::SessionControl;
 pub use crate::session::{Initiator, SessionEnd, Side};
+pub use park::Parkable;
 use session::Session;
 
 /// What a relay needs besides the two streams.
@@ -63,6 +65,9 @@ pub struct RelayParams {
     pub recording: Option<(crate::recording::Sink, Option<crate::recording::Sink>)>,
     /// The session's observers, on routes with `[routes.observe]`.
     pub observers: Option<Arc<crate::observe::Hub>>,
+    /// On routes with `[routes.resume]`: the session's resume registration (its new clients
+    /// arrive through it). The client stream is then a [`Parkable`].
+    pub resume: Option<(Arc<crate::config::ResumeSettings>, crate::resume::Registration)>,
 }
 
 /// How a stream is finished when its session ends, before it is dropped (which closes it).
@@ -74,6 +79,15 @@ pub trait FinishStream: AsyncRead + AsyncWrite + Unpin {
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(self).poll_shutdown(cx)
     }
+
+    /// The client vanished: drop its connection and hold the session for a new one. Only a
+    /// [`Parkable`] can; false when the stream cannot be held.
+    fn park(&mut self) -> bool {
+        false
+    }
+
+    /// A new client for a parked (or, taken over, an attached one's) session.
+    fn attach(&mut self, _: crate::resume::Attach) {}
 }
 
 impl FinishStream for tokio::net::TcpStream {

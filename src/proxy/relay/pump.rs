@@ -267,6 +267,17 @@ impl Direction {
         self.safe = at;
     }
 
+    /// True when everything read from `src` has been scanned and ends at a message boundary:
+    /// another sender could take over `src`'s place without `dst` seeing a broken frame.
+    pub(super) fn at_message_boundary(&self) -> bool {
+        self.scanned == self.end && self.tracker.at_boundary() && !self.tracker.in_message()
+    }
+
+    /// Has `dst` flushed at the next poll (a new client's held output is written then).
+    pub(super) fn flush_soon(&mut self) {
+        self.needs_flush = true;
+    }
+
     /// Stops reading from `src`; bytes read after the last scanned frame are dropped.
     pub(super) fn stop_src(&mut self) {
         self.src_done = true;

@@ -106,6 +106,16 @@ pub(super) struct Session<C, B> {
     /// After the end: which streams are shut down, and whether the timer is set for it.
     shut: [bool; 2],
     shutting: bool,
+    /// On routes with `[routes.resume]` (boxed: other sessions hold a pointer's worth).
+    resume: Option<Box<Resume>>,
+}
+
+/// A resumable session's state: its registration, and while its client is away, until when
+/// it is held.
+struct Resume {
+    settings: Arc<crate::config::ResumeSettings>,
+    reg: crate::resume::Registration,
+    parked_until: Option<Instant>,
 }
 
 impl<C, B> Session<C, B>
@@ -154,6 +164,10 @@ where
             bytes_reported: [0, 0],
             shut: [false, false],
             shutting: false,
+            resume: p.resume.map(|(settings, reg)| {
+                reg.held.set_state(crate::resume::State::Attached);
+                Box::new(Resume { settings, reg, parked_until: None })
+            }),
         };
         session.peers[0].last_rx = Some(now);
         session.peers[1].last_rx = Some(now);
@@ -167,6 +181,9 @@ where
                 self.stop_seen = true;
                 self.on_stop(reason);
             }
+        }
+        while let Some(Poll::Ready(Some(attach))) = self.resume.as_mut().map(|r| r.reg.rx.poll_recv(cx)) {
+            self.on_attach(attach);
         }
         loop {
             if self.timer.as_mut().poll(cx).is_ready() {
@@ -354,6 +371,13 @@ where
         if self.peers[side.idx()].gone() {
             return;
         }
+        if side == Side::Client && self.parked() {
+            // Writing to a parked client only fails when its buffer is full.
+            return self.expire_parked(true);
+        }
+        if side == Side::Client && self.try_park() {
+            return;
+        }
         self.peers[side.idx()].inbound = Inbound::Gone;
         self.dir(side).stop_src();
         let other = &mut self.peers[side.other().idx()];
@@ -429,6 +453,10 @@ where
     }
 
     fn start_closing(&mut self) {
+        if self.parked() {
+            // Ending while its client is away: nothing more will reach that client.
+            self.drop_parked("closed");
+        }
         if self.close_deadline.is_none() {
             self.close_deadline = Some(Instant::now() + self.settings.close_timeout);
             self.rearm();
@@ -459,6 +487,9 @@ where
             return;
         }
         let s = &*settings;
+        if self.resume.as_ref().and_then(|r| r.parked_until).is_some_and(|d| now >= d) {
+            return self.expire_parked(false);
+        }
         if self.expires_at.is_some_and(|d| now >= d) {
             return self.end_with(Cause::TokenExpired);
         }
@@ -475,6 +506,16 @@ where
             return;
         }
         for side in [Side::Client, Side::Backend] {
+            if side == Side::Client && self.parked() {
+                continue;
+            }
+            let timed_out = self.peers[side.idx()].ping.is_some_and(|(_, sent)| now >= sent + s.ping_timeout);
+            if timed_out && side == Side::Client && self.try_park() {
+                // A client that stopped answering is treated as one whose connection dropped:
+                // the session is held for it.
+                self.metrics.ping_timeout();
+                continue;
+            }
             let p = &mut self.peers[side.idx()];
             match p.ping {
                 Some((_, sent)) if now >= sent + s.ping_timeout => {
@@ -517,6 +558,9 @@ where
             if !s.idle_timeout.is_zero() {
                 consider(self.last_data + s.idle_timeout);
             }
+            if let Some(d) = self.resume.as_ref().and_then(|r| r.parked_until) {
+                consider(d);
+            }
             if !s.ping_interval.is_zero() {
                 for p in &self.peers {
                     match p.ping {
@@ -531,6 +575,88 @@ where
         self.timer.as_mut().reset(at);
     }
 
+    /// True while the session is held for a client that went away.
+    fn parked(&self) -> bool {
+        self.resume.as_ref().is_some_and(|r| r.parked_until.is_some())
+    }
+
+    /// On a resumable route, holds the session for a client that vanished without a close:
+    /// its stream is dropped, the backend's output is buffered, and a new client may attach
+    /// within the window. Not when the session is closing, when the client had sent a close,
+    /// or when it vanished in the middle of a message (the backend would get a broken one).
+    fn try_park(&mut self) -> bool {
+        let Some(r) = self.resume.as_mut() else { return false };
+        if r.parked_until.is_some()
+            || self.close_deadline.is_some()
+            || self.peers[Side::Client.idx()].inbound != Inbound::Open
+            || self.peers[Side::Client.idx()].outbound != Outbound::Open
+            || !self.c2b.at_message_boundary()
+            || !self.client.park()
+        {
+            return false;
+        }
+        let now = Instant::now();
+        r.parked_until = Some(now + r.settings.window);
+        r.reg.held.set_state(crate::resume::State::Parked);
+        self.metrics.resume_parked(&r.reg.held.route);
+        tracing::info!(
+            route = r.reg.held.route,
+            window_ms = r.settings.window.as_millis() as u64,
+            "client vanished; session held for it to resume"
+        );
+        self.peers[Side::Client.idx()] = Peer { last_rx: Some(now), ..Peer::default() };
+        self.rearm();
+        true
+    }
+
+    /// A new client for this session (a resume, or a takeover of a client that may be gone
+    /// without the proxy knowing yet).
+    fn on_attach(&mut self, attach: crate::resume::Attach) {
+        if self.close_deadline.is_some() || (!self.parked() && !self.try_park()) {
+            // Ending, or the current client is in the middle of a message: the new client's
+            // stream is dropped (it reconnects and gets a fresh session once this one is gone).
+            if let Some(r) = &self.resume {
+                r.reg.held.release_claim();
+            }
+            tracing::info!("a resume arrived for a session that cannot take it; its stream is closed");
+            return;
+        }
+        let expires_at = attach.expires_at;
+        self.client.attach(attach);
+        // The output held meanwhile goes out now, not with the backend's next frame.
+        self.b2c.flush_soon();
+        let Some(r) = self.resume.as_mut() else { return };
+        r.parked_until = None;
+        r.reg.held.set_state(crate::resume::State::Attached);
+        self.metrics.resume_resumed(&r.reg.held.route, true);
+        tracing::info!(route = r.reg.held.route, "client resumed its session");
+        self.peers[Side::Client.idx()] = Peer { last_rx: Some(Instant::now()), ..Peer::default() };
+        self.expires_at = expires_at;
+        self.rearm();
+    }
+
+    /// The client did not come back in time (`overflow`: the buffer filled first): the
+    /// backend gets 1001, and the resume id is free for a fresh session.
+    fn expire_parked(&mut self, overflow: bool) {
+        self.drop_parked(if overflow { "overflow" } else { "window" });
+        tracing::info!(overflow, "held session ended: its client did not come back");
+        self.end_with(Cause::ResumeExpired { overflow });
+    }
+
+    /// Gives up on a parked client: it is gone, and its resume id leaves the registry.
+    fn drop_parked(&mut self, reason: &'static str) {
+        let Some(r) = self.resume.as_mut() else { return };
+        if r.parked_until.take().is_none() {
+            return;
+        }
+        self.metrics.resume_expired(&r.reg.held.route, reason);
+        r.reg.withdraw();
+        let p = &mut self.peers[Side::Client.idx()];
+        p.inbound = Inbound::Gone;
+        p.outbound = Outbound::ProxyClose;
+        self.c2b.stop_src();
+    }
+
     /// True when both sides are closed and everything owed to them is delivered.
     fn finished(&self) -> bool {
         let side_done = |side: Side, into: &Direction| {
@@ -543,6 +669,9 @@ where
 
     fn end(&mut self) -> SessionEnd {
         self.note_activity();
+        if self.parked() {
+            self.drop_parked("closed");
+        }
         let (close_code, initiator, reason) = match self.outcome {
             Some(cause) => {
                 let plan = cause.plan();

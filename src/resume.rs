@@ -1,0 +1,281 @@
+//! Resume after a network blip: the sessions of routes with `[routes.resume]`, by resume id.
+//!
+//! A client of such a route names a resume id of its own choosing (`?resume=<id>`, as Coder's
+//! reconnecting PTY does). The first handshake with an id registers a [`Held`] for it, bound to
+//! the token's subject and the agent it reached. When that client vanishes without a close
+//! frame the relay keeps the backend session, buffering its output (`proxy/relay/park.rs`); a
+//! later handshake with the same id, a token of the same subject and the same agent claims the
+//! session ([`Resumes::claim`]) and hands its upgraded stream over ([`Held::attach`]). Another
+//! subject's handshake with the id is refused; one while another resume of it is under way
+//! too. The entry leaves the registry when its session ends.
+//!
+//! Held sessions live in the process that holds them: a reconnect must reach the same
+//! instance (see `docs/resume.md`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// A client stream of any kind (TCP, TLS, an HTTP/2 stream), boxed.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A new client for a held session: its upgraded stream and what goes with it.
+pub struct Attach {
+    /// The stream, after the proxy's 101 (or HTTP/2 200).
+    pub io: Box<dyn Io>,
+    /// Bytes already read from it during the handshake.
+    pub early: Vec<u8>,
+    /// When the new token expires, when the route enforces it.
+    pub expires_at: Option<Instant>,
+    /// What the new connection holds while it is attached (its place under the connection
+    /// caps, its HTTP/2 stream's hold), released when it goes.
+    pub hold: Box<dyn Send>,
+}
+
+/// Where a held session's client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// The first client's session is being set up (backend connect).
+    Connecting,
+    /// A client is attached.
+    Attached,
+    /// The client vanished; the session waits for it (`window`).
+    Parked,
+    /// A new client has claimed the session and is being handed over.
+    Resuming,
+}
+
+impl State {
+    /// The name in `/sessions`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Connecting => "connecting",
+            State::Attached => "attached",
+            State::Parked => "parked",
+            State::Resuming => "resuming",
+        }
+    }
+}
+
+/// One resumable session's registry record.
+#[derive(Debug)]
+pub struct Held {
+    /// Route name.
+    pub route: String,
+    /// The subject of the token that opened it.
+    pub subject: Option<String>,
+    /// The `{agent}` capture it reached.
+    pub agent: Option<String>,
+    /// The subprotocol the first client was answered with, answered again on a resume.
+    pub protocol: std::sync::OnceLock<String>,
+    id: String,
+    /// The state, and what it was before a claim (restored when the claim falls through).
+    state: Mutex<(State, State)>,
+    tx: mpsc::Sender<Attach>,
+}
+
+impl Held {
+    /// Where its client is now.
+    pub fn state(&self) -> State {
+        self.state.lock().map_or(State::Connecting, |s| s.0)
+    }
+
+    /// Set by the relay as its client comes and goes.
+    pub fn set_state(&self, state: State) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 = state;
+        }
+    }
+
+    /// Hands a claimed session its new client. Gives the client back when the session has
+    /// ended meanwhile.
+    pub fn attach(&self, a: Attach) -> Result<(), Attach> {
+        self.tx.try_send(a).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(a) | mpsc::error::TrySendError::Closed(a) => a,
+        })
+    }
+
+    /// A claim that will not be followed by [`Held::attach`] (the client went during the
+    /// handshake): the session is resumable again.
+    pub fn release_claim(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            if s.0 == State::Resuming {
+                s.0 = s.1;
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Attach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attach").field("early", &self.early.len()).finish_non_exhaustive()
+    }
+}
+
+/// Why a handshake with a resume id is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    /// The id is held by a session of another subject or agent (403).
+    #[error("the resume id belongs to another subject's session")]
+    OtherSubject,
+    /// The session is being set up, or another client is resuming it (409).
+    #[error("the session is being opened or resumed by another connection")]
+    Busy,
+}
+
+impl ClaimError {
+    /// Label in `portcullis_resume_refused_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ClaimError::OtherSubject => "other_subject",
+            ClaimError::Busy => "busy",
+        }
+    }
+}
+
+/// What a handshake with a resume id gets.
+#[derive(Debug)]
+pub enum Claim {
+    /// No session holds the id: a fresh one starts, registered under it.
+    Fresh(Registration),
+    /// A held session, now claimed for this client.
+    Resume(Arc<Held>),
+}
+
+/// A fresh session's record and the receiving end of its new clients. The record leaves the
+/// registry when this drops (with the session).
+#[derive(Debug)]
+pub struct Registration {
+    /// The record.
+    pub held: Arc<Held>,
+    /// New clients, from [`Held::attach`].
+    pub rx: mpsc::Receiver<Attach>,
+    resumes: Arc<Resumes>,
+}
+
+impl Registration {
+    /// Takes the id out of the registry now (the session is ending without its client): a
+    /// reconnect with it starts a fresh session.
+    pub fn withdraw(&self) {
+        if let Ok(mut m) = self.resumes.map.lock() {
+            let key = (self.held.route.clone(), self.held.id.clone());
+            if m.get(&key).is_some_and(|h| Arc::ptr_eq(h, &self.held)) {
+                m.remove(&key);
+            }
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.withdraw();
+    }
+}
+
+/// The resumable sessions of this process, by route and resume id.
+#[derive(Debug, Default)]
+pub struct Resumes {
+    map: Mutex<HashMap<(String, String), Arc<Held>>>,
+}
+
+impl Resumes {
+    /// Claims `id` on `route` for a client of `subject` reaching `agent`: a held session of
+    /// the same subject and agent, or a fresh registration when none holds the id.
+    pub fn claim(
+        self: &Arc<Self>,
+        route: &str,
+        id: &str,
+        subject: Option<&str>,
+        agent: Option<&str>,
+    ) -> Result<Claim, ClaimError> {
+        let mut map = self.map.lock().map_err(|_| ClaimError::Busy)?;
+        let key = (route.to_owned(), id.to_owned());
+        if let Some(held) = map.get(&key) {
+            if held.subject.as_deref() != subject || held.agent.as_deref() != agent {
+                return Err(ClaimError::OtherSubject);
+            }
+            let mut state = held.state.lock().map_err(|_| ClaimError::Busy)?;
+            return match state.0 {
+                State::Attached | State::Parked => {
+                    *state = (State::Resuming, state.0);
+                    Ok(Claim::Resume(held.clone()))
+                }
+                State::Connecting | State::Resuming => Err(ClaimError::Busy),
+            };
+        }
+        let (tx, rx) = mpsc::channel(1);
+        let held = Arc::new(Held {
+            route: route.to_owned(),
+            subject: subject.map(str::to_owned),
+            agent: agent.map(str::to_owned),
+            protocol: std::sync::OnceLock::new(),
+            id: id.to_owned(),
+            state: Mutex::new((State::Connecting, State::Connecting)),
+            tx,
+        });
+        map.insert(key, held.clone());
+        Ok(Claim::Fresh(Registration { held, rx, resumes: self.clone() }))
+    }
+
+    /// Sessions registered now (held for a client or attached to one).
+    pub fn len(&self) -> usize {
+        self.map.lock().map_or(0, |m| m.len())
+    }
+
+    /// True when no session is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A resume id as the client gave it: 1-128 characters of `[A-Za-z0-9_-]` (a UUID fits).
+pub fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh(c: Result<Claim, ClaimError>) -> Registration {
+        match c {
+            Ok(Claim::Fresh(r)) => r,
+            other => panic!("expected a fresh registration, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_id_is_bound_to_its_subject_and_agent_and_claimed_once() {
+        let r = Arc::new(Resumes::default());
+        let reg = fresh(r.claim("t", "abc", Some("alice"), Some("a1")));
+        // Still connecting: nobody may claim it yet.
+        assert_eq!(r.claim("t", "abc", Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
+        reg.held.set_state(State::Parked);
+        assert_eq!(r.claim("t", "abc", Some("mallory"), Some("a1")).err(), Some(ClaimError::OtherSubject));
+        assert_eq!(r.claim("t", "abc", Some("alice"), Some("a2")).err(), Some(ClaimError::OtherSubject));
+        let Ok(Claim::Resume(h)) = r.claim("t", "abc", Some("alice"), Some("a1")) else { panic!("resume") };
+        assert_eq!(h.state(), State::Resuming);
+        // A second client while the first is handed over.
+        assert_eq!(r.claim("t", "abc", Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
+        h.release_claim();
+        assert_eq!(h.state(), State::Parked);
+        // The same id on another route is another session.
+        let _other = fresh(r.claim("u", "abc", Some("mallory"), None));
+        assert_eq!(r.len(), 2);
+        drop(reg);
+        assert_eq!(r.len(), 1);
+        let _again = fresh(r.claim("t", "abc", Some("bob"), Some("a1")));
+    }
+
+    #[test]
+    fn ids_are_short_and_plain() {
+        assert!(valid_id("3f1c9e0a-7b2d-4c55-9a1e-0d2b6f8e4a11"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("a b"));
+        assert!(!valid_id(&"x".repeat(129)));
+    }
+}

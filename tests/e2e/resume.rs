@@ -1,0 +1,328 @@
+//! Resume after a network blip (`[routes.resume]`): a client whose connection drops without a
+//! close frame is re-attached to the same backend session when it reconnects with the same
+//! resume id, gets the output produced meanwhile first, and a reconnect after the window (or
+//! after the buffer filled) starts fresh; another subject's token cannot take the id.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::*;
+
+/// An echo backend that also answers `later <n> <size>` with `n` binary frames (`gap <i>`,
+/// padded to `size` bytes) 150 ms later, while the client may be gone. `sent` counts the
+/// frames sent that way.
+async fn ticker() -> (Backend, Arc<(AtomicUsize, tokio::sync::Notify)>) {
+    let sent = Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new()));
+    let counter = sent.clone();
+    let handler: Handler = Arc::new(move |s: BackendSession| {
+        let sent = counter.clone();
+        Box::pin(async move {
+            let (mut rd, wr) = tokio::io::split(s.stream);
+            let wr = Arc::new(tokio::sync::Mutex::new(wr));
+            loop {
+                let Ok(f) = read_frame(&mut rd).await else {
+                    *s.log.eofs.lock().expect("lock") += 1;
+                    s.log.notify.notify_waiters();
+                    return;
+                };
+                s.log.record(f.clone());
+                let text = String::from_utf8_lossy(&f.payload).into_owned();
+                let reply = match f.opcode {
+                    op::CLOSE => {
+                        let _ = wr.lock().await.write_all(&encode(true, 0, op::CLOSE, None, &f.payload)).await;
+                        return;
+                    }
+                    op::PING => encode(true, 0, op::PONG, None, &f.payload),
+                    op::PONG => continue,
+                    _ if text.starts_with("later ") => {
+                        let mut it = text.split(' ').skip(1).map(|n| n.parse::<usize>().unwrap_or(1));
+                        let (n, size) = (it.next().unwrap_or(1), it.next().unwrap_or(0));
+                        let (wr, sent) = (wr.clone(), sent.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(150)).await;
+                            for i in 0..n {
+                                let mut payload = format!("gap {i}").into_bytes();
+                                payload.resize(size.max(payload.len()), b'.');
+                                if wr
+                                    .lock()
+                                    .await
+                                    .write_all(&encode(true, 0, op::BINARY, None, &payload))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                                sent.0.fetch_add(1, Ordering::SeqCst);
+                                sent.1.notify_waiters();
+                            }
+                        });
+                        continue;
+                    }
+                    _ => encode(f.fin, f.rsv, f.opcode, None, &f.payload),
+                };
+                if wr.lock().await.write_all(&reply).await.is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    (Backend::start(BackendOpts::default(), handler).await, sent)
+}
+
+async fn wait_sent(sent: &(AtomicUsize, tokio::sync::Notify), n: usize) {
+    tokio::time::timeout(SOON, async {
+        loop {
+            let notified = sent.1.notified();
+            if sent.0.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            notified.await;
+        }
+    })
+    .await
+    .expect("the backend sent its frames in time");
+}
+
+/// A route `name` (metrics are per process: each test has its own) with `[routes.resume]`.
+fn resumable(name: &str, backend: std::net::SocketAddr, key: &Hmac, resume: &str, session: &str) -> String {
+    TestConfig::base(&[backend.to_string()])
+        .set("routes.0.name", name)
+        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
+        .merge("routes.0", &format!("[resume]\nnotice = \"fresh session\"\n{resume}"))
+        .merge("routes.0", &format!("[session]\n{session}"))
+        .text()
+}
+
+/// The `resume` state `/sessions` shows for the route's one session, once it is `want`.
+async fn wait_state(proxy: &Proxy, want: &str) {
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let (_, body) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+        let v: Value = serde_json::from_str(&body).expect("json");
+        if v["sessions"].as_array().into_iter().flatten().any(|s| s["resume"] == want) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no session became {want}: {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_bytes_from_backend(proxy: &Proxy, n: u64) {
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let (_, body) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+        let v: Value = serde_json::from_str(&body).expect("json");
+        if v["sessions"][0]["bytes_from_backend"].as_u64().unwrap_or(0) >= n {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the proxy never read {n} bytes from the backend: {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn connect(proxy: &Proxy, auth: &str, id: &str) -> Client {
+    let path = format!("/agents/a1/terminal?resume={id}");
+    upgrade(proxy.tls, true, &path, &[("Authorization", auth)]).await.expect("101")
+}
+
+#[tokio::test]
+async fn a_client_that_drops_gets_the_same_session_back_with_the_output_of_the_gap() {
+    let (backend, sent) = ticker().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&resumable("resume-gap", backend.addr, &key, "window = \"10s\"", "")).await;
+    let auth = key.bearer(&["a1"]);
+    let mut first = connect(&proxy, &auth, "r-1").await;
+    let notice = first.recv().await;
+    assert_eq!(
+        (notice.opcode, notice.payload.as_slice()),
+        (op::TEXT, &b"fresh session"[..]),
+        "a fresh session says so"
+    );
+    first.send(true, op::BINARY, b"hello").await;
+    assert_eq!(first.recv().await.payload, b"hello");
+    // The backend will answer while the client is gone: the TCP connection just drops.
+    first.send(true, op::TEXT, b"later 5").await;
+    drop(first);
+    wait_state(&proxy, "parked").await;
+    wait_sent(&sent, 5).await;
+    // Held by the proxy (not still in flight): the notice, the echo and five frames of 7 bytes.
+    wait_bytes_from_backend(&proxy, 15 + 7 + 5 * 7).await;
+
+    let mut second = connect(&proxy, &auth, "r-1").await;
+    for i in 0..5 {
+        let f = second.recv().await;
+        assert_eq!(f.payload, format!("gap {i}").as_bytes(), "the gap's output first, in order, whole frames");
+    }
+    second.send(true, op::BINARY, b"still there").await;
+    assert_eq!(second.recv().await.payload, b"still there");
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 1, "one backend session throughout");
+    wait_state(&proxy, "attached").await;
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_resume_parked_total{route=\"resume-gap\"}"), 1.0);
+    assert_eq!(metric(&m, "portcullis_resume_resumed_total{route=\"resume-gap\"}"), 1.0);
+    assert_eq!(metric(&m, "portcullis_resume_held{route=\"resume-gap\"}"), 0.0);
+    assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"resume-gap\",result=\"resumed\"}"), 1.0);
+    // The client's own close ends it for good.
+    second.send(true, op::CLOSE, &close_payload(1000, "")).await;
+    assert_eq!(second.recv_close().await.close_code(), Some(1000));
+}
+
+#[tokio::test]
+async fn a_resume_id_is_bound_to_its_subject_and_agent() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&resumable("resume-bound", backend.addr, &key, "", "")).await;
+    let mut owner = connect(&proxy, &key.bearer(&["a1"]), "shared-id").await;
+    owner.recv().await;
+    drop(owner);
+    wait_state(&proxy, "parked").await;
+    // Another subject with a grant for the same agent.
+    let mallory = format!("Bearer {}", key.token("mallory", &["a1"], Duration::from_secs(600)));
+    let refused = upgrade(proxy.tls, true, "/agents/a1/terminal?resume=shared-id", &[("Authorization", &mallory)])
+        .await
+        .err()
+        .expect("403");
+    assert_eq!(refused.status, 403);
+    // The same subject on another agent.
+    let other_agent = upgrade(
+        proxy.tls,
+        true,
+        "/agents/a2/terminal?resume=shared-id",
+        &[("Authorization", &key.bearer(&["a1", "a2"]))],
+    )
+    .await
+    .err()
+    .expect("403");
+    assert_eq!(other_agent.status, 403);
+    let bad = upgrade(proxy.tls, true, "/agents/a1/terminal?resume=a%20b", &[("Authorization", &key.bearer(&["a1"]))])
+        .await
+        .err()
+        .expect("400");
+    assert_eq!(bad.status, 400);
+    // The owner still gets it back.
+    let mut back = connect(&proxy, &key.bearer(&["a1"]), "shared-id").await;
+    back.send(true, op::BINARY, b"mine").await;
+    assert_eq!(back.recv().await.payload, b"mine");
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_resume_refused_total{route=\"resume-bound\",reason=\"other_subject\"}"), 2.0);
+    assert_eq!(metric(&m, "portcullis_resume_refused_total{route=\"resume-bound\",reason=\"invalid\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn after_the_window_the_backend_gets_1001_and_a_reconnect_starts_fresh() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&resumable("resume-window", backend.addr, &key, "window = \"300ms\"", "")).await;
+    let auth = key.bearer(&["a1"]);
+    let mut first = connect(&proxy, &auth, "w-1").await;
+    first.recv().await;
+    drop(first);
+    let close = backend.log.wait_for("the window's close", |f| f.opcode == op::CLOSE).await;
+    assert_eq!((close.close_code(), close.close_reason().as_str()), (Some(1001), "resume window over"));
+    let mut again = connect(&proxy, &auth, "w-1").await;
+    assert_eq!(again.recv().await.payload, b"fresh session", "told it is a fresh session");
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 2, "a new backend session");
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_resume_expired_total{route=\"resume-window\",reason=\"window\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn output_beyond_the_buffer_ends_the_held_session_with_1001() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let proxy =
+        Proxy::start_with(&resumable("resume-overflow", backend.addr, &key, "window = \"30s\"\nbuffer = \"4KiB\"", ""))
+            .await;
+    let mut first = connect(&proxy, &key.bearer(&["a1"]), "o-1").await;
+    first.recv().await;
+    first.send(true, op::TEXT, b"later 10 1000").await;
+    drop(first);
+    let close = backend.log.wait_for("the overflow's close", |f| f.opcode == op::CLOSE).await;
+    assert_eq!((close.close_code(), close.close_reason().as_str()), (Some(1001), "resume buffer full"));
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_resume_expired_total{route=\"resume-overflow\",reason=\"overflow\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn a_reconnect_takes_over_from_a_connection_the_proxy_still_thinks_alive() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&resumable("resume-takeover", backend.addr, &key, "", "")).await;
+    let auth = key.bearer(&["a1"]);
+    // A half-open connection: it is still open, but the client has moved on.
+    let mut stale = connect(&proxy, &auth, "t-1").await;
+    stale.recv().await;
+    wait_state(&proxy, "attached").await;
+    let mut fresh = connect(&proxy, &auth, "t-1").await;
+    fresh.send(true, op::BINARY, b"from the new connection").await;
+    assert_eq!(fresh.recv().await.payload, b"from the new connection");
+    stale.expect_eof().await;
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_is_held_like_a_dropped_one() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let session = "ping_interval = \"100ms\"\nping_timeout = \"100ms\"";
+    let proxy = Proxy::start_with(&resumable("resume-ping", backend.addr, &key, "", session)).await;
+    let auth = key.bearer(&["a1"]);
+    // This client reads nothing and answers no ping: as if its network vanished.
+    let mut silent = connect(&proxy, &auth, "p-1").await;
+    wait_state(&proxy, "parked").await;
+    silent.expect_eof().await;
+    let mut back = connect(&proxy, &auth, "p-1").await;
+    back.send(true, op::BINARY, b"back").await;
+    // Pings from the proxy may come first; the echo follows them.
+    loop {
+        let f = back.recv().await;
+        if f.opcode == op::PING {
+            back.send(true, op::PONG, &f.payload).await;
+            continue;
+        }
+        assert_eq!(f.payload, b"back");
+        break;
+    }
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_drops_in_the_middle_of_a_frame_is_not_held() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&resumable("resume-midframe", backend.addr, &key, "", "")).await;
+    let mut first = connect(&proxy, &key.bearer(&["a1"]), "m-1").await;
+    first.recv().await;
+    // The header and half the payload of a 100-byte frame, then the connection drops: the
+    // backend has half a frame, and no other client may continue it.
+    let frame = encode(true, 0, op::BINARY, Some(rand_mask()), &[7; 100]);
+    first.send_raw(&frame[..60]).await;
+    drop(first);
+    // The partial frame cannot be closed cleanly: the backend's connection just ends.
+    tokio::time::timeout(SOON, async {
+        loop {
+            let notified = backend.log.notify.notified();
+            if *backend.log.eofs.lock().expect("lock") > 0 {
+                return;
+            }
+            notified.await;
+        }
+    })
+    .await
+    .expect("the backend connection ends");
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_resume_parked_total{route=\"resume-midframe\"}"), 0.0);
+}
+
+#[tokio::test]
+async fn resume_needs_auth_on_its_route() {
+    let text = TestConfig::base(&["127.0.0.1:1".to_string()]).merge("routes.0", "[resume]\nwindow = \"5s\"").text();
+    let err = portcullis::config::Config::parse(&text, std::path::Path::new("test.toml")).expect_err("refused");
+    assert!(err.to_string().contains("resume"), "{err}");
+}
