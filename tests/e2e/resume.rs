@@ -326,3 +326,21 @@ async fn resume_needs_auth_on_its_route() {
     let err = portcullis::config::Config::parse(&text, std::path::Path::new("test.toml")).expect_err("refused");
     assert!(err.to_string().contains("resume"), "{err}");
 }
+
+#[tokio::test]
+async fn a_drain_ends_a_held_session_with_1001_to_the_backend() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let mut proxy = Proxy::start_with(&resumable("resume-drain", backend.addr, &key, "window = \"30s\"", "")).await;
+    let mut first = connect(&proxy, &key.bearer(&["a1"]), "d-1").await;
+    first.recv().await;
+    drop(first);
+    wait_state(&proxy, "parked").await;
+    proxy.drain();
+    let close = backend.log.wait_for("the drain's close", |f| f.opcode == op::CLOSE).await;
+    assert_eq!((close.close_code(), close.close_reason().as_str()), (Some(1001), "going away"));
+    // The admin listener closes with the drain: the process's metrics, read directly.
+    let m = portcullis::metrics::Metrics::global().render();
+    assert_eq!(metric(&m, "portcullis_resume_expired_total{route=\"resume-drain\",reason=\"closed\"}"), 1.0);
+    assert_eq!(metric(&m, "portcullis_resume_held{route=\"resume-drain\"}"), 0.0);
+}
