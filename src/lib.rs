@@ -36,6 +36,7 @@ pub(crate) mod admin;
 pub mod auth;
 pub mod config;
 pub mod crypto;
+pub mod fanout;
 pub mod handover;
 pub mod limits;
 pub mod metrics;

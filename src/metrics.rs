@@ -101,6 +101,18 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "portcullis_rebalance_closes_total",
         "Sessions closed as going away (rebalance) by POST /sessions/rebalance, by route.",
     ),
+    (Kind::Gauge, "portcullis_fanout_streams", "Shared backend streams ([routes.fanout]) open now, by route."),
+    (Kind::Gauge, "portcullis_fanout_subscribers", "Clients subscribed to shared backend streams now, by route."),
+    (
+        Kind::Counter,
+        "portcullis_fanout_streams_total",
+        "Shared backend streams opened (one backend connection each), by route.",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_fanout_drops_total",
+        "Fan-out clients closed by the proxy, by route and reason (slow: its queue was full; input: a data frame on a read-only stream).",
+    ),
     (Kind::Gauge, "portcullis_resume_held", "Resumable sessions whose client is away, held for it now, by route."),
     (
         Kind::Counter,
@@ -294,6 +306,24 @@ impl Metrics {
         for &reason in auth_reasons {
             self.auth_failure_count(route, reason, 0);
         }
+    }
+
+    /// A shared backend stream of `route` opened (`1`) or ended (`-1`).
+    pub fn fanout_stream(&self, route: &str, delta: f64) {
+        if delta > 0.0 {
+            counter!("portcullis_fanout_streams_total", "route" => route.to_owned()).increment(1);
+        }
+        gauge!("portcullis_fanout_streams", "route" => route.to_owned()).increment(delta);
+    }
+
+    /// A fan-out client of `route` joined (`1`) or left (`-1`).
+    pub fn fanout_subscriber(&self, route: &str, delta: f64) {
+        gauge!("portcullis_fanout_subscribers", "route" => route.to_owned()).increment(delta);
+    }
+
+    /// A fan-out client of `route` was closed by the proxy: `slow` or `input`.
+    pub fn fanout_drop(&self, route: &str, reason: &'static str) {
+        counter!("portcullis_fanout_drops_total", "route" => route.to_owned(), "reason" => reason).increment(1);
     }
 
     /// A resumable session of `route` lost its client and is held for it.

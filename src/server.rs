@@ -430,6 +430,7 @@ impl Server {
                 per_ip_streams: Arc::default(),
                 per_subject: Arc::default(),
                 resumes: Arc::default(),
+                fanouts: Arc::default(),
             }),
         })
     }

@@ -90,4 +90,6 @@ pub struct Shared {
     pub per_subject: Arc<crate::limits::PerSubject>,
     /// Sessions of routes with `[routes.resume]`, by resume id.
     pub resumes: Arc<crate::resume::Resumes>,
+    /// Shared backend streams of routes with `[routes.fanout]`.
+    pub fanouts: Arc<crate::fanout::Fanouts>,
 }

@@ -324,6 +324,21 @@ pub struct RouteConfig {
     pub observe: Option<std::sync::Arc<ObserveSettings>>,
     /// Resume after a network blip, when set.
     pub resume: Option<std::sync::Arc<ResumeSettings>>,
+    /// One backend WebSocket shared by every client of the same agent and path, when set.
+    pub fanout: Option<std::sync::Arc<FanoutSettings>>,
+}
+
+/// `[routes.fanout]`: the clients of one agent and path share one backend WebSocket; the
+/// backend's data frames go to each of them (the same bytes, reference-counted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FanoutSettings {
+    /// Whether a client's data frames are forwarded to the shared backend (else it is closed
+    /// with 1008).
+    pub forward_client_data: bool,
+    /// How long the backend connection stays open after its last client left.
+    pub linger: std::time::Duration,
+    /// Frames a client may have waiting; one that falls further behind is dropped (1013).
+    pub queue: usize,
 }
 
 /// `[routes.resume]`: a WebSocket session whose client vanishes without a close frame (its

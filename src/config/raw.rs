@@ -281,6 +281,22 @@ pub(super) struct RawRoute {
     pub(super) recording: Option<RawRecording>,
     pub(super) observe: Option<RawObserve>,
     pub(super) resume: Option<RawResume>,
+    pub(super) fanout: Option<RawFanout>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFanout {
+    pub(super) client_data: Option<RawClientData>,
+    pub(super) linger: Option<Dur>,
+    pub(super) queue: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawClientData {
+    Refuse,
+    Forward,
 }
 
 #[derive(Debug, Deserialize)]

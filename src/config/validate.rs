@@ -296,12 +296,30 @@ fn route(
             Some(std::sync::Arc::new(super::ResumeSettings { window, buffer, param, notice: rs.notice }))
         }
     };
+    let fanout = match r.fanout {
+        None => None,
+        Some(_) if recording.is_some() || observe.is_some() || resume.is_some() => {
+            return Err(invalid(
+                &format!("{key}.fanout"),
+                "shares one backend stream; it cannot be combined with recording, observe or resume",
+            ))
+        }
+        Some(_) if matches!(r.kind, Some(RawKind::Http)) => {
+            return Err(invalid(&format!("{key}.fanout"), "shares WebSockets; this route serves HTTP only"))
+        }
+        Some(f) => Some(std::sync::Arc::new(super::FanoutSettings {
+            forward_client_data: matches!(f.client_data, Some(super::raw::RawClientData::Forward)),
+            linger: f.linger.map_or(std::time::Duration::from_secs(5), |d| d.0),
+            queue: f.queue.unwrap_or(256).max(1),
+        })),
+    };
     Ok(RouteConfig {
         auth,
         origin: r.origin.map(origin),
         recording,
         observe,
         resume,
+        fanout,
         name: r.name,
         host: r.host.map(|h| h.to_ascii_lowercase()),
         path: r.path,

@@ -23,6 +23,7 @@ pub(crate) mod accept;
 pub(crate) mod auth;
 pub(crate) mod connect;
 pub(crate) mod error;
+pub(crate) mod fanout;
 pub(crate) mod forward;
 pub(crate) mod http;
 pub(crate) mod observer;
@@ -91,6 +92,49 @@ enum Handoff {
     Session(Pending),
     /// A new client for a held session.
     Resume(Resuming),
+    /// A new client of a shared backend stream.
+    Fanout(FanoutClient),
+}
+
+/// A fan-out client accepted by the handler: its subscription, and what it holds.
+struct FanoutClient {
+    task: fanout::ClientTask,
+    registered: SessionGuard,
+    subject_slots: Vec<SubjectSlot>,
+    /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
+    stream: http::StreamHold,
+}
+
+impl FanoutClient {
+    /// Runs the client as a task of its own; it writes the session's log line at its end.
+    fn start<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
+        self,
+        shared: &Arc<Shared>,
+        io: S,
+        early: Vec<u8>,
+        slot: Option<accept::ConnSlot>,
+    ) {
+        let metrics = shared.metrics.clone();
+        shared.tasks.spawn(
+            async move {
+                let started = Instant::now();
+                metrics.sessions_active.increment(1.0);
+                let FanoutClient { task, registered, subject_slots, stream } = self;
+                let (close_code, reason) = fanout::run_client(io, early, task).await;
+                let initiator = if reason == "client close" || reason == "client lost" {
+                    relay::Initiator::Client
+                } else {
+                    relay::Initiator::Proxy
+                };
+                let end = SessionEnd { close_code, initiator, reason, bytes: [0, 0], frames: [0, 0] };
+                metrics.sessions_active.decrement(1.0);
+                metrics.close(relay::close::code_label(end.close_code), end.initiator.as_str());
+                log_session_end(registered.entry(), started, &end);
+                drop((slot, subject_slots, stream));
+            }
+            .in_current_span(),
+        );
+    }
 }
 
 /// A resume accepted by the handler: the claimed session, and what the new client brings.
@@ -615,7 +659,9 @@ async fn handle_upgrade(
     // extension offer reaches the backend (permessage-deflate is not negotiated end to end).
     let unextended;
     // A resumable route neither: a compression context would not survive a new client.
-    let ws = match (route.recording.is_some() || route.resume.is_some()) && ws.extensions.is_some() {
+    // Nor a fan-out route: its backend's frames go to clients that negotiated nothing.
+    let plain = route.recording.is_some() || route.resume.is_some() || route.fanout.is_some();
+    let ws = match plain && ws.extensions.is_some() {
         true => {
             unextended = upgrade::WsRequest { extensions: None, ..ws.clone() };
             &unextended
@@ -638,6 +684,35 @@ async fn handle_upgrade(
     let mut entry = session_entry(ctx, SessionKind::WebSocket, &route, &caps, claims);
     entry.resume = registration.as_ref().map(|r| r.held.clone());
     let registered = ctx.shared.sessions.register(entry);
+    if let Some(settings) = route.fanout.clone() {
+        let key = (route.name.clone(), caps.get("agent").unwrap_or("").to_owned(), admitted.path_and_query.clone());
+        let join = JoinFanout { key, settings, breq: &breq, state, caps: &caps };
+        let task = match join_fanout(ctx, runtime, &route, join, &registered, claims).await {
+            Ok(t) => t,
+            Err(e) => return reject(ctx, &route.name, e),
+        };
+        let protocol = task.stream.protocol.clone();
+        let mut resp = own_answer(ctx, &req, &admitted, protocol.as_deref());
+        let _ = registered.entry().backend.set(task.stream.member.clone());
+        ctx.shared.metrics.upgrade(&route.name, "ok");
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let client = FanoutClient { task, registered, subject_slots, stream };
+        if ctx.h2 {
+            let (shared, client_addr) = (ctx.shared.clone(), ctx.client_addr);
+            ctx.shared.tasks.spawn(
+                async move {
+                    if let Some(up) = upgraded(on_upgrade, client_addr).await {
+                        client.start(&shared, TokioIo::new(up), Vec::new(), None);
+                    }
+                }
+                .in_current_span(),
+            );
+        } else if let Ok(mut slot) = ctx.pending.lock() {
+            *slot = Some((on_upgrade, Handoff::Fanout(client)));
+        }
+        *resp.status_mut() = if ctx.h2 { StatusCode::OK } else { StatusCode::SWITCHING_PROTOCOLS };
+        return resp;
+    }
     let backend = match connect::connect(&route, state, &caps, &breq, &ctx.shared.conns, &ctx.shared.metrics).await {
         Ok(b) => b,
         Err(e) => {
@@ -719,28 +794,7 @@ fn handle_resume(
     admitted: &auth::Admitted,
     held: Arc<crate::resume::Held>,
 ) -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
-    let h = resp.headers_mut();
-    if !ctx.h2 {
-        let key = admitted.ws.as_ref().map(|ws| upgrade::accept_value(ws.key.as_bytes()));
-        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-        if let Some(v) = key.and_then(|k| HeaderValue::from_str(&k).ok()) {
-            h.insert(SEC_WEBSOCKET_ACCEPT, v);
-        }
-    }
-    // The first client's subprotocol when this client offers it too, else the marker.
-    let offered = |p: &str| {
-        req.headers()
-            .get_all(SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|o| o.trim() == p))
-    };
-    let protocol = held.protocol.get().filter(|p| offered(p)).or(admitted.subprotocol_marker.as_ref());
-    if let Some(v) = protocol.and_then(|p| HeaderValue::from_str(p).ok()) {
-        h.insert(SEC_WEBSOCKET_PROTOCOL, v);
-    }
+    let mut resp = own_answer(ctx, &req, admitted, held.protocol.get().map(String::as_str));
     *resp.status_mut() = if ctx.h2 { StatusCode::OK } else { StatusCode::SWITCHING_PROTOCOLS };
     ctx.shared.metrics.upgrade(&route.name, "resumed");
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -764,6 +818,105 @@ fn handle_resume(
         *slot = Some((on_upgrade, Handoff::Resume(resuming)));
     }
     resp
+}
+
+/// The proxy's own answer to an upgrade it serves without a backend handshake of its own (a
+/// resume, a fan-out client): the accept for the client's key, and `protocol` (what the backend
+/// chose for the session or stream) when this client offers it too, else the marker.
+fn own_answer(
+    ctx: &ConnCtx,
+    req: &Request<Incoming>,
+    admitted: &auth::Admitted,
+    protocol: Option<&str>,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
+    let h = resp.headers_mut();
+    if !ctx.h2 {
+        let key = admitted.ws.as_ref().map(|ws| upgrade::accept_value(ws.key.as_bytes()));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Some(v) = key.and_then(|k| HeaderValue::from_str(&k).ok()) {
+            h.insert(SEC_WEBSOCKET_ACCEPT, v);
+        }
+    }
+    let offered = |p: &str| {
+        req.headers()
+            .get_all(SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|o| o.trim() == p))
+    };
+    let protocol = protocol.filter(|p| offered(p)).or(admitted.subprotocol_marker.as_deref());
+    if let Some(v) = protocol.and_then(|p| HeaderValue::from_str(p).ok()) {
+        h.insert(SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    resp
+}
+
+/// What a fan-out client's join needs.
+struct JoinFanout<'a> {
+    key: crate::fanout::Key,
+    settings: Arc<crate::config::FanoutSettings>,
+    breq: &'a BackendRequest<'a>,
+    state: &'a crate::routing::pool::RouteState,
+    caps: &'a Captures,
+}
+
+/// Subscribes a client to its key's shared stream, opening the stream (one backend connect,
+/// which concurrent first clients wait for) when there is none.
+async fn join_fanout(
+    ctx: &ConnCtx,
+    runtime: &Runtime,
+    route: &Arc<RouteConfig>,
+    j: JoinFanout<'_>,
+    registered: &SessionGuard,
+    claims: Option<&Claims>,
+) -> Result<fanout::ClientTask, RequestError> {
+    let max_frame = route.session.max_frame_size;
+    let shared = &ctx.shared;
+    let slot = shared.fanouts.slot(&j.key);
+    let open = async {
+        let b =
+            connect::connect(route, j.state, j.caps, j.breq, &shared.conns, &shared.metrics).await.map_err(|e| {
+                tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend connect failed");
+                RequestError::from(e)
+            })?;
+        let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (data, data_rx) = tokio::sync::mpsc::channel(64);
+        let protocol = b.protocol.as_ref().and_then(|p| p.to_str().ok()).map(str::to_owned);
+        let stream = Arc::new(crate::fanout::Stream::new(route.name.clone(), b.member, protocol, commands, data));
+        let task = fanout::StreamTask {
+            backend: b.stream,
+            early: b.early,
+            stream: stream.clone(),
+            commands: commands_rx,
+            data: data_rx,
+            settings: j.settings.clone(),
+            max_frame,
+            key: j.key.clone(),
+            fanouts: shared.fanouts.clone(),
+            metrics: shared.metrics.clone(),
+            drain: shared.drain.clone(),
+            _guard: b.guard,
+        };
+        shared.tasks.spawn(fanout::run_stream(task).in_current_span());
+        Ok::<_, RequestError>(stream)
+    };
+    let stream = slot.get_or_open(open).await?;
+    let Some((id, rx, lagged)) = stream.subscribe(j.settings.queue) else {
+        return Err(RequestError::Draining);
+    };
+    Ok(fanout::ClientTask {
+        stream,
+        id,
+        rx,
+        lagged,
+        settings: j.settings,
+        control: registered.entry().control.clone(),
+        expires_at: session_deadline(route, runtime, claims),
+        max_frame,
+        metrics: shared.metrics.clone(),
+    })
 }
 
 /// The first value of the query parameter `name`, decoded.
@@ -915,6 +1068,7 @@ async fn run_session(
     match handoff {
         Handoff::Session(p) => start_session(&shared, p, client, client_early, Some(slot)),
         Handoff::Resume(r) => r.attach(Box::new(client), client_early, Some(slot)),
+        Handoff::Fanout(f) => f.start(&shared, client, client_early, Some(slot)),
     }
 }
 

@@ -89,6 +89,7 @@ mod tests {
             recording: None,
             observe: None,
             resume: None,
+            fanout: None,
             name: name.into(),
             host: host.map(Into::into),
             path: path.parse().expect("pattern"),

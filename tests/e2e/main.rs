@@ -13,6 +13,7 @@ mod deadlines;
 mod deflate;
 mod demo;
 mod drain;
+mod fanout;
 mod faults;
 mod handover;
 mod handshake;

@@ -447,7 +447,7 @@ pub(super) fn is_control(opcode: u8) -> bool {
 }
 
 /// Total header length implied by the header bytes seen so far (at least 2).
-pub(super) fn header_len_needed(seen: &[u8]) -> usize {
+pub(crate) fn header_len_needed(seen: &[u8]) -> usize {
     if seen.len() < 2 {
         return 2;
     }

@@ -1,0 +1,365 @@
+//! Stage: fan-out (routes with `[routes.fanout]`). One task per shared backend stream reads
+//! whole frames from the backend and hands each, as one reference-counted buffer, to every
+//! subscriber's bounded queue; one task per client writes those buffers to its socket as they
+//! are (the backend's frames are unmasked, as a server's frames to a client must be), answers
+//! the client's pings, and ends the client on its own deadlines (token expiry, revocation,
+//! drain) without touching the stream. A client whose queue is full is dropped (1013) and the
+//! stream goes on. The registry is `crate::fanout`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, PROTOCOL_ERROR, TRY_AGAIN_LATER};
+use super::relay::frame::{self, opcode};
+use crate::config::FanoutSettings;
+use crate::fanout::{Command, End, Fanouts, Key, Stream, Subscriber};
+use crate::metrics::Metrics;
+use crate::session::{SessionControl, StopReason};
+
+/// One whole frame as it came off the wire.
+pub(crate) struct RawFrame {
+    /// Header and payload, unchanged.
+    pub(crate) bytes: Bytes,
+    pub(crate) fin: bool,
+    pub(crate) opcode: u8,
+    header_len: usize,
+    mask: Option<[u8; 4]>,
+}
+
+impl RawFrame {
+    /// The payload, unmasked.
+    pub(crate) fn payload(&self) -> Vec<u8> {
+        let p = &self.bytes[self.header_len..];
+        match self.mask {
+            None => p.to_vec(),
+            Some(m) => p.iter().enumerate().map(|(i, b)| b ^ m[i & 3]).collect(),
+        }
+    }
+}
+
+/// Reads whole frames, up to `max` bytes of payload each.
+pub(crate) struct FrameReader {
+    buf: BytesMut,
+    max: u64,
+}
+
+impl FrameReader {
+    pub(crate) fn new(early: &[u8], max: u64) -> FrameReader {
+        FrameReader { buf: BytesMut::from(early), max }
+    }
+
+    /// The next frame; `None` at EOF. Cancel-safe: a partial frame stays in the buffer.
+    pub(crate) async fn next<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> std::io::Result<Option<RawFrame>> {
+        loop {
+            if let Some(f) = self.parse()? {
+                return Ok(Some(f));
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(16 * 1024);
+            }
+            if rd.read_buf(&mut self.buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn parse(&mut self) -> std::io::Result<Option<RawFrame>> {
+        let b = &self.buf[..];
+        let need = frame::header_len_needed(&b[..b.len().min(2)]);
+        if b.len() < 2 || b.len() < need {
+            return Ok(None);
+        }
+        let len = match b[1] & 0x7F {
+            126 => u16::from_be_bytes([b[2], b[3]]) as u64,
+            127 => u64::from_be_bytes([b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9]]),
+            n => n as u64,
+        };
+        if len > self.max {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "frame over max_frame_size"));
+        }
+        let mask = (b[1] & 0x80 != 0).then(|| [b[need - 4], b[need - 3], b[need - 2], b[need - 1]]);
+        let total = need + len as usize;
+        if b.len() < total {
+            self.buf.reserve(total - b.len());
+            return Ok(None);
+        }
+        let (fin, op) = (b[0] & 0x80 != 0, b[0] & 0x0F);
+        let bytes = self.buf.split_to(total).freeze();
+        Ok(Some(RawFrame { bytes, fin, opcode: op, header_len: need, mask }))
+    }
+}
+
+fn close_frame(code: u16, reason: &str, masked: bool) -> Vec<u8> {
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
+    let mut out = Vec::with_capacity(payload.len() + 8);
+    frame::encode(true, 0, opcode::CLOSE, masked.then(rand::random::<[u8; 4]>), &payload, &mut out);
+    out
+}
+
+/// What a stream's task needs.
+pub(crate) struct StreamTask {
+    pub(crate) backend: tokio::net::TcpStream,
+    pub(crate) early: Vec<u8>,
+    pub(crate) stream: Arc<Stream>,
+    pub(crate) commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
+    pub(crate) data: tokio::sync::mpsc::Receiver<Bytes>,
+    pub(crate) settings: Arc<FanoutSettings>,
+    pub(crate) max_frame: u64,
+    pub(crate) key: Key,
+    pub(crate) fanouts: Arc<Fanouts>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) drain: tokio_util::sync::CancellationToken,
+    /// Counts the stream for least-connections while it is open.
+    pub(crate) _guard: Option<crate::routing::sticky::ConnGuard>,
+}
+
+/// Runs a shared backend stream until the backend closes, or its last client left and the
+/// linger passed (at once during a drain).
+pub(crate) async fn run_stream(mut t: StreamTask) {
+    let route = t.stream.route.clone();
+    t.metrics.fanout_stream(&route, 1.0);
+    tracing::info!(route, backend = t.stream.member, "fan-out stream opened");
+    let (mut rd, mut wr) = tokio::io::split(t.backend);
+    let mut reader = FrameReader::new(&t.early, t.max_frame);
+    let mut subs: Vec<(Subscriber, bool)> = Vec::new();
+    let mut in_message = false;
+    let linger = tokio::time::sleep(t.settings.linger);
+    tokio::pin!(linger);
+    let (mut lingering, mut draining) = (true, false);
+    let end = loop {
+        tokio::select! {
+            f = reader.next(&mut rd) => {
+                let f = match f {
+                    Ok(Some(f)) => f,
+                    Ok(None) | Err(_) => break End::BackendLost,
+                };
+                match f.opcode {
+                    opcode::PING => {
+                        let mut pong = Vec::new();
+                        frame::encode(true, 0, opcode::PONG, Some(rand::random()), &f.payload(), &mut pong);
+                        if wr.write_all(&pong).await.is_err() {
+                            break End::BackendLost;
+                        }
+                    }
+                    opcode::PONG => {}
+                    opcode::CLOSE => {
+                        let p = f.payload();
+                        let code = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { NORMAL };
+                        let _ = wr.write_all(&close_frame(NORMAL, "", true)).await;
+                        break End::BackendClosed(code);
+                    }
+                    _ => {
+                        // The same buffer to every subscriber that is at a message boundary;
+                        // a full queue drops its subscriber, never waits.
+                        subs.retain(|(s, active)| {
+                            if !active {
+                                return true;
+                            }
+                            match s.tx.try_send(f.bytes.clone()) {
+                                Ok(()) => true,
+                                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                                    s.lagged.store(true, Ordering::Release);
+                                    t.metrics.fanout_drop(&route, "slow");
+                                    false
+                                }
+                                Err(_) => false,
+                            }
+                        });
+                        in_message = !f.fin;
+                        if !in_message {
+                            for (_, active) in subs.iter_mut() {
+                                *active = true;
+                            }
+                        }
+                    }
+                }
+            }
+            c = t.commands.recv() => match c {
+                Some(Command::Join(s)) => {
+                    subs.push((s, !in_message));
+                    lingering = false;
+                }
+                Some(Command::Leave(id)) => {
+                    subs.retain(|(s, _)| s.id != id);
+                    if subs.is_empty() {
+                        lingering = true;
+                        let wait = if draining { Duration::ZERO } else { t.settings.linger };
+                        linger.as_mut().reset(Instant::now() + wait);
+                    }
+                }
+                None => break End::Closed,
+            },
+            d = t.data.recv() => {
+                if let Some(bytes) = d {
+                    if wr.write_all(&bytes).await.is_err() {
+                        break End::BackendLost;
+                    }
+                }
+            }
+            _ = &mut linger, if lingering && subs.is_empty() => {
+                let _ = wr.write_all(&close_frame(GOING_AWAY, "no clients", true)).await;
+                break End::Closed;
+            }
+            _ = t.drain.cancelled(), if !draining => {
+                draining = true;
+                if subs.is_empty() {
+                    linger.as_mut().reset(Instant::now());
+                    lingering = true;
+                }
+            }
+        }
+    };
+    if let Ok(mut e) = t.stream.end.lock() {
+        *e = Some(end);
+    }
+    t.fanouts.remove(&t.key, &t.stream);
+    // Dropping the subscribers ends their queues: each client sends its close.
+    drop(subs);
+    let _ = wr.shutdown().await;
+    t.metrics.fanout_stream(&route, -1.0);
+    tracing::info!(route, backend = t.stream.member, end = ?end, "fan-out stream ended");
+}
+
+/// What a client's task needs.
+pub(crate) struct ClientTask {
+    pub(crate) stream: Arc<Stream>,
+    pub(crate) id: u64,
+    pub(crate) rx: tokio::sync::mpsc::Receiver<Bytes>,
+    pub(crate) lagged: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) settings: Arc<FanoutSettings>,
+    pub(crate) control: Arc<SessionControl>,
+    pub(crate) expires_at: Option<Instant>,
+    pub(crate) max_frame: u64,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Drop for ClientTask {
+    /// Leaves the stream, also when the client never started (its upgrade failed).
+    fn drop(&mut self) {
+        let _ = self.stream.commands.send(Command::Leave(self.id));
+    }
+}
+
+/// Serves one fan-out client until it leaves, falls behind, or its own deadline ends it.
+/// Returns the close code it was sent (if any) and the log reason.
+pub(crate) async fn run_client<S>(io: S, early: Vec<u8>, mut t: ClientTask) -> (Option<u16>, &'static str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let route = t.stream.route.clone();
+    t.metrics.fanout_subscriber(&route, 1.0);
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut reader = FrameReader::new(&early, t.max_frame);
+    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let expiry = tokio::time::sleep_until(t.expires_at.unwrap_or(far));
+    tokio::pin!(expiry);
+    let control = t.control.clone();
+    let stopped = std::future::poll_fn(|cx| control.poll_stopped(cx));
+    tokio::pin!(stopped);
+    let (code, reason, close): (Option<u16>, &'static str, Option<(u16, &str)>) = loop {
+        tokio::select! {
+            b = t.rx.recv() => match b {
+                Some(bytes) => {
+                    if wr.write_all(&bytes).await.is_err() || wr.flush().await.is_err() {
+                        break (None, "client lost", None);
+                    }
+                }
+                None if t.lagged.load(Ordering::Acquire) => {
+                    break (Some(TRY_AGAIN_LATER), "client too slow", Some((TRY_AGAIN_LATER, "client too slow")));
+                }
+                None => match t.stream.ended() {
+                    Some(End::BackendClosed(c)) => break (Some(c), "backend close", Some((c, ""))),
+                    _ => break (Some(GOING_AWAY), "stream ended", Some((GOING_AWAY, "stream ended"))),
+                },
+            },
+            f = reader.next(&mut rd) => {
+                let f = match f {
+                    Ok(Some(f)) => f,
+                    Ok(None) | Err(_) => break (None, "client lost", None),
+                };
+                if f.mask.is_none() {
+                    break (Some(PROTOCOL_ERROR), "client protocol error", Some((PROTOCOL_ERROR, "protocol error")));
+                }
+                match f.opcode {
+                    opcode::PING => {
+                        let mut pong = Vec::new();
+                        frame::encode(true, 0, opcode::PONG, None, &f.payload(), &mut pong);
+                        if wr.write_all(&pong).await.is_err() || wr.flush().await.is_err() {
+                            break (None, "client lost", None);
+                        }
+                    }
+                    opcode::PONG => {}
+                    opcode::CLOSE => {
+                        let p = f.payload();
+                        let c = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { NORMAL };
+                        break (Some(c), "client close", Some((NORMAL, "")));
+                    }
+                    // Only whole messages are forwarded: another client's frames may come next.
+                    op if t.settings.forward_client_data && (!f.fin || op == opcode::CONTINUATION) => {
+                        let why = "fragmented messages are not forwarded";
+                        break (Some(POLICY), "client input refused", Some((POLICY, why)));
+                    }
+                    _ if t.settings.forward_client_data => {
+                        if t.stream.data.send(f.bytes).await.is_err() {
+                            break (Some(GOING_AWAY), "stream ended", Some((GOING_AWAY, "stream ended")));
+                        }
+                    }
+                    _ => {
+                        t.metrics.fanout_drop(&route, "input");
+                        break (Some(POLICY), "client input refused", Some((POLICY, "read-only stream")));
+                    }
+                }
+            }
+            r = &mut stopped => {
+                let (c, why): (u16, &'static str) = match r {
+                    StopReason::Revoked => (POLICY, "session revoked"),
+                    StopReason::Drain => (GOING_AWAY, "going away"),
+                    StopReason::RouteRemoved => (GOING_AWAY, "route removed"),
+                    StopReason::Rebalance => (GOING_AWAY, "rebalance"),
+                };
+                break (Some(c), why, Some((c, why)));
+            }
+            _ = &mut expiry => break (Some(POLICY), "token expired", Some((POLICY, "token expired"))),
+        }
+    };
+    if let Some((c, why)) = close {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = wr.write_all(&close_frame(c, why, false)).await;
+            let _ = wr.flush().await;
+            let _ = wr.shutdown().await;
+        })
+        .await;
+    }
+    t.metrics.fanout_subscriber(&route, -1.0);
+    (code, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_reader_returns_whole_frames_and_refuses_oversized_ones() {
+        let mut wire = Vec::new();
+        frame::encode(true, 0, opcode::TEXT, None, b"one", &mut wire);
+        frame::encode(false, 0, opcode::BINARY, Some([1, 2, 3, 4]), &[9; 300], &mut wire);
+        let mut r = FrameReader::new(&wire[..3], 1024);
+        let mut rest = &wire[3..];
+        let a = r.next(&mut rest).await.expect("read").expect("frame");
+        assert_eq!((a.opcode, a.fin, a.payload()), (opcode::TEXT, true, b"one".to_vec()));
+        let b = r.next(&mut rest).await.expect("read").expect("frame");
+        assert_eq!((b.opcode, b.fin, b.payload()), (opcode::BINARY, false, vec![9; 300]));
+        assert_eq!(b.bytes.len(), 4 + 4 + 300);
+        assert!(r.next(&mut rest).await.expect("eof").is_none());
+        let mut big = Vec::new();
+        frame::encode(true, 0, opcode::BINARY, None, &[0; 2000], &mut big);
+        let mut r = FrameReader::new(&[], 1024);
+        assert!(r.next(&mut &big[..]).await.is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! Fan-out (`[routes.fanout]`): the clients of one agent and path share one backend WebSocket;
+//! every event reaches every client in order, a client that stops reading is dropped (1013)
+//! without slowing the others, pings are answered by the proxy, input is refused (1008), a
+//! revocation closes one client and not the stream, and the backend connection closes after
+//! the last client leaves (after the linger) and is opened again by the next.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::*;
+
+/// A backend that, once `go` is set, sends `events` binary frames `<path> <seq>` padded to
+/// `size` bytes on each connection, then keeps reading (pings answered, close echoed).
+async fn broadcaster(events: usize, size: usize) -> (Backend, tokio::sync::watch::Sender<bool>) {
+    let (go, go_rx) = tokio::sync::watch::channel(false);
+    let handler: Handler = Arc::new(move |s: BackendSession| {
+        let mut go = go_rx.clone();
+        Box::pin(async move {
+            let path = s.request.path.clone();
+            let (mut rd, wr) = tokio::io::split(s.stream);
+            let wr = Arc::new(tokio::sync::Mutex::new(wr));
+            let sender = wr.clone();
+            tokio::spawn(async move {
+                let _ = go.wait_for(|g| *g).await;
+                for i in 0..events {
+                    if i % 100 == 99 {
+                        // Paced like a live feed (20,000 events/s), not one burst.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    let mut payload = format!("{path} {i}").into_bytes();
+                    payload.resize(size.max(payload.len()), b'.');
+                    if sender.lock().await.write_all(&encode(true, 0, op::BINARY, None, &payload)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            while let Ok(f) = read_frame(&mut rd).await {
+                s.log.record(f.clone());
+                let reply = match f.opcode {
+                    op::PING => encode(true, 0, op::PONG, None, &f.payload),
+                    op::CLOSE => {
+                        let _ = wr.lock().await.write_all(&encode(true, 0, op::CLOSE, None, &f.payload)).await;
+                        return;
+                    }
+                    _ => continue,
+                };
+                let _ = wr.lock().await.write_all(&reply).await;
+            }
+        })
+    });
+    (Backend::start(BackendOpts::default(), handler).await, go)
+}
+
+fn fanned(name: &str, backend: std::net::SocketAddr, key: &Hmac, fanout: &str) -> String {
+    TestConfig::base(&[backend.to_string()])
+        .one_address_load()
+        .set("routes.0.name", name)
+        .set("routes.0.path", "/agents/{agent}/events")
+        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("auth", "max_sessions_per_subject = 0")
+        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
+        .merge("routes.0", &format!("[fanout]\n{fanout}"))
+        .text()
+}
+
+async fn wait_metric(proxy: &Proxy, series: &str, want: f64) {
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        if metric(&m, series) == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{series} never reached {want}: {}", metric(&m, series));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_clients_on_twenty_agents_make_twenty_backend_connections_and_get_every_event_in_order() {
+    const AGENTS: usize = 20;
+    const PER_AGENT: usize = 50;
+    const EVENTS: usize = 20;
+    let (backend, go) = broadcaster(EVENTS, 0).await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&fanned("fanout-many", backend.addr, &key, "")).await;
+    let mut clients = Vec::new();
+    for a in 0..AGENTS {
+        let agent = format!("a{a}");
+        let auth = format!("Bearer {}", key.token("viewer", &[&agent], Duration::from_secs(600)));
+        for _ in 0..PER_AGENT {
+            let (agent, auth, addr) = (agent.clone(), auth.clone(), proxy.plain);
+            clients.push(tokio::spawn(async move {
+                let path = format!("/agents/{agent}/events");
+                (path.clone(), upgrade(addr, false, &path, &[("Authorization", &auth)]).await.expect("101"))
+            }));
+        }
+    }
+    let mut connected = Vec::new();
+    for c in clients {
+        connected.push(c.await.expect("client"));
+    }
+    wait_metric(&proxy, "portcullis_fanout_subscribers{route=\"fanout-many\"}", (AGENTS * PER_AGENT) as f64).await;
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), AGENTS, "one backend connection per agent");
+    go.send_replace(true);
+    let readers: Vec<_> = connected
+        .into_iter()
+        .map(|(path, mut c)| {
+            tokio::spawn(async move {
+                for i in 0..EVENTS {
+                    let f = c.recv().await;
+                    assert_eq!(f.payload, format!("{path} {i}").as_bytes(), "in order, from its own agent");
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.await.expect("every client got every event in order");
+    }
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_fanout_streams{route=\"fanout-many\"}"), AGENTS as f64);
+    assert_eq!(metric(&m, "portcullis_fanout_streams_total{route=\"fanout-many\"}"), AGENTS as f64);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_and_the_others_get_everything() {
+    // More than the stalled client's socket buffers hold, so its queue fills.
+    const EVENTS: usize = 12_000;
+    let (backend, go) = broadcaster(EVENTS, 1024).await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&fanned("fanout-slow", backend.addr, &key, "queue = 256")).await;
+    let auth = key.bearer(&["a1"]);
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        readers.push(upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101"));
+    }
+    let mut stalled = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    wait_metric(&proxy, "portcullis_fanout_subscribers{route=\"fanout-slow\"}", 5.0).await;
+    go.send_replace(true);
+    let tasks: Vec<_> = readers
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                for i in 0..EVENTS {
+                    let f = c.recv().await;
+                    assert!(f.payload.starts_with(format!("/agents/a1/events {i}").as_bytes()), "event {i} in order");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("the readers got every event");
+    }
+    wait_metric(&proxy, "portcullis_fanout_drops_total{route=\"fanout-slow\",reason=\"slow\"}", 1.0).await;
+    // What the stalled client finally reads ends with the proxy's 1013.
+    let last = loop {
+        match stalled.try_recv().await {
+            Some(f) if f.opcode == op::CLOSE => break Some(f),
+            Some(_) => continue,
+            None => break None,
+        }
+    };
+    assert_eq!(last.and_then(|f| f.close_code()), Some(1013));
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
+}
+
+#[tokio::test]
+async fn each_client_is_governed_alone_and_the_stream_outlives_none_of_them_for_long() {
+    let (backend, _go) = broadcaster(0, 0).await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&fanned("fanout-govern", backend.addr, &key, "linger = \"200ms\"")).await;
+    let auth = key.bearer(&["a1"]);
+    let mallory = format!("Bearer {}", key.token("mallory", &["a1"], Duration::from_secs(600)));
+    let mut alice = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    let mut other =
+        upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &mallory)]).await.expect("101");
+    let mut typist = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    // Auth per client: no token, no stream; a token without the agent, 403.
+    assert_eq!(upgrade(proxy.plain, false, "/agents/a1/events", &[]).await.err().expect("401").status, 401);
+    let a2 = key.bearer(&["a2"]);
+    assert_eq!(
+        upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &a2)]).await.err().expect("403").status,
+        403
+    );
+    // The proxy answers pings itself.
+    alice.send(true, op::PING, b"are you there").await;
+    let pong = alice.recv().await;
+    assert_eq!((pong.opcode, pong.payload.as_slice()), (op::PONG, &b"are you there"[..]));
+    // Input is refused (read-only by default), and never reaches the backend.
+    typist.send(true, op::TEXT, b"rm -rf /").await;
+    let f = typist.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1008), "read-only stream"));
+    assert!(!backend.log.frames().iter().any(|f| f.payload == b"rm -rf /"));
+    // Revoking one subject closes its client only.
+    let (status, _) = admin_post(proxy.admin, "/sessions/revoke", &json!({"subject": "mallory"}).to_string()).await;
+    assert_eq!(status, 200);
+    assert_eq!(other.recv_close().await.close_code(), Some(1008));
+    alice.send(true, op::PING, b"still here").await;
+    assert_eq!(alice.recv().await.payload, b"still here");
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
+    // The last client leaves: after the linger the backend gets 1001; the next client opens a
+    // new backend connection.
+    alice.send(true, op::CLOSE, &close_payload(1000, "")).await;
+    assert_eq!(alice.recv_close().await.close_code(), Some(1000));
+    let close = backend.log.wait_for("the linger's close", |f| f.opcode == op::CLOSE).await;
+    assert_eq!((close.close_code(), close.close_reason().as_str()), (Some(1001), "no clients"));
+    wait_metric(&proxy, "portcullis_fanout_streams{route=\"fanout-govern\"}", 0.0).await;
+    let mut again = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    again.send(true, op::PING, b"new stream").await;
+    assert_eq!(again.recv().await.payload, b"new stream");
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 2);
+}
+
+#[tokio::test]
+async fn client_data_can_be_forwarded_whole_messages_only() {
+    let (backend, _go) = broadcaster(0, 0).await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&fanned("fanout-forward", backend.addr, &key, "client_data = \"forward\"")).await;
+    let auth = key.bearer(&["a1"]);
+    let mut a = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    let mut b = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    a.send(true, op::TEXT, b"subscribe cpu").await;
+    b.send(true, op::TEXT, b"subscribe mem").await;
+    backend.log.wait_for("a's message", |f| f.payload == b"subscribe cpu").await;
+    backend.log.wait_for("b's message", |f| f.payload == b"subscribe mem").await;
+    b.send(false, op::TEXT, b"half").await;
+    assert_eq!(b.recv_close().await.close_code(), Some(1008));
+}
