@@ -46,11 +46,14 @@ impl RawFrame {
 pub(crate) struct FrameReader {
     buf: BytesMut,
     max: u64,
+    /// Bytes of room made for a read: small for a client (pings, a close), whose reader lives
+    /// as long as it does, larger for the backend's stream.
+    chunk: usize,
 }
 
 impl FrameReader {
-    pub(crate) fn new(early: &[u8], max: u64) -> FrameReader {
-        FrameReader { buf: BytesMut::from(early), max }
+    pub(crate) fn new(early: &[u8], max: u64, chunk: usize) -> FrameReader {
+        FrameReader { buf: BytesMut::from(early), max, chunk }
     }
 
     /// The next frame; `None` at EOF. Cancel-safe: a partial frame stays in the buffer.
@@ -59,8 +62,8 @@ impl FrameReader {
             if let Some(f) = self.parse()? {
                 return Ok(Some(f));
             }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(16 * 1024);
+            if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(self.chunk);
             }
             if rd.read_buf(&mut self.buf).await? == 0 {
                 return Ok(None);
@@ -126,7 +129,7 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
     t.metrics.fanout_stream(&route, 1.0);
     tracing::info!(route, backend = t.stream.member, "fan-out stream opened");
     let (mut rd, mut wr) = tokio::io::split(t.backend);
-    let mut reader = FrameReader::new(&t.early, t.max_frame);
+    let mut reader = FrameReader::new(&t.early, t.max_frame, 16 * 1024);
     let mut subs: Vec<(Subscriber, bool)> = Vec::new();
     let mut in_message = false;
     let linger = tokio::time::sleep(t.settings.linger);
@@ -255,7 +258,7 @@ where
     let route = t.stream.route.clone();
     t.metrics.fanout_subscriber(&route, 1.0);
     let (mut rd, mut wr) = tokio::io::split(io);
-    let mut reader = FrameReader::new(&early, t.max_frame);
+    let mut reader = FrameReader::new(&early, t.max_frame, 256);
     let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let expiry = tokio::time::sleep_until(t.expires_at.unwrap_or(far));
     tokio::pin!(expiry);
@@ -349,7 +352,7 @@ mod tests {
         let mut wire = Vec::new();
         frame::encode(true, 0, opcode::TEXT, None, b"one", &mut wire);
         frame::encode(false, 0, opcode::BINARY, Some([1, 2, 3, 4]), &[9; 300], &mut wire);
-        let mut r = FrameReader::new(&wire[..3], 1024);
+        let mut r = FrameReader::new(&wire[..3], 1024, 16);
         let mut rest = &wire[3..];
         let a = r.next(&mut rest).await.expect("read").expect("frame");
         assert_eq!((a.opcode, a.fin, a.payload()), (opcode::TEXT, true, b"one".to_vec()));
@@ -359,7 +362,7 @@ mod tests {
         assert!(r.next(&mut rest).await.expect("eof").is_none());
         let mut big = Vec::new();
         frame::encode(true, 0, opcode::BINARY, None, &[0; 2000], &mut big);
-        let mut r = FrameReader::new(&[], 1024);
+        let mut r = FrameReader::new(&[], 1024, 16);
         assert!(r.next(&mut &big[..]).await.is_err());
     }
 }
