@@ -228,3 +228,28 @@ async fn client_data_can_be_forwarded_whole_messages_only() {
     b.send(false, op::TEXT, b"half").await;
     assert_eq!(b.recv_close().await.close_code(), Some(1008));
 }
+
+#[tokio::test]
+async fn http2_streams_share_the_backend_stream_too() {
+    let (backend, go) = broadcaster(30, 0).await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&fanned("fanout-h2", backend.addr, &key, "")).await;
+    let auth = key.bearer(&["a1"]);
+    // Three RFC 8441 WebSockets on one HTTP/2 connection, and one over HTTP/1.1.
+    let mut h2 = H2::connect(proxy.tls).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(h2.websocket("/agents/a1/events", &[("authorization", &auth)]).await.expect("200"));
+    }
+    clients.push(upgrade(proxy.tls, true, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101"));
+    wait_metric(&proxy, "portcullis_fanout_subscribers{route=\"fanout-h2\"}", 4.0).await;
+    go.send_replace(true);
+    for c in clients.iter_mut() {
+        for i in 0..30 {
+            assert_eq!(c.recv().await.payload, format!("/agents/a1/events {i}").as_bytes());
+        }
+        c.send(true, op::PING, b"h2?").await;
+        assert_eq!(c.recv().await.payload, b"h2?");
+    }
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
+}
