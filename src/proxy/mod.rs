@@ -692,7 +692,7 @@ async fn handle_upgrade(
             Err(e) => return reject(ctx, &route.name, e),
         };
         let protocol = task.stream.protocol.clone();
-        let mut resp = own_answer(ctx, &req, &admitted, protocol.as_deref());
+        let resp = own_answer(ctx, &req, &admitted, protocol.as_deref());
         let _ = registered.entry().backend.set(task.stream.member.clone());
         ctx.shared.metrics.upgrade(&route.name, "ok");
         let on_upgrade = hyper::upgrade::on(&mut req);
@@ -710,7 +710,6 @@ async fn handle_upgrade(
         } else if let Ok(mut slot) = ctx.pending.lock() {
             *slot = Some((on_upgrade, Handoff::Fanout(client)));
         }
-        *resp.status_mut() = if ctx.h2 { StatusCode::OK } else { StatusCode::SWITCHING_PROTOCOLS };
         return resp;
     }
     let backend = match connect::connect(&route, state, &caps, &breq, &ctx.shared.conns, &ctx.shared.metrics).await {
@@ -794,8 +793,7 @@ fn handle_resume(
     admitted: &auth::Admitted,
     held: Arc<crate::resume::Held>,
 ) -> Response<ProxyBody> {
-    let mut resp = own_answer(ctx, &req, admitted, held.protocol.get().map(String::as_str));
-    *resp.status_mut() = if ctx.h2 { StatusCode::OK } else { StatusCode::SWITCHING_PROTOCOLS };
+    let resp = own_answer(ctx, &req, admitted, held.protocol.get().map(String::as_str));
     ctx.shared.metrics.upgrade(&route.name, "resumed");
     let on_upgrade = hyper::upgrade::on(&mut req);
     let resuming = Resuming {
@@ -820,8 +818,8 @@ fn handle_resume(
     resp
 }
 
-/// The proxy's own answer to an upgrade it serves without a backend handshake of its own (a
-/// resume, a fan-out client): the accept for the client's key, and `protocol` (what the backend
+/// The proxy's own answer to an upgrade it serves without a backend handshake of its own (an
+/// observer, a resume, a fan-out client): 101 (HTTP/2: 200) with the accept for the client's key, and `protocol` (what the backend
 /// chose for the session or stream) when this client offers it too, else the marker.
 fn own_answer(
     ctx: &ConnCtx,
@@ -850,6 +848,7 @@ fn own_answer(
     if let Some(v) = protocol.and_then(|p| HeaderValue::from_str(p).ok()) {
         h.insert(SEC_WEBSOCKET_PROTOCOL, v);
     }
+    *resp.status_mut() = if ctx.h2 { StatusCode::OK } else { StatusCode::SWITCHING_PROTOCOLS };
     resp
 }
 
@@ -947,7 +946,6 @@ async fn handle_observer(
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let authenticator = runtime.authenticator.as_deref();
     let gate = token_check_gate(ctx, runtime);
-    let key = ws.key.clone();
     let admitted =
         match auth::admit(&as_observer, caps, req.headers(), path_and_query, Some(ws), authenticator, &gate).await {
             Ok(a) => a,
@@ -961,19 +959,7 @@ async fn handle_observer(
         Ok(o) => o,
         Err(_) => return reject(ctx, &route.name, RequestError::TooManyObservers),
     };
-    let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
-    let h = resp.headers_mut();
-    if !ctx.h2 {
-        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
-        if let Ok(v) = HeaderValue::from_str(&upgrade::accept_value(key.as_bytes())) {
-            h.insert(SEC_WEBSOCKET_ACCEPT, v);
-        }
-    }
-    if let Some(v) = admitted.subprotocol_marker.as_deref().and_then(|m| HeaderValue::from_str(m).ok()) {
-        h.insert(SEC_WEBSOCKET_PROTOCOL, v);
-    }
-    *resp.status_mut() = if ctx.h2 { StatusCode::OK } else { StatusCode::SWITCHING_PROTOCOLS };
+    let resp = own_answer(ctx, &req, &admitted, None);
     ctx.shared.metrics.upgrade(&route.name, "observer");
     let on_upgrade = hyper::upgrade::on(&mut req);
     let watch = observer::Watch {
