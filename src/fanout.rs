@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, OnceCell};
+use tokio::sync::{mpsc, Notify, OnceCell};
 
 /// One client's end of a stream: whole backend frames, as they come.
 #[derive(Debug)]
@@ -22,8 +22,45 @@ pub struct Subscriber {
     pub id: u64,
     /// The frames.
     pub tx: mpsc::Sender<Bytes>,
-    /// Set when the stream dropped it for falling a whole queue behind.
-    pub lagged: Arc<AtomicBool>,
+    /// Raised when the stream dropped it for falling a whole queue behind.
+    pub lagged: Arc<Lag>,
+}
+
+/// Raised once, when a publisher drops a subscriber for falling a whole queue behind. The
+/// subscriber's writer waits on it as well as on its queue: a client that stopped reading
+/// blocks that writer in a socket write, and it must not hold its task, its connection and
+/// its queued frames for ever. (Observer hubs use it too.)
+#[derive(Debug, Default)]
+pub struct Lag {
+    raised: AtomicBool,
+    notify: Notify,
+}
+
+impl Lag {
+    /// Marks the subscriber dropped and wakes its writer.
+    pub fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// True once raised.
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Acquire)
+    }
+
+    /// Waits until it is raised.
+    pub async fn raised(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a raise in between is not missed.
+            notified.as_mut().enable();
+            if self.is_raised() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// What a client asks of its stream.
@@ -77,10 +114,10 @@ impl Stream {
     }
 
     /// Subscribes a client with a queue of `queue` frames; `None` when the stream has ended.
-    pub fn subscribe(&self, queue: usize) -> Option<(u64, mpsc::Receiver<Bytes>, Arc<AtomicBool>)> {
+    pub fn subscribe(&self, queue: usize) -> Option<(u64, mpsc::Receiver<Bytes>, Arc<Lag>)> {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let lagged = Arc::new(AtomicBool::new(false));
+        let lagged = Arc::new(Lag::default());
         self.commands.send(Command::Join(Subscriber { id, tx, lagged: lagged.clone() })).ok()?;
         Some((id, rx, lagged))
     }

@@ -78,11 +78,11 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (Kind::Gauge, "portcullis_connections_limit", "The connection cap in force (server.max_connections)."),
     (Kind::Counter, "portcullis_http2_connections_total", "TLS client connections that chose HTTP/2 by ALPN."),
     (Kind::Gauge, "portcullis_recordings_active", "Session recordings being written now."),
-    (Kind::Gauge, "portcullis_observers_active", "Live observers watching sessions now."),
+    (Kind::Gauge, "portcullis_observers_active", "Live observers watching sessions now, by route."),
     (
         Kind::Counter,
         "portcullis_observer_closes_total",
-        "Observers that ended, by reason (left, lagged, session_ended, input, gone).",
+        "Observers that ended, by route and reason (left, lagged, session_ended, input, gone).",
     ),
     (Kind::Counter, "portcullis_recordings_total", "Session recordings written to the end, by route."),
     (Kind::Counter, "portcullis_recording_bytes_total", "Bytes written to session recordings, by route."),

@@ -10,13 +10,14 @@
 //! for an observer.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::config::ObserveSettings;
+use crate::fanout::Lag;
 
 /// The observers of one session, and the output they start with.
 #[derive(Debug)]
@@ -37,7 +38,7 @@ struct Inner {
 struct Watcher {
     id: u64,
     tx: mpsc::Sender<Bytes>,
-    lagged: Arc<AtomicBool>,
+    lagged: Arc<Lag>,
 }
 
 /// One observer's end: the chunks, and whether it was dropped for falling behind.
@@ -48,13 +49,14 @@ pub struct Observer {
     /// The replay first, then the live output; ends when the session ends or the observer
     /// was dropped.
     pub rx: mpsc::Receiver<Bytes>,
-    lagged: Arc<AtomicBool>,
+    /// Raised when the hub dropped this observer for falling behind (close with 1013).
+    pub lagged: Arc<Lag>,
 }
 
 impl Observer {
     /// True when the hub dropped this observer for falling behind (close with 1013).
     pub fn lagged(&self) -> bool {
-        self.lagged.load(Ordering::Acquire)
+        self.lagged.is_raised()
     }
 }
 
@@ -88,7 +90,7 @@ impl Hub {
             let _ = tx.try_send(chunk.clone());
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let lagged = Arc::new(AtomicBool::new(false));
+        let lagged = Arc::new(Lag::default());
         inner.observers.push(Watcher { id, tx, lagged: lagged.clone() });
         Ok(Observer { id, rx, lagged })
     }
@@ -111,7 +113,7 @@ impl Hub {
         inner.observers.retain(|w| match w.tx.try_send(chunk.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                w.lagged.store(true, Ordering::Release);
+                w.lagged.raise();
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -135,7 +137,13 @@ mod tests {
     use super::*;
 
     fn hub(replay: usize, queue: usize) -> Arc<Hub> {
-        Hub::new(Arc::new(ObserveSettings { scope: "observe:{agent}".into(), replay, queue, max_observers: 2 }))
+        Hub::new(Arc::new(ObserveSettings {
+            scope: "observe:{agent}".into(),
+            replay,
+            queue,
+            max_observers: 2,
+            drop_grace: crate::config::DROP_GRACE,
+        }))
     }
 
     #[test]

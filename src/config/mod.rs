@@ -328,6 +328,10 @@ pub struct RouteConfig {
     pub fanout: Option<std::sync::Arc<FanoutSettings>>,
 }
 
+/// How long a subscriber (a fan-out client, an observer) dropped for falling behind has, by
+/// default, to take the frame being written to it and its 1013 before its connection is cut.
+pub const DROP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// `[routes.fanout]`: the clients of one agent and path share one backend WebSocket; the
 /// backend's data frames go to each of them (the same bytes, reference-counted).
 #[derive(Debug, Clone, PartialEq)]
@@ -339,6 +343,9 @@ pub struct FanoutSettings {
     pub linger: std::time::Duration,
     /// Frames a client may have waiting; one that falls further behind is dropped (1013).
     pub queue: usize,
+    /// How long a dropped client has to take the frame in flight and its 1013 before its
+    /// connection is cut.
+    pub drop_grace: std::time::Duration,
 }
 
 /// `[routes.resume]`: a WebSocket session whose client vanishes without a close frame (its
@@ -372,6 +379,9 @@ pub struct ObserveSettings {
     pub queue: usize,
     /// Observers one session may have at once.
     pub max_observers: usize,
+    /// How long a dropped observer has to take the frame in flight and its 1013 before its
+    /// connection is cut.
+    pub drop_grace: std::time::Duration,
 }
 
 /// `[routes.recording]`: every WebSocket session of the route is written to an asciicast v2

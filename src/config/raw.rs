@@ -290,6 +290,7 @@ pub(super) struct RawFanout {
     pub(super) client_data: Option<RawClientData>,
     pub(super) linger: Option<Dur>,
     pub(super) queue: Option<usize>,
+    pub(super) drop_grace: Option<Dur>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -315,6 +316,7 @@ pub(super) struct RawObserve {
     pub(super) replay: Option<Size>,
     pub(super) queue: Option<usize>,
     pub(super) max_observers: Option<usize>,
+    pub(super) drop_grace: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -264,6 +264,7 @@ fn route(
             replay: o.replay.map_or(16 * 1024, |v| v.0 as usize),
             queue: o.queue.unwrap_or(256).max(1),
             max_observers: o.max_observers.unwrap_or(8),
+            drop_grace: o.drop_grace.map_or(super::DROP_GRACE, |d| d.0),
         })),
     };
     let resume = match r.resume {
@@ -311,6 +312,7 @@ fn route(
             forward_client_data: matches!(f.client_data, Some(super::raw::RawClientData::Forward)),
             linger: f.linger.map_or(std::time::Duration::from_secs(5), |d| d.0),
             queue: f.queue.unwrap_or(256).max(1),
+            drop_grace: f.drop_grace.map_or(super::DROP_GRACE, |d| d.0),
         })),
     };
     Ok(RouteConfig {

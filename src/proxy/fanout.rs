@@ -4,9 +4,10 @@
 //! are (the backend's frames are unmasked, as a server's frames to a client must be), answers
 //! the client's pings, and ends the client on its own deadlines (token expiry, revocation,
 //! drain) without touching the stream. A client whose queue is full is dropped (1013) and the
-//! stream goes on. The registry is `crate::fanout`.
+//! stream goes on; if it has stopped reading, its connection is cut after `drop_grace`
+//! ([`write_unless_dropped`], which the observers' writer uses too). The registry is
+//! `crate::fanout`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use tokio::time::Instant;
 use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, PROTOCOL_ERROR, TRY_AGAIN_LATER};
 use super::relay::frame::{self, opcode};
 use crate::config::FanoutSettings;
-use crate::fanout::{Command, End, Fanouts, Key, Stream, Subscriber};
+use crate::fanout::{Command, End, Fanouts, Key, Lag, Stream, Subscriber};
 use crate::metrics::Metrics;
 use crate::session::{SessionControl, StopReason};
 
@@ -167,7 +168,7 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
                             match s.tx.try_send(f.bytes.clone()) {
                                 Ok(()) => true,
                                 Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                                    s.lagged.store(true, Ordering::Release);
+                                    s.lagged.raise();
                                     t.metrics.fanout_drop(&route, "slow");
                                     false
                                 }
@@ -234,7 +235,7 @@ pub(crate) struct ClientTask {
     pub(crate) stream: Arc<Stream>,
     pub(crate) id: u64,
     pub(crate) rx: tokio::sync::mpsc::Receiver<Bytes>,
-    pub(crate) lagged: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) lagged: Arc<Lag>,
     pub(crate) settings: Arc<FanoutSettings>,
     pub(crate) control: Arc<SessionControl>,
     pub(crate) expires_at: Option<Instant>,
@@ -247,6 +248,58 @@ impl Drop for ClientTask {
     fn drop(&mut self) {
         let _ = self.stream.commands.send(Command::Leave(self.id));
     }
+}
+
+/// A client the stream dropped for falling behind: 1013, with its close frame.
+const SLOW: (Option<u16>, &str, Option<(u16, &str)>) =
+    (Some(TRY_AGAIN_LATER), "client too slow", Some((TRY_AGAIN_LATER, "client too slow")));
+
+/// How long a client's close frame may take to write before its connection is dropped.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What became of a write to a subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// All of it, and the subscriber is still wanted.
+    Done,
+    /// The connection failed.
+    Failed,
+    /// All of it, but the publisher has dropped the subscriber: send it the close.
+    Dropped,
+    /// The publisher dropped the subscriber while the write waited on a client that does not
+    /// read, and the write did not end within the grace: the frame is cut short, so no
+    /// close frame may follow; drop the connection.
+    Cut,
+}
+
+/// Runs `write` (a frame and its flush; `false` when the connection failed) unless the
+/// publisher drops this subscriber first, and then for `grace` more at most. A client that
+/// stopped reading blocks the write for as long as it likes: without this its task, its
+/// connection and its queued frames would be held until it read again.
+pub(crate) async fn write_unless_dropped(
+    write: impl std::future::Future<Output = bool>,
+    lag: &Lag,
+    grace: Duration,
+) -> Written {
+    tokio::pin!(write);
+    let ok = tokio::select! {
+        biased;
+        ok = &mut write => ok,
+        () = lag.raised() => match tokio::time::timeout(grace, &mut write).await {
+            Ok(ok) => ok,
+            Err(_) => return Written::Cut,
+        },
+    };
+    match (ok, lag.is_raised()) {
+        (false, _) => Written::Failed,
+        (true, true) => Written::Dropped,
+        (true, false) => Written::Done,
+    }
+}
+
+/// Writes `bytes` and flushes; `false` when the connection failed.
+async fn write_flushed<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> bool {
+    wr.write_all(bytes).await.is_ok() && wr.flush().await.is_ok()
 }
 
 /// Serves one fan-out client until it leaves, falls behind, or its own deadline ends it.
@@ -267,15 +320,16 @@ where
     tokio::pin!(stopped);
     let (code, reason, close): (Option<u16>, &'static str, Option<(u16, &str)>) = loop {
         tokio::select! {
+            biased;
+            () = t.lagged.raised() => break SLOW,
             b = t.rx.recv() => match b {
-                Some(bytes) => {
-                    if wr.write_all(&bytes).await.is_err() || wr.flush().await.is_err() {
-                        break (None, "client lost", None);
-                    }
-                }
-                None if t.lagged.load(Ordering::Acquire) => {
-                    break (Some(TRY_AGAIN_LATER), "client too slow", Some((TRY_AGAIN_LATER, "client too slow")));
-                }
+                Some(bytes) => match write_unless_dropped(write_flushed(&mut wr, &bytes), &t.lagged, t.settings.drop_grace).await {
+                    Written::Done => {}
+                    Written::Failed => break (None, "client lost", None),
+                    Written::Dropped => break SLOW,
+                    Written::Cut => break (SLOW.0, SLOW.1, None),
+                },
+                None if t.lagged.is_raised() => break SLOW,
                 None => match t.stream.ended() {
                     Some(End::BackendClosed(c)) => break (Some(c), "backend close", Some((c, ""))),
                     _ => break (Some(GOING_AWAY), "stream ended", Some((GOING_AWAY, "stream ended"))),
@@ -293,8 +347,11 @@ where
                     opcode::PING => {
                         let mut pong = Vec::new();
                         frame::encode(true, 0, opcode::PONG, None, &f.payload(), &mut pong);
-                        if wr.write_all(&pong).await.is_err() || wr.flush().await.is_err() {
-                            break (None, "client lost", None);
+                        match write_unless_dropped(write_flushed(&mut wr, &pong), &t.lagged, t.settings.drop_grace).await {
+                            Written::Done => {}
+                            Written::Failed => break (None, "client lost", None),
+                            Written::Dropped => break SLOW,
+                            Written::Cut => break (SLOW.0, SLOW.1, None),
                         }
                     }
                     opcode::PONG => {}
@@ -332,7 +389,7 @@ where
         }
     };
     if let Some((c, why)) = close {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             let _ = wr.write_all(&close_frame(c, why, false)).await;
             let _ = wr.flush().await;
             let _ = wr.shutdown().await;

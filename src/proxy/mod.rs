@@ -966,6 +966,7 @@ async fn handle_observer(
         session: id,
         subject: admitted.claims.as_ref().and_then(|c| c.subject().map(str::to_owned)).unwrap_or_default(),
         route: route.name.clone(),
+        drop_grace: observe.drop_grace,
     };
     let client_addr = ctx.client_addr;
     let weak = Arc::downgrade(&hub);

@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use metrics::{counter, gauge};
 use tokio::sync::mpsc;
 
+use super::fanout::{write_unless_dropped, Written, CLOSE_TIMEOUT};
 use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, TRY_AGAIN_LATER};
 use crate::observe::{Hub, Observer};
 
@@ -33,6 +34,16 @@ enum Inbound {
     Data,
 }
 
+/// An observer the hub dropped for falling behind: 1013.
+const SLOW: (&str, u16, &[u8]) = ("lagged", TRY_AGAIN_LATER, b"observer too slow");
+
+/// What the observer's writer sends next: a chunk of the session's output (the hub's shared
+/// buffer, not a copy) or the answer to a ping.
+enum Out {
+    Data(bytes::Bytes),
+    Pong(Vec<u8>),
+}
+
 /// Who is watching which session, for the log lines.
 pub struct Watch {
     /// The observed session.
@@ -41,13 +52,15 @@ pub struct Watch {
     pub subject: String,
     /// Its route.
     pub route: String,
+    /// The route's `drop_grace`.
+    pub drop_grace: std::time::Duration,
 }
 
 /// Runs one observer on its upgraded stream until it leaves, falls behind or the session
 /// ends. Holds the hub weakly: the session's end drops it, which ends the observer's queue.
 pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, watch: Watch) {
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, "observer joined");
-    gauge!("portcullis_observers_active").increment(1.0);
+    gauge!("portcullis_observers_active", "route" => watch.route.clone()).increment(1.0);
     let ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Server);
     let (mut rd, mut wr) = ws.split(tokio::io::split);
     rd.set_auto_close(false);
@@ -71,55 +84,55 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
             }
         }
     });
+    // Every write is bounded: an observer that stops reading must not hold this task.
     let end = loop {
-        tokio::select! {
+        let next = tokio::select! {
+            biased;
+            () = observer.lagged.raised() => Err(SLOW),
             chunk = observer.rx.recv() => match chunk {
-                Some(bytes) => {
-                    // Flushed at once: on TLS a frame left in the record buffer would wait
-                    // for the next one, and an observer's screen must not lag.
-                    let sent = wr.write_frame(Frame::binary(Payload::Borrowed(&bytes))).await;
-                    if sent.is_err() || wr.flush().await.is_err() {
-                        break "gone";
-                    }
-                }
-                None if observer.lagged() => {
-                    let _ = wr.write_frame(Frame::close(TRY_AGAIN_LATER, b"observer too slow")).await;
-                    let _ = wr.flush().await;
-                    break "lagged";
-                }
-                None => {
-                    let _ = wr.write_frame(Frame::close(GOING_AWAY, b"session ended")).await;
-                    let _ = wr.flush().await;
-                    break "session_ended";
-                }
+                Some(bytes) => Ok(Out::Data(bytes)),
+                None if observer.lagged() => Err(SLOW),
+                None => Err(("session_ended", GOING_AWAY, &b"session ended"[..])),
             },
             event = inbound.recv() => match event {
-                Some(Inbound::Ping(p)) => {
-                    let sent = wr.write_frame(Frame::pong(Payload::Owned(p))).await;
-                    if sent.is_err() || wr.flush().await.is_err() {
-                        break "gone";
-                    }
-                }
-                Some(Inbound::Close) => {
-                    let _ = wr.write_frame(Frame::close(NORMAL, b"")).await;
-                    let _ = wr.flush().await;
-                    break "left";
-                }
-                Some(Inbound::Data) => {
-                    let _ = wr.write_frame(Frame::close(POLICY, b"observers cannot send")).await;
-                    let _ = wr.flush().await;
-                    break "input";
-                }
+                Some(Inbound::Ping(p)) => Ok(Out::Pong(p)),
+                Some(Inbound::Close) => Err(("left", NORMAL, &b""[..])),
+                Some(Inbound::Data) => Err(("input", POLICY, &b"observers cannot send"[..])),
                 None => break "gone",
             },
+        };
+        let out = match next {
+            Ok(out) => out,
+            // The end (its metric label) and the close frame it is sent.
+            Err((why, code, reason)) => {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                    let _ = wr.write_frame(Frame::close(code, reason)).await;
+                    let _ = wr.flush().await;
+                })
+                .await;
+                break why;
+            }
+        };
+        let frame = match &out {
+            Out::Data(bytes) => Frame::binary(Payload::Borrowed(bytes)),
+            Out::Pong(p) => Frame::pong(Payload::Borrowed(p)),
+        };
+        // Flushed at once: on TLS a frame left in the record buffer would wait for the next
+        // one, and an observer's screen must not lag.
+        let write = async { wr.write_frame(frame).await.is_ok() && wr.flush().await.is_ok() };
+        match write_unless_dropped(write, &observer.lagged, watch.drop_grace).await {
+            Written::Done | Written::Dropped => {}
+            Written::Failed => break "gone",
+            // Cut in the middle of a frame: no close frame can follow.
+            Written::Cut => break "lagged",
         }
     };
     reader.abort();
     if let Some(hub) = hub.upgrade() {
         hub.leave(observer.id);
     }
-    gauge!("portcullis_observers_active").decrement(1.0);
-    counter!("portcullis_observer_closes_total", "reason" => end).increment(1);
+    gauge!("portcullis_observers_active", "route" => watch.route.clone()).decrement(1.0);
+    counter!("portcullis_observer_closes_total", "route" => watch.route.clone(), "reason" => end).increment(1);
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, reason = end, "observer left");
 }
 

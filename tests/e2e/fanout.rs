@@ -124,20 +124,22 @@ async fn a_thousand_clients_on_twenty_agents_make_twenty_backend_connections_and
     assert_eq!(metric(&m, "portcullis_fanout_streams_total{route=\"fanout-many\"}"), AGENTS as f64);
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_dropped_and_the_others_get_everything() {
-    // More than the stalled client's socket buffers hold, so its queue fills.
+/// Four reading clients and one that reads nothing share a stream of more events than the
+/// stalled client's socket buffers hold: the readers get every event in order, and the stalled
+/// client is dropped. Returns once the drop is counted, with the stalled client unread and
+/// the readers still connected.
+async fn one_client_stalls(route: &str, fanout: &str) -> (Proxy, Client, Vec<Client>, Backend) {
     const EVENTS: usize = 12_000;
     let (backend, go) = broadcaster(EVENTS, 1024).await;
     let key = hmac();
-    let proxy = Proxy::start_with(&fanned("fanout-slow", backend.addr, &key, "queue = 256")).await;
+    let proxy = Proxy::start_with(&fanned(route, backend.addr, &key, fanout)).await;
     let auth = key.bearer(&["a1"]);
     let mut readers = Vec::new();
     for _ in 0..4 {
         readers.push(upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101"));
     }
-    let mut stalled = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
-    wait_metric(&proxy, "portcullis_fanout_subscribers{route=\"fanout-slow\"}", 5.0).await;
+    let stalled = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    wait_metric(&proxy, &format!("portcullis_fanout_subscribers{{route=\"{route}\"}}"), 5.0).await;
     go.send_replace(true);
     let tasks: Vec<_> = readers
         .into_iter()
@@ -147,14 +149,24 @@ async fn a_client_that_stops_reading_is_dropped_and_the_others_get_everything() 
                     let f = c.recv().await;
                     assert!(f.payload.starts_with(format!("/agents/a1/events {i}").as_bytes()), "event {i} in order");
                 }
+                c
             })
         })
         .collect();
+    let mut readers = Vec::new();
     for t in tasks {
-        t.await.expect("the readers got every event");
+        readers.push(t.await.expect("the readers got every event"));
     }
-    wait_metric(&proxy, "portcullis_fanout_drops_total{route=\"fanout-slow\",reason=\"slow\"}", 1.0).await;
-    // What the stalled client finally reads ends with the proxy's 1013.
+    wait_metric(&proxy, &format!("portcullis_fanout_drops_total{{route=\"{route}\",reason=\"slow\"}}"), 1.0).await;
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
+    (proxy, stalled, readers, backend)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_and_the_others_get_everything() {
+    // A long grace: the stalled client reads again in time to take its 1013.
+    let (_proxy, mut stalled, _readers, _backend) =
+        one_client_stalls("fanout-slow", "queue = 256\ndrop_grace = \"60s\"").await;
     let last = loop {
         match stalled.try_recv().await {
             Some(f) if f.opcode == op::CLOSE => break Some(f),
@@ -163,7 +175,28 @@ async fn a_client_that_stops_reading_is_dropped_and_the_others_get_everything() 
         }
     };
     assert_eq!(last.and_then(|f| f.close_code()), Some(1013));
-    assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_again_is_cut_after_the_grace_and_holds_nothing() {
+    // A queue (4 MiB) longer than the socket buffers hold: they are full, and the writer
+    // blocked, when the queue fills.
+    let (proxy, mut stalled, _readers, _backend) =
+        one_client_stalls("fanout-stuck", "queue = 4096\ndrop_grace = \"100ms\"").await;
+    // Its task ends while it still reads nothing: a client that stopped reading holds no
+    // task, queue or connection beyond the grace.
+    wait_metric(&proxy, "portcullis_fanout_subscribers{route=\"fanout-stuck\"}", 4.0).await;
+    // What its socket buffers held, then the end (its 1013 if the socket had room for it, else
+    // none: a frame cut short cannot be followed by one).
+    let mut frames = 0;
+    while let Some(f) = stalled.try_recv().await {
+        if f.opcode == op::CLOSE {
+            assert_eq!(f.close_code(), Some(1013));
+            break;
+        }
+        frames += 1;
+    }
+    assert!(frames > 0, "it had events in its socket buffers");
 }
 
 #[tokio::test]

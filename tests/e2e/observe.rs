@@ -9,8 +9,12 @@ use serde_json::{json, Value};
 use crate::harness::*;
 
 fn observed(backend: std::net::SocketAddr, key: &Hmac, observe: &str) -> String {
+    observed_as("observed", backend, key, observe)
+}
+
+fn observed_as(route: &str, backend: std::net::SocketAddr, key: &Hmac, observe: &str) -> String {
     TestConfig::base(&[backend.to_string()])
-        .set("routes.0.name", "observed")
+        .set("routes.0.name", route)
         .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
         .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
         .merge("routes.0", &format!("[observe]\nscope = \"observe:{{agent}}\"\n{observe}"))
@@ -116,7 +120,9 @@ async fn observing_needs_the_scope_and_a_live_session_of_that_agent() {
 async fn a_slow_observer_is_closed_with_1013_and_the_session_goes_on() {
     let backend = Backend::echo().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&observed(backend.addr, &key, "replay = \"0\"\nqueue = 32")).await;
+    // A long grace: the slow observer reads again in time to take its 1013.
+    let proxy =
+        Proxy::start_with(&observed(backend.addr, &key, "replay = \"0\"\nqueue = 32\ndrop_grace = \"60s\"")).await;
     let mut owner =
         upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))]).await.expect("101");
     owner.send(true, op::BINARY, b"x").await;
@@ -142,7 +148,56 @@ async fn a_slow_observer_is_closed_with_1013_and_the_session_goes_on() {
     let f = slow.recv_close().await;
     assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1013), "observer too slow"));
     let (_, m) = http_get(proxy.admin, "/metrics").await;
-    assert!(metric(&m, "portcullis_observer_closes_total{reason=\"lagged\"}") >= 1.0);
+    assert!(metric(&m, "portcullis_observer_closes_total{route=\"observed\",reason=\"lagged\"}") >= 1.0);
+}
+
+#[tokio::test]
+async fn an_observer_that_never_reads_again_is_cut_after_the_grace() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    // A queue (16 MiB) longer than the socket buffers hold: they are full, and the writer
+    // blocked, when the queue fills.
+    let proxy = Proxy::start_with(&observed_as(
+        "observed-stuck",
+        backend.addr,
+        &key,
+        "replay = \"0\"\nqueue = 1024\ndrop_grace = \"100ms\"",
+    ))
+    .await;
+    let mut owner = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))])
+        .await
+        .expect("101");
+    owner.send(true, op::BINARY, b"x").await;
+    owner.recv().await;
+    let id = session_id(&proxy).await;
+    let auditor = key.token_with(json!({"sub": "auditor", "scope": "observe:a1"}));
+    let path = format!("/agents/a1/terminal?observe={id}");
+    let mut stuck = upgrade(proxy.plain, false, &path, &[("Authorization", &bearer(&auditor))]).await.expect("101");
+    let big = vec![7u8; 64 * 1024];
+    let deadline = std::time::Instant::now() + SOON;
+    // Output until the observer's task has ended, while it reads nothing: one that stopped
+    // reading holds no task, queue or connection beyond the grace.
+    let series = "portcullis_observer_closes_total{route=\"observed-stuck\",reason=\"lagged\"}";
+    loop {
+        owner.send(true, op::BINARY, &big).await;
+        assert_eq!(owner.recv().await.payload.len(), big.len(), "the session is never held up");
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        if metric(&m, series) == 1.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the stuck observer is still there");
+    }
+    // What its socket buffers held, then the end (its 1013 if the socket had room for it, else
+    // none: a frame cut short cannot be followed by one).
+    let mut frames = 0;
+    while let Some(f) = stuck.try_recv().await {
+        if f.opcode == op::CLOSE {
+            assert_eq!(f.close_code(), Some(1013));
+            break;
+        }
+        frames += 1;
+    }
+    assert!(frames > 0, "it had output in its socket buffers");
 }
 
 #[tokio::test]
