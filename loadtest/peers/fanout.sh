@@ -7,11 +7,16 @@
 #     loadtest/peers/fanout.sh [target/release/portcullis] [target/release/portcullis-loadtest]
 #
 # Knobs: REPEAT (2), EVENTS (200 per agent), RATE (20 events/s per agent), SIZE (payload bytes,
-# 0: the harness's minimum), OUT (results directory).
+# 0: the harness's minimum), QUEUE (the fan-out route's queue, 1024 frames), STALL (0; N > 0 adds
+# a target `fanout-stalled`: the fan-out route again with N watchers that never read, one on each
+# of the first N agents, left out of the figures; compare its latency with `fanout`'s),
+# START_AFTER (the backend's wait for an agent's watchers, 30s), DURATION (the bound of one run,
+# 60s), TARGETS (which of direct, per-client, fanout, fanout-stalled to run, in the order given;
+# all by default, fanout-stalled only with STALL), OUT (results directory).
 #
-# The backend starts an agent's events once `watchers` of its connections joined, or 30 s after
-# the first: through the fan-out route it sees one connection per agent, so that agent's events
-# start 30 s in (the watchers have all joined by then) and the scenario runs for 60 s.
+# The backend starts an agent's events once `watchers` of its connections joined, or
+# START_AFTER after the first: through the fan-out route it sees one connection per agent, so
+# that agent's events start START_AFTER in (the watchers have all joined by then).
 # Loopback only; every process it starts is stopped by its PID on exit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -21,6 +26,10 @@ REPEAT=${REPEAT:-2}
 EVENTS=${EVENTS:-200}
 RATE=${RATE:-20}
 SIZE=${SIZE:-0}
+QUEUE=${QUEUE:-1024}
+STALL=${STALL:-0}
+START_AFTER=${START_AFTER:-30s}
+DURATION=${DURATION:-60s}
 OUT=${OUT:-$ROOT/target/fanout-bench}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -57,9 +66,9 @@ $3
 CONF
 }
 config "$PER_CLIENT" "$ADMIN1" "" >"$WORK/per-client.toml"
-config "$FANOUT" "$ADMIN2" $'[routes.fanout]\nqueue = 1024' >"$WORK/fanout.toml"
+config "$FANOUT" "$ADMIN2" "$(printf '[routes.fanout]\nqueue = %s' "$QUEUE")" >"$WORK/fanout.toml"
 
-"$LT" backend --mode echo --listen "127.0.0.1:$BACKEND" 2>"$WORK/backend.log" &
+"$LT" backend --mode echo --start-after "$START_AFTER" --listen "127.0.0.1:$BACKEND" 2>"$WORK/backend.log" &
 pids+=($!)
 RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$PC" run --config "$WORK/per-client.toml" 2>"$WORK/per-client.log" &
 P1=$!
@@ -71,12 +80,31 @@ for p in "$BACKEND" "$PER_CLIENT" "$FANOUT"; do
     for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && break; sleep 0.1; done
 done
 Q="watchers=50&events=$EVENTS&rate=$RATE&size=$SIZE"
-echo "## dashboards, fan-out against one backend connection per client (REPEAT=$REPEAT EVENTS=$EVENTS RATE=$RATE SIZE=$SIZE)" | tee "$OUT/fanout.txt"
-timeout 900 "$LT" compare --repeat "$REPEAT" --json "$OUT/fanout.json" \
-    --pid-of "per-client=$P1" --pid-of "fanout=$P2" \
-    --scenario watch -q -c 1000 --watchers 50 --events "$EVENTS" --ramp 2000 --source-addrs 8 -d 60s \
-    "direct=ws://127.0.0.1:$BACKEND/agents/agent-{conn / 50}/broadcast?$Q" \
-    "per-client=ws://127.0.0.1:$PER_CLIENT/agents/agent-{conn / 50}/broadcast?$Q" \
-    "fanout=ws://127.0.0.1:$FANOUT/agents/agent-{conn / 50}/broadcast?$Q" 2>"$OUT/fanout.log" | tee -a "$OUT/fanout.txt"
+echo "## dashboards, fan-out against one backend connection per client (REPEAT=$REPEAT EVENTS=$EVENTS RATE=$RATE SIZE=$SIZE QUEUE=$QUEUE STALL=$STALL START_AFTER=$START_AFTER TARGETS=${TARGETS:-all})" | tee "$OUT/fanout.txt"
+P="/agents/agent-{conn / 50}/broadcast?$Q"
+TARGETS=${TARGETS:-direct per-client fanout $([ "$STALL" -gt 0 ] && echo fanout-stalled)}
+targets=(--pid-of "per-client=$P1" --pid-of "fanout=$P2" --pid-of "fanout-stalled=$P2" --stall-of "fanout-stalled=$STALL")
+for t in $TARGETS; do
+    case $t in
+    direct) targets+=("direct=ws://127.0.0.1:$BACKEND$P") ;;
+    per-client) targets+=("per-client=ws://127.0.0.1:$PER_CLIENT$P") ;;
+    fanout | fanout-stalled) targets+=("$t=ws://127.0.0.1:$FANOUT$P") ;;
+    *) echo "unknown target $t" >&2; exit 64 ;;
+    esac
+done
+timeout 3000 "$LT" compare --repeat "$REPEAT" --json "$OUT/fanout.json" \
+    --scenario watch -q -c 1000 --watchers 50 --events "$EVENTS" --ramp 2000 --source-addrs 8 -d "$DURATION" \
+    "${targets[@]}" 2>"$OUT/fanout.log" | tee -a "$OUT/fanout.txt"
 echo "backend connections accepted by the fan-out proxy's route: $(curl -s "http://127.0.0.1:$ADMIN2/metrics" | grep '^portcullis_fanout_streams_total' || true)" | tee -a "$OUT/fanout.txt"
 curl -s "http://127.0.0.1:$ADMIN2/metrics" | grep '^portcullis_fanout_drops_total' | tee -a "$OUT/fanout.txt" || true
+if [ "$STALL" -gt 0 ]; then
+    python3 - "$OUT/fanout.json" <<'PY' | tee -a "$OUT/fanout.txt"
+import json, sys
+for row in json.load(open(sys.argv[1])):
+    for i, run in enumerate(row["runs"]):
+        w = run.get("watch") or {}
+        if w.get("stalled"):
+            print(f"{row['name']} run {i + 1}: {w['stalled']} stalled watchers ended {w['stalled_ends']}; "
+                  f"{w['complete']} of {w['watchers']} others got every event in order")
+PY
+fi

@@ -54,12 +54,21 @@ pub fn parse_pid_of(arg: &str) -> Result<(String, Pids), String> {
     Ok((name.to_owned(), pids.parse()?))
 }
 
-/// Runs `base` against every target, `repeat` rounds, interleaved (a, b, c, a, b, c, ...).
+/// Parses a `--stall-of` argument, `name=N`: the watch scenario's `--stall` for that target.
+pub fn parse_stall_of(arg: &str) -> Result<(String, u64), String> {
+    let (name, n) =
+        arg.split_once('=').filter(|(name, _)| !name.is_empty()).ok_or_else(|| "write name=N".to_owned())?;
+    Ok((name.to_owned(), n.parse().map_err(|_| format!("`{n}` is not a count"))?))
+}
+
+/// Runs `base` against every target, `repeat` rounds, interleaved (a, b, c, a, b, c, ...);
+/// `stalls` overrides `--stall` per target (the same target twice, with and without).
 pub async fn compare(
     base: &Scenario,
     targets: &[(String, String)],
     repeat: usize,
     pids: &HashMap<String, Pids>,
+    stalls: &HashMap<String, u64>,
     pause: Duration,
 ) -> anyhow::Result<Vec<Summary>> {
     let mut runs: Vec<Vec<Report>> = vec![Vec::new(); targets.len()];
@@ -68,6 +77,7 @@ pub async fn compare(
             let mut s = base.clone();
             s.target = Some(url.clone());
             s.pid = pids.get(name).cloned();
+            s.stall = stalls.get(name).copied().unwrap_or(base.stall);
             eprintln!("round {}/{}: {name} ({url})", round + 1, repeat.max(1));
             let report = run(&s).await.with_context(|| format!("run against {name}"))?;
             runs[i].push(report);
@@ -173,6 +183,14 @@ mod tests {
         assert_eq!((name.as_str(), pids.as_slice()), ("portcullis", &[42][..]));
         for bad in ["nginx", "=123", "nginx=", "nginx=12x", "nginx=1,,2", "nginx=1,1"] {
             assert!(super::parse_pid_of(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stall_of_takes_a_name_and_a_count() {
+        assert_eq!(super::parse_stall_of("fanout-stalled=20"), Ok(("fanout-stalled".to_owned(), 20)));
+        for bad in ["fanout", "=3", "fanout=", "fanout=-1", "fanout=x"] {
+            assert!(super::parse_stall_of(bad).is_err(), "{bad}");
         }
     }
 }

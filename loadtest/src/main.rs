@@ -77,6 +77,10 @@ enum Command {
         /// processes (e.g. all NGINX workers); repeatable.
         #[arg(long = "pid-of", value_name = "NAME=PID[,PID...]", value_parser = compare::parse_pid_of)]
         pid_of: Vec<(String, Pids)>,
+        /// The watch scenario's `--stall` for one target, `name=N` (e.g. the same URL twice,
+        /// as `fanout` and `fanout-stalled`); repeatable.
+        #[arg(long = "stall-of", value_name = "NAME=N", value_parser = compare::parse_stall_of)]
+        stall_of: Vec<(String, u64)>,
         /// Pause between runs.
         #[arg(long, default_value = "1s", value_parser = portcullis_loadtest::parse_duration)]
         pause: Duration,
@@ -179,7 +183,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        Command::Compare { scenario, repeat, pid_of, pause, json, targets, scenario_args } => {
+        Command::Compare { scenario, repeat, pid_of, stall_of, pause, json, targets, scenario_args } => {
             let base = if std::path::Path::new(&scenario).is_file() {
                 Scenario::from_file(std::path::Path::new(&scenario))?
             } else {
@@ -189,7 +193,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let targets = compare::parse_targets(&targets)?;
             let pids: HashMap<String, Pids> = pid_of.into_iter().collect();
-            let rows = compare::compare(&base, &targets, repeat, &pids, pause).await?;
+            let stalls: HashMap<String, u64> = stall_of.into_iter().collect();
+            let rows = compare::compare(&base, &targets, repeat, &pids, &stalls, pause).await?;
             println!("{}", compare::table(base.scenario, &rows));
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&rows)?)

@@ -1,6 +1,6 @@
 //! Scenarios: what a run does, and the per-session loops that drive traffic and check integrity.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -154,6 +154,12 @@ pub struct Scenario {
     /// Watch: events each agent publishes (the backend's `--events`).
     #[arg(long, default_value_t = 100)]
     pub events: u64,
+    /// Watch: also open this many watchers that never read (one on each of the first agents,
+    /// each with a small receive buffer, opened with its agent's first watcher), left out of
+    /// every figure: to see that clients which stop reading do not slow the rest. The report
+    /// says how each ended (dropped by the target, or still open).
+    #[arg(long, default_value_t = 0)]
+    pub stall: u64,
     /// Token settings (a `[token]` table in scenario files).
     #[command(flatten)]
     pub token: TokenOptions,
@@ -188,6 +194,7 @@ impl Default for Scenario {
             sessions: 0,
             watchers: 50,
             events: 100,
+            stall: 0,
             method: "POST".into(),
             token: TokenOptions { alg: "ES256".into(), token_via: "header".into(), ..TokenOptions::default() },
         }
@@ -226,6 +233,9 @@ impl Scenario {
 
 /// Runs a scenario to completion and returns its report (over `procs` worker processes if asked).
 pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
+    if s.stall > 0 && (s.scenario != Kind::Watch || s.procs > 1 || s.h2_streams > 0) {
+        anyhow::bail!("--stall is for the watch scenario, in one process, over HTTP/1.1");
+    }
     if s.procs > 1 {
         return crate::procs::run(s).await;
     }
@@ -296,6 +306,15 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
         Kind::Watch => {
             // Every watcher ends when its agent's events are done; `duration` bounds the run.
             let end = t0 + s.ramp_time() + s.duration;
+            // A stalled watcher joins with its agent's first watcher (so the backend's groups
+            // start when they would without it), and is let go (and asked how it ended) once
+            // the others are done.
+            let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+            let mut stalled = Vec::new();
+            for k in 0..s.stall {
+                let (s2, target, done) = (s.clone(), target.clone(), done_rx.clone());
+                stalled.push(tokio::spawn(async move { stalled_watcher(&s2, &target, k, t0, done).await }));
+            }
             let mut tasks = Vec::new();
             for i in 0..s.connections {
                 let (s2, target, stats) = (s.clone(), target.clone(), stats.clone());
@@ -309,7 +328,23 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
             }
             loaded = s.pid.as_ref().and_then(|p| p.sample().ok());
             report.duration_s = t0.elapsed().as_secs_f64();
-            report.watch = Some(WatchSummary::of(s, &watchers));
+            let _ = done_tx.send(true);
+            let mut stall_opened = 0;
+            let mut stall_ends = BTreeMap::new();
+            for t in stalled {
+                let end = match t.await {
+                    Ok(Some(wait)) => {
+                        stall_opened += 1;
+                        wait.await.unwrap_or_else(|_| "failed".to_owned())
+                    }
+                    _ => "never opened".to_owned(),
+                };
+                *stall_ends.entry(end).or_insert(0) += 1;
+            }
+            let mut summary = WatchSummary::of(s, &watchers);
+            summary.stalled = stall_opened;
+            summary.stalled_ends = stall_ends;
+            report.watch = Some(summary);
         }
         Kind::Storm => {
             let end = t0 + s.duration;
@@ -852,6 +887,13 @@ pub struct WatchSummary {
     pub per_watcher_p50_us: crate::stats::Percentiles,
     /// Each watcher's 99th-percentile latency, summarised over the watchers (µs).
     pub per_watcher_p99_us: crate::stats::Percentiles,
+    /// Watchers that never read (`--stall`) and opened; not in any other figure.
+    #[serde(default)]
+    pub stalled: u64,
+    /// How the stalled watchers ended, once the others were done: `closed <code>` (the target
+    /// sent a close frame), `cut` (the connection ended without one), `open` (still open).
+    #[serde(default)]
+    pub stalled_ends: BTreeMap<String, u64>,
 }
 
 impl WatchSummary {
@@ -870,8 +912,44 @@ impl WatchSummary {
             complete: watchers.iter().filter(|w| w.complete).count() as u64,
             per_watcher_p50_us: crate::stats::Percentiles::of(&p50.0),
             per_watcher_p99_us: crate::stats::Percentiles::of(&p99.0),
+            stalled: 0,
+            stalled_ends: BTreeMap::new(),
         }
     }
+}
+
+/// How long a stalled watcher, let go at the end, reads before it is called `open`.
+const STALL_DRAIN: Duration = Duration::from_secs(10);
+
+/// A watcher that never reads (`--stall`): on agent `k`, opened when that agent's first watcher
+/// is, with a receive buffer of 4 KiB, so that what the target sends it backs up at the target.
+/// Returns, once open, a task that waits for `done` and then reads what is left, to tell how
+/// the target ended it.
+async fn stalled_watcher(
+    s: &Scenario,
+    target: &Target,
+    k: u64,
+    t0: Instant,
+    mut done: tokio::sync::watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<String>> {
+    let agents = s.connections.div_ceil(s.watchers.max(1)).max(1);
+    let first = (k % agents) * s.watchers.max(1);
+    tokio::time::sleep_until(s.start_of(t0, first)).await;
+    let ws = target.connect_stalled(s.conn_offset + first, s.connect_timeout, 4096).await.ok()?;
+    Some(tokio::spawn(async move {
+        let _ = done.wait_for(|d| *d).await;
+        let mut ws = FragmentCollector::new(ws);
+        let drain = async {
+            loop {
+                match ws.read_frame().await {
+                    Ok(f) if f.opcode == OpCode::Close => return format!("closed {}", close_code(&f.payload)),
+                    Ok(_) => continue,
+                    Err(_) => return "cut".to_owned(),
+                }
+            }
+        };
+        tokio::time::timeout(STALL_DRAIN, drain).await.unwrap_or_else(|_| "open".to_owned())
+    }))
 }
 
 /// One watcher: every event of its agent, checked for order and completeness, until the close.

@@ -415,6 +415,15 @@ impl Report {
             );
             row(&mut s, "watcher p50", &w.per_watcher_p50_us);
             row(&mut s, "watcher p99", &w.per_watcher_p99_us);
+            if w.stalled > 0 || !w.stalled_ends.is_empty() {
+                let ends: Vec<String> = w.stalled_ends.iter().map(|(end, n)| format!("{n} {end}")).collect();
+                let _ = writeln!(
+                    s,
+                    "stalled       {} watchers that never read (in no figure above): {}",
+                    w.stalled,
+                    ends.join(", ")
+                );
+            }
         }
         if let Some(p) = &self.process {
             let _ = writeln!(

@@ -141,7 +141,20 @@ impl Target {
         }
     }
 
+    /// Opens session number `conn` on a socket whose receive buffer is `rcvbuf` bytes (the
+    /// kernel doubles it), for a client that will not read (HTTP/1.1 only).
+    pub async fn connect_stalled(&self, conn: u64, timeout: Duration, rcvbuf: u32) -> Result<Ws, ConnectError> {
+        match tokio::time::timeout(timeout, self.connect_with(conn, Some(rcvbuf))).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError { kind: "timeout".into(), detail: format!("no session within {timeout:?}") }),
+        }
+    }
+
     async fn connect_inner(&self, conn: u64) -> Result<Ws, ConnectError> {
+        self.connect_with(conn, None).await
+    }
+
+    async fn connect_with(&self, conn: u64, rcvbuf: Option<u32>) -> Result<Ws, ConnectError> {
         let err = |kind: &str, e: &dyn std::fmt::Display| ConnectError { kind: kind.to_owned(), detail: e.to_string() };
         let mut path = template::expand(&self.path, conn);
         let mut protocols: Vec<String> = self.subprotocol.iter().cloned().collect();
@@ -158,6 +171,9 @@ impl Target {
             }
         }
         if let Some(h2) = &self.h2 {
+            if rcvbuf.is_some() {
+                return Err(err("stall", &"a stalled watcher needs a connection of its own (not --h2-streams)"));
+            }
             return self.connect_h2(h2, conn, path, auth, protocols).await;
         }
         let req = Request::get(path)
@@ -169,7 +185,7 @@ impl Target {
         let req =
             self.opening(req, conn, auth, &protocols).body(Empty::<Bytes>::new()).map_err(|e| err("request", &e))?;
 
-        let tcp = self.tcp(conn).await?;
+        let tcp = self.tcp(conn, rcvbuf).await?;
         let result = match &self.tls {
             Some(connector) => {
                 let stream = self.tls(connector, tcp).await?;
@@ -231,7 +247,7 @@ impl Target {
         let cell = h2.groups.lock().map_err(|_| err("h2", &"lock"))?.entry(group).or_default().clone();
         let sender = cell
             .get_or_try_init(|| async {
-                let tcp = self.tcp(conn).await?;
+                let tcp = self.tcp(conn, None).await?;
                 let stream = self.tls(&h2.tls, tcp).await?;
                 if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
                     return Err(err("h2", &"the target did not choose h2 by ALPN"));
@@ -261,15 +277,15 @@ impl Target {
     }
 
     /// A TCP connection for session `conn`, from its source address.
-    async fn tcp(&self, conn: u64) -> Result<tokio::net::TcpStream, ConnectError> {
+    async fn tcp(&self, conn: u64, rcvbuf: Option<u32>) -> Result<tokio::net::TcpStream, ConnectError> {
         let err = |kind: &str, e: &dyn std::fmt::Display| ConnectError { kind: kind.to_owned(), detail: e.to_string() };
-        let socket = TcpSocket::new_v4().and_then(|s| {
-            if !self.addr.is_ipv4() {
-                return TcpSocket::new_v6();
-            }
-            if self.source_addrs > 1 {
+        let socket = if self.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.and_then(|s| {
+            if self.addr.is_ipv4() && self.source_addrs > 1 {
                 let last = 1 + (conn % u64::from(self.source_addrs)) as u8;
                 s.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0))?;
+            }
+            if let Some(n) = rcvbuf {
+                s.set_recv_buffer_size(n)?;
             }
             Ok(s)
         });
@@ -295,7 +311,7 @@ impl Target {
     pub async fn http(&self, conn: u64, timeout: Duration) -> Result<HttpConn, ConnectError> {
         let inner = async {
             let err = |e: &dyn std::fmt::Display| ConnectError { kind: "http".to_owned(), detail: e.to_string() };
-            let tcp = self.tcp(conn).await?;
+            let tcp = self.tcp(conn, None).await?;
             let (sender, driver) = match &self.tls {
                 Some(connector) => {
                     let stream = self.tls(connector, tcp).await?;

@@ -76,3 +76,52 @@ async fn the_harness_http_and_sse_scenarios_run_clean_through_the_proxy() {
         assert!(report.received > 100, "{}", report.table());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_fan_out_watchers_that_never_read_are_dropped_and_the_others_get_everything() {
+    // The backend sees one connection per agent (the fan-out's), so its events start
+    // `start_after` the first: by then every watcher has joined.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend_addr = listener.local_addr().expect("addr");
+    let opts = BackendOptions {
+        watchers: 5,
+        events: 800,
+        rate: 400.0,
+        size: 16 * 1024,
+        start_after: Duration::from_secs(3),
+        ..BackendOptions::new(Mode::Broadcast)
+    };
+    tokio::spawn(backend::serve(listener, opts));
+    let text = TestConfig::base(&[backend_addr.to_string()])
+        .set("routes.0.name", "dashboards-stalled")
+        .set("routes.0.path", "/agents/{agent}/events")
+        .merge("routes.0", "[fanout]\nqueue = 256\ndrop_grace = \"200ms\"")
+        .one_address_load()
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    // 12.5 MiB per agent: more than a stalled watcher's socket buffers and queue (4 MiB) hold;
+    // a reading watcher would have to fall 0.64 s behind to be dropped.
+    let scenario = Scenario {
+        scenario: Kind::Watch,
+        target: Some(format!("ws://{}/agents/agent-{{conn / 5}}/events", proxy.plain)),
+        connections: 10,
+        watchers: 5,
+        events: 800,
+        size: 16 * 1024,
+        stall: 2,
+        duration: Duration::from_secs(30),
+        quiet: true,
+        ..Scenario::default()
+    };
+    let report = run(&scenario).await.expect("run");
+    let w = report.watch.clone().expect("watch summary");
+    assert_eq!((w.watchers, w.complete), (10, 10), "{}", report.table());
+    assert!(report.is_clean() && report.errors.is_empty(), "{}", report.table());
+    assert_eq!(w.stalled, 2, "{}", report.table());
+    let dropped: u64 =
+        w.stalled_ends.iter().filter(|(end, _)| *end == "cut" || *end == "closed 1013").map(|(_, n)| n).sum();
+    assert_eq!(dropped, 2, "{:?}", w.stalled_ends);
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_fanout_drops_total{route=\"dashboards-stalled\",reason=\"slow\"}"), 2.0);
+    assert_eq!(metric(&m, "portcullis_fanout_streams_total{route=\"dashboards-stalled\"}"), 2.0);
+}
