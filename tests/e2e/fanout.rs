@@ -167,14 +167,8 @@ async fn a_client_that_stops_reading_is_dropped_and_the_others_get_everything() 
     // A long grace: the stalled client reads again in time to take its 1013.
     let (_proxy, mut stalled, _readers, _backend) =
         one_client_stalls("fanout-slow", "queue = 256\ndrop_grace = \"60s\"").await;
-    let last = loop {
-        match stalled.try_recv().await {
-            Some(f) if f.opcode == op::CLOSE => break Some(f),
-            Some(_) => continue,
-            None => break None,
-        }
-    };
-    assert_eq!(last.and_then(|f| f.close_code()), Some(1013));
+    let (_, close) = stalled.read_to_end().await;
+    assert_eq!(close.and_then(|f| f.close_code()), Some(1013));
 }
 
 #[tokio::test]
@@ -188,14 +182,8 @@ async fn a_client_that_never_reads_again_is_cut_after_the_grace_and_holds_nothin
     wait_metric(&proxy, "portcullis_fanout_subscribers{route=\"fanout-stuck\"}", 4.0).await;
     // What its socket buffers held, then the end (its 1013 if the socket had room for it, else
     // none: a frame cut short cannot be followed by one).
-    let mut frames = 0;
-    while let Some(f) = stalled.try_recv().await {
-        if f.opcode == op::CLOSE {
-            assert_eq!(f.close_code(), Some(1013));
-            break;
-        }
-        frames += 1;
-    }
+    let (frames, close) = stalled.read_to_end().await;
+    assert!(close.is_none_or(|c| c.close_code() == Some(1013)));
     assert!(frames > 0, "it had events in its socket buffers");
 }
 

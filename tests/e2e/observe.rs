@@ -27,6 +27,19 @@ async fn session_id(proxy: &Proxy) -> u64 {
     v["sessions"][0]["id"].as_u64().expect("one session")
 }
 
+/// A session's owner over plain ws (one message echoed, so the session is live), the path that
+/// observes it, and an auditor's token.
+async fn owner_over_plain(proxy: &Proxy, key: &Hmac) -> (Client, String, String) {
+    let mut owner = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))])
+        .await
+        .expect("101");
+    owner.send(true, op::BINARY, b"x").await;
+    owner.recv().await;
+    let id = session_id(proxy).await;
+    let auditor = key.token_with(json!({"sub": "auditor", "scope": "observe:a1"}));
+    (owner, format!("/agents/a1/terminal?observe={id}"), auditor)
+}
+
 fn bearer(t: &str) -> String {
     format!("Bearer {t}")
 }
@@ -164,14 +177,7 @@ async fn an_observer_that_never_reads_again_is_cut_after_the_grace() {
         "replay = \"0\"\nqueue = 1024\ndrop_grace = \"100ms\"",
     ))
     .await;
-    let mut owner = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))])
-        .await
-        .expect("101");
-    owner.send(true, op::BINARY, b"x").await;
-    owner.recv().await;
-    let id = session_id(&proxy).await;
-    let auditor = key.token_with(json!({"sub": "auditor", "scope": "observe:a1"}));
-    let path = format!("/agents/a1/terminal?observe={id}");
+    let (mut owner, path, auditor) = owner_over_plain(&proxy, &key).await;
     let mut stuck = upgrade(proxy.plain, false, &path, &[("Authorization", &bearer(&auditor))]).await.expect("101");
     let big = vec![7u8; 64 * 1024];
     let deadline = std::time::Instant::now() + SOON;
@@ -189,14 +195,8 @@ async fn an_observer_that_never_reads_again_is_cut_after_the_grace() {
     }
     // What its socket buffers held, then the end (its 1013 if the socket had room for it, else
     // none: a frame cut short cannot be followed by one).
-    let mut frames = 0;
-    while let Some(f) = stuck.try_recv().await {
-        if f.opcode == op::CLOSE {
-            assert_eq!(f.close_code(), Some(1013));
-            break;
-        }
-        frames += 1;
-    }
+    let (frames, close) = stuck.read_to_end().await;
+    assert!(close.is_none_or(|c| c.close_code() == Some(1013)));
     assert!(frames > 0, "it had output in its socket buffers");
 }
 
@@ -230,14 +230,7 @@ async fn an_observer_connection_counts_under_the_per_address_cap_while_it_watche
     let key = hmac();
     let text = observed(backend.addr, &key, "").replace("[server]\n", "[server]\nmax_connections_per_ip = 2\n");
     let proxy = Proxy::start_with(&text).await;
-    let mut owner = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))])
-        .await
-        .expect("101");
-    owner.send(true, op::BINARY, b"x").await;
-    owner.recv().await;
-    let id = session_id(&proxy).await;
-    let auditor = key.token_with(json!({"sub": "auditor", "scope": "observe:a1"}));
-    let path = format!("/agents/a1/terminal?observe={id}");
+    let (_owner, path, auditor) = owner_over_plain(&proxy, &key).await;
     let mut obs = upgrade(proxy.plain, false, &path, &[("Authorization", &bearer(&auditor))]).await.expect("101");
     assert_eq!(obs.recv().await.payload, b"x");
     // Two connections from this address are open: a third is closed at accept.

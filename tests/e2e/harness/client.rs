@@ -100,6 +100,19 @@ impl Client {
         }
     }
 
+    /// Reads until a close frame or the end of the connection: the data frames read before,
+    /// and the close frame if one came.
+    pub async fn read_to_end(&mut self) -> (usize, Option<TFrame>) {
+        let mut frames = 0;
+        while let Some(f) = self.try_recv().await {
+            if f.opcode == op::CLOSE {
+                return (frames, Some(f));
+            }
+            frames += 1;
+        }
+        (frames, None)
+    }
+
     /// Waits for EOF (or reset) on the connection.
     pub async fn expect_eof(&mut self) {
         let mut buf = [0u8; 4096];
