@@ -6,7 +6,8 @@
 //! drain) without touching the stream. A client whose queue is full is dropped (1013) and the
 //! stream goes on; if it has stopped reading, its connection is cut after `drop_grace`
 //! ([`write_unless_dropped`], which the observers' writer uses too). The registry is
-//! `crate::fanout`.
+//! `crate::fanout`. The stream's task never waits on the backend's reading either: what it
+//! owes the backend waits in a bounded outbox.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,6 +107,10 @@ fn close_frame(code: u16, reason: &str, masked: bool) -> Vec<u8> {
     out
 }
 
+/// Bytes for the backend the stream holds before it takes no more forwarded client data (and
+/// answers no more of the backend's pings: a backend this far behind is not reading them).
+const OUTBOX_FORWARD: usize = 64 * 1024;
+
 /// What a stream's task needs.
 pub(crate) struct StreamTask {
     pub(crate) backend: tokio::net::TcpStream,
@@ -136,26 +141,34 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
     let linger = tokio::time::sleep(t.settings.linger);
     tokio::pin!(linger);
     let (mut lingering, mut draining) = (true, false);
+    // What goes to the backend (pongs, forwarded client data, the close) waits here and is
+    // written as the backend takes it: the task never waits on the backend's reading, so a
+    // backend that stops reading does not stop its events reaching the clients.
+    let mut outbox = BytesMut::new();
     let end = loop {
         tokio::select! {
+            r = wr.write_buf(&mut outbox), if !outbox.is_empty() => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    break End::BackendLost;
+                }
+            }
             f = reader.next(&mut rd) => {
                 let f = match f {
                     Ok(Some(f)) => f,
                     Ok(None) | Err(_) => break End::BackendLost,
                 };
                 match f.opcode {
+                    opcode::PING if outbox.len() >= OUTBOX_FORWARD => {}
                     opcode::PING => {
                         let mut pong = Vec::new();
                         frame::encode(true, 0, opcode::PONG, Some(rand::random()), &f.payload(), &mut pong);
-                        if wr.write_all(&pong).await.is_err() {
-                            break End::BackendLost;
-                        }
+                        outbox.extend_from_slice(&pong);
                     }
                     opcode::PONG => {}
                     opcode::CLOSE => {
                         let p = f.payload();
                         let code = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { NORMAL };
-                        let _ = wr.write_all(&close_frame(NORMAL, "", true)).await;
+                        outbox.extend_from_slice(&close_frame(NORMAL, "", true));
                         break End::BackendClosed(code);
                     }
                     _ => {
@@ -199,15 +212,15 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
                 }
                 None => break End::Closed,
             },
-            d = t.data.recv() => {
+            // Forwarded client data while the backend keeps up; past the bound the clients'
+            // sends wait (their own reading stops), the stream does not.
+            d = t.data.recv(), if outbox.len() < OUTBOX_FORWARD => {
                 if let Some(bytes) = d {
-                    if wr.write_all(&bytes).await.is_err() {
-                        break End::BackendLost;
-                    }
+                    outbox.extend_from_slice(&bytes);
                 }
             }
             _ = &mut linger, if lingering && subs.is_empty() => {
-                let _ = wr.write_all(&close_frame(GOING_AWAY, "no clients", true)).await;
+                outbox.extend_from_slice(&close_frame(GOING_AWAY, "no clients", true));
                 break End::Closed;
             }
             _ = t.drain.cancelled(), if !draining => {
@@ -225,7 +238,11 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
     t.fanouts.remove(&t.key, &t.stream);
     // Dropping the subscribers ends their queues: each client sends its close.
     drop(subs);
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let _ = wr.write_all(&outbox).await;
+        let _ = wr.shutdown().await;
+    })
+    .await;
     t.metrics.fanout_stream(&route, -1.0);
     tracing::info!(route, backend = t.stream.member, end = ?end, "fan-out stream ended");
 }

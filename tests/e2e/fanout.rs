@@ -15,6 +15,11 @@ use crate::harness::*;
 /// A backend that, once `go` is set, sends `events` binary frames `<path> <seq>` padded to
 /// `size` bytes on each connection, then keeps reading (pings answered, close echoed).
 async fn broadcaster(events: usize, size: usize) -> (Backend, tokio::sync::watch::Sender<bool>) {
+    broadcaster_reading(events, size, true).await
+}
+
+/// [`broadcaster`], reading nothing at all when `reads` is false (its socket fills up).
+async fn broadcaster_reading(events: usize, size: usize, reads: bool) -> (Backend, tokio::sync::watch::Sender<bool>) {
     let (go, go_rx) = tokio::sync::watch::channel(false);
     let handler: Handler = Arc::new(move |s: BackendSession| {
         let mut go = go_rx.clone();
@@ -23,7 +28,7 @@ async fn broadcaster(events: usize, size: usize) -> (Backend, tokio::sync::watch
             let (mut rd, wr) = tokio::io::split(s.stream);
             let wr = Arc::new(tokio::sync::Mutex::new(wr));
             let sender = wr.clone();
-            tokio::spawn(async move {
+            let events = tokio::spawn(async move {
                 let _ = go.wait_for(|g| *g).await;
                 for i in 0..events {
                     if i % 100 == 99 {
@@ -37,6 +42,11 @@ async fn broadcaster(events: usize, size: usize) -> (Backend, tokio::sync::watch
                     }
                 }
             });
+            if !reads {
+                let _ = events.await;
+                // Held open, never read, until the test ends.
+                std::future::pending::<()>().await;
+            }
             while let Ok(f) = read_frame(&mut rd).await {
                 s.log.record(f.clone());
                 let reply = match f.opcode {
@@ -248,6 +258,33 @@ async fn client_data_can_be_forwarded_whole_messages_only() {
     backend.log.wait_for("b's message", |f| f.payload == b"subscribe mem").await;
     b.send(false, op::TEXT, b"half").await;
     assert_eq!(b.recv_close().await.close_code(), Some(1008));
+}
+
+#[tokio::test]
+async fn a_backend_that_stops_reading_holds_up_the_forwarding_clients_not_the_events() {
+    const EVENTS: usize = 3_000;
+    let (backend, go) = broadcaster_reading(EVENTS, 0, false).await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&fanned("fanout-deaf", backend.addr, &key, "client_data = \"forward\"")).await;
+    let auth = key.bearer(&["a1"]);
+    let mut typist = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    let mut reader = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    wait_metric(&proxy, "portcullis_fanout_subscribers{route=\"fanout-deaf\"}", 2.0).await;
+    // 64 MiB of input for a backend that reads none of it: far more than the sockets between
+    // them hold, so the typist's sends soon wait.
+    let flood = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..1024 {
+            typist.send(true, op::BINARY, &chunk).await;
+        }
+    });
+    go.send_replace(true);
+    for i in 0..EVENTS {
+        let f = reader.recv().await;
+        assert_eq!(f.payload, format!("/agents/a1/events {i}").as_bytes(), "event {i} in order");
+    }
+    assert!(!flood.is_finished(), "the typist is held up by the backend, not let through");
+    flood.abort();
 }
 
 #[tokio::test]
