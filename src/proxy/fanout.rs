@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, PROTOCOL_ERROR, TRY_AGAIN_LATER};
 use super::relay::frame::{self, opcode};
-use crate::config::FanoutSettings;
+use crate::config::{FanoutSettings, SessionSettings};
 use crate::fanout::{Command, End, Fanouts, Key, Lag, Stream, Subscriber};
 use crate::metrics::Metrics;
 use crate::session::{SessionControl, StopReason};
@@ -247,6 +247,93 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
     tracing::info!(route, backend = t.stream.member, end = ?end, "fan-out stream ended");
 }
 
+/// A fan-out client's deadlines, as a relayed session has them (`[session]` of its route): the
+/// token's expiry, `max_lifetime`, `idle_timeout` (no event to it and no data from it) and the
+/// proxy's pings (`ping_interval`, answered within `ping_timeout`).
+struct Clock {
+    expires_at: Option<Instant>,
+    lifetime_at: Option<Instant>,
+    idle: Duration,
+    last_data: Instant,
+    ping_interval: Duration,
+    ping_timeout: Duration,
+    next_ping: Instant,
+    awaiting_pong: Option<Instant>,
+}
+
+/// What a [`Clock`] says is due.
+#[derive(Debug, PartialEq, Eq)]
+enum Due {
+    Nothing,
+    Ping,
+    PingTimeout,
+    Idle,
+    Lifetime,
+    Expired,
+}
+
+impl Clock {
+    fn new(s: &SessionSettings, expires_at: Option<Instant>) -> Clock {
+        let now = Instant::now();
+        Clock {
+            expires_at,
+            lifetime_at: (!s.max_lifetime.is_zero()).then(|| now + s.max_lifetime),
+            idle: s.idle_timeout,
+            last_data: now,
+            ping_interval: s.ping_interval,
+            ping_timeout: s.ping_timeout,
+            next_ping: now + s.ping_interval,
+            awaiting_pong: None,
+        }
+    }
+
+    /// A data frame went to the client or came from it.
+    fn data(&mut self) {
+        self.last_data = Instant::now();
+    }
+
+    fn pong(&mut self) {
+        self.awaiting_pong = None;
+    }
+
+    /// The earliest instant something may be due.
+    fn next(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let pings = (!self.ping_interval.is_zero()).then(|| match self.awaiting_pong {
+            Some(sent) => sent + self.ping_timeout,
+            None => self.next_ping,
+        });
+        let idle = (!self.idle.is_zero()).then(|| self.last_data + self.idle);
+        [self.expires_at, self.lifetime_at, idle, pings].into_iter().flatten().min().unwrap_or(far)
+    }
+
+    /// What is due at `now` (a ping due is marked sent).
+    fn due(&mut self, now: Instant) -> Due {
+        if self.expires_at.is_some_and(|at| now >= at) {
+            return Due::Expired;
+        }
+        if self.lifetime_at.is_some_and(|at| now >= at) {
+            return Due::Lifetime;
+        }
+        if !self.idle.is_zero() && now >= self.last_data + self.idle {
+            return Due::Idle;
+        }
+        if self.ping_interval.is_zero() {
+            return Due::Nothing;
+        }
+        match self.awaiting_pong {
+            Some(sent) if now >= sent + self.ping_timeout => Due::PingTimeout,
+            Some(_) => Due::Nothing,
+            None if now >= self.next_ping => {
+                self.awaiting_pong = Some(now);
+                self.next_ping = now + self.ping_interval;
+                Due::Ping
+            }
+            None => Due::Nothing,
+        }
+    }
+}
+
 /// What a client's task needs.
 pub(crate) struct ClientTask {
     pub(crate) stream: Arc<Stream>,
@@ -256,7 +343,8 @@ pub(crate) struct ClientTask {
     pub(crate) settings: Arc<FanoutSettings>,
     pub(crate) control: Arc<SessionControl>,
     pub(crate) expires_at: Option<Instant>,
-    pub(crate) max_frame: u64,
+    /// The route's `[session]`: the frame size limit and the client's timeouts.
+    pub(crate) session: Arc<SessionSettings>,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -328,20 +416,21 @@ where
     let route = t.stream.route.clone();
     t.metrics.fanout_subscriber(&route, 1.0);
     let (mut rd, mut wr) = tokio::io::split(io);
-    let mut reader = FrameReader::new(&early, t.max_frame, 256);
-    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    let expiry = tokio::time::sleep_until(t.expires_at.unwrap_or(far));
-    tokio::pin!(expiry);
+    let mut reader = FrameReader::new(&early, t.session.max_frame_size, 256);
+    let mut clock = Clock::new(&t.session, t.expires_at);
+    let timer = tokio::time::sleep_until(clock.next());
+    tokio::pin!(timer);
     let control = t.control.clone();
     let stopped = std::future::poll_fn(|cx| control.poll_stopped(cx));
     tokio::pin!(stopped);
     let (code, reason, close): (Option<u16>, &'static str, Option<(u16, &str)>) = loop {
+        timer.as_mut().reset(clock.next());
         tokio::select! {
             biased;
             () = t.lagged.raised() => break SLOW,
             b = t.rx.recv() => match b {
                 Some(bytes) => match write_unless_dropped(write_flushed(&mut wr, &bytes), &t.lagged, t.settings.drop_grace).await {
-                    Written::Done => {}
+                    Written::Done => clock.data(),
                     Written::Failed => break (None, "client lost", None),
                     Written::Dropped => break SLOW,
                     Written::Cut => break (SLOW.0, SLOW.1, None),
@@ -371,7 +460,7 @@ where
                             Written::Cut => break (SLOW.0, SLOW.1, None),
                         }
                     }
-                    opcode::PONG => {}
+                    opcode::PONG => clock.pong(),
                     opcode::CLOSE => {
                         let p = f.payload();
                         let c = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { NORMAL };
@@ -383,6 +472,7 @@ where
                         break (Some(POLICY), "client input refused", Some((POLICY, why)));
                     }
                     _ if t.settings.forward_client_data => {
+                        clock.data();
                         if t.stream.data.send(f.bytes).await.is_err() {
                             break (Some(GOING_AWAY), "stream ended", Some((GOING_AWAY, "stream ended")));
                         }
@@ -402,7 +492,28 @@ where
                 };
                 break (Some(c), why, Some((c, why)));
             }
-            _ = &mut expiry => break (Some(POLICY), "token expired", Some((POLICY, "token expired"))),
+            () = &mut timer => match clock.due(Instant::now()) {
+                Due::Nothing => {}
+                Due::Ping => {
+                    let mut ping = Vec::new();
+                    frame::encode(true, 0, opcode::PING, None, b"portcullis", &mut ping);
+                    match write_unless_dropped(write_flushed(&mut wr, &ping), &t.lagged, t.settings.drop_grace).await {
+                        Written::Done => {}
+                        Written::Failed => break (None, "client lost", None),
+                        Written::Dropped => break SLOW,
+                        Written::Cut => break (SLOW.0, SLOW.1, None),
+                    }
+                }
+                Due::PingTimeout => {
+                    t.metrics.ping_timeout();
+                    break (Some(GOING_AWAY), "ping timeout", Some((GOING_AWAY, "ping timeout")));
+                }
+                Due::Idle => break (Some(NORMAL), "idle timeout", Some((NORMAL, "idle timeout"))),
+                Due::Lifetime => {
+                    break (Some(GOING_AWAY), "max lifetime", Some((GOING_AWAY, "session lifetime reached")));
+                }
+                Due::Expired => break (Some(POLICY), "token expired", Some((POLICY, "token expired"))),
+            },
         }
     };
     if let Some((c, why)) = close {

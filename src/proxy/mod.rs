@@ -913,7 +913,7 @@ async fn join_fanout(
         settings: j.settings,
         control: registered.entry().control.clone(),
         expires_at: session_deadline(route, runtime, claims),
-        max_frame,
+        session: route.session.clone(),
         metrics: shared.metrics.clone(),
     })
 }

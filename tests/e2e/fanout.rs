@@ -65,6 +65,10 @@ async fn broadcaster_reading(events: usize, size: usize, reads: bool) -> (Backen
 }
 
 fn fanned(name: &str, backend: std::net::SocketAddr, key: &Hmac, fanout: &str) -> String {
+    fanned_config(name, backend, key, fanout).text()
+}
+
+fn fanned_config(name: &str, backend: std::net::SocketAddr, key: &Hmac, fanout: &str) -> TestConfig {
     TestConfig::base(&[backend.to_string()])
         .one_address_load()
         .set("routes.0.name", name)
@@ -73,7 +77,6 @@ fn fanned(name: &str, backend: std::net::SocketAddr, key: &Hmac, fanout: &str) -
         .merge("auth", "max_sessions_per_subject = 0")
         .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
         .merge("routes.0", &format!("[fanout]\n{fanout}"))
-        .text()
 }
 
 async fn wait_metric(proxy: &Proxy, series: &str, want: f64) {
@@ -310,4 +313,50 @@ async fn http2_streams_share_the_backend_stream_too() {
         assert_eq!(c.recv().await.payload, b"h2?");
     }
     assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
+}
+
+#[tokio::test]
+async fn fan_out_clients_have_the_session_timeouts_of_their_route() {
+    let (backend, _go) = broadcaster(0, 0).await;
+    let key = hmac();
+    let auth = key.bearer(&["a1"]);
+    let with = |name: &str, session: &str| {
+        fanned_config(name, backend.addr, &key, "").merge("routes.0", &format!("[session]\n{session}")).text()
+    };
+    // Pings: a client that answers them stays, one that does not is closed.
+    let proxy = Proxy::start_with(&with("fanout-pings", "ping_interval = \"100ms\"\nping_timeout = \"300ms\"")).await;
+    let mut silent = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    let mut answering =
+        upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    let answers = tokio::spawn(async move {
+        for _ in 0..8 {
+            let ping = answering.recv().await;
+            assert_eq!(ping.opcode, op::PING);
+            answering.send(true, op::PONG, &ping.payload).await;
+        }
+        answering
+    });
+    let f = silent.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1001), "ping timeout"));
+    let mut answering = answers.await.expect("eight pings answered");
+    answering.send(true, op::PING, b"still here").await;
+    loop {
+        let f = answering.recv().await;
+        assert_ne!(f.opcode, op::CLOSE, "the answering client stays");
+        if f.opcode == op::PONG {
+            assert_eq!(f.payload, b"still here");
+            break;
+        }
+        answering.send(true, op::PONG, &f.payload).await;
+    }
+    // No data either way for idle_timeout: 1000, as for a relayed session.
+    let proxy = Proxy::start_with(&with("fanout-idle", "idle_timeout = \"300ms\"")).await;
+    let mut idle = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    let f = idle.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1000), "idle timeout"));
+    // max_lifetime: 1001.
+    let proxy = Proxy::start_with(&with("fanout-lifetime", "max_lifetime = \"300ms\"")).await;
+    let mut old = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    let f = old.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1001), "session lifetime reached"));
 }
