@@ -423,8 +423,9 @@ where
     let control = t.control.clone();
     let stopped = std::future::poll_fn(|cx| control.poll_stopped(cx));
     tokio::pin!(stopped);
+    // The timer is set again only when it fires or a pong comes: data only moves the idle
+    // deadline later, and a timer that fires early finds nothing due and is set again.
     let (code, reason, close): (Option<u16>, &'static str, Option<(u16, &str)>) = loop {
-        timer.as_mut().reset(clock.next());
         tokio::select! {
             biased;
             () = t.lagged.raised() => break SLOW,
@@ -460,7 +461,10 @@ where
                             Written::Cut => break (SLOW.0, SLOW.1, None),
                         }
                     }
-                    opcode::PONG => clock.pong(),
+                    opcode::PONG => {
+                        clock.pong();
+                        timer.as_mut().reset(clock.next());
+                    }
                     opcode::CLOSE => {
                         let p = f.payload();
                         let c = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { NORMAL };
@@ -493,8 +497,9 @@ where
                 break (Some(c), why, Some((c, why)));
             }
             () = &mut timer => match clock.due(Instant::now()) {
-                Due::Nothing => {}
+                Due::Nothing => timer.as_mut().reset(clock.next()),
                 Due::Ping => {
+                    timer.as_mut().reset(clock.next());
                     let mut ping = Vec::new();
                     frame::encode(true, 0, opcode::PING, None, b"portcullis", &mut ping);
                     match write_unless_dropped(write_flushed(&mut wr, &ping), &t.lagged, t.settings.drop_grace).await {

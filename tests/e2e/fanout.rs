@@ -179,7 +179,7 @@ async fn one_client_stalls(route: &str, fanout: &str) -> (Proxy, Client, Vec<Cli
 async fn a_client_that_stops_reading_is_dropped_and_the_others_get_everything() {
     // A long grace: the stalled client reads again in time to take its 1013.
     let (_proxy, mut stalled, _readers, _backend) =
-        one_client_stalls("fanout-slow", "queue = 256\ndrop_grace = \"60s\"").await;
+        one_client_stalls("fanout-slow", "queue = 1024\ndrop_grace = \"60s\"").await;
     let (_, close) = stalled.read_to_end().await;
     assert_eq!(close.and_then(|f| f.close_code()), Some(1013));
 }
@@ -268,7 +268,10 @@ async fn a_backend_that_stops_reading_holds_up_the_forwarding_clients_not_the_ev
     const EVENTS: usize = 3_000;
     let (backend, go) = broadcaster_reading(EVENTS, 0, false).await;
     let key = hmac();
-    let proxy = Proxy::start_with(&fanned("fanout-deaf", backend.addr, &key, "client_data = \"forward\"")).await;
+    // A queue longer than the whole feed: what is shown is that the stream never stops, not
+    // how fast this test's reader is while the flood takes the proxy's time.
+    let proxy =
+        Proxy::start_with(&fanned("fanout-deaf", backend.addr, &key, "client_data = \"forward\"\nqueue = 4096")).await;
     let auth = key.bearer(&["a1"]);
     let mut typist = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
     let mut reader = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
