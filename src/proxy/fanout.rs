@@ -355,9 +355,23 @@ impl Drop for ClientTask {
     }
 }
 
+/// How a fan-out client ends: the close code it was sent (if any), the log reason, and the close
+/// frame to write (none when the connection cannot take one).
+type ClientEnd = (Option<u16>, &'static str, Option<(u16, &'static str)>);
+
 /// A client the stream dropped for falling behind: 1013, with its close frame.
-const SLOW: (Option<u16>, &str, Option<(u16, &str)>) =
-    (Some(TRY_AGAIN_LATER), "client too slow", Some((TRY_AGAIN_LATER, "client too slow")));
+const SLOW: ClientEnd = (Some(TRY_AGAIN_LATER), "client too slow", Some((TRY_AGAIN_LATER, "client too slow")));
+
+/// The end a write to a client means, if it ends the client.
+fn ends_client(w: Written) -> Option<ClientEnd> {
+    match w {
+        Written::Done => None,
+        Written::Failed => Some((None, "client lost", None)),
+        Written::Dropped => Some(SLOW),
+        // Cut in the middle of a frame: no close frame can follow.
+        Written::Cut => Some((SLOW.0, SLOW.1, None)),
+    }
+}
 
 /// How long a client's close frame may take to write before its connection is dropped.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -425,17 +439,18 @@ where
     tokio::pin!(stopped);
     // The timer is set again only when it fires or a pong comes: data only moves the idle
     // deadline later, and a timer that fires early finds nothing due and is set again.
-    let (code, reason, close): (Option<u16>, &'static str, Option<(u16, &str)>) = loop {
+    let (code, reason, close): ClientEnd = loop {
         tokio::select! {
             biased;
             () = t.lagged.raised() => break SLOW,
             b = t.rx.recv() => match b {
-                Some(bytes) => match write_unless_dropped(write_flushed(&mut wr, &bytes), &t.lagged, t.settings.drop_grace).await {
-                    Written::Done => clock.data(),
-                    Written::Failed => break (None, "client lost", None),
-                    Written::Dropped => break SLOW,
-                    Written::Cut => break (SLOW.0, SLOW.1, None),
-                },
+                Some(bytes) => {
+                    let w = write_unless_dropped(write_flushed(&mut wr, &bytes), &t.lagged, t.settings.drop_grace).await;
+                    if let Some(end) = ends_client(w) {
+                        break end;
+                    }
+                    clock.data();
+                }
                 None if t.lagged.is_raised() => break SLOW,
                 None => match t.stream.ended() {
                     Some(End::BackendClosed(c)) => break (Some(c), "backend close", Some((c, ""))),
@@ -454,11 +469,9 @@ where
                     opcode::PING => {
                         let mut pong = Vec::new();
                         frame::encode(true, 0, opcode::PONG, None, &f.payload(), &mut pong);
-                        match write_unless_dropped(write_flushed(&mut wr, &pong), &t.lagged, t.settings.drop_grace).await {
-                            Written::Done => {}
-                            Written::Failed => break (None, "client lost", None),
-                            Written::Dropped => break SLOW,
-                            Written::Cut => break (SLOW.0, SLOW.1, None),
+                        let w = write_unless_dropped(write_flushed(&mut wr, &pong), &t.lagged, t.settings.drop_grace).await;
+                        if let Some(end) = ends_client(w) {
+                            break end;
                         }
                     }
                     opcode::PONG => {
@@ -502,11 +515,9 @@ where
                     timer.as_mut().reset(clock.next());
                     let mut ping = Vec::new();
                     frame::encode(true, 0, opcode::PING, None, b"portcullis", &mut ping);
-                    match write_unless_dropped(write_flushed(&mut wr, &ping), &t.lagged, t.settings.drop_grace).await {
-                        Written::Done => {}
-                        Written::Failed => break (None, "client lost", None),
-                        Written::Dropped => break SLOW,
-                        Written::Cut => break (SLOW.0, SLOW.1, None),
+                    let w = write_unless_dropped(write_flushed(&mut wr, &ping), &t.lagged, t.settings.drop_grace).await;
+                    if let Some(end) = ends_client(w) {
+                        break end;
                     }
                 }
                 Due::PingTimeout => {
