@@ -440,9 +440,13 @@ where
     // The timer is set again only when it fires or a pong comes: data only moves the idle
     // deadline later, and a timer that fires early finds nothing due and is set again.
     let (code, reason, close): ClientEnd = loop {
+        // Dropped while not waiting on its socket (it had frames queued, or was forwarding):
+        // the frames still queued are not sent. An atomic load, not the Lag's notify: a client
+        // waiting in `recv` has an empty queue, so it cannot be dropped meanwhile.
+        if t.lagged.is_raised() {
+            break SLOW;
+        }
         tokio::select! {
-            biased;
-            () = t.lagged.raised() => break SLOW,
             b = t.rx.recv() => match b {
                 Some(bytes) => {
                     let w = write_unless_dropped(write_flushed(&mut wr, &bytes), &t.lagged, t.settings.drop_grace).await;

@@ -86,20 +86,24 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
     });
     // Every write is bounded: an observer that stops reading must not hold this task.
     let end = loop {
-        let next = tokio::select! {
-            biased;
-            () = observer.lagged.raised() => Err(SLOW),
-            chunk = observer.rx.recv() => match chunk {
-                Some(bytes) => Ok(Out::Data(bytes)),
-                None if observer.lagged() => Err(SLOW),
-                None => Err(("session_ended", GOING_AWAY, &b"session ended"[..])),
-            },
-            event = inbound.recv() => match event {
-                Some(Inbound::Ping(p)) => Ok(Out::Pong(p)),
-                Some(Inbound::Close) => Err(("left", NORMAL, &b""[..])),
-                Some(Inbound::Data) => Err(("input", POLICY, &b"observers cannot send"[..])),
-                None => break "gone",
-            },
+        // Dropped between writes: the chunks still queued are not sent. (Waiting in `recv`,
+        // its queue is empty: it cannot be dropped meanwhile.)
+        let next = if observer.lagged() {
+            Err(SLOW)
+        } else {
+            tokio::select! {
+                chunk = observer.rx.recv() => match chunk {
+                    Some(bytes) => Ok(Out::Data(bytes)),
+                    None if observer.lagged() => Err(SLOW),
+                    None => Err(("session_ended", GOING_AWAY, &b"session ended"[..])),
+                },
+                event = inbound.recv() => match event {
+                    Some(Inbound::Ping(p)) => Ok(Out::Pong(p)),
+                    Some(Inbound::Close) => Err(("left", NORMAL, &b""[..])),
+                    Some(Inbound::Data) => Err(("input", POLICY, &b"observers cannot send"[..])),
+                    None => break "gone",
+                },
+            }
         };
         let out = match next {
             Ok(out) => out,
