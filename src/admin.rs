@@ -4,9 +4,11 @@
 //! "session revoked", and a revoked subject or token is refused on reconnect until it expires.
 //!
 //! Bound to loopback by default; the session API can require a bearer token (`[admin]
-//! token_env` / `token_file`).
+//! token_env` / `token_file`), and must when the listener leaves loopback. Every request first
+//! passes [`refusal`]: a known `Host`, no cross-origin caller, JSON bodies only.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,18 +19,24 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
+use crate::config::defaults;
 use crate::session::{Selector, StopReason};
 use crate::state::Shared;
 
-/// Serves admin requests until `stop` is cancelled.
+/// Serves admin requests until `stop` is cancelled: at most `[admin] max_connections` at once,
+/// each request head read within the server's `header_read_timeout`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let cap =
+        shared.runtime.load().config.admin.as_ref().map_or(defaults::ADMIN_MAX_CONNECTIONS, |a| a.max_connections);
+    let slots = Arc::new(Semaphore::new(cap));
     loop {
         let (tcp, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -41,20 +49,91 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            crate::metrics::admin_refused("connections");
+            tracing::info!(max_connections = cap, "admin connection refused: at its connection cap");
+            continue;
+        };
+        let Ok(local) = tcp.local_addr() else { continue };
         let shared = shared.clone();
         let stop = stop.clone();
+        let header_timeout = shared.runtime.load().config.server.header_read_timeout;
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+                async move {
+                    Ok::<_, Infallible>(match refusal(&shared, &req, local) {
+                        None => route(&shared, req).await,
+                        Some(refused) => refused,
+                    })
+                }
             });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(tcp), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}
             }
         });
     }
+}
+
+/// Why a request is refused, or `None` when it may be served. The admin API is for operators' tools, not browsers (DESIGN.md §11): a request is served
+/// only when its `Host` is a name this listener is known by (loopback names and addresses, the
+/// address the connection reached, `[admin] hosts`), so a DNS-rebound page cannot read it; it
+/// carries no `Origin` and no cross-site `Sec-Fetch-Site` unless its origin is in
+/// `[admin] allow_origins`; and a POST body is `application/json`, which no form or
+/// `text/plain` fetch can send without a CORS preflight this listener never grants.
+fn refusal(shared: &Shared, req: &Request<Incoming>, local: SocketAddr) -> Option<Response<Full<Bytes>>> {
+    let runtime = shared.runtime.load();
+    let admin = runtime.config.admin.as_ref();
+    let refuse = |status: StatusCode, reason: &'static str, body: &'static str| {
+        crate::metrics::admin_refused(reason);
+        tracing::info!(reason, method = %req.method(), path = req.uri().path(), "admin request refused");
+        Some(text(status, body))
+    };
+    let known = match crate::proxy::host::of_request(req.version(), req.uri(), req.headers()) {
+        Ok(None) => true,
+        Ok(Some(a)) => {
+            let host = a.host();
+            host == "localhost"
+                || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback() || ip == local.ip())
+                || admin.is_some_and(|c| c.hosts.iter().any(|h| h == host))
+        }
+        Err(_) => false,
+    };
+    if !known {
+        return refuse(StatusCode::MISDIRECTED_REQUEST, "host", "this admin listener does not answer to that Host\n");
+    }
+    let allowed_origin = |o: &str| admin.is_some_and(|c| c.allow_origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        if !origin.to_str().is_ok_and(allowed_origin) {
+            return refuse(StatusCode::FORBIDDEN, "origin", "cross-origin requests to the admin API are refused\n");
+        }
+    } else if let Some(site) = req.headers().get("sec-fetch-site") {
+        if !matches!(site.as_bytes(), b"none" | b"same-origin") {
+            return refuse(StatusCode::FORBIDDEN, "origin", "cross-site requests to the admin API are refused\n");
+        }
+    }
+    if req.method() == Method::POST {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "content_type",
+                "POST bodies must be application/json\n",
+            );
+        }
+    }
+    None
 }
 
 /// Largest `top` of `GET /limits`.
@@ -213,7 +292,7 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
             }
             let selector = match (ask.subject, ask.agent, ask.jti) {
                 (Some(subject), None, None) => Selector::Subject { subject, issuer: ask.issuer },
-                (None, Some(a), None) => Selector::Agent(a),
+                (None, Some(a), None) => Selector::Agent(a.to_ascii_lowercase()),
                 (None, None, Some(j)) => Selector::Jti(j),
                 _ => return text(StatusCode::BAD_REQUEST, "give exactly one of subject, agent, jti\n"),
             };

@@ -1,8 +1,11 @@
 //! Zero-downtime binary upgrade: a running process hands its listening sockets to a new one.
 //!
-//! On SIGUSR2 the running process ([`hand_over`]) opens a Unix socket beside its PID, starts the
-//! binary at its own path (the new one, after a package upgrade) with the same configuration
-//! file and `PORTCULLIS_HANDOVER` naming that socket, and waits. The new process loads and
+//! On SIGUSR2 the running process ([`hand_over`]) opens a Unix socket in its runtime directory
+//! (one only its user can enter, created 0700: [`runtime_dir`]), starts the binary at its own
+//! path (the new one, after a package upgrade) with the same configuration file and
+//! `PORTCULLIS_HANDOVER` naming that socket, and waits. It sends its sockets only to a peer
+//! whose `SO_PEERCRED` pid is the child it spawned; any other process that connects is hung up
+//! on with nothing sent, and the new process checks in turn that its peer is its parent. The new process loads and
 //! validates its configuration first: if it refuses it, it exits and the old one keeps serving.
 //! Otherwise it connects ([`receive`]), receives every listening socket with `SCM_RIGHTS`, each
 //! named by its listener and configured address, takes those its configuration still has (and
@@ -60,24 +63,48 @@ pub enum HandoverError {
     /// The handover socket failed.
     #[error("handover socket: {0}")]
     Io(#[from] std::io::Error),
+    /// The runtime directory is not a directory of this user's that only it can enter.
+    #[error("{0} is not a directory owned by this user with mode 0700; the hand-over socket cannot go there")]
+    UnsafeDir(PathBuf),
     /// The new process sent something other than `ready`.
     #[error("the new process answered {0:?}, not ready")]
     Protocol(String),
 }
 
-/// The path of this process's handover socket.
-fn socket_path() -> PathBuf {
-    std::env::temp_dir().join(format!("portcullis-handover-{}.sock", std::process::id()))
+/// The directory for hand-over sockets: `configured`, else `$XDG_RUNTIME_DIR/portcullis`, else
+/// `portcullis-<uid>` in the temporary directory. Created 0700 when missing; an existing one
+/// must belong to this user and admit no one else, or the handover is refused.
+pub fn runtime_dir(configured: Option<&Path>) -> Result<PathBuf, HandoverError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let uid = rustix::process::geteuid().as_raw();
+    let dir = match (configured, std::env::var_os("XDG_RUNTIME_DIR")) {
+        (Some(d), _) => d.to_owned(),
+        (None, Some(x)) if !x.is_empty() => PathBuf::from(x).join("portcullis"),
+        _ => std::env::temp_dir().join(format!("portcullis-{uid}")),
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e.into()),
+    }
+    // Not followed through a link: the directory itself must be ours and private.
+    let meta = std::fs::symlink_metadata(&dir)?;
+    if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
+        return Err(HandoverError::UnsafeDir(dir));
+    }
+    Ok(dir)
 }
 
-/// In the running process: starts `binary run --config config_path` and hands it `sockets`.
-/// `Ok` once the new process accepts on them: the caller then drains and exits.
+/// In the running process: starts `binary run --config config_path` and hands it `sockets`
+/// through a socket in its [`runtime_dir`]. `Ok` once the new process accepts on them: the caller
+/// then drains and exits.
 pub async fn hand_over(
     binary: &Path,
     config_path: &Path,
+    configured_dir: Option<&Path>,
     sockets: Vec<(String, SocketAddr, OwnedFd)>,
 ) -> Result<(), HandoverError> {
-    let path = socket_path();
+    let path = runtime_dir(configured_dir)?.join(format!("handover-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     let result = hand_over_on(listener, &path, binary, config_path, sockets).await;
@@ -98,11 +125,12 @@ async fn hand_over_on(
         .env(ENV, path)
         .spawn()
         .map_err(|source| HandoverError::Spawn { binary: binary.display().to_string(), source })?;
-    tracing::info!(new_pid = child.id().unwrap_or(0), binary = %binary.display(), "handover: new process started");
+    let child_pid = child.id().unwrap_or(0);
+    tracing::info!(new_pid = child_pid, binary = %binary.display(), "handover: new process started");
     // The exchange is a few blocking calls on a local socket: on the blocking pool.
     let exchange = tokio::task::spawn_blocking(move || -> Result<(), HandoverError> {
         listener.set_nonblocking(false)?;
-        let (mut stream, _) = accept_within(&listener, WAIT)?;
+        let mut stream = accept_child(&listener, child_pid, WAIT)?;
         stream.set_read_timeout(Some(WAIT))?;
         send_sockets(&stream, &sockets)?;
         let mut answer = [0u8; 16];
@@ -123,19 +151,29 @@ async fn hand_over_on(
     result
 }
 
-/// Accepts one connection, giving up after `limit` (the listener is polled, so a new process
-/// that never connects does not hold a blocking thread forever).
-fn accept_within(
-    listener: &UnixListener,
-    limit: Duration,
-) -> Result<(UnixStream, std::os::unix::net::SocketAddr), HandoverError> {
+/// Accepts the connection of the process `child`, giving up after `limit` (the listener is
+/// polled, so a new process that never connects does not hold a blocking thread forever). Any
+/// other process that connects (its `SO_PEERCRED` pid is not the child's) is hung up on with
+/// nothing sent, and the wait goes on.
+fn accept_child(listener: &UnixListener, child: u32, limit: Duration) -> Result<UnixStream, HandoverError> {
     listener.set_nonblocking(true)?;
     let deadline = std::time::Instant::now() + limit;
     loop {
         match listener.accept() {
-            Ok((s, a)) => {
+            Ok((s, _)) => {
+                let peer = rustix::net::sockopt::socket_peercred(&s).map_err(std::io::Error::from)?;
+                let pid = peer.pid.as_raw_nonzero().get().unsigned_abs();
+                if pid != child {
+                    tracing::warn!(
+                        peer_pid = pid,
+                        peer_uid = peer.uid.as_raw(),
+                        new_pid = child,
+                        "handover: a process other than the new one connected; hung up on"
+                    );
+                    continue;
+                }
                 s.set_nonblocking(false)?;
-                return Ok((s, a));
+                return Ok(s);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if std::time::Instant::now() >= deadline {
@@ -184,6 +222,15 @@ impl Ready {
 pub fn receive(config: &Config, socket: &Path) -> Result<(Bound, Ready), ServerError> {
     let io = |e: std::io::Error| ServerError::Handover(e.to_string());
     let stream = UnixStream::connect(socket).map_err(io)?;
+    // Only the process that started this one may hand it sockets.
+    let peer = rustix::net::sockopt::socket_peercred(&stream).map_err(|e| io(e.into()))?;
+    let parent = rustix::process::getppid().map(|p| p.as_raw_nonzero().get());
+    if Some(peer.pid.as_raw_nonzero().get()) != parent {
+        return Err(ServerError::Handover(format!(
+            "the hand-over socket's owner (pid {}) is not this process's parent",
+            peer.pid.as_raw_nonzero()
+        )));
+    }
     let mut names = vec![0u8; 64 * 1024];
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);

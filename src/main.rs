@@ -282,6 +282,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     };
     let sockets = bound.handover_sockets(&config)?;
     let poll = config.server.reload_poll_interval;
+    let runtime_dir = config.server.runtime_dir.clone();
     let server = server::Server::new(config)?;
     tokio::spawn(server::watch_config(server.handle(), path.clone(), poll));
     if let Some(ready) = ready {
@@ -290,7 +291,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         ready.ready()?;
         tracing::info!("handover: serving; the previous process drains");
     }
-    server.serve(bound, shutdown_or_handover(sockets, path)).await?;
+    server.serve(bound, shutdown_or_handover(sockets, path, runtime_dir)).await?;
     Ok(())
 }
 
@@ -299,6 +300,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
 async fn shutdown_or_handover(
     sockets: Vec<(String, SocketAddr, std::os::fd::OwnedFd)>,
     config_path: PathBuf,
+    runtime_dir: Option<PathBuf>,
 ) -> server::Stop {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
@@ -316,7 +318,9 @@ async fn shutdown_or_handover(
                     .map(|(n, a, fd)| Ok((n.clone(), *a, fd.try_clone()?)))
                     .collect();
                 let result = match copies {
-                    Ok(copies) => portcullis::handover::hand_over(&own_binary(), &config_path, copies).await,
+                    Ok(copies) => {
+                        portcullis::handover::hand_over(&own_binary(), &config_path, runtime_dir.as_deref(), copies).await
+                    }
                     Err(e) => Err(e.into()),
                 };
                 match result {

@@ -145,6 +145,16 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "portcullis_limit_refusals_total",
         "Connections or requests refused by a per-client limit, by reason.",
     ),
+    (
+        Kind::Counter,
+        "portcullis_client_headers_dropped_total",
+        "Client request headers not forwarded because their name has an underscore or folds onto a header the proxy sets, by reason (underscore, collision).",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_admin_refusals_total",
+        "Admin requests or connections refused, by reason (host, origin, content_type, connections).",
+    ),
     (Kind::Gauge, "portcullis_worker_threads", "Tokio worker threads running the proxy."),
     (Kind::Gauge, "portcullis_token_cache_entries", "Tokens in the verified-token cache."),
     (
@@ -493,6 +503,17 @@ pub fn proxy_protocol(result: &'static str) {
 /// `per_ip_streams`, ...).
 pub fn limit_refused(reason: &'static str) {
     counter!("portcullis_limit_refusals_total", "reason" => reason).increment(1);
+}
+
+/// A client header was not forwarded (`reason`: `underscore`, `collision`).
+pub fn client_header_dropped(reason: &'static str) {
+    counter!("portcullis_client_headers_dropped_total", "reason" => reason).increment(1);
+}
+
+/// An admin request or connection was refused (`reason`: `host`, `origin`, `content_type`,
+/// `connections`).
+pub fn admin_refused(reason: &'static str) {
+    counter!("portcullis_admin_refusals_total", "reason" => reason).increment(1);
 }
 
 /// Tokio worker threads running the proxy (set when metrics are rendered).

@@ -185,6 +185,17 @@ impl Claims {
             _ => false,
         }
     }
+
+    /// Like [`Claims::contains`], with ASCII case ignored: for agent ids, which name DNS labels.
+    pub fn contains_ignoring_case(&self, name: &str, value: &str) -> bool {
+        match self.all.get(name) {
+            Some(Value::Array(items)) => {
+                items.iter().any(|v| v.as_str().is_some_and(|s| s.eq_ignore_ascii_case(value)))
+            }
+            Some(Value::String(s)) => s.split(' ').any(|x| x.eq_ignore_ascii_case(value)),
+            _ => false,
+        }
+    }
 }
 
 /// A loaded static key.

@@ -11,6 +11,8 @@ use super::{
 
 /// `[admin] address`: loopback, because the admin API is for operators.
 pub const ADMIN_ADDRESS: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
+/// Admin connections open at once (`[admin] max_connections`).
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// `[auth] max_sessions_per_subject`: sessions one subject holds over every route.
 pub const AUTH_MAX_SESSIONS_PER_SUBJECT: u32 = 256;
@@ -56,6 +58,7 @@ impl Default for ServerSettings {
             max_connections: 100_000,
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
+            runtime_dir: None,
             max_header_size: 16 * 1024,
             drain_spread: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(25),

@@ -191,6 +191,9 @@ pub struct ServerSettings {
     pub tls_handshake_timeout: Duration,
     /// Time allowed for the client to send the request head (408 after).
     pub header_read_timeout: Duration,
+    /// Directory for the binary upgrade's hand-over socket, created 0700; when unset,
+    /// `$XDG_RUNTIME_DIR/portcullis`, else `portcullis-<uid>` in the temporary directory.
+    pub runtime_dir: Option<std::path::PathBuf>,
     /// Largest request head accepted (431 above).
     pub max_header_size: usize,
     /// On SIGTERM, close notices to sessions are spread over this window.
@@ -284,8 +287,17 @@ pub struct ListenerConfig {
 pub struct AdminConfig {
     /// Address bound; loopback by default.
     pub address: SocketAddr,
-    /// Bearer token required on `/sessions` endpoints, when set.
+    /// Bearer token required on `/sessions` endpoints, when set; required whenever `address`
+    /// is not loopback.
     pub token: Option<Secret>,
+    /// Host names (lowercase) the listener answers to besides loopback names and addresses and
+    /// the address a connection reached: any other `Host` is refused (DNS rebinding).
+    pub hosts: Vec<String>,
+    /// Origins (`scheme://host[:port]`) whose requests are served; a request with any other
+    /// `Origin` is refused, so a browser page cannot drive the API.
+    pub allow_origins: Vec<String>,
+    /// Admin connections open at once; more are closed at accept.
+    pub max_connections: usize,
 }
 
 /// One route: which requests it matches and where they go.
@@ -310,6 +322,9 @@ pub struct RouteConfig {
     pub health: HealthSettings,
     /// Path requested from the backend (may use captures); the client's path when absent.
     pub backend_path: Option<String>,
+    /// What happens to a client header whose name has an underscore (`X_Portcullis_Sub`),
+    /// which CGI, WSGI, PHP and many frameworks read as the dashed name.
+    pub headers_with_underscores: UnderscoreHeaders,
     /// Deadlines and limits of sessions on this route.
     pub session: std::sync::Arc<SessionSettings>,
     /// Connect settings for this route's backends.
@@ -599,6 +614,20 @@ pub struct BackendSettings {
     /// WebSocket routes: local addresses the connections to members are made from, in turn
     /// (empty: the kernel's choice). Each address has its own source ports towards a member.
     pub source_addresses: std::sync::Arc<[std::net::IpAddr]>,
+}
+
+/// `headers_with_underscores`: a client header whose name has an underscore. Whatever the
+/// choice, a name that folds (lowercase, `_` to `-`) onto a header the proxy sets never reaches
+/// the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnderscoreHeaders {
+    /// Removed before forwarding (the default, as NGINX's `underscores_in_headers off`).
+    #[default]
+    Drop,
+    /// The request is refused with 400 (as Envoy's `REJECT_REQUEST`).
+    Reject,
+    /// Forwarded, unless it folds onto a header the proxy sets.
+    Allow,
 }
 
 /// What a route serves (`kind`).

@@ -179,10 +179,29 @@ impl BackendTemplate {
 
     /// Renders `host:port` with validated captures. A capture substituted into the host must
     /// be a single DNS label (no '.'), so a client cannot steer a templated member into another
-    /// domain (`{agent}.agents.internal` with agent `x.evil.example`); `None` then.
+    /// domain (`{agent}.agents.internal` with agent `x.evil.example`); `None` then. A host made
+    /// only of captures is refused by validation ([`BackendTemplate::host_is_only_captures`]),
+    /// so no agent id can spell an address (`2130706433`, `0x7f000001`, `0`) or `localhost`.
     pub fn render(&self, caps: &Captures) -> Option<String> {
         let dotted = self.captures().any(|c| caps.get(c).is_some_and(|v| v.contains('.')));
         (!dotted).then(|| render_template(&self.parts, caps))
+    }
+
+    /// Whether the host part (before the port) has no literal character: the whole host is
+    /// what the client's path says.
+    pub fn host_is_only_captures(&self) -> bool {
+        let mut host_literal = false;
+        for p in &self.parts {
+            if let Segment::Literal(l) = p {
+                // The port's colon ends the host.
+                let host_part = l.split_once(':').map_or(l.as_str(), |(h, _)| h);
+                host_literal |= !host_part.is_empty();
+                if l.contains(':') {
+                    break;
+                }
+            }
+        }
+        !host_literal
     }
 }
 
@@ -296,5 +315,11 @@ mod tests {
         assert_eq!(b.render(&dotted), None, "a dotted capture cannot pick another domain");
         assert_eq!(render_path("/shell/{agent}", &caps), "/shell/a1");
         assert!("nohost".parse::<BackendTemplate>().is_err());
+        for only in ["{agent}:7681", "{agent}{n}:7681"] {
+            assert!(only.parse::<BackendTemplate>().expect("template").host_is_only_captures(), "{only}");
+        }
+        for literal in ["{agent}.agents.internal:7681", "agent-{agent}:7681", "10.0.0.{agent}:7681"] {
+            assert!(!literal.parse::<BackendTemplate>().expect("template").host_is_only_captures(), "{literal}");
+        }
     }
 }

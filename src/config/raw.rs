@@ -118,6 +118,7 @@ pub(super) struct RawServer {
     pub(super) max_connections: Option<usize>,
     pub(super) tls_handshake_timeout: Option<Dur>,
     pub(super) header_read_timeout: Option<Dur>,
+    pub(super) runtime_dir: Option<PathBuf>,
     pub(super) max_header_size: Option<Size>,
     pub(super) drain_spread: Option<Dur>,
     pub(super) drain_timeout: Option<Dur>,
@@ -166,6 +167,11 @@ pub(super) struct RawAdmin {
     pub(super) address: Option<SocketAddr>,
     pub(super) token_env: Option<String>,
     pub(super) token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) hosts: Vec<String>,
+    #[serde(default)]
+    pub(super) allow_origins: Vec<String>,
+    pub(super) max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone, Copy)]
@@ -272,6 +278,7 @@ pub(super) struct RawRoute {
     #[serde(default)]
     pub(super) health: RawHealth,
     pub(super) backend_path: Option<String>,
+    pub(super) headers_with_underscores: Option<RawUnderscores>,
     #[serde(default)]
     pub(super) session: RawSession,
     #[serde(default)]
@@ -337,6 +344,15 @@ pub(super) struct RawRecording {
 pub(super) enum RawBacklog {
     Slow,
     Close,
+}
+
+/// `headers_with_underscores = "drop" | "reject" | "allow"`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawUnderscores {
+    Drop,
+    Reject,
+    Allow,
 }
 
 /// `kind = "websocket" | "http" | "both"`.

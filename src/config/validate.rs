@@ -10,13 +10,13 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use super::defaults;
 use super::raw::{
     Dur, RawAdmin, RawAuth, RawBackend, RawBalance, RawConfig, RawHealth, RawHttp2, RawKind, RawListener, RawMember,
-    RawOrigin, RawRateAction, RawRegistry, RawRoute, RawRouteAuth, RawServer, RawSession, RawTls,
+    RawOrigin, RawRateAction, RawRegistry, RawRoute, RawRouteAuth, RawServer, RawSession, RawTls, RawUnderscores,
 };
 use super::{
     template_captures, AdminConfig, AuthSettings, BackendSettings, Balance, Config, HealthSettings, Http2Settings,
     JwksSettings, KeyMaterial, ListenerConfig, OriginPolicy, PathPattern, Policy, RateAction, RegistryConfig,
     RouteAuth, RouteConfig, RouteKind, Secret, ServerSettings, SessionRate, SessionSettings, StaticKey, StaticMember,
-    StickyKey, TlsSettings, TokenSource, CIPHER_SUITES,
+    StickyKey, TlsSettings, TokenSource, UnderscoreHeaders, CIPHER_SUITES,
 };
 
 /// The dotted key of an invalid value, and what is wrong with it.
@@ -120,6 +120,7 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
         max_connections: s.max_connections.unwrap_or(d.max_connections),
         tls_handshake_timeout: dur(s.tls_handshake_timeout, d.tls_handshake_timeout),
         header_read_timeout: dur(s.header_read_timeout, d.header_read_timeout),
+        runtime_dir: s.runtime_dir,
         max_header_size: s.max_header_size.map_or(d.max_header_size, |v| v.0 as usize),
         drain_spread: dur(s.drain_spread, d.drain_spread),
         drain_timeout: dur(s.drain_timeout, d.drain_timeout),
@@ -237,6 +238,15 @@ fn route(
                 &format!("uses the catch-all {{{c}}} in a member address"),
             ));
         }
+        if b.host_is_only_captures() {
+            return Err(invalid(
+                &format!("{key}.backends"),
+                &format!(
+                    "{b}: a member host made only of captures lets a token's agent name any host the proxy can resolve \
+                     (an address, localhost, a cluster service): give it a literal part, as \"{{agent}}.agents.internal:7681\""
+                ),
+            ));
+        }
     }
     let registry = r.registry.map(|g| registry(g, key, &r.path)).transpose()?;
     let balance = balance(r.balance, key, &r.path)?;
@@ -335,6 +345,11 @@ fn route(
         balance,
         health,
         backend_path: r.backend_path,
+        headers_with_underscores: match r.headers_with_underscores {
+            None | Some(RawUnderscores::Drop) => UnderscoreHeaders::Drop,
+            Some(RawUnderscores::Reject) => UnderscoreHeaders::Reject,
+            Some(RawUnderscores::Allow) => UnderscoreHeaders::Allow,
+        },
         session: std::sync::Arc::new(session(r.session, session_defaults, &format!("{key}.session"))?),
         backend: backend(r.backend, backend_defaults, &format!("{key}.backend"))?,
     })
@@ -514,9 +529,35 @@ fn tls(t: RawTls) -> Result<TlsSettings, Invalid> {
 }
 
 fn admin(a: RawAdmin) -> Result<AdminConfig, Invalid> {
+    let address = a.address.unwrap_or(defaults::ADMIN_ADDRESS);
+    let token = load_secret(a.token_file.as_deref(), a.token_env.as_deref(), "admin")?;
+    if token.is_none() && !address.ip().is_loopback() {
+        return Err(invalid(
+            "admin.address",
+            "is not a loopback address, so the session API would be open to the network: set admin.token_file or admin.token_env, or bind to 127.0.0.1",
+        ));
+    }
+    let mut hosts = Vec::with_capacity(a.hosts.len());
+    for (i, h) in a.hosts.iter().enumerate() {
+        let name = h.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let dns = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        if !dns && name.parse::<std::net::IpAddr>().is_err() {
+            return Err(invalid(&format!("admin.hosts[{i}]"), "must be a host name or address without port"));
+        }
+        hosts.push(name);
+    }
+    for (i, o) in a.allow_origins.iter().enumerate() {
+        let uri: http::Uri = o.parse().map_err(|_| invalid(&format!("admin.allow_origins[{i}]"), "not an origin"))?;
+        if uri.scheme().is_none() || uri.authority().is_none() || !matches!(uri.path(), "" | "/") {
+            return Err(invalid(&format!("admin.allow_origins[{i}]"), "must be scheme://host[:port]"));
+        }
+    }
     Ok(AdminConfig {
-        address: a.address.unwrap_or(defaults::ADMIN_ADDRESS),
-        token: load_secret(a.token_file.as_deref(), a.token_env.as_deref(), "admin")?,
+        address,
+        token,
+        hosts,
+        allow_origins: a.allow_origins.iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect(),
+        max_connections: a.max_connections.unwrap_or(defaults::ADMIN_MAX_CONNECTIONS),
     })
 }
 

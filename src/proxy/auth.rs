@@ -7,8 +7,9 @@
 //! refused as ambiguous. Whatever carried the token is removed before forwarding (the query
 //! parameter, the cookie, the subprotocol entry, and the `Authorization` header unless the route
 //! sets `forward_token`), so the token reaches the backend only when a route asks for it.
-//! Client-sent `x-portcullis-*` headers are always stripped; the verified subject and the
-//! configured claims are added as `x-portcullis-sub` and `x-portcullis-claim-<name>`.
+//! The verified subject and the configured claims are set as `x-portcullis-sub` and
+//! `x-portcullis-claim-<name>`, kept apart from the client's headers until
+//! [`forward::backend_headers`] drops every client name that folds onto them.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use http::header::{AUTHORIZATION, COOKIE, ORIGIN};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
+use super::forward::{self, ForwardedFor, HeaderError};
 use super::upgrade::WsRequest;
 use crate::auth::{check_policy, AuthError, Authenticator, Claims, SignatureGate};
 use crate::config::{render_path, Captures};
@@ -29,9 +31,12 @@ pub const IDENTITY_PREFIX: &str = "x-portcullis-";
 pub struct Admitted {
     /// Verified claims, when the route requires a token.
     pub claims: Option<Arc<Claims>>,
-    /// Headers that may go to the backend (token carriers and spoofed identity removed,
-    /// identity added).
+    /// The client's headers less every token carrier; [`Admitted::backend_headers`] makes
+    /// the backend's from them.
     pub headers: HeaderMap,
+    /// Headers the proxy sets for the backend (the verified identity, a forwarded token):
+    /// nothing the client sends can remove or pass for them.
+    identity: HeaderMap,
     /// Path and query for the backend (token query parameter removed).
     pub path_and_query: String,
     /// The upgrade (none for a plain HTTP request), with a token subprotocol entry removed.
@@ -55,15 +60,12 @@ pub async fn admit(
 ) -> Result<Admitted, AuthError> {
     check_origin(route.origin.as_ref(), headers)?;
     let mut out_headers = headers.clone();
-    let spoofed: Vec<HeaderName> =
-        out_headers.keys().filter(|n| n.as_str().starts_with(IDENTITY_PREFIX)).cloned().collect();
-    for name in spoofed {
-        out_headers.remove(&name);
-    }
+    let mut identity = HeaderMap::new();
     let Some(policy) = &route.auth else {
         return Ok(Admitted {
             claims: None,
             headers: out_headers,
+            identity,
             path_and_query: path_and_query.to_owned(),
             ws,
             token_subprotocol: None,
@@ -142,11 +144,11 @@ pub async fn admit(
     }
     if policy.forward_token {
         if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
-            out_headers.insert(AUTHORIZATION, v);
+            identity.insert(AUTHORIZATION, v);
         }
     }
     if let Some(sub) = claims.subject().and_then(|s| HeaderValue::from_str(s).ok()) {
-        out_headers.insert(HeaderName::from_static("x-portcullis-sub"), sub);
+        identity.insert(HeaderName::from_static("x-portcullis-sub"), sub);
     }
     for name in &policy.forward_claims {
         let Some(value) = claims.get(name) else { continue };
@@ -156,17 +158,31 @@ pub async fn admit(
         };
         let header = HeaderName::from_bytes(format!("{IDENTITY_PREFIX}claim-{}", name.to_ascii_lowercase()).as_bytes());
         if let (Ok(h), Ok(v)) = (header, HeaderValue::from_str(&text)) {
-            out_headers.insert(h, v);
+            identity.insert(h, v);
         }
     }
     Ok(Admitted {
         claims: Some(claims),
         headers: out_headers,
+        identity,
         path_and_query,
         ws,
         token_subprotocol,
         subprotocol_marker,
     })
+}
+
+impl Admitted {
+    /// The backend request's headers ([`forward::backend_headers`]): the client's, then this
+    /// request's identity, then the forwarding headers; `skip` names those the caller writes.
+    pub(crate) fn backend_headers(
+        &self,
+        route: &RouteConfig,
+        f: &ForwardedFor,
+        skip: &[HeaderName],
+    ) -> Result<HeaderMap, HeaderError> {
+        forward::backend_headers(&self.headers, &self.identity, f, route.headers_with_underscores, skip)
+    }
 }
 
 /// Checks the Origin header against the route's allowlist.
@@ -194,10 +210,11 @@ fn check_grant(c: &Claims, policy: &crate::config::RouteAuth, caps: &Captures) -
         return Ok(());
     }
     let agent = caps.get("agent").ok_or(AuthError::Forbidden)?;
-    let by_claim = policy.agent_claim.as_deref().is_some_and(|name| c.contains(name, agent));
+    // The capture is lowercase already (the route stage); a grant names the agent in any case.
+    let by_claim = policy.agent_claim.as_deref().is_some_and(|name| c.contains_ignoring_case(name, agent));
     let by_scope = policy.agent_scope.as_deref().is_some_and(|t| {
         let scope = render_path(t, caps);
-        c.contains("scope", &scope) || c.contains("scp", &scope)
+        c.contains_ignoring_case("scope", &scope) || c.contains_ignoring_case("scp", &scope)
     });
     if by_claim || by_scope {
         Ok(())

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
-use super::forward::{backend_path, request_headers, ForwardedFor};
+use super::forward::backend_path;
 use super::relay::close::HEALTH_CHECK;
 use super::relay::frame;
 use super::upgrade::{accept_value, header_has_token, WsRequest};
@@ -104,10 +104,9 @@ pub struct BackendRequest<'a> {
     pub path_and_query: &'a str,
     /// The validated upgrade.
     pub ws: &'a WsRequest,
-    /// Forwarding information.
-    pub forwarded: &'a ForwardedFor,
-    /// The client's headers (end-to-end ones are passed on).
-    pub client_headers: &'a HeaderMap,
+    /// The headers for the backend, built by [`super::forward::backend_headers`] (without the
+    /// handshake's own, which this stage writes).
+    pub headers: &'a HeaderMap,
     /// Key for sticky member choice, when the route is sticky and the request has one.
     pub sticky_key: Option<Vec<u8>>,
 }
@@ -264,7 +263,8 @@ async fn connect_member(
 }
 
 /// Headers of the client's upgrade that the backend handshake sets itself.
-const SET_BY_HANDSHAKE: &[HeaderName] = &[
+/// Headers the backend handshake writes itself; the client's are not passed on.
+pub(crate) const SET_BY_HANDSHAKE: &[HeaderName] = &[
     header::CONTENT_LENGTH,
     header::SEC_WEBSOCKET_KEY,
     header::SEC_WEBSOCKET_VERSION,
@@ -294,7 +294,7 @@ fn request_head(member: &str, path: &str, req: &BackendRequest<'_>) -> Vec<u8> {
     if let Some(e) = &req.ws.extensions {
         line(b"sec-websocket-extensions", e.as_bytes());
     }
-    for (name, value) in &request_headers(req.client_headers, req.forwarded, SET_BY_HANDSHAKE) {
+    for (name, value) in req.headers {
         line(name.as_str().as_bytes(), value.as_bytes());
     }
     h.extend_from_slice(b"\r\n");

@@ -18,6 +18,9 @@ const SESSION_RETRY_AFTER: &str = "5";
 /// Why a request (an upgrade, or a plain HTTP request) got no answer from a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
+    /// The request's `Host` or `:authority` is missing, repeated or not an authority (400).
+    #[error(transparent)]
+    Host(#[from] crate::proxy::host::HostError),
     /// Route stage.
     #[error(transparent)]
     Route(#[from] RouteError),
@@ -63,6 +66,10 @@ pub enum RequestError {
     /// The client address holds `max_streams_per_ip` HTTP/2 streams already (429).
     #[error("too many HTTP/2 streams from this address")]
     TooManyStreams,
+    /// A client header the route refuses (400): a name with an underscore under
+    /// `headers_with_underscores = "reject"`.
+    #[error(transparent)]
+    Header(#[from] crate::proxy::forward::HeaderError),
     /// A broken invariant inside the proxy (500); the detail goes to the log, never the body.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -83,7 +90,7 @@ impl RequestError {
     pub fn status(&self) -> StatusCode {
         match self {
             RequestError::Route(RouteError::NoRoute) => StatusCode::NOT_FOUND,
-            RequestError::Route(RouteError::InvalidCapture(_)) => StatusCode::BAD_REQUEST,
+            RequestError::Route(RouteError::InvalidCapture(_)) | RequestError::Host(_) => StatusCode::BAD_REQUEST,
             RequestError::Upgrade(UpgradeError::NotUpgrade | UpgradeError::BadVersion) => StatusCode::UPGRADE_REQUIRED,
             RequestError::Upgrade(UpgradeError::ConnectTunnel) => StatusCode::METHOD_NOT_ALLOWED,
             RequestError::Upgrade(_) => StatusCode::BAD_REQUEST,
@@ -110,7 +117,7 @@ impl RequestError {
                 ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
             },
             RequestError::NoSuchSession => StatusCode::NOT_FOUND,
-            RequestError::BadResumeId => StatusCode::BAD_REQUEST,
+            RequestError::BadResumeId | RequestError::Header(_) => StatusCode::BAD_REQUEST,
             RequestError::Resume(crate::resume::ClaimError::OtherSubject) => StatusCode::FORBIDDEN,
             RequestError::Resume(crate::resume::ClaimError::Busy) => StatusCode::CONFLICT,
             RequestError::TooManySessions
@@ -127,6 +134,7 @@ impl RequestError {
         match self {
             RequestError::Route(RouteError::NoRoute) => "no_route",
             RequestError::Route(RouteError::InvalidCapture(_)) => "invalid_capture",
+            RequestError::Host(_) => "bad_host",
             RequestError::Upgrade(UpgradeError::NotUpgrade) => "not_upgrade",
             RequestError::Upgrade(UpgradeError::BadVersion) => "bad_version",
             RequestError::Upgrade(UpgradeError::HttpOnlyRoute) => "upgrade_not_allowed",
@@ -160,6 +168,7 @@ impl RequestError {
             RequestError::TooManyObservers => "observers_full",
             RequestError::NoSuchSession => "no_such_session",
             RequestError::BadResumeId => "invalid_resume_id",
+            RequestError::Header(_) => "underscore_header",
             RequestError::Resume(crate::resume::ClaimError::OtherSubject) => "resume_refused",
             RequestError::Resume(crate::resume::ClaimError::Busy) => "resume_busy",
             RequestError::HandshakeRate(_) => "handshake_rate",

@@ -5,14 +5,17 @@
 //!
 //! Client-sent `X-Forwarded-*` and `Forwarded` are extended only when the client is a
 //! configured trusted proxy; from anyone else they are dropped, so the leftmost address a
-//! backend sees cannot be spoofed at the edge.
+//! backend sees cannot be spoofed at the edge. Nothing a client sends can remove or pass for a
+//! header the proxy sets ([`backend_headers`], DESIGN.md §11).
 
 use std::net::IpAddr;
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 
-use crate::config::{render_path, Captures, RouteConfig};
+use super::auth::IDENTITY_PREFIX;
+use super::host::Authority;
+use crate::config::{render_path, Captures, RouteConfig, UnderscoreHeaders};
 
 /// How the client reached the proxy, for `X-Forwarded-*` and `Forwarded`.
 #[derive(Debug, Clone)]
@@ -21,8 +24,8 @@ pub struct ForwardedFor {
     pub client_ip: IpAddr,
     /// "https" for TLS listeners, "http" otherwise.
     pub proto: &'static str,
-    /// The Host the client asked for.
-    pub host: Option<HeaderValue>,
+    /// The authority the client asked for, validated ([`super::host`]).
+    pub host: Option<Authority>,
     /// The client is a configured trusted proxy: its `X-Forwarded-For` and `Forwarded` are
     /// extended instead of dropped.
     pub trusted: bool,
@@ -58,11 +61,32 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// The headers a backend request carries: the client's end-to-end headers except `skip` (and
-/// `Host`, which the caller sets to the member), then the forwarding headers.
-pub fn request_headers(client: &HeaderMap, f: &ForwardedFor, skip: &[HeaderName]) -> HeaderMap {
+/// A client header name the route refuses (400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// A header name with an underscore, on a route with `headers_with_underscores = "reject"`.
+    #[error("header names with underscores are not accepted")]
+    Underscore,
+}
+
+/// The one place a backend request's headers are built, for REST, SSE and WebSocket
+/// handshakes over HTTP/1.1 and HTTP/2 alike, in this order:
+///
+/// 1. the client's headers, less its hop-by-hop ones (by the RFC and by its own `Connection`
+///    list), `Host` (the caller sets the member), `skip`, and any name that folds (lowercase,
+///    `_` to `-`) onto a header the proxy sets: `x-portcullis-*`, the forwarding headers and
+///    every name in `proxy_set`; a name with an underscore as the route says;
+/// 2. then `proxy_set` (identity, a forwarded token), which nothing the client sent can remove;
+/// 3. then the forwarding headers, from the validated authority in `f`.
+pub fn backend_headers(
+    client: &HeaderMap,
+    proxy_set: &HeaderMap,
+    f: &ForwardedFor,
+    underscores: UnderscoreHeaders,
+    skip: &[HeaderName],
+) -> Result<HeaderMap, HeaderError> {
     let listed = connection_tokens(client);
-    let mut out = HeaderMap::with_capacity(client.len() + 5);
+    let mut out = HeaderMap::with_capacity(client.len() + proxy_set.len() + 5);
     let mut xff: Vec<u8> = Vec::new();
     let mut chain: Vec<u8> = Vec::new();
     for (name, value) in client {
@@ -80,13 +104,24 @@ pub fn request_headers(client: &HeaderMap, f: &ForwardedFor, skip: &[HeaderName]
             }
             continue;
         }
-        if name == header::HOST
-            || name.as_str().starts_with("x-forwarded-")
-            || skip.contains(name)
-            || hop_by_hop(name, &listed)
-        {
+        if name == header::HOST || skip.contains(name) || hop_by_hop(name, &listed) {
             continue;
         }
+        let underscore = name.as_str().contains('_');
+        if underscore && underscores == UnderscoreHeaders::Reject {
+            return Err(HeaderError::Underscore);
+        }
+        if proxy_sets(name.as_str(), proxy_set) {
+            crate::metrics::client_header_dropped("collision");
+            continue;
+        }
+        if underscore && underscores == UnderscoreHeaders::Drop {
+            crate::metrics::client_header_dropped("underscore");
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    for (name, value) in proxy_set {
         out.append(name.clone(), value.clone());
     }
     let ip = f.client_ip.to_string();
@@ -101,20 +136,55 @@ pub fn request_headers(client: &HeaderMap, f: &ForwardedFor, skip: &[HeaderName]
     };
     insert("x-forwarded-for", xff);
     insert("x-forwarded-proto", f.proto.as_bytes().to_vec());
-    let for_value = if f.client_ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
     let mut fwd = String::from_utf8_lossy(&chain).into_owned();
     if !fwd.is_empty() {
         fwd.push_str(", ");
     }
-    fwd.push_str(&format!("for={for_value};proto={}", f.proto));
+    // RFC 7239 §4: an IPv6 node and the host need a quoted-string (`[`, `:`, and a reg-name's
+    // sub-delims are not token characters).
+    let node = if f.client_ip.is_ipv6() { format!("[{ip}]") } else { ip };
+    fwd.push_str(&format!("for={};proto={}", quoted(&node), f.proto));
     if let Some(host) = &f.host {
-        insert("x-forwarded-host", host.as_bytes().to_vec());
-        if let Ok(hs) = host.to_str() {
-            fwd.push_str(&format!(";host=\"{hs}\""));
-        }
+        let host = host.to_string();
+        fwd.push_str(&format!(";host={}", quoted_string(&host)));
+        insert("x-forwarded-host", host.into_bytes());
     }
     insert("forwarded", fwd.into_bytes());
-    out
+    Ok(out)
+}
+
+/// Whether a client header named `name` would pass for one the proxy sets, once folded the
+/// way CGI-style servers fold names (case, and `_` read as `-`).
+fn proxy_sets(name: &str, proxy_set: &HeaderMap) -> bool {
+    let folded = name.replace('_', "-");
+    folded.starts_with(IDENTITY_PREFIX)
+        || folded.starts_with("x-forwarded-")
+        || matches!(folded.as_str(), "forwarded" | "x-real-ip")
+        || proxy_set.keys().any(|k| k.as_str() == folded)
+}
+
+/// A value as an RFC 7230 `token` when it is one, else as a [`quoted_string`] (RFC 7239 §4).
+fn quoted(value: &str) -> String {
+    let token =
+        !value.is_empty() && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    match token {
+        true => value.to_owned(),
+        false => quoted_string(value),
+    }
+}
+
+/// A value as an RFC 7230 `quoted-string`, `"` and `\\` escaped.
+fn quoted_string(value: &str) -> String {
+    let mut q = String::with_capacity(value.len() + 2);
+    q.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('"');
+    q
 }
 
 /// Removes a backend response's hop-by-hop headers before it goes to the client.
@@ -157,9 +227,62 @@ mod tests {
         ForwardedFor {
             client_ip: "192.0.2.7".parse().expect("ip"),
             proto: "https",
-            host: Some(HeaderValue::from_static("agents.example.com")),
+            host: Some(super::super::host::parse(b"agents.example.com").expect("authority")),
             trusted,
         }
+    }
+
+    fn build(client: &HeaderMap, set: &HeaderMap, f: &ForwardedFor, u: UnderscoreHeaders) -> HeaderMap {
+        backend_headers(client, set, f, u, &[]).expect("headers")
+    }
+
+    #[test]
+    fn the_client_cannot_remove_or_impersonate_a_header_the_proxy_sets() {
+        let client = headers(&[
+            ("connection", "close, x-portcullis-sub, x-portcullis-claim-role, x-forwarded-for, forwarded"),
+            ("x_portcullis_sub", "root"),
+            ("X_Portcullis_Claim_Role", "admin"),
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x_real_ip", "6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-portcullis-sub", "root"),
+            ("x_custom", "1"),
+            ("x-kept", "yes"),
+        ]);
+        let set = headers(&[("x-portcullis-sub", "alice"), ("x-portcullis-claim-role", "viewer")]);
+        for rule in [UnderscoreHeaders::Drop, UnderscoreHeaders::Allow] {
+            let out = build(&client, &set, &from(false), rule);
+            assert_eq!(out.get_all("x-portcullis-sub").iter().collect::<Vec<_>>(), ["alice"], "{rule:?}");
+            assert_eq!(out.get_all("x-portcullis-claim-role").iter().collect::<Vec<_>>(), ["viewer"], "{rule:?}");
+            assert_eq!(out.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"192.0.2.7"[..]));
+            assert!(out.get("forwarded").is_some() && out.get("x-real-ip").is_none(), "{out:?}");
+            for name in out.keys() {
+                let n = name.as_str();
+                assert!(
+                    !(n.contains('_') && n.replace('_', "-").starts_with("x-")) || n == "x_custom",
+                    "{n} forwarded"
+                );
+            }
+            assert_eq!(out.contains_key("x_custom"), rule == UnderscoreHeaders::Allow, "{rule:?}");
+            assert!(out.contains_key("x-kept"));
+        }
+        let refused = backend_headers(&client, &set, &from(false), UnderscoreHeaders::Reject, &[]);
+        assert_eq!(refused.err(), Some(HeaderError::Underscore));
+    }
+
+    #[test]
+    fn forwarded_values_are_tokens_or_quoted_strings() {
+        assert_eq!(quoted("192.0.2.7"), "192.0.2.7");
+        assert_eq!(quoted("[2001:db8::1]"), "\"[2001:db8::1]\"");
+        assert_eq!(quoted("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        let mut f = from(false);
+        f.host = Some(super::super::host::parse(b"a.example:8443").expect("authority"));
+        let out = build(&HeaderMap::new(), &HeaderMap::new(), &f, UnderscoreHeaders::Drop);
+        assert_eq!(
+            out.get("forwarded").map(|v| v.as_bytes()),
+            Some(&b"for=192.0.2.7;proto=https;host=\"a.example:8443\""[..])
+        );
+        assert_eq!(out.get("x-forwarded-host").map(|v| v.as_bytes()), Some(&b"a.example:8443"[..]));
     }
 
     #[test]
@@ -173,7 +296,7 @@ mod tests {
             ("x-kept", "yes"),
             ("host", "agents.example.com"),
         ]);
-        let out = request_headers(&client, &from(false), &[]);
+        let out = build(&client, &HeaderMap::new(), &from(false), UnderscoreHeaders::Drop);
         for gone in ["connection", "keep-alive", "x-secret-hop", "te", "proxy-authorization", "host"] {
             assert!(out.get(gone).is_none(), "{gone} was forwarded");
         }
@@ -184,9 +307,9 @@ mod tests {
     #[test]
     fn forwarded_chains_are_kept_only_from_trusted_proxies() {
         let client = headers(&[("x-forwarded-for", "10.9.9.9"), ("forwarded", "for=10.9.9.9")]);
-        let untrusted = request_headers(&client, &from(false), &[]);
+        let untrusted = build(&client, &HeaderMap::new(), &from(false), UnderscoreHeaders::Drop);
         assert_eq!(untrusted.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"192.0.2.7"[..]));
-        let trusted = request_headers(&client, &from(true), &[]);
+        let trusted = build(&client, &HeaderMap::new(), &from(true), UnderscoreHeaders::Drop);
         assert_eq!(trusted.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"10.9.9.9, 192.0.2.7"[..]));
         let fwd = trusted.get("forwarded").and_then(|v| v.to_str().ok()).unwrap_or("");
         assert!(fwd.starts_with("for=10.9.9.9, for=192.0.2.7;proto=https"), "{fwd}");

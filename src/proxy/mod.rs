@@ -25,6 +25,7 @@ pub(crate) mod connect;
 pub(crate) mod error;
 pub(crate) mod fanout;
 pub(crate) mod forward;
+pub mod host;
 pub(crate) mod http;
 pub(crate) mod observer;
 pub mod proxy_protocol;
@@ -314,19 +315,26 @@ pub type ProxyBody = Either<Full<Bytes>, stream::Download>;
 async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let runtime = ctx.shared.runtime.load_full();
-    let websocket = if ctx.h2 {
-        // HTTP/2 names the host in `:authority`; routing, the forwarding headers and the
-        // backend request read it as HTTP/1.1's `Host`.
-        if let (false, Some(authority)) = (req.headers().contains_key(HOST), req.uri().authority()) {
-            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                req.headers_mut().insert(HOST, v);
-            }
-        }
-        upgrade::is_extended_connect(&req)
-    } else {
-        upgrade::is_websocket(req.headers())
+    let websocket = match ctx.h2 {
+        true => upgrade::is_extended_connect(&req),
+        false => upgrade::is_websocket(req.headers()),
     };
-    let found = route::find(&runtime.routes, req.headers(), req.uri().path());
+    // The authority is parsed before anything reads it: routing, the forwarding headers and
+    // the backend request all see its canonical form in `Host` (HTTP/2's `:authority` too).
+    let authority = match host::of_request(req.version(), req.uri(), req.headers()) {
+        Ok(a) => a,
+        Err(e) => {
+            let e = RequestError::Host(e);
+            return Ok(match websocket {
+                true => reject(&ctx, "none", e),
+                false => reject_request(&ctx, &req, "none", started, e),
+            });
+        }
+    };
+    if let Some(v) = authority.as_ref().and_then(|a| HeaderValue::from_str(&a.to_string()).ok()) {
+        req.headers_mut().insert(HOST, v);
+    }
+    let found = route::find(&runtime.routes, authority.as_ref(), req.uri().path());
     if !websocket && req.method() == ::http::Method::CONNECT {
         let route = found.as_ref().map_or("none", |(r, _)| r.name.as_str());
         return Ok(reject_request(&ctx, &req, route, started, upgrade::UpgradeError::ConnectTunnel.into()));
@@ -380,7 +388,7 @@ fn forwarded_for(ctx: &ConnCtx, runtime: &Runtime, headers: &::http::HeaderMap) 
     ForwardedFor {
         client_ip: ctx.client_addr.ip(),
         proto: if ctx.tls { "https" } else { "http" },
-        host: headers.get(HOST).cloned(),
+        host: headers.get(HOST).and_then(|h| host::parse(h.as_bytes()).ok()),
         trusted: runtime.config.server.is_trusted_proxy(ctx.client_addr.ip()),
     }
 }
@@ -494,12 +502,16 @@ async fn handle_request(
         .as_ref()
         .and_then(|k| crate::routing::pool::sticky_key(k, req.headers(), path_and_query, &caps, claims));
     let forwarded = forwarded_for(ctx, runtime, req.headers());
+    // The proxy answers `Expect: 100-continue` itself (hyper sends 100 when the body is first
+    // read, which is when a member is ready for it).
+    let headers = match admitted.backend_headers(&route, &forwarded, &[::http::header::EXPECT]) {
+        Ok(h) => h,
+        Err(e) => return reject_request(ctx, &req, &route.name, started, e.into()),
+    };
     let out = request::Outgoing {
         method: req.method().clone(),
         path: forward::backend_path(&route, &caps, &admitted.path_and_query),
-        // The proxy answers `Expect: 100-continue` itself (hyper sends 100 when the body is
-        // first read, which is when a member is ready for it).
-        headers: forward::request_headers(&admitted.headers, &forwarded, &[::http::header::EXPECT]),
+        headers,
         sticky_key,
     };
     let metrics = ctx.shared.metrics.clone();
@@ -652,6 +664,10 @@ async fn handle_upgrade(
         Err(e) => return reject(ctx, &route.name, e),
     };
     let forwarded = forwarded_for(ctx, runtime, req.headers());
+    let backend_headers = match admitted.backend_headers(&route, &forwarded, connect::SET_BY_HANDSHAKE) {
+        Ok(h) => h,
+        Err(e) => return reject(ctx, &route.name, e.into()),
+    };
     let sticky_key = route.balance.sticky_key.as_ref().and_then(|k| {
         crate::routing::pool::sticky_key(k, req.headers(), path_and_query, &caps, admitted.claims.as_deref())
     });
@@ -668,13 +684,7 @@ async fn handle_upgrade(
         }
         false => ws,
     };
-    let breq = BackendRequest {
-        path_and_query: &admitted.path_and_query,
-        ws,
-        forwarded: &forwarded,
-        client_headers: &admitted.headers,
-        sticky_key,
-    };
+    let breq = BackendRequest { path_and_query: &admitted.path_and_query, ws, headers: &backend_headers, sticky_key };
     let Some(state) = runtime.route_state.get(&route.name) else {
         return reject(ctx, &route.name, RequestError::Internal("no routing state for a configured route"));
     };

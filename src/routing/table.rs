@@ -47,7 +47,12 @@ impl RouteTable {
                     if !valid {
                         return Err(RouteError::InvalidCapture(name.to_owned()));
                     }
-                    caps.push((name.to_owned(), value.to_owned()));
+                    // An agent id is a host name's label for DNS: one case for grants,
+                    // routing, stickiness and revocation alike.
+                    match name {
+                        "agent" => caps.push((name.to_owned(), value.to_ascii_lowercase())),
+                        _ => caps.push((name.to_owned(), value.to_owned())),
+                    }
                 }
                 return Ok((route.clone(), Captures(caps)));
             }
@@ -112,6 +117,7 @@ mod tests {
                 active_path: None,
             },
             backend_path: None,
+            headers_with_underscores: Default::default(),
             session: std::sync::Arc::new(SessionSettings::default()),
             backend: BackendSettings::default(),
             auth: None,

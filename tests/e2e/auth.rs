@@ -564,7 +564,7 @@ async fn session_api_requires_the_admin_token_when_configured() {
     assert_eq!(status, 401);
     let mut s = tokio::net::TcpStream::connect(proxy.admin).await.expect("admin");
     s.write_all(
-        b"GET /sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret-admin-token\r\nConnection: close\r\n\r\n",
+        b"GET /sessions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer s3cret-admin-token\r\nConnection: close\r\n\r\n",
     )
     .await
     .expect("send");

@@ -114,3 +114,71 @@ async fn a_new_process_that_refuses_its_configuration_leaves_the_old_one_serving
     d.send(true, op::TEXT, b"new").await;
     assert_eq!(d.recv().await.payload, b"new");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_racing_to_the_handover_socket_receives_nothing_and_the_upgrade_completes() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let backend = Backend::echo().await;
+    let runtime = tempfile::tempdir().expect("dir");
+    let run_dir = runtime.path().join("run");
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .one_address_load()
+        .set("server.drain_spread", "300ms")
+        .set("server.runtime_dir", run_dir.display().to_string())
+        .text();
+    let proxy = ProxyProcess::start(&text).await;
+    let pid = proxy.child.id();
+
+    // The attacker: a process of the same user polling for the socket (where it is now, and
+    // where it was before: beside the pid in the shared temporary directory), connecting the
+    // moment it appears, before the new process can.
+    let candidates = [
+        run_dir.join(format!("handover-{pid}.sock")),
+        std::env::temp_dir().join(format!("portcullis-handover-{pid}.sock")),
+    ];
+    let attacker = std::thread::spawn(move || {
+        let deadline = Instant::now() + SOON;
+        while Instant::now() < deadline {
+            for path in &candidates {
+                if let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) {
+                    s.set_read_timeout(Some(SOON)).expect("timeout");
+                    let mut got = vec![0u8; 64 * 1024];
+                    return Some(s.read(&mut got).unwrap_or(0));
+                }
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        None
+    });
+
+    // A client connecting in a loop through the whole handover: every connect must succeed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let looper = {
+        let (stop, addr) = (stop.clone(), proxy.tls);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let mut c =
+                    upgrade(addr, true, "/agents/a1/terminal", &[]).await.expect("a connect during the handover");
+                c.send(true, op::TEXT, b"looping").await;
+                assert_eq!(c.recv().await.payload, b"looping");
+            }
+        })
+    };
+    proxy.signal("USR2");
+    let started = log_line(&proxy, "handover: new process started").await;
+    let new_pid: Option<u32> =
+        started.split_whitespace().find_map(|w| w.strip_prefix("new_pid=")).and_then(|p| p.parse().ok());
+    let _reap = Reap(new_pid);
+    let received = tokio::task::spawn_blocking(move || attacker.join().expect("attacker")).await.expect("join");
+    assert_eq!(received, Some(0), "the racing process connected and must have been sent nothing");
+    log_line(&proxy, "a process other than the new one connected").await;
+    log_line(&proxy, "handover: serving; the previous process drains").await;
+    stop.store(true, Ordering::Relaxed);
+    looper.await.expect("no connect was refused during the handover");
+    let mode = std::fs::metadata(&run_dir).expect("runtime dir").permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the runtime directory admits only the proxy's user");
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("the new process serves");
+    c.send(true, op::TEXT, b"after").await;
+    assert_eq!(c.recv().await.payload, b"after");
+}

@@ -31,3 +31,4 @@ mod reload;
 mod resume;
 mod routing;
 mod tls;
+mod trust;

@@ -31,3 +31,18 @@ use std::time::Duration;
 
 /// Generous bound for anything that should happen "now" on a loaded 2-core machine.
 pub const SOON: Duration = Duration::from_secs(10);
+
+/// Polls `check` until it gives a value, for at most [`SOON`]: the one way these tests wait for
+/// something another task or process does. Panics naming `what` when time runs out.
+pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

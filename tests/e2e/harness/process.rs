@@ -69,7 +69,7 @@ impl ProxyProcess {
         let pp = ProxyProcess { child, tls, plain, admin, dir };
         loop {
             if let Ok(mut s) = TcpStream::connect(pp.admin).await {
-                let _ = s.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+                let _ = s.write_all(b"GET /live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
                 let mut out = Vec::new();
                 let _ = s.read_to_end(&mut out).await;
                 if out.starts_with(b"HTTP/1.1 200") {

@@ -79,7 +79,9 @@ impl Proxy {
 /// GET `path` on `addr` (plain HTTP); returns (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect admin");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("send");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
     let mut out = Vec::new();
     tokio::time::timeout(SOON, s.read_to_end(&mut out)).await.expect("admin answers").expect("read");
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -100,7 +102,7 @@ pub fn metric(body: &str, series: &str) -> f64 {
 pub async fn admin_request(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(admin).await.expect("admin");
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.expect("send");

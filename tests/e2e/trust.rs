@@ -1,0 +1,372 @@
+//! Trust boundaries (DESIGN.md §11, issue 24), each item as the attack that worked before it was
+//! fixed: identity headers a client tried to strip or forge, and `Host` values that were not an
+//! authority, over HTTP/1.1 (REST, SSE, WebSocket) and HTTP/2 (REST, RFC 8441).
+
+use std::net::SocketAddr;
+
+use crate::harness::*;
+
+/// A route of both kinds on `/agents/{agent}/api/{*rest}` to `member`, with the subject and the
+/// `role` claim forwarded, `host` as given and `extra` lines in the route table.
+fn config(key: &Hmac, member: SocketAddr, host: Option<&str>, extra: &str) -> TestConfig {
+    let host = host.map(|h| format!("host = \"{h}\"\n")).unwrap_or_default();
+    TestConfig::base(&["127.0.0.1:1".to_owned()]).merge(
+        "",
+        &format!(
+            r#"
+[[auth.keys]]
+algorithms = ["HS256"]
+secret_file = "{secret}"
+
+[[routes]]
+name = "api"
+{host}path = "/agents/{{agent}}/api/{{*rest}}"
+kind = "both"
+backends = ["{member}"]
+{extra}
+[routes.auth]
+sources = ["bearer"]
+agent_claim = "agents"
+forward_claims = ["role"]
+"#,
+            secret = key.path.display(),
+        ),
+    )
+}
+
+fn alice(key: &Hmac) -> String {
+    let token = key.token_with(serde_json::json!({ "sub": "alice", "agents": ["a1"], "role": "viewer" }));
+    format!("Bearer {token}")
+}
+
+/// What the backend must have seen on every path: the proxy's identity once, no spelling of it
+/// from the client, and the forwarding headers the proxy wrote.
+fn assert_identity(seen: &Seen, path: &str) {
+    let h = &seen.headers;
+    assert_eq!(h.get("x-portcullis-sub").map(String::as_str), Some("alice"), "{path}: {h:?}");
+    assert_eq!(h.get("x-portcullis-claim-role").map(String::as_str), Some("viewer"), "{path}: {h:?}");
+    assert_eq!(h.get("x-forwarded-for").map(String::as_str), Some("127.0.0.1"), "{path}: {h:?}");
+    for name in h.keys() {
+        assert!(!name.contains('_'), "{path}: the client's {name} reached the backend: {h:?}");
+    }
+    assert!(!h.values().any(|v| v == "root" || v == "admin" || v.contains("6.6.6.6")), "{path}: {h:?}");
+}
+
+#[tokio::test]
+async fn a_client_cannot_strip_or_forge_identity_headers_on_any_path() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, "").text()).await;
+    let auth = alice(&key);
+    let forged: &[(&str, &str)] = &[
+        ("authorization", &auth),
+        ("X_Portcullis_Sub", "root"),
+        ("X_Portcullis_Claim_Role", "admin"),
+        ("X_Forwarded_For", "6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+    ];
+    let stripping =
+        [forged, &[("connection", "close, x-portcullis-sub, x-portcullis-claim-role, x-forwarded-for")]].concat();
+
+    // HTTP/1.1: REST, SSE and the WebSocket handshake.
+    let mut c = H1::connect(proxy.tls, true).await;
+    assert_eq!(c.get("/agents/a1/api/headers", &stripping).await.status, 200);
+    let mut c = H1::connect(proxy.tls, true).await;
+    let sse = c.get("/agents/a1/api/sse?n=1&gap_ms=0", &stripping).await;
+    assert_eq!(sse.status, 200);
+    let ws_extra = [forged, &[("connection", "x-portcullis-sub, x-portcullis-claim-role")]].concat();
+    let ws = upgrade(proxy.tls, true, "/agents/a1/api/ws", &ws_extra).await.expect("h1 upgrade");
+    drop(ws);
+    // HTTP/2 has no Connection header: the underscore spellings, on a request and an
+    // extended CONNECT.
+    let mut h2 = H2::connect(proxy.tls).await;
+    let (status, _) = h2.get("/agents/a1/api/headers", forged).await;
+    assert_eq!(status, 200);
+    let _ws = h2.websocket("/agents/a1/api/ws", forged).await.expect("h2 websocket");
+
+    let seen = eventually("the backend saw five requests", || {
+        let s = backend.seen();
+        (s.len() >= 5).then_some(s)
+    })
+    .await;
+    for (s, path) in seen.iter().zip(["h1 rest", "h1 sse", "h1 websocket", "h2 rest", "h2 websocket"]) {
+        assert_identity(s, path);
+    }
+}
+
+#[tokio::test]
+async fn underscore_header_names_are_dropped_by_default_refused_or_allowed_per_route() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let auth = alice(&key);
+    let headers: &[(&str, &str)] = &[("authorization", &auth), ("x_trace_id", "t1")];
+    for (rule, status, forwarded) in [(None, 200, false), (Some("reject"), 400, false), (Some("allow"), 200, true)] {
+        let extra = rule.map(|r| format!("headers_with_underscores = \"{r}\"")).unwrap_or_default();
+        let proxy = Proxy::start_with(&config(&key, backend.addr, None, &extra).text()).await;
+        let before = backend.seen().len();
+        let mut c = H1::connect(proxy.tls, true).await;
+        let a = c.get("/agents/a1/api/headers", headers).await;
+        assert_eq!(a.status, status, "{rule:?}");
+        let seen = backend.seen();
+        match status {
+            200 => assert_eq!(seen[before].headers.contains_key("x_trace_id"), forwarded, "{rule:?}"),
+            _ => assert_eq!(seen.len(), before, "a refused request reached the backend"),
+        }
+        if rule == Some("reject") {
+            let refused = upgrade(proxy.tls, true, "/agents/a1/api/ws", headers).await.err().expect("refused upgrade");
+            assert_eq!(refused.status, 400);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_host_that_is_not_an_authority_is_refused_before_routing_or_forwarding() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&config(&key, backend.addr, Some("127.0.0.1"), "").text()).await;
+    let auth = alice(&key);
+    let request = |host: &str| {
+        format!("GET /agents/a1/api/headers HTTP/1.1\r\n{host}Authorization: {auth}\r\nConnection: close\r\n\r\n")
+    };
+    for host in [
+        "Host: 127.0.0.1:1\", for=6.6.6.6;proto=https;host=\"evil.example\r\n",
+        "Host: 127.0.0.1 evil\r\n",
+        "Host: user@127.0.0.1\r\n",
+        "Host: 127.0.0.1:99999\r\n",
+        "Host: 127.0.0.1\r\nHost: 127.0.0.1\r\n",
+        "",
+    ] {
+        let head = raw_request(proxy.plain, false, request(host).as_bytes()).await;
+        assert_eq!(head.status, 400, "{host:?}");
+    }
+    assert!(backend.seen().is_empty(), "a bad Host reached the backend: {:?}", backend.seen());
+
+    // A valid one, in any case, matches the host route and is what the backend is told.
+    let head = raw_request(proxy.plain, false, request("Host: 127.0.0.1:1\r\n").as_bytes()).await;
+    assert_eq!(head.status, 200);
+    let seen = &backend.seen()[0];
+    assert_eq!(seen.headers.get("x-forwarded-host").map(String::as_str), Some("127.0.0.1:1"));
+    assert_eq!(
+        seen.headers.get("forwarded").map(String::as_str),
+        Some("for=127.0.0.1;proto=http;host=\"127.0.0.1:1\""),
+        "one hop, with the host quoted"
+    );
+}
+
+#[tokio::test]
+async fn on_http2_a_host_header_naming_another_authority_is_refused() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, "").text()).await;
+    let auth = alice(&key);
+    let mut h2 = H2::connect(proxy.tls).await;
+    let (status, _) = h2.get("/agents/a1/api/headers", &[("authorization", &auth), ("host", "evil.example")]).await;
+    assert_eq!(status, 400);
+    let refused = h2.websocket("/agents/a1/api/ws", &[("authorization", &auth), ("host", "evil.example")]).await;
+    assert_eq!(refused.err().map(|h| h.status), Some(400));
+    assert!(backend.seen().is_empty(), "{:?}", backend.seen());
+    // The same authority in both (any case) is fine.
+    let (status, _) = h2.get("/agents/a1/api/headers", &[("authorization", &auth), ("host", "LOCALHOST")]).await;
+    assert_eq!(status, 200);
+    assert_eq!(backend.seen()[0].headers.get("x-forwarded-host").map(String::as_str), Some("localhost"));
+}
+
+/// Sends `head` (and `body`) to the admin listener as one request; (status, body).
+async fn admin_raw(admin: SocketAddr, head: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
+    let req = format!("{head}Connection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut out = Vec::new();
+    tokio::time::timeout(SOON, s.read_to_end(&mut out)).await.expect("admin answers").expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn the_admin_api_answers_only_known_hosts_and_no_browser_can_drive_it() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .set("admin.hosts", vec!["portcullis-admin.internal"])
+        .set("admin.allow_origins", vec!["https://ops.example.com"])
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let mut session = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("session");
+    let admin = proxy.admin;
+
+    // DNS rebinding: a page on rebind.attacker.example that now resolves to the proxy.
+    for host in ["rebind.attacker.example", "rebind.attacker.example:9090", "10.1.2.3"] {
+        let (status, body) = admin_raw(admin, &format!("GET /sessions HTTP/1.1\r\nHost: {host}\r\n"), "").await;
+        assert_eq!(status, 421, "{host}: {body}");
+        assert!(!body.contains("a1"), "the session list leaked to {host}");
+    }
+    for host in [format!("{admin}"), "localhost:9090".into(), "[::1]".into(), "portcullis-admin.internal".into()] {
+        let (status, _) = admin_raw(admin, &format!("GET /sessions HTTP/1.1\r\nHost: {host}\r\n"), "").await;
+        assert_eq!(status, 200, "{host}");
+    }
+
+    // CSRF: a cross-site form or text/plain fetch, or any request from a foreign origin.
+    let revoke = r#"{"agent":"a1"}"#;
+    let h = format!("POST /sessions/revoke HTTP/1.1\r\nHost: {admin}\r\n");
+    for (extra, status) in [
+        ("Content-Type: text/plain\r\n", 415),
+        ("Content-Type: application/x-www-form-urlencoded\r\n", 415),
+        ("", 415),
+        ("Content-Type: application/json\r\nOrigin: https://evil.example\r\n", 403),
+        ("Content-Type: application/json\r\nOrigin: null\r\n", 403),
+        ("Content-Type: application/json\r\nSec-Fetch-Site: cross-site\r\n", 403),
+    ] {
+        assert_eq!(admin_raw(admin, &format!("{h}{extra}"), revoke).await.0, status, "{extra:?}");
+    }
+    let (status, _) =
+        admin_raw(admin, &format!("GET /recordings HTTP/1.1\r\nHost: {admin}\r\nOrigin: https://evil.example\r\n"), "")
+            .await;
+    assert_eq!(status, 403, "recordings are not for other origins either");
+    session.send(true, 0x1, b"still here").await;
+    assert_eq!(session.recv().await.payload, b"still here", "no refused request closed the session");
+
+    // The operator's own tools (and a configured console origin) still work.
+    let ok = format!("{h}Content-Type: application/json; charset=utf-8\r\nOrigin: https://ops.example.com\r\n");
+    let (status, body) = admin_raw(admin, &ok, revoke).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#));
+    assert_eq!(session.recv_close().await.close_code(), Some(1008));
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    assert!(metric(&metrics, "portcullis_admin_refusals_total{reason=\"host\"}") >= 3.0, "{metrics}");
+    assert!(metric(&metrics, "portcullis_admin_refusals_total{reason=\"content_type\"}") >= 3.0);
+}
+
+#[tokio::test]
+async fn the_admin_listener_has_a_header_timeout_and_a_connection_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .set("server.header_read_timeout", "300ms")
+        .set("admin.max_connections", 2)
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(proxy.admin).await.expect("admin");
+        s.write_all(b"GET /sessions HTTP/1.1\r\nHost: loc").await.expect("half a head");
+        held.push(s);
+    }
+    // The third is over the cap: closed without an answer, while the two are held.
+    let mut third = tokio::net::TcpStream::connect(proxy.admin).await.expect("admin");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(SOON, third.read(&mut buf)).await.expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "the third connection was served: {n:?}");
+    // The half-sent heads are cut after the header timeout; then the listener serves again.
+    for mut s in held {
+        let mut out = Vec::new();
+        let r = tokio::time::timeout(SOON, s.read_to_end(&mut out)).await;
+        assert!(r.is_ok(), "a half-sent head was held open past the header timeout");
+    }
+    let (status, _) = eventually_status(proxy.admin).await;
+    assert_eq!(status, 200);
+    let (_, metrics) = http_get(proxy.admin, "/metrics").await;
+    assert!(metric(&metrics, "portcullis_admin_refusals_total{reason=\"connections\"}") >= 1.0, "{metrics}");
+}
+
+/// `/live` once the listener has a free slot again (the cut connections' slots free as their
+/// tasks end).
+async fn eventually_status(admin: SocketAddr) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let (status, body) = http_get_lenient(admin, "/live").await;
+        if status == 200 || tokio::time::Instant::now() >= deadline {
+            return (status, body);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Like `http_get`, but a connection closed without an answer is status 0, not a panic.
+async fn http_get_lenient(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return (0, String::new()) };
+    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(SOON, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    (text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0), text)
+}
+
+#[test]
+fn an_admin_listener_off_loopback_without_a_token_is_refused_by_check_config_and_run() {
+    let dir = tempfile::tempdir().expect("dir");
+    let open = dir.path().join("open-admin.toml");
+    std::fs::write(&open, "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[admin]\naddress = \"0.0.0.0:0\"\n")
+        .expect("write");
+    for args in [&["check-config"][..], &["run", "--config"][..]] {
+        let out =
+            std::process::Command::new(env!("CARGO_BIN_EXE_portcullis")).args(args).arg(&open).output().expect("run");
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let msg = String::from_utf8_lossy(&out.stderr);
+        assert!(msg.contains("admin.address") && msg.contains("token"), "{args:?}: {msg}");
+    }
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "a-long-admin-token\n").expect("write");
+    let guarded = dir.path().join("guarded-admin.toml");
+    std::fs::write(
+        &guarded,
+        format!(
+            "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[admin]\naddress = \"0.0.0.0:0\"\ntoken_file = {token:?}\n"
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("check-config")
+        .arg(&guarded)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_member_host_made_only_of_an_agent_capture_is_refused_by_check_config() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("any-host.toml");
+    std::fs::write(
+        &config,
+        "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[admin]\n\
+         [[routes]]\nname = \"t\"\npath = \"/agents/{agent}/terminal\"\nbackends = [\"{agent}:7681\"]\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("routes[0].backends") && msg.contains("literal part"), "{msg}");
+}
+
+#[tokio::test]
+async fn an_agent_id_is_one_agent_in_any_case_for_grants_sessions_and_revocation() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, "").text()).await;
+    // A grant written "Box1" opens the agent however the path spells it.
+    let token = format!("Bearer {}", key.token("alice", &["Box1"], std::time::Duration::from_secs(600)));
+    let mut streams = Vec::new();
+    for spelling in ["BOX1", "box1"] {
+        let mut c = H1::connect(proxy.tls, true).await;
+        let resp = c
+            .send(request(
+                "GET",
+                &format!("/agents/{spelling}/api/sse?n=0&hold=1"),
+                &[("authorization", &token)],
+                full(""),
+            ))
+            .await;
+        assert_eq!(resp.status(), 200, "{spelling}");
+        streams.push((c, resp));
+    }
+    let (_, list) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+    assert_eq!(list.matches("\"agent\":\"box1\"").count(), 2, "one agent id in the registry: {list}");
+    // Revoking the agent in another case still finds both.
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"agent":"Box1"}"#).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":2}"#));
+}
