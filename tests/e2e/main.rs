@@ -24,6 +24,7 @@ mod metrics;
 mod observe;
 mod proxy_protocol;
 mod rates;
+mod readme;
 mod rebalance;
 mod recording;
 mod relay;

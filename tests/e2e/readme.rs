@@ -1,0 +1,85 @@
+//! The README's "Try it" block, run as pasted (with this run's ports, directory and binary in
+//! place of the defaults) by bash against a live `portcullis demo`, so the README cannot drift
+//! from what works.
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// Kills the demo at the end of the test, whatever happens.
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_try_it_block_works_as_pasted_against_a_live_demo() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+    let from = readme.find("From a second terminal").expect("the README's Try it block");
+    let block = readme[from..]
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .map(|(block, _)| block.to_owned())
+        .expect("a sh block after 'From a second terminal'");
+
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    let dir = tempfile::tempdir().expect("dir");
+    // The demo takes addresses, not listeners: free ports, as tests/e2e/demo.rs does.
+    let (listen, admin, backend) = (free_port(), free_port(), free_port());
+    let mut child = Command::new(bin)
+        .args(["demo", "--no-npm", "--shell", "/bin/sh"])
+        .args(["--listen", &format!("127.0.0.1:{listen}"), "--admin", &format!("127.0.0.1:{admin}")])
+        .args(["--backend", &format!("127.0.0.1:{backend}"), "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let demo = Demo(child);
+    let token = tokio::time::timeout(
+        SOON,
+        tokio::task::spawn_blocking(move || {
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .find_map(|l| l.trim().strip_prefix("TOKEN=").map(str::to_owned))
+        }),
+    )
+    .await
+    .expect("the banner in time")
+    .expect("banner reader")
+    .expect("a TOKEN= line in the banner");
+
+    let script = block
+        .replace("localhost:8443", &format!("localhost:{listen}"))
+        .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}"))
+        .replace("target/portcullis-demo", &dir.path().display().to_string())
+        .replace("cargo run --release --", bin);
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!("TOKEN={token}\n{script}"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("bash")
+    });
+    let out = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the block ends").expect("join");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!("--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    assert!(out.status.success(), "{all}");
+    assert!(!stderr.contains("curl: ("), "a curl step failed: {all}");
+    assert!(stdout.contains("\"id\":1"), "the task was not started: {all}");
+    assert!(stdout.contains("data:"), "the task's SSE output did not arrive: {all}");
+    assert!(stdout.lines().any(|l| l.starts_with("HTTP/") && l.contains(" 403")), "no 403 for agent other: {all}");
+    assert!(stderr.matches("connected (101").count() >= 2, "the two WebSocket steps did not connect: {all}");
+    assert!(stdout.contains("portcullis_") && stdout.contains("\"sessions\""), "admin steps: {all}");
+    assert!(stdout.trim_end().lines().last().is_some_and(|l| l.contains("eyJ")), "no minted token: {all}");
+    drop(demo);
+}
