@@ -287,13 +287,13 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                 Ok(a) => a,
                 Err(r) => return r,
             };
-            if ask.issuer.is_some() && ask.subject.is_none() {
-                return text(StatusCode::BAD_REQUEST, "issuer narrows a subject revocation: give subject too\n");
+            if ask.issuer.is_some() && ask.subject.is_none() && ask.jti.is_none() {
+                return text(StatusCode::BAD_REQUEST, "issuer narrows a subject or jti revocation: give one too\n");
             }
             let selector = match (ask.subject, ask.agent, ask.jti) {
                 (Some(subject), None, None) => Selector::Subject { subject, issuer: ask.issuer },
                 (None, Some(a), None) => Selector::Agent(a.to_ascii_lowercase()),
-                (None, None, Some(j)) => Selector::Jti(j),
+                (None, None, Some(jti)) => Selector::Jti { jti, issuer: ask.issuer },
                 _ => return text(StatusCode::BAD_REQUEST, "give exactly one of subject, agent, jti\n"),
             };
             let closed = revoke(shared, &selector);
@@ -470,12 +470,12 @@ fn revoke(shared: &Shared, selector: &Selector) -> usize {
     if let Some(auth) = &shared.runtime.load().authenticator {
         match selector {
             Selector::Subject { subject, issuer } => auth.deny_subject(subject, issuer.as_deref(), latest_exp),
-            Selector::Jti(j) => auth.deny_jti(j, latest_exp),
+            Selector::Jti { jti, issuer } => auth.deny_jti(jti, issuer.as_deref(), latest_exp),
             Selector::Id(_) | Selector::Agent(_) => {
                 // A session or agent revocation also refuses the exact tokens that were cut.
                 for e in &closed {
                     if let Some(j) = &e.jti {
-                        auth.deny_jti(j, e.token_exp);
+                        auth.deny_jti(j, e.issuer.as_deref(), e.token_exp);
                     }
                 }
             }

@@ -174,6 +174,9 @@ fn main() -> ExitCode {
                 if !problems.is_empty() {
                     return ExitCode::from(EXIT_CONFIG);
                 }
+                for w in c.warnings() {
+                    eprintln!("{}: warning: {w}", file.display());
+                }
                 let files = if syntax_only { "files not read" } else { "every file it names read" };
                 println!(
                     "{}: ok ({} listeners, {} routes; {files})",

@@ -235,8 +235,14 @@ pub enum Selector {
     },
     /// Every session to an agent.
     Agent(String),
-    /// Every session opened with a token id.
-    Jti(String),
+    /// Every session opened with a token id (of one issuer, or of any when `issuer` is `None`:
+    /// token ids are unique per issuer only).
+    Jti {
+        /// The token id.
+        jti: String,
+        /// The issuer that narrows it.
+        issuer: Option<String>,
+    },
 }
 
 /// Live sessions, for `/sessions`, revocation and the drain.
@@ -307,7 +313,10 @@ impl Sessions {
                         && issuer.as_ref().is_none_or(|iss| e.issuer.as_deref() == Some(iss.as_str()))
                 }
                 Selector::Agent(a) => e.agent.as_deref() == Some(a.as_str()),
-                Selector::Jti(j) => e.jti.as_deref() == Some(j.as_str()),
+                Selector::Jti { jti, issuer } => {
+                    e.jti.as_deref() == Some(jti.as_str())
+                        && issuer.as_ref().is_none_or(|iss| e.issuer.as_deref() == Some(iss.as_str()))
+                }
             })
             .collect();
         for e in &matched {

@@ -235,6 +235,15 @@ fn subject_key(issuer: Option<&str>, subject: &str) -> String {
     }
 }
 
+/// The denylist key of a token id: of one issuer (a `jti` is unique per issuer only, RFC 7519
+/// §4.1.7), or of any.
+fn jti_key(issuer: Option<&str>, jti: &str) -> String {
+    match issuer {
+        Some(iss) => format!("jti-iss:{iss}\u{0}{jti}"),
+        None => format!("jti-any:{jti}"),
+    }
+}
+
 /// Verifies tokens; rebuilt on config reload (the [`Denylist`] is kept across reloads).
 pub struct Authenticator {
     keys: Vec<StaticKey>,
@@ -424,7 +433,8 @@ impl Authenticator {
     fn check_denied(&self, c: &Claims) -> Result<(), AuthError> {
         let denied = &self.denylist.denied;
         if let Some(jti) = &c.jti {
-            if denied.contains_key(&format!("jti:{jti}")) {
+            let keys = [Some(jti_key(None, jti)), c.issuer().map(|iss| jti_key(Some(iss), jti))];
+            if keys.into_iter().flatten().any(|k| denied.contains_key(&k)) {
                 return Err(AuthError::Revoked);
             }
         }
@@ -451,9 +461,10 @@ impl Authenticator {
         self.deny(subject_key(issuer, subject), Some(until.map_or(floor, |u| u.max(floor))));
     }
 
-    /// Refuses the token with this `jti` until `until`.
-    pub fn deny_jti(&self, jti: &str, until: Option<u64>) {
-        self.deny(format!("jti:{jti}"), until);
+    /// Refuses the token with this `jti` (of `issuer` only, or of every issuer when `None`)
+    /// until `until`.
+    pub fn deny_jti(&self, jti: &str, issuer: Option<&str>, until: Option<u64>) {
+        self.deny(jti_key(issuer, jti), until);
     }
 
     fn deny(&self, key: String, until: Option<u64>) {

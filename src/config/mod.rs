@@ -687,6 +687,22 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// What is valid but weak, one sentence each, for `check-config` to print: today, routes
+    /// that accept a token of any audience.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.auth.as_ref().is_some_and(|a| a.audiences.is_empty()) {
+                out.push(format!(
+                    "routes[{i}] ({}): [routes.auth] has no audiences, so a token the same keys signed for any other \
+                     service is accepted here; set audiences",
+                    r.name
+                ));
+            }
+        }
+        out
+    }
+
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =

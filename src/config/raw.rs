@@ -82,6 +82,8 @@ pub(super) struct RawJwks {
     pub(super) min_refetch_interval: Option<Dur>,
     pub(super) timeout: Option<Dur>,
     pub(super) ca: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) danger_allow_http: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -590,6 +590,14 @@ fn auth(a: RawAuth) -> Result<AuthSettings, Invalid> {
         if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
             return Err(invalid(&format!("{key}.url"), "must be an http:// or https:// URL"));
         }
+        // Keys fetched in clear text can be replaced by anyone on the path: then they sign
+        // every token they like.
+        if url.scheme_str() == Some("http") && !j.danger_allow_http {
+            return Err(invalid(
+                &format!("{key}.url"),
+                "is http://: anyone on the path could swap the keys; use https://, or set danger_allow_http = true for a trusted local key server",
+            ));
+        }
         check_algorithms(&j.algorithms, &format!("{key}.algorithms"))?;
         if j.algorithms.iter().any(|a| a.family() == AlgorithmFamily::Hmac) {
             return Err(invalid(&format!("{key}.algorithms"), "HS* algorithms cannot come from a JWKS"));

@@ -156,11 +156,16 @@ pub fn backend_headers(
 /// Whether a client header named `name` would pass for one the proxy sets, once folded the
 /// way CGI-style servers fold names (case, and `_` read as `-`).
 fn proxy_sets(name: &str, proxy_set: &HeaderMap) -> bool {
-    let folded = name.replace('_', "-");
+    // Names are lowercase already (`http` lowercases them); only `_` needs folding, and
+    // most names have none, so they are not copied.
+    let folded = match name.contains('_') {
+        true => std::borrow::Cow::Owned(name.replace('_', "-")),
+        false => std::borrow::Cow::Borrowed(name),
+    };
     folded.starts_with(IDENTITY_PREFIX)
         || folded.starts_with("x-forwarded-")
-        || matches!(folded.as_str(), "forwarded" | "x-real-ip")
-        || proxy_set.keys().any(|k| k.as_str() == folded)
+        || matches!(folded.as_ref(), "forwarded" | "x-real-ip")
+        || proxy_set.keys().any(|k| k.as_str() == folded.as_ref())
 }
 
 /// A value as an RFC 7230 `token` when it is one, else as a [`quoted_string`] (RFC 7239 §4).

@@ -359,7 +359,7 @@ async fn jwks_rotation_is_picked_up_with_bounded_fetches() {
     let k2 = key(Algorithm::ES256, Some("k2"));
     let server = jwks_server(json!({"keys": [jwk(&k1)]}).to_string()).await;
     let extra = format!(
-        "[[auth.jwks]]\nurl = \"http://{}/.well-known/jwks.json\"\nalgorithms = [\"ES256\"]\nrefresh_interval = \"1h\"\nmin_refetch_interval = \"1s\"\n",
+        "[[auth.jwks]]\nurl = \"http://{}/.well-known/jwks.json\"\nalgorithms = [\"ES256\"]\ndanger_allow_http = true\nrefresh_interval = \"1h\"\nmin_refetch_interval = \"1s\"\n",
         server.addr
     );
     // 50 concurrent connects from one address below: the per-address limits are not under test.
@@ -419,7 +419,7 @@ async fn jwks_outage_keeps_the_last_good_keys() {
     let k1 = key(Algorithm::ES256, Some("k1"));
     let server = jwks_server(json!({"keys": [jwk(&k1)]}).to_string()).await;
     let extra = format!(
-        "[[auth.jwks]]\nurl = \"http://{}/jwks\"\nalgorithms = [\"ES256\"]\nrefresh_interval = \"200ms\"\nmin_refetch_interval = \"100ms\"\n",
+        "[[auth.jwks]]\nurl = \"http://{}/jwks\"\nalgorithms = [\"ES256\"]\ndanger_allow_http = true\nrefresh_interval = \"200ms\"\nmin_refetch_interval = \"100ms\"\n",
         server.addr
     );
     let proxy = Proxy::start_with(&auth_config(backend.addr, "jwks_outage", "", &extra)).await;

@@ -352,7 +352,7 @@ async fn a_jwks_outage_with_traffic_flowing_touches_no_session_and_the_last_keys
         .merge(
             "",
             &format!(
-                "[[auth.jwks]]\nurl = \"http://{server}/jwks.json\"\nalgorithms = [\"ES256\"]\nrefresh_interval = \"200ms\"\n"
+                "[[auth.jwks]]\nurl = \"http://{server}/jwks.json\"\nalgorithms = [\"ES256\"]\ndanger_allow_http = true\nrefresh_interval = \"200ms\"\n"
             ),
         )
         .text();

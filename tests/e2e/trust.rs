@@ -370,3 +370,63 @@ async fn an_agent_id_is_one_agent_in_any_case_for_grants_sessions_and_revocation
     let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"agent":"Box1"}"#).await;
     assert_eq!((status, body.trim()), (200, r#"{"closed":2}"#));
 }
+
+#[test]
+fn check_config_refuses_jwks_over_http_unless_allowed_and_warns_of_routes_without_an_audience() {
+    let dir = tempfile::tempdir().expect("dir");
+    let write = |name: &str, extra: &str| {
+        let path = dir.path().join(name);
+        let text = format!(
+            "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[admin]\n\
+             [[auth.jwks]]\nurl = \"http://127.0.0.1:1/jwks.json\"\nalgorithms = [\"ES256\"]\n{extra}\n\
+             [[routes]]\nname = \"t\"\npath = \"/agents/{{agent}}/terminal\"\nbackends = [\"{{agent}}.agents.internal:7681\"]\n\
+             [routes.auth]\nagent_claim = \"agents\"\n"
+        );
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let check = |path: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("check-config")
+            .arg(path)
+            .output()
+            .expect("run")
+    };
+    let out = check(&write("http-jwks.toml", ""));
+    assert_eq!(out.status.code(), Some(64));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("auth.jwks[0].url") && msg.contains("https://"), "{msg}");
+    let out = check(&write("allowed.toml", "danger_allow_http = true"));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{msg}");
+    assert!(msg.contains("warning: routes[0] (t)") && msg.contains("audiences"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_revoked_token_id_is_refused_for_its_issuer_only() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, "").text()).await;
+    let token = |iss: &str| {
+        let t = key.token_with(serde_json::json!({ "sub": "alice", "agents": ["a1"], "iss": iss, "jti": "j1" }));
+        format!("Bearer {t}")
+    };
+    let (a, b) = (token("https://idp-a.example"), token("https://idp-b.example"));
+    // A session of issuer A's token j1, cut by an agent revocation: j1 of A is refused after.
+    let mut c = H1::connect(proxy.tls, true).await;
+    let held = c.send(request("GET", "/agents/a1/api/sse?n=0&hold=1", &[("authorization", &a)], full(""))).await;
+    assert_eq!(held.status(), 200);
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"agent":"a1"}"#).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#));
+    let mut c = H1::connect(proxy.tls, true).await;
+    assert_eq!(c.get("/agents/a1/api/headers", &[("authorization", &a)]).await.status, 401);
+    // Issuer B's j1 is another token.
+    let mut c = H1::connect(proxy.tls, true).await;
+    assert_eq!(c.get("/agents/a1/api/headers", &[("authorization", &b)]).await.status, 200);
+    // A revocation by jti narrowed to issuer B refuses B's only.
+    let (status, _) =
+        admin_post(proxy.admin, "/sessions/revoke", r#"{"jti":"j1","issuer":"https://idp-b.example"}"#).await;
+    assert_eq!(status, 200);
+    let mut c = H1::connect(proxy.tls, true).await;
+    assert_eq!(c.get("/agents/a1/api/headers", &[("authorization", &b)]).await.status, 401);
+}
