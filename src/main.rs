@@ -264,7 +264,9 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("portcullis=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a terminal: a log file or a collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if format == "json" {
         builder.json().flatten_event(true).init();
     } else {
@@ -413,6 +415,9 @@ async fn demo(
     let backend_listener = tokio::net::TcpListener::bind(backend)
         .await
         .with_context(|| format!("cannot bind the demo backend on {backend}"))?;
+    // Port 0 means any free port: the configuration, the page's origins and the banner name
+    // the ports actually bound.
+    let backend = backend_listener.local_addr()?;
     let web_dir = dir.to_owned();
     let xterm = tokio::task::spawn_blocking(move || demo::web::ensure_installed(&web_dir, npm)).await?;
     let agent = std::sync::Arc::new(demo::agent::Agent::new(shell.clone(), xterm.as_ref().ok().cloned()));
@@ -426,9 +431,17 @@ async fn demo(
     let cert = demo::write_self_signed(dir)?;
     let jwt = demo::write_jwt_keys(dir)?;
     let token = demo::mint_token(&jwt, "demo", std::time::Duration::from_secs(3600))?;
+    let bind = |addr: SocketAddr, what: &str| {
+        std::net::TcpListener::bind(addr).with_context(|| format!("cannot bind the demo's {what} on {addr}"))
+    };
+    let (listen_socket, admin_socket) = (bind(listen, "proxy")?, bind(admin, "admin listener")?);
+    let (listen, admin) = (listen_socket.local_addr()?, admin_socket.local_addr()?);
+    let mut sockets = vec![(listen, listen_socket), (admin, admin_socket)];
     let text = demo::config_text(listen, admin, backend, &cert, &jwt, &demo::PageOpts { resume_window, origins });
     let config = Config::parse(&text, Path::new("<demo>"))?;
-    let bound = Bound::bind(&config).await?;
+    let bound = Bound::bind_with(&config, |_, addr| {
+        sockets.iter().position(|(a, _)| *a == addr).map(|i| sockets.swap_remove(i).1)
+    })?;
     let exe = "cargo run --release --";
     let page_note = match &xterm {
         Ok(_) => "xterm.js installed from the npm registry".to_owned(),

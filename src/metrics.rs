@@ -89,7 +89,12 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (
         Kind::Counter,
         "portcullis_recording_failures_total",
-        "Recording gaps, by route and reason (backlog: the writer fell behind; io: the file failed).",
+        "Recording gaps, by route and reason (backlog: the writer fell behind; io: the file failed; file_size: max_file_size reached; directory_full: max_total_size held already).",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_recording_evictions_total",
+        "Finished recordings deleted, by route and reason (age: past max_age; size: before max_age, to make room under when_full = evict_oldest).",
     ),
     (
         Kind::Counter,
@@ -154,6 +159,11 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         Kind::Counter,
         "portcullis_admin_refusals_total",
         "Admin requests or connections refused, by reason (host, origin, content_type, connections).",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_cors_preflights_total",
+        "CORS preflights answered by the proxy, by route and result (allowed, refused).",
     ),
     (Kind::Gauge, "portcullis_worker_threads", "Tokio worker threads running the proxy."),
     (Kind::Gauge, "portcullis_token_cache_entries", "Tokens in the verified-token cache."),
@@ -514,6 +524,11 @@ pub fn client_header_dropped(reason: &'static str) {
 /// `connections`).
 pub fn admin_refused(reason: &'static str) {
     counter!("portcullis_admin_refusals_total", "reason" => reason).increment(1);
+}
+
+/// A CORS preflight was answered (`result`: `allowed`, `refused`).
+pub fn cors_preflight(route: &str, result: &'static str) {
+    counter!("portcullis_cors_preflights_total", "route" => route.to_owned(), "result" => result).increment(1);
 }
 
 /// Tokio worker threads running the proxy (set when metrics are rendered).

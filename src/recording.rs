@@ -14,10 +14,19 @@
 //! `close` ends the session with 1011. Either way the gap is logged and counted in
 //! `portcullis_recording_failures_total{route,reason}`: an audit gap is never silent.
 //!
-//! Files are created 0600 in the route's directory, named `{unix time}-{route}-{session}.cast`;
-//! at each new recording the directory is swept: files older than `max_age` go, then the
-//! oldest until the rest fit `max_total_size`. The header carries the session id, route,
-//! agent, subject and start time, never a token.
+//! Files are created 0600 in the route's directory, named `{unix time}-{route}-{session}.cast`.
+//! Recordings are evidence (DESIGN.md §11):
+//! - a live recording holds a shared `flock` on its file, and nothing deletes a locked file (the
+//!   sweep takes an exclusive lock first), whichever process is writing it;
+//! - one recording stops at `max_file_size`: a gap marker (`[t, "m", "..."]`) ends it and
+//!   `on_backlog` decides whether the session goes on unrecorded or closes;
+//! - a new recording in a directory that holds `max_total_size` is refused (a gap, as above)
+//!   unless the route says `when_full = "evict_oldest"`, when the oldest finished recordings are
+//!   deleted, each counted in `portcullis_recording_evictions_total{reason="size"}` and alerted;
+//! - the server sweeps each directory every `sweep_interval` ([`sweep`]): finished recordings
+//!   older than `max_age` go (`reason="age"`).
+//!
+//! The header carries the session id, route, agent, subject and start time, never a token.
 
 use std::collections::VecDeque;
 use std::io;
@@ -32,7 +41,7 @@ use metrics::{counter, gauge};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::config::{Backlog, RecordingSettings};
+use crate::config::{Backlog, RecordingSettings, WhenFull};
 
 /// Who a recording is of, for its header and file name.
 #[derive(Debug, Clone)]
@@ -242,25 +251,33 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let path = settings.directory.join(file_name(&meta, unix));
     gauge!("portcullis_recordings_active").increment(1.0);
-    let dir = settings.directory.clone();
-    let (max_age, max_total) = (settings.max_age, settings.max_total_size);
-    let _ = tokio::task::spawn_blocking(move || sweep(&dir, max_age, max_total)).await;
-    let mut file = match create(&path).await {
-        Ok(f) => Some(tokio::io::BufWriter::new(f)),
-        Err(e) => {
-            queue.fail("io", &format_args!("{}: {e}", path.display()));
+    let (dir, route, evict) = (settings.directory.clone(), meta.route.clone(), settings.when_full);
+    let max_total = settings.max_total_size;
+    let room = tokio::task::spawn_blocking(move || make_room(&dir, &route, max_total, evict)).await.unwrap_or(false);
+    let mut file = match room {
+        false => {
+            queue
+                .fail("directory_full", &format_args!("{} holds max_total_size already", settings.directory.display()));
             None
         }
+        true => match create(&path).await {
+            Ok(f) => Some(tokio::io::BufWriter::new(f)),
+            Err(e) => {
+                queue.fail("io", &format_args!("{}: {e}", path.display()));
+                None
+            }
+        },
     };
+    let mut written = 0u64;
     if let Some(f) = file.as_mut() {
         let line = header(&settings, &meta, unix) + "\n";
+        written += line.len() as u64;
         if let Err(e) = f.write_all(line.as_bytes()).await {
             queue.fail("io", &format_args!("{}: {e}", path.display()));
             file = None;
         }
     }
     let mut carry = [Vec::new(), Vec::new()];
-    let mut written = 0u64;
     let mut batch = VecDeque::new();
     while let Some(first) = rx.recv().await {
         batch.push_back(first);
@@ -277,6 +294,16 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
             }
             let mut line = serde_json::json!([chunk.at, chunk.stream.code(), text]).to_string();
             line.push('\n');
+            if written + line.len() as u64 + MARKER_ROOM > settings.max_file_size {
+                // The cap ends this recording, visibly: a marker, then nothing more.
+                let marker = serde_json::json!([chunk.at, "m", FILE_FULL_MARKER]).to_string() + "\n";
+                written += marker.len() as u64;
+                let _ = f.write_all(marker.as_bytes()).await;
+                let _ = f.flush().await;
+                queue.fail("file_size", &format_args!("{}: max_file_size reached", path.display()));
+                file = None;
+                continue;
+            }
             written += line.len() as u64;
             if let Err(e) = f.write_all(line.as_bytes()).await {
                 queue.fail("io", &format_args!("{}: {e}", path.display()));
@@ -301,33 +328,91 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
     tracing::info!(session = meta.session, route = %meta.route, file = %path.display(), bytes = written, "recording ended");
 }
 
+/// Bytes kept free at the end of a recording for its gap marker.
+const MARKER_ROOM: u64 = 128;
+
+/// The gap marker's label when `max_file_size` ends a recording.
+const FILE_FULL_MARKER: &str = "portcullis: recording stopped, max_file_size reached";
+
+/// Creates the recording's file and takes a shared `flock` on it for as long as it is open:
+/// the sweep deletes no file it cannot lock exclusively.
 async fn create(path: &Path) -> io::Result<tokio::fs::File> {
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await?;
     }
-    tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).await
+    let file = tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).await?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared).map_err(io::Error::from)?;
+    Ok(file)
 }
 
-/// Deletes the directory's recordings older than `max_age`, then the oldest until the rest
-/// are under `max_total` bytes.
-fn sweep(dir: &Path, max_age: std::time::Duration, max_total: u64) {
-    let mut files = list(dir);
-    let now = SystemTime::now();
-    files.retain(|f| {
-        let old = now.duration_since(f.modified).is_ok_and(|age| age > max_age);
-        if old {
-            let _ = std::fs::remove_file(&f.path);
-        }
-        !old
-    });
+/// Whether a new recording fits `dir`: under `max_total` bytes, after evicting the oldest
+/// finished recordings when the route says so.
+fn make_room(dir: &Path, route: &str, max_total: u64, when_full: WhenFull) -> bool {
+    let files = list(dir);
     let mut total: u64 = files.iter().map(|f| f.size).sum();
+    if total < max_total {
+        return true;
+    }
+    if when_full == WhenFull::Refuse {
+        return false;
+    }
     for f in &files {
-        if total <= max_total {
+        if total < max_total {
             break;
         }
-        if std::fs::remove_file(&f.path).is_ok() {
-            total -= f.size;
+        if remove_finished(&f.path) {
+            total = total.saturating_sub(f.size);
+            evicted(route, "size", f);
         }
+    }
+    total < max_total
+}
+
+/// The timer's sweep of one recorded route's directory: finished recordings older than
+/// `max_age` are deleted (`reason="age"`), and with `when_full = "evict_oldest"` the oldest
+/// finished ones until the rest fit `max_total_size` (`reason="size"`). Live recordings (a
+/// locked file) are never touched. Blocking: run it off the runtime's workers.
+pub fn sweep(route: &str, settings: &RecordingSettings) {
+    let now = SystemTime::now();
+    let mut kept = Vec::new();
+    for f in list(&settings.directory) {
+        let old = now.duration_since(f.modified).is_ok_and(|age| age > settings.max_age);
+        if old && remove_finished(&f.path) {
+            evicted(route, "age", &f);
+        } else {
+            kept.push(f);
+        }
+    }
+    if settings.when_full == WhenFull::EvictOldest {
+        let mut total: u64 = kept.iter().map(|f| f.size).sum();
+        for f in &kept {
+            if total <= settings.max_total_size {
+                break;
+            }
+            if remove_finished(&f.path) {
+                total = total.saturating_sub(f.size);
+                evicted(route, "size", f);
+            }
+        }
+    }
+}
+
+/// Deletes `path` if no recording holds it (an exclusive `flock` is granted), holding that
+/// lock while it unlinks. A file that cannot be locked is live, or not ours: it stays.
+fn remove_finished(path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(path) else { return false };
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        return false;
+    }
+    std::fs::remove_file(path).is_ok()
+}
+
+/// Counts and logs one deleted recording.
+fn evicted(route: &str, reason: &'static str, f: &Stored) {
+    counter!("portcullis_recording_evictions_total", "route" => route.to_owned(), "reason" => reason).increment(1);
+    match reason {
+        "age" => tracing::info!(route, file = %f.name, bytes = f.size, "recording deleted: older than max_age"),
+        _ => tracing::warn!(route, file = %f.name, bytes = f.size, reason, "recording deleted before max_age"),
     }
 }
 

@@ -461,6 +461,7 @@ impl Server {
             tracing::info!(%addr, "admin listening");
         }
         let admin_task = bound.admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), stop_admin.clone())));
+        let sweeper = tokio::spawn(sweep_recordings(shared.clone(), stop_admin.clone()));
         let upkeep = {
             let stop = stop_admin.clone();
             let shared = shared.clone();
@@ -524,7 +525,39 @@ impl Server {
             let _ = t.await;
         }
         let _ = upkeep.await;
+        let _ = sweeper.await;
         Ok(())
+    }
+}
+
+/// Sweeps each recorded route's directory every `sweep_interval` ([`crate::recording::sweep`]),
+/// under the configuration in force at each turn, until `stop`.
+async fn sweep_recordings(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut last: HashMap<String, std::time::Instant> = HashMap::new();
+    loop {
+        let routes: Vec<(String, Arc<crate::config::RecordingSettings>)> = shared
+            .runtime
+            .load()
+            .config
+            .routes
+            .iter()
+            .filter_map(|r| r.recording.clone().map(|rec| (r.name.clone(), rec)))
+            .collect();
+        let now = std::time::Instant::now();
+        let mut next = Duration::from_secs(60);
+        for (route, settings) in routes {
+            let due = last.get(&route).is_none_or(|at| now.duration_since(*at) >= settings.sweep_interval);
+            if due {
+                last.insert(route.clone(), now);
+                let settings = settings.clone();
+                let _ = tokio::task::spawn_blocking(move || crate::recording::sweep(&route, &settings)).await;
+            }
+            next = next.min(settings.sweep_interval);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(next) => {}
+        }
     }
 }
 

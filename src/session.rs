@@ -174,6 +174,9 @@ pub enum SessionKind {
     WebSocket,
     /// A `text/event-stream` response (SSE) streamed chunk by chunk.
     Sse,
+    /// Any other response body in flight (NDJSON, a long-poll, a download): governed like an
+    /// event stream, not counted under subject caps.
+    Stream,
 }
 
 impl SessionKind {
@@ -182,6 +185,7 @@ impl SessionKind {
         match self {
             SessionKind::WebSocket => "websocket",
             SessionKind::Sse => "sse",
+            SessionKind::Stream => "stream",
         }
     }
 }

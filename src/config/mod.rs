@@ -182,6 +182,23 @@ pub struct OriginPolicy {
     pub allow_missing: bool,
 }
 
+/// `[routes.cors]`: what a browser page on another origin may do with the route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsPolicy {
+    /// Origins whose pages may call the route (exact or wildcard, as `[routes.origin]`).
+    pub allow_origins: Vec<OriginPattern>,
+    /// Methods a preflight may ask for.
+    pub allow_methods: Vec<http::Method>,
+    /// Request headers a preflight may ask for (lowercase).
+    pub allow_headers: Vec<String>,
+    /// Response headers the page may read beyond the CORS-safelisted ones.
+    pub expose_headers: Vec<String>,
+    /// Whether the page may send credentials (cookies, `Authorization`) and read the answer.
+    pub allow_credentials: bool,
+    /// How long a browser may cache a preflight's answer.
+    pub max_age: Duration,
+}
+
 /// Process-wide limits and timeouts (`[server]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSettings {
@@ -333,6 +350,8 @@ pub struct RouteConfig {
     pub auth: Option<RouteAuth>,
     /// Origin allowlist; any origin when absent.
     pub origin: Option<OriginPolicy>,
+    /// CORS answered by the proxy (preflights and response headers), when set.
+    pub cors: Option<std::sync::Arc<CorsPolicy>>,
     /// Terminal recording (asciicast v2) of the route's WebSocket sessions, when set.
     pub recording: Option<std::sync::Arc<RecordingSettings>>,
     /// Live observers of the route's WebSocket sessions, when set.
@@ -411,14 +430,34 @@ pub struct RecordingSettings {
     pub on_backlog: Backlog,
     /// Bytes a session may have waiting for the writer.
     pub queue: usize,
-    /// Recordings older than this are deleted (checked when a recording starts).
+    /// Finished recordings older than this are deleted by the sweep.
     pub max_age: Duration,
-    /// The directory's recordings are kept under this many bytes, oldest deleted first.
+    /// The directory's recordings are kept under this many bytes: what `when_full` says
+    /// happens past it.
     pub max_total_size: u64,
+    /// One recording's largest size: past it, a gap marker ends the recording and
+    /// `on_backlog` decides whether the session goes on unrecorded or closes.
+    pub max_file_size: u64,
+    /// What a new recording does when the directory holds `max_total_size` already.
+    pub when_full: WhenFull,
+    /// How often the directory is swept (age, and `when_full = "evict_oldest"`).
+    pub sweep_interval: Duration,
     /// The terminal width the header declares (columns).
     pub width: u16,
     /// The terminal height the header declares (rows).
     pub height: u16,
+}
+
+/// What a new recording does when its directory is full (`when_full`). Recordings are
+/// evidence: by default a cap stops new recordings, it never erases older ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// The new recording does not start: a gap, handled as `on_backlog` says (the session
+    /// unrecorded, or closed), logged and counted.
+    Refuse,
+    /// The oldest finished recordings are deleted to make room (never a live one); each is
+    /// counted in `portcullis_recording_evictions_total{reason="size"}` and alerted.
+    EvictOldest,
 }
 
 /// What a recorded session does when its recording cannot keep up or fails: an audit gap is

@@ -109,6 +109,18 @@ pub(super) struct RawRouteAuth {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawCors {
+    pub(super) allow_origins: Vec<OriginPattern>,
+    pub(super) allow_methods: Option<Vec<String>>,
+    pub(super) allow_headers: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) expose_headers: Vec<String>,
+    pub(super) allow_credentials: Option<bool>,
+    pub(super) max_age: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawOrigin {
     pub(super) allow: Vec<OriginPattern>,
     pub(super) allow_missing: Option<bool>,
@@ -287,6 +299,7 @@ pub(super) struct RawRoute {
     pub(super) backend: RawBackend,
     pub(super) auth: Option<RawRouteAuth>,
     pub(super) origin: Option<RawOrigin>,
+    pub(super) cors: Option<RawCors>,
     pub(super) recording: Option<RawRecording>,
     pub(super) observe: Option<RawObserve>,
     pub(super) resume: Option<RawResume>,
@@ -337,8 +350,19 @@ pub(super) struct RawRecording {
     pub(super) queue: Option<Size>,
     pub(super) max_age: Option<Dur>,
     pub(super) max_total_size: Option<Size>,
+    pub(super) max_file_size: Option<Size>,
+    pub(super) when_full: Option<RawWhenFull>,
+    pub(super) sweep_interval: Option<Dur>,
     pub(super) width: Option<u16>,
     pub(super) height: Option<u16>,
+}
+
+/// `when_full = "refuse" | "evict_oldest"`.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawWhenFull {
+    Refuse,
+    EvictOldest,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy)]

@@ -58,6 +58,15 @@ fn recording(r: super::raw::RawRecording, key: &str) -> Result<std::sync::Arc<su
     if r.directory.as_os_str().is_empty() {
         return Err(invalid(&format!("{key}.recording.directory"), "must not be empty"));
     }
+    let max_total_size = r.max_total_size.map_or(10 << 30, |v| v.0);
+    let max_file_size = r.max_file_size.map_or(256 << 20, |v| v.0).min(max_total_size);
+    if max_file_size < 4096 {
+        return Err(invalid(&format!("{key}.recording.max_file_size"), "must be at least 4KiB"));
+    }
+    let sweep_interval = dur(r.sweep_interval, Duration::from_secs(60));
+    if sweep_interval.is_zero() {
+        return Err(invalid(&format!("{key}.recording.sweep_interval"), "must be more than 0s"));
+    }
     Ok(std::sync::Arc::new(super::RecordingSettings {
         directory: r.directory,
         input: r.input.unwrap_or(false),
@@ -67,7 +76,13 @@ fn recording(r: super::raw::RawRecording, key: &str) -> Result<std::sync::Arc<su
         },
         queue,
         max_age: dur(r.max_age, Duration::from_secs(30 * 24 * 3600)),
-        max_total_size: r.max_total_size.map_or(10 << 30, |v| v.0),
+        max_total_size,
+        max_file_size,
+        when_full: match r.when_full {
+            None | Some(super::raw::RawWhenFull::Refuse) => super::WhenFull::Refuse,
+            Some(super::raw::RawWhenFull::EvictOldest) => super::WhenFull::EvictOldest,
+        },
+        sweep_interval,
         width: r.width.unwrap_or(80).max(1),
         height: r.height.unwrap_or(24).max(1),
     }))
@@ -325,9 +340,22 @@ fn route(
             drop_grace: f.drop_grace.map_or(super::DROP_GRACE, |d| d.0),
         })),
     };
+    let cors = r.cors.map(|c| cors(c, key)).transpose()?;
+    // A cookie rides along on any site's request: only an origin policy tells the route's
+    // own pages from another site's (CSRF, cross-site WebSocket hijacking).
+    let cookie = auth.as_ref().is_some_and(|a| a.sources.iter().any(|s| matches!(s, TokenSource::Cookie(_))));
+    if cookie && r.origin.is_none() {
+        return Err(invalid(
+            key,
+            "this route takes its token from a cookie, which the browser sends on any site's requests: add [routes.origin] \
+             with allow = [\"https://your.app.example\"] (the origins of your own pages; requests with any other \
+             Origin are refused, and clients that send none, like curl, still work)",
+        ));
+    }
     Ok(RouteConfig {
         auth,
         origin: r.origin.map(origin),
+        cors,
         recording,
         observe,
         resume,
@@ -450,6 +478,41 @@ fn route_auth(a: RawRouteAuth, key: &str, path: &PathPattern) -> Result<RouteAut
         forward_token: a.forward_token,
         subprotocol_marker: marker,
     })
+}
+
+fn cors(c: super::raw::RawCors, key: &str) -> Result<std::sync::Arc<super::CorsPolicy>, Invalid> {
+    if c.allow_origins.is_empty() {
+        return Err(invalid(&format!("{key}.cors.allow_origins"), "must name at least one origin"));
+    }
+    let methods = c.allow_methods.unwrap_or_else(|| vec!["GET".into(), "HEAD".into(), "POST".into()]);
+    let mut allow_methods = Vec::with_capacity(methods.len());
+    for m in methods {
+        let method = http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+            .map_err(|_| invalid(&format!("{key}.cors.allow_methods"), &format!("{m:?} is not a method")))?;
+        allow_methods.push(method);
+    }
+    let header_names = |names: Vec<String>, field: &str| -> Result<Vec<String>, Invalid> {
+        names
+            .into_iter()
+            .map(|n| {
+                http::HeaderName::from_bytes(n.as_bytes())
+                    .map(|h| h.as_str().to_owned())
+                    .map_err(|_| invalid(&format!("{key}.cors.{field}"), &format!("{n:?} is not a header name")))
+            })
+            .collect()
+    };
+    let allow_headers = header_names(
+        c.allow_headers.unwrap_or_else(|| vec!["authorization".into(), "content-type".into()]),
+        "allow_headers",
+    )?;
+    Ok(std::sync::Arc::new(super::CorsPolicy {
+        allow_origins: c.allow_origins,
+        allow_methods,
+        allow_headers,
+        expose_headers: header_names(c.expose_headers, "expose_headers")?,
+        allow_credentials: c.allow_credentials.unwrap_or(false),
+        max_age: dur(c.max_age, Duration::from_secs(600)),
+    }))
 }
 
 fn origin(o: RawOrigin) -> OriginPolicy {

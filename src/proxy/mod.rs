@@ -22,6 +22,7 @@
 pub(crate) mod accept;
 pub(crate) mod auth;
 pub(crate) mod connect;
+pub(crate) mod cors;
 pub(crate) mod error;
 pub(crate) mod fanout;
 pub(crate) mod forward;
@@ -339,6 +340,14 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         let route = found.as_ref().map_or("none", |(r, _)| r.name.as_str());
         return Ok(reject_request(&ctx, &req, route, started, upgrade::UpgradeError::ConnectTunnel.into()));
     }
+    // A CORS preflight carries no credentials: the route's policy answers it, before any
+    // token is asked for.
+    if let Ok((route, _)) = &found {
+        if let Some(answer) = route.cors.as_ref().and_then(|c| cors::preflight(c, &route.name, &req)) {
+            return Ok(answer.map(Either::Left));
+        }
+    }
+    let origin = req.headers().get(::http::header::ORIGIN).cloned();
     let per_ip = match ctx.h2.then(|| stream_slot(&ctx, &runtime)) {
         None | Some(Ok(None)) => None,
         Some(Ok(slot)) => slot,
@@ -363,7 +372,12 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         }
         (Ok((route, _)), true) => reject(&ctx, &route.name, upgrade::UpgradeError::HttpOnlyRoute.into()),
         (Ok((route, caps)), false) if route.kind.http() => {
-            handle_request(&ctx, &runtime, route, caps, req, started, stream).await
+            let policy = route.cors.clone();
+            let mut resp = handle_request(&ctx, &runtime, route, caps, req, started, stream).await;
+            if let Some(p) = &policy {
+                cors::decorate(p, origin.as_ref(), resp.headers_mut());
+            }
+            resp
         }
         (Ok((route, _)), false) => reject(&ctx, &route.name, upgrade::UpgradeError::NotUpgrade.into()),
     };
@@ -540,23 +554,50 @@ async fn handle_request(
     exchange.status = parts.status.as_u16();
     exchange.member = Some(answered.member.clone());
     http.metrics.request(sse, exchange.status);
-    let governance = match sse.then(|| subject_slots(ctx, runtime, &route, claims)) {
-        None => None,
-        Some(Err(e)) => return reject_exchange(ctx, exchange, e),
-        Some(Ok(slots)) => {
-            let registered = ctx.shared.sessions.register(session_entry(ctx, SessionKind::Sse, &route, &caps, claims));
-            let _ = registered.entry().backend.set(answered.member.clone());
-            let deadline = session_deadline(&route, runtime, claims);
-            let mut g = stream::Governance::new(registered, deadline, runtime.config.server.drain_spread);
-            g.slots = slots;
+    // Every body still in flight is a governed session: SSE counted under the subject's caps
+    // and ended cleanly; any other body (NDJSON, a long-poll, a download) ended the same way
+    // on expiry, revocation, lifetime and drain, cleanly when it is made of events, else cut.
+    let governance = match (sse, hyper::body::Body::is_end_stream(&body)) {
+        (false, true) => None,
+        (true, _) => match subject_slots(ctx, runtime, &route, claims) {
+            Err(e) => return reject_exchange(ctx, exchange, e),
+            Ok(slots) => {
+                let mut g = govern(ctx, runtime, &route, &caps, claims, SessionKind::Sse, stream::Cut::Clean);
+                let _ = g.session.entry().backend.set(answered.member.clone());
+                g.slots = slots;
+                Some(g)
+            }
+        },
+        (false, false) => {
+            let content_type = parts.headers.get(::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let cut = stream::Cut::for_content_type(content_type);
+            let g = govern(ctx, runtime, &route, &caps, claims, SessionKind::Stream, cut);
+            let _ = g.session.entry().backend.set(answered.member.clone());
             Some(g)
         }
     };
     let least_conns = (route.balance.policy == crate::config::Policy::LeastConnections)
         .then(|| ctx.shared.conns.acquire(&answered.member));
-    let mut download = stream::Download::new(body, settings.idle_body_timeout, governance, exchange, least_conns);
+    let mut download = stream::Download::new(body, settings.idle_body_timeout, governance, sse, exchange, least_conns);
     download.hold_stream(stream);
     Response::from_parts(parts, Either::Right(download))
+}
+
+/// Registers a streamed response as a session of `kind` and sets what ends it: the token's
+/// expiry, the route's `max_lifetime`, revocation, route removal and drain.
+fn govern(
+    ctx: &ConnCtx,
+    runtime: &Runtime,
+    route: &RouteConfig,
+    caps: &Captures,
+    claims: Option<&Claims>,
+    kind: SessionKind,
+    cut: stream::Cut,
+) -> stream::Governance {
+    let registered = ctx.shared.sessions.register(session_entry(ctx, kind, route, caps, claims));
+    let deadline = session_deadline(route, runtime, claims);
+    let lifetime = Some(route.session.max_lifetime).filter(|l| !l.is_zero());
+    stream::Governance::new(registered, deadline, lifetime, runtime.config.server.drain_spread, cut)
 }
 
 /// Answers a plain request that got no backend response, and writes its access-log line.

@@ -197,6 +197,8 @@ fn client_body_error(e: &hyper_util::client::legacy::Error, limit: u64) -> Optio
                 BodyError::TooLarge(_) => ForwardError::TooLarge(limit),
                 BodyError::Idle(d) => ForwardError::ClientStalled(*d),
                 BodyError::Client(why) => ForwardError::ClientBody(why.clone()),
+                // Only response bodies are ended by the proxy; an upload never is.
+                BodyError::Ended(why) => ForwardError::ClientBody((*why).to_owned()),
             });
         }
         source = s.source();

@@ -40,6 +40,10 @@ pub enum BodyError {
     /// The client's request body failed (it went away, or broke the framing).
     #[error("client body: {0}")]
     Client(String),
+    /// The proxy ended a response body that cannot end early and still look whole (a
+    /// download): the client sees it cut, never complete.
+    #[error("the response was ended by the proxy: {0}")]
+    Ended(&'static str),
 }
 
 /// Progress of one request body, shared by its attempts and the exchange's log line.
@@ -275,7 +279,7 @@ impl Exchange {
 /// What ends a governed stream.
 pub type StopFuture = Pin<Box<dyn Future<Output = &'static str> + Send>>;
 
-/// An event stream's session: its registry entry, and what ends it.
+/// A streamed response's session: its registry entry, what ends it, and how.
 pub struct Governance {
     /// Resolves with the reason when the stream must end.
     pub stop: StopFuture,
@@ -283,20 +287,61 @@ pub struct Governance {
     pub session: SessionGuard,
     /// The stream's places under the subject's session caps, freed when it ends.
     pub slots: Vec<crate::limits::Slot<crate::limits::SubjectKey>>,
+    /// How the body ends when the session is stopped.
+    pub cut: Cut,
+}
+
+/// How a governed body ends when its session is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// With its last chunk: the client sees a complete response and (an EventSource, an NDJSON
+    /// reader) reconnects. For streams of self-delimited events.
+    Clean,
+    /// Aborted (HTTP/1.1: the connection closes without the last chunk; HTTP/2: the stream is
+    /// reset), so a download cut short never looks complete.
+    Abort,
+}
+
+impl Cut {
+    /// `Clean` for bodies made of self-delimited events (`text/event-stream`, NDJSON and JSON
+    /// lines), `Abort` for every other body.
+    pub fn for_content_type(content_type: Option<&str>) -> Cut {
+        let essence = content_type.and_then(|v| v.split(';').next()).map(|v| v.trim().to_ascii_lowercase());
+        match essence.as_deref() {
+            Some(
+                "text/event-stream"
+                | "application/x-ndjson"
+                | "application/ndjson"
+                | "application/jsonl"
+                | "application/x-jsonlines"
+                | "application/stream+json"
+                | "application/json-seq",
+            ) => Cut::Clean,
+            _ => Cut::Abort,
+        }
+    }
 }
 
 impl Governance {
-    /// Ends on the session's stop (a drain after a random delay within `drain_spread`) or at
-    /// `expires_at` (the token's expiry plus leeway, when the route enforces it).
-    pub fn new(session: SessionGuard, expires_at: Option<tokio::time::Instant>, drain_spread: Duration) -> Governance {
+    /// Ends on the session's stop (a drain after a random delay within `drain_spread`), at
+    /// `expires_at` (the token's expiry plus leeway, when the route enforces it) or after
+    /// `lifetime` (the route's `max_lifetime`, `None` for no limit).
+    pub fn new(
+        session: SessionGuard,
+        expires_at: Option<tokio::time::Instant>,
+        lifetime: Option<Duration>,
+        drain_spread: Duration,
+        cut: Cut,
+    ) -> Governance {
         let control = session.entry().control.clone();
         let stop = Box::pin(async move {
-            let expiry = async {
-                match expires_at {
+            let at = |deadline: Option<tokio::time::Instant>| async move {
+                match deadline {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
+            let lifetime_end = lifetime.map(|l| tokio::time::Instant::now() + l);
             tokio::select! {
                 reason = control.wait() => match reason {
                     StopReason::Drain => {
@@ -310,10 +355,11 @@ impl Governance {
                     StopReason::RouteRemoved => "route_removed",
                     StopReason::Rebalance => "rebalance",
                 },
-                _ = expiry => "token_expired",
+                _ = at(expires_at) => "token_expired",
+                _ = at(lifetime_end) => "lifetime",
             }
         });
-        Governance { stop, session, slots: Vec::new() }
+        Governance { stop, session, slots: Vec::new(), cut }
     }
 }
 
@@ -335,6 +381,8 @@ pub struct Download {
     held: Option<Held>,
     idle: Idle,
     governance: Option<Governance>,
+    /// An event stream (SSE): counted and logged as one.
+    sse: bool,
     exchange: Exchange,
     sent: u64,
     end: Option<&'static str>,
@@ -349,15 +397,17 @@ impl Download {
         self._stream = hold;
     }
 
-    /// Streams `inner`; an event stream passes `governance`.
+    /// Streams `inner` under `governance` (every body still in flight has one); `sse` for an
+    /// event stream.
     pub fn new(
         inner: Incoming,
         idle: Duration,
         governance: Option<Governance>,
+        sse: bool,
         exchange: Exchange,
         least_conns: Option<ConnGuard>,
     ) -> Download {
-        if governance.is_some() {
+        if sse {
             exchange.metrics.sse_streams_active.increment(1.0);
         }
         Download {
@@ -365,6 +415,7 @@ impl Download {
             held: None,
             idle: Idle::new(idle),
             governance,
+            sse,
             exchange,
             sent: 0,
             end: None,
@@ -418,10 +469,14 @@ impl Body for Download {
         }
         if let Some(g) = this.governance.as_mut() {
             if let Poll::Ready(reason) = g.stop.as_mut().poll(cx) {
-                // A clean end: hyper writes the last chunk, the client sees a complete
-                // response and (an EventSource) reconnects.
                 this.end = Some(reason);
-                return Poll::Ready(None);
+                return match g.cut {
+                    // hyper writes the last chunk: a complete response, and (an EventSource)
+                    // the client reconnects.
+                    Cut::Clean => Poll::Ready(None),
+                    // hyper aborts the response: the client sees it cut.
+                    Cut::Abort => Poll::Ready(Some(Err(BodyError::Ended(reason).into()))),
+                };
             }
         }
         let polled = match this.held.take() {
@@ -483,7 +538,7 @@ impl Body for Download {
 
 impl Drop for Download {
     fn drop(&mut self) {
-        let sse = self.governance.is_some();
+        let sse = self.sse;
         if sse {
             self.exchange.metrics.sse_streams_active.decrement(1.0);
         }

@@ -14,7 +14,8 @@
 #   - a wrong token with the marker: no session (1006 in the browser, 401 at the proxy);
 #
 # then runs tests/browser/demo.py: the demo's page (xterm.js terminal on a real PTY, events,
-# REST, a task's SSE output, token expiry), with a screenshot in target/browser/demo.png.
+# REST, a task's SSE output, token expiry), with a screenshot in target/browser/demo.png; and
+# tests/browser/cors.py: a page on another origin calling an agent's API under [routes.cors].
 #
 # Prints `browser: N passed, M failed`; exits non-zero when a case fails. Loopback only; every
 # process it starts is stopped on exit. Binaries: target/debug/{portcullis,portcullis-loadtest}
@@ -143,4 +144,7 @@ echo "browser: $passed passed, $failed failed"
 # The demo's page: terminal, events, REST, SSE, expiry (tests/browser/demo.py).
 demo_ok=0
 PORTCULLIS_BIN="$PC" CHROMIUM="$CHROMIUM" CHROMEDRIVER="$DRIVER" python3 "$ROOT/tests/browser/demo.py" || demo_ok=1
-[ "$failed" -eq 0 ] && [ "$demo_ok" -eq 0 ]
+# CORS from a page on another origin (tests/browser/cors.py).
+cors_ok=0
+PORTCULLIS_BIN="$PC" CHROMIUM="$CHROMIUM" CHROMEDRIVER="$DRIVER" python3 "$ROOT/tests/browser/cors.py" || cors_ok=1
+[ "$failed" -eq 0 ] && [ "$demo_ok" -eq 0 ] && [ "$cors_ok" -eq 0 ]

@@ -147,7 +147,9 @@ async fn token_is_accepted_from_each_configured_source_and_never_forwarded() {
     let text = auth_config(
         backend.addr,
         "sources",
-        "sources = [\"bearer\", \"query:access_token\", \"cookie:pc_token\", \"subprotocol:bearer.\"]",
+        // A cookie source needs an origin policy; these clients send no Origin.
+        "sources = [\"bearer\", \"query:access_token\", \"cookie:pc_token\", \"subprotocol:bearer.\"]\n\
+         [origin]\nallow = [\"https://console.example.com\"]",
         &k.toml(),
     );
     let proxy = Proxy::start_with(&text).await;

@@ -30,12 +30,10 @@ async fn the_readme_try_it_block_works_as_pasted_against_a_live_demo() {
 
     let bin = env!("CARGO_BIN_EXE_portcullis");
     let dir = tempfile::tempdir().expect("dir");
-    // The demo takes addresses, not listeners: free ports, as tests/e2e/demo.rs does.
-    let (listen, admin, backend) = (free_port(), free_port(), free_port());
+    // Every port 0: the demo binds them and its banner names the ones it got.
     let mut child = Command::new(bin)
         .args(["demo", "--no-npm", "--shell", "/bin/sh"])
-        .args(["--listen", &format!("127.0.0.1:{listen}"), "--admin", &format!("127.0.0.1:{admin}")])
-        .args(["--backend", &format!("127.0.0.1:{backend}"), "--dir"])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--backend", "127.0.0.1:0", "--dir"])
         .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -43,19 +41,33 @@ async fn the_readme_try_it_block_works_as_pasted_against_a_live_demo() {
         .expect("spawn the demo");
     let stdout = child.stdout.take().expect("stdout");
     let demo = Demo(child);
-    let token = tokio::time::timeout(
+    let banner = tokio::time::timeout(
         SOON,
         tokio::task::spawn_blocking(move || {
-            std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .find_map(|l| l.trim().strip_prefix("TOKEN=").map(str::to_owned))
+            let mut lines = Vec::new();
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let done = line.trim().starts_with("TOKEN=");
+                lines.push(line);
+                if done {
+                    break;
+                }
+            }
+            lines
         }),
     )
     .await
     .expect("the banner in time")
-    .expect("banner reader")
-    .expect("a TOKEN= line in the banner");
+    .expect("banner reader");
+    let token = banner.iter().find_map(|l| l.trim().strip_prefix("TOKEN=")).expect("a TOKEN= line").to_owned();
+    let port_after = |prefix: &str| {
+        banner
+            .iter()
+            .find_map(|l| l.split(prefix).nth(1))
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("no {prefix}PORT in the banner: {banner:?}"))
+    };
+    let (listen, admin) = (port_after("https://localhost:"), port_after("http://127.0.0.1:"));
 
     let script = block
         .replace("localhost:8443", &format!("localhost:{listen}"))

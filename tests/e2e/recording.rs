@@ -202,3 +202,126 @@ async fn storage_that_fails_closes_the_session_with_1011_or_leaves_it_unrecorded
         assert_eq!(c.recv().await.payload, vec![n; 100], "the session goes on, unrecorded");
     }
 }
+
+/// A finished recording of `size` bytes named as the proxy names them, last written `age` ago.
+fn earlier_recording(dir: &Path, name: &str, size: usize, age: Duration) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let mut text = String::from("{\"version\":2,\"width\":80,\"height\":24}\n");
+    text.push_str(&"x".repeat(size.saturating_sub(text.len())));
+    std::fs::write(&path, text).expect("write an earlier recording");
+    let file = std::fs::File::options().write(true).open(&path).expect("open");
+    file.set_modified(std::time::SystemTime::now() - age).expect("set mtime");
+    path
+}
+
+/// The value of a recording metric series once it reaches `want`.
+async fn metric_reaches(admin: std::net::SocketAddr, series: &str, want: f64) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (_, m) = http_get(admin, "/metrics").await;
+        if metric(&m, series) >= want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{series} never reached {want}:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn no_session_can_erase_earlier_or_live_recordings_and_one_recording_stops_at_its_cap() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let auth = key.bearer(&["a1"]);
+    let dir = tempfile::tempdir().expect("dir");
+    // An earlier session's recording fills most of the directory's 64 KiB.
+    let earlier = earlier_recording(dir.path(), "1700000000-terminal-1.cast", 50 * 1024, Duration::from_secs(60));
+    let extra = "max_total_size = \"64KiB\"\nmax_file_size = \"16KiB\"";
+    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), extra)).await;
+
+    // A live session writes 10 KiB, then 20 KiB more: past its own cap, its recording ends with
+    // a gap marker while the session goes on.
+    let mut live = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+    for i in 0..10u8 {
+        let line = vec![b'a' + i; 1024];
+        live.send(true, op::TEXT, &line).await;
+        assert_eq!(live.recv().await.payload, line);
+    }
+    let (live_file, _) = cast_with_among(dir.path(), &earlier, "jjjj").await;
+    for i in 0..20u8 {
+        let line = vec![b'k' + (i % 10); 1024];
+        live.send(true, op::TEXT, &line).await;
+        assert_eq!(live.recv().await.payload, line, "the session goes on past its recording's cap");
+    }
+    metric_reaches(proxy.admin, "portcullis_recording_failures_total{route=\"terminal\",reason=\"file_size\"}", 1.0)
+        .await;
+    let cast = std::fs::read_to_string(&live_file).expect("the live recording is there");
+    assert!(cast.len() as u64 <= 16 * 1024, "{} bytes past max_file_size", cast.len());
+    let last: Value = serde_json::from_str(cast.lines().last().expect("a last line")).expect("json");
+    assert_eq!(last[1], "m", "the recording ends with a gap marker: {last}");
+
+    // The directory is full now: a second session's start erases nothing; its recording is
+    // refused (a counted gap) and the session itself goes on (on_backlog = "slow").
+    let mut second = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+    metric_reaches(
+        proxy.admin,
+        "portcullis_recording_failures_total{route=\"terminal\",reason=\"directory_full\"}",
+        1.0,
+    )
+    .await;
+    second.send(true, op::TEXT, b"unrecorded").await;
+    assert_eq!(second.recv().await.payload, b"unrecorded");
+    assert!(earlier.exists(), "an earlier session's recording was erased");
+    assert!(live_file.exists(), "a live session's recording was erased");
+}
+
+/// The one recording in `dir` besides `other` once it holds `want`.
+async fn cast_with_among(dir: &Path, other: &Path, want: &str) -> (std::path::PathBuf, String) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let files: Vec<_> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p != other).collect())
+            .unwrap_or_default();
+        if let [only] = files.as_slice() {
+            let text = std::fs::read_to_string(only).unwrap_or_default();
+            if text.contains(want) {
+                return (only.clone(), text);
+            }
+        }
+        assert!(Instant::now() < deadline, "no recording with {want:?} in {}: {files:?}", dir.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_sweep_runs_on_a_timer_and_evicting_for_room_spares_live_recordings_and_is_counted() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let auth = key.bearer(&["a1"]);
+    let dir = tempfile::tempdir().expect("dir");
+    let extra =
+        "max_age = \"1h\"\nsweep_interval = \"200ms\"\nmax_total_size = \"64KiB\"\nwhen_full = \"evict_oldest\"";
+    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), extra)).await;
+    // Put there after the proxy started (and swept once): only a later sweep can find it.
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_recording_evictions_total{route=\"terminal\",reason=\"age\"}"), 0.0);
+    let expired = earlier_recording(dir.path(), "1600000000-terminal-1.cast", 1024, Duration::from_secs(7200));
+
+    // No session starts: the timer alone removes the recording past max_age.
+    metric_reaches(proxy.admin, "portcullis_recording_evictions_total{route=\"terminal\",reason=\"age\"}", 1.0).await;
+    assert!(!expired.exists(), "the sweep did not run on its timer");
+
+    // A live recording, then a finished one that fills the directory.
+    let mut live = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+    live.send(true, op::TEXT, b"live output").await;
+    assert_eq!(live.recv().await.payload, b"live output");
+    let filler = earlier_recording(dir.path(), "1700000000-terminal-2.cast", 70 * 1024, Duration::from_secs(60));
+    let (live_file, _) = cast_with_among(dir.path(), &filler, "live output").await;
+    // Both the next session's start and the sweep may make room; either way the finished
+    // recording goes, counted as early, and the live one stays.
+    let mut next = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+    next.send(true, op::TEXT, b"next").await;
+    assert_eq!(next.recv().await.payload, b"next");
+    metric_reaches(proxy.admin, "portcullis_recording_evictions_total{route=\"terminal\",reason=\"size\"}", 1.0).await;
+    assert!(!filler.exists(), "the oldest finished recording was kept over the cap");
+    assert!(live_file.exists(), "a live recording was evicted");
+}

@@ -430,3 +430,145 @@ async fn a_revoked_token_id_is_refused_for_its_issuer_only() {
     let mut c = H1::connect(proxy.tls, true).await;
     assert_eq!(c.get("/agents/a1/api/headers", &[("authorization", &b)]).await.status, 401);
 }
+
+/// Reads `body` until it ends: `Ok(bytes)` for a clean end, `Err` when it was cut.
+async fn read_body(mut body: hyper::body::Incoming) -> Result<Vec<u8>, String> {
+    use http_body_util::BodyExt;
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(SOON, body.frame()).await.expect("the body ends in time") {
+            None => return Ok(got),
+            Some(Ok(f)) => got.extend_from_slice(f.data_ref().map_or(&b""[..], |d| &d[..])),
+            Some(Err(e)) => return Err(format!("{e} after {} bytes", got.len())),
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_response_in_flight_is_a_session_ended_by_revocation_expiry_and_drain() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let mut proxy = Proxy::start_with(&config(&key, backend.addr, None, "").set("auth.leeway", "0s").text()).await;
+    let auth = alice(&key);
+    let open = |path: &'static str, auth: String| {
+        let tls = proxy.tls;
+        async move {
+            let mut c = H1::connect(tls, true).await;
+            let resp = c.send(request("GET", path, &[("authorization", &auth)], full(""))).await;
+            assert_eq!(resp.status(), 200, "{path}");
+            (c, resp.into_body())
+        }
+    };
+
+    // Revocation: a download in flight (no content type) is cut, an NDJSON stream ends cleanly.
+    let (_c1, download) = open("/agents/a1/api/stall", auth.clone()).await;
+    let (_c2, ndjson) = open("/agents/a1/api/ndjson", auth.clone()).await;
+    let (_, list) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+    assert_eq!(list.matches("\"kind\":\"stream\"").count(), 2, "{list}");
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"agent":"a1"}"#).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":2}"#));
+    let cut = read_body(download).await;
+    assert!(cut.is_err(), "a revoked download looked complete: {cut:?}");
+    assert_eq!(read_body(ndjson).await.as_deref(), Ok(&b"first chunk"[..]), "NDJSON ends with its last line");
+
+    // Token expiry: a token valid for 2 s cuts its download then.
+    let short = format!("Bearer {}", key.token("bob", &["a1"], std::time::Duration::from_secs(2)));
+    let (_c3, download) = open("/agents/a1/api/stall", short).await;
+    assert!(read_body(download).await.is_err(), "a download outlived its token");
+
+    // Drain: a download in flight is cut, not left to run.
+    let (_c4, download) = open("/agents/a1/api/stall", auth.clone()).await;
+    proxy.drain();
+    assert!(read_body(download).await.is_err(), "a download outlived the drain");
+}
+
+#[test]
+fn a_route_taking_its_token_from_a_cookie_needs_an_origin_policy() {
+    let dir = tempfile::tempdir().expect("dir");
+    let secret = dir.path().join("hmac");
+    std::fs::write(&secret, "a-test-secret").expect("write");
+    let keys = format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = {secret:?}\n");
+    let route = "[[routes]]\nname = \"api\"\npath = \"/agents/{agent}/api/{*rest}\"\nkind = \"http\"\n\
+                 backends = [\"{agent}.agents.internal:8080\"]\n[routes.auth]\nsources = [\"cookie:portcullis_token\"]\n";
+    let write = |name: &str, extra: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[admin]\n{keys}{route}{extra}"))
+            .expect("write");
+        path
+    };
+    let check = |path: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("check-config")
+            .arg(path)
+            .output()
+            .expect("run")
+    };
+    let out = check(&write("no-origin.toml", ""));
+    assert_eq!(out.status.code(), Some(64));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("routes[0]") && msg.contains("cookie") && msg.contains("[routes.origin]"), "{msg}");
+    let out = check(&write("origin.toml", "[routes.origin]\nallow = [\"https://console.example.com\"]\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn cors_preflights_are_answered_by_the_route_policy_and_responses_carry_its_headers() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let console = "https://console.example.com";
+    let text = config(&key, backend.addr, None, "")
+        .merge(
+            "routes.1",
+            &format!(
+                "[origin]\nallow = [\"{console}\"]\n[cors]\nallow_origins = [\"{console}\"]\n\
+                 allow_credentials = true\nexpose_headers = [\"x-member\"]\nmax_age = \"5m\""
+            ),
+        )
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let preflight = |origin: &'static str, headers: &'static str| {
+        let tls = proxy.tls;
+        async move {
+            let mut c = H1::connect(tls, true).await;
+            let h = [
+                ("origin", origin),
+                ("access-control-request-method", "POST"),
+                ("access-control-request-headers", headers),
+            ];
+            c.call(request("OPTIONS", "/agents/a1/api/echo", &h, full(""))).await
+        }
+    };
+    // Allowed: answered by the proxy, without a token.
+    let a = preflight(console, "Authorization, Content-Type").await;
+    assert_eq!(a.status, 204, "{:?}", a.headers);
+    assert_eq!(a.header("access-control-allow-origin"), Some(console));
+    assert_eq!(a.header("access-control-allow-credentials"), Some("true"));
+    assert!(a.header("access-control-allow-methods").is_some_and(|m| m.contains("POST")));
+    assert_eq!(a.header("access-control-allow-headers"), Some("authorization, content-type"));
+    assert_eq!(a.header("access-control-max-age"), Some("300"));
+    // Another origin, or a header the policy does not list: refused, with no CORS headers.
+    for (origin, headers) in [("https://evil.example", "authorization"), (console, "authorization, x-evil")] {
+        let a = preflight(origin, headers).await;
+        assert_eq!(a.status, 403, "{origin} {headers}");
+        assert!(a.header("access-control-allow-origin").is_none());
+    }
+    assert!(backend.seen().is_empty(), "a preflight reached the backend");
+
+    // Real requests: the allowed origin reads the answer (and the proxy's own refusals).
+    let auth = alice(&key);
+    let mut c = H1::connect(proxy.tls, true).await;
+    let a = c.get("/agents/a1/api/headers", &[("origin", console), ("authorization", &auth)]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("access-control-allow-origin"), Some(console));
+    assert_eq!(a.header("access-control-expose-headers"), Some("x-member"));
+    assert!(
+        a.headers.get_all("vary").iter().any(|v| v.to_str().is_ok_and(|v| v.contains("Origin"))),
+        "{:?}",
+        a.headers
+    );
+    let a = c.get("/agents/a1/api/headers", &[("origin", console)]).await;
+    assert_eq!((a.status, a.header("access-control-allow-origin")), (401, Some(console)));
+    // Another origin is refused by the origin policy and gets no CORS headers.
+    let a = c.get("/agents/a1/api/headers", &[("origin", "https://evil.example"), ("authorization", &auth)]).await;
+    assert_eq!((a.status, a.header("access-control-allow-origin")), (403, None));
+}

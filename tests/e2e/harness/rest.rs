@@ -45,7 +45,8 @@ pub struct Seen {
 /// - `sse?n=N&gap_ms=G&hold=1`: `text/event-stream`, N events `data: i` G ms apart, then ends
 ///   (or with `hold=1` stays open, sending nothing);
 /// - `slow?ms=M`: the response head after M ms;
-/// - `stall`: the head and one chunk, then nothing;
+/// - `stall`: the head and one chunk, then nothing; `ndjson`: the same as
+///   `application/x-ndjson`;
 /// - `status?code=C`: answers C.
 pub struct RestBackend {
     pub addr: SocketAddr,
@@ -162,7 +163,7 @@ async fn respond(
             tokio::time::sleep(Duration::from_millis(query(&parts.uri, "ms").unwrap_or(1000))).await;
             Response::new(full("slow"))
         }
-        "stall" => {
+        "stall" | "ndjson" => {
             let stream = futures_util::stream::unfold(0u8, |i| async move {
                 if i == 0 {
                     Some((Ok(Frame::data(Bytes::from_static(b"first chunk"))), 1))
@@ -171,7 +172,12 @@ async fn respond(
                     None
                 }
             });
-            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            // `ndjson` is the same held body as a stream of JSON lines.
+            if endpoint == "ndjson" {
+                r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/x-ndjson"));
+            }
+            r
         }
         "status" => {
             let mut r = Response::new(full("status"));
