@@ -39,7 +39,8 @@ enum Command {
     CheckConfig {
         /// Configuration file to check.
         file: PathBuf,
-        /// Check the file alone: do not read the certificates, keys and CA files it names.
+        /// Check the file alone: do not read the certificates, keys, CA files and secrets it
+        /// names (a Kubernetes ConfigMap's file, whose Secrets are mounted only in the pod).
         #[arg(long)]
         syntax_only: bool,
     },
@@ -165,7 +166,10 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::CheckConfig { file, syntax_only } => match Config::load(&file) {
+        Command::CheckConfig { file, syntax_only } => match match syntax_only {
+            true => Config::load_unread_secrets(&file),
+            false => Config::load(&file),
+        } {
             Ok(c) => {
                 let problems = if syntax_only { Vec::new() } else { server::check_files(&c) };
                 for p in &problems {
@@ -450,8 +454,9 @@ async fn demo(
     println!(
         "\nPortcullis demo is running.\n\n\
          Open the agent's page (trust the certificate below, or accept the browser's warning):\n\n\
-         \x20 https://localhost:{port}/agents/demo/#token={token}\n\n\
-         \x20 ({page_note}; the token is in the URL fragment, which browsers never send)\n\n\
+         \x20 https://localhost:{port}/.portcullis/login#token={token}&next=/agents/demo/\n\n\
+         \x20 ({page_note}; the token is in the URL fragment, which browsers never send;\n\
+         \x20 the proxy's login page turns it into an HttpOnly cookie that no page script can read)\n\n\
          \x20 proxy (TLS)   wss://localhost:{port}/agents/demo/terminal   (a shell on a PTY: {shell})\n\
          \x20               wss://localhost:{port}/agents/demo/events     (an agent event every second)\n\
          \x20               wss://localhost:{port}/agents/demo/echo       (echo, for load tests)\n\

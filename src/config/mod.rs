@@ -102,6 +102,8 @@ pub struct AuthSettings {
     pub cache_capacity: u64,
     /// How long a revoked subject stays refused when no token expiry bounds it.
     pub revocation_ttl: Duration,
+    /// The proxy's own login exchange (a token in, an `HttpOnly` cookie out), when set.
+    pub cookie_login: Option<CookieLogin>,
     /// Sessions one subject (of one issuer) holds at once over every route (0: no cap).
     pub max_sessions_per_subject: u32,
 }
@@ -180,6 +182,15 @@ pub struct OriginPolicy {
     pub allow: Vec<OriginPattern>,
     /// Whether requests without an `Origin` header (non-browser clients) are allowed.
     pub allow_missing: bool,
+}
+
+/// `[auth.cookie_login]`: the path where the proxy turns a token into an `HttpOnly` cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieLogin {
+    /// The path served before routing (`GET` the page, `POST` the token, `DELETE` to log out).
+    pub path: String,
+    /// The cookie's name (the routes list it as `cookie:<name>`).
+    pub cookie: String,
 }
 
 /// `[routes.cors]`: what a browser page on another origin may do with the route.
@@ -352,6 +363,9 @@ pub struct RouteConfig {
     pub origin: Option<OriginPolicy>,
     /// CORS answered by the proxy (preflights and response headers), when set.
     pub cors: Option<std::sync::Arc<CorsPolicy>>,
+    /// Every response gets `Content-Security-Policy: sandbox ...`: agent-served pages run in an
+    /// opaque origin, with no access to the proxy origin's cookies or same-origin requests.
+    pub sandbox: bool,
     /// Terminal recording (asciicast v2) of the route's WebSocket sessions, when set.
     pub recording: Option<std::sync::Arc<RecordingSettings>>,
     /// Live observers of the route's WebSocket sessions, when set.
@@ -749,8 +763,21 @@ impl Config {
         Config::parse(&text, path)
     }
 
+    /// Like [`Config::load`], but secret files and variables are only named, not read (they
+    /// exist where the proxy runs, a mounted Kubernetes Secret say): for `check-config
+    /// --syntax-only`. The result is for checking only; it holds stand-ins for the secrets.
+    pub fn load_unread_secrets(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse_with(&text, path, validate::Secrets::Unread)
+    }
+
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        Config::parse_with(text, origin, validate::Secrets::Read)
+    }
+
+    fn parse_with(text: &str, origin: &Path, secrets: validate::Secrets) -> Result<Config, ConfigError> {
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
@@ -758,7 +785,11 @@ impl Config {
                 .unwrap_or(1);
             ConfigError::Parse { path: origin.to_owned(), line, message: e.message().trim().to_owned() }
         })?;
-        validate::config(raw).map_err(|(key, message)| ConfigError::Invalid { path: origin.to_owned(), key, message })
+        validate::config(raw, secrets).map_err(|(key, message)| ConfigError::Invalid {
+            path: origin.to_owned(),
+            key,
+            message,
+        })
     }
 }
 

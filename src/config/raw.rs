@@ -61,6 +61,14 @@ pub(super) struct RawAuth {
     pub(super) cache_capacity: Option<u64>,
     pub(super) revocation_ttl: Option<Dur>,
     pub(super) max_sessions_per_subject: Option<u32>,
+    pub(super) cookie_login: Option<RawCookieLogin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCookieLogin {
+    pub(super) path: Option<String>,
+    pub(super) cookie: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -300,6 +308,7 @@ pub(super) struct RawRoute {
     pub(super) auth: Option<RawRouteAuth>,
     pub(super) origin: Option<RawOrigin>,
     pub(super) cors: Option<RawCors>,
+    pub(super) sandbox: Option<bool>,
     pub(super) recording: Option<RawRecording>,
     pub(super) observe: Option<RawObserve>,
     pub(super) resume: Option<RawResume>,

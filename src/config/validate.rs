@@ -23,7 +23,15 @@ use super::{
 pub(super) type Invalid = (String, String);
 
 /// Validates every section, in file order.
-pub(super) fn config(raw: RawConfig) -> Result<Config, Invalid> {
+/// Whether secret files and variables are read (`run`, `check-config`), or only named
+/// (`check-config --syntax-only`: the secret lives where the proxy runs, as a mounted Secret).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Secrets {
+    Read,
+    Unread,
+}
+
+pub(super) fn config(raw: RawConfig, secrets: Secrets) -> Result<Config, Invalid> {
     let server = server(raw.server)?;
     let session = session(raw.session, SessionSettings::default(), "session")?;
     let backend = backend(raw.backend, BackendSettings::default(), "backend")?;
@@ -35,15 +43,15 @@ pub(super) fn config(raw: RawConfig) -> Result<Config, Invalid> {
         if routes.iter().any(|x| x.name == r.name) {
             return Err(invalid(&format!("{key}.name"), "duplicate route name"));
         }
-        routes.push(route(r, &key, session, backend.clone(), has_keys)?);
+        routes.push(route(r, &key, session, backend.clone(), has_keys, secrets)?);
     }
     Ok(Config {
         server,
         tls: raw.tls.map(tls).transpose()?,
         listeners,
-        admin: raw.admin.map(admin).transpose()?,
+        admin: raw.admin.map(|a| admin(a, secrets)).transpose()?,
         routes,
-        auth: auth(raw.auth)?,
+        auth: auth(raw.auth, secrets)?,
         session,
         backend,
         http2: http2(raw.http2)?,
@@ -224,6 +232,7 @@ fn route(
     session_defaults: SessionSettings,
     backend_defaults: BackendSettings,
     has_keys: bool,
+    secrets: Secrets,
 ) -> Result<RouteConfig, Invalid> {
     if r.name.is_empty() || r.name.len() > 64 || !r.name.bytes().all(is_label_byte) {
         return Err(invalid(&format!("{key}.name"), "must be 1-64 characters of [A-Za-z0-9_-]"));
@@ -263,7 +272,7 @@ fn route(
             ));
         }
     }
-    let registry = r.registry.map(|g| registry(g, key, &r.path)).transpose()?;
+    let registry = r.registry.map(|g| registry(g, key, &r.path, secrets)).transpose()?;
     let balance = balance(r.balance, key, &r.path)?;
     let health = health(r.health, key)?;
     if let Some(p) = &r.backend_path {
@@ -356,6 +365,7 @@ fn route(
         auth,
         origin: r.origin.map(origin),
         cors,
+        sandbox: r.sandbox.unwrap_or(false),
         recording,
         observe,
         resume,
@@ -383,7 +393,7 @@ fn route(
     })
 }
 
-fn registry(g: RawRegistry, route_key: &str, path: &PathPattern) -> Result<RegistryConfig, Invalid> {
+fn registry(g: RawRegistry, route_key: &str, path: &PathPattern, secrets: Secrets) -> Result<RegistryConfig, Invalid> {
     let key = format!("{route_key}.registry");
     let url: http::Uri =
         g.url.replace(['{', '}'], "").parse().map_err(|_| invalid(&format!("{key}.url"), "not a valid URL"))?;
@@ -394,7 +404,7 @@ fn registry(g: RawRegistry, route_key: &str, path: &PathPattern) -> Result<Regis
         return Err(invalid(&format!("{key}.url"), &format!("uses {{{c}}}, which the path does not capture")));
     }
     Ok(RegistryConfig {
-        token: load_secret(g.token_file.as_deref(), g.token_env.as_deref(), &key)?,
+        token: load_secret(g.token_file.as_deref(), g.token_env.as_deref(), &key, secrets)?,
         url: g.url,
         timeout: dur(g.timeout, defaults::REGISTRY_TIMEOUT),
         ttl: dur(g.ttl, defaults::REGISTRY_TTL),
@@ -591,9 +601,9 @@ fn tls(t: RawTls) -> Result<TlsSettings, Invalid> {
     Ok(TlsSettings { cipher_suites: cipher_suites(t.cipher_suites)?, cert: t.cert, key: t.key, sni: t.sni })
 }
 
-fn admin(a: RawAdmin) -> Result<AdminConfig, Invalid> {
+fn admin(a: RawAdmin, secrets: Secrets) -> Result<AdminConfig, Invalid> {
     let address = a.address.unwrap_or(defaults::ADMIN_ADDRESS);
-    let token = load_secret(a.token_file.as_deref(), a.token_env.as_deref(), "admin")?;
+    let token = load_secret(a.token_file.as_deref(), a.token_env.as_deref(), "admin", secrets)?;
     if token.is_none() && !address.ip().is_loopback() {
         return Err(invalid(
             "admin.address",
@@ -624,7 +634,7 @@ fn admin(a: RawAdmin) -> Result<AdminConfig, Invalid> {
     })
 }
 
-fn auth(a: RawAuth) -> Result<AuthSettings, Invalid> {
+fn auth(a: RawAuth, secrets: Secrets) -> Result<AuthSettings, Invalid> {
     let mut keys = Vec::with_capacity(a.keys.len());
     for (i, k) in a.keys.into_iter().enumerate() {
         let key = format!("auth.keys[{i}]");
@@ -637,7 +647,7 @@ fn auth(a: RawAuth) -> Result<AuthSettings, Invalid> {
                 }
                 KeyMaterial::PublicKeyPem(p)
             }
-            (None, true) => match load_secret(k.secret_file.as_deref(), k.secret_env.as_deref(), &key)? {
+            (None, true) => match load_secret(k.secret_file.as_deref(), k.secret_env.as_deref(), &key, secrets)? {
                 Some(s) => KeyMaterial::Secret(s),
                 None => return Err(invalid(&key, "HS* keys need secret_file or secret_env")),
             },
@@ -674,7 +684,22 @@ fn auth(a: RawAuth) -> Result<AuthSettings, Invalid> {
             ca: j.ca,
         });
     }
+    let cookie_login = match a.cookie_login {
+        None => None,
+        Some(l) => {
+            let path = l.path.unwrap_or_else(|| "/.portcullis/login".to_owned());
+            if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+                return Err(invalid("auth.cookie_login.path", "must be a path starting with '/'"));
+            }
+            let cookie = l.cookie.unwrap_or_else(|| "portcullis_token".to_owned());
+            if cookie.is_empty() || !cookie.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                return Err(invalid("auth.cookie_login.cookie", "must be a cookie name of [A-Za-z0-9_-]"));
+            }
+            Some(super::CookieLogin { path, cookie })
+        }
+    };
     Ok(AuthSettings {
+        cookie_login,
         max_sessions_per_subject: a.max_sessions_per_subject.unwrap_or(defaults::AUTH_MAX_SESSIONS_PER_SUBJECT),
         keys,
         jwks,
@@ -696,9 +721,11 @@ fn check_algorithms(algs: &[Algorithm], key: &str) -> Result<(), Invalid> {
     }
 }
 
-fn load_secret(file: Option<&Path>, env: Option<&str>, key: &str) -> Result<Option<Secret>, Invalid> {
+fn load_secret(file: Option<&Path>, env: Option<&str>, key: &str, secrets: Secrets) -> Result<Option<Secret>, Invalid> {
     match (file, env) {
         (Some(_), Some(_)) => Err(invalid(key, "set a secret file or an environment variable, not both")),
+        // Named, not read: a stand-in that is never used to verify or authorize anything.
+        (Some(_), None) | (None, Some(_)) if secrets == Secrets::Unread => Ok(Some(Secret::new(b"unread".to_vec()))),
         (Some(f), None) => match std::fs::read(f) {
             Ok(mut bytes) => {
                 while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {

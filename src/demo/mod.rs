@@ -118,6 +118,10 @@ leeway = "2s"
 algorithms = ["ES256"]
 public_key = "{jwt_public}"
 
+# The proxy's login page (/.portcullis/login#token=...&next=...) turns the banner's token into
+# an HttpOnly cookie that no page script can read; the page's calls all ride on it.
+[auth.cookie_login]
+
 # The terminal: a shell on a PTY. Browsers send the token as a subprotocol entry (with the
 # "portcullis" marker) or a cookie; command-line clients as a bearer header.
 [[routes]]

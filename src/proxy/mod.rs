@@ -28,6 +28,7 @@ pub(crate) mod fanout;
 pub(crate) mod forward;
 pub mod host;
 pub(crate) mod http;
+pub(crate) mod login;
 pub(crate) mod observer;
 pub mod proxy_protocol;
 pub mod relay;
@@ -309,6 +310,10 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
     }
 }
 
+/// The sandbox of `sandbox = true` routes: scripts, forms and popups run, but never as this
+/// origin (no `allow-same-origin`).
+const SANDBOX: &str = "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads";
+
 /// The response body of every answer: a fixed one (errors, 101), or a backend's streamed.
 pub type ProxyBody = Either<Full<Bytes>, stream::Download>;
 
@@ -334,6 +339,14 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
     };
     if let Some(v) = authority.as_ref().and_then(|a| HeaderValue::from_str(&a.to_string()).ok()) {
         req.headers_mut().insert(HOST, v);
+    }
+    // The proxy's own login exchange, before any route: a token in, an HttpOnly cookie out.
+    if let Some(login) = runtime.config.auth.cookie_login.as_ref().filter(|l| l.path == req.uri().path()) {
+        let scheme = if ctx.tls { "https" } else { "http" };
+        let origin = format!("{scheme}://{}", authority.as_ref().map(ToString::to_string).unwrap_or_default());
+        let gate = token_check_gate(&ctx, &runtime);
+        let answer = login::serve(login, runtime.authenticator.as_deref(), &gate, &req, ctx.tls, &origin).await;
+        return Ok(login_answer(&ctx, answer).map(Either::Left));
     }
     let found = route::find(&runtime.routes, authority.as_ref(), req.uri().path());
     if !websocket && req.method() == ::http::Method::CONNECT {
@@ -546,6 +559,12 @@ async fn handle_request(
     };
     let (mut parts, body) = answered.response.into_parts();
     forward::strip_response_headers(&mut parts.headers);
+    if route.sandbox {
+        // Agent-served pages run in an opaque origin: no cookie of this origin, and every
+        // request they make is cross-origin (`Origin: null`), refused by origin policies.
+        parts.headers.append(::http::header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(SANDBOX));
+        parts.headers.insert(::http::header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    }
     let sse = parts
         .headers
         .get(::http::header::CONTENT_TYPE)
@@ -581,6 +600,27 @@ async fn handle_request(
     let mut download = stream::Download::new(body, settings.idle_body_timeout, governance, sse, exchange, least_conns);
     download.hold_stream(stream);
     Response::from_parts(parts, Either::Right(download))
+}
+
+/// The login exchange's answer, or its refusal (logged at info, without the token).
+fn login_answer(ctx: &ConnCtx, answer: Result<Response<Full<Bytes>>, login::LoginError>) -> Response<Full<Bytes>> {
+    let e = match answer {
+        Ok(r) => return r,
+        Err(e) => e,
+    };
+    tracing::info!(client = %ctx.client_addr, error = %e, "login refused");
+    match e {
+        login::LoginError::Auth(a) => RequestError::from(a).response(),
+        other => {
+            let status = match other {
+                login::LoginError::Method => StatusCode::METHOD_NOT_ALLOWED,
+                _ => StatusCode::FORBIDDEN,
+            };
+            let mut r = Response::new(Full::new(Bytes::from(format!("{other}\n"))));
+            *r.status_mut() = status;
+            r
+        }
+    }
 }
 
 /// Registers a streamed response as a session of `kind` and sets what ends it: the token's

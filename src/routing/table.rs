@@ -119,6 +119,7 @@ mod tests {
             backend_path: None,
             headers_with_underscores: Default::default(),
             cors: None,
+            sandbox: false,
             session: std::sync::Arc::new(SessionSettings::default()),
             backend: BackendSettings::default(),
             auth: None,

@@ -8,7 +8,9 @@ own directory), opens the page with the token in the URL fragment as the demo ba
 and checks, through Portcullis:
 
   - the token leaves the address bar and appears in no log line of the proxy;
-  - the terminal opens with the subprotocol source (the 101 selects the `portcullis` marker);
+  - the login page turns the token into the proxy's HttpOnly cookie: it leaves the address bar
+    and is in neither document.cookie nor web storage;
+  - the terminal opens with that cookie;
   - typing `echo portcullis-<random>` shows the real shell's output;
   - a window resize reaches the PTY: `stty size` prints the terminal's rows and columns;
   - the events WebSocket (cookie source) ticks;
@@ -244,7 +246,7 @@ def main():
             if "Ctrl-C drains" in line:
                 break
         banner = "".join(banner)
-        url = re.search(r"(https://localhost:\d+/agents/demo/#token=\S+)", banner)
+        url = re.search(r"(https://localhost:\d+/\.portcullis/login#token=\S+)", banner)
         token = re.search(r"TOKEN=(\S+)", banner)
         if not url or not token:
             raise SystemExit(f"demo page: no page URL in the banner:\n{banner}")
@@ -263,16 +265,28 @@ def main():
             wd.wait("page loaded", lambda: text_of(wd, "auth-state"))
             href = wd.js("return location.href;")
             assert "#token" not in href and token not in href, href
+            assert href.endswith("/agents/demo/"), href
             return href
 
-        check("the token leaves the address bar", token_leaves_the_url)
+        check("the login page takes the token out of the address bar and goes on to the page", token_leaves_the_url)
+
+        def token_only_in_an_http_only_cookie():
+            cookies = {c["name"]: c for c in wd.s("GET", "/cookie")}
+            c = cookies.get("portcullis_token")
+            assert c and c.get("httpOnly") is True and c.get("sameSite") == "Strict", cookies
+            assert token not in (wd.js("return document.cookie;") or ""), "a page script can read the token"
+            stored = wd.js("return JSON.stringify(Object.assign({}, sessionStorage, localStorage));")
+            assert token not in stored, "the token is in web storage"
+            return "HttpOnly, SameSite=Strict; not in document.cookie nor web storage"
+
+        check("the token is only in the proxy's HttpOnly cookie", token_only_in_an_http_only_cookie)
 
         def terminal_opens():
             state = wd.wait("terminal open", lambda: (s := text_of(wd, "term-state")) and s != "connecting" and s)
-            assert state == "open (subprotocol portcullis)", state
+            assert state == "open", state
             return state
 
-        check("the terminal opens with the subprotocol source (marker selected)", terminal_opens)
+        check("the terminal opens with the cookie the proxy set", terminal_opens)
 
         def websockets_over_h2():
             # The page came over HTTP/2 (ALPN h2), and Chromium opened its WebSockets on that
@@ -406,9 +420,9 @@ def main():
                 [PC, "token", "mint", "--key", key, "--alg", "ES256", "--sub", "expiring", "--claim",
                  'agents=["demo"]', "--ttl", "3s"], capture_output=True, text=True, check=True).stdout.strip()
             started = time.time()
-            # A new document (not a same-document fragment change): the page reads the new token.
+            # Signed in again through the login page: the cookie now holds the short token.
             wd.s("POST", "/url", {"url": "about:blank"})
-            wd.s("POST", "/url", {"url": url.split("#")[0] + "#token=" + short})
+            wd.s("POST", "/url", {"url": url.split("#")[0] + "#token=" + short + "&next=/agents/demo/"})
             wd.wait("terminal open", lambda: (text_of(wd, "term-state") or "").startswith("open"))
             state = wd.wait("terminal closed", lambda: (s := text_of(wd, "term-state")) and s.startswith("closed") and s, seconds=20)
             assert state.startswith("closed 1008"), state

@@ -15,7 +15,9 @@
 #
 # then runs tests/browser/demo.py: the demo's page (xterm.js terminal on a real PTY, events,
 # REST, a task's SSE output, token expiry), with a screenshot in target/browser/demo.png; and
-# tests/browser/cors.py: a page on another origin calling an agent's API under [routes.cors].
+# tests/browser/cors.py: a page on another origin calling an agent's API under [routes.cors];
+# tests/browser/isolation.py: an agent's page (sandboxed) cannot reach another agent's terminal
+# or API with the user's HttpOnly cookie, nor read the token.
 #
 # Prints `browser: N passed, M failed`; exits non-zero when a case fails. Loopback only; every
 # process it starts is stopped on exit. Binaries: target/debug/{portcullis,portcullis-loadtest}
@@ -147,4 +149,7 @@ PORTCULLIS_BIN="$PC" CHROMIUM="$CHROMIUM" CHROMEDRIVER="$DRIVER" python3 "$ROOT/
 # CORS from a page on another origin (tests/browser/cors.py).
 cors_ok=0
 PORTCULLIS_BIN="$PC" CHROMIUM="$CHROMIUM" CHROMEDRIVER="$DRIVER" python3 "$ROOT/tests/browser/cors.py" || cors_ok=1
-[ "$failed" -eq 0 ] && [ "$demo_ok" -eq 0 ] && [ "$cors_ok" -eq 0 ]
+# An agent's page cannot reach another agent with the user's credentials (tests/browser/isolation.py).
+isolation_ok=0
+PORTCULLIS_BIN="$PC" CHROMIUM="$CHROMIUM" CHROMEDRIVER="$DRIVER" python3 "$ROOT/tests/browser/isolation.py" || isolation_ok=1
+[ "$failed" -eq 0 ] && [ "$demo_ok" -eq 0 ] && [ "$cors_ok" -eq 0 ] && [ "$isolation_ok" -eq 0 ]

@@ -245,3 +245,38 @@ fn check_config_reports_a_recording_directory_it_cannot_write_in() {
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis")).arg("check-config").arg(&path).output().expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The configuration embedded in the shipped ConfigMap passes `check-config --syntax-only` as
+/// it is, although its secret files exist only in the pod.
+#[test]
+fn the_kubernetes_configmap_passes_check_config_syntax_only() {
+    let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/configmap.yaml"))
+        .expect("configmap.yaml");
+    let (_, body) = yaml.split_once("portcullis.toml: |\n").expect("the embedded file");
+    let text: String = body
+        .lines()
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or("")))
+        .collect();
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("portcullis.toml");
+    std::fs::write(&file, text).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config", "--syntax-only"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("warning"), "the shipped ConfigMap draws a warning: {stderr}");
+    // Uncommenting the PROXY protocol hint gives a valid file too.
+    let hinted =
+        std::fs::read_to_string(&file).expect("read").replace("# proxy_protocol = true", "proxy_protocol = true");
+    std::fs::write(&file, hinted.replace("# proxy_protocol_from", "proxy_protocol_from")).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config", "--syntax-only"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -572,3 +572,61 @@ async fn cors_preflights_are_answered_by_the_route_policy_and_responses_carry_it
     let a = c.get("/agents/a1/api/headers", &[("origin", "https://evil.example"), ("authorization", &auth)]).await;
     assert_eq!((a.status, a.header("access-control-allow-origin")), (403, None));
 }
+
+#[tokio::test]
+async fn the_cookie_login_sets_an_http_only_cookie_for_same_origin_requests_only() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = config(&key, backend.addr, None, "sandbox = true").merge("auth", "[cookie_login]").text();
+    let proxy = Proxy::start_with(&text).await;
+    let auth = alice(&key);
+    let origin = "https://localhost";
+    let login = |method: &'static str, headers: Vec<(&'static str, String)>| {
+        let tls = proxy.tls;
+        async move {
+            let mut c = H1::connect(tls, true).await;
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            c.call(request(method, "/.portcullis/login", &h, full(""))).await
+        }
+    };
+    // The page: the proxy's own, under a CSP that admits its one script.
+    let page = login("GET", vec![]).await;
+    assert_eq!(page.status, 200);
+    assert!(page.header("content-security-policy").is_some_and(|p| p.contains("script-src 'sha256-")));
+    assert!(!page.text().contains("eyJ"));
+    // Same origin, a good token: the cookie, HttpOnly, Secure, SameSite=Strict, until the token expires.
+    let ok = login("POST", vec![("origin", origin.into()), ("authorization", auth.clone())]).await;
+    assert_eq!(ok.status, 204);
+    let cookie = ok.header("set-cookie").expect("set-cookie");
+    let token = auth.trim_start_matches("Bearer ");
+    assert!(cookie.starts_with(&format!("portcullis_token={token};")), "{cookie}");
+    for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/", "Max-Age="] {
+        assert!(cookie.contains(attr), "{attr} missing: {cookie}");
+    }
+    // Another origin, no origin, a cross-site fetch, a bad token: no cookie.
+    for (headers, status) in [
+        (vec![("origin", "https://evil.example".to_owned()), ("authorization", auth.clone())], 403),
+        (vec![("authorization", auth.clone())], 403),
+        (
+            vec![("origin", origin.into()), ("sec-fetch-site", "cross-site".into()), ("authorization", auth.clone())],
+            403,
+        ),
+        (vec![("origin", origin.into()), ("authorization", "Bearer not.a.token".into())], 401),
+    ] {
+        let a = login("POST", headers.clone()).await;
+        assert_eq!(a.status, status, "{headers:?}");
+        assert!(a.header("set-cookie").is_none(), "{headers:?}");
+    }
+    // Log out: the cookie is cleared.
+    let out = login("DELETE", vec![("origin", origin.into())]).await;
+    assert_eq!(out.status, 204);
+    assert!(out.header("set-cookie").is_some_and(|c| c.contains("Max-Age=0")));
+
+    // A sandboxed route's responses run in an opaque origin.
+    let mut c = H1::connect(proxy.tls, true).await;
+    let a = c.get("/agents/a1/api/headers", &[("authorization", &auth)]).await;
+    assert_eq!(a.status, 200);
+    let csp = a.header("content-security-policy").unwrap_or_default();
+    assert!(csp.starts_with("sandbox") && !csp.contains("allow-same-origin"), "{csp}");
+    assert_eq!(a.header("x-content-type-options"), Some("nosniff"));
+}

@@ -1,36 +1,21 @@
 // The demo page: a terminal (xterm.js on the agent's PTY), the agent's event stream and a
 // task's live output, all through Portcullis on this page's origin.
 //
-// Authentication: the demo banner prints a URL whose fragment carries the token
-// (`#token=...`). A fragment is never sent to a server, so the token is in no request line
-// and no access log. The page takes it out of the address bar at once, then:
-//   - sets the cookie `portcullis_token` (Secure, SameSite=Strict, only for this agent's
-//     paths): the REST calls, the SSE stream and the events WebSocket use it;
-//   - opens the terminal with the token as a subprotocol entry, `["bearer.<token>",
-//     "portcullis"]`: the proxy answers the `portcullis` marker (docs/security.md).
+// Authentication: the demo banner prints a link to the proxy's own login page
+// (`/.portcullis/login#token=...&next=/agents/demo/`). A fragment is never sent to a server, so
+// the token is in no request line and no access log; the login page posts it to the proxy once,
+// and the proxy sets it as the cookie `portcullis_token`: HttpOnly (no script, this one
+// included, can read it), Secure, SameSite=Strict. Every call below (the terminal, the events,
+// REST and SSE) rides on that cookie: this page never holds the token (docs/security.md, "Agent
+// pages and the user's credentials").
 "use strict";
 
 const agent = document.currentScript.dataset.agent;
 const base = `/agents/${agent}`;
 const $ = (id) => document.getElementById(id);
 
-function takeToken() {
-  const params = new URLSearchParams(location.hash.slice(1));
-  const fromUrl = params.get("token");
-  if (fromUrl) {
-    history.replaceState(null, "", location.pathname + location.search);
-    sessionStorage.setItem("portcullis_token", fromUrl);
-  }
-  const token = fromUrl || sessionStorage.getItem("portcullis_token");
-  if (token) {
-    document.cookie = `portcullis_token=${token}; Path=${base}; Secure; SameSite=Strict; Max-Age=3600`;
-  }
-  return token;
-}
-
-const token = takeToken();
-$("auth-state").textContent = token ? "token: from the page URL" : "no token: open the URL the demo printed";
-$("auth-state").className = "pill " + (token ? "ok" : "bad");
+$("auth-state").textContent = "signed in: HttpOnly cookie set by the proxy";
+$("auth-state").className = "pill ok";
 const wsBase = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${base}`;
 
 // ---------------------------------------------------------------------------------------------
@@ -93,13 +78,12 @@ let termSocket = null;
 let reconnectDelay = 250;
 
 function connectTerminal() {
-  const ws = new WebSocket(`${wsBase}/terminal?resume=${resumeId}`,
-    token ? [`bearer.${token}`, "portcullis"] : []);
+  const ws = new WebSocket(`${wsBase}/terminal?resume=${resumeId}`);
   ws.binaryType = "arraybuffer";
   termSocket = ws;
   ws.onopen = () => {
     reconnectDelay = 250;
-    $("term-state").textContent = `open (subprotocol ${ws.protocol})`;
+    $("term-state").textContent = "open";
     $("term-state").className = "ok";
     sendSize();
     term.focus();
