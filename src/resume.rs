@@ -66,6 +66,8 @@ impl State {
 pub struct Held {
     /// Route name.
     pub route: String,
+    /// The issuer of the token that opened it: a subject is someone only at its issuer.
+    pub issuer: Option<String>,
     /// The subject of the token that opened it.
     pub subject: Option<String>,
     /// The `{agent}` capture it reached.
@@ -119,11 +121,13 @@ impl std::fmt::Debug for Attach {
 /// Why a handshake with a resume id is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ClaimError {
-    /// The id is held by a session of another subject or agent (403).
+    /// The id is held by a session of another issuer, subject or agent, or the token has no
+    /// subject (403).
     #[error("the resume id belongs to another subject's session")]
     OtherSubject,
-    /// The session is being set up, or another client is resuming it (409).
-    #[error("the session is being opened or resumed by another connection")]
+    /// The session's client is still attached, or it is being set up, or another client is
+    /// resuming it (409): a reconnect is taken once the proxy has parked the session.
+    #[error("the session is still attached, or being opened or resumed by another connection")]
     Busy,
 }
 
@@ -183,33 +187,43 @@ pub struct Resumes {
 }
 
 impl Resumes {
-    /// Claims `id` on `route` for a client of `subject` reaching `agent`: a held session of
-    /// the same subject and agent, or a fresh registration when none holds the id.
+    /// Claims `id` on `route` for a client of `issuer`'s `subject` reaching `agent`: a
+    /// *parked* session opened by the same issuer, subject and agent, or a fresh registration
+    /// when none holds the id. A token without a subject claims nothing (no one could be told
+    /// apart from anyone else), and a session whose client is attached cannot be taken over: a
+    /// reconnect waits (409) until the proxy has parked it (the old connection dropped, or
+    /// missed its pings).
     pub fn claim(
         self: &Arc<Self>,
         route: &str,
         id: &str,
+        issuer: Option<&str>,
         subject: Option<&str>,
         agent: Option<&str>,
     ) -> Result<Claim, ClaimError> {
+        if subject.is_none() {
+            return Err(ClaimError::OtherSubject);
+        }
         let mut map = self.map.lock().map_err(|_| ClaimError::Busy)?;
         let key = (route.to_owned(), id.to_owned());
         if let Some(held) = map.get(&key) {
-            if held.subject.as_deref() != subject || held.agent.as_deref() != agent {
+            if held.issuer.as_deref() != issuer || held.subject.as_deref() != subject || held.agent.as_deref() != agent
+            {
                 return Err(ClaimError::OtherSubject);
             }
             let mut state = held.state.lock().map_err(|_| ClaimError::Busy)?;
             return match state.0 {
-                State::Attached | State::Parked => {
+                State::Parked => {
                     *state = (State::Resuming, state.0);
                     Ok(Claim::Resume(held.clone()))
                 }
-                State::Connecting | State::Resuming => Err(ClaimError::Busy),
+                State::Attached | State::Connecting | State::Resuming => Err(ClaimError::Busy),
             };
         }
         let (tx, rx) = mpsc::channel(1);
         let held = Arc::new(Held {
             route: route.to_owned(),
+            issuer: issuer.map(str::to_owned),
             subject: subject.map(str::to_owned),
             agent: agent.map(str::to_owned),
             protocol: std::sync::OnceLock::new(),
@@ -249,26 +263,33 @@ mod tests {
     }
 
     #[test]
-    fn an_id_is_bound_to_its_subject_and_agent_and_claimed_once() {
+    fn an_id_is_bound_to_its_issuer_subject_and_agent_and_only_a_parked_session_is_claimed() {
         let r = Arc::new(Resumes::default());
-        let reg = fresh(r.claim("t", "abc", Some("alice"), Some("a1")));
-        // Still connecting: nobody may claim it yet.
-        assert_eq!(r.claim("t", "abc", Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
+        let (idp, other_idp) = (Some("https://idp-a"), Some("https://idp-b"));
+        let reg = fresh(r.claim("t", "abc", idp, Some("alice"), Some("a1")));
+        // Still connecting, then attached: nobody may claim it.
+        assert_eq!(r.claim("t", "abc", idp, Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
+        reg.held.set_state(State::Attached);
+        assert_eq!(r.claim("t", "abc", idp, Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
         reg.held.set_state(State::Parked);
-        assert_eq!(r.claim("t", "abc", Some("mallory"), Some("a1")).err(), Some(ClaimError::OtherSubject));
-        assert_eq!(r.claim("t", "abc", Some("alice"), Some("a2")).err(), Some(ClaimError::OtherSubject));
-        let Ok(Claim::Resume(h)) = r.claim("t", "abc", Some("alice"), Some("a1")) else { panic!("resume") };
+        assert_eq!(r.claim("t", "abc", idp, Some("mallory"), Some("a1")).err(), Some(ClaimError::OtherSubject));
+        assert_eq!(r.claim("t", "abc", other_idp, Some("alice"), Some("a1")).err(), Some(ClaimError::OtherSubject));
+        assert_eq!(r.claim("t", "abc", None, Some("alice"), Some("a1")).err(), Some(ClaimError::OtherSubject));
+        assert_eq!(r.claim("t", "abc", idp, None, Some("a1")).err(), Some(ClaimError::OtherSubject));
+        assert_eq!(r.claim("t", "abc", idp, Some("alice"), Some("a2")).err(), Some(ClaimError::OtherSubject));
+        let Ok(Claim::Resume(h)) = r.claim("t", "abc", idp, Some("alice"), Some("a1")) else { panic!("resume") };
         assert_eq!(h.state(), State::Resuming);
         // A second client while the first is handed over.
-        assert_eq!(r.claim("t", "abc", Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
+        assert_eq!(r.claim("t", "abc", idp, Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
         h.release_claim();
         assert_eq!(h.state(), State::Parked);
-        // The same id on another route is another session.
-        let _other = fresh(r.claim("u", "abc", Some("mallory"), None));
+        // The same id on another route is another session; no subject registers nothing.
+        let _other = fresh(r.claim("u", "abc", idp, Some("mallory"), None));
+        assert_eq!(r.claim("v", "abc", idp, None, None).err(), Some(ClaimError::OtherSubject));
         assert_eq!(r.len(), 2);
         drop(reg);
         assert_eq!(r.len(), 1);
-        let _again = fresh(r.claim("t", "abc", Some("bob"), Some("a1")));
+        let _again = fresh(r.claim("t", "abc", idp, Some("bob"), Some("a1")));
     }
 
     #[test]

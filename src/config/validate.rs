@@ -312,6 +312,13 @@ fn route(
         Some(_) if matches!(r.kind, Some(RawKind::Http)) => {
             return Err(invalid(&format!("{key}.resume"), "resumes WebSocket sessions; this route serves HTTP only"))
         }
+        Some(_) if !auth.as_ref().is_some_and(|a| a.required_claims.iter().any(|c| c == "sub")) => {
+            return Err(invalid(
+                &format!("{key}.resume"),
+                "needs required_claims = [\"sub\"] in [routes.auth]: a held session is resumed only by a token of \
+                 the same issuer and subject, so tokens without one cannot use the route",
+            ))
+        }
         Some(rs) => {
             let param = rs.param.unwrap_or_else(|| "resume".to_owned());
             if param.is_empty() || param.len() > 64 || !param.bytes().all(is_label_byte) {

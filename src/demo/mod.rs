@@ -131,6 +131,8 @@ backends = ["{backend}"]
 [routes.auth]
 sources = ["bearer", "subprotocol:bearer.", "cookie:portcullis_token", "query:access_token"]
 agent_claim = "agents"
+# A held terminal is resumed only by a token of the same issuer and subject.
+required_claims = ["sub"]
 [routes.origin]
 allow = ["https://localhost:{port}", "https://127.0.0.1:{port}"{extra_origins}]
 # The page reconnects with its resume id after a network blip and gets the same shell back,

@@ -729,8 +729,9 @@ async fn handle_upgrade(
             ctx.shared.metrics.resume_refused(&route.name, "invalid");
             return reject(ctx, &route.name, RequestError::BadResumeId);
         }
-        let subject = admitted.claims.as_deref().and_then(|c| c.subject());
-        match ctx.shared.resumes.claim(&route.name, &id, subject, caps.get("agent")) {
+        let claims = admitted.claims.as_deref();
+        let (issuer, subject) = (claims.and_then(|c| c.issuer()), claims.and_then(|c| c.subject()));
+        match ctx.shared.resumes.claim(&route.name, &id, issuer, subject, caps.get("agent")) {
             Err(e) => {
                 ctx.shared.metrics.resume_refused(&route.name, e.label());
                 tracing::info!(route = %route.name, client = %ctx.client_addr, error = %e, "resume refused");

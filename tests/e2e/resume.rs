@@ -92,7 +92,7 @@ fn resumable(name: &str, backend: std::net::SocketAddr, key: &Hmac, resume: &str
     TestConfig::base(&[backend.to_string()])
         .set("routes.0.name", name)
         .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
-        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
+        .merge("routes.0", "[auth]\nagent_claim = \"agents\"\nrequired_claims = [\"sub\"]")
         .merge("routes.0", &format!("[resume]\nnotice = \"fresh session\"\n{resume}"))
         .merge("routes.0", &format!("[session]\n{session}"))
         .text()
@@ -250,20 +250,81 @@ async fn output_beyond_the_buffer_ends_the_held_session_with_1001() {
 }
 
 #[tokio::test]
-async fn a_reconnect_takes_over_from_a_connection_the_proxy_still_thinks_alive() {
+async fn an_attached_session_cannot_be_taken_over_and_a_reconnect_is_taken_once_it_is_parked() {
     let (backend, _) = ticker().await;
     let key = hmac();
     let proxy = Proxy::start_with(&resumable("resume-takeover", backend.addr, &key, "", "")).await;
     let auth = key.bearer(&["a1"]);
-    // A half-open connection: it is still open, but the client has moved on.
-    let mut stale = connect(&proxy, &auth, "t-1").await;
-    stale.recv().await;
+    // The attack: the victim is attached; another connection with the same id and a token of
+    // the same subject (stolen id, second tab) tries to take the live shell.
+    let mut victim = connect(&proxy, &auth, "t-1").await;
+    victim.recv().await;
     wait_state(&proxy, "attached").await;
-    let mut fresh = connect(&proxy, &auth, "t-1").await;
-    fresh.send(true, op::BINARY, b"from the new connection").await;
-    assert_eq!(fresh.recv().await.payload, b"from the new connection");
-    stale.expect_eof().await;
+    let refused = upgrade(proxy.tls, true, "/agents/a1/terminal?resume=t-1", &[("Authorization", &auth)])
+        .await
+        .err()
+        .expect("refused while attached");
+    assert_eq!(refused.status, 409);
+    victim.send(true, op::BINARY, b"still mine").await;
+    let echoed = eventually_frame(&mut victim, b"still mine").await;
+    assert!(echoed, "the victim lost its session");
+    // Once the victim's connection drops without a close, the session is parked and the same
+    // subject's reconnect gets it back.
+    drop(victim);
+    wait_state(&proxy, "parked").await;
+    let mut back = connect(&proxy, &auth, "t-1").await;
+    back.send(true, op::BINARY, b"from the new connection").await;
+    assert!(eventually_frame(&mut back, b"from the new connection").await);
     assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
+}
+
+/// Reads frames until one carries `payload` (the ticker's own frames come in between).
+async fn eventually_frame(c: &mut Client, payload: &[u8]) -> bool {
+    for _ in 0..1000 {
+        if c.recv().await.payload == payload {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_resume_id_is_bound_to_the_issuer_and_a_route_with_resume_requires_a_subject() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&resumable("resume-issuer", backend.addr, &key, "", "")).await;
+    let token = |iss: &str| {
+        format!("Bearer {}", key.token_with(serde_json::json!({ "sub": "alice", "agents": ["a1"], "iss": iss })))
+    };
+    let victim = connect(&proxy, &token("https://idp-a.example"), "t-2").await;
+    drop(victim);
+    wait_state(&proxy, "parked").await;
+    // The same subject name from another issuer is someone else.
+    let other = upgrade(
+        proxy.tls,
+        true,
+        "/agents/a1/terminal?resume=t-2",
+        &[("Authorization", &token("https://idp-b.example"))],
+    )
+    .await
+    .err()
+    .expect("another issuer's alice is refused");
+    assert_eq!(other.status, 403);
+    // A token without a subject is refused by the route.
+    let no_sub = format!("Bearer {}", key.token_with(serde_json::json!({ "agents": ["a1"] })));
+    let refused = upgrade(proxy.tls, true, "/agents/a1/terminal?resume=t-2", &[("Authorization", &no_sub)])
+        .await
+        .err()
+        .expect("401");
+    assert_eq!(refused.status, 401);
+    // Validation: a resumable route whose tokens need no subject is refused.
+    let text = TestConfig::base(&["127.0.0.1:1".to_string()])
+        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
+        .merge("routes.0", "[resume]\nwindow = \"5s\"")
+        .text();
+    let err = portcullis::config::Config::parse(&text, std::path::Path::new("test.toml")).expect_err("refused");
+    assert!(err.to_string().contains("required_claims"), "{err}");
 }
 
 #[tokio::test]
