@@ -31,6 +31,9 @@ use crate::config::defaults;
 use crate::session::{Selector, StopReason};
 use crate::state::Shared;
 
+/// How long one admin connection may stay open, however it is used.
+const ADMIN_CONNECTION_MAX_AGE: Duration = Duration::from_secs(30);
+
 /// Serves admin requests until `stop` is cancelled: at most `[admin] max_connections` at once,
 /// each request head read within the server's `header_read_timeout`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
@@ -73,9 +76,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(tcp), svc);
+            // A client that never reads its answers would hold its slot for ever: every
+            // connection ends after a bounded age (scrapers and tools reconnect).
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(ADMIN_CONNECTION_MAX_AGE) => {}
             }
         });
     }

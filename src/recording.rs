@@ -88,6 +88,8 @@ struct Queue {
     queued: AtomicUsize,
     /// The writer failed: nothing more is recorded.
     failed: AtomicBool,
+    /// The failure closes the session (`on_backlog`, or `on_limit` for a cap).
+    close: AtomicBool,
     /// The sinks waiting for room (`slow`), by [`Stream`].
     wakers: [AtomicWaker; 2],
     tx: mpsc::UnboundedSender<Chunk>,
@@ -95,6 +97,13 @@ struct Queue {
 
 impl Queue {
     fn fail(&self, reason: &'static str, detail: &dyn std::fmt::Display) {
+        // A cap a session's own output can reach (its file's, the directory's) follows
+        // `on_limit`: by default a session that cannot be recorded does not go on.
+        let close = match reason {
+            "file_size" | "directory_full" => self.settings.on_limit == Backlog::Close,
+            _ => self.settings.on_backlog == Backlog::Close,
+        };
+        self.close.fetch_or(close, Ordering::AcqRel);
         if !self.failed.swap(true, Ordering::AcqRel) {
             tracing::error!(route = %self.route, reason, error = %detail, "recording failed: the rest of the session is not recorded");
             counter!("portcullis_recording_failures_total", "route" => self.route.clone(), "reason" => reason)
@@ -141,11 +150,12 @@ impl Sink {
     pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), Gap>> {
         let q = &self.queue;
         let close = q.settings.on_backlog == Backlog::Close;
+        let failed_close = q.close.load(Ordering::Acquire);
         // Registered on every check, not only when waiting for room: a writer that fails
         // while the session sits idle wakes it, so a `close` route closes then.
         q.wakers[self.stream as usize].register(cx.waker());
         if q.failed.load(Ordering::Acquire) {
-            return Poll::Ready(if close { Err(Gap) } else { Ok(()) });
+            return Poll::Ready(if failed_close { Err(Gap) } else { Ok(()) });
         }
         if q.queued.load(Ordering::Acquire) < q.settings.queue {
             return Poll::Ready(Ok(()));
@@ -177,6 +187,7 @@ pub fn start(
         start: Instant::now(),
         queued: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
+        close: AtomicBool::new(false),
         wakers: [AtomicWaker::new(), AtomicWaker::new()],
         tx,
     });

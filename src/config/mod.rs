@@ -454,6 +454,10 @@ pub struct RecordingSettings {
     pub max_file_size: u64,
     /// What a new recording does when the directory holds `max_total_size` already.
     pub when_full: WhenFull,
+    /// What the session does when a cap its output can reach (`max_file_size`, a full
+    /// directory) stops its recording: `Close` (the default: a session that cannot be recorded
+    /// does not go on) or `Slow`, read as "continue unrecorded".
+    pub on_limit: Backlog,
     /// How often the directory is swept (age, and `when_full = "evict_oldest"`).
     pub sweep_interval: Duration,
     /// The terminal width the header declares (columns).

@@ -361,9 +361,18 @@ pub(super) struct RawRecording {
     pub(super) max_total_size: Option<Size>,
     pub(super) max_file_size: Option<Size>,
     pub(super) when_full: Option<RawWhenFull>,
+    pub(super) on_limit: Option<RawOnLimit>,
     pub(super) sweep_interval: Option<Dur>,
     pub(super) width: Option<u16>,
     pub(super) height: Option<u16>,
+}
+
+/// `on_limit = "close" | "continue"`.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawOnLimit {
+    Close,
+    Continue,
 }
 
 /// `when_full = "refuse" | "evict_oldest"`.

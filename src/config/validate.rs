@@ -91,6 +91,10 @@ fn recording(r: super::raw::RawRecording, key: &str) -> Result<std::sync::Arc<su
             Some(super::raw::RawWhenFull::EvictOldest) => super::WhenFull::EvictOldest,
         },
         sweep_interval,
+        on_limit: match r.on_limit {
+            None | Some(super::raw::RawOnLimit::Close) => super::Backlog::Close,
+            Some(super::raw::RawOnLimit::Continue) => super::Backlog::Slow,
+        },
         width: r.width.unwrap_or(80).max(1),
         height: r.height.unwrap_or(24).max(1),
     }))

@@ -77,6 +77,7 @@ pub async fn admit(
 
     // Find the token in every configured source.
     let mut tokens: Vec<Cow<'_, str>> = Vec::new();
+    let mut from_cookie = false;
     for source in &policy.sources {
         match source {
             TokenSource::Bearer => {
@@ -94,7 +95,11 @@ pub async fn admit(
                     );
                 }
             }
-            TokenSource::Cookie(name) => tokens.extend(cookie_values(headers, name).map(Cow::Borrowed)),
+            TokenSource::Cookie(name) => {
+                let before = tokens.len();
+                tokens.extend(cookie_values(headers, name).map(Cow::Borrowed));
+                from_cookie |= tokens.len() > before;
+            }
             TokenSource::Subprotocol(prefix) => {
                 if let Some(p) = ws.as_ref().and_then(|w| w.protocol.as_ref()) {
                     let p = p.to_str().map_err(|_| AuthError::Malformed)?;
@@ -106,6 +111,11 @@ pub async fn admit(
     }
     if tokens.iter().any(|t| t.len() > max) {
         return Err(AuthError::TooLarge);
+    }
+    // A cookie rides on other sites' requests, and browsers send no Origin on their no-cors
+    // GETs (an image, a script) or navigations: `Sec-Fetch-Site` tells them apart.
+    if from_cookie && !headers.contains_key(ORIGIN) && cross_site(headers) {
+        return Err(AuthError::Origin);
     }
     let token = tokens.first().ok_or(AuthError::Missing)?.to_string();
     if tokens.iter().any(|t| *t != token) {
@@ -221,6 +231,12 @@ fn check_grant(c: &Claims, policy: &crate::config::RouteAuth, caps: &Captures) -
     } else {
         Err(AuthError::Forbidden)
     }
+}
+
+/// Whether a browser says the request comes from another site or another origin of this one
+/// (`Sec-Fetch-Site` other than `same-origin` and `none`); clients that send none are not.
+fn cross_site(headers: &HeaderMap) -> bool {
+    headers.get("sec-fetch-site").is_some_and(|s| !matches!(s.as_bytes(), b"same-origin" | b"none"))
 }
 
 fn bearer_token(v: &HeaderValue) -> Option<&str> {

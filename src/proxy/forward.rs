@@ -156,10 +156,11 @@ pub fn backend_headers(
 /// Whether a client header named `name` would pass for one the proxy sets, once folded the
 /// way CGI-style servers fold names (case, and `_` read as `-`).
 fn proxy_sets(name: &str, proxy_set: &HeaderMap) -> bool {
-    // Names are lowercase already (`http` lowercases them); only `_` needs folding, and
-    // most names have none, so they are not copied.
-    let folded = match name.contains('_') {
-        true => std::borrow::Cow::Owned(name.replace('_', "-")),
+    // Names are lowercase already (`http` lowercases them); `_` and `.` need folding (CGI
+    // reads `_` as `-`, PHP turns `.` into `_`), and most names have neither, so they are not
+    // copied.
+    let folded = match name.contains(['_', '.']) {
+        true => std::borrow::Cow::Owned(name.replace(['_', '.'], "-")),
         false => std::borrow::Cow::Borrowed(name),
     };
     folded.starts_with(IDENTITY_PREFIX)
@@ -190,6 +191,28 @@ fn quoted_string(value: &str) -> String {
     }
     q.push('"');
     q
+}
+
+/// Removes a backend's `Set-Cookie` for a cookie the proxy authenticates with (`names`: the
+/// login cookie and every `cookie:` token source), or every `Set-Cookie` when `all` (a sandboxed
+/// route): an agent never sets, replaces or shadows the user's credential.
+pub fn protect_credential_cookies(headers: &mut HeaderMap, names: &[&str], all: bool) {
+    if !headers.contains_key(header::SET_COOKIE) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            let name = v.to_str().ok().and_then(|c| c.split_once('=')).map(|(n, _)| n.trim());
+            !all && name.is_some_and(|n| !names.contains(&n))
+        })
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for v in kept {
+        headers.append(header::SET_COOKIE, v);
+    }
 }
 
 /// Removes a backend response's hop-by-hop headers before it goes to the client.
@@ -252,6 +275,7 @@ mod tests {
             ("x-real-ip", "6.6.6.6"),
             ("x-portcullis-sub", "root"),
             ("x_custom", "1"),
+            ("x-portcullis.claim-role", "admin"),
             ("x-kept", "yes"),
         ]);
         let set = headers(&[("x-portcullis-sub", "alice"), ("x-portcullis-claim-role", "viewer")]);
@@ -261,6 +285,7 @@ mod tests {
             assert_eq!(out.get_all("x-portcullis-claim-role").iter().collect::<Vec<_>>(), ["viewer"], "{rule:?}");
             assert_eq!(out.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"192.0.2.7"[..]));
             assert!(out.get("forwarded").is_some() && out.get("x-real-ip").is_none(), "{out:?}");
+            assert!(out.get("x-portcullis.claim-role").is_none(), "a dotted spelling was forwarded");
             for name in out.keys() {
                 let n = name.as_str();
                 assert!(

@@ -6,7 +6,10 @@
 //!
 //! - `GET {path}#token=<jwt>&next=/agents/a1/`: a fixed page of the proxy's own (a strict CSP
 //!   admits only its one inline script, by hash) that takes the token out of the address bar,
-//!   posts it back, and goes on to `next` (a path on this origin only);
+//!   posts it back, and goes on to `next` (resolved by the browser's URL parser, a place on
+//!   this origin only). When another site or page sent the browser there (`Sec-Fetch-Site`
+//!   other than `none` or `same-origin`), it says whose token it is and waits for a click: no
+//!   page can swap the user's credential behind their back (login CSRF);
 //! - `POST {path}` with `Authorization: Bearer <jwt>`, from this origin only (`Origin` must be
 //!   the request's own, `Sec-Fetch-Site` if sent must be `same-origin`): the token is verified
 //!   as any other, then `Set-Cookie: <cookie>=<jwt>; HttpOnly; Secure; SameSite=Strict; Path=/;
@@ -34,13 +37,16 @@ const SCRIPT: &str = r#"
 "use strict";
 const params = new URLSearchParams(location.hash.slice(1));
 const token = params.get("token");
-let next = params.get("next") || "/";
-if (!/^\/(?![\/\\])/.test(next)) next = "/";
+// `next` as the browser will read it (tabs and newlines stripped, backslashes as slashes):
+// only a place on this origin.
+let next = "/";
+try {
+  const u = new URL(params.get("next") || "/", location.origin);
+  if (u.origin === location.origin) next = u.pathname + u.search + u.hash;
+} catch (e) { next = "/"; }
 history.replaceState(null, "", location.pathname);
 const say = (t) => { document.getElementById("state").textContent = t; };
-if (!token) {
-  say("no token: open the link you were given");
-} else {
+function signIn() {
   fetch(location.pathname, { method: "POST", headers: { Authorization: "Bearer " + token }, credentials: "same-origin" })
     .then((r) => {
       if (r.ok) { say("signed in"); location.replace(next); }
@@ -48,13 +54,29 @@ if (!token) {
     })
     .catch((e) => say("the proxy could not be reached: " + e));
 }
+if (!token) {
+  say("no token: open the link you were given");
+} else if (document.body.dataset.confirm === "1") {
+  // Brought here by another site or page: a page must not sign the user in as someone else
+  // behind their back. Say who, and wait for the user.
+  let who = "this token's subject";
+  try { who = JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).sub || who; } catch (e) {}
+  say("Another page sent you here to sign in as \u201c" + who + "\u201d.");
+  const b = document.getElementById("go");
+  b.hidden = false;
+  b.addEventListener("click", () => { b.disabled = true; signIn(); });
+} else {
+  signIn();
+}
 "#;
 
-/// The page around [`SCRIPT`].
-fn page() -> String {
+/// The page around [`SCRIPT`]; with `confirm`, the sign-in waits for the user's click.
+fn page(confirm: bool) -> String {
+    let confirm = if confirm { "1" } else { "0" };
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Signing in</title></head>\
-         <body><p id=\"state\">signing in...</p><script>{SCRIPT}</script></body></html>"
+         <body data-confirm=\"{confirm}\"><p id=\"state\">signing in...</p>\
+         <button id=\"go\" hidden>Sign in</button><script>{SCRIPT}</script></body></html>"
     )
 }
 
@@ -96,7 +118,11 @@ pub(crate) async fn serve<B>(
 ) -> Result<Response<Full<Bytes>>, LoginError> {
     let method = req.method();
     if method == Method::GET || method == Method::HEAD {
-        let mut resp = Response::new(Full::new(Bytes::from(page())));
+        // Typed or pasted (`none`), or from this origin: sign in at once. From anywhere else
+        // (a link on another site, an agent's sandboxed page navigating itself): ask first, so
+        // no page can swap the user's credential for its own (login CSRF).
+        let own = req.headers().get("sec-fetch-site").is_none_or(|s| matches!(s.as_bytes(), b"none" | b"same-origin"));
+        let mut resp = Response::new(Full::new(Bytes::from(page(!own))));
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -559,6 +559,7 @@ async fn handle_request(
     };
     let (mut parts, body) = answered.response.into_parts();
     forward::strip_response_headers(&mut parts.headers);
+    forward::protect_credential_cookies(&mut parts.headers, &credential_cookies(runtime), route.sandbox);
     if route.sandbox {
         // Agent-served pages run in an opaque origin: no cookie of this origin, and every
         // request they make is cross-origin (`Origin: null`), refused by origin policies.
@@ -600,6 +601,19 @@ async fn handle_request(
     let mut download = stream::Download::new(body, settings.idle_body_timeout, governance, sse, exchange, least_conns);
     download.hold_stream(stream);
     Response::from_parts(parts, Either::Right(download))
+}
+
+/// Names of the cookies the proxy takes tokens from: the login cookie and every route's
+/// `cookie:` source (all routes share the origin, so an agent could set another route's).
+fn credential_cookies(runtime: &Runtime) -> Vec<&str> {
+    let config = &runtime.config;
+    let mut names: Vec<&str> = config.auth.cookie_login.iter().map(|l| l.cookie.as_str()).collect();
+    for source in config.routes.iter().filter_map(|r| r.auth.as_ref()).flat_map(|a| &a.sources) {
+        if let crate::config::TokenSource::Cookie(name) = source {
+            names.push(name);
+        }
+    }
+    names
 }
 
 /// The login exchange's answer, or its refusal (logged at info, without the token).

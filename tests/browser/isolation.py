@@ -21,7 +21,11 @@ The agent's page tries what a prompt-injected agent would: read the token from
   - control, on the unsafe route: the token is not readable (HttpOnly), but the page *does*
     reach `b`'s API and terminal with the user's cookie: the attack the sandbox is for;
   - on the sandboxed route: the token is not readable, `b`'s API call fails and `b`'s terminal
-    does not open.
+    does not open;
+  - the agent's page sending the browser to the login page with the attacker's token (login
+    CSRF): the login page asks instead of signing in, and the user's cookie stays;
+  - the login's `next` stays on the proxy's origin, whatever tab, newline or backslash tricks
+    it carries.
 
 Prints `isolation: N passed, M failed`; exits non-zero on a failure. Only the Python standard
 library; chromium, chromedriver and openssl from Debian's packages.
@@ -89,6 +93,8 @@ def main():
         os.makedirs(page_dir)
         with open(os.path.join(page_dir, "report.html"), "w") as f:
             f.write(EVIL_PAGE)
+        # Login CSRF: the agent's page sends the browser to the login page with its own token.
+        fixate = os.path.join(page_dir, "fixate.html")
         handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=page_dir, **k)  # noqa: E731
         http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
         pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -161,10 +167,17 @@ sandbox = true
         port = read_until(proxy.stderr, r"listening.*listener=tls.*addr=127\.0\.0\.1:(\d+)").group(1)
         threading.Thread(target=drain, args=(proxy.stderr,), daemon=True).start()
         base = f"https://app.localhost:{port}"
-        token = subprocess.run(
-            [PC, "token", "mint", "--secret-env", "ISOLATION_SECRET", "--alg", "HS256", "--sub", "user",
-             "--claim", 'agents=["a","b"]', "--ttl", "10m"],
-            env={**os.environ, "ISOLATION_SECRET": secret}, check=True, capture_output=True, text=True).stdout.strip()
+        def mint(sub, agents):
+            return subprocess.run(
+                [PC, "token", "mint", "--secret-env", "ISOLATION_SECRET", "--alg", "HS256", "--sub", sub,
+                 "--claim", f"agents={json.dumps(agents)}", "--ttl", "10m"],
+                env={**os.environ, "ISOLATION_SECRET": secret}, check=True, capture_output=True, text=True).stdout.strip()
+        token = mint("user", ["a", "b"])
+        attacker = mint("mallory", ["a"])
+        with open(fixate, "w") as f:
+            f.write(f"""<!doctype html><html><body><script>
+location.href = "/.portcullis/login#token={attacker}&next=/agents/a/files/report.html";
+</script></body></html>""")
 
         driver_port = free_port()
         driver = subprocess.Popen([DRIVER, f"--port={driver_port}"], stdout=subprocess.DEVNULL,
@@ -214,6 +227,26 @@ sandbox = true
             assert sandboxed["ws"] != "opened", sandboxed
             return json.dumps(sandboxed)
         check("sandboxed, agent a's page can neither read the token nor reach agent b's API or terminal", isolated)
+        def no_login_csrf():
+            wd.s("POST", "/url", {"url": base + "/agents/a/files/fixate.html"})
+            said = wd.wait("the login page asks", lambda: (lambda t: t if t and "Another page" in t else None)(
+                wd.js("const e = document.getElementById('state'); return e ? e.textContent : null;")))
+            time.sleep(1)  # what an auto-submitting page would have done by now
+            cookies = {c["name"]: c for c in wd.s("GET", "/cookie")}
+            assert cookies["portcullis_token"]["value"] == token, "the agent swapped the user's credential"
+            return said
+        check("an agent's page sending the browser to the login page cannot sign the user in as someone else",
+              no_login_csrf)
+
+        def next_stays_on_this_origin():
+            for trick in ["/%09/evil.example/", "/%0a/evil.example", "/%5c%5cevil.example", "https://evil.example/"]:
+                # A new document each time (a fragment change alone would not reload the page).
+                wd.s("POST", "/url", {"url": "about:blank"})
+                wd.s("POST", "/url", {"url": f"{base}/.portcullis/login#token={token}&next={trick}"})
+                where = wd.wait("the login goes on", lambda: (u := wd.s("GET", "/url")) and "/.portcullis/login" not in u and u)
+                assert where.startswith(base + "/"), f"next={trick} led to {where}"
+            return "tab, newline, backslash and absolute URLs all stay on the proxy's origin"
+        check("the login's next never leaves the proxy's origin", next_stays_on_this_origin)
         try:
             wd.s("DELETE", "")
         except Exception:  # noqa: BLE001

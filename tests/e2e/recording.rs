@@ -235,11 +235,11 @@ async fn no_session_can_erase_earlier_or_live_recordings_and_one_recording_stops
     let dir = tempfile::tempdir().expect("dir");
     // An earlier session's recording fills most of the directory's 64 KiB.
     let earlier = earlier_recording(dir.path(), "1700000000-terminal-1.cast", 50 * 1024, Duration::from_secs(60));
-    let extra = "max_total_size = \"64KiB\"\nmax_file_size = \"16KiB\"";
+    let extra = "max_total_size = \"64KiB\"\nmax_file_size = \"16KiB\"\non_limit = \"continue\"";
     let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), extra)).await;
 
     // A live session writes 10 KiB, then 20 KiB more: past its own cap, its recording ends with
-    // a gap marker while the session goes on.
+    // a gap marker while the session goes on (on_limit = "continue").
     let mut live = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
     for i in 0..10u8 {
         let line = vec![b'a' + i; 1024];
@@ -260,7 +260,7 @@ async fn no_session_can_erase_earlier_or_live_recordings_and_one_recording_stops
     assert_eq!(last[1], "m", "the recording ends with a gap marker: {last}");
 
     // The directory is full now: a second session's start erases nothing; its recording is
-    // refused (a counted gap) and the session itself goes on (on_backlog = "slow").
+    // refused (a counted gap) and the session itself goes on (on_limit = "continue").
     let mut second = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
     metric_reaches(
         proxy.admin,
@@ -324,4 +324,34 @@ async fn the_sweep_runs_on_a_timer_and_evicting_for_room_spares_live_recordings_
     metric_reaches(proxy.admin, "portcullis_recording_evictions_total{route=\"terminal\",reason=\"size\"}", 1.0).await;
     assert!(!filler.exists(), "the oldest finished recording was kept over the cap");
     assert!(live_file.exists(), "a live recording was evicted");
+}
+
+#[tokio::test]
+async fn by_default_a_session_that_cannot_be_recorded_does_not_go_on() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let auth = key.bearer(&["a1"]);
+    let dir = tempfile::tempdir().expect("dir");
+    let extra = "max_total_size = \"24KiB\"\nmax_file_size = \"8KiB\"";
+    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), extra)).await;
+    // A user who writes past the cap to go on unrecorded is closed instead.
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+    let mut closed = None;
+    for i in 0..40u8 {
+        c.send(true, op::TEXT, &vec![b'a' + (i % 20); 1024]).await;
+        let f = c.recv().await;
+        if f.opcode == op::CLOSE {
+            closed = Some(f);
+            break;
+        }
+    }
+    let f = closed.expect("the session was closed at its recording's cap");
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1011), "recording failed"));
+    metric_reaches(proxy.admin, "portcullis_recording_failures_total{route=\"terminal\",reason=\"file_size\"}", 1.0)
+        .await;
+    // A full directory refuses new sessions rather than letting them run unrecorded.
+    let _filler = earlier_recording(dir.path(), "1700000000-terminal-9.cast", 24 * 1024, Duration::from_secs(60));
+    let mut next = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+    let f = next.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1011), "recording failed"));
 }

@@ -630,3 +630,33 @@ async fn the_cookie_login_sets_an_http_only_cookie_for_same_origin_requests_only
     assert!(csp.starts_with("sandbox") && !csp.contains("allow-same-origin"), "{csp}");
     assert_eq!(a.header("x-content-type-options"), Some("nosniff"));
 }
+
+#[tokio::test]
+async fn an_agent_cannot_set_the_users_credential_cookie_nor_a_cross_site_page_ride_on_it() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let extra = "[origin]\nallow = [\"https://console.example.com\"]";
+    let text = config(&key, backend.addr, None, "")
+        .merge("routes.1", extra)
+        .set("routes.1.auth.sources", vec!["bearer", "cookie:portcullis_token"])
+        .merge("auth", "[cookie_login]")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let auth = alice(&key);
+    let cookie = format!("portcullis_token={}", auth.trim_start_matches("Bearer "));
+    let mut c = H1::connect(proxy.tls, true).await;
+    // The agent's Set-Cookie for the credential is dropped; its own cookie passes.
+    let a = c.get("/agents/a1/api/cookie", &[("cookie", &cookie)]).await;
+    assert_eq!(a.status, 200);
+    let set: Vec<&str> = a.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).collect();
+    assert_eq!(set, ["theme=dark; Path=/"], "the agent set the user's credential cookie");
+    // A cross-site no-cors GET (an <img> on another site) carries the cookie and no Origin.
+    for site in ["cross-site", "same-site"] {
+        let a = c.get("/agents/a1/api/headers", &[("cookie", &cookie), ("sec-fetch-site", site)]).await;
+        assert_eq!(a.status, 403, "{site}");
+    }
+    // The same from this origin, or from a client that is no browser, goes through.
+    let a = c.get("/agents/a1/api/headers", &[("cookie", &cookie), ("sec-fetch-site", "same-origin")]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(c.get("/agents/a1/api/headers", &[("cookie", &cookie)]).await.status, 200);
+}

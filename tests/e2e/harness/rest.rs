@@ -47,7 +47,8 @@ pub struct Seen {
 /// - `slow?ms=M`: the response head after M ms;
 /// - `stall`: the head and one chunk, then nothing; `ndjson`: the same as
 ///   `application/x-ndjson`;
-/// - `status?code=C`: answers C.
+/// - `status?code=C`: answers C;
+/// - `cookie`: sets `portcullis_token` (the proxy's credential cookie) and `theme`.
 pub struct RestBackend {
     pub addr: SocketAddr,
     /// TCP connections accepted.
@@ -176,6 +177,15 @@ async fn respond(
             // `ndjson` is the same held body as a stream of JSON lines.
             if endpoint == "ndjson" {
                 r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/x-ndjson"));
+            }
+            r
+        }
+        // An agent trying to set the proxy's credential cookie, beside one of its own.
+        "cookie" => {
+            let mut r = Response::new(full("cookie"));
+            let h = r.headers_mut();
+            for c in ["portcullis_token=ATTACKER.TOKEN.VALUE; Path=/; HttpOnly", "theme=dark; Path=/"] {
+                h.append("set-cookie", hyper::header::HeaderValue::from_static(c));
             }
             r
         }
