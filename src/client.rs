@@ -7,25 +7,15 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload};
-use http_body_util::Empty;
-use hyper::Request;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::header::WWW_AUTHENTICATE;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
 use portcullis::proxy::relay::close::code;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
 use tokio::net::TcpStream;
-
-struct SpawnExecutor;
-
-impl<F> hyper::rt::Executor<F> for SpawnExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(fut);
-    }
-}
 
 /// Connects to `url` and bridges stdin/stdout until either side closes.
 pub async fn run(url: &str, ca: Option<&Path>, headers: &[String]) -> anyhow::Result<()> {
@@ -73,9 +63,29 @@ async fn bridge<S>(stream: S, req: Request<Empty<Bytes>>) -> anyhow::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (ws, resp) =
-        fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await.context("websocket handshake failed")?;
-    eprintln!("connected ({})", resp.status());
+    // The handshake by hand (hyper), so that a refusal shows the proxy's reason: its status,
+    // its body and its `WWW-Authenticate`.
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("websocket handshake failed")?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let resp = sender.send_request(req).await.context("websocket handshake failed")?;
+    let status = resp.status();
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        let challenge = resp
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| format!(" (WWW-Authenticate: {v})"))
+            .unwrap_or_default();
+        let body = Limited::new(resp.into_body(), 4096).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let reason = String::from_utf8_lossy(&body).trim().to_owned();
+        bail!("the proxy refused the WebSocket: {status}: {reason}{challenge}");
+    }
+    let upgraded = hyper::upgrade::on(resp).await.context("websocket handshake failed")?;
+    eprintln!("connected ({status})");
+    let ws = fastwebsockets::WebSocket::after_handshake(TokioIo::new(upgraded), fastwebsockets::Role::Client);
     let mut ws = fastwebsockets::FragmentCollector::new(ws);
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
@@ -89,7 +99,12 @@ where
                 }
             },
             frame = ws.read_frame() => {
-                let frame = frame?;
+                let frame = match frame {
+                    Ok(f) => f,
+                    // Our close was sent: the peer ending the connection is the end.
+                    Err(_) if !stdin_open => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
                 match frame.opcode {
                     OpCode::Text | OpCode::Binary => println!("{}", String::from_utf8_lossy(&frame.payload)),
                     OpCode::Close => {

@@ -149,6 +149,31 @@ pub fn ip_key(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
+/// At most one log line per refusal reason per second, so a flood of refusals is visible
+/// without flooding the log: `Some(n)` when a line may be written now, `n` being the lines of
+/// that reason held back since the last one; `None` to hold this one back.
+pub fn log_sample(reason: &'static str) -> Option<u64> {
+    static LAST: std::sync::OnceLock<Mutex<HashMap<&'static str, (std::time::Instant, u64)>>> =
+        std::sync::OnceLock::new();
+    let mut map = LAST.get_or_init(Default::default).lock().ok()?;
+    let now = std::time::Instant::now();
+    match map.get_mut(reason) {
+        Some((at, held)) if now.duration_since(*at) < std::time::Duration::from_secs(1) => {
+            *held += 1;
+            None
+        }
+        Some((at, held)) => {
+            let n = *held;
+            (*at, *held) = (now, 0);
+            Some(n)
+        }
+        None => {
+            map.insert(reason, (now, 0));
+            Some(0)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

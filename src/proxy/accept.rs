@@ -112,7 +112,9 @@ fn per_ip(shared: &Shared, client: SocketAddr, mut slot: ConnSlot) -> Option<Con
     if let Some(rate) = &runtime.connection_rate {
         if rate.check(key).is_err() {
             crate::metrics::limit_refused("connection_rate");
-            tracing::debug!(%client, "per-address connection rate reached; closing");
+            if let Some(held_back) = crate::limits::log_sample("connection_rate") {
+                tracing::info!(%client, reason = "connection_rate", held_back, "connection refused: per-address connection rate reached");
+            }
             return None;
         }
     }
@@ -123,7 +125,9 @@ fn per_ip(shared: &Shared, client: SocketAddr, mut slot: ConnSlot) -> Option<Con
         }
         Err(n) => {
             crate::metrics::limit_refused("per_ip_connections");
-            tracing::debug!(%client, held = n, "per-address connection cap reached; closing");
+            if let Some(held_back) = crate::limits::log_sample("per_ip_connections") {
+                tracing::info!(%client, held = n, reason = "per_ip_connections", held_back, "connection refused: per-address connection cap reached");
+            }
             None
         }
     }

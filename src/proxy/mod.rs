@@ -684,6 +684,7 @@ fn new_exchange(ctx: &ConnCtx, req: &Request<Incoming>, route: &str, started: In
 }
 
 fn reject_exchange(ctx: &ConnCtx, mut exchange: stream::Exchange, e: RequestError) -> Response<ProxyBody> {
+    log_refusal(ctx, &exchange.route, &e);
     let resp = e.response();
     exchange.status = resp.status().as_u16();
     match &exchange.route_metrics {
@@ -1097,7 +1098,7 @@ async fn handle_observer(
 }
 
 fn reject(ctx: &ConnCtx, route: &str, e: RequestError) -> Response<ProxyBody> {
-    tracing::debug!(route, client = %ctx.client_addr, status = e.status().as_u16(), error = %e, "upgrade rejected");
+    log_refusal(ctx, route, &e);
     ctx.shared.metrics.upgrade(route, e.result_label());
     note_error(&ctx.shared.metrics, route, &e);
     e.response().map(Either::Left)
@@ -1113,6 +1114,16 @@ fn token_check_gate<'a>(ctx: &'a ConnCtx, runtime: &'a Runtime) -> impl Fn() -> 
         let Some(rate) = &runtime.token_check_rate else { return Ok(()) };
         let key = crate::limits::ip_key(ctx.client_addr.ip(), runtime.config.server.ipv6_prefix_len);
         rate.check(key).inspect_err(|_| crate::metrics::limit_refused("token_check_rate"))
+    }
+}
+
+/// One info line per refused request (at most one a second per reason, with how many were held
+/// back): the route, the client's address, the status and why, never the token.
+fn log_refusal(ctx: &ConnCtx, route: &str, e: &RequestError) {
+    let reason = e.result_label();
+    if let Some(held_back) = crate::limits::log_sample(reason) {
+        let status = e.status().as_u16();
+        tracing::info!(route, client = %ctx.client_addr, status, reason, held_back, error = %e, "request refused");
     }
 }
 

@@ -280,3 +280,42 @@ fn the_kubernetes_configmap_passes_check_config_syntax_only() {
         .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `portcullis connect` says why the proxy refused the WebSocket (status, the proxy's reason,
+/// its `WWW-Authenticate`), and bridges stdin and stdout once it is accepted.
+#[tokio::test]
+async fn connect_shows_the_proxys_reason_for_a_refusal_and_echoes_once_accepted() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let url = format!("ws://{}/agents/a1/terminal", proxy.plain);
+    let run = |auth: String, input: &'static [u8]| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .args(["connect", &url, "-H", &format!("Authorization: {auth}")])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn connect");
+            child.stdin.take().expect("stdin").write_all(input).expect("write");
+            child.wait_with_output().expect("connect ends")
+        })
+    };
+    let out = run(key.bearer(&["a2"]), b"").await.expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("403") && stderr.contains("token does not grant access to this agent"), "{stderr}");
+    let out = run("Bearer not.a.token".into(), b"").await.expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("401") && stderr.contains("WWW-Authenticate: Bearer"), "{stderr}");
+    let out = run(key.bearer(&["a1"]), b"hello\n").await.expect("join");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello");
+}

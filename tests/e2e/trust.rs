@@ -660,3 +660,33 @@ async fn an_agent_cannot_set_the_users_credential_cookie_nor_a_cross_site_page_r
     assert_eq!(a.status, 200);
     assert_eq!(c.get("/agents/a1/api/headers", &[("cookie", &cookie)]).await.status, 200);
 }
+
+#[tokio::test]
+async fn refusals_are_logged_at_info_with_route_client_and_reason_never_the_token_and_sampled() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let mut proxy = ProxyProcess::start(&config(&key, backend.addr, None, "").text()).await;
+    // Another agent's token: 403 on a WebSocket handshake and on a REST call.
+    let other = key.bearer(&["a2"]);
+    let refused = upgrade(proxy.tls, true, "/agents/a1/api/ws", &[("authorization", &other)]).await.err().expect("403");
+    assert_eq!(refused.status, 403);
+    let mut c = H1::connect(proxy.tls, true).await;
+    // A flood of bad tokens (401, then 429 once the address's token-check rate runs out):
+    // counted in full, logged at most once a second per reason.
+    for _ in 0..50 {
+        let status = c.get("/agents/a1/api/headers", &[("authorization", "Bearer not.a.token")]).await.status;
+        assert!(status == 401 || status == 429, "{status}");
+    }
+    let log = proxy.stop_and_collect_logs().await;
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("request refused")).collect();
+    let forbidden = refusals.iter().find(|l| l.contains("reason=\"forbidden\"")).expect("the 403 is logged");
+    assert!(
+        forbidden.contains("INFO") && forbidden.contains("route=\"api\"") && forbidden.contains("client=127.0.0.1")
+    );
+    let flood =
+        refusals.iter().filter(|l| l.contains("reason=\"unauthorized\"") || l.contains("reason=\"token_check_rate\""));
+    let lines = flood.count();
+    assert!((1..10).contains(&lines), "{lines} lines for 50 refusals: sampled per reason");
+    let token = other.trim_start_matches("Bearer ");
+    assert!(!log.contains(token) && !log.contains("not.a.token"), "a token reached the log");
+}
