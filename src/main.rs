@@ -1,5 +1,6 @@
 //! The `portcullis` command: run the proxy, check a config, run the demo, mint and try things.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -451,7 +452,9 @@ async fn demo(
         Ok(_) => "xterm.js installed from the npm registry".to_owned(),
         Err(why) => format!("plain terminal: {why}"),
     };
-    println!(
+    // A reader that stopped reading (a closed pipe) must not bring the demo down.
+    let _ = writeln!(
+        std::io::stdout(),
         "\nPortcullis demo is running.\n\n\
          Open the agent's page (trust the certificate below, or accept the browser's warning):\n\n\
          \x20 https://localhost:{port}/.portcullis/login#token={token}&next=/agents/demo/\n\n\

@@ -177,6 +177,9 @@ pub enum SessionKind {
     /// Any other response body in flight (NDJSON, a long-poll, a download): governed like an
     /// event stream, not counted under subject caps.
     Stream,
+    /// A read-only observer of another session: its own token's expiry, revocation, drain and
+    /// subject caps apply to it.
+    Observer,
 }
 
 impl SessionKind {
@@ -186,6 +189,7 @@ impl SessionKind {
             SessionKind::WebSocket => "websocket",
             SessionKind::Sse => "sse",
             SessionKind::Stream => "stream",
+            SessionKind::Observer => "observer",
         }
     }
 }

@@ -725,7 +725,7 @@ async fn handle_upgrade(
     }
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     if let (Some(observe), Some(id)) = (route.observe.clone(), observer::requested(path_and_query)) {
-        return handle_observer(ctx, runtime, &route, &caps, req, ws, &observe, id).await;
+        return handle_observer(ctx, runtime, &route, &caps, req, ws, &observe, id, stream).await;
     }
     let authenticator = runtime.authenticator.as_deref();
     let gate = token_check_gate(ctx, runtime);
@@ -752,7 +752,9 @@ async fn handle_upgrade(
                 tracing::info!(route = %route.name, client = %ctx.client_addr, error = %e, "resume refused");
                 return reject(ctx, &route.name, RequestError::Resume(e));
             }
-            Ok(crate::resume::Claim::Resume(held)) => return handle_resume(ctx, runtime, &route, req, &admitted, held),
+            Ok(crate::resume::Claim::Resume(held)) => {
+                return handle_resume(ctx, runtime, &route, req, &admitted, held, stream)
+            }
             Ok(crate::resume::Claim::Fresh(r)) => registration = Some(r),
         }
     }
@@ -899,6 +901,7 @@ fn handle_resume(
     mut req: Request<Incoming>,
     admitted: &auth::Admitted,
     held: Arc<crate::resume::Held>,
+    stream: http::StreamHold,
 ) -> Response<ProxyBody> {
     let resp = own_answer(ctx, &req, admitted, held.protocol.get().map(String::as_str));
     ctx.shared.metrics.upgrade(&route.name, "resumed");
@@ -906,7 +909,8 @@ fn handle_resume(
     let resuming = Resuming {
         held,
         expires_at: session_deadline(route, runtime, admitted.claims.as_deref()),
-        stream: http::StreamHold::default(),
+        // An HTTP/2 stream keeps its place under max_streams_per_ip while it is attached.
+        stream,
     };
     if ctx.h2 {
         let client_addr = ctx.client_addr;
@@ -1044,6 +1048,7 @@ async fn handle_observer(
     ws: upgrade::WsRequest,
     observe: &crate::config::ObserveSettings,
     id: u64,
+    stream: http::StreamHold,
 ) -> Response<ProxyBody> {
     let mut as_observer = route.clone();
     if let Some(a) = as_observer.auth.as_mut() {
@@ -1062,10 +1067,19 @@ async fn handle_observer(
     let Some(hub) = observer::hub_of(&ctx.shared.sessions, id, &route.name, agent) else {
         return reject(ctx, &route.name, RequestError::NoSuchSession);
     };
+    let claims = admitted.claims.as_deref();
+    // An observer is a session of its own: its subject's caps, its token's expiry, revocation
+    // and drain apply to it as to any other.
+    let slots = match subject_slots(ctx, runtime, route, claims) {
+        Ok(s) => s,
+        Err(e) => return reject(ctx, &route.name, e),
+    };
     let observing = match hub.join() {
         Ok(o) => o,
         Err(_) => return reject(ctx, &route.name, RequestError::TooManyObservers),
     };
+    let registered = ctx.shared.sessions.register(session_entry(ctx, SessionKind::Observer, route, caps, claims));
+    let expires_at = session_deadline(&as_observer, runtime, claims);
     let resp = own_answer(ctx, &req, &admitted, None);
     ctx.shared.metrics.upgrade(&route.name, "observer");
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -1074,6 +1088,9 @@ async fn handle_observer(
         subject: admitted.claims.as_ref().and_then(|c| c.subject().map(str::to_owned)).unwrap_or_default(),
         route: route.name.clone(),
         drop_grace: observe.drop_grace,
+        own: registered,
+        _slots: slots,
+        expires_at,
     };
     let client_addr = ctx.client_addr;
     let weak = Arc::downgrade(&hub);
@@ -1090,6 +1107,8 @@ async fn handle_observer(
             // HTTP/1.1: the connection's slot, once hyper has handed the connection over
             // (HTTP/2: none; the connection holds its own).
             let _slot = slot_rx.await.ok();
+            // HTTP/2: the stream's place under max_streams_per_ip, for as long as it watches.
+            let _stream = stream;
             observer::run(up, observing, weak, watch).await;
         }
         .in_current_span(),

@@ -18,7 +18,7 @@ use metrics::{counter, gauge};
 use tokio::sync::mpsc;
 
 use super::fanout::{write_unless_dropped, Written, CLOSE_TIMEOUT};
-use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, TRY_AGAIN_LATER};
+use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, TOO_BIG, TRY_AGAIN_LATER};
 use crate::observe::{Hub, Observer};
 
 /// The observed session's id, when the request asks to observe one (`?observe=<id>`).
@@ -32,6 +32,8 @@ enum Inbound {
     Ping(Vec<u8>),
     Close,
     Data,
+    /// A frame larger than a control frame: refused from its header (1009).
+    TooBig,
 }
 
 /// An observer the hub dropped for falling behind: 1013.
@@ -54,14 +56,26 @@ pub struct Watch {
     pub route: String,
     /// The route's `drop_grace`.
     pub drop_grace: std::time::Duration,
+    /// The observer's own session: registered, so revocation (its subject, token or agent) and
+    /// drain reach it, and holding its places under the subject's caps.
+    pub own: crate::session::SessionGuard,
+    /// Its subject's places under the session caps, freed when it leaves.
+    pub _slots: Vec<crate::limits::Slot<crate::limits::SubjectKey>>,
+    /// When its token expires (plus leeway), when the route enforces expiry.
+    pub expires_at: Option<tokio::time::Instant>,
 }
+
+/// The largest frame an observer may send plus one: observers send nothing but control frames
+/// (at most 125 bytes), so a frame claiming more is refused from its header, unread.
+const MAX_OBSERVER_FRAME: usize = 126;
 
 /// Runs one observer on its upgraded stream until it leaves, falls behind or the session
 /// ends. Holds the hub weakly: the session's end drops it, which ends the observer's queue.
 pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, watch: Watch) {
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, "observer joined");
     gauge!("portcullis_observers_active", "route" => watch.route.clone()).increment(1.0);
-    let ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Server);
+    let mut ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Server);
+    ws.set_max_message_size(MAX_OBSERVER_FRAME);
     let (mut rd, mut wr) = ws.split(tokio::io::split);
     rd.set_auto_close(false);
     rd.set_auto_pong(false);
@@ -76,6 +90,7 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
                     OpCode::Pong => continue,
                     _ => Inbound::Data,
                 },
+                Err(fastwebsockets::WebSocketError::FrameTooLarge) => Inbound::TooBig,
                 Err(_) => break,
             };
             let last = !matches!(event, Inbound::Ping(_));
@@ -84,6 +99,17 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
             }
         }
     });
+    // Its own session's end: revoked or drained, or its token expired.
+    let control = watch.own.entry().control.clone();
+    let stopped = control.wait();
+    tokio::pin!(stopped);
+    let expiry = async {
+        match watch.expires_at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
     // Every write is bounded: an observer that stops reading must not hold this task.
     let end = loop {
         // Dropped between writes: the chunks still queued are not sent. (Waiting in `recv`,
@@ -101,8 +127,14 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
                     Some(Inbound::Ping(p)) => Ok(Out::Pong(p)),
                     Some(Inbound::Close) => Err(("left", NORMAL, &b""[..])),
                     Some(Inbound::Data) => Err(("input", POLICY, &b"observers cannot send"[..])),
+                    Some(Inbound::TooBig) => Err(("too_big", TOO_BIG, &b"observers cannot send"[..])),
                     None => break "gone",
                 },
+                reason = &mut stopped => Err(match reason {
+                    crate::session::StopReason::Revoked => ("revoked", POLICY, &b"session revoked"[..]),
+                    _ => ("drain", GOING_AWAY, &b"going away"[..]),
+                }),
+                _ = &mut expiry => Err(("token_expired", POLICY, &b"token expired"[..])),
             }
         };
         let out = match next {

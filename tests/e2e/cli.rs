@@ -315,7 +315,26 @@ async fn connect_shows_the_proxys_reason_for_a_refusal_and_echoes_once_accepted(
     let out = run("Bearer not.a.token".into(), b"").await.expect("join");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("401") && stderr.contains("WWW-Authenticate: Bearer"), "{stderr}");
-    let out = run(key.bearer(&["a1"]), b"hello\n").await.expect("join");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello");
+    // Accepted: a line typed comes back; stdin is closed only once it has.
+    let auth = key.bearer(&["a1"]);
+    let echoed = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Write};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["connect", &url, "-H", &format!("Authorization: {auth}")])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn connect");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"hello\n").expect("write");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+        drop(stdin);
+        (line, child.wait().expect("connect ends"))
+    })
+    .await
+    .expect("join");
+    assert_eq!(echoed.0.trim(), "hello");
+    assert!(echoed.1.success());
 }

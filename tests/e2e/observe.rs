@@ -240,3 +240,82 @@ async fn an_observer_connection_counts_under_the_per_address_cap_while_it_watche
     let n = tokio::time::timeout(SOON, third.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
     assert_eq!(n, 0, "refused at accept, not answered: {:?}", String::from_utf8_lossy(&buf[..n]));
 }
+
+/// Opens an observer of `path` with `auth`; the replay (one frame) is read.
+async fn observer(proxy: &Proxy, path: &str, auth: &str) -> Client {
+    let mut obs = upgrade(proxy.plain, false, path, &[("Authorization", auth)]).await.expect("observer 101");
+    obs.recv().await;
+    obs
+}
+
+#[tokio::test]
+async fn an_observer_is_a_session_its_token_expiry_and_revocation_close_it_and_it_counts_under_caps() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let text = TestConfig::parse(&observed_as("observer-governed", backend.addr, &key, "replay = \"1KiB\""))
+        .set("auth.leeway", "0s")
+        .set("auth.max_sessions_per_subject", 1);
+    let proxy = Proxy::start_with(&text.text()).await;
+    let (_owner, path, auditor) = owner_over_plain(&proxy, &key).await;
+
+    // Revoking the observer's subject closes it (and counts it).
+    let mut obs = observer(&proxy, &path, &bearer(&auditor)).await;
+    let (_, list) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+    assert!(list.contains("\"kind\":\"observer\""), "{list}");
+    // It holds the auditor's one session: a second observer of the same subject is refused.
+    let second = upgrade(proxy.plain, false, &path, &[("Authorization", &bearer(&auditor))]).await;
+    assert_eq!(second.err().map(|h| h.status), Some(429), "observers count toward the subject's cap");
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"auditor"}"#).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#));
+    let f = obs.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1008), "session revoked"));
+
+    // An observer's own token expiry closes it.
+    // The claims an auditor has, with a two-second life.
+    let short = key.token_with(json!({"sub": "auditor-2", "scope": "observe:a1", "exp": portcullis_now() + 2}));
+    let mut obs = observer(&proxy, &path, &bearer(&short)).await;
+    let started = Instant::now();
+    let f = obs.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1008), "token expired"));
+    assert!(started.elapsed() >= Duration::from_millis(500), "closed before its token expired");
+}
+
+fn portcullis_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+}
+
+#[tokio::test]
+async fn an_observer_frame_larger_than_a_control_frame_is_refused_from_its_header() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&observed_as("observer-bomb", backend.addr, &key, "")).await;
+    let (_owner, path, auditor) = owner_over_plain(&proxy, &key).await;
+    let mut obs = upgrade(proxy.plain, false, &path, &[("Authorization", &bearer(&auditor))]).await.expect("101");
+    // A frame header that claims 64 MiB, then only 1 KiB of it: the proxy closes at once
+    // (it would otherwise wait for, and buffer, the whole frame).
+    let mut header = vec![0x82u8, 0xFF];
+    header.extend_from_slice(&(64u64 << 20).to_be_bytes());
+    header.extend_from_slice(&rand_mask());
+    obs.send_raw(&header).await;
+    obs.send_raw(&[0u8; 1024]).await;
+    let f = obs.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1009), "observers cannot send"));
+}
+
+#[tokio::test]
+async fn an_observer_over_http2_holds_its_place_under_max_streams_per_ip() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let text = TestConfig::parse(&observed_as("observer-h2-cap", backend.addr, &key, ""))
+        .set("http2.max_streams_per_ip", 1)
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let (_owner, path, auditor) = owner_over_plain(&proxy, &key).await;
+    let mut h2 = H2::connect(proxy.tls).await;
+    let mut obs = h2.websocket(&path, &[("authorization", &bearer(&auditor))]).await.expect("observer over h2");
+    obs.recv().await;
+    // The observer's stream holds the address's one place while it watches.
+    let (status, _) = h2.get("/agents/a1/terminal", &[]).await;
+    assert_eq!(status, 429, "an observer's stream escaped max_streams_per_ip");
+    drop(obs);
+}

@@ -45,13 +45,16 @@ async fn the_readme_try_it_block_works_as_pasted_against_a_live_demo() {
         SOON,
         tokio::task::spawn_blocking(move || {
             let mut lines = Vec::new();
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let mut reader = std::io::BufReader::new(stdout).lines();
+            for line in reader.by_ref().map_while(Result::ok) {
                 let done = line.trim().starts_with("TOKEN=");
                 lines.push(line);
                 if done {
                     break;
                 }
             }
+            // Keep reading what the demo writes after, as a terminal would.
+            std::thread::spawn(move || reader.for_each(drop));
             lines
         }),
     )
