@@ -483,6 +483,10 @@ fn revoke(shared: &Shared, selector: &Selector) -> usize {
                     if let Some(j) = &e.jti {
                         auth.deny_jti(j, e.issuer.as_deref(), e.token_exp);
                     }
+                    // And the token that resumed it last, if another.
+                    if let Some(j) = e.resume.as_ref().and_then(|h| h.resumed_jti()) {
+                        auth.deny_jti(&j, e.issuer.as_deref(), None);
+                    }
                 }
             }
         }

@@ -74,6 +74,9 @@ pub struct Held {
     pub agent: Option<String>,
     /// The subprotocol the first client was answered with, answered again on a resume.
     pub protocol: std::sync::OnceLock<String>,
+    /// The token id (`jti`) of the client that resumed it last: revoking that token closes the
+    /// session, as revoking the first one does.
+    resumed_jti: Mutex<Option<String>>,
     id: String,
     /// The state, and what it was before a claim (restored when the claim falls through).
     state: Mutex<(State, State)>,
@@ -81,6 +84,18 @@ pub struct Held {
 }
 
 impl Held {
+    /// Records the token id of the client now resuming the session.
+    pub fn set_resumed_jti(&self, jti: Option<&str>) {
+        if let Ok(mut j) = self.resumed_jti.lock() {
+            *j = jti.map(str::to_owned);
+        }
+    }
+
+    /// The token id of the client that resumed the session last, if any.
+    pub fn resumed_jti(&self) -> Option<String> {
+        self.resumed_jti.lock().ok().and_then(|j| j.clone())
+    }
+
     /// Where its client is now.
     pub fn state(&self) -> State {
         self.state.lock().map_or(State::Connecting, |s| s.0)
@@ -227,6 +242,7 @@ impl Resumes {
             subject: subject.map(str::to_owned),
             agent: agent.map(str::to_owned),
             protocol: std::sync::OnceLock::new(),
+            resumed_jti: Mutex::new(None),
             id: id.to_owned(),
             state: Mutex::new((State::Connecting, State::Connecting)),
             tx,

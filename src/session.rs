@@ -322,7 +322,8 @@ impl Sessions {
                 }
                 Selector::Agent(a) => e.agent.as_deref() == Some(a.as_str()),
                 Selector::Jti { jti, issuer } => {
-                    e.jti.as_deref() == Some(jti.as_str())
+                    (e.jti.as_deref() == Some(jti.as_str())
+                        || e.resume.as_ref().is_some_and(|h| h.resumed_jti().as_deref() == Some(jti.as_str())))
                         && issuer.as_ref().is_none_or(|iss| e.issuer.as_deref() == Some(iss.as_str()))
                 }
             })

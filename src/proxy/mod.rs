@@ -753,7 +753,9 @@ async fn handle_upgrade(
                 return reject(ctx, &route.name, RequestError::Resume(e));
             }
             Ok(crate::resume::Claim::Resume(held)) => {
-                return handle_resume(ctx, runtime, &route, req, &admitted, held, stream)
+                // The session goes on under the new token: revoking it closes the session.
+                held.set_resumed_jti(claims.and_then(|c| c.jti()));
+                return handle_resume(ctx, runtime, &route, req, &admitted, held, stream);
             }
             Ok(crate::resume::Claim::Fresh(r)) => registration = Some(r),
         }

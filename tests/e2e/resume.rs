@@ -405,3 +405,23 @@ async fn a_drain_ends_a_held_session_with_1001_to_the_backend() {
     assert_eq!(metric(&m, "portcullis_resume_expired_total{route=\"resume-drain\",reason=\"closed\"}"), 1.0);
     assert_eq!(metric(&m, "portcullis_resume_held{route=\"resume-drain\"}"), 0.0);
 }
+
+#[tokio::test]
+async fn revoking_the_token_that_resumed_a_session_closes_it() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&resumable("resume-jti", backend.addr, &key, "", "")).await;
+    let token = |jti: &str| {
+        format!("Bearer {}", key.token_with(serde_json::json!({ "sub": "alice", "agents": ["a1"], "jti": jti })))
+    };
+    let first = connect(&proxy, &token("first"), "t-3").await;
+    drop(first);
+    wait_state(&proxy, "parked").await;
+    // The same subject comes back with a fresh token.
+    let mut back = connect(&proxy, &token("second"), "t-3").await;
+    wait_state(&proxy, "attached").await;
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"jti":"second"}"#).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#), "the resumed session runs on the new token");
+    let f = back.recv_close().await;
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1008), "session revoked"));
+}
