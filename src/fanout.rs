@@ -146,8 +146,10 @@ impl Slot {
     }
 }
 
-/// `(route, agent, path)`.
-pub type Key = (String, String, String);
+/// `(route, agent, path, identity)`: the identity is the subscribers' issuer and subject, so
+/// subscribers of different subjects never share a backend stream (its handshake carries the
+/// first subscriber's identity headers, and with `client_data = "forward"` its input).
+pub type Key = (String, String, String, String);
 
 /// The shared streams of this process.
 #[derive(Debug, Default)]

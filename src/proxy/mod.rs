@@ -796,7 +796,12 @@ async fn handle_upgrade(
     entry.resume = registration.as_ref().map(|r| r.held.clone());
     let registered = ctx.shared.sessions.register(entry);
     if let Some(settings) = route.fanout.clone() {
-        let key = (route.name.clone(), caps.get("agent").unwrap_or("").to_owned(), admitted.path_and_query.clone());
+        // One stream per subject (of one issuer): another subject never reads output produced
+        // for this one's identity, nor types into it.
+        let identity =
+            claims.map_or(String::new(), |c| format!("{}\u{0}{}", c.issuer().unwrap_or(""), c.subject().unwrap_or("")));
+        let key =
+            (route.name.clone(), caps.get("agent").unwrap_or("").to_owned(), admitted.path_and_query.clone(), identity);
         let join = JoinFanout { key, settings, breq: &breq, state, caps: &caps };
         let task = match join_fanout(ctx, runtime, &route, join, &registered, claims).await {
             Ok(t) => t,

@@ -233,7 +233,8 @@ async fn each_client_is_governed_alone_and_the_stream_outlives_none_of_them_for_
     assert_eq!(other.recv_close().await.close_code(), Some(1008));
     alice.send(true, op::PING, b"still here").await;
     assert_eq!(alice.recv().await.payload, b"still here");
-    assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
+    // One backend stream per subject: alice's (shared by her two clients) and mallory's.
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 2);
     // The last client leaves: after the linger the backend gets 1001; the next client opens a
     // new backend connection.
     alice.send(true, op::CLOSE, &close_payload(1000, "")).await;
@@ -244,7 +245,7 @@ async fn each_client_is_governed_alone_and_the_stream_outlives_none_of_them_for_
     let mut again = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
     again.send(true, op::PING, b"new stream").await;
     assert_eq!(again.recv().await.payload, b"new stream");
-    assert_eq!(backend.log.requests.lock().expect("lock").len(), 2);
+    assert_eq!(backend.log.requests.lock().expect("lock").len(), 3);
 }
 
 #[tokio::test]
@@ -362,4 +363,26 @@ async fn fan_out_clients_have_the_session_timeouts_of_their_route() {
     let mut old = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
     let f = old.recv_close().await;
     assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1001), "session lifetime reached"));
+}
+
+#[tokio::test]
+async fn subscribers_of_different_subjects_never_share_a_backend_identity_reading_or_forwarding() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let text = fanned("fanout-subjects", backend.addr, &key, "client_data = \"forward\"");
+    let proxy = Proxy::start_with(&text).await;
+    let alice = key.bearer(&["a1"]);
+    let mallory = format!("Bearer {}", key.token("mallory", &["a1"], Duration::from_secs(600)));
+    let mut a = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &alice)]).await.expect("101");
+    let mut m = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &mallory)]).await.expect("101");
+    // Mallory types: her input reaches her own stream, and alice never sees its echo.
+    m.send(true, op::TEXT, b"typed by mallory").await;
+    assert_eq!(m.recv().await.payload, b"typed by mallory");
+    a.send(true, op::TEXT, b"typed by alice").await;
+    assert_eq!(a.recv().await.payload, b"typed by alice", "alice got output produced for another subject");
+    // Two backend connections, each with its own subscriber's identity.
+    let requests = backend.log.requests.lock().expect("lock").clone();
+    let subs: Vec<Option<&str>> = requests.iter().map(|r| r.header("x-portcullis-sub")).collect();
+    assert_eq!(requests.len(), 2, "{subs:?}");
+    assert!(subs.contains(&Some("alice")) && subs.contains(&Some("mallory")), "{subs:?}");
 }
