@@ -111,6 +111,11 @@ struct Output {
     /// Also write a self-contained HTML report (latency percentile plot, throughput over time).
     #[arg(long)]
     html: Option<PathBuf>,
+    /// Fail the run (exit 3) when a metric is above a limit: `p99>50ms`, `p50>5ms`,
+    /// `handshake_p99>200ms`, `refused>5%` (sessions asked for but not opened), `errors>0`.
+    /// Repeatable.
+    #[arg(long = "fail-on", value_name = "NAME>LIMIT")]
+    fail_on: Vec<portcullis_loadtest::stats::Threshold>,
 }
 
 fn main() -> ExitCode {
@@ -219,11 +224,24 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         std::fs::write(&path, portcullis_loadtest::html::render(&report))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    if report.opened < report.connections && report.scenario != "storm" {
+        eprintln!(
+            "warning: {} of {} sessions were not opened (see the errors above; --fail-on refused>N% makes this fail)",
+            report.connections - report.opened,
+            report.connections
+        );
+    }
+    let breaches: Vec<String> = output.fail_on.iter().filter_map(|t| t.breach(&report)).collect();
+    for b in &breaches {
+        eprintln!("{b}");
+    }
     Ok(if !report.is_clean() {
         ExitCode::from(2)
     } else if report.opened == 0 && report.connections > 0 {
         eprintln!("error: no session could be opened (see the errors above)");
         ExitCode::FAILURE
+    } else if !breaches.is_empty() {
+        ExitCode::from(3)
     } else {
         ExitCode::SUCCESS
     })

@@ -494,3 +494,90 @@ mod tests {
         assert!(table.contains("target pid 11  RSS 3000 → 4000 KiB"), "{table}");
     }
 }
+
+/// A pass/fail bound on a run (`--fail-on`), as k6's thresholds: the run fails (exit 3) when
+/// the metric is above the limit. `p50>2ms`, `p99>50ms`, `p999>…` (message latency),
+/// `handshake_p99>…`, `refused>5%` (sessions asked for but not opened), `errors>10`.
+#[derive(Clone, Debug)]
+pub struct Threshold {
+    metric: ThresholdMetric,
+    limit: f64,
+    text: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ThresholdMetric {
+    Latency(fn(&Percentiles) -> u64),
+    Handshake(fn(&Percentiles) -> u64),
+    RefusedPercent,
+    Errors,
+}
+
+impl std::str::FromStr for Threshold {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, limit) =
+            s.split_once('>').ok_or_else(|| format!("{s:?}: write NAME>LIMIT, as p99>50ms, refused>5% or errors>0"))?;
+        let (name, limit) = (name.trim(), limit.trim());
+        let latency = |l: &str| -> Result<f64, String> {
+            crate::parse_duration(l).map(|d| d.as_secs_f64() * 1e6).map_err(|e| format!("{s:?}: {e}"))
+        };
+        let percentile = |p: &str| -> Option<fn(&Percentiles) -> u64> {
+            match p {
+                "p50" => Some(|p: &Percentiles| p.p50),
+                "p90" => Some(|p: &Percentiles| p.p90),
+                "p99" => Some(|p: &Percentiles| p.p99),
+                "p999" => Some(|p: &Percentiles| p.p999),
+                "max" => Some(|p: &Percentiles| p.max),
+                _ => None,
+            }
+        };
+        let (metric, limit) = match name {
+            "refused" => {
+                let pct = limit.strip_suffix('%').ok_or_else(|| format!("{s:?}: refused takes a percentage"))?;
+                (ThresholdMetric::RefusedPercent, pct.parse::<f64>().map_err(|_| format!("{s:?}: not a percentage"))?)
+            }
+            "errors" => (ThresholdMetric::Errors, limit.parse::<f64>().map_err(|_| format!("{s:?}: not a count"))?),
+            n => match (n.strip_prefix("handshake_"), percentile(n)) {
+                (Some(p), _) => match percentile(p) {
+                    Some(f) => (ThresholdMetric::Handshake(f), latency(limit)?),
+                    None => return Err(format!("{s:?}: unknown percentile {p:?}")),
+                },
+                (None, Some(f)) => (ThresholdMetric::Latency(f), latency(limit)?),
+                (None, None) => {
+                    return Err(format!(
+                        "{s:?}: unknown metric {n:?} (p50, p90, p99, p999, max, handshake_p99, ..., refused, errors)"
+                    ))
+                }
+            },
+        };
+        Ok(Threshold { metric, limit, text: s.to_owned() })
+    }
+}
+
+impl Threshold {
+    /// Why `report` breaks this bound, or `None` when it holds.
+    pub fn breach(&self, report: &Report) -> Option<String> {
+        let (value, shown) = match self.metric {
+            ThresholdMetric::Latency(f) => {
+                let v = f(&report.latency_us) as f64;
+                (v, format!("{:.1}ms", v / 1000.0))
+            }
+            ThresholdMetric::Handshake(f) => {
+                let v = f(&report.handshake_us) as f64;
+                (v, format!("{:.1}ms", v / 1000.0))
+            }
+            ThresholdMetric::RefusedPercent => {
+                let refused = report.connections.saturating_sub(report.opened) as f64;
+                let v = if report.connections == 0 { 0.0 } else { 100.0 * refused / report.connections as f64 };
+                (v, format!("{v:.1}% ({} of {} sessions not opened)", refused, report.connections))
+            }
+            ThresholdMetric::Errors => {
+                let v = report.errors.values().map(|(n, _)| *n).sum::<u64>() as f64;
+                (v, format!("{v}"))
+            }
+        };
+        (value > self.limit).then(|| format!("threshold {} failed: {shown}", self.text))
+    }
+}

@@ -194,3 +194,41 @@ async fn messages_are_counted_as_sent_while_the_run_goes_on_not_only_at_its_end(
     assert!(!during.is_empty(), "timeline points during the run");
     assert!(during.iter().all(|p| p.sent > 0), "sent counted live: {:?}", r.timeline);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_on_thresholds_set_the_exit_code_and_name_what_broke() {
+    let addr = start_backend(BackendOptions::new(Mode::Echo)).await;
+    let run = |thresholds: &'static [&'static str]| {
+        let mut args = vec!["echo".to_owned(), "--target".into(), format!("ws://{addr}/x"), "-c".into(), "2".into()];
+        args.extend(["-d", "1s", "-q"].map(String::from));
+        for t in thresholds {
+            args.extend(["--fail-on".to_owned(), (*t).to_owned()]);
+        }
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis-loadtest")).args(args).output()
+    };
+    // Bounds the run meets: 0.
+    let out = run(&["p99>10s", "refused>0%", "errors>0"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // A latency no run meets: 3, and the breach named.
+    let out = run(&["p50>1us"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("threshold p50>1us failed"));
+    // A malformed bound is an argument error.
+    let out = run(&["p99<50ms"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap's usage error");
+}
+
+#[test]
+fn thresholds_judge_a_report() {
+    use portcullis_loadtest::stats::{Report, Threshold};
+    let mut r = Report { connections: 100, opened: 20, ..Report::default() };
+    r.latency_us.p99 = 62_100;
+    let t: Threshold = "refused>5%".parse().unwrap();
+    assert!(t.breach(&r).unwrap().contains("80.0% (80 of 100 sessions not opened)"));
+    let t: Threshold = "p99>50ms".parse().unwrap();
+    assert!(t.breach(&r).unwrap().contains("62.1ms"));
+    let t: Threshold = "p99>100ms".parse().unwrap();
+    assert!(t.breach(&r).is_none());
+    assert!("latency>1ms".parse::<Threshold>().is_err());
+    assert!("refused>5".parse::<Threshold>().is_err());
+}
