@@ -147,7 +147,18 @@ fn main() -> ExitCode {
     // `run` reads its configuration first: it may set the number of worker threads.
     let config = match &cli.command {
         Command::Run { config: path } => match Config::load(path) {
-            Ok(c) => Some(c),
+            // Every file the configuration names is read as check-config reads it: the same
+            // problem gets the same message and the same exit code from both.
+            Ok(c) => {
+                let problems = server::check_files(&c);
+                for p in &problems {
+                    eprintln!("{}: {p}", path.display());
+                }
+                if !problems.is_empty() {
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                Some(c)
+            }
             Err(e) => {
                 eprintln!("{e}");
                 return ExitCode::from(EXIT_CONFIG);
@@ -183,8 +194,9 @@ fn main() -> ExitCode {
                     eprintln!("{}: warning: {w}", file.display());
                 }
                 let files = if syntax_only { "files not read" } else { "every file it names read" };
+                let base = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
                 println!(
-                    "{}: ok ({} listeners, {} routes; {files})",
+                    "{}: ok ({} listeners, {} routes; {files}; relative paths resolve against the working directory {base})",
                     file.display(),
                     c.listeners.len(),
                     c.routes.len()

@@ -59,6 +59,10 @@ fn check_config_reads_every_file_it_names_and_reports_each_problem_with_its_path
         assert!(msg.lines().any(|l| l.contains(&name)), "{name} not reported:\n{msg}");
     }
     assert_eq!(msg.lines().count(), 3, "one line per problem:\n{msg}");
+    // `run` refuses the same file the same way: 64, the same lines, before binding anything.
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis")).args(["run", "--config"]).arg(&bad).output().expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), msg, "run and check-config say the same");
     // `--syntax-only` checks the configuration alone.
     let out = check(&bad, &["--syntax-only"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
