@@ -425,3 +425,33 @@ async fn revoking_the_token_that_resumed_a_session_closes_it() {
     let f = back.recv_close().await;
     assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1008), "session revoked"));
 }
+
+#[tokio::test]
+async fn a_parked_session_counts_under_its_addresss_connection_cap_until_it_ends() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let text = TestConfig::parse(&resumable("resume-per-ip", backend.addr, &key, "window = \"1s\"", ""))
+        .merge("server", "max_connections_per_ip = 64")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let connections = |top: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(top).expect("json");
+        v["per_ip"].as_array().and_then(|a| a.first()).and_then(|e| e["connections"].as_u64()).unwrap_or(0)
+    };
+    let client = connect(&proxy, &key.bearer(&["a1"]), "t-4").await;
+    drop(client);
+    wait_state(&proxy, "parked").await;
+    // Parked: it holds a backend connection and a buffer, so it still counts for its address.
+    let (_, top) = http_get(proxy.admin, "/limits?top=5").await;
+    assert_eq!(connections(&top), 1, "a parked session escaped its address's cap: {top}");
+    // The window ends: the place is free.
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let (_, top) = http_get(proxy.admin, "/limits?top=5").await;
+        if connections(&top) == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the parked session's place was never freed: {top}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

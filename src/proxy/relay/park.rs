@@ -116,7 +116,8 @@ impl Boundaries {
 /// A resumable session's client stream (see the module's documentation).
 pub struct Parkable {
     io: Option<Box<dyn Io>>,
-    /// What the attached connection holds (its connection slot).
+    /// What the attached connection holds (its connection slot), kept while parked until a new
+    /// client's replaces it.
     hold: Option<Box<dyn Send>>,
     /// Bytes read from the new client during its handshake, read first.
     early: Vec<u8>,
@@ -160,7 +161,9 @@ impl Parkable {
             return false;
         }
         self.io = None;
-        self.hold = None;
+        // The old connection's hold (its connection slot: the global cap and its address's
+        // place under max_connections_per_ip) is kept while the session is parked: it still
+        // holds a backend connection and a buffer. A new client's hold replaces it.
         self.early = Vec::new();
         // What the old client may have got of the message in flight is held again whole;
         // what was still to be written of the backlog follows it.
