@@ -26,37 +26,15 @@ library; chromium and chromedriver from Debian's packages.
 
 import http.server
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo import CHROMIUM, DRIVER, PC, ROOT, WebDriver, free_port  # noqa: E402
-
-
-def read_until(proc_out, pattern, seconds=20):
-    """The first match of `pattern` in the lines a process writes (its output is read on)."""
-    deadline = time.time() + seconds
-    seen = []
-    while time.time() < deadline:
-        line = proc_out.readline()
-        if not line:
-            time.sleep(0.05)
-            continue
-        seen.append(line)
-        m = re.search(pattern, line)
-        if m:
-            return m
-    raise AssertionError(f"no {pattern!r} in: {''.join(seen)[-2000:]}")
-
-
-def drain(stream):
-    for _ in iter(stream.readline, ""):
-        pass
+from common import Checks, demo_backend, proxy, stop, webdriver  # noqa: E402
+from demo import CHROMIUM, DRIVER, PC, ROOT  # noqa: E402
 
 
 def main():
@@ -65,18 +43,9 @@ def main():
     if not os.access(PC, os.X_OK):
         subprocess.run(["cargo", "build", "--quiet", "--bin", "portcullis"], cwd=ROOT, check=True)
     run = tempfile.mkdtemp(prefix="portcullis-cors-")
-    procs = []
-    passed, failed = [], []
-
-    def check(name, fn):
-        try:
-            detail = fn()
-            passed.append(name)
-            print(f"  ok: {name}{': ' + detail if isinstance(detail, str) else ''}")
-        except Exception as e:  # noqa: BLE001 (a check that fails for any reason is a failure)
-            failed.append(name)
-            print(f"  FAILED: {name}: {e}")
-
+    procs, wd = [], None
+    checks = Checks()
+    check = checks.check
     try:
         # The page's origin: its own server on a port of its own.
         page_dir = os.path.join(run, "page")
@@ -87,12 +56,7 @@ def main():
         threading.Thread(target=pages.serve_forever, daemon=True).start()
         page_origin = f"http://127.0.0.1:{pages.server_address[1]}"
 
-        agent = subprocess.Popen(
-            [PC, "demo", "--backend-only", "--no-npm", "--shell", "/bin/sh", "--backend", "127.0.0.1:0", "--dir", run],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        procs.append(agent)
-        backend = read_until(agent.stderr, r"listening on http://(127\.0\.0\.1:\d+)").group(1)
-        threading.Thread(target=drain, args=(agent.stderr,), daemon=True).start()
+        backend = demo_backend(procs, run)
 
         secret = os.path.join(run, "hmac")
         with open(secret, "w") as f:
@@ -128,12 +92,8 @@ address = "127.0.0.1:0"
 algorithms = ["HS256"]
 secret_file = "{secret}"
 {routes}""")
-        proxy = subprocess.Popen([PC, "run", "--config", config], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "portcullis=info"})
-        procs.append(proxy)
-        listen = read_until(proxy.stderr, r"listening.*listener=plain.*addr=(127\.0\.0\.1:\d+)").group(1)
-        admin = read_until(proxy.stderr, r"admin listening.*addr=(127\.0\.0\.1:\d+)").group(1)
-        threading.Thread(target=drain, args=(proxy.stderr,), daemon=True).start()
+        listen, admin = proxy(procs, config, r"listening.*listener=plain.*addr=(127\.0\.0\.1:\d+)",
+                              r"admin listening.*addr=(127\.0\.0\.1:\d+)")
         token = subprocess.run(
             [PC, "token", "mint", "--secret-env", "CORS_SECRET", "--alg", "HS256", "--sub", "console-user",
              "--claim", 'agents=["demo"]', "--ttl", "10m"],
@@ -152,21 +112,7 @@ Promise.all([call("http://{listen}/agents/demo/api/status"), call("http://{liste
   .then(([a, b]) => {{ document.getElementById("out").textContent = a + "|" + b; }});
 </script></body></html>""")
 
-        # chromedriver cannot report a port it chose: a free one, as demo.py does.
-        driver_port = free_port()
-        driver = subprocess.Popen([DRIVER, f"--port={driver_port}"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        procs.append(driver)
-        deadline = time.time() + 15
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{driver_port}/status", timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.1)
-        wd = WebDriver(driver_port, os.path.join(run, "profile"))
+        wd = webdriver(procs, DRIVER, os.path.join(run, "profile"))
         wd.s("POST", "/url", {"url": page_origin + "/index.html"})
         got = wd.wait("the page's two calls", lambda: (lambda t: t if t != "pending" else None)(
             wd.js("return document.getElementById('out').textContent")))
@@ -188,20 +134,9 @@ Promise.all([call("http://{listen}/agents/demo/api/status"), call("http://{liste
                 raise AssertionError(f"missing {missing}")
             return "one allowed, one refused"
         check("the preflights were answered by the proxy and counted", counted)
-        try:
-            wd.s("DELETE", "")
-        except Exception:  # noqa: BLE001
-            pass
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    print(f"cors: {len(passed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+        stop(procs, wd)
+    return checks.summary("cors")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cors import drain, read_until  # noqa: E402
-from demo import CHROMIUM, DRIVER, PC, ROOT, WebDriver, free_port  # noqa: E402
+from common import Checks, demo_backend, proxy, stop, webdriver  # noqa: E402
+from demo import CHROMIUM, DRIVER, PC, ROOT  # noqa: E402
 
 EVIL_PAGE = """<!doctype html><html><body><pre id="out">pending</pre><script>
 const out = {};
@@ -70,18 +70,9 @@ def main():
     if not os.access(PC, os.X_OK):
         subprocess.run(["cargo", "build", "--quiet", "--bin", "portcullis"], cwd=ROOT, check=True)
     run = tempfile.mkdtemp(prefix="portcullis-isolation-")
-    procs = []
-    passed, failed = [], []
-
-    def check(name, fn):
-        try:
-            detail = fn()
-            passed.append(name)
-            print(f"  ok: {name}{': ' + detail if isinstance(detail, str) else ''}")
-        except Exception as e:  # noqa: BLE001 (a check that fails for any reason is a failure)
-            failed.append(name)
-            print(f"  FAILED: {name}: {e}")
-
+    procs, wd = [], None
+    checks = Checks()
+    check = checks.check
     try:
         cert, key = os.path.join(run, "cert.pem"), os.path.join(run, "key.pem")
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -101,12 +92,7 @@ def main():
         threading.Thread(target=pages.serve_forever, daemon=True).start()
         content = f"127.0.0.1:{pages.server_address[1]}"
 
-        agent = subprocess.Popen(
-            [PC, "demo", "--backend-only", "--no-npm", "--shell", "/bin/sh", "--backend", "127.0.0.1:0", "--dir", run],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        procs.append(agent)
-        backend = read_until(agent.stderr, r"listening on http://(127\.0\.0\.1:\d+)").group(1)
-        threading.Thread(target=drain, args=(agent.stderr,), daemon=True).start()
+        backend = demo_backend(procs, run)
 
         secret = "isolation-browser-test-secret-0123456789"
         with open(os.path.join(run, "hmac"), "w") as f:
@@ -161,11 +147,7 @@ backends = ["{content}"]
 backend_path = "/{{rest}}"
 sandbox = true
 """)
-        proxy = subprocess.Popen([PC, "run", "--config", config], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "portcullis=info"})
-        procs.append(proxy)
-        port = read_until(proxy.stderr, r"listening.*listener=tls.*addr=127\.0\.0\.1:(\d+)").group(1)
-        threading.Thread(target=drain, args=(proxy.stderr,), daemon=True).start()
+        (port,) = proxy(procs, config, r"listening.*listener=tls.*addr=127\.0\.0\.1:(\d+)")
         base = f"https://app.localhost:{port}"
         def mint(sub, agents):
             return subprocess.run(
@@ -179,20 +161,7 @@ sandbox = true
 location.href = "/.portcullis/login#token={attacker}&next=/agents/a/files/report.html";
 </script></body></html>""")
 
-        driver_port = free_port()
-        driver = subprocess.Popen([DRIVER, f"--port={driver_port}"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        procs.append(driver)
-        deadline = time.time() + 15
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{driver_port}/status", timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.1)
-        wd = WebDriver(driver_port, os.path.join(run, "profile"))
+        wd = webdriver(procs, DRIVER, os.path.join(run, "profile"))
 
         def visit(path):
             wd.s("POST", "/url", {"url": base + path})
@@ -247,20 +216,9 @@ location.href = "/.portcullis/login#token={attacker}&next=/agents/a/files/report
                 assert where.startswith(base + "/"), f"next={trick} led to {where}"
             return "tab, newline, backslash and absolute URLs all stay on the proxy's origin"
         check("the login's next never leaves the proxy's origin", next_stays_on_this_origin)
-        try:
-            wd.s("DELETE", "")
-        except Exception:  # noqa: BLE001
-            pass
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    print(f"isolation: {len(passed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+        stop(procs, wd)
+    return checks.summary("isolation")
 
 
 if __name__ == "__main__":
