@@ -385,13 +385,7 @@ fn check_config_refuses_jwks_over_http_unless_allowed_and_warns_of_routes_withou
         std::fs::write(&path, text).expect("write");
         path
     };
-    let check = |path: &std::path::Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .arg("check-config")
-            .arg(path)
-            .output()
-            .expect("run")
-    };
+    let check = check_config;
     let out = check(&write("http-jwks.toml", ""));
     assert_eq!(out.status.code(), Some(64));
     let msg = String::from_utf8_lossy(&out.stderr);
@@ -496,13 +490,7 @@ fn a_route_taking_its_token_from_a_cookie_needs_an_origin_policy() {
             .expect("write");
         path
     };
-    let check = |path: &std::path::Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .arg("check-config")
-            .arg(path)
-            .output()
-            .expect("run")
-    };
+    let check = check_config;
     let out = check(&write("no-origin.toml", ""));
     assert_eq!(out.status.code(), Some(64));
     let msg = String::from_utf8_lossy(&out.stderr);
@@ -689,4 +677,9 @@ async fn refusals_are_logged_at_info_with_route_client_and_reason_never_the_toke
     assert!((1..10).contains(&lines), "{lines} lines for 50 refusals: sampled per reason");
     let token = other.trim_start_matches("Bearer ");
     assert!(!log.contains(token) && !log.contains("not.a.token"), "a token reached the log");
+}
+
+/// `portcullis check-config PATH`, as an operator runs it.
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_portcullis")).arg("check-config").arg(path).output().expect("run")
 }
