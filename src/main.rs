@@ -150,11 +150,7 @@ fn main() -> ExitCode {
             // Every file the configuration names is read as check-config reads it: the same
             // problem gets the same message and the same exit code from both.
             Ok(c) => {
-                let problems = server::check_files(&c);
-                for p in &problems {
-                    eprintln!("{}: {p}", path.display());
-                }
-                if !problems.is_empty() {
+                if !files_readable(path, &c) {
                     return ExitCode::from(EXIT_CONFIG);
                 }
                 Some(c)
@@ -183,11 +179,7 @@ fn main() -> ExitCode {
             false => Config::load(&file),
         } {
             Ok(c) => {
-                let problems = if syntax_only { Vec::new() } else { server::check_files(&c) };
-                for p in &problems {
-                    eprintln!("{}: {p}", file.display());
-                }
-                if !problems.is_empty() {
+                if !syntax_only && !files_readable(&file, &c) {
                     return ExitCode::from(EXIT_CONFIG);
                 }
                 for w in c.warnings() {
@@ -266,6 +258,16 @@ async fn health(url: &str, timeout_ms: u64) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(e))?;
     println!("{said}");
     Ok(())
+}
+
+/// Reads every file `config` names, as `run` will load it; prints each problem on a line of its
+/// own, prefixed with the configuration's path. True when there is none.
+fn files_readable(path: &Path, config: &Config) -> bool {
+    let problems = server::check_files(config);
+    for p in &problems {
+        eprintln!("{}: {p}", path.display());
+    }
+    problems.is_empty()
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {

@@ -197,9 +197,6 @@ fn quoted_string(value: &str) -> String {
 /// login cookie and every `cookie:` token source), or every `Set-Cookie` when `all` (a sandboxed
 /// route): an agent never sets, replaces or shadows the user's credential.
 pub fn protect_credential_cookies(headers: &mut HeaderMap, names: &[&str], all: bool) {
-    if !headers.contains_key(header::SET_COOKIE) {
-        return;
-    }
     let kept: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()

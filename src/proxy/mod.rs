@@ -559,7 +559,10 @@ async fn handle_request(
     };
     let (mut parts, body) = answered.response.into_parts();
     forward::strip_response_headers(&mut parts.headers);
-    forward::protect_credential_cookies(&mut parts.headers, &credential_cookies(runtime), route.sandbox);
+    // Only a response that sets cookies pays for the list of credential cookie names.
+    if parts.headers.contains_key(::http::header::SET_COOKIE) {
+        forward::protect_credential_cookies(&mut parts.headers, &credential_cookies(runtime), route.sandbox);
+    }
     if route.sandbox {
         // Agent-served pages run in an opaque origin: no cookie of this origin, and every
         // request they make is cross-origin (`Origin: null`), refused by origin policies.
