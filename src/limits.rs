@@ -37,8 +37,9 @@ pub struct SubjectKey {
     pub route: Option<String>,
     /// The token's `iss`.
     pub issuer: Option<String>,
-    /// The token's `sub`.
-    pub subject: String,
+    /// The token's `sub`; `None` for tokens without one, which all count as one subject of
+    /// their issuer (they cannot be told apart, so none of them escapes the cap).
+    pub subject: Option<String>,
 }
 
 /// One holder's place in its key's count; released when dropped.

@@ -470,8 +470,11 @@ fn subject_slots(
     route: &RouteConfig,
     claims: Option<&Claims>,
 ) -> Result<Vec<SubjectSlot>, RequestError> {
-    let Some(subject) = claims.and_then(|c| c.subject()) else { return Ok(Vec::new()) };
-    let issuer = claims.and_then(|c| c.issuer());
+    // No token, no subject: only the per-address caps apply. A token without `sub` counts
+    // under its issuer's one subject-less key (`SubjectKey::subject` `None`).
+    let Some(claims) = claims else { return Ok(Vec::new()) };
+    let subject = claims.subject();
+    let issuer = claims.issuer();
     let global = runtime.config.auth.max_sessions_per_subject;
     let per_route = route.auth.as_ref().map_or(0, |a| a.max_sessions_per_subject);
     let mut slots = Vec::new();
@@ -481,7 +484,7 @@ fn subject_slots(
         let key = crate::limits::SubjectKey {
             route: route_name.cloned(),
             issuer: issuer.map(str::to_owned),
-            subject: subject.to_owned(),
+            subject: subject.map(str::to_owned),
         };
         match ctx.shared.per_subject.try_acquire(key, max) {
             Ok(Some(slot)) => slots.push(slot),

@@ -101,7 +101,12 @@ impl Hs256 {
 
     /// `Bearer <token>` for subject `sub`, valid for ten minutes.
     fn bearer(&self, sub: &str) -> String {
-        let serde_json::Value::Object(claims) = serde_json::json!({ "sub": sub }) else { unreachable!() };
+        self.bearer_with(serde_json::json!({ "sub": sub }))
+    }
+
+    /// `Bearer <token>` with these claims, valid for ten minutes.
+    fn bearer_with(&self, claims: serde_json::Value) -> String {
+        let serde_json::Value::Object(claims) = claims else { unreachable!() };
         let ttl = std::time::Duration::from_secs(600);
         let t = crate::mint::mint(jsonwebtoken::Algorithm::HS256, &self.key, None, claims, ttl);
         format!("Bearer {}", t.expect("mint"))
@@ -169,6 +174,33 @@ async fn sessions_per_subject_are_capped_per_route_and_over_all_routes_with_429(
         assert!(Instant::now() < deadline, "the ended session's slot was never freed");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// Attack: tokens without `sub` escaped every subject cap, so a holder of many such tokens (or
+/// one, reused) held sessions without bound. They now count as one subject of their issuer.
+#[tokio::test]
+async fn tokens_without_a_subject_count_as_one_subject_of_their_issuer() {
+    let backend = Backend::echo().await;
+    let keys = Hs256::new();
+    let proxy = Proxy::start_with(&subject_config(backend.addr, &keys)).await;
+    // Two distinct subject-less tokens (different jti), each a different holder.
+    let anon = |n: u32| keys.bearer_with(serde_json::json!({ "jti": format!("anon-{n}") }));
+    let _s1 = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &anon(1))]).await.expect("first");
+    let _s2 = upgrade(proxy.plain, false, "/agents/a2/terminal", &[("authorization", &anon(2))]).await.expect("second");
+    let refused = upgrade(proxy.plain, false, "/agents/a3/terminal", &[("authorization", &anon(3))])
+        .await
+        .err()
+        .expect("a third subject-less session is over the route cap of 2");
+    assert_eq!(refused.status, 429);
+    // A named subject keeps its own count.
+    let _alice = upgrade(proxy.plain, false, "/agents/a3/terminal", &[("authorization", &keys.bearer("alice"))])
+        .await
+        .expect("alice");
+    let (_, top) = http_get(proxy.admin, "/limits?top=5").await;
+    let top: serde_json::Value = serde_json::from_str(&top).expect("json");
+    let anon_rows: Vec<&serde_json::Value> =
+        top["per_subject"].as_array().expect("rows").iter().filter(|r| r["subject"].is_null()).collect();
+    assert!(anon_rows.iter().any(|r| r["sessions"] == 2), "the subject-less count shows in /limits: {top}");
 }
 
 #[tokio::test]
