@@ -1,18 +1,23 @@
 //! Resume after a network blip: the sessions of routes with `[routes.resume]`, by resume id.
 //!
-//! A client of such a route names a resume id of its own choosing (`?resume=<id>`, as Coder's
-//! reconnecting PTY does). The first handshake with an id registers a [`Held`] for it, bound to
-//! the token's subject and the agent it reached. When that client vanishes without a close
-//! frame the relay keeps the backend session, buffering its output (`proxy/relay/park.rs`); a
-//! later handshake with the same id, a token of the same subject and the same agent claims the
+//! The proxy issues each session of such a route its resume id: 128 random bits, never derived
+//! from client input (as Azure Web PubSub's reconnection token), sent in the
+//! [`ID_HEADER`] response header and, for browsers, as the session's first text frame. The
+//! fresh session registers a [`Held`] under it, bound to the token's issuer, subject and the
+//! agent it reached. When that client vanishes without a close frame the relay keeps the
+//! backend session, buffering its output (`proxy/relay/park.rs`); a later handshake with the id
+//! (`?resume=<id>`), a token of the same issuer and subject and the same agent claims the
 //! session ([`Resumes::claim`]) and hands its upgraded stream over ([`Held::attach`]). Another
-//! subject's handshake with the id is refused; one while another resume of it is under way
-//! too. The entry leaves the registry when its session ends.
+//! subject's handshake with the id is refused; one while the session is attached, or another
+//! resume of it is under way, too. An id the proxy does not hold starts a fresh session under a
+//! new id. The entry leaves the registry when its session ends.
 //!
 //! Held sessions live in the process that holds them: a reconnect must reach the same
 //! instance (see `docs/resume.md`).
 
 use std::collections::HashMap;
+
+use base64::Engine as _;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -22,6 +27,16 @@ use tokio::time::Instant;
 /// A client stream of any kind (TCP, TLS, an HTTP/2 stream), boxed.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// The response header of a fresh resumable session's 101 (HTTP/2: 200) that carries the
+/// resume id the proxy issued it.
+pub const ID_HEADER: &str = "portcullis-resume-id";
+
+/// A new resume id: 128 bits from the thread's CSPRNG (ChaCha, seeded by the OS), base64url
+/// without padding (22 characters).
+fn new_id() -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+}
 
 /// A new client for a held session: its upgraded stream and what goes with it.
 pub struct Attach {
@@ -84,6 +99,11 @@ pub struct Held {
 }
 
 impl Held {
+    /// The resume id the proxy issued the session.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// Records the token id of the client now resuming the session.
     pub fn set_resumed_jti(&self, jti: Option<&str>) {
         if let Ok(mut j) = self.resumed_jti.lock() {
@@ -173,6 +193,9 @@ pub struct Registration {
     pub held: Arc<Held>,
     /// New clients, from [`Held::attach`].
     pub rx: mpsc::Receiver<Attach>,
+    /// The client named an id the proxy does not hold (its session ended): it is told that
+    /// this is a fresh session (`notice`).
+    pub replaced: bool,
     resumes: Arc<Resumes>,
 }
 
@@ -203,15 +226,16 @@ pub struct Resumes {
 
 impl Resumes {
     /// Claims `id` on `route` for a client of `issuer`'s `subject` reaching `agent`: a
-    /// *parked* session opened by the same issuer, subject and agent, or a fresh registration
-    /// when none holds the id. A token without a subject claims nothing (no one could be told
-    /// apart from anyone else), and a session whose client is attached cannot be taken over: a
+    /// *parked* session opened by the same issuer, subject and agent, or, when the client
+    /// named no id or one the proxy does not hold, a fresh registration under a new id the
+    /// proxy issues. A token without a subject claims nothing (no one could be told apart
+    /// from anyone else), and a session whose client is attached cannot be taken over: a
     /// reconnect waits (409) until the proxy has parked it (the old connection dropped, or
     /// missed its pings).
     pub fn claim(
         self: &Arc<Self>,
         route: &str,
-        id: &str,
+        id: Option<&str>,
         issuer: Option<&str>,
         subject: Option<&str>,
         agent: Option<&str>,
@@ -220,8 +244,7 @@ impl Resumes {
             return Err(ClaimError::OtherSubject);
         }
         let mut map = self.map.lock().map_err(|_| ClaimError::Busy)?;
-        let key = (route.to_owned(), id.to_owned());
-        if let Some(held) = map.get(&key) {
+        if let Some(held) = id.and_then(|id| map.get(&(route.to_owned(), id.to_owned()))) {
             if held.issuer.as_deref() != issuer || held.subject.as_deref() != subject || held.agent.as_deref() != agent
             {
                 return Err(ClaimError::OtherSubject);
@@ -235,6 +258,12 @@ impl Resumes {
                 State::Attached | State::Connecting | State::Resuming => Err(ClaimError::Busy),
             };
         }
+        let key = loop {
+            let key = (route.to_owned(), new_id());
+            if !map.contains_key(&key) {
+                break key;
+            }
+        };
         let (tx, rx) = mpsc::channel(1);
         let held = Arc::new(Held {
             route: route.to_owned(),
@@ -243,12 +272,12 @@ impl Resumes {
             agent: agent.map(str::to_owned),
             protocol: std::sync::OnceLock::new(),
             resumed_jti: Mutex::new(None),
-            id: id.to_owned(),
+            id: key.1.clone(),
             state: Mutex::new((State::Connecting, State::Connecting)),
             tx,
         });
         map.insert(key, held.clone());
-        Ok(Claim::Fresh(Registration { held, rx, resumes: self.clone() }))
+        Ok(Claim::Fresh(Registration { held, rx, replaced: id.is_some(), resumes: self.clone() }))
     }
 
     /// Sessions registered now (held for a client or attached to one).
@@ -262,7 +291,8 @@ impl Resumes {
     }
 }
 
-/// A resume id as the client gave it: 1-128 characters of `[A-Za-z0-9_-]` (a UUID fits).
+/// A resume id as a client gave it: 1-128 characters of `[A-Za-z0-9_-]` (what the proxy issues
+/// is 22 of them; anything else is refused before the registry is searched).
 pub fn valid_id(id: &str) -> bool {
     (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
@@ -279,33 +309,48 @@ mod tests {
     }
 
     #[test]
-    fn an_id_is_bound_to_its_issuer_subject_and_agent_and_only_a_parked_session_is_claimed() {
+    fn an_id_is_issued_by_the_proxy_bound_to_its_issuer_subject_and_agent_and_only_a_parked_session_is_claimed() {
         let r = Arc::new(Resumes::default());
         let (idp, other_idp) = (Some("https://idp-a"), Some("https://idp-b"));
-        let reg = fresh(r.claim("t", "abc", idp, Some("alice"), Some("a1")));
+        // The client's own choice of id is not taken: the proxy issues one.
+        let reg = fresh(r.claim("t", Some("chosen-by-client"), idp, Some("alice"), Some("a1")));
+        assert!(reg.replaced, "an id the proxy does not hold starts a fresh session");
+        let id = reg.held.id().to_owned();
+        assert_ne!(id, "chosen-by-client");
+        assert_eq!(id.len(), 22, "128 bits, base64url");
+        assert!(valid_id(&id));
+        assert_eq!(r.claim("t", Some("chosen-by-client"), idp, Some("alice"), Some("a1")).map(|_| ()).err(), None);
+        let id = Some(id.as_str());
         // Still connecting, then attached: nobody may claim it.
-        assert_eq!(r.claim("t", "abc", idp, Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
+        assert_eq!(r.claim("t", id, idp, Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
         reg.held.set_state(State::Attached);
-        assert_eq!(r.claim("t", "abc", idp, Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
+        assert_eq!(r.claim("t", id, idp, Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
         reg.held.set_state(State::Parked);
-        assert_eq!(r.claim("t", "abc", idp, Some("mallory"), Some("a1")).err(), Some(ClaimError::OtherSubject));
-        assert_eq!(r.claim("t", "abc", other_idp, Some("alice"), Some("a1")).err(), Some(ClaimError::OtherSubject));
-        assert_eq!(r.claim("t", "abc", None, Some("alice"), Some("a1")).err(), Some(ClaimError::OtherSubject));
-        assert_eq!(r.claim("t", "abc", idp, None, Some("a1")).err(), Some(ClaimError::OtherSubject));
-        assert_eq!(r.claim("t", "abc", idp, Some("alice"), Some("a2")).err(), Some(ClaimError::OtherSubject));
-        let Ok(Claim::Resume(h)) = r.claim("t", "abc", idp, Some("alice"), Some("a1")) else { panic!("resume") };
+        assert_eq!(r.claim("t", id, idp, Some("mallory"), Some("a1")).err(), Some(ClaimError::OtherSubject));
+        assert_eq!(r.claim("t", id, other_idp, Some("alice"), Some("a1")).err(), Some(ClaimError::OtherSubject));
+        assert_eq!(r.claim("t", id, None, Some("alice"), Some("a1")).err(), Some(ClaimError::OtherSubject));
+        assert_eq!(r.claim("t", id, idp, None, Some("a1")).err(), Some(ClaimError::OtherSubject));
+        assert_eq!(r.claim("t", id, idp, Some("alice"), Some("a2")).err(), Some(ClaimError::OtherSubject));
+        let Ok(Claim::Resume(h)) = r.claim("t", id, idp, Some("alice"), Some("a1")) else { panic!("resume") };
         assert_eq!(h.state(), State::Resuming);
         // A second client while the first is handed over.
-        assert_eq!(r.claim("t", "abc", idp, Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
+        assert_eq!(r.claim("t", id, idp, Some("alice"), Some("a1")).err(), Some(ClaimError::Busy));
         h.release_claim();
         assert_eq!(h.state(), State::Parked);
-        // The same id on another route is another session; no subject registers nothing.
-        let _other = fresh(r.claim("u", "abc", idp, Some("mallory"), None));
-        assert_eq!(r.claim("v", "abc", idp, None, None).err(), Some(ClaimError::OtherSubject));
-        assert_eq!(r.len(), 2);
+        // The same id on another route names nothing there: a fresh session, another id.
+        let other = fresh(r.claim("u", id, idp, Some("mallory"), None));
+        assert_ne!(Some(other.held.id()), id);
+        assert_eq!(r.claim("v", None, idp, None, None).err(), Some(ClaimError::OtherSubject));
         drop(reg);
-        assert_eq!(r.len(), 1);
-        let _again = fresh(r.claim("t", "abc", idp, Some("bob"), Some("a1")));
+        assert!(!fresh(r.claim("t", None, idp, Some("bob"), Some("a1"))).replaced);
+    }
+
+    #[test]
+    fn issued_ids_are_distinct() {
+        let r = Arc::new(Resumes::default());
+        let regs: Vec<Registration> = (0..1000).map(|_| fresh(r.claim("t", None, None, Some("s"), None))).collect();
+        let ids: std::collections::HashSet<&str> = regs.iter().map(|r| r.held.id()).collect();
+        assert_eq!(ids.len(), 1000);
     }
 
     #[test]

@@ -398,8 +398,9 @@ pub struct FanoutSettings {
 
 /// `[routes.resume]`: a WebSocket session whose client vanishes without a close frame (its
 /// connection dropped, or its pings went unanswered) is held for `window`, the backend's output
-/// buffered up to `buffer` bytes; a client that opens the route again with the same resume id
-/// (`?{param}=<id>`) and a token of the same subject for the same agent is attached to it.
+/// buffered up to `buffer` bytes; a client that opens the route again with the resume id the
+/// proxy issued it (`?{param}=<id>`) and a token of the same subject for the same agent is
+/// attached to it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResumeSettings {
     /// How long a session without its client is held.
@@ -407,11 +408,15 @@ pub struct ResumeSettings {
     /// Bytes of backend output held for the client while it is away; over it, the session
     /// ends (1001 to the backend).
     pub buffer: usize,
-    /// The query parameter that carries the client's resume id.
+    /// The query parameter that carries the resume id on a reconnect.
     pub param: String,
-    /// A text frame sent first to a client whose resume id names no held session (a fresh
-    /// session starts), when set.
+    /// A text frame sent to a client whose resume id names no held session (a fresh session
+    /// starts), when set.
     pub notice: Option<String>,
+    /// Whether a fresh session's first frame is the issued id as a text frame
+    /// (`{"portcullis":{"resume_id":"<id>"}}`), for clients that cannot read handshake headers
+    /// (browsers). The id is in the `portcullis-resume-id` response header either way.
+    pub announce: bool,
 }
 
 /// `[routes.observe]`: a subject whose token holds `scope` (rendered with the captures, in

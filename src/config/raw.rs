@@ -338,6 +338,7 @@ pub(super) struct RawResume {
     pub(super) buffer: Option<Size>,
     pub(super) param: Option<String>,
     pub(super) notice: Option<String>,
+    pub(super) announce: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -339,7 +339,8 @@ fn route(
             if rs.notice.as_ref().is_some_and(|n| n.len() > 1024) {
                 return Err(invalid(&format!("{key}.resume.notice"), "must be at most 1024 bytes"));
             }
-            Some(std::sync::Arc::new(super::ResumeSettings { window, buffer, param, notice: rs.notice }))
+            let announce = rs.announce.unwrap_or(true);
+            Some(std::sync::Arc::new(super::ResumeSettings { window, buffer, param, notice: rs.notice, announce }))
         }
     };
     let fanout = match r.fanout {

@@ -743,16 +743,16 @@ async fn handle_upgrade(
     let Some(ws) = admitted.ws.as_ref() else {
         return reject(ctx, &route.name, RequestError::Internal("the auth stage dropped the upgrade"));
     };
-    let resume_id = route.resume.as_ref().and_then(|r| query_param(path_and_query, &r.param));
     let mut registration = None;
-    if let Some(id) = resume_id {
-        if !crate::resume::valid_id(&id) {
+    if let Some(settings) = &route.resume {
+        let id = query_param(path_and_query, &settings.param);
+        if id.as_deref().is_some_and(|id| !crate::resume::valid_id(id)) {
             ctx.shared.metrics.resume_refused(&route.name, "invalid");
             return reject(ctx, &route.name, RequestError::BadResumeId);
         }
         let claims = admitted.claims.as_deref();
         let (issuer, subject) = (claims.and_then(|c| c.issuer()), claims.and_then(|c| c.subject()));
-        match ctx.shared.resumes.claim(&route.name, &id, issuer, subject, caps.get("agent")) {
+        match ctx.shared.resumes.claim(&route.name, id.as_deref(), issuer, subject, caps.get("agent")) {
             Err(e) => {
                 ctx.shared.metrics.resume_refused(&route.name, e.label());
                 tracing::info!(route = %route.name, client = %ctx.client_addr, error = %e, "resume refused");
@@ -878,6 +878,9 @@ async fn handle_upgrade(
     }
     if let (Some(r), Some(p)) = (&registration, h.get(SEC_WEBSOCKET_PROTOCOL).and_then(|p| p.to_str().ok())) {
         let _ = r.held.protocol.set(p.to_owned());
+    }
+    if let Some(id) = registration.as_ref().and_then(|r| HeaderValue::from_str(r.held.id()).ok()) {
+        h.insert(crate::resume::ID_HEADER, id);
     }
     if let Some(e) = &backend.extensions {
         h.insert(SEC_WEBSOCKET_EXTENSIONS, e.clone());
@@ -1265,11 +1268,17 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
         return;
     };
     // Resumable: the client side can be replaced, and what its connection holds goes with it.
-    if let Some(notice) = &settings.notice {
-        // A fresh session under the client's resume id: it is told so first (a text frame
-        // ahead of anything the backend sent).
-        let mut framed = Vec::with_capacity(notice.len() + 4 + backend_early.len());
-        relay::frame::encode(true, 0, relay::frame::opcode::TEXT, None, notice.as_bytes(), &mut framed);
+    // Ahead of anything the backend sent: the id the proxy issued (for clients that cannot
+    // read the 101's headers), then, when the client named an id it no longer holds, that
+    // this is a fresh session.
+    let announce = settings.announce.then(|| serde_json::json!({"portcullis": {"resume_id": registration.held.id()}}));
+    let notice = settings.notice.as_deref().filter(|_| registration.replaced);
+    let texts = [announce.map(|a| a.to_string()), notice.map(str::to_owned)];
+    let mut framed = Vec::new();
+    for text in texts.iter().flatten() {
+        relay::frame::encode(true, 0, relay::frame::opcode::TEXT, None, text.as_bytes(), &mut framed);
+    }
+    if !framed.is_empty() {
         framed.extend_from_slice(&backend_early);
         backend_early = framed;
     }

@@ -125,6 +125,21 @@ async fn wait_bytes_from_backend(proxy: &Proxy, n: u64) {
     }
 }
 
+/// A fresh session: the 101 names the resume id the proxy issued it, and the session's first
+/// frame says it again (for browsers, which cannot read the 101). Returns the client, the id and
+/// the size of that frame.
+async fn open(proxy: &Proxy, auth: &str) -> (Client, String, u64) {
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", auth)]).await.expect("101");
+    let id = c.response.header("portcullis-resume-id").expect("the 101 names the resume id").to_owned();
+    let f = c.recv().await;
+    assert_eq!(f.opcode, op::TEXT, "the first frame announces the id");
+    let v: Value = serde_json::from_slice(&f.payload).expect("json");
+    assert_eq!(v["portcullis"]["resume_id"], id.as_str());
+    assert_eq!(id.len(), 22, "128 random bits, base64url: {id}");
+    (c, id, 2 + f.payload.len() as u64)
+}
+
+/// A reconnect with `id`.
 async fn connect(proxy: &Proxy, auth: &str, id: &str) -> Client {
     let path = format!("/agents/a1/terminal?resume={id}");
     upgrade(proxy.tls, true, &path, &[("Authorization", auth)]).await.expect("101")
@@ -136,13 +151,7 @@ async fn a_client_that_drops_gets_the_same_session_back_with_the_output_of_the_g
     let key = hmac();
     let proxy = Proxy::start_with(&resumable("resume-gap", backend.addr, &key, "window = \"10s\"", "")).await;
     let auth = key.bearer(&["a1"]);
-    let mut first = connect(&proxy, &auth, "r-1").await;
-    let notice = first.recv().await;
-    assert_eq!(
-        (notice.opcode, notice.payload.as_slice()),
-        (op::TEXT, &b"fresh session"[..]),
-        "a fresh session says so"
-    );
+    let (mut first, id, announced) = open(&proxy, &auth).await;
     first.send(true, op::BINARY, b"hello").await;
     assert_eq!(first.recv().await.payload, b"hello");
     // The backend will answer while the client is gone: the TCP connection just drops.
@@ -150,10 +159,11 @@ async fn a_client_that_drops_gets_the_same_session_back_with_the_output_of_the_g
     drop(first);
     wait_state(&proxy, "parked").await;
     wait_sent(&sent, 5).await;
-    // Held by the proxy (not still in flight): the notice, the echo and five frames of 7 bytes.
-    wait_bytes_from_backend(&proxy, 15 + 7 + 5 * 7).await;
+    // Held by the proxy (not still in flight): the announcement, the echo and five frames of 7
+    // bytes.
+    wait_bytes_from_backend(&proxy, announced + 7 + 5 * 7).await;
 
-    let mut second = connect(&proxy, &auth, "r-1").await;
+    let mut second = connect(&proxy, &auth, &id).await;
     for i in 0..5 {
         let f = second.recv().await;
         assert_eq!(f.payload, format!("gap {i}").as_bytes(), "the gap's output first, in order, whole frames");
@@ -177,13 +187,12 @@ async fn a_resume_id_is_bound_to_its_subject_and_agent() {
     let (backend, _) = ticker().await;
     let key = hmac();
     let proxy = Proxy::start_with(&resumable("resume-bound", backend.addr, &key, "", "")).await;
-    let mut owner = connect(&proxy, &key.bearer(&["a1"]), "shared-id").await;
-    owner.recv().await;
+    let (owner, id, _) = open(&proxy, &key.bearer(&["a1"])).await;
     drop(owner);
     wait_state(&proxy, "parked").await;
     // Another subject with a grant for the same agent.
     let mallory = format!("Bearer {}", key.token("mallory", &["a1"], Duration::from_secs(600)));
-    let refused = upgrade(proxy.tls, true, "/agents/a1/terminal?resume=shared-id", &[("Authorization", &mallory)])
+    let refused = upgrade(proxy.tls, true, &format!("/agents/a1/terminal?resume={id}"), &[("Authorization", &mallory)])
         .await
         .err()
         .expect("403");
@@ -192,7 +201,7 @@ async fn a_resume_id_is_bound_to_its_subject_and_agent() {
     let other_agent = upgrade(
         proxy.tls,
         true,
-        "/agents/a2/terminal?resume=shared-id",
+        &format!("/agents/a2/terminal?resume={id}"),
         &[("Authorization", &key.bearer(&["a1", "a2"]))],
     )
     .await
@@ -205,7 +214,7 @@ async fn a_resume_id_is_bound_to_its_subject_and_agent() {
         .expect("400");
     assert_eq!(bad.status, 400);
     // The owner still gets it back.
-    let mut back = connect(&proxy, &key.bearer(&["a1"]), "shared-id").await;
+    let mut back = connect(&proxy, &key.bearer(&["a1"]), &id).await;
     back.send(true, op::BINARY, b"mine").await;
     assert_eq!(back.recv().await.payload, b"mine");
     assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
@@ -214,18 +223,43 @@ async fn a_resume_id_is_bound_to_its_subject_and_agent() {
     assert_eq!(metric(&m, "portcullis_resume_refused_total{route=\"resume-bound\",reason=\"invalid\"}"), 1.0);
 }
 
+/// Attack: with ids of the client's choosing, another subject who learns (or guesses) the id a
+/// victim will use registers it first, and the victim's session is refused (403) or its
+/// reconnects land nowhere. The proxy now issues every id: a client's own id registers nothing.
+#[tokio::test]
+async fn resume_ids_are_issued_by_the_proxy_so_a_chosen_id_cannot_be_squatted() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&resumable("resume-squat", backend.addr, &key, "", "")).await;
+    let mallory = format!("Bearer {}", key.token("mallory", &["a1"], Duration::from_secs(600)));
+    let squat = connect(&proxy, &mallory, "alices-id").await;
+    let issued = squat.response.header("portcullis-resume-id").expect("an id").to_owned();
+    assert_ne!(issued, "alices-id", "the proxy does not take the client's id");
+    // Alice, naming the id she was going to use, gets a fresh session of her own.
+    let mut alice = connect(&proxy, &key.bearer(&["a1"]), "alices-id").await;
+    let her_id = alice.response.header("portcullis-resume-id").expect("an id").to_owned();
+    assert_ne!(her_id, issued);
+    let announced: Value = serde_json::from_slice(&alice.recv().await.payload).expect("json");
+    assert_eq!(announced["portcullis"]["resume_id"], her_id.as_str());
+    alice.send(true, op::BINARY, b"mine").await;
+    assert!(eventually_frame(&mut alice, b"mine").await);
+}
+
 #[tokio::test]
 async fn after_the_window_the_backend_gets_1001_and_a_reconnect_starts_fresh() {
     let (backend, _) = ticker().await;
     let key = hmac();
     let proxy = Proxy::start_with(&resumable("resume-window", backend.addr, &key, "window = \"300ms\"", "")).await;
     let auth = key.bearer(&["a1"]);
-    let mut first = connect(&proxy, &auth, "w-1").await;
-    first.recv().await;
+    let (first, id, _) = open(&proxy, &auth).await;
     drop(first);
     let close = backend.log.wait_for("the window's close", |f| f.opcode == op::CLOSE).await;
     assert_eq!((close.close_code(), close.close_reason().as_str()), (Some(1001), "resume window over"));
-    let mut again = connect(&proxy, &auth, "w-1").await;
+    let mut again = connect(&proxy, &auth, &id).await;
+    let new_id = again.response.header("portcullis-resume-id").expect("a new id").to_owned();
+    assert_ne!(new_id, id, "the fresh session has an id of its own");
+    let announced: Value = serde_json::from_slice(&again.recv().await.payload).expect("json");
+    assert_eq!(announced["portcullis"]["resume_id"], new_id.as_str());
     assert_eq!(again.recv().await.payload, b"fresh session", "told it is a fresh session");
     assert_eq!(backend.log.requests.lock().expect("lock").len(), 2, "a new backend session");
     let (_, m) = http_get(proxy.admin, "/metrics").await;
@@ -239,8 +273,7 @@ async fn output_beyond_the_buffer_ends_the_held_session_with_1001() {
     let proxy =
         Proxy::start_with(&resumable("resume-overflow", backend.addr, &key, "window = \"30s\"\nbuffer = \"4KiB\"", ""))
             .await;
-    let mut first = connect(&proxy, &key.bearer(&["a1"]), "o-1").await;
-    first.recv().await;
+    let (mut first, _, _) = open(&proxy, &key.bearer(&["a1"])).await;
     first.send(true, op::TEXT, b"later 10 1000").await;
     drop(first);
     let close = backend.log.wait_for("the overflow's close", |f| f.opcode == op::CLOSE).await;
@@ -257,10 +290,9 @@ async fn an_attached_session_cannot_be_taken_over_and_a_reconnect_is_taken_once_
     let auth = key.bearer(&["a1"]);
     // The attack: the victim is attached; another connection with the same id and a token of
     // the same subject (stolen id, second tab) tries to take the live shell.
-    let mut victim = connect(&proxy, &auth, "t-1").await;
-    victim.recv().await;
+    let (mut victim, id, _) = open(&proxy, &auth).await;
     wait_state(&proxy, "attached").await;
-    let refused = upgrade(proxy.tls, true, "/agents/a1/terminal?resume=t-1", &[("Authorization", &auth)])
+    let refused = upgrade(proxy.tls, true, &format!("/agents/a1/terminal?resume={id}"), &[("Authorization", &auth)])
         .await
         .err()
         .expect("refused while attached");
@@ -272,7 +304,7 @@ async fn an_attached_session_cannot_be_taken_over_and_a_reconnect_is_taken_once_
     // subject's reconnect gets it back.
     drop(victim);
     wait_state(&proxy, "parked").await;
-    let mut back = connect(&proxy, &auth, "t-1").await;
+    let mut back = connect(&proxy, &auth, &id).await;
     back.send(true, op::BINARY, b"from the new connection").await;
     assert!(eventually_frame(&mut back, b"from the new connection").await);
     assert_eq!(backend.log.requests.lock().expect("lock").len(), 1);
@@ -296,14 +328,14 @@ async fn a_resume_id_is_bound_to_the_issuer_and_a_route_with_resume_requires_a_s
     let token = |iss: &str| {
         format!("Bearer {}", key.token_with(serde_json::json!({ "sub": "alice", "agents": ["a1"], "iss": iss })))
     };
-    let victim = connect(&proxy, &token("https://idp-a.example"), "t-2").await;
+    let (victim, id, _) = open(&proxy, &token("https://idp-a.example")).await;
     drop(victim);
     wait_state(&proxy, "parked").await;
     // The same subject name from another issuer is someone else.
     let other = upgrade(
         proxy.tls,
         true,
-        "/agents/a1/terminal?resume=t-2",
+        &format!("/agents/a1/terminal?resume={id}"),
         &[("Authorization", &token("https://idp-b.example"))],
     )
     .await
@@ -312,7 +344,7 @@ async fn a_resume_id_is_bound_to_the_issuer_and_a_route_with_resume_requires_a_s
     assert_eq!(other.status, 403);
     // A token without a subject is refused by the route.
     let no_sub = format!("Bearer {}", key.token_with(serde_json::json!({ "agents": ["a1"] })));
-    let refused = upgrade(proxy.tls, true, "/agents/a1/terminal?resume=t-2", &[("Authorization", &no_sub)])
+    let refused = upgrade(proxy.tls, true, &format!("/agents/a1/terminal?resume={id}"), &[("Authorization", &no_sub)])
         .await
         .err()
         .expect("401");
@@ -335,10 +367,10 @@ async fn a_client_that_stops_answering_pings_is_held_like_a_dropped_one() {
     let proxy = Proxy::start_with(&resumable("resume-ping", backend.addr, &key, "", session)).await;
     let auth = key.bearer(&["a1"]);
     // This client reads nothing and answers no ping: as if its network vanished.
-    let mut silent = connect(&proxy, &auth, "p-1").await;
+    let (mut silent, id, _) = open(&proxy, &auth).await;
     wait_state(&proxy, "parked").await;
     silent.expect_eof().await;
-    let mut back = connect(&proxy, &auth, "p-1").await;
+    let mut back = connect(&proxy, &auth, &id).await;
     back.send(true, op::BINARY, b"back").await;
     // Pings from the proxy may come first; the echo follows them.
     loop {
@@ -358,8 +390,7 @@ async fn a_client_that_drops_in_the_middle_of_a_frame_is_not_held() {
     let (backend, _) = ticker().await;
     let key = hmac();
     let proxy = Proxy::start_with(&resumable("resume-midframe", backend.addr, &key, "", "")).await;
-    let mut first = connect(&proxy, &key.bearer(&["a1"]), "m-1").await;
-    first.recv().await;
+    let (mut first, _, _) = open(&proxy, &key.bearer(&["a1"])).await;
     // The header and half the payload of a 100-byte frame, then the connection drops: the
     // backend has half a frame, and no other client may continue it.
     let frame = encode(true, 0, op::BINARY, Some(rand_mask()), &[7; 100]);
@@ -393,8 +424,7 @@ async fn a_drain_ends_a_held_session_with_1001_to_the_backend() {
     let (backend, _) = ticker().await;
     let key = hmac();
     let mut proxy = Proxy::start_with(&resumable("resume-drain", backend.addr, &key, "window = \"30s\"", "")).await;
-    let mut first = connect(&proxy, &key.bearer(&["a1"]), "d-1").await;
-    first.recv().await;
+    let (first, _, _) = open(&proxy, &key.bearer(&["a1"])).await;
     drop(first);
     wait_state(&proxy, "parked").await;
     proxy.drain();
@@ -414,11 +444,11 @@ async fn revoking_the_token_that_resumed_a_session_closes_it() {
     let token = |jti: &str| {
         format!("Bearer {}", key.token_with(serde_json::json!({ "sub": "alice", "agents": ["a1"], "jti": jti })))
     };
-    let first = connect(&proxy, &token("first"), "t-3").await;
+    let (first, id, _) = open(&proxy, &token("first")).await;
     drop(first);
     wait_state(&proxy, "parked").await;
     // The same subject comes back with a fresh token.
-    let mut back = connect(&proxy, &token("second"), "t-3").await;
+    let mut back = connect(&proxy, &token("second"), &id).await;
     wait_state(&proxy, "attached").await;
     let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"jti":"second"}"#).await;
     assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#), "the resumed session runs on the new token");
@@ -438,7 +468,7 @@ async fn a_parked_session_counts_under_its_addresss_connection_cap_until_it_ends
         let v: serde_json::Value = serde_json::from_str(top).expect("json");
         v["per_ip"].as_array().and_then(|a| a.first()).and_then(|e| e["connections"].as_u64()).unwrap_or(0)
     };
-    let client = connect(&proxy, &key.bearer(&["a1"]), "t-4").await;
+    let (client, _, _) = open(&proxy, &key.bearer(&["a1"])).await;
     drop(client);
     wait_state(&proxy, "parked").await;
     // Parked: it holds a backend connection and a buffer, so it still counts for its address.

@@ -69,16 +69,17 @@ function showSize() {
   $("term-size").textContent = `${term.rows}x${term.cols}`;
 }
 
-// Resume after a network blip: the page picks a resume id when it loads and reconnects with
-// it when the connection drops without a close (code 1006). Within the proxy's window it gets
-// the same shell back, with what the shell printed meanwhile; after it, a new shell (the proxy
-// says so in the terminal). A new page load is a new terminal.
-const resumeId = crypto.randomUUID();
+// Resume after a network blip: the proxy issues the session a resume id (its first frame says
+// it) and the page reconnects with it when the connection drops without a close (code 1006).
+// Within the proxy's window it gets the same shell back, with what the shell printed
+// meanwhile; after it, a new shell under a new id (the proxy says so in the terminal). A new
+// page load is a new terminal.
+let resumeId = null;
 let termSocket = null;
 let reconnectDelay = 250;
 
 function connectTerminal() {
-  const ws = new WebSocket(`${wsBase}/terminal?resume=${resumeId}`);
+  const ws = new WebSocket(resumeId ? `${wsBase}/terminal?resume=${encodeURIComponent(resumeId)}` : `${wsBase}/terminal`);
   ws.binaryType = "arraybuffer";
   termSocket = ws;
   ws.onopen = () => {
@@ -88,8 +89,15 @@ function connectTerminal() {
     sendSize();
     term.focus();
   };
-  // The proxy's notice of a fresh session is a text frame; the shell's output is binary.
-  ws.onmessage = (m) => term.write(typeof m.data === "string" ? m.data : new Uint8Array(m.data));
+  // The shell's output is binary. The proxy's own frames are text: the resume id it issued a
+  // fresh session (JSON), and its notice that a fresh session replaced a lost one.
+  ws.onmessage = (m) => {
+    if (typeof m.data !== "string") return term.write(new Uint8Array(m.data));
+    let announced = null;
+    try { announced = JSON.parse(m.data).portcullis.resume_id; } catch (_) {}
+    if (typeof announced === "string") resumeId = announced;
+    else term.write(m.data);
+  };
   ws.onclose = (e) => {
     if (termSocket !== ws) return;
     $("term-state").textContent = `closed ${e.code}${e.reason ? ": " + e.reason : ""}`;
