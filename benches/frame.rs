@@ -12,7 +12,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use portcullis::proxy::relay::frame::{encode, Event, FrameLimits, Side, Tracker};
+use portcullis::codec::{encode, Event, FrameLimits, Side, Tracker};
 
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 /// Relay buffer size: the stream is fed in chunks of this many bytes.

@@ -49,7 +49,7 @@ fn batch(payload: usize) -> Vec<u8> {
     let data: Vec<u8> = (0..payload).map(|i| i as u8).collect();
     let mut out = Vec::with_capacity(BATCH + payload + 14);
     while out.len() < BATCH {
-        portcullis::proxy::relay::frame::encode(true, 0, 2, Some([0x37, 0xfa, 0x21, 0x3d]), &data, &mut out);
+        portcullis::codec::encode(true, 0, 2, Some([0x37, 0xfa, 0x21, 0x3d]), &data, &mut out);
     }
     out
 }

@@ -34,6 +34,7 @@
 
 pub(crate) mod admin;
 pub mod auth;
+pub mod codec;
 pub mod config;
 pub mod crypto;
 pub mod fanout;

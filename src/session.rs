@@ -11,35 +11,13 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
-/// Which side of a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The WebSocket client (browser, CLI) that connected to the proxy.
-    Client,
-    /// The agent backend the proxy connected to.
-    Backend,
-}
+pub use crate::codec::Side;
 
-impl Side {
-    /// The other side.
-    pub fn other(self) -> Side {
-        match self {
-            Side::Client => Side::Backend,
-            Side::Backend => Side::Client,
-        }
-    }
-
-    /// 0 for the client, 1 for the backend: an index into per-side arrays.
-    pub fn idx(self) -> usize {
-        self as usize
-    }
-
-    /// The direction of bytes read from this side.
-    pub fn direction(self) -> crate::metrics::Direction {
-        match self {
-            Side::Client => crate::metrics::Direction::ClientToBackend,
-            Side::Backend => crate::metrics::Direction::BackendToClient,
-        }
+/// The direction of bytes read from `side`.
+pub fn direction(side: Side) -> crate::metrics::Direction {
+    match side {
+        Side::Client => crate::metrics::Direction::ClientToBackend,
+        Side::Backend => crate::metrics::Direction::BackendToClient,
     }
 }
 

@@ -14,7 +14,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::proxy::relay::frame::{Event, FrameLimits, Side, Tracker};
+use portcullis::codec::{Event, FrameLimits, Side, Tracker};
 
 const SIZES: [u64; 4] = [0, 125, 4096, u64::MAX];
 

@@ -15,8 +15,8 @@ use tokio::time::{timeout, Instant};
 
 use super::forward::backend_path;
 use super::relay::close::HEALTH_CHECK;
-use super::relay::frame;
 use super::upgrade::{accept_value, header_has_token, WsRequest};
+use crate::codec as frame;
 use crate::config::{BackendSettings, Captures, RouteConfig};
 use crate::metrics::Metrics;
 use crate::routing::pool::{PoolError, Probe, RouteState};
@@ -128,9 +128,7 @@ async fn check_member(addr: &str, path: Option<&str>, settings: BackendSettings)
     let ok = matches!(timeout(settings.handshake_timeout, handshake(&mut tcp, req.as_bytes(), &ws)).await, Ok(Ok(_)));
     if ok {
         // A polite close, masked as a client must.
-        let mut close = Vec::with_capacity(8);
-        let code = HEALTH_CHECK.code.to_be_bytes();
-        frame::encode(true, 0, frame::opcode::CLOSE, Some(rand::random()), &code, &mut close);
+        let close = frame::close_frame(HEALTH_CHECK.code, HEALTH_CHECK.reason, Some(rand::random()));
         let _ = tcp.write_all(&close).await;
     }
     ok

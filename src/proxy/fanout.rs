@@ -13,98 +13,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, PROTOCOL_ERROR, TRY_AGAIN_LATER};
-use super::relay::frame::{self, opcode};
+use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, TRY_AGAIN_LATER};
+use super::relay::close::violation_code;
+use crate::codec::{self as frame, opcode, FrameLimits, ReadError, Reader, Side};
 use crate::config::{FanoutSettings, SessionSettings};
 use crate::fanout::{Command, End, Fanouts, Key, Lag, Stream, Subscriber};
 use crate::metrics::Metrics;
 use crate::session::{SessionControl, StopReason};
 
-/// One whole frame as it came off the wire.
-pub(crate) struct RawFrame {
-    /// Header and payload, unchanged.
-    pub(crate) bytes: Bytes,
-    pub(crate) fin: bool,
-    pub(crate) opcode: u8,
-    header_len: usize,
-    mask: Option<[u8; 4]>,
-}
-
-impl RawFrame {
-    /// The payload, unmasked.
-    pub(crate) fn payload(&self) -> Vec<u8> {
-        let p = &self.bytes[self.header_len..];
-        match self.mask {
-            None => p.to_vec(),
-            Some(m) => p.iter().enumerate().map(|(i, b)| b ^ m[i & 3]).collect(),
-        }
-    }
-}
-
-/// Reads whole frames, up to `max` bytes of payload each.
-pub(crate) struct FrameReader {
-    buf: BytesMut,
-    max: u64,
-    /// Bytes of room made for a read: small for a client (pings, a close), whose reader lives
-    /// as long as it does, larger for the backend's stream.
-    chunk: usize,
-}
-
-impl FrameReader {
-    pub(crate) fn new(early: &[u8], max: u64, chunk: usize) -> FrameReader {
-        FrameReader { buf: BytesMut::from(early), max, chunk }
-    }
-
-    /// The next frame; `None` at EOF. Cancel-safe: a partial frame stays in the buffer.
-    pub(crate) async fn next<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> std::io::Result<Option<RawFrame>> {
-        loop {
-            if let Some(f) = self.parse()? {
-                return Ok(Some(f));
-            }
-            if self.buf.capacity() == self.buf.len() {
-                self.buf.reserve(self.chunk);
-            }
-            if rd.read_buf(&mut self.buf).await? == 0 {
-                return Ok(None);
-            }
-        }
-    }
-
-    fn parse(&mut self) -> std::io::Result<Option<RawFrame>> {
-        let b = &self.buf[..];
-        let need = frame::header_len_needed(&b[..b.len().min(2)]);
-        if b.len() < 2 || b.len() < need {
-            return Ok(None);
-        }
-        let len = match b[1] & 0x7F {
-            126 => u16::from_be_bytes([b[2], b[3]]) as u64,
-            127 => u64::from_be_bytes([b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9]]),
-            n => n as u64,
-        };
-        if len > self.max {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "frame over max_frame_size"));
-        }
-        let mask = (b[1] & 0x80 != 0).then(|| [b[need - 4], b[need - 3], b[need - 2], b[need - 1]]);
-        let total = need + len as usize;
-        if b.len() < total {
-            self.buf.reserve(total - b.len());
-            return Ok(None);
-        }
-        let (fin, op) = (b[0] & 0x80 != 0, b[0] & 0x0F);
-        let bytes = self.buf.split_to(total).freeze();
-        Ok(Some(RawFrame { bytes, fin, opcode: op, header_len: need, mask }))
-    }
-}
-
+/// The close frame the proxy writes; masked toward the backend.
 fn close_frame(code: u16, reason: &str, masked: bool) -> Vec<u8> {
-    let mut payload = code.to_be_bytes().to_vec();
-    payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
-    let mut out = Vec::with_capacity(payload.len() + 8);
-    frame::encode(true, 0, opcode::CLOSE, masked.then(rand::random::<[u8; 4]>), &payload, &mut out);
-    out
+    frame::close_frame(code, reason, masked.then(rand::random::<[u8; 4]>))
+}
+
+/// The frame limits of a route's `[session]`, for frames sent by a fan-out route's backend or
+/// clients (no extension is negotiated on a fan-out route).
+fn limits(s: &SessionSettings) -> FrameLimits {
+    FrameLimits { max_frame_size: s.max_frame_size, max_message_size: s.max_message_size, allowed_rsv: 0 }
 }
 
 /// Bytes for the backend the stream holds before it takes no more forwarded client data (and
@@ -119,7 +47,8 @@ pub(crate) struct StreamTask {
     pub(crate) commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
     pub(crate) data: tokio::sync::mpsc::Receiver<Bytes>,
     pub(crate) settings: Arc<FanoutSettings>,
-    pub(crate) max_frame: u64,
+    /// The route's `[session]`: the frame and message limits of the backend's frames.
+    pub(crate) session: Arc<SessionSettings>,
     pub(crate) key: Key,
     pub(crate) fanouts: Arc<Fanouts>,
     pub(crate) metrics: Arc<Metrics>,
@@ -135,7 +64,7 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
     t.metrics.fanout_stream(&route, 1.0);
     tracing::info!(route, backend = t.stream.member, "fan-out stream opened");
     let (mut rd, mut wr) = tokio::io::split(t.backend);
-    let mut reader = FrameReader::new(&t.early, t.max_frame, 16 * 1024);
+    let mut reader = Reader::new(Side::Backend, limits(&t.session), &t.early, 16 * 1024);
     let mut subs: Vec<(Subscriber, bool)> = Vec::new();
     let mut in_message = false;
     let linger = tokio::time::sleep(t.settings.linger);
@@ -155,7 +84,13 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
             f = reader.next(&mut rd) => {
                 let f = match f {
                     Ok(Some(f)) => f,
-                    Ok(None) | Err(_) => break End::BackendLost,
+                    Ok(None) | Err(ReadError::Io(_)) => break End::BackendLost,
+                    Err(ReadError::Violation(v)) => {
+                        tracing::warn!(route, backend = t.stream.member, violation = %v, "fan-out backend broke the protocol");
+                        let (code, reason) = (violation_code(v), "protocol error");
+                        outbox.extend_from_slice(&close_frame(code, reason, true));
+                        break End::BackendLost;
+                    }
                 };
                 match f.opcode {
                     opcode::PING if outbox.len() >= OUTBOX_FORWARD => {}
@@ -430,7 +365,7 @@ where
     let route = t.stream.route.clone();
     t.metrics.fanout_subscriber(&route, 1.0);
     let (mut rd, mut wr) = tokio::io::split(io);
-    let mut reader = FrameReader::new(&early, t.session.max_frame_size, 256);
+    let mut reader = Reader::new(Side::Client, limits(&t.session), &early, 256);
     let mut clock = Clock::new(&t.session, t.expires_at);
     let timer = tokio::time::sleep_until(clock.next());
     tokio::pin!(timer);
@@ -464,11 +399,12 @@ where
             f = reader.next(&mut rd) => {
                 let f = match f {
                     Ok(Some(f)) => f,
-                    Ok(None) | Err(_) => break (None, "client lost", None),
+                    Ok(None) | Err(ReadError::Io(_)) => break (None, "client lost", None),
+                    Err(ReadError::Violation(v)) => {
+                        let c = violation_code(v);
+                        break (Some(c), "client protocol error", Some((c, "protocol error")));
+                    }
                 };
-                if f.mask.is_none() {
-                    break (Some(PROTOCOL_ERROR), "client protocol error", Some((PROTOCOL_ERROR, "protocol error")));
-                }
                 match f.opcode {
                     opcode::PING => {
                         let mut pong = Vec::new();
@@ -546,28 +482,4 @@ where
     }
     t.metrics.fanout_subscriber(&route, -1.0);
     (code, reason)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_reader_returns_whole_frames_and_refuses_oversized_ones() {
-        let mut wire = Vec::new();
-        frame::encode(true, 0, opcode::TEXT, None, b"one", &mut wire);
-        frame::encode(false, 0, opcode::BINARY, Some([1, 2, 3, 4]), &[9; 300], &mut wire);
-        let mut r = FrameReader::new(&wire[..3], 1024, 16);
-        let mut rest = &wire[3..];
-        let a = r.next(&mut rest).await.expect("read").expect("frame");
-        assert_eq!((a.opcode, a.fin, a.payload()), (opcode::TEXT, true, b"one".to_vec()));
-        let b = r.next(&mut rest).await.expect("read").expect("frame");
-        assert_eq!((b.opcode, b.fin, b.payload()), (opcode::BINARY, false, vec![9; 300]));
-        assert_eq!(b.bytes.len(), 4 + 4 + 300);
-        assert!(r.next(&mut rest).await.expect("eof").is_none());
-        let mut big = Vec::new();
-        frame::encode(true, 0, opcode::BINARY, None, &[0; 2000], &mut big);
-        let mut r = FrameReader::new(&[], 1024, 16);
-        assert!(r.next(&mut &big[..]).await.is_err());
-    }
 }

@@ -998,7 +998,6 @@ async fn join_fanout(
     registered: &SessionGuard,
     claims: Option<&Claims>,
 ) -> Result<fanout::ClientTask, RequestError> {
-    let max_frame = route.session.max_frame_size;
     let shared = &ctx.shared;
     let slot = shared.fanouts.slot(&j.key);
     let open = async {
@@ -1018,7 +1017,7 @@ async fn join_fanout(
             commands: commands_rx,
             data: data_rx,
             settings: j.settings.clone(),
-            max_frame,
+            session: route.session.clone(),
             key: j.key.clone(),
             fanouts: shared.fanouts.clone(),
             metrics: shared.metrics.clone(),
@@ -1276,7 +1275,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
     let texts = [announce.map(|a| a.to_string()), notice.map(str::to_owned)];
     let mut framed = Vec::new();
     for text in texts.iter().flatten() {
-        relay::frame::encode(true, 0, relay::frame::opcode::TEXT, None, text.as_bytes(), &mut framed);
+        crate::codec::encode(true, 0, crate::codec::opcode::TEXT, None, text.as_bytes(), &mut framed);
     }
     if !framed.is_empty() {
         framed.extend_from_slice(&backend_early);

@@ -11,14 +11,15 @@
 
 use std::sync::{Arc, Weak};
 
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use metrics::{counter, gauge};
-use tokio::sync::mpsc;
+use tokio::io::AsyncWriteExt;
 
 use super::fanout::{write_unless_dropped, Written, CLOSE_TIMEOUT};
-use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, TOO_BIG, TRY_AGAIN_LATER};
+use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, TRY_AGAIN_LATER};
+use super::relay::close::violation_code;
+use crate::codec::{self, opcode, FrameLimits, ReadError, Reader, Side};
 use crate::observe::{Hub, Observer};
 
 /// The observed session's id, when the request asks to observe one (`?observe=<id>`).
@@ -27,17 +28,8 @@ pub fn requested(path_and_query: &str) -> Option<u64> {
     form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "observe").and_then(|(_, v)| v.parse().ok())
 }
 
-/// What the observer's client sent, as its writer needs to know.
-enum Inbound {
-    Ping(Vec<u8>),
-    Close,
-    Data,
-    /// A frame larger than a control frame: refused from its header (1009).
-    TooBig,
-}
-
 /// An observer the hub dropped for falling behind: 1013.
-const SLOW: (&str, u16, &[u8]) = ("lagged", TRY_AGAIN_LATER, b"observer too slow");
+const SLOW: (&str, u16, &str) = ("lagged", TRY_AGAIN_LATER, "observer too slow");
 
 /// What the observer's writer sends next: a chunk of the session's output (the hub's shared
 /// buffer, not a copy) or the answer to a ping.
@@ -65,40 +57,19 @@ pub struct Watch {
     pub expires_at: Option<tokio::time::Instant>,
 }
 
-/// The largest frame an observer may send plus one: observers send nothing but control frames
-/// (at most 125 bytes), so a frame claiming more is refused from its header, unread.
-const MAX_OBSERVER_FRAME: usize = 126;
+/// What an observer may send: control frames only (at most 125 bytes), so a frame claiming
+/// more is refused from its header, unread (1009; a control frame that long, 1002).
+const OBSERVER_LIMITS: FrameLimits = FrameLimits { max_frame_size: 125, max_message_size: 125, allowed_rsv: 0 };
 
 /// Runs one observer on its upgraded stream until it leaves, falls behind or the session
 /// ends. Holds the hub weakly: the session's end drops it, which ends the observer's queue.
 pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, watch: Watch) {
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, "observer joined");
     gauge!("portcullis_observers_active", "route" => watch.route.clone()).increment(1.0);
-    let mut ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Server);
-    ws.set_max_message_size(MAX_OBSERVER_FRAME);
-    let (mut rd, mut wr) = ws.split(tokio::io::split);
-    rd.set_auto_close(false);
-    rd.set_auto_pong(false);
-    let (tx, mut inbound) = mpsc::channel(4);
-    let reader = tokio::spawn(async move {
-        let mut never = |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) };
-        loop {
-            let event = match rd.read_frame(&mut never).await {
-                Ok(f) => match f.opcode {
-                    OpCode::Ping => Inbound::Ping(f.payload.to_vec()),
-                    OpCode::Close => Inbound::Close,
-                    OpCode::Pong => continue,
-                    _ => Inbound::Data,
-                },
-                Err(fastwebsockets::WebSocketError::FrameTooLarge) => Inbound::TooBig,
-                Err(_) => break,
-            };
-            let last = !matches!(event, Inbound::Ping(_));
-            if tx.send(event).await.is_err() || last {
-                break;
-            }
-        }
-    });
+    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+    let mut reader = Reader::new(Side::Client, OBSERVER_LIMITS, &[], 256);
+    // The frame being written, reused.
+    let mut wire = Vec::new();
     // Its own session's end: revoked or drained, or its token expired.
     let control = watch.own.entry().control.clone();
     let stopped = control.wait();
@@ -121,20 +92,27 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
                 chunk = observer.rx.recv() => match chunk {
                     Some(bytes) => Ok(Out::Data(bytes)),
                     None if observer.lagged() => Err(SLOW),
-                    None => Err(("session_ended", GOING_AWAY, &b"session ended"[..])),
+                    None => Err(("session_ended", GOING_AWAY, "session ended")),
                 },
-                event = inbound.recv() => match event {
-                    Some(Inbound::Ping(p)) => Ok(Out::Pong(p)),
-                    Some(Inbound::Close) => Err(("left", NORMAL, &b""[..])),
-                    Some(Inbound::Data) => Err(("input", POLICY, &b"observers cannot send"[..])),
-                    Some(Inbound::TooBig) => Err(("too_big", TOO_BIG, &b"observers cannot send"[..])),
-                    None => break "gone",
+                // Cancel-safe: a frame in part stays in the reader.
+                read = reader.next(&mut rd) => match read {
+                    Ok(Some(f)) => match f.opcode {
+                        opcode::PING => Ok(Out::Pong(f.payload())),
+                        opcode::PONG => continue,
+                        opcode::CLOSE => Err(("left", NORMAL, "")),
+                        _ => Err(("input", POLICY, "observers cannot send")),
+                    },
+                    Ok(None) | Err(ReadError::Io(_)) => break "gone",
+                    Err(ReadError::Violation(v @ codec::Violation::FrameTooLarge(_))) => {
+                        Err(("too_big", violation_code(v), "observers cannot send"))
+                    }
+                    Err(ReadError::Violation(v)) => Err(("protocol", violation_code(v), "protocol error")),
                 },
                 reason = &mut stopped => Err(match reason {
-                    crate::session::StopReason::Revoked => ("revoked", POLICY, &b"session revoked"[..]),
-                    _ => ("drain", GOING_AWAY, &b"going away"[..]),
+                    crate::session::StopReason::Revoked => ("revoked", POLICY, "session revoked"),
+                    _ => ("drain", GOING_AWAY, "going away"),
                 }),
-                _ = &mut expiry => Err(("token_expired", POLICY, &b"token expired"[..])),
+                _ = &mut expiry => Err(("token_expired", POLICY, "token expired")),
             }
         };
         let out = match next {
@@ -142,20 +120,24 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
             // The end (its metric label) and the close frame it is sent.
             Err((why, code, reason)) => {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                    let _ = wr.write_frame(Frame::close(code, reason)).await;
+                    let _ = wr.write_all(&codec::close_frame(code, reason, None)).await;
                     let _ = wr.flush().await;
                 })
                 .await;
                 break why;
             }
         };
-        let frame = match &out {
-            Out::Data(bytes) => Frame::binary(Payload::Borrowed(bytes)),
-            Out::Pong(p) => Frame::pong(Payload::Borrowed(p)),
-        };
+        wire.clear();
+        match &out {
+            Out::Data(bytes) => codec::encode(true, 0, opcode::BINARY, None, bytes, &mut wire),
+            Out::Pong(p) => codec::encode(true, 0, opcode::PONG, None, p, &mut wire),
+        }
+        if wire.capacity() > 64 * 1024 {
+            wire.shrink_to(64 * 1024);
+        }
         // Flushed at once: on TLS a frame left in the record buffer would wait for the next
         // one, and an observer's screen must not lag.
-        let write = async { wr.write_frame(frame).await.is_ok() && wr.flush().await.is_ok() };
+        let write = async { wr.write_all(&wire).await.is_ok() && wr.flush().await.is_ok() };
         match write_unless_dropped(write, &observer.lagged, watch.drop_grace).await {
             Written::Done | Written::Dropped => {}
             Written::Failed => break "gone",
@@ -163,7 +145,6 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
             Written::Cut => break "lagged",
         }
     };
-    reader.abort();
     if let Some(hub) = hub.upgrade() {
         hub.leave(observer.id);
     }

@@ -264,6 +264,30 @@ async fn client_data_can_be_forwarded_whole_messages_only() {
     assert_eq!(b.recv_close().await.close_code(), Some(1008));
 }
 
+/// Attack: the fan-out reader checked only a frame's size, so a forwarding client could hand
+/// the shared backend stream frames the protocol forbids (reserved bits, reserved opcodes),
+/// which reach the backend in the middle of every other subscriber's traffic. The one codec now
+/// reads fan-out clients: such a frame closes its sender with 1002 and is never forwarded.
+#[tokio::test]
+async fn a_forwarding_client_cannot_smuggle_a_frame_the_protocol_forbids_onto_the_shared_stream() {
+    let (backend, _go) = broadcaster(0, 0).await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&fanned("fanout-smuggle", backend.addr, &key, "client_data = \"forward\"")).await;
+    let auth = key.bearer(&["a1"]);
+    let mut a = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    let mut b = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    // RSV1 with no extension negotiated, then a reserved opcode.
+    for (rsv, opcode) in [(4, op::TEXT), (0, 0x3)] {
+        a.send_raw(&encode(true, rsv, opcode, Some(rand_mask()), b"smuggled")).await;
+        assert_eq!(a.recv_close().await.close_code(), Some(1002));
+        a = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    }
+    b.send(true, op::TEXT, b"after").await;
+    backend.log.wait_for("b's message", |f| f.payload == b"after").await;
+    let frames = backend.log.frames.lock().expect("lock");
+    assert!(!frames.iter().any(|f| f.payload == b"smuggled"), "a forbidden frame reached the backend");
+}
+
 #[tokio::test]
 async fn a_backend_that_stops_reading_holds_up_the_forwarding_clients_not_the_events() {
     const EVENTS: usize = 3_000;

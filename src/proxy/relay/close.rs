@@ -5,7 +5,7 @@
 //! and metrics. Close codes (RFC 6455 §7.4.1) are written here and nowhere else in the proxy;
 //! `docs/errors.md` carries the same table and a test holds the two together.
 
-use super::frame::Violation;
+use crate::codec::Violation;
 use crate::session::{Initiator, Side};
 
 /// The close codes the proxy writes itself.

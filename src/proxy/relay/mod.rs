@@ -3,7 +3,7 @@
 //! Bytes are copied from one socket's read buffer to the other socket as they arrive; payloads
 //! are never unmasked, re-masked or re-encoded (client frames reach the backend still masked
 //! with the client's key; RSV bits pass through, so permessage-deflate negotiated end to end
-//! works). A [`frame::Tracker`] per direction knows where frames start, enforces the protocol
+//! works). A [`crate::codec::Tracker`] per direction knows where frames start, enforces the protocol
 //! rules and size limits, and holds back incomplete headers and control frames so that:
 //!
 //! - the proxy can insert its own frames (pings, close frames) between frames;
@@ -19,13 +19,12 @@
 //! activity only moves deadlines later, so it is recorded with a timestamp and checked when the
 //! timer fires; no per-connection polling loop runs.
 //!
-//! The files: [`frame`] (the header tracker and the one frame encoder), `pump.rs` (one
+//! The files (the frame tracker and encoder are [`crate::codec`]): `pump.rs` (one
 //! direction: read, scan, hold back, write), `session.rs` (both directions, the per-side close
 //! handshake state, the timer), [`close`] (every way a session ends and what each side gets)
 //! and [`pool`] (the relay buffers).
 
 pub mod close;
-pub mod frame;
 mod park;
 pub mod pool;
 mod pump;

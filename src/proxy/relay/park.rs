@@ -19,21 +19,22 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::frame::{header_len_needed, is_control};
+use crate::codec::{Event, PayloadTap, Side, Tracker, UNLIMITED};
 use crate::resume::{Attach, Io};
 
-/// Frame and message boundaries of a byte stream, found as it is walked.
-#[derive(Debug, Default)]
+/// Message boundaries of a byte stream, found as it is walked by the one frame tracker
+/// (`crate::codec`), which read these bytes once already, as the relay checked them.
+#[derive(Debug)]
 pub(super) struct Boundaries {
-    header: [u8; 14],
-    header_len: u8,
-    /// Payload bytes left of the current frame.
-    remaining: u64,
-    in_payload: bool,
-    /// Between the first and the final fragment of a data message.
-    in_message: bool,
-    /// The current frame is a control frame, or ends its message.
-    ends_message: bool,
+    tracker: Tracker,
+}
+
+impl Default for Boundaries {
+    fn default() -> Self {
+        // What the relay writes to the client: the backend's frames, already checked against
+        // the route's limits, and the proxy's own.
+        Boundaries { tracker: Tracker::new(Side::Backend, UNLIMITED) }
+    }
 }
 
 /// Message boundaries within one chunk: the first and the last offset (0 when the walk was at
@@ -44,10 +45,22 @@ pub(super) struct Seen {
     pub(super) last: Option<usize>,
 }
 
+/// Stops the tracker where a message ends.
+struct MessageEnd(bool);
+
+impl PayloadTap for MessageEnd {
+    fn data(&mut self, _: &[u8], _: Option<[u8; 4]>) {}
+
+    fn frame_end(&mut self, ends_message: bool) -> bool {
+        self.0 = ends_message;
+        ends_message
+    }
+}
+
 impl Boundaries {
     /// At a message boundary: between frames, outside a fragmented message.
     pub(super) fn at_message_boundary(&self) -> bool {
-        !self.in_payload && self.header_len == 0 && !self.in_message
+        self.tracker.at_boundary() && !self.tracker.in_message()
     }
 
     /// Walks `chunk`, returning the message boundaries in it.
@@ -72,41 +85,22 @@ impl Boundaries {
         }
         let mut i = 0;
         while i < chunk.len() && !(stop_at_first && seen.first.is_some()) {
-            if !self.in_payload {
-                let have = self.header_len as usize;
-                let need = header_len_needed(&self.header[..have]);
-                let take = (need - have).min(chunk.len() - i);
-                self.header[have..have + take].copy_from_slice(&chunk[i..i + take]);
-                self.header_len += take as u8;
-                i += take;
-                let have = self.header_len as usize;
-                if have < header_len_needed(&self.header[..have]) {
-                    continue;
+            let mut end = MessageEnd(false);
+            let (n, event) = self.tracker.feed_with(&chunk[i..], &mut end);
+            i += n;
+            match event {
+                // A control frame between messages is a message of its own.
+                Some(Event::Control(_)) => {
+                    self.tracker.release_control();
+                    if !self.tracker.in_message() {
+                        note(i, &mut seen);
+                    }
                 }
-                let h = &self.header[..have];
-                let (fin, op) = (h[0] & 0x80 != 0, h[0] & 0x0F);
-                self.remaining = match h[1] & 0x7F {
-                    126 => u16::from_be_bytes([h[2], h[3]]) as u64,
-                    127 => u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
-                    n => n as u64,
-                };
-                if is_control(op) {
-                    self.ends_message = !self.in_message;
-                } else {
-                    self.in_message = !fin;
-                    self.ends_message = fin;
-                }
-                self.in_payload = true;
-            }
-            let take = self.remaining.min((chunk.len() - i) as u64);
-            self.remaining -= take;
-            i += take as usize;
-            if self.remaining == 0 {
-                self.in_payload = false;
-                self.header_len = 0;
-                if self.ends_message {
-                    note(i, &mut seen);
-                }
+                None if end.0 => note(i, &mut seen),
+                None => {}
+                // Bytes the relay checked cannot break a rule. Were they to, no later offset
+                // is a boundary: the session is not resumed into the middle of something.
+                Some(Event::Violation(_)) => break,
             }
         }
         seen
@@ -346,7 +340,7 @@ mod tests {
 
     fn frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        super::super::frame::encode(fin, 0, op, None, payload, &mut out);
+        crate::codec::encode(fin, 0, op, None, payload, &mut out);
         out
     }
 

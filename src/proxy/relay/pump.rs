@@ -10,8 +10,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::close::CloseFrame;
-use super::frame::{self, opcode, Event, FrameLimits, Tracker, Violation};
 use super::pool;
+use crate::codec::{self as frame, opcode, Event, FrameLimits, Tracker, Violation};
 use crate::config::{RateAction, SessionRate};
 use crate::session::Side;
 

@@ -10,9 +10,9 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 use super::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
-use super::frame::{opcode, FrameLimits};
 use super::pump::{DirEvent, Direction, Injected, Limit, Tap};
 use super::{FinishStream, RelayParams};
+use crate::codec::{opcode, FrameLimits};
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
 use crate::session::{Initiator, SessionControl, SessionEnd, Side, StopReason};
@@ -261,7 +261,7 @@ where
         for side in [Side::Client, Side::Backend] {
             let pauses = std::mem::take(&mut self.dir(side).pauses);
             if pauses > 0 {
-                self.metrics.rate_paused(side.direction(), pauses as u64);
+                self.metrics.rate_paused(crate::session::direction(side), pauses as u64);
             }
         }
         let now_needed = self.c2b.bytes != self.bytes_reported[0] || self.b2c.bytes != self.bytes_reported[1];
@@ -277,7 +277,7 @@ where
             d.frames += data;
             if bytes != self.bytes_reported[i] {
                 let delta = bytes - self.bytes_reported[i];
-                self.metrics.relay_bytes(side.direction(), delta, data);
+                self.metrics.relay_bytes(crate::session::direction(side), delta, data);
                 let live = &self.control.bytes;
                 let counter = if i == 0 { &live.from_client } else { &live.from_backend };
                 counter.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);

@@ -4,7 +4,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The opcodes, as the proxy's frame module names them (`op::CONT` is the continuation frame).
 pub mod op {
-    pub use portcullis::proxy::relay::frame::opcode::*;
+    pub use portcullis::codec::opcode::*;
     pub const CONT: u8 = CONTINUATION;
 }
 
@@ -34,7 +34,7 @@ impl TFrame {
 /// Encodes one frame with the proxy's own encoder; `rsv` is the three RSV bits (4 = RSV1).
 pub fn encode(fin: bool, rsv: u8, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 14);
-    portcullis::proxy::relay::frame::encode(fin, rsv << 4, opcode, mask, payload, &mut out);
+    portcullis::codec::encode(fin, rsv << 4, opcode, mask, payload, &mut out);
     out
 }
 

@@ -1,4 +1,7 @@
-//! Incremental WebSocket frame-header tracker (RFC 6455 §5.2).
+//! The one WebSocket codec (RFC 6455 §5.2): the incremental frame-header tracker every reader
+//! of frames uses (the relay, parking, fan-out, observers), and the one frame encoder.
+//!
+//! A leaf: it uses nothing else of the crate (`tests/architecture.rs`).
 //!
 //! The relay copies raw bytes between sockets; this tracker watches those bytes go by and knows
 //! where every frame starts and ends, without decoding or re-encoding data payloads. State is
@@ -7,9 +10,30 @@
 //! collects the (at most 125-byte) payload of control frames, unmasked, so the relay can act on
 //! close frames and recognise pongs that answer its own pings.
 
-/// Which peer produced the bytes a tracker sees; decides the masking rule (client frames must
-/// be masked, RFC 6455 §5.1; backend frames must not be).
-pub use crate::session::Side;
+/// Which side of a session: the peer that produced the bytes a tracker sees, which decides
+/// the masking rule (client frames must be masked, RFC 6455 §5.1; backend frames must not be).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The WebSocket client (browser, CLI) that connected to the proxy.
+    Client,
+    /// The agent backend the proxy connected to.
+    Backend,
+}
+
+impl Side {
+    /// The other side.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+
+    /// 0 for the client, 1 for the backend: an index into per-side arrays.
+    pub fn idx(self) -> usize {
+        self as usize
+    }
+}
 
 /// Limits enforced on one direction.
 #[derive(Debug, Clone, Copy)]
@@ -167,6 +191,15 @@ pub enum Event {
 pub trait PayloadTap {
     /// Some payload bytes of a text, binary or continuation frame.
     fn data(&mut self, bytes: &[u8], mask: Option<[u8; 4]>);
+
+    /// A data frame ended; `ends_message` when it was its message's last. Returning `true`
+    /// stops [`Tracker::feed_with`] right after it (readers of whole frames and message
+    /// boundaries); the relay's taps never stop it.
+    #[inline(always)]
+    fn frame_end(&mut self, ends_message: bool) -> bool {
+        let _ = ends_message;
+        false
+    }
 }
 
 /// The tap of a route that records nothing: [`Tracker::feed`] compiles to the untapped loop.
@@ -232,7 +265,8 @@ impl Tracker {
     }
 
     /// Consumes `input`, stopping early (with an event) after a complete control frame or at a
-    /// violation. Returns how many bytes were consumed.
+    /// violation (or, with a tap, where [`PayloadTap::frame_end`] asks). Returns how many bytes
+    /// were consumed.
     pub fn feed(&mut self, input: &[u8]) -> (usize, Option<Event>) {
         self.feed_with(input, &mut NoTap)
     }
@@ -257,6 +291,9 @@ impl Tracker {
                 if self.remaining == 0 {
                     if let Some(ev) = self.finish_frame() {
                         return (i, Some(ev));
+                    }
+                    if tap.frame_end(!self.in_message) {
+                        return (i, None);
                     }
                 }
                 continue;
@@ -283,6 +320,9 @@ impl Tracker {
             if self.remaining == 0 {
                 if let Some(ev) = self.finish_frame() {
                     return (i, Some(ev));
+                }
+                if tap.frame_end(!self.in_message) {
+                    return (i, None);
                 }
             }
         }
@@ -441,8 +481,133 @@ impl Tracker {
     }
 }
 
+/// Limits that check nothing but the protocol: for bytes some other tracker has checked already
+/// (what the relay writes to a resumable session's client, read again for its message
+/// boundaries).
+pub const UNLIMITED: FrameLimits =
+    FrameLimits { max_frame_size: u64::MAX, max_message_size: u64::MAX, allowed_rsv: 0x70 };
+
+/// The close frame the proxy writes: `code` and `reason` (cut to the 123 bytes a control frame
+/// has room for, at a character boundary), masked when it goes to a backend.
+pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = [0u8; 125];
+    payload[..2].copy_from_slice(&code.to_be_bytes());
+    payload[2..2 + end].copy_from_slice(&reason.as_bytes()[..end]);
+    let mut out = Vec::with_capacity(end + 8);
+    encode(true, 0, opcode::CLOSE, mask, &payload[..2 + end], &mut out);
+    out
+}
+
+/// One whole frame as it came off the wire, read by a [`Reader`].
+#[derive(Debug)]
+pub struct WholeFrame {
+    /// Header and payload, unchanged (still masked, if the sender masked).
+    pub bytes: bytes::Bytes,
+    /// The FIN bit.
+    pub fin: bool,
+    /// The opcode.
+    pub opcode: u8,
+    header_len: usize,
+    mask: Option<[u8; 4]>,
+}
+
+impl WholeFrame {
+    /// The payload, unmasked.
+    pub fn payload(&self) -> Vec<u8> {
+        let p = &self.bytes[self.header_len..];
+        match self.mask {
+            None => p.to_vec(),
+            Some(m) => p.iter().enumerate().map(|(i, b)| b ^ m[i & 3]).collect(),
+        }
+    }
+}
+
+/// Why a [`Reader`] gives no more frames.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The connection failed.
+    #[error("read: {0}")]
+    Io(#[from] std::io::Error),
+    /// The sender broke a rule of the protocol or a limit; nothing of the frame was returned.
+    #[error("{0}")]
+    Violation(Violation),
+}
+
+/// Reads whole frames off a stream, every byte checked by a [`Tracker`] (the rules of RFC 6455
+/// §5 and the limits) before a frame is handed out: the readers of fan-out streams and their
+/// clients, and of observers. A frame over the limit is refused from its header, unread.
+#[derive(Debug)]
+pub struct Reader {
+    buf: bytes::BytesMut,
+    tracker: Tracker,
+    /// Bytes of `buf` the tracker has seen.
+    scanned: usize,
+    /// Room made for each read: small for a client (pings, a close), larger for a backend.
+    chunk: usize,
+}
+
+/// Stops the tracker at the end of every data frame.
+struct FrameEnd(bool);
+
+impl PayloadTap for FrameEnd {
+    fn data(&mut self, _: &[u8], _: Option<[u8; 4]>) {}
+
+    fn frame_end(&mut self, _: bool) -> bool {
+        self.0 = true;
+        true
+    }
+}
+
+impl Reader {
+    /// A reader of frames sent by `sender` under `limits`, starting with the `early` bytes
+    /// already read (during the handshake).
+    pub fn new(sender: Side, limits: FrameLimits, early: &[u8], chunk: usize) -> Reader {
+        Reader { buf: bytes::BytesMut::from(early), tracker: Tracker::new(sender, limits), scanned: 0, chunk }
+    }
+
+    /// The next frame; `None` at EOF. Cancel-safe: a partial frame stays in the buffer.
+    pub async fn next<R: tokio::io::AsyncRead + Unpin>(&mut self, rd: &mut R) -> Result<Option<WholeFrame>, ReadError> {
+        use tokio::io::AsyncReadExt as _;
+        loop {
+            if let Some(f) = self.parse()? {
+                return Ok(Some(f));
+            }
+            if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(self.chunk);
+            }
+            if rd.read_buf(&mut self.buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn parse(&mut self) -> Result<Option<WholeFrame>, ReadError> {
+        let mut end = FrameEnd(false);
+        let (n, event) = self.tracker.feed_with(&self.buf[self.scanned..], &mut end);
+        self.scanned += n;
+        match event {
+            Some(Event::Violation(v)) => return Err(ReadError::Violation(v)),
+            Some(Event::Control(_)) => self.tracker.release_control(),
+            None if !end.0 => return Ok(None),
+            None => {}
+        }
+        let bytes = self.buf.split_to(std::mem::take(&mut self.scanned)).freeze();
+        // The tracker has checked this header whole.
+        let header_len = header_len_needed(&bytes[..2]);
+        let mask = (bytes[1] & 0x80 != 0).then(|| {
+            let m = &bytes[header_len - 4..header_len];
+            [m[0], m[1], m[2], m[3]]
+        });
+        Ok(Some(WholeFrame { fin: bytes[0] & 0x80 != 0, opcode: bytes[0] & 0x0F, header_len, mask, bytes }))
+    }
+}
+
 /// Whether `opcode` is a control opcode.
-pub(super) fn is_control(opcode: u8) -> bool {
+pub fn is_control(opcode: u8) -> bool {
     opcode & 0x8 != 0
 }
 
@@ -462,8 +627,50 @@ pub(crate) fn header_len_needed(seen: &[u8]) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::super::close::violation_code;
     use super::*;
+    use crate::proxy::relay::close::violation_code;
+
+    #[tokio::test]
+    async fn the_reader_returns_whole_checked_frames_and_refuses_a_frame_over_the_limit_from_its_header() {
+        let mut wire = Vec::new();
+        encode(true, 0, opcode::TEXT, Some(MASK), b"one", &mut wire);
+        encode(false, 0, opcode::BINARY, Some([1, 2, 3, 4]), &[9; 300], &mut wire);
+        encode(true, 0, opcode::PING, Some(MASK), b"p", &mut wire);
+        let mut r = Reader::new(Side::Client, limits(), &wire[..3], 16);
+        let mut rest = &wire[3..];
+        let a = r.next(&mut rest).await.expect("read").expect("frame");
+        assert_eq!((a.opcode, a.fin, a.payload()), (opcode::TEXT, true, b"one".to_vec()));
+        let b = r.next(&mut rest).await.expect("read").expect("frame");
+        assert_eq!((b.opcode, b.fin, b.payload()), (opcode::BINARY, false, vec![9; 300]));
+        assert_eq!(b.bytes.len(), 4 + 4 + 300);
+        let c = r.next(&mut rest).await.expect("read").expect("a ping inside the message");
+        assert_eq!((c.opcode, c.payload()), (opcode::PING, b"p".to_vec()));
+        assert!(r.next(&mut rest).await.expect("eof").is_none());
+        // Only the header of a 64 MiB frame is read: the limit refuses it there.
+        let mut bomb = Vec::new();
+        encode(true, 0, opcode::BINARY, Some(MASK), &[], &mut bomb);
+        bomb[1] = 0x80 | 127;
+        bomb.splice(2..2, (64u64 << 20).to_be_bytes());
+        let mut r = Reader::new(Side::Client, limits_with(125, 125, 0), &[], 16);
+        let e = r.next(&mut &bomb[..]).await.expect_err("refused");
+        assert!(matches!(e, ReadError::Violation(Violation::FrameTooLarge(n)) if n == 64 << 20), "{e:?}");
+        // The rules of the protocol, too: an unmasked client frame.
+        let mut plain = Vec::new();
+        encode(true, 0, opcode::TEXT, None, b"x", &mut plain);
+        let mut r = Reader::new(Side::Client, limits(), &plain, 16);
+        let e = r.next(&mut &[][..]).await.expect_err("refused");
+        assert!(matches!(e, ReadError::Violation(Violation::UnmaskedClientFrame)), "{e:?}");
+    }
+
+    #[test]
+    fn a_close_frame_reason_is_cut_at_a_character_boundary() {
+        let reason = "é".repeat(100);
+        let f = close_frame(1001, &reason, None);
+        let (n, ev) = Tracker::new(Side::Backend, limits()).feed(&f);
+        assert_eq!((n, ev), (f.len(), Some(Event::Control(opcode::CLOSE))));
+        assert!(f.len() <= 2 + 125);
+        assert!(std::str::from_utf8(&f[4..]).is_ok());
+    }
 
     /// The masking key of the RFC 6455 §5.7 examples.
     const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
