@@ -502,6 +502,13 @@ pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
     out
 }
 
+/// A close frame with no code (RFC 6455 §5.5.1: the body is optional).
+pub fn close_frame_empty() -> Vec<u8> {
+    let mut out = Vec::with_capacity(2);
+    encode(true, 0, opcode::CLOSE, None, &[], &mut out);
+    out
+}
+
 /// One whole frame as it came off the wire, read by a [`Reader`].
 #[derive(Debug)]
 pub struct WholeFrame {
@@ -585,7 +592,13 @@ impl Reader {
         }
     }
 
-    fn parse(&mut self) -> Result<Option<WholeFrame>, ReadError> {
+    /// Adds bytes read elsewhere (the sync face of [`Reader::next`], for the fuzz target).
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame among the bytes read so far, if one is complete.
+    pub fn parse(&mut self) -> Result<Option<WholeFrame>, ReadError> {
         let mut end = FrameEnd(false);
         let (n, event) = self.tracker.feed_with(&self.buf[self.scanned..], &mut end);
         self.scanned += n;

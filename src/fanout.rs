@@ -75,8 +75,8 @@ pub enum Command {
 /// How a stream ended, for its clients' close frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
-    /// The backend sent a close frame with this code (1000 when it had none).
-    BackendClosed(u16),
+    /// The backend sent a close frame with this code (none when it had none).
+    BackendClosed(Option<u16>),
     /// The backend's connection ended without one, or broke the protocol.
     BackendLost,
     /// The proxy closed it (drain, last client gone).

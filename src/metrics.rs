@@ -515,6 +515,45 @@ pub fn limit_refused(reason: &'static str) {
     counter!("portcullis_limit_refusals_total", "reason" => reason).increment(1);
 }
 
+/// An observer joined (`delta` 1) or left (-1) a session of `route`.
+pub fn observers_active(route: &str, delta: f64) {
+    gauge!("portcullis_observers_active", "route" => route.to_owned()).increment(delta);
+}
+
+/// An observer of `route` ended (`reason`: its end's label).
+pub fn observer_closed(route: &str, reason: &'static str) {
+    counter!("portcullis_observer_closes_total", "route" => route.to_owned(), "reason" => reason).increment(1);
+}
+
+/// A recording of `route` failed (`reason`: what failed); the rest of the session is not
+/// recorded.
+pub fn recording_failed(route: &str, reason: &'static str) {
+    counter!("portcullis_recording_failures_total", "route" => route.to_owned(), "reason" => reason).increment(1);
+}
+
+/// A session of `route` waited for its recording's queue.
+pub fn recording_backpressure(route: &str) {
+    counter!("portcullis_recording_backpressure_total", "route" => route.to_owned()).increment(1);
+}
+
+/// A recording's file was opened (`delta` 1) or closed (-1).
+pub fn recordings_active(delta: f64) {
+    gauge!("portcullis_recordings_active").increment(delta);
+}
+
+/// A recording of `route` ended with `bytes` written; `stored` when its file was kept.
+pub fn recording_ended(route: &str, bytes: u64, stored: bool) {
+    if stored {
+        counter!("portcullis_recordings_total", "route" => route.to_owned()).increment(1);
+    }
+    counter!("portcullis_recording_bytes_total", "route" => route.to_owned()).increment(bytes);
+}
+
+/// A stored recording of `route` was deleted (`reason`: `age`, `size`, ...).
+pub fn recording_evicted(route: &str, reason: &'static str) {
+    counter!("portcullis_recording_evictions_total", "route" => route.to_owned(), "reason" => reason).increment(1);
+}
+
 /// A client header was not forwarded (`reason`: `underscore`, `collision`).
 pub fn client_header_dropped(reason: &'static str) {
     counter!("portcullis_client_headers_dropped_total", "reason" => reason).increment(1);

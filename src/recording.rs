@@ -37,7 +37,6 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::task::AtomicWaker;
-use metrics::{counter, gauge};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
@@ -106,8 +105,7 @@ impl Queue {
         self.close.fetch_or(close, Ordering::AcqRel);
         if !self.failed.swap(true, Ordering::AcqRel) {
             tracing::error!(route = %self.route, reason, error = %detail, "recording failed: the rest of the session is not recorded");
-            counter!("portcullis_recording_failures_total", "route" => self.route.clone(), "reason" => reason)
-                .increment(1);
+            crate::metrics::recording_failed(&self.route, reason);
         }
         self.wake();
     }
@@ -167,7 +165,7 @@ impl Sink {
         if q.queued.load(Ordering::Acquire) < q.settings.queue || q.failed.load(Ordering::Acquire) {
             return Poll::Ready(Ok(()));
         }
-        counter!("portcullis_recording_backpressure_total", "route" => q.route.clone()).increment(1);
+        crate::metrics::recording_backpressure(&q.route);
         Poll::Pending
     }
 }
@@ -261,7 +259,7 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
     let settings = queue.settings.clone();
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let path = settings.directory.join(file_name(&meta, unix));
-    gauge!("portcullis_recordings_active").increment(1.0);
+    crate::metrics::recordings_active(1.0);
     let (dir, route, evict) = (settings.directory.clone(), meta.route.clone(), settings.when_full);
     let max_total = settings.max_total_size;
     let room = tokio::task::spawn_blocking(move || make_room(&dir, &route, max_total, evict)).await.unwrap_or(false);
@@ -330,12 +328,12 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
         queue.queued.fetch_sub(freed, Ordering::AcqRel);
         queue.wake();
     }
+    let stored = file.is_some();
     if let Some(mut f) = file {
         let _ = f.shutdown().await;
-        counter!("portcullis_recordings_total", "route" => meta.route.clone()).increment(1);
     }
-    counter!("portcullis_recording_bytes_total", "route" => meta.route.clone()).increment(written);
-    gauge!("portcullis_recordings_active").decrement(1.0);
+    crate::metrics::recording_ended(&meta.route, written, stored);
+    crate::metrics::recordings_active(-1.0);
     tracing::info!(session = meta.session, route = %meta.route, file = %path.display(), bytes = written, "recording ended");
 }
 
@@ -420,7 +418,7 @@ fn remove_finished(path: &Path) -> bool {
 
 /// Counts and logs one deleted recording.
 fn evicted(route: &str, reason: &'static str, f: &Stored) {
-    counter!("portcullis_recording_evictions_total", "route" => route.to_owned(), "reason" => reason).increment(1);
+    crate::metrics::recording_evicted(route, reason);
     match reason {
         "age" => tracing::info!(route, file = %f.name, bytes = f.size, "recording deleted: older than max_age"),
         _ => tracing::warn!(route, file = %f.name, bytes = f.size, reason, "recording deleted before max_age"),

@@ -1,7 +1,8 @@
 //! The crate's shape, checked from its sources: which top-level module uses which, that the
-//! arrows point down (no cycle; `config` and `metrics` use nothing of the crate), that
-//! `docs/architecture.md` lists the arrows as they are, and that close codes are written only
-//! in the close table.
+//! arrows point down (no cycle; `config`, `metrics` and `codec` use nothing of the crate), that
+//! `docs/architecture.md` lists the arrows as they are, that close codes (literal or named) are
+//! written only in the close table, and that metric names are written only in the metrics
+//! module.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -74,9 +75,9 @@ fn src() -> PathBuf {
 }
 
 #[test]
-fn config_and_metrics_are_leaves() {
+fn config_metrics_and_codec_are_leaves() {
     let g = graph(&src());
-    for leaf in ["config", "metrics"] {
+    for leaf in ["config", "metrics", "codec"] {
         assert!(g[leaf].is_empty(), "{leaf} must not use other modules of the crate, but uses {:?}", g[leaf]);
     }
 }
@@ -139,4 +140,57 @@ fn close_codes_are_written_only_in_the_close_table() {
         }
     }
     assert!(found.is_empty(), "close-code-like literals outside proxy/relay/close.rs:\n{}", found.join("\n"));
+}
+
+/// The names of the close codes the close table declares (`pub const NAME: u16` in its `code`
+/// module).
+fn close_code_names() -> Vec<String> {
+    let table = std::fs::read_to_string(src().join("proxy/relay/close.rs")).expect("close.rs");
+    let module = table.split("pub mod code {").nth(1).and_then(|m| m.split("\n}").next()).expect("a code module");
+    module
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub const "))
+        .filter_map(|l| l.split_once(':'))
+        .map(|(name, _)| name.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn close_codes_are_named_only_in_the_close_table() {
+    let names = close_code_names();
+    assert!(names.len() >= 9, "the close table's code names: {names:?}");
+    let table = src().join("proxy/relay/close.rs");
+    let mut found = Vec::new();
+    for files in modules(&src()).values() {
+        for f in files.iter().filter(|f| **f != table) {
+            for (n, line) in code_lines(f).iter().enumerate() {
+                // A name reaches another module only through the `code` module: imported
+                // from it, or written as `code::NAME`.
+                let imported =
+                    ["close::code::", "close::code;", "close::code,", "close::code}"].iter().any(|p| line.contains(p));
+                let named = names.iter().any(|name| line.contains(&format!("code::{name}")));
+                if imported || named {
+                    found.push(format!("{}:{}: {}", f.display(), n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "close codes named outside proxy/relay/close.rs:\n{}", found.join("\n"));
+}
+
+#[test]
+fn metric_names_are_written_only_in_the_metrics_module() {
+    let metrics = src().join("metrics.rs");
+    let mut found = Vec::new();
+    for files in modules(&src()).values() {
+        for f in files.iter().filter(|f| **f != metrics) {
+            for (n, line) in code_lines(f).iter().enumerate() {
+                let macro_call = ["counter!(", "gauge!(", "histogram!("].iter().any(|m| line.contains(m));
+                if macro_call || line.contains("\"portcullis_") && line.contains("_total\"") {
+                    found.push(format!("{}:{}: {}", f.display(), n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "metrics written outside src/metrics.rs:\n{}", found.join("\n"));
 }

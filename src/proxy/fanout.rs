@@ -16,17 +16,16 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, TRY_AGAIN_LATER};
-use super::relay::close::violation_code;
+use super::relay::close::{Cause, CloseFrame, Refusal, NO_CLIENTS, REPLY_TO_CLOSE};
 use crate::codec::{self as frame, opcode, FrameLimits, ReadError, Reader, Side};
 use crate::config::{FanoutSettings, SessionSettings};
 use crate::fanout::{Command, End, Fanouts, Key, Lag, Stream, Subscriber};
 use crate::metrics::Metrics;
-use crate::session::{SessionControl, StopReason};
+use crate::session::SessionControl;
 
 /// The close frame the proxy writes; masked toward the backend.
-fn close_frame(code: u16, reason: &str, masked: bool) -> Vec<u8> {
-    frame::close_frame(code, reason, masked.then(rand::random::<[u8; 4]>))
+fn close_frame(f: CloseFrame, masked: bool) -> Vec<u8> {
+    frame::close_frame(f.code, f.reason, masked.then(rand::random::<[u8; 4]>))
 }
 
 /// The frame limits of a route's `[session]`, for frames sent by a fan-out route's backend or
@@ -85,10 +84,11 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
                 let f = match f {
                     Ok(Some(f)) => f,
                     Ok(None) | Err(ReadError::Io(_)) => break End::BackendLost,
-                    Err(ReadError::Violation(v)) => {
-                        tracing::warn!(route, backend = t.stream.member, violation = %v, "fan-out backend broke the protocol");
-                        let (code, reason) = (violation_code(v), "protocol error");
-                        outbox.extend_from_slice(&close_frame(code, reason, true));
+                    Err(ReadError::Violation(violation)) => {
+                        tracing::warn!(route, backend = t.stream.member, %violation, "fan-out backend broke the protocol");
+                        if let Some(f) = (Cause::Violation { by: Side::Backend, violation }).plan().to_backend {
+                            outbox.extend_from_slice(&close_frame(f, true));
+                        }
                         break End::BackendLost;
                     }
                 };
@@ -102,8 +102,8 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
                     opcode::PONG => {}
                     opcode::CLOSE => {
                         let p = f.payload();
-                        let code = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { NORMAL };
-                        outbox.extend_from_slice(&close_frame(NORMAL, "", true));
+                        let code = p.first_chunk::<2>().map(|c| u16::from_be_bytes(*c));
+                        outbox.extend_from_slice(&close_frame(REPLY_TO_CLOSE, true));
                         break End::BackendClosed(code);
                     }
                     _ => {
@@ -155,7 +155,7 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
                 }
             }
             _ = &mut linger, if lingering && subs.is_empty() => {
-                outbox.extend_from_slice(&close_frame(GOING_AWAY, "no clients", true));
+                outbox.extend_from_slice(&close_frame(NO_CLIENTS, true));
                 break End::Closed;
             }
             _ = t.drain.cancelled(), if !draining => {
@@ -290,21 +290,21 @@ impl Drop for ClientTask {
     }
 }
 
-/// How a fan-out client ends: the close code it was sent (if any), the log reason, and the close
-/// frame to write (none when the connection cannot take one).
-type ClientEnd = (Option<u16>, &'static str, Option<(u16, &'static str)>);
+/// How a fan-out client ends: why (the close table's [`Cause`]), and whether its close frame
+/// can be written (not when its connection failed, nor after a frame cut short).
+type ClientEnd = (Cause, bool);
 
 /// A client the stream dropped for falling behind: 1013, with its close frame.
-const SLOW: ClientEnd = (Some(TRY_AGAIN_LATER), "client too slow", Some((TRY_AGAIN_LATER, "client too slow")));
+const SLOW: ClientEnd = (Cause::Lagged { observer: false }, true);
 
 /// The end a write to a client means, if it ends the client.
 fn ends_client(w: Written) -> Option<ClientEnd> {
     match w {
         Written::Done => None,
-        Written::Failed => Some((None, "client lost", None)),
+        Written::Failed => Some((Cause::Lost(Side::Client), false)),
         Written::Dropped => Some(SLOW),
         // Cut in the middle of a frame: no close frame can follow.
-        Written::Cut => Some((SLOW.0, SLOW.1, None)),
+        Written::Cut => Some((SLOW.0, false)),
     }
 }
 
@@ -357,8 +357,8 @@ async fn write_flushed<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> bool 
 }
 
 /// Serves one fan-out client until it leaves, falls behind, or its own deadline ends it.
-/// Returns the close code it was sent (if any) and the log reason.
-pub(crate) async fn run_client<S>(io: S, early: Vec<u8>, mut t: ClientTask) -> (Option<u16>, &'static str)
+/// Returns why it ended.
+pub(crate) async fn run_client<S>(io: S, early: Vec<u8>, mut t: ClientTask) -> Cause
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -374,7 +374,7 @@ where
     tokio::pin!(stopped);
     // The timer is set again only when it fires or a pong comes: data only moves the idle
     // deadline later, and a timer that fires early finds nothing due and is set again.
-    let (code, reason, close): ClientEnd = loop {
+    let (cause, write_close): ClientEnd = loop {
         // Dropped while not waiting on its socket (it had frames queued, or was forwarding):
         // the frames still queued are not sent. An atomic load, not the Lag's notify: a client
         // waiting in `recv` has an empty queue, so it cannot be dropped meanwhile.
@@ -392,18 +392,15 @@ where
                 }
                 None if t.lagged.is_raised() => break SLOW,
                 None => match t.stream.ended() {
-                    Some(End::BackendClosed(c)) => break (Some(c), "backend close", Some((c, ""))),
-                    _ => break (Some(GOING_AWAY), "stream ended", Some((GOING_AWAY, "stream ended"))),
+                    Some(End::BackendClosed(code)) => break (Cause::PeerClose { from: Side::Backend, code }, true),
+                    _ => break (Cause::SourceEnded { observer: false }, true),
                 },
             },
             f = reader.next(&mut rd) => {
                 let f = match f {
                     Ok(Some(f)) => f,
-                    Ok(None) | Err(ReadError::Io(_)) => break (None, "client lost", None),
-                    Err(ReadError::Violation(v)) => {
-                        let c = violation_code(v);
-                        break (Some(c), "client protocol error", Some((c, "protocol error")));
-                    }
+                    Ok(None) | Err(ReadError::Io(_)) => break (Cause::Lost(Side::Client), false),
+                    Err(ReadError::Violation(violation)) => break (Cause::Violation { by: Side::Client, violation }, true),
                 };
                 match f.opcode {
                     opcode::PING => {
@@ -419,36 +416,26 @@ where
                         timer.as_mut().reset(clock.next());
                     }
                     opcode::CLOSE => {
-                        let p = f.payload();
-                        let c = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { NORMAL };
-                        break (Some(c), "client close", Some((NORMAL, "")));
+                        let code = f.payload().first_chunk::<2>().map(|c| u16::from_be_bytes(*c));
+                        break (Cause::PeerClose { from: Side::Client, code }, true);
                     }
                     // Only whole messages are forwarded: another client's frames may come next.
                     op if t.settings.forward_client_data && (!f.fin || op == opcode::CONTINUATION) => {
-                        let why = "fragmented messages are not forwarded";
-                        break (Some(POLICY), "client input refused", Some((POLICY, why)));
+                        break (Cause::Refused(Refusal::Fragmented), true);
                     }
                     _ if t.settings.forward_client_data => {
                         clock.data();
                         if t.stream.data.send(f.bytes).await.is_err() {
-                            break (Some(GOING_AWAY), "stream ended", Some((GOING_AWAY, "stream ended")));
+                            break (Cause::SourceEnded { observer: false }, true);
                         }
                     }
                     _ => {
                         t.metrics.fanout_drop(&route, "input");
-                        break (Some(POLICY), "client input refused", Some((POLICY, "read-only stream")));
+                        break (Cause::Refused(Refusal::ReadOnly), true);
                     }
                 }
             }
-            r = &mut stopped => {
-                let (c, why): (u16, &'static str) = match r {
-                    StopReason::Revoked => (POLICY, "session revoked"),
-                    StopReason::Drain => (GOING_AWAY, "going away"),
-                    StopReason::RouteRemoved => (GOING_AWAY, "route removed"),
-                    StopReason::Rebalance => (GOING_AWAY, "rebalance"),
-                };
-                break (Some(c), why, Some((c, why)));
-            }
+            r = &mut stopped => break (Cause::from(r), true),
             () = &mut timer => match clock.due(Instant::now()) {
                 Due::Nothing => timer.as_mut().reset(clock.next()),
                 Due::Ping => {
@@ -462,24 +449,31 @@ where
                 }
                 Due::PingTimeout => {
                     t.metrics.ping_timeout();
-                    break (Some(GOING_AWAY), "ping timeout", Some((GOING_AWAY, "ping timeout")));
+                    break (Cause::PingTimeout, true);
                 }
-                Due::Idle => break (Some(NORMAL), "idle timeout", Some((NORMAL, "idle timeout"))),
-                Due::Lifetime => {
-                    break (Some(GOING_AWAY), "max lifetime", Some((GOING_AWAY, "session lifetime reached")));
-                }
-                Due::Expired => break (Some(POLICY), "token expired", Some((POLICY, "token expired"))),
+                Due::Idle => break (Cause::IdleTimeout, true),
+                Due::Lifetime => break (Cause::Lifetime, true),
+                Due::Expired => break (Cause::TokenExpired, true),
             },
         }
     };
-    if let Some((c, why)) = close {
+    let close = match cause {
+        // A client's close is answered; the backend's close reaches the client with its code.
+        Cause::PeerClose { from: Side::Client, .. } => Some(close_frame(REPLY_TO_CLOSE, false)),
+        Cause::PeerClose { from: Side::Backend, code } => Some(match code {
+            Some(code) => frame::close_frame(code, "", None),
+            None => frame::close_frame_empty(),
+        }),
+        _ => cause.plan().to_client.map(|f| close_frame(f, false)),
+    };
+    if let Some(close) = close.filter(|_| write_close) {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            let _ = wr.write_all(&close_frame(c, why, false)).await;
+            let _ = wr.write_all(&close).await;
             let _ = wr.flush().await;
             let _ = wr.shutdown().await;
         })
         .await;
     }
     t.metrics.fanout_subscriber(&route, -1.0);
-    (code, reason)
+    cause
 }

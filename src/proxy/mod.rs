@@ -123,13 +123,15 @@ impl FanoutClient {
                 let started = Instant::now();
                 metrics.sessions_active.increment(1.0);
                 let FanoutClient { task, registered, subject_slots, stream } = self;
-                let (close_code, reason) = fanout::run_client(io, early, task).await;
-                let initiator = if reason == "client close" || reason == "client lost" {
-                    relay::Initiator::Client
-                } else {
-                    relay::Initiator::Proxy
+                let cause = fanout::run_client(io, early, task).await;
+                let plan = cause.plan();
+                let end = SessionEnd {
+                    close_code: plan.client_code(cause),
+                    initiator: plan.initiator,
+                    reason: plan.label,
+                    bytes: [0, 0],
+                    frames: [0, 0],
                 };
-                let end = SessionEnd { close_code, initiator, reason, bytes: [0, 0], frames: [0, 0] };
                 metrics.sessions_active.decrement(1.0);
                 metrics.close(relay::close::code_label(end.close_code), end.initiator.as_str());
                 log_session_end(registered.entry(), started, &end);

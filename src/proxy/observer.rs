@@ -13,13 +13,11 @@ use std::sync::{Arc, Weak};
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use metrics::{counter, gauge};
 use tokio::io::AsyncWriteExt;
 
 use super::fanout::{write_unless_dropped, Written, CLOSE_TIMEOUT};
-use super::relay::close::code::{GOING_AWAY, NORMAL, POLICY, TRY_AGAIN_LATER};
-use super::relay::close::violation_code;
-use crate::codec::{self, opcode, FrameLimits, ReadError, Reader, Side};
+use super::relay::close::{Cause, Refusal, REPLY_TO_CLOSE};
+use crate::codec::{self, opcode, FrameLimits, ReadError, Reader, Side, Violation};
 use crate::observe::{Hub, Observer};
 
 /// The observed session's id, when the request asks to observe one (`?observe=<id>`).
@@ -28,8 +26,9 @@ pub fn requested(path_and_query: &str) -> Option<u64> {
     form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "observe").and_then(|(_, v)| v.parse().ok())
 }
 
-/// An observer the hub dropped for falling behind: 1013.
-const SLOW: (&str, u16, &str) = ("lagged", TRY_AGAIN_LATER, "observer too slow");
+/// An observer the hub dropped for falling behind: 1013. (Each end is its metric label and its
+/// cause in the close table.)
+const SLOW: (&str, Cause) = ("lagged", Cause::Lagged { observer: true });
 
 /// What the observer's writer sends next: a chunk of the session's output (the hub's shared
 /// buffer, not a copy) or the answer to a ping.
@@ -65,7 +64,7 @@ const OBSERVER_LIMITS: FrameLimits = FrameLimits { max_frame_size: 125, max_mess
 /// ends. Holds the hub weakly: the session's end drops it, which ends the observer's queue.
 pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, watch: Watch) {
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, "observer joined");
-    gauge!("portcullis_observers_active", "route" => watch.route.clone()).increment(1.0);
+    crate::metrics::observers_active(&watch.route, 1.0);
     let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
     let mut reader = Reader::new(Side::Client, OBSERVER_LIMITS, &[], 256);
     // The frame being written, reused.
@@ -92,38 +91,48 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
                 chunk = observer.rx.recv() => match chunk {
                     Some(bytes) => Ok(Out::Data(bytes)),
                     None if observer.lagged() => Err(SLOW),
-                    None => Err(("session_ended", GOING_AWAY, "session ended")),
+                    None => Err(("session_ended", Cause::SourceEnded { observer: true })),
                 },
                 // Cancel-safe: a frame in part stays in the reader.
                 read = reader.next(&mut rd) => match read {
                     Ok(Some(f)) => match f.opcode {
                         opcode::PING => Ok(Out::Pong(f.payload())),
                         opcode::PONG => continue,
-                        opcode::CLOSE => Err(("left", NORMAL, "")),
-                        _ => Err(("input", POLICY, "observers cannot send")),
+                        opcode::CLOSE => {
+                            let code = f.payload().first_chunk::<2>().map(|c| u16::from_be_bytes(*c));
+                            Err(("left", Cause::PeerClose { from: Side::Client, code }))
+                        }
+                        _ => Err(("input", Cause::Refused(Refusal::Observer))),
                     },
                     Ok(None) | Err(ReadError::Io(_)) => break "gone",
-                    Err(ReadError::Violation(v @ codec::Violation::FrameTooLarge(_))) => {
-                        Err(("too_big", violation_code(v), "observers cannot send"))
+                    Err(ReadError::Violation(violation)) => {
+                        let label = if matches!(violation, Violation::FrameTooLarge(_)) { "too_big" } else { "protocol" };
+                        Err((label, Cause::Violation { by: Side::Client, violation }))
                     }
-                    Err(ReadError::Violation(v)) => Err(("protocol", violation_code(v), "protocol error")),
                 },
                 reason = &mut stopped => Err(match reason {
-                    crate::session::StopReason::Revoked => ("revoked", POLICY, "session revoked"),
-                    _ => ("drain", GOING_AWAY, "going away"),
+                    crate::session::StopReason::Revoked => ("revoked", Cause::Revoked),
+                    r => ("drain", Cause::from(r)),
                 }),
-                _ = &mut expiry => Err(("token_expired", POLICY, "token expired")),
+                _ = &mut expiry => Err(("token_expired", Cause::TokenExpired)),
             }
         };
         let out = match next {
             Ok(out) => out,
             // The end (its metric label) and the close frame it is sent.
-            Err((why, code, reason)) => {
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                    let _ = wr.write_all(&codec::close_frame(code, reason, None)).await;
-                    let _ = wr.flush().await;
-                })
-                .await;
+            Err((why, cause)) => {
+                // A close is answered; every other end is the close table's.
+                let close = match cause {
+                    Cause::PeerClose { .. } => Some(REPLY_TO_CLOSE),
+                    _ => cause.plan().to_client,
+                };
+                if let Some(f) = close {
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                        let _ = wr.write_all(&codec::close_frame(f.code, f.reason, None)).await;
+                        let _ = wr.flush().await;
+                    })
+                    .await;
+                }
                 break why;
             }
         };
@@ -148,8 +157,8 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
     if let Some(hub) = hub.upgrade() {
         hub.leave(observer.id);
     }
-    gauge!("portcullis_observers_active", "route" => watch.route.clone()).decrement(1.0);
-    counter!("portcullis_observer_closes_total", "route" => watch.route.clone(), "reason" => end).increment(1);
+    crate::metrics::observers_active(&watch.route, -1.0);
+    crate::metrics::observer_closed(&watch.route, end);
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, reason = end, "observer left");
 }
 

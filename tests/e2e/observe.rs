@@ -299,7 +299,7 @@ async fn an_observer_frame_larger_than_a_control_frame_is_refused_from_its_heade
     obs.send_raw(&header).await;
     obs.send_raw(&[0u8; 1024]).await;
     let f = obs.recv_close().await;
-    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1009), "observers cannot send"));
+    assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1009), "frame too large"));
 }
 
 #[tokio::test]

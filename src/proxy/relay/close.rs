@@ -1,8 +1,10 @@
 //! The close table: every way a session ends, and what each side receives for it.
 //!
-//! The relay's handlers only pick a [`Cause`]; [`Cause::plan`] says which close frame (code and
-//! reason) the proxy writes to each side, who initiated the end, and the label for the log line
-//! and metrics. Close codes (RFC 6455 §7.4.1) are written here and nowhere else in the proxy;
+//! Every WebSocket session kind ends through it: the relay, fan-out clients and their shared
+//! backend stream, observers. Their handlers only pick a [`Cause`]; [`Cause::plan`] says which
+//! close frame (code and reason) the proxy writes to each side, who initiated the end, and the
+//! label for the log line and metrics. Close codes (RFC 6455 §7.4.1), as literals or by name,
+//! are written here and nowhere else in the proxy (`tests/architecture.rs` checks it);
 //! `docs/errors.md` carries the same table and a test holds the two together.
 
 use crate::codec::Violation;
@@ -53,6 +55,25 @@ pub const REPLY_FOR_VANISHED_PEER: CloseFrame = CloseFrame::new(code::NORMAL, ""
 /// The close an active health check sends after its handshake succeeded.
 pub const HEALTH_CHECK: CloseFrame = CloseFrame::new(code::GOING_AWAY, "");
 
+/// The proxy's reply to a close frame it answers itself (a fan-out client's or an observer's,
+/// a fan-out backend's): the close handshake is complete.
+pub const REPLY_TO_CLOSE: CloseFrame = CloseFrame::new(code::NORMAL, "");
+
+/// What a fan-out stream's backend gets when the stream's last client left and the linger
+/// passed.
+pub const NO_CLIENTS: CloseFrame = CloseFrame::new(code::GOING_AWAY, "no clients");
+
+/// What a client sent that its session does not take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A data frame to a fan-out stream with `client_data = "refuse"`.
+    ReadOnly,
+    /// A fragment to a fan-out stream that forwards: another client's frames may come next.
+    Fragmented,
+    /// A data frame from an observer.
+    Observer,
+}
+
 /// Why a session ended. Every end of a session is one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
@@ -98,6 +119,33 @@ pub enum Cause {
         /// The buffer filled before the window ended.
         overflow: bool,
     },
+    /// A fan-out client or an observer fell behind what it reads (its queue was full) and was
+    /// dropped; what it reads goes on without it.
+    Lagged {
+        /// An observer (else a fan-out client).
+        observer: bool,
+    },
+    /// What a fan-out client or an observer reads ended: the shared backend stream went
+    /// without a close, or the observed session ended.
+    SourceEnded {
+        /// An observer (else a fan-out client).
+        observer: bool,
+    },
+    /// A client sent what its session does not take.
+    Refused(Refusal),
+}
+
+impl From<crate::session::StopReason> for Cause {
+    /// A session stopped from outside: revoked, drained, its route removed, rebalanced.
+    fn from(r: crate::session::StopReason) -> Cause {
+        use crate::session::StopReason;
+        match r {
+            StopReason::Revoked => Cause::Revoked,
+            StopReason::Drain => Cause::Drain,
+            StopReason::RouteRemoved => Cause::RouteRemoved,
+            StopReason::Rebalance => Cause::Rebalance,
+        }
+    }
 }
 
 /// What the proxy does for a [`Cause`].
@@ -219,6 +267,43 @@ impl Cause {
                 initiator: Initiator::Client,
                 label: if overflow { "resume overflow" } else { "resume expired" },
             },
+            // A subscriber's end: only the client is written to (the stream or the session
+            // it read goes on, or is gone already).
+            Cause::Lagged { observer } => {
+                let (reason, label) = if observer {
+                    ("observer too slow", "observer too slow")
+                } else {
+                    ("client too slow", "client too slow")
+                };
+                Plan {
+                    to_client: Some(CloseFrame::new(TRY_AGAIN_LATER, reason)),
+                    to_backend: None,
+                    initiator: Initiator::Proxy,
+                    label,
+                }
+            }
+            Cause::SourceEnded { observer } => {
+                let reason = if observer { "session ended" } else { "stream ended" };
+                Plan {
+                    to_client: Some(CloseFrame::new(GOING_AWAY, reason)),
+                    to_backend: None,
+                    initiator: Initiator::Proxy,
+                    label: reason,
+                }
+            }
+            Cause::Refused(r) => Plan {
+                to_client: Some(CloseFrame::new(
+                    POLICY,
+                    match r {
+                        Refusal::ReadOnly => "read-only stream",
+                        Refusal::Fragmented => "fragmented messages are not forwarded",
+                        Refusal::Observer => "observers cannot send",
+                    },
+                )),
+                to_backend: None,
+                initiator: Initiator::Proxy,
+                label: "client input refused",
+            },
         }
     }
 }
@@ -322,6 +407,13 @@ mod tests {
             (Cause::RecordingGap, "the recording fell behind or failed"),
             (Cause::ResumeExpired { overflow: false }, "a resumable session's client did not come back"),
             (Cause::ResumeExpired { overflow: true }, "a resumable session's buffered output outgrew"),
+            (Cause::Lagged { observer: false }, "fan-out: the client's queue was full"),
+            (Cause::Lagged { observer: true }, "observer: its queue was full"),
+            (Cause::SourceEnded { observer: false }, "fan-out: the shared backend stream ended"),
+            (Cause::SourceEnded { observer: true }, "observer: the observed session ended"),
+            (Cause::Refused(Refusal::ReadOnly), "fan-out: a data frame with `client_data = \"refuse\"`"),
+            (Cause::Refused(Refusal::Fragmented), "fan-out: a fragment with `client_data = \"forward\"`"),
+            (Cause::Refused(Refusal::Observer), "observer: a data frame"),
         ]
     }
 
