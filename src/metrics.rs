@@ -194,7 +194,7 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "portcullis_jwks_stale",
         "1 after a failed JWKS fetch (the last good keys stay in use), 0 after a good one.",
     ),
-    (Kind::Gauge, "portcullis_sessions_active", "WebSocket sessions relaying now."),
+    (Kind::Gauge, "portcullis_sessions_active", "WebSocket sessions now: relayed, fan-out clients and observers."),
     (Kind::Counter, "portcullis_bytes_total", "Bytes read from one side during the relay, by direction."),
     (Kind::Counter, "portcullis_frames_total", "Data frames read from one side during the relay, by direction."),
     (Kind::Counter, "portcullis_violations_total", "Frames that broke a protocol rule or a size limit, by kind."),

@@ -124,17 +124,7 @@ impl FanoutClient {
                 metrics.sessions_active.increment(1.0);
                 let FanoutClient { task, registered, subject_slots, stream } = self;
                 let cause = fanout::run_client(io, early, task).await;
-                let plan = cause.plan();
-                let end = SessionEnd {
-                    close_code: plan.client_code(cause),
-                    initiator: plan.initiator,
-                    reason: plan.label,
-                    bytes: [0, 0],
-                    frames: [0, 0],
-                };
-                metrics.sessions_active.decrement(1.0);
-                metrics.close(relay::close::code_label(end.close_code), end.initiator.as_str());
-                log_session_end(registered.entry(), started, &end);
+                relay::close::record_end(&metrics, registered.entry(), started, &SessionEnd::of(cause));
                 drop((slot, subject_slots, stream));
             }
             .in_current_span(),
@@ -1303,28 +1293,6 @@ struct Finish {
 
 impl Finish {
     fn done(self, end: &SessionEnd) {
-        self.metrics.sessions_active.decrement(1.0);
-        self.metrics.close(relay::close::code_label(end.close_code), end.initiator.as_str());
-        log_session_end(self.registered.entry(), self.started, end);
+        relay::close::record_end(&self.metrics, self.registered.entry(), self.started, end);
     }
-}
-
-fn log_session_end(s: &SessionEntry, started: Instant, end: &SessionEnd) {
-    tracing::info!(
-        session = s.id,
-        route = s.route,
-        agent = s.agent.as_deref().unwrap_or(""),
-        subject = s.subject.as_deref().unwrap_or(""),
-        client = %s.client,
-        backend = s.backend.get().map_or("", String::as_str),
-        duration_ms = started.elapsed().as_millis() as u64,
-        bytes_from_client = end.bytes[0],
-        bytes_from_backend = end.bytes[1],
-        frames_from_client = end.frames[0],
-        frames_from_backend = end.frames[1],
-        close_code = end.close_code.unwrap_or(0),
-        closed_by = end.initiator.as_str(),
-        reason = end.reason,
-        "session ended"
-    );
 }

@@ -63,8 +63,11 @@ const OBSERVER_LIMITS: FrameLimits = FrameLimits { max_frame_size: 125, max_mess
 /// Runs one observer on its upgraded stream until it leaves, falls behind or the session
 /// ends. Holds the hub weakly: the session's end drops it, which ends the observer's queue.
 pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, watch: Watch) {
-    tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, "observer joined");
+    tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, own = watch.own.entry().id, "observer joined");
     crate::metrics::observers_active(&watch.route, 1.0);
+    let metrics = crate::metrics::Metrics::global();
+    metrics.sessions_active.increment(1.0);
+    let started = std::time::Instant::now();
     let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
     let mut reader = Reader::new(Side::Client, OBSERVER_LIMITS, &[], 256);
     // The frame being written, reused.
@@ -81,7 +84,7 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
     };
     tokio::pin!(expiry);
     // Every write is bounded: an observer that stops reading must not hold this task.
-    let end = loop {
+    let (end, cause) = loop {
         // Dropped between writes: the chunks still queued are not sent. (Waiting in `recv`,
         // its queue is empty: it cannot be dropped meanwhile.)
         let next = if observer.lagged() {
@@ -104,7 +107,7 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
                         }
                         _ => Err(("input", Cause::Refused(Refusal::Observer))),
                     },
-                    Ok(None) | Err(ReadError::Io(_)) => break "gone",
+                    Ok(None) | Err(ReadError::Io(_)) => break ("gone", Cause::Lost(Side::Client)),
                     Err(ReadError::Violation(violation)) => {
                         let label = if matches!(violation, Violation::FrameTooLarge(_)) { "too_big" } else { "protocol" };
                         Err((label, Cause::Violation { by: Side::Client, violation }))
@@ -133,7 +136,7 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
                     })
                     .await;
                 }
-                break why;
+                break (why, cause);
             }
         };
         wire.clear();
@@ -149,9 +152,9 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
         let write = async { wr.write_all(&wire).await.is_ok() && wr.flush().await.is_ok() };
         match write_unless_dropped(write, &observer.lagged, watch.drop_grace).await {
             Written::Done | Written::Dropped => {}
-            Written::Failed => break "gone",
+            Written::Failed => break ("gone", Cause::Lost(Side::Client)),
             // Cut in the middle of a frame: no close frame can follow.
-            Written::Cut => break "lagged",
+            Written::Cut => break SLOW,
         }
     };
     if let Some(hub) = hub.upgrade() {
@@ -160,6 +163,7 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
     crate::metrics::observers_active(&watch.route, -1.0);
     crate::metrics::observer_closed(&watch.route, end);
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, reason = end, "observer left");
+    super::relay::close::record_end(&metrics, watch.own.entry(), started, &crate::session::SessionEnd::of(cause));
 }
 
 /// The hub of `session`, when it is a live session of `route` for `agent` with observers.

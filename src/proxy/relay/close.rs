@@ -308,6 +308,52 @@ impl Cause {
     }
 }
 
+/// Records the end of a session of any kind (relayed, fan-out client, observer): the one
+/// end-of-session log line (`session ended`, with the session's kind), its close in
+/// `portcullis_closes_total`, and its place in `portcullis_sessions_active` given back.
+pub fn record_end(
+    metrics: &crate::metrics::Metrics,
+    s: &crate::session::SessionEntry,
+    started: std::time::Instant,
+    end: &crate::session::SessionEnd,
+) {
+    metrics.sessions_active.decrement(1.0);
+    metrics.close(code_label(end.close_code), end.initiator.as_str());
+    tracing::info!(
+        session = s.id,
+        kind = s.kind.as_str(),
+        route = s.route,
+        agent = s.agent.as_deref().unwrap_or(""),
+        subject = s.subject.as_deref().unwrap_or(""),
+        client = %s.client,
+        backend = s.backend.get().map_or("", String::as_str),
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_from_client = end.bytes[0],
+        bytes_from_backend = end.bytes[1],
+        frames_from_client = end.frames[0],
+        frames_from_backend = end.frames[1],
+        close_code = end.close_code.unwrap_or(0),
+        closed_by = end.initiator.as_str(),
+        reason = end.reason,
+        "session ended"
+    );
+}
+
+impl crate::session::SessionEnd {
+    /// The end of a session with no byte counts of its own (a fan-out client, an observer),
+    /// for `cause`.
+    pub fn of(cause: Cause) -> crate::session::SessionEnd {
+        let plan = cause.plan();
+        crate::session::SessionEnd {
+            close_code: plan.client_code(cause),
+            initiator: plan.initiator,
+            reason: plan.label,
+            bytes: [0, 0],
+            frames: [0, 0],
+        }
+    }
+}
+
 /// The close code the side that broke a rule is sent: 1009 for size limits, 1007 for a close
 /// reason that is not UTF-8, 1002 otherwise.
 pub fn violation_code(v: Violation) -> u16 {
