@@ -238,7 +238,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             r
         }
         "/live" => text(StatusCode::OK, "ok\n"),
-        "/ready" if shared.draining.load(Ordering::SeqCst) => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/ready" if shared.sessions.draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/ready" => text(StatusCode::OK, "ready\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

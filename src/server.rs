@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -258,7 +258,7 @@ impl Shared {
         self.runtime.store(Arc::new(runtime));
         if !removed.is_empty() {
             tracing::info!(sessions = removed.len(), grace = ?grace, "sessions on removed routes close after the grace period");
-            let drain = self.drain.clone();
+            let drain = self.sessions.drain_signal().clone();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = tokio::time::sleep(grace) => {}
@@ -418,11 +418,9 @@ impl Server {
                 conn_limit: Arc::new(Semaphore::new(max_connections)),
                 runtime: ArcSwap::from_pointee(runtime),
                 metrics,
-                drain: CancellationToken::new(),
                 tasks: TaskTracker::new(),
-                draining: AtomicBool::new(false),
                 stop_accepting: CancellationToken::new(),
-                handshaking: std::sync::atomic::AtomicUsize::new(0),
+                handshaking: Default::default(),
                 denylist,
                 sessions: Arc::new(Sessions::default()),
                 conns: ConnCounts::new(),
@@ -499,16 +497,11 @@ impl Server {
             }
             let s = &shared.runtime.load().config.server;
             let limit = s.tls_handshake_timeout + s.header_read_timeout;
-            let deadline = tokio::time::Instant::now() + limit;
-            while shared.handshaking.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let _ = tokio::time::timeout(limit, shared.handshaking.settled()).await;
         }
         let sessions = shared.tasks.len();
         tracing::info!(sessions, "draining");
-        shared.draining.store(true, Ordering::SeqCst);
         shared.stop_accepting.cancel();
-        shared.drain.cancel();
         shared.sessions.drain();
         for l in loops {
             let _ = l.await;
@@ -602,7 +595,7 @@ pub async fn watch_config(shared: Arc<Shared>, path: std::path::PathBuf, poll: D
         #[cfg(not(unix))]
         let hangup = std::future::pending::<Option<()>>();
         tokio::select! {
-            _ = shared.drain.cancelled() => return,
+            _ = shared.sessions.drain_signal().cancelled() => return,
             _ = hangup => {
                 tracing::info!(path = %path.display(), "SIGHUP: reloading configuration");
                 let _ = reload_from_file(&shared, &path);

@@ -5,7 +5,7 @@
 //! cancelling the server drains every session at once, and cancelling one session's token (with
 //! a reason set first) stops just that session.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -235,11 +235,23 @@ pub enum Selector {
 #[derive(Debug, Default)]
 pub struct Sessions {
     map: std::sync::Mutex<std::collections::HashMap<u64, Arc<SessionEntry>>>,
-    /// The server is draining: every session is stopped, and so is one registered from now on.
-    draining: AtomicBool,
+    /// The process's one drain signal: cancelled when the drain starts. Every session is then
+    /// stopped, and so is one registered from then on; whatever else ends with the drain (a
+    /// fan-out stream's linger, `/ready`, a new plain request) waits on or reads this token.
+    drain: tokio_util::sync::CancellationToken,
 }
 
 impl Sessions {
+    /// The drain signal (see [`Sessions::drain`]).
+    pub fn drain_signal(&self) -> &tokio_util::sync::CancellationToken {
+        &self.drain
+    }
+
+    /// True once the drain started.
+    pub fn draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
     /// Registers a session; it is removed when the returned guard drops. During a drain it is
     /// stopped at once.
     pub fn register(self: &Arc<Self>, entry: SessionEntry) -> SessionGuard {
@@ -248,7 +260,7 @@ impl Sessions {
             m.insert(entry.id, entry.clone());
         }
         // After the insert: either this sees the drain, or the drain's walk sees the entry.
-        if self.draining.load(Ordering::SeqCst) {
+        if self.drain.is_cancelled() {
             entry.control.stop(StopReason::Drain);
         }
         SessionGuard { sessions: self.clone(), entry }
@@ -256,7 +268,7 @@ impl Sessions {
 
     /// Starts the drain: stops every session (each spreads its close over `drain_spread`).
     pub fn drain(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.drain.cancel();
         for e in self.list() {
             e.control.stop(StopReason::Drain);
         }

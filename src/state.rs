@@ -7,7 +7,7 @@
 //! connection, `admin` reads and acts on it.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -63,22 +63,19 @@ pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
-    /// Cancelled when the server drains.
-    pub drain: CancellationToken,
     /// Cancelled when the listeners stop accepting: at the drain, or earlier after a handover.
     pub stop_accepting: CancellationToken,
     /// Connections accepted and not yet a session nor ended (TLS handshake, HTTP phase): a
     /// handover waits for them before the drain, so none is refused.
-    pub handshaking: std::sync::atomic::AtomicUsize,
+    pub handshaking: Handshaking,
     /// Connection tasks, awaited during drain.
     pub tasks: TaskTracker,
     /// Connection cap (`max_connections`); a permit is held per connection.
     pub conn_limit: Arc<Semaphore>,
-    /// True once draining began (`/ready` answers 503).
-    pub draining: AtomicBool,
     /// Revoked subjects and tokens; kept across reloads.
     pub denylist: Arc<Denylist>,
-    /// Live sessions, for `/sessions` and revocation.
+    /// Live sessions, for `/sessions`, revocation and the drain: its token is the process's
+    /// one drain signal ([`Sessions::drain`]).
     pub sessions: Arc<Sessions>,
     /// Live sessions per backend member (least connections); kept across reloads.
     pub conns: Arc<ConnCounts>,
@@ -92,4 +89,39 @@ pub struct Shared {
     pub resumes: Arc<crate::resume::Resumes>,
     /// Shared backend streams of routes with `[routes.fanout]`.
     pub fanouts: Arc<crate::fanout::Fanouts>,
+}
+
+/// A count of connections still handshaking, and a wake-up when it reaches zero (no polling).
+#[derive(Debug, Default)]
+pub struct Handshaking {
+    n: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
+}
+
+impl Handshaking {
+    /// A connection starts its handshake.
+    pub fn enter(&self) {
+        self.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A connection's handshake is over (it is a session, or it ended).
+    pub fn leave(&self) {
+        if self.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// Ready once no connection is handshaking.
+    pub async fn settled(&self) {
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            // Registered before the count is read: a leave after the read wakes it.
+            settled.as_mut().enable();
+            if self.n.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            settled.await;
+        }
+    }
 }

@@ -87,14 +87,14 @@ impl ConnSlot {
     fn new(permit: OwnedSemaphorePermit, shared: &Arc<Shared>) -> Self {
         shared.metrics.connections_total.increment(1);
         shared.metrics.connections_active.increment(1.0);
-        shared.handshaking.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        shared.handshaking.enter();
         ConnSlot { _permit: permit, _per_ip: None, metrics: shared.metrics.clone(), handshaking: Some(shared.clone()) }
     }
 
     /// The connection's handshake phase is over (it is a session now, or about to end).
     pub fn handshake_done(&mut self) {
         if let Some(shared) = self.handshaking.take() {
-            shared.handshaking.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            shared.handshaking.leave();
         }
     }
 }

@@ -201,7 +201,7 @@ pub async fn serve_connection(
     let mut conn = Box::pin(http::builder(&settings).serve_connection(io, svc).with_upgrades());
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = shared.drain.cancelled() => {
+        _ = shared.sessions.drain_signal().cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.as_mut().await
         }
@@ -288,7 +288,7 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
                 first_answered = true;
                 slot.handshake_done();
             }
-            _ = shared.drain.cancelled(), if !closing => {
+            _ = shared.sessions.drain_signal().cancelled(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
@@ -503,7 +503,7 @@ async fn handle_request(
     started: Instant,
     stream: http::StreamHold,
 ) -> Response<ProxyBody> {
-    if ctx.shared.drain.is_cancelled() {
+    if ctx.shared.sessions.draining() {
         return reject_request(ctx, &req, &route.name, started, RequestError::Draining);
     }
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -718,7 +718,7 @@ async fn handle_upgrade(
         Ok(ws) => ws,
         Err(e) => return reject(ctx, &route.name, e.into()),
     };
-    if ctx.shared.drain.is_cancelled() {
+    if ctx.shared.sessions.draining() {
         return reject(ctx, &route.name, RequestError::Draining);
     }
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -1013,7 +1013,7 @@ async fn join_fanout(
             key: j.key.clone(),
             fanouts: shared.fanouts.clone(),
             metrics: shared.metrics.clone(),
-            drain: shared.drain.clone(),
+            drain: shared.sessions.drain_signal().clone(),
             _guard: b.guard,
         };
         shared.tasks.spawn(fanout::run_stream(task).in_current_span());
