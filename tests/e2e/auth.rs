@@ -428,9 +428,10 @@ async fn jwks_outage_keeps_the_last_good_keys() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     *server.doc.lock().expect("lock") = "this is not a key set".into();
     let hits = server.hits.load(Ordering::SeqCst);
-    while server.hits.load(Ordering::SeqCst) < hits + 2 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the key set was fetched twice more", async || {
+        (server.hits.load(Ordering::SeqCst) >= hits + 2).then_some(())
+    })
+    .await;
     let t = k1.token(std_claims("alice", &["a1"]));
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &format!("Bearer {t}"))])
         .await
@@ -621,16 +622,15 @@ async fn a_revocation_during_the_backend_connect_refuses_the_session() {
         upgrade(tls, true, "/agents/a1/terminal", &[("Authorization", &format!("Bearer {mallory}"))]).await
     });
     // The session is listed while its backend connect runs, and the revocation finds it.
-    let deadline = Instant::now() + SOON;
-    loop {
+    eventually("the connecting session is listed", async || {
         let (_, body) = http_get(proxy.admin, "/sessions").await;
-        if body.contains("\"mallory\"") {
-            assert!(body.contains("\"backend\":null"), "listed before its member is known: {body}");
-            break;
+        if !body.contains("\"mallory\"") {
+            return None;
         }
-        assert!(Instant::now() < deadline, "the connecting session is not listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        assert!(body.contains("\"backend\":null"), "listed before its member is known: {body}");
+        Some(())
+    })
+    .await;
     let (status, body) = admin_post(proxy.admin, "/sessions/revoke", &json!({"subject": "mallory"}).to_string()).await;
     assert_eq!((status, body.trim()), (200, "{\"closed\":1}"));
     let refused = connecting.await.expect("task").err().expect("no 101 for a revoked session");

@@ -33,11 +33,7 @@ pub(crate) async fn demo_agent() -> DemoAgent {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn the demo agent");
-    let deadline = Instant::now() + SOON;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "the demo agent did not listen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the demo agent listens", async || tokio::net::TcpStream::connect(addr).await.ok()).await;
     DemoAgent { child, addr, _dir: dir }
 }
 

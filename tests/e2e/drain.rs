@@ -26,14 +26,12 @@ async fn sigterm_with_100_open_sessions_sends_1001_to_each_and_exits_zero() {
     let started = Instant::now();
     proxy.signal("TERM");
     // /ready turns false as soon as the signal is handled, while sessions are still open.
-    loop {
-        let (status, _) = http_get(proxy.admin, "/ready").await;
-        if status == 503 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(2), "/ready still {status} after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually_within(
+        "/ready is 503 after SIGTERM",
+        Duration::from_secs(2).saturating_sub(started.elapsed()),
+        async || (http_get(proxy.admin, "/ready").await.0 == 503).then_some(()),
+    )
+    .await;
 
     let waits = clients.into_iter().map(|mut c| {
         tokio::spawn(async move {
@@ -45,12 +43,11 @@ async fn sigterm_with_100_open_sessions_sends_1001_to_each_and_exits_zero() {
     for w in waits {
         assert_eq!(w.await.expect("client task"), Some(1001));
     }
-    let status = loop {
-        if let Some(s) = proxy.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(started.elapsed() < Duration::from_secs(8), "exited before drain_timeout");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = eventually_within(
+        "the proxy exits, before drain_timeout",
+        Duration::from_secs(8).saturating_sub(started.elapsed()),
+        async || proxy.child.try_wait().expect("wait"),
+    )
+    .await;
     assert!(status.success(), "exit status {status}");
 }

@@ -80,15 +80,11 @@ fn fanned_config(name: &str, backend: std::net::SocketAddr, key: &Hmac, fanout: 
 }
 
 async fn wait_metric(proxy: &Proxy, series: &str, want: f64) {
-    let deadline = std::time::Instant::now() + SOON;
-    loop {
+    eventually(&format!("{series} reaches {want}"), async || {
         let (_, m) = http_get(proxy.admin, "/metrics").await;
-        if metric(&m, series) == want {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{series} never reached {want}: {}", metric(&m, series));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (metric(&m, series) == want).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

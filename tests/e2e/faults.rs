@@ -7,7 +7,7 @@
 //! at their baseline. `docs/faults.md` records the figures.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use portcullis_loadtest::backend::{self, BackendOptions, Mode};
 use portcullis_loadtest::{run, Kind, Report, Scenario};
@@ -96,25 +96,17 @@ async fn usage(proxy: &ProxyProcess) -> Use {
 
 /// Waits until the proxy has `n` live sessions.
 async fn sessions_reach(proxy: &ProxyProcess, n: f64) {
-    let deadline = Instant::now() + SOON;
-    while usage(proxy).await.sessions < n {
-        assert!(Instant::now() < deadline, "sessions did not reach {n}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("sessions reach {n}"), async || (usage(proxy).await.sessions >= n).then_some(())).await;
 }
 
 /// Waits until the proxy is back at its baseline (no leak); returns what it measured.
 async fn settles_to(proxy: &ProxyProcess, baseline: Use) -> Use {
-    let deadline = Instant::now() + SOON;
-    loop {
+    eventually(&format!("the proxy is back at the baseline {baseline:?}"), async || {
         let now = usage(proxy).await;
         // The admin connection of this very measurement holds one descriptor.
-        if now.sessions == 0.0 && now.buffers == 0.0 && now.fds <= baseline.fds + 1 {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "no return to the baseline {baseline:?}: {now:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (now.sessions == 0.0 && now.buffers == 0.0 && now.fds <= baseline.fds + 1).then_some(now)
+    })
+    .await
 }
 
 /// One line of figures for `docs/faults.md` (`cargo test --test e2e faults -- --nocapture`).
@@ -222,14 +214,7 @@ async fn sigterm_with_traffic_flowing_closes_every_session_with_1001_and_damages
     assert_no_damage(&r);
     assert_eq!(r.close_codes.get(&1001), Some(&20), "every session gets the drain's 1001: {}", r.table());
     assert!(r.integrity.lost <= 20 * 4, "{}", r.table());
-    let deadline = Instant::now() + SOON;
-    let status = loop {
-        if let Some(s) = proxy.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the proxy did not exit after draining");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = eventually("the proxy exits after draining", async || proxy.child.try_wait().expect("wait")).await;
     assert!(status.success(), "{status}");
     // The process is gone, and with it every descriptor and buffer it held.
     let gone = Use { fds: 0, sessions: 0.0, buffers: 0.0 };

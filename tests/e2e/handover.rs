@@ -9,15 +9,11 @@ use crate::harness::*;
 
 /// Waits until the proxy's log (both processes write to it) has a line containing `what`.
 async fn log_line(proxy: &ProxyProcess, what: &str) -> String {
-    let deadline = Instant::now() + SOON;
-    loop {
+    eventually(&format!("a log line has {what:?}"), async || {
         let log = std::fs::read_to_string(proxy.dir.path().join("proxy.log")).unwrap_or_default();
-        if let Some(line) = log.lines().find(|l| l.contains(what)) {
-            return line.to_owned();
-        }
-        assert!(Instant::now() < deadline, "no log line with {what:?}:\n{log}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        log.lines().find(|l| l.contains(what)).map(str::to_owned)
+    })
+    .await
 }
 
 /// Stops the new process at the end of the test, whatever happens.

@@ -211,10 +211,10 @@ async fn a_stalled_stream_does_not_hold_up_another_on_the_same_connection() {
     // Until it is stalled: every buffer on the way full, its writer has made no progress for
     // a while (on a slow machine this may come early, which makes the test weaker, not wrong).
     tokio::time::timeout(SOON, written.wait_for(|n| *n >= 8)).await.expect("writes start").expect("writer");
-    let deadline = tokio::time::Instant::now() + SOON * 3;
-    while tokio::time::timeout(Duration::from_millis(300), written.changed()).await.is_ok() {
-        assert!(tokio::time::Instant::now() < deadline, "the stalled stream never stalled");
-    }
+    eventually_within("the stalled stream stalls", SOON * 3, async || {
+        tokio::time::timeout(Duration::from_millis(300), written.changed()).await.is_err().then_some(())
+    })
+    .await;
 
     // The other stream works as if alone (a write that waits for a window gets no timeout
     // of its own: this one bounds the whole exchange).
@@ -261,19 +261,13 @@ async fn the_per_address_stream_cap_answers_429_and_frees_when_a_stream_ends() {
     a.recv_close().await;
     a.expect_eof().await;
     // The place frees when the session's task ends, just after the stream's end.
-    let deadline = tokio::time::Instant::now() + SOON;
-    loop {
-        match one.websocket(PATH, &[]).await {
-            Ok(mut c) => {
-                echo_round_trip(&mut c, b"in the freed place").await;
-                break;
-            }
-            Err(h) if h.status == 429 && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(h) => panic!("the cap did not free: {}", h.status),
-        }
-    }
+    let mut c = eventually("the cap frees", async || match one.websocket(PATH, &[]).await {
+        Ok(c) => Some(c),
+        Err(h) if h.status == 429 => None,
+        Err(h) => panic!("the cap did not free: {}", h.status),
+    })
+    .await;
+    echo_round_trip(&mut c, b"in the freed place").await;
 }
 
 #[tokio::test]

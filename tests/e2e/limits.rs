@@ -49,15 +49,8 @@ async fn connections_per_client_address_are_capped_and_freed() {
     assert!(after >= before + 1.0, "refusal counted: {before} -> {after}");
     // One session ends: its slot is free again.
     drop(held.pop());
-    let deadline = Instant::now() + SOON;
-    loop {
-        if let Some(s) = open(proxy.plain, b"").await {
-            held.push(s);
-            break;
-        }
-        assert!(Instant::now() < deadline, "the slot of an ended session was never freed");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let s = eventually("the slot of the ended session is free", async || open(proxy.plain, b"").await).await;
+    held.push(s);
 }
 
 #[tokio::test]
@@ -165,15 +158,19 @@ async fn sessions_per_subject_are_capped_per_route_and_over_all_routes_with_429(
     let mut a1 = a1;
     a1.send(true, op::CLOSE, &close_payload(1000, "")).await;
     let _ = a1.recv_close().await;
-    let deadline = Instant::now() + SOON;
-    loop {
+    eventually("the ended session's slot is free", async || {
         match upgrade(proxy.plain, false, "/agents/a4/terminal", &[("authorization", &alice)]).await {
-            Ok(_c) => break,
-            Err(h) => assert_eq!(h.status, 429),
+            Ok(c) => Some(c),
+            Err(h) => {
+                assert_eq!(h.status, 429);
+                // Each try is a new connection: no faster than the default per-address
+                // connection rate (20/s) lets them in.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                None
+            }
         }
-        assert!(Instant::now() < deadline, "the ended session's slot was never freed");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 }
 
 /// Attack: tokens without `sub` escaped every subject cap, so a holder of many such tokens (or
@@ -222,18 +219,20 @@ async fn handshakes_per_address_are_rate_limited_before_the_token_is_checked() {
     assert_eq!(refused.status, 429);
     assert_eq!(refused.header("retry-after"), Some("1"));
     // The bucket refills at one per second.
-    let deadline = Instant::now() + SOON;
-    loop {
+    let c = eventually("the bucket refills", async || {
         match upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await {
-            Ok(c) => {
-                held.push(c);
-                break;
+            Ok(c) => Some(c),
+            Err(h) => {
+                assert_eq!(h.status, 429);
+                // Each try is a new connection: a second of them at full speed would be over the
+                // default per-address connection rate.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                None
             }
-            Err(h) => assert_eq!(h.status, 429),
         }
-        assert!(Instant::now() < deadline, "the bucket never refilled");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    })
+    .await;
+    held.push(c);
     let (_, m) = http_get(proxy.admin, "/metrics").await;
     assert!(metric(&m, r#"portcullis_limit_refusals_total{reason="handshake_rate"}"#) >= 1.0, "{m}");
 }
@@ -249,14 +248,7 @@ async fn new_connections_per_address_are_rate_limited_at_accept() {
     let _b = open(proxy.plain, b"").await.expect("second, within the burst");
     assert!(open(proxy.plain, b"").await.is_none(), "the third is closed at accept, without an answer");
     // The bucket refills at one per second.
-    let deadline = Instant::now() + SOON;
-    let _c = loop {
-        if let Some(c) = open(proxy.plain, b"").await {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "the bucket never refilled");
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    };
+    let _c = eventually("the bucket refills", async || open(proxy.plain, b"").await).await;
     let (_, m) = http_get(proxy.admin, "/metrics").await;
     assert!(metric(&m, r#"portcullis_limit_refusals_total{reason="connection_rate"}"#) >= 1.0, "{m}");
 }
@@ -307,16 +299,15 @@ async fn uncached_token_checks_per_address_are_rate_limited_on_websocket_and_htt
     // Only the valid token entered the verified-token cache; the garbage did not.
     assert_eq!(metric(&m, "portcullis_token_cache_entries"), 1.0, "{m}");
     // The bucket refills: a new check is made again (and the garbage gets its 401).
-    let deadline = Instant::now() + SOON;
-    loop {
+    eventually("the bucket refills", async || {
         let status = h1.get("/agents/a1/api/status", &[("authorization", &garbage(11))]).await.status;
         if status == 401 {
-            break;
+            return Some(());
         }
         assert_eq!(status, 429);
-        assert!(Instant::now() < deadline, "the bucket never refilled");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+        None
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 //! serves recordings, and storage failures handled as the route chooses.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -22,20 +22,14 @@ fn recorded(members: &[String], key: &Hmac, dir: &Path, extra: &str) -> String {
 
 /// The recording in `dir` once it holds `want` (the writer flushes behind the session).
 async fn cast_with(dir: &Path, want: &str) -> (std::path::PathBuf, String) {
-    let deadline = Instant::now() + SOON;
-    loop {
+    eventually(&format!("the one recording in {} has {want:?}", dir.display()), async || {
         let files: Vec<_> =
             std::fs::read_dir(dir).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
-        if let [only] = files.as_slice() {
-            let text = std::fs::read_to_string(only).unwrap_or_default();
-            if text.contains(want) {
-                return (only.clone(), text);
-            }
-        }
-        let seen: Vec<String> = files.iter().map(|f| std::fs::read_to_string(f).unwrap_or_default()).collect();
-        assert!(Instant::now() < deadline, "no recording with {want:?} in {}: {files:?} {seen:?}", dir.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        let [only] = files.as_slice() else { return None };
+        let text = std::fs::read_to_string(only).unwrap_or_default();
+        text.contains(want).then(|| (only.clone(), text))
+    })
+    .await
 }
 
 /// The output events' text, joined, after checking that every event line is `[t, code, text]`
@@ -188,15 +182,11 @@ async fn storage_that_fails_closes_the_session_with_1011_or_leaves_it_unrecorded
     let text = text.replace("name = \"terminal\"", "name = \"rec-slow\"");
     let proxy = Proxy::start_with(&text).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
-    let deadline = Instant::now() + SOON;
-    loop {
+    eventually("the gap is counted", async || {
         let (_, m) = http_get(proxy.admin, "/metrics").await;
-        if metric(&m, "portcullis_recording_failures_total{route=\"rec-slow\",reason=\"io\"}") == 1.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the gap is counted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (metric(&m, "portcullis_recording_failures_total{route=\"rec-slow\",reason=\"io\"}") == 1.0).then_some(())
+    })
+    .await;
     for n in 0..5u8 {
         c.send(true, op::BINARY, &[n; 100]).await;
         assert_eq!(c.recv().await.payload, vec![n; 100], "the session goes on, unrecorded");
@@ -216,15 +206,11 @@ fn earlier_recording(dir: &Path, name: &str, size: usize, age: Duration) -> std:
 
 /// The value of a recording metric series once it reaches `want`.
 async fn metric_reaches(admin: std::net::SocketAddr, series: &str, want: f64) {
-    let deadline = Instant::now() + SOON;
-    loop {
+    eventually(&format!("{series} reaches {want}"), async || {
         let (_, m) = http_get(admin, "/metrics").await;
-        if metric(&m, series) >= want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{series} never reached {want}:\n{m}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (metric(&m, series) >= want).then_some(())
+    })
+    .await
 }
 
 #[tokio::test]
@@ -276,20 +262,18 @@ async fn no_session_can_erase_earlier_or_live_recordings_and_one_recording_stops
 
 /// The one recording in `dir` besides `other` once it holds `want`.
 async fn cast_with_among(dir: &Path, other: &Path, want: &str) -> (std::path::PathBuf, String) {
-    let deadline = Instant::now() + SOON;
-    loop {
-        let files: Vec<_> = std::fs::read_dir(dir)
-            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p != other).collect())
-            .unwrap_or_default();
-        if let [only] = files.as_slice() {
+    eventually(
+        &format!("the one recording in {} besides {} has {want:?}", dir.display(), other.display()),
+        async || {
+            let files: Vec<_> = std::fs::read_dir(dir)
+                .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p != other).collect())
+                .unwrap_or_default();
+            let [only] = files.as_slice() else { return None };
             let text = std::fs::read_to_string(only).unwrap_or_default();
-            if text.contains(want) {
-                return (only.clone(), text);
-            }
-        }
-        assert!(Instant::now() < deadline, "no recording with {want:?} in {}: {files:?}", dir.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            text.contains(want).then(|| (only.clone(), text))
+        },
+    )
+    .await
 }
 
 #[tokio::test]

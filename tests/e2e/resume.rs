@@ -100,29 +100,21 @@ fn resumable(name: &str, backend: std::net::SocketAddr, key: &Hmac, resume: &str
 
 /// The `resume` state `/sessions` shows for the route's one session, once it is `want`.
 async fn wait_state(proxy: &Proxy, want: &str) {
-    let deadline = std::time::Instant::now() + SOON;
-    loop {
+    eventually(&format!("a session is {want}"), async || {
         let (_, body) = admin_request(proxy.admin, "GET", "/sessions", "").await;
         let v: Value = serde_json::from_str(&body).expect("json");
-        if v["sessions"].as_array().into_iter().flatten().any(|s| s["resume"] == want) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "no session became {want}: {body}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        v["sessions"].as_array().into_iter().flatten().any(|s| s["resume"] == want).then_some(())
+    })
+    .await
 }
 
 async fn wait_bytes_from_backend(proxy: &Proxy, n: u64) {
-    let deadline = std::time::Instant::now() + SOON;
-    loop {
+    eventually(&format!("the proxy read {n} bytes from the backend"), async || {
         let (_, body) = admin_request(proxy.admin, "GET", "/sessions", "").await;
         let v: Value = serde_json::from_str(&body).expect("json");
-        if v["sessions"][0]["bytes_from_backend"].as_u64().unwrap_or(0) >= n {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "the proxy never read {n} bytes from the backend: {body}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        (v["sessions"][0]["bytes_from_backend"].as_u64().unwrap_or(0) >= n).then_some(())
+    })
+    .await
 }
 
 /// A fresh session: the 101 names the resume id the proxy issued it, and the session's first
@@ -475,13 +467,9 @@ async fn a_parked_session_counts_under_its_addresss_connection_cap_until_it_ends
     let (_, top) = http_get(proxy.admin, "/limits?top=5").await;
     assert_eq!(connections(&top), 1, "a parked session escaped its address's cap: {top}");
     // The window ends: the place is free.
-    let deadline = std::time::Instant::now() + SOON;
-    loop {
+    eventually("the parked session's place is free", async || {
         let (_, top) = http_get(proxy.admin, "/limits?top=5").await;
-        if connections(&top) == 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the parked session's place was never freed: {top}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (connections(&top) == 0).then_some(())
+    })
+    .await;
 }

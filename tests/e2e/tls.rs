@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -244,15 +243,11 @@ async fn a_client_alert_during_the_handshake_is_counted_and_the_listener_serves_
         .with_no_client_auth();
     let e = handshake_sending_the_alert(proxy.tls, untrusting).await;
     assert!(matches!(e, rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)), "{e}");
-    let deadline = Instant::now() + SOON;
-    loop {
+    eventually("the alert is counted", async || {
         let m = http_get(proxy.admin, "/metrics").await.1;
-        if metric(&m, r#"portcullis_tls_handshake_failures_total{reason="protocol"}"#) > before {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the alert was not counted:\n{m}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (metric(&m, r#"portcullis_tls_handshake_failures_total{reason="protocol"}"#) > before).then_some(())
+    })
+    .await;
     let mut s = tls_over(Wire::connect(proxy.tls, false).await, client_config()).await.expect("handshake");
     upgrade_on(&mut s).await;
     echo_on(&mut s, b"served on").await;
@@ -268,16 +263,11 @@ async fn an_idle_wss_session_holds_no_buffer() {
     // A 1 MiB message each way fills every buffer the session has: the TLS record buffers on
     // the client side and the relay's.
     echo_on(&mut s, &pattern(1 << 20)).await;
-    let deadline = Instant::now() + SOON;
-    loop {
+    eventually("the idle session holds no buffer", async || {
         let m = http_get(proxy.admin, "/metrics").await.1;
-        let lent = metric(&m, "portcullis_relay_buffer_bytes");
-        if lent == 0.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "an idle session still holds {lent} bytes of buffer");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (metric(&m, "portcullis_relay_buffer_bytes") == 0.0).then_some(())
+    })
+    .await;
     assert_eq!(metric(&http_get(proxy.admin, "/metrics").await.1, "portcullis_sessions_active"), 1.0);
     // And it takes buffers again when bytes come.
     echo_on(&mut s, b"still open").await;

@@ -84,7 +84,7 @@ async fn a_client_cannot_strip_or_forge_identity_headers_on_any_path() {
     assert_eq!(status, 200);
     let _ws = h2.websocket("/agents/a1/api/ws", forged).await.expect("h2 websocket");
 
-    let seen = eventually("the backend saw five requests", || {
+    let seen = eventually("the backend saw five requests", async || {
         let s = backend.seen();
         (s.len() >= 5).then_some(s)
     })
@@ -262,23 +262,16 @@ async fn the_admin_listener_has_a_header_timeout_and_a_connection_cap() {
         let r = tokio::time::timeout(SOON, s.read_to_end(&mut out)).await;
         assert!(r.is_ok(), "a half-sent head was held open past the header timeout");
     }
-    let (status, _) = eventually_status(proxy.admin).await;
+    // `/live` once the listener has a free slot again (the cut connections' slots free as their
+    // tasks end).
+    let (status, _) = eventually("the admin listener serves /live again", async || {
+        let (status, body) = http_get_lenient(proxy.admin, "/live").await;
+        (status == 200).then_some((status, body))
+    })
+    .await;
     assert_eq!(status, 200);
     let (_, metrics) = http_get(proxy.admin, "/metrics").await;
     assert!(metric(&metrics, "portcullis_admin_refusals_total{reason=\"connections\"}") >= 1.0, "{metrics}");
-}
-
-/// `/live` once the listener has a free slot again (the cut connections' slots free as their
-/// tasks end).
-async fn eventually_status(admin: SocketAddr) -> (u16, String) {
-    let deadline = tokio::time::Instant::now() + SOON;
-    loop {
-        let (status, body) = http_get_lenient(admin, "/live").await;
-        if status == 200 || tokio::time::Instant::now() >= deadline {
-            return (status, body);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
 }
 
 /// Like `http_get`, but a connection closed without an answer is status 0, not a panic.

@@ -34,10 +34,16 @@ pub const SOON: Duration = Duration::from_secs(10);
 
 /// Polls `check` until it gives a value, for at most [`SOON`]: the one way these tests wait for
 /// something another task or process does. Panics naming `what` when time runs out.
-pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + SOON;
+pub async fn eventually<T>(what: &str, check: impl AsyncFnMut() -> Option<T>) -> T {
+    eventually_within(what, SOON, check).await
+}
+
+/// [`eventually`] with another bound than [`SOON`]: tries `check` every 10 ms until it gives a
+/// value, and panics naming `what` once `limit` has passed without one (after one last try).
+pub async fn eventually_within<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if let Some(v) = check() {
+        if let Some(v) = check().await {
             return v;
         }
         if tokio::time::Instant::now() >= deadline {

@@ -90,14 +90,7 @@ impl ProxyProcess {
 
     /// Waits (up to `SOON`) for the process to exit; its status.
     pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + SOON;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "proxy did not stop");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually("the proxy stops", async || self.child.try_wait().expect("wait")).await
     }
 
     pub fn signal(&self, sig: &str) {
