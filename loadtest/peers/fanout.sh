@@ -12,7 +12,9 @@
 # of the first N agents, left out of the figures; compare its latency with `fanout`'s),
 # START_AFTER (the backend's wait for an agent's watchers, 30s), DURATION (the bound of one run,
 # 60s), TARGETS (which of direct, per-client, fanout, fanout-stalled to run, in the order given;
-# all by default, fanout-stalled only with STALL), OUT (results directory).
+# all by default, fanout-stalled only with STALL), OUT (results directory), OLD (another
+# Portcullis binary: adds a target `fanout-old`, the same fan-out route served by it, for an
+# old-against-new run in the same interleaved rounds).
 #
 # The backend starts an agent's events once `watchers` of its connections joined, or
 # START_AFTER after the first: through the fan-out route it sees one connection per agent, so
@@ -41,7 +43,8 @@ cleanup() {
 }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-BACKEND=$(port) PER_CLIENT=$(port) FANOUT=$(port) ADMIN1=$(port) ADMIN2=$(port)
+BACKEND=$(port) PER_CLIENT=$(port) FANOUT=$(port) ADMIN1=$(port) ADMIN2=$(port) FANOUT_OLD=$(port) ADMIN3=$(port)
+OLD=${OLD:-}
 
 config() { # listen admin extra
     cat <<CONF
@@ -67,6 +70,7 @@ CONF
 }
 config "$PER_CLIENT" "$ADMIN1" "" >"$WORK/per-client.toml"
 config "$FANOUT" "$ADMIN2" "$(printf '[routes.fanout]\nqueue = %s' "$QUEUE")" >"$WORK/fanout.toml"
+config "$FANOUT_OLD" "$ADMIN3" "$(printf '[routes.fanout]\nqueue = %s' "$QUEUE")" >"$WORK/fanout-old.toml"
 
 "$LT" backend --mode echo --start-after "$START_AFTER" --listen "127.0.0.1:$BACKEND" 2>"$WORK/backend.log" &
 pids+=($!)
@@ -76,19 +80,27 @@ pids+=($P1)
 RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$PC" run --config "$WORK/fanout.toml" 2>"$WORK/fanout.log" &
 P2=$!
 pids+=($P2)
-for p in "$BACKEND" "$PER_CLIENT" "$FANOUT"; do
+P3=
+if [ -n "$OLD" ]; then
+    RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$OLD" run --config "$WORK/fanout-old.toml" 2>"$WORK/fanout-old.log" &
+    P3=$!
+    pids+=($P3)
+fi
+for p in "$BACKEND" "$PER_CLIENT" "$FANOUT" ${OLD:+"$FANOUT_OLD"}; do
     for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && break; sleep 0.1; done
 done
 Q="watchers=50&events=$EVENTS&rate=$RATE&size=$SIZE"
 echo "## dashboards, fan-out against one backend connection per client (REPEAT=$REPEAT EVENTS=$EVENTS RATE=$RATE SIZE=$SIZE QUEUE=$QUEUE STALL=$STALL START_AFTER=$START_AFTER TARGETS=${TARGETS:-all})" | tee "$OUT/fanout.txt"
 P="/agents/agent-{conn / 50}/broadcast?$Q"
-TARGETS=${TARGETS:-direct per-client fanout $([ "$STALL" -gt 0 ] && echo fanout-stalled)}
+TARGETS=${TARGETS:-direct per-client fanout $([ "$STALL" -gt 0 ] && echo fanout-stalled) ${OLD:+fanout-old}}
 targets=(--pid-of "per-client=$P1" --pid-of "fanout=$P2" --pid-of "fanout-stalled=$P2" --stall-of "fanout-stalled=$STALL")
+[ -n "$P3" ] && targets+=(--pid-of "fanout-old=$P3")
 for t in $TARGETS; do
     case $t in
     direct) targets+=("direct=ws://127.0.0.1:$BACKEND$P") ;;
     per-client) targets+=("per-client=ws://127.0.0.1:$PER_CLIENT$P") ;;
     fanout | fanout-stalled) targets+=("$t=ws://127.0.0.1:$FANOUT$P") ;;
+    fanout-old) targets+=("fanout-old=ws://127.0.0.1:$FANOUT_OLD$P") ;;
     *) echo "unknown target $t" >&2; exit 64 ;;
     esac
 done
