@@ -80,23 +80,105 @@ struct ConnCtx {
     open_streams: Arc<http::OpenStreams>,
     /// Set by the handler when it answers 101; taken by the connection task after hyper hands
     /// the connection over (HTTP/1.1 only).
-    pending: Mutex<Option<(OnUpgrade, Handoff)>>,
-    /// Set by the handler when it answers an observer's 101: the connection task hands the
-    /// connection's slot to the observer, which holds it (HTTP/1.1 only).
-    slot_to_observer: Mutex<Option<tokio::sync::oneshot::Sender<accept::ConnSlot>>>,
+    pending: Mutex<Option<(OnUpgrade, Accepted)>>,
 }
 
-/// What the connection task does with the client stream once hyper releases it. Held for
-/// the moment between the handler's answer and hyper's hand-over, once per connection: not
-/// worth a box for the size of the larger variant.
+/// An accepted upgrade: what the client stream becomes once hyper releases it. Every kind of
+/// session is one variant, and [`Accepted::start`] is the one place that dispatches on it (as
+/// mini-redis dispatches a `Command`); the handler answered already. Held for the moment
+/// between the handler's answer and hyper's hand-over, once per connection: not worth a box
+/// for the size of the larger variant.
 #[allow(clippy::large_enum_variant)]
-enum Handoff {
-    /// A new session.
-    Session(Pending),
+enum Accepted {
+    /// A new relayed session (resumable or not).
+    Relay(Pending),
     /// A new client for a held session.
     Resume(Resuming),
     /// A new client of a shared backend stream.
     Fanout(FanoutClient),
+    /// A read-only watcher of a live session.
+    Observe(Watching),
+}
+
+impl Accepted {
+    /// Starts what was accepted on the client's upgraded stream: `early` is what was read of
+    /// it already, `slot` the connection's place under the connection caps when the session is
+    /// its connection's only use (HTTP/1.1; an HTTP/2 stream holds its place through its
+    /// `StreamHold`).
+    fn start<C: relay::FinishStream + Send + 'static>(
+        self,
+        shared: &Arc<Shared>,
+        client: C,
+        early: Vec<u8>,
+        slot: Option<accept::ConnSlot>,
+    ) {
+        match self {
+            Accepted::Relay(p) => start_session(shared, p, client, early, slot),
+            Accepted::Resume(r) => r.attach(Box::new(client), early, slot),
+            Accepted::Fanout(f) => f.start(shared, client, early, slot),
+            Accepted::Observe(o) => o.start(shared, client, early, slot),
+        }
+    }
+
+    /// The client's upgrade failed after the answer: give back what was claimed for it.
+    fn abandon(self) {
+        if let Accepted::Resume(r) = self {
+            r.held.release_claim();
+        }
+    }
+}
+
+/// The one hand-off of an accepted upgrade: on HTTP/1.1 it waits in the connection task until
+/// hyper releases the connection ([`serve_connection`] then starts it); on HTTP/2 the stream
+/// is started by a task of its own once hyper has sent the 200, while the connection goes on
+/// serving other streams.
+fn hand_off(ctx: &Arc<ConnCtx>, on_upgrade: OnUpgrade, accepted: Accepted) {
+    if ctx.h2 {
+        let (shared, client_addr) = (ctx.shared.clone(), ctx.client_addr);
+        ctx.shared.tasks.spawn(
+            async move {
+                match upgraded(on_upgrade, client_addr).await {
+                    Some(up) => accepted.start(&shared, TokioIo::new(up), Vec::new(), None),
+                    None => accepted.abandon(),
+                }
+            }
+            .in_current_span(),
+        );
+    } else if let Ok(mut pending) = ctx.pending.lock() {
+        *pending = Some((on_upgrade, accepted));
+    }
+}
+
+/// An observer accepted by the handler: its place in the session's hub, and what it holds.
+struct Watching {
+    observing: crate::observe::Observer,
+    hub: std::sync::Weak<crate::observe::Hub>,
+    watch: observer::Watch,
+    /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
+    stream: http::StreamHold,
+}
+
+impl Watching {
+    /// Runs the observer as a task of its own.
+    fn start<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
+        self,
+        shared: &Arc<Shared>,
+        io: S,
+        early: Vec<u8>,
+        slot: Option<accept::ConnSlot>,
+    ) {
+        let metrics = shared.metrics.clone();
+        shared.tasks.spawn(
+            async move {
+                let Watching { observing, hub, watch, stream } = self;
+                observer::run(io, early, observing, hub, watch, &metrics).await;
+                // Counted under max_connections (and per address, or its HTTP/2 stream under
+                // max_streams_per_ip) for as long as it watched.
+                drop((slot, stream));
+            }
+            .in_current_span(),
+        );
+    }
 }
 
 /// A fan-out client accepted by the handler: its subscription, and what it holds.
@@ -186,7 +268,6 @@ pub async fn serve_connection(
         h2: false,
         open_streams: Arc::default(),
         pending: Mutex::new(None),
-        slot_to_observer: Mutex::new(None),
     });
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
@@ -214,15 +295,11 @@ pub async fn serve_connection(
         tracing::debug!(client = %client_addr, error = %e, "http connection ended with an error");
     }
     let pending = ctx.pending.lock().ok().and_then(|mut p| p.take());
-    let observer = ctx.slot_to_observer.lock().ok().and_then(|mut o| o.take());
     drop(ctx);
     let mut slot = slot;
     slot.handshake_done();
-    if let Some((on_upgrade, handoff)) = pending {
-        run_session(shared, on_upgrade, handoff, client_addr, slot).await;
-    } else if let Some(observer) = observer {
-        // Counted under max_connections (and per address) while the observer watches.
-        let _ = observer.send(slot);
+    if let Some((on_upgrade, accepted)) = pending {
+        run_session(shared, on_upgrade, accepted, client_addr, slot).await;
     }
 }
 
@@ -242,7 +319,6 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
         h2: true,
         open_streams: open_streams.clone(),
         pending: Mutex::new(None),
-        slot_to_observer: Mutex::new(None),
     });
     let idle_timeout = runtime.config.http2.idle_timeout;
     let head_done = Arc::new(AtomicBool::new(false));
@@ -810,20 +886,7 @@ async fn handle_upgrade(
         let _ = registered.entry().backend.set(task.stream.member.clone());
         ctx.shared.metrics.upgrade(&route.name, "ok");
         let on_upgrade = hyper::upgrade::on(&mut req);
-        let client = FanoutClient { task, registered, subject_slots, stream };
-        if ctx.h2 {
-            let (shared, client_addr) = (ctx.shared.clone(), ctx.client_addr);
-            ctx.shared.tasks.spawn(
-                async move {
-                    if let Some(up) = upgraded(on_upgrade, client_addr).await {
-                        client.start(&shared, TokioIo::new(up), Vec::new(), None);
-                    }
-                }
-                .in_current_span(),
-            );
-        } else if let Ok(mut slot) = ctx.pending.lock() {
-            *slot = Some((on_upgrade, Handoff::Fanout(client)));
-        }
+        hand_off(ctx, on_upgrade, Accepted::Fanout(FanoutClient { task, registered, subject_slots, stream }));
         return resp;
     }
     let backend = match connect::connect(&route, state, &caps, &breq, &ctx.shared.conns, &ctx.shared.metrics).await {
@@ -881,21 +944,7 @@ async fn handle_upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let pending =
         Pending { backend, route, claims: admitted.claims, registered, subject_slots, stream, resume: registration };
-    if ctx.h2 {
-        // The connection goes on serving other streams: this one's session starts once hyper
-        // has sent the 200 and handed the stream over.
-        let shared = ctx.shared.clone();
-        let client_addr = ctx.client_addr;
-        ctx.shared.tasks.spawn(
-            async move {
-                let Some(upgraded) = upgraded(on_upgrade, client_addr).await else { return };
-                start_session(&shared, pending, TokioIo::new(upgraded), Vec::new(), None);
-            }
-            .in_current_span(),
-        );
-    } else if let Ok(mut slot) = ctx.pending.lock() {
-        *slot = Some((on_upgrade, Handoff::Session(pending)));
-    }
+    hand_off(ctx, on_upgrade, Accepted::Relay(pending));
     resp
 }
 
@@ -920,20 +969,7 @@ fn handle_resume(
         // An HTTP/2 stream keeps its place under max_streams_per_ip while it is attached.
         stream,
     };
-    if ctx.h2 {
-        let client_addr = ctx.client_addr;
-        ctx.shared.tasks.spawn(
-            async move {
-                match upgraded(on_upgrade, client_addr).await {
-                    Some(up) => resuming.attach(Box::new(TokioIo::new(up)), Vec::new(), None),
-                    None => resuming.held.release_claim(),
-                }
-            }
-            .in_current_span(),
-        );
-    } else if let Ok(mut slot) = ctx.pending.lock() {
-        *slot = Some((on_upgrade, Handoff::Resume(resuming)));
-    }
+    hand_off(ctx, on_upgrade, Accepted::Resume(resuming));
     resp
 }
 
@@ -1099,27 +1135,8 @@ async fn handle_observer(
         _slots: slots,
         expires_at,
     };
-    let client_addr = ctx.client_addr;
-    let weak = Arc::downgrade(&hub);
-    drop(hub);
-    let (slot_tx, slot_rx) = tokio::sync::oneshot::channel();
-    if !ctx.h2 {
-        if let Ok(mut s) = ctx.slot_to_observer.lock() {
-            *s = Some(slot_tx);
-        }
-    }
-    ctx.shared.tasks.spawn(
-        async move {
-            let Some(up) = upgraded(on_upgrade, client_addr).await else { return };
-            // HTTP/1.1: the connection's slot, once hyper has handed the connection over
-            // (HTTP/2: none; the connection holds its own).
-            let _slot = slot_rx.await.ok();
-            // HTTP/2: the stream's place under max_streams_per_ip, for as long as it watches.
-            let _stream = stream;
-            observer::run(up, observing, weak, watch).await;
-        }
-        .in_current_span(),
-    );
+    let hub = Arc::downgrade(&hub);
+    hand_off(ctx, on_upgrade, Accepted::Observe(Watching { observing, hub, watch, stream }));
     resp
 }
 
@@ -1173,14 +1190,12 @@ impl relay::FinishStream for TokioIo<hyper::upgrade::Upgraded> {}
 async fn run_session(
     shared: Arc<Shared>,
     on_upgrade: OnUpgrade,
-    handoff: Handoff,
+    accepted: Accepted,
     client_addr: SocketAddr,
     slot: accept::ConnSlot,
 ) {
     let Some(upgraded) = upgraded(on_upgrade, client_addr).await else {
-        if let Handoff::Resume(r) = handoff {
-            r.held.release_claim();
-        }
+        accepted.abandon();
         return;
     };
     let parts = match upgraded.downcast::<TokioIo<http::HeadIo<ClientStream>>>() {
@@ -1195,11 +1210,7 @@ async fn run_session(
     // bytes it holds (usually none) and let the buffer go, or every idle session pins it.
     let client_early = parts.read_buf.to_vec();
     drop(parts.read_buf);
-    match handoff {
-        Handoff::Session(p) => start_session(&shared, p, client, client_early, Some(slot)),
-        Handoff::Resume(r) => r.attach(Box::new(client), client_early, Some(slot)),
-        Handoff::Fanout(f) => f.start(&shared, client, client_early, Some(slot)),
-    }
+    accepted.start(&shared, client, client_early, Some(slot));
 }
 
 /// Starts the relay of an accepted session, registered for `/sessions`, as a task of its own;

@@ -11,8 +11,6 @@
 
 use std::sync::{Arc, Weak};
 
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
 use super::fanout::{write_unless_dropped, Written, CLOSE_TIMEOUT};
@@ -62,14 +60,20 @@ const OBSERVER_LIMITS: FrameLimits = FrameLimits { max_frame_size: 125, max_mess
 
 /// Runs one observer on its upgraded stream until it leaves, falls behind or the session
 /// ends. Holds the hub weakly: the session's end drops it, which ends the observer's queue.
-pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, watch: Watch) {
+pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    io: S,
+    early: Vec<u8>,
+    mut observer: Observer,
+    hub: Weak<Hub>,
+    watch: Watch,
+    metrics: &crate::metrics::Metrics,
+) {
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, own = watch.own.entry().id, "observer joined");
     crate::metrics::observers_active(&watch.route, 1.0);
-    let metrics = crate::metrics::Metrics::global();
     metrics.sessions_active.increment(1.0);
     let started = std::time::Instant::now();
-    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
-    let mut reader = Reader::new(Side::Client, OBSERVER_LIMITS, &[], 256);
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut reader = Reader::new(Side::Client, OBSERVER_LIMITS, &early, 256);
     // The frame being written, reused.
     let mut wire = Vec::new();
     // Its own session's end: revoked or drained, or its token expired.
@@ -163,7 +167,7 @@ pub async fn run(upgraded: Upgraded, mut observer: Observer, hub: Weak<Hub>, wat
     crate::metrics::observers_active(&watch.route, -1.0);
     crate::metrics::observer_closed(&watch.route, end);
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, reason = end, "observer left");
-    super::relay::close::record_end(&metrics, watch.own.entry(), started, &crate::session::SessionEnd::of(cause));
+    super::relay::close::record_end(metrics, watch.own.entry(), started, &crate::session::SessionEnd::of(cause));
 }
 
 /// The hub of `session`, when it is a live session of `route` for `agent` with observers.
