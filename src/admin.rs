@@ -1,11 +1,15 @@
-//! The admin listener: `/metrics` (Prometheus text), `/live`, `/ready`, and the session API:
-//! `GET /sessions`, `DELETE /sessions/{id}`, `POST /sessions/revoke` with
-//! `{"subject": ...}` (optionally with `"issuer"`), `{"agent": ...}` or `{"jti": ...}`. Revoked sessions close with 1008
-//! "session revoked", and a revoked subject or token is refused on reconnect until it expires.
+//! The admin listener: `/metrics` (Prometheus text), `/live`, `/ready` (503 once draining), and
+//! the operator API: `GET /sessions`, `DELETE /sessions/{id}`, `POST /sessions/revoke` with
+//! `{"subject": ...}`, `{"agent": ...}` or `{"jti": ...}` (a subject or jti optionally with
+//! `"issuer"`), `POST /sessions/rebalance`, `GET /routes`, `POST /routes/cache/purge`,
+//! `GET /recordings`, `GET /recordings/{name}` and `GET /limits`. Revoked sessions close with
+//! 1008 "session revoked", and a revoked subject or token is refused on reconnect until it
+//! expires.
 //!
-//! Bound to loopback by default; the session API can require a bearer token (`[admin]
-//! token_env` / `token_file`), and must when the listener leaves loopback. Every request first
-//! passes [`refusal`]: a known `Host`, no cross-origin caller, JSON bodies only.
+//! Bound to loopback by default; the operator API (everything but `/metrics`, `/live` and
+//! `/ready`) can require a bearer token (`[admin] token_env` / `token_file`), and must when the
+//! listener leaves loopback. Every request first passes [`refusal`]: a known `Host`, no
+//! cross-origin caller, JSON bodies only.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -35,7 +39,8 @@ use crate::state::Shared;
 const ADMIN_CONNECTION_MAX_AGE: Duration = Duration::from_secs(30);
 
 /// Serves admin requests until `stop` is cancelled: at most `[admin] max_connections` at once,
-/// each request head read within the server's `header_read_timeout`.
+/// each request head read within the server's `header_read_timeout`, each connection closed
+/// after [`ADMIN_CONNECTION_MAX_AGE`].
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     let cap =
         shared.runtime.load().config.admin.as_ref().map_or(defaults::ADMIN_MAX_CONNECTIONS, |a| a.max_connections);
@@ -87,9 +92,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     }
 }
 
-/// Why a request is refused, or `None` when it may be served. The admin API is for operators' tools, not browsers (DESIGN.md §11): a request is served
-/// only when its `Host` is a name this listener is known by (loopback names and addresses, the
-/// address the connection reached, `[admin] hosts`), so a DNS-rebound page cannot read it; it
+/// Why a request is refused, or `None` when it may be served. The admin API is for operators'
+/// tools, not browsers (DESIGN.md §11): a request is served only when its `Host` is a name this
+/// listener is known by (loopback names and addresses, the address the connection reached,
+/// `[admin] hosts`) or, on HTTP/1.0, it names none, so a DNS-rebound page cannot read it; it
 /// carries no `Origin` and no cross-site `Sec-Fetch-Site` unless its origin is in
 /// `[admin] allow_origins`; and a POST body is `application/json`, which no form or
 /// `text/plain` fetch can send without a CORS preflight this listener never grants.
@@ -330,8 +336,9 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
     }
 }
 
-/// `GET /routes` (routes, members, health, cache stats), `POST /routes/cache/purge` with
-/// `{}` (everything), `{"route": ...}` or `{"route": ..., "agent": ...}`.
+/// `GET /routes` (routes, members, health, cache stats), `POST /routes/cache/purge` of the
+/// registry routes' caches with no body or `{}` (everything), `{"route": ...}`, `{"agent": ...}`
+/// or both.
 async fn routes(shared: &Shared, req: Request<Incoming>, path: &str) -> Response<Full<Bytes>> {
     let runtime = shared.runtime.load_full();
     match (req.method().clone(), path) {
@@ -468,8 +475,9 @@ fn rebalance(shared: &Shared, ask: RebalanceRequest) -> Result<Value, &'static s
     Ok(json!({ "route": ask.route, "sessions": total, "picked": count, "spread_seconds": spread.as_secs_f64() }))
 }
 
-/// Closes matching sessions (1008 "session revoked") and, for a subject or token id, refuses
-/// the same tokens on reconnect until they expire.
+/// Closes matching sessions (1008 "session revoked") and refuses tokens on reconnect until they
+/// expire: for a subject or token id, that subject's or id's; for a session id or an agent, the
+/// tokens the closed sessions were opened with (and last resumed with).
 fn revoke(shared: &Shared, selector: &Selector) -> usize {
     let closed = shared.sessions.revoke(selector);
     let latest_exp = closed.iter().filter_map(|e| e.token_exp).max();
@@ -495,7 +503,7 @@ fn revoke(shared: &Shared, selector: &Selector) -> usize {
     closed.len()
 }
 
-/// `GET /recordings` (every recorded route's files: name, route, size, modified) and
+/// `GET /recordings` (every recorded route's files: name, route, bytes, modified) and
 /// `GET /recordings/{name}` (one file, `application/x-asciicast`).
 async fn recordings(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
     let runtime = shared.runtime.load_full();

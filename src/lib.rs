@@ -1,33 +1,41 @@
-//! Portcullis: an edge WebSocket proxy for AI-agent fleets.
+//! Portcullis: an edge proxy for AI-agent fleets.
 //!
-//! It terminates TLS, checks the WebSocket upgrade, routes each session to an agent backend and
-//! splices frames between the two without re-encoding them, enforcing deadlines and limits.
+//! It terminates TLS, checks each request's token and the agent it may reach, routes it to an
+//! agent backend, and governs every session that results: a relayed WebSocket (resumable after
+//! a network blip), a fan-out client of a shared backend stream, an observer of a live session,
+//! an SSE or other streamed response. Frames are spliced without being re-encoded.
 //!
 //! # Layout
 //!
-//! The data path, in the order a connection meets it (one file per stage under [`proxy`]):
+//! The major components, bottom up (`docs/architecture.md` draws the arrows, which
+//! `tests/architecture.rs` checks):
 //!
-//! 1. `proxy/accept.rs`: connection caps (global and per client address, [`limits`]),
-//!    TCP_NODELAY, per-connection span; [`proxy::proxy_protocol`] behind a load balancer.
-//! 2. `proxy/tls.rs`: rustls handshake with SNI, ALPN and a timeout.
-//! 3. `proxy/http.rs`: hyper HTTP/1.1, header size limit (431), header timeout (408).
-//! 4. `proxy/route.rs`: host and path matching, capture validation (400/404).
-//! 5. [`proxy::upgrade`]: RFC 6455 handshake checks (400/426).
-//! 6. `proxy/auth.rs`: Origin policy, token sources, JWT verification ([`auth`]), agent grants
-//!    (401/403), identity headers for the backend.
-//! 7. `proxy/connect.rs`: backend connect and handshake (502/503/504); for plain HTTP
-//!    requests `proxy/request.rs` and `proxy/stream.rs` instead (REST, SSE).
-//! 8. [`proxy::relay`]: frame-aware splice, pings, deadlines (idle, lifetime, token expiry),
-//!    close codes.
+//! * [`config`], [`metrics`], [`codec`], [`crypto`], [`limits`]: leaves. The typed
+//!   configuration; every metric name; the one WebSocket codec (the fuzzed frame tracker every
+//!   reader of frames uses, a whole-frame reader over it, the encoder and close frames); the TLS
+//!   crypto provider; the per-address and per-subject counts.
+//! * [`recording`], [`observe`], [`resume`], [`fanout`]: each feature's registry (a
+//!   session's recording queue, its observer hub, the resumable sessions by the id the proxy
+//!   issued, the shared backend streams by route, agent, path and subject).
+//! * [`session`]: the one session model: the record every kind of session registers
+//!   (`SessionEntry`), the stop handle revocation and the drain reach it by, the registry behind
+//!   `/sessions`, whose token is the process's one drain signal, and the drain spread.
+//! * [`auth`] (token verification, JWKS, the denylist) and [`routing`] (route table, member
+//!   pools, registry, health, balance).
+//! * [`proxy`]: the data path, one file per stage. A connection's task accepts
+//!   (`proxy/accept.rs`), terminates TLS, serves HTTP/1.1 or HTTP/2 (`proxy/http.rs`), routes,
+//!   checks the upgrade ([`proxy::upgrade`]) and the token (`proxy/auth.rs`). An accepted
+//!   upgrade becomes one variant of `Accepted` (relay, resume, fan-out, observe), handed off by
+//!   one function and started in one place; the feature's task then runs on its own: the relay
+//!   ([`proxy::relay`]), a fan-out client (`proxy/fanout.rs`), an observer
+//!   (`proxy/observer.rs`), or a held session's new client. Plain requests go through
+//!   `proxy/request.rs` and `proxy/stream.rs` (REST, SSE). Every WebSocket session ends through
+//!   one close table ([`proxy::relay::close`]) and one end-of-session record.
+//! * [`server`] (listeners, reload, drain), `admin` (`/metrics`, `/live`, `/ready`,
+//!   `/sessions`), [`handover`] (the zero-downtime upgrade).
 //!
-//! Beneath it, arrows pointing down (`docs/architecture.md`): [`config`], [`metrics`] and
-//! [`limits`] (leaves),
-//! [`crypto`], [`session`] (sides, session ends, registry, stop handles), `outbound` (the
-//! HTTP client for JWKS and the registry), [`auth`] (token verification), [`routing`] (route
-//! table, pools, registry, health, member choice) and `state` (what the running parts share).
-//! Above it: `admin` (`/metrics`, `/live`, `/ready`, `/sessions`) and [`server`] (listeners,
-//! reload, drain). The binary (`main.rs`) adds the CLI: the one-command demo, the `connect`
-//! client and token minting, none of which is library API.
+//! The binary (`main.rs`) adds the CLI: the one-command demo, the `connect` client and token
+//! minting, none of which is library API.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

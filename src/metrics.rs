@@ -2,8 +2,8 @@
 //!
 //! The recorder is installed once per process, before any handle is made (handles made before
 //! it stay no-ops). Hot-path counters are held as handles; labels are bounded: route names from
-//! the config, fixed result and reason words, close codes folded into classes. Never a user,
-//! address, token or agent id.
+//! the config, fixed result and reason words, close codes folded into a fixed set of labels
+//! (`3xxx`, `4xxx`, `other` beside the known codes). Never a user, address, token or agent id.
 //!
 //! This module is a leaf: every metric name of the proxy is written here and nowhere else, and
 //! it uses no other module of the crate.
@@ -33,11 +33,14 @@ pub struct Metrics {
     pub connections_total: Counter,
     /// Connections closed at accept because `max_connections` was reached.
     pub connections_rejected: Counter,
-    /// WebSocket sessions relaying now.
+    /// WebSocket sessions open now: relayed, fan-out clients and observers (each given back by
+    /// `proxy::relay::close::record_end`).
     pub sessions_active: Gauge,
-    /// Time to connect to a backend member (TCP and WebSocket handshake).
+    /// Time from the first member attempt to a completed backend handshake (including the
+    /// attempts on members that failed).
     pub backend_connect_seconds: Histogram,
-    /// Relay buffer bytes lent out now; set by whoever renders, from the buffer pool.
+    /// Relay and TLS record buffer bytes lent out now; set by whoever renders, from the buffer
+    /// pool.
     pub relay_buffer_bytes: Gauge,
     /// SSE responses streaming now (sessions like WebSockets).
     pub sse_streams_active: Gauge,
@@ -127,7 +130,7 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (
         Kind::Counter,
         "portcullis_resume_resumed_total",
-        "Times a held (or taken over) session was attached to a reconnecting client, by route.",
+        "Times a held session was attached to a reconnecting client, by route.",
     ),
     (
         Kind::Counter,
@@ -315,9 +318,9 @@ impl Metrics {
     }
 
     /// Registers a route's series at 0, so its dashboard panels show zeros and an alert's
-    /// `increase()` counts its first event: successful upgrades on a WebSocket route, and auth
-    /// failures by every reason in `auth_reasons` (empty for a route with neither auth nor an
-    /// Origin policy).
+    /// `increase()` counts its first event: successful upgrades on a WebSocket route, rebalance
+    /// closes, and auth failures by every reason in `auth_reasons` (empty for a route with
+    /// neither auth nor an Origin policy).
     pub fn preregister_route(&self, route: &str, websocket: bool, auth_reasons: &[&'static str]) {
         if websocket {
             counter!("portcullis_upgrades_total", "route" => route.to_owned(), "result" => "ok").increment(0);
@@ -352,8 +355,8 @@ impl Metrics {
         gauge!("portcullis_resume_held", "route" => route.to_owned()).increment(1.0);
     }
 
-    /// A held session of `route` got its client back (`was_held`), or an attached one was
-    /// taken over by a new connection.
+    /// A held session of `route` got its client back; `was_held` takes it off
+    /// `portcullis_resume_held`.
     pub fn resume_resumed(&self, route: &str, was_held: bool) {
         counter!("portcullis_resume_resumed_total", "route" => route.to_owned()).increment(1);
         if was_held {
@@ -453,7 +456,7 @@ impl Metrics {
         counter!("portcullis_upgrades_total", "route" => route.to_owned(), "result" => result).increment(1);
     }
 
-    /// An upgrade was refused by the auth stage for `reason` (a bounded word).
+    /// An upgrade or a plain request was refused by the auth stage for `reason` (a bounded word).
     pub fn auth_failure(&self, route: &str, reason: &'static str) {
         self.auth_failure_count(route, reason, 1);
     }
@@ -468,7 +471,7 @@ impl Metrics {
         counter!("portcullis_closes_total", "code" => code, "initiator" => initiator).increment(1);
     }
 
-    /// A TLS handshake failed for `reason` (timeout, alert, eof, io).
+    /// A TLS handshake failed for `reason` (timeout, eof, protocol, no_certificate).
     pub fn tls_failure(&self, reason: &'static str) {
         counter!("portcullis_tls_handshake_failures_total", "reason" => reason).increment(1);
     }

@@ -1,9 +1,14 @@
-//! Live sessions: who the two sides are, how a session ended, the stop handle each relay
-//! watches (drain, revocation), and the registry behind `/sessions`.
+//! The one session model: who the two sides are ([`Side`], defined in [`crate::codec`]), the
+//! record every kind of session registers ([`SessionEntry`]: a relayed WebSocket, a fan-out
+//! client, an observer, an SSE or other streamed response), how a session ended, the stop handle
+//! each session's task watches (drain, revocation, route removal, rebalance), and the registry
+//! behind `/sessions`.
 //!
-//! Every session gets a [`SessionControl`] whose token is a child of the server's drain token:
-//! cancelling the server drains every session at once, and cancelling one session's token (with
-//! a reason set first) stops just that session.
+//! Every session gets a [`SessionControl`]: the first [`StopReason`] set on it wins and wakes the
+//! session's task, so stopping one control stops just that session. [`Sessions::drain`] cancels
+//! the registry's token, the process's one drain signal ([`Sessions::drain_signal`]), and stops
+//! every session registered before or after it, each closing at a random point within
+//! `drain_spread` ([`drain_delay`]).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -28,7 +33,9 @@ pub enum Initiator {
     Client,
     /// The backend sent a close frame or went away.
     Backend,
-    /// The proxy closed the session (deadline, limit, violation, drain, revocation).
+    /// The proxy closed the session (a deadline, limit or violation; drain, revocation, route
+    /// removal or rebalance; a recording gap; a fan-out client or observer that fell behind,
+    /// sent what it may not, or lost what it reads).
     Proxy,
 }
 
@@ -64,7 +71,8 @@ pub struct SessionEnd {
 /// Why a session was told to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
-    /// The proxy is draining (SIGTERM): close with 1001 "going away", spread over time.
+    /// The proxy is draining (SIGTERM or SIGINT, or after a handover): close with 1001 "going
+    /// away", spread over time.
     Drain,
     /// An operator revoked the session: close with 1008 "session revoked" at once.
     Revoked,
@@ -134,6 +142,25 @@ impl SessionControl {
     pub async fn wait(&self) -> StopReason {
         std::future::poll_fn(|cx| self.poll_stopped(cx)).await
     }
+
+    /// [`SessionControl::wait`], with a drain spread: a drained session's stop comes after a
+    /// random [`drain_delay`] within `spread`, so the sessions of a draining process do not all
+    /// reconnect at once. For the sessions without a timer of their own (fan-out clients,
+    /// observers, streamed responses); the relay puts the same delay on its timer.
+    pub async fn wait_spread(&self, spread: std::time::Duration) -> StopReason {
+        let reason = self.wait().await;
+        if reason == StopReason::Drain {
+            tokio::time::sleep(drain_delay(spread)).await;
+        }
+        reason
+    }
+}
+
+/// How long a drained session waits before it closes: random within `spread` (none for a
+/// zero spread). The one place the drain spread is drawn.
+pub fn drain_delay(spread: std::time::Duration) -> std::time::Duration {
+    let spread = spread.as_millis() as u64;
+    std::time::Duration::from_millis(if spread == 0 { 0 } else { rand::random::<u64>() % spread })
 }
 
 /// Bytes relayed by a session so far (read from the client, read from the backend).
@@ -145,10 +172,11 @@ pub struct SessionBytes {
     pub from_backend: std::sync::atomic::AtomicU64,
 }
 
-/// What kind of session: a relayed WebSocket or a streamed event-stream response.
+/// What kind of session: a WebSocket, a streamed response (SSE or other), or an observer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionKind {
-    /// A WebSocket relayed frame by frame.
+    /// A WebSocket relayed frame by frame to its own backend, or a fan-out client of a shared
+    /// backend stream.
     WebSocket,
     /// A `text/event-stream` response (SSE) streamed chunk by chunk.
     Sse,
@@ -177,7 +205,7 @@ impl SessionKind {
 pub struct SessionEntry {
     /// Process-unique session id.
     pub id: u64,
-    /// WebSocket or SSE.
+    /// WebSocket, SSE, other stream or observer.
     pub kind: SessionKind,
     /// Route name.
     pub route: String,
@@ -195,15 +223,16 @@ pub struct SessionEntry {
     pub client: std::net::SocketAddr,
     /// The client's HTTP version: `http/1.1` or `h2`.
     pub http: &'static str,
-    /// Backend member; unset while the backend connect runs.
+    /// Backend member; unset while the backend connect runs, and never set on an observer.
     pub backend: std::sync::OnceLock<String>,
     /// Start time.
     pub started: std::time::SystemTime,
     /// Stop handle and live byte counters.
     pub control: Arc<SessionControl>,
-    /// Its live observers, on routes with `[routes.observe]`.
+    /// Its live observers, on a WebSocket session of a route with `[routes.observe]`.
     pub observers: Option<Arc<crate::observe::Hub>>,
-    /// Its resume record, on routes with `[routes.resume]` when the client gave a resume id.
+    /// Its resume record, under the resume id the proxy issued it, on a WebSocket session of a
+    /// route with `[routes.resume]`.
     pub resume: Option<Arc<crate::resume::Held>>,
 }
 
@@ -231,13 +260,15 @@ pub enum Selector {
     },
 }
 
-/// Live sessions, for `/sessions`, revocation and the drain.
+/// Live sessions, for `/sessions`, revocation, rebalance and the drain.
 #[derive(Debug, Default)]
 pub struct Sessions {
     map: std::sync::Mutex<std::collections::HashMap<u64, Arc<SessionEntry>>>,
     /// The process's one drain signal: cancelled when the drain starts. Every session is then
     /// stopped, and so is one registered from then on; whatever else ends with the drain (a
-    /// fan-out stream's linger, `/ready`, a new plain request) waits on or reads this token.
+    /// connection's HTTP serving, a fan-out stream's linger, `/ready`, a new upgrade or plain
+    /// request, the configuration watcher, a removed route's grace timer) waits on or reads
+    /// this token.
     drain: tokio_util::sync::CancellationToken,
 }
 

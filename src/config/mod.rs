@@ -41,7 +41,8 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     /// Where clients connect.
     pub listeners: Vec<ListenerConfig>,
-    /// The admin listener (`/metrics`, `/live`, `/ready`); none when absent.
+    /// The admin listener (`/metrics`, `/live`, `/ready`, and behind its token the session,
+    /// route, recording and limit APIs); none when absent.
     pub admin: Option<AdminConfig>,
     /// Routes in file order; the most specific match wins.
     pub routes: Vec<RouteConfig>,
@@ -315,7 +316,8 @@ pub struct ListenerConfig {
 pub struct AdminConfig {
     /// Address bound; loopback by default.
     pub address: SocketAddr,
-    /// Bearer token required on `/sessions` endpoints, when set; required whenever `address`
+    /// Bearer token required on every endpoint but `/metrics`, `/live` and `/ready`, when set
+    /// (`/sessions`, `/routes`, `/recordings`, `/limits`); required whenever `address`
     /// is not loopback.
     pub token: Option<Secret>,
     /// Host names (lowercase) the listener answers to besides loopback names and addresses and

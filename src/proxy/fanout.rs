@@ -280,6 +280,8 @@ pub(crate) struct ClientTask {
     pub(crate) expires_at: Option<Instant>,
     /// The route's `[session]`: the frame size limit and the client's timeouts.
     pub(crate) session: Arc<SessionSettings>,
+    /// `[server] drain_spread`: a drained client closes within it, at a random point.
+    pub(crate) drain_spread: Duration,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -370,7 +372,7 @@ where
     let timer = tokio::time::sleep_until(clock.next());
     tokio::pin!(timer);
     let control = t.control.clone();
-    let stopped = std::future::poll_fn(|cx| control.poll_stopped(cx));
+    let stopped = control.wait_spread(t.drain_spread);
     tokio::pin!(stopped);
     // The timer is set again only when it fires or a pong comes: data only moves the idle
     // deadline later, and a timer that fires early finds nothing due and is set again.

@@ -1068,6 +1068,7 @@ async fn join_fanout(
         control: registered.entry().control.clone(),
         expires_at: session_deadline(route, runtime, claims),
         session: route.session.clone(),
+        drain_spread: runtime.config.server.drain_spread,
         metrics: shared.metrics.clone(),
     })
 }
@@ -1134,6 +1135,7 @@ async fn handle_observer(
         own: registered,
         _slots: slots,
         expires_at,
+        drain_spread: runtime.config.server.drain_spread,
     };
     let hub = Arc::downgrade(&hub);
     hand_off(ctx, on_upgrade, Accepted::Observe(Watching { observing, hub, watch, stream }));

@@ -52,6 +52,8 @@ pub struct Watch {
     pub _slots: Vec<crate::limits::Slot<crate::limits::SubjectKey>>,
     /// When its token expires (plus leeway), when the route enforces expiry.
     pub expires_at: Option<tokio::time::Instant>,
+    /// `[server] drain_spread`: a drained observer closes within it, at a random point.
+    pub drain_spread: std::time::Duration,
 }
 
 /// What an observer may send: control frames only (at most 125 bytes), so a frame claiming
@@ -78,7 +80,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let mut wire = Vec::new();
     // Its own session's end: revoked or drained, or its token expired.
     let control = watch.own.entry().control.clone();
-    let stopped = control.wait();
+    let stopped = control.wait_spread(watch.drain_spread);
     tokio::pin!(stopped);
     let expiry = async {
         match watch.expires_at {

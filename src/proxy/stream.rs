@@ -343,14 +343,8 @@ impl Governance {
             };
             let lifetime_end = lifetime.map(|l| tokio::time::Instant::now() + l);
             tokio::select! {
-                reason = control.wait() => match reason {
-                    StopReason::Drain => {
-                        let spread = drain_spread.as_millis() as u64;
-                        if spread > 0 {
-                            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % spread)).await;
-                        }
-                        "drain"
-                    }
+                reason = control.wait_spread(drain_spread) => match reason {
+                    StopReason::Drain => "drain",
                     StopReason::Revoked => "revoked",
                     StopReason::RouteRemoved => "route_removed",
                     StopReason::Rebalance => "rebalance",

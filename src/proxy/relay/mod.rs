@@ -85,7 +85,7 @@ pub trait FinishStream: AsyncRead + AsyncWrite + Unpin {
         false
     }
 
-    /// A new client for a parked (or, taken over, an attached one's) session.
+    /// A new client for a parked session (only a parked one can be claimed).
     fn attach(&mut self, _: crate::resume::Attach) {}
 }
 

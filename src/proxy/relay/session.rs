@@ -398,9 +398,7 @@ where
     fn on_stop(&mut self, reason: StopReason) {
         match reason {
             StopReason::Drain => {
-                let spread = self.drain_spread.as_millis() as u64;
-                let delay = if spread == 0 { 0 } else { rand::random::<u64>() % spread };
-                self.drain_at = Some(Instant::now() + Duration::from_millis(delay));
+                self.drain_at = Some(Instant::now() + crate::session::drain_delay(self.drain_spread));
                 self.rearm();
             }
             StopReason::Revoked => self.end_with(Cause::Revoked),
@@ -609,8 +607,8 @@ where
         true
     }
 
-    /// A new client for this session (a resume, or a takeover of a client that may be gone
-    /// without the proxy knowing yet).
+    /// A new client for this session: a resume of a parked session (the registry hands over
+    /// only parked ones; a session attached again meanwhile is parked first, when it can be).
     fn on_attach(&mut self, attach: crate::resume::Attach) {
         if self.close_deadline.is_some() || (!self.parked() && !self.try_park()) {
             // Ending, or the current client is in the middle of a message: the new client's

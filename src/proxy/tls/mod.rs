@@ -1,8 +1,8 @@
 //! Stage: tls. Terminates TLS with rustls (aws-lc-rs provider): SNI picks a certificate, with a
-//! default for clients that send no SNI or an unknown name; ALPN offers `http/1.1`; the
-//! handshake is bounded by `tls_handshake_timeout`. The connection is driven by [`conn`], which
-//! holds no buffer while idle. Also defines [`ClientStream`], the stream every later stage works
-//! on, plain or TLS.
+//! default for clients that send no SNI or an unknown name; ALPN offers `h2` when HTTP/2 is
+//! enabled and `http/1.1` always; the handshake is bounded by `tls_handshake_timeout`. The
+//! connection is driven by [`conn`], which holds no buffer while idle. Also defines
+//! [`ClientStream`], the stream every later stage works on, plain or TLS.
 
 pub mod conn;
 
@@ -143,8 +143,8 @@ fn load_key(key: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
 }
 
 /// Reads every certificate and key `[tls]` names, as `run` would load them: one error for each
-/// file that fails (a chain and its key are both read even when one of them fails), then the
-/// pairs that do not match and the configuration rustls refuses.
+/// file that fails (a chain and its key are both read even when one of them fails) and for each
+/// pair that does not match; when there is none, the configuration rustls refuses, if it does.
 pub fn check_files(settings: &TlsSettings) -> Vec<TlsConfigError> {
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let pairs = std::iter::once((&settings.cert, &settings.key)).chain(settings.sni.iter().map(|s| (&s.cert, &s.key)));
@@ -192,9 +192,9 @@ pub async fn accept(config: &Arc<ServerConfig>, tcp: TcpStream, limit: Duration)
 /// A client connection after the tls stage: plain TCP or TLS.
 #[derive(Debug)]
 pub enum ClientStream {
-    /// A `ws://` connection.
+    /// A plain TCP connection (`ws://`, `http://`).
     Plain(TcpStream),
-    /// A `wss://` connection (boxed: the TLS state is large).
+    /// A TLS connection (`wss://`, `https://`; boxed: the TLS state is large).
     Tls(Box<TlsConn>),
 }
 
