@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::WWW_AUTHENTICATE;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use portcullis::proxy::relay::close::code;
+use portcullis::session::close::code;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};

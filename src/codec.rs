@@ -641,7 +641,7 @@ pub(crate) fn header_len_needed(seen: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::relay::close::violation_code;
+    use crate::session::close::violation_code;
 
     #[tokio::test]
     async fn the_reader_returns_whole_checked_frames_and_refuses_a_frame_over_the_limit_from_its_header() {

@@ -14,23 +14,28 @@
 //!   configuration; every metric name; the one WebSocket codec (the fuzzed frame tracker every
 //!   reader of frames uses, a whole-frame reader over it, the encoder and close frames); the TLS
 //!   crypto provider; the per-address and per-subject counts.
-//! * [`recording`], [`observe`], [`resume`], [`fanout`]: each feature's registry (a
-//!   session's recording queue, its observer hub, the resumable sessions by the id the proxy
-//!   issued, the shared backend streams by route, agent, path and subject).
-//! * [`session`]: the one session model: the record every kind of session registers
-//!   (`SessionEntry`), the stop handle revocation and the drain reach it by, the registry behind
-//!   `/sessions`, whose token is the process's one drain signal, and the drain spread.
+//! * [`recording`]: a session's asciicast writer, its bounded queue and retention.
+//! * [`session`]: the session layer. Its core is the one session model: the record every kind
+//!   of session registers (`SessionEntry`), the stop handle revocation and the drain reach it
+//!   by, the registry behind `/sessions` (whose token is the process's one drain signal), the
+//!   drain spread, the client stream's `FinishStream`, the close table every WebSocket session
+//!   ends through ([`session::close`], with the one end-of-session record), and what the
+//!   subscribers of a shared source have in common ([`session::subscriber`]). Each feature is
+//!   one module under it that owns its registry and its task, and none imports another
+//!   (`tests/architecture.rs`): [`session::resume`] (the sessions held for a reconnect, by
+//!   the id the proxy issued, and the client stream that can be parked),
+//!   [`session::observe`] (a session's observer hub and the observer's task),
+//!   [`session::fanout`] (the shared backend streams by route, agent, path and subject, the
+//!   stream's task and each client's).
 //! * [`auth`] (token verification, JWKS, the denylist) and [`routing`] (route table, member
 //!   pools, registry, health, balance).
 //! * [`proxy`]: the data path, one file per stage. A connection's task accepts
 //!   (`proxy/accept.rs`), terminates TLS, serves HTTP/1.1 or HTTP/2 (`proxy/http.rs`), routes,
 //!   checks the upgrade ([`proxy::upgrade`]) and the token (`proxy/auth.rs`). An accepted
 //!   upgrade becomes one variant of `Accepted` (relay, resume, fan-out, observe), handed off by
-//!   one function and started in one place; the feature's task then runs on its own: the relay
-//!   ([`proxy::relay`]), a fan-out client (`proxy/fanout.rs`), an observer
-//!   (`proxy/observer.rs`), or a held session's new client. Plain requests go through
-//!   `proxy/request.rs` and `proxy/stream.rs` (REST, SSE). Every WebSocket session ends through
-//!   one close table ([`proxy::relay::close`]) and one end-of-session record.
+//!   one function and started in one place, which calls down into the feature's module
+//!   (the relay, [`proxy::relay`], is the data path's own); the feature's task never calls
+//!   back up. Plain requests go through `proxy/request.rs` and `proxy/stream.rs` (REST, SSE).
 //! * [`server`] (listeners, reload, drain), `admin` (`/metrics`, `/live`, `/ready`,
 //!   `/sessions`), [`handover`] (the zero-downtime upgrade).
 //!
@@ -45,15 +50,12 @@ pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod crypto;
-pub mod fanout;
 pub mod handover;
 pub mod limits;
 pub mod metrics;
-pub mod observe;
 pub(crate) mod outbound;
 pub mod proxy;
 pub mod recording;
-pub mod resume;
 pub mod routing;
 pub mod server;
 pub mod session;

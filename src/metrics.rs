@@ -34,7 +34,7 @@ pub struct Metrics {
     /// Connections closed at accept because `max_connections` was reached.
     pub connections_rejected: Counter,
     /// WebSocket sessions open now: relayed, fan-out clients and observers (each given back by
-    /// `proxy::relay::close::record_end`).
+    /// `session::close::record_end`).
     pub sessions_active: Gauge,
     /// Time from the first member attempt to a completed backend handshake (including the
     /// attempts on members that failed).

@@ -409,7 +409,7 @@ impl Server {
         // The recorder first: metric handles made before it would record nowhere.
         let metrics = Metrics::global();
         metrics.preregister_closes(
-            crate::proxy::relay::close::CODE_LABELS,
+            crate::session::close::CODE_LABELS,
             &crate::session::Initiator::ALL.map(crate::session::Initiator::as_str),
         );
         let runtime = build_runtime(config, &denylist, None, &metrics)?;

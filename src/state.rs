@@ -86,9 +86,9 @@ pub struct Shared {
     /// Sessions held per subject (`max_sessions_per_subject`, global and per route).
     pub per_subject: Arc<crate::limits::PerSubject>,
     /// Sessions of routes with `[routes.resume]`, by resume id.
-    pub resumes: Arc<crate::resume::Resumes>,
+    pub resumes: Arc<crate::session::resume::Resumes>,
     /// Shared backend streams of routes with `[routes.fanout]`.
-    pub fanouts: Arc<crate::fanout::Fanouts>,
+    pub fanouts: Arc<crate::session::fanout::Fanouts>,
 }
 
 /// A count of connections still handshaking, and a wake-up when it reaches zero (no polling).

@@ -2,7 +2,8 @@
 //! arrows point down (no cycle; `config`, `metrics` and `codec` use nothing of the crate), that
 //! `docs/architecture.md` lists the arrows as they are, that close codes (literal or named) are
 //! written only in the close table, and that metric names are written only in the metrics
-//! module.
+//! module, that the features under `session/` import nothing of one another, and that the
+//! codec imports nothing of the crate.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -117,7 +118,7 @@ fn docs_architecture_lists_the_arrows_as_they_are() {
 
 #[test]
 fn close_codes_are_written_only_in_the_close_table() {
-    let table = src().join("proxy/relay/close.rs");
+    let table = src().join("session/close.rs");
     let mut found = Vec::new();
     for files in modules(&src()).values() {
         for f in files.iter().filter(|f| **f != table) {
@@ -139,13 +140,13 @@ fn close_codes_are_written_only_in_the_close_table() {
             }
         }
     }
-    assert!(found.is_empty(), "close-code-like literals outside proxy/relay/close.rs:\n{}", found.join("\n"));
+    assert!(found.is_empty(), "close-code-like literals outside session/close.rs:\n{}", found.join("\n"));
 }
 
 /// The names of the close codes the close table declares (`pub const NAME: u16` in its `code`
 /// module).
 fn close_code_names() -> Vec<String> {
-    let table = std::fs::read_to_string(src().join("proxy/relay/close.rs")).expect("close.rs");
+    let table = std::fs::read_to_string(src().join("session/close.rs")).expect("close.rs");
     let module = table.split("pub mod code {").nth(1).and_then(|m| m.split("\n}").next()).expect("a code module");
     module
         .lines()
@@ -159,7 +160,7 @@ fn close_code_names() -> Vec<String> {
 fn close_codes_are_named_only_in_the_close_table() {
     let names = close_code_names();
     assert!(names.len() >= 9, "the close table's code names: {names:?}");
-    let table = src().join("proxy/relay/close.rs");
+    let table = src().join("session/close.rs");
     let mut found = Vec::new();
     for files in modules(&src()).values() {
         for f in files.iter().filter(|f| **f != table) {
@@ -175,7 +176,7 @@ fn close_codes_are_named_only_in_the_close_table() {
             }
         }
     }
-    assert!(found.is_empty(), "close codes named outside proxy/relay/close.rs:\n{}", found.join("\n"));
+    assert!(found.is_empty(), "close codes named outside session/close.rs:\n{}", found.join("\n"));
 }
 
 #[test]
@@ -193,4 +194,38 @@ fn metric_names_are_written_only_in_the_metrics_module() {
         }
     }
     assert!(found.is_empty(), "metrics written outside src/metrics.rs:\n{}", found.join("\n"));
+}
+
+/// The features of the session layer: each one module under `src/session/` that owns its
+/// registry and its task.
+const FEATURES: [&str; 3] = ["resume", "observe", "fanout"];
+
+#[test]
+fn session_features_do_not_import_one_another() {
+    let session = src().join("session");
+    let mut found = Vec::new();
+    for feature in FEATURES {
+        let mut files = Vec::new();
+        collect(&session.join(feature), &mut files);
+        assert!(!files.is_empty(), "src/session/{feature}/ has no sources");
+        for f in files {
+            for (n, line) in code_lines(&f).iter().enumerate() {
+                for other in FEATURES.iter().filter(|o| **o != feature) {
+                    let by_path = line.contains(&format!("session::{other}"));
+                    let by_super = line.contains(&format!("super::super::{other}"));
+                    if by_path || by_super {
+                        found.push(format!("{}:{}: {}", f.display(), n + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "session features importing one another:\n{}", found.join("\n"));
+}
+
+#[test]
+fn the_codec_imports_nothing_of_the_crate() {
+    let lines = code_lines(&src().join("codec.rs"));
+    let found: Vec<&String> = lines.iter().filter(|l| l.contains("crate::") || l.contains("super::")).collect();
+    assert!(found.is_empty(), "src/codec.rs uses the crate: {found:?}");
 }

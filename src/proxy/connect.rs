@@ -14,13 +14,13 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 use super::forward::backend_path;
-use super::relay::close::HEALTH_CHECK;
 use super::upgrade::{accept_value, header_has_token, WsRequest};
 use crate::codec as frame;
 use crate::config::{BackendSettings, Captures, RouteConfig};
 use crate::metrics::Metrics;
 use crate::routing::pool::{PoolError, Probe, RouteState};
 use crate::routing::sticky::{ConnCounts, ConnGuard};
+use crate::session::close::HEALTH_CHECK;
 
 /// Largest backend handshake response accepted.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;

@@ -62,7 +62,7 @@ pub enum RequestError {
     /// The resume id is held by another subject's session (403), or the session is being
     /// opened or resumed by another connection (409).
     #[error(transparent)]
-    Resume(crate::resume::ClaimError),
+    Resume(crate::session::resume::ClaimError),
     /// The client address holds `max_streams_per_ip` HTTP/2 streams already (429).
     #[error("too many HTTP/2 streams from this address")]
     TooManyStreams,
@@ -118,8 +118,8 @@ impl RequestError {
             },
             RequestError::NoSuchSession => StatusCode::NOT_FOUND,
             RequestError::BadResumeId | RequestError::Header(_) => StatusCode::BAD_REQUEST,
-            RequestError::Resume(crate::resume::ClaimError::OtherSubject) => StatusCode::FORBIDDEN,
-            RequestError::Resume(crate::resume::ClaimError::Busy) => StatusCode::CONFLICT,
+            RequestError::Resume(crate::session::resume::ClaimError::OtherSubject) => StatusCode::FORBIDDEN,
+            RequestError::Resume(crate::session::resume::ClaimError::Busy) => StatusCode::CONFLICT,
             RequestError::TooManySessions
             | RequestError::TooManyObservers
             | RequestError::TooManyStreams
@@ -169,8 +169,8 @@ impl RequestError {
             RequestError::NoSuchSession => "no_such_session",
             RequestError::BadResumeId => "invalid_resume_id",
             RequestError::Header(_) => "underscore_header",
-            RequestError::Resume(crate::resume::ClaimError::OtherSubject) => "resume_refused",
-            RequestError::Resume(crate::resume::ClaimError::Busy) => "resume_busy",
+            RequestError::Resume(crate::session::resume::ClaimError::OtherSubject) => "resume_refused",
+            RequestError::Resume(crate::session::resume::ClaimError::Busy) => "resume_busy",
             RequestError::HandshakeRate(_) => "handshake_rate",
             RequestError::TokenCheckRate(_) => "token_check_rate",
             RequestError::Internal(_) => "internal",

@@ -24,12 +24,10 @@ pub(crate) mod auth;
 pub(crate) mod connect;
 pub(crate) mod cors;
 pub(crate) mod error;
-pub(crate) mod fanout;
 pub(crate) mod forward;
 pub mod host;
 pub(crate) mod http;
 pub(crate) mod login;
-pub(crate) mod observer;
 pub mod proxy_protocol;
 pub mod relay;
 pub(crate) mod request;
@@ -151,9 +149,9 @@ fn hand_off(ctx: &Arc<ConnCtx>, on_upgrade: OnUpgrade, accepted: Accepted) {
 
 /// An observer accepted by the handler: its place in the session's hub, and what it holds.
 struct Watching {
-    observing: crate::observe::Observer,
-    hub: std::sync::Weak<crate::observe::Hub>,
-    watch: observer::Watch,
+    observing: crate::session::observe::Observer,
+    hub: std::sync::Weak<crate::session::observe::Hub>,
+    watch: crate::session::observe::Watch,
     /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
     stream: http::StreamHold,
 }
@@ -171,7 +169,7 @@ impl Watching {
         shared.tasks.spawn(
             async move {
                 let Watching { observing, hub, watch, stream } = self;
-                observer::run(io, early, observing, hub, watch, &metrics).await;
+                crate::session::observe::run(io, early, observing, hub, watch, &metrics).await;
                 // Counted under max_connections (and per address, or its HTTP/2 stream under
                 // max_streams_per_ip) for as long as it watched.
                 drop((slot, stream));
@@ -183,7 +181,7 @@ impl Watching {
 
 /// A fan-out client accepted by the handler: its subscription, and what it holds.
 struct FanoutClient {
-    task: fanout::ClientTask,
+    task: crate::session::fanout::ClientTask,
     registered: SessionGuard,
     subject_slots: Vec<SubjectSlot>,
     /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
@@ -205,8 +203,8 @@ impl FanoutClient {
                 let started = Instant::now();
                 metrics.sessions_active.increment(1.0);
                 let FanoutClient { task, registered, subject_slots, stream } = self;
-                let cause = fanout::run_client(io, early, task).await;
-                relay::close::record_end(&metrics, registered.entry(), started, &SessionEnd::of(cause));
+                let cause = crate::session::fanout::run_client(io, early, task).await;
+                crate::session::close::record_end(&metrics, registered.entry(), started, &SessionEnd::of(cause));
                 drop((slot, subject_slots, stream));
             }
             .in_current_span(),
@@ -216,7 +214,7 @@ impl FanoutClient {
 
 /// A resume accepted by the handler: the claimed session, and what the new client brings.
 struct Resuming {
-    held: Arc<crate::resume::Held>,
+    held: Arc<crate::session::resume::Held>,
     expires_at: Option<tokio::time::Instant>,
     /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
     stream: http::StreamHold,
@@ -225,9 +223,9 @@ struct Resuming {
 impl Resuming {
     /// Hands the new client's stream to the held session; when the session ended meanwhile,
     /// the stream is dropped (closing it) and the client reconnects to a fresh one.
-    fn attach(self, io: Box<dyn crate::resume::Io>, early: Vec<u8>, slot: Option<accept::ConnSlot>) {
+    fn attach(self, io: Box<dyn crate::session::resume::Io>, early: Vec<u8>, slot: Option<accept::ConnSlot>) {
         let hold: Box<dyn Send> = Box::new((slot, self.stream));
-        let attach = crate::resume::Attach { io, early, expires_at: self.expires_at, hold };
+        let attach = crate::session::resume::Attach { io, early, expires_at: self.expires_at, hold };
         if self.held.attach(attach).is_err() {
             tracing::info!(route = self.held.route, "the held session ended before its client was handed over");
         }
@@ -247,7 +245,7 @@ struct Pending {
     /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
     stream: http::StreamHold,
     /// Its resume registration, on a route with `[routes.resume]` when the client gave an id.
-    resume: Option<crate::resume::Registration>,
+    resume: Option<crate::session::resume::Registration>,
 }
 
 /// Serves one client connection (after accept and tls) to its end.
@@ -525,7 +523,7 @@ fn session_entry(
             .observe
             .as_ref()
             .filter(|_| kind == SessionKind::WebSocket)
-            .map(|o| crate::observe::Hub::new(o.clone())),
+            .map(|o| crate::session::observe::Hub::new(o.clone())),
         resume: None,
     }
 }
@@ -798,7 +796,7 @@ async fn handle_upgrade(
         return reject(ctx, &route.name, RequestError::Draining);
     }
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    if let (Some(observe), Some(id)) = (route.observe.clone(), observer::requested(path_and_query)) {
+    if let (Some(observe), Some(id)) = (route.observe.clone(), crate::session::observe::requested(path_and_query)) {
         return handle_observer(ctx, runtime, &route, &caps, req, ws, &observe, id, stream).await;
     }
     let authenticator = runtime.authenticator.as_deref();
@@ -814,7 +812,7 @@ async fn handle_upgrade(
     let mut registration = None;
     if let Some(settings) = &route.resume {
         let id = query_param(path_and_query, &settings.param);
-        if id.as_deref().is_some_and(|id| !crate::resume::valid_id(id)) {
+        if id.as_deref().is_some_and(|id| !crate::session::resume::valid_id(id)) {
             ctx.shared.metrics.resume_refused(&route.name, "invalid");
             return reject(ctx, &route.name, RequestError::BadResumeId);
         }
@@ -826,12 +824,12 @@ async fn handle_upgrade(
                 tracing::info!(route = %route.name, client = %ctx.client_addr, error = %e, "resume refused");
                 return reject(ctx, &route.name, RequestError::Resume(e));
             }
-            Ok(crate::resume::Claim::Resume(held)) => {
+            Ok(crate::session::resume::Claim::Resume(held)) => {
                 // The session goes on under the new token: revoking it closes the session.
                 held.set_resumed_jti(claims.and_then(|c| c.jti()));
                 return handle_resume(ctx, runtime, &route, req, &admitted, held, stream);
             }
-            Ok(crate::resume::Claim::Fresh(r)) => registration = Some(r),
+            Ok(crate::session::resume::Claim::Fresh(r)) => registration = Some(r),
         }
     }
     let subject_slots = match subject_slots(ctx, runtime, &route, admitted.claims.as_deref()) {
@@ -935,7 +933,7 @@ async fn handle_upgrade(
         let _ = r.held.protocol.set(p.to_owned());
     }
     if let Some(id) = registration.as_ref().and_then(|r| HeaderValue::from_str(r.held.id()).ok()) {
-        h.insert(crate::resume::ID_HEADER, id);
+        h.insert(crate::session::resume::ID_HEADER, id);
     }
     if let Some(e) = &backend.extensions {
         h.insert(SEC_WEBSOCKET_EXTENSIONS, e.clone());
@@ -957,7 +955,7 @@ fn handle_resume(
     route: &RouteConfig,
     mut req: Request<Incoming>,
     admitted: &auth::Admitted,
-    held: Arc<crate::resume::Held>,
+    held: Arc<crate::session::resume::Held>,
     stream: http::StreamHold,
 ) -> Response<ProxyBody> {
     let resp = own_answer(ctx, &req, admitted, held.protocol.get().map(String::as_str));
@@ -1009,7 +1007,7 @@ fn own_answer(
 
 /// What a fan-out client's join needs.
 struct JoinFanout<'a> {
-    key: crate::fanout::Key,
+    key: crate::session::fanout::Key,
     settings: Arc<crate::config::FanoutSettings>,
     breq: &'a BackendRequest<'a>,
     state: &'a crate::routing::pool::RouteState,
@@ -1025,7 +1023,7 @@ async fn join_fanout(
     j: JoinFanout<'_>,
     registered: &SessionGuard,
     claims: Option<&Claims>,
-) -> Result<fanout::ClientTask, RequestError> {
+) -> Result<crate::session::fanout::ClientTask, RequestError> {
     let shared = &ctx.shared;
     let slot = shared.fanouts.slot(&j.key);
     let open = async {
@@ -1037,8 +1035,9 @@ async fn join_fanout(
         let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
         let (data, data_rx) = tokio::sync::mpsc::channel(64);
         let protocol = b.protocol.as_ref().and_then(|p| p.to_str().ok()).map(str::to_owned);
-        let stream = Arc::new(crate::fanout::Stream::new(route.name.clone(), b.member, protocol, commands, data));
-        let task = fanout::StreamTask {
+        let stream =
+            Arc::new(crate::session::fanout::Stream::new(route.name.clone(), b.member, protocol, commands, data));
+        let task = crate::session::fanout::StreamTask {
             backend: b.stream,
             early: b.early,
             stream: stream.clone(),
@@ -1052,14 +1051,14 @@ async fn join_fanout(
             drain: shared.sessions.drain_signal().clone(),
             _guard: b.guard,
         };
-        shared.tasks.spawn(fanout::run_stream(task).in_current_span());
+        shared.tasks.spawn(crate::session::fanout::run_stream(task).in_current_span());
         Ok::<_, RequestError>(stream)
     };
     let stream = slot.get_or_open(open).await?;
     let Some((id, rx, lagged)) = stream.subscribe(j.settings.queue) else {
         return Err(RequestError::Draining);
     };
-    Ok(fanout::ClientTask {
+    Ok(crate::session::fanout::ClientTask {
         stream,
         id,
         rx,
@@ -1108,7 +1107,7 @@ async fn handle_observer(
             Err(e) => return reject(ctx, &route.name, e.into()),
         };
     let agent = caps.get("agent");
-    let Some(hub) = observer::hub_of(&ctx.shared.sessions, id, &route.name, agent) else {
+    let Some(hub) = crate::session::observe::hub_of(&ctx.shared.sessions, id, &route.name, agent) else {
         return reject(ctx, &route.name, RequestError::NoSuchSession);
     };
     let claims = admitted.claims.as_deref();
@@ -1127,7 +1126,7 @@ async fn handle_observer(
     let resp = own_answer(ctx, &req, &admitted, None);
     ctx.shared.metrics.upgrade(&route.name, "observer");
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let watch = observer::Watch {
+    let watch = crate::session::observe::Watch {
         session: id,
         subject: admitted.claims.as_ref().and_then(|c| c.subject().map(str::to_owned)).unwrap_or_default(),
         route: route.name.clone(),
@@ -1306,6 +1305,6 @@ struct Finish {
 
 impl Finish {
     fn done(self, end: &SessionEnd) {
-        relay::close::record_end(&self.metrics, self.registered.entry(), self.started, end);
+        crate::session::close::record_end(&self.metrics, self.registered.entry(), self.started, end);
     }
 }

@@ -24,8 +24,6 @@
 //! handshake state, the timer), [`close`] (every way a session ends and what each side gets)
 //! and [`pool`] (the relay buffers).
 
-pub mod close;
-mod park;
 pub mod pool;
 mod pump;
 mod session;
@@ -36,14 +34,14 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
+pub use crate::session::resume::Parkable;
+pub use crate::session::FinishStream;
 use crate::session::SessionControl;
 pub use crate::session::{Initiator, SessionEnd, Side};
-pub use park::Parkable;
 use session::Session;
 
 /// What a relay needs besides the two streams.
@@ -63,39 +61,11 @@ pub struct RelayParams {
     /// The session's recording sinks (output, and input when recorded), on recorded routes.
     pub recording: Option<(crate::recording::Sink, Option<crate::recording::Sink>)>,
     /// The session's observers, on routes with `[routes.observe]`.
-    pub observers: Option<Arc<crate::observe::Hub>>,
+    pub observers: Option<Arc<crate::session::observe::Hub>>,
     /// On routes with `[routes.resume]`: the session's resume registration (its new clients
     /// arrive through it). The client stream is then a [`Parkable`].
-    pub resume: Option<(Arc<crate::config::ResumeSettings>, crate::resume::Registration)>,
+    pub resume: Option<(Arc<crate::config::ResumeSettings>, crate::session::resume::Registration)>,
 }
-
-/// How a stream is finished when its session ends, before it is dropped (which closes it).
-///
-/// A TCP stream needs nothing: closing it sends the FIN, so a `shutdown(2)` first would be one
-/// more system call per side for nothing. A TLS stream sends its `close_notify` here.
-pub trait FinishStream: AsyncRead + AsyncWrite + Unpin {
-    /// Finishes the stream (by default, an orderly shutdown of its write side).
-    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(self).poll_shutdown(cx)
-    }
-
-    /// The client vanished: drop its connection and hold the session for a new one. Only a
-    /// [`Parkable`] can; false when the stream cannot be held.
-    fn park(&mut self) -> bool {
-        false
-    }
-
-    /// A new client for a parked session (only a parked one can be claimed).
-    fn attach(&mut self, _: crate::resume::Attach) {}
-}
-
-impl FinishStream for tokio::net::TcpStream {
-    fn poll_finish(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl FinishStream for tokio::io::DuplexStream {}
 
 /// Runs a session to its end, then finishes both streams (bounded by `close_timeout`).
 ///

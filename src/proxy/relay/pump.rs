@@ -9,10 +9,10 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::close::CloseFrame;
 use super::pool;
 use crate::codec::{self as frame, opcode, Event, FrameLimits, Tracker, Violation};
 use crate::config::{RateAction, SessionRate};
+use crate::session::close::CloseFrame;
 use crate::session::Side;
 
 /// The session rate `src` is held to, built by the session from its settings at each poll.
@@ -172,14 +172,14 @@ pub(super) enum DirEvent {
 pub(super) struct Tap {
     staging: Vec<u8>,
     sink: Option<crate::recording::Sink>,
-    hub: Option<std::sync::Arc<crate::observe::Hub>>,
+    hub: Option<std::sync::Arc<crate::session::observe::Hub>>,
 }
 
 impl Tap {
     /// A tap, or none when there is nothing to show the payloads to.
     pub(super) fn new(
         sink: Option<crate::recording::Sink>,
-        hub: Option<std::sync::Arc<crate::observe::Hub>>,
+        hub: Option<std::sync::Arc<crate::session::observe::Hub>>,
     ) -> Option<Tap> {
         (sink.is_some() || hub.is_some()).then(|| Tap { staging: Vec::new(), sink, hub })
     }

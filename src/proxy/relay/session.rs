@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use super::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
 use super::pump::{DirEvent, Direction, Injected, Limit, Tap};
 use super::{FinishStream, RelayParams};
 use crate::codec::{opcode, FrameLimits};
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
+use crate::session::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
 use crate::session::{Initiator, SessionControl, SessionEnd, Side, StopReason};
 
 /// What has come from one side, as far as the close handshake is concerned.
@@ -114,7 +114,7 @@ pub(super) struct Session<C, B> {
 /// it is held.
 struct Resume {
     settings: Arc<crate::config::ResumeSettings>,
-    reg: crate::resume::Registration,
+    reg: crate::session::resume::Registration,
     parked_until: Option<Instant>,
 }
 
@@ -165,7 +165,7 @@ where
             shut: [false, false],
             shutting: false,
             resume: p.resume.map(|(settings, reg)| {
-                reg.held.set_state(crate::resume::State::Attached);
+                reg.held.set_state(crate::session::resume::State::Attached);
                 Box::new(Resume { settings, reg, parked_until: None })
             }),
         };
@@ -595,7 +595,7 @@ where
         }
         let now = Instant::now();
         r.parked_until = Some(now + r.settings.window);
-        r.reg.held.set_state(crate::resume::State::Parked);
+        r.reg.held.set_state(crate::session::resume::State::Parked);
         self.metrics.resume_parked(&r.reg.held.route);
         tracing::info!(
             route = r.reg.held.route,
@@ -609,7 +609,7 @@ where
 
     /// A new client for this session: a resume of a parked session (the registry hands over
     /// only parked ones; a session attached again meanwhile is parked first, when it can be).
-    fn on_attach(&mut self, attach: crate::resume::Attach) {
+    fn on_attach(&mut self, attach: crate::session::resume::Attach) {
         if self.close_deadline.is_some() || (!self.parked() && !self.try_park()) {
             // Ending, or the current client is in the middle of a message: the new client's
             // stream is dropped (it reconnects and gets a fresh session once this one is gone).
@@ -625,7 +625,7 @@ where
         self.b2c.flush_soon();
         let Some(r) = self.resume.as_mut() else { return };
         r.parked_until = None;
-        r.reg.held.set_state(crate::resume::State::Attached);
+        r.reg.held.set_state(crate::session::resume::State::Attached);
         self.metrics.resume_resumed(&r.reg.held.route, true);
         tracing::info!(route = r.reg.held.route, "client resumed its session");
         self.peers[Side::Client.idx()] = Peer { last_rx: Some(Instant::now()), ..Peer::default() };

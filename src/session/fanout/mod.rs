@@ -3,17 +3,22 @@
 //!
 //! The registry ([`Fanouts`]) maps a key to its [`Stream`]; the first client of a key opens the
 //! backend connection (later ones wait for that one connect, never open a second), the stream's
-//! task (`proxy/fanout.rs`) reads the backend's frames and hands each whole frame, as one
+//! task (`session/fanout/run.rs`) reads the backend's frames and hands each whole frame, as one
 //! reference-counted buffer, to every subscriber's bounded queue. A subscriber whose queue is
 //! full is dropped at once: no client ever slows the stream or the others. The stream leaves the
 //! registry when it ends (its last client left and the linger passed, or the backend closed).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify, OnceCell};
+use tokio::sync::{mpsc, OnceCell};
+
+pub use crate::session::subscriber::Lag;
+
+mod run;
+pub(crate) use run::{run_client, run_stream, ClientTask, StreamTask};
 
 /// One client's end of a stream: whole backend frames, as they come.
 #[derive(Debug)]
@@ -24,43 +29,6 @@ pub struct Subscriber {
     pub tx: mpsc::Sender<Bytes>,
     /// Raised when the stream dropped it for falling a whole queue behind.
     pub lagged: Arc<Lag>,
-}
-
-/// Raised once, when a publisher drops a subscriber for falling a whole queue behind. The
-/// subscriber's writer waits on it as well as on its queue: a client that stopped reading
-/// blocks that writer in a socket write, and it must not hold its task, its connection and
-/// its queued frames for ever. (Observer hubs use it too.)
-#[derive(Debug, Default)]
-pub struct Lag {
-    raised: AtomicBool,
-    notify: Notify,
-}
-
-impl Lag {
-    /// Marks the subscriber dropped and wakes its writer.
-    pub fn raise(&self) {
-        self.raised.store(true, Ordering::Release);
-        self.notify.notify_waiters();
-    }
-
-    /// True once raised.
-    pub fn is_raised(&self) -> bool {
-        self.raised.load(Ordering::Acquire)
-    }
-
-    /// Waits until it is raised.
-    pub async fn raised(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so a raise in between is not missed.
-            notified.as_mut().enable();
-            if self.is_raised() {
-                return;
-            }
-            notified.await;
-        }
-    }
 }
 
 /// What a client asks of its stream.

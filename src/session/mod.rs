@@ -16,6 +16,12 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
+pub mod close;
+pub mod fanout;
+pub mod observe;
+pub mod resume;
+pub mod subscriber;
+
 pub use crate::codec::Side;
 
 /// The direction of bytes read from `side`.
@@ -230,10 +236,10 @@ pub struct SessionEntry {
     /// Stop handle and live byte counters.
     pub control: Arc<SessionControl>,
     /// Its live observers, on a WebSocket session of a route with `[routes.observe]`.
-    pub observers: Option<Arc<crate::observe::Hub>>,
+    pub observers: Option<Arc<crate::session::observe::Hub>>,
     /// Its resume record, under the resume id the proxy issued it, on a WebSocket session of a
     /// route with `[routes.resume]`.
-    pub resume: Option<Arc<crate::resume::Held>>,
+    pub resume: Option<Arc<crate::session::resume::Held>>,
 }
 
 /// Which sessions to revoke.
@@ -377,6 +383,34 @@ impl Drop for SessionGuard {
         }
     }
 }
+
+/// How a stream is finished when its session ends, before it is dropped (which closes it).
+///
+/// A TCP stream needs nothing: closing it sends the FIN, so a `shutdown(2)` first would be one
+/// more system call per side for nothing. A TLS stream sends its `close_notify` here.
+pub trait FinishStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
+    /// Finishes the stream (by default, an orderly shutdown of its write side).
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(self).poll_shutdown(cx)
+    }
+
+    /// The client vanished: drop its connection and hold the session for a new one. Only a
+    /// [`resume::Parkable`] can; false when the stream cannot be held.
+    fn park(&mut self) -> bool {
+        false
+    }
+
+    /// A new client for a parked session (only a parked one can be claimed).
+    fn attach(&mut self, _: resume::Attach) {}
+}
+
+impl FinishStream for tokio::net::TcpStream {
+    fn poll_finish(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl FinishStream for tokio::io::DuplexStream {}
 
 #[cfg(test)]
 mod tests {

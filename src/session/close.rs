@@ -465,7 +465,7 @@ mod tests {
 
     /// The cells of the relay close table in `docs/errors.md`, by row.
     fn doc_rows() -> Vec<Vec<String>> {
-        let doc = include_str!("../../../docs/errors.md");
+        let doc = include_str!("../../docs/errors.md");
         let table = doc.split("## Relay: close codes").nth(1).expect("docs/errors.md has the relay close table");
         table
             .lines()

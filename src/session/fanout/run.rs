@@ -16,11 +16,12 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::relay::close::{Cause, CloseFrame, Refusal, NO_CLIENTS, REPLY_TO_CLOSE};
+use super::{Command, End, Fanouts, Key, Stream, Subscriber};
 use crate::codec::{self as frame, opcode, FrameLimits, ReadError, Reader, Side};
 use crate::config::{FanoutSettings, SessionSettings};
-use crate::fanout::{Command, End, Fanouts, Key, Lag, Stream, Subscriber};
 use crate::metrics::Metrics;
+use crate::session::close::{Cause, CloseFrame, Refusal, NO_CLIENTS, REPLY_TO_CLOSE};
+use crate::session::subscriber::{write_flushed, write_unless_dropped, Lag, Written, CLOSE_TIMEOUT};
 use crate::session::SessionControl;
 
 /// The close frame the proxy writes; masked toward the backend.
@@ -308,54 +309,6 @@ fn ends_client(w: Written) -> Option<ClientEnd> {
         // Cut in the middle of a frame: no close frame can follow.
         Written::Cut => Some((SLOW.0, false)),
     }
-}
-
-/// How long a client's close frame may take to write before its connection is dropped.
-pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// What became of a write to a subscriber.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Written {
-    /// All of it, and the subscriber is still wanted.
-    Done,
-    /// The connection failed.
-    Failed,
-    /// All of it, but the publisher has dropped the subscriber: send it the close.
-    Dropped,
-    /// The publisher dropped the subscriber while the write waited on a client that does not
-    /// read, and the write did not end within the grace: the frame is cut short, so no
-    /// close frame may follow; drop the connection.
-    Cut,
-}
-
-/// Runs `write` (a frame and its flush; `false` when the connection failed) unless the
-/// publisher drops this subscriber first, and then for `grace` more at most. A client that
-/// stopped reading blocks the write for as long as it likes: without this its task, its
-/// connection and its queued frames would be held until it read again.
-pub(crate) async fn write_unless_dropped(
-    write: impl std::future::Future<Output = bool>,
-    lag: &Lag,
-    grace: Duration,
-) -> Written {
-    tokio::pin!(write);
-    let ok = tokio::select! {
-        biased;
-        ok = &mut write => ok,
-        () = lag.raised() => match tokio::time::timeout(grace, &mut write).await {
-            Ok(ok) => ok,
-            Err(_) => return Written::Cut,
-        },
-    };
-    match (ok, lag.is_raised()) {
-        (false, _) => Written::Failed,
-        (true, true) => Written::Dropped,
-        (true, false) => Written::Done,
-    }
-}
-
-/// Writes `bytes` and flushes; `false` when the connection failed.
-async fn write_flushed<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> bool {
-    wr.write_all(bytes).await.is_ok() && wr.flush().await.is_ok()
 }
 
 /// Serves one fan-out client until it leaves, falls behind, or its own deadline ends it.

@@ -5,7 +5,7 @@
 //! [`ID_HEADER`] response header and, for browsers, as the session's first text frame. The
 //! fresh session registers a [`Held`] under it, bound to the token's issuer, subject and the
 //! agent it reached. When that client vanishes without a close frame the relay keeps the
-//! backend session, buffering its output (`proxy/relay/park.rs`); a later handshake with the id
+//! backend session, buffering its output (`session/resume/park.rs`); a later handshake with the id
 //! (`?resume=<id>`), a token of the same issuer and subject and the same agent claims the
 //! session ([`Resumes::claim`]) and hands its upgraded stream over ([`Held::attach`]). Another
 //! subject's handshake with the id is refused; one while the session is attached, or another
@@ -23,6 +23,9 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+mod park;
+pub use park::Parkable;
 
 /// A client stream of any kind (TCP, TLS, an HTTP/2 stream), boxed.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}

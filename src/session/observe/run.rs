@@ -13,10 +13,10 @@ use std::sync::{Arc, Weak};
 
 use tokio::io::AsyncWriteExt;
 
-use super::fanout::{write_unless_dropped, Written, CLOSE_TIMEOUT};
-use super::relay::close::{Cause, Refusal, REPLY_TO_CLOSE};
+use super::{Hub, Observer};
 use crate::codec::{self, opcode, FrameLimits, ReadError, Reader, Side, Violation};
-use crate::observe::{Hub, Observer};
+use crate::session::close::{Cause, Refusal, REPLY_TO_CLOSE};
+use crate::session::subscriber::{write_unless_dropped, Written, CLOSE_TIMEOUT};
 
 /// The observed session's id, when the request asks to observe one (`?observe=<id>`).
 pub fn requested(path_and_query: &str) -> Option<u64> {
@@ -169,7 +169,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     crate::metrics::observers_active(&watch.route, -1.0);
     crate::metrics::observer_closed(&watch.route, end);
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, reason = end, "observer left");
-    super::relay::close::record_end(metrics, watch.own.entry(), started, &crate::session::SessionEnd::of(cause));
+    crate::session::close::record_end(metrics, watch.own.entry(), started, &crate::session::SessionEnd::of(cause));
 }
 
 /// The hub of `session`, when it is a live session of `route` for `agent` with observers.

@@ -19,8 +19,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::{Attach, Io};
 use crate::codec::{Event, PayloadTap, Side, Tracker, UNLIMITED};
-use crate::resume::{Attach, Io};
 
 /// Message boundaries of a byte stream, found as it is walked by the one frame tracker
 /// (`crate::codec`), which read these bytes once already, as the relay checked them.
@@ -324,7 +324,7 @@ impl AsyncWrite for Parkable {
     }
 }
 
-impl super::FinishStream for Parkable {
+impl crate::session::FinishStream for Parkable {
     fn park(&mut self) -> bool {
         Parkable::park(self)
     }

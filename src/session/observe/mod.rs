@@ -17,7 +17,10 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::config::ObserveSettings;
-use crate::fanout::Lag;
+
+mod run;
+use crate::session::subscriber::Lag;
+pub use run::{hub_of, requested, run, Watch};
 
 /// The observers of one session, and the output they start with.
 #[derive(Debug)]

@@ -1,0 +1,96 @@
+//! What the sessions that read a shared source have in common (fan-out clients read their
+//! agent's stream, observers read a session's output): the flag a publisher raises when it
+//! drops a subscriber that fell a whole queue behind, and the bounded write that flag cuts
+//! short. Not a feature of its own: the features under `session/` share it, and import
+//! nothing of one another.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+/// Raised once, when a publisher drops a subscriber for falling a whole queue behind. The
+/// subscriber's writer waits on it as well as on its queue: a client that stopped reading
+/// blocks that writer in a socket write, and it must not hold its task, its connection and
+/// its queued frames for ever. (Observer hubs use it too.)
+#[derive(Debug, Default)]
+pub struct Lag {
+    raised: AtomicBool,
+    notify: Notify,
+}
+
+impl Lag {
+    /// Marks the subscriber dropped and wakes its writer.
+    pub fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// True once raised.
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Acquire)
+    }
+
+    /// Waits until it is raised.
+    pub async fn raised(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a raise in between is not missed.
+            notified.as_mut().enable();
+            if self.is_raised() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// How long a client's close frame may take to write before its connection is dropped.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What became of a write to a subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// All of it, and the subscriber is still wanted.
+    Done,
+    /// The connection failed.
+    Failed,
+    /// All of it, but the publisher has dropped the subscriber: send it the close.
+    Dropped,
+    /// The publisher dropped the subscriber while the write waited on a client that does not
+    /// read, and the write did not end within the grace: the frame is cut short, so no
+    /// close frame may follow; drop the connection.
+    Cut,
+}
+
+/// Runs `write` (a frame and its flush; `false` when the connection failed) unless the
+/// publisher drops this subscriber first, and then for `grace` more at most. A client that
+/// stopped reading blocks the write for as long as it likes: without this its task, its
+/// connection and its queued frames would be held until it read again.
+pub(crate) async fn write_unless_dropped(
+    write: impl std::future::Future<Output = bool>,
+    lag: &Lag,
+    grace: Duration,
+) -> Written {
+    tokio::pin!(write);
+    let ok = tokio::select! {
+        biased;
+        ok = &mut write => ok,
+        () = lag.raised() => match tokio::time::timeout(grace, &mut write).await {
+            Ok(ok) => ok,
+            Err(_) => return Written::Cut,
+        },
+    };
+    match (ok, lag.is_raised()) {
+        (false, _) => Written::Failed,
+        (true, true) => Written::Dropped,
+        (true, false) => Written::Done,
+    }
+}
+
+/// Writes `bytes` and flushes; `false` when the connection failed.
+pub(crate) async fn write_flushed<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> bool {
+    wr.write_all(bytes).await.is_ok() && wr.flush().await.is_ok()
+}
