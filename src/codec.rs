@@ -557,15 +557,23 @@ pub struct Reader {
     chunk: usize,
 }
 
-/// Stops the tracker at the end of every data frame.
-struct FrameEnd(bool);
+/// A tap that stops the tracker where the next data frame ends (`messages_only`: the next one
+/// that ends its message); `hit` tells whether it stopped there. For the readers of whole
+/// frames and of message boundaries.
+#[derive(Debug, Default)]
+pub struct StopAtEnd {
+    /// Stop only where a message ends.
+    pub messages_only: bool,
+    /// The tracker stopped at an end.
+    pub hit: bool,
+}
 
-impl PayloadTap for FrameEnd {
+impl PayloadTap for StopAtEnd {
     fn data(&mut self, _: &[u8], _: Option<[u8; 4]>) {}
 
-    fn frame_end(&mut self, _: bool) -> bool {
-        self.0 = true;
-        true
+    fn frame_end(&mut self, ends_message: bool) -> bool {
+        self.hit = ends_message || !self.messages_only;
+        self.hit
     }
 }
 
@@ -599,13 +607,13 @@ impl Reader {
 
     /// The next whole frame among the bytes read so far, if one is complete.
     pub fn parse(&mut self) -> Result<Option<WholeFrame>, ReadError> {
-        let mut end = FrameEnd(false);
+        let mut end = StopAtEnd::default();
         let (n, event) = self.tracker.feed_with(&self.buf[self.scanned..], &mut end);
         self.scanned += n;
         match event {
             Some(Event::Violation(v)) => return Err(ReadError::Violation(v)),
             Some(Event::Control(_)) => self.tracker.release_control(),
-            None if !end.0 => return Ok(None),
+            None if !end.hit => return Ok(None),
             None => {}
         }
         let bytes = self.buf.split_to(std::mem::take(&mut self.scanned)).freeze();

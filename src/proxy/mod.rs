@@ -113,8 +113,14 @@ impl Accepted {
         match self {
             Accepted::Relay(p) => start_session(shared, p, client, early, slot),
             Accepted::Resume(r) => r.attach(Box::new(client), early, slot),
-            Accepted::Fanout(f) => f.start(shared, client, early, slot),
-            Accepted::Observe(o) => o.start(shared, client, early, slot),
+            Accepted::Fanout(FanoutClient { task, subject_slots, stream }) => {
+                let run = crate::session::fanout::run_client(client, early, task);
+                spawn_holding(shared, run, (slot, subject_slots, stream));
+            }
+            Accepted::Observe(Watching { observing, hub, watch, stream }) => {
+                let run = crate::session::observe::run(client, early, observing, hub, watch, shared.metrics.clone());
+                spawn_holding(shared, run, (slot, stream));
+            }
         }
     }
 
@@ -156,60 +162,29 @@ struct Watching {
     stream: http::StreamHold,
 }
 
-impl Watching {
-    /// Runs the observer as a task of its own.
-    fn start<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
-        self,
-        shared: &Arc<Shared>,
-        io: S,
-        early: Vec<u8>,
-        slot: Option<accept::ConnSlot>,
-    ) {
-        let metrics = shared.metrics.clone();
-        shared.tasks.spawn(
-            async move {
-                let Watching { observing, hub, watch, stream } = self;
-                crate::session::observe::run(io, early, observing, hub, watch, &metrics).await;
-                // Counted under max_connections (and per address, or its HTTP/2 stream under
-                // max_streams_per_ip) for as long as it watched.
-                drop((slot, stream));
-            }
-            .in_current_span(),
-        );
-    }
-}
-
-/// A fan-out client accepted by the handler: its subscription, and what it holds.
+/// A fan-out client accepted by the handler: its subscription (with its session record), and
+/// what it holds.
 struct FanoutClient {
     task: crate::session::fanout::ClientTask,
-    registered: SessionGuard,
     subject_slots: Vec<SubjectSlot>,
     /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
     stream: http::StreamHold,
 }
 
-impl FanoutClient {
-    /// Runs the client as a task of its own; it writes the session's log line at its end.
-    fn start<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
-        self,
-        shared: &Arc<Shared>,
-        io: S,
-        early: Vec<u8>,
-        slot: Option<accept::ConnSlot>,
-    ) {
-        let metrics = shared.metrics.clone();
-        shared.tasks.spawn(
-            async move {
-                let started = Instant::now();
-                metrics.sessions_active.increment(1.0);
-                let FanoutClient { task, registered, subject_slots, stream } = self;
-                let cause = crate::session::fanout::run_client(io, early, task).await;
-                crate::session::close::record_end(&metrics, registered.entry(), started, &SessionEnd::of(cause));
-                drop((slot, subject_slots, stream));
-            }
-            .in_current_span(),
-        );
-    }
+/// Runs a session's task (`run` records its own end) as a task of its own, holding `hold` (its
+/// connection slot or HTTP/2 stream's hold, its subject slots) for as long as it runs.
+fn spawn_holding<F: std::future::Future<Output = ()> + Send + 'static>(
+    shared: &Arc<Shared>,
+    run: F,
+    hold: impl Send + 'static,
+) {
+    shared.tasks.spawn(
+        async move {
+            run.await;
+            drop(hold);
+        }
+        .in_current_span(),
+    );
 }
 
 /// A resume accepted by the handler: the claimed session, and what the new client brings.
@@ -875,16 +850,16 @@ async fn handle_upgrade(
         let key =
             (route.name.clone(), caps.get("agent").unwrap_or("").to_owned(), admitted.path_and_query.clone(), identity);
         let join = JoinFanout { key, settings, breq: &breq, state, caps: &caps };
-        let task = match join_fanout(ctx, runtime, &route, join, &registered, claims).await {
+        let task = match join_fanout(ctx, runtime, &route, join, registered, claims).await {
             Ok(t) => t,
             Err(e) => return reject(ctx, &route.name, e),
         };
         let protocol = task.stream.protocol.clone();
         let resp = own_answer(ctx, &req, &admitted, protocol.as_deref());
-        let _ = registered.entry().backend.set(task.stream.member.clone());
+        let _ = task.registered.entry().backend.set(task.stream.member.clone());
         ctx.shared.metrics.upgrade(&route.name, "ok");
         let on_upgrade = hyper::upgrade::on(&mut req);
-        hand_off(ctx, on_upgrade, Accepted::Fanout(FanoutClient { task, registered, subject_slots, stream }));
+        hand_off(ctx, on_upgrade, Accepted::Fanout(FanoutClient { task, subject_slots, stream }));
         return resp;
     }
     let backend = match connect::connect(&route, state, &caps, &breq, &ctx.shared.conns, &ctx.shared.metrics).await {
@@ -1021,7 +996,7 @@ async fn join_fanout(
     runtime: &Runtime,
     route: &Arc<RouteConfig>,
     j: JoinFanout<'_>,
-    registered: &SessionGuard,
+    registered: SessionGuard,
     claims: Option<&Claims>,
 ) -> Result<crate::session::fanout::ClientTask, RequestError> {
     let shared = &ctx.shared;
@@ -1065,6 +1040,7 @@ async fn join_fanout(
         lagged,
         settings: j.settings,
         control: registered.entry().control.clone(),
+        registered,
         expires_at: session_deadline(route, runtime, claims),
         session: route.session.clone(),
         drain_spread: runtime.config.server.drain_spread,

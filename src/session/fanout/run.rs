@@ -278,6 +278,8 @@ pub(crate) struct ClientTask {
     pub(crate) lagged: Arc<Lag>,
     pub(crate) settings: Arc<FanoutSettings>,
     pub(crate) control: Arc<SessionControl>,
+    /// The client's session record (removed from the registry when the client ends).
+    pub(crate) registered: crate::session::SessionGuard,
     pub(crate) expires_at: Option<Instant>,
     /// The route's `[session]`: the frame size limit and the client's timeouts.
     pub(crate) session: Arc<SessionSettings>,
@@ -311,13 +313,15 @@ fn ends_client(w: Written) -> Option<ClientEnd> {
     }
 }
 
-/// Serves one fan-out client until it leaves, falls behind, or its own deadline ends it.
-/// Returns why it ended.
-pub(crate) async fn run_client<S>(io: S, early: Vec<u8>, mut t: ClientTask) -> Cause
+/// Serves one fan-out client until it leaves, falls behind, or its own deadline ends it; its
+/// end is recorded as every session's is (`record_end`).
+pub(crate) async fn run_client<S>(io: S, early: Vec<u8>, mut t: ClientTask)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let route = t.stream.route.clone();
+    let started = std::time::Instant::now();
+    t.metrics.sessions_active.increment(1.0);
     t.metrics.fanout_subscriber(&route, 1.0);
     let (mut rd, mut wr) = tokio::io::split(io);
     let mut reader = Reader::new(Side::Client, limits(&t.session), &early, 256);
@@ -430,5 +434,6 @@ where
         .await;
     }
     t.metrics.fanout_subscriber(&route, -1.0);
-    cause
+    let end = crate::session::SessionEnd::of(cause);
+    crate::session::close::record_end(&t.metrics, t.registered.entry(), started, &end);
 }

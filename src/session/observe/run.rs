@@ -68,7 +68,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut observer: Observer,
     hub: Weak<Hub>,
     watch: Watch,
-    metrics: &crate::metrics::Metrics,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, own = watch.own.entry().id, "observer joined");
     crate::metrics::observers_active(&watch.route, 1.0);
@@ -169,7 +169,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     crate::metrics::observers_active(&watch.route, -1.0);
     crate::metrics::observer_closed(&watch.route, end);
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, reason = end, "observer left");
-    crate::session::close::record_end(metrics, watch.own.entry(), started, &crate::session::SessionEnd::of(cause));
+    crate::session::close::record_end(&metrics, watch.own.entry(), started, &crate::session::SessionEnd::of(cause));
 }
 
 /// The hub of `session`, when it is a live session of `route` for `agent` with observers.

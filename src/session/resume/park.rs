@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{Attach, Io};
-use crate::codec::{Event, PayloadTap, Side, Tracker, UNLIMITED};
+use crate::codec::{Event, Side, StopAtEnd, Tracker, UNLIMITED};
 
 /// Message boundaries of a byte stream, found as it is walked by the one frame tracker
 /// (`crate::codec`), which read these bytes once already, as the relay checked them.
@@ -43,18 +43,6 @@ impl Default for Boundaries {
 pub(super) struct Seen {
     pub(super) first: Option<usize>,
     pub(super) last: Option<usize>,
-}
-
-/// Stops the tracker where a message ends.
-struct MessageEnd(bool);
-
-impl PayloadTap for MessageEnd {
-    fn data(&mut self, _: &[u8], _: Option<[u8; 4]>) {}
-
-    fn frame_end(&mut self, ends_message: bool) -> bool {
-        self.0 = ends_message;
-        ends_message
-    }
 }
 
 impl Boundaries {
@@ -85,7 +73,7 @@ impl Boundaries {
         }
         let mut i = 0;
         while i < chunk.len() && !(stop_at_first && seen.first.is_some()) {
-            let mut end = MessageEnd(false);
+            let mut end = StopAtEnd { messages_only: true, hit: false };
             let (n, event) = self.tracker.feed_with(&chunk[i..], &mut end);
             i += n;
             match event {
@@ -96,7 +84,7 @@ impl Boundaries {
                         note(i, &mut seen);
                     }
                 }
-                None if end.0 => note(i, &mut seen),
+                None if end.hit => note(i, &mut seen),
                 None => {}
                 // Bytes the relay checked cannot break a rule. Were they to, no later offset
                 // is a boundary: the session is not resumed into the middle of something.
