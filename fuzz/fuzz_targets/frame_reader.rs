@@ -13,15 +13,8 @@
 use libfuzzer_sys::fuzz_target;
 use portcullis::codec::{Event, FrameLimits, ReadError, Reader, Side, Tracker};
 
-const SIZES: [u64; 4] = [0, 125, 4096, u64::MAX];
-
-fn limits(byte: u8) -> FrameLimits {
-    FrameLimits {
-        max_frame_size: SIZES[(byte & 3) as usize],
-        max_message_size: SIZES[((byte >> 2) & 3) as usize],
-        allowed_rsv: byte & 0x70,
-    }
-}
+mod frame_limits;
+use frame_limits::limits;
 
 /// The frames read (their bytes) and whether a violation ended the stream.
 fn read(sender: Side, limits: FrameLimits, chunks: &[&[u8]]) -> (Vec<Vec<u8>>, bool) {

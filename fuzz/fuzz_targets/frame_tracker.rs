@@ -16,15 +16,8 @@
 use libfuzzer_sys::fuzz_target;
 use portcullis::codec::{Event, FrameLimits, Side, Tracker};
 
-const SIZES: [u64; 4] = [0, 125, 4096, u64::MAX];
-
-fn limits(byte: u8) -> FrameLimits {
-    FrameLimits {
-        max_frame_size: SIZES[(byte & 3) as usize],
-        max_message_size: SIZES[((byte >> 2) & 3) as usize],
-        allowed_rsv: byte & 0x70,
-    }
-}
+mod frame_limits;
+use frame_limits::limits;
 
 /// What the tracker reported: the event, the absolute offset where consumption stopped, and for
 /// control frames the payload and wire length.
@@ -85,7 +78,7 @@ fn run(sender: Side, limits: FrameLimits, data: &[u8], mut chunker: Option<Chunk
                     });
                 }
                 Some(event @ Event::Violation(v)) => {
-                    assert!(matches!(portcullis::proxy::relay::close::violation_code(v), 1002 | 1009));
+                    assert!(matches!(portcullis::session::close::violation_code(v), 1002 | 1009));
                     seen.push(Seen { event, end: offset + pos, payload: Vec::new(), frame_len: 0 });
                     // Stop feeding after a violation, as the relay does.
                     return seen;
