@@ -26,6 +26,7 @@ use tokio::time::Sleep;
 use crate::metrics::{Direction, Metrics};
 use crate::outbound::BoxError;
 use crate::routing::sticky::ConnGuard;
+use crate::session::clock::{Clock, Due};
 use crate::session::{SessionGuard, StopReason};
 
 /// Why a body was cut.
@@ -335,13 +336,18 @@ impl Governance {
     ) -> Governance {
         let control = session.entry().control.clone();
         let stop = Box::pin(async move {
-            let at = |deadline: Option<tokio::time::Instant>| async move {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
+            // The session's clock: the token's expiry and the lifetime (a streamed response has
+            // no idle timeout and no pings of the proxy's).
+            let clock = Clock::with(lifetime.unwrap_or(Duration::ZERO), Duration::ZERO, expires_at);
+            let deadline = async {
+                loop {
+                    let Some(at) = clock.next() else { return std::future::pending().await };
+                    tokio::time::sleep_until(at).await;
+                    if let Some(due) = clock.due(tokio::time::Instant::now()) {
+                        return due;
+                    }
                 }
             };
-            let lifetime_end = lifetime.map(|l| tokio::time::Instant::now() + l);
             tokio::select! {
                 reason = control.wait_spread(drain_spread) => match reason {
                     StopReason::Drain => "drain",
@@ -349,8 +355,12 @@ impl Governance {
                     StopReason::RouteRemoved => "route_removed",
                     StopReason::Rebalance => "rebalance",
                 },
-                _ = at(expires_at) => "token_expired",
-                _ = at(lifetime_end) => "lifetime",
+                due = deadline => match due {
+                    Due::Expired => "token_expired",
+                    Due::Lifetime => "lifetime",
+                    Due::Drain => "drain",
+                    Due::Idle => "idle",
+                },
             }
         });
         Governance { stop, session, slots: Vec::new(), cut }

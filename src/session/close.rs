@@ -148,6 +148,19 @@ impl From<crate::session::StopReason> for Cause {
     }
 }
 
+impl From<crate::session::clock::Due> for Cause {
+    /// A deadline of the session's clock.
+    fn from(d: crate::session::clock::Due) -> Cause {
+        use crate::session::clock::Due;
+        match d {
+            Due::Expired => Cause::TokenExpired,
+            Due::Drain => Cause::Drain,
+            Due::Lifetime => Cause::Lifetime,
+            Due::Idle => Cause::IdleTimeout,
+        }
+    }
+}
+
 /// What the proxy does for a [`Cause`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {

@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
+pub mod clock;
 pub mod close;
 pub mod fanout;
 pub mod observe;

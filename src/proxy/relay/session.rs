@@ -14,6 +14,7 @@ use super::{FinishStream, RelayParams};
 use crate::codec::{opcode, FrameLimits};
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
+use crate::session::clock::Clock;
 use crate::session::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
 use crate::session::{Initiator, SessionControl, SessionEnd, Side, StopReason};
 
@@ -91,13 +92,11 @@ pub(super) struct Session<C, B> {
     stop_seen: bool,
     timer: Pin<Box<Sleep>>,
     started: Instant,
-    last_data: Instant,
+    /// The session's deadlines (token expiry, drain, lifetime, idle): the one clock every
+    /// session kind keeps. Pings are per peer ([`Peer`]), their payloads matched to pongs.
+    clock: Clock,
     /// When the close handshake must be over.
     close_deadline: Option<Instant>,
-    /// When a drain close notice is due.
-    drain_at: Option<Instant>,
-    /// When the client's token expires.
-    expires_at: Option<Instant>,
     /// Why the session is ending, once it is.
     outcome: Option<Cause>,
     /// The close owed to a side that broke the protocol, sent once the other side is done.
@@ -155,10 +154,8 @@ where
             stop_seen: false,
             timer: Box::pin(tokio::time::sleep_until(now)),
             started: now,
-            last_data: now,
+            clock: Clock::new(&p.settings, p.expires_at),
             close_deadline: None,
-            drain_at: None,
-            expires_at: p.expires_at,
             outcome: None,
             deferred_close: None,
             bytes_reported: [0, 0],
@@ -285,7 +282,7 @@ where
                 self.peers[i].last_rx = Some(now);
             }
             if data > 0 || mid_data {
-                self.last_data = now;
+                self.clock.data(now);
             }
         }
     }
@@ -398,7 +395,7 @@ where
     fn on_stop(&mut self, reason: StopReason) {
         match reason {
             StopReason::Drain => {
-                self.drain_at = Some(Instant::now() + crate::session::drain_delay(self.drain_spread));
+                self.clock.drain(self.drain_spread);
                 self.rearm();
             }
             StopReason::Revoked => self.end_with(Cause::Revoked),
@@ -488,17 +485,8 @@ where
         if self.resume.as_ref().and_then(|r| r.parked_until).is_some_and(|d| now >= d) {
             return self.expire_parked(false);
         }
-        if self.expires_at.is_some_and(|d| now >= d) {
-            return self.end_with(Cause::TokenExpired);
-        }
-        if self.drain_at.is_some_and(|d| now >= d) {
-            return self.end_with(Cause::Drain);
-        }
-        if !s.max_lifetime.is_zero() && now >= self.started + s.max_lifetime {
-            return self.end_with(Cause::Lifetime);
-        }
-        if !s.idle_timeout.is_zero() && now >= self.last_data + s.idle_timeout {
-            return self.end_with(Cause::IdleTimeout);
+        if let Some(due) = self.clock.due(now) {
+            return self.end_with(Cause::from(due));
         }
         if s.ping_interval.is_zero() {
             return;
@@ -544,17 +532,8 @@ where
         if let Some(d) = self.close_deadline {
             consider(d);
         } else {
-            if let Some(d) = self.drain_at {
+            if let Some(d) = self.clock.next() {
                 consider(d);
-            }
-            if let Some(d) = self.expires_at {
-                consider(d);
-            }
-            if !s.max_lifetime.is_zero() {
-                consider(self.started + s.max_lifetime);
-            }
-            if !s.idle_timeout.is_zero() {
-                consider(self.last_data + s.idle_timeout);
             }
             if let Some(d) = self.resume.as_ref().and_then(|r| r.parked_until) {
                 consider(d);
@@ -629,7 +608,7 @@ where
         self.metrics.resume_resumed(&r.reg.held.route, true);
         tracing::info!(route = r.reg.held.route, "client resumed its session");
         self.peers[Side::Client.idx()] = Peer { last_rx: Some(Instant::now()), ..Peer::default() };
-        self.expires_at = expires_at;
+        self.clock.renew(expires_at);
         self.rearm();
     }
 

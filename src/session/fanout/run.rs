@@ -20,6 +20,7 @@ use super::{Command, End, Fanouts, Key, Stream, Subscriber};
 use crate::codec::{self as frame, opcode, FrameLimits, ReadError, Reader, Side};
 use crate::config::{FanoutSettings, SessionSettings};
 use crate::metrics::Metrics;
+use crate::session::clock::{Clock, Ping, PingDue};
 use crate::session::close::{Cause, CloseFrame, Refusal, NO_CLIENTS, REPLY_TO_CLOSE};
 use crate::session::subscriber::{write_flushed, write_unless_dropped, Lag, Written, CLOSE_TIMEOUT};
 use crate::session::SessionControl;
@@ -183,91 +184,11 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
     tracing::info!(route, backend = t.stream.member, end = ?end, "fan-out stream ended");
 }
 
-/// A fan-out client's deadlines, as a relayed session has them (`[session]` of its route): the
-/// token's expiry, `max_lifetime`, `idle_timeout` (no event to it and no data from it) and the
-/// proxy's pings (`ping_interval`, answered within `ping_timeout`).
-struct Clock {
-    expires_at: Option<Instant>,
-    lifetime_at: Option<Instant>,
-    idle: Duration,
-    last_data: Instant,
-    ping_interval: Duration,
-    ping_timeout: Duration,
-    next_ping: Instant,
-    awaiting_pong: Option<Instant>,
-}
-
-/// What a [`Clock`] says is due.
-#[derive(Debug, PartialEq, Eq)]
-enum Due {
-    Nothing,
-    Ping,
-    PingTimeout,
-    Idle,
-    Lifetime,
-    Expired,
-}
-
-impl Clock {
-    fn new(s: &SessionSettings, expires_at: Option<Instant>) -> Clock {
-        let now = Instant::now();
-        Clock {
-            expires_at,
-            lifetime_at: (!s.max_lifetime.is_zero()).then(|| now + s.max_lifetime),
-            idle: s.idle_timeout,
-            last_data: now,
-            ping_interval: s.ping_interval,
-            ping_timeout: s.ping_timeout,
-            next_ping: now + s.ping_interval,
-            awaiting_pong: None,
-        }
-    }
-
-    /// A data frame went to the client or came from it.
-    fn data(&mut self) {
-        self.last_data = Instant::now();
-    }
-
-    fn pong(&mut self) {
-        self.awaiting_pong = None;
-    }
-
-    /// The earliest instant something may be due.
-    fn next(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-        let pings = (!self.ping_interval.is_zero()).then(|| match self.awaiting_pong {
-            Some(sent) => sent + self.ping_timeout,
-            None => self.next_ping,
-        });
-        let idle = (!self.idle.is_zero()).then(|| self.last_data + self.idle);
-        [self.expires_at, self.lifetime_at, idle, pings].into_iter().flatten().min().unwrap_or(far)
-    }
-
-    /// What is due at `now` (a ping due is marked sent).
-    fn due(&mut self, now: Instant) -> Due {
-        if self.expires_at.is_some_and(|at| now >= at) {
-            return Due::Expired;
-        }
-        if self.lifetime_at.is_some_and(|at| now >= at) {
-            return Due::Lifetime;
-        }
-        if !self.idle.is_zero() && now >= self.last_data + self.idle {
-            return Due::Idle;
-        }
-        if self.ping_interval.is_zero() {
-            return Due::Nothing;
-        }
-        match self.awaiting_pong {
-            Some(sent) if now >= sent + self.ping_timeout => Due::PingTimeout,
-            Some(_) => Due::Nothing,
-            None if now >= self.next_ping => {
-                self.awaiting_pong = Some(now);
-                self.next_ping = now + self.ping_interval;
-                Due::Ping
-            }
-            None => Due::Nothing,
-        }
-    }
+/// When a fan-out client's timer fires next: its deadlines (the session's [`Clock`]: token
+/// expiry, `max_lifetime`, `idle_timeout`) or its ping's, or far ahead when none is set.
+fn next_due(clock: &Clock, ping: &Ping) -> Instant {
+    let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    [clock.next(), ping.next()].into_iter().flatten().min().unwrap_or_else(far)
 }
 
 /// What a client's task needs.
@@ -326,7 +247,8 @@ where
     let (mut rd, mut wr) = tokio::io::split(io);
     let mut reader = Reader::new(Side::Client, limits(&t.session), &early, 256);
     let mut clock = Clock::new(&t.session, t.expires_at);
-    let timer = tokio::time::sleep_until(clock.next());
+    let mut ping = Ping::new(&t.session);
+    let timer = tokio::time::sleep_until(next_due(&clock, &ping));
     tokio::pin!(timer);
     let control = t.control.clone();
     let stopped = control.wait_spread(t.drain_spread);
@@ -347,7 +269,7 @@ where
                     if let Some(end) = ends_client(w) {
                         break end;
                     }
-                    clock.data();
+                    clock.data(Instant::now());
                 }
                 None if t.lagged.is_raised() => break SLOW,
                 None => match t.stream.ended() {
@@ -371,8 +293,9 @@ where
                         }
                     }
                     opcode::PONG => {
-                        clock.pong();
-                        timer.as_mut().reset(clock.next());
+                        ping.answered();
+                        ping.heard(Instant::now());
+                        timer.as_mut().reset(next_due(&clock, &ping));
                     }
                     opcode::CLOSE => {
                         let code = f.payload().first_chunk::<2>().map(|c| u16::from_be_bytes(*c));
@@ -383,7 +306,7 @@ where
                         break (Cause::Refused(Refusal::Fragmented), true);
                     }
                     _ if t.settings.forward_client_data => {
-                        clock.data();
+                        clock.data(Instant::now());
                         if t.stream.data.send(f.bytes).await.is_err() {
                             break (Cause::SourceEnded { observer: false }, true);
                         }
@@ -395,25 +318,28 @@ where
                 }
             }
             r = &mut stopped => break (Cause::from(r), true),
-            () = &mut timer => match clock.due(Instant::now()) {
-                Due::Nothing => timer.as_mut().reset(clock.next()),
-                Due::Ping => {
-                    timer.as_mut().reset(clock.next());
-                    let mut ping = Vec::new();
-                    frame::encode(true, 0, opcode::PING, None, b"portcullis", &mut ping);
-                    let w = write_unless_dropped(write_flushed(&mut wr, &ping), &t.lagged, t.settings.drop_grace).await;
-                    if let Some(end) = ends_client(w) {
-                        break end;
+            () = &mut timer => {
+                let now = Instant::now();
+                if let Some(due) = clock.due(now) {
+                    break (Cause::from(due), true);
+                }
+                match ping.due(now) {
+                    None => timer.as_mut().reset(next_due(&clock, &ping)),
+                    Some(PingDue::Send) => {
+                        timer.as_mut().reset(next_due(&clock, &ping));
+                        let mut frame = Vec::new();
+                        frame::encode(true, 0, opcode::PING, None, b"portcullis", &mut frame);
+                        let w = write_unless_dropped(write_flushed(&mut wr, &frame), &t.lagged, t.settings.drop_grace).await;
+                        if let Some(end) = ends_client(w) {
+                            break end;
+                        }
+                    }
+                    Some(PingDue::TimedOut) => {
+                        t.metrics.ping_timeout();
+                        break (Cause::PingTimeout, true);
                     }
                 }
-                Due::PingTimeout => {
-                    t.metrics.ping_timeout();
-                    break (Cause::PingTimeout, true);
-                }
-                Due::Idle => break (Cause::IdleTimeout, true),
-                Due::Lifetime => break (Cause::Lifetime, true),
-                Due::Expired => break (Cause::TokenExpired, true),
-            },
+            }
         }
     };
     let close = match cause {
