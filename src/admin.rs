@@ -273,7 +273,7 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                 .list()
                 .iter()
                 .map(|e| {
-                    json!({
+                    let mut entry = json!({
                         "id": e.id,
                         "route": e.route,
                         "agent": e.agent,
@@ -281,15 +281,21 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                         "issuer": e.issuer,
                         "client": e.client.to_string(),
                         "http": e.http,
-                        "observers": e.observers.as_ref().map(|h| h.observers()),
-                        "resume": e.resume.as_ref().map(|h| h.state().as_str()),
+                        // Every feature's key is there (null when not attached).
+                        "observers": null,
+                        "resume": null,
                         "kind": e.kind.as_str(),
                         "backend": e.backend.get(),
                         "age_seconds": now.duration_since(e.started).map(|d| d.as_secs_f64()).unwrap_or(0.0),
                         "token_expires_at": e.token_exp,
                         "bytes_from_client": e.control.bytes.from_client.load(Ordering::Relaxed),
                         "bytes_from_backend": e.control.bytes.from_backend.load(Ordering::Relaxed),
-                    })
+                    });
+                    for a in &e.attached {
+                        let (key, value) = a.shown();
+                        entry[key] = value;
+                    }
+                    entry
                 })
                 .collect();
             json_response(StatusCode::OK, &json!({ "sessions": list }))
@@ -492,7 +498,7 @@ fn revoke(shared: &Shared, selector: &Selector) -> usize {
                         auth.deny_jti(j, e.issuer.as_deref(), e.token_exp);
                     }
                     // And the token that resumed it last, if another.
-                    if let Some(j) = e.resume.as_ref().and_then(|h| h.resumed_jti()) {
+                    for j in e.attached.iter().filter_map(|a| a.revoking_jti()) {
                         auth.deny_jti(&j, e.issuer.as_deref(), None);
                     }
                 }

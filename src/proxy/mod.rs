@@ -494,12 +494,14 @@ fn session_entry(
         backend: OnceLock::new(),
         started: SystemTime::now(),
         control: SessionControl::new(),
-        observers: route
+        // A WebSocket session of a route with `[routes.observe]` has an observer hub.
+        attached: route
             .observe
             .as_ref()
             .filter(|_| kind == SessionKind::WebSocket)
-            .map(|o| crate::session::observe::Hub::new(o.clone())),
-        resume: None,
+            .map(|o| crate::session::observe::Hub::new(o.clone()) as Arc<dyn crate::session::Attachment>)
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -840,7 +842,9 @@ async fn handle_upgrade(
     // timeouts can add up to seconds) finds the session and stops it.
     let claims = admitted.claims.as_deref();
     let mut entry = session_entry(ctx, SessionKind::WebSocket, &route, &caps, claims);
-    entry.resume = registration.as_ref().map(|r| r.held.clone());
+    if let Some(r) = &registration {
+        entry.attached.push(r.held.clone());
+    }
     let registered = ctx.shared.sessions.register(entry);
     if let Some(settings) = route.fanout.clone() {
         // One stream per subject (of one issuer): another subject never reads output produced
@@ -1220,7 +1224,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
         metrics: shared.metrics.clone(),
         expires_at,
         recording,
-        observers: registered.entry().observers.clone(),
+        observers: registered.entry().attachment::<crate::session::observe::Hub>(),
         resume: None,
     };
     let started = Instant::now();

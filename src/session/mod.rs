@@ -236,11 +236,32 @@ pub struct SessionEntry {
     pub started: std::time::SystemTime,
     /// Stop handle and live byte counters.
     pub control: Arc<SessionControl>,
-    /// Its live observers, on a WebSocket session of a route with `[routes.observe]`.
-    pub observers: Option<Arc<crate::session::observe::Hub>>,
-    /// Its resume record, under the resume id the proxy issued it, on a WebSocket session of a
-    /// route with `[routes.resume]`.
-    pub resume: Option<Arc<crate::session::resume::Held>>,
+    /// What features attached to it (its observer hub, its resume record): the one way a
+    /// feature reaches the record, which has no field of any feature's.
+    pub attached: Vec<Arc<dyn Attachment>>,
+}
+
+impl SessionEntry {
+    /// The feature state of type `T` attached to the session, if any.
+    pub fn attachment<T: Attachment>(&self) -> Option<Arc<T>> {
+        self.attached.iter().find_map(|a| a.clone().into_any().downcast::<T>().ok())
+    }
+}
+
+/// What a feature attaches to a session's record ([`SessionEntry::attached`]): what
+/// `/sessions` shows of it, and what revocation must know of it.
+pub trait Attachment: std::fmt::Debug + Send + Sync + 'static {
+    /// Its key in the session's `/sessions` entry, and the value there.
+    fn shown(&self) -> (&'static str, serde_json::Value);
+
+    /// A token id, besides the one the session was opened with, whose revocation closes the
+    /// session (the token that resumed it).
+    fn revoking_jti(&self) -> Option<String> {
+        None
+    }
+
+    /// For [`SessionEntry::attachment`].
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }
 
 /// Which sessions to revoke.
@@ -351,7 +372,7 @@ impl Sessions {
                 Selector::Agent(a) => e.agent.as_deref() == Some(a.as_str()),
                 Selector::Jti { jti, issuer } => {
                     (e.jti.as_deref() == Some(jti.as_str())
-                        || e.resume.as_ref().is_some_and(|h| h.resumed_jti().as_deref() == Some(jti.as_str())))
+                        || e.attached.iter().any(|a| a.revoking_jti().as_deref() == Some(jti.as_str())))
                         && issuer.as_ref().is_none_or(|iss| e.issuer.as_deref() == Some(iss.as_str()))
                 }
             })
@@ -432,8 +453,7 @@ mod tests {
             backend: std::sync::OnceLock::new(),
             started: std::time::SystemTime::now(),
             control: SessionControl::new(),
-            observers: None,
-            resume: None,
+            attached: Vec::new(),
         }
     }
 

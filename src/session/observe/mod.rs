@@ -22,6 +22,16 @@ mod run;
 use crate::session::subscriber::Lag;
 pub use run::{hub_of, requested, run, Watch};
 
+impl crate::session::Attachment for Hub {
+    fn shown(&self) -> (&'static str, serde_json::Value) {
+        ("observers", self.observers().into())
+    }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+}
+
 /// The observers of one session, and the output they start with.
 #[derive(Debug)]
 pub struct Hub {

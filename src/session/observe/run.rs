@@ -176,6 +176,6 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 pub fn hub_of(sessions: &crate::session::Sessions, session: u64, route: &str, agent: Option<&str>) -> Option<Arc<Hub>> {
     let entry = sessions.get(session)?;
     (entry.route == route && entry.agent.as_deref() == agent && entry.control.stopped().is_none())
-        .then(|| entry.observers.clone())
+        .then(|| entry.attachment::<Hub>())
         .flatten()
 }

@@ -27,6 +27,20 @@ use tokio::time::Instant;
 mod park;
 pub use park::Parkable;
 
+impl crate::session::Attachment for Held {
+    fn shown(&self) -> (&'static str, serde_json::Value) {
+        ("resume", self.state().as_str().into())
+    }
+
+    fn revoking_jti(&self) -> Option<String> {
+        self.resumed_jti()
+    }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+}
+
 /// A client stream of any kind (TCP, TLS, an HTTP/2 stream), boxed.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
