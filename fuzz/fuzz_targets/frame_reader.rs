@@ -4,8 +4,8 @@
 //! Input layout: `[limits, seed, data...]`, as `frame_tracker`.
 //!
 //! Checked for both senders: no panic; the frames handed out are the input's bytes, in order,
-//! with nothing skipped or repeated; each is one whole frame (a fresh tracker consumes exactly
-//! it); a data frame's payload is within the frame limit and a control frame's within 125
+//! with nothing skipped or repeated; each is one whole frame (a tracker fed the frames handed
+//! out consumes exactly each, one at a time); a data frame's payload is within the frame limit and a control frame's within 125
 //! bytes; nothing is handed out after a violation; and what comes out does not depend on how
 //! the bytes were chunked.
 #![no_main]
@@ -19,13 +19,17 @@ use frame_limits::limits;
 /// The frames read (their bytes) and whether a violation ended the stream.
 fn read(sender: Side, limits: FrameLimits, chunks: &[&[u8]]) -> (Vec<Vec<u8>>, bool) {
     let mut r = Reader::new(sender, limits, &[], 64);
+    // The frames handed out, fed again in order to a tracker of their own: each is exactly one
+    // frame (a continuation is valid only after its message's first fragment, hence one
+    // tracker for the whole stream).
+    let mut replay = Tracker::new(sender, limits);
     let mut frames = Vec::new();
     for chunk in chunks {
         r.extend(chunk);
         loop {
             match r.parse() {
                 Ok(Some(f)) => {
-                    let mut t = Tracker::new(sender, limits);
+                    let t = &mut replay;
                     let (n, ev) = t.feed(&f.bytes);
                     assert_eq!(n, f.bytes.len(), "a frame handed out is one whole frame");
                     assert!(matches!(ev, None | Some(Event::Control(_))), "{ev:?}");
