@@ -8,10 +8,13 @@
 #       -v "$PWD/tls:/etc/portcullis/tls:ro" \
 #       portcullis
 #
-# The image ships config/portcullis.toml (the annotated reference) at
-# /etc/portcullis/portcullis.toml as an example; mount your own configuration and certificates
-# over it. `docker run --rm -v ... portcullis check-config /etc/portcullis/portcullis.toml` checks
-# one and every certificate and key it names (`--syntax-only`: the file alone).
+# With nothing mounted, the image starts: its default configuration (config/container.toml at
+# /etc/portcullis/portcullis.toml) listens on 8080 (plain), routes nothing (404 to everything)
+# and needs no file, so the container is healthy and says what to do next. The annotated
+# reference (config/portcullis.toml) ships at /etc/portcullis/reference.toml: start your own
+# from it, mount it over /etc/portcullis/portcullis.toml with your certificates and keys, and
+# check it first: `docker run --rm -v ... portcullis check-config /etc/portcullis/portcullis.toml`
+# (every certificate and key it names too; `--syntax-only`: the file alone).
 
 # ---- build ---------------------------------------------------------------------------------
 FROM rust:1.95-bookworm AS build
@@ -31,16 +34,18 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # shell, no package manager, no curl. The health check is the binary's own `health` command.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/portcullis /usr/local/bin/portcullis
-COPY config/portcullis.toml /etc/portcullis/portcullis.toml
+COPY config/container.toml /etc/portcullis/portcullis.toml
+COPY config/portcullis.toml /etc/portcullis/reference.toml
 # Numeric, so it needs no passwd entry; the Kubernetes manifests run as the same user.
 USER 10001:10001
 
-# 8443: client listener (wss://); 9090: admin (/metrics, /live, /ready, /sessions).
-# The reference config binds admin to 127.0.0.1:9090, which is enough for the HEALTHCHECK below
+# 8080: the default configuration's plain listener; 8443: the reference configuration's TLS
+# listener (wss://); 9090: admin (/metrics, /live, /ready, /sessions).
+# Both configurations bind admin to 127.0.0.1:9090, which is enough for the HEALTHCHECK below
 # (it runs inside the container). For Kubernetes probes (livenessProbe on /live, readinessProbe
 # on /ready) set `[admin] address = "0.0.0.0:9090"` in your config, with `admin.token_file`
 # for the session API, and keep the port off the public network.
-EXPOSE 8443 9090
+EXPOSE 8080 8443 9090
 
 # /live answers 200 while the process runs. /ready turns 503 during a drain, which is what a
 # load balancer should watch; it would mark a draining container unhealthy here, so not used.

@@ -295,6 +295,9 @@ fn init_logging(format: &str) {
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     tracing::info!(config = %path.display(), summary = %server::summary(&config), "configuration in force");
+    for w in config.warnings() {
+        tracing::warn!(config = %path.display(), "{w}");
+    }
     // Started by a running process's handover (SIGUSR2): take its sockets, once this
     // configuration has loaded (a refused one has already exited, and the old process serves on).
     let (bound, ready) = match std::env::var_os(portcullis::handover::ENV) {

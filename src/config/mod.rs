@@ -751,10 +751,18 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// What is valid but weak, one sentence each, for `check-config` to print: today, routes
-    /// that accept a token of any audience.
+    /// What is valid but weak, one sentence each, for `check-config` to print and `run` to log:
+    /// no route at all (the container image's default), routes that accept a token of any
+    /// audience.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.routes.is_empty() {
+            out.push(
+                "no routes: every request gets 404; write [[routes]] (see the annotated reference, \
+                 config/portcullis.toml, at /etc/portcullis/reference.toml in the image)"
+                    .to_owned(),
+            );
+        }
         for (i, r) in self.routes.iter().enumerate() {
             if r.auth.as_ref().is_some_and(|a| a.audiences.is_empty()) {
                 out.push(format!(

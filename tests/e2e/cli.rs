@@ -118,15 +118,16 @@ async fn worker_threads_sets_the_runtime_of_run() {
 #[tokio::test]
 async fn reuse_port_lets_two_processes_share_a_listener_and_the_kernel_spreads_sessions() {
     let backend = Backend::echo().await;
-    let port = free_port();
-    let config = |reuse: bool| {
+    let config = |port: u16, reuse: bool| {
         TestConfig::base(&[backend.addr.to_string()])
             .set("listeners.1.addresses", vec![toml::Value::from(format!("127.0.0.1:{port}"))])
             .set("listeners.1.reuse_port", reuse)
             .text()
     };
-    let a = ProxyProcess::start(&config(true)).await;
-    let b = ProxyProcess::start(&config(true)).await;
+    // The first process binds a port of the kernel's choosing; the second joins it.
+    let a = ProxyProcess::start(&config(0, true)).await;
+    let port = a.plain.port();
+    let b = ProxyProcess::start(&config(port, true)).await;
     assert_eq!((a.plain.port(), b.plain.port()), (port, port), "both bound the one port");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let mut clients = Vec::new();
@@ -143,7 +144,7 @@ async fn reuse_port_lets_two_processes_share_a_listener_and_the_kernel_spreads_s
     // Without reuse_port a third process cannot bind the port: it exits with an error.
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("portcullis.toml");
-    std::fs::write(&path, config(false)).expect("write");
+    std::fs::write(&path, config(port, false)).expect("write");
     let out = tokio::time::timeout(
         SOON,
         tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis")).args(["run", "--config"]).arg(&path).output(),
@@ -218,7 +219,8 @@ async fn health_exits_0_for_a_live_proxy_and_1_for_an_absent_one_or_a_wrong_path
     let out = health(format!("http://{}/ready", proxy.admin)).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Nothing listening: 1, saying why.
-    let out = health(format!("http://127.0.0.1:{}/live", free_port())).await;
+    let refusing = Refusing::new();
+    let out = health(format!("http://{}/live", refusing.addr)).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/live"), "{}", String::from_utf8_lossy(&out.stderr));
     // A path the admin listener does not serve: 404 is not healthy.
@@ -341,4 +343,60 @@ async fn connect_shows_the_proxys_reason_for_a_refusal_and_echoes_once_accepted(
     .expect("join");
     assert_eq!(echoed.0.trim(), "hello");
     assert!(echoed.1.success());
+}
+
+/// The container image starts with nothing mounted: its default configuration (what the
+/// Dockerfile copies to the path its CMD runs) passes `check-config` as shipped, reading no file,
+/// warns that it has no routes, and runs: `/live` answers and every request gets 404.
+#[tokio::test]
+async fn the_container_images_default_configuration_starts_with_nothing_mounted() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dockerfile = std::fs::read_to_string(format!("{root}/Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains(r#"CMD ["run", "--config", "/etc/portcullis/portcullis.toml"]"#),
+        "the image runs /etc/portcullis/portcullis.toml"
+    );
+    let shipped = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("COPY ")?.strip_suffix(" /etc/portcullis/portcullis.toml"))
+        .expect("the Dockerfile copies a configuration to /etc/portcullis/portcullis.toml");
+    let path = format!("{root}/{shipped}");
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis")).arg("check-config").arg(&path).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the image's default configuration is refused: {stderr}");
+    assert!(stderr.contains("no routes"), "it says it routes nothing: {stderr}");
+    // Run as shipped, but on port 0: the container's fixed ports are not free here.
+    let text = std::fs::read_to_string(&path).expect("read");
+    let text = text.replace("0.0.0.0:8080", "127.0.0.1:0").replace("127.0.0.1:9090", "127.0.0.1:0");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(&config, text).expect("write");
+    let log = dir.path().join("log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "portcullis=info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let addr = |logged: &str, what: &str| -> Option<std::net::SocketAddr> {
+        let line = logged.lines().find(|l| l.contains(what))?;
+        line.split_whitespace().find_map(|w| w.strip_prefix("addr="))?.trim_matches('"').parse().ok()
+    };
+    let (listener, admin) = eventually("the default configuration's listeners are up", async || {
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        Some((addr(&logged, " listening ")?, addr(&logged, "admin listening")?))
+    })
+    .await;
+    let (status, _) = http_get(admin, "/live").await;
+    assert_eq!(status, 200);
+    let (status, _) = http_get(listener, "/agents/a1/terminal").await;
+    assert_eq!(status, 404, "no route: 404");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("no routes"), "run logs the warning too: {logged}");
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -25,15 +25,21 @@ impl Drop for DemoAgent {
 
 pub(crate) async fn demo_agent() -> DemoAgent {
     let dir = tempfile::tempdir().expect("tempdir");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    // Port 0: the agent binds a port of the kernel's choosing and names it on stderr.
+    let log = dir.path().join("agent.log");
     let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["demo", "--backend-only", "--no-npm", "--shell", "/bin/sh", "--backend", &addr.to_string(), "--dir"])
+        .args(["demo", "--backend-only", "--no-npm", "--shell", "/bin/sh", "--backend", "127.0.0.1:0", "--dir"])
         .arg(dir.path())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("spawn the demo agent");
-    eventually("the demo agent listens", async || tokio::net::TcpStream::connect(addr).await.ok()).await;
+    let addr: std::net::SocketAddr = eventually("the demo agent names its address", async || {
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        let rest = logged.split("listening on http://").nth(1)?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+    .await;
     DemoAgent { child, addr, _dir: dir }
 }
 

@@ -192,7 +192,8 @@ async fn backend_connect_timeout_is_504() {
 
 #[tokio::test]
 async fn no_reachable_member_is_503_after_trying_each_member() {
-    let dead = [free_port(), free_port()].map(|p| format!("127.0.0.1:{p}"));
+    let refusing = [Refusing::new(), Refusing::new()];
+    let dead = refusing.each_ref().map(|r| r.addr.to_string());
     let proxy = Proxy::start_with(&config_text(&dead, "", "", "")).await;
     let err = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.err().expect("not 101");
     assert_eq!(err.status, 503);
@@ -201,7 +202,8 @@ async fn no_reachable_member_is_503_after_trying_each_member() {
 #[tokio::test]
 async fn refused_member_is_skipped_for_the_next_one() {
     let backend = Backend::echo().await;
-    let members = [format!("127.0.0.1:{}", free_port()), backend.addr.to_string()];
+    let refusing = Refusing::new();
+    let members = [refusing.addr.to_string(), backend.addr.to_string()];
     let proxy = Proxy::start_with(&config_text(&members, "", "", "")).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101 from second member");
     c.send(true, op::TEXT, b"hi").await;

@@ -221,7 +221,8 @@ async fn purging_an_agent_forces_a_fresh_registry_lookup() {
 
 #[tokio::test]
 async fn active_checks_eject_a_dead_member_before_any_client_hits_it() {
-    let dead = format!("127.0.0.1:{}", free_port());
+    let refusing = Refusing::new();
+    let dead = refusing.addr.to_string();
     let good = Backend::echo().await;
     let text = TestConfig::base(&[dead.clone(), good.addr.to_string()])
         .merge("routes.0.health", "active_interval = \"100ms\"\neject_base = \"5s\"")
@@ -277,7 +278,8 @@ async fn weight_zero_member_is_never_chosen() {
 
 #[tokio::test]
 async fn member_refusing_connections_is_ejected_after_its_first_failure() {
-    let refused = format!("127.0.0.1:{}", free_port());
+    let refusing = Refusing::new();
+    let refused = refusing.addr.to_string();
     let good = Backend::echo().await;
     let proxy = Proxy::start_with(&config_text(&[refused.clone(), good.addr.to_string()], "", "", "")).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("the client sees no error");

@@ -24,9 +24,23 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// A port no one listens on (for members that refuse connections): bound, then released.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+/// An address that refuses connections for as long as it lives (a member that is down, a
+/// health URL with nothing behind it): a socket bound to a port of its own and never listening,
+/// so a connection gets a reset and no one else can take the port meanwhile. (Not a port bound,
+/// released and hoped to stay free.)
+pub struct Refusing {
+    _socket: tokio::net::TcpSocket,
+    /// The address.
+    pub addr: SocketAddr,
+}
+
+impl Refusing {
+    pub fn new() -> Refusing {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        Refusing { _socket: socket, addr }
+    }
 }
 
 impl ProxyProcess {
