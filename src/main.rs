@@ -87,9 +87,19 @@ enum Command {
     Connect {
         /// ws:// or wss:// URL.
         url: String,
-        /// PEM file of the CA (or self-signed certificate) to trust for wss://.
+        /// PEM file of the CA (or self-signed certificate) to trust for wss://. A server
+        /// certificate that is itself in the file is trusted as such (as curl does), even a
+        /// CA:TRUE one from `openssl req -x509`; its names must still match the URL's host.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// Trust the operating system's root certificates too (for a proxy with a public
+        /// certificate).
+        #[arg(long)]
+        system_roots: bool,
+        /// What ends each line sent: `auto` sends a carriage return (Enter) on a URL whose path
+        /// ends in /terminal, nothing otherwise.
+        #[arg(long, value_enum, default_value = "auto")]
+        eol: client::Eol,
         /// Extra request header, `Name: value` (repeatable).
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
@@ -211,7 +221,10 @@ fn main() -> ExitCode {
         Command::Token { command: TokenCommand::Mint { key, secret_env, alg, sub, claims, ttl, kid, iss, aud } } => {
             report(mint(key.as_deref(), secret_env.as_deref(), &alg, sub, &claims, ttl, kid.as_deref(), iss, aud))
         }
-        Command::Connect { url, ca, headers } => report(runtime.block_on(client::run(&url, ca.as_deref(), &headers))),
+        Command::Connect { url, ca, system_roots, eol, headers } => {
+            let trust = client::Trust { ca: ca.as_deref(), system_roots };
+            report(runtime.block_on(client::run(&url, trust, eol, &headers)))
+        }
         Command::Health { url, timeout_ms } => report(runtime.block_on(health(&url, timeout_ms))),
     }
 }

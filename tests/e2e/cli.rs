@@ -343,6 +343,63 @@ async fn connect_shows_the_proxys_reason_for_a_refusal_and_echoes_once_accepted(
     .expect("join");
     assert_eq!(echoed.0.trim(), "hello");
     assert!(echoed.1.success());
+    // On a terminal route the line ends with Enter (CR), so a shell runs it.
+    backend.log.wait_for("the line with its carriage return", |f| f.payload == b"hello\r").await;
+}
+
+/// `connect --ca` with the certificate `openssl req -x509` makes (self-signed, CA:TRUE): curl
+/// accepts it, WebPKI alone refuses it as an end entity (`CaUsedAsEndEntity`). `connect`
+/// trusts a server certificate that is itself in the file, when its names cover the host.
+#[tokio::test]
+async fn connect_trusts_a_self_signed_ca_certificate_given_with_ca_for_its_own_name() {
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).expect("cert");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).expect("write");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write");
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .set("tls.cert", cert_path.display().to_string())
+        .set("tls.key", key_path.display().to_string())
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let connect = |host: &str, ca: &std::path::Path| {
+        let url = format!("wss://{host}:{}/agents/a1/terminal", proxy.tls.port());
+        let ca = ca.to_owned();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                .args(["connect", &url, "--ca"])
+                .arg(&ca)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn connect");
+            child.stdin.take().expect("stdin").write_all(b"over tls\n").expect("write");
+            child.wait_with_output().expect("connect ends")
+        })
+    };
+    let out = connect("localhost", &cert_path).await.expect("join");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("connected"), "{}", String::from_utf8_lossy(&out.stderr));
+    backend.log.wait_for("the line over TLS", |f| f.payload == b"over tls\r").await;
+    // The name still has to match: the same certificate does not vouch for 127.0.0.1.
+    let out = connect("127.0.0.1", &cert_path).await.expect("join");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tls handshake failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another certificate in the file: refused.
+    let other = dir.path().join("other.pem");
+    std::fs::write(&other, std::fs::read(&certs().cert).expect("read")).expect("write");
+    let out = connect("localhost", &other).await.expect("join");
+    assert!(!out.status.success(), "a certificate the file does not hold is refused");
 }
 
 /// The container image starts with nothing mounted: its default configuration (what the
