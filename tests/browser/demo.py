@@ -414,6 +414,100 @@ def main():
 
         check("after the window, a reconnect gets a new shell and the notice", fresh_after_the_window)
 
+        def admin_call(method, path, body=None):
+            data = json.dumps(body).encode() if body is not None else None
+            req = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.read().decode()
+
+        def terminal_session():
+            _, body = admin_call("GET", "/sessions")
+            live = [x for x in json.loads(body)["sessions"] if x["route"] == "terminal" and x["kind"] == "websocket"]
+            return live[-1]["id"] if live else None
+
+        def real_click(css):
+            # A real pointer: moved to the element's centre, pressed and released there. Whatever
+            # lies on top at that point gets the click, as with a person's mouse.
+            element = {"element-6066-11e4-a52e-4f735466cecf": wd.find(css)}
+            wd.s("POST", "/actions", {"actions": [{
+                "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+                "actions": [{"type": "pointerMove", "origin": element, "x": 0, "y": 0},
+                            {"type": "pointerDown", "button": 0}, {"type": "pointerUp", "button": 0}]}]})
+
+        def terminal_fits_and_the_button_takes_a_real_click():
+            wd.s("POST", "/window/rect", {"width": 1400, "height": 1000})
+            layout = """
+              const t = document.getElementById("terminal"), sec = t.closest("section");
+              const screen = t.querySelector(".xterm-screen") || t.firstElementChild || t;
+              const sr = sec.getBoundingClientRect(), xr = screen.getBoundingClientRect();
+              const b = document.getElementById("run-task").getBoundingClientRect();
+              const hit = document.elementFromPoint(b.x + b.width / 2, b.y + b.height / 2);
+              return {screen: Math.round(xr.right), panel: Math.round(sr.right), hit: hit ? hit.id : null,
+                      size: document.getElementById("term-size").textContent};
+            """
+            fitted = wd.wait("the terminal inside its panel", lambda: (l := wd.js(layout)) and l["screen"] <= l["panel"] and l)
+            assert fitted["hit"] == "run-task", f"the button is covered by {fitted['hit']!r}: {fitted}"
+            # Long event lines must not widen the grid past the panel: the fit follows the panel.
+            time.sleep(2.5)
+            again = wd.js(layout)
+            assert again["screen"] <= again["panel"], f"the terminal outgrew its panel: {again}"
+            real_click("#run-task")
+            wd.wait("the task started by the click", lambda: "task " in (text_of(wd, "task-state") or ""), seconds=10)
+            return f"1400x1000: terminal {fitted['size']} ends at x={fitted['screen']} in a panel ending at x={fitted['panel']}; the button took a real click"
+
+        if xterm:
+            check("at 1400x1000 the terminal fits its panel and the task button takes a real click",
+                  terminal_fits_and_the_button_takes_a_real_click)
+
+        def events_are_formatted():
+            log = wd.wait("an event line", lambda: text_of(wd, "events-log"))
+            first = log.splitlines()[0]
+            assert "#" in first and "agent.event" in first and "{" not in first, first
+            return first
+
+        check("events show as time, sequence and type, not raw JSON", events_are_formatted)
+
+        def favicon_is_no_404():
+            icon = wd.js("const l = document.querySelector('link[rel=icon]'); return l ? l.href : null;")
+            assert icon and icon.startswith("data:image/svg+xml"), icon
+            return "inline SVG icon"
+
+        check("the page has a favicon (no 404)", favicon_is_no_404)
+
+        def rebalance_reconnects():
+            before = terminal_session()
+            wd.js("window.portcullisTermStates.length = 0;")
+            status, body = admin_call("POST", "/sessions/rebalance", {"route": "terminal", "fraction": 1.0})
+            assert status == 200, body
+            wd.wait("a new terminal session", lambda: (now := terminal_session()) and now != before, seconds=15)
+            wd.wait("the page open again", lambda: text_of(wd, "term-state") == "open", seconds=10)
+            states = wd.js("return window.portcullisTermStates;")
+            assert any(x.startswith("reconnecting (rebalance)") for x in states), states
+            return f"session {before} -> {terminal_session()}; states {states}"
+
+        check("a 1001 (rebalance, as a drain) reconnects the terminal by itself", rebalance_reconnects)
+
+        def revoke_shows_the_overlay_and_a_reconnect_is_refused():
+            # The operator revokes the page's user: their sessions close, and their tokens are refused.
+            _, body = admin_call("GET", "/sessions")
+            subject = next(x["subject"] for x in json.loads(body)["sessions"] if x["route"] == "terminal")
+            status, body = admin_call("POST", "/sessions/revoke", {"subject": subject})
+            assert status == 200, (status, body)
+            state = wd.wait("closed", lambda: (x := text_of(wd, "term-state")) and x.startswith("closed") and x, seconds=10)
+            assert state == "closed 1008: session revoked", state
+            overlay = wd.js("const o = document.getElementById('term-overlay'); return o.hidden ? null : o.textContent;")
+            assert overlay and "revoked" in overlay, overlay
+            # The revocation denies the subject's tokens: the page's reconnect is refused, and the
+            # page says why (not "reconnecting" for ever).
+            real_click("#term-reconnect")
+            refused = wd.wait("refused", lambda: (x := text_of(wd, "term-state")) and x.startswith("refused") and x, seconds=10)
+            assert "401" in refused, refused
+            return f"{state}; overlay: {overlay.strip()}; then {refused}"
+
+        check("a revoked session shows the overlay; a refused reconnect shows the proxy's reason",
+              revoke_shows_the_overlay_and_a_reconnect_is_refused)
+
         def expiry_closes_with_1008():
             key = os.path.join(demo_dir, "jwt-private.pem")
             short = subprocess.run(

@@ -58,7 +58,9 @@ function makeTerminal() {
   term.open(el);
   term.fit = () => fit.fit();
   term.fit();
-  window.addEventListener("resize", () => term.fit());
+  // Fitted whenever its panel changes size: a window resize, and the grid reflowing when a
+  // long event line arrives in the other column.
+  new ResizeObserver(() => term.fit()).observe(el.parentElement);
   return term;
 }
 
@@ -69,23 +71,62 @@ function showSize() {
   $("term-size").textContent = `${term.rows}x${term.cols}`;
 }
 
-// Resume after a network blip: the proxy issues the session a resume id (its first frame says
-// it) and the page reconnects with it when the connection drops without a close (code 1006).
-// Within the proxy's window it gets the same shell back, with what the shell printed
-// meanwhile; after it, a new shell under a new id (the proxy says so in the terminal). A new
-// page load is a new terminal.
+// The terminal's connection is a small state machine, drawn in the page (#term-state, and an
+// overlay over the terminal when it needs the user):
+//   connecting -> open
+//   open -> reconnecting (connection lost): dropped without a close (1006); the page resumes
+//           with the id the proxy issued (within the proxy's window: the same shell, with what
+//           it printed meanwhile; after it, a new shell, and the proxy says so)
+//   open -> reconnecting (<reason>): 1001 (a drain, a rebalance, the route removed, the
+//           session's lifetime): a new session, with backoff
+//   connecting -> refused: <the proxy's reason>: the handshake was refused (401, 403, 429);
+//           a browser cannot read a refused handshake, so the page asks the agent's REST API
+//           (same cookie, same checks) for the status and the proxy's reason
+//   open -> closed 1008: session revoked / token expired, or closed <code>: ended; the overlay
+//           offers to reconnect, nothing retries on its own
 let resumeId = null;
 let termSocket = null;
 let reconnectDelay = 250;
+
+// Every state the terminal went through, for the page's browser tests.
+window.portcullisTermStates = [];
+
+function termState(text, ok, overlay) {
+  window.portcullisTermStates.push(text);
+  $("term-state").textContent = text;
+  $("term-state").className = ok ? "ok" : "bad";
+  $("term-overlay").hidden = !overlay;
+  if (overlay) $("term-overlay-text").textContent = overlay;
+}
+
+function retry(why) {
+  termState(`reconnecting (${why})`, false, null);
+  setTimeout(connectTerminal, reconnectDelay);
+  reconnectDelay = Math.min(reconnectDelay * 2, 4000);
+}
+
+// Why the proxy refused the terminal's handshake, from the agent's REST API.
+async function refusal() {
+  try {
+    const r = await fetch(`${base}/api/status`, { credentials: "same-origin" });
+    if (r.ok) return null;
+    const body = (await r.text()).trim();
+    return `${r.status}${body ? " " + body : ""}`;
+  } catch (_) {
+    return null;
+  }
+}
 
 function connectTerminal() {
   const ws = new WebSocket(resumeId ? `${wsBase}/terminal?resume=${encodeURIComponent(resumeId)}` : `${wsBase}/terminal`);
   ws.binaryType = "arraybuffer";
   termSocket = ws;
+  let opened = false;
+  termState(resumeId ? "reconnecting" : "connecting", true, null);
   ws.onopen = () => {
+    opened = true;
     reconnectDelay = 250;
-    $("term-state").textContent = "open";
-    $("term-state").className = "ok";
+    termState("open", true, null);
     sendSize();
     term.focus();
   };
@@ -98,19 +139,40 @@ function connectTerminal() {
     if (typeof announced === "string") resumeId = announced;
     else term.write(m.data);
   };
-  ws.onclose = (e) => {
+  ws.onclose = async (e) => {
     if (termSocket !== ws) return;
-    $("term-state").textContent = `closed ${e.code}${e.reason ? ": " + e.reason : ""}`;
-    $("term-state").className = "bad";
-    if (e.code === 1006) {
-      // Dropped, not closed: try again, backing off to 4 s.
-      $("term-state").textContent = "reconnecting (connection lost)";
-      setTimeout(connectTerminal, reconnectDelay);
-      reconnectDelay = Math.min(reconnectDelay * 2, 4000);
+    const closed = `closed ${e.code}${e.reason ? ": " + e.reason : ""}`;
+    if (e.code === 1006 && !opened) {
+      // Refused, or the network: the REST API says which.
+      const why = await refusal();
+      if (why) {
+        termState(`refused: ${why}`, false, `The proxy refused the terminal: ${why}`);
+        return;
+      }
+      return retry("connection lost");
     }
+    if (e.code === 1006) return retry("connection lost");
+    if (e.code === 1001) {
+      // Going away (a drain, a rebalance): a new session, after a pause.
+      resumeId = null;
+      return retry(e.reason || "going away");
+    }
+    if (e.code === 1008 && e.reason === "session revoked") {
+      return termState(closed, false, "This session was revoked by an operator.");
+    }
+    if (e.code === 1008 && e.reason === "token expired") {
+      return termState(closed, false, "Your token expired: sign in again.");
+    }
+    termState(closed, false, `The terminal session ended (${closed}).`);
   };
   window.portcullisTerminalSocket = ws;
 }
+
+$("term-reconnect").addEventListener("click", () => {
+  resumeId = null;
+  reconnectDelay = 250;
+  connectTerminal();
+});
 
 function sendSize() {
   showSize();
@@ -133,12 +195,19 @@ function connectEvents() {
   ws.onopen = () => { $("events-state").textContent = "open"; $("events-state").className = "ok"; };
   ws.onmessage = (m) => {
     count += 1;
+    let line = m.data;
     let seq = "?";
-    try { seq = JSON.parse(m.data).seq; } catch (_) {}
+    try {
+      // {"type":"agent.event","agent":"demo","seq":12,"ts":<epoch ms>,"status":"running"}
+      const e = JSON.parse(m.data);
+      seq = e.seq;
+      const at = typeof e.ts === "number" ? new Date(e.ts).toLocaleTimeString() : "";
+      line = `${at}  #${e.seq}  ${e.type || "event"}  ${e.status || ""}`.trim();
+    } catch (_) {}
     $("events-count").textContent = String(count);
     $("events-seq").textContent = String(seq);
     const log = $("events-log");
-    log.textContent = (m.data + "\n" + log.textContent).slice(0, 4000);
+    log.textContent = (line + "\n" + log.textContent).slice(0, 4000);
   };
   ws.onclose = (e) => {
     $("events-state").textContent = `closed ${e.code}${e.reason ? ": " + e.reason : ""}`;
