@@ -152,6 +152,32 @@ fn the_dashboard_and_the_alert_rules_name_only_metrics_portcullis_exports() {
     ] {
         assert!(names_in(&dashboard).iter().any(|n| n == metric), "no panel shows {metric}");
     }
+    // One unit per axis: a latency (a histogram quantile) is in seconds, a rate in a rate
+    // unit, wherever they share a panel (a second unit goes on the right axis by override).
+    for panel in panels.iter().filter(|p| p["type"] == "timeseries") {
+        let title = panel["title"].as_str().unwrap_or("?");
+        let default = panel["fieldConfig"]["defaults"]["unit"].as_str().unwrap_or("");
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let (reference, expr) = (target["refId"].as_str().unwrap_or(""), target["expr"].as_str().unwrap_or(""));
+            let overridden = panel["fieldConfig"]["overrides"].as_array().into_iter().flatten().find_map(|o| {
+                (o["matcher"]["options"] == reference).then(|| {
+                    o["properties"].as_array().into_iter().flatten().find(|p| p["id"] == "unit").map(|p| p["value"].clone())
+                })?
+            });
+            let unit = overridden.as_ref().and_then(|u| u.as_str()).unwrap_or(default);
+            if expr.contains("histogram_quantile") {
+                assert_eq!(unit, "s", "{title}: {reference} is a latency, shown in {unit}");
+            } else if expr.contains("rate(") {
+                assert!(["ops", "reqps", "Bps"].contains(&unit), "{title}: {reference} is a rate, shown in {unit}");
+            }
+        }
+    }
+    // An overview row of stats first, and a per-pod row (each replica apart).
+    let rows: Vec<&str> = panels.iter().filter(|p| p["type"] == "row").filter_map(|p| p["title"].as_str()).collect();
+    assert_eq!(rows.first(), Some(&"Overview"), "{rows:?}");
+    assert!(rows.contains(&"Per pod"), "{rows:?}");
+    assert!(panels.iter().filter(|p| p["type"] == "stat").count() >= 4, "an overview of stats");
+    assert!(dashboard.contains("sum by (instance)"), "a panel per pod");
 }
 
 #[tokio::test]
