@@ -79,7 +79,9 @@ pub async fn compare(
             s.pid = pids.get(name).cloned();
             s.stall = stalls.get(name).copied().unwrap_or(base.stall);
             eprintln!("round {}/{}: {name} ({url})", round + 1, repeat.max(1));
-            let report = run(&s).await.with_context(|| format!("run against {name}"))?;
+            let meta = crate::stats::RunMeta::now();
+            let mut report = run(&s).await.with_context(|| format!("run against {name}"))?;
+            report.meta = meta;
             runs[i].push(report);
             tokio::time::sleep(pause).await;
         }

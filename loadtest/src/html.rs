@@ -20,12 +20,28 @@ pub fn render(r: &Report) -> String {
     if !r.is_clean() {
         let _ = write!(s, "<p class=\"bad\">INTEGRITY FAILURE</p>");
     }
+    let m = &r.meta;
+    let _ = write!(
+        s,
+        "<table><tr><th align=left>started</th><td>{}</td></tr><tr><th align=left>command</th><td><code>{}</code></td></tr>\
+         <tr><th align=left>harness</th><td>portcullis-loadtest {} ({} build)</td></tr>\
+         <tr><th align=left>traffic</th><td>{:.1} s, {} sessions asked, {} opened</td></tr></table>",
+        esc(&m.started_at),
+        esc(&m.command),
+        esc(&m.version),
+        esc(&m.profile),
+        r.duration_s,
+        r.connections,
+        r.opened
+    );
     let _ = write!(s, "<pre>{}</pre>", esc(&r.table()));
     if !r.latency_curve.is_empty() {
         let _ = write!(s, "<h2>Latency by percentile</h2>{}", percentile_plot(&r.latency_curve));
     }
     if !r.timeline.is_empty() {
-        let _ = write!(s, "<h2>Throughput over time</h2>{}", timeline_plot(r));
+        let _ = write!(s, "<h2>Throughput over time</h2>{}", timeline_plot(r, |p| p.msgs_per_s, "msg/s"));
+        let _ = write!(s, "<h2>Open sessions over time</h2>{}", timeline_plot(r, |p| p.open as f64, "sessions"));
+        let _ = write!(s, "<h2>Errors over time (cumulative)</h2>{}", timeline_plot(r, |p| p.errors as f64, "errors"));
     }
     s.push_str("</body></html>\n");
     s
@@ -46,18 +62,26 @@ fn percentile_plot(curve: &[(f64, u64)]) -> String {
     plot(&points, &xt, max_y, "ms")
 }
 
-/// Received messages per second over time.
-fn timeline_plot(r: &Report) -> String {
+/// One value of the timeline over time: the measured points only (none is made up at t = 0),
+/// on a time axis with round ticks.
+fn timeline_plot(r: &Report, value: impl Fn(&crate::stats::TimelinePoint) -> f64, unit: &str) -> String {
     let max_t = r.timeline.last().map_or(1.0, |p| p.t_s).max(1.0);
-    let max_y = r.timeline.iter().map(|p| p.msgs_per_s).fold(1.0, f64::max);
-    // The run starts at 0 with nothing received; the first sample is a second in.
-    let points: Vec<(f64, f64)> =
-        std::iter::once((0.0, 0.0)).chain(r.timeline.iter().map(|p| (p.t_s / max_t, p.msgs_per_s / max_y))).collect();
-    // Ticks at quarters of the run: whole seconds only where quarters are long enough to round.
-    let decimals = if max_t < 20.0 { 1 } else { 0 };
-    let xt: Vec<(f64, String)> =
-        (0..=4).map(|i| (i as f64 / 4.0, format!("{:.*}s", decimals, max_t * i as f64 / 4.0))).collect();
-    plot(&points, &xt, max_y, "msg/s")
+    let max_y = r.timeline.iter().map(&value).fold(1.0, f64::max);
+    let points: Vec<(f64, f64)> = r.timeline.iter().map(|p| (p.t_s / max_t, value(p) / max_y)).collect();
+    let step = nice_step(max_t / 5.0);
+    let decimals = if step < 1.0 { 1 } else { 0 };
+    let xt: Vec<(f64, String)> = (0..)
+        .map(|i| i as f64 * step)
+        .take_while(|t| *t <= max_t + 1e-9)
+        .map(|t| (t / max_t, format!("{t:.decimals$}s")))
+        .collect();
+    plot(&points, &xt, max_y, unit)
+}
+
+/// The round step (1, 2 or 5 times a power of ten) nearest above `raw`.
+fn nice_step(raw: f64) -> f64 {
+    let p = 10f64.powf(raw.max(1e-9).log10().floor());
+    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * p).find(|s| *s >= raw).unwrap_or(10.0 * p)
 }
 
 /// A line through `points` (both coordinates in 0..1), with x tick labels and a y scale up to `max_y`.
@@ -144,30 +168,36 @@ mod tests {
             scenario: "echo".into(),
             target: "ws://x/<y>".into(),
             latency_curve: vec![(50.0, 100), (99.0, 1000), (100.0, 5000)],
-            timeline: vec![TimelinePoint { t_s: 1.0, msgs_per_s: 10.0, open: 1, sent: 10 }],
+            timeline: vec![TimelinePoint { t_s: 1.0, msgs_per_s: 10.0, open: 1, sent: 10, errors: 0 }],
             ..Report::default()
         };
         let html = super::render(&r);
-        assert_eq!(html.matches("<svg").count(), 2);
+        assert_eq!(html.matches("<svg").count(), 4, "latency, throughput, open sessions, errors");
         assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
         assert!(html.contains("ws://x/&lt;y&gt;"));
     }
 
     #[test]
-    fn throughput_labels_fit_the_margin_and_the_line_starts_at_zero() {
+    fn throughput_labels_fit_the_margin_the_line_has_only_measured_points_and_ticks_are_round() {
         // The report of a 59k msg/s run used to label its axis "59000.0 msg/s", cut off by the
-        // margin, and to start the line a second in.
+        // margin; a 5 s run plotted 4 samples and a made-up zero, with ticks at 1.2 s, 2.5 s...
         let r = Report {
-            timeline: (1..=5)
-                .map(|t| TimelinePoint { t_s: t as f64, msgs_per_s: 59_000.0, open: 50, sent: 0 })
+            timeline: (1..=20)
+                .map(|t| TimelinePoint { t_s: t as f64 / 4.0, msgs_per_s: 59_000.0, open: 50, sent: 0, errors: 0 })
                 .collect(),
             ..Report::default()
         };
-        let svg = super::timeline_plot(&r);
+        let svg = super::timeline_plot(&r, |p| p.msgs_per_s, "msg/s");
         assert!(svg.contains(">59k</text>") && svg.contains(">30k</text>"), "{svg}");
         assert_eq!(svg.matches(">msg/s</text>").count(), 1, "the unit once, as the axis title");
-        let first = svg.split("points=\"").nth(1).and_then(|p| p.split(' ').next()).expect("polyline");
-        assert_eq!(first, format!("{:.1},{:.1}", super::PAD, super::H - super::PAD), "starts at t = 0, 0 msg/s");
+        let points = svg.split("points=\"").nth(1).and_then(|p| p.split('"').next()).expect("polyline");
+        assert_eq!(points.split(' ').count(), 20, "one point per sample, none made up");
+        for tick in ["0s", "1s", "2s", "3s", "4s", "5s"] {
+            assert!(svg.contains(&format!(">{tick}</text>")), "round tick {tick}: {svg}");
+        }
+        assert_eq!(super::nice_step(0.83), 1.0);
+        assert_eq!(super::nice_step(13.0), 20.0);
+        assert_eq!(super::nice_step(0.3), 0.5);
         for (v, label) in
             [(0.0, "0"), (0.25, "0.25"), (120.0, "120"), (14_800.0, "15k"), (1_250.0, "1.2k"), (1.2e6, "1.2M")]
         {

@@ -214,7 +214,9 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(64));
     }
     scenario.quiet |= !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let report = run(&scenario).await?;
+    let meta = portcullis_loadtest::stats::RunMeta::now();
+    let mut report = run(&scenario).await?;
+    report.meta = meta;
     println!("{}", report.table());
     if let Some(path) = output.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)

@@ -258,7 +258,10 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
         report.notes.push(format!("messages are at least {} bytes (the integrity header)", wire::HEADER_LEN));
     }
     let before = s.pid.as_ref().map(sys::Pids::sample).transpose().context("cannot sample --pid")?;
-    let progress = progress(s.quiet, stats.clone());
+    // About 60 timeline points over the run: every 250 ms for a short run, every second for a
+    // long one.
+    let period = ((s.ramp_time() + s.duration) / 60).clamp(Duration::from_millis(250), Duration::from_secs(1));
+    let progress = progress(s.quiet, stats.clone(), period);
     let t0 = Instant::now();
     let loaded;
     match s.scenario {
@@ -387,7 +390,7 @@ impl Progress {
     }
 }
 
-fn progress(quiet: bool, stats: Arc<Stats>) -> Progress {
+fn progress(quiet: bool, stats: Arc<Stats>, period: Duration) -> Progress {
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new_spinner() };
     let b = bar.clone();
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
@@ -407,10 +410,11 @@ fn progress(quiet: bool, stats: Arc<Stats>) -> Progress {
             let open = stats.open.load(Ordering::Relaxed);
             let rate = (recv - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-3);
             last = (now, recv);
-            if now - last_point.0 >= Duration::from_secs(1) {
+            if now - last_point.0 >= period {
                 let rate = (recv - last_point.1) as f64 / (now - last_point.0).as_secs_f64();
                 let sent = stats.sent.load(Ordering::Relaxed);
-                timeline.push(TimelinePoint { t_s: (now - start).as_secs_f64(), msgs_per_s: rate, open, sent });
+                let errors = stats.error_count.load(Ordering::Relaxed);
+                timeline.push(TimelinePoint { t_s: (now - start).as_secs_f64(), msgs_per_s: rate, open, sent, errors });
                 last_point = (now, recv);
             }
             b.set_message(format!(

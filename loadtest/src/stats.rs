@@ -133,6 +133,67 @@ pub struct TimelinePoint {
     /// Data messages sent since the start (as the live progress line shows them).
     #[serde(default)]
     pub sent: u64,
+    /// Errors of any kind since the start.
+    #[serde(default)]
+    pub errors: u64,
+}
+
+/// What a report says of the run itself: when, how and with what it ran.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct RunMeta {
+    /// When the run started, RFC 3339 UTC (`2026-12-05T15:04:05Z`).
+    pub started_at: String,
+    /// The same instant, milliseconds since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// The command line, with anything that looks like a credential replaced by `<redacted>`.
+    pub command: String,
+    /// `portcullis-loadtest` version.
+    pub version: String,
+    /// The build profile of the harness: `release` or `debug` (a debug harness measures itself).
+    pub profile: String,
+}
+
+impl RunMeta {
+    /// The run starting now, under this process's command line.
+    pub fn now() -> RunMeta {
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        RunMeta {
+            started_at: rfc3339(since.as_secs()),
+            started_unix_ms: since.as_millis() as u64,
+            command: redacted_command(std::env::args()),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            profile: if cfg!(debug_assertions) { "debug" } else { "release" }.to_owned(),
+        }
+    }
+}
+
+/// `args` joined by spaces, with what looks like a credential (a header or argument carrying a
+/// bearer token, a JWT, a key or secret value) replaced: a report is shared, a token must not be.
+pub fn redacted_command(args: impl IntoIterator<Item = String>) -> String {
+    let secretish = |a: &str| {
+        let lower = a.to_ascii_lowercase();
+        lower.contains("bearer ")
+            || lower.contains("authorization")
+            || lower.contains("token=")
+            || lower.contains("secret")
+            || (a.split('.').count() == 3 && a.len() > 40 && !a.contains('/'))
+    };
+    args.into_iter().map(|a| if secretish(&a) { "<redacted>".to_owned() } else { a }).collect::<Vec<_>>().join(" ")
+}
+
+/// `secs` since the epoch as RFC 3339 UTC (civil-from-days, Howard Hinnant's algorithm).
+fn rfc3339(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Percentiles from 0 to 99.999 on a log-like scale (for the percentile plot).
@@ -255,8 +316,12 @@ pub struct Report {
     pub close_codes: BTreeMap<u16, u64>,
     /// Target process resource use, with `--pid`.
     pub process: Option<ProcessUse>,
-    /// Received messages per second and open sessions, once a second.
+    /// Received messages per second, open sessions and errors, at a period that fits the run
+    /// (about 60 points, every 250 ms to every second).
     pub timeline: Vec<TimelinePoint>,
+    /// When, how and with what the run ran.
+    #[serde(default)]
+    pub meta: RunMeta,
     /// Latency percentile curve: (percentile, µs), for plots.
     pub latency_curve: Vec<(f64, u64)>,
     /// Latency histogram as (value µs, count) pairs, so worker processes' reports can be merged.
@@ -337,6 +402,8 @@ impl Report {
                     Some(o) => {
                         o.msgs_per_s += t.msgs_per_s;
                         o.open += t.open;
+                        o.sent += t.sent;
+                        o.errors += t.errors;
                     }
                     None => out.timeline.push(t),
                 }
@@ -475,6 +542,19 @@ pub fn fmt_us(us: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn run_metadata_has_an_rfc3339_time_and_no_credential() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_796_483_045), "2026-12-05T15:04:05Z");
+        let jwt = format!("{}.{}.{}", "a".repeat(20), "b".repeat(30), "c".repeat(20));
+        let cmd = super::redacted_command(
+            ["portcullis-loadtest", "run", "-H", "Authorization: Bearer xyz", "--target", "wss://h/p?token=abc", &jwt]
+                .map(String::from),
+        );
+        assert_eq!(cmd, "portcullis-loadtest run -H <redacted> --target <redacted> <redacted>");
+    }
+
     use super::{ProcessUse, Report};
     use crate::sys::{Pids, Sample};
 

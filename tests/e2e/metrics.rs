@@ -161,7 +161,12 @@ fn the_dashboard_and_the_alert_rules_name_only_metrics_portcullis_exports() {
             let (reference, expr) = (target["refId"].as_str().unwrap_or(""), target["expr"].as_str().unwrap_or(""));
             let overridden = panel["fieldConfig"]["overrides"].as_array().into_iter().flatten().find_map(|o| {
                 (o["matcher"]["options"] == reference).then(|| {
-                    o["properties"].as_array().into_iter().flatten().find(|p| p["id"] == "unit").map(|p| p["value"].clone())
+                    o["properties"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|p| p["id"] == "unit")
+                        .map(|p| p["value"].clone())
                 })?
             });
             let unit = overridden.as_ref().and_then(|u| u.as_str()).unwrap_or(default);
