@@ -98,3 +98,56 @@ async fn the_readme_try_it_block_works_as_pasted_against_a_live_demo() {
     assert!(stdout.trim_end().lines().last().is_some_and(|l| l.contains("eyJ")), "no minted token: {all}");
     drop(demo);
 }
+
+/// The anchor GitHub gives a Markdown heading: lower case, spaces to `-`, punctuation dropped.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every relative link of the README and the documentation index (and the pages it leads to
+/// first) points at a file that exists and, with `#anchor`, at a heading of it: the guides a user
+/// follows cannot lead nowhere.
+#[test]
+fn the_readme_and_the_docs_index_link_only_to_what_exists() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut broken = Vec::new();
+    for page in ["README.md", "docs/README.md", "docs/replicas.md", "deploy/README.md"] {
+        let path = root.join(page);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{page}: {e}"));
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let link = &rest[..end];
+            if link.starts_with("http") || link.starts_with("mailto:") || link.contains(' ') {
+                continue;
+            }
+            let (file, anchor) = link.split_once('#').unwrap_or((link, ""));
+            let target = if file.is_empty() { path.clone() } else { path.parent().expect("dir").join(file) };
+            if !target.exists() {
+                broken.push(format!("{page}: {link}: no such file"));
+                continue;
+            }
+            if !anchor.is_empty() && target.extension().is_some_and(|e| e == "md") {
+                let doc = std::fs::read_to_string(&target).expect("read");
+                let found = doc
+                    .lines()
+                    .filter_map(|l| l.strip_prefix('#'))
+                    .map(|h| slug(h.trim_start_matches('#')))
+                    .any(|s| s == anchor);
+                if !found {
+                    broken.push(format!("{page}: {link}: no heading #{anchor}"));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
