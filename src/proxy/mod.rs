@@ -72,13 +72,43 @@ struct ConnCtx {
     shared: Arc<Shared>,
     client_addr: SocketAddr,
     tls: bool,
-    /// HTTP/2: every request is a stream, and a WebSocket an extended CONNECT.
-    h2: bool,
+    /// The connection's HTTP version.
+    protocol: Protocol,
     /// HTTP/2: the streams open now, for the idle timeout.
     open_streams: Arc<http::OpenStreams>,
     /// Set by the handler when it answers 101; taken by the connection task after hyper hands
     /// the connection over (HTTP/1.1 only).
     pending: Mutex<Option<(OnUpgrade, Accepted)>>,
+}
+
+/// A client connection's HTTP version: what an upgrade looks like on it, how it is answered, and
+/// who holds the upgraded stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// HTTP/1.1: one request at a time; a WebSocket is a `GET` with `Upgrade`, answered 101, and
+    /// takes the whole connection (its task parks the session until hyper releases it).
+    Http1,
+    /// HTTP/2: every request is a stream, a WebSocket an extended CONNECT (RFC 8441) answered
+    /// 200, and each stream's session a task of its own.
+    Http2,
+}
+
+impl Protocol {
+    /// The label in `/sessions` and logs.
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http/1.1",
+            Protocol::Http2 => "h2",
+        }
+    }
+
+    /// The status that accepts a WebSocket.
+    fn accepts_upgrade_with(self) -> StatusCode {
+        match self {
+            Protocol::Http1 => StatusCode::SWITCHING_PROTOCOLS,
+            Protocol::Http2 => StatusCode::OK,
+        }
+    }
 }
 
 /// An accepted upgrade: what the client stream becomes once hyper releases it. Every kind of
@@ -137,7 +167,7 @@ impl Accepted {
 /// is started by a task of its own once hyper has sent the 200, while the connection goes on
 /// serving other streams.
 fn hand_off(ctx: &Arc<ConnCtx>, on_upgrade: OnUpgrade, accepted: Accepted) {
-    if ctx.h2 {
+    if ctx.protocol == Protocol::Http2 {
         let (shared, client_addr) = (ctx.shared.clone(), ctx.client_addr);
         ctx.shared.tasks.spawn(
             async move {
@@ -238,7 +268,7 @@ pub async fn serve_connection(
         shared: shared.clone(),
         client_addr,
         tls: stream.is_tls(),
-        h2: false,
+        protocol: Protocol::Http1,
         open_streams: Arc::default(),
         pending: Mutex::new(None),
     });
@@ -289,7 +319,7 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
         shared: shared.clone(),
         client_addr,
         tls: true,
-        h2: true,
+        protocol: Protocol::Http2,
         open_streams: open_streams.clone(),
         pending: Mutex::new(None),
     });
@@ -362,9 +392,9 @@ pub type ProxyBody = Either<Full<Bytes>, stream::Download>;
 async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let runtime = ctx.shared.runtime.load_full();
-    let websocket = match ctx.h2 {
-        true => upgrade::is_extended_connect(&req),
-        false => upgrade::is_websocket(req.headers()),
+    let websocket = match ctx.protocol {
+        Protocol::Http1 => upgrade::is_websocket(req.headers()),
+        Protocol::Http2 => upgrade::is_extended_connect(&req),
     };
     // The authority is parsed before anything reads it: routing, the forwarding headers and
     // the backend request all see its canonical form in `Host` (HTTP/2's `:authority` too).
@@ -402,7 +432,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         }
     }
     let origin = req.headers().get(::http::header::ORIGIN).cloned();
-    let per_ip = match ctx.h2.then(|| stream_slot(&ctx, &runtime)) {
+    let per_ip = match (ctx.protocol == Protocol::Http2).then(|| stream_slot(&ctx, &runtime)) {
         None | Some(Ok(None)) => None,
         Some(Ok(slot)) => slot,
         Some(Err(e)) => {
@@ -414,7 +444,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         }
     };
     let mut stream = http::StreamHold { _per_ip: per_ip, _open: None };
-    if ctx.h2 {
+    if ctx.protocol == Protocol::Http2 {
         stream._open = Some(ctx.open_streams.open());
         ctx.shared.metrics.http2_stream(if websocket { "websocket" } else { "request" });
     }
@@ -490,7 +520,7 @@ fn session_entry(
         jti: claims.and_then(|c| c.jti().map(str::to_owned)),
         token_exp: claims.map(|c| c.exp()),
         client: ctx.client_addr,
-        http: if ctx.h2 { "h2" } else { "http/1.1" },
+        http: ctx.protocol.label(),
         backend: OnceLock::new(),
         started: SystemTime::now(),
         control: SessionControl::new(),
@@ -764,7 +794,10 @@ async fn handle_upgrade(
             return reject(ctx, &route.name, RequestError::HandshakeRate(wait));
         }
     }
-    let checked = if ctx.h2 { upgrade::check_extended_connect(&req) } else { upgrade::check(&req) };
+    let checked = match ctx.protocol {
+        Protocol::Http1 => upgrade::check(&req),
+        Protocol::Http2 => upgrade::check_extended_connect(&req),
+    };
     let ws = match checked {
         Ok(ws) => ws,
         Err(e) => return reject(ctx, &route.name, e.into()),
@@ -883,13 +916,13 @@ async fn handle_upgrade(
     }
     let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
     let h = resp.headers_mut();
-    if !ctx.h2 {
+    if ctx.protocol == Protocol::Http1 {
         h.insert(UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(SEC_WEBSOCKET_ACCEPT, backend.accept.clone());
     }
     // HTTP/2 accepts an extended CONNECT with 200 (RFC 8441 §5).
-    *resp.status_mut() = if ctx.h2 { StatusCode::OK } else { StatusCode::SWITCHING_PROTOCOLS };
+    *resp.status_mut() = ctx.protocol.accepts_upgrade_with();
     let h = resp.headers_mut();
     // Only a real subprotocol is echoed, never a token-carrying entry.
     let token_entry = |p: &HeaderValue| {
@@ -961,7 +994,7 @@ fn own_answer(
 ) -> Response<ProxyBody> {
     let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
     let h = resp.headers_mut();
-    if !ctx.h2 {
+    if ctx.protocol == Protocol::Http1 {
         let key = admitted.ws.as_ref().map(|ws| upgrade::accept_value(ws.key.as_bytes()));
         h.insert(UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -980,7 +1013,7 @@ fn own_answer(
     if let Some(v) = protocol.and_then(|p| HeaderValue::from_str(p).ok()) {
         h.insert(SEC_WEBSOCKET_PROTOCOL, v);
     }
-    *resp.status_mut() = if ctx.h2 { StatusCode::OK } else { StatusCode::SWITCHING_PROTOCOLS };
+    *resp.status_mut() = ctx.protocol.accepts_upgrade_with();
     resp
 }
 
