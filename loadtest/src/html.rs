@@ -40,6 +40,9 @@ pub fn render(r: &Report) -> String {
     }
     if !r.timeline.is_empty() {
         let _ = write!(s, "<h2>Throughput over time</h2>{}", timeline_plot(r, |p| p.msgs_per_s, "msg/s"));
+        if r.timeline.iter().any(|p| p.p99_us > 0) {
+            let _ = write!(s, "<h2>Latency over time (p50, p99; sampled)</h2>{}", latency_timeline_plot(r));
+        }
         let _ = write!(s, "<h2>Open sessions over time</h2>{}", timeline_plot(r, |p| p.open as f64, "sessions"));
         let _ = write!(s, "<h2>Errors over time (cumulative)</h2>{}", timeline_plot(r, |p| p.errors as f64, "errors"));
     }
@@ -68,6 +71,34 @@ fn timeline_plot(r: &Report, value: impl Fn(&crate::stats::TimelinePoint) -> f64
     let max_t = r.timeline.last().map_or(1.0, |p| p.t_s).max(1.0);
     let max_y = r.timeline.iter().map(&value).fold(1.0, f64::max);
     let points: Vec<(f64, f64)> = r.timeline.iter().map(|p| (p.t_s / max_t, value(p) / max_y)).collect();
+    timeline_axes(max_t, max_y, unit, &points)
+}
+
+/// The median and 99th percentile latency of each interval (ms), the p99 line above the p50.
+fn latency_timeline_plot(r: &Report) -> String {
+    let max_t = r.timeline.last().map_or(1.0, |p| p.t_s).max(1.0);
+    let max_y = r.timeline.iter().map(|p| p.p99_us as f64 / 1000.0).fold(0.001, f64::max);
+    let line = |v: fn(&crate::stats::TimelinePoint) -> u64| -> Vec<(f64, f64)> {
+        r.timeline.iter().filter(|p| v(p) > 0).map(|p| (p.t_s / max_t, v(p) as f64 / 1000.0 / max_y)).collect()
+    };
+    let (p50, p99) = (line(|p| p.p50_us), line(|p| p.p99_us));
+    let mut svg = timeline_axes(max_t, max_y, "ms p50/p99", &p99);
+    // The p50 line beside the p99's, lighter.
+    let pts: Vec<String> = p50
+        .iter()
+        .map(|&(x, y)| format!("{:.1},{:.1}", PAD + x * (W - 2.0 * PAD), H - PAD - y * (H - 2.0 * PAD)))
+        .collect();
+    svg.truncate(svg.len() - "</svg>".len());
+    let _ = write!(
+        svg,
+        "<polyline fill=\"none\" stroke=\"#80a8e0\" stroke-width=\"2\" points=\"{}\"/></svg>",
+        pts.join(" ")
+    );
+    svg
+}
+
+/// The plot of `points` on the time axis of a run `max_t` seconds long.
+fn timeline_axes(max_t: f64, max_y: f64, unit: &str, points: &[(f64, f64)]) -> String {
     let step = nice_step(max_t / 5.0);
     let decimals = if step < 1.0 { 1 } else { 0 };
     let xt: Vec<(f64, String)> = (0..)
@@ -75,7 +106,7 @@ fn timeline_plot(r: &Report, value: impl Fn(&crate::stats::TimelinePoint) -> f64
         .take_while(|t| *t <= max_t + 1e-9)
         .map(|t| (t / max_t, format!("{t:.decimals$}s")))
         .collect();
-    plot(&points, &xt, max_y, unit)
+    plot(points, &xt, max_y, unit)
 }
 
 /// The round step (1, 2 or 5 times a power of ten) nearest above `raw`.
@@ -168,11 +199,23 @@ mod tests {
             scenario: "echo".into(),
             target: "ws://x/<y>".into(),
             latency_curve: vec![(50.0, 100), (99.0, 1000), (100.0, 5000)],
-            timeline: vec![TimelinePoint { t_s: 1.0, msgs_per_s: 10.0, open: 1, sent: 10, errors: 0 }],
+            timeline: vec![TimelinePoint {
+                t_s: 1.0,
+                msgs_per_s: 10.0,
+                open: 1,
+                sent: 10,
+                errors: 0,
+                p50_us: 100,
+                p99_us: 900,
+            }],
             ..Report::default()
         };
         let html = super::render(&r);
-        assert_eq!(html.matches("<svg").count(), 4, "latency, throughput, open sessions, errors");
+        assert_eq!(
+            html.matches("<svg").count(),
+            5,
+            "latency by percentile and over time, throughput, open sessions, errors"
+        );
         assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
         assert!(html.contains("ws://x/&lt;y&gt;"));
     }
@@ -183,7 +226,12 @@ mod tests {
         // margin; a 5 s run plotted 4 samples and a made-up zero, with ticks at 1.2 s, 2.5 s...
         let r = Report {
             timeline: (1..=20)
-                .map(|t| TimelinePoint { t_s: t as f64 / 4.0, msgs_per_s: 59_000.0, open: 50, sent: 0, errors: 0 })
+                .map(|t| TimelinePoint {
+                    t_s: t as f64 / 4.0,
+                    msgs_per_s: 59_000.0,
+                    open: 50,
+                    ..TimelinePoint::default()
+                })
                 .collect(),
             ..Report::default()
         };

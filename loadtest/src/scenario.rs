@@ -414,7 +414,22 @@ fn progress(quiet: bool, stats: Arc<Stats>, period: Duration) -> Progress {
                 let rate = (recv - last_point.1) as f64 / (now - last_point.0).as_secs_f64();
                 let sent = stats.sent.load(Ordering::Relaxed);
                 let errors = stats.error_count.load(Ordering::Relaxed);
-                timeline.push(TimelinePoint { t_s: (now - start).as_secs_f64(), msgs_per_s: rate, open, sent, errors });
+                let (p50_us, p99_us) = {
+                    let mut h = stats.interval_latency.lock().unwrap_or_else(|p| p.into_inner());
+                    let q =
+                        if h.0.is_empty() { (0, 0) } else { (h.0.value_at_quantile(0.5), h.0.value_at_quantile(0.99)) };
+                    h.0.reset();
+                    q
+                };
+                timeline.push(TimelinePoint {
+                    t_s: (now - start).as_secs_f64(),
+                    msgs_per_s: rate,
+                    open,
+                    sent,
+                    errors,
+                    p50_us,
+                    p99_us,
+                });
                 last_point = (now, recv);
             }
             b.set_message(format!(
@@ -507,7 +522,11 @@ impl Tracker {
                 }
                 match self.outstanding.remove(&h.seq) {
                     Some(t) => {
-                        self.latency.record(now.saturating_duration_since(t).as_micros() as u64);
+                        let us = now.saturating_duration_since(t).as_micros() as u64;
+                        self.latency.record(us);
+                        if h.seq % crate::stats::INTERVAL_SAMPLE == 0 {
+                            stats.interval_latency.lock().unwrap_or_else(|p| p.into_inner()).record(us);
+                        }
                         if self.max_received.is_some_and(|m| h.seq < m) {
                             stats.reordered.fetch_add(1, Ordering::Relaxed);
                         }

@@ -40,9 +40,16 @@ pub struct Stats {
     pub close_codes: Mutex<BTreeMap<u16, u64>>,
     /// Message round-trip latency, microseconds (merged from sessions).
     pub latency: Mutex<Hist>,
+    /// A sample (one message in [`INTERVAL_SAMPLE`]) of the latencies since the timeline's last
+    /// point, for latency over time; the timeline takes and clears it.
+    pub interval_latency: Mutex<Hist>,
     /// Handshake latency (TCP connect to 101), microseconds.
     pub handshake: Mutex<Hist>,
 }
+
+/// One message in this many records its latency for the timeline (`Stats::interval_latency`):
+/// enough for its percentiles, few enough that sessions do not queue on its lock.
+pub const INTERVAL_SAMPLE: u64 = 16;
 
 /// A latency histogram in microseconds, 1 µs to 1 hour, 3 significant digits.
 pub struct Hist(pub Histogram<u64>);
@@ -136,6 +143,13 @@ pub struct TimelinePoint {
     /// Errors of any kind since the start.
     #[serde(default)]
     pub errors: u64,
+    /// Median message latency over the interval since the last point (sampled), µs; 0 when no
+    /// message came back in it.
+    #[serde(default)]
+    pub p50_us: u64,
+    /// 99th percentile of the same, µs.
+    #[serde(default)]
+    pub p99_us: u64,
 }
 
 /// What a report says of the run itself: when, how and with what it ran.
