@@ -400,6 +400,24 @@ async fn connect_trusts_a_self_signed_ca_certificate_given_with_ca_for_its_own_n
     std::fs::write(&other, std::fs::read(&certs().cert).expect("read")).expect("write");
     let out = connect("localhost", &other).await.expect("join");
     assert!(!out.status.success(), "a certificate the file does not hold is refused");
+    // --system-roots alone: the system's store is read, and it does not vouch for a
+    // self-signed certificate.
+    let url = format!("wss://localhost:{}/agents/a1/terminal", proxy.tls.port());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["connect", &url, "--system-roots"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("tls handshake failed") || stderr.contains("no certificate found in the system trust store"),
+        "{stderr}"
+    );
 }
 
 /// The container image starts with nothing mounted: its default configuration (what the
