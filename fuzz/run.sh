@@ -14,7 +14,7 @@ SECONDS_EACH=${1:-60}
 shift || true
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-    TARGETS=(frame_tracker request_head jwt patterns config proxy_header)
+    TARGETS=(frame_tracker frame_reader request_head jwt patterns config proxy_header)
 fi
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build
