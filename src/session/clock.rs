@@ -94,12 +94,27 @@ impl Clock {
     }
 }
 
+/// The route's ping settings (`ping_interval`, `ping_timeout`), kept once per session kind
+/// rather than in every peer's [`Ping`].
+#[derive(Debug, Clone, Copy)]
+pub struct Pings {
+    /// A ping after this long without hearing from the peer; zero: no pings.
+    pub interval: Duration,
+    /// How long a ping may go unanswered.
+    pub timeout: Duration,
+}
+
+impl Pings {
+    /// The pings of `s`.
+    pub fn of(s: &SessionSettings) -> Pings {
+        Pings { interval: s.ping_interval, timeout: s.ping_timeout }
+    }
+}
+
 /// The proxy's pings to one peer: one every `interval` after the peer was last heard from,
-/// answered within `timeout`.
+/// answered within `timeout` ([`Pings`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Ping {
-    interval: Duration,
-    timeout: Duration,
     /// When the unanswered ping was sent.
     sent: Option<Instant>,
     last_heard: Instant,
@@ -114,13 +129,19 @@ pub enum PingDue {
     TimedOut,
 }
 
+impl Default for Ping {
+    fn default() -> Ping {
+        Ping::new()
+    }
+}
+
 impl Ping {
-    /// Pings under `s` (`ping_interval` zero: none), the peer heard from now.
-    pub fn new(s: &SessionSettings) -> Ping {
-        Ping { interval: s.ping_interval, timeout: s.ping_timeout, sent: None, last_heard: Instant::now() }
+    /// No ping sent yet; the peer heard from now.
+    pub fn new() -> Ping {
+        Ping { sent: None, last_heard: Instant::now() }
     }
 
-    /// The peer was heard from (any frame) at `now`.
+    /// The peer was heard from (any byte) at `now`.
     #[inline]
     pub fn heard(&mut self, now: Instant) {
         self.last_heard = now;
@@ -131,36 +152,31 @@ impl Ping {
         self.sent = None;
     }
 
-    /// No answer is awaited any more (the peer is gone, or the session is ending).
-    pub fn forget(&mut self) {
-        self.sent = None;
-    }
-
     /// Whether a ping is awaiting its answer.
     pub fn awaiting(&self) -> bool {
         self.sent.is_some()
     }
 
     /// The earliest instant a ping is due or times out, if pings are on.
-    pub fn next(&self) -> Option<Instant> {
-        if self.interval.is_zero() {
+    pub fn next(&self, p: &Pings) -> Option<Instant> {
+        if p.interval.is_zero() {
             return None;
         }
         Some(match self.sent {
-            Some(sent) => sent + self.timeout,
-            None => self.last_heard + self.interval,
+            Some(sent) => sent + p.timeout,
+            None => self.last_heard + p.interval,
         })
     }
 
     /// What is due at `now`; a ping due is marked sent.
-    pub fn due(&mut self, now: Instant) -> Option<PingDue> {
-        if self.interval.is_zero() {
+    pub fn due(&mut self, now: Instant, p: &Pings) -> Option<PingDue> {
+        if p.interval.is_zero() {
             return None;
         }
         match self.sent {
-            Some(sent) if now >= sent + self.timeout => Some(PingDue::TimedOut),
+            Some(sent) if now >= sent + p.timeout => Some(PingDue::TimedOut),
             Some(_) => None,
-            None if now >= self.last_heard + self.interval => {
+            None if now >= self.last_heard + p.interval => {
                 self.sent = Some(now);
                 Some(PingDue::Send)
             }
@@ -194,20 +210,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_ping_is_sent_after_the_interval_and_times_out_unanswered() {
-        let mut p = Ping {
-            interval: Duration::from_secs(5),
-            timeout: Duration::from_secs(2),
-            sent: None,
-            last_heard: Instant::now(),
-        };
+        let s = Pings { interval: Duration::from_secs(5), timeout: Duration::from_secs(2) };
+        let mut p = Ping::new();
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert_eq!(p.due(Instant::now()), Some(PingDue::Send));
+        assert_eq!(p.due(Instant::now(), &s), Some(PingDue::Send));
         assert!(p.awaiting());
-        assert_eq!(p.due(Instant::now()), None, "sent once");
+        assert_eq!(p.due(Instant::now(), &s), None, "sent once");
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(p.due(Instant::now()), Some(PingDue::TimedOut));
+        assert_eq!(p.due(Instant::now(), &s), Some(PingDue::TimedOut));
         p.answered();
         p.heard(Instant::now());
-        assert_eq!(p.next(), Some(Instant::now() + Duration::from_secs(5)));
+        assert_eq!(p.next(&s), Some(Instant::now() + Duration::from_secs(5)));
+        let off = Pings { interval: Duration::ZERO, timeout: Duration::from_secs(2) };
+        assert_eq!((p.next(&off), p.due(Instant::now(), &off)), (None, None));
     }
 }

@@ -14,7 +14,7 @@ use super::{FinishStream, RelayParams};
 use crate::codec::{opcode, FrameLimits};
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
-use crate::session::clock::Clock;
+use crate::session::clock::{Clock, Ping, PingDue, Pings};
 use crate::session::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
 use crate::session::{Initiator, SessionControl, SessionEnd, Side, StopReason};
 
@@ -46,10 +46,10 @@ enum Outbound {
 /// Per-side state: liveness and the close handshake.
 #[derive(Default)]
 struct Peer {
-    /// Last time any byte arrived from this side.
-    last_rx: Option<Instant>,
-    /// Payload and send time of the proxy's outstanding ping to this side.
-    ping: Option<([u8; 8], Instant)>,
+    /// The proxy's pings to this side (the session clock's: heard from when any byte arrives).
+    ping: Ping,
+    /// The payload of the outstanding ping, to tell its pong from the peer's own.
+    ping_payload: [u8; 8],
     inbound: Inbound,
     outbound: Outbound,
 }
@@ -166,8 +166,6 @@ where
                 Box::new(Resume { settings, reg, parked_until: None })
             }),
         };
-        session.peers[0].last_rx = Some(now);
-        session.peers[1].last_rx = Some(now);
         session.rearm();
         session
     }
@@ -279,7 +277,7 @@ where
                 let counter = if i == 0 { &live.from_client } else { &live.from_backend };
                 counter.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
                 self.bytes_reported[i] = bytes;
-                self.peers[i].last_rx = Some(now);
+                self.peers[i].ping.heard(now);
             }
             if data > 0 || mid_data {
                 self.clock.data(now);
@@ -344,12 +342,10 @@ where
                 self.dir(from).stop_src();
             }
             opcode::PONG => {
-                let ours = match self.peers[from.idx()].ping {
-                    Some((p, _)) => self.dir(from).tracker.control_payload() == p,
-                    None => false,
-                };
+                let (awaiting, payload) = (self.peers[from.idx()].ping.awaiting(), self.peers[from.idx()].ping_payload);
+                let ours = awaiting && self.dir(from).tracker.control_payload() == payload;
                 if ours {
-                    self.peers[from.idx()].ping = None;
+                    self.peers[from.idx()].ping.answered();
                 }
                 if ours || closing_by_proxy {
                     self.dir(from).drop_last_control();
@@ -488,36 +484,28 @@ where
         if let Some(due) = self.clock.due(now) {
             return self.end_with(Cause::from(due));
         }
-        if s.ping_interval.is_zero() {
-            return;
-        }
+        let pings = Pings::of(s);
         for side in [Side::Client, Side::Backend] {
             if side == Side::Client && self.parked() {
                 continue;
             }
-            let timed_out = self.peers[side.idx()].ping.is_some_and(|(_, sent)| now >= sent + s.ping_timeout);
-            if timed_out && side == Side::Client && self.try_park() {
-                // A client that stopped answering is treated as one whose connection dropped:
-                // the session is held for it.
-                self.metrics.ping_timeout();
-                continue;
-            }
-            let p = &mut self.peers[side.idx()];
-            match p.ping {
-                Some((_, sent)) if now >= sent + s.ping_timeout => {
+            match self.peers[side.idx()].ping.due(now, &pings) {
+                None => {}
+                Some(PingDue::TimedOut) if side == Side::Client && self.try_park() => {
+                    // A client that stopped answering is treated as one whose connection
+                    // dropped: the session is held for it.
+                    self.metrics.ping_timeout();
+                }
+                Some(PingDue::TimedOut) => {
                     // Unreachable: no reply will come, so none is awaited.
-                    p.stop_waiting();
+                    self.peers[side.idx()].stop_waiting();
                     self.metrics.ping_timeout();
                     return self.end_with(Cause::PingTimeout);
                 }
-                Some(_) => {}
-                None => {
-                    let last = p.last_rx.unwrap_or(self.started);
-                    if now >= last + s.ping_interval {
-                        let payload: [u8; 8] = rand::random();
-                        p.ping = Some((payload, now));
-                        self.dir(side.other()).queue(Injected::new(opcode::PING, &payload, side));
-                    }
+                Some(PingDue::Send) => {
+                    let payload: [u8; 8] = rand::random();
+                    self.peers[side.idx()].ping_payload = payload;
+                    self.dir(side.other()).queue(Injected::new(opcode::PING, &payload, side));
                 }
             }
         }
@@ -538,12 +526,10 @@ where
             if let Some(d) = self.resume.as_ref().and_then(|r| r.parked_until) {
                 consider(d);
             }
-            if !s.ping_interval.is_zero() {
-                for p in &self.peers {
-                    match p.ping {
-                        Some((_, sent)) => consider(sent + s.ping_timeout),
-                        None => consider(p.last_rx.unwrap_or(self.started) + s.ping_interval),
-                    }
+            let pings = Pings::of(s);
+            for p in &self.peers {
+                if let Some(t) = p.ping.next(&pings) {
+                    consider(t);
                 }
             }
         }
@@ -581,7 +567,7 @@ where
             window_ms = r.settings.window.as_millis() as u64,
             "client vanished; session held for it to resume"
         );
-        self.peers[Side::Client.idx()] = Peer { last_rx: Some(now), ..Peer::default() };
+        self.peers[Side::Client.idx()] = Peer::default();
         self.rearm();
         true
     }
@@ -607,7 +593,7 @@ where
         r.reg.held.set_state(crate::session::resume::State::Attached);
         self.metrics.resume_resumed(&r.reg.held.route, true);
         tracing::info!(route = r.reg.held.route, "client resumed its session");
-        self.peers[Side::Client.idx()] = Peer { last_rx: Some(Instant::now()), ..Peer::default() };
+        self.peers[Side::Client.idx()] = Peer::default();
         self.clock.renew(expires_at);
         self.rearm();
     }

@@ -20,7 +20,7 @@ use super::{Command, End, Fanouts, Key, Stream, Subscriber};
 use crate::codec::{self as frame, opcode, FrameLimits, ReadError, Reader, Side};
 use crate::config::{FanoutSettings, SessionSettings};
 use crate::metrics::Metrics;
-use crate::session::clock::{Clock, Ping, PingDue};
+use crate::session::clock::{Clock, Ping, PingDue, Pings};
 use crate::session::close::{Cause, CloseFrame, Refusal, NO_CLIENTS, REPLY_TO_CLOSE};
 use crate::session::subscriber::{write_flushed, write_unless_dropped, Lag, Written, CLOSE_TIMEOUT};
 use crate::session::SessionControl;
@@ -186,9 +186,9 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
 
 /// When a fan-out client's timer fires next: its deadlines (the session's [`Clock`]: token
 /// expiry, `max_lifetime`, `idle_timeout`) or its ping's, or far ahead when none is set.
-fn next_due(clock: &Clock, ping: &Ping) -> Instant {
+fn next_due(clock: &Clock, ping: &Ping, pings: &Pings) -> Instant {
     let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    [clock.next(), ping.next()].into_iter().flatten().min().unwrap_or_else(far)
+    [clock.next(), ping.next(pings)].into_iter().flatten().min().unwrap_or_else(far)
 }
 
 /// What a client's task needs.
@@ -247,8 +247,8 @@ where
     let (mut rd, mut wr) = tokio::io::split(io);
     let mut reader = Reader::new(Side::Client, limits(&t.session), &early, 256);
     let mut clock = Clock::new(&t.session, t.expires_at);
-    let mut ping = Ping::new(&t.session);
-    let timer = tokio::time::sleep_until(next_due(&clock, &ping));
+    let (pings, mut ping) = (Pings::of(&t.session), Ping::new());
+    let timer = tokio::time::sleep_until(next_due(&clock, &ping, &pings));
     tokio::pin!(timer);
     let control = t.control.clone();
     let stopped = control.wait_spread(t.drain_spread);
@@ -295,7 +295,7 @@ where
                     opcode::PONG => {
                         ping.answered();
                         ping.heard(Instant::now());
-                        timer.as_mut().reset(next_due(&clock, &ping));
+                        timer.as_mut().reset(next_due(&clock, &ping, &pings));
                     }
                     opcode::CLOSE => {
                         let code = f.payload().first_chunk::<2>().map(|c| u16::from_be_bytes(*c));
@@ -323,10 +323,10 @@ where
                 if let Some(due) = clock.due(now) {
                     break (Cause::from(due), true);
                 }
-                match ping.due(now) {
-                    None => timer.as_mut().reset(next_due(&clock, &ping)),
+                match ping.due(now, &pings) {
+                    None => timer.as_mut().reset(next_due(&clock, &ping, &pings)),
                     Some(PingDue::Send) => {
-                        timer.as_mut().reset(next_due(&clock, &ping));
+                        timer.as_mut().reset(next_due(&clock, &ping, &pings));
                         let mut frame = Vec::new();
                         frame::encode(true, 0, opcode::PING, None, b"portcullis", &mut frame);
                         let w = write_unless_dropped(write_flushed(&mut wr, &frame), &t.lagged, t.settings.drop_grace).await;
