@@ -1,6 +1,8 @@
-//! Per-connection templates: `{conn}`, `{conn % N}` and `{conn / N}` in paths, headers and claims.
+//! Per-connection templates: `{conn}`, `{conn % N}` and `{conn / N}`, each optionally `+ M`, in
+//! paths, headers and claims.
 
-/// Replaces every `{conn}`, `{conn % N}` and `{conn / N}` in `text`; anything else is kept as is.
+/// Replaces every `{conn}`, `{conn % N}` and `{conn / N}` (each optionally followed by `+ M`)
+/// in `text`; anything else is kept as is.
 pub fn expand(text: &str, conn: u64) -> String {
     if !text.contains('{') {
         return text.to_owned();
@@ -27,6 +29,9 @@ pub fn expand(text: &str, conn: u64) -> String {
 
 fn eval(expr: &str, conn: u64) -> Option<u64> {
     let expr = expr.trim();
+    if let Some((lhs, offset)) = expr.rsplit_once('+') {
+        return eval(lhs, conn)?.checked_add(offset.trim().parse().ok()?);
+    }
     if expr == "conn" {
         return Some(conn);
     }
@@ -52,6 +57,8 @@ mod tests {
         assert_eq!(expand("/agents/agent-{conn}/terminal", 7), "/agents/agent-7/terminal");
         assert_eq!(expand(r#"["agent-{conn % 100}"]"#, 1234), r#"["agent-34"]"#);
         assert_eq!(expand("{conn / 10}", 1234), "123");
+        assert_eq!(expand("observe={conn % 10 + 1}", 19), "observe=10");
+        assert_eq!(expand("{conn + 5}", 1), "6");
         assert_eq!(expand(r#"{"a": 1}"#, 3), r#"{"a": 1}"#);
     }
 }
