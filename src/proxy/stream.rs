@@ -546,6 +546,24 @@ impl Drop for Download {
         if sse {
             self.exchange.metrics.sse_streams_active.decrement(1.0);
         }
-        self.exchange.finish(sse, self.sent, self.end.unwrap_or("client_gone"));
+        let end = self.end.unwrap_or("client_gone");
+        self.exchange.finish(sse, self.sent, end);
+        // A governed body is a session: it ends with the line every session ends with.
+        if let Some(g) = &self.governance {
+            let initiator = match end {
+                "client_gone" => crate::session::Initiator::Client,
+                "complete" | "backend_error" => crate::session::Initiator::Backend,
+                _ => crate::session::Initiator::Proxy,
+            };
+            let upload = self.exchange.upload.as_ref().map_or(0, |u| u.bytes());
+            let record = crate::session::SessionEnd {
+                close_code: None,
+                initiator,
+                reason: end,
+                bytes: [upload, self.sent],
+                frames: [0, 0],
+            };
+            crate::session::close::log_end(g.session.entry(), self.exchange.started, &record);
+        }
     }
 }

@@ -321,9 +321,9 @@ impl Cause {
     }
 }
 
-/// Records the end of a session of any kind (relayed, fan-out client, observer): the one
-/// end-of-session log line (`session ended`, with the session's kind), its close in
-/// `portcullis_closes_total`, and its place in `portcullis_sessions_active` given back.
+/// Records the end of a WebSocket session of any kind (relayed, fan-out client, observer): its
+/// close in `portcullis_closes_total`, its place in `portcullis_sessions_active` given back, and
+/// the one end-of-session log line ([`log_end`]).
 pub fn record_end(
     metrics: &crate::metrics::Metrics,
     s: &crate::session::SessionEntry,
@@ -332,6 +332,13 @@ pub fn record_end(
 ) {
     metrics.sessions_active.decrement(1.0);
     metrics.close(code_label(end.close_code), end.initiator.as_str());
+    log_end(s, started, end);
+}
+
+/// The one end-of-session log line, `session ended`, of every kind of session (WebSockets
+/// through [`record_end`]; streamed responses, SSE and others, when their body ends, beside
+/// their access-log line). It never carries a token.
+pub fn log_end(s: &crate::session::SessionEntry, started: std::time::Instant, end: &crate::session::SessionEnd) {
     tracing::info!(
         session = s.id,
         kind = s.kind.as_str(),

@@ -318,6 +318,35 @@ async fn sse_events_arrive_one_by_one_as_the_backend_sends_them() {
     assert!(ends_cleanly(body).await);
 }
 
+/// An SSE stream is a session: when it ends it writes the one end-of-session line every session
+/// writes (`session ended`, with its kind), beside its access-log line.
+#[tokio::test]
+async fn an_sse_stream_ends_with_the_session_ended_line_of_every_session() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let mut proxy = ProxyProcess::start(&api_config(&key, &[backend.addr], "", "").text()).await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let resp = c
+        .send(request(
+            "GET",
+            "/agents/a1/api/sse?n=2&gap_ms=10",
+            &[("authorization", &key.bearer(&["a1"]))],
+            full(Bytes::new()),
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let (got, body) = events(resp, 2).await;
+    assert_eq!(got.len(), 2);
+    assert!(ends_cleanly(body).await);
+    drop(c);
+    let logs = proxy.stop_and_collect_logs().await;
+    let line = logs
+        .lines()
+        .find(|l| l.contains("session ended") && l.contains("kind=\"sse\""))
+        .unwrap_or_else(|| panic!("no session ended line for the stream:\n{logs}"));
+    assert!(line.contains("reason=\"complete\"") && line.contains("closed_by=\"backend\""), "{line}");
+}
+
 #[tokio::test]
 async fn an_sse_stream_is_a_session_ended_by_revocation_and_its_expiry() {
     let backend = RestBackend::start("m1").await;
