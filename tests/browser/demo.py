@@ -49,6 +49,9 @@ OUT = os.path.join(ROOT, "target", "browser")
 
 
 def free_port():
+    """A port for chromedriver, which cannot bind port 0 and report what it got: bound, released,
+    and used at once. Nothing of Portcullis's is started this way: the demo binds port 0 and names
+    its ports in its banner."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -222,17 +225,20 @@ def main():
             print(f"  FAILED: {name}: {e}")
 
     try:
-        port, admin, backend, driver_port = free_port(), free_port(), free_port(), free_port()
+        driver_port = free_port()
         # The page is also opened through a forwarder, whose connections the resume check cuts.
-        forwarder = Forwarder(port)
+        # It listens first (its port is the page's allowed origin); its target is the demo's
+        # port, once the demo has named it.
+        forwarder = Forwarder(None)
         resume_window = 4
         # The npm packages are kept across runs (the demo installs them once).
         demo_dir = os.path.join(ROOT, "target", "browser-demo")
         log = open(os.path.join(run, "demo.log"), "w")
         env = dict(os.environ, RUST_LOG="portcullis=info", NO_COLOR="1")
         demo = subprocess.Popen(
-            [PC, "demo", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-             "--backend", f"127.0.0.1:{backend}", "--dir", demo_dir, "--shell", "/bin/bash",
+            # Port 0 everywhere: the demo binds what the kernel gives and names it in its banner.
+            [PC, "demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+             "--backend", "127.0.0.1:0", "--dir", demo_dir, "--shell", "/bin/bash",
              "--resume-window", f"{resume_window}s", "--origin", f"https://localhost:{forwarder.port}"],
             stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         procs.append(demo)
@@ -251,6 +257,9 @@ def main():
         if not url or not token:
             raise SystemExit(f"demo page: no page URL in the banner:\n{banner}")
         url, token = url.group(1), token.group(1)
+        port = int(re.search(r"https://localhost:(\d+)/", url).group(1))
+        admin = int(re.search(r"admin +http://127\.0\.0\.1:(\d+)/metrics", banner).group(1))
+        forwarder.target = port
         xterm = "xterm.js installed" in banner
         print(f"demo page: {'xterm.js' if xterm else 'fallback terminal (no npm)'}; {url.split('#')[0]}")
         wait_port(port)
