@@ -150,7 +150,18 @@ impl rustls::client::danger::ServerCertVerifier for Pinned {
             Ok(ok) => return Ok(ok),
             Err(e) => e,
         };
-        if !self.pinned.iter().any(|p| p.as_ref() == end_entity.as_ref()) {
+        // Only WebPKI's refusals of a certificate *as an end entity* are reconsidered: a
+        // self-signed one is its own unknown issuer, and a CA:TRUE one is refused as a CA. An
+        // expired, not yet valid or otherwise broken certificate stays refused (WebPKI checks
+        // dates first).
+        let as_end_entity = match &refused {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => true,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+                other.0.downcast_ref::<webpki::Error>() == Some(&webpki::Error::CaUsedAsEndEntity)
+            }
+            _ => false,
+        };
+        if !as_end_entity || !self.pinned.iter().any(|p| p.as_ref() == end_entity.as_ref()) {
             return Err(refused);
         }
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| refused.clone())?;

@@ -502,13 +502,6 @@ pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
     out
 }
 
-/// A close frame with no code (RFC 6455 §5.5.1: the body is optional).
-pub fn close_frame_empty() -> Vec<u8> {
-    let mut out = Vec::with_capacity(2);
-    encode(true, 0, opcode::CLOSE, None, &[], &mut out);
-    out
-}
-
 /// One whole frame as it came off the wire, read by a [`Reader`].
 #[derive(Debug)]
 pub struct WholeFrame {

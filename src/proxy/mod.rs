@@ -1148,6 +1148,7 @@ async fn handle_observer(
         _slots: slots,
         expires_at,
         drain_spread: runtime.config.server.drain_spread,
+        lifetime: route.session.max_lifetime,
     };
     let hub = Arc::downgrade(&hub);
     hand_off(ctx, on_upgrade, Accepted::Observe(Watching { observing, hub, watch, stream }));
@@ -1262,7 +1263,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
     };
     let started = Instant::now();
     shared.metrics.sessions_active.increment(1.0);
-    let mut backend_early = std::mem::take(&mut p.backend.early);
+    let backend_early = std::mem::take(&mut p.backend.early);
     let backend_stream = p.backend.stream;
     let resume = p.resume.take().zip(p.route.resume.clone());
     let mut finish = Finish {
@@ -1286,21 +1287,31 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
     // Resumable: the client side can be replaced, and what its connection holds goes with it.
     // Ahead of anything the backend sent: the id the proxy issued (for clients that cannot
     // read the 101's headers), then, when the client named an id it no longer holds, that
-    // this is a fresh session.
+    // this is a fresh session. Written to the client before the relay starts: they are the
+    // proxy's frames, not the backend's output (not recorded, not shown to observers, not
+    // counted or limited as the backend's).
     let announce = settings.announce.then(|| serde_json::json!({"portcullis": {"resume_id": registration.held.id()}}));
     let notice = settings.notice.as_deref().filter(|_| registration.replaced);
     let texts = [announce.map(|a| a.to_string()), notice.map(str::to_owned)];
-    let mut framed = Vec::new();
+    let mut greeting = Vec::new();
     for text in texts.iter().flatten() {
-        crate::codec::encode(true, 0, crate::codec::opcode::TEXT, None, text.as_bytes(), &mut framed);
+        crate::codec::encode(true, 0, crate::codec::opcode::TEXT, None, text.as_bytes(), &mut greeting);
     }
-    if !framed.is_empty() {
-        framed.extend_from_slice(&backend_early);
-        backend_early = framed;
-    }
-    let client = relay::Parkable::new(Box::new(client), Box::new((slot, p.stream)), settings.buffer);
+    let mut client = relay::Parkable::new(Box::new(client), Box::new((slot, p.stream)), settings.buffer);
+    let write_within = p.route.session.close_timeout;
     let params = RelayParams { resume: Some((settings, registration)), ..params };
-    let session = relay::relay(client, client_early, backend_stream, backend_early, params);
+    let session = async move {
+        if !greeting.is_empty() {
+            use tokio::io::AsyncWriteExt as _;
+            // A client that takes none of it within close_timeout is dealt with by the relay.
+            let write = async {
+                client.write_all(&greeting).await?;
+                client.flush().await
+            };
+            let _ = tokio::time::timeout(write_within, write).await;
+        }
+        relay::relay(client, client_early, backend_stream, backend_early, params).await
+    };
     shared.tasks.spawn(session.map(move |end| finish.done(&end)).in_current_span());
 }
 

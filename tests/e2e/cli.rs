@@ -400,6 +400,40 @@ async fn connect_trusts_a_self_signed_ca_certificate_given_with_ca_for_its_own_n
     std::fs::write(&other, std::fs::read(&certs().cert).expect("read")).expect("write");
     let out = connect("localhost", &other).await.expect("join");
     assert!(!out.status.success(), "a certificate the file does not hold is refused");
+    // The same kind of certificate, expired: WebPKI's refusal stands, given with --ca or not.
+    let old_key = rcgen::KeyPair::generate().expect("key");
+    let mut expired = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    expired.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    expired.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    expired.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let expired = expired.self_signed(&old_key).expect("cert");
+    let (expired_cert, expired_key) = (dir.path().join("expired.pem"), dir.path().join("expired-key.pem"));
+    std::fs::write(&expired_cert, expired.pem()).expect("write");
+    std::fs::write(&expired_key, old_key.serialize_pem()).expect("write");
+    let stale = Proxy::start_with(
+        &TestConfig::base(&[backend.addr.to_string()])
+            .set("tls.cert", expired_cert.display().to_string())
+            .set("tls.key", expired_key.display().to_string())
+            .text(),
+    )
+    .await;
+    let url = format!("wss://localhost:{}/agents/a1/terminal", stale.tls.port());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["connect", &url, "--ca"])
+            .arg(&expired_cert)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    assert!(!out.status.success(), "an expired pinned certificate is refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tls handshake failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // --system-roots alone: the system's store is read, and it does not vouch for a
     // self-signed certificate.
     let url = format!("wss://localhost:{}/agents/a1/terminal", proxy.tls.port());

@@ -314,6 +314,75 @@ async fn a_backend_that_stops_reading_holds_up_the_forwarding_clients_not_the_ev
     flood.abort();
 }
 
+/// A forwarding client waiting for room on a stream whose backend stopped reading used to wait
+/// in the send, seeing none of its own ends: a revoked client stayed connected and listed. Its
+/// wait now races its revocation (and drain, expiry, lifetime, being dropped).
+#[tokio::test]
+async fn a_forwarding_client_held_up_by_a_deaf_backend_still_ends_when_revoked() {
+    let (backend, _go) = broadcaster_reading(0, 0, false).await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&fanned("fanout-deaf-revoke", backend.addr, &key, "client_data = \"forward\"")).await;
+    let token = format!("Bearer {}", key.token("typist", &["a1"], Duration::from_secs(600)));
+    let typist = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &token)]).await.expect("101");
+    let (mut rd, mut wr) = tokio::io::split(typist.io);
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flood = {
+        let written = written.clone();
+        tokio::spawn(async move {
+            let frame = encode(true, 0, op::BINARY, Some(rand_mask()), &vec![b'x'; 64 * 1024]);
+            for _ in 0..1024 {
+                if wr.write_all(&frame).await.is_err() {
+                    return;
+                }
+                written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    // Held up: the proxy takes no more of the flood (every queue and buffer on the way is full).
+    let mut last = usize::MAX;
+    eventually("the typist is held up by the deaf backend", async || {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        let stalled = now == last && now > 0;
+        last = now;
+        stalled.then_some(())
+    })
+    .await;
+    assert!(!flood.is_finished());
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"typist"}"#).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#));
+    let close = tokio::time::timeout(SOON, async {
+        loop {
+            let f = read_frame(&mut rd).await.expect("a frame before the connection ends");
+            if f.opcode == op::CLOSE {
+                return f;
+            }
+        }
+    })
+    .await
+    .expect("the revoked client is closed while it waits");
+    assert_eq!((close.close_code(), close.close_reason().as_str()), (Some(1008), "session revoked"));
+    flood.abort();
+}
+
+/// A read-only client may send control frames only: a frame header claiming more is refused at
+/// once (1009), its payload never buffered.
+#[tokio::test]
+async fn a_read_only_client_is_refused_a_large_frame_from_its_header() {
+    let (backend, _go) = broadcaster(0, 0).await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&fanned("fanout-readonly-big", backend.addr, &key, "")).await;
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &key.bearer(&["a1"]))])
+        .await
+        .expect("101");
+    // The header of a 1 MiB frame, and none of its payload.
+    let mut header = encode(true, 0, op::BINARY, Some(rand_mask()), &[]);
+    header[1] = 0x80 | 127;
+    header.splice(2..2, (1u64 << 20).to_be_bytes());
+    c.send_raw(&header).await;
+    assert_eq!(c.recv_close().await.close_code(), Some(1009));
+}
+
 #[tokio::test]
 async fn http2_streams_share_the_backend_stream_too() {
     let (backend, go) = broadcaster(30, 0).await;

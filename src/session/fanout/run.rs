@@ -21,7 +21,7 @@ use crate::codec::{self as frame, opcode, FrameLimits, ReadError, Reader, Side};
 use crate::config::{FanoutSettings, SessionSettings};
 use crate::metrics::Metrics;
 use crate::session::clock::{Clock, Ping, PingDue, Pings};
-use crate::session::close::{Cause, CloseFrame, Refusal, NO_CLIENTS, REPLY_TO_CLOSE};
+use crate::session::close::{check_peer_close, Cause, CloseFrame, Refusal, NO_CLIENTS, REPLY_TO_CLOSE};
 use crate::session::subscriber::{write_flushed, write_unless_dropped, Lag, Written, CLOSE_TIMEOUT};
 use crate::session::SessionControl;
 
@@ -104,6 +104,15 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
                     opcode::PONG => {}
                     opcode::CLOSE => {
                         let p = f.payload();
+                        // A code that may not be on the wire (1005, 1006, 1015...) or a reason
+                        // that is not UTF-8 is the backend's violation: it never reaches a client.
+                        if let Err(violation) = check_peer_close(&p) {
+                            let cause = Cause::Violation { by: Side::Backend, violation };
+                            if let Some(f) = cause.plan().to_backend {
+                                outbox.extend_from_slice(&close_frame(f, true));
+                            }
+                            break End::BackendLost;
+                        }
                         let code = p.first_chunk::<2>().map(|c| u16::from_be_bytes(*c));
                         outbox.extend_from_slice(&close_frame(REPLY_TO_CLOSE, true));
                         break End::BackendClosed(code);
@@ -245,7 +254,13 @@ where
     t.metrics.sessions_active.increment(1.0);
     t.metrics.fanout_subscriber(&route, 1.0);
     let (mut rd, mut wr) = tokio::io::split(io);
-    let mut reader = Reader::new(Side::Client, limits(&t.session), &early, 256);
+    // A client that may only read sends control frames only: a frame claiming more than one is
+    // refused from its header, unread (as an observer's is).
+    let client_limits = match t.settings.forward_client_data {
+        true => limits(&t.session),
+        false => FrameLimits { max_frame_size: 125, max_message_size: 125, allowed_rsv: 0 },
+    };
+    let mut reader = Reader::new(Side::Client, client_limits, &early, 256);
     let mut clock = Clock::new(&t.session, t.expires_at);
     let (pings, mut ping) = (Pings::of(&t.session), Ping::new());
     let timer = tokio::time::sleep_until(next_due(&clock, &ping, &pings));
@@ -298,7 +313,11 @@ where
                         timer.as_mut().reset(next_due(&clock, &ping, &pings));
                     }
                     opcode::CLOSE => {
-                        let code = f.payload().first_chunk::<2>().map(|c| u16::from_be_bytes(*c));
+                        let p = f.payload();
+                        if let Err(violation) = check_peer_close(&p) {
+                            break (Cause::Violation { by: Side::Client, violation }, true);
+                        }
+                        let code = p.first_chunk::<2>().map(|c| u16::from_be_bytes(*c));
                         break (Cause::PeerClose { from: Side::Client, code }, true);
                     }
                     // Only whole messages are forwarded: another client's frames may come next.
@@ -307,8 +326,29 @@ where
                     }
                     _ if t.settings.forward_client_data => {
                         clock.data(Instant::now());
-                        if t.stream.data.send(f.bytes).await.is_err() {
-                            break (Cause::SourceEnded { observer: false }, true);
+                        // A backend that stops reading fills the stream's queue: this client
+                        // then waits for room, and its own ends (revocation, drain, its token's
+                        // expiry, its lifetime, being dropped) still end it meanwhile.
+                        let room = async {
+                            loop {
+                                let wake = clock.next().unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
+                                tokio::select! {
+                                    permit = t.stream.data.reserve() => {
+                                        return permit.map_err(|_| (Cause::SourceEnded { observer: false }, true));
+                                    }
+                                    r = &mut stopped => return Err((Cause::from(r), true)),
+                                    () = t.lagged.raised() => return Err(SLOW),
+                                    () = tokio::time::sleep_until(wake) => {
+                                        if let Some(due) = clock.due(Instant::now()) {
+                                            return Err((Cause::from(due), true));
+                                        }
+                                    }
+                                }
+                            }
+                        };
+                        match room.await {
+                            Ok(permit) => permit.send(f.bytes),
+                            Err(end) => break end,
                         }
                     }
                     _ => {
@@ -345,9 +385,10 @@ where
     let close = match cause {
         // A client's close is answered; the backend's close reaches the client with its code.
         Cause::PeerClose { from: Side::Client, .. } => Some(close_frame(REPLY_TO_CLOSE, false)),
+        // A close without a code is passed on as a normal closure, as before.
         Cause::PeerClose { from: Side::Backend, code } => Some(match code {
             Some(code) => frame::close_frame(code, "", None),
-            None => frame::close_frame_empty(),
+            None => close_frame(REPLY_TO_CLOSE, false),
         }),
         _ => cause.plan().to_client.map(|f| close_frame(f, false)),
     };

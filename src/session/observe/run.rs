@@ -54,6 +54,8 @@ pub struct Watch {
     pub expires_at: Option<tokio::time::Instant>,
     /// `[server] drain_spread`: a drained observer closes within it, at a random point.
     pub drain_spread: std::time::Duration,
+    /// The route's `max_lifetime` (zero: none), which an observer's session has too.
+    pub lifetime: std::time::Duration,
 }
 
 /// What an observer may send: control frames only (at most 125 bytes), so a frame claiming
@@ -82,13 +84,19 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let control = watch.own.entry().control.clone();
     let stopped = control.wait_spread(watch.drain_spread);
     tokio::pin!(stopped);
-    let expiry = async {
-        match watch.expires_at {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
+    // Its deadlines, from the session clock: its token's expiry and the route's lifetime (an
+    // observer has no idle timeout: the session it watches may be quiet for long).
+    let clock = crate::session::clock::Clock::with(watch.lifetime, std::time::Duration::ZERO, watch.expires_at);
+    let deadline = async {
+        loop {
+            let Some(at) = clock.next() else { return std::future::pending().await };
+            tokio::time::sleep_until(at).await;
+            if let Some(due) = clock.due(tokio::time::Instant::now()) {
+                return due;
+            }
         }
     };
-    tokio::pin!(expiry);
+    tokio::pin!(deadline);
     // Every write is bounded: an observer that stops reading must not hold this task.
     let (end, cause) = loop {
         // Dropped between writes: the chunks still queued are not sent. (Waiting in `recv`,
@@ -121,9 +129,14 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 },
                 reason = &mut stopped => Err(match reason {
                     crate::session::StopReason::Revoked => ("revoked", Cause::Revoked),
-                    r => ("drain", Cause::from(r)),
+                    crate::session::StopReason::Drain => ("drain", Cause::Drain),
+                    crate::session::StopReason::RouteRemoved => ("route_removed", Cause::RouteRemoved),
+                    crate::session::StopReason::Rebalance => ("rebalance", Cause::Rebalance),
                 }),
-                _ = &mut expiry => Err(("token_expired", Cause::TokenExpired)),
+                due = &mut deadline => Err(match due {
+                    crate::session::clock::Due::Expired => ("token_expired", Cause::TokenExpired),
+                    other => ("lifetime", Cause::from(other)),
+                }),
             }
         };
         let out = match next {
