@@ -490,6 +490,15 @@ pub const UNLIMITED: FrameLimits =
 /// The close frame the proxy writes: `code` and `reason` (cut to the 123 bytes a control frame
 /// has room for, at a character boundary), masked when it goes to a backend.
 pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
+    let (payload, len) = close_payload(code, reason);
+    let mut out = Vec::with_capacity(len + 6);
+    encode(true, 0, opcode::CLOSE, mask, &payload[..len], &mut out);
+    out
+}
+
+/// A close frame's payload: `code`, then `reason` cut to the 123 bytes a control frame has room
+/// for, at a character boundary; with its length.
+pub fn close_payload(code: u16, reason: &str) -> ([u8; 125], usize) {
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
@@ -497,9 +506,7 @@ pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
     let mut payload = [0u8; 125];
     payload[..2].copy_from_slice(&code.to_be_bytes());
     payload[2..2 + end].copy_from_slice(&reason.as_bytes()[..end]);
-    let mut out = Vec::with_capacity(end + 8);
-    encode(true, 0, opcode::CLOSE, mask, &payload[..2 + end], &mut out);
-    out
+    (payload, 2 + end)
 }
 
 /// One whole frame as it came off the wire, read by a [`Reader`].

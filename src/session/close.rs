@@ -63,6 +63,15 @@ pub const REPLY_TO_CLOSE: CloseFrame = CloseFrame::new(code::NORMAL, "");
 /// passed.
 pub const NO_CLIENTS: CloseFrame = CloseFrame::new(code::GOING_AWAY, "no clients");
 
+/// A session that reads a shared source rather than a backend of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscriber {
+    /// A client of a fan-out stream (`[routes.fanout]`).
+    FanoutClient,
+    /// An observer of another session (`[routes.observe]`).
+    Observer,
+}
+
 /// What a client sent that its session does not take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -119,18 +128,12 @@ pub enum Cause {
         /// The buffer filled before the window ended.
         overflow: bool,
     },
-    /// A fan-out client or an observer fell behind what it reads (its queue was full) and was
-    /// dropped; what it reads goes on without it.
-    Lagged {
-        /// An observer (else a fan-out client).
-        observer: bool,
-    },
-    /// What a fan-out client or an observer reads ended: the shared backend stream went
-    /// without a close, or the observed session ended.
-    SourceEnded {
-        /// An observer (else a fan-out client).
-        observer: bool,
-    },
+    /// A subscriber fell behind what it reads (its queue was full) and was dropped; what it
+    /// reads goes on without it.
+    Lagged(Subscriber),
+    /// What a subscriber reads ended: a fan-out client's shared backend stream went without a
+    /// close, or an observer's session ended.
+    SourceEnded(Subscriber),
     /// A client sent what its session does not take.
     Refused(Refusal),
 }
@@ -282,21 +285,23 @@ impl Cause {
             },
             // A subscriber's end: only the client is written to (the stream or the session
             // it read goes on, or is gone already).
-            Cause::Lagged { observer } => {
-                let (reason, label) = if observer {
-                    ("observer too slow", "observer too slow")
-                } else {
-                    ("client too slow", "client too slow")
+            Cause::Lagged(who) => {
+                let reason = match who {
+                    Subscriber::FanoutClient => "client too slow",
+                    Subscriber::Observer => "observer too slow",
                 };
                 Plan {
                     to_client: Some(CloseFrame::new(TRY_AGAIN_LATER, reason)),
                     to_backend: None,
                     initiator: Initiator::Proxy,
-                    label,
+                    label: reason,
                 }
             }
-            Cause::SourceEnded { observer } => {
-                let reason = if observer { "session ended" } else { "stream ended" };
+            Cause::SourceEnded(who) => {
+                let reason = match who {
+                    Subscriber::FanoutClient => "stream ended",
+                    Subscriber::Observer => "session ended",
+                };
                 Plan {
                     to_client: Some(CloseFrame::new(GOING_AWAY, reason)),
                     to_backend: None,
@@ -473,10 +478,10 @@ mod tests {
             (Cause::RecordingGap, "the recording fell behind or failed"),
             (Cause::ResumeExpired { overflow: false }, "a resumable session's client did not come back"),
             (Cause::ResumeExpired { overflow: true }, "a resumable session's buffered output outgrew"),
-            (Cause::Lagged { observer: false }, "fan-out: the client's queue was full"),
-            (Cause::Lagged { observer: true }, "observer: its queue was full"),
-            (Cause::SourceEnded { observer: false }, "fan-out: the shared backend stream ended"),
-            (Cause::SourceEnded { observer: true }, "observer: the observed session ended"),
+            (Cause::Lagged(Subscriber::FanoutClient), "fan-out: the client's queue was full"),
+            (Cause::Lagged(Subscriber::Observer), "observer: its queue was full"),
+            (Cause::SourceEnded(Subscriber::FanoutClient), "fan-out: the shared backend stream ended"),
+            (Cause::SourceEnded(Subscriber::Observer), "observer: the observed session ended"),
             (Cause::Refused(Refusal::ReadOnly), "fan-out: a data frame with `client_data = \"refuse\"`"),
             (Cause::Refused(Refusal::Fragmented), "fan-out: a fragment with `client_data = \"forward\"`"),
             (Cause::Refused(Refusal::Observer), "observer: a data frame"),

@@ -106,11 +106,8 @@ impl Injected {
     }
 
     pub(super) fn close(f: CloseFrame, to: Side) -> Injected {
-        let mut p = [0u8; 125];
-        p[..2].copy_from_slice(&f.code.to_be_bytes());
-        let r = &f.reason.as_bytes()[..f.reason.len().min(123)];
-        p[2..2 + r.len()].copy_from_slice(r);
-        Injected::new(opcode::CLOSE, &p[..2 + r.len()], to)
+        let (payload, len) = frame::close_payload(f.code, f.reason);
+        Injected::new(opcode::CLOSE, &payload[..len], to)
     }
 }
 

@@ -21,7 +21,9 @@ use crate::codec::{self as frame, opcode, FrameLimits, ReadError, Reader, Side};
 use crate::config::{FanoutSettings, SessionSettings};
 use crate::metrics::Metrics;
 use crate::session::clock::{Clock, Ping, PingDue, Pings};
-use crate::session::close::{check_peer_close, Cause, CloseFrame, Refusal, NO_CLIENTS, REPLY_TO_CLOSE};
+use crate::session::close::{
+    check_peer_close, Cause, CloseFrame, Refusal, Subscriber as Kind, NO_CLIENTS, REPLY_TO_CLOSE,
+};
 use crate::session::subscriber::{write_flushed, write_unless_dropped, Lag, Written, CLOSE_TIMEOUT};
 use crate::session::SessionControl;
 
@@ -230,7 +232,7 @@ impl Drop for ClientTask {
 type ClientEnd = (Cause, bool);
 
 /// A client the stream dropped for falling behind: 1013, with its close frame.
-const SLOW: ClientEnd = (Cause::Lagged { observer: false }, true);
+const SLOW: ClientEnd = (Cause::Lagged(Kind::FanoutClient), true);
 
 /// The end a write to a client means, if it ends the client.
 fn ends_client(w: Written) -> Option<ClientEnd> {
@@ -289,7 +291,7 @@ where
                 None if t.lagged.is_raised() => break SLOW,
                 None => match t.stream.ended() {
                     Some(End::BackendClosed(code)) => break (Cause::PeerClose { from: Side::Backend, code }, true),
-                    _ => break (Cause::SourceEnded { observer: false }, true),
+                    _ => break (Cause::SourceEnded(Kind::FanoutClient), true),
                 },
             },
             f = reader.next(&mut rd) => {
@@ -334,7 +336,7 @@ where
                                 let wake = clock.next().unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
                                 tokio::select! {
                                     permit = t.stream.data.reserve() => {
-                                        return permit.map_err(|_| (Cause::SourceEnded { observer: false }, true));
+                                        return permit.map_err(|_| (Cause::SourceEnded(Kind::FanoutClient), true));
                                     }
                                     r = &mut stopped => return Err((Cause::from(r), true)),
                                     () = t.lagged.raised() => return Err(SLOW),

@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::{Hub, Observer};
 use crate::codec::{self, opcode, FrameLimits, ReadError, Reader, Side, Violation};
-use crate::session::close::{Cause, Refusal, REPLY_TO_CLOSE};
+use crate::session::close::{Cause, Refusal, Subscriber, REPLY_TO_CLOSE};
 use crate::session::subscriber::{write_unless_dropped, Written, CLOSE_TIMEOUT};
 
 /// The observed session's id, when the request asks to observe one (`?observe=<id>`).
@@ -26,7 +26,7 @@ pub fn requested(path_and_query: &str) -> Option<u64> {
 
 /// An observer the hub dropped for falling behind: 1013. (Each end is its metric label and its
 /// cause in the close table.)
-const SLOW: (&str, Cause) = ("lagged", Cause::Lagged { observer: true });
+const SLOW: (&str, Cause) = ("lagged", Cause::Lagged(Subscriber::Observer));
 
 /// What the observer's writer sends next: a chunk of the session's output (the hub's shared
 /// buffer, not a copy) or the answer to a ping.
@@ -108,7 +108,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 chunk = observer.rx.recv() => match chunk {
                     Some(bytes) => Ok(Out::Data(bytes)),
                     None if observer.lagged() => Err(SLOW),
-                    None => Err(("session_ended", Cause::SourceEnded { observer: true })),
+                    None => Err(("session_ended", Cause::SourceEnded(Subscriber::Observer))),
                 },
                 // Cancel-safe: a frame in part stays in the reader.
                 read = reader.next(&mut rd) => match read {
