@@ -339,15 +339,7 @@ impl Governance {
             // The session's clock: the token's expiry and the lifetime (a streamed response has
             // no idle timeout and no pings of the proxy's).
             let clock = Clock::with(lifetime.unwrap_or(Duration::ZERO), Duration::ZERO, expires_at);
-            let deadline = async {
-                loop {
-                    let Some(at) = clock.next() else { return std::future::pending().await };
-                    tokio::time::sleep_until(at).await;
-                    if let Some(due) = clock.due(tokio::time::Instant::now()) {
-                        return due;
-                    }
-                }
-            };
+            let deadline = clock.until_due();
             tokio::select! {
                 reason = control.wait_spread(drain_spread) => match reason {
                     StopReason::Drain => "drain",

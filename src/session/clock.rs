@@ -78,6 +78,18 @@ impl Clock {
         [self.expires_at, self.drain_at, self.lifetime_at, idle].into_iter().flatten().min()
     }
 
+    /// Ready with what comes due first, for a session whose clock changes no more (no activity
+    /// to note: an observer, a streamed response); never, when nothing is set.
+    pub async fn until_due(&self) -> Due {
+        loop {
+            let Some(at) = self.next() else { return std::future::pending().await };
+            tokio::time::sleep_until(at).await;
+            if let Some(due) = self.due(Instant::now()) {
+                return due;
+            }
+        }
+    }
+
     /// What is due at `now`, if anything.
     pub fn due(&self, now: Instant) -> Option<Due> {
         if self.expires_at.is_some_and(|at| now >= at) {
@@ -206,6 +218,16 @@ mod tests {
         assert_eq!(c.due(Instant::now()), Some(Due::Expired));
         c.renew(None);
         assert_eq!(c.due(Instant::now()), Some(Due::Drain));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn until_due_waits_for_the_first_deadline() {
+        let start = Instant::now();
+        let c = Clock::with(Duration::from_secs(30), Duration::ZERO, Some(start + Duration::from_secs(10)));
+        assert_eq!(c.until_due().await, Due::Expired);
+        assert_eq!(Instant::now() - start, Duration::from_secs(10));
+        let none = Clock::with(Duration::ZERO, Duration::ZERO, None);
+        assert!(tokio::time::timeout(Duration::from_secs(3600), none.until_due()).await.is_err(), "nothing set: never");
     }
 
     #[tokio::test(start_paused = true)]

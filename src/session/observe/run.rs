@@ -87,15 +87,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     // Its deadlines, from the session clock: its token's expiry and the route's lifetime (an
     // observer has no idle timeout: the session it watches may be quiet for long).
     let clock = crate::session::clock::Clock::with(watch.lifetime, std::time::Duration::ZERO, watch.expires_at);
-    let deadline = async {
-        loop {
-            let Some(at) = clock.next() else { return std::future::pending().await };
-            tokio::time::sleep_until(at).await;
-            if let Some(due) = clock.due(tokio::time::Instant::now()) {
-                return due;
-            }
-        }
-    };
+    let deadline = clock.until_due();
     tokio::pin!(deadline);
     // Every write is bounded: an observer that stops reading must not hold this task.
     let (end, cause) = loop {
