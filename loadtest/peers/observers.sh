@@ -55,6 +55,8 @@ queue = 4096
 CONF
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+port_of() { [ "$1" = old ] && echo 19352 || echo 19353; }
+admin_of() { [ "$1" = old ] && echo 19362 || echo 19363; }
 TICK=$(getconf CLK_TCK)
 token=(--jwt-secret-env PCLT_SECRET --alg HS256)
 echo "## observers: $OWNERS owners x $OBSERVERS observers per proxy, $RATE msg/s of 64 B, $DURATION, $REPEAT rounds (both proxies at once)"
@@ -63,10 +65,8 @@ for round in $(seq 1 "$REPEAT"); do
     procs=()
     declare -A PID
     for name in old new; do
-        port=$([ $name = old ] && echo 19352 || echo 19353)
-        admin=$([ $name = old ] && echo 19362 || echo 19363)
         bin=$([ $name = old ] && echo "$OLD" || echo "$NEW")
-        config $port $admin >"$WORK/$name.toml"
+        config "$(port_of $name)" "$(admin_of $name)" >"$WORK/$name.toml"
         RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$bin" run --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
         PID[$name]=$!
         pids+=($!)
@@ -74,7 +74,7 @@ for round in $(seq 1 "$REPEAT"); do
     done
     sleep 1
     for name in old new; do
-        port=$([ $name = old ] && echo 19352 || echo 19353)
+        port=$(port_of $name)
         "$LT" rate -q -c "$OWNERS" --rate "$RATE" --size 64 -d "$((SECS + 4))s" "${token[@]}" --claim sub=owner \
             --claim 'agents=["a1"]' --target "ws://127.0.0.1:$port/agents/a1/terminal" >"$WORK/owners-$name.txt" 2>&1 &
         pids+=($!)
@@ -82,8 +82,7 @@ for round in $(seq 1 "$REPEAT"); do
     done
     sleep 1
     for name in old new; do
-        port=$([ $name = old ] && echo 19352 || echo 19353)
-        admin=$([ $name = old ] && echo 19362 || echo 19363)
+        port=$(port_of $name) admin=$(admin_of $name)
         base=$(curl -s "http://127.0.0.1:$admin/sessions" | python3 -c 'import json,sys; print(min(s["id"] for s in json.load(sys.stdin)["sessions"]))')
         "$LT" idle -q -c "$((OWNERS * OBSERVERS))" --ramp 1000 -d "$((SECS + 1))s" "${token[@]}" --claim sub=watcher \
             --claim scope=observe:a1 --target "ws://127.0.0.1:$port/agents/a1/terminal?observe={conn % $OWNERS + $base}" \
@@ -99,7 +98,7 @@ for round in $(seq 1 "$REPEAT"); do
     for name in old new; do
         t1=$(cpu_ticks "${PID[$name]}")
         ms=$(( (t1 - T0[$name]) * 1000 / TICK ))
-        admin=$([ $name = old ] && echo 19362 || echo 19363)
+        admin=$(admin_of $name)
         watching=$(curl -s "http://127.0.0.1:$admin/metrics" | awk '/^portcullis_observers_active/ {s += $2} END {print s + 0}')
         python3 -c "print(f'{$round:<6} {\"$name\":<5} {$ms / $window:>12.1f} {$ms * 1000 / ($window * $RATE):>12.2f} {$watching:>10}')"
     done
