@@ -1285,18 +1285,10 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
         return;
     };
     // Resumable: the client side can be replaced, and what its connection holds goes with it.
-    // Ahead of anything the backend sent: the id the proxy issued (for clients that cannot
-    // read the 101's headers), then, when the client named an id it no longer holds, that
-    // this is a fresh session. Written to the client before the relay starts: they are the
-    // proxy's frames, not the backend's output (not recorded, not shown to observers, not
-    // counted or limited as the backend's).
-    let announce = settings.announce.then(|| serde_json::json!({"portcullis": {"resume_id": registration.held.id()}}));
-    let notice = settings.notice.as_deref().filter(|_| registration.replaced);
-    let texts = [announce.map(|a| a.to_string()), notice.map(str::to_owned)];
-    let mut greeting = Vec::new();
-    for text in texts.iter().flatten() {
-        crate::codec::encode(true, 0, crate::codec::opcode::TEXT, None, text.as_bytes(), &mut greeting);
-    }
+    // The resume greeting goes to the client before the relay starts: the proxy's frames, not
+    // the backend's output (not recorded, not shown to observers, not counted or limited as
+    // the backend's).
+    let greeting = registration.greeting(&settings);
     let mut client = relay::Parkable::new(Box::new(client), Box::new((slot, p.stream)), settings.buffer);
     let write_within = p.route.session.close_timeout;
     let params = RelayParams { resume: Some((settings, registration)), ..params };

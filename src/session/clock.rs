@@ -14,6 +14,11 @@ use tokio::time::Instant;
 
 use crate::config::SessionSettings;
 
+/// When a session's one timer is set with nothing due: `at`, or a year ahead.
+pub fn or_far(at: Option<Instant>) -> Instant {
+    at.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// What a [`Clock`] says is due, in the order it is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Due {

@@ -294,7 +294,7 @@ async fn connect_shows_the_proxys_reason_for_a_refusal_and_echoes_once_accepted(
     let backend = Backend::echo().await;
     let key = hmac();
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("", &key.keys_toml())
         .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
         .text();
     let proxy = Proxy::start_with(&text).await;

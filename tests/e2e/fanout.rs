@@ -73,7 +73,7 @@ fn fanned_config(name: &str, backend: std::net::SocketAddr, key: &Hmac, fanout: 
         .one_address_load()
         .set("routes.0.name", name)
         .set("routes.0.path", "/agents/{agent}/events")
-        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("", &key.keys_toml())
         .merge("auth", "max_sessions_per_subject = 0")
         .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
         .merge("routes.0", &format!("[fanout]\n{fanout}"))

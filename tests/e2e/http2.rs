@@ -111,7 +111,7 @@ async fn auth_over_h2_is_the_upgrade_path_s_auth() {
     let backend = Backend::echo().await;
     let key = hmac();
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("", &key.keys_toml())
         .set("routes.0.name", "h2auth")
         .merge("routes.0", "[auth]\nsources = [\"bearer\", \"query:access_token\"]\nagent_claim = \"agents\"")
         .text();

@@ -191,7 +191,7 @@ async fn the_series_alerts_count_exist_at_zero_from_start() {
     let backend = Backend::echo().await;
     let key = hmac();
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("", &key.keys_toml())
         .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
         .text();
     let proxy = ProxyProcess::start(&text).await;

@@ -15,7 +15,7 @@ fn observed(backend: std::net::SocketAddr, key: &Hmac, observe: &str) -> String 
 fn observed_as(route: &str, backend: std::net::SocketAddr, key: &Hmac, observe: &str) -> String {
     TestConfig::base(&[backend.to_string()])
         .set("routes.0.name", route)
-        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("", &key.keys_toml())
         .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
         .merge("routes.0", &format!("[observe]\nscope = \"observe:{{agent}}\"\n{observe}"))
         .text()

@@ -14,7 +14,7 @@ use crate::harness::*;
 /// tokens from an HMAC key.
 fn recorded(members: &[String], key: &Hmac, dir: &Path, extra: &str) -> String {
     TestConfig::base(members)
-        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("", &key.keys_toml())
         .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
         .merge("routes.0", &format!("[recording]\ndirectory = \"{}\"\n{extra}", dir.display()))
         .text()

@@ -91,7 +91,7 @@ async fn wait_sent(sent: &(AtomicUsize, tokio::sync::Notify), n: usize) {
 fn resumable(name: &str, backend: std::net::SocketAddr, key: &Hmac, resume: &str, session: &str) -> String {
     TestConfig::base(&[backend.to_string()])
         .set("routes.0.name", name)
-        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("", &key.keys_toml())
         .merge("routes.0", "[auth]\nagent_claim = \"agents\"\nrequired_claims = [\"sub\"]")
         .merge("routes.0", &format!("[resume]\nnotice = \"fresh session\"\n{resume}"))
         .merge("routes.0", &format!("[session]\n{session}"))
@@ -343,7 +343,7 @@ async fn a_resume_id_is_bound_to_the_issuer_and_a_route_with_resume_requires_a_s
     assert_eq!(refused.status, 401);
     // Validation: a resumable route whose tokens need no subject is refused.
     let text = TestConfig::base(&["127.0.0.1:1".to_string()])
-        .merge("", &format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", key.path.display()))
+        .merge("", &key.keys_toml())
         .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
         .merge("routes.0", "[resume]\nwindow = \"5s\"")
         .text();

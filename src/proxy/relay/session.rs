@@ -533,9 +533,7 @@ where
                 }
             }
         }
-        // With nothing scheduled, sleep far ahead (a year).
-        let at = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
-        self.timer.as_mut().reset(at);
+        self.timer.as_mut().reset(crate::session::clock::or_far(next));
     }
 
     /// True while the session is held for a client that went away.

@@ -20,7 +20,7 @@ use super::{Command, End, Fanouts, Key, Stream, Subscriber};
 use crate::codec::{self as frame, opcode, FrameLimits, ReadError, Reader, Side};
 use crate::config::{FanoutSettings, SessionSettings};
 use crate::metrics::Metrics;
-use crate::session::clock::{Clock, Ping, PingDue, Pings};
+use crate::session::clock::{or_far, Clock, Ping, PingDue, Pings};
 use crate::session::close::{
     check_peer_close, Cause, CloseFrame, Refusal, Subscriber as Kind, NO_CLIENTS, REPLY_TO_CLOSE,
 };
@@ -198,8 +198,7 @@ pub(crate) async fn run_stream(mut t: StreamTask) {
 /// When a fan-out client's timer fires next: its deadlines (the session's [`Clock`]: token
 /// expiry, `max_lifetime`, `idle_timeout`) or its ping's, or far ahead when none is set.
 fn next_due(clock: &Clock, ping: &Ping, pings: &Pings) -> Instant {
-    let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    [clock.next(), ping.next(pings)].into_iter().flatten().min().unwrap_or_else(far)
+    or_far([clock.next(), ping.next(pings)].into_iter().flatten().min())
 }
 
 /// What a client's task needs.
@@ -333,7 +332,7 @@ where
                         // expiry, its lifetime, being dropped) still end it meanwhile.
                         let room = async {
                             loop {
-                                let wake = clock.next().unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
+                                let wake = or_far(clock.next());
                                 tokio::select! {
                                     permit = t.stream.data.reserve() => {
                                         return permit.map_err(|_| (Cause::SourceEnded(Kind::FanoutClient), true));

@@ -217,6 +217,20 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// The proxy's own frames, for the client before anything of the backend's: the id it
+    /// issued the session, with `announce` (for clients that cannot read the 101's headers),
+    /// then, when the client named an id the proxy no longer holds, the `notice` that this is a
+    /// fresh session. Empty when neither applies.
+    pub fn greeting(&self, settings: &crate::config::ResumeSettings) -> Vec<u8> {
+        let announce = settings.announce.then(|| serde_json::json!({"portcullis": {"resume_id": self.held.id()}}));
+        let notice = settings.notice.as_deref().filter(|_| self.replaced);
+        let mut frames = Vec::new();
+        for text in [announce.map(|a| a.to_string()), notice.map(str::to_owned)].iter().flatten() {
+            crate::codec::encode(true, 0, crate::codec::opcode::TEXT, None, text.as_bytes(), &mut frames);
+        }
+        frames
+    }
+
     /// Takes the id out of the registry now (the session is ending without its client): a
     /// reconnect with it starts a fresh session.
     pub fn withdraw(&self) {

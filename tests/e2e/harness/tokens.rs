@@ -32,6 +32,11 @@ impl Hmac {
     pub fn bearer(&self, agents: &[&str]) -> String {
         format!("Bearer {}", self.token("alice", agents, Duration::from_secs(600)))
     }
+
+    /// The `[[auth.keys]]` table that verifies this key's tokens, as TOML.
+    pub fn keys_toml(&self) -> String {
+        format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", self.path.display())
+    }
 }
 
 impl Hmac {
