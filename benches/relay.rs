@@ -65,9 +65,7 @@ fn session(rt: &tokio::runtime::Runtime, rated: bool) -> (DuplexStream, DuplexSt
         control: SessionControl::new(),
         metrics: Metrics::global(),
         expires_at: None,
-        recording: None,
-        observers: None,
-        resume: None,
+        taps: Default::default(),
     };
     rt.spawn(relay(client_proxy, Vec::new(), backend_proxy, Vec::new(), params));
     (client_app, backend_app)

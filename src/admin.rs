@@ -93,12 +93,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
 }
 
 /// Why a request is refused, or `None` when it may be served. The admin API is for operators'
-/// tools, not browsers (DESIGN.md §11): a request is served only when its `Host` is a name this
-/// listener is known by (loopback names and addresses, the address the connection reached,
-/// `[admin] hosts`) or, on HTTP/1.0, it names none, so a DNS-rebound page cannot read it; it
-/// carries no `Origin` and no cross-site `Sec-Fetch-Site` unless its origin is in
-/// `[admin] allow_origins`; and a POST body is `application/json`, which no form or
-/// `text/plain` fetch can send without a CORS preflight this listener never grants.
+/// tools, not browsers (`docs/security.md`, "No browser can drive the admin API"): a request is
+/// served only when its `Host` is a name this listener is known by (loopback names and addresses,
+/// the address the connection reached, `[admin] hosts`) or, on HTTP/1.0, it names none, so a
+/// DNS-rebound page cannot read it; it carries no `Origin` and no cross-site `Sec-Fetch-Site`
+/// unless its origin is in `[admin] allow_origins`; and a POST body is `application/json`, which no
+/// form or `text/plain` fetch can send without a CORS preflight this listener never grants.
 fn refusal(shared: &Shared, req: &Request<Incoming>, local: SocketAddr) -> Option<Response<Full<Bytes>>> {
     let runtime = shared.runtime.load();
     let admin = runtime.config.admin.as_ref();
@@ -524,7 +524,7 @@ async fn recordings(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
         let mut all = Vec::new();
         for (route, dir) in dirs {
             if seen.insert(dir.clone()) {
-                all.extend(crate::recording::list(&dir).into_iter().map(|f| (route.clone(), f)));
+                all.extend(crate::session::recording::list(&dir).into_iter().map(|f| (route.clone(), f)));
             }
         }
         all
@@ -542,7 +542,7 @@ async fn recordings(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
                 .collect();
             json_response(StatusCode::OK, &json!({ "recordings": list }))
         }
-        Some(name) if crate::recording::valid_name(name) => {
+        Some(name) if crate::session::recording::valid_name(name) => {
             let Some((_, f)) = listed.into_iter().find(|(_, f)| f.name == name) else {
                 return text(StatusCode::NOT_FOUND, "no such recording\n");
             };

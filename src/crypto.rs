@@ -7,5 +7,11 @@ use rustls::crypto::CryptoProvider;
 
 /// A fresh aws-lc-rs provider with its default cipher suites and key exchange groups.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(base())
+}
+
+/// The provider itself, for a configuration that narrows it (the listeners keep the cipher
+/// suites `[tls] cipher_suites` names).
+pub fn base() -> CryptoProvider {
+    rustls::crypto::aws_lc_rs::default_provider()
 }

@@ -14,21 +14,27 @@
 //!   configuration; every metric name; the one WebSocket codec (the fuzzed frame tracker every
 //!   reader of frames uses, a whole-frame reader over it, the encoder and close frames); the TLS
 //!   crypto provider; the per-address and per-subject counts.
-//! * [`recording`]: a session's asciicast writer, its bounded queue and retention.
 //! * [`session`]: the session layer. Its core is the one session model: the record every kind
 //!   of session registers (`SessionEntry`), the stop handle revocation and the drain reach it
 //!   by, the registry behind `/sessions` (whose token is the process's one drain signal), the
-//!   drain spread, the client stream's `FinishStream`, the close table every WebSocket session
-//!   ends through ([`session::close`], with the one end-of-session record), and what the
-//!   subscribers of a shared source have in common ([`session::subscriber`]). Each feature is
-//!   one module under it that owns its registry and its task, and none imports another
-//!   (`tests/architecture.rs`): [`session::resume`] (the sessions held for a reconnect, by
-//!   the id the proxy issued, and the client stream that can be parked),
+//!   drain spread, the one deadline engine ([`session::clock`]), the close table every
+//!   WebSocket session ends through ([`session::close`], with the one end-of-session record),
+//!   what the subscribers of a shared source have in common ([`session::subscriber`]), and the
+//!   interfaces features plug into: `FinishStream` (how a session's stream is finished, and
+//!   held while its client is away), `PayloadSink` and `Taps` (what a relayed session's
+//!   payloads are shown to), `Attachment` (what a feature adds to a session's record). Each
+//!   feature is one module under it that owns its registry and its task, and none imports
+//!   another (`tests/architecture.rs`): [`session::resume`] (the sessions held for a
+//!   reconnect, by the id the proxy issued, and the client stream that can be held),
 //!   [`session::observe`] (a session's observer hub and the observer's task),
 //!   [`session::fanout`] (the shared backend streams by route, agent, path and subject, the
-//!   stream's task and each client's).
-//! * [`auth`] (token verification, JWKS, the denylist) and [`routing`] (route table, member
-//!   pools, registry, health, balance).
+//!   stream's task and each client's), [`session::recording`] (a session's asciicast writer,
+//!   its bounded queue and retention).
+//! * `outbound` (the proxy's own HTTP clients: JWKS and registry requests, the members'
+//!   keep-alive pools) and [`auth`] (token verification, JWKS, the denylist) and [`routing`]
+//!   (route table, member pools, registry, health, balance).
+//! * `state`: what every running part shares: the configuration in force with what was built
+//!   from it (`Runtime`, swapped on reload) and the process handles (`Shared`).
 //! * [`proxy`]: the data path, one file per stage. A connection's task accepts
 //!   (`proxy/accept.rs`), terminates TLS, serves HTTP/1.1 or HTTP/2 (`proxy/http.rs`), routes,
 //!   checks the upgrade ([`proxy::upgrade`]) and the token (`proxy/auth.rs`). An accepted
@@ -36,8 +42,9 @@
 //!   one function and started in one place, which calls down into the feature's module
 //!   (the relay, [`proxy::relay`], is the data path's own); the feature's task never calls
 //!   back up. Plain requests go through `proxy/request.rs` and `proxy/stream.rs` (REST, SSE).
-//! * [`server`] (listeners, reload, drain), `admin` (`/metrics`, `/live`, `/ready`,
-//!   `/sessions`), [`handover`] (the zero-downtime upgrade).
+//! * [`server`] (listeners, reload, drain), `admin` (`/metrics`, `/live`, `/ready` and the
+//!   operator API: `/sessions`, `/routes`, `/recordings`, `/limits`), [`handover`] (the
+//!   zero-downtime upgrade).
 //!
 //! The binary (`main.rs`) adds the CLI: the one-command demo, the `connect` client and token
 //! minting, none of which is library API.
@@ -55,7 +62,6 @@ pub mod limits;
 pub mod metrics;
 pub(crate) mod outbound;
 pub mod proxy;
-pub mod recording;
 pub mod routing;
 pub mod server;
 pub mod session;

@@ -85,7 +85,7 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (
         Kind::Counter,
         "portcullis_observer_closes_total",
-        "Observers that ended, by route and reason (left, lagged, session_ended, input, gone).",
+        "Observers that ended, by route and reason (left, lagged, session_ended, input, gone, too_big, protocol, revoked, drain, route_removed, rebalance, token_expired, lifetime).",
     ),
     (Kind::Counter, "portcullis_recordings_total", "Session recordings written to the end, by route."),
     (Kind::Counter, "portcullis_recording_bytes_total", "Bytes written to session recordings, by route."),

@@ -74,7 +74,7 @@ pub fn check_files(config: &Config) -> Vec<String> {
     problems.extend(crate::auth::check_files(&config.auth).iter().map(ToString::to_string));
     for r in &config.routes {
         if let Some(rec) = &r.recording {
-            if let Err(e) = crate::recording::check_directory(&rec.directory) {
+            if let Err(e) = crate::session::recording::check_directory(&rec.directory) {
                 problems.push(format!("route {}: recording directory {}: {e}", r.name, rec.directory.display()));
             }
         }
@@ -523,7 +523,7 @@ impl Server {
     }
 }
 
-/// Sweeps each recorded route's directory every `sweep_interval` ([`crate::recording::sweep`]),
+/// Sweeps each recorded route's directory every `sweep_interval` ([`crate::session::recording::sweep`]),
 /// under the configuration in force at each turn, until `stop`.
 async fn sweep_recordings(shared: Arc<Shared>, stop: CancellationToken) {
     let mut last: HashMap<String, std::time::Instant> = HashMap::new();
@@ -543,7 +543,7 @@ async fn sweep_recordings(shared: Arc<Shared>, stop: CancellationToken) {
             if due {
                 last.insert(route.clone(), now);
                 let settings = settings.clone();
-                let _ = tokio::task::spawn_blocking(move || crate::recording::sweep(&route, &settings)).await;
+                let _ = tokio::task::spawn_blocking(move || crate::session::recording::sweep(&route, &settings)).await;
             }
             next = next.min(settings.sweep_interval);
         }

@@ -35,14 +35,20 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>) {
     }
 }
 
-/// Code lines of a file: comments and the `#[cfg(test)]` module at its end left out.
+/// Code lines of a file: comments and the `#[cfg(test)]` module at its end left out (only the
+/// module: a `#[cfg(test)]` on an item above it does not hide the rest of the file).
 fn code_lines(file: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(file).expect("read source");
-    text.lines()
-        .take_while(|l| l.trim() != "#[cfg(test)]")
+    let lines: Vec<&str> = text.lines().collect();
+    let test_module = |i: usize| {
+        lines[i].trim() == "#[cfg(test)]" && lines.get(i + 1).is_some_and(|next| next.trim_start().starts_with("mod "))
+    };
+    let end = (0..lines.len()).find(|&i| test_module(i)).unwrap_or(lines.len());
+    lines[..end]
+        .iter()
         .map(|l| match l.find("//") {
             Some(i) => l[..i].to_owned(),
-            None => l.to_owned(),
+            None => l.to_string(),
         })
         .collect()
 }
@@ -198,7 +204,7 @@ fn metric_names_are_written_only_in_the_metrics_module() {
 
 /// The features of the session layer: each one module under `src/session/` that owns its
 /// registry and its task.
-const FEATURES: [&str; 3] = ["resume", "observe", "fanout"];
+const FEATURES: [&str; 4] = ["resume", "observe", "fanout", "recording"];
 
 #[test]
 fn session_features_do_not_import_one_another() {

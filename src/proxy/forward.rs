@@ -3,10 +3,10 @@
 //! `Connection`), the forwarding headers set (`X-Forwarded-For`/`-Proto`/`-Host`, RFC 7239
 //! `Forwarded`), and the backend path rendered from the route's template.
 //!
-//! Client-sent `X-Forwarded-*` and `Forwarded` are extended only when the client is a
-//! configured trusted proxy; from anyone else they are dropped, so the leftmost address a
-//! backend sees cannot be spoofed at the edge. Nothing a client sends can remove or pass for a
-//! header the proxy sets ([`backend_headers`], DESIGN.md §11).
+//! Client-sent `X-Forwarded-*` and `Forwarded` are extended only when the client is a configured
+//! trusted proxy; from anyone else they are dropped, so the leftmost address a backend sees cannot
+//! be spoofed at the edge. Nothing a client sends can remove or pass for a header the proxy sets
+//! ([`backend_headers`], `docs/security.md`, "Identity headers to the backend").
 
 use std::net::IpAddr;
 

@@ -1,8 +1,8 @@
-//! Stage: the cookie login (`[auth.cookie_login]`), served by the proxy on one path before
-//! routing. It turns a token a user was handed (in a URL fragment, which no server sees) into
-//! an `HttpOnly` cookie the proxy sets, so no page script, the agents' own pages included,
-//! can ever read the token (DESIGN.md §11: content served by an agent never runs with the
-//! user's credentials for other agents).
+//! Stage: the cookie login (`[auth.cookie_login]`), served by the proxy on one path before routing.
+//! It turns a token a user was handed (in a URL fragment, which no server sees) into an `HttpOnly`
+//! cookie the proxy sets, so no page script, the agents' own pages included, can ever read the
+//! token (`docs/security.md`, "Agent pages and the user's credentials": content served by an agent
+//! never runs with the user's credentials for other agents).
 //!
 //! - `GET {path}#token=<jwt>&next=/agents/a1/`: a fixed page of the proxy's own (a strict CSP
 //!   admits only its one inline script, by hash) that takes the token out of the address bar,

@@ -1240,16 +1240,20 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
 ) {
     let expires_at = session_deadline(&p.route, &shared.runtime.load(), p.claims.as_deref());
     let registered = p.registered;
-    let recording = p.route.recording.as_ref().map(|settings| {
+    let mut taps = crate::session::Taps::default();
+    if let Some(settings) = &p.route.recording {
         let e = registered.entry();
-        let meta = crate::recording::Meta {
+        let meta = crate::session::recording::Meta {
             session: e.id,
             route: e.route.clone(),
             agent: e.agent.clone(),
             subject: e.subject.clone(),
         };
-        crate::recording::start(settings, meta, &shared.tasks)
-    });
+        crate::session::recording::start(settings, meta, &shared.tasks, &mut taps);
+    }
+    if let Some(hub) = registered.entry().attachment::<crate::session::observe::Hub>() {
+        taps.output.push(hub);
+    }
     let params = RelayParams {
         settings: p.route.session.clone(),
         drain_spread: shared.runtime.load().config.server.drain_spread,
@@ -1257,9 +1261,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
         control: registered.entry().control.clone(),
         metrics: shared.metrics.clone(),
         expires_at,
-        recording,
-        observers: registered.entry().attachment::<crate::session::observe::Hub>(),
-        resume: None,
+        taps,
     };
     let started = Instant::now();
     shared.metrics.sessions_active.increment(1.0);
@@ -1289,9 +1291,10 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
     // the backend's output (not recorded, not shown to observers, not counted or limited as
     // the backend's).
     let greeting = registration.greeting(&settings);
-    let mut client = relay::Parkable::new(Box::new(client), Box::new((slot, p.stream)), settings.buffer);
+    let hold = Box::new((slot, p.stream));
+    let mut client =
+        crate::session::resume::Resumable::new(Box::new(client), hold, registration, settings, shared.metrics.clone());
     let write_within = p.route.session.close_timeout;
-    let params = RelayParams { resume: Some((settings, registration)), ..params };
     let session = async move {
         if !greeting.is_empty() {
             use tokio::io::AsyncWriteExt as _;

@@ -2,7 +2,15 @@
 //! record every kind of session registers ([`SessionEntry`]: a relayed WebSocket, a fan-out
 //! client, an observer, an SSE or other streamed response), how a session ended, the stop handle
 //! each session's task watches (drain, revocation, route removal, rebalance), and the registry
-//! behind `/sessions`.
+//! behind `/sessions`; the interfaces features plug into: [`FinishStream`] (how a session's
+//! stream is finished, and held while its client is away), [`PayloadSink`] and [`Taps`] (what a
+//! relayed session's payloads are shown to), [`Attachment`] (what a feature adds to a session's
+//! record).
+//!
+//! Beside it, the pieces every kind shares: [`clock`] (the deadlines), [`close`] (the close
+//! table and the one end-of-session record), [`subscriber`] (what subscribers of a shared source
+//! have in common). Below it, the features, each one module that owns its registry and its task
+//! and imports no other: [`resume`], [`observe`], [`fanout`], [`recording`].
 //!
 //! Every session gets a [`SessionControl`]: the first [`StopReason`] set on it wins and wakes the
 //! session's task, so stopping one control stops just that session. [`Sessions::drain`] cancels
@@ -20,6 +28,7 @@ pub mod clock;
 pub mod close;
 pub mod fanout;
 pub mod observe;
+pub mod recording;
 pub mod resume;
 pub mod subscriber;
 
@@ -406,24 +415,77 @@ impl Drop for SessionGuard {
     }
 }
 
-/// How a stream is finished when its session ends, before it is dropped (which closes it).
+/// The relay's one interface to a session's streams: how a stream is finished when its session
+/// ends, and, for a client stream a feature can hold while its client is away (resume's), the
+/// hold.
 ///
-/// A TCP stream needs nothing: closing it sends the FIN, so a `shutdown(2)` first would be one
-/// more system call per side for nothing. A TLS stream sends its `close_notify` here.
+/// A TCP stream needs nothing to finish: closing it sends the FIN, so a `shutdown(2)` first
+/// would be one more system call per side for nothing. A TLS stream sends its `close_notify`.
+///
+/// The hold, in order: the relay asks for it when the client vanishes ([`FinishStream::hold`]);
+/// while it lasts the stream buffers what is written to it; a new client that claims the
+/// session is announced by [`FinishStream::poll_claim`] and taken ([`FinishStream::take_claim`])
+/// or turned away ([`FinishStream::refuse_claim`]); a hold that ends without one is let go
+/// ([`FinishStream::let_go`]). Streams that cannot be held keep the defaults.
 pub trait FinishStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
     /// Finishes the stream (by default, an orderly shutdown of its write side).
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         std::pin::Pin::new(self).poll_shutdown(cx)
     }
 
-    /// The client vanished: drop its connection and hold the session for a new one. Only a
-    /// [`resume::Parkable`] can; false when the stream cannot be held.
-    fn park(&mut self) -> bool {
-        false
+    /// The client vanished: drop its connection and hold the session for a new one. Returns
+    /// how long the session is held, or `None` when this stream cannot be held.
+    fn hold(&mut self) -> Option<std::time::Duration> {
+        None
     }
 
-    /// A new client for a parked session (only a parked one can be claimed).
-    fn attach(&mut self, _: resume::Attach) {}
+    /// Ready when a new client has claimed the session (it waits in the stream until taken or
+    /// refused). Never ready for a stream that cannot be held.
+    fn poll_claim(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Pending
+    }
+
+    /// Attaches the client [`FinishStream::poll_claim`] announced, in place of the held one;
+    /// returns when its token expires (when the route enforces it).
+    fn take_claim(&mut self) -> Option<tokio::time::Instant> {
+        None
+    }
+
+    /// Turns away the client [`FinishStream::poll_claim`] announced: the session is ending, or
+    /// its client cannot be held now.
+    fn refuse_claim(&mut self) {}
+
+    /// The hold ended without a new client: `why` is `window`, `overflow` or `closed`.
+    fn let_go(&mut self, _why: &'static str) {}
+}
+
+/// What a feature shows a relayed session's data-frame payloads to (the recording, the
+/// observers): the relay's one interface for them. The relay copies the payloads out unmasked
+/// as it scans, and hands over what one read brought, in order.
+pub trait PayloadSink: Send + Sync {
+    /// The payload bytes of the data frames one read brought.
+    fn payload(&self, data: &bytes::Bytes);
+
+    /// Whether the sender may be read now: `Pending` (the task woken later) while the sink is
+    /// behind and waits for it, [`Behind`] when the session must close.
+    fn poll_room(&self, _cx: &mut Context<'_>) -> Poll<Result<(), Behind>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A payload sink fell behind or failed, and the session must close (a recording's
+/// `on_backlog = "close"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Behind;
+
+/// The payload sinks of a relayed session: what the backend's output is shown to, and what the
+/// client's input is shown to. Features add theirs as the session is set up.
+#[derive(Default)]
+pub struct Taps {
+    /// Shown the backend's output.
+    pub output: Vec<Arc<dyn PayloadSink>>,
+    /// Shown the client's input.
+    pub input: Vec<Arc<dyn PayloadSink>>,
 }
 
 impl FinishStream for tokio::net::TcpStream {

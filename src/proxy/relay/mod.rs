@@ -38,10 +38,9 @@ use tokio::time::Instant;
 
 use crate::config::SessionSettings;
 use crate::metrics::Metrics;
-pub use crate::session::resume::Parkable;
 pub use crate::session::FinishStream;
-use crate::session::SessionControl;
 pub use crate::session::{Initiator, SessionEnd, Side};
+use crate::session::{SessionControl, Taps};
 use session::Session;
 
 /// What a relay needs besides the two streams.
@@ -58,13 +57,10 @@ pub struct RelayParams {
     pub metrics: Arc<Metrics>,
     /// When the client's token expires: the session is closed then (1008 to the client).
     pub expires_at: Option<Instant>,
-    /// The session's recording sinks (output, and input when recorded), on recorded routes.
-    pub recording: Option<(crate::recording::Sink, Option<crate::recording::Sink>)>,
-    /// The session's observers, on routes with `[routes.observe]`.
-    pub observers: Option<Arc<crate::session::observe::Hub>>,
-    /// On routes with `[routes.resume]`: the session's resume registration (its new clients
-    /// arrive through it). The client stream is then a [`Parkable`].
-    pub resume: Option<(Arc<crate::config::ResumeSettings>, crate::session::resume::Registration)>,
+    /// What the session's payloads are shown to: the features' sinks (the recording, the
+    /// observers). A client stream that can be held while its client is away (resume's) says
+    /// so through [`FinishStream`].
+    pub taps: Taps,
 }
 
 /// Runs a session to its end, then finishes both streams (bounded by `close_timeout`).
@@ -113,5 +109,192 @@ where
                 Poll::Pending
             }
         }
+    }
+}
+
+/// The session's deadlines on paused time: each test's clock only moves when every task waits,
+/// so a deadline fires at its exact instant, with no sleep racing it.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{opcode, Reader, UNLIMITED};
+    use tokio::io::{AsyncWriteExt as _, DuplexStream};
+
+    /// A live session over in-memory pipes: the client's end, the backend's end, and the
+    /// relay's task.
+    struct Ends {
+        client: DuplexStream,
+        backend: DuplexStream,
+        relay: tokio::task::JoinHandle<SessionEnd>,
+    }
+
+    fn start(settings: SessionSettings, expires_in: Option<Duration>) -> Ends {
+        let (client, client_proxy) = tokio::io::duplex(64 * 1024);
+        let (backend_proxy, backend) = tokio::io::duplex(64 * 1024);
+        let params = RelayParams {
+            settings: Arc::new(settings),
+            drain_spread: Duration::ZERO,
+            allowed_rsv: 0,
+            control: SessionControl::new(),
+            metrics: Metrics::global(),
+            expires_at: expires_in.map(|d| Instant::now() + d),
+            taps: Taps::default(),
+        };
+        let relay = tokio::spawn(relay(client_proxy, Vec::new(), backend_proxy, Vec::new(), params));
+        Ends { client, backend, relay }
+    }
+
+    /// Settings with every deadline off: each test turns on the one it is about.
+    fn quiet() -> SessionSettings {
+        SessionSettings {
+            ping_interval: Duration::ZERO,
+            idle_timeout: Duration::ZERO,
+            max_lifetime: Duration::ZERO,
+            close_timeout: Duration::from_secs(1),
+            ..SessionSettings::default()
+        }
+    }
+
+    /// The close frame the proxy sent `to` (frames before it, pings, are skipped): its code
+    /// and reason.
+    async fn close_to(end: &mut DuplexStream, to: Side) -> (u16, String) {
+        // What the client is sent is unmasked (a server's frames); the backend's, masked.
+        let mut reader = Reader::new(to.other(), UNLIMITED, &[], 1024);
+        loop {
+            let frame = reader.next(end).await.expect("frames").expect("a close before EOF");
+            if frame.opcode == opcode::CLOSE {
+                let p = frame.payload();
+                return (u16::from_be_bytes([p[0], p[1]]), String::from_utf8_lossy(&p[2..]).into_owned());
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_session_closes_at_its_idle_timeout_and_data_moves_it() {
+        let mut ends = start(SessionSettings { idle_timeout: Duration::from_secs(60), ..quiet() }, None);
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        let mut frame = Vec::new();
+        crate::codec::encode(true, 0, opcode::TEXT, Some([1, 2, 3, 4]), b"still here", &mut frame);
+        ends.client.write_all(&frame).await.expect("write");
+        let (code, reason) = close_to(&mut ends.client, Side::Client).await;
+        assert_eq!((code, reason.as_str()), (1000, "idle timeout"));
+        assert_eq!(Instant::now() - t0, Duration::from_secs(100), "60 s after the last data, not after the start");
+        let end = ends.relay.await.expect("relay");
+        assert_eq!(end.reason, "idle timeout");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_closes_when_its_token_expires() {
+        let mut ends = start(quiet(), Some(Duration::from_secs(10)));
+        let t0 = Instant::now();
+        let (code, reason) = close_to(&mut ends.client, Side::Client).await;
+        assert_eq!((code, reason.as_str()), (1008, "token expired"));
+        assert_eq!(Instant::now() - t0, Duration::from_secs(10));
+        let (code, _) = close_to(&mut ends.backend, Side::Backend).await;
+        assert_eq!(code, 1001);
+        assert_eq!(ends.relay.await.expect("relay").reason, "token expired");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_closes_at_its_lifetime_however_busy() {
+        let mut ends = start(SessionSettings { max_lifetime: Duration::from_secs(20), ..quiet() }, None);
+        let t0 = Instant::now();
+        let mut frame = Vec::new();
+        crate::codec::encode(true, 0, opcode::BINARY, Some([9, 8, 7, 6]), &[0; 16], &mut frame);
+        for _ in 0..19 {
+            ends.client.write_all(&frame).await.expect("write");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let (code, reason) = close_to(&mut ends.client, Side::Client).await;
+        assert_eq!((code, reason.as_str()), (1001, "session lifetime reached"));
+        assert_eq!(Instant::now() - t0, Duration::from_secs(20));
+        assert_eq!(ends.relay.await.expect("relay").reason, "max lifetime");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_answers_no_ping_is_closed_after_the_ping_timeout() {
+        let settings =
+            SessionSettings { ping_interval: Duration::from_secs(5), ping_timeout: Duration::from_secs(3), ..quiet() };
+        let mut ends = start(settings, None);
+        let t0 = Instant::now();
+        let (code, reason) = close_to(&mut ends.client, Side::Client).await;
+        assert_eq!((code, reason.as_str()), (1001, "ping timeout"));
+        assert_eq!(Instant::now() - t0, Duration::from_secs(8), "the ping at 5 s, unanswered for 3 s");
+        assert_eq!(ends.relay.await.expect("relay").reason, "ping timeout");
+    }
+
+    /// A resumable session whose first client is `client`'s far end, and the registry it is
+    /// held in.
+    fn start_held(window: Duration) -> (Ends, Arc<crate::session::resume::Resumes>, String) {
+        use crate::session::resume::{Claim, Resumable, Resumes};
+        let resumes = Arc::new(Resumes::default());
+        let Ok(Claim::Fresh(reg)) = resumes.claim("r", None, Some("iss"), Some("alice"), Some("a1")) else {
+            panic!("a fresh claim")
+        };
+        let id = reg.held.id().to_owned();
+        let settings = Arc::new(crate::config::ResumeSettings {
+            window,
+            buffer: 64 * 1024,
+            param: "resume".into(),
+            notice: None,
+            announce: false,
+        });
+        let (client, client_proxy) = tokio::io::duplex(64 * 1024);
+        let (backend_proxy, backend) = tokio::io::duplex(64 * 1024);
+        let held = Resumable::new(Box::new(client_proxy), Box::new(()), reg, settings, Metrics::global());
+        let params = RelayParams {
+            settings: Arc::new(quiet()),
+            drain_spread: Duration::ZERO,
+            allowed_rsv: 0,
+            control: SessionControl::new(),
+            metrics: Metrics::global(),
+            expires_at: None,
+            taps: Taps::default(),
+        };
+        let relay = tokio::spawn(relay(held, Vec::new(), backend_proxy, Vec::new(), params));
+        (Ends { client, backend, relay }, resumes, id)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_session_ends_when_its_window_passes_without_its_client() {
+        let (mut ends, resumes, _) = start_held(Duration::from_secs(30));
+        let t0 = Instant::now();
+        drop(std::mem::replace(&mut ends.client, tokio::io::duplex(1).0));
+        let (code, reason) = close_to(&mut ends.backend, Side::Backend).await;
+        assert_eq!((code, reason.as_str()), (1001, "resume window over"));
+        assert_eq!(Instant::now() - t0, Duration::from_secs(30));
+        assert_eq!(ends.relay.await.expect("relay").reason, "resume expired");
+        assert!(resumes.is_empty(), "the id leaves the registry with the session");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_client_takes_a_held_session_over_with_the_output_held_for_it() {
+        use crate::session::resume::{Attach, Claim};
+        let (mut ends, resumes, id) = start_held(Duration::from_secs(30));
+        drop(std::mem::replace(&mut ends.client, tokio::io::duplex(1).0));
+        let mut frame = Vec::new();
+        crate::codec::encode(true, 0, opcode::TEXT, None, b"while you were away", &mut frame);
+        ends.backend.write_all(&frame).await.expect("write");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        // Another subject cannot claim it; its own subject can, once.
+        assert!(resumes.claim("r", Some(&id), Some("iss"), Some("mallory"), Some("a1")).is_err());
+        let Ok(Claim::Resume(held)) = resumes.claim("r", Some(&id), Some("iss"), Some("alice"), Some("a1")) else {
+            panic!("the held session is claimed")
+        };
+        let (mut client, client_proxy) = tokio::io::duplex(64 * 1024);
+        let attach = Attach { io: Box::new(client_proxy), early: Vec::new(), expires_at: None, hold: Box::new(()) };
+        held.attach(attach).expect("handed over");
+        let mut reader = Reader::new(Side::Backend, UNLIMITED, &[], 1024);
+        let got = reader.next(&mut client).await.expect("frames").expect("the held output");
+        assert_eq!(got.payload(), b"while you were away");
+        // Past the old window: the session is attached again, not expired.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(!ends.relay.is_finished());
+        let mut bye = Vec::new();
+        crate::codec::encode(true, 0, opcode::CLOSE, Some([1, 2, 3, 4]), &[3, 232], &mut bye);
+        client.write_all(&bye).await.expect("write");
+        let (code, _) = close_to(&mut ends.backend, Side::Backend).await;
+        assert_eq!(code, 1000, "the new client's close is the backend's");
     }
 }

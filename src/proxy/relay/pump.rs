@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -13,7 +14,7 @@ use super::pool;
 use crate::codec::{self as frame, opcode, Event, FrameLimits, Tracker, Violation};
 use crate::config::{RateAction, SessionRate};
 use crate::session::close::CloseFrame;
-use crate::session::Side;
+use crate::session::{Behind, PayloadSink, Side};
 
 /// The session rate `src` is held to, built by the session from its settings at each poll.
 #[derive(Clone, Copy)]
@@ -131,20 +132,38 @@ pub(super) struct Direction {
     /// The session rate's state: made at the first read of a session with a [`Limit`] for
     /// `src` (boxed: a session that never sends holds none of it).
     throttle: Option<Box<Throttle>>,
-    /// `src` went over its rate with `rate_action = "close"`: reported once, then read on
-    /// (discarded once the close is out) so the close frames go at frame boundaries.
-    over_rate: bool,
     /// What `src`'s data frames are shown to (recording, observers), on routes with either
     /// (boxed: other sessions hold a pointer's worth).
     tap: Option<Box<Tap>>,
     /// Times `src` was paused for its rate since the session last took the count.
     pub(super) pauses: u32,
-    /// No more reading from `src` (it sent a close frame, went away, or was abandoned).
-    src_done: bool,
-    /// The proxy's close frame has been written to `dst`: nothing may follow it.
-    dst_closed: bool,
+    reading: Reading,
+    writing: Writing,
     pub(super) bytes: u64,
     pub(super) frames: u64,
+}
+
+/// Whether a direction reads from `src`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Reading, within the session rate.
+    Open,
+    /// `src` went over its rate with `rate_action = "close"`: reported once, then read on
+    /// without the rate (discarded once the close is out) so the close frames go at frame
+    /// boundaries.
+    OverRate,
+    /// No more reading: `src` sent a close frame, went away, broke a rule, or was abandoned.
+    Done,
+}
+
+/// Whether a direction writes to `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writing {
+    /// Writing.
+    Open,
+    /// The proxy's close frame has been written to `dst`, or `dst` is gone, or no clean close
+    /// can reach it: nothing more is written.
+    Closed,
 }
 
 /// What a direction needs the session to decide.
@@ -159,26 +178,23 @@ pub(super) enum DirEvent {
     DstGone,
     /// `src` went over its session rate, and the action is to close.
     OverRate,
-    /// The recording fell behind or failed, and the route closes the session then.
-    RecordingGap,
+    /// A payload sink (the recording) fell behind or failed, and the session must close.
+    SinkBehind,
 }
 
-/// What one direction's data-frame payloads are shown to: its recording, and (the backend's
-/// output) the session's observers. Payloads are copied out unmasked while the tracker scans,
-/// and handed on once per scan; the relay forwards the original bytes either way.
+/// What one direction's data-frame payloads are shown to: the session's payload sinks for that
+/// direction (the recording; for the backend's output, the observers). Payloads are copied out
+/// unmasked while the tracker scans, and handed on once per scan; the relay forwards the
+/// original bytes either way.
 pub(super) struct Tap {
     staging: Vec<u8>,
-    sink: Option<crate::recording::Sink>,
-    hub: Option<std::sync::Arc<crate::session::observe::Hub>>,
+    sinks: Vec<Arc<dyn PayloadSink>>,
 }
 
 impl Tap {
     /// A tap, or none when there is nothing to show the payloads to.
-    pub(super) fn new(
-        sink: Option<crate::recording::Sink>,
-        hub: Option<std::sync::Arc<crate::session::observe::Hub>>,
-    ) -> Option<Tap> {
-        (sink.is_some() || hub.is_some()).then(|| Tap { staging: Vec::new(), sink, hub })
+    pub(super) fn new(sinks: Vec<Arc<dyn PayloadSink>>) -> Option<Tap> {
+        (!sinks.is_empty()).then(|| Tap { staging: Vec::new(), sinks })
     }
 
     fn commit(&mut self) {
@@ -186,17 +202,17 @@ impl Tap {
             return;
         }
         // Taken, not cleared: an idle session keeps no staging buffer.
-        let data = std::mem::take(&mut self.staging);
-        if let Some(hub) = &self.hub {
-            hub.publish(&data);
-        }
-        if let Some(sink) = &self.sink {
-            sink.record(data);
+        let data = bytes::Bytes::from(std::mem::take(&mut self.staging));
+        for sink in &self.sinks {
+            sink.payload(&data);
         }
     }
 
-    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), crate::recording::Gap>> {
-        self.sink.as_ref().map_or(Poll::Ready(Ok(())), |s| s.poll_room(cx))
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), Behind>> {
+        for sink in &self.sinks {
+            std::task::ready!(sink.poll_room(cx))?;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -223,11 +239,10 @@ impl Direction {
             queued_close: None,
             needs_flush: false,
             throttle: None,
-            over_rate: false,
             tap: None,
             pauses: 0,
-            src_done: false,
-            dst_closed: false,
+            reading: Reading::Open,
+            writing: Writing::Open,
             bytes: 0,
             frames: 0,
         };
@@ -277,7 +292,7 @@ impl Direction {
 
     /// Stops reading from `src`; bytes read after the last scanned frame are dropped.
     pub(super) fn stop_src(&mut self) {
-        self.src_done = true;
+        self.reading = Reading::Done;
         self.end = self.scanned;
     }
 
@@ -297,7 +312,7 @@ impl Direction {
         self.inject.is_none()
             && self.queued_close.is_none()
             && !self.needs_flush
-            && (self.dst_closed || self.start >= self.safe)
+            && (self.writing == Writing::Closed || self.start >= self.safe)
     }
 
     pub(super) fn release_if_empty(&mut self) {
@@ -327,9 +342,9 @@ impl Direction {
                 self.inject = None;
                 self.queued_close = None;
                 self.needs_flush = false;
-                self.dst_closed = true;
+                self.writing = Writing::Closed;
             }
-            if self.dst_closed {
+            if self.writing == Writing::Closed {
                 self.start = self.start.max(self.safe);
             }
             // Write: proxy frame at a boundary, else forwardable bytes.
@@ -337,12 +352,12 @@ impl Direction {
                 self.inject = self.queued_close.take();
             }
             let boundary = self.frame_start().filter(|&b| b >= self.start);
-            if self.inject.is_some() && boundary.is_none() && self.src_done && self.start >= self.safe {
+            if self.inject.is_some() && boundary.is_none() && self.reading == Reading::Done && self.start >= self.safe {
                 // src stopped in the middle of a frame already partly written to dst: no frame
                 // boundary will come, so no clean close frame can be sent.
                 self.inject = None;
                 self.queued_close = None;
-                self.dst_closed = true;
+                self.writing = Writing::Closed;
             }
             let limit = match (&self.inject, boundary) {
                 (Some(_), Some(b)) => b.min(self.safe),
@@ -356,7 +371,9 @@ impl Direction {
                         inj.pos += n as u8;
                         self.needs_flush = true;
                         if inj.pos == inj.len {
-                            self.dst_closed |= inj.is_close;
+                            if inj.is_close {
+                                self.writing = Writing::Closed;
+                            }
                             self.inject = None;
                         }
                         continue;
@@ -408,7 +425,7 @@ impl Direction {
                         self.safe = self.frame_start().unwrap_or(self.scanned).max(self.start);
                         self.scanned = self.safe;
                         self.end = self.safe;
-                        self.src_done = true;
+                        self.reading = Reading::Done;
                         self.tracker.reset();
                         return Poll::Ready(DirEvent::Violation(v));
                     }
@@ -416,7 +433,7 @@ impl Direction {
                 }
             }
             // Read: only once every forwardable byte is out.
-            if self.src_done {
+            if self.reading == Reading::Done {
                 return Poll::Pending;
             }
             if self.start > 0 {
@@ -429,7 +446,7 @@ impl Direction {
                 self.safe -= self.start;
                 self.start = 0;
             }
-            if let Some(rate) = rate.filter(|_| !self.over_rate) {
+            if let Some(rate) = rate.filter(|_| self.reading == Reading::Open) {
                 // Charged per read for what was read since the last one: a clock read and a
                 // few arithmetic operations, none while the direction is quiet.
                 let frames = self.frames + self.tracker.data_frames_pending();
@@ -442,7 +459,7 @@ impl Direction {
                         return Poll::Pending;
                     }
                     Admit::Over => {
-                        self.over_rate = true;
+                        self.reading = Reading::OverRate;
                         return Poll::Ready(DirEvent::OverRate);
                     }
                 }
@@ -450,9 +467,9 @@ impl Direction {
             if let Some(tap) = self.tap.as_deref() {
                 match tap.poll_room(cx) {
                     Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(crate::recording::Gap)) => {
+                    Poll::Ready(Err(Behind)) => {
                         self.tap = None;
-                        return Poll::Ready(DirEvent::RecordingGap);
+                        return Poll::Ready(DirEvent::SinkBehind);
                     }
                     Poll::Pending => {
                         self.release_if_empty();

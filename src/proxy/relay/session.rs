@@ -77,6 +77,21 @@ impl Peer {
     }
 }
 
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Relaying.
+    Open,
+    /// Relaying for a client that went away: the client stream holds the session for a new one
+    /// ([`FinishStream::hold`]) until `until`.
+    Held { until: Instant },
+    /// Ending: data is discarded while the close handshake finishes, by `deadline`.
+    Closing { deadline: Instant },
+    /// Ended: both streams are being finished (a TLS `close_notify`), for up to
+    /// `close_timeout`.
+    Finishing,
+}
+
 pub(super) struct Session<C, B> {
     client: C,
     backend: B,
@@ -95,26 +110,14 @@ pub(super) struct Session<C, B> {
     /// The session's deadlines (token expiry, drain, lifetime, idle): the one clock every
     /// session kind keeps. Pings are per peer ([`Peer`]), their payloads matched to pongs.
     clock: Clock,
-    /// When the close handshake must be over.
-    close_deadline: Option<Instant>,
+    phase: Phase,
     /// Why the session is ending, once it is.
     outcome: Option<Cause>,
     /// The close owed to a side that broke the protocol, sent once the other side is done.
     deferred_close: Option<(Side, CloseFrame)>,
     bytes_reported: [u64; 2],
-    /// After the end: which streams are shut down, and whether the timer is set for it.
+    /// While finishing: which streams are finished.
     shut: [bool; 2],
-    shutting: bool,
-    /// On routes with `[routes.resume]` (boxed: other sessions hold a pointer's worth).
-    resume: Option<Box<Resume>>,
-}
-
-/// A resumable session's state: its registration, and while its client is away, until when
-/// it is held.
-struct Resume {
-    settings: Arc<crate::config::ResumeSettings>,
-    reg: crate::session::resume::Registration,
-    parked_until: Option<Instant>,
 }
 
 impl<C, B> Session<C, B>
@@ -134,11 +137,10 @@ where
             Direction::new(Side::Client, limits, s.buffer_size, client_early),
             Direction::new(Side::Backend, limits, s.buffer_size, backend_early),
         );
-        let (output, input) = p.recording.map_or((None, None), |(o, i)| (Some(o), i));
-        if let Some(tap) = Tap::new(output, p.observers) {
+        if let Some(tap) = Tap::new(p.taps.output) {
             b2c.tap(tap);
         }
-        if let Some(tap) = Tap::new(input, None) {
+        if let Some(tap) = Tap::new(p.taps.input) {
             c2b.tap(tap);
         }
         let mut session = Session {
@@ -155,16 +157,11 @@ where
             timer: Box::pin(tokio::time::sleep_until(now)),
             started: now,
             clock: Clock::new(&p.settings, p.expires_at),
-            close_deadline: None,
+            phase: Phase::Open,
             outcome: None,
             deferred_close: None,
             bytes_reported: [0, 0],
             shut: [false, false],
-            shutting: false,
-            resume: p.resume.map(|(settings, reg)| {
-                reg.held.set_state(crate::session::resume::State::Attached);
-                Box::new(Resume { settings, reg, parked_until: None })
-            }),
         };
         session.rearm();
         session
@@ -177,8 +174,8 @@ where
                 self.on_stop(reason);
             }
         }
-        while let Some(Poll::Ready(Some(attach))) = self.resume.as_mut().map(|r| r.reg.rx.poll_recv(cx)) {
-            self.on_attach(attach);
+        while self.client.poll_claim(cx).is_ready() {
+            self.on_claim();
         }
         loop {
             if self.timer.as_mut().poll(cx).is_ready() {
@@ -214,8 +211,8 @@ where
     /// After [`Session::poll`] returned the end: finishes both streams (a TLS `close_notify`),
     /// giving up on either that has not finished within `close_timeout`.
     pub(super) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.shutting {
-            self.shutting = true;
+        if self.phase != Phase::Finishing {
+            self.phase = Phase::Finishing;
             self.timer.as_mut().reset(Instant::now() + self.settings.close_timeout);
         }
         if !self.shut[0] {
@@ -234,7 +231,7 @@ where
     /// what comes then is discarded, and the close replies should not wait behind it.
     fn limit(&self, from: Side) -> Option<Limit> {
         let s = &self.settings;
-        if self.close_deadline.is_some() {
+        if self.closing() {
             return None;
         }
         let rate = match from {
@@ -300,7 +297,7 @@ where
             }
             DirEvent::SrcGone => self.on_gone(from),
             DirEvent::DstGone => self.on_gone(from.other()),
-            DirEvent::RecordingGap => {
+            DirEvent::SinkBehind => {
                 tracing::warn!(side = ?from, "session closed: its recording fell behind or failed");
                 self.end_with(Cause::RecordingGap);
             }
@@ -409,7 +406,7 @@ where
     /// sent towards the offender is delivered first, not lost with the session.
     fn end_with(&mut self, cause: Cause) {
         let plan = cause.plan();
-        if self.outcome.is_none() || plan.initiator == Initiator::Proxy && self.close_deadline.is_none() {
+        if self.outcome.is_none() || plan.initiator == Initiator::Proxy && !self.closing() {
             self.outcome = Some(cause);
         }
         let offender = match cause {
@@ -448,16 +445,24 @@ where
             // Ending while its client is away: nothing more will reach that client.
             self.drop_parked("closed");
         }
-        if self.close_deadline.is_none() {
-            self.close_deadline = Some(Instant::now() + self.settings.close_timeout);
+        if !self.closing() {
+            self.phase = Phase::Closing { deadline: Instant::now() + self.settings.close_timeout };
             self.rearm();
         }
+    }
+
+    /// True once the session is ending (its close handshake under way).
+    fn closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing { .. } | Phase::Finishing)
     }
 
     fn on_timer(&mut self) {
         let now = Instant::now();
         let settings = self.settings.clone();
-        if self.close_deadline.is_some_and(|d| now >= d) {
+        if let Phase::Closing { deadline } = self.phase {
+            if now < deadline {
+                return;
+            }
             if let Some((offender, frame)) = self.deferred_close.take() {
                 // The other side never answered: stop waiting for it, and still tell the
                 // offender why it is being closed (one more close_timeout for that write).
@@ -466,7 +471,7 @@ where
                 self.dir(other).stop_src();
                 if !self.peers[offender.idx()].gone() {
                     self.dir(other).queue(Injected::close(frame, offender));
-                    self.close_deadline = Some(now + self.settings.close_timeout);
+                    self.phase = Phase::Closing { deadline: now + self.settings.close_timeout };
                     return;
                 }
             }
@@ -474,12 +479,11 @@ where
             self.peers[1].inbound = Inbound::Gone;
             return;
         }
-        if self.close_deadline.is_some() {
-            return;
-        }
         let s = &*settings;
-        if self.resume.as_ref().and_then(|r| r.parked_until).is_some_and(|d| now >= d) {
-            return self.expire_parked(false);
+        if let Phase::Held { until } = self.phase {
+            if now >= until {
+                return self.expire_parked(false);
+            }
         }
         if let Some(due) = self.clock.due(now) {
             return self.end_with(Cause::from(due));
@@ -517,14 +521,14 @@ where
         let s = &*settings;
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        if let Some(d) = self.close_deadline {
-            consider(d);
+        if let Phase::Closing { deadline } = self.phase {
+            consider(deadline);
         } else {
             if let Some(d) = self.clock.next() {
                 consider(d);
             }
-            if let Some(d) = self.resume.as_ref().and_then(|r| r.parked_until) {
-                consider(d);
+            if let Phase::Held { until } = self.phase {
+                consider(until);
             }
             let pings = Pings::of(s);
             for p in &self.peers {
@@ -538,59 +542,42 @@ where
 
     /// True while the session is held for a client that went away.
     fn parked(&self) -> bool {
-        self.resume.as_ref().is_some_and(|r| r.parked_until.is_some())
+        matches!(self.phase, Phase::Held { .. })
     }
 
-    /// On a resumable route, holds the session for a client that vanished without a close:
-    /// its stream is dropped, the backend's output is buffered, and a new client may attach
-    /// within the window. Not when the session is closing, when the client had sent a close,
-    /// or when it vanished in the middle of a message (the backend would get a broken one).
+    /// Holds the session for a client that vanished without a close, when its stream can be
+    /// held (a resumable route's): the stream drops the connection and buffers the backend's
+    /// output, and a new client may claim the session within the window. Not when the session
+    /// is closing, when the client had sent a close, or when it vanished in the middle of a
+    /// message (the backend would get a broken one).
     fn try_park(&mut self) -> bool {
-        let Some(r) = self.resume.as_mut() else { return false };
-        if r.parked_until.is_some()
-            || self.close_deadline.is_some()
-            || self.peers[Side::Client.idx()].inbound != Inbound::Open
-            || self.peers[Side::Client.idx()].outbound != Outbound::Open
+        let client = &self.peers[Side::Client.idx()];
+        if self.phase != Phase::Open
+            || client.inbound != Inbound::Open
+            || client.outbound != Outbound::Open
             || !self.c2b.at_message_boundary()
-            || !self.client.park()
         {
             return false;
         }
-        let now = Instant::now();
-        r.parked_until = Some(now + r.settings.window);
-        r.reg.held.set_state(crate::session::resume::State::Parked);
-        self.metrics.resume_parked(&r.reg.held.route);
-        tracing::info!(
-            route = r.reg.held.route,
-            window_ms = r.settings.window.as_millis() as u64,
-            "client vanished; session held for it to resume"
-        );
+        let Some(window) = self.client.hold() else { return false };
+        self.phase = Phase::Held { until: Instant::now() + window };
         self.peers[Side::Client.idx()] = Peer::default();
         self.rearm();
         true
     }
 
-    /// A new client for this session: a resume of a parked session (the registry hands over
-    /// only parked ones; a session attached again meanwhile is parked first, when it can be).
-    fn on_attach(&mut self, attach: crate::session::resume::Attach) {
-        if self.close_deadline.is_some() || (!self.parked() && !self.try_park()) {
+    /// A new client claimed this session: it takes a held session's place (a session attached
+    /// again meanwhile is held first, when it can be).
+    fn on_claim(&mut self) {
+        if self.closing() || (!self.parked() && !self.try_park()) {
             // Ending, or the current client is in the middle of a message: the new client's
             // stream is dropped (it reconnects and gets a fresh session once this one is gone).
-            if let Some(r) = &self.resume {
-                r.reg.held.release_claim();
-            }
-            tracing::info!("a resume arrived for a session that cannot take it; its stream is closed");
-            return;
+            return self.client.refuse_claim();
         }
-        let expires_at = attach.expires_at;
-        self.client.attach(attach);
+        let expires_at = self.client.take_claim();
         // The output held meanwhile goes out now, not with the backend's next frame.
         self.b2c.flush_soon();
-        let Some(r) = self.resume.as_mut() else { return };
-        r.parked_until = None;
-        r.reg.held.set_state(crate::session::resume::State::Attached);
-        self.metrics.resume_resumed(&r.reg.held.route, true);
-        tracing::info!(route = r.reg.held.route, "client resumed its session");
+        self.phase = Phase::Open;
         self.peers[Side::Client.idx()] = Peer::default();
         self.clock.renew(expires_at);
         self.rearm();
@@ -604,14 +591,13 @@ where
         self.end_with(Cause::ResumeExpired { overflow });
     }
 
-    /// Gives up on a parked client: it is gone, and its resume id leaves the registry.
-    fn drop_parked(&mut self, reason: &'static str) {
-        let Some(r) = self.resume.as_mut() else { return };
-        if r.parked_until.take().is_none() {
+    /// Gives up on a held client: it is gone, and the stream lets its hold go.
+    fn drop_parked(&mut self, why: &'static str) {
+        if !self.parked() {
             return;
         }
-        self.metrics.resume_expired(&r.reg.held.route, reason);
-        r.reg.withdraw();
+        self.phase = Phase::Open;
+        self.client.let_go(why);
         let p = &mut self.peers[Side::Client.idx()];
         p.inbound = Inbound::Gone;
         p.outbound = Outbound::ProxyClose;
@@ -625,7 +611,7 @@ where
             let owed = self.deferred_close.is_some_and(|(offender, _)| offender == side);
             p.gone() || (p.closed_in() && p.closed_out() && !owed && into.drained())
         };
-        self.close_deadline.is_some() && side_done(Side::Client, &self.b2c) && side_done(Side::Backend, &self.c2b)
+        self.closing() && side_done(Side::Client, &self.b2c) && side_done(Side::Backend, &self.c2b)
     }
 
     fn end(&mut self) -> SessionEnd {

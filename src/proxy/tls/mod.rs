@@ -89,7 +89,7 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// Builds the server configuration from PEM files; ALPN offers `h2` when `http2` is set, and
 /// HTTP/1.1 always (also to a client that sends no ALPN).
 pub fn server_config(settings: &TlsSettings, http2: bool) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    let mut provider = crate::crypto::base();
     provider.cipher_suites = settings
         .cipher_suites
         .iter()
@@ -146,7 +146,7 @@ fn load_key(key: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
 /// file that fails (a chain and its key are both read even when one of them fails) and for each
 /// pair that does not match; when there is none, the configuration rustls refuses, if it does.
 pub fn check_files(settings: &TlsSettings) -> Vec<TlsConfigError> {
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let provider = crate::crypto::base();
     let pairs = std::iter::once((&settings.cert, &settings.key)).chain(settings.sni.iter().map(|s| (&s.cert, &s.key)));
     let mut problems = Vec::new();
     for (cert, key) in pairs {

@@ -117,12 +117,11 @@ impl Hub {
 
     /// A chunk of the session's output: kept for the replay and queued to every observer; an
     /// observer whose queue is full is dropped (it closes with 1013).
-    pub fn publish(&self, chunk: &[u8]) {
+    pub fn publish(&self, chunk: &Bytes) {
         let Ok(mut inner) = self.inner.lock() else { return };
         if inner.observers.is_empty() && self.settings.replay == 0 {
             return;
         }
-        let chunk = Bytes::copy_from_slice(chunk);
         inner.observers.retain(|w| match w.tx.try_send(chunk.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -134,7 +133,7 @@ impl Hub {
         let limit = self.settings.replay;
         if limit > 0 {
             inner.replay_len += chunk.len();
-            inner.replay.push_back(chunk);
+            inner.replay.push_back(chunk.clone());
             while inner.replay_len > limit {
                 match inner.replay.pop_front() {
                     Some(old) => inner.replay_len -= old.len(),
@@ -142,6 +141,13 @@ impl Hub {
                 }
             }
         }
+    }
+}
+
+/// The observers see the backend's output as the relay scans it.
+impl crate::session::PayloadSink for Hub {
+    fn payload(&self, data: &Bytes) {
+        self.publish(data);
     }
 }
 
@@ -163,10 +169,10 @@ mod tests {
     fn a_joiner_gets_the_latest_output_then_the_live_one() {
         let h = hub(8, 16);
         for c in [&b"0123"[..], b"4567", b"89ab"] {
-            h.publish(c);
+            h.publish(&Bytes::copy_from_slice(c));
         }
         let mut o = h.join().expect("join");
-        h.publish(b"live");
+        h.publish(&Bytes::from_static(b"live"));
         let got: Vec<Bytes> = std::iter::from_fn(|| o.rx.try_recv().ok()).collect();
         assert_eq!(got, [&b"4567"[..], b"89ab", b"live"], "the last 8 bytes, then live");
     }
@@ -178,7 +184,7 @@ mod tests {
         let mut fast = h.join().expect("fast");
         assert_eq!(h.join().unwrap_err(), JoinError::Full);
         for i in 0..3u8 {
-            h.publish(&[i]);
+            h.publish(&Bytes::copy_from_slice(&[i]));
             assert_eq!(fast.rx.try_recv().ok().as_deref(), Some(&[i][..]));
         }
         assert!(slow.lagged() && !fast.lagged());

@@ -5,7 +5,7 @@
 //! [`ID_HEADER`] response header and, for browsers, as the session's first text frame. The
 //! fresh session registers a [`Held`] under it, bound to the token's issuer, subject and the
 //! agent it reached. When that client vanishes without a close frame the relay keeps the
-//! backend session, buffering its output (`session/resume/park.rs`); a later handshake with the id
+//! backend session, buffering its output ([`Resumable`], over `park.rs`); a later handshake with the id
 //! (`?resume=<id>`), a token of the same issuer and subject and the same agent claims the
 //! session ([`Resumes::claim`]) and hands its upgraded stream over ([`Held::attach`]). Another
 //! subject's handshake with the id is refused; one while the session is attached, or another
@@ -16,16 +16,23 @@
 //! instance (see `docs/resume.md`).
 
 use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use base64::Engine as _;
-use std::sync::{Arc, Mutex};
-
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::config::ResumeSettings;
+use crate::metrics::Metrics;
+use crate::session::FinishStream;
+
 mod park;
-pub use park::Parkable;
+use park::Parkable;
 
 impl crate::session::Attachment for Held {
     fn shown(&self) -> (&'static str, serde_json::Value) {
@@ -38,6 +45,101 @@ impl crate::session::Attachment for Held {
 
     fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
+    }
+}
+
+/// A resumable session's client stream, as the relay sees it: the [`Parkable`] stream (the
+/// client's connection, or while it is away the output held for the next one) and the session's
+/// registration, through which new clients arrive. The relay drives it through the hold of
+/// [`FinishStream`], and knows nothing else of resume.
+pub struct Resumable {
+    stream: Parkable,
+    reg: Registration,
+    settings: Arc<ResumeSettings>,
+    metrics: Arc<Metrics>,
+    /// A new client that claimed the session, until the relay takes it or turns it away.
+    claimant: Option<Attach>,
+}
+
+impl Resumable {
+    /// The first client's stream `io`, with what its connection holds (`hold`: its connection
+    /// slot, its HTTP/2 stream's hold), for the fresh session registered as `reg`.
+    pub fn new(
+        io: Box<dyn Io>,
+        hold: Box<dyn Send>,
+        reg: Registration,
+        settings: Arc<ResumeSettings>,
+        metrics: Arc<Metrics>,
+    ) -> Resumable {
+        reg.held.set_state(State::Attached);
+        let stream = Parkable::new(io, hold, settings.buffer);
+        Resumable { stream, reg, settings, metrics, claimant: None }
+    }
+}
+
+impl FinishStream for Resumable {
+    fn hold(&mut self) -> Option<Duration> {
+        if !self.stream.park() {
+            return None;
+        }
+        let route = &self.reg.held.route;
+        self.reg.held.set_state(State::Parked);
+        self.metrics.resume_parked(route);
+        let window_ms = self.settings.window.as_millis() as u64;
+        tracing::info!(route, window_ms, "client vanished; session held for it to resume");
+        Some(self.settings.window)
+    }
+
+    fn poll_claim(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.claimant.is_none() {
+            match self.reg.rx.poll_recv(cx) {
+                Poll::Ready(Some(a)) => self.claimant = Some(a),
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    }
+
+    fn take_claim(&mut self) -> Option<Instant> {
+        let a = self.claimant.take()?;
+        let expires_at = a.expires_at;
+        self.stream.attach(a);
+        self.reg.held.set_state(State::Attached);
+        self.metrics.resume_resumed(&self.reg.held.route, true);
+        tracing::info!(route = self.reg.held.route, "client resumed its session");
+        expires_at
+    }
+
+    fn refuse_claim(&mut self) {
+        // Dropping the new client's stream closes it.
+        self.claimant = None;
+        self.reg.held.release_claim();
+        tracing::info!("a resume arrived for a session that cannot take it; its stream is closed");
+    }
+
+    fn let_go(&mut self, why: &'static str) {
+        self.metrics.resume_expired(&self.reg.held.route, why);
+        self.reg.withdraw();
+    }
+}
+
+impl AsyncRead for Resumable {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Resumable {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

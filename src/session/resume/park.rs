@@ -312,16 +312,6 @@ impl AsyncWrite for Parkable {
     }
 }
 
-impl crate::session::FinishStream for Parkable {
-    fn park(&mut self) -> bool {
-        Parkable::park(self)
-    }
-
-    fn attach(&mut self, a: Attach) {
-        Parkable::attach(self, a)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,14 +15,14 @@
 //! `portcullis_recording_failures_total{route,reason}`: an audit gap is never silent.
 //!
 //! Files are created 0600 in the route's directory, named `{unix time}-{route}-{session}.cast`.
-//! Recordings are evidence (DESIGN.md §11):
+//! Recordings are evidence (`docs/security.md`, "Threat table: trust boundaries"):
 //! - a live recording holds a shared `flock` on its file, and nothing deletes a locked file (the
 //!   sweep takes an exclusive lock first), whichever process is writing it;
 //! - one recording stops at `max_file_size`: a gap marker (`[t, "m", "..."]`) ends it and
-//!   `on_backlog` decides whether the session goes on unrecorded or closes;
-//! - a new recording in a directory that holds `max_total_size` is refused (a gap, as above)
-//!   unless the route says `when_full = "evict_oldest"`, when the oldest finished recordings are
-//!   deleted, each counted in `portcullis_recording_evictions_total{reason="size"}` and alerted;
+//!   `on_limit` decides whether the session goes on unrecorded or closes;
+//! - a new recording in a directory that holds `max_total_size` is refused (a gap, `on_limit`
+//!   as above) unless the route says `when_full = "evict_oldest"`, when the oldest finished
+//!   recordings are deleted, each counted in `portcullis_recording_evictions_total{reason="size"}` and alerted;
 //! - the server sweeps each directory every `sweep_interval` ([`sweep`]): finished recordings
 //!   older than `max_age` go (`reason="age"`).
 //!
@@ -36,11 +36,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::config::{Backlog, RecordingSettings, WhenFull};
+use crate::session::{Behind, PayloadSink, Taps};
 
 /// Who a recording is of, for its header and file name.
 #[derive(Debug, Clone)]
@@ -75,7 +77,7 @@ impl Stream {
 struct Chunk {
     at: f64,
     stream: Stream,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 /// What the sinks of one recording and its writer share.
@@ -117,10 +119,6 @@ impl Queue {
     }
 }
 
-/// Why a recorded session must close (`on_backlog = "close"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gap;
-
 /// One direction's way into a recording: the relay hands it the unmasked payload bytes of
 /// each scan, as one event.
 pub struct Sink {
@@ -128,24 +126,24 @@ pub struct Sink {
     queue: Arc<Queue>,
 }
 
-impl Sink {
+impl crate::session::PayloadSink for Sink {
     /// Hands `data` to the writer, as one event.
-    pub fn record(&self, data: Vec<u8>) {
+    fn payload(&self, data: &Bytes) {
         if data.is_empty() || self.queue.failed.load(Ordering::Acquire) {
             return;
         }
         let len = data.len();
         self.queue.queued.fetch_add(len, Ordering::AcqRel);
         let at = self.queue.start.elapsed().as_secs_f64();
-        if self.queue.tx.send(Chunk { at, stream: self.stream, data }).is_err() {
+        if self.queue.tx.send(Chunk { at, stream: self.stream, data: data.clone() }).is_err() {
             self.queue.queued.fetch_sub(len, Ordering::AcqRel);
         }
     }
 
     /// Whether the sender may be read now: `Pending` (the task woken when the writer has
-    /// caught up) while the writer is `queue` bytes behind under `slow`; [`Gap`] when the
+    /// caught up) while the writer is `queue` bytes behind under `slow`; [`Behind`] when the
     /// session must close (`close`, and the writer is behind or failed).
-    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), Gap>> {
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), Behind>> {
         let q = &self.queue;
         let close = q.settings.on_backlog == Backlog::Close;
         let failed_close = q.close.load(Ordering::Acquire);
@@ -153,14 +151,14 @@ impl Sink {
         // while the session sits idle wakes it, so a `close` route closes then.
         q.wakers[self.stream as usize].register(cx.waker());
         if q.failed.load(Ordering::Acquire) {
-            return Poll::Ready(if failed_close { Err(Gap) } else { Ok(()) });
+            return Poll::Ready(if failed_close { Err(Behind) } else { Ok(()) });
         }
         if q.queued.load(Ordering::Acquire) < q.settings.queue {
             return Poll::Ready(Ok(()));
         }
         if close {
             q.fail("backlog", &"the writer fell a whole queue behind");
-            return Poll::Ready(Err(Gap));
+            return Poll::Ready(Err(Behind));
         }
         if q.queued.load(Ordering::Acquire) < q.settings.queue || q.failed.load(Ordering::Acquire) {
             return Poll::Ready(Ok(()));
@@ -171,13 +169,9 @@ impl Sink {
 }
 
 /// Starts the recording of a session: its writer task (on `tasks`, so a drain waits for the
-/// last events to be written before the process exits), and the sink of its output and (when
-/// the route records input) of its input.
-pub fn start(
-    settings: &Arc<RecordingSettings>,
-    meta: Meta,
-    tasks: &tokio_util::task::TaskTracker,
-) -> (Sink, Option<Sink>) {
+/// last events to be written before the process exits), with the sink of its output and (when
+/// the route records input) of its input among the session's `taps`.
+pub fn start(settings: &Arc<RecordingSettings>, meta: Meta, tasks: &tokio_util::task::TaskTracker, taps: &mut Taps) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queue = Arc::new(Queue {
         settings: settings.clone(),
@@ -190,8 +184,11 @@ pub fn start(
         tx,
     });
     tasks.spawn(write(queue.clone(), rx, meta));
-    let sink = |stream| Sink { stream, queue: queue.clone() };
-    (sink(Stream::Output), settings.input.then(|| sink(Stream::Input)))
+    let sink = |stream| -> Arc<dyn PayloadSink> { Arc::new(Sink { stream, queue: queue.clone() }) };
+    taps.output.push(sink(Stream::Output));
+    if settings.input {
+        taps.input.push(sink(Stream::Input));
+    }
 }
 
 /// The file name of a recording started at `unix` seconds.
