@@ -27,13 +27,16 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p portcullis \
-    && install -D -m 0755 target/release/portcullis /out/portcullis
+    && install -D -m 0755 target/release/portcullis /out/portcullis \
+    && install -d -m 0700 /out/state
 
 # ---- runtime -------------------------------------------------------------------------------
 # Distroless: glibc and libgcc (the binary links them; aws-lc is static), CA certificates, no
 # shell, no package manager, no curl. The health check is the binary's own `health` command.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/portcullis /usr/local/bin/portcullis
+# The local store's state directory ([fleet] state_dir): the revocations that outlive a restart.
+COPY --from=build --chown=10001:10001 /out/state /var/lib/portcullis
 COPY config/container.toml /etc/portcullis/portcullis.toml
 COPY config/portcullis.toml /etc/portcullis/reference.toml
 # Numeric, so it needs no passwd entry; the Kubernetes manifests run as the same user.

@@ -2,7 +2,8 @@
 //! the operator API: `GET /sessions`, `DELETE /sessions/{id}`, `POST /sessions/revoke` with
 //! `{"subject": ...}`, `{"agent": ...}` or `{"jti": ...}` (a subject or jti optionally with
 //! `"issuer"`), `POST /sessions/rebalance`, `GET /routes`, `POST /routes/cache/purge`,
-//! `GET /recordings`, `GET /recordings/{name}` and `GET /limits`. Revoked sessions close with
+//! `GET /recordings`, `GET /recordings/{name}`, `GET /limits` and `GET /fleet` (the state
+//! store: which, whether it answers, how stale this instance's view of the locks may be). Revoked sessions close with
 //! 1008 "session revoked", and a revoked subject or token is refused on reconnect until it
 //! expires.
 //!
@@ -32,6 +33,7 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::config::defaults;
+use crate::fleet::{Lock, Target};
 use crate::session::{Selector, StopReason};
 use crate::state::Shared;
 
@@ -210,6 +212,28 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
         }
         return limits(shared, &req);
     }
+    if path == "/fleet" {
+        if !authorized(shared, &req) {
+            return text(StatusCode::UNAUTHORIZED, "admin token required\n");
+        }
+        let fleet = &shared.fleet;
+        let health = fleet.health();
+        let (policy, max_staleness) = health.policy();
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "instance": fleet.instance(),
+                "store": fleet.store_name(),
+                "reachable": health.reachable(),
+                "staleness_ms": health.staleness().as_millis() as u64,
+                "policy": match policy {
+                    crate::config::Staleness::BestEffort => "best_effort",
+                    crate::config::Staleness::Strict => "strict",
+                },
+                "max_staleness_ms": max_staleness.as_millis() as u64,
+            }),
+        );
+    }
     if path == "/sessions" || path.starts_with("/sessions/") {
         if !authorized(shared, &req) {
             let mut r = text(StatusCode::UNAUTHORIZED, "admin token required\n");
@@ -314,8 +338,7 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                 (None, None, Some(jti)) => Selector::Jti { jti, issuer: ask.issuer },
                 _ => return text(StatusCode::BAD_REQUEST, "give exactly one of subject, agent, jti\n"),
             };
-            let closed = revoke(shared, &selector);
-            json_response(StatusCode::OK, &json!({ "closed": closed }))
+            revoke(shared, &selector).await
         }
         (Method::POST, "/sessions/rebalance") => {
             let ask: RebalanceRequest = match json_body(req, "expected JSON with route, fraction and spread\n").await {
@@ -328,8 +351,9 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
             }
         }
         (Method::DELETE, p) => match p.strip_prefix("/sessions/").and_then(|id| id.parse::<u64>().ok()) {
-            Some(id) => match revoke(shared, &Selector::Id(id)) {
-                0 => text(StatusCode::NOT_FOUND, "no such session\n"),
+            Some(id) if shared.sessions.get(id).is_none() => text(StatusCode::NOT_FOUND, "no such session\n"),
+            Some(id) => match revoke(shared, &Selector::Id(id)).await {
+                r if r.status() != StatusCode::OK => r,
                 _ => {
                     let mut r = Response::new(Full::new(Bytes::new()));
                     *r.status_mut() = StatusCode::NO_CONTENT;
@@ -482,31 +506,111 @@ fn rebalance(shared: &Shared, ask: RebalanceRequest) -> Result<Value, &'static s
 }
 
 /// Closes matching sessions (1008 "session revoked") and refuses tokens on reconnect until they
-/// expire: for a subject or token id, that subject's or id's; for a session id or an agent, the
-/// tokens the closed sessions were opened with (and last resumed with).
-fn revoke(shared: &Shared, selector: &Selector) -> usize {
-    let closed = shared.sessions.revoke(selector);
-    let latest_exp = closed.iter().filter_map(|e| e.token_exp).max();
-    if let Some(auth) = &shared.runtime.load().authenticator {
-        match selector {
-            Selector::Subject { subject, issuer } => auth.deny_subject(subject, issuer.as_deref(), latest_exp),
-            Selector::Jti { jti, issuer } => auth.deny_jti(jti, issuer.as_deref(), latest_exp),
-            Selector::Id(_) | Selector::Agent(_) => {
-                // A session or agent revocation also refuses the exact tokens that were cut.
-                for e in &closed {
-                    if let Some(j) = &e.jti {
-                        auth.deny_jti(j, e.issuer.as_deref(), e.token_exp);
-                    }
-                    // And the token that resumed it last, if another.
-                    for j in e.attached.iter().filter_map(|a| a.revoking_jti()) {
-                        auth.deny_jti(&j, e.issuer.as_deref(), None);
-                    }
-                }
-            }
+/// expire, on every instance of the fleet: for a subject or token id, that subject's or id's
+/// (one lock); for an agent, the sessions that reached it and the tokens they were opened with
+/// (a lock each instance applies to its own); for a session id, that session and its tokens.
+/// Applied here first, then written to the fleet store: the answer waits for the write, and is
+/// 503 when the store did not take it (the sessions here are cut all the same).
+async fn revoke(shared: &Shared, selector: &Selector) -> Response<Full<Bytes>> {
+    let fleet = &shared.fleet;
+    let now = crate::fleet::now_secs();
+    let floor = now + shared.runtime.load().config.auth.revocation_ttl.as_secs();
+    // A subject's or token's lock holds until the latest expiry of its tokens seen here, and at
+    // least revocation_ttl (tokens of the subject not seen here may expire later).
+    let latest_exp = shared.sessions.matching(selector).iter().filter_map(|e| e.token_exp).max();
+    let target = match selector {
+        Selector::Subject { subject, issuer } => {
+            Some(Target::Subject { subject: subject.clone(), issuer: issuer.clone() })
+        }
+        Selector::Jti { jti, issuer } => Some(Target::Jti { jti: jti.clone(), issuer: issuer.clone() }),
+        Selector::Agent(agent) => Some(Target::Agent { agent: agent.clone() }),
+        Selector::Id(_) => None,
+    };
+    let (closed, mut writes) = match target {
+        Some(target) => {
+            let lock = Lock::new(target, latest_exp.map_or(floor, |e| e.max(floor)), fleet.instance());
+            let (closed, derived) = apply_lock(shared, &lock);
+            (closed, std::iter::once(lock).chain(derived).collect::<Vec<_>>())
+        }
+        None => {
+            let closed = shared.sessions.revoke(selector, None);
+            let derived = deny_cut_tokens(shared, &closed, floor);
+            (closed, derived)
+        }
+    };
+    crate::metrics::fleet_lock_applied("local", None);
+    tracing::info!(?selector, closed = closed.len(), store = fleet.store_name(), "sessions revoked");
+    let mut failed = None;
+    for lock in writes.drain(..) {
+        if let Err(e) = fleet.write(&lock).await {
+            failed = Some(e);
         }
     }
-    tracing::info!(?selector, closed = closed.len(), "sessions revoked");
-    closed.len()
+    match failed {
+        None => json_response(StatusCode::OK, &json!({ "closed": closed.len() })),
+        Some(e) => {
+            tracing::error!(error = %e, ?selector, "revocation not written to the fleet store: it holds on this instance only, until a restart");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({
+                    "closed": closed.len(),
+                    "error": "the revocation was applied on this instance but not written to the fleet store; retry",
+                }),
+            )
+        }
+    }
+}
+
+/// Applies `lock` on this instance: cuts the sessions it targets and refuses its tokens until
+/// it lapses (plus `[auth] leeway`). An agent's lock cuts the sessions that reached the agent
+/// before it was made, and refuses the exact tokens they were opened (and last resumed) with:
+/// those refusals are returned as locks of their own, for the store, so that every instance
+/// refuses them.
+pub(crate) fn apply_lock(shared: &Shared, lock: &Lock) -> (Vec<Arc<crate::session::SessionEntry>>, Vec<Lock>) {
+    let leeway = shared.runtime.load().config.auth.leeway.as_secs();
+    let until = lock.until + leeway;
+    let denylist = &shared.denylist;
+    match &lock.target {
+        Target::Subject { subject, issuer } => {
+            denylist.deny_subject(subject, issuer.as_deref(), lock.at_secs(), until);
+            let selector = Selector::Subject { subject: subject.clone(), issuer: issuer.clone() };
+            (shared.sessions.revoke(&selector, None), Vec::new())
+        }
+        Target::Jti { jti, issuer } => {
+            denylist.deny_jti(jti, issuer.as_deref(), until);
+            let selector = Selector::Jti { jti: jti.clone(), issuer: issuer.clone() };
+            (shared.sessions.revoke(&selector, None), Vec::new())
+        }
+        Target::Agent { agent } => {
+            // Sessions that started before the lock was made, by this clock: up to CLOCK_SLACK
+            // after its creation by the maker's, for clocks apart and times kept to the
+            // millisecond. One that starts later is a new session, and is not cut when the
+            // lock is read again (after an outage of the store).
+            let made = SystemTime::UNIX_EPOCH + Duration::from_millis(lock.at_ms) + crate::fleet::CLOCK_SLACK;
+            let closed = shared.sessions.revoke(&Selector::Agent(agent.clone()), Some(made));
+            let derived = deny_cut_tokens(shared, &closed, lock.until);
+            (closed, derived)
+        }
+    }
+}
+
+/// Refuses the tokens the `closed` sessions were opened and last resumed with, each until it
+/// expires (or `fallback`, for a token without `exp`); returns the locks that say so.
+fn deny_cut_tokens(shared: &Shared, closed: &[Arc<crate::session::SessionEntry>], fallback: u64) -> Vec<Lock> {
+    let leeway = shared.runtime.load().config.auth.leeway.as_secs();
+    let mut locks = Vec::new();
+    for e in closed {
+        // The resumed token's expiry is not kept: it is refused until `fallback`.
+        let opened = e.jti.clone().map(|j| (j, e.token_exp.unwrap_or(fallback)));
+        let resumed =
+            e.attached.iter().filter_map(|a| a.revoking_jti()).map(|j| (j, fallback.max(e.token_exp.unwrap_or(0))));
+        for (jti, until) in opened.into_iter().chain(resumed) {
+            shared.denylist.deny_jti(&jti, e.issuer.as_deref(), until + leeway);
+            let target = Target::Jti { jti, issuer: e.issuer.clone() };
+            locks.push(Lock::new(target, until, shared.fleet.instance()));
+        }
+    }
+    locks
 }
 
 /// `GET /recordings` (every recorded route's files: name, route, bytes, modified) and

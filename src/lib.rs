@@ -57,6 +57,7 @@ pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod crypto;
+pub mod fleet;
 pub mod handover;
 pub mod limits;
 pub mod metrics;

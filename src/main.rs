@@ -323,7 +323,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let sockets = bound.handover_sockets(&config)?;
     let poll = config.server.reload_poll_interval;
     let runtime_dir = config.server.runtime_dir.clone();
-    let server = server::Server::new(config)?;
+    let server = server::Server::new(config).await?;
     tokio::spawn(server::watch_config(server.handle(), path.clone(), poll));
     if let Some(ready) = ready {
         // The sockets listen already (connections wait in their queue): the old process may
@@ -472,7 +472,8 @@ async fn demo(
     let (listen_socket, admin_socket) = (bind(listen, "proxy")?, bind(admin, "admin listener")?);
     let (listen, admin) = (listen_socket.local_addr()?, admin_socket.local_addr()?);
     let mut sockets = vec![(listen, listen_socket), (admin, admin_socket)];
-    let text = demo::config_text(listen, admin, backend, &cert, &jwt, &demo::PageOpts { resume_window, origins });
+    let page = demo::PageOpts { resume_window, origins };
+    let text = demo::config_text(listen, admin, backend, &cert, &jwt, &page, &dir.join("state"));
     let config = Config::parse(&text, Path::new("<demo>"))?;
     let bound = Bound::bind_with(&config, |_, addr| {
         sockets.iter().position(|(a, _)| *a == addr).map(|i| sockets.swap_remove(i).1)

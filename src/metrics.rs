@@ -53,6 +53,9 @@ pub struct Metrics {
 
 static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
 
+/// From 1 ms to 10 s: the fleet's target is a lock applied everywhere within 1 s.
+const LOCK_APPLY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
 const REQUEST_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
@@ -168,6 +171,36 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "portcullis_cors_preflights_total",
         "CORS preflights answered by the proxy, by route and result (allowed, refused).",
     ),
+    (
+        Kind::Gauge,
+        "portcullis_fleet_store_reachable",
+        "1 while the fleet store (local log or Redis) answers, 0 while it cannot be reached.",
+    ),
+    (
+        Kind::Gauge,
+        "portcullis_fleet_staleness_seconds",
+        "How long this instance's view of the fleet's locks may be behind: 0 while the store answers.",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_fleet_locks_written_total",
+        "Locks (revocations) written to the fleet store, by store and result (ok, error).",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_fleet_locks_applied_total",
+        "Locks applied on this instance, by source (local: made here or read at start; fleet: made by another instance).",
+    ),
+    (
+        Kind::Histogram,
+        "portcullis_fleet_lock_apply_seconds",
+        "Seconds from a lock's creation on another instance to its application here.",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_fleet_refusals_total",
+        "New sessions refused because the fleet store was unreachable for longer than max_staleness (staleness = strict).",
+    ),
     (Kind::Gauge, "portcullis_worker_threads", "Tokio worker threads running the proxy."),
     (Kind::Gauge, "portcullis_token_cache_entries", "Tokens in the verified-token cache."),
     (
@@ -241,6 +274,8 @@ impl Metrics {
             .set_buckets_for_metric(Matcher::Full("portcullis_backend_connect_seconds".into()), CONNECT_BUCKETS)
             .expect("bucket list is non-empty")
             .set_buckets_for_metric(Matcher::Full("portcullis_http_request_duration_seconds".into()), REQUEST_BUCKETS)
+            .expect("bucket list is non-empty")
+            .set_buckets_for_metric(Matcher::Full("portcullis_fleet_lock_apply_seconds".into()), LOCK_APPLY_BUCKETS)
             .expect("bucket list is non-empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -613,6 +648,36 @@ pub fn jwks_fetch(ok: bool) {
 /// Static members of `route` that are healthy now.
 pub fn member_healthy(route: &str, healthy: usize) {
     gauge!("portcullis_member_healthy", "route" => route.to_owned()).set(healthy as f64);
+}
+
+/// Whether the fleet store answers.
+pub fn fleet_store_reachable(up: bool) {
+    gauge!("portcullis_fleet_store_reachable").set(if up { 1.0 } else { 0.0 });
+}
+
+/// How far behind the view of the locks may be.
+pub fn fleet_staleness(seconds: f64) {
+    gauge!("portcullis_fleet_staleness_seconds").set(seconds);
+}
+
+/// A lock was written to the `store` (`local` or `redis`), or failed to be.
+pub fn fleet_lock_written(store: &'static str, ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    counter!("portcullis_fleet_locks_written_total", "store" => store, "result" => result).increment(1);
+}
+
+/// A lock was applied: made here or read at start (`local`), or from another instance
+/// (`fleet`, `seconds` after it was made).
+pub fn fleet_lock_applied(source: &'static str, seconds: Option<f64>) {
+    counter!("portcullis_fleet_locks_applied_total", "source" => source).increment(1);
+    if let Some(s) = seconds {
+        histogram!("portcullis_fleet_lock_apply_seconds").record(s);
+    }
+}
+
+/// A new session was refused: the store has been unreachable for longer than `max_staleness`.
+pub fn fleet_refused() {
+    counter!("portcullis_fleet_refusals_total").increment(1);
 }
 
 #[cfg(test)]

@@ -61,6 +61,10 @@ pub enum ServerError {
     /// setting, the admin address); it is refused as a whole.
     #[error("{0} changed: that needs a restart, so the reload is refused")]
     NeedsRestart(&'static str),
+    /// The fleet's state store could not be opened (a state directory that cannot be created or
+    /// read).
+    #[error("fleet store: {0}")]
+    Fleet(#[from] crate::fleet::StoreError),
 }
 
 /// Reads every file the configuration names (certificates and keys, token keys, JWKS CA files)
@@ -247,6 +251,11 @@ impl Shared {
         if old.config.admin.as_ref().map(|a| a.address) != config.admin.as_ref().map(|a| a.address) {
             return Err(ServerError::NeedsRestart("admin address"));
         }
+        if old.config.fleet != config.fleet {
+            // The store is opened once, before the first port accepts; the locks it holds are
+            // in force whatever the reload says.
+            tracing::warn!("[fleet] changed: the store in use stays until a restart");
+        }
         let grace = config.server.removed_route_grace;
         let runtime = build_runtime(config, &self.denylist, Some(&old), &self.metrics)?;
         let removed: Vec<_> = self
@@ -402,9 +411,11 @@ pub struct Server {
 }
 
 impl Server {
-    /// Builds the server state from a validated configuration.
-    pub fn new(config: Config) -> Result<Server, ServerError> {
+    /// Builds the server state from a validated configuration: opens the fleet's store and
+    /// applies every lock in force (the listeners accept only once this has returned).
+    pub async fn new(config: Config) -> Result<Server, ServerError> {
         let denylist = Arc::new(Denylist::default());
+        let (fleet, locks) = crate::fleet::Fleet::open(&config.fleet).await?;
         let max_connections = config.server.max_connections;
         // The recorder first: metric handles made before it would record nowhere.
         let metrics = Metrics::global();
@@ -429,7 +440,23 @@ impl Server {
                 per_subject: Arc::default(),
                 resumes: Arc::default(),
                 fanouts: Arc::default(),
+                fleet,
             }),
+        })
+        .inspect(|server| {
+            // Before any port accepts, every lock in force refuses its tokens.
+            for lock in &locks {
+                admin::apply_lock(&server.shared, lock);
+                crate::metrics::fleet_lock_applied("local", None);
+            }
+            let s = &server.shared.fleet;
+            tracing::info!(
+                store = s.store_name(),
+                instance = s.instance(),
+                reachable = s.health().reachable(),
+                locks = locks.len(),
+                "fleet store opened"
+            );
         })
     }
 
@@ -460,6 +487,7 @@ impl Server {
         }
         let admin_task = bound.admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), stop_admin.clone())));
         let sweeper = tokio::spawn(sweep_recordings(shared.clone(), stop_admin.clone()));
+        let feed = shared.fleet.take_feed().map(|feed| tokio::spawn(apply_fleet_locks(shared.clone(), feed)));
         let upkeep = {
             let stop = stop_admin.clone();
             let shared = shared.clone();
@@ -471,6 +499,7 @@ impl Server {
                         _ = stop.cancelled() => break,
                         _ = tick.tick() => {
                             metrics.run_upkeep();
+                            crate::metrics::fleet_staleness(shared.fleet.health().staleness().as_secs_f64());
                             n += 1;
                             // Every minute: forget the handshake buckets of idle addresses.
                             if n % 12 == 0 {
@@ -519,7 +548,32 @@ impl Server {
         }
         let _ = upkeep.await;
         let _ = sweeper.await;
+        if let Some(f) = feed {
+            f.abort();
+        }
         Ok(())
+    }
+}
+
+/// Applies the locks other instances make, as the store's feed brings them, for as long as the
+/// process serves (revocations keep applying during the drain).
+async fn apply_fleet_locks(shared: Arc<Shared>, mut feed: tokio::sync::mpsc::UnboundedReceiver<crate::fleet::Lock>) {
+    while let Some(lock) = feed.recv().await {
+        if lock.origin == shared.fleet.instance() {
+            continue;
+        }
+        let (closed, derived) = admin::apply_lock(&shared, &lock);
+        let latency = Duration::from_millis(crate::fleet::now_ms().saturating_sub(lock.at_ms));
+        crate::metrics::fleet_lock_applied("fleet", Some(latency.as_secs_f64()));
+        tracing::info!(lock = %lock.id, origin = %lock.origin, closed = closed.len(), latency_ms = latency.as_millis() as u64, "fleet lock applied");
+        for d in derived {
+            let fleet = shared.fleet.clone();
+            tokio::spawn(async move {
+                if let Err(e) = fleet.write(&d).await {
+                    tracing::warn!(error = %e, "a token refusal derived from a fleet lock was not written to the store");
+                }
+            });
+        }
     }
 }
 
@@ -556,7 +610,7 @@ async fn sweep_recordings(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// Builds a [`Server`] and serves until `shutdown` resolves (see [`Server::serve`]).
 pub async fn serve(config: Config, bound: Bound, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    Server::new(config)?.serve(bound, shutdown).await
+    Server::new(config).await?.serve(bound, shutdown).await
 }
 
 /// Reloads the configuration at `path` into the running server. A file that does not parse or

@@ -89,6 +89,9 @@ pub struct Shared {
     pub resumes: Arc<crate::session::resume::Resumes>,
     /// Shared backend streams of routes with `[routes.fanout]`.
     pub fanouts: Arc<crate::session::fanout::Fanouts>,
+    /// The fleet's state store (revocations that outlive a restart and reach every instance);
+    /// opened once, kept across reloads.
+    pub fleet: Arc<crate::fleet::Fleet>,
 }
 
 /// A count of connections still handshaking, and a wake-up when it reaches zero (no polling).

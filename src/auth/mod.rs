@@ -250,7 +250,6 @@ pub struct Authenticator {
     jwks: Vec<Arc<JwksSource>>,
     leeway: Duration,
     max_token_size: usize,
-    revocation_ttl: Duration,
     verified: moka::sync::Cache<[u8; 32], Arc<Claims>>,
     denylist: Arc<Denylist>,
 }
@@ -322,7 +321,6 @@ impl Authenticator {
             jwks,
             leeway: settings.leeway,
             max_token_size: settings.max_token_size,
-            revocation_ttl: settings.revocation_ttl,
             verified: moka::sync::Cache::builder().max_capacity(settings.cache_capacity).expire_after(ExpireAt).build(),
             denylist,
         }))
@@ -451,31 +449,30 @@ impl Authenticator {
         }
         Ok(())
     }
+}
 
-    /// Refuses tokens of `subject` (of `issuer` only, or of every issuer when `None`) issued up
-    /// to now, until `until` (Unix seconds) or `revocation_ttl` from now, whichever is later:
-    /// other tokens of the subject, issued before the revocation, may expire later than the ones
-    /// whose sessions were cut.
-    pub fn deny_subject(&self, subject: &str, issuer: Option<&str>, until: Option<u64>) {
-        let floor = now_secs() + self.revocation_ttl.as_secs();
-        self.deny(subject_key(issuer, subject), Some(until.map_or(floor, |u| u.max(floor))));
+impl Denylist {
+    /// Refuses tokens of `subject` (of `issuer` only, or of every issuer when `None`) issued at
+    /// or before `since`, until `until` (both Unix seconds): a token issued later (a new login)
+    /// is accepted.
+    pub fn deny_subject(&self, subject: &str, issuer: Option<&str>, since: u64, until: u64) {
+        self.insert(subject_key(issuer, subject), since, until);
     }
 
     /// Refuses the token with this `jti` (of `issuer` only, or of every issuer when `None`)
-    /// until `until`.
-    pub fn deny_jti(&self, jti: &str, issuer: Option<&str>, until: Option<u64>) {
-        self.deny(jti_key(issuer, jti), until);
+    /// until `until` (Unix seconds).
+    pub fn deny_jti(&self, jti: &str, issuer: Option<&str>, until: u64) {
+        self.insert(jti_key(issuer, jti), now_secs(), until);
     }
 
-    fn deny(&self, key: String, until: Option<u64>) {
-        let now = now_secs();
-        let until = until.unwrap_or(now + self.revocation_ttl.as_secs()).max(now + 1) + self.leeway.as_secs();
-        let denied = &self.denylist.denied;
-        let until = match denied.get(&key) {
-            Some(d) => d.until.max(until),
-            None => until,
+    /// Merges a denial with the one the key holds: the later of each bound.
+    fn insert(&self, key: String, since: u64, until: u64) {
+        let until = until.max(now_secs() + 1);
+        let (since, until) = match self.denied.get(&key) {
+            Some(d) => (d.since.max(since), d.until.max(until)),
+            None => (since, until),
         };
-        denied.insert(key, Denial { since: now, until });
+        self.denied.insert(key, Denial { since, until });
     }
 }
 

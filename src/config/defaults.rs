@@ -146,3 +146,9 @@ impl Default for HealthSettings {
         }
     }
 }
+
+/// `[fleet] state_dir`: where the local store keeps its log (as Teleport's `/var/lib/teleport`).
+pub const STATE_DIR: &str = "/var/lib/portcullis";
+
+/// `[fleet] max_staleness`: how long a store may be unreachable before `strict` refuses.
+pub const MAX_STALENESS: Duration = Duration::from_secs(10);

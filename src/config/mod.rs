@@ -54,6 +54,49 @@ pub struct Config {
     pub backend: BackendSettings,
     /// HTTP/2 on TLS listeners (`[http2]`).
     pub http2: Http2Settings,
+    /// Where governance state lives, and how the instances of a fleet share it (`[fleet]`).
+    pub fleet: FleetSettings,
+}
+
+/// `[fleet]`: the state store that makes revocations outlive a restart and, with Redis, reach
+/// every instance of a fleet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetSettings {
+    /// Which store.
+    pub store: StoreKind,
+    /// This instance's name in the fleet (default: the host name and the process id).
+    pub instance: String,
+    /// What a Redis-backed instance does while the store is unreachable.
+    pub staleness: Staleness,
+    /// How long the store may be unreachable before `strict` refuses new sessions.
+    pub max_staleness: std::time::Duration,
+}
+
+/// Where revocations (locks) are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreKind {
+    /// One instance: an fsynced append log in `state_dir`, read before the first port accepts.
+    Local {
+        /// The directory of `locks.log` (created 0700 when missing).
+        state_dir: std::path::PathBuf,
+    },
+    /// A fleet: Redis or Valkey, read through a local mirror kept current by a stream.
+    Redis {
+        /// `redis://` or `rediss://` (TLS) URL, with credentials if any. A secret: never
+        /// logged.
+        url: String,
+        /// The prefix of every key the fleet writes (`{prefix}:locks`, `{prefix}:lock:{id}`).
+        key_prefix: String,
+    },
+}
+
+/// `[fleet] staleness`: the policy while the store cannot be reached (Teleport's lock modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staleness {
+    /// Keep serving with the last view of the locks; the staleness is a metric and an alert.
+    BestEffort,
+    /// Refuse new sessions (503) once the store has been unreachable for `max_staleness`.
+    Strict,
 }
 
 /// HTTP/2 on TLS listeners (`[http2]`): offered by ALPN next to HTTP/1.1, with WebSockets by

@@ -33,6 +33,35 @@ pub(super) struct RawConfig {
     pub(super) auth: RawAuth,
     #[serde(default)]
     pub(super) http2: RawHttp2,
+    #[serde(default)]
+    pub(super) fleet: RawFleet,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFleet {
+    pub(super) store: Option<RawStore>,
+    pub(super) state_dir: Option<PathBuf>,
+    pub(super) redis_url: Option<String>,
+    pub(super) redis_url_env: Option<String>,
+    pub(super) key_prefix: Option<String>,
+    pub(super) instance: Option<String>,
+    pub(super) staleness: Option<RawStaleness>,
+    pub(super) max_staleness: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawStore {
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawStaleness {
+    BestEffort,
+    Strict,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -55,7 +55,88 @@ pub(super) fn config(raw: RawConfig, secrets: Secrets) -> Result<Config, Invalid
         session,
         backend,
         http2: http2(raw.http2)?,
+        fleet: fleet(raw.fleet, secrets)?,
     })
+}
+
+fn fleet(f: super::raw::RawFleet, secrets: Secrets) -> Result<super::FleetSettings, Invalid> {
+    use super::raw::{RawStaleness, RawStore};
+    let store = match f.store.unwrap_or(RawStore::Local) {
+        RawStore::Local => {
+            if f.redis_url.is_some() || f.redis_url_env.is_some() || f.key_prefix.is_some() {
+                return Err(invalid(
+                    "fleet.store",
+                    "is \"local\": redis_url, redis_url_env and key_prefix are for store = \"redis\"",
+                ));
+            }
+            let state_dir = f.state_dir.unwrap_or_else(|| defaults::STATE_DIR.into());
+            if state_dir.as_os_str().is_empty() {
+                return Err(invalid("fleet.state_dir", "must not be empty"));
+            }
+            super::StoreKind::Local { state_dir }
+        }
+        RawStore::Redis => {
+            if f.state_dir.is_some() {
+                return Err(invalid(
+                    "fleet.state_dir",
+                    "is for store = \"local\"; a redis fleet keeps its state in Redis",
+                ));
+            }
+            let url = match (f.redis_url, f.redis_url_env) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid("fleet.redis_url", "set redis_url or redis_url_env, not both"))
+                }
+                (Some(u), None) => u,
+                (None, Some(var)) => match secrets {
+                    Secrets::Unread => format!("redis://unread-{var}"),
+                    Secrets::Read => std::env::var(&var)
+                        .map_err(|_| invalid("fleet.redis_url_env", &format!("the variable {var} is not set")))?,
+                },
+                (None, None) => {
+                    return Err(invalid("fleet.redis_url", "store = \"redis\" needs redis_url or redis_url_env"))
+                }
+            };
+            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis-sentinel://")) {
+                return Err(invalid("fleet.redis_url", "must be a redis://, rediss:// or redis-sentinel:// URL"));
+            }
+            let key_prefix = f.key_prefix.unwrap_or_else(|| "portcullis".to_owned());
+            if key_prefix.is_empty() || !key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
+                return Err(invalid("fleet.key_prefix", "must be 1 or more characters of [A-Za-z0-9-_.:]"));
+            }
+            super::StoreKind::Redis { url, key_prefix }
+        }
+    };
+    let instance = match f.instance {
+        Some(i) if i.is_empty() || i.len() > 128 || i.chars().any(char::is_control) => {
+            return Err(invalid("fleet.instance", "must be 1-128 printable characters"))
+        }
+        Some(i) => i,
+        None => default_instance(),
+    };
+    let max_staleness = f.max_staleness.map_or(defaults::MAX_STALENESS, |d| d.0);
+    if max_staleness.is_zero() {
+        return Err(invalid("fleet.max_staleness", "must be more than 0s"));
+    }
+    Ok(super::FleetSettings {
+        store,
+        instance,
+        staleness: match f.staleness.unwrap_or(RawStaleness::BestEffort) {
+            RawStaleness::BestEffort => super::Staleness::BestEffort,
+            RawStaleness::Strict => super::Staleness::Strict,
+        },
+        max_staleness,
+    })
+}
+
+/// The host name and the process id: unique among the instances of one fleet without setup
+/// (a Kubernetes pod's host name is its name).
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "portcullis".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 fn recording(r: super::raw::RawRecording, key: &str) -> Result<std::sync::Arc<super::RecordingSettings>, Invalid> {

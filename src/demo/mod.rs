@@ -79,6 +79,7 @@ pub fn config_text(
     cert: &DemoCert,
     jwt: &DemoJwtKeys,
     page: &PageOpts,
+    state_dir: &Path,
 ) -> String {
     let port = listen.port();
     let extra_origins: String = page.origins.iter().map(|o| format!(", \"{o}\"")).collect();
@@ -105,6 +106,10 @@ tls = true
 
 [admin]
 address = "{admin}"
+
+# Revocations made through the admin API outlive a restart of the demo: they are kept here.
+[fleet]
+state_dir = "{state_dir}"
 
 [session]
 ping_interval = "30s"
@@ -183,6 +188,7 @@ backends = ["{backend}"]
 backend_path = "/agents/{{agent}}/ui/{{rest}}"
 "#,
         cert = cert.cert.display(),
+        state_dir = state_dir.display(),
         key = cert.key.display(),
         jwt_public = jwt.public_key.display(),
     )

@@ -70,6 +70,10 @@ pub enum RequestError {
     /// `headers_with_underscores = "reject"`.
     #[error(transparent)]
     Header(#[from] crate::proxy::forward::HeaderError),
+    /// `[fleet] staleness = "strict"`, and the fleet store has been unreachable for longer than
+    /// `max_staleness` (503): a revocation made meanwhile might not be known here.
+    #[error("revocations cannot be checked: the fleet store has been unreachable for {}s (fleet.staleness = strict)", .0.as_secs())]
+    FleetStale(std::time::Duration),
     /// A broken invariant inside the proxy (500); the detail goes to the log, never the body.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -103,9 +107,9 @@ impl RequestError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             RequestError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
-            RequestError::Connect(ConnectError::Unreachable { .. }) | RequestError::Draining => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            RequestError::Connect(ConnectError::Unreachable { .. })
+            | RequestError::Draining
+            | RequestError::FleetStale(_) => StatusCode::SERVICE_UNAVAILABLE,
             RequestError::Forward(f) => match f {
                 ForwardError::Pool(PoolError::InvalidMember) | ForwardError::ClientBody(_) => StatusCode::BAD_REQUEST,
                 ForwardError::Pool(PoolError::UnknownAgent) => StatusCode::NOT_FOUND,
@@ -163,6 +167,7 @@ impl RequestError {
                 ForwardError::Backend { .. } => "backend_error",
             },
             RequestError::Draining => "draining",
+            RequestError::FleetStale(_) => "fleet_stale",
             RequestError::TooManySessions => "subject_sessions",
             RequestError::TooManyStreams => "per_ip_streams",
             RequestError::TooManyObservers => "observers_full",

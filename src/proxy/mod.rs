@@ -588,11 +588,9 @@ async fn handle_request(
         return reject_request(ctx, &req, &route.name, started, RequestError::Draining);
     }
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let authenticator = runtime.authenticator.as_deref();
-    let gate = token_check_gate(ctx, runtime);
-    let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, None, authenticator, &gate).await {
+    let admitted = match admit(ctx, runtime, &route, &caps, req.headers(), path_and_query, None).await {
         Ok(a) => a,
-        Err(e) => return reject_request(ctx, &req, &route.name, started, e.into()),
+        Err(e) => return reject_request(ctx, &req, &route.name, started, e),
     };
     let (Some(state), Some(http)) = (runtime.route_state.get(&route.name), runtime.upstreams.get(&route.name)) else {
         let e = RequestError::Internal("no routing state for a configured route");
@@ -809,12 +807,9 @@ async fn handle_upgrade(
     if let (Some(observe), Some(id)) = (route.observe.clone(), crate::session::observe::requested(path_and_query)) {
         return handle_observer(ctx, runtime, &route, &caps, req, ws, &observe, id, stream).await;
     }
-    let authenticator = runtime.authenticator.as_deref();
-    let gate = token_check_gate(ctx, runtime);
-    let admitted = match auth::admit(&route, &caps, req.headers(), path_and_query, Some(ws), authenticator, &gate).await
-    {
+    let admitted = match admit(ctx, runtime, &route, &caps, req.headers(), path_and_query, Some(ws)).await {
         Ok(a) => a,
-        Err(e) => return reject(ctx, &route.name, e.into()),
+        Err(e) => return reject(ctx, &route.name, e),
     };
     let Some(ws) = admitted.ws.as_ref() else {
         return reject(ctx, &route.name, RequestError::Internal("the auth stage dropped the upgrade"));
@@ -1112,13 +1107,10 @@ async fn handle_observer(
         a.agent_scope = Some(observe.scope.clone());
     }
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let authenticator = runtime.authenticator.as_deref();
-    let gate = token_check_gate(ctx, runtime);
-    let admitted =
-        match auth::admit(&as_observer, caps, req.headers(), path_and_query, Some(ws), authenticator, &gate).await {
-            Ok(a) => a,
-            Err(e) => return reject(ctx, &route.name, e.into()),
-        };
+    let admitted = match admit(ctx, runtime, &as_observer, caps, req.headers(), path_and_query, Some(ws)).await {
+        Ok(a) => a,
+        Err(e) => return reject(ctx, &route.name, e),
+    };
     let agent = caps.get("agent");
     let Some(hub) = crate::session::observe::hub_of(&ctx.shared.sessions, id, &route.name, agent) else {
         return reject(ctx, &route.name, RequestError::NoSuchSession);
@@ -1191,6 +1183,31 @@ fn note_error(metrics: &crate::metrics::Metrics, route: &str, e: &RequestError) 
         RequestError::Internal(what) => tracing::error!(route, what, "internal error"),
         _ => {}
     }
+}
+
+/// The auth stage for every kind of request, then the fleet's gate: under
+/// `[fleet] staleness = "strict"`, a token-checked request is refused (503) while the store has
+/// been unreachable for longer than `max_staleness`, as a revocation made meanwhile would not be
+/// known here. Open routes check no token, so no revocation applies to them.
+async fn admit(
+    ctx: &ConnCtx,
+    runtime: &Runtime,
+    route: &RouteConfig,
+    caps: &Captures,
+    headers: &::http::HeaderMap,
+    path_and_query: &str,
+    ws: Option<upgrade::WsRequest>,
+) -> Result<auth::Admitted, RequestError> {
+    let gate = token_check_gate(ctx, runtime);
+    let admitted =
+        auth::admit(route, caps, headers, path_and_query, ws, runtime.authenticator.as_deref(), &gate).await?;
+    if admitted.claims.is_some() {
+        if let Err(stale) = ctx.shared.fleet.health().admit() {
+            crate::metrics::fleet_refused();
+            return Err(RequestError::FleetStale(stale));
+        }
+    }
+    Ok(admitted)
 }
 
 /// The client stream hyper hands over once it has sent the upgrade's answer.

@@ -367,10 +367,9 @@ impl Sessions {
         (on_route, total)
     }
 
-    /// Stops the matching sessions with "session revoked"; returns them.
-    pub fn revoke(&self, selector: &Selector) -> Vec<Arc<SessionEntry>> {
-        let matched: Vec<_> = self
-            .list()
+    /// The live sessions `selector` matches (not stopped by it).
+    pub fn matching(&self, selector: &Selector) -> Vec<Arc<SessionEntry>> {
+        self.list()
             .into_iter()
             .filter(|e| match selector {
                 Selector::Id(id) => e.id == *id,
@@ -385,7 +384,16 @@ impl Sessions {
                         && issuer.as_ref().is_none_or(|iss| e.issuer.as_deref() == Some(iss.as_str()))
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// Stops the matching sessions that started no later than `started_by` (every matching one
+    /// when `None`) with "session revoked"; returns them.
+    pub fn revoke(&self, selector: &Selector, started_by: Option<std::time::SystemTime>) -> Vec<Arc<SessionEntry>> {
+        let mut matched = self.matching(selector);
+        if let Some(by) = started_by {
+            matched.retain(|e| e.started <= by);
+        }
         for e in &matched {
             e.control.stop(StopReason::Revoked);
         }

@@ -15,6 +15,7 @@ mod demo;
 mod drain;
 mod fanout;
 mod faults;
+mod fleet;
 mod handover;
 mod handshake;
 mod http;

@@ -56,6 +56,10 @@ impl ProxyProcess {
     pub async fn start_with_log(text: &str, filter: &str) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("portcullis.toml");
+        let text = match text.contains("[fleet]") {
+            true => text.to_owned(),
+            false => format!("{text}\n[fleet]\nstate_dir = {:?}\n", dir.path().join("state").display().to_string()),
+        };
         std::fs::write(&path, text).expect("write config");
         let log_path = dir.path().join("proxy.log");
         let log = std::fs::File::create(&log_path).expect("log file");

@@ -23,6 +23,9 @@ pub struct Proxy {
     pub handle: Arc<portcullis::server::Shared>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// The state directory of a configuration that names none (each proxy its own, so no test
+    /// sees another's revocations).
+    _state: Option<tempfile::TempDir>,
 }
 
 impl Drop for Proxy {
@@ -49,12 +52,13 @@ impl Proxy {
     }
 
     pub async fn start_with(text: &str) -> Proxy {
-        let config = Config::parse(text, Path::new("test.toml")).expect("valid test config");
+        let (text, state) = with_state_dir(text);
+        let config = Config::parse(&text, Path::new("test.toml")).expect("valid test config");
         let bound = Bound::bind(&config).await.expect("bind");
         let addrs = bound.addrs();
         let admin = bound.admin_addr().expect("admin");
         let (tx, rx) = oneshot::channel::<()>();
-        let server = server::Server::new(config).expect("server");
+        let server = server::Server::new(config).await.expect("server");
         let handle = server.handle();
         let task = tokio::spawn(async move {
             server
@@ -72,6 +76,7 @@ impl Proxy {
             handle,
             shutdown: Some(tx),
             task: Some(task),
+            _state: state,
         }
     }
 }
@@ -116,4 +121,15 @@ pub async fn admin_request(admin: SocketAddr, method: &str, path: &str, body: &s
 /// POST `path` with a JSON `body` on the admin listener.
 pub async fn admin_post(admin: SocketAddr, path: &str, body: &str) -> (u16, String) {
     admin_request(admin, "POST", path, body).await
+}
+
+/// `text` with a `[fleet]` table of its own (a fresh state directory, returned to be kept
+/// alive) when it names none.
+pub fn with_state_dir(text: &str) -> (String, Option<tempfile::TempDir>) {
+    if text.contains("[fleet]") {
+        return (text.to_owned(), None);
+    }
+    let dir = tempfile::tempdir().expect("state dir");
+    let text = format!("{text}\n[fleet]\nstate_dir = {:?}\n", dir.path().display().to_string());
+    (text, Some(dir))
 }

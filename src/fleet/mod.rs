@@ -1,0 +1,268 @@
+//! The fleet: where governance state lives, so that it outlives a restart and, with Redis,
+//! reaches every instance.
+//!
+//! A revocation is a [`Lock`] (Teleport's word): a target (a subject, a token id, an agent), when
+//! it was made and until when it holds. A lock made on any instance is applied there at once
+//! (its sessions cut, its tokens refused) and written to the store, from which every other
+//! instance applies it too. The hot path never waits on the store: "is this token revoked?" reads
+//! the process's denylist, the local mirror the store's feed keeps current.
+//!
+//! Two stores sit behind [`Fleet`]:
+//!
+//! - `local` (the default; one instance, no other process): an fsynced append log in `state_dir`
+//!   ([`local`]). A lock is on disk before the revoke call answers, and every lock still in force
+//!   is read before the first port accepts: a restart forgets nothing.
+//! - `redis` (Redis or Valkey, through `fred`; [`redis`]): each lock is a key that expires with it
+//!   plus an entry on a stream that gives the fleet one order. Every instance reads the stream
+//!   from the last entry it saw, so one that lost the store catches up when it is back, and reads
+//!   every lock key (`SCAN`) at start and after each outage, so none is missed even when the
+//!   stream was trimmed meanwhile.
+//!
+//! While the store cannot be reached, [`Health`] counts the staleness, and `[fleet] staleness`
+//! decides: `best_effort` serves on with the last view (a metric and an alert say so), `strict`
+//! refuses new sessions once it has lasted `max_staleness`.
+
+pub mod local;
+pub mod redis;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use tokio::sync::mpsc;
+
+use crate::config::{FleetSettings, Staleness, StoreKind};
+
+/// What a lock refuses.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    /// A subject's tokens issued up to the lock (of one issuer, or of every issuer), and its
+    /// sessions.
+    Subject {
+        /// The `sub`.
+        subject: String,
+        /// Its issuer, or `None` for the subject at every issuer.
+        issuer: Option<String>,
+    },
+    /// One token id (of one issuer, or of every issuer), and its sessions.
+    Jti {
+        /// The `jti`.
+        jti: String,
+        /// Its issuer, or `None` for the id at every issuer.
+        issuer: Option<String>,
+    },
+    /// The sessions that reached an agent before the lock, and the tokens they were opened with.
+    Agent {
+        /// The `{agent}` capture.
+        agent: String,
+    },
+}
+
+/// One revocation, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lock {
+    /// 128 random bits, base64url: the lock's key in the store.
+    pub id: String,
+    /// What it refuses.
+    pub target: Target,
+    /// When it was made, Unix milliseconds (a subject's tokens issued later are accepted).
+    pub at_ms: u64,
+    /// When it lapses, Unix seconds (the latest expiry of what it refuses).
+    pub until: u64,
+    /// The instance it was made on.
+    pub origin: String,
+}
+
+impl Lock {
+    /// A new lock on `target` made now by `origin`, holding until `until` (Unix seconds).
+    pub fn new(target: Target, until: u64, origin: &str) -> Lock {
+        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>());
+        Lock { id, target, at_ms: now_ms(), until, origin: origin.to_owned() }
+    }
+
+    /// When it was made, Unix seconds.
+    pub fn at_secs(&self) -> u64 {
+        Duration::from_millis(self.at_ms).as_secs()
+    }
+
+    /// True once it has lapsed.
+    pub fn lapsed(&self) -> bool {
+        self.until <= now_secs()
+    }
+}
+
+/// How far apart the instances' clocks may be: an agent's lock cuts the sessions that started
+/// up to this long after it was made.
+pub const CLOCK_SLACK: Duration = Duration::from_secs(1);
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    unix_now().as_millis() as u64
+}
+
+/// Unix time in seconds.
+pub fn now_secs() -> u64 {
+    unix_now().as_secs()
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+/// Why the store could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The local log could not be read or written.
+    #[error("state directory {path}: {source}")]
+    Local {
+        /// The file or directory.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// Redis answered with an error or could not be reached in time.
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+/// Whether the store is reachable, and since when it is not: what `staleness` decides on.
+#[derive(Debug)]
+pub struct Health {
+    policy: Staleness,
+    max_staleness: Duration,
+    reachable: AtomicBool,
+    /// When the store last answered, Unix milliseconds.
+    last_ok_ms: AtomicU64,
+}
+
+impl Health {
+    fn new(settings: &FleetSettings) -> Health {
+        Health {
+            policy: settings.staleness,
+            max_staleness: settings.max_staleness,
+            reachable: AtomicBool::new(true),
+            last_ok_ms: AtomicU64::new(now_ms()),
+        }
+    }
+
+    /// The store answered.
+    pub fn ok(&self) {
+        self.last_ok_ms.store(now_ms(), Ordering::Relaxed);
+        if !self.reachable.swap(true, Ordering::Relaxed) {
+            tracing::info!("fleet store reachable again");
+        }
+        crate::metrics::fleet_store_reachable(true);
+    }
+
+    /// The store did not answer, or failed.
+    pub fn failed(&self, error: &dyn std::fmt::Display) {
+        if self.reachable.swap(false, Ordering::Relaxed) {
+            tracing::warn!(%error, policy = ?self.policy, "fleet store unreachable: locks made elsewhere wait until it is back");
+        }
+        crate::metrics::fleet_store_reachable(false);
+    }
+
+    /// The policy in force while the store is away, and after how long `strict` refuses.
+    pub fn policy(&self) -> (Staleness, Duration) {
+        (self.policy, self.max_staleness)
+    }
+
+    /// True while the store answers.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// How long the view of the locks may be behind: zero while the store answers, else the
+    /// time since it last did.
+    pub fn staleness(&self) -> Duration {
+        if self.reachable() {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(now_ms().saturating_sub(self.last_ok_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Whether a new session may start: under `strict`, not once the store has been
+    /// unreachable for longer than `max_staleness` (the answer is how long).
+    pub fn admit(&self) -> Result<(), Duration> {
+        let stale = self.staleness();
+        match self.policy {
+            Staleness::Strict if stale > self.max_staleness => Err(stale),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The store behind the fleet.
+enum Store {
+    Local(local::Log),
+    Redis(redis::Redis),
+}
+
+/// This instance's handle on the fleet's state (one per process, kept across reloads).
+pub struct Fleet {
+    instance: String,
+    store: Store,
+    health: Arc<Health>,
+    /// Locks made elsewhere, in the store's order, until the server takes them.
+    feed: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Lock>>>,
+}
+
+impl Fleet {
+    /// Opens the store and reads every lock in force: the caller applies them before any port
+    /// accepts. With Redis, the feed of locks made elsewhere starts here; an unreachable Redis
+    /// is not an error (the feed retries, and `staleness` decides meanwhile), a local log that
+    /// cannot be read or created is.
+    pub async fn open(settings: &FleetSettings) -> Result<(Arc<Fleet>, Vec<Lock>), StoreError> {
+        let health = Arc::new(Health::new(settings));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (store, locks) = match &settings.store {
+            StoreKind::Local { state_dir } => {
+                let (log, locks) = local::Log::open(state_dir).await?;
+                (Store::Local(log), locks)
+            }
+            StoreKind::Redis { url, key_prefix } => {
+                let (r, locks) = redis::Redis::open(url, key_prefix, health.clone(), tx).await?;
+                (Store::Redis(r), locks)
+            }
+        };
+        let fleet = Fleet { instance: settings.instance.clone(), store, health, feed: std::sync::Mutex::new(Some(rx)) };
+        Ok((Arc::new(fleet), locks))
+    }
+
+    /// This instance's name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The store's health.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Which store, for logs and `/fleet`.
+    pub fn store_name(&self) -> &'static str {
+        match self.store {
+            Store::Local(_) => "local",
+            Store::Redis(_) => "redis",
+        }
+    }
+
+    /// Locks made by other instances, as they arrive (taken once, by the server).
+    pub fn take_feed(&self) -> Option<mpsc::UnboundedReceiver<Lock>> {
+        self.feed.lock().ok().and_then(|mut f| f.take())
+    }
+
+    /// Writes `lock` where a restart and every instance will find it: on disk (fsynced) for the
+    /// local store, in Redis (its key and its stream entry) for a fleet. Answers once it is
+    /// there, or with why it is not.
+    pub async fn write(&self, lock: &Lock) -> Result<(), StoreError> {
+        let result = match &self.store {
+            Store::Local(log) => log.append(lock).await,
+            Store::Redis(r) => r.write(lock).await,
+        };
+        crate::metrics::fleet_lock_written(self.store_name(), result.is_ok());
+        result
+    }
+}

@@ -1,0 +1,261 @@
+//! The Redis (or Valkey) store, through `fred`.
+//!
+//! Keys, all under one hash tag so that a cluster keeps them on one slot and a transaction may
+//! touch them together (`{prefix}` below is the configured `key_prefix` in braces):
+//!
+//! - `{prefix}:lock:{id}`: one lock as JSON, expiring (`EXAT`) when the lock lapses;
+//! - `{prefix}:lock-index`: the ids of the locks, scored by when they lapse, so that a starting
+//!   or reconnecting instance reads those in force with one range and one `MGET` (no `SCAN`);
+//! - `{prefix}:locks`: a stream with one entry per lock, in the fleet's order, trimmed to about
+//!   100,000 entries.
+//!
+//! A lock is written in one `MULTI`: its key, its index entry (lapsed ones pruned), its stream
+//! entry. Every instance reads the stream (`XREAD BLOCK`, on a connection of its own) from the
+//! last entry it saw; each answer, entries or not, tells [`Health`] the store is there. After an
+//! error the reader backs off, and once the store answers again it reads every lock in force
+//! from the index before going on with the stream: a lock made during the outage is applied
+//! even when the stream has been trimmed past the last entry this instance saw.
+//!
+//! Every command has a deadline ([`COMMAND_TIMEOUT`]): a store that does not answer is a store
+//! that is down, whatever the socket says.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::streams::XReadResponse;
+use tokio::sync::mpsc;
+
+use super::{now_secs, Health, Lock, StoreError};
+
+/// How long one command may take before the store counts as unreachable.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long one `XREAD` waits for new entries (the longest a healthy store goes unheard).
+const BLOCK: Duration = Duration::from_secs(1);
+
+/// The stream's approximate length cap.
+const STREAM_CAP: i64 = 100_000;
+
+/// The writer's connection, and the reader task.
+pub struct Redis {
+    client: Client,
+    keys: Keys,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// The fleet's key names.
+#[derive(Clone)]
+struct Keys {
+    stream: String,
+    index: String,
+    tag: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Keys {
+        let tag = format!("{{{prefix}}}");
+        Keys { stream: format!("{tag}:locks"), index: format!("{tag}:lock-index"), tag }
+    }
+
+    fn lock(&self, id: &str) -> String {
+        format!("{}:lock:{id}", self.tag)
+    }
+}
+
+fn redis_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Redis(e.to_string())
+}
+
+/// Runs one command under [`COMMAND_TIMEOUT`].
+async fn timed<T>(f: impl std::future::Future<Output = Result<T, Error>>) -> Result<T, StoreError> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
+        Ok(r) => r.map_err(redis_error),
+        Err(_) => Err(StoreError::Redis(format!("no answer within {}s", COMMAND_TIMEOUT.as_secs()))),
+    }
+}
+
+/// A client for `url` that reconnects for ever (every 500 ms), and does not wait for its first
+/// connection.
+fn client(url: &str) -> Result<Client, StoreError> {
+    let config = Config::from_url(url).map_err(|e| StoreError::Redis(format!("redis_url: {e}")))?;
+    // A command is never kept for a later connection: fred drops it at its deadline, and one
+    // written to a connection that dies is not written again. (Kept, a command written while
+    // the store is away would run after it is back, and blocking reads queued so would hold
+    // every later command behind them.)
+    Builder::from_config(config)
+        .with_config(|c| c.fail_fast = false)
+        .with_connection_config(|c| {
+            c.connection_timeout = COMMAND_TIMEOUT;
+            c.internal_command_timeout = COMMAND_TIMEOUT;
+            c.max_command_attempts = 1;
+        })
+        .with_performance_config(|c| c.default_command_timeout = COMMAND_TIMEOUT)
+        .set_policy(ReconnectPolicy::new_constant(0, 500))
+        .build()
+        .map_err(redis_error)
+}
+
+impl Redis {
+    /// Connects to `url` (waiting up to [`COMMAND_TIMEOUT`] for it), reads the locks in force
+    /// and starts the reader, which sends locks made elsewhere to `feed`. A store that cannot be
+    /// reached now is not an error: the locks come once it can.
+    pub async fn open(
+        url: &str,
+        prefix: &str,
+        health: Arc<Health>,
+        feed: mpsc::UnboundedSender<Lock>,
+    ) -> Result<(Redis, Vec<Lock>), StoreError> {
+        let keys = Keys::new(prefix);
+        let writer = client(url)?;
+        let reader = writer.clone_new();
+        // The connection tasks run for as long as the clients live.
+        drop(writer.connect());
+        drop(reader.connect());
+        let first = async {
+            timed(writer.wait_for_connect()).await?;
+            // Where the stream ends, before the locks are read: anything written between the
+            // two is read twice, which applying a lock again is harmless for.
+            let last = last_id(&writer, &keys).await?;
+            let locks = in_force(&writer, &keys).await?;
+            Ok::<_, StoreError>((last, locks))
+        };
+        let (from, locks, synced) = match first.await {
+            Ok((last, locks)) => {
+                health.ok();
+                (last, locks, true)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "fleet store read failed");
+                health.failed(&e);
+                ("$".to_owned(), Vec::new(), false)
+            }
+        };
+        let task = tokio::spawn(read(reader, keys.clone(), from, synced, health, feed));
+        Ok((Redis { client: writer, keys, reader: task }, locks))
+    }
+
+    /// Writes `lock` (its key, its index entry, its stream entry) in one transaction.
+    pub async fn write(&self, lock: &Lock) -> Result<(), StoreError> {
+        let json = serde_json::to_string(lock).map_err(redis_error)?;
+        let tx = self.client.multi();
+        let now = now_secs() as f64;
+        let write = async {
+            let _: () = tx
+                .set(self.keys.lock(&lock.id), json.as_str(), Some(Expiration::EXAT(lock.until as i64)), None, false)
+                .await?;
+            let _: () =
+                tx.zadd(&self.keys.index, None, None, false, false, (lock.until as f64, lock.id.as_str())).await?;
+            let _: () = tx.zremrangebyscore(&self.keys.index, f64::NEG_INFINITY, now).await?;
+            let _: () = tx
+                .xadd(&self.keys.stream, false, ("MAXLEN", "~", STREAM_CAP), "*", vec![("lock", json.as_str())])
+                .await?;
+            tx.exec::<Value>(true).await
+        };
+        timed(write).await.map(drop)
+    }
+}
+
+/// The id of the stream's last entry (`0-0` when it has none).
+async fn last_id(client: &impl StreamsInterface, keys: &Keys) -> Result<String, StoreError> {
+    let last: Vec<(String, std::collections::HashMap<String, String>)> =
+        timed(client.xrevrange(&keys.stream, "+", "-", Some(1))).await?;
+    Ok(last.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+}
+
+/// Every lock in force, from the index.
+async fn in_force(client: &(impl SortedSetsInterface + KeysInterface), keys: &Keys) -> Result<Vec<Lock>, StoreError> {
+    // Scores as floats: fred reads an integer bound as an index.
+    let now = now_secs() as f64;
+    let ids: Vec<String> = timed(client.zrangebyscore(&keys.index, now, f64::INFINITY, false, None)).await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = ids.iter().map(|id| keys.lock(id)).collect();
+    let values: Vec<Option<String>> = timed(client.mget(names)).await?;
+    Ok(values.into_iter().flatten().filter_map(|v| parse(&v)).filter(|l| !l.lapsed()).collect())
+}
+
+/// A lock from its JSON; `None` (logged) when it is not one.
+fn parse(json: &str) -> Option<Lock> {
+    serde_json::from_str(json)
+        .inspect_err(|e| tracing::warn!(error = %e, "a lock in the fleet store is not one this version reads; skipped"))
+        .ok()
+}
+
+/// The reader: the stream from `from`, for as long as the process runs. `synced`: the locks in
+/// force were read already (else they are read as soon as the store answers).
+async fn read(
+    client: Client,
+    keys: Keys,
+    mut from: String,
+    mut synced: bool,
+    health: Arc<Health>,
+    feed: mpsc::UnboundedSender<Lock>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    // Fails at once, rather than wait, while the connection is down.
+    let quick = Options { fail_fast: true, ..Default::default() };
+    loop {
+        let step = async {
+            if !synced {
+                // The stream's end first, then every lock in force: nothing made meanwhile is
+                // missed, whatever the stream kept.
+                let last = last_id(&client.with_options(&quick), &keys).await?;
+                for lock in in_force(&client.with_options(&quick), &keys).await? {
+                    let _ = feed.send(lock);
+                }
+                if from == "$" {
+                    from = last;
+                }
+                synced = true;
+            }
+            // The read blocks on the server for up to BLOCK: its own deadline allows for it.
+            let options = Options { timeout: Some(COMMAND_TIMEOUT + BLOCK), ..quick.clone() };
+            let reader = client.with_options(&options);
+            let read = reader.xread::<Value, _, _>(
+                Some(512),
+                Some(BLOCK.as_millis() as u64),
+                keys.stream.as_str(),
+                from.as_str(),
+            );
+            let got = match tokio::time::timeout(COMMAND_TIMEOUT + BLOCK, read).await {
+                Ok(r) => r.map_err(redis_error)?,
+                Err(_) => return Err(StoreError::Redis("XREAD did not return".into())),
+            };
+            // Nothing new within BLOCK is a nil answer.
+            let got: XReadResponse<String, String, String, String> = match got {
+                Value::Null => Default::default(),
+                v => v.into_xread_response().map_err(redis_error)?,
+            };
+            for (_, entries) in got {
+                for (id, fields) in entries {
+                    if let Some(lock) = fields.get("lock").and_then(|j| parse(j)) {
+                        let _ = feed.send(lock);
+                    }
+                    from = id;
+                }
+            }
+            Ok::<_, StoreError>(())
+        };
+        match step.await {
+            Ok(()) => {
+                health.ok();
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "fleet store read failed");
+                health.failed(&e);
+                synced = false;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

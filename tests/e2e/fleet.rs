@@ -1,0 +1,447 @@
+//! The fleet's state store as one instance sees it: the local store keeps revocations across a
+//! restart; a Redis store that cannot be reached is a staleness the policy decides on. (Several
+//! instances on a real Redis: `tests/fleet/run.sh`.)
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::harness::*;
+
+/// The base configuration, its route requiring an HS256 token that lists the agent, with the
+/// `[fleet]` table `fleet` (per-address limits off: the tests retry handshakes from one address).
+fn config(backend: std::net::SocketAddr, key: &Hmac, fleet: &str) -> String {
+    TestConfig::base(&[backend.to_string()])
+        .one_address_load()
+        .merge("", &key.keys_toml())
+        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
+        .merge("", fleet)
+        .text()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// The status a handshake with `token` gets (101 when it is accepted).
+async fn status_with(addr: std::net::SocketAddr, token: &str) -> u16 {
+    match upgrade(addr, true, "/agents/a1/terminal", &[("Authorization", &bearer(token))]).await {
+        Ok(_) => 101,
+        Err(e) => e.status,
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_outlives_a_restart_of_the_proxy() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let state = tempfile::tempdir().expect("state dir");
+    let text = config(backend.addr, &key, &format!("[fleet]\nstate_dir = {:?}", state.path().display().to_string()));
+    let mallory = key.token("mallory", &["a1"], Duration::from_secs(600));
+    let bob = key.token_with(json!({"sub": "bob", "agents": ["a1"], "jti": "bob-laptop"}));
+    let alice = key.token("alice", &["a1"], Duration::from_secs(600));
+
+    let mut proxy = ProxyProcess::start(&text).await;
+    let mut session =
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&mallory))]).await.expect("101");
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"mallory"}"#).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#));
+    assert_eq!(session.recv_close().await.close_code(), Some(1008));
+    let (status, _) = admin_post(proxy.admin, "/sessions/revoke", r#"{"jti":"bob-laptop"}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(status_with(proxy.tls, &bob).await, 401);
+    proxy.stop_and_collect_logs().await;
+
+    // A new process on the same state directory: both revocations hold before it serves.
+    let mut proxy = ProxyProcess::start(&text).await;
+    assert_eq!(status_with(proxy.tls, &mallory).await, 401, "the revoked subject stays out");
+    assert_eq!(status_with(proxy.tls, &bob).await, 401, "the revoked token stays out");
+    assert_eq!(status_with(proxy.tls, &alice).await, 101, "others are not touched");
+    // The subject's next login (a token issued after the revocation) is let in.
+    let later = fleet_now_secs() + 5;
+    let fresh = key.token_with(json!({"sub": "mallory", "agents": ["a1"], "iat": later}));
+    assert_eq!(status_with(proxy.tls, &fresh).await, 101);
+    let (_, fleet) = http_get(proxy.admin, "/fleet").await;
+    let fleet: Value = serde_json::from_str(&fleet).expect("json");
+    assert_eq!((fleet["store"].as_str(), fleet["reachable"].as_bool()), (Some("local"), Some(true)));
+    let logs = proxy.stop_and_collect_logs().await;
+    assert!(logs.contains("revocations read from the state directory") && logs.contains("locks=2"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_state_directory_that_cannot_be_created_stops_the_start_with_its_reason() {
+    let key = hmac();
+    let file = tempfile::NamedTempFile::new().expect("file");
+    // A directory inside a regular file cannot be made.
+    let dir = file.path().join("state");
+    let text = config(Refusing::new().addr, &key, &format!("[fleet]\nstate_dir = {:?}", dir.display().to_string()));
+    let path = file.path().with_extension("toml");
+    std::fs::write(&path, text).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let _ = std::fs::remove_file(&path);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fleet store") && err.contains(&dir.display().to_string()), "{err}");
+}
+
+/// Unix seconds.
+fn fleet_now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+}
+
+/// A proxy whose Redis store is an address that refuses connections, with `policy`.
+async fn unreachable_store(policy: &str) -> (Proxy, Hmac, Backend, Refusing) {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let redis = Refusing::new();
+    let fleet = format!(
+        "[fleet]\nstore = \"redis\"\nredis_url = \"redis://{}\"\nstaleness = \"{policy}\"\nmax_staleness = \"1s\"",
+        redis.addr
+    );
+    let proxy = Proxy::start_with(&config(backend.addr, &key, &fleet)).await;
+    (proxy, key, backend, redis)
+}
+
+/// Waits until the proxy's view of the locks is older than `max_staleness` (1 s).
+async fn stale(admin: std::net::SocketAddr) {
+    eventually("the store counts as stale", async || {
+        let (_, body) = http_get(admin, "/fleet").await;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["reachable"] == false && v["staleness_ms"].as_u64()? > 1000).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn strict_staleness_refuses_new_sessions_while_the_store_is_unreachable() {
+    let (proxy, key, _backend, _redis) = unreachable_store("strict").await;
+    stale(proxy.admin).await;
+    let token = key.token("alice", &["a1"], Duration::from_secs(600));
+    let err = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&token))])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.status, 503);
+    let (_, metrics) = http_get(proxy.admin, "/metrics").await;
+    assert!(metrics.lines().any(|l| l.contains("portcullis_upgrades_total") && l.contains("fleet_stale")), "{metrics}");
+    assert_eq!(metric(&metrics, "portcullis_fleet_store_reachable"), 0.0);
+    assert!(metric(&metrics, "portcullis_fleet_refusals_total") >= 1.0);
+}
+
+#[tokio::test]
+async fn best_effort_staleness_serves_on_with_the_last_view() {
+    let (proxy, key, _backend, _redis) = unreachable_store("best_effort").await;
+    stale(proxy.admin).await;
+    let token = key.token("alice", &["a1"], Duration::from_secs(600));
+    let mut c =
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&token))]).await.expect("101");
+    c.send(true, op::TEXT, b"hi").await;
+    assert_eq!(c.recv().await.payload, b"hi");
+    // A revocation still applies here, and says that the fleet did not get it.
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"alice"}"#).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"closed\":1"), "{body}");
+    assert_eq!(c.recv_close().await.close_code(), Some(1008));
+}
+
+/// Several instances on one real Redis: each test starts its own `redis-server` (on `PATH`;
+/// `tests/fleet/run.sh` installs it and runs these).
+mod redis {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A `redis-server` of the test's own, with an append-only file fsynced on every write (the
+    /// fleet's locks survive its restart), on a port it binds itself: a port taken by someone
+    /// else makes it exit, and another is tried.
+    struct RedisServer {
+        child: std::process::Child,
+        port: u16,
+        dir: tempfile::TempDir,
+    }
+
+    impl RedisServer {
+        async fn start() -> RedisServer {
+            let dir = tempfile::tempdir().expect("redis dir");
+            for _ in 0..20 {
+                let port = 20_000 + rand::random::<u16>() % 30_000;
+                let mut child = RedisServer::spawn(dir.path(), port);
+                if wait_up(&mut child, port).await {
+                    return RedisServer { child, port, dir };
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            panic!("redis-server did not start on any port tried")
+        }
+
+        fn spawn(dir: &std::path::Path, port: u16) -> std::process::Child {
+            std::process::Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", ""])
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH (tests/fleet/run.sh installs it)")
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        fn stop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+
+        /// Starts it again on its port, with its data.
+        async fn restart(&mut self) {
+            self.child = RedisServer::spawn(self.dir.path(), self.port);
+            assert!(wait_up(&mut self.child, self.port).await, "redis-server restarted on its port");
+        }
+    }
+
+    /// True once the server on `port` answers PING; false when `child` exited (its port was
+    /// taken) or did not answer within `SOON`.
+    async fn wait_up(child: &mut std::process::Child, port: u16) -> bool {
+        let deadline = std::time::Instant::now() + SOON;
+        while std::time::Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 7];
+                if s.write_all(b"PING\r\n").await.is_ok()
+                    && s.read_exact(&mut buf).await.is_ok()
+                    && &buf == b"+PONG\r\n"
+                {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    impl Drop for RedisServer {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    /// A fleet configuration on `url` for instance `name`, under a key prefix of the test's own.
+    fn fleet(url: &str, prefix: &str, name: &str, policy: &str) -> String {
+        format!(
+            "[fleet]\nstore = \"redis\"\nredis_url = {url:?}\nkey_prefix = {prefix:?}\ninstance = {name:?}\nstaleness = {policy:?}\nmax_staleness = \"1s\""
+        )
+    }
+
+    fn prefix() -> String {
+        format!("test-{}", rand::random::<u32>())
+    }
+
+    /// A TCP link to `target` that the test can cut (open connections reset, new ones closed at
+    /// once) and restore: one instance losing the store while the others keep it.
+    struct Link {
+        addr: SocketAddr,
+        cut: Arc<AtomicBool>,
+        open: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+        _accept: tokio::task::JoinHandle<()>,
+    }
+
+    impl Link {
+        async fn to(target: SocketAddr) -> Link {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let (cut, open) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+            let accept = {
+                let (cut, open) = (cut.clone(), open.clone());
+                tokio::spawn(async move {
+                    while let Ok((mut client, _)) = listener.accept().await {
+                        if cut.load(Ordering::SeqCst) {
+                            continue; // dropped: closed at once
+                        }
+                        let task = tokio::spawn(async move {
+                            if let Ok(mut server) = TcpStream::connect(target).await {
+                                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            }
+                        });
+                        open.lock().expect("lock").push(task);
+                    }
+                })
+            };
+            Link { addr, cut, open, _accept: accept }
+        }
+
+        fn cut(&self) {
+            self.cut.store(true, Ordering::SeqCst);
+            for t in self.open.lock().expect("lock").drain(..) {
+                t.abort();
+            }
+        }
+
+        fn restore(&self) {
+            self.cut.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// The `host:port` of a `redis://host:port` URL.
+    fn redis_addr(url: &str) -> SocketAddr {
+        let rest = url.trim_start_matches("redis://");
+        rest.split('/').next().and_then(|a| a.parse().ok()).expect("redis://host:port")
+    }
+
+    /// `/fleet` of an instance.
+    async fn fleet_state(admin: SocketAddr) -> Value {
+        serde_json::from_str(&http_get(admin, "/fleet").await.1).expect("json")
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn a_revoke_on_one_instance_closes_sessions_on_all_and_survives_a_restart() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let (url, prefix) = (redis.url(), prefix());
+        let text = |name: &str| config(backend.addr, &key, &fleet(&url, &prefix, name, "best_effort"));
+        let mut proxies = Vec::new();
+        for name in ["edge-1", "edge-2", "edge-3"] {
+            proxies.push(ProxyProcess::start(&text(name)).await);
+        }
+        let mallory = key.token("mallory", &["a1"], Duration::from_secs(600));
+        let alice = key.token("alice", &["a1"], Duration::from_secs(600));
+        let mut victims = Vec::new();
+        let mut bystanders = Vec::new();
+        for p in &proxies {
+            for (token, into) in [(&mallory, &mut victims), (&alice, &mut bystanders)] {
+                let c = upgrade(p.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(token))]).await;
+                into.push(c.expect("101"));
+            }
+        }
+        let started = std::time::Instant::now();
+        let (status, body) = admin_post(proxies[0].admin, "/sessions/revoke", r#"{"subject":"mallory"}"#).await;
+        assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#), "one session here; the others are elsewhere");
+        for (i, c) in victims.iter_mut().enumerate() {
+            let f = c.recv_close().await;
+            assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1008), "session revoked"), "instance {i}");
+        }
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(2), "applied everywhere in {elapsed:?}");
+        for c in &mut bystanders {
+            c.send(true, op::TEXT, b"still here").await;
+            assert_eq!(c.recv().await.payload, b"still here");
+        }
+        for p in &proxies {
+            assert_eq!(status_with(p.tls, &mallory).await, 401, "refused on every instance");
+        }
+        // Instance 2 restarts: it reads the locks in force before it serves.
+        let logs = proxies[1].stop_and_collect_logs().await;
+        assert!(!logs.contains(&mallory), "no token in the logs");
+        proxies[1] = ProxyProcess::start(&text("edge-2")).await;
+        assert_eq!(status_with(proxies[1].tls, &mallory).await, 401, "still refused after a restart");
+        assert_eq!(status_with(proxies[1].tls, &alice).await, 101);
+        let (_, metrics) = http_get(proxies[2].admin, "/metrics").await;
+        assert!(metric(&metrics, "portcullis_fleet_locks_applied_total{source=\"fleet\"}") >= 1.0, "{metrics}");
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn an_instance_cut_off_from_the_store_catches_up_and_strict_refuses_meanwhile() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let (url, prefix) = (redis.url(), prefix());
+        let link = Link::to(redis_addr(&url)).await;
+        let linked = format!("redis://{}", link.addr);
+        let one = ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "one", "best_effort"))).await;
+        let cut_off =
+            ProxyProcess::start(&config(backend.addr, &key, &fleet(&linked, &prefix, "cut-off", "strict"))).await;
+        let mallory = key.token("mallory", &["a1"], Duration::from_secs(600));
+        let alice = key.token("alice", &["a1"], Duration::from_secs(600));
+        let mut victim = upgrade(cut_off.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&mallory))])
+            .await
+            .expect("101");
+
+        link.cut();
+        eventually("the cut-off instance counts the store as stale", async || {
+            let v = fleet_state(cut_off.admin).await;
+            (v["reachable"] == false && v["staleness_ms"].as_u64()? > 1000).then_some(())
+        })
+        .await;
+        // Strict: no new token-checked session while the view may be stale; the live one goes on.
+        assert_eq!(status_with(cut_off.tls, &alice).await, 503);
+        victim.send(true, op::TEXT, b"during").await;
+        assert_eq!(victim.recv().await.payload, b"during");
+        // A revocation made elsewhere meanwhile...
+        let (status, _) = admin_post(one.admin, "/sessions/revoke", r#"{"subject":"mallory"}"#).await;
+        assert_eq!(status, 200);
+        // ...reaches the cut-off instance once it is back: the session closes, new ones open.
+        link.restore();
+        let f = victim.recv_close().await;
+        assert_eq!(f.close_code(), Some(1008));
+        eventually("the instance serves again", async || (status_with(cut_off.tls, &alice).await == 101).then_some(()))
+            .await;
+        assert_eq!(status_with(cut_off.tls, &mallory).await, 401);
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn locks_written_while_an_instance_was_down_are_in_force_when_it_starts() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let (url, prefix) = (redis.url(), prefix());
+        let one = ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "one", "best_effort"))).await;
+        let bob = key.token_with(json!({"sub": "bob", "agents": ["a1"], "jti": "bob-phone"}));
+        let (status, _) = admin_post(one.admin, "/sessions/revoke", r#"{"jti":"bob-phone"}"#).await;
+        assert_eq!(status, 200);
+        let late = ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "late", "best_effort"))).await;
+        assert_eq!(status_with(late.tls, &bob).await, 401);
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn a_redis_restart_is_served_through_by_best_effort_and_refused_by_strict_until_it_is_back() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let mut redis = RedisServer::start().await;
+        let (url, prefix) = (redis.url(), prefix());
+        let lenient =
+            ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "lenient", "best_effort"))).await;
+        let careful =
+            ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "careful", "strict"))).await;
+        let (alice, mallory) = (
+            key.token("alice", &["a1"], Duration::from_secs(600)),
+            key.token("mallory", &["a1"], Duration::from_secs(600)),
+        );
+        let (status, _) = admin_post(lenient.admin, "/sessions/revoke", r#"{"subject":"mallory"}"#).await;
+        assert_eq!(status, 200);
+        redis.stop();
+        for p in [&lenient, &careful] {
+            eventually("the instance counts the store as stale", async || {
+                let v = fleet_state(p.admin).await;
+                (v["reachable"] == false && v["staleness_ms"].as_u64()? > 1000).then_some(())
+            })
+            .await;
+        }
+        assert_eq!(status_with(lenient.tls, &alice).await, 101, "best_effort serves on");
+        assert_eq!(status_with(lenient.tls, &mallory).await, 401, "with the locks it had");
+        assert_eq!(status_with(careful.tls, &alice).await, 503, "strict refuses");
+        redis.restart().await;
+        eventually("strict serves again", async || (status_with(careful.tls, &alice).await == 101).then_some(())).await;
+        // The lock made before the restart is still in Redis (its append-only file) for a new
+        // instance.
+        let late = ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "late", "best_effort"))).await;
+        assert_eq!(status_with(late.tls, &mallory).await, 401);
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The fleet on a real Redis: installs redis-server when it is missing (the Debian package), then
+# runs the e2e tests that start their own redis-server and several Portcullis processes
+# (tests/e2e/fleet.rs, module `redis`): a revoke on one instance closing sessions on all, a
+# restart that still refuses, an instance cut off from the store catching up (and `strict`
+# refusing meanwhile), locks in force for an instance that starts later, a Redis restart.
+#
+#   tests/fleet/run.sh            # from the repository root; .ci/run calls it
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+if ! command -v redis-server >/dev/null; then
+    echo "fleet: installing redis-server"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+redis-server --version
+
+cargo test --test e2e -- --ignored fleet::redis --test-threads=2
