@@ -63,16 +63,23 @@ fn key(alg: Algorithm, kid: Option<&'static str>) -> Key {
 }
 
 impl Key {
-    /// `[[auth.keys]]` entry for this key.
-    fn toml(&self) -> String {
-        let kid = self.kid.map(|k| format!("kid = \"{k}\"\n")).unwrap_or_default();
+    /// The `[[auth.keys]]` entry for this key.
+    fn entry(&self) -> Value {
+        let mut entry = json!({"algorithms": [format!("{:?}", self.alg)]});
+        if let Some(kid) = self.kid {
+            entry["kid"] = kid.into();
+        }
         let material = match self.alg {
-            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
-                format!("secret_file = \"{}\"", self.path.display())
-            }
-            _ => format!("public_key = \"{}\"", self.path.display()),
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => "secret_file",
+            _ => "public_key",
         };
-        format!("[[auth.keys]]\n{kid}algorithms = [\"{:?}\"]\n{material}\n", self.alg)
+        entry[material] = self.path.display().to_string().into();
+        entry
+    }
+
+    /// `[[auth.keys]]` with this key alone, to merge at the top level.
+    fn auth_keys(&self) -> Value {
+        auth_keys(&[self])
     }
 
     fn token(&self, claims: Value) -> String {
@@ -89,19 +96,24 @@ fn std_claims(sub: &str, agents: &[&str]) -> Value {
     json!({"sub": sub, "agents": agents, "iss": "https://idp.test", "aud": "agents"})
 }
 
+/// `[[auth.keys]]` with these keys, in this order, to merge at the top level.
+fn auth_keys(keys: &[&Key]) -> Value {
+    json!({"auth": {"keys": keys.iter().map(|k| k.entry()).collect::<Vec<_>>()}})
+}
+
 /// A proxy whose route `name` requires a token granting the agent.
-/// `route_auth` is more of the route's `[auth]` table, and may go on with more of the route's
-/// tables (`[origin]`); `extra` is merged at the top level (`[[auth.keys]]`, `[[auth.jwks]]`).
-fn auth_config(backend: SocketAddr, name: &str, route_auth: &str, extra: &str) -> String {
-    let route = format!(
-        "[auth]\nissuers = [\"https://idp.test\"]\naudiences = [\"agents\"]\nagent_claim = \"agents\"\n{route_auth}"
-    );
+/// `route` is more of the route (its `auth` table, its `origin`); `extra` is merged at the top
+/// level (`[[auth.keys]]`, `[[auth.jwks]]`).
+fn auth_config(backend: SocketAddr, name: &str, route: Value, extra: Value) -> TestConfig {
     TestConfig::base(&[backend.to_string()])
         .set("routes.0.name", name)
-        .merge("routes.0", &route)
-        .merge("auth", "leeway = \"2s\"\nmax_token_size = \"4KiB\"")
+        .merge(
+            "routes.0",
+            json!({"auth": {"issuers": ["https://idp.test"], "audiences": ["agents"], "agent_claim": "agents"}}),
+        )
+        .merge("routes.0", route)
+        .merge("auth", json!({"leeway": "2s", "max_token_size": "4KiB"}))
         .merge("", extra)
-        .text()
 }
 
 /// Response head and body of a raw request.
@@ -148,11 +160,13 @@ async fn token_is_accepted_from_each_configured_source_and_never_forwarded() {
         backend.addr,
         "sources",
         // A cookie source needs an origin policy; these clients send no Origin.
-        "sources = [\"bearer\", \"query:access_token\", \"cookie:pc_token\", \"subprotocol:bearer.\"]\n\
-         [origin]\nallow = [\"https://console.example.com\"]",
-        &k.toml(),
+        json!({
+            "auth": {"sources": ["bearer", "query:access_token", "cookie:pc_token", "subprotocol:bearer."]},
+            "origin": {"allow": ["https://console.example.com"]},
+        }),
+        k.auth_keys(),
     );
-    let proxy = Proxy::start_with(&text).await;
+    let proxy = Proxy::start_with(&text.text()).await;
     let t = k.token(std_claims("alice", &["a1"]));
 
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &format!("Bearer {t}"))])
@@ -195,8 +209,8 @@ async fn each_algorithm_family_verifies() {
         key(Algorithm::ES256, Some("es")),
         key(Algorithm::EdDSA, Some("ed")),
     ];
-    let extra: String = keys.iter().map(Key::toml).collect::<Vec<_>>().join("\n");
-    let proxy = Proxy::start_with(&auth_config(backend.addr, "families", "", &extra)).await;
+    let extra = auth_keys(&keys.iter().collect::<Vec<_>>());
+    let proxy = Proxy::start_with(&auth_config(backend.addr, "families", json!({}), extra).text()).await;
     for k in &keys {
         let t = k.token(std_claims("alice", &["a1"]));
         let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &format!("Bearer {t}"))])
@@ -214,9 +228,12 @@ async fn attack_table_each_case_gets_its_status_and_reason() {
     let backend = Backend::echo().await;
     let es = key(Algorithm::ES256, Some("es"));
     let rs = key(Algorithm::RS256, Some("rs"));
-    let extra = format!("{}\n{}", es.toml(), rs.toml());
-    let route_auth = "sources = [\"bearer\", \"query:access_token\"]\nrequired_claims = [\"sub\"]\n[origin]\nallow = [\"https://app.example.com\", \"*.agents.example\"]";
-    let proxy = Proxy::start_with(&auth_config(backend.addr, "attacks", route_auth, &extra)).await;
+    let extra = auth_keys(&[&es, &rs]);
+    let route = json!({
+        "auth": {"sources": ["bearer", "query:access_token"], "required_claims": ["sub"]},
+        "origin": {"allow": ["https://app.example.com", "*.agents.example"]},
+    });
+    let proxy = Proxy::start_with(&auth_config(backend.addr, "attacks", route, extra).text()).await;
     let good = es.token(std_claims("alice", &["a1"]));
     let parts: Vec<&str> = good.split('.').collect();
     let b64 = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
@@ -360,12 +377,15 @@ async fn jwks_rotation_is_picked_up_with_bounded_fetches() {
     let k1 = key(Algorithm::ES256, Some("k1"));
     let k2 = key(Algorithm::ES256, Some("k2"));
     let server = jwks_server(json!({"keys": [jwk(&k1)]}).to_string()).await;
-    let extra = format!(
-        "[[auth.jwks]]\nurl = \"http://{}/.well-known/jwks.json\"\nalgorithms = [\"ES256\"]\ndanger_allow_http = true\nrefresh_interval = \"1h\"\nmin_refetch_interval = \"1s\"\n",
-        server.addr
-    );
+    let extra = json!({"auth": {"jwks": [{
+        "url": format!("http://{}/.well-known/jwks.json", server.addr),
+        "algorithms": ["ES256"],
+        "danger_allow_http": true,
+        "refresh_interval": "1h",
+        "min_refetch_interval": "1s",
+    }]}});
     // 50 concurrent connects from one address below: the per-address limits are not under test.
-    let text = TestConfig::parse(&auth_config(backend.addr, "jwks", "", &extra)).one_address_load().text();
+    let text = auth_config(backend.addr, "jwks", json!({}), extra).one_address_load().text();
     let proxy = Proxy::start_with(&text).await;
     let t1 = k1.token(std_claims("alice", &["a1"]));
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &format!("Bearer {t1}"))])
@@ -420,11 +440,14 @@ async fn jwks_outage_keeps_the_last_good_keys() {
     let backend = Backend::echo().await;
     let k1 = key(Algorithm::ES256, Some("k1"));
     let server = jwks_server(json!({"keys": [jwk(&k1)]}).to_string()).await;
-    let extra = format!(
-        "[[auth.jwks]]\nurl = \"http://{}/jwks\"\nalgorithms = [\"ES256\"]\ndanger_allow_http = true\nrefresh_interval = \"200ms\"\nmin_refetch_interval = \"100ms\"\n",
-        server.addr
-    );
-    let proxy = Proxy::start_with(&auth_config(backend.addr, "jwks_outage", "", &extra)).await;
+    let extra = json!({"auth": {"jwks": [{
+        "url": format!("http://{}/jwks", server.addr),
+        "algorithms": ["ES256"],
+        "danger_allow_http": true,
+        "refresh_interval": "200ms",
+        "min_refetch_interval": "100ms",
+    }]}});
+    let proxy = Proxy::start_with(&auth_config(backend.addr, "jwks_outage", json!({}), extra).text()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     *server.doc.lock().expect("lock") = "this is not a key set".into();
     let hits = server.hits.load(Ordering::SeqCst);
@@ -448,7 +471,7 @@ async fn jwks_outage_keeps_the_last_good_keys() {
 async fn session_is_closed_with_1008_when_its_token_expires() {
     let backend = Backend::echo().await;
     let k = key(Algorithm::ES256, None);
-    let text = TestConfig::parse(&auth_config(backend.addr, "expiry", "", &k.toml())).set("auth.leeway", "0s").text();
+    let text = auth_config(backend.addr, "expiry", json!({}), k.auth_keys()).set("auth.leeway", "0s").text();
     let proxy = Proxy::start_with(&text).await;
     let minted = Instant::now();
     let t = k.token_ttl(std_claims("alice", &["a1"]), Duration::from_secs(2));
@@ -468,7 +491,7 @@ async fn session_is_closed_with_1008_when_its_token_expires() {
 async fn revoking_a_subject_closes_its_sessions_with_1008_and_refuses_reconnects() {
     let backend = Backend::echo().await;
     let k = key(Algorithm::ES256, None);
-    let proxy = Proxy::start_with(&auth_config(backend.addr, "revoke", "", &k.toml())).await;
+    let proxy = Proxy::start_with(&auth_config(backend.addr, "revoke", json!({}), k.auth_keys()).text()).await;
     let mallory = k.token(std_claims("mallory", &["a1", "a2"]));
     let alice = k.token(std_claims("alice", &["a1"]));
     let bearer = |t: &str| format!("Bearer {t}");
@@ -527,7 +550,8 @@ async fn revoking_a_subject_closes_its_sessions_with_1008_and_refuses_reconnects
 async fn query_token_never_reaches_the_backend_or_the_logs() {
     let backend = Backend::echo().await;
     let k = key(Algorithm::ES256, None);
-    let text = auth_config(backend.addr, "logs", "sources = [\"query:access_token\"]", &k.toml());
+    let route = json!({"auth": {"sources": ["query:access_token"]}});
+    let text = auth_config(backend.addr, "logs", route, k.auth_keys()).text();
     let mut proxy = ProxyProcess::start_with_log(&text, "portcullis=trace").await;
     let t = k.token(std_claims("alice", &["a1"]));
     let mut c =
@@ -582,7 +606,7 @@ async fn session_api_requires_the_admin_token_when_configured() {
 async fn revoking_a_subject_of_one_issuer_leaves_the_same_subject_of_another_alone() {
     let backend = Backend::echo().await;
     let k = key(Algorithm::ES256, None);
-    let text = TestConfig::parse(&auth_config(backend.addr, "issuers", "", &k.toml()))
+    let text = auth_config(backend.addr, "issuers", json!({}), k.auth_keys())
         .set("routes.0.auth.issuers", vec!["https://idp.test", "https://other.test"])
         .text();
     let proxy = Proxy::start_with(&text).await;
@@ -612,9 +636,8 @@ async fn a_revocation_during_the_backend_connect_refuses_the_session() {
     let opts = BackendOpts { delay: Some(Duration::from_millis(1500)), ..Default::default() };
     let backend = Backend::start(opts, echo_handler()).await;
     let k = key(Algorithm::ES256, None);
-    let text = TestConfig::parse(&auth_config(backend.addr, "slow", "", &k.toml()))
-        .set("backend.handshake_timeout", "5s")
-        .text();
+    let text =
+        auth_config(backend.addr, "slow", json!({}), k.auth_keys()).set("backend.handshake_timeout", "5s").text();
     let proxy = Proxy::start_with(&text).await;
     let mallory = k.token(std_claims("mallory", &["a1"]));
     let tls = proxy.tls;
@@ -643,7 +666,7 @@ async fn a_browser_offering_its_token_and_the_marker_gets_the_marker_when_the_ba
     // lists ["bearer.<token>", "portcullis"]; the proxy answers "portcullis".
     let silent = Backend::echo().await; // selects no subprotocol
     let k = key(Algorithm::ES256, None);
-    let proxy = Proxy::start_with(&auth_config(silent.addr, "marker", "", &k.toml())).await;
+    let proxy = Proxy::start_with(&auth_config(silent.addr, "marker", json!({}), k.auth_keys()).text()).await;
     let t = k.token(std_claims("alice", &["a1"]));
     let offer = format!("bearer.{t}, portcullis");
     let c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Sec-WebSocket-Protocol", &offer)]).await.expect("101");
@@ -653,7 +676,7 @@ async fn a_browser_offering_its_token_and_the_marker_gets_the_marker_when_the_ba
 
     // A backend that selects a real subprotocol is answered with it, never with the token.
     let picking = Backend::start(BackendOpts { pick_protocol: true, ..Default::default() }, echo_handler()).await;
-    let proxy = Proxy::start_with(&auth_config(picking.addr, "marker2", "", &k.toml())).await;
+    let proxy = Proxy::start_with(&auth_config(picking.addr, "marker2", json!({}), k.auth_keys()).text()).await;
     let offer = format!("bearer.{t}, portcullis, tty");
     let c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Sec-WebSocket-Protocol", &offer)]).await.expect("101");
     assert_eq!(c.response.header("sec-websocket-protocol"), Some("tty"));

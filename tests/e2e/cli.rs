@@ -294,8 +294,8 @@ async fn connect_shows_the_proxys_reason_for_a_refusal_and_echoes_once_accepted(
     let backend = Backend::echo().await;
     let key = hmac();
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("", &key.keys_toml())
-        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
+        .merge("", key.auth_keys())
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let url = format!("ws://{}/agents/a1/terminal", proxy.plain);

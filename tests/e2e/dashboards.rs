@@ -19,11 +19,11 @@ async fn twenty_agents_stream_every_event_in_order_to_fifty_watchers_each() {
     tokio::spawn(backend::serve(listener, opts));
     let text = TestConfig::base(&[backend_addr.to_string()])
         .set("routes.0.path", "/agents/{agent}/events")
-        .merge("server", "max_connections = 5000")
+        .merge("server", json!({"max_connections": 5000}))
         .one_address_load()
         // One test process holds the clients, the proxy and the backend: 1,000 handshakes at
         // once take longer than the base config's 1 s.
-        .merge("backend", "connect_timeout = \"10s\"\nhandshake_timeout = \"10s\"")
+        .merge("backend", json!({"connect_timeout": "10s", "handshake_timeout": "10s"}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let scenario = Scenario {
@@ -95,7 +95,7 @@ async fn through_fan_out_watchers_that_never_read_are_dropped_and_the_others_get
     let text = TestConfig::base(&[backend_addr.to_string()])
         .set("routes.0.name", "dashboards-stalled")
         .set("routes.0.path", "/agents/{agent}/events")
-        .merge("routes.0", "[fanout]\nqueue = 256\ndrop_grace = \"200ms\"")
+        .merge("routes.0", json!({"fanout": {"queue": 256, "drop_grace": "200ms"}}))
         .one_address_load()
         .text();
     let proxy = Proxy::start_with(&text).await;

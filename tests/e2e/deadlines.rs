@@ -7,7 +7,8 @@ use crate::harness::*;
 #[tokio::test]
 async fn client_that_stops_answering_pings_is_closed_within_interval_plus_timeout() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "ping_interval = \"300ms\"\nping_timeout = \"300ms\"").await;
+    let proxy =
+        Proxy::start_with_session(backend.addr, json!({"ping_interval": "300ms", "ping_timeout": "300ms"})).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     let started = Instant::now();
     let ping = c.recv().await;
@@ -24,7 +25,8 @@ async fn client_that_stops_answering_pings_is_closed_within_interval_plus_timeou
 #[tokio::test]
 async fn pong_answering_the_proxy_ping_keeps_the_session_and_is_not_forwarded() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "ping_interval = \"200ms\"\nping_timeout = \"200ms\"").await;
+    let proxy =
+        Proxy::start_with_session(backend.addr, json!({"ping_interval": "200ms", "ping_timeout": "200ms"})).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     let started = Instant::now();
     let mut pings = 0;
@@ -50,8 +52,11 @@ async fn pong_answering_the_proxy_ping_keeps_the_session_and_is_not_forwarded() 
 #[tokio::test]
 async fn idle_session_is_closed_with_1000_at_idle_timeout_even_while_pongs_flow() {
     let backend = Backend::echo().await;
-    let proxy =
-        Proxy::start(backend.addr, "idle_timeout = \"600ms\"\nping_interval = \"150ms\"\nping_timeout = \"1s\"").await;
+    let proxy = Proxy::start_with_session(
+        backend.addr,
+        json!({"idle_timeout": "600ms", "ping_interval": "150ms", "ping_timeout": "1s"}),
+    )
+    .await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     c.send(true, op::TEXT, b"one message").await;
     let started = Instant::now();
@@ -74,7 +79,7 @@ async fn idle_session_is_closed_with_1000_at_idle_timeout_even_while_pongs_flow(
 #[tokio::test]
 async fn data_keeps_an_idle_timer_from_firing() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "idle_timeout = \"500ms\"").await;
+    let proxy = Proxy::start_with_session(backend.addr, json!({"idle_timeout": "500ms"})).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     for i in 0..8u8 {
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -87,7 +92,7 @@ async fn data_keeps_an_idle_timer_from_firing() {
 #[tokio::test]
 async fn session_reaching_max_lifetime_is_closed_with_1001() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "max_lifetime = \"700ms\"").await;
+    let proxy = Proxy::start_with_session(backend.addr, json!({"max_lifetime": "700ms"})).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     let started = Instant::now();
     // Busy sessions are closed too.
@@ -108,7 +113,7 @@ async fn session_reaching_max_lifetime_is_closed_with_1001() {
 #[tokio::test]
 async fn close_without_reply_ends_the_session_at_close_timeout() {
     let backend = Backend::start(BackendOpts::default(), silent_handler()).await;
-    let proxy = Proxy::start(backend.addr, "close_timeout = \"400ms\"").await;
+    let proxy = Proxy::start_with_session(backend.addr, json!({"close_timeout": "400ms"})).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     let started = Instant::now();
     c.send(true, op::CLOSE, &close_payload(1000, "done")).await;

@@ -54,7 +54,7 @@ async fn deflate_echo_backend() -> std::net::SocketAddr {
 #[tokio::test]
 async fn permessage_deflate_negotiated_end_to_end_passes_through() {
     let backend = deflate_echo_backend().await;
-    let proxy = Proxy::start(backend, "").await;
+    let proxy = Proxy::start(backend).await;
     let tcp = TcpStream::connect(proxy.plain).await.expect("connect to the proxy");
     let host = proxy.plain.to_string();
     let mut client = handshake::Client::new(tcp.compat(), &host, "/agents/a1/terminal");

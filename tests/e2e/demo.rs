@@ -47,16 +47,13 @@ fn config(agent: std::net::SocketAddr) -> String {
     TestConfig::base(&[agent.to_string()])
         .merge(
             "",
-            &format!(
-                r#"
-[[routes]]
-name = "api"
-path = "/agents/{{agent}}/api/{{*rest}}"
-kind = "http"
-backends = ["{agent}"]
-backend_path = "/agents/{{agent}}/api/{{rest}}"
-"#
-            ),
+            json!({"routes": [{
+                "name": "api",
+                "path": "/agents/{agent}/api/{*rest}",
+                "kind": "http",
+                "backends": [agent.to_string()],
+                "backend_path": "/agents/{agent}/api/{rest}",
+            }]}),
         )
         .text()
 }

@@ -64,19 +64,19 @@ async fn broadcaster_reading(events: usize, size: usize, reads: bool) -> (Backen
     (Backend::start(BackendOpts::default(), handler).await, go)
 }
 
-fn fanned(name: &str, backend: std::net::SocketAddr, key: &Hmac, fanout: &str) -> String {
+fn fanned(name: &str, backend: std::net::SocketAddr, key: &Hmac, fanout: serde_json::Value) -> String {
     fanned_config(name, backend, key, fanout).text()
 }
 
-fn fanned_config(name: &str, backend: std::net::SocketAddr, key: &Hmac, fanout: &str) -> TestConfig {
+fn fanned_config(name: &str, backend: std::net::SocketAddr, key: &Hmac, fanout: serde_json::Value) -> TestConfig {
     TestConfig::base(&[backend.to_string()])
         .one_address_load()
         .set("routes.0.name", name)
         .set("routes.0.path", "/agents/{agent}/events")
-        .merge("", &key.keys_toml())
-        .merge("auth", "max_sessions_per_subject = 0")
-        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
-        .merge("routes.0", &format!("[fanout]\n{fanout}"))
+        .merge("", key.auth_keys())
+        .merge("auth", json!({"max_sessions_per_subject": 0}))
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}}))
+        .merge("routes.0", json!({"fanout": fanout}))
 }
 
 async fn wait_metric(proxy: &Proxy, series: &str, want: f64) {
@@ -94,7 +94,7 @@ async fn a_thousand_clients_on_twenty_agents_make_twenty_backend_connections_and
     const EVENTS: usize = 20;
     let (backend, go) = broadcaster(EVENTS, 0).await;
     let key = hmac();
-    let proxy = Proxy::start_with(&fanned("fanout-many", backend.addr, &key, "")).await;
+    let proxy = Proxy::start_with(&fanned("fanout-many", backend.addr, &key, json!({}))).await;
     let mut clients = Vec::new();
     for a in 0..AGENTS {
         let agent = format!("a{a}");
@@ -137,7 +137,7 @@ async fn a_thousand_clients_on_twenty_agents_make_twenty_backend_connections_and
 /// stalled client's socket buffers hold: the readers get every event in order, and the stalled
 /// client is dropped. Returns once the drop is counted, with the stalled client unread and
 /// the readers still connected.
-async fn one_client_stalls(route: &str, fanout: &str) -> (Proxy, Client, Vec<Client>, Backend) {
+async fn one_client_stalls(route: &str, fanout: serde_json::Value) -> (Proxy, Client, Vec<Client>, Backend) {
     const EVENTS: usize = 12_000;
     let (backend, go) = broadcaster(EVENTS, 1024).await;
     let key = hmac();
@@ -175,7 +175,7 @@ async fn one_client_stalls(route: &str, fanout: &str) -> (Proxy, Client, Vec<Cli
 async fn a_client_that_stops_reading_is_dropped_and_the_others_get_everything() {
     // A long grace: the stalled client reads again in time to take its 1013.
     let (_proxy, mut stalled, _readers, _backend) =
-        one_client_stalls("fanout-slow", "queue = 1024\ndrop_grace = \"60s\"").await;
+        one_client_stalls("fanout-slow", json!({"queue": 1024, "drop_grace": "60s"})).await;
     let (_, close) = stalled.read_to_end().await;
     assert_eq!(close.and_then(|f| f.close_code()), Some(1013));
 }
@@ -185,7 +185,7 @@ async fn a_client_that_never_reads_again_is_cut_after_the_grace_and_holds_nothin
     // A queue (4 MiB) longer than the socket buffers hold: they are full, and the writer
     // blocked, when the queue fills.
     let (proxy, mut stalled, _readers, _backend) =
-        one_client_stalls("fanout-stuck", "queue = 4096\ndrop_grace = \"100ms\"").await;
+        one_client_stalls("fanout-stuck", json!({"queue": 4096, "drop_grace": "100ms"})).await;
     // Its task ends while it still reads nothing: a client that stopped reading holds no
     // task, queue or connection beyond the grace.
     wait_metric(&proxy, "portcullis_fanout_subscribers{route=\"fanout-stuck\"}", 4.0).await;
@@ -200,7 +200,7 @@ async fn a_client_that_never_reads_again_is_cut_after_the_grace_and_holds_nothin
 async fn each_client_is_governed_alone_and_the_stream_outlives_none_of_them_for_long() {
     let (backend, _go) = broadcaster(0, 0).await;
     let key = hmac();
-    let proxy = Proxy::start_with(&fanned("fanout-govern", backend.addr, &key, "linger = \"200ms\"")).await;
+    let proxy = Proxy::start_with(&fanned("fanout-govern", backend.addr, &key, json!({"linger": "200ms"}))).await;
     let auth = key.bearer(&["a1"]);
     let mallory = format!("Bearer {}", key.token("mallory", &["a1"], Duration::from_secs(600)));
     let mut alice = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
@@ -248,7 +248,8 @@ async fn each_client_is_governed_alone_and_the_stream_outlives_none_of_them_for_
 async fn client_data_can_be_forwarded_whole_messages_only() {
     let (backend, _go) = broadcaster(0, 0).await;
     let key = hmac();
-    let proxy = Proxy::start_with(&fanned("fanout-forward", backend.addr, &key, "client_data = \"forward\"")).await;
+    let proxy =
+        Proxy::start_with(&fanned("fanout-forward", backend.addr, &key, json!({"client_data": "forward"}))).await;
     let auth = key.bearer(&["a1"]);
     let mut a = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
     let mut b = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
@@ -268,7 +269,8 @@ async fn client_data_can_be_forwarded_whole_messages_only() {
 async fn a_forwarding_client_cannot_smuggle_a_frame_the_protocol_forbids_onto_the_shared_stream() {
     let (backend, _go) = broadcaster(0, 0).await;
     let key = hmac();
-    let proxy = Proxy::start_with(&fanned("fanout-smuggle", backend.addr, &key, "client_data = \"forward\"")).await;
+    let proxy =
+        Proxy::start_with(&fanned("fanout-smuggle", backend.addr, &key, json!({"client_data": "forward"}))).await;
     let auth = key.bearer(&["a1"]);
     let mut a = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
     let mut b = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
@@ -292,7 +294,8 @@ async fn a_backend_that_stops_reading_holds_up_the_forwarding_clients_not_the_ev
     // A queue longer than the whole feed: what is shown is that the stream never stops, not
     // how fast this test's reader is while the flood takes the proxy's time.
     let proxy =
-        Proxy::start_with(&fanned("fanout-deaf", backend.addr, &key, "client_data = \"forward\"\nqueue = 4096")).await;
+        Proxy::start_with(&fanned("fanout-deaf", backend.addr, &key, json!({"client_data": "forward", "queue": 4096})))
+            .await;
     let auth = key.bearer(&["a1"]);
     let mut typist = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
     let mut reader = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
@@ -321,7 +324,8 @@ async fn a_backend_that_stops_reading_holds_up_the_forwarding_clients_not_the_ev
 async fn a_forwarding_client_held_up_by_a_deaf_backend_still_ends_when_revoked() {
     let (backend, _go) = broadcaster_reading(0, 0, false).await;
     let key = hmac();
-    let proxy = Proxy::start_with(&fanned("fanout-deaf-revoke", backend.addr, &key, "client_data = \"forward\"")).await;
+    let proxy =
+        Proxy::start_with(&fanned("fanout-deaf-revoke", backend.addr, &key, json!({"client_data": "forward"}))).await;
     let token = format!("Bearer {}", key.token("typist", &["a1"], Duration::from_secs(600)));
     let typist = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &token)]).await.expect("101");
     let (mut rd, mut wr) = tokio::io::split(typist.io);
@@ -371,7 +375,7 @@ async fn a_forwarding_client_held_up_by_a_deaf_backend_still_ends_when_revoked()
 async fn a_read_only_client_is_refused_a_large_frame_from_its_header() {
     let (backend, _go) = broadcaster(0, 0).await;
     let key = hmac();
-    let proxy = Proxy::start_with(&fanned("fanout-readonly-big", backend.addr, &key, "")).await;
+    let proxy = Proxy::start_with(&fanned("fanout-readonly-big", backend.addr, &key, json!({}))).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &key.bearer(&["a1"]))])
         .await
         .expect("101");
@@ -387,7 +391,7 @@ async fn a_read_only_client_is_refused_a_large_frame_from_its_header() {
 async fn http2_streams_share_the_backend_stream_too() {
     let (backend, go) = broadcaster(30, 0).await;
     let key = hmac();
-    let proxy = Proxy::start_with(&fanned("fanout-h2", backend.addr, &key, "")).await;
+    let proxy = Proxy::start_with(&fanned("fanout-h2", backend.addr, &key, json!({}))).await;
     let auth = key.bearer(&["a1"]);
     // Three RFC 8441 WebSockets on one HTTP/2 connection, and one over HTTP/1.1.
     let mut h2 = H2::connect(proxy.tls).await;
@@ -413,11 +417,12 @@ async fn fan_out_clients_have_the_session_timeouts_of_their_route() {
     let (backend, _go) = broadcaster(0, 0).await;
     let key = hmac();
     let auth = key.bearer(&["a1"]);
-    let with = |name: &str, session: &str| {
-        fanned_config(name, backend.addr, &key, "").merge("routes.0", &format!("[session]\n{session}")).text()
+    let with = |name: &str, session: serde_json::Value| {
+        fanned_config(name, backend.addr, &key, json!({})).merge("routes.0", json!({"session": session})).text()
     };
     // Pings: a client that answers them stays, one that does not is closed.
-    let proxy = Proxy::start_with(&with("fanout-pings", "ping_interval = \"100ms\"\nping_timeout = \"300ms\"")).await;
+    let proxy =
+        Proxy::start_with(&with("fanout-pings", json!({"ping_interval": "100ms", "ping_timeout": "300ms"}))).await;
     let mut silent = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
     let mut answering =
         upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
@@ -443,12 +448,12 @@ async fn fan_out_clients_have_the_session_timeouts_of_their_route() {
         answering.send(true, op::PONG, &f.payload).await;
     }
     // No data either way for idle_timeout: 1000, as for a relayed session.
-    let proxy = Proxy::start_with(&with("fanout-idle", "idle_timeout = \"300ms\"")).await;
+    let proxy = Proxy::start_with(&with("fanout-idle", json!({"idle_timeout": "300ms"}))).await;
     let mut idle = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
     let f = idle.recv_close().await;
     assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1000), "idle timeout"));
     // max_lifetime: 1001.
-    let proxy = Proxy::start_with(&with("fanout-lifetime", "max_lifetime = \"300ms\"")).await;
+    let proxy = Proxy::start_with(&with("fanout-lifetime", json!({"max_lifetime": "300ms"}))).await;
     let mut old = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
     let f = old.recv_close().await;
     assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1001), "session lifetime reached"));
@@ -458,7 +463,7 @@ async fn fan_out_clients_have_the_session_timeouts_of_their_route() {
 async fn subscribers_of_different_subjects_never_share_a_backend_identity_reading_or_forwarding() {
     let backend = Backend::echo().await;
     let key = hmac();
-    let text = fanned("fanout-subjects", backend.addr, &key, "client_data = \"forward\"");
+    let text = fanned("fanout-subjects", backend.addr, &key, json!({"client_data": "forward"}));
     let proxy = Proxy::start_with(&text).await;
     let alice = key.bearer(&["a1"]);
     let mallory = format!("Bearer {}", key.token("mallory", &["a1"], Duration::from_secs(600)));

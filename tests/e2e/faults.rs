@@ -152,7 +152,7 @@ fn assert_no_damage(r: &Report) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_killed_mid_stream_every_session_gets_1014_and_nothing_is_damaged() {
     let mut backend = KillableBackend::start();
-    let proxy = ProxyProcess::start(&config_text(&[backend.addr.to_string()], "", "", "")).await;
+    let proxy = ProxyProcess::start(&TestConfig::base(&[backend.addr.to_string()]).text()).await;
     let baseline = usage(&proxy).await;
     let load = tokio::spawn(async move { run(&echo_load(proxy.plain, 20, Duration::from_secs(4))).await });
     let proxy = proxy;
@@ -182,7 +182,7 @@ async fn a_consumer_that_stops_reading_does_not_slow_the_others() {
     let text = TestConfig::base(&[echo.addr.to_string()])
         .merge(
             "",
-            &format!("[[routes]]\nname = \"flood\"\npath = \"/flood/{{agent}}\"\nbackends = [\"{}\"]\n", flooder.addr),
+            json!({"routes": [{"name": "flood", "path": "/flood/{agent}", "backends": [flooder.addr.to_string()]}]}),
         )
         .text();
     let proxy = ProxyProcess::start(&text).await;
@@ -224,16 +224,15 @@ async fn sigterm_with_traffic_flowing_closes_every_session_with_1001_and_damages
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_with_traffic_flowing_leaves_every_session_untouched() {
     let echo = KillableBackend::start();
-    let text = TestConfig::base(&[echo.addr.to_string()]).set("server.reload_poll_interval", "0s").text();
-    let proxy = ProxyProcess::start(&text).await;
+    let config = TestConfig::base(&[echo.addr.to_string()]).set("server.reload_poll_interval", "0s");
+    let proxy = ProxyProcess::start(&config.text()).await;
     let baseline = usage(&proxy).await;
     let plain = proxy.plain;
     let load = tokio::spawn(async move { run(&echo_load(plain, 20, Duration::from_secs(3))).await });
     sessions_reach(&proxy, 20.0).await;
     let path = proxy.dir.path().join("portcullis.toml");
-    let added = format!("[[routes]]\nname = \"added\"\npath = \"/added/{{agent}}\"\nbackends = [\"{}\"]\n", echo.addr);
-    std::fs::write(&path, TestConfig::parse(&text).merge("", &added).set("session.close_timeout", "2s").text())
-        .expect("write");
+    let added = json!({"routes": [{"name": "added", "path": "/added/{agent}", "backends": [echo.addr.to_string()]}]});
+    std::fs::write(&path, config.merge("", added).set("session.close_timeout", "2s").text()).expect("write");
     proxy.signal("HUP");
     let r = load.await.expect("task").expect("run");
     assert!(r.is_clean(), "{}", r.table());
@@ -247,7 +246,7 @@ async fn a_reload_with_traffic_flowing_leaves_every_session_untouched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_vanishing_without_a_close_do_not_touch_the_other_sessions() {
     let echo = KillableBackend::start();
-    let proxy = ProxyProcess::start(&config_text(&[echo.addr.to_string()], "", "", "")).await;
+    let proxy = ProxyProcess::start(&TestConfig::base(&[echo.addr.to_string()]).text()).await;
     let baseline = usage(&proxy).await;
     let plain = proxy.plain;
     let load = tokio::spawn(async move { run(&echo_load(plain, 20, Duration::from_secs(3))).await });
@@ -274,7 +273,7 @@ async fn a_registry_outage_with_traffic_flowing_touches_no_session_and_known_age
         .remove("routes.0.backends")
         .merge(
             "routes.0.registry",
-            &format!("url = \"http://{registry}/agents/{{agent}}\"\nttl = \"200ms\"\nstale_ttl = \"1m\""),
+            json!({"url": format!("http://{registry}/agents/{{agent}}"), "ttl": "200ms", "stale_ttl": "1m"}),
         )
         .text();
     let proxy = ProxyProcess::start(&text).await;
@@ -333,12 +332,15 @@ async fn a_jwks_outage_with_traffic_flowing_touches_no_session_and_the_last_keys
     .to_string();
     let (server, down) = outage_server(jwks).await;
     let text = TestConfig::base(&[echo.addr.to_string()])
-        .merge("routes.0.auth", "agent_claim = \"agents\"")
+        .merge("routes.0.auth", json!({"agent_claim": "agents"}))
         .merge(
             "",
-            &format!(
-                "[[auth.jwks]]\nurl = \"http://{server}/jwks.json\"\nalgorithms = [\"ES256\"]\ndanger_allow_http = true\nrefresh_interval = \"200ms\"\n"
-            ),
+            json!({"auth": {"jwks": [{
+                "url": format!("http://{server}/jwks.json"),
+                "algorithms": ["ES256"],
+                "danger_allow_http": true,
+                "refresh_interval": "200ms",
+            }]}}),
         )
         .text();
     let proxy = ProxyProcess::start(&text).await;

@@ -10,12 +10,12 @@ use super::harness::*;
 
 /// The base configuration, its route requiring an HS256 token that lists the agent, with the
 /// `[fleet]` table `fleet` (per-address limits off: the tests retry handshakes from one address).
-fn config(backend: std::net::SocketAddr, key: &Hmac, fleet: &str) -> String {
+fn config(backend: std::net::SocketAddr, key: &Hmac, fleet: Value) -> String {
     TestConfig::base(&[backend.to_string()])
         .one_address_load()
-        .merge("", &key.keys_toml())
-        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
-        .merge("", fleet)
+        .merge("", key.auth_keys())
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}}))
+        .merge("fleet", fleet)
         .text()
 }
 
@@ -36,7 +36,7 @@ async fn a_revocation_outlives_a_restart_of_the_proxy() {
     let backend = Backend::echo().await;
     let key = hmac();
     let state = tempfile::tempdir().expect("state dir");
-    let text = config(backend.addr, &key, &format!("[fleet]\nstate_dir = {:?}", state.path().display().to_string()));
+    let text = config(backend.addr, &key, json!({"state_dir": state.path().display().to_string()}));
     let mallory = key.token("mallory", &["a1"], Duration::from_secs(600));
     let bob = key.token_with(json!({"sub": "bob", "agents": ["a1"], "jti": "bob-laptop"}));
     let alice = key.token("alice", &["a1"], Duration::from_secs(600));
@@ -74,7 +74,7 @@ async fn a_state_directory_that_cannot_be_created_stops_the_start_with_its_reaso
     let file = tempfile::NamedTempFile::new().expect("file");
     // A directory inside a regular file cannot be made.
     let dir = file.path().join("state");
-    let text = config(Refusing::new().addr, &key, &format!("[fleet]\nstate_dir = {:?}", dir.display().to_string()));
+    let text = config(Refusing::new().addr, &key, json!({"state_dir": dir.display().to_string()}));
     let path = file.path().with_extension("toml");
     std::fs::write(&path, text).expect("write");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
@@ -98,11 +98,13 @@ async fn unreachable_store(policy: &str) -> (Proxy, Hmac, Backend, Refusing) {
     let backend = Backend::echo().await;
     let key = hmac();
     let redis = Refusing::new();
-    let fleet = format!(
-        "[fleet]\nstore = \"redis\"\nredis_url = \"redis://{}\"\nstaleness = \"{policy}\"\nmax_staleness = \"1s\"",
-        redis.addr
-    );
-    let proxy = Proxy::start_with(&config(backend.addr, &key, &fleet)).await;
+    let fleet = json!({
+        "store": "redis",
+        "redis_url": format!("redis://{}", redis.addr),
+        "staleness": policy,
+        "max_staleness": "1s",
+    });
+    let proxy = Proxy::start_with(&config(backend.addr, &key, fleet)).await;
     (proxy, key, backend, redis)
 }
 
@@ -240,10 +242,15 @@ mod redis {
     }
 
     /// A fleet configuration on `url` for instance `name`, under a key prefix of the test's own.
-    fn fleet(url: &str, prefix: &str, name: &str, policy: &str) -> String {
-        format!(
-            "[fleet]\nstore = \"redis\"\nredis_url = {url:?}\nkey_prefix = {prefix:?}\ninstance = {name:?}\nstaleness = {policy:?}\nmax_staleness = \"1s\""
-        )
+    fn fleet(url: &str, prefix: &str, name: &str, policy: &str) -> Value {
+        json!({
+            "store": "redis",
+            "redis_url": url,
+            "key_prefix": prefix,
+            "instance": name,
+            "staleness": policy,
+            "max_staleness": "1s",
+        })
     }
 
     fn prefix() -> String {
@@ -313,7 +320,7 @@ mod redis {
         let key = hmac();
         let redis = RedisServer::start().await;
         let (url, prefix) = (redis.url(), prefix());
-        let text = |name: &str| config(backend.addr, &key, &fleet(&url, &prefix, name, "best_effort"));
+        let text = |name: &str| config(backend.addr, &key, fleet(&url, &prefix, name, "best_effort"));
         let mut proxies = Vec::new();
         for name in ["edge-1", "edge-2", "edge-3"] {
             proxies.push(ProxyProcess::start(&text(name)).await);
@@ -363,9 +370,9 @@ mod redis {
         let (url, prefix) = (redis.url(), prefix());
         let link = Link::to(redis_addr(&url)).await;
         let linked = format!("redis://{}", link.addr);
-        let one = ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "one", "best_effort"))).await;
+        let one = ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "one", "best_effort"))).await;
         let cut_off =
-            ProxyProcess::start(&config(backend.addr, &key, &fleet(&linked, &prefix, "cut-off", "strict"))).await;
+            ProxyProcess::start(&config(backend.addr, &key, fleet(&linked, &prefix, "cut-off", "strict"))).await;
         let mallory = key.token("mallory", &["a1"], Duration::from_secs(600));
         let alice = key.token("alice", &["a1"], Duration::from_secs(600));
         let mut victim = upgrade(cut_off.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&mallory))])
@@ -401,11 +408,11 @@ mod redis {
         let key = hmac();
         let redis = RedisServer::start().await;
         let (url, prefix) = (redis.url(), prefix());
-        let one = ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "one", "best_effort"))).await;
+        let one = ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "one", "best_effort"))).await;
         let bob = key.token_with(json!({"sub": "bob", "agents": ["a1"], "jti": "bob-phone"}));
         let (status, _) = admin_post(one.admin, "/sessions/revoke", r#"{"jti":"bob-phone"}"#).await;
         assert_eq!(status, 200);
-        let late = ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "late", "best_effort"))).await;
+        let late = ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "late", "best_effort"))).await;
         assert_eq!(status_with(late.tls, &bob).await, 401);
     }
 
@@ -417,9 +424,8 @@ mod redis {
         let mut redis = RedisServer::start().await;
         let (url, prefix) = (redis.url(), prefix());
         let lenient =
-            ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "lenient", "best_effort"))).await;
-        let careful =
-            ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "careful", "strict"))).await;
+            ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "lenient", "best_effort"))).await;
+        let careful = ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "careful", "strict"))).await;
         let (alice, mallory) = (
             key.token("alice", &["a1"], Duration::from_secs(600)),
             key.token("mallory", &["a1"], Duration::from_secs(600)),
@@ -441,7 +447,7 @@ mod redis {
         eventually("strict serves again", async || (status_with(careful.tls, &alice).await == 101).then_some(())).await;
         // The lock made before the restart is still in Redis (its append-only file) for a new
         // instance.
-        let late = ProxyProcess::start(&config(backend.addr, &key, &fleet(&url, &prefix, "late", "best_effort"))).await;
+        let late = ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "late", "best_effort"))).await;
         assert_eq!(status_with(late.tls, &mallory).await, 401);
     }
 }

@@ -15,7 +15,7 @@ fn request(method: &str, path: &str, headers: &str) -> Vec<u8> {
 #[tokio::test]
 async fn upgrade_over_tls_is_answered_101_with_backend_accept() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let client = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     assert_eq!(client.response.header("upgrade").map(str::to_ascii_lowercase).as_deref(), Some("websocket"));
 }
@@ -23,7 +23,7 @@ async fn upgrade_over_tls_is_answered_101_with_backend_accept() {
 #[tokio::test]
 async fn unknown_path_is_404() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let r = raw_request(proxy.tls, true, &request("GET", "/nothing/here", UPGRADE_HEADERS)).await;
     assert_eq!(r.status, 404);
     assert!(backend.log.requests.lock().expect("lock").is_empty(), "backend must not be contacted");
@@ -32,7 +32,7 @@ async fn unknown_path_is_404() {
 #[tokio::test]
 async fn plain_request_on_websocket_route_is_426() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let r = raw_request(proxy.tls, true, &request("GET", "/agents/a1/terminal", "")).await;
     assert_eq!(r.status, 426);
     assert_eq!(r.header("upgrade"), Some("websocket"));
@@ -41,7 +41,7 @@ async fn plain_request_on_websocket_route_is_426() {
 #[tokio::test]
 async fn unsupported_websocket_version_is_426_naming_version_13() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let h = UPGRADE_HEADERS.replace("Version: 13", "Version: 8");
     let r = raw_request(proxy.tls, true, &request("GET", "/agents/a1/terminal", &h)).await;
     assert_eq!(r.status, 426);
@@ -51,7 +51,7 @@ async fn unsupported_websocket_version_is_426_naming_version_13() {
 #[tokio::test]
 async fn upgrade_with_post_is_400() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let r = raw_request(
         proxy.tls,
         true,
@@ -64,7 +64,7 @@ async fn upgrade_with_post_is_400() {
 #[tokio::test]
 async fn upgrade_without_connection_upgrade_is_400() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let h = UPGRADE_HEADERS.replace("Connection: Upgrade", "Connection: keep-alive");
     let r = raw_request(proxy.tls, true, &request("GET", "/agents/a1/terminal", &h)).await;
     assert_eq!(r.status, 400);
@@ -73,7 +73,7 @@ async fn upgrade_without_connection_upgrade_is_400() {
 #[tokio::test]
 async fn malformed_websocket_key_is_400() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     for bad in ["Sec-WebSocket-Key: c2hvcnQ=\r\n", "Sec-WebSocket-Key: !!!notbase64!!!\r\n", ""] {
         let h = UPGRADE_HEADERS.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", bad);
         let r = raw_request(proxy.tls, true, &request("GET", "/agents/a1/terminal", &h)).await;
@@ -84,7 +84,7 @@ async fn malformed_websocket_key_is_400() {
 #[tokio::test]
 async fn invalid_agent_id_is_400_before_any_backend_is_contacted() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let long = format!("/agents/{}/terminal", "a".repeat(129));
     for path in ["/agents/../terminal", "/agents/a%2fb/terminal", "/agents/a%00/terminal", long.as_str()] {
         let r = raw_request(proxy.tls, true, &request("GET", path, UPGRADE_HEADERS)).await;
@@ -96,7 +96,7 @@ async fn invalid_agent_id_is_400_before_any_backend_is_contacted() {
 #[tokio::test]
 async fn oversized_request_head_is_431() {
     let backend = Backend::echo().await;
-    let text = config_text(&[backend.addr.to_string()], "max_header_size = \"8KiB\"", "", "");
+    let text = TestConfig::base(&[backend.addr.to_string()]).merge("server", json!({"max_header_size": "8KiB"})).text();
     let proxy = Proxy::start_with(&text).await;
     let big = format!("{UPGRADE_HEADERS}X-Big: {}\r\n", "x".repeat(20 * 1024));
     let r = raw_request(proxy.plain, false, &request("GET", "/agents/a1/terminal", &big)).await;
@@ -106,7 +106,8 @@ async fn oversized_request_head_is_431() {
 #[tokio::test]
 async fn slow_request_head_is_answered_408_at_header_read_timeout() {
     let backend = Backend::echo().await;
-    let text = config_text(&[backend.addr.to_string()], "header_read_timeout = \"300ms\"", "", "");
+    let text =
+        TestConfig::base(&[backend.addr.to_string()]).merge("server", json!({"header_read_timeout": "300ms"})).text();
     let proxy = Proxy::start_with(&text).await;
     for tls in [false, true] {
         let mut io = dial(if tls { proxy.tls } else { proxy.plain }, tls).await;
@@ -136,7 +137,7 @@ async fn tls_handshake_that_never_starts_is_closed_at_the_timeout() {
 #[tokio::test]
 async fn garbage_instead_of_tls_is_closed_and_counted() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut tcp = tokio::net::TcpStream::connect(proxy.tls).await.expect("connect");
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
     let mut buf = Vec::new();
@@ -148,7 +149,7 @@ async fn garbage_instead_of_tls_is_closed_and_counted() {
 #[tokio::test]
 async fn backend_refusing_the_upgrade_is_502_and_no_101_is_sent() {
     let backend = Backend::start(BackendOpts { status: Some(403), ..Default::default() }, echo_handler()).await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let err = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.err().expect("not 101");
     assert_eq!(err.status, 502);
 }
@@ -156,7 +157,7 @@ async fn backend_refusing_the_upgrade_is_502_and_no_101_is_sent() {
 #[tokio::test]
 async fn backend_with_wrong_accept_is_502() {
     let backend = Backend::start(BackendOpts { bad_accept: true, ..Default::default() }, echo_handler()).await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let err = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.err().expect("not 101");
     assert_eq!(err.status, 502);
 }
@@ -164,7 +165,7 @@ async fn backend_with_wrong_accept_is_502() {
 #[tokio::test]
 async fn backend_that_never_answers_the_handshake_is_504() {
     let backend = Backend::start(BackendOpts { hang: true, ..Default::default() }, echo_handler()).await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let err = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.err().expect("not 101");
     assert_eq!(err.status, 504);
 }
@@ -183,7 +184,7 @@ async fn backend_connect_timeout_is_504() {
             fillers.push(s);
         }
     }
-    let proxy = Proxy::start(addr, "").await;
+    let proxy = Proxy::start(addr).await;
     let started = Instant::now();
     let err = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.err().expect("not 101");
     assert_eq!(err.status, 504);
@@ -194,7 +195,7 @@ async fn backend_connect_timeout_is_504() {
 async fn no_reachable_member_is_503_after_trying_each_member() {
     let refusing = [Refusing::new(), Refusing::new()];
     let dead = refusing.each_ref().map(|r| r.addr.to_string());
-    let proxy = Proxy::start_with(&config_text(&dead, "", "", "")).await;
+    let proxy = Proxy::start_with(&TestConfig::base(&dead).text()).await;
     let err = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.err().expect("not 101");
     assert_eq!(err.status, 503);
 }
@@ -204,7 +205,7 @@ async fn refused_member_is_skipped_for_the_next_one() {
     let backend = Backend::echo().await;
     let refusing = Refusing::new();
     let members = [refusing.addr.to_string(), backend.addr.to_string()];
-    let proxy = Proxy::start_with(&config_text(&members, "", "", "")).await;
+    let proxy = Proxy::start_with(&TestConfig::base(&members).text()).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101 from second member");
     c.send(true, op::TEXT, b"hi").await;
     assert_eq!(c.recv().await.payload, b"hi");
@@ -218,8 +219,8 @@ async fn backend_receives_key_protocol_extensions_and_forwarding_headers() {
     )
     .await;
     // The test client stands for a trusted proxy, so its X-Forwarded-For is extended.
-    let trusted = "trusted_proxies = [\"127.0.0.1/32\"]";
-    let proxy = Proxy::start_with(&config_text(&[backend.addr.to_string()], trusted, "", "")).await;
+    let trusted = json!({"trusted_proxies": ["127.0.0.1/32"]});
+    let proxy = Proxy::start_with(&TestConfig::base(&[backend.addr.to_string()]).merge("server", trusted).text()).await;
     let c = upgrade(
         proxy.tls,
         true,
@@ -270,7 +271,7 @@ async fn negotiated_suite(
 async fn tls_server_order_prefers_aes_128_gcm_over_the_clients_choice() {
     use rustls::crypto::aws_lc_rs::cipher_suite::*;
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     // The client prefers AES-256-GCM (rustls' own default order); the server's order wins.
     let offered = [TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_128_GCM_SHA256];
     assert_eq!(negotiated_suite(proxy.tls, &offered).await.expect("handshake"), "TLS13_AES_128_GCM_SHA256");
@@ -284,7 +285,7 @@ async fn configured_cipher_suites_are_the_only_ones_offered() {
     use rustls::crypto::aws_lc_rs::cipher_suite::*;
     let backend = Backend::echo().await;
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("tls", "cipher_suites = [\"TLS13_AES_256_GCM_SHA384\", \"TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384\"]")
+        .merge("tls", json!({"cipher_suites": ["TLS13_AES_256_GCM_SHA384", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"]}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let offered = [TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384];
@@ -298,10 +299,11 @@ async fn configured_cipher_suites_are_the_only_ones_offered() {
 async fn forwarding_headers_from_an_untrusted_client_are_dropped_and_from_a_trusted_one_extended() {
     let backend = Backend::echo().await;
     let spoof = [("X-Forwarded-For", "6.6.6.6"), ("Forwarded", "for=6.6.6.6;proto=https")];
-    let untrusted = Proxy::start(backend.addr, "").await;
+    let untrusted = Proxy::start(backend.addr).await;
     upgrade(untrusted.plain, false, "/agents/a1/terminal", &spoof).await.expect("101");
-    let trusted_text =
-        config_text(&[backend.addr.to_string()], "trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.0/8\"]", "", "");
+    let trusted_text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", json!({"trusted_proxies": ["10.0.0.0/8", "127.0.0.0/8"]}))
+        .text();
     let trusted = Proxy::start_with(&trusted_text).await;
     upgrade(trusted.plain, false, "/agents/a1/terminal", &spoof).await.expect("101");
     let requests = backend.log.requests.lock().expect("lock").clone();

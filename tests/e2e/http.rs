@@ -14,44 +14,33 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::harness::*;
 
 /// The base configuration plus the route `api` (`/agents/{agent}/api/{*rest}` to
-/// `/v1/{rest}`, kind http) to `members`, with `route_extra` TOML lines in the route table and
-/// `backend` lines in `[routes.backend]`.
-fn api_config(key: &Hmac, members: &[SocketAddr], route_extra: &str, backend: &str) -> TestConfig {
-    let members: Vec<String> = members.iter().map(|m| format!("\"{m}\"")).collect();
-    TestConfig::base(&["127.0.0.1:1".to_owned()]).merge(
-        "",
-        &format!(
-            r#"
-[auth]
-leeway = "0s"
-[[auth.keys]]
-algorithms = ["HS256"]
-secret_file = "{secret}"
-
-[[routes]]
-name = "api"
-path = "/agents/{{agent}}/api/{{*rest}}"
-kind = "http"
-backends = [{members}]
-backend_path = "/v1/{{rest}}"
-{route_extra}
-[routes.auth]
-sources = ["bearer", "cookie:portcullis_token", "query:access_token"]
-agent_claim = "agents"
-[routes.origin]
-allow = ["https://console.example.com"]
-[routes.backend]
-connect_timeout = "1s"
-{backend}
-"#,
-            secret = key.path.display(),
-            members = members.join(", "),
-        ),
-    )
+/// `/v1/{rest}`, kind http) to `members`, with `backend` merged into the route's `backend` table.
+fn api_config(key: &Hmac, members: &[SocketAddr], backend: Value) -> TestConfig {
+    let members: Vec<String> = members.iter().map(SocketAddr::to_string).collect();
+    TestConfig::base(&["127.0.0.1:1".to_owned()])
+        .merge("auth", json!({"leeway": "0s"}))
+        .merge("", key.auth_keys())
+        .merge(
+            "",
+            json!({"routes": [{
+                "name": "api",
+                "path": "/agents/{agent}/api/{*rest}",
+                "kind": "http",
+                "backends": members,
+                "backend_path": "/v1/{rest}",
+                "auth": {
+                    "sources": ["bearer", "cookie:portcullis_token", "query:access_token"],
+                    "agent_claim": "agents",
+                },
+                "origin": {"allow": ["https://console.example.com"]},
+                "backend": {"connect_timeout": "1s"},
+            }]}),
+        )
+        .merge("routes.1.backend", backend)
 }
 
-async fn start(key: &Hmac, members: &[SocketAddr], route_extra: &str, backend: &str) -> Proxy {
-    Proxy::start_with(&api_config(key, members, route_extra, backend).text()).await
+async fn start(key: &Hmac, members: &[SocketAddr], backend: Value) -> Proxy {
+    Proxy::start_with(&api_config(key, members, backend).text()).await
 }
 
 fn post(path: &str, auth: &str, body: TBody) -> hyper::Request<TBody> {
@@ -72,7 +61,7 @@ fn chunked(chunks: Vec<Bytes>, gap: Duration) -> TBody {
 async fn rest_round_trips_bodies_of_0_bytes_1_mib_and_chunked_on_one_kept_alive_connection() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "").await;
+    let proxy = start(&key, &[backend.addr], json!({})).await;
     let auth = key.bearer(&["a1"]);
     let mut c = H1::connect(proxy.tls, true).await;
 
@@ -99,7 +88,7 @@ async fn rest_round_trips_bodies_of_0_bytes_1_mib_and_chunked_on_one_kept_alive_
 async fn catch_all_captures_keep_the_rest_of_the_path_and_the_query() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "").await;
+    let proxy = start(&key, &[backend.addr], json!({})).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let a = c.get("/agents/a1/api/tasks/7/headers?since=3&x=y", &[("authorization", &key.bearer(&["a1"]))]).await;
     assert_eq!(a.status, 200);
@@ -113,7 +102,7 @@ async fn catch_all_captures_keep_the_rest_of_the_path_and_the_query() {
 async fn a_body_over_the_limit_is_413_and_never_reaches_the_backend() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "max_request_body = \"1KiB\"").await;
+    let proxy = start(&key, &[backend.addr], json!({"max_request_body": "1KiB"})).await;
     let auth = key.bearer(&["a1"]);
     // Content-Length over the limit with Expect: 100-continue: 413 at once, no 100, no body sent.
     let mut s = tokio::net::TcpStream::connect(proxy.plain).await.expect("connect");
@@ -137,7 +126,7 @@ async fn a_body_over_the_limit_is_413_and_never_reaches_the_backend() {
 async fn expect_100_continue_is_answered_and_the_body_goes_through() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "").await;
+    let proxy = start(&key, &[backend.addr], json!({})).await;
     let mut s = tokio::net::TcpStream::connect(proxy.plain).await.expect("connect");
     let head = format!(
         "POST /agents/a1/api/echo HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
@@ -159,7 +148,7 @@ async fn expect_100_continue_is_answered_and_the_body_goes_through() {
 async fn hop_by_hop_headers_are_removed_both_ways_and_forwarding_headers_set() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "").await;
+    let proxy = start(&key, &[backend.addr], json!({})).await;
     let mut c = H1::connect(proxy.tls, true).await;
     let a = c
         .get(
@@ -194,7 +183,7 @@ async fn hop_by_hop_headers_are_removed_both_ways_and_forwarding_headers_set() {
 async fn keep_alive_connections_to_the_backend_are_reused() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "").await;
+    let proxy = start(&key, &[backend.addr], json!({})).await;
     let auth = key.bearer(&["a1"]);
     for _ in 0..3 {
         // A new client connection each time: the pool is per member, not per client.
@@ -211,7 +200,7 @@ async fn keep_alive_connections_to_the_backend_are_reused() {
 async fn no_response_head_in_time_is_504_and_a_protocol_breaking_backend_is_502() {
     let slow = RestBackend::start("slow").await;
     let key = hmac();
-    let proxy = start(&key, &[slow.addr], "", "response_header_timeout = \"300ms\"").await;
+    let proxy = start(&key, &[slow.addr], json!({"response_header_timeout": "300ms"})).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let started = Instant::now();
     let a = c.get("/agents/a1/api/slow?ms=5000", &[("authorization", &key.bearer(&["a1"]))]).await;
@@ -219,7 +208,7 @@ async fn no_response_head_in_time_is_504_and_a_protocol_breaking_backend_is_502(
     assert!(started.elapsed() < Duration::from_secs(3), "504 took {:?}", started.elapsed());
 
     let garbage = TrapBackend::start(Trap::Garbage).await;
-    let proxy = start(&key, &[garbage.addr], "", "").await;
+    let proxy = start(&key, &[garbage.addr], json!({})).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let a = c.get("/agents/a1/api/anything", &[("authorization", &key.bearer(&["a1"]))]).await;
     assert_eq!(a.status, 502);
@@ -236,7 +225,7 @@ async fn retries_go_to_the_next_member_only_when_nothing_was_sent_or_the_method_
         l.local_addr().expect("addr")
     };
     let good = RestBackend::start("good").await;
-    let proxy = start(&key, &[dead, good.addr], "", "").await;
+    let proxy = start(&key, &[dead, good.addr], json!({})).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let a = c.call(post("/agents/a1/api/echo", &auth, full("payload"))).await;
     assert_eq!((a.status, a.text().as_str()), (200, "payload"));
@@ -245,7 +234,7 @@ async fn retries_go_to_the_next_member_only_when_nothing_was_sent_or_the_method_
     // next member; POST is not (it may have been acted on) and is answered 502.
     let trap = TrapBackend::start(Trap::Close).await;
     let good = RestBackend::start("good").await;
-    let proxy = start(&key, &[trap.addr, good.addr], "", "").await;
+    let proxy = start(&key, &[trap.addr, good.addr], json!({})).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let a = c.get("/agents/a1/api/headers", &[("authorization", &auth)]).await;
     assert_eq!((a.status, a.header("x-member")), (200, Some("good")));
@@ -293,7 +282,7 @@ async fn ends_cleanly(mut body: hyper::body::Incoming) -> bool {
 async fn sse_events_arrive_one_by_one_as_the_backend_sends_them() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "").await;
+    let proxy = start(&key, &[backend.addr], json!({})).await;
     let mut c = H1::connect(proxy.tls, true).await;
     let started = Instant::now();
     let resp = c
@@ -324,7 +313,7 @@ async fn sse_events_arrive_one_by_one_as_the_backend_sends_them() {
 async fn an_sse_stream_ends_with_the_session_ended_line_of_every_session() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let mut proxy = ProxyProcess::start(&api_config(&key, &[backend.addr], "", "").text()).await;
+    let mut proxy = ProxyProcess::start(&api_config(&key, &[backend.addr], json!({})).text()).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let resp = c
         .send(request(
@@ -351,7 +340,7 @@ async fn an_sse_stream_ends_with_the_session_ended_line_of_every_session() {
 async fn an_sse_stream_is_a_session_ended_by_revocation_and_its_expiry() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "").await;
+    let proxy = start(&key, &[backend.addr], json!({})).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let bob = key.token("bob", &["a1"], Duration::from_secs(600));
     let resp = c
@@ -399,7 +388,7 @@ async fn an_sse_stream_is_a_session_ended_by_revocation_and_its_expiry() {
 async fn drain_ends_sse_streams_cleanly_and_refuses_new_requests() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let mut proxy = start(&key, &[backend.addr], "", "").await;
+    let mut proxy = start(&key, &[backend.addr], json!({})).await;
     let auth = key.bearer(&["a1"]);
     let mut c = H1::connect(proxy.plain, false).await;
     let resp =
@@ -416,7 +405,7 @@ async fn drain_ends_sse_streams_cleanly_and_refuses_new_requests() {
 async fn an_idle_body_is_cut_after_idle_body_timeout() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "idle_body_timeout = \"300ms\"").await;
+    let proxy = start(&key, &[backend.addr], json!({"idle_body_timeout": "300ms"})).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let resp = c
         .send(request("GET", "/agents/a1/api/stall", &[("authorization", &key.bearer(&["a1"]))], full(Bytes::new())))
@@ -431,7 +420,7 @@ async fn an_idle_body_is_cut_after_idle_body_timeout() {
 async fn http_routes_take_the_same_auth_token_sources_and_origin_policy() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "").await;
+    let proxy = start(&key, &[backend.addr], json!({})).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let a = c.get("/agents/a1/api/headers", &[]).await;
     assert_eq!(a.status, 401);
@@ -470,7 +459,7 @@ async fn http_routes_take_the_same_auth_token_sources_and_origin_policy() {
 async fn route_kinds_refuse_the_other_kind_of_request() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "").await;
+    let proxy = start(&key, &[backend.addr], json!({})).await;
     // An upgrade on the HTTP-only route.
     let err = upgrade(proxy.plain, false, "/agents/a1/api/terminal", &[("authorization", &key.bearer(&["a1"]))])
         .await
@@ -488,11 +477,10 @@ async fn one_agent_reaches_the_same_sticky_member_over_websocket_and_http() {
     let members = [RestBackend::start("m1").await, RestBackend::start("m2").await, RestBackend::start("m3").await];
     let addrs: Vec<SocketAddr> = members.iter().map(|m| m.addr).collect();
     let key = hmac();
-    let sticky = "[routes.balance]\npolicy = \"sticky\"\nsticky_key = \"capture:agent\"\n";
-    let text = api_config(&key, &addrs, "", "")
+    let text = api_config(&key, &addrs, json!({}))
         .set("routes.1.kind", "both")
-        .text()
-        .replace("[routes.auth]", &format!("{sticky}[routes.auth]"));
+        .merge("routes.1.balance", json!({"policy": "sticky", "sticky_key": "capture:agent"}))
+        .text();
     let proxy = Proxy::start_with(&text).await;
     // 24 agents over 3 members: all on one member by chance is 3^-23, not the 3^-7 of 8.
     let agents: Vec<String> = (0..24).map(|i| format!("agent{i}")).collect();
@@ -528,7 +516,7 @@ async fn one_agent_reaches_the_same_sticky_member_over_websocket_and_http() {
 async fn requests_and_streams_are_counted_by_route_and_status_class() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "").await;
+    let proxy = start(&key, &[backend.addr], json!({})).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let auth = key.bearer(&["a1"]);
     assert_eq!(c.get("/agents/a1/api/headers", &[("authorization", &auth)]).await.status, 200);
@@ -551,7 +539,7 @@ async fn requests_and_streams_are_counted_by_route_and_status_class() {
 async fn every_request_gets_one_access_log_line_without_its_token_or_query() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let text = api_config(&key, &[backend.addr], "", "").text();
+    let text = api_config(&key, &[backend.addr], json!({})).text();
     let mut proxy = ProxyProcess::start_with_log(&text, "portcullis=info").await;
     let token = key.token("alice", &["a1"], Duration::from_secs(600));
     let mut c = H1::connect(proxy.plain, false).await;
@@ -588,7 +576,7 @@ async fn every_request_gets_one_access_log_line_without_its_token_or_query() {
 async fn an_sse_stream_on_a_removed_route_ends_after_the_grace_period() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let config = api_config(&key, &[backend.addr], "", "").merge("server", "removed_route_grace = \"500ms\"");
+    let config = api_config(&key, &[backend.addr], json!({})).merge("server", json!({"removed_route_grace": "500ms"}));
     let proxy = Proxy::start_with(&config.text()).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let resp = c
@@ -612,7 +600,7 @@ async fn an_sse_stream_on_a_removed_route_ends_after_the_grace_period() {
 async fn a_burst_of_events_arrives_whole_and_in_order_when_chunks_are_joined() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = start(&key, &[backend.addr], "", "").await;
+    let proxy = start(&key, &[backend.addr], json!({})).await;
     let mut c = H1::connect(proxy.plain, false).await;
     let a = c.get("/agents/a1/api/sse?n=500&gap_ms=0", &[("authorization", &key.bearer(&["a1"]))]).await;
     let events: Vec<String> = a.text().split("\n\n").filter(|e| !e.is_empty()).map(str::to_owned).collect();

@@ -25,7 +25,7 @@ async fn metrics(proxy: &Proxy) -> String {
 #[tokio::test]
 async fn a_websocket_over_h2_echoes_byte_identical_and_reaches_the_backend_over_http1() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut h2 = H2::connect(proxy.tls).await;
     let mut c = h2.websocket(PATH, &[]).await.expect("200");
     assert!(h2.extended_connect(), "SETTINGS_ENABLE_CONNECT_PROTOCOL is sent");
@@ -75,7 +75,7 @@ fn base64_len(v: &str) -> usize {
 #[tokio::test]
 async fn close_codes_over_h2_pass_through_come_from_the_proxy_and_drain_with_1001() {
     let backend = Backend::echo().await;
-    let mut proxy = Proxy::start(backend.addr, "").await;
+    let mut proxy = Proxy::start(backend.addr).await;
     let mut h2 = H2::connect(proxy.tls).await;
 
     // The client's code reaches the backend and the backend's echo of it comes back.
@@ -111,9 +111,9 @@ async fn auth_over_h2_is_the_upgrade_path_s_auth() {
     let backend = Backend::echo().await;
     let key = hmac();
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("", &key.keys_toml())
+        .merge("", key.auth_keys())
         .set("routes.0.name", "h2auth")
-        .merge("routes.0", "[auth]\nsources = [\"bearer\", \"query:access_token\"]\nagent_claim = \"agents\"")
+        .merge("routes.0", json!({"auth": {"sources": ["bearer", "query:access_token"], "agent_claim": "agents"}}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let mut h2 = H2::connect(proxy.tls).await;
@@ -147,7 +147,7 @@ async fn auth_over_h2_is_the_upgrade_path_s_auth() {
 #[tokio::test]
 async fn ten_websockets_share_one_h2_connection() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut h2 = H2::connect(proxy.tls).await;
     let mut clients = Vec::new();
     for _ in 0..10 {
@@ -190,7 +190,7 @@ async fn ten_websockets_share_one_h2_connection() {
 #[tokio::test]
 async fn a_stalled_stream_does_not_hold_up_another_on_the_same_connection() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut h2 = H2::connect(proxy.tls).await;
     let stalled = h2.websocket(PATH, &[]).await.expect("200");
     let mut live = h2.websocket(PATH, &[]).await.expect("200");
@@ -244,7 +244,7 @@ async fn the_per_address_stream_cap_answers_429_and_frees_when_a_stream_ends() {
     let backend = Backend::echo().await;
     let text = TestConfig::base(&[backend.addr.to_string()])
         .set("routes.0.name", "h2cap")
-        .merge("http2", "max_streams_per_ip = 2")
+        .merge("http2", json!({"max_streams_per_ip": 2}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let mut one = H2::connect(proxy.tls).await;
@@ -273,7 +273,7 @@ async fn the_per_address_stream_cap_answers_429_and_frees_when_a_stream_ends() {
 #[tokio::test]
 async fn connect_tunnels_and_other_protocols_are_refused() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut h2 = H2::connect(proxy.tls).await;
     // A classic CONNECT (no :protocol): the proxy opens no tunnels.
     let req =
@@ -311,11 +311,17 @@ async fn rest_requests_over_h2_reach_the_http_route_with_the_host_and_auth() {
     let text = TestConfig::base(&["127.0.0.1:1".to_owned()])
         .merge(
             "",
-            &format!(
-                "[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"\n\n[[routes]]\nname = \"h2api\"\npath = \"/agents/{{agent}}/api/{{*rest}}\"\nkind = \"http\"\nbackends = [\"{}\"]\nbackend_path = \"/v1/{{rest}}\"\n[routes.auth]\nagent_claim = \"agents\"",
-                key.path.display(),
-                rest.addr
-            ),
+            json!({
+                "auth": {"keys": [{"algorithms": ["HS256"], "secret_file": key.path.display().to_string()}]},
+                "routes": [{
+                    "name": "h2api",
+                    "path": "/agents/{agent}/api/{*rest}",
+                    "kind": "http",
+                    "backends": [rest.addr.to_string()],
+                    "backend_path": "/v1/{rest}",
+                    "auth": {"agent_claim": "agents"},
+                }],
+            }),
         )
         .text();
     let proxy = Proxy::start_with(&text).await;
@@ -340,7 +346,7 @@ async fn rest_requests_over_h2_reach_the_http_route_with_the_host_and_auth() {
 #[tokio::test]
 async fn alpn_offers_h2_unless_disabled_and_http1_clients_are_unchanged() {
     let backend = Backend::echo().await;
-    let on = Proxy::start(backend.addr, "").await;
+    let on = Proxy::start(backend.addr).await;
     let (_, agreed) = dial_alpn(on.tls, &[b"h2", b"http/1.1"]).await;
     assert_eq!(agreed.as_deref(), Some(&b"h2"[..]));
     let (_, agreed) = dial_alpn(on.tls, &[b"http/1.1"]).await;
@@ -349,7 +355,7 @@ async fn alpn_offers_h2_unless_disabled_and_http1_clients_are_unchanged() {
     let mut c = upgrade(on.tls, true, PATH, &[]).await.expect("101");
     echo_round_trip(&mut c, b"http/1.1 as ever").await;
 
-    let text = TestConfig::base(&[backend.addr.to_string()]).merge("http2", "enabled = false").text();
+    let text = TestConfig::base(&[backend.addr.to_string()]).merge("http2", json!({"enabled": false})).text();
     let off = Proxy::start_with(&text).await;
     let (_, agreed) = dial_alpn(off.tls, &[b"h2", b"http/1.1"]).await;
     assert_eq!(agreed.as_deref(), Some(&b"http/1.1"[..]), "h2 not offered when disabled");
@@ -414,7 +420,7 @@ async fn the_load_test_harness_runs_websockets_over_h2_with_sessions_sharing_con
 #[tokio::test]
 async fn an_h2_connection_with_no_open_stream_is_closed_after_the_idle_timeout() {
     let backend = Backend::echo().await;
-    let text = TestConfig::base(&[backend.addr.to_string()]).merge("http2", "idle_timeout = \"300ms\"").text();
+    let text = TestConfig::base(&[backend.addr.to_string()]).merge("http2", json!({"idle_timeout": "300ms"})).text();
     let proxy = Proxy::start_with(&text).await;
 
     // A request, then nothing: the connection ends with a GOAWAY (not an error).

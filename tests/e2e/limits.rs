@@ -32,7 +32,8 @@ async fn open(addr: std::net::SocketAddr, header: &[u8]) -> Option<TcpStream> {
 #[tokio::test]
 async fn connections_per_client_address_are_capped_and_freed() {
     let backend = Backend::echo().await;
-    let text = TestConfig::base(&[backend.addr.to_string()]).merge("server", "max_connections_per_ip = 3").text();
+    let text =
+        TestConfig::base(&[backend.addr.to_string()]).merge("server", json!({"max_connections_per_ip": 3})).text();
     let proxy = Proxy::start_with(&text).await;
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -57,7 +58,7 @@ async fn connections_per_client_address_are_capped_and_freed() {
 async fn behind_a_balancer_the_cap_counts_the_carried_address() {
     let backend = Backend::echo().await;
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("server", "max_connections_per_ip = 2")
+        .merge("server", json!({"max_connections_per_ip": 2}))
         .proxy_protocol_listener("behind-lb", &["127.0.0.0/8"])
         .text();
     let proxy = Proxy::start_with(&text).await;
@@ -88,8 +89,9 @@ impl Hs256 {
     /// The base config with this key in `[[auth.keys]]`, its route `terminal` taking bearer
     /// tokens.
     fn config(&self, backend: std::net::SocketAddr) -> TestConfig {
-        let key = format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"\n", self.path.display());
-        TestConfig::base(&[backend.to_string()]).merge("", &key).merge("routes.0.auth", "sources = [\"bearer\"]")
+        let key =
+            json!({"auth": {"keys": [{"algorithms": ["HS256"], "secret_file": self.path.display().to_string()}]}});
+        TestConfig::base(&[backend.to_string()]).merge("", key).merge("routes.0.auth", json!({"sources": ["bearer"]}))
     }
 
     /// `Bearer <token>` for subject `sub`, valid for ten minutes.
@@ -110,17 +112,22 @@ impl Hs256 {
 /// route on `terminal`, 3 over every route.
 fn subject_config(backend: std::net::SocketAddr, keys: &Hs256) -> String {
     keys.config(backend)
-        .merge("auth", "max_sessions_per_subject = 3")
-        .merge("", &bearer_route("events", "/agents/{agent}/events", "websocket", backend))
-        .merge("routes.0.auth", "max_sessions_per_subject = 2")
+        .merge("auth", json!({"max_sessions_per_subject": 3}))
+        .merge("", bearer_route("events", "/agents/{agent}/events", "websocket", backend))
+        .merge("routes.0.auth", json!({"max_sessions_per_subject": 2}))
         .text()
 }
 
-/// A route `name` on `path` of `kind` to `member`, taking bearer tokens, as TOML.
-fn bearer_route(name: &str, path: &str, kind: &str, member: std::net::SocketAddr) -> String {
-    format!(
-        "[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nkind = \"{kind}\"\nbackends = [\"{member}\"]\n[routes.auth]\nsources = [\"bearer\"]\n"
-    )
+/// A route `name` on `path` of `kind` to `member`, taking bearer tokens, to merge at the top
+/// level.
+fn bearer_route(name: &str, path: &str, kind: &str, member: std::net::SocketAddr) -> serde_json::Value {
+    json!({"routes": [{
+        "name": name,
+        "path": path,
+        "kind": kind,
+        "backends": [member.to_string()],
+        "auth": {"sources": ["bearer"]},
+    }]})
 }
 
 #[tokio::test]
@@ -204,7 +211,7 @@ async fn tokens_without_a_subject_count_as_one_subject_of_their_issuer() {
 async fn handshakes_per_address_are_rate_limited_before_the_token_is_checked() {
     let backend = Backend::echo().await;
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("server", "handshake_rate_per_ip = 1\nhandshake_burst_per_ip = 3")
+        .merge("server", json!({"handshake_rate_per_ip": 1, "handshake_burst_per_ip": 3}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let mut held = Vec::new();
@@ -241,7 +248,7 @@ async fn handshakes_per_address_are_rate_limited_before_the_token_is_checked() {
 async fn new_connections_per_address_are_rate_limited_at_accept() {
     let backend = Backend::echo().await;
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("server", "connection_rate_per_ip = 1\nconnection_burst_per_ip = 2")
+        .merge("server", json!({"connection_rate_per_ip": 1, "connection_burst_per_ip": 2}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let _a = open(proxy.plain, b"").await.expect("first");
@@ -261,8 +268,8 @@ async fn uncached_token_checks_per_address_are_rate_limited_on_websocket_and_htt
     let valid = keys.bearer("alice");
     let text = keys
         .config(backend.addr)
-        .merge("server", "token_check_rate_per_ip = 1\ntoken_check_burst_per_ip = 3")
-        .merge("", &bearer_route("api", "/agents/{agent}/api/{*rest}", "http", rest.addr))
+        .merge("server", json!({"token_check_rate_per_ip": 1, "token_check_burst_per_ip": 3}))
+        .merge("", bearer_route("api", "/agents/{agent}/api/{*rest}", "http", rest.addr))
         .text();
     // A child process: the token-cache gauge below is this proxy's alone.
     let proxy = ProxyProcess::start(&text).await;

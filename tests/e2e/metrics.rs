@@ -5,7 +5,7 @@ use crate::harness::*;
 #[tokio::test]
 async fn metrics_move_with_a_session() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let (status, before) = http_get(proxy.admin, "/metrics").await;
     assert_eq!(status, 200);
     let series = [
@@ -84,7 +84,7 @@ fn the_docs_list_exactly_the_catalog_of_metrics_with_their_kinds() {
 #[tokio::test]
 async fn every_exported_family_has_its_help_text() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
     c.send(true, op::TEXT, b"x").await;
     c.recv().await;
@@ -191,8 +191,8 @@ async fn the_series_alerts_count_exist_at_zero_from_start() {
     let backend = Backend::echo().await;
     let key = hmac();
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("", &key.keys_toml())
-        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
+        .merge("", key.auth_keys())
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}}))
         .text();
     let proxy = ProxyProcess::start(&text).await;
     let (_, body) = http_get(proxy.admin, "/metrics").await;

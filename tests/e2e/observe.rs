@@ -8,17 +8,17 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-fn observed(backend: std::net::SocketAddr, key: &Hmac, observe: &str) -> String {
+fn observed(backend: std::net::SocketAddr, key: &Hmac, observe: serde_json::Value) -> TestConfig {
     observed_as("observed", backend, key, observe)
 }
 
-fn observed_as(route: &str, backend: std::net::SocketAddr, key: &Hmac, observe: &str) -> String {
+fn observed_as(route: &str, backend: std::net::SocketAddr, key: &Hmac, observe: serde_json::Value) -> TestConfig {
     TestConfig::base(&[backend.to_string()])
         .set("routes.0.name", route)
-        .merge("", &key.keys_toml())
-        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
-        .merge("routes.0", &format!("[observe]\nscope = \"observe:{{agent}}\"\n{observe}"))
-        .text()
+        .merge("", key.auth_keys())
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}}))
+        .merge("routes.0", json!({"observe": {"scope": "observe:{agent}"}}))
+        .merge("routes.0.observe", observe)
 }
 
 async fn session_id(proxy: &Proxy) -> u64 {
@@ -48,7 +48,7 @@ fn bearer(t: &str) -> String {
 async fn an_observer_sees_the_replay_then_the_output_with_the_owner_and_cannot_send() {
     let backend = Backend::echo().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&observed(backend.addr, &key, "replay = \"1KiB\"")).await;
+    let proxy = Proxy::start_with(&observed(backend.addr, &key, json!({"replay": "1KiB"})).text()).await;
     let owner_auth = key.bearer(&["a1"]);
     let mut owner =
         upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &owner_auth)]).await.expect("101");
@@ -97,7 +97,7 @@ async fn an_observer_sees_the_replay_then_the_output_with_the_owner_and_cannot_s
 async fn observing_needs_the_scope_and_a_live_session_of_that_agent() {
     let backend = Backend::echo().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&observed(backend.addr, &key, "")).await;
+    let proxy = Proxy::start_with(&observed(backend.addr, &key, json!({})).text()).await;
     let mut owner =
         upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))]).await.expect("101");
     owner.send(true, op::BINARY, b"x").await;
@@ -134,8 +134,10 @@ async fn a_slow_observer_is_closed_with_1013_and_the_session_goes_on() {
     let backend = Backend::echo().await;
     let key = hmac();
     // A long grace: the slow observer reads again in time to take its 1013.
-    let proxy =
-        Proxy::start_with(&observed(backend.addr, &key, "replay = \"0\"\nqueue = 32\ndrop_grace = \"60s\"")).await;
+    let proxy = Proxy::start_with(
+        &observed(backend.addr, &key, json!({"replay": "0", "queue": 32, "drop_grace": "60s"})).text(),
+    )
+    .await;
     let mut owner =
         upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))]).await.expect("101");
     owner.send(true, op::BINARY, b"x").await;
@@ -170,12 +172,15 @@ async fn an_observer_that_never_reads_again_is_cut_after_the_grace() {
     let key = hmac();
     // A queue (16 MiB) longer than the socket buffers hold: they are full, and the writer
     // blocked, when the queue fills.
-    let proxy = Proxy::start_with(&observed_as(
-        "observed-stuck",
-        backend.addr,
-        &key,
-        "replay = \"0\"\nqueue = 1024\ndrop_grace = \"100ms\"",
-    ))
+    let proxy = Proxy::start_with(
+        &observed_as(
+            "observed-stuck",
+            backend.addr,
+            &key,
+            json!({"replay": "0", "queue": 1024, "drop_grace": "100ms"}),
+        )
+        .text(),
+    )
     .await;
     let (mut owner, path, auditor) = owner_over_plain(&proxy, &key).await;
     let mut stuck = upgrade(proxy.plain, false, &path, &[("Authorization", &bearer(&auditor))]).await.expect("101");
@@ -204,7 +209,7 @@ async fn an_observer_that_never_reads_again_is_cut_after_the_grace() {
 async fn an_observer_may_watch_over_http2_a_session_opened_over_http1() {
     let backend = Backend::echo().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&observed(backend.addr, &key, "")).await;
+    let proxy = Proxy::start_with(&observed(backend.addr, &key, json!({})).text()).await;
     let mut owner =
         upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))]).await.expect("101");
     owner.send(true, op::BINARY, b"seen before").await;
@@ -228,7 +233,7 @@ async fn an_observer_connection_counts_under_the_per_address_cap_while_it_watche
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::echo().await;
     let key = hmac();
-    let text = observed(backend.addr, &key, "").replace("[server]\n", "[server]\nmax_connections_per_ip = 2\n");
+    let text = observed(backend.addr, &key, json!({})).merge("server", json!({"max_connections_per_ip": 2})).text();
     let proxy = Proxy::start_with(&text).await;
     let (_owner, path, auditor) = owner_over_plain(&proxy, &key).await;
     let mut obs = upgrade(proxy.plain, false, &path, &[("Authorization", &bearer(&auditor))]).await.expect("101");
@@ -252,7 +257,7 @@ async fn observer(proxy: &Proxy, path: &str, auth: &str) -> Client {
 async fn an_observer_is_a_session_its_token_expiry_and_revocation_close_it_and_it_counts_under_caps() {
     let backend = Backend::echo().await;
     let key = hmac();
-    let text = TestConfig::parse(&observed_as("observer-governed", backend.addr, &key, "replay = \"1KiB\""))
+    let text = observed_as("observer-governed", backend.addr, &key, json!({"replay": "1KiB"}))
         .set("auth.leeway", "0s")
         .set("auth.max_sessions_per_subject", 1);
     let proxy = Proxy::start_with(&text.text()).await;
@@ -288,7 +293,7 @@ fn portcullis_now() -> u64 {
 async fn an_observer_frame_larger_than_a_control_frame_is_refused_from_its_header() {
     let backend = Backend::echo().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&observed_as("observer-bomb", backend.addr, &key, "")).await;
+    let proxy = Proxy::start_with(&observed_as("observer-bomb", backend.addr, &key, json!({})).text()).await;
     let (_owner, path, auditor) = owner_over_plain(&proxy, &key).await;
     let mut obs = upgrade(proxy.plain, false, &path, &[("Authorization", &bearer(&auditor))]).await.expect("101");
     // A frame header that claims 64 MiB, then only 1 KiB of it: the proxy closes at once
@@ -306,9 +311,7 @@ async fn an_observer_frame_larger_than_a_control_frame_is_refused_from_its_heade
 async fn an_observer_over_http2_holds_its_place_under_max_streams_per_ip() {
     let backend = Backend::echo().await;
     let key = hmac();
-    let text = TestConfig::parse(&observed_as("observer-h2-cap", backend.addr, &key, ""))
-        .set("http2.max_streams_per_ip", 1)
-        .text();
+    let text = observed_as("observer-h2-cap", backend.addr, &key, json!({})).set("http2.max_streams_per_ip", 1).text();
     let proxy = Proxy::start_with(&text).await;
     let (_owner, path, auditor) = owner_over_plain(&proxy, &key).await;
     let mut h2 = H2::connect(proxy.tls).await;

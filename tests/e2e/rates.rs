@@ -78,14 +78,15 @@ async fn a_flood_of_tiny_frames_is_slowed_to_the_client_rate_with_bounded_memory
     let counts = Arc::new(Counts::default());
     let backend = Backend::start(BackendOpts::default(), counting_backend(counts.clone())).await;
     // A child process: the relay-buffer gauge and the resident memory are this session's alone.
-    let session = r#"
-client_message_rate = 100
-client_byte_rate = "0"
-rate_burst = "500ms"
-rate_action = "slow"
-buffer_size = "1KiB"
-"#;
-    let proxy = ProxyProcess::start(&config_text(&[backend.addr.to_string()], "", session, "")).await;
+    let session = json!({
+        "client_message_rate": 100,
+        "client_byte_rate": "0",
+        "rate_burst": "500ms",
+        "rate_action": "slow",
+        "buffer_size": "1KiB",
+    });
+    let proxy =
+        ProxyProcess::start(&TestConfig::base(&[backend.addr.to_string()]).merge("session", session).text()).await;
     let c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
     let (mut rd, mut wr) = tokio::io::split(c.io);
     let started = Instant::now();
@@ -142,13 +143,14 @@ buffer_size = "1KiB"
 async fn a_byte_flood_is_slowed_to_the_client_byte_rate() {
     let counts = Arc::new(Counts::default());
     let backend = Backend::start(BackendOpts::default(), counting_backend(counts.clone())).await;
-    let session = r#"
-client_message_rate = 0
-client_byte_rate = "256KiB"
-rate_burst = "500ms"
-buffer_size = "16KiB"
-"#;
-    let proxy = Proxy::start_with(&config_text(&[backend.addr.to_string()], "", session, "")).await;
+    let session = json!({
+        "client_message_rate": 0,
+        "client_byte_rate": "256KiB",
+        "rate_burst": "500ms",
+        "buffer_size": "16KiB",
+    });
+    let proxy =
+        Proxy::start_with(&TestConfig::base(&[backend.addr.to_string()]).merge("session", session).text()).await;
     let c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
     let (_rd, mut wr) = tokio::io::split(c.io);
     let chunk = encode(true, 0, op::BINARY, Some(rand_mask()), &[5u8; 16 * 1024]);
@@ -165,14 +167,14 @@ buffer_size = "16KiB"
 #[tokio::test]
 async fn over_the_rate_with_the_close_action_the_client_gets_1008_and_the_slot_is_freed() {
     let backend = Backend::echo().await;
-    let session = r#"
-client_message_rate = 20
-rate_burst = "1s"
-rate_action = "close"
-"#;
+    let session = json!({
+        "client_message_rate": 20,
+        "rate_burst": "1s",
+        "rate_action": "close",
+    });
     let text = TestConfig::base(&[backend.addr.to_string()])
         .merge("session", session)
-        .merge("server", "max_connections_per_ip = 1")
+        .merge("server", json!({"max_connections_per_ip": 1}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let series = r#"portcullis_limit_refusals_total{reason="session_rate"}"#;
@@ -217,12 +219,13 @@ async fn a_backend_over_its_rate_is_slowed_and_closed_with_1008_under_the_close_
         })
     });
     let backend = Backend::start(BackendOpts::default(), flood_handler).await;
-    let session = r#"
-backend_message_rate = 100
-rate_burst = "500ms"
-buffer_size = "1KiB"
-"#;
-    let proxy = Proxy::start_with(&config_text(&[backend.addr.to_string()], "", session, "")).await;
+    let session = json!({
+        "backend_message_rate": 100,
+        "rate_burst": "500ms",
+        "buffer_size": "1KiB",
+    });
+    let proxy =
+        Proxy::start_with(&TestConfig::base(&[backend.addr.to_string()]).merge("session", session).text()).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
     let started = Instant::now();
     let mut received = 0u64;
@@ -238,12 +241,13 @@ buffer_size = "1KiB"
     assert!(received >= 100, "slowed, not stopped: {received}");
 
     // Close: the backend gets 1008, the client 1001.
-    let session = r#"
-backend_message_rate = 20
-rate_burst = "1s"
-rate_action = "close"
-"#;
-    let proxy = Proxy::start_with(&config_text(&[backend.addr.to_string()], "", session, "")).await;
+    let session = json!({
+        "backend_message_rate": 20,
+        "rate_burst": "1s",
+        "rate_action": "close",
+    });
+    let proxy =
+        Proxy::start_with(&TestConfig::base(&[backend.addr.to_string()]).merge("session", session).text()).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
     let close = c.recv_close().await;
     assert_eq!(close.close_code(), Some(1001));
@@ -253,7 +257,7 @@ rate_action = "close"
 #[tokio::test]
 async fn a_frame_header_left_half_sent_is_closed_at_the_idle_timeout() {
     let backend = Backend::start(BackendOpts::default(), silent_handler()).await;
-    let proxy = Proxy::start(backend.addr, "idle_timeout = \"400ms\"").await;
+    let proxy = Proxy::start_with_session(backend.addr, json!({"idle_timeout": "400ms"})).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
     // The first byte of a masked binary frame's header, then nothing.
     c.send_raw(&[0x82]).await;
@@ -282,18 +286,17 @@ async fn a_backend_that_never_reads_holds_the_client_back_and_harms_no_other_ses
     });
     let backend = Backend::start(BackendOpts::default(), handler).await;
     // Client rates off: only TCP backpressure holds the flood back here.
-    let session = r#"
-client_message_rate = 0
-client_byte_rate = "0"
-buffer_size = "16KiB"
-"#;
-    let extra = r#"
-[[routes]]
-name = "stall"
-path = "/stall/{agent}"
-"#;
-    let text = TestConfig::parse(&config_text(&[backend.addr.to_string()], "", session, extra))
-        .set("routes.1.backends", vec![toml::Value::from(backend.addr.to_string())])
+    let session = json!({
+        "client_message_rate": 0,
+        "client_byte_rate": "0",
+        "buffer_size": "16KiB",
+    });
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("session", session)
+        .merge(
+            "",
+            json!({"routes": [{"name": "stall", "path": "/stall/{agent}", "backends": [backend.addr.to_string()]}]}),
+        )
         .text();
     let proxy = ProxyProcess::start(&text).await;
     let c = upgrade(proxy.plain, false, "/stall/a1", &[]).await.expect("101");

@@ -61,7 +61,7 @@ async fn rebalancing_half_of_a_route_after_a_scale_out_moves_sessions_to_the_new
     let (m1, m2) = (Backend::echo().await, Backend::echo().await);
     let config = TestConfig::base(&[m1.addr.to_string()])
         .set("routes.0.name", "rebalanced")
-        .merge("routes.0.balance", "policy = \"least_connections\"")
+        .merge("routes.0.balance", json!({"policy": "least_connections"}))
         .set("server.max_connections_per_ip", 0)
         .set("server.handshake_rate_per_ip", 0)
         .set("server.connection_rate_per_ip", 0);

@@ -10,14 +10,14 @@ use serde_json::Value;
 use crate::demo::{demo_agent, read_until};
 use crate::harness::*;
 
-/// The route `terminal` recorded into `dir` with `extra` lines of `[routes.recording]`, with
+/// The route `terminal` recorded into `dir` with `extra` merged into its `recording` table, with
 /// tokens from an HMAC key.
-fn recorded(members: &[String], key: &Hmac, dir: &Path, extra: &str) -> String {
+fn recorded(members: &[String], key: &Hmac, dir: &Path, extra: Value) -> TestConfig {
     TestConfig::base(members)
-        .merge("", &key.keys_toml())
-        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
-        .merge("routes.0", &format!("[recording]\ndirectory = \"{}\"\n{extra}", dir.display()))
-        .text()
+        .merge("", key.auth_keys())
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}}))
+        .merge("routes.0", json!({"recording": {"directory": dir.display().to_string()}}))
+        .merge("routes.0.recording", extra)
 }
 
 /// The recording in `dir` once it holds `want` (the writer flushes behind the session).
@@ -54,7 +54,7 @@ async fn a_recorded_pty_session_holds_the_typed_commands_output_plays_and_holds_
     let agent = demo_agent().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let key = hmac();
-    let proxy = Proxy::start_with(&recorded(&[agent.addr.to_string()], &key, dir.path(), "")).await;
+    let proxy = Proxy::start_with(&recorded(&[agent.addr.to_string()], &key, dir.path(), json!({})).text()).await;
     let token = key.token("alice", &["demo"], Duration::from_secs(600));
     let auth = format!("Bearer {token}");
     let mut c = upgrade(proxy.tls, true, "/agents/demo/terminal", &[("Authorization", &auth)]).await.expect("101");
@@ -119,7 +119,9 @@ async fn input_is_recorded_when_the_route_asks_and_compression_is_not_negotiated
     let backend = Backend::echo().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let key = hmac();
-    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), "input = true")).await;
+    let proxy =
+        Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), json!({"input": true})).text())
+            .await;
     let auth = key.bearer(&["a1"]);
     let mut c = upgrade(
         proxy.tls,
@@ -152,8 +154,8 @@ async fn input_is_recorded_when_the_route_asks_and_compression_is_not_negotiated
         echo_handler(),
     )
     .await;
-    let text = recorded(&[forcing.addr.to_string()], &key, dir.path(), "")
-        .replace("name = \"terminal\"", "name = \"rec-forced\"");
+    let text =
+        recorded(&[forcing.addr.to_string()], &key, dir.path(), json!({})).set("routes.0.name", "rec-forced").text();
     let proxy = Proxy::start_with(&text).await;
     let refused =
         upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.err().expect("502");
@@ -168,8 +170,9 @@ async fn storage_that_fails_closes_the_session_with_1011_or_leaves_it_unrecorded
     // The "directory" is a file: no recording can be created in it.
     let blocker = tempfile::NamedTempFile::new().expect("file");
 
-    let text = recorded(&[backend.addr.to_string()], &key, blocker.path(), "on_backlog = \"close\"");
-    let text = text.replace("name = \"terminal\"", "name = \"rec-close\"");
+    let text = recorded(&[backend.addr.to_string()], &key, blocker.path(), json!({"on_backlog": "close"}))
+        .set("routes.0.name", "rec-close")
+        .text();
     let proxy = Proxy::start_with(&text).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
     let f = c.recv_close().await;
@@ -178,8 +181,9 @@ async fn storage_that_fails_closes_the_session_with_1011_or_leaves_it_unrecorded
     assert_eq!(metric(&m, "portcullis_recording_failures_total{route=\"rec-close\",reason=\"io\"}"), 1.0);
     drop(proxy);
 
-    let text = recorded(&[backend.addr.to_string()], &key, blocker.path(), "on_backlog = \"slow\"");
-    let text = text.replace("name = \"terminal\"", "name = \"rec-slow\"");
+    let text = recorded(&[backend.addr.to_string()], &key, blocker.path(), json!({"on_backlog": "slow"}))
+        .set("routes.0.name", "rec-slow")
+        .text();
     let proxy = Proxy::start_with(&text).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
     eventually("the gap is counted", async || {
@@ -221,8 +225,8 @@ async fn no_session_can_erase_earlier_or_live_recordings_and_one_recording_stops
     let dir = tempfile::tempdir().expect("dir");
     // An earlier session's recording fills most of the directory's 64 KiB.
     let earlier = earlier_recording(dir.path(), "1700000000-terminal-1.cast", 50 * 1024, Duration::from_secs(60));
-    let extra = "max_total_size = \"64KiB\"\nmax_file_size = \"16KiB\"\non_limit = \"continue\"";
-    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), extra)).await;
+    let extra = json!({"max_total_size": "64KiB", "max_file_size": "16KiB", "on_limit": "continue"});
+    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), extra).text()).await;
 
     // A live session writes 10 KiB, then 20 KiB more: past its own cap, its recording ends with
     // a gap marker while the session goes on (on_limit = "continue").
@@ -283,8 +287,8 @@ async fn the_sweep_runs_on_a_timer_and_evicting_for_room_spares_live_recordings_
     let auth = key.bearer(&["a1"]);
     let dir = tempfile::tempdir().expect("dir");
     let extra =
-        "max_age = \"1h\"\nsweep_interval = \"200ms\"\nmax_total_size = \"64KiB\"\nwhen_full = \"evict_oldest\"";
-    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), extra)).await;
+        json!({"max_age": "1h", "sweep_interval": "200ms", "max_total_size": "64KiB", "when_full": "evict_oldest"});
+    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), extra).text()).await;
     // Put there after the proxy started (and swept once): only a later sweep can find it.
     let (_, m) = http_get(proxy.admin, "/metrics").await;
     assert_eq!(metric(&m, "portcullis_recording_evictions_total{route=\"terminal\",reason=\"age\"}"), 0.0);
@@ -316,8 +320,8 @@ async fn by_default_a_session_that_cannot_be_recorded_does_not_go_on() {
     let key = hmac();
     let auth = key.bearer(&["a1"]);
     let dir = tempfile::tempdir().expect("dir");
-    let extra = "max_total_size = \"24KiB\"\nmax_file_size = \"8KiB\"";
-    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), extra)).await;
+    let extra = json!({"max_total_size": "24KiB", "max_file_size": "8KiB"});
+    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), extra).text()).await;
     // A user who writes past the cap to go on unrecorded is closed instead.
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
     let mut closed = None;

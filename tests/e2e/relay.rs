@@ -11,7 +11,7 @@ use crate::harness::*;
 #[tokio::test]
 async fn text_binary_fragmented_and_1mib_messages_pass_byte_identical_over_wss() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
 
     c.send(true, op::TEXT, "héllo wörld".as_bytes()).await;
@@ -65,7 +65,7 @@ async fn text_binary_fragmented_and_1mib_messages_pass_byte_identical_over_wss()
 #[tokio::test]
 async fn client_close_code_and_reason_reach_backend_and_its_reply_returns() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     c.send(true, op::CLOSE, &close_payload(4001, "user closed the tab")).await;
     let at_backend = backend.log.wait_for("close", |f| f.opcode == op::CLOSE).await;
@@ -88,7 +88,7 @@ async fn backend_close_code_and_reason_reach_client() {
         })
     });
     let backend = Backend::start(BackendOpts::default(), handler).await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     let f = c.recv().await;
     assert_eq!(f.close_code(), Some(4403));
@@ -102,7 +102,7 @@ async fn backend_close_code_and_reason_reach_client() {
 #[tokio::test]
 async fn unmasked_client_frame_is_closed_with_1002_and_not_forwarded() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     c.send_raw(&encode(true, 0, op::TEXT, None, b"unmasked")).await;
     let f = c.recv_close().await;
@@ -115,7 +115,7 @@ async fn unmasked_client_frame_is_closed_with_1002_and_not_forwarded() {
 #[tokio::test]
 async fn reserved_opcode_and_bad_control_frames_are_closed_with_1002() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("reserved opcode", encode(true, 0, 0x3, Some(rand_mask()), b"x")),
         ("fragmented ping", encode(false, 0, op::PING, Some(rand_mask()), b"x")),
@@ -133,7 +133,8 @@ async fn reserved_opcode_and_bad_control_frames_are_closed_with_1002() {
 #[tokio::test]
 async fn frame_over_max_frame_size_is_closed_with_1009() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "max_frame_size = \"1KiB\"\nmax_message_size = \"4KiB\"").await;
+    let proxy =
+        Proxy::start_with_session(backend.addr, json!({"max_frame_size": "1KiB", "max_message_size": "4KiB"})).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     c.send(true, op::BINARY, &[1u8; 1024]).await;
     assert_eq!(c.recv().await.payload.len(), 1024, "at the limit is fine");
@@ -147,7 +148,8 @@ async fn frame_over_max_frame_size_is_closed_with_1009() {
 #[tokio::test]
 async fn message_over_max_message_size_is_closed_with_1009() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "max_frame_size = \"1KiB\"\nmax_message_size = \"2KiB\"").await;
+    let proxy =
+        Proxy::start_with_session(backend.addr, json!({"max_frame_size": "1KiB", "max_message_size": "2KiB"})).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     c.send(false, op::BINARY, &[1u8; 1000]).await;
     c.send(false, op::CONT, &[1u8; 1000]).await;
@@ -174,7 +176,7 @@ async fn backend_sending_masked_frames_gets_the_client_a_1014() {
         })
     });
     let backend = Backend::start(BackendOpts::default(), handler).await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     let f = c.recv_close().await;
     assert_eq!(f.close_code(), Some(1014));
@@ -193,7 +195,7 @@ async fn backend_killed_mid_session_gives_the_client_1014() {
         })
     });
     let backend = Backend::start(BackendOpts::default(), handler).await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     assert_eq!(c.recv().await.payload, b"about to die");
     c.send(true, op::TEXT, b"go").await;
@@ -205,7 +207,7 @@ async fn backend_killed_mid_session_gives_the_client_1014() {
 #[tokio::test]
 async fn client_tcp_drop_gives_the_backend_a_1001_close() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     c.send(true, op::TEXT, b"bye").await;
     assert_eq!(c.recv().await.payload, b"bye");
@@ -217,7 +219,7 @@ async fn client_tcp_drop_gives_the_backend_a_1001_close() {
 #[tokio::test]
 async fn garbage_from_one_client_does_not_disturb_another_session() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut good = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     let mut bad = upgrade(proxy.tls, true, "/agents/a2/terminal", &[]).await.expect("101");
     bad.send_raw(&[0xFF; 64]).await;
@@ -246,7 +248,7 @@ async fn slow_reader_does_not_grow_proxy_buffers() {
     });
     let backend = Backend::start(BackendOpts::default(), handler).await;
     // A child process, so the buffer gauge is this session's alone.
-    let text = config_text(&[backend.addr.to_string()], "", "buffer_size = \"16KiB\"", "");
+    let text = TestConfig::base(&[backend.addr.to_string()]).merge("session", json!({"buffer_size": "16KiB"})).text();
     let proxy = ProxyProcess::start(&text).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
     let mut max_buffered = 0.0f64;
@@ -268,7 +270,7 @@ async fn slow_reader_does_not_grow_proxy_buffers() {
 #[tokio::test]
 async fn a_close_frame_with_a_code_not_allowed_on_the_wire_is_the_senders_protocol_error() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000] {
         let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
         c.send(true, op::CLOSE, &close_payload(code, "")).await;
@@ -283,7 +285,7 @@ async fn a_close_frame_with_a_code_not_allowed_on_the_wire_is_the_senders_protoc
 #[tokio::test]
 async fn a_close_frame_whose_reason_is_not_utf8_gets_1007() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
     let mut payload = 1000u16.to_be_bytes().to_vec();
     payload.extend_from_slice(&[0xce, 0xba, 0xed, 0xa0, 0x80]); // a UTF-16 surrogate: not UTF-8
@@ -297,7 +299,7 @@ async fn what_the_backend_sent_before_a_client_violation_still_reaches_the_clien
     // A valid message and a violating frame in one write (Autobahn 3.2, 4.1.3, 5.15): the
     // backend's echo of the valid message is delivered before the client's 1002.
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("rsv without extension", encode(true, 2, op::TEXT, Some(rand_mask()), b"bad")),
         ("reserved opcode", encode(true, 0, 0x3, Some(rand_mask()), b"")),

@@ -60,10 +60,7 @@ async fn live_session_survives_route_changes_invalid_config_and_certificate_chan
     // (a) Add a route and change this one's settings.
     let added = base.set("session.close_timeout", "2s").merge(
         "",
-        &format!(
-            "[[routes]]\nname = \"events\"\npath = \"/agents/{{agent}}/events\"\nbackends = [\"{}\"]\n",
-            other.addr
-        ),
+        json!({"routes": [{"name": "events", "path": "/agents/{agent}/events", "backends": [other.addr.to_string()]}]}),
     );
     proxy.handle.reload(parse(&added.text())).expect("reload a");
     echo_exact(&mut live, 1).await;
@@ -104,10 +101,11 @@ async fn live_session_survives_route_changes_invalid_config_and_certificate_chan
 #[tokio::test]
 async fn session_on_a_removed_route_closes_after_the_grace_period() {
     let backend = Backend::echo().await;
-    let text = config_text(&[backend.addr.to_string()], "removed_route_grace = \"600ms\"", "", "");
+    let config = TestConfig::base(&[backend.addr.to_string()]).merge("server", json!({"removed_route_grace": "600ms"}));
+    let text = config.text();
     let proxy = Proxy::start_with(&text).await;
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
-    let without = TestConfig::parse(&text).set("routes.0.name", "other").set("routes.0.path", "/other/{agent}").text();
+    let without = config.set("routes.0.name", "other").set("routes.0.path", "/other/{agent}").text();
     assert_ne!(without, text);
     let reloaded = Instant::now();
     proxy.handle.reload(parse(&without)).expect("reload");
@@ -123,7 +121,9 @@ async fn session_on_a_removed_route_closes_after_the_grace_period() {
 #[tokio::test]
 async fn config_file_change_and_sighup_trigger_reloads() {
     let backend = Backend::echo().await;
-    let text = config_text(&[backend.addr.to_string()], "reload_poll_interval = \"100ms\"", "", "");
+    let config =
+        TestConfig::base(&[backend.addr.to_string()]).merge("server", json!({"reload_poll_interval": "100ms"}));
+    let text = config.text();
     // File watch, in process.
     let file = tempfile::NamedTempFile::new().expect("temp");
     std::fs::write(file.path(), &text).expect("write");
@@ -135,8 +135,8 @@ async fn config_file_change_and_sighup_trigger_reloads() {
     ));
     tokio::time::sleep(Duration::from_millis(150)).await;
     let extra =
-        format!("[[routes]]\nname = \"added\"\npath = \"/added/{{agent}}\"\nbackends = [\"{}\"]\n", backend.addr);
-    std::fs::write(file.path(), TestConfig::parse(&text).merge("", &extra).text()).expect("write");
+        json!({"routes": [{"name": "added", "path": "/added/{agent}", "backends": [backend.addr.to_string()]}]});
+    std::fs::write(file.path(), config.merge("", extra.clone()).text()).expect("write");
     eventually("the file change is picked up", async || {
         if let Ok(c) = upgrade(proxy.tls, true, "/added/a1", &[]).await {
             return Some(c);
@@ -149,11 +149,13 @@ async fn config_file_change_and_sighup_trigger_reloads() {
     .await;
 
     // SIGHUP, in a child process (file polling off, so only the signal can reload).
-    let text = config_text(&[backend.addr.to_string()], "reload_poll_interval = \"0s\"", "", "");
+    let text =
+        TestConfig::base(&[backend.addr.to_string()]).merge("server", json!({"reload_poll_interval": "0s"})).text();
     let proxy = ProxyProcess::start(&text).await;
     let path = proxy.dir.path().join("portcullis.toml");
+    // The file as the child runs it (with the state directory the harness added), read back.
     let current = std::fs::read_to_string(&path).expect("read");
-    std::fs::write(&path, TestConfig::parse(&current).merge("", &extra).text()).expect("write");
+    std::fs::write(&path, TestConfig::parse(&current).merge("", extra).text()).expect("write");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         upgrade(proxy.plain, false, "/added/a1", &[]).await.err().map(|h| h.status),

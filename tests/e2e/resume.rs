@@ -87,15 +87,22 @@ async fn wait_sent(sent: &(AtomicUsize, tokio::sync::Notify), n: usize) {
     .expect("the backend sent its frames in time");
 }
 
-/// A route `name` (metrics are per process: each test has its own) with `[routes.resume]`.
-fn resumable(name: &str, backend: std::net::SocketAddr, key: &Hmac, resume: &str, session: &str) -> String {
+/// A route `name` (metrics are per process: each test has its own) with a `resume` table
+/// (`resume` merged into it) and a `session` table of its own.
+fn resumable(
+    name: &str,
+    backend: std::net::SocketAddr,
+    key: &Hmac,
+    resume: serde_json::Value,
+    session: serde_json::Value,
+) -> TestConfig {
     TestConfig::base(&[backend.to_string()])
         .set("routes.0.name", name)
-        .merge("", &key.keys_toml())
-        .merge("routes.0", "[auth]\nagent_claim = \"agents\"\nrequired_claims = [\"sub\"]")
-        .merge("routes.0", &format!("[resume]\nnotice = \"fresh session\"\n{resume}"))
-        .merge("routes.0", &format!("[session]\n{session}"))
-        .text()
+        .merge("", key.auth_keys())
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents", "required_claims": ["sub"]}}))
+        .merge("routes.0", json!({"resume": {"notice": "fresh session"}}))
+        .merge("routes.0.resume", resume)
+        .merge("routes.0", json!({"session": session}))
 }
 
 /// The `resume` state `/sessions` shows for the route's one session, once it is `want`.
@@ -141,7 +148,9 @@ async fn connect(proxy: &Proxy, auth: &str, id: &str) -> Client {
 async fn a_client_that_drops_gets_the_same_session_back_with_the_output_of_the_gap() {
     let (backend, sent) = ticker().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&resumable("resume-gap", backend.addr, &key, "window = \"10s\"", "")).await;
+    let proxy =
+        Proxy::start_with(&resumable("resume-gap", backend.addr, &key, json!({"window": "10s"}), json!({})).text())
+            .await;
     let auth = key.bearer(&["a1"]);
     let (mut first, id, _) = open(&proxy, &auth).await;
     first.send(true, op::BINARY, b"hello").await;
@@ -178,7 +187,7 @@ async fn a_client_that_drops_gets_the_same_session_back_with_the_output_of_the_g
 async fn a_resume_id_is_bound_to_its_subject_and_agent() {
     let (backend, _) = ticker().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&resumable("resume-bound", backend.addr, &key, "", "")).await;
+    let proxy = Proxy::start_with(&resumable("resume-bound", backend.addr, &key, json!({}), json!({})).text()).await;
     let (owner, id, _) = open(&proxy, &key.bearer(&["a1"])).await;
     drop(owner);
     wait_state(&proxy, "parked").await;
@@ -222,7 +231,7 @@ async fn a_resume_id_is_bound_to_its_subject_and_agent() {
 async fn resume_ids_are_issued_by_the_proxy_so_a_chosen_id_cannot_be_squatted() {
     let (backend, _) = ticker().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&resumable("resume-squat", backend.addr, &key, "", "")).await;
+    let proxy = Proxy::start_with(&resumable("resume-squat", backend.addr, &key, json!({}), json!({})).text()).await;
     let mallory = format!("Bearer {}", key.token("mallory", &["a1"], Duration::from_secs(600)));
     let squat = connect(&proxy, &mallory, "alices-id").await;
     let issued = squat.response.header("portcullis-resume-id").expect("an id").to_owned();
@@ -241,7 +250,10 @@ async fn resume_ids_are_issued_by_the_proxy_so_a_chosen_id_cannot_be_squatted() 
 async fn after_the_window_the_backend_gets_1001_and_a_reconnect_starts_fresh() {
     let (backend, _) = ticker().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&resumable("resume-window", backend.addr, &key, "window = \"300ms\"", "")).await;
+    let proxy = Proxy::start_with(
+        &resumable("resume-window", backend.addr, &key, json!({"window": "300ms"}), json!({})).text(),
+    )
+    .await;
     let auth = key.bearer(&["a1"]);
     let (first, id, _) = open(&proxy, &auth).await;
     drop(first);
@@ -262,9 +274,10 @@ async fn after_the_window_the_backend_gets_1001_and_a_reconnect_starts_fresh() {
 async fn output_beyond_the_buffer_ends_the_held_session_with_1001() {
     let (backend, _) = ticker().await;
     let key = hmac();
-    let proxy =
-        Proxy::start_with(&resumable("resume-overflow", backend.addr, &key, "window = \"30s\"\nbuffer = \"4KiB\"", ""))
-            .await;
+    let proxy = Proxy::start_with(
+        &resumable("resume-overflow", backend.addr, &key, json!({"window": "30s", "buffer": "4KiB"}), json!({})).text(),
+    )
+    .await;
     let (mut first, _, _) = open(&proxy, &key.bearer(&["a1"])).await;
     first.send(true, op::TEXT, b"later 10 1000").await;
     drop(first);
@@ -278,7 +291,7 @@ async fn output_beyond_the_buffer_ends_the_held_session_with_1001() {
 async fn an_attached_session_cannot_be_taken_over_and_a_reconnect_is_taken_once_it_is_parked() {
     let (backend, _) = ticker().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&resumable("resume-takeover", backend.addr, &key, "", "")).await;
+    let proxy = Proxy::start_with(&resumable("resume-takeover", backend.addr, &key, json!({}), json!({})).text()).await;
     let auth = key.bearer(&["a1"]);
     // The attack: the victim is attached; another connection with the same id and a token of
     // the same subject (stolen id, second tab) tries to take the live shell.
@@ -316,7 +329,7 @@ async fn eventually_frame(c: &mut Client, payload: &[u8]) -> bool {
 async fn a_resume_id_is_bound_to_the_issuer_and_a_route_with_resume_requires_a_subject() {
     let (backend, _) = ticker().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&resumable("resume-issuer", backend.addr, &key, "", "")).await;
+    let proxy = Proxy::start_with(&resumable("resume-issuer", backend.addr, &key, json!({}), json!({})).text()).await;
     let token = |iss: &str| {
         format!("Bearer {}", key.token_with(serde_json::json!({ "sub": "alice", "agents": ["a1"], "iss": iss })))
     };
@@ -343,9 +356,9 @@ async fn a_resume_id_is_bound_to_the_issuer_and_a_route_with_resume_requires_a_s
     assert_eq!(refused.status, 401);
     // Validation: a resumable route whose tokens need no subject is refused.
     let text = TestConfig::base(&["127.0.0.1:1".to_string()])
-        .merge("", &key.keys_toml())
-        .merge("routes.0", "[auth]\nagent_claim = \"agents\"")
-        .merge("routes.0", "[resume]\nwindow = \"5s\"")
+        .merge("", key.auth_keys())
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}}))
+        .merge("routes.0", json!({"resume": {"window": "5s"}}))
         .text();
     let err = portcullis::config::Config::parse(&text, std::path::Path::new("test.toml")).expect_err("refused");
     assert!(err.to_string().contains("required_claims"), "{err}");
@@ -355,8 +368,8 @@ async fn a_resume_id_is_bound_to_the_issuer_and_a_route_with_resume_requires_a_s
 async fn a_client_that_stops_answering_pings_is_held_like_a_dropped_one() {
     let (backend, _) = ticker().await;
     let key = hmac();
-    let session = "ping_interval = \"100ms\"\nping_timeout = \"100ms\"";
-    let proxy = Proxy::start_with(&resumable("resume-ping", backend.addr, &key, "", session)).await;
+    let session = json!({"ping_interval": "100ms", "ping_timeout": "100ms"});
+    let proxy = Proxy::start_with(&resumable("resume-ping", backend.addr, &key, json!({}), session).text()).await;
     let auth = key.bearer(&["a1"]);
     // This client reads nothing and answers no ping: as if its network vanished.
     let (mut silent, id, _) = open(&proxy, &auth).await;
@@ -381,7 +394,7 @@ async fn a_client_that_stops_answering_pings_is_held_like_a_dropped_one() {
 async fn a_client_that_drops_in_the_middle_of_a_frame_is_not_held() {
     let (backend, _) = ticker().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&resumable("resume-midframe", backend.addr, &key, "", "")).await;
+    let proxy = Proxy::start_with(&resumable("resume-midframe", backend.addr, &key, json!({}), json!({})).text()).await;
     let (mut first, _, _) = open(&proxy, &key.bearer(&["a1"])).await;
     // The header and half the payload of a 100-byte frame, then the connection drops: the
     // backend has half a frame, and no other client may continue it.
@@ -406,7 +419,8 @@ async fn a_client_that_drops_in_the_middle_of_a_frame_is_not_held() {
 
 #[tokio::test]
 async fn resume_needs_auth_on_its_route() {
-    let text = TestConfig::base(&["127.0.0.1:1".to_string()]).merge("routes.0", "[resume]\nwindow = \"5s\"").text();
+    let text =
+        TestConfig::base(&["127.0.0.1:1".to_string()]).merge("routes.0", json!({"resume": {"window": "5s"}})).text();
     let err = portcullis::config::Config::parse(&text, std::path::Path::new("test.toml")).expect_err("refused");
     assert!(err.to_string().contains("resume"), "{err}");
 }
@@ -415,7 +429,9 @@ async fn resume_needs_auth_on_its_route() {
 async fn a_drain_ends_a_held_session_with_1001_to_the_backend() {
     let (backend, _) = ticker().await;
     let key = hmac();
-    let mut proxy = Proxy::start_with(&resumable("resume-drain", backend.addr, &key, "window = \"30s\"", "")).await;
+    let mut proxy =
+        Proxy::start_with(&resumable("resume-drain", backend.addr, &key, json!({"window": "30s"}), json!({})).text())
+            .await;
     let (first, _, _) = open(&proxy, &key.bearer(&["a1"])).await;
     drop(first);
     wait_state(&proxy, "parked").await;
@@ -432,7 +448,7 @@ async fn a_drain_ends_a_held_session_with_1001_to_the_backend() {
 async fn revoking_the_token_that_resumed_a_session_closes_it() {
     let (backend, _) = ticker().await;
     let key = hmac();
-    let proxy = Proxy::start_with(&resumable("resume-jti", backend.addr, &key, "", "")).await;
+    let proxy = Proxy::start_with(&resumable("resume-jti", backend.addr, &key, json!({}), json!({})).text()).await;
     let token = |jti: &str| {
         format!("Bearer {}", key.token_with(serde_json::json!({ "sub": "alice", "agents": ["a1"], "jti": jti })))
     };
@@ -452,8 +468,8 @@ async fn revoking_the_token_that_resumed_a_session_closes_it() {
 async fn a_parked_session_counts_under_its_addresss_connection_cap_until_it_ends() {
     let (backend, _) = ticker().await;
     let key = hmac();
-    let text = TestConfig::parse(&resumable("resume-per-ip", backend.addr, &key, "window = \"1s\"", ""))
-        .merge("server", "max_connections_per_ip = 64")
+    let text = resumable("resume-per-ip", backend.addr, &key, json!({"window": "1s"}), json!({}))
+        .merge("server", json!({"max_connections_per_ip": 64}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let connections = |top: &str| -> u64 {

@@ -39,9 +39,12 @@ async fn registry() -> Registry {
 fn registry_config(reg: SocketAddr) -> TestConfig {
     TestConfig::base(&[]).one_address_load().remove("routes.0.backends").merge(
         "routes.0.registry",
-        &format!(
-            "url = \"http://{reg}/agents/{{agent}}\"\nttl = \"500ms\"\nnegative_ttl = \"300ms\"\nstale_ttl = \"10s\""
-        ),
+        json!({
+            "url": format!("http://{reg}/agents/{{agent}}"),
+            "ttl": "500ms",
+            "negative_ttl": "300ms",
+            "stale_ttl": "10s",
+        }),
     )
 }
 
@@ -115,7 +118,7 @@ fn sticky_config(members: &[&Backend]) -> String {
     let list: Vec<String> = members.iter().map(|b| b.addr.to_string()).collect();
     TestConfig::base(&list)
         .one_address_load()
-        .merge("routes.0.balance", "policy = \"sticky\"\nsticky_key = \"header:x-session\"")
+        .merge("routes.0.balance", json!({"policy": "sticky", "sticky_key": "header:x-session"}))
         .text()
 }
 
@@ -179,7 +182,7 @@ async fn member_failing_its_handshake_is_ejected_and_clients_never_see_the_error
     });
     let good = Backend::echo().await;
     let text = TestConfig::base(&[bad.to_string(), good.addr.to_string()])
-        .merge("routes.0.health", "eject_base = \"30s\"")
+        .merge("routes.0.health", json!({"eject_base": "30s"}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let started = Instant::now();
@@ -225,7 +228,7 @@ async fn active_checks_eject_a_dead_member_before_any_client_hits_it() {
     let dead = refusing.addr.to_string();
     let good = Backend::echo().await;
     let text = TestConfig::base(&[dead.clone(), good.addr.to_string()])
-        .merge("routes.0.health", "active_interval = \"100ms\"\neject_base = \"5s\"")
+        .merge("routes.0.health", json!({"active_interval": "100ms", "eject_base": "5s"}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     eventually("the dead member is ejected", async || {
@@ -266,9 +269,12 @@ async fn reload_keeps_the_registry_cache_of_an_unchanged_route() {
 async fn weight_zero_member_is_never_chosen() {
     let drained = named_backend("drained").await;
     let live = named_backend("live").await;
-    let members = format!("backends = [{{ addr = \"{}\", weight = 0 }}, {{ addr = \"{}\" }}]", drained.addr, live.addr);
-    let text =
-        TestConfig::base(&[]).merge("routes.0", &members).merge("routes.0.balance", "policy = \"round_robin\"").text();
+    let members =
+        json!({"backends": [{"addr": drained.addr.to_string(), "weight": 0}, {"addr": live.addr.to_string()}]});
+    let text = TestConfig::base(&[])
+        .merge("routes.0", members)
+        .merge("routes.0.balance", json!({"policy": "round_robin"}))
+        .text();
     let proxy = Proxy::start_with(&text).await;
     for _ in 0..6 {
         let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
@@ -281,7 +287,7 @@ async fn member_refusing_connections_is_ejected_after_its_first_failure() {
     let refusing = Refusing::new();
     let refused = refusing.addr.to_string();
     let good = Backend::echo().await;
-    let proxy = Proxy::start_with(&config_text(&[refused.clone(), good.addr.to_string()], "", "", "")).await;
+    let proxy = Proxy::start_with(&TestConfig::base(&[refused.clone(), good.addr.to_string()]).text()).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("the client sees no error");
     c.send(true, op::TEXT, b"ok").await;
     assert_eq!(c.recv().await.payload, b"ok");
@@ -297,7 +303,7 @@ async fn a_backend_refusing_a_request_with_4xx_is_not_ejected() {
     // must not change the proxy's view of their health.
     let a = Backend::start(BackendOpts { status: Some(404), ..Default::default() }, echo_handler()).await;
     let b = Backend::start(BackendOpts { status: Some(404), ..Default::default() }, echo_handler()).await;
-    let proxy = Proxy::start_with(&config_text(&[a.addr.to_string(), b.addr.to_string()], "", "", "")).await;
+    let proxy = Proxy::start_with(&TestConfig::base(&[a.addr.to_string(), b.addr.to_string()]).text()).await;
     for _ in 0..4 {
         let refused = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.err().expect("refused");
         assert_eq!(refused.status, 502, "the backend's refusal, not no_healthy_member");
@@ -314,11 +320,11 @@ async fn a_pool_whose_members_all_have_weight_zero_answers_503() {
     let a = Backend::echo().await;
     let b = Backend::echo().await;
     let members =
-        format!("backends = [{{ addr = \"{}\", weight = 0 }}, {{ addr = \"{}\", weight = 0 }}]", a.addr, b.addr);
+        json!({"backends": [{"addr": a.addr.to_string(), "weight": 0}, {"addr": b.addr.to_string(), "weight": 0}]});
     for fail_open in [false, true] {
         let text = TestConfig::base(&[])
-            .merge("routes.0", &members)
-            .merge("routes.0.health", &format!("fail_open = {fail_open}"))
+            .merge("routes.0", members.clone())
+            .merge("routes.0.health", json!({"fail_open": fail_open}))
             .text();
         let proxy = Proxy::start_with(&text).await;
         let refused = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.err().expect("refused");
@@ -335,7 +341,7 @@ async fn a_reload_that_changes_backend_timeouts_reaches_the_active_health_checks
             .await;
     let config = TestConfig::base(&[slow.addr.to_string()])
         .set("backend.handshake_timeout", "2s")
-        .merge("routes.0.health", "active_interval = \"100ms\"\nactive_path = \"/health\"\neject_base = \"10s\"");
+        .merge("routes.0.health", json!({"active_interval": "100ms", "active_path": "/health", "eject_base": "10s"}));
     let proxy = Proxy::start_with(&config.text()).await;
     let ejected = |body: &str| -> usize {
         let v: serde_json::Value = serde_json::from_str(body).expect("json");
@@ -383,7 +389,7 @@ async fn backend_connections_are_made_from_the_configured_source_addresses_in_tu
     });
     let backend = Backend::start(BackendOpts::default(), handler).await;
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("backend", "source_addresses = [\"127.0.0.2\", \"127.0.0.3\", \"::1\"]")
+        .merge("backend", json!({"source_addresses": ["127.0.0.2", "127.0.0.3", "::1"]}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     for i in 0..4 {

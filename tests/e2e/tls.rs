@@ -109,7 +109,7 @@ fn pattern(n: usize) -> Vec<u8> {
 #[tokio::test]
 async fn records_cut_into_single_bytes_and_a_handshake_in_64_byte_records_pass_intact() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut config = client_config();
     // Every record the client sends, the ClientHello and Finished included, carries at most 64
     // bytes, and reaches the proxy one byte per TCP segment.
@@ -126,7 +126,7 @@ async fn records_cut_into_single_bytes_and_a_handshake_in_64_byte_records_pass_i
 #[tokio::test]
 async fn key_updates_from_the_client_are_followed_and_answered() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut config = client_config();
     config.enable_secret_extraction = true;
     let mut s = tls_over(Wire::connect(proxy.tls, false).await, config).await.expect("handshake");
@@ -150,7 +150,7 @@ async fn key_updates_from_the_client_are_followed_and_answered() {
 #[tokio::test]
 async fn close_notify_both_ways() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
 
     // The client ends with close_notify: the proxy reads it as the end of the stream, ends the
     // session, and answers with its own close_notify.
@@ -176,7 +176,7 @@ async fn close_notify_both_ways() {
 #[tokio::test]
 async fn a_corrupted_record_is_answered_with_an_alert_and_harms_no_other_session() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut other = tls_over(Wire::connect(proxy.tls, false).await, client_config()).await.expect("handshake");
     upgrade_on(&mut other).await;
 
@@ -230,7 +230,7 @@ async fn handshake_sending_the_alert(addr: std::net::SocketAddr, config: rustls:
 #[tokio::test]
 async fn a_client_alert_during_the_handshake_is_counted_and_the_listener_serves_on() {
     let backend = Backend::echo().await;
-    let proxy = Proxy::start(backend.addr, "").await;
+    let proxy = Proxy::start(backend.addr).await;
     let before = metric(
         &http_get(proxy.admin, "/metrics").await.1,
         r#"portcullis_tls_handshake_failures_total{reason="protocol"}"#,

@@ -7,31 +7,22 @@ use std::net::SocketAddr;
 use crate::harness::*;
 
 /// A route of both kinds on `/agents/{agent}/api/{*rest}` to `member`, with the subject and the
-/// `role` claim forwarded, `host` as given and `extra` lines in the route table.
-fn config(key: &Hmac, member: SocketAddr, host: Option<&str>, extra: &str) -> TestConfig {
-    let host = host.map(|h| format!("host = \"{h}\"\n")).unwrap_or_default();
-    TestConfig::base(&["127.0.0.1:1".to_owned()]).merge(
-        "",
-        &format!(
-            r#"
-[[auth.keys]]
-algorithms = ["HS256"]
-secret_file = "{secret}"
-
-[[routes]]
-name = "api"
-{host}path = "/agents/{{agent}}/api/{{*rest}}"
-kind = "both"
-backends = ["{member}"]
-{extra}
-[routes.auth]
-sources = ["bearer"]
-agent_claim = "agents"
-forward_claims = ["role"]
-"#,
-            secret = key.path.display(),
-        ),
-    )
+/// `role` claim forwarded, `host` as given and `extra` merged into the route table.
+fn config(key: &Hmac, member: SocketAddr, host: Option<&str>, extra: serde_json::Value) -> TestConfig {
+    let mut route = json!({
+        "name": "api",
+        "path": "/agents/{agent}/api/{*rest}",
+        "kind": "both",
+        "backends": [member.to_string()],
+        "auth": {"sources": ["bearer"], "agent_claim": "agents", "forward_claims": ["role"]},
+    });
+    if let Some(host) = host {
+        route["host"] = host.into();
+    }
+    TestConfig::base(&["127.0.0.1:1".to_owned()])
+        .merge("", key.auth_keys())
+        .merge("", json!({"routes": [route]}))
+        .merge("routes.1", extra)
 }
 
 fn alice(key: &Hmac) -> String {
@@ -56,7 +47,7 @@ fn assert_identity(seen: &Seen, path: &str) {
 async fn a_client_cannot_strip_or_forge_identity_headers_on_any_path() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = Proxy::start_with(&config(&key, backend.addr, None, "").text()).await;
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, json!({})).text()).await;
     let auth = alice(&key);
     let forged: &[(&str, &str)] = &[
         ("authorization", &auth),
@@ -101,8 +92,8 @@ async fn underscore_header_names_are_dropped_by_default_refused_or_allowed_per_r
     let auth = alice(&key);
     let headers: &[(&str, &str)] = &[("authorization", &auth), ("x_trace_id", "t1")];
     for (rule, status, forwarded) in [(None, 200, false), (Some("reject"), 400, false), (Some("allow"), 200, true)] {
-        let extra = rule.map(|r| format!("headers_with_underscores = \"{r}\"")).unwrap_or_default();
-        let proxy = Proxy::start_with(&config(&key, backend.addr, None, &extra).text()).await;
+        let extra = rule.map(|r| json!({"headers_with_underscores": r})).unwrap_or_else(|| json!({}));
+        let proxy = Proxy::start_with(&config(&key, backend.addr, None, extra).text()).await;
         let before = backend.seen().len();
         let mut c = H1::connect(proxy.tls, true).await;
         let a = c.get("/agents/a1/api/headers", headers).await;
@@ -123,7 +114,7 @@ async fn underscore_header_names_are_dropped_by_default_refused_or_allowed_per_r
 async fn a_host_that_is_not_an_authority_is_refused_before_routing_or_forwarding() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = Proxy::start_with(&config(&key, backend.addr, Some("127.0.0.1"), "").text()).await;
+    let proxy = Proxy::start_with(&config(&key, backend.addr, Some("127.0.0.1"), json!({})).text()).await;
     let auth = alice(&key);
     let request = |host: &str| {
         format!("GET /agents/a1/api/headers HTTP/1.1\r\n{host}Authorization: {auth}\r\nConnection: close\r\n\r\n")
@@ -157,7 +148,7 @@ async fn a_host_that_is_not_an_authority_is_refused_before_routing_or_forwarding
 async fn on_http2_a_host_header_naming_another_authority_is_refused() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = Proxy::start_with(&config(&key, backend.addr, None, "").text()).await;
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, json!({})).text()).await;
     let auth = alice(&key);
     let mut h2 = H2::connect(proxy.tls).await;
     let (status, _) = h2.get("/agents/a1/api/headers", &[("authorization", &auth), ("host", "evil.example")]).await;
@@ -340,7 +331,7 @@ fn a_member_host_made_only_of_an_agent_capture_is_refused_by_check_config() {
 async fn an_agent_id_is_one_agent_in_any_case_for_grants_sessions_and_revocation() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = Proxy::start_with(&config(&key, backend.addr, None, "").text()).await;
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, json!({})).text()).await;
     // A grant written "Box1" opens the agent however the path spells it.
     let token = format!("Bearer {}", key.token("alice", &["Box1"], std::time::Duration::from_secs(600)));
     let mut streams = Vec::new();
@@ -393,7 +384,7 @@ fn check_config_refuses_jwks_over_http_unless_allowed_and_warns_of_routes_withou
 async fn a_revoked_token_id_is_refused_for_its_issuer_only() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = Proxy::start_with(&config(&key, backend.addr, None, "").text()).await;
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, json!({})).text()).await;
     let token = |iss: &str| {
         let t = key.token_with(serde_json::json!({ "sub": "alice", "agents": ["a1"], "iss": iss, "jti": "j1" }));
         format!("Bearer {t}")
@@ -435,7 +426,8 @@ async fn read_body(mut body: hyper::body::Incoming) -> Result<Vec<u8>, String> {
 async fn every_response_in_flight_is_a_session_ended_by_revocation_expiry_and_drain() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let mut proxy = Proxy::start_with(&config(&key, backend.addr, None, "").set("auth.leeway", "0s").text()).await;
+    let mut proxy =
+        Proxy::start_with(&config(&key, backend.addr, None, json!({})).set("auth.leeway", "0s").text()).await;
     let auth = alice(&key);
     let open = |path: &'static str, auth: String| {
         let tls = proxy.tls;
@@ -497,13 +489,18 @@ async fn cors_preflights_are_answered_by_the_route_policy_and_responses_carry_it
     let backend = RestBackend::start("m1").await;
     let key = hmac();
     let console = "https://console.example.com";
-    let text = config(&key, backend.addr, None, "")
+    let text = config(&key, backend.addr, None, json!({}))
         .merge(
             "routes.1",
-            &format!(
-                "[origin]\nallow = [\"{console}\"]\n[cors]\nallow_origins = [\"{console}\"]\n\
-                 allow_credentials = true\nexpose_headers = [\"x-member\"]\nmax_age = \"5m\""
-            ),
+            json!({
+                "origin": {"allow": [console]},
+                "cors": {
+                    "allow_origins": [console],
+                    "allow_credentials": true,
+                    "expose_headers": ["x-member"],
+                    "max_age": "5m",
+                },
+            }),
         )
         .text();
     let proxy = Proxy::start_with(&text).await;
@@ -558,7 +555,8 @@ async fn cors_preflights_are_answered_by_the_route_policy_and_responses_carry_it
 async fn the_cookie_login_sets_an_http_only_cookie_for_same_origin_requests_only() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let text = config(&key, backend.addr, None, "sandbox = true").merge("auth", "[cookie_login]").text();
+    let text =
+        config(&key, backend.addr, None, json!({"sandbox": true})).merge("auth", json!({"cookie_login": {}})).text();
     let proxy = Proxy::start_with(&text).await;
     let auth = alice(&key);
     let origin = "https://localhost";
@@ -616,11 +614,11 @@ async fn the_cookie_login_sets_an_http_only_cookie_for_same_origin_requests_only
 async fn an_agent_cannot_set_the_users_credential_cookie_nor_a_cross_site_page_ride_on_it() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let extra = "[origin]\nallow = [\"https://console.example.com\"]";
-    let text = config(&key, backend.addr, None, "")
+    let extra = json!({"origin": {"allow": ["https://console.example.com"]}});
+    let text = config(&key, backend.addr, None, json!({}))
         .merge("routes.1", extra)
         .set("routes.1.auth.sources", vec!["bearer", "cookie:portcullis_token"])
-        .merge("auth", "[cookie_login]")
+        .merge("auth", json!({"cookie_login": {}}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let auth = alice(&key);
@@ -646,7 +644,7 @@ async fn an_agent_cannot_set_the_users_credential_cookie_nor_a_cross_site_page_r
 async fn refusals_are_logged_at_info_with_route_client_and_reason_never_the_token_and_sampled() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let mut proxy = ProxyProcess::start(&config(&key, backend.addr, None, "").text()).await;
+    let mut proxy = ProxyProcess::start(&config(&key, backend.addr, None, json!({})).text()).await;
     // Another agent's token: 403 on a WebSocket handshake and on a REST call.
     let other = key.bearer(&["a2"]);
     let refused = upgrade(proxy.tls, true, "/agents/a1/api/ws", &[("authorization", &other)]).await.err().expect("403");

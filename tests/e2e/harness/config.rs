@@ -1,8 +1,10 @@
-//! Test configurations as TOML tables: built, merged and edited as data, rendered to text only
-//! for the parser under test.
+//! Test configurations as TOML tables: built, merged and edited as data (values written with
+//! `serde_json::json!`, Rust values interpolated), rendered to text only for the parser under
+//! test. [`TestConfig::parse`] is for tests whose subject is the configuration text itself.
 
 use std::fmt;
 
+pub use serde_json::json;
 use toml::{Table, Value};
 
 use super::certs;
@@ -17,56 +19,41 @@ impl TestConfig {
     /// `backends`.
     pub fn base(backends: &[String]) -> TestConfig {
         let c = certs();
-        let mut t = TestConfig::parse(
-            r#"
-[server]
-tls_handshake_timeout = "2s"
-header_read_timeout = "2s"
-drain_timeout = "10s"
-drain_spread = "200ms"
-
-[[listeners]]
-name = "tls"
-addresses = ["127.0.0.1:0"]
-tls = true
-
-[[listeners]]
-name = "plain"
-addresses = ["127.0.0.1:0"]
-
-[admin]
-address = "127.0.0.1:0"
-
-[session]
-ping_interval = "0s"
-close_timeout = "1s"
-max_frame_size = "2MiB"
-max_message_size = "4MiB"
-
-[backend]
-connect_timeout = "1s"
-handshake_timeout = "1s"
-
-[[routes]]
-name = "terminal"
-path = "/agents/{agent}/terminal"
-"#,
-        );
-        t = t.set("tls.cert", c.cert.display().to_string()).set("tls.key", c.key.display().to_string());
-        let members: Vec<Value> = backends.iter().map(|b| Value::from(b.as_str())).collect();
-        t.set("routes.0.backends", members)
+        TestConfig(table(json!({
+            "server": {
+                "tls_handshake_timeout": "2s",
+                "header_read_timeout": "2s",
+                "drain_timeout": "10s",
+                "drain_spread": "200ms",
+            },
+            "listeners": [
+                {"name": "tls", "addresses": ["127.0.0.1:0"], "tls": true},
+                {"name": "plain", "addresses": ["127.0.0.1:0"]},
+            ],
+            "admin": {"address": "127.0.0.1:0"},
+            "session": {
+                "ping_interval": "0s",
+                "close_timeout": "1s",
+                "max_frame_size": "2MiB",
+                "max_message_size": "4MiB",
+            },
+            "backend": {"connect_timeout": "1s", "handshake_timeout": "1s"},
+            "routes": [{"name": "terminal", "path": "/agents/{agent}/terminal", "backends": backends}],
+            "tls": {"cert": c.cert.display().to_string(), "key": c.key.display().to_string()},
+        })))
     }
 
-    /// A configuration from TOML text (a test's own, or one read back to be edited).
+    /// A configuration from TOML text: for tests whose subject is the text (a file read back from
+    /// disk, the parser's own cases); everything else builds typed values.
     pub fn parse(text: &str) -> TestConfig {
         TestConfig(text.parse().unwrap_or_else(|e| panic!("test config is not TOML: {e}\n{text}")))
     }
 
-    /// Merges the TOML `snippet` into the table at `section` ("" for the top level): a table
-    /// merges key by key, the snippet's value replacing the base's; an array of tables
-    /// (`[[routes]]`) is appended to.
-    pub fn merge(mut self, section: &str, snippet: &str) -> TestConfig {
-        let extra = TestConfig::parse(snippet).0;
+    /// Merges `extra` (a table, or a `json!` object) into the table at `section` ("" for the top
+    /// level): a table merges key by key, `extra`'s value replacing the base's; an array of
+    /// tables (`[[routes]]`) is appended to.
+    pub fn merge(mut self, section: &str, extra: impl IntoTable) -> TestConfig {
+        let extra = extra.into_table();
         let target = if section.is_empty() { &mut self.0 } else { table_at(&mut self.0, section) };
         merge_into(target, extra);
         self
@@ -100,13 +87,14 @@ path = "/agents/{agent}/terminal"
     /// One more plain listener `name` on port 0 that requires the PROXY protocol from `from`
     /// (CIDRs); its address is the next of the proxy's `more` addresses.
     pub fn proxy_protocol_listener(self, name: &str, from: &[&str]) -> TestConfig {
-        let from: Vec<String> = from.iter().map(|c| format!("\"{c}\"")).collect();
         self.merge(
             "",
-            &format!(
-                "[[listeners]]\nname = \"{name}\"\naddresses = [\"127.0.0.1:0\"]\nproxy_protocol = true\nproxy_protocol_from = [{}]\n",
-                from.join(", ")
-            ),
+            json!({"listeners": [{
+                "name": name,
+                "addresses": ["127.0.0.1:0"],
+                "proxy_protocol": true,
+                "proxy_protocol_from": from,
+            }]}),
         )
     }
 
@@ -116,7 +104,12 @@ path = "/agents/{agent}/terminal"
     pub fn one_address_load(self) -> TestConfig {
         self.merge(
             "server",
-            "max_connections_per_ip = 0\nhandshake_rate_per_ip = 0\nconnection_rate_per_ip = 0\ntoken_check_rate_per_ip = 0",
+            json!({
+                "max_connections_per_ip": 0,
+                "handshake_rate_per_ip": 0,
+                "connection_rate_per_ip": 0,
+                "token_check_rate_per_ip": 0,
+            }),
         )
     }
 
@@ -132,10 +125,33 @@ impl fmt::Display for TestConfig {
     }
 }
 
-/// The base configuration ([`TestConfig::base`]) with TOML lines merged into `[server]` and
-/// `[session]`, and `extra` (more tables, more routes) merged at the top level.
-pub fn config_text(backends: &[String], server: &str, session: &str, extra: &str) -> String {
-    TestConfig::base(backends).merge("server", server).merge("session", session).merge("", extra).text()
+/// What [`TestConfig::merge`] takes: a TOML table, or a JSON object written with
+/// `serde_json::json!` (converted by [`table`]).
+pub trait IntoTable {
+    fn into_table(self) -> Table;
+}
+
+impl IntoTable for Table {
+    fn into_table(self) -> Table {
+        self
+    }
+}
+
+impl IntoTable for serde_json::Value {
+    fn into_table(self) -> Table {
+        table(self)
+    }
+}
+
+/// The TOML table of a JSON object (`json!({"max_connections": 5000})`): numbers stay integers
+/// or floats, strings stay strings (durations and sizes are strings, "2s", "4KiB", as the
+/// configuration format expects); `null` has no TOML form and is refused.
+pub fn table(value: serde_json::Value) -> Table {
+    match Value::try_from(&value) {
+        Ok(Value::Table(t)) => t,
+        Ok(other) => panic!("a test config fragment must be an object, not {other}"),
+        Err(e) => panic!("test config fragment has no TOML form ({e}): {value}"),
+    }
 }
 
 fn merge_into(base: &mut Table, extra: Table) {

@@ -47,8 +47,14 @@ impl Proxy {
         }
     }
 
-    pub async fn start(backend: SocketAddr, session: &str) -> Proxy {
-        Proxy::start_with(&config_text(&[backend.to_string()], "", session, "")).await
+    /// The base configuration ([`TestConfig::base`]) to `backend`.
+    pub async fn start(backend: SocketAddr) -> Proxy {
+        Proxy::start_with(&TestConfig::base(&[backend.to_string()]).text()).await
+    }
+
+    /// The base configuration to `backend` with `session` merged into `[session]`.
+    pub async fn start_with_session(backend: SocketAddr, session: impl IntoTable) -> Proxy {
+        Proxy::start_with(&TestConfig::base(&[backend.to_string()]).merge("session", session).text()).await
     }
 
     pub async fn start_with(text: &str) -> Proxy {

@@ -33,9 +33,9 @@ impl Hmac {
         format!("Bearer {}", self.token("alice", agents, Duration::from_secs(600)))
     }
 
-    /// The `[[auth.keys]]` table that verifies this key's tokens, as TOML.
-    pub fn keys_toml(&self) -> String {
-        format!("[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"{}\"", self.path.display())
+    /// The `[[auth.keys]]` entry that verifies this key's tokens, to merge at the top level.
+    pub fn auth_keys(&self) -> Value {
+        json!({"auth": {"keys": [{"algorithms": ["HS256"], "secret_file": self.path.display().to_string()}]}})
     }
 }
 
