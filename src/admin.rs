@@ -3,7 +3,10 @@
 //! `{"subject": ...}`, `{"agent": ...}` or `{"jti": ...}` (a subject or jti optionally with
 //! `"issuer"`), `POST /sessions/rebalance`, `GET /routes`, `POST /routes/cache/purge`,
 //! `GET /recordings`, `GET /recordings/{name}`, `GET /limits` and `GET /fleet` (the state
-//! store: which, whether it answers, how stale this instance's view of the locks may be). Revoked sessions close with
+//! store: which, whether it answers, how stale this instance's view of the locks may be). With
+//! the fleet on Redis, `GET /sessions?scope=fleet` lists every instance's sessions,
+//! `DELETE /sessions/{instance}/{id}` reaches a session on any of them, and
+//! `POST /sessions/rebalance` with `"scope": "fleet"` rebalances the route on all. Revoked sessions close with
 //! 1008 "session revoked", and a revoked subject or token is refused on reconnect until it
 //! expires.
 //!
@@ -291,6 +294,7 @@ fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
 async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Response<Full<Bytes>> {
     match (req.method().clone(), path) {
         (Method::GET, "/sessions") => {
+            let fleet_scope = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "scope=fleet"));
             let now = SystemTime::now();
             let list: Vec<Value> = shared
                 .sessions
@@ -319,9 +323,29 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                         let (key, value) = a.shown();
                         entry[key] = value;
                     }
+                    if fleet_scope {
+                        entry["instance"] = shared.fleet.instance().into();
+                    }
                     entry
                 })
                 .collect();
+            let mut list = list;
+            if fleet_scope {
+                let now_ms = crate::fleet::now_ms();
+                list.extend(shared.fleet.others_sessions().into_iter().map(|e| {
+                    json!({
+                        "instance": e.instance,
+                        "id": e.id,
+                        "kind": e.kind,
+                        "route": e.route,
+                        "agent": e.agent,
+                        "subject": e.subject,
+                        "issuer": e.issuer,
+                        "client": e.client,
+                        "age_seconds": Duration::from_millis(now_ms.saturating_sub(e.started_ms)).as_secs_f64(),
+                    })
+                }));
+            }
             json_response(StatusCode::OK, &json!({ "sessions": list }))
         }
         (Method::POST, "/sessions/revoke") => {
@@ -345,20 +369,68 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                 Ok(a) => a,
                 Err(r) => return r,
             };
+            let fleet_scope = ask.scope.as_deref() == Some("fleet");
+            if ask.scope.as_deref().is_some_and(|s| s != "fleet" && s != "instance") {
+                return text(StatusCode::BAD_REQUEST, "scope is \"instance\" (the default) or \"fleet\"\n");
+            }
+            let (route, fraction) = (ask.route.clone(), ask.fraction);
             match rebalance(shared, ask) {
+                Ok(mut answer) if fleet_scope => {
+                    let spread_ms =
+                        answer["spread_seconds"].as_f64().map_or(0, |s| Duration::from_secs_f64(s).as_millis() as u64);
+                    let by = shared.fleet.instance().to_owned();
+                    let event = crate::fleet::Event::Rebalance { route, fraction, spread_ms, by };
+                    let sent = shared.fleet.command(&event).await;
+                    answer["instances"] = json!(shared.fleet.others().len() + 1);
+                    match sent {
+                        Ok(()) => json_response(StatusCode::OK, &answer),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "fleet rebalance not sent to the other instances");
+                            answer["error"] =
+                                "rebalanced on this instance only: the fleet store did not take the command".into();
+                            json_response(StatusCode::SERVICE_UNAVAILABLE, &answer)
+                        }
+                    }
+                }
                 Ok(answer) => json_response(StatusCode::OK, &answer),
                 Err(why) => text(StatusCode::BAD_REQUEST, why),
+            }
+        }
+        (Method::DELETE, p) if p.strip_prefix("/sessions/").is_some_and(|rest| rest.contains('/')) => {
+            // `/sessions/{instance}/{id}`: a session of any instance of the fleet.
+            let rest = &p["/sessions/".len()..];
+            let Some((instance, id)) = rest.rsplit_once('/').and_then(|(i, id)| Some((i, id.parse::<u64>().ok()?)))
+            else {
+                return text(StatusCode::NOT_FOUND, "not found\n");
+            };
+            if instance == shared.fleet.instance() {
+                if shared.sessions.get(id).is_none() {
+                    return text(StatusCode::NOT_FOUND, "no such session\n");
+                }
+                return match revoke(shared, &Selector::Id(id)).await {
+                    r if r.status() != StatusCode::OK => r,
+                    _ => no_content(),
+                };
+            }
+            if !shared.fleet.others_sessions().iter().any(|e| e.instance == instance && e.id == id) {
+                return text(StatusCode::NOT_FOUND, "no such session in the fleet's directory\n");
+            }
+            let event =
+                crate::fleet::Event::Kill { to: instance.to_owned(), id, by: shared.fleet.instance().to_owned() };
+            match shared.fleet.command(&event).await {
+                // The owner cuts it when the store brings it the command (within a second).
+                Ok(()) => json_response(StatusCode::ACCEPTED, &json!({ "instance": instance, "id": id })),
+                Err(e) => {
+                    tracing::warn!(error = %e, "session kill not sent to its instance");
+                    text(StatusCode::SERVICE_UNAVAILABLE, "the fleet store did not take the command; retry\n")
+                }
             }
         }
         (Method::DELETE, p) => match p.strip_prefix("/sessions/").and_then(|id| id.parse::<u64>().ok()) {
             Some(id) if shared.sessions.get(id).is_none() => text(StatusCode::NOT_FOUND, "no such session\n"),
             Some(id) => match revoke(shared, &Selector::Id(id)).await {
                 r if r.status() != StatusCode::OK => r,
-                _ => {
-                    let mut r = Response::new(Full::new(Bytes::new()));
-                    *r.status_mut() = StatusCode::NO_CONTENT;
-                    r
-                }
+                _ => no_content(),
             },
             None => text(StatusCode::NOT_FOUND, "not found\n"),
         },
@@ -458,6 +530,9 @@ struct RevokeRequest {
 #[serde(deny_unknown_fields)]
 struct RebalanceRequest {
     route: String,
+    /// `"fleet"`: every instance rebalances its own sessions of the route (default: this one).
+    #[serde(default)]
+    scope: Option<String>,
     /// Of the route's live sessions, more than 0 and at most 1.
     fraction: f64,
     /// The closes are spread evenly over this long (`"30s"`; default 0, all at once).
@@ -486,11 +561,18 @@ fn rebalance(shared: &Shared, ask: RebalanceRequest) -> Result<Value, &'static s
     if !shared.runtime.load().config.routes.iter().any(|r| r.name == ask.route) {
         return Err("no such route\n");
     }
-    let (picked, total) = shared.sessions.sample_route(&ask.route, ask.fraction);
-    tracing::info!(route = %ask.route, picked = picked.len(), sessions = total, spread_ms = spread.as_millis() as u64, "rebalance");
+    Ok(rebalance_here(shared, &ask.route, ask.fraction, spread))
+}
+
+/// Rebalances this instance's sessions of `route` (checked to exist): for a request here, or
+/// one another instance of the fleet sent.
+pub(crate) fn rebalance_here(shared: &Shared, route: &str, fraction: f64, spread: Duration) -> Value {
+    let (picked, total) = shared.sessions.sample_route(route, fraction);
+    tracing::info!(route, picked = picked.len(), sessions = total, spread_ms = spread.as_millis() as u64, "rebalance");
     let count = picked.len();
     let metrics = shared.metrics.clone();
-    let route = ask.route.clone();
+    let route = route.to_owned();
+    let answer = json!({ "route": route, "sessions": total, "picked": count, "spread_seconds": spread.as_secs_f64() });
     tokio::spawn(async move {
         let step = if count > 1 { spread / (count as u32 - 1).max(1) } else { Duration::ZERO };
         let start = tokio::time::Instant::now();
@@ -502,7 +584,7 @@ fn rebalance(shared: &Shared, ask: RebalanceRequest) -> Result<Value, &'static s
             }
         }
     });
-    Ok(json!({ "route": ask.route, "sessions": total, "picked": count, "spread_seconds": spread.as_secs_f64() }))
+    answer
 }
 
 /// Closes matching sessions (1008 "session revoked") and refuses tokens on reconnect until they
@@ -596,7 +678,11 @@ pub(crate) fn apply_lock(shared: &Shared, lock: &Lock) -> (Vec<Arc<crate::sessio
 
 /// Refuses the tokens the `closed` sessions were opened and last resumed with, each until it
 /// expires (or `fallback`, for a token without `exp`); returns the locks that say so.
-fn deny_cut_tokens(shared: &Shared, closed: &[Arc<crate::session::SessionEntry>], fallback: u64) -> Vec<Lock> {
+pub(crate) fn deny_cut_tokens(
+    shared: &Shared,
+    closed: &[Arc<crate::session::SessionEntry>],
+    fallback: u64,
+) -> Vec<Lock> {
     let leeway = shared.runtime.load().config.auth.leeway.as_secs();
     let mut locks = Vec::new();
     for e in closed {
@@ -673,6 +759,13 @@ async fn json_body<T: serde::de::DeserializeOwned>(
         Err(_) => return Err(text(StatusCode::BAD_REQUEST, "body too large or unreadable\n")),
     };
     serde_json::from_slice(&body).map_err(|_| text(StatusCode::BAD_REQUEST, shape))
+}
+
+/// 204, no body.
+fn no_content() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {

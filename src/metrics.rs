@@ -197,6 +197,12 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "Seconds from a lock's creation on another instance to its application here.",
     ),
     (
+        Kind::Gauge,
+        "portcullis_fleet_directory_sessions",
+        "Live sessions in the fleet's directory: this instance's and the others' it has heard of.",
+    ),
+    (Kind::Gauge, "portcullis_fleet_instances", "Instances of the fleet heard from lately, this one included."),
+    (
         Kind::Counter,
         "portcullis_fleet_refusals_total",
         "New sessions refused because the fleet store was unreachable for longer than max_staleness (staleness = strict).",
@@ -673,6 +679,12 @@ pub fn fleet_lock_applied(source: &'static str, seconds: Option<f64>) {
     if let Some(s) = seconds {
         histogram!("portcullis_fleet_lock_apply_seconds").record(s);
     }
+}
+
+/// The fleet's directory: sessions and instances known.
+pub fn fleet_directory(sessions: usize, instances: usize) {
+    gauge!("portcullis_fleet_directory_sessions").set(sessions as f64);
+    gauge!("portcullis_fleet_instances").set(instances as f64);
 }
 
 /// A new session was refused: the store has been unreachable for longer than `max_staleness`.

@@ -444,6 +444,8 @@ impl Server {
             }),
         })
         .inspect(|server| {
+            // Every session's start and end reaches the fleet's directory.
+            server.shared.sessions.watch(Arc::new(Directory(server.shared.fleet.clone())));
             // Before any port accepts, every lock in force refuses its tokens.
             for lock in &locks {
                 admin::apply_lock(&server.shared, lock);
@@ -487,7 +489,7 @@ impl Server {
         }
         let admin_task = bound.admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), stop_admin.clone())));
         let sweeper = tokio::spawn(sweep_recordings(shared.clone(), stop_admin.clone()));
-        let feed = shared.fleet.take_feed().map(|feed| tokio::spawn(apply_fleet_locks(shared.clone(), feed)));
+        let feed = shared.fleet.take_feed().map(|feed| tokio::spawn(apply_fleet_feed(shared.clone(), feed)));
         let upkeep = {
             let stop = stop_admin.clone();
             let shared = shared.clone();
@@ -500,6 +502,8 @@ impl Server {
                         _ = tick.tick() => {
                             metrics.run_upkeep();
                             crate::metrics::fleet_staleness(shared.fleet.health().staleness().as_secs_f64());
+                            let fleet = &shared.fleet;
+                            crate::metrics::fleet_directory(fleet.others_sessions().len() + shared.sessions.len(), fleet.others().len() + 1);
                             n += 1;
                             // Every minute: forget the handshake buckets of idle addresses.
                             if n % 12 == 0 {
@@ -555,10 +559,67 @@ impl Server {
     }
 }
 
-/// Applies the locks other instances make, as the store's feed brings them, for as long as the
-/// process serves (revocations keep applying during the drain).
-async fn apply_fleet_locks(shared: Arc<Shared>, mut feed: tokio::sync::mpsc::UnboundedReceiver<crate::fleet::Lock>) {
-    while let Some(lock) = feed.recv().await {
+/// Publishes this instance's sessions to the fleet's directory (nothing with the local store).
+struct Directory(Arc<crate::fleet::Fleet>);
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Directory").field(&self.0.instance()).finish()
+    }
+}
+
+impl crate::session::Watcher for Directory {
+    fn started(&self, e: &crate::session::SessionEntry) {
+        let started_ms = e.started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.0.session_started(crate::fleet::DirEntry {
+            instance: self.0.instance().to_owned(),
+            id: e.id,
+            kind: e.kind.as_str().to_owned(),
+            route: e.route.clone(),
+            agent: e.agent.clone(),
+            subject: e.subject.clone(),
+            issuer: e.issuer.clone(),
+            token: e.token_exp.is_some() || e.subject.is_some() || e.issuer.is_some(),
+            client: e.client.to_string(),
+            started_ms,
+        });
+    }
+
+    fn ended(&self, e: &crate::session::SessionEntry) {
+        self.0.session_ended(e.id);
+    }
+}
+
+/// Applies what the store's feed brings: the locks other instances make, and the commands they
+/// send this one, for as long as the process serves (revocations keep applying during the
+/// drain).
+async fn apply_fleet_feed(shared: Arc<Shared>, mut feed: tokio::sync::mpsc::UnboundedReceiver<crate::fleet::Feed>) {
+    use crate::fleet::Feed;
+    while let Some(item) = feed.recv().await {
+        let lock = match item {
+            Feed::Lock(lock) => lock,
+            Feed::Kill { id, by } => {
+                let cut = shared.sessions.revoke(&crate::session::Selector::Id(id), None);
+                tracing::info!(session = id, asked_on = %by, closed = cut.len(), "session revoked for another instance");
+                let floor = crate::fleet::now_secs() + shared.runtime.load().config.auth.revocation_ttl.as_secs();
+                for d in admin::deny_cut_tokens(&shared, &cut, floor) {
+                    write_derived(&shared, d);
+                }
+                continue;
+            }
+            Feed::Rebalance { route, fraction, spread, by } => {
+                if shared.runtime.load().config.routes.iter().any(|r| r.name == route) {
+                    tracing::info!(route, asked_on = %by, "fleet rebalance");
+                    admin::rebalance_here(
+                        &shared,
+                        &route,
+                        fraction.clamp(0.0, 1.0),
+                        spread.min(Duration::from_secs(3600)),
+                    );
+                }
+                continue;
+            }
+        };
         if lock.origin == shared.fleet.instance() {
             continue;
         }
@@ -567,14 +628,20 @@ async fn apply_fleet_locks(shared: Arc<Shared>, mut feed: tokio::sync::mpsc::Unb
         crate::metrics::fleet_lock_applied("fleet", Some(latency.as_secs_f64()));
         tracing::info!(lock = %lock.id, origin = %lock.origin, closed = closed.len(), latency_ms = latency.as_millis() as u64, "fleet lock applied");
         for d in derived {
-            let fleet = shared.fleet.clone();
-            tokio::spawn(async move {
-                if let Err(e) = fleet.write(&d).await {
-                    tracing::warn!(error = %e, "a token refusal derived from a fleet lock was not written to the store");
-                }
-            });
+            write_derived(&shared, d);
         }
     }
+}
+
+/// Writes a token refusal this instance derived (from a lock or a command of another), in the
+/// background.
+fn write_derived(shared: &Arc<Shared>, lock: crate::fleet::Lock) {
+    let fleet = shared.fleet.clone();
+    tokio::spawn(async move {
+        if let Err(e) = fleet.write(&lock).await {
+            tracing::warn!(error = %e, "a token refusal derived from a fleet lock was not written to the store");
+        }
+    });
 }
 
 /// Sweeps each recorded route's directory every `sweep_interval` ([`crate::session::recording::sweep`]),

@@ -10,7 +10,8 @@
 # held by the idle round, for KiB per session; 0 skips it), ROUNDS ("rate echo idle": which
 # rounds, in order, of "rate echo storm idle"; storm is new sessions, for CPU per session; "idle" alone measures memory on freshly started processes), OLD_SERVER / NEW_SERVER and
 # OLD_SESSION / NEW_SESSION (TOML lines added to each one's [server] and [session] tables: the
-# same binary twice with and without a setting). The per-client limits are on by default and
+# same binary twice with and without a setting), OLD_EXTRA / NEW_EXTRA (TOML appended after the
+# route: more tables, such as [fleet]). The per-client limits are on by default and
 # sized for an internet-facing edge, which this load from one address would trip: state them
 # in both (BENCHMARKS.md has the command with every limit off for one and configured, above
 # the load, for the other). Loopback only; every process it starts is stopped on exit.
@@ -19,6 +20,7 @@ OLD=$1 NEW=$2 LT=$3
 ROUNDS=${ROUNDS:-rate echo idle}
 DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-10000} IDLE=${IDLE:-1000}
 OLD_SERVER=${OLD_SERVER:-} NEW_SERVER=${NEW_SERVER:-} OLD_SESSION=${OLD_SESSION:-} NEW_SESSION=${NEW_SESSION:-}
+OLD_EXTRA=${OLD_EXTRA:-} NEW_EXTRA=${NEW_EXTRA:-}
 WORK=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
@@ -26,7 +28,7 @@ trap cleanup EXIT
 
 "$LT" backend --mode echo --listen 127.0.0.1:19301 2>"$WORK/backend.log" &
 pids+=($!)
-start() { # name binary port admin server-lines session-lines
+start() { # name binary port admin server-lines session-lines extra-tables
     cat >"$WORK/$1.toml" <<CONF
 [server]
 $5
@@ -42,13 +44,14 @@ $6
 name = "terminal"
 path = "/agents/{agent}/terminal"
 backends = ["127.0.0.1:19301"]
+$7
 CONF
     RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$2" run --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
     pids+=($!)
     eval "${1}_PID=$!"
 }
-start old "$OLD" 19302 19312 "$OLD_SERVER" "$OLD_SESSION"
-start new "$NEW" 19303 19313 "$NEW_SERVER" "$NEW_SESSION"
+start old "$OLD" 19302 19312 "$OLD_SERVER" "$OLD_SESSION" "$OLD_EXTRA"
+start new "$NEW" 19303 19313 "$NEW_SERVER" "$NEW_SESSION" "$NEW_EXTRA"
 sleep 1
 TARGETS=(direct=ws://127.0.0.1:19301/agents/a1/terminal old=ws://127.0.0.1:19302/agents/a1/terminal
     new=ws://127.0.0.1:19303/agents/a1/terminal)

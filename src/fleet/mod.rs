@@ -22,6 +22,7 @@
 //! decides: `best_effort` serves on with the last view (a metric and an alert say so), `strict`
 //! refuses new sessions once it has lasted `max_staleness`.
 
+pub mod directory;
 pub mod local;
 pub mod redis;
 
@@ -91,6 +92,110 @@ impl Lock {
     pub fn lapsed(&self) -> bool {
         self.until <= now_secs()
     }
+}
+
+/// One live session as the fleet's directory shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DirEntry {
+    /// The instance that holds it.
+    pub instance: String,
+    /// Its id on that instance.
+    pub id: u64,
+    /// `websocket`, `observer`, `sse`, `stream`.
+    pub kind: String,
+    /// Route name.
+    pub route: String,
+    /// The `{agent}` capture.
+    pub agent: Option<String>,
+    /// The token's subject.
+    pub subject: Option<String>,
+    /// The token's issuer.
+    pub issuer: Option<String>,
+    /// Whether a token was checked (the session counts under its subject's caps).
+    pub token: bool,
+    /// Client address.
+    pub client: String,
+    /// When it started, Unix milliseconds.
+    pub started_ms: u64,
+}
+
+/// An entry of the fleet's events stream: the directory's changes, and commands for one
+/// instance or all.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Event {
+    /// A session started.
+    Start {
+        /// The session.
+        entry: DirEntry,
+    },
+    /// A session ended.
+    End {
+        /// Its instance.
+        instance: String,
+        /// Its id there.
+        id: u64,
+    },
+    /// The instance is alive.
+    Beat {
+        /// The instance.
+        instance: String,
+    },
+    /// The instance rewrote its sessions' hash whole (after losing the store): read it again.
+    Snapshot {
+        /// The instance.
+        instance: String,
+    },
+    /// The instance stopped.
+    Gone {
+        /// The instance.
+        instance: String,
+    },
+    /// `DELETE /sessions/{instance}/{id}` asked elsewhere, for the owner.
+    Kill {
+        /// The owner.
+        to: String,
+        /// The session's id there.
+        id: u64,
+        /// The instance the request reached.
+        by: String,
+    },
+    /// `POST /sessions/rebalance` with `"scope": "fleet"`: every instance rebalances its own.
+    Rebalance {
+        /// The route.
+        route: String,
+        /// The fraction of its sessions.
+        fraction: f64,
+        /// Over how long.
+        spread_ms: u64,
+        /// The instance the request reached.
+        by: String,
+    },
+}
+
+/// What the store's feed brings the server.
+#[derive(Debug)]
+pub enum Feed {
+    /// A lock made by another instance, or read again after an outage.
+    Lock(Lock),
+    /// Revoke this instance's session `id` (asked on instance `by`).
+    Kill {
+        /// The session.
+        id: u64,
+        /// Where it was asked.
+        by: String,
+    },
+    /// Rebalance this instance's sessions of `route`.
+    Rebalance {
+        /// The route.
+        route: String,
+        /// The fraction.
+        fraction: f64,
+        /// The spread.
+        spread: Duration,
+        /// Where it was asked.
+        by: String,
+    },
 }
 
 /// How far apart the instances' clocks may be: an agent's lock cuts the sessions that started
@@ -205,8 +310,8 @@ pub struct Fleet {
     instance: String,
     store: Store,
     health: Arc<Health>,
-    /// Locks made elsewhere, in the store's order, until the server takes them.
-    feed: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Lock>>>,
+    /// Locks and commands from other instances, in the store's order, until the server takes them.
+    feed: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Feed>>>,
 }
 
 impl Fleet {
@@ -223,7 +328,7 @@ impl Fleet {
                 (Store::Local(log), locks)
             }
             StoreKind::Redis { url, key_prefix } => {
-                let (r, locks) = redis::Redis::open(url, key_prefix, health.clone(), tx).await?;
+                let (r, locks) = redis::Redis::open(url, key_prefix, &settings.instance, health.clone(), tx).await?;
                 (Store::Redis(r), locks)
             }
         };
@@ -249,8 +354,8 @@ impl Fleet {
         }
     }
 
-    /// Locks made by other instances, as they arrive (taken once, by the server).
-    pub fn take_feed(&self) -> Option<mpsc::UnboundedReceiver<Lock>> {
+    /// Locks and commands from other instances, as they arrive (taken once, by the server).
+    pub fn take_feed(&self) -> Option<mpsc::UnboundedReceiver<Feed>> {
         self.feed.lock().ok().and_then(|mut f| f.take())
     }
 
@@ -264,5 +369,51 @@ impl Fleet {
         };
         crate::metrics::fleet_lock_written(self.store_name(), result.is_ok());
         result
+    }
+    /// Tells the fleet a session of this instance started (never waits; nothing with the
+    /// local store).
+    pub fn session_started(&self, entry: DirEntry) {
+        if let Store::Redis(r) = &self.store {
+            r.directory.publisher.send(directory::Change::Start(entry));
+        }
+    }
+
+    /// Tells the fleet a session of this instance ended.
+    pub fn session_ended(&self, id: u64) {
+        if let Store::Redis(r) = &self.store {
+            r.directory.publisher.send(directory::Change::End(id));
+        }
+    }
+
+    /// The other instances' live sessions (none with the local store).
+    pub fn others_sessions(&self) -> Vec<DirEntry> {
+        match &self.store {
+            Store::Redis(r) => r.directory.mirror.list(),
+            Store::Local(_) => Vec::new(),
+        }
+    }
+
+    /// The other instances heard from lately.
+    pub fn others(&self) -> Vec<String> {
+        match &self.store {
+            Store::Redis(r) => r.directory.mirror.instances(),
+            Store::Local(_) => Vec::new(),
+        }
+    }
+
+    /// How many sessions the other instances hold under the subject cap key `key`.
+    pub fn others_count(&self, key: &crate::limits::SubjectKey) -> u32 {
+        match &self.store {
+            Store::Redis(r) => r.directory.mirror.count(key),
+            Store::Local(_) => 0,
+        }
+    }
+
+    /// Sends a command to other instances through the store.
+    pub async fn command(&self, event: &Event) -> Result<(), StoreError> {
+        match &self.store {
+            Store::Redis(r) => r.command(event).await,
+            Store::Local(_) => Err(StoreError::Redis("the local store has no other instance".into())),
+        }
     }
 }

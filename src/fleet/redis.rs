@@ -26,10 +26,11 @@ use fred::prelude::*;
 use fred::types::streams::XReadResponse;
 use tokio::sync::mpsc;
 
-use super::{now_secs, Health, Lock, StoreError};
+use super::directory::{self, Directory, Mirror, Publisher};
+use super::{now_secs, Event, Feed, Health, Lock, StoreError};
 
 /// How long one command may take before the store counts as unreachable.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long one `XREAD` waits for new entries (the longest a healthy store goes unheard).
 const BLOCK: Duration = Duration::from_secs(1);
@@ -37,11 +38,12 @@ const BLOCK: Duration = Duration::from_secs(1);
 /// The stream's approximate length cap.
 const STREAM_CAP: i64 = 100_000;
 
-/// The writer's connection, and the reader task.
+/// The writer's connection, the reader task, and the session directory.
 pub struct Redis {
     client: Client,
     keys: Keys,
     reader: tokio::task::JoinHandle<()>,
+    pub(super) directory: Directory,
 }
 
 impl Drop for Redis {
@@ -56,12 +58,14 @@ struct Keys {
     stream: String,
     index: String,
     tag: String,
+    dir: directory::Keys,
 }
 
 impl Keys {
     fn new(prefix: &str) -> Keys {
         let tag = format!("{{{prefix}}}");
-        Keys { stream: format!("{tag}:locks"), index: format!("{tag}:lock-index"), tag }
+        let dir = directory::Keys::new(&tag);
+        Keys { stream: format!("{tag}:locks"), index: format!("{tag}:lock-index"), tag, dir }
     }
 
     fn lock(&self, id: &str) -> String {
@@ -109,8 +113,9 @@ impl Redis {
     pub async fn open(
         url: &str,
         prefix: &str,
+        instance: &str,
         health: Arc<Health>,
-        feed: mpsc::UnboundedSender<Lock>,
+        feed: mpsc::UnboundedSender<Feed>,
     ) -> Result<(Redis, Vec<Lock>), StoreError> {
         let keys = Keys::new(prefix);
         let writer = client(url)?;
@@ -118,27 +123,43 @@ impl Redis {
         // The connection tasks run for as long as the clients live.
         drop(writer.connect());
         drop(reader.connect());
+        let mirror = Arc::new(Mirror::default());
         let first = async {
             timed(writer.wait_for_connect()).await?;
-            // Where the stream ends, before the locks are read: anything written between the
-            // two is read twice, which applying a lock again is harmless for.
-            let last = last_id(&writer, &keys).await?;
+            // Where the streams end, before the locks and the directory are read: anything
+            // written between the two is read twice, which applying again is harmless for.
+            let from = [last_id(&writer, &keys.stream).await?, last_id(&writer, &keys.dir.events).await?];
             let locks = in_force(&writer, &keys).await?;
-            Ok::<_, StoreError>((last, locks))
+            for (name, sessions) in timed(directory::read_all(&writer, &keys.dir, instance)).await? {
+                mirror.replace(&name, sessions);
+            }
+            Ok::<_, StoreError>((from, locks))
         };
         let (from, locks, synced) = match first.await {
-            Ok((last, locks)) => {
+            Ok((from, locks)) => {
                 health.ok();
-                (last, locks, true)
+                (from, locks, true)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "fleet store read failed");
                 health.failed(&e);
-                ("$".to_owned(), Vec::new(), false)
+                (["$".to_owned(), "$".to_owned()], Vec::new(), false)
             }
         };
-        let task = tokio::spawn(read(reader, keys.clone(), from, synced, health, feed));
-        Ok((Redis { client: writer, keys, reader: task }, locks))
+        let reading =
+            Reading { keys: keys.clone(), instance: instance.to_owned(), health, feed, mirror: mirror.clone() };
+        let task = tokio::spawn(read(reader, reading, from, synced));
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(directory::write(writer.clone(), keys.dir.clone(), instance.to_owned(), rx));
+        let directory = Directory { mirror, publisher: Publisher { tx } };
+        Ok((Redis { client: writer, keys, reader: task, directory }, locks))
+    }
+
+    /// Adds a command for other instances to the events stream.
+    pub async fn command(&self, event: &Event) -> Result<(), StoreError> {
+        let json = serde_json::to_string(event).map_err(redis_error)?;
+        let add = self.client.xadd::<(), _, _, _, _>(&self.keys.dir.events, false, None, "*", vec![("e", json)]);
+        timed(add).await
     }
 
     /// Writes `lock` (its key, its index entry, its stream entry) in one transaction.
@@ -162,10 +183,10 @@ impl Redis {
     }
 }
 
-/// The id of the stream's last entry (`0-0` when it has none).
-async fn last_id(client: &impl StreamsInterface, keys: &Keys) -> Result<String, StoreError> {
+/// The id of `stream`'s last entry (`0-0` when it has none).
+async fn last_id(client: &impl StreamsInterface, stream: &str) -> Result<String, StoreError> {
     let last: Vec<(String, std::collections::HashMap<String, String>)> =
-        timed(client.xrevrange(&keys.stream, "+", "-", Some(1))).await?;
+        timed(client.xrevrange(stream, "+", "-", Some(1))).await?;
     Ok(last.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id))
 }
 
@@ -189,42 +210,90 @@ fn parse(json: &str) -> Option<Lock> {
         .ok()
 }
 
-/// The reader: the stream from `from`, for as long as the process runs. `synced`: the locks in
-/// force were read already (else they are read as soon as the store answers).
-async fn read(
-    client: Client,
+/// What the reader needs besides its connection.
+struct Reading {
     keys: Keys,
-    mut from: String,
-    mut synced: bool,
+    instance: String,
     health: Arc<Health>,
-    feed: mpsc::UnboundedSender<Lock>,
-) {
+    feed: mpsc::UnboundedSender<Feed>,
+    mirror: Arc<Mirror>,
+}
+
+impl Reading {
+    /// An event of another instance: the mirror follows it; a command for this instance goes
+    /// to the server.
+    async fn event(&self, client: &impl HashesInterface, event: Event) {
+        match &event {
+            Event::Start { entry } if entry.instance == self.instance => return,
+            Event::End { instance, .. } | Event::Beat { instance } | Event::Gone { instance }
+                if *instance == self.instance =>
+            {
+                return
+            }
+            Event::Snapshot { instance } if *instance != self.instance => {
+                // Its hash was rewritten whole: read it again.
+                if let Ok(Ok(sessions)) =
+                    tokio::time::timeout(COMMAND_TIMEOUT, directory::read_one(client, &self.keys.dir, instance)).await
+                {
+                    self.mirror.replace(instance, sessions);
+                }
+                return;
+            }
+            Event::Kill { to, id, by } if *to == self.instance => {
+                let _ = self.feed.send(Feed::Kill { id: *id, by: by.clone() });
+            }
+            Event::Rebalance { route, fraction, spread_ms, by } => {
+                let spread = Duration::from_millis(*spread_ms);
+                let _ = self.feed.send(Feed::Rebalance {
+                    route: route.clone(),
+                    fraction: *fraction,
+                    spread,
+                    by: by.clone(),
+                });
+            }
+            _ => {}
+        }
+        self.mirror.apply(&event);
+    }
+}
+
+/// The reader: the locks' and the events' streams from `from`, for as long as the process
+/// runs. `synced`: the locks in force and the directory were read already (else they are read
+/// as soon as the store answers).
+async fn read(client: Client, r: Reading, mut from: [String; 2], mut synced: bool) {
     let mut backoff = Duration::from_millis(100);
     // Fails at once, rather than wait, while the connection is down.
     let quick = Options { fail_fast: true, ..Default::default() };
+    let keys = r.keys.clone();
     loop {
+        for gone in r.mirror.prune() {
+            tracing::info!(instance = %gone, "fleet instance not heard from: its sessions leave the directory");
+        }
         let step = async {
             if !synced {
-                // The stream's end first, then every lock in force: nothing made meanwhile is
-                // missed, whatever the stream kept.
-                let last = last_id(&client.with_options(&quick), &keys).await?;
-                for lock in in_force(&client.with_options(&quick), &keys).await? {
-                    let _ = feed.send(lock);
+                // The streams' ends first, then every lock in force and every instance's
+                // sessions: nothing made meanwhile is missed, whatever the streams kept.
+                let c = client.with_options(&quick);
+                let last = [last_id(&c, &keys.stream).await?, last_id(&c, &keys.dir.events).await?];
+                for lock in in_force(&c, &keys).await? {
+                    let _ = r.feed.send(Feed::Lock(lock));
                 }
-                if from == "$" {
-                    from = last;
+                for (name, sessions) in timed(directory::read_all(&c, &keys.dir, &r.instance)).await? {
+                    r.mirror.replace(&name, sessions);
+                }
+                for (f, l) in from.iter_mut().zip(last) {
+                    if f == "$" {
+                        *f = l;
+                    }
                 }
                 synced = true;
             }
             // The read blocks on the server for up to BLOCK: its own deadline allows for it.
             let options = Options { timeout: Some(COMMAND_TIMEOUT + BLOCK), ..quick.clone() };
             let reader = client.with_options(&options);
-            let read = reader.xread::<Value, _, _>(
-                Some(512),
-                Some(BLOCK.as_millis() as u64),
-                keys.stream.as_str(),
-                from.as_str(),
-            );
+            let streams = vec![keys.stream.as_str(), keys.dir.events.as_str()];
+            let ids = vec![from[0].as_str(), from[1].as_str()];
+            let read = reader.xread::<Value, _, _>(Some(512), Some(BLOCK.as_millis() as u64), streams, ids);
             let got = match tokio::time::timeout(COMMAND_TIMEOUT + BLOCK, read).await {
                 Ok(r) => r.map_err(redis_error)?,
                 Err(_) => return Err(StoreError::Redis("XREAD did not return".into())),
@@ -234,24 +303,32 @@ async fn read(
                 Value::Null => Default::default(),
                 v => v.into_xread_response().map_err(redis_error)?,
             };
-            for (_, entries) in got {
+            for (stream, entries) in got {
+                let locks = stream == keys.stream;
                 for (id, fields) in entries {
-                    if let Some(lock) = fields.get("lock").and_then(|j| parse(j)) {
-                        let _ = feed.send(lock);
+                    if locks {
+                        if let Some(lock) = fields.get("lock").and_then(|j| parse(j)) {
+                            let _ = r.feed.send(Feed::Lock(lock));
+                        }
+                        from[0] = id;
+                    } else {
+                        if let Some(event) = fields.get("e").and_then(|j| serde_json::from_str::<Event>(j).ok()) {
+                            r.event(&client.with_options(&quick), event).await;
+                        }
+                        from[1] = id;
                     }
-                    from = id;
                 }
             }
             Ok::<_, StoreError>(())
         };
         match step.await {
             Ok(()) => {
-                health.ok();
+                r.health.ok();
                 backoff = Duration::from_millis(100);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "fleet store read failed");
-                health.failed(&e);
+                r.health.failed(&e);
                 synced = false;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));

@@ -559,7 +559,14 @@ fn subject_slots(
             issuer: issuer.map(str::to_owned),
             subject: subject.map(str::to_owned),
         };
-        match ctx.shared.per_subject.try_acquire(key, max) {
+        // The fleet's other instances hold some of the subject's sessions (their directory's
+        // mirror, read here without waiting on the store): this one may hold the rest.
+        let elsewhere = ctx.shared.fleet.others_count(&key);
+        let acquired = match max.checked_sub(elsewhere).filter(|left| *left > 0) {
+            Some(left) => ctx.shared.per_subject.try_acquire(key, left),
+            None => Err(elsewhere),
+        };
+        match acquired {
             Ok(Some(slot)) => slots.push(slot),
             Ok(None) => {}
             Err(_) => {

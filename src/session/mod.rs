@@ -307,9 +307,26 @@ pub struct Sessions {
     /// request, the configuration watcher, a removed route's grace timer) waits on or reads
     /// this token.
     drain: tokio_util::sync::CancellationToken,
+    /// What learns of every session's start and end besides the registry (the fleet's
+    /// directory), once set.
+    watcher: std::sync::OnceLock<Arc<dyn Watcher>>,
+}
+
+/// What learns of every session's start and end besides the registry: the fleet's directory.
+/// Called on the session's own path: it must not wait.
+pub trait Watcher: Send + Sync + std::fmt::Debug {
+    /// A session was registered.
+    fn started(&self, entry: &SessionEntry);
+    /// A session ended (its record leaves the registry).
+    fn ended(&self, entry: &SessionEntry);
 }
 
 impl Sessions {
+    /// Sets what learns of every session's start and end (once; later calls are ignored).
+    pub fn watch(&self, watcher: Arc<dyn Watcher>) {
+        let _ = self.watcher.set(watcher);
+    }
+
     /// The drain signal (see [`Sessions::drain`]).
     pub fn drain_signal(&self) -> &tokio_util::sync::CancellationToken {
         &self.drain
@@ -327,6 +344,9 @@ impl Sessions {
         if let Ok(mut m) = self.map.lock() {
             m.insert(entry.id, entry.clone());
         }
+        if let Some(w) = self.watcher.get() {
+            w.started(&entry);
+        }
         // After the insert: either this sees the drain, or the drain's walk sees the entry.
         if self.drain.is_cancelled() {
             entry.control.stop(StopReason::Drain);
@@ -340,6 +360,16 @@ impl Sessions {
         for e in self.list() {
             e.control.stop(StopReason::Drain);
         }
+    }
+
+    /// How many sessions are live.
+    pub fn len(&self) -> usize {
+        self.map.lock().map_or(0, |m| m.len())
+    }
+
+    /// True when no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The live session `id`, if any.
@@ -419,6 +449,9 @@ impl Drop for SessionGuard {
     fn drop(&mut self) {
         if let Ok(mut m) = self.sessions.map.lock() {
             m.remove(&self.entry.id);
+        }
+        if let Some(w) = self.sessions.watcher.get() {
+            w.ended(&self.entry);
         }
     }
 }

@@ -164,14 +164,14 @@ mod redis {
     /// A `redis-server` of the test's own, with an append-only file fsynced on every write (the
     /// fleet's locks survive its restart), on a port it binds itself: a port taken by someone
     /// else makes it exit, and another is tried.
-    struct RedisServer {
+    pub(super) struct RedisServer {
         child: std::process::Child,
         port: u16,
         dir: tempfile::TempDir,
     }
 
     impl RedisServer {
-        async fn start() -> RedisServer {
+        pub(super) async fn start() -> RedisServer {
             let dir = tempfile::tempdir().expect("redis dir");
             for _ in 0..20 {
                 let port = 20_000 + rand::random::<u16>() % 30_000;
@@ -196,7 +196,7 @@ mod redis {
                 .expect("redis-server on PATH (tests/fleet/run.sh installs it)")
         }
 
-        fn url(&self) -> String {
+        pub(super) fn url(&self) -> String {
             format!("redis://127.0.0.1:{}", self.port)
         }
 
@@ -449,5 +449,144 @@ mod redis {
         // instance.
         let late = ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "late", "best_effort"))).await;
         assert_eq!(status_with(late.tls, &mallory).await, 401);
+    }
+}
+
+/// The fleet's session directory, subject caps and commands, on a real Redis.
+mod directory {
+    use std::net::SocketAddr;
+
+    use super::redis::RedisServer;
+    use super::*;
+
+    /// Three instances `edge-1..3` of one fleet, their configuration changed by `edit`.
+    async fn three(backend: SocketAddr, key: &Hmac, redis: &RedisServer, edit: Value) -> Vec<ProxyProcess> {
+        let prefix = format!("test-{}", rand::random::<u32>());
+        let mut out = Vec::new();
+        for name in ["edge-1", "edge-2", "edge-3"] {
+            let fleet = json!({"store": "redis", "redis_url": redis.url(), "key_prefix": prefix, "instance": name});
+            let text = TestConfig::parse(&config(backend, key, fleet)).merge("", edit.clone()).text();
+            out.push(ProxyProcess::start(&text).await);
+        }
+        out
+    }
+
+    /// Sessions in `admin`'s fleet-wide list: (instance, id, subject).
+    async fn fleet_sessions(admin: SocketAddr) -> Vec<(String, u64, String)> {
+        let (_, body) = http_get(admin, "/sessions?scope=fleet").await;
+        let v: Value = serde_json::from_str(&body).expect("json");
+        v["sessions"]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .map(|s| {
+                let instance = s["instance"].as_str().unwrap_or_default().to_owned();
+                (instance, s["id"].as_u64().unwrap_or_default(), s["subject"].as_str().unwrap_or_default().to_owned())
+            })
+            .collect()
+    }
+
+    async fn open(p: &ProxyProcess, token: &str) -> Client {
+        upgrade(p.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(token))]).await.expect("101")
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn every_instance_lists_the_fleet_and_a_killed_instance_leaves_it_within_the_ttl() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let mut edges = three(backend.addr, &key, &redis, json!({})).await;
+        let mut clients = Vec::new();
+        for (i, p) in edges.iter().enumerate() {
+            clients.push(open(p, &key.token(&format!("user-{i}"), &["a1"], Duration::from_secs(600))).await);
+        }
+        for p in &edges {
+            eventually("every instance lists the three sessions", async || {
+                let mut got: Vec<String> = fleet_sessions(p.admin).await.into_iter().map(|s| s.0).collect();
+                got.sort();
+                (got == ["edge-1", "edge-2", "edge-3"]).then_some(())
+            })
+            .await;
+        }
+        // SIGKILL: no goodbye. Its session leaves the others' lists within the TTL (6 s).
+        edges[2].signal("KILL");
+        let killed = std::time::Instant::now();
+        eventually_within("edge-3's session leaves the directory", Duration::from_secs(12), async || {
+            let got = fleet_sessions(edges[0].admin).await;
+            (!got.iter().any(|s| s.0 == "edge-3") && got.len() == 2).then_some(())
+        })
+        .await;
+        let gone = killed.elapsed();
+        assert!(gone < Duration::from_secs(9), "gone within the TTL and a heartbeat: {gone:?}");
+        // A clean stop removes the instance at once.
+        let _ = edges[1].stop_and_collect_logs().await;
+        eventually("a stopped instance leaves at once", async || {
+            (fleet_sessions(edges[0].admin).await.iter().all(|s| s.0 == "edge-1")).then_some(())
+        })
+        .await;
+        drop(clients);
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn a_session_on_another_instance_is_revoked_and_rebalanced_through_the_store() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let edges = three(backend.addr, &key, &redis, json!({})).await;
+        let carol = key.token_with(json!({"sub": "carol", "agents": ["a1"], "jti": "carol-1"}));
+        let mut victim = open(&edges[1], &carol).await;
+        let (instance, id) = eventually("edge-1 sees edge-2's session", async || {
+            fleet_sessions(edges[0].admin).await.into_iter().find(|s| s.2 == "carol").map(|s| (s.0, s.1))
+        })
+        .await;
+        assert_eq!(instance, "edge-2");
+        let (status, _) = admin_request(edges[0].admin, "DELETE", &format!("/sessions/{instance}/{id}"), "").await;
+        assert_eq!(status, 202, "sent to its owner");
+        let f = victim.recv_close().await;
+        assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1008), "session revoked"));
+        // Its token is refused everywhere (the owner wrote the token's lock).
+        for p in &edges {
+            eventually("the cut token is refused", async || (status_with(p.tls, &carol).await == 401).then_some(()))
+                .await;
+        }
+        let (status, _) = admin_request(edges[0].admin, "DELETE", "/sessions/edge-2/999999", "").await;
+        assert_eq!(status, 404);
+        // A fleet-wide rebalance moves every instance's sessions of the route.
+        let mut moved = Vec::new();
+        for p in &edges {
+            moved.push(open(p, &key.token("dave", &["a1"], Duration::from_secs(600))).await);
+        }
+        let ask = json!({"route": "terminal", "fraction": 1.0, "scope": "fleet"}).to_string();
+        let (status, body) = admin_post(edges[0].admin, "/sessions/rebalance", &ask).await;
+        assert_eq!(status, 200, "{body}");
+        for c in &mut moved {
+            let f = c.recv_close().await;
+            assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1001), "rebalance"));
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn the_subject_cap_holds_across_the_fleet() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let edges = three(backend.addr, &key, &redis, json!({"auth": {"max_sessions_per_subject": 2}})).await;
+        let erin = key.token("erin", &["a1"], Duration::from_secs(600));
+        let _one = open(&edges[0], &erin).await;
+        let _two = open(&edges[1], &erin).await;
+        eventually("edge-3 sees both", async || {
+            (fleet_sessions(edges[2].admin).await.iter().filter(|s| s.2 == "erin").count() == 2).then_some(())
+        })
+        .await;
+        assert_eq!(status_with(edges[2].tls, &erin).await, 429, "a third, on a third instance, is over the cap");
+        assert_eq!(status_with(edges[0].tls, &erin).await, 429, "and on the first");
+        // Another subject is not touched.
+        assert_eq!(status_with(edges[2].tls, &key.token("frank", &["a1"], Duration::from_secs(600))).await, 101);
+        // One ends: its place is free again, anywhere.
+        drop(_two);
+        eventually("the place frees", async || (status_with(edges[2].tls, &erin).await == 101).then_some(())).await;
     }
 }

@@ -1,0 +1,332 @@
+//! The fleet's session directory on Redis: what each instance publishes of its live sessions,
+//! and the mirror every instance keeps of the others'.
+//!
+//! Each instance keeps a hash of its sessions (`{prefix}:sessions:{instance}`, one field per
+//! session, the whole hash expiring [`TTL`] after the instance's last heartbeat) and its name in
+//! `{prefix}:instances` (scored by that heartbeat). A session's start and end are one pipelined
+//! write each, queued to this module's writer task (the session never waits for it): the hash
+//! field, and an event on `{prefix}:events`. Every [`HEARTBEAT`] the writer refreshes the
+//! expiry and the score, and adds a `beat` event.
+//!
+//! The others read the events with the locks ([`super::redis`]) into a [`Mirror`]: `/sessions`
+//! with `scope=fleet` and the fleet-wide subject caps read the mirror, never Redis. An instance
+//! not heard from for [`TTL`] (killed, or cut off) leaves the mirror, its sessions with it, and
+//! its hash expires in Redis. After an outage of the store, an instance rewrites its whole hash
+//! and says so (`snapshot`), and reads every live instance's hash again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fred::prelude::*;
+use tokio::sync::mpsc;
+
+use super::{now_ms, DirEntry, Event};
+use crate::limits::SubjectKey;
+
+/// How often an instance says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// How long an instance not heard from is still counted: its sessions leave the directory then.
+pub const TTL: Duration = Duration::from_secs(6);
+
+/// A change to this instance's sessions, for the writer.
+#[derive(Debug)]
+pub enum Change {
+    /// A session started.
+    Start(DirEntry),
+    /// A session ended.
+    End(u64),
+}
+
+/// The other instances' sessions, as their events told.
+#[derive(Debug, Default)]
+pub struct Mirror {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    instances: HashMap<String, Instance>,
+    /// Sessions per subject key (over every route, and per route), for the caps.
+    counts: HashMap<SubjectKey, u32>,
+}
+
+#[derive(Debug, Default)]
+struct Instance {
+    last_seen_ms: u64,
+    sessions: HashMap<u64, DirEntry>,
+}
+
+/// The two subject keys a session counts under: over every route, and on its route.
+fn keys(e: &DirEntry) -> Option<[SubjectKey; 2]> {
+    // Sessions without a token count under no subject cap (as on the instance that holds them).
+    e.token.then(|| {
+        let key = |route: Option<String>| SubjectKey { route, issuer: e.issuer.clone(), subject: e.subject.clone() };
+        [key(None), key(Some(e.route.clone()))]
+    })
+}
+
+impl Inner {
+    fn count(&mut self, e: &DirEntry, up: bool) {
+        for k in keys(e).into_iter().flatten() {
+            let n = self.counts.entry(k.clone()).or_default();
+            *n = if up { *n + 1 } else { n.saturating_sub(1) };
+            if *n == 0 {
+                self.counts.remove(&k);
+            }
+        }
+    }
+
+    fn insert(&mut self, e: DirEntry) {
+        let now = now_ms();
+        let inst = self.instances.entry(e.instance.clone()).or_default();
+        inst.last_seen_ms = now;
+        if let Some(old) = inst.sessions.insert(e.id, e.clone()) {
+            self.count(&old, false);
+        }
+        self.count(&e, true);
+    }
+
+    fn remove(&mut self, instance: &str, id: u64) {
+        let Some(inst) = self.instances.get_mut(instance) else { return };
+        inst.last_seen_ms = now_ms();
+        if let Some(old) = inst.sessions.remove(&id) {
+            self.count(&old, false);
+        }
+    }
+
+    fn drop_instance(&mut self, instance: &str) {
+        if let Some(inst) = self.instances.remove(instance) {
+            for e in inst.sessions.values() {
+                self.count(e, false);
+            }
+        }
+    }
+}
+
+impl Mirror {
+    /// Applies an event of another instance.
+    pub fn apply(&self, event: &Event) {
+        let Ok(mut m) = self.inner.lock() else { return };
+        match event {
+            Event::Start { entry } => m.insert(entry.clone()),
+            Event::End { instance, id } => m.remove(instance, *id),
+            Event::Beat { instance } => m.instances.entry(instance.clone()).or_default().last_seen_ms = now_ms(),
+            Event::Gone { instance } => m.drop_instance(instance),
+            Event::Snapshot { .. } | Event::Kill { .. } | Event::Rebalance { .. } => {}
+        }
+    }
+
+    /// Replaces what is known of `instance` with `sessions` (its hash, read whole).
+    pub fn replace(&self, instance: &str, sessions: Vec<DirEntry>) {
+        let Ok(mut m) = self.inner.lock() else { return };
+        m.drop_instance(instance);
+        m.instances.entry(instance.to_owned()).or_default().last_seen_ms = now_ms();
+        for e in sessions {
+            m.insert(e);
+        }
+    }
+
+    /// Forgets the instances not heard from for [`TTL`]; returns their names.
+    pub fn prune(&self) -> Vec<String> {
+        let Ok(mut m) = self.inner.lock() else { return Vec::new() };
+        let cutoff = now_ms().saturating_sub(TTL.as_millis() as u64);
+        let gone: Vec<String> =
+            m.instances.iter().filter(|(_, i)| i.last_seen_ms < cutoff).map(|(n, _)| n.clone()).collect();
+        for g in &gone {
+            m.drop_instance(g);
+        }
+        gone
+    }
+
+    /// Every session of the other instances.
+    pub fn list(&self) -> Vec<DirEntry> {
+        let Ok(m) = self.inner.lock() else { return Vec::new() };
+        let mut all: Vec<DirEntry> = m.instances.values().flat_map(|i| i.sessions.values().cloned()).collect();
+        all.sort_by(|a, b| (a.started_ms, &a.instance, a.id).cmp(&(b.started_ms, &b.instance, b.id)));
+        all
+    }
+
+    /// How many sessions the other instances hold under `key`.
+    pub fn count(&self, key: &SubjectKey) -> u32 {
+        self.inner.lock().map_or(0, |m| m.counts.get(key).copied().unwrap_or(0))
+    }
+
+    /// The other instances heard from within [`TTL`].
+    pub fn instances(&self) -> Vec<String> {
+        let Ok(m) = self.inner.lock() else { return Vec::new() };
+        let mut names: Vec<String> = m.instances.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+/// The directory's key names.
+#[derive(Clone)]
+pub struct Keys {
+    pub(super) events: String,
+    pub(super) instances: String,
+    tag: String,
+}
+
+impl Keys {
+    /// The keys under `tag` (the prefix in braces).
+    pub fn new(tag: &str) -> Keys {
+        Keys { events: format!("{tag}:events"), instances: format!("{tag}:instances"), tag: tag.to_owned() }
+    }
+
+    /// The hash of `instance`'s sessions.
+    pub fn sessions(&self, instance: &str) -> String {
+        format!("{}:sessions:{instance}", self.tag)
+    }
+}
+
+/// The stream's approximate length cap.
+const EVENTS_CAP: i64 = 100_000;
+
+/// Adds `event` to the events stream in `pipeline`.
+async fn add_event(p: &fred::clients::Pipeline<Client>, keys: &Keys, event: &Event) -> Result<(), Error> {
+    let json = serde_json::to_string(event).map_err(|e| Error::new(ErrorKind::Parse, e.to_string()))?;
+    p.xadd::<(), _, _, _, _>(&keys.events, false, ("MAXLEN", "~", EVENTS_CAP), "*", vec![("e", json)]).await
+}
+
+/// The writer: this instance's changes and heartbeats, until `changes` closes (the process
+/// ends), then the instance's entry is removed (`gone`).
+pub async fn write(client: Client, keys: Keys, instance: String, mut changes: mpsc::UnboundedReceiver<Change>) {
+    let mut own: HashMap<u64, DirEntry> = HashMap::new();
+    // The hash in Redis may not match `own` (at start, after an error): rewritten whole at the
+    // next beat.
+    let mut stale = true;
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let hash = keys.sessions(&instance);
+    loop {
+        tokio::select! {
+            change = changes.recv() => {
+                let Some(first) = change else { break };
+                let mut batch = vec![first];
+                while batch.len() < 512 {
+                    match changes.try_recv() {
+                        Ok(c) => batch.push(c),
+                        Err(_) => break,
+                    }
+                }
+                let p = client.pipeline();
+                let mut queued = Ok(());
+                for c in &batch {
+                    let step = match c {
+                        Change::Start(e) => {
+                            own.insert(e.id, e.clone());
+                            let json = serde_json::to_string(e).unwrap_or_default();
+                            match p.hset::<(), _, _>(&hash, (e.id.to_string(), json)).await {
+                                Ok(()) => add_event(&p, &keys, &Event::Start { entry: e.clone() }).await,
+                                Err(e) => Err(e),
+                            }
+                        }
+                        Change::End(id) => {
+                            own.remove(id);
+                            match p.hdel::<(), _, _>(&hash, id.to_string()).await {
+                                Ok(()) => add_event(&p, &keys, &Event::End { instance: instance.clone(), id: *id }).await,
+                                Err(e) => Err(e),
+                            }
+                        }
+                    };
+                    queued = queued.and(step);
+                }
+                if stale || queued.is_err() {
+                    // The next beat rewrites the hash whole; nothing is sent piecemeal meanwhile.
+                    stale = true;
+                    continue;
+                }
+                if tokio::time::timeout(super::redis::COMMAND_TIMEOUT, p.all::<Value>()).await.map_or(true, |r| r.is_err()) {
+                    stale = true;
+                }
+            }
+            _ = beat.tick() => {
+                let result = tokio::time::timeout(super::redis::COMMAND_TIMEOUT, heartbeat(&client, &keys, &instance, &own, stale)).await;
+                stale = !matches!(result, Ok(Ok(())));
+            }
+        }
+    }
+    // A clean stop: the others forget this instance now rather than after TTL.
+    let bye = async {
+        let p = client.pipeline();
+        p.del::<(), _>(&hash).await?;
+        p.zrem::<(), _, _>(&keys.instances, instance.as_str()).await?;
+        add_event(&p, &keys, &Event::Gone { instance: instance.clone() }).await?;
+        p.all::<Value>().await
+    };
+    let _ = tokio::time::timeout(super::redis::COMMAND_TIMEOUT, bye).await;
+}
+
+/// One heartbeat: the hash's expiry and the instance's score refreshed, and (after a gap) the
+/// hash rewritten whole.
+async fn heartbeat(
+    client: &Client,
+    keys: &Keys,
+    instance: &str,
+    own: &HashMap<u64, DirEntry>,
+    rewrite: bool,
+) -> Result<(), Error> {
+    let hash = keys.sessions(instance);
+    let p = client.pipeline();
+    if rewrite {
+        p.del::<(), _>(&hash).await?;
+        for chunk in own.values().collect::<Vec<_>>().chunks(512) {
+            let fields: Vec<(String, String)> =
+                chunk.iter().map(|e| (e.id.to_string(), serde_json::to_string(e).unwrap_or_default())).collect();
+            p.hset::<(), _, _>(&hash, fields).await?;
+        }
+    }
+    p.expire::<(), _>(&hash, TTL.as_secs() as i64, None).await?;
+    p.zadd::<(), _, _>(&keys.instances, None, None, false, false, (now_ms() as f64, instance)).await?;
+    let cutoff = now_ms().saturating_sub(TTL.as_millis() as u64) as f64;
+    p.zremrangebyscore::<(), _, _, _>(&keys.instances, f64::NEG_INFINITY, cutoff).await?;
+    let event = match rewrite {
+        true => Event::Snapshot { instance: instance.to_owned() },
+        false => Event::Beat { instance: instance.to_owned() },
+    };
+    add_event(&p, keys, &event).await?;
+    p.all::<Value>().await.map(drop)
+}
+
+/// Every live instance's sessions, read whole (but `me`'s): for a start, and after an outage.
+pub async fn read_all(
+    client: &(impl SortedSetsInterface + HashesInterface),
+    keys: &Keys,
+    me: &str,
+) -> Result<Vec<(String, Vec<DirEntry>)>, Error> {
+    let cutoff = now_ms().saturating_sub(TTL.as_millis() as u64) as f64;
+    let names: Vec<String> = client.zrangebyscore(&keys.instances, cutoff, f64::INFINITY, false, None).await?;
+    let mut all = Vec::new();
+    for name in names.into_iter().filter(|n| n != me) {
+        all.push(read_one(client, keys, &name).await.map(|s| (name, s))?);
+    }
+    Ok(all)
+}
+
+/// One instance's sessions, read whole.
+pub async fn read_one(client: &impl HashesInterface, keys: &Keys, instance: &str) -> Result<Vec<DirEntry>, Error> {
+    let fields: HashMap<String, String> = client.hgetall(keys.sessions(instance)).await?;
+    Ok(fields.values().filter_map(|v| serde_json::from_str(v).ok()).collect())
+}
+
+/// A handle on the writer: where this instance's changes go.
+#[derive(Clone)]
+pub struct Publisher {
+    pub(super) tx: mpsc::UnboundedSender<Change>,
+}
+
+impl Publisher {
+    /// Queues a change (never waits; dropped when the writer is gone).
+    pub fn send(&self, change: Change) {
+        let _ = self.tx.send(change);
+    }
+}
+
+/// The mirror and the publisher of one instance.
+pub struct Directory {
+    pub(super) mirror: Arc<Mirror>,
+    pub(super) publisher: Publisher,
+}
