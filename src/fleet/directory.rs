@@ -3,10 +3,11 @@
 //!
 //! Each instance keeps a hash of its sessions (`{prefix}:sessions:{instance}`, one field per
 //! session, the whole hash expiring [`TTL`] after the instance's last heartbeat) and its name in
-//! `{prefix}:instances` (scored by that heartbeat). A session's start and end are one pipelined
-//! write each, queued to this module's writer task (the session never waits for it): the hash
-//! field, and an event on `{prefix}:events`. Every [`HEARTBEAT`] the writer refreshes the
-//! expiry and the score, and adds a `beat` event.
+//! `{prefix}:instances` (scored by that heartbeat). Sessions' starts and ends are queued to this
+//! module's writer task (a session never waits for it), which writes them every [`FLUSH`] in
+//! one pipeline: the hash's fields, and one `changes` event on `{prefix}:events`. A session that
+//! starts and ends within one [`FLUSH`] costs Redis nothing. Every [`HEARTBEAT`] the writer
+//! refreshes the expiry and the score, and adds a `beat` event.
 //!
 //! The others read the events with the locks ([`super::redis`]) into a [`Mirror`]: `/sessions`
 //! with `scope=fleet` and the fleet-wide subject caps read the mirror, never Redis. An instance
@@ -23,6 +24,9 @@ use tokio::sync::mpsc;
 
 use super::{now_ms, DirEntry, Event};
 use crate::limits::SubjectKey;
+
+/// How long the writer gathers changes before writing them (the directory is this much behind).
+pub const FLUSH: Duration = Duration::from_millis(50);
 
 /// How often an instance says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -110,8 +114,14 @@ impl Mirror {
     pub fn apply(&self, event: &Event) {
         let Ok(mut m) = self.inner.lock() else { return };
         match event {
-            Event::Start { entry } => m.insert(entry.clone()),
-            Event::End { instance, id } => m.remove(instance, *id),
+            Event::Changes { instance, started, ended } => {
+                for e in started {
+                    m.insert(e.clone());
+                }
+                for id in ended {
+                    m.remove(instance, *id);
+                }
+            }
             Event::Beat { instance } => m.instances.entry(instance.clone()).or_default().last_seen_ms = now_ms(),
             Event::Gone { instance } => m.drop_instance(instance),
             Event::Snapshot { .. } | Event::Kill { .. } | Event::Rebalance { .. } => {}
@@ -185,63 +195,57 @@ impl Keys {
 /// The stream's approximate length cap.
 const EVENTS_CAP: i64 = 100_000;
 
-/// Adds `event` to the events stream in `pipeline`.
-async fn add_event(p: &fred::clients::Pipeline<Client>, keys: &Keys, event: &Event) -> Result<(), Error> {
+/// Adds `event` of `instance` to the events stream in `pipeline` (the instance in a field of its
+/// own, so that it skips its own entries without parsing them).
+async fn add_event(p: &fred::clients::Pipeline<Client>, keys: &Keys, instance: &str, event: &Event) -> Result<(), Error> {
     let json = serde_json::to_string(event).map_err(|e| Error::new(ErrorKind::Parse, e.to_string()))?;
-    p.xadd::<(), _, _, _, _>(&keys.events, false, ("MAXLEN", "~", EVENTS_CAP), "*", vec![("e", json)]).await
+    let fields = vec![("i", instance.to_owned()), ("e", json)];
+    p.xadd::<(), _, _, _, _>(&keys.events, false, ("MAXLEN", "~", EVENTS_CAP), "*", fields).await
 }
 
-/// The writer: this instance's changes and heartbeats, until `changes` closes (the process
-/// ends), then the instance's entry is removed (`gone`).
+/// A change not written yet.
+enum Pending {
+    Start(DirEntry),
+    End,
+}
+
+/// The writer: this instance's changes (gathered for [`FLUSH`], then written in one pipeline)
+/// and heartbeats, until `changes` closes (the process ends), then the instance's entry is
+/// removed (`gone`).
 pub async fn write(client: Client, keys: Keys, instance: String, mut changes: mpsc::UnboundedReceiver<Change>) {
     let mut own: HashMap<u64, DirEntry> = HashMap::new();
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
     // The hash in Redis may not match `own` (at start, after an error): rewritten whole at the
-    // next beat.
+    // next beat, and nothing is written piecemeal meanwhile.
     let mut stale = true;
     let mut beat = tokio::time::interval(HEARTBEAT);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flush = tokio::time::interval(FLUSH);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let hash = keys.sessions(&instance);
     loop {
         tokio::select! {
-            change = changes.recv() => {
-                let Some(first) = change else { break };
-                let mut batch = vec![first];
-                while batch.len() < 512 {
-                    match changes.try_recv() {
-                        Ok(c) => batch.push(c),
-                        Err(_) => break,
+            change = changes.recv() => match change {
+                None => break,
+                Some(Change::Start(e)) => {
+                    own.insert(e.id, e.clone());
+                    pending.insert(e.id, Pending::Start(e));
+                }
+                Some(Change::End(id)) => {
+                    own.remove(&id);
+                    // Started and ended before it was written: nothing to write.
+                    if !matches!(pending.remove(&id), Some(Pending::Start(_))) {
+                        pending.insert(id, Pending::End);
                     }
                 }
-                let p = client.pipeline();
-                let mut queued = Ok(());
-                for c in &batch {
-                    let step = match c {
-                        Change::Start(e) => {
-                            own.insert(e.id, e.clone());
-                            let json = serde_json::to_string(e).unwrap_or_default();
-                            match p.hset::<(), _, _>(&hash, (e.id.to_string(), json)).await {
-                                Ok(()) => add_event(&p, &keys, &Event::Start { entry: e.clone() }).await,
-                                Err(e) => Err(e),
-                            }
-                        }
-                        Change::End(id) => {
-                            own.remove(id);
-                            match p.hdel::<(), _, _>(&hash, id.to_string()).await {
-                                Ok(()) => add_event(&p, &keys, &Event::End { instance: instance.clone(), id: *id }).await,
-                                Err(e) => Err(e),
-                            }
-                        }
-                    };
-                    queued = queued.and(step);
-                }
-                if stale || queued.is_err() {
-                    // The next beat rewrites the hash whole; nothing is sent piecemeal meanwhile.
-                    stale = true;
+            },
+            _ = flush.tick(), if !pending.is_empty() => {
+                let batch = std::mem::take(&mut pending);
+                if stale {
                     continue;
                 }
-                if tokio::time::timeout(super::redis::COMMAND_TIMEOUT, p.all::<Value>()).await.map_or(true, |r| r.is_err()) {
-                    stale = true;
-                }
+                let written = tokio::time::timeout(super::redis::COMMAND_TIMEOUT, write_changes(&client, &keys, &instance, batch)).await;
+                stale = !matches!(written, Ok(Ok(())));
             }
             _ = beat.tick() => {
                 let result = tokio::time::timeout(super::redis::COMMAND_TIMEOUT, heartbeat(&client, &keys, &instance, &own, stale)).await;
@@ -254,10 +258,34 @@ pub async fn write(client: Client, keys: Keys, instance: String, mut changes: mp
         let p = client.pipeline();
         p.del::<(), _>(&hash).await?;
         p.zrem::<(), _, _>(&keys.instances, instance.as_str()).await?;
-        add_event(&p, &keys, &Event::Gone { instance: instance.clone() }).await?;
+        add_event(&p, &keys, &instance, &Event::Gone { instance: instance.clone() }).await?;
         p.all::<Value>().await
     };
     let _ = tokio::time::timeout(super::redis::COMMAND_TIMEOUT, bye).await;
+}
+
+/// One batch of changes: the hash's fields and one `changes` event, in one pipeline.
+async fn write_changes(client: &Client, keys: &Keys, instance: &str, batch: HashMap<u64, Pending>) -> Result<(), Error> {
+    let hash = keys.sessions(instance);
+    let (mut started, mut ended) = (Vec::new(), Vec::new());
+    for (id, change) in batch {
+        match change {
+            Pending::Start(e) => started.push(e),
+            Pending::End => ended.push(id),
+        }
+    }
+    let p = client.pipeline();
+    if !started.is_empty() {
+        let fields: Vec<(String, String)> =
+            started.iter().map(|e| (e.id.to_string(), serde_json::to_string(e).unwrap_or_default())).collect();
+        p.hset::<(), _, _>(&hash, fields).await?;
+    }
+    if !ended.is_empty() {
+        let fields: Vec<String> = ended.iter().map(u64::to_string).collect();
+        p.hdel::<(), _, _>(&hash, fields).await?;
+    }
+    add_event(&p, keys, instance, &Event::Changes { instance: instance.to_owned(), started, ended }).await?;
+    p.all::<Value>().await.map(drop)
 }
 
 /// One heartbeat: the hash's expiry and the instance's score refreshed, and (after a gap) the
@@ -287,7 +315,7 @@ async fn heartbeat(
         true => Event::Snapshot { instance: instance.to_owned() },
         false => Event::Beat { instance: instance.to_owned() },
     };
-    add_event(&p, keys, &event).await?;
+    add_event(&p, keys, instance, &event).await?;
     p.all::<Value>().await.map(drop)
 }
 

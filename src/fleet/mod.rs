@@ -124,17 +124,15 @@ pub struct DirEntry {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Event {
-    /// A session started.
-    Start {
-        /// The session.
-        entry: DirEntry,
-    },
-    /// A session ended.
-    End {
-        /// Its instance.
+    /// Sessions of one instance started and ended since its last such event (one event per
+    /// [`directory::FLUSH`] at most; a session that started and ended within it is in neither).
+    Changes {
+        /// The instance.
         instance: String,
-        /// Its id there.
-        id: u64,
+        /// The sessions that started.
+        started: Vec<DirEntry>,
+        /// The ids of those that ended.
+        ended: Vec<u64>,
     },
     /// The instance is alive.
     Beat {

@@ -44,6 +44,7 @@ pub struct Redis {
     keys: Keys,
     reader: tokio::task::JoinHandle<()>,
     pub(super) directory: Directory,
+    instance: String,
 }
 
 impl Drop for Redis {
@@ -152,13 +153,19 @@ impl Redis {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(directory::write(writer.clone(), keys.dir.clone(), instance.to_owned(), rx));
         let directory = Directory { mirror, publisher: Publisher { tx } };
-        Ok((Redis { client: writer, keys, reader: task, directory }, locks))
+        Ok((Redis { client: writer, keys, reader: task, directory, instance: instance.to_owned() }, locks))
     }
 
     /// Adds a command for other instances to the events stream.
     pub async fn command(&self, event: &Event) -> Result<(), StoreError> {
         let json = serde_json::to_string(event).map_err(redis_error)?;
-        let add = self.client.xadd::<(), _, _, _, _>(&self.keys.dir.events, false, None, "*", vec![("e", json)]);
+        let add = self.client.xadd::<(), _, _, _, _>(
+            &self.keys.dir.events,
+            false,
+            None,
+            "*",
+            vec![("i", self.instance.clone()), ("e", json)],
+        );
         timed(add).await
     }
 
@@ -224,8 +231,7 @@ impl Reading {
     /// to the server.
     async fn event(&self, client: &impl HashesInterface, event: Event) {
         match &event {
-            Event::Start { entry } if entry.instance == self.instance => return,
-            Event::End { instance, .. } | Event::Beat { instance } | Event::Gone { instance }
+            Event::Changes { instance, .. } | Event::Beat { instance } | Event::Gone { instance }
                 if *instance == self.instance =>
             {
                 return
@@ -312,7 +318,10 @@ async fn read(client: Client, r: Reading, mut from: [String; 2], mut synced: boo
                         }
                         from[0] = id;
                     } else {
-                        if let Some(event) = fields.get("e").and_then(|j| serde_json::from_str::<Event>(j).ok()) {
+                        // This instance's own entries are skipped unparsed.
+                        let own = fields.get("i").is_some_and(|i| *i == r.instance);
+                        let event = fields.get("e").filter(|_| !own).and_then(|j| serde_json::from_str::<Event>(j).ok());
+                        if let Some(event) = event {
                             r.event(&client.with_options(&quick), event).await;
                         }
                         from[1] = id;
