@@ -9,7 +9,7 @@ import threading
 import time
 import urllib.request
 
-from demo import PC, WebDriver, free_port
+from demo import PC, WebDriver, start_chromedriver
 
 
 def read_until(proc_out, pattern, seconds=20):
@@ -57,20 +57,9 @@ def proxy(procs, config, *patterns):
 
 
 def webdriver(procs, driver, profile):
-    """chromedriver and a WebDriver session (chromedriver cannot report a port it chose: a free
-    one, as demo.py does)."""
-    port = free_port()
-    procs.append(subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    deadline = time.time() + 15
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.1)
-    return WebDriver(port, profile)
+    """chromedriver (on a port it binds itself, see demo.start_chromedriver) and a WebDriver
+    session."""
+    return WebDriver(start_chromedriver(procs, driver), profile)
 
 
 class Checks:

@@ -48,13 +48,25 @@ DRIVER = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
 OUT = os.path.join(ROOT, "target", "browser")
 
 
-def free_port():
-    """A port for chromedriver, which cannot bind port 0 and report what it got: bound, released,
-    and used at once. Nothing of Portcullis's is started this way: the demo binds port 0 and names
-    its ports in its banner."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_chromedriver(procs, driver=None):
+    """chromedriver on a port it binds itself: it cannot bind port 0, so a random high port is
+    tried, and another when chromedriver exits because that one is taken (never a port bound,
+    released and hoped to stay free). Returns the port once /status answers."""
+    for _ in range(20):
+        port = random.randint(20000, 49999)
+        p = subprocess.Popen([driver or DRIVER, f"--port={port}"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        deadline = time.time() + 15
+        while p.poll() is None and time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=1).close()
+                procs.append(p)
+                return port
+            except OSError:
+                time.sleep(0.1)
+        p.kill()
+        p.wait()
+    raise SystemExit("chromedriver did not start on any port tried")
 
 
 def wait_port(port, seconds=30):
@@ -225,7 +237,6 @@ def main():
             print(f"  FAILED: {name}: {e}")
 
     try:
-        driver_port = free_port()
         # The page is also opened through a forwarder, whose connections the resume check cuts.
         # It listens first (its port is the page's allowed origin); its target is the demo's
         # port, once the demo has named it.
@@ -264,9 +275,7 @@ def main():
         print(f"demo page: {'xterm.js' if xterm else 'fallback terminal (no npm)'}; {url.split('#')[0]}")
         wait_port(port)
 
-        procs.append(subprocess.Popen([DRIVER, f"--port={driver_port}"], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        wait_port(driver_port)
+        driver_port = start_chromedriver(procs)
         wd = WebDriver(driver_port, os.path.join(run, "profile"))
         wd.s("POST", "/url", {"url": url})
 
