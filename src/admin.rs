@@ -227,6 +227,8 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             &json!({
                 "instance": fleet.instance(),
                 "store": fleet.store_name(),
+                "peer": fleet.advertised(),
+                "instances": fleet.others().len() + 1,
                 "reachable": health.reachable(),
                 "staleness_ms": health.staleness().as_millis() as u64,
                 "policy": match policy {
@@ -596,7 +598,11 @@ pub(crate) fn rebalance_here(shared: &Shared, route: &str, fraction: f64, spread
 async fn revoke(shared: &Shared, selector: &Selector) -> Response<Full<Bytes>> {
     let fleet = &shared.fleet;
     let now = crate::fleet::now_secs();
-    let floor = now + shared.runtime.load().config.auth.revocation_ttl.as_secs();
+    let auth = &shared.runtime.load().config.auth;
+    // Every lock holds `[auth] leeway` past the expiry of what it refuses, as tokens are
+    // accepted that long past theirs: an instance that starts then still reads it.
+    let leeway = auth.leeway.as_secs();
+    let floor = now + auth.revocation_ttl.as_secs() + leeway;
     // A subject's or token's lock holds until the latest expiry of its tokens seen here, and at
     // least revocation_ttl (tokens of the subject not seen here may expire later).
     let latest_exp = shared.sessions.matching(selector).iter().filter_map(|e| e.token_exp).max();
@@ -610,8 +616,8 @@ async fn revoke(shared: &Shared, selector: &Selector) -> Response<Full<Bytes>> {
     };
     let (closed, mut writes) = match target {
         Some(target) => {
-            let lock = Lock::new(target, latest_exp.map_or(floor, |e| e.max(floor)), fleet.instance());
-            let (closed, derived) = apply_lock(shared, &lock);
+            let lock = Lock::new(target, latest_exp.map_or(floor, |e| (e + leeway).max(floor)), fleet.instance());
+            let (closed, derived) = apply_lock(shared, &lock, true);
             (closed, std::iter::once(lock).chain(derived).collect::<Vec<_>>())
         }
         None => {
@@ -622,10 +628,13 @@ async fn revoke(shared: &Shared, selector: &Selector) -> Response<Full<Bytes>> {
     };
     crate::metrics::fleet_lock_applied("local", None);
     tracing::info!(?selector, closed = closed.len(), store = fleet.store_name(), "sessions revoked");
+    // Written one after another; the first the store does not take ends the call (each waits
+    // up to its deadline, and a store that failed one will fail the next).
     let mut failed = None;
     for lock in writes.drain(..) {
         if let Err(e) = fleet.write(&lock).await {
             failed = Some(e);
+            break;
         }
     }
     match failed {
@@ -648,27 +657,34 @@ async fn revoke(shared: &Shared, selector: &Selector) -> Response<Full<Bytes>> {
 /// before it was made, and refuses the exact tokens they were opened (and last resumed) with:
 /// those refusals are returned as locks of their own, for the store, so that every instance
 /// refuses them.
-pub(crate) fn apply_lock(shared: &Shared, lock: &Lock) -> (Vec<Arc<crate::session::SessionEntry>>, Vec<Lock>) {
-    let leeway = shared.runtime.load().config.auth.leeway.as_secs();
-    let until = lock.until + leeway;
+pub(crate) fn apply_lock(
+    shared: &Shared,
+    lock: &Lock,
+    live: bool,
+) -> (Vec<Arc<crate::session::SessionEntry>>, Vec<Lock>) {
+    // `until` covers `[auth] leeway` already (the maker added it).
+    let until = lock.until;
     let denylist = &shared.denylist;
+    // Applied as it was made (here, or from the stream): every matching session is cut. Read
+    // again with every lock in force (after an outage, or at start): only the sessions that
+    // started before it was made, by this clock give or take CLOCK_SLACK (clocks apart, times
+    // kept to the millisecond); one that started later is a new login, not the revoked one.
+    let made = SystemTime::UNIX_EPOCH + Duration::from_millis(lock.at_ms) + crate::fleet::CLOCK_SLACK;
+    let started_by = (!live).then_some(made);
     match &lock.target {
         Target::Subject { subject, issuer } => {
             denylist.deny_subject(subject, issuer.as_deref(), lock.at_secs(), until);
             let selector = Selector::Subject { subject: subject.clone(), issuer: issuer.clone() };
-            (shared.sessions.revoke(&selector, None), Vec::new())
+            (shared.sessions.revoke(&selector, started_by), Vec::new())
         }
         Target::Jti { jti, issuer } => {
             denylist.deny_jti(jti, issuer.as_deref(), until);
             let selector = Selector::Jti { jti: jti.clone(), issuer: issuer.clone() };
-            (shared.sessions.revoke(&selector, None), Vec::new())
+            (shared.sessions.revoke(&selector, started_by), Vec::new())
         }
         Target::Agent { agent } => {
-            // Sessions that started before the lock was made, by this clock: up to CLOCK_SLACK
-            // after its creation by the maker's, for clocks apart and times kept to the
-            // millisecond. One that starts later is a new session, and is not cut when the
-            // lock is read again (after an outage of the store).
-            let made = SystemTime::UNIX_EPOCH + Duration::from_millis(lock.at_ms) + crate::fleet::CLOCK_SLACK;
+            // An agent's lock refuses no new session: it cuts those that reached the agent
+            // before it, even when it arrives live (a session opened after it is not cut).
             let closed = shared.sessions.revoke(&Selector::Agent(agent.clone()), Some(made));
             let derived = deny_cut_tokens(shared, &closed, lock.until);
             (closed, derived)
@@ -683,6 +699,7 @@ pub(crate) fn deny_cut_tokens(
     closed: &[Arc<crate::session::SessionEntry>],
     fallback: u64,
 ) -> Vec<Lock> {
+    // The lock holds the leeway past the token's expiry (see `revoke`).
     let leeway = shared.runtime.load().config.auth.leeway.as_secs();
     let mut locks = Vec::new();
     for e in closed {
@@ -691,7 +708,8 @@ pub(crate) fn deny_cut_tokens(
         let resumed =
             e.attached.iter().filter_map(|a| a.revoking_jti()).map(|j| (j, fallback.max(e.token_exp.unwrap_or(0))));
         for (jti, until) in opened.into_iter().chain(resumed) {
-            shared.denylist.deny_jti(&jti, e.issuer.as_deref(), until + leeway);
+            let until = until + leeway;
+            shared.denylist.deny_jti(&jti, e.issuer.as_deref(), until);
             let target = Target::Jti { jti, issuer: e.issuer.clone() };
             locks.push(Lock::new(target, until, shared.fleet.instance()));
         }

@@ -204,6 +204,16 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (Kind::Gauge, "portcullis_fleet_instances", "Instances of the fleet heard from lately, this one included."),
     (
         Kind::Counter,
+        "portcullis_fleet_peer_refusals_total",
+        "Connections to the fleet's peer listener refused, by reason (malformed, signature, time, replay).",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_fleet_relayed_total",
+        "Resumes and observers carried to the instance that holds their session, by kind (resume, observe) and result (ok, refused, unreachable).",
+    ),
+    (
+        Kind::Counter,
         "portcullis_fleet_refusals_total",
         "New sessions refused because the fleet store was unreachable for longer than max_staleness (staleness = strict).",
     ),
@@ -679,6 +689,16 @@ pub fn fleet_lock_applied(source: &'static str, seconds: Option<f64>) {
     if let Some(s) = seconds {
         histogram!("portcullis_fleet_lock_apply_seconds").record(s);
     }
+}
+
+/// A connection to the peer listener was refused (`reason`: its preamble's fault).
+pub fn fleet_peer_refused(reason: &'static str) {
+    counter!("portcullis_fleet_peer_refusals_total", "reason" => reason).increment(1);
+}
+
+/// A resume or an observer was carried to the instance that holds its session.
+pub fn fleet_relayed(kind: &'static str, result: &'static str) {
+    counter!("portcullis_fleet_relayed_total", "kind" => kind, "result" => result).increment(1);
 }
 
 /// The fleet's directory: sessions and instances known.

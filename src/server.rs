@@ -448,7 +448,8 @@ impl Server {
             server.shared.sessions.watch(Arc::new(Directory(server.shared.fleet.clone())));
             // Before any port accepts, every lock in force refuses its tokens.
             for lock in &locks {
-                admin::apply_lock(&server.shared, lock);
+                server.shared.fleet.first_sight(lock);
+                admin::apply_lock(&server.shared, lock, false);
                 crate::metrics::fleet_lock_applied("local", None);
             }
             let s = &server.shared.fleet;
@@ -481,8 +482,20 @@ impl Server {
         for l in bound.listeners {
             let addr = l.listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(listener = %l.name, %addr, tls = l.tls, proxy_protocol = l.proxy_protocol.is_some(), "listening");
-            let kind = ListenerKind { tls: l.tls, proxy_protocol: l.proxy_protocol };
+            let kind = ListenerKind { tls: l.tls, proxy_protocol: l.proxy_protocol, peer: false };
             loops.push(tokio::spawn(accept_loop(l.listener, kind, shared.clone())));
+        }
+        // The fleet's peer listener, bound here (with SO_REUSEPORT: a handover's new process
+        // binds it beside this one) before any session is published with its address.
+        let peer = shared.runtime.load().config.fleet.peer.clone();
+        if let (Some(p), Some(_)) = (peer, shared.fleet.peer_auth()) {
+            let listener = bind(p.listen, true)?;
+            let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: p.listen, source })?;
+            let advertised = p.advertise.clone().unwrap_or_else(|| addr.to_string());
+            tracing::info!(%addr, %advertised, "fleet peer listener listening");
+            shared.fleet.set_advertised(advertised);
+            let kind = ListenerKind { tls: false, proxy_protocol: None, peer: true };
+            loops.push(tokio::spawn(accept_loop(listener, kind, shared.clone())));
         }
         if let Some(addr) = bound.admin.as_ref().and_then(|l| l.local_addr().ok()) {
             tracing::info!(%addr, "admin listening");
@@ -555,6 +568,7 @@ impl Server {
         if let Some(f) = feed {
             f.abort();
         }
+        shared.fleet.shutdown().await;
         Ok(())
     }
 }
@@ -579,9 +593,14 @@ impl crate::session::Watcher for Directory {
             agent: e.agent.clone(),
             subject: e.subject.clone(),
             issuer: e.issuer.clone(),
-            token: e.token_exp.is_some() || e.subject.is_some() || e.issuer.is_some(),
+            // Counted under the subject's caps as on this instance: every kind but a plain
+            // response body in flight.
+            token: e.kind != crate::session::SessionKind::Stream
+                && (e.token_exp.is_some() || e.subject.is_some() || e.issuer.is_some()),
             client: e.client.to_string(),
             started_ms,
+            resume: e.attachment::<crate::session::resume::Held>().map(|h| crate::fleet::resume_key(&h.route, h.id())),
+            peer: self.0.advertised().map(str::to_owned),
         });
     }
 
@@ -596,8 +615,8 @@ impl crate::session::Watcher for Directory {
 async fn apply_fleet_feed(shared: Arc<Shared>, mut feed: tokio::sync::mpsc::UnboundedReceiver<crate::fleet::Feed>) {
     use crate::fleet::Feed;
     while let Some(item) = feed.recv().await {
-        let lock = match item {
-            Feed::Lock(lock) => lock,
+        let (lock, live) = match item {
+            Feed::Lock { lock, live } => (lock, live),
             Feed::Kill { id, by } => {
                 let cut = shared.sessions.revoke(&crate::session::Selector::Id(id), None);
                 tracing::info!(session = id, asked_on = %by, closed = cut.len(), "session revoked for another instance");
@@ -620,10 +639,10 @@ async fn apply_fleet_feed(shared: Arc<Shared>, mut feed: tokio::sync::mpsc::Unbo
                 continue;
             }
         };
-        if lock.origin == shared.fleet.instance() {
+        if lock.origin == shared.fleet.instance() || !shared.fleet.first_sight(&lock) {
             continue;
         }
-        let (closed, derived) = admin::apply_lock(&shared, &lock);
+        let (closed, derived) = admin::apply_lock(&shared, &lock, live);
         let latency = Duration::from_millis(crate::fleet::now_ms().saturating_sub(lock.at_ms));
         crate::metrics::fleet_lock_applied("fleet", Some(latency.as_secs_f64()));
         tracing::info!(lock = %lock.id, origin = %lock.origin, closed = closed.len(), latency_ms = latency.as_millis() as u64, "fleet lock applied");
@@ -634,12 +653,19 @@ async fn apply_fleet_feed(shared: Arc<Shared>, mut feed: tokio::sync::mpsc::Unbo
 }
 
 /// Writes a token refusal this instance derived (from a lock or a command of another), in the
-/// background.
+/// background, retried (backing off to 10 s) until the store takes it or it lapses: until then
+/// only this instance refuses the token.
 fn write_derived(shared: &Arc<Shared>, lock: crate::fleet::Lock) {
     let fleet = shared.fleet.clone();
     tokio::spawn(async move {
-        if let Err(e) = fleet.write(&lock).await {
-            tracing::warn!(error = %e, "a token refusal derived from a fleet lock was not written to the store");
+        let mut wait = Duration::from_millis(200);
+        while let Err(e) = fleet.write(&lock).await {
+            if lock.lapsed() {
+                return;
+            }
+            tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "a token refusal derived from a fleet lock was not written to the store");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(10));
         }
     });
 }

@@ -70,6 +70,22 @@ pub struct FleetSettings {
     pub staleness: Staleness,
     /// How long the store may be unreachable before `strict` refuses new sessions.
     pub max_staleness: std::time::Duration,
+    /// The instance-to-instance channel that carries a resume or an observer to the instance
+    /// that holds the session (Redis only).
+    pub peer: Option<PeerSettings>,
+}
+
+/// `[fleet] peer_*`: the listener other instances relay resumes and observers to, and the
+/// fleet's secret that signs what they send it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSettings {
+    /// Where this instance listens for other instances (port 0: any free port).
+    pub listen: std::net::SocketAddr,
+    /// The `host:port` other instances dial; `None`: the address bound (when it is not a
+    /// wildcard).
+    pub advertise: Option<String>,
+    /// The fleet's shared secret (HMAC-SHA256 key), at least 32 bytes.
+    pub secret: Secret,
 }
 
 /// Where revocations (locks) are kept.

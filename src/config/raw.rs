@@ -48,6 +48,11 @@ pub(super) struct RawFleet {
     pub(super) instance: Option<String>,
     pub(super) staleness: Option<RawStaleness>,
     pub(super) max_staleness: Option<Dur>,
+    pub(super) peer_listen: Option<SocketAddr>,
+    pub(super) peer_advertise: Option<String>,
+    pub(super) peer_advertise_env: Option<String>,
+    pub(super) peer_secret_file: Option<PathBuf>,
+    pub(super) peer_secret_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

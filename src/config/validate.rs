@@ -113,6 +113,55 @@ fn fleet(f: super::raw::RawFleet, secrets: Secrets) -> Result<super::FleetSettin
         Some(i) => i,
         None => default_instance(),
     };
+    let redis = matches!(store, super::StoreKind::Redis { .. });
+    let peer = match f.peer_listen {
+        None if f.peer_advertise.is_some()
+            || f.peer_advertise_env.is_some()
+            || f.peer_secret_file.is_some()
+            || f.peer_secret_env.is_some() =>
+        {
+            return Err(invalid("fleet.peer_listen", "the peer_* keys need peer_listen"))
+        }
+        None => None,
+        Some(_) if !redis => {
+            return Err(invalid("fleet.peer_listen", "is for store = \"redis\": instances find each other through it"))
+        }
+        Some(listen) => {
+            let secret = load_secret(
+                f.peer_secret_file.as_deref(),
+                f.peer_secret_env.as_deref(),
+                "fleet.peer_secret_file",
+                secrets,
+            )?
+            .ok_or_else(|| {
+                invalid(
+                    "fleet.peer_secret_file",
+                    "peer_listen needs the fleet's secret: peer_secret_file or peer_secret_env",
+                )
+            })?;
+            if secrets == Secrets::Read && secret.expose().len() < 32 {
+                return Err(invalid("fleet.peer_secret_file", "the fleet's secret must be at least 32 bytes"));
+            }
+            let advertise = match (f.peer_advertise, f.peer_advertise_env) {
+                (Some(_), Some(_)) => return Err(invalid("fleet.peer_advertise", "set peer_advertise or peer_advertise_env, not both")),
+                (Some(a), None) => Some(a),
+                (None, Some(var)) => match secrets {
+                    Secrets::Unread => Some(format!("unread-{var}:{}", listen.port())),
+                    Secrets::Read => {
+                        let host = std::env::var(&var)
+                            .map_err(|_| invalid("fleet.peer_advertise_env", &format!("the variable {var} is not set")))?;
+                        // An address alone takes the listener's port.
+                        Some(if host.contains(':') && !host.starts_with('[') && host.parse::<std::net::Ipv6Addr>().is_err() { host } else { format!("{host}:{}", listen.port()) })
+                    }
+                },
+                (None, None) if listen.ip().is_unspecified() => {
+                    return Err(invalid("fleet.peer_advertise", "peer_listen is a wildcard address: say which address other instances dial (peer_advertise, or peer_advertise_env = \"POD_IP\")"))
+                }
+                (None, None) => None,
+            };
+            Some(super::PeerSettings { listen, advertise, secret })
+        }
+    };
     let max_staleness = f.max_staleness.map_or(defaults::MAX_STALENESS, |d| d.0);
     if max_staleness.is_zero() {
         return Err(invalid("fleet.max_staleness", "must be more than 0s"));
@@ -125,6 +174,7 @@ fn fleet(f: super::raw::RawFleet, secrets: Secrets) -> Result<super::FleetSettin
             RawStaleness::Strict => super::Staleness::Strict,
         },
         max_staleness,
+        peer,
     })
 }
 

@@ -38,9 +38,11 @@ pub const TTL: Duration = Duration::from_secs(6);
 #[derive(Debug)]
 pub enum Change {
     /// A session started.
-    Start(DirEntry),
+    Start(Box<DirEntry>),
     /// A session ended.
     End(u64),
+    /// The process stops: say goodbye (the others forget this instance at once), then answer.
+    Stop(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The other instances' sessions, as their events told.
@@ -197,7 +199,12 @@ const EVENTS_CAP: i64 = 100_000;
 
 /// Adds `event` of `instance` to the events stream in `pipeline` (the instance in a field of its
 /// own, so that it skips its own entries without parsing them).
-async fn add_event(p: &fred::clients::Pipeline<Client>, keys: &Keys, instance: &str, event: &Event) -> Result<(), Error> {
+async fn add_event(
+    p: &fred::clients::Pipeline<Client>,
+    keys: &Keys,
+    instance: &str,
+    event: &Event,
+) -> Result<(), Error> {
     let json = serde_json::to_string(event).map_err(|e| Error::new(ErrorKind::Parse, e.to_string()))?;
     let fields = vec![("i", instance.to_owned()), ("e", json)];
     p.xadd::<(), _, _, _, _>(&keys.events, false, ("MAXLEN", "~", EVENTS_CAP), "*", fields).await
@@ -205,7 +212,7 @@ async fn add_event(p: &fred::clients::Pipeline<Client>, keys: &Keys, instance: &
 
 /// A change not written yet.
 enum Pending {
-    Start(DirEntry),
+    Start(Box<DirEntry>),
     End,
 }
 
@@ -223,12 +230,17 @@ pub async fn write(client: Client, keys: Keys, instance: String, mut changes: mp
     let mut flush = tokio::time::interval(FLUSH);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let hash = keys.sessions(&instance);
+    let mut done = None;
     loop {
         tokio::select! {
             change = changes.recv() => match change {
                 None => break,
+                Some(Change::Stop(ack)) => {
+                    done = Some(ack);
+                    break;
+                }
                 Some(Change::Start(e)) => {
-                    own.insert(e.id, e.clone());
+                    own.insert(e.id, (*e).clone());
                     pending.insert(e.id, Pending::Start(e));
                 }
                 Some(Change::End(id)) => {
@@ -262,15 +274,23 @@ pub async fn write(client: Client, keys: Keys, instance: String, mut changes: mp
         p.all::<Value>().await
     };
     let _ = tokio::time::timeout(super::redis::COMMAND_TIMEOUT, bye).await;
+    if let Some(ack) = done {
+        let _ = ack.send(());
+    }
 }
 
 /// One batch of changes: the hash's fields and one `changes` event, in one pipeline.
-async fn write_changes(client: &Client, keys: &Keys, instance: &str, batch: HashMap<u64, Pending>) -> Result<(), Error> {
+async fn write_changes(
+    client: &Client,
+    keys: &Keys,
+    instance: &str,
+    batch: HashMap<u64, Pending>,
+) -> Result<(), Error> {
     let hash = keys.sessions(instance);
     let (mut started, mut ended) = (Vec::new(), Vec::new());
     for (id, change) in batch {
         match change {
-            Pending::Start(e) => started.push(e),
+            Pending::Start(e) => started.push(*e),
             Pending::End => ended.push(id),
         }
     }

@@ -41,6 +41,7 @@ impl Log {
     fn open_blocking(dir: &Path) -> Result<(Log, Vec<Lock>), StoreError> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| error(dir, e))?;
         let path = dir.join("locks.log");
+        let created = !path.exists();
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -48,6 +49,10 @@ impl Log {
             .mode(0o600)
             .open(&path)
             .map_err(|e| error(&path, e))?;
+        if created {
+            // The new file's name is on disk before the first lock is acknowledged.
+            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| error(dir, e))?;
+        }
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockShared).map_err(|e| error(&path, e.into()))?;
         end_torn_line(&file).map_err(|e| error(&path, e))?;
         let (locks, lapsed) = read(&path)?;
@@ -63,7 +68,11 @@ impl Log {
     fn compact(self, dir: &Path, locks: &[Lock]) -> Result<Log, StoreError> {
         let Ok(file) = self.file.lock() else { return Ok(self) };
         if rustix::fs::flock(&*file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            // Another process (the other side of a handover) appends to it: left as it is.
+            // Another process (the other side of a handover) appends to it: left as it is. A
+            // failed conversion may have dropped this process's shared lock (flock(2)): taken
+            // again, so that a later process does not rewrite the log from under this one.
+            rustix::fs::flock(&*file, rustix::fs::FlockOperation::LockShared)
+                .map_err(|e| error(&self.path, e.into()))?;
             drop(file);
             return Ok(self);
         }
@@ -92,7 +101,13 @@ impl Log {
         let (file, path, line) = (self.file.clone(), self.path.clone(), line(lock));
         tokio::task::spawn_blocking(move || {
             let mut f = file.lock().map_err(|_| error(&path, io::Error::other("log lock poisoned")))?;
-            f.write_all(&line).and_then(|()| f.sync_data()).map_err(|e| error(&path, e))
+            let before = f.metadata().map_err(|e| error(&path, e))?.len();
+            f.write_all(&line).and_then(|()| f.sync_data()).map_err(|e| {
+                // A part of the line written (a full disk) would run into the next lock's line:
+                // cut back to where it began.
+                let _ = f.set_len(before);
+                error(&path, e)
+            })
         })
         .await
         .map_err(|e| error(&self.path, io::Error::other(e)))?

@@ -24,6 +24,7 @@
 
 pub mod directory;
 pub mod local;
+pub mod peer;
 pub mod redis;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -117,6 +118,21 @@ pub struct DirEntry {
     pub client: String,
     /// When it started, Unix milliseconds.
     pub started_ms: u64,
+    /// For a resumable session, [`resume_key`] of its resume id (never the id itself).
+    #[serde(default)]
+    pub resume: Option<String>,
+    /// Where the owner takes relayed resumes and observers (its peer listener), if it has one.
+    #[serde(default)]
+    pub peer: Option<String>,
+}
+
+/// What the directory shows of a resume id: SHA-256 of the route and the id, hex. An instance
+/// that is given the id can find its session; one that reads the directory learns nothing it
+/// could resume with.
+pub fn resume_key(route: &str, id: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(format!("{route}\u{0}{id}").as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// An entry of the fleet's events stream: the directory's changes, and commands for one
@@ -174,8 +190,14 @@ pub enum Event {
 /// What the store's feed brings the server.
 #[derive(Debug)]
 pub enum Feed {
-    /// A lock made by another instance, or read again after an outage.
-    Lock(Lock),
+    /// A lock made by another instance (`live`: as it was made, from the stream), or read
+    /// again with every lock in force after an outage (`live` false).
+    Lock {
+        /// The lock.
+        lock: Lock,
+        /// Read from the stream as it was made.
+        live: bool,
+    },
     /// Revoke this instance's session `id` (asked on instance `by`).
     Kill {
         /// The session.
@@ -236,8 +258,11 @@ pub struct Health {
     policy: Staleness,
     max_staleness: Duration,
     reachable: AtomicBool,
-    /// When the store last answered, Unix milliseconds.
+    /// When the store last answered, Unix milliseconds; until it first has, when the process
+    /// opened it (a process that never read the locks in force is stale from its start).
     last_ok_ms: AtomicU64,
+    /// The locks in force have been read once: until then `strict` refuses.
+    synced: AtomicBool,
 }
 
 impl Health {
@@ -245,13 +270,16 @@ impl Health {
         Health {
             policy: settings.staleness,
             max_staleness: settings.max_staleness,
-            reachable: AtomicBool::new(true),
+            reachable: AtomicBool::new(false),
             last_ok_ms: AtomicU64::new(now_ms()),
+            synced: AtomicBool::new(false),
         }
     }
 
-    /// The store answered.
+    /// The store answered (with the locks in force read: the reader calls this only once it has
+    /// them).
     pub fn ok(&self) {
+        self.synced.store(true, Ordering::Relaxed);
         self.last_ok_ms.store(now_ms(), Ordering::Relaxed);
         if !self.reachable.swap(true, Ordering::Relaxed) {
             tracing::info!("fleet store reachable again");
@@ -290,8 +318,10 @@ impl Health {
     /// unreachable for longer than `max_staleness` (the answer is how long).
     pub fn admit(&self) -> Result<(), Duration> {
         let stale = self.staleness();
+        // A process that has never read the locks in force knows of no revocation at all.
+        let never_synced = !self.synced.load(Ordering::Relaxed);
         match self.policy {
-            Staleness::Strict if stale > self.max_staleness => Err(stale),
+            Staleness::Strict if never_synced || stale > self.max_staleness => Err(stale),
             _ => Ok(()),
         }
     }
@@ -308,6 +338,13 @@ pub struct Fleet {
     instance: String,
     store: Store,
     health: Arc<Health>,
+    /// Signs and checks the instance-to-instance channel's preambles (`peer_listen` set).
+    peer: Option<peer::PeerAuth>,
+    /// The locks applied here, by id: one read again after an outage is not applied again (it
+    /// would cut the sessions of a subject's later login).
+    applied: moka::sync::Cache<String, ()>,
+    /// The address other instances dial for this one's peer listener, once it is bound.
+    advertised: std::sync::OnceLock<String>,
     /// Locks and commands from other instances, in the store's order, until the server takes them.
     feed: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Feed>>>,
 }
@@ -323,6 +360,7 @@ impl Fleet {
         let (store, locks) = match &settings.store {
             StoreKind::Local { state_dir } => {
                 let (log, locks) = local::Log::open(state_dir).await?;
+                health.ok();
                 (Store::Local(log), locks)
             }
             StoreKind::Redis { url, key_prefix } => {
@@ -330,7 +368,19 @@ impl Fleet {
                 (Store::Redis(r), locks)
             }
         };
-        let fleet = Fleet { instance: settings.instance.clone(), store, health, feed: std::sync::Mutex::new(Some(rx)) };
+        let peer = settings.peer.as_ref().map(|p| peer::PeerAuth::new(&settings.instance, p.secret.expose()));
+        let fleet = Fleet {
+            instance: settings.instance.clone(),
+            store,
+            health,
+            peer,
+            applied: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(Duration::from_secs(48 * 3600))
+                .build(),
+            advertised: std::sync::OnceLock::new(),
+            feed: std::sync::Mutex::new(Some(rx)),
+        };
         Ok((Arc::new(fleet), locks))
     }
 
@@ -372,7 +422,7 @@ impl Fleet {
     /// local store).
     pub fn session_started(&self, entry: DirEntry) {
         if let Store::Redis(r) = &self.store {
-            r.directory.publisher.send(directory::Change::Start(entry));
+            r.directory.publisher.send(directory::Change::Start(Box::new(entry)));
         }
     }
 
@@ -413,5 +463,50 @@ impl Fleet {
             Store::Redis(r) => r.command(event).await,
             Store::Local(_) => Err(StoreError::Redis("the local store has no other instance".into())),
         }
+    }
+
+    /// The process stops: its sessions leave the directory now, not after the TTL (waits for
+    /// the store up to its command deadline).
+    pub async fn shutdown(&self) {
+        if let Store::Redis(r) = &self.store {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            r.directory.publisher.send(directory::Change::Stop(tx));
+            let _ = tokio::time::timeout(Duration::from_secs(3), rx).await;
+        }
+    }
+
+    /// True the first time `lock` is seen here (it is to be applied), false after.
+    pub fn first_sight(&self, lock: &Lock) -> bool {
+        self.applied.entry(lock.id.clone()).or_insert(()).is_fresh()
+    }
+
+    /// The instance-to-instance channel's signer and checker, when `peer_listen` is set.
+    pub fn peer_auth(&self) -> Option<&peer::PeerAuth> {
+        self.peer.as_ref()
+    }
+
+    /// Records where other instances reach this one's peer listener (once, when it is bound).
+    pub fn set_advertised(&self, addr: String) {
+        let _ = self.advertised.set(addr);
+    }
+
+    /// Where other instances reach this one's peer listener, once it is bound.
+    pub fn advertised(&self) -> Option<&str> {
+        self.advertised.get().map(String::as_str)
+    }
+
+    /// The other instance that holds the resumable session of `route` with resume id `id`, and
+    /// its peer listener: from the directory's mirror.
+    pub fn resume_owner(&self, route: &str, id: &str) -> Option<(String, String)> {
+        let key = resume_key(route, id);
+        self.others_sessions()
+            .into_iter()
+            .find(|e| e.route == route && e.resume.as_deref() == Some(key.as_str()))
+            .and_then(|e| Some((e.instance, e.peer?)))
+    }
+
+    /// The peer listener of the other instance that holds session `id`.
+    pub fn session_peer(&self, instance: &str, id: u64) -> Option<String> {
+        self.others_sessions().into_iter().find(|e| e.instance == instance && e.id == id).and_then(|e| e.peer)
     }
 }

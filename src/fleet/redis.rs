@@ -272,7 +272,10 @@ async fn read(client: Client, r: Reading, mut from: [String; 2], mut synced: boo
     let quick = Options { fail_fast: true, ..Default::default() };
     let keys = r.keys.clone();
     loop {
-        for gone in r.mirror.prune() {
+        // Only while this reader hears the store: cut off itself, it cannot tell a dead
+        // instance from a live one, and keeps what it knew.
+        let gone = if r.health.reachable() { r.mirror.prune() } else { Vec::new() };
+        for gone in gone {
             tracing::info!(instance = %gone, "fleet instance not heard from: its sessions leave the directory");
         }
         let step = async {
@@ -282,7 +285,7 @@ async fn read(client: Client, r: Reading, mut from: [String; 2], mut synced: boo
                 let c = client.with_options(&quick);
                 let last = [last_id(&c, &keys.stream).await?, last_id(&c, &keys.dir.events).await?];
                 for lock in in_force(&c, &keys).await? {
-                    let _ = r.feed.send(Feed::Lock(lock));
+                    let _ = r.feed.send(Feed::Lock { lock, live: false });
                 }
                 for (name, sessions) in timed(directory::read_all(&c, &keys.dir, &r.instance)).await? {
                     r.mirror.replace(&name, sessions);
@@ -314,13 +317,14 @@ async fn read(client: Client, r: Reading, mut from: [String; 2], mut synced: boo
                 for (id, fields) in entries {
                     if locks {
                         if let Some(lock) = fields.get("lock").and_then(|j| parse(j)) {
-                            let _ = r.feed.send(Feed::Lock(lock));
+                            let _ = r.feed.send(Feed::Lock { lock, live: true });
                         }
                         from[0] = id;
                     } else {
                         // This instance's own entries are skipped unparsed.
                         let own = fields.get("i").is_some_and(|i| *i == r.instance);
-                        let event = fields.get("e").filter(|_| !own).and_then(|j| serde_json::from_str::<Event>(j).ok());
+                        let event =
+                            fields.get("e").filter(|_| !own).and_then(|j| serde_json::from_str::<Event>(j).ok());
                         if let Some(event) = event {
                             r.event(&client.with_options(&quick), event).await;
                         }

@@ -22,6 +22,9 @@ pub struct ListenerKind {
     pub tls: bool,
     /// PROXY protocol required, accepted from these sources only.
     pub proxy_protocol: Option<Arc<[ipnet::IpNet]>>,
+    /// The fleet's peer listener: each connection opens with a signed preamble from another
+    /// instance ([`super::peer::read_preamble`]), which names the client it carries.
+    pub peer: bool,
 }
 
 /// Accepts connections until the server drains.
@@ -58,15 +61,28 @@ pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<
         let acceptor = if tls { Security::Tls(shared.runtime.load().tls.clone()) } else { Security::Plain };
         let span = tracing::debug_span!("conn", peer = %addr);
         let proxy_from = kind.proxy_protocol.clone();
+        let from_peer = kind.peer;
         // Counted before the task runs: a handover that stops accepting now waits for it.
         let slot = ConnSlot::new(permit, &shared2);
         shared.tasks.spawn(
             async move {
-                let Some((tcp, client)) = proxy_header(&shared2, tcp, addr, proxy_from.as_deref()).await else {
+                let Some((mut tcp, mut client)) = proxy_header(&shared2, tcp, addr, proxy_from.as_deref()).await else {
                     return;
                 };
+                if from_peer {
+                    let Some(auth) = shared2.fleet.peer_auth() else { return };
+                    let limit = shared2.runtime.load().config.server.tls_handshake_timeout;
+                    match super::peer::read_preamble(&mut tcp, auth, limit).await {
+                        Ok(relayed) => client = relayed,
+                        Err(e) => {
+                            crate::metrics::fleet_peer_refused(e.label());
+                            tracing::warn!(peer = %addr, error = %e, "peer connection refused");
+                            return;
+                        }
+                    }
+                }
                 let Some(slot) = per_ip(&shared2, client, slot) else { return };
-                connection(shared2, tcp, client, acceptor, slot).await;
+                connection(shared2, tcp, client, acceptor, slot, from_peer).await;
             }
             .instrument(span),
         );
@@ -179,7 +195,14 @@ async fn proxy_header(
     }
 }
 
-async fn connection(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, security: Security, slot: ConnSlot) {
+async fn connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    security: Security,
+    slot: ConnSlot,
+    from_peer: bool,
+) {
     let m = &shared.metrics;
     let stream = match security {
         Security::Plain => Some(ClientStream::Plain(tcp)),
@@ -201,6 +224,6 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, secur
         }
     };
     if let Some(stream) = stream {
-        super::serve_connection(shared.clone(), stream, addr, slot).await;
+        super::serve_connection(shared.clone(), stream, addr, slot, from_peer).await;
     }
 }

@@ -74,6 +74,12 @@ pub enum RequestError {
     /// `max_staleness` (503): a revocation made meanwhile might not be known here.
     #[error("revocations cannot be checked: the fleet store has been unreachable for {}s (fleet.staleness = strict)", .0.as_secs())]
     FleetStale(std::time::Duration),
+    /// A request on the fleet's peer listener that is neither a resume nor an observer (403).
+    #[error("the peer listener carries resumes and observers only")]
+    PeerOnly,
+    /// The instance that holds the session did not answer (502).
+    #[error("the instance that holds the session cannot be reached")]
+    PeerUnreachable,
     /// A broken invariant inside the proxy (500); the detail goes to the log, never the body.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -121,6 +127,8 @@ impl RequestError {
                 ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
             },
             RequestError::NoSuchSession => StatusCode::NOT_FOUND,
+            RequestError::PeerOnly => StatusCode::FORBIDDEN,
+            RequestError::PeerUnreachable => StatusCode::BAD_GATEWAY,
             RequestError::BadResumeId | RequestError::Header(_) => StatusCode::BAD_REQUEST,
             RequestError::Resume(crate::session::resume::ClaimError::OtherSubject) => StatusCode::FORBIDDEN,
             RequestError::Resume(crate::session::resume::ClaimError::Busy) => StatusCode::CONFLICT,
@@ -168,6 +176,8 @@ impl RequestError {
             },
             RequestError::Draining => "draining",
             RequestError::FleetStale(_) => "fleet_stale",
+            RequestError::PeerOnly => "peer_only",
+            RequestError::PeerUnreachable => "peer_unreachable",
             RequestError::TooManySessions => "subject_sessions",
             RequestError::TooManyStreams => "per_ip_streams",
             RequestError::TooManyObservers => "observers_full",

@@ -28,6 +28,7 @@ pub(crate) mod forward;
 pub mod host;
 pub(crate) mod http;
 pub(crate) mod login;
+pub(crate) mod peer;
 pub mod proxy_protocol;
 pub mod relay;
 pub(crate) mod request;
@@ -79,6 +80,9 @@ struct ConnCtx {
     /// Set by the handler when it answers 101; taken by the connection task after hyper hands
     /// the connection over (HTTP/1.1 only).
     pending: Mutex<Option<(OnUpgrade, Accepted)>>,
+    /// The connection came through the peer listener from another instance of the fleet (its
+    /// preamble verified): it carries a resume or an observer, and is never relayed again.
+    from_peer: bool,
 }
 
 /// A client connection's HTTP version: what an upgrade looks like on it, how it is answered, and
@@ -126,6 +130,15 @@ enum Accepted {
     Fanout(FanoutClient),
     /// A read-only watcher of a live session.
     Observe(Watching),
+    /// A resume or an observer whose session another instance holds: spliced to it.
+    Peer(PeerRelay),
+}
+
+/// A client carried to the instance that holds its session.
+struct PeerRelay {
+    link: peer::PeerLink,
+    /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
+    stream: http::StreamHold,
 }
 
 impl Accepted {
@@ -150,6 +163,9 @@ impl Accepted {
             Accepted::Observe(Watching { observing, hub, watch, stream }) => {
                 let run = crate::session::observe::run(client, early, observing, hub, watch, shared.metrics.clone());
                 spawn_holding(shared, run, (slot, stream));
+            }
+            Accepted::Peer(PeerRelay { link, stream }) => {
+                spawn_holding(shared, peer::splice(client, early, link), (slot, stream));
             }
         }
     }
@@ -259,6 +275,7 @@ pub async fn serve_connection(
     stream: ClientStream,
     client_addr: SocketAddr,
     slot: accept::ConnSlot,
+    from_peer: bool,
 ) {
     if stream.is_h2() {
         return serve_h2(shared, stream, client_addr, slot).await;
@@ -271,6 +288,7 @@ pub async fn serve_connection(
         protocol: Protocol::Http1,
         open_streams: Arc::default(),
         pending: Mutex::new(None),
+        from_peer,
     });
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
@@ -322,6 +340,7 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
         protocol: Protocol::Http2,
         open_streams: open_streams.clone(),
         pending: Mutex::new(None),
+        from_peer: false,
     });
     let idle_timeout = runtime.config.http2.idle_timeout;
     let head_done = Arc::new(AtomicBool::new(false));
@@ -396,6 +415,10 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         Protocol::Http1 => upgrade::is_websocket(req.headers()),
         Protocol::Http2 => upgrade::is_extended_connect(&req),
     };
+    if ctx.from_peer && !websocket {
+        // Another instance relays resumes and observers, and nothing else.
+        return Ok(reject_request(&ctx, &req, "none", started, RequestError::PeerOnly));
+    }
     // The authority is parsed before anything reads it: routing, the forwarding headers and
     // the backend request all see its canonical form in `Host` (HTTP/2's `:authority` too).
     let authority = match host::of_request(req.version(), req.uri(), req.headers()) {
@@ -811,8 +834,31 @@ async fn handle_upgrade(
         return reject(ctx, &route.name, RequestError::Draining);
     }
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    if let (Some(observe), Some(id)) = (route.observe.clone(), crate::session::observe::requested(path_and_query)) {
-        return handle_observer(ctx, runtime, &route, &caps, req, ws, &observe, id, stream).await;
+    let observed = route.observe.as_ref().and_then(|_| crate::session::observe::requested(path_and_query));
+    let resume_id = route.resume.as_ref().and_then(|s| query_param(path_and_query, &s.param));
+    if ctx.from_peer && observed.is_none() && resume_id.is_none() {
+        // Another instance relays resumes and observers, and nothing else.
+        return reject(ctx, &route.name, RequestError::PeerOnly);
+    }
+    if let (Some(observe), Some((instance, id))) = (route.observe.clone(), observed) {
+        match instance.filter(|i| i != ctx.shared.fleet.instance()) {
+            None => return handle_observer(ctx, runtime, &route, &caps, req, ws, &observe, id, stream).await,
+            Some(owner) => {
+                let peer = ctx.shared.fleet.session_peer(&owner, id).filter(|_| !ctx.from_peer);
+                let Some(peer) = peer else { return reject(ctx, &route.name, RequestError::NoSuchSession) };
+                return relay_to_owner(ctx, &route, &caps, req, &ws, (&peer, "observe"), stream).await;
+            }
+        }
+    }
+    // A resume id this instance does not hold, held by another: the client goes there.
+    let elsewhere = resume_id
+        .as_deref()
+        .filter(|id| {
+            !ctx.from_peer && crate::session::resume::valid_id(id) && !ctx.shared.resumes.holds(&route.name, id)
+        })
+        .and_then(|id| ctx.shared.fleet.resume_owner(&route.name, id));
+    if let Some((_, peer)) = elsewhere {
+        return relay_to_owner(ctx, &route, &caps, req, &ws, (&peer, "resume"), stream).await;
     }
     let admitted = match admit(ctx, runtime, &route, &caps, req.headers(), path_and_query, Some(ws)).await {
         Ok(a) => a,
@@ -957,6 +1003,66 @@ async fn handle_upgrade(
     let pending =
         Pending { backend, route, claims: admitted.claims, registered, subject_slots, stream, resume: registration };
     hand_off(ctx, on_upgrade, Accepted::Relay(pending));
+    resp
+}
+
+/// The route as an observer's token is checked against: the observe scope instead of the
+/// agent grant.
+fn observer_route(route: &RouteConfig, observe: &crate::config::ObserveSettings) -> RouteConfig {
+    let mut as_observer = route.clone();
+    if let Some(a) = as_observer.auth.as_mut() {
+        a.agent_claim = None;
+        a.agent_scope = Some(observe.scope.clone());
+    }
+    as_observer
+}
+
+/// A resume or an observer whose session another instance holds (`peer`, its peer listener):
+/// asks the owner with the client's own handshake and, when it accepts, answers the client as it
+/// did and carries the session's bytes both ways. The client's token is checked here first (as
+/// for any upgrade) and again by the owner, which governs the session.
+async fn relay_to_owner(
+    ctx: &Arc<ConnCtx>,
+    route: &RouteConfig,
+    caps: &Captures,
+    mut req: Request<Incoming>,
+    ws: &upgrade::WsRequest,
+    (peer, kind): (&str, &'static str),
+    stream: http::StreamHold,
+) -> Response<ProxyBody> {
+    let runtime = ctx.shared.runtime.load_full();
+    let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    // The token is checked here as for any upgrade (an observer's against the observe scope): a
+    // client without one never reaches the other instance.
+    let policy = match (kind, &route.observe) {
+        ("observe", Some(observe)) => observer_route(route, observe),
+        _ => route.clone(),
+    };
+    if let Err(e) = admit(ctx, &runtime, &policy, caps, req.headers(), path_and_query, Some(ws.clone())).await {
+        return reject(ctx, &route.name, e);
+    }
+    let Some(auth) = ctx.shared.fleet.peer_auth() else {
+        return reject(ctx, &route.name, RequestError::NoSuchSession);
+    };
+    let limit = route.backend.connect_timeout + route.backend.handshake_timeout;
+    let asked = peer::ask(auth, peer, ctx.client_addr, path_and_query, req.headers(), ws, limit).await;
+    let (status, owner, link) = match asked {
+        Ok(answer) => answer,
+        Err(e) => {
+            crate::metrics::fleet_relayed(kind, "unreachable");
+            tracing::warn!(route = %route.name, %peer, error = %e, "the instance that holds the session did not answer");
+            return reject(ctx, &route.name, RequestError::PeerUnreachable);
+        }
+    };
+    let resp = peer::answer(ctx.protocol == Protocol::Http2, status, &owner);
+    let Some(link) = link else {
+        crate::metrics::fleet_relayed(kind, "refused");
+        return resp;
+    };
+    crate::metrics::fleet_relayed(kind, "ok");
+    ctx.shared.metrics.upgrade(&route.name, "relayed");
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    hand_off(ctx, on_upgrade, Accepted::Peer(PeerRelay { link, stream }));
     resp
 }
 
@@ -1108,11 +1214,7 @@ async fn handle_observer(
     id: u64,
     stream: http::StreamHold,
 ) -> Response<ProxyBody> {
-    let mut as_observer = route.clone();
-    if let Some(a) = as_observer.auth.as_mut() {
-        a.agent_claim = None;
-        a.agent_scope = Some(observe.scope.clone());
-    }
+    let as_observer = observer_route(route, observe);
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let admitted = match admit(ctx, runtime, &as_observer, caps, req.headers(), path_and_query, Some(ws)).await {
         Ok(a) => a,

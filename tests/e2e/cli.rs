@@ -175,10 +175,20 @@ fn the_kubernetes_configmap_holds_a_configuration_that_check_config_accepts() {
         .replace("/etc/portcullis/tls/tls.key", &c.key.display().to_string())
         .replace("/etc/portcullis/secrets/admin-token", &token.display().to_string())
         .replace("/etc/portcullis/secrets/jwt-public.pem", &public.display().to_string());
+    let fleet_secret = dir.path().join("fleet-secret");
+    std::fs::write(&fleet_secret, "a-long-random-fleet-secret-for-the-test-of-32-bytes").expect("write");
+    let toml = toml.replace("/etc/portcullis/secrets/fleet-secret", &fleet_secret.display().to_string());
     assert!(!toml.contains("/etc/portcullis"), "every mounted path is replaced:\n{toml}");
     let path = dir.path().join("portcullis.toml");
     std::fs::write(&path, &toml).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_portcullis")).arg("check-config").arg(&path).output().expect("run");
+    // What the Deployment sets from the Valkey Secret and the pod's status.
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("check-config")
+        .arg(&path)
+        .env("PORTCULLIS_REDIS_URL", "redis://:password@portcullis-valkey.portcullis.svc:6379")
+        .env("POD_IP", "10.1.2.3")
+        .output()
+        .expect("run");
     assert!(out.status.success(), "{}\n{toml}", String::from_utf8_lossy(&out.stderr));
 
     // The pod's grace period covers the preStop pause and the whole drain.

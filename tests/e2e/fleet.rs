@@ -403,6 +403,42 @@ mod redis {
 
     #[tokio::test]
     #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn a_lock_read_again_after_an_outage_does_not_cut_the_subjects_later_login() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let (url, prefix) = (redis.url(), prefix());
+        let link = Link::to(redis_addr(&url)).await;
+        let linked = format!("redis://{}", link.addr);
+        let one = ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "one", "best_effort"))).await;
+        let other =
+            ProxyProcess::start(&config(backend.addr, &key, fleet(&linked, &prefix, "other", "best_effort"))).await;
+        let (status, _) = admin_post(one.admin, "/sessions/revoke", r#"{"subject":"henry"}"#).await;
+        assert_eq!(status, 200);
+        let old = key.token("henry", &["a1"], Duration::from_secs(600));
+        eventually("the lock reaches the other instance", async || {
+            (status_with(other.tls, &old).await == 401).then_some(())
+        })
+        .await;
+        // Henry logs in again: a token issued after the revocation.
+        let later = fleet_now_secs() + 5;
+        let fresh = key.token_with(json!({"sub": "henry", "agents": ["a1"], "iat": later}));
+        let mut session =
+            upgrade(other.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&fresh))]).await.expect("101");
+        // The other instance loses the store and gets it back: it reads every lock in force again.
+        link.cut();
+        eventually("the store is away", async || (fleet_state(other.admin).await["reachable"] == false).then_some(()))
+            .await;
+        link.restore();
+        eventually("the store is back", async || (fleet_state(other.admin).await["reachable"] == true).then_some(()))
+            .await;
+        session.send(true, op::TEXT, b"still in").await;
+        assert_eq!(session.recv().await.payload, b"still in", "the later login's session is not cut again");
+        assert_eq!(status_with(other.tls, &old).await, 401, "the revoked token stays refused");
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
     async fn locks_written_while_an_instance_was_down_are_in_force_when_it_starts() {
         let backend = Backend::echo().await;
         let key = hmac();
@@ -588,5 +624,153 @@ mod directory {
         // One ends: its place is free again, anywhere.
         drop(_two);
         eventually("the place frees", async || (status_with(edges[2].tls, &erin).await == 101).then_some(())).await;
+    }
+
+    /// Two instances with the instance-to-instance channel, their route resumable and
+    /// observable; the fleet's secret in a file.
+    async fn linked(
+        backend: SocketAddr,
+        key: &Hmac,
+        redis: &RedisServer,
+        secret: &std::path::Path,
+    ) -> Vec<ProxyProcess> {
+        let prefix = format!("test-{}", rand::random::<u32>());
+        let mut out = Vec::new();
+        for name in ["edge-1", "edge-2"] {
+            let text = TestConfig::base(&[backend.to_string()])
+                .one_address_load()
+                .merge("", key.auth_keys())
+                .merge("routes.0", json!({"auth": {"agent_claim": "agents", "required_claims": ["sub"]}}))
+                .merge("routes.0", json!({"resume": {"window": "30s"}, "observe": {"scope": "observe:{agent}"}}))
+                .merge(
+                    "fleet",
+                    json!({
+                        "store": "redis", "redis_url": redis.url(), "key_prefix": prefix, "instance": name,
+                        "peer_listen": "127.0.0.1:0", "peer_secret_file": secret.display().to_string(),
+                    }),
+                )
+                .text();
+            out.push(ProxyProcess::start(&text).await);
+        }
+        out
+    }
+
+    fn fleet_secret() -> (tempfile::NamedTempFile, Vec<u8>) {
+        let secret: Vec<u8> = format!("fleet-secret-{}-of-enough-bytes", rand::random::<u64>()).into_bytes();
+        let file = tempfile::NamedTempFile::new().expect("secret file");
+        std::fs::write(file.path(), &secret).expect("write secret");
+        (file, secret)
+    }
+
+    /// `admin`'s session of `subject` on this instance: its local id, once it has read `bytes`
+    /// from the backend.
+    async fn local_session(admin: SocketAddr, subject: &str, bytes: u64) -> u64 {
+        eventually("the session is listed", async || {
+            let (_, body) = http_get(admin, "/sessions").await;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            v["sessions"].as_array()?.iter().find_map(|s| {
+                (s["subject"] == subject && s["bytes_from_backend"].as_u64()? >= bytes)
+                    .then(|| s["id"].as_u64())
+                    .flatten()
+            })
+        })
+        .await
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn a_session_held_on_one_instance_is_resumed_and_observed_through_another() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let (secret_file, _) = fleet_secret();
+        let edges = linked(backend.addr, &key, &redis, secret_file.path()).await;
+        let auth = format!("Bearer {}", key.token("grace", &["a1"], Duration::from_secs(600)));
+        let mut first =
+            upgrade(edges[0].tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+        let id = first.response.header("portcullis-resume-id").expect("a resume id").to_owned();
+        let announced = first.recv().await;
+        assert_eq!(announced.opcode, op::TEXT);
+        first.send(true, op::BINARY, b"hello").await;
+        assert_eq!(first.recv().await.payload, b"hello");
+
+        // An observer on edge-2 watches the session edge-1 holds.
+        let session = local_session(edges[0].admin, "grace", 7).await;
+        eventually("edge-2 sees edge-1's session", async || {
+            fleet_sessions(edges[1].admin).await.iter().any(|s| s.0 == "edge-1" && s.1 == session).then_some(())
+        })
+        .await;
+        let watcher = format!("Bearer {}", key.token_with(json!({"sub": "watcher", "scope": "observe:a1"})));
+        let path = format!("/agents/a1/terminal?observe=edge-1/{session}");
+        let mut observer =
+            upgrade(edges[1].tls, true, &path, &[("Authorization", &watcher)]).await.expect("observer 101");
+        first.send(true, op::BINARY, b"watched").await;
+        assert_eq!(first.recv().await.payload, b"watched");
+        let mut seen = Vec::new();
+        while !seen.ends_with(b"watched") {
+            seen.extend_from_slice(&observer.recv().await.payload);
+        }
+
+        // The client drops; the backend's answer to its last message arrives while it is away.
+        first.send(true, op::BINARY, b"gap").await;
+        drop(first);
+        local_session(edges[0].admin, "grace", 7 + 9 + 5).await;
+        // It comes back through edge-2: the same session, the gap's output first.
+        let path = format!("/agents/a1/terminal?resume={id}");
+        let mut second = upgrade(edges[1].tls, true, &path, &[("Authorization", &auth)]).await.expect("resumed 101");
+        assert_eq!(second.recv().await.payload, b"gap", "the output held while the client was away");
+        second.send(true, op::BINARY, b"still there").await;
+        assert_eq!(second.recv().await.payload, b"still there");
+        assert_eq!(backend.log.requests.lock().expect("lock").len(), 1, "one backend session throughout");
+        let (_, m) = http_get(edges[1].admin, "/metrics").await;
+        assert_eq!(metric(&m, "portcullis_fleet_relayed_total{kind=\"resume\",result=\"ok\"}"), 1.0);
+        assert_eq!(metric(&m, "portcullis_fleet_relayed_total{kind=\"observe\",result=\"ok\"}"), 1.0);
+        // Another subject's token cannot take it over through the other instance either.
+        let mallory = format!("Bearer {}", key.token("mallory", &["a1"], Duration::from_secs(600)));
+        drop(second);
+        local_session(edges[0].admin, "grace", 0).await;
+        let err = upgrade(edges[1].tls, true, &path, &[("Authorization", &mallory)]).await.err().expect("refused");
+        assert_eq!(err.status, 403, "the owner refuses another subject");
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn the_peer_listener_refuses_a_forged_or_replayed_preamble_and_anything_but_a_resume_or_observer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let (secret_file, secret) = fleet_secret();
+        let edges = linked(backend.addr, &key, &redis, secret_file.path()).await;
+        let (_, body) = http_get(edges[0].admin, "/fleet").await;
+        let peer: SocketAddr = serde_json::from_str::<Value>(&body).expect("json")["peer"]
+            .as_str()
+            .expect("a peer listener")
+            .parse()
+            .expect("addr");
+        let answer = |pre: Vec<u8>| async move {
+            let mut s = tokio::net::TcpStream::connect(peer).await.expect("connect");
+            s.write_all(&pre).await.expect("preamble");
+            let _ = s.write_all(b"GET /agents/a1/terminal HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(SOON, s.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        // Signed with another secret: closed before any request is read.
+        let forged = portcullis::fleet::peer::PeerAuth::new("mallory", b"not-the-fleet-secret-but-32-bytes!!");
+        assert_eq!(
+            answer(forged.sign("10.0.0.1:1".parse().expect("addr"))).await,
+            "",
+            "no answer to a forged preamble"
+        );
+        // Signed with the fleet's secret: read, but a plain request is not a resume or an observer.
+        let signer = portcullis::fleet::peer::PeerAuth::new("edge-9", &secret);
+        let good = signer.sign("10.0.0.1:1".parse().expect("addr"));
+        assert!(answer(good.clone()).await.starts_with("HTTP/1.1 403"), "resumes and observers only");
+        // The same preamble again: a replay.
+        assert_eq!(answer(good).await, "", "no answer to a replayed preamble");
+        let (_, m) = http_get(edges[0].admin, "/metrics").await;
+        assert_eq!(metric(&m, "portcullis_fleet_peer_refusals_total{reason=\"signature\"}"), 1.0);
+        assert_eq!(metric(&m, "portcullis_fleet_peer_refusals_total{reason=\"replay\"}"), 1.0);
     }
 }

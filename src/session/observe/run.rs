@@ -18,10 +18,17 @@ use crate::codec::{self, opcode, FrameLimits, ReadError, Reader, Side, Violation
 use crate::session::close::{Cause, Refusal, Subscriber, REPLY_TO_CLOSE};
 use crate::session::subscriber::{write_unless_dropped, Written, CLOSE_TIMEOUT};
 
-/// The observed session's id, when the request asks to observe one (`?observe=<id>`).
-pub fn requested(path_and_query: &str) -> Option<u64> {
+/// The observed session, when the request asks to observe one: `?observe=<id>` (a session of
+/// this instance), or `?observe=<instance>/<id>` (one of the fleet's).
+pub fn requested(path_and_query: &str) -> Option<(Option<String>, u64)> {
     let (_, query) = path_and_query.split_once('?')?;
-    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "observe").and_then(|(_, v)| v.parse().ok())
+    let (_, v) = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "observe")?;
+    // `{instance}/{id}`: a session of the fleet's directory (`/sessions?scope=fleet`).
+    match v.rsplit_once('/') {
+        Some((instance, id)) if !instance.is_empty() => Some((Some(instance.to_owned()), id.parse().ok()?)),
+        Some(_) => None,
+        None => Some((None, v.parse().ok()?)),
+    }
 }
 
 /// An observer the hub dropped for falling behind: 1013. (Each end is its metric label and its

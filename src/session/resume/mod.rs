@@ -413,6 +413,11 @@ impl Resumes {
         Ok(Claim::Fresh(Registration { held, rx, replaced: id.is_some(), resumes: self.clone() }))
     }
 
+    /// True when a session of `route` holds resume id `id` here.
+    pub fn holds(&self, route: &str, id: &str) -> bool {
+        self.map.lock().is_ok_and(|m| m.contains_key(&(route.to_owned(), id.to_owned())))
+    }
+
     /// Sessions registered now (held for a client or attached to one).
     pub fn len(&self) -> usize {
         self.map.lock().map_or(0, |m| m.len())
