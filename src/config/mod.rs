@@ -98,7 +98,7 @@ pub enum StoreKind {
     },
     /// A fleet: Redis or Valkey, read through a local mirror kept current by a stream.
     Redis {
-        /// `redis://` or `rediss://` (TLS) URL, with credentials if any. A secret: never
+        /// `redis://`, `redis-cluster://` or `redis-sentinel://` URL, with credentials if any. A secret: never
         /// logged.
         url: String,
         /// The prefix of every key the fleet writes (`{prefix}:locks`, `{prefix}:lock:{id}`).
@@ -915,6 +915,26 @@ mod tests {
             let text = format!("{base}cipher_suites = {list}\n");
             let msg = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
             assert!(msg.contains("tls.cipher_suites") && msg.contains(wanted), "{list}: {msg}");
+        }
+    }
+
+    #[test]
+    fn fleet_settings_are_checked() {
+        let base = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[fleet]\n";
+        let c = Config::parse(base, Path::new("x.toml")).expect("valid");
+        assert_eq!(c.fleet.store, StoreKind::Local { state_dir: defaults::STATE_DIR.into() });
+        for (fleet, key, wanted) in [
+            ("store = \"redis\"\nredis_url = \"rediss://r:6380\"", "fleet.redis_url", "not built"),
+            ("store = \"redis\"\nredis_url = \"http://r\"", "fleet.redis_url", "redis://"),
+            ("store = \"redis\"", "fleet.redis_url", "needs redis_url"),
+            ("redis_url = \"redis://r\"", "fleet.store", "local"),
+            ("store = \"redis\"\nredis_url = \"redis://r\"\npeer_listen = \"0.0.0.0:9444\"\npeer_secret_env = \"PORTCULLIS_NO_SUCH_VAR_\"", "fleet.peer_secret_file", "not set"),
+            ("peer_listen = \"127.0.0.1:9444\"", "fleet.peer_listen", "store = \"redis\""),
+            ("max_staleness = \"0s\"", "fleet.max_staleness", "more than 0s"),
+        ] {
+            let text = format!("{base}{fleet}\n");
+            let msg = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
+            assert!(msg.contains(key) && msg.contains(wanted), "{fleet}: {msg}");
         }
     }
 

@@ -96,8 +96,18 @@ fn fleet(f: super::raw::RawFleet, secrets: Secrets) -> Result<super::FleetSettin
                     return Err(invalid("fleet.redis_url", "store = \"redis\" needs redis_url or redis_url_env"))
                 }
             };
-            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis-sentinel://")) {
-                return Err(invalid("fleet.redis_url", "must be a redis://, rediss:// or redis-sentinel:// URL"));
+            if url.starts_with("rediss") || url.starts_with("valkeys") {
+                // Not built in: refused rather than connected in plaintext.
+                return Err(invalid(
+                    "fleet.redis_url",
+                    "TLS to Redis (rediss://) is not built into this version: reach Redis over a private network or a TLS sidecar, with redis://",
+                ));
+            }
+            if !["redis://", "redis-cluster://", "redis-sentinel://"].iter().any(|s| url.starts_with(s)) {
+                return Err(invalid(
+                    "fleet.redis_url",
+                    "must be a redis://, redis-cluster:// or redis-sentinel:// URL",
+                ));
             }
             let key_prefix = f.key_prefix.unwrap_or_else(|| "portcullis".to_owned());
             if key_prefix.is_empty() || !key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
