@@ -98,11 +98,14 @@ pub enum StoreKind {
     },
     /// A fleet: Redis or Valkey, read through a local mirror kept current by a stream.
     Redis {
-        /// `redis://`, `redis-cluster://` or `redis-sentinel://` URL, with credentials if any. A secret: never
+        /// `redis://`, `rediss://` (TLS), `redis-cluster://` or `redis-sentinel://` URL (TLS:
+        /// `rediss-cluster://`, `rediss-sentinel://`), with credentials if any. A secret: never
         /// logged.
         url: String,
         /// The prefix of every key the fleet writes (`{prefix}:locks`, `{prefix}:lock:{id}`).
         key_prefix: String,
+        /// For a `rediss://` URL: more CA certificates (PEM) to trust besides the system's.
+        ca_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -924,7 +927,7 @@ mod tests {
         let c = Config::parse(base, Path::new("x.toml")).expect("valid");
         assert_eq!(c.fleet.store, StoreKind::Local { state_dir: defaults::STATE_DIR.into() });
         for (fleet, key, wanted) in [
-            ("store = \"redis\"\nredis_url = \"rediss://r:6380\"", "fleet.redis_url", "not built"),
+            ("store = \"redis\"\nredis_url = \"redis://r\"\nredis_ca_file = \"ca.pem\"", "fleet.redis_ca_file", "TLS URL"),
             ("store = \"redis\"\nredis_url = \"http://r\"", "fleet.redis_url", "redis://"),
             ("store = \"redis\"", "fleet.redis_url", "needs redis_url"),
             ("redis_url = \"redis://r\"", "fleet.store", "local"),

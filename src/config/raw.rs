@@ -44,6 +44,7 @@ pub(super) struct RawFleet {
     pub(super) state_dir: Option<PathBuf>,
     pub(super) redis_url: Option<String>,
     pub(super) redis_url_env: Option<String>,
+    pub(super) redis_ca_file: Option<PathBuf>,
     pub(super) key_prefix: Option<String>,
     pub(super) instance: Option<String>,
     pub(super) staleness: Option<RawStaleness>,

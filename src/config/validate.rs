@@ -63,10 +63,11 @@ fn fleet(f: super::raw::RawFleet, secrets: Secrets) -> Result<super::FleetSettin
     use super::raw::{RawStaleness, RawStore};
     let store = match f.store.unwrap_or(RawStore::Local) {
         RawStore::Local => {
-            if f.redis_url.is_some() || f.redis_url_env.is_some() || f.key_prefix.is_some() {
+            if f.redis_url.is_some() || f.redis_url_env.is_some() || f.key_prefix.is_some() || f.redis_ca_file.is_some()
+            {
                 return Err(invalid(
                     "fleet.store",
-                    "is \"local\": redis_url, redis_url_env and key_prefix are for store = \"redis\"",
+                    "is \"local\": redis_url, redis_url_env, redis_ca_file and key_prefix are for store = \"redis\"",
                 ));
             }
             let state_dir = f.state_dir.unwrap_or_else(|| defaults::STATE_DIR.into());
@@ -96,24 +97,35 @@ fn fleet(f: super::raw::RawFleet, secrets: Secrets) -> Result<super::FleetSettin
                     return Err(invalid("fleet.redis_url", "store = \"redis\" needs redis_url or redis_url_env"))
                 }
             };
-            if url.starts_with("rediss") || url.starts_with("valkeys") {
-                // Not built in: refused rather than connected in plaintext.
+            let schemes = [
+                "redis://",
+                "rediss://",
+                "redis-cluster://",
+                "rediss-cluster://",
+                "redis-sentinel://",
+                "rediss-sentinel://",
+            ];
+            if !schemes.iter().any(|s| url.starts_with(s)) {
                 return Err(invalid(
                     "fleet.redis_url",
-                    "TLS to Redis (rediss://) is not built into this version: reach Redis over a private network or a TLS sidecar, with redis://",
+                    "must be a redis://, rediss:// (TLS), redis-cluster://, rediss-cluster://, redis-sentinel:// or rediss-sentinel:// URL",
                 ));
             }
-            if !["redis://", "redis-cluster://", "redis-sentinel://"].iter().any(|s| url.starts_with(s)) {
-                return Err(invalid(
-                    "fleet.redis_url",
-                    "must be a redis://, redis-cluster:// or redis-sentinel:// URL",
-                ));
+            let tls = url.starts_with("rediss");
+            let ca_file = f.redis_ca_file;
+            if let Some(ca) = &ca_file {
+                if !tls {
+                    return Err(invalid("fleet.redis_ca_file", "is for a TLS URL (rediss://)"));
+                }
+                if secrets == Secrets::Read && std::fs::metadata(ca).is_err() {
+                    return Err(invalid("fleet.redis_ca_file", &format!("cannot read {}", ca.display())));
+                }
             }
             let key_prefix = f.key_prefix.unwrap_or_else(|| "portcullis".to_owned());
             if key_prefix.is_empty() || !key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
                 return Err(invalid("fleet.key_prefix", "must be 1 or more characters of [A-Za-z0-9-_.:]"));
             }
-            super::StoreKind::Redis { url, key_prefix }
+            super::StoreKind::Redis { url, key_prefix, ca_file }
         }
     };
     let instance = match f.instance {

@@ -363,8 +363,10 @@ impl Fleet {
                 health.ok();
                 (Store::Local(log), locks)
             }
-            StoreKind::Redis { url, key_prefix } => {
-                let (r, locks) = redis::Redis::open(url, key_prefix, &settings.instance, health.clone(), tx).await?;
+            StoreKind::Redis { url, key_prefix, ca_file } => {
+                let tls = redis::Tls { ca_file: ca_file.as_deref() };
+                let (r, locks) =
+                    redis::Redis::open(url, key_prefix, tls, &settings.instance, health.clone(), tx).await?;
                 (Store::Redis(r), locks)
             }
         };

@@ -86,10 +86,51 @@ async fn timed<T>(f: impl std::future::Future<Output = Result<T, Error>>) -> Res
     }
 }
 
+/// How a `rediss://` store's certificate is checked.
+pub struct Tls<'a> {
+    /// More CA certificates (PEM) to trust besides the system's.
+    pub ca_file: Option<&'a std::path::Path>,
+}
+
+impl Tls<'_> {
+    /// The rustls client configuration: the system's roots and `ca_file`'s, the crate's one
+    /// crypto provider, the server's name checked.
+    fn connector(&self) -> Result<fred::types::config::TlsConnector, StoreError> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::CertificateDer;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+        if let Some(path) = self.ca_file {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| StoreError::Redis(format!("redis_ca_file {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(StoreError::Redis(format!("redis_ca_file {}: no certificate", path.display())));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| StoreError::Redis(format!("redis_ca_file {}: {e}", path.display())))?;
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(redis_error)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(config.into())
+    }
+}
+
 /// A client for `url` that reconnects for ever (every 500 ms), and does not wait for its first
 /// connection.
-fn client(url: &str) -> Result<Client, StoreError> {
-    let config = Config::from_url(url).map_err(|e| StoreError::Redis(format!("redis_url: {e}")))?;
+fn client(url: &str, tls: &Tls<'_>) -> Result<Client, StoreError> {
+    let mut config = Config::from_url(url).map_err(|e| StoreError::Redis(format!("redis_url: {e}")))?;
+    if url.starts_with("rediss") {
+        // The certificate is checked against the system's roots and redis_ca_file's, never
+        // accepted unchecked.
+        config.tls = Some(tls.connector()?.into());
+    }
     // A command is never kept for a later connection: fred drops it at its deadline, and one
     // written to a connection that dies is not written again. (Kept, a command written while
     // the store is away would run after it is back, and blocking reads queued so would hold
@@ -114,12 +155,13 @@ impl Redis {
     pub async fn open(
         url: &str,
         prefix: &str,
+        tls: Tls<'_>,
         instance: &str,
         health: Arc<Health>,
         feed: mpsc::UnboundedSender<Feed>,
     ) -> Result<(Redis, Vec<Lock>), StoreError> {
         let keys = Keys::new(prefix);
-        let writer = client(url)?;
+        let writer = client(url, &tls)?;
         let reader = writer.clone_new();
         // The connection tasks run for as long as the clients live.
         drop(writer.connect());

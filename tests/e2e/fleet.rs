@@ -168,16 +168,24 @@ mod redis {
         child: std::process::Child,
         port: u16,
         dir: tempfile::TempDir,
+        /// With TLS: the TLS port and its certificate and key files.
+        tls: Option<(u16, std::path::PathBuf, std::path::PathBuf)>,
     }
 
     impl RedisServer {
         pub(super) async fn start() -> RedisServer {
+            RedisServer::start_with(None).await
+        }
+
+        /// With a TLS port too, serving `cert` and `key`.
+        async fn start_with(tls: Option<(std::path::PathBuf, std::path::PathBuf)>) -> RedisServer {
             let dir = tempfile::tempdir().expect("redis dir");
             for _ in 0..20 {
                 let port = 20_000 + rand::random::<u16>() % 30_000;
-                let mut child = RedisServer::spawn(dir.path(), port);
+                let tls = tls.clone().map(|(c, k)| (port + 1, c, k));
+                let mut child = RedisServer::spawn(dir.path(), port, tls.as_ref());
                 if wait_up(&mut child, port).await {
-                    return RedisServer { child, port, dir };
+                    return RedisServer { child, port, dir, tls };
                 }
                 let _ = child.kill();
                 let _ = child.wait();
@@ -185,9 +193,21 @@ mod redis {
             panic!("redis-server did not start on any port tried")
         }
 
-        fn spawn(dir: &std::path::Path, port: u16) -> std::process::Child {
-            std::process::Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", ""])
+        fn spawn(
+            dir: &std::path::Path,
+            port: u16,
+            tls: Option<&(u16, std::path::PathBuf, std::path::PathBuf)>,
+        ) -> std::process::Child {
+            let mut cmd = std::process::Command::new("redis-server");
+            if let Some((tls_port, cert, key)) = tls {
+                cmd.args(["--tls-port", &tls_port.to_string(), "--tls-auth-clients", "no", "--tls-cert-file"])
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(cert);
+            }
+            cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", ""])
                 .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
                 .arg(dir)
                 .stdout(std::process::Stdio::null())
@@ -207,7 +227,7 @@ mod redis {
 
         /// Starts it again on its port, with its data.
         async fn restart(&mut self) {
-            self.child = RedisServer::spawn(self.dir.path(), self.port);
+            self.child = RedisServer::spawn(self.dir.path(), self.port, self.tls.as_ref());
             assert!(wait_up(&mut self.child, self.port).await, "redis-server restarted on its port");
         }
     }
@@ -399,6 +419,49 @@ mod redis {
         eventually("the instance serves again", async || (status_with(cut_off.tls, &alice).await == 101).then_some(()))
             .await;
         assert_eq!(status_with(cut_off.tls, &mallory).await, 401);
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn a_tls_redis_is_used_with_its_ca_and_refused_without_it() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let certs = tempfile::tempdir().expect("dir");
+        // A CA, and Redis's certificate for localhost signed by it.
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .signed_by(&leaf_key, &issuer)
+            .expect("leaf");
+        let (ca_path, cert, key_path) =
+            (certs.path().join("ca.pem"), certs.path().join("redis.pem"), certs.path().join("redis-key.pem"));
+        std::fs::write(&ca_path, ca_cert.pem()).expect("write");
+        std::fs::write(&cert, format!("{}{}", leaf.pem(), ca_cert.pem())).expect("write");
+        std::fs::write(&key_path, leaf_key.serialize_pem()).expect("write");
+        let redis = RedisServer::start_with(Some((cert, key_path))).await;
+        let tls_port = redis.tls.as_ref().expect("tls").0;
+        let url = format!("rediss://localhost:{tls_port}");
+        let prefix = prefix();
+        let mut trusted = fleet(&url, &prefix, "trusting", "best_effort");
+        trusted["redis_ca_file"] = ca_path.display().to_string().into();
+        let good = ProxyProcess::start(&config(backend.addr, &key, trusted)).await;
+        eventually("the store is reached over TLS", async || {
+            (fleet_state(good.admin).await["reachable"] == true).then_some(())
+        })
+        .await;
+        let (status, _) = admin_post(good.admin, "/sessions/revoke", r#"{"subject":"ivan"}"#).await;
+        assert_eq!(status, 200, "the lock is written over TLS");
+        // Without the CA the certificate is not trusted: the store stays unreachable.
+        let bad =
+            ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "doubting", "best_effort"))).await;
+        let (status, _) = admin_post(bad.admin, "/sessions/revoke", r#"{"subject":"ivan"}"#).await;
+        assert_eq!(status, 503, "the write fails: an untrusted certificate is refused");
+        assert_eq!(fleet_state(bad.admin).await["reachable"], false);
     }
 
     #[tokio::test]
