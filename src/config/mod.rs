@@ -58,6 +58,18 @@ pub struct Config {
     pub fleet: FleetSettings,
 }
 
+/// `[routes.affinity]`: stateful session affinity by response header (MCP's `Mcp-Session-Id`),
+/// with no shared store (`routing::affinity`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AffinitySettings {
+    /// The header (default `mcp-session-id`).
+    pub header: http::HeaderName,
+    /// The envelope keys (32 bytes each), the sealing one first. There is no default.
+    pub keys: Vec<Secret>,
+    /// How long an envelope opens after it was sealed.
+    pub ttl: std::time::Duration,
+}
+
 /// `[fleet]`: the state store that makes revocations outlive a restart and, with Redis, reach
 /// every instance of a fleet.
 #[derive(Debug, Clone, PartialEq)]
@@ -438,6 +450,9 @@ pub struct RouteConfig {
     pub resume: Option<std::sync::Arc<ResumeSettings>>,
     /// One backend WebSocket shared by every client of the same agent and path, when set.
     pub fanout: Option<std::sync::Arc<FanoutSettings>>,
+    /// `[routes.affinity]`: the member that answered with a session header keeps the session's
+    /// requests, through a sealed envelope (HTTP routes).
+    pub affinity: Option<std::sync::Arc<AffinitySettings>>,
 }
 
 /// How long a subscriber (a fan-out client, an observer) dropped for falling behind has, by

@@ -37,6 +37,15 @@ pub(super) struct RawConfig {
     pub(super) fleet: RawFleet,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAffinity {
+    pub(super) header: Option<String>,
+    pub(super) keys_file: Option<PathBuf>,
+    pub(super) keys_env: Option<String>,
+    pub(super) ttl: Option<Dur>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFleet {
@@ -348,6 +357,7 @@ pub(super) struct RawRoute {
     pub(super) observe: Option<RawObserve>,
     pub(super) resume: Option<RawResume>,
     pub(super) fanout: Option<RawFanout>,
+    pub(super) affinity: Option<RawAffinity>,
 }
 
 #[derive(Debug, Deserialize)]

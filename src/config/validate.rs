@@ -59,6 +59,49 @@ pub(super) fn config(raw: RawConfig, secrets: Secrets) -> Result<Config, Invalid
     })
 }
 
+fn affinity(a: super::raw::RawAffinity, key: &str, secrets: Secrets) -> Result<super::AffinitySettings, Invalid> {
+    let at = format!("{key}.affinity");
+    let header = a.header.unwrap_or_else(|| "mcp-session-id".to_owned());
+    let header = http::HeaderName::from_bytes(header.as_bytes())
+        .map_err(|_| invalid(&format!("{at}.header"), "not a header name"))?;
+    let what = format!("{at}.keys_file");
+    let Some(text) = load_secret(a.keys_file.as_deref(), a.keys_env.as_deref(), &what, secrets)? else {
+        return Err(invalid(&what, "affinity needs its keys (keys_file or keys_env): there is no default key"));
+    };
+    let keys: Vec<Secret> = match secrets {
+        Secrets::Unread => vec![Secret::new(vec![0; 32])],
+        Secrets::Read => {
+            let text = String::from_utf8_lossy(text.expose()).into_owned();
+            let mut keys = Vec::new();
+            for (n, line) in
+                text.lines().map(str::trim).enumerate().filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+            {
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(line)
+                    .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(line))
+                    .map_err(|_| invalid(&what, &format!("line {}: not base64", n + 1)))?;
+                if bytes.len() != 32 {
+                    return Err(invalid(
+                        &what,
+                        &format!("line {}: a key is 32 bytes (base64 of 32 random bytes)", n + 1),
+                    ));
+                }
+                keys.push(Secret::new(bytes));
+            }
+            if keys.is_empty() {
+                return Err(invalid(&what, "holds no key"));
+            }
+            keys
+        }
+    };
+    let ttl = a.ttl.map_or(std::time::Duration::from_secs(24 * 3600), |d| d.0);
+    if ttl.is_zero() {
+        return Err(invalid(&format!("{at}.ttl"), "must be more than 0s"));
+    }
+    Ok(super::AffinitySettings { header, keys, ttl })
+}
+
 fn fleet(f: super::raw::RawFleet, secrets: Secrets) -> Result<super::FleetSettings, Invalid> {
     use super::raw::{RawStaleness, RawStore};
     let store = match f.store.unwrap_or(RawStore::Local) {
@@ -515,6 +558,16 @@ fn route(
         })),
     };
     let cors = r.cors.map(|c| cors(c, key)).transpose()?;
+    let affinity = match r.affinity {
+        None => None,
+        Some(_) if matches!(r.kind, None | Some(RawKind::Websocket)) => {
+            return Err(invalid(
+                &format!("{key}.affinity"),
+                "routes plain HTTP requests: set kind = \"http\" or \"both\"",
+            ))
+        }
+        Some(a) => Some(std::sync::Arc::new(affinity(a, key, secrets)?)),
+    };
     // A cookie rides along on any site's request: only an origin policy tells the route's
     // own pages from another site's (CSRF, cross-site WebSocket hijacking).
     let cookie = auth.as_ref().is_some_and(|a| a.sources.iter().any(|s| matches!(s, TokenSource::Cookie(_))));
@@ -535,6 +588,7 @@ fn route(
         observe,
         resume,
         fanout,
+        affinity,
         name: r.name,
         host: r.host.map(|h| h.to_ascii_lowercase()),
         path: r.path,

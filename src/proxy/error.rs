@@ -74,6 +74,9 @@ pub enum RequestError {
     /// `max_staleness` (503): a revocation made meanwhile might not be known here.
     #[error("revocations cannot be checked: the fleet store has been unreachable for {}s (fleet.staleness = strict)", .0.as_secs())]
     FleetStale(std::time::Duration),
+    /// The request's affinity envelope does not open (404, as MCP answers an unknown session).
+    #[error(transparent)]
+    Affinity(crate::routing::affinity::AffinityError),
     /// A request on the fleet's peer listener that is neither a resume nor an observer (403).
     #[error("the peer listener carries resumes and observers only")]
     PeerOnly,
@@ -118,7 +121,7 @@ impl RequestError {
             | RequestError::FleetStale(_) => StatusCode::SERVICE_UNAVAILABLE,
             RequestError::Forward(f) => match f {
                 ForwardError::Pool(PoolError::InvalidMember) | ForwardError::ClientBody(_) => StatusCode::BAD_REQUEST,
-                ForwardError::Pool(PoolError::UnknownAgent) => StatusCode::NOT_FOUND,
+                ForwardError::Pool(PoolError::UnknownAgent) | ForwardError::MemberGone => StatusCode::NOT_FOUND,
                 ForwardError::Pool(PoolError::Registry(_) | PoolError::NoHealthyMember)
                 | ForwardError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 ForwardError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -128,6 +131,7 @@ impl RequestError {
             },
             RequestError::NoSuchSession => StatusCode::NOT_FOUND,
             RequestError::PeerOnly => StatusCode::FORBIDDEN,
+            RequestError::Affinity(_) => StatusCode::NOT_FOUND,
             RequestError::PeerUnreachable => StatusCode::BAD_GATEWAY,
             RequestError::BadResumeId | RequestError::Header(_) => StatusCode::BAD_REQUEST,
             RequestError::Resume(crate::session::resume::ClaimError::OtherSubject) => StatusCode::FORBIDDEN,
@@ -164,6 +168,7 @@ impl RequestError {
             RequestError::Forward(f) => match f {
                 ForwardError::Pool(PoolError::InvalidMember) => "invalid_capture",
                 ForwardError::Pool(PoolError::UnknownAgent) => "unknown_agent",
+                ForwardError::MemberGone => "affinity_member_gone",
                 ForwardError::Pool(PoolError::Registry(_)) => "registry_unavailable",
                 ForwardError::Pool(PoolError::NoHealthyMember) => "no_healthy_member",
                 ForwardError::TooLarge(_) => "body_too_large",
@@ -177,6 +182,7 @@ impl RequestError {
             RequestError::Draining => "draining",
             RequestError::FleetStale(_) => "fleet_stale",
             RequestError::PeerOnly => "peer_only",
+            RequestError::Affinity(_) => "affinity_refused",
             RequestError::PeerUnreachable => "peer_unreachable",
             RequestError::TooManySessions => "subject_sessions",
             RequestError::TooManyStreams => "per_ip_streams",
@@ -201,6 +207,7 @@ impl RequestError {
                 self.to_string()
             }
             RequestError::Forward(ForwardError::Pool(PoolError::InvalidMember | PoolError::UnknownAgent))
+            | RequestError::Forward(ForwardError::MemberGone)
             | RequestError::Forward(ForwardError::TooLarge(_) | ForwardError::ClientStalled(_)) => self.to_string(),
             RequestError::Connect(_) | RequestError::Forward(_) | RequestError::Internal(_) => {
                 status.canonical_reason().unwrap_or("backend error").to_owned()

@@ -635,15 +635,48 @@ async fn handle_request(
     let forwarded = forwarded_for(ctx, runtime, req.headers());
     // The proxy answers `Expect: 100-continue` itself (hyper sends 100 when the body is first
     // read, which is when a member is ready for it).
-    let headers = match admitted.backend_headers(&route, &forwarded, &[::http::header::EXPECT]) {
+    let mut headers = match admitted.backend_headers(&route, &forwarded, &[::http::header::EXPECT]) {
         Ok(h) => h,
         Err(e) => return reject_request(ctx, &req, &route.name, started, e.into()),
     };
+    // A session's envelope: opened here (any instance can), its member pinned and the backend's
+    // own id restored; one that does not open is an unknown session.
+    let affinity = route.affinity.as_ref().and_then(|a| Some((a, affinity_keys(a)?)));
+    let mut pinned = None;
+    if let Some((settings, keys)) = &affinity {
+        if let Some(envelope) = req.headers().get(&settings.header) {
+            let (issuer, subject) = (claims.and_then(|c| c.issuer()), claims.and_then(|c| c.subject()));
+            let opened = envelope
+                .to_str()
+                .map_err(|_| crate::routing::affinity::AffinityError::Malformed)
+                .and_then(|e| keys.open(&route.name, e, issuer, subject, crate::fleet::now_secs()));
+            match opened.map(|s| (HeaderValue::from_str(&s.backend_id), s.member)) {
+                Ok((Ok(id), member)) => {
+                    headers.insert(settings.header.clone(), id);
+                    pinned = Some(member);
+                }
+                Ok((Err(_), _)) => {
+                    return reject_request(
+                        ctx,
+                        &req,
+                        &route.name,
+                        started,
+                        RequestError::Affinity(crate::routing::affinity::AffinityError::Tampered),
+                    )
+                }
+                Err(e) => {
+                    tracing::info!(route = %route.name, client = %ctx.client_addr, reason = e.label(), "session envelope refused");
+                    return reject_request(ctx, &req, &route.name, started, RequestError::Affinity(e));
+                }
+            }
+        }
+    }
     let out = request::Outgoing {
         method: req.method().clone(),
         path: forward::backend_path(&route, &caps, &admitted.path_and_query),
         headers,
         sticky_key,
+        pinned,
     };
     let metrics = ctx.shared.metrics.clone();
     let mut exchange = new_exchange(ctx, &req, &route.name, started);
@@ -663,6 +696,21 @@ async fn handle_request(
     };
     let (mut parts, body) = answered.response.into_parts();
     forward::strip_response_headers(&mut parts.headers);
+    // The backend's session id goes to the client sealed: the member, the id, the subject.
+    if let Some((settings, keys)) = &affinity {
+        if let Some(id) = parts.headers.get(&settings.header).and_then(|v| v.to_str().ok()) {
+            let sealed = crate::routing::affinity::Sealed {
+                member: answered.member.clone(),
+                backend_id: id.to_owned(),
+                issuer: claims.and_then(|c| c.issuer().map(str::to_owned)),
+                subject: claims.and_then(|c| c.subject().map(str::to_owned)),
+                expires: crate::fleet::now_secs() + settings.ttl.as_secs(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&keys.seal(&route.name, &sealed)) {
+                parts.headers.insert(settings.header.clone(), v);
+            }
+        }
+    }
     // Only a response that sets cookies pays for the list of credential cookie names.
     if parts.headers.contains_key(::http::header::SET_COOKIE) {
         forward::protect_credential_cookies(&mut parts.headers, &credential_cookies(runtime), route.sandbox);
@@ -1292,6 +1340,12 @@ fn note_error(metrics: &crate::metrics::Metrics, route: &str, e: &RequestError) 
         RequestError::Internal(what) => tracing::error!(route, what, "internal error"),
         _ => {}
     }
+}
+
+/// A route's envelope keys (checked when the configuration was loaded: 32 bytes each, one at
+/// least).
+fn affinity_keys(settings: &crate::config::AffinitySettings) -> Option<crate::routing::affinity::Keys> {
+    crate::routing::affinity::Keys::new(settings.keys.iter().map(|k| k.expose()))
 }
 
 /// The auth stage for every kind of request, then the fleet's gate: under

@@ -37,6 +37,10 @@ pub enum ForwardError {
     /// The route's pool has no member to offer (400, 404 or 503).
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// The member that holds the request's session (its affinity envelope's) is no longer in
+    /// the pool, or not healthy (404: the client starts a new session).
+    #[error("the member that held this session is gone: start a new session")]
+    MemberGone,
     /// The request body is larger than `max_request_body` (413).
     #[error("request body over the limit of {0} bytes")]
     TooLarge(u64),
@@ -80,6 +84,8 @@ pub struct Outgoing {
     pub headers: HeaderMap,
     /// Key for sticky member choice.
     pub sticky_key: Option<Vec<u8>>,
+    /// The one member the request may go to (the session's, from its affinity envelope).
+    pub pinned: Option<String>,
 }
 
 /// A member's response head, its body still to stream.
@@ -104,7 +110,14 @@ pub async fn forward(
     if body.size_hint().lower() > limit {
         return Err(ForwardError::TooLarge(limit));
     }
-    let order = state.candidates(route, caps, out.sticky_key.as_deref(), conns).await?;
+    let mut order = state.candidates(route, caps, out.sticky_key.as_deref(), conns).await?;
+    if let Some(member) = &out.pinned {
+        // A session lives on the member that created it: no other may take its requests.
+        order.retain(|c| c.addr == *member);
+        if order.is_empty() {
+            return Err(ForwardError::MemberGone);
+        }
+    }
     let attempts = order.len();
     let idempotent = matches!(
         out.method,

@@ -22,6 +22,7 @@
 //! instance sends a key to the same member without sharing any state, and removing
 //! a member moves only the keys that were on it.
 
+pub mod affinity;
 pub(crate) mod health;
 pub(crate) mod pool;
 pub mod resolver;

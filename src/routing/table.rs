@@ -95,6 +95,7 @@ mod tests {
             observe: None,
             resume: None,
             fanout: None,
+            affinity: None,
             name: name.into(),
             host: host.map(Into::into),
             path: path.parse().expect("pattern"),

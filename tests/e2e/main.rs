@@ -6,6 +6,7 @@ mod harness;
 #[path = "../../src/mint.rs"]
 mod mint;
 
+mod affinity;
 mod auth;
 mod cli;
 mod dashboards;

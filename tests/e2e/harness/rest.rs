@@ -48,7 +48,8 @@ pub struct Seen {
 /// - `stall`: the head and one chunk, then nothing; `ndjson`: the same as
 ///   `application/x-ndjson`;
 /// - `status?code=C`: answers C;
-/// - `cookie`: sets `portcullis_token` (the proxy's credential cookie) and `theme`.
+/// - `cookie`: sets `portcullis_token` (the proxy's credential cookie) and `theme`;
+/// - `mcp`: a stateful session, as an MCP server's (see the handler).
 pub struct RestBackend {
     pub addr: SocketAddr,
     /// TCP connections accepted.
@@ -129,6 +130,25 @@ async fn respond(
             seen.lock().expect("seen").push(record);
             return Ok(r);
         }
+        // A stateful session endpoint, as an MCP server: without `mcp-session-id` a session is
+        // created here (its id names this member); with one, 200 "<member>:<id>" when this
+        // member created it, else 404 (it knows no such session).
+        "mcp" => match parts.headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+            None => {
+                let mut r = Response::new(full(Bytes::from(format!("{name}:new"))));
+                let id = format!("{name}-session-{conn}-{}", rand::random::<u32>());
+                r.headers_mut().insert("mcp-session-id", id.parse().expect("id"));
+                r
+            }
+            Some(id) if id.starts_with(&format!("{name}-session-")) => {
+                Response::new(full(Bytes::from(format!("{name}:{id}"))))
+            }
+            Some(_) => {
+                let mut r = Response::new(full(Bytes::from_static(b"unknown session")));
+                *r.status_mut() = StatusCode::NOT_FOUND;
+                r
+            }
+        },
         "echo" => {
             let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             record.body_len = bytes.len();

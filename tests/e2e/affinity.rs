@@ -1,0 +1,105 @@
+//! Stateful session affinity (`[routes.affinity]`): a member's session header goes to the
+//! client sealed, and brings every later request back to that member, through any instance,
+//! for the subject it was sealed for only.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::harness::*;
+
+/// A proxy whose route `mcp` (`/agents/{agent}/mcp`, kind http, round robin over `members`)
+/// seals `mcp-session-id` with the keys in `keys`.
+async fn start(key: &Hmac, members: &[SocketAddr], keys: &std::path::Path) -> Proxy {
+    let members: Vec<String> = members.iter().map(SocketAddr::to_string).collect();
+    let text = TestConfig::base(&["127.0.0.1:1".to_owned()])
+        .merge("", key.auth_keys())
+        .merge(
+            "",
+            json!({"routes": [{
+                "name": "mcp",
+                "path": "/agents/{agent}/mcp",
+                "kind": "http",
+                "backends": members,
+                "balance": {"policy": "round_robin"},
+                "auth": {"agent_claim": "agents"},
+                "affinity": {"keys_file": keys.display().to_string()},
+            }]}),
+        )
+        .text();
+    Proxy::start_with(&text).await
+}
+
+fn key_file(keys: &[[u8; 32]]) -> tempfile::NamedTempFile {
+    use base64::Engine as _;
+    let file = tempfile::NamedTempFile::new().expect("keys file");
+    let text: Vec<String> = keys.iter().map(|k| base64::engine::general_purpose::STANDARD.encode(k)).collect();
+    std::fs::write(file.path(), text.join("\n")).expect("write keys");
+    file
+}
+
+/// POST /agents/a1/mcp with `auth`, and `session` as `mcp-session-id` when given.
+async fn call(proxy: &Proxy, auth: &str, session: Option<&str>) -> Answer {
+    let mut c = H1::connect(proxy.tls, true).await;
+    let mut headers = vec![("authorization", auth)];
+    if let Some(s) = session {
+        headers.push(("mcp-session-id", s));
+    }
+    c.get("/agents/a1/mcp", &headers).await
+}
+
+#[tokio::test]
+async fn a_session_stays_on_the_member_that_created_it_through_any_instance_for_its_subject_only() {
+    let (m1, m2) = (RestBackend::start("m1").await, RestBackend::start("m2").await);
+    let key = hmac();
+    let keys = key_file(&[[7; 32]]);
+    let a = start(&key, &[m1.addr, m2.addr], keys.path()).await;
+    let b = start(&key, &[m1.addr, m2.addr], keys.path()).await;
+    let alice = format!("Bearer {}", key.token("alice", &["a1"], Duration::from_secs(600)));
+
+    let first = call(&a, &alice, None).await;
+    assert_eq!(first.status, 200);
+    let member = first.headers["x-member"].to_str().expect("member").to_owned();
+    let envelope = first.headers["mcp-session-id"].to_str().expect("id").to_owned();
+    assert!(envelope.starts_with("pc1."), "the client gets the sealed envelope: {envelope}");
+    assert!(!envelope.contains(&member), "the member is not readable in it");
+    // Round robin would alternate: the session keeps every request on its member, through
+    // either instance, and the member gets its own id back.
+    for proxy in [&a, &b, &a, &b] {
+        let r = call(proxy, &alice, Some(&envelope)).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.headers["x-member"].to_str().ok(), Some(member.as_str()));
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(body.starts_with(&format!("{member}:{member}-session-")), "the backend's own id: {body}");
+    }
+    // Another subject replaying it, a tampered one, or the backend's raw id: 404.
+    let mallory = format!("Bearer {}", key.token("mallory", &["a1"], Duration::from_secs(600)));
+    assert_eq!(call(&a, &mallory, Some(&envelope)).await.status, 404);
+    let mut tampered = envelope.clone().into_bytes();
+    let last = tampered.len() - 2;
+    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+    assert_eq!(call(&a, &alice, Some(&String::from_utf8(tampered).expect("utf8"))).await.status, 404);
+    assert_eq!(call(&a, &alice, Some("m1-session-0-1")).await.status, 404, "a raw id is not an envelope");
+    // An instance with other keys cannot open it; one whose pool lost the member says so.
+    let other_keys = key_file(&[[8; 32]]);
+    let c = start(&key, &[m1.addr, m2.addr], other_keys.path()).await;
+    assert_eq!(call(&c, &alice, Some(&envelope)).await.status, 404);
+    let survivor = if member == "m1" { m2.addr } else { m1.addr };
+    let d = start(&key, &[survivor], keys.path()).await;
+    let gone = call(&d, &alice, Some(&envelope)).await;
+    assert_eq!(gone.status, 404);
+    assert!(String::from_utf8_lossy(&gone.body).contains("gone"), "{:?}", gone.body);
+    // A rotated key set (a new key first, the old one still listed) opens it.
+    let rotated = key_file(&[[9; 32], [7; 32]]);
+    let e = start(&key, &[m1.addr, m2.addr], rotated.path()).await;
+    assert_eq!(call(&e, &alice, Some(&envelope)).await.headers["x-member"].to_str().ok(), Some(member.as_str()));
+}
+
+#[test]
+fn affinity_without_keys_is_refused_by_validation() {
+    let text =
+        TestConfig::base(&["127.0.0.1:1".to_owned()]).merge("routes.0", json!({"kind": "http", "affinity": {}})).text();
+    let err = portcullis::config::Config::parse(&text, std::path::Path::new("a.toml")).expect_err("refused");
+    assert!(err.to_string().contains("no default key"), "{err}");
+}
