@@ -172,6 +172,15 @@ impl Claims {
         self.exp
     }
 
+    /// True when the `aud` claim (a string, or an array of strings) names `audience`.
+    pub fn has_audience(&self, audience: &str) -> bool {
+        match self.all.get("aud") {
+            Some(Value::String(a)) => a == audience,
+            Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).any(|a| a == audience),
+            _ => false,
+        }
+    }
+
     /// Any claim by name.
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.all.get(name)

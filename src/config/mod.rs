@@ -58,6 +58,32 @@ pub struct Config {
     pub fleet: FleetSettings,
 }
 
+/// `[routes.resource]`: the route as an OAuth 2.0 protected resource (RFC 9728): its metadata
+/// is served at `/.well-known/oauth-protected-resource{path of id}`, every 401 on the route points
+/// at it, and a token's audience must name the resource (RFC 8707).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceSettings {
+    /// The resource identifier, an absolute `https://` URL; `{capture}`s of the route's path are
+    /// filled in (`https://edge.example.com/agents/{agent}/mcp`). Its scheme and authority are
+    /// the external URL the metadata's address is built from, never the request's `Host`.
+    pub id: String,
+    /// The authorization servers' issuer URLs.
+    pub authorization_servers: Vec<String>,
+    /// Scopes the resource understands, when listed.
+    pub scopes_supported: Vec<String>,
+}
+
+impl ResourceSettings {
+    /// The metadata document's URL for the resource `id` (rendered): the well-known path
+    /// inserted between its authority and its path (RFC 9728 §3.1).
+    pub fn metadata_url(id: &str) -> Option<String> {
+        let uri: http::Uri = id.parse().ok()?;
+        let (scheme, authority) = (uri.scheme_str()?, uri.authority()?);
+        let path = uri.path().trim_end_matches('/');
+        Some(format!("{scheme}://{authority}/.well-known/oauth-protected-resource{path}"))
+    }
+}
+
 /// `[routes.affinity]`: stateful session affinity by response header (MCP's `Mcp-Session-Id`),
 /// with no shared store (`routing::affinity`).
 #[derive(Debug, Clone, PartialEq)]
@@ -453,6 +479,8 @@ pub struct RouteConfig {
     /// `[routes.affinity]`: the member that answered with a session header keeps the session's
     /// requests, through a sealed envelope (HTTP routes).
     pub affinity: Option<std::sync::Arc<AffinitySettings>>,
+    /// `[routes.resource]`: the route is an OAuth protected resource (RFC 9728).
+    pub resource: Option<std::sync::Arc<ResourceSettings>>,
 }
 
 /// How long a subscriber (a fan-out client, an observer) dropped for falling behind has, by
@@ -954,6 +982,34 @@ mod tests {
             let msg = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
             assert!(msg.contains(key) && msg.contains(wanted), "{fleet}: {msg}");
         }
+    }
+
+    #[test]
+    fn a_protected_resource_is_checked_and_its_metadata_url_built_from_its_id() {
+        let route = |resource: &str, auth: &str| {
+            format!(
+                "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_env = \"PATH\"\n[[routes]]\nname = \"m\"\npath = \"/agents/{{agent}}/mcp\"\nkind = \"http\"\nbackends = [\"127.0.0.1:1\"]\n{auth}[routes.resource]\n{resource}\n"
+            )
+        };
+        let auth = "[routes.auth]\nagent_claim = \"agents\"\n";
+        let ok = "id = \"https://e.example/agents/{agent}/mcp\"\nauthorization_servers = [\"https://idp.example\"]";
+        Config::parse(&route(ok, auth), Path::new("x.toml")).expect("valid");
+        for (resource, auth, wanted) in [
+            (ok, "", "needs [routes.auth]"),
+            ("id = \"http://e.example/mcp\"\nauthorization_servers = [\"https://idp.example\"]", auth, "https://"),
+            ("id = \"https://e.example/mcp\"\nauthorization_servers = []", auth, "at least one"),
+        ] {
+            let msg = Config::parse(&route(resource, auth), Path::new("x.toml")).unwrap_err().to_string();
+            assert!(msg.contains("resource") && msg.contains(wanted), "{resource}: {msg}");
+        }
+        assert_eq!(
+            ResourceSettings::metadata_url("https://e.example/agents/a1/mcp").as_deref(),
+            Some("https://e.example/.well-known/oauth-protected-resource/agents/a1/mcp")
+        );
+        assert_eq!(
+            ResourceSettings::metadata_url("https://e.example").as_deref(),
+            Some("https://e.example/.well-known/oauth-protected-resource")
+        );
     }
 
     #[test]

@@ -39,6 +39,15 @@ pub(super) struct RawConfig {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawResource {
+    pub(super) id: String,
+    pub(super) authorization_servers: Vec<String>,
+    #[serde(default)]
+    pub(super) scopes_supported: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawAffinity {
     pub(super) header: Option<String>,
     pub(super) keys_file: Option<PathBuf>,
@@ -358,6 +367,7 @@ pub(super) struct RawRoute {
     pub(super) resume: Option<RawResume>,
     pub(super) fanout: Option<RawFanout>,
     pub(super) affinity: Option<RawAffinity>,
+    pub(super) resource: Option<RawResource>,
 }
 
 #[derive(Debug, Deserialize)]

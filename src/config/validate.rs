@@ -568,6 +568,47 @@ fn route(
         }
         Some(a) => Some(std::sync::Arc::new(affinity(a, key, secrets)?)),
     };
+    let resource = match r.resource {
+        None => None,
+        Some(_) if auth.is_none() => {
+            return Err(invalid(
+                &format!("{key}.resource"),
+                "a protected resource needs [routes.auth] (tokens are checked)",
+            ))
+        }
+        Some(res) => {
+            let probe = res.id.replace(['{', '}'], "");
+            let uri: Option<http::Uri> = probe.parse().ok();
+            let ok = uri
+                .as_ref()
+                .is_some_and(|u| u.scheme_str() == Some("https") && u.authority().is_some() && u.query().is_none());
+            if !ok {
+                return Err(invalid(
+                    &format!("{key}.resource.id"),
+                    "must be an absolute https:// URL without a query (RFC 9728)",
+                ));
+            }
+            if res.authorization_servers.is_empty() {
+                return Err(invalid(
+                    &format!("{key}.resource.authorization_servers"),
+                    "must list at least one issuer URL",
+                ));
+            }
+            for (i, s) in res.authorization_servers.iter().enumerate() {
+                if !s.starts_with("https://") {
+                    return Err(invalid(
+                        &format!("{key}.resource.authorization_servers[{i}]"),
+                        "must be an https:// issuer URL",
+                    ));
+                }
+            }
+            Some(std::sync::Arc::new(super::ResourceSettings {
+                id: res.id,
+                authorization_servers: res.authorization_servers,
+                scopes_supported: res.scopes_supported,
+            }))
+        }
+    };
     // A cookie rides along on any site's request: only an origin policy tells the route's
     // own pages from another site's (CSRF, cross-site WebSocket hijacking).
     let cookie = auth.as_ref().is_some_and(|a| a.sources.iter().any(|s| matches!(s, TokenSource::Cookie(_))));
@@ -589,6 +630,7 @@ fn route(
         resume,
         fanout,
         affinity,
+        resource,
         name: r.name,
         host: r.host.map(|h| h.to_ascii_lowercase()),
         path: r.path,

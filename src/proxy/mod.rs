@@ -400,6 +400,45 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
     }
 }
 
+/// Where protected resources' metadata is served (RFC 9728 §3): followed by the resource's path.
+const RESOURCE_METADATA: &str = "/.well-known/oauth-protected-resource";
+
+/// The metadata document of the protected resource whose path is `path` (RFC 9728 §3.2), or
+/// 404 when no route with `[routes.resource]` has that resource there.
+fn resource_metadata(
+    runtime: &Runtime,
+    authority: Option<&crate::proxy::host::Authority>,
+    path: &str,
+) -> Response<Full<Bytes>> {
+    let path = if path.is_empty() { "/" } else { path };
+    let found = route::find(&runtime.routes, authority, path).ok().and_then(|(r, caps)| {
+        let res = r.resource.as_ref()?;
+        let id = crate::config::render_path(&res.id, &caps);
+        // The document is the one of the resource at exactly this path.
+        let at = id.parse::<::http::Uri>().ok()?.path().trim_end_matches('/').to_owned();
+        (at == path.trim_end_matches('/')).then(|| (id, res.clone()))
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    let Some((id, res)) = found else {
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+        *resp.body_mut() = Full::new(Bytes::from_static(b"no protected resource here\n"));
+        return resp;
+    };
+    let mut doc = serde_json::json!({
+        "resource": id,
+        "authorization_servers": res.authorization_servers,
+        "bearer_methods_supported": ["header"],
+    });
+    if !res.scopes_supported.is_empty() {
+        doc["scopes_supported"] = res.scopes_supported.clone().into();
+    }
+    *resp.body_mut() = Full::new(Bytes::from(doc.to_string()));
+    let h = resp.headers_mut();
+    h.insert(::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(::http::header::CACHE_CONTROL, HeaderValue::from_static("max-age=300"));
+    resp
+}
+
 /// The sandbox of `sandbox = true` routes: scripts, forms and popups run, but never as this
 /// origin (no `allow-same-origin`).
 const SANDBOX: &str = "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads";
@@ -442,7 +481,17 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         let answer = login::serve(login, runtime.authenticator.as_deref(), &gate, &req, ctx.tls, &origin).await;
         return Ok(login_answer(&ctx, answer).map(Either::Left));
     }
+    // A protected resource's metadata (RFC 9728), before any route or token.
+    if let Some(path) = req.uri().path().strip_prefix(RESOURCE_METADATA) {
+        return Ok(resource_metadata(&runtime, authority.as_ref(), path).map(Either::Left));
+    }
     let found = route::find(&runtime.routes, authority.as_ref(), req.uri().path());
+    // A 401 on a protected resource points at its metadata (built from the configured id,
+    // never from the request's Host).
+    let metadata_url = found.as_ref().ok().and_then(|(r, caps)| {
+        let id = crate::config::render_path(&r.resource.as_ref()?.id, caps);
+        crate::config::ResourceSettings::metadata_url(&id)
+    });
     if !websocket && req.method() == ::http::Method::CONNECT {
         let route = found.as_ref().map_or("none", |(r, _)| r.name.as_str());
         return Ok(reject_request(&ctx, &req, route, started, upgrade::UpgradeError::ConnectTunnel.into()));
@@ -488,6 +537,15 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         }
         (Ok((route, _)), false) => reject(&ctx, &route.name, upgrade::UpgradeError::NotUpgrade.into()),
     };
+    let mut resp = resp;
+    if let Some(url) = metadata_url.filter(|_| resp.status() == StatusCode::UNAUTHORIZED) {
+        // RFC 9728 §5.1: the challenge names the resource's metadata.
+        let challenge = resp.headers().get(::http::header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok());
+        let value = format!("{}, resource_metadata=\"{url}\"", challenge.unwrap_or("Bearer realm=\"portcullis\""));
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(::http::header::WWW_AUTHENTICATE, v);
+        }
+    }
     Ok(resp)
 }
 
@@ -1364,6 +1422,13 @@ async fn admit(
     let gate = token_check_gate(ctx, runtime);
     let admitted =
         auth::admit(route, caps, headers, path_and_query, ws, runtime.authenticator.as_deref(), &gate).await?;
+    // A protected resource (RFC 9728) takes only tokens minted for it (RFC 8707): the audience
+    // names the resource.
+    if let (Some(resource), Some(claims)) = (&route.resource, admitted.claims.as_deref()) {
+        if !claims.has_audience(&crate::config::render_path(&resource.id, caps)) {
+            return Err(RequestError::Auth(crate::auth::AuthError::WrongAudience));
+        }
+    }
     if admitted.claims.is_some() {
         if let Err(stale) = ctx.shared.fleet.health().admit() {
             crate::metrics::fleet_refused();

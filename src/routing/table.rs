@@ -96,6 +96,7 @@ mod tests {
             resume: None,
             fanout: None,
             affinity: None,
+            resource: None,
             name: name.into(),
             host: host.map(Into::into),
             path: path.parse().expect("pattern"),

@@ -103,3 +103,99 @@ fn affinity_without_keys_is_refused_by_validation() {
     let err = portcullis::config::Config::parse(&text, std::path::Path::new("a.toml")).expect_err("refused");
     assert!(err.to_string().contains("no default key"), "{err}");
 }
+
+/// A protected resource (RFC 9728): its metadata, the 401 challenge naming it, and tokens whose
+/// audience is the resource (RFC 8707).
+mod resource {
+    use super::*;
+
+    async fn start(key: &Hmac, member: SocketAddr) -> Proxy {
+        let text = TestConfig::base(&["127.0.0.1:1".to_owned()])
+            .merge("", key.auth_keys())
+            .merge(
+                "",
+                json!({"routes": [{
+                    "name": "mcp",
+                    "path": "/agents/{agent}/mcp",
+                    "kind": "http",
+                    "backends": [member.to_string()],
+                    "auth": {"agent_claim": "agents"},
+                    "resource": {
+                        "id": "https://edge.example.com/agents/{agent}/mcp",
+                        "authorization_servers": ["https://idp.example.com"],
+                        "scopes_supported": ["mcp:tools"],
+                    },
+                }]}),
+            )
+            .text();
+        Proxy::start_with(&text).await
+    }
+
+    /// GET `path` with `Host: host` and `headers`.
+    async fn get_as(proxy: &Proxy, host: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut b = hyper::Request::builder().method("GET").uri(path).header("host", host);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        H1::connect(proxy.tls, true).await.call(b.body(full(bytes::Bytes::new())).expect("request")).await
+    }
+
+    #[tokio::test]
+    async fn the_metadata_is_served_and_every_401_names_it_from_the_configured_url_not_the_host() {
+        let member = RestBackend::start("m1").await;
+        let key = hmac();
+        let proxy = start(&key, member.addr).await;
+        let meta = get_as(&proxy, "evil.example", "/.well-known/oauth-protected-resource/agents/a1/mcp", &[]).await;
+        assert_eq!(meta.status, 200);
+        let doc: serde_json::Value = serde_json::from_slice(&meta.body).expect("json");
+        assert_eq!(doc["resource"], "https://edge.example.com/agents/a1/mcp");
+        assert_eq!(doc["authorization_servers"], json!(["https://idp.example.com"]));
+        assert_eq!(doc["scopes_supported"], json!(["mcp:tools"]));
+        let none = get_as(&proxy, "localhost", "/.well-known/oauth-protected-resource/agents/a1/elsewhere", &[]).await;
+        assert_eq!(none.status, 404);
+        // No token: 401, and the challenge names the metadata (never the request's Host).
+        let refused = get_as(&proxy, "evil.example", "/agents/a1/mcp", &[]).await;
+        assert_eq!(refused.status, 401);
+        let challenge = refused.headers["www-authenticate"].to_str().expect("ascii");
+        assert!(
+            challenge.contains(
+                "resource_metadata=\"https://edge.example.com/.well-known/oauth-protected-resource/agents/a1/mcp\""
+            ),
+            "{challenge}"
+        );
+        assert!(!challenge.contains("evil"), "{challenge}");
+    }
+
+    #[tokio::test]
+    async fn a_token_is_taken_only_when_its_audience_is_the_resource_and_never_reaches_the_member() {
+        let member = RestBackend::start("m1").await;
+        let key = hmac();
+        let proxy = start(&key, member.addr).await;
+        let token = |aud: &str| {
+            let t = key.token_with(json!({"sub": "alice", "agents": ["a1"], "aud": aud}));
+            format!("Bearer {t}")
+        };
+        let wrong =
+            get_as(&proxy, "localhost", "/agents/a1/mcp", &[("authorization", &token("https://other.example"))]).await;
+        assert_eq!(wrong.status, 401, "a token minted for another resource");
+        assert!(wrong.headers["www-authenticate"].to_str().expect("ascii").contains("invalid_token"));
+        let other_agent = get_as(
+            &proxy,
+            "localhost",
+            "/agents/a1/mcp",
+            &[("authorization", &token("https://edge.example.com/agents/a2/mcp"))],
+        )
+        .await;
+        assert_eq!(other_agent.status, 401, "the resource of another agent");
+        let good = get_as(
+            &proxy,
+            "localhost",
+            "/agents/a1/mcp",
+            &[("authorization", &token("https://edge.example.com/agents/a1/mcp"))],
+        )
+        .await;
+        assert_eq!(good.status, 200, "{:?}", good.body);
+        let seen = member.seen();
+        assert!(!seen.last().expect("a request").headers.contains_key("authorization"), "the token stays at the edge");
+    }
+}
