@@ -53,7 +53,13 @@ async fn sigusr2_hands_the_listeners_to_a_new_process_without_refusing_a_connect
                 let mut c =
                     upgrade(addr, true, "/agents/a1/terminal", &[]).await.expect("a connect during the handover");
                 c.send(true, op::TEXT, b"looping").await;
-                assert_eq!(c.recv().await.payload, b"looping");
+                // A session the old process accepted in the last moment of the overlap may be
+                // drained (1001) before its echo: still a connect that was not refused.
+                let f = c.recv().await;
+                assert!(
+                    f.payload == b"looping" || (f.opcode == op::CLOSE && f.close_code() == Some(1001)),
+                    "an echo, or the old process's drain: {f:?}"
+                );
                 opened += 1;
             }
             opened
@@ -157,7 +163,13 @@ async fn a_process_racing_to_the_handover_socket_receives_nothing_and_the_upgrad
                 let mut c =
                     upgrade(addr, true, "/agents/a1/terminal", &[]).await.expect("a connect during the handover");
                 c.send(true, op::TEXT, b"looping").await;
-                assert_eq!(c.recv().await.payload, b"looping");
+                // A session the old process accepted in the last moment of the overlap may be
+                // drained (1001) before its echo: still a connect that was not refused.
+                let f = c.recv().await;
+                assert!(
+                    f.payload == b"looping" || (f.opcode == op::CLOSE && f.close_code() == Some(1001)),
+                    "an echo, or the old process's drain: {f:?}"
+                );
             }
         })
     };
