@@ -414,7 +414,7 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                     _ => no_content(),
                 };
             }
-            if !shared.fleet.others_sessions().iter().any(|e| e.instance == instance && e.id == id) {
+            if !shared.fleet.holds_elsewhere(instance, id) {
                 return text(StatusCode::NOT_FOUND, "no such session in the fleet's directory\n");
             }
             let event =

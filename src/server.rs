@@ -444,8 +444,11 @@ impl Server {
             }),
         })
         .inspect(|server| {
-            // Every session's start and end reaches the fleet's directory.
-            server.shared.sessions.watch(Arc::new(Directory(server.shared.fleet.clone())));
+            // Every session's start and end reaches the fleet's directory, when there is one
+            // (nothing is built per session for the local store).
+            if server.shared.fleet.has_directory() {
+                server.shared.sessions.watch(Arc::new(Directory(server.shared.fleet.clone())));
+            }
             // Before any port accepts, every lock in force refuses its tokens.
             for lock in &locks {
                 server.shared.fleet.first_sight(lock);
@@ -516,7 +519,7 @@ impl Server {
                             metrics.run_upkeep();
                             crate::metrics::fleet_staleness(shared.fleet.health().staleness().as_secs_f64());
                             let fleet = &shared.fleet;
-                            crate::metrics::fleet_directory(fleet.others_sessions().len() + shared.sessions.len(), fleet.others().len() + 1);
+                            crate::metrics::fleet_directory(fleet.others_len() + shared.sessions.len(), fleet.others().len() + 1);
                             n += 1;
                             // Every minute: forget the handshake buckets of idle addresses.
                             if n % 12 == 0 {

@@ -160,6 +160,23 @@ impl Mirror {
         all
     }
 
+    /// The first of the other instances' sessions `f` picks, looked for in place (a request's
+    /// lookup copies nothing of the mirror).
+    pub fn find_map<T>(&self, mut f: impl FnMut(&DirEntry) -> Option<T>) -> Option<T> {
+        let m = self.inner.lock().ok()?;
+        m.instances.values().flat_map(|i| i.sessions.values()).find_map(&mut f)
+    }
+
+    /// How many sessions the other instances hold.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map_or(0, |m| m.instances.values().map(|i| i.sessions.len()).sum())
+    }
+
+    /// True when the other instances hold no session.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// How many sessions the other instances hold under `key`.
     pub fn count(&self, key: &SubjectKey) -> u32 {
         self.inner.lock().map_or(0, |m| m.counts.get(key).copied().unwrap_or(0))

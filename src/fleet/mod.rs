@@ -437,26 +437,17 @@ impl Fleet {
 
     /// The other instances' live sessions (none with the local store).
     pub fn others_sessions(&self) -> Vec<DirEntry> {
-        match &self.store {
-            Store::Redis(r) => r.directory.mirror.list(),
-            Store::Local(_) => Vec::new(),
-        }
+        self.mirror().map(directory::Mirror::list).unwrap_or_default()
     }
 
     /// The other instances heard from lately.
     pub fn others(&self) -> Vec<String> {
-        match &self.store {
-            Store::Redis(r) => r.directory.mirror.instances(),
-            Store::Local(_) => Vec::new(),
-        }
+        self.mirror().map(directory::Mirror::instances).unwrap_or_default()
     }
 
     /// How many sessions the other instances hold under the subject cap key `key`.
     pub fn others_count(&self, key: &crate::limits::SubjectKey) -> u32 {
-        match &self.store {
-            Store::Redis(r) => r.directory.mirror.count(key),
-            Store::Local(_) => 0,
-        }
+        self.mirror().map_or(0, |m| m.count(key))
     }
 
     /// Sends a command to other instances through the store.
@@ -501,14 +492,38 @@ impl Fleet {
     /// its peer listener: from the directory's mirror.
     pub fn resume_owner(&self, route: &str, id: &str) -> Option<(String, String)> {
         let key = resume_key(route, id);
-        self.others_sessions()
-            .into_iter()
-            .find(|e| e.route == route && e.resume.as_deref() == Some(key.as_str()))
-            .and_then(|e| Some((e.instance, e.peer?)))
+        self.mirror()?.find_map(|e| {
+            (e.route == route && e.resume.as_deref() == Some(key.as_str()))
+                .then(|| Some((e.instance.clone(), e.peer.clone()?)))
+                .flatten()
+        })
     }
 
-    /// The peer listener of the other instance that holds session `id`.
+    /// The peer listener of the other instance that holds session `id`, when the directory
+    /// knows the session and its instance takes relayed requests.
     pub fn session_peer(&self, instance: &str, id: u64) -> Option<String> {
-        self.others_sessions().into_iter().find(|e| e.instance == instance && e.id == id).and_then(|e| e.peer)
+        self.mirror()?.find_map(|e| (e.instance == instance && e.id == id).then(|| e.peer.clone()).flatten())
+    }
+
+    /// True when another instance holds session `id` (by the directory).
+    pub fn holds_elsewhere(&self, instance: &str, id: u64) -> bool {
+        self.mirror().is_some_and(|m| m.find_map(|e| (e.instance == instance && e.id == id).then_some(())).is_some())
+    }
+
+    /// How many sessions the other instances hold.
+    pub fn others_len(&self) -> usize {
+        self.mirror().map_or(0, directory::Mirror::len)
+    }
+
+    /// True when this instance publishes its sessions to a directory (the Redis store).
+    pub fn has_directory(&self) -> bool {
+        self.mirror().is_some()
+    }
+
+    fn mirror(&self) -> Option<&directory::Mirror> {
+        match &self.store {
+            Store::Redis(r) => Some(&r.directory.mirror),
+            Store::Local(_) => None,
+        }
     }
 }

@@ -9,9 +9,9 @@ use serde_json::json;
 
 use super::harness::*;
 
-/// A proxy whose route `mcp` (`/agents/{agent}/mcp`, kind http, round robin over `members`)
-/// seals `mcp-session-id` with the keys in `keys`.
-async fn start(key: &Hmac, members: &[SocketAddr], keys: &std::path::Path) -> Proxy {
+/// A proxy with the route `mcp` (`/agents/{agent}/mcp`, kind http, round robin over `members`,
+/// a token granting the agent), with `extra` merged into the route.
+async fn start_route(key: &Hmac, members: &[SocketAddr], extra: serde_json::Value) -> Proxy {
     let members: Vec<String> = members.iter().map(SocketAddr::to_string).collect();
     let text = TestConfig::base(&["127.0.0.1:1".to_owned()])
         .merge("", key.auth_keys())
@@ -24,11 +24,16 @@ async fn start(key: &Hmac, members: &[SocketAddr], keys: &std::path::Path) -> Pr
                 "backends": members,
                 "balance": {"policy": "round_robin"},
                 "auth": {"agent_claim": "agents"},
-                "affinity": {"keys_file": keys.display().to_string()},
             }]}),
         )
+        .merge("routes.1", extra)
         .text();
     Proxy::start_with(&text).await
+}
+
+/// The route `mcp` sealing `mcp-session-id` with the keys in `keys`.
+async fn start(key: &Hmac, members: &[SocketAddr], keys: &std::path::Path) -> Proxy {
+    start_route(key, members, json!({"affinity": {"keys_file": keys.display().to_string()}})).await
 }
 
 fn key_file(keys: &[[u8; 32]]) -> tempfile::NamedTempFile {
@@ -110,25 +115,12 @@ mod resource {
     use super::*;
 
     async fn start(key: &Hmac, member: SocketAddr) -> Proxy {
-        let text = TestConfig::base(&["127.0.0.1:1".to_owned()])
-            .merge("", key.auth_keys())
-            .merge(
-                "",
-                json!({"routes": [{
-                    "name": "mcp",
-                    "path": "/agents/{agent}/mcp",
-                    "kind": "http",
-                    "backends": [member.to_string()],
-                    "auth": {"agent_claim": "agents"},
-                    "resource": {
-                        "id": "https://edge.example.com/agents/{agent}/mcp",
-                        "authorization_servers": ["https://idp.example.com"],
-                        "scopes_supported": ["mcp:tools"],
-                    },
-                }]}),
-            )
-            .text();
-        Proxy::start_with(&text).await
+        let resource = json!({"resource": {
+            "id": "https://edge.example.com/agents/{agent}/mcp",
+            "authorization_servers": ["https://idp.example.com"],
+            "scopes_supported": ["mcp:tools"],
+        }});
+        start_route(key, &[member], resource).await
     }
 
     /// GET `path` with `Host: host` and `headers`.

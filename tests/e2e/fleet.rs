@@ -322,6 +322,30 @@ mod redis {
         }
     }
 
+    /// Two instances of one fleet on a Redis of their own: `one` reaches it directly (best
+    /// effort), `other` through a [`Link`] the test can cut, with `policy`. Bind every field: the
+    /// backend and Redis stop when dropped.
+    struct Cuttable {
+        key: Hmac,
+        link: Link,
+        one: ProxyProcess,
+        other: ProxyProcess,
+        _backend: Backend,
+        _redis: RedisServer,
+    }
+
+    async fn cuttable(policy: &str) -> Cuttable {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let (url, prefix) = (redis.url(), prefix());
+        let link = Link::to(redis_addr(&url)).await;
+        let linked = format!("redis://{}", link.addr);
+        let one = ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "one", "best_effort"))).await;
+        let other = ProxyProcess::start(&config(backend.addr, &key, fleet(&linked, &prefix, "other", policy))).await;
+        Cuttable { key, link, one, other, _backend: backend, _redis: redis }
+    }
+
     /// The `host:port` of a `redis://host:port` URL.
     fn redis_addr(url: &str) -> SocketAddr {
         let rest = url.trim_start_matches("redis://");
@@ -384,15 +408,7 @@ mod redis {
     #[tokio::test]
     #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
     async fn an_instance_cut_off_from_the_store_catches_up_and_strict_refuses_meanwhile() {
-        let backend = Backend::echo().await;
-        let key = hmac();
-        let redis = RedisServer::start().await;
-        let (url, prefix) = (redis.url(), prefix());
-        let link = Link::to(redis_addr(&url)).await;
-        let linked = format!("redis://{}", link.addr);
-        let one = ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "one", "best_effort"))).await;
-        let cut_off =
-            ProxyProcess::start(&config(backend.addr, &key, fleet(&linked, &prefix, "cut-off", "strict"))).await;
+        let Cuttable { key, link, one, other: cut_off, _backend: _b, _redis: _r } = cuttable("strict").await;
         let mallory = key.token("mallory", &["a1"], Duration::from_secs(600));
         let alice = key.token("alice", &["a1"], Duration::from_secs(600));
         let mut victim = upgrade(cut_off.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&mallory))])
@@ -467,15 +483,7 @@ mod redis {
     #[tokio::test]
     #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
     async fn a_lock_read_again_after_an_outage_does_not_cut_the_subjects_later_login() {
-        let backend = Backend::echo().await;
-        let key = hmac();
-        let redis = RedisServer::start().await;
-        let (url, prefix) = (redis.url(), prefix());
-        let link = Link::to(redis_addr(&url)).await;
-        let linked = format!("redis://{}", link.addr);
-        let one = ProxyProcess::start(&config(backend.addr, &key, fleet(&url, &prefix, "one", "best_effort"))).await;
-        let other =
-            ProxyProcess::start(&config(backend.addr, &key, fleet(&linked, &prefix, "other", "best_effort"))).await;
+        let Cuttable { key, link, one, other, _backend: _b, _redis: _r } = cuttable("best_effort").await;
         let (status, _) = admin_post(one.admin, "/sessions/revoke", r#"{"subject":"henry"}"#).await;
         assert_eq!(status, 200);
         let old = key.token("henry", &["a1"], Duration::from_secs(600));
