@@ -689,6 +689,10 @@ pub(crate) fn apply_lock(
             let derived = deny_cut_tokens(shared, &closed, lock.until);
             (closed, derived)
         }
+        Target::Envelope { digest } => {
+            denylist.deny_envelope(digest, until);
+            (Vec::new(), Vec::new())
+        }
     }
 }
 

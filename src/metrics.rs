@@ -87,6 +87,11 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (Kind::Gauge, "portcullis_observers_active", "Live observers watching sessions now, by route."),
     (
         Kind::Counter,
+        "portcullis_mcp_messages_total",
+        "JSON-RPC messages with a method read on MCP routes, by route, method (the specification's, else other), tool (tools/call: a metric_tools name, else other) and result (forwarded, denied, refused).",
+    ),
+    (
+        Kind::Counter,
         "portcullis_observer_closes_total",
         "Observers that ended, by route and reason (left, lagged, session_ended, input, gone, too_big, protocol, revoked, drain, route_removed, rebalance, token_expired, lifetime).",
     ),
@@ -572,6 +577,19 @@ pub fn limit_refused(reason: &'static str) {
 /// An observer joined (`delta` 1) or left (-1) a session of `route`.
 pub fn observers_active(route: &str, delta: f64) {
     gauge!("portcullis_observers_active", "route" => route.to_owned()).increment(delta);
+}
+
+/// A JSON-RPC message with a method on an MCP route: `method` and `tool` are bounded labels
+/// (`proxy::mcp::method_label`, `tool_label`), `result` is `forwarded`, `denied` or `refused`.
+pub fn mcp_message(route: &str, method: &'static str, tool: &str, result: &'static str) {
+    counter!(
+        "portcullis_mcp_messages_total",
+        "route" => route.to_owned(),
+        "method" => method,
+        "tool" => tool.to_owned(),
+        "result" => result
+    )
+    .increment(1);
 }
 
 /// An observer of `route` ended (`reason`: its end's label).

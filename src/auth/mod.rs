@@ -181,6 +181,15 @@ impl Claims {
         }
     }
 
+    /// Claims from a JSON object, as a verified token would give them (for tests).
+    #[cfg(test)]
+    pub(crate) fn from_value(v: Value) -> Option<Claims> {
+        match v {
+            Value::Object(all) => claims_from(all).ok(),
+            _ => None,
+        }
+    }
+
     /// Any claim by name.
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.all.get(name)
@@ -472,6 +481,17 @@ impl Denylist {
     /// until `until` (Unix seconds).
     pub fn deny_jti(&self, jti: &str, issuer: Option<&str>, until: u64) {
         self.insert(jti_key(issuer, jti), now_secs(), until);
+    }
+
+    /// Refuses a session envelope (`routing::affinity::digest` of it) until `until`: its
+    /// session was ended.
+    pub fn deny_envelope(&self, digest: &str, until: u64) {
+        self.insert(format!("env:{digest}"), now_secs(), until);
+    }
+
+    /// Whether a session envelope (by its digest) was ended.
+    pub fn envelope_denied(&self, digest: &str) -> bool {
+        self.denied.get(&format!("env:{digest}")).is_some_and(|d| d.until > now_secs())
     }
 
     /// Merges a denial with the one the key holds: the later of each bound.

@@ -125,6 +125,7 @@ impl Default for BackendSettings {
             max_idle_per_member: 32,
             pool_idle_timeout: Duration::from_secs(90),
             source_addresses: std::sync::Arc::from([]),
+            sse_keepalive: Duration::from_secs(15),
         }
     }
 }

@@ -481,6 +481,34 @@ pub struct RouteConfig {
     pub affinity: Option<std::sync::Arc<AffinitySettings>>,
     /// `[routes.resource]`: the route is an OAuth protected resource (RFC 9728).
     pub resource: Option<std::sync::Arc<ResourceSettings>>,
+    /// `kind = "mcp"`: what the proxy reads and checks of each MCP message (`[routes.mcp]`).
+    pub mcp: Option<std::sync::Arc<McpSettings>>,
+}
+
+/// The MCP protocol revisions the proxy knows, oldest first: the session-based ones (2025-03-26
+/// to 2025-11-25) and the stateless one (2026-07-28).
+pub const MCP_REVISIONS: &[&str] = &["2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"];
+
+/// `kind = "mcp"` and `[routes.mcp]`: an MCP server's Streamable HTTP endpoint. Every `POST`
+/// body (a JSON-RPC message or batch) is read, up to `max_message`, far enough to learn each
+/// method and, for `tools/call`, the tool; it is checked against the `Mcp-Method`/`Mcp-Name`
+/// headers and authorized before it is forwarded unchanged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct McpSettings {
+    /// `MCP-Protocol-Version` values served; any other is refused (400). A request without the
+    /// header is taken as 2025-03-26, as the specification says.
+    pub protocol_versions: Vec<String>,
+    /// Largest message body read (413 above); at most `[routes.backend] max_request_body`.
+    pub max_message: u64,
+    /// When set, a JSON-RPC request (other than `initialize` and `ping`) needs this scope,
+    /// rendered with the route's captures and `{method}`; a scope with `*` for the method grants
+    /// every method.
+    pub method_scope: Option<String>,
+    /// When set, a `tools/call` needs this scope, rendered with the route's captures and
+    /// `{tool}`; a scope with `*` for the tool grants every tool.
+    pub tool_scope: Option<String>,
+    /// Tool names that get a label of their own in the metrics (any other is `other`).
+    pub metric_tools: Vec<String>,
 }
 
 /// How long a subscriber (a fan-out client, an observer) dropped for falling behind has, by
@@ -783,6 +811,11 @@ pub struct BackendSettings {
     /// WebSocket routes: local addresses the connections to members are made from, in turn
     /// (empty: the kernel's choice). Each address has its own source ports towards a member.
     pub source_addresses: std::sync::Arc<[std::net::IpAddr]>,
+    /// HTTP routes: an event stream (SSE) whose backend has sent nothing for this long, at an
+    /// event boundary, gets a comment line (`: keep-alive`), so that idle intermediaries do not
+    /// cut it; such a stream is not cut for the backend's silence (it is governed: expiry,
+    /// revocation, lifetime, drain end it). Zero: no comments, and `idle_body_timeout` applies.
+    pub sse_keepalive: Duration,
 }
 
 /// `headers_with_underscores`: a client header whose name has an underscore. Whatever the
@@ -808,6 +841,9 @@ pub enum RouteKind {
     Http,
     /// Both: upgrades are relayed as WebSockets, other requests proxied as HTTP.
     Both,
+    /// An MCP server's Streamable HTTP endpoint: plain HTTP requests, each message read and
+    /// checked ([`McpSettings`]); an upgrade is answered 400.
+    Mcp,
 }
 
 impl RouteKind {
@@ -818,7 +854,7 @@ impl RouteKind {
 
     /// Whether the route takes plain HTTP requests.
     pub fn http(self) -> bool {
-        matches!(self, RouteKind::Http | RouteKind::Both)
+        matches!(self, RouteKind::Http | RouteKind::Both | RouteKind::Mcp)
     }
 }
 

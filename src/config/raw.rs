@@ -46,6 +46,17 @@ pub(super) struct RawResource {
     pub(super) scopes_supported: Vec<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMcp {
+    pub(super) protocol_versions: Option<Vec<String>>,
+    pub(super) max_message: Option<Size>,
+    pub(super) method_scope: Option<String>,
+    pub(super) tool_scope: Option<String>,
+    #[serde(default)]
+    pub(super) metric_tools: Vec<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAffinity {
@@ -278,6 +289,7 @@ pub(super) enum RawRateAction {
 #[derive(Debug, Default, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBackend {
+    pub(super) sse_keepalive: Option<Dur>,
     pub(super) connect_timeout: Option<Dur>,
     pub(super) handshake_timeout: Option<Dur>,
     pub(super) response_header_timeout: Option<Dur>,
@@ -368,6 +380,7 @@ pub(super) struct RawRoute {
     pub(super) fanout: Option<RawFanout>,
     pub(super) affinity: Option<RawAffinity>,
     pub(super) resource: Option<RawResource>,
+    pub(super) mcp: Option<RawMcp>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -455,13 +468,14 @@ pub(super) enum RawUnderscores {
     Allow,
 }
 
-/// `kind = "websocket" | "http" | "both"`.
+/// `kind = "websocket" | "http" | "both" | "mcp"`.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(super) enum RawKind {
     Websocket,
     Http,
     Both,
+    Mcp,
 }
 
 /// A duration written as text: `"30s"`, `"500ms"`, `"15m"`, `"1h 30m"`, or `"0s"`.

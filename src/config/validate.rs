@@ -509,7 +509,7 @@ fn route(
                 "needs [routes.auth]: a resume id is bound to the token's subject",
             ))
         }
-        Some(_) if matches!(r.kind, Some(RawKind::Http)) => {
+        Some(_) if matches!(r.kind, Some(RawKind::Http | RawKind::Mcp)) => {
             return Err(invalid(&format!("{key}.resume"), "resumes WebSocket sessions; this route serves HTTP only"))
         }
         Some(_) if !auth.as_ref().is_some_and(|a| a.required_claims.iter().any(|c| c == "sub")) => {
@@ -547,7 +547,7 @@ fn route(
                 "shares one backend stream; it cannot be combined with recording, observe or resume",
             ))
         }
-        Some(_) if matches!(r.kind, Some(RawKind::Http)) => {
+        Some(_) if matches!(r.kind, Some(RawKind::Http | RawKind::Mcp)) => {
             return Err(invalid(&format!("{key}.fanout"), "shares WebSockets; this route serves HTTP only"))
         }
         Some(f) => Some(std::sync::Arc::new(super::FanoutSettings {
@@ -563,7 +563,7 @@ fn route(
         Some(_) if matches!(r.kind, None | Some(RawKind::Websocket)) => {
             return Err(invalid(
                 &format!("{key}.affinity"),
-                "routes plain HTTP requests: set kind = \"http\" or \"both\"",
+                "routes plain HTTP requests: set kind = \"http\", \"both\" or \"mcp\"",
             ))
         }
         Some(a) => Some(std::sync::Arc::new(affinity(a, key, secrets)?)),
@@ -620,9 +620,26 @@ fn route(
              Origin are refused, and clients that send none, like curl, still work)",
         ));
     }
+    let backend = backend(r.backend, backend_defaults, &format!("{key}.backend"))?;
+    let mcp = match (r.kind, r.mcp) {
+        (Some(RawKind::Mcp), m) => {
+            Some(std::sync::Arc::new(mcp(m.unwrap_or_default(), key, &backend, auth.is_some())?))
+        }
+        (_, None) => None,
+        (_, Some(_)) => return Err(invalid(&format!("{key}.mcp"), "is for kind = \"mcp\" routes")),
+    };
+    // An MCP route checks Origin by default (the specification's DNS-rebinding rule): a request
+    // that carries one is refused unless [routes.origin] lists it; clients that send none
+    // (every non-browser MCP client) are served.
+    let origin_policy = match (r.origin, &mcp) {
+        (Some(o), _) => Some(origin(o)),
+        (None, Some(_)) => Some(super::OriginPolicy { allow: Vec::new(), allow_missing: true }),
+        (None, None) => None,
+    };
     Ok(RouteConfig {
         auth,
-        origin: r.origin.map(origin),
+        origin: origin_policy,
+        mcp,
         cors,
         sandbox: r.sandbox.unwrap_or(false),
         recording,
@@ -638,6 +655,7 @@ fn route(
             None | Some(RawKind::Websocket) => RouteKind::WebSocket,
             Some(RawKind::Http) => RouteKind::Http,
             Some(RawKind::Both) => RouteKind::Both,
+            Some(RawKind::Mcp) => RouteKind::Mcp,
         },
         backends,
         registry,
@@ -650,7 +668,68 @@ fn route(
             Some(RawUnderscores::Allow) => UnderscoreHeaders::Allow,
         },
         session: std::sync::Arc::new(session(r.session, session_defaults, &format!("{key}.session"))?),
-        backend: backend(r.backend, backend_defaults, &format!("{key}.backend"))?,
+        backend,
+    })
+}
+
+fn mcp(
+    m: super::raw::RawMcp,
+    key: &str,
+    backend: &BackendSettings,
+    has_auth: bool,
+) -> Result<super::McpSettings, Invalid> {
+    let at = format!("{key}.mcp");
+    let protocol_versions = match m.protocol_versions {
+        None => super::MCP_REVISIONS.iter().map(|v| (*v).to_owned()).collect(),
+        Some(v) if v.is_empty() => {
+            return Err(invalid(&format!("{at}.protocol_versions"), "must list at least one revision"))
+        }
+        Some(v) => {
+            for (i, rev) in v.iter().enumerate() {
+                if !super::MCP_REVISIONS.contains(&rev.as_str()) {
+                    return Err(invalid(
+                        &format!("{at}.protocol_versions[{i}]"),
+                        &format!(
+                            "{rev:?} is not an MCP revision this proxy knows ({})",
+                            super::MCP_REVISIONS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            v
+        }
+    };
+    let max_message = m.max_message.map_or(1 << 20, |s| s.0);
+    if max_message == 0 || max_message > backend.max_request_body {
+        return Err(invalid(
+            &format!("{at}.max_message"),
+            &format!("must be more than 0 and at most backend.max_request_body ({})", backend.max_request_body),
+        ));
+    }
+    for (name, template, placeholder) in
+        [("method_scope", &m.method_scope, "{method}"), ("tool_scope", &m.tool_scope, "{tool}")]
+    {
+        if let Some(t) = template {
+            if !has_auth {
+                return Err(invalid(&format!("{at}.{name}"), "needs [routes.auth]: scopes are read from the token"));
+            }
+            if !t.contains(placeholder) || t.contains(char::is_whitespace) {
+                return Err(invalid(
+                    &format!("{at}.{name}"),
+                    &format!("must be one scope (no spaces) holding {placeholder}, e.g. \"mcp:{placeholder}\""),
+                ));
+            }
+        }
+    }
+    if m.metric_tools.len() > 256 {
+        return Err(invalid(&format!("{at}.metric_tools"), "lists at most 256 tools (each is a metric label)"));
+    }
+    Ok(super::McpSettings {
+        protocol_versions,
+        max_message,
+        method_scope: m.method_scope,
+        tool_scope: m.tool_scope,
+        metric_tools: m.metric_tools,
     })
 }
 
@@ -843,6 +922,7 @@ fn backend(b: RawBackend, d: BackendSettings, key: &str) -> Result<BackendSettin
         max_idle_per_member: b.max_idle_per_member.unwrap_or(d.max_idle_per_member),
         pool_idle_timeout: dur(b.pool_idle_timeout, d.pool_idle_timeout),
         source_addresses: b.source_addresses.map_or(d.source_addresses.clone(), |a| a.into()),
+        sse_keepalive: dur(b.sse_keepalive, d.sse_keepalive),
     };
     for (name, v) in [
         ("connect_timeout", s.connect_timeout),

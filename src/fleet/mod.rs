@@ -60,6 +60,12 @@ pub enum Target {
         /// The `{agent}` capture.
         agent: String,
     },
+    /// A session envelope whose session was ended (`DELETE` on an MCP route): refused by every
+    /// instance until it would have expired.
+    Envelope {
+        /// `routing::affinity::digest` of the route and the envelope (never the envelope).
+        digest: String,
+    },
 }
 
 /// One revocation, as the store keeps it.

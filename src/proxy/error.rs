@@ -77,6 +77,10 @@ pub enum RequestError {
     /// The request's affinity envelope does not open (404, as MCP answers an unknown session).
     #[error(transparent)]
     Affinity(crate::routing::affinity::AffinityError),
+    /// An MCP route refused the request before it reached the server (its status, and a
+    /// JSON-RPC error body).
+    #[error(transparent)]
+    Mcp(#[from] crate::proxy::mcp::Refusal),
     /// A request on the fleet's peer listener that is neither a resume nor an observer (403).
     #[error("the peer listener carries resumes and observers only")]
     PeerOnly,
@@ -132,6 +136,7 @@ impl RequestError {
             RequestError::NoSuchSession => StatusCode::NOT_FOUND,
             RequestError::PeerOnly => StatusCode::FORBIDDEN,
             RequestError::Affinity(_) => StatusCode::NOT_FOUND,
+            RequestError::Mcp(r) => r.error.status(),
             RequestError::PeerUnreachable => StatusCode::BAD_GATEWAY,
             RequestError::BadResumeId | RequestError::Header(_) => StatusCode::BAD_REQUEST,
             RequestError::Resume(crate::session::resume::ClaimError::OtherSubject) => StatusCode::FORBIDDEN,
@@ -183,6 +188,7 @@ impl RequestError {
             RequestError::FleetStale(_) => "fleet_stale",
             RequestError::PeerOnly => "peer_only",
             RequestError::Affinity(_) => "affinity_refused",
+            RequestError::Mcp(r) => r.error.label(),
             RequestError::PeerUnreachable => "peer_unreachable",
             RequestError::TooManySessions => "subject_sessions",
             RequestError::TooManyStreams => "per_ip_streams",
@@ -201,6 +207,9 @@ impl RequestError {
     /// The response sent to the client. The body is a short fixed sentence: it never echoes
     /// request data, and backend details stay in the logs.
     pub fn response(&self) -> Response<Full<Bytes>> {
+        if let RequestError::Mcp(refusal) = self {
+            return refusal.response();
+        }
         let status = self.status();
         let body = match self {
             RequestError::Connect(ConnectError::Pool(PoolError::InvalidMember | PoolError::UnknownAgent)) => {

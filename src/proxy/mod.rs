@@ -28,6 +28,7 @@ pub(crate) mod forward;
 pub mod host;
 pub(crate) mod http;
 pub(crate) mod login;
+pub(crate) mod mcp;
 pub(crate) mod peer;
 pub mod proxy_protocol;
 pub mod relay;
@@ -662,7 +663,8 @@ fn subject_slots(
 /// A session's place under a subject cap.
 type SubjectSlot = crate::limits::Slot<crate::limits::SubjectKey>;
 
-/// The plain HTTP path: auth, then the request stage; the response streams back.
+/// The plain HTTP path: auth, then (an MCP route) the mcp stage, then the request stage; the
+/// response streams back.
 async fn handle_request(
     ctx: &ConnCtx,
     runtime: &Runtime,
@@ -672,78 +674,83 @@ async fn handle_request(
     started: Instant,
     stream: http::StreamHold,
 ) -> Response<ProxyBody> {
+    let (head, body) = req.into_parts();
+    let refuse = |e: RequestError| reject_exchange(ctx, exchange_of(ctx, &head, &route.name, started), e);
     if ctx.shared.sessions.draining() {
-        return reject_request(ctx, &req, &route.name, started, RequestError::Draining);
+        return refuse(RequestError::Draining);
     }
-    let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let admitted = match admit(ctx, runtime, &route, &caps, req.headers(), path_and_query, None).await {
+    let path_and_query = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let admitted = match admit(ctx, runtime, &route, &caps, &head.headers, path_and_query, None).await {
         Ok(a) => a,
-        Err(e) => return reject_request(ctx, &req, &route.name, started, e),
+        Err(e) => return refuse(e),
     };
     let (Some(state), Some(http)) = (runtime.route_state.get(&route.name), runtime.upstreams.get(&route.name)) else {
-        let e = RequestError::Internal("no routing state for a configured route");
-        return reject_request(ctx, &req, &route.name, started, e);
+        return refuse(RequestError::Internal("no routing state for a configured route"));
     };
     let claims = admitted.claims.as_deref();
+    // An MCP message is read and checked whole before any of it is sent.
+    let mut incoming = Some(body);
+    let mut whole = None;
+    if let Some(settings) = &route.mcp {
+        match mcp_stage(settings, &route, &caps, claims, &head, &mut incoming).await {
+            Ok(body) => whole = body,
+            Err(e) => return refuse(e),
+        }
+    }
     let sticky_key = route
         .balance
         .sticky_key
         .as_ref()
-        .and_then(|k| crate::routing::pool::sticky_key(k, req.headers(), path_and_query, &caps, claims));
-    let forwarded = forwarded_for(ctx, runtime, req.headers());
+        .and_then(|k| crate::routing::pool::sticky_key(k, &head.headers, path_and_query, &caps, claims));
+    let forwarded = forwarded_for(ctx, runtime, &head.headers);
     // The proxy answers `Expect: 100-continue` itself (hyper sends 100 when the body is first
     // read, which is when a member is ready for it).
     let mut headers = match admitted.backend_headers(&route, &forwarded, &[::http::header::EXPECT]) {
         Ok(h) => h,
-        Err(e) => return reject_request(ctx, &req, &route.name, started, e.into()),
+        Err(e) => return refuse(e.into()),
     };
     // A session's envelope: opened here (any instance can), its member pinned and the backend's
-    // own id restored; one that does not open is an unknown session.
+    // own id restored; one that does not open, or whose session was ended, is an unknown session.
     let affinity = route.affinity.as_ref().and_then(|a| Some((a, affinity_keys(a)?)));
     let mut pinned = None;
+    let mut envelope = None;
     if let Some((settings, keys)) = &affinity {
-        if let Some(envelope) = req.headers().get(&settings.header) {
-            let (issuer, subject) = (claims.and_then(|c| c.issuer()), claims.and_then(|c| c.subject()));
-            let opened = envelope
-                .to_str()
-                .map_err(|_| crate::routing::affinity::AffinityError::Malformed)
-                .and_then(|e| keys.open(&route.name, e, issuer, subject, crate::fleet::now_secs()));
-            match opened.map(|s| (HeaderValue::from_str(&s.backend_id), s.member)) {
-                Ok((Ok(id), member)) => {
+        if let Some(presented) = head.headers.get(&settings.header) {
+            match open_envelope(ctx, &route, keys, claims, presented) {
+                Ok((opened, digest)) => {
+                    let Ok(id) = HeaderValue::from_str(&opened.backend_id) else {
+                        return refuse(RequestError::Affinity(crate::routing::affinity::AffinityError::Tampered));
+                    };
                     headers.insert(settings.header.clone(), id);
-                    pinned = Some(member);
-                }
-                Ok((Err(_), _)) => {
-                    return reject_request(
-                        ctx,
-                        &req,
-                        &route.name,
-                        started,
-                        RequestError::Affinity(crate::routing::affinity::AffinityError::Tampered),
-                    )
+                    pinned = Some(opened.member.clone());
+                    envelope = Some((digest, opened.expires));
                 }
                 Err(e) => {
                     tracing::info!(route = %route.name, client = %ctx.client_addr, reason = e.label(), "session envelope refused");
-                    return reject_request(ctx, &req, &route.name, started, RequestError::Affinity(e));
+                    return refuse(RequestError::Affinity(e));
                 }
             }
         }
     }
     let out = request::Outgoing {
-        method: req.method().clone(),
+        method: head.method.clone(),
         path: forward::backend_path(&route, &caps, &admitted.path_and_query),
         headers,
         sticky_key,
         pinned,
     };
     let metrics = ctx.shared.metrics.clone();
-    let mut exchange = new_exchange(ctx, &req, &route.name, started);
+    let mut exchange = exchange_of(ctx, &head, &route.name, started);
     exchange.agent = caps.get("agent").map(str::to_owned);
     exchange.subject = claims.and_then(|c| c.subject().map(str::to_owned));
     exchange.route_metrics = Some(http.metrics.clone());
     let settings = &route.backend;
-    let body =
-        stream::Upload::new(req.into_body(), settings.max_request_body, settings.idle_body_timeout, metrics.clone());
+    let (limit, idle) = (settings.max_request_body, settings.idle_body_timeout);
+    let body = match (whole, incoming) {
+        (Some(bytes), _) => stream::Upload::whole(bytes, metrics.clone()),
+        (None, Some(body)) => stream::Upload::new(body, limit, idle, metrics.clone()),
+        (None, None) => return reject_exchange(ctx, exchange, RequestError::Internal("the request body was taken")),
+    };
     exchange.upload = Some(body.state());
     let answered = match request::forward(&route, state, &caps, &http.client, out, body, &ctx.shared.conns).await {
         Ok(a) => a,
@@ -754,6 +761,13 @@ async fn handle_request(
     };
     let (mut parts, body) = answered.response.into_parts();
     forward::strip_response_headers(&mut parts.headers);
+    // A session ended at the server (DELETE answered 2xx, or 404: it is gone) ends its envelope
+    // on every instance, so that the envelope cannot be replayed.
+    if let (&::http::Method::DELETE, Some((digest, expires))) = (&head.method, envelope) {
+        if parts.status.is_success() || parts.status == StatusCode::NOT_FOUND {
+            end_envelope(ctx, digest, expires).await;
+        }
+    }
     // The backend's session id goes to the client sealed: the member, the id, the subject.
     if let Some((settings, keys)) = &affinity {
         if let Some(id) = parts.headers.get(&settings.header).and_then(|v| v.to_str().ok()) {
@@ -812,6 +826,7 @@ async fn handle_request(
     let least_conns = (route.balance.policy == crate::config::Policy::LeastConnections)
         .then(|| ctx.shared.conns.acquire(&answered.member));
     let mut download = stream::Download::new(body, settings.idle_body_timeout, governance, sse, exchange, least_conns);
+    download.keep_alive(settings.sse_keepalive);
     download.hold_stream(stream);
     Response::from_parts(parts, Either::Right(download))
 }
@@ -880,12 +895,27 @@ fn reject_request(
 
 /// The record of a plain request on `route`, before anything is known of its answer.
 fn new_exchange(ctx: &ConnCtx, req: &Request<Incoming>, route: &str, started: Instant) -> stream::Exchange {
+    exchange_of_parts(ctx, req.method(), req.uri(), route, started)
+}
+
+/// [`new_exchange`] of a request taken apart.
+fn exchange_of(ctx: &ConnCtx, head: &::http::request::Parts, route: &str, started: Instant) -> stream::Exchange {
+    exchange_of_parts(ctx, &head.method, &head.uri, route, started)
+}
+
+fn exchange_of_parts(
+    ctx: &ConnCtx,
+    method: &::http::Method,
+    uri: &::http::Uri,
+    route: &str,
+    started: Instant,
+) -> stream::Exchange {
     stream::Exchange {
-        method: req.method().clone(),
+        method: method.clone(),
         route: route.to_owned(),
         agent: None,
         subject: None,
-        path: req.uri().path().to_owned(),
+        path: uri.path().to_owned(),
         client: ctx.client_addr,
         member: None,
         status: 0,
@@ -1404,6 +1434,85 @@ fn note_error(metrics: &crate::metrics::Metrics, route: &str, e: &RequestError) 
 /// least).
 fn affinity_keys(settings: &crate::config::AffinitySettings) -> Option<crate::routing::affinity::Keys> {
     crate::routing::affinity::Keys::new(settings.keys.iter().map(|k| k.expose()))
+}
+
+/// Opens a presented session envelope for this token: what it holds and its digest, unless it
+/// does not open or its session was ended.
+fn open_envelope(
+    ctx: &ConnCtx,
+    route: &RouteConfig,
+    keys: &crate::routing::affinity::Keys,
+    claims: Option<&Claims>,
+    presented: &HeaderValue,
+) -> Result<(crate::routing::affinity::Sealed, String), crate::routing::affinity::AffinityError> {
+    use crate::routing::affinity::{digest, AffinityError};
+    let text = presented.to_str().map_err(|_| AffinityError::Malformed)?;
+    let (issuer, subject) = (claims.and_then(|c| c.issuer()), claims.and_then(|c| c.subject()));
+    let opened = keys.open(&route.name, text, issuer, subject, crate::fleet::now_secs())?;
+    let digest = digest(&route.name, text);
+    if ctx.shared.denylist.envelope_denied(&digest) {
+        return Err(AffinityError::Ended);
+    }
+    Ok((opened, digest))
+}
+
+/// Ends a session envelope here at once, and on every instance through the fleet's store (a
+/// lock until it would have expired). A store that does not take it is logged: the envelope is
+/// refused here, and the server that ended the session answers it 404 anyway.
+async fn end_envelope(ctx: &ConnCtx, digest: String, expires: u64) {
+    let fleet = &ctx.shared.fleet;
+    ctx.shared.denylist.deny_envelope(&digest, expires);
+    let lock = crate::fleet::Lock::new(crate::fleet::Target::Envelope { digest }, expires, fleet.instance());
+    if let Err(e) = fleet.write(&lock).await {
+        tracing::warn!(error = %e, "an ended MCP session was not written to the fleet store: other instances learn of it from the server's 404");
+    }
+}
+
+/// The mcp stage (`kind = "mcp"`): the method and revision, then a `POST` body read whole,
+/// checked against its headers and authorized. Returns the body read, to be forwarded as it
+/// came; `None` for a request without one (`GET`, `DELETE`), whose body stays in `incoming`.
+async fn mcp_stage(
+    settings: &crate::config::McpSettings,
+    route: &RouteConfig,
+    caps: &Captures,
+    claims: Option<&Claims>,
+    head: &::http::request::Parts,
+    incoming: &mut Option<Incoming>,
+) -> Result<Option<Bytes>, RequestError> {
+    let revision = mcp::check_head(settings, &head.method, &head.headers).map_err(mcp::Refusal::from)?;
+    if head.method != ::http::Method::POST {
+        return Ok(None);
+    }
+    let Some(body) = incoming.take() else { return Err(RequestError::Internal("the request body was taken")) };
+    let idle = route.backend.idle_body_timeout;
+    let bytes = mcp::read_body(&head.headers, body, settings.max_message, idle).await.map_err(mcp::Refusal::from)?;
+    let messages = mcp::parse(&bytes).map_err(mcp::Refusal::from)?;
+    let checked = mcp::check_headers(&head.headers, revision, &messages)
+        .and_then(|()| mcp::authorize(settings, caps, claims, &messages));
+    // Each message counts once: forwarded; or, in a body refused, denied (its own grant is
+    // missing) or refused (the body was, for its headers or for another message).
+    for m in &messages.all {
+        let Some(method) = m.method.as_deref() else { continue };
+        let result = match &checked {
+            Ok(()) => "forwarded",
+            Err(_) if mcp::authorize_one(settings, caps, claims, m).is_err() => "denied",
+            Err(_) => "refused",
+        };
+        let tool = match (method, m.name.as_deref()) {
+            ("tools/call", Some(tool)) => mcp::tool_label(settings, tool),
+            _ => "",
+        };
+        crate::metrics::mcp_message(&route.name, mcp::method_label(method), tool, result);
+    }
+    match checked {
+        Ok(()) => Ok(Some(bytes)),
+        Err(e) => {
+            if let mcp::McpError::Denied(d) = &e {
+                tracing::info!(route = %route.name, subject = claims.and_then(|c| c.subject()).unwrap_or(""), denied = %d, "MCP message refused");
+            }
+            Err(mcp::refuse(e, &messages).into())
+        }
+    }
 }
 
 /// The auth stage for every kind of request, then the fleet's gate: under

@@ -95,9 +95,28 @@ pub struct Upload {
     state: Arc<UploadState>,
     idle: Idle,
     metrics: Arc<Metrics>,
+    /// A body the proxy read whole before forwarding it (an MCP message): sent as one frame by
+    /// each attempt.
+    whole: Option<Bytes>,
 }
 
 impl Upload {
+    /// A body already read whole (within its limits), sent as one frame; any attempt may send
+    /// it again.
+    pub fn whole(bytes: Bytes, metrics: Arc<Metrics>) -> Upload {
+        let state = Arc::new(UploadState {
+            limit: u64::MAX,
+            bytes: AtomicU64::new(bytes.len() as u64),
+            started: AtomicBool::new(false),
+            finished: AtomicBool::new(true),
+            too_large: AtomicBool::new(false),
+            done: Notify::new(),
+        });
+        metrics.http_body_bytes(Direction::ClientToBackend, bytes.len() as u64);
+        let idle = Idle::new(Duration::MAX);
+        Upload { slot: Arc::new(Mutex::new(None)), body: None, state, idle, metrics, whole: Some(bytes) }
+    }
+
     /// The body of the first attempt.
     pub fn new(body: Incoming, limit: u64, idle: Duration, metrics: Arc<Metrics>) -> Upload {
         let empty = body.is_end_stream();
@@ -109,7 +128,14 @@ impl Upload {
             too_large: AtomicBool::new(false),
             done: Notify::new(),
         });
-        Upload { slot: Arc::new(Mutex::new(Some(body))), body: None, state, idle: Idle::new(idle), metrics }
+        Upload {
+            slot: Arc::new(Mutex::new(Some(body))),
+            body: None,
+            state,
+            idle: Idle::new(idle),
+            metrics,
+            whole: None,
+        }
     }
 
     /// The shared progress record.
@@ -120,6 +146,11 @@ impl Upload {
     /// The same body for another attempt: possible while no byte of it was read, or when it
     /// was empty.
     pub fn again(&self) -> Option<Upload> {
+        if let Some(whole) = &self.whole {
+            let idle = Idle::new(self.idle.limit);
+            let (slot, state, metrics) = (self.slot.clone(), self.state.clone(), self.metrics.clone());
+            return Some(Upload { slot, body: None, state, idle, metrics, whole: Some(whole.clone()) });
+        }
         let s = &self.state;
         let empty_and_done = s.finished.load(Ordering::Acquire) && s.bytes() == 0;
         (!s.started.load(Ordering::Acquire) || empty_and_done).then(|| Upload {
@@ -128,6 +159,7 @@ impl Upload {
             state: self.state.clone(),
             idle: Idle::new(self.idle.limit),
             metrics: self.metrics.clone(),
+            whole: None,
         })
     }
 
@@ -148,6 +180,10 @@ impl Body for Upload {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(whole) = this.whole.take() {
+            this.state.started.store(true, Ordering::Release);
+            return Poll::Ready(Some(Ok(Frame::data(whole))));
+        }
         if this.body.is_none() {
             if this.state.finished.load(Ordering::Acquire) {
                 return Poll::Ready(None);
@@ -182,10 +218,16 @@ impl Body for Upload {
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(whole) = &self.whole {
+            return whole.is_empty();
+        }
         self.state.finished.load(Ordering::Acquire) || self.with_slot(|b| b.is_none_or(|b| b.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(whole) = &self.whole {
+            return SizeHint::with_exact(whole.len() as u64);
+        }
         if self.state.finished.load(Ordering::Acquire) && self.body.is_none() {
             return SizeHint::with_exact(0);
         }
@@ -384,9 +426,75 @@ pub struct Download {
     end: Option<&'static str>,
     _least_conns: Option<ConnGuard>,
     _stream: super::http::StreamHold,
+    /// An event stream's keep-alive comments, when on.
+    keepalive: Option<KeepAlive>,
+}
+
+/// The comment an idle event stream gets: ignored by every SSE parser, seen by every
+/// intermediary as traffic.
+const KEEPALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
+
+/// An event stream's keep-alive: a comment after `every` without data from the backend, written
+/// only between events (never inside one the backend is still sending).
+struct KeepAlive {
+    every: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The last bytes sent, to tell whether the stream stands between events.
+    tail: [u8; 4],
+}
+
+impl KeepAlive {
+    fn new(every: Duration) -> KeepAlive {
+        // Nothing sent yet: between events.
+        KeepAlive { every, sleep: None, tail: *b"\n\n\n\n" }
+    }
+
+    fn sent(&mut self, data: &[u8]) {
+        self.sleep = None;
+        match data.len() {
+            n if n >= 4 => self.tail.copy_from_slice(&data[n - 4..]),
+            _ => {
+                for &b in data {
+                    self.tail.rotate_left(1);
+                    self.tail[3] = b;
+                }
+            }
+        }
+    }
+
+    /// Whether the stream ends with a blank line (an event's end): a line terminator (`\r\n`,
+    /// `\r` or `\n`) right after another.
+    fn between_events(&self) -> bool {
+        let eol = |b: u8| b == b'\r' || b == b'\n';
+        let t = &self.tail;
+        if t[2] == b'\r' && t[3] == b'\n' {
+            eol(t[1])
+        } else {
+            eol(t[3]) && eol(t[2])
+        }
+    }
+
+    /// The comment, once `every` has passed without data and the stream is between events.
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> Option<Bytes> {
+        let every = self.every;
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+        if sleep.as_mut().poll(cx).is_pending() || !self.between_events() {
+            return None;
+        }
+        self.sleep = None;
+        Some(Bytes::from_static(KEEPALIVE_COMMENT))
+    }
 }
 
 impl Download {
+    /// Sends a comment on an event stream that has been idle for `every` (see
+    /// `[backend] sse_keepalive`); such a stream is not cut for the backend's silence.
+    pub fn keep_alive(&mut self, every: Duration) {
+        if self.sse && !every.is_zero() {
+            self.keepalive = Some(KeepAlive::new(every));
+        }
+    }
+
     /// Holds what an HTTP/2 stream holds (its per-address place, its open count) until the
     /// body ends.
     pub fn hold_stream(&mut self, hold: super::http::StreamHold) {
@@ -417,6 +525,7 @@ impl Download {
             end: None,
             _least_conns: least_conns,
             _stream: Default::default(),
+            keepalive: None,
         }
     }
 
@@ -487,6 +596,9 @@ impl Body for Download {
                 let frame = match frame.into_data() {
                     Ok(data) => {
                         let data = this.coalesce(data, cx);
+                        if let Some(k) = this.keepalive.as_mut() {
+                            k.sent(&data);
+                        }
                         let n = data.len() as u64;
                         this.sent += n;
                         this.exchange.metrics.http_body_bytes(Direction::BackendToClient, n);
@@ -507,12 +619,20 @@ impl Body for Download {
                 this.end = Some("complete");
                 Poll::Ready(None)
             }
-            Poll::Pending => match this.idle.poll_expired(cx) {
-                true => {
-                    this.end = Some("idle_timeout");
-                    Poll::Ready(Some(Err(BodyError::Idle(this.idle.limit).into())))
-                }
-                false => Poll::Pending,
+            // A kept-alive event stream is governed (expiry, revocation, lifetime, drain): the
+            // backend's silence does not end it.
+            Poll::Pending => match this.keepalive.as_mut() {
+                Some(k) => match k.poll_due(cx) {
+                    Some(comment) => Poll::Ready(Some(Ok(Frame::data(comment)))),
+                    None => Poll::Pending,
+                },
+                None => match this.idle.poll_expired(cx) {
+                    true => {
+                        this.end = Some("idle_timeout");
+                        Poll::Ready(Some(Err(BodyError::Idle(this.idle.limit).into())))
+                    }
+                    false => Poll::Pending,
+                },
             },
         }
     }
@@ -557,5 +677,33 @@ impl Drop for Download {
             };
             crate::session::close::log_end(g.session.entry(), self.exchange.started, &record);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeepAlive;
+
+    fn after(chunks: &[&[u8]]) -> bool {
+        let mut k = KeepAlive::new(std::time::Duration::from_secs(1));
+        for c in chunks {
+            k.sent(c);
+        }
+        k.between_events()
+    }
+
+    #[test]
+    fn a_comment_goes_only_between_events() {
+        assert!(after(&[]), "nothing sent yet");
+        assert!(after(&[b"data: a\n\n"]));
+        assert!(after(&[b"data: a\r\n\r\n"]));
+        assert!(after(&[b"data: a\r\r"]));
+        assert!(after(&[b"data: a\n", b"\n"]), "the blank line in a chunk of its own");
+        assert!(after(&[b"data: a\r\n", b"\r", b"\n"]));
+        assert!(!after(&[b"data: a\n"]), "an event still open");
+        assert!(!after(&[b"data: a\r\n"]));
+        assert!(!after(&[b"data: a"]));
+        assert!(!after(&[b"data: a\n\n", b"data: b"]));
+        assert!(!after(&[b"data: a\n\n", b"d", b"\n"]));
     }
 }

@@ -54,6 +54,9 @@ pub enum AffinityError {
     /// Sealed for another issuer or subject than the token's.
     #[error("session belongs to another subject")]
     OtherSubject,
+    /// Its session was ended (a `DELETE` of an MCP session, on any instance of the fleet).
+    #[error("session ended")]
+    Ended,
 }
 
 impl AffinityError {
@@ -65,8 +68,16 @@ impl AffinityError {
             AffinityError::Tampered => "tampered",
             AffinityError::Expired => "expired",
             AffinityError::OtherSubject => "other_subject",
+            AffinityError::Ended => "ended",
         }
     }
+}
+
+/// What a lock on an ended session names: SHA-256 of the route and the envelope, base64url.
+/// An instance given the envelope can find the lock; the lock does not give the envelope.
+pub fn digest(route: &str, envelope: &str) -> String {
+    let d = sha2::Sha256::digest(format!("{route}\u{0}{envelope}").as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
 }
 
 /// The prefix of every envelope: a version, so that a later format can be told apart.

@@ -97,6 +97,7 @@ mod tests {
             fanout: None,
             affinity: None,
             resource: None,
+            mcp: None,
             name: name.into(),
             host: host.map(Into::into),
             path: path.parse().expect("pattern"),

@@ -22,6 +22,7 @@ mod handshake;
 mod http;
 mod http2;
 mod limits;
+mod mcp;
 mod metrics;
 mod observe;
 mod proxy_protocol;

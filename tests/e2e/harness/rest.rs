@@ -89,6 +89,26 @@ impl RestBackend {
     }
 }
 
+/// The `mcp` endpoint's answer: a new session, the session it created, or 404.
+fn mcp_session(parts: &hyper::http::request::Parts, conn: usize, name: &str) -> Response<TBody> {
+    match parts.headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
+        None => {
+            let mut r = Response::new(full(Bytes::from(format!("{name}:new"))));
+            let id = format!("{name}-session-{conn}-{}", rand::random::<u32>());
+            r.headers_mut().insert("mcp-session-id", id.parse().expect("id"));
+            r
+        }
+        Some(id) if id.starts_with(&format!("{name}-session-")) => {
+            Response::new(full(Bytes::from(format!("{name}:{id}"))))
+        }
+        Some(_) => {
+            let mut r = Response::new(full(Bytes::from_static(b"unknown session")));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r
+        }
+    }
+}
+
 fn query(uri: &hyper::Uri, key: &str) -> Option<u64> {
     uri.query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
@@ -133,22 +153,13 @@ async fn respond(
         // A stateful session endpoint, as an MCP server: without `mcp-session-id` a session is
         // created here (its id names this member); with one, 200 "<member>:<id>" when this
         // member created it, else 404 (it knows no such session).
-        "mcp" => match parts.headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) {
-            None => {
-                let mut r = Response::new(full(Bytes::from(format!("{name}:new"))));
-                let id = format!("{name}-session-{conn}-{}", rand::random::<u32>());
-                r.headers_mut().insert("mcp-session-id", id.parse().expect("id"));
-                r
-            }
-            Some(id) if id.starts_with(&format!("{name}-session-")) => {
-                Response::new(full(Bytes::from(format!("{name}:{id}"))))
-            }
-            Some(_) => {
-                let mut r = Response::new(full(Bytes::from_static(b"unknown session")));
-                *r.status_mut() = StatusCode::NOT_FOUND;
-                r
-            }
-        },
+        "mcp" => {
+            // The message as it arrived (what the proxy let through), for the tests to compare.
+            let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            record.body_len = bytes.len();
+            record.headers.insert("x-body".into(), String::from_utf8_lossy(&bytes).into_owned());
+            mcp_session(&parts, conn, &name)
+        }
         "echo" => {
             let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             record.body_len = bytes.len();

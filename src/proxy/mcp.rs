@@ -1,0 +1,735 @@
+//! Stage: mcp. What a `kind = "mcp"` route reads and checks of each request before the request
+//! stage forwards it (`[routes.mcp]`, `docs/mcp.md`).
+//!
+//! - The method: `POST` (a JSON-RPC message or batch), `GET` (the server's event stream) and
+//!   `DELETE` (the end of a session); any other is 405.
+//! - `MCP-Protocol-Version` must name a configured revision (400); a request without it is taken
+//!   as 2025-03-26, as the specification says.
+//! - A `POST` body must be `application/json` in UTF-8 with no content coding (415), and is read
+//!   whole up to `max_message` (413), stalling no longer than `idle_body_timeout` (408).
+//! - Each message is read far enough to learn its method and, for `tools/call`, the tool (for
+//!   `prompts/get` the prompt, for `resources/read` the URI). A body that is not JSON-RPC is
+//!   refused (400), as is one whose object repeats a key the proxy reads: the backend's parser
+//!   may keep another copy than ours, so a repeated key could show the proxy one tool and the
+//!   server another.
+//! - The `Mcp-Method` and `Mcp-Name` headers (2026-07-28), when present, must say what the body
+//!   says (400): an intermediary that routes or authorizes by header must not be shown one
+//!   method while the server runs another.
+//! - With `method_scope` or `tool_scope`, each message must be granted by the token's scopes;
+//!   a refusal is a JSON-RPC error for each request of the body, and nothing is forwarded.
+//!
+//! The body is forwarded unchanged, and no result is ever read or rewritten.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::auth::Claims;
+use crate::config::{render_path, Captures, McpSettings};
+
+/// The header that names the protocol revision of a request.
+pub const PROTOCOL_VERSION: &str = "mcp-protocol-version";
+/// The 2026-07-28 header that repeats a message's method.
+pub const METHOD_HEADER: &str = "mcp-method";
+/// The 2026-07-28 header that repeats a message's tool, prompt or resource.
+pub const NAME_HEADER: &str = "mcp-name";
+/// The revision of a request without `MCP-Protocol-Version` (the specification's default).
+const DEFAULT_REVISION: &str = "2025-03-26";
+
+/// The revision that removed sessions and made `Mcp-Method` and `Mcp-Name` required.
+const STATELESS_REVISION: &str = "2026-07-28";
+
+/// The JSON-RPC error codes the proxy answers with: JSON-RPC's own, and the MCP specification's
+/// (2026-07-28, `basic/index`). A refused authorization is answered as MCP answers an unknown
+/// tool or method (-32602, -32601), with HTTP 403 and the scope that would grant it.
+mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// `HeaderMismatch`: `Mcp-Method`/`Mcp-Name` missing or not what the body says.
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// `UnsupportedProtocolVersionError`, with the supported and requested revisions.
+    pub const UNSUPPORTED_VERSION: i64 = -32022;
+}
+
+/// Why an MCP request was refused before it reached the server.
+#[derive(Debug, thiserror::Error)]
+pub enum McpError {
+    /// Not `POST`, `GET` or `DELETE` (405).
+    #[error("an MCP endpoint takes POST, GET and DELETE")]
+    Method,
+    /// `MCP-Protocol-Version` names a revision the route does not serve (400).
+    #[error("unsupported MCP-Protocol-Version")]
+    Version {
+        /// The revisions the route serves.
+        supported: Vec<String>,
+        /// What the request named (`None`: not readable, or sent twice).
+        requested: Option<String>,
+    },
+    /// A JSON-RPC batch under a revision without batches (2025-06-18 and later) (400).
+    #[error("MCP message: JSON-RPC batches are not part of revision {0}")]
+    Batch(String),
+    /// The body is not `application/json` in UTF-8 without a content coding (415).
+    #[error("an MCP message is application/json, in UTF-8, without Content-Encoding")]
+    ContentType,
+    /// The body is larger than `max_message` (413).
+    #[error("MCP message over the limit of {0} bytes")]
+    TooLarge(u64),
+    /// The body stalled for `idle_body_timeout` (408).
+    #[error("MCP message stalled for {0:?}")]
+    Stalled(Duration),
+    /// The client's body failed (400).
+    #[error("MCP message: the body could not be read")]
+    Body,
+    /// Not JSON (400, JSON-RPC -32700).
+    #[error("MCP message: not valid JSON")]
+    Parse,
+    /// JSON, but not a JSON-RPC message or batch the proxy can read (400, -32600).
+    #[error("MCP message: {0}")]
+    Invalid(&'static str),
+    /// A `tools/call`, `prompts/get` or `resources/read` without its name (400, -32602).
+    #[error("MCP message: {0} needs its params.{1}")]
+    MissingName(String, &'static str),
+    /// `Mcp-Method` or `Mcp-Name` says something else than the body, or is missing where the
+    /// revision requires it (400, -32020).
+    #[error("the {0} header does not match the message body")]
+    HeaderMismatch(&'static str),
+    /// The token does not grant the method or tool (403, and -32601 or -32602).
+    #[error("{0}")]
+    Denied(Denial),
+}
+
+/// What the token was not granted.
+#[derive(Debug)]
+pub struct Denial {
+    /// The method refused.
+    pub method: String,
+    /// The tool refused, for a `tools/call`.
+    pub tool: Option<String>,
+    /// The scope that would have granted it.
+    pub scope: String,
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.tool {
+            Some(tool) => write!(f, "the token does not grant the tool {tool:?} (scope {:?})", self.scope),
+            None => write!(f, "the token does not grant the method {:?} (scope {:?})", self.method, self.scope),
+        }
+    }
+}
+
+impl McpError {
+    /// The HTTP status answered.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            McpError::Method => StatusCode::METHOD_NOT_ALLOWED,
+            McpError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            McpError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            McpError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+            McpError::Denied(_) => StatusCode::FORBIDDEN,
+            McpError::Version { .. }
+            | McpError::Batch(_)
+            | McpError::Body
+            | McpError::Parse
+            | McpError::Invalid(_)
+            | McpError::MissingName(..)
+            | McpError::HeaderMismatch(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// Bounded label for metrics and the access log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            McpError::Method => "mcp_method_not_allowed",
+            McpError::Version { .. } => "mcp_version",
+            McpError::Batch(_) => "mcp_invalid",
+            McpError::ContentType => "mcp_content_type",
+            McpError::TooLarge(_) => "mcp_too_large",
+            McpError::Stalled(_) => "mcp_body_timeout",
+            McpError::Body => "mcp_body_error",
+            McpError::Parse => "mcp_parse_error",
+            McpError::Invalid(_) | McpError::MissingName(..) => "mcp_invalid",
+            McpError::HeaderMismatch(_) => "mcp_header_mismatch",
+            McpError::Denied(_) => "mcp_denied",
+        }
+    }
+
+    fn code(&self) -> i64 {
+        match self {
+            McpError::Parse => code::PARSE_ERROR,
+            McpError::MissingName(..) => code::INVALID_PARAMS,
+            McpError::HeaderMismatch(_) => code::HEADER_MISMATCH,
+            McpError::Version { .. } => code::UNSUPPORTED_VERSION,
+            McpError::Denied(Denial { tool: Some(_), .. }) => code::INVALID_PARAMS,
+            McpError::Denied(Denial { tool: None, .. }) => code::METHOD_NOT_FOUND,
+            _ => code::INVALID_REQUEST,
+        }
+    }
+}
+
+/// A refusal with the ids of the requests it answers: one JSON-RPC error each (a batch gets an
+/// array), or one with a null id when the body could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Refusal {
+    /// Why.
+    pub error: McpError,
+    /// The refused body's request ids (`None`: not a batch).
+    ids: Ids,
+}
+
+#[derive(Debug, Default)]
+enum Ids {
+    /// The body was not read, or held one message: its id, if it was a request.
+    #[default]
+    Unknown,
+    One(Option<Value>),
+    Batch(Vec<Value>),
+}
+
+impl From<McpError> for Refusal {
+    fn from(error: McpError) -> Self {
+        Refusal { error, ids: Ids::Unknown }
+    }
+}
+
+impl Refusal {
+    /// The answer: the status, and a JSON-RPC error for each request of the body. The message
+    /// is the proxy's own sentence (a denied tool's name is the client's, quoted as JSON).
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        let error = |id: Value| {
+            let mut e = serde_json::json!({ "code": self.error.code(), "message": self.error.to_string() });
+            match &self.error {
+                McpError::Denied(d) => e["data"] = serde_json::json!({ "scope": d.scope }),
+                McpError::Version { supported, requested } => {
+                    e["data"] = serde_json::json!({ "supported": supported, "requested": requested })
+                }
+                _ => {}
+            }
+            serde_json::json!({ "jsonrpc": "2.0", "id": id, "error": e })
+        };
+        let body = match &self.ids {
+            Ids::Unknown | Ids::One(None) => error(Value::Null),
+            Ids::One(Some(id)) => error(id.clone()),
+            Ids::Batch(ids) if ids.is_empty() => error(Value::Null),
+            Ids::Batch(ids) => Value::Array(ids.iter().cloned().map(error).collect()),
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        *resp.status_mut() = self.error.status();
+        let h = resp.headers_mut();
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        match &self.error {
+            McpError::Method => {
+                h.insert(http::header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+            }
+            // RFC 6750 §3.1: the scope the request needs, for a client that can ask for it.
+            McpError::Denied(d) => {
+                let value = format!("Bearer error=\"insufficient_scope\", scope=\"{}\"", d.scope);
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(http::header::WWW_AUTHENTICATE, v);
+                }
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+/// One message of a body, as far as the proxy reads it. Each field is read once: serde refuses
+/// an object that repeats one (`duplicate field`), which is what keeps the proxy and the server
+/// reading the same method and name.
+#[derive(Deserialize)]
+struct Wire {
+    jsonrpc: Option<String>,
+    id: Option<Value>,
+    method: Option<String>,
+    params: Option<Box<serde_json::value::RawValue>>,
+    result: Option<serde::de::IgnoredAny>,
+    error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct NamedParams {
+    name: Option<String>,
+    uri: Option<String>,
+}
+
+/// One message of a body: a request or notification (with its method), or a response to the
+/// server's own request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// The request's id (`None`: a notification or a response).
+    pub id: Option<Value>,
+    /// The method (`None`: a response).
+    pub method: Option<String>,
+    /// The tool of a `tools/call`, the prompt of a `prompts/get`, the URI of a
+    /// `resources/read`, `subscribe` or `unsubscribe`.
+    pub name: Option<String>,
+}
+
+/// What a `POST` body holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Messages {
+    /// The messages, in order.
+    pub all: Vec<Message>,
+    /// Whether they came as a batch (a JSON array, 2025-03-26).
+    pub batch: bool,
+}
+
+/// The parameter that names what a method acts on (`Mcp-Name`'s value), for the methods that
+/// have one.
+fn named_param(method: &str) -> Option<&'static str> {
+    match method {
+        "tools/call" | "prompts/get" => Some("name"),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some("uri"),
+        _ => None,
+    }
+}
+
+fn message(wire: Wire) -> Result<Message, McpError> {
+    if wire.jsonrpc.as_deref() != Some("2.0") {
+        return Err(McpError::Invalid("jsonrpc must be \"2.0\""));
+    }
+    match (&wire.method, wire.result.is_some() || wire.error.is_some()) {
+        (Some(_), true) => return Err(McpError::Invalid("a message is a request or a response, not both")),
+        (None, false) => return Err(McpError::Invalid("a message needs a method, a result or an error")),
+        _ => {}
+    }
+    let name = match wire.method.as_deref().and_then(|m| named_param(m).map(|p| (m, p))) {
+        None => None,
+        Some((method, param)) => {
+            let params: Option<NamedParams> = match &wire.params {
+                Some(raw) => {
+                    Some(serde_json::from_str(raw.get()).map_err(|_| McpError::MissingName(method.to_owned(), param))?)
+                }
+                None => None,
+            };
+            let name = params.and_then(|p| if param == "name" { p.name } else { p.uri });
+            Some(name.ok_or_else(|| McpError::MissingName(method.to_owned(), param))?)
+        }
+    };
+    Ok(Message { id: wire.id, method: wire.method, name })
+}
+
+/// Reads a body: one JSON-RPC message, or a batch of them.
+pub fn parse(body: &[u8]) -> Result<Messages, McpError> {
+    let value: &serde_json::value::RawValue = serde_json::from_slice(body).map_err(|_| McpError::Parse)?;
+    let text = value.get();
+    if text.starts_with('[') {
+        let wires: Vec<Wire> = serde_json::from_str(text).map_err(|_| McpError::Invalid("a batch of messages"))?;
+        if wires.is_empty() {
+            return Err(McpError::Invalid("an empty batch"));
+        }
+        let all = wires.into_iter().map(message).collect::<Result<_, _>>()?;
+        Ok(Messages { all, batch: true })
+    } else {
+        let wire: Wire = serde_json::from_str(text).map_err(|_| McpError::Invalid("not a JSON-RPC message"))?;
+        Ok(Messages { all: vec![message(wire)?], batch: false })
+    }
+}
+
+/// The request's `MCP-Protocol-Version`, if the route serves it.
+pub fn check_version<'a>(settings: &'a McpSettings, headers: &HeaderMap) -> Result<&'a str, McpError> {
+    let refused = |requested: Option<&str>| McpError::Version {
+        supported: settings.protocol_versions.clone(),
+        requested: requested.map(str::to_owned),
+    };
+    let mut values = headers.get_all(PROTOCOL_VERSION).iter();
+    let asked = match (values.next(), values.next()) {
+        (None, _) => DEFAULT_REVISION,
+        (Some(v), None) => v.to_str().map_err(|_| refused(None))?.trim(),
+        (Some(_), Some(_)) => return Err(refused(None)),
+    };
+    settings.protocol_versions.iter().find(|v| *v == asked).map(String::as_str).ok_or_else(|| refused(Some(asked)))
+}
+
+/// Whether the content type is JSON in UTF-8 and there is no content coding.
+fn check_content(headers: &HeaderMap) -> Result<(), McpError> {
+    if headers.get_all(http::header::CONTENT_ENCODING).iter().any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity")) {
+        return Err(McpError::ContentType);
+    }
+    let mut types = headers.get_all(http::header::CONTENT_TYPE).iter();
+    let (Some(ct), None) = (types.next(), types.next()) else { return Err(McpError::ContentType) };
+    let ct = ct.to_str().map_err(|_| McpError::ContentType)?.to_ascii_lowercase();
+    let mut parts = ct.split(';').map(str::trim);
+    if parts.next() != Some("application/json") {
+        return Err(McpError::ContentType);
+    }
+    for p in parts {
+        if let Some(charset) = p.strip_prefix("charset=") {
+            if !matches!(charset.trim_matches('"'), "utf-8" | "utf8") {
+                return Err(McpError::ContentType);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a `POST` body whole: at most `limit` bytes, none of its waits longer than `idle`.
+pub async fn read_body(headers: &HeaderMap, mut body: Incoming, limit: u64, idle: Duration) -> Result<Bytes, McpError> {
+    check_content(headers)?;
+    if hyper::body::Body::size_hint(&body).lower() > limit {
+        return Err(McpError::TooLarge(limit));
+    }
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(McpError::Stalled(idle)),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(McpError::Body),
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > limit {
+                return Err(McpError::TooLarge(limit));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// A header value as 2026-07-28 sends it: plain, or `=?base64?<UTF-8 in base64>?=` for a value
+/// that is not plain ASCII (decoded before it is compared).
+fn header_text(v: &HeaderValue) -> Option<String> {
+    let text = v.to_str().ok()?;
+    match text.strip_prefix("=?base64?").and_then(|t| t.strip_suffix("?=")) {
+        Some(b64) => {
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+            String::from_utf8(bytes).ok()
+        }
+        None => Some(text.to_owned()),
+    }
+}
+
+/// Whether the body fits the revision and the headers agree with it: `Mcp-Method` names the
+/// method of the (one) message, `Mcp-Name` its tool, prompt or URI. A header sent twice, or on
+/// a batch, or on a message without a method, disagrees; under 2026-07-28 a request without
+/// them (where that revision requires them) does too.
+pub fn check_headers(headers: &HeaderMap, revision: &str, messages: &Messages) -> Result<(), McpError> {
+    if messages.batch && revision != DEFAULT_REVISION {
+        return Err(McpError::Batch(revision.to_owned()));
+    }
+    let one = |name: &'static str, label: &'static str| -> Result<Option<String>, McpError> {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Ok(None),
+            (Some(v), None) => header_text(v).map(Some).ok_or(McpError::HeaderMismatch(label)),
+            (Some(_), Some(_)) => Err(McpError::HeaderMismatch(label)),
+        }
+    };
+    let (method, name) = (one(METHOD_HEADER, "Mcp-Method")?, one(NAME_HEADER, "Mcp-Name")?);
+    let single = match messages.all.as_slice() {
+        [m] if !messages.batch => Some(m),
+        _ => None,
+    };
+    // 2026-07-28 requires both on every request (a message with an id and a method); what a
+    // notification carries is not defined there, so it is compared only when sent.
+    let request = single.filter(|m| m.id.is_some() && m.method.is_some());
+    if let (STATELESS_REVISION, Some(m)) = (revision, request) {
+        if method.is_none() {
+            return Err(McpError::HeaderMismatch("Mcp-Method"));
+        }
+        if m.name.is_some() && name.is_none() {
+            return Err(McpError::HeaderMismatch("Mcp-Name"));
+        }
+    }
+    if let Some(h) = method {
+        if single.and_then(|m| m.method.as_deref()) != Some(h.as_str()) {
+            return Err(McpError::HeaderMismatch("Mcp-Method"));
+        }
+    }
+    if let Some(h) = name {
+        if single.and_then(|m| m.name.as_deref()) != Some(h.as_str()) {
+            return Err(McpError::HeaderMismatch("Mcp-Name"));
+        }
+    }
+    Ok(())
+}
+
+/// Methods every token may call: the session's start and liveness.
+fn always_granted(method: &str) -> bool {
+    matches!(method, "initialize" | "ping") || method.starts_with("notifications/")
+}
+
+/// A scope template split at its placeholder, the route's captures rendered.
+struct Grant {
+    prefix: String,
+    suffix: String,
+}
+
+impl Grant {
+    fn new(template: &str, placeholder: &str, caps: &Captures) -> Grant {
+        let (prefix, suffix) = template.split_once(placeholder).unwrap_or((template, ""));
+        Grant { prefix: render_path(prefix, caps), suffix: render_path(suffix, caps) }
+    }
+
+    fn scope(&self, value: &str) -> String {
+        format!("{}{value}{}", self.prefix, self.suffix)
+    }
+
+    /// Whether the token holds the scope for `value`, or the one with `*` for any.
+    fn holds(&self, claims: Option<&Claims>, value: &str) -> Result<(), String> {
+        let scope = self.scope(value);
+        let any = self.scope("*");
+        let has = |s: &str| claims.is_some_and(|c| c.contains("scope", s) || c.contains("scp", s));
+        if has(&scope) || has(&any) {
+            Ok(())
+        } else {
+            Err(scope)
+        }
+    }
+}
+
+/// Whether the token grants every message of the body (`method_scope`, `tool_scope`).
+pub fn authorize(
+    settings: &McpSettings,
+    caps: &Captures,
+    claims: Option<&Claims>,
+    messages: &Messages,
+) -> Result<(), McpError> {
+    messages.all.iter().try_for_each(|m| authorize_one(settings, caps, claims, m))
+}
+
+/// Whether the token grants one message: its method, and for a `tools/call` its tool.
+pub fn authorize_one(
+    settings: &McpSettings,
+    caps: &Captures,
+    claims: Option<&Claims>,
+    m: &Message,
+) -> Result<(), McpError> {
+    let Some(method) = m.method.as_deref() else { return Ok(()) };
+    if always_granted(method) {
+        return Ok(());
+    }
+    let denied = |scope, tool: Option<&String>| {
+        McpError::Denied(Denial { method: method.to_owned(), tool: tool.cloned(), scope })
+    };
+    if let Some(t) = settings.method_scope.as_deref() {
+        Grant::new(t, "{method}", caps).holds(claims, method).map_err(|scope| denied(scope, None))?;
+    }
+    if let (Some(t), "tools/call", Some(tool)) = (settings.tool_scope.as_deref(), method, m.name.as_ref()) {
+        Grant::new(t, "{tool}", caps).holds(claims, tool).map_err(|scope| denied(scope, Some(tool)))?;
+    }
+    Ok(())
+}
+
+/// The refusal of a read body: answered with one error per request in it.
+pub fn refuse(error: McpError, messages: &Messages) -> Refusal {
+    let ids = match messages.batch {
+        true => Ids::Batch(messages.all.iter().filter_map(|m| m.method.as_ref().and(m.id.clone())).collect()),
+        false => Ids::One(messages.all.first().and_then(|m| m.id.clone())),
+    };
+    Refusal { error, ids }
+}
+
+/// Checks what comes before the body: the method and the protocol revision.
+pub fn check_head<'a>(settings: &'a McpSettings, method: &Method, headers: &HeaderMap) -> Result<&'a str, McpError> {
+    if !matches!(*method, Method::POST | Method::GET | Method::DELETE) {
+        return Err(McpError::Method);
+    }
+    check_version(settings, headers)
+}
+
+/// The method's metric label: the methods of the specification by name, any other `other`.
+pub fn method_label(method: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "initialize",
+        "ping",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "tasks/get",
+        "tasks/list",
+        "tasks/result",
+        "tasks/cancel",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
+        "notifications/roots/list_changed",
+    ];
+    KNOWN.iter().find(|k| **k == method).copied().unwrap_or("other")
+}
+
+/// The tool's metric label: the tool when `metric_tools` lists it, else `other`.
+pub fn tool_label<'a>(settings: &'a McpSettings, tool: &str) -> &'a str {
+    settings.metric_tools.iter().find(|t| *t == tool).map_or("other", String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> McpSettings {
+        McpSettings {
+            protocol_versions: crate::config::MCP_REVISIONS.iter().map(|v| (*v).to_owned()).collect(),
+            max_message: 1 << 20,
+            method_scope: None,
+            tool_scope: Some("mcp:{agent}:tools/call:{tool}".into()),
+            metric_tools: vec!["echo".into()],
+        }
+    }
+
+    fn claims(scope: &str) -> Claims {
+        let all = serde_json::json!({ "exp": u64::MAX, "sub": "alice", "scope": scope });
+        Claims::from_value(all).expect("claims")
+    }
+
+    fn caps() -> Captures {
+        Captures::from_pairs(&[("agent", "a1")])
+    }
+
+    #[test]
+    fn a_message_reads_its_method_and_tool() {
+        let m = parse(br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#)
+            .expect("parse");
+        assert_eq!(m.all[0].method.as_deref(), Some("tools/call"));
+        assert_eq!(m.all[0].name.as_deref(), Some("echo"));
+        assert_eq!(m.all[0].id, Some(serde_json::json!(7)));
+        let r = parse(br#"{"jsonrpc":"2.0","id":"x","result":{}}"#).expect("response");
+        assert_eq!(r.all[0].method, None);
+        let b = parse(
+            br#"[{"jsonrpc":"2.0","method":"notifications/initialized"},{"jsonrpc":"2.0","id":1,"method":"ping"}]"#,
+        )
+        .expect("batch");
+        assert!(b.batch);
+        assert_eq!(b.all.len(), 2);
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_wherever_it_is() {
+        // The server's parser may keep the last copy: the proxy must not check the first.
+        for body in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call","params":{"name":"x"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","name":"secret"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","m\u0065thod":"tools/call","params":{"name":"x"}}"#,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call","params":{"name":"x"}}]"#,
+        ] {
+            assert!(parse(body.as_bytes()).is_err(), "{body}");
+        }
+    }
+
+    #[test]
+    fn what_is_not_json_rpc_is_refused() {
+        for body in [
+            "",
+            "{",
+            "[]",
+            "42",
+            r#"{"id":1,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":1}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping","result":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping"} {}"#,
+        ] {
+            assert!(parse(body.as_bytes()).is_err(), "{body}");
+        }
+    }
+
+    #[test]
+    fn the_headers_must_say_what_the_body_says() {
+        let call = parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#).expect("p");
+        let old = "2025-11-25";
+        let mut h = HeaderMap::new();
+        assert!(check_headers(&h, old, &call).is_ok());
+        assert!(check_headers(&h, STATELESS_REVISION, &call).is_err(), "2026-07-28 requires them");
+        h.insert(METHOD_HEADER, HeaderValue::from_static("tools/call"));
+        assert!(check_headers(&h, STATELESS_REVISION, &call).is_err(), "and Mcp-Name for a tool");
+        h.insert(NAME_HEADER, HeaderValue::from_static("echo"));
+        assert!(check_headers(&h, old, &call).is_ok());
+        assert!(check_headers(&h, STATELESS_REVISION, &call).is_ok());
+        h.insert(NAME_HEADER, HeaderValue::from_static("=?base64?ZWNobw==?="));
+        assert!(check_headers(&h, STATELESS_REVISION, &call).is_ok(), "base64 of echo");
+        h.insert(NAME_HEADER, HeaderValue::from_static("secret"));
+        assert!(matches!(check_headers(&h, old, &call), Err(McpError::HeaderMismatch("Mcp-Name"))));
+        h.insert(NAME_HEADER, HeaderValue::from_static("echo"));
+        h.insert(METHOD_HEADER, HeaderValue::from_static("tools/list"));
+        assert!(matches!(check_headers(&h, old, &call), Err(McpError::HeaderMismatch("Mcp-Method"))));
+        h.remove(NAME_HEADER);
+        h.append(METHOD_HEADER, HeaderValue::from_static("tools/call"));
+        assert!(check_headers(&h, old, &call).is_err(), "a header sent twice");
+        let batch = parse(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#).expect("p");
+        assert!(check_headers(&HeaderMap::new(), "2025-03-26", &batch).is_ok());
+        assert!(matches!(check_headers(&HeaderMap::new(), old, &batch), Err(McpError::Batch(_))));
+    }
+
+    #[test]
+    fn a_tool_needs_its_scope_or_the_wildcard() {
+        let s = settings();
+        let call = parse(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}"#).expect("p");
+        let list = parse(br#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#).expect("p");
+        assert!(authorize(&s, &caps(), Some(&claims("mcp:a1:tools/call:echo")), &call).is_ok());
+        assert!(authorize(&s, &caps(), Some(&claims("mcp:a1:tools/call:*")), &call).is_ok());
+        assert!(authorize(&s, &caps(), Some(&claims("mcp:a2:tools/call:echo")), &call).is_err(), "another agent");
+        match authorize(&s, &caps(), Some(&claims("mcp:a1:tools/call:other")), &call) {
+            Err(McpError::Denied(d)) => assert_eq!(d.scope, "mcp:a1:tools/call:echo"),
+            other => panic!("{other:?}"),
+        }
+        assert!(authorize(&s, &caps(), Some(&claims("")), &list).is_ok(), "no method scope configured");
+        let mut strict = settings();
+        strict.method_scope = Some("mcp:{method}".into());
+        assert!(authorize(&strict, &caps(), Some(&claims("mcp:tools/list")), &list).is_ok());
+        assert!(authorize(&strict, &caps(), Some(&claims("mcp:tools/call")), &list).is_err());
+        let init = parse(br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#).expect("p");
+        assert!(authorize(&strict, &caps(), Some(&claims("")), &init).is_ok());
+    }
+
+    #[test]
+    fn a_refused_batch_answers_each_request() {
+        let b = parse(br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}},{"jsonrpc":"2.0","method":"notifications/initialized"},{"jsonrpc":"2.0","id":"b","method":"ping"}]"#).expect("p");
+        let e = authorize(&settings(), &caps(), Some(&claims("")), &b).expect_err("x is not granted");
+        let resp = refuse(e, &b).response();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        let h = resp.headers().get(http::header::WWW_AUTHENTICATE).expect("challenge");
+        assert!(h.to_str().expect("ascii").contains("insufficient_scope"));
+    }
+
+    #[test]
+    fn the_revision_is_checked() {
+        let s = settings();
+        let mut h = HeaderMap::new();
+        assert_eq!(check_version(&s, &h).expect("default"), "2025-03-26");
+        h.insert(PROTOCOL_VERSION, HeaderValue::from_static("2026-07-28"));
+        assert!(check_version(&s, &h).is_ok());
+        h.insert(PROTOCOL_VERSION, HeaderValue::from_static("2024-11-05"));
+        assert!(check_version(&s, &h).is_err());
+        let mut only_new = settings();
+        only_new.protocol_versions = vec!["2026-07-28".into()];
+        assert!(check_version(&only_new, &HeaderMap::new()).is_err(), "no header is 2025-03-26");
+    }
+
+    #[test]
+    fn a_body_must_be_plain_json() {
+        let mut h = HeaderMap::new();
+        assert!(check_content(&h).is_err());
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        assert!(check_content(&h).is_ok());
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+        assert!(check_content(&h).is_ok());
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-16"));
+        assert!(check_content(&h).is_err());
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(check_content(&h).is_err());
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(http::header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert!(check_content(&h).is_err(), "a compressed body cannot be read, so it cannot pass");
+    }
+}
