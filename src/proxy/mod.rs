@@ -723,7 +723,7 @@ async fn handle_request(
                     };
                     headers.insert(settings.header.clone(), id);
                     pinned = Some(opened.member.clone());
-                    envelope = Some((digest, opened.expires));
+                    envelope = Some(Envelope { digest, expires: opened.expires, presented: presented.clone(), opened });
                 }
                 Err(e) => {
                     tracing::info!(route = %route.name, client = %ctx.client_addr, reason = e.label(), "session envelope refused");
@@ -763,23 +763,31 @@ async fn handle_request(
     forward::strip_response_headers(&mut parts.headers);
     // A session ended at the server (DELETE answered 2xx, or 404: it is gone) ends its envelope
     // on every instance, so that the envelope cannot be replayed.
-    if let (&::http::Method::DELETE, Some((digest, expires))) = (&head.method, envelope) {
+    if let (&::http::Method::DELETE, Some(e)) = (&head.method, &envelope) {
         if parts.status.is_success() || parts.status == StatusCode::NOT_FOUND {
-            end_envelope(ctx, digest, expires).await;
+            end_envelope(ctx, e.digest.clone(), e.expires).await;
         }
     }
     // The backend's session id goes to the client sealed: the member, the id, the subject.
     if let Some((settings, keys)) = &affinity {
         if let Some(id) = parts.headers.get(&settings.header).and_then(|v| v.to_str().ok()) {
-            let sealed = crate::routing::affinity::Sealed {
-                member: answered.member.clone(),
-                backend_id: id.to_owned(),
-                issuer: claims.and_then(|c| c.issuer().map(str::to_owned)),
-                subject: claims.and_then(|c| c.subject().map(str::to_owned)),
-                expires: crate::fleet::now_secs() + settings.ttl.as_secs(),
-            };
-            if let Ok(v) = HeaderValue::from_str(&keys.seal(&route.name, &sealed)) {
-                parts.headers.insert(settings.header.clone(), v);
+            // The session's own id again (servers repeat it on every answer): the client keeps
+            // the envelope it sent, so its session id does not change under it.
+            if let Some(e) =
+                envelope.as_ref().filter(|e| e.opened.backend_id == id && e.opened.member == answered.member)
+            {
+                parts.headers.insert(settings.header.clone(), e.presented.clone());
+            } else {
+                let sealed = crate::routing::affinity::Sealed {
+                    member: answered.member.clone(),
+                    backend_id: id.to_owned(),
+                    issuer: claims.and_then(|c| c.issuer().map(str::to_owned)),
+                    subject: claims.and_then(|c| c.subject().map(str::to_owned)),
+                    expires: crate::fleet::now_secs() + settings.ttl.as_secs(),
+                };
+                if let Ok(v) = HeaderValue::from_str(&keys.seal(&route.name, &sealed)) {
+                    parts.headers.insert(settings.header.clone(), v);
+                }
             }
         }
     }
@@ -1434,6 +1442,18 @@ fn note_error(metrics: &crate::metrics::Metrics, route: &str, e: &RequestError) 
 /// least).
 fn affinity_keys(settings: &crate::config::AffinitySettings) -> Option<crate::routing::affinity::Keys> {
     crate::routing::affinity::Keys::new(settings.keys.iter().map(|k| k.expose()))
+}
+
+/// A session envelope a request presented, opened.
+struct Envelope {
+    /// What a lock on its end names.
+    digest: String,
+    /// When it stops opening (Unix seconds).
+    expires: u64,
+    /// As the client sent it.
+    presented: HeaderValue,
+    /// What it holds.
+    opened: crate::routing::affinity::Sealed,
 }
 
 /// Opens a presented session envelope for this token: what it holds and its digest, unless it

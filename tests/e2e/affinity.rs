@@ -75,6 +75,7 @@ async fn a_session_stays_on_the_member_that_created_it_through_any_instance_for_
         let r = call(proxy, &alice, Some(&envelope)).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         assert_eq!(r.headers["x-member"].to_str().ok(), Some(member.as_str()));
+        assert_eq!(r.headers["mcp-session-id"].to_str().ok(), Some(envelope.as_str()), "the session's id is stable");
         let body = String::from_utf8_lossy(&r.body).into_owned();
         assert!(body.starts_with(&format!("{member}:{member}-session-")), "the backend's own id: {body}");
     }

@@ -599,6 +599,55 @@ mod directory {
 
     #[tokio::test]
     #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn an_mcp_session_deleted_through_one_instance_is_refused_by_every_other() {
+        let (ws, member) = (Backend::echo().await, RestBackend::start("m1").await);
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let keys = tempfile::NamedTempFile::new().expect("keys");
+        std::fs::write(keys.path(), "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n").expect("write keys");
+        let route = json!({"routes": [{
+            "name": "mcp",
+            "path": "/agents/{agent}/mcp",
+            "kind": "mcp",
+            "backends": [member.addr.to_string()],
+            "auth": {"agent_claim": "agents"},
+            "affinity": {"keys_file": keys.path().display().to_string()},
+        }]});
+        let fleet = three(ws.addr, &key, &redis, route).await;
+        let alice = format!("Bearer {}", key.token("alice", &["a1"], Duration::from_secs(600)));
+        let send = |p: &ProxyProcess, method: &'static str, session: Option<String>| {
+            let (addr, alice) = (p.tls, alice.clone());
+            async move {
+                let mut headers = vec![("authorization", alice.as_str()), ("content-type", "application/json")];
+                if let Some(s) = &session {
+                    headers.push(("mcp-session-id", s.as_str()));
+                }
+                let body = if method == "POST" { r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"# } else { "" };
+                let req = request(method, "/agents/a1/mcp", &headers, full(bytes::Bytes::from_static(body.as_bytes())));
+                H1::connect(addr, true).await.call(req).await
+            }
+        };
+        let envelope = send(&fleet[0], "POST", None).await.header("mcp-session-id").expect("envelope").to_owned();
+        assert_eq!(send(&fleet[1], "POST", Some(envelope.clone())).await.status, 200);
+        assert_eq!(send(&fleet[0], "DELETE", Some(envelope.clone())).await.status, 200);
+        // The test member would take the id again: only the lock refuses it, on every instance.
+        for p in &fleet[1..] {
+            let mut last = 0;
+            for _ in 0..50 {
+                let r = send(p, "POST", Some(envelope.clone())).await;
+                last = r.status;
+                if last == 404 {
+                    assert!(r.text().contains("ended"), "{}", r.text());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(last, 404, "the ended session's id is refused through another instance");
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
     async fn every_instance_lists_the_fleet_and_a_killed_instance_leaves_it_within_the_ttl() {
         let backend = Backend::echo().await;
         let key = hmac();

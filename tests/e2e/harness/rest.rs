@@ -98,8 +98,11 @@ fn mcp_session(parts: &hyper::http::request::Parts, conn: usize, name: &str) -> 
             r.headers_mut().insert("mcp-session-id", id.parse().expect("id"));
             r
         }
+        // As the SDK's server does, every answer of a session repeats its id.
         Some(id) if id.starts_with(&format!("{name}-session-")) => {
-            Response::new(full(Bytes::from(format!("{name}:{id}"))))
+            let mut r = Response::new(full(Bytes::from(format!("{name}:{id}"))));
+            r.headers_mut().insert("mcp-session-id", id.parse().expect("id"));
+            r
         }
         Some(_) => {
             let mut r = Response::new(full(Bytes::from_static(b"unknown session")));
