@@ -118,6 +118,8 @@ struct Shared {
     stalled: AtomicBool,
     /// Broadcast: one group of watchers per path.
     groups: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Group>>>>,
+    /// MCP: the session ids issued.
+    sessions: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// One agent's watchers (broadcast mode): the events go out on `tx` once enough joined.
@@ -151,8 +153,13 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::Tls
 
 /// Like [`serve`], over TLS when `tls` is given.
 pub async fn serve_with(listener: TcpListener, opts: BackendOptions, tls: Option<tokio_rustls::TlsAcceptor>) {
-    let shared =
-        Arc::new(Shared { opts, received: AtomicU64::new(0), stalled: AtomicBool::new(false), groups: Arc::default() });
+    let shared = Arc::new(Shared {
+        opts,
+        received: AtomicU64::new(0),
+        stalled: AtomicBool::new(false),
+        groups: Arc::default(),
+        sessions: Default::default(),
+    });
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(x) => x,
@@ -221,6 +228,9 @@ async fn plain(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         r.headers_mut().insert("cache-control", hyper::header::HeaderValue::from_static("no-cache"));
         return r;
     }
+    if req.method() == hyper::Method::POST && req.uri().path().contains("mcp") {
+        return mcp(req, &shared).await;
+    }
     if req.method() == hyper::Method::POST {
         return match http_body_util::Limited::new(req.into_body(), 64 << 20).collect().await {
             Ok(b) => Response::new(Full::new(b.to_bytes()).boxed()),
@@ -232,6 +242,50 @@ async fn plain(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         };
     }
     Response::new(Full::new(Bytes::from(wire::encode(Kind::Backend, 0, 0, shared.opts.size))).boxed())
+}
+
+/// An MCP server's Streamable HTTP endpoint (a path with `mcp` in it), as far as the `mcp`
+/// scenario needs: `initialize` issues a session id, which every later request must carry (404
+/// otherwise, as MCP answers an unknown session); `tools/call` of `echo` answers its arguments
+/// as text; any other method an empty result. Answers are `application/json`.
+async fn mcp(req: Request<Incoming>, shared: &Shared) -> Response<Body> {
+    let session = req.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let status = |code: u16, text: &'static str| {
+        let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())).boxed());
+        *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::BAD_REQUEST);
+        r
+    };
+    let Ok(body) = http_body_util::Limited::new(req.into_body(), 64 << 20).collect().await else {
+        return status(413, "too large");
+    };
+    let Ok(msg) = serde_json::from_slice::<serde_json::Value>(&body.to_bytes()) else {
+        return status(400, "not JSON");
+    };
+    let known = |id: &str| shared.sessions.lock().map(|s| s.contains(id)).unwrap_or(false);
+    let mut issued = None;
+    let result = match msg["method"].as_str() {
+        Some("initialize") => {
+            let id = format!("lt-{:032x}", rand::random::<u128>());
+            if let Ok(mut s) = shared.sessions.lock() {
+                s.insert(id.clone());
+            }
+            issued = Some(id);
+            serde_json::json!({"protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                "serverInfo": {"name": "portcullis-loadtest", "version": env!("CARGO_PKG_VERSION")}})
+        }
+        _ if !session.as_deref().is_some_and(known) => return status(404, "unknown session"),
+        Some("tools/call") if msg["params"]["name"] == "echo" => {
+            serde_json::json!({"content": [{"type": "text", "text": msg["params"]["arguments"].to_string()}]})
+        }
+        _ => serde_json::json!({}),
+    };
+    let answer = serde_json::json!({"jsonrpc": "2.0", "id": msg["id"], "result": result});
+    let mut r = Response::new(Full::new(Bytes::from(answer.to_string())).boxed());
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    if let Some(id) = issued.as_deref().or(session.as_deref()).and_then(|v| v.parse().ok()) {
+        r.headers_mut().insert("mcp-session-id", id);
+    }
+    r
 }
 
 async fn request(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {

@@ -40,6 +40,10 @@ enum Command {
     Http(ScenarioArgs),
     /// Server-Sent Events streams (http:// or https:// target); events/s, in order.
     Sse(ScenarioArgs),
+    /// MCP over Streamable HTTP (http:// or https:// target): each connection initialises a
+    /// session, then calls the `echo` tool in a closed loop (a `size`-byte call, its answer
+    /// checked); calls/s.
+    Mcp(ScenarioArgs),
     /// Run a TOML scenario file (see loadtest/scenarios/).
     Run {
         /// The scenario file.
@@ -145,6 +149,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Terminal(a) => (with_kind(a.scenario, Kind::Terminal), a.output),
         Command::Watch(a) => (with_kind(a.scenario, Kind::Watch), a.output),
         Command::Http(a) => (with_kind(a.scenario, Kind::Http), a.output),
+        Command::Mcp(a) => (with_kind(a.scenario, Kind::Mcp), a.output),
         Command::Sse(a) => (with_kind(a.scenario, Kind::Sse), a.output),
         Command::Run { file, target, pid, output } => {
             let mut s = match Scenario::from_file(&file) {

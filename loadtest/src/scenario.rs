@@ -43,6 +43,10 @@ pub enum Kind {
     /// Server-Sent Events: `connections` streams for `duration`; every event checked in order,
     /// publish-to-receive latency; events per second.
     Sse,
+    /// MCP (Streamable HTTP): each connection sends `initialize`, keeps the `Mcp-Session-Id` it
+    /// gets, then `tools/call`s the `echo` tool one at a time (closed loop), each answer checked
+    /// for its id and arguments; calls per second.
+    Mcp,
 }
 
 impl Kind {
@@ -57,6 +61,7 @@ impl Kind {
             Kind::Watch => "watch",
             Kind::Http => "http",
             Kind::Sse => "sse",
+            Kind::Mcp => "mcp",
         }
     }
 }
@@ -265,14 +270,14 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     let loaded;
     match s.scenario {
-        Kind::Echo | Kind::Rate | Kind::Terminal | Kind::Http | Kind::Sse => {
+        Kind::Echo | Kind::Rate | Kind::Terminal | Kind::Http | Kind::Sse | Kind::Mcp => {
             let end = t0 + s.ramp_time() + s.duration;
             let mut tasks = Vec::new();
             for i in 0..s.connections {
                 let (s2, target, stats) = (s.clone(), target.clone(), stats.clone());
                 tasks.push(tokio::spawn(async move {
                     match s2.scenario {
-                        Kind::Http => http_session(&s2, &target, &stats, i, t0, end).await,
+                        Kind::Http | Kind::Mcp => http_session(&s2, &target, &stats, i, t0, end).await,
                         Kind::Sse => sse_session(&s2, &target, &stats, i, t0, end).await,
                         _ => traffic_session(&s2, &target, &stats, i, t0, end).await,
                     }
@@ -1076,16 +1081,31 @@ async fn http_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t0: 
     tokio::time::sleep_until(s.start_of(t0, i)).await;
     let conn = s.conn_offset + i;
     let Some(mut c) = open_http(s, target, stats, conn).await else { return };
-    let post = s.method.eq_ignore_ascii_case("POST");
+    let mcp = s.scenario == Kind::Mcp;
+    let post = mcp || s.method.eq_ignore_ascii_case("POST");
+    let mut session = None;
+    if mcp {
+        match mcp::initialize(target, &mut c.sender, conn).await {
+            Ok(id) => session = id,
+            Err(e) => {
+                stats.error("mcp initialize", || e);
+                stats.open.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
     let mut seq = 0u64;
     while Instant::now() < end {
-        let body = if post {
+        let body = if mcp {
+            bytes::Bytes::from(mcp::call(conn, seq, s.size))
+        } else if post {
             bytes::Bytes::from(wire::encode(MsgKind::Client, conn, seq, s.size))
         } else {
             bytes::Bytes::new()
         };
         let sent_len = body.len() as u64;
         let req = match target.request(conn, if post { "POST" } else { "GET" }, body) {
+            Ok(r) if mcp => mcp::headers(r, session.as_ref()),
             Ok(r) => r,
             Err(e) => {
                 stats.error(&e.kind, || e.detail.clone());
@@ -1143,6 +1163,7 @@ async fn http_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t0: 
         stats.received.fetch_add(1, Ordering::Relaxed);
         stats.bytes_received.fetch_add(body.len() as u64, Ordering::Relaxed);
         let ok = match wire::decode(&body) {
+            _ if mcp => mcp::answered(&body, conn, seq),
             Ok(h) if post => h.kind == MsgKind::Client && h.conn == conn && h.seq == seq,
             Ok(h) => h.kind == MsgKind::Backend,
             Err(_) => false,
@@ -1233,4 +1254,73 @@ async fn sse_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t0: I
     drop(body);
     c.driver.abort();
     stats.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The MCP scenario's messages: what a client sends and what it checks of the answers.
+mod mcp {
+    use bytes::Bytes;
+    use http_body_util::BodyExt as _;
+    use hyper::header::HeaderValue;
+
+    use crate::target::Target;
+
+    /// The revision the scenario speaks (the session-based one).
+    const REVISION: &str = "2025-11-25";
+
+    /// `initialize` on the connection; the session id the server (through the target) issued.
+    pub(super) async fn initialize(
+        target: &Target,
+        sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+        conn: u64,
+    ) -> Result<Option<HeaderValue>, String> {
+        let body = serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": REVISION, "capabilities": {},
+            "clientInfo": {"name": "portcullis-loadtest", "version": env!("CARGO_PKG_VERSION")}}});
+        let req = target.request(conn, "POST", Bytes::from(body.to_string())).map_err(|e| e.detail)?;
+        let req = headers(req, None);
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let id = resp.headers().get("mcp-session-id").cloned();
+        let _ = resp.into_body().collect().await;
+        match status.as_u16() {
+            200 => Ok(id),
+            other => Err(format!("initialize answered {other}")),
+        }
+    }
+
+    /// A `tools/call` of `echo` with id `seq`, padded to about `size` bytes.
+    pub(super) fn call(conn: u64, seq: u64, size: usize) -> Vec<u8> {
+        let head = format!(
+            r#"{{"jsonrpc":"2.0","id":{seq},"method":"tools/call","params":{{"name":"echo","arguments":{{"conn":{conn},"seq":{seq},"pad":""#
+        );
+        let tail = r#""}}}"#;
+        let pad = size.saturating_sub(head.len() + tail.len());
+        let mut out = Vec::with_capacity(head.len() + pad + tail.len());
+        out.extend_from_slice(head.as_bytes());
+        out.resize(head.len() + pad, b'x');
+        out.extend_from_slice(tail.as_bytes());
+        out
+    }
+
+    /// The headers of an MCP request, and the session's id when there is one.
+    pub(super) fn headers<B>(mut req: hyper::Request<B>, session: Option<&HeaderValue>) -> hyper::Request<B> {
+        let h = req.headers_mut();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("accept", HeaderValue::from_static("application/json, text/event-stream"));
+        h.insert("mcp-protocol-version", HeaderValue::from_static(REVISION));
+        if let Some(s) = session {
+            h.insert("mcp-session-id", s.clone());
+        }
+        req
+    }
+
+    /// Whether an answer is the result of call `seq` of connection `conn`: its id, and the
+    /// arguments echoed.
+    pub(super) fn answered(body: &[u8], conn: u64, seq: u64) -> bool {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return false };
+        let text = v["result"]["content"][0]["text"].as_str().unwrap_or_default();
+        let Ok(args) = serde_json::from_str::<serde_json::Value>(text) else { return false };
+        v["id"] == seq && args["conn"] == conn && args["seq"] == seq
+    }
 }

@@ -74,7 +74,8 @@ impl Target {
     pub async fn new(s: &Scenario) -> anyhow::Result<Target> {
         let url = s.target.as_deref().context("no target URL (--target ws://host:port/path)")?;
         let (scheme, rest) = url.split_once("://").context("the target URL must start with ws:// or wss://")?;
-        let http_kind = matches!(s.scenario, crate::scenario::Kind::Http | crate::scenario::Kind::Sse);
+        use crate::scenario::Kind;
+        let http_kind = matches!(s.scenario, Kind::Http | Kind::Sse | Kind::Mcp);
         if http_kind != matches!(scheme, "http" | "https") {
             bail!(
                 "the {} scenario takes {} URLs",

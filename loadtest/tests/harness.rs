@@ -41,6 +41,27 @@ async fn echo_against_the_echo_backend_is_clean() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_calls_run_in_their_sessions_and_are_checked() {
+    let addr = start_backend(BackendOptions::new(Mode::Echo)).await;
+    let s = Scenario { target: Some(format!("http://{addr}/agents/a1/mcp")), size: 512, ..scenario(Kind::Mcp, addr) };
+    let r = run(&s).await.unwrap();
+    assert!(r.is_clean(), "{}", r.table());
+    assert!(r.errors.is_empty(), "{}", r.table());
+    assert!(r.received > 100, "{}", r.table());
+    assert_eq!(r.sent, r.received);
+    // A call without the session is refused by the backend, as an MCP server refuses it.
+    let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client)).await.unwrap();
+    tokio::spawn(conn);
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+    let req = hyper::Request::post("/agents/a1/mcp")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(call.as_bytes())))
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupting_backend_is_reported_as_corruption() {
     let addr = start_backend(BackendOptions { corrupt_every: 7, ..BackendOptions::new(Mode::Echo) }).await;
     let r = run(&Scenario { window: 4, ..scenario(Kind::Echo, addr) }).await.unwrap();

@@ -320,17 +320,22 @@ fn message(wire: Wire) -> Result<Message, McpError> {
 
 /// Reads a body: one JSON-RPC message, or a batch of them.
 pub fn parse(body: &[u8]) -> Result<Messages, McpError> {
-    let value: &serde_json::value::RawValue = serde_json::from_slice(body).map_err(|_| McpError::Parse)?;
-    let text = value.get();
-    if text.starts_with('[') {
-        let wires: Vec<Wire> = serde_json::from_str(text).map_err(|_| McpError::Invalid("a batch of messages"))?;
+    // One pass: the first byte says message or batch; what is not JSON at all is told apart
+    // from JSON of the wrong shape by serde's error category.
+    let refused = |e: serde_json::Error, shape: &'static str| match e.classify() {
+        serde_json::error::Category::Data => McpError::Invalid(shape),
+        _ => McpError::Parse,
+    };
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let wires: Vec<Wire> = serde_json::from_slice(body).map_err(|e| refused(e, "a batch of messages"))?;
         if wires.is_empty() {
             return Err(McpError::Invalid("an empty batch"));
         }
         let all = wires.into_iter().map(message).collect::<Result<_, _>>()?;
         Ok(Messages { all, batch: true })
     } else {
-        let wire: Wire = serde_json::from_str(text).map_err(|_| McpError::Invalid("not a JSON-RPC message"))?;
+        let wire: Wire = serde_json::from_slice(body).map_err(|e| refused(e, "not a JSON-RPC message"))?;
         Ok(Messages { all: vec![message(wire)?], batch: false })
     }
 }
@@ -378,7 +383,10 @@ pub async fn read_body(headers: &HeaderMap, mut body: Incoming, limit: u64, idle
     if hyper::body::Body::size_hint(&body).lower() > limit {
         return Err(McpError::TooLarge(limit));
     }
-    let mut buf = BytesMut::new();
+    // The usual body is one frame, kept as it came; only a body in pieces is copied together.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut len = 0u64;
     loop {
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => return Err(McpError::Stalled(idle)),
@@ -387,13 +395,23 @@ pub async fn read_body(headers: &HeaderMap, mut body: Incoming, limit: u64, idle
             Ok(Some(Ok(f))) => f,
         };
         if let Ok(data) = frame.into_data() {
-            if (buf.len() + data.len()) as u64 > limit {
+            len += data.len() as u64;
+            if len > limit {
                 return Err(McpError::TooLarge(limit));
             }
-            buf.extend_from_slice(&data);
+            match (&mut joined, first.take()) {
+                (Some(j), _) => j.extend_from_slice(&data),
+                (None, None) => first = Some(data),
+                (None, Some(f)) => {
+                    let mut j = BytesMut::with_capacity(f.len() + data.len());
+                    j.extend_from_slice(&f);
+                    j.extend_from_slice(&data);
+                    joined = Some(j);
+                }
+            }
         }
     }
-    Ok(buf.freeze())
+    Ok(joined.map(BytesMut::freeze).or(first).unwrap_or_default())
 }
 
 /// A header value as 2026-07-28 sends it: plain, or `=?base64?<UTF-8 in base64>?=` for a value
