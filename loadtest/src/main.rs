@@ -40,6 +40,16 @@ enum Command {
     Http(ScenarioArgs),
     /// Server-Sent Events streams (http:// or https:// target); events/s, in order.
     Sse(ScenarioArgs),
+    /// Merge the JSON reports of workers that ran shares of one scenario at once (`--shard K/N
+    /// --json FILE` on each): counts summed, percentiles from the merged histograms (never
+    /// averaged).
+    Merge {
+        /// The workers' reports (`--json` files).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        output: Output,
+    },
     /// MCP over Streamable HTTP (http:// or https:// target): each connection initialises a
     /// session, then calls the `echo` tool in a closed loop (a `size`-byte call, its answer
     /// checked); calls/s.
@@ -109,7 +119,8 @@ struct ScenarioArgs {
 
 #[derive(clap::Args)]
 struct Output {
-    /// Also write the report as JSON to this file.
+    /// Also write the report as JSON to this file (`-`: to standard output, without the table,
+    /// so that a worker's log is its report).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Also write a self-contained HTML report (latency percentile plot, throughput over time).
@@ -162,6 +173,27 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             s.target = target.or(s.target);
             s.pid = pid.or(s.pid);
             (s, output)
+        }
+        Command::Merge { files, output } => {
+            let mut parts = Vec::new();
+            for f in &files {
+                let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+                // A file may be a worker's log (`--json -`, warnings before it): the report starts
+                // at its first line that opens a JSON object.
+                let start = text.lines().position(|l| l == "{").unwrap_or(0);
+                let json: String = text.lines().skip(start).collect::<Vec<_>>().join("\n");
+                parts.push(
+                    serde_json::from_str::<Report>(&json)
+                        .with_context(|| format!("{} holds no report (--json)", f.display()))?,
+                );
+            }
+            let n = parts.len();
+            let meta = parts.first().map(|p| p.meta.clone()).unwrap_or_default();
+            let mut report = Report::merge(parts);
+            report.meta = meta;
+            report.notes.push(format!("merged from {n} worker reports"));
+            write_report(&report, &output)?;
+            return Ok(verdict(&report, &output));
         }
         Command::Worker => {
             portcullis_loadtest::procs::worker().await?;
@@ -222,15 +254,34 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
     let meta = portcullis_loadtest::stats::RunMeta::now();
     let mut report = run(&scenario).await?;
     report.meta = meta;
-    println!("{}", report.table());
-    if let Some(path) = output.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+    write_report(&report, &output)?;
+    Ok(verdict(&report, &output))
+}
+
+/// Prints the report's table and writes what `output` asks for.
+fn write_report(report: &Report, output: &Output) -> anyhow::Result<()> {
+    // `--json -`: the report alone on standard output (a pod's log is the report).
+    let to_stdout = output.json.as_deref().is_some_and(|p| p == std::path::Path::new("-"));
+    if !to_stdout {
+        println!("{}", report.table());
+    }
+    if let Some(path) = &output.json {
+        let text = serde_json::to_string_pretty(report)?;
+        match to_stdout {
+            true => println!("{text}"),
+            false => std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?,
+        }
+    }
+    if let Some(path) = &output.html {
+        std::fs::write(path, portcullis_loadtest::html::render(report))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    if let Some(path) = output.html {
-        std::fs::write(&path, portcullis_loadtest::html::render(&report))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    Ok(())
+}
+
+/// The exit code a report earns: 2 for an integrity failure, 1 when no session opened, 3 for a
+/// `--fail-on` threshold passed.
+fn verdict(report: &Report, output: &Output) -> ExitCode {
     if report.opened < report.connections && report.scenario != "storm" {
         eprintln!(
             "warning: {} of {} sessions were not opened (see the errors above; --fail-on refused>N% makes this fail)",
@@ -238,11 +289,11 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             report.connections
         );
     }
-    let breaches: Vec<String> = output.fail_on.iter().filter_map(|t| t.breach(&report)).collect();
+    let breaches: Vec<String> = output.fail_on.iter().filter_map(|t| t.breach(report)).collect();
     for b in &breaches {
         eprintln!("{b}");
     }
-    Ok(if !report.is_clean() {
+    if !report.is_clean() {
         ExitCode::from(2)
     } else if report.opened == 0 && report.connections > 0 {
         eprintln!("error: no session could be opened (see the errors above)");
@@ -251,7 +302,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         ExitCode::from(3)
     } else {
         ExitCode::SUCCESS
-    })
+    }
 }
 
 fn with_kind(mut s: Scenario, kind: Kind) -> Scenario {

@@ -145,6 +145,12 @@ pub struct Scenario {
     /// Split the sessions over this many worker processes (each has its own descriptor limit).
     #[arg(long, default_value_t = 1)]
     pub procs: u32,
+    /// Run only share K of N (`K/N`, K from 0) of the scenario: its sessions (numbered on from
+    /// the shares before it), its rate and ramp. For load from several machines: N workers
+    /// (a Kubernetes Indexed Job: `--shard $(JOB_COMPLETION_INDEX)/N`) each write `--json`,
+    /// and `merge` combines them.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Shard>,
     /// Storm: stop after this many sessions in total in this process, spread over its workers
     /// (0 = run for the whole duration).
     #[arg(long, default_value_t = 0)]
@@ -196,6 +202,7 @@ impl Default for Scenario {
             quiet: false,
             conn_offset: 0,
             procs: 1,
+            shard: None,
             sessions: 0,
             watchers: 50,
             events: 100,
@@ -238,6 +245,19 @@ impl Scenario {
 
 /// Runs a scenario to completion and returns its report (over `procs` worker processes if asked).
 pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
+    if let Some(shard) = s.shard {
+        let mut share = shard.of(s);
+        share.shard = None;
+        let mut report = Box::pin(run(&share)).await?;
+        report.notes.push(format!(
+            "shard {} of {} (sessions {}..{})",
+            shard.index,
+            shard.total,
+            share.conn_offset,
+            share.conn_offset + share.connections
+        ));
+        return Ok(report);
+    }
     if s.stall > 0 && (s.scenario != Kind::Watch || s.procs > 1 || s.h2_streams > 0) {
         anyhow::bail!("--stall is for the watch scenario, in one process, over HTTP/1.1");
     }
@@ -1322,5 +1342,43 @@ mod mcp {
         let text = v["result"]["content"][0]["text"].as_str().unwrap_or_default();
         let Ok(args) = serde_json::from_str::<serde_json::Value>(text) else { return false };
         v["id"] == seq && args["conn"] == conn && args["seq"] == seq
+    }
+}
+
+/// `--shard K/N`: this worker's share of a scenario run by N workers at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct Shard {
+    /// This worker's share, from 0.
+    pub index: u32,
+    /// How many workers share the scenario.
+    pub total: u32,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(v: &str) -> Result<Shard, String> {
+        let (k, n) = v.split_once('/').ok_or_else(|| format!("--shard is K/N (K from 0), not {v:?}"))?;
+        let index: u32 = k.trim().parse().map_err(|_| format!("--shard: {k:?} is not a number"))?;
+        let total: u32 = n.trim().parse().map_err(|_| format!("--shard: {n:?} is not a number"))?;
+        if total == 0 || index >= total {
+            return Err(format!("--shard {v}: K must be below N, and N at least 1"));
+        }
+        Ok(Shard { index, total })
+    }
+}
+
+impl Shard {
+    /// The scenario this worker runs: sessions `[N·K/N, N·(K+1)/N)` of the whole (so the shares
+    /// cover each session once), its part of the rate, the ramp and the storm's session count.
+    pub fn of(self, s: &Scenario) -> Scenario {
+        let (k, n) = (u64::from(self.index), u64::from(self.total));
+        let mut share = s.clone();
+        let first = s.connections * k / n;
+        share.connections = s.connections * (k + 1) / n - first;
+        share.conn_offset = s.conn_offset + first;
+        share.rate = s.rate / n as f64;
+        share.ramp = s.ramp / n as f64;
+        share.sessions = s.sessions * (k + 1) / n - s.sessions * k / n;
+        share
     }
 }

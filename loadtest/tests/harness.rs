@@ -253,3 +253,79 @@ fn thresholds_judge_a_report() {
     assert!("latency>1ms".parse::<Threshold>().is_err());
     assert!("refused>5".parse::<Threshold>().is_err());
 }
+
+/// Load from several machines: four worker processes of the binary, each running its share
+/// (`--shard K/4`) and writing its report, then `merge`: the totals are the sums, and the
+/// percentiles are those of all the samples together (from the merged histograms), not averages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_worker_processes_merged_give_the_sums_and_the_percentiles_of_all_samples() {
+    let addr = start_backend(BackendOptions::new(Mode::Echo)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_portcullis-loadtest");
+    let mut workers = Vec::new();
+    for k in 0..4 {
+        let out = dir.path().join(format!("worker-{k}.json"));
+        let child = tokio::process::Command::new(bin)
+            .args(["echo", "-q", "-c", "10", "--window", "2", "--size", "64", "-d", "1s"])
+            .arg("--target")
+            .arg(format!("ws://{addr}/agents/agent-{{conn}}/terminal"))
+            .arg("--shard")
+            .arg(format!("{k}/4"))
+            .arg("--json")
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        workers.push((child, out));
+    }
+    let mut parts = Vec::new();
+    for (mut child, out) in workers {
+        assert!(child.wait().await.unwrap().success());
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        parts.push((out, v));
+    }
+    let merged_path = dir.path().join("merged.json");
+    let status = tokio::process::Command::new(bin)
+        .arg("merge")
+        .args(parts.iter().map(|(p, _)| p))
+        .arg("--json")
+        .arg(&merged_path)
+        .arg("--html")
+        .arg(dir.path().join("merged.html"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let merged: serde_json::Value = serde_json::from_slice(&std::fs::read(&merged_path).unwrap()).unwrap();
+    let sum = |k: &str| parts.iter().map(|(_, v)| v[k].as_u64().unwrap()).sum::<u64>();
+    // Sessions 0..10 split 2, 3, 2, 3: every session once.
+    let shares: Vec<u64> = parts.iter().map(|(_, v)| v["connections"].as_u64().unwrap()).collect();
+    assert_eq!(shares, vec![2, 3, 2, 3]);
+    for k in ["connections", "opened", "sent", "received"] {
+        assert_eq!(merged[k].as_u64(), Some(sum(k)), "{k}");
+    }
+    assert!(sum("received") > 100);
+    // The percentiles of every sample: from the workers' histograms put together here.
+    let mut all = std::collections::BTreeMap::new();
+    for (_, v) in &parts {
+        for pair in v["latency_hist"].as_array().unwrap() {
+            *all.entry(pair[0].as_u64().unwrap()).or_insert(0u64) += pair[1].as_u64().unwrap();
+        }
+    }
+    let total: u64 = all.values().sum();
+    assert_eq!(merged["latency_us"]["count"].as_u64(), Some(total));
+    for (q, key) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
+        let rank = (q * total as f64).ceil() as u64;
+        let mut seen = 0;
+        let expected = all.iter().find(|(_, n)| {
+            seen += **n;
+            seen >= rank
+        });
+        let expected = *expected.unwrap().0 as f64;
+        let got = merged["latency_us"][key].as_u64().unwrap() as f64;
+        // Three significant digits: within 0.1 %, and a microsecond of rounding.
+        assert!((got - expected).abs() <= expected * 0.002 + 1.0, "{key}: merged {got}, all samples {expected}");
+    }
+    assert!(std::fs::read_to_string(dir.path().join("merged.html")).unwrap().contains("<svg"));
+}
