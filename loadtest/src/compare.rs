@@ -13,7 +13,7 @@ use crate::stats::{fmt_us, Report};
 use crate::sys::Pids;
 
 /// Medians of one target's runs.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Target name as given (`name=URL`).
     pub name: String,

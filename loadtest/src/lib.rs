@@ -17,6 +17,7 @@
 
 pub mod backend;
 pub mod compare;
+pub mod headline;
 pub mod html;
 pub mod procs;
 pub mod scenario;

@@ -40,6 +40,16 @@ enum Command {
     Http(ScenarioArgs),
     /// Server-Sent Events streams (http:// or https:// target); events/s, in order.
     Sse(ScenarioArgs),
+    /// The benchmark page's headline from `peers/compare.sh` results: a Markdown table and an
+    /// SVG plot of Portcullis, NGINX, HAProxy and direct, and Portcullis against the best peer.
+    Headline {
+        /// A set of results: `NAME=DIR` (compare.sh's OUT directory), e.g. `plain=/tmp/p` `TLS=/tmp/t`.
+        #[arg(required = true)]
+        sets: Vec<String>,
+        /// Write the SVG plot here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
     /// Merge the JSON reports of workers that ran shares of one scenario at once (`--shard K/N
     /// --json FILE` on each): counts summed, percentiles from the merged histograms (never
     /// averaged).
@@ -173,6 +183,19 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             s.target = target.or(s.target);
             s.pid = pid.or(s.pid);
             (s, output)
+        }
+        Command::Headline { sets, svg } => {
+            let mut read = Vec::new();
+            for set in &sets {
+                let (name, dir) = set.split_once('=').context("a set is NAME=DIR")?;
+                read.push(portcullis_loadtest::headline::read_set(name, std::path::Path::new(dir))?);
+            }
+            println!("{}", portcullis_loadtest::headline::markdown(&read));
+            if let Some(path) = svg {
+                std::fs::write(&path, portcullis_loadtest::headline::svg(&read))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            return Ok(ExitCode::SUCCESS);
         }
         Command::Merge { files, output } => {
             let mut parts = Vec::new();
