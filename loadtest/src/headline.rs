@@ -53,7 +53,15 @@ const ROWS: &[Row] = &[
         unit: "µs",
     },
     Row { label: "CPU per new session", scenario: "storm", pick: Pick::Cpu, lower_better: true, unit: "µs" },
-    Row { label: "memory per idle session", scenario: "idle5000", pick: Pick::Kib, lower_better: true, unit: "KiB" },
+    // From a freshly started proxy (compare.sh's FRESH_IDLE runs): one that served load before
+    // keeps freed memory, which hides the growth.
+    Row {
+        label: "memory per idle session (5,000 held)",
+        scenario: "idle-fresh-5000",
+        pick: Pick::Kib,
+        lower_better: true,
+        unit: "KiB",
+    },
 ];
 
 /// The targets shown, as compare.sh names them; the peers are the last two.
@@ -83,12 +91,16 @@ pub struct Set {
 pub fn read_set(name: &str, dir: &Path) -> anyhow::Result<Set> {
     let mut values = Vec::new();
     for row in ROWS {
-        let path = dir.join(format!("{}.json", row.scenario));
-        let summaries: Vec<Summary> = match std::fs::read(&path) {
-            Ok(text) => {
-                serde_json::from_slice(&text).with_context(|| format!("{} is not compare --json", path.display()))?
+        let summaries = match row.scenario.strip_prefix("idle-fresh-") {
+            Some(n) => fresh_idle(dir, n)?,
+            None => {
+                let path = dir.join(format!("{}.json", row.scenario));
+                match std::fs::read(&path) {
+                    Ok(text) => serde_json::from_slice(&text)
+                        .with_context(|| format!("{} is not compare --json", path.display()))?,
+                    Err(_) => Vec::new(),
+                }
             }
-            Err(_) => Vec::new(),
         };
         values.push(
             TARGETS
@@ -98,6 +110,31 @@ pub fn read_set(name: &str, dir: &Path) -> anyhow::Result<Set> {
         );
     }
     Ok(Set { name: name.to_owned(), values })
+}
+
+/// The fresh-idle runs of `n` sessions (`idle-fresh-<target>-<n>.json`, one report each) as
+/// summaries.
+fn fresh_idle(dir: &Path, n: &str) -> anyhow::Result<Vec<Summary>> {
+    let mut out = Vec::new();
+    for (target, _) in TARGETS {
+        let path = dir.join(format!("idle-fresh-{target}-{n}.json"));
+        let Ok(text) = std::fs::read(&path) else { continue };
+        let r: crate::stats::Report =
+            serde_json::from_slice(&text).with_context(|| format!("{} is not a report", path.display()))?;
+        let held_all = r.held == r.connections;
+        out.push(Summary {
+            name: (*target).to_owned(),
+            url: r.target.clone(),
+            throughput: r.held as f64,
+            p50_us: 0.0,
+            p99_us: 0.0,
+            cpu_us_per_msg: None,
+            kib_per_session: r.process.as_ref().map(|p| p.kib_per_session),
+            clean: held_all && r.errors.is_empty(),
+            runs: Vec::new(),
+        });
+    }
+    Ok(out)
 }
 
 /// Portcullis against the best peer on one row: the ratio of the values, and how far ahead

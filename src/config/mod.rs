@@ -500,6 +500,8 @@ pub struct McpSettings {
     pub protocol_versions: Vec<String>,
     /// Largest message body read (413 above); at most `[routes.backend] max_request_body`.
     pub max_message: u64,
+    /// The whole message must have arrived within this (408 after), however it trickles.
+    pub read_timeout: std::time::Duration,
     /// When set, a JSON-RPC request (other than `initialize` and `ping`) needs this scope,
     /// rendered with the route's captures and `{method}`; a scope with `*` for the method grants
     /// every method.
@@ -909,6 +911,19 @@ impl Config {
                 out.push(format!(
                     "routes[{i}] ({}): [routes.auth] has no audiences, so a token the same keys signed for any other \
                      service is accepted here; set audiences",
+                    r.name
+                ));
+            }
+            let Some(m) = &r.mcp else { continue };
+            if m.tool_scope.is_some() && m.method_scope.is_none() {
+                out.push(format!(
+                    "routes[{i}] ({}): [routes.mcp] tool_scope without method_scope authorizes tools/call only:                      any token for the agent may still call resources/read, prompts/get and every other method;                      set method_scope to hold those to scopes too",
+                    r.name
+                ));
+            }
+            if r.auth.is_some() && r.affinity.is_none() {
+                out.push(format!(
+                    "routes[{i}] ({}): an MCP route with tokens but without [routes.affinity]: the server's session                      ids reach clients as they are, bound to no subject, and a second user who learns one can use it",
                     r.name
                 ));
             }

@@ -51,6 +51,7 @@ pub(super) struct RawResource {
 pub(super) struct RawMcp {
     pub(super) protocol_versions: Option<Vec<String>>,
     pub(super) max_message: Option<Size>,
+    pub(super) read_timeout: Option<Dur>,
     pub(super) method_scope: Option<String>,
     pub(super) tool_scope: Option<String>,
     #[serde(default)]

@@ -566,6 +566,13 @@ fn route(
                 "routes plain HTTP requests: set kind = \"http\", \"both\" or \"mcp\"",
             ))
         }
+        Some(_) if auth.as_ref().is_some_and(|a| !a.required_claims.iter().any(|c| c == "sub")) => {
+            return Err(invalid(
+                &format!("{key}.affinity"),
+                "needs required_claims = [\"sub\"] in [routes.auth]: a session is bound to its token's issuer and \
+                 subject, so tokens without one would share each other's sessions",
+            ))
+        }
         Some(a) => Some(std::sync::Arc::new(affinity(a, key, secrets)?)),
     };
     let resource = match r.resource {
@@ -623,7 +630,7 @@ fn route(
     let backend = backend(r.backend, backend_defaults, &format!("{key}.backend"))?;
     let mcp = match (r.kind, r.mcp) {
         (Some(RawKind::Mcp), m) => {
-            Some(std::sync::Arc::new(mcp(m.unwrap_or_default(), key, &backend, auth.is_some())?))
+            Some(std::sync::Arc::new(mcp(m.unwrap_or_default(), key, &backend, auth.is_some(), &r.path)?))
         }
         (_, None) => None,
         (_, Some(_)) => return Err(invalid(&format!("{key}.mcp"), "is for kind = \"mcp\" routes")),
@@ -677,6 +684,7 @@ fn mcp(
     key: &str,
     backend: &BackendSettings,
     has_auth: bool,
+    path: &PathPattern,
 ) -> Result<super::McpSettings, Invalid> {
     let at = format!("{key}.mcp");
     let protocol_versions = match m.protocol_versions {
@@ -699,6 +707,10 @@ fn mcp(
             v
         }
     };
+    let read_timeout = m.read_timeout.map_or(std::time::Duration::from_secs(30), |d| d.0);
+    if read_timeout.is_zero() {
+        return Err(invalid(&format!("{at}.read_timeout"), "must be more than 0s"));
+    }
     let max_message = m.max_message.map_or(1 << 20, |s| s.0);
     if max_message == 0 || max_message > backend.max_request_body {
         return Err(invalid(
@@ -719,6 +731,13 @@ fn mcp(
                     &format!("must be one scope (no spaces) holding {placeholder}, e.g. \"mcp:{placeholder}\""),
                 ));
             }
+            let own = &placeholder[1..placeholder.len() - 1];
+            if let Some(c) = template_captures(t).into_iter().find(|c| c != own && !path.has_capture(c)) {
+                return Err(invalid(
+                    &format!("{at}.{name}"),
+                    &format!("uses {{{c}}}, which the path does not capture"),
+                ));
+            }
         }
     }
     if m.metric_tools.len() > 256 {
@@ -727,6 +746,7 @@ fn mcp(
     Ok(super::McpSettings {
         protocol_versions,
         max_message,
+        read_timeout,
         method_scope: m.method_scope,
         tool_scope: m.tool_scope,
         metric_tools: m.metric_tools,

@@ -112,15 +112,21 @@ pub struct Denial {
     pub method: String,
     /// The tool refused, for a `tools/call`.
     pub tool: Option<String>,
-    /// The scope that would have granted it.
-    pub scope: String,
+    /// The scope that would have granted it; `None` when the name cannot be part of a scope
+    /// (RFC 6749 §3.3: no space, `"` or `\`; and no `*`, the wildcard), so only the wildcard
+    /// grants it and no challenge names a scope the client did not ask about.
+    pub scope: Option<String>,
 }
 
 impl std::fmt::Display for Denial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.tool {
-            Some(tool) => write!(f, "the token does not grant the tool {tool:?} (scope {:?})", self.scope),
-            None => write!(f, "the token does not grant the method {:?} (scope {:?})", self.method, self.scope),
+            Some(tool) => write!(f, "the token does not grant the tool {tool:?}"),
+            None => write!(f, "the token does not grant the method {:?}", self.method),
+        }?;
+        match &self.scope {
+            Some(scope) => write!(f, " (scope {scope:?})"),
+            None => Ok(()),
         }
     }
 }
@@ -207,7 +213,9 @@ impl Refusal {
         let error = |id: Value| {
             let mut e = serde_json::json!({ "code": self.error.code(), "message": self.error.to_string() });
             match &self.error {
-                McpError::Denied(d) => e["data"] = serde_json::json!({ "scope": d.scope }),
+                McpError::Denied(Denial { scope: Some(scope), .. }) => {
+                    e["data"] = serde_json::json!({ "scope": scope })
+                }
                 McpError::Version { supported, requested } => {
                     e["data"] = serde_json::json!({ "supported": supported, "requested": requested })
                 }
@@ -229,9 +237,14 @@ impl Refusal {
             McpError::Method => {
                 h.insert(http::header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
             }
-            // RFC 6750 §3.1: the scope the request needs, for a client that can ask for it.
+            // RFC 6750 §3.1: the scope the request needs, for a client that can ask for it; only
+            // a scope made of scope-token characters is ever written (a name with a quote or a
+            // space would otherwise write the client's text into the header).
             McpError::Denied(d) => {
-                let value = format!("Bearer error=\"insufficient_scope\", scope=\"{}\"", d.scope);
+                let value = match d.scope.as_deref().filter(|s| scope_token(s)) {
+                    Some(scope) => format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\""),
+                    None => "Bearer error=\"insufficient_scope\"".to_owned(),
+                };
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     h.insert(http::header::WWW_AUTHENTICATE, v);
                 }
@@ -297,6 +310,16 @@ fn message(wire: Wire) -> Result<Message, McpError> {
     if wire.jsonrpc.as_deref() != Some("2.0") {
         return Err(McpError::Invalid("jsonrpc must be \"2.0\""));
     }
+    // A method spelled like one of the specification's but not as it (`Tools/Call`, `tools/call `)
+    // is refused: a server that folded it would run what the proxy did not authorize.
+    if let Some(m) = wire.method.as_deref() {
+        if m.is_empty() || m.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            return Err(McpError::Invalid("a method name has no space or control character"));
+        }
+        if method_label(m) == "other" && method_label(&m.to_ascii_lowercase()) != "other" {
+            return Err(McpError::Invalid("a method name is spelled as the specification spells it"));
+        }
+    }
     match (&wire.method, wire.result.is_some() || wire.error.is_some()) {
         (Some(_), true) => return Err(McpError::Invalid("a message is a request or a response, not both")),
         (None, false) => return Err(McpError::Invalid("a message needs a method, a result or an error")),
@@ -305,10 +328,13 @@ fn message(wire: Wire) -> Result<Message, McpError> {
     let name = match wire.method.as_deref().and_then(|m| named_param(m).map(|p| (m, p))) {
         None => None,
         Some((method, param)) => {
+            // MCP's params are an object; serde would also read a struct from an array, which
+            // the server would not.
             let params: Option<NamedParams> = match &wire.params {
-                Some(raw) => {
+                Some(raw) if raw.get().trim_start().starts_with('{') => {
                     Some(serde_json::from_str(raw.get()).map_err(|_| McpError::MissingName(method.to_owned(), param))?)
                 }
+                Some(_) => return Err(McpError::MissingName(method.to_owned(), param)),
                 None => None,
             };
             let name = params.and_then(|p| if param == "name" { p.name } else { p.uri });
@@ -377,9 +403,23 @@ fn check_content(headers: &HeaderMap) -> Result<(), McpError> {
     Ok(())
 }
 
-/// Reads a `POST` body whole: at most `limit` bytes, none of its waits longer than `idle`.
-pub async fn read_body(headers: &HeaderMap, mut body: Incoming, limit: u64, idle: Duration) -> Result<Bytes, McpError> {
+/// Reads a `POST` body whole: at most `limit` bytes, none of its waits longer than `idle`, all
+/// of it within `total`.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Incoming,
+    limit: u64,
+    idle: Duration,
+    total: Duration,
+) -> Result<Bytes, McpError> {
     check_content(headers)?;
+    match tokio::time::timeout(total, read_all(body, limit, idle)).await {
+        Ok(read) => read,
+        Err(_) => Err(McpError::Stalled(total)),
+    }
+}
+
+async fn read_all(mut body: Incoming, limit: u64, idle: Duration) -> Result<Bytes, McpError> {
     if hyper::body::Body::size_hint(&body).lower() > limit {
         return Err(McpError::TooLarge(limit));
     }
@@ -473,6 +513,11 @@ pub fn check_headers(headers: &HeaderMap, revision: &str, messages: &Messages) -
     Ok(())
 }
 
+/// Whether `s` is a non-empty RFC 6749 scope-token: `%x21 / %x23-5B / %x5D-7E`.
+fn scope_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
+}
+
 /// Methods every token may call: the session's start and liveness.
 fn always_granted(method: &str) -> bool {
     matches!(method, "initialize" | "ping") || method.starts_with("notifications/")
@@ -494,15 +539,21 @@ impl Grant {
         format!("{}{value}{}", self.prefix, self.suffix)
     }
 
-    /// Whether the token holds the scope for `value`, or the one with `*` for any.
-    fn holds(&self, claims: Option<&Claims>, value: &str) -> Result<(), String> {
-        let scope = self.scope(value);
-        let any = self.scope("*");
+    /// Whether the token holds the scope for `value`, or the one with `*` for any. A value that
+    /// cannot be part of a scope (see [`Denial::scope`]) is granted by the wildcard only.
+    fn holds(&self, claims: Option<&Claims>, value: &str) -> Result<(), Option<String>> {
         let has = |s: &str| claims.is_some_and(|c| c.contains("scope", s) || c.contains("scp", s));
-        if has(&scope) || has(&any) {
+        if has(&self.scope("*")) {
+            return Ok(());
+        }
+        if value.contains('*') || !scope_token(value) {
+            return Err(None);
+        }
+        let scope = self.scope(value);
+        if has(&scope) {
             Ok(())
         } else {
-            Err(scope)
+            Err(Some(scope))
         }
     }
 }
@@ -549,10 +600,26 @@ pub fn refuse(error: McpError, messages: &Messages) -> Refusal {
     Refusal { error, ids }
 }
 
-/// Checks what comes before the body: the method and the protocol revision.
-pub fn check_head<'a>(settings: &'a McpSettings, method: &Method, headers: &HeaderMap) -> Result<&'a str, McpError> {
+/// The headers some frameworks take as the request's real method: a `GET` that says it is a
+/// `POST` would reach them unread.
+const METHOD_OVERRIDES: &[&str] = &["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// Checks what comes before the body: the method, that a `GET` or `DELETE` has no body (only a
+/// `POST` is read, so nothing else may carry a message), no method override, and the revision.
+pub fn check_head<'a>(
+    settings: &'a McpSettings,
+    method: &Method,
+    headers: &HeaderMap,
+    has_body: bool,
+) -> Result<&'a str, McpError> {
     if !matches!(*method, Method::POST | Method::GET | Method::DELETE) {
         return Err(McpError::Method);
+    }
+    if *method != Method::POST && has_body {
+        return Err(McpError::Invalid("only a POST carries a message: a GET or DELETE has no body"));
+    }
+    if METHOD_OVERRIDES.iter().any(|h| headers.contains_key(*h)) {
+        return Err(McpError::Invalid("method override headers are refused on MCP endpoints"));
     }
     check_version(settings, headers)
 }
@@ -598,6 +665,7 @@ mod tests {
         McpSettings {
             protocol_versions: crate::config::MCP_REVISIONS.iter().map(|v| (*v).to_owned()).collect(),
             max_message: 1 << 20,
+            read_timeout: Duration::from_secs(30),
             method_scope: None,
             tool_scope: Some("mcp:{agent}:tools/call:{tool}".into()),
             metric_tools: vec!["echo".into()],
@@ -698,7 +766,7 @@ mod tests {
         assert!(authorize(&s, &caps(), Some(&claims("mcp:a1:tools/call:*")), &call).is_ok());
         assert!(authorize(&s, &caps(), Some(&claims("mcp:a2:tools/call:echo")), &call).is_err(), "another agent");
         match authorize(&s, &caps(), Some(&claims("mcp:a1:tools/call:other")), &call) {
-            Err(McpError::Denied(d)) => assert_eq!(d.scope, "mcp:a1:tools/call:echo"),
+            Err(McpError::Denied(d)) => assert_eq!(d.scope.as_deref(), Some("mcp:a1:tools/call:echo")),
             other => panic!("{other:?}"),
         }
         assert!(authorize(&s, &caps(), Some(&claims("")), &list).is_ok(), "no method scope configured");
@@ -708,6 +776,53 @@ mod tests {
         assert!(authorize(&strict, &caps(), Some(&claims("mcp:tools/call")), &list).is_err());
         let init = parse(br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#).expect("p");
         assert!(authorize(&strict, &caps(), Some(&claims("")), &init).is_ok());
+    }
+
+    #[test]
+    fn a_name_that_cannot_be_a_scope_is_granted_by_the_wildcard_only_and_never_written_in_a_challenge() {
+        let s = settings();
+        for tool in [r#"x", resource_metadata="https://evil.example/x"#, "x mcp:a1:tools/call:*", "*", "a\\b"] {
+            let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool}});
+            let call = parse(body.to_string().as_bytes()).expect("parse");
+            // The rendered scope as one entry of an array claim: still not a grant.
+            let exact =
+                serde_json::json!({"exp": u64::MAX, "sub": "a", "scope": [format!("mcp:a1:tools/call:{tool}")]});
+            let exact = Claims::from_value(exact).expect("claims");
+            if tool != "*" {
+                assert!(authorize(&s, &caps(), Some(&exact), &call).is_err(), "{tool}");
+            }
+            let e = authorize(&s, &caps(), Some(&claims("")), &call).expect_err("not granted");
+            let resp = refuse(e, &call).response();
+            let h = resp.headers()[http::header::WWW_AUTHENTICATE].to_str().expect("ascii").to_owned();
+            assert_eq!(h, "Bearer error=\"insufficient_scope\"", "{tool}");
+            assert!(authorize(&s, &caps(), Some(&claims("mcp:a1:tools/call:*")), &call).is_ok(), "{tool}");
+        }
+    }
+
+    #[test]
+    fn a_lookalike_method_and_positional_params_are_refused() {
+        for body in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"Tools/Call","params":{"name":"x"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call ","params":{"name":"x"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["echo",null]}"#,
+        ] {
+            assert!(parse(body.as_bytes()).is_err(), "{body}");
+        }
+        assert!(parse(br#"{"jsonrpc":"2.0","id":1,"method":"vendor/Custom","params":[1]}"#).is_ok(), "others pass");
+    }
+
+    #[test]
+    fn only_a_post_carries_a_message_and_no_method_is_overridden() {
+        let s = settings();
+        let h = HeaderMap::new();
+        assert!(check_head(&s, &Method::GET, &h, false).is_ok());
+        assert!(check_head(&s, &Method::GET, &h, true).is_err(), "a GET with a body");
+        assert!(check_head(&s, &Method::DELETE, &h, true).is_err(), "a DELETE with a body");
+        assert!(check_head(&s, &Method::POST, &h, true).is_ok());
+        let mut o = HeaderMap::new();
+        o.insert("x-http-method-override", HeaderValue::from_static("POST"));
+        assert!(check_head(&s, &Method::GET, &o, false).is_err());
+        assert!(check_head(&s, &Method::PUT, &h, false).is_err());
     }
 
     #[test]

@@ -716,7 +716,7 @@ async fn handle_request(
     let mut envelope = None;
     if let Some((settings, keys)) = &affinity {
         if let Some(presented) = head.headers.get(&settings.header) {
-            match open_envelope(ctx, &route, keys, claims, presented) {
+            match open_envelope(ctx, &route, &caps, keys, claims, presented) {
                 Ok((opened, digest)) => {
                     let Ok(id) = HeaderValue::from_str(&opened.backend_id) else {
                         return refuse(RequestError::Affinity(crate::routing::affinity::AffinityError::Tampered));
@@ -785,7 +785,7 @@ async fn handle_request(
                     subject: claims.and_then(|c| c.subject().map(str::to_owned)),
                     expires: crate::fleet::now_secs() + settings.ttl.as_secs(),
                 };
-                if let Ok(v) = HeaderValue::from_str(&keys.seal(&route.name, &sealed)) {
+                if let Ok(v) = HeaderValue::from_str(&keys.seal(&envelope_context(&route, &caps), &sealed)) {
                     parts.headers.insert(settings.header.clone(), v);
                 }
             }
@@ -1444,6 +1444,19 @@ fn affinity_keys(settings: &crate::config::AffinitySettings) -> Option<crate::ro
     crate::routing::affinity::Keys::new(settings.keys.iter().map(|k| k.expose()))
 }
 
+/// What an envelope is sealed for (its associated data): the route and the path's captures, so
+/// a session opened on one agent's path does not open on another's, whose grants differ.
+fn envelope_context(route: &RouteConfig, caps: &Captures) -> String {
+    let mut context = route.name.clone();
+    for (name, value) in &caps.0 {
+        context.push('\u{0}');
+        context.push_str(name);
+        context.push('=');
+        context.push_str(value);
+    }
+    context
+}
+
 /// A session envelope a request presented, opened.
 struct Envelope {
     /// What a lock on its end names.
@@ -1461,6 +1474,7 @@ struct Envelope {
 fn open_envelope(
     ctx: &ConnCtx,
     route: &RouteConfig,
+    caps: &Captures,
     keys: &crate::routing::affinity::Keys,
     claims: Option<&Claims>,
     presented: &HeaderValue,
@@ -1468,7 +1482,7 @@ fn open_envelope(
     use crate::routing::affinity::{digest, AffinityError};
     let text = presented.to_str().map_err(|_| AffinityError::Malformed)?;
     let (issuer, subject) = (claims.and_then(|c| c.issuer()), claims.and_then(|c| c.subject()));
-    let opened = keys.open(&route.name, text, issuer, subject, crate::fleet::now_secs())?;
+    let opened = keys.open(&envelope_context(route, caps), text, issuer, subject, crate::fleet::now_secs())?;
     let digest = digest(&route.name, text);
     if ctx.shared.denylist.envelope_denied(&digest) {
         return Err(AffinityError::Ended);
@@ -1499,13 +1513,15 @@ async fn mcp_stage(
     head: &::http::request::Parts,
     incoming: &mut Option<Incoming>,
 ) -> Result<Option<Bytes>, RequestError> {
-    let revision = mcp::check_head(settings, &head.method, &head.headers).map_err(mcp::Refusal::from)?;
+    let has_body = incoming.as_ref().is_some_and(|b| !hyper::body::Body::is_end_stream(b));
+    let revision = mcp::check_head(settings, &head.method, &head.headers, has_body).map_err(mcp::Refusal::from)?;
     if head.method != ::http::Method::POST {
         return Ok(None);
     }
     let Some(body) = incoming.take() else { return Err(RequestError::Internal("the request body was taken")) };
-    let idle = route.backend.idle_body_timeout;
-    let bytes = mcp::read_body(&head.headers, body, settings.max_message, idle).await.map_err(mcp::Refusal::from)?;
+    let (idle, total) = (route.backend.idle_body_timeout, settings.read_timeout);
+    let bytes =
+        mcp::read_body(&head.headers, body, settings.max_message, idle, total).await.map_err(mcp::Refusal::from)?;
     let messages = mcp::parse(&bytes).map_err(mcp::Refusal::from)?;
     let checked = mcp::check_headers(&head.headers, revision, &messages)
         .and_then(|()| mcp::authorize(settings, caps, claims, &messages));

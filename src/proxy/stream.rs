@@ -490,7 +490,9 @@ impl Download {
     /// Sends a comment on an event stream that has been idle for `every` (see
     /// `[backend] sse_keepalive`); such a stream is not cut for the backend's silence.
     pub fn keep_alive(&mut self, every: Duration) {
-        if self.sse && !every.is_zero() {
+        // A body of a declared length has no room for a comment: it would take the place of the
+        // member's last bytes.
+        if self.sse && !every.is_zero() && self.inner.size_hint().exact().is_none() {
             self.keepalive = Some(KeepAlive::new(every));
         }
     }

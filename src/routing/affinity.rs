@@ -2,10 +2,11 @@
 //! session filter, sealed): when a member answers with the route's affinity header (MCP's
 //! `Mcp-Session-Id`), the client is given a sealed [`Envelope`] in its place. It holds the member,
 //! the backend's own id, the token's issuer and subject and an expiry, encrypted and
-//! authenticated (XChaCha20-Poly1305, a random 192-bit nonce, the route's name as associated
-//! data). On a later request any instance of the fleet opens it, routes to that member and
-//! restores the backend's id; one that is forged, altered, expired, sealed for another route,
-//! or presented by another subject does not open ([`AffinityError`]).
+//! authenticated (XChaCha20-Poly1305, a random 192-bit nonce, the route's name and the path's
+//! captures as associated data: an agent's session does not open on another agent's path). On a
+//! later request any instance of the fleet opens it, routes to that member and restores the
+//! backend's id; one that is forged, altered, expired, sealed for another route or agent, or
+//! presented by another subject does not open ([`AffinityError`]).
 //!
 //! Keys: [`Keys`], several at once for rotation. The first seals; every one opens (found by a
 //! key id, the first 4 bytes of SHA-256 of the key, written before the nonce). There is no
@@ -45,7 +46,7 @@ pub enum AffinityError {
     /// Sealed with a key this route no longer has (or never had).
     #[error("session id sealed with an unknown key")]
     UnknownKey,
-    /// It does not authenticate: altered, forged, or sealed for another route.
+    /// It does not authenticate: altered, forged, or sealed for another route or agent.
     #[error("session id does not authenticate")]
     Tampered,
     /// Past its expiry.
@@ -110,14 +111,15 @@ impl Keys {
         (!out.is_empty()).then_some(Keys { keys: out })
     }
 
-    /// Seals `what` for `route`.
-    pub fn seal(&self, route: &str, what: &Sealed) -> String {
+    /// Seals `what`. `context` is the associated data: the route and what else the envelope is bound to (the
+    /// path's captures); an envelope opens only for the same context.
+    pub fn seal(&self, context: &str, what: &Sealed) -> String {
         let (id, cipher) = &self.keys[0];
         let nonce: [u8; 24] = rand::random();
         let plain = serde_json::to_vec(what).unwrap_or_default();
         // Encryption with a valid key and nonce does not fail.
         let sealed = cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: &plain, aad: route.as_bytes() })
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: &plain, aad: context.as_bytes() })
             .unwrap_or_default();
         let mut raw = Vec::with_capacity(4 + 24 + sealed.len());
         raw.extend_from_slice(id);
@@ -126,11 +128,11 @@ impl Keys {
         format!("{PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw))
     }
 
-    /// Opens an envelope of `route` for a request of `issuer`'s `subject` at `now` (Unix
-    /// seconds).
+    /// Opens an envelope sealed for `context` for a request of `issuer`'s `subject` at `now`
+    /// (Unix seconds).
     pub fn open(
         &self,
-        route: &str,
+        context: &str,
         envelope: &str,
         issuer: Option<&str>,
         subject: Option<&str>,
@@ -149,7 +151,7 @@ impl Keys {
         let (nonce, sealed) = rest.split_at(24);
         let (_, cipher) = self.keys.iter().find(|(k, _)| k == id).ok_or(AffinityError::UnknownKey)?;
         let plain = cipher
-            .decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: route.as_bytes() })
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: context.as_bytes() })
             .map_err(|_| AffinityError::Tampered)?;
         let what: Sealed = serde_json::from_slice(&plain).map_err(|_| AffinityError::Tampered)?;
         if what.expires <= now {

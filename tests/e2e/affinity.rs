@@ -23,7 +23,7 @@ async fn start_route(key: &Hmac, members: &[SocketAddr], extra: serde_json::Valu
                 "kind": "http",
                 "backends": members,
                 "balance": {"policy": "round_robin"},
-                "auth": {"agent_claim": "agents"},
+                "auth": {"agent_claim": "agents", "required_claims": ["sub"]},
             }]}),
         )
         .merge("routes.1", extra)

@@ -610,7 +610,7 @@ mod directory {
             "path": "/agents/{agent}/mcp",
             "kind": "mcp",
             "backends": [member.addr.to_string()],
-            "auth": {"agent_claim": "agents"},
+            "auth": {"agent_claim": "agents", "required_claims": ["sub"]},
             "affinity": {"keys_file": keys.path().display().to_string()},
         }]});
         let fleet = three(ws.addr, &key, &redis, route).await;

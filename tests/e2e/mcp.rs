@@ -22,7 +22,7 @@ async fn start(key: &Hmac, member: std::net::SocketAddr, extra: Value) -> Proxy 
                 "path": "/agents/{agent}/mcp",
                 "kind": "mcp",
                 "backends": [member.to_string()],
-                "auth": {"agent_claim": "agents"},
+                "auth": {"agent_claim": "agents", "required_claims": ["sub"]},
                 "mcp": {"tool_scope": "mcp:{agent}:tools/call:{tool}", "metric_tools": ["echo"]},
             }]}),
         )
@@ -31,16 +31,20 @@ async fn start(key: &Hmac, member: std::net::SocketAddr, extra: Value) -> Proxy 
     Proxy::start_with(&text).await
 }
 
-/// A token for agent `a1` with `scope`.
+/// A token for agents `a1` and `a2` with `scope`.
 fn token(key: &Hmac, sub: &str, scope: &str) -> String {
-    format!("Bearer {}", key.token_with(json!({"sub": sub, "agents": ["a1"], "scope": scope})))
+    format!("Bearer {}", key.token_with(json!({"sub": sub, "agents": ["a1", "a2"], "scope": scope})))
 }
 
 /// POST `body` to `/agents/a1/mcp` as JSON with `auth` and `headers`.
 async fn post(proxy: &Proxy, auth: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
+    post_to(proxy, "/agents/a1/mcp", auth, body, headers).await
+}
+
+async fn post_to(proxy: &Proxy, path: &str, auth: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
     let mut all = vec![("authorization", auth), ("content-type", "application/json")];
     all.extend_from_slice(headers);
-    let req = request("POST", "/agents/a1/mcp", &all, full(Bytes::from(body.to_owned())));
+    let req = request("POST", path, &all, full(Bytes::from(body.to_owned())));
     H1::connect(proxy.tls, true).await.call(req).await
 }
 
@@ -166,6 +170,16 @@ async fn a_foreign_origin_an_unknown_revision_and_another_method_are_refused() {
     let req = request("PUT", "/agents/a1/mcp", &[("authorization", alice.as_str())], full(ping));
     let put = H1::connect(proxy.tls, true).await.call(req).await;
     assert_eq!((put.status, put.header("allow")), (405, Some("GET, POST, DELETE")));
+    // Only a POST carries a message: a GET or DELETE with one (for a backend that reads any
+    // method's body, or honours an override) is refused, as is an override on a POST.
+    let call = call_body(3, "secret");
+    for (method, extra) in [("GET", None), ("DELETE", None), ("POST", Some(("x-http-method-override", "DELETE")))] {
+        let mut headers = vec![("authorization", alice.as_str()), ("content-type", "application/json")];
+        headers.extend(extra);
+        let req = request(method, "/agents/a1/mcp", &headers, full(call.clone()));
+        let a = H1::connect(proxy.tls, true).await.call(req).await;
+        assert_eq!(a.status, 400, "{method} {extra:?}: {}", a.text());
+    }
     // An origin the route lists is served.
     let listed = start(&key, member.addr, json!({"origin": {"allow": ["https://app.example"]}})).await;
     assert_eq!(post(&listed, &alice, ping, &[("origin", "https://app.example")]).await.status, 200);
@@ -186,6 +200,9 @@ async fn a_deleted_session_cannot_be_replayed() {
     let envelope = first.header("mcp-session-id").expect("envelope").to_owned();
     let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
     assert_eq!(post(&proxy, &alice, ping, &[("mcp-session-id", &envelope)]).await.status, 200);
+    // Sealed for agent a1's path: on a2's, whose grants may differ, it does not open.
+    let other = post_to(&proxy, "/agents/a2/mcp", &alice, ping, &[("mcp-session-id", &envelope)]).await;
+    assert_eq!(other.status, 404, "{}", other.text());
 
     let req = request(
         "DELETE",
