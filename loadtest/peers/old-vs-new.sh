@@ -13,7 +13,7 @@
 # same binary twice with and without a setting), OLD_EXTRA / NEW_EXTRA (TOML appended after the
 # route: more tables, such as [fleet]). The per-client limits are on by default and
 # sized for an internet-facing edge, which this load from one address would trip: state them
-# in both (BENCHMARKS.md has the command with every limit off for one and configured, above
+# in both (docs/benchmarks-history.md has the command with every limit off for one and configured, above
 # the load, for the other). Loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 OLD=$1 NEW=$2 LT=$3

@@ -46,7 +46,7 @@ const ROWS: &[Row] = &[
     },
     Row { label: "p99 at a fixed rate", scenario: "rate", pick: Pick::P99, lower_better: true, unit: "µs" },
     Row {
-        label: "added latency (p50, one message in flight)",
+        label: "round trip p50, one message in flight",
         scenario: "latency",
         pick: Pick::P50,
         lower_better: true,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer};
 /// AES-128-GCM comes first: it is as strong as anything a browser negotiates today, and its
 /// TLS 1.3 key schedule runs on SHA-256, which x86-64 and ARMv8 CPUs accelerate (SHA-NI); the
 /// SHA-384 schedule of AES-256-GCM runs in software on most of them and costs measurably more
-/// per handshake (see BENCHMARKS.md). The server's order wins over the client's.
+/// per handshake (see docs/benchmarks-history.md). The server's order wins over the client's.
 pub const CIPHER_SUITES: &[&str] = &[
     "TLS13_AES_128_GCM_SHA256",
     "TLS13_AES_256_GCM_SHA384",
