@@ -653,7 +653,7 @@ async fn revoke(shared: &Shared, selector: &Selector) -> Response<Full<Bytes>> {
 }
 
 /// Applies `lock` on this instance: cuts the sessions it targets and refuses its tokens until
-/// it lapses (plus `[auth] leeway`). An agent's lock cuts the sessions that reached the agent
+/// it lapses (plus `[auth] leeway`); an ended session's envelope is refused until it lapses. An agent's lock cuts the sessions that reached the agent
 /// before it was made, and refuses the exact tokens they were opened (and last resumed) with:
 /// those refusals are returned as locks of their own, for the store, so that every instance
 /// refuses them.

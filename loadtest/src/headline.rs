@@ -95,10 +95,10 @@ pub fn read_set(name: &str, dir: &Path) -> anyhow::Result<Set> {
             Some(n) => fresh_idle(dir, n)?,
             None => {
                 let path = dir.join(format!("{}.json", row.scenario));
-                match std::fs::read(&path) {
-                    Ok(text) => serde_json::from_slice(&text)
+                match read_if_there(&path)? {
+                    Some(text) => serde_json::from_slice(&text)
                         .with_context(|| format!("{} is not compare --json", path.display()))?,
-                    Err(_) => Vec::new(),
+                    None => Vec::new(),
                 }
             }
         };
@@ -112,20 +112,30 @@ pub fn read_set(name: &str, dir: &Path) -> anyhow::Result<Set> {
     Ok(Set { name: name.to_owned(), values })
 }
 
+/// A results file, or `None` when the run did not write it (a scenario not run); any other
+/// error is the reader's to see.
+fn read_if_there(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
 /// The fresh-idle runs of `n` sessions (`idle-fresh-<target>-<n>.json`, one report each) as
 /// summaries.
 fn fresh_idle(dir: &Path, n: &str) -> anyhow::Result<Vec<Summary>> {
     let mut out = Vec::new();
     for (target, _) in TARGETS {
         let path = dir.join(format!("idle-fresh-{target}-{n}.json"));
-        let Ok(text) = std::fs::read(&path) else { continue };
+        let Some(text) = read_if_there(&path)? else { continue };
         let r: crate::stats::Report =
             serde_json::from_slice(&text).with_context(|| format!("{} is not a report", path.display()))?;
         let held_all = r.held == r.connections;
         out.push(Summary {
             name: (*target).to_owned(),
             url: r.target.clone(),
-            throughput: r.held as f64,
+            throughput: 0.0,
             p50_us: 0.0,
             p99_us: 0.0,
             cpu_us_per_msg: None,
@@ -140,7 +150,7 @@ fn fresh_idle(dir: &Path, n: &str) -> anyhow::Result<Vec<Summary>> {
 /// Portcullis against the best peer on one row: the ratio of the values, and how far ahead
 /// (above 1) or behind (below 1) Portcullis is whichever way the row is better.
 fn standing(row: &Row, values: &[Option<f64>]) -> Option<(f64, f64)> {
-    let ours = values[1]?;
+    let ours = values[TARGETS.iter().position(|(t, _)| *t == "portcullis")?]?;
     let peers = PEERS.iter().filter_map(|p| TARGETS.iter().position(|(t, _)| t == p).and_then(|i| values[i]));
     let best = if row.lower_better { peers.fold(f64::INFINITY, f64::min) } else { peers.fold(0.0, f64::max) };
     if !best.is_finite() || best <= 0.0 {

@@ -210,6 +210,21 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("{} holds no report (--json)", f.display()))?,
                 );
             }
+            // Shares of one run only: the same scenario against the same target.
+            for (f, p) in files.iter().zip(&parts).skip(1) {
+                let (first, other) = (&parts[0], p);
+                if (&first.scenario, &first.target) != (&other.scenario, &other.target) {
+                    anyhow::bail!(
+                        "{} ran {} against {}, but {} ran {} against {}: merge the shares of one run only",
+                        files[0].display(),
+                        first.scenario,
+                        first.target,
+                        f.display(),
+                        other.scenario,
+                        other.target
+                    );
+                }
+            }
             let n = parts.len();
             let meta = parts.first().map(|p| p.meta.clone()).unwrap_or_default();
             let mut report = Report::merge(parts);

@@ -24,12 +24,8 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     let mut children = Vec::new();
     for k in 0..n {
-        let mut share = s.clone();
-        let first = s.connections * k / n;
-        share.connections = s.connections * (k + 1) / n - first;
-        share.conn_offset = s.conn_offset + first;
-        share.ramp = s.ramp / n as f64;
-        share.rate = s.rate / n as f64;
+        // Each worker runs a share, as one of N machines would (`--shard k/N`).
+        let mut share = crate::scenario::Shard { index: k as u32, total: n as u32 }.of(s);
         share.procs = 1;
         share.pid = None;
         share.quiet = true;

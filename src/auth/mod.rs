@@ -277,11 +277,15 @@ pub struct Authenticator {
 pub struct Denylist {
     /// `sub:<subject>` or `jti:<id>` → when revoked and until when.
     denied: moka::sync::Cache<String, Denial>,
+    /// Ended session envelopes (by digest) → until when. A cache of its own: clients end their
+    /// own sessions at will, and must never push an operator's revocation out of `denied`.
+    envelopes: moka::sync::Cache<String, Denial>,
 }
 
 impl Default for Denylist {
     fn default() -> Self {
-        Denylist { denied: moka::sync::Cache::builder().max_capacity(1_000_000).expire_after(ExpireAt).build() }
+        let cache = || moka::sync::Cache::builder().max_capacity(1_000_000).expire_after(ExpireAt).build();
+        Denylist { denied: cache(), envelopes: cache() }
     }
 }
 
@@ -486,12 +490,13 @@ impl Denylist {
     /// Refuses a session envelope (`routing::affinity::digest` of it) until `until`: its
     /// session was ended.
     pub fn deny_envelope(&self, digest: &str, until: u64) {
-        self.insert(format!("env:{digest}"), now_secs(), until);
+        let now = now_secs();
+        self.envelopes.insert(digest.to_owned(), Denial { since: now, until: until.max(now + 1) });
     }
 
     /// Whether a session envelope (by its digest) was ended.
     pub fn envelope_denied(&self, digest: &str) -> bool {
-        self.denied.get(&format!("env:{digest}")).is_some_and(|d| d.until > now_secs())
+        self.envelopes.get(digest).is_some_and(|d| d.until > now_secs())
     }
 
     /// Merges a denial with the one the key holds: the later of each bound.

@@ -917,13 +917,16 @@ impl Config {
             let Some(m) = &r.mcp else { continue };
             if m.tool_scope.is_some() && m.method_scope.is_none() {
                 out.push(format!(
-                    "routes[{i}] ({}): [routes.mcp] tool_scope without method_scope authorizes tools/call only:                      any token for the agent may still call resources/read, prompts/get and every other method;                      set method_scope to hold those to scopes too",
+                    "routes[{i}] ({}): [routes.mcp] tool_scope without method_scope authorizes tools/call only: \
+                     any token for the agent may still call resources/read, prompts/get and every other method; \
+                     set method_scope to hold those to scopes too",
                     r.name
                 ));
             }
             if r.auth.is_some() && r.affinity.is_none() {
                 out.push(format!(
-                    "routes[{i}] ({}): an MCP route with tokens but without [routes.affinity]: the server's session                      ids reach clients as they are, bound to no subject, and a second user who learns one can use it",
+                    "routes[{i}] ({}): an MCP route with tokens but without [routes.affinity]: the server's session \
+                     ids reach clients as they are, bound to no subject, and a second user who learns one can use it",
                     r.name
                 ));
             }

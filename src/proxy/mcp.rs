@@ -6,7 +6,8 @@
 //! - `MCP-Protocol-Version` must name a configured revision (400); a request without it is taken
 //!   as 2025-03-26, as the specification says.
 //! - A `POST` body must be `application/json` in UTF-8 with no content coding (415), and is read
-//!   whole up to `max_message` (413), stalling no longer than `idle_body_timeout` (408).
+//!   whole up to `max_message` (413), stalling no longer than `idle_body_timeout` and all of it
+//!   within `read_timeout` (408).
 //! - Each message is read far enough to learn its method and, for `tools/call`, the tool (for
 //!   `prompts/get` the prompt, for `resources/read` the URI). A body that is not JSON-RPC is
 //!   refused (400), as is one whose object repeats a key the proxy reads: the backend's parser
@@ -84,6 +85,9 @@ pub enum McpError {
     /// The body stalled for `idle_body_timeout` (408).
     #[error("MCP message stalled for {0:?}")]
     Stalled(Duration),
+    /// The body was still arriving after `read_timeout` (408).
+    #[error("MCP message not read within {0:?}")]
+    ReadTimeout(Duration),
     /// The client's body failed (400).
     #[error("MCP message: the body could not be read")]
     Body,
@@ -121,8 +125,8 @@ pub struct Denial {
 impl std::fmt::Display for Denial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.tool {
-            Some(tool) => write!(f, "the token does not grant the tool {tool:?}"),
-            None => write!(f, "the token does not grant the method {:?}", self.method),
+            Some(tool) => write!(f, "the token does not grant the tool {:?}", clip(tool)),
+            None => write!(f, "the token does not grant the method {:?}", clip(&self.method)),
         }?;
         match &self.scope {
             Some(scope) => write!(f, " (scope {scope:?})"),
@@ -138,7 +142,7 @@ impl McpError {
             McpError::Method => StatusCode::METHOD_NOT_ALLOWED,
             McpError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             McpError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            McpError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+            McpError::Stalled(_) | McpError::ReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             McpError::Denied(_) => StatusCode::FORBIDDEN,
             McpError::Version { .. }
             | McpError::Batch(_)
@@ -159,6 +163,7 @@ impl McpError {
             McpError::ContentType => "mcp_content_type",
             McpError::TooLarge(_) => "mcp_too_large",
             McpError::Stalled(_) => "mcp_body_timeout",
+            McpError::ReadTimeout(_) => "mcp_read_timeout",
             McpError::Body => "mcp_body_error",
             McpError::Parse => "mcp_parse_error",
             McpError::Invalid(_) | McpError::MissingName(..) => "mcp_invalid",
@@ -187,17 +192,37 @@ impl McpError {
 pub struct Refusal {
     /// Why.
     pub error: McpError,
-    /// The refused body's request ids (`None`: not a batch).
+    /// Whom the answer addresses.
     ids: Ids,
 }
 
+/// The requests a refusal answers.
 #[derive(Debug, Default)]
 enum Ids {
-    /// The body was not read, or held one message: its id, if it was a request.
+    /// The body was not read: one error, with a null id.
     #[default]
     Unknown,
+    /// One message: its id when it was a request, else a null id.
     One(Option<Value>),
-    Batch(Vec<Value>),
+    /// A batch: each request's id, and whether it is the one refused (its error says why; the
+    /// others' say only that they were refused with it, so a long name is not repeated for
+    /// every request of the batch).
+    Batch(Vec<(Value, bool)>),
+}
+
+/// The most of a client's name (a tool, a method) the proxy repeats, in answers and logs.
+const ECHO_MAX: usize = 128;
+
+/// `name`, cut to [`ECHO_MAX`] bytes at a character boundary, marked when cut.
+pub fn clip(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.len() <= ECHO_MAX {
+        return name.into();
+    }
+    let mut end = ECHO_MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &name[..end]).into()
 }
 
 impl From<McpError> for Refusal {
@@ -223,11 +248,18 @@ impl Refusal {
             }
             serde_json::json!({ "jsonrpc": "2.0", "id": id, "error": e })
         };
+        let with_it = |id: Value| {
+            let e =
+                serde_json::json!({ "code": code::INVALID_REQUEST, "message": "refused with the batch it came in" });
+            serde_json::json!({ "jsonrpc": "2.0", "id": id, "error": e })
+        };
         let body = match &self.ids {
             Ids::Unknown | Ids::One(None) => error(Value::Null),
             Ids::One(Some(id)) => error(id.clone()),
             Ids::Batch(ids) if ids.is_empty() => error(Value::Null),
-            Ids::Batch(ids) => Value::Array(ids.iter().cloned().map(error).collect()),
+            Ids::Batch(ids) => Value::Array(
+                ids.iter().map(|(id, cause)| if *cause { error(id.clone()) } else { with_it(id.clone()) }).collect(),
+            ),
         };
         let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
         *resp.status_mut() = self.error.status();
@@ -331,14 +363,15 @@ fn message(wire: Wire) -> Result<Message, McpError> {
             // MCP's params are an object; serde would also read a struct from an array, which
             // the server would not.
             let params: Option<NamedParams> = match &wire.params {
-                Some(raw) if raw.get().trim_start().starts_with('{') => {
-                    Some(serde_json::from_str(raw.get()).map_err(|_| McpError::MissingName(method.to_owned(), param))?)
-                }
-                Some(_) => return Err(McpError::MissingName(method.to_owned(), param)),
+                Some(raw) if raw.get().trim_start().starts_with('{') => Some(
+                    serde_json::from_str(raw.get())
+                        .map_err(|_| McpError::MissingName(clip(method).into_owned(), param))?,
+                ),
+                Some(_) => return Err(McpError::MissingName(clip(method).into_owned(), param)),
                 None => None,
             };
             let name = params.and_then(|p| if param == "name" { p.name } else { p.uri });
-            Some(name.ok_or_else(|| McpError::MissingName(method.to_owned(), param))?)
+            Some(name.ok_or_else(|| McpError::MissingName(clip(method).into_owned(), param))?)
         }
     };
     Ok(Message { id: wire.id, method: wire.method, name })
@@ -415,7 +448,7 @@ pub async fn read_body(
     check_content(headers)?;
     match tokio::time::timeout(total, read_all(body, limit, idle)).await {
         Ok(read) => read,
-        Err(_) => Err(McpError::Stalled(total)),
+        Err(_) => Err(McpError::ReadTimeout(total)),
     }
 }
 
@@ -559,7 +592,8 @@ impl Grant {
 }
 
 /// Whether the token grants every message of the body (`method_scope`, `tool_scope`).
-pub fn authorize(
+#[cfg(test)]
+fn authorize(
     settings: &McpSettings,
     caps: &Captures,
     claims: Option<&Claims>,
@@ -591,13 +625,43 @@ pub fn authorize_one(
     Ok(())
 }
 
-/// The refusal of a read body: answered with one error per request in it.
-pub fn refuse(error: McpError, messages: &Messages) -> Refusal {
+/// The refusal of a read body: answered with one error per request in it; `cause` is the
+/// message refused (`None`: the body as a whole, every request gets the error).
+pub fn refuse(error: McpError, messages: &Messages, cause: Option<usize>) -> Refusal {
     let ids = match messages.batch {
-        true => Ids::Batch(messages.all.iter().filter_map(|m| m.method.as_ref().and(m.id.clone())).collect()),
+        true => Ids::Batch(
+            messages
+                .all
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| Some((m.method.as_ref().and(m.id.clone())?, cause.is_none_or(|c| c == i))))
+                .collect(),
+        ),
         false => Ids::One(messages.all.first().and_then(|m| m.id.clone())),
     };
     Refusal { error, ids }
+}
+
+/// Each message's grant, and the first refused (its index and why): what the stage answers and
+/// what the metrics count, from one pass.
+pub fn grants(
+    settings: &McpSettings,
+    caps: &Captures,
+    claims: Option<&Claims>,
+    messages: &Messages,
+) -> (Vec<bool>, Option<(usize, McpError)>) {
+    let mut granted = Vec::with_capacity(messages.all.len());
+    let mut first = None;
+    for (i, m) in messages.all.iter().enumerate() {
+        match authorize_one(settings, caps, claims, m) {
+            Ok(()) => granted.push(true),
+            Err(e) => {
+                granted.push(false);
+                first.get_or_insert((i, e));
+            }
+        }
+    }
+    (granted, first)
 }
 
 /// The headers some frameworks take as the request's real method: a `GET` that says it is a
@@ -792,7 +856,7 @@ mod tests {
                 assert!(authorize(&s, &caps(), Some(&exact), &call).is_err(), "{tool}");
             }
             let e = authorize(&s, &caps(), Some(&claims("")), &call).expect_err("not granted");
-            let resp = refuse(e, &call).response();
+            let resp = refuse(e, &call, Some(0)).response();
             let h = resp.headers()[http::header::WWW_AUTHENTICATE].to_str().expect("ascii").to_owned();
             assert_eq!(h, "Bearer error=\"insufficient_scope\"", "{tool}");
             assert!(authorize(&s, &caps(), Some(&claims("mcp:a1:tools/call:*")), &call).is_ok(), "{tool}");
@@ -829,7 +893,7 @@ mod tests {
     fn a_refused_batch_answers_each_request() {
         let b = parse(br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}},{"jsonrpc":"2.0","method":"notifications/initialized"},{"jsonrpc":"2.0","id":"b","method":"ping"}]"#).expect("p");
         let e = authorize(&settings(), &caps(), Some(&claims("")), &b).expect_err("x is not granted");
-        let resp = refuse(e, &b).response();
+        let resp = refuse(e, &b, Some(0)).response();
         assert_eq!(resp.status(), StatusCode::FORBIDDEN);
         let h = resp.headers().get(http::header::WWW_AUTHENTICATE).expect("challenge");
         assert!(h.to_str().expect("ascii").contains("insufficient_scope"));

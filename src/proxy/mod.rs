@@ -765,7 +765,7 @@ async fn handle_request(
     // on every instance, so that the envelope cannot be replayed.
     if let (&::http::Method::DELETE, Some(e)) = (&head.method, &envelope) {
         if parts.status.is_success() || parts.status == StatusCode::NOT_FOUND {
-            end_envelope(ctx, e.digest.clone(), e.expires).await;
+            end_envelope(ctx, e.digest.clone(), e.expires);
         }
     }
     // The backend's session id goes to the client sealed: the member, the id, the subject.
@@ -1490,16 +1490,24 @@ fn open_envelope(
     Ok((opened, digest))
 }
 
-/// Ends a session envelope here at once, and on every instance through the fleet's store (a
-/// lock until it would have expired). A store that does not take it is logged: the envelope is
-/// refused here, and the server that ended the session answers it 404 anyway.
-async fn end_envelope(ctx: &ConnCtx, digest: String, expires: u64) {
-    let fleet = &ctx.shared.fleet;
+/// Ends a session envelope here at once, and on the fleet's other instances through the Redis
+/// store (a lock until it would have expired), written off the request path: the answer never
+/// waits on the store. The local store keeps no envelope lock (one instance, already refusing
+/// it; after a restart the server that ended the session answers it 404). A store that does not
+/// take it is logged, for the same reason.
+fn end_envelope(ctx: &ConnCtx, digest: String, expires: u64) {
+    let fleet = ctx.shared.fleet.clone();
     ctx.shared.denylist.deny_envelope(&digest, expires);
-    let lock = crate::fleet::Lock::new(crate::fleet::Target::Envelope { digest }, expires, fleet.instance());
-    if let Err(e) = fleet.write(&lock).await {
-        tracing::warn!(error = %e, "an ended MCP session was not written to the fleet store: other instances learn of it from the server's 404");
+    crate::metrics::fleet_lock_applied("local", None);
+    if fleet.store_name() == "local" {
+        return;
     }
+    let lock = crate::fleet::Lock::new(crate::fleet::Target::Envelope { digest }, expires, fleet.instance());
+    tokio::spawn(async move {
+        if let Err(e) = fleet.write(&lock).await {
+            tracing::warn!(error = %e, "an ended MCP session was not written to the fleet store: other instances learn of it from the server's 404");
+        }
+    });
 }
 
 /// The mcp stage (`kind = "mcp"`): the method and revision, then a `POST` body read whole,
@@ -1523,16 +1531,19 @@ async fn mcp_stage(
     let bytes =
         mcp::read_body(&head.headers, body, settings.max_message, idle, total).await.map_err(mcp::Refusal::from)?;
     let messages = mcp::parse(&bytes).map_err(mcp::Refusal::from)?;
-    let checked = mcp::check_headers(&head.headers, revision, &messages)
-        .and_then(|()| mcp::authorize(settings, caps, claims, &messages));
-    // Each message counts once: forwarded; or, in a body refused, denied (its own grant is
-    // missing) or refused (the body was, for its headers or for another message).
-    for m in &messages.all {
+    // The headers first (a body they disagree with is refused whole), then each message's grant;
+    // one pass decides the answer and what each message counts as.
+    let headers = mcp::check_headers(&head.headers, revision, &messages);
+    let (granted, denied) = match &headers {
+        Ok(()) => mcp::grants(settings, caps, claims, &messages),
+        Err(_) => (Vec::new(), None),
+    };
+    for (i, m) in messages.all.iter().enumerate() {
         let Some(method) = m.method.as_deref() else { continue };
-        let result = match &checked {
-            Ok(()) => "forwarded",
-            Err(_) if mcp::authorize_one(settings, caps, claims, m).is_err() => "denied",
-            Err(_) => "refused",
+        let result = match (&headers, granted.get(i), &denied) {
+            (Ok(()), _, None) => "forwarded",
+            (Ok(()), Some(false), Some(_)) => "denied",
+            _ => "refused",
         };
         let tool = match (method, m.name.as_deref()) {
             ("tools/call", Some(tool)) => mcp::tool_label(settings, tool),
@@ -1540,13 +1551,14 @@ async fn mcp_stage(
         };
         crate::metrics::mcp_message(&route.name, mcp::method_label(method), tool, result);
     }
-    match checked {
-        Ok(()) => Ok(Some(bytes)),
-        Err(e) => {
+    match (headers, denied) {
+        (Ok(()), None) => Ok(Some(bytes)),
+        (Err(e), _) => Err(mcp::refuse(e, &messages, None).into()),
+        (Ok(()), Some((i, e))) => {
             if let mcp::McpError::Denied(d) = &e {
                 tracing::info!(route = %route.name, subject = claims.and_then(|c| c.subject()).unwrap_or(""), denied = %d, "MCP message refused");
             }
-            Err(mcp::refuse(e, &messages).into())
+            Err(mcp::refuse(e, &messages, Some(i)).into())
         }
     }
 }

@@ -143,8 +143,8 @@ impl Upload {
         self.state.clone()
     }
 
-    /// The same body for another attempt: possible while no byte of it was read, or when it
-    /// was empty.
+    /// The same body for another attempt: always for a body read whole; for a streamed one,
+    /// while no byte of it was read, or when it was empty.
     pub fn again(&self) -> Option<Upload> {
         if let Some(whole) = &self.whole {
             let idle = Idle::new(self.idle.limit);
@@ -474,11 +474,11 @@ impl KeepAlive {
         }
     }
 
-    /// The comment, once `every` has passed without data and the stream is between events.
+    /// The comment, once `every` has passed without data (the stream stands between events).
     fn poll_due(&mut self, cx: &mut Context<'_>) -> Option<Bytes> {
         let every = self.every;
         let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
-        if sleep.as_mut().poll(cx).is_pending() || !self.between_events() {
+        if sleep.as_mut().poll(cx).is_pending() {
             return None;
         }
         self.sleep = None;
@@ -621,9 +621,10 @@ impl Body for Download {
                 this.end = Some("complete");
                 Poll::Ready(None)
             }
-            // A kept-alive event stream is governed (expiry, revocation, lifetime, drain): the
-            // backend's silence does not end it.
-            Poll::Pending => match this.keepalive.as_mut() {
+            // A kept-alive event stream between events is governed (expiry, revocation,
+            // lifetime, drain): the backend's silence there does not end it. Silent in the middle
+            // of an event, it is cut after idle_body_timeout like any body.
+            Poll::Pending => match this.keepalive.as_mut().filter(|k| k.between_events()) {
                 Some(k) => match k.poll_due(cx) {
                     Some(comment) => Poll::Ready(Some(Ok(Frame::data(comment)))),
                     None => Poll::Pending,

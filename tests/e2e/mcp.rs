@@ -86,6 +86,9 @@ async fn a_tool_is_called_only_when_the_token_grants_it_and_a_refusal_is_a_json_
     assert_eq!(refused.status, 403);
     let errors: Value = serde_json::from_slice(&refused.body).expect("errors");
     assert_eq!(errors.as_array().map(Vec::len), Some(2), "an error for each request: {errors}");
+    // The refused call's error says why; the other's only that it went with the batch.
+    assert_eq!((errors[1]["id"].clone(), errors[1]["error"]["code"].clone()), (json!(9), json!(-32602)));
+    assert_eq!(errors[0]["error"]["message"], "refused with the batch it came in");
     for smuggled in [
         r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","name":"shell"}}"#,
         r#"{"jsonrpc":"2.0","id":3,"method":"tools/list","method":"tools/call","params":{"name":"shell"}}"#,
@@ -261,4 +264,20 @@ async fn an_idle_event_stream_gets_keep_alive_comments_between_events_and_is_not
         }
     }
     assert!(got.starts_with("id: 0\ndata: 0\n\n: keep-alive\n\n"), "{got:?}");
+
+    // A member silent in the middle of an event gets no comment (it would split the event) and
+    // is cut after idle_body_timeout, as any body.
+    let req =
+        request("GET", "/agents/a1/sse?n=1&hold=1&partial=1", &[("authorization", alice.as_str())], full(Bytes::new()));
+    let resp = H1::connect(proxy.tls, true).await.send(req).await;
+    let mut body = resp.into_body();
+    let mut got = String::new();
+    let ended = loop {
+        use http_body_util::BodyExt as _;
+        match tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("cut in time") {
+            Some(Ok(frame)) => got.push_str(&String::from_utf8_lossy(&frame.into_data().unwrap_or_default())),
+            Some(Err(_)) | None => break got,
+        }
+    };
+    assert_eq!(ended, "id: 0\ndata: 0\n\ndata: partial\n", "no comment inside the open event");
 }

@@ -42,8 +42,9 @@ pub struct Seen {
 /// A test agent backend. Endpoints (matched on the last path segment, so any backend_path works):
 /// - `echo`: answers the request body back once it has all of it (`x-body-len` says its size);
 /// - `headers`: answers 200 "ok" (what it saw is in [`RestBackend::seen`]);
-/// - `sse?n=N&gap_ms=G&hold=1`: `text/event-stream`, N events `data: i` G ms apart, then ends
-///   (or with `hold=1` stays open, sending nothing);
+/// - `sse?n=N&gap_ms=G&hold=1&partial=1`: `text/event-stream`, N events `data: i` G ms apart,
+///   then (`partial=1`) the first line of an event that never ends, then ends (or with `hold=1`
+///   stays open, sending nothing);
 /// - `slow?ms=M`: the response head after M ms;
 /// - `stall`: the head and one chunk, then nothing; `ndjson`: the same as
 ///   `application/x-ndjson`;
@@ -174,6 +175,8 @@ async fn respond(
             let n = query(&parts.uri, "n").unwrap_or(3);
             let gap = Duration::from_millis(query(&parts.uri, "gap_ms").unwrap_or(100));
             let hold = query(&parts.uri, "hold") == Some(1);
+            // `partial=1`: then the start of an event that never ends.
+            let partial = query(&parts.uri, "partial") == Some(1);
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
             tokio::spawn(async move {
                 for i in 0..n {
@@ -183,6 +186,9 @@ async fn respond(
                     if tx.send(Ok(Frame::data(Bytes::from(format!("id: {i}\ndata: {i}\n\n"))))).await.is_err() {
                         return;
                     }
+                }
+                if partial && tx.send(Ok(Frame::data(Bytes::from_static(b"data: partial\n")))).await.is_err() {
+                    return;
                 }
                 if hold {
                     tx.closed().await;
