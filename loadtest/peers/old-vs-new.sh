@@ -11,7 +11,8 @@
 # rounds, in order, of "rate echo storm idle"; storm is new sessions, for CPU per session; "idle" alone measures memory on freshly started processes), OLD_SERVER / NEW_SERVER and
 # OLD_SESSION / NEW_SESSION (TOML lines added to each one's [server] and [session] tables: the
 # same binary twice with and without a setting), OLD_EXTRA / NEW_EXTRA (TOML appended after the
-# route: more tables, such as [fleet]). The per-client limits are on by default and
+# route: more tables, such as [fleet]), TLS (0; 1: both proxies serve wss with one self-signed
+# certificate, the load generator trusts it with --insecure; the direct floor stays ws). The per-client limits are on by default and
 # sized for an internet-facing edge, which this load from one address would trip: state them
 # in both (docs/benchmarks-history.md has the command with every limit off for one and configured, above
 # the load, for the other). Loopback only; every process it starts is stopped on exit.
@@ -21,6 +22,7 @@ ROUNDS=${ROUNDS:-rate echo idle}
 DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-10000} IDLE=${IDLE:-1000}
 OLD_SERVER=${OLD_SERVER:-} NEW_SERVER=${NEW_SERVER:-} OLD_SESSION=${OLD_SESSION:-} NEW_SESSION=${NEW_SESSION:-}
 OLD_EXTRA=${OLD_EXTRA:-} NEW_EXTRA=${NEW_EXTRA:-}
+TLS=${TLS:-0}
 WORK=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
@@ -28,12 +30,21 @@ trap cleanup EXIT
 
 "$LT" backend --mode echo --listen 127.0.0.1:19301 2>"$WORK/backend.log" &
 pids+=($!)
+SCHEME=ws TLS_LISTENER="" TLS_TABLE="" INSECURE=()
+if [ "$TLS" = 1 ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$WORK/key.pem" \
+        -out "$WORK/cert.pem" -days 2 -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1 2>/dev/null
+    SCHEME=wss TLS_LISTENER="tls = true" INSECURE=(--insecure)
+    TLS_TABLE=$(printf '[tls]\ncert = "%s"\nkey = "%s"' "$WORK/cert.pem" "$WORK/key.pem")
+fi
 start() { # name binary port admin server-lines session-lines extra-tables
     cat >"$WORK/$1.toml" <<CONF
+$TLS_TABLE
 [server]
 $5
 [[listeners]]
 addresses = ["127.0.0.1:$3"]
+$TLS_LISTENER
 [admin]
 address = "127.0.0.1:$4"
 [session]
@@ -53,9 +64,9 @@ CONF
 start old "$OLD" 19302 19312 "$OLD_SERVER" "$OLD_SESSION" "$OLD_EXTRA"
 start new "$NEW" 19303 19313 "$NEW_SERVER" "$NEW_SESSION" "$NEW_EXTRA"
 sleep 1
-TARGETS=(direct=ws://127.0.0.1:19301/agents/a1/terminal old=ws://127.0.0.1:19302/agents/a1/terminal
-    new=ws://127.0.0.1:19303/agents/a1/terminal)
-PIDS=(--pid-of "old=$old_PID" --pid-of "new=$new_PID")
+TARGETS=(direct=ws://127.0.0.1:19301/agents/a1/terminal old=$SCHEME://127.0.0.1:19302/agents/a1/terminal
+    new=$SCHEME://127.0.0.1:19303/agents/a1/terminal)
+PIDS=(--pid-of "old=$old_PID" --pid-of "new=$new_PID" ${INSECURE[@]+"${INSECURE[@]}"})
 if [[ " $ROUNDS " == *" rate "* ]]; then
 echo "## rate: compare --scenario rate -q -c $CONNS --rate $RATE --size 64 -d $DURATION --repeat $REPEAT"
 timeout 600 "$LT" compare --repeat "$REPEAT" "${PIDS[@]}" --scenario rate -q -c "$CONNS" --rate "$RATE" --size 64 \

@@ -454,10 +454,25 @@ impl AsyncRead for TlsConn {
             if this.peer_closed {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(this.step(cx, Want::Read(buf)))? {
-                _ if buf.filled().len() > before => return Poll::Ready(Ok(())),
+            // Every record already read is decrypted before the read returns (rustls yields
+            // them one per call): a client's burst of small records, read by one system call,
+            // reaches the relay as one read and leaves for the backend as one write, not one
+            // write per record. What would need the socket, or a full `buf`, ends the read.
+            let got = |buf: &ReadBuf<'_>| buf.filled().len() > before;
+            let step = match this.step(cx, Want::Read(buf)) {
+                Poll::Pending if got(buf) => return Poll::Ready(Ok(())),
+                polled => ready!(polled)?,
+            };
+            match step {
+                _ if got(buf) && (buf.remaining() == 0 || !this.plain.is_empty()) => return Poll::Ready(Ok(())),
                 Step::Closed => return Poll::Ready(Ok(())),
+                Step::Flush if got(buf) => match this.poll_flush_tx(cx) {
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Pending => return Poll::Ready(Ok(())),
+                },
                 Step::Flush => ready!(this.poll_flush_tx(cx))?,
+                Step::NeedsRead | Step::Writable if got(buf) => return Poll::Ready(Ok(())),
                 Step::NeedsRead | Step::Writable => {
                     if this.peer_closed {
                         continue;
@@ -509,5 +524,64 @@ impl AsyncWrite for TlsConn {
         let this = self.get_mut();
         ready!(this.poll_close_notify(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::TlsConn;
+
+    /// A client's burst of small records, in the socket together, is one read: the relay then
+    /// sends it to the backend in one write, not one per record (which doubled the system calls
+    /// per message at TLS saturation).
+    #[tokio::test]
+    async fn records_already_read_are_decrypted_into_one_read() {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        let cert = CertificateDer::from(ck.cert.der().to_vec());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+        let server = rustls::ServerConfig::builder_with_provider(crate::crypto::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+        let client_task = tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let name = ServerName::try_from("localhost").expect("name");
+            let mut tls =
+                tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp).await.expect("handshake");
+            for i in 0..4u8 {
+                // One record each: written and flushed one by one.
+                tls.write_all(&[i; 64]).await.expect("write");
+                tls.flush().await.expect("flush");
+            }
+            let _ = sent_tx.send(());
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest).await;
+        });
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut conn = TlsConn::accept(Arc::new(server), tcp).await.expect("server handshake");
+        sent_rx.await.expect("the client wrote its four records");
+        let mut buf = vec![0u8; 16 * 1024];
+        let n = conn.read(&mut buf).await.expect("read");
+        assert_eq!(n, 4 * 64, "the four records in one read");
+        assert!(buf[..n].chunks(64).enumerate().all(|(i, c)| c.iter().all(|b| usize::from(*b) == i)));
+        drop(conn);
+        let _ = client_task.await;
     }
 }
