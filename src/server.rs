@@ -214,7 +214,12 @@ fn upstreams(config: &Config, previous: Option<&Runtime>, metrics: &Metrics) -> 
         .filter(|r| r.kind.http())
         .map(|r| {
             let client = by_settings.entry(settings(r)).or_insert_with(|| outbound::upstream(settings(r))).clone();
-            (r.name.clone(), HttpRoute { client, metrics: metrics.http_route(&r.name) })
+            // Built once per configuration, not per request: the keys' ids and ciphers.
+            let affinity = r
+                .affinity
+                .as_ref()
+                .and_then(|a| crate::routing::affinity::Keys::new(a.keys.iter().map(|k| k.expose())));
+            (r.name.clone(), HttpRoute { client, metrics: metrics.http_route(&r.name), affinity })
         })
         .collect()
 }

@@ -55,6 +55,8 @@ pub struct HttpRoute {
     pub client: Upstream,
     /// Per-request series of the route.
     pub metrics: Arc<crate::metrics::RouteHttpMetrics>,
+    /// The route's session-envelope keys (`[routes.affinity]`), when it has them.
+    pub affinity: Option<crate::routing::affinity::Keys>,
 }
 
 /// State shared by every connection task.

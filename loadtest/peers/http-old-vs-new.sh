@@ -12,10 +12,8 @@
 set -euo pipefail
 OLD=$1 NEW=$2 LT=$3
 DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-32} SIZE=${SIZE:-256}
-WORK=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+. "$(dirname "$0")/common.sh"
+peers_setup
 export PCLT_SECRET=http-benchmark-secret-of-at-least-32-bytes-long
 printf '%s' "$PCLT_SECRET" >"$WORK/secret"
 "$LT" backend --mode echo --listen 127.0.0.1:19401 2>"$WORK/backend.log" &
@@ -23,10 +21,7 @@ pids+=($!)
 config() { # port admin
     cat <<CONF
 [server]
-max_connections_per_ip = 0
-connection_rate_per_ip = 0
-handshake_rate_per_ip = 0
-token_check_rate_per_ip = 0
+$LIMITS_OFF
 [[listeners]]
 addresses = ["127.0.0.1:$1"]
 [admin]

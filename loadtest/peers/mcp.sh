@@ -17,10 +17,8 @@
 set -euo pipefail
 PC=$1 LT=$2
 CONNS=${CONNS:-32} SIZE=${SIZE:-512} DURATION=${DURATION:-10s} REPEAT=${REPEAT:-3}
-WORK=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+. "$(dirname "$0")/common.sh"
+peers_setup
 export PCLT_SECRET=mcp-benchmark-secret-of-at-least-32-bytes-long
 printf '%s' "$PCLT_SECRET" >"$WORK/secret"
 head -c 32 /dev/urandom | base64 >"$WORK/envelope.keys"
@@ -29,10 +27,7 @@ BACKEND=$!
 pids+=($!)
 cat >"$WORK/portcullis.toml" <<CONF
 [server]
-max_connections_per_ip = 0
-connection_rate_per_ip = 0
-handshake_rate_per_ip = 0
-token_check_rate_per_ip = 0
+$LIMITS_OFF
 [[listeners]]
 addresses = ["127.0.0.1:19382"]
 [admin]

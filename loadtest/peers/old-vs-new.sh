@@ -32,8 +32,8 @@ trap cleanup EXIT
 pids+=($!)
 SCHEME=ws TLS_LISTENER="" TLS_TABLE="" INSECURE=()
 if [ "$TLS" = 1 ]; then
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$WORK/key.pem" \
-        -out "$WORK/cert.pem" -days 2 -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1 2>/dev/null
+    . "$(dirname "$0")/common.sh"
+    self_signed "$WORK"
     SCHEME=wss TLS_LISTENER="tls = true" INSECURE=(--insecure)
     TLS_TABLE=$(printf '[tls]\ncert = "%s"\nkey = "%s"' "$WORK/cert.pem" "$WORK/key.pem")
 fi

@@ -12,25 +12,19 @@
 set -euo pipefail
 PC=$1 LT=$2
 TLS=${TLS:-0} DURATION=${DURATION:-20s} TOP=${TOP:-25}
-WORK=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+. "$(dirname "$0")/common.sh"
+peers_setup
 "$LT" backend --mode echo --listen 127.0.0.1:19501 2>"$WORK/backend.log" &
 pids+=($!)
 scheme=ws tls_lines=""
 if [ "$TLS" = 1 ]; then
     scheme=wss
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$WORK/key.pem" \
-        -out "$WORK/cert.pem" -days 2 -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1 2>/dev/null
+    self_signed "$WORK"
     tls_lines="tls = true"
 fi
 cat >"$WORK/portcullis.toml" <<CONF
 [server]
-max_connections_per_ip = 0
-handshake_rate_per_ip = 0
-connection_rate_per_ip = 0
-token_check_rate_per_ip = 0
+$LIMITS_OFF
 [[listeners]]
 addresses = ["127.0.0.1:19502"]
 $tls_lines

@@ -402,6 +402,12 @@ impl Fleet {
         &self.health
     }
 
+    /// Whether the store is shared by other instances (Redis), so a lock written there reaches
+    /// them.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.store, Store::Redis(_))
+    }
+
     /// Which store, for logs and `/fleet`.
     pub fn store_name(&self) -> &'static str {
         match self.store {

@@ -675,7 +675,8 @@ async fn handle_request(
     stream: http::StreamHold,
 ) -> Response<ProxyBody> {
     let (head, body) = req.into_parts();
-    let refuse = |e: RequestError| reject_exchange(ctx, exchange_of(ctx, &head, &route.name, started), e);
+    let exchange = || exchange_of_parts(ctx, &head.method, &head.uri, &route.name, started);
+    let refuse = |e: RequestError| reject_exchange(ctx, exchange(), e);
     if ctx.shared.sessions.draining() {
         return refuse(RequestError::Draining);
     }
@@ -711,7 +712,7 @@ async fn handle_request(
     };
     // A session's envelope: opened here (any instance can), its member pinned and the backend's
     // own id restored; one that does not open, or whose session was ended, is an unknown session.
-    let affinity = route.affinity.as_ref().and_then(|a| Some((a, affinity_keys(a)?)));
+    let affinity = route.affinity.as_ref().zip(http.affinity.as_ref());
     let mut pinned = None;
     let mut envelope = None;
     if let Some((settings, keys)) = &affinity {
@@ -740,7 +741,7 @@ async fn handle_request(
         pinned,
     };
     let metrics = ctx.shared.metrics.clone();
-    let mut exchange = exchange_of(ctx, &head, &route.name, started);
+    let mut exchange = exchange();
     exchange.agent = caps.get("agent").map(str::to_owned);
     exchange.subject = claims.and_then(|c| c.subject().map(str::to_owned));
     exchange.route_metrics = Some(http.metrics.clone());
@@ -907,10 +908,6 @@ fn new_exchange(ctx: &ConnCtx, req: &Request<Incoming>, route: &str, started: In
 }
 
 /// [`new_exchange`] of a request taken apart.
-fn exchange_of(ctx: &ConnCtx, head: &::http::request::Parts, route: &str, started: Instant) -> stream::Exchange {
-    exchange_of_parts(ctx, &head.method, &head.uri, route, started)
-}
-
 fn exchange_of_parts(
     ctx: &ConnCtx,
     method: &::http::Method,
@@ -1438,12 +1435,6 @@ fn note_error(metrics: &crate::metrics::Metrics, route: &str, e: &RequestError) 
     }
 }
 
-/// A route's envelope keys (checked when the configuration was loaded: 32 bytes each, one at
-/// least).
-fn affinity_keys(settings: &crate::config::AffinitySettings) -> Option<crate::routing::affinity::Keys> {
-    crate::routing::affinity::Keys::new(settings.keys.iter().map(|k| k.expose()))
-}
-
 /// What an envelope is sealed for (its associated data): the route and the path's captures, so
 /// a session opened on one agent's path does not open on another's, whose grants differ.
 fn envelope_context(route: &RouteConfig, caps: &Captures) -> String {
@@ -1499,7 +1490,7 @@ fn end_envelope(ctx: &ConnCtx, digest: String, expires: u64) {
     let fleet = ctx.shared.fleet.clone();
     ctx.shared.denylist.deny_envelope(&digest, expires);
     crate::metrics::fleet_lock_applied("local", None);
-    if fleet.store_name() == "local" {
+    if !fleet.is_shared() {
         return;
     }
     let lock = crate::fleet::Lock::new(crate::fleet::Target::Envelope { digest }, expires, fleet.instance());

@@ -111,8 +111,8 @@ impl Keys {
         (!out.is_empty()).then_some(Keys { keys: out })
     }
 
-    /// Seals `what`. `context` is the associated data: the route and what else the envelope is bound to (the
-    /// path's captures); an envelope opens only for the same context.
+    /// Seals `what`. `context` is the associated data: the route and what else the envelope is
+    /// bound to (the path's captures); an envelope opens only for the same context.
     pub fn seal(&self, context: &str, what: &Sealed) -> String {
         let (id, cipher) = &self.keys[0];
         let nonce: [u8; 24] = rand::random();

@@ -11,7 +11,7 @@ use super::harness::*;
 
 /// A proxy with the route `mcp` (`/agents/{agent}/mcp`, kind http, round robin over `members`,
 /// a token granting the agent), with `extra` merged into the route.
-async fn start_route(key: &Hmac, members: &[SocketAddr], extra: serde_json::Value) -> Proxy {
+pub(super) async fn start_route(key: &Hmac, members: &[SocketAddr], extra: serde_json::Value) -> Proxy {
     let members: Vec<String> = members.iter().map(SocketAddr::to_string).collect();
     let text = TestConfig::base(&["127.0.0.1:1".to_owned()])
         .merge("", key.auth_keys())

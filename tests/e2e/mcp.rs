@@ -11,24 +11,16 @@ use serde_json::{json, Value};
 use super::harness::*;
 
 /// A proxy with the route `mcp` (`/agents/{agent}/mcp`, kind mcp, `member`, a token granting
-/// the agent), with `extra` merged into the route.
+/// the agent, a tool scope), with `extra` merged into the route.
 async fn start(key: &Hmac, member: std::net::SocketAddr, extra: Value) -> Proxy {
-    let text = TestConfig::base(&["127.0.0.1:1".to_owned()])
-        .merge("", key.auth_keys())
-        .merge(
-            "",
-            json!({"routes": [{
-                "name": "mcp",
-                "path": "/agents/{agent}/mcp",
-                "kind": "mcp",
-                "backends": [member.to_string()],
-                "auth": {"agent_claim": "agents", "required_claims": ["sub"]},
-                "mcp": {"tool_scope": "mcp:{agent}:tools/call:{tool}", "metric_tools": ["echo"]},
-            }]}),
-        )
-        .merge("routes.1", extra)
-        .text();
-    Proxy::start_with(&text).await
+    let mut route = json!({
+        "kind": "mcp",
+        "mcp": {"tool_scope": "mcp:{agent}:tools/call:{tool}", "metric_tools": ["echo"]},
+    });
+    if let (Some(route), Value::Object(extra)) = (route.as_object_mut(), extra) {
+        route.extend(extra);
+    }
+    super::affinity::start_route(key, &[member], route).await
 }
 
 /// A token for agents `a1` and `a2` with `scope`.
