@@ -763,7 +763,7 @@ async fn handle_request(
     let (mut parts, body) = answered.response.into_parts();
     forward::strip_response_headers(&mut parts.headers);
     // A session ended at the server (DELETE answered 2xx, or 404: it is gone) ends its envelope
-    // on every instance, so that the envelope cannot be replayed.
+    // here and, with a Redis fleet, on every instance, so that the envelope cannot be replayed.
     if let (&::http::Method::DELETE, Some(e)) = (&head.method, &envelope) {
         if parts.status.is_success() || parts.status == StatusCode::NOT_FOUND {
             end_envelope(ctx, e.digest.clone(), e.expires);
