@@ -500,6 +500,92 @@ pub trait FinishStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
     fn let_go(&mut self, _why: &'static str) {}
 }
 
+/// How far a stream's end has gone once its session ended: see [`poll_end`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ending {
+    /// Being finished ([`FinishStream::poll_finish`]: a TLS `close_notify`).
+    #[default]
+    Finishing,
+    /// Its write side being shut down (the FIN), before lingering.
+    HalfClosing,
+    /// Reading and discarding what its peer still sends, until the peer closes.
+    Lingering,
+    /// Done: the stream may be dropped.
+    Done,
+}
+
+/// Moves a stream's end forward: finishes it and, when `linger`, closes it the way NGINX's
+/// `lingering_close` does: shuts its write side, then reads and discards what its peer still
+/// sends until the peer closes. The caller bounds the whole (the relay by `close_timeout`).
+///
+/// The linger is for a peer the session stopped reading before it had finished sending (it
+/// broke the protocol, or was refused): closing a socket that holds unread bytes resets the
+/// connection instead of ending it, and a peer still writing then learns of the reset before it
+/// reads what was last written to it (the message before its violation, the close frame that
+/// says why). A peer that ended its side cleanly (its close frame, its FIN) is not lingered on:
+/// its socket is closed at once, one system call less.
+pub fn poll_end<S: FinishStream + ?Sized>(
+    s: &mut S,
+    ending: &mut Ending,
+    linger: bool,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    loop {
+        *ending = match *ending {
+            Ending::Finishing => {
+                std::task::ready!(s.poll_finish(cx)).ok();
+                if linger {
+                    Ending::HalfClosing
+                } else {
+                    Ending::Done
+                }
+            }
+            Ending::HalfClosing => match std::task::ready!(std::pin::Pin::new(&mut *s).poll_shutdown(cx)) {
+                Ok(()) => Ending::Lingering,
+                Err(_) => Ending::Done,
+            },
+            Ending::Lingering => {
+                std::task::ready!(poll_discard(s, cx));
+                Ending::Done
+            }
+            Ending::Done => return Poll::Ready(()),
+        };
+    }
+}
+
+/// Reads and discards from `r` until its end (or an error); `Pending` while the peer sends
+/// nothing. At most 64 reads per call: a peer flooding it cannot hold its task's thread.
+pub fn poll_discard<R: tokio::io::AsyncRead + Unpin + ?Sized>(r: &mut R, cx: &mut Context<'_>) -> Poll<()> {
+    let mut scratch = [0u8; 4096];
+    for _ in 0..64 {
+        let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+        match std::pin::Pin::new(&mut *r).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+            Poll::Ready(_) => return Poll::Ready(()),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    cx.waker().wake_by_ref();
+    Poll::Pending
+}
+
+/// A subscriber's stream (an observer's, a fan-out client's) after the proxy's last write to it:
+/// its write side shut down, then what its peer still sends read and discarded until the peer
+/// closes, for at most `within` ([`poll_end`]'s linger, for a stream split in halves).
+pub async fn linger<R, W>(rd: &mut R, wr: &mut W, within: std::time::Duration)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt as _;
+    let _ = tokio::time::timeout(within, async {
+        if wr.shutdown().await.is_ok() {
+            std::future::poll_fn(|cx| poll_discard(rd, cx)).await;
+        }
+    })
+    .await;
+}
+
 /// What a feature shows a relayed session's data-frame payloads to (the recording, the
 /// observers): the relay's one interface for them. The relay copies the payloads out unmasked
 /// as it scans, and hands over what one read brought, in order.

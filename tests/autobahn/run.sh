@@ -158,7 +158,7 @@ SPECJSON
         continue
     }
     python3 - "$out/index.json" "$mode" <<'PY' || status=1
-import json, sys
+import json, os, sys
 index = json.load(open(sys.argv[1]))
 passed, failed, by_behavior = 0, [], {}
 for agent, cases in index.items():
@@ -168,7 +168,15 @@ for agent, cases in index.items():
         if b in ("OK", "INFORMATIONAL") and r.get("behaviorClose") in ("OK", "INFORMATIONAL"):
             passed += 1
         else:
-            failed.append("%s %s/%s" % (case, b, r.get("behaviorClose")))
+            # What the client saw, to tell a proxy fault from a slow machine without a rerun.
+            try:
+                d = json.load(open(os.path.join(os.path.dirname(sys.argv[1]), r["reportfile"].replace(".html", ".json"))))
+                seen = " (received %s, close code %s, clean %s, dropped by client %s, %s ms)" % (
+                    json.dumps(d.get("received"))[:120], d.get("remoteCloseCode"), d.get("wasClean"),
+                    d.get("droppedByMe"), d.get("duration"))
+            except (IOError, OSError, ValueError, KeyError):
+                seen = ""
+            failed.append("%s %s/%s%s" % (case, b, r.get("behaviorClose"), seen))
 key = lambda c: [int(x) for x in c.split()[0].split(".")]
 for f in sorted(failed, key=key):
     print("  not passed: " + f)

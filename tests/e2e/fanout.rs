@@ -218,10 +218,17 @@ async fn each_client_is_governed_alone_and_the_stream_outlives_none_of_them_for_
     alice.send(true, op::PING, b"are you there").await;
     let pong = alice.recv().await;
     assert_eq!((pong.opcode, pong.payload.as_slice()), (op::PONG, &b"are you there"[..]));
-    // Input is refused (read-only by default), and never reaches the backend.
-    typist.send(true, op::TEXT, b"rm -rf /").await;
+    // Input is refused (read-only by default), and never reaches the backend. What the typist
+    // sends on is unread when its stream ends: it still gets a clean end, not a reset that can
+    // come before it reads its close frame.
+    let mut input = encode(true, 0, op::TEXT, Some(rand_mask()), b"rm -rf /");
+    input.extend_from_slice(&[0u8; 64 * 1024]);
+    typist.send_raw(&input).await;
     let f = typist.recv_close().await;
     assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1008), "read-only stream"));
+    let mut rest = [0u8; 16];
+    let end = tokio::time::timeout(SOON, tokio::io::AsyncReadExt::read(&mut typist.io, &mut rest)).await;
+    assert_eq!(end.expect("an end").map_err(|e| e.kind()), Ok(0), "a FIN, not a reset");
     assert!(!backend.log.frames().iter().any(|f| f.payload == b"rm -rf /"));
     // Revoking one subject closes its client only.
     let (status, _) = admin_post(proxy.admin, "/sessions/revoke", &json!({"subject": "mallory"}).to_string()).await;

@@ -295,6 +295,29 @@ async fn a_close_frame_whose_reason_is_not_utf8_gets_1007() {
 }
 
 #[tokio::test]
+async fn a_client_that_goes_on_sending_after_its_violation_gets_the_echo_the_1002_and_a_clean_end() {
+    // Autobahn 4.2.5 sends a text message, a reserved opcode and a ping, a byte per write: the
+    // proxy stops reading at the violation, and a socket closed with unread bytes is reset, not
+    // ended. A client still writing then sees the reset before it reads the echo and the 1002
+    // (the suite's Twisted client does). Here what the client sends on is more than the proxy
+    // reads at once, so bytes are still unread when the session ends: the proxy half-closes and
+    // reads them until the client closes (a lingering close), and the client reads a clean end.
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr).await;
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
+    let mut bytes = encode(true, 0, op::TEXT, Some(rand_mask()), b"before the violation");
+    bytes.extend_from_slice(&encode(true, 0, 0x3, Some(rand_mask()), b""));
+    bytes.extend_from_slice(&[0u8; 64 * 1024]);
+    c.send_raw(&bytes).await;
+    let echoed = c.recv().await;
+    assert_eq!((echoed.opcode, echoed.payload.as_slice()), (op::TEXT, &b"before the violation"[..]));
+    assert_eq!(c.recv_close().await.close_code(), Some(1002));
+    let mut rest = [0u8; 16];
+    let end = tokio::time::timeout(SOON, tokio::io::AsyncReadExt::read(&mut c.io, &mut rest)).await.expect("an end");
+    assert_eq!(end.map_err(|e| e.kind()), Ok(0), "the connection ends with a FIN, not a reset");
+}
+
+#[tokio::test]
 async fn what_the_backend_sent_before_a_client_violation_still_reaches_the_client() {
     // A valid message and a violating frame in one write (Autobahn 3.2, 4.1.3, 5.15): the
     // backend's echo of the valid message is delivered before the client's 1002.

@@ -16,7 +16,7 @@ use crate::config::SessionSettings;
 use crate::metrics::Metrics;
 use crate::session::clock::{Clock, Ping, PingDue, Pings};
 use crate::session::close::{check_peer_close, Cause, CloseFrame, REPLY_FOR_VANISHED_PEER};
-use crate::session::{Initiator, SessionControl, SessionEnd, Side, StopReason};
+use crate::session::{poll_end, Ending, Initiator, SessionControl, SessionEnd, Side, StopReason};
 
 /// What has come from one side, as far as the close handshake is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -116,8 +116,11 @@ pub(super) struct Session<C, B> {
     /// The close owed to a side that broke the protocol, sent once the other side is done.
     deferred_close: Option<(Side, CloseFrame)>,
     bytes_reported: [u64; 2],
-    /// While finishing: which streams are finished.
-    shut: [bool; 2],
+    /// While finishing: how far each stream's end has gone.
+    ending: [Ending; 2],
+    /// The sides the session stopped reading before they had finished sending (they broke the
+    /// protocol): their streams are lingered on as they end ([`crate::session::poll_end`]).
+    linger: [bool; 2],
 }
 
 impl<C, B> Session<C, B>
@@ -161,7 +164,8 @@ where
             outcome: None,
             deferred_close: None,
             bytes_reported: [0, 0],
-            shut: [false, false],
+            ending: [Ending::Finishing; 2],
+            linger: [false, false],
         };
         session.rearm();
         session
@@ -209,19 +213,17 @@ where
     }
 
     /// After [`Session::poll`] returned the end: finishes both streams (a TLS `close_notify`),
-    /// giving up on either that has not finished within `close_timeout`.
+    /// lingering on a side that broke the protocol, giving up on either that has not finished
+    /// within `close_timeout`.
     pub(super) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.phase != Phase::Finishing {
             self.phase = Phase::Finishing;
             self.timer.as_mut().reset(Instant::now() + self.settings.close_timeout);
         }
-        if !self.shut[0] {
-            self.shut[0] = self.client.poll_finish(cx).is_ready();
-        }
-        if !self.shut[1] {
-            self.shut[1] = self.backend.poll_finish(cx).is_ready();
-        }
-        if self.shut == [true, true] || self.timer.as_mut().poll(cx).is_ready() {
+        let [client, backend] = &mut self.ending;
+        let done = poll_end(&mut self.client, client, self.linger[0], cx).is_ready()
+            & poll_end(&mut self.backend, backend, self.linger[1], cx).is_ready();
+        if done || self.timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
         Poll::Pending
@@ -291,8 +293,10 @@ where
             DirEvent::Violation(violation) => {
                 self.metrics.violation(violation.label());
                 tracing::debug!(side = ?from, %violation, "protocol violation");
-                // Fail the connection of the offender: close frame, no reply awaited.
+                // Fail the connection of the offender: close frame, no reply awaited, and what
+                // it still sends is discarded as its stream ends.
                 self.peers[from.idx()].stop_waiting();
+                self.linger[from.idx()] = true;
                 self.end_with(Cause::Violation { by: from, violation });
             }
             DirEvent::SrcGone => self.on_gone(from),

@@ -400,6 +400,10 @@ where
             let _ = wr.shutdown().await;
         })
         .await;
+        if matches!(cause, Cause::Violation { .. } | Cause::Refused(_)) {
+            // It may still be sending: its close frame must not be lost to a reset.
+            crate::session::linger(&mut rd, &mut wr, CLOSE_TIMEOUT).await;
+        }
     }
     t.metrics.fanout_subscriber(&route, -1.0);
     let end = crate::session::SessionEnd::of(cause);

@@ -154,6 +154,10 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                     })
                     .await;
                 }
+                if matches!(cause, Cause::Violation { .. } | Cause::Refused(_)) {
+                    // It may still be sending: its close frame must not be lost to a reset.
+                    crate::session::linger(&mut rd, &mut wr, CLOSE_TIMEOUT).await;
+                }
                 break (why, cause);
             }
         };
