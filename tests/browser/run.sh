@@ -32,6 +32,12 @@ LT=$ROOT/target/debug/portcullis-loadtest
 BACKEND_PORT=${BACKEND_PORT:-19511}
 PROXY_PORT=${PROXY_PORT:-19512}
 ADMIN_PORT=${ADMIN_PORT:-19513}
+for port in "$BACKEND_PORT" "$PROXY_PORT" "$ADMIN_PORT"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "browser: something already listens on 127.0.0.1:$port (set BACKEND_PORT, PROXY_PORT, ADMIN_PORT)" >&2
+        exit 1
+    fi
+done
 
 RUN=$(mktemp -d)
 pids=()
@@ -94,13 +100,29 @@ page wrong-token.html "[\"bearer.not-a-token\", \"portcullis\"]"
 # wrote until it is no longer "pending" (the WebSocket is asynchronous; at most 10 s).
 DRIVER=${CHROMEDRIVER:-$(command -v chromedriver || true)}
 [ -n "$DRIVER" ] || { echo "browser: chromedriver not found (apt-get install chromium-driver)" >&2; exit 1; }
-DRIVER_PORT=${DRIVER_PORT:-19514}
-"$DRIVER" --port="$DRIVER_PORT" >"$RUN/chromedriver.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do
-    curl -sf "http://127.0.0.1:$DRIVER_PORT/status" >/dev/null 2>&1 && break
-    sleep 0.1
+# chromedriver cannot bind port 0: a random high port is tried, and another when chromedriver
+# exits because that one is taken (as demo.py's start_chromedriver does).
+DRIVER_PORT=
+for _ in $(seq 1 20); do
+    port=$((20000 + RANDOM % 30000))
+    "$DRIVER" --port="$port" >"$RUN/chromedriver.log" 2>&1 &
+    driver_pid=$!
+    for _ in $(seq 1 150); do
+        kill -0 "$driver_pid" 2>/dev/null || break
+        if curl -sf "http://127.0.0.1:$port/status" >/dev/null 2>&1; then
+            DRIVER_PORT=$port
+            break
+        fi
+        sleep 0.1
+    done
+    if [ -n "$DRIVER_PORT" ]; then
+        pids+=("$driver_pid")
+        break
+    fi
+    kill "$driver_pid" 2>/dev/null || true
+    wait "$driver_pid" 2>/dev/null || true
 done
+[ -n "$DRIVER_PORT" ] || { echo "browser: chromedriver did not start on any port tried" >&2; exit 1; }
 wd() { # method path [json]
     curl -s -X "$1" -H 'Content-Type: application/json' ${3:+-d "$3"} "http://127.0.0.1:$DRIVER_PORT$2"
 }
