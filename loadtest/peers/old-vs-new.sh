@@ -9,8 +9,8 @@
 # Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000), IDLE (1000: sessions
 # held by the idle round, for KiB per session; 0 skips it), ROUNDS ("rate echo idle": which
 # rounds, in order, of "rate echo storm idle"; storm is new sessions, for CPU per session; "idle" alone measures memory on freshly started processes), OLD_SERVER / NEW_SERVER and
-# OLD_SESSION / NEW_SESSION (TOML lines added to each one's [server] and [session] tables: the
-# same binary twice with and without a setting), OLD_EXTRA / NEW_EXTRA (TOML appended after the
+# OLD_SESSION / NEW_SESSION and OLD_LISTENER / NEW_LISTENER (TOML lines added to each one's
+# [server], [session] and [[listeners]] tables: the same binary twice with and without a setting), OLD_EXTRA / NEW_EXTRA (TOML appended after the
 # route: more tables, such as [fleet]), TLS (0; 1: both proxies serve wss with one self-signed
 # certificate, the load generator trusts it with --insecure; the direct floor stays ws). The per-client limits are on by default and
 # sized for an internet-facing edge, which this load from one address would trip: state them
@@ -21,7 +21,7 @@ OLD=$1 NEW=$2 LT=$3
 ROUNDS=${ROUNDS:-rate echo idle}
 DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-10000} IDLE=${IDLE:-1000}
 OLD_SERVER=${OLD_SERVER:-} NEW_SERVER=${NEW_SERVER:-} OLD_SESSION=${OLD_SESSION:-} NEW_SESSION=${NEW_SESSION:-}
-OLD_EXTRA=${OLD_EXTRA:-} NEW_EXTRA=${NEW_EXTRA:-}
+OLD_EXTRA=${OLD_EXTRA:-} NEW_EXTRA=${NEW_EXTRA:-} OLD_LISTENER=${OLD_LISTENER:-} NEW_LISTENER=${NEW_LISTENER:-}
 TLS=${TLS:-0}
 WORK=$(mktemp -d)
 pids=()
@@ -37,7 +37,7 @@ if [ "$TLS" = 1 ]; then
     SCHEME=wss TLS_LISTENER="tls = true" INSECURE=(--insecure)
     TLS_TABLE=$(printf '[tls]\ncert = "%s"\nkey = "%s"' "$WORK/cert.pem" "$WORK/key.pem")
 fi
-start() { # name binary port admin server-lines session-lines extra-tables
+start() { # name binary port admin server-lines session-lines extra-tables listener-lines
     cat >"$WORK/$1.toml" <<CONF
 $TLS_TABLE
 [server]
@@ -45,6 +45,7 @@ $5
 [[listeners]]
 addresses = ["127.0.0.1:$3"]
 $TLS_LISTENER
+$8
 [admin]
 address = "127.0.0.1:$4"
 [session]
@@ -61,8 +62,8 @@ CONF
     pids+=($!)
     eval "${1}_PID=$!"
 }
-start old "$OLD" 19302 19312 "$OLD_SERVER" "$OLD_SESSION" "$OLD_EXTRA"
-start new "$NEW" 19303 19313 "$NEW_SERVER" "$NEW_SESSION" "$NEW_EXTRA"
+start old "$OLD" 19302 19312 "$OLD_SERVER" "$OLD_SESSION" "$OLD_EXTRA" "$OLD_LISTENER"
+start new "$NEW" 19303 19313 "$NEW_SERVER" "$NEW_SESSION" "$NEW_EXTRA" "$NEW_LISTENER"
 sleep 1
 TARGETS=(direct=ws://127.0.0.1:19301/agents/a1/terminal old=$SCHEME://127.0.0.1:19302/agents/a1/terminal
     new=$SCHEME://127.0.0.1:19303/agents/a1/terminal)
