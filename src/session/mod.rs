@@ -508,8 +508,9 @@ pub enum Ending {
     Finishing,
     /// Its write side being shut down (the FIN), before lingering.
     HalfClosing,
-    /// Reading and discarding what its peer still sends, until the peer closes.
-    Lingering,
+    /// Reading and discarding what its peer still sends, until the peer closes or this many
+    /// more bytes have come ([`LINGER_BYTES`] at first).
+    Lingering(usize),
     /// Done: the stream may be dropped.
     Done,
 }
@@ -541,11 +542,11 @@ pub fn poll_end<S: FinishStream + ?Sized>(
                 }
             }
             Ending::HalfClosing => match std::task::ready!(std::pin::Pin::new(&mut *s).poll_shutdown(cx)) {
-                Ok(()) => Ending::Lingering,
+                Ok(()) => Ending::Lingering(LINGER_BYTES),
                 Err(_) => Ending::Done,
             },
-            Ending::Lingering => {
-                std::task::ready!(poll_discard(s, cx));
+            Ending::Lingering(ref mut left) => {
+                std::task::ready!(poll_discard(s, left, cx));
                 Ending::Done
             }
             Ending::Done => return Poll::Ready(()),
@@ -553,14 +554,28 @@ pub fn poll_end<S: FinishStream + ?Sized>(
     }
 }
 
-/// Reads and discards from `r` until its end (or an error); `Pending` while the peer sends
-/// nothing. At most 64 reads per call: a peer flooding it cannot hold its task's thread.
-pub fn poll_discard<R: tokio::io::AsyncRead + Unpin + ?Sized>(r: &mut R, cx: &mut Context<'_>) -> Poll<()> {
+/// How much a lingering close reads and discards at most: a peer that broke the protocol has
+/// a frame or two in flight, not a stream; one that floods is reset (its own loss), so no peer
+/// gets unmetered reading out of a violation (a session's rates no longer apply then).
+pub const LINGER_BYTES: usize = 256 * 1024;
+
+/// Reads and discards from `r` until its end (or an error), or until `left` bytes have been
+/// discarded; `Pending` while the peer sends nothing. At most 16 reads per call: a peer
+/// flooding it cannot hold its task's thread.
+pub fn poll_discard<R: tokio::io::AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    left: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
     let mut scratch = [0u8; 4096];
-    for _ in 0..64 {
-        let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+    for _ in 0..16 {
+        if *left == 0 {
+            return Poll::Ready(());
+        }
+        let room = scratch.len().min(*left);
+        let mut buf = tokio::io::ReadBuf::new(&mut scratch[..room]);
         match std::pin::Pin::new(&mut *r).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => *left -= buf.filled().len(),
             Poll::Ready(_) => return Poll::Ready(()),
             Poll::Pending => return Poll::Pending,
         }
@@ -580,7 +595,8 @@ where
     use tokio::io::AsyncWriteExt as _;
     let _ = tokio::time::timeout(within, async {
         if wr.shutdown().await.is_ok() {
-            std::future::poll_fn(|cx| poll_discard(rd, cx)).await;
+            let mut left = LINGER_BYTES;
+            std::future::poll_fn(|cx| poll_discard(rd, &mut left, cx)).await;
         }
     })
     .await;

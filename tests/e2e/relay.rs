@@ -318,6 +318,28 @@ async fn a_client_that_goes_on_sending_after_its_violation_gets_the_echo_the_100
 }
 
 #[tokio::test]
+async fn the_lingering_close_reads_a_flooding_offender_for_a_bounded_amount_only() {
+    // The session's rates no longer apply once it ends: a client that breaks the protocol and
+    // then floods is read for at most 256 KiB more, then its connection is closed, long before
+    // close_timeout (a minute here).
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start_with_session(backend.addr, json!({"close_timeout": "60s"})).await;
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
+    c.send_raw(&encode(true, 0, 0x3, Some(rand_mask()), b"")).await;
+    assert_eq!(c.recv_close().await.close_code(), Some(1002));
+    let flood = vec![0u8; 64 * 1024];
+    let cut = tokio::time::timeout(SOON, async {
+        let mut sent = 0usize;
+        while c.io.write_all(&flood).await.is_ok() {
+            sent += flood.len();
+            assert!(sent < 64 * 1024 * 1024, "64 MiB taken after the close: the linger is not bounded");
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the offender's connection was not closed");
+}
+
+#[tokio::test]
 async fn what_the_backend_sent_before_a_client_violation_still_reaches_the_client() {
     // A valid message and a violating frame in one write (Autobahn 3.2, 4.1.3, 5.15): the
     // backend's echo of the valid message is delivered before the client's 1002.
