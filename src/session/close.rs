@@ -197,6 +197,17 @@ impl Plan {
 }
 
 impl Cause {
+    /// The side whose connection ends with a lingering close ([`crate::session::poll_end`]):
+    /// the one the session stopped reading before it had finished sending, because it broke
+    /// the protocol or sent what it may not (a subscriber's input).
+    pub fn lingers_on(self) -> Option<Side> {
+        match self {
+            Cause::Violation { by, .. } => Some(by),
+            Cause::Refused(_) => Some(Side::Client),
+            _ => None,
+        }
+    }
+
     /// The close table.
     pub fn plan(self) -> Plan {
         use code::*;

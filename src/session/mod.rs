@@ -501,51 +501,52 @@ pub trait FinishStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
 }
 
 /// How far a stream's end has gone once its session ended: see [`poll_end`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Ending {
-    /// Being finished ([`FinishStream::poll_finish`]: a TLS `close_notify`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Being finished ([`FinishStream::poll_finish`]: a TLS `close_notify`); then a lingering
+    /// close when `lingering`.
     #[default]
     Finishing,
-    /// Its write side being shut down (the FIN), before lingering.
+    /// Its write side being shut down (the FIN), before the lingering close reads.
     HalfClosing,
-    /// Reading and discarding what its peer still sends, until the peer closes or this many
-    /// more bytes have come ([`LINGER_BYTES`] at first).
+    /// A lingering close: reading and discarding what its peer still sends, until the peer
+    /// closes or this much more has been charged (see [`LINGERING_CLOSE_BYTES`]).
     Lingering(usize),
     /// Done: the stream may be dropped.
     Done,
 }
 
-/// Moves a stream's end forward: finishes it and, when `linger`, closes it the way NGINX's
+/// Moves a stream's end forward: finishes it and, when `lingering`, closes it the way NGINX's
 /// `lingering_close` does: shuts its write side, then reads and discards what its peer still
 /// sends until the peer closes. The caller bounds the whole (the relay by `close_timeout`).
 ///
-/// The linger is for a peer the session stopped reading before it had finished sending (it
-/// broke the protocol, or was refused): closing a socket that holds unread bytes resets the
-/// connection instead of ending it, and a peer still writing then learns of the reset before it
-/// reads what was last written to it (the message before its violation, the close frame that
-/// says why). A peer that ended its side cleanly (its close frame, its FIN) is not lingered on:
-/// its socket is closed at once, one system call less.
-pub fn poll_end<S: FinishStream + ?Sized>(
+/// A lingering close is for a peer the session stopped reading before it had finished sending
+/// (it broke the protocol: [`close::Cause::lingers_on`]): closing a socket that holds unread
+/// bytes resets the connection instead of ending it, and a peer still writing then learns of
+/// the reset before it reads what was last written to it (the message before its violation,
+/// the close frame that says why). A peer that ended its side cleanly (its close frame, its
+/// FIN) is not lingered on: its socket is closed at once, one system call less.
+pub(crate) fn poll_end<S: FinishStream + ?Sized>(
     s: &mut S,
     ending: &mut Ending,
-    linger: bool,
+    lingering: bool,
     cx: &mut Context<'_>,
 ) -> Poll<()> {
     loop {
-        *ending = match *ending {
+        *ending = match ending {
             Ending::Finishing => {
                 std::task::ready!(s.poll_finish(cx)).ok();
-                if linger {
+                if lingering {
                     Ending::HalfClosing
                 } else {
                     Ending::Done
                 }
             }
             Ending::HalfClosing => match std::task::ready!(std::pin::Pin::new(&mut *s).poll_shutdown(cx)) {
-                Ok(()) => Ending::Lingering(LINGER_BYTES),
+                Ok(()) => Ending::Lingering(LINGERING_CLOSE_BYTES),
                 Err(_) => Ending::Done,
             },
-            Ending::Lingering(ref mut left) => {
+            Ending::Lingering(left) => {
                 std::task::ready!(poll_discard(s, left, cx));
                 Ending::Done
             }
@@ -554,28 +555,32 @@ pub fn poll_end<S: FinishStream + ?Sized>(
     }
 }
 
-/// How much a lingering close reads and discards at most: a peer that broke the protocol has
-/// a frame or two in flight, not a stream; one that floods is reset (its own loss), so no peer
-/// gets unmetered reading out of a violation (a session's rates no longer apply then).
-pub const LINGER_BYTES: usize = 256 * 1024;
+/// How much a lingering close reads and discards at most, each read charged at least
+/// [`DISCARD_CHUNK`] (so at most 64 reads: over TLS, where a record may carry a byte of data,
+/// about 1 MiB from the wire). A peer that broke the protocol has a frame or two in flight, not
+/// a stream; one that floods is reset (its own loss), so no peer gets unmetered reading out of
+/// a violation.
+pub(crate) const LINGERING_CLOSE_BYTES: usize = 256 * 1024;
 
-/// Reads and discards from `r` until its end (or an error), or until `left` bytes have been
-/// discarded; `Pending` while the peer sends nothing. At most 16 reads per call: a peer
-/// flooding it cannot hold its task's thread.
-pub fn poll_discard<R: tokio::io::AsyncRead + Unpin + ?Sized>(
+/// What one read of a lingering close takes, and is charged at least.
+const DISCARD_CHUNK: usize = 4096;
+
+/// Reads and discards from `r` until its end (or an error), or until `left` is spent (each
+/// read charged at least [`DISCARD_CHUNK`]); `Pending` while the peer sends nothing. At most 16
+/// reads per call: a peer flooding it cannot hold its task's thread.
+fn poll_discard<R: tokio::io::AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     left: &mut usize,
     cx: &mut Context<'_>,
 ) -> Poll<()> {
-    let mut scratch = [0u8; 4096];
+    let mut scratch = [0u8; DISCARD_CHUNK];
     for _ in 0..16 {
         if *left == 0 {
             return Poll::Ready(());
         }
-        let room = scratch.len().min(*left);
-        let mut buf = tokio::io::ReadBuf::new(&mut scratch[..room]);
+        let mut buf = tokio::io::ReadBuf::new(&mut scratch);
         match std::pin::Pin::new(&mut *r).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) if !buf.filled().is_empty() => *left -= buf.filled().len(),
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => *left = left.saturating_sub(DISCARD_CHUNK),
             Poll::Ready(_) => return Poll::Ready(()),
             Poll::Pending => return Poll::Pending,
         }
@@ -584,10 +589,10 @@ pub fn poll_discard<R: tokio::io::AsyncRead + Unpin + ?Sized>(
     Poll::Pending
 }
 
-/// A subscriber's stream (an observer's, a fan-out client's) after the proxy's last write to it:
-/// its write side shut down, then what its peer still sends read and discarded until the peer
-/// closes, for at most `within` ([`poll_end`]'s linger, for a stream split in halves).
-pub async fn linger<R, W>(rd: &mut R, wr: &mut W, within: std::time::Duration)
+/// [`poll_end`]'s lingering close for a stream split in halves, after the proxy's last write to
+/// it: its write side shut down, then what its peer still sends read and discarded until the
+/// peer closes, [`LINGERING_CLOSE_BYTES`] are spent, or `within` has passed.
+pub(crate) async fn lingering_close<R, W>(rd: &mut R, wr: &mut W, within: std::time::Duration)
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -595,7 +600,7 @@ where
     use tokio::io::AsyncWriteExt as _;
     let _ = tokio::time::timeout(within, async {
         if wr.shutdown().await.is_ok() {
-            let mut left = LINGER_BYTES;
+            let mut left = LINGERING_CLOSE_BYTES;
             std::future::poll_fn(|cx| poll_discard(rd, &mut left, cx)).await;
         }
     })

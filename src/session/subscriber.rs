@@ -50,6 +50,31 @@ impl Lag {
 /// How long a client's close frame may take to write before its connection is dropped.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Ends a subscriber's connection, all within [`CLOSE_TIMEOUT`]: its close frame (if any)
+/// written and flushed, its write side shut down, and, when `lingering` (it sent what it may
+/// not: [`crate::session::close::Cause::lingers_on`]), what it still sends read and discarded
+/// until it closes (the lingering close). Called once the subscriber has left its source, so
+/// a lingering peer holds nothing of it.
+pub(crate) async fn close_subscriber<R, W>(rd: &mut R, wr: &mut W, close: Option<&[u8]>, lingering: bool)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        if let Some(frame) = close {
+            if wr.write_all(frame).await.is_err() || wr.flush().await.is_err() {
+                return;
+            }
+        }
+        if lingering {
+            crate::session::lingering_close(rd, wr, CLOSE_TIMEOUT).await;
+        } else {
+            let _ = wr.shutdown().await;
+        }
+    })
+    .await;
+}
+
 /// What became of a write to a subscriber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Written {

@@ -304,17 +304,45 @@ async fn a_client_that_goes_on_sending_after_its_violation_gets_the_echo_the_100
     // reads them until the client closes (a lingering close), and the client reads a clean end.
     let backend = Backend::echo().await;
     let proxy = Proxy::start(backend.addr).await;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("reserved opcode", encode(true, 0, 0x3, Some(rand_mask()), b"")),
+        ("close code not allowed on the wire", encode(true, 0, op::CLOSE, Some(rand_mask()), &999u16.to_be_bytes())),
+    ];
+    for (what, bad) in cases {
+        let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
+        let mut bytes = encode(true, 0, op::TEXT, Some(rand_mask()), b"before the violation");
+        bytes.extend_from_slice(&bad);
+        bytes.extend_from_slice(&[0u8; 64 * 1024]);
+        c.send_raw(&bytes).await;
+        let echoed = c.recv().await;
+        assert_eq!((echoed.opcode, echoed.payload.as_slice()), (op::TEXT, &b"before the violation"[..]), "{what}");
+        assert_eq!(c.recv_close().await.close_code(), Some(1002), "{what}");
+        let mut rest = [0u8; 16];
+        let end =
+            tokio::time::timeout(SOON, tokio::io::AsyncReadExt::read(&mut c.io, &mut rest)).await.expect("an end");
+        assert_eq!(end.map_err(|e| e.kind()), Ok(0), "{what}: the connection ends with a FIN, not a reset");
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_sends_on_after_its_own_close_frame_gets_the_reply_and_a_clean_end() {
+    // Autobahn 7.1.3-7.1.5: a close frame, then a ping or a message; what follows a close is
+    // not read (nor forwarded), so it is read and discarded as the stream ends.
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
-    let mut bytes = encode(true, 0, op::TEXT, Some(rand_mask()), b"before the violation");
-    bytes.extend_from_slice(&encode(true, 0, 0x3, Some(rand_mask()), b""));
+    let mut bytes = encode(true, 0, op::CLOSE, Some(rand_mask()), &1000u16.to_be_bytes());
+    bytes.extend_from_slice(&encode(true, 0, op::TEXT, Some(rand_mask()), b"after the close"));
     bytes.extend_from_slice(&[0u8; 64 * 1024]);
     c.send_raw(&bytes).await;
-    let echoed = c.recv().await;
-    assert_eq!((echoed.opcode, echoed.payload.as_slice()), (op::TEXT, &b"before the violation"[..]));
-    assert_eq!(c.recv_close().await.close_code(), Some(1002));
+    assert_eq!(c.recv_close().await.close_code(), Some(1000));
     let mut rest = [0u8; 16];
     let end = tokio::time::timeout(SOON, tokio::io::AsyncReadExt::read(&mut c.io, &mut rest)).await.expect("an end");
     assert_eq!(end.map_err(|e| e.kind()), Ok(0), "the connection ends with a FIN, not a reset");
+    assert!(
+        !backend.log.frames().iter().any(|f| f.payload == b"after the close"),
+        "nothing after a close is forwarded"
+    );
 }
 
 #[tokio::test]

@@ -290,6 +290,11 @@ impl Direction {
         self.needs_flush = true;
     }
 
+    /// True when bytes were read from `src` past the last scanned frame.
+    pub(super) fn read_past_scan(&self) -> bool {
+        self.end > self.scanned
+    }
+
     /// Stops reading from `src`; bytes read after the last scanned frame are dropped.
     pub(super) fn stop_src(&mut self) {
         self.reading = Reading::Done;

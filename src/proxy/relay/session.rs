@@ -52,6 +52,11 @@ struct Peer {
     ping_payload: [u8; 8],
     inbound: Inbound,
     outbound: Outbound,
+    /// Its stream ends with a lingering close: the session stopped reading it before it had
+    /// finished sending ([`Cause::lingers_on`], or bytes after its close frame).
+    lingering: bool,
+    /// While finishing: how far its stream's end has gone.
+    ending: Ending,
 }
 
 impl Peer {
@@ -87,7 +92,8 @@ enum Phase {
     Held { until: Instant },
     /// Ending: data is discarded while the close handshake finishes, by `deadline`.
     Closing { deadline: Instant },
-    /// Ended: both streams are being finished (a TLS `close_notify`), for up to
+    /// Ended: both streams are being finished (a TLS `close_notify`; a lingering close for a
+    /// side that broke the protocol, see [`crate::session::poll_end`]), for up to
     /// `close_timeout`.
     Finishing,
 }
@@ -116,11 +122,6 @@ pub(super) struct Session<C, B> {
     /// The close owed to a side that broke the protocol, sent once the other side is done.
     deferred_close: Option<(Side, CloseFrame)>,
     bytes_reported: [u64; 2],
-    /// While finishing: how far each stream's end has gone.
-    ending: [Ending; 2],
-    /// The sides the session stopped reading before they had finished sending (they broke the
-    /// protocol): their streams are lingered on as they end ([`crate::session::poll_end`]).
-    linger: [bool; 2],
 }
 
 impl<C, B> Session<C, B>
@@ -164,8 +165,6 @@ where
             outcome: None,
             deferred_close: None,
             bytes_reported: [0, 0],
-            ending: [Ending::Finishing; 2],
-            linger: [false, false],
         };
         session.rearm();
         session
@@ -220,9 +219,9 @@ where
             self.phase = Phase::Finishing;
             self.timer.as_mut().reset(Instant::now() + self.settings.close_timeout);
         }
-        let [client, backend] = &mut self.ending;
-        let done = poll_end(&mut self.client, client, self.linger[0], cx).is_ready()
-            & poll_end(&mut self.backend, backend, self.linger[1], cx).is_ready();
+        let [client, backend] = &mut self.peers;
+        let done = poll_end(&mut self.client, &mut client.ending, client.lingering, cx).is_ready()
+            & poll_end(&mut self.backend, &mut backend.ending, backend.lingering, cx).is_ready();
         if done || self.timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
@@ -293,10 +292,8 @@ where
             DirEvent::Violation(violation) => {
                 self.metrics.violation(violation.label());
                 tracing::debug!(side = ?from, %violation, "protocol violation");
-                // Fail the connection of the offender: close frame, no reply awaited, and what
-                // it still sends is discarded as its stream ends.
+                // Fail the connection of the offender: close frame, no reply awaited.
                 self.peers[from.idx()].stop_waiting();
-                self.linger[from.idx()] = true;
                 self.end_with(Cause::Violation { by: from, violation });
             }
             DirEvent::SrcGone => self.on_gone(from),
@@ -339,6 +336,11 @@ where
                     }
                     self.outcome.get_or_insert(Cause::PeerClose { from, code });
                     self.start_closing();
+                }
+                if self.dir(from).read_past_scan() {
+                    // It sent more after its close frame: unread, it would reset the
+                    // connection as its stream ends.
+                    self.peers[from.idx()].lingering = true;
                 }
                 self.dir(from).stop_src();
             }
@@ -417,6 +419,10 @@ where
             Cause::Violation { by, .. } => Some(by),
             _ => None,
         };
+        if let Some(side) = cause.lingers_on() {
+            // What it still sends is read and discarded as its stream ends.
+            self.peers[side.idx()].lingering = true;
+        }
         for side in [Side::Client, Side::Backend] {
             let p = &mut self.peers[side.idx()];
             if let Some(f) = plan.to(side).filter(|_| !p.gone() && !p.closed_out()) {

@@ -24,7 +24,7 @@ use crate::session::clock::{or_far, Clock, Ping, PingDue, Pings};
 use crate::session::close::{
     check_peer_close, Cause, CloseFrame, Refusal, Subscriber as Kind, NO_CLIENTS, REPLY_TO_CLOSE,
 };
-use crate::session::subscriber::{write_flushed, write_unless_dropped, Lag, Written, CLOSE_TIMEOUT};
+use crate::session::subscriber::{close_subscriber, write_flushed, write_unless_dropped, Lag, Written, CLOSE_TIMEOUT};
 use crate::session::SessionControl;
 
 /// The close frame the proxy writes; masked toward the backend.
@@ -393,19 +393,13 @@ where
         }),
         _ => cause.plan().to_client.map(|f| close_frame(f, false)),
     };
-    if let Some(close) = close.filter(|_| write_close) {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            let _ = wr.write_all(&close).await;
-            let _ = wr.flush().await;
-            let _ = wr.shutdown().await;
-        })
-        .await;
-        if matches!(cause, Cause::Violation { .. } | Cause::Refused(_)) {
-            // It may still be sending: its close frame must not be lost to a reset.
-            crate::session::linger(&mut rd, &mut wr, CLOSE_TIMEOUT).await;
-        }
-    }
     t.metrics.fanout_subscriber(&route, -1.0);
     let end = crate::session::SessionEnd::of(cause);
     crate::session::close::record_end(&t.metrics, t.registered.entry(), started, &end);
+    // Leaves the stream before the connection ends: a lingering client holds nothing of it.
+    drop(t);
+    if write_close {
+        let lingering = cause.lingers_on() == Some(Side::Client);
+        close_subscriber(&mut rd, &mut wr, close.as_deref(), lingering).await;
+    }
 }

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use super::{Hub, Observer};
 use crate::codec::{self, opcode, FrameLimits, ReadError, Reader, Side, Violation};
 use crate::session::close::{Cause, Refusal, Subscriber, REPLY_TO_CLOSE};
-use crate::session::subscriber::{write_unless_dropped, Written, CLOSE_TIMEOUT};
+use crate::session::subscriber::{close_subscriber, write_unless_dropped, Written};
 
 /// The observed session, when the request asks to observe one: `?observe=<id>` (a session of
 /// this instance), or `?observe=<instance>/<id>` (one of the fleet's).
@@ -97,7 +97,9 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let deadline = clock.until_due();
     tokio::pin!(deadline);
     // Every write is bounded: an observer that stops reading must not hold this task.
-    let (end, cause) = loop {
+    // Why it ended (its metric label), and whether its close frame can be written (not when its
+    // connection failed, nor after a frame cut short).
+    let (end, cause, write_close) = loop {
         // Dropped between writes: the chunks still queued are not sent. (Waiting in `recv`,
         // its queue is empty: it cannot be dropped meanwhile.)
         let next = if observer.lagged() {
@@ -120,7 +122,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                         }
                         _ => Err(("input", Cause::Refused(Refusal::Observer))),
                     },
-                    Ok(None) | Err(ReadError::Io(_)) => break ("gone", Cause::Lost(Side::Client)),
+                    Ok(None) | Err(ReadError::Io(_)) => break ("gone", Cause::Lost(Side::Client), false),
                     Err(ReadError::Violation(violation)) => {
                         let label = if matches!(violation, Violation::FrameTooLarge(_)) { "too_big" } else { "protocol" };
                         Err((label, Cause::Violation { by: Side::Client, violation }))
@@ -140,26 +142,8 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         };
         let out = match next {
             Ok(out) => out,
-            // The end (its metric label) and the close frame it is sent.
-            Err((why, cause)) => {
-                // A close is answered; every other end is the close table's.
-                let close = match cause {
-                    Cause::PeerClose { .. } => Some(REPLY_TO_CLOSE),
-                    _ => cause.plan().to_client,
-                };
-                if let Some(f) = close {
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                        let _ = wr.write_all(&codec::close_frame(f.code, f.reason, None)).await;
-                        let _ = wr.flush().await;
-                    })
-                    .await;
-                }
-                if matches!(cause, Cause::Violation { .. } | Cause::Refused(_)) {
-                    // It may still be sending: its close frame must not be lost to a reset.
-                    crate::session::linger(&mut rd, &mut wr, CLOSE_TIMEOUT).await;
-                }
-                break (why, cause);
-            }
+            // The end (its metric label); its close frame is sent once it has left the hub.
+            Err((why, cause)) => break (why, cause, true),
         };
         wire.clear();
         match &out {
@@ -174,9 +158,9 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         let write = async { wr.write_all(&wire).await.is_ok() && wr.flush().await.is_ok() };
         match write_unless_dropped(write, &observer.lagged, watch.drop_grace).await {
             Written::Done | Written::Dropped => {}
-            Written::Failed => break ("gone", Cause::Lost(Side::Client)),
+            Written::Failed => break ("gone", Cause::Lost(Side::Client), false),
             // Cut in the middle of a frame: no close frame can follow.
-            Written::Cut => break SLOW,
+            Written::Cut => break (SLOW.0, SLOW.1, false),
         }
     };
     if let Some(hub) = hub.upgrade() {
@@ -186,6 +170,15 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     crate::metrics::observer_closed(&watch.route, end);
     tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, reason = end, "observer left");
     crate::session::close::record_end(&metrics, watch.own.entry(), started, &crate::session::SessionEnd::of(cause));
+    if write_close {
+        // A close is answered; every other end is the close table's.
+        let close = match cause {
+            Cause::PeerClose { .. } => Some(REPLY_TO_CLOSE),
+            _ => cause.plan().to_client,
+        };
+        let frame = close.map(|f| codec::close_frame(f.code, f.reason, None));
+        close_subscriber(&mut rd, &mut wr, frame.as_deref(), cause.lingers_on() == Some(Side::Client)).await;
+    }
 }
 
 /// The hub of `session`, when it is a live session of `route` for `agent` with observers.
