@@ -607,3 +607,34 @@ async fn a_burst_of_events_arrives_whole_and_in_order_when_chunks_are_joined() {
     let expected: Vec<String> = (0..500).map(|i| format!("id: {i}\ndata: {i}")).collect();
     assert_eq!(events, expected);
 }
+
+#[tokio::test]
+async fn a_refused_post_sent_whole_still_gets_its_answer_and_a_clean_end() {
+    // The client sends its whole body at once; the proxy refuses it (over the limit: 413; no
+    // token: 401) without reading all of it and closes: the unread bytes must not turn that
+    // close into a reset that destroys the answer before the client reads it.
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = start(&key, &[backend.addr], json!({"max_request_body": "1KiB"})).await;
+    let auth = format!("Authorization: {}\r\n", key.bearer(&["a1"]));
+    for (credentials, status) in [(auth.as_str(), "413"), ("", "401")] {
+        let mut s = tokio::net::TcpStream::connect(proxy.plain).await.expect("connect");
+        let mut request =
+            format!("POST /agents/a1/api/echo HTTP/1.1\r\nHost: x\r\n{credentials}Content-Length: 262144\r\n\r\n")
+                .into_bytes();
+        request.extend_from_slice(&[b'x'; 256 * 1024]);
+        let (mut rd, mut wr) = s.split();
+        let send = async {
+            let _ = wr.write_all(&request).await;
+        };
+        let read = async {
+            let mut got = Vec::new();
+            let end = tokio::time::timeout(SOON, rd.read_to_end(&mut got)).await.expect("an end in time");
+            (got, end.map_err(|e| e.kind()))
+        };
+        let ((), (got, end)) = tokio::join!(send, read);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{text}");
+        assert!(end.is_ok(), "{status}: the connection ends with a FIN, not a reset: {end:?}");
+    }
+}
