@@ -1,37 +1,16 @@
-"""What the browser checks beside demo.py share: reading a process's startup lines, starting the
-demo agent backend, Portcullis and chromedriver, counting checks, and stopping every process.
-Only the Python standard library."""
+"""What the browser checks beside demo.py share: starting the demo agent backend, Portcullis
+(tests/procs.py) and chromedriver, counting checks, and stopping every process. Only the Python
+standard library."""
 
 import os
-import re
 import subprocess
+import sys
 import threading
-import time
-import urllib.request
 
-from demo import PC, WebDriver, start_chromedriver
+from demo import WebDriver, start_chromedriver
 
-
-def read_until(proc_out, pattern, seconds=20):
-    """The first match of `pattern` in the lines a process writes (its output is read on)."""
-    deadline = time.time() + seconds
-    seen = []
-    while time.time() < deadline:
-        line = proc_out.readline()
-        if not line:
-            time.sleep(0.05)
-            continue
-        seen.append(line)
-        m = re.search(pattern, line)
-        if m:
-            return m
-    raise AssertionError(f"no {pattern!r} in: {''.join(seen)[-2000:]}")
-
-
-def drain(stream):
-    """Reads a process's output to its end, so the process never blocks on a full pipe."""
-    for _ in iter(stream.readline, ""):
-        pass
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from procs import PC, drain, proxy, read_until, stop_all  # noqa: E402,F401 (proxy: the suites')
 
 
 def demo_backend(procs, run):
@@ -43,17 +22,6 @@ def demo_backend(procs, run):
     backend = read_until(agent.stderr, r"listening on http://(127\.0\.0\.1:\d+)").group(1)
     threading.Thread(target=drain, args=(agent.stderr,), daemon=True).start()
     return backend
-
-
-def proxy(procs, config, *patterns):
-    """`portcullis run --config CONFIG`; the first group of each pattern, in the order its log
-    matches them (listeners and the admin listener bind port 0 and log what they got)."""
-    p = subprocess.Popen([PC, "run", "--config", config], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "portcullis=info"})
-    procs.append(p)
-    found = [read_until(p.stderr, pattern).group(1) for pattern in patterns]
-    threading.Thread(target=drain, args=(p.stderr,), daemon=True).start()
-    return found
 
 
 def webdriver(procs, driver, profile):
@@ -89,10 +57,4 @@ def stop(procs, wd=None):
             wd.s("DELETE", "")
         except Exception:  # noqa: BLE001
             pass
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    stop_all(procs)

@@ -226,9 +226,7 @@ async fn each_client_is_governed_alone_and_the_stream_outlives_none_of_them_for_
     typist.send_raw(&input).await;
     let f = typist.recv_close().await;
     assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1008), "read-only stream"));
-    let mut rest = [0u8; 16];
-    let end = tokio::time::timeout(SOON, tokio::io::AsyncReadExt::read(&mut typist.io, &mut rest)).await;
-    assert_eq!(end.expect("an end").map_err(|e| e.kind()), Ok(0), "a FIN, not a reset");
+    typist.expect_fin("a refused typist").await;
     assert!(!backend.log.frames().iter().any(|f| f.payload == b"rm -rf /"));
     // Revoking one subject closes its client only.
     let (status, _) = admin_post(proxy.admin, "/sessions/revoke", &json!({"subject": "mallory"}).to_string()).await;

@@ -317,10 +317,7 @@ async fn a_client_that_goes_on_sending_after_its_violation_gets_the_echo_the_100
         let echoed = c.recv().await;
         assert_eq!((echoed.opcode, echoed.payload.as_slice()), (op::TEXT, &b"before the violation"[..]), "{what}");
         assert_eq!(c.recv_close().await.close_code(), Some(1002), "{what}");
-        let mut rest = [0u8; 16];
-        let end =
-            tokio::time::timeout(SOON, tokio::io::AsyncReadExt::read(&mut c.io, &mut rest)).await.expect("an end");
-        assert_eq!(end.map_err(|e| e.kind()), Ok(0), "{what}: the connection ends with a FIN, not a reset");
+        c.expect_fin(what).await;
     }
 }
 
@@ -336,9 +333,7 @@ async fn a_client_that_sends_on_after_its_own_close_frame_gets_the_reply_and_a_c
     bytes.extend_from_slice(&[0u8; 64 * 1024]);
     c.send_raw(&bytes).await;
     assert_eq!(c.recv_close().await.close_code(), Some(1000));
-    let mut rest = [0u8; 16];
-    let end = tokio::time::timeout(SOON, tokio::io::AsyncReadExt::read(&mut c.io, &mut rest)).await.expect("an end");
-    assert_eq!(end.map_err(|e| e.kind()), Ok(0), "the connection ends with a FIN, not a reset");
+    c.expect_fin("after its close").await;
     assert!(
         !backend.log.frames().iter().any(|f| f.payload == b"after the close"),
         "nothing after a close is forwarded"

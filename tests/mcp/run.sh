@@ -25,4 +25,4 @@ if [ ! -f "$VENV/.installed-$MCP_SDK" ]; then
 fi
 "$VENV/bin/python" -c "import importlib.metadata as m; print('mcp: SDK', m.version('mcp'))"
 cd "$ROOT"
-PC=$PC exec "$VENV/bin/python" "$ROOT/tests/mcp/sdk.py"
+PORTCULLIS_BIN=$PC exec "$VENV/bin/python" "$ROOT/tests/mcp/sdk.py"

@@ -13,7 +13,7 @@ stateless revision (2026-07-28) through the SDK's default mode.
 
     tests/mcp/run.sh        (installs the SDK into target/mcp-sdk, then runs this)
 
-Environment: PC (the portcullis binary). Loopback only; ports are bound as 0 and handed over
+Environment: PORTCULLIS_BIN (the portcullis binary; tests/procs.py). Loopback only; ports are bound as 0 and handed over
 (the members' sockets here, the proxies' from their log lines). Prints `mcp: N passed, M failed`.
 """
 
@@ -23,14 +23,12 @@ import base64
 import itertools
 import json
 import os
-import re
 import secrets
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from urllib.parse import parse_qs, urlencode, urlparse
 
@@ -49,7 +47,9 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata
 
-PC = os.environ.get("PC", "target/debug/portcullis")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from procs import proxy, stop_all  # noqa: E402
+
 EDGE = "mcp.test"  # the proxy's name in the resource id; mapped to the instances below
 IDP = "auth.test"  # the authorization server's name; mapped to the server below
 RESOURCE = f"https://{EDGE}/agents/a1/mcp"
@@ -182,20 +182,6 @@ class Memory(TokenStorage):
         self.client = info
 
 
-def read_until(stream, pattern, seconds=30):
-    deadline, seen = time.time() + seconds, []
-    while time.time() < deadline:
-        line = stream.readline()
-        if not line:
-            time.sleep(0.05)
-            continue
-        seen.append(line)
-        m = re.search(pattern, line)
-        if m:
-            return m
-    raise AssertionError(f"no {pattern!r} in: {''.join(seen)[-2000:]}")
-
-
 def start_proxy(procs, run, n, members, hs_path, keys_path):
     config = f"""
 [[listeners]]
@@ -235,12 +221,8 @@ scopes_supported = ["mcp:a1:tools/call:whoami", "mcp:a1:tools/call:slow"]
     path = f"{run}/portcullis-{n}.toml"
     with open(path, "w") as f:
         f.write(config)
-    p = subprocess.Popen([PC, "run", "--config", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True, env={**os.environ, "RUST_LOG": "portcullis=info"})
-    procs.append(p)
-    port = int(read_until(p.stderr, r"listening.*addr=127\.0\.0\.1:(\d+).*tls=true").group(1))
-    threading.Thread(target=lambda: [None for _ in iter(p.stderr.readline, "")], daemon=True).start()
-    return port
+    [port] = proxy(procs, path, r"listening.*addr=127\.0\.0\.1:(\d+).*tls=true", seconds=30)
+    return int(port)
 
 
 def make_cert(run):
@@ -447,13 +429,7 @@ async def main():
 
         await checks.check("the stateless revision works through the proxy", stateless())
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         for s, _ in servers:
             s.should_exit = True
         for _, t in servers:

@@ -113,6 +113,14 @@ impl Client {
         (frames, None)
     }
 
+    /// The next read ends the connection cleanly: a FIN, not a reset (which can destroy what
+    /// was written before it, unread). `what` names the case in the failure.
+    pub async fn expect_fin(&mut self, what: &str) {
+        let mut rest = [0u8; 16];
+        let end = tokio::time::timeout(SOON, self.io.read(&mut rest)).await.expect("an end in time");
+        assert_eq!(end.map_err(|e| e.kind()), Ok(0), "{what}: the connection ends with a FIN, not a reset");
+    }
+
     /// Waits for EOF (or reset) on the connection.
     pub async fn expect_eof(&mut self) {
         let mut buf = [0u8; 4096];
