@@ -591,20 +591,17 @@ fn poll_discard<R: tokio::io::AsyncRead + Unpin + ?Sized>(
 
 /// [`poll_end`]'s lingering close for a stream split in halves, after the proxy's last write to
 /// it: its write side shut down, then what its peer still sends read and discarded until the
-/// peer closes, [`LINGERING_CLOSE_BYTES`] are spent, or `within` has passed.
-pub(crate) async fn lingering_close<R, W>(rd: &mut R, wr: &mut W, within: std::time::Duration)
+/// peer closes or [`LINGERING_CLOSE_BYTES`] are spent. The caller bounds it in time.
+pub(crate) async fn lingering_close<R, W>(rd: &mut R, wr: &mut W)
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::AsyncWriteExt as _;
-    let _ = tokio::time::timeout(within, async {
-        if wr.shutdown().await.is_ok() {
-            let mut left = LINGERING_CLOSE_BYTES;
-            std::future::poll_fn(|cx| poll_discard(rd, &mut left, cx)).await;
-        }
-    })
-    .await;
+    if wr.shutdown().await.is_ok() {
+        let mut left = LINGERING_CLOSE_BYTES;
+        std::future::poll_fn(|cx| poll_discard(rd, &mut left, cx)).await;
+    }
 }
 
 /// What a feature shows a relayed session's data-frame payloads to (the recording, the

@@ -10,6 +10,9 @@ use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
+use crate::session::close::Cause;
+use crate::session::Side;
+
 /// Raised once, when a publisher drops a subscriber for falling a whole queue behind. The
 /// subscriber's writer waits on it as well as on its queue: a client that stopped reading
 /// blocks that writer in a socket write, and it must not hold its task, its connection and
@@ -50,12 +53,12 @@ impl Lag {
 /// How long a client's close frame may take to write before its connection is dropped.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Ends a subscriber's connection, all within [`CLOSE_TIMEOUT`]: its close frame (if any)
-/// written and flushed, its write side shut down, and, when `lingering` (it sent what it may
-/// not: [`crate::session::close::Cause::lingers_on`]), what it still sends read and discarded
-/// until it closes (the lingering close). Called once the subscriber has left its source, so
-/// a lingering peer holds nothing of it.
-pub(crate) async fn close_subscriber<R, W>(rd: &mut R, wr: &mut W, close: Option<&[u8]>, lingering: bool)
+/// Ends a subscriber's connection after `cause`, all within [`CLOSE_TIMEOUT`]: its close frame
+/// (if any) written and flushed, its write side shut down, and, when the close table says it
+/// lingers ([`Cause::lingers_on`]: it sent what it may not), what it still sends read and
+/// discarded until it closes (the lingering close). Called once the subscriber has left its
+/// source, so a lingering peer holds nothing of it.
+pub(crate) async fn close_subscriber<R, W>(rd: &mut R, wr: &mut W, close: Option<&[u8]>, cause: Cause)
 where
     R: tokio::io::AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -66,8 +69,8 @@ where
                 return;
             }
         }
-        if lingering {
-            crate::session::lingering_close(rd, wr, CLOSE_TIMEOUT).await;
+        if cause.lingers_on() == Some(Side::Client) {
+            crate::session::lingering_close(rd, wr).await;
         } else {
             let _ = wr.shutdown().await;
         }

@@ -399,7 +399,6 @@ where
     // Leaves the stream before the connection ends: a lingering client holds nothing of it.
     drop(t);
     if write_close {
-        let lingering = cause.lingers_on() == Some(Side::Client);
-        close_subscriber(&mut rd, &mut wr, close.as_deref(), lingering).await;
+        close_subscriber(&mut rd, &mut wr, close.as_deref(), cause).await;
     }
 }

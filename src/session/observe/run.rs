@@ -177,7 +177,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             _ => cause.plan().to_client,
         };
         let frame = close.map(|f| codec::close_frame(f.code, f.reason, None));
-        close_subscriber(&mut rd, &mut wr, frame.as_deref(), cause.lingers_on() == Some(Side::Client)).await;
+        close_subscriber(&mut rd, &mut wr, frame.as_deref(), cause).await;
     }
 }
 
