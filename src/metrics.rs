@@ -8,7 +8,8 @@
 //! This module is a leaf: every metric name of the proxy is written here and nowhere else, and
 //! it uses no other module of the crate.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Gauge, Histogram,
@@ -49,6 +50,11 @@ pub struct Metrics {
     http_body_bytes: [Counter; 2],
     rate_pauses: [Counter; 2],
     ping_timeouts: Counter,
+    /// `portcullis_upgrades_total` by result, then route: counted at every upgrade, so its
+    /// handles are kept rather than looked up by labels (a key built and hashed each time).
+    upgrades: RwLock<HashMap<&'static str, HashMap<Box<str>, Counter>>>,
+    /// `portcullis_closes_total` by (code, initiator), for the same reason: every session's end.
+    closes: RwLock<HashMap<(&'static str, &'static str), Counter>>,
 }
 
 static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
@@ -336,6 +342,8 @@ impl Metrics {
                 counter!("portcullis_session_rate_pauses_total", "direction" => "client_to_backend"),
                 counter!("portcullis_session_rate_pauses_total", "direction" => "backend_to_client"),
             ],
+            upgrades: RwLock::default(),
+            closes: RwLock::default(),
         };
         m.connections_active.set(0.0);
         m.sessions_active.set(0.0);
@@ -509,7 +517,15 @@ impl Metrics {
 
     /// An upgrade request ended with `result` on `route` ("none" when no route matched).
     pub fn upgrade(&self, route: &str, result: &'static str) {
-        counter!("portcullis_upgrades_total", "route" => route.to_owned(), "result" => result).increment(1);
+        let known = self.upgrades.read().ok().and_then(|m| m.get(result).and_then(|r| r.get(route)).cloned());
+        let counter = known.unwrap_or_else(|| {
+            let c = counter!("portcullis_upgrades_total", "route" => route.to_owned(), "result" => result);
+            if let Ok(mut m) = self.upgrades.write() {
+                m.entry(result).or_default().insert(route.into(), c.clone());
+            }
+            c
+        });
+        counter.increment(1);
     }
 
     /// An upgrade or a plain request was refused by the auth stage for `reason` (a bounded word).
@@ -524,7 +540,15 @@ impl Metrics {
     /// A session closed with the close code `code` (as seen by the client, folded into a
     /// bounded label by the close table) started by `initiator`.
     pub fn close(&self, code: &'static str, initiator: &'static str) {
-        counter!("portcullis_closes_total", "code" => code, "initiator" => initiator).increment(1);
+        let known = self.closes.read().ok().and_then(|m| m.get(&(code, initiator)).cloned());
+        let counter = known.unwrap_or_else(|| {
+            let c = counter!("portcullis_closes_total", "code" => code, "initiator" => initiator);
+            if let Ok(mut m) = self.closes.write() {
+                m.insert((code, initiator), c.clone());
+            }
+            c
+        });
+        counter.increment(1);
     }
 
     /// A TLS handshake failed for `reason` (timeout, eof, protocol, no_certificate).

@@ -44,19 +44,20 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 /// Whether `name` is hop-by-hop, by the RFC or because the message's `Connection` lists it.
-fn hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
+fn hop_by_hop(name: &HeaderName, listed: &[&str]) -> bool {
     HOP_BY_HOP.contains(name)
         || matches!(name.as_str(), "keep-alive" | "proxy-connection")
         || listed.iter().any(|t| name.as_str().eq_ignore_ascii_case(t))
 }
 
-/// Header names listed in a message's `Connection` header (hop-by-hop by declaration).
-fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+/// Header names listed in a message's `Connection` header (hop-by-hop by declaration), as
+/// written: [`hop_by_hop`] compares them without regard to case.
+fn connection_tokens(headers: &HeaderMap) -> Vec<&str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .flat_map(|s| s.split(',').map(str::trim))
         .filter(|t| !t.is_empty())
         .collect()
 }
@@ -124,32 +125,39 @@ pub fn backend_headers(
     for (name, value) in proxy_set {
         out.append(name.clone(), value.clone());
     }
-    let ip = f.client_ip.to_string();
-    if !xff.is_empty() {
-        xff.extend_from_slice(b", ");
-    }
-    xff.extend_from_slice(ip.as_bytes());
+    // Each value is written into one buffer that becomes the header's bytes (no copy): this
+    // runs for every request and upgrade.
+    use std::io::Write as _;
+    out.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(f.proto));
     let mut insert = |name: &'static str, value: Vec<u8>| {
-        if let Ok(v) = HeaderValue::from_bytes(&value) {
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
             out.insert(HeaderName::from_static(name), v);
         }
     };
+    if !xff.is_empty() {
+        xff.extend_from_slice(b", ");
+    }
+    let _ = write!(xff, "{}", f.client_ip);
     insert("x-forwarded-for", xff);
-    insert("x-forwarded-proto", f.proto.as_bytes().to_vec());
-    let mut fwd = String::from_utf8_lossy(&chain).into_owned();
+    let host = f.host.as_ref().map(|h| h.to_string());
+    let mut fwd = chain;
+    fwd.reserve(32 + host.as_ref().map_or(0, |h| h.len() + 8));
     if !fwd.is_empty() {
-        fwd.push_str(", ");
+        fwd.extend_from_slice(b", ");
     }
     // RFC 7239 §4: an IPv6 node and the host need a quoted-string (`[`, `:`, and a reg-name's
-    // sub-delims are not token characters).
-    let node = if f.client_ip.is_ipv6() { format!("[{ip}]") } else { ip };
-    fwd.push_str(&format!("for={};proto={}", quoted(&node), f.proto));
-    if let Some(host) = &f.host {
-        let host = host.to_string();
-        fwd.push_str(&format!(";host={}", quoted_string(&host)));
+    // sub-delims are not token characters); an IPv4 address is a token.
+    let _ = match f.client_ip {
+        IpAddr::V4(ip) => write!(fwd, "for={ip}"),
+        IpAddr::V6(ip) => write!(fwd, "for=\"[{ip}]\""),
+    };
+    let _ = write!(fwd, ";proto={}", f.proto);
+    if let Some(host) = host {
+        fwd.extend_from_slice(b";host=");
+        write_quoted_string(&mut fwd, &host);
         insert("x-forwarded-host", host.into_bytes());
     }
-    insert("forwarded", fwd.into_bytes());
+    insert("forwarded", fwd);
     Ok(out)
 }
 
@@ -169,28 +177,16 @@ fn proxy_sets(name: &str, proxy_set: &HeaderMap) -> bool {
         || proxy_set.keys().any(|k| k.as_str() == folded.as_ref())
 }
 
-/// A value as an RFC 7230 `token` when it is one, else as a [`quoted_string`] (RFC 7239 §4).
-fn quoted(value: &str) -> String {
-    let token =
-        !value.is_empty() && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    match token {
-        true => value.to_owned(),
-        false => quoted_string(value),
-    }
-}
-
-/// A value as an RFC 7230 `quoted-string`, `"` and `\\` escaped.
-fn quoted_string(value: &str) -> String {
-    let mut q = String::with_capacity(value.len() + 2);
-    q.push('"');
-    for c in value.chars() {
-        if c == '"' || c == '\\' {
-            q.push('\\');
+/// Appends `value` to `out` as an RFC 7230 `quoted-string`, `"` and `\\` escaped.
+fn write_quoted_string(out: &mut Vec<u8>, value: &str) {
+    out.push(b'"');
+    for b in value.bytes() {
+        if b == b'"' || b == b'\\' {
+            out.push(b'\\');
         }
-        q.push(c);
+        out.push(b);
     }
-    q.push('"');
-    q
+    out.push(b'"');
 }
 
 /// Removes a backend's `Set-Cookie` for a cookie the proxy authenticates with (`names`: the
@@ -299,9 +295,16 @@ mod tests {
 
     #[test]
     fn forwarded_values_are_tokens_or_quoted_strings() {
-        assert_eq!(quoted("192.0.2.7"), "192.0.2.7");
-        assert_eq!(quoted("[2001:db8::1]"), "\"[2001:db8::1]\"");
-        assert_eq!(quoted("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        let mut escaped = Vec::new();
+        write_quoted_string(&mut escaped, "a\"b\\c");
+        assert_eq!(escaped, b"\"a\\\"b\\\\c\"");
+        // An IPv6 node is a quoted-string (RFC 7239 §4), an IPv4 address a token.
+        let mut v6 = from(false);
+        (v6.client_ip, v6.host) = ("2001:db8::1".parse().expect("ip"), None);
+        let out = build(&HeaderMap::new(), &HeaderMap::new(), &v6, UnderscoreHeaders::Drop);
+        assert_eq!(out.get("forwarded").map(|v| v.as_bytes()), Some(&b"for=\"[2001:db8::1]\";proto=https"[..]));
+        assert_eq!(out.get("x-forwarded-for").map(|v| v.as_bytes()), Some(&b"2001:db8::1"[..]));
+        assert_eq!(out.get("x-forwarded-proto").map(|v| v.as_bytes()), Some(&b"https"[..]));
         let mut f = from(false);
         f.host = Some(super::super::host::parse(b"a.example:8443").expect("authority"));
         let out = build(&HeaderMap::new(), &HeaderMap::new(), &f, UnderscoreHeaders::Drop);

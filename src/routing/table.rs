@@ -35,7 +35,11 @@ impl RouteTable {
 
     /// Finds the route for `host` (without port, any case) and `path`.
     pub fn find(&self, host: Option<&str>, path: &str) -> Result<(Arc<RouteConfig>, Captures), RouteError> {
-        let host = host.map(|h| h.to_ascii_lowercase());
+        // Copied only when it has an upper-case letter to fold (it seldom has).
+        let host = host.map(|h| match h.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => std::borrow::Cow::Owned(h.to_ascii_lowercase()),
+            false => std::borrow::Cow::Borrowed(h),
+        });
         for route in &self.routes {
             if !host_matches(route.host.as_deref(), host.as_deref()) {
                 continue;
