@@ -51,7 +51,8 @@ pub struct Metrics {
     rate_pauses: [Counter; 2],
     ping_timeouts: Counter,
     /// `portcullis_upgrades_total` by result, then route: counted at every upgrade, so its
-    /// handles are kept rather than looked up by labels (a key built and hashed each time).
+    /// handles are kept rather than looked up by their labels (which copies the route's name
+    /// and builds a key each time).
     upgrades: RwLock<HashMap<&'static str, HashMap<Box<str>, Counter>>>,
     /// `portcullis_closes_total` by (code, initiator), for the same reason: every session's end.
     closes: RwLock<HashMap<(&'static str, &'static str), Counter>>,
@@ -366,7 +367,7 @@ impl Metrics {
     pub fn preregister_closes(&self, codes: &[&'static str], initiators: &[&'static str]) {
         for &code in codes {
             for &initiator in initiators {
-                counter!("portcullis_closes_total", "code" => code, "initiator" => initiator).increment(0);
+                self.close_counter(code, initiator).increment(0);
             }
         }
     }
@@ -520,9 +521,7 @@ impl Metrics {
         let known = self.upgrades.read().ok().and_then(|m| m.get(result).and_then(|r| r.get(route)).cloned());
         let counter = known.unwrap_or_else(|| {
             let c = counter!("portcullis_upgrades_total", "route" => route.to_owned(), "result" => result);
-            if let Ok(mut m) = self.upgrades.write() {
-                m.entry(result).or_default().insert(route.into(), c.clone());
-            }
+            keep(&self.upgrades, |m| m.entry(result).or_default().insert(route.into(), c.clone()));
             c
         });
         counter.increment(1);
@@ -540,20 +539,29 @@ impl Metrics {
     /// A session closed with the close code `code` (as seen by the client, folded into a
     /// bounded label by the close table) started by `initiator`.
     pub fn close(&self, code: &'static str, initiator: &'static str) {
+        self.close_counter(code, initiator).increment(1);
+    }
+
+    fn close_counter(&self, code: &'static str, initiator: &'static str) -> Counter {
         let known = self.closes.read().ok().and_then(|m| m.get(&(code, initiator)).cloned());
-        let counter = known.unwrap_or_else(|| {
+        known.unwrap_or_else(|| {
             let c = counter!("portcullis_closes_total", "code" => code, "initiator" => initiator);
-            if let Ok(mut m) = self.closes.write() {
-                m.insert((code, initiator), c.clone());
-            }
+            keep(&self.closes, |m| m.insert((code, initiator), c.clone()));
             c
-        });
-        counter.increment(1);
+        })
     }
 
     /// A TLS handshake failed for `reason` (timeout, eof, protocol, no_certificate).
     pub fn tls_failure(&self, reason: &'static str) {
         counter!("portcullis_tls_handshake_failures_total", "reason" => reason).increment(1);
+    }
+}
+
+/// Adds a handle to a cache of them. A poisoned lock (nothing panics while holding one) only
+/// means the next use looks the series up again.
+fn keep<M, R>(cache: &RwLock<M>, add: impl FnOnce(&mut M) -> R) {
+    if let Ok(mut m) = cache.write() {
+        add(&mut m);
     }
 }
 

@@ -8,6 +8,7 @@
 //! be spoofed at the edge. Nothing a client sends can remove or pass for a header the proxy sets
 //! ([`backend_headers`], `docs/security.md`, "Identity headers to the backend").
 
+use std::io::Write as _;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderName};
@@ -22,13 +23,23 @@ use crate::config::{render_path, Captures, RouteConfig, UnderscoreHeaders};
 pub struct ForwardedFor {
     /// The client's IP address.
     pub client_ip: IpAddr,
-    /// "https" for TLS listeners, "http" otherwise.
-    pub proto: &'static str,
+    /// The client reached a TLS listener ([`ForwardedFor::proto`]).
+    pub tls: bool,
     /// The authority the client asked for, validated ([`super::host`]).
     pub host: Option<Authority>,
     /// The client is a configured trusted proxy: its `X-Forwarded-For` and `Forwarded` are
     /// extended instead of dropped.
     pub trusted: bool,
+}
+
+impl ForwardedFor {
+    /// "https" for a TLS listener, "http" otherwise.
+    pub fn proto(&self) -> &'static str {
+        match self.tls {
+            true => "https",
+            false => "http",
+        }
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the de-facto `Proxy-Connection`, `Keep-Alive`):
@@ -125,10 +136,10 @@ pub fn backend_headers(
     for (name, value) in proxy_set {
         out.append(name.clone(), value.clone());
     }
-    // Each value is written into one buffer that becomes the header's bytes (no copy): this
-    // runs for every request and upgrade.
-    use std::io::Write as _;
-    out.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(f.proto));
+    out.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(f.proto()));
+    // This runs for every request and upgrade: each value is written into one buffer, which
+    // becomes the header's bytes without a copy (`Bytes` adds only its small shared header).
+    // Writing to a `Vec` cannot fail, so `write!`'s results are not looked at.
     let mut insert = |name: &'static str, value: Vec<u8>| {
         if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
             out.insert(HeaderName::from_static(name), v);
@@ -141,7 +152,9 @@ pub fn backend_headers(
     insert("x-forwarded-for", xff);
     let host = f.host.as_ref().map(|h| h.to_string());
     let mut fwd = chain;
-    fwd.reserve(32 + host.as_ref().map_or(0, |h| h.len() + 8));
+    // `, for="[` + the longest IPv6 address (45) + `]";proto=https` is 63 bytes; `;host=` and
+    // the quotes 8 more, besides the host.
+    fwd.reserve(64 + host.as_ref().map_or(0, |h| h.len() + 8));
     if !fwd.is_empty() {
         fwd.extend_from_slice(b", ");
     }
@@ -151,7 +164,7 @@ pub fn backend_headers(
         IpAddr::V4(ip) => write!(fwd, "for={ip}"),
         IpAddr::V6(ip) => write!(fwd, "for=\"[{ip}]\""),
     };
-    let _ = write!(fwd, ";proto={}", f.proto);
+    let _ = write!(fwd, ";proto={}", f.proto());
     if let Some(host) = host {
         fwd.extend_from_slice(b";host=");
         write_quoted_string(&mut fwd, &host);
@@ -247,7 +260,7 @@ mod tests {
     fn from(trusted: bool) -> ForwardedFor {
         ForwardedFor {
             client_ip: "192.0.2.7".parse().expect("ip"),
-            proto: "https",
+            tls: true,
             host: Some(super::super::host::parse(b"agents.example.com").expect("authority")),
             trusted,
         }

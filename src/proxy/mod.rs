@@ -567,7 +567,7 @@ fn stream_slot(ctx: &ConnCtx, runtime: &Runtime) -> Result<Option<crate::limits:
 fn forwarded_for(ctx: &ConnCtx, runtime: &Runtime, headers: &::http::HeaderMap) -> ForwardedFor {
     ForwardedFor {
         client_ip: ctx.client_addr.ip(),
-        proto: if ctx.tls { "https" } else { "http" },
+        tls: ctx.tls,
         host: headers.get(HOST).and_then(|h| host::parse(h.as_bytes()).ok()),
         trusted: runtime.config.server.is_trusted_proxy(ctx.client_addr.ip()),
     }
