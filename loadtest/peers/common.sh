@@ -6,6 +6,11 @@
 #                            comes from one address)
 #   self_signed DIR          DIR/cert.pem and DIR/key.pem: an ECDSA P-256 certificate for
 #                            127.0.0.1, for wss targets the load generator reaches with --insecure
+#   terminal_route PORT      the [session] table (no pings, no idle cut, no per-session rates)
+#                            and the one WebSocket route, /agents/{agent}/terminal, to
+#                            127.0.0.1:PORT, as the single-route benchmark configs write them
+#   nginx_ws_location        NGINX's WebSocket `location /` to upstream `agents`, as every
+#                            NGINX these scripts start proxies a WebSocket
 
 peers_setup() {
     WORK=$(mktemp -d)
@@ -27,4 +32,34 @@ token_check_rate_per_ip = 0'
 self_signed() {
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1/key.pem" \
         -out "$1/cert.pem" -days 2 -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1 2>/dev/null
+}
+
+terminal_route() {
+    cat <<CONF
+[session]
+ping_interval = "0s"
+idle_timeout = "1h"
+client_message_rate = 0
+client_byte_rate = "0"
+
+[[routes]]
+name = "terminal"
+path = "/agents/{agent}/terminal"
+backends = ["127.0.0.1:$1"]
+CONF
+}
+
+nginx_ws_location() {
+    cat <<'CONF'
+        location / {
+            proxy_pass http://agents;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }
+CONF
 }

@@ -25,6 +25,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/common.sh"
 DURATION=${DURATION:-5s}
 REPEAT=${REPEAT:-3}
 CONNS=${CONNS:-50}
@@ -197,16 +198,7 @@ http {
             proxy_request_buffering off;
             proxy_read_timeout 1h;
         }
-        location / {
-            proxy_pass http://agents;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade \$http_upgrade;
-            proxy_set_header Connection "upgrade";
-            proxy_set_header Host \$host;
-            proxy_buffering off;
-            proxy_read_timeout 1h;
-            proxy_send_timeout 1h;
-        }
+$(nginx_ws_location)
     }
 }
 CONF

@@ -17,6 +17,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/common.sh"
 IDLE=${IDLE-"1000 5000 9900"}
 STREAMS=${STREAMS:-100}
 RATE=${RATE:-20000}
@@ -68,16 +69,7 @@ address = "127.0.0.1:$ADMIN_PORT"
 [http2]
 max_concurrent_streams = $STREAMS
 
-[session]
-ping_interval = "0s"
-idle_timeout = "1h"
-client_message_rate = 0
-client_byte_rate = "0"
-
-[[routes]]
-name = "terminal"
-path = "/agents/{agent}/terminal"
-backends = ["127.0.0.1:$BACKEND_PORT"]
+$(terminal_route "$BACKEND_PORT")
 CONF
 "$PC" check-config "$WORK/portcullis.toml" >/dev/null
 

@@ -31,15 +31,7 @@ $tls_lines
 $([ "$TLS" = 1 ] && printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$WORK/cert.pem" "$WORK/key.pem")
 [admin]
 address = "127.0.0.1:19503"
-[session]
-ping_interval = "0s"
-idle_timeout = "1h"
-client_message_rate = 0
-client_byte_rate = "0"
-[[routes]]
-name = "terminal"
-path = "/agents/{agent}/terminal"
-backends = ["127.0.0.1:19501"]
+$(terminal_route 19501)
 CONF
 RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$PC" run --config "$WORK/portcullis.toml" >"$WORK/proxy.log" 2>&1 &
 PROXY=$!

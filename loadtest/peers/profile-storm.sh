@@ -7,12 +7,14 @@
 #
 #     loadtest/peers/profile-storm.sh PORTCULLIS LOADTEST
 #
-# Knobs: DURATION (16s; the readings take 8 s in its middle), TOP (30), TARGETS ("portcullis
+# Knobs: DURATION (16s, at least 12s; the readings take 8 s in its middle), TOP (30), TARGETS ("portcullis
 # nginx"). Needs `perf` (Debian: linux-perf) and nginx. Loopback only; every process it starts is
 # stopped on exit.
 set -euo pipefail
 PC=$1 LT=$2
 DURATION=${DURATION:-16s} TOP=${TOP:-30} TARGETS=${TARGETS:-"portcullis nginx"}
+secs=${DURATION%s}
+[ "$secs" -ge 12 ] || { echo "profile-storm: DURATION must be at least 12s (the readings take 8 s)" >&2; exit 64; }
 . "$(dirname "$0")/common.sh"
 peers_setup
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
@@ -26,15 +28,7 @@ $LIMITS_OFF
 addresses = ["127.0.0.1:19522"]
 [admin]
 address = "127.0.0.1:19523"
-[session]
-ping_interval = "0s"
-idle_timeout = "1h"
-client_message_rate = 0
-client_byte_rate = "0"
-[[routes]]
-name = "terminal"
-path = "/agents/{agent}/terminal"
-backends = ["127.0.0.1:19521"]
+$(terminal_route 19521)
 CONF
 mkdir -p "$WORK/nginx-tmp"
 cat >"$WORK/nginx.conf" <<CONF
@@ -54,21 +48,11 @@ http {
     upstream agents { server 127.0.0.1:19521; }
     server {
         listen 127.0.0.1:19524;
-        location / {
-            proxy_pass http://agents;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade \$http_upgrade;
-            proxy_set_header Connection "upgrade";
-            proxy_set_header Host \$host;
-            proxy_buffering off;
-            proxy_read_timeout 1h;
-            proxy_send_timeout 1h;
-        }
+$(nginx_ws_location)
     }
 }
 CONF
 TICK=$(getconf CLK_TCK)
-secs=${DURATION%s}
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 tw() { ss -Htan state time-wait | wc -l; }
 
