@@ -946,6 +946,11 @@ fn reject_exchange(ctx: &ConnCtx, mut exchange: stream::Exchange, e: RequestErro
 }
 
 /// The WebSocket path: upgrade, auth and connect stages; answers 101 or an error.
+///
+/// Its future is as large as its largest awaited stage, and it is moved whole into hyper's
+/// connection state for every request. So the rare paths (fan-out, observers, relays to
+/// another instance, and below it the registry lookup and the JWKS fetch) are awaited boxed:
+/// inline they made every request's future 50 KB, copied and allocated on each new session.
 async fn handle_upgrade(
     ctx: &Arc<ConnCtx>,
     runtime: &Runtime,
@@ -983,11 +988,11 @@ async fn handle_upgrade(
     }
     if let (Some(observe), Some((instance, id))) = (route.observe.clone(), observed) {
         match instance.filter(|i| i != ctx.shared.fleet.instance()) {
-            None => return handle_observer(ctx, runtime, &route, &caps, req, ws, &observe, id, stream).await,
+            None => return Box::pin(handle_observer(ctx, runtime, &route, &caps, req, ws, &observe, id, stream)).await,
             Some(owner) => {
                 let peer = ctx.shared.fleet.session_peer(&owner, id).filter(|_| !ctx.from_peer);
                 let Some(peer) = peer else { return reject(ctx, &route.name, RequestError::NoSuchSession) };
-                return relay_to_owner(ctx, &route, &caps, req, &ws, (&peer, "observe"), stream).await;
+                return Box::pin(relay_to_owner(ctx, &route, &caps, req, &ws, (&peer, "observe"), stream)).await;
             }
         }
     }
@@ -999,7 +1004,7 @@ async fn handle_upgrade(
         })
         .and_then(|id| ctx.shared.fleet.resume_owner(&route.name, id));
     if let Some((_, peer)) = elsewhere {
-        return relay_to_owner(ctx, &route, &caps, req, &ws, (&peer, "resume"), stream).await;
+        return Box::pin(relay_to_owner(ctx, &route, &caps, req, &ws, (&peer, "resume"), stream)).await;
     }
     let admitted = match admit(ctx, runtime, &route, &caps, req.headers(), path_and_query, Some(ws)).await {
         Ok(a) => a,
@@ -1076,7 +1081,7 @@ async fn handle_upgrade(
         let key =
             (route.name.clone(), caps.get("agent").unwrap_or("").to_owned(), admitted.path_and_query.clone(), identity);
         let join = JoinFanout { key, settings, breq: &breq, state, caps: &caps };
-        let task = match join_fanout(ctx, runtime, &route, join, registered, claims).await {
+        let task = match Box::pin(join_fanout(ctx, runtime, &route, join, registered, claims)).await {
             Ok(t) => t,
             Err(e) => return reject(ctx, &route.name, e),
         };
