@@ -7,10 +7,12 @@
 # this script starts is stopped by its PID on exit. NGINX and HAProxy are installed from the
 # distribution's packages if missing (needs root or sudo).
 #
-# Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000),
+# Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000), STORM_RATE (2500),
 # SCENARIOS ("latency echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt rest restget sse
 # sse1000"; latency is one session with one 64 B message in flight, for added latency; idleN holds N
-# sessions; stormjwt is the storm with an ES256 token per session, verified by Portcullis only; rest
+# sessions; stormjwt is the storm with an ES256 token per session, verified by Portcullis only;
+# stormrate is the storm at a fixed STORM_RATE new sessions per second (2500), open loop, so that
+# every proxy does the same work in the same time and CPU per session compares at one load; rest
 # is POSTs of 256 B echoed back over CONNS kept-alive connections, restget GETs of 1 KiB; sse is CONNS
 # event streams as fast as they go, sse1000 is 1000 streams of 10 events/s each; dashboards is 20
 # agents × 50 WebSocket watchers, 200 events per agent at 20/s, every event checked in order),
@@ -30,6 +32,7 @@ DURATION=${DURATION:-5s}
 REPEAT=${REPEAT:-3}
 CONNS=${CONNS:-50}
 RATE=${RATE:-10000}
+STORM_RATE=${STORM_RATE:-2500}
 SCENARIOS=${SCENARIOS:-"latency echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt rest restget sse sse1000 dashboards"}
 FRESH_IDLE=${FRESH_IDLE-"1000 5000 9900"}
 PORTCULLIS_THREADS=${PORTCULLIS_THREADS-1}
@@ -360,6 +363,7 @@ for s in $SCENARIOS; do
         rate) run_compare rate --scenario rate -q -c "$CONNS" --rate "$RATE" --size 64 -d "$DURATION" ;;
         idle*) run_compare "$s" --scenario idle -q -c "${s#idle}" --ramp 2000 --source-addrs 8 -d "$DURATION" ;;
         storm) run_compare storm --scenario storm -q -c 8 --source-addrs 8 -d "$DURATION" ;;
+        stormrate) run_compare stormrate --scenario storm -q -c 16 --ramp "$STORM_RATE" --source-addrs 8 -d "$DURATION" ;;
         stormjwt)
             # Same storm, but on /jwt/...: Portcullis verifies an ES256 token minted per session
             # and checks that it grants the agent; the peers proxy the same request unauthenticated.

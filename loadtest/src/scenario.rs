@@ -95,7 +95,9 @@ pub struct Scenario {
     /// Keystrokes per second per session (terminal), Poisson-distributed.
     #[arg(long, default_value_t = 5.0)]
     pub keystroke_rate: f64,
-    /// New sessions per second (0 = all at once).
+    /// New sessions per second (0 = all at once). Storm: the pace of new sessions over all
+    /// workers, open loop (0 = as fast as the workers can; a worker behind its schedule starts
+    /// its next session at once).
     #[arg(long, default_value_t = 0.0)]
     pub ramp: f64,
     /// Send a ping this often while holding idle sessions (0 = never).
@@ -379,7 +381,7 @@ pub async fn run(s: &Scenario) -> anyhow::Result<Report> {
             let mut tasks = Vec::new();
             for i in 0..s.connections {
                 let (s2, target, stats) = (s.clone(), target.clone(), stats.clone());
-                tasks.push(tokio::spawn(async move { storm_worker(&s2, &target, &stats, i, end).await }));
+                tasks.push(tokio::spawn(async move { storm_worker(&s2, &target, &stats, i, t0, end).await }));
             }
             for t in tasks {
                 let _ = t.await;
@@ -819,13 +821,24 @@ async fn idle_session(s: &Scenario, target: &Target, stats: &Stats, i: u64, t0: 
     held
 }
 
-/// One storm worker: connect, one message, close, repeated until `end`.
-async fn storm_worker(s: &Scenario, target: &Target, stats: &Stats, worker: u64, end: Instant) {
+/// One storm worker: connect, one message, close, repeated until `end`; at `--ramp` new
+/// sessions per second over all workers when it is set (worker `w`'s `n`-th session is due at
+/// `t0 + (n + w / workers) · workers / ramp`), as fast as it can when it is not.
+async fn storm_worker(s: &Scenario, target: &Target, stats: &Stats, worker: u64, t0: Instant, end: Instant) {
+    let workers = s.connections.max(1);
+    let period = (s.ramp > 0.0).then(|| Duration::from_secs_f64(workers as f64 / s.ramp));
     let mut n = 0u64;
     while Instant::now() < end {
-        let nth = worker + n * s.connections.max(1);
+        let nth = worker + n * workers;
         if s.sessions > 0 && nth >= s.sessions {
             break;
+        }
+        if let Some(period) = period {
+            let due = t0 + period.mul_f64(n as f64 + worker as f64 / workers as f64);
+            if due >= end {
+                break;
+            }
+            tokio::time::sleep_until(due).await;
         }
         let conn = s.conn_offset + nth;
         n += 1;

@@ -110,6 +110,17 @@ async fn storm_counts_handshakes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_storm_opens_sessions_at_its_rate_not_as_fast_as_it_can() {
+    let addr = start_backend(BackendOptions::new(Mode::Echo)).await;
+    // 100 a second over 4 workers for 1 s: each worker's 25 sessions are due 40 ms apart.
+    let r = run(&Scenario { ramp: 100.0, ..scenario(Kind::Storm, addr) }).await.unwrap();
+    assert!(r.is_clean(), "{}", r.table());
+    // Unpaced, the same storm opens thousands; a worker that runs late loses at most its last.
+    assert!((96..=100).contains(&r.opened), "{}", r.table());
+    assert_eq!(r.handshake_us.count, r.opened);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_are_held_and_measured() {
     let addr = start_backend(BackendOptions::new(Mode::Echo)).await;
     let s = Scenario {
