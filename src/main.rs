@@ -151,6 +151,33 @@ enum TokenCommand {
     },
 }
 
+/// The runtime for `configured` worker threads (0: `TOKIO_WORKER_THREADS` when set, else one
+/// per core). One worker is tokio's current-thread runtime on the main thread: the process is
+/// then a single thread (blocking work aside, on threads named `pc-blocking`), like an NGINX
+/// worker, and the kernel skips the reference count a shared descriptor table costs on every
+/// system call. Measured against the multi-thread runtime with one worker: 6-7 % less CPU per
+/// new session, the relay no worse (BENCHMARKS.md). More workers: the multi-thread runtime.
+fn runtime_builder(configured: usize) -> tokio::runtime::Builder {
+    let one = match configured {
+        // Anything but a plain 1 in the variable is left to tokio to read (and refuse).
+        0 => match std::env::var_os("TOKIO_WORKER_THREADS") {
+            Some(v) => v.to_str().is_some_and(|v| v.trim() == "1"),
+            None => std::thread::available_parallelism().is_ok_and(|n| n.get() == 1),
+        },
+        n => n == 1,
+    };
+    if one {
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        builder.thread_name("pc-blocking");
+        return builder;
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if configured > 0 {
+        builder.worker_threads(configured);
+    }
+    builder
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
@@ -172,11 +199,7 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.as_ref().map(|c| c.server.worker_threads).filter(|&n| n > 0) {
-        builder.worker_threads(n);
-    }
-    let runtime = match builder.enable_all().build() {
+    let runtime = match runtime_builder(config.as_ref().map_or(0, |c| c.server.worker_threads)).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portcullis: cannot start the runtime: {e}");

@@ -103,7 +103,10 @@ async fn run_logs_the_configuration_in_force_at_start() {
 #[tokio::test]
 async fn worker_threads_sets_the_runtime_of_run() {
     let backend = Backend::echo().await;
-    for n in [1, 3] {
+    // One worker is the current-thread runtime on the main thread: no worker thread besides
+    // it (blocking work, if any, is on `pc-blocking` threads). With more, the multi-thread
+    // runtime's threads: its workers, and its blocking threads under the same name.
+    for (n, worker_threads) in [(1, 0..=0), (3, 3..=usize::MAX)] {
         let text = TestConfig::base(&[backend.addr.to_string()]).set("server.worker_threads", n).text();
         let proxy = ProxyProcess::start(&text).await;
         let (_, body) = http_get(proxy.admin, "/metrics").await;
@@ -112,7 +115,18 @@ async fn worker_threads_sets_the_runtime_of_run() {
         let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
         c.send(true, op::TEXT, b"hi").await;
         assert_eq!(c.recv().await.payload, b"hi");
+        let workers = thread_names(proxy.child.id()).iter().filter(|n| n.as_str() == "tokio-rt-worker").count();
+        assert!(worker_threads.contains(&workers), "{workers} tokio worker threads with worker_threads = {n}");
     }
+}
+
+/// The names of a process's threads (Linux `/proc`).
+fn thread_names(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the proxy's threads");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
 }
 
 #[tokio::test]
