@@ -153,16 +153,18 @@ enum TokenCommand {
 
 /// The runtime for `configured` worker threads (0: `TOKIO_WORKER_THREADS` when set, else one
 /// per core). One worker is tokio's current-thread runtime on the main thread: the process is
-/// then a single thread (blocking work aside, on threads named `pc-blocking`), like an NGINX
-/// worker, and the kernel skips the reference count a shared descriptor table costs on every
-/// system call. Measured against the multi-thread runtime with one worker: 6-7 % less CPU per
-/// new session, the relay no worse (BENCHMARKS.md). More workers: the multi-thread runtime.
+/// then a single thread, like an NGINX worker (what it hands to tokio's blocking pool aside, on
+/// threads named `pc-blocking`), and the kernel skips the reference count that a descriptor
+/// table shared between threads costs at every system call. Against the multi-thread runtime
+/// with one worker: 2-7 % less CPU per new session, the relay unchanged (BENCHMARKS.md). More
+/// workers: the multi-thread runtime.
 fn runtime_builder(configured: usize) -> tokio::runtime::Builder {
     let one = match configured {
-        // Anything but a plain 1 in the variable is left to tokio to read (and refuse).
+        // Read as tokio reads it; a value tokio refuses is left for tokio to refuse.
         0 => match std::env::var_os("TOKIO_WORKER_THREADS") {
-            Some(v) => v.to_str().is_some_and(|v| v.trim() == "1"),
-            None => std::thread::available_parallelism().is_ok_and(|n| n.get() == 1),
+            Some(v) => v.to_str().and_then(|v| v.parse::<usize>().ok()) == Some(1),
+            // Tokio counts one core when the count is unknown.
+            None => std::thread::available_parallelism().map_or(true, |n| n.get() == 1),
         },
         n => n == 1,
     };

@@ -407,7 +407,8 @@ impl Authenticator {
                 if candidates.is_empty() {
                     let mut found = None;
                     for source in &self.jwks {
-                        // Boxed, like every rare path under the upgrade handler (see `handle_upgrade`).
+                        // Boxed: rare and large; inline, it would size every request handler's future (see
+                        // `handle_upgrade`).
                         if let Some(k) = Box::pin(source.get(kid)).await {
                             found = Some(k);
                             break;

@@ -109,7 +109,8 @@ impl RouteState {
     async fn members(&self, route: &RouteConfig, caps: &Captures) -> Result<Vec<Member>, PoolError> {
         if let (Some(resolver), Some(g)) = (&self.resolver, &route.registry) {
             let url = render_path(&g.url, caps);
-            // Boxed, like every rare path under the upgrade handler (see `handle_upgrade`).
+            // Boxed: rare and large; inline, it would size every request handler's future (see
+            // `handle_upgrade`).
             return match Box::pin(resolver.resolve(&url)).await {
                 Ok(r) => match r.as_ref() {
                     Resolved::Members(m) if m.is_empty() => Err(PoolError::NoHealthyMember),
