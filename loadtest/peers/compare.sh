@@ -122,10 +122,7 @@ drain_timeout = "2s"
 drain_spread = "100ms"
 # The load generator is one address opening thousands of sessions: the per-client limits (an
 # internet-facing edge's by default) are off, as NGINX and HAProxy have none here.
-max_connections_per_ip = 0
-handshake_rate_per_ip = 0
-connection_rate_per_ip = 0
-token_check_rate_per_ip = 0
+$LIMITS_OFF
 
 [[listeners]]
 name = "plain"
@@ -135,16 +132,7 @@ $PC_LISTENER_TLS
 [admin]
 address = "127.0.0.1:$ADMIN_PORT"
 
-[session]
-ping_interval = "0s"
-idle_timeout = "1h"
-client_message_rate = 0
-client_byte_rate = "0"
-
-[[routes]]
-name = "terminal"
-path = "/agents/{agent}/terminal"
-backends = ["127.0.0.1:$BACKEND_PORT"]
+$(terminal_route "$BACKEND_PORT")
 
 [[auth.keys]]
 algorithms = ["ES256"]

@@ -950,7 +950,8 @@ fn reject_exchange(ctx: &ConnCtx, mut exchange: stream::Exchange, e: RequestErro
 /// Its future is as large as its largest awaited stage, and it is moved whole into hyper's
 /// connection state for every request. So the rare paths (fan-out, observers, relays to
 /// another instance, and below it the registry lookup and the JWKS fetch) are awaited boxed:
-/// inline they made every request's future 50 KB, copied and allocated on each new session.
+/// inline they made every request's future 50 KB, which hyper holds for each connection (a held
+/// SSE stream took 53 KiB, 41 since).
 async fn handle_upgrade(
     ctx: &Arc<ConnCtx>,
     runtime: &Runtime,
