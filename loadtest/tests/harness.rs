@@ -115,8 +115,10 @@ async fn a_paced_storm_opens_sessions_at_its_rate_not_as_fast_as_it_can() {
     // 100 a second over 4 workers for 1 s: each worker's 25 sessions are due 40 ms apart.
     let r = run(&Scenario { ramp: 100.0, ..scenario(Kind::Storm, addr) }).await.unwrap();
     assert!(r.is_clean(), "{}", r.table());
-    // Unpaced, the same storm opens thousands; a worker that runs late loses at most its last.
-    assert!((96..=100).contains(&r.opened), "{}", r.table());
+    // Unpaced, the same storm opens thousands. A worker that runs late near the end loses the
+    // sessions due after the window closes: one for a delay of 10 ms, two or three for a stall
+    // of 100 ms on a loaded machine.
+    assert!((88..=100).contains(&r.opened), "{}", r.table());
     assert_eq!(r.handshake_us.count, r.opened);
 }
 

@@ -424,8 +424,9 @@ mod tests {
         let registry = TestRegistry::start().await;
         let resolver = RegistryResolver::new(settings(300 * MS, 100 * MS, 1000 * MS));
         let url = registry.url("a1");
-        let t0 = tokio::time::Instant::now();
         assert_eq!(*resolver.resolve(&url).await.expect("resolved"), expected_members());
+        // An entry's time runs from its answer: deadlines are counted from after it.
+        let t0 = tokio::time::Instant::now();
         for _ in 0..10 {
             assert_eq!(*resolver.resolve(&url).await.expect("resolved"), expected_members());
         }
@@ -444,8 +445,8 @@ mod tests {
         registry.set(Reply::NotFound);
         let resolver = RegistryResolver::new(settings(10_000 * MS, 150 * MS, 1000 * MS));
         let url = registry.url("ghost");
-        let t0 = tokio::time::Instant::now();
         assert_eq!(*resolver.resolve(&url).await.expect("resolved"), Resolved::NotFound);
+        let t0 = tokio::time::Instant::now();
         assert_eq!(*resolver.resolve(&url).await.expect("resolved"), Resolved::NotFound);
         assert_eq!(registry.requests(), 1, "negative answer not cached");
         sleep_until(t0, 200 * MS).await;
@@ -459,8 +460,8 @@ mod tests {
         let registry = TestRegistry::start().await;
         let resolver = RegistryResolver::new(settings(150 * MS, 100 * MS, 300 * MS));
         let url = registry.url("a1");
-        let t0 = tokio::time::Instant::now();
         assert_eq!(*resolver.resolve(&url).await.expect("resolved"), expected_members());
+        let t0 = tokio::time::Instant::now();
         registry.set(Reply::Fail);
         sleep_until(t0, 200 * MS).await;
         // Past ttl (150 ms), within ttl + stale_ttl (450 ms): the registry is asked and fails.
@@ -482,13 +483,14 @@ mod tests {
         let registry = TestRegistry::start().await;
         let resolver = RegistryResolver::new(settings(100 * MS, 100 * MS, 10_000 * MS));
         let url = registry.url("a1");
-        let t0 = tokio::time::Instant::now();
         resolver.resolve(&url).await.expect("resolved");
+        let t0 = tokio::time::Instant::now();
         registry.set(Reply::NotFound);
         sleep_until(t0, 150 * MS).await;
         assert_eq!(*resolver.resolve(&url).await.expect("resolved"), Resolved::NotFound);
+        let t1 = tokio::time::Instant::now();
         registry.set(Reply::Fail);
-        sleep_until(t0, 300 * MS).await;
+        sleep_until(t1, 150 * MS).await;
         assert!(matches!(resolver.resolve(&url).await, Err(ResolveError::Unavailable(_))));
     }
 
@@ -500,10 +502,10 @@ mod tests {
         let err = resolver.resolve(&registry.url("a1")).await.expect_err("500 is a failure");
         assert_eq!(err, ResolveError::Unavailable("registry answered 500".into()));
 
-        // Nothing listens on a port just released.
-        let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        // Nothing listens on a port bound and never listened on (held, so no other socket takes it).
+        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
+        closed.bind("127.0.0.1:0".parse().expect("addr")).expect("bind port 0");
         let addr = closed.local_addr().expect("bound socket has an address");
-        drop(closed);
         let err = resolver.resolve(&format!("http://{addr}/agents/a1")).await.expect_err("refused");
         assert!(matches!(err, ResolveError::Unavailable(m) if m.starts_with("connect")));
     }

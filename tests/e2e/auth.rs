@@ -408,6 +408,7 @@ async fn jwks_rotation_is_picked_up_with_bounded_fetches() {
     // 50 concurrent connects with an unknown kid: refetches stay rate-limited and coalesced.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let before = server.hits.load(Ordering::SeqCst);
+    let burst = std::time::Instant::now();
     let unknown = Key { kid: Some("k-unknown"), ..key(Algorithm::ES256, None) }.token(std_claims("alice", &["a1"]));
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -425,7 +426,10 @@ async fn jwks_rotation_is_picked_up_with_bounded_fetches() {
         assert_eq!(t.await.expect("task"), Some(401));
     }
     let fetched = server.hits.load(Ordering::SeqCst) - before;
-    assert!(fetched <= 1, "50 unknown-kid connects caused {fetched} JWKS fetches");
+    // One fetch per `min_refetch_interval` (1 s) at most: one, unless the burst itself took longer
+    // than that on a loaded machine.
+    let allowed = 1 + burst.elapsed().as_secs() as usize;
+    assert!(fetched <= allowed, "50 unknown-kid connects over {:?} caused {fetched} JWKS fetches", burst.elapsed());
     // Old key k1 left the set: its tokens are now refused.
     let stale = k1.token(std_claims("alice", &["a1"]));
     let err = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &format!("Bearer {stale}"))])

@@ -93,7 +93,7 @@ async fn a_demo_task_streams_its_output_line_by_line_as_sse() {
     let agent = demo_agent().await;
     let proxy = Proxy::start_with(&config(agent.addr)).await;
     let mut h = H1::connect(proxy.tls, true).await;
-    let created = h.call(request("POST", "/agents/demo/api/tasks", &[], full(r#"{"name":"t","steps":3}"#))).await;
+    let created = h.call(request("POST", "/agents/demo/api/tasks", &[], full(r#"{"name":"t","steps":5}"#))).await;
     assert_eq!(created.status, 201, "{}", created.text());
     let task: serde_json::Value = serde_json::from_slice(&created.body).expect("json");
     let id = task["id"].as_u64().expect("id");
@@ -112,13 +112,16 @@ async fn a_demo_task_streams_its_output_line_by_line_as_sse() {
     assert_eq!(
         lines,
         [
-            "data: [t] step 1/3: reading the repository",
-            "data: [t] step 2/3: planning the change",
-            "data: [t] step 3/3: editing files"
+            "data: [t] step 1/5: reading the repository",
+            "data: [t] step 2/5: planning the change",
+            "data: [t] step 3/5: editing files",
+            "data: [t] step 4/5: running the tests",
+            "data: [t] step 5/5: reviewing the diff"
         ]
     );
     assert!(text.contains("event: done"));
     let spread = arrivals.last().copied().zip(arrivals.first().copied()).map(|(l, f)| l - f).unwrap_or_default();
+    // Produced 400 ms apart over 1.6 s: even a request a second late sees them spread out.
     assert!(spread >= Duration::from_millis(600), "the lines came together ({spread:?}), not as produced");
     let status = h.get("/agents/demo/api/status", &[]).await;
     assert!(status.text().contains("\"status\":\"running\""), "{}", status.text());

@@ -181,7 +181,9 @@ mod redis {
         async fn start_with(tls: Option<(std::path::PathBuf, std::path::PathBuf)>) -> RedisServer {
             let dir = tempfile::tempdir().expect("redis dir");
             for _ in 0..20 {
-                let port = 20_000 + rand::random::<u16>() % 30_000;
+                // Below the kernel's range of outbound ports (32768-60999): `restart` binds the
+                // port again later, and no connection's local port may have taken it meanwhile.
+                let port = 20_000 + rand::random::<u16>() % 12_700;
                 let tls = tls.clone().map(|(c, k)| (port + 1, c, k));
                 let mut child = RedisServer::spawn(dir.path(), port, tls.as_ref());
                 if wait_up(&mut child, port).await {

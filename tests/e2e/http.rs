@@ -220,10 +220,9 @@ async fn retries_go_to_the_next_member_only_when_nothing_was_sent_or_the_method_
     let key = hmac();
     let auth = key.bearer(&["a1"]);
     // A member that cannot be connected to: nothing was sent, so even a POST with a body moves on.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    // (Bound and never listening, and held for the whole test: no other socket takes the port.)
+    let refusing = Refusing::new();
+    let dead = refusing.addr;
     let good = RestBackend::start("good").await;
     let proxy = start(&key, &[dead, good.addr], json!({})).await;
     let mut c = H1::connect(proxy.plain, false).await;

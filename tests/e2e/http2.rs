@@ -254,7 +254,8 @@ async fn the_per_address_stream_cap_answers_429_and_frees_when_a_stream_ends() {
     let refused = one.websocket(PATH, &[]).await.err().expect("third is over the cap");
     assert_eq!(refused.status, 429);
     let m = metrics(&proxy).await;
-    assert_eq!(metric(&m, "portcullis_limit_refusals_total{reason=\"per_ip_streams\"}"), 1.0);
+    // The reason's counter is the process's (other tests refuse streams too); the route's is this one's.
+    assert!(metric(&m, "portcullis_limit_refusals_total{reason=\"per_ip_streams\"}") >= 1.0);
     assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"h2cap\",result=\"per_ip_streams\"}"), 1.0);
 
     a.send(true, op::CLOSE, &close_payload(1000, "")).await;

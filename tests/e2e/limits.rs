@@ -324,14 +324,20 @@ async fn the_defaults_limit_one_address_without_any_limit_configured() {
     let proxy = Proxy::start_with(&TestConfig::base(&[backend.addr.to_string()]).text()).await;
     // connection_burst_per_ip = 50: fifty connections at once are accepted and held...
     let mut held = Vec::new();
+    let burst = Instant::now();
     for _ in 0..50 {
         held.push(TcpStream::connect(proxy.plain).await.expect("connect"));
     }
-    // ...the fifty-first, at once, is closed at accept without an answer.
+    // ...the fifty-first, at once, is closed at accept without an answer (unless a loaded machine
+    // took the 50 ms in which one connection refills: then it may be let in instead).
     let mut idle = [0u8; 1];
     let mut over = TcpStream::connect(proxy.plain).await.expect("connect");
-    let n = tokio::time::timeout(SOON, over.read(&mut idle)).await.expect("closed in time").unwrap_or(0);
-    assert_eq!(n, 0, "closed without an answer");
+    let at_once = burst.elapsed() < std::time::Duration::from_millis(50);
+    let wait = if at_once { SOON } else { std::time::Duration::from_millis(500) };
+    match tokio::time::timeout(wait, over.read(&mut idle)).await {
+        Ok(n) => assert_eq!(n.unwrap_or(0), 0, "closed without an answer"),
+        Err(_) => assert!(!at_once, "the fifty-first connection at once is closed at accept"),
+    }
     let quiet = tokio::time::timeout(std::time::Duration::from_millis(300), held[49].read(&mut idle)).await;
     assert!(quiet.is_err(), "the fiftieth connection is held open, waiting for its request");
     // handshake_burst_per_ip = 40 (then 20/s) on the connections that were let in: upgrades

@@ -186,7 +186,8 @@ async fn reload_cannot_turn_a_tls_listener_into_a_plaintext_one() {
     assert!(err.to_string().contains("restart"), "{err}");
     let (_, after) = http_get(proxy.admin, "/metrics").await;
     let refused = |body: &str| metric(body, "portcullis_reloads_total{result=\"error\"}");
-    assert_eq!(refused(&after), refused(&before) + 1.0, "counted as a refused reload");
+    // The counter is the process's: another test's refused reload may land in between.
+    assert!(refused(&after) >= refused(&before) + 1.0, "counted as a refused reload");
     // The port still speaks TLS only: a plaintext upgrade gets no 101, a wss one does.
     let mut plain = tokio::net::TcpStream::connect(proxy.tls).await.expect("connect");
     let request = "GET /agents/a1/terminal HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";

@@ -577,6 +577,19 @@ mod tests {
         let (tcp, _) = listener.accept().await.expect("accept");
         let mut conn = TlsConn::accept(Arc::new(server), tcp).await.expect("server handshake");
         sent_rx.await.expect("the client wrote its four records");
+        // And they are all in: on a loaded machine loopback can deliver after the send returns.
+        // (5 + 64 + 1 + 16 bytes a record; what the handshake read already is in `rx`.)
+        let queued = async {
+            loop {
+                let mut probe = [0u8; 1024];
+                let peeked = conn.tcp.peek(&mut probe).await.expect("peek");
+                if peeked + (conn.rx.end - conn.rx.start) >= 4 * (5 + 64 + 1 + 16) {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), queued).await.expect("the records arrive");
         let mut buf = vec![0u8; 16 * 1024];
         let n = conn.read(&mut buf).await.expect("read");
         assert_eq!(n, 4 * 64, "the four records in one read");
