@@ -156,8 +156,8 @@ enum TokenCommand {
 /// then a single thread, like an NGINX worker (what it hands to tokio's blocking pool aside, on
 /// threads named `pc-blocking`), and the kernel skips the reference count that a descriptor
 /// table shared between threads costs at every system call. Against the multi-thread runtime
-/// with one worker: 2-7 % less CPU per new plain session, and the relay unchanged, plain or TLS
-/// (BENCHMARKS.md). More workers: the multi-thread runtime.
+/// with one worker: 2-7 % less CPU per new plain session, and no difference on the relay, plain
+/// or TLS, that the runs can resolve (BENCHMARKS.md). More workers: the multi-thread runtime.
 fn runtime_builder(configured: usize) -> tokio::runtime::Builder {
     let one = match configured {
         // Read as tokio reads it; a value tokio refuses is left for tokio to refuse.

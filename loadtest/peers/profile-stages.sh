@@ -4,7 +4,8 @@
 # to CPU 1 with the load generator and the backend on CPU 0, and a DWARF call-graph profile of
 # the worker over 6 s. Each sample is put in the innermost stage on its stack (the relay, the
 # backend's connect, the upgrade handler, hyper, the accept loop, tokio's scheduler, ...) and
-# split into user and kernel time; the table gives µs of CPU per session for each.
+# split into user and kernel time; the table gives µs of CPU per session for each. A stage's
+# calls into tokio (I/O readiness, timers, registration) are in tokio's row, not the stage's.
 #
 #     loadtest/peers/profile-stages.sh PORTCULLIS LOADTEST
 #     TARGET=nginx loadtest/peers/profile-stages.sh PORTCULLIS LOADTEST   # NGINX's one worker
@@ -19,6 +20,7 @@
 # (Debian: linux-perf), python3 and 2 CPUs, and nginx for TARGET=nginx. Loopback only; every
 # process it starts is stopped on exit.
 set -euo pipefail
+[ $# = 2 ] || { echo "usage: [TARGET=nginx] [PERF=0] $0 PORTCULLIS LOADTEST" >&2; exit 64; }
 PC=$1 LT=$2
 RATE=${RATE:-2500} FREQ=${FREQ:-1000} TARGET=${TARGET:-portcullis} PERF=${PERF:-1}
 . "$(dirname "$0")/common.sh"
@@ -68,22 +70,37 @@ case $TARGET in
 esac
 pids+=($server)
 for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/19532) 2>/dev/null && break; sleep 0.1; done
+if ! (exec 3<>/dev/tcp/127.0.0.1/19532) 2>/dev/null; then
+    echo "profile-stages: $TARGET did not start listening:" >&2
+    tail -5 "$WORK"/*.log >&2 || true
+    exit 1
+fi
 # NGINX's master forks the worker that serves.
-[ "$TARGET" = nginx ] && { sleep 0.3; server=$(pgrep -P "$server" | head -1); }
+if [ "$TARGET" = nginx ]; then
+    sleep 0.3
+    server=$(pgrep -P "$server" | head -1 || true)
+    [ -n "$server" ] || { echo "profile-stages: no NGINX worker process" >&2; exit 1; }
+fi
 taskset -c 0 "$LT" storm -q -c 16 --ramp "$RATE" --source-addrs 8 -d 14s \
     --target "ws://127.0.0.1:19532/agents/agent-{conn}/terminal" >"$WORK/load.txt" 2>&1 &
 load=$!
+pids+=($load)
 sleep 4
 TICK=$(getconf CLK_TCK)
 read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$server/stat")
 if [ "$PERF" = 0 ]; then
     sleep 6
 else
-    perf record -F "$FREQ" --call-graph dwarf,16384 -p "$server" -o "$WORK/perf.data" -- sleep 6 >/dev/null 2>&1
+    # perf on the load's CPU, not the worker's.
+    taskset -c 0 perf record -F "$FREQ" --call-graph dwarf,16384 -p "$server" -o "$WORK/perf.data" -- sleep 6 \
+        >"$WORK/perf.log" 2>&1 || { echo "profile-stages: perf record failed:" >&2; tail -5 "$WORK/perf.log" >&2; exit 1; }
 fi
 read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$server/stat")
 wait "$load" || true
 grep -E "^sessions" "$WORK/load.txt" || true
+# The per-session figures assume the load kept its rate: say so when it did not.
+opened=$(awk '/^sessions/ {for (i = 1; i < NF; i++) if ($(i + 1) == "opened") print $i}' "$WORK/load.txt")
+[ "${opened:-0}" -ge $((RATE * 14 * 95 / 100)) ] || echo "profile-stages: the load opened ${opened:-no} sessions, short of $RATE a second: the figures per session are too high" >&2
 echo "worker CPU over the 6 s: $(( (u1 + s1 - u0 - s0) * 100 / TICK / 6 )) % of a core$([ "$PERF" = 0 ] || echo ' (perf attached)')"
 if [ "$PERF" = 0 ]; then
     python3 -c "n = $RATE * 6; print(f'per session, from /proc: user {($u1 - $u0) / $TICK / n * 1e6:.1f} µs, kernel {($s1 - $s0) / $TICK / n * 1e6:.1f} µs')"
@@ -95,8 +112,7 @@ import collections, sys
 path, rate, freq = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 # Innermost first: a sample belongs to the first of these found walking out from its leaf.
 STAGES = [
-    ("session teardown", ["drop_in_place<portcullis::proxy::relay::session::Session",
-                          "drop<portcullis::proxy::relay::Relay"]),
+    ("session teardown", ["drop_in_place<portcullis::proxy::relay::session::Session"]),
     ("relay", ["portcullis::proxy::relay::session::Session<C,B>::"]),
     ("backend connect", ["portcullis::proxy::connect::dial"]),
     ("backend handshake", ["portcullis::proxy::connect::handshake"]),

@@ -999,6 +999,16 @@ mod tests {
         assert!(msg.contains("idle_timout"), "{msg}");
     }
 
+    /// A configuration that states no per-client limit gets them all: one address may open
+    /// 50 connections at once then 20 a second, and 40 handshakes at once then 20 a second.
+    #[test]
+    fn per_client_limits_are_on_when_none_is_configured() {
+        let c = Config::parse("[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n", Path::new("x.toml")).expect("valid");
+        let s = &c.server;
+        assert_eq!((s.connection_burst_per_ip, s.connection_rate_per_ip), (50, 20));
+        assert_eq!((s.handshake_burst_per_ip, s.handshake_rate_per_ip), (40, 20));
+    }
+
     #[test]
     fn cipher_suites_default_to_aes_128_first_and_are_checked() {
         let base = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";

@@ -578,7 +578,7 @@ mod tests {
         let mut conn = TlsConn::accept(Arc::new(server), tcp).await.expect("server handshake");
         sent_rx.await.expect("the client wrote its four records");
         // And they are all in: on a loaded machine loopback can deliver after the send returns.
-        // (5 + 64 + 1 + 16 bytes a record; what the handshake read already is in `rx`.)
+        // (5 + 64 + 1 + 16 bytes a TLS 1.3 record; what the handshake read already is in `rx`.)
         let queued = async {
             loop {
                 let mut probe = [0u8; 1024];
@@ -586,7 +586,7 @@ mod tests {
                 if peeked + (conn.rx.end - conn.rx.start) >= 4 * (5 + 64 + 1 + 16) {
                     break;
                 }
-                tokio::task::yield_now().await;
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
         };
         tokio::time::timeout(std::time::Duration::from_secs(10), queued).await.expect("the records arrive");
