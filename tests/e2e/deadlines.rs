@@ -9,14 +9,15 @@ async fn client_that_stops_answering_pings_is_closed_within_interval_plus_timeou
     let backend = Backend::echo().await;
     let proxy =
         Proxy::start_with_session(backend.addr, json!({"ping_interval": "300ms", "ping_timeout": "300ms"})).await;
-    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
+    // Timed from before the upgrade: the proxy's clock for the session cannot start earlier.
     let started = Instant::now();
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     let ping = c.recv().await;
     assert_eq!(ping.opcode, op::PING, "the proxy pings a silent client");
     let close = c.recv_close().await;
     let elapsed = started.elapsed();
     assert_eq!(close.close_code(), Some(1001));
-    assert!(elapsed >= Duration::from_millis(550), "not before interval + timeout: {elapsed:?}");
+    assert!(elapsed >= Duration::from_millis(600), "not before interval + timeout: {elapsed:?}");
     assert!(elapsed <= Duration::from_millis(600 + 1500), "within interval + timeout + slack: {elapsed:?}");
     let at_backend = backend.log.wait_for("close", |f| f.opcode == op::CLOSE).await;
     assert_eq!(at_backend.close_code(), Some(1001));
@@ -93,8 +94,8 @@ async fn data_keeps_an_idle_timer_from_firing() {
 async fn session_reaching_max_lifetime_is_closed_with_1001() {
     let backend = Backend::echo().await;
     let proxy = Proxy::start_with_session(backend.addr, json!({"max_lifetime": "700ms"})).await;
-    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     let started = Instant::now();
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
     // Busy sessions are closed too.
     let close = loop {
         c.send(true, op::TEXT, b"busy").await;
@@ -106,7 +107,7 @@ async fn session_reaching_max_lifetime_is_closed_with_1001() {
     };
     assert_eq!(close.close_code(), Some(1001));
     assert_eq!(close.close_reason(), "session lifetime reached");
-    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert!(started.elapsed() >= Duration::from_millis(700), "not before the lifetime");
     assert_eq!(backend.log.wait_for("close", |f| f.opcode == op::CLOSE).await.close_code(), Some(1001));
 }
 

@@ -110,12 +110,13 @@ async fn slow_request_head_is_answered_408_at_header_read_timeout() {
         TestConfig::base(&[backend.addr.to_string()]).merge("server", json!({"header_read_timeout": "300ms"})).text();
     let proxy = Proxy::start_with(&text).await;
     for tls in [false, true] {
-        let mut io = dial(if tls { proxy.tls } else { proxy.plain }, tls).await;
+        // Timed from before the connect: the proxy's timer cannot start earlier.
         let started = Instant::now();
+        let mut io = dial(if tls { proxy.tls } else { proxy.plain }, tls).await;
         io.write_all(b"GET /agents/a1/terminal HTTP/1.1\r\nHost: local").await.expect("partial head");
         let head = tokio::time::timeout(SOON, read_head(&mut io)).await.expect("answer in time").expect("head");
         assert_eq!(parse_response(&head).status, 408, "tls={tls}");
-        assert!(started.elapsed() >= Duration::from_millis(250), "not before the timeout");
+        assert!(started.elapsed() >= Duration::from_millis(300), "not before the timeout");
     }
 }
 
@@ -124,12 +125,12 @@ async fn tls_handshake_that_never_starts_is_closed_at_the_timeout() {
     let backend = Backend::echo().await;
     let text = TestConfig::base(&[backend.addr.to_string()]).set("server.tls_handshake_timeout", "300ms").text();
     let proxy = Proxy::start_with(&text).await;
-    let mut tcp = tokio::net::TcpStream::connect(proxy.tls).await.expect("connect");
     let started = Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(proxy.tls).await.expect("connect");
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(SOON, tcp.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
     assert_eq!(n, 0, "the proxy closes without sending anything");
-    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(started.elapsed() >= Duration::from_millis(300), "not before the timeout");
     let (_, body) = http_get(proxy.admin, "/metrics").await;
     assert!(metric(&body, "portcullis_tls_handshake_failures_total{reason=\"timeout\"}") >= 1.0, "{body}");
 }
