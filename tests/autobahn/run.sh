@@ -61,8 +61,11 @@ if [ ! -x "$WSTEST" ]; then
     fi
     echo "installing autobahntestsuite 25.10.1 for $PY27 into $WORK (once)"
     mkdir -p "$WORK"
-    python3 -m pip install --quiet --disable-pip-version-check --target "$WORK/virtualenv-pkg" virtualenv==20.21.1
-    PYTHONPATH=$WORK/virtualenv-pkg python3 -m virtualenv -q -p "$PY27" "$WORK/venv"
+    # The interpreter itself, not a version manager's shim: pyenv's shim runs `pyenv rehash`
+    # after a `pip install`, which fails the install when another rehash's lock is left behind.
+    PY3=$(python3 -c 'import sys; print(sys.executable)')
+    "$PY3" -m pip install --quiet --disable-pip-version-check --target "$WORK/virtualenv-pkg" virtualenv==20.21.1
+    PYTHONPATH=$WORK/virtualenv-pkg "$PY3" -m virtualenv -q -p "$PY27" "$WORK/venv"
     "$WORK/venv/bin/pip" install --quiet --disable-pip-version-check autobahntestsuite==25.10.1 2>&1 \
         | grep -v -e DEPRECATION -e 'pip 21.0' || true
     [ -x "$WSTEST" ] || { echo "autobahn: wstest did not install" >&2; exit 1; }
