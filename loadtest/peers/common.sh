@@ -11,6 +11,11 @@
 #                            127.0.0.1:PORT, as the single-route benchmark configs write them
 #   nginx_ws_location        NGINX's WebSocket `location /` to upstream `agents`, as every
 #                            NGINX these scripts start proxies a WebSocket
+#   nginx_head WORKERS       an nginx.conf up to inside its `http` block: WORKERS worker
+#                            processes, the descriptor limits, pid, logs and temporary paths in
+#                            WORK (made here), access log off
+#   nginx_ws_conf UP LISTEN  a whole nginx.conf with one worker proxying WebSockets from
+#                            127.0.0.1:LISTEN to 127.0.0.1:UP, as the profile scripts run NGINX
 
 peers_setup() {
     WORK=$(mktemp -d)
@@ -61,5 +66,36 @@ nginx_ws_location() {
             proxy_read_timeout 1h;
             proxy_send_timeout 1h;
         }
+CONF
+}
+
+nginx_head() {
+    mkdir -p "$WORK/nginx-tmp"
+    cat <<CONF
+worker_processes $1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 19900; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx-tmp/body;
+    proxy_temp_path $WORK/nginx-tmp/proxy;
+    fastcgi_temp_path $WORK/nginx-tmp/fastcgi;
+    uwsgi_temp_path $WORK/nginx-tmp/uwsgi;
+    scgi_temp_path $WORK/nginx-tmp/scgi;
+CONF
+}
+
+nginx_ws_conf() {
+    cat <<CONF
+$(nginx_head 1)
+    upstream agents { server 127.0.0.1:$1; }
+    server {
+        listen 127.0.0.1:$2;
+$(nginx_ws_location)
+    }
+}
 CONF
 }

@@ -159,21 +159,8 @@ kind = "http"
 backends = ["127.0.0.1:$BACKEND_PORT"]
 CONF
 
-mkdir -p "$WORK/nginx-tmp"
 cat >"$WORK/nginx.conf" <<CONF
-worker_processes $PEER_WORKERS;
-worker_rlimit_nofile 20000;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 19900; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx-tmp/body;
-    proxy_temp_path $WORK/nginx-tmp/proxy;
-    fastcgi_temp_path $WORK/nginx-tmp/fastcgi;
-    uwsgi_temp_path $WORK/nginx-tmp/uwsgi;
-    scgi_temp_path $WORK/nginx-tmp/scgi;
+$(nginx_head "$PEER_WORKERS")
     upstream agents { server 127.0.0.1:$BACKEND_PORT; }
     # Plain requests (rest, sse) reuse kept-alive upstream connections, as Portcullis's pool does.
     upstream agents_http { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }

@@ -37,28 +37,7 @@ addresses = ["127.0.0.1:19532"]
 address = "127.0.0.1:19533"
 $(terminal_route 19531)
 CONF
-mkdir -p "$WORK/nginx-tmp"
-cat >"$WORK/nginx.conf" <<CONF
-worker_processes 1;
-worker_rlimit_nofile 20000;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 19900; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx-tmp/body;
-    proxy_temp_path $WORK/nginx-tmp/proxy;
-    fastcgi_temp_path $WORK/nginx-tmp/fastcgi;
-    uwsgi_temp_path $WORK/nginx-tmp/uwsgi;
-    scgi_temp_path $WORK/nginx-tmp/scgi;
-    upstream agents { server 127.0.0.1:19531; }
-    server {
-        listen 127.0.0.1:19532;
-$(nginx_ws_location)
-    }
-}
-CONF
+nginx_ws_conf 19531 19532 >"$WORK/nginx.conf"
 case $TARGET in
     portcullis)
         RUST_LOG=warn taskset -c 1 "$PC" run --config "$WORK/portcullis.toml" >"$WORK/proxy.log" 2>&1 &

@@ -30,28 +30,7 @@ addresses = ["127.0.0.1:19522"]
 address = "127.0.0.1:19523"
 $(terminal_route 19521)
 CONF
-mkdir -p "$WORK/nginx-tmp"
-cat >"$WORK/nginx.conf" <<CONF
-worker_processes 1;
-worker_rlimit_nofile 20000;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 19900; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx-tmp/body;
-    proxy_temp_path $WORK/nginx-tmp/proxy;
-    fastcgi_temp_path $WORK/nginx-tmp/fastcgi;
-    uwsgi_temp_path $WORK/nginx-tmp/uwsgi;
-    scgi_temp_path $WORK/nginx-tmp/scgi;
-    upstream agents { server 127.0.0.1:19521; }
-    server {
-        listen 127.0.0.1:19524;
-$(nginx_ws_location)
-    }
-}
-CONF
+nginx_ws_conf 19521 19524 >"$WORK/nginx.conf"
 TICK=$(getconf CLK_TCK)
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 tw() { ss -Htan state time-wait | wc -l; }
