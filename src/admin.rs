@@ -263,7 +263,13 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
                 }
             }
             shared.metrics.relay_buffer_bytes.set(crate::proxy::relay::pool::lent_bytes() as f64);
-            crate::metrics::worker_threads(tokio::runtime::Handle::current().metrics().num_workers());
+            crate::metrics::worker_threads(
+                shared
+                    .workers
+                    .get()
+                    .copied()
+                    .unwrap_or_else(|| tokio::runtime::Handle::current().metrics().num_workers()),
+            );
             crate::metrics::connections_limit(runtime.config.server.max_connections);
             if let Some(a) = &runtime.authenticator {
                 crate::metrics::token_cache_entries(a.cached_tokens());

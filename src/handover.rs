@@ -66,10 +66,16 @@ pub enum HandoverError {
     /// The runtime directory is not a directory of this user's that only it can enter.
     #[error("{0} is not a directory owned by this user with mode 0700; the hand-over socket cannot go there")]
     UnsafeDir(PathBuf),
+    /// The new process could not serve on the sockets, and said why.
+    #[error("the new process refused the sockets: {0}")]
+    Refused(String),
     /// The new process sent something other than `ready`.
     #[error("the new process answered {0:?}, not ready")]
     Protocol(String),
 }
+
+/// How the new process's answer starts when it cannot serve on the sockets; the reason follows.
+const REFUSED: &str = "refused: ";
 
 /// The directory for hand-over sockets: `configured`, else `$XDG_RUNTIME_DIR/portcullis`, else
 /// `portcullis-<uid>` in the temporary directory. Created 0700 when missing; an existing one
@@ -128,21 +134,35 @@ async fn hand_over_on(
     let child_pid = child.id().unwrap_or(0);
     tracing::info!(new_pid = child_pid, binary = %binary.display(), "handover: new process started");
     // The exchange is a few blocking calls on a local socket: on the blocking pool.
-    let exchange = tokio::task::spawn_blocking(move || -> Result<(), HandoverError> {
+    let mut exchange = tokio::task::spawn_blocking(move || -> Result<(), HandoverError> {
         listener.set_nonblocking(false)?;
         let mut stream = accept_child(&listener, child_pid, WAIT)?;
         stream.set_read_timeout(Some(WAIT))?;
         send_sockets(&stream, &sockets)?;
-        let mut answer = [0u8; 16];
+        let mut answer = [0u8; 1024];
         let n = stream.read(&mut answer)?;
         match &answer[..n] {
             b"ready\n" => Ok(()),
-            other => Err(HandoverError::Protocol(String::from_utf8_lossy(other).into_owned())),
+            other => match other.strip_prefix(REFUSED.as_bytes()) {
+                Some(why) => {
+                    Err(HandoverError::Refused(String::from_utf8_lossy(why).trim_end().escape_debug().to_string()))
+                }
+                None => Err(HandoverError::Protocol(String::from_utf8_lossy(other).into_owned())),
+            },
         }
     });
+    let joined = |done: Result<Result<(), HandoverError>, tokio::task::JoinError>| {
+        done.map_err(|e| HandoverError::Io(std::io::Error::other(e))).and_then(|r| r)
+    };
     let result = tokio::select! {
-        done = exchange => done.map_err(|e| HandoverError::Io(std::io::Error::other(e))).and_then(|r| r),
-        status = child.wait() => status.map_err(HandoverError::from).and_then(|s| Err(HandoverError::Exited(s))),
+        done = &mut exchange => joined(done),
+        status = child.wait() => {
+            // A reason it wrote before it exited says more than its exit status.
+            match tokio::time::timeout(Duration::from_millis(500), &mut exchange).await.map(joined) {
+                Ok(Err(refused @ HandoverError::Refused(_))) => Err(refused),
+                _ => status.map_err(HandoverError::from).and_then(|s| Err(HandoverError::Exited(s))),
+            }
+        }
     };
     if result.is_err() {
         // Never two processes serving after a failed handover: the new one goes.
@@ -258,7 +278,16 @@ pub fn receive(config: &Config, socket: &Path) -> Result<(Bound, Ready), ServerE
     let bound = Bound::bind_with(config, |name, addr| {
         let slot = offered.iter_mut().find(|o| o.as_ref().is_some_and(|(n, a, _)| n == name && *a == addr))?;
         slot.take().map(|(_, _, fd)| std::net::TcpListener::from(fd))
-    })?;
+    });
+    let bound = match bound {
+        Ok(b) => b,
+        Err(e) => {
+            // The old process logs why: this process's own message may not outlive the kill
+            // that follows a refusal.
+            let _ = (&stream).write_all(format!("{REFUSED}{e}\n").as_bytes());
+            return Err(e);
+        }
+    };
     let unused = offered.iter().flatten().count();
     tracing::info!(
         received = offered.len(),

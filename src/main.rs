@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use portcullis::config::Config;
+use portcullis::config::{Config, WorkerModel};
 use portcullis::server::{self, Bound};
 
 mod client;
@@ -152,22 +152,26 @@ enum TokenCommand {
 }
 
 /// The runtime for `configured` worker threads (0: `TOKIO_WORKER_THREADS` when set, else one
-/// per core). One worker is tokio's current-thread runtime on the main thread: the process is
-/// then a single thread, like an NGINX worker (what it hands to tokio's blocking pool aside, on
-/// threads named `pc-blocking`), and the kernel skips the reference count that a descriptor
-/// table shared between threads costs at every system call. Against the multi-thread runtime
-/// with one worker: 2-7 % less CPU per new plain session, and no difference on the relay, plain
-/// or TLS, that the runs can resolve (BENCHMARKS.md). More workers: the multi-thread runtime.
-fn runtime_builder(configured: usize) -> tokio::runtime::Builder {
-    let one = match configured {
-        // Read as tokio reads it; a value tokio refuses is left for tokio to refuse.
-        0 => match std::env::var_os("TOKIO_WORKER_THREADS") {
-            Some(v) => v.to_str().and_then(|v| v.parse::<usize>().ok()) == Some(1),
-            // Tokio counts one core when the count is unknown.
-            None => std::thread::available_parallelism().map_or(true, |n| n.get() == 1),
-        },
-        n => n == 1,
-    };
+/// per core) in `model`. One worker is tokio's current-thread runtime on the main thread: the
+/// process is then a single thread, like an NGINX worker (what it hands to tokio's blocking
+/// pool aside, on threads named `pc-blocking`), and the kernel skips the reference count that a
+/// descriptor table shared between threads costs at every system call. Against the
+/// multi-thread runtime with one worker: 2-7 % less CPU per new plain session, and no
+/// difference on the relay, plain or TLS, that the runs can resolve (BENCHMARKS.md). More
+/// workers: the multi-thread runtime, or in the thread-per-core model the same current-thread
+/// runtime on the main thread (worker 0), which `Server::serve` joins with one more thread and
+/// runtime per further worker.
+fn runtime_builder(configured: usize, model: WorkerModel) -> tokio::runtime::Builder {
+    let one = model == WorkerModel::ThreadPerCore
+        || match configured {
+            // Read as tokio reads it; a value tokio refuses is left for tokio to refuse.
+            0 => match std::env::var_os("TOKIO_WORKER_THREADS") {
+                Some(v) => v.to_str().and_then(|v| v.parse::<usize>().ok()) == Some(1),
+                // Tokio counts one core when the count is unknown.
+                None => std::thread::available_parallelism().map_or(true, |n| n.get() == 1),
+            },
+            n => n == 1,
+        };
     if one {
         let mut builder = tokio::runtime::Builder::new_current_thread();
         builder.thread_name("pc-blocking");
@@ -201,7 +205,9 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    let runtime = match runtime_builder(config.as_ref().map_or(0, |c| c.server.worker_threads)).enable_all().build() {
+    let (workers, model) =
+        config.as_ref().map_or((0, WorkerModel::WorkStealing), |c| (c.server.worker_threads, c.server.worker_model));
+    let runtime = match runtime_builder(workers, model).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portcullis: cannot start the runtime: {e}");

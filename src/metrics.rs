@@ -230,6 +230,11 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "New sessions refused because the fleet store was unreachable for longer than max_staleness (staleness = strict).",
     ),
     (Kind::Gauge, "portcullis_worker_threads", "Tokio worker threads running the proxy."),
+    (
+        Kind::Counter,
+        "portcullis_worker_connections_total",
+        "Client connections accepted, by worker (worker_model = thread_per_core with more than one worker).",
+    ),
     (Kind::Gauge, "portcullis_token_cache_entries", "Tokens in the verified-token cache."),
     (
         Kind::Counter,
@@ -739,6 +744,11 @@ pub fn fleet_lock_applied(source: &'static str, seconds: Option<f64>) {
     if let Some(s) = seconds {
         histogram!("portcullis_fleet_lock_apply_seconds").record(s);
     }
+}
+
+/// The counter of connections worker `worker` accepts (thread-per-core), made once per accept loop.
+pub fn worker_connections(worker: usize) -> metrics::Counter {
+    counter!("portcullis_worker_connections_total", "worker" => worker.to_string())
 }
 
 /// A connection to the peer listener was refused (`reason`: its preamble's fault).

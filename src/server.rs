@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::auth::{AuthConfigError, Authenticator, Denylist};
-use crate::config::{Config, RouteConfig};
+use crate::config::{Config, RouteConfig, WorkerModel};
 use crate::metrics::{self, Metrics};
 use crate::outbound::{self, Upstream, UpstreamSettings};
 use crate::proxy::accept::{accept_loop, ListenerKind};
@@ -57,6 +57,9 @@ pub enum ServerError {
     /// The sockets of a handover could not be received.
     #[error("handover: {0}")]
     Handover(String),
+    /// The thread-per-core model's worker threads could not start.
+    #[error("cannot start the workers: {0}")]
+    Workers(String),
     /// A reload changes something only a restart can apply (listener addresses or their TLS
     /// setting, the admin address); it is refused as a whole.
     #[error("{0} changed: that needs a restart, so the reload is refused")]
@@ -340,28 +343,56 @@ impl Bound {
         config: &Config,
         mut inherited: impl FnMut(&str, SocketAddr) -> Option<std::net::TcpListener>,
     ) -> Result<Bound, ServerError> {
-        let mut take = |name: &str, addr: SocketAddr, reuse_port: bool| match inherited(name, addr) {
-            Some(l) => {
-                let err = |source| ServerError::Bind { addr, source };
-                l.set_nonblocking(true).map_err(err)?;
-                TcpListener::from_std(l).map_err(err)
-            }
-            None => bind(addr, reuse_port),
+        let adopt = |addr: SocketAddr, l: std::net::TcpListener| {
+            let err = |source| ServerError::Bind { addr, source };
+            l.set_nonblocking(true).map_err(err)?;
+            TcpListener::from_std(l).map_err(err)
         };
+        // Thread-per-core: a socket per worker and address, so the kernel spreads connections
+        // over the workers.
+        let per_address = sockets_per_address(&config.server);
         let mut listeners = Vec::new();
         for l in &config.listeners {
             for &addr in &l.addresses {
-                listeners.push(BoundListener {
-                    name: l.name.clone(),
-                    tls: l.tls,
-                    proxy_protocol: l.proxy_protocol.as_deref().map(Arc::from),
-                    configured: addr,
-                    listener: take(&l.name, addr, l.reuse_port)?,
-                });
+                let (first, handed) = match inherited(&l.name, addr) {
+                    Some(s) => (adopt(addr, s)?, true),
+                    None => (bind(addr, l.reuse_port || per_address > 1)?, false),
+                };
+                let local = first.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+                let mut sockets = vec![first];
+                // Every further socket a handover gives for this address (the previous
+                // process's other workers') is served too: closing one would reset the
+                // connections waiting in its queue.
+                while let Some(s) = inherited(&l.name, addr) {
+                    sockets.push(adopt(addr, s)?);
+                }
+                while sockets.len() < per_address {
+                    sockets.push(bind(local, true).map_err(|e| match handed {
+                        // A socket bound without SO_REUSEPORT (work stealing, no reuse_port)
+                        // admits no other beside it.
+                        true => ServerError::Handover(format!(
+                            "listener {:?} on {local}: the socket handed over has no room for a socket per worker ({e}); changing worker_model or worker_threads to more sockets than the running process has needs a restart",
+                            l.name
+                        )),
+                        false => e,
+                    })?);
+                }
+                for listener in sockets {
+                    listeners.push(BoundListener {
+                        name: l.name.clone(),
+                        tls: l.tls,
+                        proxy_protocol: l.proxy_protocol.as_deref().map(Arc::from),
+                        configured: addr,
+                        listener,
+                    });
+                }
             }
         }
         let admin = match &config.admin {
-            Some(a) => Some(take(ADMIN_LISTENER, a.address, false)?),
+            Some(a) => Some(match inherited(ADMIN_LISTENER, a.address) {
+                Some(s) => adopt(a.address, s)?,
+                None => bind(a.address, false)?,
+            }),
             None => None,
         };
         Ok(Bound { listeners, admin })
@@ -410,6 +441,87 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, ServerError> 
     TcpListener::from_std(socket.into()).map_err(err)
 }
 
+/// The number of workers `run` has for `configured` (`worker_threads`; 0: `TOKIO_WORKER_THREADS`
+/// when it is a number, else one per core, as tokio counts them).
+pub fn worker_count(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let env = std::env::var_os("TOKIO_WORKER_THREADS").and_then(|v| v.to_str()?.parse::<usize>().ok());
+    match env {
+        Some(n) if n > 0 => n,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+/// How many sockets each listener address gets: one per worker in the thread-per-core model
+/// with more than one worker, else one.
+fn sockets_per_address(s: &crate::config::ServerSettings) -> usize {
+    match s.worker_model {
+        WorkerModel::ThreadPerCore => worker_count(s.worker_threads),
+        WorkerModel::WorkStealing => 1,
+    }
+}
+
+/// The thread-per-core model's workers besides the one `serve` runs on: a thread each, with a
+/// current-thread runtime that runs its listeners' accept loops and every connection they
+/// accept, until [`Workers::stop`] (or the drop) ends it.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    /// Starts `n` workers, named `pc-worker-1` … `pc-worker-N` (`serve`'s own thread is
+    /// worker 0).
+    async fn start(n: usize) -> io::Result<Workers> {
+        let mut workers = Workers { handles: Vec::new(), threads: Vec::new(), stop: CancellationToken::new() };
+        for k in 1..=n {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let stop = workers.stop.clone();
+            let thread = std::thread::Builder::new().name(format!("pc-worker-{k}")).spawn(move || {
+                let runtime =
+                    tokio::runtime::Builder::new_current_thread().enable_all().thread_name("pc-blocking").build();
+                match runtime {
+                    Ok(runtime) => {
+                        let _ = tx.send(Ok(runtime.handle().clone()));
+                        runtime.block_on(stop.cancelled());
+                        // What is left after the drain ends with the worker, as at exit.
+                        runtime.shutdown_timeout(Duration::from_secs(1));
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })?;
+            workers.threads.push(thread);
+            let handle =
+                rx.await.map_err(|_| io::Error::other("a worker thread ended before its runtime started"))??;
+            workers.handles.push(handle);
+        }
+        Ok(workers)
+    }
+
+    /// Ends every worker's runtime and waits for its thread.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// A server ready to serve: configuration validated, certificates and keys loaded.
 pub struct Server {
     shared: Arc<Shared>,
@@ -445,6 +557,7 @@ impl Server {
                 per_subject: Arc::default(),
                 resumes: Arc::default(),
                 fanouts: Arc::default(),
+                workers: std::sync::OnceLock::new(),
                 fleet,
             }),
         })
@@ -487,11 +600,49 @@ impl Server {
         let metrics = shared.metrics.clone();
         let stop_admin = CancellationToken::new();
         let mut loops = Vec::new();
+        // Thread-per-core: worker 0 is this thread; the others are started here, and an
+        // address's k-th socket is worker k's.
+        let server_settings = shared.runtime.load().config.server.clone();
+        let workers = match sockets_per_address(&server_settings) {
+            n if n > 1 => {
+                let workers = Workers::start(n - 1).await.map_err(|e| ServerError::Workers(e.to_string()))?;
+                let _ = shared.workers.set(n);
+                tracing::info!(workers = n, "thread-per-core: one runtime and one socket per address on each worker");
+                Some(workers)
+            }
+            _ => None,
+        };
+        let mut nth: HashMap<(String, SocketAddr), usize> = HashMap::new();
         for l in bound.listeners {
             let addr = l.listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            tracing::info!(listener = %l.name, %addr, tls = l.tls, proxy_protocol = l.proxy_protocol.is_some(), "listening");
             let kind = ListenerKind { tls: l.tls, proxy_protocol: l.proxy_protocol, peer: false };
-            loops.push(tokio::spawn(accept_loop(l.listener, kind, shared.clone())));
+            let k = {
+                let n = nth.entry((l.name.clone(), l.configured)).or_default();
+                *n += 1;
+                *n - 1
+            };
+            let Some(workers) = &workers else {
+                tracing::info!(listener = %l.name, %addr, tls = l.tls, proxy_protocol = kind.proxy_protocol.is_some(), "listening");
+                loops.push(tokio::spawn(accept_loop(l.listener, kind, shared.clone(), None)));
+                continue;
+            };
+            let worker = k % (workers.handles.len() + 1);
+            tracing::info!(listener = %l.name, %addr, tls = l.tls, proxy_protocol = kind.proxy_protocol.is_some(), worker, "listening");
+            let accepted = Some(metrics::worker_connections(worker));
+            if worker == 0 {
+                loops.push(tokio::spawn(accept_loop(l.listener, kind, shared.clone(), accepted)));
+                continue;
+            }
+            // The socket moves to the worker's own I/O driver: its connections are accepted,
+            // served and woken there.
+            let socket = l.listener.into_std().map_err(|source| ServerError::Bind { addr: l.configured, source })?;
+            let shared = shared.clone();
+            loops.push(workers.handles[worker - 1].spawn(async move {
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => accept_loop(listener, kind, shared, accepted).await,
+                    Err(e) => tracing::error!(error = %e, "a worker cannot take its listening socket"),
+                }
+            }));
         }
         // The fleet's peer listener, bound here (with SO_REUSEPORT: a handover's new process
         // binds it beside this one) before any session is published with its address.
@@ -503,7 +654,7 @@ impl Server {
             tracing::info!(%addr, %advertised, "fleet peer listener listening");
             shared.fleet.set_advertised(advertised);
             let kind = ListenerKind { tls: false, proxy_protocol: None, peer: true };
-            loops.push(tokio::spawn(accept_loop(listener, kind, shared.clone())));
+            loops.push(tokio::spawn(accept_loop(listener, kind, shared.clone(), None)));
         }
         if let Some(addr) = bound.admin.as_ref().and_then(|l| l.local_addr().ok()) {
             tracing::info!(%addr, "admin listening");
@@ -575,6 +726,9 @@ impl Server {
         let _ = sweeper.await;
         if let Some(f) = feed {
             f.abort();
+        }
+        if let Some(workers) = workers {
+            workers.stop().await;
         }
         shared.fleet.shutdown().await;
         Ok(())

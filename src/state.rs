@@ -94,6 +94,8 @@ pub struct Shared {
     /// The fleet's state store (revocations that outlive a restart and reach every instance);
     /// opened once, kept across reloads.
     pub fleet: Arc<crate::fleet::Fleet>,
+    /// The workers of the thread-per-core model, once it runs (unset: tokio's runtime says).
+    pub workers: std::sync::OnceLock<usize>,
 }
 
 /// A count of connections still handshaking, and a wake-up when it reaches zero (no polling).

@@ -19,6 +19,7 @@
 # PEER_WORKERS (1: NGINX worker_processes and HAProxy nbthread; 2 for the two-worker variant),
 # FRESH_IDLE ("1000 5000 9900": idle sessions held by a freshly started proxy, for KiB/session),
 # PORTCULLIS_THREADS (1: tokio worker threads, to match the peers' single worker; "" = one per core),
+# PORTCULLIS_MODEL (work_stealing: `[server] worker_model` with more than one thread; thread_per_core),
 # TLS (0; 1 = every target over wss:// with one self-signed ECDSA P-256 certificate, clients use
 # --insecure; the direct baseline is a second, TLS, echo backend; adds the target nginx-tls12, an NGINX
 # limited to TLS 1.2 as Debian's NGINX 1.22 is by default), PIN (0; 1 = every proxy pinned alone
@@ -36,6 +37,7 @@ STORM_RATE=${STORM_RATE:-2500}
 SCENARIOS=${SCENARIOS:-"latency echo64 echo16k rate idle1000 idle5000 idle9900 storm stormjwt rest restget sse sse1000 dashboards"}
 FRESH_IDLE=${FRESH_IDLE-"1000 5000 9900"}
 PORTCULLIS_THREADS=${PORTCULLIS_THREADS-1}
+PORTCULLIS_MODEL=${PORTCULLIS_MODEL:-work_stealing}
 # NGINX worker_processes / HAProxy nbthread (1 or 2 on this machine).
 PEER_WORKERS=${PEER_WORKERS:-1}
 TLS=${TLS:-0}
@@ -123,6 +125,7 @@ drain_spread = "100ms"
 # The load generator is one address opening thousands of sessions: the per-client limits (an
 # internet-facing edge's by default) are off, as NGINX and HAProxy have none here.
 $LIMITS_OFF
+worker_model = "$PORTCULLIS_MODEL"
 
 [[listeners]]
 name = "plain"
@@ -318,7 +321,7 @@ fi
     echo "# portcullis-loadtest compare, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo "machine: $(nproc) cores, kernel $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
     echo "versions: $("$PC" --version 2>/dev/null || echo portcullis), $("$NGINX_BIN" -v 2>&1), $("$HAPROXY_BIN" -v | head -n1)"
-    echo "duration $DURATION, repeat $REPEAT (interleaved, medians), connections $CONNS, $SCHEME, portcullis threads ${PORTCULLIS_THREADS:-one per core}, peer workers $PEER_WORKERS"
+    echo "duration $DURATION, repeat $REPEAT (interleaved, medians), connections $CONNS, $SCHEME, portcullis threads ${PORTCULLIS_THREADS:-one per core} ($PORTCULLIS_MODEL), peer workers $PEER_WORKERS"
 } | tee "$OUT/header.txt"
 
 run_compare() {

@@ -65,6 +65,7 @@ impl Default for ServerSettings {
             removed_route_grace: Duration::from_secs(600),
             reload_poll_interval: Duration::from_secs(2),
             worker_threads: 0,
+            worker_model: super::WorkerModel::WorkStealing,
             trusted_proxies: Vec::new(),
             max_connections_per_ip: 256,
             ipv6_prefix_len: 64,

@@ -156,6 +156,18 @@ pub enum Staleness {
     Strict,
 }
 
+/// How `run`'s workers share connections when there is more than one (`worker_model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerModel {
+    /// Tokio's multi-thread runtime: every listener is one socket, and a task may run on any
+    /// worker (an idle worker steals queued tasks from a busy one).
+    WorkStealing,
+    /// One current-thread runtime per worker, each with its own `SO_REUSEPORT` socket for every
+    /// listener address: the kernel spreads new connections over the workers, and a connection
+    /// lives its whole life on the thread that accepted it.
+    ThreadPerCore,
+}
+
 /// HTTP/2 on TLS listeners (`[http2]`): offered by ALPN next to HTTP/1.1, with WebSockets by
 /// extended CONNECT (RFC 8441).
 ///
@@ -336,6 +348,8 @@ pub struct ServerSettings {
     /// Tokio worker threads of `run` (0: `TOKIO_WORKER_THREADS`, else one per core); read at
     /// start.
     pub worker_threads: usize,
+    /// How more than one worker shares the work; read at start.
+    pub worker_model: WorkerModel,
     /// Peers whose `X-Forwarded-For` and `Forwarded` headers are believed and extended; from
     /// any other peer they are dropped. Empty: the edge believes no one.
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -1007,6 +1021,19 @@ mod tests {
         let s = &c.server;
         assert_eq!((s.connection_burst_per_ip, s.connection_rate_per_ip), (50, 20));
         assert_eq!((s.handshake_burst_per_ip, s.handshake_rate_per_ip), (40, 20));
+    }
+
+    #[test]
+    fn worker_model_is_work_stealing_unless_thread_per_core_is_asked_for() {
+        let base = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n";
+        let c = Config::parse(base, Path::new("x.toml")).expect("valid");
+        assert_eq!(c.server.worker_model, WorkerModel::WorkStealing);
+        let text = format!("[server]\nworker_model = \"thread_per_core\"\n{base}");
+        let c = Config::parse(&text, Path::new("x.toml")).expect("valid");
+        assert_eq!(c.server.worker_model, WorkerModel::ThreadPerCore);
+        let text = format!("[server]\nworker_model = \"per_core\"\n{base}");
+        let msg = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(msg.contains("x.toml:2") && msg.contains("expected `work_stealing` or `thread_per_core`"), "{msg}");
     }
 
     #[test]

@@ -100,6 +100,13 @@ pub(super) enum RawStaleness {
     Strict,
 }
 
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawWorkerModel {
+    WorkStealing,
+    ThreadPerCore,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHttp2 {
@@ -212,6 +219,7 @@ pub(super) struct RawServer {
     pub(super) removed_route_grace: Option<Dur>,
     pub(super) reload_poll_interval: Option<Dur>,
     pub(super) worker_threads: Option<usize>,
+    pub(super) worker_model: Option<RawWorkerModel>,
     pub(super) trusted_proxies: Option<Vec<ipnet::IpNet>>,
     pub(super) max_connections_per_ip: Option<u32>,
     pub(super) ipv6_prefix_len: Option<u8>,

@@ -350,6 +350,11 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
         removed_route_grace: dur(s.removed_route_grace, d.removed_route_grace),
         reload_poll_interval: dur(s.reload_poll_interval, d.reload_poll_interval),
         worker_threads: s.worker_threads.unwrap_or(d.worker_threads),
+        worker_model: match s.worker_model {
+            None => d.worker_model,
+            Some(super::raw::RawWorkerModel::WorkStealing) => super::WorkerModel::WorkStealing,
+            Some(super::raw::RawWorkerModel::ThreadPerCore) => super::WorkerModel::ThreadPerCore,
+        },
         trusted_proxies: s.trusted_proxies.unwrap_or(d.trusted_proxies),
         max_connections_per_ip: s.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
         ipv6_prefix_len: s.ipv6_prefix_len.unwrap_or(d.ipv6_prefix_len),

@@ -27,8 +27,14 @@ pub struct ListenerKind {
     pub peer: bool,
 }
 
-/// Accepts connections until the server drains.
-pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared>) {
+/// Accepts connections until the server drains, counting each in `per_worker` when given (the
+/// thread-per-core worker's counter).
+pub async fn accept_loop(
+    listener: TcpListener,
+    kind: ListenerKind,
+    shared: Arc<Shared>,
+    per_worker: Option<::metrics::Counter>,
+) {
     let tls = kind.tls;
     loop {
         let accepted = tokio::select! {
@@ -53,6 +59,9 @@ pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<
                 continue;
             }
         };
+        if let Some(c) = &per_worker {
+            c.increment(1);
+        }
         let _ = tcp.set_nodelay(true);
         let shared2 = shared.clone();
         // The TLS configuration in force now: a reload with new certificates applies to new

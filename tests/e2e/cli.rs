@@ -120,15 +120,6 @@ async fn worker_threads_sets_the_runtime_of_run() {
     }
 }
 
-/// The names of a process's threads (Linux `/proc`).
-fn thread_names(pid: u32) -> Vec<String> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the proxy's threads");
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|n| n.trim().to_owned())
-        .collect()
-}
-
 #[tokio::test]
 async fn reuse_port_lets_two_processes_share_a_listener_and_the_kernel_spreads_sessions() {
     let backend = Backend::echo().await;

@@ -7,12 +7,27 @@ use crate::harness::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_100_open_sessions_sends_1001_to_each_and_exits_zero() {
     let backend = Backend::echo().await;
-    let text = TestConfig::base(&[backend.addr.to_string()])
+    drains_100_sessions(&draining(&backend).text()).await;
+}
+
+/// The same over thread-per-core workers: the sessions live on three threads' runtimes, and
+/// the one drain reaches all of them before the workers stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_sessions_of_every_thread_per_core_worker() {
+    let backend = Backend::echo().await;
+    let text = draining(&backend).set("server.worker_threads", 3).set("server.worker_model", "thread_per_core").text();
+    drains_100_sessions(&text).await;
+}
+
+fn draining(backend: &Backend) -> TestConfig {
+    TestConfig::base(&[backend.addr.to_string()])
         .set("server.drain_timeout", "8s")
         .set("server.drain_spread", "1s")
         .one_address_load()
-        .text();
-    let mut proxy = ProxyProcess::start(&text).await;
+}
+
+async fn drains_100_sessions(text: &str) {
+    let mut proxy = ProxyProcess::start(text).await;
     let mut clients = Vec::new();
     for i in 0..100 {
         let mut c = upgrade(proxy.tls, true, &format!("/agents/a{i}/terminal"), &[]).await.expect("101");

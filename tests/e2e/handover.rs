@@ -32,7 +32,27 @@ async fn sigusr2_hands_the_listeners_to_a_new_process_without_refusing_a_connect
     let backend = Backend::echo().await;
     let text =
         TestConfig::base(&[backend.addr.to_string()]).one_address_load().set("server.drain_spread", "300ms").text();
-    let mut proxy = ProxyProcess::start(&text).await;
+    // Two listeners and the admin listener.
+    hands_over_without_refusing(&text, 3).await;
+}
+
+/// The same with thread-per-core workers: each of the two workers has a socket per listener
+/// address, and the new process takes every one of them (a socket it left would be closed with
+/// the old process, and the connections in its queue reset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_hands_every_workers_socket_to_the_new_process() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .one_address_load()
+        .set("server.drain_spread", "300ms")
+        .set("server.worker_threads", 2)
+        .set("server.worker_model", "thread_per_core")
+        .text();
+    hands_over_without_refusing(&text, 5).await;
+}
+
+async fn hands_over_without_refusing(text: &str, sockets: usize) {
+    let mut proxy = ProxyProcess::start(text).await;
 
     // 200 live wss sessions, each with traffic.
     let mut sessions = Vec::new();
@@ -75,6 +95,10 @@ async fn sigusr2_hands_the_listeners_to_a_new_process_without_refusing_a_connect
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("{started}"));
     let _reap = Reap(Some(new_pid));
+    let received = log_line(&proxy, "handover: listening sockets received").await;
+    for part in [format!("received={sockets}"), "not_in_this_configuration=0".to_owned()] {
+        assert!(received.contains(&part), "{part} in {received}");
+    }
     log_line(&proxy, "handover: serving; the previous process drains").await;
 
     // Every session open before the handover is closed by the old process's drain with 1001.
@@ -110,6 +134,34 @@ async fn a_new_process_that_refuses_its_configuration_leaves_the_old_one_serving
     proxy.signal("USR2");
     log_line(&proxy, "handover failed; serving on").await;
     // The old process still serves its session and new ones.
+    c.send(true, op::TEXT, b"still here").await;
+    assert_eq!(c.recv().await.payload, b"still here");
+    let mut d = upgrade(proxy.plain, false, "/agents/a2/terminal", &[]).await.expect("new sessions still accepted");
+    d.send(true, op::TEXT, b"new").await;
+    assert_eq!(d.recv().await.payload, b"new");
+}
+
+/// A running work-stealing process's sockets were bound without `SO_REUSEPORT`: a new process
+/// configured for thread-per-core cannot bind its further workers' sockets beside them, tells
+/// the old process why, and exits; the old process logs the reason and serves on.
+#[tokio::test]
+async fn a_handover_to_more_sockets_than_the_old_process_has_room_for_is_refused() {
+    let backend = Backend::echo().await;
+    let proxy = ProxyProcess::start(&TestConfig::base(&[backend.addr.to_string()]).text()).await;
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
+    let path = proxy.dir.path().join("portcullis.toml");
+    let text = std::fs::read_to_string(&path).expect("config");
+    assert!(text.contains("[server]\n"), "{text}");
+    let text = text.replacen("[server]\n", "[server]\nworker_threads = 2\nworker_model = \"thread_per_core\"\n", 1);
+    std::fs::write(&path, text).expect("write");
+    proxy.signal("USR2");
+    // The old process logs the new one's reason.
+    let failed = log_line(&proxy, "handover failed; serving on").await;
+    assert!(
+        failed.contains("the new process refused the sockets")
+            && failed.contains("has no room for a socket per worker"),
+        "{failed}"
+    );
     c.send(true, op::TEXT, b"still here").await;
     assert_eq!(c.recv().await.payload, b"still here");
     let mut d = upgrade(proxy.plain, false, "/agents/a2/terminal", &[]).await.expect("new sessions still accepted");

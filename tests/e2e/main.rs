@@ -36,3 +36,4 @@ mod resume;
 mod routing;
 mod tls;
 mod trust;
+mod workers;

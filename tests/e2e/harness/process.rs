@@ -137,3 +137,12 @@ fn bound_addresses(log: &str) -> Option<(SocketAddr, SocketAddr, SocketAddr)> {
     }
     Some((tls?, plain?, admin?))
 }
+
+/// The names of a process's threads (Linux `/proc`).
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the proxy's threads");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
