@@ -36,8 +36,17 @@ use crate::server::{Bound, ServerError};
 /// The environment variable that tells a new process to take its sockets over.
 pub const ENV: &str = "PORTCULLIS_HANDOVER";
 
-/// Most sockets one handover carries (every listener address and the admin listener).
+/// Most sockets one message of a handover carries; a handover with more (thread-per-core
+/// workers have a socket each per address) sends them in several messages, each but the last
+/// with the line [`MORE`]. Below Linux's 253 descriptors a message.
 const MAX_SOCKETS: usize = 64;
+
+/// Most messages one handover sends: 4,096 sockets.
+const MAX_MESSAGES: usize = 64;
+
+/// The line that says another message of sockets follows (a name line always has a tab; an
+/// older process, which reads one message, skips it).
+const MORE: &str = "more";
 
 /// How long the old process waits for the new one to connect, and then to be ready.
 const WAIT: Duration = Duration::from_secs(30);
@@ -158,7 +167,8 @@ async fn hand_over_on(
         done = &mut exchange => joined(done),
         status = child.wait() => {
             // A reason it wrote before it exited says more than its exit status.
-            match tokio::time::timeout(Duration::from_millis(500), &mut exchange).await.map(joined) {
+            // Bounded: a process that exited before it connected leaves the exchange waiting.
+            match tokio::time::timeout(Duration::from_secs(2), &mut exchange).await.map(joined) {
                 Ok(Err(refused @ HandoverError::Refused(_))) => Err(refused),
                 _ => status.map_err(HandoverError::from).and_then(|s| Err(HandoverError::Exited(s))),
             }
@@ -208,20 +218,28 @@ fn accept_child(listener: &UnixListener, child: u32, limit: Duration) -> Result<
 
 /// One message: a line `name\taddress` per socket, and the sockets themselves.
 fn send_sockets(stream: &UnixStream, sockets: &[(String, SocketAddr, OwnedFd)]) -> Result<(), HandoverError> {
-    if sockets.len() > MAX_SOCKETS {
-        return Err(HandoverError::Protocol(format!("{} sockets, at most {MAX_SOCKETS}", sockets.len())));
+    if sockets.len() > MAX_SOCKETS * MAX_MESSAGES {
+        let most = MAX_SOCKETS * MAX_MESSAGES;
+        return Err(HandoverError::Protocol(format!("{} sockets, at most {most}", sockets.len())));
     }
-    let names: String = sockets.iter().map(|(name, addr, _)| format!("{name}\t{addr}\n")).collect();
-    let fds: Vec<_> = sockets.iter().map(|(_, _, fd)| fd.as_fd()).collect();
-    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(HandoverError::Protocol("too many sockets for one message".into()));
-    }
-    let sent = sendmsg(stream, &[IoSlice::new(names.as_bytes())], &mut control, SendFlags::empty())
-        .map_err(std::io::Error::from)?;
-    if sent != names.len() {
-        return Err(HandoverError::Protocol("the socket list was cut".into()));
+    let batches = sockets.len().div_ceil(MAX_SOCKETS).max(1);
+    for (i, batch) in sockets.chunks(MAX_SOCKETS).enumerate() {
+        let mut names: String = batch.iter().map(|(name, addr, _)| format!("{name}\t{addr}\n")).collect();
+        if i + 1 < batches {
+            names.push_str(MORE);
+            names.push('\n');
+        }
+        let fds: Vec<_> = batch.iter().map(|(_, _, fd)| fd.as_fd()).collect();
+        let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(HandoverError::Protocol("too many sockets for one message".into()));
+        }
+        let sent = sendmsg(stream, &[IoSlice::new(names.as_bytes())], &mut control, SendFlags::empty())
+            .map_err(std::io::Error::from)?;
+        if sent != names.len() {
+            return Err(HandoverError::Protocol("the socket list was cut".into()));
+        }
     }
     Ok(())
 }
@@ -251,30 +269,35 @@ pub fn receive(config: &Config, socket: &Path) -> Result<(Bound, Ready), ServerE
             peer.pid.as_raw_nonzero()
         )));
     }
-    let mut names = vec![0u8; 64 * 1024];
-    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let got = recvmsg(&stream, &mut [IoSliceMut::new(&mut names)], &mut control, RecvFlags::CMSG_CLOEXEC)
-        .map_err(|e| io(e.into()))?;
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    for message in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(received) = message {
-            fds.extend(received);
+    let mut offered: Vec<Option<(String, SocketAddr, OwnedFd)>> = Vec::new();
+    for _ in 0..MAX_MESSAGES {
+        let mut names = vec![0u8; 64 * 1024];
+        let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let got = recvmsg(&stream, &mut [IoSliceMut::new(&mut names)], &mut control, RecvFlags::CMSG_CLOEXEC)
+            .map_err(|e| io(e.into()))?;
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = message {
+                fds.extend(received);
+            }
+        }
+        let text = String::from_utf8_lossy(&names[..got.bytes]).into_owned();
+        let labels: Vec<(String, SocketAddr)> = text
+            .lines()
+            .filter_map(|l| {
+                let (name, addr) = l.split_once('\t')?;
+                Some((name.to_owned(), addr.parse().ok()?))
+            })
+            .collect();
+        if labels.len() != fds.len() {
+            return Err(ServerError::Handover(format!("{} socket names for {} sockets", labels.len(), fds.len())));
+        }
+        offered.extend(labels.into_iter().zip(fds).map(|((n, a), fd)| Some((n, a, fd))));
+        if !text.lines().any(|l| l == MORE) {
+            break;
         }
     }
-    let text = String::from_utf8_lossy(&names[..got.bytes]).into_owned();
-    let labels: Vec<(String, SocketAddr)> = text
-        .lines()
-        .filter_map(|l| {
-            let (name, addr) = l.split_once('\t')?;
-            Some((name.to_owned(), addr.parse().ok()?))
-        })
-        .collect();
-    if labels.len() != fds.len() {
-        return Err(ServerError::Handover(format!("{} socket names for {} sockets", labels.len(), fds.len())));
-    }
-    let mut offered: Vec<Option<(String, SocketAddr, OwnedFd)>> =
-        labels.into_iter().zip(fds).map(|((n, a), fd)| Some((n, a, fd))).collect();
     let bound = Bound::bind_with(config, |name, addr| {
         let slot = offered.iter_mut().find(|o| o.as_ref().is_some_and(|(n, a, _)| n == name && *a == addr))?;
         slot.take().map(|(_, _, fd)| std::net::TcpListener::from(fd))

@@ -59,7 +59,7 @@ pub enum ServerError {
     Handover(String),
     /// The thread-per-core model's worker threads could not start.
     #[error("cannot start the workers: {0}")]
-    Workers(String),
+    Workers(#[source] io::Error),
     /// A reload changes something only a restart can apply (listener addresses or their TLS
     /// setting, the admin address); it is refused as a whole.
     #[error("{0} changed: that needs a restart, so the reload is refused")]
@@ -120,7 +120,7 @@ pub fn summary(config: &Config) -> String {
     let s = &config.server;
     format!(
         "listeners [{}]; routes [{}]; {} static keys, {} JWKS sources; max_connections {}, per address {}; \
-         worker_threads {}; drain_timeout {:?}",
+         worker_threads {} ({}); drain_timeout {:?}",
         listeners.join("; "),
         routes.join(", "),
         config.auth.keys.len(),
@@ -128,6 +128,10 @@ pub fn summary(config: &Config) -> String {
         s.max_connections,
         s.max_connections_per_ip,
         s.worker_threads,
+        match s.worker_model {
+            WorkerModel::WorkStealing => "work_stealing",
+            WorkerModel::ThreadPerCore => "thread_per_core",
+        },
         s.drain_timeout,
     )
 }
@@ -367,14 +371,14 @@ impl Bound {
                     sockets.push(adopt(addr, s)?);
                 }
                 while sockets.len() < per_address {
-                    sockets.push(bind(local, true).map_err(|e| match handed {
+                    sockets.push(bind(local, true).map_err(|e| match (handed, &e) {
                         // A socket bound without SO_REUSEPORT (work stealing, no reuse_port)
                         // admits no other beside it.
-                        true => ServerError::Handover(format!(
+                        (true, ServerError::Bind { source, .. }) if source.kind() == io::ErrorKind::AddrInUse => ServerError::Handover(format!(
                             "listener {:?} on {local}: the socket handed over has no room for a socket per worker ({e}); changing worker_model or worker_threads to more sockets than the running process has needs a restart",
                             l.name
                         )),
-                        false => e,
+                        _ => e,
                     })?);
                 }
                 for listener in sockets {
@@ -467,8 +471,11 @@ fn sockets_per_address(s: &crate::config::ServerSettings) -> usize {
 /// current-thread runtime that runs its listeners' accept loops and every connection they
 /// accept, until [`Workers::stop`] (or the drop) ends it.
 struct Workers {
+    /// Worker k's runtime at k - 1: where its accept loops are spawned.
     handles: Vec<tokio::runtime::Handle>,
+    /// The threads, joined by [`Workers::stop`].
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Ends every worker's runtime.
     stop: CancellationToken,
 }
 
@@ -481,8 +488,12 @@ impl Workers {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let stop = workers.stop.clone();
             let thread = std::thread::Builder::new().name(format!("pc-worker-{k}")).spawn(move || {
-                let runtime =
-                    tokio::runtime::Builder::new_current_thread().enable_all().thread_name("pc-blocking").build();
+                // Tokio's 512 blocking threads shared over the process's workers, not 512 each.
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .thread_name("pc-blocking")
+                    .max_blocking_threads((512 / (n + 1)).max(16))
+                    .build();
                 match runtime {
                     Ok(runtime) => {
                         let _ = tx.send(Ok(runtime.handle().clone()));
@@ -525,6 +536,9 @@ impl Drop for Workers {
 /// A server ready to serve: configuration validated, certificates and keys loaded.
 pub struct Server {
     shared: Arc<Shared>,
+    /// The thread-per-core model's further workers, started with the server (before a
+    /// handover's new process says it is ready).
+    workers: Option<Workers>,
 }
 
 impl Server {
@@ -540,8 +554,13 @@ impl Server {
             crate::session::close::CODE_LABELS,
             &crate::session::Initiator::ALL.map(crate::session::Initiator::as_str),
         );
+        let workers = match sockets_per_address(&config.server) {
+            n if n > 1 => Some(Workers::start(n - 1).await.map_err(ServerError::Workers)?),
+            _ => None,
+        };
         let runtime = build_runtime(config, &denylist, None, &metrics)?;
         Ok(Server {
+            workers,
             shared: Arc::new(Shared {
                 conn_limit: Arc::new(Semaphore::new(max_connections)),
                 runtime: ArcSwap::from_pointee(runtime),
@@ -600,18 +619,14 @@ impl Server {
         let metrics = shared.metrics.clone();
         let stop_admin = CancellationToken::new();
         let mut loops = Vec::new();
-        // Thread-per-core: worker 0 is this thread; the others are started here, and an
+        // Thread-per-core: worker 0 is this thread, the others started with the server, and an
         // address's k-th socket is worker k's.
-        let server_settings = shared.runtime.load().config.server.clone();
-        let workers = match sockets_per_address(&server_settings) {
-            n if n > 1 => {
-                let workers = Workers::start(n - 1).await.map_err(|e| ServerError::Workers(e.to_string()))?;
-                let _ = shared.workers.set(n);
-                tracing::info!(workers = n, "thread-per-core: one runtime and one socket per address on each worker");
-                Some(workers)
-            }
-            _ => None,
-        };
+        let workers = self.workers;
+        if let Some(w) = &workers {
+            let n = w.handles.len() + 1;
+            let _ = shared.workers.set(n);
+            tracing::info!(workers = n, "thread-per-core: one runtime and one socket per address on each worker");
+        }
         let mut nth: HashMap<(String, SocketAddr), usize> = HashMap::new();
         for l in bound.listeners {
             let addr = l.listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -623,14 +638,13 @@ impl Server {
             };
             let Some(workers) = &workers else {
                 tracing::info!(listener = %l.name, %addr, tls = l.tls, proxy_protocol = kind.proxy_protocol.is_some(), "listening");
-                loops.push(tokio::spawn(accept_loop(l.listener, kind, shared.clone(), None)));
+                loops.push(tokio::spawn(accept_loop(l.listener, kind, shared.clone(), false)));
                 continue;
             };
             let worker = k % (workers.handles.len() + 1);
             tracing::info!(listener = %l.name, %addr, tls = l.tls, proxy_protocol = kind.proxy_protocol.is_some(), worker, "listening");
-            let accepted = Some(metrics::worker_connections(worker));
             if worker == 0 {
-                loops.push(tokio::spawn(accept_loop(l.listener, kind, shared.clone(), accepted)));
+                loops.push(tokio::spawn(accept_loop(l.listener, kind, shared.clone(), true)));
                 continue;
             }
             // The socket moves to the worker's own I/O driver: its connections are accepted,
@@ -639,7 +653,7 @@ impl Server {
             let shared = shared.clone();
             loops.push(workers.handles[worker - 1].spawn(async move {
                 match TcpListener::from_std(socket) {
-                    Ok(listener) => accept_loop(listener, kind, shared, accepted).await,
+                    Ok(listener) => accept_loop(listener, kind, shared, true).await,
                     Err(e) => tracing::error!(error = %e, "a worker cannot take its listening socket"),
                 }
             }));
@@ -654,7 +668,7 @@ impl Server {
             tracing::info!(%addr, %advertised, "fleet peer listener listening");
             shared.fleet.set_advertised(advertised);
             let kind = ListenerKind { tls: false, proxy_protocol: None, peer: true };
-            loops.push(tokio::spawn(accept_loop(listener, kind, shared.clone(), None)));
+            loops.push(tokio::spawn(accept_loop(listener, kind, shared.clone(), false)));
         }
         if let Some(addr) = bound.admin.as_ref().and_then(|l| l.local_addr().ok()) {
             tracing::info!(%addr, "admin listening");

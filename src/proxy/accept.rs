@@ -27,14 +27,10 @@ pub struct ListenerKind {
     pub peer: bool,
 }
 
-/// Accepts connections until the server drains, counting each in `per_worker` when given (the
-/// thread-per-core worker's counter).
-pub async fn accept_loop(
-    listener: TcpListener,
-    kind: ListenerKind,
-    shared: Arc<Shared>,
-    per_worker: Option<::metrics::Counter>,
-) {
+/// Accepts connections until the server drains; with `per_worker` (the thread-per-core model),
+/// counts each under the worker whose thread runs the loop.
+pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared>, per_worker: bool) {
+    let per_worker = per_worker.then(|| crate::metrics::worker_connections(current_worker()));
     let tls = kind.tls;
     loop {
         let accepted = tokio::select! {
@@ -50,6 +46,9 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        if let Some(c) = &per_worker {
+            c.increment(1);
+        }
         let permit = match shared.conn_limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -59,9 +58,6 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        if let Some(c) = &per_worker {
-            c.increment(1);
-        }
         let _ = tcp.set_nodelay(true);
         let shared2 = shared.clone();
         // The TLS configuration in force now: a reload with new certificates applies to new
@@ -96,6 +92,12 @@ pub async fn accept_loop(
             .instrument(span),
         );
     }
+}
+
+/// The thread-per-core worker this thread is: k on `pc-worker-k`, else 0 (the main thread).
+fn current_worker() -> usize {
+    let thread = std::thread::current();
+    thread.name().and_then(|n| n.strip_prefix("pc-worker-")).and_then(|k| k.parse().ok()).unwrap_or(0)
 }
 
 /// A connection's place under `max_connections`, counted in `portcullis_connections_active`;

@@ -51,6 +51,19 @@ async fn sigusr2_hands_every_workers_socket_to_the_new_process() {
     hands_over_without_refusing(&text, 5).await;
 }
 
+/// Forty workers: 81 sockets, more than one message carries (64), so they go in two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_hands_over_more_sockets_than_one_message_carries() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .one_address_load()
+        .set("server.drain_spread", "300ms")
+        .set("server.worker_threads", 40)
+        .set("server.worker_model", "thread_per_core")
+        .text();
+    hands_over_without_refusing(&text, 81).await;
+}
+
 async fn hands_over_without_refusing(text: &str, sockets: usize) {
     let mut proxy = ProxyProcess::start(text).await;
 
@@ -149,11 +162,13 @@ async fn a_handover_to_more_sockets_than_the_old_process_has_room_for_is_refused
     let backend = Backend::echo().await;
     let proxy = ProxyProcess::start(&TestConfig::base(&[backend.addr.to_string()]).text()).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
-    let path = proxy.dir.path().join("portcullis.toml");
-    let text = std::fs::read_to_string(&path).expect("config");
-    assert!(text.contains("[server]\n"), "{text}");
-    let text = text.replacen("[server]\n", "[server]\nworker_threads = 2\nworker_model = \"thread_per_core\"\n", 1);
-    std::fs::write(&path, text).expect("write");
+    let state = proxy.dir.path().join("state").display().to_string();
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .set("server.worker_threads", 2)
+        .set("server.worker_model", "thread_per_core")
+        .set("fleet.state_dir", state.as_str())
+        .text();
+    std::fs::write(proxy.dir.path().join("portcullis.toml"), text).expect("write");
     proxy.signal("USR2");
     // The old process logs the new one's reason.
     let failed = log_line(&proxy, "handover failed; serving on").await;

@@ -16,7 +16,7 @@ fn thread_per_core(backend: &Backend, workers: i64) -> TestConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thread_per_core_runs_a_runtime_per_worker_and_the_kernel_spreads_connections_over_them() {
     let backend = Backend::echo().await;
-    let proxy = ProxyProcess::start(&thread_per_core(&backend, 3).text()).await;
+    let mut proxy = ProxyProcess::start(&thread_per_core(&backend, 3).text()).await;
     let names = thread_names(proxy.child.id());
     // Worker 0 is the main thread; workers 1 and 2 have threads of their own, and there is no
     // multi-thread runtime.
@@ -50,6 +50,13 @@ async fn thread_per_core_runs_a_runtime_per_worker_and_the_kernel_spreads_connec
         c.send(true, op::TEXT, format!("again {i}").as_bytes()).await;
         assert_eq!(c.recv().await.payload, format!("again {i}").as_bytes());
     }
+    drop(sessions);
+    let logs = proxy.stop_and_collect_logs().await;
+    assert!(logs.contains("worker_threads 3 (thread_per_core)"), "the model in the start line: {logs}");
+    assert!(
+        logs.contains("thread-per-core: one runtime and one socket per address on each worker workers=3"),
+        "{logs}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
