@@ -156,7 +156,7 @@ async fn hand_over_on(
                 Some(why) => {
                     Err(HandoverError::Refused(String::from_utf8_lossy(why).trim_end().escape_debug().to_string()))
                 }
-                None => Err(HandoverError::Protocol(String::from_utf8_lossy(other).into_owned())),
+                None => Err(HandoverError::Protocol(String::from_utf8_lossy(other).escape_debug().to_string())),
             },
         }
     });
@@ -270,7 +270,7 @@ pub fn receive(config: &Config, socket: &Path) -> Result<(Bound, Ready), ServerE
         )));
     }
     let mut offered: Vec<Option<(String, SocketAddr, OwnedFd)>> = Vec::new();
-    for _ in 0..MAX_MESSAGES {
+    for messages in 0..MAX_MESSAGES {
         let mut names = vec![0u8; 64 * 1024];
         let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -293,9 +293,15 @@ pub fn receive(config: &Config, socket: &Path) -> Result<(Bound, Ready), ServerE
         if labels.len() != fds.len() {
             return Err(ServerError::Handover(format!("{} socket names for {} sockets", labels.len(), fds.len())));
         }
+        if got.bytes == 0 && messages > 0 {
+            return Err(ServerError::Handover("the old process hung up before its last socket".into()));
+        }
         offered.extend(labels.into_iter().zip(fds).map(|((n, a), fd)| Some((n, a, fd))));
         if !text.lines().any(|l| l == MORE) {
             break;
+        }
+        if messages + 1 == MAX_MESSAGES {
+            return Err(ServerError::Handover(format!("more than {MAX_MESSAGES} messages of sockets")));
         }
     }
     let bound = Bound::bind_with(config, |name, addr| {

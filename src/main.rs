@@ -342,10 +342,6 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     for w in config.warnings() {
         tracing::warn!(config = %path.display(), "{w}");
     }
-    // The server first (the fleet's store, the locks in force, the workers' threads): what can
-    // fail without the sockets fails before any is bound, so a handover that fails leaves no
-    // socket of this process's holding connections.
-    let server = server::Server::new(config.clone()).await?;
     // Started by a running process's handover (SIGUSR2): take its sockets, once this
     // configuration has loaded (a refused one has already exited, and the old process serves on).
     let (bound, ready) = match std::env::var_os(portcullis::handover::ENV) {
@@ -358,6 +354,9 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let sockets = bound.handover_sockets(&config)?;
     let poll = config.server.reload_poll_interval;
     let runtime_dir = config.server.runtime_dir.clone();
+    // Once the sockets are bound: a process that cannot bind them never touches the fleet's
+    // store. The workers' threads start here, before the old process is told to stop accepting.
+    let server = server::Server::new(config).await?;
     tokio::spawn(server::watch_config(server.handle(), path.clone(), poll));
     if let Some(ready) = ready {
         // The sockets listen already (connections wait in their queue): the old process may

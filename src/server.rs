@@ -59,7 +59,7 @@ pub enum ServerError {
     Handover(String),
     /// The thread-per-core model's worker threads could not start.
     #[error("cannot start the workers: {0}")]
-    Workers(#[source] io::Error),
+    Workers(io::Error),
     /// A reload changes something only a restart can apply (listener addresses or their TLS
     /// setting, the admin address); it is refused as a whole.
     #[error("{0} changed: that needs a restart, so the reload is refused")]
@@ -488,7 +488,8 @@ impl Workers {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let stop = workers.stop.clone();
             let thread = std::thread::Builder::new().name(format!("pc-worker-{k}")).spawn(move || {
-                // Tokio's 512 blocking threads shared over the process's workers, not 512 each.
+                // A share of tokio's 512 blocking threads each (the main thread's runtime keeps
+                // its own 512): not 512 per worker.
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .thread_name("pc-blocking")

@@ -1024,6 +1024,20 @@ mod tests {
     }
 
     #[test]
+    fn a_listener_name_is_a_label() {
+        for bad in ["", "public\nmore", "tab\there", "admin listener"] {
+            let text = format!("[[listeners]]\nname = {bad:?}\naddresses = [\"127.0.0.1:0\"]\n");
+            let msg = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
+            assert!(msg.contains("listeners[0].name"), "{bad:?}: {msg}");
+        }
+        let c = Config::parse(
+            "[[listeners]]\nname = \"public-v4_1\"\naddresses = [\"127.0.0.1:0\"]\n",
+            Path::new("x.toml"),
+        );
+        assert_eq!(c.expect("valid").listeners[0].name, "public-v4_1");
+    }
+
+    #[test]
     fn worker_model_is_work_stealing_unless_thread_per_core_is_asked_for() {
         let base = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n";
         let c = Config::parse(base, Path::new("x.toml")).expect("valid");

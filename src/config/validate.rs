@@ -420,8 +420,13 @@ fn listeners(raw: Vec<RawListener>, has_tls: bool) -> Result<Vec<ListenerConfig>
             (true, false) => Some(l.proxy_protocol_from),
             (false, true) => None,
         };
+        let name = l.name.unwrap_or_else(|| format!("listener-{i}"));
+        // A label: it names the listener's sockets in a handover, one per line.
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(is_label_byte) {
+            return Err(invalid(&format!("listeners[{i}].name"), "must be 1-64 characters of [A-Za-z0-9_-]"));
+        }
         listeners.push(ListenerConfig {
-            name: l.name.unwrap_or_else(|| format!("listener-{i}")),
+            name,
             addresses: l.addresses,
             tls: l.tls,
             proxy_protocol,
