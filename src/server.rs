@@ -371,15 +371,7 @@ impl Bound {
                     sockets.push(adopt(addr, s)?);
                 }
                 while sockets.len() < per_address {
-                    sockets.push(bind(local, true).map_err(|e| match (handed, &e) {
-                        // A socket bound without SO_REUSEPORT (work stealing, no reuse_port)
-                        // admits no other beside it.
-                        (true, ServerError::Bind { source, .. }) if source.kind() == io::ErrorKind::AddrInUse => ServerError::Handover(format!(
-                            "listener {:?} on {local}: the socket handed over has no room for a socket per worker ({e}); changing worker_model or worker_threads to more sockets than the running process has needs a restart",
-                            l.name
-                        )),
-                        _ => e,
-                    })?);
+                    sockets.push(bind(local, true).map_err(|e| no_room(handed, &l.name, local, e))?);
                 }
                 for listener in sockets {
                     listeners.push(BoundListener {
@@ -443,6 +435,20 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, ServerError> 
     socket.bind(&addr.into()).map_err(err)?;
     socket.listen(4096).map_err(err)?;
     TcpListener::from_std(socket.into()).map_err(err)
+}
+
+/// A further worker's socket that could not be bound beside a socket handed over: when the
+/// address is in use, that socket was bound without `SO_REUSEPORT` (work stealing, no
+/// `reuse_port`) and admits no other beside it, which only a restart changes.
+fn no_room(handed: bool, listener: &str, local: SocketAddr, e: ServerError) -> ServerError {
+    match &e {
+        ServerError::Bind { source, .. } if handed && source.kind() == io::ErrorKind::AddrInUse => {
+            ServerError::Handover(format!(
+                "listener {listener:?} on {local}: the socket handed over has no room for a socket per worker ({e}); changing worker_model or worker_threads to more sockets than the running process has needs a restart"
+            ))
+        }
+        _ => e,
+    }
 }
 
 /// The number of workers `run` has for `configured` (`worker_threads`; 0: `TOKIO_WORKER_THREADS`

@@ -30,10 +30,8 @@ impl Drop for Reap {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_hands_the_listeners_to_a_new_process_without_refusing_a_connect() {
     let backend = Backend::echo().await;
-    let text =
-        TestConfig::base(&[backend.addr.to_string()]).one_address_load().set("server.drain_spread", "300ms").text();
     // Two listeners and the admin listener.
-    hands_over_without_refusing(&text, 3).await;
+    hands_over_without_refusing(&handing_over(&backend).text(), 3).await;
 }
 
 /// The same with thread-per-core workers: each of the two workers has a socket per listener
@@ -42,26 +40,22 @@ async fn sigusr2_hands_the_listeners_to_a_new_process_without_refusing_a_connect
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_hands_every_workers_socket_to_the_new_process() {
     let backend = Backend::echo().await;
-    let text = TestConfig::base(&[backend.addr.to_string()])
-        .one_address_load()
-        .set("server.drain_spread", "300ms")
-        .set("server.worker_threads", 2)
-        .set("server.worker_model", "thread_per_core")
-        .text();
-    hands_over_without_refusing(&text, 5).await;
+    hands_over_without_refusing(&thread_per_core(handing_over(&backend), 2), 5).await;
 }
 
 /// Forty workers: 81 sockets, more than one message carries (64), so they go in two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr2_hands_over_more_sockets_than_one_message_carries() {
     let backend = Backend::echo().await;
-    let text = TestConfig::base(&[backend.addr.to_string()])
-        .one_address_load()
-        .set("server.drain_spread", "300ms")
-        .set("server.worker_threads", 40)
-        .set("server.worker_model", "thread_per_core")
-        .text();
-    hands_over_without_refusing(&text, 81).await;
+    hands_over_without_refusing(&thread_per_core(handing_over(&backend), 40), 81).await;
+}
+
+fn handing_over(backend: &Backend) -> TestConfig {
+    TestConfig::base(&[backend.addr.to_string()]).one_address_load().set("server.drain_spread", "300ms")
+}
+
+fn thread_per_core(config: TestConfig, workers: i64) -> String {
+    config.set("server.worker_threads", workers).set("server.worker_model", "thread_per_core").text()
 }
 
 async fn hands_over_without_refusing(text: &str, sockets: usize) {
@@ -163,11 +157,7 @@ async fn a_handover_to_more_sockets_than_the_old_process_has_room_for_is_refused
     let proxy = ProxyProcess::start(&TestConfig::base(&[backend.addr.to_string()]).text()).await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("101");
     let state = proxy.dir.path().join("state").display().to_string();
-    let text = TestConfig::base(&[backend.addr.to_string()])
-        .set("server.worker_threads", 2)
-        .set("server.worker_model", "thread_per_core")
-        .set("fleet.state_dir", state.as_str())
-        .text();
+    let text = thread_per_core(TestConfig::base(&[backend.addr.to_string()]).set("fleet.state_dir", state.as_str()), 2);
     std::fs::write(proxy.dir.path().join("portcullis.toml"), text).expect("write");
     proxy.signal("USR2");
     // The old process logs the new one's reason.
