@@ -583,6 +583,9 @@ pub struct ObserveSettings {
     pub queue: usize,
     /// Observers one session may have at once.
     pub max_observers: usize,
+    /// Of those, how many one subject (of one issuer) may hold: no one holder of the scope
+    /// can take every place and keep the others from watching.
+    pub max_observers_per_subject: usize,
     /// How long a dropped observer has to take the frame in flight and its 1013 before its
     /// connection is cut.
     pub drop_grace: std::time::Duration,
@@ -908,6 +911,19 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Names of the cookies the proxy takes tokens from: the login cookie and every route's
+    /// `cookie:` source (all routes share the origin, so an agent could set another route's,
+    /// and a browser sends each to every route).
+    pub fn credential_cookies(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.auth.cookie_login.iter().map(|l| l.cookie.as_str()).collect();
+        for source in self.routes.iter().filter_map(|r| r.auth.as_ref()).flat_map(|a| &a.sources) {
+            if let TokenSource::Cookie(name) = source {
+                names.push(name);
+            }
+        }
+        names
+    }
+
     /// What is valid but weak, one sentence each, for `check-config` to print and `run` to log:
     /// no route at all (the container image's default), routes that accept a token of any
     /// audience.
@@ -1087,6 +1103,21 @@ mod tests {
             let msg = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
             assert!(msg.contains(key) && msg.contains(wanted), "{fleet}: {msg}");
         }
+    }
+
+    #[test]
+    fn observers_per_subject_default_to_two_and_are_at_least_one() {
+        let route = |extra: &str| {
+            format!(
+                "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_env = \"PATH\"\n[[routes]]\nname = \"t\"\npath = \"/agents/{{agent}}/terminal\"\nbackends = [\"127.0.0.1:1\"]\n[routes.auth]\nagent_claim = \"agents\"\n[routes.observe]\nscope = \"observe:{{agent}}\"\n{extra}"
+            )
+        };
+        let c = Config::parse(&route(""), Path::new("x.toml")).expect("valid");
+        let observe = c.routes[0].observe.as_ref().expect("observe");
+        assert_eq!((observe.max_observers, observe.max_observers_per_subject), (8, 2));
+        let msg =
+            Config::parse(&route("max_observers_per_subject = 0\n"), Path::new("x.toml")).unwrap_err().to_string();
+        assert!(msg.contains("max_observers_per_subject") && msg.contains("at least 1"), "{msg}");
     }
 
     #[test]

@@ -82,6 +82,28 @@ impl PathPattern {
         self.segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count()
     }
 
+    /// Where capture `name` sits in `path` (which this pattern matches): its byte range, or
+    /// `None` when the pattern does not capture `name` or does not match.
+    pub fn capture_span(&self, path: &str, name: &str) -> Option<std::ops::Range<usize>> {
+        let rest = path.strip_prefix('/')?;
+        let mut start = 1; // after the leading slash
+        let mut parts = rest.split('/');
+        for seg in &self.segments {
+            match seg {
+                Segment::Rest(n) => return (n == name).then(|| start.min(path.len())..path.len()),
+                Segment::Capture(n) => {
+                    let part = parts.next()?;
+                    if n == name {
+                        return Some(start..start + part.len());
+                    }
+                    start += part.len() + 1;
+                }
+                Segment::Literal(_) => start += parts.next()?.len() + 1,
+            }
+        }
+        None
+    }
+
     /// Matches `path` segment by segment; returns the raw (unvalidated) captures.
     pub(crate) fn match_segments<'p>(&'p self, path: &'p str) -> Option<Vec<(&'p str, &'p str)>> {
         let path = path.strip_prefix('/')?;
@@ -304,6 +326,19 @@ mod tests {
         assert_eq!(render_path("/api/{rest}", &Captures::from_pairs(&[("rest", "tasks/7")])), "/api/tasks/7");
         assert!(valid_rest("tasks/7/output") && valid_rest("") && valid_rest("tasks/"));
         assert!(!valid_rest("tasks/../etc") && !valid_rest("a//b") && !valid_rest("a/%2e%2e") && !valid_rest("./x"));
+    }
+
+    #[test]
+    fn a_capture_is_found_where_it_sits_in_the_path() {
+        let p: PathPattern = "/agents/{agent}/api/{*rest}".parse().expect("pattern");
+        let span = |path: &str, name: &str| p.capture_span(path, name).map(|r| path[r].to_owned());
+        assert_eq!(span("/agents/Box1/api/x/y", "agent").as_deref(), Some("Box1"));
+        assert_eq!(span("/agents/Box1/api/x/y", "rest").as_deref(), Some("x/y"));
+        assert_eq!(span("/agents/Box1/api", "rest").as_deref(), Some(""));
+        assert_eq!(span("/agents/Box1/api/x", "other"), None);
+        let t: PathPattern = "/t/{agent}".parse().expect("pattern");
+        assert_eq!(t.capture_span("/t/AB/", "agent").map(|r| &"/t/AB/"[r]), Some("AB"));
+        assert_eq!(t.capture_span("/t", "agent"), None);
     }
 
     #[test]

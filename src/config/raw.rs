@@ -425,6 +425,7 @@ pub(super) struct RawObserve {
     pub(super) replay: Option<Size>,
     pub(super) queue: Option<usize>,
     pub(super) max_observers: Option<usize>,
+    pub(super) max_observers_per_subject: Option<usize>,
     pub(super) drop_grace: Option<Dur>,
 }
 

@@ -503,11 +503,15 @@ fn route(
         Some(_) if auth.is_none() => {
             return Err(invalid(&format!("{key}.observe"), "needs [routes.auth]: observers are authorized by token"))
         }
+        Some(o) if o.max_observers_per_subject == Some(0) => {
+            return Err(invalid(&format!("{key}.observe.max_observers_per_subject"), "must be at least 1"))
+        }
         Some(o) => Some(std::sync::Arc::new(super::ObserveSettings {
             scope: o.scope,
             replay: o.replay.map_or(16 * 1024, |v| v.0 as usize),
             queue: o.queue.unwrap_or(256).max(1),
             max_observers: o.max_observers.unwrap_or(8),
+            max_observers_per_subject: o.max_observers_per_subject.unwrap_or(2),
             drop_grace: o.drop_grace.map_or(super::DROP_GRACE, |d| d.0),
         })),
     };

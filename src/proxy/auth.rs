@@ -137,7 +137,7 @@ pub async fn admit(
                 out_headers.remove(AUTHORIZATION);
             }
             TokenSource::Query(name) => path_and_query = remove_query_param(&path_and_query, name),
-            TokenSource::Cookie(name) => remove_cookie(&mut out_headers, name),
+            TokenSource::Cookie(name) => remove_cookies(&mut out_headers, &[name.as_str()]),
             TokenSource::Subprotocol(prefix) => {
                 let Some(ws) = ws.as_mut() else { continue };
                 let marker = &policy.subprotocol_marker;
@@ -251,20 +251,35 @@ fn cookie_values<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Ite
     })
 }
 
-fn remove_cookie(headers: &mut HeaderMap, name: &str) {
-    let kept: Vec<String> = headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(';').map(str::trim).map(str::to_owned).collect::<Vec<_>>())
-        .filter(|kv| kv.split_once('=').is_none_or(|(k, _)| k != name) && !kv.is_empty())
-        .collect();
-    headers.remove(COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(COOKIE, v);
+/// Removes the cookies named `names` from the request's `Cookie` headers, keeping the others
+/// as they were sent, in one header (none when nothing is left). Headers that carry none of
+/// them are left untouched. A name is compared trimmed, as servers read it.
+pub(crate) fn remove_cookies(headers: &mut HeaderMap, names: &[&str]) {
+    let carries = |pair: &[u8]| {
+        let name = pair.split(|b| *b == b'=').next().unwrap_or(pair).trim_ascii();
+        names.iter().any(|n| n.as_bytes() == name)
+    };
+    if !headers.get_all(COOKIE).iter().any(|v| cookie_pairs(v).any(carries)) {
+        return;
+    }
+    let mut kept: Vec<u8> = Vec::new();
+    for v in headers.get_all(COOKIE) {
+        for pair in cookie_pairs(v).filter(|p| !p.is_empty() && !carries(p)) {
+            if !kept.is_empty() {
+                kept.extend_from_slice(b"; ");
+            }
+            kept.extend_from_slice(pair);
         }
     }
+    headers.remove(COOKIE);
+    if let Some(v) = Some(kept).filter(|k| !k.is_empty()).and_then(|k| HeaderValue::from_bytes(&k).ok()) {
+        headers.insert(COOKIE, v);
+    }
+}
+
+/// A `Cookie` header's `name=value` pairs, trimmed.
+fn cookie_pairs(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    v.as_bytes().split(|b| *b == b';').map(<[u8]>::trim_ascii)
 }
 
 fn remove_query_param(path_and_query: &str, name: &str) -> String {

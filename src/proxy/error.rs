@@ -53,6 +53,10 @@ pub enum RequestError {
     /// The session has `max_observers` observers already (429).
     #[error("this session has as many observers as it may")]
     TooManyObservers,
+    /// The observer's subject holds `max_observers_per_subject` of the session's observer
+    /// places already (429).
+    #[error("this subject watches the session as many times as it may")]
+    TooManyObserversForSubject,
     /// No live session with that id on this route and agent (404), for an observer.
     #[error("no such live session")]
     NoSuchSession,
@@ -143,6 +147,7 @@ impl RequestError {
             RequestError::Resume(crate::session::resume::ClaimError::Busy) => StatusCode::CONFLICT,
             RequestError::TooManySessions
             | RequestError::TooManyObservers
+            | RequestError::TooManyObserversForSubject
             | RequestError::TooManyStreams
             | RequestError::HandshakeRate(_)
             | RequestError::TokenCheckRate(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -193,6 +198,7 @@ impl RequestError {
             RequestError::TooManySessions => "subject_sessions",
             RequestError::TooManyStreams => "per_ip_streams",
             RequestError::TooManyObservers => "observers_full",
+            RequestError::TooManyObserversForSubject => "observers_per_subject",
             RequestError::NoSuchSession => "no_such_session",
             RequestError::BadResumeId => "invalid_resume_id",
             RequestError::Header(_) => "underscore_header",

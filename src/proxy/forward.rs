@@ -231,7 +231,9 @@ pub fn strip_response_headers(headers: &mut HeaderMap) {
 }
 
 /// The path and query asked of the backend: the route's `backend_path` rendered with the
-/// captures (the client's query kept), or the client's own path and query.
+/// captures (the client's query kept), or the client's own path and query with the `{agent}`
+/// segment in its one case (lowercase, as grants, routing and revocation read it): the
+/// backend never sees a spelling of the agent that the token did not name.
 pub fn backend_path(route: &RouteConfig, caps: &Captures, path_and_query: &str) -> String {
     match &route.backend_path {
         Some(t) => {
@@ -241,7 +243,14 @@ pub fn backend_path(route: &RouteConfig, caps: &Captures, path_and_query: &str) 
                 None => path,
             }
         }
-        None => path_and_query.to_owned(),
+        None => {
+            let mut out = path_and_query.to_owned();
+            let path = path_and_query.split_once('?').map_or(path_and_query, |(p, _)| p);
+            if let Some(agent) = route.path.capture_span(path, "agent").and_then(|r| out.get_mut(r)) {
+                agent.make_ascii_lowercase();
+            }
+            out
+        }
     }
 }
 

@@ -1,11 +1,15 @@
 //! The request's authority (`Host`, or `:authority` on HTTP/2), parsed before anything uses it.
 //!
 //! RFC 9110 §7.2 makes `Host` a `uri-host [ ":" port ]`, and RFC 3986 §3.2.2 defines the host:
-//! a bracketed IPv6 literal, an IPv4 address or a reg-name (unreserved characters,
-//! percent-encodings and sub-delims). Anything else is refused with 400 before routing, so a
-//! value like `127.0.0.1:1", for=6.6.6.6` can neither match a host route nor reach the
+//! a bracketed IPv6 literal, an IPv4 address or a reg-name. Of reg-names, only what can be a
+//! DNS name is taken: dot-separated labels of letters, digits, `-` and `_`, with one trailing
+//! dot (the absolute form of the same name) dropped. RFC 3986 also admits percent-encodings
+//! and sub-delims (`,` `;` `=` ...), which name no host; a value like `open.example,x` would
+//! match no host route yet reach the backend as an `X-Forwarded-Host` that a framework reading
+//! it as a list takes for `open.example`. Anything else is refused with 400 before routing, so
+//! a value like `127.0.0.1:1", for=6.6.6.6` can neither match a host route nor reach the
 //! forwarding headers. Routes, `X-Forwarded-Host` and `Forwarded` all read the one [`Authority`]
-//! this module returns, in its canonical form (host lowercased).
+//! this module returns, in its canonical form (host lowercased, no trailing dot).
 
 use std::fmt;
 use std::net::Ipv6Addr;
@@ -97,10 +101,11 @@ pub fn parse(value: &[u8]) -> Result<Authority, HostError> {
     } else {
         let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
         let name = &value[..end];
-        if name.is_empty() || !reg_name(name) {
+        let name = name.strip_suffix(b".").unwrap_or(name);
+        if !dns_name(name) {
             return Err(HostError::Invalid);
         }
-        // reg-name is ASCII by construction.
+        // ASCII by construction.
         let name = String::from_utf8_lossy(name).to_ascii_lowercase();
         (name, false, &value[end..])
     };
@@ -115,25 +120,12 @@ pub fn parse(value: &[u8]) -> Result<Authority, HostError> {
     Ok(Authority { host, ipv6, port })
 }
 
-/// `*( unreserved / pct-encoded / sub-delims )`.
-fn reg_name(name: &[u8]) -> bool {
-    let mut i = 0;
-    while i < name.len() {
-        match name[i] {
-            b'%' => {
-                if !name.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
-                    return false;
-                }
-                i += 3;
-                continue;
-            }
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {}
-            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => {}
-            _ => return false,
-        }
-        i += 1;
-    }
-    true
+/// Dot-separated labels of `[A-Za-z0-9_-]`, none empty (an IPv4 address is one too).
+fn dns_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.split(|&b| b == b'.').all(|label| {
+            !label.is_empty() && label.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 #[cfg(test)]
@@ -152,6 +144,8 @@ mod tests {
         assert_eq!(ok("[::1]:8443"), "[::1]:8443");
         assert_eq!(ok("[0:0::1]"), "[::1]");
         assert_eq!(ok("xn--bcher-kva.example"), "xn--bcher-kva.example");
+        assert_eq!(ok("agents.example.com.:8443"), "agents.example.com:8443", "the absolute form");
+        assert_eq!(ok("agent_1.internal"), "agent_1.internal");
         let a = parse(b"[::1]:8443").expect("v6");
         assert_eq!((a.host(), a.port()), ("::1", Some(8443)));
     }
@@ -176,6 +170,23 @@ mod tests {
             "[fe80::1%25eth0]",
             "a%zz",
             "a%2",
+            // RFC 3986 reg-names that name no host.
+            "open.example,x",
+            "open%2eexample",
+            "a;b",
+            "a=b",
+            "a!b",
+            "a$b",
+            "a&b",
+            "a'b",
+            "a(b)",
+            "a*b",
+            "a+b",
+            "a~b",
+            "a..b",
+            ".a",
+            ".",
+            "a..",
             "host/path",
             "h\u{e9}.example",
         ] {

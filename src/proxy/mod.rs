@@ -601,6 +601,7 @@ fn session_entry(
         issuer: claims.and_then(|c| c.issuer().map(str::to_owned)),
         jti: claims.and_then(|c| c.jti().map(str::to_owned)),
         token_exp: claims.map(|c| c.exp()),
+        counted: true,
         client: ctx.client_addr,
         http: ctx.protocol.label(),
         backend: OnceLock::new(),
@@ -794,7 +795,7 @@ async fn handle_request(
     }
     // Only a response that sets cookies pays for the list of credential cookie names.
     if parts.headers.contains_key(::http::header::SET_COOKIE) {
-        forward::protect_credential_cookies(&mut parts.headers, &credential_cookies(runtime), route.sandbox);
+        forward::protect_credential_cookies(&mut parts.headers, &runtime.config.credential_cookies(), route.sandbox);
     }
     if route.sandbox {
         // Agent-served pages run in an opaque origin: no cookie of this origin, and every
@@ -810,24 +811,34 @@ async fn handle_request(
     exchange.status = parts.status.as_u16();
     exchange.member = Some(answered.member.clone());
     http.metrics.request(sse, exchange.status);
-    // Every body still in flight is a governed session: SSE counted under the subject's caps
-    // and ended cleanly; any other body (NDJSON, a long-poll, a download) ended the same way
-    // on expiry, revocation, lifetime and drain, cleanly when it is made of events, else cut.
-    let governance = match (sse, hyper::body::Body::is_end_stream(&body)) {
+    // Every body still in flight is a governed session, ended on expiry, revocation, lifetime
+    // and drain: SSE cleanly, any other body (NDJSON, a long-poll, a download) cleanly when it
+    // is made of events, else cut. A stream (SSE, or any body of unknown length: chunked, or
+    // until close) also counts under the subject's caps, and over them is answered 429, so
+    // that no subject holds more open streams than its cap, whatever their content type. A
+    // body of known length is a transfer that ends, and is not counted.
+    let ends = hyper::body::Body::is_end_stream(&body);
+    let streamed = sse || (!ends && hyper::body::Body::size_hint(&body).exact().is_none());
+    let governance = match (sse, ends) {
         (false, true) => None,
-        (true, _) => match subject_slots(ctx, runtime, &route, claims) {
-            Err(e) => return reject_exchange(ctx, exchange, e),
-            Ok(slots) => {
-                let mut g = govern(ctx, runtime, &route, &caps, claims, SessionKind::Sse, stream::Cut::Clean);
-                let _ = g.session.entry().backend.set(answered.member.clone());
-                g.slots = slots;
-                Some(g)
-            }
-        },
-        (false, false) => {
-            let content_type = parts.headers.get(::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-            let cut = stream::Cut::for_content_type(content_type);
-            let g = govern(ctx, runtime, &route, &caps, claims, SessionKind::Stream, cut);
+        _ => {
+            let slots = match streamed {
+                true => match subject_slots(ctx, runtime, &route, claims) {
+                    Err(e) => return reject_exchange(ctx, exchange, e),
+                    Ok(slots) => slots,
+                },
+                false => Vec::new(),
+            };
+            let (kind, cut) = match sse {
+                true => (SessionKind::Sse, stream::Cut::Clean),
+                false => {
+                    let content_type = parts.headers.get(::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+                    (SessionKind::Stream, stream::Cut::for_content_type(content_type))
+                }
+            };
+            let mut entry = session_entry(ctx, kind, &route, &caps, claims);
+            entry.counted = streamed;
+            let g = govern(ctx, runtime, &route, claims, entry, cut, slots);
             let _ = g.session.entry().backend.set(answered.member.clone());
             Some(g)
         }
@@ -838,19 +849,6 @@ async fn handle_request(
     download.keep_alive(settings.sse_keepalive);
     download.hold_stream(stream);
     Response::from_parts(parts, Either::Right(download))
-}
-
-/// Names of the cookies the proxy takes tokens from: the login cookie and every route's
-/// `cookie:` source (all routes share the origin, so an agent could set another route's).
-fn credential_cookies(runtime: &Runtime) -> Vec<&str> {
-    let config = &runtime.config;
-    let mut names: Vec<&str> = config.auth.cookie_login.iter().map(|l| l.cookie.as_str()).collect();
-    for source in config.routes.iter().filter_map(|r| r.auth.as_ref()).flat_map(|a| &a.sources) {
-        if let crate::config::TokenSource::Cookie(name) = source {
-            names.push(name);
-        }
-    }
-    names
 }
 
 /// The login exchange's answer, or its refusal (logged at info, without the token).
@@ -874,21 +872,24 @@ fn login_answer(ctx: &ConnCtx, answer: Result<Response<Full<Bytes>>, login::Logi
     }
 }
 
-/// Registers a streamed response as a session of `kind` and sets what ends it: the token's
-/// expiry, the route's `max_lifetime`, revocation, route removal and drain.
+/// Registers a streamed response as a session (`entry`, holding `slots` under the subject's
+/// caps) and sets what ends it: the token's expiry, the route's `max_lifetime`, revocation,
+/// route removal and drain.
 fn govern(
     ctx: &ConnCtx,
     runtime: &Runtime,
     route: &RouteConfig,
-    caps: &Captures,
     claims: Option<&Claims>,
-    kind: SessionKind,
+    entry: SessionEntry,
     cut: stream::Cut,
+    slots: Vec<SubjectSlot>,
 ) -> stream::Governance {
-    let registered = ctx.shared.sessions.register(session_entry(ctx, kind, route, caps, claims));
+    let registered = ctx.shared.sessions.register(entry);
     let deadline = session_deadline(route, runtime, claims);
     let lifetime = Some(route.session.max_lifetime).filter(|l| !l.is_zero());
-    stream::Governance::new(registered, deadline, lifetime, runtime.config.server.drain_spread, cut)
+    let mut g = stream::Governance::new(registered, deadline, lifetime, runtime.config.server.drain_spread, cut);
+    g.slots = slots;
+    g
 }
 
 /// Answers a plain request that got no backend response, and writes its access-log line.
@@ -1378,9 +1379,15 @@ async fn handle_observer(
         Ok(s) => s,
         Err(e) => return reject(ctx, &route.name, e),
     };
-    let observing = match hub.join() {
+    let who = crate::session::observe::subject_key(claims.and_then(|c| c.issuer()), claims.and_then(|c| c.subject()));
+    let observing = match hub.join(&who) {
         Ok(o) => o,
-        Err(_) => return reject(ctx, &route.name, RequestError::TooManyObservers),
+        Err(crate::session::observe::JoinError::Full) => {
+            return reject(ctx, &route.name, RequestError::TooManyObservers)
+        }
+        Err(crate::session::observe::JoinError::SubjectFull) => {
+            return reject(ctx, &route.name, RequestError::TooManyObserversForSubject)
+        }
     };
     let registered = ctx.shared.sessions.register(session_entry(ctx, SessionKind::Observer, route, caps, claims));
     let expires_at = session_deadline(&as_observer, runtime, claims);
@@ -1574,8 +1581,15 @@ async fn admit(
     ws: Option<upgrade::WsRequest>,
 ) -> Result<auth::Admitted, RequestError> {
     let gate = token_check_gate(ctx, runtime);
-    let admitted =
+    let mut admitted =
         auth::admit(route, caps, headers, path_and_query, ws, runtime.authenticator.as_deref(), &gate).await?;
+    // A credential cookie (the login cookie, any route's `cookie:` source) reaches no backend,
+    // whichever route the request is for: the browser sends it to every path of the origin,
+    // and a route that does not take its token from it would hand the user's token to its
+    // agent. A route that forwards the token does so as `Authorization`.
+    if admitted.headers.contains_key(::http::header::COOKIE) {
+        auth::remove_cookies(&mut admitted.headers, &runtime.config.credential_cookies());
+    }
     // A protected resource (RFC 9728) takes only tokens minted for it (RFC 8707): the audience
     // names the resource.
     if let (Some(resource), Some(claims)) = (&route.resource, admitted.claims.as_deref()) {

@@ -25,6 +25,10 @@ pub enum UpgradeError {
     /// The method is not GET (400).
     #[error("a WebSocket upgrade must use GET")]
     BadMethod,
+    /// The request is HTTP/1.0: an upgrade needs HTTP/1.1 (RFC 6455 §4.1), and hyper would
+    /// answer 101 and then not hand the connection over (400, before any backend is asked).
+    #[error("a WebSocket upgrade needs HTTP/1.1")]
+    OldHttp,
     /// `Connection` does not contain the `upgrade` token (400).
     #[error("the Connection header must contain \"upgrade\"")]
     MissingConnectionUpgrade,
@@ -97,6 +101,9 @@ pub fn check<B>(req: &Request<B>) -> Result<WsRequest, UpgradeError> {
     }
     if req.method() != Method::GET {
         return Err(UpgradeError::BadMethod);
+    }
+    if req.version() != http::Version::HTTP_11 {
+        return Err(UpgradeError::OldHttp);
     }
     if !header_has_token(headers, &CONNECTION, "upgrade") {
         return Err(UpgradeError::MissingConnectionUpgrade);
@@ -202,6 +209,8 @@ mod tests {
         assert_eq!(check(&r).unwrap_err(), UpgradeError::NotUpgrade);
         let r = req().method("POST").body(()).expect("request");
         assert_eq!(check(&r).unwrap_err(), UpgradeError::BadMethod);
+        let r = req().version(http::Version::HTTP_10).body(()).expect("request");
+        assert_eq!(check(&r).unwrap_err(), UpgradeError::OldHttp);
         let r = req().header("sec-websocket-version", "8").body(()).expect("request");
         assert_eq!(check(&r).unwrap_err(), UpgradeError::BadVersion);
         let mut r = req().body(()).expect("request");

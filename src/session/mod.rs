@@ -235,6 +235,9 @@ pub struct SessionEntry {
     pub jti: Option<String>,
     /// Token expiry (Unix seconds), if any.
     pub token_exp: Option<u64>,
+    /// Counted under the subject's session caps: every session but a response body of known
+    /// length (a transfer that ends).
+    pub counted: bool,
     /// Client address.
     pub client: std::net::SocketAddr,
     /// The client's HTTP version: `http/1.1` or `h2`.
@@ -655,6 +658,7 @@ mod tests {
             issuer: None,
             jti: None,
             token_exp: None,
+            counted: true,
             client: "127.0.0.1:1".parse().expect("addr"),
             http: "http/1.1",
             backend: std::sync::OnceLock::new(),

@@ -61,6 +61,21 @@ async fn upgrade_with_post_is_400() {
     assert_eq!(r.status, 400);
 }
 
+/// Found by an attacker review (2026-12-06): an HTTP/1.0 upgrade got a 101 and a backend
+/// handshake, then hyper dropped the connection (it does not hand an HTTP/1.0 one over), and
+/// the backend's session ended without a close. It is a 400 before any backend is asked.
+#[tokio::test]
+async fn an_http_1_0_upgrade_is_400_before_any_backend_is_contacted() {
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr).await;
+    let head = format!("GET /agents/a1/terminal HTTP/1.0\r\nHost: localhost\r\n{UPGRADE_HEADERS}\r\n");
+    for (addr, tls) in [(proxy.tls, true), (proxy.plain, false)] {
+        let r = raw_request(addr, tls, head.as_bytes()).await;
+        assert_eq!(r.status, 400);
+    }
+    assert!(backend.log.requests.lock().expect("lock").is_empty(), "a backend was asked");
+}
+
 #[tokio::test]
 async fn upgrade_without_connection_upgrade_is_400() {
     let backend = Backend::echo().await;

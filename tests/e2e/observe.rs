@@ -327,3 +327,31 @@ async fn an_observer_over_http2_holds_its_place_under_max_streams_per_ip() {
     assert_eq!(status, 429, "an observer's stream escaped max_streams_per_ip");
     drop(obs);
 }
+
+/// The attack: one holder of the observe scope opens observer after observer on a session to
+/// take every place and keep the security team from watching it. Each subject holds at most
+/// `max_observers_per_subject` (2 by default) of the session's places; the others stay open.
+#[tokio::test]
+async fn one_subject_cannot_take_every_observer_place_of_a_session() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&observed(backend.addr, &key, json!({"max_observers": 3})).text()).await;
+    let (_owner, path, auditor) = owner_over_plain(&proxy, &key).await;
+    let mallory = bearer(&key.token_with(json!({"sub": "mallory", "scope": "observe:a1"})));
+    let _first = observer(&proxy, &path, &mallory).await;
+    let _second = observer(&proxy, &path, &mallory).await;
+    let third = upgrade(proxy.plain, false, &path, &[("Authorization", &mallory)]).await.err().expect("429");
+    assert_eq!(third.status, 429);
+    // The place mallory could not take is the auditor's.
+    let mut watching = observer(&proxy, &path, &bearer(&auditor)).await;
+    watching.send(true, op::PING, b"here").await;
+    assert_eq!(watching.recv().await.opcode, op::PONG);
+    // Now the session is full for everyone.
+    let other = bearer(&key.token_with(json!({"sub": "someone", "scope": "observe:a1"})));
+    let full = upgrade(proxy.plain, false, &path, &[("Authorization", &other)]).await.err().expect("429");
+    assert_eq!(full.status, 429);
+    // Told apart by their reasons.
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"observed\",result=\"observers_per_subject\"}"), 1.0);
+    assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"observed\",result=\"observers_full\"}"), 1.0);
+}

@@ -126,6 +126,11 @@ async fn a_host_that_is_not_an_authority_is_refused_before_routing_or_forwarding
         "Host: 127.0.0.1:99999\r\n",
         "Host: 127.0.0.1\r\nHost: 127.0.0.1\r\n",
         "",
+        // RFC 3986 reg-names that are no host name (an attacker review, 2026-12-06): they
+        // matched no host route, and reached a fallback route's backend as X-Forwarded-Host.
+        "Host: 127.0.0.1,x\r\n",
+        "Host: 127%2e0.0.1\r\n",
+        "Host: a..b\r\n",
     ] {
         let head = raw_request(proxy.plain, false, request(host).as_bytes()).await;
         assert_eq!(head.status, 400, "{host:?}");
@@ -355,6 +360,23 @@ async fn an_agent_id_is_one_agent_in_any_case_for_grants_sessions_and_revocation
     assert_eq!((status, body.trim()), (200, r#"{"closed":2}"#));
 }
 
+/// Found by an attacker review (2026-12-06): grants compare agent ids in any case, but the
+/// client's spelling went on to the backend, so a backend keying agents by case saw an id no
+/// grant named. The backend now sees the agent as grants, routing and revocation read it
+/// (lowercase), on a plain request and a WebSocket handshake alike; the rest of the path as sent.
+#[tokio::test]
+async fn the_backend_sees_the_agent_id_in_its_one_case() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, json!({})).text()).await;
+    let token = format!("Bearer {}", key.token("alice", &["Box1"], std::time::Duration::from_secs(600)));
+    let mut c = H1::connect(proxy.tls, true).await;
+    assert_eq!(c.get("/agents/BOX1/api/Tasks/7?Q=X", &[("authorization", &token)]).await.status, 200);
+    drop(upgrade(proxy.tls, true, "/agents/BoX1/api/Ws", &[("authorization", &token)]).await.expect("101"));
+    let seen: Vec<String> = backend.seen().into_iter().map(|s| s.uri).collect();
+    assert_eq!(seen, ["/agents/box1/api/Tasks/7?Q=X", "/agents/box1/api/Ws"]);
+}
+
 #[test]
 fn check_config_refuses_jwks_over_http_unless_allowed_and_warns_of_routes_without_an_audience() {
     let dir = tempfile::tempdir().expect("dir");
@@ -459,6 +481,50 @@ async fn every_response_in_flight_is_a_session_ended_by_revocation_expiry_and_dr
     let (_c4, download) = open("/agents/a1/api/stall", auth.clone()).await;
     proxy.drain();
     assert!(read_body(download).await.is_err(), "a download outlived the drain");
+}
+
+/// The attack: the subject caps counted WebSockets and SSE streams only, so one subject held
+/// any number of NDJSON streams or long-polls open (each a backend connection), bounded only
+/// per address. Every stream (SSE, or a body of unknown length) now counts under the subject's
+/// caps and is answered 429 over them; a body of known length is a transfer and does not count.
+#[tokio::test]
+async fn every_open_stream_counts_under_the_subject_caps() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = config(&key, backend.addr, None, json!({})).merge("auth", json!({"max_sessions_per_subject": 2}));
+    let proxy = Proxy::start_with(&text.text()).await;
+    let auth = alice(&key);
+    let get = |path: &'static str| {
+        let (tls, auth) = (proxy.tls, auth.clone());
+        async move {
+            let mut c = H1::connect(tls, true).await;
+            let resp = c.send(request("GET", path, &[("authorization", &auth)], full(""))).await;
+            (c, resp)
+        }
+    };
+    let (_c1, first) = get("/agents/a1/api/ndjson").await;
+    assert_eq!(first.status(), 200);
+    let (_c2, second) = get("/agents/a1/api/stall").await;
+    assert_eq!(second.status(), 200);
+    // Alice holds two open streams: a third is over her cap, whatever its content type.
+    let (_c3, third) = get("/agents/a1/api/ndjson").await;
+    assert_eq!(third.status(), 429, "a third open stream of one subject");
+    assert_eq!(third.headers().get("retry-after").map(|v| v.as_bytes()), Some(&b"5"[..]));
+    let (_c4, sse) = get("/agents/a1/api/sse?n=1&hold=1").await;
+    assert_eq!(sse.status(), 429, "an SSE stream over the cap");
+    // A response of known length is not a stream: plain requests go on at the cap.
+    let (_c5, plain) = get("/agents/a1/api/headers").await;
+    assert_eq!(plain.status(), 200);
+    let (_, top) = http_get(proxy.admin, "/limits?top=1").await;
+    let top: serde_json::Value = serde_json::from_str(&top).expect("json");
+    assert_eq!((&top["per_subject"][0]["subject"], &top["per_subject"][0]["sessions"]), (&json!("alice"), &json!(2)));
+    // A stream that ends gives its place back.
+    drop((_c1, first));
+    eventually("the closed stream's place is free", async || {
+        let (c, resp) = get("/agents/a1/api/ndjson").await;
+        (resp.status() == 200).then_some((c, resp))
+    })
+    .await;
 }
 
 #[test]
@@ -638,6 +704,59 @@ async fn an_agent_cannot_set_the_users_credential_cookie_nor_a_cross_site_page_r
     let a = c.get("/agents/a1/api/headers", &[("cookie", &cookie), ("sec-fetch-site", "same-origin")]).await;
     assert_eq!(a.status, 200);
     assert_eq!(c.get("/agents/a1/api/headers", &[("cookie", &cookie)]).await.status, 200);
+}
+
+/// The attack (found by an attacker review, 2026-12-06): after the login exchange the browser
+/// sends the credential cookie, the user's whole token, with every request to the origin. A
+/// route that takes its token from elsewhere (a bearer-only API, an open or sandboxed UI) left
+/// the cookie in, so its agent's backend got the user's token and could replay it against
+/// another agent. Every credential cookie now comes off every backend request, REST and
+/// WebSocket alike; the client's other cookies pass as they were.
+#[tokio::test]
+async fn no_backend_gets_a_credential_cookie_whatever_its_route_takes_tokens_from() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let cookie_route = json!({
+        "name": "console",
+        "path": "/console/{agent}/{*rest}",
+        "kind": "http",
+        "backends": [backend.addr.to_string()],
+        "origin": {"allow": ["https://console.example.com"]},
+        "auth": {"sources": ["cookie:console_token"], "agent_claim": "agents"},
+    });
+    let text = config(&key, backend.addr, None, json!({}))
+        .merge("", json!({"routes": [cookie_route]}))
+        .merge("auth", json!({"cookie_login": {}}))
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let auth = alice(&key);
+    let token = auth.trim_start_matches("Bearer ");
+    // What a browser sends after the login, with another route's credential and a cookie of
+    // the agent's own (split in two headers, as HTTP/2 clients may).
+    let cookies = format!("portcullis_token={token}; theme=dark");
+    let more = format!("console_token ={token};lang=en");
+    let headers = [("authorization", auth.as_str()), ("cookie", cookies.as_str()), ("cookie", more.as_str())];
+    let mut c = H1::connect(proxy.tls, true).await;
+    assert_eq!(c.get("/agents/a1/api/headers", &headers).await.status, 200);
+    let ws = upgrade(proxy.tls, true, "/agents/a1/api/ws", &headers).await.expect("101");
+    drop(ws);
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for s in &seen {
+        assert_eq!(
+            s.headers.get("cookie").map(String::as_str),
+            Some("theme=dark; lang=en"),
+            "{}: {:?}",
+            s.uri,
+            s.headers
+        );
+        assert!(!s.headers.values().any(|v| v.contains(token)), "{}: the token reached the backend", s.uri);
+    }
+    // A request carrying no credential cookie keeps its Cookie header as sent.
+    let mut c = H1::connect(proxy.tls, true).await;
+    let plain = [("authorization", auth.as_str()), ("cookie", "theme=dark;lang=en")];
+    assert_eq!(c.get("/agents/a1/api/headers", &plain).await.status, 200);
+    assert_eq!(backend.seen()[2].headers.get("cookie").map(String::as_str), Some("theme=dark;lang=en"));
 }
 
 #[tokio::test]

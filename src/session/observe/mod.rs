@@ -50,6 +50,8 @@ struct Inner {
 #[derive(Debug)]
 struct Watcher {
     id: u64,
+    /// Who watches: its subject, of its issuer ([`subject_key`]).
+    subject: String,
     tx: mpsc::Sender<Bytes>,
     lagged: Arc<Lag>,
 }
@@ -79,6 +81,15 @@ pub enum JoinError {
     /// The session has `max_observers` already.
     #[error("the session has as many observers as it may")]
     Full,
+    /// This subject holds `max_observers_per_subject` of the session's places already.
+    #[error("this subject watches the session as many times as it may")]
+    SubjectFull,
+}
+
+/// Who an observer is, for `max_observers_per_subject`: its token's subject of its issuer.
+/// Tokens without `sub` are one subject of their issuer, as under the subject session caps.
+pub fn subject_key(issuer: Option<&str>, subject: Option<&str>) -> String {
+    format!("{}\u{0}{}", issuer.unwrap_or(""), subject.unwrap_or(""))
 }
 
 impl Hub {
@@ -92,9 +103,15 @@ impl Hub {
         self.inner.lock().map(|i| i.observers.len()).unwrap_or(0)
     }
 
-    /// Adds an observer, its queue primed with the replay.
-    pub fn join(&self) -> Result<Observer, JoinError> {
+    /// Adds an observer for `subject` ([`subject_key`]), its queue primed with the replay.
+    /// The per-subject place is checked first: a subject at its own limit is told so even when
+    /// the session is full too.
+    pub fn join(&self, subject: &str) -> Result<Observer, JoinError> {
         let mut inner = self.inner.lock().map_err(|_| JoinError::Full)?;
+        let held = inner.observers.iter().filter(|w| w.subject == subject).count();
+        if held >= self.settings.max_observers_per_subject {
+            return Err(JoinError::SubjectFull);
+        }
         if inner.observers.len() >= self.settings.max_observers {
             return Err(JoinError::Full);
         }
@@ -104,7 +121,7 @@ impl Hub {
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let lagged = Arc::new(Lag::default());
-        inner.observers.push(Watcher { id, tx, lagged: lagged.clone() });
+        inner.observers.push(Watcher { id, subject: subject.to_owned(), tx, lagged: lagged.clone() });
         Ok(Observer { id, rx, lagged })
     }
 
@@ -161,6 +178,7 @@ mod tests {
             replay,
             queue,
             max_observers: 2,
+            max_observers_per_subject: 2,
             drop_grace: crate::config::DROP_GRACE,
         }))
     }
@@ -171,7 +189,7 @@ mod tests {
         for c in [&b"0123"[..], b"4567", b"89ab"] {
             h.publish(&Bytes::copy_from_slice(c));
         }
-        let mut o = h.join().expect("join");
+        let mut o = h.join("auditor").expect("join");
         h.publish(&Bytes::from_static(b"live"));
         let got: Vec<Bytes> = std::iter::from_fn(|| o.rx.try_recv().ok()).collect();
         assert_eq!(got, [&b"4567"[..], b"89ab", b"live"], "the last 8 bytes, then live");
@@ -180,9 +198,9 @@ mod tests {
     #[test]
     fn a_full_queue_drops_that_observer_only_and_the_cap_holds() {
         let h = hub(0, 2);
-        let mut slow = h.join().expect("slow");
-        let mut fast = h.join().expect("fast");
-        assert_eq!(h.join().unwrap_err(), JoinError::Full);
+        let mut slow = h.join("a").expect("slow");
+        let mut fast = h.join("b").expect("fast");
+        assert_eq!(h.join("c").unwrap_err(), JoinError::Full);
         for i in 0..3u8 {
             h.publish(&Bytes::copy_from_slice(&[i]));
             assert_eq!(fast.rx.try_recv().ok().as_deref(), Some(&[i][..]));
@@ -192,5 +210,26 @@ mod tests {
         assert_eq!(std::iter::from_fn(|| slow.rx.try_recv().ok()).count(), 2, "what it had queued");
         h.leave(fast.id);
         assert_eq!(h.observers(), 0);
+    }
+
+    #[test]
+    fn one_subject_holds_at_most_its_share_of_the_places() {
+        let h = Hub::new(Arc::new(ObserveSettings {
+            scope: "observe:{agent}".into(),
+            replay: 0,
+            queue: 4,
+            max_observers: 3,
+            max_observers_per_subject: 2,
+            drop_grace: crate::config::DROP_GRACE,
+        }));
+        let mallory = subject_key(Some("idp"), Some("mallory"));
+        let first = h.join(&mallory).expect("first");
+        let _second = h.join(&mallory).expect("second");
+        assert_eq!(h.join(&mallory).unwrap_err(), JoinError::SubjectFull);
+        // The same name from another issuer is another subject.
+        let _other = h.join(&subject_key(Some("other-idp"), Some("mallory"))).expect("another issuer's");
+        assert_eq!(h.join(&subject_key(Some("idp"), Some("auditor"))).unwrap_err(), JoinError::Full);
+        h.leave(first.id);
+        assert!(h.join(&mallory).is_ok(), "a place given back is the subject's again");
     }
 }
