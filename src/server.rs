@@ -186,7 +186,14 @@ fn build_runtime(
         previous.and_then(|p| p.token_check_rate.as_ref()),
         (s.token_check_rate_per_ip, s.token_check_burst_per_ip),
     );
+    let mut credential_cookies: Vec<String> = previous.map(|p| p.credential_cookies.to_vec()).unwrap_or_default();
+    for name in config.credential_cookies() {
+        if !credential_cookies.iter().any(|n| n == name) {
+            credential_cookies.push(name.to_owned());
+        }
+    }
     Ok(Runtime {
+        credential_cookies: credential_cookies.into(),
         routes: RouteTable::new(&config.routes),
         authenticator,
         tls,

@@ -47,6 +47,10 @@ pub struct Runtime {
     pub connection_rate: Option<Arc<crate::limits::RatePerIp>>,
     /// The per-address limiter of uncached token checks, when `token_check_rate_per_ip` is set.
     pub token_check_rate: Option<Arc<crate::limits::RatePerIp>>,
+    /// Names of the cookies that carry tokens ([`crate::config::Config::credential_cookies`]),
+    /// of this configuration and of every earlier one this process ran: a browser keeps
+    /// sending a cookie a reload renamed, with a live token in it, and no backend may get it.
+    pub credential_cookies: Arc<[String]>,
 }
 
 /// A plain-HTTP route's client and metrics.

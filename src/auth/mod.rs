@@ -206,11 +206,15 @@ impl Claims {
 
     /// Like [`Claims::contains`], with ASCII case ignored: for agent ids, which name DNS labels.
     pub fn contains_ignoring_case(&self, name: &str, value: &str) -> bool {
+        self.any_value(name, |s| s.eq_ignore_ascii_case(value))
+    }
+
+    /// Whether claim `name` (a string array, or a space-separated string as `scope` is) has an
+    /// entry that `f` accepts.
+    pub fn any_value(&self, name: &str, f: impl Fn(&str) -> bool) -> bool {
         match self.all.get(name) {
-            Some(Value::Array(items)) => {
-                items.iter().any(|v| v.as_str().is_some_and(|s| s.eq_ignore_ascii_case(value)))
-            }
-            Some(Value::String(s)) => s.split(' ').any(|x| x.eq_ignore_ascii_case(value)),
+            Some(Value::Array(items)) => items.iter().any(|v| v.as_str().is_some_and(&f)),
+            Some(Value::String(s)) => s.split(' ').any(f),
             _ => false,
         }
     }

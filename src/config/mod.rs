@@ -28,7 +28,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 pub use pattern::{
-    render_path, template_captures, valid_capture, valid_rest, BackendTemplate, Captures, PathPattern, MAX_CAPTURE_LEN,
+    is_rendering, render_path, template_captures, valid_capture, valid_rest, BackendTemplate, Captures, PathPattern,
+    MAX_CAPTURE_LEN,
 };
 pub use values::{OriginPattern, Secret, TokenSource, CIPHER_SUITES};
 
@@ -914,7 +915,7 @@ impl Config {
     /// Names of the cookies the proxy takes tokens from: the login cookie and every route's
     /// `cookie:` source (all routes share the origin, so an agent could set another route's,
     /// and a browser sends each to every route).
-    pub fn credential_cookies(&self) -> Vec<&str> {
+    pub(crate) fn credential_cookies(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.auth.cookie_login.iter().map(|l| l.cookie.as_str()).collect();
         for source in self.routes.iter().filter_map(|r| r.auth.as_ref()).flat_map(|a| &a.sources) {
             if let TokenSource::Cookie(name) = source {

@@ -84,7 +84,7 @@ impl PathPattern {
 
     /// Where capture `name` sits in `path` (which this pattern matches): its byte range, or
     /// `None` when the pattern does not capture `name` or does not match.
-    pub fn capture_span(&self, path: &str, name: &str) -> Option<std::ops::Range<usize>> {
+    pub(crate) fn capture_span(&self, path: &str, name: &str) -> Option<std::ops::Range<usize>> {
         let rest = path.strip_prefix('/')?;
         let mut start = 1; // after the leading slash
         let mut parts = rest.split('/');
@@ -238,6 +238,31 @@ fn render_template(parts: &[Segment], caps: &Captures) -> String {
     out
 }
 
+/// Whether `value` is `template` rendered with `caps`, with the capture named `folded` compared
+/// without regard to ASCII case and everything else exactly: a grant names the agent (one host
+/// name) in any case, but a scope's other parts, and any other capture in it, are what the
+/// token says (RFC 6749 §3.3: scopes are case-sensitive).
+pub fn is_rendering(template: &str, caps: &Captures, folded: &str, value: &str) -> bool {
+    let Ok(parts) = parse_template(template) else { return value == template };
+    let mut rest = value.as_bytes();
+    for p in &parts {
+        let (text, fold) = match p {
+            Segment::Literal(l) => (l.as_str(), false),
+            Segment::Capture(n) | Segment::Rest(n) => (caps.get(n).unwrap_or_default(), n == folded),
+        };
+        let Some((head, tail)) = rest.split_at_checked(text.len()) else { return false };
+        let same = match fold {
+            true => head.eq_ignore_ascii_case(text.as_bytes()),
+            false => head == text.as_bytes(),
+        };
+        if !same {
+            return false;
+        }
+        rest = tail;
+    }
+    rest.is_empty()
+}
+
 /// Capture names used by a `{capture}` template string.
 pub fn template_captures(template: &str) -> Vec<String> {
     parse_template(template)
@@ -339,6 +364,20 @@ mod tests {
         let t: PathPattern = "/t/{agent}".parse().expect("pattern");
         assert_eq!(t.capture_span("/t/AB/", "agent").map(|r| &"/t/AB/"[r]), Some("AB"));
         assert_eq!(t.capture_span("/t", "agent"), None);
+    }
+
+    #[test]
+    fn a_grant_names_the_agent_in_any_case_and_everything_else_exactly() {
+        let caps = Captures::from_pairs(&[("tenant", "acme"), ("agent", "box1")]);
+        let t = "api:{tenant}:{agent}";
+        assert!(is_rendering(t, &caps, "agent", "api:acme:box1"));
+        assert!(is_rendering(t, &caps, "agent", "api:acme:BOX1"), "the agent in any case");
+        assert!(!is_rendering(t, &caps, "agent", "api:ACME:box1"), "another capture exactly");
+        assert!(!is_rendering(t, &caps, "agent", "API:acme:box1"), "the literal exactly");
+        assert!(!is_rendering(t, &caps, "agent", "api:acme:box1x"));
+        assert!(!is_rendering(t, &caps, "agent", "api:acme:box"));
+        let upper = Captures::from_pairs(&[("tenant", "ACME"), ("agent", "box1")]);
+        assert!(!is_rendering(t, &upper, "agent", "api:acme:box1"), "a path's ACME is not a grant's acme");
     }
 
     #[test]

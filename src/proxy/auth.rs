@@ -21,7 +21,7 @@ use serde_json::Value;
 use super::forward::{self, ForwardedFor, HeaderError};
 use super::upgrade::WsRequest;
 use crate::auth::{check_policy, AuthError, Authenticator, Claims, SignatureGate};
-use crate::config::{render_path, Captures};
+use crate::config::Captures;
 use crate::config::{OriginPolicy, RouteConfig, TokenSource};
 
 /// Prefix of the identity headers the proxy sets (and strips from clients).
@@ -137,7 +137,8 @@ pub async fn admit(
                 out_headers.remove(AUTHORIZATION);
             }
             TokenSource::Query(name) => path_and_query = remove_query_param(&path_and_query, name),
-            TokenSource::Cookie(name) => remove_cookies(&mut out_headers, &[name.as_str()]),
+            // Every credential cookie comes off in the backend's header builder, on every route.
+            TokenSource::Cookie(_) => {}
             TokenSource::Subprotocol(prefix) => {
                 let Some(ws) = ws.as_mut() else { continue };
                 let marker = &policy.subprotocol_marker;
@@ -187,11 +188,13 @@ impl Admitted {
     /// request's identity, then the forwarding headers; `skip` names those the caller writes.
     pub(crate) fn backend_headers(
         &self,
+        runtime: &crate::state::Runtime,
         route: &RouteConfig,
         f: &ForwardedFor,
         skip: &[HeaderName],
     ) -> Result<HeaderMap, HeaderError> {
-        forward::backend_headers(&self.headers, &self.identity, f, route.headers_with_underscores, skip)
+        let credentials = &runtime.credential_cookies;
+        forward::backend_headers(&self.headers, &self.identity, f, route.headers_with_underscores, skip, credentials)
     }
 }
 
@@ -222,9 +225,10 @@ fn check_grant(c: &Claims, policy: &crate::config::RouteAuth, caps: &Captures) -
     let agent = caps.get("agent").ok_or(AuthError::Forbidden)?;
     // The capture is lowercase already (the route stage); a grant names the agent in any case.
     let by_claim = policy.agent_claim.as_deref().is_some_and(|name| c.contains_ignoring_case(name, agent));
+    // The agent in any case; the rest of the scope, and any other capture in it, exactly.
     let by_scope = policy.agent_scope.as_deref().is_some_and(|t| {
-        let scope = render_path(t, caps);
-        c.contains_ignoring_case("scope", &scope) || c.contains_ignoring_case("scp", &scope)
+        let granted = |s: &str| crate::config::is_rendering(t, caps, "agent", s);
+        c.any_value("scope", granted) || c.any_value("scp", granted)
     });
     if by_claim || by_scope {
         Ok(())
@@ -245,41 +249,15 @@ fn bearer_token(v: &HeaderValue) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
 }
 
+/// The values of the cookies named `name`, read pair by pair: another cookie's bytes (a
+/// non-ASCII value) do not hide this one.
 fn cookie_values<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Item = &'h str> + 'h {
-    headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(move |s| {
-        s.split(';').filter_map(move |kv| kv.trim().split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v.trim()))
+    headers.get_all(COOKIE).iter().flat_map(move |v| {
+        v.as_bytes().split(|b| *b == b';').filter_map(move |pair| {
+            let (k, value) = pair.trim_ascii().split_at(pair.trim_ascii().iter().position(|b| *b == b'=')?);
+            (k == name.as_bytes()).then(|| std::str::from_utf8(value[1..].trim_ascii()).ok()).flatten()
+        })
     })
-}
-
-/// Removes the cookies named `names` from the request's `Cookie` headers, keeping the others
-/// as they were sent, in one header (none when nothing is left). Headers that carry none of
-/// them are left untouched. A name is compared trimmed, as servers read it.
-pub(crate) fn remove_cookies(headers: &mut HeaderMap, names: &[&str]) {
-    let carries = |pair: &[u8]| {
-        let name = pair.split(|b| *b == b'=').next().unwrap_or(pair).trim_ascii();
-        names.iter().any(|n| n.as_bytes() == name)
-    };
-    if !headers.get_all(COOKIE).iter().any(|v| cookie_pairs(v).any(carries)) {
-        return;
-    }
-    let mut kept: Vec<u8> = Vec::new();
-    for v in headers.get_all(COOKIE) {
-        for pair in cookie_pairs(v).filter(|p| !p.is_empty() && !carries(p)) {
-            if !kept.is_empty() {
-                kept.extend_from_slice(b"; ");
-            }
-            kept.extend_from_slice(pair);
-        }
-    }
-    headers.remove(COOKIE);
-    if let Some(v) = Some(kept).filter(|k| !k.is_empty()).and_then(|k| HeaderValue::from_bytes(&k).ok()) {
-        headers.insert(COOKIE, v);
-    }
-}
-
-/// A `Cookie` header's `name=value` pairs, trimmed.
-fn cookie_pairs(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
-    v.as_bytes().split(|b| *b == b';').map(<[u8]>::trim_ascii)
 }
 
 fn remove_query_param(path_and_query: &str, name: &str) -> String {

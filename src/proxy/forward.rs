@@ -90,18 +90,31 @@ pub enum HeaderError {
 ///    every name in `proxy_set`; a name with an underscore as the route says;
 /// 2. then `proxy_set` (identity, a forwarded token), which nothing the client sent can remove;
 /// 3. then the forwarding headers, from the validated authority in `f`.
+///
+/// The client's cookies go on in one `Cookie` header (RFC 9113 §8.2.3 joins an HTTP/2
+/// request's for an HTTP/1.1 backend) less every cookie named in `credentials`: the cookies
+/// that carry tokens reach no backend, whichever route the request is for, since a browser
+/// sends them to every path of the origin and a route that takes its token from elsewhere
+/// would hand the user's token to its agent.
 pub fn backend_headers(
     client: &HeaderMap,
     proxy_set: &HeaderMap,
     f: &ForwardedFor,
     underscores: UnderscoreHeaders,
     skip: &[HeaderName],
+    credentials: &[String],
 ) -> Result<HeaderMap, HeaderError> {
     let listed = connection_tokens(client);
     let mut out = HeaderMap::with_capacity(client.len() + proxy_set.len() + 5);
     let mut xff: Vec<u8> = Vec::new();
     let mut chain: Vec<u8> = Vec::new();
+    if let Some(cookie) = cookies_for_backend(client, credentials) {
+        out.insert(header::COOKIE, cookie);
+    }
     for (name, value) in client {
+        if name == header::COOKIE {
+            continue;
+        }
         let trusted_chain = match name.as_str() {
             "x-forwarded-for" => Some(&mut xff),
             "forwarded" => Some(&mut chain),
@@ -174,6 +187,57 @@ pub fn backend_headers(
     Ok(out)
 }
 
+/// The client's `Cookie` headers as one, less the cookies named in `credentials` (a name is
+/// compared trimmed, as servers read it); `None` when nothing is left. A single header that
+/// carries none of them goes on as it was sent.
+fn cookies_for_backend(client: &HeaderMap, credentials: &[String]) -> Option<HeaderValue> {
+    let carries = |pair: &[u8]| {
+        let name = pair.split(|b| *b == b'=').next().unwrap_or(pair).trim_ascii();
+        credentials.iter().any(|n| n.as_bytes() == name)
+    };
+    let mut values = client.get_all(header::COOKIE).iter();
+    let (first, second) = (values.next()?, values.next());
+    if second.is_none() && !cookie_pairs(first).any(carries) {
+        return Some(first.clone());
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for value in client.get_all(header::COOKIE) {
+        for pair in cookie_pairs(value).filter(|p| !p.is_empty() && !carries(p)) {
+            if !joined.is_empty() {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(pair);
+        }
+    }
+    match joined.is_empty() {
+        true => None,
+        false => HeaderValue::from_bytes(&joined).ok(),
+    }
+}
+
+/// Removes every header that folds (`_` and `.` read as `-`, as CGI-style servers read them)
+/// onto `name` without being it: the proxy sets `name`, and no client spelling may stand in.
+pub fn drop_other_spellings(headers: &mut HeaderMap, name: &HeaderName) {
+    let folds_onto = |n: &HeaderName| {
+        n != name
+            && n.as_str().len() == name.as_str().len()
+            && n.as_str()
+                .bytes()
+                .zip(name.as_str().bytes())
+                .all(|(a, b)| a == b || (matches!(a, b'_' | b'.') && b == b'-'))
+    };
+    let others: Vec<HeaderName> = headers.keys().filter(|n| folds_onto(n)).cloned().collect();
+    for n in others {
+        crate::metrics::client_header_dropped("collision");
+        headers.remove(&n);
+    }
+}
+
+/// A `Cookie` header's `name=value` pairs, trimmed.
+fn cookie_pairs(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    v.as_bytes().split(|b| *b == b';').map(<[u8]>::trim_ascii)
+}
+
 /// Whether a client header named `name` would pass for one the proxy sets, once folded the
 /// way CGI-style servers fold names (case, and `_` read as `-`).
 fn proxy_sets(name: &str, proxy_set: &HeaderMap) -> bool {
@@ -205,13 +269,13 @@ fn write_quoted_string(out: &mut Vec<u8>, value: &str) {
 /// Removes a backend's `Set-Cookie` for a cookie the proxy authenticates with (`names`: the
 /// login cookie and every `cookie:` token source), or every `Set-Cookie` when `all` (a sandboxed
 /// route): an agent never sets, replaces or shadows the user's credential.
-pub fn protect_credential_cookies(headers: &mut HeaderMap, names: &[&str], all: bool) {
+pub fn protect_credential_cookies(headers: &mut HeaderMap, names: &[String], all: bool) {
     let kept: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
         .filter(|v| {
             let name = v.to_str().ok().and_then(|c| c.split_once('=')).map(|(n, _)| n.trim());
-            !all && name.is_some_and(|n| !names.contains(&n))
+            !all && name.is_some_and(|n| !names.iter().any(|c| c == n))
         })
         .cloned()
         .collect();
@@ -276,7 +340,7 @@ mod tests {
     }
 
     fn build(client: &HeaderMap, set: &HeaderMap, f: &ForwardedFor, u: UnderscoreHeaders) -> HeaderMap {
-        backend_headers(client, set, f, u, &[]).expect("headers")
+        backend_headers(client, set, f, u, &[], &[]).expect("headers")
     }
 
     #[test]
@@ -311,7 +375,7 @@ mod tests {
             assert_eq!(out.contains_key("x_custom"), rule == UnderscoreHeaders::Allow, "{rule:?}");
             assert!(out.contains_key("x-kept"));
         }
-        let refused = backend_headers(&client, &set, &from(false), UnderscoreHeaders::Reject, &[]);
+        let refused = backend_headers(&client, &set, &from(false), UnderscoreHeaders::Reject, &[], &[]);
         assert_eq!(refused.err(), Some(HeaderError::Underscore));
     }
 

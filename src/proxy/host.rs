@@ -113,19 +113,35 @@ pub fn parse(value: &[u8]) -> Result<Authority, HostError> {
         [] => None,
         [b':', digits @ ..] if (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) => {
             let n = digits.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
-            Some(u16::try_from(n).map_err(|_| HostError::Invalid)?)
+            // Port 0 names no service.
+            Some(u16::try_from(n).ok().filter(|p| *p != 0).ok_or(HostError::Invalid)?)
         }
         _ => return Err(HostError::Invalid),
     };
     Ok(Authority { host, ipv6, port })
 }
 
-/// Dot-separated labels of `[A-Za-z0-9_-]`, none empty (an IPv4 address is one too).
+/// Dot-separated labels of `[A-Za-z0-9_-]`, each 1-63 bytes and not starting with `-`, at
+/// most 253 bytes in all (RFC 1035 §2.3.4, RFC 1123 §2.1). A name whose last label is a
+/// number (`127.1`, `0x7f.0.0.1`) is read as an IPv4 address by browsers' URL parsers: it must
+/// be one, in its dotted-quad form.
 fn dns_name(name: &[u8]) -> bool {
-    !name.is_empty()
-        && name.split(|&b| b == b'.').all(|label| {
-            !label.is_empty() && label.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
+    let labels = || name.split(|&b| b == b'.');
+    let ldh = |label: &[u8]| {
+        (1..=63).contains(&label.len())
+            && label[0] != b'-'
+            && label.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || name.len() > 253 || !labels().all(ldh) {
+        return false;
+    }
+    let last = labels().next_back().unwrap_or_default();
+    let numeric = last.iter().all(u8::is_ascii_digit)
+        || last
+            .strip_prefix(b"0x")
+            .or_else(|| last.strip_prefix(b"0X"))
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+    !numeric || std::str::from_utf8(name).is_ok_and(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
 }
 
 #[cfg(test)]
@@ -146,6 +162,11 @@ mod tests {
         assert_eq!(ok("xn--bcher-kva.example"), "xn--bcher-kva.example");
         assert_eq!(ok("agents.example.com.:8443"), "agents.example.com:8443", "the absolute form");
         assert_eq!(ok("agent_1.internal"), "agent_1.internal");
+        assert_eq!(ok("a-.b1"), "a-.b1");
+        assert_eq!(ok(&"a".repeat(63)), "a".repeat(63));
+        assert!(parse("a".repeat(64).as_bytes()).is_err(), "a label over 63");
+        let long = vec!["a".repeat(63); 4].join(".");
+        assert!(parse(long.as_bytes()).is_err(), "a name over 253");
         let a = parse(b"[::1]:8443").expect("v6");
         assert_eq!((a.host(), a.port()), ("::1", Some(8443)));
     }
@@ -187,6 +208,11 @@ mod tests {
             ".a",
             ".",
             "a..",
+            "-a.example",
+            "127.1",
+            "0x7f.0.0.1",
+            "999.999.999.999",
+            "host:0",
             "host/path",
             "h\u{e9}.example",
         ] {

@@ -551,9 +551,11 @@ fn scope_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
 }
 
-/// Methods every token may call: the session's start and liveness.
-fn always_granted(method: &str) -> bool {
-    matches!(method, "initialize" | "ping") || method.starts_with("notifications/")
+/// Messages every token may send: the session's start and liveness, and notifications. A
+/// request (it has an `id`) under `notifications/` is no notification: it needs its scope
+/// (an attacker review, 2026-12-06: `notifications/../tools/call` with an id went through).
+fn always_granted(m: &Message, method: &str) -> bool {
+    matches!(method, "initialize" | "ping") || (m.id.is_none() && method.starts_with("notifications/"))
 }
 
 /// A scope template split at its placeholder, the route's captures rendered.
@@ -610,7 +612,7 @@ pub fn authorize_one(
     m: &Message,
 ) -> Result<(), McpError> {
     let Some(method) = m.method.as_deref() else { return Ok(()) };
-    if always_granted(method) {
+    if always_granted(m, method) {
         return Ok(());
     }
     let denied = |scope, tool: Option<&String>| {
@@ -840,6 +842,12 @@ mod tests {
         assert!(authorize(&strict, &caps(), Some(&claims("mcp:tools/call")), &list).is_err());
         let init = parse(br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#).expect("p");
         assert!(authorize(&strict, &caps(), Some(&claims("")), &init).is_ok());
+        let note = parse(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).expect("p");
+        assert!(authorize(&strict, &caps(), Some(&claims("")), &note).is_ok(), "a notification");
+        let disguised =
+            parse(br#"{"jsonrpc":"2.0","id":1,"method":"notifications/../tools/call","params":{"name":"x"}}"#)
+                .expect("p");
+        assert!(authorize(&strict, &caps(), Some(&claims("")), &disguised).is_err(), "a request is no notification");
     }
 
     #[test]

@@ -707,7 +707,7 @@ async fn handle_request(
     let forwarded = forwarded_for(ctx, runtime, &head.headers);
     // The proxy answers `Expect: 100-continue` itself (hyper sends 100 when the body is first
     // read, which is when a member is ready for it).
-    let mut headers = match admitted.backend_headers(&route, &forwarded, &[::http::header::EXPECT]) {
+    let mut headers = match admitted.backend_headers(runtime, &route, &forwarded, &[::http::header::EXPECT]) {
         Ok(h) => h,
         Err(e) => return refuse(e.into()),
     };
@@ -717,6 +717,10 @@ async fn handle_request(
     let mut pinned = None;
     let mut envelope = None;
     if let Some((settings, keys)) = &affinity {
+        // The envelope's header is the proxy's: another spelling of it (`Mcp.Session.Id`,
+        // which a backend folding names reads as `Mcp-Session-Id`) would carry a raw id past
+        // the envelope's check.
+        forward::drop_other_spellings(&mut headers, &settings.header);
         if let Some(presented) = head.headers.get(&settings.header) {
             match open_envelope(ctx, &route, &caps, keys, claims, presented) {
                 Ok((opened, digest)) => {
@@ -795,7 +799,7 @@ async fn handle_request(
     }
     // Only a response that sets cookies pays for the list of credential cookie names.
     if parts.headers.contains_key(::http::header::SET_COOKIE) {
-        forward::protect_credential_cookies(&mut parts.headers, &runtime.config.credential_cookies(), route.sandbox);
+        forward::protect_credential_cookies(&mut parts.headers, &runtime.credential_cookies, route.sandbox);
     }
     if route.sandbox {
         // Agent-served pages run in an opaque origin: no cookie of this origin, and every
@@ -813,21 +817,28 @@ async fn handle_request(
     http.metrics.request(sse, exchange.status);
     // Every body still in flight is a governed session, ended on expiry, revocation, lifetime
     // and drain: SSE cleanly, any other body (NDJSON, a long-poll, a download) cleanly when it
-    // is made of events, else cut. A stream (SSE, or any body of unknown length: chunked, or
-    // until close) also counts under the subject's caps, and over them is answered 429, so
-    // that no subject holds more open streams than its cap, whatever their content type. A
+    // is made of events, else cut. A stream counts under the subject's caps too. SSE over a cap
+    // is answered 429. Any other body of unknown length (chunked, or until close) takes a
+    // place when there is one; over a cap it is delivered for `OVER_CAP_GRACE`, then ended as
+    // a revoked one is: a short answer (a chunked JSON reply) is never refused after its
+    // backend acted on the request, and no subject holds more long streams than its caps. A
     // body of known length is a transfer that ends, and is not counted.
     let ends = hyper::body::Body::is_end_stream(&body);
-    let streamed = sse || (!ends && hyper::body::Body::size_hint(&body).exact().is_none());
+    let open_ended = !ends && hyper::body::Body::size_hint(&body).exact().is_none();
     let governance = match (sse, ends) {
         (false, true) => None,
         _ => {
-            let slots = match streamed {
-                true => match subject_slots(ctx, runtime, &route, claims) {
+            let places = match (sse, open_ended) {
+                (true, _) => match subject_slots(ctx, runtime, &route, claims) {
                     Err(e) => return reject_exchange(ctx, exchange, e),
-                    Ok(slots) => slots,
+                    Ok(slots) => Places::Held(slots),
                 },
-                false => Vec::new(),
+                (false, true) => match subject_slots(ctx, runtime, &route, claims) {
+                    Err(RequestError::TooManySessions) => Places::OverCap,
+                    Err(e) => return reject_exchange(ctx, exchange, e),
+                    Ok(slots) => Places::Held(slots),
+                },
+                (false, false) => Places::Uncounted,
             };
             let (kind, cut) = match sse {
                 true => (SessionKind::Sse, stream::Cut::Clean),
@@ -837,8 +848,8 @@ async fn handle_request(
                 }
             };
             let mut entry = session_entry(ctx, kind, &route, &caps, claims);
-            entry.counted = streamed;
-            let g = govern(ctx, runtime, &route, claims, entry, cut, slots);
+            entry.counted = matches!(places, Places::Held(_));
+            let g = govern(ctx, runtime, &route, claims, entry, cut, places);
             let _ = g.session.entry().backend.set(answered.member.clone());
             Some(g)
         }
@@ -872,9 +883,23 @@ fn login_answer(ctx: &ConnCtx, answer: Result<Response<Full<Bytes>>, login::Logi
     }
 }
 
-/// Registers a streamed response as a session (`entry`, holding `slots` under the subject's
-/// caps) and sets what ends it: the token's expiry, the route's `max_lifetime`, revocation,
-/// route removal and drain.
+/// A streamed response's places under the subject's session caps.
+enum Places {
+    /// Taken, freed when the stream ends.
+    Held(Vec<SubjectSlot>),
+    /// A body of unknown length over a cap: delivered for [`OVER_CAP_GRACE`], then ended.
+    OverCap,
+    /// A body of known length: a transfer, not counted.
+    Uncounted,
+}
+
+/// How long a body of unknown length over the subject's caps is delivered before it is ended:
+/// long enough for a short answer to arrive whole, as the 429's `Retry-After` is for a retry.
+const OVER_CAP_GRACE: Duration = Duration::from_secs(5);
+
+/// Registers a streamed response as a session (`entry`) and sets what ends it: the token's
+/// expiry, the route's `max_lifetime`, revocation, route removal and drain, and for a stream
+/// over the subject's caps [`OVER_CAP_GRACE`].
 fn govern(
     ctx: &ConnCtx,
     runtime: &Runtime,
@@ -882,13 +907,26 @@ fn govern(
     claims: Option<&Claims>,
     entry: SessionEntry,
     cut: stream::Cut,
-    slots: Vec<SubjectSlot>,
+    places: Places,
 ) -> stream::Governance {
     let registered = ctx.shared.sessions.register(entry);
     let deadline = session_deadline(route, runtime, claims);
     let lifetime = Some(route.session.max_lifetime).filter(|l| !l.is_zero());
     let mut g = stream::Governance::new(registered, deadline, lifetime, runtime.config.server.drain_spread, cut);
-    g.slots = slots;
+    match places {
+        Places::Held(slots) => g.slots = slots,
+        Places::Uncounted => {}
+        Places::OverCap => {
+            tracing::info!(route = %route.name, client = %ctx.client_addr, grace = ?OVER_CAP_GRACE, "a stream over the subject's session cap; it ends after the grace");
+            let stop = std::mem::replace(&mut g.stop, Box::pin(std::future::pending()));
+            g.stop = Box::pin(async move {
+                tokio::select! {
+                    reason = stop => reason,
+                    () = tokio::time::sleep(OVER_CAP_GRACE) => "subject_sessions",
+                }
+            });
+        }
+    }
     g
 }
 
@@ -1043,7 +1081,7 @@ async fn handle_upgrade(
         Err(e) => return reject(ctx, &route.name, e),
     };
     let forwarded = forwarded_for(ctx, runtime, req.headers());
-    let backend_headers = match admitted.backend_headers(&route, &forwarded, connect::SET_BY_HANDSHAKE) {
+    let backend_headers = match admitted.backend_headers(runtime, &route, &forwarded, connect::SET_BY_HANDSHAKE) {
         Ok(h) => h,
         Err(e) => return reject(ctx, &route.name, e.into()),
     };
@@ -1581,15 +1619,8 @@ async fn admit(
     ws: Option<upgrade::WsRequest>,
 ) -> Result<auth::Admitted, RequestError> {
     let gate = token_check_gate(ctx, runtime);
-    let mut admitted =
+    let admitted =
         auth::admit(route, caps, headers, path_and_query, ws, runtime.authenticator.as_deref(), &gate).await?;
-    // A credential cookie (the login cookie, any route's `cookie:` source) reaches no backend,
-    // whichever route the request is for: the browser sends it to every path of the origin,
-    // and a route that does not take its token from it would hand the user's token to its
-    // agent. A route that forwards the token does so as `Authorization`.
-    if admitted.headers.contains_key(::http::header::COOKIE) {
-        auth::remove_cookies(&mut admitted.headers, &runtime.config.credential_cookies());
-    }
     // A protected resource (RFC 9728) takes only tokens minted for it (RFC 8707): the audience
     // names the resource.
     if let (Some(resource), Some(claims)) = (&route.resource, admitted.claims.as_deref()) {

@@ -197,7 +197,8 @@ pub enum SessionKind {
     /// A `text/event-stream` response (SSE) streamed chunk by chunk.
     Sse,
     /// Any other response body in flight (NDJSON, a long-poll, a download): governed like an
-    /// event stream, not counted under subject caps.
+    /// event stream; counted under subject caps when its length is unknown
+    /// ([`SessionEntry::counted`]).
     Stream,
     /// A read-only observer of another session: its own token's expiry, revocation, drain and
     /// subject caps apply to it.
@@ -236,8 +237,8 @@ pub struct SessionEntry {
     /// Token expiry (Unix seconds), if any.
     pub token_exp: Option<u64>,
     /// Counted under the subject's session caps: every session but a response body of known
-    /// length (a transfer that ends).
-    pub counted: bool,
+    /// length (a transfer that ends) and a stream over the caps (which ends after a grace).
+    pub(crate) counted: bool,
     /// Client address.
     pub client: std::net::SocketAddr,
     /// The client's HTTP version: `http/1.1` or `h2`.

@@ -116,6 +116,29 @@ async fn a_session_stays_on_the_member_that_created_it_through_any_instance_for_
     assert_eq!(call(&e, &alice, Some(&envelope)).await.headers["x-member"].to_str().ok(), Some(member.as_str()));
 }
 
+/// Found by an attacker review (2026-12-06): `Mcp.Session.Id: <raw id>` is not the envelope's
+/// header to the proxy, so it went to the backend unchecked, and a backend that folds header
+/// names (PHP, CGI) read it as `Mcp-Session-Id`: another subject's raw session id, past the
+/// envelope. Every other spelling of the header is dropped.
+#[tokio::test]
+async fn another_spelling_of_the_session_header_does_not_reach_the_backend() {
+    let m1 = RestBackend::start("m1").await;
+    let key = hmac();
+    let keys = key_file(&[[7; 32]]);
+    let extra =
+        json!({"headers_with_underscores": "allow", "affinity": {"keys_file": keys.path().display().to_string()}});
+    let proxy = start_route(&key, &[m1.addr], extra).await;
+    let bob = format!("Bearer {}", key.token("bob", &["a1"], Duration::from_secs(600)));
+    let mut c = H1::connect(proxy.tls, true).await;
+    let headers =
+        [("authorization", bob.as_str()), ("mcp.session.id", "m1-session-0-1"), ("mcp_session_id", "m1-session-0-1")];
+    assert_eq!(c.get("/agents/a1/mcp", &headers).await.status, 200);
+    let seen = &m1.seen()[0];
+    let spelled: Vec<&String> =
+        seen.headers.keys().filter(|k| k.replace(['_', '.'], "-") == "mcp-session-id").collect();
+    assert!(spelled.is_empty(), "a spelling of the session header reached the backend: {:?}", seen.headers);
+}
+
 #[test]
 fn affinity_without_keys_is_refused_by_validation() {
     let text =

@@ -74,6 +74,9 @@ async fn an_http_1_0_upgrade_is_400_before_any_backend_is_contacted() {
         assert_eq!(r.status, 400);
     }
     assert!(backend.log.requests.lock().expect("lock").is_empty(), "a backend was asked");
+    // Refused by the upgrade check (not, say, the Host check).
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"terminal\",result=\"bad_handshake\"}"), 2.0);
 }
 
 #[tokio::test]

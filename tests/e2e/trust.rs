@@ -377,6 +377,37 @@ async fn the_backend_sees_the_agent_id_in_its_one_case() {
     assert_eq!(seen, ["/agents/box1/api/Tasks/7?Q=X", "/agents/box1/api/Ws"]);
 }
 
+/// Found by an attacker review (2026-12-06): a scope grant compared in any case as a whole, so
+/// a grant for tenant `acme` opened `/t/ACME/...`, and the backend got `ACME`, another tenant
+/// to it. Only the agent is compared in any case; the rest of a scope, other captures
+/// included, is what the token says (RFC 6749 §3.3).
+#[tokio::test]
+async fn only_the_agent_of_a_scope_grant_is_compared_in_any_case() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let route = json!({
+        "name": "tenant",
+        "path": "/t/{tenant}/agents/{agent}/api/{*rest}",
+        "kind": "http",
+        "backends": [backend.addr.to_string()],
+        "auth": {"sources": ["bearer"], "agent_scope": "api:{tenant}:{agent}"},
+    });
+    let text =
+        TestConfig::base(&["127.0.0.1:1".to_owned()]).merge("", key.auth_keys()).merge("", json!({"routes": [route]}));
+    let proxy = Proxy::start_with(&text.text()).await;
+    let auth = format!("Bearer {}", key.token_with(json!({"sub": "alice", "scope": "api:acme:a1"})));
+    let mut c = H1::connect(proxy.tls, true).await;
+    let status = |path: &'static str| {
+        let (tls, auth) = (proxy.tls, auth.clone());
+        async move { H1::connect(tls, true).await.get(path, &[("authorization", &auth)]).await.status }
+    };
+    assert_eq!(c.get("/t/acme/agents/a1/api/x", &[("authorization", &auth)]).await.status, 200);
+    assert_eq!(status("/t/acme/agents/A1/api/x").await, 200, "the agent in any case");
+    assert_eq!(status("/t/ACME/agents/a1/api/x").await, 403, "another spelling of the tenant");
+    let seen: Vec<String> = backend.seen().into_iter().map(|s| s.uri).collect();
+    assert_eq!(seen, ["/t/acme/agents/a1/api/x", "/t/acme/agents/a1/api/x"]);
+}
+
 #[test]
 fn check_config_refuses_jwks_over_http_unless_allowed_and_warns_of_routes_without_an_audience() {
     let dir = tempfile::tempdir().expect("dir");
@@ -485,8 +516,10 @@ async fn every_response_in_flight_is_a_session_ended_by_revocation_expiry_and_dr
 
 /// The attack: the subject caps counted WebSockets and SSE streams only, so one subject held
 /// any number of NDJSON streams or long-polls open (each a backend connection), bounded only
-/// per address. Every stream (SSE, or a body of unknown length) now counts under the subject's
-/// caps and is answered 429 over them; a body of known length is a transfer and does not count.
+/// per address. Every open stream now counts: SSE over a cap is answered 429; any other body
+/// of unknown length over a cap is delivered for a grace (5 s) and then ended, so a short
+/// chunked answer is never refused after its backend acted; a body of known length is a
+/// transfer and does not count.
 #[tokio::test]
 async fn every_open_stream_counts_under_the_subject_caps() {
     let backend = RestBackend::start("m1").await;
@@ -506,25 +539,37 @@ async fn every_open_stream_counts_under_the_subject_caps() {
     assert_eq!(first.status(), 200);
     let (_c2, second) = get("/agents/a1/api/stall").await;
     assert_eq!(second.status(), 200);
-    // Alice holds two open streams: a third is over her cap, whatever its content type.
-    let (_c3, third) = get("/agents/a1/api/ndjson").await;
-    assert_eq!(third.status(), 429, "a third open stream of one subject");
-    assert_eq!(third.headers().get("retry-after").map(|v| v.as_bytes()), Some(&b"5"[..]));
-    let (_c4, sse) = get("/agents/a1/api/sse?n=1&hold=1").await;
+    let limits = async || {
+        let (_, top) = http_get(proxy.admin, "/limits?top=1").await;
+        let top: serde_json::Value = serde_json::from_str(&top).expect("json");
+        top["per_subject"][0]["sessions"].as_u64()
+    };
+    assert_eq!(limits().await, Some(2), "both open streams count");
+    // Alice holds two: SSE over the cap is refused up front.
+    let (_c3, sse) = get("/agents/a1/api/sse?n=1&hold=1").await;
     assert_eq!(sse.status(), 429, "an SSE stream over the cap");
-    // A response of known length is not a stream: plain requests go on at the cap.
-    let (_c5, plain) = get("/agents/a1/api/headers").await;
-    assert_eq!(plain.status(), 200);
-    let (_, top) = http_get(proxy.admin, "/limits?top=1").await;
-    let top: serde_json::Value = serde_json::from_str(&top).expect("json");
-    assert_eq!((&top["per_subject"][0]["subject"], &top["per_subject"][0]["sessions"]), (&json!("alice"), &json!(2)));
-    // A stream that ends gives its place back.
+    assert_eq!(sse.headers().get("retry-after").map(|v| v.as_bytes()), Some(&b"5"[..]));
+    // A short chunked answer and one of known length arrive whole at the cap.
+    let (_c4, chunked) = get("/agents/a1/api/chunks").await;
+    assert_eq!(chunked.status(), 200);
+    assert_eq!(read_body(chunked.into_body()).await.as_deref(), Ok(&b"ab"[..]));
+    let (_c5, sized) = get("/agents/a1/api/headers").await;
+    assert_eq!(sized.status(), 200);
+    // A third open stream is delivered, and ended after the grace: NDJSON cleanly, a download
+    // cut so that it never looks complete. Neither took a place.
+    let started = std::time::Instant::now();
+    let (_c6, third) = get("/agents/a1/api/ndjson").await;
+    assert_eq!(third.status(), 200);
+    let (_c7, fourth) = get("/agents/a1/api/stall").await;
+    assert_eq!(limits().await, Some(2), "over the cap, nothing more is counted");
+    assert_eq!(read_body(third.into_body()).await.as_deref(), Ok(&b"first chunk"[..]));
+    assert!(started.elapsed() >= std::time::Duration::from_secs(4), "ended before the grace");
+    assert!(read_body(fourth.into_body()).await.is_err(), "a download over the cap looked complete");
+    // The two within the cap go on; one that ends gives its place back.
     drop((_c1, first));
-    eventually("the closed stream's place is free", async || {
-        let (c, resp) = get("/agents/a1/api/ndjson").await;
-        (resp.status() == 200).then_some((c, resp))
-    })
-    .await;
+    eventually("the closed stream's place is free", async || (limits().await == Some(1)).then_some(())).await;
+    let (_c8, again) = get("/agents/a1/api/sse?n=1&hold=1").await;
+    assert_eq!(again.status(), 200);
 }
 
 #[test]
@@ -724,15 +769,23 @@ async fn no_backend_gets_a_credential_cookie_whatever_its_route_takes_tokens_fro
         "origin": {"allow": ["https://console.example.com"]},
         "auth": {"sources": ["cookie:console_token"], "agent_claim": "agents"},
     });
+    // A route with no auth at all, as an agent's own pages are.
+    let open_route = json!({
+        "name": "pages",
+        "path": "/pages/{agent}/{*rest}",
+        "kind": "http",
+        "sandbox": true,
+        "backends": [backend.addr.to_string()],
+    });
     let text = config(&key, backend.addr, None, json!({}))
-        .merge("", json!({"routes": [cookie_route]}))
+        .merge("", json!({"routes": [cookie_route, open_route]}))
         .merge("auth", json!({"cookie_login": {}}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let auth = alice(&key);
     let token = auth.trim_start_matches("Bearer ");
     // What a browser sends after the login, with another route's credential and a cookie of
-    // the agent's own (split in two headers, as HTTP/2 clients may).
+    // the agent's own (split in two headers, as HTTP/2 clients do).
     let cookies = format!("portcullis_token={token}; theme=dark");
     let more = format!("console_token ={token};lang=en");
     let headers = [("authorization", auth.as_str()), ("cookie", cookies.as_str()), ("cookie", more.as_str())];
@@ -740,9 +793,13 @@ async fn no_backend_gets_a_credential_cookie_whatever_its_route_takes_tokens_fro
     assert_eq!(c.get("/agents/a1/api/headers", &headers).await.status, 200);
     let ws = upgrade(proxy.tls, true, "/agents/a1/api/ws", &headers).await.expect("101");
     drop(ws);
+    assert_eq!(c.get("/pages/a1/index.html", &headers[1..]).await.status, 200);
+    let mut h2 = H2::connect(proxy.tls).await;
+    assert_eq!(h2.get("/pages/a1/app.js", &headers[1..]).await.0, 200);
     let seen = backend.seen();
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen.len(), 4, "{seen:?}");
     for s in &seen {
+        // One header (RFC 9113 §8.2.3 joins HTTP/2's), the credentials out, the rest kept.
         assert_eq!(
             s.headers.get("cookie").map(String::as_str),
             Some("theme=dark; lang=en"),
@@ -756,7 +813,20 @@ async fn no_backend_gets_a_credential_cookie_whatever_its_route_takes_tokens_fro
     let mut c = H1::connect(proxy.tls, true).await;
     let plain = [("authorization", auth.as_str()), ("cookie", "theme=dark;lang=en")];
     assert_eq!(c.get("/agents/a1/api/headers", &plain).await.status, 200);
-    assert_eq!(backend.seen()[2].headers.get("cookie").map(String::as_str), Some("theme=dark;lang=en"));
+    assert_eq!(backend.seen()[4].headers.get("cookie").map(String::as_str), Some("theme=dark;lang=en"));
+    // A reload that renames the login cookie: browsers still send the old one, a live token in
+    // it, and it still reaches no backend.
+    let renamed =
+        config(&key, backend.addr, None, json!({})).merge("auth", json!({"cookie_login": {"cookie": "pc_login"}}));
+    let renamed =
+        portcullis::config::Config::parse(&renamed.text(), std::path::Path::new("renamed.toml")).expect("valid");
+    proxy.handle.reload(renamed).expect("reload");
+    let old = format!("portcullis_token={token}; theme=dark");
+    assert_eq!(
+        c.get("/agents/a1/api/headers", &[("authorization", auth.as_str()), ("cookie", old.as_str())]).await.status,
+        200
+    );
+    assert_eq!(backend.seen()[5].headers.get("cookie").map(String::as_str), Some("theme=dark"));
 }
 
 #[tokio::test]

@@ -51,7 +51,7 @@ struct Inner {
 struct Watcher {
     id: u64,
     /// Who watches: its subject, of its issuer ([`subject_key`]).
-    subject: String,
+    subject: Who,
     tx: mpsc::Sender<Bytes>,
     lagged: Arc<Lag>,
 }
@@ -86,10 +86,13 @@ pub enum JoinError {
     SubjectFull,
 }
 
-/// Who an observer is, for `max_observers_per_subject`: its token's subject of its issuer.
-/// Tokens without `sub` are one subject of their issuer, as under the subject session caps.
-pub fn subject_key(issuer: Option<&str>, subject: Option<&str>) -> String {
-    format!("{}\u{0}{}", issuer.unwrap_or(""), subject.unwrap_or(""))
+/// Who an observer is, for `max_observers_per_subject`: its token's issuer and subject.
+pub type Who = (Option<String>, Option<String>);
+
+/// The [`Who`] of a token's issuer and subject. Tokens without `sub` are one subject of their
+/// issuer, as under the subject session caps.
+pub fn subject_key(issuer: Option<&str>, subject: Option<&str>) -> Who {
+    (issuer.map(str::to_owned), subject.map(str::to_owned))
 }
 
 impl Hub {
@@ -106,9 +109,9 @@ impl Hub {
     /// Adds an observer for `subject` ([`subject_key`]), its queue primed with the replay.
     /// The per-subject place is checked first: a subject at its own limit is told so even when
     /// the session is full too.
-    pub fn join(&self, subject: &str) -> Result<Observer, JoinError> {
+    pub fn join(&self, subject: &Who) -> Result<Observer, JoinError> {
         let mut inner = self.inner.lock().map_err(|_| JoinError::Full)?;
-        let held = inner.observers.iter().filter(|w| w.subject == subject).count();
+        let held = inner.observers.iter().filter(|w| &w.subject == subject).count();
         if held >= self.settings.max_observers_per_subject {
             return Err(JoinError::SubjectFull);
         }
@@ -121,7 +124,7 @@ impl Hub {
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let lagged = Arc::new(Lag::default());
-        inner.observers.push(Watcher { id, subject: subject.to_owned(), tx, lagged: lagged.clone() });
+        inner.observers.push(Watcher { id, subject: subject.clone(), tx, lagged: lagged.clone() });
         Ok(Observer { id, rx, lagged })
     }
 
@@ -189,7 +192,7 @@ mod tests {
         for c in [&b"0123"[..], b"4567", b"89ab"] {
             h.publish(&Bytes::copy_from_slice(c));
         }
-        let mut o = h.join("auditor").expect("join");
+        let mut o = h.join(&subject_key(None, Some("auditor"))).expect("join");
         h.publish(&Bytes::from_static(b"live"));
         let got: Vec<Bytes> = std::iter::from_fn(|| o.rx.try_recv().ok()).collect();
         assert_eq!(got, [&b"4567"[..], b"89ab", b"live"], "the last 8 bytes, then live");
@@ -198,9 +201,10 @@ mod tests {
     #[test]
     fn a_full_queue_drops_that_observer_only_and_the_cap_holds() {
         let h = hub(0, 2);
-        let mut slow = h.join("a").expect("slow");
-        let mut fast = h.join("b").expect("fast");
-        assert_eq!(h.join("c").unwrap_err(), JoinError::Full);
+        let who = |s: &str| subject_key(None, Some(s));
+        let mut slow = h.join(&who("a")).expect("slow");
+        let mut fast = h.join(&who("b")).expect("fast");
+        assert_eq!(h.join(&who("c")).unwrap_err(), JoinError::Full);
         for i in 0..3u8 {
             h.publish(&Bytes::copy_from_slice(&[i]));
             assert_eq!(fast.rx.try_recv().ok().as_deref(), Some(&[i][..]));

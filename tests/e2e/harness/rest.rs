@@ -47,7 +47,8 @@ pub struct Seen {
 ///   stays open, sending nothing);
 /// - `slow?ms=M`: the response head after M ms;
 /// - `stall`: the head and one chunk, then nothing; `ndjson`: the same as
-///   `application/x-ndjson`;
+///   `application/x-ndjson`; `chunks`: two chunks and the end, with no length (a short
+///   chunked answer);
 /// - `status?code=C`: answers C;
 /// - `cookie`: sets `portcullis_token` (the proxy's credential cookie) and `theme`;
 /// - `mcp`: a stateful session, as an MCP server's (see the handler).
@@ -203,6 +204,10 @@ async fn respond(
         "slow" => {
             tokio::time::sleep(Duration::from_millis(query(&parts.uri, "ms").unwrap_or(1000))).await;
             Response::new(full("slow"))
+        }
+        "chunks" => {
+            let chunks = [Ok(Frame::data(Bytes::from_static(b"a"))), Ok(Frame::data(Bytes::from_static(b"b")))];
+            Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks))))
         }
         "stall" | "ndjson" => {
             let stream = futures_util::stream::unfold(0u8, |i| async move {
