@@ -938,7 +938,8 @@ impl Config {
             );
         }
         for (i, r) in self.routes.iter().enumerate() {
-            if r.auth.as_ref().is_some_and(|a| a.audiences.is_empty()) {
+            // A protected resource checks the audience itself (its `id`).
+            if r.auth.as_ref().is_some_and(|a| a.audiences.is_empty()) && r.resource.is_none() {
                 out.push(format!(
                     "routes[{i}] ({}): [routes.auth] has no audiences, so a token the same keys signed for any other \
                      service is accepted here; set audiences",
@@ -1130,7 +1131,9 @@ mod tests {
         };
         let auth = "[routes.auth]\nagent_claim = \"agents\"\n";
         let ok = "id = \"https://e.example/agents/{agent}/mcp\"\nauthorization_servers = [\"https://idp.example\"]";
-        Config::parse(&route(ok, auth), Path::new("x.toml")).expect("valid");
+        let c = Config::parse(&route(ok, auth), Path::new("x.toml")).expect("valid");
+        // The resource's id is the audience checked: no warning of a route without audiences.
+        assert!(c.warnings().iter().all(|w| !w.contains("audiences")), "{:?}", c.warnings());
         for (resource, auth, wanted) in [
             (ok, "", "needs [routes.auth]"),
             ("id = \"http://e.example/mcp\"\nauthorization_servers = [\"https://idp.example\"]", auth, "https://"),
