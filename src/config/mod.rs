@@ -28,8 +28,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 pub use pattern::{
-    is_rendering, render_path, template_captures, valid_capture, valid_rest, BackendTemplate, Captures, PathPattern,
-    MAX_CAPTURE_LEN,
+    dns_name, is_rendering, render_path, template_captures, valid_capture, valid_rest, BackendTemplate, Captures,
+    PathPattern, MAX_CAPTURE_LEN,
 };
 pub use values::{OriginPattern, Secret, TokenSource, CIPHER_SUITES};
 
@@ -1104,6 +1104,28 @@ mod tests {
             let text = format!("{base}{fleet}\n");
             let msg = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
             assert!(msg.contains(key) && msg.contains(wanted), "{fleet}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_route_host_is_kept_in_the_form_request_hosts_are_matched_in() {
+        let route = |host: &str| {
+            format!(
+                "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[[routes]]\nname = \"t\"\nhost = {host:?}\npath = \"/t\"\nbackends = [\"127.0.0.1:1\"]\n"
+            )
+        };
+        for (given, kept) in [
+            ("Agents.Example.COM.", "agents.example.com"),
+            ("*.Example.com", "*.example.com"),
+            ("127.0.0.1", "127.0.0.1"),
+            ("[::1]", "::1"),
+        ] {
+            let c = Config::parse(&route(given), Path::new("x.toml")).expect("valid");
+            assert_eq!(c.routes[0].host.as_deref(), Some(kept), "{given}");
+        }
+        for bad in ["a~b.example", "open.example,x", "a..b", "host:8080", "*.", "x.*.example"] {
+            let msg = Config::parse(&route(bad), Path::new("x.toml")).unwrap_err().to_string();
+            assert!(msg.contains("routes[0].host"), "{bad}: {msg}");
         }
     }
 

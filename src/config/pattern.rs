@@ -37,6 +37,29 @@ pub fn valid_rest(v: &str) -> bool {
     v.is_empty() || (v.len() <= 4 * MAX_CAPTURE_LEN && v.split('/').all(valid_capture))
 }
 
+/// Whether `name` can be a host's DNS name: dot-separated labels of `[A-Za-z0-9_-]`, each 1-63 bytes and not starting with `-`, at
+/// most 253 bytes in all (RFC 1035 §2.3.4, RFC 1123 §2.1). A name whose last label is a
+/// number (`127.1`, `0x7f.0.0.1`) is read as an IPv4 address by browsers' URL parsers: it must
+/// be one, in its dotted-quad form.
+pub fn dns_name(name: &[u8]) -> bool {
+    let labels = || name.split(|&b| b == b'.');
+    let ldh = |label: &[u8]| {
+        (1..=63).contains(&label.len())
+            && label[0] != b'-'
+            && label.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || name.len() > 253 || !labels().all(ldh) {
+        return false;
+    }
+    let last = labels().next_back().unwrap_or_default();
+    let numeric = last.iter().all(u8::is_ascii_digit)
+        || last
+            .strip_prefix(b"0x")
+            .or_else(|| last.strip_prefix(b"0X"))
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+    !numeric || std::str::from_utf8(name).is_ok_and(|n| n.parse::<std::net::Ipv4Addr>().is_ok())
+}
+
 /// Whether a captured value is safe to use as an id.
 pub fn valid_capture(v: &str) -> bool {
     !v.is_empty()

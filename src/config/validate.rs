@@ -436,6 +436,23 @@ fn listeners(raw: Vec<RawListener>, has_tls: bool) -> Result<Vec<ListenerConfig>
     Ok(listeners)
 }
 
+/// A configured host in the form a request's host is matched in (`proxy::host`): lowercased,
+/// one trailing dot dropped, an IPv6 literal without brackets; `wildcard` admits `*.` before a
+/// name. `None` when it can name no host.
+fn host_name(h: &str, wildcard: bool) -> Option<String> {
+    let lower = h.to_ascii_lowercase();
+    let bare = lower.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return Some(ip.to_string());
+    }
+    let (star, name) = match lower.strip_prefix("*.") {
+        Some(rest) if wildcard => ("*.", rest),
+        _ => ("", lower.as_str()),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    super::dns_name(name.as_bytes()).then(|| format!("{star}{name}"))
+}
+
 fn route(
     r: RawRoute,
     key: &str,
@@ -447,6 +464,13 @@ fn route(
     if r.name.is_empty() || r.name.len() > 64 || !r.name.bytes().all(is_label_byte) {
         return Err(invalid(&format!("{key}.name"), "must be 1-64 characters of [A-Za-z0-9_-]"));
     }
+    // In the form requests' hosts are matched in (`proxy::host`), or the route never matches.
+    let host = match r.host.as_deref() {
+        None => None,
+        Some(h) => Some(host_name(h, true).ok_or_else(|| {
+            invalid(&format!("{key}.host"), "must be a host name (labels of letters, digits, '-' and '_'), '*.' and one, or an IP address, without port")
+        })?),
+    };
     match (r.backends.is_empty(), r.registry.is_none()) {
         (true, true) => return Err(invalid(&format!("{key}.backends"), "give backends or a [routes.registry]")),
         (false, false) => {
@@ -670,7 +694,7 @@ fn route(
         affinity,
         resource,
         name: r.name,
-        host: r.host.map(|h| h.to_ascii_lowercase()),
+        host,
         path: r.path,
         kind: match r.kind {
             None | Some(RawKind::Websocket) => RouteKind::WebSocket,
@@ -987,11 +1011,9 @@ fn admin(a: RawAdmin, secrets: Secrets) -> Result<AdminConfig, Invalid> {
     }
     let mut hosts = Vec::with_capacity(a.hosts.len());
     for (i, h) in a.hosts.iter().enumerate() {
-        let name = h.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-        let dns = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
-        if !dns && name.parse::<std::net::IpAddr>().is_err() {
+        let Some(name) = host_name(h, false) else {
             return Err(invalid(&format!("admin.hosts[{i}]"), "must be a host name or address without port"));
-        }
+        };
         hosts.push(name);
     }
     for (i, o) in a.allow_origins.iter().enumerate() {

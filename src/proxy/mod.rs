@@ -814,7 +814,6 @@ async fn handle_request(
         .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
     exchange.status = parts.status.as_u16();
     exchange.member = Some(answered.member.clone());
-    http.metrics.request(sse, exchange.status);
     // Every body still in flight is a governed session, ended on expiry, revocation, lifetime
     // and drain: SSE cleanly, any other body (NDJSON, a long-poll, a download) cleanly when it
     // is made of events, else cut. A stream counts under the subject's caps too. SSE over a cap
@@ -854,6 +853,9 @@ async fn handle_request(
             Some(g)
         }
     };
+    // Counted once the answer is the member's: an SSE stream refused over the caps above is
+    // counted as its 429, not as the member's status as well.
+    http.metrics.request(sse, exchange.status);
     let least_conns = (route.balance.policy == crate::config::Policy::LeastConnections)
         .then(|| ctx.shared.conns.acquire(&answered.member));
     let mut download = stream::Download::new(body, settings.idle_body_timeout, governance, sse, exchange, least_conns);

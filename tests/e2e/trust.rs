@@ -524,7 +524,10 @@ async fn every_response_in_flight_is_a_session_ended_by_revocation_expiry_and_dr
 async fn every_open_stream_counts_under_the_subject_caps() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let text = config(&key, backend.addr, None, json!({})).merge("auth", json!({"max_sessions_per_subject": 2}));
+    // A route name of its own: the metrics below are the process's, shared by parallel tests.
+    let text = config(&key, backend.addr, None, json!({}))
+        .set("routes.1.name", "capped")
+        .merge("auth", json!({"max_sessions_per_subject": 2}));
     let proxy = Proxy::start_with(&text.text()).await;
     let auth = alice(&key);
     let get = |path: &'static str| {
@@ -570,6 +573,9 @@ async fn every_open_stream_counts_under_the_subject_caps() {
     eventually("the closed stream's place is free", async || (limits().await == Some(1)).then_some(())).await;
     let (_c8, again) = get("/agents/a1/api/sse?n=1&hold=1").await;
     assert_eq!(again.status(), 200);
+    // The refused SSE stream counts as its 429 only, not as the member's 200 as well.
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, r#"portcullis_http_requests_total{route="capped",kind="sse",class="2xx"}"#), 1.0, "{m}");
 }
 
 #[test]
