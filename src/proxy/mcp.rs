@@ -293,11 +293,49 @@ impl Refusal {
 #[derive(Deserialize)]
 struct Wire {
     jsonrpc: Option<String>,
+    /// `Some` whenever the member is there, `null` included: a message with an `id` of `null` is
+    /// a request to the server's parser, not a notification.
+    #[serde(default, deserialize_with = "present")]
     id: Option<Value>,
     method: Option<String>,
     params: Option<Box<serde_json::value::RawValue>>,
     result: Option<serde::de::IgnoredAny>,
     error: Option<serde::de::IgnoredAny>,
+}
+
+/// A member that is there, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// The members of a JSON-RPC message. A key spelled like one of them in another case (`Id`,
+/// `METHOD`) is refused: a server whose parser matches keys without regard to case (Go's
+/// `encoding/json`) would read it as the member the proxy did not check.
+const MEMBERS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
+
+/// One message's keys, checked against [`MEMBERS`] (its values are skipped).
+struct Keys;
+
+impl<'de> Deserialize<'de> for Keys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Keys, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Keys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON-RPC message")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if MEMBERS.iter().any(|m| m.eq_ignore_ascii_case(&key) && *m != key) {
+                        return Err(serde::de::Error::custom("a member spelled in another case"));
+                    }
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Ok(Keys)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 #[derive(Deserialize)]
@@ -377,6 +415,9 @@ fn message(wire: Wire) -> Result<Message, McpError> {
     Ok(Message { id: wire.id, method: wire.method, name })
 }
 
+/// Why a message with a member spelled in another case is refused.
+const SPELLED: &str = "a member is spelled as JSON-RPC spells it (jsonrpc, id, method, params, result, error)";
+
 /// Reads a body: one JSON-RPC message, or a batch of them.
 pub fn parse(body: &[u8]) -> Result<Messages, McpError> {
     // One pass: the first byte says message or batch; what is not JSON at all is told apart
@@ -388,6 +429,7 @@ pub fn parse(body: &[u8]) -> Result<Messages, McpError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
         let wires: Vec<Wire> = serde_json::from_slice(body).map_err(|e| refused(e, "a batch of messages"))?;
+        serde_json::from_slice::<Vec<Keys>>(body).map_err(|_| McpError::Invalid(SPELLED))?;
         if wires.is_empty() {
             return Err(McpError::Invalid("an empty batch"));
         }
@@ -395,6 +437,7 @@ pub fn parse(body: &[u8]) -> Result<Messages, McpError> {
         Ok(Messages { all, batch: true })
     } else {
         let wire: Wire = serde_json::from_slice(body).map_err(|e| refused(e, "not a JSON-RPC message"))?;
+        serde_json::from_slice::<Keys>(body).map_err(|_| McpError::Invalid(SPELLED))?;
         Ok(Messages { all: vec![message(wire)?], batch: false })
     }
 }
@@ -848,6 +891,16 @@ mod tests {
             parse(br#"{"jsonrpc":"2.0","id":1,"method":"notifications/../tools/call","params":{"name":"x"}}"#)
                 .expect("p");
         assert!(authorize(&strict, &caps(), Some(&claims("")), &disguised).is_err(), "a request is no notification");
+        let null_id = parse(br#"{"jsonrpc":"2.0","id":null,"method":"notifications/x"}"#).expect("p");
+        assert!(authorize(&strict, &caps(), Some(&claims("")), &null_id).is_err(), "an id of null is an id");
+        for spelled in [
+            r#"{"jsonrpc":"2.0","Id":1,"method":"notifications/x","Method":"tools/call","params":{"name":"rm"}}"#,
+            r#"{"jsonrpc":"2.0","ID":1,"Method":"tools/call","method":"notifications/x"}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/x","Method":"resources/list"}"#,
+            r#"[{"jsonrpc":"2.0","method":"notifications/x","PARAMS":{}}]"#,
+        ] {
+            assert!(matches!(parse(spelled.as_bytes()), Err(McpError::Invalid(_))), "{spelled}");
+        }
     }
 
     #[test]
