@@ -827,17 +827,13 @@ async fn handle_request(
     let governance = match (sse, ends) {
         (false, true) => None,
         _ => {
-            let places = match (sse, open_ended) {
-                (true, _) => match subject_slots(ctx, runtime, &route, claims) {
-                    Err(e) => return reject_exchange(ctx, exchange, e),
+            let places = match sse || open_ended {
+                false => Places::Uncounted,
+                true => match subject_slots(ctx, runtime, &route, claims) {
                     Ok(slots) => Places::Held(slots),
-                },
-                (false, true) => match subject_slots(ctx, runtime, &route, claims) {
-                    Err(RequestError::TooManySessions) => Places::OverCap,
+                    Err(RequestError::TooManySessions) if !sse => Places::OverCap,
                     Err(e) => return reject_exchange(ctx, exchange, e),
-                    Ok(slots) => Places::Held(slots),
                 },
-                (false, false) => Places::Uncounted,
             };
             let (kind, cut) = match sse {
                 true => (SessionKind::Sse, stream::Cut::Clean),
@@ -846,8 +842,7 @@ async fn handle_request(
                     (SessionKind::Stream, stream::Cut::for_content_type(content_type))
                 }
             };
-            let mut entry = session_entry(ctx, kind, &route, &caps, claims);
-            entry.counted = matches!(places, Places::Held(_));
+            let entry = session_entry(ctx, kind, &route, &caps, claims);
             let g = govern(ctx, runtime, &route, claims, entry, cut, places);
             let _ = g.session.entry().backend.set(answered.member.clone());
             Some(g)
@@ -907,10 +902,11 @@ fn govern(
     runtime: &Runtime,
     route: &RouteConfig,
     claims: Option<&Claims>,
-    entry: SessionEntry,
+    mut entry: SessionEntry,
     cut: stream::Cut,
     places: Places,
 ) -> stream::Governance {
+    entry.counted = matches!(places, Places::Held(_));
     let registered = ctx.shared.sessions.register(entry);
     let deadline = session_deadline(route, runtime, claims);
     let lifetime = Some(route.session.max_lifetime).filter(|l| !l.is_zero());
