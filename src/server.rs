@@ -783,9 +783,9 @@ impl crate::session::Watcher for Directory {
             agent: e.agent.clone(),
             subject: e.subject.clone(),
             issuer: e.issuer.clone(),
-            // Counted under the subject's caps as on this instance: every session but a
-            // response body of known length.
-            token: e.counted && (e.token_exp.is_some() || e.subject.is_some() || e.issuer.is_some()),
+            // Counted under the subject's caps as on this instance (see `SessionEntry::counted`).
+            token: e.counted.load(std::sync::atomic::Ordering::Acquire)
+                && (e.token_exp.is_some() || e.subject.is_some() || e.issuer.is_some()),
             client: e.client.to_string(),
             started_ms,
             resume: e.attachment::<crate::session::resume::Held>().map(|h| crate::fleet::resume_key(&h.route, h.id())),

@@ -136,6 +136,11 @@ impl RequestError {
                 ForwardError::ClientStalled(_) => StatusCode::REQUEST_TIMEOUT,
                 ForwardError::ConnectTimeout | ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
+                ForwardError::Ended(reason) => match *reason {
+                    "token_expired" | "revoked" => StatusCode::UNAUTHORIZED,
+                    "lifetime" => StatusCode::REQUEST_TIMEOUT,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                },
             },
             RequestError::NoSuchSession => StatusCode::NOT_FOUND,
             RequestError::PeerOnly => StatusCode::FORBIDDEN,
@@ -188,6 +193,7 @@ impl RequestError {
                 ForwardError::ConnectTimeout => "backend_timeout",
                 ForwardError::ResponseTimeout(_) => "backend_response_timeout",
                 ForwardError::Backend { .. } => "backend_error",
+                ForwardError::Ended(_) => "session_ended",
             },
             RequestError::Draining => "draining",
             RequestError::FleetStale(_) => "fleet_stale",
@@ -223,7 +229,9 @@ impl RequestError {
             }
             RequestError::Forward(ForwardError::Pool(PoolError::InvalidMember | PoolError::UnknownAgent))
             | RequestError::Forward(ForwardError::MemberGone)
-            | RequestError::Forward(ForwardError::TooLarge(_) | ForwardError::ClientStalled(_)) => self.to_string(),
+            | RequestError::Forward(
+                ForwardError::TooLarge(_) | ForwardError::ClientStalled(_) | ForwardError::Ended(_),
+            ) => self.to_string(),
             RequestError::Connect(_) | RequestError::Forward(_) | RequestError::Internal(_) => {
                 status.canonical_reason().unwrap_or("backend error").to_owned()
             }
@@ -233,8 +241,13 @@ impl RequestError {
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        if let RequestError::Auth(a) = self {
-            let value = match a.bearer_error() {
+        let bearer_error = match self {
+            RequestError::Auth(a) => Some(a.bearer_error()),
+            RequestError::Forward(ForwardError::Ended("token_expired" | "revoked")) => Some(Some("invalid_token")),
+            _ => None,
+        };
+        if let Some(code) = bearer_error {
+            let value = match code {
                 Some(code) => format!("Bearer realm=\"portcullis\", error=\"{code}\""),
                 None => "Bearer realm=\"portcullis\"".to_owned(),
             };

@@ -601,7 +601,7 @@ fn session_entry(
         issuer: claims.and_then(|c| c.issuer().map(str::to_owned)),
         jti: claims.and_then(|c| c.jti().map(str::to_owned)),
         token_exp: claims.map(|c| c.exp()),
-        counted: true,
+        counted: true.into(),
         client: ctx.client_addr,
         http: ctx.protocol.label(),
         backend: OnceLock::new(),
@@ -690,13 +690,40 @@ async fn handle_request(
         return refuse(RequestError::Internal("no routing state for a configured route"));
     };
     let claims = admitted.claims.as_deref();
+    // A request whose body is still to come is a session from here to its response's end: the
+    // token's expiry, revocation, the route's lifetime and the drain end it while it uploads
+    // too, and an upload of unknown length (chunked, or an HTTP/2 stream without a length)
+    // takes a place under the subject's caps, refused with 429 before a member sees it.
+    let mut governance = match hyper::body::Body::is_end_stream(&body) {
+        true => None,
+        false => {
+            let places = match hyper::body::Body::size_hint(&body).exact() {
+                Some(_) => Places::Uncounted,
+                None => match subject_slots(ctx, runtime, &route, claims) {
+                    Ok(slots) => Places::Held(slots),
+                    Err(e) => return refuse(e),
+                },
+            };
+            let entry = session_entry(ctx, SessionKind::Stream, &route, &caps, claims);
+            Some(govern(ctx, runtime, &route, claims, entry, stream::Cut::Abort, places))
+        }
+    };
+    // Every refusal from here ends the exchange's session, if it has one, with its line.
+    let refuse = |e: RequestError, g: Option<stream::Governance>| {
+        if let Some(g) = g {
+            g.log_end(started, e.result_label(), crate::session::Initiator::Proxy, [0, 0]);
+        }
+        refuse(e)
+    };
     // An MCP message is read and checked whole before any of it is sent.
     let mut incoming = Some(body);
     let mut whole = None;
     if let Some(settings) = &route.mcp {
-        match mcp_stage(settings, &route, &caps, claims, &head, &mut incoming).await {
-            Ok(body) => whole = body,
-            Err(e) => return refuse(e),
+        let read = mcp_stage(settings, &route, &caps, claims, &head, &mut incoming);
+        match unless_ended(governance.as_mut(), read).await {
+            Ok(Ok(body)) => whole = body,
+            Ok(Err(e)) => return refuse(e, governance),
+            Err(reason) => return refuse(request::ForwardError::Ended(reason).into(), governance),
         }
     }
     let sticky_key = route
@@ -709,7 +736,7 @@ async fn handle_request(
     // read, which is when a member is ready for it).
     let mut headers = match admitted.backend_headers(runtime, &route, &forwarded, &[::http::header::EXPECT]) {
         Ok(h) => h,
-        Err(e) => return refuse(e.into()),
+        Err(e) => return refuse(e.into(), governance),
     };
     // A session's envelope: opened here (any instance can), its member pinned and the backend's
     // own id restored; one that does not open, or whose session was ended, is an unknown session.
@@ -725,7 +752,8 @@ async fn handle_request(
             match open_envelope(ctx, &route, &caps, keys, claims, presented) {
                 Ok((opened, digest)) => {
                     let Ok(id) = HeaderValue::from_str(&opened.backend_id) else {
-                        return refuse(RequestError::Affinity(crate::routing::affinity::AffinityError::Tampered));
+                        let e = RequestError::Affinity(crate::routing::affinity::AffinityError::Tampered);
+                        return refuse(e, governance);
                     };
                     headers.insert(settings.header.clone(), id);
                     pinned = Some(opened.member.clone());
@@ -733,7 +761,7 @@ async fn handle_request(
                 }
                 Err(e) => {
                     tracing::info!(route = %route.name, client = %ctx.client_addr, reason = e.label(), "session envelope refused");
-                    return refuse(RequestError::Affinity(e));
+                    return refuse(RequestError::Affinity(e), governance);
                 }
             }
         }
@@ -752,17 +780,36 @@ async fn handle_request(
     exchange.route_metrics = Some(http.metrics.clone());
     let settings = &route.backend;
     let (limit, idle) = (settings.max_request_body, settings.idle_body_timeout);
-    let body = match (whole, incoming) {
+    let mut body = match (whole, incoming) {
         (Some(bytes), _) => stream::Upload::whole(bytes, metrics.clone()),
         (None, Some(body)) => stream::Upload::new(body, limit, idle, metrics.clone()),
-        (None, None) => return reject_exchange(ctx, exchange, RequestError::Internal("the request body was taken")),
+        (None, None) => return refuse(RequestError::Internal("the request body was taken"), governance),
     };
+    if let Some(g) = governance.as_mut() {
+        body.ends_with(g.end_upload());
+    }
     exchange.upload = Some(body.state());
-    let answered = match request::forward(&route, state, &caps, &http.client, out, body, &ctx.shared.conns).await {
+    let sent = request::forward(&route, state, &caps, &http.client, out, body, &ctx.shared.conns);
+    let answered = match unless_ended(governance.as_mut(), sent)
+        .await
+        .unwrap_or_else(|r| Err(request::ForwardError::Ended(r)))
+    {
         Ok(a) => a,
         Err(e) => {
-            tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend request failed");
-            return reject_exchange(ctx, exchange, e.into());
+            let e = RequestError::from(e);
+            match &e {
+                RequestError::Forward(request::ForwardError::Ended(reason)) => {
+                    tracing::info!(route = %route.name, client = %ctx.client_addr, reason, "request ended with its session");
+                }
+                _ => {
+                    tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend request failed")
+                }
+            }
+            if let Some(g) = governance {
+                let bytes = exchange.upload.as_ref().map_or(0, |u| u.bytes());
+                g.log_end(started, e.result_label(), crate::session::Initiator::Proxy, [bytes, 0]);
+            }
+            return reject_exchange(ctx, exchange, e);
         }
     };
     let (mut parts, body) = answered.response.into_parts();
@@ -822,17 +869,26 @@ async fn handle_request(
     // a revoked one is: a short answer (a chunked JSON reply) is never refused after its
     // backend acted on the request, and no subject holds more long streams than its caps. A
     // body of known length is a transfer that ends, and is not counted.
+    // An exchange registered for its upload stays the one session: it takes its places now if
+    // its response is a stream and it holds none yet.
     let ends = hyper::body::Body::is_end_stream(&body);
     let open_ended = !ends && hyper::body::Body::size_hint(&body).exact().is_none();
-    let governance = match (sse, ends) {
-        (false, true) => None,
-        _ => {
-            let places = match sse || open_ended {
+    let governance = match (sse, ends, governance) {
+        (false, true, None) => None,
+        (_, _, upload) => {
+            let counted = upload.as_ref().is_some_and(|g| g.session.entry().counted.load(Ordering::Acquire));
+            let places = match (sse || open_ended) && !counted {
                 false => Places::Uncounted,
                 true => match subject_slots(ctx, runtime, &route, claims) {
                     Ok(slots) => Places::Held(slots),
                     Err(RequestError::TooManySessions) if !sse => Places::OverCap,
-                    Err(e) => return reject_exchange(ctx, exchange, e),
+                    Err(e) => {
+                        if let Some(g) = upload {
+                            let bytes = exchange.upload.as_ref().map_or(0, |u| u.bytes());
+                            g.log_end(started, e.result_label(), crate::session::Initiator::Proxy, [bytes, 0]);
+                        }
+                        return reject_exchange(ctx, exchange, e);
+                    }
                 },
             };
             let (kind, cut) = match sse {
@@ -842,8 +898,16 @@ async fn handle_request(
                     (SessionKind::Stream, stream::Cut::for_content_type(content_type))
                 }
             };
-            let entry = session_entry(ctx, kind, &route, &caps, claims);
-            let g = govern(ctx, runtime, &route, claims, entry, cut, places);
+            let g = match upload {
+                Some(mut g) => {
+                    g.cut = cut;
+                    place(ctx, &route, &mut g, places);
+                    g
+                }
+                None => {
+                    govern(ctx, runtime, &route, claims, session_entry(ctx, kind, &route, &caps, claims), cut, places)
+                }
+            };
             let _ = g.session.entry().backend.set(answered.member.clone());
             Some(g)
         }
@@ -906,13 +970,23 @@ fn govern(
     cut: stream::Cut,
     places: Places,
 ) -> stream::Governance {
-    entry.counted = matches!(places, Places::Held(_));
+    entry.counted = matches!(places, Places::Held(_)).into();
     let registered = ctx.shared.sessions.register(entry);
     let deadline = session_deadline(route, runtime, claims);
     let lifetime = Some(route.session.max_lifetime).filter(|l| !l.is_zero());
     let mut g = stream::Governance::new(registered, deadline, lifetime, runtime.config.server.drain_spread, cut);
+    place(ctx, route, &mut g, places);
+    g
+}
+
+/// Gives a governed session its `places`: held (counted from now on), none, or over the caps
+/// (ended after [`OVER_CAP_GRACE`]).
+fn place(ctx: &ConnCtx, route: &RouteConfig, g: &mut stream::Governance, places: Places) {
     match places {
-        Places::Held(slots) => g.slots = slots,
+        Places::Held(slots) => {
+            g.session.count();
+            g.slots = slots;
+        }
         Places::Uncounted => {}
         Places::OverCap => {
             tracing::info!(route = %route.name, client = %ctx.client_addr, grace = ?OVER_CAP_GRACE, "a stream over the subject's session cap; it ends after the grace");
@@ -925,7 +999,20 @@ fn govern(
             });
         }
     }
-    g
+}
+
+/// `work`, unless the exchange's session (when it has one) ends first: then its reason.
+async fn unless_ended<T>(
+    governance: Option<&mut stream::Governance>,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, &'static str> {
+    match governance {
+        None => Ok(work.await),
+        Some(g) => tokio::select! {
+            out = work => Ok(out),
+            reason = g.stop.as_mut() => Err(reason),
+        },
+    }
 }
 
 /// Answers a plain request that got no backend response, and writes its access-log line.

@@ -64,6 +64,11 @@ pub enum ForwardError {
     /// No response head within `response_header_timeout` (504).
     #[error("no response head within {0:?}")]
     ResponseTimeout(Duration),
+    /// The exchange's session ended (its token expired or was revoked, its lifetime ran out, the
+    /// proxy drains) before the answer came: the request body, if still in flight, is cut, and
+    /// so is the backend's request. The status says which (401, 408, 503).
+    #[error("the session of this request was ended: {0}")]
+    Ended(&'static str),
     /// The member broke the exchange: reset, closed early or sent a malformed response (502).
     #[error("backend {member} failed the request: {cause}")]
     Backend {
@@ -210,8 +215,7 @@ fn client_body_error(e: &hyper_util::client::legacy::Error, limit: u64) -> Optio
                 BodyError::TooLarge(_) => ForwardError::TooLarge(limit),
                 BodyError::Idle(d) => ForwardError::ClientStalled(*d),
                 BodyError::Client(why) => ForwardError::ClientBody(why.clone()),
-                // Only response bodies are ended by the proxy; an upload never is.
-                BodyError::Ended(why) => ForwardError::ClientBody((*why).to_owned()),
+                BodyError::Ended(why) => ForwardError::Ended(why),
             });
         }
         source = s.source();

@@ -98,6 +98,38 @@ pub struct Upload {
     /// A body the proxy read whole before forwarding it (an MCP message): sent as one frame by
     /// each attempt.
     whole: Option<Bytes>,
+    /// The exchange's end, when the upload is governed: the body is cut then.
+    end: Option<Arc<UploadEnd>>,
+}
+
+/// The end of a governed exchange, as its upload sees it: set with the reason by whoever polls
+/// the exchange's stop (the request while it waits for an answer, then the response body), and
+/// when the response ends. The upload is cut then, and so is the backend's request: a request
+/// body in flight does not outlive its session.
+#[derive(Debug, Default)]
+pub struct UploadEnd {
+    reason: std::sync::OnceLock<&'static str>,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl UploadEnd {
+    /// Ends the upload for `reason` (the first reason stays).
+    pub fn end(&self, reason: &'static str) {
+        if self.reason.set(reason).is_ok() {
+            self.waker.wake();
+        }
+    }
+
+    fn poll_ended(&self, cx: &mut Context<'_>) -> Poll<&'static str> {
+        if let Some(r) = self.reason.get() {
+            return Poll::Ready(r);
+        }
+        self.waker.register(cx.waker());
+        match self.reason.get() {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
+        }
+    }
 }
 
 impl Upload {
@@ -114,7 +146,7 @@ impl Upload {
         });
         metrics.http_body_bytes(Direction::ClientToBackend, bytes.len() as u64);
         let idle = Idle::new(Duration::MAX);
-        Upload { slot: Arc::new(Mutex::new(None)), body: None, state, idle, metrics, whole: Some(bytes) }
+        Upload { slot: Arc::new(Mutex::new(None)), body: None, state, idle, metrics, whole: Some(bytes), end: None }
     }
 
     /// The body of the first attempt.
@@ -135,7 +167,13 @@ impl Upload {
             idle: Idle::new(idle),
             metrics,
             whole: None,
+            end: None,
         }
+    }
+
+    /// Cuts the body when `end` is set (see [`Governance::end_upload`]).
+    pub fn ends_with(&mut self, end: Arc<UploadEnd>) {
+        self.end = Some(end);
     }
 
     /// The shared progress record.
@@ -149,7 +187,8 @@ impl Upload {
         if let Some(whole) = &self.whole {
             let idle = Idle::new(self.idle.limit);
             let (slot, state, metrics) = (self.slot.clone(), self.state.clone(), self.metrics.clone());
-            return Some(Upload { slot, body: None, state, idle, metrics, whole: Some(whole.clone()) });
+            let end = self.end.clone();
+            return Some(Upload { slot, body: None, state, idle, metrics, whole: Some(whole.clone()), end });
         }
         let s = &self.state;
         let empty_and_done = s.finished.load(Ordering::Acquire) && s.bytes() == 0;
@@ -160,6 +199,7 @@ impl Upload {
             idle: Idle::new(self.idle.limit),
             metrics: self.metrics.clone(),
             whole: None,
+            end: self.end.clone(),
         })
     }
 
@@ -180,6 +220,9 @@ impl Body for Upload {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(Poll::Ready(reason)) = this.end.as_ref().map(|e| e.poll_ended(cx)) {
+            return Poll::Ready(Some(Err(BodyError::Ended(reason).into())));
+        }
         if let Some(whole) = this.whole.take() {
             this.state.started.store(true, Ordering::Release);
             return Poll::Ready(Some(Ok(Frame::data(whole))));
@@ -332,6 +375,9 @@ pub struct Governance {
     pub slots: Vec<crate::limits::Slot<crate::limits::SubjectKey>>,
     /// How the body ends when the session is stopped.
     pub cut: Cut,
+    /// The exchange's upload, when it is governed too: ended with the session, and when the
+    /// response ends.
+    upload: Option<Arc<UploadEnd>>,
 }
 
 /// How a governed body ends when its session is stopped.
@@ -397,7 +443,44 @@ impl Governance {
                 },
             }
         });
-        Governance { stop, session, slots: Vec::new(), cut }
+        Governance { stop, session, slots: Vec::new(), cut, upload: None }
+    }
+
+    /// The signal that ends the exchange's upload: set when the session stops (whoever polls
+    /// [`Governance::stop`]), and when the governance ends with its response.
+    pub fn end_upload(&mut self) -> Arc<UploadEnd> {
+        let end = Arc::new(UploadEnd::default());
+        let stop = std::mem::replace(&mut self.stop, Box::pin(std::future::pending()));
+        let signal = end.clone();
+        self.stop = Box::pin(async move {
+            let reason = stop.await;
+            signal.end(reason);
+            reason
+        });
+        self.upload = Some(end.clone());
+        end
+    }
+
+    /// Writes the session's end-of-session line: ended for `reason` by `initiator`, after
+    /// `bytes` (from the client, from the backend) over the exchange that started at `started`.
+    pub fn log_end(
+        &self,
+        started: Instant,
+        reason: &'static str,
+        initiator: crate::session::Initiator,
+        bytes: [u64; 2],
+    ) {
+        let record = crate::session::SessionEnd { close_code: None, initiator, reason, bytes, frames: [0, 0] };
+        crate::session::close::log_end(self.session.entry(), started, &record);
+    }
+}
+
+impl Drop for Governance {
+    /// An exchange's upload does not outlive its session: nor its response.
+    fn drop(&mut self) {
+        if let Some(end) = &self.upload {
+            end.end("response_ended");
+        }
     }
 }
 
@@ -671,14 +754,7 @@ impl Drop for Download {
                 _ => crate::session::Initiator::Proxy,
             };
             let upload = self.exchange.upload.as_ref().map_or(0, |u| u.bytes());
-            let record = crate::session::SessionEnd {
-                close_code: None,
-                initiator,
-                reason: end,
-                bytes: [upload, self.sent],
-                frames: [0, 0],
-            };
-            crate::session::close::log_end(g.session.entry(), self.exchange.started, &record);
+            g.log_end(self.exchange.started, end, initiator, [upload, self.sent]);
         }
     }
 }

@@ -196,8 +196,9 @@ pub enum SessionKind {
     WebSocket,
     /// A `text/event-stream` response (SSE) streamed chunk by chunk.
     Sse,
-    /// Any other response body in flight (NDJSON, a long-poll, a download): governed like an
-    /// event stream; counted under subject caps when its length is unknown
+    /// Any other response body in flight (NDJSON, a long-poll, a download), or a request whose
+    /// body is still uploading (the exchange, through its response): governed like an event
+    /// stream; counted under subject caps when its length is unknown
     /// ([`SessionEntry::counted`]).
     Stream,
     /// A read-only observer of another session: its own token's expiry, revocation, drain and
@@ -236,9 +237,11 @@ pub struct SessionEntry {
     pub jti: Option<String>,
     /// Token expiry (Unix seconds), if any.
     pub token_exp: Option<u64>,
-    /// Counted under the subject's session caps: every session but a response body of known
-    /// length (a transfer that ends) and a stream over the caps (which ends after a grace).
-    pub(crate) counted: bool,
+    /// Counted under the subject's session caps: every session but an exchange whose bodies
+    /// are of known length (transfers that end) and a stream over the caps (which ends after a
+    /// grace). An exchange registered for its upload is counted from its response on when that
+    /// is a stream ([`SessionGuard::count`]).
+    pub(crate) counted: std::sync::atomic::AtomicBool,
     /// Client address.
     pub client: std::net::SocketAddr,
     /// The client's HTTP version: `http/1.1` or `h2`.
@@ -446,6 +449,16 @@ impl SessionGuard {
     /// The session's record, as `/sessions` shows it.
     pub fn entry(&self) -> &SessionEntry {
         &self.entry
+    }
+
+    /// Counts the session under its subject's caps from now on (it holds its places), and
+    /// tells the watcher again, whose record says what is counted.
+    pub(crate) fn count(&self) {
+        if !self.entry.counted.swap(true, Ordering::AcqRel) {
+            if let Some(w) = self.sessions.watcher.get() {
+                w.started(&self.entry);
+            }
+        }
     }
 }
 
@@ -659,7 +672,7 @@ mod tests {
             issuer: None,
             jti: None,
             token_exp: None,
-            counted: true,
+            counted: true.into(),
             client: "127.0.0.1:1".parse().expect("addr"),
             http: "http/1.1",
             backend: std::sync::OnceLock::new(),

@@ -3,6 +3,9 @@
 //! authority, over HTTP/1.1 (REST, SSE, WebSocket) and HTTP/2 (REST, RFC 8441).
 
 use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
 
 use crate::harness::*;
 
@@ -575,6 +578,107 @@ async fn every_open_stream_counts_under_the_subject_caps() {
     // The refused SSE stream counts as its 429 only, not as the member's 200 as well.
     let (_, m) = http_get(proxy.admin, "/metrics").await;
     assert_eq!(metric(&m, r#"portcullis_http_requests_total{route="capped",kind="sse",class="2xx"}"#), 1.0, "{m}");
+}
+
+/// A request body the test sends piece by piece: the sender, and the body (chunked: its length
+/// is not known), which starts with `first`.
+async fn trickled(first: &'static [u8]) -> (tokio::sync::mpsc::Sender<Bytes>, TBody) {
+    use http_body_util::BodyExt;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    tx.send(Bytes::from_static(first)).await.expect("first piece");
+    let pieces = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(hyper::body::Frame::data(b)), rx))
+    });
+    (tx, http_body_util::StreamBody::new(pieces).boxed())
+}
+
+/// The attack: a request body in flight was not a session. A client trickled an upload (a piece
+/// within every `idle_body_timeout`) past its token's expiry and its revocation, and held any
+/// number of such uploads open beside its subject's capped sessions. An exchange with a body
+/// still to come is now a session from its head on: revocation, the token's expiry and the
+/// drain cut its upload (and the backend's request, which never sees a whole body) and answer
+/// 401 or 503; an upload of unknown length holds a place under the subject's caps (over them:
+/// 429, before any member sees it); and an exchange whose upload has a length takes its place
+/// when its answer is a stream.
+#[tokio::test]
+async fn an_upload_in_flight_is_a_session_ended_by_revocation_expiry_and_drain_and_counted() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = config(&key, backend.addr, None, json!({}))
+        .set("routes.1.name", "uploads")
+        .set("auth.leeway", "0s")
+        .merge("auth", json!({"max_sessions_per_subject": 1}));
+    let mut proxy = Proxy::start_with(&text.text()).await;
+    let bearer = |sub: &str, ttl: u64| format!("Bearer {}", key.token(sub, &["a1"], Duration::from_secs(ttl)));
+    let upload = |auth: String, path: &'static str| {
+        let tls = proxy.tls;
+        async move {
+            let (pieces, body) = trickled(b"first").await;
+            let mut c = H1::connect(tls, true).await;
+            let answer = tokio::spawn(async move {
+                let resp = c.send(request("POST", path, &[("authorization", &auth)], body)).await;
+                let status = resp.status().as_u16();
+                let www = resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap_or("").to_owned());
+                (status, www, c)
+            });
+            (pieces, answer)
+        }
+    };
+    let cut_uploads =
+        || backend.seen().iter().filter(|s| s.headers.get("x-upload-end").is_some_and(|e| e == "cut")).count();
+    let places = async |sub: &str| {
+        let (_, list) = http_get(proxy.admin, "/sessions").await;
+        let list: serde_json::Value = serde_json::from_str(&list).expect("json");
+        let live = list["sessions"].as_array().cloned().unwrap_or_default();
+        live.iter().filter(|s| s["subject"] == sub && s["kind"] == "stream").count()
+    };
+
+    // Alice's upload is a session, and holds her one place: a second upload and an SSE stream
+    // are refused, and no member sees the refused upload.
+    let alice = bearer("alice", 600);
+    let (pieces, answer) = upload(alice.clone(), "/agents/a1/api/upload").await;
+    eventually("the upload is a session", async || (places("alice").await == 1).then_some(())).await;
+    let (_more, second) = upload(alice.clone(), "/agents/a1/api/upload").await;
+    assert_eq!(second.await.expect("answer").0, 429, "a second upload over the cap");
+    let mut c = H1::connect(proxy.tls, true).await;
+    let sse = c.send(request("GET", "/agents/a1/api/sse?n=1&hold=1", &[("authorization", &alice)], full(""))).await;
+    assert_eq!(sse.status(), 429, "an SSE stream beside a capped upload");
+    // Revocation cuts the upload in flight: 401, and the backend's request is cut.
+    pieces.send(Bytes::from_static(b"-second")).await.expect("piece");
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"alice"}"#).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#));
+    let (status, www, _c) = answer.await.expect("answer");
+    assert_eq!(status, 401, "a revoked upload");
+    assert!(www.is_some_and(|w| w.contains("invalid_token")));
+    eventually("the backend's request is cut", async || (cut_uploads() == 1).then_some(())).await;
+    assert_eq!(places("alice").await, 0);
+
+    // The token's expiry cuts an upload that outlives it.
+    let started = std::time::Instant::now();
+    let (_pieces, answer) = upload(bearer("bob", 2), "/agents/a1/api/upload").await;
+    let (status, _, _c) = answer.await.expect("answer");
+    assert_eq!(status, 401, "an upload past its token's expiry");
+    let lasted = started.elapsed();
+    assert!(lasted >= Duration::from_millis(900) && lasted < Duration::from_secs(8), "ended after {lasted:?}");
+    eventually("the backend's request is cut", async || (cut_uploads() == 2).then_some(())).await;
+
+    // An upload of known length (a POST answered with an event stream) takes its place when
+    // its answer is a stream: Carol's SSE over the cap is refused while it runs.
+    let carol = bearer("carol", 600);
+    let mut c = H1::connect(proxy.tls, true).await;
+    let posted = request("POST", "/agents/a1/api/sse?n=1&hold=1", &[("authorization", &carol)], full("{}"));
+    let stream = c.send(posted).await;
+    assert_eq!(stream.status(), 200);
+    let mut other = H1::connect(proxy.tls, true).await;
+    let sse = other.send(request("GET", "/agents/a1/api/sse?n=1&hold=1", &[("authorization", &carol)], full(""))).await;
+    assert_eq!(sse.status(), 429, "an SSE stream beside a POST answered with one");
+
+    // The drain cuts an upload in flight: 503.
+    let (_pieces, answer) = upload(bearer("dave", 600), "/agents/a1/api/upload").await;
+    eventually("the upload is a session", async || (places("dave").await == 1).then_some(())).await;
+    proxy.drain();
+    assert_eq!(answer.await.expect("answer").0, 503, "an upload in flight at the drain");
+    drop(stream);
 }
 
 #[test]

@@ -41,6 +41,9 @@ pub struct Seen {
 
 /// A test agent backend. Endpoints (matched on the last path segment, so any backend_path works):
 /// - `echo`: answers the request body back once it has all of it (`x-body-len` says its size);
+/// - `upload`: reads the request body as it comes and answers "got N" at its end; what it
+///   read and how the body ended (`x-upload-end`: `complete`, or `cut` when it failed) is in
+///   [`RestBackend::seen`];
 /// - `headers`: answers 200 "ok" (what it saw is in [`RestBackend::seen`]);
 /// - `sse?n=N&gap_ms=G&hold=1&partial=1`: `text/event-stream`, N events `data: i` G ms apart,
 ///   then (`partial=1`) the first line of an event that never ends, then ends (or with `hold=1`
@@ -171,6 +174,21 @@ async fn respond(
             let mut r = Response::new(full(bytes.clone()));
             r.headers_mut().insert("x-body-len", bytes.len().into());
             r
+        }
+        "upload" => {
+            let mut body = body;
+            let mut ended = "complete";
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => record.body_len += f.data_ref().map_or(0, |d| d.len()),
+                    Err(_) => {
+                        ended = "cut";
+                        break;
+                    }
+                }
+            }
+            record.headers.insert("x-upload-end".into(), ended.into());
+            Response::new(full(Bytes::from(format!("got {}", record.body_len))))
         }
         "sse" => {
             let n = query(&parts.uri, "n").unwrap_or(3);
