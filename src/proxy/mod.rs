@@ -1010,7 +1010,7 @@ async fn unless_ended<T>(
         None => Ok(work.await),
         Some(g) => tokio::select! {
             out = work => Ok(out),
-            reason = g.stop.as_mut() => Err(reason),
+            reason = std::future::poll_fn(|cx| g.poll_stop(cx)) => Err(reason),
         },
     }
 }

@@ -108,26 +108,37 @@ pub struct Upload {
 /// body in flight does not outlive its session.
 #[derive(Debug, Default)]
 pub struct UploadEnd {
-    reason: std::sync::OnceLock<&'static str>,
+    /// Why it ended; `None` once the upload was whole (nothing left to cut).
+    reason: std::sync::OnceLock<Option<&'static str>>,
     waker: futures_util::task::AtomicWaker,
 }
 
 impl UploadEnd {
-    /// Ends the upload for `reason` (the first reason stays).
+    /// Ends the upload for `reason` (the first reason stays; nothing happens to an upload that
+    /// is whole).
     pub fn end(&self, reason: &'static str) {
-        if self.reason.set(reason).is_ok() {
+        if self.reason.set(Some(reason)).is_ok() {
             self.waker.wake();
         }
     }
 
+    /// The upload is whole: nothing is left to cut, and no one is woken for it.
+    fn whole(&self) {
+        let _ = self.reason.set(None);
+    }
+
+    /// Ready with the reason once the upload must be cut; pending while it goes on, or once it
+    /// was whole.
     fn poll_ended(&self, cx: &mut Context<'_>) -> Poll<&'static str> {
-        if let Some(r) = self.reason.get() {
-            return Poll::Ready(r);
+        match self.reason.get() {
+            Some(Some(r)) => return Poll::Ready(r),
+            Some(None) => return Poll::Pending,
+            None => {}
         }
         self.waker.register(cx.waker());
         match self.reason.get() {
-            Some(r) => Poll::Ready(r),
-            None => Poll::Pending,
+            Some(Some(r)) => Poll::Ready(r),
+            _ => Poll::Pending,
         }
     }
 }
@@ -251,6 +262,9 @@ impl Body for Upload {
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e.to_string()).into()))),
             Poll::Ready(None) => {
                 this.state.finish();
+                if let Some(end) = &this.end {
+                    end.whole();
+                }
                 Poll::Ready(None)
             }
             Poll::Pending => match this.idle.poll_expired(cx) {
@@ -367,7 +381,8 @@ pub type StopFuture = Pin<Box<dyn Future<Output = &'static str> + Send>>;
 
 /// A streamed response's session: its registry entry, what ends it, and how.
 pub struct Governance {
-    /// Resolves with the reason when the stream must end.
+    /// Resolves with the reason when the stream must end (polled through
+    /// [`Governance::poll_stop`], which ends the upload too).
     pub stop: StopFuture,
     /// The `/sessions` entry, removed when the stream ends.
     pub session: SessionGuard,
@@ -446,19 +461,22 @@ impl Governance {
         Governance { stop, session, slots: Vec::new(), cut, upload: None }
     }
 
-    /// The signal that ends the exchange's upload: set when the session stops (whoever polls
-    /// [`Governance::stop`]), and when the governance ends with its response.
+    /// The signal that ends the exchange's upload: set when the session stops (see
+    /// [`Governance::poll_stop`]), and when the governance ends with its response.
     pub fn end_upload(&mut self) -> Arc<UploadEnd> {
         let end = Arc::new(UploadEnd::default());
-        let stop = std::mem::replace(&mut self.stop, Box::pin(std::future::pending()));
-        let signal = end.clone();
-        self.stop = Box::pin(async move {
-            let reason = stop.await;
-            signal.end(reason);
-            reason
-        });
         self.upload = Some(end.clone());
         end
+    }
+
+    /// Ready with the reason once the session must end; its upload, if still in flight, is
+    /// ended then too. The one way [`Governance::stop`] is polled.
+    pub fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<&'static str> {
+        let reason = std::task::ready!(self.stop.as_mut().poll(cx));
+        if let Some(end) = &self.upload {
+            end.end(reason);
+        }
+        Poll::Ready(reason)
     }
 
     /// Writes the session's end-of-session line: ended for `reason` by `initiator`, after
@@ -658,7 +676,7 @@ impl Body for Download {
             return Poll::Ready(None);
         }
         if let Some(g) = this.governance.as_mut() {
-            if let Poll::Ready(reason) = g.stop.as_mut().poll(cx) {
+            if let Poll::Ready(reason) = g.poll_stop(cx) {
                 this.end = Some(reason);
                 return match g.cut {
                     // hyper writes the last chunk: a complete response, and (an EventSource)
