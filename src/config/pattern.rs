@@ -105,46 +105,37 @@ impl PathPattern {
         self.segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count()
     }
 
-    /// Where capture `name` sits in `path` (which this pattern matches): its byte range, or
-    /// `None` when the pattern does not capture `name` or does not match.
+    /// Where capture `name` sits in `path`: its byte range, or `None` when the pattern does not
+    /// capture `name` or does not match.
     pub(crate) fn capture_span(&self, path: &str, name: &str) -> Option<std::ops::Range<usize>> {
-        let rest = path.strip_prefix('/')?;
-        let mut start = 1; // after the leading slash
-        let mut parts = rest.split('/');
-        for seg in &self.segments {
-            match seg {
-                Segment::Rest(n) => return (n == name).then(|| start.min(path.len())..path.len()),
-                Segment::Capture(n) => {
-                    let part = parts.next()?;
-                    if n == name {
-                        return Some(start..start + part.len());
-                    }
-                    start += part.len() + 1;
-                }
-                Segment::Literal(_) => start += parts.next()?.len() + 1,
-            }
-        }
-        None
+        self.match_spans(path)?.into_iter().find_map(|(n, span)| (n == name).then_some(span))
     }
 
     /// Matches `path` segment by segment; returns the raw (unvalidated) captures.
     pub(crate) fn match_segments<'p>(&'p self, path: &'p str) -> Option<Vec<(&'p str, &'p str)>> {
-        let path = path.strip_prefix('/')?;
-        let mut parts = path.split('/');
+        let spans = self.match_spans(path)?;
+        Some(spans.into_iter().map(|(name, span)| (name, path.get(span).unwrap_or(""))).collect())
+    }
+
+    /// The one walk of `path` against the pattern: each capture's name and byte range in
+    /// `path`, or `None` when it does not match.
+    fn match_spans(&self, path: &str) -> Option<Vec<(&str, std::ops::Range<usize>)>> {
+        let mut parts = path.strip_prefix('/')?.split('/');
         let mut caps = Vec::new();
-        let mut consumed = 0; // bytes of `path` matched so far, with their slashes
+        let mut consumed = 1; // bytes of `path` matched so far: its leading slash, then each segment with its slash
         for seg in &self.segments {
             if let Segment::Rest(name) = seg {
                 // Everything left, possibly nothing: `/api` and `/api/` give "", `/api/a/b` "a/b".
-                caps.push((name.as_str(), path.get(consumed..).unwrap_or("")));
+                caps.push((name.as_str(), consumed.min(path.len())..path.len()));
                 return Some(caps);
             }
             let part = parts.next()?;
-            consumed = (consumed + part.len() + 1).min(path.len());
+            let start = consumed;
+            consumed += part.len() + 1;
             match seg {
                 Segment::Literal(l) if l == part => {}
                 Segment::Literal(_) => return None,
-                Segment::Capture(name) => caps.push((name.as_str(), part)),
+                Segment::Capture(name) => caps.push((name.as_str(), start..start + part.len())),
                 Segment::Rest(_) => unreachable!("handled above"),
             }
         }
@@ -387,6 +378,7 @@ mod tests {
         let t: PathPattern = "/t/{agent}".parse().expect("pattern");
         assert_eq!(t.capture_span("/t/AB/", "agent").map(|r| &"/t/AB/"[r]), Some("AB"));
         assert_eq!(t.capture_span("/t", "agent"), None);
+        assert_eq!(t.capture_span("/u/AB", "agent"), None, "a path the pattern does not match");
     }
 
     #[test]
