@@ -710,8 +710,8 @@ async fn handle_request(
     };
     // Every refusal from here ends the exchange's session, if it has one, with its line.
     let refuse = |e: RequestError, g: Option<stream::Governance>| {
-        if let Some(g) = g {
-            g.log_end(started, e.result_label(), crate::session::Initiator::Proxy, [0, 0]);
+        if let Some(mut g) = g {
+            g.ended(end_label(&e), crate::session::Initiator::Proxy, [0, 0]);
         }
         refuse(e)
     };
@@ -805,9 +805,13 @@ async fn handle_request(
                     tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend request failed")
                 }
             }
-            if let Some(g) = governance {
+            if let Some(mut g) = governance {
                 let bytes = exchange.upload.as_ref().map_or(0, |u| u.bytes());
-                g.log_end(started, e.result_label(), crate::session::Initiator::Proxy, [bytes, 0]);
+                let by = match e {
+                    RequestError::Forward(request::ForwardError::ClientBody(_)) => crate::session::Initiator::Client,
+                    _ => crate::session::Initiator::Proxy,
+                };
+                g.ended(end_label(&e), by, [bytes, 0]);
             }
             return reject_exchange(ctx, exchange, e);
         }
@@ -883,9 +887,9 @@ async fn handle_request(
                     Ok(slots) => Places::Held(slots),
                     Err(RequestError::TooManySessions) if !sse => Places::OverCap,
                     Err(e) => {
-                        if let Some(g) = upload {
+                        if let Some(mut g) = upload {
                             let bytes = exchange.upload.as_ref().map_or(0, |u| u.bytes());
-                            g.log_end(started, e.result_label(), crate::session::Initiator::Proxy, [bytes, 0]);
+                            g.ended(end_label(&e), crate::session::Initiator::Proxy, [bytes, 0]);
                         }
                         return reject_exchange(ctx, exchange, e);
                     }
@@ -905,7 +909,8 @@ async fn handle_request(
                     g
                 }
                 None => {
-                    govern(ctx, runtime, &route, claims, session_entry(ctx, kind, &route, &caps, claims), cut, places)
+                    let entry = session_entry(ctx, kind, &route, &caps, claims);
+                    govern(ctx, runtime, &route, claims, entry, cut, places)
                 }
             };
             let _ = g.session.entry().backend.set(answered.member.clone());
@@ -974,7 +979,8 @@ fn govern(
     let registered = ctx.shared.sessions.register(entry);
     let deadline = session_deadline(route, runtime, claims);
     let lifetime = Some(route.session.max_lifetime).filter(|l| !l.is_zero());
-    let mut g = stream::Governance::new(registered, deadline, lifetime, runtime.config.server.drain_spread, cut);
+    let drain_spread = runtime.config.server.drain_spread;
+    let mut g = stream::Governance::new(registered, deadline, lifetime, drain_spread, cut);
     place(ctx, route, &mut g, places);
     g
 }
@@ -990,14 +996,17 @@ fn place(ctx: &ConnCtx, route: &RouteConfig, g: &mut stream::Governance, places:
         Places::Uncounted => {}
         Places::OverCap => {
             tracing::info!(route = %route.name, client = %ctx.client_addr, grace = ?OVER_CAP_GRACE, "a stream over the subject's session cap; it ends after the grace");
-            let stop = std::mem::replace(&mut g.stop, Box::pin(std::future::pending()));
-            g.stop = Box::pin(async move {
-                tokio::select! {
-                    reason = stop => reason,
-                    () = tokio::time::sleep(OVER_CAP_GRACE) => "subject_sessions",
-                }
-            });
+            g.end_at(tokio::time::Instant::now() + OVER_CAP_GRACE, "subject_sessions");
         }
+    }
+}
+
+/// The reason an exchange's session ended for, when `e` ended it: the session's own reason
+/// (`revoked`, `token_expired`, ...) when it was stopped, else the refusal's label.
+fn end_label(e: &RequestError) -> &'static str {
+    match e {
+        RequestError::Forward(request::ForwardError::Ended(reason)) => reason,
+        other => other.result_label(),
     }
 }
 

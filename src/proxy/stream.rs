@@ -102,15 +102,24 @@ pub struct Upload {
     end: Option<Arc<UploadEnd>>,
 }
 
-/// The end of a governed exchange, as its upload sees it: set with the reason by whoever polls
-/// the exchange's stop (the request while it waits for an answer, then the response body), and
-/// when the response ends. The upload is cut then, and so is the backend's request: a request
-/// body in flight does not outlive its session.
-#[derive(Debug, Default)]
+/// The end of a governed exchange, as its upload sees it. The upload is cut then, and so is the
+/// backend's request: a request body in flight does not outlive its session. The upload reads
+/// the session's stop and deadlines itself at each of its frames, so it ends whether or not
+/// anything else is polled (a response body that hyper does not poll while the client reads
+/// none of it). Whoever polls the exchange's stop (the request while it waits for an answer,
+/// then the response body) sets it too, which wakes an upload waiting for the client, and so
+/// does the end of the response.
+#[derive(Debug)]
 pub struct UploadEnd {
     /// Why it ended; `None` once the upload was whole (nothing left to cut).
     reason: std::sync::OnceLock<Option<&'static str>>,
     waker: futures_util::task::AtomicWaker,
+    /// The session's stop.
+    control: Arc<crate::session::SessionControl>,
+    /// The session's earliest deadline (its token's expiry, its lifetime) and its reason.
+    due: Option<(tokio::time::Instant, &'static str)>,
+    /// A later deadline of its own (a stream over the subject's caps), once set.
+    grace: std::sync::OnceLock<(tokio::time::Instant, &'static str)>,
 }
 
 impl UploadEnd {
@@ -134,6 +143,12 @@ impl UploadEnd {
             Some(Some(r)) => return Poll::Ready(r),
             Some(None) => return Poll::Pending,
             None => {}
+        }
+        let now = tokio::time::Instant::now();
+        let due = [self.due, self.grace.get().copied()].into_iter().flatten().find(|(at, _)| now >= *at);
+        if let Some(reason) = self.control.stopped().map(stop_label).or(due.map(|(_, r)| r)) {
+            let _ = self.reason.set(Some(reason));
+            return Poll::Ready(reason);
         }
         self.waker.register(cx.waker());
         match self.reason.get() {
@@ -393,6 +408,23 @@ pub struct Governance {
     /// The exchange's upload, when it is governed too: ended with the session, and when the
     /// response ends.
     upload: Option<Arc<UploadEnd>>,
+    /// The session's earliest deadline and its reason, for the upload.
+    due: Option<(tokio::time::Instant, &'static str)>,
+    /// When the session was registered, for the end-of-session line.
+    started: Instant,
+    /// How the session ended, once its owner knows; written in the end-of-session line when
+    /// the governance drops (a client gone, when nobody said).
+    end: Option<(&'static str, crate::session::Initiator, [u64; 2])>,
+}
+
+/// The label of a stop in logs and metrics.
+fn stop_label(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::Drain => "drain",
+        StopReason::Revoked => "revoked",
+        StopReason::RouteRemoved => "route_removed",
+        StopReason::Rebalance => "rebalance",
+    }
 }
 
 /// How a governed body ends when its session is stopped.
@@ -429,7 +461,8 @@ impl Cut {
 impl Governance {
     /// Ends on the session's stop (a drain after a random delay within `drain_spread`), at
     /// `expires_at` (the token's expiry plus leeway, when the route enforces it) or after
-    /// `lifetime` (the route's `max_lifetime`, `None` for no limit).
+    /// `lifetime` (the route's `max_lifetime`, `None` for no limit). The session's time runs
+    /// from now, as a WebSocket's runs from its relay's start.
     pub fn new(
         session: SessionGuard,
         expires_at: Option<tokio::time::Instant>,
@@ -437,6 +470,12 @@ impl Governance {
         drain_spread: Duration,
         cut: Cut,
     ) -> Governance {
+        let ends = lifetime.map(|l| tokio::time::Instant::now() + l);
+        let due = match (expires_at, ends) {
+            (Some(e), Some(l)) if l < e => Some((l, "lifetime")),
+            (Some(e), _) => Some((e, "token_expired")),
+            (None, l) => l.map(|l| (l, "lifetime")),
+        };
         let control = session.entry().control.clone();
         let stop = Box::pin(async move {
             // The session's clock: the token's expiry and the lifetime (a streamed response has
@@ -444,12 +483,7 @@ impl Governance {
             let clock = Clock::with(lifetime.unwrap_or(Duration::ZERO), Duration::ZERO, expires_at);
             let deadline = clock.until_due();
             tokio::select! {
-                reason = control.wait_spread(drain_spread) => match reason {
-                    StopReason::Drain => "drain",
-                    StopReason::Revoked => "revoked",
-                    StopReason::RouteRemoved => "route_removed",
-                    StopReason::Rebalance => "rebalance",
-                },
+                reason = control.wait_spread(drain_spread) => stop_label(reason),
                 due = deadline => match due {
                     Due::Expired => "token_expired",
                     Due::Lifetime => "lifetime",
@@ -458,15 +492,34 @@ impl Governance {
                 },
             }
         });
-        Governance { stop, session, slots: Vec::new(), cut, upload: None }
+        Governance { stop, session, slots: Vec::new(), cut, upload: None, due, started: Instant::now(), end: None }
     }
 
-    /// The signal that ends the exchange's upload: set when the session stops (see
-    /// [`Governance::poll_stop`]), and when the governance ends with its response.
+    /// The signal that ends the exchange's upload (see [`UploadEnd`]).
     pub fn end_upload(&mut self) -> Arc<UploadEnd> {
-        let end = Arc::new(UploadEnd::default());
+        let end = Arc::new(UploadEnd {
+            reason: std::sync::OnceLock::new(),
+            waker: futures_util::task::AtomicWaker::new(),
+            control: self.session.entry().control.clone(),
+            due: self.due,
+            grace: std::sync::OnceLock::new(),
+        });
         self.upload = Some(end.clone());
         end
+    }
+
+    /// Ends the session at `at` for `reason` too, if nothing ends it before.
+    pub fn end_at(&mut self, at: tokio::time::Instant, reason: &'static str) {
+        let stop = std::mem::replace(&mut self.stop, Box::pin(std::future::pending()));
+        self.stop = Box::pin(async move {
+            tokio::select! {
+                r = stop => r,
+                () = tokio::time::sleep_until(at) => reason,
+            }
+        });
+        if let Some(end) = &self.upload {
+            let _ = end.grace.set((at, reason));
+        }
     }
 
     /// Ready with the reason once the session must end; its upload, if still in flight, is
@@ -479,26 +532,24 @@ impl Governance {
         Poll::Ready(reason)
     }
 
-    /// Writes the session's end-of-session line: ended for `reason` by `initiator`, after
-    /// `bytes` (from the client, from the backend) over the exchange that started at `started`.
-    pub fn log_end(
-        &self,
-        started: Instant,
-        reason: &'static str,
-        initiator: crate::session::Initiator,
-        bytes: [u64; 2],
-    ) {
-        let record = crate::session::SessionEnd { close_code: None, initiator, reason, bytes, frames: [0, 0] };
-        crate::session::close::log_end(self.session.entry(), started, &record);
+    /// Says how the session ended, for its end-of-session line: for `reason` by `initiator`,
+    /// after `bytes` (from the client, from the backend).
+    pub fn ended(&mut self, reason: &'static str, initiator: crate::session::Initiator, bytes: [u64; 2]) {
+        self.end = Some((reason, initiator, bytes));
     }
 }
 
 impl Drop for Governance {
-    /// An exchange's upload does not outlive its session: nor its response.
+    /// The session's one end-of-session line, however the exchange ended (dropped unanswered
+    /// too: an HTTP/2 client that reset its stream); and an exchange's upload does not outlive
+    /// its session, nor its response.
     fn drop(&mut self) {
         if let Some(end) = &self.upload {
             end.end("response_ended");
         }
+        let (reason, initiator, bytes) = self.end.unwrap_or(("client_gone", crate::session::Initiator::Client, [0, 0]));
+        let record = crate::session::SessionEnd { close_code: None, initiator, reason, bytes, frames: [0, 0] };
+        crate::session::close::log_end(self.session.entry(), self.started, &record);
     }
 }
 
@@ -762,17 +813,21 @@ impl Drop for Download {
         if sse {
             self.exchange.metrics.sse_streams_active.decrement(1.0);
         }
-        let end = self.end.unwrap_or("client_gone");
+        // A body of known length is not read to its end by hyper once it has written that
+        // length: it is complete when nothing of it is left.
+        let whole = matches!(self.held, Some(Held::End)) || (self.held.is_none() && self.inner.is_end_stream());
+        let end = self.end.unwrap_or(if whole { "complete" } else { "client_gone" });
         self.exchange.finish(sse, self.sent, end);
-        // A governed body is a session: it ends with the line every session ends with.
-        if let Some(g) = &self.governance {
+        // A governed body is a session: it ends with the line every session ends with (written
+        // when its governance drops, below).
+        if let Some(g) = &mut self.governance {
             let initiator = match end {
                 "client_gone" => crate::session::Initiator::Client,
                 "complete" | "backend_error" => crate::session::Initiator::Backend,
                 _ => crate::session::Initiator::Proxy,
             };
             let upload = self.exchange.upload.as_ref().map_or(0, |u| u.bytes());
-            g.log_end(self.exchange.started, end, initiator, [upload, self.sent]);
+            g.ended(end, initiator, [upload, self.sent]);
         }
     }
 }

@@ -681,6 +681,98 @@ async fn an_upload_in_flight_is_a_session_ended_by_revocation_expiry_and_drain_a
     drop(stream);
 }
 
+/// The attack (a review of the upload sessions): once its answer's head was sent, an upload's
+/// session was checked only when hyper read the answer's body, which it does not while it
+/// cannot write to the client. A client that gave the proxy no HTTP/2 window (or read nothing
+/// on HTTP/1.1) went on uploading to the member past its revocation, its expiry, the lifetime
+/// and the drain. The upload now reads the session's stop and deadlines at each frame.
+#[tokio::test]
+async fn an_upload_is_cut_at_revocation_while_its_answer_cannot_be_written() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, json!({})).text()).await;
+    let mut h2 = H2::connect_with_window(proxy.tls, 0).await;
+    let req = ::http::Request::post("https://localhost/agents/a1/api/early?kib=4096")
+        .header("authorization", alice(&key))
+        .body(())
+        .expect("request");
+    let (resp, mut up) = h2.open(req, false).await;
+    assert_eq!(resp.status(), 200, "the member answers at once");
+    up.send_data(Bytes::from_static(b"first"), false).expect("first piece");
+    let listed = async || {
+        let (_, list) = http_get(proxy.admin, "/sessions").await;
+        list.contains("\"kind\":\"stream\"").then_some(())
+    };
+    eventually("the upload is a session", listed).await;
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"alice"}"#).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#));
+    // What the client sends after its revocation does not reach the member.
+    let _ = up.send_data(Bytes::from_static(b"-after"), false);
+    let _ = up.send_data(Bytes::from_static(b"-the-end"), true);
+    let early = async || backend.seen().into_iter().find(|s| s.uri.contains("early"));
+    let seen = eventually("the member's request ends", early).await;
+    assert_eq!(seen.headers.get("x-upload-end").map(String::as_str), Some("cut"), "{seen:?}");
+    assert!(seen.body_len <= b"first".len(), "bytes sent after the revocation reached the member: {seen:?}");
+}
+
+/// Every governed exchange writes one end-of-session line with the reason it ended for: one
+/// whose answer was written whole is `complete` (not a client gone, as when hyper stopped at
+/// the known length), one the session's stop ended says why (`revoked`, not the refusal's
+/// label), and one an HTTP/2 client reset before its answer still writes its line.
+#[tokio::test]
+async fn every_governed_exchange_writes_one_end_line_with_its_reason() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let mut proxy = ProxyProcess::start(&config(&key, backend.addr, None, json!({})).text()).await;
+    let bearer = |sub: &str| format!("Bearer {}", key.token(sub, &["a1"], Duration::from_secs(600)));
+    let sessions = async || {
+        let (_, list) = http_get(proxy.admin, "/sessions").await;
+        list.matches("\"kind\":\"stream\"").count()
+    };
+    // Complete: a POST echoed whole.
+    let mut c = H1::connect(proxy.plain, false).await;
+    let echoed =
+        c.call(request("POST", "/agents/a1/api/echo", &[("authorization", &bearer("ann"))], full("hello"))).await;
+    assert_eq!((echoed.status, echoed.text()), (200, "hello".to_owned()));
+    // Reset by an HTTP/2 client before its answer.
+    let h2 = H2::connect(proxy.tls).await;
+    let req = ::http::Request::post("https://localhost/agents/a1/api/upload")
+        .header("authorization", bearer("ben"))
+        .body(())
+        .expect("request");
+    let mut up = h2.send.clone().ready().await.expect("ready");
+    let (_answer, mut body) = up.send_request(req, false).expect("request");
+    body.send_data(Bytes::from_static(b"part"), false).expect("piece");
+    eventually("the upload is a session", async || (sessions().await == 1).then_some(())).await;
+    body.send_reset(::h2::Reason::CANCEL);
+    eventually("the reset upload's session ends", async || (sessions().await == 0).then_some(())).await;
+    // Revoked before its answer.
+    let (pieces, trickle) = trickled(b"first").await;
+    let mut c2 = H1::connect(proxy.plain, false).await;
+    let cal = bearer("cal");
+    let answer = tokio::spawn(async move {
+        c2.send(request("POST", "/agents/a1/api/upload", &[("authorization", &cal)], trickle)).await.status()
+    });
+    eventually("the upload is a session", async || (sessions().await == 1).then_some(())).await;
+    admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"cal"}"#).await;
+    assert_eq!(answer.await.expect("answer"), 401);
+    drop(pieces);
+    let logs = proxy.stop_and_collect_logs().await;
+    let ends: Vec<&str> = logs.lines().filter(|l| l.contains("session ended")).collect();
+    let of = |sub: &str| {
+        let lines: Vec<&&str> = ends.iter().filter(|l| l.contains(&format!("subject=\"{sub}\""))).collect();
+        assert_eq!(lines.len(), 1, "one end line for {sub}'s exchange: {ends:#?}");
+        lines[0].to_string()
+    };
+    assert!(of("ann").contains("reason=\"complete\""), "{}", of("ann"));
+    // Gone before its answer: dropped with its stream, or its body's failure reached the
+    // member's request first.
+    let ben = of("ben");
+    assert!(ben.contains("closed_by=\"client\""), "{ben}");
+    assert!(ben.contains("reason=\"client_gone\"") || ben.contains("reason=\"client_body_error\""), "{ben}");
+    assert!(of("cal").contains("reason=\"revoked\""), "{}", of("cal"));
+}
+
 #[test]
 fn a_route_taking_its_token_from_a_cookie_needs_an_origin_policy() {
     let dir = tempfile::tempdir().expect("dir");

@@ -49,10 +49,15 @@ impl H2 {
     /// An HTTP/2 connection to a TLS listener (ALPN `h2` and nothing else, so it fails loudly
     /// when the proxy does not offer it), after the proxy's SETTINGS are in.
     pub async fn connect(addr: SocketAddr) -> H2 {
+        H2::connect_with_window(addr, STREAM_WINDOW).await
+    }
+
+    /// [`H2::connect`] with another window for each stream (0: the proxy can send no DATA).
+    pub async fn connect_with_window(addr: SocketAddr, stream_window: u32) -> H2 {
         let (tls, agreed) = dial_alpn(addr, &[b"h2"]).await;
         assert_eq!(agreed.as_deref(), Some(&b"h2"[..]), "the proxy chose h2 by ALPN");
         let (send, conn) = ::h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
+            .initial_window_size(stream_window)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .handshake::<_, Bytes>(tls)
             .await

@@ -44,6 +44,8 @@ pub struct Seen {
 /// - `upload`: reads the request body as it comes and answers "got N" at its end; what it
 ///   read and how the body ended (`x-upload-end`: `complete`, or `cut` when it failed) is in
 ///   [`RestBackend::seen`];
+/// - `early?kib=K`: answers at once with K KiB (default 8192), and reads the request body
+///   meanwhile, recorded as `upload`'s is when it ends;
 /// - `headers`: answers 200 "ok" (what it saw is in [`RestBackend::seen`]);
 /// - `sse?n=N&gap_ms=G&hold=1&partial=1`: `text/event-stream`, N events `data: i` G ms apart,
 ///   then (`partial=1`) the first line of an event that never ends, then ends (or with `hold=1`
@@ -117,6 +119,21 @@ fn mcp_session(parts: &hyper::http::request::Parts, conn: usize, name: &str) -> 
     }
 }
 
+/// Reads an upload to its end into `record`: its length, and how it ended (`x-upload-end`).
+async fn read_upload(mut body: Incoming, record: &mut Seen) {
+    let mut ended = "complete";
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => record.body_len += f.data_ref().map_or(0, |d| d.len()),
+            Err(_) => {
+                ended = "cut";
+                break;
+            }
+        }
+    }
+    record.headers.insert("x-upload-end".into(), ended.into());
+}
+
 fn query(uri: &hyper::Uri, key: &str) -> Option<u64> {
     uri.query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
@@ -176,19 +193,18 @@ async fn respond(
             r
         }
         "upload" => {
-            let mut body = body;
-            let mut ended = "complete";
-            while let Some(frame) = body.frame().await {
-                match frame {
-                    Ok(f) => record.body_len += f.data_ref().map_or(0, |d| d.len()),
-                    Err(_) => {
-                        ended = "cut";
-                        break;
-                    }
-                }
-            }
-            record.headers.insert("x-upload-end".into(), ended.into());
+            read_upload(body, &mut record).await;
             Response::new(full(Bytes::from(format!("got {}", record.body_len))))
+        }
+        "early" => {
+            let kib = query(&parts.uri, "kib").unwrap_or(8192);
+            tokio::spawn(async move {
+                read_upload(body, &mut record).await;
+                seen.lock().expect("seen").push(record);
+            });
+            let chunk = Bytes::from(vec![b'x'; 1024]);
+            let chunks = futures_util::stream::iter((0..kib).map(move |_| Ok(Frame::data(chunk.clone()))));
+            return Ok(Response::new(BodyExt::boxed(StreamBody::new(chunks))));
         }
         "sse" => {
             let n = query(&parts.uri, "n").unwrap_or(3);
