@@ -270,6 +270,11 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (Kind::Counter, "portcullis_ping_timeouts_total", "Sessions closed because a side did not answer a proxy ping."),
     (
         Kind::Counter,
+        "portcullis_send_timeouts_total",
+        "Client connections closed because the client took no byte of an HTTP answer for server.send_timeout.",
+    ),
+    (
+        Kind::Counter,
         "portcullis_closes_total",
         "Sessions ended, by the close code sent to the client and who began the close.",
     ),
@@ -603,6 +608,12 @@ impl RouteHttpMetrics {
 /// `result` (`untrusted`, `malformed`, `too_large`, `timeout`, `closed`).
 pub fn proxy_protocol(result: &'static str) {
     counter!("portcullis_proxy_protocol_total", "result" => result).increment(1);
+}
+
+/// A client connection was closed because the client took no byte of an HTTP answer for
+/// `send_timeout`.
+pub fn send_timeout() {
+    counter!("portcullis_send_timeouts_total").increment(1);
 }
 
 /// A connection or request was refused by a per-client limit (`reason`: `per_ip_connections`,

@@ -58,6 +58,7 @@ impl Default for ServerSettings {
             max_connections: 100_000,
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
             runtime_dir: None,
             max_header_size: 16 * 1024,
             drain_spread: Duration::from_secs(5),

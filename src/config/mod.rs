@@ -333,6 +333,10 @@ pub struct ServerSettings {
     pub tls_handshake_timeout: Duration,
     /// Time allowed for the client to send the request head (408 after).
     pub header_read_timeout: Duration,
+    /// Time a client may take no byte of an HTTP answer the proxy has to write (its socket
+    /// full) before the connection is closed, as NGINX's `send_timeout`; zero: no limit. The
+    /// HTTP phase only: a WebSocket's relay has its own deadlines.
+    pub send_timeout: Duration,
     /// Directory for the binary upgrade's hand-over socket, created 0700; when unset,
     /// `$XDG_RUNTIME_DIR/portcullis`, else `portcullis-<uid>` in the temporary directory.
     pub runtime_dir: Option<std::path::PathBuf>,

@@ -212,6 +212,7 @@ pub(super) struct RawServer {
     pub(super) max_connections: Option<usize>,
     pub(super) tls_handshake_timeout: Option<Dur>,
     pub(super) header_read_timeout: Option<Dur>,
+    pub(super) send_timeout: Option<Dur>,
     pub(super) runtime_dir: Option<PathBuf>,
     pub(super) max_header_size: Option<Size>,
     pub(super) drain_spread: Option<Dur>,

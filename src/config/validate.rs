@@ -343,6 +343,7 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
         max_connections: s.max_connections.unwrap_or(d.max_connections),
         tls_handshake_timeout: dur(s.tls_handshake_timeout, d.tls_handshake_timeout),
         header_read_timeout: dur(s.header_read_timeout, d.header_read_timeout),
+        send_timeout: dur(s.send_timeout, d.send_timeout),
         runtime_dir: s.runtime_dir,
         max_header_size: s.max_header_size.map_or(d.max_header_size, |v| v.0 as usize),
         drain_spread: dur(s.drain_spread, d.drain_spread),

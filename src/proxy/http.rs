@@ -99,7 +99,8 @@ pub struct StreamHold {
     pub(crate) _open: Option<OpenStream>,
 }
 
-/// A client stream during the HTTP phase: enforces the first request's header deadline.
+/// A client stream during the HTTP phase: enforces the first request's header deadline, and
+/// the send deadline (see [`HeadIo::send_timeout`]).
 pub struct HeadIo<S> {
     inner: S,
     /// Written when the deadline passes (HTTP/1.1's 408; nothing on HTTP/2).
@@ -107,6 +108,38 @@ pub struct HeadIo<S> {
     deadline: Option<Pin<Box<Sleep>>>,
     head_done: Arc<AtomicBool>,
     timed_out: Arc<AtomicBool>,
+    send: SendDeadline,
+}
+
+/// How long a write may wait on a client that reads nothing: armed when a write finds the
+/// socket full, disarmed when bytes move; off once `over` is set (the connection was handed to
+/// a relay, which has deadlines of its own).
+struct SendDeadline {
+    limit: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+    over: Arc<AtomicBool>,
+}
+
+impl SendDeadline {
+    /// The result of a write that returned `polled`: bytes moved disarm the deadline; a write
+    /// that waits arms it, and fails once it has passed.
+    fn check<T>(&mut self, polled: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if !polled.is_pending() {
+            self.stalled = None;
+            return polled;
+        }
+        if self.limit.is_zero() || self.over.load(Ordering::Relaxed) {
+            return polled;
+        }
+        let limit = self.limit;
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if stalled.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        crate::metrics::send_timeout();
+        tracing::debug!(timeout = ?limit, "the client took nothing of its answer for send_timeout; closing");
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client read nothing for send_timeout")))
+    }
 }
 
 impl<S> HeadIo<S> {
@@ -114,7 +147,15 @@ impl<S> HeadIo<S> {
     /// `timed_out` is set here when the deadline passes first.
     pub fn new(inner: S, limit: Duration, head_done: Arc<AtomicBool>, timed_out: Arc<AtomicBool>) -> Self {
         let deadline = Some(Box::pin(tokio::time::sleep(limit)));
-        HeadIo { inner, answer: RESPONSE_408, deadline, head_done, timed_out }
+        let send = SendDeadline { limit: Duration::ZERO, stalled: None, over: Arc::default() };
+        HeadIo { inner, answer: RESPONSE_408, deadline, head_done, timed_out, send }
+    }
+
+    /// Closes the connection (a write fails with `TimedOut`) once a write has waited `limit`
+    /// on a client that takes none of it (zero: never), until `over` is set.
+    pub fn send_timeout(mut self, limit: Duration, over: Arc<AtomicBool>) -> Self {
+        self.send = SendDeadline { limit, stalled: None, over };
+        self
     }
 
     /// The same deadline, which ends the stream without writing an answer (HTTP/2, where a
@@ -157,11 +198,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadIo<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for HeadIo<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.send.check(polled, cx)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.send.check(polled, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

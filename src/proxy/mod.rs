@@ -293,8 +293,10 @@ pub async fn serve_connection(
     });
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
-    let io =
-        TokioIo::new(http::HeadIo::new(stream, settings.header_read_timeout, head_done.clone(), timed_out.clone()));
+    let handed_over = Arc::new(AtomicBool::new(false));
+    let io = http::HeadIo::new(stream, settings.header_read_timeout, head_done.clone(), timed_out.clone())
+        .send_timeout(settings.send_timeout, handed_over.clone());
+    let io = TokioIo::new(io);
     let handler_ctx = ctx.clone();
     let svc = service_fn(move |req| {
         head_done.store(true, Ordering::Relaxed);
@@ -321,6 +323,7 @@ pub async fn serve_connection(
     let mut slot = slot;
     slot.handshake_done();
     if let Some((on_upgrade, accepted)) = pending {
+        handed_over.store(true, Ordering::Relaxed);
         run_session(shared, on_upgrade, accepted, client_addr, slot).await;
     }
 }
@@ -346,7 +349,10 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
     let idle_timeout = runtime.config.http2.idle_timeout;
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
-    let head = http::HeadIo::new(stream, server.header_read_timeout, head_done.clone(), timed_out.clone());
+    // The whole connection's writes: every stream's answer and relay goes through them, and a
+    // client that reads nothing of any of them for send_timeout is closed.
+    let head = http::HeadIo::new(stream, server.header_read_timeout, head_done.clone(), timed_out.clone())
+        .send_timeout(server.send_timeout, Arc::default());
     let io = TokioIo::new(head.silent());
     // The connection counts as handshaking until its first stream is answered: a handover
     // waits for that, as it waits for an HTTP/1.1 connection's upgrade.

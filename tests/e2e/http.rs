@@ -402,6 +402,43 @@ async fn drain_ends_sse_streams_cleanly_and_refuses_new_requests() {
     tokio::time::timeout(SOON, other.closed()).await.expect("the idle client connection is closed by the drain");
 }
 
+/// A client that asks for an answer and reads none of it held its connection, its backend
+/// request and (a stream) its session and places for as long as it liked, past its
+/// revocation too: the session's end is written into the answer's body, which waits on the
+/// client's socket. `[server] send_timeout` closes a connection whose client takes no byte of
+/// its answer for that long, as NGINX's `send_timeout` and HAProxy's `timeout client` do.
+#[tokio::test]
+async fn a_client_that_reads_nothing_of_its_answer_is_closed_after_send_timeout() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = api_config(&key, &[backend.addr], json!({})).set("server.send_timeout", "300ms").text();
+    let proxy = Proxy::start_with(&text).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let mut tcp = socket.connect(proxy.plain).await.expect("connect");
+    let auth = key.bearer(&["a1"]);
+    let head =
+        format!("GET /agents/a1/api/early?kib=262144 HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.expect("request");
+    let sessions = async || http_get(proxy.admin, "/sessions").await.1.matches("\"kind\":\"stream\"").count();
+    eventually("the answer is a session", async || (sessions().await == 1).then_some(())).await;
+    // Nothing is read: the proxy's writes fill the socket, wait send_timeout, and fail.
+    eventually("the unread answer's session ends", async || (sessions().await == 0).then_some(())).await;
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert!(metric(&m, "portcullis_send_timeouts_total") >= 1.0, "{m}");
+    // The connection was closed: what is left to read ends.
+    let mut sink = vec![0u8; 64 * 1024];
+    let drained = tokio::time::timeout(SOON, async {
+        loop {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    drained.await.expect("the proxy closed the connection");
+}
+
 #[tokio::test]
 async fn an_idle_body_is_cut_after_idle_body_timeout() {
     let backend = RestBackend::start("m1").await;
