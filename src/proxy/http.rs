@@ -108,16 +108,18 @@ pub struct HeadIo<S> {
     deadline: Option<Pin<Box<Sleep>>>,
     head_done: Arc<AtomicBool>,
     timed_out: Arc<AtomicBool>,
+    /// The deadline of a write the client takes nothing of.
     send: SendDeadline,
 }
 
 /// How long a write may wait on a client that reads nothing: armed when a write finds the
-/// socket full, disarmed when bytes move; off once `over` is set (the connection was handed to
-/// a relay, which has deadlines of its own).
+/// socket full, disarmed when bytes move. An HTTP/1.1 relay runs on the stream taken out of
+/// [`HeadIo`], with deadlines of its own; an HTTP/2 connection's relays write through it.
 struct SendDeadline {
+    /// How long; zero: no limit.
     limit: Duration,
+    /// Armed while a write waits.
     stalled: Option<Pin<Box<Sleep>>>,
-    over: Arc<AtomicBool>,
 }
 
 impl SendDeadline {
@@ -128,7 +130,7 @@ impl SendDeadline {
             self.stalled = None;
             return polled;
         }
-        if self.limit.is_zero() || self.over.load(Ordering::Relaxed) {
+        if self.limit.is_zero() {
             return polled;
         }
         let limit = self.limit;
@@ -147,14 +149,14 @@ impl<S> HeadIo<S> {
     /// `timed_out` is set here when the deadline passes first.
     pub fn new(inner: S, limit: Duration, head_done: Arc<AtomicBool>, timed_out: Arc<AtomicBool>) -> Self {
         let deadline = Some(Box::pin(tokio::time::sleep(limit)));
-        let send = SendDeadline { limit: Duration::ZERO, stalled: None, over: Arc::default() };
+        let send = SendDeadline { limit: Duration::ZERO, stalled: None };
         HeadIo { inner, answer: RESPONSE_408, deadline, head_done, timed_out, send }
     }
 
     /// Closes the connection (a write fails with `TimedOut`) once a write has waited `limit`
-    /// on a client that takes none of it (zero: never), until `over` is set.
-    pub fn send_timeout(mut self, limit: Duration, over: Arc<AtomicBool>) -> Self {
-        self.send = SendDeadline { limit, stalled: None, over };
+    /// on a client that takes none of it (zero: never).
+    pub fn send_timeout(mut self, limit: Duration) -> Self {
+        self.send = SendDeadline { limit, stalled: None };
         self
     }
 

@@ -293,9 +293,8 @@ pub async fn serve_connection(
     });
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
-    let handed_over = Arc::new(AtomicBool::new(false));
     let io = http::HeadIo::new(stream, settings.header_read_timeout, head_done.clone(), timed_out.clone())
-        .send_timeout(settings.send_timeout, handed_over.clone());
+        .send_timeout(settings.send_timeout);
     let io = TokioIo::new(io);
     let handler_ctx = ctx.clone();
     let svc = service_fn(move |req| {
@@ -323,7 +322,6 @@ pub async fn serve_connection(
     let mut slot = slot;
     slot.handshake_done();
     if let Some((on_upgrade, accepted)) = pending {
-        handed_over.store(true, Ordering::Relaxed);
         run_session(shared, on_upgrade, accepted, client_addr, slot).await;
     }
 }
@@ -352,7 +350,7 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
     // The whole connection's writes: every stream's answer and relay goes through them, and a
     // client that reads nothing of any of them for send_timeout is closed.
     let head = http::HeadIo::new(stream, server.header_read_timeout, head_done.clone(), timed_out.clone())
-        .send_timeout(server.send_timeout, Arc::default());
+        .send_timeout(server.send_timeout);
     let io = TokioIo::new(head.silent());
     // The connection counts as handshaking until its first stream is answered: a handover
     // waits for that, as it waits for an HTTP/1.1 connection's upgrade.
@@ -725,8 +723,9 @@ async fn handle_request(
     let mut incoming = Some(body);
     let mut whole = None;
     if let Some(settings) = &route.mcp {
+        // The message is in flight until it has been read whole.
         let read = mcp_stage(settings, &route, &caps, claims, &head, &mut incoming);
-        match unless_ended(governance.as_mut(), read).await {
+        match unless_ended(governance.as_mut(), std::future::pending(), read).await {
             Ok(Ok(body)) => whole = body,
             Ok(Err(e)) => return refuse(e, governance),
             Err(reason) => return refuse(request::ForwardError::Ended(reason).into(), governance),
@@ -794,9 +793,10 @@ async fn handle_request(
     if let Some(g) = governance.as_mut() {
         body.ends_with(g.end_upload());
     }
-    exchange.upload = Some(body.state());
+    let upload = body.state();
+    exchange.upload = Some(upload.clone());
     let sent = request::forward(&route, state, &caps, &http.client, out, body, &ctx.shared.conns);
-    let answered = match unless_ended(governance.as_mut(), sent)
+    let answered = match unless_ended(governance.as_mut(), upload.finished(), sent)
         .await
         .unwrap_or_else(|r| Err(request::ForwardError::Ended(r)))
     {
@@ -969,7 +969,8 @@ enum Places {
 /// long enough for a short answer to arrive whole, as the 429's `Retry-After` is for a retry.
 const OVER_CAP_GRACE: Duration = Duration::from_secs(5);
 
-/// Registers a streamed response as a session (`entry`) and sets what ends it: the token's
+/// Registers a governed exchange (an upload, a streamed response) as a session (`entry`) and
+/// sets what ends it: the token's
 /// expiry, the route's `max_lifetime`, revocation, route removal and drain, and for a stream
 /// over the subject's caps [`OVER_CAP_GRACE`].
 fn govern(
@@ -1016,18 +1017,23 @@ fn end_label(e: &RequestError) -> &'static str {
     }
 }
 
-/// `work`, unless the exchange's session (when it has one) ends first: then its reason.
+/// `work`, unless the exchange's session (when it has one) ends first while its upload is
+/// in flight (`until` resolves when the upload is whole): then its reason. A request whose
+/// body has all arrived waits for its answer as one without a body does: the drain, a
+/// rebalance or its token's expiry do not cut an answer its member may be acting on.
 async fn unless_ended<T>(
     governance: Option<&mut stream::Governance>,
+    until: impl std::future::Future<Output = ()>,
     work: impl std::future::Future<Output = T>,
 ) -> Result<T, &'static str> {
-    match governance {
-        None => Ok(work.await),
-        Some(g) => tokio::select! {
-            out = work => Ok(out),
-            reason = std::future::poll_fn(|cx| g.poll_stop(cx)) => Err(reason),
-        },
+    let Some(g) = governance else { return Ok(work.await) };
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => return Ok(out),
+        reason = std::future::poll_fn(|cx| g.poll_stop(cx)) => return Err(reason),
+        () = until => {}
     }
+    Ok(work.await)
 }
 
 /// Answers a plain request that got no backend response, and writes its access-log line.

@@ -4,10 +4,12 @@
 //!
 //! Both cut a body that moves no byte for `idle_body_timeout` (only while waiting for the
 //! sender: time the receiver takes to accept bytes does not count). The upload enforces
-//! `max_request_body` and can be handed to another member while none of it was read. A
-//! download of an event stream is a governed session: registered for `/sessions`, and ended
-//! cleanly (the last chunk written, so `EventSource` reconnects) on token expiry, revocation,
-//! route removal and drain, the drain spread over `drain_spread` as for WebSockets.
+//! `max_request_body` and can be handed to another member while none of it was read. An
+//! exchange with a body in flight either way is a governed session ([`Governance`]):
+//! registered for `/sessions`, and ended on token expiry, revocation, lifetime, route removal
+//! and drain (spread over `drain_spread` as for WebSockets). An upload is cut then; a download
+//! ends cleanly when it is made of events (the last chunk written, so `EventSource`
+//! reconnects), else is cut.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,9 +43,10 @@ pub enum BodyError {
     /// The client's request body failed (it went away, or broke the framing).
     #[error("client body: {0}")]
     Client(String),
-    /// The proxy ended a response body that cannot end early and still look whole (a
-    /// download): the client sees it cut, never complete.
-    #[error("the response was ended by the proxy: {0}")]
+    /// The proxy ended a body with its session: an upload (the member's request is cut), or a
+    /// response body that cannot end early and still look whole (a download: the client sees
+    /// it cut, never complete).
+    #[error("the body was ended by the proxy: {0}")]
     Ended(&'static str),
 }
 
@@ -113,6 +116,7 @@ pub struct Upload {
 pub struct UploadEnd {
     /// Why it ended; `None` once the upload was whole (nothing left to cut).
     reason: std::sync::OnceLock<Option<&'static str>>,
+    /// The upload's task, woken when the end is set from outside it.
     waker: futures_util::task::AtomicWaker,
     /// The session's stop.
     control: Arc<crate::session::SessionControl>,
@@ -146,7 +150,9 @@ impl UploadEnd {
         }
         let now = tokio::time::Instant::now();
         let due = [self.due, self.grace.get().copied()].into_iter().flatten().find(|(at, _)| now >= *at);
-        if let Some(reason) = self.control.stopped().map(stop_label).or(due.map(|(_, r)| r)) {
+        // A drain ends the upload through the session's stop, after its spread.
+        let stopped = self.control.stopped().filter(|r| *r != StopReason::Drain);
+        if let Some(reason) = stopped.map(stop_label).or(due.map(|(_, r)| r)) {
             let _ = self.reason.set(Some(reason));
             return Poll::Ready(reason);
         }
@@ -229,6 +235,14 @@ impl Upload {
         })
     }
 
+    /// The whole body was read: the answer's deadline runs from now, and nothing is left to cut.
+    fn read_whole(&self) {
+        self.state.finish();
+        if let Some(end) = &self.end {
+            end.whole();
+        }
+    }
+
     fn with_slot<T>(&self, f: impl FnOnce(Option<&Incoming>) -> T) -> T {
         match &self.body {
             Some(b) => f(Some(b)),
@@ -261,7 +275,7 @@ impl Body for Upload {
             this.state.started.store(true, Ordering::Release);
         }
         let Some(body) = this.body.as_mut() else { return Poll::Ready(None) };
-        match Pin::new(body).poll_frame(cx) {
+        match Pin::new(&mut *body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle.moved();
                 if let Some(data) = frame.data_ref() {
@@ -272,14 +286,15 @@ impl Body for Upload {
                         return Poll::Ready(Some(Err(BodyError::TooLarge(this.state.limit).into())));
                     }
                 }
+                // A body of known length is whole with its last byte: hyper polls it no further.
+                if body.is_end_stream() {
+                    this.read_whole();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e.to_string()).into()))),
             Poll::Ready(None) => {
-                this.state.finish();
-                if let Some(end) = &this.end {
-                    end.whole();
-                }
+                this.read_whole();
                 Poll::Ready(None)
             }
             Poll::Pending => match this.idle.poll_expired(cx) {
@@ -394,11 +409,12 @@ impl Exchange {
 /// What ends a governed stream.
 pub type StopFuture = Pin<Box<dyn Future<Output = &'static str> + Send>>;
 
-/// A streamed response's session: its registry entry, what ends it, and how.
+/// A governed exchange's session (an upload in flight, a response body in flight, or both):
+/// its registry entry, what ends it, and how; its end-of-session line when it drops.
 pub struct Governance {
-    /// Resolves with the reason when the stream must end (polled through
-    /// [`Governance::poll_stop`], which ends the upload too).
-    pub stop: StopFuture,
+    /// Resolves with the reason when the session must end (polled through
+    /// [`Governance::poll_stop`] only, which ends the upload too).
+    stop: StopFuture,
     /// The `/sessions` entry, removed when the stream ends.
     pub session: SessionGuard,
     /// The stream's places under the subject's session caps, freed when it ends.

@@ -352,8 +352,9 @@ pub fn record_end(
 }
 
 /// The one end-of-session log line, `session ended`, of every kind of session (WebSockets
-/// through [`record_end`]; streamed responses, SSE and others, when their body ends, beside
-/// their access-log line). It never carries a token.
+/// through [`record_end`]; governed HTTP exchanges, uploads, SSE and other streamed
+/// responses, when their governance drops, beside their access-log line). It never carries a
+/// token.
 pub fn log_end(s: &crate::session::SessionEntry, started: std::time::Instant, end: &crate::session::SessionEnd) {
     tracing::info!(
         session = s.id,

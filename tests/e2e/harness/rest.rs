@@ -50,7 +50,7 @@ pub struct Seen {
 /// - `sse?n=N&gap_ms=G&hold=1&partial=1`: `text/event-stream`, N events `data: i` G ms apart,
 ///   then (`partial=1`) the first line of an event that never ends, then ends (or with `hold=1`
 ///   stays open, sending nothing);
-/// - `slow?ms=M`: the response head after M ms;
+/// - `slow?ms=M`: the response head after M ms (recorded in [`RestBackend::seen`] at once);
 /// - `stall`: the head and one chunk, then nothing; `ndjson`: the same as
 ///   `application/x-ndjson`; `chunks`: two chunks and the end, with no length (a short
 ///   chunked answer);
@@ -235,9 +235,13 @@ async fn respond(
             r.headers_mut().insert("cache-control", "no-cache".parse().expect("cc"));
             r
         }
+        // Recorded as it arrives, before the wait.
         "slow" => {
+            seen.lock().expect("seen").push(record);
             tokio::time::sleep(Duration::from_millis(query(&parts.uri, "ms").unwrap_or(1000))).await;
-            Response::new(full("slow"))
+            let mut r = Response::new(full("slow"));
+            r.headers_mut().insert("x-member", name.parse().expect("name"));
+            return Ok(r);
         }
         "chunks" => {
             let chunks = [Ok(Frame::data(Bytes::from_static(b"a"))), Ok(Frame::data(Bytes::from_static(b"b")))];
