@@ -139,6 +139,7 @@ impl RequestError {
                 ForwardError::Ended(reason) => match *reason {
                     "token_expired" | "revoked" => StatusCode::UNAUTHORIZED,
                     "lifetime" => StatusCode::REQUEST_TIMEOUT,
+                    "subject_sessions" => StatusCode::TOO_MANY_REQUESTS,
                     _ => StatusCode::SERVICE_UNAVAILABLE,
                 },
             },
@@ -257,7 +258,7 @@ impl RequestError {
         }
         match self {
             // A slot frees when one of the subject's sessions ends, which may be soon.
-            RequestError::TooManySessions => {
+            RequestError::TooManySessions | RequestError::Forward(ForwardError::Ended("subject_sessions")) => {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
             }
             // Whole seconds until the address's bucket has a token again, at least 1.

@@ -725,7 +725,7 @@ async fn handle_request(
     if let Some(settings) = &route.mcp {
         // The message is in flight until it has been read whole.
         let read = mcp_stage(settings, &route, &caps, claims, &head, &mut incoming);
-        match unless_ended(governance.as_mut(), std::future::pending(), read).await {
+        match unless_ended(governance.as_mut(), None, std::future::pending(), read).await {
             Ok(Ok(body)) => whole = body,
             Ok(Err(e)) => return refuse(e, governance),
             Err(reason) => return refuse(request::ForwardError::Ended(reason).into(), governance),
@@ -796,7 +796,14 @@ async fn handle_request(
     let upload = body.state();
     exchange.upload = Some(upload.clone());
     let sent = request::forward(&route, state, &caps, &http.client, out, body, &ctx.shared.conns);
-    let answered = match unless_ended(governance.as_mut(), upload.finished(), sent)
+    let count = |g: &mut stream::Governance| match subject_slots(ctx, runtime, &route, claims) {
+        Ok(slots) => {
+            place(ctx, &route, g, Places::Held(slots));
+            Ok(())
+        }
+        Err(_) => Err("subject_sessions"),
+    };
+    let answered = match unless_ended(governance.as_mut(), Some(&count), upload.finished(), sent)
         .await
         .unwrap_or_else(|r| Err(request::ForwardError::Ended(r)))
     {
@@ -1017,21 +1024,39 @@ fn end_label(e: &RequestError) -> &'static str {
     }
 }
 
+/// What counts an upload under its subject's caps: `Err` with the end's reason when it cannot.
+type CountUpload<'a> = dyn Fn(&mut stream::Governance) -> Result<(), &'static str> + Sync + 'a;
+
 /// `work`, unless the exchange's session (when it has one) ends first while its upload is
 /// in flight (`until` resolves when the upload is whole): then its reason. A request whose
 /// body has all arrived waits for its answer as one without a body does: the drain, a
 /// rebalance or its token's expiry do not cut an answer its member may be acting on.
+///
+/// An upload not counted under its subject's caps (its length was given) that is still in
+/// flight after [`OVER_CAP_GRACE`] is given to `count`, which takes its places or ends it: the
+/// client sets both the length and the pace, so a length must not keep a trickled upload
+/// outside the caps.
 async fn unless_ended<T>(
     governance: Option<&mut stream::Governance>,
+    count: Option<&CountUpload<'_>>,
     until: impl std::future::Future<Output = ()>,
     work: impl std::future::Future<Output = T>,
 ) -> Result<T, &'static str> {
     let Some(g) = governance else { return Ok(work.await) };
-    tokio::pin!(work);
-    tokio::select! {
-        out = &mut work => return Ok(out),
-        reason = std::future::poll_fn(|cx| g.poll_stop(cx)) => return Err(reason),
-        () = until => {}
+    let mut counting = count.filter(|_| !g.session.entry().counted.load(Ordering::Acquire));
+    let grace = tokio::time::sleep(OVER_CAP_GRACE);
+    tokio::pin!(work, until, grace);
+    loop {
+        tokio::select! {
+            out = &mut work => return Ok(out),
+            reason = std::future::poll_fn(|cx| g.poll_stop(cx)) => return Err(reason),
+            () = &mut until => break,
+            () = &mut grace, if counting.is_some() => {
+                if let Some(count) = counting.take() {
+                    count(g)?;
+                }
+            }
+        }
     }
     Ok(work.await)
 }

@@ -65,8 +65,9 @@ pub enum ForwardError {
     #[error("no response head within {0:?}")]
     ResponseTimeout(Duration),
     /// The exchange's session ended (its token expired or was revoked, its lifetime ran out, the
-    /// proxy drains) before the answer came: the request body, if still in flight, is cut, and
-    /// so is the backend's request. The status says which (401, 408, 503).
+    /// proxy drains, an upload of given length still in flight after a grace finds its
+    /// subject's caps full) before the answer came: the request body, if still in flight, is
+    /// cut, and so is the backend's request. The status says which (401, 408, 429, 503).
     #[error("the session of this request was ended: {0}")]
     Ended(&'static str),
     /// The member broke the exchange: reset, closed early or sent a malformed response (502).

@@ -691,6 +691,35 @@ async fn an_upload_in_flight_is_a_session_ended_by_revocation_expiry_and_drain_a
     drop(stream);
 }
 
+/// The attack (a review of the upload sessions): an upload of given length was never counted,
+/// but the client sets both the length and the pace: a `content-length` of up to
+/// `max_request_body`, trickled within `idle_body_timeout`, held an upload open beside the
+/// subject's capped sessions. Such an upload is counted once it has been in flight for the
+/// grace (5 s, as a stream over the caps gets): over the caps it is ended with 429, and its
+/// member's request is cut.
+#[tokio::test]
+async fn an_upload_of_given_length_still_in_flight_after_the_grace_counts_under_the_caps() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = config(&key, backend.addr, None, json!({})).merge("auth", json!({"max_sessions_per_subject": 1}));
+    let proxy = Proxy::start_with(&text.text()).await;
+    let auth = alice(&key);
+    let mut c = H1::connect(proxy.tls, true).await;
+    let sse = c.send(request("GET", "/agents/a1/api/sse?n=1&hold=1", &[("authorization", &auth)], full(""))).await;
+    assert_eq!(sse.status(), 200, "alice's one place");
+    let (pieces, body) = trickled(b"first").await;
+    let mut up = H1::connect(proxy.tls, true).await;
+    let started = std::time::Instant::now();
+    let given = [("authorization", auth.as_str()), ("content-length", "100")];
+    let answer = up.send(request("POST", "/agents/a1/api/upload", &given, body)).await;
+    assert_eq!(answer.status(), 429, "an upload of given length still in flight after the grace, over the cap");
+    assert!(started.elapsed() >= Duration::from_secs(4), "ended before the grace: {:?}", started.elapsed());
+    let upload = async || backend.seen().into_iter().find(|s| s.uri.contains("upload"));
+    let seen = eventually("the member's request ends", upload).await;
+    assert_eq!(seen.headers.get("x-upload-end").map(String::as_str), Some("cut"), "{seen:?}");
+    drop((pieces, sse));
+}
+
 /// The attack (a review of the upload sessions): once its answer's head was sent, an upload's
 /// session was checked only when hyper read the answer's body, which it does not while it
 /// cannot write to the client. A client that gave the proxy no HTTP/2 window (or read nothing
