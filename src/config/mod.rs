@@ -334,9 +334,9 @@ pub struct ServerSettings {
     /// Time allowed for the client to send the request head (408 after).
     pub header_read_timeout: Duration,
     /// Time a client may take no byte of an HTTP answer the proxy has to write (its socket
-    /// full) before the connection is closed, as NGINX's `send_timeout`; zero: no limit. On
-    /// HTTP/1.1 the HTTP phase only (a relay has its own deadlines); on HTTP/2 every write of
-    /// the connection, its WebSocket streams' too.
+    /// full) before the connection is closed, as NGINX's `send_timeout`; zero: no limit.
+    /// HTTP/1.1's HTTP phase only: a relay has its own deadlines, and an HTTP/2 connection
+    /// carries other streams (WebSockets among them) that one slow stream must not close.
     pub send_timeout: Duration,
     /// Directory for the binary upgrade's hand-over socket, created 0700; when unset,
     /// `$XDG_RUNTIME_DIR/portcullis`, else `portcullis-<uid>` in the temporary directory.

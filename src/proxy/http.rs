@@ -113,8 +113,9 @@ pub struct HeadIo<S> {
 }
 
 /// How long a write may wait on a client that reads nothing: armed when a write finds the
-/// socket full, disarmed when bytes move. An HTTP/1.1 relay runs on the stream taken out of
-/// [`HeadIo`], with deadlines of its own; an HTTP/2 connection's relays write through it.
+/// socket full, disarmed when bytes move (the kernel wakes a blocked writer once part of its
+/// send buffer has drained, so a reader slow enough is closed too, as by NGINX's
+/// `send_timeout`). HTTP/1.1 only; a relay runs on the stream taken out of [`HeadIo`].
 struct SendDeadline {
     /// How long; zero: no limit.
     limit: Duration,

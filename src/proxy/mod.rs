@@ -347,10 +347,9 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
     let idle_timeout = runtime.config.http2.idle_timeout;
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
-    // The whole connection's writes: every stream's answer and relay goes through them, and a
-    // client that reads nothing of any of them for send_timeout is closed.
-    let head = http::HeadIo::new(stream, server.header_read_timeout, head_done.clone(), timed_out.clone())
-        .send_timeout(server.send_timeout);
+    // No send_timeout: the connection's writes carry every stream, WebSocket relays among them,
+    // and one stream's slow reader would close them all. Flow control bounds what each holds.
+    let head = http::HeadIo::new(stream, server.header_read_timeout, head_done.clone(), timed_out.clone());
     let io = TokioIo::new(head.silent());
     // The connection counts as handshaking until its first stream is answered: a handover
     // waits for that, as it waits for an HTTP/1.1 connection's upgrade.

@@ -127,6 +127,11 @@ pub struct UploadEnd {
 }
 
 impl UploadEnd {
+    /// Why the upload was cut, if it was (not when its answer ended it).
+    fn cut_for(&self) -> Option<&'static str> {
+        self.reason.get().copied().flatten().filter(|r| *r != RESPONSE_ENDED)
+    }
+
     /// Ends the upload for `reason` (the first reason stays; nothing happens to an upload that
     /// is whole).
     pub fn end(&self, reason: &'static str) {
@@ -150,9 +155,9 @@ impl UploadEnd {
         }
         let now = tokio::time::Instant::now();
         let due = [self.due, self.grace.get().copied()].into_iter().flatten().find(|(at, _)| now >= *at);
-        // A drain ends the upload through the session's stop, after its spread.
-        let stopped = self.control.stopped().filter(|r| *r != StopReason::Drain);
-        if let Some(reason) = stopped.map(stop_label).or(due.map(|(_, r)| r)) {
+        // The drain too, at once: an upload is a transfer, not a session that reconnects (whose
+        // close the drain spreads), and nothing else may be polling the session's stop.
+        if let Some(reason) = self.control.stopped().map(stop_label).or(due.map(|(_, r)| r)) {
             let _ = self.reason.set(Some(reason));
             return Poll::Ready(reason);
         }
@@ -433,6 +438,9 @@ pub struct Governance {
     end: Option<(&'static str, crate::session::Initiator, [u64; 2])>,
 }
 
+/// Why an upload ends when its answer ended first.
+const RESPONSE_ENDED: &str = "response_ended";
+
 /// The label of a stop in logs and metrics.
 fn stop_label(reason: StopReason) -> &'static str {
     match reason {
@@ -561,9 +569,15 @@ impl Drop for Governance {
     /// its session, nor its response.
     fn drop(&mut self) {
         if let Some(end) = &self.upload {
-            end.end("response_ended");
+            end.end(RESPONSE_ENDED);
         }
-        let (reason, initiator, bytes) = self.end.unwrap_or(("client_gone", crate::session::Initiator::Client, [0, 0]));
+        let (mut reason, mut initiator, bytes) =
+            self.end.unwrap_or(("client_gone", crate::session::Initiator::Client, [0, 0]));
+        // An upload its session cut says why the session ended, whatever became of an answer
+        // nobody polled after that.
+        if let Some(cut) = self.upload.as_ref().and_then(|u| u.cut_for()) {
+            (reason, initiator) = (cut, crate::session::Initiator::Proxy);
+        }
         let record = crate::session::SessionEnd { close_code: None, initiator, reason, bytes, frames: [0, 0] };
         crate::session::close::log_end(self.session.entry(), self.started, &record);
     }
@@ -592,6 +606,8 @@ pub struct Download {
     exchange: Exchange,
     sent: u64,
     end: Option<&'static str>,
+    /// The body's length, when the member gave one.
+    length: Option<u64>,
     _least_conns: Option<ConnGuard>,
     _stream: super::http::StreamHold,
     /// An event stream's keep-alive comments, when on.
@@ -685,6 +701,7 @@ impl Download {
             exchange.metrics.sse_streams_active.increment(1.0);
         }
         Download {
+            length: inner.size_hint().exact(),
             inner,
             held: None,
             idle: Idle::new(idle),
@@ -830,8 +847,8 @@ impl Drop for Download {
             self.exchange.metrics.sse_streams_active.decrement(1.0);
         }
         // A body of known length is not read to its end by hyper once it has written that
-        // length: it is complete when nothing of it is left.
-        let whole = matches!(self.held, Some(Held::End)) || (self.held.is_none() && self.inner.is_end_stream());
+        // length: it is complete when all of it was passed on.
+        let whole = self.length.is_some_and(|n| n == self.sent);
         let end = self.end.unwrap_or(if whole { "complete" } else { "client_gone" });
         self.exchange.finish(sse, self.sent, end);
         // A governed body is a session: it ends with the line every session ends with (written

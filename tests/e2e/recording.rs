@@ -325,7 +325,7 @@ async fn by_default_a_session_that_cannot_be_recorded_does_not_go_on() {
     // A user who writes past the cap to go on unrecorded is closed instead.
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
     let mut closed = None;
-    for i in 0..40u8 {
+    for i in 0..200u8 {
         c.send(true, op::TEXT, &vec![b'a' + (i % 20); 1024]).await;
         let f = c.recv().await;
         if f.opcode == op::CLOSE {
