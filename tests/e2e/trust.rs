@@ -729,7 +729,7 @@ async fn an_upload_of_given_length_still_in_flight_after_the_grace_counts_under_
 async fn an_upload_is_cut_at_revocation_while_its_answer_cannot_be_written() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
-    let proxy = Proxy::start_with(&config(&key, backend.addr, None, json!({})).text()).await;
+    let mut proxy = ProxyProcess::start(&config(&key, backend.addr, None, json!({})).text()).await;
     let mut h2 = H2::connect_with_window(proxy.tls, 0).await;
     let req = ::http::Request::post("https://localhost/agents/a1/api/early?kib=4096")
         .header("authorization", alice(&key))
@@ -752,6 +752,13 @@ async fn an_upload_is_cut_at_revocation_while_its_answer_cannot_be_written() {
     let seen = eventually("the member's request ends", early).await;
     assert_eq!(seen.headers.get("x-upload-end").map(String::as_str), Some("cut"), "{seen:?}");
     assert!(seen.body_len <= b"first".len(), "bytes sent after the revocation reached the member: {seen:?}");
+    // Its session's line names the revocation, though nobody polled its answer after it.
+    h2.conn.abort();
+    let gone = async || (!http_get(proxy.admin, "/sessions").await.1.contains("alice")).then_some(());
+    eventually("the session ends with its connection", gone).await;
+    let logs = proxy.stop_and_collect_logs().await;
+    let line = logs.lines().find(|l| l.contains("session ended") && l.contains("subject=\"alice\""));
+    assert!(line.is_some_and(|l| l.contains("reason=\"revoked\"")), "{line:?}");
 }
 
 /// Every governed exchange writes one end-of-session line with the reason it ended for: one
