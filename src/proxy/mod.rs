@@ -712,12 +712,7 @@ async fn handle_request(
         }
     };
     // Every refusal from here ends the exchange's session, if it has one, with its line.
-    let refuse = |e: RequestError, g: Option<stream::Governance>| {
-        if let Some(mut g) = g {
-            g.ended(end_label(&e), crate::session::Initiator::Proxy, [0, 0]);
-        }
-        refuse(e)
-    };
+    let refuse = |e: RequestError, g: Option<stream::Governance>| reject_governed(ctx, exchange(), g, e);
     // An MCP message is read and checked whole before any of it is sent.
     let mut incoming = Some(body);
     let mut whole = None;
@@ -817,15 +812,7 @@ async fn handle_request(
                     tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend request failed")
                 }
             }
-            if let Some(mut g) = governance {
-                let bytes = exchange.upload.as_ref().map_or(0, |u| u.bytes());
-                let by = match e {
-                    RequestError::Forward(request::ForwardError::ClientBody(_)) => crate::session::Initiator::Client,
-                    _ => crate::session::Initiator::Proxy,
-                };
-                g.ended(end_label(&e), by, [bytes, 0]);
-            }
-            return reject_exchange(ctx, exchange, e);
+            return reject_governed(ctx, exchange, governance, e);
         }
     };
     let (mut parts, body) = answered.response.into_parts();
@@ -898,13 +885,7 @@ async fn handle_request(
                 true => match subject_slots(ctx, runtime, &route, claims) {
                     Ok(slots) => Places::Held(slots),
                     Err(RequestError::TooManySessions) if !sse => Places::OverCap,
-                    Err(e) => {
-                        if let Some(mut g) = upload {
-                            let bytes = exchange.upload.as_ref().map_or(0, |u| u.bytes());
-                            g.ended(end_label(&e), crate::session::Initiator::Proxy, [bytes, 0]);
-                        }
-                        return reject_exchange(ctx, exchange, e);
-                    }
+                    Err(e) => return reject_governed(ctx, exchange, upload, e),
                 },
             };
             let (kind, cut) = match sse {
@@ -1014,13 +995,29 @@ fn place(ctx: &ConnCtx, route: &RouteConfig, g: &mut stream::Governance, places:
     }
 }
 
-/// The reason an exchange's session ended for, when `e` ended it: the session's own reason
-/// (`revoked`, `token_expired`, ...) when it was stopped, else the refusal's label.
-fn end_label(e: &RequestError) -> &'static str {
-    match e {
-        RequestError::Forward(request::ForwardError::Ended(reason)) => reason,
-        other => other.result_label(),
+/// Answers a request that got no answer of its member's with `e`, and ends its exchange's
+/// session, if it has one, with its line: for the session's own reason (`revoked`,
+/// `token_expired`, ...) when it was stopped, else the refusal's label; by the client when its
+/// body failed, else by the proxy.
+fn reject_governed(
+    ctx: &ConnCtx,
+    exchange: stream::Exchange,
+    governance: Option<stream::Governance>,
+    e: RequestError,
+) -> Response<ProxyBody> {
+    if let Some(mut g) = governance {
+        let reason = match &e {
+            RequestError::Forward(request::ForwardError::Ended(reason)) => reason,
+            other => other.result_label(),
+        };
+        let by = match e {
+            RequestError::Forward(request::ForwardError::ClientBody(_)) => crate::session::Initiator::Client,
+            _ => crate::session::Initiator::Proxy,
+        };
+        let bytes = exchange.upload.as_ref().map_or(0, |u| u.bytes());
+        g.ended(reason, by, [bytes, 0]);
     }
+    reject_exchange(ctx, exchange, e)
 }
 
 /// What counts an upload under its subject's caps: `Err` with the end's reason when it cannot.
