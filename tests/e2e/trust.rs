@@ -691,6 +691,25 @@ async fn an_upload_in_flight_is_a_session_ended_by_revocation_expiry_and_drain_a
     drop(stream);
 }
 
+/// An upload that outlives its route's `max_lifetime` is cut then and answered 408, its
+/// member's request with it.
+#[tokio::test]
+async fn an_upload_ends_at_its_routes_lifetime() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = config(&key, backend.addr, None, json!({"session": {"max_lifetime": "1s"}}));
+    let proxy = Proxy::start_with(&text.text()).await;
+    let (_pieces, body) = trickled(b"first").await;
+    let mut c = H1::connect(proxy.tls, true).await;
+    let started = std::time::Instant::now();
+    let answer = c.send(request("POST", "/agents/a1/api/upload", &[("authorization", &alice(&key))], body)).await;
+    assert_eq!(answer.status(), 408, "an upload past the route's lifetime");
+    assert!(started.elapsed() >= Duration::from_millis(900), "ended after {:?}", started.elapsed());
+    let upload = async || backend.seen().into_iter().find(|s| s.uri.contains("upload"));
+    let seen = eventually("the member's request ends", upload).await;
+    assert_eq!(seen.headers.get("x-upload-end").map(String::as_str), Some("cut"), "{seen:?}");
+}
+
 /// The attack (a review of the upload sessions): an upload of given length was never counted,
 /// but the client sets both the length and the pace: a `content-length` of up to
 /// `max_request_body`, trickled within `idle_body_timeout`, held an upload open beside the
