@@ -120,8 +120,8 @@ pub struct UploadEnd {
     waker: futures_util::task::AtomicWaker,
     /// The session's stop.
     control: Arc<crate::session::SessionControl>,
-    /// The session's earliest deadline (its token's expiry, its lifetime) and its reason.
-    due: Option<(tokio::time::Instant, &'static str)>,
+    /// The session's clock (its token's expiry, its lifetime).
+    clock: Clock,
     /// A later deadline of its own (a stream over the subject's caps), once set.
     grace: std::sync::OnceLock<(tokio::time::Instant, &'static str)>,
 }
@@ -154,10 +154,11 @@ impl UploadEnd {
             None => {}
         }
         let now = tokio::time::Instant::now();
-        let due = [self.due, self.grace.get().copied()].into_iter().flatten().find(|(at, _)| now >= *at);
+        let grace = self.grace.get().filter(|(at, _)| now >= *at).map(|(_, r)| *r);
+        let due = self.clock.due(now).map(due_label).or(grace);
         // The drain too, at once: an upload is a transfer, not a session that reconnects (whose
         // close the drain spreads), and nothing else may be polling the session's stop.
-        if let Some(reason) = self.control.stopped().map(stop_label).or(due.map(|(_, r)| r)) {
+        if let Some(reason) = self.control.stopped().map(stop_label).or(due) {
             let _ = self.reason.set(Some(reason));
             return Poll::Ready(reason);
         }
@@ -429,13 +430,13 @@ pub struct Governance {
     /// The exchange's upload, when it is governed too: ended with the session, and when the
     /// response ends.
     upload: Option<Arc<UploadEnd>>,
-    /// The session's earliest deadline and its reason, for the upload.
-    due: Option<(tokio::time::Instant, &'static str)>,
+    /// The session's clock, which its stop and its upload read.
+    clock: Clock,
     /// When the session was registered, for the end-of-session line.
     started: Instant,
     /// How the session ended, once its owner knows; written in the end-of-session line when
     /// the governance drops (a client gone, when nobody said).
-    end: Option<(&'static str, crate::session::Initiator, [u64; 2])>,
+    end: Option<crate::session::SessionEnd>,
 }
 
 /// Why an upload ends when its answer ended first.
@@ -448,6 +449,16 @@ fn stop_label(reason: StopReason) -> &'static str {
         StopReason::Revoked => "revoked",
         StopReason::RouteRemoved => "route_removed",
         StopReason::Rebalance => "rebalance",
+    }
+}
+
+/// The label of a deadline in logs and metrics.
+fn due_label(due: Due) -> &'static str {
+    match due {
+        Due::Expired => "token_expired",
+        Due::Lifetime => "lifetime",
+        Due::Drain => "drain",
+        Due::Idle => "idle",
     }
 }
 
@@ -494,29 +505,17 @@ impl Governance {
         drain_spread: Duration,
         cut: Cut,
     ) -> Governance {
-        let ends = lifetime.map(|l| tokio::time::Instant::now() + l);
-        let due = match (expires_at, ends) {
-            (Some(e), Some(l)) if l < e => Some((l, "lifetime")),
-            (Some(e), _) => Some((e, "token_expired")),
-            (None, l) => l.map(|l| (l, "lifetime")),
-        };
-        let control = session.entry().control.clone();
+        // The session's clock: the token's expiry and the lifetime (a governed exchange has no
+        // idle timeout and no pings of the proxy's).
+        let clock = Clock::with(lifetime.unwrap_or(Duration::ZERO), Duration::ZERO, expires_at);
+        let (control, stop_clock) = (session.entry().control.clone(), clock.clone());
         let stop = Box::pin(async move {
-            // The session's clock: the token's expiry and the lifetime (a streamed response has
-            // no idle timeout and no pings of the proxy's).
-            let clock = Clock::with(lifetime.unwrap_or(Duration::ZERO), Duration::ZERO, expires_at);
-            let deadline = clock.until_due();
             tokio::select! {
                 reason = control.wait_spread(drain_spread) => stop_label(reason),
-                due = deadline => match due {
-                    Due::Expired => "token_expired",
-                    Due::Lifetime => "lifetime",
-                    Due::Drain => "drain",
-                    Due::Idle => "idle",
-                },
+                due = stop_clock.until_due() => due_label(due),
             }
         });
-        Governance { stop, session, slots: Vec::new(), cut, upload: None, due, started: Instant::now(), end: None }
+        Governance { stop, session, slots: Vec::new(), cut, upload: None, clock, started: Instant::now(), end: None }
     }
 
     /// The signal that ends the exchange's upload (see [`UploadEnd`]).
@@ -525,7 +524,7 @@ impl Governance {
             reason: std::sync::OnceLock::new(),
             waker: futures_util::task::AtomicWaker::new(),
             control: self.session.entry().control.clone(),
-            due: self.due,
+            clock: self.clock.clone(),
             grace: std::sync::OnceLock::new(),
         });
         self.upload = Some(end.clone());
@@ -559,7 +558,7 @@ impl Governance {
     /// Says how the session ended, for its end-of-session line: for `reason` by `initiator`,
     /// after `bytes` (from the client, from the backend).
     pub fn ended(&mut self, reason: &'static str, initiator: crate::session::Initiator, bytes: [u64; 2]) {
-        self.end = Some((reason, initiator, bytes));
+        self.end = Some(crate::session::SessionEnd { close_code: None, initiator, reason, bytes, frames: [0, 0] });
     }
 }
 
@@ -571,14 +570,18 @@ impl Drop for Governance {
         if let Some(end) = &self.upload {
             end.end(RESPONSE_ENDED);
         }
-        let (mut reason, mut initiator, bytes) =
-            self.end.unwrap_or(("client_gone", crate::session::Initiator::Client, [0, 0]));
+        let mut record = self.end.take().unwrap_or(crate::session::SessionEnd {
+            close_code: None,
+            initiator: crate::session::Initiator::Client,
+            reason: "client_gone",
+            bytes: [0, 0],
+            frames: [0, 0],
+        });
         // An upload its session cut says why the session ended, whatever became of an answer
         // nobody polled after that.
         if let Some(cut) = self.upload.as_ref().and_then(|u| u.cut_for()) {
-            (reason, initiator) = (cut, crate::session::Initiator::Proxy);
+            (record.reason, record.initiator) = (cut, crate::session::Initiator::Proxy);
         }
-        let record = crate::session::SessionEnd { close_code: None, initiator, reason, bytes, frames: [0, 0] };
         crate::session::close::log_end(self.session.entry(), self.started, &record);
     }
 }
