@@ -643,7 +643,10 @@ async fn an_upload_in_flight_is_a_session_ended_by_revocation_expiry_and_drain_a
     let mut c = H1::connect(proxy.tls, true).await;
     let sse = c.send(request("GET", "/agents/a1/api/sse?n=1&hold=1", &[("authorization", &alice)], full(""))).await;
     assert_eq!(sse.status(), 429, "an SSE stream beside a capped upload");
-    // Revocation cuts the upload in flight: 401, and the backend's request is cut.
+    // Revocation cuts the upload in flight: 401, and the backend's request is cut. Another
+    // subject's upload in flight beside it goes on to its end.
+    let (zed_pieces, zed_answer) = upload(bearer("zed", 600), "/agents/a1/api/upload").await;
+    eventually("zed's upload is a session", async || (places("zed").await == 1).then_some(())).await;
     pieces.send(Bytes::from_static(b"-second")).await.expect("piece");
     let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"alice"}"#).await;
     assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#));
@@ -652,6 +655,11 @@ async fn an_upload_in_flight_is_a_session_ended_by_revocation_expiry_and_drain_a
     assert!(www.is_some_and(|w| w.contains("invalid_token")));
     eventually("the backend's request is cut", async || (cut_uploads() == 1).then_some(())).await;
     assert_eq!(places("alice").await, 0);
+    zed_pieces.send(Bytes::from_static(b"-and-the-rest")).await.expect("zed's piece");
+    drop(zed_pieces);
+    assert_eq!(zed_answer.await.expect("answer").0, 200, "another subject's upload is not cut");
+    let whole = backend.seen().iter().any(|s| s.headers.get("x-upload-end").is_some_and(|e| e == "complete"));
+    assert!(whole, "zed's upload reached the member whole");
 
     // The token's expiry cuts an upload that outlives it.
     let started = std::time::Instant::now();
