@@ -12,7 +12,8 @@
 # OLD_SESSION / NEW_SESSION and OLD_LISTENER / NEW_LISTENER (TOML lines added to each one's
 # [server], [session] and [[listeners]] tables: the same binary twice with and without a setting), OLD_EXTRA / NEW_EXTRA (TOML appended after the
 # route: more tables, such as [fleet]), TLS (0; 1: both proxies serve wss with one self-signed
-# certificate, the load generator trusts it with --insecure; the direct floor stays ws). The per-client limits are on by default and
+# certificate, the load generator trusts it with --insecure; the direct floor stays ws), H2_STREAMS
+# (0; N with TLS=1: WebSockets over HTTP/2, N sessions per connection, without the direct floor). The per-client limits are on by default and
 # sized for an internet-facing edge, which this load from one address would trip: state them
 # in both (docs/benchmarks-history.md has the command with every limit off for one and configured, above
 # the load, for the other). Loopback only; every process it starts is stopped on exit.
@@ -22,7 +23,8 @@ ROUNDS=${ROUNDS:-rate echo idle}
 DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-10000} IDLE=${IDLE:-1000}
 OLD_SERVER=${OLD_SERVER:-} NEW_SERVER=${NEW_SERVER:-} OLD_SESSION=${OLD_SESSION:-} NEW_SESSION=${NEW_SESSION:-}
 OLD_EXTRA=${OLD_EXTRA:-} NEW_EXTRA=${NEW_EXTRA:-} OLD_LISTENER=${OLD_LISTENER:-} NEW_LISTENER=${NEW_LISTENER:-}
-TLS=${TLS:-0}
+TLS=${TLS:-0} H2_STREAMS=${H2_STREAMS:-0}
+if [ "$H2_STREAMS" -gt 0 ] && [ "$TLS" != 1 ]; then echo "H2_STREAMS needs TLS=1" >&2; exit 64; fi
 WORK=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
@@ -68,6 +70,10 @@ sleep 1
 TARGETS=(direct=ws://127.0.0.1:19301/agents/a1/terminal old=$SCHEME://127.0.0.1:19302/agents/a1/terminal
     new=$SCHEME://127.0.0.1:19303/agents/a1/terminal)
 PIDS=(--pid-of "old=$old_PID" --pid-of "new=$new_PID" ${INSECURE[@]+"${INSECURE[@]}"})
+if [ "$H2_STREAMS" -gt 0 ]; then
+    TARGETS=("${TARGETS[@]:1}")
+    PIDS+=(--h2-streams "$H2_STREAMS")
+fi
 if [[ " $ROUNDS " == *" rate "* ]]; then
 echo "## rate: compare --scenario rate -q -c $CONNS --rate $RATE --size 64 -d $DURATION --repeat $REPEAT"
 timeout 600 "$LT" compare --repeat "$REPEAT" "${PIDS[@]}" --scenario rate -q -c "$CONNS" --rate "$RATE" --size 64 \

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
@@ -36,10 +36,22 @@ pub fn builder(settings: &ServerSettings) -> http1::Builder {
     b
 }
 
+/// The executor of a client HTTP/2 connection's streams: each a task of its own, under a
+/// [`Watched`](super::stream::Watched) that resets the stream when its exchange's session ended
+/// and its answer cannot be written.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamExecutor;
+
+impl<F: std::future::Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for StreamExecutor {
+    fn execute(&self, task: F) {
+        tokio::spawn(super::stream::Watched::new(task));
+    }
+}
+
 /// The hyper HTTP/2 builder for client connections. Each stream's handler runs as a task of
 /// its own (the executor), so a stream that waits never holds up the connection's others.
-pub fn h2_builder(server: &ServerSettings, h2: &Http2Settings) -> http2::Builder<TokioExecutor> {
-    let mut b = http2::Builder::new(TokioExecutor::new());
+pub fn h2_builder(server: &ServerSettings, h2: &Http2Settings) -> http2::Builder<StreamExecutor> {
+    let mut b = http2::Builder::new(StreamExecutor);
     b.timer(TokioTimer::new())
         .enable_connect_protocol()
         .max_concurrent_streams(h2.max_concurrent_streams)

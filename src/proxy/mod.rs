@@ -84,6 +84,10 @@ struct ConnCtx {
     /// The connection came through the peer listener from another instance of the fleet (its
     /// preamble verified): it carries a resume or an observer, and is never relayed again.
     from_peer: bool,
+    /// HTTP/1.1: the watch of the exchange it serves, which closes the connection when that
+    /// exchange's session ended and its answer cannot be written (an HTTP/2 stream's watch is
+    /// its task's: [`stream::Watched`]).
+    watch: Option<stream::Watch>,
 }
 
 /// A client connection's HTTP version: what an upgrade looks like on it, how it is answered, and
@@ -290,6 +294,7 @@ pub async fn serve_connection(
         open_streams: Arc::default(),
         pending: Mutex::new(None),
         from_peer,
+        watch: Some(stream::Watch::default()),
     });
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
@@ -303,11 +308,23 @@ pub async fn serve_connection(
     });
     // Boxed so that hyper's connection state is freed before the relay starts.
     let mut conn = Box::pin(http::builder(&settings).serve_connection(io, svc).with_upgrades());
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shared.sessions.drain_signal().cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.as_mut().await
+    let abandoned =
+        std::future::poll_fn(|cx| ctx.watch.as_ref().map_or(std::task::Poll::Pending, |w| w.poll_abandoned(cx)));
+    tokio::pin!(abandoned);
+    let mut draining = false;
+    let result = loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => break r,
+            _ = shared.sessions.drain_signal().cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            // The answer's session ended and its client takes none of it: the connection goes.
+            reason = &mut abandoned => {
+                tracing::info!(client = %client_addr, reason, "an answer its client took nothing of after its session ended; its connection is closed");
+                break Ok(());
+            }
         }
     };
     drop(conn);
@@ -343,6 +360,7 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
         open_streams: open_streams.clone(),
         pending: Mutex::new(None),
         from_peer: false,
+        watch: None,
     });
     let idle_timeout = runtime.config.http2.idle_timeout;
     let head_done = Arc::new(AtomicBool::new(false));
@@ -915,6 +933,9 @@ async fn handle_request(
     http.metrics.request(sse, exchange.status);
     let least_conns = (route.balance.policy == crate::config::Policy::LeastConnections)
         .then(|| ctx.shared.conns.acquire(&answered.member));
+    if let Some(g) = &governance {
+        g.watched_by(ctx.watch.as_ref());
+    }
     let mut download = stream::Download::new(body, settings.idle_body_timeout, governance, sse, exchange, least_conns);
     download.keep_alive(settings.sse_keepalive);
     download.hold_stream(stream);
@@ -974,7 +995,8 @@ fn govern(
     let deadline = session_deadline(route, runtime, claims);
     let lifetime = Some(route.session.max_lifetime).filter(|l| !l.is_zero());
     let drain_spread = runtime.config.server.drain_spread;
-    let mut g = stream::Governance::new(registered, deadline, lifetime, drain_spread, cut);
+    let close_within = route.session.close_timeout;
+    let mut g = stream::Governance::new(registered, deadline, lifetime, drain_spread, cut, close_within);
     place(ctx, route, &mut g, places);
     g
 }

@@ -415,12 +415,111 @@ impl Exchange {
 /// What ends a governed stream.
 pub type StopFuture = Pin<Box<dyn Future<Output = &'static str> + Send>>;
 
+/// A governed exchange's stop, shared by its response body and by what serves its stream (a
+/// [`Watch`]). The body ends itself on the stop when hyper polls it; hyper does not while the
+/// client gives the body no room (an HTTP/2 stream with no window, an HTTP/1.1 client that reads
+/// nothing), and then the [`Watch`] drops the whole stream once `close_within` has passed, so the
+/// session, its places and the member's request go, whatever the client does.
+struct Stop {
+    /// Resolves with the reason when the session must end.
+    future: Mutex<StopFuture>,
+    /// The reason, once the stop resolved.
+    reason: std::sync::OnceLock<&'static str>,
+    /// Set by each poll of the body: hyper is still polling it, so it sees the stop itself.
+    body_polled: AtomicBool,
+    /// How long a body whose session ended is given to end itself (the route's close_timeout).
+    close_within: Duration,
+    /// Armed once the stop resolved: when it passes, the stream is dropped.
+    abandon: Mutex<Option<Pin<Box<Sleep>>>>,
+}
+
+impl Stop {
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<&'static str> {
+        if let Some(reason) = self.reason.get() {
+            return Poll::Ready(reason);
+        }
+        let mut future = self.future.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let reason = std::task::ready!(future.as_mut().poll(cx));
+        Poll::Ready(self.reason.get_or_init(|| reason))
+    }
+
+    /// Ready with the reason once the session ended and its body, not polled since, was given
+    /// `close_within` to end itself.
+    fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<&'static str> {
+        if self.body_polled.swap(false, Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        let reason = std::task::ready!(self.poll(cx));
+        let mut abandon = self.abandon.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let within = self.close_within;
+        std::task::ready!(abandon.get_or_insert_with(|| Box::pin(tokio::time::sleep(within))).as_mut().poll(cx));
+        Poll::Ready(reason)
+    }
+}
+
+tokio::task_local! {
+    /// The [`Watch`] of the HTTP/2 stream whose task runs (see [`Watched`]).
+    static STREAM_WATCH: Arc<Watch>;
+}
+
+/// What serves a governed exchange's stream, told of its stop when the response body is handed
+/// to hyper: an HTTP/2 stream's task ([`Watched`]), or an HTTP/1.1 connection's (one exchange
+/// at a time). [`Watch::poll_abandoned`] is ready when that stream must be dropped.
+#[derive(Debug, Default)]
+pub struct Watch {
+    current: Mutex<std::sync::Weak<Stop>>,
+}
+
+impl Watch {
+    /// Ready with the session's reason once the exchange now served ended and its body was not
+    /// polled within its `close_within` after that: the stream is to be dropped.
+    pub fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<&'static str> {
+        let stop = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).upgrade();
+        stop.map_or(Poll::Pending, |stop| stop.poll_abandoned(cx))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/2 stream's task (hyper's, through the connection's executor) with its [`Watch`]:
+    /// dropped, and so its stream reset, when the exchange it serves ended and its body cannot
+    /// be written.
+    pub struct Watched<F> {
+        #[pin]
+        inner: Option<tokio::task::futures::TaskLocalFuture<Arc<Watch>, F>>,
+        watch: Arc<Watch>,
+    }
+}
+
+impl<F: Future<Output = ()>> Watched<F> {
+    /// `task` under a watch of its own.
+    pub fn new(task: F) -> Watched<F> {
+        let watch = Arc::new(Watch::default());
+        Watched { inner: Some(STREAM_WATCH.scope(watch.clone(), task)), watch }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Watched<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else { return Poll::Ready(()) };
+        if inner.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let reason = std::task::ready!(this.watch.poll_abandoned(cx));
+        tracing::info!(reason, "an answer its client took nothing of after its session ended; its stream is reset");
+        this.inner.set(None);
+        Poll::Ready(())
+    }
+}
+
 /// A governed exchange's session (an upload in flight, a response body in flight, or both):
 /// its registry entry, what ends it, and how; its end-of-session line when it drops.
 pub struct Governance {
-    /// Resolves with the reason when the session must end (polled through
-    /// [`Governance::poll_stop`] only, which ends the upload too).
-    stop: StopFuture,
+    /// What ends the session (polled through [`Governance::poll_stop`], which ends the upload
+    /// too, and by the stream's [`Watch`]).
+    stop: Arc<Stop>,
     /// The `/sessions` entry, removed when the stream ends.
     pub session: SessionGuard,
     /// The stream's places under the subject's session caps, freed when it ends.
@@ -504,16 +603,24 @@ impl Governance {
         lifetime: Option<Duration>,
         drain_spread: Duration,
         cut: Cut,
+        close_within: Duration,
     ) -> Governance {
         // The session's clock: the token's expiry and the lifetime (a governed exchange has no
         // idle timeout and no pings of the proxy's).
         let clock = Clock::with(lifetime.unwrap_or(Duration::ZERO), Duration::ZERO, expires_at);
         let (control, stop_clock) = (session.entry().control.clone(), clock.clone());
-        let stop = Box::pin(async move {
+        let future: StopFuture = Box::pin(async move {
             tokio::select! {
                 reason = control.wait_spread(drain_spread) => stop_label(reason),
                 due = stop_clock.until_due() => due_label(due),
             }
+        });
+        let stop = Arc::new(Stop {
+            future: Mutex::new(future),
+            reason: std::sync::OnceLock::new(),
+            body_polled: AtomicBool::new(false),
+            close_within,
+            abandon: Mutex::new(None),
         });
         Governance { stop, session, slots: Vec::new(), cut, upload: None, clock, started: Instant::now(), end: None }
     }
@@ -533,13 +640,15 @@ impl Governance {
 
     /// Ends the session at `at` for `reason` too, if nothing ends it before.
     pub fn end_at(&mut self, at: tokio::time::Instant, reason: &'static str) {
-        let stop = std::mem::replace(&mut self.stop, Box::pin(std::future::pending()));
-        self.stop = Box::pin(async move {
+        let mut future = self.stop.future.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stop = std::mem::replace(&mut *future, Box::pin(std::future::pending()));
+        *future = Box::pin(async move {
             tokio::select! {
                 r = stop => r,
                 () = tokio::time::sleep_until(at) => reason,
             }
         });
+        drop(future);
         if let Some(end) = &self.upload {
             let _ = end.grace.set((at, reason));
         }
@@ -548,11 +657,32 @@ impl Governance {
     /// Ready with the reason once the session must end; its upload, if still in flight, is
     /// ended then too. The one way [`Governance::stop`] is polled.
     pub fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<&'static str> {
-        let reason = std::task::ready!(self.stop.as_mut().poll(cx));
+        self.stop.body_polled.store(true, Ordering::Relaxed);
+        let reason = std::task::ready!(self.stop.poll(cx));
         if let Some(end) = &self.upload {
             end.end(reason);
         }
         Poll::Ready(reason)
+    }
+
+    /// Hands the exchange's stop to what serves its stream: `conn`'s watch (HTTP/1.1), else the
+    /// watch of the HTTP/2 stream whose task this is. Called when its response body goes to
+    /// hyper, which may then stop polling it.
+    pub fn watched_by(&self, conn: Option<&Watch>) {
+        let set = |w: &Watch| {
+            *w.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(&self.stop)
+        };
+        match conn {
+            Some(w) => set(w),
+            None => {
+                let _ = STREAM_WATCH.try_with(|w| set(w));
+            }
+        }
+    }
+
+    /// The reason the session's stop gave, once it did.
+    fn stopped(&self) -> Option<&'static str> {
+        self.stop.reason.get().copied()
     }
 
     /// Says how the session ended, for its end-of-session line: for `reason` by `initiator`,
@@ -852,7 +982,10 @@ impl Drop for Download {
         // A body of known length is not read to its end by hyper once it has written that
         // length: it is complete when all of it was passed on.
         let whole = self.length.is_some_and(|n| n == self.sent);
-        let end = self.end.unwrap_or(if whole { "complete" } else { "client_gone" });
+        // A body hyper did not poll after its session ended (dropped with its stream) ended for
+        // the session's reason.
+        let stopped = || self.governance.as_ref().and_then(Governance::stopped);
+        let end = self.end.or_else(|| whole.then_some("complete")).or_else(stopped).unwrap_or("client_gone");
         self.exchange.finish(sse, self.sent, end);
         // A governed body is a session: it ends with the line every session ends with (written
         // when its governance drops, below).

@@ -788,6 +788,93 @@ async fn an_upload_is_cut_at_revocation_while_its_answer_cannot_be_written() {
     assert!(line.is_some_and(|l| l.contains("reason=\"revoked\"")), "{line:?}");
 }
 
+/// Found by an attacker review (2026-12-06): an answer whose HTTP/2 stream the client gives no
+/// window was never polled again by hyper, so its body never saw its session's end. A revoked
+/// subject's stream stayed in `/sessions`, with its places and its member's request, for as
+/// long as the client kept it. Its stream is now reset `close_timeout` after the session
+/// ended; another subject's stream in the same state is left alone.
+#[tokio::test]
+async fn an_answer_given_no_window_ends_with_its_session() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = config(&key, backend.addr, None, json!({"session": {"close_timeout": "1s"}}));
+    let mut proxy = ProxyProcess::start(&text.text()).await;
+    let bearer = |sub: &str| format!("Bearer {}", key.token(sub, &["a1"], Duration::from_secs(600)));
+    let stall = |sub: &str| {
+        let req = ::http::Request::get("https://localhost/agents/a1/api/stall").header("authorization", bearer(sub));
+        req.body(()).expect("request")
+    };
+    let sessions = async |sub: &str| {
+        let (_, list) = http_get(proxy.admin, "/sessions").await;
+        let list: serde_json::Value = serde_json::from_str(&list).expect("json");
+        list["sessions"].as_array().map_or(0, |all| all.iter().filter(|s| s["subject"] == sub).count())
+    };
+    let dropped = |sub: &str| {
+        let of = |s: &Seen| s.method == "DROPPED" && s.headers.get("x-portcullis-sub").is_some_and(|v| v == sub);
+        backend.seen().iter().any(of)
+    };
+    // Two subjects, each on a connection that gives its streams no window.
+    let mut a = H2::connect_with_window(proxy.tls, 0).await;
+    let (answer, _) = a.open(stall("alice"), true).await;
+    assert_eq!(answer.status(), 200);
+    let mut z = H2::connect_with_window(proxy.tls, 0).await;
+    let (zed_answer, _) = z.open(stall("zed"), true).await;
+    assert_eq!(zed_answer.status(), 200);
+    let both = async || (sessions("alice").await == 1 && sessions("zed").await == 1).then_some(());
+    eventually("both answers are sessions", both).await;
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"alice"}"#).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#));
+    eventually("the revoked answer's session ends", async || (sessions("alice").await == 0).then_some(())).await;
+    eventually("its member's request is cut", async || dropped("alice").then_some(())).await;
+    // Its stream is reset: the client sees it end, never complete.
+    let mut body = answer.into_body();
+    let end = tokio::time::timeout(SOON, body.data()).await.expect("the stream ends in time");
+    assert!(matches!(end, Some(Err(_))), "the stream is reset: {end:?}");
+    // The other subject's answer, no more read than alice's and older than her close_timeout by
+    // now, is still a session with its member's request.
+    assert_eq!(sessions("zed").await, 1);
+    assert!(!dropped("zed"), "{:?}", backend.seen());
+    drop((zed_answer, z));
+    let logs = proxy.stop_and_collect_logs().await;
+    let line = logs.lines().find(|l| l.contains("session ended") && l.contains("subject=\"alice\""));
+    assert!(line.is_some_and(|l| l.contains("reason=\"revoked\"")), "{line:?}");
+}
+
+/// The same over HTTP/1.1: an answer whose client reads none of it outlived its session (its
+/// route's `max_lifetime` here) until `send_timeout` closed its connection. The connection is
+/// now closed `close_timeout` after the session ended.
+#[tokio::test]
+async fn an_answer_its_client_reads_nothing_of_ends_with_its_session_over_http1() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let session = json!({"session": {"max_lifetime": "1s", "close_timeout": "1s"}});
+    // Far beyond the test's bounds: send_timeout is not what closes the connection.
+    let text = config(&key, backend.addr, None, session).set("server.send_timeout", "120s");
+    let proxy = Proxy::start_with(&text.text()).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let mut tcp = socket.connect(proxy.plain).await.expect("connect");
+    let auth = alice(&key);
+    let head =
+        format!("GET /agents/a1/api/early?kib=262144 HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.expect("request");
+    let sessions = async || http_get(proxy.admin, "/sessions").await.1.matches("\"kind\":\"stream\"").count();
+    eventually("the answer is a session", async || (sessions().await == 1).then_some(())).await;
+    // Nothing is read: the session ends at its lifetime, and its connection a second later.
+    eventually("the unread answer's session ends", async || (sessions().await == 0).then_some(())).await;
+    let mut sink = vec![0u8; 64 * 1024];
+    let drained = tokio::time::timeout(SOON, async {
+        loop {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    drained.await.expect("the proxy closed the connection");
+}
+
 /// Every governed exchange writes one end-of-session line with the reason it ended for: one
 /// whose answer was written whole is `complete` (not a client gone, as when hyper stopped at
 /// the known length), one the session's stop ended says why (`revoked`, not the refusal's

@@ -52,8 +52,9 @@ pub struct Seen {
 ///   stays open, sending nothing);
 /// - `slow?ms=M`: the response head after M ms (recorded in [`RestBackend::seen`] at once);
 /// - `stall`: the head and one chunk, then nothing; `ndjson`: the same as
-///   `application/x-ndjson`; `chunks`: two chunks and the end, with no length (a short
-///   chunked answer);
+///   `application/x-ndjson` (when the proxy drops either body, a request `DROPPED <uri>` is
+///   recorded in [`RestBackend::seen`]); `chunks`: two chunks and the end, with no length (a
+///   short chunked answer);
 /// - `status?code=C`: answers C;
 /// - `cookie`: sets `portcullis_token` (the proxy's credential cookie) and `theme`;
 /// - `mcp`: a stateful session, as an MCP server's (see the handler).
@@ -248,9 +249,11 @@ async fn respond(
             Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks))))
         }
         "stall" | "ndjson" => {
-            let stream = futures_util::stream::unfold(0u8, |i| async move {
+            let dropped = Seen { method: "DROPPED".into(), ..record.clone() };
+            let on_drop = Dropped(Some((dropped, seen.clone())));
+            let stream = futures_util::stream::unfold((0u8, on_drop), |(i, on_drop)| async move {
                 if i == 0 {
-                    Some((Ok(Frame::data(Bytes::from_static(b"first chunk"))), 1))
+                    Some((Ok(Frame::data(Bytes::from_static(b"first chunk"))), (1, on_drop)))
                 } else {
                     std::future::pending::<()>().await;
                     None
@@ -288,6 +291,17 @@ async fn respond(
     resp.headers_mut().insert("keep-alive", "timeout=60".parse().expect("ka"));
     seen.lock().expect("seen").push(record);
     Ok(resp)
+}
+
+/// Records its request in `seen` when dropped (a response body the proxy let go of).
+struct Dropped(Option<(Seen, Arc<Mutex<Vec<Seen>>>)>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        if let Some((record, seen)) = self.0.take() {
+            seen.lock().expect("seen").push(record);
+        }
+    }
 }
 
 /// How a [`TrapBackend`] misbehaves once it has read a request head.
