@@ -9,6 +9,7 @@ use crate::auth::AuthError;
 use crate::proxy::connect::ConnectError;
 use crate::proxy::request::ForwardError;
 use crate::proxy::route::RouteError;
+use crate::proxy::stream::EndReason;
 use crate::proxy::upgrade::UpgradeError;
 use crate::routing::pool::PoolError;
 
@@ -136,11 +137,13 @@ impl RequestError {
                 ForwardError::ClientStalled(_) => StatusCode::REQUEST_TIMEOUT,
                 ForwardError::ConnectTimeout | ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
-                ForwardError::Ended(reason) => match *reason {
-                    "token_expired" | "revoked" => StatusCode::UNAUTHORIZED,
-                    "lifetime" => StatusCode::REQUEST_TIMEOUT,
-                    "subject_sessions" => StatusCode::TOO_MANY_REQUESTS,
-                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                ForwardError::Ended(reason) => match reason {
+                    EndReason::TokenExpired | EndReason::Revoked => StatusCode::UNAUTHORIZED,
+                    EndReason::Lifetime | EndReason::Idle => StatusCode::REQUEST_TIMEOUT,
+                    EndReason::OverCap => StatusCode::TOO_MANY_REQUESTS,
+                    EndReason::Drain | EndReason::RouteRemoved | EndReason::Rebalance => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
                 },
             },
             RequestError::NoSuchSession => StatusCode::NOT_FOUND,
@@ -244,7 +247,9 @@ impl RequestError {
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         let bearer_error = match self {
             RequestError::Auth(a) => Some(a.bearer_error()),
-            RequestError::Forward(ForwardError::Ended("token_expired" | "revoked")) => Some(Some("invalid_token")),
+            RequestError::Forward(ForwardError::Ended(EndReason::TokenExpired | EndReason::Revoked)) => {
+                Some(Some("invalid_token"))
+            }
             _ => None,
         };
         if let Some(code) = bearer_error {
@@ -258,7 +263,7 @@ impl RequestError {
         }
         match self {
             // A slot frees when one of the subject's sessions ends, which may be soon.
-            RequestError::TooManySessions | RequestError::Forward(ForwardError::Ended("subject_sessions")) => {
+            RequestError::TooManySessions | RequestError::Forward(ForwardError::Ended(EndReason::OverCap)) => {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
             }
             // Whole seconds until the address's bucket has a token again, at least 1.

@@ -322,7 +322,7 @@ pub async fn serve_connection(
             }
             // The answer's session ended and its client takes none of it: the connection goes.
             reason = &mut abandoned => {
-                tracing::info!(client = %client_addr, reason, "an answer its client took nothing of after its session ended; its connection is closed");
+                tracing::info!(client = %client_addr, reason = reason.label(), "an answer its client took nothing of after its session ended; its connection is closed");
                 break Ok(());
             }
         }
@@ -813,7 +813,7 @@ async fn handle_request(
             place(ctx, &route, g, Places::Held(slots));
             Ok(())
         }
-        Err(_) => Err("subject_sessions"),
+        Err(_) => Err(stream::EndReason::OverCap),
     };
     let answered = match unless_ended(governance.as_mut(), Some(&count), upload.finished(), sent)
         .await
@@ -824,7 +824,7 @@ async fn handle_request(
             let e = RequestError::from(e);
             match &e {
                 RequestError::Forward(request::ForwardError::Ended(reason)) => {
-                    tracing::info!(route = %route.name, client = %ctx.client_addr, reason, "request ended with its session");
+                    tracing::info!(route = %route.name, client = %ctx.client_addr, reason = reason.label(), "request ended with its session");
                 }
                 _ => {
                     tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend request failed")
@@ -1012,7 +1012,7 @@ fn place(ctx: &ConnCtx, route: &RouteConfig, g: &mut stream::Governance, places:
         Places::Uncounted => {}
         Places::OverCap => {
             tracing::info!(route = %route.name, client = %ctx.client_addr, grace = ?OVER_CAP_GRACE, "a stream over the subject's session cap; it ends after the grace");
-            g.end_at(tokio::time::Instant::now() + OVER_CAP_GRACE, "subject_sessions");
+            g.end_at(tokio::time::Instant::now() + OVER_CAP_GRACE, stream::EndReason::OverCap);
         }
     }
 }
@@ -1029,7 +1029,7 @@ fn reject_governed(
 ) -> Response<ProxyBody> {
     if let Some(mut g) = governance {
         let reason = match &e {
-            RequestError::Forward(request::ForwardError::Ended(reason)) => reason,
+            RequestError::Forward(request::ForwardError::Ended(reason)) => reason.label(),
             other => other.result_label(),
         };
         let by = match e {
@@ -1043,7 +1043,7 @@ fn reject_governed(
 }
 
 /// What counts an upload under its subject's caps: `Err` with the end's reason when it cannot.
-type CountUpload<'a> = dyn Fn(&mut stream::Governance) -> Result<(), &'static str> + Sync + 'a;
+type CountUpload<'a> = dyn Fn(&mut stream::Governance) -> Result<(), stream::EndReason> + Sync + 'a;
 
 /// `work`, unless the exchange's session (when it has one) ends first while its upload is
 /// in flight (`until` resolves when the upload is whole): then its reason. A request whose
@@ -1059,7 +1059,7 @@ async fn unless_ended<T>(
     count: Option<&CountUpload<'_>>,
     until: impl std::future::Future<Output = ()>,
     work: impl std::future::Future<Output = T>,
-) -> Result<T, &'static str> {
+) -> Result<T, stream::EndReason> {
     let Some(g) = governance else { return Ok(work.await) };
     let mut counting = count.filter(|_| !g.session.entry().counted.load(Ordering::Acquire));
     let grace = tokio::time::sleep(OVER_CAP_GRACE);

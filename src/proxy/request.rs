@@ -68,8 +68,8 @@ pub enum ForwardError {
     /// proxy drains, an upload of given length still in flight after a grace finds its
     /// subject's caps full) before the answer came: the request body, if still in flight, is
     /// cut, and so is the backend's request. The status says which (401, 408, 429, 503).
-    #[error("the session of this request was ended: {0}")]
-    Ended(&'static str),
+    #[error("the session of this request was ended: {}", .0.label())]
+    Ended(super::stream::EndReason),
     /// The member broke the exchange: reset, closed early or sent a malformed response (502).
     #[error("backend {member} failed the request: {cause}")]
     Backend {
@@ -216,7 +216,9 @@ fn client_body_error(e: &hyper_util::client::legacy::Error, limit: u64) -> Optio
                 BodyError::TooLarge(_) => ForwardError::TooLarge(limit),
                 BodyError::Idle(d) => ForwardError::ClientStalled(*d),
                 BodyError::Client(why) => ForwardError::ClientBody(why.clone()),
-                BodyError::Ended(why) => ForwardError::Ended(why),
+                BodyError::Ended(why) => ForwardError::Ended(*why),
+                // Only after the answer was given, which no one then waits for.
+                BodyError::AnswerEnded => ForwardError::ClientBody(b.to_string()),
             });
         }
         source = s.source();

@@ -46,8 +46,73 @@ pub enum BodyError {
     /// The proxy ended a body with its session: an upload (the member's request is cut), or a
     /// response body that cannot end early and still look whole (a download: the client sees
     /// it cut, never complete).
-    #[error("the body was ended by the proxy: {0}")]
-    Ended(&'static str),
+    #[error("the body was ended by the proxy: {}", .0.label())]
+    Ended(EndReason),
+    /// The exchange's answer ended while its upload was still in flight: the rest of the upload
+    /// has nowhere to go.
+    #[error("the exchange's answer ended before its upload")]
+    AnswerEnded,
+}
+
+/// Why a governed exchange's session ended before the exchange did: a stop or a deadline every
+/// session has, or the exchange's own over-cap grace. Its label is the end's in logs and
+/// metrics; its answer, when the exchange has none yet, is `proxy/error.rs`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// An operator revoked the session.
+    Revoked,
+    /// The token's `exp` plus the leeway passed.
+    TokenExpired,
+    /// The route's `max_lifetime` ran out.
+    Lifetime,
+    /// The proxy is draining.
+    Drain,
+    /// A reload removed the route and its grace ran out.
+    RouteRemoved,
+    /// An operator rebalanced the route.
+    Rebalance,
+    /// The session's idle deadline (a governed exchange has none: for a clock that has one).
+    Idle,
+    /// Over the subject's session caps after the grace a stream is given.
+    OverCap,
+}
+
+impl EndReason {
+    /// The end's label in logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndReason::Revoked => "revoked",
+            EndReason::TokenExpired => "token_expired",
+            EndReason::Lifetime => "lifetime",
+            EndReason::Drain => "drain",
+            EndReason::RouteRemoved => "route_removed",
+            EndReason::Rebalance => "rebalance",
+            EndReason::Idle => "idle",
+            EndReason::OverCap => "subject_sessions",
+        }
+    }
+}
+
+impl From<StopReason> for EndReason {
+    fn from(reason: StopReason) -> EndReason {
+        match reason {
+            StopReason::Drain => EndReason::Drain,
+            StopReason::Revoked => EndReason::Revoked,
+            StopReason::RouteRemoved => EndReason::RouteRemoved,
+            StopReason::Rebalance => EndReason::Rebalance,
+        }
+    }
+}
+
+impl From<Due> for EndReason {
+    fn from(due: Due) -> EndReason {
+        match due {
+            Due::Expired => EndReason::TokenExpired,
+            Due::Lifetime => EndReason::Lifetime,
+            Due::Drain => EndReason::Drain,
+            Due::Idle => EndReason::Idle,
+        }
+    }
 }
 
 /// Progress of one request body, shared by its attempts and the exchange's log line.
@@ -114,8 +179,8 @@ pub struct Upload {
 /// does the end of the response.
 #[derive(Debug)]
 pub struct UploadEnd {
-    /// Why it ended; `None` once the upload was whole (nothing left to cut).
-    reason: std::sync::OnceLock<Option<&'static str>>,
+    /// How it ended, once it did.
+    outcome: std::sync::OnceLock<UploadOutcome>,
     /// The upload's task, woken when the end is set from outside it.
     waker: futures_util::task::AtomicWaker,
     /// The session's stop.
@@ -123,50 +188,59 @@ pub struct UploadEnd {
     /// The session's clock (its token's expiry, its lifetime).
     clock: Clock,
     /// A later deadline of its own (a stream over the subject's caps), once set.
-    grace: std::sync::OnceLock<(tokio::time::Instant, &'static str)>,
+    grace: std::sync::OnceLock<(tokio::time::Instant, EndReason)>,
+}
+
+/// How a governed upload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UploadOutcome {
+    /// It was whole: nothing was left to cut.
+    Whole,
+    /// Its exchange's answer ended first.
+    AnswerEnded,
+    /// Its session ended.
+    Cut(EndReason),
 }
 
 impl UploadEnd {
-    /// Why the upload was cut, if it was (not when its answer ended it).
-    fn cut_for(&self) -> Option<&'static str> {
-        self.reason.get().copied().flatten().filter(|r| *r != RESPONSE_ENDED)
+    /// Why its session cut the upload, if it did (not when its answer ended it).
+    fn cut_for(&self) -> Option<EndReason> {
+        match self.outcome.get() {
+            Some(UploadOutcome::Cut(reason)) => Some(*reason),
+            _ => None,
+        }
     }
 
-    /// Ends the upload for `reason` (the first reason stays; nothing happens to an upload that
-    /// is whole).
-    pub fn end(&self, reason: &'static str) {
-        if self.reason.set(Some(reason)).is_ok() {
+    /// Ends the upload with `outcome` (the first outcome stays: nothing happens to an upload
+    /// that is whole or ended).
+    fn set(&self, outcome: UploadOutcome) {
+        if self.outcome.set(outcome).is_ok() && outcome != UploadOutcome::Whole {
             self.waker.wake();
         }
     }
 
-    /// The upload is whole: nothing is left to cut, and no one is woken for it.
-    fn whole(&self) {
-        let _ = self.reason.set(None);
-    }
-
-    /// Ready with the reason once the upload must be cut; pending while it goes on, or once it
-    /// was whole.
-    fn poll_ended(&self, cx: &mut Context<'_>) -> Poll<&'static str> {
-        match self.reason.get() {
-            Some(Some(r)) => return Poll::Ready(r),
-            Some(None) => return Poll::Pending,
-            None => {}
+    /// Ready with the error to cut the upload with once it must be cut; pending while it goes
+    /// on, or once it was whole.
+    fn poll_ended(&self, cx: &mut Context<'_>) -> Poll<BodyError> {
+        let ended = |outcome: &UploadOutcome| match *outcome {
+            UploadOutcome::Whole => None,
+            UploadOutcome::AnswerEnded => Some(BodyError::AnswerEnded),
+            UploadOutcome::Cut(reason) => Some(BodyError::Ended(reason)),
+        };
+        if let Some(outcome) = self.outcome.get() {
+            return ended(outcome).map_or(Poll::Pending, Poll::Ready);
         }
         let now = tokio::time::Instant::now();
         let grace = self.grace.get().filter(|(at, _)| now >= *at).map(|(_, r)| *r);
-        let due = self.clock.due(now).map(due_label).or(grace);
+        let due = self.clock.due(now).map(EndReason::from).or(grace);
         // The drain too, at once: an upload is a transfer, not a session that reconnects (whose
         // close the drain spreads), and nothing else may be polling the session's stop.
-        if let Some(reason) = self.control.stopped().map(stop_label).or(due) {
-            let _ = self.reason.set(Some(reason));
-            return Poll::Ready(reason);
+        if let Some(reason) = self.control.stopped().map(EndReason::from).or(due) {
+            self.set(UploadOutcome::Cut(reason));
+        } else {
+            self.waker.register(cx.waker());
         }
-        self.waker.register(cx.waker());
-        match self.reason.get() {
-            Some(Some(r)) => Poll::Ready(r),
-            _ => Poll::Pending,
-        }
+        self.outcome.get().and_then(ended).map_or(Poll::Pending, Poll::Ready)
     }
 }
 
@@ -245,7 +319,7 @@ impl Upload {
     fn read_whole(&self) {
         self.state.finish();
         if let Some(end) = &self.end {
-            end.whole();
+            end.set(UploadOutcome::Whole);
         }
     }
 
@@ -266,8 +340,8 @@ impl Body for Upload {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(Poll::Ready(reason)) = this.end.as_ref().map(|e| e.poll_ended(cx)) {
-            return Poll::Ready(Some(Err(BodyError::Ended(reason).into())));
+        if let Some(Poll::Ready(e)) = this.end.as_ref().map(|e| e.poll_ended(cx)) {
+            return Poll::Ready(Some(Err(e.into())));
         }
         if let Some(whole) = this.whole.take() {
             this.state.started.store(true, Ordering::Release);
@@ -413,7 +487,7 @@ impl Exchange {
 }
 
 /// What ends a governed stream.
-pub type StopFuture = Pin<Box<dyn Future<Output = &'static str> + Send>>;
+pub type StopFuture = Pin<Box<dyn Future<Output = EndReason> + Send>>;
 
 /// A governed exchange's stop, shared by its response body and by what serves its stream (a
 /// [`Watch`]). The body ends itself on the stop when hyper polls it; hyper does not while the
@@ -424,7 +498,7 @@ struct Stop {
     /// Resolves with the reason when the session must end.
     future: Mutex<StopFuture>,
     /// The reason, once the stop resolved.
-    reason: std::sync::OnceLock<&'static str>,
+    reason: std::sync::OnceLock<EndReason>,
     /// Set by each poll of the body: hyper is still polling it, so it sees the stop itself.
     body_polled: AtomicBool,
     /// How long a body whose session ended is given to end itself (the route's close_timeout).
@@ -434,18 +508,18 @@ struct Stop {
 }
 
 impl Stop {
-    fn poll(&self, cx: &mut Context<'_>) -> Poll<&'static str> {
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<EndReason> {
         if let Some(reason) = self.reason.get() {
-            return Poll::Ready(reason);
+            return Poll::Ready(*reason);
         }
         let mut future = self.future.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let reason = std::task::ready!(future.as_mut().poll(cx));
-        Poll::Ready(self.reason.get_or_init(|| reason))
+        Poll::Ready(*self.reason.get_or_init(|| reason))
     }
 
     /// Ready with the reason once the session ended and its body, not polled since, was given
     /// `close_within` to end itself.
-    fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<&'static str> {
+    fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<EndReason> {
         if self.body_polled.swap(false, Ordering::Relaxed) {
             return Poll::Pending;
         }
@@ -473,7 +547,7 @@ pub struct Watch {
 impl Watch {
     /// Ready with the session's reason once the exchange now served ended and its body was not
     /// polled within its `close_within` after that: the stream is to be dropped.
-    pub fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<&'static str> {
+    pub fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<EndReason> {
         let stop = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).upgrade();
         stop.map_or(Poll::Pending, |stop| stop.poll_abandoned(cx))
     }
@@ -507,7 +581,7 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
         if inner.poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        let reason = std::task::ready!(this.watch.poll_abandoned(cx));
+        let reason = std::task::ready!(this.watch.poll_abandoned(cx)).label();
         tracing::info!(reason, "an answer its client took nothing of after its session ended; its stream is reset");
         this.inner.set(None);
         Poll::Ready(())
@@ -536,29 +610,6 @@ pub struct Governance {
     /// How the session ended, once its owner knows; written in the end-of-session line when
     /// the governance drops (a client gone, when nobody said).
     end: Option<crate::session::SessionEnd>,
-}
-
-/// Why an upload ends when its answer ended first.
-const RESPONSE_ENDED: &str = "response_ended";
-
-/// The label of a stop in logs and metrics.
-fn stop_label(reason: StopReason) -> &'static str {
-    match reason {
-        StopReason::Drain => "drain",
-        StopReason::Revoked => "revoked",
-        StopReason::RouteRemoved => "route_removed",
-        StopReason::Rebalance => "rebalance",
-    }
-}
-
-/// The label of a deadline in logs and metrics.
-fn due_label(due: Due) -> &'static str {
-    match due {
-        Due::Expired => "token_expired",
-        Due::Lifetime => "lifetime",
-        Due::Drain => "drain",
-        Due::Idle => "idle",
-    }
 }
 
 /// How a governed body ends when its session is stopped.
@@ -611,8 +662,8 @@ impl Governance {
         let (control, stop_clock) = (session.entry().control.clone(), clock.clone());
         let future: StopFuture = Box::pin(async move {
             tokio::select! {
-                reason = control.wait_spread(drain_spread) => stop_label(reason),
-                due = stop_clock.until_due() => due_label(due),
+                reason = control.wait_spread(drain_spread) => EndReason::from(reason),
+                due = stop_clock.until_due() => EndReason::from(due),
             }
         });
         let stop = Arc::new(Stop {
@@ -628,7 +679,7 @@ impl Governance {
     /// The signal that ends the exchange's upload (see [`UploadEnd`]).
     pub fn end_upload(&mut self) -> Arc<UploadEnd> {
         let end = Arc::new(UploadEnd {
-            reason: std::sync::OnceLock::new(),
+            outcome: std::sync::OnceLock::new(),
             waker: futures_util::task::AtomicWaker::new(),
             control: self.session.entry().control.clone(),
             clock: self.clock.clone(),
@@ -639,7 +690,7 @@ impl Governance {
     }
 
     /// Ends the session at `at` for `reason` too, if nothing ends it before.
-    pub fn end_at(&mut self, at: tokio::time::Instant, reason: &'static str) {
+    pub fn end_at(&mut self, at: tokio::time::Instant, reason: EndReason) {
         let mut future = self.stop.future.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let stop = std::mem::replace(&mut *future, Box::pin(std::future::pending()));
         *future = Box::pin(async move {
@@ -656,11 +707,11 @@ impl Governance {
 
     /// Ready with the reason once the session must end; its upload, if still in flight, is
     /// ended then too. The one way [`Governance::stop`] is polled.
-    pub fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<&'static str> {
+    pub fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<EndReason> {
         self.stop.body_polled.store(true, Ordering::Relaxed);
         let reason = std::task::ready!(self.stop.poll(cx));
         if let Some(end) = &self.upload {
-            end.end(reason);
+            end.set(UploadOutcome::Cut(reason));
         }
         Poll::Ready(reason)
     }
@@ -681,7 +732,7 @@ impl Governance {
     }
 
     /// The reason the session's stop gave, once it did.
-    fn stopped(&self) -> Option<&'static str> {
+    fn stopped(&self) -> Option<EndReason> {
         self.stop.reason.get().copied()
     }
 
@@ -698,7 +749,7 @@ impl Drop for Governance {
     /// its session, nor its response.
     fn drop(&mut self) {
         if let Some(end) = &self.upload {
-            end.end(RESPONSE_ENDED);
+            end.set(UploadOutcome::AnswerEnded);
         }
         let mut record = self.end.take().unwrap_or(crate::session::SessionEnd {
             close_code: None,
@@ -710,7 +761,7 @@ impl Drop for Governance {
         // An upload its session cut says why the session ended, whatever became of an answer
         // nobody polled after that.
         if let Some(cut) = self.upload.as_ref().and_then(|u| u.cut_for()) {
-            (record.reason, record.initiator) = (cut, crate::session::Initiator::Proxy);
+            (record.reason, record.initiator) = (cut.label(), crate::session::Initiator::Proxy);
         }
         crate::session::close::log_end(self.session.entry(), self.started, &record);
     }
@@ -728,6 +779,42 @@ enum Held {
     End,
 }
 
+/// How a response body ended: its label in the access log, the event-stream metric and the
+/// session's end line, and who ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyEnd {
+    /// Passed on whole.
+    Complete,
+    /// The backend's body failed.
+    BackendError,
+    /// The backend sent nothing for `idle_body_timeout`.
+    IdleTimeout,
+    /// The client went before the end.
+    ClientGone,
+    /// Its session ended.
+    Ended(EndReason),
+}
+
+impl BodyEnd {
+    fn label(self) -> &'static str {
+        match self {
+            BodyEnd::Complete => "complete",
+            BodyEnd::BackendError => "backend_error",
+            BodyEnd::IdleTimeout => "idle_timeout",
+            BodyEnd::ClientGone => "client_gone",
+            BodyEnd::Ended(reason) => reason.label(),
+        }
+    }
+
+    fn initiator(self) -> crate::session::Initiator {
+        match self {
+            BodyEnd::ClientGone => crate::session::Initiator::Client,
+            BodyEnd::Complete | BodyEnd::BackendError => crate::session::Initiator::Backend,
+            BodyEnd::IdleTimeout | BodyEnd::Ended(_) => crate::session::Initiator::Proxy,
+        }
+    }
+}
+
 /// A backend's response body on its way to the client.
 pub struct Download {
     inner: Incoming,
@@ -738,7 +825,8 @@ pub struct Download {
     sse: bool,
     exchange: Exchange,
     sent: u64,
-    end: Option<&'static str>,
+    /// How the body ended, once it did.
+    end: Option<BodyEnd>,
     /// The body's length, when the member gave one.
     length: Option<u64>,
     _least_conns: Option<ConnGuard>,
@@ -894,7 +982,7 @@ impl Body for Download {
         }
         if let Some(g) = this.governance.as_mut() {
             if let Poll::Ready(reason) = g.poll_stop(cx) {
-                this.end = Some(reason);
+                this.end = Some(BodyEnd::Ended(reason));
                 return match g.cut {
                     // hyper writes the last chunk: a complete response, and (an EventSource)
                     // the client reconnects.
@@ -932,11 +1020,11 @@ impl Body for Download {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.end = Some("backend_error");
+                this.end = Some(BodyEnd::BackendError);
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
-                this.end = Some("complete");
+                this.end = Some(BodyEnd::Complete);
                 Poll::Ready(None)
             }
             // A kept-alive event stream between events is governed (expiry, revocation,
@@ -949,7 +1037,7 @@ impl Body for Download {
                 },
                 None => match this.idle.poll_expired(cx) {
                     true => {
-                        this.end = Some("idle_timeout");
+                        this.end = Some(BodyEnd::IdleTimeout);
                         Poll::Ready(Some(Err(BodyError::Idle(this.idle.limit).into())))
                     }
                     false => Poll::Pending,
@@ -984,19 +1072,15 @@ impl Drop for Download {
         let whole = self.length.is_some_and(|n| n == self.sent);
         // A body hyper did not poll after its session ended (dropped with its stream) ended for
         // the session's reason.
-        let stopped = || self.governance.as_ref().and_then(Governance::stopped);
-        let end = self.end.or_else(|| whole.then_some("complete")).or_else(stopped).unwrap_or("client_gone");
-        self.exchange.finish(sse, self.sent, end);
+        let stopped = || self.governance.as_ref().and_then(Governance::stopped).map(BodyEnd::Ended);
+        let end =
+            self.end.or_else(|| whole.then_some(BodyEnd::Complete)).or_else(stopped).unwrap_or(BodyEnd::ClientGone);
+        self.exchange.finish(sse, self.sent, end.label());
         // A governed body is a session: it ends with the line every session ends with (written
         // when its governance drops, below).
         if let Some(g) = &mut self.governance {
-            let initiator = match end {
-                "client_gone" => crate::session::Initiator::Client,
-                "complete" | "backend_error" => crate::session::Initiator::Backend,
-                _ => crate::session::Initiator::Proxy,
-            };
             let upload = self.exchange.upload.as_ref().map_or(0, |u| u.bytes());
-            g.ended(end, initiator, [upload, self.sent]);
+            g.ended(end.label(), end.initiator(), [upload, self.sent]);
         }
     }
 }
