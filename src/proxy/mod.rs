@@ -685,9 +685,56 @@ fn subject_slots(
 /// A session's place under a subject cap.
 type SubjectSlot = crate::limits::Slot<crate::limits::SubjectKey>;
 
+/// The status an abandoned request is logged with: NGINX's "client closed request".
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// A plain request not answered yet. When its handler is dropped before the answer (the client
+/// closed its connection or reset its HTTP/2 stream while the request waited for its body, its
+/// member or the caps), its access-log line is written then, with 499 and `client_gone`, as
+/// NGINX writes one: no request goes unlogged.
+struct Unanswered<'a> {
+    ctx: &'a ConnCtx,
+    method: ::http::Method,
+    uri: ::http::Uri,
+    route: Arc<RouteConfig>,
+    started: Instant,
+    /// Cleared once the request has its answer, whose line is then the exchange's.
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut exchange = exchange_of_parts(self.ctx, &self.method, &self.uri, &self.route.name, self.started);
+        exchange.status = CLIENT_CLOSED_REQUEST;
+        self.ctx.shared.metrics.http_request(&exchange.route, "request", exchange.status);
+        exchange.finish(false, 0, "client_gone");
+    }
+}
+
+/// The plain HTTP path (see [`answer_request`]), logged when its client leaves before the
+/// answer.
+async fn handle_request(
+    ctx: &ConnCtx,
+    runtime: &Runtime,
+    route: Arc<RouteConfig>,
+    caps: Captures,
+    req: Request<Incoming>,
+    started: Instant,
+    stream: http::StreamHold,
+) -> Response<ProxyBody> {
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let mut unanswered = Unanswered { ctx, method, uri, route: route.clone(), started, armed: true };
+    let answer = answer_request(ctx, runtime, route, caps, req, started, stream).await;
+    unanswered.armed = false;
+    answer
+}
+
 /// The plain HTTP path: auth, then (an MCP route) the mcp stage, then the request stage; the
 /// response streams back.
-async fn handle_request(
+async fn answer_request(
     ctx: &ConnCtx,
     runtime: &Runtime,
     route: Arc<RouteConfig>,
