@@ -230,3 +230,32 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadIo<S> {
 }
 
 use std::future::Future;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write that waits: what the deadline makes of it after `waited`.
+    async fn after(deadline: &mut SendDeadline, waited: Duration) -> Poll<io::Result<()>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = deadline.check(Poll::<io::Result<()>>::Pending, &mut cx);
+        tokio::time::advance(waited).await;
+        deadline.check(Poll::Pending, &mut cx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_waits_fails_after_send_timeout_and_never_with_zero() {
+        let mut limited = SendDeadline { limit: Duration::from_secs(60), stalled: None };
+        assert!(after(&mut limited, Duration::from_secs(59)).await.is_pending());
+        let failed = after(&mut limited, Duration::from_secs(1)).await;
+        assert!(matches!(failed, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut));
+        // Bytes that move disarm it: the next wait has the whole limit again.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut moving = SendDeadline { limit: Duration::from_secs(60), stalled: None };
+        assert!(after(&mut moving, Duration::from_secs(59)).await.is_pending());
+        assert!(moving.check(Poll::Ready(Ok(())), &mut cx).is_ready());
+        assert!(after(&mut moving, Duration::from_secs(59)).await.is_pending());
+        let mut unlimited = SendDeadline { limit: Duration::ZERO, stalled: None };
+        assert!(after(&mut unlimited, Duration::from_secs(86_400)).await.is_pending(), "\"0s\": no limit");
+    }
+}

@@ -686,6 +686,38 @@ async fn an_sse_stream_on_a_removed_route_ends_after_the_grace_period() {
     assert!(reloaded.elapsed() >= Duration::from_millis(400), "not before the grace period");
 }
 
+/// An upload in flight is a session as a stream is: a reload that removes its route ends it
+/// after `removed_route_grace`, with 503, and the member's request is cut (it never sees a
+/// whole body).
+#[tokio::test]
+async fn an_upload_on_a_removed_route_is_cut_after_the_grace_period() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let config = api_config(&key, &[backend.addr], json!({})).merge("server", json!({"removed_route_grace": "500ms"}));
+    let proxy = Proxy::start_with(&config.text()).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    tx.send(Bytes::from_static(b"first")).await.expect("first piece");
+    let pieces = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(Frame::data(b)), rx))
+    });
+    let mut c = H1::connect(proxy.plain, false).await;
+    let upload = post("/agents/a1/api/upload", &key.bearer(&["a1"]), BodyExt::boxed(StreamBody::new(pieces)));
+    let answer = tokio::spawn(async move { c.send(upload).await.status() });
+    let listed = async || http_get(proxy.admin, "/sessions").await.1.contains("\"kind\":\"stream\"").then_some(());
+    eventually("the upload is a session", listed).await;
+    let without = config.set("routes.1.name", "renamed").set("routes.1.path", "/elsewhere/{agent}/{*rest}").text();
+    let reloaded = Instant::now();
+    let parsed = portcullis::config::Config::parse(&without, std::path::Path::new("reload.toml")).expect("valid");
+    proxy.handle.reload(parsed).expect("reload");
+    let status = tokio::time::timeout(SOON, answer).await.expect("answered in time").expect("answer");
+    assert_eq!(status, 503);
+    assert!(reloaded.elapsed() >= Duration::from_millis(400), "not before the grace period");
+    let cut = async || backend.seen().into_iter().find(|s| s.uri.contains("upload"));
+    let seen = eventually("the member's request ends", cut).await;
+    assert_eq!(seen.headers.get("x-upload-end").map(String::as_str), Some("cut"), "{seen:?}");
+    drop(tx);
+}
+
 #[tokio::test]
 async fn a_burst_of_events_arrives_whole_and_in_order_when_chunks_are_joined() {
     let backend = RestBackend::start("m1").await;
