@@ -44,7 +44,8 @@ pub struct StreamExecutor;
 
 impl<F: std::future::Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for StreamExecutor {
     fn execute(&self, task: F) {
-        tokio::spawn(super::stream::Watched::new(task));
+        // In the connection's span, as an HTTP/1.1 exchange's handler is.
+        tokio::spawn(tracing::Instrument::in_current_span(super::stream::Watched::new(task)));
     }
 }
 

@@ -691,25 +691,29 @@ const CLIENT_CLOSED_REQUEST: u16 = 499;
 /// A plain request not answered yet. When its handler is dropped before the answer (the client
 /// closed its connection or reset its HTTP/2 stream while the request waited for its body, its
 /// member or the caps), its access-log line is written then, with 499 and `client_gone`, as
-/// NGINX writes one: no request goes unlogged.
+/// NGINX writes one: no request goes unlogged. Only the line: no response head went out, so
+/// `portcullis_http_requests_total` does not count it.
 struct Unanswered<'a> {
     ctx: &'a ConnCtx,
     method: ::http::Method,
     uri: ::http::Uri,
     route: Arc<RouteConfig>,
     started: Instant,
+    /// The token's claims, once the auth stage admitted it: the line names its subject.
+    claims: Option<Arc<Claims>>,
     /// Cleared once the request has its answer, whose line is then the exchange's.
     armed: bool,
 }
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
-        if !self.armed {
+        // A handler that panicked is not a client that left.
+        if !self.armed || std::thread::panicking() {
             return;
         }
         let mut exchange = exchange_of_parts(self.ctx, &self.method, &self.uri, &self.route.name, self.started);
         exchange.status = CLIENT_CLOSED_REQUEST;
-        self.ctx.shared.metrics.http_request(&exchange.route, "request", exchange.status);
+        exchange.subject = self.claims.as_ref().and_then(|c| c.subject().map(str::to_owned));
         exchange.finish(false, 0, "client_gone");
     }
 }
@@ -726,8 +730,8 @@ async fn handle_request(
     stream: http::StreamHold,
 ) -> Response<ProxyBody> {
     let (method, uri) = (req.method().clone(), req.uri().clone());
-    let mut unanswered = Unanswered { ctx, method, uri, route: route.clone(), started, armed: true };
-    let answer = answer_request(ctx, runtime, route, caps, req, started, stream).await;
+    let mut unanswered = Unanswered { ctx, method, uri, route: route.clone(), started, claims: None, armed: true };
+    let answer = answer_request(ctx, runtime, route, caps, req, &mut unanswered, stream).await;
     unanswered.armed = false;
     answer
 }
@@ -740,9 +744,10 @@ async fn answer_request(
     route: Arc<RouteConfig>,
     caps: Captures,
     req: Request<Incoming>,
-    started: Instant,
+    unanswered: &mut Unanswered<'_>,
     stream: http::StreamHold,
 ) -> Response<ProxyBody> {
+    let started = unanswered.started;
     let (head, body) = req.into_parts();
     let exchange = || exchange_of_parts(ctx, &head.method, &head.uri, &route.name, started);
     let refuse = |e: RequestError| reject_exchange(ctx, exchange(), e);
@@ -757,6 +762,7 @@ async fn answer_request(
     let (Some(state), Some(http)) = (runtime.route_state.get(&route.name), runtime.upstreams.get(&route.name)) else {
         return refuse(RequestError::Internal("no routing state for a configured route"));
     };
+    unanswered.claims = admitted.claims.clone();
     let claims = admitted.claims.as_deref();
     // A request whose body is still to come is a session from here to its response's end: the
     // token's expiry, revocation, the route's lifetime and the drain end it while it uploads

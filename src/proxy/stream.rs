@@ -493,14 +493,20 @@ pub type StopFuture = Pin<Box<dyn Future<Output = EndReason> + Send>>;
 /// [`Watch`]). The body ends itself on the stop when hyper polls it; hyper does not while the
 /// client gives the body no room (an HTTP/2 stream with no window, an HTTP/1.1 client that reads
 /// nothing), and then the [`Watch`] drops the whole stream once `close_within` has passed, so the
-/// session, its places and the member's request go, whatever the client does.
+/// session, its places and the member's request go, whatever the client does. Whoever polls it
+/// first ends the exchange's upload too. It is polled only by the task that serves the stream
+/// (the handler, the body and the watch all run there), so the stop future's one waker is
+/// that task's.
 struct Stop {
     /// Resolves with the reason when the session must end.
     future: Mutex<StopFuture>,
     /// The reason, once the stop resolved.
     reason: std::sync::OnceLock<EndReason>,
-    /// Set by each poll of the body: hyper is still polling it, so it sees the stop itself.
-    body_polled: AtomicBool,
+    /// The exchange's upload, when it is governed too: cut when the stop resolves.
+    upload: std::sync::OnceLock<Arc<UploadEnd>>,
+    /// Set by [`Governance::poll_stop`] (the handler's, then the body's): the stop was polled
+    /// since the watch last looked, so the body is still polled and sees the stop itself.
+    polled: AtomicBool,
     /// How long a body whose session ended is given to end itself (the route's close_timeout).
     close_within: Duration,
     /// Armed once the stop resolved: when it passes, the stream is dropped.
@@ -513,14 +519,18 @@ impl Stop {
             return Poll::Ready(*reason);
         }
         let mut future = self.future.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let reason = std::task::ready!(future.as_mut().poll(cx));
-        Poll::Ready(*self.reason.get_or_init(|| reason))
+        let polled = std::task::ready!(future.as_mut().poll(cx));
+        let reason = *self.reason.get_or_init(|| polled);
+        if let Some(upload) = self.upload.get() {
+            upload.set(UploadOutcome::Cut(reason));
+        }
+        Poll::Ready(reason)
     }
 
     /// Ready with the reason once the session ended and its body, not polled since, was given
     /// `close_within` to end itself.
     fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<EndReason> {
-        if self.body_polled.swap(false, Ordering::Relaxed) {
+        if self.polled.swap(false, Ordering::Relaxed) {
             return Poll::Pending;
         }
         let reason = std::task::ready!(self.poll(cx));
@@ -600,9 +610,6 @@ pub struct Governance {
     pub slots: Vec<crate::limits::Slot<crate::limits::SubjectKey>>,
     /// How the body ends when the session is stopped.
     pub cut: Cut,
-    /// The exchange's upload, when it is governed too: ended with the session, and when the
-    /// response ends.
-    upload: Option<Arc<UploadEnd>>,
     /// The session's clock, which its stop and its upload read.
     clock: Clock,
     /// When the session was registered, for the end-of-session line.
@@ -669,11 +676,12 @@ impl Governance {
         let stop = Arc::new(Stop {
             future: Mutex::new(future),
             reason: std::sync::OnceLock::new(),
-            body_polled: AtomicBool::new(false),
+            upload: std::sync::OnceLock::new(),
+            polled: AtomicBool::new(false),
             close_within,
             abandon: Mutex::new(None),
         });
-        Governance { stop, session, slots: Vec::new(), cut, upload: None, clock, started: Instant::now(), end: None }
+        Governance { stop, session, slots: Vec::new(), cut, clock, started: Instant::now(), end: None }
     }
 
     /// The signal that ends the exchange's upload (see [`UploadEnd`]).
@@ -685,7 +693,7 @@ impl Governance {
             clock: self.clock.clone(),
             grace: std::sync::OnceLock::new(),
         });
-        self.upload = Some(end.clone());
+        let _ = self.stop.upload.set(end.clone());
         end
     }
 
@@ -700,20 +708,17 @@ impl Governance {
             }
         });
         drop(future);
-        if let Some(end) = &self.upload {
+        if let Some(end) = self.stop.upload.get() {
             let _ = end.grace.set((at, reason));
         }
     }
 
     /// Ready with the reason once the session must end; its upload, if still in flight, is
-    /// ended then too. The one way [`Governance::stop`] is polled.
+    /// ended then too. How the handler and the body poll the stop (the watch polls it when
+    /// they do not).
     pub fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<EndReason> {
-        self.stop.body_polled.store(true, Ordering::Relaxed);
-        let reason = std::task::ready!(self.stop.poll(cx));
-        if let Some(end) = &self.upload {
-            end.set(UploadOutcome::Cut(reason));
-        }
-        Poll::Ready(reason)
+        self.stop.polled.store(true, Ordering::Relaxed);
+        self.stop.poll(cx)
     }
 
     /// Hands the exchange's stop to what serves its stream: `conn`'s watch (HTTP/1.1), else the
@@ -723,11 +728,17 @@ impl Governance {
         let set = |w: &Watch| {
             *w.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(&self.stop)
         };
-        match conn {
-            Some(w) => set(w),
-            None => {
-                let _ = STREAM_WATCH.try_with(|w| set(w));
+        let watched = match conn {
+            Some(w) => {
+                set(w);
+                true
             }
+            None => STREAM_WATCH.try_with(|w| set(w)).is_ok(),
+        };
+        if !watched {
+            // Every HTTP/2 stream's task runs under `Watched` (the connection's executor).
+            debug_assert!(watched, "a governed answer served outside any watch");
+            tracing::warn!("a governed answer is served outside any watch: a client that takes none of it keeps it");
         }
     }
 
@@ -748,7 +759,7 @@ impl Drop for Governance {
     /// too: an HTTP/2 client that reset its stream); and an exchange's upload does not outlive
     /// its session, nor its response.
     fn drop(&mut self) {
-        if let Some(end) = &self.upload {
+        if let Some(end) = self.stop.upload.get() {
             end.set(UploadOutcome::AnswerEnded);
         }
         let mut record = self.end.take().unwrap_or(crate::session::SessionEnd {
@@ -760,7 +771,7 @@ impl Drop for Governance {
         });
         // An upload its session cut says why the session ended, whatever became of an answer
         // nobody polled after that.
-        if let Some(cut) = self.upload.as_ref().and_then(|u| u.cut_for()) {
+        if let Some(cut) = self.stop.upload.get().and_then(|u| u.cut_for()) {
             (record.reason, record.initiator) = (cut.label(), crate::session::Initiator::Proxy);
         }
         crate::session::close::log_end(self.session.entry(), self.started, &record);

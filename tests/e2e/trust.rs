@@ -792,7 +792,8 @@ async fn an_upload_is_cut_at_revocation_while_its_answer_cannot_be_written() {
 /// window was never polled again by hyper, so its body never saw its session's end. A revoked
 /// subject's stream stayed in `/sessions`, with its places and its member's request, for as
 /// long as the client kept it. Its stream is now reset `close_timeout` after the session
-/// ended; another subject's stream in the same state is left alone.
+/// ended; another subject's stream in the same state on the same connection is left alone,
+/// and so is the connection.
 #[tokio::test]
 async fn an_answer_given_no_window_ends_with_its_session() {
     let backend = RestBackend::start("m1").await;
@@ -813,18 +814,19 @@ async fn an_answer_given_no_window_ends_with_its_session() {
         let of = |s: &Seen| s.method == "DROPPED" && s.headers.get("x-portcullis-sub").is_some_and(|v| v == sub);
         backend.seen().iter().any(of)
     };
-    // Two subjects, each on a connection that gives its streams no window.
+    // Two subjects' answers on one connection that gives its streams no window.
     let mut a = H2::connect_with_window(proxy.tls, 0).await;
     let (answer, _) = a.open(stall("alice"), true).await;
     assert_eq!(answer.status(), 200);
-    let mut z = H2::connect_with_window(proxy.tls, 0).await;
-    let (zed_answer, _) = z.open(stall("zed"), true).await;
+    let (zed_answer, _) = a.open(stall("zed"), true).await;
     assert_eq!(zed_answer.status(), 200);
     let both = async || (sessions("alice").await == 1 && sessions("zed").await == 1).then_some(());
     eventually("both answers are sessions", both).await;
+    let revoked = std::time::Instant::now();
     let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"alice"}"#).await;
     assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#));
     eventually("the revoked answer's session ends", async || (sessions("alice").await == 0).then_some(())).await;
+    assert!(revoked.elapsed() >= Duration::from_millis(900), "given its close_timeout first: {:?}", revoked.elapsed());
     eventually("its member's request is cut", async || dropped("alice").then_some(())).await;
     // Its stream is reset: the client sees it end, never complete.
     let mut body = answer.into_body();
@@ -834,7 +836,12 @@ async fn an_answer_given_no_window_ends_with_its_session() {
     // now, is still a session with its member's request.
     assert_eq!(sessions("zed").await, 1);
     assert!(!dropped("zed"), "{:?}", backend.seen());
-    drop((zed_answer, z));
+    // The connection serves on.
+    let headers =
+        ::http::Request::get("https://localhost/agents/a1/api/headers").header("authorization", bearer("zed"));
+    let (more, _) = a.open(headers.body(()).expect("request"), true).await;
+    assert_eq!(more.status(), 200);
+    drop((zed_answer, more, a));
     let logs = proxy.stop_and_collect_logs().await;
     let line = logs.lines().find(|l| l.contains("session ended") && l.contains("subject=\"alice\""));
     assert!(line.is_some_and(|l| l.contains("reason=\"revoked\"")), "{line:?}");
@@ -859,6 +866,7 @@ async fn an_answer_its_client_reads_nothing_of_ends_with_its_session_over_http1(
     let head =
         format!("GET /agents/a1/api/early?kib=262144 HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth}\r\n\r\n");
     tcp.write_all(head.as_bytes()).await.expect("request");
+    let sent = std::time::Instant::now();
     let sessions = async || http_get(proxy.admin, "/sessions").await.1.matches("\"kind\":\"stream\"").count();
     eventually("the answer is a session", async || (sessions().await == 1).then_some(())).await;
     // Nothing is read: the session ends at its lifetime, and its connection a second later.
@@ -873,6 +881,7 @@ async fn an_answer_its_client_reads_nothing_of_ends_with_its_session_over_http1(
         }
     });
     drained.await.expect("the proxy closed the connection");
+    assert!(sent.elapsed() >= Duration::from_millis(1900), "lifetime, then close_timeout: {:?}", sent.elapsed());
 }
 
 /// Every governed exchange writes one end-of-session line with the reason it ended for: one
