@@ -9,7 +9,6 @@ use crate::auth::AuthError;
 use crate::proxy::connect::ConnectError;
 use crate::proxy::request::ForwardError;
 use crate::proxy::route::RouteError;
-use crate::proxy::stream::EndReason;
 use crate::proxy::upgrade::UpgradeError;
 use crate::routing::pool::PoolError;
 
@@ -137,14 +136,7 @@ impl RequestError {
                 ForwardError::ClientStalled(_) => StatusCode::REQUEST_TIMEOUT,
                 ForwardError::ConnectTimeout | ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 ForwardError::Backend { .. } => StatusCode::BAD_GATEWAY,
-                ForwardError::Ended(reason) => match reason {
-                    EndReason::TokenExpired | EndReason::Revoked => StatusCode::UNAUTHORIZED,
-                    EndReason::Lifetime | EndReason::Idle => StatusCode::REQUEST_TIMEOUT,
-                    EndReason::OverCap => StatusCode::TOO_MANY_REQUESTS,
-                    EndReason::Drain | EndReason::RouteRemoved | EndReason::Rebalance => {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    }
-                },
+                ForwardError::Ended(cause) => cause.http_end().status,
             },
             RequestError::NoSuchSession => StatusCode::NOT_FOUND,
             RequestError::PeerOnly => StatusCode::FORBIDDEN,
@@ -247,7 +239,8 @@ impl RequestError {
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         let bearer_error = match self {
             RequestError::Auth(a) => Some(a.bearer_error()),
-            RequestError::Forward(ForwardError::Ended(EndReason::TokenExpired | EndReason::Revoked)) => {
+            // The ends of a session that answer 401 are its token's: expired or revoked.
+            RequestError::Forward(ForwardError::Ended(_)) if status == StatusCode::UNAUTHORIZED => {
                 Some(Some("invalid_token"))
             }
             _ => None,
@@ -263,7 +256,10 @@ impl RequestError {
         }
         match self {
             // A slot frees when one of the subject's sessions ends, which may be soon.
-            RequestError::TooManySessions | RequestError::Forward(ForwardError::Ended(EndReason::OverCap)) => {
+            RequestError::TooManySessions => {
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
+            }
+            RequestError::Forward(ForwardError::Ended(_)) if status == StatusCode::TOO_MANY_REQUESTS => {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
             }
             // Whole seconds until the address's bucket has a token again, at least 1.

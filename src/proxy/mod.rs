@@ -60,6 +60,7 @@ use tracing::Instrument;
 use crate::auth::Claims;
 use crate::config::{Captures, RouteConfig};
 use crate::proxy::error::RequestError;
+use crate::session::close::Cause;
 use crate::session::{SessionControl, SessionEntry, SessionGuard, SessionKind, StopReason};
 use crate::state::{Runtime, Shared};
 use connect::{BackendConn, BackendRequest};
@@ -322,7 +323,7 @@ pub async fn serve_connection(
             }
             // The answer's session ended and its client takes none of it: the connection goes.
             reason = &mut abandoned => {
-                tracing::info!(client = %client_addr, reason = reason.label(), "an answer its client took nothing of after its session ended; its connection is closed");
+                tracing::info!(client = %client_addr, reason = reason.http_end().label, "an answer its client took nothing of after its session ended; its connection is closed");
                 break Ok(());
             }
         }
@@ -866,7 +867,7 @@ async fn answer_request(
             place(ctx, &route, g, Places::Held(slots));
             Ok(())
         }
-        Err(_) => Err(stream::EndReason::OverCap),
+        Err(_) => Err(Cause::OverCap),
     };
     let answered = match unless_ended(governance.as_mut(), Some(&count), upload.finished(), sent)
         .await
@@ -877,7 +878,7 @@ async fn answer_request(
             let e = RequestError::from(e);
             match &e {
                 RequestError::Forward(request::ForwardError::Ended(reason)) => {
-                    tracing::info!(route = %route.name, client = %ctx.client_addr, reason = reason.label(), "request ended with its session");
+                    tracing::info!(route = %route.name, client = %ctx.client_addr, reason = reason.http_end().label, "request ended with its session");
                 }
                 _ => {
                     tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend request failed")
@@ -1065,7 +1066,7 @@ fn place(ctx: &ConnCtx, route: &RouteConfig, g: &mut stream::Governance, places:
         Places::Uncounted => {}
         Places::OverCap => {
             tracing::info!(route = %route.name, client = %ctx.client_addr, grace = ?OVER_CAP_GRACE, "a stream over the subject's session cap; it ends after the grace");
-            g.end_at(tokio::time::Instant::now() + OVER_CAP_GRACE, stream::EndReason::OverCap);
+            g.end_at(tokio::time::Instant::now() + OVER_CAP_GRACE, Cause::OverCap);
         }
     }
 }
@@ -1082,7 +1083,7 @@ fn reject_governed(
 ) -> Response<ProxyBody> {
     if let Some(mut g) = governance {
         let reason = match &e {
-            RequestError::Forward(request::ForwardError::Ended(reason)) => reason.label(),
+            RequestError::Forward(request::ForwardError::Ended(cause)) => cause.http_end().label,
             other => other.result_label(),
         };
         let by = match e {
@@ -1096,7 +1097,7 @@ fn reject_governed(
 }
 
 /// What counts an upload under its subject's caps: `Err` with the end's reason when it cannot.
-type CountUpload<'a> = dyn Fn(&mut stream::Governance) -> Result<(), stream::EndReason> + Sync + 'a;
+type CountUpload<'a> = dyn Fn(&mut stream::Governance) -> Result<(), Cause> + Sync + 'a;
 
 /// `work`, unless the exchange's session (when it has one) ends first while its upload is
 /// in flight (`until` resolves when the upload is whole): then its reason. A request whose
@@ -1112,7 +1113,7 @@ async fn unless_ended<T>(
     count: Option<&CountUpload<'_>>,
     until: impl std::future::Future<Output = ()>,
     work: impl std::future::Future<Output = T>,
-) -> Result<T, stream::EndReason> {
+) -> Result<T, Cause> {
     let Some(g) = governance else { return Ok(work.await) };
     let mut counting = count.filter(|_| !g.session.entry().counted.load(Ordering::Acquire));
     let grace = tokio::time::sleep(OVER_CAP_GRACE);

@@ -68,8 +68,8 @@ pub enum ForwardError {
     /// proxy drains, an upload of given length still in flight after a grace finds its
     /// subject's caps full) before the answer came: the request body, if still in flight, is
     /// cut, and so is the backend's request. The status says which (401, 408, 429, 503).
-    #[error("the session of this request was ended: {}", .0.label())]
-    Ended(super::stream::EndReason),
+    #[error("the session of this request was ended: {}", .0.http_end().label)]
+    Ended(crate::session::close::Cause),
     /// The member broke the exchange: reset, closed early or sent a malformed response (502).
     #[error("backend {member} failed the request: {cause}")]
     Backend {

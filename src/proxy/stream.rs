@@ -28,8 +28,9 @@ use tokio::time::Sleep;
 use crate::metrics::{Direction, Metrics};
 use crate::outbound::BoxError;
 use crate::routing::sticky::ConnGuard;
-use crate::session::clock::{Clock, Due};
-use crate::session::{SessionGuard, StopReason};
+use crate::session::clock::Clock;
+use crate::session::close::Cause;
+use crate::session::SessionGuard;
 
 /// Why a body was cut.
 #[derive(Debug, thiserror::Error)]
@@ -46,73 +47,12 @@ pub enum BodyError {
     /// The proxy ended a body with its session: an upload (the member's request is cut), or a
     /// response body that cannot end early and still look whole (a download: the client sees
     /// it cut, never complete).
-    #[error("the body was ended by the proxy: {}", .0.label())]
-    Ended(EndReason),
+    #[error("the body was ended by the proxy: {}", .0.http_end().label)]
+    Ended(Cause),
     /// The exchange's answer ended while its upload was still in flight: the rest of the upload
     /// has nowhere to go.
     #[error("the exchange's answer ended before its upload")]
     AnswerEnded,
-}
-
-/// Why a governed exchange's session ended before the exchange did: a stop or a deadline every
-/// session has, or the exchange's own over-cap grace. Its label is the end's in logs and
-/// metrics; its answer, when the exchange has none yet, is `proxy/error.rs`'s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    /// An operator revoked the session.
-    Revoked,
-    /// The token's `exp` plus the leeway passed.
-    TokenExpired,
-    /// The route's `max_lifetime` ran out.
-    Lifetime,
-    /// The proxy is draining.
-    Drain,
-    /// A reload removed the route and its grace ran out.
-    RouteRemoved,
-    /// An operator rebalanced the route.
-    Rebalance,
-    /// The session's idle deadline (a governed exchange has none: for a clock that has one).
-    Idle,
-    /// Over the subject's session caps after the grace a stream is given.
-    OverCap,
-}
-
-impl EndReason {
-    /// The end's label in logs and metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            EndReason::Revoked => "revoked",
-            EndReason::TokenExpired => "token_expired",
-            EndReason::Lifetime => "lifetime",
-            EndReason::Drain => "drain",
-            EndReason::RouteRemoved => "route_removed",
-            EndReason::Rebalance => "rebalance",
-            EndReason::Idle => "idle",
-            EndReason::OverCap => "subject_sessions",
-        }
-    }
-}
-
-impl From<StopReason> for EndReason {
-    fn from(reason: StopReason) -> EndReason {
-        match reason {
-            StopReason::Drain => EndReason::Drain,
-            StopReason::Revoked => EndReason::Revoked,
-            StopReason::RouteRemoved => EndReason::RouteRemoved,
-            StopReason::Rebalance => EndReason::Rebalance,
-        }
-    }
-}
-
-impl From<Due> for EndReason {
-    fn from(due: Due) -> EndReason {
-        match due {
-            Due::Expired => EndReason::TokenExpired,
-            Due::Lifetime => EndReason::Lifetime,
-            Due::Drain => EndReason::Drain,
-            Due::Idle => EndReason::Idle,
-        }
-    }
 }
 
 /// Progress of one request body, shared by its attempts and the exchange's log line.
@@ -188,7 +128,7 @@ pub struct UploadEnd {
     /// The session's clock (its token's expiry, its lifetime).
     clock: Clock,
     /// A later deadline of its own (a stream over the subject's caps), once set.
-    grace: std::sync::OnceLock<(tokio::time::Instant, EndReason)>,
+    grace: std::sync::OnceLock<(tokio::time::Instant, Cause)>,
 }
 
 /// How a governed upload ended.
@@ -199,12 +139,12 @@ enum UploadOutcome {
     /// Its exchange's answer ended first.
     AnswerEnded,
     /// Its session ended.
-    Cut(EndReason),
+    Cut(Cause),
 }
 
 impl UploadEnd {
     /// Why its session cut the upload, if it did (not when its answer ended it).
-    fn cut_for(&self) -> Option<EndReason> {
+    fn cut_for(&self) -> Option<Cause> {
         match self.outcome.get() {
             Some(UploadOutcome::Cut(reason)) => Some(*reason),
             _ => None,
@@ -232,10 +172,10 @@ impl UploadEnd {
         }
         let now = tokio::time::Instant::now();
         let grace = self.grace.get().filter(|(at, _)| now >= *at).map(|(_, r)| *r);
-        let due = self.clock.due(now).map(EndReason::from).or(grace);
+        let due = self.clock.due(now).map(Cause::from).or(grace);
         // The drain too, at once: an upload is a transfer, not a session that reconnects (whose
         // close the drain spreads), and nothing else may be polling the session's stop.
-        if let Some(reason) = self.control.stopped().map(EndReason::from).or(due) {
+        if let Some(reason) = self.control.stopped().map(Cause::from).or(due) {
             self.set(UploadOutcome::Cut(reason));
         } else {
             self.waker.register(cx.waker());
@@ -487,7 +427,7 @@ impl Exchange {
 }
 
 /// What ends a governed stream.
-pub type StopFuture = Pin<Box<dyn Future<Output = EndReason> + Send>>;
+pub type StopFuture = Pin<Box<dyn Future<Output = Cause> + Send>>;
 
 /// A governed exchange's stop, shared by its response body and by what serves its stream (a
 /// [`Watch`]). The body ends itself on the stop when hyper polls it; hyper does not while the
@@ -501,7 +441,7 @@ struct Stop {
     /// Resolves with the reason when the session must end.
     future: Mutex<StopFuture>,
     /// The reason, once the stop resolved.
-    reason: std::sync::OnceLock<EndReason>,
+    reason: std::sync::OnceLock<Cause>,
     /// The exchange's upload, when it is governed too: cut when the stop resolves.
     upload: std::sync::OnceLock<Arc<UploadEnd>>,
     /// Set by [`Governance::poll_stop`] (the handler's, then the body's): the stop was polled
@@ -514,7 +454,7 @@ struct Stop {
 }
 
 impl Stop {
-    fn poll(&self, cx: &mut Context<'_>) -> Poll<EndReason> {
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<Cause> {
         if let Some(reason) = self.reason.get() {
             return Poll::Ready(*reason);
         }
@@ -529,7 +469,7 @@ impl Stop {
 
     /// Ready with the reason once the session ended and its body, not polled since, was given
     /// `close_within` to end itself.
-    fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<EndReason> {
+    fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<Cause> {
         if self.polled.swap(false, Ordering::Relaxed) {
             return Poll::Pending;
         }
@@ -557,7 +497,7 @@ pub struct Watch {
 impl Watch {
     /// Ready with the session's reason once the exchange now served ended and its body was not
     /// polled within its `close_within` after that: the stream is to be dropped.
-    pub fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<EndReason> {
+    pub fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<Cause> {
         let stop = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).upgrade();
         stop.map_or(Poll::Pending, |stop| stop.poll_abandoned(cx))
     }
@@ -591,7 +531,7 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
         if inner.poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        let reason = std::task::ready!(this.watch.poll_abandoned(cx)).label();
+        let reason = std::task::ready!(this.watch.poll_abandoned(cx)).http_end().label;
         tracing::info!(reason, "an answer its client took nothing of after its session ended; its stream is reset");
         this.inner.set(None);
         Poll::Ready(())
@@ -669,8 +609,8 @@ impl Governance {
         let (control, stop_clock) = (session.entry().control.clone(), clock.clone());
         let future: StopFuture = Box::pin(async move {
             tokio::select! {
-                reason = control.wait_spread(drain_spread) => EndReason::from(reason),
-                due = stop_clock.until_due() => EndReason::from(due),
+                reason = control.wait_spread(drain_spread) => Cause::from(reason),
+                due = stop_clock.until_due() => Cause::from(due),
             }
         });
         let stop = Arc::new(Stop {
@@ -698,7 +638,7 @@ impl Governance {
     }
 
     /// Ends the session at `at` for `reason` too, if nothing ends it before.
-    pub fn end_at(&mut self, at: tokio::time::Instant, reason: EndReason) {
+    pub fn end_at(&mut self, at: tokio::time::Instant, reason: Cause) {
         let mut future = self.stop.future.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let stop = std::mem::replace(&mut *future, Box::pin(std::future::pending()));
         *future = Box::pin(async move {
@@ -716,7 +656,7 @@ impl Governance {
     /// Ready with the reason once the session must end; its upload, if still in flight, is
     /// ended then too. How the handler and the body poll the stop (the watch polls it when
     /// they do not).
-    pub fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<EndReason> {
+    pub fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<Cause> {
         self.stop.polled.store(true, Ordering::Relaxed);
         self.stop.poll(cx)
     }
@@ -743,7 +683,7 @@ impl Governance {
     }
 
     /// The reason the session's stop gave, once it did.
-    fn stopped(&self) -> Option<EndReason> {
+    fn stopped(&self) -> Option<Cause> {
         self.stop.reason.get().copied()
     }
 
@@ -772,7 +712,7 @@ impl Drop for Governance {
         // An upload its session cut says why the session ended, whatever became of an answer
         // nobody polled after that.
         if let Some(cut) = self.stop.upload.get().and_then(|u| u.cut_for()) {
-            (record.reason, record.initiator) = (cut.label(), crate::session::Initiator::Proxy);
+            (record.reason, record.initiator) = (cut.http_end().label, crate::session::Initiator::Proxy);
         }
         crate::session::close::log_end(self.session.entry(), self.started, &record);
     }
@@ -803,7 +743,7 @@ enum BodyEnd {
     /// The client went before the end.
     ClientGone,
     /// Its session ended.
-    Ended(EndReason),
+    Ended(Cause),
 }
 
 impl BodyEnd {
@@ -813,7 +753,7 @@ impl BodyEnd {
             BodyEnd::BackendError => "backend_error",
             BodyEnd::IdleTimeout => "idle_timeout",
             BodyEnd::ClientGone => "client_gone",
-            BodyEnd::Ended(reason) => reason.label(),
+            BodyEnd::Ended(reason) => reason.http_end().label,
         }
     }
 

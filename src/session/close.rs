@@ -136,6 +136,11 @@ pub enum Cause {
     SourceEnded(Subscriber),
     /// A client sent what its session does not take.
     Refused(Refusal),
+    /// A stream over its subject's session caps, after the grace it was given: a governed HTTP
+    /// exchange (an answer of unknown length, an upload of given length still in flight). A
+    /// WebSocket over the caps is refused at its handshake (429) instead, so none is closed for
+    /// it; were one, it would get 1008 `too many sessions`.
+    OverCap,
 }
 
 impl From<crate::session::StopReason> for Cause {
@@ -333,8 +338,53 @@ impl Cause {
                 initiator: Initiator::Proxy,
                 label: "client input refused",
             },
+            Cause::OverCap => proxy(
+                CloseFrame::new(POLICY, "too many sessions"),
+                CloseFrame::new(GOING_AWAY, "too many sessions"),
+                "subject sessions",
+            ),
         }
     }
+
+    /// What a governed HTTP exchange (a request body or a response body in flight, see
+    /// `proxy/stream.rs`) makes of this end: its answer when it comes before the member's (401
+    /// with `invalid_token`, 408, 429 with `Retry-After`, 503: `proxy/error.rs` adds the
+    /// headers by status), and its label in the access log, the event-stream metric and the
+    /// exchange's end-of-session line. Once the member's answer has started, its body is cut,
+    /// or an event stream ends cleanly.
+    pub fn http_end(self) -> HttpEnd {
+        let (status, label) = match self {
+            Cause::TokenExpired => (http::StatusCode::UNAUTHORIZED, "token_expired"),
+            Cause::Revoked => (http::StatusCode::UNAUTHORIZED, "revoked"),
+            Cause::Lifetime => (http::StatusCode::REQUEST_TIMEOUT, "lifetime"),
+            Cause::IdleTimeout => (http::StatusCode::REQUEST_TIMEOUT, "idle_timeout"),
+            Cause::OverCap => (http::StatusCode::TOO_MANY_REQUESTS, "subject_sessions"),
+            Cause::Drain => (http::StatusCode::SERVICE_UNAVAILABLE, "drain"),
+            Cause::RouteRemoved => (http::StatusCode::SERVICE_UNAVAILABLE, "route_removed"),
+            Cause::Rebalance => (http::StatusCode::SERVICE_UNAVAILABLE, "rebalance"),
+            // A WebSocket's own ends: no governed HTTP exchange is ended for them.
+            Cause::PeerClose { .. }
+            | Cause::Lost(_)
+            | Cause::Violation { .. }
+            | Cause::RateLimit(_)
+            | Cause::PingTimeout
+            | Cause::RecordingGap
+            | Cause::ResumeExpired { .. }
+            | Cause::Lagged(_)
+            | Cause::SourceEnded(_)
+            | Cause::Refused(_) => (http::StatusCode::SERVICE_UNAVAILABLE, "session_ended"),
+        };
+        HttpEnd { status, label }
+    }
+}
+
+/// What a governed HTTP exchange makes of its session's end ([`Cause::http_end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpEnd {
+    /// The answer's status, when the end comes before the member's answer.
+    pub status: http::StatusCode,
+    /// The end's label in the access log, the event-stream metric and the end-of-session line.
+    pub label: &'static str,
 }
 
 /// Records the end of a WebSocket session of any kind (relayed, fan-out client, observer): its
@@ -544,6 +594,35 @@ mod tests {
             }
             assert_eq!(row[3], format!("`{}`", plan.initiator.as_str()), "{cause:?}: initiator");
             assert_eq!(row[4], format!("`{}`", plan.label), "{cause:?}: reason");
+        }
+    }
+
+    /// The ends a governed HTTP exchange has (its session's stops and deadlines, and the caps)
+    /// and what its client gets before the member's answer, as `docs/errors.md` says
+    /// (`ForwardError::Ended`).
+    #[test]
+    fn a_governed_exchange_answers_each_end_of_its_session() {
+        use crate::session::clock::Due;
+        use crate::session::StopReason;
+        let ends = [
+            (Cause::from(Due::Expired), 401, "token_expired"),
+            (Cause::from(StopReason::Revoked), 401, "revoked"),
+            (Cause::from(Due::Lifetime), 408, "lifetime"),
+            (Cause::OverCap, 429, "subject_sessions"),
+            (Cause::from(StopReason::Drain), 503, "drain"),
+            (Cause::from(Due::Drain), 503, "drain"),
+            (Cause::from(StopReason::RouteRemoved), 503, "route_removed"),
+            (Cause::from(StopReason::Rebalance), 503, "rebalance"),
+        ];
+        for (cause, status, label) in ends {
+            assert_eq!((cause.http_end().status.as_u16(), cause.http_end().label), (status, label), "{cause:?}");
+        }
+        let doc = include_str!("../../docs/errors.md");
+        let row = doc.lines().find(|l| l.contains("`ForwardError::Ended`")).expect("errors.md documents the ends");
+        for said in
+            ["(401, `WWW-Authenticate: Bearer error=\"invalid_token\"`)", "(408)", "(429, `Retry-After: 5`)", "(503)"]
+        {
+            assert!(row.contains(said), "errors.md's row lost {said}: {row}");
         }
     }
 
