@@ -320,7 +320,7 @@ async fn sessions(shared: &Shared, req: Request<Incoming>, path: &str) -> Respon
                         // Every feature's key is there (null when not attached).
                         "observers": null,
                         "resume": null,
-                        "kind": e.kind.as_str(),
+                        "kind": e.kind.get().as_str(),
                         "backend": e.backend.get(),
                         "age_seconds": now.duration_since(e.started).map(|d| d.as_secs_f64()).unwrap_or(0.0),
                         "token_expires_at": e.token_exp,

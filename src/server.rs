@@ -778,7 +778,7 @@ impl crate::session::Watcher for Directory {
         self.0.session_started(crate::fleet::DirEntry {
             instance: self.0.instance().to_owned(),
             id: e.id,
-            kind: e.kind.as_str().to_owned(),
+            kind: e.kind.get().as_str().to_owned(),
             route: e.route.clone(),
             agent: e.agent.clone(),
             subject: e.subject.clone(),

@@ -616,7 +616,7 @@ fn session_entry(
 ) -> SessionEntry {
     SessionEntry {
         id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
-        kind,
+        kind: kind.into(),
         route: route.name.clone(),
         agent: caps.get("agent").map(str::to_owned),
         subject: claims.and_then(|c| c.subject().map(str::to_owned)),
@@ -765,33 +765,31 @@ async fn answer_request(
     };
     unanswered.claims = admitted.claims.clone();
     let claims = admitted.claims.as_deref();
-    // A request whose body is still to come is a session from here to its response's end: the
-    // token's expiry, revocation, the route's lifetime and the drain end it while it uploads
-    // too, and an upload of unknown length (chunked, or an HTTP/2 stream without a length)
-    // takes a place under the subject's caps, refused with 429 before a member sees it.
-    let mut governance = match hyper::body::Body::is_end_stream(&body) {
-        true => None,
-        false => {
-            let places = match hyper::body::Body::size_hint(&body).exact() {
-                Some(_) => Places::Uncounted,
-                None => match subject_slots(ctx, runtime, &route, claims) {
-                    Ok(slots) => Places::Held(slots),
-                    Err(e) => return refuse(e),
-                },
-            };
-            let entry = session_entry(ctx, SessionKind::Stream, &route, &caps, claims);
-            Some(govern(ctx, runtime, &route, claims, entry, stream::Cut::Abort, places))
-        }
+    // Every plain request is a session from here to its answer's end (kind `stream` until its
+    // answer says otherwise): a revocation while its member takes its time finds it, and its
+    // answer ends as it arrives. While its body is still to come, the token's expiry,
+    // revocation, the route's lifetime and the drain cut it, and an upload of unknown length
+    // (chunked, or an HTTP/2 stream without a length) takes a place under the subject's caps,
+    // refused with 429 before a member sees it.
+    let uploading = !hyper::body::Body::is_end_stream(&body);
+    let places = match (uploading, hyper::body::Body::size_hint(&body).exact()) {
+        (true, None) => match subject_slots(ctx, runtime, &route, claims) {
+            Ok(slots) => Places::Held(slots),
+            Err(e) => return refuse(e),
+        },
+        _ => Places::Uncounted,
     };
+    let entry = session_entry(ctx, SessionKind::Stream, &route, &caps, claims);
+    let mut governance = govern(ctx, runtime, &route, claims, entry, stream::Cut::Abort, places);
     // Every refusal from here ends the exchange's session, if it has one, with its line.
-    let refuse = |e: RequestError, g: Option<stream::Governance>| reject_governed(ctx, exchange(), g, e);
+    let refuse = |e: RequestError, g: stream::Governance| reject_governed(ctx, exchange(), g, e);
     // An MCP message is read and checked whole before any of it is sent.
     let mut incoming = Some(body);
     let mut whole = None;
     if let Some(settings) = &route.mcp {
         // The message is in flight until it has been read whole.
         let read = mcp_stage(settings, &route, &caps, claims, &head, &mut incoming);
-        match unless_ended(governance.as_mut(), None, std::future::pending(), read).await {
+        match unless_ended(&mut governance, None, std::future::pending(), read).await {
             Ok(Ok(body)) => whole = body,
             Ok(Err(e)) => return refuse(e, governance),
             Err(reason) => return refuse(request::ForwardError::Ended(reason).into(), governance),
@@ -856,9 +854,7 @@ async fn answer_request(
         (None, Some(body)) => stream::Upload::new(body, limit, idle, metrics.clone()),
         (None, None) => return refuse(RequestError::Internal("the request body was taken"), governance),
     };
-    if let Some(g) = governance.as_mut() {
-        body.ends_with(g.end_upload());
-    }
+    body.ends_with(governance.end_upload());
     let upload = body.state();
     exchange.upload = Some(upload.clone());
     let sent = request::forward(&route, state, &caps, &http.client, out, body, &ctx.shared.conns);
@@ -869,7 +865,7 @@ async fn answer_request(
         }
         Err(_) => Err(Cause::OverCap),
     };
-    let answered = match unless_ended(governance.as_mut(), Some(&count), upload.finished(), sent)
+    let answered = match unless_ended(&mut governance, Some(&count), upload.finished(), sent)
         .await
         .unwrap_or_else(|r| Err(request::ForwardError::Ended(r)))
     {
@@ -944,20 +940,26 @@ async fn answer_request(
     // a revoked one is: a short answer (a chunked JSON reply) is never refused after its
     // backend acted on the request, and no subject holds more long streams than its caps. A
     // body of known length is a transfer that ends, and is not counted.
-    // An exchange registered for its upload stays the one session: it takes its places now if
-    // its response is a stream and it holds none yet.
+    // The exchange's session (registered at its head) takes its places now if its response is
+    // a stream and it holds none yet, and its kind is the answer's.
     let ends = hyper::body::Body::is_end_stream(&body);
     let open_ended = !ends && hyper::body::Body::size_hint(&body).exact().is_none();
-    let governance = match (sse, ends, governance) {
-        (false, true, None) => None,
-        (_, _, upload) => {
-            let counted = upload.as_ref().is_some_and(|g| g.session.entry().counted.load(Ordering::Acquire));
+    let _ = governance.session.entry().backend.set(answered.member.clone());
+    let governance = match (sse, ends) {
+        // The answer was whole with its head: the exchange's session ends with it.
+        (false, true) => {
+            governance.ended("complete", crate::session::Initiator::Backend, [upload.bytes(), 0]);
+            None
+        }
+        _ => {
+            let mut g = governance;
+            let counted = g.session.entry().counted.load(Ordering::Acquire);
             let places = match (sse || open_ended) && !counted {
                 false => Places::Uncounted,
                 true => match subject_slots(ctx, runtime, &route, claims) {
                     Ok(slots) => Places::Held(slots),
                     Err(RequestError::TooManySessions) if !sse => Places::OverCap,
-                    Err(e) => return reject_governed(ctx, exchange, upload, e),
+                    Err(e) => return reject_governed(ctx, exchange, g, e),
                 },
             };
             let (kind, cut) = match sse {
@@ -967,18 +969,9 @@ async fn answer_request(
                     (SessionKind::Stream, stream::Cut::for_content_type(content_type))
                 }
             };
-            let g = match upload {
-                Some(mut g) => {
-                    g.cut = cut;
-                    place(ctx, &route, &mut g, places);
-                    g
-                }
-                None => {
-                    let entry = session_entry(ctx, kind, &route, &caps, claims);
-                    govern(ctx, runtime, &route, claims, entry, cut, places)
-                }
-            };
-            let _ = g.session.entry().backend.set(answered.member.clone());
+            g.cut = cut;
+            g.session.becomes(kind);
+            place(ctx, &route, &mut g, places);
             Some(g)
         }
     };
@@ -1031,10 +1024,9 @@ enum Places {
 /// long enough for a short answer to arrive whole, as the 429's `Retry-After` is for a retry.
 const OVER_CAP_GRACE: Duration = Duration::from_secs(5);
 
-/// Registers a governed exchange (an upload, a streamed response) as a session (`entry`) and
-/// sets what ends it: the token's
-/// expiry, the route's `max_lifetime`, revocation, route removal and drain, and for a stream
-/// over the subject's caps [`OVER_CAP_GRACE`].
+/// Registers a plain exchange as a session (`entry`) at its request's head and sets what ends
+/// it: the token's expiry, the route's `max_lifetime`, revocation, route removal and drain,
+/// and for a stream over the subject's caps [`OVER_CAP_GRACE`].
 fn govern(
     ctx: &ConnCtx,
     runtime: &Runtime,
@@ -1072,35 +1064,32 @@ fn place(ctx: &ConnCtx, route: &RouteConfig, g: &mut stream::Governance, places:
 }
 
 /// Answers a request that got no answer of its member's with `e`, and ends its exchange's
-/// session, if it has one, with its line: for the session's own reason (`revoked`,
+/// session with its line: for the session's own reason (`revoked`,
 /// `token_expired`, ...) when it was stopped, else the refusal's label; by the client when its
 /// body failed, else by the proxy.
 fn reject_governed(
     ctx: &ConnCtx,
     exchange: stream::Exchange,
-    governance: Option<stream::Governance>,
+    mut governance: stream::Governance,
     e: RequestError,
 ) -> Response<ProxyBody> {
-    if let Some(mut g) = governance {
-        let reason = match &e {
-            RequestError::Forward(request::ForwardError::Ended(cause)) => cause.http_end().label,
-            other => other.result_label(),
-        };
-        let by = match e {
-            RequestError::Forward(request::ForwardError::ClientBody(_)) => crate::session::Initiator::Client,
-            _ => crate::session::Initiator::Proxy,
-        };
-        let bytes = exchange.upload.as_ref().map_or(0, |u| u.bytes());
-        g.ended(reason, by, [bytes, 0]);
-    }
+    let reason = match &e {
+        RequestError::Forward(request::ForwardError::Ended(cause)) => cause.http_end().label,
+        other => other.result_label(),
+    };
+    let by = match e {
+        RequestError::Forward(request::ForwardError::ClientBody(_)) => crate::session::Initiator::Client,
+        _ => crate::session::Initiator::Proxy,
+    };
+    let bytes = exchange.upload.as_ref().map_or(0, |u| u.bytes());
+    governance.ended(reason, by, [bytes, 0]);
     reject_exchange(ctx, exchange, e)
 }
 
 /// What counts an upload under its subject's caps: `Err` with the end's reason when it cannot.
 type CountUpload<'a> = dyn Fn(&mut stream::Governance) -> Result<(), Cause> + Sync + 'a;
 
-/// `work`, unless the exchange's session (when it has one) ends first while its upload is
-/// in flight (`until` resolves when the upload is whole): then its reason. A request whose
+/// `work`, unless the exchange's session ends first while its upload is in flight (`until` resolves when the upload is whole): then its reason. A request whose
 /// body has all arrived waits for its answer as one without a body does: the drain, a
 /// rebalance or its token's expiry do not cut an answer its member may be acting on.
 ///
@@ -1109,12 +1098,11 @@ type CountUpload<'a> = dyn Fn(&mut stream::Governance) -> Result<(), Cause> + Sy
 /// client sets both the length and the pace, so a length must not keep a trickled upload
 /// outside the caps.
 async fn unless_ended<T>(
-    governance: Option<&mut stream::Governance>,
+    g: &mut stream::Governance,
     count: Option<&CountUpload<'_>>,
     until: impl std::future::Future<Output = ()>,
     work: impl std::future::Future<Output = T>,
 ) -> Result<T, Cause> {
-    let Some(g) = governance else { return Ok(work.await) };
     let mut counting = count.filter(|_| !g.session.entry().counted.load(Ordering::Acquire));
     let grace = tokio::time::sleep(OVER_CAP_GRACE);
     tokio::pin!(work, until, grace);

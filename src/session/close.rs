@@ -408,7 +408,7 @@ pub fn record_end(
 pub fn log_end(s: &crate::session::SessionEntry, started: std::time::Instant, end: &crate::session::SessionEnd) {
     tracing::info!(
         session = s.id,
-        kind = s.kind.as_str(),
+        kind = s.kind.get().as_str(),
         route = s.route,
         agent = s.agent.as_deref().unwrap_or(""),
         subject = s.subject.as_deref().unwrap_or(""),

@@ -206,6 +206,29 @@ pub enum SessionKind {
     Observer,
 }
 
+/// A session's kind, which a plain exchange learns from its answer: registered at its request's
+/// head as a [`SessionKind::Stream`], it is an event stream when its answer is one.
+#[derive(Debug)]
+pub struct KindCell(std::sync::atomic::AtomicU8);
+
+impl From<SessionKind> for KindCell {
+    fn from(kind: SessionKind) -> KindCell {
+        KindCell((kind as u8).into())
+    }
+}
+
+impl KindCell {
+    /// The kind now.
+    pub fn get(&self) -> SessionKind {
+        match self.0.load(Ordering::Acquire) {
+            k if k == SessionKind::WebSocket as u8 => SessionKind::WebSocket,
+            k if k == SessionKind::Sse as u8 => SessionKind::Sse,
+            k if k == SessionKind::Observer as u8 => SessionKind::Observer,
+            _ => SessionKind::Stream,
+        }
+    }
+}
+
 impl SessionKind {
     /// Label for `/sessions` and logs.
     pub fn as_str(self) -> &'static str {
@@ -224,7 +247,7 @@ pub struct SessionEntry {
     /// Process-unique session id.
     pub id: u64,
     /// WebSocket, SSE, other stream or observer.
-    pub kind: SessionKind,
+    pub kind: KindCell,
     /// Route name.
     pub route: String,
     /// The `{agent}` capture, if the route has one.
@@ -460,6 +483,16 @@ impl SessionGuard {
             }
         }
     }
+
+    /// The session is of `kind` from now on (a plain exchange whose answer is an event
+    /// stream); the watcher is told again when that changes its record.
+    pub(crate) fn becomes(&self, kind: SessionKind) {
+        if self.entry.kind.0.swap(kind as u8, Ordering::AcqRel) != kind as u8 {
+            if let Some(w) = self.sessions.watcher.get() {
+                w.started(&self.entry);
+            }
+        }
+    }
 }
 
 impl Drop for SessionGuard {
@@ -665,7 +698,7 @@ mod tests {
     fn entry(id: u64) -> SessionEntry {
         SessionEntry {
             id,
-            kind: SessionKind::WebSocket,
+            kind: SessionKind::WebSocket.into(),
             route: "r".into(),
             agent: None,
             subject: None,

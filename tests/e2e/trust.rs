@@ -847,6 +847,48 @@ async fn an_answer_given_no_window_ends_with_its_session() {
     assert!(line.is_some_and(|l| l.contains("reason=\"revoked\"")), "{line:?}");
 }
 
+/// Found by an attacker review (2026-12-06): a request without a body was no session until its
+/// answer's head came. Revoked while its member took its time (`{"closed":0}`), it was then
+/// registered as a new session that nothing stopped, and its stream went on for as long as
+/// the member sent. Every plain request is now a session from its head: the revocation
+/// finds it, and its answer ends as it arrives (an event stream cleanly), the member's request
+/// with it.
+#[tokio::test]
+async fn a_request_waiting_for_its_answer_is_ended_by_a_revocation() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, json!({})).text()).await;
+    let asked = async || backend.seen().iter().any(|s| s.uri.contains("late") && s.method == "GET").then_some(());
+    let dropped = async || backend.seen().iter().any(|s| s.method == "DROPPED").then_some(());
+    let mut c = H1::connect(proxy.plain, false).await;
+    let late = request("GET", "/agents/a1/api/late?ms=1500", &[("authorization", &alice(&key))], full(Bytes::new()));
+    let answer = tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let resp = c.send(late).await;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        let end = async {
+            loop {
+                match body.frame().await {
+                    None => return true,
+                    Some(Err(_)) => return false,
+                    Some(Ok(_)) => {}
+                }
+            }
+        };
+        (status, tokio::time::timeout(SOON, end).await)
+    });
+    eventually("the member has the request", asked).await;
+    let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"alice"}"#).await;
+    assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#), "the waiting request is a session");
+    let (status, ended) = answer.await.expect("answer");
+    assert_eq!(status, 200, "the member's head");
+    assert!(ended.expect("the event stream ends as it arrives"), "cleanly, as a revoked event stream does");
+    eventually("the member's request is cut", dropped).await;
+    let gone = async || (!http_get(proxy.admin, "/sessions").await.1.contains("alice")).then_some(());
+    eventually("no session of alice's is left", gone).await;
+}
+
 /// The same over HTTP/1.1: an answer whose client reads none of it outlived its session (its
 /// route's `max_lifetime` here) until `send_timeout` closed its connection. The connection is
 /// now closed `close_timeout` after the session ended.

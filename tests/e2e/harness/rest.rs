@@ -51,6 +51,8 @@ pub struct Seen {
 ///   then (`partial=1`) the first line of an event that never ends, then ends (or with `hold=1`
 ///   stays open, sending nothing);
 /// - `slow?ms=M`: the response head after M ms (recorded in [`RestBackend::seen`] at once);
+/// - `late?ms=M`: recorded at once; after M ms a `text/event-stream` head, one event, then
+///   nothing (a request `DROPPED <uri>` is recorded when the proxy drops the body);
 /// - `stall`: the head and one chunk, then nothing; `ndjson`: the same as
 ///   `application/x-ndjson` (when the proxy drops either body, a request `DROPPED <uri>` is
 ///   recorded in [`RestBackend::seen`]); `chunks`: two chunks and the end, with no length (a
@@ -242,6 +244,22 @@ async fn respond(
             tokio::time::sleep(Duration::from_millis(query(&parts.uri, "ms").unwrap_or(1000))).await;
             let mut r = Response::new(full("slow"));
             r.headers_mut().insert("x-member", name.parse().expect("name"));
+            return Ok(r);
+        }
+        "late" => {
+            seen.lock().expect("seen").push(record.clone());
+            tokio::time::sleep(Duration::from_millis(query(&parts.uri, "ms").unwrap_or(1000))).await;
+            let on_drop = Dropped(Some((Seen { method: "DROPPED".into(), ..record }, seen.clone())));
+            let stream = futures_util::stream::unfold((0u8, on_drop), |(i, on_drop)| async move {
+                if i == 0 {
+                    Some((Ok(Frame::data(Bytes::from_static(b"data: first\n\n"))), (1, on_drop)))
+                } else {
+                    std::future::pending::<()>().await;
+                    None
+                }
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut().insert("content-type", "text/event-stream".parse().expect("ct"));
             return Ok(r);
         }
         "chunks" => {
