@@ -321,9 +321,10 @@ pub async fn serve_connection(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            // The answer's session ended and its client takes none of it: the connection goes.
+            // The answer's session ended and its client did not take the rest of it within
+            // close_timeout (it reads slowly, or not at all): the connection goes.
             reason = &mut abandoned => {
-                tracing::info!(client = %client_addr, reason = reason.http_end().label, "an answer its client took nothing of after its session ended; its connection is closed");
+                tracing::info!(client = %client_addr, reason = reason.http_end().label, "an answer not taken by its client within close_timeout after its session ended; its connection is closed");
                 break Ok(());
             }
         }
@@ -854,7 +855,10 @@ async fn answer_request(
         (None, Some(body)) => stream::Upload::new(body, limit, idle, metrics.clone()),
         (None, None) => return refuse(RequestError::Internal("the request body was taken"), governance),
     };
-    body.ends_with(governance.end_upload());
+    // Only a body still to come has anything to cut (and a task to wake when it is).
+    if uploading {
+        body.ends_with(governance.end_upload());
+    }
     let upload = body.state();
     exchange.upload = Some(upload.clone());
     let sent = request::forward(&route, state, &caps, &http.client, out, body, &ctx.shared.conns);

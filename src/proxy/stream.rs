@@ -532,7 +532,10 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
             return Poll::Ready(());
         }
         let reason = std::task::ready!(this.watch.poll_abandoned(cx)).http_end().label;
-        tracing::info!(reason, "an answer its client took nothing of after its session ended; its stream is reset");
+        tracing::info!(
+            reason,
+            "an answer not taken by its client within close_timeout after its session ended; its stream is reset"
+        );
         this.inner.set(None);
         Poll::Ready(())
     }
