@@ -85,10 +85,18 @@ struct ConnCtx {
     /// The connection came through the peer listener from another instance of the fleet (its
     /// preamble verified): it carries a resume or an observer, and is never relayed again.
     from_peer: bool,
-    /// HTTP/1.1: the watch of the exchange it serves, which closes the connection when that
-    /// exchange's session ended and its answer cannot be written (an HTTP/2 stream's watch is
-    /// its task's: [`stream::Watched`]).
-    watch: Option<stream::Watch>,
+    /// The watch of the exchange an HTTP/1.1 connection serves, which closes the connection
+    /// when that exchange's session ended and its answer is not taken (an HTTP/2 stream's
+    /// watch is its task's, [`stream::Watched`]; see [`ConnCtx::watch`]).
+    http1_watch: stream::Watch,
+}
+
+impl ConnCtx {
+    /// The watch of an exchange on this connection: the connection's on HTTP/1.1, `None` on
+    /// HTTP/2 (the stream task's, found by [`stream::Governance::watched_by`]).
+    fn watch(&self) -> Option<&stream::Watch> {
+        (self.protocol == Protocol::Http1).then_some(&self.http1_watch)
+    }
 }
 
 /// A client connection's HTTP version: what an upgrade looks like on it, how it is answered, and
@@ -295,7 +303,7 @@ pub async fn serve_connection(
         open_streams: Arc::default(),
         pending: Mutex::new(None),
         from_peer,
-        watch: Some(stream::Watch::default()),
+        http1_watch: stream::Watch::default(),
     });
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
@@ -309,8 +317,7 @@ pub async fn serve_connection(
     });
     // Boxed so that hyper's connection state is freed before the relay starts.
     let mut conn = Box::pin(http::builder(&settings).serve_connection(io, svc).with_upgrades());
-    let abandoned =
-        std::future::poll_fn(|cx| ctx.watch.as_ref().map_or(std::task::Poll::Pending, |w| w.poll_abandoned(cx)));
+    let abandoned = std::future::poll_fn(|cx| ctx.http1_watch.poll_abandoned(cx));
     tokio::pin!(abandoned);
     let mut draining = false;
     let result = loop {
@@ -362,7 +369,7 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
         open_streams: open_streams.clone(),
         pending: Mutex::new(None),
         from_peer: false,
-        watch: None,
+        http1_watch: stream::Watch::default(),
     });
     let idle_timeout = runtime.config.http2.idle_timeout;
     let head_done = Arc::new(AtomicBool::new(false));
@@ -985,7 +992,7 @@ async fn answer_request(
     let least_conns = (route.balance.policy == crate::config::Policy::LeastConnections)
         .then(|| ctx.shared.conns.acquire(&answered.member));
     if let Some(g) = &governance {
-        g.watched_by(ctx.watch.as_ref());
+        g.watched_by(ctx.watch());
     }
     let mut download = stream::Download::new(body, settings.idle_body_timeout, governance, sse, exchange, least_conns);
     download.keep_alive(settings.sse_keepalive);
