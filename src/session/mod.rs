@@ -414,12 +414,18 @@ impl Sessions {
         v
     }
 
-    /// A random `fraction` (0 to 1) of `route`'s live sessions, rounded to the nearest whole
-    /// session, and how many the route has; not stopped yet.
+    /// A random `fraction` (0 to 1) of `route`'s live sessions that reconnect (not its plain
+    /// exchanges in flight), rounded to the nearest whole session, and how many the route has;
+    /// not stopped yet.
     pub fn sample_route(&self, route: &str, fraction: f64) -> (Vec<Arc<SessionEntry>>, usize) {
         use rand::seq::SliceRandom;
-        let mut on_route: Vec<_> =
-            self.list().into_iter().filter(|e| e.route == route && e.control.stopped().is_none()).collect();
+        // A plain exchange in flight (kind `stream`: a transfer, an upload, a request waiting for
+        // its answer) ends by itself, and cutting it moves nothing: WebSockets, event streams
+        // and observers reconnect.
+        let picked = |e: &Arc<SessionEntry>| {
+            e.route == route && e.kind.get() != SessionKind::Stream && e.control.stopped().is_none()
+        };
+        let mut on_route: Vec<_> = self.list().into_iter().filter(picked).collect();
         let total = on_route.len();
         let take = ((total as f64) * fraction.clamp(0.0, 1.0)).round() as usize;
         on_route.shuffle(&mut rand::rng());

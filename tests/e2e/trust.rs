@@ -889,6 +889,54 @@ async fn a_request_waiting_for_its_answer_is_ended_by_a_revocation() {
     eventually("no session of alice's is left", gone).await;
 }
 
+/// A rebalance moves sessions that reconnect: a WebSocket gets 1001 `rebalance`, an event
+/// stream ends cleanly, but a plain exchange in flight (a download, which every request now
+/// is from its head) is not picked: cutting it would move nothing.
+#[tokio::test]
+async fn a_rebalance_picks_websockets_and_event_streams_not_transfers() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = config(&key, backend.addr, None, json!({})).set("routes.1.name", "moved");
+    let proxy = Proxy::start_with(&text.text()).await;
+    let auth = alice(&key);
+    let mut ws = upgrade(proxy.plain, false, "/agents/a1/api/ws", &[("authorization", &auth)]).await.expect("101");
+    let mut c = H1::connect(proxy.plain, false).await;
+    let sse = c.send(request("GET", "/agents/a1/api/sse?n=1&hold=1", &[("authorization", &auth)], full(""))).await;
+    let mut d = H1::connect(proxy.plain, false).await;
+    let download = d.send(request("GET", "/agents/a1/api/stall", &[("authorization", &auth)], full(""))).await;
+    assert_eq!((sse.status().as_u16(), download.status().as_u16()), (200, 200));
+    let kinds = async || {
+        let (_, list) = http_get(proxy.admin, "/sessions").await;
+        let all = ["\"kind\":\"websocket\"", "\"kind\":\"sse\"", "\"kind\":\"stream\""];
+        all.iter().all(|k| list.contains(k)).then_some(())
+    };
+    eventually("the three are sessions", kinds).await;
+    let ask = r#"{"route": "moved", "fraction": 1, "spread": "0s"}"#;
+    let (status, body) = admin_post(proxy.admin, "/sessions/rebalance", ask).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!((answer["sessions"].as_u64(), answer["picked"].as_u64()), (Some(2), Some(2)), "{answer}");
+    let close = ws.recv().await;
+    assert_eq!((close.opcode, close.close_code()), (op::CLOSE, Some(1001)));
+    use http_body_util::BodyExt;
+    let mut events = sse.into_body();
+    let ended = tokio::time::timeout(SOON, async {
+        loop {
+            match events.frame().await {
+                None => return true,
+                Some(Err(_)) => return false,
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    assert!(ended.await.expect("the event stream ends"), "cleanly");
+    // The download goes on: still a session, its member's request whole.
+    let (_, list) = http_get(proxy.admin, "/sessions").await;
+    assert!(list.contains("\"kind\":\"stream\""), "{list}");
+    assert!(!backend.seen().iter().any(|s| s.method == "DROPPED"), "{:?}", backend.seen());
+    drop(download);
+}
+
 /// The same over HTTP/1.1: an answer whose client reads none of it outlived its session (its
 /// route's `max_lifetime` here) until `send_timeout` closed its connection. The connection is
 /// now closed `close_timeout` after the session ended.
