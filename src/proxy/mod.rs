@@ -895,6 +895,20 @@ async fn answer_request(
         }
     };
     let (mut parts, body) = answered.response.into_parts();
+    // The session ended while its member worked. Revoked, its answer is refused, head and all
+    // (401): nothing of it reaches a revoked subject. Any other end (the token's expiry, the
+    // lifetime, the drain, the route's removal) does not cut an answer its member may be
+    // acting on: one of known length is delivered whole (given the route's close_timeout),
+    // an open-ended one ends at once (an event stream cleanly).
+    match governance.ended_while_waiting() {
+        Some(Cause::Revoked) => {
+            let e = RequestError::from(request::ForwardError::Ended(Cause::Revoked));
+            tracing::info!(route = %route.name, client = %ctx.client_addr, "an answer refused: its session was revoked while its member worked");
+            return reject_governed(ctx, exchange, governance, e);
+        }
+        Some(reason) if hyper::body::Body::size_hint(&body).exact().is_some() => governance.defer_end(reason),
+        _ => {}
+    }
     forward::strip_response_headers(&mut parts.headers);
     // A session ended at the server (DELETE answered 2xx, or 404: it is gone) ends its envelope
     // here and, with a Redis fleet, on every instance, so that the envelope cannot be replayed.

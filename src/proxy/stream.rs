@@ -685,6 +685,25 @@ impl Governance {
         }
     }
 
+    /// How the session ended while nothing polled its stop (a request waiting for its answer),
+    /// if it did: a stop, or a deadline passed.
+    pub fn ended_while_waiting(&self) -> Option<Cause> {
+        let control = &self.session.entry().control;
+        let due = || self.clock.due(tokio::time::Instant::now()).map(Cause::from);
+        self.stop.reason.get().copied().or_else(|| control.stopped().map(Cause::from)).or_else(due)
+    }
+
+    /// The session ended for `reason` while its member worked: its answer (of known length) is
+    /// given the route's close_timeout to be delivered before the end applies.
+    pub fn defer_end(&mut self, reason: Cause) {
+        let within = self.stop.close_within;
+        let mut future = self.stop.future.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *future = Box::pin(async move {
+            tokio::time::sleep(within).await;
+            reason
+        });
+    }
+
     /// The reason the session's stop gave, once it did.
     fn stopped(&self) -> Option<Cause> {
         self.stop.reason.get().copied()

@@ -851,8 +851,8 @@ async fn an_answer_given_no_window_ends_with_its_session() {
 /// answer's head came. Revoked while its member took its time (`{"closed":0}`), it was then
 /// registered as a new session that nothing stopped, and its stream went on for as long as
 /// the member sent. Every plain request is now a session from its head: the revocation
-/// finds it, and its answer ends as it arrives (an event stream cleanly), the member's request
-/// with it.
+/// finds it, and its answer is refused (401 `invalid_token`, nothing of the member's reaches
+/// the revoked subject, whether it has a body or not), the member's request cut.
 #[tokio::test]
 async fn a_request_waiting_for_its_answer_is_ended_by_a_revocation() {
     let backend = RestBackend::start("m1").await;
@@ -863,30 +863,53 @@ async fn a_request_waiting_for_its_answer_is_ended_by_a_revocation() {
     let mut c = H1::connect(proxy.plain, false).await;
     let late = request("GET", "/agents/a1/api/late?ms=1500", &[("authorization", &alice(&key))], full(Bytes::new()));
     let answer = tokio::spawn(async move {
-        use http_body_util::BodyExt;
         let resp = c.send(late).await;
-        let status = resp.status();
-        let mut body = resp.into_body();
-        let end = async {
-            loop {
-                match body.frame().await {
-                    None => return true,
-                    Some(Err(_)) => return false,
-                    Some(Ok(_)) => {}
-                }
-            }
-        };
-        (status, tokio::time::timeout(SOON, end).await)
+        let challenge = resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap_or("").to_owned());
+        // The connection serves on.
+        let next = c.get("/agents/a1/api/headers", &[]).await.status;
+        (resp.status().as_u16(), challenge, next)
     });
     eventually("the member has the request", asked).await;
     let (status, body) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"alice"}"#).await;
     assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#), "the waiting request is a session");
-    let (status, ended) = answer.await.expect("answer");
-    assert_eq!(status, 200, "the member's head");
-    assert!(ended.expect("the event stream ends as it arrives"), "cleanly, as a revoked event stream does");
+    let (status, challenge, next) = answer.await.expect("answer");
+    assert_eq!(status, 401, "nothing of the member's answer reaches a revoked subject");
+    assert!(challenge.is_some_and(|c| c.contains("invalid_token")));
+    assert_eq!(next, 401, "the next request on the connection is answered (no token)");
     eventually("the member's request is cut", dropped).await;
     let gone = async || (!http_get(proxy.admin, "/sessions").await.1.contains("alice")).then_some(());
     eventually("no session of alice's is left", gone).await;
+}
+
+/// Found by an attacker review of the above: once every request was a session from its head,
+/// its token's expiry while its member worked cut the answer (an empty reply where the member
+/// had acted). Only a revocation refuses it: after any other end an answer of known length is
+/// delivered whole, and an open-ended one ends at once (an event stream cleanly).
+#[tokio::test]
+async fn an_answer_whose_token_expired_while_its_member_worked_is_delivered() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&config(&key, backend.addr, None, json!({})).set("auth.leeway", "0s").text()).await;
+    let short = format!("Bearer {}", key.token("alice", &["a1"], Duration::from_secs(1)));
+    let mut c = H1::connect(proxy.plain, false).await;
+    let slow = c.get("/agents/a1/api/slow?ms=2500", &[("authorization", &short)]).await;
+    assert_eq!((slow.status, slow.text()), (200, "slow".to_owned()), "delivered whole");
+    let short = format!("Bearer {}", key.token("alice", &["a1"], Duration::from_secs(1)));
+    let late = request("GET", "/agents/a1/api/late?ms=2500", &[("authorization", &short)], full(Bytes::new()));
+    let resp = c.send(late).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    use http_body_util::BodyExt;
+    let mut body = resp.into_body();
+    let ended = tokio::time::timeout(SOON, async {
+        loop {
+            match body.frame().await {
+                None => return true,
+                Some(Err(_)) => return false,
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    assert!(ended.await.expect("the expired event stream ends at once"), "cleanly");
 }
 
 /// A rebalance moves sessions that reconnect: a WebSocket gets 1001 `rebalance`, an event
