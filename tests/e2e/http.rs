@@ -273,17 +273,6 @@ async fn events(
     (got, body)
 }
 
-/// Waits for the body to end; true when it ended cleanly (last chunk), false on an error.
-async fn ends_cleanly(mut body: hyper::body::Incoming) -> bool {
-    loop {
-        match tokio::time::timeout(SOON, body.frame()).await.expect("stream ends in time") {
-            None => return true,
-            Some(Ok(_)) => continue,
-            Some(Err(_)) => return false,
-        }
-    }
-}
-
 #[tokio::test]
 async fn sse_events_arrive_one_by_one_as_the_backend_sends_them() {
     let backend = RestBackend::start("m1").await;

@@ -898,18 +898,7 @@ async fn an_answer_whose_token_expired_while_its_member_worked_is_delivered() {
     let late = request("GET", "/agents/a1/api/late?ms=2500", &[("authorization", &short)], full(Bytes::new()));
     let resp = c.send(late).await;
     assert_eq!(resp.status().as_u16(), 200);
-    use http_body_util::BodyExt;
-    let mut body = resp.into_body();
-    let ended = tokio::time::timeout(SOON, async {
-        loop {
-            match body.frame().await {
-                None => return true,
-                Some(Err(_)) => return false,
-                Some(Ok(_)) => {}
-            }
-        }
-    });
-    assert!(ended.await.expect("the expired event stream ends at once"), "cleanly");
+    assert!(ends_cleanly(resp.into_body()).await, "the expired event stream ends at once, cleanly");
 }
 
 /// A rebalance moves sessions that reconnect: a WebSocket gets 1001 `rebalance`, an event
@@ -941,18 +930,7 @@ async fn a_rebalance_picks_websockets_and_event_streams_not_transfers() {
     assert_eq!((answer["sessions"].as_u64(), answer["picked"].as_u64()), (Some(2), Some(2)), "{answer}");
     let close = ws.recv().await;
     assert_eq!((close.opcode, close.close_code()), (op::CLOSE, Some(1001)));
-    use http_body_util::BodyExt;
-    let mut events = sse.into_body();
-    let ended = tokio::time::timeout(SOON, async {
-        loop {
-            match events.frame().await {
-                None => return true,
-                Some(Err(_)) => return false,
-                Some(Ok(_)) => {}
-            }
-        }
-    });
-    assert!(ended.await.expect("the event stream ends"), "cleanly");
+    assert!(ends_cleanly(sse.into_body()).await, "the event stream ends cleanly");
     // The download goes on: still a session, its member's request whole.
     let (_, list) = http_get(proxy.admin, "/sessions").await;
     assert!(list.contains("\"kind\":\"stream\""), "{list}");

@@ -311,6 +311,17 @@ async fn respond(
     Ok(resp)
 }
 
+/// Waits for the body to end; true when it ended cleanly (last chunk), false on an error.
+pub async fn ends_cleanly(mut body: Incoming) -> bool {
+    loop {
+        match tokio::time::timeout(SOON, body.frame()).await.expect("stream ends in time") {
+            None => return true,
+            Some(Ok(_)) => continue,
+            Some(Err(_)) => return false,
+        }
+    }
+}
+
 /// Records its request in `seen` when dropped (a response body the proxy let go of).
 struct Dropped(Option<(Seen, Arc<Mutex<Vec<Seen>>>)>);
 
