@@ -481,6 +481,7 @@ pub type ProxyBody = Either<Full<Bytes>, stream::Download>;
 async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let runtime = ctx.shared.runtime.load_full();
+    let head_request = req.method() == ::http::Method::HEAD;
     let websocket = match ctx.protocol {
         Protocol::Http1 => upgrade::is_websocket(req.headers()),
         Protocol::Http2 => upgrade::is_extended_connect(&req),
@@ -576,6 +577,11 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         if let Ok(v) = HeaderValue::from_str(&value) {
             resp.headers_mut().insert(::http::header::WWW_AUTHENTICATE, v);
         }
+    }
+    // An answer to HEAD has no body (RFC 9110 §9.3.2): hyper leaves it out over HTTP/1.1, but
+    // would send the proxy's own answer's over HTTP/2.
+    if head_request && matches!(resp.body(), Either::Left(_)) {
+        *resp.body_mut() = Either::Left(Full::new(Bytes::new()));
     }
     Ok(resp)
 }
@@ -908,6 +914,14 @@ async fn answer_request(
         }
         Some(reason) if hyper::body::Body::size_hint(&body).exact().is_some() => governance.defer_end(reason),
         _ => {}
+    }
+    // A plain request is answered by a final response: a member's 101 (hyper gives no other
+    // informational one as the answer) switches to nothing the client asked for.
+    if parts.status.is_informational() {
+        let cause = format!("answered {} to a plain request", parts.status.as_u16());
+        let e = RequestError::from(request::ForwardError::Backend { member: answered.member.clone(), cause });
+        tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend request failed");
+        return reject_governed(ctx, exchange, governance, e);
     }
     forward::strip_response_headers(&mut parts.headers);
     // A session ended at the server (DELETE answered 2xx, or 404: it is gone) ends its envelope

@@ -694,14 +694,23 @@ impl Governance {
     }
 
     /// The session ended for `reason` while its member worked: its answer (of known length) is
-    /// given the route's close_timeout to be delivered before the end applies.
+    /// given the route's close_timeout to be delivered before the end applies, and no more (the
+    /// watch's grace runs from now too). A stop that comes after (a revocation of a session
+    /// whose token expired in the wait) ends it at once.
     pub fn defer_end(&mut self, reason: Cause) {
         let within = self.stop.close_within;
+        let control = self.session.entry().control.clone();
+        let later = control.stopped().is_none();
         let mut future = self.stop.future.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         *future = Box::pin(async move {
-            tokio::time::sleep(within).await;
-            reason
+            tokio::select! {
+                () = tokio::time::sleep(within) => reason,
+                stop = control.wait(), if later => Cause::from(stop),
+            }
         });
+        drop(future);
+        let mut abandon = self.stop.abandon.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *abandon = Some(Box::pin(tokio::time::sleep(within)));
     }
 
     /// The reason the session's stop gave, once it did.

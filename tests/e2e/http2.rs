@@ -443,3 +443,35 @@ async fn an_h2_connection_with_no_open_stream_is_closed_after_the_idle_timeout()
     let ended = tokio::time::timeout(SOON, &mut busy.conn).await.expect("closed once idle");
     assert!(ended.expect("connection task").is_ok());
 }
+
+/// Found by an attacker review (2026-12-06): the proxy's own answer to HEAD (a 401 here) went
+/// out over HTTP/2 with its body, which a strict client takes as a protocol error of the whole
+/// connection. It has none; and a member's 101 to a plain request is the member's failure, 502.
+#[tokio::test]
+async fn an_answer_to_head_has_no_body_and_a_members_101_is_a_bad_gateway() {
+    let rest = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = TestConfig::base(&["127.0.0.1:1".to_owned()])
+        .merge("", key.auth_keys())
+        .merge(
+            "",
+            json!({"routes": [{
+                "name": "h2head",
+                "path": "/agents/{agent}/api/{*rest}",
+                "kind": "http",
+                "backends": [rest.addr.to_string()],
+                "auth": {"agent_claim": "agents"},
+            }]}),
+        )
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let mut h2 = H2::connect(proxy.tls).await;
+    let head = ::http::Request::head("https://localhost/agents/a1/api/headers").body(()).expect("request");
+    let (resp, _) = h2.open(head, true).await;
+    assert_eq!(resp.status(), 401);
+    let mut body = resp.into_body();
+    let data = tokio::time::timeout(SOON, body.data()).await.expect("the stream ends");
+    assert!(data.is_none(), "no body on an answer to HEAD: {data:?}");
+    let (status, _) = h2.get("/agents/a1/api/status?code=101", &[("authorization", &key.bearer(&["a1"]))]).await;
+    assert_eq!(status, 502);
+}

@@ -901,6 +901,31 @@ async fn an_answer_whose_token_expired_while_its_member_worked_is_delivered() {
     assert!(ends_cleanly(resp.into_body()).await, "the expired event stream ends at once, cleanly");
 }
 
+/// Found by an attacker review of the above: the answer delivered after its token expired in
+/// the wait no longer heard a revocation (its stop was the close_timeout alone), and a revoked
+/// subject took in its member's body for as long as that. A revocation ends it at once.
+#[tokio::test]
+async fn a_revocation_cuts_an_answer_delivered_after_its_token_expired() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = config(&key, backend.addr, None, json!({"session": {"close_timeout": "20s"}})).set("auth.leeway", "0s");
+    let proxy = Proxy::start_with(&text.text()).await;
+    let short = format!("Bearer {}", key.token("alice", &["a1"], Duration::from_secs(1)));
+    let mut c = H1::connect(proxy.plain, false).await;
+    let big = request("GET", "/agents/a1/api/big?kib=2048&ms=1500", &[("authorization", &short)], full(Bytes::new()));
+    let resp = c.send(big).await;
+    assert_eq!(resp.status().as_u16(), 200, "delivered after its token's expiry");
+    let (status, _) = admin_post(proxy.admin, "/sessions/revoke", r#"{"subject":"alice"}"#).await;
+    assert_eq!(status, 200);
+    let revoked = std::time::Instant::now();
+    assert!(!ends_cleanly(resp.into_body()).await, "cut, not whole");
+    assert!(
+        revoked.elapsed() < Duration::from_secs(10),
+        "at the revocation, not its close_timeout: {:?}",
+        revoked.elapsed()
+    );
+}
+
 /// A rebalance moves sessions that reconnect: a WebSocket gets 1001 `rebalance`, an event
 /// stream ends cleanly, but a plain exchange in flight (a download, which every request now
 /// is from its head) is not picked: cutting it would move nothing.

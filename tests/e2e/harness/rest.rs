@@ -51,6 +51,7 @@ pub struct Seen {
 ///   then (`partial=1`) the first line of an event that never ends, then ends (or with `hold=1`
 ///   stays open, sending nothing);
 /// - `slow?ms=M`: the response head after M ms (recorded in [`RestBackend::seen`] at once);
+/// - `big?kib=K&ms=M`: after M ms, K KiB with their `content-length`, a KiB every 10 ms;
 /// - `late?ms=M`: recorded at once; after M ms a `text/event-stream` head, one event, then
 ///   nothing (a request `DROPPED <uri>` is recorded when the proxy drops the body);
 /// - `stall`: the head and one chunk, then nothing; `ndjson`: the same as
@@ -245,6 +246,18 @@ async fn respond(
             let mut r = Response::new(full("slow"));
             r.headers_mut().insert("x-member", name.parse().expect("name"));
             return Ok(r);
+        }
+        "big" => {
+            tokio::time::sleep(Duration::from_millis(query(&parts.uri, "ms").unwrap_or(0))).await;
+            let kib = query(&parts.uri, "kib").unwrap_or(1024);
+            let chunks = futures_util::stream::unfold(0u64, move |i| async move {
+                (i < kib).then_some(())?;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Some((Ok(Frame::data(Bytes::from(vec![b'b'; 1024]))), i + 1))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(chunks)));
+            r.headers_mut().insert("content-length", (kib * 1024).into());
+            r
         }
         "late" => {
             seen.lock().expect("seen").push(record.clone());
