@@ -904,16 +904,16 @@ async fn answer_request(
     // The session ended while its member worked. Revoked, its answer is refused, head and all
     // (401): nothing of it reaches a revoked subject. Any other end (the token's expiry, the
     // lifetime, the drain, the route's removal) does not cut an answer its member may be
-    // acting on: one of known length is delivered whole (given the route's close_timeout),
-    // an open-ended one ends at once (an event stream cleanly).
+    // acting on (a tool call's result): it is given the route's close_timeout to be delivered,
+    // then the end applies (an event stream ends cleanly, another body is cut).
     match governance.ended_while_waiting() {
         Some(Cause::Revoked) => {
             let e = RequestError::from(request::ForwardError::Ended(Cause::Revoked));
             tracing::info!(route = %route.name, client = %ctx.client_addr, "an answer refused: its session was revoked while its member worked");
             return reject_governed(ctx, exchange, governance, e);
         }
-        Some(reason) if hyper::body::Body::size_hint(&body).exact().is_some() => governance.defer_end(reason),
-        _ => {}
+        Some(reason) => governance.defer_end(reason),
+        None => {}
     }
     // A plain request is answered by a final response: a member's 101 (hyper gives no other
     // informational one as the answer) switches to nothing the client asked for.

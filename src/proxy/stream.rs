@@ -693,8 +693,8 @@ impl Governance {
         self.stop.reason.get().copied().or_else(|| control.stopped().map(Cause::from)).or_else(due)
     }
 
-    /// The session ended for `reason` while its member worked: its answer (of known length) is
-    /// given the route's close_timeout to be delivered before the end applies, and no more (the
+    /// The session ended for `reason` while its member worked: its answer is given the route's
+    /// close_timeout to be delivered before the end applies, and no more (the
     /// watch's grace runs from now too). A stop that comes after (a revocation of a session
     /// whose token expired in the wait) ends it at once.
     pub fn defer_end(&mut self, reason: Cause) {

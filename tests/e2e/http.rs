@@ -251,28 +251,6 @@ async fn retries_go_to_the_next_member_only_when_nothing_was_sent_or_the_method_
     assert_eq!(trap.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
-/// Reads an SSE response's chunks with their arrival times until `n` events came.
-async fn events(
-    resp: hyper::Response<hyper::body::Incoming>,
-    n: usize,
-) -> (Vec<(Instant, String)>, hyper::body::Incoming) {
-    let mut body = resp.into_body();
-    let mut got = Vec::new();
-    let mut text = String::new();
-    while got.len() < n {
-        let frame = tokio::time::timeout(SOON, body.frame()).await.expect("event in time").expect("stream open");
-        let frame = frame.expect("chunk");
-        if let Some(d) = frame.data_ref() {
-            text.push_str(&String::from_utf8_lossy(d));
-            while let Some((event, rest)) = text.split_once("\n\n") {
-                got.push((Instant::now(), event.to_owned()));
-                text = rest.to_owned();
-            }
-        }
-    }
-    (got, body)
-}
-
 #[tokio::test]
 async fn sse_events_arrive_one_by_one_as_the_backend_sends_them() {
     let backend = RestBackend::start("m1").await;

@@ -324,6 +324,28 @@ async fn respond(
     Ok(resp)
 }
 
+/// Reads an SSE response's chunks with their arrival times until `n` events came.
+pub async fn events(
+    resp: hyper::Response<hyper::body::Incoming>,
+    n: usize,
+) -> (Vec<(std::time::Instant, String)>, hyper::body::Incoming) {
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let mut text = String::new();
+    while got.len() < n {
+        let frame = tokio::time::timeout(SOON, body.frame()).await.expect("event in time").expect("stream open");
+        let frame = frame.expect("chunk");
+        if let Some(d) = frame.data_ref() {
+            text.push_str(&String::from_utf8_lossy(d));
+            while let Some((event, rest)) = text.split_once("\n\n") {
+                got.push((std::time::Instant::now(), event.to_owned()));
+                text = rest.to_owned();
+            }
+        }
+    }
+    (got, body)
+}
+
 /// Waits for the body to end; true when it ended cleanly (last chunk), false on an error.
 pub async fn ends_cleanly(mut body: Incoming) -> bool {
     loop {
