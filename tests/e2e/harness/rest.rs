@@ -263,15 +263,7 @@ async fn respond(
             seen.lock().expect("seen").push(record.clone());
             tokio::time::sleep(Duration::from_millis(query(&parts.uri, "ms").unwrap_or(1000))).await;
             let on_drop = Dropped(Some((Seen { method: "DROPPED".into(), ..record }, seen.clone())));
-            let stream = futures_util::stream::unfold((0u8, on_drop), |(i, on_drop)| async move {
-                if i == 0 {
-                    Some((Ok(Frame::data(Bytes::from_static(b"data: first\n\n"))), (1, on_drop)))
-                } else {
-                    std::future::pending::<()>().await;
-                    None
-                }
-            });
-            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            let mut r = Response::new(held(b"data: first\n\n", on_drop));
             r.headers_mut().insert("content-type", "text/event-stream".parse().expect("ct"));
             return Ok(r);
         }
@@ -281,16 +273,7 @@ async fn respond(
         }
         "stall" | "ndjson" => {
             let dropped = Seen { method: "DROPPED".into(), ..record.clone() };
-            let on_drop = Dropped(Some((dropped, seen.clone())));
-            let stream = futures_util::stream::unfold((0u8, on_drop), |(i, on_drop)| async move {
-                if i == 0 {
-                    Some((Ok(Frame::data(Bytes::from_static(b"first chunk"))), (1, on_drop)))
-                } else {
-                    std::future::pending::<()>().await;
-                    None
-                }
-            });
-            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            let mut r = Response::new(held(b"first chunk", Dropped(Some((dropped, seen.clone())))));
             // `ndjson` is the same held body as a stream of JSON lines.
             if endpoint == "ndjson" {
                 r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/x-ndjson"));
@@ -355,6 +338,34 @@ pub async fn ends_cleanly(mut body: Incoming) -> bool {
             Some(Err(_)) => return false,
         }
     }
+}
+
+/// A body of `first`, then nothing, held open until the proxy drops it (then `on_drop` records
+/// it).
+fn held(first: &'static [u8], on_drop: Dropped) -> TBody {
+    let stream = futures_util::stream::unfold((0u8, on_drop), move |(i, on_drop)| async move {
+        if i == 0 {
+            Some((Ok(Frame::data(Bytes::from_static(first))), (1, on_drop)))
+        } else {
+            std::future::pending::<()>().await;
+            None
+        }
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// Reads `tcp` until the peer closes it (or resets it), within [`SOON`].
+pub async fn closed_by_peer(tcp: &mut tokio::net::TcpStream) {
+    let mut sink = vec![0u8; 64 * 1024];
+    let drained = tokio::time::timeout(SOON, async {
+        loop {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    drained.await.expect("the proxy closed the connection");
 }
 
 /// Records its request in `seen` when dropped (a response body the proxy let go of).
