@@ -458,7 +458,7 @@ impl Stop {
         if let Some(reason) = self.reason.get() {
             return Poll::Ready(*reason);
         }
-        let mut future = self.future.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut future = locked(&self.future);
         let polled = std::task::ready!(future.as_mut().poll(cx));
         let reason = *self.reason.get_or_init(|| polled);
         if let Some(upload) = self.upload.get() {
@@ -474,11 +474,17 @@ impl Stop {
             return Poll::Pending;
         }
         let reason = std::task::ready!(self.poll(cx));
-        let mut abandon = self.abandon.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut abandon = locked(&self.abandon);
         let within = self.close_within;
         std::task::ready!(abandon.get_or_insert_with(|| Box::pin(tokio::time::sleep(within))).as_mut().poll(cx));
         Poll::Ready(reason)
     }
+}
+
+/// A lock of the stop's state: one poisoned by a panic while it was held still guards a value
+/// that is whole (each is replaced in one step), so it is taken all the same.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 tokio::task_local! {
@@ -498,7 +504,7 @@ impl Watch {
     /// Ready with the session's reason once the exchange now served ended and its body was not
     /// polled within its `close_within` after that: the stream is to be dropped.
     pub fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<Cause> {
-        let stop = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).upgrade();
+        let stop = locked(&self.current).upgrade();
         stop.map_or(Poll::Pending, |stop| stop.poll_abandoned(cx))
     }
 }
@@ -642,7 +648,7 @@ impl Governance {
 
     /// Ends the session at `at` for `reason` too, if nothing ends it before.
     pub fn end_at(&mut self, at: tokio::time::Instant, reason: Cause) {
-        let mut future = self.stop.future.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut future = locked(&self.stop.future);
         let stop = std::mem::replace(&mut *future, Box::pin(std::future::pending()));
         *future = Box::pin(async move {
             tokio::select! {
@@ -668,9 +674,7 @@ impl Governance {
     /// watch of the HTTP/2 stream whose task this is. Called when its response body goes to
     /// hyper, which may then stop polling it.
     pub fn watched_by(&self, conn: Option<&Watch>) {
-        let set = |w: &Watch| {
-            *w.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(&self.stop)
-        };
+        let set = |w: &Watch| *locked(&w.current) = Arc::downgrade(&self.stop);
         let watched = match conn {
             Some(w) => {
                 set(w);
@@ -701,7 +705,7 @@ impl Governance {
         let within = self.stop.close_within;
         let control = self.session.entry().control.clone();
         let later = control.stopped().is_none();
-        let mut future = self.stop.future.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut future = locked(&self.stop.future);
         *future = Box::pin(async move {
             tokio::select! {
                 () = tokio::time::sleep(within) => reason,
@@ -709,7 +713,7 @@ impl Governance {
             }
         });
         drop(future);
-        let mut abandon = self.stop.abandon.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut abandon = locked(&self.stop.abandon);
         *abandon = Some(Box::pin(tokio::time::sleep(within)));
     }
 
