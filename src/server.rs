@@ -743,6 +743,9 @@ impl Server {
         let drain_timeout = shared.runtime.load().config.server.drain_timeout;
         if tokio::time::timeout(drain_timeout, shared.tasks.wait()).await.is_err() {
             tracing::warn!(left = shared.tasks.len(), "drain timeout reached; closing remaining connections");
+            // What is dropped from here on (an answer still waiting, a body not taken) was
+            // cut by the drain: its lines say `drain`, not that its client left.
+            shared.sessions.drain_timed_out();
         } else {
             tracing::info!("drained");
         }

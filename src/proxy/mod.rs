@@ -707,12 +707,16 @@ const CLIENT_CLOSED_REQUEST: u16 = 499;
 /// closed its connection or reset its HTTP/2 stream while the request waited for its body, its
 /// member or the caps), its access-log line is written then, with 499 and `client_gone`, as
 /// NGINX writes one: no request goes unlogged. Only the line: no response head went out, so
-/// `portcullis_http_requests_total` does not count it.
+/// `portcullis_http_requests_total` does not count it. One the drain's `drain_timeout` cut
+/// (its connection closed with the process) is logged with the drain's status and label (503,
+/// `drain`) instead, though no answer could go out: its client did not leave.
 struct Unanswered<'a> {
     ctx: &'a ConnCtx,
     method: ::http::Method,
     uri: ::http::Uri,
     route: Arc<RouteConfig>,
+    /// The agent its path names, for the line.
+    agent: Option<String>,
     started: Instant,
     /// The token's claims, once the auth stage admitted it: the line names its subject.
     claims: Option<Arc<Claims>>,
@@ -727,9 +731,17 @@ impl Drop for Unanswered<'_> {
             return;
         }
         let mut exchange = exchange_of_parts(self.ctx, &self.method, &self.uri, &self.route.name, self.started);
-        exchange.status = CLIENT_CLOSED_REQUEST;
+        let (status, label) = match self.ctx.shared.sessions.cut_by_drain() {
+            true => {
+                let end = Cause::Drain.http_end();
+                (end.status.as_u16(), end.label)
+            }
+            false => (CLIENT_CLOSED_REQUEST, "client_gone"),
+        };
+        exchange.status = status;
+        exchange.agent = self.agent.take();
         exchange.subject = self.claims.as_ref().and_then(|c| c.subject().map(str::to_owned));
-        exchange.finish(false, 0, "client_gone");
+        exchange.finish(false, 0, label);
     }
 }
 
@@ -745,7 +757,9 @@ async fn handle_request(
     stream: http::StreamHold,
 ) -> Response<ProxyBody> {
     let (method, uri) = (req.method().clone(), req.uri().clone());
-    let mut unanswered = Unanswered { ctx, method, uri, route: route.clone(), started, claims: None, armed: true };
+    let agent = caps.get("agent").map(str::to_owned);
+    let mut unanswered =
+        Unanswered { ctx, method, uri, route: route.clone(), agent, started, claims: None, armed: true };
     let answer = answer_request(ctx, runtime, route, caps, req, &mut unanswered, stream).await;
     unanswered.armed = false;
     answer

@@ -737,10 +737,15 @@ impl Drop for Governance {
         if let Some(end) = self.stop.upload.get() {
             end.set(UploadOutcome::AnswerEnded);
         }
+        // Dropped with no end said: its client left, or the drain's drain_timeout cut it.
+        let (initiator, reason) = match self.session.cut_by_drain() {
+            true => (crate::session::Initiator::Proxy, Cause::Drain.http_end().label),
+            false => (crate::session::Initiator::Client, BodyEnd::ClientGone.label()),
+        };
         let mut record = self.end.take().unwrap_or(crate::session::SessionEnd {
             close_code: None,
-            initiator: crate::session::Initiator::Client,
-            reason: "client_gone",
+            initiator,
+            reason,
             bytes: [0, 0],
             frames: [0, 0],
         });
@@ -1059,8 +1064,15 @@ impl Drop for Download {
         // A body hyper did not poll after its session ended (dropped with its stream) ended for
         // the session's reason.
         let stopped = || self.governance.as_ref().and_then(Governance::stopped).map(BodyEnd::Ended);
-        let end =
-            self.end.or_else(|| whole.then_some(BodyEnd::Complete)).or_else(stopped).unwrap_or(BodyEnd::ClientGone);
+        // Else its client left, or the drain's drain_timeout cut it.
+        let cut =
+            || self.governance.as_ref().filter(|g| g.session.cut_by_drain()).map(|_| BodyEnd::Ended(Cause::Drain));
+        let end = self
+            .end
+            .or_else(|| whole.then_some(BodyEnd::Complete))
+            .or_else(stopped)
+            .or_else(cut)
+            .unwrap_or(BodyEnd::ClientGone);
         self.exchange.finish(sse, self.sent, end.label());
         // A governed body is a session: it ends with the line every session ends with (written
         // when its governance drops, below).

@@ -2,8 +2,9 @@
 //!
 //! Every WebSocket session kind ends through it: the relay, fan-out clients and their shared
 //! backend stream, observers. Their handlers only pick a [`Cause`]; [`Cause::plan`] says which
-//! close frame (code and reason) the proxy writes to each side, who initiated the end, and the
-//! label for the log line and metrics. Close codes (RFC 6455 §7.4.1), as literals or by name,
+//! close frame (code and reason) the proxy writes to each side and who initiated the end, and
+//! [`Cause::label`] the end's one label, for the log lines and metrics of every kind of session
+//! (a governed HTTP exchange's too, beside its answer, [`Cause::http_end`]). Close codes (RFC 6455 §7.4.1), as literals or by name,
 //! are written here and nowhere else in the proxy (`tests/architecture.rs` checks it);
 //! `docs/errors.md` carries the same table and a test holds the two together.
 
@@ -179,8 +180,6 @@ pub struct Plan {
     pub to_backend: Option<CloseFrame>,
     /// Who ended the session.
     pub initiator: Initiator,
-    /// The log line's `reason`.
-    pub label: &'static str,
 }
 
 impl Plan {
@@ -216,19 +215,25 @@ impl Cause {
     /// The close table.
     pub fn plan(self) -> Plan {
         use code::*;
-        let proxy = |client: CloseFrame, backend: CloseFrame, label| Plan {
+        let proxy = |client: CloseFrame, backend: CloseFrame| Plan {
             to_client: Some(client),
             to_backend: Some(backend),
             initiator: Initiator::Proxy,
-            label,
         };
-        let both = |c, reason, label| proxy(CloseFrame::new(c, reason), CloseFrame::new(c, reason), label);
+        let both = |c, reason| proxy(CloseFrame::new(c, reason), CloseFrame::new(c, reason));
+        // A subscriber's end: only the client is written to (the stream or the session it
+        // read goes on, or is gone already).
+        let subscriber = |code, reason| Plan {
+            to_client: Some(CloseFrame::new(code, reason)),
+            to_backend: None,
+            initiator: Initiator::Proxy,
+        };
         match self {
             Cause::PeerClose { from: Side::Client, .. } => {
-                Plan { to_client: None, to_backend: None, initiator: Initiator::Client, label: "client close" }
+                Plan { to_client: None, to_backend: None, initiator: Initiator::Client }
             }
             Cause::PeerClose { from: Side::Backend, .. } => {
-                Plan { to_client: None, to_backend: None, initiator: Initiator::Backend, label: "backend close" }
+                Plan { to_client: None, to_backend: None, initiator: Initiator::Backend }
             }
             // The side that is gone is written nothing; its entry only says what the session's
             // close code is counted as (for a lost client, 1001).
@@ -236,58 +241,43 @@ impl Cause {
                 to_client: Some(CloseFrame::new(BAD_GATEWAY, "bad gateway")),
                 to_backend: Some(CloseFrame::new(GOING_AWAY, "")),
                 initiator: Initiator::Backend,
-                label: "backend lost",
             },
             Cause::Lost(Side::Client) => Plan {
                 to_client: Some(CloseFrame::new(GOING_AWAY, "")),
                 to_backend: Some(CloseFrame::new(GOING_AWAY, "going away")),
                 initiator: Initiator::Client,
-                label: "client lost",
             },
             Cause::Violation { by: Side::Client, violation } => proxy(
                 CloseFrame::new(violation_code(violation), violation_reason(violation)),
                 CloseFrame::new(GOING_AWAY, violation_reason(violation)),
-                "client protocol error",
             ),
             Cause::Violation { by: Side::Backend, violation } => proxy(
                 CloseFrame::new(BAD_GATEWAY, "bad gateway"),
                 CloseFrame::new(violation_code(violation), violation_reason(violation)),
-                "bad gateway",
             ),
-            Cause::RateLimit(Side::Client) => proxy(
-                CloseFrame::new(POLICY, "rate limit"),
-                CloseFrame::new(GOING_AWAY, "client rate limit"),
-                "client rate limit",
-            ),
-            Cause::RateLimit(Side::Backend) => proxy(
-                CloseFrame::new(GOING_AWAY, "backend rate limit"),
-                CloseFrame::new(POLICY, "rate limit"),
-                "backend rate limit",
-            ),
-            Cause::IdleTimeout => both(NORMAL, "idle timeout", "idle timeout"),
-            Cause::Lifetime => both(GOING_AWAY, "session lifetime reached", "max lifetime"),
-            Cause::PingTimeout => proxy(
-                CloseFrame::new(GOING_AWAY, "ping timeout"),
-                CloseFrame::new(GOING_AWAY, "going away"),
-                "ping timeout",
-            ),
-            Cause::TokenExpired => proxy(
-                CloseFrame::new(POLICY, "token expired"),
-                CloseFrame::new(GOING_AWAY, "token expired"),
-                "token expired",
-            ),
-            Cause::Revoked => proxy(
-                CloseFrame::new(POLICY, "session revoked"),
-                CloseFrame::new(GOING_AWAY, "session revoked"),
-                "revoked",
-            ),
-            Cause::RouteRemoved => both(GOING_AWAY, "route removed", "route removed"),
-            Cause::Drain => both(GOING_AWAY, "going away", "drain"),
-            Cause::Rebalance => both(GOING_AWAY, "rebalance", "rebalance"),
+            Cause::RateLimit(Side::Client) => {
+                proxy(CloseFrame::new(POLICY, "rate limit"), CloseFrame::new(GOING_AWAY, "client rate limit"))
+            }
+            Cause::RateLimit(Side::Backend) => {
+                proxy(CloseFrame::new(GOING_AWAY, "backend rate limit"), CloseFrame::new(POLICY, "rate limit"))
+            }
+            Cause::IdleTimeout => both(NORMAL, "idle timeout"),
+            Cause::Lifetime => both(GOING_AWAY, "session lifetime reached"),
+            Cause::PingTimeout => {
+                proxy(CloseFrame::new(GOING_AWAY, "ping timeout"), CloseFrame::new(GOING_AWAY, "going away"))
+            }
+            Cause::TokenExpired => {
+                proxy(CloseFrame::new(POLICY, "token expired"), CloseFrame::new(GOING_AWAY, "token expired"))
+            }
+            Cause::Revoked => {
+                proxy(CloseFrame::new(POLICY, "session revoked"), CloseFrame::new(GOING_AWAY, "session revoked"))
+            }
+            Cause::RouteRemoved => both(GOING_AWAY, "route removed"),
+            Cause::Drain => both(GOING_AWAY, "going away"),
+            Cause::Rebalance => both(GOING_AWAY, "rebalance"),
             Cause::RecordingGap => proxy(
                 CloseFrame::new(INTERNAL_ERROR, "recording failed"),
                 CloseFrame::new(GOING_AWAY, "recording failed"),
-                "recording failed",
             ),
             // The client is gone (written nothing); its code counts as 1001, as for a lost one.
             Cause::ResumeExpired { overflow } => Plan {
@@ -297,52 +287,55 @@ impl Cause {
                     if overflow { "resume buffer full" } else { "resume window over" },
                 )),
                 initiator: Initiator::Client,
-                label: if overflow { "resume overflow" } else { "resume expired" },
             },
-            // A subscriber's end: only the client is written to (the stream or the session
-            // it read goes on, or is gone already).
-            Cause::Lagged(who) => {
-                let reason = match who {
-                    Subscriber::FanoutClient => "client too slow",
-                    Subscriber::Observer => "observer too slow",
-                };
-                Plan {
-                    to_client: Some(CloseFrame::new(TRY_AGAIN_LATER, reason)),
-                    to_backend: None,
-                    initiator: Initiator::Proxy,
-                    label: reason,
-                }
-            }
-            Cause::SourceEnded(who) => {
-                let reason = match who {
-                    Subscriber::FanoutClient => "stream ended",
-                    Subscriber::Observer => "session ended",
-                };
-                Plan {
-                    to_client: Some(CloseFrame::new(GOING_AWAY, reason)),
-                    to_backend: None,
-                    initiator: Initiator::Proxy,
-                    label: reason,
-                }
-            }
-            Cause::Refused(r) => Plan {
-                to_client: Some(CloseFrame::new(
-                    POLICY,
-                    match r {
-                        Refusal::ReadOnly => "read-only stream",
-                        Refusal::Fragmented => "fragmented messages are not forwarded",
-                        Refusal::Observer => "observers cannot send",
-                    },
-                )),
-                to_backend: None,
-                initiator: Initiator::Proxy,
-                label: "client input refused",
-            },
-            Cause::OverCap => proxy(
-                CloseFrame::new(POLICY, "too many sessions"),
-                CloseFrame::new(GOING_AWAY, "too many sessions"),
-                "subject sessions",
+            Cause::Lagged(Subscriber::FanoutClient) => subscriber(TRY_AGAIN_LATER, "client too slow"),
+            Cause::Lagged(Subscriber::Observer) => subscriber(TRY_AGAIN_LATER, "observer too slow"),
+            Cause::SourceEnded(Subscriber::FanoutClient) => subscriber(GOING_AWAY, "stream ended"),
+            Cause::SourceEnded(Subscriber::Observer) => subscriber(GOING_AWAY, "session ended"),
+            Cause::Refused(r) => subscriber(
+                POLICY,
+                match r {
+                    Refusal::ReadOnly => "read-only stream",
+                    Refusal::Fragmented => "fragmented messages are not forwarded",
+                    Refusal::Observer => "observers cannot send",
+                },
             ),
+            Cause::OverCap => {
+                proxy(CloseFrame::new(POLICY, "too many sessions"), CloseFrame::new(GOING_AWAY, "too many sessions"))
+            }
+        }
+    }
+
+    /// The end's one label, whatever kind of session it ends: the end-of-session line's
+    /// `reason`, and for a governed HTTP exchange its access log's `end` and the event-stream
+    /// metric's `reason`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::PeerClose { from: Side::Client, .. } => "client_close",
+            Cause::PeerClose { from: Side::Backend, .. } => "backend_close",
+            Cause::Lost(Side::Backend) => "backend_lost",
+            Cause::Lost(Side::Client) => "client_lost",
+            Cause::Violation { by: Side::Client, .. } => "client_protocol_error",
+            Cause::Violation { by: Side::Backend, .. } => "bad_gateway",
+            Cause::RateLimit(Side::Client) => "client_rate_limit",
+            Cause::RateLimit(Side::Backend) => "backend_rate_limit",
+            Cause::IdleTimeout => "idle_timeout",
+            Cause::Lifetime => "lifetime",
+            Cause::PingTimeout => "ping_timeout",
+            Cause::TokenExpired => "token_expired",
+            Cause::Revoked => "revoked",
+            Cause::RouteRemoved => "route_removed",
+            Cause::Drain => "drain",
+            Cause::Rebalance => "rebalance",
+            Cause::RecordingGap => "recording_failed",
+            Cause::ResumeExpired { overflow: true } => "resume_overflow",
+            Cause::ResumeExpired { overflow: false } => "resume_expired",
+            Cause::Lagged(Subscriber::FanoutClient) => "client_too_slow",
+            Cause::Lagged(Subscriber::Observer) => "observer_too_slow",
+            Cause::SourceEnded(Subscriber::FanoutClient) => "stream_ended",
+            Cause::SourceEnded(Subscriber::Observer) => "session_ended",
+            Cause::Refused(_) => "client_input_refused",
+            Cause::OverCap => "subject_sessions",
         }
     }
 
@@ -353,15 +346,11 @@ impl Cause {
     /// exchange's end-of-session line. Once the member's answer has started, its body is cut,
     /// or an event stream ends cleanly.
     pub fn http_end(self) -> HttpEnd {
-        let (status, label) = match self {
-            Cause::TokenExpired => (http::StatusCode::UNAUTHORIZED, "token_expired"),
-            Cause::Revoked => (http::StatusCode::UNAUTHORIZED, "revoked"),
-            Cause::Lifetime => (http::StatusCode::REQUEST_TIMEOUT, "lifetime"),
-            Cause::IdleTimeout => (http::StatusCode::REQUEST_TIMEOUT, "idle_timeout"),
-            Cause::OverCap => (http::StatusCode::TOO_MANY_REQUESTS, "subject_sessions"),
-            Cause::Drain => (http::StatusCode::SERVICE_UNAVAILABLE, "drain"),
-            Cause::RouteRemoved => (http::StatusCode::SERVICE_UNAVAILABLE, "route_removed"),
-            Cause::Rebalance => (http::StatusCode::SERVICE_UNAVAILABLE, "rebalance"),
+        let status = match self {
+            Cause::TokenExpired | Cause::Revoked => http::StatusCode::UNAUTHORIZED,
+            Cause::Lifetime | Cause::IdleTimeout => http::StatusCode::REQUEST_TIMEOUT,
+            Cause::OverCap => http::StatusCode::TOO_MANY_REQUESTS,
+            Cause::Drain | Cause::RouteRemoved | Cause::Rebalance => http::StatusCode::SERVICE_UNAVAILABLE,
             // A WebSocket's own ends: no governed HTTP exchange is ended for them.
             Cause::PeerClose { .. }
             | Cause::Lost(_)
@@ -372,9 +361,9 @@ impl Cause {
             | Cause::ResumeExpired { .. }
             | Cause::Lagged(_)
             | Cause::SourceEnded(_)
-            | Cause::Refused(_) => (http::StatusCode::SERVICE_UNAVAILABLE, "session_ended"),
+            | Cause::Refused(_) => http::StatusCode::SERVICE_UNAVAILABLE,
         };
-        HttpEnd { status, label }
+        HttpEnd { status, label: self.label() }
     }
 }
 
@@ -406,6 +395,15 @@ pub fn record_end(
 /// responses, when their governance drops, beside their access-log line). It never carries a
 /// token.
 pub fn log_end(s: &crate::session::SessionEntry, started: std::time::Instant, end: &crate::session::SessionEnd) {
+    log_end_after(s, started.elapsed(), end);
+}
+
+/// [`log_end`] of a session that lasted `lasted`; once per session (a second call writes
+/// nothing).
+pub fn log_end_after(s: &crate::session::SessionEntry, lasted: std::time::Duration, end: &crate::session::SessionEnd) {
+    if !s.control.log_once() {
+        return;
+    }
     tracing::info!(
         session = s.id,
         kind = s.kind.get().as_str(),
@@ -414,7 +412,7 @@ pub fn log_end(s: &crate::session::SessionEntry, started: std::time::Instant, en
         subject = s.subject.as_deref().unwrap_or(""),
         client = %s.client,
         backend = s.backend.get().map_or("", String::as_str),
-        duration_ms = started.elapsed().as_millis() as u64,
+        duration_ms = lasted.as_millis() as u64,
         bytes_from_client = end.bytes[0],
         bytes_from_backend = end.bytes[1],
         frames_from_client = end.frames[0],
@@ -434,7 +432,7 @@ impl crate::session::SessionEnd {
         crate::session::SessionEnd {
             close_code: plan.client_code(cause),
             initiator: plan.initiator,
-            reason: plan.label,
+            reason: cause.label(),
             bytes: [0, 0],
             frames: [0, 0],
         }
@@ -593,7 +591,7 @@ mod tests {
                 assert!(cell_documents(cell, written), "{cause:?}: to the {side:?}: doc {cell:?}, table {written:?}");
             }
             assert_eq!(row[3], format!("`{}`", plan.initiator.as_str()), "{cause:?}: initiator");
-            assert_eq!(row[4], format!("`{}`", plan.label), "{cause:?}: reason");
+            assert_eq!(row[4], format!("`{}`", cause.label()), "{cause:?}: reason");
         }
     }
 

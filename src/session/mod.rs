@@ -76,7 +76,8 @@ pub struct SessionEnd {
     pub close_code: Option<u16>,
     /// Who started the close.
     pub initiator: Initiator,
-    /// Why, in a few words ("client close", "idle timeout", ...).
+    /// Why: its cause's label ([`close::Cause::label`]: `client_close`, `idle_timeout`, ...), or
+    /// a governed exchange's own end (`complete`, `client_gone`, ...).
     pub reason: &'static str,
     /// Bytes read from the client and from the backend.
     pub bytes: [u64; 2],
@@ -109,6 +110,8 @@ pub struct SessionControl {
     waker: AtomicWaker,
     /// Bytes relayed so far, shown by `/sessions`.
     pub bytes: SessionBytes,
+    /// Set once the session's one end-of-session line is written ([`close::log_end`]).
+    logged: std::sync::atomic::AtomicBool,
 }
 
 /// [`SessionControl::state`] of a session not stopped.
@@ -121,7 +124,13 @@ impl SessionControl {
             state: AtomicU8::new(RUNNING),
             waker: AtomicWaker::new(),
             bytes: SessionBytes::default(),
+            logged: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Notes that the session's end-of-session line is written; false if it already was.
+    pub(crate) fn log_once(&self) -> bool {
+        !self.logged.swap(true, Ordering::AcqRel)
     }
 
     /// Why the session was stopped, once it was.
@@ -337,6 +346,9 @@ pub struct Sessions {
     /// request, the configuration watcher, a removed route's grace timer) waits on or reads
     /// this token.
     drain: tokio_util::sync::CancellationToken,
+    /// Set when the drain's `drain_timeout` passed: whatever is dropped from then on was cut
+    /// by it, not left by its client.
+    drain_over: std::sync::atomic::AtomicBool,
     /// What learns of every session's start and end besides the registry (the fleet's
     /// directory), once set.
     watcher: std::sync::OnceLock<Arc<dyn Watcher>>,
@@ -365,6 +377,17 @@ impl Sessions {
     /// True once the drain started.
     pub fn draining(&self) -> bool {
         self.drain.is_cancelled()
+    }
+
+    /// The drain's `drain_timeout` passed: the connections left are closed from now on.
+    pub fn drain_timed_out(&self) {
+        self.drain_over.store(true, Ordering::Release);
+    }
+
+    /// True once the drain's `drain_timeout` passed: what ends unfinished now was cut by the
+    /// drain.
+    pub fn cut_by_drain(&self) -> bool {
+        self.drain_over.load(Ordering::Acquire)
     }
 
     /// Registers a session; it is removed when the returned guard drops. During a drain it is
@@ -490,6 +513,11 @@ impl SessionGuard {
         }
     }
 
+    /// True once the drain's `drain_timeout` passed (see [`Sessions::cut_by_drain`]).
+    pub fn cut_by_drain(&self) -> bool {
+        self.sessions.cut_by_drain()
+    }
+
     /// The session is of `kind` from now on (a plain exchange whose answer is an event
     /// stream); the watcher is told again when that changes its record.
     pub(crate) fn becomes(&self, kind: SessionKind) {
@@ -503,6 +531,19 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        // Every session ends with its line. One whose task the drain's `drain_timeout`
+        // dropped before it wrote one (a relay whose client did not answer the drain's close
+        // within a longer `close_timeout`, a held session, an observer) ends `drain`, by the
+        // proxy, with the bytes its counters have.
+        if self.sessions.cut_by_drain() && !self.entry.control.logged.load(Ordering::Acquire) {
+            let bytes = &self.entry.control.bytes;
+            let end = SessionEnd {
+                bytes: [bytes.from_client.load(Ordering::Relaxed), bytes.from_backend.load(Ordering::Relaxed)],
+                ..SessionEnd::of(close::Cause::Drain)
+            };
+            let lasted = std::time::SystemTime::now().duration_since(self.entry.started).unwrap_or_default();
+            close::log_end_after(&self.entry, lasted, &end);
+        }
         if let Ok(mut m) = self.sessions.map.lock() {
             m.remove(&self.entry.id);
         }

@@ -66,3 +66,28 @@ async fn drains_100_sessions(text: &str) {
     .await;
     assert!(status.success(), "exit status {status}");
 }
+
+/// A session still open when `drain_timeout` closes what is left (its client did not answer the
+/// drain's 1001 within the route's longer `close_timeout`) writes its end-of-session line too:
+/// `drain`, by the proxy. Before, it went without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_drain_timeout_cuts_writes_its_end_line() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .set("server.drain_timeout", "1s")
+        .set("server.drain_spread", "0s")
+        .set("routes.0.session.close_timeout", "30s")
+        .text();
+    let mut proxy = ProxyProcess::start_with_log(&text, "portcullis=info").await;
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
+    c.send(true, op::TEXT, b"hello").await;
+    assert_eq!(c.recv().await.payload, b"hello");
+    // The client reads the drain's close and never answers it.
+    let logs = proxy.stop_and_collect_logs().await;
+    assert_eq!(c.recv().await.close_code(), Some(1001));
+    let ended: Vec<&str> = logs.lines().filter(|l| l.contains("session ended")).collect();
+    assert_eq!(ended.len(), 1, "{logs}");
+    for field in ["kind=\"websocket\"", "reason=\"drain\"", "closed_by=\"proxy\"", "close_code=1001"] {
+        assert!(ended[0].contains(field), "{field} missing from {}", ended[0]);
+    }
+}

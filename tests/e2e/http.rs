@@ -608,7 +608,59 @@ async fn a_request_its_client_abandons_before_the_answer_is_logged_499() {
     assert_eq!(lines.len(), 3, "one line per request:\n{logs}");
     assert!(lines[0].contains("status=200"), "{}", lines[0]);
     for line in &lines[1..] {
-        for field in ["status=499", "end=\"client_gone\"", "subject=\"alice\"", "path=\"/agents/a1/api/slow\""] {
+        for field in
+            ["status=499", "end=\"client_gone\"", "subject=\"alice\"", "agent=\"a1\"", "path=\"/agents/a1/api/slow\""]
+        {
+            assert!(line.contains(field), "{field} missing from {line}");
+        }
+    }
+}
+
+/// What the drain's `drain_timeout` cuts did not lose its client: a request still waiting for
+/// its member, and an answer the member gave during the drain (an event stream, given the
+/// route's longer `close_timeout`) still open. Their access-log lines say `drain` (the waiting
+/// one with the drain's 503), and so do their end-of-session lines, by the proxy. Before, all
+/// of them said `client_gone`, by the client.
+#[tokio::test]
+async fn what_the_drain_timeout_cuts_is_logged_as_the_drains() {
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = api_config(&key, &[backend.addr], json!({}))
+        .merge("routes.1.session", json!({"close_timeout": "30s"}))
+        .merge("server", json!({"drain_timeout": "2s", "drain_spread": "0s"}))
+        .text();
+    let mut proxy = ProxyProcess::start_with_log(&text, "portcullis=info").await;
+    let auth = key.bearer(&["a1"]);
+    let mut c = H1::connect(proxy.plain, false).await;
+    let slow = request("GET", "/agents/a1/api/slow?ms=8000", &[("authorization", &auth)], full(Bytes::new()));
+    let waiting = tokio::spawn(async move { c.try_send(slow).await.map(|r| r.status()) });
+    // Answered 1 s into the drain: delivered, and still open at the drain's end.
+    let mut d = H1::connect(proxy.plain, false).await;
+    let late = request("GET", "/agents/a1/api/late?ms=1000", &[("authorization", &auth)], full(Bytes::new()));
+    // The client keeps its connection and the answer, unread.
+    let answered = tokio::spawn(async move { (d.try_send(late).await, d) });
+    let asked = async || (backend.seen().iter().filter(|s| s.method == "GET").count() == 2).then_some(());
+    eventually("the member has both requests", asked).await;
+    let logs = proxy.stop_and_collect_logs().await;
+    assert!(waiting.await.expect("client task").is_err(), "closed with no answer");
+    let (answer, _held) = answered.await.expect("client task");
+    assert_eq!(answer.map(|r| r.status().as_u16()).ok(), Some(200));
+    let line = |path: &str| {
+        let of = |l: &&str| l.contains("portcullis::access") && l.contains(path);
+        logs.lines().find(of).unwrap_or_else(|| panic!("no line for {path}:\n{logs}")).to_owned()
+    };
+    for (path, status) in [("/agents/a1/api/slow", 503), ("/agents/a1/api/late", 200)] {
+        let line = line(path);
+        for field in
+            [format!("status={status}"), "end=\"drain\"".into(), "subject=\"alice\"".into(), "agent=\"a1\"".into()]
+        {
+            assert!(line.contains(&field), "{field} missing from {line}");
+        }
+    }
+    let ended: Vec<&str> = logs.lines().filter(|l| l.contains("session ended")).collect();
+    assert_eq!(ended.len(), 2, "{logs}");
+    for line in ended {
+        for field in ["reason=\"drain\"", "closed_by=\"proxy\""] {
             assert!(line.contains(field), "{field} missing from {line}");
         }
     }

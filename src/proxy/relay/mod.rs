@@ -181,7 +181,7 @@ mod tests {
         assert_eq!((code, reason.as_str()), (1000, "idle timeout"));
         assert_eq!(Instant::now() - t0, Duration::from_secs(100), "60 s after the last data, not after the start");
         let end = ends.relay.await.expect("relay");
-        assert_eq!(end.reason, "idle timeout");
+        assert_eq!(end.reason, "idle_timeout");
     }
 
     #[tokio::test(start_paused = true)]
@@ -193,7 +193,7 @@ mod tests {
         assert_eq!(Instant::now() - t0, Duration::from_secs(10));
         let (code, _) = close_to(&mut ends.backend, Side::Backend).await;
         assert_eq!(code, 1001);
-        assert_eq!(ends.relay.await.expect("relay").reason, "token expired");
+        assert_eq!(ends.relay.await.expect("relay").reason, "token_expired");
     }
 
     #[tokio::test(start_paused = true)]
@@ -209,7 +209,7 @@ mod tests {
         let (code, reason) = close_to(&mut ends.client, Side::Client).await;
         assert_eq!((code, reason.as_str()), (1001, "session lifetime reached"));
         assert_eq!(Instant::now() - t0, Duration::from_secs(20));
-        assert_eq!(ends.relay.await.expect("relay").reason, "max lifetime");
+        assert_eq!(ends.relay.await.expect("relay").reason, "lifetime");
     }
 
     #[tokio::test(start_paused = true)]
@@ -221,7 +221,7 @@ mod tests {
         let (code, reason) = close_to(&mut ends.client, Side::Client).await;
         assert_eq!((code, reason.as_str()), (1001, "ping timeout"));
         assert_eq!(Instant::now() - t0, Duration::from_secs(8), "the ping at 5 s, unanswered for 3 s");
-        assert_eq!(ends.relay.await.expect("relay").reason, "ping timeout");
+        assert_eq!(ends.relay.await.expect("relay").reason, "ping_timeout");
     }
 
     /// A resumable session whose first client is `client`'s far end, and the registry it is
@@ -264,7 +264,7 @@ mod tests {
         let (code, reason) = close_to(&mut ends.backend, Side::Backend).await;
         assert_eq!((code, reason.as_str()), (1001, "resume window over"));
         assert_eq!(Instant::now() - t0, Duration::from_secs(30));
-        assert_eq!(ends.relay.await.expect("relay").reason, "resume expired");
+        assert_eq!(ends.relay.await.expect("relay").reason, "resume_expired");
         assert!(resumes.is_empty(), "the id leaves the registry with the session");
     }
 

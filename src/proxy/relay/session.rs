@@ -632,7 +632,7 @@ where
         let (close_code, initiator, reason) = match self.outcome {
             Some(cause) => {
                 let plan = cause.plan();
-                (plan.client_code(cause), plan.initiator, plan.label)
+                (plan.client_code(cause), plan.initiator, cause.label())
             }
             None => (None, Initiator::Proxy, "closed"),
         };

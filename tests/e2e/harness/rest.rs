@@ -467,6 +467,12 @@ impl H1 {
         tokio::time::timeout(SOON, self.sender.send_request(req)).await.expect("response in time").expect("response")
     }
 
+    /// Sends a request: its response head, or the error when the connection closes first.
+    pub async fn try_send(&mut self, req: Request<TBody>) -> hyper::Result<Response<Incoming>> {
+        self.sender.ready().await?;
+        self.sender.send_request(req).await
+    }
+
     /// Sends a request and reads the whole response.
     pub async fn call(&mut self, req: Request<TBody>) -> Answer {
         let resp = self.send(req).await;
