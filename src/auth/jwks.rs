@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use sha2::Digest as _;
 
 use super::AuthConfigError;
 use crate::config::JwksSettings;
@@ -27,6 +28,8 @@ pub struct JwkKey {
     pub key: DecodingKey,
     /// Allowed algorithms (the source's allowlist, narrowed by the JWK's own `alg`).
     pub algorithms: Vec<Algorithm>,
+    /// The JWK as published (its SHA-256), to tell a key replaced under the same `kid`.
+    fingerprint: [u8; 32],
 }
 
 /// One JWKS endpoint and its cached keys.
@@ -37,6 +40,9 @@ pub struct JwksSource {
     last_refetch: tokio::sync::Mutex<Option<Instant>>,
     client: crate::outbound::HttpClient,
     fetches: AtomicU64,
+    /// Bumped when a fetch drops a key or replaces one under its `kid`: tokens verified with
+    /// the old key set are verified again ([`super::Authenticator`]'s cache reads it).
+    epoch: Arc<AtomicU64>,
 }
 
 /// Why a JWKS fetch failed.
@@ -58,7 +64,8 @@ pub enum JwksError {
 
 impl JwksSource {
     /// Sets up a source; nothing is fetched until [`JwksSource::spawn_refresher`] or a lookup.
-    pub fn new(settings: JwksSettings) -> Result<Arc<Self>, AuthConfigError> {
+    /// `epoch` is bumped whenever a fetch takes a key away or replaces one.
+    pub fn new(settings: JwksSettings, epoch: Arc<AtomicU64>) -> Result<Arc<Self>, AuthConfigError> {
         let err = |message: String| AuthConfigError::Jwks { url: settings.url.to_string(), message };
         let client = crate::outbound::HttpClient::new(settings.ca.as_deref()).map_err(err)?;
         Ok(Arc::new(JwksSource {
@@ -67,6 +74,7 @@ impl JwksSource {
             last_refetch: tokio::sync::Mutex::new(None),
             client,
             fetches: AtomicU64::new(0),
+            epoch,
         }))
     }
 
@@ -129,13 +137,24 @@ impl JwksSource {
                     }
                 }
                 let fresh: std::collections::HashSet<String> = loaded.iter().map(|(k, _)| k.clone()).collect();
+                // A key taken away or replaced under its kid (a rotation after a compromise)
+                // must stop authorizing tokens already verified with it, cached or not.
+                let mut retired = false;
                 for (kid, key) in loaded {
+                    if let Some(old) = self.keys.get(&kid).await {
+                        retired |= old.fingerprint != key.fingerprint;
+                    }
                     self.keys.insert(kid, key).await;
                 }
                 let stale: Vec<String> =
                     self.keys.iter().map(|(k, _)| (*k).clone()).filter(|k| !fresh.contains(k)).collect();
+                retired |= !stale.is_empty();
                 for kid in stale {
                     self.keys.invalidate(&kid).await;
+                }
+                if retired {
+                    self.epoch.fetch_add(1, Ordering::AcqRel);
+                    tracing::info!(%url, "jwks keys retired or replaced; tokens verified with them are checked again");
                 }
                 crate::metrics::jwks_fetch(true);
                 tracing::debug!(%url, keys = fresh.len(), "jwks refreshed");
@@ -157,7 +176,8 @@ impl JwksSource {
         }
         // Keep only algorithms whose family matches the key type.
         algorithms.retain(|a| key.family() == a.family());
-        (!algorithms.is_empty()).then_some(JwkKey { key, algorithms })
+        let fingerprint = sha2::Sha256::digest(serde_json::to_vec(jwk).ok()?).into();
+        (!algorithms.is_empty()).then_some(JwkKey { key, algorithms, fingerprint })
     }
 
     async fn fetch(&self) -> Result<JwkSet, JwksError> {

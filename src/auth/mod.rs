@@ -272,8 +272,19 @@ pub struct Authenticator {
     jwks: Vec<Arc<JwksSource>>,
     leeway: Duration,
     max_token_size: usize,
-    verified: moka::sync::Cache<[u8; 32], Arc<Claims>>,
+    verified: moka::sync::Cache<[u8; 32], Verified>,
+    /// Bumped by a JWKS fetch that takes a key away or replaces one: a cached token verified
+    /// before is verified again, with the keys in force.
+    key_epoch: Arc<std::sync::atomic::AtomicU64>,
     denylist: Arc<Denylist>,
+}
+
+/// A token of the verified-token cache: its claims, and the key set's epoch it was verified
+/// under.
+#[derive(Clone)]
+struct Verified {
+    claims: Arc<Claims>,
+    epoch: u64,
 }
 
 /// Revoked subjects and token ids, refused until their tokens expire. One per process: it
@@ -302,9 +313,9 @@ struct Denial {
 /// Expires cache entries at their own deadline (token `exp`, or denial end).
 struct ExpireAt;
 
-impl moka::Expiry<[u8; 32], Arc<Claims>> for ExpireAt {
-    fn expire_after_create(&self, _: &[u8; 32], v: &Arc<Claims>, _: std::time::Instant) -> Option<Duration> {
-        Some(Duration::from_secs(v.exp.saturating_sub(now_secs())))
+impl moka::Expiry<[u8; 32], Verified> for ExpireAt {
+    fn expire_after_create(&self, _: &[u8; 32], v: &Verified, _: std::time::Instant) -> Option<Duration> {
+        Some(Duration::from_secs(v.claims.exp.saturating_sub(now_secs())))
     }
 }
 
@@ -337,8 +348,9 @@ impl Authenticator {
             keys.push(StaticKey { kid: k.kid.clone(), algorithms: k.algorithms.clone(), key });
         }
         let mut jwks = Vec::with_capacity(settings.jwks.len());
+        let key_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
         for j in &settings.jwks {
-            let source = JwksSource::new(j.clone())?;
+            let source = JwksSource::new(j.clone(), key_epoch.clone())?;
             source.spawn_refresher();
             jwks.push(source);
         }
@@ -348,6 +360,7 @@ impl Authenticator {
             leeway: settings.leeway,
             max_token_size: settings.max_token_size,
             verified: moka::sync::Cache::builder().max_capacity(settings.cache_capacity).expire_after(ExpireAt).build(),
+            key_epoch,
             denylist,
         }))
     }
@@ -380,17 +393,31 @@ impl Authenticator {
             return Err(AuthError::TooLarge);
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(c) = self.verified.get(&digest) {
-            if now_secs() > c.exp + self.leeway.as_secs() {
+        // Read before the check: keys retired while it runs leave its entry stale.
+        let epoch = self.key_epoch.load(std::sync::atomic::Ordering::Acquire);
+        // A token verified under a key set since changed (a key retired or replaced) is
+        // verified again, as one never seen: a retired key authorizes nothing.
+        let cached = self.verified.get(&digest);
+        if let Some(v) = cached.clone().filter(|v| v.epoch == epoch) {
+            if now_secs() > v.claims.exp + self.leeway.as_secs() {
                 return Err(AuthError::Expired);
             }
-            self.check_denied(&c)?;
-            return Ok(c);
+            self.check_denied(&v.claims)?;
+            return Ok(v.claims);
         }
         gate().map_err(AuthError::Throttled)?;
-        let claims = Arc::new(self.verify_uncached(token).await?);
+        let claims = match self.verify_uncached(token).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                // Verified once, under a key since retired: forgotten.
+                if cached.is_some() {
+                    self.verified.invalidate(&digest);
+                }
+                return Err(e);
+            }
+        };
         self.check_denied(&claims)?;
-        self.verified.insert(digest, claims.clone());
+        self.verified.insert(digest, Verified { claims: claims.clone(), epoch });
         Ok(claims)
     }
 

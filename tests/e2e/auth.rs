@@ -431,13 +431,54 @@ async fn jwks_rotation_is_picked_up_with_bounded_fetches() {
     let took = burst.elapsed();
     let allowed = 1 + took.as_secs() as usize;
     assert!(fetched <= allowed, "50 unknown-kid connects over {took:?} caused {fetched} JWKS fetches");
-    // Old key k1 left the set: its tokens are now refused.
+    // Old key k1 left the set: its tokens are now refused, the one verified with it before
+    // the rotation (in the verified-token cache) too.
     let stale = k1.token(std_claims("alice", &["a1"]));
-    let err = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &format!("Bearer {stale}"))])
+    for token in [&stale, &t1] {
+        let err = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &format!("Bearer {token}"))])
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(err.status, 401);
+    }
+}
+
+/// Found by an attacker review: a key replaced under its `kid` (a rotation after a compromise
+/// that keeps the name) went on authorizing the tokens verified with the old key, from the
+/// verified-token cache, until they expired (a forger picks any `exp`). A fetch that replaces
+/// or drops a key now sends every cached token through verification again.
+#[tokio::test]
+async fn a_key_replaced_under_its_kid_authorizes_nothing_it_verified_before() {
+    let backend = Backend::echo().await;
+    let k1 = key(Algorithm::ES256, Some("k1"));
+    let server = jwks_server(json!({"keys": [jwk(&k1)]}).to_string()).await;
+    let extra = json!({"auth": {"jwks": [{
+        "url": format!("http://{}/jwks", server.addr),
+        "algorithms": ["ES256"],
+        "danger_allow_http": true,
+        "refresh_interval": "1h",
+        "min_refetch_interval": "1s",
+    }]}});
+    let proxy = Proxy::start_with(&auth_config(backend.addr, "jwks_replaced", json!({}), extra).text()).await;
+    let bearer = |t: &str| format!("Bearer {t}");
+    let old = k1.token(std_claims("alice", &["a1"]));
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&old))]).await.expect("k1");
+    echo_works(&mut c).await;
+    // The provider replaces k1's material under the same kid and adds k3; a k3 token makes the
+    // proxy fetch the new set.
+    let (k1_new, k3) = (key(Algorithm::ES256, Some("k1")), key(Algorithm::ES256, Some("k3")));
+    *server.doc.lock().expect("lock") = json!({"keys": [jwk(&k1_new), jwk(&k3)]}).to_string();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let t3 = k3.token(std_claims("alice", &["a1"]));
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&t3))]).await.expect("k3");
+    echo_works(&mut c).await;
+    let err = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&old))])
         .await
         .err()
-        .expect("refused");
+        .expect("the token of the replaced key is refused");
     assert_eq!(err.status, 401);
+    let fresh = k1_new.token(std_claims("alice", &["a1"]));
+    upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&fresh))]).await.expect("the new k1");
 }
 
 #[tokio::test]
