@@ -355,3 +355,32 @@ async fn one_subject_cannot_take_every_observer_place_of_a_session() {
     assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"observed\",result=\"observers_per_subject\"}"), 1.0);
     assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"observed\",result=\"observers_full\"}"), 1.0);
 }
+
+/// Found by an attacker review: the observer's subject (its token's `sub`, which its issuer
+/// lets users shape: an LDAP DN, a display name) went into the observer's log lines raw, so a
+/// newline forged a whole line and escape sequences reached the operator's terminal. It is
+/// written quoted and escaped, as every other subject field is.
+#[tokio::test]
+async fn an_observers_subject_cannot_forge_a_log_line() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let text = observed(backend.addr, &key, json!({})).text();
+    let mut proxy = ProxyProcess::start_with_log(&text, "portcullis=info").await;
+    let mut owner = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))])
+        .await
+        .expect("101");
+    owner.send(true, op::BINARY, b"x").await;
+    owner.recv().await;
+    let (_, body) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+    let v: Value = serde_json::from_str(&body).expect("json");
+    let id = v["sessions"][0]["id"].as_u64().expect("one session");
+    let forged = "auditor\n2026-12-06T00:00:00.000000Z  INFO portcullis::admin: sessions revoked closed=0 \u{1b}[2J";
+    let auditor = key.token_with(json!({"sub": forged, "scope": "observe:a1"}));
+    let path = format!("/agents/a1/terminal?observe={id}");
+    let mut obs = upgrade(proxy.plain, false, &path, &[("Authorization", &bearer(&auditor))]).await.expect("observer");
+    obs.send(true, op::CLOSE, &1000u16.to_be_bytes()).await;
+    let logs = proxy.stop_and_collect_logs().await;
+    assert!(logs.lines().any(|l| l.contains("observer joined")), "{logs}");
+    assert!(!logs.lines().any(|l| l.starts_with("2026-12-06T00:00:00")), "a forged line:\n{logs}");
+    assert!(!logs.contains('\u{1b}'), "an escape sequence reached the log:\n{logs}");
+}

@@ -79,7 +79,13 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     watch: Watch,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
-    tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, own = watch.own.entry().id, "observer joined");
+    tracing::info!(
+        session = watch.session,
+        route = watch.route.as_str(),
+        observer = watch.subject.as_str(),
+        own = watch.own.entry().id,
+        "observer joined"
+    );
     crate::metrics::observers_active(&watch.route, 1.0);
     metrics.sessions_active.increment(1.0);
     let started = std::time::Instant::now();
@@ -168,7 +174,13 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     }
     crate::metrics::observers_active(&watch.route, -1.0);
     crate::metrics::observer_closed(&watch.route, end);
-    tracing::info!(session = watch.session, route = %watch.route, observer = %watch.subject, reason = end, "observer left");
+    tracing::info!(
+        session = watch.session,
+        route = watch.route.as_str(),
+        observer = watch.subject.as_str(),
+        reason = end,
+        "observer left"
+    );
     crate::session::close::record_end(&metrics, watch.own.entry(), started, &crate::session::SessionEnd::of(cause));
     if write_close {
         // A close is answered; every other end is the close table's.
