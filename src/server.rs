@@ -68,6 +68,9 @@ pub enum ServerError {
     /// read).
     #[error("fleet store: {0}")]
     Fleet(#[from] crate::fleet::StoreError),
+    /// A file the configuration names does not load (a reload's: see [`check_files`]).
+    #[error("{0}")]
+    Files(String),
 }
 
 /// Reads every file the configuration names (certificates and keys, token keys, JWKS CA files)
@@ -275,24 +278,28 @@ impl Shared {
             // in force whatever the reload says.
             tracing::warn!("[fleet] changed: the store in use stays until a restart");
         }
+        // Every file it names loads, as `check-config` and a start require: a reload is
+        // refused as a whole, never applied with a recording directory no session can write.
+        let problems = check_files(&config);
+        if !problems.is_empty() {
+            return Err(ServerError::Files(problems.join("; ")));
+        }
         let grace = config.server.removed_route_grace;
         let runtime = build_runtime(config, &self.denylist, Some(&old), &self.metrics)?;
-        let removed: Vec<_> = self
-            .sessions
-            .list()
-            .into_iter()
-            .filter(|s| !runtime.config.routes.iter().any(|r| r.name == s.route))
-            .collect();
+        self.sessions.routes_in_force(runtime.config.routes.iter().map(|r| r.name.clone()));
         self.runtime.store(Arc::new(runtime));
-        if !removed.is_empty() {
-            tracing::info!(sessions = removed.len(), grace = ?grace, "sessions on removed routes close after the grace period");
-            let drain = self.sessions.drain_signal().clone();
+        let removed = self.sessions.on_removed_routes().len();
+        if removed > 0 {
+            tracing::info!(sessions = removed, grace = ?grace, "sessions on removed routes close after the grace period");
+            let (sessions, drain) = (self.sessions.clone(), self.sessions.drain_signal().clone());
             tokio::spawn(async move {
                 tokio::select! {
                     _ = tokio::time::sleep(grace) => {}
                     _ = drain.cancelled() => return,
                 }
-                for s in removed {
+                // Whatever is on a route not in force then, a session whose handshake the
+                // reload overtook included (a later reload may have brought its route back).
+                for s in sessions.on_removed_routes() {
                     s.control.stop(StopReason::RouteRemoved);
                 }
             });
@@ -573,6 +580,8 @@ impl Server {
             _ => None,
         };
         let runtime = build_runtime(config, &denylist, None, &metrics)?;
+        let sessions = Arc::new(Sessions::default());
+        sessions.routes_in_force(runtime.config.routes.iter().map(|r| r.name.clone()));
         Ok(Server {
             workers,
             shared: Arc::new(Shared {
@@ -583,7 +592,7 @@ impl Server {
                 stop_accepting: CancellationToken::new(),
                 handshaking: Default::default(),
                 denylist,
-                sessions: Arc::new(Sessions::default()),
+                sessions,
                 conns: ConnCounts::new(),
                 per_ip: Arc::default(),
                 per_ip_streams: Arc::default(),

@@ -349,6 +349,10 @@ pub struct Sessions {
     /// Set when the drain's `drain_timeout` passed: whatever is dropped from then on was cut
     /// by it, not left by its client.
     drain_over: std::sync::atomic::AtomicBool,
+    /// The names of the routes in force (the configuration's, then each reload's): a session
+    /// registered on another (its handshake began before a reload removed its route) is
+    /// stopped at once, as [`Sessions::stop_removed`] stops those registered before.
+    routes: arc_swap::ArcSwapOption<std::collections::HashSet<String>>,
     /// What learns of every session's start and end besides the registry (the fleet's
     /// directory), once set.
     watcher: std::sync::OnceLock<Arc<dyn Watcher>>,
@@ -404,7 +408,24 @@ impl Sessions {
         if self.drain.is_cancelled() {
             entry.control.stop(StopReason::Drain);
         }
+        // Likewise a reload that removed its route meanwhile.
+        if self.routes.load().as_ref().is_some_and(|r| !r.contains(&entry.route)) {
+            entry.control.stop(StopReason::RouteRemoved);
+        }
         SessionGuard { sessions: self.clone(), entry }
+    }
+
+    /// Sets the routes in force (at start and at each reload): a session registered on
+    /// another from now on is stopped at once.
+    pub fn routes_in_force(&self, names: impl IntoIterator<Item = String>) {
+        self.routes.store(Some(Arc::new(names.into_iter().collect())));
+    }
+
+    /// The live sessions on routes no longer in force.
+    pub fn on_removed_routes(&self) -> Vec<Arc<SessionEntry>> {
+        let routes = self.routes.load();
+        let removed = |e: &Arc<SessionEntry>| routes.as_ref().is_some_and(|r| !r.contains(&e.route));
+        self.list().into_iter().filter(removed).collect()
     }
 
     /// Starts the drain: stops every session (each spreads its close over `drain_spread`).

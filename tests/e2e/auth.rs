@@ -730,3 +730,53 @@ async fn a_browser_offering_its_token_and_the_marker_gets_the_marker_when_the_ba
     assert_eq!(req.header("sec-websocket-protocol"), Some("tty"));
     assert!(!format!("{:?}", c.response).contains(&t), "the token is never echoed");
 }
+
+/// Found by an attacker review: a reload that removes a route while a handshake on it waits in
+/// the auth stage (its JWKS key still being fetched) missed that session. The reload cut the
+/// sessions it listed, and the late one got its 101 and lived on the removed route until a
+/// deadline. A session registered on a route no longer in force is refused now (503), and the
+/// grace period's end cuts whatever is on a removed route then.
+#[tokio::test]
+async fn a_handshake_a_reload_overtakes_gets_no_session_on_its_removed_route() {
+    let backend = Backend::echo().await;
+    let (k0, k1) = (key(Algorithm::ES256, Some("k0")), key(Algorithm::ES256, Some("k1")));
+    let doc = Arc::new(Mutex::new(json!({"keys": [jwk(&k0)]}).to_string()));
+    let d = doc.clone();
+    // Every key-set fetch takes 1.5 s.
+    let (addr, hits) = http_server(move |_| (200, d.lock().expect("lock").clone()), Duration::from_millis(1500)).await;
+    let extra = json!({"auth": {"jwks": [{
+        "url": format!("http://{addr}/jwks"),
+        "algorithms": ["ES256"],
+        "danger_allow_http": true,
+        "refresh_interval": "1h",
+        "min_refetch_interval": "1s",
+        "timeout": "10s",
+    }]}, "server": {"removed_route_grace": "300ms"}});
+    let config = auth_config(backend.addr, "leaving", json!({}), extra);
+    let proxy = Proxy::start_with(&config.text()).await;
+    let bearer = |t: &str| format!("Bearer {t}");
+    let t0 = k0.token(std_claims("alice", &["a1"]));
+    eventually("the first key set is in", async || {
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&t0))]).await.ok()
+    })
+    .await;
+    // A k1 token waits in the auth stage for the key set's next fetch.
+    *doc.lock().expect("lock") = json!({"keys": [jwk(&k0), jwk(&k1)]}).to_string();
+    let before = hits.load(Ordering::SeqCst);
+    let t1 = k1.token(std_claims("alice", &["a1"]));
+    let tls = proxy.tls;
+    let late = tokio::spawn(async move {
+        upgrade(tls, true, "/agents/a1/terminal", &[("Authorization", &format!("Bearer {t1}"))])
+            .await
+            .err()
+            .map(|h| h.status)
+    });
+    eventually("the handshake waits for the fetch", async || (hits.load(Ordering::SeqCst) > before).then_some(()))
+        .await;
+    let without = config.set("routes.0.name", "other").set("routes.0.path", "/other/{agent}").text();
+    let parsed = portcullis::config::Config::parse(&without, std::path::Path::new("reload.toml")).expect("valid");
+    proxy.handle.reload(parsed).expect("reload");
+    assert_eq!(late.await.expect("task"), Some(503), "no session on the removed route");
+    let (_, sessions) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+    assert!(!sessions.contains("\"route\":\"leaving\""), "{sessions}");
+}

@@ -206,3 +206,32 @@ async fn reload_cannot_turn_a_tls_listener_into_a_plaintext_one() {
     let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("wss still works");
     echo_exact(&mut c, 0).await;
 }
+
+/// Found by an attacker review: a reload took a recording directory that `check-config` and a
+/// start refuse (under a regular file), and from then on every session of the route ran
+/// unrecorded. A reload loads every file the configuration names first, and is refused whole
+/// when one does not.
+#[tokio::test]
+async fn a_reload_whose_recording_directory_cannot_be_written_is_refused() {
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let recorded = |d: &std::path::Path| {
+        TestConfig::base(&[backend.addr.to_string()])
+            .merge("routes.0", json!({"recording": {"directory": d.display().to_string()}}))
+    };
+    let proxy = Proxy::start_with(&recorded(&dir.path().join("rec")).text()).await;
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").expect("write");
+    let counted = REFUSED_RELOADS.lock().await;
+    let err = proxy.handle.reload(parse(&recorded(&file.join("rec")).text())).expect_err("refused");
+    drop(counted);
+    assert!(err.to_string().contains("recording directory"), "{err}");
+    // The route still records where it did.
+    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[]).await.expect("101");
+    echo_exact(&mut c, 1).await;
+    drop(c);
+    eventually("the session is recorded in the old directory", async || {
+        std::fs::read_dir(dir.path().join("rec")).ok()?.next().map(|_| ())
+    })
+    .await;
+}
