@@ -79,8 +79,13 @@ impl HttpClient {
         let tcp = TcpStream::connect((host, port)).await.map_err(|e| OutboundError::Connect(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        // The host and port only: never what an authority may carry before them.
+        let authority = match uri.port_u16() {
+            Some(p) => format!("{}:{p}", uri.host().unwrap_or_default()),
+            None => uri.host().unwrap_or_default().to_owned(),
+        };
         let mut req = Request::get(path)
-            .header(http::header::HOST, uri.authority().map_or("", |a| a.as_str()))
+            .header(http::header::HOST, authority)
             .body(Empty::<Bytes>::new())
             .map_err(|e| OutboundError::Http(e.to_string()))?;
         req.headers_mut().extend(headers);
@@ -157,4 +162,11 @@ pub fn upstream(s: UpstreamSettings) -> Upstream {
         .http1_max_buf_size(UPSTREAM_MAX_BUF)
         .set_host(false)
         .build(connector)
+}
+
+/// `uri` as logs and errors may show it: scheme, host, port and path, without credentials or
+/// the query (where an API key may ride).
+pub fn loggable(uri: &Uri) -> String {
+    let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+    format!("{}://{}{port}{}", uri.scheme_str().unwrap_or("http"), uri.host().unwrap_or_default(), uri.path())
 }

@@ -66,7 +66,7 @@ impl JwksSource {
     /// Sets up a source; nothing is fetched until [`JwksSource::spawn_refresher`] or a lookup.
     /// `epoch` is bumped whenever a fetch takes a key away or replaces one.
     pub fn new(settings: JwksSettings, epoch: Arc<AtomicU64>) -> Result<Arc<Self>, AuthConfigError> {
-        let err = |message: String| AuthConfigError::Jwks { url: settings.url.to_string(), message };
+        let err = |message: String| AuthConfigError::Jwks { url: crate::outbound::loggable(&settings.url), message };
         let client = crate::outbound::HttpClient::new(settings.ca.as_deref()).map_err(err)?;
         Ok(Arc::new(JwksSource {
             settings,
@@ -125,7 +125,7 @@ impl JwksSource {
             Ok(r) => r,
             Err(_) => Err(JwksError::Timeout),
         };
-        let url = self.settings.url.to_string();
+        let url = crate::outbound::loggable(&self.settings.url);
         match result {
             Ok(set) => {
                 let mut loaded = Vec::new();

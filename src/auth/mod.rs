@@ -627,7 +627,10 @@ pub fn check_files(settings: &AuthSettings) -> Vec<AuthConfigError> {
     for j in settings.jwks.iter().filter(|j| j.ca.is_some()) {
         if let Err(message) = crate::outbound::HttpClient::new(j.ca.as_deref()) {
             let path = j.ca.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
-            problems.push(AuthConfigError::Key { path, message: format!("CA file of {}: {message}", j.url) });
+            problems.push(AuthConfigError::Key {
+                path,
+                message: format!("CA file of {}: {message}", crate::outbound::loggable(&j.url)),
+            });
         }
     }
     problems

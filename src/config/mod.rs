@@ -1036,6 +1036,24 @@ mod tests {
         assert!(msg.contains("idle_timout"), "{msg}");
     }
 
+    /// Found by an attacker review: credentials in a JWKS or registry URL were written to
+    /// every failed fetch's log line and sent as the request's `Host`. They are refused.
+    #[test]
+    fn outbound_urls_carry_no_credentials() {
+        let listener = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n";
+        let jwks = "[[auth.jwks]]\nurl = \"https://user:s3cret@keys.example/jwks\"\nalgorithms = [\"ES256\"]\n";
+        let registry = "[[routes]]\nname = \"r\"\npath = \"/agents/{agent}\"\n\
+                        [routes.registry]\nurl = \"https://user:s3cret@registry.example/agents/{agent}\"\n";
+        for (text, key) in [(jwks, "auth.jwks[0].url"), (registry, ".registry.url")] {
+            let err = Config::parse(&format!("{listener}{text}"), Path::new("x.toml")).expect_err("refused");
+            let msg = err.to_string();
+            assert!(msg.contains(key) && msg.contains("must not carry credentials"), "{msg}");
+            assert!(!msg.contains("s3cret"), "the secret echoed: {msg}");
+        }
+        let u: http::Uri = "https://user:pw@keys.example:8443/jwks?api_key=QS".parse().expect("uri");
+        assert_eq!(crate::outbound::loggable(&u), "https://keys.example:8443/jwks");
+    }
+
     /// A configuration that states no per-client limit gets them all: one address may open
     /// 50 connections at once then 20 a second, and 40 handshakes at once then 20 a second.
     #[test]

@@ -792,6 +792,17 @@ fn mcp(
     })
 }
 
+/// Refuses credentials in an outbound URL's authority (`user:password@`): they would be
+/// written wherever the URL is (logs, errors, `/routes`), and no request sends them.
+fn no_credentials(url: &http::Uri, key: &str, instead: &str) -> Result<(), Invalid> {
+    match url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        true => {
+            Err(invalid(key, &format!("must not carry credentials (user:password@): they would be logged; {instead}")))
+        }
+        false => Ok(()),
+    }
+}
+
 fn registry(g: RawRegistry, route_key: &str, path: &PathPattern, secrets: Secrets) -> Result<RegistryConfig, Invalid> {
     let key = format!("{route_key}.registry");
     let url: http::Uri =
@@ -799,6 +810,7 @@ fn registry(g: RawRegistry, route_key: &str, path: &PathPattern, secrets: Secret
     if url.scheme_str() != Some("http") && url.scheme_str() != Some("https") {
         return Err(invalid(&format!("{key}.url"), "must be an http:// or https:// URL"));
     }
+    no_credentials(&url, &format!("{key}.url"), "give the registry's token with token_file or token_env")?;
     if let Some(c) = template_captures(&g.url).into_iter().find(|c| !path.has_capture(c)) {
         return Err(invalid(&format!("{key}.url"), &format!("uses {{{c}}}, which the path does not capture")));
     }
@@ -1061,6 +1073,7 @@ fn auth(a: RawAuth, secrets: Secrets) -> Result<AuthSettings, Invalid> {
         if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
             return Err(invalid(&format!("{key}.url"), "must be an http:// or https:// URL"));
         }
+        no_credentials(&url, &format!("{key}.url"), "a key set is public: serve it without them")?;
         // Keys fetched in clear text can be replaced by anyone on the path: then they sign
         // every token they like.
         if url.scheme_str() == Some("http") && !j.danger_allow_http {
