@@ -47,11 +47,21 @@ const ADMIN_CONNECTION_MAX_AGE: Duration = Duration::from_secs(30);
 /// each request head read within the server's `header_read_timeout`, each connection closed
 /// after [`ADMIN_CONNECTION_MAX_AGE`].
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let cap =
-        shared.runtime.load().config.admin.as_ref().map_or(defaults::ADMIN_MAX_CONNECTIONS, |a| a.max_connections);
+    let (cap, per_ip) = shared
+        .runtime
+        .load()
+        .config
+        .admin
+        .as_ref()
+        .map_or((defaults::ADMIN_MAX_CONNECTIONS, defaults::ADMIN_MAX_CONNECTIONS_PER_IP), |a| {
+            (a.max_connections, a.max_connections_per_ip)
+        });
     let slots = Arc::new(Semaphore::new(cap));
+    // One address takes at most its share: silent connections from one place cannot hold
+    // every slot for a header_read_timeout each, and keep the probes and the scraper out.
+    let per_address = Arc::new(crate::limits::PerIp::default());
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(a) => a,
@@ -61,6 +71,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                     continue;
                 }
             },
+        };
+        let Ok(address_slot) = per_address.try_acquire(peer.ip(), u32::try_from(per_ip).unwrap_or(u32::MAX)) else {
+            crate::metrics::admin_refused("per_ip");
+            tracing::info!(client = %peer.ip(), max_connections_per_ip = per_ip, "admin connection refused: its address is at its cap");
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             crate::metrics::admin_refused("connections");
@@ -72,7 +87,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         let stop = stop.clone();
         let header_timeout = shared.runtime.load().config.server.header_read_timeout;
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, address_slot);
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 async move {

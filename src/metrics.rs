@@ -176,7 +176,7 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (
         Kind::Counter,
         "portcullis_admin_refusals_total",
-        "Admin requests or connections refused, by reason (host, origin, content_type, connections).",
+        "Admin requests or connections refused, by reason (host, origin, content_type, connections, per_ip).",
     ),
     (
         Kind::Counter,
@@ -680,7 +680,7 @@ pub fn client_header_dropped(reason: &'static str) {
 }
 
 /// An admin request or connection was refused (`reason`: `host`, `origin`, `content_type`,
-/// `connections`).
+/// `connections`, `per_ip`).
 pub fn admin_refused(reason: &'static str) {
     counter!("portcullis_admin_refusals_total", "reason" => reason).increment(1);
 }

@@ -13,6 +13,8 @@ use super::{
 pub const ADMIN_ADDRESS: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9090));
 /// Admin connections open at once (`[admin] max_connections`).
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Admin connections one client address may hold at once (`[admin] max_connections_per_ip`).
+pub const ADMIN_MAX_CONNECTIONS_PER_IP: usize = 8;
 
 /// `[auth] max_sessions_per_subject`: sessions one subject holds over every route.
 pub const AUTH_MAX_SESSIONS_PER_SUBJECT: u32 = 256;

@@ -448,6 +448,9 @@ pub struct AdminConfig {
     pub allow_origins: Vec<String>,
     /// Admin connections open at once; more are closed at accept.
     pub max_connections: usize,
+    /// Admin connections one client address may hold at once (0: no cap of its own), so that
+    /// one address cannot take every slot from the probes and the scraper.
+    pub max_connections_per_ip: usize,
 }
 
 /// One route: which requests it matches and where they go.

@@ -268,6 +268,7 @@ pub(super) struct RawAdmin {
     #[serde(default)]
     pub(super) allow_origins: Vec<String>,
     pub(super) max_connections: Option<usize>,
+    pub(super) max_connections_per_ip: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone, Copy)]

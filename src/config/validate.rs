@@ -1041,6 +1041,7 @@ fn admin(a: RawAdmin, secrets: Secrets) -> Result<AdminConfig, Invalid> {
         hosts,
         allow_origins: a.allow_origins.iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect(),
         max_connections: a.max_connections.unwrap_or(defaults::ADMIN_MAX_CONNECTIONS),
+        max_connections_per_ip: a.max_connections_per_ip.unwrap_or(defaults::ADMIN_MAX_CONNECTIONS_PER_IP),
     })
 }
 

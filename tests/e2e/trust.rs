@@ -273,6 +273,43 @@ async fn the_admin_listener_has_a_header_timeout_and_a_connection_cap() {
     assert!(metric(&metrics, "portcullis_admin_refusals_total{reason=\"connections\"}") >= 1.0, "{metrics}");
 }
 
+/// Found by an attacker review: one address could take every admin slot with silent
+/// connections (each held for `header_read_timeout`, reopened as soon as it was closed), and
+/// the probes (`/live`, `/ready`) and the scraper were refused: liveness restarts, removal from
+/// the Service. One address holds at most `max_connections_per_ip` of them now.
+#[tokio::test]
+async fn one_address_cannot_take_every_admin_slot() {
+    use tokio::io::AsyncReadExt;
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .set("server.header_read_timeout", "30s")
+        .set("admin.max_connections", 4)
+        .set("admin.max_connections_per_ip", 2)
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    // The attacker, from 127.0.0.2: silent connections, as many as it can get.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.2:0".parse().expect("addr")).expect("bind 127.0.0.2");
+        held.push(socket.connect(proxy.admin).await.expect("admin"));
+    }
+    // Its third and fourth are closed at accept; its first two are held.
+    let mut closed = 0;
+    for s in &mut held {
+        let mut buf = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 2, "the address's connections over its cap are closed");
+    // The probe, from 127.0.0.1, is served meanwhile.
+    let (status, _) = http_get_lenient(proxy.admin, "/live").await;
+    assert_eq!(status, 200, "the probe is not locked out");
+    let (_, metrics) = http_get(proxy.admin, "/metrics").await;
+    assert!(metric(&metrics, "portcullis_admin_refusals_total{reason=\"per_ip\"}") >= 2.0, "{metrics}");
+}
+
 /// Like `http_get`, but a connection closed without an answer is status 0, not a panic.
 async fn http_get_lenient(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
