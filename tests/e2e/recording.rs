@@ -343,3 +343,108 @@ async fn by_default_a_session_that_cannot_be_recorded_does_not_go_on() {
     let f = next.recv_close().await;
     assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1011), "recording failed"));
 }
+
+/// Found by an attacker review: `max_total_size` was checked only when a recording started, so
+/// sessions opened together (each under the cap at its start) grew the directory past it; on a
+/// disk that filled up, the sessions then went on unrecorded. Every write is charged to the
+/// directory now: the session whose output would take it past the cap ends its recording with
+/// a marker and, by default (`on_limit = "close"`), is closed with 1011.
+#[tokio::test]
+async fn sessions_together_cannot_grow_the_directory_past_its_cap() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let auth = key.bearer(&["a1"]);
+    let dir = tempfile::tempdir().expect("dir");
+    let extra = json!({"max_total_size": "64KiB", "max_file_size": "64KiB"});
+    let proxy = Proxy::start_with(&recorded(&[backend.addr.to_string()], &key, dir.path(), extra).text()).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+        c.send(true, op::TEXT, b"hello").await;
+        assert_eq!(c.recv().await.payload, b"hello");
+        open.push(c);
+    }
+    // 4 sessions of 32 KiB each would be twice the directory's cap.
+    let mut closes = Vec::new();
+    for i in 0..32u8 {
+        let mut still = Vec::new();
+        for mut c in open {
+            c.send(true, op::TEXT, &vec![b'a' + (i % 20); 1024]).await;
+            let f = c.recv().await;
+            match f.opcode {
+                op::CLOSE => closes.push((f.close_code(), f.close_reason())),
+                _ => still.push(c),
+            }
+        }
+        open = still;
+    }
+    assert!(!closes.is_empty(), "no session was stopped at the directory's cap");
+    for close in &closes {
+        assert_eq!((close.0, close.1.as_str()), (Some(1011), "recording failed"));
+    }
+    drop(open);
+    metric_reaches(
+        proxy.admin,
+        "portcullis_recording_failures_total{route=\"terminal\",reason=\"directory_full\"}",
+        1.0,
+    )
+    .await;
+    // Once every writer is done (the live ones end with their sessions; a writer holds a
+    // shared lock on its file while it writes), the directory holds no more than the cap and
+    // the gap markers.
+    eventually("every recording is finished", async || {
+        let files: Vec<_> = std::fs::read_dir(dir.path()).ok()?.filter_map(Result::ok).collect();
+        let done = |e: &std::fs::DirEntry| {
+            let f = std::fs::File::open(e.path()).ok();
+            f.is_some_and(|f| rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok())
+        };
+        files.iter().all(done).then_some(())
+    })
+    .await;
+    let total: u64 = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(total <= 64 * 1024 + 4 * 128, "the directory holds {total} bytes");
+    let cast = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .find(|c| c.contains("max_total_size reached"));
+    assert!(cast.is_some(), "a recording ends with its gap marker");
+}
+
+/// Found by an attacker review: a recording's file name was `{unix}-{route}-{session id}`, and
+/// session ids start at 1 in every process, so two instances sharing a directory (or a process
+/// and its handover successor) picked the same name in the same second: the second recording
+/// failed and its session went unrecorded. Anyone able to write in the directory could do the
+/// same ahead of time. The name now carries a tag drawn once per process.
+#[tokio::test]
+async fn a_file_made_ahead_under_a_recordings_name_leaves_it_unrecorded_no_more() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let dir = tempfile::tempdir().expect("dir");
+    // A process of its own: its session ids start at 1.
+    let text = recorded(&[backend.addr.to_string()], &key, dir.path(), json!({"on_backlog": "slow"})).text();
+    let proxy = ProxyProcess::start(&text).await;
+    // The names the first sessions of a process would have had, for the next minute.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    for t in now..now + 60 {
+        for id in 1..=3 {
+            std::fs::write(dir.path().join(format!("{t}-terminal-{id}.cast")), "").expect("decoy");
+        }
+    }
+    let mut c =
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))]).await.expect("101");
+    c.send(true, op::TEXT, b"recorded all the same").await;
+    assert_eq!(c.recv().await.payload, b"recorded all the same");
+    eventually("the session's own recording holds its output", async || {
+        let files = std::fs::read_dir(dir.path()).ok()?.filter_map(Result::ok);
+        files
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .find(|t| t.contains("recorded all the same"))
+    })
+    .await;
+}

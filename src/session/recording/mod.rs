@@ -31,7 +31,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -98,10 +98,10 @@ struct Queue {
 
 impl Queue {
     fn fail(&self, reason: &'static str, detail: &dyn std::fmt::Display) {
-        // A cap a session's own output can reach (its file's, the directory's) follows
-        // `on_limit`: by default a session that cannot be recorded does not go on.
+        // A cap a session's own output can reach (its file's, the directory's, the disk's)
+        // follows `on_limit`: by default a session that cannot be recorded does not go on.
         let close = match reason {
-            "file_size" | "directory_full" => self.settings.on_limit == Backlog::Close,
+            "file_size" | "directory_full" | "disk_full" => self.settings.on_limit == Backlog::Close,
             _ => self.settings.on_backlog == Backlog::Close,
         };
         self.close.fetch_or(close, Ordering::AcqRel);
@@ -191,9 +191,15 @@ pub fn start(settings: &Arc<RecordingSettings>, meta: Meta, tasks: &tokio_util::
     }
 }
 
-/// The file name of a recording started at `unix` seconds.
+/// The file name of a recording started at `unix` seconds. Session ids are the process's
+/// own (they start again at 1 in every process), so the name carries a tag drawn once per
+/// process: instances sharing a directory, or a process and the one a handover started, never
+/// pick the same name (the second recording would fail, and its session go unrecorded), and
+/// nobody can create a recording's file ahead of it.
 fn file_name(meta: &Meta, unix: u64) -> String {
-    format!("{unix}-{}-{}.cast", meta.route, meta.session)
+    static PROCESS_TAG: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let tag = PROCESS_TAG.get_or_init(rand::random::<u32>);
+    format!("{unix}-{}-{}-{tag:08x}.cast", meta.route, meta.session)
 }
 
 /// The asciicast v2 header line.
@@ -259,27 +265,32 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
     crate::metrics::recordings_active(1.0);
     let (dir, route, evict) = (settings.directory.clone(), meta.route.clone(), settings.when_full);
     let max_total = settings.max_total_size;
-    let room = tokio::task::spawn_blocking(move || make_room(&dir, &route, max_total, evict)).await.unwrap_or(false);
+    let room = tokio::task::spawn_blocking(move || make_room(&dir, &route, max_total, evict)).await.ok().flatten();
+    let ledger = Ledger::of(&settings.directory);
     let mut file = match room {
-        false => {
+        None => {
             queue
                 .fail("directory_full", &format_args!("{} holds max_total_size already", settings.directory.display()));
             None
         }
-        true => match create(&path).await {
-            Ok(f) => Some(tokio::io::BufWriter::new(f)),
-            Err(e) => {
-                queue.fail("io", &format_args!("{}: {e}", path.display()));
-                None
+        Some(total) => {
+            ledger.listed(total);
+            match create(&path).await {
+                Ok(f) => Some(tokio::io::BufWriter::new(f)),
+                Err(e) => {
+                    queue.fail(io_reason(&e), &format_args!("{}: {e}", path.display()));
+                    None
+                }
             }
-        },
+        }
     };
     let mut written = 0u64;
     if let Some(f) = file.as_mut() {
         let line = header(&settings, &meta, unix) + "\n";
         written += line.len() as u64;
+        ledger.charge(line.len() as u64, u64::MAX);
         if let Err(e) = f.write_all(line.as_bytes()).await {
-            queue.fail("io", &format_args!("{}: {e}", path.display()));
+            queue.fail(io_reason(&e), &format_args!("{}: {e}", path.display()));
             file = None;
         }
     }
@@ -300,25 +311,35 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
             }
             let mut line = serde_json::json!([chunk.at, chunk.stream.code(), text]).to_string();
             line.push('\n');
-            if written + line.len() as u64 + MARKER_ROOM > settings.max_file_size {
-                // The cap ends this recording, visibly: a marker, then nothing more.
-                let marker = serde_json::json!([chunk.at, "m", FILE_FULL_MARKER]).to_string() + "\n";
+            let n = line.len() as u64;
+            // A cap ends this recording, visibly: a marker, then nothing more. Its own
+            // (`max_file_size`), or the directory's, which every recording in it is charged.
+            let cap = match written + n + MARKER_ROOM > settings.max_file_size {
+                true => Some(("file_size", FILE_FULL_MARKER, "max_file_size")),
+                false => (!ledger.charge(n, settings.max_total_size)).then_some((
+                    "directory_full",
+                    DIRECTORY_FULL_MARKER,
+                    "max_total_size",
+                )),
+            };
+            if let Some((reason, label, setting)) = cap {
+                let marker = serde_json::json!([chunk.at, "m", label]).to_string() + "\n";
                 written += marker.len() as u64;
                 let _ = f.write_all(marker.as_bytes()).await;
                 let _ = f.flush().await;
-                queue.fail("file_size", &format_args!("{}: max_file_size reached", path.display()));
+                queue.fail(reason, &format_args!("{}: {setting} reached", path.display()));
                 file = None;
                 continue;
             }
-            written += line.len() as u64;
+            written += n;
             if let Err(e) = f.write_all(line.as_bytes()).await {
-                queue.fail("io", &format_args!("{}: {e}", path.display()));
+                queue.fail(io_reason(&e), &format_args!("{}: {e}", path.display()));
                 file = None;
             }
         }
         if let Some(f) = file.as_mut() {
             if let Err(e) = f.flush().await {
-                queue.fail("io", &format_args!("{}: {e}", path.display()));
+                queue.fail(io_reason(&e), &format_args!("{}: {e}", path.display()));
                 file = None;
             }
         }
@@ -340,6 +361,9 @@ const MARKER_ROOM: u64 = 128;
 /// The gap marker's label when `max_file_size` ends a recording.
 const FILE_FULL_MARKER: &str = "portcullis: recording stopped, max_file_size reached";
 
+/// The gap marker's label when the directory's `max_total_size` ends a recording.
+const DIRECTORY_FULL_MARKER: &str = "portcullis: recording stopped, max_total_size reached";
+
 /// Creates the recording's file and takes a shared `flock` on it for as long as it is open:
 /// the sweep deletes no file it cannot lock exclusively.
 async fn create(path: &Path) -> io::Result<tokio::fs::File> {
@@ -352,15 +376,15 @@ async fn create(path: &Path) -> io::Result<tokio::fs::File> {
 }
 
 /// Whether a new recording fits `dir`: under `max_total` bytes, after evicting the oldest
-/// finished recordings when the route says so.
-fn make_room(dir: &Path, route: &str, max_total: u64, when_full: WhenFull) -> bool {
+/// finished recordings when the route says so. Its total then, when it fits.
+fn make_room(dir: &Path, route: &str, max_total: u64, when_full: WhenFull) -> Option<u64> {
     let files = list(dir);
     let mut total: u64 = files.iter().map(|f| f.size).sum();
     if total < max_total {
-        return true;
+        return Some(total);
     }
     if when_full == WhenFull::Refuse {
-        return false;
+        return None;
     }
     for f in &files {
         if total < max_total {
@@ -371,7 +395,53 @@ fn make_room(dir: &Path, route: &str, max_total: u64, when_full: WhenFull) -> bo
             evicted(route, "size", f);
         }
     }
-    total < max_total
+    (total < max_total).then_some(total)
+}
+
+/// What a recording directory holds, as this process knows it: its total when a recording
+/// last listed it, and what this process's recordings wrote to it since. Every write is
+/// charged here, so recordings that each started under `max_total_size` cannot together grow
+/// the directory past it (a user opening many sessions at once, to fill it and go on
+/// unrecorded).
+#[derive(Debug, Default)]
+struct Ledger {
+    listed: AtomicU64,
+    since: AtomicU64,
+}
+
+impl Ledger {
+    /// The ledger of `dir`, one per directory in the process.
+    fn of(dir: &Path) -> Arc<Ledger> {
+        static LEDGERS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<PathBuf, Arc<Ledger>>>> =
+            std::sync::OnceLock::new();
+        let mut all = LEDGERS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(dir.to_owned()).or_default().clone()
+    }
+
+    /// The directory was listed: it holds `total` (what was written before is in it).
+    fn listed(&self, total: u64) {
+        self.listed.store(total, Ordering::Release);
+        self.since.store(0, Ordering::Release);
+    }
+
+    /// Charges `n` bytes, unless they would take the directory past `max_total`.
+    fn charge(&self, n: u64, max_total: u64) -> bool {
+        let since = self.since.fetch_add(n, Ordering::AcqRel) + n;
+        if self.listed.load(Ordering::Acquire).saturating_add(since) > max_total {
+            self.since.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+}
+
+/// Why a write failed, for the failure's metric and policy: a full disk or quota is a cap the
+/// session's own output can reach (`disk_full`, under `on_limit`), any other error `io`.
+fn io_reason(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => "disk_full",
+        _ => "io",
+    }
 }
 
 /// The timer's sweep of one recorded route's directory: finished recordings older than
@@ -473,6 +543,17 @@ pub fn valid_name(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    /// A full disk or quota is a cap the session's own output reaches (`on_limit`), not a
+    /// failing disk (`on_backlog`): under the defaults, a user who fills the disk is closed
+    /// rather than going on unrecorded.
+    #[test]
+    fn a_full_disk_is_a_cap_not_a_failing_disk() {
+        assert_eq!(io_reason(&io::Error::from_raw_os_error(28)), "disk_full", "ENOSPC");
+        assert_eq!(io_reason(&io::Error::from_raw_os_error(122)), "disk_full", "EDQUOT");
+        assert_eq!(io_reason(&io::Error::from_raw_os_error(5)), "io", "EIO");
+    }
+
     use super::*;
 
     #[test]
