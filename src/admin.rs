@@ -638,11 +638,11 @@ async fn revoke(shared: &Shared, selector: &Selector) -> Response<Full<Bytes>> {
     let (closed, mut writes) = match target {
         Some(target) => {
             let lock = Lock::new(target, latest_exp.map_or(floor, |e| (e + leeway).max(floor)), fleet.instance());
-            let (closed, derived) = apply_lock(shared, &lock, true);
+            let (closed, derived) = apply_lock(shared, &lock);
             (closed, std::iter::once(lock).chain(derived).collect::<Vec<_>>())
         }
         None => {
-            let closed = shared.sessions.revoke(selector, None);
+            let closed = shared.sessions.revoke(selector, crate::session::Spare::Nothing);
             let derived = deny_cut_tokens(shared, &closed, floor);
             (closed, derived)
         }
@@ -678,35 +678,37 @@ async fn revoke(shared: &Shared, selector: &Selector) -> Response<Full<Bytes>> {
 /// before it was made, and refuses the exact tokens they were opened (and last resumed) with:
 /// those refusals are returned as locks of their own, for the store, so that every instance
 /// refuses them.
-pub(crate) fn apply_lock(
-    shared: &Shared,
-    lock: &Lock,
-    live: bool,
-) -> (Vec<Arc<crate::session::SessionEntry>>, Vec<Lock>) {
+pub(crate) fn apply_lock(shared: &Shared, lock: &Lock) -> (Vec<Arc<crate::session::SessionEntry>>, Vec<Lock>) {
     // `until` covers `[auth] leeway` already (the maker added it).
     let until = lock.until;
     let denylist = &shared.denylist;
-    // Applied as it was made (here, or from the stream): every matching session is cut. Read
-    // again with every lock in force (after an outage, or at start): only the sessions that
-    // started before it was made, by this clock give or take CLOCK_SLACK (clocks apart, times
-    // kept to the millisecond); one that started later is a new login, not the revoked one.
+    // Whether it is applied as it is made or read again with every lock in force
+    // (after an outage, or at start), a subject's lock cuts the sessions of the tokens it
+    // refuses: issued no later than it was made. A new login's session goes on; one opened
+    // with a revoked token meanwhile (on an instance cut off from the store) does not. A token
+    // id's lock cuts every session of that token.
     let made = SystemTime::UNIX_EPOCH + Duration::from_millis(lock.at_ms) + crate::fleet::CLOCK_SLACK;
-    let started_by = (!live).then_some(made);
     match &lock.target {
         Target::Subject { subject, issuer } => {
             denylist.deny_subject(subject, issuer.as_deref(), lock.at_secs(), until);
             let selector = Selector::Subject { subject: subject.clone(), issuer: issuer.clone() };
-            (shared.sessions.revoke(&selector, started_by), Vec::new())
+            let closed = shared.sessions.revoke(&selector, crate::session::Spare::IssuedAfter(lock.at_secs()));
+            let derived = outlived_by(shared, lock, &closed);
+            (closed, derived)
         }
         Target::Jti { jti, issuer } => {
             denylist.deny_jti(jti, issuer.as_deref(), until);
             let selector = Selector::Jti { jti: jti.clone(), issuer: issuer.clone() };
-            (shared.sessions.revoke(&selector, started_by), Vec::new())
+            let closed = shared.sessions.revoke(&selector, crate::session::Spare::Nothing);
+            let derived = outlived_by(shared, lock, &closed);
+            (closed, derived)
         }
         Target::Agent { agent } => {
             // An agent's lock refuses no new session: it cuts those that reached the agent
-            // before it, even when it arrives live (a session opened after it is not cut).
-            let closed = shared.sessions.revoke(&Selector::Agent(agent.clone()), Some(made));
+            // before it, even when it arrives live (a session opened after it is not cut), by
+            // this clock give or take CLOCK_SLACK (clocks apart, times kept to the millisecond).
+            let closed =
+                shared.sessions.revoke(&Selector::Agent(agent.clone()), crate::session::Spare::StartedAfter(made));
             let derived = deny_cut_tokens(shared, &closed, lock.until);
             (closed, derived)
         }
@@ -715,6 +717,30 @@ pub(crate) fn apply_lock(
             (Vec::new(), Vec::new())
         }
     }
+}
+
+/// The lock again, held until the latest expiry of the tokens of the `closed` sessions (plus
+/// `[auth] leeway`), when one of them outlives it: the instance that made it knew only its own
+/// sessions' tokens, and a token cut here must not be accepted again once the lock lapses.
+/// Applied here at once; returned for the store, so that every instance holds it as long.
+fn outlived_by(shared: &Shared, lock: &Lock, closed: &[Arc<crate::session::SessionEntry>]) -> Vec<Lock> {
+    let leeway = shared.runtime.load().config.auth.leeway.as_secs();
+    let Some(latest) = closed.iter().filter_map(|e| e.token_exp).max().map(|exp| exp + leeway) else {
+        return Vec::new();
+    };
+    if latest <= lock.until {
+        return Vec::new();
+    }
+    // Made when the lock was: a later login of the subject is not refused by it.
+    let longer = Lock { at_ms: lock.at_ms, ..Lock::new(lock.target.clone(), latest, shared.fleet.instance()) };
+    match &longer.target {
+        Target::Subject { subject, issuer } => {
+            shared.denylist.deny_subject(subject, issuer.as_deref(), longer.at_secs(), latest);
+        }
+        Target::Jti { jti, issuer } => shared.denylist.deny_jti(jti, issuer.as_deref(), latest),
+        Target::Agent { .. } | Target::Envelope { .. } => {}
+    }
+    vec![longer]
 }
 
 /// Refuses the tokens the `closed` sessions were opened and last resumed with, each until it

@@ -612,7 +612,7 @@ impl Server {
             // Before any port accepts, every lock in force refuses its tokens.
             for lock in &locks {
                 server.shared.fleet.first_sight(lock);
-                admin::apply_lock(&server.shared, lock, false);
+                admin::apply_lock(&server.shared, lock);
                 crate::metrics::fleet_lock_applied("local", None);
             }
             let s = &server.shared.fleet;
@@ -816,10 +816,10 @@ impl crate::session::Watcher for Directory {
 async fn apply_fleet_feed(shared: Arc<Shared>, mut feed: tokio::sync::mpsc::UnboundedReceiver<crate::fleet::Feed>) {
     use crate::fleet::Feed;
     while let Some(item) = feed.recv().await {
-        let (lock, live) = match item {
-            Feed::Lock { lock, live } => (lock, live),
+        let lock = match item {
+            Feed::Lock { lock } => lock,
             Feed::Kill { id, by } => {
-                let cut = shared.sessions.revoke(&crate::session::Selector::Id(id), None);
+                let cut = shared.sessions.revoke(&crate::session::Selector::Id(id), crate::session::Spare::Nothing);
                 tracing::info!(session = id, asked_on = %by, closed = cut.len(), "session revoked for another instance");
                 let floor = crate::fleet::now_secs() + shared.runtime.load().config.auth.revocation_ttl.as_secs();
                 for d in admin::deny_cut_tokens(&shared, &cut, floor) {
@@ -840,10 +840,12 @@ async fn apply_fleet_feed(shared: Arc<Shared>, mut feed: tokio::sync::mpsc::Unbo
                 continue;
             }
         };
-        if lock.origin == shared.fleet.instance() || !shared.fleet.first_sight(&lock) {
+        // A lock this process made was applied when it was made (`Fleet::write` marks it);
+        // one of this instance's name from before a restart was not, and is applied now.
+        if !shared.fleet.first_sight(&lock) {
             continue;
         }
-        let (closed, derived) = admin::apply_lock(&shared, &lock, live);
+        let (closed, derived) = admin::apply_lock(&shared, &lock);
         let latency = Duration::from_millis(crate::fleet::now_ms().saturating_sub(lock.at_ms));
         crate::metrics::fleet_lock_applied("fleet", Some(latency.as_secs_f64()));
         tracing::info!(lock = %lock.id, origin = %lock.origin, closed = closed.len(), latency_ms = latency.as_millis() as u64, "fleet lock applied");

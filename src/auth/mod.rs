@@ -162,6 +162,11 @@ impl Claims {
         self.all.get("iss").and_then(Value::as_str)
     }
 
+    /// The `iat` claim (issued at, Unix seconds), if any.
+    pub fn iat(&self) -> Option<u64> {
+        self.iat
+    }
+
     /// The `jti` claim.
     pub fn jti(&self) -> Option<&str> {
         self.jti.as_deref()

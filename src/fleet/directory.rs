@@ -239,6 +239,10 @@ enum Pending {
 pub async fn write(client: Client, keys: Keys, instance: String, mut changes: mpsc::UnboundedReceiver<Change>) {
     let mut own: HashMap<u64, DirEntry> = HashMap::new();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
+    // Sessions whose entry may be in the hash (a start of theirs went out in a batch or a
+    // rewrite): their end is written even when a later start of theirs (a record changed:
+    // counted, an event stream) is still pending, or the written entry would stay behind.
+    let mut announced: std::collections::HashSet<u64> = std::collections::HashSet::new();
     // The hash in Redis may not match `own` (at start, after an error): rewritten whole at the
     // next beat, and nothing is written piecemeal meanwhile.
     let mut stale = true;
@@ -262,14 +266,16 @@ pub async fn write(client: Client, keys: Keys, instance: String, mut changes: mp
                 }
                 Some(Change::End(id)) => {
                     own.remove(&id);
-                    // Started and ended before it was written: nothing to write.
-                    if !matches!(pending.remove(&id), Some(Pending::Start(_))) {
+                    let unwritten = matches!(pending.remove(&id), Some(Pending::Start(_)));
+                    // Started and ended before any start of it was written: nothing to write.
+                    if announced.remove(&id) || !unwritten {
                         pending.insert(id, Pending::End);
                     }
                 }
             },
             _ = flush.tick(), if !pending.is_empty() => {
                 let batch = std::mem::take(&mut pending);
+                announced.extend(batch.iter().filter(|(_, c)| matches!(c, Pending::Start(_))).map(|(id, _)| *id));
                 if stale {
                     continue;
                 }
@@ -277,8 +283,11 @@ pub async fn write(client: Client, keys: Keys, instance: String, mut changes: mp
                 stale = !matches!(written, Ok(Ok(())));
             }
             _ = beat.tick() => {
+                if stale {
+                    announced.extend(own.keys().copied());
+                }
                 let result = tokio::time::timeout(super::redis::COMMAND_TIMEOUT, heartbeat(&client, &keys, &instance, &own, stale)).await;
-                stale = !matches!(result, Ok(Ok(())));
+                stale = !matches!(result, Ok(Ok(true)));
             }
         }
     }
@@ -326,22 +335,28 @@ async fn write_changes(
 }
 
 /// One heartbeat: the hash's expiry and the instance's score refreshed, and (after a gap) the
-/// hash rewritten whole.
+/// hash rewritten whole. `Ok(false)` when the hash should hold sessions and Redis has none of
+/// it (a Redis restarted empty, which fred reconnects to without a failed command): the next
+/// beat rewrites it.
 async fn heartbeat(
     client: &Client,
     keys: &Keys,
     instance: &str,
     own: &HashMap<u64, DirEntry>,
     rewrite: bool,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let hash = keys.sessions(instance);
     let p = client.pipeline();
+    // Where the expiry's answer (1: the hash is there) is among the pipeline's.
+    let mut at = 0;
     if rewrite {
         p.del::<(), _>(&hash).await?;
+        at += 1;
         for chunk in own.values().collect::<Vec<_>>().chunks(512) {
             let fields: Vec<(String, String)> =
                 chunk.iter().map(|e| (e.id.to_string(), serde_json::to_string(e).unwrap_or_default())).collect();
             p.hset::<(), _, _>(&hash, fields).await?;
+            at += 1;
         }
     }
     p.expire::<(), _>(&hash, TTL.as_secs() as i64, None).await?;
@@ -353,7 +368,9 @@ async fn heartbeat(
         false => Event::Beat { instance: instance.to_owned() },
     };
     add_event(&p, keys, instance, &event).await?;
-    p.all::<Value>().await.map(drop)
+    let answers: Vec<Value> = p.all().await?;
+    let present = matches!(answers.get(at), Some(Value::Integer(1)));
+    Ok(present || own.is_empty())
 }
 
 /// Every live instance's sessions, read whole (but `me`'s): for a start, and after an outage.

@@ -196,13 +196,12 @@ pub enum Event {
 /// What the store's feed brings the server.
 #[derive(Debug)]
 pub enum Feed {
-    /// A lock made by another instance (`live`: as it was made, from the stream), or read
-    /// again with every lock in force after an outage (`live` false).
+    /// A lock made by another instance (from the stream, as it was made), or read again with
+    /// every lock in force after an outage: applied the same way either way (see
+    /// `admin::apply_lock`).
     Lock {
         /// The lock.
         lock: Lock,
-        /// Read from the stream as it was made.
-        live: bool,
     },
     /// Revoke this instance's session `id` (asked on instance `by`).
     Kill {
@@ -425,6 +424,8 @@ impl Fleet {
     /// local store, in Redis (its key and its stream entry) for a fleet. Answers once it is
     /// there, or with why it is not.
     pub async fn write(&self, lock: &Lock) -> Result<(), StoreError> {
+        // Applied by this process as it made it: not again when the store gives it back.
+        self.applied.insert(lock.id.clone(), ());
         let result = match &self.store {
             Store::Local(log) => log.append(lock).await,
             Store::Redis(r) => r.write(lock).await,

@@ -327,7 +327,7 @@ async fn read(client: Client, r: Reading, mut from: [String; 2], mut synced: boo
                 let c = client.with_options(&quick);
                 let last = [last_id(&c, &keys.stream).await?, last_id(&c, &keys.dir.events).await?];
                 for lock in in_force(&c, &keys).await? {
-                    let _ = r.feed.send(Feed::Lock { lock, live: false });
+                    let _ = r.feed.send(Feed::Lock { lock });
                 }
                 for (name, sessions) in timed(directory::read_all(&c, &keys.dir, &r.instance)).await? {
                     r.mirror.replace(&name, sessions);
@@ -359,7 +359,7 @@ async fn read(client: Client, r: Reading, mut from: [String; 2], mut synced: boo
                 for (id, fields) in entries {
                     if locks {
                         if let Some(lock) = fields.get("lock").and_then(|j| parse(j)) {
-                            let _ = r.feed.send(Feed::Lock { lock, live: true });
+                            let _ = r.feed.send(Feed::Lock { lock });
                         }
                         from[0] = id;
                     } else {

@@ -637,6 +637,7 @@ fn session_entry(
         issuer: claims.and_then(|c| c.issuer().map(str::to_owned)),
         jti: claims.and_then(|c| c.jti().map(str::to_owned)),
         token_exp: claims.map(|c| c.exp()),
+        token_iat: claims.and_then(|c| c.iat()),
         counted: true.into(),
         client: ctx.client_addr,
         http: ctx.protocol.label(),

@@ -269,6 +269,9 @@ pub struct SessionEntry {
     pub jti: Option<String>,
     /// Token expiry (Unix seconds), if any.
     pub token_exp: Option<u64>,
+    /// When its token was issued (`iat`, Unix seconds), if it says: a subject's revocation
+    /// read again spares a later login's session by it, as the denylist spares its token.
+    pub token_iat: Option<u64>,
     /// Counted under the subject's session caps: every session but an exchange whose bodies
     /// are of known length (transfers that end) and a stream over the caps (which ends after a
     /// grace). An exchange registered for its upload is counted from its response on when that
@@ -497,18 +500,36 @@ impl Sessions {
             .collect()
     }
 
-    /// Stops the matching sessions that started no later than `started_by` (every matching one
-    /// when `None`) with "session revoked"; returns them.
-    pub fn revoke(&self, selector: &Selector, started_by: Option<std::time::SystemTime>) -> Vec<Arc<SessionEntry>> {
+    /// Stops the matching sessions but those `spare` says are not the revoked ones, with
+    /// "session revoked"; returns them.
+    pub fn revoke(&self, selector: &Selector, spare: Spare) -> Vec<Arc<SessionEntry>> {
         let mut matched = self.matching(selector);
-        if let Some(by) = started_by {
-            matched.retain(|e| e.started <= by);
+        match spare {
+            Spare::Nothing => {}
+            Spare::StartedAfter(by) => matched.retain(|e| e.started <= by),
+            // A token that does not say when it was issued cannot be told from the revoked
+            // ones: it is cut, as the denylist refuses it.
+            Spare::IssuedAfter(at) => matched.retain(|e| e.token_iat.is_none_or(|iat| iat <= at)),
         }
         for e in &matched {
             e.control.stop(StopReason::Revoked);
         }
         matched
     }
+}
+
+/// Which of a revocation's matching sessions are not the revoked ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spare {
+    /// None: every matching session is cut.
+    Nothing,
+    /// Those that started after this time (an agent's lock cuts what reached the agent
+    /// before it).
+    StartedAfter(std::time::SystemTime),
+    /// Those whose token was issued after this time (Unix seconds): a subject's new login,
+    /// whenever its session started (one opened with a revoked token during an outage is cut
+    /// when the lock is read).
+    IssuedAfter(u64),
 }
 
 /// A registered session: its one record of who and where, removed from the registry when
@@ -773,6 +794,7 @@ mod tests {
             issuer: None,
             jti: None,
             token_exp: None,
+            token_iat: None,
             counted: true.into(),
             client: "127.0.0.1:1".parse().expect("addr"),
             http: "http/1.1",

@@ -227,6 +227,21 @@ mod redis {
             let _ = self.child.wait();
         }
 
+        /// Sends one command (its words) and returns the raw answer: what an operator's
+        /// `redis-cli` would do behind the instances' backs.
+        pub(super) async fn command(&self, words: &[&str]) -> String {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut io = TcpStream::connect(("127.0.0.1", self.port)).await.expect("redis");
+            let mut out = format!("*{}\r\n", words.len());
+            for w in words {
+                out.push_str(&format!("${}\r\n{w}\r\n", w.len()));
+            }
+            io.write_all(out.as_bytes()).await.expect("send");
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = tokio::time::timeout(SOON, io.read(&mut buf)).await.expect("answer in time").expect("read");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        }
+
         /// Starts it again on its port, with its data.
         async fn restart(&mut self) {
             self.child = RedisServer::spawn(self.dir.path(), self.port, self.tls.as_ref());
@@ -510,6 +525,62 @@ mod redis {
         assert_eq!(status_with(other.tls, &old).await, 401, "the revoked token stays refused");
     }
 
+    /// Found by an attacker review: an instance cut off from the store admitted the revoked
+    /// subject's old token (it could not know), and when the store came back it refused the
+    /// token but kept the session: the read-again lock spared every session started after it.
+    /// It spares a later login's session now (a token issued after the lock), not the revoked
+    /// token's.
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn a_session_opened_with_a_revoked_token_during_an_outage_is_cut_when_the_store_is_back() {
+        let Cuttable { key, link, one, other, _backend: _b, _redis: _r } = cuttable("best_effort").await;
+        let issued = fleet_now_secs() - 30;
+        let old = key.token_with(json!({"sub": "ivy", "agents": ["a1"], "iat": issued}));
+        link.cut();
+        eventually("the store is away", async || (fleet_state(other.admin).await["reachable"] == false).then_some(()))
+            .await;
+        let (status, _) = admin_post(one.admin, "/sessions/revoke", r#"{"subject":"ivy"}"#).await;
+        assert_eq!(status, 200);
+        // Opened well after the lock (more than the fleet's clock slack of 1 s), as a user
+        // would once the revocation has been made.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut session =
+            upgrade(other.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&old))]).await.expect("101");
+        link.restore();
+        let close = session.recv_close().await;
+        assert_eq!(close.close_code(), Some(1008), "cut when the lock is read");
+        assert_eq!(status_with(other.tls, &old).await, 401);
+    }
+
+    /// Found by the same review: an instance skipped every lock of its own name from the store,
+    /// so one restarted under its name (a container's pid 1 gives the same default) while the
+    /// store was away never applied the revocations it had made before: the revoked tokens
+    /// were accepted there. It skips only the locks this process made.
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn an_instance_restarted_under_its_name_applies_the_locks_it_made_before() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let (url, prefix) = (redis.url(), prefix());
+        let link = Link::to(redis_addr(&url)).await;
+        let text =
+            config(backend.addr, &key, fleet(&format!("redis://{}", link.addr), &prefix, "phoenix", "best_effort"));
+        let first = ProxyProcess::start(&text).await;
+        let gina = key.token_with(json!({"sub": "gina", "agents": ["a1"], "iat": fleet_now_secs() - 30}));
+        let (status, _) = admin_post(first.admin, "/sessions/revoke", r#"{"subject":"gina"}"#).await;
+        assert_eq!(status, 200);
+        drop(first);
+        link.cut();
+        let again = ProxyProcess::start(&text).await;
+        assert_eq!(status_with(again.tls, &gina).await, 101, "started without the store: it cannot know yet");
+        link.restore();
+        eventually("its own earlier lock is applied once the store is back", async || {
+            (status_with(again.tls, &gina).await == 401).then_some(())
+        })
+        .await;
+    }
+
     #[tokio::test]
     #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
     async fn locks_written_while_an_instance_was_down_are_in_force_when_it_starts() {
@@ -722,6 +793,89 @@ mod directory {
         for c in &mut moved {
             let f = c.recv_close().await;
             assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1001), "rebalance"));
+        }
+    }
+
+    /// Found by an attacker review: a session whose record changed after it was written (a
+    /// plain request whose answer is an event stream) and that ended before the change was
+    /// written left its first entry in the directory for good: every instance counted it under
+    /// the subject's caps (a user locked out of the fleet but one instance) and listed it.
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn a_request_whose_answer_turned_into_an_event_stream_leaves_no_entry_behind() {
+        let (backend, member) = (Backend::echo().await, RestBackend::start("m1").await);
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let api = json!({"routes": [{
+            "name": "api", "path": "/agents/{agent}/api/{*rest}", "kind": "http",
+            "backends": [member.addr.to_string()], "backend_path": "/v1/{rest}",
+            "auth": {"agent_claim": "agents"},
+        }]});
+        let edges = three(backend.addr, &key, &redis, api).await;
+        let kim = bearer(&key.token("kim", &["a1"], Duration::from_secs(600)));
+        // The member takes 300 ms (the exchange's entry is written meanwhile), then answers an
+        // event stream that ends at once.
+        for _ in 0..3 {
+            let mut c = H1::connect(edges[0].tls, true).await;
+            let answer = c.get("/agents/a1/api/sse?n=1&wait_ms=300", &[("authorization", &kim)]).await;
+            assert_eq!(answer.status, 200);
+        }
+        eventually("no entry of kim is left anywhere", async || {
+            for e in &edges {
+                if fleet_sessions(e.admin).await.iter().any(|s| s.2 == "kim") {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+    }
+
+    /// Found by an attacker review: after the store lost an instance's directory entries (a
+    /// Redis restarted empty; fred reconnects without a failed command), the instance never
+    /// wrote them again, and the fleet no longer counted its sessions under the subject caps
+    /// (6 sessions against a cap of 3). Its heartbeat finds its hash gone and rewrites it.
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn an_instances_entries_are_written_again_when_the_store_lost_them() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let edges = three(backend.addr, &key, &redis, json!({})).await;
+        let wendy = key.token("wendy", &["a1"], Duration::from_secs(600));
+        let _held = open(&edges[0], &wendy).await;
+        let written = async || redis.command(&["KEYS", "*sessions:edge-1"]).await.contains("sessions:edge-1");
+        eventually("edge-1's entries are in the store", async || written().await.then_some(())).await;
+        assert!(redis.command(&["FLUSHALL"]).await.starts_with("+OK"));
+        eventually("edge-1 writes them again", async || written().await.then_some(())).await;
+    }
+
+    /// Found by the same review: a subject's revocation made on one instance held for
+    /// `revocation_ttl` when that instance had none of the subject's sessions, though another
+    /// instance cut a session whose token lived longer: once the lock lapsed, that token was
+    /// accepted again everywhere. The instance that cuts such a session holds the lock as long
+    /// as the token, for the whole fleet.
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn a_revocation_holds_as_long_as_the_tokens_another_instance_cut() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let short = json!({"auth": {"revocation_ttl": "2s", "leeway": "0s"}});
+        let edges = three(backend.addr, &key, &redis, short).await;
+        let long = key.token_with(json!({"sub": "lena", "agents": ["a1"], "iat": fleet_now_secs() - 30}));
+        let mut session = open(&edges[1], &long).await;
+        eventually("edge-1 sees the session", async || {
+            fleet_sessions(edges[0].admin).await.iter().any(|s| s.2 == "lena").then_some(())
+        })
+        .await;
+        let (status, _) = admin_post(edges[0].admin, "/sessions/revoke", r#"{"subject":"lena"}"#).await;
+        assert_eq!(status, 200);
+        assert_eq!(session.recv_close().await.close_code(), Some(1008));
+        // Past the lock's own 2 s: the token (valid 10 minutes) is refused on every instance.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        for e in &edges {
+            assert_eq!(status_with(e.tls, &long).await, 401, "accepted again once the first lock lapsed");
         }
     }
 

@@ -216,6 +216,8 @@ async fn respond(
             let hold = query(&parts.uri, "hold") == Some(1);
             // `partial=1`: then the start of an event that never ends.
             let partial = query(&parts.uri, "partial") == Some(1);
+            // `wait_ms`: the member takes this long before it answers.
+            tokio::time::sleep(Duration::from_millis(query(&parts.uri, "wait_ms").unwrap_or(0))).await;
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
             tokio::spawn(async move {
                 for i in 0..n {
