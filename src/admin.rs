@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -93,7 +93,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 async move {
                     Ok::<_, Infallible>(match refusal(&shared, &req, local) {
                         None => route(&shared, req).await,
-                        Some(refused) => refused,
+                        Some(refused) => refused.map(Either::Left),
                     })
                 }
             });
@@ -207,22 +207,38 @@ fn limits(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     )
 }
 
-async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// An admin answer's body: whole, or a recording's file read as it is sent (one may be up to
+/// `max_file_size`, and several may be fetched at once: none is held in memory whole).
+type AdminBody = Either<Full<Bytes>, http_body_util::StreamBody<RecordingFrames>>;
+
+/// A recording file's frames, read as they are sent.
+type RecordingFrames = futures_util::stream::MapOk<
+    tokio_util::io::ReaderStream<tokio::io::Take<tokio::fs::File>>,
+    fn(Bytes) -> hyper::body::Frame<Bytes>,
+>;
+
+async fn route(shared: &Shared, req: Request<Incoming>) -> Response<AdminBody> {
     let path = req.uri().path().to_owned();
+    if path == "/recordings" || path.starts_with("/recordings/") {
+        if !authorized(shared, &req) {
+            return text(StatusCode::UNAUTHORIZED, "admin token required\n").map(Either::Left);
+        }
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").map(Either::Left);
+        }
+        return recordings(shared, &path).await;
+    }
+    answer(shared, req, &path).await.map(Either::Left)
+}
+
+/// Every admin answer but a recording's file.
+async fn answer(shared: &Shared, req: Request<Incoming>, path: &str) -> Response<Full<Bytes>> {
+    let path = path.to_owned();
     if path == "/routes" || path.starts_with("/routes/") {
         if !authorized(shared, &req) {
             return text(StatusCode::UNAUTHORIZED, "admin token required\n");
         }
         return routes(shared, req, &path).await;
-    }
-    if path == "/recordings" || path.starts_with("/recordings/") {
-        if !authorized(shared, &req) {
-            return text(StatusCode::UNAUTHORIZED, "admin token required\n");
-        }
-        if req.method() != Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-        }
-        return recordings(shared, &path).await;
     }
     if path == "/limits" {
         if !authorized(shared, &req) {
@@ -770,7 +786,7 @@ pub(crate) fn deny_cut_tokens(
 
 /// `GET /recordings` (every recorded route's files: name, route, bytes, modified) and
 /// `GET /recordings/{name}` (one file, `application/x-asciicast`).
-async fn recordings(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
+async fn recordings(shared: &Shared, path: &str) -> Response<AdminBody> {
     let runtime = shared.runtime.load_full();
     let dirs: Vec<(String, std::path::PathBuf)> = runtime
         .config
@@ -799,22 +815,35 @@ async fn recordings(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
                     json!({ "name": f.name, "route": route, "bytes": f.size, "modified": modified })
                 })
                 .collect();
-            json_response(StatusCode::OK, &json!({ "recordings": list }))
+            json_response(StatusCode::OK, &json!({ "recordings": list })).map(Either::Left)
         }
         Some(name) if crate::session::recording::valid_name(name) => {
+            let missing = || text(StatusCode::NOT_FOUND, "no such recording\n").map(Either::Left);
             let Some((_, f)) = listed.into_iter().find(|(_, f)| f.name == name) else {
-                return text(StatusCode::NOT_FOUND, "no such recording\n");
+                return missing();
             };
-            match tokio::fs::read(&f.path).await {
-                Ok(bytes) => {
-                    let mut r = Response::new(Full::new(Bytes::from(bytes)));
-                    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-asciicast"));
+            // Sent as it is read, as long as it is when opened (a live recording still grows).
+            let opened = async {
+                let file = tokio::fs::File::open(&f.path).await?;
+                let len = file.metadata().await?.len();
+                Ok::<_, std::io::Error>((file, len))
+            };
+            match opened.await {
+                Ok((file, len)) => {
+                    use futures_util::TryStreamExt as _;
+                    use tokio::io::AsyncReadExt as _;
+                    let frames: RecordingFrames = tokio_util::io::ReaderStream::new(file.take(len))
+                        .map_ok(hyper::body::Frame::data as fn(Bytes) -> _);
+                    let mut r = Response::new(Either::Right(http_body_util::StreamBody::new(frames)));
+                    let h = r.headers_mut();
+                    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-asciicast"));
+                    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
                     r
                 }
-                Err(_) => text(StatusCode::NOT_FOUND, "no such recording\n"),
+                Err(_) => missing(),
             }
         }
-        Some(_) => text(StatusCode::NOT_FOUND, "no such recording\n"),
+        Some(_) => text(StatusCode::NOT_FOUND, "no such recording\n").map(Either::Left),
     }
 }
 
