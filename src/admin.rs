@@ -72,7 +72,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 }
             },
         };
-        let Ok(address_slot) = per_address.try_acquire(peer.ip(), u32::try_from(per_ip).unwrap_or(u32::MAX)) else {
+        // An IPv6 client is counted by its network (`[server] ipv6_prefix_len`), as on the
+        // proxy listeners: one host commonly holds a whole /64.
+        let prefix = shared.runtime.load().config.server.ipv6_prefix_len;
+        let key = crate::limits::ip_key(peer.ip(), prefix);
+        let Ok(address_slot) = per_address.try_acquire(key, u32::try_from(per_ip).unwrap_or(u32::MAX)) else {
             crate::metrics::admin_refused("per_ip");
             tracing::info!(client = %peer.ip(), max_connections_per_ip = per_ip, "admin connection refused: its address is at its cap");
             continue;

@@ -704,13 +704,16 @@ type SubjectSlot = crate::limits::Slot<crate::limits::SubjectKey>;
 /// The status an abandoned request is logged with: NGINX's "client closed request".
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
+/// The status a request the process cut before any answer is logged with: none went out.
+const NO_ANSWER: u16 = 0;
+
 /// A plain request not answered yet. When its handler is dropped before the answer (the client
 /// closed its connection or reset its HTTP/2 stream while the request waited for its body, its
 /// member or the caps), its access-log line is written then, with 499 and `client_gone`, as
 /// NGINX writes one: no request goes unlogged. Only the line: no response head went out, so
 /// `portcullis_http_requests_total` does not count it. One the drain's `drain_timeout` cut
-/// (its connection closed with the process) is logged with the drain's status and label (503,
-/// `drain`) instead, though no answer could go out: its client did not leave.
+/// (its connection closed with the process) is logged with status 0 (no answer went out, as
+/// Envoy logs it) and `drain`: its client did not leave.
 struct Unanswered<'a> {
     ctx: &'a ConnCtx,
     method: ::http::Method,
@@ -733,10 +736,7 @@ impl Drop for Unanswered<'_> {
         }
         let mut exchange = exchange_of_parts(self.ctx, &self.method, &self.uri, &self.route.name, self.started);
         let (status, label) = match self.ctx.shared.sessions.cut_by_drain() {
-            true => {
-                let end = Cause::Drain.http_end();
-                (end.status.as_u16(), end.label)
-            }
+            true => (NO_ANSWER, Cause::Drain.label()),
             false => (CLIENT_CLOSED_REQUEST, "client_gone"),
         };
         exchange.status = status;

@@ -440,11 +440,30 @@ async fn a_file_made_ahead_under_a_recordings_name_leaves_it_unrecorded_no_more(
         upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))]).await.expect("101");
     c.send(true, op::TEXT, b"recorded all the same").await;
     assert_eq!(c.recv().await.payload, b"recorded all the same");
-    eventually("the session's own recording holds its output", async || {
-        let files = std::fs::read_dir(dir.path()).ok()?.filter_map(Result::ok);
-        files
-            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-            .find(|t| t.contains("recorded all the same"))
-    })
-    .await;
+    let recorded_with = async |text: &str| {
+        eventually("the session's own recording holds its output", async || {
+            let files = std::fs::read_dir(dir.path()).ok()?.filter_map(Result::ok);
+            files
+                .map(|e| (e.file_name(), std::fs::read_to_string(e.path()).unwrap_or_default()))
+                .find(|f| f.1.contains(text))
+        })
+        .await
+    };
+    let (name, _) = recorded_with("recorded all the same").await;
+    // Found by the verification of that fix: the tag is in every recording's name, so whoever
+    // can read the directory can make the next names ahead too. A name taken already is not
+    // the recording's end: another is drawn.
+    let name = name.to_string_lossy().into_owned();
+    let tag = name.trim_end_matches(".cast").rsplit('-').next().expect("a tag").to_owned();
+    for t in now..now + 60 {
+        for id in 1..=20 {
+            let ahead = dir.path().join(format!("{t}-terminal-{id}-{tag}.cast"));
+            let _ = std::fs::OpenOptions::new().write(true).create_new(true).open(ahead);
+        }
+    }
+    let mut c =
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &key.bearer(&["a1"]))]).await.expect("101");
+    c.send(true, op::TEXT, b"and the next one").await;
+    assert_eq!(c.recv().await.payload, b"and the next one");
+    recorded_with("and the next one").await;
 }

@@ -261,7 +261,7 @@ fn decode(carry: &mut Vec<u8>, data: &[u8]) -> String {
 async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: Meta) {
     let settings = queue.settings.clone();
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let path = settings.directory.join(file_name(&meta, unix));
+    let mut path = settings.directory.join(file_name(&meta, unix));
     crate::metrics::recordings_active(1.0);
     let (dir, route, evict) = (settings.directory.clone(), meta.route.clone(), settings.when_full);
     let max_total = settings.max_total_size;
@@ -275,7 +275,22 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
         }
         Some(total) => {
             ledger.listed(total);
-            match create(&path).await {
+            // A name taken already (a file someone made ahead of it, who can read the
+            // directory's names) is not this recording's end: another is drawn.
+            let mut created = create(&path).await;
+            for _ in 0..4 {
+                if !matches!(&created, Err(e) if e.kind() == io::ErrorKind::AlreadyExists) {
+                    break;
+                }
+                let name = file_name(&meta, unix);
+                path = settings.directory.join(format!(
+                    "{}-{:08x}.cast",
+                    name.trim_end_matches(".cast"),
+                    rand::random::<u32>()
+                ));
+                created = create(&path).await;
+            }
+            match created {
                 Ok(f) => Some(tokio::io::BufWriter::new(f)),
                 Err(e) => {
                     queue.fail(io_reason(&e), &format_args!("{}: {e}", path.display()));
