@@ -7,7 +7,7 @@
 //! accepting, `/ready` turns 503, every session is told to close with 1001 (spread over
 //! `drain_spread`), and `serve` returns when all sessions are gone or at `drain_timeout`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -257,6 +257,34 @@ impl Shared {
         result
     }
 
+    /// Ends (as revoked) the sessions whose token a key no longer in force verified: one a
+    /// JWKS fetch retired or replaced, one a reload removed. A compromised key authorizes
+    /// nothing from then on, not even the sessions it opened.
+    fn end_sessions_of_retired_keys(&self) {
+        let runtime = self.runtime.load();
+        let in_force = match runtime.authenticator.as_ref().map(|a| a.keys_in_force()) {
+            Some(Some(keys)) => keys,
+            // A source's set is not known yet: nothing can be told retired.
+            Some(None) => return,
+            None => HashSet::new(),
+        };
+        self.end_sessions_of_keys(|k| !in_force.contains(k));
+    }
+
+    /// Ends (as revoked) the sessions whose token a key `retired` says so of verified.
+    fn end_sessions_of_keys(&self, retired: impl Fn(&crate::auth::KeyPrint) -> bool) {
+        let mut ended = 0;
+        for e in self.sessions.list() {
+            if e.token_key.as_ref().is_some_and(&retired) && e.control.stopped().is_none() {
+                e.control.stop(StopReason::Revoked);
+                ended += 1;
+            }
+        }
+        if ended > 0 {
+            tracing::info!(sessions = ended, "sessions ended: the key that verified their token is no longer in force");
+        }
+    }
+
     fn try_reload(&self, config: Config) -> Result<(), ServerError> {
         let old = self.runtime.load_full();
         // Bound sockets keep what they were bound with: a reload that would change them is
@@ -287,7 +315,14 @@ impl Shared {
         let grace = config.server.removed_route_grace;
         let runtime = build_runtime(config, &self.denylist, Some(&old), &self.metrics)?;
         self.sessions.routes_in_force(runtime.config.routes.iter().map(|r| r.name.clone()));
+        // A static key the reload removes ends the sessions of the tokens it verified (a
+        // JWKS source's keys are known again once it has fetched: its fetches tell).
+        let statics = |r: &Runtime| r.authenticator.as_ref().map(|a| a.static_keys()).unwrap_or_default();
+        let removed: HashSet<_> = statics(&old).difference(&statics(&runtime)).copied().collect();
         self.runtime.store(Arc::new(runtime));
+        if !removed.is_empty() {
+            self.end_sessions_of_keys(|k| removed.contains(k));
+        }
         let removed = self.sessions.on_removed_routes().len();
         if removed > 0 {
             tracing::info!(sessions = removed, grace = ?grace, "sessions on removed routes close after the grace period");
@@ -698,6 +733,19 @@ impl Server {
         }
         let admin_task = bound.admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), stop_admin.clone())));
         let sweeper = tokio::spawn(sweep_recordings(shared.clone(), stop_admin.clone()));
+        // A JWKS fetch that retires or replaces a key ends the sessions of the tokens it
+        // verified (a reload that removes a key does the same, in `try_reload`).
+        let retired = {
+            let (shared, stop) = (shared.clone(), stop_admin.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        () = shared.denylist.keys_retired.notified() => shared.end_sessions_of_retired_keys(),
+                    }
+                }
+            })
+        };
         let feed = shared.fleet.take_feed().map(|feed| tokio::spawn(apply_fleet_feed(shared.clone(), feed)));
         let upkeep = {
             let stop = stop_admin.clone();
@@ -764,6 +812,7 @@ impl Server {
         }
         let _ = upkeep.await;
         let _ = sweeper.await;
+        let _ = retired.await;
         if let Some(f) = feed {
             f.abort();
         }

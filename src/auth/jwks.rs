@@ -29,7 +29,7 @@ pub struct JwkKey {
     /// Allowed algorithms (the source's allowlist, narrowed by the JWK's own `alg`).
     pub algorithms: Vec<Algorithm>,
     /// The JWK as published (its SHA-256), to tell a key replaced under the same `kid`.
-    fingerprint: [u8; 32],
+    pub fingerprint: super::KeyPrint,
 }
 
 /// One JWKS endpoint and its cached keys.
@@ -40,10 +40,15 @@ pub struct JwksSource {
     last_refetch: tokio::sync::Mutex<Option<Instant>>,
     client: crate::outbound::HttpClient,
     fetches: AtomicU64,
-    /// Bumped when a fetch drops a key or replaces one under its `kid`: tokens verified with
-    /// the old key set are verified again ([`super::Authenticator`]'s cache reads it).
-    epoch: Arc<AtomicU64>,
+    /// Set by the first good fetch.
+    fetched: std::sync::atomic::AtomicBool,
+    /// Called when a fetch drops a key or replaces one under its `kid`: tokens verified with
+    /// the old key set are verified again, and their sessions end.
+    retired: Retired,
 }
+
+/// What a source calls when a fetch retires or replaces a key.
+pub type Retired = Arc<dyn Fn() + Send + Sync>;
 
 /// Why a JWKS fetch failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,8 +69,8 @@ pub enum JwksError {
 
 impl JwksSource {
     /// Sets up a source; nothing is fetched until [`JwksSource::spawn_refresher`] or a lookup.
-    /// `epoch` is bumped whenever a fetch takes a key away or replaces one.
-    pub fn new(settings: JwksSettings, epoch: Arc<AtomicU64>) -> Result<Arc<Self>, AuthConfigError> {
+    /// `retired` is called whenever a fetch takes a key away or replaces one.
+    pub fn new(settings: JwksSettings, retired: Retired) -> Result<Arc<Self>, AuthConfigError> {
         let err = |message: String| AuthConfigError::Jwks { url: crate::outbound::loggable(&settings.url), message };
         let client = crate::outbound::HttpClient::new(settings.ca.as_deref()).map_err(err)?;
         Ok(Arc::new(JwksSource {
@@ -74,7 +79,8 @@ impl JwksSource {
             last_refetch: tokio::sync::Mutex::new(None),
             client,
             fetches: AtomicU64::new(0),
-            epoch,
+            fetched: std::sync::atomic::AtomicBool::new(false),
+            retired,
         }))
     }
 
@@ -90,6 +96,12 @@ impl JwksSource {
                 let _ = source.refresh().await;
             }
         });
+    }
+
+    /// The fingerprints of the keys in the last good set; `None` before the first good fetch
+    /// (the set is not known yet).
+    pub fn prints(&self) -> Option<Vec<super::KeyPrint>> {
+        self.fetched.load(Ordering::Acquire).then(|| self.keys.iter().map(|(_, k)| k.fingerprint).collect())
     }
 
     /// Number of fetches attempted so far.
@@ -152,9 +164,10 @@ impl JwksSource {
                 for kid in stale {
                     self.keys.invalidate(&kid).await;
                 }
+                self.fetched.store(true, Ordering::Release);
                 if retired {
-                    self.epoch.fetch_add(1, Ordering::AcqRel);
-                    tracing::info!(%url, "jwks keys retired or replaced; tokens verified with them are checked again");
+                    (self.retired)();
+                    tracing::info!(%url, "jwks keys retired or replaced; tokens verified with them are refused, and their sessions end");
                 }
                 crate::metrics::jwks_fetch(true);
                 tracing::debug!(%url, keys = fresh.len(), "jwks refreshed");

@@ -146,6 +146,9 @@ impl AuthError {
 pub struct Claims {
     exp: u64,
     iat: Option<u64>,
+    /// The fingerprint of the key that verified it: a session of the token ends when that key
+    /// leaves the keys in force ([`Authenticator::keys_in_force`]).
+    key: Option<KeyPrint>,
     sub: Option<String>,
     jti: Option<String>,
     all: Map<String, Value>,
@@ -160,6 +163,11 @@ impl Claims {
     /// The `iss` claim, when it is a string.
     pub fn issuer(&self) -> Option<&str> {
         self.all.get("iss").and_then(Value::as_str)
+    }
+
+    /// The fingerprint of the key that verified the token (none for claims not from a token).
+    pub fn key(&self) -> Option<KeyPrint> {
+        self.key
     }
 
     /// The `iat` claim (issued at, Unix seconds), if any.
@@ -230,7 +238,11 @@ struct StaticKey {
     kid: Option<String>,
     algorithms: Vec<Algorithm>,
     key: DecodingKey,
+    print: KeyPrint,
 }
+
+/// A verification key's fingerprint (SHA-256 of its material, or of the JWK as published).
+pub type KeyPrint = [u8; 32];
 
 /// Why the authentication configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -300,12 +312,15 @@ pub struct Denylist {
     /// Ended session envelopes (by digest) → until when. A cache of its own: clients end their
     /// own sessions at will, and must never push an operator's revocation out of `denied`.
     envelopes: moka::sync::Cache<String, Denial>,
+    /// Told when a JWKS fetch retires or replaces a key: the server ends the sessions of the
+    /// tokens it verified.
+    pub keys_retired: tokio::sync::Notify,
 }
 
 impl Default for Denylist {
     fn default() -> Self {
         let cache = || moka::sync::Cache::builder().max_capacity(1_000_000).expire_after(ExpireAt).build();
-        Denylist { denied: cache(), envelopes: cache() }
+        Denylist { denied: cache(), envelopes: cache(), keys_retired: tokio::sync::Notify::new() }
     }
 }
 
@@ -346,16 +361,28 @@ impl Authenticator {
     pub fn new(settings: &AuthSettings, denylist: Arc<Denylist>) -> Result<Arc<Self>, AuthConfigError> {
         let mut keys = Vec::with_capacity(settings.keys.len());
         for k in &settings.keys {
-            let key = match &k.material {
-                KeyMaterial::Secret(s) => DecodingKey::from_secret(s.expose()),
-                KeyMaterial::PublicKeyPem(path) => load_public_key(path, k.algorithms[0])?,
+            let (key, print) = match &k.material {
+                KeyMaterial::Secret(s) => (DecodingKey::from_secret(s.expose()), Sha256::digest(s.expose()).into()),
+                KeyMaterial::PublicKeyPem(path) => {
+                    let key = load_public_key(path, k.algorithms[0])?;
+                    (key, Sha256::digest(std::fs::read(path).unwrap_or_default()).into())
+                }
             };
-            keys.push(StaticKey { kid: k.kid.clone(), algorithms: k.algorithms.clone(), key });
+            keys.push(StaticKey { kid: k.kid.clone(), algorithms: k.algorithms.clone(), key, print });
         }
         let mut jwks = Vec::with_capacity(settings.jwks.len());
         let key_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // A fetch that retires or replaces a key: cached tokens are verified again (the
+        // epoch), and the sessions of tokens it verified end (the server's sweep).
+        let retired: jwks::Retired = {
+            let (epoch, denylist) = (key_epoch.clone(), denylist.clone());
+            Arc::new(move || {
+                epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                denylist.keys_retired.notify_one();
+            })
+        };
         for j in &settings.jwks {
-            let source = JwksSource::new(j.clone(), key_epoch.clone())?;
+            let source = JwksSource::new(j.clone(), retired.clone())?;
             source.spawn_refresher();
             jwks.push(source);
         }
@@ -368,6 +395,23 @@ impl Authenticator {
             key_epoch,
             denylist,
         }))
+    }
+
+    /// The fingerprints of the keys in force: the static keys and every JWKS source's last
+    /// good set. A session whose token another key verified ends ([`KeyPrint`]). `None` while
+    /// a JWKS source has not fetched its set yet (after a start or a reload): then which keys
+    /// are in force is not known.
+    pub fn keys_in_force(&self) -> Option<HashSet<KeyPrint>> {
+        let mut all: HashSet<KeyPrint> = self.keys.iter().map(|k| k.print).collect();
+        for source in &self.jwks {
+            all.extend(source.prints()?);
+        }
+        Some(all)
+    }
+
+    /// The fingerprints of the static keys.
+    pub fn static_keys(&self) -> HashSet<KeyPrint> {
+        self.keys.iter().map(|k| k.print).collect()
     }
 
     /// The configured clock-skew leeway.
@@ -430,7 +474,7 @@ impl Authenticator {
         let header = parse_header(token)?;
         let alg = Algorithm::from_str(&header.alg).map_err(|_| AuthError::BadSignature)?;
         // Candidate keys: by kid when the token names one, else the static keys without kid.
-        let mut candidates: Vec<(&DecodingKey, &[Algorithm])> = Vec::new();
+        let mut candidates: Vec<(&DecodingKey, &[Algorithm], KeyPrint)> = Vec::new();
         let jwk_holder;
         match header.kid.as_deref() {
             Some(kid) => {
@@ -438,7 +482,7 @@ impl Authenticator {
                     self.keys
                         .iter()
                         .filter(|k| k.kid.as_deref() == Some(kid))
-                        .map(|k| (&k.key, k.algorithms.as_slice())),
+                        .map(|k| (&k.key, k.algorithms.as_slice(), k.print)),
                 );
                 if candidates.is_empty() {
                     let mut found = None;
@@ -452,17 +496,18 @@ impl Authenticator {
                     }
                     jwk_holder = found;
                     if let Some(k) = &jwk_holder {
-                        candidates.push((&k.key, k.algorithms.as_slice()));
+                        candidates.push((&k.key, k.algorithms.as_slice(), k.fingerprint));
                     }
                 }
             }
-            None => candidates
-                .extend(self.keys.iter().filter(|k| k.kid.is_none()).map(|k| (&k.key, k.algorithms.as_slice()))),
+            None => candidates.extend(
+                self.keys.iter().filter(|k| k.kid.is_none()).map(|k| (&k.key, k.algorithms.as_slice(), k.print)),
+            ),
         }
         if candidates.is_empty() {
             return Err(AuthError::UnknownKey);
         }
-        candidates.retain(|(_, algs)| algs.contains(&alg));
+        candidates.retain(|(_, algs, _)| algs.contains(&alg));
         if candidates.is_empty() {
             // The token's algorithm is not on any matching key's allowlist.
             return Err(AuthError::BadSignature);
@@ -474,9 +519,9 @@ impl Authenticator {
         validation.validate_aud = false;
         validation.required_spec_claims = HashSet::from(["exp".to_owned()]);
         let mut last = AuthError::BadSignature;
-        for (key, _) in candidates {
+        for (key, _, print) in candidates {
             match jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation) {
-                Ok(data) => return claims_from(data.claims),
+                Ok(data) => return claims_from(data.claims).map(|c| Claims { key: Some(print), ..c }),
                 Err(e) => {
                     last = map_jwt_error(e.kind());
                     if last != AuthError::BadSignature {
@@ -603,7 +648,7 @@ fn claims_from(all: Map<String, Value>) -> Result<Claims, AuthError> {
         Some(_) => return Err(AuthError::Malformed),
     };
     let jti = all.get("jti").and_then(Value::as_str).map(str::to_owned);
-    Ok(Claims { exp, iat, sub, jti, all })
+    Ok(Claims { exp, iat, key: None, sub, jti, all })
 }
 
 fn map_jwt_error(kind: &ErrorKind) -> AuthError {

@@ -638,6 +638,7 @@ fn session_entry(
         jti: claims.and_then(|c| c.jti().map(str::to_owned)),
         token_exp: claims.map(|c| c.exp()),
         token_iat: claims.and_then(|c| c.iat()),
+        token_key: claims.and_then(|c| c.key()),
         counted: true.into(),
         client: ctx.client_addr,
         http: ctx.protocol.label(),

@@ -272,6 +272,9 @@ pub struct SessionEntry {
     /// When its token was issued (`iat`, Unix seconds), if it says: a subject's revocation
     /// read again spares a later login's session by it, as the denylist spares its token.
     pub token_iat: Option<u64>,
+    /// The fingerprint of the key that verified its token: the session ends when that key
+    /// leaves the keys in force (a JWKS fetch retires it, a reload removes it).
+    pub token_key: Option<[u8; 32]>,
     /// Counted under the subject's session caps: every session but an exchange whose bodies
     /// are of known length (transfers that end) and a stream over the caps (which ends after a
     /// grace). An exchange registered for its upload is counted from its response on when that
@@ -795,6 +798,7 @@ mod tests {
             jti: None,
             token_exp: None,
             token_iat: None,
+            token_key: None,
             counted: true.into(),
             client: "127.0.0.1:1".parse().expect("addr"),
             http: "http/1.1",

@@ -462,8 +462,9 @@ async fn a_key_replaced_under_its_kid_authorizes_nothing_it_verified_before() {
     let proxy = Proxy::start_with(&auth_config(backend.addr, "jwks_replaced", json!({}), extra).text()).await;
     let bearer = |t: &str| format!("Bearer {t}");
     let old = k1.token(std_claims("alice", &["a1"]));
-    let mut c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&old))]).await.expect("k1");
-    echo_works(&mut c).await;
+    let mut opened =
+        upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&old))]).await.expect("k1");
+    echo_works(&mut opened).await;
     // The provider replaces k1's material under the same kid and adds k3; a k3 token makes the
     // proxy fetch the new set.
     let (k1_new, k3) = (key(Algorithm::ES256, Some("k1")), key(Algorithm::ES256, Some("k3")));
@@ -479,6 +480,35 @@ async fn a_key_replaced_under_its_kid_authorizes_nothing_it_verified_before() {
     assert_eq!(err.status, 401);
     let fresh = k1_new.token(std_claims("alice", &["a1"]));
     upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&fresh))]).await.expect("the new k1");
+    // Found by the verification of that fix: the session the old key's token opened went on.
+    // It ends with the key, as a revoked one does.
+    let close = opened.recv_close().await;
+    assert_eq!((close.close_code(), close.close_reason().as_str()), (Some(1008), "session revoked"));
+}
+
+/// A reload that removes a static key ends the sessions of the tokens it verified, as a JWKS
+/// fetch that retires a key does: a compromised key authorizes nothing from then on.
+#[tokio::test]
+async fn a_reload_that_removes_a_key_ends_the_sessions_it_verified() {
+    let backend = Backend::echo().await;
+    let (old_key, other) = (hmac(), hmac());
+    let config = |key: &Hmac| {
+        TestConfig::base(&[backend.addr.to_string()])
+            .merge("", key.auth_keys())
+            .merge("routes.0", json!({"auth": {"agent_claim": "agents"}}))
+    };
+    let proxy = Proxy::start_with(&config(&old_key).text()).await;
+    let mut opened = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &old_key.bearer(&["a1"]))])
+        .await
+        .expect("101");
+    echo_works(&mut opened).await;
+    let parsed =
+        portcullis::config::Config::parse(&config(&other).text(), std::path::Path::new("reload.toml")).expect("valid");
+    proxy.handle.reload(parsed).expect("reload");
+    let close = opened.recv_close().await;
+    assert_eq!((close.close_code(), close.close_reason().as_str()), (Some(1008), "session revoked"));
+    // A token of the key in force opens one.
+    upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &other.bearer(&["a1"]))]).await.expect("101");
 }
 
 #[tokio::test]
