@@ -62,8 +62,8 @@ fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let (verify_uncached, verify_cached) = rt.block_on(async {
         (
-            Authenticator::new(&uncached.auth, Default::default()).expect("auth"),
-            Authenticator::new(&cached.auth, Default::default()).expect("auth"),
+            Authenticator::new(&uncached.auth, Default::default(), None).expect("auth"),
+            Authenticator::new(&cached.auth, Default::default(), None).expect("auth"),
         )
     });
 

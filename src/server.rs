@@ -154,7 +154,8 @@ fn build_runtime(
     let authenticator = if config.auth.keys.is_empty() && config.auth.jwks.is_empty() {
         None
     } else {
-        Some(Authenticator::new(&config.auth, denylist.clone())?)
+        let previous = previous.and_then(|p| p.authenticator.as_deref());
+        Some(Authenticator::new(&config.auth, denylist.clone(), previous)?)
     };
     let probe = connect::probe();
     let route_state = config
@@ -257,21 +258,9 @@ impl Shared {
         result
     }
 
-    /// Ends (as revoked) the sessions whose token a key no longer in force verified: one a
+    /// Ends (as revoked) the sessions whose token a key `retired` says so of verified: one a
     /// JWKS fetch retired or replaced, one a reload removed. A compromised key authorizes
     /// nothing from then on, not even the sessions it opened.
-    fn end_sessions_of_retired_keys(&self) {
-        let runtime = self.runtime.load();
-        let in_force = match runtime.authenticator.as_ref().map(|a| a.keys_in_force()) {
-            Some(Some(keys)) => keys,
-            // A source's set is not known yet: nothing can be told retired.
-            Some(None) => return,
-            None => HashSet::new(),
-        };
-        self.end_sessions_of_keys(|k| !in_force.contains(k));
-    }
-
-    /// Ends (as revoked) the sessions whose token a key `retired` says so of verified.
     fn end_sessions_of_keys(&self, retired: impl Fn(&crate::auth::KeyPrint) -> bool) {
         let mut ended = 0;
         for e in self.sessions.list() {
@@ -315,10 +304,10 @@ impl Shared {
         let grace = config.server.removed_route_grace;
         let runtime = build_runtime(config, &self.denylist, Some(&old), &self.metrics)?;
         self.sessions.routes_in_force(runtime.config.routes.iter().map(|r| r.name.clone()));
-        // A static key the reload removes ends the sessions of the tokens it verified (a
-        // JWKS source's keys are known again once it has fetched: its fetches tell).
-        let statics = |r: &Runtime| r.authenticator.as_ref().map(|a| a.static_keys()).unwrap_or_default();
-        let removed: HashSet<_> = statics(&old).difference(&statics(&runtime)).copied().collect();
+        // A key the reload removes (a static one, or a whole JWKS source's; a source it keeps
+        // starts from the keys it had) ends the sessions of the tokens it verified.
+        let known = |r: &Runtime| r.authenticator.as_ref().map(|a| a.known_keys()).unwrap_or_default();
+        let removed: HashSet<_> = known(&old).difference(&known(&runtime)).copied().collect();
         self.runtime.store(Arc::new(runtime));
         if !removed.is_empty() {
             self.end_sessions_of_keys(|k| removed.contains(k));
@@ -741,7 +730,10 @@ impl Server {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        () = shared.denylist.keys_retired.notified() => shared.end_sessions_of_retired_keys(),
+                        () = shared.denylist.keys_retired.notified() => {
+                            let retired = shared.denylist.take_retired_keys();
+                            shared.end_sessions_of_keys(|k| retired.contains(k));
+                        }
                     }
                 }
             })

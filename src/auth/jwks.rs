@@ -28,27 +28,26 @@ pub struct JwkKey {
     pub key: DecodingKey,
     /// Allowed algorithms (the source's allowlist, narrowed by the JWK's own `alg`).
     pub algorithms: Vec<Algorithm>,
-    /// The JWK as published (its SHA-256), to tell a key replaced under the same `kid`.
+    /// The key's fingerprint (of its RFC 7638 thumbprint), to tell a key replaced under the
+    /// same `kid`.
     pub fingerprint: super::KeyPrint,
 }
 
 /// One JWKS endpoint and its cached keys.
 pub struct JwksSource {
     settings: JwksSettings,
-    keys: moka::future::Cache<String, Arc<JwkKey>>,
+    keys: moka::sync::Cache<String, Arc<JwkKey>>,
     /// Time of the last fetch triggered by an unknown kid; the lock coalesces such fetches.
     last_refetch: tokio::sync::Mutex<Option<Instant>>,
     client: crate::outbound::HttpClient,
     fetches: AtomicU64,
-    /// Set by the first good fetch.
-    fetched: std::sync::atomic::AtomicBool,
     /// Called when a fetch drops a key or replaces one under its `kid`: tokens verified with
     /// the old key set are verified again, and their sessions end.
     retired: Retired,
 }
 
-/// What a source calls when a fetch retires or replaces a key.
-pub type Retired = Arc<dyn Fn() + Send + Sync>;
+/// What a source calls when a fetch retires or replaces keys, with their fingerprints.
+pub type Retired = Arc<dyn Fn(Vec<super::KeyPrint>) + Send + Sync>;
 
 /// Why a JWKS fetch failed.
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +74,10 @@ impl JwksSource {
         let client = crate::outbound::HttpClient::new(settings.ca.as_deref()).map_err(err)?;
         Ok(Arc::new(JwksSource {
             settings,
-            keys: moka::future::Cache::builder().max_capacity(10_000).build(),
+            keys: moka::sync::Cache::builder().max_capacity(10_000).build(),
             last_refetch: tokio::sync::Mutex::new(None),
             client,
             fetches: AtomicU64::new(0),
-            fetched: std::sync::atomic::AtomicBool::new(false),
             retired,
         }))
     }
@@ -98,10 +96,22 @@ impl JwksSource {
         });
     }
 
-    /// The fingerprints of the keys in the last good set; `None` before the first good fetch
-    /// (the set is not known yet).
-    pub fn prints(&self) -> Option<Vec<super::KeyPrint>> {
-        self.fetched.load(Ordering::Acquire).then(|| self.keys.iter().map(|(_, k)| k.fingerprint).collect())
+    /// The fingerprints of the keys in the last good set.
+    pub fn prints(&self) -> Vec<super::KeyPrint> {
+        self.keys.iter().map(|(_, k)| k.fingerprint).collect()
+    }
+
+    /// The URL it fetches.
+    pub fn url(&self) -> &http::Uri {
+        &self.settings.url
+    }
+
+    /// Takes `previous`'s keys as its last good set (a reload that keeps the source): a key the
+    /// next fetch drops is then told retired, as it would have been without the reload.
+    pub fn seed_from(&self, previous: &JwksSource) {
+        for (kid, key) in previous.keys.iter() {
+            self.keys.insert((*kid).clone(), key);
+        }
     }
 
     /// Number of fetches attempted so far.
@@ -111,13 +121,13 @@ impl JwksSource {
 
     /// The key for `kid`, refetching (rate-limited, coalesced) when it is unknown.
     pub async fn get(&self, kid: &str) -> Option<Arc<JwkKey>> {
-        if let Some(k) = self.keys.get(kid).await {
+        if let Some(k) = self.keys.get(kid) {
             return Some(k);
         }
         {
             let mut last = self.last_refetch.lock().await;
             // Another caller may have fetched while this one waited for the lock.
-            if let Some(k) = self.keys.get(kid).await {
+            if let Some(k) = self.keys.get(kid) {
                 return Some(k);
             }
             let allowed = last.is_none_or(|t| t.elapsed() >= self.settings.min_refetch_interval);
@@ -127,7 +137,7 @@ impl JwksSource {
             *last = Some(Instant::now());
             let _ = self.refresh().await;
         }
-        self.keys.get(kid).await
+        self.keys.get(kid)
     }
 
     /// Fetches the key set and replaces the cached keys; on failure the old keys stay.
@@ -150,23 +160,27 @@ impl JwksSource {
                 }
                 let fresh: std::collections::HashSet<String> = loaded.iter().map(|(k, _)| k.clone()).collect();
                 // A key taken away or replaced under its kid (a rotation after a compromise)
-                // must stop authorizing tokens already verified with it, cached or not.
-                let mut retired = false;
+                // must stop authorizing tokens already verified with it, cached or not, and the
+                // sessions they opened.
+                let mut retired = Vec::new();
                 for (kid, key) in loaded {
-                    if let Some(old) = self.keys.get(&kid).await {
-                        retired |= old.fingerprint != key.fingerprint;
+                    if let Some(old) = self.keys.get(&kid).filter(|old| old.fingerprint != key.fingerprint) {
+                        retired.push(old.fingerprint);
                     }
-                    self.keys.insert(kid, key).await;
+                    self.keys.insert(kid, key);
                 }
-                let stale: Vec<String> =
-                    self.keys.iter().map(|(k, _)| (*k).clone()).filter(|k| !fresh.contains(k)).collect();
-                retired |= !stale.is_empty();
-                for kid in stale {
-                    self.keys.invalidate(&kid).await;
+                let stale: Vec<(String, Arc<JwkKey>)> = self
+                    .keys
+                    .iter()
+                    .filter(|(k, _)| !fresh.contains(k.as_str()))
+                    .map(|(k, v)| ((*k).clone(), v))
+                    .collect();
+                for (kid, key) in stale {
+                    retired.push(key.fingerprint);
+                    self.keys.invalidate(&kid);
                 }
-                self.fetched.store(true, Ordering::Release);
-                if retired {
-                    (self.retired)();
+                if !retired.is_empty() {
+                    (self.retired)(retired);
                     tracing::info!(%url, "jwks keys retired or replaced; tokens verified with them are refused, and their sessions end");
                 }
                 crate::metrics::jwks_fetch(true);
@@ -189,7 +203,11 @@ impl JwksSource {
         }
         // Keep only algorithms whose family matches the key type.
         algorithms.retain(|a| key.family() == a.family());
-        let fingerprint = sha2::Sha256::digest(serde_json::to_vec(jwk).ok()?).into();
+        // The key itself (RFC 7638's thumbprint: its required members only), not how the
+        // document writes it: a provider that adds `x5c` or `use` to an unchanged key has not
+        // replaced it.
+        let thumbprint = jwk.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256).ok()?;
+        let fingerprint = sha2::Sha256::digest(thumbprint.as_bytes()).into();
         (!algorithms.is_empty()).then_some(JwkKey { key, algorithms, fingerprint })
     }
 

@@ -312,15 +312,22 @@ pub struct Denylist {
     /// Ended session envelopes (by digest) → until when. A cache of its own: clients end their
     /// own sessions at will, and must never push an operator's revocation out of `denied`.
     envelopes: moka::sync::Cache<String, Denial>,
-    /// Told when a JWKS fetch retires or replaces a key: the server ends the sessions of the
-    /// tokens it verified.
+    /// The fingerprints of keys a JWKS fetch retired or replaced, for the server to end the
+    /// sessions of the tokens they verified ([`Denylist::take_retired_keys`]), and its wake-up.
+    retired_keys: std::sync::Mutex<Vec<KeyPrint>>,
+    /// Told when `retired_keys` has some.
     pub keys_retired: tokio::sync::Notify,
 }
 
 impl Default for Denylist {
     fn default() -> Self {
         let cache = || moka::sync::Cache::builder().max_capacity(1_000_000).expire_after(ExpireAt).build();
-        Denylist { denied: cache(), envelopes: cache(), keys_retired: tokio::sync::Notify::new() }
+        Denylist {
+            denied: cache(),
+            envelopes: cache(),
+            retired_keys: std::sync::Mutex::default(),
+            keys_retired: tokio::sync::Notify::new(),
+        }
     }
 }
 
@@ -358,15 +365,16 @@ impl moka::Expiry<String, Denial> for ExpireAt {
 impl Authenticator {
     /// Loads static keys and sets up JWKS sources (fetched in the background, refreshed
     /// periodically). Needs a Tokio runtime when JWKS sources are configured.
-    pub fn new(settings: &AuthSettings, denylist: Arc<Denylist>) -> Result<Arc<Self>, AuthConfigError> {
+    pub fn new(
+        settings: &AuthSettings,
+        denylist: Arc<Denylist>,
+        previous: Option<&Authenticator>,
+    ) -> Result<Arc<Self>, AuthConfigError> {
         let mut keys = Vec::with_capacity(settings.keys.len());
         for k in &settings.keys {
             let (key, print) = match &k.material {
                 KeyMaterial::Secret(s) => (DecodingKey::from_secret(s.expose()), Sha256::digest(s.expose()).into()),
-                KeyMaterial::PublicKeyPem(path) => {
-                    let key = load_public_key(path, k.algorithms[0])?;
-                    (key, Sha256::digest(std::fs::read(path).unwrap_or_default()).into())
-                }
+                KeyMaterial::PublicKeyPem(path) => load_public_key(path, k.algorithms[0])?,
             };
             keys.push(StaticKey { kid: k.kid.clone(), algorithms: k.algorithms.clone(), key, print });
         }
@@ -376,13 +384,18 @@ impl Authenticator {
         // epoch), and the sessions of tokens it verified end (the server's sweep).
         let retired: jwks::Retired = {
             let (epoch, denylist) = (key_epoch.clone(), denylist.clone());
-            Arc::new(move || {
+            Arc::new(move |prints| {
                 epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                denylist.keys_retired.notify_one();
+                denylist.retire_keys(prints);
             })
         };
         for j in &settings.jwks {
             let source = JwksSource::new(j.clone(), retired.clone())?;
+            // A source the reload keeps starts from the keys it had: what its next fetch drops
+            // is retired, as without the reload.
+            if let Some(old) = previous.and_then(|p| p.jwks.iter().find(|o| o.url() == &j.url)) {
+                source.seed_from(old);
+            }
             source.spawn_refresher();
             jwks.push(source);
         }
@@ -397,21 +410,12 @@ impl Authenticator {
         }))
     }
 
-    /// The fingerprints of the keys in force: the static keys and every JWKS source's last
-    /// good set. A session whose token another key verified ends ([`KeyPrint`]). `None` while
-    /// a JWKS source has not fetched its set yet (after a start or a reload): then which keys
-    /// are in force is not known.
-    pub fn keys_in_force(&self) -> Option<HashSet<KeyPrint>> {
-        let mut all: HashSet<KeyPrint> = self.keys.iter().map(|k| k.print).collect();
-        for source in &self.jwks {
-            all.extend(source.prints()?);
-        }
-        Some(all)
-    }
-
-    /// The fingerprints of the static keys.
-    pub fn static_keys(&self) -> HashSet<KeyPrint> {
-        self.keys.iter().map(|k| k.print).collect()
+    /// The fingerprints of the keys it knows: the static keys and every JWKS source's last
+    /// good set. A reload ends the sessions of the keys the old authenticator knew and the new
+    /// one does not ([`KeyPrint`]).
+    pub fn known_keys(&self) -> HashSet<KeyPrint> {
+        let jwks = self.jwks.iter().flat_map(|s| s.prints());
+        self.keys.iter().map(|k| k.print).chain(jwks).collect()
     }
 
     /// The configured clock-skew leeway.
@@ -557,6 +561,18 @@ impl Authenticator {
 }
 
 impl Denylist {
+    /// Keys (by fingerprint) that no longer authorize anything: the sessions their tokens
+    /// opened are to end.
+    pub fn retire_keys(&self, prints: Vec<KeyPrint>) {
+        self.retired_keys.lock().unwrap_or_else(|p| p.into_inner()).extend(prints);
+        self.keys_retired.notify_one();
+    }
+
+    /// The keys retired since the last call.
+    pub fn take_retired_keys(&self) -> Vec<KeyPrint> {
+        std::mem::take(&mut *self.retired_keys.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Refuses tokens of `subject` (of `issuer` only, or of every issuer when `None`) issued at
     /// or before `since`, until `until` (both Unix seconds): a token issued later (a new login)
     /// is accepted.
@@ -686,16 +702,27 @@ pub fn check_files(settings: &AuthSettings) -> Vec<AuthConfigError> {
     problems
 }
 
-fn load_public_key(path: &std::path::Path, alg: Algorithm) -> Result<DecodingKey, AuthConfigError> {
+/// A PEM public key file's key, and its fingerprint: of the encoded key between the armour
+/// lines (whitespace, line endings and text around them left out), read once.
+fn load_public_key(path: &std::path::Path, alg: Algorithm) -> Result<(DecodingKey, KeyPrint), AuthConfigError> {
     let err = |message: String| AuthConfigError::Key { path: path.display().to_string(), message };
     let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let text = String::from_utf8_lossy(&pem);
+    let body: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
+        .collect();
+    let print: KeyPrint = Sha256::digest(body.as_bytes()).into();
     let key = match alg.family() {
         AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(&pem),
         AlgorithmFamily::Ec => DecodingKey::from_ec_pem(&pem),
         AlgorithmFamily::Ed => DecodingKey::from_ed_pem(&pem),
         AlgorithmFamily::Hmac => return Err(err("HS* keys take a secret".into())),
     };
-    key.map_err(|e| err(e.to_string()))
+    key.map(|k| (k, print)).map_err(|e| err(e.to_string()))
 }
 
 /// Seconds since the Unix epoch.

@@ -772,8 +772,9 @@ async fn a_handshake_a_reload_overtakes_gets_no_session_on_its_removed_route() {
     let (k0, k1) = (key(Algorithm::ES256, Some("k0")), key(Algorithm::ES256, Some("k1")));
     let doc = Arc::new(Mutex::new(json!({"keys": [jwk(&k0)]}).to_string()));
     let d = doc.clone();
-    // Every key-set fetch takes 1.5 s.
-    let (addr, hits) = http_server(move |_| (200, d.lock().expect("lock").clone()), Duration::from_millis(1500)).await;
+    // Every key-set fetch takes 3 s: the reload below (in-process, milliseconds) is done well
+    // before the waiting handshake's fetch returns.
+    let (addr, hits) = http_server(move |_| (200, d.lock().expect("lock").clone()), Duration::from_secs(3)).await;
     let extra = json!({"auth": {"jwks": [{
         "url": format!("http://{addr}/jwks"),
         "algorithms": ["ES256"],
@@ -809,4 +810,38 @@ async fn a_handshake_a_reload_overtakes_gets_no_session_on_its_removed_route() {
     assert_eq!(late.await.expect("task"), Some(503), "no session on the removed route");
     let (_, sessions) = admin_request(proxy.admin, "GET", "/sessions", "").await;
     assert!(!sessions.contains("\"route\":\"leaving\""), "{sessions}");
+}
+
+/// Found by a review of the key-retirement fix: a reload built its JWKS sources afresh, so a
+/// source it removed (or a key its kept source's next fetch dropped) ended no session. A reload
+/// that removes a source ends the sessions of its keys; a source it keeps starts from the keys
+/// it had, and its sessions go on.
+#[tokio::test]
+async fn a_reload_ends_the_sessions_of_a_jwks_source_it_removes_and_keeps_those_of_one_it_keeps() {
+    let backend = Backend::echo().await;
+    let (k1, k2) = (key(Algorithm::ES256, Some("k1")), key(Algorithm::ES256, Some("k2")));
+    let (one, two) = (
+        jwks_server(json!({"keys": [jwk(&k1)]}).to_string()).await,
+        jwks_server(json!({"keys": [jwk(&k2)]}).to_string()).await,
+    );
+    let source = |s: &JwksServer| json!({"url": format!("http://{}/jwks", s.addr), "algorithms": ["ES256"], "danger_allow_http": true, "refresh_interval": "1h"});
+    let both =
+        auth_config(backend.addr, "jwks_reload", json!({}), json!({"auth": {"jwks": [source(&one), source(&two)]}}));
+    let proxy = Proxy::start_with(&both.text()).await;
+    let bearer = |t: &str| format!("Bearer {t}");
+    let open = async |k: &Key| {
+        let t = k.token(std_claims("alice", &["a1"]));
+        eventually("the source's keys are in", async || {
+            upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&t))]).await.ok()
+        })
+        .await
+    };
+    let (mut kept, mut dropped) = (open(&k1).await, open(&k2).await);
+    let only_one = auth_config(backend.addr, "jwks_reload", json!({}), json!({"auth": {"jwks": [source(&one)]}}));
+    let parsed =
+        portcullis::config::Config::parse(&only_one.text(), std::path::Path::new("reload.toml")).expect("valid");
+    proxy.handle.reload(parsed).expect("reload");
+    let close = dropped.recv_close().await;
+    assert_eq!((close.close_code(), close.close_reason().as_str()), (Some(1008), "session revoked"));
+    echo_works(&mut kept).await;
 }

@@ -541,8 +541,9 @@ mod redis {
             .await;
         let (status, _) = admin_post(one.admin, "/sessions/revoke", r#"{"subject":"ivy"}"#).await;
         assert_eq!(status, 200);
-        // Opened well after the lock (more than the fleet's clock slack of 1 s), as a user
-        // would once the revocation has been made.
+        // Opened well after the lock, as a user would once the revocation has been made: the
+        // old rule spared any session started more than the fleet's clock slack (1 s) after
+        // it, whatever its token.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let mut session =
             upgrade(other.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&old))]).await.expect("101");
