@@ -194,12 +194,14 @@ pub fn start(settings: &Arc<RecordingSettings>, meta: Meta, tasks: &tokio_util::
 /// The file name of a recording started at `unix` seconds. Session ids are the process's
 /// own (they start again at 1 in every process), so the name carries a tag drawn once per
 /// process: instances sharing a directory, or a process and the one a handover started, never
-/// pick the same name (the second recording would fail, and its session go unrecorded), and
-/// nobody can create a recording's file ahead of it.
-fn file_name(meta: &Meta, unix: u64) -> String {
+/// pick the same name (the second recording would fail, and its session go unrecorded). A
+/// name taken already (a file made ahead by someone who read the tag) is tried again with a
+/// random `retry` suffix.
+fn file_name(meta: &Meta, unix: u64, retry: Option<u32>) -> String {
     static PROCESS_TAG: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let tag = PROCESS_TAG.get_or_init(rand::random::<u32>);
-    format!("{unix}-{}-{}-{tag:08x}.cast", meta.route, meta.session)
+    let retry = retry.map(|r| format!("-{r:08x}")).unwrap_or_default();
+    format!("{unix}-{}-{}-{tag:08x}{retry}.cast", meta.route, meta.session)
 }
 
 /// The asciicast v2 header line.
@@ -261,7 +263,7 @@ fn decode(carry: &mut Vec<u8>, data: &[u8]) -> String {
 async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: Meta) {
     let settings = queue.settings.clone();
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let mut path = settings.directory.join(file_name(&meta, unix));
+    let mut path = settings.directory.join(file_name(&meta, unix, None));
     crate::metrics::recordings_active(1.0);
     let (dir, route, evict) = (settings.directory.clone(), meta.route.clone(), settings.when_full);
     let max_total = settings.max_total_size;
@@ -282,12 +284,7 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
                 if !matches!(&created, Err(e) if e.kind() == io::ErrorKind::AlreadyExists) {
                     break;
                 }
-                let name = file_name(&meta, unix);
-                path = settings.directory.join(format!(
-                    "{}-{:08x}.cast",
-                    name.trim_end_matches(".cast"),
-                    rand::random::<u32>()
-                ));
+                path = settings.directory.join(file_name(&meta, unix, Some(rand::random())));
                 created = create(&path).await;
             }
             match created {
