@@ -450,20 +450,23 @@ impl Authenticator {
         let epoch = self.key_epoch.load(std::sync::atomic::Ordering::Acquire);
         // A token verified under a key set since changed (a key retired or replaced) is
         // verified again, as one never seen: a retired key authorizes nothing.
-        let cached = self.verified.get(&digest);
-        if let Some(v) = cached.clone().filter(|v| v.epoch == epoch) {
-            if now_secs() > v.claims.exp + self.leeway.as_secs() {
-                return Err(AuthError::Expired);
+        // Whether the cache held it from an older key set (then it is forgotten if it fails).
+        let stale = match self.verified.get(&digest) {
+            Some(v) if v.epoch == epoch => {
+                if now_secs() > v.claims.exp + self.leeway.as_secs() {
+                    return Err(AuthError::Expired);
+                }
+                self.check_denied(&v.claims)?;
+                return Ok(v.claims);
             }
-            self.check_denied(&v.claims)?;
-            return Ok(v.claims);
-        }
+            cached => cached.is_some(),
+        };
         gate().map_err(AuthError::Throttled)?;
         let claims = match self.verify_uncached(token).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 // Verified once, under a key since retired: forgotten.
-                if cached.is_some() {
+                if stale {
                     self.verified.invalidate(&digest);
                 }
                 return Err(e);

@@ -739,7 +739,7 @@ impl Drop for Governance {
         }
         // Dropped with no end said: its client left, or the drain's drain_timeout cut it.
         let (initiator, reason) = match self.session.cut_by_drain() {
-            true => (crate::session::Initiator::Proxy, Cause::Drain.http_end().label),
+            true => (crate::session::Initiator::Proxy, Cause::Drain.label()),
             false => (crate::session::Initiator::Client, BodyEnd::ClientGone.label()),
         };
         let mut record = self.end.take().unwrap_or(crate::session::SessionEnd {

@@ -371,19 +371,25 @@ fn jwk(k: &Key) -> Value {
     })
 }
 
+/// A JWKS source at `url` (plain http, allowed for the test server) for ES256 keys, refreshed
+/// hourly and refetched at most once a second for an unknown kid.
+fn jwks_source(url: String) -> Value {
+    json!({
+        "url": url,
+        "algorithms": ["ES256"],
+        "danger_allow_http": true,
+        "refresh_interval": "1h",
+        "min_refetch_interval": "1s",
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_rotation_is_picked_up_with_bounded_fetches() {
     let backend = Backend::echo().await;
     let k1 = key(Algorithm::ES256, Some("k1"));
     let k2 = key(Algorithm::ES256, Some("k2"));
     let server = jwks_server(json!({"keys": [jwk(&k1)]}).to_string()).await;
-    let extra = json!({"auth": {"jwks": [{
-        "url": format!("http://{}/.well-known/jwks.json", server.addr),
-        "algorithms": ["ES256"],
-        "danger_allow_http": true,
-        "refresh_interval": "1h",
-        "min_refetch_interval": "1s",
-    }]}});
+    let extra = json!({"auth": {"jwks": [jwks_source(format!("http://{}/.well-known/jwks.json", server.addr))]}});
     // 50 concurrent connects from one address below: the per-address limits are not under test.
     let text = auth_config(backend.addr, "jwks", json!({}), extra).one_address_load().text();
     let proxy = Proxy::start_with(&text).await;
@@ -452,13 +458,7 @@ async fn a_key_replaced_under_its_kid_authorizes_nothing_it_verified_before() {
     let backend = Backend::echo().await;
     let k1 = key(Algorithm::ES256, Some("k1"));
     let server = jwks_server(json!({"keys": [jwk(&k1)]}).to_string()).await;
-    let extra = json!({"auth": {"jwks": [{
-        "url": format!("http://{}/jwks", server.addr),
-        "algorithms": ["ES256"],
-        "danger_allow_http": true,
-        "refresh_interval": "1h",
-        "min_refetch_interval": "1s",
-    }]}});
+    let extra = json!({"auth": {"jwks": [jwks_source(format!("http://{}/jwks", server.addr))]}});
     let proxy = Proxy::start_with(&auth_config(backend.addr, "jwks_replaced", json!({}), extra).text()).await;
     let bearer = |t: &str| format!("Bearer {t}");
     let old = k1.token(std_claims("alice", &["a1"]));
@@ -516,13 +516,9 @@ async fn jwks_outage_keeps_the_last_good_keys() {
     let backend = Backend::echo().await;
     let k1 = key(Algorithm::ES256, Some("k1"));
     let server = jwks_server(json!({"keys": [jwk(&k1)]}).to_string()).await;
-    let extra = json!({"auth": {"jwks": [{
-        "url": format!("http://{}/jwks", server.addr),
-        "algorithms": ["ES256"],
-        "danger_allow_http": true,
-        "refresh_interval": "200ms",
-        "min_refetch_interval": "100ms",
-    }]}});
+    let mut source = jwks_source(format!("http://{}/jwks", server.addr));
+    (source["refresh_interval"], source["min_refetch_interval"]) = (json!("200ms"), json!("100ms"));
+    let extra = json!({"auth": {"jwks": [source]}});
     let proxy = Proxy::start_with(&auth_config(backend.addr, "jwks_outage", json!({}), extra).text()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     *server.doc.lock().expect("lock") = "this is not a key set".into();
@@ -775,14 +771,9 @@ async fn a_handshake_a_reload_overtakes_gets_no_session_on_its_removed_route() {
     // Every key-set fetch takes 3 s: the reload below (in-process, milliseconds) is done well
     // before the waiting handshake's fetch returns.
     let (addr, hits) = http_server(move |_| (200, d.lock().expect("lock").clone()), Duration::from_secs(3)).await;
-    let extra = json!({"auth": {"jwks": [{
-        "url": format!("http://{addr}/jwks"),
-        "algorithms": ["ES256"],
-        "danger_allow_http": true,
-        "refresh_interval": "1h",
-        "min_refetch_interval": "1s",
-        "timeout": "10s",
-    }]}, "server": {"removed_route_grace": "300ms"}});
+    let mut source = jwks_source(format!("http://{addr}/jwks"));
+    source["timeout"] = json!("10s");
+    let extra = json!({"auth": {"jwks": [source]}, "server": {"removed_route_grace": "300ms"}});
     let config = auth_config(backend.addr, "leaving", json!({}), extra);
     let proxy = Proxy::start_with(&config.text()).await;
     let bearer = |t: &str| format!("Bearer {t}");
@@ -824,7 +815,7 @@ async fn a_reload_ends_the_sessions_of_a_jwks_source_it_removes_and_keeps_those_
         jwks_server(json!({"keys": [jwk(&k1)]}).to_string()).await,
         jwks_server(json!({"keys": [jwk(&k2)]}).to_string()).await,
     );
-    let source = |s: &JwksServer| json!({"url": format!("http://{}/jwks", s.addr), "algorithms": ["ES256"], "danger_allow_http": true, "refresh_interval": "1h"});
+    let source = |s: &JwksServer| jwks_source(format!("http://{}/jwks", s.addr));
     let both =
         auth_config(backend.addr, "jwks_reload", json!({}), json!({"auth": {"jwks": [source(&one), source(&two)]}}));
     let proxy = Proxy::start_with(&both.text()).await;
