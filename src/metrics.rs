@@ -778,6 +778,12 @@ pub fn fleet_directory(sessions: usize, instances: usize) {
     gauge!("portcullis_fleet_instances").set(instances as f64);
 }
 
+/// A capped session asked the store for its places (`subject_caps = "reserved"`): `taken`,
+/// `full` (refused with 429), or `unreachable` (`staleness` decided).
+pub fn fleet_cap_places(result: &'static str) {
+    counter!("portcullis_fleet_cap_places_total", "result" => result).increment(1);
+}
+
 /// A new session was refused: the store has been unreachable for longer than `max_staleness`.
 pub fn fleet_refused() {
     counter!("portcullis_fleet_refusals_total").increment(1);

@@ -109,6 +109,8 @@ pub struct FleetSettings {
     pub staleness: Staleness,
     /// How long the store may be unreachable before `strict` refuses new sessions.
     pub max_staleness: std::time::Duration,
+    /// How the subject caps count the other instances' sessions.
+    pub subject_caps: SubjectCaps,
     /// The instance-to-instance channel that carries a resume or an observer to the instance
     /// that holds the session (Redis only).
     pub peer: Option<PeerSettings>,
@@ -155,6 +157,19 @@ pub enum Staleness {
     BestEffort,
     /// Refuse new sessions (503) once the store has been unreachable for `max_staleness`.
     Strict,
+}
+
+/// `[fleet] subject_caps`: how `max_sessions_per_subject` counts the sessions of the other
+/// instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectCaps {
+    /// From the directory's mirror, never waiting on the store: handshakes racing on several
+    /// instances within the mirror's lag may pass the cap by up to the cap on each.
+    Mirror,
+    /// Exact: every capped session first takes a leased place in the store (one round trip),
+    /// Teleport's semaphore. While the store cannot be reached, `staleness` decides: `strict`
+    /// refuses (503), `best_effort` counts by the mirror.
+    Reserved,
 }
 
 /// How `run`'s workers share connections when there is more than one (`worker_model`).
@@ -1118,6 +1133,12 @@ mod tests {
         let base = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[fleet]\n";
         let c = Config::parse(base, Path::new("x.toml")).expect("valid");
         assert_eq!(c.fleet.store, StoreKind::Local { state_dir: defaults::STATE_DIR.into() });
+        assert_eq!(c.fleet.subject_caps, SubjectCaps::Mirror);
+        let redis = format!("{base}store = \"redis\"\nredis_url = \"redis://r\"\nsubject_caps = \"reserved\"\n");
+        assert_eq!(
+            Config::parse(&redis, Path::new("x.toml")).expect("valid").fleet.subject_caps,
+            SubjectCaps::Reserved
+        );
         for (fleet, key, wanted) in [
             ("store = \"redis\"\nredis_url = \"redis://r\"\nredis_ca_file = \"ca.pem\"", "fleet.redis_ca_file", "TLS URL"),
             ("store = \"redis\"\nredis_url = \"http://r\"", "fleet.redis_url", "redis://"),
@@ -1126,6 +1147,7 @@ mod tests {
             ("store = \"redis\"\nredis_url = \"redis://r\"\npeer_listen = \"0.0.0.0:9444\"\npeer_secret_env = \"PORTCULLIS_NO_SUCH_VAR_\"", "fleet.peer_secret_file", "not set"),
             ("peer_listen = \"127.0.0.1:9444\"", "fleet.peer_listen", "store = \"redis\""),
             ("max_staleness = \"0s\"", "fleet.max_staleness", "more than 0s"),
+            ("subject_caps = \"reserved\"", "fleet.subject_caps", "store = \"redis\""),
         ] {
             let text = format!("{base}{fleet}\n");
             let msg = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();

@@ -79,6 +79,7 @@ pub(super) struct RawFleet {
     pub(super) instance: Option<String>,
     pub(super) staleness: Option<RawStaleness>,
     pub(super) max_staleness: Option<Dur>,
+    pub(super) subject_caps: Option<RawSubjectCaps>,
     pub(super) peer_listen: Option<SocketAddr>,
     pub(super) peer_advertise: Option<String>,
     pub(super) peer_advertise_env: Option<String>,
@@ -98,6 +99,13 @@ pub(super) enum RawStore {
 pub(super) enum RawStaleness {
     BestEffort,
     Strict,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawSubjectCaps {
+    Mirror,
+    Reserved,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

@@ -103,7 +103,7 @@ fn affinity(a: super::raw::RawAffinity, key: &str, secrets: Secrets) -> Result<s
 }
 
 fn fleet(f: super::raw::RawFleet, secrets: Secrets) -> Result<super::FleetSettings, Invalid> {
-    use super::raw::{RawStaleness, RawStore};
+    use super::raw::{RawStaleness, RawStore, RawSubjectCaps};
     let store = match f.store.unwrap_or(RawStore::Local) {
         RawStore::Local => {
             if f.redis_url.is_some() || f.redis_url_env.is_some() || f.key_prefix.is_some() || f.redis_ca_file.is_some()
@@ -231,6 +231,16 @@ fn fleet(f: super::raw::RawFleet, secrets: Secrets) -> Result<super::FleetSettin
     if max_staleness.is_zero() {
         return Err(invalid("fleet.max_staleness", "must be more than 0s"));
     }
+    let subject_caps = match f.subject_caps.unwrap_or(RawSubjectCaps::Mirror) {
+        RawSubjectCaps::Mirror => super::SubjectCaps::Mirror,
+        RawSubjectCaps::Reserved if !redis => {
+            return Err(invalid(
+                "fleet.subject_caps",
+                "\"reserved\" is for store = \"redis\": one instance counts exactly on its own",
+            ))
+        }
+        RawSubjectCaps::Reserved => super::SubjectCaps::Reserved,
+    };
     Ok(super::FleetSettings {
         store,
         instance,
@@ -239,6 +249,7 @@ fn fleet(f: super::raw::RawFleet, secrets: Secrets) -> Result<super::FleetSettin
             RawStaleness::Strict => super::Staleness::Strict,
         },
         max_staleness,
+        subject_caps,
         peer,
     })
 }

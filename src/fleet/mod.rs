@@ -22,6 +22,7 @@
 //! decides: `best_effort` serves on with the last view (a metric and an alert say so), `strict`
 //! refuses new sessions once it has lasted `max_staleness`.
 
+pub mod caps;
 pub mod directory;
 pub mod local;
 pub mod peer;
@@ -34,7 +35,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use tokio::sync::mpsc;
 
-use crate::config::{FleetSettings, Staleness, StoreKind};
+use crate::config::{FleetSettings, Staleness, StoreKind, SubjectCaps};
 
 /// What a lock refuses.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -352,6 +353,17 @@ pub struct Fleet {
     advertised: std::sync::OnceLock<String>,
     /// Locks and commands from other instances, in the store's order, until the server takes them.
     feed: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Feed>>>,
+    /// The subject caps' places in the store (`subject_caps = "reserved"`).
+    places: Option<caps::Places>,
+}
+
+/// Why a session got no place under its subject's caps in the store.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The cap at this index (of those asked for) is reached over the fleet.
+    Full(usize),
+    /// The store could not be asked and `staleness` is `strict`: how long it has been away.
+    Stale(Duration),
 }
 
 impl Fleet {
@@ -375,6 +387,10 @@ impl Fleet {
                 (Store::Redis(r), locks)
             }
         };
+        let places = match (&store, settings.subject_caps) {
+            (Store::Redis(r), SubjectCaps::Reserved) => Some(r.places(&settings.instance)),
+            _ => None,
+        };
         let peer = settings.peer.as_ref().map(|p| peer::PeerAuth::new(&settings.instance, p.secret.expose()));
         let fleet = Fleet {
             instance: settings.instance.clone(),
@@ -387,6 +403,7 @@ impl Fleet {
                 .build(),
             advertised: std::sync::OnceLock::new(),
             feed: std::sync::Mutex::new(Some(rx)),
+            places,
         };
         Ok((Arc::new(fleet), locks))
     }
@@ -461,6 +478,41 @@ impl Fleet {
     /// How many sessions the other instances hold under the subject cap key `key`.
     pub fn others_count(&self, key: &crate::limits::SubjectKey) -> u32 {
         self.mirror().map_or(0, |m| m.count(key))
+    }
+
+    /// With `subject_caps = "reserved"`, takes the session's places under each of `caps` (a key
+    /// and its cap) in the store, all or none, and holds them until the answer is dropped;
+    /// otherwise `Ok(None)` (the caller counted by the mirror). A store that cannot be asked
+    /// refuses under `strict` and leaves the count to the mirror under `best_effort`.
+    pub async fn reserve(
+        &self,
+        caps: &[(&crate::limits::SubjectKey, u32)],
+    ) -> Result<Option<caps::Reservation>, Refusal> {
+        let Some(places) = self.places.as_ref().filter(|_| !caps.is_empty()) else { return Ok(None) };
+        // Known to be away: not waited on for every handshake.
+        let taken = match self.health.reachable() {
+            true => places.take(caps).await,
+            false => Err(caps::TakeError::Store(StoreError::Redis("unreachable".into()))),
+        };
+        match taken {
+            Ok(reservation) => {
+                crate::metrics::fleet_cap_places("taken");
+                Ok(Some(reservation))
+            }
+            Err(caps::TakeError::Full(at)) => {
+                crate::metrics::fleet_cap_places("full");
+                Err(Refusal::Full(at))
+            }
+            Err(caps::TakeError::Store(e)) => {
+                // The reader, not this, tells the store's health: a failed script is not an outage.
+                tracing::debug!(error = %e, "fleet cap places not taken");
+                crate::metrics::fleet_cap_places("unreachable");
+                match self.health.policy().0 {
+                    Staleness::Strict => Err(Refusal::Stale(self.health.staleness())),
+                    Staleness::BestEffort => Ok(None),
+                }
+            }
+        }
     }
 
     /// Sends a command to other instances through the store.

@@ -79,7 +79,7 @@ fn redis_error(e: impl std::fmt::Display) -> StoreError {
 }
 
 /// Runs one command under [`COMMAND_TIMEOUT`].
-async fn timed<T>(f: impl std::future::Future<Output = Result<T, Error>>) -> Result<T, StoreError> {
+pub(super) async fn timed<T>(f: impl std::future::Future<Output = Result<T, Error>>) -> Result<T, StoreError> {
     match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
         Ok(r) => r.map_err(redis_error),
         Err(_) => Err(StoreError::Redis(format!("no answer within {}s", COMMAND_TIMEOUT.as_secs()))),
@@ -169,6 +169,9 @@ impl Redis {
         let mirror = Arc::new(Mirror::default());
         let first = async {
             timed(writer.wait_for_connect()).await?;
+            // The reader too: its first read, sent before it is connected, would fail and count
+            // the store as away for a moment.
+            timed(reader.wait_for_connect()).await?;
             // Where the streams end, before the locks and the directory are read: anything
             // written between the two is read twice, which applying again is harmless for.
             let from = [last_id(&writer, &keys.stream).await?, last_id(&writer, &keys.dir.events).await?];
@@ -196,6 +199,11 @@ impl Redis {
         tokio::spawn(directory::write(writer.clone(), keys.dir.clone(), instance.to_owned(), rx));
         let directory = Directory { mirror, publisher: Publisher { tx } };
         Ok((Redis { client: writer, keys, reader: task, directory, instance: instance.to_owned() }, locks))
+    }
+
+    /// The subject caps' places of this process, on this store.
+    pub fn places(&self, instance: &str) -> super::caps::Places {
+        super::caps::Places::new(self.client.clone(), &self.keys.tag, instance)
     }
 
     /// Adds a command for other instances to the events stream.

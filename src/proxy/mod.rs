@@ -657,8 +657,11 @@ fn session_entry(
 }
 
 /// The subject's places under its session caps (over every route, and on this route), or
-/// 429 when either is full. Exact: each check and count is one step under the cap's lock.
-fn subject_slots(
+/// 429 when either is full. Exact on this instance: each check and count is one step under the
+/// cap's lock. Over the fleet, the others' sessions are counted by the directory's mirror, and
+/// with `[fleet] subject_caps = "reserved"` the places are then taken in the store too (one
+/// round trip, all or none), which no race between instances gets past.
+async fn subject_slots(
     ctx: &ConnCtx,
     runtime: &Runtime,
     route: &RouteConfig,
@@ -672,6 +675,7 @@ fn subject_slots(
     let global = runtime.config.auth.max_sessions_per_subject;
     let per_route = route.auth.as_ref().map_or(0, |a| a.max_sessions_per_subject);
     let mut slots = Vec::new();
+    let mut capped = Vec::new();
     // Only the caps that are set build a key (no allocation per handshake when none is).
     let caps = [(global, None), (per_route, Some(&route.name))];
     for (max, route_name) in caps.into_iter().filter(|(max, _)| *max > 0) {
@@ -684,23 +688,42 @@ fn subject_slots(
         // mirror, read here without waiting on the store): this one may hold the rest.
         let elsewhere = ctx.shared.fleet.others_count(&key);
         let acquired = match max.checked_sub(elsewhere).filter(|left| *left > 0) {
-            Some(left) => ctx.shared.per_subject.try_acquire(key, left),
+            Some(left) => ctx.shared.per_subject.try_acquire(key.clone(), left),
             None => Err(elsewhere),
         };
         match acquired {
-            Ok(Some(slot)) => slots.push(slot),
+            Ok(Some(slot)) => slots.push(SubjectSlot::Here { _slot: slot }),
             Ok(None) => {}
             Err(_) => {
                 crate::metrics::limit_refused("subject_sessions");
                 return Err(RequestError::TooManySessions);
             }
         }
+        capped.push((key, max));
+    }
+    let asked: Vec<(&crate::limits::SubjectKey, u32)> = capped.iter().map(|(k, max)| (k, *max)).collect();
+    match ctx.shared.fleet.reserve(&asked).await {
+        Ok(Some(places)) => slots.push(SubjectSlot::Fleet { _places: places }),
+        Ok(None) => {}
+        Err(crate::fleet::Refusal::Full(_)) => {
+            crate::metrics::limit_refused("subject_sessions");
+            return Err(RequestError::TooManySessions);
+        }
+        Err(crate::fleet::Refusal::Stale(stale)) => {
+            crate::metrics::fleet_refused();
+            return Err(RequestError::FleetStale(stale));
+        }
     }
     Ok(slots)
 }
 
-/// A session's place under a subject cap.
-type SubjectSlot = crate::limits::Slot<crate::limits::SubjectKey>;
+/// A session's place under a subject cap: counted on this instance, or its places in the
+/// fleet's store. Given back when dropped.
+#[derive(Debug)]
+pub(crate) enum SubjectSlot {
+    Here { _slot: crate::limits::Slot<crate::limits::SubjectKey> },
+    Fleet { _places: crate::fleet::caps::Reservation },
+}
 
 /// The status an abandoned request is logged with: NGINX's "client closed request".
 const CLIENT_CLOSED_REQUEST: u16 = 499;
@@ -803,7 +826,7 @@ async fn answer_request(
     // refused with 429 before a member sees it.
     let uploading = !hyper::body::Body::is_end_stream(&body);
     let places = match (uploading, hyper::body::Body::size_hint(&body).exact()) {
-        (true, None) => match subject_slots(ctx, runtime, &route, claims) {
+        (true, None) => match subject_slots(ctx, runtime, &route, claims).await {
             Ok(slots) => Places::Held(slots),
             Err(e) => return refuse(e),
         },
@@ -891,13 +914,7 @@ async fn answer_request(
     let upload = body.state();
     exchange.upload = Some(upload.clone());
     let sent = request::forward(&route, state, &caps, &http.client, out, body, &ctx.shared.conns);
-    let count = |g: &mut stream::Governance| match subject_slots(ctx, runtime, &route, claims) {
-        Ok(slots) => {
-            place(ctx, &route, g, Places::Held(slots));
-            Ok(())
-        }
-        Err(_) => Err(Cause::OverCap),
-    };
+    let count = || subject_slots(ctx, runtime, &route, claims).boxed();
     let answered = match unless_ended(&mut governance, Some(&count), upload.finished(), sent)
         .await
         .unwrap_or_else(|r| Err(request::ForwardError::Ended(r)))
@@ -1011,7 +1028,7 @@ async fn answer_request(
             let counted = g.session.entry().counted.load(Ordering::Acquire);
             let places = match (sse || open_ended) && !counted {
                 false => Places::Uncounted,
-                true => match subject_slots(ctx, runtime, &route, claims) {
+                true => match subject_slots(ctx, runtime, &route, claims).await {
                     Ok(slots) => Places::Held(slots),
                     Err(RequestError::TooManySessions) if !sse => Places::OverCap,
                     Err(e) => return reject_governed(ctx, exchange, g, e),
@@ -1141,8 +1158,9 @@ fn reject_governed(
     reject_exchange(ctx, exchange, e)
 }
 
-/// What counts an upload under its subject's caps: `Err` with the end's reason when it cannot.
-type CountUpload<'a> = dyn Fn(&mut stream::Governance) -> Result<(), Cause> + Sync + 'a;
+/// What takes an upload's places under its subject's caps.
+type CountUpload<'a> =
+    dyn Fn() -> futures_util::future::BoxFuture<'a, Result<Vec<SubjectSlot>, RequestError>> + Sync + 'a;
 
 /// `work`, unless the exchange's session ends first while its upload is in flight (`until` resolves when the upload is whole): then its reason. A request whose
 /// body has all arrived waits for its answer as one without a body does: the drain, a
@@ -1159,6 +1177,7 @@ async fn unless_ended<T>(
     work: impl std::future::Future<Output = T>,
 ) -> Result<T, Cause> {
     let mut counting = count.filter(|_| !g.session.entry().counted.load(Ordering::Acquire));
+    let mut taking = None;
     let grace = tokio::time::sleep(OVER_CAP_GRACE);
     tokio::pin!(work, until, grace);
     loop {
@@ -1166,10 +1185,17 @@ async fn unless_ended<T>(
             out = &mut work => return Ok(out),
             reason = std::future::poll_fn(|cx| g.poll_stop(cx)) => return Err(reason),
             () = &mut until => break,
-            () = &mut grace, if counting.is_some() => {
-                if let Some(count) = counting.take() {
-                    count(g)?;
+            () = &mut grace, if counting.is_some() => taking = counting.take().map(|count| count()),
+            taken = async {
+                match taking.as_mut() {
+                    Some(taking) => taking.await,
+                    None => std::future::pending().await,
                 }
+            }, if taking.is_some() => {
+                taking = None;
+                let Ok(slots) = taken else { return Err(Cause::OverCap) };
+                g.session.count();
+                g.slots = slots;
             }
         }
     }
@@ -1322,7 +1348,7 @@ async fn handle_upgrade(
             Ok(crate::session::resume::Claim::Fresh(r)) => registration = Some(r),
         }
     }
-    let subject_slots = match subject_slots(ctx, runtime, &route, admitted.claims.as_deref()) {
+    let subject_slots = match subject_slots(ctx, runtime, &route, admitted.claims.as_deref()).await {
         Ok(s) => s,
         Err(e) => return reject(ctx, &route.name, e),
     };
@@ -1659,7 +1685,7 @@ async fn handle_observer(
     let claims = admitted.claims.as_deref();
     // An observer is a session of its own: its subject's caps, its token's expiry, revocation
     // and drain apply to it as to any other.
-    let slots = match subject_slots(ctx, runtime, route, claims) {
+    let slots = match subject_slots(ctx, runtime, route, claims).await {
         Ok(s) => s,
         Err(e) => return reject(ctx, &route.name, e),
     };
@@ -1684,7 +1710,7 @@ async fn handle_observer(
         route: route.name.clone(),
         drop_grace: observe.drop_grace,
         own: registered,
-        _slots: slots,
+        _slots: Box::new(slots),
         expires_at,
         drain_spread: runtime.config.server.drain_spread,
         lifetime: route.session.max_lifetime,

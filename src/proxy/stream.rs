@@ -556,7 +556,7 @@ pub struct Governance {
     /// The `/sessions` entry, removed when the stream ends.
     pub session: SessionGuard,
     /// The stream's places under the subject's session caps, freed when it ends.
-    pub slots: Vec<crate::limits::Slot<crate::limits::SubjectKey>>,
+    pub(crate) slots: Vec<super::SubjectSlot>,
     /// How the body ends when the session is stopped.
     pub cut: Cut,
     /// The session's clock, which its stop and its upload read.

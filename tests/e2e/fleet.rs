@@ -296,15 +296,15 @@ mod redis {
 
     /// A TCP link to `target` that the test can cut (open connections reset, new ones closed at
     /// once) and restore: one instance losing the store while the others keep it.
-    struct Link {
-        addr: SocketAddr,
+    pub(super) struct Link {
+        pub(super) addr: SocketAddr,
         cut: Arc<AtomicBool>,
         open: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
         _accept: tokio::task::JoinHandle<()>,
     }
 
     impl Link {
-        async fn to(target: SocketAddr) -> Link {
+        pub(super) async fn to(target: SocketAddr) -> Link {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");
             let (cut, open) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
@@ -327,14 +327,14 @@ mod redis {
             Link { addr, cut, open, _accept: accept }
         }
 
-        fn cut(&self) {
+        pub(super) fn cut(&self) {
             self.cut.store(true, Ordering::SeqCst);
             for t in self.open.lock().expect("lock").drain(..) {
                 t.abort();
             }
         }
 
-        fn restore(&self) {
+        pub(super) fn restore(&self) {
             self.cut.store(false, Ordering::SeqCst);
         }
     }
@@ -364,13 +364,13 @@ mod redis {
     }
 
     /// The `host:port` of a `redis://host:port` URL.
-    fn redis_addr(url: &str) -> SocketAddr {
+    pub(super) fn redis_addr(url: &str) -> SocketAddr {
         let rest = url.trim_start_matches("redis://");
         rest.split('/').next().and_then(|a| a.parse().ok()).expect("redis://host:port")
     }
 
     /// `/fleet` of an instance.
-    async fn fleet_state(admin: SocketAddr) -> Value {
+    pub(super) async fn fleet_state(admin: SocketAddr) -> Value {
         serde_json::from_str(&http_get(admin, "/fleet").await.1).expect("json")
     }
 
@@ -901,6 +901,107 @@ mod directory {
         // One ends: its place is free again, anywhere.
         drop(_two);
         eventually("the place frees", async || (status_with(edges[2].tls, &erin).await == 101).then_some(())).await;
+    }
+
+    /// `n` handshakes of `token` on each of `edges`, all sent at once: the sessions accepted,
+    /// and how many were refused (each with 429).
+    async fn race(edges: &[ProxyProcess], token: &str, n: usize) -> (Vec<Client>, usize) {
+        let auth = bearer(token);
+        let tries = edges.iter().flat_map(|p| {
+            let auth = auth.as_str();
+            (0..n).map(
+                move |_| async move { upgrade(p.tls, true, "/agents/a1/terminal", &[("Authorization", auth)]).await },
+            )
+        });
+        let (mut open, mut refused) = (Vec::new(), 0);
+        for result in futures_util::future::join_all(tries).await {
+            match result {
+                Ok(client) => open.push(client),
+                Err(e) => {
+                    assert_eq!(e.status, 429, "a handshake over the cap is refused as such");
+                    refused += 1;
+                }
+            }
+        }
+        (open, refused)
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn reserved_subject_caps_hold_against_handshakes_raced_on_every_instance() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let edit = json!({"auth": {"max_sessions_per_subject": 3}, "fleet": {"subject_caps": "reserved"}});
+        let edges = three(backend.addr, &key, &redis, edit).await;
+        let erin = key.token("erin", &["a1"], Duration::from_secs(600));
+        // Four at once on each instance, before any directory entry of theirs can be written:
+        // the mirror alone lets each instance admit up to the cap (nine).
+        let (mut open, refused) = race(&edges, &erin, 4).await;
+        assert_eq!((open.len(), refused), (3, 9), "exactly the cap over the fleet");
+        // Another subject is not touched.
+        assert_eq!(status_with(edges[1].tls, &key.token("frank", &["a1"], Duration::from_secs(600))).await, 101);
+        // One ends: its place is given back, and taken anywhere.
+        drop(open.pop());
+        eventually("the place is given back", async || {
+            let (more, _) = race(&edges[2..], &erin, 1).await;
+            (more.len() == 1).then(|| open.extend(more))
+        })
+        .await;
+        let (none, refused) = race(&edges, &erin, 1).await;
+        assert_eq!((none.len(), refused), (0, 3), "full again");
+        // An instance killed with places held: they lapse with their lease (6 s), not held for good.
+        drop(open);
+        let mut on_first = Vec::new();
+        eventually("every place is given back", async || {
+            let (more, _) = race(&edges[..1], &erin, 1).await;
+            on_first.extend(more);
+            (on_first.len() == 3).then_some(())
+        })
+        .await;
+        assert_eq!(status_with(edges[1].tls, &erin).await, 429, "the first instance holds the three");
+        edges[0].signal("KILL");
+        eventually_within("the killed instance's places lapse", Duration::from_secs(15), async || {
+            (status_with(edges[1].tls, &erin).await == 101).then_some(())
+        })
+        .await;
+        drop(on_first);
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn reserved_subject_caps_without_the_store_follow_the_staleness_policy() {
+        for (policy, expected) in [("best_effort", 101), ("strict", 503)] {
+            let backend = Backend::echo().await;
+            let key = hmac();
+            let redis = RedisServer::start().await;
+            let link = redis::Link::to(redis::redis_addr(&redis.url())).await;
+            let fleet = json!({
+                "store": "redis", "redis_url": format!("redis://{}", link.addr), "key_prefix": format!("test-{}", rand::random::<u32>()),
+                "instance": "edge", "staleness": policy, "max_staleness": "60s", "subject_caps": "reserved",
+            });
+            let text = TestConfig::parse(&config(backend.addr, &key, fleet))
+                .merge("", json!({"auth": {"max_sessions_per_subject": 1}}))
+                .text();
+            let edge = ProxyProcess::start(&text).await;
+            let (gail, hank) = (
+                key.token("gail", &["a1"], Duration::from_secs(600)),
+                key.token("hank", &["a1"], Duration::from_secs(600)),
+            );
+            let _held = upgrade(edge.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&gail))])
+                .await
+                .expect("101");
+            assert_eq!(status_with(edge.tls, &gail).await, 429, "{policy}: the store counts the one held");
+            link.cut();
+            eventually("the store is unreachable", async || {
+                let v = redis::fleet_state(edge.admin).await;
+                (v["reachable"] == false).then_some(())
+            })
+            .await;
+            // Well inside max_staleness: only the caps' places need the store now.
+            assert_eq!(status_with(edge.tls, &hank).await, expected, "{policy}: a capped session without the store");
+            link.restore();
+        }
     }
 
     /// Two instances with the instance-to-instance channel, their route resumable and

@@ -6,7 +6,8 @@
 # refusing meanwhile), locks in force for an instance that starts later, a Redis restart; the
 # session directory (every instance listing the fleet, a SIGKILLed instance leaving it within
 # the TTL), a session on another instance revoked and a route rebalanced through the store, and
-# a subject cap held across three instances.
+# a subject cap held across three instances (and held exactly against handshakes raced on all
+# three with `subject_caps = "reserved"`).
 #
 #   tests/fleet/run.sh            # from the repository root; .ci/run calls it
 set -euo pipefail
