@@ -480,6 +480,11 @@ impl Fleet {
         self.mirror().map_or(0, |m| m.count(key))
     }
 
+    /// True when capped sessions take places in the store (`subject_caps = "reserved"`).
+    pub fn reserves(&self) -> bool {
+        self.places.is_some()
+    }
+
     /// With `subject_caps = "reserved"`, takes the session's places under each of `caps` (a key
     /// and its cap) in the store, all or none, and holds them until the answer is dropped;
     /// otherwise `Ok(None)` (the caller counted by the mirror). A store that cannot be asked

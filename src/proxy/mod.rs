@@ -675,6 +675,8 @@ async fn subject_slots(
     let global = runtime.config.auth.max_sessions_per_subject;
     let per_route = route.auth.as_ref().map_or(0, |a| a.max_sessions_per_subject);
     let mut slots = Vec::new();
+    // The keys to take places under in the fleet's store too (`subject_caps = "reserved"`).
+    let reserving = ctx.shared.fleet.reserves();
     let mut capped = Vec::new();
     // Only the caps that are set build a key (no allocation per handshake when none is).
     let caps = [(global, None), (per_route, Some(&route.name))];
@@ -687,8 +689,11 @@ async fn subject_slots(
         // The fleet's other instances hold some of the subject's sessions (their directory's
         // mirror, read here without waiting on the store): this one may hold the rest.
         let elsewhere = ctx.shared.fleet.others_count(&key);
+        if reserving {
+            capped.push((key.clone(), max));
+        }
         let acquired = match max.checked_sub(elsewhere).filter(|left| *left > 0) {
-            Some(left) => ctx.shared.per_subject.try_acquire(key.clone(), left),
+            Some(left) => ctx.shared.per_subject.try_acquire(key, left),
             None => Err(elsewhere),
         };
         match acquired {
@@ -699,7 +704,9 @@ async fn subject_slots(
                 return Err(RequestError::TooManySessions);
             }
         }
-        capped.push((key, max));
+    }
+    if capped.is_empty() {
+        return Ok(slots);
     }
     let asked: Vec<(&crate::limits::SubjectKey, u32)> = capped.iter().map(|(k, max)| (k, *max)).collect();
     match ctx.shared.fleet.reserve(&asked).await {
