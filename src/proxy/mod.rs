@@ -732,12 +732,6 @@ pub(crate) enum SubjectSlot {
     Fleet { _places: crate::fleet::caps::Reservation },
 }
 
-/// The status an abandoned request is logged with: NGINX's "client closed request".
-const CLIENT_CLOSED_REQUEST: u16 = 499;
-
-/// The status a request the process cut before any answer is logged with: none went out.
-const NO_ANSWER: u16 = 0;
-
 /// A plain request not answered yet. When its handler is dropped before the answer (the client
 /// closed its connection or reset its HTTP/2 stream while the request waited for its body, its
 /// member or the caps), its access-log line is written then, with 499 and `client_gone`, as
@@ -766,14 +760,11 @@ impl Drop for Unanswered<'_> {
             return;
         }
         let mut exchange = exchange_of_parts(self.ctx, &self.method, &self.uri, &self.route.name, self.started);
-        let (status, label) = match self.ctx.shared.sessions.cut_by_drain() {
-            true => (NO_ANSWER, Cause::Drain.label()),
-            false => (CLIENT_CLOSED_REQUEST, "client_gone"),
-        };
-        exchange.status = status;
+        let how = crate::session::close::Abandoned::of(&self.ctx.shared.sessions);
+        exchange.status = how.status();
         exchange.agent = self.agent.take();
         exchange.subject = self.claims.as_ref().and_then(|c| c.subject().map(str::to_owned));
-        exchange.finish(false, 0, label);
+        exchange.finish(false, 0, how.label());
     }
 }
 

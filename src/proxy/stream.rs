@@ -738,17 +738,7 @@ impl Drop for Governance {
             end.set(UploadOutcome::AnswerEnded);
         }
         // Dropped with no end said: its client left, or the drain's drain_timeout cut it.
-        let (initiator, reason) = match self.session.cut_by_drain() {
-            true => (crate::session::Initiator::Proxy, Cause::Drain.label()),
-            false => (crate::session::Initiator::Client, BodyEnd::ClientGone.label()),
-        };
-        let mut record = self.end.take().unwrap_or(crate::session::SessionEnd {
-            close_code: None,
-            initiator,
-            reason,
-            bytes: [0, 0],
-            frames: [0, 0],
-        });
+        let mut record = self.end.take().unwrap_or_else(|| self.session.abandoned().end([0, 0]));
         // An upload its session cut says why the session ended, whatever became of an answer
         // nobody polled after that.
         if let Some(cut) = self.stop.upload.get().and_then(|u| u.cut_for()) {
@@ -792,14 +782,14 @@ impl BodyEnd {
             BodyEnd::Complete => "complete",
             BodyEnd::BackendError => "backend_error",
             BodyEnd::IdleTimeout => "idle_timeout",
-            BodyEnd::ClientGone => "client_gone",
+            BodyEnd::ClientGone => crate::session::close::Abandoned::ClientGone.label(),
             BodyEnd::Ended(reason) => reason.http_end().label,
         }
     }
 
     fn initiator(self) -> crate::session::Initiator {
         match self {
-            BodyEnd::ClientGone => crate::session::Initiator::Client,
+            BodyEnd::ClientGone => crate::session::close::Abandoned::ClientGone.initiator(),
             BodyEnd::Complete | BodyEnd::BackendError => crate::session::Initiator::Backend,
             BodyEnd::IdleTimeout | BodyEnd::Ended(_) => crate::session::Initiator::Proxy,
         }
@@ -1065,14 +1055,11 @@ impl Drop for Download {
         // the session's reason.
         let stopped = || self.governance.as_ref().and_then(Governance::stopped).map(BodyEnd::Ended);
         // Else its client left, or the drain's drain_timeout cut it.
-        let cut =
-            || self.governance.as_ref().filter(|g| g.session.cut_by_drain()).map(|_| BodyEnd::Ended(Cause::Drain));
-        let end = self
-            .end
-            .or_else(|| whole.then_some(BodyEnd::Complete))
-            .or_else(stopped)
-            .or_else(cut)
-            .unwrap_or(BodyEnd::ClientGone);
+        let abandoned = || match self.governance.as_ref().map(|g| g.session.abandoned()) {
+            Some(crate::session::close::Abandoned::Drain) => BodyEnd::Ended(Cause::Drain),
+            _ => BodyEnd::ClientGone,
+        };
+        let end = self.end.or_else(|| whole.then_some(BodyEnd::Complete)).or_else(stopped).unwrap_or_else(abandoned);
         self.exchange.finish(sse, self.sent, end.label());
         // A governed body is a session: it ends with the line every session ends with (written
         // when its governance drops, below).

@@ -424,6 +424,65 @@ pub fn log_end_after(s: &crate::session::SessionEntry, lasted: std::time::Durati
     );
 }
 
+/// How a session or a request ended that was dropped without saying how: cut by the drain's
+/// `drain_timeout` (the process closed its connection), or else its client left first. The one
+/// place that tells the two apart, for every kind of session (a request waiting for its answer,
+/// a governed exchange, a body in flight, a relayed session's registration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abandoned {
+    /// The drain's `drain_timeout` passed: the proxy cut it.
+    Drain,
+    /// Its client went.
+    ClientGone,
+}
+
+impl Abandoned {
+    /// Which of the two, by the live-session registry that ran the drain.
+    pub fn of(sessions: &crate::session::Sessions) -> Abandoned {
+        match sessions.cut_by_drain() {
+            true => Abandoned::Drain,
+            false => Abandoned::ClientGone,
+        }
+    }
+
+    /// Its label (`drain`, `client_gone`): the end-of-session line's `reason`, the access log's
+    /// `end`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Abandoned::Drain => Cause::Drain.label(),
+            Abandoned::ClientGone => "client_gone",
+        }
+    }
+
+    /// Who ended it.
+    pub fn initiator(self) -> Initiator {
+        match self {
+            Abandoned::Drain => Initiator::Proxy,
+            Abandoned::ClientGone => Initiator::Client,
+        }
+    }
+
+    /// The status a request that got no answer is logged with: none went out at the drain (0,
+    /// as Envoy logs it); NGINX's 499, "client closed request", when its client left.
+    pub fn status(self) -> u16 {
+        match self {
+            Abandoned::Drain => 0,
+            Abandoned::ClientGone => 499,
+        }
+    }
+
+    /// The end of an exchange that said none (an HTTP exchange: no close frame), with `bytes`.
+    pub fn end(self, bytes: [u64; 2]) -> crate::session::SessionEnd {
+        crate::session::SessionEnd {
+            close_code: None,
+            initiator: self.initiator(),
+            reason: self.label(),
+            bytes,
+            frames: [0, 0],
+        }
+    }
+}
+
 impl crate::session::SessionEnd {
     /// The end of a session with no byte counts of its own (a fan-out client, an observer),
     /// for `cause`.

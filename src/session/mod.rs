@@ -558,9 +558,10 @@ impl SessionGuard {
         }
     }
 
-    /// True once the drain's `drain_timeout` passed (see [`Sessions::cut_by_drain`]).
-    pub fn cut_by_drain(&self) -> bool {
-        self.sessions.cut_by_drain()
+    /// How the session ended if it is dropped now without saying how (see
+    /// [`close::Abandoned`]).
+    pub fn abandoned(&self) -> close::Abandoned {
+        close::Abandoned::of(&self.sessions)
     }
 
     /// The session is of `kind` from now on (a plain exchange whose answer is an event
@@ -580,7 +581,7 @@ impl Drop for SessionGuard {
         // dropped before it wrote one (a relay whose client did not answer the drain's close
         // within a longer `close_timeout`, a held session, an observer) ends `drain`, by the
         // proxy, with the bytes its counters have.
-        if self.sessions.cut_by_drain() && !self.entry.control.logged.load(Ordering::Acquire) {
+        if self.abandoned() == close::Abandoned::Drain && !self.entry.control.logged.load(Ordering::Acquire) {
             let bytes = &self.entry.control.bytes;
             let end = SessionEnd {
                 bytes: [bytes.from_client.load(Ordering::Relaxed), bytes.from_backend.load(Ordering::Relaxed)],
