@@ -1302,7 +1302,8 @@ async fn handle_upgrade(
             Some(owner) => {
                 let peer = ctx.shared.fleet.session_peer(&owner, id).filter(|_| !ctx.from_peer);
                 let Some(peer) = peer else { return reject(ctx, &route.name, RequestError::NoSuchSession) };
-                return Box::pin(relay_to_owner(ctx, &route, &caps, req, &ws, (&peer, "observe"), stream)).await;
+                let to = Owner { instance: &owner, peer: &peer, kind: "observe" };
+                return Box::pin(relay_to_owner(ctx, &route, &caps, req, &ws, to, stream)).await;
             }
         }
     }
@@ -1313,8 +1314,9 @@ async fn handle_upgrade(
             !ctx.from_peer && crate::session::resume::valid_id(id) && !ctx.shared.resumes.holds(&route.name, id)
         })
         .and_then(|id| ctx.shared.fleet.resume_owner(&route.name, id));
-    if let Some((_, peer)) = elsewhere {
-        return Box::pin(relay_to_owner(ctx, &route, &caps, req, &ws, (&peer, "resume"), stream)).await;
+    if let Some((owner, peer)) = elsewhere {
+        let to = Owner { instance: &owner, peer: &peer, kind: "resume" };
+        return Box::pin(relay_to_owner(ctx, &route, &caps, req, &ws, to, stream)).await;
     }
     let admitted = match admit(ctx, runtime, &route, &caps, req.headers(), path_and_query, Some(ws)).await {
         Ok(a) => a,
@@ -1473,7 +1475,17 @@ fn observer_route(route: &RouteConfig, observe: &crate::config::ObserveSettings)
     as_observer
 }
 
-/// A resume or an observer whose session another instance holds (`peer`, its peer listener):
+/// The other instance a resume or an observer is carried to.
+struct Owner<'a> {
+    /// Its name (the preamble is addressed to it).
+    instance: &'a str,
+    /// Its peer listener.
+    peer: &'a str,
+    /// `resume` or `observe`.
+    kind: &'static str,
+}
+
+/// A resume or an observer whose session another instance holds (`to`):
 /// asks the owner with the client's own handshake and, when it accepts, answers the client as it
 /// did and carries the session's bytes both ways. The client's token is checked here first (as
 /// for any upgrade) and again by the owner, which governs the session.
@@ -1483,7 +1495,7 @@ async fn relay_to_owner(
     caps: &Captures,
     mut req: Request<Incoming>,
     ws: &upgrade::WsRequest,
-    (peer, kind): (&str, &'static str),
+    Owner { instance: owner, peer, kind }: Owner<'_>,
     stream: http::StreamHold,
 ) -> Response<ProxyBody> {
     let runtime = ctx.shared.runtime.load_full();
@@ -1501,7 +1513,7 @@ async fn relay_to_owner(
         return reject(ctx, &route.name, RequestError::NoSuchSession);
     };
     let limit = route.backend.connect_timeout + route.backend.handshake_timeout;
-    let asked = peer::ask(auth, peer, ctx.client_addr, path_and_query, req.headers(), ws, limit).await;
+    let asked = peer::ask(auth, (owner, peer), ctx.client_addr, path_and_query, req.headers(), ws, limit).await;
     let (status, owner, link) = match asked {
         Ok(answer) => answer,
         Err(e) => {

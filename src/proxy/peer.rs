@@ -57,11 +57,11 @@ const HOP: &[&str] = &[
     "content-length",
 ];
 
-/// Asks `peer` (the owner's peer listener) for the session: the owner's status and headers, and
+/// Asks instance `owner` at `peer` (its peer listener) for the session: the owner's status and headers, and
 /// the link when it accepted (101).
 pub async fn ask(
     auth: &PeerAuth,
-    peer: &str,
+    (owner, peer): (&str, &str),
     client: SocketAddr,
     path_and_query: &str,
     headers: &HeaderMap,
@@ -75,7 +75,7 @@ pub async fn ask(
         Err(_) => return Err(PeerRelayError::Unreachable("connect timed out".into())),
     };
     let _ = stream.set_nodelay(true);
-    let mut out = auth.sign(client);
+    let mut out = auth.sign(owner, client);
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(path_and_query.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");

@@ -1113,20 +1113,24 @@ mod directory {
 
     #[tokio::test]
     #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
-    async fn the_peer_listener_refuses_a_forged_or_replayed_preamble_and_anything_but_a_resume_or_observer() {
+    async fn the_peer_listener_refuses_a_forged_replayed_or_misdirected_preamble_and_anything_but_a_resume_or_observer()
+    {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let backend = Backend::echo().await;
         let key = hmac();
         let redis = RedisServer::start().await;
         let (secret_file, secret) = fleet_secret();
         let edges = linked(backend.addr, &key, &redis, secret_file.path()).await;
-        let (_, body) = http_get(edges[0].admin, "/fleet").await;
-        let peer: SocketAddr = serde_json::from_str::<Value>(&body).expect("json")["peer"]
-            .as_str()
-            .expect("a peer listener")
-            .parse()
-            .expect("addr");
-        let answer = |pre: Vec<u8>| async move {
+        let peer_of = async |admin: SocketAddr| -> SocketAddr {
+            let (_, body) = http_get(admin, "/fleet").await;
+            serde_json::from_str::<Value>(&body).expect("json")["peer"]
+                .as_str()
+                .expect("a peer listener")
+                .parse()
+                .expect("addr")
+        };
+        let (peer, other_peer) = (peer_of(edges[0].admin).await, peer_of(edges[1].admin).await);
+        let answer_at = |peer: SocketAddr, pre: Vec<u8>| async move {
             let mut s = tokio::net::TcpStream::connect(peer).await.expect("connect");
             s.write_all(&pre).await.expect("preamble");
             let _ = s.write_all(b"GET /agents/a1/terminal HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
@@ -1134,21 +1138,27 @@ mod directory {
             let _ = tokio::time::timeout(SOON, s.read_to_end(&mut out)).await;
             String::from_utf8_lossy(&out).into_owned()
         };
+        let answer = |pre: Vec<u8>| answer_at(peer, pre);
         // Signed with another secret: closed before any request is read.
         let forged = portcullis::fleet::peer::PeerAuth::new("mallory", b"not-the-fleet-secret-but-32-bytes!!");
         assert_eq!(
-            answer(forged.sign("10.0.0.1:1".parse().expect("addr"))).await,
+            answer(forged.sign("edge-1", "10.0.0.1:1".parse().expect("addr"))).await,
             "",
             "no answer to a forged preamble"
         );
         // Signed with the fleet's secret: read, but a plain request is not a resume or an observer.
         let signer = portcullis::fleet::peer::PeerAuth::new("edge-9", &secret);
-        let good = signer.sign("10.0.0.1:1".parse().expect("addr"));
+        let good = signer.sign("edge-1", "10.0.0.1:1".parse().expect("addr"));
+        // Addressed to edge-1: another instance, whose nonce cache never saw it, refuses it too
+        // (a capture replayed across the fleet).
+        assert_eq!(answer_at(other_peer, good.clone()).await, "", "no answer to a preamble for another instance");
         assert!(answer(good.clone()).await.starts_with("HTTP/1.1 403"), "resumes and observers only");
         // The same preamble again: a replay.
         assert_eq!(answer(good).await, "", "no answer to a replayed preamble");
         let (_, m) = http_get(edges[0].admin, "/metrics").await;
         assert_eq!(metric(&m, "portcullis_fleet_peer_refusals_total{reason=\"signature\"}"), 1.0);
         assert_eq!(metric(&m, "portcullis_fleet_peer_refusals_total{reason=\"replay\"}"), 1.0);
+        let (_, m) = http_get(edges[1].admin, "/metrics").await;
+        assert_eq!(metric(&m, "portcullis_fleet_peer_refusals_total{reason=\"misdirected\"}"), 1.0);
     }
 }
