@@ -14,7 +14,9 @@
 //! last entry it saw; each answer, entries or not, tells [`Health`] the store is there. After an
 //! error the reader backs off, and once the store answers again it reads every lock in force
 //! from the index before going on with the stream: a lock made during the outage is applied
-//! even when the stream has been trimmed past the last entry this instance saw.
+//! even when the stream has been trimmed past the last entry this instance saw. The directory's
+//! events and the fleet's commands (`{prefix}:events`, [`directory`]) are read by a reader of
+//! their own on another connection: nothing wrong with that stream holds up the locks.
 //!
 //! Every command has a deadline ([`COMMAND_TIMEOUT`]): a store that does not answer is a store
 //! that is down, whatever the socket says.
@@ -38,18 +40,21 @@ const BLOCK: Duration = Duration::from_secs(1);
 /// The stream's approximate length cap.
 const STREAM_CAP: i64 = 100_000;
 
-/// The writer's connection, the reader task, and the session directory.
+/// The writer's connection, the reader tasks, and the session directory.
 pub struct Redis {
     client: Client,
     keys: Keys,
-    reader: tokio::task::JoinHandle<()>,
+    /// The locks' reader and the events' reader.
+    readers: [tokio::task::JoinHandle<()>; 2],
     pub(super) directory: Directory,
     instance: String,
 }
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        self.reader.abort();
+        for r in &self.readers {
+            r.abort();
+        }
     }
 }
 
@@ -162,16 +167,18 @@ impl Redis {
     ) -> Result<(Redis, Vec<Lock>), StoreError> {
         let keys = Keys::new(prefix);
         let writer = client(url, &tls)?;
-        let reader = writer.clone_new();
+        let (reader, events) = (writer.clone_new(), writer.clone_new());
         // The connection tasks run for as long as the clients live.
         drop(writer.connect());
         drop(reader.connect());
+        drop(events.connect());
         let mirror = Arc::new(Mirror::default());
         let first = async {
             timed(writer.wait_for_connect()).await?;
             // The reader too: its first read, sent before it is connected, would fail and count
             // the store as away for a moment.
             timed(reader.wait_for_connect()).await?;
+            timed(events.wait_for_connect()).await?;
             // Where the streams end, before the locks and the directory are read: anything
             // written between the two is read twice, which applying again is harmless for.
             let from = [last_id(&writer, &keys.stream).await?, last_id(&writer, &keys.dir.events).await?];
@@ -192,13 +199,21 @@ impl Redis {
                 (["$".to_owned(), "$".to_owned()], Vec::new(), false)
             }
         };
-        let reading =
-            Reading { keys: keys.clone(), instance: instance.to_owned(), health, feed, mirror: mirror.clone() };
-        let task = tokio::spawn(read(reader, reading, from, synced));
+        let reading = Arc::new(Reading {
+            keys: keys.clone(),
+            instance: instance.to_owned(),
+            health,
+            feed,
+            mirror: mirror.clone(),
+        });
+        let [locks_from, events_from] = from;
+        let task = tokio::spawn(read_locks(reader, reading.clone(), locks_from, synced));
+        let events_task = tokio::spawn(read_events(events, reading, events_from, synced));
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(directory::write(writer.clone(), keys.dir.clone(), instance.to_owned(), rx));
         let directory = Directory { mirror, publisher: Publisher { tx } };
-        Ok((Redis { client: writer, keys, reader: task, directory, instance: instance.to_owned() }, locks))
+        let readers = [task, events_task];
+        Ok((Redis { client: writer, keys, readers, directory, instance: instance.to_owned() }, locks))
     }
 
     /// The subject caps' places of this process, on this store.
@@ -313,74 +328,34 @@ impl Reading {
     }
 }
 
-/// The reader: the locks' and the events' streams from `from`, for as long as the process
-/// runs. `synced`: the locks in force and the directory were read already (else they are read
-/// as soon as the store answers).
-async fn read(client: Client, r: Reading, mut from: [String; 2], mut synced: bool) {
+/// The locks' reader: the locks' stream from `from`, for as long as the process runs, on a
+/// connection of its own; it alone tells [`Health`] whether the store answers. `synced`: the
+/// locks in force were read already (else they are read as soon as the store answers).
+async fn read_locks(client: Client, r: Arc<Reading>, mut from: String, mut synced: bool) {
     let mut backoff = Duration::from_millis(100);
     // Fails at once, rather than wait, while the connection is down.
     let quick = Options { fail_fast: true, ..Default::default() };
     let keys = r.keys.clone();
     loop {
-        // Only while this reader hears the store: cut off itself, it cannot tell a dead
-        // instance from a live one, and keeps what it knew.
-        let gone = if r.health.reachable() { r.mirror.prune() } else { Vec::new() };
-        for gone in gone {
-            tracing::info!(instance = %gone, "fleet instance not heard from: its sessions leave the directory");
-        }
         let step = async {
             if !synced {
-                // The streams' ends first, then every lock in force and every instance's
-                // sessions: nothing made meanwhile is missed, whatever the streams kept.
+                // The stream's end first, then every lock in force: nothing made meanwhile is
+                // missed, whatever the stream kept.
                 let c = client.with_options(&quick);
-                let last = [last_id(&c, &keys.stream).await?, last_id(&c, &keys.dir.events).await?];
+                let last = last_id(&c, &keys.stream).await?;
                 for lock in in_force(&c, &keys).await? {
                     let _ = r.feed.send(Feed::Lock { lock });
                 }
-                for (name, sessions) in timed(directory::read_all(&c, &keys.dir, &r.instance)).await? {
-                    r.mirror.replace(&name, sessions);
-                }
-                for (f, l) in from.iter_mut().zip(last) {
-                    if f == "$" {
-                        *f = l;
-                    }
+                if from == "$" {
+                    from = last;
                 }
                 synced = true;
             }
-            // The read blocks on the server for up to BLOCK: its own deadline allows for it.
-            let options = Options { timeout: Some(COMMAND_TIMEOUT + BLOCK), ..quick.clone() };
-            let reader = client.with_options(&options);
-            let streams = vec![keys.stream.as_str(), keys.dir.events.as_str()];
-            let ids = vec![from[0].as_str(), from[1].as_str()];
-            let read = reader.xread::<Value, _, _>(Some(512), Some(BLOCK.as_millis() as u64), streams, ids);
-            let got = match tokio::time::timeout(COMMAND_TIMEOUT + BLOCK, read).await {
-                Ok(r) => r.map_err(redis_error)?,
-                Err(_) => return Err(StoreError::Redis("XREAD did not return".into())),
-            };
-            // Nothing new within BLOCK is a nil answer.
-            let got: XReadResponse<String, String, String, String> = match got {
-                Value::Null => Default::default(),
-                v => v.into_xread_response().map_err(redis_error)?,
-            };
-            for (stream, entries) in got {
-                let locks = stream == keys.stream;
-                for (id, fields) in entries {
-                    if locks {
-                        if let Some(lock) = fields.get("lock").and_then(|j| parse(j)) {
-                            let _ = r.feed.send(Feed::Lock { lock });
-                        }
-                        from[0] = id;
-                    } else {
-                        // This instance's own entries are skipped unparsed.
-                        let own = fields.get("i").is_some_and(|i| *i == r.instance);
-                        let event =
-                            fields.get("e").filter(|_| !own).and_then(|j| serde_json::from_str::<Event>(j).ok());
-                        if let Some(event) = event {
-                            r.event(&client.with_options(&quick), event).await;
-                        }
-                        from[1] = id;
-                    }
+            for (id, fields) in next_entries(&client, &quick, &keys.stream, &from).await? {
+                if let Some(lock) = fields.get("lock").and_then(|j| parse(j)) {
+                    let _ = r.feed.send(Feed::Lock { lock });
                 }
+                from = id;
             }
             Ok::<_, StoreError>(())
         };
@@ -398,4 +373,88 @@ async fn read(client: Client, r: Reading, mut from: [String; 2], mut synced: boo
             }
         }
     }
+}
+
+/// The events' reader: the directory's events and the fleet's commands from `from`, for as long
+/// as the process runs, on a connection of its own, so that nothing wrong with the events stream
+/// holds up the locks. `synced`: every instance's sessions were read already (else they are read
+/// as soon as the store answers).
+async fn read_events(client: Client, r: Arc<Reading>, mut from: String, mut synced: bool) {
+    let mut backoff = Duration::from_millis(100);
+    let quick = Options { fail_fast: true, ..Default::default() };
+    let keys = r.keys.clone();
+    // Whether this reader hears the events: only then are instances not heard from forgotten
+    // (cut off itself, it cannot tell a dead instance from a live one, and keeps what it knew).
+    let mut hearing = synced;
+    loop {
+        if hearing {
+            for gone in r.mirror.prune() {
+                tracing::info!(instance = %gone, "fleet instance not heard from: its sessions leave the directory");
+            }
+        }
+        let step = async {
+            if !synced {
+                let c = client.with_options(&quick);
+                let last = last_id(&c, &keys.dir.events).await?;
+                for (name, sessions) in timed(directory::read_all(&c, &keys.dir, &r.instance)).await? {
+                    r.mirror.replace(&name, sessions);
+                }
+                if from == "$" {
+                    from = last;
+                }
+                synced = true;
+            }
+            for (id, fields) in next_entries(&client, &quick, &keys.dir.events, &from).await? {
+                // This instance's own entries are skipped unparsed.
+                let own = fields.get("i").is_some_and(|i| *i == r.instance);
+                let event = fields.get("e").filter(|_| !own).and_then(|j| serde_json::from_str::<Event>(j).ok());
+                if let Some(event) = event {
+                    r.event(&client.with_options(&quick), event).await;
+                }
+                from = id;
+            }
+            Ok::<_, StoreError>(())
+        };
+        match step.await {
+            Ok(()) => {
+                if !hearing {
+                    tracing::info!("fleet events read again");
+                }
+                hearing = true;
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => {
+                if hearing {
+                    tracing::warn!(error = %e, "fleet events cannot be read: the directory and fleet commands wait (locks are read apart)");
+                }
+                hearing = false;
+                synced = false;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// The entries of `stream` after `from`: one `XREAD` that blocks on the server for up to
+/// [`BLOCK`] (its own deadline allows for it); none when nothing new came meanwhile.
+async fn next_entries(
+    client: &Client,
+    quick: &Options,
+    stream: &str,
+    from: &str,
+) -> Result<Vec<(String, std::collections::HashMap<String, String>)>, StoreError> {
+    let options = Options { timeout: Some(COMMAND_TIMEOUT + BLOCK), ..quick.clone() };
+    let reader = client.with_options(&options);
+    let read = reader.xread::<Value, _, _>(Some(512), Some(BLOCK.as_millis() as u64), stream, from);
+    let got = match tokio::time::timeout(COMMAND_TIMEOUT + BLOCK, read).await {
+        Ok(r) => r.map_err(redis_error)?,
+        Err(_) => return Err(StoreError::Redis("XREAD did not return".into())),
+    };
+    // Nothing new within BLOCK is a nil answer.
+    let got: XReadResponse<String, String, String, String> = match got {
+        Value::Null => Default::default(),
+        v => v.into_xread_response().map_err(redis_error)?,
+    };
+    Ok(got.into_values().flatten().collect())
 }

@@ -424,6 +424,38 @@ mod redis {
 
     #[tokio::test]
     #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
+    async fn locks_reach_every_instance_whatever_became_of_the_events_stream() {
+        let backend = Backend::echo().await;
+        let key = hmac();
+        let redis = RedisServer::start().await;
+        let (url, prefix) = (redis.url(), prefix());
+        let text = |name: &str| config(backend.addr, &key, fleet(&url, &prefix, name, "best_effort"));
+        let (one, two) = (ProxyProcess::start(&text("edge-1")).await, ProxyProcess::start(&text("edge-2")).await);
+        let mallory = key.token("mallory", &["a1"], Duration::from_secs(600));
+        let mut victim =
+            upgrade(two.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&mallory))]).await.expect("101");
+        // Whoever can write to Redis (or a mistake) turns the events stream into a string: every
+        // read that names it fails (WRONGTYPE).
+        let events = format!("{{{prefix}}}:events");
+        redis.command(&["DEL", &events]).await;
+        assert!(redis.command(&["SET", &events, "not a stream"]).await.starts_with("+OK"));
+        // Once the other instance's reads have met it (a read blocked before it was changed would
+        // still bring the next lock):
+        eventually("edge-2 cannot read the events", async || {
+            two.logs().contains("fleet events cannot be read").then_some(())
+        })
+        .await;
+        let (status, _) = admin_post(one.admin, "/sessions/revoke", r#"{"subject":"mallory"}"#).await;
+        assert_eq!(status, 200);
+        // The lock still reaches the other instance: its stream is read apart from the events.
+        let f = victim.recv_close().await;
+        assert_eq!(f.close_code(), Some(1008), "revoked on the other instance");
+        assert_eq!(status_with(two.tls, &mallory).await, 401);
+        assert_eq!(fleet_state(two.admin).await["reachable"], true, "the store answers the locks' reader");
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
     async fn an_instance_cut_off_from_the_store_catches_up_and_strict_refuses_meanwhile() {
         let Cuttable { key, link, one, other: cut_off, _backend: _b, _redis: _r } = cuttable("strict").await;
         let mallory = key.token("mallory", &["a1"], Duration::from_secs(600));
