@@ -217,12 +217,17 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (
         Kind::Counter,
         "portcullis_fleet_peer_refusals_total",
-        "Connections to the fleet's peer listener refused, by reason (malformed, signature, time, replay).",
+        "Connections to the fleet's peer listener refused, by reason (malformed, signature, misdirected, time, replay).",
     ),
     (
         Kind::Counter,
         "portcullis_fleet_relayed_total",
         "Resumes and observers carried to the instance that holds their session, by kind (resume, observe) and result (ok, refused, unreachable).",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_fleet_cap_places_total",
+        "Capped sessions that asked the fleet store for their places (subject_caps = reserved), by result (taken, full, unreachable).",
     ),
     (
         Kind::Counter,
