@@ -668,7 +668,8 @@ async fn revoke(shared: &Shared, selector: &Selector) -> Response<Full<Bytes>> {
         }
     };
     crate::metrics::fleet_lock_applied("local", None);
-    tracing::info!(?selector, closed = closed.len(), store = fleet.store_name(), "sessions revoked");
+    let elsewhere = held_elsewhere(shared, selector);
+    tracing::info!(?selector, closed = closed.len(), ?elsewhere, store = fleet.store_name(), "sessions revoked");
     // Written one after another; the first the store does not take ends the call (each waits
     // up to its deadline, and a store that failed one will fail the next).
     let mut failed = None;
@@ -679,7 +680,13 @@ async fn revoke(shared: &Shared, selector: &Selector) -> Response<Full<Bytes>> {
         }
     }
     match failed {
-        None => json_response(StatusCode::OK, &json!({ "closed": closed.len() })),
+        None => {
+            let mut answer = json!({ "closed": closed.len() });
+            if let Some(n) = elsewhere {
+                answer["elsewhere"] = json!(n);
+            }
+            json_response(StatusCode::OK, &answer)
+        }
         Some(e) => {
             tracing::error!(error = %e, ?selector, "revocation not written to the fleet store: it holds on this instance only, until a restart");
             json_response(
@@ -690,6 +697,28 @@ async fn revoke(shared: &Shared, selector: &Selector) -> Response<Full<Bytes>> {
                 }),
             )
         }
+    }
+}
+
+/// How many sessions the fleet's directory says other instances hold that a revocation of
+/// `selector` cuts there when its lock reaches them: `None` without a directory, and for a
+/// token id, which the directory does not show.
+fn held_elsewhere(shared: &Shared, selector: &Selector) -> Option<usize> {
+    let fleet = &shared.fleet;
+    if !fleet.has_directory() {
+        return None;
+    }
+    let others = fleet.others_sessions();
+    let count = |f: &dyn Fn(&crate::fleet::DirEntry) -> bool| others.iter().filter(|e| f(e)).count();
+    match selector {
+        Selector::Subject { subject, issuer } => Some(count(&|e| {
+            e.token
+                && e.subject.as_deref() == Some(subject.as_str())
+                && issuer.as_ref().is_none_or(|i| e.issuer.as_deref() == Some(i.as_str()))
+        })),
+        Selector::Agent(agent) => Some(count(&|e| e.agent.as_deref() == Some(agent.as_str()))),
+        Selector::Id(_) => Some(0),
+        Selector::Jti { .. } => None,
     }
 }
 

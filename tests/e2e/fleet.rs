@@ -396,9 +396,18 @@ mod redis {
                 into.push(c.expect("101"));
             }
         }
+        eventually("edge-1's directory shows the others' sessions", async || {
+            let (_, body) = http_get(proxies[0].admin, "/sessions?scope=fleet").await;
+            (body.matches("\"mallory\"").count() == 3).then_some(())
+        })
+        .await;
         let started = std::time::Instant::now();
         let (status, body) = admin_post(proxies[0].admin, "/sessions/revoke", r#"{"subject":"mallory"}"#).await;
-        assert_eq!((status, body.trim()), (200, r#"{"closed":1}"#), "one session here; the others are elsewhere");
+        assert_eq!(
+            (status, body.trim()),
+            (200, r#"{"closed":1,"elsewhere":2}"#),
+            "one session here; the directory shows the two elsewhere"
+        );
         for (i, c) in victims.iter_mut().enumerate() {
             let f = c.recv_close().await;
             assert_eq!((f.close_code(), f.close_reason().as_str()), (Some(1008), "session revoked"), "instance {i}");
