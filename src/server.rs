@@ -621,6 +621,7 @@ impl Server {
                 per_ip: Arc::default(),
                 per_ip_streams: Arc::default(),
                 per_subject: Arc::default(),
+                recording_ledgers: Default::default(),
                 resumes: Arc::default(),
                 fanouts: Arc::default(),
                 workers: std::sync::OnceLock::new(),
@@ -934,7 +935,10 @@ async fn sweep_recordings(shared: Arc<Shared>, stop: CancellationToken) {
             if due {
                 last.insert(route.clone(), now);
                 let settings = settings.clone();
-                let _ = tokio::task::spawn_blocking(move || crate::session::recording::sweep(&route, &settings)).await;
+                let ledger = shared.recording_ledgers.of(&settings.directory);
+                let _ =
+                    tokio::task::spawn_blocking(move || crate::session::recording::sweep(&route, &settings, &ledger))
+                        .await;
             }
             next = next.min(settings.sweep_interval);
         }

@@ -91,6 +91,8 @@ pub struct Shared {
     pub per_ip_streams: Arc<crate::limits::PerIp>,
     /// Sessions held per subject (`max_sessions_per_subject`, global and per route).
     pub per_subject: Arc<crate::limits::PerSubject>,
+    /// What each recording directory holds, charged by every recording's write.
+    pub recording_ledgers: crate::session::recording::Ledgers,
     /// Sessions of routes with `[routes.resume]`, by resume id.
     pub resumes: Arc<crate::session::resume::Resumes>,
     /// Shared backend streams of routes with `[routes.fanout]`.

@@ -1975,7 +1975,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
             agent: e.agent.clone(),
             subject: e.subject.clone(),
         };
-        crate::session::recording::start(settings, meta, &shared.tasks, &mut taps);
+        crate::session::recording::start(settings, meta, &shared.tasks, &shared.recording_ledgers, &mut taps);
     }
     if let Some(hub) = registered.entry().attachment::<crate::session::observe::Hub>() {
         taps.output.push(hub);

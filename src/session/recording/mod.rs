@@ -31,7 +31,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -171,7 +171,13 @@ impl crate::session::PayloadSink for Sink {
 /// Starts the recording of a session: its writer task (on `tasks`, so a drain waits for the
 /// last events to be written before the process exits), with the sink of its output and (when
 /// the route records input) of its input among the session's `taps`.
-pub fn start(settings: &Arc<RecordingSettings>, meta: Meta, tasks: &tokio_util::task::TaskTracker, taps: &mut Taps) {
+pub fn start(
+    settings: &Arc<RecordingSettings>,
+    meta: Meta,
+    tasks: &tokio_util::task::TaskTracker,
+    ledgers: &Ledgers,
+    taps: &mut Taps,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queue = Arc::new(Queue {
         settings: settings.clone(),
@@ -183,7 +189,7 @@ pub fn start(settings: &Arc<RecordingSettings>, meta: Meta, tasks: &tokio_util::
         wakers: [AtomicWaker::new(), AtomicWaker::new()],
         tx,
     });
-    tasks.spawn(write(queue.clone(), rx, meta));
+    tasks.spawn(write(queue.clone(), rx, meta, ledgers.of(&settings.directory)));
     let sink = |stream| -> Arc<dyn PayloadSink> { Arc::new(Sink { stream, queue: queue.clone() }) };
     taps.output.push(sink(Stream::Output));
     if settings.input {
@@ -260,7 +266,7 @@ fn decode(carry: &mut Vec<u8>, data: &[u8]) -> String {
 
 /// The writer task: creates the file, writes the header and every chunk, and ends when both
 /// sinks are gone (the session ended).
-async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: Meta) {
+async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: Meta, ledger: Arc<Ledger>) {
     let settings = queue.settings.clone();
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut path = settings.directory.join(file_name(&meta, unix, None));
@@ -268,15 +274,17 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
     let (dir, route, evict) = (settings.directory.clone(), meta.route.clone(), settings.when_full);
     let max_total = settings.max_total_size;
     let room = tokio::task::spawn_blocking(move || make_room(&dir, &route, max_total, evict)).await.ok().flatten();
-    let ledger = Ledger::of(&settings.directory);
+    // Its bytes count as this recording's in the ledger from its file's creation to the end of
+    // this task, however it ends.
+    let mut open = None;
     let mut file = match room {
         None => {
             queue
                 .fail("directory_full", &format_args!("{} holds max_total_size already", settings.directory.display()));
             None
         }
-        Some(total) => {
-            ledger.listed(total);
+        Some(files) => {
+            ledger.listed(&files);
             // A name taken already (a file someone made ahead of it, who can read the
             // directory's names) is not this recording's end: another is drawn.
             let mut created = create(&path).await;
@@ -288,7 +296,10 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
                 created = create(&path).await;
             }
             match created {
-                Ok(f) => Some(tokio::io::BufWriter::new(f)),
+                Ok(f) => {
+                    open = Some(ledger.open(&path));
+                    Some(tokio::io::BufWriter::new(f))
+                }
                 Err(e) => {
                     queue.fail(io_reason(&e), &format_args!("{}: {e}", path.display()));
                     None
@@ -300,7 +311,7 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
     if let Some(f) = file.as_mut() {
         let line = header(&settings, &meta, unix) + "\n";
         written += line.len() as u64;
-        ledger.charge(line.len() as u64, u64::MAX);
+        ledger.charge(&path, line.len() as u64, u64::MAX);
         if let Err(e) = f.write_all(line.as_bytes()).await {
             queue.fail(io_reason(&e), &format_args!("{}: {e}", path.display()));
             file = None;
@@ -328,7 +339,7 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
             // (`max_file_size`), or the directory's, which every recording in it is charged.
             let cap = match written + n + MARKER_ROOM > settings.max_file_size {
                 true => Some(("file_size", FILE_FULL_MARKER, "max_file_size")),
-                false => (!ledger.charge(n, settings.max_total_size)).then_some((
+                false => (!ledger.charge(&path, n, settings.max_total_size)).then_some((
                     "directory_full",
                     DIRECTORY_FULL_MARKER,
                     "max_total_size",
@@ -362,6 +373,7 @@ async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: 
     if let Some(mut f) = file {
         let _ = f.shutdown().await;
     }
+    drop(open);
     crate::metrics::recording_ended(&meta.route, written, stored);
     crate::metrics::recordings_active(-1.0);
     tracing::info!(session = meta.session, route = %meta.route, file = %path.display(), bytes = written, "recording ended");
@@ -388,62 +400,112 @@ async fn create(path: &Path) -> io::Result<tokio::fs::File> {
 }
 
 /// Whether a new recording fits `dir`: under `max_total` bytes, after evicting the oldest
-/// finished recordings when the route says so. Its total then, when it fits.
-fn make_room(dir: &Path, route: &str, max_total: u64, when_full: WhenFull) -> Option<u64> {
-    let files = list(dir);
+/// finished recordings when the route says so. The files it holds then, when it fits.
+fn make_room(dir: &Path, route: &str, max_total: u64, when_full: WhenFull) -> Option<Vec<Stored>> {
+    let mut files = list(dir);
     let mut total: u64 = files.iter().map(|f| f.size).sum();
     if total < max_total {
-        return Some(total);
+        return Some(files);
     }
     if when_full == WhenFull::Refuse {
         return None;
     }
-    for f in &files {
-        if total < max_total {
-            break;
+    files.retain(|f| {
+        if total < max_total || !remove_finished(&f.path) {
+            return true;
         }
-        if remove_finished(&f.path) {
-            total = total.saturating_sub(f.size);
-            evicted(route, "size", f);
-        }
-    }
-    (total < max_total).then_some(total)
+        total = total.saturating_sub(f.size);
+        evicted(route, "size", f);
+        false
+    });
+    (total < max_total).then_some(files)
 }
 
-/// What a recording directory holds, as this process knows it: its total when a recording
-/// last listed it, and what this process's recordings wrote to it since. Every write is
-/// charged here, so recordings that each started under `max_total_size` cannot together grow
-/// the directory past it (a user opening many sessions at once, to fill it and go on
-/// unrecorded).
+/// The ledgers of the recording directories, one per directory: owned by the process's
+/// runtime, shared by every route that records to a directory.
 #[derive(Debug, Default)]
-struct Ledger {
-    listed: AtomicU64,
-    since: AtomicU64,
+pub struct Ledgers(std::sync::Mutex<std::collections::HashMap<PathBuf, Arc<Ledger>>>);
+
+impl Ledgers {
+    /// The ledger of `dir`.
+    pub fn of(&self, dir: &Path) -> Arc<Ledger> {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(dir.to_owned()).or_default().clone()
+    }
+}
+
+/// What a recording directory holds, as this process knows it: the files that no recording of
+/// this process is writing, by their size when the directory was last listed (and those whose
+/// recording ended since, by what it wrote), and what each of this process's live recordings
+/// has written, on disk or still buffered. Every write is charged here, so recordings that each
+/// started under `max_total_size` cannot together grow the directory past it (a user opening
+/// many sessions at once, to fill it and go on unrecorded); a listing replaces only the first
+/// part, so the bytes a live recording has not flushed yet are never lost from the count.
+#[derive(Debug, Default)]
+pub struct Ledger(std::sync::Mutex<Tally>);
+
+#[derive(Debug, Default)]
+struct Tally {
+    /// Bytes of the files no recording of this process writes.
+    finished: u64,
+    /// Bytes each live recording of this process has written, by its file.
+    live: std::collections::HashMap<PathBuf, u64>,
+    /// Their sum.
+    live_total: u64,
+}
+
+/// A live recording's place in its directory's ledger: its bytes move to the finished files'
+/// when it is dropped (the recording ended, however).
+pub struct Open {
+    ledger: Arc<Ledger>,
+    path: PathBuf,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let mut t = self.ledger.tally();
+        if let Some(n) = t.live.remove(&self.path) {
+            t.live_total -= n;
+            t.finished += n;
+        }
+    }
 }
 
 impl Ledger {
-    /// The ledger of `dir`, one per directory in the process.
-    fn of(dir: &Path) -> Arc<Ledger> {
-        static LEDGERS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<PathBuf, Arc<Ledger>>>> =
-            std::sync::OnceLock::new();
-        let mut all = LEDGERS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-        all.entry(dir.to_owned()).or_default().clone()
+    fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The directory was listed: it holds `total` (what was written before is in it).
-    fn listed(&self, total: u64) {
-        self.listed.store(total, Ordering::Release);
-        self.since.store(0, Ordering::Release);
+    /// The directory was listed (or swept) and holds `files`: those no recording of this
+    /// process writes are counted by their size on disk.
+    fn listed(&self, files: &[Stored]) {
+        let mut t = self.tally();
+        t.finished = files.iter().filter(|f| !t.live.contains_key(&f.path)).map(|f| f.size).sum();
     }
 
-    /// Charges `n` bytes, unless they would take the directory past `max_total`.
-    fn charge(&self, n: u64, max_total: u64) -> bool {
-        let since = self.since.fetch_add(n, Ordering::AcqRel) + n;
-        if self.listed.load(Ordering::Acquire).saturating_add(since) > max_total {
-            self.since.fetch_sub(n, Ordering::AcqRel);
+    /// A recording of this process opened `path`.
+    fn open(self: &Arc<Self>, path: &Path) -> Open {
+        self.tally().live.insert(path.to_owned(), 0);
+        Open { ledger: self.clone(), path: path.to_owned() }
+    }
+
+    /// Charges `n` bytes to the recording of `path`, unless they would take the directory past
+    /// `max_total`.
+    fn charge(&self, path: &Path, n: u64, max_total: u64) -> bool {
+        let mut t = self.tally();
+        if t.finished.saturating_add(t.live_total).saturating_add(n) > max_total {
             return false;
         }
+        t.live_total += n;
+        *t.live.entry(path.to_owned()).or_default() += n;
         true
+    }
+
+    /// The bytes the directory holds by this ledger.
+    #[cfg(test)]
+    fn total(&self) -> u64 {
+        let t = self.tally();
+        t.finished + t.live_total
     }
 }
 
@@ -460,7 +522,7 @@ fn io_reason(e: &io::Error) -> &'static str {
 /// `max_age` are deleted (`reason="age"`), and with `when_full = "evict_oldest"` the oldest
 /// finished ones until the rest fit `max_total_size` (`reason="size"`). Live recordings (a
 /// locked file) are never touched. Blocking: run it off the runtime's workers.
-pub fn sweep(route: &str, settings: &RecordingSettings) {
+pub fn sweep(route: &str, settings: &RecordingSettings, ledger: &Ledger) {
     let now = SystemTime::now();
     let mut kept = Vec::new();
     for f in list(&settings.directory) {
@@ -473,16 +535,16 @@ pub fn sweep(route: &str, settings: &RecordingSettings) {
     }
     if settings.when_full == WhenFull::EvictOldest {
         let mut total: u64 = kept.iter().map(|f| f.size).sum();
-        for f in &kept {
-            if total <= settings.max_total_size {
-                break;
+        kept.retain(|f| {
+            if total <= settings.max_total_size || !remove_finished(&f.path) {
+                return true;
             }
-            if remove_finished(&f.path) {
-                total = total.saturating_sub(f.size);
-                evicted(route, "size", f);
-            }
-        }
+            total = total.saturating_sub(f.size);
+            evicted(route, "size", f);
+            false
+        });
     }
+    ledger.listed(&kept);
 }
 
 /// Deletes `path` if no recording holds it (an exclusive `flock` is granted), holding that
@@ -555,6 +617,34 @@ pub fn valid_name(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    /// A listing of the directory (a recording starting, the sweep) replaces what the ledger
+    /// knows of the finished files, never what the live recordings wrote and have not flushed
+    /// yet: the cap holds under churn. A recording that ends hands its bytes to the finished
+    /// files.
+    #[test]
+    fn a_listing_keeps_what_live_recordings_have_not_flushed() {
+        let ledger = std::sync::Arc::new(Ledger::default());
+        let stored = |name: &str, size| Stored {
+            path: PathBuf::from(format!("/r/{name}")),
+            name: name.to_owned(),
+            size,
+            modified: UNIX_EPOCH,
+        };
+        ledger.listed(&[stored("old.cast", 500)]);
+        let live = ledger.open(Path::new("/r/live.cast"));
+        assert!(ledger.charge(Path::new("/r/live.cast"), 400, 1000));
+        // Listed while the live recording has flushed 100 of its 400 bytes: 900 still.
+        ledger.listed(&[stored("old.cast", 500), stored("live.cast", 100)]);
+        assert_eq!(ledger.total(), 900);
+        assert!(!ledger.charge(Path::new("/r/live.cast"), 101, 1000), "past the cap");
+        assert!(ledger.charge(Path::new("/r/live.cast"), 100, 1000));
+        drop(live);
+        assert_eq!(ledger.total(), 1000, "an ended recording's bytes stay counted");
+        // Swept: the old file evicted, the ended one on disk whole.
+        ledger.listed(&[stored("live.cast", 500)]);
+        assert_eq!(ledger.total(), 500);
+    }
 
     /// A full disk or quota is a cap the session's own output reaches (`on_limit`), not a
     /// failing disk (`on_backlog`): under the defaults, a user who fills the disk is closed
