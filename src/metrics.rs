@@ -227,7 +227,12 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (
         Kind::Counter,
         "portcullis_fleet_cap_places_total",
-        "Capped sessions that asked the fleet store for their places (subject_caps = reserved), by result (taken, full, unreachable).",
+        "Capped sessions that asked the fleet store for their places (subject_caps = reserved), by result (taken, full, unreachable, error).",
+    ),
+    (
+        Kind::Gauge,
+        "portcullis_fleet_events_readable",
+        "1 while this instance reads the fleet's events stream (the session directory and fleet commands), else 0.",
     ),
     (
         Kind::Counter,
@@ -784,9 +789,15 @@ pub fn fleet_directory(sessions: usize, instances: usize) {
 }
 
 /// A capped session asked the store for its places (`subject_caps = "reserved"`): `taken`,
-/// `full` (refused with 429), or `unreachable` (`staleness` decided).
+/// `full` (refused with 429), `unreachable` or `error` (counted by the mirror, its place written
+/// once the store answers).
 pub fn fleet_cap_places(result: &'static str) {
     counter!("portcullis_fleet_cap_places_total", "result" => result).increment(1);
+}
+
+/// Whether this instance reads the fleet's events stream.
+pub fn fleet_events_readable(yes: bool) {
+    gauge!("portcullis_fleet_events_readable").set(if yes { 1.0 } else { 0.0 });
 }
 
 /// A new session was refused: the store has been unreachable for longer than `max_staleness`.

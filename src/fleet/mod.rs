@@ -355,16 +355,13 @@ pub struct Fleet {
     feed: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Feed>>>,
     /// The subject caps' places in the store (`subject_caps = "reserved"`).
     places: Option<caps::Places>,
+    /// When a failed take was last logged.
+    cap_errors: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
-/// Why a session got no place under its subject's caps in the store.
-#[derive(Debug)]
-pub enum Refusal {
-    /// The cap at this index (of those asked for) is reached over the fleet.
-    Full(usize),
-    /// The store could not be asked and `staleness` is `strict`: how long it has been away.
-    Stale(Duration),
-}
+/// A subject cap is reached over the fleet: the session gets no place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
 
 impl Fleet {
     /// Opens the store and reads every lock in force: the caller applies them before any port
@@ -404,6 +401,7 @@ impl Fleet {
             advertised: std::sync::OnceLock::new(),
             feed: std::sync::Mutex::new(Some(rx)),
             places,
+            cap_errors: std::sync::Mutex::new(None),
         };
         Ok((Arc::new(fleet), locks))
     }
@@ -488,34 +486,41 @@ impl Fleet {
     /// With `subject_caps = "reserved"`, takes the session's places under each of `caps` (a key
     /// and its cap) in the store, all or none, and holds them until the answer is dropped;
     /// otherwise `Ok(None)` (the caller counted by the mirror). A store that cannot be asked
-    /// refuses under `strict` and leaves the count to the mirror under `best_effort`.
-    pub async fn reserve(
-        &self,
-        caps: &[(&crate::limits::SubjectKey, u32)],
-    ) -> Result<Option<caps::Reservation>, Refusal> {
+    /// (unreachable, or lately too slow to answer within a second, or failing the script)
+    /// leaves the count to the mirror, and the session's place is written to the store once it
+    /// answers; `staleness = "strict"` refuses every token-checked session anyway once the store
+    /// has been away for `max_staleness` (before this is asked).
+    pub async fn reserve(&self, caps: &[(&crate::limits::SubjectKey, u32)]) -> Result<Option<caps::Reservation>, Full> {
         let Some(places) = self.places.as_ref().filter(|_| !caps.is_empty()) else { return Ok(None) };
         // Known to be away: not waited on for every handshake.
-        let taken = match self.health.reachable() {
-            true => places.take(caps).await,
-            false => Err(caps::TakeError::Store(StoreError::Redis("unreachable".into()))),
-        };
-        match taken {
+        if !self.health.reachable() {
+            crate::metrics::fleet_cap_places("unreachable");
+            return Ok(Some(places.unplaced(caps)));
+        }
+        match places.take(caps).await {
             Ok(reservation) => {
                 crate::metrics::fleet_cap_places("taken");
                 Ok(Some(reservation))
             }
-            Err(caps::TakeError::Full(at)) => {
+            Err(caps::TakeError::Full) => {
                 crate::metrics::fleet_cap_places("full");
-                Err(Refusal::Full(at))
+                Err(Full)
             }
             Err(caps::TakeError::Store(e)) => {
-                // The reader, not this, tells the store's health: a failed script is not an outage.
-                tracing::debug!(error = %e, "fleet cap places not taken");
-                crate::metrics::fleet_cap_places("unreachable");
-                match self.health.policy().0 {
-                    Staleness::Strict => Err(Refusal::Stale(self.health.staleness())),
-                    Staleness::BestEffort => Ok(None),
+                // The locks' reader, not this, tells the store's health: a failed script is not
+                // an outage, and is said once a minute at most.
+                let say = self.cap_errors.lock().is_ok_and(|mut last| {
+                    let due = last.is_none_or(|at| at.elapsed() > Duration::from_secs(60));
+                    if due {
+                        *last = Some(std::time::Instant::now());
+                    }
+                    due
+                });
+                if say {
+                    tracing::warn!(error = %e, "fleet cap places not taken: counted by the mirror until the store answers");
                 }
+                crate::metrics::fleet_cap_places("error");
+                Ok(Some(places.unplaced(caps)))
             }
         }
     }
@@ -528,9 +533,14 @@ impl Fleet {
         }
     }
 
-    /// The process stops: its sessions leave the directory now, not after the TTL (waits for
-    /// the store up to its command deadline).
+    /// The process stops: its sessions leave the directory now, and their places under the
+    /// subject caps are given back, not after the TTL (waits for the store up to its command
+    /// deadline).
     pub async fn shutdown(&self) {
+        // The places too: a client reconnecting to another instance finds them free.
+        if let Some(places) = &self.places {
+            places.give_back_all().await;
+        }
         if let Store::Redis(r) = &self.store {
             let (tx, rx) = tokio::sync::oneshot::channel();
             r.directory.publisher.send(directory::Change::Stop(tx));

@@ -386,6 +386,7 @@ async fn read_events(client: Client, r: Arc<Reading>, mut from: String, mut sync
     // Whether this reader hears the events: only then are instances not heard from forgotten
     // (cut off itself, it cannot tell a dead instance from a live one, and keeps what it knew).
     let mut hearing = synced;
+    crate::metrics::fleet_events_readable(hearing);
     loop {
         if hearing {
             for gone in r.mirror.prune() {
@@ -419,6 +420,7 @@ async fn read_events(client: Client, r: Arc<Reading>, mut from: String, mut sync
             Ok(()) => {
                 if !hearing {
                     tracing::info!("fleet events read again");
+                    crate::metrics::fleet_events_readable(true);
                 }
                 hearing = true;
                 backoff = Duration::from_millis(100);
@@ -426,6 +428,7 @@ async fn read_events(client: Client, r: Arc<Reading>, mut from: String, mut sync
             Err(e) => {
                 if hearing {
                     tracing::warn!(error = %e, "fleet events cannot be read: the directory and fleet commands wait (locks are read apart)");
+                    crate::metrics::fleet_events_readable(false);
                 }
                 hearing = false;
                 synced = false;

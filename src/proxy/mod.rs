@@ -712,13 +712,9 @@ async fn subject_slots(
     match ctx.shared.fleet.reserve(&asked).await {
         Ok(Some(places)) => slots.push(SubjectSlot::Fleet { _places: places }),
         Ok(None) => {}
-        Err(crate::fleet::Refusal::Full(_)) => {
+        Err(crate::fleet::Full) => {
             crate::metrics::limit_refused("subject_sessions");
             return Err(RequestError::TooManySessions);
-        }
-        Err(crate::fleet::Refusal::Stale(stale)) => {
-            crate::metrics::fleet_refused();
-            return Err(RequestError::FleetStale(stale));
         }
     }
     Ok(slots)
@@ -1476,7 +1472,7 @@ fn observer_route(route: &RouteConfig, observe: &crate::config::ObserveSettings)
 }
 
 /// The other instance a resume or an observer is carried to.
-struct Owner<'a> {
+pub(crate) struct Owner<'a> {
     /// Its name (the preamble is addressed to it).
     instance: &'a str,
     /// Its peer listener.
@@ -1495,9 +1491,10 @@ async fn relay_to_owner(
     caps: &Captures,
     mut req: Request<Incoming>,
     ws: &upgrade::WsRequest,
-    Owner { instance: owner, peer, kind }: Owner<'_>,
+    owner: Owner<'_>,
     stream: http::StreamHold,
 ) -> Response<ProxyBody> {
+    let (peer, kind) = (owner.peer, owner.kind);
     let runtime = ctx.shared.runtime.load_full();
     let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     // The token is checked here as for any upgrade (an observer's against the observe scope): a
@@ -1513,7 +1510,7 @@ async fn relay_to_owner(
         return reject(ctx, &route.name, RequestError::NoSuchSession);
     };
     let limit = route.backend.connect_timeout + route.backend.handshake_timeout;
-    let asked = peer::ask(auth, (owner, peer), ctx.client_addr, path_and_query, req.headers(), ws, limit).await;
+    let asked = peer::ask(auth, &owner, ctx.client_addr, path_and_query, req.headers(), ws, limit).await;
     let (status, owner, link) = match asked {
         Ok(answer) => answer,
         Err(e) => {

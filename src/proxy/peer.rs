@@ -57,11 +57,11 @@ const HOP: &[&str] = &[
     "content-length",
 ];
 
-/// Asks instance `owner` at `peer` (its peer listener) for the session: the owner's status and headers, and
+/// Asks `owner` (at its peer listener) for the session: the owner's status and headers, and
 /// the link when it accepted (101).
 pub async fn ask(
     auth: &PeerAuth,
-    (owner, peer): (&str, &str),
+    owner: &super::Owner<'_>,
     client: SocketAddr,
     path_and_query: &str,
     headers: &HeaderMap,
@@ -69,13 +69,13 @@ pub async fn ask(
     limit: Duration,
 ) -> Result<(StatusCode, HeaderMap, Option<PeerLink>), PeerRelayError> {
     let unreachable = |e: &dyn std::fmt::Display| PeerRelayError::Unreachable(e.to_string());
-    let mut stream = match tokio::time::timeout(limit, TcpStream::connect(peer)).await {
+    let mut stream = match tokio::time::timeout(limit, TcpStream::connect(owner.peer)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(unreachable(&e)),
         Err(_) => return Err(PeerRelayError::Unreachable("connect timed out".into())),
     };
     let _ = stream.set_nodelay(true);
-    let mut out = auth.sign(owner, client);
+    let mut out = auth.sign(owner.instance, client);
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(path_and_query.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");

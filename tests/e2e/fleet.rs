@@ -451,7 +451,8 @@ mod redis {
         // Once the other instance's reads have met it (a read blocked before it was changed would
         // still bring the next lock):
         eventually("edge-2 cannot read the events", async || {
-            two.logs().contains("fleet events cannot be read").then_some(())
+            let (_, m) = http_get(two.admin, "/metrics").await;
+            m.lines().any(|l| l == "portcullis_fleet_events_readable 0").then_some(())
         })
         .await;
         let (status, _) = admin_post(one.admin, "/sessions/revoke", r#"{"subject":"mallory"}"#).await;
@@ -984,7 +985,8 @@ mod directory {
         assert_eq!(status_with(edges[1].tls, &key.token("frank", &["a1"], Duration::from_secs(600))).await, 101);
         // One ends: its place is given back, and taken anywhere.
         drop(open.pop());
-        eventually("the place is given back", async || {
+        // Within a second: well inside the 6 s lease, which would free it without any release.
+        eventually_within("the place is given back", Duration::from_secs(1), async || {
             let (more, _) = race(&edges[2..], &erin, 1).await;
             (more.len() == 1).then(|| open.extend(more))
         })
@@ -994,13 +996,23 @@ mod directory {
         // An instance killed with places held: they lapse with their lease (6 s), not held for good.
         drop(open);
         let mut on_first = Vec::new();
-        eventually("every place is given back", async || {
+        eventually_within("every place is given back", Duration::from_secs(2), async || {
             let (more, _) = race(&edges[..1], &erin, 1).await;
             on_first.extend(more);
             (on_first.len() == 3).then_some(())
         })
         .await;
         assert_eq!(status_with(edges[1].tls, &erin).await, 429, "the first instance holds the three");
+        // One closes cleanly and its client opens another at once where it was: the place it
+        // gave back is free in the store as on the instance (not 429 until a batch is written).
+        for _ in 0..5 {
+            let mut closing = on_first.pop().expect("three");
+            closing.send(true, op::CLOSE, &close_payload(1000, "bye")).await;
+            assert_eq!(closing.recv_close().await.close_code(), Some(1000));
+            closing.expect_eof().await;
+            let again = upgrade(edges[0].tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&erin))]).await;
+            on_first.push(again.expect("the place given back is taken again at once"));
+        }
         edges[0].signal("KILL");
         eventually_within("the killed instance's places lapse", Duration::from_secs(15), async || {
             (status_with(edges[1].tls, &erin).await == 101).then_some(())
@@ -1011,27 +1023,42 @@ mod directory {
 
     #[tokio::test]
     #[ignore = "needs a real redis-server: tests/fleet/run.sh"]
-    async fn reserved_subject_caps_without_the_store_follow_the_staleness_policy() {
-        for (policy, expected) in [("best_effort", 101), ("strict", 503)] {
+    async fn reserved_subject_caps_without_the_store_count_by_the_mirror_and_place_the_sessions_once_it_is_back() {
+        /// The places the store holds under the fleet's cap keys.
+        async fn places(redis: &RedisServer, prefix: &str) -> usize {
+            let listed = redis.command(&["KEYS", &format!("{{{prefix}}}:cap:*")]).await;
+            let mut n = 0;
+            for key in listed.lines().filter(|l| l.contains(":cap:")) {
+                let card = redis.command(&["ZCARD", key]).await;
+                n += card.trim().trim_start_matches(':').parse::<usize>().expect("ZCARD");
+            }
+            n
+        }
+        // Within max_staleness, `strict` and `best_effort` alike: only past it does `strict`
+        // refuse every token-checked session (tested above).
+        for policy in ["best_effort", "strict"] {
             let backend = Backend::echo().await;
             let key = hmac();
             let redis = RedisServer::start().await;
             let link = redis::Link::to(redis::redis_addr(&redis.url())).await;
+            let prefix = format!("test-{}", rand::random::<u32>());
             let fleet = json!({
-                "store": "redis", "redis_url": format!("redis://{}", link.addr), "key_prefix": format!("test-{}", rand::random::<u32>()),
+                "store": "redis", "redis_url": format!("redis://{}", link.addr), "key_prefix": prefix,
                 "instance": "edge", "staleness": policy, "max_staleness": "60s", "subject_caps": "reserved",
             });
             let text = TestConfig::parse(&config(backend.addr, &key, fleet))
                 .merge("", json!({"auth": {"max_sessions_per_subject": 1}}))
                 .text();
-            let edge = ProxyProcess::start(&text).await;
+            let mut edge = ProxyProcess::start(&text).await;
             let (gail, hank) = (
                 key.token("gail", &["a1"], Duration::from_secs(600)),
                 key.token("hank", &["a1"], Duration::from_secs(600)),
             );
-            let _held = upgrade(edge.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(&gail))])
-                .await
-                .expect("101");
+            let open = async |token: &str| {
+                upgrade(edge.tls, true, "/agents/a1/terminal", &[("Authorization", &bearer(token))]).await.expect("101")
+            };
+            let _gail = open(&gail).await;
+            assert_eq!(places(&redis, &prefix).await, 1, "{policy}: the place is in the store");
             assert_eq!(status_with(edge.tls, &gail).await, 429, "{policy}: the store counts the one held");
             link.cut();
             eventually("the store is unreachable", async || {
@@ -1039,9 +1066,23 @@ mod directory {
                 (v["reachable"] == false).then_some(())
             })
             .await;
-            // Well inside max_staleness: only the caps' places need the store now.
-            assert_eq!(status_with(edge.tls, &hank).await, expected, "{policy}: a capped session without the store");
+            // Counted by the instance (its mirror and its own count) while the store is away...
+            let _hank = open(&hank).await;
+            assert_eq!(status_with(edge.tls, &hank).await, 429, "{policy}: the instance's own count holds");
+            let (_, m) = http_get(edge.admin, "/metrics").await;
+            assert!(metric(&m, "portcullis_fleet_cap_places_total{result=\"unreachable\"}") >= 1.0, "{m}");
+            // ...and in the store once it is back: the next renewal writes the place.
             link.restore();
+            eventually_within("the place taken meanwhile reaches the store", Duration::from_secs(8), async || {
+                (places(&redis, &prefix).await == 2).then_some(())
+            })
+            .await;
+            // A clean stop gives every place back at once, not after the lease.
+            let _ = edge.stop_and_collect_logs().await;
+            eventually_within("the stop gave the places back", Duration::from_secs(2), async || {
+                (places(&redis, &prefix).await == 0).then_some(())
+            })
+            .await;
         }
     }
 

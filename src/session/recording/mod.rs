@@ -496,8 +496,14 @@ impl Ledger {
         if t.finished.saturating_add(t.live_total).saturating_add(n) > max_total {
             return false;
         }
-        t.live_total += n;
-        *t.live.entry(path.to_owned()).or_default() += n;
+        match t.live.get_mut(path) {
+            Some(live) => {
+                *live += n;
+                t.live_total += n;
+            }
+            // Not open (any more): on disk as a finished file's.
+            None => t.finished += n,
+        }
         true
     }
 

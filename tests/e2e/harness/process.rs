@@ -99,11 +99,6 @@ impl ProxyProcess {
         }
     }
 
-    /// What the running proxy has logged so far.
-    pub fn logs(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
-    }
-
     /// Stops the proxy (SIGTERM, then waits) and returns everything it logged.
     pub async fn stop_and_collect_logs(&mut self) -> String {
         self.signal("TERM");
