@@ -13,7 +13,8 @@
 # [server], [session] and [[listeners]] tables: the same binary twice with and without a setting), OLD_EXTRA / NEW_EXTRA (TOML appended after the
 # route: more tables, such as [fleet]), TLS (0; 1: both proxies serve wss with one self-signed
 # certificate, the load generator trusts it with --insecure; the direct floor stays ws), H2_STREAMS
-# (0; N with TLS=1: WebSockets over HTTP/2, N sessions per connection, without the direct floor). The per-client limits are on by default and
+# (0; N with TLS=1: WebSockets over HTTP/2, N sessions per connection, without the direct floor), LT_ARGS (more
+# arguments for every `compare`, such as the token flags `--jwt-secret-env VAR --alg HS256 --claim ...`). The per-client limits are on by default and
 # sized for an internet-facing edge, which this load from one address would trip: state them
 # in both (docs/benchmarks-history.md has the command with every limit off for one and configured, above
 # the load, for the other). Loopback only; every process it starts is stopped on exit.
@@ -24,6 +25,7 @@ DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-100
 OLD_SERVER=${OLD_SERVER:-} NEW_SERVER=${NEW_SERVER:-} OLD_SESSION=${OLD_SESSION:-} NEW_SESSION=${NEW_SESSION:-}
 OLD_EXTRA=${OLD_EXTRA:-} NEW_EXTRA=${NEW_EXTRA:-} OLD_LISTENER=${OLD_LISTENER:-} NEW_LISTENER=${NEW_LISTENER:-}
 TLS=${TLS:-0} H2_STREAMS=${H2_STREAMS:-0}
+read -r -a LT_ARGS <<<"${LT_ARGS:-}"
 if [ "$H2_STREAMS" -gt 0 ] && [ "$TLS" != 1 ]; then echo "H2_STREAMS needs TLS=1" >&2; exit 64; fi
 WORK=$(mktemp -d)
 pids=()
@@ -69,7 +71,7 @@ start new "$NEW" 19303 19313 "$NEW_SERVER" "$NEW_SESSION" "$NEW_EXTRA" "$NEW_LIS
 sleep 1
 TARGETS=(direct=ws://127.0.0.1:19301/agents/a1/terminal old=$SCHEME://127.0.0.1:19302/agents/a1/terminal
     new=$SCHEME://127.0.0.1:19303/agents/a1/terminal)
-PIDS=(--pid-of "old=$old_PID" --pid-of "new=$new_PID" ${INSECURE[@]+"${INSECURE[@]}"})
+PIDS=(--pid-of "old=$old_PID" --pid-of "new=$new_PID" ${INSECURE[@]+"${INSECURE[@]}"} ${LT_ARGS[@]+"${LT_ARGS[@]}"})
 if [ "$H2_STREAMS" -gt 0 ]; then
     TARGETS=("${TARGETS[@]:1}")
     PIDS+=(--h2-streams "$H2_STREAMS")

@@ -64,6 +64,9 @@ end
 return #KEYS
 ";
 
+/// How long the keeper gathers places given back before it writes them.
+const GATHER: Duration = Duration::from_millis(10);
+
 /// How long a handshake waits for its places before the store counts as slow.
 const TAKE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -273,8 +276,8 @@ async fn give_back(client: &Client, places: &[(String, Vec<String>)]) -> Result<
     p.all::<Value>().await.map(drop)
 }
 
-/// The keeper: gives places back as soon as they are released (those the next take has not
-/// given back already), and renews the places held every heartbeat. A place whose release
+/// The keeper: gives places back within [`GATHER`] of their release (a take of this process
+/// gives them back first if it comes sooner), and renews the places held every heartbeat. A place whose release
 /// could not be written is tried again at the next beat, and lapses with its lease meanwhile
 /// at the latest.
 async fn keep(client: Client, book: Arc<Book>) {
@@ -283,7 +286,12 @@ async fn keep(client: Client, book: Arc<Book>) {
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !book.closed.load(Ordering::Acquire) {
         let renewing = tokio::select! {
-            () = book.wake.notified() => false,
+            () = book.wake.notified() => {
+                // Gathered for a moment: one pipeline for the sessions that end together. A
+                // client reconnecting here meanwhile has its place freed by its own take.
+                tokio::time::sleep(GATHER).await;
+                false
+            }
             _ = beat.tick() => true,
         };
         if book.closed.load(Ordering::Acquire) {
