@@ -85,6 +85,11 @@ pub struct SessionEnd {
     pub frames: [u64; 2],
 }
 
+/// What holds a session's places under its subject's caps (on this instance, and with
+/// `subject_caps = "reserved"` in the fleet's store) until it is dropped: the admission stage's,
+/// opaque to the session layer.
+pub type CapPlaces = Box<dyn Send + Sync>;
+
 /// Why a session was told to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {

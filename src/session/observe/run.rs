@@ -55,9 +55,8 @@ pub struct Watch {
     /// The observer's own session: registered, so revocation (its subject, token or agent) and
     /// drain reach it, and holding its places under the subject's caps.
     pub own: crate::session::SessionGuard,
-    /// What holds its subject's places under the session caps (on this instance, and in the
-    /// fleet's store), freed when it leaves.
-    pub _slots: Box<dyn Send + Sync>,
+    /// Its subject's places under the session caps, freed when it leaves.
+    pub _slots: crate::session::CapPlaces,
     /// When its token expires (plus leeway), when the route enforces expiry.
     pub expires_at: Option<tokio::time::Instant>,
     /// `[server] drain_spread`: a drained observer closes within it, at a random point.
