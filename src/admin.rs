@@ -708,18 +708,16 @@ fn held_elsewhere(shared: &Shared, selector: &Selector) -> Option<usize> {
     if !fleet.has_directory() {
         return None;
     }
-    let others = fleet.others_sessions();
-    let count = |f: &dyn Fn(&crate::fleet::DirEntry) -> bool| others.iter().filter(|e| f(e)).count();
-    match selector {
-        Selector::Subject { subject, issuer } => Some(count(&|e| {
-            e.token
-                && e.subject.as_deref() == Some(subject.as_str())
-                && issuer.as_ref().is_none_or(|i| e.issuer.as_deref() == Some(i.as_str()))
-        })),
-        Selector::Agent(agent) => Some(count(&|e| e.agent.as_deref() == Some(agent.as_str()))),
-        Selector::Id(_) => Some(0),
-        Selector::Jti { .. } => None,
+    if let Selector::Id(_) = selector {
+        return Some(0);
     }
+    // A token id is not in the directory: nothing to count it by.
+    selector.selects(None, None, None)?;
+    let mut n = 0;
+    for e in fleet.others_sessions() {
+        n += usize::from(selector.selects(e.subject.as_deref(), e.issuer.as_deref(), e.agent.as_deref())?);
+    }
+    Some(n)
 }
 
 /// Applies `lock` on this instance: cuts the sessions it targets and refuses its tokens until

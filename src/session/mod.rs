@@ -347,6 +347,21 @@ pub enum Selector {
     },
 }
 
+impl Selector {
+    /// Whether a session of `subject` at `issuer`, to `agent`, is one this selects, as far as
+    /// those say: `None` for a session id or a token id, which they do not. The one rule for a
+    /// subject's and an agent's sessions, here and in the fleet's directory.
+    pub fn selects(&self, subject: Option<&str>, issuer: Option<&str>, agent: Option<&str>) -> Option<bool> {
+        match self {
+            Selector::Subject { subject: s, issuer: i } => {
+                Some(subject == Some(s.as_str()) && i.as_ref().is_none_or(|i| issuer == Some(i.as_str())))
+            }
+            Selector::Agent(a) => Some(agent == Some(a.as_str())),
+            Selector::Id(_) | Selector::Jti { .. } => None,
+        }
+    }
+}
+
 /// Live sessions, for `/sessions`, revocation, rebalance and the drain.
 #[derive(Debug, Default)]
 pub struct Sessions {
@@ -494,11 +509,9 @@ impl Sessions {
             .into_iter()
             .filter(|e| match selector {
                 Selector::Id(id) => e.id == *id,
-                Selector::Subject { subject, issuer } => {
-                    e.subject.as_deref() == Some(subject.as_str())
-                        && issuer.as_ref().is_none_or(|iss| e.issuer.as_deref() == Some(iss.as_str()))
+                Selector::Subject { .. } | Selector::Agent(_) => {
+                    selector.selects(e.subject.as_deref(), e.issuer.as_deref(), e.agent.as_deref()) == Some(true)
                 }
-                Selector::Agent(a) => e.agent.as_deref() == Some(a.as_str()),
                 Selector::Jti { jti, issuer } => {
                     (e.jti.as_deref() == Some(jti.as_str())
                         || e.attached.iter().any(|a| a.revoking_jti().as_deref() == Some(jti.as_str())))
