@@ -314,6 +314,10 @@ async fn keep(client: Client, book: Arc<Book>) {
             .collect();
         // In scripts of a bounded size: the store runs each whole before anything else.
         for chunk in held.chunks(1024) {
+            // A stop gave everything back meanwhile: nothing is written again.
+            if book.closed.load(Ordering::Acquire) {
+                return;
+            }
             let sets: Vec<String> = chunk.iter().map(|(set, _)| set.clone()).collect();
             let mut args = vec![TTL.as_millis().to_string()];
             args.extend(chunk.iter().map(|(_, member)| member.clone()));
