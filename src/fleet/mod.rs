@@ -553,6 +553,17 @@ impl Fleet {
         self.applied.entry(lock.id.clone()).or_insert(()).is_fresh()
     }
 
+    /// Whether a peer preamble's `nonce` (one this process had not seen) is new to the fleet's
+    /// store too, which outlives a process: a preamble replayed to a restarted instance, or to a
+    /// handover's successor, under the same name is refused. A store that does not answer
+    /// within half a second leaves it to the process's own cache (`true`).
+    pub async fn first_nonce(&self, nonce: &str) -> bool {
+        match &self.store {
+            Store::Redis(r) => r.first_nonce(nonce).await,
+            Store::Local(_) => true,
+        }
+    }
+
     /// The instance-to-instance channel's signer and checker, when `peer_listen` is set.
     pub fn peer_auth(&self) -> Option<&peer::PeerAuth> {
         self.peer.as_ref()

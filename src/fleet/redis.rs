@@ -221,6 +221,22 @@ impl Redis {
         super::caps::Places::new(self.client.clone(), &self.keys.tag, instance)
     }
 
+    /// See [`super::Fleet::first_nonce`]: `SET NX` of the nonce's key, kept as long as a
+    /// preamble's time is good on any clock.
+    pub async fn first_nonce(&self, nonce: &str) -> bool {
+        let key = format!("{}:peer-nonce:{nonce}", self.keys.tag);
+        let keep = Expiration::PX(2 * super::peer::WINDOW.as_millis() as i64);
+        let set = self.client.set::<Option<String>, _, _>(key, "1", Some(keep), Some(SetOptions::NX), false);
+        match tokio::time::timeout(Duration::from_millis(500), set).await {
+            Ok(Ok(answer)) => answer.is_some(),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "peer nonce not checked in the fleet store: this process's cache decides");
+                true
+            }
+            Err(_) => true,
+        }
+    }
+
     /// Adds a command for other instances to the events stream.
     pub async fn command(&self, event: &Event) -> Result<(), StoreError> {
         let json = serde_json::to_string(event).map_err(redis_error)?;

@@ -77,7 +77,14 @@ pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<
                 if from_peer {
                     let Some(auth) = shared2.fleet.peer_auth() else { return };
                     let limit = shared2.runtime.load().config.server.tls_handshake_timeout;
-                    match super::peer::read_preamble(&mut tcp, auth, limit).await {
+                    let checked = match super::peer::read_preamble(&mut tcp, auth, limit).await {
+                        // Fresh here; and over the fleet, where the store says so: a process that
+                        // took this instance's name (a restart, a handover) saw none of its nonces.
+                        Ok(p) if shared2.fleet.first_nonce(&p.nonce).await => Ok(p.client),
+                        Ok(_) => Err(crate::fleet::peer::PeerError::Replay),
+                        Err(e) => Err(e),
+                    };
+                    match checked {
                         Ok(relayed) => client = relayed,
                         Err(e) => {
                             crate::metrics::fleet_peer_refused(e.label());

@@ -194,7 +194,11 @@ where
 
 /// The peer listener's first step: reads the preamble line (peeked, then consumed exactly: the
 /// client's request after it stays unread) within `limit`, and checks it.
-pub async fn read_preamble(tcp: &mut TcpStream, auth: &PeerAuth, limit: Duration) -> Result<SocketAddr, PeerError> {
+pub async fn read_preamble(
+    tcp: &mut TcpStream,
+    auth: &PeerAuth,
+    limit: Duration,
+) -> Result<crate::fleet::peer::Preamble, PeerError> {
     let read = async {
         let mut buf = vec![0u8; MAX_PREAMBLE + 1];
         loop {
@@ -205,7 +209,7 @@ pub async fn read_preamble(tcp: &mut TcpStream, auth: &PeerAuth, limit: Duration
             if let Some(end) = buf[..n].iter().position(|b| *b == b'\n') {
                 let mut line = vec![0u8; end + 1];
                 tcp.read_exact(&mut line).await.map_err(|_| PeerError::Malformed)?;
-                return auth.verify(&line[..end]).map(|p| p.client);
+                return auth.verify(&line[..end]);
             }
             if n > MAX_PREAMBLE {
                 return Err(PeerError::Malformed);

@@ -1093,9 +1093,9 @@ mod directory {
         key: &Hmac,
         redis: &RedisServer,
         secret: &std::path::Path,
-    ) -> Vec<ProxyProcess> {
+    ) -> (Vec<ProxyProcess>, Vec<String>) {
         let prefix = format!("test-{}", rand::random::<u32>());
-        let mut out = Vec::new();
+        let (mut out, mut texts) = (Vec::new(), Vec::new());
         for name in ["edge-1", "edge-2"] {
             let text = TestConfig::base(&[backend.to_string()])
                 .one_address_load()
@@ -1111,8 +1111,9 @@ mod directory {
                 )
                 .text();
             out.push(ProxyProcess::start(&text).await);
+            texts.push(text);
         }
-        out
+        (out, texts)
     }
 
     fn fleet_secret() -> (tempfile::NamedTempFile, Vec<u8>) {
@@ -1144,7 +1145,7 @@ mod directory {
         let key = hmac();
         let redis = RedisServer::start().await;
         let (secret_file, _) = fleet_secret();
-        let edges = linked(backend.addr, &key, &redis, secret_file.path()).await;
+        let (edges, _) = linked(backend.addr, &key, &redis, secret_file.path()).await;
         let auth = format!("Bearer {}", key.token("grace", &["a1"], Duration::from_secs(600)));
         let mut first =
             upgrade(edges[0].tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
@@ -1202,7 +1203,7 @@ mod directory {
         let key = hmac();
         let redis = RedisServer::start().await;
         let (secret_file, secret) = fleet_secret();
-        let edges = linked(backend.addr, &key, &redis, secret_file.path()).await;
+        let (edges, texts) = linked(backend.addr, &key, &redis, secret_file.path()).await;
         let peer_of = async |admin: SocketAddr| -> SocketAddr {
             let (_, body) = http_get(admin, "/fleet").await;
             serde_json::from_str::<Value>(&body).expect("json")["peer"]
@@ -1236,7 +1237,14 @@ mod directory {
         assert_eq!(answer_at(other_peer, good.clone()).await, "", "no answer to a preamble for another instance");
         assert!(answer(good.clone()).await.starts_with("HTTP/1.1 403"), "resumes and observers only");
         // The same preamble again: a replay.
-        assert_eq!(answer(good).await, "", "no answer to a replayed preamble");
+        assert_eq!(answer(good.clone()).await, "", "no answer to a replayed preamble");
+        // And to a process that took edge-1's name since (a restart, a handover's successor),
+        // whose own cache never saw it: the fleet's store did.
+        let successor = ProxyProcess::start(&texts[0]).await;
+        let successor_peer = peer_of(successor.admin).await;
+        assert_eq!(answer_at(successor_peer, good).await, "", "no answer to a preamble replayed to a successor");
+        let (_, m) = http_get(successor.admin, "/metrics").await;
+        assert_eq!(metric(&m, "portcullis_fleet_peer_refusals_total{reason=\"replay\"}"), 1.0);
         let (_, m) = http_get(edges[0].admin, "/metrics").await;
         assert_eq!(metric(&m, "portcullis_fleet_peer_refusals_total{reason=\"signature\"}"), 1.0);
         assert_eq!(metric(&m, "portcullis_fleet_peer_refusals_total{reason=\"replay\"}"), 1.0);
