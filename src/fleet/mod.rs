@@ -555,12 +555,13 @@ impl Fleet {
 
     /// Whether a peer preamble's `nonce` (one this process had not seen) is new to the fleet's
     /// store too, which outlives a process: a preamble replayed to a restarted instance, or to a
-    /// handover's successor, under the same name is refused. A store that does not answer
-    /// within half a second leaves it to the process's own cache (`true`).
+    /// handover's successor, under the same name is refused. A store that is away, or does not
+    /// answer within half a second, leaves it to the process's own cache (`true`).
     pub async fn first_nonce(&self, nonce: &str) -> bool {
         match &self.store {
-            Store::Redis(r) => r.first_nonce(nonce).await,
-            Store::Local(_) => true,
+            // Known to be away: not waited on.
+            Store::Redis(r) if self.health.reachable() => r.first_nonce(nonce).await,
+            Store::Redis(_) | Store::Local(_) => true,
         }
     }
 
