@@ -151,7 +151,7 @@ impl Places {
     }
 
     /// A new place under `caps`' keys, not in the store yet.
-    fn reservation(&self, caps: &[(&SubjectKey, u32)]) -> Reservation {
+    fn reservation(&self, caps: &[(SubjectKey, u32)]) -> Reservation {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         Reservation {
             member: format!("{}{n}", self.member_prefix),
@@ -162,7 +162,7 @@ impl Places {
     }
 
     /// Takes a place under each of `caps` (a key and its cap) or none.
-    pub async fn take(&self, caps: &[(&SubjectKey, u32)]) -> Result<Reservation, TakeError> {
+    pub async fn take(&self, caps: &[(SubjectKey, u32)]) -> Result<Reservation, TakeError> {
         if self.book.slow_until_ms.load(Ordering::Acquire) > now_ms() {
             return Err(TakeError::Store(StoreError::Redis("slow: a take timed out lately".into())));
         }
@@ -218,7 +218,7 @@ impl Places {
 
     /// A place for a session admitted while the store could not be asked: the next renewal that
     /// reaches the store writes it, whatever the cap, and it counts from then on.
-    pub fn unplaced(&self, caps: &[(&SubjectKey, u32)]) -> Reservation {
+    pub fn unplaced(&self, caps: &[(SubjectKey, u32)]) -> Reservation {
         let mut reservation = self.reservation(caps);
         self.book.held().insert(reservation.member.clone(), reservation.sets.clone());
         reservation.state = State::Held;

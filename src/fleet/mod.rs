@@ -490,7 +490,7 @@ impl Fleet {
     /// leaves the count to the mirror, and the session's place is written to the store once it
     /// answers; `staleness = "strict"` refuses every token-checked session anyway once the store
     /// has been away for `max_staleness` (before this is asked).
-    pub async fn reserve(&self, caps: &[(&crate::limits::SubjectKey, u32)]) -> Result<Option<caps::Reservation>, Full> {
+    pub async fn reserve(&self, caps: &[(crate::limits::SubjectKey, u32)]) -> Result<Option<caps::Reservation>, Full> {
         let Some(places) = self.places.as_ref().filter(|_| !caps.is_empty()) else { return Ok(None) };
         // Known to be away: not waited on for every handshake.
         if !self.health.reachable() {

@@ -705,11 +705,7 @@ async fn subject_slots(
             }
         }
     }
-    if capped.is_empty() {
-        return Ok(slots);
-    }
-    let asked: Vec<(&crate::limits::SubjectKey, u32)> = capped.iter().map(|(k, max)| (k, *max)).collect();
-    match ctx.shared.fleet.reserve(&asked).await {
+    match ctx.shared.fleet.reserve(&capped).await {
         Ok(Some(places)) => slots.push(SubjectSlot::Fleet { _places: places }),
         Ok(None) => {}
         Err(crate::fleet::Full) => {
