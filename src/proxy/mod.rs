@@ -1354,10 +1354,13 @@ async fn handle_upgrade(
     });
     // A recorded route reads the backend's payloads, so they must not be compressed: no
     // extension offer reaches the backend (permessage-deflate is not negotiated end to end).
+    // An observed route neither: its observers read the same payloads, and the client whose
+    // session they watch must not be able to make them unreadable.
     let unextended;
     // A resumable route neither: a compression context would not survive a new client.
     // Nor a fan-out route: its backend's frames go to clients that negotiated nothing.
-    let plain = route.recording.is_some() || route.resume.is_some() || route.fanout.is_some();
+    let plain =
+        route.recording.is_some() || route.observe.is_some() || route.resume.is_some() || route.fanout.is_some();
     let ws = match plain && ws.extensions.is_some() {
         true => {
             unextended = upgrade::WsRequest { extensions: None, ..ws.clone() };

@@ -94,3 +94,59 @@ async fn permessage_deflate_negotiated_end_to_end_passes_through() {
     let (_, body) = http_get(proxy.admin, "/metrics").await;
     assert!(metric(&body, "portcullis_upgrades_total{route=\"terminal\",result=\"ok\"}") >= 1.0);
 }
+
+/// Found by an attacker review: on a route with `[routes.observe]` the owner's
+/// permessage-deflate offer reached the backend, and from then on its observers (and the
+/// replay) got the compressed bytes: the client watched decided whether it could be watched.
+/// An observed route, like a recorded one, passes no extension offer: the owner's session runs
+/// uncompressed and its observers read what it reads.
+#[tokio::test]
+async fn an_owner_offering_compression_cannot_make_its_observers_read_deflate() {
+    let backend = deflate_echo_backend().await;
+    let key = hmac();
+    let text = TestConfig::base(&[backend.to_string()])
+        .set("routes.0.name", "observed")
+        .merge("", key.auth_keys())
+        .merge(
+            "routes.0",
+            serde_json::json!({"auth": {"agent_claim": "agents"}, "observe": {"scope": "observe:{agent}"}}),
+        )
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let tcp = TcpStream::connect(proxy.plain).await.expect("connect to the proxy");
+    let host = proxy.plain.to_string();
+    let auth = key.bearer(&["a1"]);
+    let headers = [handshake::client::Header { name: "Authorization", value: auth.as_bytes() }];
+    let mut client = handshake::Client::new(tcp.compat(), &host, "/agents/a1/terminal");
+    client.set_headers(&headers);
+    client.add_extension(Box::new(Deflate::new(Mode::Client)));
+    match client.handshake().await.expect("handshake through the proxy") {
+        ServerResponse::Accepted { .. } => {}
+        other => panic!("handshake refused: {other:?}"),
+    }
+    let (mut tx, mut rx) = client.into_builder().finish();
+    let mut reply = Vec::new();
+    let echo =
+        async |tx: &mut connection::Sender<_>, rx: &mut connection::Receiver<_>, reply: &mut Vec<u8>, text: &str| {
+            tx.send_text(text).await.expect("send text");
+            tx.flush().await.expect("flush");
+            reply.clear();
+            rx.receive_data(reply).await.expect("echo through the proxy");
+            assert_eq!(reply, text.as_bytes());
+        };
+    let before = "TOP-SECRET-OUTPUT before the observer ".repeat(20);
+    echo(&mut tx, &mut rx, &mut reply, &before).await;
+
+    let (_, sessions) = http_get(proxy.admin, "/sessions").await;
+    let v: serde_json::Value = serde_json::from_str(&sessions).expect("sessions JSON");
+    let id = v["sessions"][0]["id"].as_u64().expect("one live session");
+    let auditor = format!("Bearer {}", key.token_with(serde_json::json!({"sub": "auditor", "scope": "observe:a1"})));
+    let path = format!("/agents/a1/terminal?observe={id}");
+    let mut obs = upgrade(proxy.plain, false, &path, &[("Authorization", &auditor)]).await.expect("observer 101");
+    let replayed = obs.recv().await;
+    assert_eq!(replayed.payload, before.as_bytes(), "the replay is what the owner read");
+    let live = "TOP-SECRET-OUTPUT while watched ".repeat(20);
+    echo(&mut tx, &mut rx, &mut reply, &live).await;
+    let watched = obs.recv().await;
+    assert_eq!(watched.payload, live.as_bytes(), "the observer reads the output as the owner does");
+}
