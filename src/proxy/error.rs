@@ -255,8 +255,12 @@ impl RequestError {
             }
         }
         match self {
-            // A slot frees when one of the subject's sessions ends, which may be soon.
-            RequestError::TooManySessions => {
+            // A place frees when one of the subject's sessions, the address's streams or the
+            // session's observers ends, which may be soon.
+            RequestError::TooManySessions
+            | RequestError::TooManyStreams
+            | RequestError::TooManyObservers
+            | RequestError::TooManyObserversForSubject => {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
             }
             RequestError::Forward(ForwardError::Ended(_)) if status == StatusCode::TOO_MANY_REQUESTS => {

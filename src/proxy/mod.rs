@@ -505,6 +505,21 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
     if let Some(v) = authority.as_ref().and_then(|a| HeaderValue::from_str(&a.to_string()).ok()) {
         req.headers_mut().insert(HOST, v);
     }
+    // An HTTP/2 stream takes its place under max_streams_per_ip before anything is done for
+    // it (a login exchange, a preflight, a route's work); only the Host check, which the
+    // refusal's route label needs, comes first.
+    let per_ip = match (ctx.protocol == Protocol::Http2).then(|| stream_slot(&ctx, &runtime)) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(slot)) => slot,
+        Some(Err(e)) => {
+            let found = route::find(&runtime.routes, authority.as_ref(), req.uri().path());
+            let route = found.as_ref().map_or("none", |(r, _)| r.name.as_str()).to_owned();
+            return Ok(match websocket {
+                true => reject(&ctx, &route, e),
+                false => reject_request(&ctx, &req, &route, started, e),
+            });
+        }
+    };
     // The proxy's own login exchange, before any route: a token in, an HttpOnly cookie out.
     if let Some(login) = runtime.config.auth.cookie_login.as_ref().filter(|l| l.path == req.uri().path()) {
         let scheme = if ctx.tls { "https" } else { "http" };
@@ -536,17 +551,6 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         }
     }
     let origin = req.headers().get(::http::header::ORIGIN).cloned();
-    let per_ip = match (ctx.protocol == Protocol::Http2).then(|| stream_slot(&ctx, &runtime)) {
-        None | Some(Ok(None)) => None,
-        Some(Ok(slot)) => slot,
-        Some(Err(e)) => {
-            let route = found.as_ref().map_or("none", |(r, _)| r.name.as_str()).to_owned();
-            return Ok(match websocket {
-                true => reject(&ctx, &route, e),
-                false => reject_request(&ctx, &req, &route, started, e),
-            });
-        }
-    };
     let mut stream = http::StreamHold { _per_ip: per_ip, _open: None };
     if ctx.protocol == Protocol::Http2 {
         stream._open = Some(ctx.open_streams.open());

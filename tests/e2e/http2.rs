@@ -253,6 +253,12 @@ async fn the_per_address_stream_cap_answers_429_and_frees_when_a_stream_ends() {
     let _b = two.websocket(PATH, &[]).await.expect("second, on another connection");
     let refused = one.websocket(PATH, &[]).await.err().expect("third is over the cap");
     assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("retry-after"), Some("5"), "every 429 says when to retry");
+    // Counted before anything is done for the stream: an answer the proxy gives before any
+    // route (protected-resource metadata, like the login exchange and a preflight) is over
+    // the cap too. It was answered (404, no such resource) before it was.
+    let (status, _) = one.get("/.well-known/oauth-protected-resource/agents/a1", &[]).await;
+    assert_eq!(status, 429, "a stream answered before its route escaped max_streams_per_ip");
     let m = metrics(&proxy).await;
     // The reason's counter is the process's (other tests refuse streams too); the route's is this one's.
     assert!(metric(&m, "portcullis_limit_refusals_total{reason=\"per_ip_streams\"}") >= 1.0);

@@ -350,6 +350,9 @@ async fn one_subject_cannot_take_every_observer_place_of_a_session() {
     let other = bearer(&key.token_with(json!({"sub": "someone", "scope": "observe:a1"})));
     let full = upgrade(proxy.plain, false, &path, &[("Authorization", &other)]).await.err().expect("429");
     assert_eq!(full.status, 429);
+    for refused in [&third, &full] {
+        assert_eq!(refused.header("retry-after"), Some("5"), "every 429 says when to retry");
+    }
     // Told apart by their reasons.
     let (_, m) = http_get(proxy.admin, "/metrics").await;
     assert_eq!(metric(&m, "portcullis_upgrades_total{route=\"observed\",result=\"observers_per_subject\"}"), 1.0);
