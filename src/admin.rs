@@ -305,7 +305,6 @@ async fn answer(shared: &Shared, req: Request<Incoming>, path: &str) -> Response
                     .copied()
                     .unwrap_or_else(|| tokio::runtime::Handle::current().metrics().num_workers()),
             );
-            crate::metrics::connections_limit(runtime.config.server.max_connections);
             if let Some(a) = &runtime.authenticator {
                 crate::metrics::token_cache_entries(a.cached_tokens());
             }

@@ -295,6 +295,12 @@ impl Shared {
             // in force whatever the reload says.
             tracing::warn!("[fleet] changed: the store in use stays until a restart");
         }
+        for setting in started_with(&old.config, &config) {
+            tracing::warn!(
+                setting,
+                "changed by a reload, which does not apply it: the value in force stays until a restart"
+            );
+        }
         // Every file it names loads, as `check-config` and a start require: a reload is
         // refused as a whole, never applied with a recording directory no session can write.
         let problems = check_files(&config);
@@ -586,6 +592,23 @@ pub struct Server {
     workers: Option<Workers>,
 }
 
+/// The settings a process reads once, at its start, that differ between `old` and `new`: a
+/// reload keeps their old values (it is not refused for them), and says so.
+fn started_with(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.server, &new.server);
+    let admin = |c: &Config| c.admin.as_ref().map(|a| (a.max_connections, a.max_connections_per_ip));
+    [
+        (o.max_connections != n.max_connections, "server.max_connections"),
+        (o.worker_threads != n.worker_threads, "server.worker_threads"),
+        (o.worker_model != n.worker_model, "server.worker_model"),
+        (o.reload_poll_interval != n.reload_poll_interval, "server.reload_poll_interval"),
+        (admin(old) != admin(new), "admin.max_connections and max_connections_per_ip"),
+    ]
+    .into_iter()
+    .filter_map(|(changed, name)| changed.then_some(name))
+    .collect()
+}
+
 impl Server {
     /// Builds the server state from a validated configuration: opens the fleet's store and
     /// applies every lock in force (the listeners accept only once this has returned).
@@ -595,6 +618,8 @@ impl Server {
         let max_connections = config.server.max_connections;
         // The recorder first: metric handles made before it would record nowhere.
         let metrics = Metrics::global();
+        // The cap is the semaphore's, sized once here: a reload does not change it.
+        crate::metrics::connections_limit(max_connections);
         metrics.preregister_closes(
             crate::session::close::CODE_LABELS,
             &crate::session::Initiator::ALL.map(crate::session::Initiator::as_str),

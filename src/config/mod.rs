@@ -1082,6 +1082,73 @@ mod tests {
         assert_eq!((s.handshake_burst_per_ip, s.handshake_rate_per_ip), (40, 20));
     }
 
+    /// Found by a documentation review: these zeros passed the check and then refused every
+    /// connection (every TLS handshake and request head timed out at once, every HTTP/2 ping
+    /// ended its connection, the admin listener had no slot for the probes).
+    #[test]
+    fn a_zero_that_would_refuse_every_connection_is_refused() {
+        let listener = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n";
+        for (section, key) in [
+            ("server", "tls_handshake_timeout = \"0s\""),
+            ("server", "header_read_timeout = \"0s\""),
+            ("http2", "keepalive_timeout = \"0s\""),
+            ("admin", "max_connections = 0"),
+        ] {
+            let admin = if section == "admin" { "address = \"127.0.0.1:0\"\n" } else { "" };
+            let text = format!("{listener}[{section}]\n{admin}{key}\n");
+            let msg = Config::parse(&text, Path::new("x.toml")).expect_err(key).to_string();
+            let name = key.split(' ').next().unwrap_or(key);
+            assert!(msg.contains(&format!("{section}.{name}")), "{key}: {msg}");
+        }
+        let text = format!("{listener}[admin]\naddress = \"127.0.0.1:0\"\nmax_connections_per_ip = 0\n");
+        Config::parse(&text, Path::new("x.toml")).expect("max_connections_per_ip = 0 is no cap per address");
+    }
+
+    /// Found by a documentation review: `[fd00::7]:9444` became `[fd00::7]:9444:9444`, and an
+    /// IPv6 address alone `fd00::7:9444`, neither of which another instance can dial.
+    #[test]
+    fn an_advertised_address_from_the_environment_takes_the_port_only_when_it_has_none() {
+        for (host, want) in [
+            ("10.0.0.7", "10.0.0.7:9444"),
+            ("10.0.0.7:7000", "10.0.0.7:7000"),
+            ("fd00::7", "[fd00::7]:9444"),
+            ("[fd00::7]", "[fd00::7]:9444"),
+            ("[fd00::7]:7000", "[fd00::7]:7000"),
+            ("peer-0.example", "peer-0.example:9444"),
+            ("peer-0.example:7000", "peer-0.example:7000"),
+        ] {
+            assert_eq!(validate::advertised(host, 9444), want, "{host}");
+        }
+    }
+
+    /// Found by a documentation review: a recording or observers on a route that serves HTTP
+    /// only were accepted and did nothing (resume and fan-out were refused there already).
+    #[test]
+    fn a_websocket_feature_on_a_route_that_serves_http_only_is_refused() {
+        let head = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n\
+                    [[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_env = \"UNSET\"\n";
+        for kind in ["http", "mcp"] {
+            for (table, feature) in [
+                ("recording", "[routes.recording]\ndirectory = \"/tmp\"\n"),
+                ("observe", "[routes.observe]\nscope = \"watch\"\n"),
+                ("resume", "[routes.resume]\n"),
+                ("fanout", "[routes.fanout]\n"),
+            ] {
+                let text = format!(
+                    "{head}[[routes]]\nname = \"r\"\npath = \"/agents/{{agent}}\"\nbackends = [\"127.0.0.1:9\"]\n\
+                     kind = \"{kind}\"\n[routes.auth]\nrequired_claims = [\"sub\"]\n{feature}"
+                );
+                let msg = Config::parse_with(&text, Path::new("x.toml"), validate::Secrets::Unread)
+                    .expect_err(table)
+                    .to_string();
+                assert!(
+                    msg.contains(&format!("routes[0].{table}")) && msg.contains("HTTP only"),
+                    "{kind} {table}: {msg}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_listener_name_is_a_label() {
         for bad in ["", "public\nmore", "tab\there", "admin listener"] {

@@ -215,8 +215,7 @@ fn fleet(f: super::raw::RawFleet, secrets: Secrets) -> Result<super::FleetSettin
                     Secrets::Read => {
                         let host = std::env::var(&var)
                             .map_err(|_| invalid("fleet.peer_advertise_env", &format!("the variable {var} is not set")))?;
-                        // An address alone takes the listener's port.
-                        Some(if host.contains(':') && !host.starts_with('[') && host.parse::<std::net::Ipv6Addr>().is_err() { host } else { format!("{host}:{}", listen.port()) })
+                        Some(advertised(&host, listen.port()))
                     }
                 },
                 (None, None) if listen.ip().is_unspecified() => {
@@ -310,6 +309,20 @@ fn recording(r: super::raw::RawRecording, key: &str) -> Result<std::sync::Arc<su
 /// The largest flow-control window HTTP/2 allows (RFC 9113 §6.9.1).
 const MAX_WINDOW: u64 = (1 << 31) - 1;
 
+/// The address other instances dial for `host`, the value of `peer_advertise_env`: an address
+/// or name alone takes the listener's `port` (an IPv6 address in brackets), one with a port
+/// (`10.0.0.7:9444`, `[fd00::7]:9444`, `peer-0.example:9444`) is kept as it is.
+pub(super) fn advertised(host: &str, port: u16) -> String {
+    if let Ok(v6) = host.parse::<std::net::Ipv6Addr>() {
+        return format!("[{v6}]:{port}");
+    }
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    if bracketed || !host.contains(':') {
+        return format!("{host}:{port}");
+    }
+    host.to_owned()
+}
+
 fn http2(h: RawHttp2) -> Result<Http2Settings, Invalid> {
     let d = Http2Settings::default();
     let streams = h.max_concurrent_streams.unwrap_or(d.max_concurrent_streams);
@@ -330,6 +343,13 @@ fn http2(h: RawHttp2) -> Result<Http2Settings, Invalid> {
     }
     if h.idle_timeout.is_some_and(|d| d.0.is_zero()) {
         return Err(invalid("http2.idle_timeout", "must be more than 0s"));
+    }
+    // A ping answered within no time at all would end every connection it is sent on.
+    if h.keepalive_timeout.is_some_and(|d| d.0.is_zero()) {
+        return Err(invalid(
+            "http2.keepalive_timeout",
+            "must be more than 0s (keepalive_interval = \"0s\" turns the pings off)",
+        ));
     }
     let frame = h.max_frame_size.map_or(d.max_frame_size as u64, |v| v.0);
     if !(16_384..=16_777_215).contains(&frame) {
@@ -394,6 +414,13 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
     }
     if server.max_connections == 0 {
         return Err(invalid("server.max_connections", "must be at least 1"));
+    }
+    // No time at all would refuse every connection: a deadline cannot be turned off here.
+    if server.tls_handshake_timeout.is_zero() {
+        return Err(invalid("server.tls_handshake_timeout", "must be more than 0s"));
+    }
+    if server.header_read_timeout.is_zero() {
+        return Err(invalid("server.header_read_timeout", "must be more than 0s"));
     }
     if server.max_header_size < 1024 {
         return Err(invalid("server.max_header_size", "must be at least 1KiB"));
@@ -530,9 +557,16 @@ fn route(
     if auth.is_some() && !has_keys {
         return Err(invalid(&format!("{key}.auth"), "requires tokens but [auth] has no keys or jwks"));
     }
+    let http_only = matches!(r.kind, Some(RawKind::Http | RawKind::Mcp));
+    if r.recording.is_some() && http_only {
+        return Err(invalid(&format!("{key}.recording"), "records WebSocket sessions; this route serves HTTP only"));
+    }
     let recording = r.recording.map(|rec| recording(rec, key)).transpose()?;
     let observe = match r.observe {
         None => None,
+        Some(_) if http_only => {
+            return Err(invalid(&format!("{key}.observe"), "watches WebSocket sessions; this route serves HTTP only"))
+        }
         Some(o) if o.scope.trim().is_empty() => {
             return Err(invalid(&format!("{key}.observe.scope"), "must name the scope observers need"))
         }
@@ -559,7 +593,7 @@ fn route(
                 "needs [routes.auth]: a resume id is bound to the token's subject",
             ))
         }
-        Some(_) if matches!(r.kind, Some(RawKind::Http | RawKind::Mcp)) => {
+        Some(_) if http_only => {
             return Err(invalid(&format!("{key}.resume"), "resumes WebSocket sessions; this route serves HTTP only"))
         }
         Some(_) if !auth.as_ref().is_some_and(|a| a.required_claims.iter().any(|c| c == "sub")) => {
@@ -597,7 +631,7 @@ fn route(
                 "shares one backend stream; it cannot be combined with recording, observe or resume",
             ))
         }
-        Some(_) if matches!(r.kind, Some(RawKind::Http | RawKind::Mcp)) => {
+        Some(_) if http_only => {
             return Err(invalid(&format!("{key}.fanout"), "shares WebSockets; this route serves HTTP only"))
         }
         Some(f) => Some(std::sync::Arc::new(super::FanoutSettings {
@@ -1045,6 +1079,11 @@ fn admin(a: RawAdmin, secrets: Secrets) -> Result<AdminConfig, Invalid> {
         if uri.scheme().is_none() || uri.authority().is_none() || !matches!(uri.path(), "" | "/") {
             return Err(invalid(&format!("admin.allow_origins[{i}]"), "must be scheme://host[:port]"));
         }
+    }
+    if a.max_connections == Some(0) {
+        // Unlike max_connections_per_ip's 0 (no cap per address), no slot at all would refuse
+        // the probes and the scraper too.
+        return Err(invalid("admin.max_connections", "must be at least 1"));
     }
     Ok(AdminConfig {
         address,

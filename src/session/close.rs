@@ -529,8 +529,10 @@ fn violation_reason(v: Violation) -> &'static str {
 }
 
 /// Every label [`code_label`] gives, for pre-registering `portcullis_closes_total`.
-pub const CODE_LABELS: &[&str] =
-    &["none", "1000", "1001", "1002", "1003", "1007", "1008", "1009", "1010", "1011", "1014", "3xxx", "4xxx", "other"];
+pub const CODE_LABELS: &[&str] = &[
+    "none", "1000", "1001", "1002", "1003", "1007", "1008", "1009", "1010", "1011", "1013", "1014", "3xxx", "4xxx",
+    "other",
+];
 
 /// Folds a close code into a bounded label for `portcullis_closes_total{code}`.
 pub fn code_label(code: Option<u16>) -> &'static str {
@@ -545,6 +547,7 @@ pub fn code_label(code: Option<u16>) -> &'static str {
         Some(1009) => "1009",
         Some(1010) => "1010",
         Some(1011) => "1011",
+        Some(1013) => "1013",
         Some(1014) => "1014",
         Some(3000..=3999) => "3xxx",
         Some(4000..=4999) => "4xxx",

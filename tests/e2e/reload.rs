@@ -235,3 +235,33 @@ async fn a_reload_whose_recording_directory_cannot_be_written_is_refused() {
     })
     .await;
 }
+
+/// Found by a documentation review: `portcullis_connections_limit` was set from the reloaded
+/// file at every scrape, while the cap in force is the one the process started with (a reload
+/// does not change it). The gauge now says the cap in force, and the reload says which of the
+/// settings read at start it did not apply.
+#[tokio::test]
+async fn a_reload_does_not_change_the_connection_cap_and_says_so() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", json!({"reload_poll_interval": "0s", "max_connections": 100}))
+        .text();
+    let mut proxy = ProxyProcess::start_with_log(&text, "info").await;
+    let path = proxy.dir.path().join("portcullis.toml");
+    let current = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(&path, TestConfig::parse(&current).set("server.max_connections", 50).text()).expect("write");
+    let (_, before) = http_get(proxy.admin, "/metrics").await;
+    let reloads = |body: &str| metric(body, "portcullis_reloads_total{result=\"ok\"}");
+    proxy.signal("HUP");
+    let after = eventually("the reload", async || {
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        (reloads(&m) > reloads(&before)).then_some(m)
+    })
+    .await;
+    assert_eq!(metric(&after, "portcullis_connections_limit"), 100.0, "the cap in force is the one started with");
+    let logs = proxy.stop_and_collect_logs().await;
+    assert!(
+        logs.lines().any(|l| l.contains("server.max_connections") && l.contains("until a restart")),
+        "the reload did not say it left max_connections: {logs}"
+    );
+}
