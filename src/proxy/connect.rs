@@ -136,7 +136,8 @@ async fn check_member(addr: &str, path: Option<&str>, settings: BackendSettings)
 
 /// Finds the route's members (static, or from the registry), orders the healthy ones by the
 /// balance policy, and tries them in turn (at most `max_attempts`); returns the first backend
-/// that completes the handshake. Failed members are ejected for a growing backoff.
+/// that completes the handshake. A member that cannot be connected to is ejected for a
+/// growing backoff.
 pub async fn connect(
     route: &RouteConfig,
     state: &RouteState,
@@ -164,10 +165,12 @@ pub async fn connect(
             Err(Attempt::Connect(e)) => {
                 tracing::debug!(%member, error = %e, "backend connect failed");
                 last_io = Some(e);
+                state.health.record_failure(member);
             }
             Err(Attempt::ConnectTimeout) => {
                 tracing::debug!(%member, "backend connect timed out");
                 timed_out = true;
+                state.health.record_failure(member);
             }
             Err(Attempt::Handshake(HandshakeError::Status(code))) if (400..500).contains(&code) => {
                 // The member is up and refused this request (an unknown path or agent, a denied
@@ -179,6 +182,12 @@ pub async fn connect(
                     cause: HandshakeError::Status(code),
                 });
             }
+            // Whatever the member does once it has the request (an error status, a bad or no
+            // answer, a hang-up, a timeout) may be the request's doing: the agent it names, its
+            // path or headers. As on the plain HTTP path, it is not a member failure, or one
+            // client could eject members that serve everyone else (DESIGN §11); the next
+            // member is tried, and `active_path` checks find a member that fails every
+            // handshake.
             Err(Attempt::Handshake(cause)) => {
                 tracing::debug!(%member, error = %cause, "backend handshake failed");
                 if matches!(cause, HandshakeError::Timeout(_)) {
@@ -188,7 +197,6 @@ pub async fn connect(
                 }
             }
         }
-        state.health.record_failure(member);
     }
     if let Some(e) = bad {
         return Err(e);

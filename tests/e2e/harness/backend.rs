@@ -17,6 +17,9 @@ use super::*;
 pub struct BackendOpts {
     /// Answer this status instead of 101.
     pub status: Option<u16>,
+    /// Answer this status instead of 101 to a request whose path holds this text (an agent
+    /// this member cannot serve, say), and 101 to the others.
+    pub status_for: Option<(&'static str, u16)>,
     /// Answer 101 with a wrong Sec-WebSocket-Accept.
     pub bad_accept: bool,
     /// Never answer the handshake.
@@ -115,7 +118,8 @@ impl Backend {
                     if let Some(d) = opts.delay {
                         tokio::time::sleep(d).await;
                     }
-                    if let Some(status) = opts.status {
+                    let refused = opts.status_for.filter(|(part, _)| request.path.contains(part)).map(|(_, s)| s);
+                    if let Some(status) = opts.status.or(refused) {
                         let _ = stream
                             .write_all(format!("HTTP/1.1 {status} Nope\r\ncontent-length: 0\r\n\r\n").as_bytes())
                             .await;
