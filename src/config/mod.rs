@@ -28,8 +28,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 pub use pattern::{
-    dns_name, is_rendering, render_path, template_captures, valid_capture, valid_rest, BackendTemplate, Captures,
-    PathPattern, MAX_CAPTURE_LEN,
+    dns_name, is_rendering, render_path, render_url, template_captures, valid_capture, valid_rest, BackendTemplate,
+    Captures, PathPattern, MAX_CAPTURE_LEN,
 };
 pub use values::{OriginPattern, Secret, TokenSource, CIPHER_SUITES};
 
@@ -1146,6 +1146,30 @@ mod tests {
                     "{kind} {table}: {msg}"
                 );
             }
+        }
+    }
+
+    /// Found by an attacker review: `url = "http://{agent}:8080/members"` was accepted, and an
+    /// agent id of `127.0.0.1` or `localhost` sent the registry's token to that host and took
+    /// its answer for the agent's members (a connect anywhere the proxy reaches).
+    #[test]
+    fn a_registry_url_cannot_be_steered_by_the_path() {
+        let route = |path: &str, url: &str| {
+            format!(
+                "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n[[routes]]\nname = \"r\"\npath = \"{path}\"\n\
+                 [routes.registry]\nurl = \"{url}\"\n"
+            )
+        };
+        for (path, url, says) in [
+            ("/agents/{agent}", "http://{agent}:8080/members", "only of captures"),
+            ("/agents/{agent}", "https://{agent}/members", "only of captures"),
+            ("/agents/{agent}/{*rest}", "http://reg.internal/{rest}", "catch-all"),
+        ] {
+            let msg = Config::parse(&route(path, url), Path::new("x.toml")).expect_err(url).to_string();
+            assert!(msg.contains("routes[0].registry.url") && msg.contains(says), "{url}: {msg}");
+        }
+        for url in ["http://{agent}.registries.internal/members", "http://reg.internal:8080/agents/{agent}"] {
+            Config::parse(&route("/agents/{agent}", url), Path::new("x.toml")).unwrap_or_else(|e| panic!("{url}: {e}"));
         }
     }
 

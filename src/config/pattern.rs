@@ -300,6 +300,36 @@ pub fn render_path(template: &str, caps: &Captures) -> String {
     }
 }
 
+/// A URL template's authority (`registry.internal:8080`, `{agent}.sidecars.internal`): what
+/// follows `scheme://` up to its path, query or fragment.
+fn url_authority(template: &str) -> &str {
+    let rest = template.split_once("://").map_or(template, |(_, r)| r);
+    rest.split(['/', '?', '#']).next().unwrap_or(rest)
+}
+
+/// Whether a URL template's host is captured and has no literal character: the whole host is
+/// what the client's path says (`http://{agent}:8080/members`), as a member address may not be
+/// ([`BackendTemplate::host_is_only_captures`]).
+pub fn url_host_is_only_captures(template: &str) -> bool {
+    let authority = url_authority(template);
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    let Ok(parts) = parse_template(host) else { return false };
+    let captured = parts.iter().any(|p| !matches!(p, Segment::Literal(_)));
+    captured && !parts.iter().any(|p| matches!(p, Segment::Literal(l) if !l.is_empty()))
+}
+
+/// Renders a URL template with validated captures; `None` when a capture in its authority has a
+/// `.`, so a client cannot steer the request (and the credentials sent with it) into another
+/// domain (`{agent}.sidecars.internal` with agent `x.evil.example`), as with member addresses.
+pub fn render_url(template: &str, caps: &Captures) -> Option<String> {
+    let dotted =
+        template_captures(url_authority(template)).iter().any(|c| caps.get(c).is_some_and(|v| v.contains('.')));
+    (!dotted).then(|| render_path(template, caps))
+}
+
 fn parse_template(s: &str) -> Result<Vec<Segment>, String> {
     let mut parts = Vec::new();
     let mut rest = s;
@@ -349,6 +379,24 @@ impl<'de> Deserialize<'de> for BackendTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_template_keeps_its_host_in_the_configured_domain() {
+        for only in ["http://{agent}:8080/members", "https://{agent}/m", "http://{agent}{rest}/x", "http://{agent}"] {
+            assert!(url_host_is_only_captures(only), "{only}");
+        }
+        for literal in
+            ["http://{agent}.sidecars.internal/m", "http://reg.internal:8080/agents/{agent}", "http://reg/{agent}"]
+        {
+            assert!(!url_host_is_only_captures(literal), "{literal}");
+        }
+        let caps = |v: &str| Captures::from_pairs(&[("agent", v)]);
+        let t = "http://{agent}.sidecars.internal:9000/agents/{agent}/members";
+        assert_eq!(render_url(t, &caps("a1")).as_deref(), Some("http://a1.sidecars.internal:9000/agents/a1/members"));
+        assert_eq!(render_url(t, &caps("x.evil.example")), None, "a dotted capture cannot pick another domain");
+        let path_only = "http://reg.internal/agents/{agent}";
+        assert_eq!(render_url(path_only, &caps("v1.2")).as_deref(), Some("http://reg.internal/agents/v1.2"));
+    }
 
     #[test]
     fn a_catch_all_takes_the_rest_of_the_path() {

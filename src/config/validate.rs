@@ -859,6 +859,20 @@ fn registry(g: RawRegistry, route_key: &str, path: &PathPattern, secrets: Secret
     if let Some(c) = template_captures(&g.url).into_iter().find(|c| !path.has_capture(c)) {
         return Err(invalid(&format!("{key}.url"), &format!("uses {{{c}}}, which the path does not capture")));
     }
+    if let Some(c) = template_captures(&g.url).into_iter().find(|c| path.is_rest(c)) {
+        return Err(invalid(
+            &format!("{key}.url"),
+            &format!("uses the catch-all {{{c}}}: a lookup is per agent, not per path under it"),
+        ));
+    }
+    if super::pattern::url_host_is_only_captures(&g.url) {
+        return Err(invalid(
+            &format!("{key}.url"),
+            "a registry host made only of captures lets a token's agent name any host the proxy can reach, which \
+             would be sent the registry's token and trusted for the members: give it a literal part, as \
+             \"http://{agent}.registries.internal/members\"",
+        ));
+    }
     Ok(RegistryConfig {
         token: load_secret(g.token_file.as_deref(), g.token_env.as_deref(), &key, secrets)?,
         url: g.url,

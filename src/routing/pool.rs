@@ -13,7 +13,7 @@ use super::health::PassiveHealth;
 use super::resolver::{RegistryResolver, ResolveError, Resolved};
 use super::sticky::{rank, ConnCounts, Member, RoundRobin};
 use crate::auth::Claims;
-use crate::config::{render_path, BackendSettings, Captures, Policy, RouteConfig, StickyKey};
+use crate::config::{render_url, BackendSettings, Captures, Policy, RouteConfig, StickyKey};
 
 /// Why a route has no member to offer a session.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +108,8 @@ impl RouteState {
     /// The route's members for these captures.
     async fn members(&self, route: &RouteConfig, caps: &Captures) -> Result<Vec<Member>, PoolError> {
         if let (Some(resolver), Some(g)) = (&self.resolver, &route.registry) {
-            let url = render_path(&g.url, caps);
+            // A capture in the registry's host with a `.` would pick another domain.
+            let Some(url) = render_url(&g.url, caps) else { return Err(PoolError::InvalidMember) };
             // Boxed: rare and large; inline, it would size every request handler's future (see
             // `handle_upgrade`).
             return match Box::pin(resolver.resolve(&url)).await {
