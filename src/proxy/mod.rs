@@ -532,7 +532,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
     if let Some(path) = req.uri().path().strip_prefix(RESOURCE_METADATA) {
         return Ok(resource_metadata(&runtime, authority.as_ref(), path).map(Either::Left));
     }
-    let found = route::find(&runtime.routes, authority.as_ref(), req.uri().path());
+    let found = route::find_for(&runtime.routes, authority.as_ref(), &mut req);
     // A 401 on a protected resource points at its metadata (built from the configured id,
     // never from the request's Host).
     let metadata_url = found.as_ref().ok().and_then(|(r, caps)| {

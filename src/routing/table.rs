@@ -33,32 +33,73 @@ impl RouteTable {
         RouteTable { routes }
     }
 
-    /// Finds the route for `host` (without port, any case) and `path`.
+    /// Finds the route for `host` (without port, any case) and `path`; see
+    /// [`RouteTable::find_canonical`].
     pub fn find(&self, host: Option<&str>, path: &str) -> Result<(Arc<RouteConfig>, Captures), RouteError> {
+        self.find_canonical(host, path).map(|(route, caps, _)| (route, caps))
+    }
+
+    /// Finds the route for `host` (without port, any case) and `path` in its canonical form:
+    /// an agent id is a host name's label for DNS, one case for grants, routing, stickiness and
+    /// revocation alike, so a matched `{agent}` segment with an upper-case letter is lowercased
+    /// and the path matched again. An agent id's case then cannot pick another route than the
+    /// one its own spelling gets (a literal route for one agent, with a stricter policy, over a
+    /// route that captures every agent). Also returns the canonical path when it differs from
+    /// `path`, for the request to go on with.
+    pub fn find_canonical(
+        &self,
+        host: Option<&str>,
+        path: &str,
+    ) -> Result<(Arc<RouteConfig>, Captures, Option<String>), RouteError> {
         // Copied only when it has an upper-case letter to fold (it seldom has).
         let host = host.map(|h| match h.bytes().any(|b| b.is_ascii_uppercase()) {
             true => std::borrow::Cow::Owned(h.to_ascii_lowercase()),
             false => std::borrow::Cow::Borrowed(h),
         });
+        let mut canonical: Option<String> = None;
+        loop {
+            let current = canonical.as_deref().unwrap_or(path);
+            let (route, caps, folded) = self.find_as_spelled(host.as_deref(), current)?;
+            // Each turn lowercases one more segment, so this ends within the path's segments.
+            let Some(span) = folded.then(|| route.path.capture_span(current, "agent")).flatten() else {
+                return Ok((route, caps, canonical));
+            };
+            let mut next = current.to_owned();
+            if let Some(agent) = next.get_mut(span) {
+                agent.make_ascii_lowercase();
+            }
+            canonical = Some(next);
+        }
+    }
+
+    /// The first route matching `path` as it is spelled, its validated captures (`{agent}`
+    /// lowercased), and whether the `{agent}` segment had an upper-case letter.
+    fn find_as_spelled(
+        &self,
+        host: Option<&str>,
+        path: &str,
+    ) -> Result<(Arc<RouteConfig>, Captures, bool), RouteError> {
         for route in &self.routes {
-            if !host_matches(route.host.as_deref(), host.as_deref()) {
+            if !host_matches(route.host.as_deref(), host) {
                 continue;
             }
             if let Some(raw) = route.path.match_segments(path) {
                 let mut caps = Vec::with_capacity(raw.len());
+                let mut folded = false;
                 for (name, value) in raw {
                     let valid = if route.path.is_rest(name) { valid_rest(value) } else { valid_capture(value) };
                     if !valid {
                         return Err(RouteError::InvalidCapture(name.to_owned()));
                     }
-                    // An agent id is a host name's label for DNS: one case for grants,
-                    // routing, stickiness and revocation alike.
                     match name {
-                        "agent" => caps.push((name.to_owned(), value.to_ascii_lowercase())),
+                        "agent" => {
+                            folded = value.bytes().any(|b| b.is_ascii_uppercase());
+                            caps.push((name.to_owned(), value.to_ascii_lowercase()));
+                        }
                         _ => caps.push((name.to_owned(), value.to_owned())),
                     }
                 }
-                return Ok((route.clone(), Captures(caps)));
+                return Ok((route.clone(), Captures(caps), folded));
             }
         }
         Err(RouteError::NoRoute)
@@ -161,5 +202,33 @@ mod tests {
         assert_eq!(name(Some("b.example.com"), "/agents/x/terminal").as_deref(), Ok("wild"));
         assert_eq!(name(Some("example.com"), "/agents/x/terminal").as_deref(), Ok("any"));
         assert_eq!(name(None, "/agents/special/terminal").as_deref(), Ok("literal"));
+    }
+
+    /// Found by an attacker review: `/agents/PROD-DB/terminal` matched the route that captures
+    /// every agent (its `{agent}` lowercased to `prod-db`) instead of `prod-db`'s own literal
+    /// route, and so escaped that route's stricter policy.
+    #[test]
+    fn an_agent_ids_case_cannot_pick_another_route_than_its_own() {
+        let t = RouteTable::new(&[
+            route("any", None, "/agents/{agent}/terminal"),
+            route("prod", None, "/agents/prod-db/terminal"),
+            route("deep", None, "/agents/prod-db/{agent}"),
+            route("two", None, "/agents/{agent}/{tab}"),
+        ]);
+        for spelled in ["/agents/PROD-DB/terminal", "/agents/Prod-Db/terminal", "/agents/prod-db/terminal"] {
+            let (r, _, canonical) = t.find_canonical(None, spelled).expect("match");
+            assert_eq!(r.name, "prod", "{spelled}");
+            let changed = (spelled != "/agents/prod-db/terminal").then(|| "/agents/prod-db/terminal".to_owned());
+            assert_eq!(canonical, changed, "{spelled}");
+        }
+        // Two turns: the first lowercases the segment `two` captures, the second the one `deep` does.
+        let (r, caps, canonical) = t.find_canonical(None, "/agents/PROD-DB/X1").expect("match");
+        assert_eq!((r.name.as_str(), caps.get("agent")), ("deep", Some("x1")));
+        assert_eq!(canonical.as_deref(), Some("/agents/prod-db/x1"));
+        let (r, caps, canonical) = t.find_canonical(None, "/agents/Other/terminal").expect("match");
+        assert_eq!(
+            (r.name.as_str(), caps.get("agent"), canonical.as_deref()),
+            ("any", Some("other"), Some("/agents/other/terminal"))
+        );
     }
 }

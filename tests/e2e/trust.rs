@@ -1386,3 +1386,37 @@ async fn refusals_are_logged_at_info_with_route_client_and_reason_never_the_toke
 fn check_config(path: &std::path::Path) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_portcullis")).arg("check-config").arg(path).output().expect("run")
 }
+
+/// Found by an attacker review: an agent's own literal route (a stricter policy: another
+/// required claim, its own member) was skipped by spelling the agent in another case, which
+/// the route that captures every agent matched (and lowercased, so the token's grant passed).
+/// The path is matched in its canonical form: one spelling of an agent, one route.
+#[tokio::test]
+async fn an_agents_own_route_cannot_be_skipped_by_spelling_the_agent_in_another_case() {
+    let generic = Backend::echo().await;
+    let hardened = Backend::echo().await;
+    let key = hmac();
+    let routes = json!({"routes": [
+        {"name": "any", "path": "/agents/{agent}/terminal", "backends": [generic.addr.to_string()],
+         "auth": {"agent_claim": "agents"}},
+        {"name": "prod", "path": "/agents/prod-db/terminal", "backends": [hardened.addr.to_string()],
+         "auth": {"required_claims": ["sub", "mfa"]}},
+    ]});
+    let text =
+        TestConfig::base(&["127.0.0.1:1".to_owned()]).remove("routes").merge("", key.auth_keys()).merge("", routes);
+    let proxy = Proxy::start_with(&text.text()).await;
+    let bob = format!("Bearer {}", key.token_with(json!({"sub": "bob", "agents": ["prod-db"]})));
+    for path in ["/agents/prod-db/terminal", "/agents/PROD-DB/terminal", "/agents/Prod-Db/terminal"] {
+        let refused = upgrade(proxy.plain, false, path, &[("Authorization", &bob)]).await.err();
+        assert_eq!(refused.map(|h| h.status), Some(401), "{path}: the agent's own route asks for mfa");
+    }
+    assert!(generic.log.requests.lock().expect("lock").is_empty(), "the generic route's member was reached");
+    let with_mfa = format!("Bearer {}", key.token_with(json!({"sub": "bob", "agents": ["prod-db"], "mfa": true})));
+    let mut c = upgrade(proxy.plain, false, "/agents/PROD-DB/terminal", &[("Authorization", &with_mfa)])
+        .await
+        .expect("101 on the agent's own route");
+    c.send(true, op::TEXT, b"ok").await;
+    assert_eq!(c.recv().await.payload, b"ok");
+    let seen = hardened.log.requests.lock().expect("lock").iter().map(|h| h.path.clone()).collect::<Vec<_>>();
+    assert_eq!(seen, ["/agents/prod-db/terminal"], "the backend sees the one spelling");
+}
