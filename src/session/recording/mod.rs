@@ -14,7 +14,9 @@
 //! `close` ends the session with 1011. Either way the gap is logged and counted in
 //! `portcullis_recording_failures_total{route,reason}`: an audit gap is never silent.
 //!
-//! Files are created 0600 in the route's directory, named `{unix time}-{route}-{session}.cast`.
+//! Files are created 0600 in the route's directory, named
+//! `{unix time}-{route}-{session}-{process tag}.cast` (the tag, 8 hex digits, drawn once per
+//! process; a name taken already gets a random suffix after the tag).
 //! Recordings are evidence (`docs/security.md`, "Threat table: trust boundaries"):
 //! - a live recording holds a shared `flock` on its file, and nothing deletes a locked file (the
 //!   sweep takes an exclusive lock first), whichever process is writing it;
@@ -93,7 +95,6 @@ struct Queue {
     close: AtomicBool,
     /// The sinks waiting for room (`slow`), by [`Stream`].
     wakers: [AtomicWaker; 2],
-    tx: mpsc::UnboundedSender<Chunk>,
 }
 
 impl Queue {
@@ -124,6 +125,10 @@ impl Queue {
 pub struct Sink {
     stream: Stream,
     queue: Arc<Queue>,
+    /// The writer's way in. Only the sinks hold one (the writer holds the queue, never a
+    /// sender): once the session drops its sinks the writer sees the channel close, writes
+    /// what is left, and ends, closing its file.
+    tx: mpsc::UnboundedSender<Chunk>,
 }
 
 impl crate::session::PayloadSink for Sink {
@@ -135,7 +140,7 @@ impl crate::session::PayloadSink for Sink {
         let len = data.len();
         self.queue.queued.fetch_add(len, Ordering::AcqRel);
         let at = self.queue.start.elapsed().as_secs_f64();
-        if self.queue.tx.send(Chunk { at, stream: self.stream, data: data.clone() }).is_err() {
+        if self.tx.send(Chunk { at, stream: self.stream, data: data.clone() }).is_err() {
             self.queue.queued.fetch_sub(len, Ordering::AcqRel);
         }
     }
@@ -187,10 +192,9 @@ pub fn start(
         failed: AtomicBool::new(false),
         close: AtomicBool::new(false),
         wakers: [AtomicWaker::new(), AtomicWaker::new()],
-        tx,
     });
     tasks.spawn(write(queue.clone(), rx, meta, ledgers.of(&settings.directory)));
-    let sink = |stream| -> Arc<dyn PayloadSink> { Arc::new(Sink { stream, queue: queue.clone() }) };
+    let sink = |stream| -> Arc<dyn PayloadSink> { Arc::new(Sink { stream, queue: queue.clone(), tx: tx.clone() }) };
     taps.output.push(sink(Stream::Output));
     if settings.input {
         taps.input.push(sink(Stream::Input));
