@@ -467,3 +467,39 @@ async fn a_file_made_ahead_under_a_recordings_name_leaves_it_unrecorded_no_more(
     assert_eq!(c.recv().await.payload, b"and the next one");
     recorded_with("and the next one").await;
 }
+
+/// Found by an attacker review: what a client sent after the proxy had closed its session (a
+/// revocation here) was read only to find the client's close, and discarded, but the recording
+/// showed it as input: `rm -rf` typed after the cut, which never reached the backend, looked
+/// like a command the session ran. A recording shows only what went on to the other side.
+#[tokio::test]
+async fn input_sent_after_the_proxy_closed_the_session_is_not_recorded_as_if_delivered() {
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = hmac();
+    let text = recorded(&[backend.addr.to_string()], &key, dir.path(), json!({"input": true}))
+        .set("routes.0.name", "rec-after-close")
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let auth = key.bearer(&["a1"]);
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+    c.send(true, op::TEXT, b"normal input\r").await;
+    assert_eq!(c.recv().await.payload, b"normal input\r");
+    let (_, sessions) = http_get(proxy.admin, "/sessions").await;
+    let v: Value = serde_json::from_str(&sessions).expect("json");
+    let id = v["sessions"][0]["id"].as_u64().expect("one session");
+    let (status, _) = admin_request(proxy.admin, "DELETE", &format!("/sessions/{id}"), "").await;
+    assert_eq!(status, 204);
+    assert_eq!(c.recv_close().await.close_code(), Some(1008));
+    for n in 0..3 {
+        c.send(true, op::TEXT, format!("AFTER-CLOSE {n}: rm -rf /important\r").as_bytes()).await;
+    }
+    c.send(true, op::CLOSE, &close_payload(1000, "")).await;
+    // The recording ends with its session (its writer task used to hold its own channel open,
+    // so no recording ever ended: its file stayed open and counted as live).
+    metric_reaches(proxy.admin, "portcullis_recordings_total{route=\"rec-after-close\"}", 1.0).await;
+    let (_, cast) = cast_with(dir.path(), "normal input").await;
+    assert_eq!(events(&cast, "i"), "normal input\r", "only the input the backend got: {cast}");
+    let delivered = backend.log.frames.lock().expect("lock").iter().filter(|f| f.opcode == op::TEXT).count();
+    assert_eq!(delivered, 1, "the input after the close never reached the backend");
+}

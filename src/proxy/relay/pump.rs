@@ -409,7 +409,11 @@ impl Direction {
             // Scan: let the tracker see newly read bytes.
             if self.scanned < self.end {
                 let buf = self.buf.as_ref().expect("unscanned bytes, so a buffer is held");
-                let (n, ev) = match self.tap.as_deref_mut() {
+                // Once nothing more goes to dst, what src still sends is read only to find its
+                // close: it is discarded, so no recording or observer is shown it as if it had
+                // been delivered.
+                let tap = self.tap.as_deref_mut().filter(|_| self.writing != Writing::Closed);
+                let (n, ev) = match tap {
                     None => self.tracker.feed(&buf[self.scanned..self.end]),
                     Some(tap) => {
                         let fed = self.tracker.feed_with(&buf[self.scanned..self.end], tap);
