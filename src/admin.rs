@@ -221,12 +221,25 @@ type RecordingFrames = futures_util::stream::MapOk<
     fn(Bytes) -> hyper::body::Frame<Bytes>,
 >;
 
+/// Whether `path` is behind the admin token: everything but the probes' and the scraper's.
+fn guarded(path: &str) -> bool {
+    let under = |api: &str| path.strip_prefix(api).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    under("/sessions") || under("/routes") || under("/recordings") || path == "/limits" || path == "/fleet"
+}
+
+/// The one answer to a guarded path without the token (RFC 9110 §11.6.1: a 401 names its scheme).
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = text(StatusCode::UNAUTHORIZED, "admin token required\n");
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"portcullis-admin\""));
+    r
+}
+
 async fn route(shared: &Shared, req: Request<Incoming>) -> Response<AdminBody> {
     let path = req.uri().path().to_owned();
+    if guarded(&path) && !authorized(shared, &req) {
+        return unauthorized().map(Either::Left);
+    }
     if path == "/recordings" || path.starts_with("/recordings/") {
-        if !authorized(shared, &req) {
-            return text(StatusCode::UNAUTHORIZED, "admin token required\n").map(Either::Left);
-        }
         if req.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").map(Either::Left);
         }
@@ -239,21 +252,15 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<AdminBody> {
 async fn answer(shared: &Shared, req: Request<Incoming>, path: &str) -> Response<Full<Bytes>> {
     let path = path.to_owned();
     if path == "/routes" || path.starts_with("/routes/") {
-        if !authorized(shared, &req) {
-            return text(StatusCode::UNAUTHORIZED, "admin token required\n");
-        }
         return routes(shared, req, &path).await;
     }
+    if (path == "/limits" || path == "/fleet") && req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
     if path == "/limits" {
-        if !authorized(shared, &req) {
-            return text(StatusCode::UNAUTHORIZED, "admin token required\n");
-        }
         return limits(shared, &req);
     }
     if path == "/fleet" {
-        if !authorized(shared, &req) {
-            return text(StatusCode::UNAUTHORIZED, "admin token required\n");
-        }
         let fleet = &shared.fleet;
         let health = fleet.health();
         let (policy, max_staleness) = health.policy();
@@ -275,12 +282,6 @@ async fn answer(shared: &Shared, req: Request<Incoming>, path: &str) -> Response
         );
     }
     if path == "/sessions" || path.starts_with("/sessions/") {
-        if !authorized(shared, &req) {
-            let mut r = text(StatusCode::UNAUTHORIZED, "admin token required\n");
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"portcullis-admin\""));
-            return r;
-        }
         return sessions(shared, req, &path).await;
     }
     if req.method() != Method::GET {

@@ -672,6 +672,27 @@ async fn session_api_requires_the_admin_token_when_configured() {
     assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
     let (status, _) = http_get(proxy.admin, "/metrics").await;
     assert_eq!(status, 200, "metrics stay open to scrapers");
+    // Every guarded path answers alike without it: 401 naming the scheme (RFC 9110 §11.6.1);
+    // only /sessions did before. /limits and /fleet read and change nothing but with GET.
+    let raw = |request: String| async move {
+        let mut s = tokio::net::TcpStream::connect(proxy.admin).await.expect("admin");
+        s.write_all(request.as_bytes()).await.expect("send");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.expect("read");
+        String::from_utf8_lossy(&out).to_ascii_lowercase()
+    };
+    for path in ["/sessions", "/routes", "/recordings", "/recordings/x.cast", "/limits", "/fleet"] {
+        let out = raw(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")).await;
+        assert!(out.starts_with("http/1.1 401"), "{path}: {out}");
+        assert!(out.contains("www-authenticate: bearer realm=\"portcullis-admin\""), "{path}: {out}");
+    }
+    for path in ["/limits", "/fleet"] {
+        let out = raw(format!(
+            "DELETE {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer s3cret-admin-token\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert!(out.starts_with("http/1.1 405"), "{path}: {out}");
+    }
 }
 
 #[tokio::test]
