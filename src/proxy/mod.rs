@@ -1621,7 +1621,10 @@ async fn join_fanout(
                 RequestError::from(e)
             })?;
         let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (data, data_rx) = tokio::sync::mpsc::channel(64);
+        // Forwarded client frames (each up to max_frame_size) wait here for the stream's task:
+        // two at most beside its outbox, so a backend that stops reading holds a bounded
+        // amount, not 64 frames of up to max_frame_size each.
+        let (data, data_rx) = tokio::sync::mpsc::channel(2);
         let protocol = b.protocol.as_ref().and_then(|p| p.to_str().ok()).map(str::to_owned);
         let stream =
             Arc::new(crate::session::fanout::Stream::new(route.name.clone(), b.member, protocol, commands, data));
@@ -1724,6 +1727,7 @@ async fn handle_observer(
         expires_at,
         drain_spread: runtime.config.server.drain_spread,
         lifetime: route.session.max_lifetime,
+        rate: crate::session::rate::Metered::client(&route.session),
     };
     let hub = Arc::downgrade(&hub);
     hand_off(ctx, on_upgrade, Accepted::Observe(Watching { observing, hub, watch, stream }));

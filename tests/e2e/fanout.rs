@@ -485,3 +485,69 @@ async fn subscribers_of_different_subjects_never_share_a_backend_identity_readin
     assert_eq!(requests.len(), 2, "{subs:?}");
     assert!(subs.contains(&Some("alice")) && subs.contains(&Some("mallory")), "{subs:?}");
 }
+
+/// Found by an attacker review: the route's client rate held relayed sessions only, so a
+/// fan-out client could ping as fast as it liked (each answered) and, on a forwarding route,
+/// push data at the shared backend with no rate at all. Its frames are now held to the rate as
+/// a relayed session's are (here `rate_action = "close"`: 1008 `rate limit`).
+#[tokio::test]
+async fn a_fan_out_client_is_held_to_its_routes_client_rate() {
+    let (backend, _go) = broadcaster(0, 0).await;
+    let key = hmac();
+    let text = fanned_config("fanout-rate", backend.addr, &key, json!({"client_data": "forward"}))
+        .merge(
+            "routes.0",
+            json!({"session": {"client_message_rate": 20, "rate_burst": "100ms", "rate_action": "close"}}),
+        )
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let auth = key.bearer(&["a1"]);
+    for (what, opcode) in [("pings", op::PING), ("data", op::BINARY)] {
+        let mut c = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+        let flood: Vec<u8> = (0..200).flat_map(|_| encode(true, 0, opcode, Some(rand_mask()), b"x")).collect();
+        c.send_raw(&flood).await;
+        let close = loop {
+            let f = c.recv().await;
+            if f.opcode == op::CLOSE {
+                break f;
+            }
+        };
+        assert_eq!(close.close_code(), Some(1008), "{what}: over the rate");
+    }
+    let forwarded = backend.log.frames.lock().expect("lock").iter().filter(|f| f.opcode == op::BINARY).count();
+    assert!(forwarded < 50, "{forwarded} of 200 data frames reached the shared backend");
+}
+
+/// Found by an attacker review: a forwarding route's stream held up to 64 whole client frames
+/// (each up to `max_frame_size`) for a backend that stopped reading: 75 MiB for one client at
+/// 1 MiB frames. What waits for the stream is now two frames beside its outbox. And its
+/// sessions counted nothing they moved (`/sessions`, the metrics, the end line said 0).
+#[tokio::test]
+async fn a_deaf_backend_holds_a_bounded_amount_of_forwarded_data_and_the_session_counts_what_it_moved() {
+    let (backend, _go) = broadcaster_reading(0, 0, false).await;
+    let key = hmac();
+    let text = fanned_config("fanout-bounded", backend.addr, &key, json!({"client_data": "forward"}))
+        .merge("routes.0", json!({"session": {"max_frame_size": "1MiB", "max_message_size": "1MiB"}}))
+        .text();
+    let proxy = ProxyProcess::start(&text).await;
+    let auth = key.bearer(&["a1"]);
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/events", &[("Authorization", &auth)]).await.expect("101");
+    c.send(true, op::BINARY, b"counted").await;
+    eventually("the session counts the client's frame", async || {
+        let (_, body) = http_get(proxy.admin, "/sessions").await;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (v["sessions"][0]["bytes_from_client"].as_u64() >= Some(7)).then_some(())
+    })
+    .await;
+    let rss_before = rss_kib(proxy.child.id());
+    let flood = tokio::spawn(async move {
+        let frame = vec![b'x'; 1024 * 1024 - 64];
+        for _ in 0..80 {
+            c.send(true, op::BINARY, &frame).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_after = rss_kib(proxy.child.id());
+    flood.abort();
+    assert!(rss_after < rss_before + 16 * 1024, "proxy memory grew from {rss_before} KiB to {rss_after} KiB");
+}

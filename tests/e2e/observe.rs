@@ -387,3 +387,34 @@ async fn an_observers_subject_cannot_forge_a_log_line() {
     assert!(!logs.lines().any(|l| l.starts_with("2026-12-06T00:00:00")), "a forged line:\n{logs}");
     assert!(!logs.contains('\u{1b}'), "an escape sequence reached the log:\n{logs}");
 }
+
+/// Found by an attacker review: an observer's pings were answered as fast as it sent them
+/// (20,000 pongs in a second on a route whose client rate was 20 frames a second). What an
+/// observer sends is held to the route's client rate, as a relayed session's is.
+#[tokio::test]
+async fn an_observers_pings_are_held_to_the_routes_client_rate() {
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let text = observed_as("observed-rate", backend.addr, &key, json!({}))
+        .merge(
+            "routes.0",
+            json!({"session": {"client_message_rate": 20, "rate_burst": "100ms", "rate_action": "close"}}),
+        )
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let (_owner, path, auditor) = owner_over_plain(&proxy, &key).await;
+    let mut obs = upgrade(proxy.plain, false, &path, &[("Authorization", &bearer(&auditor))]).await.expect("observer");
+    let flood: Vec<u8> = (0..500).flat_map(|_| encode(true, 0, op::PING, Some(rand_mask()), b"p")).collect();
+    obs.send_raw(&flood).await;
+    let mut pongs = 0;
+    let close = loop {
+        let f = obs.recv().await;
+        match f.opcode {
+            op::PONG => pongs += 1,
+            op::CLOSE => break f,
+            _ => {}
+        }
+    };
+    assert_eq!(close.close_code(), Some(1008), "over the rate");
+    assert!(pongs < 50, "{pongs} pongs for 500 pings");
+}

@@ -63,16 +63,6 @@ fn tiny_frames(n: usize) -> Vec<u8> {
     (0..n).flat_map(|_| encode(true, 0, op::BINARY, Some(rand_mask()), b"x")).collect()
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line")
-}
-
 #[tokio::test]
 async fn a_flood_of_tiny_frames_is_slowed_to_the_client_rate_with_bounded_memory() {
     let counts = Arc::new(Counts::default());

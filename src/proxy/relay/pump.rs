@@ -12,32 +12,17 @@ use tokio::time::{Instant, Sleep};
 
 use super::pool;
 use crate::codec::{self as frame, opcode, Event, FrameLimits, Tracker, Violation};
-use crate::config::{RateAction, SessionRate};
+use crate::config::RateAction;
 use crate::session::close::CloseFrame;
 use crate::session::{Behind, PayloadSink, Side};
 
-/// The session rate `src` is held to, built by the session from its settings at each poll.
-#[derive(Clone, Copy)]
-pub(super) struct Limit {
-    pub(super) rate: SessionRate,
-    pub(super) burst: std::time::Duration,
-    pub(super) action: RateAction,
-    /// The session's start: the origin of [`Throttle`]'s clocks.
-    pub(super) epoch: Instant,
-}
+pub(super) use crate::session::rate::Limit;
 
-/// GCRA state of one direction's session rate (bytes and frames), kept inline: two clocks and a
-/// counter. Nothing runs for an idle session; a timer exists only while the sender is paused.
+/// One direction's session rate: its GCRA, and the timer that wakes it while paused ("slow";
+/// made the first time the sender is paused). Nothing runs for an idle session.
 #[derive(Default)]
 struct Throttle {
-    /// Theoretical arrival time (ns since the epoch) of the next byte and the next frame: how
-    /// far the sender has used up its rate. It is over its rate when these are more than
-    /// `burst` ahead of now.
-    tat: [u64; 2],
-    /// Bytes and frames already charged.
-    bytes: u64,
-    frames: u64,
-    /// Wakes a paused direction ("slow"); made the first time the sender is paused.
+    gcra: crate::session::rate::Gcra,
     pause: Option<Pin<Box<Sleep>>>,
 }
 
@@ -57,26 +42,14 @@ impl Throttle {
     fn admit(&mut self, cx: &mut Context<'_>, limit: &Limit, bytes: u64, frames: u64) -> Admit {
         loop {
             let now = Instant::now();
-            let now_ns = now.saturating_duration_since(limit.epoch).as_nanos() as u64;
-            let charge = |tat: &mut u64, units: u64, per_sec: u64| {
-                if per_sec > 0 && units > 0 {
-                    let cost = (units as u128 * 1_000_000_000 / per_sec as u128) as u64;
-                    *tat = (*tat).max(now_ns).saturating_add(cost);
-                }
-            };
-            charge(&mut self.tat[0], bytes - self.bytes, limit.rate.bytes);
-            charge(&mut self.tat[1], frames - self.frames, limit.rate.messages as u64);
-            self.bytes = bytes;
-            self.frames = frames;
-            let ahead = self.tat[0].max(self.tat[1]).saturating_sub(now_ns);
-            let over = ahead.saturating_sub(limit.burst.as_nanos() as u64);
-            if over == 0 {
+            let over = self.gcra.charge(limit, now, bytes, frames);
+            if over.is_zero() {
                 return Admit::Go;
             }
             if limit.action == RateAction::Close {
                 return Admit::Over;
             }
-            let at = now + std::time::Duration::from_nanos(over);
+            let at = now + over;
             let pause = self.pause.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
             pause.as_mut().reset(at);
             if pause.as_mut().poll(cx).is_pending() {

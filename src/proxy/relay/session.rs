@@ -239,7 +239,7 @@ where
             Side::Client => s.client_rate,
             Side::Backend => s.backend_rate,
         };
-        (!rate.is_off()).then_some(Limit { rate, burst: s.rate_burst, action: s.rate_action, epoch: self.started })
+        Limit::of(s, rate, self.started)
     }
 
     fn dir(&mut self, from: Side) -> &mut Direction {

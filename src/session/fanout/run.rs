@@ -24,6 +24,7 @@ use crate::session::clock::{or_far, Clock, Ping, PingDue, Pings};
 use crate::session::close::{
     check_peer_close, Cause, CloseFrame, Refusal, Subscriber as Kind, NO_CLIENTS, REPLY_TO_CLOSE,
 };
+use crate::session::rate::{Metered, Next};
 use crate::session::subscriber::{close_subscriber, write_flushed, write_unless_dropped, Lag, Written, CLOSE_TIMEOUT};
 use crate::session::SessionControl;
 
@@ -246,6 +247,27 @@ fn ends_client(w: Written) -> Option<ClientEnd> {
 
 /// Serves one fan-out client until it leaves, falls behind, or its own deadline ends it; its
 /// end is recorded as every session's is (`record_end`).
+/// What a fan-out client's session moved: the client's frames read, and the stream's frames
+/// written to it (the proxy's own pings and pongs not counted), as a relayed session counts
+/// them: in its live record (`/sessions`), its metrics and its end.
+#[derive(Default)]
+struct Moved {
+    bytes: [u64; 2],
+    frames: [u64; 2],
+}
+
+impl Moved {
+    fn add(&mut self, t: &ClientTask, from: Side, len: usize, data: bool) {
+        let i = usize::from(from == Side::Backend);
+        self.bytes[i] += len as u64;
+        self.frames[i] += 1;
+        let live = &t.control.bytes;
+        let counter = if from == Side::Client { &live.from_client } else { &live.from_backend };
+        counter.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+        t.metrics.relay_bytes(crate::session::direction(from), len as u64, u64::from(data));
+    }
+}
+
 pub(crate) async fn run_client<S>(io: S, early: Vec<u8>, mut t: ClientTask)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -269,6 +291,11 @@ where
     let control = t.control.clone();
     let stopped = control.wait_spread(t.drain_spread);
     tokio::pin!(stopped);
+    // What the client sends (pings, and data on a forwarding route) is held to the route's
+    // client rate, as a relayed session's is: read nothing more before `paused` ("slow").
+    let mut rate = Metered::client(&t.session);
+    let mut paused: Option<Instant> = None;
+    let mut moved = Moved::default();
     // The timer is set again only when it fires or a pong comes: data only moves the idle
     // deadline later, and a timer that fires early finds nothing due and is set again.
     let (cause, write_close): ClientEnd = loop {
@@ -285,6 +312,8 @@ where
                     if let Some(end) = ends_client(w) {
                         break end;
                     }
+                    // One of the backend's frames, whole.
+                    moved.add(&t, Side::Backend, bytes.len(), true);
                     clock.data(Instant::now());
                 }
                 None if t.lagged.is_raised() => break SLOW,
@@ -293,12 +322,22 @@ where
                     _ => break (Cause::SourceEnded(Kind::FanoutClient), true),
                 },
             },
-            f = reader.next(&mut rd) => {
+            () = tokio::time::sleep_until(or_far(paused)), if paused.is_some() => paused = None,
+            f = reader.next(&mut rd), if paused.is_none() => {
                 let f = match f {
                     Ok(Some(f)) => f,
                     Ok(None) | Err(ReadError::Io(_)) => break (Cause::Lost(Side::Client), false),
                     Err(ReadError::Violation(violation)) => break (Cause::Violation { by: Side::Client, violation }, true),
                 };
+                moved.add(&t, Side::Client, f.bytes.len(), !frame::is_control(f.opcode));
+                match rate.frame(f.bytes.len()) {
+                    Next::Go => {}
+                    Next::WaitUntil(until) => paused = Some(until),
+                    Next::Over => {
+                        crate::metrics::limit_refused("session_rate");
+                        break (Cause::RateLimit(Side::Client), true);
+                    }
+                }
                 match f.opcode {
                     opcode::PING => {
                         let mut pong = Vec::new();
@@ -394,7 +433,11 @@ where
         _ => cause.plan().to_client.map(|f| close_frame(f, false)),
     };
     t.metrics.fanout_subscriber(&route, -1.0);
-    let end = crate::session::SessionEnd::of(cause);
+    let end = crate::session::SessionEnd {
+        bytes: moved.bytes,
+        frames: moved.frames,
+        ..crate::session::SessionEnd::of(cause)
+    };
     crate::session::close::record_end(&t.metrics, t.registered.entry(), started, &end);
     // Leaves the stream before the connection ends: a lingering client holds nothing of it.
     drop(t);

@@ -16,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 use super::{Hub, Observer};
 use crate::codec::{self, opcode, FrameLimits, ReadError, Reader, Side, Violation};
 use crate::session::close::{Cause, Refusal, Subscriber, REPLY_TO_CLOSE};
+use crate::session::rate::Next;
 use crate::session::subscriber::{close_subscriber, write_unless_dropped, Written};
 
 /// The observed session, when the request asks to observe one: `?observe=<id>` (a session of
@@ -63,6 +64,8 @@ pub struct Watch {
     pub drain_spread: std::time::Duration,
     /// The route's `max_lifetime` (zero: none), which an observer's session has too.
     pub lifetime: std::time::Duration,
+    /// The route's client rate, which what an observer sends (pings) is held to too.
+    pub rate: crate::session::rate::Metered,
 }
 
 /// What an observer may send: control frames only (at most 125 bytes), so a frame claiming
@@ -76,7 +79,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     early: Vec<u8>,
     mut observer: Observer,
     hub: Weak<Hub>,
-    watch: Watch,
+    mut watch: Watch,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
     tracing::info!(
@@ -102,6 +105,8 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let clock = crate::session::clock::Clock::with(watch.lifetime, std::time::Duration::ZERO, watch.expires_at);
     let deadline = clock.until_due();
     tokio::pin!(deadline);
+    // Read nothing more before this instant: over its rate with `rate_action = "slow"`.
+    let mut paused: Option<tokio::time::Instant> = None;
     // Every write is bounded: an observer that stops reading must not hold this task.
     // Why it ended (its metric label), and whether its close frame can be written (not when its
     // connection failed, nor after a frame cut short).
@@ -117,16 +122,31 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                     None if observer.lagged() => Err(SLOW),
                     None => Err(("session_ended", Cause::SourceEnded(Subscriber::Observer))),
                 },
+                () = tokio::time::sleep_until(crate::session::clock::or_far(paused)), if paused.is_some() => {
+                    paused = None;
+                    continue;
+                }
                 // Cancel-safe: a frame in part stays in the reader.
-                read = reader.next(&mut rd) => match read {
-                    Ok(Some(f)) => match f.opcode {
-                        opcode::PING => Ok(Out::Pong(f.payload())),
-                        opcode::PONG => continue,
-                        opcode::CLOSE => {
-                            let code = f.payload().first_chunk::<2>().map(|c| u16::from_be_bytes(*c));
-                            Err(("left", Cause::PeerClose { from: Side::Client, code }))
+                read = reader.next(&mut rd), if paused.is_none() => match read {
+                    Ok(Some(f)) => match watch.rate.frame(f.bytes.len()) {
+                        Next::Over => {
+                            crate::metrics::limit_refused("session_rate");
+                            Err(("rate_limit", Cause::RateLimit(Side::Client)))
                         }
-                        _ => Err(("input", Cause::Refused(Refusal::Observer))),
+                        next => {
+                            if let Next::WaitUntil(until) = next {
+                                paused = Some(until);
+                            }
+                            match f.opcode {
+                                opcode::PING => Ok(Out::Pong(f.payload())),
+                                opcode::PONG => continue,
+                                opcode::CLOSE => {
+                                    let code = f.payload().first_chunk::<2>().map(|c| u16::from_be_bytes(*c));
+                                    Err(("left", Cause::PeerClose { from: Side::Client, code }))
+                                }
+                                _ => Err(("input", Cause::Refused(Refusal::Observer))),
+                            }
+                        }
                     },
                     Ok(None) | Err(ReadError::Io(_)) => break ("gone", Cause::Lost(Side::Client), false),
                     Err(ReadError::Violation(violation)) => {
