@@ -169,6 +169,14 @@ impl Ping {
         self.sent = None;
     }
 
+    /// The ping awaiting its answer reached the peer at `at` (or, with `at` now, has not yet:
+    /// it waits behind a frame): its timeout runs from then.
+    pub fn sent_at(&mut self, at: Instant) {
+        if self.sent.is_some() {
+            self.sent = Some(at);
+        }
+    }
+
     /// Whether a ping is awaiting its answer.
     pub fn awaiting(&self) -> bool {
         self.sent.is_some()

@@ -224,6 +224,52 @@ mod tests {
         assert_eq!(ends.relay.await.expect("relay").reason, "ping_timeout");
     }
 
+    /// Found by an attacker review: a ping goes only between frames, and one due while the
+    /// backend trickled a large frame to the client waited behind it, but its timeout ran from
+    /// when it was due: a client reading every byte was closed for not answering a ping it had
+    /// not been sent. The wait runs from when the ping is written.
+    #[tokio::test(start_paused = true)]
+    async fn a_ping_waiting_behind_a_trickling_frame_is_not_held_against_the_peer() {
+        let settings =
+            SessionSettings { ping_interval: Duration::from_secs(1), ping_timeout: Duration::from_secs(2), ..quiet() };
+        let ends = start(settings, None);
+        // One 100 KB binary frame from the backend, 2 KB every 100 ms: 5 s in all.
+        let mut frame = Vec::new();
+        crate::codec::encode(true, 0, opcode::BINARY, None, &[7u8; 100_000], &mut frame);
+        let (mut backend, mut client) = (ends.backend, ends.client);
+        let trickle = tokio::spawn(async move {
+            for piece in frame.chunks(2_000) {
+                backend.write_all(piece).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            backend
+        });
+        // The client reads everything, and answers every ping.
+        let mut reader = Reader::new(Side::Backend, UNLIMITED, &[], 1024);
+        let mut got = 0;
+        let t0 = Instant::now();
+        while Instant::now() - t0 < Duration::from_secs(7) {
+            let f = match tokio::time::timeout(Duration::from_secs(1), reader.next(&mut client)).await {
+                Err(_) => continue,
+                Ok(Ok(Some(f))) => f,
+                Ok(other) => panic!("the client's stream ended: {:?}", other.map(|f| f.map(|f| f.opcode))),
+            };
+            match f.opcode {
+                opcode::BINARY => got += f.payload().len(),
+                opcode::PING => {
+                    let mut pong = Vec::new();
+                    crate::codec::encode(true, 0, opcode::PONG, Some([1, 2, 3, 4]), &f.payload(), &mut pong);
+                    client.write_all(&pong).await.expect("pong");
+                }
+                opcode::CLOSE => panic!("closed: {:?}", String::from_utf8_lossy(&f.payload()[2..])),
+                _ => {}
+            }
+        }
+        assert_eq!(got, 100_000, "the whole frame arrived");
+        assert!(!ends.relay.is_finished(), "the session goes on");
+        drop(trickle.await.expect("trickle"));
+    }
+
     /// A resumable session whose first client is `client`'s far end, and the registry it is
     /// held in.
     fn start_held(window: Duration) -> (Ends, Arc<crate::session::resume::Resumes>, String) {

@@ -60,6 +60,15 @@ impl Throttle {
     }
 }
 
+/// Where a ping the session injected is: see [`Direction::ping_progress`].
+pub(super) enum PingProgress {
+    /// Not written yet: `dst` is in the middle of a frame of `src`'s (a large one, trickling
+    /// in), and a ping goes only between frames.
+    Waiting,
+    /// Written whole at this instant.
+    Written(Instant),
+}
+
 /// A frame the proxy writes itself (ping or close), at most 2 + 4 + 125 bytes.
 pub(super) struct Injected {
     bytes: [u8; 131],
@@ -101,6 +110,9 @@ pub(super) struct Direction {
     /// are rarely present, and inline they would add half a KiB to every idle session.
     inject: Option<Box<Injected>>,
     queued_close: Option<Box<Injected>>,
+    /// When the last injected ping was written whole, until the session takes it
+    /// ([`Direction::ping_progress`]).
+    ping_written: Option<Instant>,
     needs_flush: bool,
     /// The session rate's state: made at the first read of a session with a [`Limit`] for
     /// `src` (boxed: a session that never sends holds none of it).
@@ -210,6 +222,7 @@ impl Direction {
             tracker: Tracker::new(sender, limits),
             inject: None,
             queued_close: None,
+            ping_written: None,
             needs_flush: false,
             throttle: None,
             tap: None,
@@ -276,12 +289,26 @@ impl Direction {
 
     /// Queues a proxy frame for `dst`. A close replaces a ping not yet started.
     pub(super) fn queue(&mut self, frame: Injected) {
+        if !frame.is_close {
+            // A new ping: when an earlier one went out is no longer news.
+            self.ping_written = None;
+        }
         let frame = Box::new(frame);
         match &self.inject {
             None => self.inject = Some(frame),
             Some(cur) if cur.pos == 0 && !cur.is_close && frame.is_close => self.inject = Some(frame),
             Some(_) if frame.is_close => self.queued_close = Some(frame),
             Some(_) => {} // a ping while another proxy frame is in flight: skip this one
+        }
+    }
+
+    /// How the ping injected towards `dst` is getting on: still waiting for a frame boundary
+    /// (or written in part), or written whole at an instant (told once).
+    pub(super) fn ping_progress(&mut self) -> Option<PingProgress> {
+        match (&self.inject, self.ping_written.take()) {
+            (Some(inj), _) if !inj.is_close => Some(PingProgress::Waiting),
+            (_, Some(at)) => Some(PingProgress::Written(at)),
+            _ => None,
         }
     }
 
@@ -351,6 +378,8 @@ impl Direction {
                         if inj.pos == inj.len {
                             if inj.is_close {
                                 self.writing = Writing::Closed;
+                            } else {
+                                self.ping_written = Some(Instant::now());
                             }
                             self.inject = None;
                         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-use super::pump::{DirEvent, Direction, Injected, Limit, Tap};
+use super::pump::{DirEvent, Direction, Injected, Limit, PingProgress, Tap};
 use super::{FinishStream, RelayParams};
 use crate::codec::{opcode, FrameLimits};
 use crate::config::SessionSettings;
@@ -502,6 +502,16 @@ where
         for side in [Side::Client, Side::Backend] {
             if side == Side::Client && self.parked() {
                 continue;
+            }
+            // A ping's answer is awaited from when it went out: it goes only between frames,
+            // so it may wait behind a large frame that trickles in, which is no fault of the
+            // peer's.
+            if self.peers[side.idx()].ping.awaiting() {
+                match self.dir(side.other()).ping_progress() {
+                    Some(PingProgress::Waiting) => self.peers[side.idx()].ping.sent_at(now),
+                    Some(PingProgress::Written(at)) => self.peers[side.idx()].ping.sent_at(at),
+                    None => {}
+                }
             }
             match self.peers[side.idx()].ping.due(now, &pings) {
                 None => {}
