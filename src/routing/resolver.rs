@@ -6,7 +6,10 @@
 //! - `200` and `{"members":[{"addr":"10.1.2.3:7681","weight":1}]}` (`weight` optional, default 1;
 //!   unknown fields ignored): the agent's members, cached for `ttl`;
 //! - `404`: no such agent, cached for `negative_ttl`;
-//! - anything else, a timeout or a connection error: a failure, never cached.
+//! - anything else, a timeout or a connection error: a failure, held for
+//!   [`STALE_RETRY_INTERVAL`] (at most `ttl`): lookups of that URL meanwhile fail at once
+//!   without asking, so clients retrying through an outage cannot turn into a request flood on
+//!   a registry trying to recover.
 //!
 //! Concurrent misses for one URL share a single registry request (moka `try_get_with`). The last
 //! good members of each URL are also kept for `ttl + stale_ttl`; when the registry fails, those
@@ -17,7 +20,7 @@
 //! timeout. Without a stale copy the lookup fails with [`ResolveError::Unavailable`] (503 for the
 //! client).
 //!
-//! Metrics: `portcullis_route_cache_total{result=hit|miss|stale|negative}` once per lookup,
+//! Metrics: `portcullis_route_cache_total{result=hit|miss|stale|negative|failed}` once per lookup,
 //! `portcullis_registry_requests_total{result=ok|not_found|error}` and
 //! `portcullis_registry_seconds` once per registry request. No label carries the URL or agent.
 
@@ -85,6 +88,8 @@ pub struct RegistryResolver {
     /// Last good members per URL and when they were fetched, kept `ttl + stale_ttl`, served only
     /// when the registry fails.
     stale: moka::future::Cache<String, (Arc<Resolved>, Instant)>,
+    /// Failures with nothing usable cached, held for [`STALE_RETRY_INTERVAL`] (at most `ttl`).
+    failed: moka::future::Cache<String, ResolveError>,
     /// Client TLS for `https://` registries (webpki roots); `None` if it could not be set up.
     client: Option<crate::outbound::HttpClient>,
     /// Registry requests sent, for stats.
@@ -102,10 +107,15 @@ impl RegistryResolver {
             .max_capacity(settings.max_capacity)
             .time_to_live(settings.ttl.saturating_add(settings.stale_ttl).min(MAX_CACHE_TTL))
             .build();
+        let failed = moka::future::Cache::builder()
+            .max_capacity(settings.max_capacity)
+            .time_to_live(STALE_RETRY_INTERVAL.min(settings.ttl).max(Duration::from_millis(1)))
+            .build();
         Arc::new(RegistryResolver {
             settings,
             fresh,
             stale,
+            failed,
             client: crate::outbound::HttpClient::new(None).ok(),
             requests: AtomicU64::new(0),
         })
@@ -127,8 +137,12 @@ impl RegistryResolver {
             crate::metrics::route_cache(result);
             return Ok(cached.answer);
         }
+        if let Some(error) = self.failed.get(url).await {
+            crate::metrics::route_cache("failed");
+            return Err(error);
+        }
         // Only one of the concurrent callers for `url` runs this future; the others wait for
-        // its result. Errors are handed to all of them and not cached.
+        // its result. Errors are handed to all of them, and held briefly.
         match self.fresh.try_get_with(url.to_owned(), self.fetch_or_stale(url)).await {
             Ok(entry) => {
                 let result = if entry.stale { "stale" } else { "miss" };
@@ -137,7 +151,9 @@ impl RegistryResolver {
             }
             Err(error) => {
                 crate::metrics::route_cache("miss");
-                Err((*error).clone())
+                let error = (*error).clone();
+                self.failed.insert(url.to_owned(), error.clone()).await;
+                Err(error)
             }
         }
     }
@@ -146,8 +162,14 @@ impl RegistryResolver {
     /// asks the registry. The last good members stay as a fallback in case the registry fails.
     pub async fn purge(&self, url: Option<&str>) {
         match url {
-            Some(url) => self.fresh.invalidate(url).await,
-            None => self.fresh.invalidate_all(),
+            Some(url) => {
+                self.fresh.invalidate(url).await;
+                self.failed.invalidate(url).await;
+            }
+            None => {
+                self.fresh.invalidate_all();
+                self.failed.invalidate_all();
+            }
         }
     }
 
@@ -472,8 +494,13 @@ mod tests {
         assert_eq!(registry.requests(), 2, "every lookup asked the failing registry");
         sleep_until(t0, 500 * MS).await;
         assert!(matches!(resolver.resolve(&url).await, Err(ResolveError::Unavailable(_))));
-        // Errors are not cached: the next lookup asks again.
+        // A failure is held for min(1 s, ttl): the next lookup within it does not ask, the one
+        // after it does.
         let before = registry.requests();
+        let t1 = tokio::time::Instant::now();
+        assert!(matches!(resolver.resolve(&url).await, Err(ResolveError::Unavailable(_))));
+        assert_eq!(registry.requests(), before);
+        sleep_until(t1, 200 * MS).await;
         let _ = resolver.resolve(&url).await;
         assert_eq!(registry.requests(), before + 1);
     }
@@ -508,6 +535,27 @@ mod tests {
         let addr = closed.local_addr().expect("bound socket has an address");
         let err = resolver.resolve(&format!("http://{addr}/agents/a1")).await.expect_err("refused");
         assert!(matches!(err, ResolveError::Unavailable(m) if m.starts_with("connect")));
+    }
+
+    /// Found by an attacker review: with the registry failing and nothing cached, every
+    /// lookup asked it again (2,532 requests for 2,532 handshakes in 2 s), so clients retrying
+    /// through an outage flooded a registry trying to recover. A failure is held briefly.
+    #[tokio::test]
+    async fn a_failing_registry_is_asked_once_per_hold_not_once_per_lookup() {
+        let registry = TestRegistry::start().await;
+        registry.set(Reply::Fail);
+        let resolver = RegistryResolver::new(settings(300 * MS, 300 * MS, 1000 * MS));
+        let url = registry.url("a1");
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..50 {
+            assert!(matches!(resolver.resolve(&url).await, Err(ResolveError::Unavailable(_))));
+        }
+        assert_eq!(registry.requests(), 1, "one request for 50 lookups within the hold");
+        // The hold is min(1 s, ttl): after it the registry is asked again, and its recovery seen.
+        registry.set(Reply::Members);
+        sleep_until(t0, 400 * MS).await;
+        assert_eq!(*resolver.resolve(&url).await.expect("recovered"), expected_members());
+        assert_eq!(registry.requests(), 2);
     }
 
     #[tokio::test]
