@@ -260,7 +260,7 @@ fn cookie_values<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Ite
     })
 }
 
-fn remove_query_param(path_and_query: &str, name: &str) -> String {
+pub(crate) fn remove_query_param(path_and_query: &str, name: &str) -> String {
     let Some((path, query)) = path_and_query.split_once('?') else { return path_and_query.to_owned() };
     let kept: Vec<&str> = query
         .split('&')

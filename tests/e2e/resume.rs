@@ -244,6 +244,11 @@ async fn resume_ids_are_issued_by_the_proxy_so_a_chosen_id_cannot_be_squatted() 
     assert_eq!(announced["portcullis"]["resume_id"], her_id.as_str());
     alice.send(true, op::BINARY, b"mine").await;
     assert!(eventually_frame(&mut alice, b"mine").await);
+    // A resume id is the proxy's business: it never goes on to the backend (found by an
+    // attacker review: it did, in the query, where a backend given the token too held all it
+    // takes to resume the user's parked session).
+    let paths = backend.log.requests.lock().expect("lock").iter().map(|h| h.path.clone()).collect::<Vec<_>>();
+    assert!(paths.iter().all(|p| !p.contains("resume")), "{paths:?}");
 }
 
 #[tokio::test]
