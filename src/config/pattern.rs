@@ -220,24 +220,37 @@ impl BackendTemplate {
     /// so no agent id can spell an address (`2130706433`, `0x7f000001`, `0`) or `localhost`.
     pub fn render(&self, caps: &Captures) -> Option<String> {
         let dotted = self.captures().any(|c| caps.get(c).is_some_and(|v| v.contains('.')));
-        (!dotted).then(|| render_template(&self.parts, caps))
+        if dotted {
+            return None;
+        }
+        let addr = render_template(&self.parts, caps);
+        let captured = self.captures().next().is_some();
+        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+        (!captured || rendered_host_allowed(host)).then_some(addr)
     }
 
-    /// Whether the host part (before the port) has no literal character: the whole host is
-    /// what the client's path says.
+    /// Whether the host part (before the port) fixes nothing of the name: it has no literal
+    /// letter or digit (separators alone, as in `{agent}.{tab}` or `{agent}-{tab}`, fix
+    /// nothing), so the whole host is what the client's path says.
     pub fn host_is_only_captures(&self) -> bool {
-        let mut host_literal = false;
+        if self.captures().next().is_none() {
+            return false;
+        }
+        let mut host = Vec::new();
         for p in &self.parts {
-            if let Segment::Literal(l) = p {
+            match p {
                 // The port's colon ends the host.
-                let host_part = l.split_once(':').map_or(l.as_str(), |(h, _)| h);
-                host_literal |= !host_part.is_empty();
-                if l.contains(':') {
-                    break;
-                }
+                Segment::Literal(l) => match l.split_once(':') {
+                    Some((h, _)) => {
+                        host.push(Segment::Literal(h.to_owned()));
+                        break;
+                    }
+                    None => host.push(p.clone()),
+                },
+                other => host.push(other.clone()),
             }
         }
-        !host_literal
+        !fixes_a_part(&host)
     }
 }
 
@@ -311,23 +324,46 @@ fn url_authority(template: &str) -> &str {
 /// what the client's path says (`http://{agent}:8080/members`), as a member address may not be
 /// ([`BackendTemplate::host_is_only_captures`]).
 pub fn url_host_is_only_captures(template: &str) -> bool {
-    let authority = url_authority(template);
-    let host = match authority.rsplit_once(':') {
-        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => host,
+    let Ok(parts) = parse_template(url_host(url_authority(template))) else { return false };
+    parts.iter().any(|p| !matches!(p, Segment::Literal(_))) && !fixes_a_part(&parts)
+}
+
+/// An authority's host: what comes before its port (`:8080`, `:{port}`, or a bare `:`); an
+/// IPv6 literal's colons are inside its brackets.
+fn url_host(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') && !host.is_empty() => host,
         _ => authority,
-    };
-    let Ok(parts) = parse_template(host) else { return false };
-    let captured = parts.iter().any(|p| !matches!(p, Segment::Literal(_)));
-    captured && !parts.iter().any(|p| matches!(p, Segment::Literal(l) if !l.is_empty()))
+    }
+}
+
+/// Whether a templated host fixes part of the name: a literal letter or digit in it. Separators
+/// alone (`.`, `-`, `:`) fix nothing: `{agent}.{tab}` names `127.1`.
+fn fixes_a_part(host: &[Segment]) -> bool {
+    host.iter().any(|p| matches!(p, Segment::Literal(l) if l.bytes().any(|b| b.is_ascii_alphanumeric())))
+}
+
+/// Whether a host rendered from a template with the client's captures is one the template
+/// could mean: a DNS name (whose last label, when a number, is a dotted-quad address's: no
+/// `127.1` or `0x7f.1` shorthand, [`dns_name`]), and not `localhost` or a name under it
+/// (RFC 6761), which a literal part such as `{agent}host` would let a client spell.
+pub fn rendered_host_allowed(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    dns_name(host.as_bytes()) && host != "localhost" && !host.ends_with(".localhost")
 }
 
 /// Renders a URL template with validated captures; `None` when a capture in its authority has a
-/// `.`, so a client cannot steer the request (and the credentials sent with it) into another
-/// domain (`{agent}.sidecars.internal` with agent `x.evil.example`), as with member addresses.
+/// `.`, or the host it makes is an address or `localhost` ([`rendered_host_allowed`]), so a
+/// client cannot steer the request (and the credentials sent with it) outside the domain the
+/// template names (`{agent}.sidecars.internal` with agent `x.evil.example`), as with member
+/// addresses.
 pub fn render_url(template: &str, caps: &Captures) -> Option<String> {
-    let dotted =
-        template_captures(url_authority(template)).iter().any(|c| caps.get(c).is_some_and(|v| v.contains('.')));
-    (!dotted).then(|| render_path(template, caps))
+    let captured = template_captures(url_authority(template));
+    if captured.iter().any(|c| caps.get(c).is_some_and(|v| v.contains('.'))) {
+        return None;
+    }
+    let url = render_path(template, caps);
+    (captured.is_empty() || rendered_host_allowed(url_host(url_authority(&url)))).then_some(url)
 }
 
 fn parse_template(s: &str) -> Result<Vec<Segment>, String> {
@@ -382,7 +418,17 @@ mod tests {
 
     #[test]
     fn a_url_template_keeps_its_host_in_the_configured_domain() {
-        for only in ["http://{agent}:8080/members", "https://{agent}/m", "http://{agent}{rest}/x", "http://{agent}"] {
+        for only in [
+            "http://{agent}:8080/members",
+            "https://{agent}/m",
+            "http://{agent}{rest}/x",
+            "http://{agent}",
+            // Found by a verification attack: separators fix nothing of the name.
+            "http://{agent}:/members",
+            "http://{agent}:{port}/members",
+            "http://{agent}.{tab}:9000/members",
+            "http://{agent}-{tab}/members",
+        ] {
             assert!(url_host_is_only_captures(only), "{only}");
         }
         for literal in
@@ -394,6 +440,12 @@ mod tests {
         let t = "http://{agent}.sidecars.internal:9000/agents/{agent}/members";
         assert_eq!(render_url(t, &caps("a1")).as_deref(), Some("http://a1.sidecars.internal:9000/agents/a1/members"));
         assert_eq!(render_url(t, &caps("x.evil.example")), None, "a dotted capture cannot pick another domain");
+        // Whatever the literal part, the host made is a name: never an address or localhost.
+        for (template, agent) in
+            [("http://{agent}host/m", "local"), ("http://{agent}.localhost/m", "x"), ("http://0x{agent}.1/m", "7f")]
+        {
+            assert_eq!(render_url(template, &caps(agent)), None, "{template} with {agent}");
+        }
         let path_only = "http://reg.internal/agents/{agent}";
         assert_eq!(render_url(path_only, &caps("v1.2")).as_deref(), Some("http://reg.internal/agents/v1.2"));
     }
@@ -452,9 +504,15 @@ mod tests {
         assert_eq!(b.render(&dotted), None, "a dotted capture cannot pick another domain");
         assert_eq!(render_path("/shell/{agent}", &caps), "/shell/a1");
         assert!("nohost".parse::<BackendTemplate>().is_err());
-        for only in ["{agent}:7681", "{agent}{n}:7681"] {
+        for only in ["{agent}:7681", "{agent}{n}:7681", "{agent}.{n}:7681", "{agent}-{n}:7681"] {
             assert!(only.parse::<BackendTemplate>().expect("template").host_is_only_captures(), "{only}");
         }
+        assert!(!"[::1]:7681".parse::<BackendTemplate>().expect("template").host_is_only_captures());
+        let local = Captures::from_pairs(&[("agent", "local")]);
+        assert_eq!("{agent}host:7681".parse::<BackendTemplate>().expect("template").render(&local), None);
+        let octet = Captures::from_pairs(&[("agent", "5")]);
+        let subnet = "10.0.0.{agent}:7681".parse::<BackendTemplate>().expect("template");
+        assert_eq!(subnet.render(&octet).as_deref(), Some("10.0.0.5:7681"), "the operator's own network");
         for literal in ["{agent}.agents.internal:7681", "agent-{agent}:7681", "10.0.0.{agent}:7681"] {
             assert!(!literal.parse::<BackendTemplate>().expect("template").host_is_only_captures(), "{literal}");
         }
