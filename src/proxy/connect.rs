@@ -109,6 +109,10 @@ pub struct BackendRequest<'a> {
     pub headers: &'a HeaderMap,
     /// Key for sticky member choice, when the route is sticky and the request has one.
     pub sticky_key: Option<Vec<u8>>,
+    /// Who asks, hashed (the subject, else the agent, else the path): a member is ejected for
+    /// failed handshakes only when they are not all one requester's
+    /// ([`crate::routing::health::PassiveHealth::record_refusal`]).
+    pub requester: u64,
 }
 
 /// The active health check the pool runs: a TCP connect, or with a path a full WebSocket
@@ -184,12 +188,12 @@ pub async fn connect(
             }
             // Whatever the member does once it has the request (an error status, a bad or no
             // answer, a hang-up, a timeout) may be the request's doing: the agent it names, its
-            // path or headers. As on the plain HTTP path, it is not a member failure, or one
-            // client could eject members that serve everyone else (DESIGN §11); the next
-            // member is tried, and `active_path` checks find a member that fails every
-            // handshake.
+            // path or headers. One requester's failures never eject it, or one client could
+            // eject members that serve everyone else (DESIGN §11); a member that fails the
+            // handshakes of two requesters is (`record_refusal`). The next member is tried.
             Err(Attempt::Handshake(cause)) => {
                 tracing::debug!(%member, error = %cause, "backend handshake failed");
+                state.health.record_refusal(member, req.requester);
                 if matches!(cause, HandshakeError::Timeout(_)) {
                     timed_out = true;
                 } else {

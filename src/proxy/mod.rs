@@ -603,6 +603,19 @@ fn stream_slot(ctx: &ConnCtx, runtime: &Runtime) -> Result<Option<crate::limits:
     })
 }
 
+/// Who asks for a backend connection, hashed, for passive health: the token's issuer and
+/// subject, else the agent, else the path (a route without tokens or captures).
+fn requester(claims: Option<&Claims>, caps: &Captures, path_and_query: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match (claims.and_then(|c| c.subject()), caps.get("agent")) {
+        (Some(sub), _) => (0u8, claims.and_then(|c| c.issuer()), sub).hash(&mut h),
+        (None, Some(agent)) => (1u8, agent).hash(&mut h),
+        (None, None) => (2u8, path_and_query.split_once('?').map_or(path_and_query, |(p, _)| p)).hash(&mut h),
+    }
+    h.finish()
+}
+
 /// How the client reached the proxy, for the forwarding headers.
 fn forwarded_for(ctx: &ConnCtx, runtime: &Runtime, headers: &::http::HeaderMap) -> ForwardedFor {
     ForwardedFor {
@@ -1375,7 +1388,14 @@ async fn handle_upgrade(
         }
         false => ws,
     };
-    let breq = BackendRequest { path_and_query: &admitted.path_and_query, ws, headers: &backend_headers, sticky_key };
+    let requester = requester(admitted.claims.as_deref(), &caps, &admitted.path_and_query);
+    let breq = BackendRequest {
+        path_and_query: &admitted.path_and_query,
+        ws,
+        headers: &backend_headers,
+        sticky_key,
+        requester,
+    };
     let Some(state) = runtime.route_state.get(&route.name) else {
         return reject(ctx, &route.name, RequestError::Internal("no routing state for a configured route"));
     };

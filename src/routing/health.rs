@@ -1,4 +1,5 @@
-//! Passive health: members that fail to connect are skipped for a while.
+//! Passive health: members that fail to connect, or fail the handshakes of two different
+//! requesters, are skipped for a while.
 //!
 //! The first failure ejects a member for `base`; each further failure before a success doubles
 //! the ejection (`base * 2^(failures-1)`), capped at `max`. A success forgives everything. A
@@ -20,6 +21,9 @@ pub struct PassiveHealth {
     max: Duration,
     /// Members with failures not yet forgiven, by address.
     failing: Mutex<HashMap<String, Failing>>,
+    /// Members that failed a handshake since their last success: for whose request (a hash of
+    /// it), and when.
+    refused: Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 /// Failure state of one member.
@@ -34,7 +38,12 @@ struct Failing {
 impl PassiveHealth {
     /// Tracking that ejects for `base` after one failure, growing to at most `max`.
     pub fn new(base: Duration, max: Duration) -> Self {
-        PassiveHealth { base, max: max.max(base), failing: Mutex::new(HashMap::new()) }
+        PassiveHealth {
+            base,
+            max: max.max(base),
+            failing: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Whether `addr` is ejected now.
@@ -47,9 +56,30 @@ impl PassiveHealth {
         self.record_failure_at(addr, Instant::now());
     }
 
+    /// Records a handshake `addr` failed (an error status, a bad answer, a hang-up, a timeout)
+    /// for a request of `requester` (a hash of who asked: the subject, else the agent, else the
+    /// path). What a member does with a request may be the request's doing, so one requester's
+    /// failures never eject it: a member is ejected (as for a failed connect) once handshakes
+    /// of two different requesters failed on it with no success in between, within `max`. A
+    /// member that fails every handshake is out after the second requester's; a user whose own
+    /// agent a shared member cannot serve takes it away from no one.
+    pub fn record_refusal(&self, addr: &str, requester: u64) {
+        let now = Instant::now();
+        let earlier = {
+            let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+            let max = self.max;
+            refused.retain(|_, (_, at)| now < *at + max);
+            refused.insert(addr.to_owned(), (requester, now))
+        };
+        if earlier.is_some_and(|(by, _)| by != requester) {
+            self.record_failure_at(addr, now);
+        }
+    }
+
     /// Records a successful connect to `addr`, forgiving its failures.
     pub fn record_success(&self, addr: &str) {
         self.lock().remove(addr);
+        self.refused.lock().unwrap_or_else(|p| p.into_inner()).remove(addr);
     }
 
     /// The members of `members` not ejected now, in their order.
@@ -101,6 +131,21 @@ impl PassiveHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_requesters_failed_handshakes_never_eject_a_member_two_requesters_do() {
+        let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
+        for _ in 0..10 {
+            h.record_refusal("a:1", 7);
+        }
+        assert!(!h.is_ejected("a:1"), "one requester's own failures");
+        h.record_refusal("a:1", 8);
+        assert!(h.is_ejected("a:1"), "a second requester's failure ejects");
+        h.record_success("a:1");
+        assert!(!h.is_ejected("a:1"));
+        h.record_refusal("a:1", 8);
+        assert!(!h.is_ejected("a:1"), "a success forgave the earlier requester");
+    }
 
     const MS: Duration = Duration::from_millis(1);
 

@@ -169,10 +169,12 @@ async fn sticky_keys_agree_across_instances_and_removing_a_member_moves_only_its
 }
 
 #[tokio::test]
-async fn member_failing_its_handshake_is_passed_over_and_clients_never_see_the_error() {
-    // A member that accepts TCP and hangs up at once: a failed backend handshake. Each session
-    // that tries it goes on to the next member; it is not ejected (what a member does with a
-    // request may be the request's doing), which `active_path` checks are for.
+async fn member_failing_every_handshake_is_ejected_once_two_requesters_failed_on_it() {
+    // A member that accepts TCP and hangs up at once: a failed backend handshake. One
+    // requester's failures may be its own request's doing and eject nothing; a second
+    // requester's failure shows the member is what fails (found by a verification attack: with
+    // no ejection at all, every session paid the broken member's failure, or its whole
+    // handshake timeout for one that never answers). No client sees an error either way.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let bad = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -189,15 +191,15 @@ async fn member_failing_its_handshake_is_passed_over_and_clients_never_see_the_e
         .text();
     let proxy = Proxy::start_with(&text).await;
     let started = Instant::now();
-    for i in 0..5 {
-        let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[])
+    for (i, agent) in ["a1", "a1", "a1", "a2", "a3", "a4", "a5"].into_iter().enumerate() {
+        let mut c = upgrade(proxy.plain, false, &format!("/agents/{agent}/terminal"), &[])
             .await
             .unwrap_or_else(|h| panic!("session {i}: {}", h.status));
         c.send(true, op::TEXT, b"ok").await;
         assert_eq!(c.recv().await.payload, b"ok");
     }
-    assert!(accepted.load(Ordering::SeqCst) >= 1, "the failing member was tried");
-    assert_eq!(good.log.requests.lock().expect("lock").len(), 5, "every session reached the good member");
+    assert_eq!(accepted.load(Ordering::SeqCst), 4, "tried by a1's three sessions and a2's, then ejected");
+    assert_eq!(good.log.requests.lock().expect("lock").len(), 7, "every session reached the good member");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
