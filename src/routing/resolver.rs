@@ -90,6 +90,10 @@ pub struct RegistryResolver {
     stale: moka::future::Cache<String, (Arc<Resolved>, Instant)>,
     /// Failures with nothing usable cached, held for [`STALE_RETRY_INTERVAL`] (at most `ttl`).
     failed: moka::future::Cache<String, ResolveError>,
+    /// Registry hosts (`host:port`) that could not be connected to, held as long: every URL on
+    /// such a host fails at once meanwhile, whichever agent it names (a connect fails before
+    /// anything of the request is sent: no client's request can be its cause).
+    unreachable: moka::future::Cache<String, String>,
     /// Client TLS for `https://` registries (webpki roots); `None` if it could not be set up.
     client: Option<crate::outbound::HttpClient>,
     /// Registry requests sent, for stats.
@@ -107,15 +111,15 @@ impl RegistryResolver {
             .max_capacity(settings.max_capacity)
             .time_to_live(settings.ttl.saturating_add(settings.stale_ttl).min(MAX_CACHE_TTL))
             .build();
-        let failed = moka::future::Cache::builder()
-            .max_capacity(settings.max_capacity)
-            .time_to_live(STALE_RETRY_INTERVAL.min(settings.ttl).max(Duration::from_millis(1)))
-            .build();
+        let hold = STALE_RETRY_INTERVAL.min(settings.ttl).max(Duration::from_millis(1));
+        let failed = moka::future::Cache::builder().max_capacity(settings.max_capacity).time_to_live(hold).build();
+        let unreachable = moka::future::Cache::builder().max_capacity(settings.max_capacity).time_to_live(hold).build();
         Arc::new(RegistryResolver {
             settings,
             fresh,
             stale,
             failed,
+            unreachable,
             client: crate::outbound::HttpClient::new(None).ok(),
             requests: AtomicU64::new(0),
         })
@@ -234,10 +238,20 @@ impl RegistryResolver {
     async fn request(&self, url: &str) -> Result<Resolved, ResolveError> {
         let uri: Uri = url.parse().map_err(|e| ResolveError::Unavailable(format!("invalid registry url: {e}")))?;
         let client = self.client.as_ref().ok_or_else(|| ResolveError::Unavailable("http client unavailable".into()))?;
-        let (status, body) = client
-            .get(&uri, self.request_headers()?, MAX_BODY_BYTES)
-            .await
-            .map_err(|e| ResolveError::Unavailable(e.to_string()))?;
+        let host = uri.authority().map_or_else(String::new, |a| a.as_str().to_owned());
+        if let Some(why) = self.unreachable.get(&host).await {
+            return Err(ResolveError::Unavailable(format!("{why} (not tried again yet)")));
+        }
+        let (status, body) = match client.get(&uri, self.request_headers()?, MAX_BODY_BYTES).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                let why = e.to_string();
+                if matches!(e, crate::outbound::OutboundError::Connect(_)) {
+                    self.unreachable.insert(host, why.clone()).await;
+                }
+                return Err(ResolveError::Unavailable(why));
+            }
+        };
         match status {
             StatusCode::NOT_FOUND => Ok(Resolved::NotFound),
             s if s.is_success() => parse_members(&body).map(Resolved::Members),
@@ -556,6 +570,24 @@ mod tests {
         sleep_until(t0, 400 * MS).await;
         assert_eq!(*resolver.resolve(&url).await.expect("recovered"), expected_members());
         assert_eq!(registry.requests(), 2);
+    }
+
+    /// Found by a verification attack: the hold is per URL, so a client naming a new agent
+    /// each time still sent a registry that could not be reached one attempt per handshake. A
+    /// registry host that refuses connections is held as a whole.
+    #[tokio::test]
+    async fn an_unreachable_registry_host_is_tried_once_per_hold_whatever_the_agent() {
+        // Nothing listens on a port bound and never listened on (held, so no other socket takes it).
+        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
+        closed.bind("127.0.0.1:0".parse().expect("addr")).expect("bind port 0");
+        let addr = closed.local_addr().expect("bound socket has an address");
+        let resolver = RegistryResolver::new(settings(1000 * MS, 1000 * MS, 1000 * MS));
+        let first = resolver.resolve(&format!("http://{addr}/agents/a0")).await.expect_err("refused");
+        assert!(matches!(&first, ResolveError::Unavailable(m) if m.starts_with("connect")), "{first:?}");
+        for n in 1..50 {
+            let err = resolver.resolve(&format!("http://{addr}/agents/a{n}")).await.expect_err("held");
+            assert!(matches!(&err, ResolveError::Unavailable(m) if m.ends_with("(not tried again yet)")), "{err:?}");
+        }
     }
 
     #[tokio::test]
