@@ -109,8 +109,8 @@ pub struct BackendRequest<'a> {
     pub headers: &'a HeaderMap,
     /// Key for sticky member choice, when the route is sticky and the request has one.
     pub sticky_key: Option<Vec<u8>>,
-    /// Who asks, hashed (the subject, else the agent, else the path): a member is ejected for
-    /// failed handshakes only when they are not all one requester's
+    /// Who asks, hashed (the token's issuer and subject, else the client's address): a member
+    /// is ejected for failed handshakes only when they are not all one requester's
     /// ([`crate::routing::health::PassiveHealth::record_refusal`]).
     pub requester: u64,
 }

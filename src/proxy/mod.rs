@@ -604,14 +604,14 @@ fn stream_slot(ctx: &ConnCtx, runtime: &Runtime) -> Result<Option<crate::limits:
 }
 
 /// Who asks for a backend connection, hashed, for passive health: the token's issuer and
-/// subject, else the agent, else the path (a route without tokens or captures).
-fn requester(claims: Option<&Claims>, caps: &Captures, path_and_query: &str) -> u64 {
+/// subject, else the client's address (its network, for IPv6, as the per-address limits count
+/// it). Never what the request names (its agent, its path): one client could name two.
+fn requester(ctx: &ConnCtx, runtime: &Runtime, claims: Option<&Claims>) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    match (claims.and_then(|c| c.subject()), caps.get("agent")) {
-        (Some(sub), _) => (0u8, claims.and_then(|c| c.issuer()), sub).hash(&mut h),
-        (None, Some(agent)) => (1u8, agent).hash(&mut h),
-        (None, None) => (2u8, path_and_query.split_once('?').map_or(path_and_query, |(p, _)| p)).hash(&mut h),
+    match claims.and_then(|c| c.subject()) {
+        Some(sub) => (0u8, claims.and_then(|c| c.issuer()), sub).hash(&mut h),
+        None => (1u8, crate::limits::ip_key(ctx.client_addr.ip(), runtime.config.server.ipv6_prefix_len)).hash(&mut h),
     }
     h.finish()
 }
@@ -1388,7 +1388,7 @@ async fn handle_upgrade(
         }
         false => ws,
     };
-    let requester = requester(admitted.claims.as_deref(), &caps, &admitted.path_and_query);
+    let requester = requester(ctx, runtime, admitted.claims.as_deref());
     let breq = BackendRequest {
         path_and_query: &admitted.path_and_query,
         ws,

@@ -57,8 +57,8 @@ impl PassiveHealth {
     }
 
     /// Records a handshake `addr` failed (an error status, a bad answer, a hang-up, a timeout)
-    /// for a request of `requester` (a hash of who asked: the subject, else the agent, else the
-    /// path). What a member does with a request may be the request's doing, so one requester's
+    /// for a request of `requester` (a hash of who asked: the token's issuer and subject, else the
+    /// client's address). What a member does with a request may be the request's doing, so one requester's
     /// failures never eject it: a member is ejected (as for a failed connect) once handshakes
     /// of two different requesters failed on it with no success in between, within `max`. A
     /// member that fails every handshake is out after the second requester's; a user whose own

@@ -171,8 +171,9 @@ async fn sticky_keys_agree_across_instances_and_removing_a_member_moves_only_its
 #[tokio::test]
 async fn member_failing_every_handshake_is_ejected_once_two_requesters_failed_on_it() {
     // A member that accepts TCP and hangs up at once: a failed backend handshake. One
-    // requester's failures may be its own request's doing and eject nothing; a second
-    // requester's failure shows the member is what fails (found by a verification attack: with
+    // requester's failures (a token's subject, whichever agents it names) may be its own
+    // requests' doing and eject nothing; a second requester's failure shows the member is what
+    // fails (found by a verification attack: with
     // no ejection at all, every session paid the broken member's failure, or its whole
     // handshake timeout for one that never answers). No client sees an error either way.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -186,19 +187,39 @@ async fn member_failing_every_handshake_is_ejected_once_two_requesters_failed_on
         }
     });
     let good = Backend::echo().await;
+    let key = hmac();
     let text = TestConfig::base(&[bad.to_string(), good.addr.to_string()])
+        .merge("", key.auth_keys())
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}}))
         .merge("routes.0.health", json!({"eject_base": "30s"}))
         .text();
     let proxy = Proxy::start_with(&text).await;
     let started = Instant::now();
-    for (i, agent) in ["a1", "a1", "a1", "a2", "a3", "a4", "a5"].into_iter().enumerate() {
-        let mut c = upgrade(proxy.plain, false, &format!("/agents/{agent}/terminal"), &[])
-            .await
-            .unwrap_or_else(|h| panic!("session {i}: {}", h.status));
+    let as_subject = |sub: &str| format!("Bearer {}", key.token_with(json!({"sub": sub, "agents": ["a1", "a2"]})));
+    for (i, (sub, agent)) in [
+        ("alice", "a1"),
+        ("alice", "a2"),
+        ("alice", "a1"),
+        ("bob", "a1"),
+        ("carol", "a1"),
+        ("dave", "a2"),
+        ("erin", "a1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c =
+            upgrade(proxy.plain, false, &format!("/agents/{agent}/terminal"), &[("Authorization", &as_subject(sub))])
+                .await
+                .unwrap_or_else(|h| panic!("session {i}: {}", h.status));
         c.send(true, op::TEXT, b"ok").await;
         assert_eq!(c.recv().await.payload, b"ok");
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 4, "tried by a1's three sessions and a2's, then ejected");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        4,
+        "tried by alice's three sessions (two agents) and bob's, then ejected"
+    );
     assert_eq!(good.log.requests.lock().expect("lock").len(), 7, "every session reached the good member");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
@@ -215,8 +236,10 @@ async fn one_users_failing_agent_cannot_take_shared_members_away_from_everyone()
     };
     let (g1, g2) = (gateway().await, gateway().await);
     let proxy = Proxy::start_with(&TestConfig::base(&[g1.addr.to_string(), g2.addr.to_string()]).text()).await;
-    for _ in 0..6 {
-        let refused = upgrade(proxy.plain, false, "/agents/mallory-agent/terminal", &[]).await.err().expect("refused");
+    // Her own agents, one after the other: what the request names is not who asks.
+    for agent in ["mallory-agent", "mallory-agent2", "mallory-agent3"].repeat(2) {
+        let path = format!("/agents/{agent}/terminal");
+        let refused = upgrade(proxy.plain, false, &path, &[]).await.err().expect("refused");
         assert_eq!(refused.status, 502, "the gateway's refusal of mallory's agent");
     }
     let (_, body) = http_get(proxy.admin, "/routes").await;
