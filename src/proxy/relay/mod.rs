@@ -270,6 +270,40 @@ mod tests {
         drop(trickle.await.expect("trickle"));
     }
 
+    /// Found by a review of the fix above: a client that stopped reading in the middle of the
+    /// backend's large frame kept its ping waiting, and was never timed out. The wait runs from
+    /// the client's last read, so one that reads nothing more is closed as before. The backend
+    /// trickles the frame and stays heard from (no ping of its own is due) until the pipe to the
+    /// client and the relay's buffer are full.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_mid_frame_is_still_pinged_out() {
+        let settings =
+            SessionSettings { ping_interval: Duration::from_secs(1), ping_timeout: Duration::from_secs(2), ..quiet() };
+        let ends = start(settings, None);
+        let mut frame = Vec::new();
+        crate::codec::encode(true, 0, opcode::BINARY, None, &vec![7u8; 1_000_000], &mut frame);
+        let (mut backend, client) = (ends.backend, ends.client);
+        let writer = tokio::spawn(async move {
+            for piece in frame.chunks(2_000) {
+                if backend.write_all(piece).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            backend
+        });
+        let t0 = Instant::now();
+        let end = ends.relay.await.expect("relay");
+        assert_eq!(end.reason, "ping_timeout");
+        // The client's ping times out 2 s after its last read (6.2 s on this paused clock); the
+        // backend's own, once the relay stops reading it, would end the session at 7.2 s, which
+        // is when it ended while a waiting ping's timeout kept being pushed back.
+        let took = Instant::now() - t0;
+        assert!(took < Duration::from_millis(6_800), "closed by the client's ping only after {took:?}");
+        writer.abort();
+        drop(client);
+    }
+
     /// A resumable session whose first client is `client`'s far end, and the registry it is
     /// held in.
     fn start_held(window: Duration) -> (Ends, Arc<crate::session::resume::Resumes>, String) {

@@ -63,8 +63,9 @@ impl Throttle {
 /// Where a ping the session injected is: see [`Direction::ping_progress`].
 pub(super) enum PingProgress {
     /// Not written yet: `dst` is in the middle of a frame of `src`'s (a large one, trickling
-    /// in), and a ping goes only between frames.
-    Waiting,
+    /// in), and a ping goes only between frames. With when `dst` last took bytes of it since the
+    /// ping was queued: a peer that reads on is not blamed for the wait, one that stopped is.
+    Waiting(Option<Instant>),
     /// Written whole at this instant.
     Written(Instant),
 }
@@ -113,6 +114,9 @@ pub(super) struct Direction {
     /// When the last injected ping was written whole, until the session takes it
     /// ([`Direction::ping_progress`]).
     ping_written: Option<Instant>,
+    /// While a ping waits for a frame boundary: when `dst` last took bytes of the frame before
+    /// it (a clock read per write only then).
+    wrote_at: Option<Instant>,
     needs_flush: bool,
     /// The session rate's state: made at the first read of a session with a [`Limit`] for
     /// `src` (boxed: a session that never sends holds none of it).
@@ -223,6 +227,7 @@ impl Direction {
             inject: None,
             queued_close: None,
             ping_written: None,
+            wrote_at: None,
             needs_flush: false,
             throttle: None,
             tap: None,
@@ -292,6 +297,7 @@ impl Direction {
         if !frame.is_close {
             // A new ping: when an earlier one went out is no longer news.
             self.ping_written = None;
+            self.wrote_at = None;
         }
         let frame = Box::new(frame);
         match &self.inject {
@@ -306,7 +312,7 @@ impl Direction {
     /// (or written in part), or written whole at an instant (told once).
     pub(super) fn ping_progress(&mut self) -> Option<PingProgress> {
         match (&self.inject, self.ping_written.take()) {
-            (Some(inj), _) if !inj.is_close => Some(PingProgress::Waiting),
+            (Some(inj), _) if !inj.is_close => Some(PingProgress::Waiting(self.wrote_at)),
             (_, Some(at)) => Some(PingProgress::Written(at)),
             _ => None,
         }
@@ -395,6 +401,9 @@ impl Direction {
                     Poll::Ready(Ok(n)) if n > 0 => {
                         self.start += n;
                         self.needs_flush = true;
+                        if self.inject.as_ref().is_some_and(|i| !i.is_close) {
+                            self.wrote_at = Some(Instant::now());
+                        }
                         continue;
                     }
                     Poll::Ready(_) => return Poll::Ready(DirEvent::DstGone),

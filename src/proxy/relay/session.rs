@@ -504,13 +504,15 @@ where
                 continue;
             }
             // A ping's answer is awaited from when it went out: it goes only between frames,
-            // so it may wait behind a large frame that trickles in, which is no fault of the
-            // peer's.
+            // so it may wait behind a large frame that trickles in, which is no fault of a peer
+            // that reads it on (the wait runs from its last read); a peer that stopped reading
+            // is timed out as if the ping had gone.
             if self.peers[side.idx()].ping.awaiting() {
                 match self.dir(side.other()).ping_progress() {
-                    Some(PingProgress::Waiting) => self.peers[side.idx()].ping.sent_at(now),
-                    Some(PingProgress::Written(at)) => self.peers[side.idx()].ping.sent_at(at),
-                    None => {}
+                    Some(PingProgress::Waiting(Some(at)) | PingProgress::Written(at)) => {
+                        self.peers[side.idx()].ping.sent_at(at)
+                    }
+                    Some(PingProgress::Waiting(None)) | None => {}
                 }
             }
             match self.peers[side.idx()].ping.due(now, &pings) {
