@@ -295,12 +295,6 @@ impl Shared {
             // in force whatever the reload says.
             tracing::warn!("[fleet] changed: the store in use stays until a restart");
         }
-        for setting in started_with(&old.config, &config) {
-            tracing::warn!(
-                setting,
-                "changed by a reload, which does not apply it: the value in force stays until a restart"
-            );
-        }
         // Every file it names loads, as `check-config` and a start require: a reload is
         // refused as a whole, never applied with a recording directory no session can write.
         let problems = check_files(&config);
@@ -309,6 +303,14 @@ impl Shared {
         }
         let grace = config.server.removed_route_grace;
         let runtime = build_runtime(config, &self.denylist, Some(&old), &self.metrics)?;
+        // Applied: what it says of the settings read at start is compared with the values in
+        // force, the ones the process started with (not the last reload's).
+        for setting in self.start_only.changed(&runtime.config) {
+            tracing::warn!(
+                setting,
+                "changed by a reload, which does not apply it: the value in force stays until a restart"
+            );
+        }
         self.sessions.routes_in_force(runtime.config.routes.iter().map(|r| r.name.clone()));
         // A key the reload removes (a static one, or a whole JWKS source's; a source it keeps
         // starts from the keys it had) ends the sessions of the tokens it verified.
@@ -592,23 +594,6 @@ pub struct Server {
     workers: Option<Workers>,
 }
 
-/// The settings a process reads once, at its start, that differ between `old` and `new`: a
-/// reload keeps their old values (it is not refused for them), and says so.
-fn started_with(old: &Config, new: &Config) -> Vec<&'static str> {
-    let (o, n) = (&old.server, &new.server);
-    let admin = |c: &Config| c.admin.as_ref().map(|a| (a.max_connections, a.max_connections_per_ip));
-    [
-        (o.max_connections != n.max_connections, "server.max_connections"),
-        (o.worker_threads != n.worker_threads, "server.worker_threads"),
-        (o.worker_model != n.worker_model, "server.worker_model"),
-        (o.reload_poll_interval != n.reload_poll_interval, "server.reload_poll_interval"),
-        (admin(old) != admin(new), "admin.max_connections and max_connections_per_ip"),
-    ]
-    .into_iter()
-    .filter_map(|(changed, name)| changed.then_some(name))
-    .collect()
-}
-
 impl Server {
     /// Builds the server state from a validated configuration: opens the fleet's store and
     /// applies every lock in force (the listeners accept only once this has returned).
@@ -616,6 +601,7 @@ impl Server {
         let denylist = Arc::new(Denylist::default());
         let (fleet, locks) = crate::fleet::Fleet::open(&config.fleet).await?;
         let max_connections = config.server.max_connections;
+        let start_only = crate::config::StartOnly::of(&config);
         // The recorder first: metric handles made before it would record nowhere.
         let metrics = Metrics::global();
         // The cap is the semaphore's, sized once here: a reload does not change it.
@@ -635,6 +621,7 @@ impl Server {
             workers,
             shared: Arc::new(Shared {
                 conn_limit: Arc::new(Semaphore::new(max_connections)),
+                start_only,
                 runtime: ArcSwap::from_pointee(runtime),
                 metrics,
                 tasks: TaskTracker::new(),

@@ -78,6 +78,8 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// Connection cap (`max_connections`); a permit is held per connection.
     pub conn_limit: Arc<Semaphore>,
+    /// The settings read once, at start, as they are in force.
+    pub start_only: crate::config::StartOnly,
     /// Revoked subjects and tokens; kept across reloads.
     pub denylist: Arc<Denylist>,
     /// Live sessions, for `/sessions`, revocation and the drain: its token is the process's

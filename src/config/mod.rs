@@ -172,6 +172,46 @@ pub enum SubjectCaps {
     Reserved,
 }
 
+/// The settings a process reads once, at its start: the values in force however a reload
+/// changes the file, which a reload compares with (and says so).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartOnly {
+    max_connections: usize,
+    worker_threads: usize,
+    worker_model: WorkerModel,
+    reload_poll_interval: std::time::Duration,
+    admin: Option<(usize, usize)>,
+}
+
+impl StartOnly {
+    /// What `config` starts a process with.
+    pub fn of(config: &Config) -> StartOnly {
+        let s = &config.server;
+        StartOnly {
+            max_connections: s.max_connections,
+            worker_threads: s.worker_threads,
+            worker_model: s.worker_model,
+            reload_poll_interval: s.reload_poll_interval,
+            admin: config.admin.as_ref().map(|a| (a.max_connections, a.max_connections_per_ip)),
+        }
+    }
+
+    /// The settings `new` sets otherwise than the values in force (a reload leaves them).
+    pub fn changed(&self, new: &Config) -> Vec<&'static str> {
+        let n = StartOnly::of(new);
+        [
+            (self.max_connections != n.max_connections, "server.max_connections"),
+            (self.worker_threads != n.worker_threads, "server.worker_threads"),
+            (self.worker_model != n.worker_model, "server.worker_model"),
+            (self.reload_poll_interval != n.reload_poll_interval, "server.reload_poll_interval"),
+            (self.admin != n.admin, "admin.max_connections and max_connections_per_ip"),
+        ]
+        .into_iter()
+        .filter_map(|(changed, name)| changed.then_some(name))
+        .collect()
+    }
+}
+
 /// How `run`'s workers share connections when there is more than one (`worker_model`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerModel {
