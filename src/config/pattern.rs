@@ -215,9 +215,11 @@ impl BackendTemplate {
 
     /// Renders `host:port` with validated captures. A capture substituted into the host must
     /// be a single DNS label (no '.'), so a client cannot steer a templated member into another
-    /// domain (`{agent}.agents.internal` with agent `x.evil.example`); `None` then. A host made
-    /// only of captures is refused by validation ([`BackendTemplate::host_is_only_captures`]),
-    /// so no agent id can spell an address (`2130706433`, `0x7f000001`, `0`) or `localhost`.
+    /// domain (`{agent}.agents.internal` with agent `x.evil.example`); `None` then, and when the
+    /// host made is not one the template could mean ([`rendered_host_allowed`]: an IPv4
+    /// shorthand, `localhost`). A host made only of captures is refused by validation
+    /// ([`BackendTemplate::host_is_only_captures`]), so no agent id can spell an address
+    /// (`2130706433`, `0x7f000001`, `0`) or `localhost`.
     pub fn render(&self, caps: &Captures) -> Option<String> {
         let dotted = self.captures().any(|c| caps.get(c).is_some_and(|v| v.contains('.')));
         if dotted {
@@ -320,8 +322,8 @@ fn url_authority(template: &str) -> &str {
     rest.split(['/', '?', '#']).next().unwrap_or(rest)
 }
 
-/// Whether a URL template's host is captured and has no literal character: the whole host is
-/// what the client's path says (`http://{agent}:8080/members`), as a member address may not be
+/// Whether a URL template's host is captured and has no literal letter or digit (separators fix
+/// nothing): the whole host is what the client's path says (`http://{agent}:8080/members`), as a member address may not be
 /// ([`BackendTemplate::host_is_only_captures`]).
 pub fn url_host_is_only_captures(template: &str) -> bool {
     let Ok(parts) = parse_template(url_host(url_authority(template))) else { return false };
@@ -348,6 +350,10 @@ fn fixes_a_part(host: &[Segment]) -> bool {
 /// `127.1` or `0x7f.1` shorthand, [`dns_name`]), and not `localhost` or a name under it
 /// (RFC 6761), which a literal part such as `{agent}host` would let a client spell.
 pub fn rendered_host_allowed(host: &str) -> bool {
+    // An IPv6 literal the template's own brackets and prefix make (`[fd00::{agent}]`).
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok_and(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    }
     let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
     dns_name(host.as_bytes()) && host != "localhost" && !host.ends_with(".localhost")
 }
@@ -513,6 +519,8 @@ mod tests {
         let octet = Captures::from_pairs(&[("agent", "5")]);
         let subnet = "10.0.0.{agent}:7681".parse::<BackendTemplate>().expect("template");
         assert_eq!(subnet.render(&octet).as_deref(), Some("10.0.0.5:7681"), "the operator's own network");
+        let v6 = "[fd00::{agent}]:7681".parse::<BackendTemplate>().expect("template");
+        assert_eq!(v6.render(&octet).as_deref(), Some("[fd00::5]:7681"), "an IPv6 network of the operator's");
         for literal in ["{agent}.agents.internal:7681", "agent-{agent}:7681", "10.0.0.{agent}:7681"] {
             assert!(!literal.parse::<BackendTemplate>().expect("template").host_is_only_captures(), "{literal}");
         }

@@ -247,27 +247,6 @@ fn ends_client(w: Written) -> Option<ClientEnd> {
 
 /// Serves one fan-out client until it leaves, falls behind, or its own deadline ends it; its
 /// end is recorded as every session's is (`record_end`).
-/// What a fan-out client's session moved: the client's frames read, and the stream's frames
-/// written to it (the proxy's own pings and pongs not counted), as a relayed session counts
-/// them: in its live record (`/sessions`), its metrics and its end.
-#[derive(Default)]
-struct Moved {
-    bytes: [u64; 2],
-    frames: [u64; 2],
-}
-
-impl Moved {
-    fn add(&mut self, t: &ClientTask, from: Side, len: usize, data: bool) {
-        let i = usize::from(from == Side::Backend);
-        self.bytes[i] += len as u64;
-        self.frames[i] += 1;
-        let live = &t.control.bytes;
-        let counter = if from == Side::Client { &live.from_client } else { &live.from_backend };
-        counter.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-        t.metrics.relay_bytes(crate::session::direction(from), len as u64, u64::from(data));
-    }
-}
-
 pub(crate) async fn run_client<S>(io: S, early: Vec<u8>, mut t: ClientTask)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -443,5 +422,26 @@ where
     drop(t);
     if write_close {
         close_subscriber(&mut rd, &mut wr, close.as_deref(), cause).await;
+    }
+}
+
+/// What a fan-out client's session moved: the client's frames read, and the stream's frames
+/// written to it (the proxy's own pings and pongs not counted), as a relayed session counts
+/// them: in its live record (`/sessions`), its metrics and its end.
+#[derive(Default)]
+struct Moved {
+    bytes: [u64; 2],
+    frames: [u64; 2],
+}
+
+impl Moved {
+    fn add(&mut self, t: &ClientTask, from: Side, len: usize, data: bool) {
+        let i = usize::from(from == Side::Backend);
+        self.bytes[i] += len as u64;
+        self.frames[i] += 1;
+        let live = &t.control.bytes;
+        let counter = if from == Side::Client { &live.from_client } else { &live.from_backend };
+        counter.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+        t.metrics.relay_bytes(crate::session::direction(from), len as u64, u64::from(data));
     }
 }
