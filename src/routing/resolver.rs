@@ -425,6 +425,15 @@ mod tests {
         }
     }
 
+    /// An address nothing listens on: a port bound and never listened on, held (with the
+    /// socket returned) so that no other socket takes it.
+    fn closed_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
+        closed.bind("127.0.0.1:0".parse().expect("addr")).expect("bind port 0");
+        let addr = closed.local_addr().expect("bound socket has an address");
+        (closed, addr)
+    }
+
     fn expected_members() -> Resolved {
         Resolved::Members(vec![
             Member { addr: "10.1.2.3:7681".into(), weight: 2 },
@@ -543,10 +552,7 @@ mod tests {
         let err = resolver.resolve(&registry.url("a1")).await.expect_err("500 is a failure");
         assert_eq!(err, ResolveError::Unavailable("registry answered 500".into()));
 
-        // Nothing listens on a port bound and never listened on (held, so no other socket takes it).
-        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
-        closed.bind("127.0.0.1:0".parse().expect("addr")).expect("bind port 0");
-        let addr = closed.local_addr().expect("bound socket has an address");
+        let (_closed, addr) = closed_port();
         let err = resolver.resolve(&format!("http://{addr}/agents/a1")).await.expect_err("refused");
         assert!(matches!(err, ResolveError::Unavailable(m) if m.starts_with("connect")));
     }
@@ -577,10 +583,7 @@ mod tests {
     /// registry host that refuses connections is held as a whole.
     #[tokio::test]
     async fn an_unreachable_registry_host_is_tried_once_per_hold_whatever_the_agent() {
-        // Nothing listens on a port bound and never listened on (held, so no other socket takes it).
-        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
-        closed.bind("127.0.0.1:0".parse().expect("addr")).expect("bind port 0");
-        let addr = closed.local_addr().expect("bound socket has an address");
+        let (_closed, addr) = closed_port();
         let resolver = RegistryResolver::new(settings(1000 * MS, 1000 * MS, 1000 * MS));
         let first = resolver.resolve(&format!("http://{addr}/agents/a0")).await.expect_err("refused");
         assert!(matches!(&first, ResolveError::Unavailable(m) if m.starts_with("connect")), "{first:?}");

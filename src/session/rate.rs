@@ -22,6 +22,15 @@ pub struct Limit {
 }
 
 impl Limit {
+    /// What a sender `over` its burst at `now` ([`Gcra::charge`]) gets: go on, wait, or close.
+    pub fn decide(&self, over: Duration, now: Instant) -> Next {
+        match over {
+            over if over.is_zero() => Next::Go,
+            _ if self.action == RateAction::Close => Next::Over,
+            over => Next::WaitUntil(now + over),
+        }
+    }
+
     /// The client's rate of a session that started at `epoch`, when `settings` set one.
     pub fn client(settings: &SessionSettings, epoch: Instant) -> Option<Limit> {
         Limit::of(settings, settings.client_rate, epoch)
@@ -98,10 +107,6 @@ impl Metered {
         self.bytes += len as u64;
         self.frames += 1;
         let now = Instant::now();
-        match self.gcra.charge(limit, now, self.bytes, self.frames) {
-            over if over.is_zero() => Next::Go,
-            _ if limit.action == RateAction::Close => Next::Over,
-            over => Next::WaitUntil(now + over),
-        }
+        limit.decide(self.gcra.charge(limit, now, self.bytes, self.frames), now)
     }
 }

@@ -224,6 +224,20 @@ mod tests {
         assert_eq!(ends.relay.await.expect("relay").reason, "ping_timeout");
     }
 
+    /// Writes `frame` to `end` 2,000 bytes every 100 ms (until the pipe breaks), then hands the
+    /// end back.
+    fn trickle(mut end: DuplexStream, frame: Vec<u8>) -> tokio::task::JoinHandle<DuplexStream> {
+        tokio::spawn(async move {
+            for piece in frame.chunks(2_000) {
+                if end.write_all(piece).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            end
+        })
+    }
+
     /// Found by an attacker review: a ping goes only between frames, and one due while the
     /// backend trickled a large frame to the client waited behind it, but its timeout ran from
     /// when it was due: a client reading every byte was closed for not answering a ping it had
@@ -236,14 +250,8 @@ mod tests {
         // One 100 KB binary frame from the backend, 2 KB every 100 ms: 5 s in all.
         let mut frame = Vec::new();
         crate::codec::encode(true, 0, opcode::BINARY, None, &[7u8; 100_000], &mut frame);
-        let (mut backend, mut client) = (ends.backend, ends.client);
-        let trickle = tokio::spawn(async move {
-            for piece in frame.chunks(2_000) {
-                backend.write_all(piece).await.expect("write");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            backend
-        });
+        let (backend, mut client) = (ends.backend, ends.client);
+        let trickle = trickle(backend, frame);
         // The client reads everything, and answers every ping.
         let mut reader = Reader::new(Side::Backend, UNLIMITED, &[], 1024);
         let mut got = 0;
@@ -282,16 +290,8 @@ mod tests {
         let ends = start(settings, None);
         let mut frame = Vec::new();
         crate::codec::encode(true, 0, opcode::BINARY, None, &vec![7u8; 1_000_000], &mut frame);
-        let (mut backend, client) = (ends.backend, ends.client);
-        let writer = tokio::spawn(async move {
-            for piece in frame.chunks(2_000) {
-                if backend.write_all(piece).await.is_err() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            backend
-        });
+        let (backend, client) = (ends.backend, ends.client);
+        let writer = trickle(backend, frame);
         let t0 = Instant::now();
         let end = ends.relay.await.expect("relay");
         assert_eq!(end.reason, "ping_timeout");

@@ -12,8 +12,8 @@ use tokio::time::{Instant, Sleep};
 
 use super::pool;
 use crate::codec::{self as frame, opcode, Event, FrameLimits, Tracker, Violation};
-use crate::config::RateAction;
 use crate::session::close::CloseFrame;
+use crate::session::rate::Next;
 use crate::session::{Behind, PayloadSink, Side};
 
 pub(super) use crate::session::rate::Limit;
@@ -42,14 +42,11 @@ impl Throttle {
     fn admit(&mut self, cx: &mut Context<'_>, limit: &Limit, bytes: u64, frames: u64) -> Admit {
         loop {
             let now = Instant::now();
-            let over = self.gcra.charge(limit, now, bytes, frames);
-            if over.is_zero() {
-                return Admit::Go;
-            }
-            if limit.action == RateAction::Close {
-                return Admit::Over;
-            }
-            let at = now + over;
+            let at = match limit.decide(self.gcra.charge(limit, now, bytes, frames), now) {
+                Next::Go => return Admit::Go,
+                Next::Over => return Admit::Over,
+                Next::WaitUntil(at) => at,
+            };
             let pause = self.pause.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
             pause.as_mut().reset(at);
             if pause.as_mut().poll(cx).is_pending() {
