@@ -1,6 +1,6 @@
 //! The proxy's own outbound HTTP client: one GET per fresh HTTP/1.1 connection, over TLS for
-//! `https://` URLs. JWKS key sets and registry lookups both go through it; each caller bounds
-//! the whole request with its own timeout and reads the status itself.
+//! `https://` URLs. JWKS key sets and registry lookups both go through it; each caller gives
+//! the whole request's timeout and reads the status itself.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,9 +20,12 @@ pub enum OutboundError {
     /// The URL is not `http://` or `https://` with a host.
     #[error("invalid url: {0}")]
     Url(&'static str),
-    /// The TCP connect failed.
+    /// The TCP connect failed, or took the whole timeout (a host that drops SYNs).
     #[error("connect: {0}")]
     Connect(String),
+    /// Connected, but the answer did not come within the timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
     /// The TLS handshake failed (or the host is not a valid server name).
     #[error("tls: {0}")]
     Tls(String),
@@ -61,23 +64,44 @@ impl HttpClient {
         Ok(HttpClient { tls: TlsConnector::from(Arc::new(config)) })
     }
 
-    /// GETs `uri` with `headers` (plus `Host`) and reads at most `max_body` bytes of the body.
+    /// GETs `uri` with `headers` (plus `Host`) and reads at most `max_body` bytes of the body,
+    /// all within `timeout`. A connect still pending when it runs out is
+    /// [`OutboundError::Connect`], as a refused one, so a caller can tell a host it cannot reach
+    /// from one that was reached and did not answer.
     pub async fn get(
         &self,
         uri: &Uri,
         headers: HeaderMap,
         max_body: usize,
+        timeout: std::time::Duration,
     ) -> Result<(StatusCode, Bytes), OutboundError> {
-        let https = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => return Err(OutboundError::Url("must be http:// or https://")),
+        let deadline = tokio::time::Instant::now() + timeout;
+        let tcp = match tokio::time::timeout_at(deadline, self.connect(uri)).await {
+            Ok(tcp) => tcp?,
+            Err(_) => return Err(OutboundError::Connect(format!("no connection within {timeout:?}"))),
         };
-        let host = uri.host().ok_or(OutboundError::Url("no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        match tokio::time::timeout_at(deadline, self.exchange(uri, tcp, headers, max_body)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(OutboundError::Timeout(timeout)),
+        }
+    }
+
+    async fn connect(&self, uri: &Uri) -> Result<TcpStream, OutboundError> {
+        let (host, port) = host_and_port(uri)?;
         let tcp = TcpStream::connect((host, port)).await.map_err(|e| OutboundError::Connect(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    async fn exchange(
+        &self,
+        uri: &Uri,
+        tcp: TcpStream,
+        headers: HeaderMap,
+        max_body: usize,
+    ) -> Result<(StatusCode, Bytes), OutboundError> {
+        let https = uri.scheme_str() == Some("https");
+        let (host, _) = host_and_port(uri)?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         // The host and port only: never what an authority may carry before them.
         let authority = match uri.port_u16() {
@@ -97,6 +121,19 @@ impl HttpClient {
             send(TokioIo::new(tcp), req, max_body).await
         }
     }
+}
+
+/// The host (without an IPv6 literal's brackets) and port `uri` names; only `http://` and
+/// `https://` URLs with a host.
+fn host_and_port(uri: &Uri) -> Result<(&str, u16), OutboundError> {
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(OutboundError::Url("must be http:// or https://")),
+    };
+    let host = uri.host().ok_or(OutboundError::Url("no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((host, uri.port_u16().unwrap_or(if https { 443 } else { 80 })))
 }
 
 /// Sends `req` on a fresh HTTP/1.1 connection and reads the body (at most `max_body` bytes).

@@ -97,10 +97,8 @@ pub fn check_files(config: &Config) -> Vec<String> {
 pub async fn health_check(url: &str, limit: Duration) -> Result<String, String> {
     let uri: http::Uri = url.parse().map_err(|_| format!("{url} is not a URL"))?;
     let client = outbound::HttpClient::new(None)?;
-    let answer = tokio::time::timeout(limit, client.get(&uri, http::HeaderMap::new(), 4096))
-        .await
-        .map_err(|_| format!("{url}: no answer within {limit:?}"))?;
-    let (status, body) = answer.map_err(|e| format!("{url}: {e}"))?;
+    let (status, body) =
+        client.get(&uri, http::HeaderMap::new(), 4096, limit).await.map_err(|e| format!("{url}: {e}"))?;
     let said = format!("{url}: {status} {}", String::from_utf8_lossy(&body).trim());
     if status == http::StatusCode::OK {
         Ok(said)

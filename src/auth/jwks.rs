@@ -143,10 +143,7 @@ impl JwksSource {
     /// Fetches the key set and replaces the cached keys; on failure the old keys stay.
     pub async fn refresh(&self) -> Result<usize, JwksError> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        let result = match tokio::time::timeout(self.settings.timeout, self.fetch()).await {
-            Ok(r) => r,
-            Err(_) => Err(JwksError::Timeout),
-        };
+        let result = self.fetch().await;
         let url = crate::outbound::loggable(&self.settings.url);
         match result {
             Ok(set) => {
@@ -214,11 +211,13 @@ impl JwksSource {
     async fn fetch(&self) -> Result<JwkSet, JwksError> {
         let mut headers = http::HeaderMap::new();
         headers.insert(http::header::ACCEPT, http::HeaderValue::from_static("application/json"));
-        let (status, body) = self
-            .client
-            .get(&self.settings.url, headers, MAX_JWKS_BYTES)
-            .await
-            .map_err(|e| JwksError::Http(e.to_string()))?;
+        let (status, body) =
+            self.client.get(&self.settings.url, headers, MAX_JWKS_BYTES, self.settings.timeout).await.map_err(|e| {
+                match e {
+                    crate::outbound::OutboundError::Timeout(_) => JwksError::Timeout,
+                    e => JwksError::Http(e.to_string()),
+                }
+            })?;
         if !status.is_success() {
             return Err(JwksError::Status(status.as_u16()));
         }

@@ -325,7 +325,7 @@ fn url_authority(template: &str) -> &str {
 /// Whether a URL template's host is captured and has no literal letter or digit (separators fix
 /// nothing): the whole host is what the client's path says (`http://{agent}:8080/members`), as a member address may not be
 /// ([`BackendTemplate::host_is_only_captures`]).
-pub fn url_host_is_only_captures(template: &str) -> bool {
+pub(crate) fn url_host_is_only_captures(template: &str) -> bool {
     let Ok(parts) = parse_template(url_host(url_authority(template))) else { return false };
     parts.iter().any(|p| !matches!(p, Segment::Literal(_))) && !fixes_a_part(&parts)
 }
@@ -349,7 +349,7 @@ fn fixes_a_part(host: &[Segment]) -> bool {
 /// could mean: a DNS name (whose last label, when a number, is a dotted-quad address's: no
 /// `127.1` or `0x7f.1` shorthand, [`dns_name`]), and not `localhost` or a name under it
 /// (RFC 6761), which a literal part such as `{agent}host` would let a client spell.
-pub fn rendered_host_allowed(host: &str) -> bool {
+pub(crate) fn rendered_host_allowed(host: &str) -> bool {
     // An IPv6 literal the template's own brackets and prefix make (`[fd00::{agent}]`).
     if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         return v6.parse::<std::net::Ipv6Addr>().is_ok_and(|ip| !ip.is_loopback() && !ip.is_unspecified());

@@ -37,7 +37,7 @@ pub struct Admitted {
     /// Headers the proxy sets for the backend (the verified identity, a forwarded token):
     /// nothing the client sends can remove or pass for them.
     identity: HeaderMap,
-    /// Path and query for the backend (token query parameter removed).
+    /// Path and query for the backend (the token and resume query parameters removed).
     pub path_and_query: String,
     /// The upgrade (none for a plain HTTP request), with a token subprotocol entry removed.
     pub ws: Option<WsRequest>,
@@ -61,12 +61,18 @@ pub async fn admit(
     check_origin(route.origin.as_ref(), headers)?;
     let mut out_headers = headers.clone();
     let mut identity = HeaderMap::new();
+    // The resume id is the proxy's business: whoever holds it can take the session over (its
+    // subject's), so it does not go on to the backend, as a token parameter does not.
+    let mut forwarded = match &route.resume {
+        Some(resume) => remove_query_param(path_and_query, &resume.param),
+        None => path_and_query.to_owned(),
+    };
     let Some(policy) = &route.auth else {
         return Ok(Admitted {
             claims: None,
             headers: out_headers,
             identity,
-            path_and_query: path_and_query.to_owned(),
+            path_and_query: forwarded,
             ws,
             token_subprotocol: None,
             subprotocol_marker: None,
@@ -128,7 +134,6 @@ pub async fn admit(
     check_grant(&claims, policy, caps)?;
 
     // Remove every token carrier before forwarding.
-    let mut path_and_query = path_and_query.to_owned();
     let mut token_subprotocol = None;
     let mut subprotocol_marker = None;
     for source in &policy.sources {
@@ -136,7 +141,7 @@ pub async fn admit(
             TokenSource::Bearer => {
                 out_headers.remove(AUTHORIZATION);
             }
-            TokenSource::Query(name) => path_and_query = remove_query_param(&path_and_query, name),
+            TokenSource::Query(name) => forwarded = remove_query_param(&forwarded, name),
             // Every credential cookie comes off in the backend's header builder, on every route.
             TokenSource::Cookie(_) => {}
             TokenSource::Subprotocol(prefix) => {
@@ -176,7 +181,7 @@ pub async fn admit(
         claims: Some(claims),
         headers: out_headers,
         identity,
-        path_and_query,
+        path_and_query: forwarded,
         ws,
         token_subprotocol,
         subprotocol_marker,

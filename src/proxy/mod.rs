@@ -1327,7 +1327,7 @@ async fn handle_upgrade(
         let to = Owner { instance: &owner, peer: &peer, kind: "resume" };
         return Box::pin(relay_to_owner(ctx, &route, &caps, req, &ws, to, stream)).await;
     }
-    let mut admitted = match admit(ctx, runtime, &route, &caps, req.headers(), path_and_query, Some(ws)).await {
+    let admitted = match admit(ctx, runtime, &route, &caps, req.headers(), path_and_query, Some(ws)).await {
         Ok(a) => a,
         Err(e) => return reject(ctx, &route.name, e),
     };
@@ -1356,9 +1356,6 @@ async fn handle_upgrade(
             }
             Ok(crate::session::resume::Claim::Fresh(r)) => registration = Some(r),
         }
-        // The resume id is the proxy's business: whoever holds it can take the session over
-        // (its subject's), so it does not go on to the backend, as a token parameter does not.
-        admitted.path_and_query = auth::remove_query_param(&admitted.path_and_query, &settings.param);
     }
     let subject_slots = match subject_slots(ctx, runtime, &route, admitted.claims.as_deref()).await {
         Ok(s) => s,

@@ -63,7 +63,7 @@ impl PassiveHealth {
     /// of two different requesters failed on it with no success in between, within `max`. A
     /// member that fails every handshake is out after the second requester's; a user whose own
     /// agent a shared member cannot serve takes it away from no one.
-    pub fn record_refusal(&self, addr: &str, requester: u64) {
+    pub(crate) fn record_refusal(&self, addr: &str, requester: u64) {
         let now = Instant::now();
         let earlier = {
             let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());

@@ -221,11 +221,7 @@ impl RegistryResolver {
     async fn fetch(&self, url: &str) -> Result<Resolved, ResolveError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let timeout = self.settings.timeout;
-        let result = match tokio::time::timeout(timeout, self.request(url)).await {
-            Ok(result) => result,
-            Err(_) => Err(ResolveError::Unavailable(format!("no answer within {timeout:?}"))),
-        };
+        let result = self.request(url).await;
         let label = match &result {
             Ok(Resolved::Members(_)) => "ok",
             Ok(Resolved::NotFound) => "not_found",
@@ -242,10 +238,12 @@ impl RegistryResolver {
         if let Some(why) = self.unreachable.get(&host).await {
             return Err(ResolveError::Unavailable(format!("{why} (not tried again yet)")));
         }
-        let (status, body) = match client.get(&uri, self.request_headers()?, MAX_BODY_BYTES).await {
+        let timeout = self.settings.timeout;
+        let (status, body) = match client.get(&uri, self.request_headers()?, MAX_BODY_BYTES, timeout).await {
             Ok(answer) => answer,
             Err(e) => {
                 let why = e.to_string();
+                // Refused, or no connection within the timeout (a host that drops SYNs).
                 if matches!(e, crate::outbound::OutboundError::Connect(_)) {
                     self.unreachable.insert(host, why.clone()).await;
                 }
@@ -434,6 +432,22 @@ mod tests {
         (closed, addr)
     }
 
+    /// An address whose connects hang: a listener with a full accept queue, so the kernel
+    /// drops further SYNs (as a blackholed host does). Held with the connections that fill it.
+    async fn syn_dropping() -> (socket2::Socket, Vec<tokio::net::TcpStream>, std::net::SocketAddr) {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind port 0");
+        socket.listen(0).expect("listen");
+        let addr = socket.local_addr().expect("addr").as_socket().expect("inet");
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) = tokio::time::timeout(100 * MS, tokio::net::TcpStream::connect(addr)).await {
+                fillers.push(s);
+            }
+        }
+        (socket, fillers, addr)
+    }
+
     fn expected_members() -> Resolved {
         Resolved::Members(vec![
             Member { addr: "10.1.2.3:7681".into(), weight: 2 },
@@ -591,6 +605,24 @@ mod tests {
             let err = resolver.resolve(&format!("http://{addr}/agents/a{n}")).await.expect_err("held");
             assert!(matches!(&err, ResolveError::Unavailable(m) if m.ends_with("(not tried again yet)")), "{err:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_registry_host_that_drops_connects_is_tried_once_per_hold_whatever_the_agent() {
+        let (_socket, _fillers, addr) = syn_dropping().await;
+        let mut s = settings(1000 * MS, 1000 * MS, 1000 * MS);
+        s.timeout = 200 * MS;
+        let resolver = RegistryResolver::new(s);
+        let first = resolver.resolve(&format!("http://{addr}/agents/a0")).await.expect_err("no connection");
+        assert!(matches!(&first, ResolveError::Unavailable(m) if m.starts_with("connect: no connection")), "{first:?}");
+        // Each lookup below would wait the whole timeout again if the host were not held: 20 of
+        // them would take 4 s, and the hold is 1 s.
+        let started = Instant::now();
+        for n in 1..20 {
+            let err = resolver.resolve(&format!("http://{addr}/agents/a{n}")).await.expect_err("held");
+            assert!(matches!(&err, ResolveError::Unavailable(m) if m.ends_with("(not tried again yet)")), "{err:?}");
+        }
+        assert!(started.elapsed() < 1000 * MS, "held lookups do not wait for the host");
     }
 
     #[tokio::test]

@@ -28,7 +28,7 @@ pub mod clock;
 pub mod close;
 pub mod fanout;
 pub mod observe;
-pub mod rate;
+pub(crate) mod rate;
 pub mod recording;
 pub mod resume;
 pub mod subscriber;

@@ -99,6 +99,24 @@ async fn catch_all_captures_keep_the_rest_of_the_path_and_the_query() {
 }
 
 #[tokio::test]
+async fn a_resume_id_never_reaches_the_backend_of_a_plain_request_either() {
+    // A route that resumes WebSocket sessions and proxies plain requests: a resume id is a
+    // credential for the user's parked session, so no request carries it on to the backend.
+    let backend = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = api_config(&key, &[backend.addr], json!({}))
+        .set("routes.1.kind", "both")
+        .merge("routes.1.auth", json!({"required_claims": ["sub"]}))
+        .merge("routes.1", json!({"resume": {}}))
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let mut c = H1::connect(proxy.plain, false).await;
+    let a = c.get("/agents/a1/api/headers?resume=r3sume-1d&x=y", &[("authorization", &key.bearer(&["a1"]))]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(backend.seen()[0].uri, "/v1/headers?x=y");
+}
+
+#[tokio::test]
 async fn a_body_over_the_limit_is_413_and_never_reaches_the_backend() {
     let backend = RestBackend::start("m1").await;
     let key = hmac();
