@@ -134,6 +134,18 @@ impl SessionControl {
         })
     }
 
+    /// `bytes` moved from `from`, `data` data frames among them: counted in the session's live
+    /// record (`/sessions`) and the relay metrics. Every kind of session that moves frames (a
+    /// relayed session, a fan-out client, an observer) counts through here.
+    pub(crate) fn moved(&self, metrics: &crate::metrics::Metrics, from: Side, bytes: u64, data: u64) {
+        let counter = match from {
+            Side::Client => &self.bytes.from_client,
+            Side::Backend => &self.bytes.from_backend,
+        };
+        counter.fetch_add(bytes, Ordering::Relaxed);
+        metrics.relay_bytes(direction(from), bytes, data);
+    }
+
     /// Notes that the session's end-of-session line is written; false if it already was.
     pub(crate) fn log_once(&self) -> bool {
         !self.logged.swap(true, Ordering::AcqRel)

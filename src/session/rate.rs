@@ -76,15 +76,18 @@ impl Gcra {
 }
 
 /// A client read frame by frame (an observer, a fan-out client) held to its session's rate:
-/// after each frame, whether to read on, wait, or close.
+/// after each frame, whether to read on, pause ("slow": [`Metered::reading`] is false until
+/// [`Metered::resumed`]) or close.
 pub struct Metered {
     limit: Option<Limit>,
     gcra: Gcra,
     bytes: u64,
     frames: u64,
+    /// Read nothing more before this instant.
+    paused: Option<Instant>,
 }
 
-/// What [`Metered::frame`] decided.
+/// What [`Limit::decide`] decided.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
     /// Read on.
@@ -95,18 +98,53 @@ pub enum Next {
     Over,
 }
 
+/// A sender over its rate with `rate_action = "close"` (counted as a `session_rate` refusal).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Over;
+
 impl Metered {
     /// The client rate of `settings`, for a session that starts now.
     pub fn client(settings: &SessionSettings) -> Metered {
-        Metered { limit: Limit::client(settings, Instant::now()), gcra: Gcra::default(), bytes: 0, frames: 0 }
+        Metered {
+            limit: Limit::client(settings, Instant::now()),
+            gcra: Gcra::default(),
+            bytes: 0,
+            frames: 0,
+            paused: None,
+        }
     }
 
-    /// A frame of `len` bytes (header included) was read.
-    pub fn frame(&mut self, len: usize) -> Next {
-        let Some(limit) = &self.limit else { return Next::Go };
+    /// A frame of `len` bytes (header included) was read: it may pause the reading (counted
+    /// in `metrics` as a relayed client's pause is), or end the session.
+    pub fn frame(&mut self, len: usize, metrics: &crate::metrics::Metrics) -> Result<(), Over> {
+        let Some(limit) = &self.limit else { return Ok(()) };
         self.bytes += len as u64;
         self.frames += 1;
         let now = Instant::now();
-        limit.decide(self.gcra.charge(limit, now, self.bytes, self.frames), now)
+        match limit.decide(self.gcra.charge(limit, now, self.bytes, self.frames), now) {
+            Next::Go => Ok(()),
+            Next::WaitUntil(until) => {
+                self.paused = Some(until);
+                metrics.rate_paused(crate::metrics::Direction::ClientToBackend, 1);
+                Ok(())
+            }
+            Next::Over => {
+                crate::metrics::limit_refused("session_rate");
+                Err(Over)
+            }
+        }
+    }
+
+    /// Whether the client may be read now (not paused).
+    pub fn reading(&self) -> bool {
+        self.paused.is_none()
+    }
+
+    /// Waits out a pause (at once when there is none).
+    pub async fn resumed(&mut self) {
+        if let Some(until) = self.paused {
+            tokio::time::sleep_until(until).await;
+        }
+        self.paused = None;
     }
 }

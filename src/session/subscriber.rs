@@ -10,8 +10,33 @@ use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
+use crate::metrics::Metrics;
 use crate::session::close::Cause;
-use crate::session::Side;
+use crate::session::{SessionControl, SessionEnd, Side};
+
+/// What a subscriber's session moved, as a relayed session counts it: the frames read from
+/// its client, and the source's frames written to it (the proxy's own pings and pongs not
+/// counted). Each is counted live ([`SessionControl::moved`]) and totalled for its end.
+#[derive(Default)]
+pub(crate) struct Moved {
+    bytes: [u64; 2],
+    frames: [u64; 2],
+}
+
+impl Moved {
+    /// A frame of `len` bytes moved from `from` (a data frame, or a control frame).
+    pub(crate) fn add(&mut self, control: &SessionControl, metrics: &Metrics, from: Side, len: usize, data: bool) {
+        let i = usize::from(from == Side::Backend);
+        self.bytes[i] += len as u64;
+        self.frames[i] += 1;
+        control.moved(metrics, from, len as u64, u64::from(data));
+    }
+
+    /// The session's end: `cause`, with what it moved.
+    pub(crate) fn end(&self, cause: Cause) -> SessionEnd {
+        SessionEnd { bytes: self.bytes, frames: self.frames, ..SessionEnd::of(cause) }
+    }
+}
 
 /// Raised once, when a publisher drops a subscriber for falling a whole queue behind. The
 /// subscriber's writer waits on it as well as on its queue: a client that stopped reading

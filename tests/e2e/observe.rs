@@ -84,6 +84,15 @@ async fn an_observer_sees_the_replay_then_the_output_with_the_owner_and_cannot_s
     obs.send(true, op::PING, b"hi").await;
     let pong = obs.recv().await;
     assert_eq!((pong.opcode, pong.payload.as_slice()), (op::PONG, &b"hi"[..]));
+    // The observer's own session counts what it moved, as a relayed session does: the replay and
+    // the 20 outputs written to it (their payloads alone are 189 bytes), and its ping (2 + 4 +
+    // 2 bytes). It counted nothing before.
+    let (_, body) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+    let v: Value = serde_json::from_str(&body).expect("json");
+    let own = v["sessions"].as_array().expect("list").iter().find(|e| e["kind"] == "observer").cloned();
+    let own = own.unwrap_or_else(|| panic!("the observer's own session: {body}"));
+    assert!(own["bytes_from_backend"].as_u64().is_some_and(|b| b >= 189), "{own}");
+    assert_eq!(own["bytes_from_client"], 8, "{own}");
     obs.send(true, op::TEXT, b"rm -rf /").await;
     assert_eq!(obs.recv_close().await.close_code(), Some(1008));
     assert!(!backend.log.frames().iter().any(|f| f.payload == b"rm -rf /"));

@@ -269,11 +269,7 @@ where
             let mid_data = !d.tracker.at_boundary() && !d.tracker.holding();
             d.frames += data;
             if bytes != self.bytes_reported[i] {
-                let delta = bytes - self.bytes_reported[i];
-                self.metrics.relay_bytes(crate::session::direction(side), delta, data);
-                let live = &self.control.bytes;
-                let counter = if i == 0 { &live.from_client } else { &live.from_backend };
-                counter.fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+                self.control.moved(&self.metrics, side, bytes - self.bytes_reported[i], data);
                 self.bytes_reported[i] = bytes;
                 self.peers[i].ping.heard(now);
             }

@@ -24,8 +24,10 @@ use crate::session::clock::{or_far, Clock, Ping, PingDue, Pings};
 use crate::session::close::{
     check_peer_close, Cause, CloseFrame, Refusal, Subscriber as Kind, NO_CLIENTS, REPLY_TO_CLOSE,
 };
-use crate::session::rate::{Metered, Next};
-use crate::session::subscriber::{close_subscriber, write_flushed, write_unless_dropped, Lag, Written, CLOSE_TIMEOUT};
+use crate::session::rate::Metered;
+use crate::session::subscriber::{
+    close_subscriber, write_flushed, write_unless_dropped, Lag, Moved, Written, CLOSE_TIMEOUT,
+};
 use crate::session::SessionControl;
 
 /// The close frame the proxy writes; masked toward the backend.
@@ -273,7 +275,6 @@ where
     // What the client sends (pings, and data on a forwarding route) is held to the route's
     // client rate, as a relayed session's is: read nothing more before `paused` ("slow").
     let mut rate = Metered::client(&t.session);
-    let mut paused: Option<Instant> = None;
     let mut moved = Moved::default();
     // The timer is set again only when it fires or a pong comes: data only moves the idle
     // deadline later, and a timer that fires early finds nothing due and is set again.
@@ -292,7 +293,7 @@ where
                         break end;
                     }
                     // One of the backend's frames, whole.
-                    moved.add(&t, Side::Backend, bytes.len(), true);
+                    moved.add(&t.control, &t.metrics, Side::Backend, bytes.len(), true);
                     clock.data(Instant::now());
                 }
                 None if t.lagged.is_raised() => break SLOW,
@@ -301,21 +302,16 @@ where
                     _ => break (Cause::SourceEnded(Kind::FanoutClient), true),
                 },
             },
-            () = tokio::time::sleep_until(or_far(paused)), if paused.is_some() => paused = None,
-            f = reader.next(&mut rd), if paused.is_none() => {
+            () = rate.resumed(), if !rate.reading() => {}
+            f = reader.next(&mut rd), if rate.reading() => {
                 let f = match f {
                     Ok(Some(f)) => f,
                     Ok(None) | Err(ReadError::Io(_)) => break (Cause::Lost(Side::Client), false),
                     Err(ReadError::Violation(violation)) => break (Cause::Violation { by: Side::Client, violation }, true),
                 };
-                moved.add(&t, Side::Client, f.bytes.len(), !frame::is_control(f.opcode));
-                match rate.frame(f.bytes.len()) {
-                    Next::Go => {}
-                    Next::WaitUntil(until) => paused = Some(until),
-                    Next::Over => {
-                        crate::metrics::limit_refused("session_rate");
-                        break (Cause::RateLimit(Side::Client), true);
-                    }
+                moved.add(&t.control, &t.metrics, Side::Client, f.bytes.len(), !frame::is_control(f.opcode));
+                if rate.frame(f.bytes.len(), &t.metrics).is_err() {
+                    break (Cause::RateLimit(Side::Client), true);
                 }
                 match f.opcode {
                     opcode::PING => {
@@ -412,36 +408,10 @@ where
         _ => cause.plan().to_client.map(|f| close_frame(f, false)),
     };
     t.metrics.fanout_subscriber(&route, -1.0);
-    let end = crate::session::SessionEnd {
-        bytes: moved.bytes,
-        frames: moved.frames,
-        ..crate::session::SessionEnd::of(cause)
-    };
-    crate::session::close::record_end(&t.metrics, t.registered.entry(), started, &end);
+    crate::session::close::record_end(&t.metrics, t.registered.entry(), started, &moved.end(cause));
     // Leaves the stream before the connection ends: a lingering client holds nothing of it.
     drop(t);
     if write_close {
         close_subscriber(&mut rd, &mut wr, close.as_deref(), cause).await;
-    }
-}
-
-/// What a fan-out client's session moved: the client's frames read, and the stream's frames
-/// written to it (the proxy's own pings and pongs not counted), as a relayed session counts
-/// them: in its live record (`/sessions`), its metrics and its end.
-#[derive(Default)]
-struct Moved {
-    bytes: [u64; 2],
-    frames: [u64; 2],
-}
-
-impl Moved {
-    fn add(&mut self, t: &ClientTask, from: Side, len: usize, data: bool) {
-        let i = usize::from(from == Side::Backend);
-        self.bytes[i] += len as u64;
-        self.frames[i] += 1;
-        let live = &t.control.bytes;
-        let counter = if from == Side::Client { &live.from_client } else { &live.from_backend };
-        counter.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-        t.metrics.relay_bytes(crate::session::direction(from), len as u64, u64::from(data));
     }
 }

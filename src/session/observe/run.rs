@@ -16,8 +16,7 @@ use tokio::io::AsyncWriteExt;
 use super::{Hub, Observer};
 use crate::codec::{self, opcode, FrameLimits, ReadError, Reader, Side, Violation};
 use crate::session::close::{Cause, Refusal, Subscriber, REPLY_TO_CLOSE};
-use crate::session::rate::Next;
-use crate::session::subscriber::{close_subscriber, write_unless_dropped, Written};
+use crate::session::subscriber::{close_subscriber, write_unless_dropped, Moved, Written};
 
 /// The observed session, when the request asks to observe one: `?observe=<id>` (a session of
 /// this instance), or `?observe=<instance>/<id>` (one of the fleet's).
@@ -105,8 +104,8 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let clock = crate::session::clock::Clock::with(watch.lifetime, std::time::Duration::ZERO, watch.expires_at);
     let deadline = clock.until_due();
     tokio::pin!(deadline);
-    // Read nothing more before this instant: over its rate with `rate_action = "slow"`.
-    let mut paused: Option<tokio::time::Instant> = None;
+    // What it was sent and what it sent, counted as a relayed session's.
+    let mut moved = Moved::default();
     // Every write is bounded: an observer that stops reading must not hold this task.
     // Why it ended (its metric label), and whether its close frame can be written (not when its
     // connection failed, nor after a frame cut short).
@@ -122,22 +121,14 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                     None if observer.lagged() => Err(SLOW),
                     None => Err(("session_ended", Cause::SourceEnded(Subscriber::Observer))),
                 },
-                () = tokio::time::sleep_until(crate::session::clock::or_far(paused)), if paused.is_some() => {
-                    paused = None;
-                    continue;
-                }
+                () = watch.rate.resumed(), if !watch.rate.reading() => continue,
                 // Cancel-safe: a frame in part stays in the reader.
-                read = reader.next(&mut rd), if paused.is_none() => match read {
-                    Ok(Some(f)) => match watch.rate.frame(f.bytes.len()) {
-                        Next::Over => {
-                            crate::metrics::limit_refused("session_rate");
-                            Err(("rate_limit", Cause::RateLimit(Side::Client)))
-                        }
-                        next => {
-                            if let Next::WaitUntil(until) = next {
-                                paused = Some(until);
-                            }
-                            match f.opcode {
+                read = reader.next(&mut rd), if watch.rate.reading() => match read {
+                    Ok(Some(f)) => {
+                        moved.add(&control, &metrics, Side::Client, f.bytes.len(), !codec::is_control(f.opcode));
+                        match watch.rate.frame(f.bytes.len(), &metrics) {
+                            Err(_) => Err(("rate_limit", Cause::RateLimit(Side::Client))),
+                            Ok(()) => match f.opcode {
                                 opcode::PING => Ok(Out::Pong(f.payload())),
                                 opcode::PONG => continue,
                                 opcode::CLOSE => {
@@ -145,9 +136,9 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                                     Err(("left", Cause::PeerClose { from: Side::Client, code }))
                                 }
                                 _ => Err(("input", Cause::Refused(Refusal::Observer))),
-                            }
+                            },
                         }
-                    },
+                    }
                     Ok(None) | Err(ReadError::Io(_)) => break ("gone", Cause::Lost(Side::Client), false),
                     Err(ReadError::Violation(violation)) => {
                         let label = if matches!(violation, Violation::FrameTooLarge(_)) { "too_big" } else { "protocol" };
@@ -183,7 +174,12 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         // one, and an observer's screen must not lag.
         let write = async { wr.write_all(&wire).await.is_ok() && wr.flush().await.is_ok() };
         match write_unless_dropped(write, &observer.lagged, watch.drop_grace).await {
-            Written::Done | Written::Dropped => {}
+            Written::Done | Written::Dropped => {
+                if matches!(out, Out::Data(_)) {
+                    // One frame of the session's output, as a relayed session reads its backend's.
+                    moved.add(&control, &metrics, Side::Backend, wire.len(), true);
+                }
+            }
             Written::Failed => break ("gone", Cause::Lost(Side::Client), false),
             // Cut in the middle of a frame: no close frame can follow.
             Written::Cut => break (SLOW.0, SLOW.1, false),
@@ -201,7 +197,7 @@ pub async fn run<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         reason = end,
         "observer left"
     );
-    crate::session::close::record_end(&metrics, watch.own.entry(), started, &crate::session::SessionEnd::of(cause));
+    crate::session::close::record_end(&metrics, watch.own.entry(), started, &moved.end(cause));
     if write_close {
         // A close is answered; every other end is the close table's.
         let close = match cause {
