@@ -15,8 +15,10 @@ use crate::harness::*;
 /// An echo backend that also answers `later <n> <size>` with `n` binary frames (`gap <i>`,
 /// padded to `size` bytes) 150 ms later, while the client may be gone. `sent` counts the
 /// frames sent that way.
-async fn ticker() -> (Backend, Arc<(AtomicUsize, tokio::sync::Notify)>) {
-    let sent = Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new()));
+/// A backend that echoes, and answers `later N [SIZE]` with N frames 150 ms later; `gated N
+/// [SIZE]` sends them once the test opens the gate (`sent.2.notify_one()`). Counts what it sent.
+async fn ticker() -> (Backend, Arc<(AtomicUsize, tokio::sync::Notify, tokio::sync::Notify)>) {
+    let sent = Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new(), tokio::sync::Notify::new()));
     let counter = sent.clone();
     let handler: Handler = Arc::new(move |s: BackendSession| {
         let sent = counter.clone();
@@ -38,12 +40,17 @@ async fn ticker() -> (Backend, Arc<(AtomicUsize, tokio::sync::Notify)>) {
                     }
                     op::PING => encode(true, 0, op::PONG, None, &f.payload),
                     op::PONG => continue,
-                    _ if text.starts_with("later ") => {
+                    _ if text.starts_with("later ") || text.starts_with("gated ") => {
+                        let gated = text.starts_with("gated ");
                         let mut it = text.split(' ').skip(1).map(|n| n.parse::<usize>().unwrap_or(1));
                         let (n, size) = (it.next().unwrap_or(1), it.next().unwrap_or(0));
                         let (wr, sent) = (wr.clone(), sent.clone());
                         tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(150)).await;
+                            if gated {
+                                sent.2.notified().await;
+                            } else {
+                                tokio::time::sleep(Duration::from_millis(150)).await;
+                            }
                             for i in 0..n {
                                 let mut payload = format!("gap {i}").into_bytes();
                                 payload.resize(size.max(payload.len()), b'.');
@@ -73,7 +80,7 @@ async fn ticker() -> (Backend, Arc<(AtomicUsize, tokio::sync::Notify)>) {
     (Backend::start(BackendOpts::default(), handler).await, sent)
 }
 
-async fn wait_sent(sent: &(AtomicUsize, tokio::sync::Notify), n: usize) {
+async fn wait_sent(sent: &(AtomicUsize, tokio::sync::Notify, tokio::sync::Notify), n: usize) {
     tokio::time::timeout(SOON, async {
         loop {
             let notified = sent.1.notified();
@@ -155,10 +162,13 @@ async fn a_client_that_drops_gets_the_same_session_back_with_the_output_of_the_g
     let (mut first, id, _) = open(&proxy, &auth).await;
     first.send(true, op::BINARY, b"hello").await;
     assert_eq!(first.recv().await.payload, b"hello");
-    // The backend will answer while the client is gone: the TCP connection just drops.
-    first.send(true, op::TEXT, b"later 5").await;
+    // The backend will answer while the client is gone: the TCP connection just drops. (Once
+    // the proxy has parked the session: what it wrote to the dead socket before it knew is lost,
+    // as resume.md says.)
+    first.send(true, op::TEXT, b"gated 5").await;
     drop(first);
     wait_state(&proxy, "parked").await;
+    sent.2.notify_one();
     wait_sent(&sent, 5).await;
     // Held by the proxy (not still in flight): the echo and five frames of 7 bytes (the
     // announcement is the proxy's own, not the backend's).

@@ -253,6 +253,49 @@ async fn one_users_failing_agent_cannot_take_shared_members_away_from_everyone()
 }
 
 #[tokio::test]
+async fn two_accounts_failing_together_cannot_take_away_members_that_serve_others() {
+    // Mallory holds two accounts, and her own agent, which the shared gateway members cannot
+    // serve (503). Each of her handshakes fails on both members, for two different requesters:
+    // a member is ejected only when its recent handshakes failed at least as often as they
+    // completed, and alice's complete.
+    let gateway = || {
+        Backend::start(BackendOpts { status_for: Some(("mallory-agent", 503)), ..Default::default() }, echo_handler())
+    };
+    let (g1, g2) = (gateway().await, gateway().await);
+    let key = hmac();
+    let text = TestConfig::base(&[g1.addr.to_string(), g2.addr.to_string()])
+        .merge("", key.auth_keys())
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}, "balance": {"policy": "round_robin"}}))
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let alice = key.bearer(&["a1"]);
+    for _ in 0..6 {
+        let mut c =
+            upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &alice)]).await.expect("101");
+        c.send(true, op::TEXT, b"ok").await;
+        assert_eq!(c.recv().await.payload, b"ok");
+    }
+    for account in ["mallory", "mallory-too"] {
+        let token = format!("Bearer {}", key.token(account, &["mallory-agent"], Duration::from_secs(600)));
+        let refused = upgrade(proxy.plain, false, "/agents/mallory-agent/terminal", &[("authorization", &token)])
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(refused.status, 502, "the gateways' refusal of mallory's agent");
+    }
+    let (_, body) = http_get(proxy.admin, "/routes").await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["routes"][0]["ejected"], json!([]), "{body}");
+    for _ in 0..4 {
+        let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &alice)])
+            .await
+            .expect("alice's agent is still served");
+        c.send(true, op::TEXT, b"ok").await;
+        assert_eq!(c.recv().await.payload, b"ok");
+    }
+}
+
+#[tokio::test]
 async fn purging_an_agent_forces_a_fresh_registry_lookup() {
     let backend = Backend::echo().await;
     let reg = registry().await;
