@@ -281,7 +281,7 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
     (
         Kind::Counter,
         "portcullis_send_timeouts_total",
-        "Client connections closed because the client took no byte of an HTTP answer for server.send_timeout.",
+        "HTTP/1.1 client connections closed, and HTTP/2 streams reset, because the client took no byte of an HTTP answer for server.send_timeout.",
     ),
     (
         Kind::Counter,

@@ -68,6 +68,7 @@ address = "127.0.0.1:$ADMIN_PORT"
 
 [http2]
 max_concurrent_streams = $STREAMS
+max_streams_per_ip = 0
 
 $(terminal_route "$BACKEND_PORT")
 CONF

@@ -91,7 +91,9 @@ impl Default for Http2Settings {
             initial_stream_window: window,
             initial_connection_window: streams * window,
             max_frame_size: 16 * 1024,
-            max_streams_per_ip: 0,
+            // As many exchanges at once as `max_connections_per_ip`'s HTTP/1.1 connections carry:
+            // an address holds no more backend connections over HTTP/2 than over HTTP/1.1.
+            max_streams_per_ip: 256,
             keepalive_interval: Duration::ZERO,
             keepalive_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(180),

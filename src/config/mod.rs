@@ -232,7 +232,7 @@ pub enum WorkerModel {
 /// connection window defaults to the stream window times `max_concurrent_streams`, so no
 /// stream that stops reading (its client's or its backend's side) can take the window the
 /// connection's other streams need.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Http2Settings {
     /// ALPN offers `h2` on TLS listeners (a client that does not ask for it gets HTTP/1.1).
     pub enabled: bool,
@@ -1433,6 +1433,8 @@ backends = ["{host}:80"]
         assert_eq!(c.server, ServerSettings::default());
         assert_eq!(c.session, SessionSettings::default());
         assert_eq!(c.backend, BackendSettings::default());
+        assert_eq!(c.http2, Http2Settings::default());
+        assert_eq!(c.http2.max_streams_per_ip, 256, "an address holds no more over HTTP/2 than over HTTP/1.1");
         assert_eq!(c.admin.as_ref().map(|a| a.address), Some(defaults::ADMIN_ADDRESS));
         assert_eq!(c.auth.leeway, defaults::AUTH_LEEWAY);
         assert_eq!(c.auth.max_sessions_per_subject, defaults::AUTH_MAX_SESSIONS_PER_SUBJECT);

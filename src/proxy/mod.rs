@@ -1060,7 +1060,7 @@ async fn answer_request(
     let least_conns = (route.balance.policy == crate::config::Policy::LeastConnections)
         .then(|| ctx.shared.conns.acquire(&answered.member));
     if let Some(g) = &governance {
-        g.watched_by(ctx.watch());
+        g.watched_by(ctx.watch(), runtime.config.server.send_timeout);
     }
     let mut download = stream::Download::new(body, settings.idle_body_timeout, governance, sse, exchange, least_conns);
     download.keep_alive(settings.sse_keepalive);

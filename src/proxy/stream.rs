@@ -451,6 +451,46 @@ struct Stop {
     close_within: Duration,
     /// Armed once the stop resolved: when it passes, the stream is dropped.
     abandon: Mutex<Option<Pin<Box<Sleep>>>>,
+    /// HTTP/2: whether the body's client takes what it is handed ([`Stall`]).
+    stall: Mutex<Stall>,
+}
+
+/// An HTTP/2 answer's send deadline. hyper takes the body's next chunk only once the stream's
+/// flow-control window has room for the last one, so a client that keeps its window shut
+/// stops the body where it stands, with no read and no timer of the body's own running: the
+/// exchange (its backend connection, its session) would be held until its lifetime. So a chunk
+/// handed to hyper and not followed by hyper's next poll within `send_timeout` drops the
+/// stream, as an HTTP/1.1 client that takes no byte for `send_timeout` loses its connection
+/// (there the socket's write has that deadline; an HTTP/2 connection's writes carry its other
+/// streams, so it is the stream's).
+#[derive(Default)]
+struct Stall {
+    /// `send_timeout` (unset, or zero: no deadline; HTTP/1.1 leaves it unset).
+    within: Option<Duration>,
+    /// When the body was handed to hyper, or its last chunk was, while hyper has not polled it
+    /// since.
+    handed_at: Option<tokio::time::Instant>,
+    /// Fires at the earliest when the deadline can have passed; checked again then (it is set
+    /// once per wait, not at every chunk).
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Stall {
+    /// Ready with the deadline once a chunk has waited for hyper that long.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Duration> {
+        let (Some(within), Some(handed_at)) = (self.within, self.handed_at) else {
+            self.timer = None;
+            return Poll::Pending;
+        };
+        let due = handed_at + within;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        std::task::ready!(timer.as_mut().poll(cx));
+        self.timer = None;
+        Poll::Ready(within)
+    }
 }
 
 impl Stop {
@@ -507,6 +547,13 @@ impl Watch {
         let stop = locked(&self.current).upgrade();
         stop.map_or(Poll::Pending, |stop| stop.poll_abandoned(cx))
     }
+
+    /// HTTP/2: ready with `send_timeout` once the answer now served has waited that long for
+    /// its client to take a chunk ([`Stall`]): the stream is to be dropped.
+    fn poll_stalled(&self, cx: &mut Context<'_>) -> Poll<Duration> {
+        let stop = locked(&self.current).upgrade();
+        stop.map_or(Poll::Pending, |stop| locked(&stop.stall).poll(cx))
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -537,11 +584,16 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
         if inner.poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        let reason = std::task::ready!(this.watch.poll_abandoned(cx)).http_end().label;
-        tracing::info!(
-            reason,
-            "an answer not taken by its client within close_timeout after its session ended; its stream is reset"
-        );
+        if let Poll::Ready(limit) = this.watch.poll_stalled(cx) {
+            crate::metrics::send_timeout();
+            tracing::info!(timeout = ?limit, "the client took nothing of its answer for send_timeout; its stream is reset");
+        } else {
+            let reason = std::task::ready!(this.watch.poll_abandoned(cx)).http_end().label;
+            tracing::info!(
+                reason,
+                "an answer not taken by its client within close_timeout after its session ended; its stream is reset"
+            );
+        }
         this.inner.set(None);
         Poll::Ready(())
     }
@@ -629,6 +681,7 @@ impl Governance {
             polled: AtomicBool::new(false),
             close_within,
             abandon: Mutex::new(None),
+            stall: Mutex::default(),
         });
         Governance { stop, session, slots: Vec::new(), cut, clock, started: Instant::now(), end: None }
     }
@@ -671,16 +724,25 @@ impl Governance {
     }
 
     /// Hands the exchange's stop to what serves its stream: `conn`'s watch (HTTP/1.1), else the
-    /// watch of the HTTP/2 stream whose task this is. Called when its response body goes to
-    /// hyper, which may then stop polling it.
-    pub fn watched_by(&self, conn: Option<&Watch>) {
+    /// watch of the HTTP/2 stream whose task this is, which also drops the stream when its
+    /// client takes nothing of the answer for `send_timeout` ([`Stall`]). Called when its
+    /// response body goes to hyper, which may then stop polling it.
+    pub fn watched_by(&self, conn: Option<&Watch>, send_timeout: Duration) {
         let set = |w: &Watch| *locked(&w.current) = Arc::downgrade(&self.stop);
         let watched = match conn {
             Some(w) => {
                 set(w);
                 true
             }
-            None => STREAM_WATCH.try_with(|w| set(w)).is_ok(),
+            None => {
+                let mut stall = locked(&self.stop.stall);
+                stall.within = Some(send_timeout).filter(|d| !d.is_zero());
+                // hyper polls the body once the stream has window for it: its client owes that
+                // from now (one that opens no window at all is never polled).
+                stall.handed_at = Some(tokio::time::Instant::now());
+                drop(stall);
+                STREAM_WATCH.try_with(|w| set(w)).is_ok()
+            }
         };
         if !watched {
             // Every HTTP/2 stream's task runs under `Watched` (the connection's executor).
@@ -715,6 +777,22 @@ impl Governance {
         drop(future);
         let mut abandon = locked(&self.stop.abandon);
         *abandon = Some(Box::pin(tokio::time::sleep(within)));
+    }
+
+    /// The body is polled: hyper took the chunk it was handed last ([`Stall`]).
+    fn polled(&self) {
+        locked(&self.stop.stall).handed_at = None;
+    }
+
+    /// The body hands hyper a chunk: on HTTP/2 its stream's send deadline runs until hyper
+    /// polls the body again. The deadline's timer is the stream task's (it wakes the watch).
+    fn handed(&self, cx: &mut Context<'_>) {
+        let mut stall = locked(&self.stop.stall);
+        if stall.within.is_some() {
+            stall.handed_at = Some(tokio::time::Instant::now());
+            // Registers the task's waker; not ready, the deadline being ahead.
+            let _ = stall.poll(cx);
+        }
     }
 
     /// The reason the session's stop gave, once it did.
@@ -962,6 +1040,7 @@ impl Body for Download {
             return Poll::Ready(None);
         }
         if let Some(g) = this.governance.as_mut() {
+            g.polled();
             if let Poll::Ready(reason) = g.poll_stop(cx) {
                 this.end = Some(BodyEnd::Ended(reason));
                 return match g.cut {
@@ -993,6 +1072,7 @@ impl Body for Download {
                         this.exchange.metrics.http_body_bytes(Direction::BackendToClient, n);
                         if let Some(g) = &this.governance {
                             g.session.entry().control.bytes.from_backend.fetch_add(n, Ordering::Relaxed);
+                            g.handed(cx);
                         }
                         Frame::data(data)
                     }

@@ -481,3 +481,68 @@ async fn an_answer_to_head_has_no_body_and_a_members_101_is_a_bad_gateway() {
     let (status, _) = h2.get("/agents/a1/api/status?code=101", &[("authorization", &key.bearer(&["a1"]))]).await;
     assert_eq!(status, 502);
 }
+
+#[tokio::test]
+async fn an_answer_whose_client_gives_it_no_window_is_reset_after_send_timeout() {
+    // Found by an attacker review (2026-12-07): a stream whose client keeps its window shut
+    // held its member's connection and its session for the route's lifetime (24 h), since
+    // send_timeout was the HTTP/1.1 socket's only and hyper then polls the body no more; one
+    // address held 973 member connections over 20 client connections.
+    let rest = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = TestConfig::base(&["127.0.0.1:1".to_owned()])
+        .merge(
+            "",
+            json!({
+                "auth": {"keys": [{"algorithms": ["HS256"], "secret_file": key.path.display().to_string()}]},
+                "server": {"send_timeout": "1s"},
+                "routes": [{
+                    "name": "h2stall",
+                    "path": "/agents/{agent}/api/{*rest}",
+                    "kind": "http",
+                    "backends": [rest.addr.to_string()],
+                    "backend_path": "/v1/{rest}",
+                    "auth": {"agent_claim": "agents"},
+                }],
+            }),
+        )
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let bearer = |sub: &str| format!("Bearer {}", key.token(sub, &["a1"], Duration::from_secs(600)));
+    let stall = |sub: &str| {
+        let req = ::http::Request::get("https://localhost/agents/a1/api/stall").header("authorization", bearer(sub));
+        req.body(()).expect("request")
+    };
+    let sessions = async |sub: &str| {
+        let (_, list) = http_get(proxy.admin, "/sessions").await;
+        let list: Value = serde_json::from_str(&list).expect("json");
+        list["sessions"].as_array().map_or(0, |all| all.iter().filter(|s| s["subject"] == sub).count())
+    };
+    let dropped = |sub: &str| {
+        let of = |s: &Seen| s.method == "DROPPED" && s.headers.get("x-portcullis-sub").is_some_and(|v| v == sub);
+        rest.seen().iter().any(of)
+    };
+    // Bob reads his answer; its member then sends nothing more: a silent member is no stall.
+    let mut reading = H2::connect(proxy.tls).await;
+    let (bobs, _) = reading.open(stall("bob"), true).await;
+    let mut bobs = bobs.into_body();
+    let first = tokio::time::timeout(SOON, bobs.data()).await.expect("the first chunk").expect("data").expect("ok");
+    let _ = bobs.flow_control().release_capacity(first.len());
+    // Mallory gives her answer no window: the proxy can hand hyper its first chunk, no more.
+    let mut shut = H2::connect_with_window(proxy.tls, 0).await;
+    let (mallorys, _) = shut.open(stall("mallory"), true).await;
+    assert_eq!(mallorys.status(), 200);
+    eventually("her answer is a session", async || (sessions("mallory").await == 1).then_some(())).await;
+    let started = std::time::Instant::now();
+    eventually("her stalled answer's session ends", async || (sessions("mallory").await == 0).then_some(())).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "within about send_timeout: {:?}", started.elapsed());
+    eventually("her member's request is cut", async || dropped("mallory").then_some(())).await;
+    let mut body = mallorys.into_body();
+    let end = tokio::time::timeout(SOON, body.data()).await.expect("the stream ends in time");
+    assert!(matches!(end, Some(Err(_))), "the stream is reset: {end:?}");
+    let m = metrics(&proxy).await;
+    assert!(metric(&m, "portcullis_send_timeouts_total") >= 1.0, "{m}");
+    // Bob's, older than send_timeout by now, is still served.
+    assert_eq!(sessions("bob").await, 1);
+    assert!(!dropped("bob"), "{:?}", rest.seen());
+}
