@@ -38,12 +38,13 @@ const SCRIPT: &str = r#"
 const params = new URLSearchParams(location.hash.slice(1));
 const token = params.get("token");
 // `next` as the browser will read it (tabs and newlines stripped, backslashes as slashes):
-// only a place on this origin.
-let next = "/";
+// only a place on this origin, followed as the whole URL the check read (its path alone may
+// start with `//`, from `/.//host`, and would name another host).
+let next = location.origin + "/";
 try {
   const u = new URL(params.get("next") || "/", location.origin);
-  if (u.origin === location.origin) next = u.pathname + u.search + u.hash;
-} catch (e) { next = "/"; }
+  if (u.origin === location.origin) next = u.href;
+} catch (e) { next = location.origin + "/"; }
 history.replaceState(null, "", location.pathname);
 const say = (t) => { document.getElementById("state").textContent = t; };
 function signIn() {

@@ -309,9 +309,22 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
 }
 
 /// The members of a JSON-RPC message. A key spelled like one of them in another case (`Id`,
-/// `METHOD`) is refused: a server whose parser matches keys without regard to case (Go's
-/// `encoding/json`) would read it as the member the proxy did not check.
+/// `METHOD`, `param\u{17f}`) is refused: a server whose parser matches keys without regard to
+/// case (Go's `encoding/json`, and go-sdk before 1.3.1: CVE-2026-27896) would read it as the
+/// member the proxy did not check.
 const MEMBERS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
+
+/// `key` as a parser that ignores case compares it: Go's `encoding/json` folds each character
+/// to the upper case of its lower case, so beside ASCII's letters `ſ` (U+017F) matches `s`
+/// and the Kelvin sign (U+212A) `k`.
+fn folded(key: &str) -> impl Iterator<Item = char> + '_ {
+    key.chars().flat_map(char::to_lowercase).flat_map(char::to_uppercase)
+}
+
+/// Whether `key` is not `member` but a parser that ignores case would read it as `member`.
+fn spelled_otherwise(key: &str, member: &str) -> bool {
+    key != member && folded(key).eq(folded(member))
+}
 
 /// One message's keys, checked against [`MEMBERS`] (its values are skipped).
 struct Keys;
@@ -326,7 +339,7 @@ impl<'de> Deserialize<'de> for Keys {
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    if MEMBERS.iter().any(|m| m.eq_ignore_ascii_case(&key) && *m != key) {
+                    if MEMBERS.iter().any(|m| spelled_otherwise(&key, m)) {
                         return Err(serde::de::Error::custom("a member spelled in another case"));
                     }
                     map.next_value::<serde::de::IgnoredAny>()?;
@@ -338,10 +351,52 @@ impl<'de> Deserialize<'de> for Keys {
     }
 }
 
-#[derive(Deserialize)]
+/// The parameters that name what a method acts on: `name` and `uri`, each given once and
+/// spelled as MCP spells it (`{"name": "echo", "Name": "shell"}` is refused: a server that
+/// ignores case would run `shell`, the last of the two, where the proxy checked `echo`).
+/// Other parameters are the tool's, and skipped.
+#[derive(Default)]
 struct NamedParams {
     name: Option<String>,
     uri: Option<String>,
+    /// A `name` or `uri` spelled in another case, or given twice: why the params are refused.
+    ambiguous: Option<&'static str>,
+}
+
+/// Why a method's params are refused when [`NamedParams::ambiguous`].
+const AMBIGUOUS_PARAM: &str = "params.name and params.uri are given once each, spelled as MCP spells them";
+
+impl<'de> Deserialize<'de> for NamedParams {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<NamedParams, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = NamedParams;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a method's params")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NamedParams, A::Error> {
+                let mut params = NamedParams::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let slot = match key.as_ref() {
+                        "name" => &mut params.name,
+                        "uri" => &mut params.uri,
+                        k => {
+                            if spelled_otherwise(k, "name") || spelled_otherwise(k, "uri") {
+                                params.ambiguous = Some(AMBIGUOUS_PARAM);
+                            }
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if slot.replace(map.next_value()?).is_some() {
+                        params.ambiguous = Some(AMBIGUOUS_PARAM);
+                    }
+                }
+                Ok(params)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// One message of a body: a request or notification (with its method), or a response to the
@@ -408,6 +463,9 @@ fn message(wire: Wire) -> Result<Message, McpError> {
                 Some(_) => return Err(McpError::MissingName(clip(method).into_owned(), param)),
                 None => None,
             };
+            if let Some(why) = params.as_ref().and_then(|p| p.ambiguous) {
+                return Err(McpError::Invalid(why));
+            }
             let name = params.and_then(|p| if param == "name" { p.name } else { p.uri });
             Some(name.ok_or_else(|| McpError::MissingName(clip(method).into_owned(), param))?)
         }
@@ -898,9 +956,21 @@ mod tests {
             r#"{"jsonrpc":"2.0","ID":1,"Method":"tools/call","method":"notifications/x"}"#,
             r#"{"jsonrpc":"2.0","method":"notifications/x","Method":"resources/list"}"#,
             r#"[{"jsonrpc":"2.0","method":"notifications/x","PARAMS":{}}]"#,
+            // As Go folds them (an attacker review, 2026-12-07): `ſ` is an `s` to it; and the
+            // tool's name in another case, or twice.
+            "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\",\"param\u{17f}\":{}}",
+            "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\",\"param\\u017f\":{}}",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","Name":"shell"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"Name":"shell","name":"echo"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","name":"shell"}}"#,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"a","URI":"b"}}]"#,
+            "{\"jsonrpc\":\"2.0\",\"j\u{17f}onrpc\":\"1.0\",\"id\":1,\"method\":\"tools/list\"}",
         ] {
             assert!(matches!(parse(spelled.as_bytes()), Err(McpError::Invalid(_))), "{spelled}");
         }
+        // A tool's own arguments may be spelled as the tool likes.
+        let args = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"Name":"x"},"NAMES":1}}"#;
+        assert_eq!(parse(args.as_bytes()).expect("parsed").all[0].name.as_deref(), Some("echo"));
     }
 
     #[test]

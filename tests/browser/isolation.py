@@ -208,13 +208,16 @@ location.href = "/.portcullis/login#token={attacker}&next=/agents/a/files/report
               no_login_csrf)
 
         def next_stays_on_this_origin():
-            for trick in ["/%09/evil.example/", "/%0a/evil.example", "/%5c%5cevil.example", "https://evil.example/"]:
+            # `/.//evil.example/` and `/a/..//evil.example/`: paths the URL parser makes `//evil.example/`,
+            # which a path alone would follow off the origin (an attacker review, 2026-12-07).
+            for trick in ["/%09/evil.example/", "/%0a/evil.example", "/%5c%5cevil.example", "https://evil.example/",
+                          "/.//evil.example/", "/a/..//evil.example/x", "//evil.example/"]:
                 # A new document each time (a fragment change alone would not reload the page).
                 wd.s("POST", "/url", {"url": "about:blank"})
                 wd.s("POST", "/url", {"url": f"{base}/.portcullis/login#token={token}&next={trick}"})
                 where = wd.wait("the login goes on", lambda: (u := wd.s("GET", "/url")) and "/.portcullis/login" not in u and u)
                 assert where.startswith(base + "/"), f"next={trick} led to {where}"
-            return "tab, newline, backslash and absolute URLs all stay on the proxy's origin"
+            return "tab, newline, backslash, dot-segment and absolute URLs all stay on the proxy's origin"
         check("the login's next never leaves the proxy's origin", next_stays_on_this_origin)
     finally:
         stop(procs, wd)

@@ -85,6 +85,12 @@ async fn a_tool_is_called_only_when_the_token_grants_it_and_a_refusal_is_a_json_
         r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","name":"shell"}}"#,
         r#"{"jsonrpc":"2.0","id":3,"method":"tools/list","method":"tools/call","params":{"name":"shell"}}"#,
         r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo"}} {"x":1}"#,
+        // Keys a server that ignores case reads as the ones checked (Go's encoding/json, and
+        // go-sdk before 1.3.1, CVE-2026-27896; found by an attacker review, 2026-12-07): the
+        // tool's name in another case, `ſ` for `s`, in a batch too.
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","Name":"shell"}}"#,
+        "{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"tools/call\",\"params\":{\"name\":\"echo\"},\"param\u{17f}\":{\"name\":\"shell\"}}",
+        r#"[{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"NAME":"shell","name":"echo"}}]"#,
     ] {
         let a = post(&proxy, &alice, smuggled, &[]).await;
         assert_eq!(a.status, 400, "{smuggled}");
