@@ -722,6 +722,16 @@ fn route(
     // An MCP route checks Origin by default (the specification's DNS-rebinding rule): a request
     // that carries one is refused unless [routes.origin] lists it; clients that send none
     // (every non-browser MCP client) are served.
+    // An `{agent}` origin is the origin of the agent the request names: the route must name one.
+    let per_agent = |o: &[super::OriginPattern]| o.iter().any(super::OriginPattern::per_agent);
+    if !r.path.has_capture("agent") {
+        if r.origin.as_ref().is_some_and(|o| per_agent(&o.allow)) {
+            return Err(invalid(&format!("{key}.origin.allow"), "an {agent} origin needs a path with {agent}"));
+        }
+        if cors.as_ref().is_some_and(|c| per_agent(&c.allow_origins)) {
+            return Err(invalid(&format!("{key}.cors.allow_origins"), "an {agent} origin needs a path with {agent}"));
+        }
+    }
     let origin_policy = match (r.origin, &mcp) {
         (Some(o), _) => Some(origin(o)),
         (None, Some(_)) => Some(super::OriginPolicy { allow: Vec::new(), allow_missing: true }),

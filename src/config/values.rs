@@ -88,19 +88,30 @@ impl<'de> Deserialize<'de> for TokenSource {
     }
 }
 
-/// An allowed Origin: `https://app.example.com`, `*.example.com` or `https://*.example.com`.
+/// An allowed Origin: `https://app.example.com`, `*.example.com`, `https://*.example.com`, or
+/// `https://{agent}.agents.example.com`: the origin of the agent the request names, and of no
+/// other (a wildcard over the agents' origins lets one agent's page use the user's credentials
+/// on another agent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginPattern {
     scheme: Option<String>,
-    /// Exact host, or a suffix starting with '.' for wildcards.
+    /// Exact host, or a suffix starting with '.' for wildcards and `{agent}.` patterns.
     host: String,
     wildcard: bool,
+    /// The host is the request's `{agent}` (one DNS label) followed by `host`.
+    per_agent: bool,
     port: Option<u16>,
 }
 
 impl OriginPattern {
-    /// Whether an `Origin` header value matches.
-    pub fn matches(&self, origin: &str) -> bool {
+    /// Whether the pattern names the request's `{agent}` (its route must capture one).
+    pub fn per_agent(&self) -> bool {
+        self.per_agent
+    }
+
+    /// Whether an `Origin` header value matches, for a request naming `agent` (lowercase, as
+    /// the route stage leaves it).
+    pub fn matches(&self, origin: &str, agent: Option<&str>) -> bool {
         let Some((scheme, rest)) = origin.split_once("://") else { return false };
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => match p.parse::<u16>() {
@@ -116,7 +127,11 @@ impl OriginPattern {
             return false;
         }
         let host = host.to_ascii_lowercase();
-        if self.wildcard {
+        if self.per_agent {
+            // One label: `x.a2.agents.example.com` is a page of a2's site, not agent `x.a2`'s.
+            let Some(agent) = agent.filter(|a| !a.is_empty() && !a.contains('.')) else { return false };
+            host.strip_prefix(agent) == Some(self.host.as_str())
+        } else if self.wildcard {
             host.len() > self.host.len() && host.ends_with(&self.host)
         } else {
             host == self.host
@@ -127,7 +142,12 @@ impl OriginPattern {
 impl FromStr for OriginPattern {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid origin pattern {s:?}: use https://host[:port], *.domain or https://*.domain");
+        let bad = || {
+            format!(
+                "invalid origin pattern {s:?}: use https://host[:port], *.domain, https://*.domain or \
+                 https://{{agent}}.domain"
+            )
+        };
         let (scheme, rest) = match s.split_once("://") {
             Some((sc, r)) if !sc.is_empty() => (Some(sc.to_ascii_lowercase()), r),
             Some(_) => return Err(bad()),
@@ -137,14 +157,15 @@ impl FromStr for OriginPattern {
             Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| bad())?)),
             None => (rest, None),
         };
-        let (wildcard, host) = match host.strip_prefix("*.") {
-            Some(suffix) => (true, format!(".{}", suffix.to_ascii_lowercase())),
-            None => (false, host.to_ascii_lowercase()),
+        let (wildcard, per_agent, host) = match (host.strip_prefix("*."), host.strip_prefix("{agent}.")) {
+            (Some(suffix), _) => (true, false, format!(".{}", suffix.to_ascii_lowercase())),
+            (_, Some(suffix)) => (false, true, format!(".{}", suffix.to_ascii_lowercase())),
+            _ => (false, false, host.to_ascii_lowercase()),
         };
-        if host.is_empty() || host.contains(['/', '*']) || (!wildcard && scheme.is_none()) {
+        if host.is_empty() || host == "." || host.contains(['/', '*', '{', '}']) || (!wildcard && scheme.is_none()) {
             return Err(bad());
         }
-        Ok(OriginPattern { scheme, host, wildcard, port })
+        Ok(OriginPattern { scheme, host, wildcard, per_agent, port })
     }
 }
 
@@ -155,6 +176,8 @@ impl fmt::Display for OriginPattern {
         }
         if self.wildcard {
             write!(f, "*{}", self.host)?;
+        } else if self.per_agent {
+            write!(f, "{{agent}}{}", self.host)?;
         } else {
             f.write_str(&self.host)?;
         }
@@ -178,19 +201,40 @@ mod tests {
     #[test]
     fn origin_patterns_match() {
         let exact: OriginPattern = "https://app.example.com".parse().expect("pattern");
-        assert!(exact.matches("https://app.example.com"));
-        assert!(!exact.matches("http://app.example.com"));
-        assert!(!exact.matches("https://app.example.com:8443"));
-        assert!(!exact.matches("https://evil.app.example.com"));
+        assert!(exact.matches("https://app.example.com", None));
+        assert!(!exact.matches("http://app.example.com", None));
+        assert!(!exact.matches("https://app.example.com:8443", None));
+        assert!(!exact.matches("https://evil.app.example.com", None));
         let wild: OriginPattern = "*.example.com".parse().expect("pattern");
-        assert!(wild.matches("https://a.example.com"));
-        assert!(wild.matches("http://b.c.example.com:8080"));
-        assert!(!wild.matches("https://example.com"));
-        assert!(!wild.matches("https://evilexample.com"));
-        assert!(!wild.matches("null"));
+        assert!(wild.matches("https://a.example.com", None));
+        assert!(wild.matches("http://b.c.example.com:8080", None));
+        assert!(!wild.matches("https://example.com", None));
+        assert!(!wild.matches("https://evilexample.com", None));
+        assert!(!wild.matches("null", None));
         let https_wild: OriginPattern = "https://*.example.com".parse().expect("pattern");
-        assert!(!https_wild.matches("http://a.example.com"));
+        assert!(!https_wild.matches("http://a.example.com", None));
         assert!("example.com".parse::<OriginPattern>().is_err());
+    }
+
+    #[test]
+    fn an_agent_origin_matches_the_requests_agent_and_no_other() {
+        let own: OriginPattern = "https://{agent}.agents.example.com".parse().expect("pattern");
+        assert!(own.per_agent());
+        assert_eq!(own.to_string(), "https://{agent}.agents.example.com");
+        assert!(own.matches("https://a1.agents.example.com", Some("a1")));
+        assert!(own.matches("https://A1.Agents.Example.com", Some("a1")));
+        assert!(!own.matches("https://a2.agents.example.com", Some("a1")), "another agent's page");
+        assert!(!own.matches("https://x.a1.agents.example.com", Some("a1")));
+        assert!(!own.matches("https://x.a1.agents.example.com", Some("x.a1")), "a dotted agent is no one label");
+        assert!(!own.matches("https://a1.agents.example.com", None), "a route without an agent");
+        assert!(!own.matches("http://a1.agents.example.com", Some("a1")));
+        assert!(!own.matches("https://a1.agents.example.com:8443", Some("a1")));
+        assert!(!own.matches("https://agents.example.com", Some("")));
+        for bad in
+            ["{agent}.agents.example.com", "https://{agent}", "https://{agent}.", "https://x.{agent}.example.com"]
+        {
+            assert!(bad.parse::<OriginPattern>().is_err(), "{bad}");
+        }
     }
 
     #[test]

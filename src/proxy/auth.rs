@@ -58,7 +58,7 @@ pub async fn admit(
     authenticator: Option<&Authenticator>,
     gate: SignatureGate<'_>,
 ) -> Result<Admitted, AuthError> {
-    check_origin(route.origin.as_ref(), headers)?;
+    check_origin(route.origin.as_ref(), headers, caps.get("agent"))?;
     let mut out_headers = headers.clone();
     let mut identity = HeaderMap::new();
     // The resume id is the proxy's business: whoever holds it can take the session over (its
@@ -204,14 +204,16 @@ impl Admitted {
 }
 
 /// Checks the Origin header against the route's allowlist.
-pub fn check_origin(policy: Option<&OriginPolicy>, headers: &HeaderMap) -> Result<(), AuthError> {
+/// Checks the request's `Origin` against `policy`, for a request naming `agent` (an
+/// `{agent}` pattern allows that agent's own origin only).
+pub fn check_origin(policy: Option<&OriginPolicy>, headers: &HeaderMap, agent: Option<&str>) -> Result<(), AuthError> {
     let Some(policy) = policy else { return Ok(()) };
     let mut origins = headers.get_all(ORIGIN).iter();
     match (origins.next(), origins.next()) {
         (None, _) if policy.allow_missing => Ok(()),
         (Some(o), None) => {
             let o = o.to_str().map_err(|_| AuthError::Origin)?;
-            if policy.allow.iter().any(|p| p.matches(o)) {
+            if policy.allow.iter().any(|p| p.matches(o, agent)) {
                 Ok(())
             } else {
                 Err(AuthError::Origin)

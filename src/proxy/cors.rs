@@ -21,14 +21,19 @@ use http_body_util::Full;
 use crate::config::CorsPolicy;
 
 /// The proxy's answer to a CORS preflight for `policy`, or `None` when `req` is not a
-/// preflight (it goes on through the route as usual).
-pub(crate) fn preflight<B>(policy: &CorsPolicy, route: &str, req: &Request<B>) -> Option<Response<Full<Bytes>>> {
+/// preflight (it goes on through the route as usual). `agent`: the agent the request names.
+pub(crate) fn preflight<B>(
+    policy: &CorsPolicy,
+    route: &str,
+    req: &Request<B>,
+    agent: Option<&str>,
+) -> Option<Response<Full<Bytes>>> {
     let h = req.headers();
     if req.method() != Method::OPTIONS || !h.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
         return None;
     }
     let origin = h.get(header::ORIGIN)?;
-    let allowed_origin = origin.to_str().ok().filter(|o| policy.allow_origins.iter().any(|p| p.matches(o)));
+    let allowed_origin = origin.to_str().ok().filter(|o| policy.allow_origins.iter().any(|p| p.matches(o, agent)));
     let method_ok = h
         .get(header::ACCESS_CONTROL_REQUEST_METHOD)
         .and_then(|m| m.to_str().ok())
@@ -64,8 +69,14 @@ pub(crate) fn preflight<B>(policy: &CorsPolicy, route: &str, req: &Request<B>) -
 }
 
 /// Sets the CORS headers of a real response (the backend's, or the proxy's own refusal) to a
-/// request from `origin`, when the policy allows it; the backend's own are removed either way.
-pub(crate) fn decorate(policy: &CorsPolicy, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
+/// request from `origin`, naming `agent`, when the policy allows it; the backend's own are
+/// removed either way.
+pub(crate) fn decorate(
+    policy: &CorsPolicy,
+    origin: Option<&HeaderValue>,
+    agent: Option<&str>,
+    headers: &mut HeaderMap,
+) {
     let theirs: Vec<HeaderName> =
         headers.keys().filter(|n| n.as_str().starts_with("access-control-")).cloned().collect();
     for n in theirs {
@@ -73,7 +84,7 @@ pub(crate) fn decorate(policy: &CorsPolicy, origin: Option<&HeaderValue>, header
     }
     headers.append(header::VARY, HeaderValue::from_static("Origin"));
     let Some(origin) = origin.and_then(|o| o.to_str().ok()) else { return };
-    if !policy.allow_origins.iter().any(|p| p.matches(origin)) {
+    if !policy.allow_origins.iter().any(|p| p.matches(origin, agent)) {
         return;
     }
     allow_origin(policy, origin, headers);

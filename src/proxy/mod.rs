@@ -545,8 +545,9 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
     }
     // A CORS preflight carries no credentials: the route's policy answers it, before any
     // token is asked for.
-    if let Ok((route, _)) = &found {
-        if let Some(answer) = route.cors.as_ref().and_then(|c| cors::preflight(c, &route.name, &req)) {
+    if let Ok((route, caps)) = &found {
+        let agent = caps.get("agent");
+        if let Some(answer) = route.cors.as_ref().and_then(|c| cors::preflight(c, &route.name, &req, agent)) {
             return Ok(answer.map(Either::Left));
         }
     }
@@ -565,9 +566,10 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
         (Ok((route, _)), true) => reject(&ctx, &route.name, upgrade::UpgradeError::HttpOnlyRoute.into()),
         (Ok((route, caps)), false) if route.kind.http() => {
             let policy = route.cors.clone();
+            let agent = policy.as_ref().and_then(|_| caps.get("agent").map(str::to_owned));
             let mut resp = handle_request(&ctx, &runtime, route, caps, req, started, stream).await;
             if let Some(p) = &policy {
-                cors::decorate(p, origin.as_ref(), resp.headers_mut());
+                cors::decorate(p, origin.as_ref(), agent.as_deref(), resp.headers_mut());
             }
             resp
         }

@@ -3,6 +3,7 @@
 //! authority, over HTTP/1.1 (REST, SSE, WebSocket) and HTTP/2 (REST, RFC 8441).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -1183,6 +1184,42 @@ async fn cors_preflights_are_answered_by_the_route_policy_and_responses_carry_it
     // Another origin is refused by the origin policy and gets no CORS headers.
     let a = c.get("/agents/a1/api/headers", &[("origin", "https://evil.example"), ("authorization", &auth)]).await;
     assert_eq!((a.status, a.header("access-control-allow-origin")), (403, None));
+}
+
+#[tokio::test]
+async fn one_agents_page_cannot_open_another_agents_terminal_with_the_users_cookie() {
+    // Found by an attacker review in Chromium (2026-12-07): with each agent's pages on an origin
+    // of its own (a1.agents.example.com) and the terminal route allowing `*.agents.example.com`,
+    // a2's page opened the user's a1 terminal: sibling origins are same-site, so the
+    // `SameSite=Strict` cookie rides on their WebSockets, and the wildcard let the Origin pass.
+    // `https://{agent}.agents.example.com` allows the origin of the agent the request names.
+    let backend = Backend::echo().await;
+    let key = hmac();
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("", key.auth_keys())
+        .merge(
+            "routes.0",
+            json!({
+                "auth": {"sources": ["cookie:portcullis_token"], "agent_claim": "agents"},
+                "origin": {"allow": ["https://console.example.com", "https://{agent}.agents.example.com"]},
+            }),
+        )
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    let cookie = format!("portcullis_token={}", key.token("carol", &["a1", "a2"], Duration::from_secs(600)));
+    let open = async |origin: &str| {
+        let headers = [("cookie", cookie.as_str()), ("origin", origin)];
+        upgrade(proxy.plain, false, "/agents/a1/terminal", &headers).await.map(|_| 101).unwrap_or_else(|h| h.status)
+    };
+    assert_eq!(open("https://a2.agents.example.com").await, 403, "a2's page, on a1's terminal");
+    assert_eq!(open("https://x.a1.agents.example.com").await, 403, "a page under a1's origin is not a1's origin");
+    assert_eq!(open("https://a1.agents.example.com").await, 101, "a1's own page");
+    assert_eq!(open("https://console.example.com").await, 101, "the console");
+    assert!(
+        portcullis::config::Config::parse(&text.replace("/agents/{agent}/terminal", "/terminal"), Path::new("."))
+            .is_err(),
+        "an {{agent}} origin on a route that names no agent is refused"
+    );
 }
 
 #[tokio::test]
