@@ -374,8 +374,9 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
     let idle_timeout = runtime.config.http2.idle_timeout;
     let head_done = Arc::new(AtomicBool::new(false));
     let timed_out = Arc::new(AtomicBool::new(false));
-    // No send_timeout: the connection's writes carry every stream, WebSocket relays among them,
-    // and one stream's slow reader would close them all. Flow control bounds what each holds.
+    // No send_timeout on the connection: its writes carry every stream, WebSocket relays among
+    // them, and one stream's slow reader would close them all. Flow control bounds what each
+    // holds, and each answer has the deadline of its own (`stream::Stall`).
     let head = http::HeadIo::new(stream, server.header_read_timeout, head_done.clone(), timed_out.clone());
     let io = TokioIo::new(head.silent());
     // The connection counts as handshaking until its first stream is answered: a handover
