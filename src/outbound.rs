@@ -76,32 +76,27 @@ impl HttpClient {
         timeout: std::time::Duration,
     ) -> Result<(StatusCode, Bytes), OutboundError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let tcp = match tokio::time::timeout_at(deadline, self.connect(uri)).await {
+        let (host, port) = host_and_port(uri)?;
+        let tcp = match tokio::time::timeout_at(deadline, connect(host, port)).await {
             Ok(tcp) => tcp?,
             Err(_) => return Err(OutboundError::Connect(format!("no connection within {timeout:?}"))),
         };
-        match tokio::time::timeout_at(deadline, self.exchange(uri, tcp, headers, max_body)).await {
+        match tokio::time::timeout_at(deadline, self.exchange(uri, host, tcp, headers, max_body)).await {
             Ok(answer) => answer,
             Err(_) => Err(OutboundError::Timeout(timeout)),
         }
     }
 
-    async fn connect(&self, uri: &Uri) -> Result<TcpStream, OutboundError> {
-        let (host, port) = host_and_port(uri)?;
-        let tcp = TcpStream::connect((host, port)).await.map_err(|e| OutboundError::Connect(e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp)
-    }
-
+    /// The request on `tcp`, connected to `host` (its TLS server name for `https://`).
     async fn exchange(
         &self,
         uri: &Uri,
+        host: &str,
         tcp: TcpStream,
         headers: HeaderMap,
         max_body: usize,
     ) -> Result<(StatusCode, Bytes), OutboundError> {
         let https = uri.scheme_str() == Some("https");
-        let (host, _) = host_and_port(uri)?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         // The host and port only: never what an authority may carry before them.
         let authority = match uri.port_u16() {
@@ -121,6 +116,12 @@ impl HttpClient {
             send(TokioIo::new(tcp), req, max_body).await
         }
     }
+}
+
+async fn connect(host: &str, port: u16) -> Result<TcpStream, OutboundError> {
+    let tcp = TcpStream::connect((host, port)).await.map_err(|e| OutboundError::Connect(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// The host (without an IPv6 literal's brackets) and port `uri` names; only `http://` and

@@ -25,6 +25,11 @@ DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-100
 OLD_SERVER=${OLD_SERVER:-} NEW_SERVER=${NEW_SERVER:-} OLD_SESSION=${OLD_SESSION:-} NEW_SESSION=${NEW_SESSION:-}
 OLD_EXTRA=${OLD_EXTRA:-} NEW_EXTRA=${NEW_EXTRA:-} OLD_LISTENER=${OLD_LISTENER:-} NEW_LISTENER=${NEW_LISTENER:-}
 TLS=${TLS:-0} H2_STREAMS=${H2_STREAMS:-0}
+# Many streams share one address here: the per-address stream cap (256 by default) is off, as
+# the per-address limits are in LIM.
+H2_TABLE=
+[ "$H2_STREAMS" -gt 0 ] && H2_TABLE=$'[http2]\nmax_streams_per_ip = 0'
+
 read -r -a LT_ARGS <<<"${LT_ARGS:-}"
 if [ "$H2_STREAMS" -gt 0 ] && [ "$TLS" != 1 ]; then echo "H2_STREAMS needs TLS=1" >&2; exit 64; fi
 WORK=$(mktemp -d)
@@ -50,6 +55,7 @@ $5
 addresses = ["127.0.0.1:$3"]
 $TLS_LISTENER
 $8
+$H2_TABLE
 [admin]
 address = "127.0.0.1:$4"
 [session]

@@ -389,9 +389,10 @@ pub struct ServerSettings {
     /// Time allowed for the client to send the request head (408 after).
     pub header_read_timeout: Duration,
     /// Time a client may take no byte of an HTTP answer the proxy has to write (its socket
-    /// full) before the connection is closed, as NGINX's `send_timeout`; zero: no limit.
-    /// HTTP/1.1's HTTP phase only: a relay has its own deadlines, and an HTTP/2 connection
-    /// carries other streams (WebSockets among them) that one slow stream must not close.
+    /// full) before the connection is closed, as NGINX's `send_timeout`; zero: no limit. Not
+    /// after an upgrade (a relay has its own deadlines). On HTTP/2 it is each answer's: the
+    /// connection carries other streams (WebSockets among them) that one slow stream must not
+    /// close, so a stream whose client keeps its window shut this long is reset instead.
     pub send_timeout: Duration,
     /// Directory for the binary upgrade's hand-over socket, created 0700; when unset,
     /// `$XDG_RUNTIME_DIR/portcullis`, else `portcullis-<uid>` in the temporary directory.

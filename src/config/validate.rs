@@ -719,9 +719,6 @@ fn route(
         (_, None) => None,
         (_, Some(_)) => return Err(invalid(&format!("{key}.mcp"), "is for kind = \"mcp\" routes")),
     };
-    // An MCP route checks Origin by default (the specification's DNS-rebinding rule): a request
-    // that carries one is refused unless [routes.origin] lists it; clients that send none
-    // (every non-browser MCP client) are served.
     // An `{agent}` origin is the origin of the agent the request names: the route must name one.
     let per_agent = |o: &[super::OriginPattern]| o.iter().any(super::OriginPattern::per_agent);
     if !r.path.has_capture("agent") {
@@ -732,6 +729,9 @@ fn route(
             return Err(invalid(&format!("{key}.cors.allow_origins"), "an {agent} origin needs a path with {agent}"));
         }
     }
+    // An MCP route checks Origin by default (the specification's DNS-rebinding rule): a request
+    // that carries one is refused unless [routes.origin] lists it; clients that send none
+    // (every non-browser MCP client) are served.
     let origin_policy = match (r.origin, &mcp) {
         (Some(o), _) => Some(origin(o)),
         (None, Some(_)) => Some(super::OriginPolicy { allow: Vec::new(), allow_missing: true }),

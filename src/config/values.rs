@@ -95,18 +95,27 @@ impl<'de> Deserialize<'de> for TokenSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginPattern {
     scheme: Option<String>,
-    /// Exact host, or a suffix starting with '.' for wildcards and `{agent}.` patterns.
+    /// The host, or the suffix (starting with '.') that a wildcard or an `{agent}` is before.
     host: String,
-    wildcard: bool,
-    /// The host is the request's `{agent}` (one DNS label) followed by `host`.
-    per_agent: bool,
+    kind: HostKind,
     port: Option<u16>,
+}
+
+/// How an [`OriginPattern`]'s host is matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostKind {
+    /// `host` exactly.
+    Exact,
+    /// `*.suffix`: one or more labels before the suffix (any port unless one is given).
+    Wildcard,
+    /// `{agent}.suffix`: the request's agent (one DNS label) before the suffix.
+    Agent,
 }
 
 impl OriginPattern {
     /// Whether the pattern names the request's `{agent}` (its route must capture one).
     pub fn per_agent(&self) -> bool {
-        self.per_agent
+        self.kind == HostKind::Agent
     }
 
     /// Whether an `Origin` header value matches, for a request naming `agent` (lowercase, as
@@ -123,18 +132,17 @@ impl OriginPattern {
         if self.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case(scheme)) {
             return false;
         }
-        if self.port != port && (self.port.is_some() || !self.wildcard) {
+        if self.port != port && (self.port.is_some() || self.kind != HostKind::Wildcard) {
             return false;
         }
         let host = host.to_ascii_lowercase();
-        if self.per_agent {
+        match self.kind {
+            HostKind::Exact => host == self.host,
+            HostKind::Wildcard => host.len() > self.host.len() && host.ends_with(&self.host),
             // One label: `x.a2.agents.example.com` is a page of a2's site, not agent `x.a2`'s.
-            let Some(agent) = agent.filter(|a| !a.is_empty() && !a.contains('.')) else { return false };
-            host.strip_prefix(agent) == Some(self.host.as_str())
-        } else if self.wildcard {
-            host.len() > self.host.len() && host.ends_with(&self.host)
-        } else {
-            host == self.host
+            HostKind::Agent => agent
+                .filter(|a| !a.is_empty() && !a.contains('.'))
+                .is_some_and(|agent| host.strip_prefix(agent) == Some(self.host.as_str())),
         }
     }
 }
@@ -157,15 +165,16 @@ impl FromStr for OriginPattern {
             Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| bad())?)),
             None => (rest, None),
         };
-        let (wildcard, per_agent, host) = match (host.strip_prefix("*."), host.strip_prefix("{agent}.")) {
-            (Some(suffix), _) => (true, false, format!(".{}", suffix.to_ascii_lowercase())),
-            (_, Some(suffix)) => (false, true, format!(".{}", suffix.to_ascii_lowercase())),
-            _ => (false, false, host.to_ascii_lowercase()),
+        let (kind, host) = match (host.strip_prefix("*."), host.strip_prefix("{agent}.")) {
+            (Some(suffix), _) => (HostKind::Wildcard, format!(".{}", suffix.to_ascii_lowercase())),
+            (_, Some(suffix)) => (HostKind::Agent, format!(".{}", suffix.to_ascii_lowercase())),
+            _ => (HostKind::Exact, host.to_ascii_lowercase()),
         };
-        if host.is_empty() || host == "." || host.contains(['/', '*', '{', '}']) || (!wildcard && scheme.is_none()) {
+        let no_scheme = kind != HostKind::Wildcard && scheme.is_none();
+        if host.is_empty() || host == "." || host.contains(['/', '*', '{', '}']) || no_scheme {
             return Err(bad());
         }
-        Ok(OriginPattern { scheme, host, wildcard, per_agent, port })
+        Ok(OriginPattern { scheme, host, kind, port })
     }
 }
 
@@ -174,12 +183,10 @@ impl fmt::Display for OriginPattern {
         if let Some(s) = &self.scheme {
             write!(f, "{s}://")?;
         }
-        if self.wildcard {
-            write!(f, "*{}", self.host)?;
-        } else if self.per_agent {
-            write!(f, "{{agent}}{}", self.host)?;
-        } else {
-            f.write_str(&self.host)?;
+        match self.kind {
+            HostKind::Exact => f.write_str(&self.host)?,
+            HostKind::Wildcard => write!(f, "*{}", self.host)?,
+            HostKind::Agent => write!(f, "{{agent}}{}", self.host)?,
         }
         if let Some(p) = self.port {
             write!(f, ":{p}")?;

@@ -203,10 +203,13 @@ impl Admitted {
     }
 }
 
-/// Checks the Origin header against the route's allowlist.
 /// Checks the request's `Origin` against `policy`, for a request naming `agent` (an
 /// `{agent}` pattern allows that agent's own origin only).
-pub fn check_origin(policy: Option<&OriginPolicy>, headers: &HeaderMap, agent: Option<&str>) -> Result<(), AuthError> {
+pub(crate) fn check_origin(
+    policy: Option<&OriginPolicy>,
+    headers: &HeaderMap,
+    agent: Option<&str>,
+) -> Result<(), AuthError> {
     let Some(policy) = policy else { return Ok(()) };
     let mut origins = headers.get_all(ORIGIN).iter();
     match (origins.next(), origins.next()) {

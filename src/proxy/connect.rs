@@ -161,7 +161,7 @@ pub async fn connect(
         let member = member.addr.as_str();
         match connect_member(member, &path, route, req).await {
             Ok(mut conn) => {
-                state.health.record_success(member);
+                state.health.record_handshake(member);
                 metrics.backend_connect_seconds.record(started.elapsed().as_secs_f64());
                 conn.guard = Some(conns.acquire(member));
                 return Ok(conn);

@@ -314,9 +314,11 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
 /// member the proxy did not check.
 const MEMBERS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
 
-/// `key` as a parser that ignores case compares it: Go's `encoding/json` folds each character
-/// to the upper case of its lower case, so beside ASCII's letters `ſ` (U+017F) matches `s`
-/// and the Kelvin sign (U+212A) `k`.
+/// `key` folded for a comparison that ignores case: each character to the upper case of its
+/// lower case. Go's `encoding/json` matches a key to the rune set of `unicode.SimpleFold`
+/// (`ſ`, U+017F, matches `s`; the Kelvin sign `k`); for the names compared here (ASCII
+/// letters) this fold finds every key Go would match, and a few more it would not (`ı`,
+/// U+0131, for `i`), which are refused too: the safe side.
 fn folded(key: &str) -> impl Iterator<Item = char> + '_ {
     key.chars().flat_map(char::to_lowercase).flat_map(char::to_uppercase)
 }

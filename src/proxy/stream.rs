@@ -451,46 +451,12 @@ struct Stop {
     close_within: Duration,
     /// Armed once the stop resolved: when it passes, the stream is dropped.
     abandon: Mutex<Option<Pin<Box<Sleep>>>>,
-    /// HTTP/2: whether the body's client takes what it is handed ([`Stall`]).
-    stall: Mutex<Stall>,
-}
-
-/// An HTTP/2 answer's send deadline. hyper takes the body's next chunk only once the stream's
-/// flow-control window has room for the last one, so a client that keeps its window shut
-/// stops the body where it stands, with no read and no timer of the body's own running: the
-/// exchange (its backend connection, its session) would be held until its lifetime. So a chunk
-/// handed to hyper and not followed by hyper's next poll within `send_timeout` drops the
-/// stream, as an HTTP/1.1 client that takes no byte for `send_timeout` loses its connection
-/// (there the socket's write has that deadline; an HTTP/2 connection's writes carry its other
-/// streams, so it is the stream's).
-#[derive(Default)]
-struct Stall {
-    /// `send_timeout` (unset, or zero: no deadline; HTTP/1.1 leaves it unset).
-    within: Option<Duration>,
-    /// When the body was handed to hyper, or its last chunk was, while hyper has not polled it
-    /// since.
-    handed_at: Option<tokio::time::Instant>,
-    /// Fires at the earliest when the deadline can have passed; checked again then (it is set
-    /// once per wait, not at every chunk).
-    timer: Option<Pin<Box<Sleep>>>,
-}
-
-impl Stall {
-    /// Ready with the deadline once a chunk has waited for hyper that long.
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Duration> {
-        let (Some(within), Some(handed_at)) = (self.within, self.handed_at) else {
-            self.timer = None;
-            return Poll::Pending;
-        };
-        let due = handed_at + within;
-        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        if timer.deadline() != due {
-            timer.as_mut().reset(due);
-        }
-        std::task::ready!(timer.as_mut().poll(cx));
-        self.timer = None;
-        Poll::Ready(within)
-    }
+    /// HTTP/2: the answer's send deadline ([`Stall`]); `None` on HTTP/1.1 (its socket has one).
+    stall: Mutex<Option<Stall>>,
+    /// Polls of the response body so far, and whether the last one handed hyper a frame: what
+    /// the stream's task reads to tell whether hyper is waiting for its client ([`Stall`]).
+    body_polls: AtomicU64,
+    body_handed: AtomicBool,
 }
 
 impl Stop {
@@ -521,6 +487,58 @@ impl Stop {
     }
 }
 
+/// An HTTP/2 answer's send deadline (`send_timeout`). hyper takes the body's next frame only
+/// once the stream's flow-control window has room, so a client that keeps its window shut stops
+/// the body where it stands, with no read and no timer of the body's own running: the exchange
+/// (its member connection, its session) would be held until its lifetime. So the stream's task
+/// ([`Watched`]) looks, each time it wakes, at what the body did meanwhile: a body that handed
+/// hyper a frame, or that hyper did not poll at all although the task woke, waits on the
+/// client; one that hyper polled and that waits on its member does not. A wait on the client
+/// that lasts `send_timeout` drops the stream, as an HTTP/1.1 client that takes no byte for
+/// `send_timeout` loses its connection (there the socket's write has that deadline; an HTTP/2
+/// connection's writes carry its other streams, so it is each answer's). Frames handed to hyper
+/// are at most [`H2_FRAME`], so a client that reads on, however slowly, takes one within it.
+struct Stall {
+    /// `send_timeout`.
+    within: Duration,
+    /// Since when the body has waited on the client; `None` while it waits on its member.
+    since: Option<tokio::time::Instant>,
+    /// Set for `since + within` when a wait starts; when it fires early (the wait ended and
+    /// another began since), set again: once per wait at most, never per frame.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// The largest frame of an answer handed to hyper on HTTP/2 ([`Stall`]): a client reading on
+/// at 16 KiB per `send_timeout` (273 bytes a second at the default) is never cut.
+const H2_FRAME: usize = 16 * 1024;
+
+impl Stall {
+    /// Notes what the body did since the task last looked (`polled`: hyper polled it; `handed`:
+    /// its last poll gave hyper a frame), then ready with the deadline once a wait on the
+    /// client has lasted it. A poll is progress: the wait, if any, starts again from it.
+    fn poll(&mut self, cx: &mut Context<'_>, polled: bool, handed: bool) -> Poll<Duration> {
+        let since = match (polled, handed, self.since) {
+            // Polled, and waiting on its member: hyper comes back once the member sends.
+            (true, false, _) => {
+                self.since = None;
+                self.timer = None;
+                return Poll::Pending;
+            }
+            // Polled, and gave hyper a frame: waits on the client from now.
+            (true, true, _) | (false, _, None) => *self.since.insert(tokio::time::Instant::now()),
+            // Not polled although the task woke: hyper holds it back for window.
+            (false, _, Some(since)) => since,
+        };
+        let due = since + self.within;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() < due {
+            timer.as_mut().reset(due);
+        }
+        std::task::ready!(timer.as_mut().poll(cx));
+        Poll::Ready(self.within)
+    }
+}
+
 /// A lock of the stop's state: one poisoned by a panic while it was held still guards a value
 /// that is whole (each is replaced in one step), so it is taken all the same.
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -548,11 +566,19 @@ impl Watch {
         stop.map_or(Poll::Pending, |stop| stop.poll_abandoned(cx))
     }
 
+    /// The body polls of the answer now served (none before one is).
+    fn body_polls(&self) -> Option<u64> {
+        locked(&self.current).upgrade().map(|stop| stop.body_polls.load(Ordering::Relaxed))
+    }
+
     /// HTTP/2: ready with `send_timeout` once the answer now served has waited that long for
-    /// its client to take a chunk ([`Stall`]): the stream is to be dropped.
-    fn poll_stalled(&self, cx: &mut Context<'_>) -> Poll<Duration> {
-        let stop = locked(&self.current).upgrade();
-        stop.map_or(Poll::Pending, |stop| locked(&stop.stall).poll(cx))
+    /// its client ([`Stall`]), `polls_before` being its body's polls before the task's wake.
+    fn poll_stalled(&self, cx: &mut Context<'_>, polls_before: Option<u64>) -> Poll<Duration> {
+        let Some(stop) = locked(&self.current).upgrade() else { return Poll::Pending };
+        let mut stall = locked(&stop.stall);
+        let Some(stall) = stall.as_mut() else { return Poll::Pending };
+        let polled = polls_before != Some(stop.body_polls.load(Ordering::Relaxed));
+        stall.poll(cx, polled, stop.body_handed.load(Ordering::Relaxed))
     }
 }
 
@@ -581,12 +607,14 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let Some(inner) = this.inner.as_mut().as_pin_mut() else { return Poll::Ready(()) };
+        let polls_before = this.watch.body_polls();
         if inner.poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        if let Poll::Ready(limit) = this.watch.poll_stalled(cx) {
+        if let Poll::Ready(limit) = this.watch.poll_stalled(cx, polls_before) {
+            // A client can do this at will: counted, and logged at debug as HTTP/1.1's is.
             crate::metrics::send_timeout();
-            tracing::info!(timeout = ?limit, "the client took nothing of its answer for send_timeout; its stream is reset");
+            tracing::debug!(timeout = ?limit, "the client took nothing of its answer for send_timeout; its stream is reset");
         } else {
             let reason = std::task::ready!(this.watch.poll_abandoned(cx)).http_end().label;
             tracing::info!(
@@ -681,7 +709,9 @@ impl Governance {
             polled: AtomicBool::new(false),
             close_within,
             abandon: Mutex::new(None),
-            stall: Mutex::default(),
+            stall: Mutex::new(None),
+            body_polls: AtomicU64::new(0),
+            body_handed: AtomicBool::new(false),
         });
         Governance { stop, session, slots: Vec::new(), cut, clock, started: Instant::now(), end: None }
     }
@@ -735,12 +765,9 @@ impl Governance {
                 true
             }
             None => {
-                let mut stall = locked(&self.stop.stall);
-                stall.within = Some(send_timeout).filter(|d| !d.is_zero());
-                // hyper polls the body once the stream has window for it: its client owes that
-                // from now (one that opens no window at all is never polled).
-                stall.handed_at = Some(tokio::time::Instant::now());
-                drop(stall);
+                if !send_timeout.is_zero() {
+                    *locked(&self.stop.stall) = Some(Stall { within: send_timeout, since: None, timer: None });
+                }
                 STREAM_WATCH.try_with(|w| set(w)).is_ok()
             }
         };
@@ -779,19 +806,23 @@ impl Governance {
         *abandon = Some(Box::pin(tokio::time::sleep(within)));
     }
 
-    /// The body is polled: hyper took the chunk it was handed last ([`Stall`]).
+    /// The body is polled ([`Stall`]).
     fn polled(&self) {
-        locked(&self.stop.stall).handed_at = None;
+        self.stop.body_polls.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The body hands hyper a chunk: on HTTP/2 its stream's send deadline runs until hyper
-    /// polls the body again. The deadline's timer is the stream task's (it wakes the watch).
-    fn handed(&self, cx: &mut Context<'_>) {
-        let mut stall = locked(&self.stop.stall);
-        if stall.within.is_some() {
-            stall.handed_at = Some(tokio::time::Instant::now());
-            // Registers the task's waker; not ready, the deadline being ahead.
-            let _ = stall.poll(cx);
+    /// What the body's poll gave hyper: a frame (`true`), or nothing yet ([`Stall`]).
+    fn gave(&self, handed: bool) {
+        self.stop.body_handed.store(handed, Ordering::Relaxed);
+    }
+
+    /// The largest frame to hand hyper: [`H2_FRAME`] on HTTP/2, where the stream has a send
+    /// deadline ([`Stall`]); no limit on HTTP/1.1.
+    fn frame_limit(&self) -> usize {
+        if locked(&self.stop.stall).is_some() {
+            H2_FRAME
+        } else {
+            usize::MAX
         }
     }
 
@@ -878,6 +909,10 @@ impl BodyEnd {
 pub struct Download {
     inner: Incoming,
     held: Option<Held>,
+    /// What is left of a frame larger than `max_frame`, handed hyper next.
+    rest: Bytes,
+    /// The largest frame handed hyper at once ([`Stall`]).
+    max_frame: usize,
     idle: Idle,
     governance: Option<Governance>,
     /// An event stream (SSE): counted and logged as one.
@@ -984,6 +1019,8 @@ impl Download {
             length: inner.size_hint().exact(),
             inner,
             held: None,
+            rest: Bytes::new(),
+            max_frame: governance.as_ref().map_or(usize::MAX, Governance::frame_limit),
             idle: Idle::new(idle),
             governance,
             sse,
@@ -1030,17 +1067,14 @@ impl Download {
     }
 }
 
-impl Body for Download {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
+impl Download {
+    /// The next frame for hyper (see [`Body::poll_frame`]).
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self;
         if this.end.is_some() {
             return Poll::Ready(None);
         }
         if let Some(g) = this.governance.as_mut() {
-            g.polled();
             if let Poll::Ready(reason) = g.poll_stop(cx) {
                 this.end = Some(BodyEnd::Ended(reason));
                 return match g.cut {
@@ -1052,7 +1086,12 @@ impl Body for Download {
                 };
             }
         }
-        let polled = match this.held.take() {
+        // What is left of a frame too large to hand hyper at once comes first.
+        let rest = std::mem::take(&mut this.rest);
+        let from_rest = !rest.is_empty();
+        let next = if from_rest { None } else { this.held.take() };
+        let polled = match next {
+            _ if from_rest => Poll::Ready(Some(Ok(Frame::data(rest)))),
             Some(Held::Frame(f)) => Poll::Ready(Some(Ok(f))),
             Some(Held::Error(e)) => Poll::Ready(Some(Err(e))),
             Some(Held::End) => Poll::Ready(None),
@@ -1063,7 +1102,10 @@ impl Body for Download {
                 this.idle.moved();
                 let frame = match frame.into_data() {
                     Ok(data) => {
-                        let data = this.coalesce(data, cx);
+                        let mut data = if from_rest { data } else { this.coalesce(data, cx) };
+                        if data.len() > this.max_frame {
+                            this.rest = data.split_off(this.max_frame);
+                        }
                         if let Some(k) = this.keepalive.as_mut() {
                             k.sent(&data);
                         }
@@ -1072,7 +1114,6 @@ impl Body for Download {
                         this.exchange.metrics.http_body_bytes(Direction::BackendToClient, n);
                         if let Some(g) = &this.governance {
                             g.session.entry().control.bytes.from_backend.fetch_add(n, Ordering::Relaxed);
-                            g.handed(cx);
                         }
                         Frame::data(data)
                     }
@@ -1106,15 +1147,36 @@ impl Body for Download {
             },
         }
     }
+}
+
+impl Body for Download {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(g) = &this.governance {
+            g.polled();
+        }
+        let polled = this.poll_body(cx);
+        if let Some(g) = &this.governance {
+            g.gave(matches!(polled, Poll::Ready(Some(Ok(_)))));
+        }
+        polled
+    }
 
     fn is_end_stream(&self) -> bool {
+        let none_held = self.held.is_none() && self.rest.is_empty();
         self.end.is_some()
-            || (self.governance.is_none() && self.held.is_none() && self.inner.is_end_stream())
-            || matches!(self.held, Some(Held::End))
+            || (self.governance.is_none() && none_held && self.inner.is_end_stream())
+            || (self.rest.is_empty() && matches!(self.held, Some(Held::End)))
+            // All of a declared length is passed on: the last frame ends the stream, with no
+            // further poll (on HTTP/2, a poll that would wait for window the client owes nothing).
+            || (none_held && self.length.is_some_and(|n| n == self.sent))
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.held.is_some() {
+        if self.held.is_some() || !self.rest.is_empty() {
             // Part of the body was taken ahead; what is left is no longer known exactly.
             return SizeHint::default();
         }

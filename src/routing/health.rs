@@ -1,8 +1,9 @@
-//! Passive health: members that fail to connect, or that fail handshakes for two different
-//! requesters as often as they complete them, are skipped for a while.
+//! Passive health: members that fail to connect, or that fail the handshakes of two different
+//! requesters at least as often as they complete handshakes, are skipped for a while.
 //!
 //! The first failure ejects a member for `base`; each further failure before a success doubles
-//! the ejection (`base * 2^(failures-1)`), capped at `max`. A success forgives everything. A
+//! the ejection (`base * 2^(failures-1)`), capped at `max`. A success forgives the ejection
+//! (not the record of failed handshakes, which only fades). A
 //! member that has been quiet for `max` after its ejection ended starts again from `base`, and
 //! such entries are dropped, so the table only holds members that failed recently.
 
@@ -40,22 +41,31 @@ struct Failing {
     until: Instant,
 }
 
-/// A member's recent handshakes (and plain requests): completed and failed, each counting
-/// less as it ages ([`HALF_LIFE`]), and the last two requesters that had one fail.
-#[derive(Debug, Clone, Copy)]
+/// A member's recent WebSocket handshakes: completed and failed, each counting less as it ages
+/// ([`HALF_LIFE`]), and the requesters whose handshakes failed. A requester's failures weigh
+/// one per half-life however many it sends, so what tips a member over is how many requesters
+/// fail on it against how often it completes handshakes, not how fast one of them retries.
+#[derive(Debug, Clone)]
 struct Handshakes {
     ok: f64,
     failed: f64,
     /// When the counts were last brought up to date.
     at: Instant,
-    /// The last requester whose handshake failed, and the one before it that was different;
-    /// each with when.
-    failed_for: [Option<(u64, Instant)>; 2],
+    /// Requesters whose handshakes failed, with when each last weighed (at most
+    /// [`REQUESTERS_KEPT`]; the oldest goes first).
+    failed_for: Vec<(u64, Instant)>,
 }
+
+/// Requesters remembered per member: past this many at once, each new one weighs in full.
+const REQUESTERS_KEPT: usize = 64;
+
+/// Members the handshake table holds at most; past it, members not in it have no record (their
+/// failed handshakes eject nothing until the table is swept).
+const MEMBERS_KEPT: usize = 65_536;
 
 impl Handshakes {
     fn new(now: Instant) -> Self {
-        Handshakes { ok: 0.0, failed: 0.0, at: now, failed_for: [None, None] }
+        Handshakes { ok: 0.0, failed: 0.0, at: now, failed_for: Vec::new() }
     }
 
     /// Ages the counts to `now`.
@@ -65,6 +75,29 @@ impl Handshakes {
         self.ok *= keep;
         self.failed *= keep;
         self.at = now;
+    }
+
+    /// A handshake of `requester` failed at `now`: counted once per half-life for it. Whether
+    /// two different requesters failed within `max` now.
+    fn failed(&mut self, requester: u64, now: Instant, max: Duration) -> bool {
+        self.decay(now);
+        let keep = max.max(HALF_LIFE);
+        self.failed_for.retain(|(_, at)| now.saturating_duration_since(*at) < keep);
+        match self.failed_for.iter_mut().find(|(r, _)| *r == requester) {
+            Some((_, at)) if now.saturating_duration_since(*at) < HALF_LIFE => {}
+            Some((_, at)) => {
+                *at = now;
+                self.failed += 1.0;
+            }
+            None => {
+                if self.failed_for.len() == REQUESTERS_KEPT {
+                    self.failed_for.remove(0);
+                }
+                self.failed_for.push((requester, now));
+                self.failed += 1.0;
+            }
+        }
+        self.failed_for.len() >= 2
     }
 
     /// Forgotten: its counts have aged to nothing and no failure is recent.
@@ -99,54 +132,62 @@ impl PassiveHealth {
     /// the client's address). What a member does with a request may be the request's doing, so
     /// one requester's failures never eject it. A member is ejected (as for a failed connect)
     /// once handshakes of two different requesters failed on it within `max`, and its recent
-    /// handshakes failed at least as often as they completed (Envoy's failure-percentage
-    /// detection at 50 %). A member that fails every handshake is out after the second
-    /// requester's; a user whose own agent a shared member cannot serve takes it away from no
-    /// one; and two accounts failing together can take away only a member that serves no one
-    /// else as often as they fail on it.
+    /// failed handshakes, each requester weighing once per half-life, are at least as many as
+    /// those it completed (Envoy's failure-percentage detection at 50 %, counted by requester).
+    /// A member that fails every handshake is out after the second requester's; a user whose
+    /// own agent a shared member cannot serve takes it away from no one; and a few accounts
+    /// failing together take away only a member that completes fewer handshakes than they are.
     pub(crate) fn record_refusal(&self, addr: &str, requester: u64) {
-        let now = Instant::now();
-        let eject = {
-            let mut table = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
-            let (by_addr, _) = &mut *table;
-            let h = by_addr.entry(addr.to_owned()).or_insert_with(|| Handshakes::new(now));
-            h.decay(now);
-            h.failed += 1.0;
-            match h.failed_for[0] {
-                Some((last, _)) if last == requester => h.failed_for[0] = Some((requester, now)),
-                earlier => h.failed_for = [Some((requester, now)), earlier],
-            }
-            let two = h.failed_for[1].is_some_and(|(_, at)| now.saturating_duration_since(at) < self.max);
-            two && h.failed >= h.ok
-        };
-        if eject {
+        self.record_refusal_at(addr, requester, Instant::now());
+    }
+
+    fn record_refusal_at(&self, addr: &str, requester: u64, now: Instant) {
+        let eject = self.with_handshakes(addr, now, |h| h.failed(requester, now, self.max) && h.failed >= h.ok);
+        if eject == Some(true) {
             self.record_failure_at(addr, now);
         }
     }
 
-    /// Records a successful connect and handshake (or a plain request's answer) of `addr`,
-    /// forgiving its connect failures.
+    /// Records a completed connect and WebSocket handshake of `addr`: forgives its failures,
+    /// and counts against its failed handshakes.
+    pub(crate) fn record_handshake(&self, addr: &str) {
+        self.record_handshake_at(addr, Instant::now());
+    }
+
+    fn record_handshake_at(&self, addr: &str, now: Instant) {
+        self.record_success(addr);
+        self.with_handshakes(addr, now, |h| {
+            h.decay(now);
+            h.ok += 1.0;
+        });
+    }
+
+    /// Records a successful connect to `addr` (a plain request's answer, an active check),
+    /// forgiving its failures. It does not count against failed handshakes: whatever a client
+    /// makes a member answer must not keep a member that fails handshakes in the pool.
     pub fn record_success(&self, addr: &str) {
         self.lock().remove(addr);
-        let now = Instant::now();
+    }
+
+    /// Runs `f` on `addr`'s handshake record, made if new (`None` when the table is full of
+    /// recent members). The table is swept of forgotten members whenever it has doubled since
+    /// the last sweep: members that left (a registry's, a reloaded route's, templated ones a
+    /// client named) do not stay for ever.
+    fn with_handshakes<T>(&self, addr: &str, now: Instant, f: impl FnOnce(&mut Handshakes) -> T) -> Option<T> {
         let mut table = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
         let (by_addr, sweep_at) = &mut *table;
-        match by_addr.get_mut(addr) {
-            Some(h) => {
-                h.decay(now);
-                h.ok += 1.0;
-            }
-            None => {
-                // Swept when it has doubled since the last sweep: members that left (a
-                // registry's, a reloaded route's) do not stay for ever.
-                if by_addr.len() >= *sweep_at {
-                    let max = self.max;
-                    by_addr.retain(|_, h| !h.forgotten(now, max));
-                    *sweep_at = (by_addr.len() * 2).max(64);
-                }
-                by_addr.insert(addr.to_owned(), Handshakes { ok: 1.0, ..Handshakes::new(now) });
-            }
+        if let Some(h) = by_addr.get_mut(addr) {
+            return Some(f(h));
         }
+        if by_addr.len() >= *sweep_at {
+            let max = self.max;
+            by_addr.retain(|_, h| !h.forgotten(now, max));
+            *sweep_at = (by_addr.len() * 2).clamp(64, MEMBERS_KEPT);
+        }
+        if by_addr.len() >= MEMBERS_KEPT {
+            return None;
+        }
+        Some(f(by_addr.entry(addr.to_owned()).or_insert_with(|| Handshakes::new(now))))
     }
 
     /// The members of `members` not ejected now, in their order.
@@ -211,49 +252,65 @@ mod tests {
     }
 
     #[test]
-    fn two_requesters_cannot_eject_a_member_that_serves_others_more_often_than_they_fail_on_it() {
+    fn a_few_requesters_cannot_eject_a_member_that_completes_more_handshakes_than_they_are() {
         let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
-        for _ in 0..10 {
-            h.record_success("a:1");
+        let t0 = Instant::now();
+        for _ in 0..4 {
+            h.record_handshake_at("a:1", t0);
         }
-        // Two accounts, alternating, each failing on its own agent.
-        for n in 0..9 {
-            h.record_refusal("a:1", 7 + n % 2);
-            assert!(!h.is_ejected("a:1"), "after {} failures against 10 answers", n + 1);
+        // Two accounts, alternating as fast as they like: each weighs once per half-life.
+        for n in 0..1000 {
+            h.record_refusal_at("a:1", 7 + n % 2, t0);
         }
-        h.record_refusal("a:1", 8);
-        assert!(h.is_ejected("a:1"), "as many failures as answers: half its handshakes fail");
+        assert!(!h.is_ejected_at("a:1", t0), "two requesters against four completed handshakes");
+        h.record_refusal_at("a:1", 9, t0);
+        h.record_refusal_at("a:1", 10, t0);
+        assert!(h.is_ejected_at("a:1", t0), "four requesters failing: half its handshakes");
     }
 
     #[test]
-    fn a_member_that_stops_answering_is_ejected_once_its_failures_outweigh_its_fading_answers() {
+    fn plain_answers_and_active_checks_do_not_keep_a_member_that_fails_handshakes() {
         let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
-        let t0 = Instant::now();
-        let mut hs = Handshakes { ok: 100.0, ..Handshakes::new(t0) };
-        // Ten seconds (two half-lives) later, its 100 answers count 25: 25 failures eject it.
-        hs.decay(t0 + 2 * HALF_LIFE);
-        assert!((hs.ok - 25.0).abs() < 1e-6, "{}", hs.ok);
-        h.handshakes.lock().expect("lock").0.insert("a:1".into(), Handshakes { at: Instant::now(), ..hs });
-        for n in 0..24 {
-            h.record_refusal("a:1", n % 3);
+        for _ in 0..100 {
+            h.record_success("a:1");
         }
-        assert!(!h.is_ejected("a:1"));
         h.record_refusal("a:1", 1);
+        h.record_refusal("a:1", 2);
         assert!(h.is_ejected("a:1"));
     }
 
     #[test]
-    fn the_handshake_table_forgets_members_that_left() {
+    fn a_member_that_stops_completing_handshakes_is_ejected_once_its_failures_outweigh_its_fading_ones() {
         let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
+        let t0 = Instant::now();
+        for _ in 0..8 {
+            h.record_handshake_at("a:1", t0);
+        }
+        // Two users retrying: 2 against 8 at first; two half-lives later the 8 count 2, and
+        // their failures 0.5 + 2.
+        h.record_refusal_at("a:1", 1, t0);
+        h.record_refusal_at("a:1", 2, t0);
+        assert!(!h.is_ejected_at("a:1", t0));
+        let later = t0 + 2 * HALF_LIFE;
+        h.record_refusal_at("a:1", 1, later);
+        assert!(!h.is_ejected_at("a:1", later), "1.5 against 2");
+        h.record_refusal_at("a:1", 2, later);
+        assert!(h.is_ejected_at("a:1", later), "{:?}", h.handshakes.lock().expect("lock").0["a:1"]);
+    }
+
+    #[test]
+    fn the_handshake_table_forgets_members_that_left_and_stays_bounded() {
+        let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
+        let t0 = Instant::now();
         for n in 0..64 {
-            h.record_success(&format!("m{n}:1"));
+            h.record_refusal_at(&format!("m{n}:1"), 1, t0);
         }
-        let old = Instant::now().checked_sub(HALF_LIFE * 9).expect("up for 45 s");
-        for v in h.handshakes.lock().expect("lock").0.values_mut() {
-            v.at = old.min(v.at);
-        }
-        h.record_success("new:1");
+        h.record_handshake_at("new:1", t0 + HALF_LIFE * 9);
         assert_eq!(h.handshakes.lock().expect("lock").0.len(), 1, "the 64 quiet members swept");
+        for n in 0..(MEMBERS_KEPT + 10) {
+            h.record_refusal_at(&format!("x{n}:1"), 1, t0 + HALF_LIFE * 9);
+        }
+        assert_eq!(h.handshakes.lock().expect("lock").0.len(), MEMBERS_KEPT);
     }
 
     const MS: Duration = Duration::from_millis(1);

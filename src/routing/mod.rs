@@ -10,7 +10,8 @@
 //!   of concurrent misses, and the last good members kept for a bounded time after expiry so a
 //!   registry outage does not take known agents down (stale-if-error).
 //! - `health.rs`: passive health. A failed connect ejects the member for a backoff that doubles
-//!   on each further failure up to a cap; a success forgives it.
+//!   on each further failure up to a cap, and so do failed handshakes of two requesters that
+//!   outweigh the member's completed ones; a success forgives the backoff.
 //! - [`sticky`]: member choice. Weighted rendezvous hashing for sticky keys, round robin and least
 //!   connections otherwise.
 //!

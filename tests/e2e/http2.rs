@@ -490,24 +490,7 @@ async fn an_answer_whose_client_gives_it_no_window_is_reset_after_send_timeout()
     // address held 973 member connections over 20 client connections.
     let rest = RestBackend::start("m1").await;
     let key = hmac();
-    let text = TestConfig::base(&["127.0.0.1:1".to_owned()])
-        .merge(
-            "",
-            json!({
-                "auth": {"keys": [{"algorithms": ["HS256"], "secret_file": key.path.display().to_string()}]},
-                "server": {"send_timeout": "1s"},
-                "routes": [{
-                    "name": "h2stall",
-                    "path": "/agents/{agent}/api/{*rest}",
-                    "kind": "http",
-                    "backends": [rest.addr.to_string()],
-                    "backend_path": "/v1/{rest}",
-                    "auth": {"agent_claim": "agents"},
-                }],
-            }),
-        )
-        .text();
-    let proxy = Proxy::start_with(&text).await;
+    let proxy = Proxy::start_with(&send_timeout_config(&key, &rest, "1s", json!({})).text()).await;
     let bearer = |sub: &str| format!("Bearer {}", key.token(sub, &["a1"], Duration::from_secs(600)));
     let stall = |sub: &str| {
         let req = ::http::Request::get("https://localhost/agents/a1/api/stall").header("authorization", bearer(sub));
@@ -545,4 +528,99 @@ async fn an_answer_whose_client_gives_it_no_window_is_reset_after_send_timeout()
     // Bob's, older than send_timeout by now, is still served.
     assert_eq!(sessions("bob").await, 1);
     assert!(!dropped("bob"), "{:?}", rest.seen());
+}
+
+/// An HTTP route `/agents/{agent}/api/{*rest}` to `rest` with `[server] send_timeout` and
+/// `backend` as the route's `[backend]`.
+fn send_timeout_config(key: &Hmac, rest: &RestBackend, send_timeout: &str, backend: Value) -> TestConfig {
+    TestConfig::base(&["127.0.0.1:1".to_owned()]).merge(
+        "",
+        json!({
+            "auth": {"keys": [{"algorithms": ["HS256"], "secret_file": key.path.display().to_string()}]},
+            "server": {"send_timeout": send_timeout},
+            "routes": [{
+                "name": "h2stall",
+                "path": "/agents/{agent}/api/{*rest}",
+                "kind": "http",
+                "backends": [rest.addr.to_string()],
+                "backend_path": "/v1/{rest}",
+                "auth": {"agent_claim": "agents"},
+                "backend": backend,
+            }],
+        }),
+    )
+}
+
+fn get_request(path: &str, auth: &str) -> ::http::Request<()> {
+    let req = ::http::Request::get(format!("https://localhost{path}")).header("authorization", auth);
+    req.body(()).expect("request")
+}
+
+#[tokio::test]
+async fn an_event_stream_whose_keep_alives_fill_a_window_never_opened_again_is_reset() {
+    // Found by the review of the first send deadline: a keep-alive comment filling the window
+    // was handed without starting the deadline, so the stream stayed for its lifetime.
+    let rest = RestBackend::start("m1").await;
+    let key = hmac();
+    let text = send_timeout_config(&key, &rest, "1s", json!({"sse_keepalive": "50ms"})).text();
+    let proxy = Proxy::start_with(&text).await;
+    let auth = format!("Bearer {}", key.token("mallory", &["a1"], Duration::from_secs(600)));
+    // 100 bytes of window: the event and a few comments, then nothing more.
+    let mut shut = H2::connect_with_window(proxy.tls, 100).await;
+    let (answer, _) = shut.open(get_request("/agents/a1/api/sse?n=1&hold=1", &auth), true).await;
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    let ended = tokio::time::timeout(SOON, async {
+        loop {
+            match body.data().await {
+                Some(Ok(_)) => continue,
+                other => return other.map(|r| r.map(|_| ())),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends in time");
+    assert!(matches!(ended, Some(Err(_))), "reset, not completed: {ended:?}");
+    let m = metrics(&proxy).await;
+    assert!(metric(&m, "portcullis_send_timeouts_total") >= 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn a_client_reading_slowly_but_steadily_gets_its_whole_answer_and_a_known_length_ends_without_more_window() {
+    let rest = RestBackend::start("m1").await;
+    let key = hmac();
+    let proxy = Proxy::start_with(&send_timeout_config(&key, &rest, "2s", json!({})).text()).await;
+    let auth = format!("Bearer {}", key.token("bob", &["a1"], Duration::from_secs(600)));
+    // 4 KiB of window, given back 100 ms after each read: 40 KB/s, well above 16 KiB per
+    // send_timeout, though a 64 KiB frame would take longer than it.
+    let mut slow = H2::connect_with_window(proxy.tls, 4096).await;
+    let (answer, _) = slow.open(get_request("/agents/a1/api/big?kib=96", &auth), true).await;
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    let mut got = 0;
+    let end = loop {
+        match tokio::time::timeout(SOON, body.data()).await.expect("data in time") {
+            Some(Ok(chunk)) => {
+                got += chunk.len();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            other => break other.map(|r| r.map(|_| ())),
+        }
+    };
+    assert!(end.is_none(), "the answer ended whole: {end:?} after {got} bytes");
+    assert_eq!(got, 96 * 1024);
+    // A declared length, exactly the window: it ends with its last DATA frame, with no window
+    // given back (else it would wait for one byte of window it does not need, and be reset).
+    let mut exact = H2::connect_with_window(proxy.tls, 4096).await;
+    let (answer, _) = exact.open(get_request("/agents/a1/api/big?kib=4", &auth), true).await;
+    let mut body = answer.into_body();
+    let mut got = 0;
+    let end = loop {
+        match tokio::time::timeout(SOON, body.data()).await.expect("data in time") {
+            Some(Ok(chunk)) => got += chunk.len(),
+            other => break other.map(|r| r.map(|_| ())),
+        }
+    };
+    assert!(end.is_none() && got == 4096, "{end:?} after {got} bytes");
 }
