@@ -1,5 +1,5 @@
 //! Passive health: members that fail to connect, or that fail the handshakes of two different
-//! requesters at least as often as they complete handshakes, are skipped for a while.
+//! requesters while completing none for others, are skipped for a while.
 //!
 //! The first failure ejects a member for `base`; each further failure before a success doubles
 //! the ejection (`base * 2^(failures-1)`), capped at `max`. A success forgives the ejection
@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use super::sticky::Member;
 
-/// How fast a member's record of handshakes forgets: a handshake counts half as much this long
-/// after it. Envoy's failure-percentage detection looks at the last 10 s; this is a sliding
-/// version of it, with no window start that a burst could be timed to.
-const HALF_LIFE: Duration = Duration::from_secs(5);
+/// How long a member that completed a WebSocket handshake is known to serve: failed handshakes
+/// eject no member that completed one this recently. They may be the request's doing (an agent
+/// that one user controls, behind a gateway shared by every agent), and any number of accounts
+/// failing together must not take a member away from the users it is serving; a member that
+/// serves no one any more is ejected this long after its last completed handshake at most.
+const SERVING: Duration = Duration::from_secs(10);
 
 /// Connect-failure tracking for backend members, shared by every session (keyed by address).
 #[derive(Debug)]
@@ -41,22 +43,18 @@ struct Failing {
     until: Instant,
 }
 
-/// A member's recent WebSocket handshakes: completed and failed, each counting less as it ages
-/// ([`HALF_LIFE`]), and the requesters whose handshakes failed. A requester's failures weigh
-/// one per half-life however many it sends, so what tips a member over is how many requesters
-/// fail on it against how often it completes handshakes, not how fast one of them retries.
+/// A member's recent WebSocket handshakes: when one last completed, and the requesters whose
+/// handshakes failed since.
 #[derive(Debug, Clone)]
 struct Handshakes {
-    ok: f64,
-    failed: f64,
-    /// When the counts were last brought up to date.
-    at: Instant,
-    /// Requesters whose handshakes failed, with when each last weighed (at most
+    /// When a handshake last completed.
+    completed: Option<Instant>,
+    /// Requesters whose handshakes failed, with when each last did (at most
     /// [`REQUESTERS_KEPT`]; the oldest goes first).
     failed_for: Vec<(u64, Instant)>,
 }
 
-/// Requesters remembered per member: past this many at once, each new one weighs in full.
+/// Requesters remembered per member.
 const REQUESTERS_KEPT: usize = 64;
 
 /// Members the handshake table holds at most; past it, members not in it have no record (their
@@ -64,45 +62,27 @@ const REQUESTERS_KEPT: usize = 64;
 const MEMBERS_KEPT: usize = 65_536;
 
 impl Handshakes {
-    fn new(now: Instant) -> Self {
-        Handshakes { ok: 0.0, failed: 0.0, at: now, failed_for: Vec::new() }
+    fn new() -> Self {
+        Handshakes { completed: None, failed_for: Vec::new() }
     }
 
-    /// Ages the counts to `now`.
-    fn decay(&mut self, now: Instant) {
-        let halves = now.saturating_duration_since(self.at).as_secs_f64() / HALF_LIFE.as_secs_f64();
-        let keep = 0.5f64.powf(halves);
-        self.ok *= keep;
-        self.failed *= keep;
-        self.at = now;
-    }
-
-    /// A handshake of `requester` failed at `now`: counted once per half-life for it. Whether
-    /// two different requesters failed within `max` now.
+    /// A handshake of `requester` failed at `now`: whether the member is to be ejected (two
+    /// different requesters failed on it within `max`, and it has completed no handshake for
+    /// [`SERVING`]).
     fn failed(&mut self, requester: u64, now: Instant, max: Duration) -> bool {
-        self.decay(now);
-        let keep = max.max(HALF_LIFE);
-        self.failed_for.retain(|(_, at)| now.saturating_duration_since(*at) < keep);
-        match self.failed_for.iter_mut().find(|(r, _)| *r == requester) {
-            Some((_, at)) if now.saturating_duration_since(*at) < HALF_LIFE => {}
-            Some((_, at)) => {
-                *at = now;
-                self.failed += 1.0;
-            }
-            None => {
-                if self.failed_for.len() == REQUESTERS_KEPT {
-                    self.failed_for.remove(0);
-                }
-                self.failed_for.push((requester, now));
-                self.failed += 1.0;
-            }
+        self.failed_for.retain(|(r, at)| *r != requester && now.saturating_duration_since(*at) < max);
+        if self.failed_for.len() == REQUESTERS_KEPT {
+            self.failed_for.remove(0);
         }
-        self.failed_for.len() >= 2
+        self.failed_for.push((requester, now));
+        let serving = self.completed.is_some_and(|at| now.saturating_duration_since(at) < SERVING);
+        self.failed_for.len() >= 2 && !serving
     }
 
-    /// Forgotten: its counts have aged to nothing and no failure is recent.
+    /// Forgotten: nothing of it is recent.
     fn forgotten(&self, now: Instant, max: Duration) -> bool {
-        now.saturating_duration_since(self.at) > (HALF_LIFE * 8).max(max)
+        let last = self.failed_for.last().map(|(_, at)| *at).into_iter().chain(self.completed).max();
+        last.is_none_or(|at| now.saturating_duration_since(at) > max.max(SERVING))
     }
 }
 
@@ -130,36 +110,31 @@ impl PassiveHealth {
     /// Records a handshake `addr` failed (an error status, a bad answer, a hang-up, a timeout)
     /// for a request of `requester` (a hash of who asked: the token's issuer and subject, else
     /// the client's address). What a member does with a request may be the request's doing, so
-    /// one requester's failures never eject it. A member is ejected (as for a failed connect)
-    /// once handshakes of two different requesters failed on it within `max`, and its recent
-    /// failed handshakes, each requester weighing once per half-life, are at least as many as
-    /// those it completed (Envoy's failure-percentage detection at 50 %, counted by requester).
-    /// A member that fails every handshake is out after the second requester's; a user whose
-    /// own agent a shared member cannot serve takes it away from no one; and a few accounts
-    /// failing together take away only a member that completes fewer handshakes than they are.
+    /// one requester's failures never eject it, nor do any number of requesters' while it
+    /// completes handshakes for others ([`SERVING`]). A member is ejected (as for a failed
+    /// connect) once handshakes of two different requesters failed on it within `max` and it
+    /// has completed none for [`SERVING`]: a member that fails every handshake is out after the
+    /// second requester's, or `SERVING` after its last completed one.
     pub(crate) fn record_refusal(&self, addr: &str, requester: u64) {
         self.record_refusal_at(addr, requester, Instant::now());
     }
 
     fn record_refusal_at(&self, addr: &str, requester: u64, now: Instant) {
-        let eject = self.with_handshakes(addr, now, |h| h.failed(requester, now, self.max) && h.failed >= h.ok);
+        let eject = self.with_handshakes(addr, now, |h| h.failed(requester, now, self.max));
         if eject == Some(true) {
             self.record_failure_at(addr, now);
         }
     }
 
     /// Records a completed connect and WebSocket handshake of `addr`: forgives its failures,
-    /// and counts against its failed handshakes.
+    /// and shows it serving ([`SERVING`]).
     pub(crate) fn record_handshake(&self, addr: &str) {
         self.record_handshake_at(addr, Instant::now());
     }
 
     fn record_handshake_at(&self, addr: &str, now: Instant) {
         self.record_success(addr);
-        self.with_handshakes(addr, now, |h| {
-            h.decay(now);
-            h.ok += 1.0;
-        });
+        self.with_handshakes(addr, now, |h| h.completed = Some(now));
     }
 
     /// Records a successful connect to `addr` (a plain request's answer, an active check),
@@ -187,7 +162,7 @@ impl PassiveHealth {
         if by_addr.len() >= MEMBERS_KEPT {
             return None;
         }
-        Some(f(by_addr.entry(addr.to_owned()).or_insert_with(|| Handshakes::new(now))))
+        Some(f(by_addr.entry(addr.to_owned()).or_insert_with(Handshakes::new)))
     }
 
     /// The members of `members` not ejected now, in their order.
@@ -252,20 +227,25 @@ mod tests {
     }
 
     #[test]
-    fn a_few_requesters_cannot_eject_a_member_that_completes_more_handshakes_than_they_are() {
+    fn no_number_of_requesters_ejects_a_member_that_serves_others() {
         let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
         let t0 = Instant::now();
-        for _ in 0..4 {
-            h.record_handshake_at("a:1", t0);
+        h.record_handshake_at("a:1", t0);
+        // Three accounts, as fast as they like, for as long as a user's handshake completed
+        // within SERVING before each of theirs.
+        for n in 0..3000u64 {
+            let at = t0 + Duration::from_millis(n * 10);
+            if n % 300 == 0 {
+                h.record_handshake_at("a:1", at);
+            }
+            h.record_refusal_at("a:1", 7 + n % 3, at);
+            assert!(!h.is_ejected_at("a:1", at), "after {n} failures");
         }
-        // Two accounts, alternating as fast as they like: each weighs once per half-life.
-        for n in 0..1000 {
-            h.record_refusal_at("a:1", 7 + n % 2, t0);
-        }
-        assert!(!h.is_ejected_at("a:1", t0), "two requesters against four completed handshakes");
-        h.record_refusal_at("a:1", 9, t0);
-        h.record_refusal_at("a:1", 10, t0);
-        assert!(h.is_ejected_at("a:1", t0), "four requesters failing: half its handshakes");
+        // The user stops: SERVING after their last handshake, the next failures eject.
+        let quiet = t0 + Duration::from_millis(2700 * 10) + SERVING;
+        h.record_refusal_at("a:1", 7, quiet);
+        h.record_refusal_at("a:1", 8, quiet);
+        assert!(h.is_ejected_at("a:1", quiet));
     }
 
     #[test]
@@ -280,35 +260,16 @@ mod tests {
     }
 
     #[test]
-    fn a_member_that_stops_completing_handshakes_is_ejected_once_its_failures_outweigh_its_fading_ones() {
-        let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
-        let t0 = Instant::now();
-        for _ in 0..8 {
-            h.record_handshake_at("a:1", t0);
-        }
-        // Two users retrying: 2 against 8 at first; two half-lives later the 8 count 2, and
-        // their failures 0.5 + 2.
-        h.record_refusal_at("a:1", 1, t0);
-        h.record_refusal_at("a:1", 2, t0);
-        assert!(!h.is_ejected_at("a:1", t0));
-        let later = t0 + 2 * HALF_LIFE;
-        h.record_refusal_at("a:1", 1, later);
-        assert!(!h.is_ejected_at("a:1", later), "1.5 against 2");
-        h.record_refusal_at("a:1", 2, later);
-        assert!(h.is_ejected_at("a:1", later), "{:?}", h.handshakes.lock().expect("lock").0["a:1"]);
-    }
-
-    #[test]
     fn the_handshake_table_forgets_members_that_left_and_stays_bounded() {
         let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
         let t0 = Instant::now();
         for n in 0..64 {
             h.record_refusal_at(&format!("m{n}:1"), 1, t0);
         }
-        h.record_handshake_at("new:1", t0 + HALF_LIFE * 9);
+        h.record_handshake_at("new:1", t0 + Duration::from_secs(31));
         assert_eq!(h.handshakes.lock().expect("lock").0.len(), 1, "the 64 quiet members swept");
         for n in 0..(MEMBERS_KEPT + 10) {
-            h.record_refusal_at(&format!("x{n}:1"), 1, t0 + HALF_LIFE * 9);
+            h.record_refusal_at(&format!("x{n}:1"), 1, t0 + Duration::from_secs(31));
         }
         assert_eq!(h.handshakes.lock().expect("lock").0.len(), MEMBERS_KEPT);
     }
