@@ -94,6 +94,12 @@ pub struct RegistryResolver {
     /// such a host fails at once meanwhile, whichever agent it names (a connect fails before
     /// anything of the request is sent: no client's request can be its cause).
     unreachable: moka::future::Cache<String, String>,
+    /// Registry hosts connected to within the hold: requests to them go at once.
+    reachable: moka::future::Cache<String, ()>,
+    /// One request at a time to a host not known reachable, so a burst of lookups naming
+    /// different agents sends one connect to a host that cannot be reached, not one each: the
+    /// others wait for its outcome (within their own timeout) and find the host held.
+    gates: moka::sync::Cache<String, Arc<tokio::sync::Semaphore>>,
     /// Client TLS for `https://` registries (webpki roots); `None` if it could not be set up.
     client: Option<crate::outbound::HttpClient>,
     /// Registry requests sent, for stats.
@@ -114,12 +120,19 @@ impl RegistryResolver {
         let hold = STALE_RETRY_INTERVAL.min(settings.ttl).max(Duration::from_millis(1));
         let failed = moka::future::Cache::builder().max_capacity(settings.max_capacity).time_to_live(hold).build();
         let unreachable = moka::future::Cache::builder().max_capacity(settings.max_capacity).time_to_live(hold).build();
+        let reachable = moka::future::Cache::builder().max_capacity(settings.max_capacity).time_to_live(hold).build();
+        let gates = moka::sync::Cache::builder()
+            .max_capacity(settings.max_capacity)
+            .time_to_idle(settings.timeout.saturating_mul(2).max(hold))
+            .build();
         Arc::new(RegistryResolver {
             settings,
             fresh,
             stale,
             failed,
             unreachable,
+            reachable,
+            gates,
             client: crate::outbound::HttpClient::new(None).ok(),
             requests: AtomicU64::new(0),
         })
@@ -235,21 +248,41 @@ impl RegistryResolver {
         let uri: Uri = url.parse().map_err(|e| ResolveError::Unavailable(format!("invalid registry url: {e}")))?;
         let client = self.client.as_ref().ok_or_else(|| ResolveError::Unavailable("http client unavailable".into()))?;
         let host = uri.authority().map_or_else(String::new, |a| a.as_str().to_owned());
+        let held = |why: String| ResolveError::Unavailable(format!("{why} (not tried again yet)"));
         if let Some(why) = self.unreachable.get(&host).await {
-            return Err(ResolveError::Unavailable(format!("{why} (not tried again yet)")));
+            return Err(held(why));
         }
         let timeout = self.settings.timeout;
-        let (status, body) = match client.get(&uri, self.request_headers()?, MAX_BODY_BYTES, timeout).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // A host not known reachable: one request at a time, until one connects.
+        let _gate = match self.reachable.contains_key(&host) {
+            true => None,
+            false => {
+                let gate = self.gates.get_with(host.clone(), || Arc::new(tokio::sync::Semaphore::new(1)));
+                let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, gate.acquire_owned()).await else {
+                    return Err(ResolveError::Unavailable(format!("no answer within {timeout:?}")));
+                };
+                if let Some(why) = self.unreachable.get(&host).await {
+                    return Err(held(why));
+                }
+                Some(permit)
+            }
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (status, body) = match client.get(&uri, self.request_headers()?, MAX_BODY_BYTES, left).await {
             Ok(answer) => answer,
             Err(e) => {
                 let why = e.to_string();
                 // Refused, or no connection within the timeout (a host that drops SYNs).
                 if matches!(e, crate::outbound::OutboundError::Connect(_)) {
                     self.unreachable.insert(host, why.clone()).await;
+                } else {
+                    self.reachable.insert(host, ()).await;
                 }
                 return Err(ResolveError::Unavailable(why));
             }
         };
+        self.reachable.insert(host, ()).await;
         match status {
             StatusCode::NOT_FOUND => Ok(Resolved::NotFound),
             s if s.is_success() => parse_members(&body).map(Resolved::Members),
@@ -623,6 +656,27 @@ mod tests {
             assert!(matches!(&err, ResolveError::Unavailable(m) if m.ends_with("(not tried again yet)")), "{err:?}");
         }
         assert!(started.elapsed() < 1000 * MS, "held lookups do not wait for the host");
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_lookups_naming_different_agents_sends_one_connect_to_a_host_that_drops_them() {
+        let (_socket, _fillers, addr) = syn_dropping().await;
+        let mut s = settings(1000 * MS, 1000 * MS, 1000 * MS);
+        s.timeout = 300 * MS;
+        let resolver = RegistryResolver::new(s);
+        let lookups = (0..40).map(|n| {
+            let resolver = resolver.clone();
+            tokio::spawn(async move { resolver.resolve(&format!("http://{addr}/agents/a{n}")).await })
+        });
+        let mut tried = 0;
+        for lookup in lookups.collect::<Vec<_>>() {
+            match lookup.await.expect("lookup task") {
+                Err(ResolveError::Unavailable(m)) if m.ends_with("(not tried again yet)") => {}
+                Err(ResolveError::Unavailable(m)) if m.starts_with("connect: ") => tried += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(tried, 1, "one connect for the burst, the other lookups held");
     }
 
     #[tokio::test]
