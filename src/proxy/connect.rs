@@ -150,7 +150,7 @@ pub async fn connect(
     conns: &Arc<ConnCounts>,
     metrics: &Metrics,
 ) -> Result<BackendConn, ConnectError> {
-    let order = state.candidates(route, caps, req.sticky_key.as_deref(), conns).await?;
+    let order = state.candidates(route, caps, req.sticky_key.as_deref(), conns, Some(req.requester)).await?;
     let attempts = order.len();
     let path = backend_path(route, caps, req.path_and_query);
     let started = Instant::now();
@@ -161,7 +161,7 @@ pub async fn connect(
         let member = member.addr.as_str();
         match connect_member(member, &path, route, req).await {
             Ok(mut conn) => {
-                state.health.record_handshake(member);
+                state.health.record_handshake(member, req.requester);
                 metrics.backend_connect_seconds.record(started.elapsed().as_secs_f64());
                 conn.guard = Some(conns.acquire(member));
                 return Ok(conn);

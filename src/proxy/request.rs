@@ -116,7 +116,7 @@ pub async fn forward(
     if body.size_hint().lower() > limit {
         return Err(ForwardError::TooLarge(limit));
     }
-    let mut order = state.candidates(route, caps, out.sticky_key.as_deref(), conns).await?;
+    let mut order = state.candidates(route, caps, out.sticky_key.as_deref(), conns, None).await?;
     if let Some(member) = &out.pinned {
         // A session lives on the member that created it: no other may take its requests.
         order.retain(|c| c.addr == *member);

@@ -20,6 +20,12 @@ use super::sticky::Member;
 /// serves no one any more is ejected this long after its last completed handshake at most.
 const SERVING: Duration = Duration::from_secs(10);
 
+/// How long a requester whose handshake a member completed keeps that member while it is
+/// ejected for failed handshakes (not for failed connects): a member used less often than
+/// [`SERVING`] can be ejected by others' failures between its users' sessions, and must not be
+/// taken from the users it was serving.
+const SERVED_RECENTLY: Duration = Duration::from_secs(15 * 60);
+
 /// Connect-failure tracking for backend members, shared by every session (keyed by address).
 #[derive(Debug)]
 pub struct PassiveHealth {
@@ -41,6 +47,9 @@ struct Failing {
     failures: u32,
     /// End of the current ejection.
     until: Instant,
+    /// Ejected for failed handshakes only (not for a failed connect): requesters it served
+    /// recently still get it ([`SERVED_RECENTLY`]).
+    for_handshakes: bool,
 }
 
 /// A member's recent WebSocket handshakes: when one last completed, and the requesters whose
@@ -49,6 +58,9 @@ struct Failing {
 struct Handshakes {
     /// When a handshake last completed.
     completed: Option<Instant>,
+    /// Requesters whose handshakes it completed, with when each last did (at most
+    /// [`REQUESTERS_KEPT`]).
+    served: Vec<(u64, Instant)>,
     /// Requesters whose handshakes failed, with when each last did (at most
     /// [`REQUESTERS_KEPT`]; the oldest goes first).
     failed_for: Vec<(u64, Instant)>,
@@ -63,7 +75,7 @@ const MEMBERS_KEPT: usize = 65_536;
 
 impl Handshakes {
     fn new() -> Self {
-        Handshakes { completed: None, failed_for: Vec::new() }
+        Handshakes { completed: None, served: Vec::new(), failed_for: Vec::new() }
     }
 
     /// A handshake of `requester` failed at `now`: whether the member is to be ejected (two
@@ -79,10 +91,28 @@ impl Handshakes {
         self.failed_for.len() >= 2 && !serving
     }
 
+    /// A handshake of `requester` completed at `now`.
+    fn completed(&mut self, requester: u64, now: Instant) {
+        self.completed = Some(now);
+        self.served.retain(|(r, at)| *r != requester && now.saturating_duration_since(*at) < SERVED_RECENTLY);
+        if self.served.len() == REQUESTERS_KEPT {
+            self.served.remove(0);
+        }
+        self.served.push((requester, now));
+    }
+
+    /// Whether it completed a handshake of `requester` within [`SERVED_RECENTLY`].
+    fn served(&self, requester: u64, now: Instant) -> bool {
+        self.served.iter().any(|(r, at)| *r == requester && now.saturating_duration_since(*at) < SERVED_RECENTLY)
+    }
+
     /// Forgotten: nothing of it is recent.
     fn forgotten(&self, now: Instant, max: Duration) -> bool {
-        let last = self.failed_for.last().map(|(_, at)| *at).into_iter().chain(self.completed).max();
-        last.is_none_or(|at| now.saturating_duration_since(at) > max.max(SERVING))
+        let failed = self.failed_for.last().map(|(_, at)| *at);
+        match self.completed {
+            Some(at) => now.saturating_duration_since(at) > SERVED_RECENTLY,
+            None => failed.is_none_or(|at| now.saturating_duration_since(at) > max.max(SERVING)),
+        }
     }
 }
 
@@ -122,19 +152,19 @@ impl PassiveHealth {
     fn record_refusal_at(&self, addr: &str, requester: u64, now: Instant) {
         let eject = self.with_handshakes(addr, now, |h| h.failed(requester, now, self.max));
         if eject == Some(true) {
-            self.record_failure_at(addr, now);
+            self.eject_at(addr, now, true);
         }
     }
 
-    /// Records a completed connect and WebSocket handshake of `addr`: forgives its failures,
-    /// and shows it serving ([`SERVING`]).
-    pub(crate) fn record_handshake(&self, addr: &str) {
-        self.record_handshake_at(addr, Instant::now());
+    /// Records a completed connect and WebSocket handshake of `addr` for `requester`: forgives
+    /// its failures, and shows it serving ([`SERVING`], [`SERVED_RECENTLY`]).
+    pub(crate) fn record_handshake(&self, addr: &str, requester: u64) {
+        self.record_handshake_at(addr, requester, Instant::now());
     }
 
-    fn record_handshake_at(&self, addr: &str, now: Instant) {
+    fn record_handshake_at(&self, addr: &str, requester: u64, now: Instant) {
         self.record_success(addr);
-        self.with_handshakes(addr, now, |h| h.completed = Some(now));
+        self.with_handshakes(addr, now, |h| h.completed(requester, now));
     }
 
     /// Records a successful connect to `addr` (a plain request's answer, an active check),
@@ -167,7 +197,14 @@ impl PassiveHealth {
 
     /// The members of `members` not ejected now, in their order.
     pub fn healthy<'m>(&self, members: &'m [Member]) -> Vec<&'m Member> {
-        self.healthy_at(members, Instant::now())
+        self.healthy_at(members, None, Instant::now())
+    }
+
+    /// The members of `members` `requester` may be sent to now, in their order: those not
+    /// ejected, and those ejected for failed handshakes only that completed one of its own
+    /// within [`SERVED_RECENTLY`] (others' failures do not take a member from its users).
+    pub fn healthy_for<'m>(&self, members: &'m [Member], requester: Option<u64>) -> Vec<&'m Member> {
+        self.healthy_at(members, requester, Instant::now())
     }
 
     /// How many members of `members` are ejected now (for the `member_healthy` gauge and admin).
@@ -179,23 +216,40 @@ impl PassiveHealth {
         self.lock().get(addr).is_some_and(|f| now < f.until)
     }
 
-    fn healthy_at<'m>(&self, members: &'m [Member], now: Instant) -> Vec<&'m Member> {
+    fn healthy_at<'m>(&self, members: &'m [Member], requester: Option<u64>, now: Instant) -> Vec<&'m Member> {
         let failing = self.lock();
         if failing.is_empty() {
             return members.iter().collect();
         }
-        members.iter().filter(|m| failing.get(&m.addr).is_none_or(|f| now >= f.until)).collect()
+        let served = |addr: &str| {
+            let Some(requester) = requester else { return false };
+            let table = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+            table.0.get(addr).is_some_and(|h| h.served(requester, now))
+        };
+        let usable = |m: &&Member| match failing.get(&m.addr) {
+            None => true,
+            Some(f) => now >= f.until || (f.for_handshakes && served(&m.addr)),
+        };
+        members.iter().filter(usable).collect()
     }
 
     fn record_failure_at(&self, addr: &str, now: Instant) {
+        self.eject_at(addr, now, false);
+    }
+
+    /// Ejects `addr` for the next backoff step: for failed handshakes only (`for_handshakes`),
+    /// or for a failed connect, which takes it from every requester.
+    fn eject_at(&self, addr: &str, now: Instant, for_handshakes: bool) {
         let mut failing = self.lock();
         // Forget members that have been quiet for `max` since their ejection ended.
         let max = self.max;
         failing.retain(|_, f| now < f.until + max);
-        let failures = failing.get(addr).map_or(1, |f| f.failures.saturating_add(1));
+        let earlier = failing.get(addr);
+        let failures = earlier.map_or(1, |f| f.failures.saturating_add(1));
+        let for_handshakes = for_handshakes && earlier.is_none_or(|f| f.for_handshakes || now >= f.until);
         let until = now + self.backoff(failures);
-        failing.insert(addr.to_owned(), Failing { failures, until });
-        tracing::debug!(member = addr, failures, "backend member ejected");
+        failing.insert(addr.to_owned(), Failing { failures, until, for_handshakes });
+        tracing::debug!(member = addr, failures, for_handshakes, "backend member ejected");
     }
 
     /// Ejection after `failures` consecutive failures: `base * 2^(failures-1)`, capped at `max`.
@@ -230,13 +284,13 @@ mod tests {
     fn no_number_of_requesters_ejects_a_member_that_serves_others() {
         let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
         let t0 = Instant::now();
-        h.record_handshake_at("a:1", t0);
+        h.record_handshake_at("a:1", 1, t0);
         // Three accounts, as fast as they like, for as long as a user's handshake completed
         // within SERVING before each of theirs.
         for n in 0..3000u64 {
             let at = t0 + Duration::from_millis(n * 10);
             if n % 300 == 0 {
-                h.record_handshake_at("a:1", at);
+                h.record_handshake_at("a:1", 1, at);
             }
             h.record_refusal_at("a:1", 7 + n % 3, at);
             assert!(!h.is_ejected_at("a:1", at), "after {n} failures");
@@ -246,6 +300,34 @@ mod tests {
         h.record_refusal_at("a:1", 7, quiet);
         h.record_refusal_at("a:1", 8, quiet);
         assert!(h.is_ejected_at("a:1", quiet));
+    }
+
+    #[test]
+    fn a_member_ejected_for_others_failures_stays_with_the_users_it_served() {
+        let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
+        let t0 = Instant::now();
+        let members = pool();
+        let addrs = |v: Vec<&Member>| v.into_iter().map(|m| m.addr.clone()).collect::<Vec<_>>();
+        // Alice (requester 1) used a:1 a minute ago; two accounts fail on it while she is away.
+        h.record_handshake_at("a:1", 1, t0);
+        let later = t0 + Duration::from_secs(60);
+        h.record_refusal_at("a:1", 7, later);
+        h.record_refusal_at("a:1", 8, later);
+        assert!(h.is_ejected_at("a:1", later));
+        assert_eq!(addrs(h.healthy_at(&members, Some(1), later)), ["a:1", "b:1", "c:1"], "alice keeps it");
+        assert_eq!(addrs(h.healthy_at(&members, Some(9), later)), ["b:1", "c:1"], "a newcomer does not");
+        assert_eq!(addrs(h.healthy_at(&members, None, later)), ["b:1", "c:1"]);
+        // Her handshake completes there: it serves again, for everyone.
+        h.record_handshake_at("a:1", 1, later);
+        assert_eq!(h.healthy_at(&members, Some(9), later).len(), 3);
+        // A failed connect takes it from her too.
+        h.record_failure_at("a:1", later);
+        assert_eq!(addrs(h.healthy_at(&members, Some(1), later)), ["b:1", "c:1"]);
+        // And long after her last session, she is a newcomer.
+        let much_later = later + SERVED_RECENTLY;
+        h.record_refusal_at("c:1", 7, much_later);
+        h.record_refusal_at("c:1", 8, much_later);
+        assert!(!addrs(h.healthy_at(&members, Some(1), much_later)).contains(&"c:1".to_owned()));
     }
 
     #[test]
@@ -266,7 +348,7 @@ mod tests {
         for n in 0..64 {
             h.record_refusal_at(&format!("m{n}:1"), 1, t0);
         }
-        h.record_handshake_at("new:1", t0 + Duration::from_secs(31));
+        h.record_handshake_at("new:1", 1, t0 + Duration::from_secs(31));
         assert_eq!(h.handshakes.lock().expect("lock").0.len(), 1, "the 64 quiet members swept");
         for n in 0..(MEMBERS_KEPT + 10) {
             h.record_refusal_at(&format!("x{n}:1"), 1, t0 + Duration::from_secs(31));
@@ -289,9 +371,9 @@ mod tests {
         assert!(!h.is_ejected_at("b:1", t0 + 100 * MS));
         assert!(!h.is_ejected_at("a:1", t0));
         let members = pool();
-        let healthy: Vec<&str> = h.healthy_at(&members, t0 + 50 * MS).iter().map(|m| m.addr.as_str()).collect();
+        let healthy: Vec<&str> = h.healthy_at(&members, None, t0 + 50 * MS).iter().map(|m| m.addr.as_str()).collect();
         assert_eq!(healthy, ["a:1", "c:1"]);
-        assert_eq!(h.healthy_at(&members, t0 + 100 * MS).len(), 3);
+        assert_eq!(h.healthy_at(&members, None, t0 + 100 * MS).len(), 3);
     }
 
     #[test]

@@ -76,14 +76,16 @@ impl RouteState {
     }
 
     /// The members one session tries, in order: the route's members for these captures
-    /// (static, or from the registry), weight 0 left out, the healthy ones (or all of them with
-    /// `fail_open`) ordered by the balance policy, at most `max_attempts`.
+    /// (static, or from the registry), weight 0 left out, the healthy ones for `requester` (or
+    /// all of them with `fail_open`; see [`PassiveHealth::healthy_for`]) ordered by the balance
+    /// policy, at most `max_attempts`.
     pub async fn candidates(
         &self,
         route: &RouteConfig,
         caps: &Captures,
         sticky_key: Option<&[u8]>,
         conns: &ConnCounts,
+        requester: Option<u64>,
     ) -> Result<Vec<Member>, PoolError> {
         let mut members = self.members(route, caps).await?;
         // Weight 0 takes a member out of rotation under every policy (a drain knob), fail_open
@@ -92,7 +94,7 @@ impl RouteState {
         if members.is_empty() {
             return Err(PoolError::NoHealthyMember);
         }
-        let healthy = self.health.healthy(&members);
+        let healthy = self.health.healthy_for(&members, requester);
         let candidates: Vec<Member> = match (healthy.is_empty(), route.health.fail_open) {
             (false, _) => healthy.into_iter().cloned().collect(),
             (true, true) => members,
