@@ -485,6 +485,15 @@ impl Stop {
         std::task::ready!(abandon.get_or_insert_with(|| Box::pin(tokio::time::sleep(within))).as_mut().poll(cx));
         Poll::Ready(reason)
     }
+
+    /// HTTP/2: ready with `send_timeout` once the answer has waited that long for its client
+    /// ([`Stall`]), `polls_before` being its body's polls before the task's wake.
+    fn poll_stalled(&self, cx: &mut Context<'_>, polls_before: Option<u64>) -> Poll<Duration> {
+        let mut stall = locked(&self.stall);
+        let Some(stall) = stall.as_mut() else { return Poll::Pending };
+        let polled = polls_before != Some(self.body_polls.load(Ordering::Relaxed));
+        stall.poll(cx, polled, self.body_handed.load(Ordering::Relaxed))
+    }
 }
 
 /// An HTTP/2 answer's send deadline (`send_timeout`). hyper takes the body's next frame only
@@ -562,23 +571,12 @@ impl Watch {
     /// Ready with the session's reason once the exchange now served ended and its body was not
     /// polled within its `close_within` after that: the stream is to be dropped.
     pub fn poll_abandoned(&self, cx: &mut Context<'_>) -> Poll<Cause> {
-        let stop = locked(&self.current).upgrade();
-        stop.map_or(Poll::Pending, |stop| stop.poll_abandoned(cx))
+        self.current().map_or(Poll::Pending, |stop| stop.poll_abandoned(cx))
     }
 
-    /// The body polls of the answer now served (none before one is).
-    fn body_polls(&self) -> Option<u64> {
-        locked(&self.current).upgrade().map(|stop| stop.body_polls.load(Ordering::Relaxed))
-    }
-
-    /// HTTP/2: ready with `send_timeout` once the answer now served has waited that long for
-    /// its client ([`Stall`]), `polls_before` being its body's polls before the task's wake.
-    fn poll_stalled(&self, cx: &mut Context<'_>, polls_before: Option<u64>) -> Poll<Duration> {
-        let Some(stop) = locked(&self.current).upgrade() else { return Poll::Pending };
-        let mut stall = locked(&stop.stall);
-        let Some(stall) = stall.as_mut() else { return Poll::Pending };
-        let polled = polls_before != Some(stop.body_polls.load(Ordering::Relaxed));
-        stall.poll(cx, polled, stop.body_handed.load(Ordering::Relaxed))
+    /// The stop of the exchange now served, while one is.
+    fn current(&self) -> Option<Arc<Stop>> {
+        locked(&self.current).upgrade()
     }
 }
 
@@ -607,16 +605,18 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let Some(inner) = this.inner.as_mut().as_pin_mut() else { return Poll::Ready(()) };
-        let polls_before = this.watch.body_polls();
+        let polls_before = this.watch.current().map(|stop| stop.body_polls.load(Ordering::Relaxed));
         if inner.poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        if let Poll::Ready(limit) = this.watch.poll_stalled(cx, polls_before) {
+        // The exchange may have handed its stop to the watch during that poll.
+        let Some(stop) = this.watch.current() else { return Poll::Pending };
+        if let Poll::Ready(limit) = stop.poll_stalled(cx, polls_before) {
             // A client can do this at will: counted, and logged at debug as HTTP/1.1's is.
             crate::metrics::send_timeout();
             tracing::debug!(timeout = ?limit, "the client took nothing of its answer for send_timeout; its stream is reset");
         } else {
-            let reason = std::task::ready!(this.watch.poll_abandoned(cx)).http_end().label;
+            let reason = std::task::ready!(stop.poll_abandoned(cx)).http_end().label;
             tracing::info!(
                 reason,
                 "an answer not taken by its client within close_timeout after its session ended; its stream is reset"

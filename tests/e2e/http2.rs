@@ -492,19 +492,9 @@ async fn an_answer_whose_client_gives_it_no_window_is_reset_after_send_timeout()
     let key = hmac();
     let proxy = Proxy::start_with(&send_timeout_config(&key, &rest, "1s", json!({})).text()).await;
     let bearer = |sub: &str| format!("Bearer {}", key.token(sub, &["a1"], Duration::from_secs(600)));
-    let stall = |sub: &str| {
-        let req = ::http::Request::get("https://localhost/agents/a1/api/stall").header("authorization", bearer(sub));
-        req.body(()).expect("request")
-    };
-    let sessions = async |sub: &str| {
-        let (_, list) = http_get(proxy.admin, "/sessions").await;
-        let list: Value = serde_json::from_str(&list).expect("json");
-        list["sessions"].as_array().map_or(0, |all| all.iter().filter(|s| s["subject"] == sub).count())
-    };
-    let dropped = |sub: &str| {
-        let of = |s: &Seen| s.method == "DROPPED" && s.headers.get("x-portcullis-sub").is_some_and(|v| v == sub);
-        rest.seen().iter().any(of)
-    };
+    let stall = |sub: &str| get_request("/agents/a1/api/stall", &bearer(sub));
+    let sessions = async |sub: &str| sessions_of(proxy.admin, sub).await;
+    let dropped = |sub: &str| rest.dropped_for(sub);
     // Bob reads his answer; its member then sends nothing more: a silent member is no stall.
     let mut reading = H2::connect(proxy.tls).await;
     let (bobs, _) = reading.open(stall("bob"), true).await;

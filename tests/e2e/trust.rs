@@ -847,15 +847,8 @@ async fn an_answer_given_no_window_ends_with_its_session() {
         let req = ::http::Request::get("https://localhost/agents/a1/api/stall").header("authorization", bearer(sub));
         req.body(()).expect("request")
     };
-    let sessions = async |sub: &str| {
-        let (_, list) = http_get(proxy.admin, "/sessions").await;
-        let list: serde_json::Value = serde_json::from_str(&list).expect("json");
-        list["sessions"].as_array().map_or(0, |all| all.iter().filter(|s| s["subject"] == sub).count())
-    };
-    let dropped = |sub: &str| {
-        let of = |s: &Seen| s.method == "DROPPED" && s.headers.get("x-portcullis-sub").is_some_and(|v| v == sub);
-        backend.seen().iter().any(of)
-    };
+    let sessions = async |sub: &str| sessions_of(proxy.admin, sub).await;
+    let dropped = |sub: &str| backend.dropped_for(sub);
     // Two subjects' answers on one connection that gives its streams no window.
     let mut a = H2::connect_with_window(proxy.tls, 0).await;
     let (answer, _) = a.open(stall("alice"), true).await;
@@ -1047,11 +1040,7 @@ async fn every_governed_exchange_writes_one_end_line_with_its_reason() {
     let key = hmac();
     let mut proxy = ProxyProcess::start(&config(&key, backend.addr, None, json!({})).text()).await;
     let bearer = |sub: &str| format!("Bearer {}", key.token(sub, &["a1"], Duration::from_secs(600)));
-    let sessions = async |sub: &str| {
-        let (_, list) = http_get(proxy.admin, "/sessions").await;
-        let list: serde_json::Value = serde_json::from_str(&list).expect("json");
-        list["sessions"].as_array().map_or(0, |all| all.iter().filter(|s| s["subject"] == sub).count())
-    };
+    let sessions = async |sub: &str| sessions_of(proxy.admin, sub).await;
     // Complete: a POST echoed whole.
     let mut c = H1::connect(proxy.plain, false).await;
     let echoed =

@@ -88,6 +88,13 @@ impl Proxy {
 }
 
 /// GET `path` on `addr` (plain HTTP); returns (status, body).
+/// How many sessions `/sessions` on the admin listener `admin` lists for `subject`.
+pub async fn sessions_of(admin: SocketAddr, subject: &str) -> usize {
+    let (_, list) = http_get(admin, "/sessions").await;
+    let list: serde_json::Value = serde_json::from_str(&list).expect("json");
+    list["sessions"].as_array().map_or(0, |all| all.iter().filter(|s| s["subject"] == subject).count())
+}
+
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect admin");
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())

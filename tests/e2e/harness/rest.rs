@@ -98,6 +98,12 @@ impl RestBackend {
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("seen").clone()
     }
+
+    /// Whether the proxy dropped a body of `subject`'s request (`DROPPED`, see the endpoints).
+    pub fn dropped_for(&self, subject: &str) -> bool {
+        let of = |s: &Seen| s.method == "DROPPED" && s.headers.get("x-portcullis-sub").is_some_and(|v| v == subject);
+        self.seen().iter().any(of)
+    }
 }
 
 /// The `mcp` endpoint's answer: a new session, the session it created, or 404.
