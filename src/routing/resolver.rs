@@ -265,7 +265,8 @@ impl RegistryResolver {
                 if let Some(why) = self.unreachable.get(&host).await {
                     return Err(held(why));
                 }
-                Some(permit)
+                // The request before this one connected: the rest go at once, not one by one.
+                (!self.reachable.contains_key(&host)).then_some(permit)
             }
         };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -677,6 +678,25 @@ mod tests {
             }
         }
         assert_eq!(tried, 1, "one connect for the burst, the other lookups held");
+    }
+
+    #[tokio::test]
+    async fn a_burst_to_a_slow_registry_that_answers_goes_at_once_after_the_first() {
+        let registry = TestRegistry::start().await;
+        *registry.delay.lock().expect("test lock") = 300 * MS;
+        let resolver = RegistryResolver::new(settings(1000 * MS, 1000 * MS, 1000 * MS));
+        let started = Instant::now();
+        let lookups: Vec<_> = (0..10)
+            .map(|n| {
+                let (resolver, url) = (resolver.clone(), registry.url(&format!("a{n}")));
+                tokio::spawn(async move { resolver.resolve(&url).await })
+            })
+            .collect();
+        for lookup in lookups {
+            lookup.await.expect("lookup task").expect("members");
+        }
+        // One by one, ten answers of 300 ms would take 3 s; the first, then the nine together.
+        assert!(started.elapsed() < 1500 * MS, "{:?}", started.elapsed());
     }
 
     #[tokio::test]
