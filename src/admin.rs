@@ -306,6 +306,8 @@ async fn answer(shared: &Shared, req: Request<Incoming>, path: &str) -> Response
                     .copied()
                     .unwrap_or_else(|| tokio::runtime::Handle::current().metrics().num_workers()),
             );
+            let (held, limit) = crate::limits::outbound_descriptors();
+            crate::metrics::outbound_descriptors(held, limit);
             if let Some(a) = &runtime.authenticator {
                 crate::metrics::token_cache_entries(a.cached_tokens());
             }

@@ -1,6 +1,7 @@
 //! Per-client limits that must hold exactly under concurrency and release on every way a
 //! connection ends: connections held per client address (IPv6 grouped by prefix), sessions
-//! held per verified subject (over every route, or on one).
+//! held per verified subject (over every route, or on one); and the process's descriptors,
+//! split between client connections and the outbound ones (member connections, recordings).
 //!
 //! A leaf: it uses nothing of the crate. Checking and counting happen under one lock, so two
 //! connections racing for the last slot cannot both get it; the slot is an RAII guard, so it is
@@ -150,6 +151,114 @@ pub fn ip_key(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
+/// Descriptors kept out of the budget for what is not counted in it: the listeners, the admin
+/// endpoint's connections, logs, active health checks, JWKS, registry and fleet-store
+/// connections. A quarter of a small limit.
+pub const RESERVE: u64 = 200;
+
+/// How the process's descriptor limit is shared out: `clients` client connections (the cap
+/// `max_connections` is held to) and `outbound` descriptors for what the proxy opens on their
+/// behalf, one per member connection (a session's, a pooled one, a forward to a peer) and per
+/// open recording. Either side full is refused cleanly (closed at accept; 503) instead of
+/// running the process out of descriptors, where every accept, connect and file fails at once,
+/// members are ejected for failures that are the proxy's own, and the admin endpoint goes
+/// dark. Client connections never take more than half, so a flood of idle ones cannot leave
+/// the sessions no member connection; HTTP/2 streams, whose member connections a client
+/// connection can hold by the hundred, are held to the outbound side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The descriptor limit (the soft `RLIMIT_NOFILE`).
+    pub limit: u64,
+    /// Kept out of the budget ([`RESERVE`], or a quarter of a smaller limit).
+    pub reserve: u64,
+    /// Client connections at once: `max_connections`, at most half of what is not reserved.
+    pub clients: usize,
+    /// Outbound descriptors at once: the rest.
+    pub outbound: usize,
+}
+
+impl Budget {
+    /// The budget of `limit` descriptors with `max_connections` configured.
+    pub fn of(limit: u64, max_connections: usize) -> Budget {
+        let reserve = RESERVE.min(limit / 4);
+        let usable = limit - reserve;
+        let clients = (max_connections as u64).min(usable / 2);
+        let outbound = usable - clients;
+        let fit = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Budget { limit, reserve, clients: fit(clients), outbound: fit(outbound) }
+    }
+
+    /// The budget of this process's descriptor limit (the soft `RLIMIT_NOFILE`; 1,024 when it
+    /// cannot be read, Linux's usual default).
+    pub fn of_process(max_connections: usize) -> Budget {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
+        Budget::of(limit, max_connections)
+    }
+}
+
+/// Raises the soft descriptor limit to the hard one, as HAProxy does by itself and NGINX with
+/// `worker_rlimit_nofile`: a service manager's default soft limit (1,024) would otherwise cap a
+/// proxy at a few hundred sessions. `(before, after)`, or the error.
+pub fn raise_descriptor_limit() -> std::io::Result<(Option<u64>, Option<u64>)> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    // An unlimited hard limit is not one Linux gives (it caps at `fs.nr_open`): left as it is.
+    if let Some(hard) = before.maximum.filter(|&h| before.current.is_some_and(|c| c < h)) {
+        setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) })?;
+    }
+    Ok((before.current, getrlimit(Resource::Nofile).current))
+}
+
+/// The outbound side of the process's [`Budget`]: one semaphore for every outbound descriptor,
+/// whatever opens it. Sized by the first server the process starts.
+static OUTBOUND: std::sync::OnceLock<(usize, Arc<tokio::sync::Semaphore>)> = std::sync::OnceLock::new();
+
+fn outbound_budget(size: impl FnOnce() -> usize) -> &'static (usize, Arc<tokio::sync::Semaphore>) {
+    OUTBOUND.get_or_init(|| {
+        let n = size().min(tokio::sync::Semaphore::MAX_PERMITS);
+        (n, Arc::new(tokio::sync::Semaphore::new(n)))
+    })
+}
+
+/// Sizes the outbound budget from `budget` (the first call in the process decides); the size
+/// in force.
+pub fn init_outbound(budget: &Budget) -> usize {
+    outbound_budget(|| budget.outbound).0
+}
+
+/// An outbound descriptor's place in the budget, held as long as the descriptor is open.
+#[derive(Debug)]
+pub struct Descriptor {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The outbound budget is spent: every place is held by an open descriptor.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the process's {0} outbound descriptors are all in use")]
+pub struct Spent(pub usize);
+
+/// A place for one more outbound descriptor, or [`Spent`]. Taken before the descriptor is
+/// opened, and never waited for: a full budget refuses at once.
+pub fn descriptor() -> Result<Descriptor, Spent> {
+    let (size, sem) = outbound_budget(|| Budget::of_process(usize::MAX).outbound);
+    sem.clone().try_acquire_owned().map(|p| Descriptor { _permit: p }).map_err(|_| {
+        if let Some(held_back) = log_sample("descriptors") {
+            tracing::warn!(
+                outbound = *size,
+                held_back,
+                "refused: every outbound descriptor is in use (member connections, recordings)"
+            );
+        }
+        Spent(*size)
+    })
+}
+
+/// Outbound descriptors `(held, budget)`, for the metrics.
+pub fn outbound_descriptors() -> (usize, usize) {
+    let (size, sem) = outbound_budget(|| Budget::of_process(usize::MAX).outbound);
+    (size.saturating_sub(sem.available_permits()), *size)
+}
+
 /// At most one log line per refusal reason per second, so a flood of refusals is visible
 /// without flooding the log: `Some(n)` when a line may be written now, `n` being the lines of
 /// that reason held back since the last one; `None` to hold this one back.
@@ -178,6 +287,21 @@ pub fn log_sample(reason: &'static str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_descriptor_budget_leaves_a_reserve_and_never_gives_clients_more_than_half() {
+        // The limit this machine has: a client connection and its member each hold one.
+        let b = Budget::of(20_000, 100_000);
+        assert_eq!((b.reserve, b.clients, b.outbound), (200, 9_900, 9_900));
+        assert_eq!(b.reserve + b.clients as u64 + b.outbound as u64, b.limit);
+        // A service manager's default: a quarter is reserved below 800.
+        assert_eq!(Budget::of(1_024, 100_000), Budget { limit: 1_024, reserve: 200, clients: 412, outbound: 412 });
+        assert_eq!(Budget::of(256, 100_000), Budget { limit: 256, reserve: 64, clients: 96, outbound: 96 });
+        // A lower max_connections leaves the rest to the outbound side.
+        let b = Budget::of(20_000, 1_000);
+        assert_eq!((b.clients, b.outbound), (1_000, 18_800));
+        assert_eq!(Budget::of(0, 10), Budget { limit: 0, reserve: 0, clients: 0, outbound: 0 });
+    }
 
     #[test]
     fn caps_per_address_and_frees_on_drop() {

@@ -338,6 +338,7 @@ fn init_logging(format: &str) {
 }
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    raise_descriptor_limit();
     tracing::info!(config = %path.display(), summary = %server::summary(&config), "configuration in force");
     for w in config.warnings() {
         tracing::warn!(config = %path.display(), "{w}");
@@ -472,6 +473,17 @@ fn demo_origin(s: &str) -> Result<String, String> {
     ok.then(|| s.to_owned()).ok_or_else(|| format!("{s:?} is not an origin such as https://localhost:9443"))
 }
 
+/// The soft descriptor limit raised to the hard one, before the server sizes its budget from it.
+fn raise_descriptor_limit() {
+    match portcullis::limits::raise_descriptor_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(before = ?before, after = ?after, "descriptor limit raised to the hard limit");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit to the hard limit"),
+    }
+}
+
 async fn demo(
     listen: SocketAddr,
     admin: SocketAddr,
@@ -490,6 +502,7 @@ async fn demo(
     let xterm = tokio::task::spawn_blocking(move || demo::web::ensure_installed(&web_dir, npm)).await?;
     let agent = std::sync::Arc::new(demo::agent::Agent::new(shell.clone(), xterm.as_ref().ok().cloned()));
     let backend_task = tokio::spawn(demo::agent::serve(backend_listener, agent));
+    raise_descriptor_limit();
     if backend_only {
         eprintln!("demo agent backend listening on http://{backend} (Ctrl-C to stop)");
         shutdown_signal().await;

@@ -88,7 +88,16 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "portcullis_connections_rejected_total",
         "Connections closed at accept because max_connections were open.",
     ),
-    (Kind::Gauge, "portcullis_connections_limit", "The connection cap in force (server.max_connections)."),
+    (
+        Kind::Gauge,
+        "portcullis_connections_limit",
+        "The client connection cap in force: server.max_connections, at most half the descriptor budget.",
+    ),
+    (
+        Kind::Gauge,
+        "portcullis_outbound_descriptors",
+        "Outbound descriptors (member connections, recordings) held now (state held) and the budget (state limit).",
+    ),
     (Kind::Counter, "portcullis_http2_connections_total", "TLS client connections that chose HTTP/2 by ALPN."),
     (Kind::Gauge, "portcullis_recordings_active", "Session recordings being written now."),
     (Kind::Gauge, "portcullis_observers_active", "Live observers watching sessions now, by route."),
@@ -705,9 +714,16 @@ pub fn worker_threads(n: usize) {
     gauge!("portcullis_worker_threads").set(n as f64);
 }
 
-/// The connection cap in force (`server.max_connections`), for alerts on how near it is.
+/// The client connection cap in force (`server.max_connections`, at most half the descriptor
+/// budget), for alerts on how near it is.
 pub fn connections_limit(n: usize) {
     gauge!("portcullis_connections_limit").set(n as f64);
+}
+
+/// Outbound descriptors held and the budget (set when metrics are rendered).
+pub fn outbound_descriptors(held: usize, limit: usize) {
+    gauge!("portcullis_outbound_descriptors", "state" => "held").set(held as f64);
+    gauge!("portcullis_outbound_descriptors", "state" => "limit").set(limit as f64);
 }
 
 /// Tokens held in the verified-token cache (set when metrics are rendered).

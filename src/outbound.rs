@@ -164,8 +164,93 @@ pub type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxErr
 /// The client that carries plain HTTP requests to backend members: HTTP/1.1 with a bounded
 /// pool of idle keep-alive connections per member (hyper-util's pooled client, keyed by
 /// `host:port`). Cheap to clone; clones share the pool.
-pub type Upstream =
-    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, UpstreamBody>;
+pub type Upstream = hyper_util::client::legacy::Client<Budgeted, UpstreamBody>;
+
+/// hyper-util's connector, with each connection holding a place in the process's outbound
+/// descriptor budget for as long as it is open, in use or idle in the pool
+/// ([`crate::limits::descriptor`]). A spent budget fails the connect with
+/// [`crate::limits::Spent`] in the error's sources, before any socket is opened.
+#[derive(Debug, Clone)]
+pub struct Budgeted(hyper_util::client::legacy::connect::HttpConnector);
+
+impl tower_service::Service<Uri> for Budgeted {
+    type Response = Held;
+    type Error = BoxError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Held, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let place = crate::limits::descriptor();
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            let place = place?;
+            let io = connecting.await?;
+            Ok(Held { io, _place: place })
+        })
+    }
+}
+
+/// A pooled member connection and its place in the descriptor budget.
+#[derive(Debug)]
+pub struct Held {
+    io: TokioIo<TcpStream>,
+    _place: crate::limits::Descriptor,
+}
+
+impl hyper_util::client::legacy::connect::Connection for Held {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected()
+    }
+}
+
+impl hyper::rt::Read for Held {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Held {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
 
 /// Largest read or write buffer of one upstream connection.
 const UPSTREAM_MAX_BUF: usize = 64 * 1024;
@@ -199,7 +284,7 @@ pub fn upstream(s: UpstreamSettings) -> Upstream {
         // bounded and small, and is still many events per read.
         .http1_max_buf_size(UPSTREAM_MAX_BUF)
         .set_host(false)
-        .build(connector)
+        .build(Budgeted(connector))
 }
 
 /// `uri` as logs and errors may show it: scheme, host, port and path, without credentials or

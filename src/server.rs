@@ -598,7 +598,28 @@ impl Server {
     pub async fn new(config: Config) -> Result<Server, ServerError> {
         let denylist = Arc::new(Denylist::default());
         let (fleet, locks) = crate::fleet::Fleet::open(&config.fleet).await?;
-        let max_connections = config.server.max_connections;
+        let budget = crate::limits::Budget::of_process(config.server.max_connections);
+        let max_connections = budget.clients;
+        let outbound = crate::limits::init_outbound(&budget);
+        // The default asks for as many as the descriptors allow; a number of one's own is warned of.
+        let configured = config.server.max_connections != crate::config::ServerSettings::default().max_connections;
+        if configured && max_connections < config.server.max_connections {
+            tracing::warn!(
+                configured = config.server.max_connections,
+                descriptor_limit = budget.limit,
+                "max_connections is more than the descriptor limit allows: {max_connections} client connections \
+                 (each may hold a member connection; {} descriptors reserved); raise the limit (LimitNOFILE, \
+                 ulimit -n) or lower max_connections",
+                budget.reserve
+            );
+        }
+        tracing::info!(
+            descriptor_limit = budget.limit,
+            reserved = budget.reserve,
+            client_connections = max_connections,
+            outbound = outbound,
+            "descriptor budget"
+        );
         let start_only = crate::config::StartOnly::of(&config);
         // The recorder first: metric handles made before it would record nowhere.
         let metrics = Metrics::global();

@@ -42,6 +42,9 @@ pub enum ConnectError {
     /// The route's pool has no member to offer (400, 404 or 503).
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// The process's outbound descriptors are all in use (503): no member was tried.
+    #[error(transparent)]
+    Descriptors(crate::limits::Spent),
     /// No member could be reached (503).
     #[error("no backend member reachable ({attempts} tried): {last}")]
     Unreachable {
@@ -94,7 +97,8 @@ pub struct BackendConn {
     pub protocol: Option<HeaderValue>,
     /// Extensions the backend accepted (end to end with the client).
     pub extensions: Option<HeaderValue>,
-    /// Counts this session for least-connections while held.
+    /// Counts this session for least-connections, and holds its connection's place in the
+    /// descriptor budget, while held.
     pub guard: Option<ConnGuard>,
 }
 
@@ -113,6 +117,15 @@ pub struct BackendRequest<'a> {
     /// is ejected for failed handshakes only when they are not all one requester's
     /// ([`crate::routing::health::PassiveHealth::record_refusal`]).
     pub requester: u64,
+}
+
+/// A place in the process's outbound descriptor budget for a connection about to be opened to
+/// a member or a peer instance, or the refusal (503), counted.
+pub(crate) fn outbound_place() -> Result<crate::limits::Descriptor, ConnectError> {
+    crate::limits::descriptor().map_err(|spent| {
+        crate::metrics::limit_refused("descriptors");
+        ConnectError::Descriptors(spent)
+    })
 }
 
 /// The active health check the pool runs: a TCP connect, or with a path a full WebSocket
@@ -151,6 +164,9 @@ pub async fn connect(
     metrics: &Metrics,
 ) -> Result<BackendConn, ConnectError> {
     let order = state.candidates(route, caps, req.sticky_key.as_deref(), conns, Some(req.requester)).await?;
+    // One place serves every attempt: each closes its socket before the next opens one. The
+    // proxy's own want is no member's failure: none is tried, none is ejected.
+    let place = outbound_place()?;
     let attempts = order.len();
     let path = backend_path(route, caps, req.path_and_query);
     let started = Instant::now();
@@ -163,7 +179,7 @@ pub async fn connect(
             Ok(mut conn) => {
                 state.health.record_handshake(member, req.requester);
                 metrics.backend_connect_seconds.record(started.elapsed().as_secs_f64());
-                conn.guard = Some(conns.acquire(member));
+                conn.guard = Some(conns.acquire(member).holding(place));
                 return Ok(conn);
             }
             Err(Attempt::Connect(e)) => {

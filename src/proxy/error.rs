@@ -124,13 +124,14 @@ impl RequestError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             RequestError::Connect(ConnectError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
-            RequestError::Connect(ConnectError::Unreachable { .. })
+            RequestError::Connect(ConnectError::Unreachable { .. } | ConnectError::Descriptors(_))
             | RequestError::Draining
             | RequestError::FleetStale(_) => StatusCode::SERVICE_UNAVAILABLE,
             RequestError::Forward(f) => match f {
                 ForwardError::Pool(PoolError::InvalidMember) | ForwardError::ClientBody(_) => StatusCode::BAD_REQUEST,
                 ForwardError::Pool(PoolError::UnknownAgent) | ForwardError::MemberGone => StatusCode::NOT_FOUND,
                 ForwardError::Pool(PoolError::Registry(_) | PoolError::NoHealthyMember)
+                | ForwardError::Descriptors(_)
                 | ForwardError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 ForwardError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
                 ForwardError::ClientStalled(_) => StatusCode::REQUEST_TIMEOUT,
@@ -176,6 +177,7 @@ impl RequestError {
             RequestError::Connect(ConnectError::Pool(PoolError::NoHealthyMember)) => "no_healthy_member",
             RequestError::Connect(ConnectError::Timeout(_)) => "backend_timeout",
             RequestError::Connect(ConnectError::Unreachable { .. }) => "backend_unreachable",
+            RequestError::Connect(ConnectError::Descriptors(_)) => "descriptors",
             RequestError::Forward(f) => match f {
                 ForwardError::Pool(PoolError::InvalidMember) => "invalid_capture",
                 ForwardError::Pool(PoolError::UnknownAgent) => "unknown_agent",
@@ -186,6 +188,7 @@ impl RequestError {
                 ForwardError::ClientStalled(_) => "client_body_timeout",
                 ForwardError::ClientBody(_) => "client_body_error",
                 ForwardError::Unreachable { .. } => "backend_unreachable",
+                ForwardError::Descriptors(_) => "descriptors",
                 ForwardError::ConnectTimeout => "backend_timeout",
                 ForwardError::ResponseTimeout(_) => "backend_response_timeout",
                 ForwardError::Backend { .. } => "backend_error",
@@ -228,6 +231,10 @@ impl RequestError {
             | RequestError::Forward(
                 ForwardError::TooLarge(_) | ForwardError::ClientStalled(_) | ForwardError::Ended(_),
             ) => self.to_string(),
+            RequestError::Connect(ConnectError::Descriptors(_))
+            | RequestError::Forward(ForwardError::Descriptors(_)) => {
+                "the proxy holds as many connections as it can; retry later".to_owned()
+            }
             RequestError::Connect(_) | RequestError::Forward(_) | RequestError::Internal(_) => {
                 status.canonical_reason().unwrap_or("backend error").to_owned()
             }
@@ -264,6 +271,11 @@ impl RequestError {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
             }
             RequestError::Forward(ForwardError::Ended(_)) if status == StatusCode::TOO_MANY_REQUESTS => {
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
+            }
+            // Places free as sessions end.
+            RequestError::Connect(ConnectError::Descriptors(_))
+            | RequestError::Forward(ForwardError::Descriptors(_)) => {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
             }
             // Whole seconds until the address's bucket has a token again, at least 1.

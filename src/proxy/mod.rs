@@ -281,6 +281,8 @@ struct Pending {
     stream: http::StreamHold,
     /// Its resume registration, on a route with `[routes.resume]` when the client gave an id.
     resume: Option<crate::session::resume::Registration>,
+    /// Its recording's place in the descriptor budget, on a recorded route.
+    recording_place: Option<crate::limits::Descriptor>,
 }
 
 /// Serves one client connection (after accept and tls) to its end.
@@ -1427,6 +1429,12 @@ async fn handle_upgrade(
         hand_off(ctx, on_upgrade, Accepted::Fanout(FanoutClient { task, subject_slots, stream }));
         return resp;
     }
+    // A recorded session holds its file's descriptor too: its place is taken first, so that a
+    // session that could not be recorded is refused before anything is opened for it.
+    let recording_place = match route.recording.is_some().then(connect::outbound_place).transpose() {
+        Ok(p) => p,
+        Err(e) => return reject(ctx, &route.name, e.into()),
+    };
     let backend = match connect::connect(&route, state, &caps, &breq, &ctx.shared.conns, &ctx.shared.metrics).await {
         Ok(b) => b,
         Err(e) => {
@@ -1480,8 +1488,16 @@ async fn handle_upgrade(
     }
     ctx.shared.metrics.upgrade(&route.name, "ok");
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let pending =
-        Pending { backend, route, claims: admitted.claims, registered, subject_slots, stream, resume: registration };
+    let pending = Pending {
+        backend,
+        route,
+        claims: admitted.claims,
+        registered,
+        subject_slots,
+        stream,
+        resume: registration,
+        recording_place,
+    };
     hand_off(ctx, on_upgrade, Accepted::Relay(pending));
     resp
 }
@@ -1536,6 +1552,10 @@ async fn relay_to_owner(
         return reject(ctx, &route.name, RequestError::NoSuchSession);
     };
     let limit = route.backend.connect_timeout + route.backend.handshake_timeout;
+    let place = match connect::outbound_place() {
+        Ok(p) => p,
+        Err(e) => return reject(ctx, &route.name, e.into()),
+    };
     let asked = peer::ask(auth, &owner, ctx.client_addr, path_and_query, req.headers(), ws, limit).await;
     let (status, owner, link) = match asked {
         Ok(answer) => answer,
@@ -1546,10 +1566,11 @@ async fn relay_to_owner(
         }
     };
     let resp = peer::answer(ctx.protocol == Protocol::Http2, status, &owner);
-    let Some(link) = link else {
+    let Some(mut link) = link else {
         crate::metrics::fleet_relayed(kind, "refused");
         return resp;
     };
+    link.place = Some(place);
     crate::metrics::fleet_relayed(kind, "ok");
     ctx.shared.metrics.upgrade(&route.name, "relayed");
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -1995,6 +2016,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
     let registered = p.registered;
     let mut taps = crate::session::Taps::default();
     if let Some(settings) = &p.route.recording {
+        let place = p.recording_place.take();
         let e = registered.entry();
         let meta = crate::session::recording::Meta {
             session: e.id,
@@ -2002,7 +2024,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
             agent: e.agent.clone(),
             subject: e.subject.clone(),
         };
-        crate::session::recording::start(settings, meta, &shared.tasks, &shared.recording_ledgers, &mut taps);
+        crate::session::recording::start(settings, meta, place, &shared.tasks, &shared.recording_ledgers, &mut taps);
     }
     if let Some(hub) = registered.entry().attachment::<crate::session::observe::Hub>() {
         taps.output.push(hub);

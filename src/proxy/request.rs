@@ -50,6 +50,9 @@ pub enum ForwardError {
     /// The client's request body failed (the client went away, or broke its framing) (400).
     #[error("request body: {0}")]
     ClientBody(String),
+    /// The process's outbound descriptors are all in use (503): no member was tried.
+    #[error(transparent)]
+    Descriptors(crate::limits::Spent),
     /// No member could be reached (503).
     #[error("no backend member reachable ({attempts} tried): {last}")]
     Unreachable {
@@ -162,6 +165,11 @@ pub async fn forward(
         if let Some(client_side) = client_body_error(&e, limit) {
             return Err(client_side);
         }
+        // The proxy's own want, not the member's: no member is tried, none is ejected.
+        if let Some(spent) = source_of::<crate::limits::Spent>(&e) {
+            crate::metrics::limit_refused("descriptors");
+            return Err(ForwardError::Descriptors(*spent));
+        }
         if e.is_connect() {
             tracing::debug!(%member, error = %chain(&e), "backend connect failed");
             state.health.record_failure(member);
@@ -209,32 +217,30 @@ fn build(
 /// The client-side cause of a failed attempt: our own upload cut it (too large, stalled), or
 /// the client's body failed.
 fn client_body_error(e: &hyper_util::client::legacy::Error, limit: u64) -> Option<ForwardError> {
+    Some(match source_of::<BodyError>(e)? {
+        BodyError::TooLarge(_) => ForwardError::TooLarge(limit),
+        BodyError::Idle(d) => ForwardError::ClientStalled(*d),
+        BodyError::Client(why) => ForwardError::ClientBody(why.clone()),
+        BodyError::Ended(why) => ForwardError::Ended(*why),
+        // Only after the answer was given, which no one then waits for.
+        e @ BodyError::AnswerEnded => ForwardError::ClientBody(e.to_string()),
+    })
+}
+
+fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
+    source_of::<io::Error>(e).is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+}
+
+/// The first of `e`'s causes that is a `T`.
+fn source_of<T: std::error::Error + 'static>(e: &hyper_util::client::legacy::Error) -> Option<&T> {
     let mut source = e.source();
     while let Some(s) = source {
-        if let Some(b) = s.downcast_ref::<BodyError>() {
-            return Some(match b {
-                BodyError::TooLarge(_) => ForwardError::TooLarge(limit),
-                BodyError::Idle(d) => ForwardError::ClientStalled(*d),
-                BodyError::Client(why) => ForwardError::ClientBody(why.clone()),
-                BodyError::Ended(why) => ForwardError::Ended(*why),
-                // Only after the answer was given, which no one then waits for.
-                BodyError::AnswerEnded => ForwardError::ClientBody(b.to_string()),
-            });
+        if let Some(t) = s.downcast_ref::<T>() {
+            return Some(t);
         }
         source = s.source();
     }
     None
-}
-
-fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = e.source();
-    while let Some(s) = source {
-        if s.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::TimedOut) {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// An error and its causes on one line.

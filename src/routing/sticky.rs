@@ -106,7 +106,7 @@ impl ConnCounts {
     /// Counts one more session on `addr` until the returned guard is dropped.
     pub fn acquire(self: &Arc<Self>, addr: &str) -> ConnGuard {
         *self.lock().entry(addr.to_owned()).or_insert(0) += 1;
-        ConnGuard { counts: Arc::clone(self), addr: addr.to_owned() }
+        ConnGuard { counts: Arc::clone(self), addr: addr.to_owned(), _place: None }
     }
 
     /// Sessions active on `addr` now.
@@ -139,17 +139,25 @@ impl ConnCounts {
     }
 }
 
-/// One counted session on a member; dropping it gives the slot back.
+/// One counted session on a member, with its connection's place in the process's descriptor
+/// budget when it has one; dropping it gives both back.
 #[derive(Debug)]
 pub struct ConnGuard {
     counts: Arc<ConnCounts>,
     addr: String,
+    _place: Option<crate::limits::Descriptor>,
 }
 
 impl ConnGuard {
     /// The member address this session is counted on.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The guard, holding the member connection's `place` as long as itself.
+    pub fn holding(mut self, place: crate::limits::Descriptor) -> ConnGuard {
+        self._place = Some(place);
+        self
     }
 }
 

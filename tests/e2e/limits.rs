@@ -1,6 +1,7 @@
 //! Per-client limits at the edge: connections held per client address, counted on the PROXY
 //! protocol's address behind a load balancer, closed at accept over the cap, freed when a
-//! connection ends.
+//! connection ends; and the process's descriptors, shared out so that running into their limit
+//! refuses new work cleanly instead of failing everything at once.
 
 use std::time::Instant;
 
@@ -353,4 +354,112 @@ async fn the_default_bursts_limit_one_address() {
     let ok = statuses.iter().filter(|&&s| s == 101).count();
     assert!((40..=40 + refilled).contains(&ok), "{ok} upgrades let through, {refilled} refilled: {statuses:?}");
     assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 50 - ok, "{statuses:?}");
+}
+
+/// One echo exchange on a WebSocket.
+async fn echoes(c: &mut Client, payload: &[u8]) {
+    c.send(true, op::BINARY, payload).await;
+    let f = c.recv().await;
+    assert_eq!((f.opcode, f.payload.as_slice()), (op::BINARY, payload));
+}
+
+/// The attack (a review, against a proxy given 1,000 descriptors): HTTP/2 streams, each holding
+/// a member connection, ran the process out of descriptors; every accept, connect and file then
+/// failed ("Too many open files", 865 times), everyone else got no answer, and the failed
+/// connects ejected the members. Now the limit is shared out (here 256: 64 reserved, 96 client
+/// connections, 96 outbound descriptors): the streams over the outbound budget get 503, and the
+/// sessions held, the admin endpoint and the members are untouched.
+#[tokio::test]
+async fn a_flood_of_http2_streams_runs_into_the_descriptor_budget_and_nothing_else_breaks() {
+    let backend = Backend::echo().await;
+    let rest = RestBackend::start("api").await;
+    let recordings = tempfile::tempdir().expect("tempdir");
+    let api = json!({"name": "api", "path": "/agents/{agent}/api/{*rest}", "kind": "http",
+        "backends": [rest.addr.to_string()], "backend_path": "/v1/{rest}"});
+    let recorded = json!({"name": "recorded", "path": "/agents/{agent}/recorded", "backends": [backend.addr.to_string()],
+        "recording": {"directory": recordings.path().display().to_string()}});
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
+        .merge("", json!({"routes": [api, recorded]}))
+        .text();
+    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((256, 256))).await;
+    const PATH: &str = "/agents/a1/terminal";
+    let mut victim = upgrade(proxy.plain, false, PATH, &[]).await.expect("101");
+    echoes(&mut victim, b"before").await;
+    // A recorded session holds two: its member connection and its file.
+    let mut watched = upgrade(proxy.plain, false, "/agents/a1/recorded", &[]).await.expect("101");
+    echoes(&mut watched, b"recorded").await;
+
+    // Four connections of 60 streams: 240 member connections asked for, more than the 256
+    // descriptors could hold with everything else.
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        conns.push(H2::connect(proxy.tls).await);
+    }
+    let (mut open, mut refused) = (Vec::new(), 0);
+    for i in 0..240 {
+        match conns[i % 4].websocket(PATH, &[]).await {
+            Ok(c) => open.push(c),
+            Err(h) => {
+                assert_eq!((h.status, h.header("retry-after")), (503, Some("5")), "a stream over the budget");
+                refused += 1;
+            }
+        }
+    }
+    // Exactly the budget's places: 96 outbound, three of them the sessions' above.
+    assert_eq!((open.len(), refused), (93, 147));
+    echoes(&mut open[0], b"first in").await;
+    echoes(open.last_mut().expect("one"), b"last in").await;
+
+    // Meanwhile: the session held goes on, the admin endpoint answers, and a new client gets a
+    // clear answer (503 on a WebSocket, and on a plain request whose pool has no connection).
+    echoes(&mut victim, b"during").await;
+    let (_, m) = tokio::time::timeout(SOON, http_get(proxy.admin, "/metrics")).await.expect("admin answers");
+    assert_eq!(metric(&m, "portcullis_outbound_descriptors{state=\"held\"}"), 96.0);
+    assert_eq!(metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}"), 96.0);
+    assert_eq!(metric(&m, "portcullis_connections_limit"), 96.0);
+    assert_eq!(metric(&m, "portcullis_limit_refusals_total{reason=\"descriptors\"}"), 147.0);
+    let late = upgrade(proxy.plain, false, PATH, &[]).await.err().expect("no place for its member");
+    assert_eq!(late.status, 503);
+    let late = upgrade(proxy.plain, false, "/agents/a2/recorded", &[]).await.err().expect("no place for its file");
+    assert_eq!(late.status, 503);
+    let mut h1 = H1::connect(proxy.plain, false).await;
+    assert_eq!(h1.get("/agents/a1/api/echo", &[]).await.status, 503);
+    assert_eq!(rest.accepts.load(std::sync::atomic::Ordering::SeqCst), 0, "no connection was opened for it");
+
+    // The flood leaves: its places come back, and no member was ejected for the proxy's own want
+    // (the first session and request after it go through).
+    drop(open);
+    for c in conns {
+        c.conn.abort();
+    }
+    eventually("the places come back", async || {
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        (metric(&m, "portcullis_outbound_descriptors{state=\"held\"}") <= 3.0).then_some(())
+    })
+    .await;
+    let mut again = upgrade(proxy.plain, false, PATH, &[]).await.expect("a session after the flood");
+    echoes(&mut again, b"after").await;
+    assert_eq!(h1.get("/agents/a1/api/echo", &[]).await.status, 200);
+    echoes(&mut victim, b"still").await;
+    echoes(&mut watched, b"still recorded").await;
+    let log = proxy.stop_and_collect_logs().await;
+    assert!(!log.contains("Too many open files"), "the process ran out of descriptors:\n{log}");
+    assert!(log.contains("descriptor budget") && log.contains("descriptor_limit=256"), "{log}");
+}
+
+/// A service manager's soft limit (1,024) would cap the proxy at a few hundred sessions: it is
+/// raised to the hard limit at start, and the budget is the hard limit's.
+#[tokio::test]
+async fn the_soft_descriptor_limit_is_raised_to_the_hard_one_at_start() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()]).text();
+    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 1_000))).await;
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    // 1,000 less 200 reserved, half each.
+    assert_eq!(metric(&m, "portcullis_connections_limit"), 400.0);
+    assert_eq!(metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}"), 400.0);
+    let log = proxy.stop_and_collect_logs().await;
+    assert!(log.contains("descriptor limit raised to the hard limit"), "{log}");
+    assert!(log.contains("descriptor_limit=1000"), "{log}");
 }

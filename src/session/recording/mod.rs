@@ -175,10 +175,12 @@ impl crate::session::PayloadSink for Sink {
 
 /// Starts the recording of a session: its writer task (on `tasks`, so a drain waits for the
 /// last events to be written before the process exits), with the sink of its output and (when
-/// the route records input) of its input among the session's `taps`.
+/// the route records input) of its input among the session's `taps`. The writer holds the
+/// file's `place` in the process's descriptor budget until the file is closed.
 pub fn start(
     settings: &Arc<RecordingSettings>,
     meta: Meta,
+    place: Option<crate::limits::Descriptor>,
     tasks: &tokio_util::task::TaskTracker,
     ledgers: &Ledgers,
     taps: &mut Taps,
@@ -193,7 +195,7 @@ pub fn start(
         close: AtomicBool::new(false),
         wakers: [AtomicWaker::new(), AtomicWaker::new()],
     });
-    tasks.spawn(write(queue.clone(), rx, meta, ledgers.of(&settings.directory)));
+    tasks.spawn(write(queue.clone(), rx, meta, ledgers.of(&settings.directory), place));
     let sink = |stream| -> Arc<dyn PayloadSink> { Arc::new(Sink { stream, queue: queue.clone(), tx: tx.clone() }) };
     taps.output.push(sink(Stream::Output));
     if settings.input {
@@ -270,7 +272,13 @@ fn decode(carry: &mut Vec<u8>, data: &[u8]) -> String {
 
 /// The writer task: creates the file, writes the header and every chunk, and ends when both
 /// sinks are gone (the session ended).
-async fn write(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Chunk>, meta: Meta, ledger: Arc<Ledger>) {
+async fn write(
+    queue: Arc<Queue>,
+    mut rx: mpsc::UnboundedReceiver<Chunk>,
+    meta: Meta,
+    ledger: Arc<Ledger>,
+    _place: Option<crate::limits::Descriptor>,
+) {
     let settings = queue.settings.clone();
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut path = settings.directory.join(file_name(&meta, unix, None));

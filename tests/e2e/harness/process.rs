@@ -54,6 +54,12 @@ impl ProxyProcess {
     /// Like [`ProxyProcess::start`], with `RUST_LOG` set to `filter` (it must keep `info` of
     /// `portcullis::server`); logs go to a file.
     pub async fn start_with_log(text: &str, filter: &str) -> ProxyProcess {
+        ProxyProcess::start_limited(text, filter, None).await
+    }
+
+    /// Like [`ProxyProcess::start_with_log`], with the process's descriptor limits set to
+    /// `nofile` (soft, hard) when given (`ulimit` in a shell that then runs the proxy in its place).
+    pub async fn start_limited(text: &str, filter: &str, nofile: Option<(u32, u32)>) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("portcullis.toml");
         let text = match text.contains("[fleet]") {
@@ -63,7 +69,17 @@ impl ProxyProcess {
         std::fs::write(&path, text).expect("write config");
         let log_path = dir.path().join("proxy.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        let bin = env!("CARGO_BIN_EXE_portcullis");
+        let mut command = match nofile {
+            Some((soft, hard)) => {
+                let mut c = Command::new("sh");
+                let limits = format!("ulimit -S -n {soft} && ulimit -H -n {hard}");
+                c.arg("-c").arg(format!("{limits} && exec \"$0\" \"$@\"")).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = command
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", filter)
