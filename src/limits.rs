@@ -151,25 +151,25 @@ pub fn ip_key(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
-/// Descriptors kept out of the budget for what is not counted in it: the listeners, the admin
-/// endpoint's connections, logs, active health checks, JWKS, registry and fleet-store
-/// connections. A quarter of a small limit.
-pub const RESERVE: u64 = 200;
+/// Descriptors kept out of the budget, beyond those open at start and the admin endpoint's, for
+/// what comes and goes uncounted: logs, active health checks (one per route at a time), JWKS
+/// and fleet-store connections, directory listings. An eighth of a small limit.
+pub const SPARE: u64 = 128;
 
 /// How the process's descriptor limit is shared out: `clients` client connections (the cap
 /// `max_connections` is held to) and `outbound` descriptors for what the proxy opens on their
-/// behalf, one per member connection (a session's, a pooled one, a forward to a peer) and per
-/// open recording. Either side full is refused cleanly (closed at accept; 503) instead of
-/// running the process out of descriptors, where every accept, connect and file fails at once,
-/// members are ejected for failures that are the proxy's own, and the admin endpoint goes
-/// dark. Client connections never take more than half, so a flood of idle ones cannot leave
-/// the sessions no member connection; HTTP/2 streams, whose member connections a client
-/// connection can hold by the hundred, are held to the outbound side.
+/// behalf, one per member connection (a session's, a pooled one, a forward to a peer), per
+/// registry lookup and per open recording. Either side full is refused cleanly (closed at
+/// accept; 503) instead of running the process out of descriptors, where every accept, connect
+/// and file fails at once and the admin endpoint goes dark. Client connections never take more
+/// than half, so a flood of idle ones cannot leave the sessions no member connection; HTTP/2
+/// streams, whose member connections a client connection can hold by the hundred, are held to
+/// the outbound side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
     /// The descriptor limit (the soft `RLIMIT_NOFILE`).
     pub limit: u64,
-    /// Kept out of the budget ([`RESERVE`], or a quarter of a smaller limit).
+    /// Kept out of the budget: what is held already, and [`SPARE`].
     pub reserve: u64,
     /// Client connections at once: `max_connections`, at most half of what is not reserved.
     pub clients: usize,
@@ -178,9 +178,10 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// The budget of `limit` descriptors with `max_connections` configured.
-    pub fn of(limit: u64, max_connections: usize) -> Budget {
-        let reserve = RESERVE.min(limit / 4);
+    /// The budget of `limit` descriptors, `held` of which are spoken for already (open, or kept
+    /// for the admin endpoint), with `max_connections` configured.
+    pub fn of(limit: u64, held: u64, max_connections: usize) -> Budget {
+        let reserve = held.saturating_add(SPARE.min(limit / 8)).min(limit);
         let usable = limit - reserve;
         let clients = (max_connections as u64).min(usable / 2);
         let outbound = usable - clients;
@@ -188,12 +189,19 @@ impl Budget {
         Budget { limit, reserve, clients: fit(clients), outbound: fit(outbound) }
     }
 
-    /// The budget of this process's descriptor limit (the soft `RLIMIT_NOFILE`; 1,024 when it
-    /// cannot be read, Linux's usual default).
-    pub fn of_process(max_connections: usize) -> Budget {
+    /// The budget of this process: its soft `RLIMIT_NOFILE` (1,024 when it cannot be read,
+    /// Linux's usual default), less the descriptors it holds now (its listeners, every worker's
+    /// runtime, logs, the fleet's store) and `admin` more for the admin endpoint's connections.
+    pub fn of_process(admin: usize, max_connections: usize) -> Budget {
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
-        Budget::of(limit, max_connections)
+        Budget::of(limit, open_descriptors().saturating_add(admin as u64), max_connections)
     }
+}
+
+/// Descriptors this process holds now (Linux's `/proc/self/fd`; 0 where there is none).
+pub fn open_descriptors() -> u64 {
+    // Less the one that reads the directory.
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1) as u64)
 }
 
 /// Raises the soft descriptor limit to the hard one, as HAProxy does by itself and NGINX with
@@ -207,6 +215,15 @@ pub fn raise_descriptor_limit() -> std::io::Result<(Option<u64>, Option<u64>)> {
         setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) })?;
     }
     Ok((before.current, getrlimit(Resource::Nofile).current))
+}
+
+/// Whether a failed connect or open is the process's or the host's resources running out
+/// (descriptors, ephemeral ports, socket buffers, memory), not anything of the peer's: such a
+/// failure must not count against a member or a registry host.
+pub fn exhausted(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    let Some(errno) = Errno::from_io_error(e) else { return false };
+    [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM, Errno::ADDRNOTAVAIL].contains(&errno)
 }
 
 /// The outbound side of the process's [`Budget`]: one semaphore for every outbound descriptor,
@@ -226,36 +243,27 @@ pub fn init_outbound(budget: &Budget) -> usize {
     outbound_budget(|| budget.outbound).0
 }
 
-/// An outbound descriptor's place in the budget, held as long as the descriptor is open.
+/// An outbound descriptor's slot in the budget, held as long as the descriptor is open.
 #[derive(Debug)]
-pub struct Descriptor {
+pub struct OutboundSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// The outbound budget is spent: every place is held by an open descriptor.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
+/// The outbound budget is spent: every slot is held by an open descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the process's {0} outbound descriptors are all in use")]
 pub struct Spent(pub usize);
 
-/// A place for one more outbound descriptor, or [`Spent`]. Taken before the descriptor is
+/// A slot for one more outbound descriptor, or [`Spent`]. Taken before the descriptor is
 /// opened, and never waited for: a full budget refuses at once.
-pub fn descriptor() -> Result<Descriptor, Spent> {
-    let (size, sem) = outbound_budget(|| Budget::of_process(usize::MAX).outbound);
-    sem.clone().try_acquire_owned().map(|p| Descriptor { _permit: p }).map_err(|_| {
-        if let Some(held_back) = log_sample("descriptors") {
-            tracing::warn!(
-                outbound = *size,
-                held_back,
-                "refused: every outbound descriptor is in use (member connections, recordings)"
-            );
-        }
-        Spent(*size)
-    })
+pub fn outbound_slot() -> Result<OutboundSlot, Spent> {
+    let (size, sem) = outbound_budget(|| Budget::of_process(0, usize::MAX).outbound);
+    sem.clone().try_acquire_owned().map(|p| OutboundSlot { _permit: p }).map_err(|_| Spent(*size))
 }
 
 /// Outbound descriptors `(held, budget)`, for the metrics.
 pub fn outbound_descriptors() -> (usize, usize) {
-    let (size, sem) = outbound_budget(|| Budget::of_process(usize::MAX).outbound);
+    let (size, sem) = outbound_budget(|| Budget::of_process(0, usize::MAX).outbound);
     (size.saturating_sub(sem.available_permits()), *size)
 }
 
@@ -289,18 +297,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_descriptor_budget_leaves_a_reserve_and_never_gives_clients_more_than_half() {
-        // The limit this machine has: a client connection and its member each hold one.
-        let b = Budget::of(20_000, 100_000);
-        assert_eq!((b.reserve, b.clients, b.outbound), (200, 9_900, 9_900));
+    fn a_descriptor_budget_keeps_what_is_held_and_never_gives_clients_more_than_half() {
+        // This machine's limit, 20 descriptors open at start and the admin endpoint's 64.
+        let b = Budget::of(20_000, 84, 100_000);
+        assert_eq!((b.reserve, b.clients, b.outbound), (212, 9_894, 9_894));
         assert_eq!(b.reserve + b.clients as u64 + b.outbound as u64, b.limit);
-        // A service manager's default: a quarter is reserved below 800.
-        assert_eq!(Budget::of(1_024, 100_000), Budget { limit: 1_024, reserve: 200, clients: 412, outbound: 412 });
-        assert_eq!(Budget::of(256, 100_000), Budget { limit: 256, reserve: 64, clients: 96, outbound: 96 });
+        // A service manager's default, and a small limit: an eighth spare below 1,024.
+        assert_eq!(Budget::of(1_024, 84, 100_000), Budget { limit: 1_024, reserve: 212, clients: 406, outbound: 406 });
+        assert_eq!(Budget::of(256, 84, 100_000), Budget { limit: 256, reserve: 116, clients: 70, outbound: 70 });
         // A lower max_connections leaves the rest to the outbound side.
-        let b = Budget::of(20_000, 1_000);
-        assert_eq!((b.clients, b.outbound), (1_000, 18_800));
-        assert_eq!(Budget::of(0, 10), Budget { limit: 0, reserve: 0, clients: 0, outbound: 0 });
+        let b = Budget::of(20_000, 84, 1_000);
+        assert_eq!((b.clients, b.outbound), (1_000, 18_788));
+        // Nothing left: nothing given.
+        assert_eq!(Budget::of(100, 500, 10), Budget { limit: 100, reserve: 100, clients: 0, outbound: 0 });
+    }
+
+    #[test]
+    fn running_out_of_descriptors_or_ports_is_the_processs_own_want() {
+        use rustix::io::Errno;
+        for own in [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM, Errno::ADDRNOTAVAIL] {
+            assert!(exhausted(&std::io::Error::from(own)), "{own:?}");
+        }
+        for peers in [Errno::CONNREFUSED, Errno::TIMEDOUT, Errno::HOSTUNREACH, Errno::CONNRESET] {
+            assert!(!exhausted(&std::io::Error::from(peers)), "{peers:?}");
+        }
+        assert!(!exhausted(&std::io::Error::other("no errno")));
     }
 
     #[test]

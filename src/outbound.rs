@@ -23,6 +23,9 @@ pub enum OutboundError {
     /// The TCP connect failed, or took the whole timeout (a host that drops SYNs).
     #[error("connect: {0}")]
     Connect(String),
+    /// The proxy could not open a connection: out of descriptors or ports, not the host's doing.
+    #[error("cannot open a connection: {0}")]
+    Exhausted(String),
     /// Connected, but the answer did not come within the timeout.
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
@@ -119,7 +122,10 @@ impl HttpClient {
 }
 
 async fn connect(host: &str, port: u16) -> Result<TcpStream, OutboundError> {
-    let tcp = TcpStream::connect((host, port)).await.map_err(|e| OutboundError::Connect(e.to_string()))?;
+    let tcp = TcpStream::connect((host, port)).await.map_err(|e| match crate::limits::exhausted(&e) {
+        true => OutboundError::Exhausted(e.to_string()),
+        false => OutboundError::Connect(e.to_string()),
+    })?;
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
 }
@@ -183,12 +189,12 @@ impl tower_service::Service<Uri> for Budgeted {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let place = crate::limits::descriptor();
+        let place = crate::limits::outbound_slot();
         let connecting = self.0.call(uri);
         Box::pin(async move {
             let place = place?;
             let io = connecting.await?;
-            Ok(Held { io, _place: place })
+            Ok(Held { io, _slot: place })
         })
     }
 }
@@ -197,7 +203,7 @@ impl tower_service::Service<Uri> for Budgeted {
 #[derive(Debug)]
 pub struct Held {
     io: TokioIo<TcpStream>,
-    _place: crate::limits::Descriptor,
+    _slot: crate::limits::OutboundSlot,
 }
 
 impl hyper_util::client::legacy::connect::Connection for Held {

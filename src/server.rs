@@ -598,28 +598,34 @@ impl Server {
     pub async fn new(config: Config) -> Result<Server, ServerError> {
         let denylist = Arc::new(Denylist::default());
         let (fleet, locks) = crate::fleet::Fleet::open(&config.fleet).await?;
-        let budget = crate::limits::Budget::of_process(config.server.max_connections);
+        let workers = match sockets_per_address(&config.server) {
+            n if n > 1 => Some(Workers::start(n - 1).await.map_err(ServerError::Workers)?),
+            _ => None,
+        };
+        // Sized once the listeners are bound, the workers run and the store is open: what they
+        // hold is reserved as it is, whatever the machine.
+        let admin = config.admin.as_ref().map_or(0, |a| a.max_connections);
+        let budget = crate::limits::Budget::of_process(admin, config.server.max_connections);
         let max_connections = budget.clients;
         let outbound = crate::limits::init_outbound(&budget);
+        tracing::info!(
+            descriptor_limit = budget.limit,
+            reserved = budget.reserve,
+            client_connections = max_connections,
+            outbound,
+            "descriptor budget"
+        );
         // The default asks for as many as the descriptors allow; a number of one's own is warned of.
         let configured = config.server.max_connections != crate::config::ServerSettings::default().max_connections;
         if configured && max_connections < config.server.max_connections {
             tracing::warn!(
                 configured = config.server.max_connections,
+                in_force = max_connections,
                 descriptor_limit = budget.limit,
-                "max_connections is more than the descriptor limit allows: {max_connections} client connections \
-                 (each may hold a member connection; {} descriptors reserved); raise the limit (LimitNOFILE, \
-                 ulimit -n) or lower max_connections",
-                budget.reserve
+                "max_connections is more than half of the descriptor budget; raise the descriptor limit \
+                 (LimitNOFILE, ulimit -n) or lower max_connections"
             );
         }
-        tracing::info!(
-            descriptor_limit = budget.limit,
-            reserved = budget.reserve,
-            client_connections = max_connections,
-            outbound = outbound,
-            "descriptor budget"
-        );
         let start_only = crate::config::StartOnly::of(&config);
         // The recorder first: metric handles made before it would record nowhere.
         let metrics = Metrics::global();
@@ -629,10 +635,6 @@ impl Server {
             crate::session::close::CODE_LABELS,
             &crate::session::Initiator::ALL.map(crate::session::Initiator::as_str),
         );
-        let workers = match sockets_per_address(&config.server) {
-            n if n > 1 => Some(Workers::start(n - 1).await.map_err(ServerError::Workers)?),
-            _ => None,
-        };
         let runtime = build_runtime(config, &denylist, None, &metrics)?;
         let sessions = Arc::new(Sessions::default());
         sessions.routes_in_force(runtime.config.routes.iter().map(|r| r.name.clone()));

@@ -119,13 +119,10 @@ pub struct BackendRequest<'a> {
     pub requester: u64,
 }
 
-/// A place in the process's outbound descriptor budget for a connection about to be opened to
-/// a member or a peer instance, or the refusal (503), counted.
-pub(crate) fn outbound_place() -> Result<crate::limits::Descriptor, ConnectError> {
-    crate::limits::descriptor().map_err(|spent| {
-        crate::metrics::limit_refused("descriptors");
-        ConnectError::Descriptors(spent)
-    })
+/// A slot in the process's outbound descriptor budget for a connection about to be opened to a
+/// member or a peer instance, or the refusal (503).
+pub(crate) fn outbound_slot() -> Result<crate::limits::OutboundSlot, ConnectError> {
+    crate::limits::outbound_slot().map_err(ConnectError::Descriptors)
 }
 
 /// The active health check the pool runs: a TCP connect, or with a path a full WebSocket
@@ -134,9 +131,15 @@ pub(crate) fn probe() -> Probe {
     Arc::new(|addr, path, settings| Box::pin(async move { check_member(&addr, path.as_deref(), settings).await }))
 }
 
-async fn check_member(addr: &str, path: Option<&str>, settings: BackendSettings) -> bool {
-    let Ok(Ok(mut tcp)) = timeout(settings.connect_timeout, TcpStream::connect(addr)).await else { return false };
-    let Some(path) = path else { return true };
+/// Whether `addr` passes the check; `None` when the proxy could not open the connection (out of
+/// descriptors or ports), which says nothing of the member.
+async fn check_member(addr: &str, path: Option<&str>, settings: BackendSettings) -> Option<bool> {
+    let mut tcp = match timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) if crate::limits::exhausted(&e) => return None,
+        _ => return Some(false),
+    };
+    let Some(path) = path else { return Some(true) };
     let key = "cG9ydGN1bGxpcy1oZWFsdGg=";
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -148,7 +151,7 @@ async fn check_member(addr: &str, path: Option<&str>, settings: BackendSettings)
         let close = frame::close_frame(HEALTH_CHECK.code, HEALTH_CHECK.reason, Some(rand::random()));
         let _ = tcp.write_all(&close).await;
     }
-    ok
+    Some(ok)
 }
 
 /// Finds the route's members (static, or from the registry), orders the healthy ones by the
@@ -166,7 +169,7 @@ pub async fn connect(
     let order = state.candidates(route, caps, req.sticky_key.as_deref(), conns, Some(req.requester)).await?;
     // One place serves every attempt: each closes its socket before the next opens one. The
     // proxy's own want is no member's failure: none is tried, none is ejected.
-    let place = outbound_place()?;
+    let place = outbound_slot()?;
     let attempts = order.len();
     let path = backend_path(route, caps, req.path_and_query);
     let started = Instant::now();
@@ -184,8 +187,11 @@ pub async fn connect(
             }
             Err(Attempt::Connect(e)) => {
                 tracing::debug!(%member, error = %e, "backend connect failed");
+                // Out of descriptors or ports is the proxy's own want, not the member's failure.
+                if !crate::limits::exhausted(&e) {
+                    state.health.record_failure(member);
+                }
                 last_io = Some(e);
-                state.health.record_failure(member);
             }
             Err(Attempt::ConnectTimeout) => {
                 tracing::debug!(%member, "backend connect timed out");

@@ -157,8 +157,24 @@ impl RequestError {
         }
     }
 
+    /// Whether this is the proxy's own capacity refusal: its outbound descriptor budget spent,
+    /// for a member connection, a recording, a forward to a peer or a registry lookup.
+    pub fn descriptors_spent(&self) -> bool {
+        use crate::routing::resolver::ResolveError::Descriptors as Lookup;
+        matches!(
+            self,
+            RequestError::Connect(ConnectError::Descriptors(_) | ConnectError::Pool(PoolError::Registry(Lookup(_))))
+                | RequestError::Forward(
+                    ForwardError::Descriptors(_) | ForwardError::Pool(PoolError::Registry(Lookup(_)))
+                )
+        )
+    }
+
     /// Bounded label for `portcullis_upgrades_total{result}`.
     pub fn result_label(&self) -> &'static str {
+        if self.descriptors_spent() {
+            return "descriptors";
+        }
         match self {
             RequestError::Route(RouteError::NoRoute) => "no_route",
             RequestError::Route(RouteError::InvalidCapture(_)) => "invalid_capture",
@@ -231,10 +247,7 @@ impl RequestError {
             | RequestError::Forward(
                 ForwardError::TooLarge(_) | ForwardError::ClientStalled(_) | ForwardError::Ended(_),
             ) => self.to_string(),
-            RequestError::Connect(ConnectError::Descriptors(_))
-            | RequestError::Forward(ForwardError::Descriptors(_)) => {
-                "the proxy holds as many connections as it can; retry later".to_owned()
-            }
+            _ if self.descriptors_spent() => "the proxy holds as many connections as it can; retry later".to_owned(),
             RequestError::Connect(_) | RequestError::Forward(_) | RequestError::Internal(_) => {
                 status.canonical_reason().unwrap_or("backend error").to_owned()
             }
@@ -264,18 +277,17 @@ impl RequestError {
         match self {
             // A place frees when one of the subject's sessions, the address's streams or the
             // session's observers ends, which may be soon.
+            // And the proxy's outbound descriptors free as sessions end.
             RequestError::TooManySessions
             | RequestError::TooManyStreams
             | RequestError::TooManyObservers
             | RequestError::TooManyObserversForSubject => {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
             }
-            RequestError::Forward(ForwardError::Ended(_)) if status == StatusCode::TOO_MANY_REQUESTS => {
+            _ if self.descriptors_spent() => {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
             }
-            // Places free as sessions end.
-            RequestError::Connect(ConnectError::Descriptors(_))
-            | RequestError::Forward(ForwardError::Descriptors(_)) => {
+            RequestError::Forward(ForwardError::Ended(_)) if status == StatusCode::TOO_MANY_REQUESTS => {
                 h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(SESSION_RETRY_AFTER));
             }
             // Whole seconds until the address's bucket has a token again, at least 1.

@@ -151,6 +151,8 @@ enum Accepted {
 /// A client carried to the instance that holds its session.
 struct PeerRelay {
     link: peer::PeerLink,
+    /// The link's slot in the process's outbound descriptor budget.
+    slot: crate::limits::OutboundSlot,
     /// What its HTTP/2 stream holds (nothing on HTTP/1.1).
     stream: http::StreamHold,
 }
@@ -178,8 +180,8 @@ impl Accepted {
                 let run = crate::session::observe::run(client, early, observing, hub, watch, shared.metrics.clone());
                 spawn_holding(shared, run, (slot, stream));
             }
-            Accepted::Peer(PeerRelay { link, stream }) => {
-                spawn_holding(shared, peer::splice(client, early, link), (slot, stream));
+            Accepted::Peer(PeerRelay { link, slot: outbound, stream }) => {
+                spawn_holding(shared, peer::splice(client, early, link), (slot, outbound, stream));
             }
         }
     }
@@ -282,7 +284,7 @@ struct Pending {
     /// Its resume registration, on a route with `[routes.resume]` when the client gave an id.
     resume: Option<crate::session::resume::Registration>,
     /// Its recording's place in the descriptor budget, on a recorded route.
-    recording_place: Option<crate::limits::Descriptor>,
+    recording_slot: Option<crate::limits::OutboundSlot>,
 }
 
 /// Serves one client connection (after accept and tls) to its end.
@@ -728,7 +730,7 @@ async fn subject_slots(
         }
     }
     match ctx.shared.fleet.reserve(&capped).await {
-        Ok(Some(places)) => slots.push(SubjectSlot::Fleet { _places: places }),
+        Ok(Some(places)) => slots.push(SubjectSlot::Fleet { _slots: places }),
         Ok(None) => {}
         Err(crate::fleet::Full) => {
             crate::metrics::limit_refused("subject_sessions");
@@ -743,7 +745,7 @@ async fn subject_slots(
 #[derive(Debug)]
 pub(crate) enum SubjectSlot {
     Here { _slot: crate::limits::Slot<crate::limits::SubjectKey> },
-    Fleet { _places: crate::fleet::caps::Reservation },
+    Fleet { _slots: crate::fleet::caps::Reservation },
 }
 
 /// A plain request not answered yet. When its handler is dropped before the answer (the client
@@ -938,9 +940,7 @@ async fn answer_request(
                 RequestError::Forward(request::ForwardError::Ended(reason)) => {
                     tracing::info!(route = %route.name, client = %ctx.client_addr, reason = reason.http_end().label, "request ended with its session");
                 }
-                _ => {
-                    tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend request failed")
-                }
+                _ => warn_backend_failed(ctx, &route.name, &e, "backend request failed"),
             }
             return reject_governed(ctx, exchange, governance, e);
         }
@@ -1431,15 +1431,16 @@ async fn handle_upgrade(
     }
     // A recorded session holds its file's descriptor too: its place is taken first, so that a
     // session that could not be recorded is refused before anything is opened for it.
-    let recording_place = match route.recording.is_some().then(connect::outbound_place).transpose() {
+    let recording_slot = match route.recording.is_some().then(connect::outbound_slot).transpose() {
         Ok(p) => p,
         Err(e) => return reject(ctx, &route.name, e.into()),
     };
     let backend = match connect::connect(&route, state, &caps, &breq, &ctx.shared.conns, &ctx.shared.metrics).await {
         Ok(b) => b,
         Err(e) => {
-            tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend connect failed");
-            return reject(ctx, &route.name, e.into());
+            let e = RequestError::from(e);
+            warn_backend_failed(ctx, &route.name, &e, "backend connect failed");
+            return reject(ctx, &route.name, e);
         }
     };
     let _ = registered.entry().backend.set(backend.member.clone());
@@ -1496,7 +1497,7 @@ async fn handle_upgrade(
         subject_slots,
         stream,
         resume: registration,
-        recording_place,
+        recording_slot,
     };
     hand_off(ctx, on_upgrade, Accepted::Relay(pending));
     resp
@@ -1552,7 +1553,7 @@ async fn relay_to_owner(
         return reject(ctx, &route.name, RequestError::NoSuchSession);
     };
     let limit = route.backend.connect_timeout + route.backend.handshake_timeout;
-    let place = match connect::outbound_place() {
+    let place = match connect::outbound_slot() {
         Ok(p) => p,
         Err(e) => return reject(ctx, &route.name, e.into()),
     };
@@ -1566,15 +1567,14 @@ async fn relay_to_owner(
         }
     };
     let resp = peer::answer(ctx.protocol == Protocol::Http2, status, &owner);
-    let Some(mut link) = link else {
+    let Some(link) = link else {
         crate::metrics::fleet_relayed(kind, "refused");
         return resp;
     };
-    link.place = Some(place);
     crate::metrics::fleet_relayed(kind, "ok");
     ctx.shared.metrics.upgrade(&route.name, "relayed");
     let on_upgrade = hyper::upgrade::on(&mut req);
-    hand_off(ctx, on_upgrade, Accepted::Peer(PeerRelay { link, stream }));
+    hand_off(ctx, on_upgrade, Accepted::Peer(PeerRelay { link, slot: place, stream }));
     resp
 }
 
@@ -1661,8 +1661,9 @@ async fn join_fanout(
     let open = async {
         let b =
             connect::connect(route, j.state, j.caps, j.breq, &shared.conns, &shared.metrics).await.map_err(|e| {
-                tracing::warn!(route = %route.name, client = %ctx.client_addr, error = %e, "backend connect failed");
-                RequestError::from(e)
+                let e = RequestError::from(e);
+                warn_backend_failed(ctx, &route.name, &e, "backend connect failed");
+                e
             })?;
         let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
         // Forwarded client frames (each up to max_frame_size) wait here for the stream's task:
@@ -1812,7 +1813,16 @@ fn note_error(metrics: &crate::metrics::Metrics, route: &str, e: &RequestError) 
     match e {
         RequestError::Auth(a) => metrics.auth_failure(route, a.reason()),
         RequestError::Internal(what) => tracing::error!(route, what, "internal error"),
+        _ if e.descriptors_spent() => crate::metrics::limit_refused("descriptors"),
         _ => {}
+    }
+}
+
+/// A warning for a backend that failed `route`'s request, but not for the proxy's own capacity
+/// refusal, which [`log_refusal`] logs at most once a second: a flood of them would flood the log.
+fn warn_backend_failed(ctx: &ConnCtx, route: &str, e: &RequestError, what: &'static str) {
+    if !e.descriptors_spent() {
+        tracing::warn!(route, client = %ctx.client_addr, error = %e, "{what}");
     }
 }
 
@@ -2016,7 +2026,7 @@ fn start_session<C: relay::FinishStream + Send + 'static>(
     let registered = p.registered;
     let mut taps = crate::session::Taps::default();
     if let Some(settings) = &p.route.recording {
-        let place = p.recording_place.take();
+        let place = p.recording_slot.take();
         let e = registered.entry();
         let meta = crate::session::recording::Meta {
             session: e.id,

@@ -28,8 +28,6 @@ pub struct PeerLink {
     pub stream: TcpStream,
     /// What the owner sent right after its 101.
     pub early: Vec<u8>,
-    /// The connection's place in the process's outbound descriptor budget.
-    pub place: Option<crate::limits::Descriptor>,
 }
 
 /// Why the owner could not be asked.
@@ -139,7 +137,7 @@ pub async fn ask(
     if map.get(SEC_WEBSOCKET_ACCEPT).map(HeaderValue::as_bytes) != Some(expected.as_bytes()) {
         return Err(PeerRelayError::BadAnswer("its 101 does not accept the client's key"));
     }
-    Ok((status, map, Some(PeerLink { stream, early, place: None })))
+    Ok((status, map, Some(PeerLink { stream, early })))
 }
 
 /// The answer for the client: the owner's 101 (HTTP/2: 200) with its subprotocol and resume
@@ -178,7 +176,7 @@ pub async fn splice<C>(mut client: C, client_early: Vec<u8>, link: PeerLink)
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let PeerLink { mut stream, early, place: _place } = link;
+    let PeerLink { mut stream, early } = link;
     let first = async {
         if !early.is_empty() {
             client.write_all(&early).await?;

@@ -167,12 +167,14 @@ pub async fn forward(
         }
         // The proxy's own want, not the member's: no member is tried, none is ejected.
         if let Some(spent) = source_of::<crate::limits::Spent>(&e) {
-            crate::metrics::limit_refused("descriptors");
             return Err(ForwardError::Descriptors(*spent));
         }
         if e.is_connect() {
             tracing::debug!(%member, error = %chain(&e), "backend connect failed");
-            state.health.record_failure(member);
+            // Out of descriptors or ports is the proxy's own want too.
+            if !source_of::<io::Error>(&e).is_some_and(crate::limits::exhausted) {
+                state.health.record_failure(member);
+            }
             if is_timeout(&e) {
                 timed_out = true;
             } else {

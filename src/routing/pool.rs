@@ -32,11 +32,13 @@ pub enum PoolError {
     NoHealthyMember,
 }
 
-/// An active health check of one member: `true` when it is healthy. Given the member address,
+/// An active health check of one member: `Some(true)` when it is healthy, `None` when the check
+/// could not be made (the proxy out of descriptors or ports: nothing is learned of the member). Given the member address,
 /// the route's `active_path` (a TCP connect only when `None`) and its backend timeouts. The
 /// connect stage provides it, so that routing never reaches up into the stages.
-pub type Probe =
-    Arc<dyn Fn(String, Option<String>, BackendSettings) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+pub type Probe = Arc<
+    dyn Fn(String, Option<String>, BackendSettings) -> Pin<Box<dyn Future<Output = Option<bool>> + Send>> + Send + Sync,
+>;
 
 /// Per-route routing state that lives as long as the configuration: the registry resolver
 /// (with its cache), passive health, and the round-robin cursor.
@@ -177,11 +179,16 @@ fn spawn_active_checks(route: &RouteConfig, health: Weak<PassiveHealth>, probe: 
             for addr in &members {
                 let ok = probe(addr.clone(), path.clone(), settings.clone()).await;
                 let Some(h) = health.upgrade() else { return };
-                if ok {
-                    h.record_success(addr);
-                } else {
-                    tracing::debug!(member = %addr, "active health check failed");
-                    h.record_failure(addr);
+                match ok {
+                    Some(true) => h.record_success(addr),
+                    Some(false) => {
+                        tracing::debug!(member = %addr, "active health check failed");
+                        h.record_failure(addr);
+                    }
+                    // The proxy could not open the check's connection: it says nothing of the member.
+                    None => {
+                        tracing::debug!(member = %addr, "active health check not made: out of descriptors or ports")
+                    }
                 }
             }
         }

@@ -66,6 +66,10 @@ pub enum ResolveError {
     /// cached.
     #[error("invalid registry answer: {0}")]
     Invalid(String),
+    /// The registry was not asked: the process's outbound descriptors are all in use. The
+    /// proxy's own want, held against neither the agent nor the registry host.
+    #[error(transparent)]
+    Descriptors(crate::limits::Spent),
 }
 
 /// Cache sizes and request count, for the admin `/routes` view.
@@ -169,7 +173,10 @@ impl RegistryResolver {
             Err(error) => {
                 crate::metrics::route_cache("miss");
                 let error = (*error).clone();
-                self.failed.insert(url.to_owned(), error.clone()).await;
+                // Held briefly for the agent, unless the registry was never asked.
+                if !matches!(error, ResolveError::Descriptors(_)) {
+                    self.failed.insert(url.to_owned(), error.clone()).await;
+                }
                 Err(error)
             }
         }
@@ -269,6 +276,9 @@ impl RegistryResolver {
                 (!self.reachable.contains_key(&host)).then_some(permit)
             }
         };
+        // A lookup's connection is counted as a member's is: a burst of lookups for agents not
+        // cached (a cold start, a flood of made-up names) is held to the outbound budget.
+        let _slot = crate::limits::outbound_slot().map_err(ResolveError::Descriptors)?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let (status, body) = match client.get(&uri, self.request_headers()?, MAX_BODY_BYTES, left).await {
             Ok(answer) => answer,

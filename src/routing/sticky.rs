@@ -106,7 +106,7 @@ impl ConnCounts {
     /// Counts one more session on `addr` until the returned guard is dropped.
     pub fn acquire(self: &Arc<Self>, addr: &str) -> ConnGuard {
         *self.lock().entry(addr.to_owned()).or_insert(0) += 1;
-        ConnGuard { counts: Arc::clone(self), addr: addr.to_owned(), _place: None }
+        ConnGuard { counts: Arc::clone(self), addr: addr.to_owned(), _slot: None }
     }
 
     /// Sessions active on `addr` now.
@@ -145,7 +145,7 @@ impl ConnCounts {
 pub struct ConnGuard {
     counts: Arc<ConnCounts>,
     addr: String,
-    _place: Option<crate::limits::Descriptor>,
+    _slot: Option<crate::limits::OutboundSlot>,
 }
 
 impl ConnGuard {
@@ -155,8 +155,8 @@ impl ConnGuard {
     }
 
     /// The guard, holding the member connection's `place` as long as itself.
-    pub fn holding(mut self, place: crate::limits::Descriptor) -> ConnGuard {
-        self._place = Some(place);
+    pub fn holding(mut self, place: crate::limits::OutboundSlot) -> ConnGuard {
+        self._slot = Some(place);
         self
     }
 }

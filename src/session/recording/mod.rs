@@ -180,7 +180,7 @@ impl crate::session::PayloadSink for Sink {
 pub fn start(
     settings: &Arc<RecordingSettings>,
     meta: Meta,
-    place: Option<crate::limits::Descriptor>,
+    place: Option<crate::limits::OutboundSlot>,
     tasks: &tokio_util::task::TaskTracker,
     ledgers: &Ledgers,
     taps: &mut Taps,
@@ -277,7 +277,7 @@ async fn write(
     mut rx: mpsc::UnboundedReceiver<Chunk>,
     meta: Meta,
     ledger: Arc<Ledger>,
-    _place: Option<crate::limits::Descriptor>,
+    _slot: Option<crate::limits::OutboundSlot>,
 ) {
     let settings = queue.settings.clone();
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
