@@ -1362,6 +1362,27 @@ mod tests {
         assert!(msg.contains("invalid duration"), "{msg}");
     }
 
+    /// `tls_handshake_timeout = "1ns"` passed the check (it is not zero) and refused every TLS
+    /// connection: a duration under a millisecond is refused wherever it is written.
+    #[test]
+    fn a_duration_under_a_millisecond_is_refused_as_a_slip_of_the_unit() {
+        let base = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n";
+        for (section, line) in [
+            ("server", "tls_handshake_timeout = \"1ns\""),
+            ("server", "header_read_timeout = \"999us\""),
+            ("session", "ping_interval = \"10ns\""),
+            ("backend", "connect_timeout = \"500us\""),
+        ] {
+            let text = format!("{base}[{section}]\n{line}\n");
+            let msg = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
+            assert!(msg.starts_with("x.toml:4:") && msg.contains("under a millisecond"), "{line}: {msg}");
+        }
+        for ok in ["\"0s\"", "\"1ms\"", "\"1ms 500us\""] {
+            let text = format!("{base}[session]\nidle_timeout = {ok}\n");
+            assert!(Config::parse(&text, Path::new("x.toml")).is_ok(), "{ok}");
+        }
+    }
+
     #[test]
     fn route_overrides_merge_over_defaults() {
         let text = r#"

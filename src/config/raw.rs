@@ -498,16 +498,24 @@ pub(super) enum RawKind {
     Mcp,
 }
 
-/// A duration written as text: `"30s"`, `"500ms"`, `"15m"`, `"1h 30m"`, or `"0s"`.
+/// A duration written as text: `"30s"`, `"500ms"`, `"15m"`, `"1h 30m"`, or `"0s"`. Nothing of
+/// the proxy's is timed below a millisecond, so a duration under one that is not zero (`"10ns"`,
+/// `"1us"`) is refused as the slip of a unit it most likely is: as a deadline it would refuse
+/// every connection, as an interval spin.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Dur(pub(super) Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(Dur)
-            .map_err(|e| de::Error::custom(format!("invalid duration {s:?}: {e} (write e.g. \"30s\")")))
+        let v = humantime::parse_duration(&s)
+            .map_err(|e| de::Error::custom(format!("invalid duration {s:?}: {e} (write e.g. \"30s\")")))?;
+        if !v.is_zero() && v < Duration::from_millis(1) {
+            return Err(de::Error::custom(format!(
+                "duration {s:?} is under a millisecond, which nothing here is timed in (write e.g. \"30s\" or \"250ms\")"
+            )));
+        }
+        Ok(Dur(v))
     }
 }
 
