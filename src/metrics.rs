@@ -99,6 +99,11 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "Outbound descriptors (member connections, recordings) held now (state held) and the budget (state limit).",
     ),
     (Kind::Counter, "portcullis_http2_connections_total", "TLS client connections that chose HTTP/2 by ALPN."),
+    (
+        Kind::Counter,
+        "portcullis_http2_floods_total",
+        "HTTP/2 connections closed for a frame flood, by frame (window_update, priority, empty_frames).",
+    ),
     (Kind::Gauge, "portcullis_recordings_active", "Session recordings being written now."),
     (Kind::Gauge, "portcullis_observers_active", "Live observers watching sessions now, by route."),
     (
@@ -633,6 +638,12 @@ pub fn proxy_protocol(result: &'static str) {
 /// `send_timeout`.
 pub fn send_timeout() {
     counter!("portcullis_send_timeouts_total").increment(1);
+}
+
+/// An HTTP/2 connection was closed for a flood of `frame` (`window_update`, `priority`,
+/// `empty_frames`).
+pub fn http2_flood(frame: &'static str) {
+    counter!("portcullis_http2_floods_total", "frame" => frame).increment(1);
 }
 
 /// A connection or request was refused by a per-client limit (`reason`: `per_ip_connections`,

@@ -25,6 +25,7 @@ pub(crate) mod connect;
 pub(crate) mod cors;
 pub(crate) mod error;
 pub(crate) mod forward;
+pub(crate) mod frames;
 pub mod host;
 pub(crate) mod http;
 pub(crate) mod login;
@@ -382,7 +383,7 @@ async fn serve_h2(shared: Arc<Shared>, stream: ClientStream, client_addr: Socket
     // them, and one stream's slow reader would close them all. Flow control bounds what each
     // holds, and each answer has the deadline of its own (`stream::Stall`).
     let head = http::HeadIo::new(stream, server.header_read_timeout, head_done.clone(), timed_out.clone());
-    let io = TokioIo::new(head.silent());
+    let io = TokioIo::new(frames::Census::new(head.silent(), client_addr));
     // The connection counts as handshaking until its first stream is answered: a handover
     // waits for that, as it waits for an HTTP/1.1 connection's upgrade.
     let answered = Arc::new(tokio::sync::Notify::new());

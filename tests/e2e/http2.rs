@@ -277,6 +277,53 @@ async fn the_per_address_stream_cap_answers_429_and_frees_when_a_stream_ends() {
     echo_round_trip(&mut c, b"in the freed place").await;
 }
 
+/// One raw HTTP/2 frame.
+fn raw_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Found by an attacker review: a connection sending nothing but 1-byte WINDOW_UPDATE frames
+/// kept a core busy for as long as it lasted (h2 bounds PING, SETTINGS, resets and
+/// CONTINUATION, not these). Each flood Envoy bounds now closes its connection, and a client
+/// beside it is served on.
+#[tokio::test]
+async fn window_update_priority_and_empty_frame_floods_close_their_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::echo().await;
+    let proxy = Proxy::start(backend.addr).await;
+    let mut neighbour = H2::connect(proxy.tls).await;
+    let mut live = neighbour.websocket(PATH, &[]).await.expect("200");
+    let floods: [(&str, Vec<u8>); 3] = [
+        ("window_update", raw_frame(0x8, 0, 0, &[0, 0, 0, 1])),
+        ("priority", raw_frame(0x2, 0, 3, &[0, 0, 0, 1, 16])),
+        ("empty_frames", raw_frame(0x0, 0, 1, &[])),
+    ];
+    for (frame, one) in floods {
+        let (mut tls, _) = dial_alpn(proxy.tls, &[b"h2"]).await;
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(raw_frame(0x4, 0, 0, &[]));
+        // A request first (GET /, its body left open), so that the connection is past its
+        // header deadline and the empty DATA frames have a stream to be on.
+        let get = [0x82, 0x87, 0x84, 0x41, 0x09, b'l', b'o', b'c', b'a', b'l', b'h', b'o', b's', b't'];
+        bytes.extend(raw_frame(0x1, 0x4, 1, &get));
+        for _ in 0..5_000 {
+            bytes.extend_from_slice(&one);
+        }
+        // The proxy may close before it has read all of it.
+        let _ = tls.write_all(&bytes).await;
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(SOON, tls.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "a {frame} flood left its connection open");
+        let m = metrics(&proxy).await;
+        assert!(metric(&m, &format!("portcullis_http2_floods_total{{frame=\"{frame}\"}}")) >= 1.0, "{frame}");
+        echo_round_trip(&mut live, frame.as_bytes()).await;
+    }
+}
+
 #[tokio::test]
 async fn connect_tunnels_and_other_protocols_are_refused() {
     let backend = Backend::echo().await;
