@@ -237,16 +237,48 @@ fn outbound_budget(size: impl FnOnce() -> usize) -> &'static (usize, Arc<tokio::
     })
 }
 
+/// The share of the outbound budget that pooled keep-alive connections (in use or idle) may
+/// hold: half. Idle ones linger for `pool_idle_timeout` whoever made them (a burst of
+/// concurrent requests over one connection left 91 of 91 slots idle in the pool, and every new
+/// session was refused for 90 s); the other half stays for sessions, lookups and recordings.
+static POOLED: std::sync::OnceLock<(usize, Arc<tokio::sync::Semaphore>)> = std::sync::OnceLock::new();
+
+fn pooled_budget() -> &'static (usize, Arc<tokio::sync::Semaphore>) {
+    POOLED.get_or_init(|| {
+        let n = (outbound_budget(|| Budget::of_process(0, usize::MAX).outbound).0 / 2).max(1);
+        (n, Arc::new(tokio::sync::Semaphore::new(n)))
+    })
+}
+
 /// Sizes the outbound budget from `budget` (the first call in the process decides); the size
 /// in force.
 pub fn init_outbound(budget: &Budget) -> usize {
-    outbound_budget(|| budget.outbound).0
+    let size = outbound_budget(|| budget.outbound).0;
+    pooled_budget();
+    size
 }
 
 /// An outbound descriptor's slot in the budget, held as long as the descriptor is open.
 #[derive(Debug)]
 pub struct OutboundSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _pooled: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// A slot for a pooled keep-alive connection: one of the pooled share's, and one of the
+/// outbound budget's.
+pub fn pooled_slot() -> Result<OutboundSlot, Spent> {
+    let (size, sem) = pooled_budget();
+    let pooled = sem.clone().try_acquire_owned().map_err(|_| Spent(*size))?;
+    outbound_slot().map(|s| OutboundSlot { _pooled: Some(pooled), ..s })
+}
+
+/// Whether pooled connections hold more than three quarters of their share: requests made now
+/// ask their member to close the connection after its answer, so that connections idle in the
+/// pool never keep the share from members not yet connected to.
+pub fn pooled_pressure() -> bool {
+    let (size, sem) = pooled_budget();
+    size.saturating_sub(sem.available_permits()) * 4 > size * 3
 }
 
 /// The outbound budget is spent: every slot is held by an open descriptor.
@@ -258,7 +290,7 @@ pub struct Spent(pub usize);
 /// opened, and never waited for: a full budget refuses at once.
 pub fn outbound_slot() -> Result<OutboundSlot, Spent> {
     let (size, sem) = outbound_budget(|| Budget::of_process(0, usize::MAX).outbound);
-    sem.clone().try_acquire_owned().map(|p| OutboundSlot { _permit: p }).map_err(|_| Spent(*size))
+    sem.clone().try_acquire_owned().map(|p| OutboundSlot { _permit: p, _pooled: None }).map_err(|_| Spent(*size))
 }
 
 /// Outbound descriptors `(held, budget)`, for the metrics.

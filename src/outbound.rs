@@ -173,8 +173,8 @@ pub type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxErr
 pub type Upstream = hyper_util::client::legacy::Client<Budgeted, UpstreamBody>;
 
 /// hyper-util's connector, with each connection holding a place in the process's outbound
-/// descriptor budget for as long as it is open, in use or idle in the pool
-/// ([`crate::limits::descriptor`]). A spent budget fails the connect with
+/// descriptor budget, in the pooled connections' share of it, for as long as it is open, in use
+/// or idle in the pool ([`crate::limits::pooled_slot`]). A spent budget fails the connect with
 /// [`crate::limits::Spent`] in the error's sources, before any socket is opened.
 #[derive(Debug, Clone)]
 pub struct Budgeted(hyper_util::client::legacy::connect::HttpConnector);
@@ -189,7 +189,7 @@ impl tower_service::Service<Uri> for Budgeted {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let place = crate::limits::outbound_slot();
+        let place = crate::limits::pooled_slot();
         let connecting = self.0.call(uri);
         Box::pin(async move {
             let place = place?;

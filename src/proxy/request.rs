@@ -213,6 +213,10 @@ fn build(
     *req.headers_mut() = headers;
     let host = HeaderValue::from_str(member).map_err(|_| bad("member address is not a valid Host"))?;
     req.headers_mut().insert(HOST, host);
+    // Pooled connections near their share of the descriptor budget: this one is not kept.
+    if crate::limits::pooled_pressure() {
+        req.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Ok(req)
 }
 

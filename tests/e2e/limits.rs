@@ -484,3 +484,60 @@ async fn the_soft_descriptor_limit_is_raised_to_the_hard_one_at_start() {
     assert!(log.contains("descriptor limit raised to the hard limit"), "{log}");
     assert!(log.contains("descriptor_limit=1000"), "{log}");
 }
+
+/// Found by the attack on the budget: one address, one HTTP/2 connection, 100 one-second GETs on
+/// a plain route of five members, then gone; the members' keep-alive connections stayed in the
+/// pool, idle, for `pool_idle_timeout` (90 s) and held every outbound slot, so every new session
+/// was refused until they expired. Pooled connections now hold half of the outbound budget at
+/// most, and past three quarters of that half a request asks its member to close after it.
+#[tokio::test]
+async fn a_burst_of_plain_requests_cannot_leave_the_keep_alive_pool_holding_the_budget() {
+    let backend = Backend::echo().await;
+    let mut members = Vec::new();
+    for i in 0..5 {
+        members.push(RestBackend::start(&format!("m{i}")).await);
+    }
+    let addrs: Vec<String> = members.iter().map(|m| m.addr.to_string()).collect();
+    let api = json!({"name": "api", "path": "/agents/{agent}/api/{*rest}", "kind": "http", "backends": addrs,
+        "backend_path": "/v1/{rest}", "balance": {"policy": "round_robin"}});
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
+        .merge("", json!({"routes": [api]}))
+        .text();
+    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    let budget = metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}");
+    let h2 = H2::connect(proxy.tls).await;
+    let mut burst = Vec::new();
+    for _ in 0..100 {
+        let send = h2.send.clone();
+        burst.push(tokio::spawn(async move {
+            let mut send = send.ready().await.expect("ready");
+            let req =
+                ::http::Request::get("https://localhost/agents/a1/api/sse?n=1&wait_ms=1000").body(()).expect("request");
+            let (resp, _) = send.send_request(req, true).expect("send");
+            let resp = resp.await.expect("response");
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("body");
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            status
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for b in burst {
+        *statuses.entry(b.await.expect("task")).or_insert(0) += 1;
+    }
+    assert!(statuses.get(&200).is_some_and(|&n| n >= 30), "the burst was served up to the pooled share: {statuses:?}");
+    h2.conn.abort();
+    // The burst is over: what its connections hold, idle in the pool, leaves sessions room.
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    let held = metric(&m, "portcullis_outbound_descriptors{state=\"held\"}");
+    assert!(held <= budget / 2.0, "idle keep-alive connections hold {held} of {budget}");
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("a session after the burst");
+    echoes(&mut c, b"room").await;
+    let log = proxy.stop_and_collect_logs().await;
+    assert!(!log.contains("Too many open files"), "{log}");
+}
