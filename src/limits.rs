@@ -191,7 +191,8 @@ impl Budget {
 
     /// The budget of this process: its soft `RLIMIT_NOFILE` (1,024 when it cannot be read,
     /// Linux's usual default), less the descriptors it holds now (its listeners, every worker's
-    /// runtime, logs, the fleet's store) and `admin` more for the admin endpoint's connections.
+    /// runtime, logs, the fleet's store) and `admin` more for the admin endpoint (its connections,
+    /// and the recordings they serve).
     pub fn of_process(admin: usize, max_connections: usize) -> Budget {
         let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024);
         Budget::of(limit, open_descriptors().saturating_add(admin as u64), max_connections)

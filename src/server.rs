@@ -604,7 +604,8 @@ impl Server {
         };
         // Sized once the listeners are bound, the workers run and the store is open: what they
         // hold is reserved as it is, whatever the machine.
-        let admin = config.admin.as_ref().map_or(0, |a| a.max_connections);
+        // Each admin connection may hold a file too (a recording it serves).
+        let admin = config.admin.as_ref().map_or(0, |a| a.max_connections.saturating_mul(2));
         let budget = crate::limits::Budget::of_process(admin, config.server.max_connections);
         let max_connections = budget.clients;
         let outbound = crate::limits::init_outbound(&budget);

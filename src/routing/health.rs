@@ -207,21 +207,6 @@ impl PassiveHealth {
         self.healthy_at(members, requester, Instant::now())
     }
 
-    /// The members of `members` ejected now for failed handshakes only (never for a failed
-    /// connect), in their order: the last resort when no member is usable, as Envoy's panic
-    /// threshold sends to every member. A member that connects is worth a handshake. Others'
-    /// failed handshakes, from however many accounts, must not refuse a requester it never
-    /// served (a newcomer) the member that may serve it, and one that serves no one answers
-    /// with its own failure (502) instead of the proxy's 503.
-    pub fn last_resort<'m>(&self, members: &'m [Member]) -> Vec<&'m Member> {
-        self.last_resort_at(members, Instant::now())
-    }
-
-    fn last_resort_at<'m>(&self, members: &'m [Member], now: Instant) -> Vec<&'m Member> {
-        let failing = self.lock();
-        members.iter().filter(|m| failing.get(&m.addr).is_some_and(|f| now < f.until && f.for_handshakes)).collect()
-    }
-
     /// How many members of `members` are ejected now (for the `member_healthy` gauge and admin).
     pub fn ejected_count(&self, members: &[Member]) -> usize {
         members.len() - self.healthy(members).len()
@@ -343,29 +328,6 @@ mod tests {
         h.record_refusal_at("c:1", 7, much_later);
         h.record_refusal_at("c:1", 8, much_later);
         assert!(!addrs(h.healthy_at(&members, Some(1), much_later)).contains(&"c:1".to_owned()));
-    }
-
-    #[test]
-    fn members_ejected_for_failed_handshakes_only_are_the_last_resort() {
-        let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
-        let t0 = Instant::now();
-        let members = pool();
-        let addrs = |v: Vec<&Member>| v.into_iter().map(|m| m.addr.clone()).collect::<Vec<_>>();
-        assert!(h.last_resort_at(&members, t0).is_empty(), "none ejected");
-        // Two accounts fail on b:1 and c:1; a:1 refuses connections.
-        for m in ["b:1", "c:1"] {
-            h.record_refusal_at(m, 7, t0);
-            h.record_refusal_at(m, 8, t0);
-        }
-        h.record_failure_at("a:1", t0);
-        assert!(h.healthy_at(&members, Some(9), t0).is_empty());
-        assert_eq!(addrs(h.last_resort_at(&members, t0)), ["b:1", "c:1"], "a newcomer still tries them");
-        // A failed connect takes one out of the last resort too.
-        h.record_failure_at("c:1", t0);
-        assert_eq!(addrs(h.last_resort_at(&members, t0)), ["b:1"]);
-        // Once the ejections end, the members are usable again, and no longer a last resort.
-        let later = t0 + Duration::from_secs(5);
-        assert!(h.last_resort_at(&members, later).is_empty());
     }
 
     #[test]

@@ -367,7 +367,7 @@ async fn echoes(c: &mut Client, payload: &[u8]) {
 /// a member connection, ran the process out of descriptors; every accept, connect and file then
 /// failed ("Too many open files", 865 times), everyone else got no answer, and the failed
 /// connects ejected the members. Now the limit is shared out (here 256, less what the process
-/// holds at start, the admin endpoint's 64 and 32 spare, half of the rest for client
+/// holds at start, twice the admin endpoint's 64 and 32 spare, half of the rest for client
 /// connections, half outbound): the streams over the outbound side get 503, and the sessions
 /// held, the admin endpoint, the registry and the members are untouched.
 #[tokio::test]
@@ -390,7 +390,7 @@ async fn a_flood_of_http2_streams_runs_into_the_descriptor_budget_and_nothing_el
     let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((256, 256))).await;
     let (_, m) = http_get(proxy.admin, "/metrics").await;
     let budget = metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}") as usize;
-    assert!((40..=96).contains(&budget), "half of 256 less what is held: {budget}");
+    assert!((25..=96).contains(&budget), "half of 256 less what is held: {budget}");
     let clients = metric(&m, "portcullis_connections_limit") as usize;
     assert!(budget == clients || budget == clients + 1, "the other half: {clients}");
     const PATH: &str = "/agents/a1/terminal";
@@ -475,9 +475,9 @@ async fn the_soft_descriptor_limit_is_raised_to_the_hard_one_at_start() {
     let text = TestConfig::base(&[backend.addr.to_string()]).text();
     let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 1_000))).await;
     let (_, m) = http_get(proxy.admin, "/metrics").await;
-    // 1,000 less what the process holds, the admin endpoint's 64 and 125 spare; half each.
+    // 1,000 less what the process holds, twice the admin endpoint's 64 and 125 spare; half each.
     let clients = metric(&m, "portcullis_connections_limit");
-    assert!((380.0..=405.0).contains(&clients), "{clients}");
+    assert!((330.0..=405.0).contains(&clients), "{clients}");
     let outbound = metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}");
     assert!(outbound == clients || outbound == clients + 1.0, "the other half: {outbound}");
     let log = proxy.stop_and_collect_logs().await;
@@ -530,7 +530,9 @@ async fn a_burst_of_plain_requests_cannot_leave_the_keep_alive_pool_holding_the_
     for b in burst {
         *statuses.entry(b.await.expect("task")).or_insert(0) += 1;
     }
-    assert!(statuses.get(&200).is_some_and(|&n| n >= 30), "the burst was served up to the pooled share: {statuses:?}");
+    let share = (budget / 2.0).floor();
+    let served = f64::from(statuses.get(&200).copied().unwrap_or(0));
+    assert!(served >= share - 1.0, "the burst was served up to the pooled share, {share}: {statuses:?}");
     h2.conn.abort();
     // The burst is over: what its connections hold, idle in the pool, leaves sessions room.
     let (_, m) = http_get(proxy.admin, "/metrics").await;
