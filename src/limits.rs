@@ -244,9 +244,15 @@ fn outbound_budget(size: impl FnOnce() -> usize) -> &'static (usize, Arc<tokio::
 /// session was refused for 90 s); the other half stays for sessions, lookups and recordings.
 static POOLED: std::sync::OnceLock<(usize, Arc<tokio::sync::Semaphore>)> = std::sync::OnceLock::new();
 
+/// The outbound budget in force: sized by the first server, or, used before any (a unit test, a
+/// tool), from the process's limit alone.
+fn outbound() -> &'static (usize, Arc<tokio::sync::Semaphore>) {
+    outbound_budget(|| Budget::of_process(0, usize::MAX).outbound)
+}
+
 fn pooled_budget() -> &'static (usize, Arc<tokio::sync::Semaphore>) {
     POOLED.get_or_init(|| {
-        let n = (outbound_budget(|| Budget::of_process(0, usize::MAX).outbound).0 / 2).max(1);
+        let n = (outbound().0 / 2).max(1);
         (n, Arc::new(tokio::sync::Semaphore::new(n)))
     })
 }
@@ -290,13 +296,13 @@ pub struct Spent(pub usize);
 /// A slot for one more outbound descriptor, or [`Spent`]. Taken before the descriptor is
 /// opened, and never waited for: a full budget refuses at once.
 pub fn outbound_slot() -> Result<OutboundSlot, Spent> {
-    let (size, sem) = outbound_budget(|| Budget::of_process(0, usize::MAX).outbound);
+    let (size, sem) = outbound();
     sem.clone().try_acquire_owned().map(|p| OutboundSlot { _permit: p, _pooled: None }).map_err(|_| Spent(*size))
 }
 
 /// Outbound descriptors `(held, budget)`, for the metrics.
 pub fn outbound_descriptors() -> (usize, usize) {
-    let (size, sem) = outbound_budget(|| Budget::of_process(0, usize::MAX).outbound);
+    let (size, sem) = outbound();
     (size.saturating_sub(sem.available_permits()), *size)
 }
 
