@@ -1383,6 +1383,60 @@ mod tests {
         }
     }
 
+    /// Found by an attack on the proxy: each of these passed `check-config` and then broke the
+    /// proxy. A registry `timeout` of `"600y"` stopped it at start (exit 101: a cache's expiry
+    /// of twice that is past what moka takes) and, arriving by reload, killed the reloader; a
+    /// JWKS `refresh_interval` of `"0s"` panicked its refresher; `eject_base` or `max_lifetime`
+    /// of billions of years overflowed the clock per request or session; a `"1ms"`
+    /// `tls_handshake_timeout` failed handshakes on loopback; a `"1ms"` `sse_keepalive` kept a
+    /// core busy. Each is now an error naming its key.
+    #[test]
+    fn durations_that_would_break_the_proxy_are_refused_by_check_config() {
+        let listener = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n";
+        let route = "[[routes]]\nname = \"r\"\npath = \"/agents/{agent}\"\n";
+        let registry =
+            |line: &str| format!("{route}[routes.registry]\nurl = \"http://reg.internal/{{agent}}\"\n{line}\n");
+        let jwks = |line: &str| {
+            format!(
+                "[[auth.jwks]]\nurl = \"https://keys.example/jwks\"\nalgorithms = [\"ES256\"]\n{line}\n\
+                 {route}backends = [\"127.0.0.1:1\"]\n"
+            )
+        };
+        let routed =
+            |section: &str, line: &str| format!("{route}backends = [\"127.0.0.1:1\"]\n[routes.{section}]\n{line}\n");
+        let cases = [
+            (registry("timeout = \"600y\""), "over ten years"),
+            (registry("timeout = \"0s\""), "registry.timeout: must be more than 0s"),
+            (jwks("refresh_interval = \"0s\""), "refresh_interval: must be more than 0s"),
+            (jwks("refresh_interval = \"1ms\""), "refresh_interval: must be at least 50ms"),
+            (jwks("min_refetch_interval = \"0s\""), "min_refetch_interval: must be more than 0s"),
+            (jwks("timeout = \"0s\""), "jwks[0].timeout: must be more than 0s"),
+            (routed("health", "eject_base = \"500000000000y\""), "over ten years"),
+            (routed("health", "active_interval = \"5ms\""), "active_interval: must be at least 50ms"),
+            (routed("session", "max_lifetime = \"500000000000y\""), "over ten years"),
+            (routed("session", "ping_interval = \"1ms\""), "ping_interval: must be at least 50ms"),
+            (routed("backend", "sse_keepalive = \"1ms\""), "sse_keepalive: must be at least 50ms"),
+            ("[server]\ntls_handshake_timeout = \"1ms\"\n".to_owned(), "tls_handshake_timeout: must be at least 100ms"),
+            ("[server]\nheader_read_timeout = \"20ms\"\n".to_owned(), "header_read_timeout: must be at least 100ms"),
+            ("[server]\nreload_poll_interval = \"1ms\"\n".to_owned(), "reload_poll_interval: must be at least 50ms"),
+            ("[http2]\nkeepalive_interval = \"1ms\"\n".to_owned(), "keepalive_interval: must be at least 50ms"),
+        ];
+        for (text, says) in cases {
+            let msg = Config::parse(&format!("{listener}{text}"), Path::new("x.toml")).expect_err(&text).to_string();
+            assert!(msg.contains(says), "{text}: {msg}");
+        }
+        // The bounds themselves, and "off", pass.
+        for text in [
+            registry("timeout = \"10y\""),
+            jwks("refresh_interval = \"50ms\""),
+            routed("session", "ping_interval = \"0s\"\nmax_lifetime = \"3650d\""),
+            routed("backend", "sse_keepalive = \"0s\""),
+            "[server]\ntls_handshake_timeout = \"100ms\"\nreload_poll_interval = \"0s\"\n".to_owned(),
+        ] {
+            Config::parse(&format!("{listener}{text}"), Path::new("x.toml")).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
+
     #[test]
     fn route_overrides_merge_over_defaults() {
         let text = r#"

@@ -501,9 +501,15 @@ pub(super) enum RawKind {
 /// A duration written as text: `"30s"`, `"500ms"`, `"15m"`, `"1h 30m"`, or `"0s"`. Nothing of
 /// the proxy's is timed below a millisecond, so a duration under one that is not zero (`"10ns"`,
 /// `"1us"`) is refused as the slip of a unit it most likely is: as a deadline it would refuse
-/// every connection, as an interval spin.
+/// every connection, as an interval spin. Nor does anything wait longer than
+/// [`MAX_DURATION`]: a longer one is refused too, before it can overflow a clock or a cache's
+/// expiry (`"600y"` as a registry `timeout` used to stop the proxy at start).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Dur(pub(super) Duration);
+
+/// The longest duration any key takes: ten years (`"10y"`, of 365.25 days as humantime counts
+/// them). `"0s"` turns off those that can be off.
+pub(super) const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -513,6 +519,11 @@ impl<'de> Deserialize<'de> for Dur {
         if !v.is_zero() && v < Duration::from_millis(1) {
             return Err(de::Error::custom(format!(
                 "duration {s:?} is under a millisecond, which nothing here is timed in (write e.g. \"30s\" or \"250ms\")"
+            )));
+        }
+        if v > MAX_DURATION {
+            return Err(de::Error::custom(format!(
+                "duration {s:?} is over ten years, longer than anything here waits (\"0s\" turns off what can be off)"
             )));
         }
         Ok(Dur(v))

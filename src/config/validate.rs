@@ -277,10 +277,11 @@ fn recording(r: super::raw::RawRecording, key: &str) -> Result<std::sync::Arc<su
     if max_file_size < 4096 {
         return Err(invalid(&format!("{key}.recording.max_file_size"), "must be at least 4KiB"));
     }
-    let sweep_interval = dur(r.sweep_interval, Duration::from_secs(60));
-    if sweep_interval.is_zero() {
-        return Err(invalid(&format!("{key}.recording.sweep_interval"), "must be more than 0s"));
-    }
+    let sweep_interval = interval(
+        &format!("{key}.recording.sweep_interval"),
+        dur(r.sweep_interval, Duration::from_secs(60)),
+        Zero::Refused,
+    )?;
     Ok(std::sync::Arc::new(super::RecordingSettings {
         directory: r.directory,
         input: r.input.unwrap_or(false),
@@ -362,7 +363,11 @@ fn http2(h: RawHttp2) -> Result<Http2Settings, Invalid> {
         initial_connection_window: connection_window as u32,
         max_frame_size: frame as u32,
         max_streams_per_ip: h.max_streams_per_ip.unwrap_or(d.max_streams_per_ip),
-        keepalive_interval: dur(h.keepalive_interval, d.keepalive_interval),
+        keepalive_interval: interval(
+            "http2.keepalive_interval",
+            dur(h.keepalive_interval, d.keepalive_interval),
+            Zero::Off,
+        )?,
         keepalive_timeout: dur(h.keepalive_timeout, d.keepalive_timeout),
         idle_timeout: dur(h.idle_timeout, d.idle_timeout),
     })
@@ -415,13 +420,17 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
     if server.max_connections == 0 {
         return Err(invalid("server.max_connections", "must be at least 1"));
     }
-    // No time at all would refuse every connection: a deadline cannot be turned off here.
-    if server.tls_handshake_timeout.is_zero() {
-        return Err(invalid("server.tls_handshake_timeout", "must be more than 0s"));
+    // No time at all, or next to none, would refuse every connection: a deadline cannot be
+    // turned off here.
+    for (key, v) in [
+        ("server.tls_handshake_timeout", server.tls_handshake_timeout),
+        ("server.header_read_timeout", server.header_read_timeout),
+    ] {
+        if v < MIN_CLIENT_DEADLINE {
+            return Err(invalid(key, &format!("must be at least {MIN_CLIENT_DEADLINE:?}, or no client gets through")));
+        }
     }
-    if server.header_read_timeout.is_zero() {
-        return Err(invalid("server.header_read_timeout", "must be more than 0s"));
-    }
+    interval("server.reload_poll_interval", server.reload_poll_interval, Zero::Off)?;
     if server.max_header_size < 1024 {
         return Err(invalid("server.max_header_size", "must be at least 1KiB"));
     }
@@ -886,7 +895,7 @@ fn registry(g: RawRegistry, route_key: &str, path: &PathPattern, secrets: Secret
     Ok(RegistryConfig {
         token: load_secret(g.token_file.as_deref(), g.token_env.as_deref(), &key, secrets)?,
         url: g.url,
-        timeout: dur(g.timeout, defaults::REGISTRY_TIMEOUT),
+        timeout: nonzero(&format!("{key}.timeout"), dur(g.timeout, defaults::REGISTRY_TIMEOUT))?,
         ttl: dur(g.ttl, defaults::REGISTRY_TTL),
         negative_ttl: dur(g.negative_ttl, defaults::REGISTRY_NEGATIVE_TTL),
         stale_ttl: dur(g.stale_ttl, defaults::REGISTRY_STALE_TTL),
@@ -919,7 +928,11 @@ fn health(h: RawHealth, key: &str) -> Result<HealthSettings, Invalid> {
         eject_base,
         eject_max: dur(h.eject_max, d.eject_max).max(eject_base),
         fail_open: h.fail_open.unwrap_or(d.fail_open),
-        active_interval: dur(h.active_interval, d.active_interval),
+        active_interval: interval(
+            &format!("{key}.health.active_interval"),
+            dur(h.active_interval, d.active_interval),
+            Zero::Off,
+        )?,
         active_path: h.active_path,
     };
     if health.active_path.as_deref().is_some_and(|p| !p.starts_with('/')) {
@@ -1043,6 +1056,7 @@ fn session(s: RawSession, d: SessionSettings, key: &str) -> Result<SessionSettin
     if s.max_message_size < s.max_frame_size {
         return Err(invalid(&format!("{key}.max_message_size"), "must be at least max_frame_size"));
     }
+    interval(&format!("{key}.ping_interval"), s.ping_interval, Zero::Off)?;
     if !s.ping_interval.is_zero() && s.ping_timeout.is_zero() {
         return Err(invalid(&format!("{key}.ping_timeout"), "must be non-zero when pings are on"));
     }
@@ -1075,6 +1089,7 @@ fn backend(b: RawBackend, d: BackendSettings, key: &str) -> Result<BackendSettin
             return Err(invalid(&format!("{key}.{name}"), "must be non-zero"));
         }
     }
+    interval(&format!("{key}.sse_keepalive"), s.sse_keepalive, Zero::Off)?;
     Ok(s)
 }
 
@@ -1164,9 +1179,19 @@ fn auth(a: RawAuth, secrets: Secrets) -> Result<AuthSettings, Invalid> {
         jwks.push(JwksSettings {
             url,
             algorithms: j.algorithms,
-            refresh_interval: dur(j.refresh_interval, defaults::JWKS_REFRESH_INTERVAL),
-            min_refetch_interval: dur(j.min_refetch_interval, defaults::JWKS_MIN_REFETCH_INTERVAL),
-            timeout: dur(j.timeout, defaults::JWKS_TIMEOUT),
+            refresh_interval: interval(
+                &format!("{key}.refresh_interval"),
+                dur(j.refresh_interval, defaults::JWKS_REFRESH_INTERVAL),
+                Zero::Refused,
+            )?,
+            // An unknown `kid` refetches the keys: without a pause between refetches, tokens
+            // made up by anyone would have the key server asked for each.
+            min_refetch_interval: interval(
+                &format!("{key}.min_refetch_interval"),
+                dur(j.min_refetch_interval, defaults::JWKS_MIN_REFETCH_INTERVAL),
+                Zero::Refused,
+            )?,
+            timeout: nonzero(&format!("{key}.timeout"), dur(j.timeout, defaults::JWKS_TIMEOUT))?,
             ca: j.ca,
         });
     }
@@ -1257,6 +1282,44 @@ fn cipher_suites(names: Option<Vec<String>>) -> Result<Vec<String>, Invalid> {
 
 fn dur(v: Option<Dur>, default: Duration) -> Duration {
     v.map_or(default, |d| d.0)
+}
+
+/// The shortest interval of anything repeated (a keep-alive, a ping, a poll, a sweep, a fetch):
+/// a shorter one is a busy loop, per stream or per connection for some (`sse_keepalive =
+/// "1ms"` kept a core busy with a handful of streams).
+const MIN_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The shortest deadline a client is held to for its handshake or request head: a shorter one
+/// fails clients on any network, loopback included (`tls_handshake_timeout = "1ms"` did).
+const MIN_CLIENT_DEADLINE: Duration = Duration::from_millis(100);
+
+/// Whether an interval of something repeated may be turned off with `"0s"`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Zero {
+    Off,
+    Refused,
+}
+
+/// `v`, the interval at `key`, if it is [`MIN_INTERVAL`] or more (or `"0s"` where `zero` is
+/// [`Zero::Off`]).
+fn interval(key: &str, v: Duration, zero: Zero) -> Result<Duration, Invalid> {
+    match (v.is_zero(), zero) {
+        (true, Zero::Off) => Ok(v),
+        (true, Zero::Refused) => Err(invalid(key, "must be more than 0s")),
+        (false, _) if v < MIN_INTERVAL => Err(invalid(
+            key,
+            &format!("must be at least {MIN_INTERVAL:?}: anything repeated more often is a busy loop"),
+        )),
+        (false, _) => Ok(v),
+    }
+}
+
+/// `v`, a deadline at `key` that cannot be off: no time at all would fail everything it bounds.
+fn nonzero(key: &str, v: Duration) -> Result<Duration, Invalid> {
+    match v.is_zero() {
+        true => Err(invalid(key, "must be more than 0s")),
+        false => Ok(v),
+    }
 }
 
 fn invalid(key: &str, message: &str) -> Invalid {
