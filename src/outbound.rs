@@ -27,8 +27,8 @@ pub enum OutboundError {
     #[error("cannot open a connection: {0}")]
     Exhausted(String),
     /// Connected, but the answer did not come within the timeout.
-    #[error("no answer within {0:?}")]
-    Timeout(std::time::Duration),
+    #[error("no answer within the timeout")]
+    Timeout,
     /// The TLS handshake failed (or the host is not a valid server name).
     #[error("tls: {0}")]
     Tls(String),
@@ -79,14 +79,34 @@ impl HttpClient {
         timeout: std::time::Duration,
     ) -> Result<(StatusCode, Bytes), OutboundError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let tcp = self.connect(uri, deadline).await?;
+        self.get_on(uri, tcp, headers, max_body, deadline).await
+    }
+
+    /// A TCP connection to `uri`'s host, made by `deadline`: the first half of [`Self::get`],
+    /// for a caller that acts on the connect before the answer (a registry gate opens on it).
+    pub async fn connect(&self, uri: &Uri, deadline: tokio::time::Instant) -> Result<TcpStream, OutboundError> {
         let (host, port) = host_and_port(uri)?;
-        let tcp = match tokio::time::timeout_at(deadline, connect(host, port)).await {
-            Ok(tcp) => tcp?,
-            Err(_) => return Err(OutboundError::Connect(format!("no connection within {timeout:?}"))),
-        };
+        match tokio::time::timeout_at(deadline, connect(host, port)).await {
+            Ok(tcp) => tcp,
+            Err(_) => Err(OutboundError::Connect("no connection within the timeout".into())),
+        }
+    }
+
+    /// The second half of [`Self::get`]: the request on `tcp` (from [`Self::connect`]), its
+    /// answer read by `deadline` ([`OutboundError::Timeout`] past it).
+    pub async fn get_on(
+        &self,
+        uri: &Uri,
+        tcp: TcpStream,
+        headers: HeaderMap,
+        max_body: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<(StatusCode, Bytes), OutboundError> {
+        let (host, _) = host_and_port(uri)?;
         match tokio::time::timeout_at(deadline, self.exchange(uri, host, tcp, headers, max_body)).await {
             Ok(answer) => answer,
-            Err(_) => Err(OutboundError::Timeout(timeout)),
+            Err(_) => Err(OutboundError::Timeout),
         }
     }
 

@@ -70,6 +70,11 @@ pub enum ResolveError {
     /// proxy's own want, held against neither the agent nor the registry host.
     #[error(transparent)]
     Descriptors(crate::limits::Spent),
+    /// The registry could not be asked: the process is out of descriptors or ports
+    /// ([`crate::limits::exhausted`]). As [`Self::Descriptors`], held against neither the agent
+    /// nor the registry host.
+    #[error("registry not asked: {0}")]
+    Exhausted(String),
 }
 
 /// Cache sizes and request count, for the admin `/routes` view.
@@ -174,7 +179,7 @@ impl RegistryResolver {
                 crate::metrics::route_cache("miss");
                 let error = (*error).clone();
                 // Held briefly for the agent, unless the registry was never asked.
-                if !matches!(error, ResolveError::Descriptors(_)) {
+                if !matches!(error, ResolveError::Descriptors(_) | ResolveError::Exhausted(_)) {
                     self.failed.insert(url.to_owned(), error.clone()).await;
                 }
                 Err(error)
@@ -261,39 +266,51 @@ impl RegistryResolver {
         }
         let timeout = self.settings.timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        // A host not known reachable: one request at a time, until one connects.
-        let _gate = match self.reachable.contains_key(&host) {
+        // A host not known reachable: one connect at a time, until one succeeds. The gate is
+        // held for the connect only, never for the answer: behind a registry that answers in
+        // most of the timeout, lookups waiting for the first one's answer would have too little
+        // of theirs left for their own.
+        let gate = match self.reachable.contains_key(&host) {
             true => None,
             false => {
                 let gate = self.gates.get_with(host.clone(), || Arc::new(tokio::sync::Semaphore::new(1)));
                 let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, gate.acquire_owned()).await else {
-                    return Err(ResolveError::Unavailable(format!("no answer within {timeout:?}")));
+                    return Err(ResolveError::Unavailable(format!("no connection within {timeout:?}")));
                 };
                 if let Some(why) = self.unreachable.get(&host).await {
                     return Err(held(why));
                 }
-                // The request before this one connected: the rest go at once, not one by one.
+                // The connect before this one succeeded: the rest go at once, not one by one.
                 (!self.reachable.contains_key(&host)).then_some(permit)
             }
         };
         // A lookup's connection is counted as a member's is: a burst of lookups for agents not
         // cached (a cold start, a flood of made-up names) is held to the outbound budget.
         let _slot = crate::limits::outbound_slot().map_err(ResolveError::Descriptors)?;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let (status, body) = match client.get(&uri, self.request_headers()?, MAX_BODY_BYTES, left).await {
-            Ok(answer) => answer,
+        let tcp = match client.connect(&uri, deadline).await {
+            Ok(tcp) => tcp,
             Err(e) => {
                 let why = e.to_string();
-                // Refused, or no connection within the timeout (a host that drops SYNs).
-                if matches!(e, crate::outbound::OutboundError::Connect(_)) {
-                    self.unreachable.insert(host, why.clone()).await;
-                } else {
-                    self.reachable.insert(host, ()).await;
-                }
-                return Err(ResolveError::Unavailable(why));
+                // Refused, or no connection within the timeout (a host that drops SYNs); not
+                // the proxy's own exhaustion, which says nothing of the host.
+                return Err(match e {
+                    crate::outbound::OutboundError::Exhausted(_) => ResolveError::Exhausted(why),
+                    crate::outbound::OutboundError::Connect(_) => {
+                        self.reachable.invalidate(&host).await;
+                        self.unreachable.insert(host, why.clone()).await;
+                        ResolveError::Unavailable(why)
+                    }
+                    _ => ResolveError::Unavailable(why),
+                });
             }
         };
+        // Each connect renews the mark: a registry in use is not gated again.
         self.reachable.insert(host, ()).await;
+        drop(gate);
+        let (status, body) = client
+            .get_on(&uri, tcp, self.request_headers()?, MAX_BODY_BYTES, deadline)
+            .await
+            .map_err(|e| ResolveError::Unavailable(e.to_string()))?;
         match status {
             StatusCode::NOT_FOUND => Ok(Resolved::NotFound),
             s if s.is_success() => parse_members(&body).map(Resolved::Members),
@@ -707,6 +724,27 @@ mod tests {
         }
         // One by one, ten answers of 300 ms would take 3 s; the first, then the nine together.
         assert!(started.elapsed() < 1500 * MS, "{:?}", started.elapsed());
+    }
+
+    /// The attack: a registry answering in most of the timeout. With the gate held until the
+    /// first lookup's answer, each lookup behind it had what was left of its timeout for an
+    /// answer as slow: all but the first failed (29 of 30 against a release build).
+    #[tokio::test]
+    async fn a_burst_to_a_registry_answering_in_most_of_the_timeout_is_answered_whole() {
+        let registry = TestRegistry::start().await;
+        *registry.delay.lock().expect("test lock") = 600 * MS;
+        let resolver = RegistryResolver::new(settings(1000 * MS, 1000 * MS, 1000 * MS));
+        let lookups: Vec<_> = (0..20)
+            .map(|n| {
+                let (resolver, url) = (resolver.clone(), registry.url(&format!("a{n}")));
+                tokio::spawn(async move { resolver.resolve(&url).await })
+            })
+            .collect();
+        let mut answered = 0;
+        for lookup in lookups {
+            answered += usize::from(lookup.await.expect("lookup task").is_ok());
+        }
+        assert_eq!(answered, 20, "every lookup of the burst answered within its own timeout");
     }
 
     #[tokio::test]
