@@ -215,8 +215,9 @@ pub async fn connect(
             // handshakes of two requesters is (`record_refusal`). The next member is tried.
             Err(Attempt::Handshake(cause)) => {
                 tracing::debug!(%member, error = %cause, "backend handshake failed");
-                state.health.record_refusal(member, req.requester);
-                if matches!(cause, HandshakeError::Timeout(_)) {
+                let timeout = matches!(cause, HandshakeError::Timeout(_));
+                state.health.record_refusal(member, req.requester, !timeout);
+                if timeout {
                     timed_out = true;
                 } else {
                     bad.get_or_insert(ConnectError::BadHandshake { member: member.to_owned(), cause });

@@ -50,6 +50,20 @@ struct Failing {
     /// Ejected for failed handshakes only (not for a failed connect): requesters it served
     /// recently still get it ([`SERVED_RECENTLY`]).
     for_handshakes: bool,
+    /// Ejected for failed handshakes it answered (an error status, a bad answer, a hang-up),
+    /// none of them timed out within `max`: the last resort when no member is usable
+    /// ([`PassiveHealth::last_resort`]). A member that holds handshakes until they time out is
+    /// never one: every requester sent to it would wait the whole `handshake_timeout`.
+    answered: bool,
+}
+
+/// Why a member is ejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ejection {
+    /// A failed connect: out for everyone.
+    Connect,
+    /// Failed handshakes of two requesters; `answered`: none of them timed out within `max`.
+    Handshakes { answered: bool },
 }
 
 /// A member's recent WebSocket handshakes: when one last completed, and the requesters whose
@@ -64,6 +78,8 @@ struct Handshakes {
     /// Requesters whose handshakes failed, with when each last did (at most
     /// [`REQUESTERS_KEPT`]; the oldest goes first).
     failed_for: Vec<(u64, Instant)>,
+    /// When a handshake last timed out (the member never answered it).
+    timed_out: Option<Instant>,
 }
 
 /// Requesters remembered per member.
@@ -75,20 +91,24 @@ const MEMBERS_KEPT: usize = 65_536;
 
 impl Handshakes {
     fn new() -> Self {
-        Handshakes { completed: None, served: Vec::new(), failed_for: Vec::new() }
+        Handshakes { completed: None, served: Vec::new(), failed_for: Vec::new(), timed_out: None }
     }
 
-    /// A handshake of `requester` failed at `now`: whether the member is to be ejected (two
-    /// different requesters failed on it within `max`, and it has completed no handshake for
-    /// [`SERVING`]).
-    fn failed(&mut self, requester: u64, now: Instant, max: Duration) -> bool {
+    /// A handshake of `requester` failed at `now` (`answered`: the member answered it, not
+    /// timed out): the ejection, if the member is to be ejected (two different requesters
+    /// failed on it within `max`, and it has completed no handshake for [`SERVING`]).
+    fn failed(&mut self, requester: u64, answered: bool, now: Instant, max: Duration) -> Option<Ejection> {
+        if !answered {
+            self.timed_out = Some(now);
+        }
         self.failed_for.retain(|(r, at)| *r != requester && now.saturating_duration_since(*at) < max);
         if self.failed_for.len() == REQUESTERS_KEPT {
             self.failed_for.remove(0);
         }
         self.failed_for.push((requester, now));
         let serving = self.completed.is_some_and(|at| now.saturating_duration_since(at) < SERVING);
-        self.failed_for.len() >= 2 && !serving
+        let answered = self.timed_out.is_none_or(|at| now.saturating_duration_since(at) >= max);
+        (self.failed_for.len() >= 2 && !serving).then_some(Ejection::Handshakes { answered })
     }
 
     /// A handshake of `requester` completed at `now`.
@@ -144,15 +164,16 @@ impl PassiveHealth {
     /// completes handshakes for others ([`SERVING`]). A member is ejected (as for a failed
     /// connect) once handshakes of two different requesters failed on it within `max` and it
     /// has completed none for [`SERVING`]: a member that fails every handshake is out after the
-    /// second requester's, or `SERVING` after its last completed one.
-    pub(crate) fn record_refusal(&self, addr: &str, requester: u64) {
-        self.record_refusal_at(addr, requester, Instant::now());
+    /// second requester's, or `SERVING` after its last completed one. `answered`: the member
+    /// answered the handshake (an error status, a bad answer, a hang-up); `false` for a timeout.
+    pub(crate) fn record_refusal(&self, addr: &str, requester: u64, answered: bool) {
+        self.record_refusal_at(addr, requester, answered, Instant::now());
     }
 
-    fn record_refusal_at(&self, addr: &str, requester: u64, now: Instant) {
-        let eject = self.with_handshakes(addr, now, |h| h.failed(requester, now, self.max));
-        if eject == Some(true) {
-            self.eject_at(addr, now, true);
+    fn record_refusal_at(&self, addr: &str, requester: u64, answered: bool, now: Instant) {
+        let eject = self.with_handshakes(addr, now, |h| h.failed(requester, answered, now, self.max));
+        if let Some(Some(ejection)) = eject {
+            self.eject_at(addr, now, ejection);
         }
     }
 
@@ -207,6 +228,22 @@ impl PassiveHealth {
         self.healthy_at(members, requester, Instant::now())
     }
 
+    /// The members of `members` ejected now for failed handshakes they answered only (never
+    /// for a failed connect or a handshake timeout), in their order: the last resort when no
+    /// member is usable, as Envoy's panic threshold sends to every member. Others' failed
+    /// handshakes, from however many accounts, must not refuse a requester the member never
+    /// served (a newcomer) a member that may serve it; one that serves no one answers with its
+    /// own failure (502) at once. A member that lets handshakes time out is no last resort: it
+    /// would hold every requester sent to it for the whole `handshake_timeout`.
+    pub fn last_resort<'m>(&self, members: &'m [Member]) -> Vec<&'m Member> {
+        self.last_resort_at(members, Instant::now())
+    }
+
+    fn last_resort_at<'m>(&self, members: &'m [Member], now: Instant) -> Vec<&'m Member> {
+        let failing = self.lock();
+        members.iter().filter(|m| failing.get(&m.addr).is_some_and(|f| now < f.until && f.answered)).collect()
+    }
+
     /// How many members of `members` are ejected now (for the `member_healthy` gauge and admin).
     pub fn ejected_count(&self, members: &[Member]) -> usize {
         members.len() - self.healthy(members).len()
@@ -234,22 +271,26 @@ impl PassiveHealth {
     }
 
     fn record_failure_at(&self, addr: &str, now: Instant) {
-        self.eject_at(addr, now, false);
+        self.eject_at(addr, now, Ejection::Connect);
     }
 
-    /// Ejects `addr` for the next backoff step: for failed handshakes only (`for_handshakes`),
-    /// or for a failed connect, which takes it from every requester.
-    fn eject_at(&self, addr: &str, now: Instant, for_handshakes: bool) {
+    /// Ejects `addr` for the next backoff step: for failed handshakes, or for a failed connect,
+    /// which takes it from every requester and from the last resort until the ejection ends.
+    fn eject_at(&self, addr: &str, now: Instant, ejection: Ejection) {
         let mut failing = self.lock();
         // Forget members that have been quiet for `max` since their ejection ended.
         let max = self.max;
         failing.retain(|_, f| now < f.until + max);
         let earlier = failing.get(addr);
         let failures = earlier.map_or(1, |f| f.failures.saturating_add(1));
-        let for_handshakes = for_handshakes && earlier.is_none_or(|f| f.for_handshakes || now >= f.until);
+        let over = earlier.is_none_or(|f| now >= f.until);
+        let for_handshakes =
+            matches!(ejection, Ejection::Handshakes { .. }) && (over || earlier.is_some_and(|f| f.for_handshakes));
+        let answered = matches!(ejection, Ejection::Handshakes { answered: true })
+            && (over || earlier.is_some_and(|f| f.answered));
         let until = now + self.backoff(failures);
-        failing.insert(addr.to_owned(), Failing { failures, until, for_handshakes });
-        tracing::debug!(member = addr, failures, for_handshakes, "backend member ejected");
+        failing.insert(addr.to_owned(), Failing { failures, until, for_handshakes, answered });
+        tracing::debug!(member = addr, failures, for_handshakes, answered, "backend member ejected");
     }
 
     /// Ejection after `failures` consecutive failures: `base * 2^(failures-1)`, capped at `max`.
@@ -273,11 +314,46 @@ mod tests {
     fn one_requesters_failed_handshakes_never_eject_a_member_two_requesters_do() {
         let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
         for _ in 0..10 {
-            h.record_refusal("a:1", 7);
+            h.record_refusal("a:1", 7, true);
         }
         assert!(!h.is_ejected("a:1"), "one requester's own failures");
-        h.record_refusal("a:1", 8);
+        h.record_refusal("a:1", 8, true);
         assert!(h.is_ejected("a:1"), "a second requester's failure ejects a member that serves no one");
+    }
+
+    /// A newcomer (a requester none of the members served) must not be refused every member
+    /// by two accounts' failed handshakes, and must not be sent to wait on a member that lets
+    /// handshakes time out (the reverted first cut of this rule made such members a sink).
+    #[test]
+    fn members_ejected_for_handshakes_they_answered_are_the_last_resort_and_no_others() {
+        let h = PassiveHealth::new(Duration::from_secs(10), Duration::from_secs(30));
+        let t0 = Instant::now();
+        let members = pool();
+        let addrs = |v: Vec<&Member>| v.into_iter().map(|m| m.addr.clone()).collect::<Vec<_>>();
+        assert!(h.last_resort_at(&members, t0).is_empty(), "none ejected");
+        // Two accounts fail on a:1 (answered) and b:1 (one of them timed out); c:1 refuses
+        // connections.
+        for (m, answered) in [("a:1", true), ("b:1", false)] {
+            h.record_refusal_at(m, 7, true, t0);
+            h.record_refusal_at(m, 8, answered, t0);
+        }
+        h.record_failure_at("c:1", t0);
+        assert!(h.healthy_at(&members, Some(9), t0).is_empty());
+        assert_eq!(addrs(h.last_resort_at(&members, t0)), ["a:1"], "a newcomer still tries a:1, never b:1 or c:1");
+        // A timeout within `max` keeps a member out of the last resort even when the failures
+        // that eject it again were answered.
+        let later = t0 + Duration::from_secs(2);
+        for r in [7, 8] {
+            h.record_refusal_at("b:1", r, true, later);
+        }
+        assert_eq!(addrs(h.last_resort_at(&members, later)), ["a:1"]);
+        // A failed connect takes one out of the last resort too.
+        h.record_failure_at("a:1", later);
+        assert!(h.last_resort_at(&members, later).is_empty());
+        // Once the ejections end, the members are usable again, and no longer a last resort.
+        let much_later = later + Duration::from_secs(60);
+        assert!(h.last_resort_at(&members, much_later).is_empty());
+        assert_eq!(h.healthy_at(&members, Some(9), much_later).len(), 3);
     }
 
     #[test]
@@ -292,13 +368,13 @@ mod tests {
             if n % 300 == 0 {
                 h.record_handshake_at("a:1", 1, at);
             }
-            h.record_refusal_at("a:1", 7 + n % 3, at);
+            h.record_refusal_at("a:1", 7 + n % 3, true, at);
             assert!(!h.is_ejected_at("a:1", at), "after {n} failures");
         }
         // The user stops: SERVING after their last handshake, the next failures eject.
         let quiet = t0 + Duration::from_millis(2700 * 10) + SERVING;
-        h.record_refusal_at("a:1", 7, quiet);
-        h.record_refusal_at("a:1", 8, quiet);
+        h.record_refusal_at("a:1", 7, true, quiet);
+        h.record_refusal_at("a:1", 8, true, quiet);
         assert!(h.is_ejected_at("a:1", quiet));
     }
 
@@ -311,8 +387,8 @@ mod tests {
         // Alice (requester 1) used a:1 a minute ago; two accounts fail on it while she is away.
         h.record_handshake_at("a:1", 1, t0);
         let later = t0 + Duration::from_secs(60);
-        h.record_refusal_at("a:1", 7, later);
-        h.record_refusal_at("a:1", 8, later);
+        h.record_refusal_at("a:1", 7, true, later);
+        h.record_refusal_at("a:1", 8, true, later);
         assert!(h.is_ejected_at("a:1", later));
         assert_eq!(addrs(h.healthy_at(&members, Some(1), later)), ["a:1", "b:1", "c:1"], "alice keeps it");
         assert_eq!(addrs(h.healthy_at(&members, Some(9), later)), ["b:1", "c:1"], "a newcomer does not");
@@ -325,8 +401,8 @@ mod tests {
         assert_eq!(addrs(h.healthy_at(&members, Some(1), later)), ["b:1", "c:1"]);
         // And long after her last session, she is a newcomer.
         let much_later = later + SERVED_RECENTLY;
-        h.record_refusal_at("c:1", 7, much_later);
-        h.record_refusal_at("c:1", 8, much_later);
+        h.record_refusal_at("c:1", 7, true, much_later);
+        h.record_refusal_at("c:1", 8, true, much_later);
         assert!(!addrs(h.healthy_at(&members, Some(1), much_later)).contains(&"c:1".to_owned()));
     }
 
@@ -336,8 +412,8 @@ mod tests {
         for _ in 0..100 {
             h.record_success("a:1");
         }
-        h.record_refusal("a:1", 1);
-        h.record_refusal("a:1", 2);
+        h.record_refusal("a:1", 1, true);
+        h.record_refusal("a:1", 2, true);
         assert!(h.is_ejected("a:1"));
     }
 
@@ -346,12 +422,12 @@ mod tests {
         let h = PassiveHealth::new(Duration::from_secs(1), Duration::from_secs(30));
         let t0 = Instant::now();
         for n in 0..64 {
-            h.record_refusal_at(&format!("m{n}:1"), 1, t0);
+            h.record_refusal_at(&format!("m{n}:1"), 1, true, t0);
         }
         h.record_handshake_at("new:1", 1, t0 + Duration::from_secs(31));
         assert_eq!(h.handshakes.lock().expect("lock").0.len(), 1, "the 64 quiet members swept");
         for n in 0..(MEMBERS_KEPT + 10) {
-            h.record_refusal_at(&format!("x{n}:1"), 1, t0 + Duration::from_secs(31));
+            h.record_refusal_at(&format!("x{n}:1"), 1, true, t0 + Duration::from_secs(31));
         }
         assert_eq!(h.handshakes.lock().expect("lock").0.len(), MEMBERS_KEPT);
     }

@@ -100,7 +100,11 @@ impl RouteState {
         let candidates: Vec<Member> = match (healthy.is_empty(), route.health.fail_open) {
             (false, _) => healthy.into_iter().cloned().collect(),
             (true, true) => members,
-            (true, false) => return Err(PoolError::NoHealthyMember),
+            // None usable: those out for handshake failures they answered are still tried.
+            (true, false) => match self.health.last_resort(&members) {
+                last if last.is_empty() => return Err(PoolError::NoHealthyMember),
+                last => last.into_iter().cloned().collect(),
+            },
         };
         let mut order = self.order(route, candidates, sticky_key, conns);
         if route.balance.max_attempts > 0 {

@@ -295,6 +295,70 @@ async fn two_accounts_failing_together_cannot_take_away_members_that_serve_other
     }
 }
 
+/// Left open by the last reviews: a member used less often than every 10 s could be ejected by
+/// two accounts failing between its users' sessions, and a newcomer (a requester it never
+/// served) was then refused it (503) for the ejection's length. A member ejected for failed
+/// handshakes it answered is the last resort, tried when no member is usable.
+#[tokio::test]
+async fn two_accounts_cannot_keep_a_newcomer_from_the_only_member() {
+    let gateway =
+        Backend::start(BackendOpts { status_for: Some(("mallory-agent", 503)), ..Default::default() }, echo_handler())
+            .await;
+    let key = hmac();
+    let text = TestConfig::base(&[gateway.addr.to_string()])
+        .merge("", key.auth_keys())
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}, "health": {"eject_base": "30s"}}))
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    for account in ["mallory", "mallory-too"] {
+        let token = format!("Bearer {}", key.token(account, &["mallory-agent"], Duration::from_secs(600)));
+        let refused = upgrade(proxy.plain, false, "/agents/mallory-agent/terminal", &[("authorization", &token)])
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(refused.status, 502, "the gateway's refusal of mallory's agent");
+    }
+    let (_, body) = http_get(proxy.admin, "/routes").await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["routes"][0]["ejected"], json!([gateway.addr.to_string()]), "{body}");
+    let bob = key.bearer(&["b1"]);
+    let mut c = upgrade(proxy.plain, false, "/agents/b1/terminal", &[("authorization", &bob)])
+        .await
+        .expect("bob, whom the member never served, still reaches it");
+    c.send(true, op::TEXT, b"ok").await;
+    assert_eq!(c.recv().await.payload, b"ok");
+}
+
+/// The cost of the first cut of the last resort (reverted): a member that takes connections
+/// and never answers a handshake held every newcomer sent to it for the whole
+/// `handshake_timeout` (504), a sink for the route's capacity. Ejected for handshakes that timed
+/// out, a member is no last resort: a newcomer gets 503 at once, and the member is not asked.
+#[tokio::test]
+async fn a_member_that_lets_handshakes_time_out_is_no_last_resort() {
+    let member = Backend::start(BackendOpts { hang: true, ..Default::default() }, echo_handler()).await;
+    let key = hmac();
+    let text = TestConfig::base(&[member.addr.to_string()])
+        .merge("", key.auth_keys())
+        .set("backend.handshake_timeout", "300ms")
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}, "health": {"eject_base": "30s"}}))
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    for account in ["mallory", "mallory-too"] {
+        let token = format!("Bearer {}", key.token(account, &["m1"], Duration::from_secs(600)));
+        let refused = upgrade(proxy.plain, false, "/agents/m1/terminal", &[("authorization", &token)])
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(refused.status, 504, "the member let the handshake time out");
+    }
+    let asked = member.log.requests.lock().expect("lock").len();
+    let bob = key.bearer(&["b1"]);
+    let refused =
+        upgrade(proxy.plain, false, "/agents/b1/terminal", &[("authorization", &bob)]).await.err().expect("refused");
+    assert_eq!(refused.status, 503, "no healthy member, and none worth waiting on");
+    assert_eq!(member.log.requests.lock().expect("lock").len(), asked, "the member was not asked");
+}
+
 #[tokio::test]
 async fn purging_an_agent_forces_a_fresh_registry_lookup() {
     let backend = Backend::echo().await;
