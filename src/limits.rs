@@ -152,14 +152,14 @@ pub fn ip_key(ip: IpAddr, prefix: u8) -> IpAddr {
 }
 
 /// Descriptors kept out of the budget, beyond those open at start and the admin endpoint's, for
-/// what comes and goes uncounted: logs, active health checks (one per route at a time), JWKS
-/// and fleet-store connections, directory listings. An eighth of a small limit.
+/// what comes and goes uncounted: logs, JWKS and fleet-store connections, directory listings.
+/// An eighth of a small limit.
 pub const SPARE: u64 = 128;
 
 /// How the process's descriptor limit is shared out: `clients` client connections (the cap
 /// `max_connections` is held to) and `outbound` descriptors for what the proxy opens on their
 /// behalf, one per member connection (a session's, a pooled one, a forward to a peer), per
-/// registry lookup and per open recording. Either side full is refused cleanly (closed at
+/// registry lookup, per active health check and per open recording. Either side full is refused cleanly (closed at
 /// accept; 503) instead of running the process out of descriptors, where every accept, connect
 /// and file fails at once and the admin endpoint goes dark. Client connections never take more
 /// than half, so a flood of idle ones cannot leave the sessions no member connection; HTTP/2
@@ -255,6 +255,24 @@ fn pooled_budget() -> &'static (usize, Arc<tokio::sync::Semaphore>) {
         let n = (outbound().0 / 2).max(1);
         (n, Arc::new(tokio::sync::Semaphore::new(n)))
     })
+}
+
+/// The most one client address may hold of what takes an outbound descriptor each, per kind
+/// (its connections, its HTTP/2 streams): an eighth of the outbound budget, so that one
+/// address under both caps holds a quarter of it at most. Only a small descriptor limit makes it
+/// bind (at 1,024, one address under the default caps of 256 each held every outbound slot;
+/// from about 4,500 up the defaults are below it).
+pub fn per_address_share() -> u32 {
+    u32::try_from(outbound().0 / 8).unwrap_or(u32::MAX).max(1)
+}
+
+/// `configured`, a per-address cap (`max_connections_per_ip`, `max_streams_per_ip`), held to
+/// [`per_address_share`]; 0 (no cap: every client behind one load balancer's address) stays 0.
+pub fn per_address(configured: u32) -> u32 {
+    match configured {
+        0 => 0,
+        n => n.min(per_address_share()),
+    }
 }
 
 /// Sizes the outbound budget from `budget` (the first call in the process decides); the size

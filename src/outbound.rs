@@ -193,8 +193,11 @@ pub type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxErr
 pub type Upstream = hyper_util::client::legacy::Client<Budgeted, UpstreamBody>;
 
 /// hyper-util's connector, with each connection holding a place in the process's outbound
-/// descriptor budget, in the pooled connections' share of it, for as long as it is open, in use
-/// or idle in the pool ([`crate::limits::pooled_slot`]). A spent budget fails the connect with
+/// descriptor budget for as long as it is open, in use or idle in the pool: in the pooled
+/// connections' share of it ([`crate::limits::pooled_slot`]), or, when that share is held, in
+/// the rest of the budget for this request only (the connection is poisoned, so the pool never
+/// keeps it): connections idle in the pool for members of one burst never refuse a request to
+/// another member while the budget has room. A spent budget fails the connect with
 /// [`crate::limits::Spent`] in the error's sources, before any socket is opened.
 #[derive(Debug, Clone)]
 pub struct Budgeted(hyper_util::client::legacy::connect::HttpConnector);
@@ -209,12 +212,15 @@ impl tower_service::Service<Uri> for Budgeted {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let place = crate::limits::pooled_slot();
+        let place = match crate::limits::pooled_slot() {
+            Ok(slot) => Ok((slot, true)),
+            Err(_) => crate::limits::outbound_slot().map(|slot| (slot, false)),
+        };
         let connecting = self.0.call(uri);
         Box::pin(async move {
-            let place = place?;
+            let (place, pooled) = place?;
             let io = connecting.await?;
-            Ok(Held { io, _slot: place })
+            Ok(Held { io, pooled, _slot: place })
         })
     }
 }
@@ -223,12 +229,18 @@ impl tower_service::Service<Uri> for Budgeted {
 #[derive(Debug)]
 pub struct Held {
     io: TokioIo<TcpStream>,
+    /// In the pooled share; else for one request, never kept idle.
+    pooled: bool,
     _slot: crate::limits::OutboundSlot,
 }
 
 impl hyper_util::client::legacy::connect::Connection for Held {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.io.connected()
+        let connected = self.io.connected();
+        if !self.pooled {
+            connected.poison();
+        }
+        connected
     }
 }
 

@@ -627,6 +627,22 @@ impl Server {
                  (LimitNOFILE, ulimit -n) or lower max_connections"
             );
         }
+        let share = crate::limits::per_address_share();
+        for (key, configured) in [
+            ("max_connections_per_ip", config.server.max_connections_per_ip),
+            ("max_streams_per_ip", config.http2.max_streams_per_ip),
+        ] {
+            if crate::limits::per_address(configured) < configured {
+                tracing::warn!(
+                    key,
+                    configured,
+                    in_force = share,
+                    descriptor_limit = budget.limit,
+                    "a per-address cap is held to an eighth of the outbound descriptor budget, or one address \
+                     could hold all of it; raise the descriptor limit (LimitNOFILE, ulimit -n)"
+                );
+            }
+        }
         let start_only = crate::config::StartOnly::of(&config);
         // The recorder first: metric handles made before it would record nowhere.
         let metrics = Metrics::global();

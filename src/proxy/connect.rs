@@ -131,9 +131,12 @@ pub(crate) fn probe() -> Probe {
     Arc::new(|addr, path, settings| Box::pin(async move { check_member(&addr, path.as_deref(), settings).await }))
 }
 
-/// Whether `addr` passes the check; `None` when the proxy could not open the connection (out of
-/// descriptors or ports), which says nothing of the member.
+/// Whether `addr` passes the check; `None` when the proxy could not open the connection (its
+/// outbound budget spent, or out of descriptors or ports), which says nothing of the member.
 async fn check_member(addr: &str, path: Option<&str>, settings: BackendSettings) -> Option<bool> {
+    // A check's connection is counted as a session's is: routes checked every 50 ms each would
+    // otherwise open connections beside a spent budget.
+    let _slot = crate::limits::outbound_slot().ok()?;
     let mut tcp = match timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) if crate::limits::exhausted(&e) => return None,

@@ -3,7 +3,7 @@
 //! connection ends; and the process's descriptors, shared out so that running into their limit
 //! refuses new work cleanly instead of failing everything at once.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -383,8 +383,10 @@ async fn a_flood_of_http2_streams_runs_into_the_descriptor_budget_and_nothing_el
         "recording": {"directory": recordings.path().display().to_string()}});
     let looked_up = json!({"name": "looked-up", "path": "/agents/{agent}/looked-up",
         "registry": {"url": format!("http://{registry}/agents/{{agent}}")}});
+    // One address runs the budget out here: its own caps are off.
     let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
+        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0, "max_connections_per_ip": 0}))
+        .merge("http2", json!({"max_streams_per_ip": 0}))
         .merge("", json!({"routes": [api, recorded, looked_up]}))
         .text();
     let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((256, 256))).await;
@@ -502,6 +504,7 @@ async fn a_burst_of_plain_requests_cannot_leave_the_keep_alive_pool_holding_the_
         "backend_path": "/v1/{rest}", "balance": {"policy": "round_robin"}});
     let text = TestConfig::base(&[backend.addr.to_string()])
         .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
+        .merge("http2", json!({"max_streams_per_ip": 0}))
         .merge("", json!({"routes": [api]}))
         .text();
     let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
@@ -542,4 +545,117 @@ async fn a_burst_of_plain_requests_cannot_leave_the_keep_alive_pool_holding_the_
     echoes(&mut c, b"room").await;
     let log = proxy.stop_and_collect_logs().await;
     assert!(!log.contains("Too many open files"), "{log}");
+}
+
+/// Left open by the attack on the pooled share: while connections to the members of one burst
+/// held the share (in use, or idle until `pool_idle_timeout`), a plain request to a member not
+/// yet connected to was refused (503) though the budget had room. Past the share, a request now
+/// takes a connection from the rest of the budget, for itself only: the pool never keeps it.
+#[tokio::test]
+async fn a_burst_holding_the_pooled_share_does_not_refuse_a_request_to_another_member() {
+    let backend = Backend::echo().await;
+    let (busy, other) = (RestBackend::start("busy").await, RestBackend::start("other").await);
+    let route = |name: &str, member: &RestBackend| {
+        json!({"name": name, "path": format!("/{name}/{{agent}}/{{*rest}}"), "kind": "http",
+            "backends": [member.addr.to_string()], "backend_path": "/v1/{rest}"})
+    };
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
+        .merge("backend", json!({"max_idle_per_member": 1000}))
+        .merge("http2", json!({"max_streams_per_ip": 0}))
+        .merge("", json!({"routes": [route("busy", &busy), route("other", &other)]}))
+        .text();
+    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
+    let held = |m: &str| metric(m, "portcullis_outbound_descriptors{state=\"held\"}");
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    let share = (metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}") / 2.0).floor();
+    // As many slow requests as the share holds, each on a connection of its own.
+    let h2 = H2::connect(proxy.tls).await;
+    let mut burst = Vec::new();
+    for _ in 0..share as usize {
+        let send = h2.send.clone();
+        burst.push(tokio::spawn(async move {
+            let mut send = send.ready().await.expect("ready");
+            let req = ::http::Request::get("https://localhost/busy/a1/sse?n=1&wait_ms=3000").body(()).expect("request");
+            let (resp, _) = send.send_request(req, true).expect("send");
+            resp.await.expect("response").status().as_u16()
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        if held(&m) >= share {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the burst never held the share: {}", held(&m));
+        tokio::task::yield_now().await;
+    }
+    let (status, body) = http_get(proxy.plain, "/other/a1/echo").await;
+    assert_eq!(status, 200, "a member not yet connected to is served beside the burst: {body}");
+    // That request's connection is not kept: what is held goes back to the share.
+    loop {
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        if held(&m) <= share {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{} held of a share of {share}", held(&m));
+        tokio::task::yield_now().await;
+    }
+    for b in burst {
+        assert_eq!(b.await.expect("task"), 200);
+    }
+    h2.conn.abort();
+    let log = proxy.stop_and_collect_logs().await;
+    assert!(!log.contains("Too many open files"), "{log}");
+}
+
+/// Found by the attack on the descriptor budget: at a descriptor limit of 1,024, one address
+/// under the default per-address caps (256 connections, 256 HTTP/2 streams) held every outbound
+/// slot (407 of 407), and every other client was refused. Each cap is now held to an eighth of
+/// the outbound budget, so one address holds a quarter of it at most.
+#[tokio::test]
+async fn at_a_small_descriptor_limit_one_address_cannot_hold_the_outbound_budget() {
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
+        .text();
+    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    let budget = metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}") as usize;
+    let share = budget / 8;
+    assert!(share < 256, "the defaults bind at this limit: {budget}");
+    // HTTP/2 streams of one address: its share, then 429.
+    let mut h2 = H2::connect(proxy.tls).await;
+    let mut streams = Vec::new();
+    loop {
+        match h2.websocket("/agents/a1/terminal", &[]).await {
+            Ok(c) => streams.push(c),
+            Err(h) => {
+                assert_eq!(h.status, 429, "over the address's streams");
+                break;
+            }
+        }
+        assert!(streams.len() <= share, "more than the share: {}", streams.len());
+    }
+    assert_eq!(streams.len(), share, "streams from 127.0.0.1");
+    // HTTP/1.1 sessions from it: its share of connections (the HTTP/2 one is one of them), then
+    // closed at accept.
+    let mut held = Vec::new();
+    while let Some(s) = open(proxy.plain, b"").await {
+        held.push(s);
+        assert!(held.len() < share, "more than the share: {}", held.len());
+    }
+    assert_eq!(held.len(), share - 1, "sessions from 127.0.0.1");
+    // Another address still gets a session: most of the budget is left.
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    let outbound = metric(&m, "portcullis_outbound_descriptors{state=\"held\"}") as usize;
+    assert_eq!(outbound, 2 * share - 1, "one address holds a quarter of {budget} at most");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.2:0".parse().expect("addr")).expect("bind 127.0.0.2");
+    let mut other = socket.connect(proxy.plain).await.expect("connect from 127.0.0.2");
+    other.write_all(RAW_UPGRADE.as_bytes()).await.expect("write");
+    let head = tokio::time::timeout(SOON, read_head(&mut other)).await.expect("answer in time").expect("head");
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let log = proxy.stop_and_collect_logs().await;
+    assert!(log.contains("a per-address cap is held to an eighth of the outbound descriptor budget"), "{log}");
 }
