@@ -659,3 +659,39 @@ async fn at_a_small_descriptor_limit_one_address_cannot_hold_the_outbound_budget
     let log = proxy.stop_and_collect_logs().await;
     assert!(log.contains("a per-address cap is held to an eighth of the outbound descriptor budget"), "{log}");
 }
+
+/// A recording that ends before its session (here at `max_file_size`) gives its file's place in
+/// the descriptor budget back at once, not when the session ends: the session holds its member
+/// connection alone from then on.
+#[tokio::test]
+async fn a_recording_that_stops_before_its_session_gives_its_descriptor_back() {
+    let backend = Backend::echo().await;
+    let recordings = tempfile::tempdir().expect("tempdir");
+    let recorded = json!({"name": "recorded", "path": "/agents/{agent}/recorded", "backends": [backend.addr.to_string()],
+        "recording": {"directory": recordings.path().display().to_string(), "max_file_size": "4KiB",
+            "on_limit": "continue"}});
+    let text = TestConfig::base(&[backend.addr.to_string()]).merge("", json!({"routes": [recorded]})).text();
+    let proxy = ProxyProcess::start_limited(&text, "portcullis=info", None).await;
+    let held = async || {
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        metric(&m, "portcullis_outbound_descriptors{state=\"held\"}")
+    };
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/recorded", &[]).await.expect("101");
+    echoes(&mut c, b"first").await;
+    assert_eq!(held().await, 2.0, "its member connection and its file");
+    // Past max_file_size the recording stops; the session goes on.
+    let chunk = vec![b'x'; 1024];
+    for _ in 0..8 {
+        echoes(&mut c, &chunk).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while held().await != 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stopped recording still holds its place: {}",
+            held().await
+        );
+        tokio::task::yield_now().await;
+    }
+    echoes(&mut c, b"after").await;
+}

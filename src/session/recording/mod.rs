@@ -277,7 +277,7 @@ async fn write(
     mut rx: mpsc::UnboundedReceiver<Chunk>,
     meta: Meta,
     ledger: Arc<Ledger>,
-    _slot: Option<crate::limits::OutboundSlot>,
+    mut slot: Option<crate::limits::OutboundSlot>,
 ) {
     let settings = queue.settings.clone();
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -328,6 +328,11 @@ async fn write(
             queue.fail(io_reason(&e), &format_args!("{}: {e}", path.display()));
             file = None;
         }
+    }
+    // The file's place in the descriptor budget goes with the file: a recording that failed
+    // (or never opened one) only drains its queue from here.
+    if file.is_none() {
+        slot = None;
     }
     let mut carry = [Vec::new(), Vec::new()];
     let mut batch = VecDeque::new();
@@ -380,12 +385,15 @@ async fn write(
         }
         queue.queued.fetch_sub(freed, Ordering::AcqRel);
         queue.wake();
+        if file.is_none() {
+            slot = None;
+        }
     }
     let stored = file.is_some();
     if let Some(mut f) = file {
         let _ = f.shutdown().await;
     }
-    drop(open);
+    drop((open, slot));
     crate::metrics::recording_ended(&meta.route, written, stored);
     crate::metrics::recordings_active(-1.0);
     tracing::info!(session = meta.session, route = %meta.route, file = %path.display(), bytes = written, "recording ended");
