@@ -252,6 +252,33 @@ async fn one_users_failing_agent_cannot_take_shared_members_away_from_everyone()
     }
 }
 
+/// Mallory's two accounts each open `agent`'s terminal once: the status each is refused with.
+async fn two_accounts_try(proxy: &Proxy, key: &Hmac, agent: &str) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for account in ["mallory", "mallory-too"] {
+        let token = format!("Bearer {}", key.token(account, &[agent], Duration::from_secs(600)));
+        let path = format!("/agents/{agent}/terminal");
+        let refused = upgrade(proxy.plain, false, &path, &[("authorization", &token)]).await.err().expect("refused");
+        statuses.push(refused.status);
+    }
+    statuses
+}
+
+/// The first route's ejected members, as the admin API lists them.
+async fn ejected(proxy: &Proxy) -> serde_json::Value {
+    let (_, body) = http_get(proxy.admin, "/routes").await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    v["routes"][0]["ejected"].clone()
+}
+
+/// A session on `agent`'s terminal with `bearer` opens and echoes (`why` says whose).
+async fn served(proxy: &Proxy, agent: &str, bearer: &str, why: &str) {
+    let path = format!("/agents/{agent}/terminal");
+    let mut c = upgrade(proxy.plain, false, &path, &[("authorization", bearer)]).await.expect(why);
+    c.send(true, op::TEXT, b"ok").await;
+    assert_eq!(c.recv().await.payload, b"ok");
+}
+
 #[tokio::test]
 async fn two_accounts_failing_together_cannot_take_away_members_that_serve_others() {
     // Mallory holds two accounts, and her own agent, which the shared gateway members cannot
@@ -270,28 +297,12 @@ async fn two_accounts_failing_together_cannot_take_away_members_that_serve_other
     let proxy = Proxy::start_with(&text).await;
     let alice = key.bearer(&["a1"]);
     for _ in 0..6 {
-        let mut c =
-            upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &alice)]).await.expect("101");
-        c.send(true, op::TEXT, b"ok").await;
-        assert_eq!(c.recv().await.payload, b"ok");
+        served(&proxy, "a1", &alice, "alice").await;
     }
-    for account in ["mallory", "mallory-too"] {
-        let token = format!("Bearer {}", key.token(account, &["mallory-agent"], Duration::from_secs(600)));
-        let refused = upgrade(proxy.plain, false, "/agents/mallory-agent/terminal", &[("authorization", &token)])
-            .await
-            .err()
-            .expect("refused");
-        assert_eq!(refused.status, 502, "the gateways' refusal of mallory's agent");
-    }
-    let (_, body) = http_get(proxy.admin, "/routes").await;
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(v["routes"][0]["ejected"], json!([]), "{body}");
+    assert_eq!(two_accounts_try(&proxy, &key, "mallory-agent").await, [502, 502], "the gateways' refusals");
+    assert_eq!(ejected(&proxy).await, json!([]));
     for _ in 0..4 {
-        let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[("authorization", &alice)])
-            .await
-            .expect("alice's agent is still served");
-        c.send(true, op::TEXT, b"ok").await;
-        assert_eq!(c.recv().await.payload, b"ok");
+        served(&proxy, "a1", &alice, "alice's agent is still served").await;
     }
 }
 
@@ -310,23 +321,10 @@ async fn two_accounts_cannot_keep_a_newcomer_from_the_only_member() {
         .merge("routes.0", json!({"auth": {"agent_claim": "agents"}, "health": {"eject_base": "30s"}}))
         .text();
     let proxy = Proxy::start_with(&text).await;
-    for account in ["mallory", "mallory-too"] {
-        let token = format!("Bearer {}", key.token(account, &["mallory-agent"], Duration::from_secs(600)));
-        let refused = upgrade(proxy.plain, false, "/agents/mallory-agent/terminal", &[("authorization", &token)])
-            .await
-            .err()
-            .expect("refused");
-        assert_eq!(refused.status, 502, "the gateway's refusal of mallory's agent");
-    }
-    let (_, body) = http_get(proxy.admin, "/routes").await;
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(v["routes"][0]["ejected"], json!([gateway.addr.to_string()]), "{body}");
+    assert_eq!(two_accounts_try(&proxy, &key, "mallory-agent").await, [502, 502], "the gateway's refusals");
+    assert_eq!(ejected(&proxy).await, json!([gateway.addr.to_string()]));
     let bob = key.bearer(&["b1"]);
-    let mut c = upgrade(proxy.plain, false, "/agents/b1/terminal", &[("authorization", &bob)])
-        .await
-        .expect("bob, whom the member never served, still reaches it");
-    c.send(true, op::TEXT, b"ok").await;
-    assert_eq!(c.recv().await.payload, b"ok");
+    served(&proxy, "b1", &bob, "bob, whom the member never served, still reaches it").await;
 }
 
 /// The cost of the first cut of the last resort (reverted): a member that takes connections
@@ -343,14 +341,8 @@ async fn a_member_that_lets_handshakes_time_out_is_no_last_resort() {
         .merge("routes.0", json!({"auth": {"agent_claim": "agents"}, "health": {"eject_base": "30s"}}))
         .text();
     let proxy = Proxy::start_with(&text).await;
-    for account in ["mallory", "mallory-too"] {
-        let token = format!("Bearer {}", key.token(account, &["m1"], Duration::from_secs(600)));
-        let refused = upgrade(proxy.plain, false, "/agents/m1/terminal", &[("authorization", &token)])
-            .await
-            .err()
-            .expect("refused");
-        assert_eq!(refused.status, 504, "the member let the handshake time out");
-    }
+    assert_eq!(two_accounts_try(&proxy, &key, "m1").await, [504, 504], "the member let the handshakes time out");
+    assert_eq!(ejected(&proxy).await, json!([member.addr.to_string()]));
     let asked = member.log.requests.lock().expect("lock").len();
     let bob = key.bearer(&["b1"]);
     let refused =
