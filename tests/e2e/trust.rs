@@ -315,6 +315,39 @@ async fn one_address_cannot_take_every_admin_slot() {
     assert_eq!(status, 200, "the probe is not locked out");
 }
 
+/// The same cap over IPv6, where an address is counted by its network (`ipv6_prefix_len`):
+/// from `::1`, the admin listener's third and fourth silent connections are closed at accept,
+/// and once the address holds fewer, it is served again.
+#[tokio::test]
+async fn one_ipv6_address_cannot_take_every_admin_slot() {
+    use tokio::io::AsyncReadExt;
+    let backend = Backend::echo().await;
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .set("admin.address", "[::1]:0")
+        .set("server.header_read_timeout", "30s")
+        .set("admin.max_connections", 4)
+        .set("admin.max_connections_per_ip", 2)
+        .text();
+    let proxy = Proxy::start_with(&text).await;
+    assert!(proxy.admin.is_ipv6(), "{}", proxy.admin);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(proxy.admin).await.expect("admin over IPv6"));
+    }
+    let mut open = Vec::new();
+    for mut s in held {
+        let mut buf = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => {}
+            _ => open.push(s),
+        }
+    }
+    assert_eq!(open.len(), 2, "the address's connections over its cap are closed");
+    drop(open);
+    let served = async || (http_get_lenient(proxy.admin, "/live").await.0 == 200).then_some(());
+    eventually("the address is served once it holds fewer", served).await;
+}
+
 /// Like `http_get`, but a connection closed without an answer is status 0, not a panic.
 async fn http_get_lenient(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
