@@ -202,7 +202,8 @@ fn limits(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     json_response(
         StatusCode::OK,
         &json!({
-            "max_connections_per_ip": server.max_connections_per_ip,
+            // In force: held to the descriptor budget's share per address.
+            "max_connections_per_ip": crate::limits::per_address(server.max_connections_per_ip),
             "ipv6_prefix_len": server.ipv6_prefix_len,
             "max_sessions_per_subject": shared.runtime.load().config.auth.max_sessions_per_subject,
             "per_ip": per_ip,
