@@ -222,29 +222,38 @@ pub fn raise_descriptor_limit() -> std::io::Result<(Option<u64>, Option<u64>)> {
 /// (descriptors, ephemeral ports, socket buffers, memory), not anything of the peer's: such a
 /// failure must not count against a member or a registry host.
 pub fn exhausted(e: &std::io::Error) -> bool {
-    exhausted_with(e, || {
-        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
-        (open_descriptors(), limit)
-    })
+    exhausted_with(e, near_limit)
 }
 
 /// Descriptors a resolver needs to look a name up: a file (`/etc/hosts`, `resolv.conf`) and a
 /// socket, and a few to spare.
-const RESOLVER_NEEDS: u64 = 8;
+const RESOLVER_NEEDS: usize = 8;
 
-/// [`exhausted`], with `(open, limit)` the process's descriptors open and its limit, asked only
-/// for an error without an errno: a name that did not resolve. Out of descriptors, the system
-/// resolver cannot open `/etc/hosts` or its socket and says the name is unknown ("Name or
-/// service not known"), which alone would eject a member named by DNS and hold a registry host.
-fn exhausted_with(e: &std::io::Error, descriptors: impl FnOnce() -> (u64, u64)) -> bool {
+/// [`exhausted`], with `near_limit` asked only for an error with neither an errno nor a timeout:
+/// a name that did not resolve. Out of descriptors, the system resolver cannot open
+/// `/etc/hosts` or its socket and says the name is unknown ("Name or service not known"), which
+/// alone would eject a member named by DNS and hold a registry host.
+fn exhausted_with(e: &std::io::Error, near_limit: impl FnOnce() -> bool) -> bool {
     use rustix::io::Errno;
     match Errno::from_io_error(e) {
         Some(errno) => [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM, Errno::ADDRNOTAVAIL].contains(&errno),
-        None => {
-            let (open, limit) = descriptors();
-            open.saturating_add(RESOLVER_NEEDS) >= limit
+        None => e.kind() != std::io::ErrorKind::TimedOut && near_limit(),
+    }
+}
+
+/// Whether the process could not open [`RESOLVER_NEEDS`] more descriptors now: it opens them
+/// (`/dev/null`) and closes them again, a few system calls, where counting what it holds would
+/// read a directory of every descriptor (and fail at the limit itself).
+fn near_limit() -> bool {
+    use rustix::io::Errno;
+    let mut opened = Vec::with_capacity(RESOLVER_NEEDS);
+    for _ in 0..RESOLVER_NEEDS {
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => opened.push(f),
+            Err(e) => return matches!(Errno::from_io_error(&e), Some(Errno::MFILE | Errno::NFILE)),
         }
     }
+    false
 }
 
 /// The outbound side of the process's [`Budget`]: one semaphore for every outbound descriptor,
@@ -402,9 +411,12 @@ mod tests {
         // A name that did not resolve: the process's want only when it is at its limit (its
         // resolver could not open what it reads), else the name's.
         let unknown = std::io::Error::other("failed to lookup address information: Name or service not known");
-        assert!(exhausted_with(&unknown, || (1020, 1024)), "at the limit");
-        assert!(!exhausted_with(&unknown, || (300, 1024)), "far from it");
-        assert!(!exhausted_with(&std::io::Error::from(Errno::CONNREFUSED), || (1024, 1024)), "an errno decides alone");
+        assert!(exhausted_with(&unknown, || true), "at the limit");
+        assert!(!exhausted_with(&unknown, || false), "far from it");
+        assert!(!exhausted_with(&std::io::Error::from(Errno::CONNREFUSED), || true), "an errno decides alone");
+        let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+        assert!(!exhausted_with(&timeout, || true), "a timeout is the peer's, whatever the process holds");
+        assert!(!near_limit(), "this test process is far from its limit");
     }
 
     #[test]

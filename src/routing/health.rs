@@ -47,23 +47,38 @@ struct Failing {
     failures: u32,
     /// End of the current ejection.
     until: Instant,
-    /// Ejected for failed handshakes only (not for a failed connect): requesters it served
-    /// recently still get it ([`SERVED_RECENTLY`]).
-    for_handshakes: bool,
-    /// Ejected for failed handshakes it answered (an error status, a bad answer, a hang-up),
-    /// none of them timed out within `max`: the last resort when no member is usable
-    /// ([`PassiveHealth::last_resort`]). A member that holds handshakes until they time out is
-    /// never one: every requester sent to it would wait the whole `handshake_timeout`.
-    answered: bool,
+    /// Why, the worst cause of the ejection so far.
+    cause: Cause,
 }
 
-/// Why a member is ejected.
+/// Why a member is ejected, from the mildest to the worst: an ejection keeps the worst cause
+/// it had until it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ejection {
-    /// A failed connect: out for everyone.
+enum Cause {
+    /// Failed handshakes of two requesters, every one answered (an error status, a bad answer,
+    /// a hang-up): requesters it served recently still get it ([`SERVED_RECENTLY`]), and it
+    /// is the last resort for the others when no member is usable
+    /// ([`PassiveHealth::last_resort`]).
+    Answered,
+    /// Failed handshakes of two requesters, one at least timed out within `max`: requesters it
+    /// served recently still get it, and it is the last resort for one other requester at a
+    /// time (`probed`: when one was last sent to it). A member that holds handshakes until
+    /// they time out would hold every requester sent to it for the whole `handshake_timeout`;
+    /// and whether a handshake times out can be an account's doing (its own agent, behind a
+    /// gateway the others share, that never answers), so it must not refuse everyone else.
+    TimedOut { probed: Option<Instant> },
+    /// A failed connect: nothing of any request reached it, so it is out for everyone.
     Connect,
-    /// Failed handshakes of two requesters; `answered`: none of them timed out within `max`.
-    Handshakes { answered: bool },
+}
+
+impl Cause {
+    fn severity(self) -> u8 {
+        match self {
+            Cause::Answered => 0,
+            Cause::TimedOut { .. } => 1,
+            Cause::Connect => 2,
+        }
+    }
 }
 
 /// A member's recent WebSocket handshakes: when one last completed, and the requesters whose
@@ -97,7 +112,7 @@ impl Handshakes {
     /// A handshake of `requester` failed at `now` (`answered`: the member answered it, not
     /// timed out): the ejection, if the member is to be ejected (two different requesters
     /// failed on it within `max`, and it has completed no handshake for [`SERVING`]).
-    fn failed(&mut self, requester: u64, answered: bool, now: Instant, max: Duration) -> Option<Ejection> {
+    fn failed(&mut self, requester: u64, answered: bool, now: Instant, max: Duration) -> Option<Cause> {
         if !answered {
             self.timed_out = Some(now);
         }
@@ -108,7 +123,8 @@ impl Handshakes {
         self.failed_for.push((requester, now));
         let serving = self.completed.is_some_and(|at| now.saturating_duration_since(at) < SERVING);
         let answered = self.timed_out.is_none_or(|at| now.saturating_duration_since(at) >= max);
-        (self.failed_for.len() >= 2 && !serving).then_some(Ejection::Handshakes { answered })
+        let cause = if answered { Cause::Answered } else { Cause::TimedOut { probed: None } };
+        (self.failed_for.len() >= 2 && !serving).then_some(cause)
     }
 
     /// A handshake of `requester` completed at `now`.
@@ -172,8 +188,8 @@ impl PassiveHealth {
 
     fn record_refusal_at(&self, addr: &str, requester: u64, answered: bool, now: Instant) {
         let eject = self.with_handshakes(addr, now, |h| h.failed(requester, answered, now, self.max));
-        if let Some(Some(ejection)) = eject {
-            self.eject_at(addr, now, ejection);
+        if let Some(Some(cause)) = eject {
+            self.eject_at(addr, now, cause);
         }
     }
 
@@ -228,20 +244,34 @@ impl PassiveHealth {
         self.healthy_at(members, requester, Instant::now())
     }
 
-    /// The members of `members` ejected now for failed handshakes they answered only (never
-    /// for a failed connect or a handshake timeout), in their order: the last resort when no
-    /// member is usable, as Envoy's panic threshold sends to every member. Others' failed
-    /// handshakes, from however many accounts, must not refuse a requester the member never
-    /// served (a newcomer) a member that may serve it; one that serves no one answers with its
-    /// own failure (502) at once. A member that lets handshakes time out is no last resort: it
-    /// would hold every requester sent to it for the whole `handshake_timeout`.
-    pub fn last_resort<'m>(&self, members: &'m [Member]) -> Vec<&'m Member> {
-        self.last_resort_at(members, Instant::now())
+    /// The members of `members` ejected now for failed handshakes (never for a failed
+    /// connect), in their order: the last resort when no member is usable, as Envoy's panic
+    /// threshold sends to every member. Others' failed handshakes, from however many accounts,
+    /// must not refuse a requester the member never served (a newcomer) a member that may
+    /// serve it; one that serves no one answers with its own failure (502). Those whose
+    /// handshakes all were answered are given to every caller (an answer comes at once); one
+    /// that let a handshake time out to one caller per `spacing` (the route's
+    /// `handshake_timeout`), as a circuit breaker's half-open probe: at most one requester
+    /// waits on it at a time, and the first it serves puts it back for everyone.
+    pub(crate) fn last_resort<'m>(&self, members: &'m [Member], spacing: Duration) -> Vec<&'m Member> {
+        self.last_resort_at(members, spacing, Instant::now())
     }
 
-    fn last_resort_at<'m>(&self, members: &'m [Member], now: Instant) -> Vec<&'m Member> {
-        let failing = self.lock();
-        members.iter().filter(|m| failing.get(&m.addr).is_some_and(|f| now < f.until && f.answered)).collect()
+    fn last_resort_at<'m>(&self, members: &'m [Member], spacing: Duration, now: Instant) -> Vec<&'m Member> {
+        let mut failing = self.lock();
+        let mut last = Vec::new();
+        for m in members {
+            let Some(f) = failing.get_mut(&m.addr).filter(|f| now < f.until) else { continue };
+            match &mut f.cause {
+                Cause::Answered => last.push(m),
+                Cause::TimedOut { probed } if probed.is_none_or(|at| now >= at + spacing) => {
+                    *probed = Some(now);
+                    last.push(m);
+                }
+                Cause::TimedOut { .. } | Cause::Connect => {}
+            }
+        }
+        last
     }
 
     /// How many members of `members` are ejected now (for the `member_healthy` gauge and admin).
@@ -265,32 +295,32 @@ impl PassiveHealth {
         };
         let usable = |m: &&Member| match failing.get(&m.addr) {
             None => true,
-            Some(f) => now >= f.until || (f.for_handshakes && served(&m.addr)),
+            Some(f) => now >= f.until || (f.cause != Cause::Connect && served(&m.addr)),
         };
         members.iter().filter(usable).collect()
     }
 
     fn record_failure_at(&self, addr: &str, now: Instant) {
-        self.eject_at(addr, now, Ejection::Connect);
+        self.eject_at(addr, now, Cause::Connect);
     }
 
     /// Ejects `addr` for the next backoff step: for failed handshakes, or for a failed connect,
     /// which takes it from every requester and from the last resort until the ejection ends.
-    fn eject_at(&self, addr: &str, now: Instant, ejection: Ejection) {
+    fn eject_at(&self, addr: &str, now: Instant, cause: Cause) {
         let mut failing = self.lock();
         // Forget members that have been quiet for `max` since their ejection ended.
         let max = self.max;
         failing.retain(|_, f| now < f.until + max);
         let earlier = failing.get(addr);
         let failures = earlier.map_or(1, |f| f.failures.saturating_add(1));
-        let over = earlier.is_none_or(|f| now >= f.until);
-        let for_handshakes =
-            matches!(ejection, Ejection::Handshakes { .. }) && (over || earlier.is_some_and(|f| f.for_handshakes));
-        let answered = matches!(ejection, Ejection::Handshakes { answered: true })
-            && (over || earlier.is_some_and(|f| f.answered));
+        // An ejection still running keeps its worst cause (and a probe's time).
+        let cause = match earlier.filter(|f| now < f.until) {
+            Some(f) if f.cause.severity() >= cause.severity() => f.cause,
+            _ => cause,
+        };
         let until = now + self.backoff(failures);
-        failing.insert(addr.to_owned(), Failing { failures, until, for_handshakes, answered });
-        tracing::debug!(member = addr, failures, for_handshakes, answered, "backend member ejected");
+        failing.insert(addr.to_owned(), Failing { failures, until, cause });
+        tracing::debug!(member = addr, failures, ?cause, "backend member ejected");
     }
 
     /// Ejection after `failures` consecutive failures: `base * 2^(failures-1)`, capped at `max`.
@@ -322,15 +352,17 @@ mod tests {
     }
 
     /// A newcomer (a requester none of the members served) must not be refused every member
-    /// by two accounts' failed handshakes, and must not be sent to wait on a member that lets
-    /// handshakes time out (the reverted first cut of this rule made such members a sink).
+    /// by two accounts' failed handshakes; nor be sent, one after another, to wait on a member
+    /// that lets handshakes time out (the reverted first cut of this rule made such members a
+    /// sink): that one takes one newcomer per `spacing`.
     #[test]
-    fn members_ejected_for_handshakes_they_answered_are_the_last_resort_and_no_others() {
+    fn members_ejected_for_failed_handshakes_are_the_last_resort_one_at_a_time_if_they_timed_out() {
         let h = PassiveHealth::new(Duration::from_secs(10), Duration::from_secs(30));
+        let spacing = Duration::from_secs(1);
         let t0 = Instant::now();
         let members = pool();
         let addrs = |v: Vec<&Member>| v.into_iter().map(|m| m.addr.clone()).collect::<Vec<_>>();
-        assert!(h.last_resort_at(&members, t0).is_empty(), "none ejected");
+        assert!(h.last_resort_at(&members, spacing, t0).is_empty(), "none ejected");
         // Two accounts fail on a:1 (answered) and b:1 (one of them timed out); c:1 refuses
         // connections.
         for (m, answered) in [("a:1", true), ("b:1", false)] {
@@ -339,20 +371,23 @@ mod tests {
         }
         h.record_failure_at("c:1", t0);
         assert!(h.healthy_at(&members, Some(9), t0).is_empty());
-        assert_eq!(addrs(h.last_resort_at(&members, t0)), ["a:1"], "a newcomer still tries a:1, never b:1 or c:1");
-        // A timeout within `max` keeps a member out of the last resort even when the failures
-        // that eject it again were answered.
-        let later = t0 + Duration::from_secs(2);
+        assert_eq!(addrs(h.last_resort_at(&members, spacing, t0)), ["a:1", "b:1"], "the first newcomer tries both");
+        let soon = t0 + Duration::from_millis(100);
+        assert_eq!(addrs(h.last_resort_at(&members, spacing, soon)), ["a:1"], "the next, within spacing, not b:1");
+        assert_eq!(addrs(h.last_resort_at(&members, spacing, t0 + spacing)), ["a:1", "b:1"], "one per spacing");
+        // A timeout keeps its mark while the ejection runs, even when the failures that eject
+        // it again were answered.
+        let later = t0 + Duration::from_millis(1500);
         for r in [7, 8] {
             h.record_refusal_at("b:1", r, true, later);
         }
-        assert_eq!(addrs(h.last_resort_at(&members, later)), ["a:1"]);
-        // A failed connect takes one out of the last resort too.
+        assert_eq!(addrs(h.last_resort_at(&members, spacing, later)), ["a:1"], "b:1 was probed 500 ms ago");
+        // A failed connect takes one out of the last resort.
         h.record_failure_at("a:1", later);
-        assert!(h.last_resort_at(&members, later).is_empty());
+        assert!(h.last_resort_at(&members, spacing, later).is_empty());
         // Once the ejections end, the members are usable again, and no longer a last resort.
         let much_later = later + Duration::from_secs(60);
-        assert!(h.last_resort_at(&members, much_later).is_empty());
+        assert!(h.last_resort_at(&members, spacing, much_later).is_empty());
         assert_eq!(h.healthy_at(&members, Some(9), much_later).len(), 3);
     }
 

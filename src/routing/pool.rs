@@ -100,8 +100,9 @@ impl RouteState {
         let candidates: Vec<Member> = match (healthy.is_empty(), route.health.fail_open) {
             (false, _) => healthy.into_iter().cloned().collect(),
             (true, true) => members,
-            // None usable: those out for handshake failures they answered are still tried.
-            (true, false) => match self.health.last_resort(&members) {
+            // None usable: those out for failed handshakes are still tried (one that let a
+            // handshake time out by one caller at a time).
+            (true, false) => match self.health.last_resort(&members, route.backend.handshake_timeout) {
                 last if last.is_empty() => return Err(PoolError::NoHealthyMember),
                 last => last.into_iter().cloned().collect(),
             },

@@ -24,6 +24,9 @@ pub struct BackendOpts {
     pub bad_accept: bool,
     /// Never answer the handshake.
     pub hang: bool,
+    /// Never answer the handshake of a request whose path holds this text (an agent that does
+    /// not answer, behind a gateway that serves the others).
+    pub hang_for: Option<&'static str>,
     /// Wait this long before answering the handshake.
     pub delay: Option<Duration>,
     /// Extensions header to answer with.
@@ -111,7 +114,7 @@ impl Backend {
                     let request = parse_request(&head);
                     log.requests.lock().expect("lock").push(request.clone());
                     log.notify.notify_waiters();
-                    if opts.hang {
+                    if opts.hang || opts.hang_for.is_some_and(|part| request.path.contains(part)) {
                         tokio::time::sleep(Duration::from_secs(3600)).await;
                         return;
                     }
