@@ -504,3 +504,42 @@ async fn a_parked_session_counts_under_its_addresss_connection_cap_until_it_ends
     })
     .await;
 }
+
+/// CPU time `pid` has used so far, in clock ticks (user and system, `/proc/PID/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime: fields 14 and 15 of the line, 12 and 13 after the name and state.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// Found by the attack on the descriptor budget's build: once `ping_interval` had passed in a
+/// parked session, its client's ping (skipped while no client is attached) kept the session's
+/// timer firing at once, and each parked session spun more than a core until its window ended
+/// (four took the whole machine). Parked, a session waits on its backend and its window alone.
+#[tokio::test]
+async fn a_parked_session_waits_without_spinning() {
+    let (backend, _) = ticker().await;
+    let key = hmac();
+    let session = json!({"ping_interval": "100ms", "ping_timeout": "1s"});
+    let text = resumable("resume-spin", backend.addr, &key, json!({"window": "30s"}), session).text();
+    let proxy = ProxyProcess::start_limited(&text, "portcullis=info", None).await;
+    let auth = key.bearer(&["a1"]);
+    let c = upgrade(proxy.tls, true, "/agents/a1/terminal", &[("Authorization", &auth)]).await.expect("101");
+    drop(c);
+    eventually("the session is parked", async || {
+        let (_, body) = admin_request(proxy.admin, "GET", "/sessions", "").await;
+        let v: Value = serde_json::from_str(&body).expect("json");
+        v["sessions"].as_array().into_iter().flatten().any(|s| s["resume"] == "parked").then_some(())
+    })
+    .await;
+    // Past the ping interval, then a second measured: a spinning task takes all of it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = proxy.child.id();
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(used < 30, "the proxy used {used} ticks (of 100 a second) in a second with one parked session");
+}

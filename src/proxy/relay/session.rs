@@ -549,8 +549,14 @@ where
                 consider(until);
             }
             let pings = Pings::of(s);
-            for p in &self.peers {
-                if let Some(t) = p.ping.next(&pings) {
+            let parked = self.parked();
+            for side in [Side::Client, Side::Backend] {
+                // A held session's client is not pinged (`on_timer` skips it): its ping, come
+                // due, would wake the timer at once and again, a core spun until the window ends.
+                if side == Side::Client && parked {
+                    continue;
+                }
+                if let Some(t) = self.peers[side.idx()].ping.next(&pings) {
                     consider(t);
                 }
             }
