@@ -60,6 +60,23 @@ pub enum ServerError {
     /// The thread-per-core model's worker threads could not start.
     #[error("cannot start the workers: {0}")]
     Workers(io::Error),
+    /// The descriptor limit leaves no client connection or no member connection once what is
+    /// reserved is held: the proxy would answer its probes and refuse every client.
+    #[error(
+        "the descriptor limit ({limit}) leaves {clients} client and {outbound} member connections once {reserve} \
+         are reserved (what the process holds, twice [admin] max_connections, and spare): raise the limit \
+         (LimitNOFILE, ulimit -n) or lower [admin] max_connections"
+    )]
+    Descriptors {
+        /// The soft descriptor limit.
+        limit: u64,
+        /// Kept out of the budget.
+        reserve: u64,
+        /// Client connections it leaves.
+        clients: usize,
+        /// Outbound descriptors it leaves.
+        outbound: usize,
+    },
     /// A reload changes something only a restart can apply (listener addresses or their TLS
     /// setting, the admin address); it is refused as a whole.
     #[error("{0} changed: that needs a restart, so the reload is refused")]
@@ -607,6 +624,10 @@ impl Server {
         // Each admin connection may hold a file too (a recording it serves).
         let admin = config.admin.as_ref().map_or(0, |a| a.max_connections.saturating_mul(2));
         let budget = crate::limits::Budget::of_process(admin, config.server.max_connections);
+        if budget.clients == 0 || budget.outbound == 0 {
+            let (limit, reserve, clients, outbound) = (budget.limit, budget.reserve, budget.clients, budget.outbound);
+            return Err(ServerError::Descriptors { limit, reserve, clients, outbound });
+        }
         let max_connections = budget.clients;
         let outbound = crate::limits::init_outbound(&budget);
         tracing::info!(

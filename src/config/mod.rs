@@ -1437,6 +1437,28 @@ mod tests {
         }
     }
 
+    /// Found by the attack on the descriptor budget's build: a `queue` of 2^61 or more panicked
+    /// every fan-out request (and, for observers, poisoned the hub's lock), and a registry
+    /// `max_capacity` of 0 sized its connect gate to nothing (30 connects at once to a host
+    /// that drops them, where the gate sends 1).
+    #[test]
+    fn counts_that_would_break_the_proxy_are_refused_by_check_config() {
+        let base = "[[listeners]]\naddresses = [\"127.0.0.1:0\"]\n\
+                    [[auth.keys]]\nalgorithms = [\"HS256\"]\nsecret_env = \"UNSET\"\n\
+                    [[routes]]\nname = \"r\"\npath = \"/agents/{agent}\"\n";
+        for (table, says) in [
+            ("backends = [\"127.0.0.1:1\"]\n[routes.auth]\n[routes.fanout]\nqueue = 2305843009213693952\n", "fanout.queue: must be 1 to 65536"),
+            ("backends = [\"127.0.0.1:1\"]\n[routes.auth]\n[routes.fanout]\nqueue = 0\n", "fanout.queue: must be 1 to 65536"),
+            ("backends = [\"127.0.0.1:1\"]\n[routes.auth]\n[routes.observe]\nscope = \"watch\"\nqueue = 2305843009213693952\n", "observe.queue: must be 1 to 65536"),
+            ("[routes.registry]\nurl = \"http://reg.internal/{agent}\"\nmax_capacity = 0\n", "registry.max_capacity: must be at least 1"),
+            ("backends = [\"127.0.0.1:1\"]\n[admin]\nmax_connections = 10000\n", "admin.max_connections: must be 1 to 1024"),
+        ] {
+            let text = format!("{base}{table}");
+            let msg = Config::parse_with(&text, Path::new("x.toml"), validate::Secrets::Unread).expect_err(table).to_string();
+            assert!(msg.contains(says), "{table}: {msg}");
+        }
+    }
+
     #[test]
     fn route_overrides_merge_over_defaults() {
         let text = r#"

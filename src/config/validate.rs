@@ -588,7 +588,7 @@ fn route(
         Some(o) => Some(std::sync::Arc::new(super::ObserveSettings {
             scope: o.scope,
             replay: o.replay.map_or(16 * 1024, |v| v.0 as usize),
-            queue: o.queue.unwrap_or(256).max(1),
+            queue: queue(o.queue, &format!("{key}.observe.queue"))?,
             max_observers: o.max_observers.unwrap_or(8),
             max_observers_per_subject: o.max_observers_per_subject.unwrap_or(2),
             drop_grace: o.drop_grace.map_or(super::DROP_GRACE, |d| d.0),
@@ -646,7 +646,7 @@ fn route(
         Some(f) => Some(std::sync::Arc::new(super::FanoutSettings {
             forward_client_data: matches!(f.client_data, Some(super::raw::RawClientData::Forward)),
             linger: f.linger.map_or(std::time::Duration::from_secs(5), |d| d.0),
-            queue: f.queue.unwrap_or(256).max(1),
+            queue: queue(f.queue, &format!("{key}.fanout.queue"))?,
             drop_grace: f.drop_grace.map_or(super::DROP_GRACE, |d| d.0),
         })),
     };
@@ -899,7 +899,12 @@ fn registry(g: RawRegistry, route_key: &str, path: &PathPattern, secrets: Secret
         ttl: dur(g.ttl, defaults::REGISTRY_TTL),
         negative_ttl: dur(g.negative_ttl, defaults::REGISTRY_NEGATIVE_TTL),
         stale_ttl: dur(g.stale_ttl, defaults::REGISTRY_STALE_TTL),
-        max_capacity: g.max_capacity.unwrap_or(defaults::REGISTRY_MAX_CAPACITY),
+        max_capacity: match g.max_capacity.unwrap_or(defaults::REGISTRY_MAX_CAPACITY) {
+            // The gate and the reachable marks are caches of this size too: none at all would
+            // send a connect per lookup to a host that drops them.
+            0 => return Err(invalid(&format!("{key}.max_capacity"), "must be at least 1")),
+            n => n,
+        },
     })
 }
 
@@ -1119,10 +1124,11 @@ fn admin(a: RawAdmin, secrets: Secrets) -> Result<AdminConfig, Invalid> {
             return Err(invalid(&format!("admin.allow_origins[{i}]"), "must be scheme://host[:port]"));
         }
     }
-    if a.max_connections == Some(0) {
-        // Unlike max_connections_per_ip's 0 (no cap per address), no slot at all would refuse
-        // the probes and the scraper too.
-        return Err(invalid("admin.max_connections", "must be at least 1"));
+    // Unlike max_connections_per_ip's 0 (no cap per address), no slot at all would refuse the
+    // probes and the scraper too; and each slot is reserved out of the descriptor limit twice
+    // (a connection and a recording it serves), so thousands would leave clients none.
+    if !(1..=MAX_ADMIN_CONNECTIONS).contains(&a.max_connections.unwrap_or(1)) {
+        return Err(invalid("admin.max_connections", &format!("must be 1 to {MAX_ADMIN_CONNECTIONS}")));
     }
     Ok(AdminConfig {
         address,
@@ -1311,6 +1317,21 @@ fn interval(key: &str, v: Duration, zero: Zero) -> Result<Duration, Invalid> {
             &format!("must be at least {MIN_INTERVAL:?}: anything repeated more often is a busy loop"),
         )),
         (false, _) => Ok(v),
+    }
+}
+
+/// The most admin connections at once: probes, a scraper and operators need a few dozen.
+const MAX_ADMIN_CONNECTIONS: usize = 1024;
+
+/// The longest queue of a subscriber (an observer's chunks, a fan-out client's frames): more is
+/// memory no slow reader should hold, and a count past the channel's own limit panicked.
+const MAX_QUEUE: usize = 65_536;
+
+/// A subscriber's queue at `key`: 256 when unset, 1 to [`MAX_QUEUE`].
+fn queue(v: Option<usize>, key: &str) -> Result<usize, Invalid> {
+    match v.unwrap_or(256) {
+        n @ 1..=MAX_QUEUE => Ok(n),
+        _ => Err(invalid(key, &format!("must be 1 to {MAX_QUEUE}"))),
     }
 }
 

@@ -695,3 +695,38 @@ async fn a_recording_that_stops_before_its_session_gives_its_descriptor_back() {
     }
     echoes(&mut c, b"after").await;
 }
+
+/// Found by the attack on the descriptor budget's build: `[admin] max_connections` large
+/// against the descriptor limit reserved all of it, and the proxy started with no client or
+/// member connection to give, refusing every client while its probes answered ready. Over 1,024
+/// it is a configuration error; under it, a proxy whose limit it leaves nothing refuses to start
+/// and says why.
+#[test]
+fn an_admin_reserve_that_leaves_clients_nothing_stops_the_proxy_at_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = |max: i64| {
+        let path = dir.path().join(format!("admin-{max}.toml"));
+        let text = TestConfig::base(&["127.0.0.1:1".to_owned()]).set("admin.max_connections", max).text();
+        let state = dir.path().join("state").display().to_string();
+        std::fs::write(&path, format!("{text}\n[fleet]\nstate_dir = {state:?}\n")).expect("write");
+        path
+    };
+    let bin = env!("CARGO_BIN_EXE_portcullis");
+    let out = std::process::Command::new(bin).arg("check-config").arg(config(10_000)).output().expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin.max_connections: must be 1 to 1024"));
+    // 448 admin connections reserve 896 of 1,024 descriptors.
+    // Bounded: a proxy that starts anyway (the old code) is stopped after 20 s.
+    let out = std::process::Command::new("timeout")
+        .args(["20", "sh", "-c", "ulimit -n 1024 && exec \"$0\" run --config \"$1\""])
+        .arg(bin)
+        .arg(config(448))
+        .env("RUST_LOG", "portcullis=info")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("leaves 0 client") || log.contains("and 0 member"), "{log}");
+    assert!(log.contains("lower [admin] max_connections"), "{log}");
+}
