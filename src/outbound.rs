@@ -1,6 +1,9 @@
 //! The proxy's own outbound HTTP client: one GET per fresh HTTP/1.1 connection, over TLS for
 //! `https://` URLs. JWKS key sets and registry lookups both go through it; each caller gives
-//! the whole request's timeout and reads the status itself.
+//! the whole request's timeout (or, to act on the connect first, connects and then asks on
+//! that connection by one deadline) and reads the status itself. Below it, the pooled client
+//! that carries plain requests to members ([`Upstream`]), each connection holding its place in
+//! the descriptor budget.
 
 use std::path::Path;
 use std::sync::Arc;

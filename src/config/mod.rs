@@ -1407,6 +1407,9 @@ mod tests {
         let cases = [
             (registry("timeout = \"600y\""), "over ten years"),
             (registry("timeout = \"0s\""), "registry.timeout: must be more than 0s"),
+            (registry("timeout = \"1ms\""), "registry.timeout: must be at least 100ms"),
+            (routed("backend", "connect_timeout = \"1ms\""), "connect_timeout: must be at least 100ms"),
+            (routed("session", "ping_timeout = \"10ms\""), "ping_timeout: must be at least 100ms"),
             (jwks("refresh_interval = \"0s\""), "refresh_interval: must be more than 0s"),
             (jwks("refresh_interval = \"1ms\""), "refresh_interval: must be at least 50ms"),
             (jwks("min_refetch_interval = \"0s\""), "min_refetch_interval: must be more than 0s"),

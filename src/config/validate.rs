@@ -422,14 +422,8 @@ fn server(s: RawServer) -> Result<ServerSettings, Invalid> {
     }
     // No time at all, or next to none, would refuse every connection: a deadline cannot be
     // turned off here.
-    for (key, v) in [
-        ("server.tls_handshake_timeout", server.tls_handshake_timeout),
-        ("server.header_read_timeout", server.header_read_timeout),
-    ] {
-        if v < MIN_CLIENT_DEADLINE {
-            return Err(invalid(key, &format!("must be at least {MIN_CLIENT_DEADLINE:?}, or no client gets through")));
-        }
-    }
+    deadline("server.tls_handshake_timeout", server.tls_handshake_timeout)?;
+    deadline("server.header_read_timeout", server.header_read_timeout)?;
     interval("server.reload_poll_interval", server.reload_poll_interval, Zero::Off)?;
     if server.max_header_size < 1024 {
         return Err(invalid("server.max_header_size", "must be at least 1KiB"));
@@ -895,7 +889,7 @@ fn registry(g: RawRegistry, route_key: &str, path: &PathPattern, secrets: Secret
     Ok(RegistryConfig {
         token: load_secret(g.token_file.as_deref(), g.token_env.as_deref(), &key, secrets)?,
         url: g.url,
-        timeout: nonzero(&format!("{key}.timeout"), dur(g.timeout, defaults::REGISTRY_TIMEOUT))?,
+        timeout: deadline(&format!("{key}.timeout"), dur(g.timeout, defaults::REGISTRY_TIMEOUT))?,
         ttl: dur(g.ttl, defaults::REGISTRY_TTL),
         negative_ttl: dur(g.negative_ttl, defaults::REGISTRY_NEGATIVE_TTL),
         stale_ttl: dur(g.stale_ttl, defaults::REGISTRY_STALE_TTL),
@@ -1062,12 +1056,10 @@ fn session(s: RawSession, d: SessionSettings, key: &str) -> Result<SessionSettin
         return Err(invalid(&format!("{key}.max_message_size"), "must be at least max_frame_size"));
     }
     interval(&format!("{key}.ping_interval"), s.ping_interval, Zero::Off)?;
-    if !s.ping_interval.is_zero() && s.ping_timeout.is_zero() {
-        return Err(invalid(&format!("{key}.ping_timeout"), "must be non-zero when pings are on"));
+    if !s.ping_interval.is_zero() {
+        deadline(&format!("{key}.ping_timeout"), s.ping_timeout)?;
     }
-    if s.close_timeout.is_zero() {
-        return Err(invalid(&format!("{key}.close_timeout"), "must be non-zero"));
-    }
+    deadline(&format!("{key}.close_timeout"), s.close_timeout)?;
     Ok(s)
 }
 
@@ -1090,9 +1082,7 @@ fn backend(b: RawBackend, d: BackendSettings, key: &str) -> Result<BackendSettin
         ("idle_body_timeout", s.idle_body_timeout),
         ("pool_idle_timeout", s.pool_idle_timeout),
     ] {
-        if v.is_zero() {
-            return Err(invalid(&format!("{key}.{name}"), "must be non-zero"));
-        }
+        deadline(&format!("{key}.{name}"), v)?;
     }
     interval(&format!("{key}.sse_keepalive"), s.sse_keepalive, Zero::Off)?;
     Ok(s)
@@ -1197,7 +1187,7 @@ fn auth(a: RawAuth, secrets: Secrets) -> Result<AuthSettings, Invalid> {
                 dur(j.min_refetch_interval, defaults::JWKS_MIN_REFETCH_INTERVAL),
                 Zero::Refused,
             )?,
-            timeout: nonzero(&format!("{key}.timeout"), dur(j.timeout, defaults::JWKS_TIMEOUT))?,
+            timeout: deadline(&format!("{key}.timeout"), dur(j.timeout, defaults::JWKS_TIMEOUT))?,
             ca: j.ca,
         });
     }
@@ -1295,9 +1285,11 @@ fn dur(v: Option<Dur>, default: Duration) -> Duration {
 /// "1ms"` kept a core busy with a handful of streams).
 const MIN_INTERVAL: Duration = Duration::from_millis(50);
 
-/// The shortest deadline a client is held to for its handshake or request head: a shorter one
-/// fails clients on any network, loopback included (`tls_handshake_timeout = "1ms"` did).
-const MIN_CLIENT_DEADLINE: Duration = Duration::from_millis(100);
+/// The shortest deadline a peer is held to (a client's handshake or request head, a member's
+/// connect, handshake or answer, a registry's or key server's answer): a shorter one fails
+/// them on any network, loopback included (`tls_handshake_timeout = "1ms"` did), and a member
+/// or registry host failed so is ejected or held.
+const MIN_DEADLINE: Duration = Duration::from_millis(100);
 
 /// Whether an interval of something repeated may be turned off with `"0s"`.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1335,10 +1327,13 @@ fn queue(v: Option<usize>, key: &str) -> Result<usize, Invalid> {
     }
 }
 
-/// `v`, a deadline at `key` that cannot be off: no time at all would fail everything it bounds.
-fn nonzero(key: &str, v: Duration) -> Result<Duration, Invalid> {
+/// `v`, a deadline at `key` that cannot be off, if it is [`MIN_DEADLINE`] or more.
+fn deadline(key: &str, v: Duration) -> Result<Duration, Invalid> {
     match v.is_zero() {
         true => Err(invalid(key, "must be more than 0s")),
+        false if v < MIN_DEADLINE => {
+            Err(invalid(key, &format!("must be at least {MIN_DEADLINE:?}: no peer meets less")))
+        }
         false => Ok(v),
     }
 }

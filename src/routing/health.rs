@@ -6,6 +6,10 @@
 //! (not the record of failed handshakes, which only fades). A
 //! member that has been quiet for `max` after its ejection ended starts again from `base`, and
 //! such entries are dropped, so the table only holds members that failed recently.
+//!
+//! When every member is ejected, those ejected for failed handshakes are still the last resort
+//! ([`PassiveHealth::last_resort`]): all callers for one whose handshakes were answered, one
+//! caller at a time for one that let a handshake time out.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};

@@ -78,9 +78,10 @@ impl RouteState {
     }
 
     /// The members one session tries, in order: the route's members for these captures
-    /// (static, or from the registry), weight 0 left out, the healthy ones for `requester` (or
-    /// all of them with `fail_open`; see [`PassiveHealth::healthy_for`]) ordered by the balance
-    /// policy, at most `max_attempts`.
+    /// (static, or from the registry), weight 0 left out, the healthy ones for `requester` (or,
+    /// when there are none, all of them with `fail_open` and the last resort without it; see
+    /// [`PassiveHealth::healthy_for`] and [`PassiveHealth::last_resort`]) ordered by the
+    /// balance policy, at most `max_attempts`.
     pub async fn candidates(
         &self,
         route: &RouteConfig,
