@@ -270,8 +270,14 @@ fn outbound_budget(size: impl FnOnce() -> usize) -> &'static (usize, Arc<tokio::
 /// The share of the outbound budget that pooled keep-alive connections (in use or idle) may
 /// hold: half. Idle ones linger for `pool_idle_timeout` whoever made them (a burst of
 /// concurrent requests over one connection left 91 of 91 slots idle in the pool, and every new
-/// session was refused for 90 s); the other half stays for sessions, lookups and recordings.
+/// session was refused for 90 s).
 static POOLED: std::sync::OnceLock<(usize, Arc<tokio::sync::Semaphore>)> = std::sync::OnceLock::new();
+
+/// The share that plain requests' connections may hold together: pooled ones and, past the
+/// pooled share, those that serve one request and close ([`plain_slot`]): three quarters. The
+/// last quarter stays for sessions, lookups and recordings, however many plain requests are in
+/// flight.
+static PLAIN: std::sync::OnceLock<(usize, Arc<tokio::sync::Semaphore>)> = std::sync::OnceLock::new();
 
 /// The outbound budget in force: sized by the first server, or, used before any (a unit test, a
 /// tool), from the process's limit alone.
@@ -282,6 +288,13 @@ fn outbound() -> &'static (usize, Arc<tokio::sync::Semaphore>) {
 fn pooled_budget() -> &'static (usize, Arc<tokio::sync::Semaphore>) {
     POOLED.get_or_init(|| {
         let n = (outbound().0 / 2).max(1);
+        (n, Arc::new(tokio::sync::Semaphore::new(n)))
+    })
+}
+
+fn plain_budget() -> &'static (usize, Arc<tokio::sync::Semaphore>) {
+    PLAIN.get_or_init(|| {
+        let n = (outbound().0 * 3 / 4).max(1);
         (n, Arc::new(tokio::sync::Semaphore::new(n)))
     })
 }
@@ -309,6 +322,7 @@ pub fn per_address(configured: u32) -> u32 {
 pub fn init_outbound(budget: &Budget) -> usize {
     let size = outbound_budget(|| budget.outbound).0;
     pooled_budget();
+    plain_budget();
     size
 }
 
@@ -316,15 +330,26 @@ pub fn init_outbound(budget: &Budget) -> usize {
 #[derive(Debug)]
 pub struct OutboundSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// A plain request's connection: its place in the plain share.
+    _plain: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// A pooled connection: its place in the pooled share.
     _pooled: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// A slot for a pooled keep-alive connection: one of the pooled share's, and one of the
-/// outbound budget's.
+/// A slot for a pooled keep-alive connection: one of the pooled share's, one of the plain
+/// share's, and one of the outbound budget's.
 pub fn pooled_slot() -> Result<OutboundSlot, Spent> {
     let (size, sem) = pooled_budget();
     let pooled = sem.clone().try_acquire_owned().map_err(|_| Spent(*size))?;
-    outbound_slot().map(|s| OutboundSlot { _pooled: Some(pooled), ..s })
+    plain_slot().map(|s| OutboundSlot { _pooled: Some(pooled), ..s })
+}
+
+/// A slot for a plain request's connection that serves it alone (the pooled share held): one
+/// of the plain share's, and one of the outbound budget's.
+pub fn plain_slot() -> Result<OutboundSlot, Spent> {
+    let (size, sem) = plain_budget();
+    let plain = sem.clone().try_acquire_owned().map_err(|_| Spent(*size))?;
+    outbound_slot().map(|s| OutboundSlot { _plain: Some(plain), ..s })
 }
 
 /// Whether pooled connections hold more than three quarters of their share: requests made now
@@ -344,7 +369,10 @@ pub struct Spent(pub usize);
 /// opened, and never waited for: a full budget refuses at once.
 pub fn outbound_slot() -> Result<OutboundSlot, Spent> {
     let (size, sem) = outbound();
-    sem.clone().try_acquire_owned().map(|p| OutboundSlot { _permit: p, _pooled: None }).map_err(|_| Spent(*size))
+    sem.clone()
+        .try_acquire_owned()
+        .map(|p| OutboundSlot { _permit: p, _plain: None, _pooled: None })
+        .map_err(|_| Spent(*size))
 }
 
 /// Outbound descriptors `(held, budget)`, for the metrics.

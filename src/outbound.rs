@@ -23,9 +23,12 @@ pub enum OutboundError {
     /// The URL is not `http://` or `https://` with a host.
     #[error("invalid url: {0}")]
     Url(&'static str),
-    /// The TCP connect failed, or took the whole timeout (a host that drops SYNs).
+    /// The TCP connect was refused or failed.
     #[error("connect: {0}")]
     Connect(String),
+    /// No TCP connection by the deadline (a host that drops SYNs, or one slow to accept).
+    #[error("connect: no connection within the timeout")]
+    ConnectTimeout,
     /// The proxy could not open a connection: out of descriptors or ports, not the host's doing.
     #[error("cannot open a connection: {0}")]
     Exhausted(String),
@@ -72,8 +75,8 @@ impl HttpClient {
 
     /// GETs `uri` with `headers` (plus `Host`) and reads at most `max_body` bytes of the body,
     /// all within `timeout`. A connect still pending when it runs out is
-    /// [`OutboundError::Connect`], as a refused one, so a caller can tell a host it cannot reach
-    /// from one that was reached and did not answer.
+    /// [`OutboundError::ConnectTimeout`], so a caller can tell a host it cannot reach from one
+    /// that was reached and did not answer.
     pub async fn get(
         &self,
         uri: &Uri,
@@ -82,23 +85,23 @@ impl HttpClient {
         timeout: std::time::Duration,
     ) -> Result<(StatusCode, Bytes), OutboundError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let tcp = self.connect(uri, deadline).await?;
+        let tcp = self.open(uri, deadline).await?;
         self.get_on(uri, tcp, headers, max_body, deadline).await
     }
 
     /// A TCP connection to `uri`'s host, made by `deadline`: the first half of [`Self::get`],
     /// for a caller that acts on the connect before the answer (a registry gate opens on it).
-    pub async fn connect(&self, uri: &Uri, deadline: tokio::time::Instant) -> Result<TcpStream, OutboundError> {
+    pub(crate) async fn open(&self, uri: &Uri, deadline: tokio::time::Instant) -> Result<TcpStream, OutboundError> {
         let (host, port) = host_and_port(uri)?;
         match tokio::time::timeout_at(deadline, connect(host, port)).await {
             Ok(tcp) => tcp,
-            Err(_) => Err(OutboundError::Connect("no connection within the timeout".into())),
+            Err(_) => Err(OutboundError::ConnectTimeout),
         }
     }
 
-    /// The second half of [`Self::get`]: the request on `tcp` (from [`Self::connect`]), its
+    /// The second half of [`Self::get`]: the request on `tcp` (from [`Self::open`]), its
     /// answer read by `deadline` ([`OutboundError::Timeout`] past it).
-    pub async fn get_on(
+    pub(crate) async fn get_on(
         &self,
         uri: &Uri,
         tcp: TcpStream,
@@ -198,9 +201,10 @@ pub type Upstream = hyper_util::client::legacy::Client<Budgeted, UpstreamBody>;
 /// hyper-util's connector, with each connection holding a place in the process's outbound
 /// descriptor budget for as long as it is open, in use or idle in the pool: in the pooled
 /// connections' share of it ([`crate::limits::pooled_slot`]), or, when that share is held, in
-/// the rest of the budget for this request only (the connection is poisoned, so the pool never
-/// keeps it): connections idle in the pool for members of one burst never refuse a request to
-/// another member while the budget has room. A spent budget fails the connect with
+/// the plain requests' share for this request only (the connection is poisoned, so the pool
+/// never keeps it; [`crate::limits::plain_slot`]): connections idle in the pool for members of
+/// one burst never refuse a request to another member while plain requests hold less than
+/// three quarters of the budget, and the last quarter stays for sessions. A spent budget fails the connect with
 /// [`crate::limits::Spent`] in the error's sources, before any socket is opened.
 #[derive(Debug, Clone)]
 pub struct Budgeted(hyper_util::client::legacy::connect::HttpConnector);
@@ -217,7 +221,7 @@ impl tower_service::Service<Uri> for Budgeted {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let place = match crate::limits::pooled_slot() {
             Ok(slot) => Ok((slot, true)),
-            Err(_) => crate::limits::outbound_slot().map(|slot| (slot, false)),
+            Err(_) => crate::limits::plain_slot().map(|slot| (slot, false)),
         };
         let connecting = self.0.call(uri);
         Box::pin(async move {

@@ -214,7 +214,9 @@ impl JwksSource {
         let (status, body) =
             self.client.get(&self.settings.url, headers, MAX_JWKS_BYTES, self.settings.timeout).await.map_err(|e| {
                 match e {
-                    crate::outbound::OutboundError::Timeout => JwksError::Timeout,
+                    crate::outbound::OutboundError::Timeout | crate::outbound::OutboundError::ConnectTimeout => {
+                        JwksError::Timeout
+                    }
                     e => JwksError::Http(e.to_string()),
                 }
             })?;

@@ -158,15 +158,17 @@ impl RequestError {
     }
 
     /// Whether this is the proxy's own capacity refusal: its outbound descriptor budget spent,
-    /// for a member connection, a recording, a forward to a peer or a registry lookup.
+    /// for a member connection, a recording, a forward to a peer or a registry lookup, or the
+    /// process out of descriptors or ports for a registry lookup.
     pub fn descriptors_spent(&self) -> bool {
-        use crate::routing::resolver::ResolveError::Descriptors as Lookup;
+        use crate::routing::resolver::ResolveError::{Descriptors as Spent, Exhausted};
         matches!(
             self,
-            RequestError::Connect(ConnectError::Descriptors(_) | ConnectError::Pool(PoolError::Registry(Lookup(_))))
-                | RequestError::Forward(
-                    ForwardError::Descriptors(_) | ForwardError::Pool(PoolError::Registry(Lookup(_)))
-                )
+            RequestError::Connect(
+                ConnectError::Descriptors(_) | ConnectError::Pool(PoolError::Registry(Spent(_) | Exhausted(_)))
+            ) | RequestError::Forward(
+                ForwardError::Descriptors(_) | ForwardError::Pool(PoolError::Registry(Spent(_) | Exhausted(_)))
+            )
         )
     }
 

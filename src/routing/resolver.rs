@@ -270,12 +270,21 @@ impl RegistryResolver {
         // held for the connect only, never for the answer: behind a registry that answers in
         // most of the timeout, lookups waiting for the first one's answer would have too little
         // of theirs left for their own.
+        // Whether this lookup waited at the gate, with less than its timeout left for its connect.
+        let mut waited = false;
         let gate = match self.reachable.contains_key(&host) {
             true => None,
             false => {
                 let gate = self.gates.get_with(host.clone(), || Arc::new(tokio::sync::Semaphore::new(1)));
-                let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, gate.acquire_owned()).await else {
-                    return Err(ResolveError::Unavailable(format!("no connection within {timeout:?}")));
+                let permit = match gate.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        waited = true;
+                        let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, gate.acquire_owned()).await else {
+                            return Err(ResolveError::Unavailable(format!("no connection within {timeout:?}")));
+                        };
+                        permit
+                    }
                 };
                 if let Some(why) = self.unreachable.get(&host).await {
                     return Err(held(why));
@@ -287,15 +296,18 @@ impl RegistryResolver {
         // A lookup's connection is counted as a member's is: a burst of lookups for agents not
         // cached (a cold start, a flood of made-up names) is held to the outbound budget.
         let _slot = crate::limits::outbound_slot().map_err(ResolveError::Descriptors)?;
-        let tcp = match client.connect(&uri, deadline).await {
+        let tcp = match client.open(&uri, deadline).await {
             Ok(tcp) => tcp,
             Err(e) => {
                 let why = e.to_string();
                 // Refused, or no connection within the timeout (a host that drops SYNs); not
                 // the proxy's own exhaustion, which says nothing of the host.
+                // A connect refused, or not made in the whole timeout, holds the host; one not
+                // made in what was left after a wait at the gate says less of it.
+                use crate::outbound::OutboundError::{Connect, ConnectTimeout, Exhausted};
                 return Err(match e {
-                    crate::outbound::OutboundError::Exhausted(_) => ResolveError::Exhausted(why),
-                    crate::outbound::OutboundError::Connect(_) => {
+                    Exhausted(_) => ResolveError::Exhausted(why),
+                    Connect(_) | ConnectTimeout if !(waited && matches!(e, ConnectTimeout)) => {
                         self.reachable.invalidate(&host).await;
                         self.unreachable.insert(host, why.clone()).await;
                         ResolveError::Unavailable(why)

@@ -566,44 +566,61 @@ async fn a_burst_holding_the_pooled_share_does_not_refuse_a_request_to_another_m
         .merge("", json!({"routes": [route("busy", &busy), route("other", &other)]}))
         .text();
     let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
-    let held = |m: &str| metric(m, "portcullis_outbound_descriptors{state=\"held\"}");
-    let (_, m) = http_get(proxy.admin, "/metrics").await;
-    let share = (metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}") / 2.0).floor();
-    // As many slow requests as the share holds, each on a connection of its own.
-    let h2 = H2::connect(proxy.tls).await;
-    let mut burst = Vec::new();
-    for _ in 0..share as usize {
-        let send = h2.send.clone();
-        burst.push(tokio::spawn(async move {
-            let mut send = send.ready().await.expect("ready");
-            let req = ::http::Request::get("https://localhost/busy/a1/sse?n=1&wait_ms=3000").body(()).expect("request");
-            let (resp, _) = send.send_request(req, true).expect("send");
-            resp.await.expect("response").status().as_u16()
-        }));
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let held = async || {
         let (_, m) = http_get(proxy.admin, "/metrics").await;
-        if held(&m) >= share {
-            break;
+        metric(&m, "portcullis_outbound_descriptors{state=\"held\"}")
+    };
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    let budget = metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}");
+    let (share, plain) = ((budget / 2.0).floor(), (budget * 3.0 / 4.0).floor());
+    let h2 = H2::connect(proxy.tls).await;
+    // `n` slow requests to the busy member, each on a connection of its own: their statuses.
+    let slow = |n: usize| {
+        (0..n)
+            .map(|_| {
+                let send = h2.send.clone();
+                tokio::spawn(async move {
+                    let mut send = send.ready().await.expect("ready");
+                    let req = ::http::Request::get("https://localhost/busy/a1/sse?n=1&wait_ms=3000")
+                        .body(())
+                        .expect("request");
+                    let (resp, _) = send.send_request(req, true).expect("send");
+                    resp.await.expect("response").status().as_u16()
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let until = async |what: &str, done: &dyn Fn(f64) -> bool| loop {
+        let now = held().await;
+        if done(now) {
+            return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the burst never held the share: {}", held(&m));
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {now} held");
         tokio::task::yield_now().await;
-    }
+    };
+    // As many as the pooled share holds.
+    let burst = slow(share as usize);
+    until("the burst never held the pooled share", &|h| h >= share).await;
     let (status, body) = http_get(proxy.plain, "/other/a1/echo").await;
     assert_eq!(status, 200, "a member not yet connected to is served beside the burst: {body}");
     // That request's connection is not kept: what is held goes back to the share.
-    loop {
-        let (_, m) = http_get(proxy.admin, "/metrics").await;
-        if held(&m) <= share {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{} held of a share of {share}", held(&m));
-        tokio::task::yield_now().await;
-    }
+    until("the one-shot connection was kept", &|h| h <= share).await;
+    // A burst of more than the whole budget: plain requests hold three quarters of it at most,
+    // and a session still opens.
+    let flood = slow(budget as usize);
+    until("the flood never held the plain share", &|h| h >= plain).await;
+    let mut c = upgrade(proxy.plain, false, "/agents/a1/terminal", &[]).await.expect("a session beside the flood");
+    echoes(&mut c, b"room").await;
     for b in burst {
         assert_eq!(b.await.expect("task"), 200);
     }
+    let mut statuses = std::collections::BTreeMap::new();
+    for f in flood {
+        *statuses.entry(f.await.expect("task")).or_insert(0) += 1;
+    }
+    let served = f64::from(statuses.get(&200).copied().unwrap_or(0));
+    assert_eq!(served, plain - share, "the flood was served up to the plain share: {statuses:?}");
     h2.conn.abort();
     let log = proxy.stop_and_collect_logs().await;
     assert!(!log.contains("Too many open files"), "{log}");
