@@ -16,11 +16,34 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug)]
 pub struct Counts<K> {
     counts: Mutex<HashMap<K, u32>>,
+    /// Caps held to [`per_holder_share`] of the outbound descriptor budget: each holder here (a
+    /// client connection, an HTTP/2 stream, a session) holds a member connection.
+    budgeted: bool,
 }
 
 impl<K> Default for Counts<K> {
     fn default() -> Self {
-        Counts { counts: Mutex::new(HashMap::new()) }
+        Counts { counts: Mutex::new(HashMap::new()), budgeted: false }
+    }
+}
+
+impl<K> Counts<K> {
+    /// A table whose every cap is held to [`per_holder_share`]: the proxy's per-address and
+    /// per-subject caps, whose holders each take a member connection, so that at a small
+    /// descriptor limit no one address or subject can take the outbound budget (at 1,024, one
+    /// address under the default caps of 256 held all of it). The admin endpoint's, whose
+    /// connections are reserved apart, is not.
+    pub fn budgeted() -> Self {
+        Counts { budgeted: true, ..Counts::default() }
+    }
+
+    /// The cap in force for a configured `max` (0: no cap, which stays 0: every client behind
+    /// one load balancer's address).
+    pub fn cap(&self, max: u32) -> u32 {
+        match (self.budgeted, max) {
+            (true, n @ 1..) => n.min(per_holder_share()),
+            _ => max,
+        }
     }
 }
 
@@ -54,9 +77,10 @@ pub struct Slot<K: Hash + Eq> {
 pub type IpSlot = Slot<IpAddr>;
 
 impl<K: Hash + Eq + Clone> Counts<K> {
-    /// A slot for `key`, unless `max` are held already (then `Err` with the count); `max == 0`
-    /// means no cap (and no counting).
+    /// A slot for `key`, unless `max` (as [`Counts::cap`] holds it) are held already (then
+    /// `Err` with the count); `max == 0` means no cap (and no counting).
     pub fn try_acquire(self: &Arc<Self>, key: K, max: u32) -> Result<Option<Slot<K>>, u32> {
+        let max = self.cap(max);
         if max == 0 {
             return Ok(None);
         }
@@ -299,22 +323,13 @@ fn plain_budget() -> &'static (usize, Arc<tokio::sync::Semaphore>) {
     })
 }
 
-/// The most one client address may hold of what takes an outbound descriptor each, per kind
-/// (its connections, its HTTP/2 streams): an eighth of the outbound budget, so that one
-/// address under both caps holds a quarter of it at most. Only a small descriptor limit makes it
-/// bind (at 1,024, one address under the default caps of 256 each held every outbound slot;
-/// from about 4,500 up the defaults are below it).
-pub fn per_address_share() -> u32 {
+/// The most one address or subject may hold under each of its caps ([`Counts::budgeted`]):
+/// an eighth of the outbound budget, so that one address under both of its caps (connections,
+/// HTTP/2 streams) holds about a quarter of the budget (a recorded session holds two: its
+/// member connection and its file). Only a small descriptor limit makes it bind: from about
+/// 4,500 up the defaults are below it.
+pub fn per_holder_share() -> u32 {
     u32::try_from(outbound().0 / 8).unwrap_or(u32::MAX).max(1)
-}
-
-/// `configured`, a per-address cap (`max_connections_per_ip`, `max_streams_per_ip`), held to
-/// [`per_address_share`]; 0 (no cap: every client behind one load balancer's address) stays 0.
-pub fn per_address(configured: u32) -> u32 {
-    match configured {
-        0 => 0,
-        n => n.min(per_address_share()),
-    }
 }
 
 /// Sizes the outbound budget from `budget` (the first call in the process decides); the size

@@ -648,19 +648,20 @@ impl Server {
                  (LimitNOFILE, ulimit -n) or lower max_connections"
             );
         }
-        let share = crate::limits::per_address_share();
+        let share = crate::limits::per_holder_share();
         for (key, configured) in [
             ("max_connections_per_ip", config.server.max_connections_per_ip),
             ("max_streams_per_ip", config.http2.max_streams_per_ip),
+            ("max_sessions_per_subject", config.auth.max_sessions_per_subject),
         ] {
-            if crate::limits::per_address(configured) < configured {
+            if configured > share {
                 tracing::warn!(
                     key,
                     configured,
                     in_force = share,
                     descriptor_limit = budget.limit,
-                    "a per-address cap is held to an eighth of the outbound descriptor budget, or one address \
-                     could hold all of it; raise the descriptor limit (LimitNOFILE, ulimit -n)"
+                    "a per-address or per-subject cap is held to an eighth of the outbound descriptor budget, or \
+                     one client could hold all of it; raise the descriptor limit (LimitNOFILE, ulimit -n)"
                 );
             }
         }
@@ -689,9 +690,9 @@ impl Server {
                 denylist,
                 sessions,
                 conns: ConnCounts::new(),
-                per_ip: Arc::default(),
-                per_ip_streams: Arc::default(),
-                per_subject: Arc::default(),
+                per_ip: Arc::new(crate::limits::PerIp::budgeted()),
+                per_ip_streams: Arc::new(crate::limits::PerIp::budgeted()),
+                per_subject: Arc::new(crate::limits::PerSubject::budgeted()),
                 recording_ledgers: Default::default(),
                 resumes: Arc::default(),
                 fanouts: Arc::default(),

@@ -139,7 +139,7 @@ impl ConnSlot {
 /// and freed with it.
 fn per_ip(shared: &Shared, client: SocketAddr, mut slot: ConnSlot) -> Option<ConnSlot> {
     let runtime = shared.runtime.load();
-    let max = crate::limits::per_address(runtime.config.server.max_connections_per_ip);
+    let max = runtime.config.server.max_connections_per_ip;
     let prefix = runtime.config.server.ipv6_prefix_len;
     let key = crate::limits::ip_key(client.ip(), prefix);
     // The new-connection rate first (`connection_rate_per_ip`): a flood of connections is

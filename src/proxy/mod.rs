@@ -600,7 +600,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Result<Respons
 
 /// An HTTP/2 stream's place under `max_streams_per_ip` (none when there is no cap), or 429.
 fn stream_slot(ctx: &ConnCtx, runtime: &Runtime) -> Result<Option<crate::limits::IpSlot>, RequestError> {
-    let max = crate::limits::per_address(runtime.config.http2.max_streams_per_ip);
+    let max = runtime.config.http2.max_streams_per_ip;
     if max == 0 {
         return Ok(None);
     }
