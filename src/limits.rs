@@ -33,13 +33,13 @@ impl<K> Counts<K> {
     /// descriptor limit no one address or subject can take the outbound budget (at 1,024, one
     /// address under the default caps of 256 held all of it). The admin endpoint's, whose
     /// connections are reserved apart, is not.
-    pub fn budgeted() -> Self {
+    pub(crate) fn budgeted() -> Self {
         Counts { budgeted: true, ..Counts::default() }
     }
 
     /// The cap in force for a configured `max` (0: no cap, which stays 0: every client behind
     /// one load balancer's address).
-    pub fn cap(&self, max: u32) -> u32 {
+    pub(crate) fn cap(&self, max: u32) -> u32 {
         match (self.budgeted, max) {
             (true, n @ 1..) => n.min(per_holder_share()),
             _ => max,
@@ -328,7 +328,7 @@ fn plain_budget() -> &'static (usize, Arc<tokio::sync::Semaphore>) {
 /// HTTP/2 streams) holds about a quarter of the budget (a recorded session holds two: its
 /// member connection and its file). Only a small descriptor limit makes it bind: from about
 /// 4,500 up the defaults are below it.
-pub fn per_holder_share() -> u32 {
+pub(crate) fn per_holder_share() -> u32 {
     u32::try_from(outbound().0 / 8).unwrap_or(u32::MAX).max(1)
 }
 
@@ -361,7 +361,7 @@ pub fn pooled_slot() -> Result<OutboundSlot, Spent> {
 
 /// A slot for a plain request's connection that serves it alone (the pooled share held): one
 /// of the plain share's, and one of the outbound budget's.
-pub fn plain_slot() -> Result<OutboundSlot, Spent> {
+pub(crate) fn plain_slot() -> Result<OutboundSlot, Spent> {
     let (size, sem) = plain_budget();
     let plain = sem.clone().try_acquire_owned().map_err(|_| Spent(*size))?;
     outbound_slot().map(|s| OutboundSlot { _plain: Some(plain), ..s })

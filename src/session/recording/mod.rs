@@ -310,7 +310,7 @@ async fn write(
             match created {
                 Ok(f) => {
                     open = Some(ledger.open(&path));
-                    Some(tokio::io::BufWriter::new(f))
+                    Some(Writing { writer: tokio::io::BufWriter::new(f), _slot: slot.take() })
                 }
                 Err(e) => {
                     queue.fail(io_reason(&e), &format_args!("{}: {e}", path.display()));
@@ -319,6 +319,9 @@ async fn write(
             }
         }
     };
+    // The slot went with the file if one was made; a recording that could not make one only
+    // drains its queue from here, and gives its place back now.
+    drop(slot);
     let mut written = 0u64;
     if let Some(f) = file.as_mut() {
         let line = header(&settings, &meta, unix) + "\n";
@@ -328,11 +331,6 @@ async fn write(
             queue.fail(io_reason(&e), &format_args!("{}: {e}", path.display()));
             file = None;
         }
-    }
-    // The file's place in the descriptor budget goes with the file: a recording that failed
-    // (or never opened one) only drains its queue from here.
-    if file.is_none() {
-        slot = None;
     }
     let mut carry = [Vec::new(), Vec::new()];
     let mut batch = VecDeque::new();
@@ -385,18 +383,35 @@ async fn write(
         }
         queue.queued.fetch_sub(freed, Ordering::AcqRel);
         queue.wake();
-        if file.is_none() {
-            slot = None;
-        }
     }
     let stored = file.is_some();
     if let Some(mut f) = file {
         let _ = f.shutdown().await;
     }
-    drop((open, slot));
+    drop(open);
     crate::metrics::recording_ended(&meta.route, written, stored);
     crate::metrics::recordings_active(-1.0);
     tracing::info!(session = meta.session, route = %meta.route, file = %path.display(), bytes = written, "recording ended");
+}
+
+/// A recording's file with its place in the descriptor budget: the place goes when the file
+/// does (a cap or a failed write ends the file before the session), whichever way.
+struct Writing {
+    writer: tokio::io::BufWriter<tokio::fs::File>,
+    _slot: Option<crate::limits::OutboundSlot>,
+}
+
+impl std::ops::Deref for Writing {
+    type Target = tokio::io::BufWriter<tokio::fs::File>;
+    fn deref(&self) -> &Self::Target {
+        &self.writer
+    }
+}
+
+impl std::ops::DerefMut for Writing {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.writer
+    }
 }
 
 /// Bytes kept free at the end of a recording for its gap marker.
