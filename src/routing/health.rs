@@ -141,6 +141,11 @@ impl Handshakes {
         self.served.push((requester, now));
     }
 
+    /// Whether a handshake of `requester` failed on it within `max`.
+    fn failed_for(&self, requester: u64, now: Instant, max: Duration) -> bool {
+        self.failed_for.iter().any(|(r, at)| *r == requester && now.saturating_duration_since(*at) < max)
+    }
+
     /// Whether it completed a handshake of `requester` within [`SERVED_RECENTLY`].
     fn served(&self, requester: u64, now: Instant) -> bool {
         self.served.iter().any(|(r, at)| *r == requester && now.saturating_duration_since(*at) < SERVED_RECENTLY)
@@ -257,18 +262,37 @@ impl PassiveHealth {
     /// that let a handshake time out to one caller per `spacing` (the route's
     /// `handshake_timeout`), as a circuit breaker's half-open probe: at most one requester
     /// waits on it at a time, and the first it serves puts it back for everyone.
-    pub(crate) fn last_resort<'m>(&self, members: &'m [Member], spacing: Duration) -> Vec<&'m Member> {
-        self.last_resort_at(members, spacing, Instant::now())
+    pub(crate) fn last_resort<'m>(
+        &self,
+        members: &'m [Member],
+        spacing: Duration,
+        requester: Option<u64>,
+    ) -> Vec<&'m Member> {
+        self.last_resort_at(members, spacing, requester, Instant::now())
     }
 
-    fn last_resort_at<'m>(&self, members: &'m [Member], spacing: Duration, now: Instant) -> Vec<&'m Member> {
+    fn last_resort_at<'m>(
+        &self,
+        members: &'m [Member],
+        spacing: Duration,
+        requester: Option<u64>,
+        now: Instant,
+    ) -> Vec<&'m Member> {
         let mut failing = self.lock();
+        // The probe of a member that let a handshake time out is for a requester it has not
+        // failed: those whose handshakes failed on it (the accounts that ejected it) cannot
+        // take every probe by retrying faster than newcomers come.
+        let failed_it = |addr: &str| {
+            let Some(requester) = requester else { return false };
+            let table = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+            table.0.get(addr).is_some_and(|h| h.failed_for(requester, now, self.max))
+        };
         let mut last = Vec::new();
         for m in members {
             let Some(f) = failing.get_mut(&m.addr).filter(|f| now < f.until) else { continue };
             match &mut f.cause {
                 Cause::Answered => last.push(m),
-                Cause::TimedOut { probed } if probed.is_none_or(|at| now >= at + spacing) => {
+                Cause::TimedOut { probed } if probed.is_none_or(|at| now >= at + spacing) && !failed_it(&m.addr) => {
                     *probed = Some(now);
                     last.push(m);
                 }
@@ -366,7 +390,7 @@ mod tests {
         let t0 = Instant::now();
         let members = pool();
         let addrs = |v: Vec<&Member>| v.into_iter().map(|m| m.addr.clone()).collect::<Vec<_>>();
-        assert!(h.last_resort_at(&members, spacing, t0).is_empty(), "none ejected");
+        assert!(h.last_resort_at(&members, spacing, Some(9), t0).is_empty(), "none ejected");
         // Two accounts fail on a:1 (answered) and b:1 (one of them timed out); c:1 refuses
         // connections.
         for (m, answered) in [("a:1", true), ("b:1", false)] {
@@ -375,23 +399,39 @@ mod tests {
         }
         h.record_failure_at("c:1", t0);
         assert!(h.healthy_at(&members, Some(9), t0).is_empty());
-        assert_eq!(addrs(h.last_resort_at(&members, spacing, t0)), ["a:1", "b:1"], "the first newcomer tries both");
+        // The accounts whose handshakes ejected b:1 cannot take its probe, however often they ask.
+        for account in [7, 8] {
+            assert_eq!(addrs(h.last_resort_at(&members, spacing, Some(account), t0)), ["a:1"], "account {account}");
+        }
+        assert_eq!(
+            addrs(h.last_resort_at(&members, spacing, Some(9), t0)),
+            ["a:1", "b:1"],
+            "the first newcomer tries both"
+        );
         let soon = t0 + Duration::from_millis(100);
-        assert_eq!(addrs(h.last_resort_at(&members, spacing, soon)), ["a:1"], "the next, within spacing, not b:1");
-        assert_eq!(addrs(h.last_resort_at(&members, spacing, t0 + spacing)), ["a:1", "b:1"], "one per spacing");
+        assert_eq!(
+            addrs(h.last_resort_at(&members, spacing, Some(9), soon)),
+            ["a:1"],
+            "the next, within spacing, not b:1"
+        );
+        assert_eq!(
+            addrs(h.last_resort_at(&members, spacing, Some(9), t0 + spacing)),
+            ["a:1", "b:1"],
+            "one per spacing"
+        );
         // A timeout keeps its mark while the ejection runs, even when the failures that eject
         // it again were answered.
         let later = t0 + Duration::from_millis(1500);
         for r in [7, 8] {
             h.record_refusal_at("b:1", r, true, later);
         }
-        assert_eq!(addrs(h.last_resort_at(&members, spacing, later)), ["a:1"], "b:1 was probed 500 ms ago");
+        assert_eq!(addrs(h.last_resort_at(&members, spacing, Some(9), later)), ["a:1"], "b:1 was probed 500 ms ago");
         // A failed connect takes one out of the last resort.
         h.record_failure_at("a:1", later);
-        assert!(h.last_resort_at(&members, spacing, later).is_empty());
+        assert!(h.last_resort_at(&members, spacing, Some(9), later).is_empty());
         // Once the ejections end, the members are usable again, and no longer a last resort.
         let much_later = later + Duration::from_secs(60);
-        assert!(h.last_resort_at(&members, spacing, much_later).is_empty());
+        assert!(h.last_resort_at(&members, spacing, Some(9), much_later).is_empty());
         assert_eq!(h.healthy_at(&members, Some(9), much_later).len(), 3);
     }
 

@@ -103,7 +103,7 @@ impl RouteState {
             (true, true) => members,
             // None usable: those out for failed handshakes are still tried (one that let a
             // handshake time out by one caller at a time).
-            (true, false) => match self.health.last_resort(&members, route.backend.handshake_timeout) {
+            (true, false) => match self.health.last_resort(&members, route.backend.handshake_timeout, requester) {
                 last if last.is_empty() => return Err(PoolError::NoHealthyMember),
                 last => last.into_iter().cloned().collect(),
             },

@@ -345,6 +345,9 @@ async fn a_member_that_lets_handshakes_time_out_takes_one_newcomer_at_a_time() {
     assert_eq!(two_accounts_try(&proxy, &key, "m1").await, [504, 504], "the member let the handshakes time out");
     assert_eq!(ejected(&proxy).await, json!([member.addr.to_string()]));
     let asked = member.log.requests.lock().expect("lock").len();
+    // The accounts that ejected it do not get its probe, however often they ask.
+    assert_eq!(two_accounts_try(&proxy, &key, "m1").await, [503, 503], "refused at once");
+    assert_eq!(member.log.requests.lock().expect("lock").len(), asked, "the member was not asked");
     let (bob, carol) = (key.bearer(&["b1"]), key.bearer(&["c1"]));
     let (bob, carol) = ([("authorization", bob.as_str())], [("authorization", carol.as_str())]);
     // Carol asks once bob's attempt is at the member.
