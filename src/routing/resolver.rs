@@ -269,8 +269,8 @@ impl RegistryResolver {
         // A host not known reachable: one connect at a time, until one succeeds. The gate is
         // held for the connect only, never for the answer: behind a registry that answers in
         // most of the timeout, lookups waiting for the first one's answer would have too little
-        // of theirs left for their own.
-        // Whether this lookup waited at the gate, with less than its timeout left for its connect.
+        // of theirs left for their own. `waited`: this lookup waited there, and has less than
+        // its timeout left for its connect.
         let mut waited = false;
         let gate = match self.reachable.contains_key(&host) {
             true => None,
@@ -299,19 +299,17 @@ impl RegistryResolver {
         let tcp = match client.open(&uri, deadline).await {
             Ok(tcp) => tcp,
             Err(e) => {
-                let why = e.to_string();
-                // Refused, or no connection within the timeout (a host that drops SYNs); not
-                // the proxy's own exhaustion, which says nothing of the host.
-                // A connect refused, or not made in the whole timeout, holds the host; one not
-                // made in what was left after a wait at the gate says less of it.
                 use crate::outbound::OutboundError::{Connect, ConnectTimeout, Exhausted};
+                let why = e.to_string();
+                // A connect refused, or not made in the whole timeout (a host that drops SYNs),
+                // holds the host; one not made in what was left after a wait at the gate says
+                // less of it, and the proxy's own exhaustion nothing.
+                if matches!(e, Connect(_)) || (matches!(e, ConnectTimeout) && !waited) {
+                    self.reachable.invalidate(&host).await;
+                    self.unreachable.insert(host, why.clone()).await;
+                }
                 return Err(match e {
                     Exhausted(_) => ResolveError::Exhausted(why),
-                    Connect(_) | ConnectTimeout if !(waited && matches!(e, ConnectTimeout)) => {
-                        self.reachable.invalidate(&host).await;
-                        self.unreachable.insert(host, why.clone()).await;
-                        ResolveError::Unavailable(why)
-                    }
                     _ => ResolveError::Unavailable(why),
                 });
             }
