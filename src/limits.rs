@@ -183,9 +183,9 @@ pub const SPARE: u64 = 128;
 /// How the process's descriptor limit is shared out: `clients` client connections (the cap
 /// `max_connections` is held to) and `outbound` descriptors for what the proxy opens on their
 /// behalf, one per member connection (a session's, a pooled one, a forward to a peer), per
-/// registry lookup, per active health check and per open recording. Either side full is refused cleanly (closed at
-/// accept; 503) instead of running the process out of descriptors, where every accept, connect
-/// and file fails at once and the admin endpoint goes dark. Client connections never take more
+/// registry lookup, per active health check and per open recording. Either side full is
+/// refused cleanly (closed at accept; 503) instead of running the process out of descriptors,
+/// where every accept, connect and file fails at once and the admin endpoint goes dark. Client connections never take more
 /// than half, so a flood of idle ones cannot leave the sessions no member connection; HTTP/2
 /// streams, whose member connections a client connection can hold by the hundred, are held to
 /// the outbound side.
