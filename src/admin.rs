@@ -205,7 +205,7 @@ fn limits(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             // In force: held to the descriptor budget's share per address.
             "max_connections_per_ip": shared.per_ip.cap(server.max_connections_per_ip),
             "ipv6_prefix_len": server.ipv6_prefix_len,
-            "max_sessions_per_subject": shared.runtime.load().config.auth.max_sessions_per_subject,
+            "max_sessions_per_subject": shared.per_subject.cap(shared.runtime.load().config.auth.max_sessions_per_subject),
             "per_ip": per_ip,
             "per_subject": per_subject,
         }),

@@ -200,6 +200,13 @@ impl PassiveHealth {
         if let Some(Some(cause)) = eject {
             self.eject_at(addr, now, cause);
         }
+        // An answered failure ends a probe at once (a timed-out one held the next off for the
+        // `handshake_timeout` it took): the next requester may have the next probe now.
+        if answered {
+            if let Some(Failing { cause: Cause::TimedOut { probed }, .. }) = self.lock().get_mut(addr) {
+                *probed = None;
+            }
+        }
     }
 
     /// Records a completed connect and WebSocket handshake of `addr` for `requester`: forgives
@@ -419,13 +426,14 @@ mod tests {
             ["a:1", "b:1"],
             "one per spacing"
         );
-        // A timeout keeps its mark while the ejection runs, even when the failures that eject
-        // it again were answered.
+        // A probe that times out holds the next one off for `spacing`; one the member answers
+        // (with an error) ends at once, and the next requester has the next probe. The timeout
+        // keeps its mark while the ejection runs: the probe stays one at a time.
         let later = t0 + Duration::from_millis(1500);
-        for r in [7, 8] {
-            h.record_refusal_at("b:1", r, true, later);
-        }
-        assert_eq!(addrs(h.last_resort_at(&members, spacing, Some(9), later)), ["a:1"], "b:1 was probed 500 ms ago");
+        assert_eq!(addrs(h.last_resort_at(&members, spacing, Some(10), later)), ["a:1"], "b:1 was probed 500 ms ago");
+        h.record_refusal_at("b:1", 9, true, later);
+        assert_eq!(addrs(h.last_resort_at(&members, spacing, Some(10), later)), ["a:1", "b:1"], "the probe answered");
+        assert_eq!(addrs(h.last_resort_at(&members, spacing, Some(11), later)), ["a:1"], "one at a time still");
         // A failed connect takes one out of the last resort.
         h.record_failure_at("a:1", later);
         assert!(h.last_resort_at(&members, spacing, Some(9), later).is_empty());
