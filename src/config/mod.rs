@@ -1455,6 +1455,10 @@ mod tests {
             ("backends = [\"127.0.0.1:1\"]\n[routes.auth]\n[routes.observe]\nscope = \"watch\"\nqueue = 2305843009213693952\n", "observe.queue: must be 1 to 65536"),
             ("[routes.registry]\nurl = \"http://reg.internal/{agent}\"\nmax_capacity = 0\n", "registry.max_capacity: must be at least 1"),
             ("backends = [\"127.0.0.1:1\"]\n[admin]\nmax_connections = 10000\n", "admin.max_connections: must be 1 to 1024"),
+            (
+                "backends = [\"127.0.0.1:1\"]\n[routes.recording]\ndirectory = \"/tmp\"\nmax_total_size = 0\n",
+                "recording.max_total_size: must be at least 4KiB",
+            ),
         ] {
             let text = format!("{base}{table}");
             let msg = Config::parse_with(&text, Path::new("x.toml"), validate::Secrets::Unread).expect_err(table).to_string();

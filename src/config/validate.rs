@@ -273,6 +273,9 @@ fn recording(r: super::raw::RawRecording, key: &str) -> Result<std::sync::Arc<su
         return Err(invalid(&format!("{key}.recording.directory"), "must not be empty"));
     }
     let max_total_size = r.max_total_size.map_or(10 << 30, |v| v.0);
+    if max_total_size < 4096 {
+        return Err(invalid(&format!("{key}.recording.max_total_size"), "must be at least 4KiB"));
+    }
     let max_file_size = r.max_file_size.map_or(256 << 20, |v| v.0).min(max_total_size);
     if max_file_size < 4096 {
         return Err(invalid(&format!("{key}.recording.max_file_size"), "must be at least 4KiB"));
