@@ -306,6 +306,13 @@ async fn two_accounts_failing_together_cannot_take_away_members_that_serve_other
     }
 }
 
+/// One route to `member` alone, its grants in the tokens of `key`, an ejection lasting 30 s.
+fn only_member(member: &str, key: &Hmac) -> TestConfig {
+    TestConfig::base(&[member.to_owned()])
+        .merge("", key.auth_keys())
+        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}, "health": {"eject_base": "30s"}}))
+}
+
 /// Left open by the last reviews: a member used less often than every 10 s could be ejected by
 /// two accounts failing between its users' sessions, and a newcomer (a requester it never
 /// served) was then refused it (503) for the ejection's length. A member ejected for failed
@@ -316,11 +323,7 @@ async fn two_accounts_cannot_keep_a_newcomer_from_the_only_member() {
         Backend::start(BackendOpts { status_for: Some(("mallory-agent", 503)), ..Default::default() }, echo_handler())
             .await;
     let key = hmac();
-    let text = TestConfig::base(&[gateway.addr.to_string()])
-        .merge("", key.auth_keys())
-        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}, "health": {"eject_base": "30s"}}))
-        .text();
-    let proxy = Proxy::start_with(&text).await;
+    let proxy = Proxy::start_with(&only_member(&gateway.addr.to_string(), &key).text()).await;
     assert_eq!(two_accounts_try(&proxy, &key, "mallory-agent").await, [502, 502], "the gateway's refusals");
     assert_eq!(ejected(&proxy).await, json!([gateway.addr.to_string()]));
     let bob = key.bearer(&["b1"]);
@@ -336,12 +339,10 @@ async fn two_accounts_cannot_keep_a_newcomer_from_the_only_member() {
 async fn a_member_that_lets_handshakes_time_out_takes_one_newcomer_at_a_time() {
     let member = Backend::start(BackendOpts { hang: true, ..Default::default() }, echo_handler()).await;
     let key = hmac();
-    let text = TestConfig::base(&[member.addr.to_string()])
-        .merge("", key.auth_keys())
-        .set("backend.handshake_timeout", "300ms")
-        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}, "health": {"eject_base": "30s"}}))
-        .text();
-    let proxy = Proxy::start_with(&text).await;
+    let proxy = Proxy::start_with(
+        &only_member(&member.addr.to_string(), &key).set("backend.handshake_timeout", "300ms").text(),
+    )
+    .await;
     assert_eq!(two_accounts_try(&proxy, &key, "m1").await, [504, 504], "the member let the handshakes time out");
     assert_eq!(ejected(&proxy).await, json!([member.addr.to_string()]));
     let asked = member.log.requests.lock().expect("lock").len();
@@ -372,12 +373,10 @@ async fn two_accounts_whose_agent_never_answers_cannot_keep_a_newcomer_from_the_
     let gateway =
         Backend::start(BackendOpts { hang_for: Some("mallory-agent"), ..Default::default() }, echo_handler()).await;
     let key = hmac();
-    let text = TestConfig::base(&[gateway.addr.to_string()])
-        .merge("", key.auth_keys())
-        .set("backend.handshake_timeout", "300ms")
-        .merge("routes.0", json!({"auth": {"agent_claim": "agents"}, "health": {"eject_base": "30s"}}))
-        .text();
-    let proxy = Proxy::start_with(&text).await;
+    let proxy = Proxy::start_with(
+        &only_member(&gateway.addr.to_string(), &key).set("backend.handshake_timeout", "300ms").text(),
+    )
+    .await;
     assert_eq!(two_accounts_try(&proxy, &key, "mallory-agent").await, [504, 504], "her agent never answers");
     assert_eq!(ejected(&proxy).await, json!([gateway.addr.to_string()]));
     served(&proxy, "b1", &key.bearer(&["b1"]), "bob, whom the member never served, still reaches it").await;
