@@ -103,8 +103,8 @@ pub struct RegistryResolver {
     /// such a host fails at once meanwhile, whichever agent it names (a connect fails before
     /// anything of the request is sent: no client's request can be its cause).
     unreachable: moka::future::Cache<String, String>,
-    /// Registry hosts connected to within the hold: requests to them go at once.
-    reachable: moka::future::Cache<String, ()>,
+    /// Registry hosts connected to within the hold, and when last: requests to them go at once.
+    reachable: moka::future::Cache<String, Instant>,
     /// One request at a time to a host not known reachable, so a burst of lookups naming
     /// different agents sends one connect to a host that cannot be reached, not one each: the
     /// others wait for its outcome (within their own timeout) and find the host held.
@@ -296,6 +296,7 @@ impl RegistryResolver {
         // A lookup's connection is counted as a member's is: a burst of lookups for agents not
         // cached (a cold start, a flood of made-up names) is held to the outbound budget.
         let _slot = crate::limits::outbound_slot().map_err(ResolveError::Descriptors)?;
+        let tried = Instant::now();
         let tcp = match client.open(&uri, deadline).await {
             Ok(tcp) => tcp,
             Err(e) => {
@@ -303,8 +304,12 @@ impl RegistryResolver {
                 let why = e.to_string();
                 // A connect refused, or not made in the whole timeout (a host that drops SYNs),
                 // holds the host; one not made in what was left after a wait at the gate says
-                // less of it, and the proxy's own exhaustion nothing.
-                if matches!(e, Connect(_)) || (matches!(e, ConnectTimeout) && !waited) {
+                // less of it, and the proxy's own exhaustion nothing. Nor does one lost while
+                // another connect to the host went through (a registry whose accept queue
+                // overflowed for a moment): the others would be refused for the hold.
+                let connected_since = self.reachable.get(&host).await.is_some_and(|at| at > tried);
+                let holds = matches!(e, Connect(_)) || (matches!(e, ConnectTimeout) && !waited);
+                if holds && !connected_since {
                     self.reachable.invalidate(&host).await;
                     self.unreachable.insert(host, why.clone()).await;
                 }
@@ -315,7 +320,7 @@ impl RegistryResolver {
             }
         };
         // Each connect renews the mark: a registry in use is not gated again.
-        self.reachable.insert(host, ()).await;
+        self.reachable.insert(host, Instant::now()).await;
         drop(gate);
         let (status, body) = client
             .get_on(&uri, tcp, self.request_headers()?, MAX_BODY_BYTES, deadline)
@@ -419,6 +424,8 @@ mod tests {
     struct TestRegistry {
         addr: SocketAddr,
         requests: AtomicUsize,
+        /// Connections accepted.
+        accepted: AtomicUsize,
         reply: Mutex<Reply>,
         delay: Mutex<Duration>,
         last_authorization: Mutex<Option<String>>,
@@ -427,16 +434,26 @@ mod tests {
     impl TestRegistry {
         async fn start() -> Arc<TestRegistry> {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+            let (_, accepting) = tokio::sync::watch::channel(true);
+            TestRegistry::start_on(listener, accepting)
+        }
+
+        /// A registry on `listener` that accepts connections while `accepting` says so (its
+        /// accept queue fills meanwhile).
+        fn start_on(listener: TcpListener, mut accepting: tokio::sync::watch::Receiver<bool>) -> Arc<TestRegistry> {
             let registry = Arc::new(TestRegistry {
                 addr: listener.local_addr().expect("bound socket has an address"),
                 requests: AtomicUsize::new(0),
+                accepted: AtomicUsize::new(0),
                 reply: Mutex::new(Reply::Members),
                 delay: Mutex::new(Duration::ZERO),
                 last_authorization: Mutex::new(None),
             });
             let server = Arc::clone(&registry);
             tokio::spawn(async move {
-                while let Ok((tcp, _)) = listener.accept().await {
+                while accepting.wait_for(|open| *open).await.is_ok() {
+                    let Ok((tcp, _)) = listener.accept().await else { break };
+                    server.accepted.fetch_add(1, Ordering::SeqCst);
                     let registry = Arc::clone(&server);
                     tokio::spawn(async move {
                         let service = service_fn(move |req| {
@@ -755,6 +772,52 @@ mod tests {
             answered += usize::from(lookup.await.expect("lookup task").is_ok());
         }
         assert_eq!(answered, 20, "every lookup of the burst answered within its own timeout");
+    }
+
+    /// A registry whose accept queue overflowed for a moment: one connect lost among others
+    /// that go through held the whole host for the hold (a second here), and every lookup of
+    /// an agent not cached was refused meanwhile.
+    #[tokio::test]
+    async fn one_connect_lost_while_others_reach_the_registry_does_not_hold_it() {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind port 0");
+        socket.listen(0).expect("listen");
+        socket.set_nonblocking(true).expect("nonblocking");
+        let listener = TcpListener::from_std(socket.into()).expect("tokio listener");
+        let (accepting, open) = tokio::sync::watch::channel(true);
+        let registry = TestRegistry::start_on(listener, open);
+        let mut s = settings(1000 * MS, 1000 * MS, 1000 * MS);
+        s.timeout = 300 * MS;
+        let resolver = RegistryResolver::new(s);
+        resolver.resolve(&registry.url("a0")).await.expect("the registry is reached");
+        // Its accept queue fills: the next SYN is dropped (and sent again only after a second).
+        accepting.send_replace(false);
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) = tokio::time::timeout(100 * MS, tokio::net::TcpStream::connect(registry.addr)).await {
+                fillers.push(s);
+            }
+        }
+        let lost = tokio::spawn({
+            let (resolver, url) = (resolver.clone(), registry.url("a1"));
+            async move { resolver.resolve(&url).await }
+        });
+        tokio::time::sleep(50 * MS).await;
+        // The registry takes its queue; another lookup connects and is answered meanwhile.
+        let queued = registry.accepted.load(Ordering::SeqCst);
+        accepting.send_replace(true);
+        let taken = async {
+            while registry.accepted.load(Ordering::SeqCst) == queued {
+                tokio::time::sleep(5 * MS).await;
+            }
+        };
+        tokio::time::timeout(1000 * MS, taken).await.expect("the registry takes its queue");
+        resolver.resolve(&registry.url("a2")).await.expect("answered while the first connect waits");
+        let err = lost.await.expect("lookup task").expect_err("its SYN was dropped");
+        assert!(matches!(&err, ResolveError::Unavailable(m) if m.starts_with("connect: no connection")), "{err:?}");
+        // The host answered since that connect began: it is not held.
+        resolver.resolve(&registry.url("a3")).await.expect("the registry is not held");
+        drop(fillers);
     }
 
     #[tokio::test]
