@@ -496,17 +496,19 @@ impl Stop {
     }
 }
 
-/// An HTTP/2 answer's send deadline (`send_timeout`). hyper takes the body's next frame only
-/// once the stream's flow-control window has room, so a client that keeps its window shut stops
-/// the body where it stands, with no read and no timer of the body's own running: the exchange
-/// (its member connection, its session) would be held until its lifetime. So the stream's task
-/// ([`Watched`]) looks, each time it wakes, at what the body did meanwhile: a body that handed
-/// hyper a frame, or that hyper did not poll at all although the task woke, waits on the
-/// client; one that hyper polled and that waits on its member does not. A wait on the client
-/// that lasts `send_timeout` drops the stream, as an HTTP/1.1 client that takes no byte for
-/// `send_timeout` loses its connection (there the socket's write has that deadline; an HTTP/2
-/// connection's writes carry its other streams, so it is each answer's). Frames handed to hyper
-/// are at most [`H2_FRAME`], so a client that reads on, however slowly, takes one within it.
+/// An HTTP/2 answer's send deadline (`send_timeout`). hyper 1.12 holds one frame of the body in
+/// hand and polls the body again only once h2 has assigned the stream more send capacity (of
+/// its window and the connection's) than it still buffers, so a client that keeps its window
+/// shut stops the body where it stands, with no read and no timer of the body's own running:
+/// the exchange (its member connection, its session) would be held until its lifetime. So the
+/// stream's task ([`Watched`]) looks, each time it wakes, at what the body did meanwhile: a
+/// body that handed hyper a frame, or that hyper did not poll at all although the task woke,
+/// waits on the client; one that hyper polled and that waits on its member does not. A wait on
+/// the client that lasts `send_timeout` drops the stream, as an HTTP/1.1 client that takes no
+/// byte for `send_timeout` loses its connection (there the socket's write has that deadline; an
+/// HTTP/2 connection's writes carry its other streams, so it is each answer's). Frames handed
+/// to hyper are at most [`H2_FRAME`], so a client that reads on, however slowly, takes one
+/// within it.
 struct Stall {
     /// `send_timeout`.
     within: Duration,
