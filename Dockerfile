@@ -18,16 +18,24 @@
 
 # ---- build ---------------------------------------------------------------------------------
 FROM rust:1.95-bookworm AS build
+# llvm-profdata, for the profile-guided build below: a layer of its own, kept across source changes.
+RUN rustup component add llvm-tools
 WORKDIR /src
 # The whole workspace (see .dockerignore): the manifest names workspace members and benches,
 # so they must be present even though only the proxy binary is built.
 COPY . .
+# A profile-guided build (loadtest/pgo-build.sh: an instrumented build serves the bundled load
+# generator's training load on loopback, then the release build uses that profile; about three
+# times a release build's time, for less CPU per message and per new session: BENCHMARKS.md,
+# "A profile-guided build"). `--build-arg PGO=0`: a plain `cargo build --release` (for a
+# cross-architecture build under emulation, say, where the training would run emulated).
 # Cache mounts keep the registry and build artifacts between builds; the binary is copied out
 # of the cached target directory in the same step.
+ARG PGO=1
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p portcullis \
-    && install -D -m 0755 target/release/portcullis /out/portcullis \
+    if [ "$PGO" = 1 ]; then loadtest/pgo-build.sh /out/portcullis; \
+    else cargo build --release --locked -p portcullis && install -D -m 0755 target/release/portcullis /out/portcullis; fi \
     && install -d -m 0700 /out/state
 
 # ---- runtime -------------------------------------------------------------------------------

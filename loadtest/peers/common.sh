@@ -4,6 +4,7 @@
 #                            cleaned up on exit: every process in pids killed, WORK removed
 #   LIMITS_OFF               the [server] lines that turn the per-client limits off (the load
 #                            comes from one address)
+#   wait_port PORT           waits up to 10 s for 127.0.0.1:PORT to take a connection (1 if not)
 #   self_signed DIR          DIR/cert.pem and DIR/key.pem: an ECDSA P-256 certificate for
 #                            127.0.0.1, for wss targets the load generator reaches with --insecure
 #   terminal_route PORT      the [session] table (no pings, no idle cut, no per-session rates)
@@ -21,6 +22,9 @@ peers_setup() {
     WORK=$(mktemp -d)
     pids=()
     trap peers_cleanup EXIT
+    # An EXIT trap does not run on a signal that kills the shell: exit on it instead.
+    trap 'exit 143' TERM
+    trap 'exit 130' INT
 }
 
 peers_cleanup() {
@@ -33,6 +37,15 @@ LIMITS_OFF='max_connections_per_ip = 0
 handshake_rate_per_ip = 0
 connection_rate_per_ip = 0
 token_check_rate_per_ip = 0'
+
+wait_port() {
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "port $1 did not open" >&2
+    return 1
+}
 
 self_signed() {
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1/key.pem" \

@@ -24,7 +24,8 @@
 # --insecure; the direct baseline is a second, TLS, echo backend; adds the target nginx-tls12, an NGINX
 # limited to TLS 1.2 as Debian's NGINX 1.22 is by default), PIN (0; 1 = every proxy pinned alone
 # on core 1 with `taskset`, the echo backends and the load generator on core 0), OUT (results
-# directory), SKIP_BUILD=1.
+# directory), SKIP_BUILD=1, PORTCULLIS (the proxy binary: target/release/portcullis; a profile-guided
+# build from loadtest/pgo-build.sh, say).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -86,10 +87,14 @@ HAPROXY_BIN=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 # --- build -----------------------------------------------------------------------------------
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    (cd "$ROOT" && cargo build --release -p portcullis -p portcullis-loadtest)
+    if [ -n "${PORTCULLIS:-}" ]; then
+        (cd "$ROOT" && cargo build --release -p portcullis-loadtest)
+    else
+        (cd "$ROOT" && cargo build --release -p portcullis -p portcullis-loadtest)
+    fi
 fi
 LT="$ROOT/target/release/portcullis-loadtest"
-PC="$ROOT/target/release/portcullis"
+PC=${PORTCULLIS:-$ROOT/target/release/portcullis}
 
 ulimit -n "$(ulimit -Hn)" || true
 
@@ -225,15 +230,6 @@ backend agents
 CONF
 
 # --- start -----------------------------------------------------------------------------------
-wait_port() {
-    for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "port $1 did not open" >&2
-    return 1
-}
-
 start_portcullis() {
     if [ -n "$PORTCULLIS_THREADS" ]; then
         RUST_LOG=warn TOKIO_WORKER_THREADS=$PORTCULLIS_THREADS ${PROXY_CORE[@]+"${PROXY_CORE[@]}"} "$PC" run --config "$WORK/portcullis.toml" >>"$WORK/portcullis.log" 2>&1 &

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Two Portcullis binaries side by side in one run, for a change that must not cost performance:
 # the fixed-rate `rate` scenario (CPU per message at a set load) and 64 B closed-loop echo,
-# interleaved and repeated by `portcullis-loadtest compare`, one worker thread each, against
+# interleaved and repeated by `portcullis-loadtest compare`, one worker thread each (WORKERS), against
 # the same echo backend, with a direct (no proxy) target as the floor.
 #
 #     loadtest/peers/old-vs-new.sh OLD_PORTCULLIS NEW_PORTCULLIS LOADTEST
 #
-# Knobs (environment): DURATION (5s), REPEAT (3), CONNS (50), RATE (10000), IDLE (1000: sessions
+# Knobs (environment): WORKERS (1: each proxy's worker threads), DURATION (5s), REPEAT (3), CONNS (50), RATE (10000), IDLE (1000: sessions
 # held by the idle round, for KiB per session; 0 skips it), ROUNDS ("rate echo idle": which
 # rounds, in order, of "rate echo storm idle"; storm is new sessions, for CPU per session; "idle" alone measures memory on freshly started processes), OLD_SERVER / NEW_SERVER and
 # OLD_SESSION / NEW_SESSION and OLD_LISTENER / NEW_LISTENER (TOML lines added to each one's
@@ -24,7 +24,7 @@ ROUNDS=${ROUNDS:-rate echo idle}
 DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-50} RATE=${RATE:-10000} IDLE=${IDLE:-1000}
 OLD_SERVER=${OLD_SERVER:-} NEW_SERVER=${NEW_SERVER:-} OLD_SESSION=${OLD_SESSION:-} NEW_SESSION=${NEW_SESSION:-}
 OLD_EXTRA=${OLD_EXTRA:-} NEW_EXTRA=${NEW_EXTRA:-} OLD_LISTENER=${OLD_LISTENER:-} NEW_LISTENER=${NEW_LISTENER:-}
-TLS=${TLS:-0} H2_STREAMS=${H2_STREAMS:-0}
+TLS=${TLS:-0} H2_STREAMS=${H2_STREAMS:-0} WORKERS=${WORKERS:-1}
 # Many streams share one address here: the per-address stream cap (256 by default) is off, as
 # the per-address limits are in LIM.
 H2_TABLE=
@@ -68,7 +68,7 @@ path = "/agents/{agent}/terminal"
 backends = ["127.0.0.1:19301"]
 $7
 CONF
-    RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$2" run --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
+    RUST_LOG=warn TOKIO_WORKER_THREADS=$WORKERS "$2" run --config "$WORK/$1.toml" >"$WORK/$1.log" 2>&1 &
     pids+=($!)
     eval "${1}_PID=$!"
 }
