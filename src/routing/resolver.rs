@@ -103,8 +103,11 @@ pub struct RegistryResolver {
     /// such a host fails at once meanwhile, whichever agent it names (a connect fails before
     /// anything of the request is sent: no client's request can be its cause).
     unreachable: moka::future::Cache<String, String>,
-    /// Registry hosts connected to within the hold, and when last: requests to them go at once.
-    reachable: moka::future::Cache<String, Instant>,
+    /// Registry hosts connected to within the hold: requests to them go at once.
+    reachable: moka::future::Cache<String, ()>,
+    /// When each registry host was last connected to, kept as long as a connect may take: a
+    /// connect that fails after another went through holds nothing.
+    connected: moka::future::Cache<String, Instant>,
     /// One request at a time to a host not known reachable, so a burst of lookups naming
     /// different agents sends one connect to a host that cannot be reached, not one each: the
     /// others wait for its outcome (within their own timeout) and find the host held.
@@ -130,6 +133,10 @@ impl RegistryResolver {
         let failed = moka::future::Cache::builder().max_capacity(settings.max_capacity).time_to_live(hold).build();
         let unreachable = moka::future::Cache::builder().max_capacity(settings.max_capacity).time_to_live(hold).build();
         let reachable = moka::future::Cache::builder().max_capacity(settings.max_capacity).time_to_live(hold).build();
+        let connected = moka::future::Cache::builder()
+            .max_capacity(settings.max_capacity)
+            .time_to_live(settings.timeout.max(hold))
+            .build();
         let gates = moka::sync::Cache::builder()
             .max_capacity(settings.max_capacity)
             .time_to_idle(settings.timeout.saturating_mul(2).max(hold))
@@ -141,6 +148,7 @@ impl RegistryResolver {
             failed,
             unreachable,
             reachable,
+            connected,
             gates,
             client: crate::outbound::HttpClient::new(None).ok(),
             requests: AtomicU64::new(0),
@@ -307,9 +315,9 @@ impl RegistryResolver {
                 // less of it, and the proxy's own exhaustion nothing. Nor does one lost while
                 // another connect to the host went through (a registry whose accept queue
                 // overflowed for a moment): the others would be refused for the hold.
-                let connected_since = self.reachable.get(&host).await.is_some_and(|at| at > tried);
-                let holds = matches!(e, Connect(_)) || (matches!(e, ConnectTimeout) && !waited);
-                if holds && !connected_since {
+                let holds = (matches!(e, Connect(_)) || (matches!(e, ConnectTimeout) && !waited))
+                    && self.connected.get(&host).await.is_none_or(|at| at <= tried);
+                if holds {
                     self.reachable.invalidate(&host).await;
                     self.unreachable.insert(host, why.clone()).await;
                 }
@@ -319,8 +327,11 @@ impl RegistryResolver {
                 });
             }
         };
-        // Each connect renews the mark: a registry in use is not gated again.
-        self.reachable.insert(host, Instant::now()).await;
+        // Each connect renews the mark: a registry in use is not gated again. A connect made
+        // disproves a hold that one failing meanwhile put on the host.
+        self.connected.insert(host.clone(), Instant::now()).await;
+        self.unreachable.invalidate(&host).await;
+        self.reachable.insert(host, ()).await;
         drop(gate);
         let (status, body) = client
             .get_on(&uri, tcp, self.request_headers()?, MAX_BODY_BYTES, deadline)
@@ -774,9 +785,9 @@ mod tests {
         assert_eq!(answered, 20, "every lookup of the burst answered within its own timeout");
     }
 
-    /// A registry whose accept queue overflowed for a moment: one connect lost among others
-    /// that go through held the whole host for the hold (a second here), and every lookup of
-    /// an agent not cached was refused meanwhile.
+    /// A registry whose accept queue overflowed for a moment: a connect lost while another to
+    /// the same host goes through fails its own lookup and holds nothing, so the next lookup of
+    /// an agent not cached is sent.
     #[tokio::test]
     async fn one_connect_lost_while_others_reach_the_registry_does_not_hold_it() {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
@@ -787,10 +798,11 @@ mod tests {
         let (accepting, open) = tokio::sync::watch::channel(true);
         let registry = TestRegistry::start_on(listener, open);
         let mut s = settings(1000 * MS, 1000 * MS, 1000 * MS);
-        s.timeout = 300 * MS;
+        s.timeout = 500 * MS;
         let resolver = RegistryResolver::new(s);
         resolver.resolve(&registry.url("a0")).await.expect("the registry is reached");
-        // Its accept queue fills: the next SYN is dropped (and sent again only after a second).
+        // It stops accepting (its accept loop, already waiting, takes one more connection) and
+        // its queue of one fills: the next SYN is dropped, and sent again only after a second.
         accepting.send_replace(false);
         let mut fillers = Vec::new();
         for _ in 0..4 {
@@ -798,6 +810,7 @@ mod tests {
                 fillers.push(s);
             }
         }
+        assert_eq!(fillers.len(), 2, "one connection taken, one queued, the others' SYNs dropped");
         let lost = tokio::spawn({
             let (resolver, url) = (resolver.clone(), registry.url("a1"));
             async move { resolver.resolve(&url).await }
