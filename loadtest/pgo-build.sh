@@ -29,6 +29,7 @@ PROFDATA="$(rustc --print sysroot)/lib/rustlib/$HOST/bin/llvm-profdata"
 if [ ! -x "$PROFDATA" ]; then
     command -v rustup >/dev/null || { echo "pgo-build: llvm-profdata missing and rustup is not available to add llvm-tools" >&2; exit 1; }
     rustup component add llvm-tools
+    [ -x "$PROFDATA" ] || { echo "pgo-build: no $PROFDATA after adding llvm-tools" >&2; exit 1; }
 fi
 . loadtest/peers/common.sh
 peers_setup
@@ -47,7 +48,7 @@ cargo build --release --locked -p portcullis-loadtest
 # a second run rebuilds nothing that did not change.
 CARGO_TARGET_DIR=$PGO/instrumented RUSTFLAGS="-Cprofile-generate=$RAW" \
     cargo build --release --locked --target "$HOST" -p portcullis
-PC=$PGO/instrumented/$HOST/release/portcullis LT=target/release/portcullis-loadtest
+PC=$PGO/instrumented/$HOST/release/portcullis LT=${CARGO_TARGET_DIR:-target}/release/portcullis-loadtest
 
 self_signed "$WORK"
 export PCLT_SECRET=pgo-training-secret-of-at-least-32-bytes-long
@@ -108,7 +109,13 @@ tool_scope = "mcp:{agent}:tools/call:{tool}"
 CONF
 wait_port 19601
 
-load() { "$LT" "$@" >>"$WORK/train.log" 2>&1 || { tail -20 "$WORK/train.log" >&2; exit 1; }; }
+load() {
+    timeout 300 "$LT" "$@" >>"$WORK/train.log" 2>&1 || {
+        echo "pgo-build: the training load \`$1\` failed:" >&2
+        tail -20 "$WORK/train.log" >&2
+        exit 1
+    }
+}
 token=(--jwt-secret-env PCLT_SECRET --alg HS256 --claim sub=user-{conn} --claim 'agents=["a1"]'
     --claim 'scope=mcp:a1:tools/call:echo')
 train() { # worker threads
@@ -129,6 +136,7 @@ train() { # worker threads
         load http -q -c 32 --size 256 -d "$TRAIN" --target "$http/api/a1/echo" "${token[@]}" "${tls[@]}"
         load sse -q -c 32 -d "$TRAIN" --target "$http/api/a1/sse" "${token[@]}" "${tls[@]}"
         load mcp -q -c 16 --size 256 -d "$TRAIN" --target "$http/agents/a1/mcp" "${token[@]}" "${tls[@]}"
+        # -d bounds it: it ends once its 40 events reached every watcher.
         load watch -q -c 100 --watchers 50 --events 40 --ramp 2000 -d 20s "${tls[@]}" \
             --target "$base/agents/agent-{conn / 50}/broadcast?watchers=50&events=40&rate=200"
         if [ $scheme = wss ]; then
@@ -139,12 +147,19 @@ train() { # worker threads
     # A clean exit writes the profile: one that ends otherwise fails the build.
     kill -TERM "$proxy"
     wait "$proxy" || { echo "pgo-build: the instrumented proxy exited with $?" >&2; tail -5 "$WORK/proxy.log" >&2; exit 1; }
+    local p rest=()
+    for p in "${pids[@]}"; do [ "$p" = "$proxy" ] || rest+=("$p"); done
+    pids=("${rest[@]}")
 }
 train 1
 train 2
 
 "$PROFDATA" merge -o "$WORK/merged.profdata" "$RAW"/portcullis-*.profraw
-functions=$("$PROFDATA" show --function=portcullis "$WORK/merged.profdata" | sed -n 's/^Functions shown: //p')
+shown=$("$PROFDATA" show --function=portcullis "$WORK/merged.profdata") || {
+    echo "pgo-build: llvm-profdata could not read the merged profile" >&2
+    exit 1
+}
+functions=$(sed -n 's/^Functions shown: //p' <<<"$shown")
 if [ "${functions:-0}" -lt 100 ]; then
     echo "pgo-build: the profile holds ${functions:-no} functions of the proxy's own; not using it" >&2
     exit 1
@@ -153,6 +168,7 @@ fi
 # that changed under the same path would leave crates built with the old one.
 sum=$(sha256sum "$WORK/merged.profdata" | cut -c1-16)
 PROFILE=$PGO/portcullis-$sum.profdata
+rm -f "$PGO"/portcullis-*.profdata
 cp "$WORK/merged.profdata" "$PROFILE"
 
 echo "pgo-build: the optimised build ($functions of the proxy's functions profiled)" >&2

@@ -95,6 +95,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 LT="$ROOT/target/release/portcullis-loadtest"
 PC=${PORTCULLIS:-$ROOT/target/release/portcullis}
+[ -x "$PC" ] || { echo "compare: no Portcullis binary at $PC" >&2; exit 1; }
 
 ulimit -n "$(ulimit -Hn)" || true
 
