@@ -4,7 +4,8 @@
 #                            cleaned up on exit: every process in pids killed, WORK removed
 #   LIMITS_OFF               the [server] lines that turn the per-client limits off (the load
 #                            comes from one address)
-#   wait_port PORT           waits up to 10 s for 127.0.0.1:PORT to take a connection (1 if not)
+#   wait_port PORT...        waits up to 10 s for each 127.0.0.1:PORT to take a connection (1,
+#                            naming the port, if one does not)
 #   self_signed DIR          DIR/cert.pem and DIR/key.pem: an ECDSA P-256 certificate for
 #                            127.0.0.1, for wss targets the load generator reaches with --insecure
 #   terminal_route PORT      the [session] table (no pings, no idle cut, no per-session rates)
@@ -39,12 +40,15 @@ connection_rate_per_ip = 0
 token_check_rate_per_ip = 0'
 
 wait_port() {
-    for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
+    local port
+    for port in "$@"; do
+        for _ in $(seq 1 100); do
+            if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then continue 2; fi
+            sleep 0.1
+        done
+        echo "port $port did not open" >&2
+        return 1
     done
-    echo "port $1 did not open" >&2
-    return 1
 }
 
 self_signed() {

@@ -64,7 +64,10 @@ cleanup() {
         wait "$pid" 2>/dev/null || true
     done
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+# An EXIT trap does not run on a signal that kills the shell: exit on it instead (cleaning up).
+trap 'exit 143' TERM
+trap 'exit 130' INT
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

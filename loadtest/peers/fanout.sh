@@ -34,14 +34,8 @@ START_AFTER=${START_AFTER:-30s}
 DURATION=${DURATION:-60s}
 OUT=${OUT:-$ROOT/target/fanout-bench}
 mkdir -p "$OUT"
-WORK=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+. "$(dirname "$0")/common.sh"
+peers_setup
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACKEND=$(port) PER_CLIENT=$(port) FANOUT=$(port) ADMIN1=$(port) ADMIN2=$(port) FANOUT_OLD=$(port) ADMIN3=$(port)
 OLD=${OLD:-}
@@ -86,9 +80,7 @@ if [ -n "$OLD" ]; then
     P3=$!
     pids+=($P3)
 fi
-for p in "$BACKEND" "$PER_CLIENT" "$FANOUT" ${OLD:+"$FANOUT_OLD"}; do
-    for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && break; sleep 0.1; done
-done
+wait_port "$BACKEND" "$PER_CLIENT" "$FANOUT" ${OLD:+"$FANOUT_OLD"}
 Q="watchers=50&events=$EVENTS&rate=$RATE&size=$SIZE"
 echo "## dashboards, fan-out against one backend connection per client (REPEAT=$REPEAT EVENTS=$EVENTS RATE=$RATE SIZE=$SIZE QUEUE=$QUEUE STALL=$STALL START_AFTER=$START_AFTER TARGETS=${TARGETS:-all})" | tee "$OUT/fanout.txt"
 P="/agents/agent-{conn / 50}/broadcast?$Q"

@@ -35,7 +35,10 @@ cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+# An EXIT trap does not run on a signal that kills the shell: exit on it instead (cleaning up).
+trap 'exit 143' TERM
+trap 'exit 130' INT
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     (cd "$ROOT" && cargo build --release -q -p portcullis -p portcullis-loadtest)
@@ -85,12 +88,7 @@ start_proxy() {
     RUST_LOG=portcullis=warn "$PC" run --config "$WORK/portcullis.toml" >>"$WORK/portcullis.log" 2>&1 &
     PROXY_PID=$!
     PIDS+=("$PROXY_PID")
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$PROXY_PORT") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "portcullis did not start" >&2
-    exit 1
+    wait_port "$PROXY_PORT" || { echo "portcullis did not start" >&2; exit 1; }
 }
 # The protocol's flags for portcullis-loadtest.
 flags() { if [ "$1" = h2 ]; then echo "--h2-streams $STREAMS"; fi; }

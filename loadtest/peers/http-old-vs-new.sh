@@ -49,7 +49,7 @@ for name in old new; do
     PID[$name]=$!
     pids+=($!)
 done
-sleep 1
+wait_port 19401 19402 19403
 token=(--jwt-secret-env PCLT_SECRET --alg HS256 --claim sub=user-{conn} --claim 'agents=["a1"]')
 for scenario in http sse; do
     path=$([ $scenario = http ] && echo echo || echo sse)

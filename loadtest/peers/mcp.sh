@@ -64,7 +64,7 @@ CONF
 RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$PC" run --config "$WORK/portcullis.toml" >"$WORK/proxy.log" 2>&1 &
 PROXY=$!
 pids+=($!)
-sleep 1
+wait_port 19381 19382
 token=(--jwt-secret-env PCLT_SECRET --alg HS256 --claim sub=agent-user-{conn} --claim 'agents=["a1"]'
     --claim 'scope=mcp:a1:tools/call:echo')
 echo "## MCP tools/call: $CONNS sessions, one call of $SIZE B in flight each, $DURATION, $REPEAT rounds"

@@ -16,10 +16,8 @@ set -euo pipefail
 OLD=$1 NEW=$2 LT=$3
 OWNERS=${OWNERS:-10} OBSERVERS=${OBSERVERS:-4} RATE=${RATE:-5000} DURATION=${DURATION:-20s} REPEAT=${REPEAT:-3}
 SECS=${DURATION%s}
-WORK=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+. "$(dirname "$0")/common.sh"
+peers_setup
 export PCLT_SECRET=observers-benchmark-secret-of-at-least-32-bytes
 printf '%s' "$PCLT_SECRET" >"$WORK/secret"
 "$LT" backend --mode echo --listen 127.0.0.1:19351 2>"$WORK/backend.log" &
@@ -27,10 +25,7 @@ pids+=($!)
 config() { # port admin
     cat <<CONF
 [server]
-max_connections_per_ip = 0
-connection_rate_per_ip = 0
-handshake_rate_per_ip = 0
-token_check_rate_per_ip = 0
+$LIMITS_OFF
 [[listeners]]
 addresses = ["127.0.0.1:$1"]
 [admin]
@@ -57,6 +52,18 @@ CONF
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 port_of() { [ "$1" = old ] && echo 19352 || echo 19353; }
 admin_of() { [ "$1" = old ] && echo 19362 || echo 19363; }
+# Waits up to 10 s for the proxy whose admin port is $1 to hold $2 sessions; prints the least id.
+first_session() {
+    for _ in $(seq 1 100); do
+        curl -s "http://127.0.0.1:$1/sessions" | python3 -c 'import json,sys
+s = [x["id"] for x in json.load(sys.stdin)["sessions"]]
+if len(s) < int(sys.argv[1]): sys.exit(1)
+print(min(s))' "$2" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "the proxy with admin port $1 did not hold $2 sessions" >&2
+    return 1
+}
 TICK=$(getconf CLK_TCK)
 token=(--jwt-secret-env PCLT_SECRET --alg HS256)
 echo "## observers: $OWNERS owners x $OBSERVERS observers per proxy, $RATE msg/s of 64 B, $DURATION, $REPEAT rounds (both proxies at once)"
@@ -72,7 +79,7 @@ for round in $(seq 1 "$REPEAT"); do
         pids+=($!)
         procs+=($!)
     done
-    sleep 1
+    wait_port 19351 "$(port_of old)" "$(port_of new)"
     for name in old new; do
         port=$(port_of $name)
         "$LT" rate -q -c "$OWNERS" --rate "$RATE" --size 64 -d "$((SECS + 4))s" "${token[@]}" --claim sub=owner \
@@ -80,10 +87,9 @@ for round in $(seq 1 "$REPEAT"); do
         pids+=($!)
         procs+=($!)
     done
-    sleep 1
     for name in old new; do
         port=$(port_of $name) admin=$(admin_of $name)
-        base=$(curl -s "http://127.0.0.1:$admin/sessions" | python3 -c 'import json,sys; print(min(s["id"] for s in json.load(sys.stdin)["sessions"]))')
+        base=$(first_session "$admin" "$OWNERS")
         "$LT" idle -q -c "$((OWNERS * OBSERVERS))" --ramp 1000 -d "$((SECS + 1))s" "${token[@]}" --claim sub=watcher \
             --claim scope=observe:a1 --target "ws://127.0.0.1:$port/agents/a1/terminal?observe={conn % $OWNERS + $base}" \
             >"$WORK/observers-$name.txt" 2>&1 &

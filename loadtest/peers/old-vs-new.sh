@@ -32,16 +32,13 @@ H2_TABLE=
 
 read -r -a LT_ARGS <<<"${LT_ARGS:-}"
 if [ "$H2_STREAMS" -gt 0 ] && [ "$TLS" != 1 ]; then echo "H2_STREAMS needs TLS=1" >&2; exit 64; fi
-WORK=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
+. "$(dirname "$0")/common.sh"
+peers_setup
 
 "$LT" backend --mode echo --listen 127.0.0.1:19301 2>"$WORK/backend.log" &
 pids+=($!)
 SCHEME=ws TLS_LISTENER="" TLS_TABLE="" INSECURE=()
 if [ "$TLS" = 1 ]; then
-    . "$(dirname "$0")/common.sh"
     self_signed "$WORK"
     SCHEME=wss TLS_LISTENER="tls = true" INSECURE=(--insecure)
     TLS_TABLE=$(printf '[tls]\ncert = "%s"\nkey = "%s"' "$WORK/cert.pem" "$WORK/key.pem")
@@ -74,7 +71,7 @@ CONF
 }
 start old "$OLD" 19302 19312 "$OLD_SERVER" "$OLD_SESSION" "$OLD_EXTRA" "$OLD_LISTENER"
 start new "$NEW" 19303 19313 "$NEW_SERVER" "$NEW_SESSION" "$NEW_EXTRA" "$NEW_LISTENER"
-sleep 1
+wait_port 19301 19302 19303
 TARGETS=(direct=ws://127.0.0.1:19301/agents/a1/terminal old=$SCHEME://127.0.0.1:19302/agents/a1/terminal
     new=$SCHEME://127.0.0.1:19303/agents/a1/terminal)
 PIDS=(--pid-of "old=$old_PID" --pid-of "new=$new_PID" ${INSECURE[@]+"${INSECURE[@]}"} ${LT_ARGS[@]+"${LT_ARGS[@]}"})

@@ -36,7 +36,7 @@ CONF
 RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$PC" run --config "$WORK/portcullis.toml" >"$WORK/proxy.log" 2>&1 &
 PROXY=$!
 pids+=($!)
-sleep 1
+wait_port 19501 19502
 "$LT" echo -q -c 50 --window 4 --size 64 -d "$DURATION" --insecure \
     --target "$scheme://127.0.0.1:19502/agents/agent-{conn}/terminal" >"$WORK/load.txt" 2>&1 &
 LOAD=$!
@@ -58,4 +58,4 @@ echo "### system calls and switches (5 s)"
 grep -E "syscalls|context-switches" "$WORK/stat.txt" | awk '{printf "%14s  %s\n", $1, $2}'
 echo "### top $TOP symbols by self time (5 s, perf record -g)"
 perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -E '^ +[0-9]' \
-    | sed 's/  \+/ /g' | cut -c1-120 | head -n "$TOP"
+    | sed 's/  \+/ /g' | cut -c1-120 | awk -v n="$TOP" 'NR <= n'

@@ -48,8 +48,7 @@ case $TARGET in
     *) echo "profile-stages: TARGET is portcullis or nginx" >&2; exit 64 ;;
 esac
 pids+=($server)
-for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/19532) 2>/dev/null && break; sleep 0.1; done
-if ! (exec 3<>/dev/tcp/127.0.0.1/19532) 2>/dev/null; then
+if ! wait_port 19532; then
     echo "profile-stages: $TARGET did not start listening:" >&2
     tail -5 "$WORK"/*.log >&2 || true
     exit 1

@@ -49,7 +49,7 @@ for target in $TARGETS; do
             port=19524 ;;
     esac
     pids+=("$server")
-    for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+    wait_port "$port"
     [ "$target" = nginx ] && { sleep 0.3; worker=$(pgrep -P "$server" | head -1); }
     "$LT" storm -q -c 8 --source-addrs 8 -d "$DURATION" \
         --target "ws://127.0.0.1:$port/agents/agent-{conn}/terminal" >"$WORK/$target-load.txt" 2>&1 &
