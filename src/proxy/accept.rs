@@ -75,29 +75,39 @@ pub async fn accept_loop(listener: TcpListener, kind: ListenerKind, shared: Arc<
                     return;
                 };
                 if from_peer {
-                    let Some(auth) = shared2.fleet.peer_auth() else { return };
-                    let limit = shared2.runtime.load().config.server.tls_handshake_timeout;
-                    let checked = match super::peer::read_preamble(&mut tcp, auth, limit).await {
-                        // Fresh here; and over the fleet, where the store says so: a process that
-                        // took this instance's name (a restart, a handover) saw none of its nonces.
-                        Ok(p) if shared2.fleet.first_nonce(&p.nonce).await => Ok(p.client),
-                        Ok(_) => Err(crate::fleet::peer::PeerError::Replay),
-                        Err(e) => Err(e),
-                    };
-                    match checked {
-                        Ok(relayed) => client = relayed,
-                        Err(e) => {
-                            crate::metrics::fleet_peer_refused(e.label());
-                            tracing::warn!(peer = %addr, error = %e, "peer connection refused");
-                            return;
-                        }
-                    }
+                    // Boxed: the fleet store's nonce check is a future of about 7 KB, which inline
+                    // would double the size of every connection's task (moved whole as it is
+                    // spawned), for the peer listener's connections only.
+                    let Some(relayed) = Box::pin(peer_client(&shared2, &mut tcp, addr)).await else { return };
+                    client = relayed;
                 }
                 let Some(slot) = per_ip(&shared2, client, slot) else { return };
                 connection(shared2, tcp, client, acceptor, slot, from_peer).await;
             }
             .instrument(span),
         );
+    }
+}
+
+/// A connection on the fleet's peer listener: the client its signed, fresh preamble names, or
+/// `None` (counted and logged) when the preamble is missing, bad or replayed.
+async fn peer_client(shared: &Shared, tcp: &mut TcpStream, addr: SocketAddr) -> Option<SocketAddr> {
+    let auth = shared.fleet.peer_auth()?;
+    let limit = shared.runtime.load().config.server.tls_handshake_timeout;
+    let checked = match super::peer::read_preamble(tcp, auth, limit).await {
+        // Fresh here; and over the fleet, where the store says so: a process that took this
+        // instance's name (a restart, a handover) saw none of its nonces.
+        Ok(p) if shared.fleet.first_nonce(&p.nonce).await => Ok(p.client),
+        Ok(_) => Err(crate::fleet::peer::PeerError::Replay),
+        Err(e) => Err(e),
+    };
+    match checked {
+        Ok(relayed) => Some(relayed),
+        Err(e) => {
+            crate::metrics::fleet_peer_refused(e.label());
+            tracing::warn!(peer = %addr, error = %e, "peer connection refused");
+            None
+        }
     }
 }
 
