@@ -497,7 +497,9 @@ impl Fleet {
             crate::metrics::fleet_cap_places("unreachable");
             return Ok(Some(places.unplaced(caps)));
         }
-        match places.take(caps).await {
+        // Boxed: the store's round trip is a future of about 7 KB, which inline would size every
+        // caller's future (every upgrade's and request's handler) for `subject_caps = "reserved"`.
+        match Box::pin(places.take(caps)).await {
             Ok(reservation) => {
                 crate::metrics::fleet_cap_places("taken");
                 Ok(Some(reservation))

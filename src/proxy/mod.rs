@@ -730,13 +730,7 @@ async fn subject_slots(
             }
         }
     }
-    if capped.is_empty() {
-        return Ok(slots);
-    }
-    // Boxed: the store's round trip is a future of about 7 KB, which inline would triple the
-    // size of every upgrade's and request's handler future (moved whole into hyper's box), for
-    // `subject_caps = "reserved"` only.
-    match Box::pin(ctx.shared.fleet.reserve(&capped)).await {
+    match ctx.shared.fleet.reserve(&capped).await {
         Ok(Some(places)) => slots.push(SubjectSlot::Fleet { _slots: places }),
         Ok(None) => {}
         Err(crate::fleet::Full) => {
