@@ -128,7 +128,10 @@ impl Default for BackendSettings {
             response_header_timeout: Duration::from_secs(30),
             idle_body_timeout: Duration::from_secs(300),
             max_request_body: 10 << 20,
-            max_idle_per_member: 32,
+            // Above the requests a member has at once under load, so that a steady load keeps its
+            // connections: at 32, 1,000 concurrent requests to one member opened a new connection
+            // for 4 in 10 of them (BENCHMARKS.md, "Idle connections kept per member").
+            max_idle_per_member: 256,
             pool_idle_timeout: Duration::from_secs(90),
             source_addresses: std::sync::Arc::from([]),
             sse_keepalive: Duration::from_secs(15),
