@@ -7,8 +7,9 @@
 #
 #     loadtest/peers/http-old-vs-new.sh OLD_PORTCULLIS NEW_PORTCULLIS LOADTEST
 #
-# Knobs: DURATION (5s), REPEAT (3), CONNS (32), SIZE (256). Loopback only; every process it
-# starts is stopped on exit.
+# Knobs: DURATION (5s), REPEAT (3), CONNS (32), SIZE (256), OLD_BACKEND / NEW_BACKEND (lines for
+# each proxy's `[backend]` table, e.g. 'max_idle_per_member = 32': the same binary twice then
+# compares two settings). Loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 OLD=$1 NEW=$2 LT=$3
 DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-32} SIZE=${SIZE:-256}
@@ -18,10 +19,12 @@ export PCLT_SECRET=http-benchmark-secret-of-at-least-32-bytes-long
 printf '%s' "$PCLT_SECRET" >"$WORK/secret"
 "$LT" backend --mode echo --listen 127.0.0.1:19401 2>"$WORK/backend.log" &
 pids+=($!)
-config() { # port admin
+config() { # port admin backend-lines
     cat <<CONF
 [server]
 $LIMITS_OFF
+[backend]
+$3
 [[listeners]]
 addresses = ["127.0.0.1:$1"]
 [admin]
@@ -44,7 +47,8 @@ declare -A PID
 for name in old new; do
     bin=$([ $name = old ] && echo "$OLD" || echo "$NEW")
     port=$([ $name = old ] && echo 19402 || echo 19403)
-    config "$port" "$((port + 10))" >"$WORK/$name.toml"
+    lines=$([ $name = old ] && echo "${OLD_BACKEND:-}" || echo "${NEW_BACKEND:-}")
+    config "$port" "$((port + 10))" "$lines" >"$WORK/$name.toml"
     RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$bin" run --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
     PID[$name]=$!
     pids+=($!)

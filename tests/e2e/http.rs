@@ -239,7 +239,8 @@ async fn the_connections_a_burst_of_concurrent_requests_opened_carry_the_next_bu
                         .body(())
                         .expect("request");
                     let (resp, _) = send.send_request(req, true).expect("send");
-                    let resp = tokio::time::timeout(Duration::from_secs(10), resp).await.expect("in time").expect("response");
+                    let resp =
+                        tokio::time::timeout(Duration::from_secs(10), resp).await.expect("in time").expect("response");
                     let status = resp.status().as_u16();
                     let mut body = resp.into_body();
                     while let Some(chunk) = body.data().await {
@@ -263,7 +264,10 @@ async fn the_connections_a_burst_of_concurrent_requests_opened_carry_the_next_bu
     let reopened = backend.accepts.load(std::sync::atomic::Ordering::SeqCst) - opened;
     // A connection whose return to the pool races the next burst's request may be replaced; at
     // 32 kept, the second burst opens AT_ONCE - 32 of them.
-    assert!(reopened <= 4, "the second burst opened {reopened} new member connections beside the first burst's {opened}");
+    assert!(
+        reopened <= 4,
+        "the second burst opened {reopened} new member connections beside the first burst's {opened}"
+    );
 }
 
 #[tokio::test]
