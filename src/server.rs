@@ -228,9 +228,13 @@ fn build_runtime(
 /// One keep-alive client per distinct upstream setting of the HTTP routes, the previous
 /// configuration's kept where the settings are unchanged.
 fn upstreams(config: &Config, previous: Option<&Runtime>, metrics: &Metrics) -> HashMap<String, HttpRoute> {
+    // One member's idle connections are held to an eighth of the outbound budget, as an address's
+    // or a subject's caps are: at a small descriptor limit one member could otherwise keep the
+    // whole pooled share idle, and every request would be asked to close its connection.
+    let idle_share = usize::try_from(crate::limits::per_holder_share()).unwrap_or(usize::MAX);
     let settings = |r: &RouteConfig| UpstreamSettings {
         connect_timeout: r.backend.connect_timeout,
-        max_idle_per_member: r.backend.max_idle_per_member,
+        max_idle_per_member: r.backend.max_idle_per_member.min(idle_share),
         pool_idle_timeout: r.backend.pool_idle_timeout,
     };
     let mut by_settings: HashMap<UpstreamSettings, Upstream> = HashMap::new();
@@ -664,6 +668,17 @@ impl Server {
                      one client could hold all of it; raise the descriptor limit (LimitNOFILE, ulimit -n)"
                 );
             }
+        }
+        let idle_share = usize::try_from(share).unwrap_or(usize::MAX);
+        if let Some(r) = config.routes.iter().find(|r| r.kind.http() && r.backend.max_idle_per_member > idle_share) {
+            tracing::warn!(
+                route = %r.name,
+                configured = r.backend.max_idle_per_member,
+                in_force = share,
+                descriptor_limit = budget.limit,
+                "max_idle_per_member is held to an eighth of the outbound descriptor budget, or one member's idle \
+                 connections could hold the whole pooled share; raise the descriptor limit (LimitNOFILE, ulimit -n)"
+            );
         }
         let start_only = crate::config::StartOnly::of(&config);
         // The recorder first: metric handles made before it would record nowhere.

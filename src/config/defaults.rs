@@ -129,8 +129,9 @@ impl Default for BackendSettings {
             idle_body_timeout: Duration::from_secs(300),
             max_request_body: 10 << 20,
             // Above the requests a member has at once under load, so that a steady load keeps its
-            // connections: at 32, 1,000 concurrent requests to one member opened a new connection
-            // for 4 in 10 of them (BENCHMARKS.md, "Idle connections kept per member").
+            // connections: at 32, 1,000 client connections in a closed loop to one member opened a
+            // new member connection for 4 in 10 requests (BENCHMARKS.md, "Plain requests: the
+            // connections kept per member"). Held to an eighth of the outbound budget.
             max_idle_per_member: 256,
             pool_idle_timeout: Duration::from_secs(90),
             source_addresses: std::sync::Arc::from([]),

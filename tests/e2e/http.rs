@@ -215,9 +215,9 @@ async fn keep_alive_connections_to_the_backend_are_reused() {
 }
 
 /// A load of more requests at once than the pool used to keep (32 idle per member) closed most
-/// connections as its responses ended and opened new ones for the next requests: at 1,000
-/// concurrent requests, a new member connection for 4 in 10 of them. At the default the
-/// connections one burst opened carry the next.
+/// connections as its responses ended and opened new ones for the next requests: 1,000 client
+/// connections in a closed loop opened a member connection for 4 in 10 requests. At the default
+/// the connections one burst opened carry the next.
 #[tokio::test]
 async fn the_connections_a_burst_of_concurrent_requests_opened_carry_the_next_burst() {
     const AT_ONCE: usize = 64;

@@ -547,6 +547,75 @@ async fn a_burst_of_plain_requests_cannot_leave_the_keep_alive_pool_holding_the_
     assert!(!log.contains("Too many open files"), "{log}");
 }
 
+/// One member's idle keep-alive connections are held to an eighth of the outbound budget, as an
+/// address's and a subject's caps are: at a small descriptor limit the default (256 kept per
+/// member) would let one burst to one member leave most of the pooled share idle for
+/// `pool_idle_timeout`, and every request after it would be asked to close its connection.
+#[tokio::test]
+async fn one_members_idle_connections_are_held_to_an_eighth_of_the_budget() {
+    let backend = Backend::echo().await;
+    let member = RestBackend::start("m").await;
+    let api = json!({"name": "api", "path": "/agents/{agent}/api/{*rest}", "kind": "http",
+        "backends": [member.addr.to_string()], "backend_path": "/v1/{rest}"});
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
+        .merge("http2", json!({"max_streams_per_ip": 0}))
+        .merge("", json!({"routes": [api]}))
+        .text();
+    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
+    let held = async || {
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        metric(&m, "portcullis_outbound_descriptors{state=\"held\"}")
+    };
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    let budget = metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}");
+    let (per_member, pooled) = ((budget / 8.0).floor(), (budget / 2.0).floor());
+    // As many requests at once as the pooled share holds, each held 1 s by the member.
+    let h2 = H2::connect(proxy.tls).await;
+    let burst: Vec<_> = (0..pooled as usize)
+        .map(|_| {
+            let send = h2.send.clone();
+            tokio::spawn(async move {
+                let mut send = send.ready().await.expect("ready");
+                let req = ::http::Request::get("https://localhost/agents/a1/api/sse?n=1&gap_ms=0&wait_ms=1000")
+                    .body(())
+                    .expect("request");
+                let (resp, _) = send.send_request(req, true).expect("send");
+                let resp = resp.await.expect("response");
+                let status = resp.status().as_u16();
+                let mut body = resp.into_body();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.expect("body");
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+                status
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for b in burst {
+        *statuses.entry(b.await.expect("task")).or_insert(0) += 1;
+    }
+    assert_eq!(statuses.get(&200).copied(), Some(pooled as usize), "the burst was served: {statuses:?}");
+    assert!(
+        f64::from(u32::try_from(member.accepts.load(std::sync::atomic::Ordering::SeqCst)).unwrap_or(u32::MAX))
+            > per_member,
+        "the burst's requests were at the member at once"
+    );
+    // The burst is over: what stays open to the member is its idle share, not the pooled share.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = held().await;
+        if now <= per_member {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{now} descriptors held after the burst, over {per_member}");
+        tokio::task::yield_now().await;
+    }
+    let log = proxy.stop_and_collect_logs().await;
+    assert!(log.contains("max_idle_per_member is held to an eighth of the outbound descriptor budget"), "{log}");
+}
+
 /// Left open by the attack on the pooled share: while connections to the members of one burst
 /// held the share (in use, or idle until `pool_idle_timeout`), a plain request to a member not
 /// yet connected to was refused (503) though the budget had room. Past the share, a request now
