@@ -309,6 +309,8 @@ async fn answer(shared: &Shared, req: Request<Incoming>, path: &str) -> Response
             );
             let (held, limit) = crate::limits::outbound_descriptors();
             crate::metrics::outbound_descriptors(held, limit);
+            let (held, limit) = crate::limits::pooled_connections();
+            crate::metrics::pooled_connections(held, limit);
             if let Some(a) = &runtime.authenticator {
                 crate::metrics::token_cache_entries(a.cached_tokens());
             }

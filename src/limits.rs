@@ -390,6 +390,12 @@ pub fn outbound_slot() -> Result<OutboundSlot, Spent> {
         .map_err(|_| Spent(*size))
 }
 
+/// Pooled keep-alive connections `(held, share)`, for the metrics.
+pub fn pooled_connections() -> (usize, usize) {
+    let (size, sem) = pooled_budget();
+    (size.saturating_sub(sem.available_permits()), *size)
+}
+
 /// Outbound descriptors `(held, budget)`, for the metrics.
 pub fn outbound_descriptors() -> (usize, usize) {
     let (size, sem) = outbound();

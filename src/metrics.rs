@@ -98,6 +98,18 @@ pub const CATALOG: &[(Kind, &str, &str)] = &[
         "portcullis_outbound_descriptors",
         "Outbound descriptors (member connections, recordings) held now (state held) and the budget (state limit).",
     ),
+    (
+        Kind::Gauge,
+        "portcullis_pooled_connections",
+        "Pooled keep-alive member connections, in use or idle, held now (state held) and their share of the outbound \
+         budget (state limit).",
+    ),
+    (
+        Kind::Counter,
+        "portcullis_pooled_pressure_closes_total",
+        "Plain requests' attempts that asked their member to close the connection after the answer because pooled \
+         connections held more than three quarters of their share.",
+    ),
     (Kind::Counter, "portcullis_http2_connections_total", "TLS client connections that chose HTTP/2 by ALPN."),
     (
         Kind::Counter,
@@ -735,6 +747,19 @@ pub fn connections_limit(n: usize) {
 pub fn outbound_descriptors(held: usize, limit: usize) {
     gauge!("portcullis_outbound_descriptors", "state" => "held").set(held as f64);
     gauge!("portcullis_outbound_descriptors", "state" => "limit").set(limit as f64);
+}
+
+/// Pooled keep-alive connections held (in use or idle) and their share of the outbound budget
+/// (set when metrics are rendered).
+pub fn pooled_connections(held: usize, limit: usize) {
+    gauge!("portcullis_pooled_connections", "state" => "held").set(held as f64);
+    gauge!("portcullis_pooled_connections", "state" => "limit").set(limit as f64);
+}
+
+/// A plain request's attempt asked its member to close the connection after the answer:
+/// pooled connections held more than three quarters of their share.
+pub fn pooled_pressure_close() {
+    counter!("portcullis_pooled_pressure_closes_total").increment(1);
 }
 
 /// Tokens held in the verified-token cache (set when metrics are rendered).

@@ -215,6 +215,7 @@ fn build(
     req.headers_mut().insert(HOST, host);
     // Pooled connections near their share of the descriptor budget: this one is not kept.
     if crate::limits::pooled_pressure() {
+        crate::metrics::pooled_pressure_close();
         req.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(req)

@@ -612,6 +612,13 @@ async fn one_members_idle_connections_are_held_to_an_eighth_of_the_budget() {
         assert!(tokio::time::Instant::now() < deadline, "{now} descriptors held after the burst, over {per_member}");
         tokio::task::yield_now().await;
     }
+    // The pool's own gauge says the same, and the burst's last requests, made while pooled
+    // connections held more than three quarters of the share, asked the member to close theirs.
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_pooled_connections{state=\"limit\"}"), pooled);
+    assert!(metric(&m, "portcullis_pooled_connections{state=\"held\"}") <= per_member, "{m}");
+    let closes = metric(&m, "portcullis_pooled_pressure_closes_total");
+    assert!(closes >= 1.0 && closes < pooled, "{closes} of {pooled} requests asked for a close");
     let log = proxy.stop_and_collect_logs().await;
     assert!(log.contains("max_idle_per_member is held to an eighth of the outbound descriptor budget"), "{log}");
 }
