@@ -398,6 +398,7 @@ impl Metrics {
         // Series alerts count with increase(): registered at 0, so the first event is an
         // increase and not the series' first sample.
         counter!("portcullis_http2_connections_total").increment(0);
+        counter!("portcullis_pooled_pressure_closes_total").increment(0);
         for kind in ["websocket", "request"] {
             counter!("portcullis_http2_streams_total", "kind" => kind).increment(0);
         }

@@ -229,8 +229,9 @@ fn build_runtime(
 /// configuration's kept where the settings are unchanged.
 fn upstreams(config: &Config, previous: Option<&Runtime>, metrics: &Metrics) -> HashMap<String, HttpRoute> {
     // One member's idle connections are held to an eighth of the outbound budget, as an address's
-    // or a subject's caps are: at a small descriptor limit one member could otherwise keep the
-    // whole pooled share idle, and every request would be asked to close its connection.
+    // or a subject's caps are, on a reload too: at a small descriptor limit one member could
+    // otherwise keep three quarters of the pooled share idle, and every request to another
+    // member would be asked to close its connection.
     let idle_share = usize::try_from(crate::limits::per_holder_share()).unwrap_or(usize::MAX);
     let settings = |r: &RouteConfig| UpstreamSettings {
         connect_timeout: r.backend.connect_timeout,
@@ -670,15 +671,26 @@ impl Server {
             }
         }
         let idle_share = usize::try_from(share).unwrap_or(usize::MAX);
-        if let Some(r) = config.routes.iter().find(|r| r.kind.http() && r.backend.max_idle_per_member > idle_share) {
-            tracing::warn!(
-                route = %r.name,
-                configured = r.backend.max_idle_per_member,
-                in_force = share,
-                descriptor_limit = budget.limit,
-                "max_idle_per_member is held to an eighth of the outbound descriptor budget, or one member's idle \
-                 connections could hold the whole pooled share; raise the descriptor limit (LimitNOFILE, ulimit -n)"
-            );
+        let held: Vec<&str> = config
+            .routes
+            .iter()
+            .filter(|r| r.kind.http() && r.backend.max_idle_per_member > idle_share)
+            .map(|r| r.name.as_str())
+            .collect();
+        if !held.is_empty() {
+            // The default is held without a warning at a small limit, as max_connections's is; a
+            // number of one's own that is not kept is warned of.
+            let default = crate::config::BackendSettings::default().max_idle_per_member;
+            let configured = config.routes.iter().any(|r| r.kind.http() && r.backend.max_idle_per_member != default);
+            let routes = held.join(", ");
+            const HELD: &str = "max_idle_per_member is held to an eighth of the outbound descriptor budget, or one \
+                                member's idle connections could keep most of the pooled share; raise the descriptor \
+                                limit (LimitNOFILE, ulimit -n) for more";
+            if configured {
+                tracing::warn!(%routes, in_force = share, descriptor_limit = budget.limit, "{HELD}");
+            } else {
+                tracing::info!(%routes, in_force = share, descriptor_limit = budget.limit, "{HELD}");
+            }
         }
         let start_only = crate::config::StartOnly::of(&config);
         // The recorder first: metric handles made before it would record nowhere.

@@ -220,7 +220,8 @@ async fn keep_alive_connections_to_the_backend_are_reused() {
 /// the connections one burst opened carry the next.
 #[tokio::test]
 async fn the_connections_a_burst_of_concurrent_requests_opened_carry_the_next_burst() {
-    const AT_ONCE: usize = 64;
+    // Over the old 32, and under one member's eighth of the budget at a descriptor limit of 1,024.
+    const AT_ONCE: usize = 48;
     let backend = RestBackend::start("m1").await;
     let key = hmac();
     let proxy = start(&key, &[backend.addr], json!({})).await;
@@ -228,33 +229,9 @@ async fn the_connections_a_burst_of_concurrent_requests_opened_carry_the_next_bu
     let h2 = H2::connect(proxy.tls).await;
     // AT_ONCE requests over one HTTP/2 connection, each held 300 ms by the member, so that each
     // holds a member connection of its own.
-    let burst = || {
-        let tasks: Vec<_> = (0..AT_ONCE)
-            .map(|_| {
-                let (send, auth) = (h2.send.clone(), auth.clone());
-                tokio::spawn(async move {
-                    let mut send = send.ready().await.expect("ready");
-                    let req = ::http::Request::get("https://localhost/agents/a1/api/sse?n=1&gap_ms=0&wait_ms=300")
-                        .header("authorization", auth)
-                        .body(())
-                        .expect("request");
-                    let (resp, _) = send.send_request(req, true).expect("send");
-                    let resp =
-                        tokio::time::timeout(Duration::from_secs(10), resp).await.expect("in time").expect("response");
-                    let status = resp.status().as_u16();
-                    let mut body = resp.into_body();
-                    while let Some(chunk) = body.data().await {
-                        let chunk = chunk.expect("body chunk");
-                        let _ = body.flow_control().release_capacity(chunk.len());
-                    }
-                    status
-                })
-            })
-            .collect();
-        async move {
-            for t in tasks {
-                assert_eq!(t.await.expect("task"), 200);
-            }
+    let burst = async || {
+        for t in h2.gets_at_once(AT_ONCE, "/agents/a1/api/sse?n=1&gap_ms=0&wait_ms=300", &[("authorization", &auth)]) {
+            assert_eq!(t.await.expect("task"), 200);
         }
     };
     burst().await;
@@ -263,9 +240,9 @@ async fn the_connections_a_burst_of_concurrent_requests_opened_carry_the_next_bu
     burst().await;
     let reopened = backend.accepts.load(std::sync::atomic::Ordering::SeqCst) - opened;
     // A connection whose return to the pool races the next burst's request may be replaced; at
-    // 32 kept, the second burst opens AT_ONCE - 32 of them.
+    // 32 kept, the second burst opens AT_ONCE - 32 = 16 of them.
     assert!(
-        reopened <= 4,
+        reopened <= 8,
         "the second burst opened {reopened} new member connections beside the first burst's {opened}"
     );
 }

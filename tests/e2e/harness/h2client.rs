@@ -67,6 +67,35 @@ impl H2 {
         H2 { send, conn }
     }
 
+    /// `n` GETs of `path` (`/agents/...`) with `headers`, all at once as tasks of their own, each
+    /// body read to its end: the tasks give the statuses. For bursts of requests that each hold
+    /// a member connection (a member's `sse?wait_ms=...`).
+    pub fn gets_at_once(&self, n: usize, path: &str, headers: &[(&str, &str)]) -> Vec<tokio::task::JoinHandle<u16>> {
+        let headers: Arc<Vec<(String, String)>> =
+            Arc::new(headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
+        (0..n)
+            .map(|_| {
+                let (send, headers, uri) = (self.send.clone(), headers.clone(), format!("https://localhost{path}"));
+                tokio::spawn(async move {
+                    let mut send = send.ready().await.expect("ready");
+                    let mut req = ::http::Request::get(uri);
+                    for (k, v) in headers.iter() {
+                        req = req.header(k, v);
+                    }
+                    let (resp, _) = send.send_request(req.body(()).expect("request"), true).expect("send");
+                    let resp = resp.await.expect("response");
+                    let status = resp.status().as_u16();
+                    let mut body = resp.into_body();
+                    while let Some(chunk) = body.data().await {
+                        let chunk = chunk.expect("body chunk");
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                    }
+                    status
+                })
+            })
+            .collect()
+    }
+
     /// Whether the proxy's SETTINGS enable extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL).
     pub fn extended_connect(&self) -> bool {
         self.send.is_extended_connect_protocol_enabled()
