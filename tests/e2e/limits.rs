@@ -487,6 +487,20 @@ async fn the_soft_descriptor_limit_is_raised_to_the_hard_one_at_start() {
     assert!(log.contains("descriptor_limit=1000"), "{log}");
 }
 
+/// A proxy process at a descriptor limit of 300 with the plain-request route `api` (no
+/// per-address rate or stream caps, so one client's burst reaches the budget's rules), and its
+/// outbound budget.
+async fn at_300_descriptors(backend: &Backend, api: serde_json::Value) -> (ProxyProcess, f64) {
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
+        .merge("http2", json!({"max_streams_per_ip": 0}))
+        .merge("", json!({"routes": [api]}))
+        .text();
+    let proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    (proxy, metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}"))
+}
+
 /// Found by the attack on the budget: one address, one HTTP/2 connection, 100 one-second GETs on
 /// a plain route of five members, then gone; the members' keep-alive connections stayed in the
 /// pool, idle, for `pool_idle_timeout` (90 s) and held every outbound slot, so every new session
@@ -502,14 +516,7 @@ async fn a_burst_of_plain_requests_cannot_leave_the_keep_alive_pool_holding_the_
     let addrs: Vec<String> = members.iter().map(|m| m.addr.to_string()).collect();
     let api = json!({"name": "api", "path": "/agents/{agent}/api/{*rest}", "kind": "http", "backends": addrs,
         "backend_path": "/v1/{rest}", "balance": {"policy": "round_robin"}});
-    let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
-        .merge("http2", json!({"max_streams_per_ip": 0}))
-        .merge("", json!({"routes": [api]}))
-        .text();
-    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
-    let (_, m) = http_get(proxy.admin, "/metrics").await;
-    let budget = metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}");
+    let (mut proxy, budget) = at_300_descriptors(&backend, api).await;
     let h2 = H2::connect(proxy.tls).await;
     let burst = h2.gets_at_once(100, "/agents/a1/api/sse?n=1&wait_ms=1000", &[]);
     let mut statuses = std::collections::BTreeMap::new();
@@ -540,14 +547,7 @@ async fn one_members_idle_connections_are_held_to_an_eighth_of_the_budget() {
     let member = RestBackend::start("m").await;
     let api = json!({"name": "api", "path": "/agents/{agent}/api/{*rest}", "kind": "http",
         "backends": [member.addr.to_string()], "backend_path": "/v1/{rest}"});
-    let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
-        .merge("http2", json!({"max_streams_per_ip": 0}))
-        .merge("", json!({"routes": [api]}))
-        .text();
-    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
-    let (_, m) = http_get(proxy.admin, "/metrics").await;
-    let budget = metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}");
+    let (mut proxy, budget) = at_300_descriptors(&backend, api).await;
     let (per_member, pooled) = ((budget / 8.0).floor(), (budget / 2.0).floor());
     // As many requests at once as the pooled share holds, each held 1 s by the member.
     let h2 = H2::connect(proxy.tls).await;
