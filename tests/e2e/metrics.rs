@@ -206,6 +206,7 @@ async fn the_series_alerts_count_exist_at_zero_from_start() {
         r#"portcullis_jwks_fetches_total{result="error"} 0"#,
         r#"portcullis_closes_total{code="1014",initiator="backend"} 0"#,
         r#"portcullis_closes_total{code="1001",initiator="proxy"} 0"#,
+        "portcullis_pooled_pressure_closes_total 0",
     ] {
         assert!(body.lines().any(|l| l == series), "{series} missing:\n{body}");
     }
