@@ -371,8 +371,8 @@ pub(crate) fn plain_slot() -> Result<OutboundSlot, Spent> {
 /// ask their member to close the connection after its answer, so that connections idle in the
 /// pool never keep the share from members not yet connected to.
 pub fn pooled_pressure() -> bool {
-    let (size, sem) = pooled_budget();
-    size.saturating_sub(sem.available_permits()) * 4 > size * 3
+    let (held, size) = usage(pooled_budget());
+    held * 4 > size * 3
 }
 
 /// The outbound budget is spent: every slot is held by an open descriptor.
@@ -392,13 +392,16 @@ pub fn outbound_slot() -> Result<OutboundSlot, Spent> {
 
 /// Pooled keep-alive connections `(held, share)`, for the metrics.
 pub fn pooled_connections() -> (usize, usize) {
-    let (size, sem) = pooled_budget();
-    (size.saturating_sub(sem.available_permits()), *size)
+    usage(pooled_budget())
 }
 
 /// Outbound descriptors `(held, budget)`, for the metrics.
 pub fn outbound_descriptors() -> (usize, usize) {
-    let (size, sem) = outbound();
+    usage(outbound())
+}
+
+/// What a budget's slots are: `(held, size)`.
+fn usage((size, sem): &(usize, Arc<tokio::sync::Semaphore>)) -> (usize, usize) {
     (size.saturating_sub(sem.available_permits()), *size)
 }
 

@@ -671,18 +671,14 @@ impl Server {
             }
         }
         let idle_share = usize::try_from(share).unwrap_or(usize::MAX);
-        let held: Vec<&str> = config
-            .routes
-            .iter()
-            .filter(|r| r.kind.http() && r.backend.max_idle_per_member > idle_share)
-            .map(|r| r.name.as_str())
-            .collect();
+        let held: Vec<&RouteConfig> =
+            config.routes.iter().filter(|r| r.kind.http() && r.backend.max_idle_per_member > idle_share).collect();
         if !held.is_empty() {
             // The default is held without a warning at a small limit, as max_connections's is; a
             // number of one's own that is not kept is warned of.
             let default = crate::config::BackendSettings::default().max_idle_per_member;
-            let configured = config.routes.iter().any(|r| r.kind.http() && r.backend.max_idle_per_member != default);
-            let routes = held.join(", ");
+            let configured = held.iter().any(|r| r.backend.max_idle_per_member != default);
+            let routes = held.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ");
             const HELD: &str = "max_idle_per_member is held to an eighth of the outbound descriptor budget, or one \
                                 member's idle connections could keep most of the pooled share; raise the descriptor \
                                 limit (LimitNOFILE, ulimit -n) for more";
