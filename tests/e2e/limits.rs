@@ -801,3 +801,73 @@ fn an_admin_reserve_that_leaves_clients_nothing_stops_the_proxy_at_start() {
     assert!(log.contains("leaves 0 client") || log.contains("and 0 member"), "{log}");
     assert!(log.contains("lower [admin] max_connections"), "{log}");
 }
+
+/// The active health checks take a place in the outbound descriptor budget, as a session's
+/// member connection does: with the budget spent by sessions, a route checked every 50 ms opens
+/// no connection beside it (which would run the process out of descriptors), ejects nobody for
+/// it, and the checks resume once sessions give places back.
+#[tokio::test]
+async fn active_health_checks_open_no_connection_beside_a_spent_outbound_budget() {
+    let backend = Backend::echo().await;
+    // The checked member: a TCP check passes on connect; each accepted connection is counted.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let checked = listener.local_addr().expect("addr");
+    let checks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = checks.clone();
+    let accepting = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let count = || checks.load(std::sync::atomic::Ordering::SeqCst);
+    let watched = json!({"name": "watched", "path": "/watched", "backends": [checked.to_string()],
+        "health": {"active_interval": "50ms"}});
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
+        .merge("http2", json!({"max_streams_per_ip": 0}))
+        .merge("", json!({"routes": [watched]}))
+        .text();
+    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
+    eventually("the active checks run", async || (count() >= 2).then_some(())).await;
+    let outbound = async |state: &str| {
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        metric(&m, &format!("portcullis_outbound_descriptors{{state=\"{state}\"}}"))
+    };
+    let budget = outbound("limit").await;
+    // WebSockets over one HTTP/2 connection (a session each, the address's stream cap off)
+    // until the budget refuses one. A check holds its place for the length of a loopback
+    // connect every 50 ms: two refusals 60 ms apart say sessions hold it all.
+    let mut h2 = H2::connect(proxy.tls).await;
+    let mut sessions = Vec::new();
+    let mut refusals = 0;
+    while refusals < 2 {
+        match h2.websocket("/agents/a1/terminal", &[]).await {
+            Ok(c) => {
+                sessions.push(c);
+                refusals = 0;
+            }
+            Err(h) => {
+                assert_eq!(h.status, 503, "a session refused by the spent budget");
+                refusals += 1;
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        }
+        assert!(sessions.len() as f64 <= budget, "more sessions than the budget of {budget}");
+    }
+    assert_eq!(outbound("held").await, budget, "the sessions hold the whole budget");
+    // Ten check intervals with the budget spent: no check connects.
+    let before = count();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(), before, "checks connected beside a spent budget of {budget}");
+    assert_eq!(outbound("held").await, budget, "nothing gave a place back meanwhile");
+    // A check that could not open a connection says nothing of the member: it is not ejected.
+    let (_, m) = http_get(proxy.admin, "/metrics").await;
+    assert_eq!(metric(&m, "portcullis_member_healthy{route=\"watched\"}"), 1.0, "{m}");
+    // Places given back: the checks connect again.
+    sessions.clear();
+    eventually("the checks resume", async || (count() > before).then_some(())).await;
+    accepting.abort();
+    let log = proxy.stop_and_collect_logs().await;
+    assert!(!log.contains("Too many open files"), "{log}");
+}
