@@ -802,6 +802,74 @@ fn an_admin_reserve_that_leaves_clients_nothing_stops_the_proxy_at_start() {
     assert!(log.contains("lower [admin] max_connections"), "{log}");
 }
 
+/// WebSockets over one HTTP/2 connection to `/agents/a1/terminal` (a session each; the config
+/// turns the address's stream cap off) until the outbound budget refuses one: the connection,
+/// the sessions and the budget. A health check or a registry lookup holds its place only for the
+/// length of a loopback connect: two refusals 60 ms apart say sessions hold it all.
+async fn spend_the_outbound_budget(proxy: &ProxyProcess) -> (H2, Vec<Client>, f64) {
+    let outbound = async |state: &str| {
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        metric(&m, &format!("portcullis_outbound_descriptors{{state=\"{state}\"}}"))
+    };
+    let budget = outbound("limit").await;
+    let mut h2 = H2::connect(proxy.tls).await;
+    let mut sessions = Vec::new();
+    let mut refusals = 0;
+    while refusals < 2 {
+        match h2.websocket("/agents/a1/terminal", &[]).await {
+            Ok(c) => {
+                sessions.push(c);
+                refusals = 0;
+            }
+            Err(h) => {
+                assert_eq!(h.status, 503, "a session refused by the spent budget");
+                refusals += 1;
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        }
+        assert!(sessions.len() as f64 <= budget, "more sessions than the budget of {budget}");
+    }
+    assert_eq!(outbound("held").await, budget, "the sessions hold the whole budget");
+    (h2, sessions, budget)
+}
+
+/// A registry lookup the spent outbound budget kept from being made (503, the registry never
+/// asked) is not held for the agent as a registry failure would be: the first session after a
+/// place comes back looks the agent up and opens.
+#[tokio::test]
+async fn a_lookup_the_spent_budget_kept_from_the_registry_is_not_held_for_the_agent() {
+    let backend = Backend::echo().await;
+    let member = backend.addr;
+    let (registry, lookups) =
+        http_server(move |_| (200, format!("{{\"members\":[{{\"addr\":\"{member}\"}}]}}")), Duration::ZERO).await;
+    let fleet = json!({"name": "fleet", "path": "/fleet/{agent}/terminal",
+        "registry": {"url": format!("http://{registry}/agents/{{agent}}"), "ttl": "10s"}});
+    let text = TestConfig::base(&[backend.addr.to_string()])
+        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
+        .merge("http2", json!({"max_streams_per_ip": 0}))
+        .merge("", json!({"routes": [fleet]}))
+        .text();
+    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
+    let (_h2, mut sessions, budget) = spend_the_outbound_budget(&proxy).await;
+    let lookup = |n: usize| lookups.load(std::sync::atomic::Ordering::SeqCst) == n;
+    let refused = upgrade(proxy.plain, false, "/fleet/a9/terminal", &[]).await.err().expect("refused");
+    assert_eq!(refused.status, 503, "no place for the lookup's connection");
+    assert!(lookup(0), "the registry was asked with the budget of {budget} spent");
+    // One place back, and the next session for the agent is looked up at once (a registry
+    // failure is held for a second: this would be refused from the hold).
+    drop(sessions.pop());
+    eventually("a place comes back", async || {
+        let (_, m) = http_get(proxy.admin, "/metrics").await;
+        (metric(&m, "portcullis_outbound_descriptors{state=\"held\"}") < budget).then_some(())
+    })
+    .await;
+    let mut c = upgrade(proxy.plain, false, "/fleet/a9/terminal", &[]).await.expect("the agent looked up and opened");
+    echoes(&mut c, b"looked up").await;
+    assert!(lookup(1), "one lookup");
+    let log = proxy.stop_and_collect_logs().await;
+    assert!(!log.contains("Too many open files"), "{log}");
+}
+
 /// The active health checks take a place in the outbound descriptor budget, as a session's
 /// member connection does: with the budget spent by sessions, a route checked every 50 ms opens
 /// no connection beside it (which would run the process out of descriptors), ejects nobody for
@@ -834,28 +902,7 @@ async fn active_health_checks_open_no_connection_beside_a_spent_outbound_budget(
         let (_, m) = http_get(proxy.admin, "/metrics").await;
         metric(&m, &format!("portcullis_outbound_descriptors{{state=\"{state}\"}}"))
     };
-    let budget = outbound("limit").await;
-    // WebSockets over one HTTP/2 connection (a session each, the address's stream cap off)
-    // until the budget refuses one. A check holds its place for the length of a loopback
-    // connect every 50 ms: two refusals 60 ms apart say sessions hold it all.
-    let mut h2 = H2::connect(proxy.tls).await;
-    let mut sessions = Vec::new();
-    let mut refusals = 0;
-    while refusals < 2 {
-        match h2.websocket("/agents/a1/terminal", &[]).await {
-            Ok(c) => {
-                sessions.push(c);
-                refusals = 0;
-            }
-            Err(h) => {
-                assert_eq!(h.status, 503, "a session refused by the spent budget");
-                refusals += 1;
-                tokio::time::sleep(Duration::from_millis(60)).await;
-            }
-        }
-        assert!(sessions.len() as f64 <= budget, "more sessions than the budget of {budget}");
-    }
-    assert_eq!(outbound("held").await, budget, "the sessions hold the whole budget");
+    let (_h2, mut sessions, budget) = spend_the_outbound_budget(&proxy).await;
     // Ten check intervals with the budget spent: no check connects.
     let before = count();
     tokio::time::sleep(Duration::from_millis(500)).await;
