@@ -487,14 +487,14 @@ async fn the_soft_descriptor_limit_is_raised_to_the_hard_one_at_start() {
     assert!(log.contains("descriptor_limit=1000"), "{log}");
 }
 
-/// A proxy process at a descriptor limit of 300 with the plain-request route `api` (no
-/// per-address rate or stream caps, so one client's burst reaches the budget's rules), and its
-/// outbound budget.
-async fn at_300_descriptors(backend: &Backend, api: serde_json::Value) -> (ProxyProcess, f64) {
+/// A proxy process at a descriptor limit of 300 with one route beside the base's (no per-address
+/// rate or stream caps, so one client's burst reaches the budget's rules), and its outbound
+/// budget.
+async fn at_300_descriptors(backend: &Backend, route: serde_json::Value) -> (ProxyProcess, f64) {
     let text = TestConfig::base(&[backend.addr.to_string()])
         .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
         .merge("http2", json!({"max_streams_per_ip": 0}))
-        .merge("", json!({"routes": [api]}))
+        .merge("", json!({"routes": [route]}))
         .text();
     let proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
     let (_, m) = http_get(proxy.admin, "/metrics").await;
@@ -844,12 +844,7 @@ async fn a_lookup_the_spent_budget_kept_from_the_registry_is_not_held_for_the_ag
         http_server(move |_| (200, format!("{{\"members\":[{{\"addr\":\"{member}\"}}]}}")), Duration::ZERO).await;
     let fleet = json!({"name": "fleet", "path": "/fleet/{agent}/terminal",
         "registry": {"url": format!("http://{registry}/agents/{{agent}}"), "ttl": "10s"}});
-    let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
-        .merge("http2", json!({"max_streams_per_ip": 0}))
-        .merge("", json!({"routes": [fleet]}))
-        .text();
-    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
+    let (mut proxy, _) = at_300_descriptors(&backend, fleet).await;
     let (_h2, mut sessions, budget) = spend_the_outbound_budget(&proxy).await;
     let lookup = |n: usize| lookups.load(std::sync::atomic::Ordering::SeqCst) == n;
     let refused = upgrade(proxy.plain, false, "/fleet/a9/terminal", &[]).await.err().expect("refused");
@@ -891,12 +886,7 @@ async fn active_health_checks_open_no_connection_beside_a_spent_outbound_budget(
     let count = || checks.load(std::sync::atomic::Ordering::SeqCst);
     let watched = json!({"name": "watched", "path": "/watched", "backends": [checked.to_string()],
         "health": {"active_interval": "50ms"}});
-    let text = TestConfig::base(&[backend.addr.to_string()])
-        .merge("server", json!({"handshake_rate_per_ip": 0, "connection_rate_per_ip": 0}))
-        .merge("http2", json!({"max_streams_per_ip": 0}))
-        .merge("", json!({"routes": [watched]}))
-        .text();
-    let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
+    let (mut proxy, _) = at_300_descriptors(&backend, watched).await;
     eventually("the active checks run", async || (count() >= 2).then_some(())).await;
     let outbound = async |state: &str| {
         let (_, m) = http_get(proxy.admin, "/metrics").await;
