@@ -246,10 +246,15 @@ def main():
         demo_dir = os.path.join(ROOT, "target", "browser-demo")
         log = open(os.path.join(run, "demo.log"), "w")
         env = dict(os.environ, RUST_LOG="portcullis=info", NO_COLOR="1")
+        # The shell is /bin/sh with no start-up file ($ENV unset), not bash: an interactive bash
+        # reads the machine's ~/.bashrc, whose hooks (a version manager's) kept its prompt from
+        # coming for longer than the checks wait. What is checked is the proxy's relay of a real
+        # shell on a PTY, whichever shell.
+        env.pop("ENV", None)
         demo = subprocess.Popen(
             # Port 0 everywhere: the demo binds what the kernel gives and names it in its banner.
             [PC, "demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-             "--backend", "127.0.0.1:0", "--dir", demo_dir, "--shell", "/bin/bash",
+             "--backend", "127.0.0.1:0", "--dir", demo_dir, "--shell", "/bin/sh",
              "--resume-window", f"{resume_window}s", "--origin", f"https://localhost:{forwarder.port}"],
             stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         procs.append(demo)
