@@ -13,23 +13,35 @@
 # started process per build (compare.sh's FRESH_IDLE), which this does not do. Loopback only;
 # every process it starts is stopped on exit.
 set -euo pipefail
+usage() { echo "usage: $0 LOADTEST NAME=PORTCULLIS NAME=PORTCULLIS... ($1)" >&2; exit 64; }
+[ $# -ge 3 ] || usage "two builds at least"
 LT=$1
 shift
-[ $# -ge 2 ] || { echo "usage: $0 LOADTEST NAME=PORTCULLIS NAME=PORTCULLIS..." >&2; exit 64; }
+declare -A seen=([direct]=1)
+for build in "$@"; do
+    [[ $build =~ ^[A-Za-z0-9_-]+=.+ ]] || usage "not NAME=PORTCULLIS: $build"
+    name=${build%%=*}
+    [ -z "${seen[$name]:-}" ] || usage "the name $name is taken"
+    seen[$name]=1
+    [ -x "${build#*=}" ] || usage "not an executable: ${build#*=}"
+done
 ROUNDS=${ROUNDS:-storm echo rate http}
+for round in $ROUNDS; do
+    case $round in storm | echo | rate | http) ;; *) usage "unknown round $round (storm echo rate http)" ;; esac
+done
 DURATION=${DURATION:-5s} REPEAT=${REPEAT:-3} CONNS=${CONNS:-32} SIZE=${SIZE:-256}
 . "$(dirname "$0")/common.sh"
 peers_setup
 export PCLT_SECRET=builds-benchmark-secret-of-at-least-32-bytes-long
 printf '%s' "$PCLT_SECRET" >"$WORK/secret"
-"$LT" backend --mode echo --listen 127.0.0.1:19501 2>"$WORK/backend.log" &
+"$LT" backend --mode echo --listen 127.0.0.1:19661 2>"$WORK/backend.log" &
 pids+=($!)
 
-port=19502
-ports=(19501)
+port=19662
+ports=(19661)
 pid_of=()
-ws=(direct=ws://127.0.0.1:19501/agents/a1/terminal)
-http=(direct=http://127.0.0.1:19501/agents/a1/echo)
+ws=(direct=ws://127.0.0.1:19661/agents/a1/terminal)
+http=(direct=http://127.0.0.1:19661/agents/a1/echo)
 for build in "$@"; do
     name=${build%%=*} bin=${build#*=}
     cat >"$WORK/$name.toml" <<CONF
@@ -38,18 +50,18 @@ $LIMITS_OFF
 [[listeners]]
 addresses = ["127.0.0.1:$port"]
 [admin]
-address = "127.0.0.1:$((port + 50))"
+address = "127.0.0.1:$((port + 30))"
 [fleet]
 state_dir = "$WORK/state-$name"
 [[auth.keys]]
 algorithms = ["HS256"]
 secret_file = "$WORK/secret"
-$(terminal_route 19501)
+$(terminal_route 19661)
 [[routes]]
 name = "api"
 path = "/agents/{agent}/{*rest}"
 kind = "http"
-backends = ["127.0.0.1:19501"]
+backends = ["127.0.0.1:19661"]
 [routes.auth]
 agent_claim = "agents"
 CONF
@@ -61,7 +73,13 @@ CONF
     ports+=("$port")
     port=$((port + 1))
 done
-wait_port "${ports[@]}"
+if ! wait_port "${ports[@]}"; then
+    for build in "$@"; do
+        echo "== ${build%%=*}:" >&2
+        tail -n 5 "$WORK/${build%%=*}.log" >&2 || true
+    done
+    exit 1
+fi
 token=(--jwt-secret-env PCLT_SECRET --alg HS256 --claim sub=user-{conn} --claim 'agents=["a1"]')
 for round in $ROUNDS; do
     case $round in
@@ -69,7 +87,6 @@ for round in $ROUNDS; do
     echo) args=(--scenario echo -c 50 --window 4 --size 64) targets=("${ws[@]}") ;;
     rate) args=(--scenario rate -c 50 --rate 10000 --size 64) targets=("${ws[@]}") ;;
     http) args=(--scenario http -c "$CONNS" --size "$SIZE" "${token[@]}") targets=("${http[@]}") ;;
-    *) echo "unknown round $round (storm echo rate http)" >&2; exit 64 ;;
     esac
     echo "## $round: compare ${args[*]} -d $DURATION --repeat $REPEAT"
     timeout 900 "$LT" compare -q --repeat "$REPEAT" "${pid_of[@]}" "${args[@]}" -d "$DURATION" "${targets[@]}"

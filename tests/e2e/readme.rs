@@ -113,14 +113,16 @@ fn slug(heading: &str) -> String {
         .collect()
 }
 
-/// Every relative link of the README and the documentation index (and the pages it leads to
-/// first) points at a file that exists and, with `#anchor`, at a heading of it: the guides a user
+/// Every relative link of the README, the documentation index (and the pages it leads to
+/// first), the benchmark page and the load tester's README points at a file that exists and, with `#anchor`, at a heading of it: the guides a user
 /// follows cannot lead nowhere.
 #[test]
 fn the_readme_and_the_docs_index_link_only_to_what_exists() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut broken = Vec::new();
-    for page in ["README.md", "docs/README.md", "docs/replicas.md", "deploy/README.md"] {
+    for page in
+        ["README.md", "docs/README.md", "docs/replicas.md", "deploy/README.md", "BENCHMARKS.md", "loadtest/README.md"]
+    {
         let path = root.join(page);
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{page}: {e}"));
         for (i, _) in text.match_indices("](") {
