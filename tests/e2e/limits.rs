@@ -497,8 +497,8 @@ async fn at_300_descriptors(backend: &Backend, route: serde_json::Value) -> (Pro
         .merge("", json!({"routes": [route]}))
         .text();
     let proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
-    let (_, m) = http_get(proxy.admin, "/metrics").await;
-    (proxy, metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}"))
+    let budget = outbound(&proxy, "limit").await;
+    (proxy, budget)
 }
 
 /// Found by the attack on the budget: one address, one HTTP/2 connection, 100 one-second GETs on
@@ -592,12 +592,8 @@ async fn a_burst_holding_the_pooled_share_does_not_refuse_a_request_to_another_m
         .merge("", json!({"routes": [route("busy", &busy), route("other", &other)]}))
         .text();
     let mut proxy = ProxyProcess::start_limited(&text, "portcullis=info", Some((300, 300))).await;
-    let held = async || {
-        let (_, m) = http_get(proxy.admin, "/metrics").await;
-        metric(&m, "portcullis_outbound_descriptors{state=\"held\"}")
-    };
-    let (_, m) = http_get(proxy.admin, "/metrics").await;
-    let budget = metric(&m, "portcullis_outbound_descriptors{state=\"limit\"}");
+    let held = async || outbound(&proxy, "held").await;
+    let budget = outbound(&proxy, "limit").await;
     let (share, plain) = ((budget / 2.0).floor(), (budget * 3.0 / 4.0).floor());
     let h2 = H2::connect(proxy.tls).await;
     // `n` slow requests to the busy member, each on a connection of its own: their statuses.
@@ -715,10 +711,7 @@ async fn a_recording_that_stops_before_its_session_gives_its_descriptor_back() {
             "on_limit": "continue"}});
     let text = TestConfig::base(&[backend.addr.to_string()]).merge("", json!({"routes": [recorded]})).text();
     let proxy = ProxyProcess::start_limited(&text, "portcullis=info", None).await;
-    let held = async || {
-        let (_, m) = http_get(proxy.admin, "/metrics").await;
-        metric(&m, "portcullis_outbound_descriptors{state=\"held\"}")
-    };
+    let held = async || outbound(&proxy, "held").await;
     let mut c = upgrade(proxy.plain, false, "/agents/a1/recorded", &[]).await.expect("101");
     echoes(&mut c, b"first").await;
     assert_eq!(held().await, 2.0, "its member connection and its file");

@@ -114,8 +114,8 @@ fn slug(heading: &str) -> String {
 }
 
 /// Every relative link of the README, the documentation index (and the pages it leads to
-/// first), the benchmark page and the load tester's README points at a file that exists and, with `#anchor`, at a heading of it: the guides a user
-/// follows cannot lead nowhere.
+/// first), the benchmark page and the load tester's README points at a file that exists and,
+/// with `#anchor`, at a heading of it: the guides a user follows cannot lead nowhere.
 #[test]
 fn the_readme_and_the_docs_index_link_only_to_what_exists() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
