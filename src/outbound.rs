@@ -315,10 +315,7 @@ pub struct UpstreamSettings {
 /// caller (the proxy sets it to the member), and a request whose pooled connection turns out
 /// closed before the request was written is sent again on a new connection.
 pub fn upstream(s: UpstreamSettings) -> Upstream {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_connect_timeout(Some(s.connect_timeout));
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
+    let connector = member_connector(hyper_util::client::legacy::connect::dns::GaiResolver::new(), s.connect_timeout);
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .pool_idle_timeout(s.pool_idle_timeout)
@@ -332,9 +329,116 @@ pub fn upstream(s: UpstreamSettings) -> Upstream {
         .build(Budgeted(connector))
 }
 
+/// hyper-util's connector as members are reached: TCP_NODELAY, `http://` only, and one socket
+/// at a time. A member named by DNS may resolve to several addresses; they are tried in turn,
+/// as the WebSocket connect tries them (`TcpStream::connect`), each here within its share of
+/// `connect_timeout`. hyper-util's default, happy eyeballs (RFC 8305), would start the other
+/// address family 300 ms into a slow first attempt and hold two sockets on the one place in
+/// the descriptor budget that [`Budgeted`] took for the connect.
+fn member_connector<R>(
+    resolver: R,
+    connect_timeout: std::time::Duration,
+) -> hyper_util::client::legacy::connect::HttpConnector<R> {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(resolver);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_happy_eyeballs_timeout(None);
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    connector
+}
+
 /// `uri` as logs and errors may show it: scheme, host, port and path, without credentials or
 /// the query (where an API key may ride).
 pub fn loggable(uri: &Uri) -> String {
     let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
     format!("{}://{}{port}{}", uri.scheme_str().unwrap_or("http"), uri.host().unwrap_or_default(), uri.path())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    /// A resolver that answers every name with the same addresses, in order.
+    #[derive(Clone)]
+    struct Fixed(Vec<SocketAddr>);
+
+    impl tower_service::Service<hyper_util::client::legacy::connect::dns::Name> for Fixed {
+        type Response = std::vec::IntoIter<SocketAddr>;
+        type Error = std::io::Error;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+            std::future::ready(Ok(self.0.clone().into_iter()))
+        }
+    }
+
+    /// A listener whose accept queue is full, with the connection that fills it: the kernel
+    /// drops every further SYN, so a connect to it stays in SYN-SENT until it times out.
+    fn black_hole(ip: &str) -> (std::net::TcpListener, std::net::TcpStream) {
+        let addr: SocketAddr = format!("{ip}:0").parse().expect("an address");
+        let socket =
+            socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).expect("a socket");
+        socket.bind(&addr.into()).expect("bind");
+        socket.listen(0).expect("listen");
+        let listener: std::net::TcpListener = socket.into();
+        let filler = std::net::TcpStream::connect(listener.local_addr().expect("its address")).expect("the filler");
+        (listener, filler)
+    }
+
+    /// Connections of this process's in SYN-SENT towards `port`, from `/proc/net/tcp` or `tcp6`.
+    fn syn_sent_to(table: &str, port: u16) -> usize {
+        let port = format!(":{port:04X}");
+        std::fs::read_to_string(format!("/proc/net/{table}"))
+            .expect("the socket table")
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<_> = l.split_whitespace().collect();
+                f.len() > 3 && f[2].ends_with(&port) && f[3] == "02"
+            })
+            .count()
+    }
+
+    /// A member whose name resolves to an IPv6 address that does not answer and to an IPv4
+    /// one: the IPv4 attempt starts only once the IPv6 socket is gone. Happy eyeballs (the
+    /// connector's default) starts it 300 ms in, beside the first, on one budget place.
+    #[tokio::test]
+    async fn a_member_connect_holds_one_socket_at_a_time() {
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            eprintln!("skipped: this host has no IPv6 loopback");
+            return;
+        }
+        let (v6, _v6_filler) = black_hole("[::1]");
+        let (v4, _v4_filler) = black_hole("127.0.0.1");
+        let (v6_port, v4_port) = (v6.local_addr().expect("v6").port(), v4.local_addr().expect("v4").port());
+        let resolver = Fixed(vec![v6.local_addr().expect("v6"), v4.local_addr().expect("v4")]);
+        // Two addresses: each attempt gets 1 s, three times happy eyeballs' 300 ms.
+        let mut connector = member_connector(resolver, Duration::from_secs(2));
+        // No port in the URI: hyper-util keeps each resolved address's own.
+        let uri: Uri = "http://member.test/".parse().expect("a URI");
+        let connecting = tokio::spawn(tower_service::Service::call(&mut connector, uri));
+        let started = tokio::time::Instant::now();
+        let mut first_seen = false;
+        loop {
+            let (on_v6, on_v4) = (syn_sent_to("tcp6", v6_port), syn_sent_to("tcp", v4_port));
+            assert!(
+                on_v6 + on_v4 <= 1,
+                "{on_v6} socket(s) towards the IPv6 address and {on_v4} towards the IPv4 one at once"
+            );
+            first_seen |= on_v6 == 1;
+            if on_v4 == 1 {
+                assert!(first_seen, "the IPv4 attempt came first");
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "the IPv4 attempt never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        connecting.abort();
+    }
 }
