@@ -471,6 +471,64 @@ mod tests {
         assert!(!near_limit(), "this test process is far from its limit");
     }
 
+    /// Set in the child process of [`near_limit_sees_a_real_emfile`], which runs that test alone.
+    const EMFILE_CHILD: &str = "PORTCULLIS_TEST_EMFILE_CHILD";
+
+    /// The probe and the lookup at a real `EMFILE`, not an injected one. The test runs itself
+    /// again in a child process (this binary, this test alone) so that lowering the descriptor
+    /// limit and spending it touch no other test.
+    #[test]
+    fn near_limit_sees_a_real_emfile() {
+        use rustix::io::Errno;
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        const NAME: &str = "limits::tests::near_limit_sees_a_real_emfile";
+        if std::env::var_os(EMFILE_CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+                .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+                .env(EMFILE_CHILD, "1")
+                .output()
+                .expect("the child runs");
+            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "the child failed:\n{stdout}\n{stderr}");
+            assert!(stdout.contains("1 passed"), "the child did not run the test:\n{stdout}");
+            return;
+        }
+        // 64 above the highest descriptor the process holds (the limit bounds descriptor
+        // numbers, and the gaps below the highest are free too).
+        let highest = std::fs::read_dir("/proc/self/fd")
+            .expect("this process's descriptors")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(2);
+        let limit = highest + 1 + 64;
+        let hard = getrlimit(Resource::Nofile).maximum;
+        setrlimit(Resource::Nofile, Rlimit { current: Some(limit), maximum: hard }).expect("a lower soft limit");
+        let mut held = Vec::new();
+        let spent = loop {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => held.push(f),
+                Err(e) => break e,
+            }
+            assert!(held.len() as u64 <= limit, "no EMFILE at a limit of {limit}");
+        };
+        assert!(held.len() >= RESOLVER_NEEDS, "only {} opened below the limit", held.len());
+        assert_eq!(Errno::from_io_error(&spent), Some(Errno::MFILE));
+        assert!(near_limit(), "at the limit");
+        // The system resolver at the limit cannot open what it reads. glibc then says the name
+        // is not known (no errno); whatever it says, the failure is the process's.
+        let lookup = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 80)).map(|a| a.count());
+        eprintln!("the lookup at the limit: {lookup:?}");
+        let lookup = lookup.expect_err("no lookup without descriptors");
+        assert!(exhausted(&lookup), "{lookup}");
+        // RESOLVER_NEEDS - 1 free descriptors are still too few for a lookup; RESOLVER_NEEDS are not.
+        held.truncate(held.len() - (RESOLVER_NEEDS - 1));
+        assert!(near_limit(), "{} free", RESOLVER_NEEDS - 1);
+        held.pop();
+        assert!(!near_limit(), "{RESOLVER_NEEDS} free");
+        assert!(!near_limit(), "the probe closed what it opened");
+        assert!(std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 80)).is_ok(), "a lookup once it has room");
+    }
+
     #[test]
     fn caps_per_address_and_frees_on_drop() {
         let t: Arc<PerIp> = Arc::default();
