@@ -330,11 +330,14 @@ pub fn upstream(s: UpstreamSettings) -> Upstream {
 }
 
 /// hyper-util's connector as members are reached: TCP_NODELAY, `http://` only, and one socket
-/// at a time. A member named by DNS may resolve to several addresses; they are tried in turn,
-/// as the WebSocket connect tries them (`TcpStream::connect`), each here within its share of
-/// `connect_timeout`. hyper-util's default, happy eyeballs (RFC 8305), would start the other
-/// address family 300 ms into a slow first attempt and hold two sockets on the one place in
-/// the descriptor budget that [`Budgeted`] took for the connect.
+/// at a time. A member named by DNS may resolve to several addresses; they are tried in the
+/// resolver's order, each socket closed before the next opens, as the WebSocket connect tries
+/// them (`TcpStream::connect`). Unlike it (one `connect_timeout` for the whole list), each
+/// address here gets an equal share of `connect_timeout`, fixed at the start: a dual-stack name
+/// whose IPv6 address does not answer waits half of it before IPv4 is tried. hyper-util's
+/// default, happy eyeballs (RFC 6555), would start the other address family 300 ms into a slow
+/// first attempt and hold two sockets on the one place in the descriptor budget that
+/// [`Budgeted`] took for the connect.
 fn member_connector<R>(
     resolver: R,
     connect_timeout: std::time::Duration,
@@ -378,20 +381,21 @@ mod tests {
         }
     }
 
-    /// A listener whose accept queue is full, with the connection that fills it: the kernel
-    /// drops every further SYN, so a connect to it stays in SYN-SENT until it times out.
-    fn black_hole(ip: &str) -> (std::net::TcpListener, std::net::TcpStream) {
-        let addr: SocketAddr = format!("{ip}:0").parse().expect("an address");
-        let socket =
-            socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).expect("a socket");
+    /// A listener on 127.0.0.1 whose accept queue is full, with the connection that fills it:
+    /// the kernel drops every further SYN, so a connect to it stays in SYN-SENT until it times out.
+    fn black_hole() -> (std::net::TcpListener, std::net::TcpStream) {
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
         socket.bind(&addr.into()).expect("bind");
         socket.listen(0).expect("listen");
         let listener: std::net::TcpListener = socket.into();
-        let filler = std::net::TcpStream::connect(listener.local_addr().expect("its address")).expect("the filler");
+        let at = listener.local_addr().expect("its address");
+        let filler = std::net::TcpStream::connect_timeout(&at, Duration::from_secs(1)).expect("the filler");
         (listener, filler)
     }
 
-    /// Connections of this process's in SYN-SENT towards `port`, from `/proc/net/tcp` or `tcp6`.
+    /// Sockets in SYN-SENT towards `port` in this network namespace, from `/proc/net/tcp` (IPv4
+    /// sockets) or `/proc/net/tcp6` (IPv6 ones, v4-mapped addresses included).
     fn syn_sent_to(table: &str, port: u16) -> usize {
         let port = format!(":{port:04X}");
         std::fs::read_to_string(format!("/proc/net/{table}"))
@@ -400,6 +404,7 @@ mod tests {
             .skip(1)
             .filter(|l| {
                 let f: Vec<_> = l.split_whitespace().collect();
+                // remote address, then the state: 02 is SYN-SENT.
                 f.len() > 3 && f[2].ends_with(&port) && f[3] == "02"
             })
             .count()
@@ -407,17 +412,21 @@ mod tests {
 
     /// A member whose name resolves to an IPv6 address that does not answer and to an IPv4
     /// one: the IPv4 attempt starts only once the IPv6 socket is gone. Happy eyeballs (the
-    /// connector's default) starts it 300 ms in, beside the first, on one budget place.
+    /// connector's default) starts it 300 ms in, beside the first; through [`upstream`] that is
+    /// two sockets on one budget place. The IPv6 address is a v4-mapped one (an IPv6 socket
+    /// to 127.0.0.1), so the test needs IPv6 sockets but not an IPv6 loopback.
     #[tokio::test]
     async fn a_member_connect_holds_one_socket_at_a_time() {
-        if std::net::TcpListener::bind("[::1]:0").is_err() {
-            eprintln!("skipped: this host has no IPv6 loopback");
+        if socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).is_err() {
+            eprintln!("skipped: this host has no IPv6 sockets");
             return;
         }
-        let (v6, _v6_filler) = black_hole("[::1]");
-        let (v4, _v4_filler) = black_hole("127.0.0.1");
-        let (v6_port, v4_port) = (v6.local_addr().expect("v6").port(), v4.local_addr().expect("v4").port());
-        let resolver = Fixed(vec![v6.local_addr().expect("v6"), v4.local_addr().expect("v4")]);
+        let (first, _first_filler) = black_hole();
+        let (second, _second_filler) = black_hole();
+        let (v6_port, v4_port) =
+            (first.local_addr().expect("first").port(), second.local_addr().expect("second").port());
+        let v6: SocketAddr = format!("[::ffff:127.0.0.1]:{v6_port}").parse().expect("a v4-mapped address");
+        let resolver = Fixed(vec![v6, second.local_addr().expect("second")]);
         // Two addresses: each attempt gets 1 s, three times happy eyeballs' 300 ms.
         let mut connector = member_connector(resolver, Duration::from_secs(2));
         // No port in the URI: hyper-util keeps each resolved address's own.
@@ -426,7 +435,10 @@ mod tests {
         let started = tokio::time::Instant::now();
         let mut first_seen = false;
         loop {
-            let (on_v6, on_v4) = (syn_sent_to("tcp6", v6_port), syn_sent_to("tcp", v4_port));
+            // The test's runtime has one thread: the connector is not polled between the two
+            // reads. IPv4 first: a switch from one attempt to the next between them reads (0, 0).
+            let on_v4 = syn_sent_to("tcp", v4_port);
+            let on_v6 = syn_sent_to("tcp6", v6_port);
             assert!(
                 on_v6 + on_v4 <= 1,
                 "{on_v6} socket(s) towards the IPv6 address and {on_v4} towards the IPv4 one at once"
