@@ -67,6 +67,8 @@ pub mod routing;
 pub mod server;
 pub mod session;
 pub(crate) mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 
 /// Entry points for the fuzz targets in `fuzz/`: the parts of the data path a client reaches
 /// before authentication, callable with inputs the fuzzer controls. Not part of the API.

@@ -381,35 +381,6 @@ mod tests {
         }
     }
 
-    /// A listener on 127.0.0.1 whose accept queue is full, with the connection that fills it:
-    /// the kernel drops every further SYN, so a connect to it stays in SYN-SENT until it times out.
-    fn black_hole() -> (std::net::TcpListener, std::net::TcpStream) {
-        let addr: SocketAddr = "127.0.0.1:0".parse().expect("an address");
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
-        socket.bind(&addr.into()).expect("bind");
-        socket.listen(0).expect("listen");
-        let listener: std::net::TcpListener = socket.into();
-        let at = listener.local_addr().expect("its address");
-        let filler = std::net::TcpStream::connect_timeout(&at, Duration::from_secs(1)).expect("the filler");
-        (listener, filler)
-    }
-
-    /// Sockets in SYN-SENT towards `port` in this network namespace, from `/proc/net/tcp` (IPv4
-    /// sockets) or `/proc/net/tcp6` (IPv6 ones, v4-mapped addresses included).
-    fn syn_sent_to(table: &str, port: u16) -> usize {
-        let port = format!(":{port:04X}");
-        std::fs::read_to_string(format!("/proc/net/{table}"))
-            .expect("the socket table")
-            .lines()
-            .skip(1)
-            .filter(|l| {
-                let f: Vec<_> = l.split_whitespace().collect();
-                // remote address, then the state: 02 is SYN-SENT.
-                f.len() > 3 && f[2].ends_with(&port) && f[3] == "02"
-            })
-            .count()
-    }
-
     /// A member whose name resolves to an IPv6 address that does not answer and to an IPv4
     /// one: the IPv4 attempt starts only once the IPv6 socket is gone. Happy eyeballs (the
     /// connector's default) starts it 300 ms in, beside the first; through [`upstream`] that is
@@ -421,8 +392,8 @@ mod tests {
             eprintln!("skipped: this host has no IPv6 sockets");
             return;
         }
-        let (first, _first_filler) = black_hole();
-        let (second, _second_filler) = black_hole();
+        let (first, _first_filler) = crate::testing::black_hole();
+        let (second, _second_filler) = crate::testing::black_hole();
         let (v6_port, v4_port) =
             (first.local_addr().expect("first").port(), second.local_addr().expect("second").port());
         let v6: SocketAddr = format!("[::ffff:127.0.0.1]:{v6_port}").parse().expect("a v4-mapped address");
@@ -437,8 +408,8 @@ mod tests {
         loop {
             // The test's runtime has one thread: the connector is not polled between the two
             // reads. IPv4 first: a switch from one attempt to the next between them reads (0, 0).
-            let on_v4 = syn_sent_to("tcp", v4_port);
-            let on_v6 = syn_sent_to("tcp6", v6_port);
+            let on_v4 = crate::testing::syn_sent_to("tcp", v4_port);
+            let on_v6 = crate::testing::syn_sent_to("tcp6", v6_port);
             assert!(
                 on_v6 + on_v4 <= 1,
                 "{on_v6} socket(s) towards the IPv6 address and {on_v4} towards the IPv4 one at once"

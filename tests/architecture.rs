@@ -9,13 +9,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Modules the library is made of: a file or folder directly under `src/`. `main.rs`,
-/// `client.rs`, `demo.rs` and `mint.rs` are the binary, not the library.
+/// `client.rs`, `demo.rs` and `mint.rs` are the binary, not the library; `testing.rs` is the
+/// unit tests' helpers, built only with them (`#[cfg(test)]`).
 fn modules(src: &Path) -> BTreeMap<String, Vec<PathBuf>> {
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(src).expect("src/") {
         let path = entry.expect("entry").path();
         let name = path.file_stem().and_then(|s| s.to_str()).expect("utf-8 name").to_owned();
-        if matches!(name.as_str(), "lib" | "main" | "client" | "demo" | "mint") {
+        if matches!(name.as_str(), "lib" | "main" | "client" | "demo" | "mint" | "testing") {
             continue;
         }
         let mut files = Vec::new();
