@@ -93,7 +93,7 @@ impl HttpClient {
     /// for a caller that acts on the connect before the answer (a registry gate opens on it).
     pub(crate) async fn open(&self, uri: &Uri, deadline: tokio::time::Instant) -> Result<TcpStream, OutboundError> {
         let (host, port) = host_and_port(uri)?;
-        match tokio::time::timeout_at(deadline, connect(host, port)).await {
+        match tokio::time::timeout_at(deadline, connect(host, port, deadline)).await {
             Ok(tcp) => tcp,
             Err(_) => Err(OutboundError::ConnectTimeout),
         }
@@ -147,10 +147,77 @@ impl HttpClient {
     }
 }
 
-async fn connect(host: &str, port: u16) -> Result<TcpStream, OutboundError> {
-    let tcp = TcpStream::connect((host, port)).await.map_err(|e| match crate::limits::exhausted(&e) {
-        true => OutboundError::Exhausted(e.to_string()),
-        false => OutboundError::Connect(e.to_string()),
+/// Turns through `[backend] source_addresses` (process-wide: the count only spreads load).
+static NEXT_SOURCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The TCP connection to `target` (a member, a registry or JWKS host) within `limit`, the one
+/// way the proxy connects to a name: the caller bounds the whole, the lookup included. The
+/// name's addresses are tried in turn, one socket at a time, each closed before the next opens,
+/// so a connect never holds more than its one place in the descriptor budget; when the name has
+/// several, each gets an equal share of `limit`, as plain requests' connects do
+/// ([`member_connector`]). A dual-stack host whose IPv6 address does not answer is then reached
+/// over IPv4 in time, not timed out (and a member ejected) whole. Each socket is from the next
+/// of `sources` of the address's family when there are any, else from the kernel's choice. One
+/// source address has one ephemeral port range towards a member (28,232 ports with Linux's
+/// default range); several multiply it, and keep the kernel's port search short when a proxy
+/// holds tens of thousands of connections to a few members.
+pub(crate) async fn dial(
+    target: impl tokio::net::ToSocketAddrs,
+    sources: &[std::net::IpAddr],
+    limit: std::time::Duration,
+) -> std::io::Result<TcpStream> {
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(target).await?.collect();
+    dial_addrs(&addrs, sources, limit).await
+}
+
+/// [`dial`] once the name is looked up.
+async fn dial_addrs(
+    addrs: &[std::net::SocketAddr],
+    sources: &[std::net::IpAddr],
+    limit: std::time::Duration,
+) -> std::io::Result<TcpStream> {
+    // One address: the caller's bound is its bound, with no timer of its own.
+    let share = (addrs.len() > 1).then(|| limit / addrs.len() as u32);
+    let mut last = None;
+    for &addr in addrs {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        if !sources.is_empty() {
+            let family: Vec<_> = sources.iter().filter(|s| s.is_ipv4() == addr.is_ipv4()).collect();
+            if family.is_empty() {
+                continue;
+            }
+            let n = NEXT_SOURCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            socket.bind(std::net::SocketAddr::new(*family[n % family.len()], 0))?;
+        }
+        let result = match share {
+            None => socket.connect(addr).await,
+            Some(share) => match tokio::time::timeout(share, socket.connect(addr)).await {
+                Ok(r) => r,
+                Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+            },
+        };
+        match result {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| match sources.is_empty() {
+        true => std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "the member's name resolved to no address"),
+        false => std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "no source address of the member's address family",
+        ),
+    }))
+}
+
+/// The connection to `host`, its addresses sharing what is left before `deadline` ([`dial`]).
+async fn connect(host: &str, port: u16, deadline: tokio::time::Instant) -> Result<TcpStream, OutboundError> {
+    let limit = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let tcp = dial((host, port), &[], limit).await.map_err(|e| match e {
+        // Every address's share ran out: the host timed out, as when the whole did.
+        e if e.kind() == std::io::ErrorKind::TimedOut => OutboundError::ConnectTimeout,
+        e if crate::limits::exhausted(&e) => OutboundError::Exhausted(e.to_string()),
+        e => OutboundError::Connect(e.to_string()),
     })?;
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
@@ -330,11 +397,10 @@ pub fn upstream(s: UpstreamSettings) -> Upstream {
 }
 
 /// hyper-util's connector as members are reached: TCP_NODELAY, `http://` only, and one socket
-/// at a time. A member named by DNS may resolve to several addresses; they are tried in the
-/// resolver's order, each socket closed before the next opens, as the WebSocket connect tries
-/// them (`TcpStream::connect`). Unlike it (one `connect_timeout` for the whole list), each
-/// address here gets an equal share of `connect_timeout`, fixed at the start: a dual-stack name
-/// whose IPv6 address does not answer waits half of it before IPv4 is tried. hyper-util's
+/// at a time, as [`dial`] connects for everything else. A member named by DNS may resolve to
+/// several addresses; they are tried in the resolver's order, each socket closed before the
+/// next opens, each within an equal share of `connect_timeout` fixed at the start: a dual-stack
+/// name whose IPv6 address does not answer waits half of it before IPv4 is tried. hyper-util's
 /// default, happy eyeballs (RFC 6555), would start the other address family 300 ms into a slow
 /// first attempt and hold two sockets on the one place in the descriptor budget that
 /// [`Budgeted`] took for the connect.
@@ -423,5 +489,22 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         connecting.abort();
+    }
+
+    /// A name (a member's, a registry's) whose first address does not answer: the next address
+    /// is reached within the connect timeout, after the first's socket is closed. With one
+    /// timeout for the whole list (tokio's `TcpStream::connect` of the name), the first address
+    /// spent all of it and the connect timed out.
+    #[tokio::test]
+    async fn a_name_whose_first_address_does_not_answer_is_reached_at_the_next() {
+        let (hole, _filler) = crate::testing::black_hole();
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a listener");
+        let addrs = [hole.local_addr().expect("the black hole"), open.local_addr().expect("the listener")];
+        let limit = Duration::from_secs(2);
+        let dialled =
+            tokio::time::timeout(limit, dial_addrs(&addrs, &[], limit)).await.expect("within the connect timeout");
+        let stream = dialled.expect("connected");
+        assert_eq!(stream.peer_addr().expect("its peer"), addrs[1]);
+        assert_eq!(crate::testing::syn_sent_to("tcp", addrs[0].port()), 0, "the first attempt's socket is closed");
     }
 }

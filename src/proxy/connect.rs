@@ -138,7 +138,7 @@ async fn check_member(addr: &str, path: Option<&str>, settings: BackendSettings)
     // otherwise open connections beside a spent budget.
     let _slot = crate::limits::outbound_slot().ok()?;
     let limit = settings.connect_timeout;
-    let mut tcp = match timeout(limit, dial(addr, &[], limit)).await {
+    let mut tcp = match timeout(limit, crate::outbound::dial(addr, &[], limit)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) if crate::limits::exhausted(&e) => return None,
         _ => return Some(false),
@@ -238,61 +238,6 @@ pub async fn connect(
     }
 }
 
-/// Turns through `[backend] source_addresses` (process-wide: the count only spreads load).
-static NEXT_SOURCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// The TCP connection to `member` within `limit` (the route's `connect_timeout`; the caller
-/// bounds the whole, the name's lookup included): its addresses tried in turn, one socket at a
-/// time, each closed before the next opens, and when the name has several, each within an equal
-/// share of `limit`, as plain requests' connects try them (`outbound::member_connector`). A
-/// dual-stack member whose IPv6 address does not answer is then reached over IPv4 in time, not
-/// timed out (and ejected) whole. Each socket is from the next of `sources` of the address's
-/// family when there are any, else from the kernel's choice. One source address has one
-/// ephemeral port range towards a member (28,232 ports with Linux's default range); several
-/// multiply it, and keep the kernel's port search short when a proxy holds tens of thousands of
-/// connections to a few members.
-async fn dial(member: &str, sources: &[std::net::IpAddr], limit: Duration) -> io::Result<TcpStream> {
-    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(member).await?.collect();
-    dial_addrs(&addrs, sources, limit).await
-}
-
-/// [`dial`] once the name is looked up.
-async fn dial_addrs(
-    addrs: &[std::net::SocketAddr],
-    sources: &[std::net::IpAddr],
-    limit: Duration,
-) -> io::Result<TcpStream> {
-    // One address: the caller's bound is its bound, with no timer of its own.
-    let share = (addrs.len() > 1).then(|| limit / addrs.len() as u32);
-    let mut last = None;
-    for &addr in addrs {
-        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        if !sources.is_empty() {
-            let family: Vec<_> = sources.iter().filter(|s| s.is_ipv4() == addr.is_ipv4()).collect();
-            if family.is_empty() {
-                continue;
-            }
-            let n = NEXT_SOURCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            socket.bind(std::net::SocketAddr::new(*family[n % family.len()], 0))?;
-        }
-        let result = match share {
-            None => socket.connect(addr).await,
-            Some(share) => match timeout(share, socket.connect(addr)).await {
-                Ok(r) => r,
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
-            },
-        };
-        match result {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| match sources.is_empty() {
-        true => io::Error::new(io::ErrorKind::AddrNotAvailable, "the member's name resolved to no address"),
-        false => io::Error::new(io::ErrorKind::AddrNotAvailable, "no source address of the member's address family"),
-    }))
-}
-
 enum Attempt {
     Connect(io::Error),
     ConnectTimeout,
@@ -307,7 +252,7 @@ async fn connect_member(
 ) -> Result<BackendConn, Attempt> {
     let settings = &route.backend;
     let limit = settings.connect_timeout;
-    let mut stream = match timeout(limit, dial(member, &settings.source_addresses, limit)).await {
+    let mut stream = match timeout(limit, crate::outbound::dial(member, &settings.source_addresses, limit)).await {
         Ok(Ok(s)) => s,
         // Every address's share ran out: the member timed out, as when the whole did.
         Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => return Err(Attempt::ConnectTimeout),
@@ -418,26 +363,5 @@ async fn handshake(stream: &mut TcpStream, head: &[u8], ws: &WsRequest) -> Resul
             map.get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),
             map.get(header::SEC_WEBSOCKET_EXTENSIONS).cloned(),
         ));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A member whose name resolves first to an address that does not answer: the next address
-    /// is reached within the connect timeout, after the first's socket is closed. With one
-    /// timeout for the whole list (tokio's `TcpStream::connect` of the name), the first address
-    /// spent all of it and the member timed out.
-    #[tokio::test]
-    async fn a_member_whose_first_address_does_not_answer_is_reached_at_the_next() {
-        let (hole, _filler) = crate::testing::black_hole();
-        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a listener");
-        let addrs = [hole.local_addr().expect("the black hole"), open.local_addr().expect("the listener")];
-        let limit = Duration::from_secs(2);
-        let dialled = timeout(limit, dial_addrs(&addrs, &[], limit)).await.expect("within the connect timeout");
-        let stream = dialled.expect("connected");
-        assert_eq!(stream.peer_addr().expect("its peer"), addrs[1]);
-        assert_eq!(crate::testing::syn_sent_to("tcp", addrs[0].port()), 0, "the first attempt's socket is closed");
     }
 }
