@@ -3,7 +3,8 @@
 //! the whole request's timeout (or, to act on the connect first, connects and then asks on
 //! that connection by one deadline) and reads the status itself. Below it, the pooled client
 //! that carries plain requests to members ([`Upstream`]), each connection holding its place in
-//! the descriptor budget.
+//! the descriptor budget, and [`dial`], the one way every other connect to a name (a member's
+//! WebSocket, an active check, a fleet peer, the JWKS and registry hosts) is made.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -150,71 +151,150 @@ impl HttpClient {
 /// Turns through `[backend] source_addresses` (process-wide: the count only spreads load).
 static NEXT_SOURCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// The TCP connection to `target` (a member, a registry or JWKS host) within `limit`, the one
-/// way the proxy connects to a name: the caller bounds the whole, the lookup included. The
-/// name's addresses are tried in turn, one socket at a time, each closed before the next opens,
-/// so a connect never holds more than its one place in the descriptor budget; when the name has
-/// several, each gets an equal share of `limit`, as plain requests' connects do
-/// ([`member_connector`]). A dual-stack host whose IPv6 address does not answer is then reached
-/// over IPv4 in time, not timed out (and a member ejected) whole. Each socket is from the next
-/// of `sources` of the address's family when there are any, else from the kernel's choice. One
-/// source address has one ephemeral port range towards a member (28,232 ports with Linux's
-/// default range); several multiply it, and keep the kernel's port search short when a proxy
-/// holds tens of thousands of connections to a few members.
+/// Addresses of one name tried at most, in [`dial`]: a name that resolves to many (a CDN's,
+/// or a hostile answer) would otherwise give each a share too short for one lost SYN's
+/// retransmission (1 s), and send a SYN to every one that does not answer.
+const MAX_ADDRESSES: usize = 4;
+
+/// The TCP connection to `target` (a member, a fleet peer, a registry or JWKS host), made by
+/// `deadline`: the one way the proxy connects to a name; the caller bounds the whole with the
+/// same deadline, the lookup included. Plain requests' pooled connections follow the same rule
+/// through hyper-util's connector ([`member_connector`]).
+///
+/// The name's addresses are tried one socket at a time, each closed before the next opens, so a
+/// connect never holds more than its one place in the descriptor budget. When there are several,
+/// the two families alternate from the first (RFC 8305 §4), at most [`MAX_ADDRESSES`] are tried,
+/// and each gets what is left before `deadline` divided by the addresses still to try, so the
+/// last gets all that is left: a dual-stack host whose IPv6 address does not answer is reached
+/// over IPv4 in time, not timed out (and a member ejected) whole. A lone address has no timer of
+/// its own. The error of a failed connect is one that stands for all of them ([`Failures`]).
+///
+/// With `sources`, each socket is bound to the next of them of its family, and an address of a
+/// family none of them has is not tried. One source address has one ephemeral port range
+/// (28,232 ports with Linux's default range), shared by every host it connects to; several
+/// multiply it, and keep the kernel's port search short when a proxy holds tens of thousands of
+/// connections to a few members.
 pub(crate) async fn dial(
     target: impl tokio::net::ToSocketAddrs,
     sources: &[std::net::IpAddr],
-    limit: std::time::Duration,
+    deadline: tokio::time::Instant,
 ) -> std::io::Result<TcpStream> {
     let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(target).await?.collect();
-    dial_addrs(&addrs, sources, limit).await
+    dial_addrs(addrs, sources, deadline).await
 }
 
 /// [`dial`] once the name is looked up.
 async fn dial_addrs(
-    addrs: &[std::net::SocketAddr],
+    addrs: Vec<std::net::SocketAddr>,
     sources: &[std::net::IpAddr],
-    limit: std::time::Duration,
+    deadline: tokio::time::Instant,
 ) -> std::io::Result<TcpStream> {
-    // One address: the caller's bound is its bound, with no timer of its own.
-    let share = (addrs.len() > 1).then(|| limit / addrs.len() as u32);
-    let mut last = None;
-    for &addr in addrs {
-        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        if !sources.is_empty() {
+    let addrs = in_turn(addrs, sources);
+    let lone = addrs.len() == 1;
+    let mut failures = Failures::default();
+    for (i, &addr) in addrs.iter().enumerate() {
+        let attempt = async {
+            let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+                .map_err(Opening::Socket)?;
             let family: Vec<_> = sources.iter().filter(|s| s.is_ipv4() == addr.is_ipv4()).collect();
-            if family.is_empty() {
-                continue;
+            if !family.is_empty() {
+                let n = NEXT_SOURCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                socket.bind(std::net::SocketAddr::new(*family[n % family.len()], 0)).map_err(Opening::Socket)?;
             }
-            let n = NEXT_SOURCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            socket.bind(std::net::SocketAddr::new(*family[n % family.len()], 0))?;
-        }
-        let result = match share {
-            None => socket.connect(addr).await,
-            Some(share) => match tokio::time::timeout(share, socket.connect(addr)).await {
-                Ok(r) => r,
-                Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
-            },
+            socket.connect(addr).await.map_err(Opening::Connect)
+        };
+        let result = match lone {
+            // The caller's deadline is its deadline.
+            true => attempt.await,
+            false => {
+                let share = deadline.saturating_duration_since(tokio::time::Instant::now()) / (addrs.len() - i) as u32;
+                match tokio::time::timeout(share, attempt).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        Err(Opening::Connect(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))
+                    }
+                }
+            }
         };
         match result {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
+            Ok(stream) => return Ok(stream),
+            // Out of descriptors or ports: no other address would fare better.
+            Err(Opening::Socket(e)) if crate::limits::exhausted(&e) => return Err(e),
+            Err(Opening::Socket(e) | Opening::Connect(e)) => failures.add(e),
         }
     }
-    Err(last.unwrap_or_else(|| match sources.is_empty() {
-        true => std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "the member's name resolved to no address"),
-        false => std::io::Error::new(
-            std::io::ErrorKind::AddrNotAvailable,
-            "no source address of the member's address family",
-        ),
-    }))
+    Err(failures.into_error())
 }
 
-/// The connection to `host`, its addresses sharing what is left before `deadline` ([`dial`]).
+/// Where an attempt in [`dial_addrs`] failed.
+enum Opening {
+    /// Making or binding its socket.
+    Socket(std::io::Error),
+    /// The connect itself.
+    Connect(std::io::Error),
+}
+
+/// A name's addresses in the order [`dial`] tries them: those of a family `sources` has (all
+/// of them without `sources`), the families alternating from the first, at most
+/// [`MAX_ADDRESSES`].
+fn in_turn(addrs: Vec<std::net::SocketAddr>, sources: &[std::net::IpAddr]) -> Vec<std::net::SocketAddr> {
+    let usable = |a: &std::net::SocketAddr| sources.is_empty() || sources.iter().any(|s| s.is_ipv4() == a.is_ipv4());
+    if addrs.len() == 1 && usable(&addrs[0]) {
+        return addrs;
+    }
+    let mut usable = addrs.into_iter().filter(usable).peekable();
+    let Some(first_v4) = usable.peek().map(std::net::SocketAddr::is_ipv4) else { return Vec::new() };
+    let (same, other): (Vec<_>, Vec<_>) = usable.partition(|a| a.is_ipv4() == first_v4);
+    let (mut same, mut other) = (same.into_iter(), other.into_iter());
+    let mut out = Vec::with_capacity(MAX_ADDRESSES);
+    while out.len() < MAX_ADDRESSES {
+        match (same.next(), other.next()) {
+            (None, None) => break,
+            (a, b) => out.extend(a.into_iter().chain(b)),
+        }
+    }
+    out.truncate(MAX_ADDRESSES);
+    out
+}
+
+/// The failed attempts of one [`dial`], and the one error that stands for them, whatever
+/// order the addresses came in: a timeout when any address timed out (the host is slow or
+/// gone: 504, as when the whole timed out); else the first error that is the host's (refused,
+/// unreachable), not the proxy's own want of descriptors or ports (an IPv6 address on a host
+/// without IPv6 fails with `EADDRNOTAVAIL`, which alone would read as the proxy's and spare a
+/// member that refused); else the last.
+#[derive(Default)]
+struct Failures {
+    timed_out: Option<std::io::Error>,
+    hosts: Option<std::io::Error>,
+    last: Option<std::io::Error>,
+}
+
+impl Failures {
+    fn add(&mut self, e: std::io::Error) {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            self.timed_out.get_or_insert(e);
+        } else if self.hosts.is_none() && !crate::limits::exhausted(&e) {
+            self.hosts = Some(e);
+        } else {
+            self.last = Some(e);
+        }
+    }
+
+    fn into_error(self) -> std::io::Error {
+        self.timed_out.or(self.hosts).or(self.last).unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                "no address to connect to (none of a family of the source addresses)",
+            )
+        })
+    }
+}
+
+/// The connection to `host`, made by `deadline` ([`dial`]).
 async fn connect(host: &str, port: u16, deadline: tokio::time::Instant) -> Result<TcpStream, OutboundError> {
-    let limit = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let tcp = dial((host, port), &[], limit).await.map_err(|e| match e {
-        // Every address's share ran out: the host timed out, as when the whole did.
+    let tcp = dial((host, port), &[], deadline).await.map_err(|e| match e {
+        // An address's share ran out: the host timed out, as when the whole did.
         e if e.kind() == std::io::ErrorKind::TimedOut => OutboundError::ConnectTimeout,
         e if crate::limits::exhausted(&e) => OutboundError::Exhausted(e.to_string()),
         e => OutboundError::Connect(e.to_string()),
@@ -500,11 +580,64 @@ mod tests {
         let (hole, _filler) = crate::testing::black_hole();
         let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a listener");
         let addrs = [hole.local_addr().expect("the black hole"), open.local_addr().expect("the listener")];
-        let limit = Duration::from_secs(2);
-        let dialled =
-            tokio::time::timeout(limit, dial_addrs(&addrs, &[], limit)).await.expect("within the connect timeout");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let dialled = tokio::time::timeout_at(deadline, dial_addrs(addrs.to_vec(), &[], deadline))
+            .await
+            .expect("within the connect timeout");
         let stream = dialled.expect("connected");
         assert_eq!(stream.peer_addr().expect("its peer"), addrs[1]);
         assert_eq!(crate::testing::syn_sent_to("tcp", addrs[0].port()), 0, "the first attempt's socket is closed");
+    }
+
+    /// An address that refuses: a socket bound to it that does not listen (a reset answers
+    /// the SYN). Returned with the socket that holds the address.
+    fn refusing() -> (socket2::Socket, SocketAddr) {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+        socket.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("an address").into()).expect("bind");
+        let at = socket.local_addr().expect("its address").as_socket().expect("an IP address");
+        (socket, at)
+    }
+
+    /// Whatever order a host's addresses come in, a connect that found one of them silent
+    /// reports a timeout (504 for a member, as when the whole timed out), by its deadline; one
+    /// that only found refusals reports the refusal.
+    #[tokio::test]
+    async fn a_failed_dial_reports_the_same_error_whatever_the_order_of_the_addresses() {
+        let (hole, _filler) = crate::testing::black_hole();
+        let (_held, refused) = refusing();
+        let hole = hole.local_addr().expect("the black hole");
+        for addrs in [vec![refused, hole], vec![hole, refused], vec![hole]] {
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+            let outer = deadline + Duration::from_millis(200);
+            let e = tokio::time::timeout_at(outer, dial_addrs(addrs.clone(), &[], deadline))
+                .await
+                .ok()
+                .map(|r| r.expect_err("nothing answers"));
+            // A lone address has no timer of its own: its caller's deadline ends it.
+            match addrs.len() {
+                1 => assert!(e.is_none(), "{addrs:?}: a lone address waits for the caller's deadline"),
+                _ => assert_eq!(e.map(|e| e.kind()), Some(std::io::ErrorKind::TimedOut), "{addrs:?}"),
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let e = dial_addrs(vec![refused, refused], &[], deadline).await.expect_err("refused");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    /// The order a name's addresses are tried in: the families alternate from the first, at
+    /// most four, and with source addresses only their families.
+    #[test]
+    fn a_names_addresses_alternate_families_and_are_capped() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("an address");
+        let (v6, v4): (Vec<_>, Vec<_>) = (
+            (1..=4).map(|i| a(&format!("[2001:db8::{i}]:80"))).collect(),
+            (1..=4).map(|i| a(&format!("192.0.2.{i}:80"))).collect(),
+        );
+        let all: Vec<_> = v6.iter().chain(&v4).copied().collect();
+        assert_eq!(in_turn(all.clone(), &[]), vec![v6[0], v4[0], v6[1], v4[1]]);
+        let v4_only: Vec<std::net::IpAddr> = vec!["192.0.2.100".parse().expect("a source")];
+        assert_eq!(in_turn(all, &v4_only), vec![v4[0], v4[1], v4[2], v4[3]]);
+        assert_eq!(in_turn(vec![v6[0]], &v4_only), Vec::<SocketAddr>::new(), "no source of its family");
+        assert_eq!(in_turn(vec![v4[0]], &[]), vec![v4[0]]);
     }
 }

@@ -11,7 +11,7 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{timeout, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 
 use super::forward::backend_path;
 use super::upgrade::{accept_value, header_has_token, WsRequest};
@@ -137,8 +137,10 @@ async fn check_member(addr: &str, path: Option<&str>, settings: BackendSettings)
     // A check's connection is counted as a session's is: routes checked every 50 ms each would
     // otherwise open connections beside a spent budget.
     let _slot = crate::limits::outbound_slot().ok()?;
-    let limit = settings.connect_timeout;
-    let mut tcp = match timeout(limit, crate::outbound::dial(addr, &[], limit)).await {
+    // From the route's source addresses, as its sessions' connects: a firewall that lets only
+    // those through would otherwise fail every check.
+    let deadline = Instant::now() + settings.connect_timeout;
+    let mut tcp = match timeout_at(deadline, crate::outbound::dial(addr, &settings.source_addresses, deadline)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) if crate::limits::exhausted(&e) => return None,
         _ => return Some(false),
@@ -251,14 +253,15 @@ async fn connect_member(
     req: &BackendRequest<'_>,
 ) -> Result<BackendConn, Attempt> {
     let settings = &route.backend;
-    let limit = settings.connect_timeout;
-    let mut stream = match timeout(limit, crate::outbound::dial(member, &settings.source_addresses, limit)).await {
-        Ok(Ok(s)) => s,
-        // Every address's share ran out: the member timed out, as when the whole did.
-        Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => return Err(Attempt::ConnectTimeout),
-        Ok(Err(e)) => return Err(Attempt::Connect(e)),
-        Err(_) => return Err(Attempt::ConnectTimeout),
-    };
+    let deadline = Instant::now() + settings.connect_timeout;
+    let mut stream =
+        match timeout_at(deadline, crate::outbound::dial(member, &settings.source_addresses, deadline)).await {
+            Ok(Ok(s)) => s,
+            // An address's share ran out: the member timed out, as when the whole did.
+            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => return Err(Attempt::ConnectTimeout),
+            Ok(Err(e)) => return Err(Attempt::Connect(e)),
+            Err(_) => return Err(Attempt::ConnectTimeout),
+        };
     let _ = stream.set_nodelay(true);
     let head = request_head(member, path, req);
     match timeout(settings.handshake_timeout, handshake(&mut stream, &head, req.ws)).await {

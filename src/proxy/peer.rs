@@ -69,7 +69,8 @@ pub async fn ask(
     limit: Duration,
 ) -> Result<(StatusCode, HeaderMap, Option<PeerLink>), PeerRelayError> {
     let unreachable = |e: &dyn std::fmt::Display| PeerRelayError::Unreachable(e.to_string());
-    let mut stream = match tokio::time::timeout(limit, TcpStream::connect(owner.peer)).await {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut stream = match tokio::time::timeout_at(deadline, crate::outbound::dial(owner.peer, &[], deadline)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(unreachable(&e)),
         Err(_) => return Err(PeerRelayError::Unreachable("connect timed out".into())),
