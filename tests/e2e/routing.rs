@@ -564,6 +564,26 @@ async fn a_catch_all_capture_carries_the_rest_of_the_path_to_the_backend() {
     }
 }
 
+/// An active check connects from the route's source addresses, as its sessions do: a member
+/// behind a firewall that lets only those through would otherwise fail every check and be
+/// ejected. (The checks came from the kernel's choice of address before.)
+#[tokio::test]
+async fn active_health_checks_connect_from_the_configured_source_addresses() {
+    let member = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a member");
+    let text = TestConfig::base(&[member.local_addr().expect("its address").to_string()])
+        .merge("backend", json!({"source_addresses": ["127.0.0.2"]}))
+        .merge("routes.0.health", json!({"active_interval": "50ms"}))
+        .text();
+    let _proxy = Proxy::start_with(&text).await;
+    for _ in 0..3 {
+        let (_check, from) = tokio::time::timeout(Duration::from_secs(10), member.accept())
+            .await
+            .expect("a check within 10 s")
+            .expect("accepted");
+        assert_eq!(from.ip().to_string(), "127.0.0.2");
+    }
+}
+
 #[tokio::test]
 async fn backend_connections_are_made_from_the_configured_source_addresses_in_turn() {
     let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
