@@ -260,8 +260,14 @@ const RESOLVER_NEEDS: usize = 8;
 fn exhausted_with(e: &std::io::Error, near_limit: impl FnOnce() -> bool) -> bool {
     use rustix::io::Errno;
     match Errno::from_io_error(e) {
-        Some(errno) => [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM, Errno::ADDRNOTAVAIL].contains(&errno),
-        None => e.kind() != std::io::ErrorKind::TimedOut && near_limit(),
+        // EADDRINUSE: a bind to a source address (port 0) found its port range spent.
+        Some(errno) => [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM, Errno::ADDRNOTAVAIL, Errno::ADDRINUSE]
+            .contains(&errno),
+        // Neither a timeout nor `outbound::dial`'s "no address to try" (a route's source
+        // addresses of no family the member has: the configuration's, not a want) is probed.
+        None => {
+            !matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::AddrNotAvailable) && near_limit()
+        }
     }
 }
 
@@ -453,7 +459,7 @@ mod tests {
     #[test]
     fn running_out_of_descriptors_or_ports_is_the_processs_own_want() {
         use rustix::io::Errno;
-        for own in [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM, Errno::ADDRNOTAVAIL] {
+        for own in [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM, Errno::ADDRNOTAVAIL, Errno::ADDRINUSE] {
             assert!(exhausted(&std::io::Error::from(own)), "{own:?}");
         }
         for peers in [Errno::CONNREFUSED, Errno::TIMEDOUT, Errno::HOSTUNREACH, Errno::CONNRESET] {
@@ -468,6 +474,8 @@ mod tests {
         assert!(!exhausted_with(&std::io::Error::from(Errno::CONNREFUSED), || true), "an errno decides alone");
         let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
         assert!(!exhausted_with(&timeout, || true), "a timeout is the peer's, whatever the process holds");
+        let no_address = std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address to connect to");
+        assert!(!exhausted_with(&no_address, || true), "dial's no address to try is the configuration's");
         assert!(!near_limit(), "this test process is far from its limit");
     }
 

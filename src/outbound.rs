@@ -158,8 +158,9 @@ const MAX_ADDRESSES: usize = 4;
 
 /// The TCP connection to `target` (a member, a fleet peer, a registry or JWKS host), made by
 /// `deadline`: the one way the proxy connects to a name; the caller bounds the whole with the
-/// same deadline, the lookup included. Plain requests' pooled connections follow the same rule
-/// through hyper-util's connector ([`member_connector`]).
+/// same deadline, the lookup included. Plain requests' pooled connections share only its first
+/// rule, one socket at a time, through hyper-util's connector ([`member_connector`]: the
+/// resolver's order, equal fixed shares, no cap, no source addresses).
 ///
 /// The name's addresses are tried one socket at a time, each closed before the next opens, so a
 /// connect never holds more than its one place in the descriptor budget. When there are several,

@@ -174,8 +174,13 @@ fn static_members(route: &RouteConfig) -> Vec<String> {
 /// a reload).
 fn spawn_active_checks(route: &RouteConfig, health: Weak<PassiveHealth>, probe: Probe) {
     let members = static_members(route);
-    let (interval, path, settings) =
+    let (interval, path, mut settings) =
         (route.health.active_interval, route.health.active_path.clone(), route.backend.clone());
+    // A check leaves from the addresses the route's connections leave from: the source
+    // addresses are the WebSocket connect's, and plain requests use the kernel's choice.
+    if !route.kind.websocket() {
+        settings.source_addresses = Arc::from([]);
+    }
     let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
     handle.spawn(async move {
         let mut tick = tokio::time::interval(interval);

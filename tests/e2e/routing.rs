@@ -564,23 +564,28 @@ async fn a_catch_all_capture_carries_the_rest_of_the_path_to_the_backend() {
     }
 }
 
-/// An active check connects from the route's source addresses, as its sessions do: a member
-/// behind a firewall that lets only those through would otherwise fail every check and be
-/// ejected. (The checks came from the kernel's choice of address before.)
+/// An active check connects from the addresses its route's connections leave from: a
+/// WebSocket route's source addresses (a member behind a firewall that lets only those through
+/// would otherwise fail every check and be ejected; the checks came from the kernel's choice of
+/// address before), and for a plain HTTP route, whose requests do not use them, the kernel's
+/// choice.
 #[tokio::test]
-async fn active_health_checks_connect_from_the_configured_source_addresses() {
-    let member = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a member");
-    let text = TestConfig::base(&[member.local_addr().expect("its address").to_string()])
-        .merge("backend", json!({"source_addresses": ["127.0.0.2"]}))
-        .merge("routes.0.health", json!({"active_interval": "50ms"}))
-        .text();
-    let _proxy = Proxy::start_with(&text).await;
-    for _ in 0..3 {
-        let (_check, from) = tokio::time::timeout(Duration::from_secs(10), member.accept())
-            .await
-            .expect("a check within 10 s")
-            .expect("accepted");
-        assert_eq!(from.ip().to_string(), "127.0.0.2");
+async fn active_health_checks_connect_from_the_addresses_their_routes_connections_use() {
+    for (kind, expected) in [("websocket", "127.0.0.2"), ("http", "127.0.0.1")] {
+        let member = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a member");
+        let text = TestConfig::base(&[member.local_addr().expect("its address").to_string()])
+            .merge("backend", json!({"source_addresses": ["127.0.0.2"]}))
+            .merge("routes.0", json!({"kind": kind}))
+            .merge("routes.0.health", json!({"active_interval": "50ms"}))
+            .text();
+        let _proxy = Proxy::start_with(&text).await;
+        for _ in 0..3 {
+            let (_check, from) = tokio::time::timeout(Duration::from_secs(10), member.accept())
+                .await
+                .expect("a check within 10 s")
+                .expect("accepted");
+            assert_eq!(from.ip().to_string(), expected, "a {kind} route's check");
+        }
     }
 }
 
